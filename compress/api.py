@@ -1,0 +1,75 @@
+"""The one-call API: `compress.apply(model, recipe_or_passes)` runs the passes in order and records them in the
+model's config (the checkpoint's `compression` section)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from torch import nn
+
+from .calibration import CalibrationSpec, batches_hash
+from .checkpoint import compression_record
+from .errors import CompressError
+from .pass_api import Pass, PassContext, PassReport, tensor_bytes
+
+
+@dataclass
+class ApplyReport:
+    passes: list[PassReport] = field(default_factory=list)
+    bytes_before: int = 0
+    bytes_after: int = 0
+    calibration_hash: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "bytes_before": self.bytes_before, "bytes_after": self.bytes_after,
+            "calibration_hash": self.calibration_hash, "passes": [p.to_dict() for p in self.passes],
+        }
+
+
+def apply(
+    model: nn.Module,
+    recipe_or_passes,
+    *,
+    calibration: CalibrationSpec | dict | None = None,
+    tokenizer=None,
+    device: str = "cpu",
+    progress: bool = True,
+) -> tuple[nn.Module, ApplyReport]:
+    """Apply a `Recipe` or a list of `Pass` instances to `model` in place; returns (model, report)."""
+    from .recipe import Recipe
+
+    recipe_text = None
+    if isinstance(recipe_or_passes, Recipe):
+        passes: Sequence[Pass] = recipe_or_passes.build_passes()
+        calibration = calibration or recipe_or_passes.calibration
+        recipe_text = recipe_or_passes.text
+    elif isinstance(recipe_or_passes, Pass):
+        passes = [recipe_or_passes]
+    else:
+        passes = list(recipe_or_passes)
+        if not all(isinstance(p, Pass) for p in passes):
+            raise CompressError("apply() takes a Recipe or a list of Pass instances (e.g. compress.passes.Prune(...))")
+    if isinstance(calibration, dict):
+        calibration = CalibrationSpec(**calibration)
+    if tokenizer is None and getattr(model, "compress_source", None):
+        from .models import load_tokenizer
+
+        tokenizer = load_tokenizer(model.compress_source)
+    ctx = PassContext(calibration=calibration, tokenizer=tokenizer, device=device, progress=progress)
+    for p in passes:
+        if p.needs_calibration_for() and calibration is None:
+            raise CompressError(f"pass {p.name!r} with these arguments needs calibration data: add a `calibration:` "
+                                "section to the recipe (e.g. `calibration: {source: builtin:calibration}`)")
+
+    report = ApplyReport(bytes_before=tensor_bytes(model))
+    previous = getattr(model.config, "compression", None) or {}
+    entries = list(previous.get("passes", []))
+    for p in passes:
+        r = p.apply(model, ctx)
+        report.passes.append(r)
+        entries.append(p.entry(r))
+    report.bytes_after = tensor_bytes(model)
+    report.calibration_hash = batches_hash(ctx._batches) if ctx._batches is not None else previous.get("calibration_hash")
+    model.config.compression = compression_record(entries, recipe_text, report.calibration_hash)
+    return model, report

@@ -1,0 +1,105 @@
+"""Calibration data: a text file, JSON lines with a text field, a local `datasets` folder, or a built-in corpus.
+
+Sampling is deterministic by seed; memory is bounded by num_samples x seq_len token ids (never by the model's
+maximum positions). The hash of the exact token ids used goes into the checkpoint."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from .errors import CalibrationError
+
+BUILTIN_DIR = Path(__file__).parent / "builtin"
+BUILTIN_TEXTS = {"builtin:calibration": "calibration.txt", "builtin:heldout": "heldout.txt"}
+
+
+class CalibrationSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = "builtin:calibration"
+    text_field: str = "text"
+    split: str = "train"
+    num_samples: int = Field(64, ge=1, le=100_000)
+    seq_len: int = Field(256, ge=8, le=131_072)
+    seed: int = 0
+
+
+def builtin_text(name: str, model: str = "tiny") -> str:
+    return (BUILTIN_DIR / model / BUILTIN_TEXTS[name]).read_text(encoding="utf-8")
+
+
+def read_texts(spec: CalibrationSpec, base_dir: Path | None = None) -> list[str]:
+    """The documents of a calibration source, in file order."""
+    if spec.source in BUILTIN_TEXTS:
+        return [builtin_text(spec.source)]
+    if spec.source.startswith("builtin:"):
+        raise CalibrationError(f"unknown built-in corpus {spec.source!r}; use one of {', '.join(BUILTIN_TEXTS)}")
+    path = Path(spec.source).expanduser()
+    if not path.is_absolute() and base_dir is not None and not path.exists():
+        path = base_dir / path
+    if not path.exists():
+        raise CalibrationError(f"calibration source {spec.source} does not exist; give a text file, a .jsonl file, "
+                               "a local datasets folder, or builtin:calibration")
+    if path.is_dir():
+        return _read_dataset_folder(path, spec)
+    if path.suffix in (".jsonl", ".json"):
+        texts = []
+        with path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise CalibrationError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+                if not isinstance(row, dict) or spec.text_field not in row:
+                    raise CalibrationError(f"{path}:{lineno}: no {spec.text_field!r} field; set calibration.text_field")
+                texts.append(str(row[spec.text_field]))
+        return texts
+    return [path.read_text(encoding="utf-8", errors="replace")]
+
+
+def _read_dataset_folder(path: Path, spec: CalibrationSpec) -> list[str]:
+    try:
+        import datasets  # optional dependency
+    except ImportError:
+        raise CalibrationError(f"{path} is a folder: reading a local datasets folder needs `pip install datasets`") from None
+    ds = datasets.load_from_disk(str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        if spec.split not in ds:
+            raise CalibrationError(f"{path} has splits {list(ds)}; set calibration.split to one of them")
+        ds = ds[spec.split]
+    if spec.text_field not in ds.column_names:
+        raise CalibrationError(f"{path} has columns {ds.column_names}; set calibration.text_field to the text column")
+    return [str(t) for t in ds[spec.text_field]]
+
+
+def build_batches(spec: CalibrationSpec, tokenizer, base_dir: Path | None = None) -> torch.Tensor:
+    """`num_samples` windows of `seq_len` tokens, drawn at seeded random offsets from the concatenated documents."""
+    texts = read_texts(spec, base_dir)
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    needed = spec.num_samples * spec.seq_len * 4  # enough text for distinct windows; bounds tokenization work
+    for text in texts:
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if eos is not None:
+            ids.append(eos)
+        if len(ids) >= needed:
+            break
+    if len(ids) < spec.seq_len + 1:
+        raise CalibrationError(
+            f"calibration source {spec.source} has {len(ids)} tokens, fewer than seq_len={spec.seq_len}; "
+            "give more text or lower calibration.seq_len"
+        )
+    all_ids = torch.tensor(ids, dtype=torch.long)
+    gen = torch.Generator().manual_seed(spec.seed)
+    offsets = torch.randint(0, all_ids.numel() - spec.seq_len + 1, (spec.num_samples,), generator=gen)
+    return torch.stack([all_ids[o : o + spec.seq_len] for o in offsets.tolist()])
+
+
+def batches_hash(batches: torch.Tensor) -> str:
+    return hashlib.sha256(batches.to(torch.int64).numpy().tobytes()).hexdigest()[:16]

@@ -1,0 +1,174 @@
+"""The contract every pass implements.
+
+A pass is a class registered under a name (`@register_pass`), with a pydantic `Config` (unknown keys are errors),
+`apply(model, ctx) -> PassReport` that rewrites the model in place, and `restore(model, entry)` that rebuilds the
+compressed module structure from a checkpoint's `compression` entry before the state dict loads."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from .errors import ConfigError, CompressError
+from .targets import match_modules
+
+
+class PassConfig(BaseModel):
+    """Base of every pass's arguments: validated, unknown keys rejected, serializable to the checkpoint."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    targets: list[str] = Field(default_factory=lambda: ["Linear"])
+    ignore: list[str] = Field(default_factory=lambda: ["re:.*lm_head", "re:.*embed_tokens"])
+
+
+@dataclass
+class PassReport:
+    """What a pass did: modules touched, parameter bytes before/after, seconds, and pass-specific figures."""
+
+    name: str
+    modules: list[str] = field(default_factory=list)
+    bytes_before: int = 0
+    bytes_after: int = 0
+    seconds: float = 0.0
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "modules": self.modules, "num_modules": len(self.modules),
+            "bytes_before": self.bytes_before, "bytes_after": self.bytes_after,
+            "seconds": round(self.seconds, 3), "details": self.details,
+        }
+
+
+@dataclass
+class PassContext:
+    """Everything a pass may ask for while it runs. There is no global state: one context per `apply` call.
+
+    `calibration` is a `compress.calibration.CalibrationSpec` or None; `tokenizer` is needed to turn its text
+    into token ids. Batches are built once, on first request, and shared by the passes of a recipe."""
+
+    calibration: Any = None
+    tokenizer: Any = None
+    device: str = "cpu"
+    seed: int = 0
+    progress: bool = True
+    _batches: torch.Tensor | None = None
+
+    def calibration_batches(self, pass_name: str = "this pass") -> torch.Tensor:
+        """Token ids [num_samples, seq_len] (LongTensor), deterministic by the calibration seed."""
+        if self._batches is None:
+            if self.calibration is None:
+                raise CompressError(
+                    f"{pass_name} needs calibration data: add a `calibration:` section to the recipe "
+                    "(e.g. `calibration: {source: builtin:calibration}`)"
+                )
+            if self.tokenizer is None:
+                raise CompressError(f"{pass_name} needs calibration data, but the model has no tokenizer to encode it")
+            from .calibration import build_batches
+
+            self._batches = build_batches(self.calibration, self.tokenizer)
+        return self._batches
+
+    def run_sequential(self, model: nn.Module, on_layer, pass_name: str = "this pass", batch_size: int = 8) -> None:
+        """Run `on_layer(step)` for each decoder layer in order, with calibration activations (see sequential.py)."""
+        from .sequential import run_sequential
+
+        run_sequential(
+            model, self.calibration_batches(pass_name), on_layer,
+            device=self.device, batch_size=batch_size, progress=self.progress, description=pass_name,
+        )
+
+
+class Pass:
+    """Base class of compression passes. Subclasses set `Config`, and may set `needs_calibration`."""
+
+    name: ClassVar[str] = "unnamed"
+    Config: ClassVar[type[PassConfig]] = PassConfig
+    needs_calibration: ClassVar[bool] = False
+
+    def __init__(self, config: PassConfig | dict | None = None, **kwargs: Any):
+        if config is not None and kwargs:
+            raise TypeError("pass either a config object/dict or keyword arguments, not both")
+        if isinstance(config, PassConfig):
+            if not isinstance(config, self.Config):
+                raise TypeError(f"{type(self).__name__} takes a {self.Config.__name__}, got {type(config).__name__}")
+            self.config = config
+        else:
+            from pydantic import ValidationError
+
+            try:
+                self.config = self.Config(**(config or kwargs))
+            except ValidationError as exc:
+                # keep the pydantic error as the cause: recipe validation maps its locations to YAML lines
+                raise ConfigError(format_validation_error(self.name, exc)) from exc
+        self.validate_config()
+
+    def validate_config(self) -> None:
+        """Cross-field checks that pydantic field constraints cannot express; raise ConfigError."""
+
+    def needs_calibration_for(self) -> bool:
+        """Whether this configured instance needs calibration data (some methods of a pass do, others not)."""
+        return self.needs_calibration
+
+    def target_modules(self, model: nn.Module) -> dict[str, nn.Module]:
+        return match_modules(model, self.config.targets, self.config.ignore)
+
+    def apply(self, model: nn.Module, ctx: PassContext) -> PassReport:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def restore(self, model: nn.Module, entry: dict[str, Any]) -> None:
+        """Rebuild compressed modules from a checkpoint entry before weights load. Dense-stored passes do nothing."""
+
+    def entry(self, report: PassReport | None = None) -> dict[str, Any]:
+        """What the checkpoint's `compression.passes` list records for this pass."""
+        out: dict[str, Any] = {"pass": self.name, "args": self.config.model_dump(mode="json")}
+        if report is not None and report.details.get("restore"):
+            out["restore"] = report.details["restore"]
+        return out
+
+    def describe(self, model: nn.Module) -> list[str]:
+        """Module names this pass would touch (for `--dry-run`)."""
+        return list(self.target_modules(model))
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config.model_dump().items())
+        return f"{type(self).__name__}({args})"
+
+
+def format_validation_error(pass_name: str, exc) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(arguments)"
+        lines.append(f"pass {pass_name!r}: {loc}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def timed(report: PassReport):
+    """Context manager filling `report.seconds`."""
+
+    class _Timer:
+        def __enter__(self):
+            self.t0 = time.perf_counter()
+            return report
+
+        def __exit__(self, *exc):
+            report.seconds = time.perf_counter() - self.t0
+
+    return _Timer()
+
+
+def tensor_bytes(module: nn.Module) -> int:
+    """Bytes actually held by the module's parameters and buffers (each storage counted once)."""
+    seen, total = set(), 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        key = (t.untyped_storage().data_ptr(), t.device) if t.device.type != "meta" else id(t)
+        if key in seen:
+            continue
+        seen.add(key)
+        total += t.numel() * t.element_size() if t.device.type == "meta" else t.untyped_storage().nbytes()
+    return total

@@ -1,0 +1,2 @@
+"""Imports that register the built-in passes. Third-party passes use the `compress.passes` entry-point group."""
+from .prune import Prune  # noqa: F401

@@ -1,0 +1,125 @@
+"""The sequential runner: calibration one decoder layer at a time, with forward hooks (no FX tracing).
+
+1. Capture the inputs of decoder layer 0 (hidden states and the keyword arguments the model passes it: attention
+   mask, position embeddings, ...) by a pre-hook that stops the forward there.
+2. For each layer in order: move it to the compute device, hand a `LayerStep` to the pass, which collects statistics
+   with `step.run(hooks)` and compresses the layer; then run the (now compressed) layer over the stored inputs, and
+   its outputs become the next layer's inputs. Only the current layer sits on the compute device.
+
+Memory: the stored activations are num_samples x seq_len x hidden, never sized by the model's maximum positions."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .errors import UnsupportedModelError
+from .progress import progress_bar
+
+
+class _StopForward(Exception):
+    pass
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The decoder layer list of a causal LM (Llama, Mistral, Qwen2, Qwen3 keep it at `model.layers`)."""
+    for prefix in ("model.layers", "model.decoder.layers", "transformer.h"):
+        obj: Any = model
+        for part in prefix.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.ModuleList):
+            return prefix, obj
+    raise UnsupportedModelError(
+        f"cannot find the decoder layers of {type(model).__name__}; supported: Llama, Mistral, Qwen2, Qwen3 layouts"
+    )
+
+
+@dataclass
+class LayerStep:
+    """One decoder layer during sequential calibration."""
+
+    index: int
+    name: str                      # dotted prefix, e.g. "model.layers.3"
+    layer: nn.Module
+    inputs: list[torch.Tensor]     # hidden states per calibration batch, on the compute device
+    kwargs: list[dict[str, Any]]   # the keyword arguments the model passed this layer, per batch
+
+    def module_name(self, module: nn.Module) -> str:
+        for n, m in self.layer.named_modules():
+            if m is module:
+                return f"{self.name}.{n}" if n else self.name
+        raise KeyError("module is not inside this layer")
+
+    @torch.no_grad()
+    def run(self, hooks: dict[nn.Module, Callable] | None = None) -> list[torch.Tensor]:
+        """Run the layer over every stored batch with `hooks` (module -> forward hook) attached; return outputs."""
+        handles = [m.register_forward_hook(h) for m, h in (hooks or {}).items()]
+        try:
+            outs = []
+            for x, kw in zip(self.inputs, self.kwargs):
+                out = self.layer(x, **kw)
+                outs.append(out[0] if isinstance(out, tuple) else out)
+            return outs
+        finally:
+            for h in handles:
+                h.remove()
+
+
+@torch.no_grad()
+def capture_layer0_inputs(model: nn.Module, batches: torch.Tensor, batch_size: int, device: str):
+    _, layers = decoder_layers(model)
+    inputs, kwargs = [], []
+
+    def grab(module, args, kw):
+        inputs.append(args[0] if args else kw.pop("hidden_states"))
+        kw = {k: v for k, v in kw.items() if k not in ("hidden_states", "cache", "past_key_values")}
+        kw["use_cache"] = False
+        kwargs.append(kw)
+        raise _StopForward
+
+    handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for i in range(0, batches.shape[0], batch_size):
+            try:
+                model(input_ids=batches[i : i + batch_size].to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return inputs, kwargs
+
+
+@torch.no_grad()
+def run_sequential(
+    model: nn.Module,
+    batches: torch.Tensor,
+    on_layer: Callable[[LayerStep], None],
+    *,
+    device: str = "cpu",
+    batch_size: int = 8,
+    progress: bool = True,
+    description: str = "calibrating",
+) -> None:
+    """Call `on_layer(step)` for each decoder layer, feeding each layer the outputs of the already-processed ones."""
+    prefix, layers = decoder_layers(model)
+    # Everything before layer 0 (embeddings, rotary) runs on the compute device for the capture.
+    offload = next(model.parameters()).device
+    base = model.get_submodule(prefix.rsplit(".", 1)[0])
+    pre_layer = [m for n, m in base.named_children() if n != prefix.rsplit(".", 1)[1]]
+    for m in pre_layer:
+        m.to(device)
+    try:
+        inputs, kwargs = capture_layer0_inputs(model, batches, batch_size, device)
+    finally:
+        for m in pre_layer:
+            m.to(offload)
+    for i in progress_bar(range(len(layers)), description=description, enabled=progress):
+        layer = layers[i].to(device)
+        step = LayerStep(index=i, name=f"{prefix}.{i}", layer=layer, inputs=inputs, kwargs=kwargs)
+        on_layer(step)
+        inputs = step.run()
+        layers[i] = layer.to(offload)

@@ -1,0 +1,54 @@
+"""Which modules a pass touches. A pattern is a module class name (`Linear`), a regex over dotted module names
+(`re:.*mlp.*`), or an exact dotted name (`model.layers.0.mlp.down_proj`). `ignore` wins over `targets`."""
+from __future__ import annotations
+
+import difflib
+import re
+from typing import Iterable
+
+from torch import nn
+
+from .errors import TargetError
+
+
+def _matcher(pattern: str):
+    if pattern.startswith("re:"):
+        try:
+            rx = re.compile(pattern[3:])
+        except re.error as exc:
+            raise TargetError(f"target {pattern!r} is not a valid regex ({exc}); write e.g. 're:.*mlp.*'") from None
+        return lambda name, module: rx.fullmatch(name) is not None
+    if "." in pattern or not pattern[:1].isupper():
+        return lambda name, module: name == pattern
+    return lambda name, module: any(cls.__name__ == pattern for cls in type(module).__mro__)
+
+
+def match_modules(
+    model: nn.Module, targets: Iterable[str], ignore: Iterable[str] = (), *, require_all: bool = True
+) -> dict[str, nn.Module]:
+    """Modules matched by any of `targets` and none of `ignore`, by dotted name, in model order.
+
+    With `require_all`, a target pattern that matches no module at all is an error naming the closest names."""
+    named = [(n, m) for n, m in model.named_modules() if n]
+    targets, ignore = list(targets), list(ignore)
+    target_fns = [(p, _matcher(p)) for p in targets]
+    ignore_fns = [_matcher(p) for p in ignore]
+    if require_all:
+        for pattern, fn in target_fns:
+            if not any(fn(n, m) for n, m in named):
+                raise TargetError(f"target {pattern!r} matches no module{closest(pattern, model)}")
+    return {
+        n: m
+        for n, m in named
+        if any(fn(n, m) for _, fn in target_fns) and not any(fn(n, m) for fn in ignore_fns)
+    }
+
+
+def closest(pattern: str, model: nn.Module) -> str:
+    names = [n for n, _ in model.named_modules() if n]
+    classes = sorted({type(m).__name__ for _, m in model.named_modules()})
+    key = pattern[3:] if pattern.startswith("re:") else pattern
+    close = difflib.get_close_matches(key, names + classes, n=3, cutoff=0.4)
+    if close:
+        return f"; closest module names: {', '.join(close)}"
+    return f"; module classes here: {', '.join(classes[:12])}"

@@ -1,0 +1,60 @@
+"""One distribution, one import package: the root folders install into the `compress` namespace.
+
+kvcache/, linearize/ and kernels/ become compress.kvcache, compress.linearize and compress.kernels; there is no
+top-level `kernels` module (transformers probes for the unrelated `kernels` distribution by that name)."""
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).parent
+MAPPED = {"compress": "compress", "compress.kvcache": "kvcache", "compress.linearize": "linearize",
+          "compress.kernels": "kernels"}
+
+
+def packages_and_dirs():
+    packages, package_dir = [], {}
+    for name, folder in MAPPED.items():
+        package_dir[name] = folder
+        packages.append(name)
+        for sub in find_packages(where=folder, exclude=["tests", "tests.*"]):
+            if name == "compress" and sub.split(".")[0] in ("kvcache", "linearize", "kernels"):
+                continue
+            packages.append(f"{name}.{sub}")
+            package_dir[f"{name}.{sub}"] = f"{folder}/{sub.replace('.', '/')}"
+    return packages, package_dir
+
+
+packages, package_dir = packages_and_dirs()
+
+setup(
+    name="compress",
+    version="0.1.0",
+    description="Make pretrained causal language models smaller and faster from one YAML recipe.",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8") if (ROOT / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=packages,
+    package_dir=package_dir,
+    package_data={"compress": ["builtin/tiny/*"]},
+    include_package_data=True,
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=5.0,<6",
+        "safetensors>=0.4",
+        "click>=8.1",
+        "pyyaml>=6.0",
+        "pydantic>=2.5,<3",
+        "scipy>=1.10",
+        "rich>=13",
+        "peft>=0.13",
+        "accelerate>=1.0",
+        "tokenizers>=0.20",
+        "numpy",
+    ],
+    extras_require={
+        "triton": ["triton>=3.0"],
+        "bnb": ["bitsandbytes>=0.45"],
+        "test": ["pytest>=8", "triton>=3.0"],
+    },
+    entry_points={"console_scripts": ["compress=compress.cli:main"]},
+)

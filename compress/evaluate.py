@@ -1,0 +1,96 @@
+"""Quality against a baseline on held-out text, with a stated protocol.
+
+Protocol: the held-out text (by default the built-in reference model's `heldout.txt`, cut from documents the
+model never saw) is tokenized once and cut into non-overlapping windows of `seq_len` tokens; every window is scored
+from its first token (no context carried across windows). Perplexity = exp(mean next-token NLL over all predicted
+positions); KL = mean over positions of KL(baseline || model) of the next-token distributions; top-1 agreement =
+fraction of positions where both models' argmax agree."""
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .progress import progress_bar
+
+
+def heldout_windows(tokenizer, text: str | None = None, seq_len: int = 256, max_windows: int | None = None) -> torch.Tensor:
+    """Non-overlapping windows [n, seq_len] of token ids from `text` (default: the built-in held-out text)."""
+    if text is None:
+        from .calibration import builtin_text
+
+        text = builtin_text("builtin:heldout")
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    n = ids.numel() // seq_len
+    if max_windows is not None:
+        n = min(n, max_windows)
+    if n == 0:
+        from .errors import CalibrationError
+
+        raise CalibrationError(f"the evaluation text has {ids.numel()} tokens, fewer than seq_len={seq_len}")
+    return ids[: n * seq_len].view(n, seq_len)
+
+
+def logits_of(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    device = next(model.parameters()).device
+    return model(input_ids=input_ids.to(device), use_cache=False).logits.float().cpu()
+
+
+class MetricAccumulator:
+    """Sums NLL, KL and top-1 agreement over positions, batch by batch, so memory stays at one batch of logits."""
+
+    def __init__(self) -> None:
+        self.nll = self.kl = 0.0
+        self.agree = self.positions = 0
+
+    def add(self, logits: torch.Tensor, targets: torch.Tensor, base_logits: torch.Tensor | None = None) -> None:
+        """logits [..., V] predicting `targets` [...]; base_logits of the same shape for KL and agreement."""
+        logp = F.log_softmax(logits.double(), dim=-1)
+        self.nll -= logp.gather(-1, targets.unsqueeze(-1)).sum().item()
+        self.positions += targets.numel()
+        if base_logits is not None:
+            base_logp = F.log_softmax(base_logits.double(), dim=-1)
+            self.kl += (base_logp.exp() * (base_logp - logp)).sum().item()
+            self.agree += (logits.argmax(-1) == base_logits.argmax(-1)).sum().item()
+
+    def result(self, with_baseline: bool) -> dict[str, float]:
+        out = {"perplexity": math.exp(self.nll / self.positions), "tokens": self.positions}
+        if with_baseline:
+            out["kl"] = self.kl / self.positions
+            out["top1_agreement"] = self.agree / self.positions
+        return out
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    windows: torch.Tensor,
+    baseline: nn.Module | None = None,
+    *,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Perplexity of `model` on `windows`; with `baseline`, also KL(baseline || model) and top-1 agreement."""
+    acc = MetricAccumulator()
+    batches = range(0, windows.shape[0], batch_size)
+    for i in progress_bar(batches, description="evaluating", enabled=progress):
+        x = windows[i : i + batch_size]
+        logits = logits_of(model, x)[:, :-1]
+        base = logits_of(baseline, x)[:, :-1] if baseline is not None else None
+        acc.add(logits, x[:, 1:], base)
+    return acc.result(baseline is not None)
+
+
+@torch.no_grad()
+def generation_speed(model: nn.Module, tokenizer, prompt: str = "The Python", new_tokens: int = 64, **generate_kwargs) -> float:
+    """Greedy decoding tokens per second (wall clock; compare as ratios within one run only)."""
+    device = next(model.parameters()).device
+    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+    model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, **generate_kwargs)  # warm-up
+    t0 = time.perf_counter()
+    out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **generate_kwargs)
+    return (out.shape[1] - ids.shape[1]) / (time.perf_counter() - t0)

@@ -1,0 +1,35 @@
+"""Choosing between a Triton kernel and its torch reference.
+
+Triton runs for CUDA tensors when triton is importable; the torch reference runs elsewhere. The environment
+variable COMPRESS_KERNELS=torch|triton forces one (tests force `triton` under TRITON_INTERPRET=1 on the CPU)."""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+
+@functools.lru_cache(maxsize=1)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """Whether the public kernel functions should run their Triton kernel for these inputs."""
+    forced = os.environ.get("COMPRESS_KERNELS", "").lower()
+    if forced == "torch":
+        return False
+    if forced == "triton":
+        if not triton_available():
+            raise RuntimeError("COMPRESS_KERNELS=triton but triton is not installed: pip install 'compress[triton]'")
+        return True
+    return triton_available() and all(t.is_cuda for t in tensors)

@@ -85,7 +85,7 @@ def build_batches(spec: CalibrationSpec, tokenizer, base_dir: Path | None = None
     ids: list[int] = []
     needed = spec.num_samples * spec.seq_len * 4  # enough text for distinct windows; bounds tokenization work
     for text in texts:
-        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids.extend(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
         if eos is not None:
             ids.append(eos)
         if len(ids) >= needed:

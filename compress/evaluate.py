@@ -24,7 +24,7 @@ def heldout_windows(tokenizer, text: str | None = None, seq_len: int = 256, max_
         from .calibration import builtin_text
 
         text = builtin_text("builtin:heldout")
-    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
     n = ids.numel() // seq_len
     if max_windows is not None:
         n = min(n, max_windows)

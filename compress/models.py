@@ -86,6 +86,7 @@ def load(
     dtype of the checkpoint is remembered in `model.config.dtype` so that `save` writes the same size back."""
     from .checkpoint import load_checkpoint, load_hf_folder
 
+    _quiet_transformers()
     if isinstance(dtype, str):
         dtype = DTYPES[dtype]
     path = resolve_model_path(source)
@@ -101,6 +102,14 @@ def load(
         model.to(device)
     model.eval()
     return model
+
+
+def _quiet_transformers() -> None:
+    """Our own progress bars and messages replace transformers' per-load bars and info logs."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
 
 
 def load_tokenizer(source: str | Path):

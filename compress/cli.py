@@ -1,0 +1,280 @@
+"""The `compress` command line. Exit codes: 0 ok, 2 user error (one or two lines, no traceback), 1 internal error."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import CompressError
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except CompressError as exc:
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(2)
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=False)
+
+
+def _table(title: str, columns: list[str], rows: list[list]):
+    from rich.table import Table
+
+    t = Table(title=title)
+    for c in columns:
+        t.add_column(c, justify="right" if c != columns[0] else "left")
+    for r in rows:
+        t.add_row(*[str(x) for x in r])
+    return t
+
+
+def _mb(n: int | None) -> str:
+    return "-" if n is None else f"{n / 1e6:.2f} MB"
+
+
+def _fmt(x) -> str:
+    return f"{x:.4f}" if isinstance(x, float) else str(x)
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="compress")
+def main() -> None:
+    """Make pretrained causal language models smaller and faster from one YAML recipe."""
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+def validate(recipe: str) -> None:
+    """Check a recipe without loading any model."""
+    from .recipe import Recipe
+
+    r = Recipe.from_yaml(recipe)
+    click.echo(f"{recipe}: ok ({len(r.passes)} pass{'es' if len(r.passes) != 1 else ''}: "
+               f"{', '.join(p.name for p in r.passes)})")
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--model", "model_src", help="Model folder or builtin:NAME (overrides the recipe's `model`).")
+@click.option("--output", "-o", help="Output folder (overrides the recipe's `output`).")
+@click.option("--dry-run", is_flag=True, help="Print the modules each pass would touch; load no weights.")
+@click.option("--device", default="cpu", show_default=True, help="Compute device for calibration (cpu, cuda).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@click.option("--eval/--no-eval", "do_eval", default=True, show_default=True,
+              help="Evaluate the exported checkpoint against the original model on held-out text.")
+@click.option("--eval-windows", default=64, show_default=True, help="Held-out windows of 256 tokens to evaluate.")
+@click.option("--allow-pickle", is_flag=True, help="Allow loading a model stored as pickled .bin (trusted files only).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
+def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_windows, allow_pickle, as_json):
+    """Run a recipe's passes on a model and export a compressed checkpoint."""
+    from . import api, checkpoint, models
+    from .recipe import Recipe
+
+    r = Recipe.from_yaml(recipe)
+    model_src = model_src or r.model
+    if not model_src:
+        raise CompressError(f"{recipe}: no model: add `model: builtin:tiny` (or a local folder) or pass --model")
+    if r.model and not model_src.startswith("builtin:") and not Path(model_src).is_absolute() and model_src == r.model:
+        candidate = Path(recipe).parent / model_src
+        model_src = str(candidate) if candidate.exists() and not Path(model_src).exists() else model_src
+    passes = r.build_passes()
+    if dry_run:
+        model = models.load(model_src, meta=True, allow_pickle=allow_pickle)
+        plan = {p.name: p.describe(model) for p in passes}
+        if as_json:
+            click.echo(json.dumps({"model": model_src, "passes": [{"pass": k, "modules": v} for k, v in plan.items()]}))
+        else:
+            for i, (name, mods) in enumerate(plan.items(), 1):
+                click.echo(f"{i}. {name}: {len(mods)} module(s)")
+                for m in mods:
+                    click.echo(f"     {m}")
+        return
+    output = output or r.output
+    if not output:
+        raise CompressError(f"{recipe}: no output folder: add `output: out/NAME` to the recipe or pass --output")
+    if Path(output).exists() and not overwrite:
+        raise CompressError(f"{output} already exists; choose another --output or pass --overwrite")
+    model = models.load(model_src, device=device, allow_pickle=allow_pickle)
+    tokenizer = models.load_tokenizer(model_src)
+    model, report = api.apply(model, r, tokenizer=tokenizer, device=device, progress=not as_json)
+    model.to("cpu")
+    checkpoint.save(model, output, tokenizer=tokenizer, recipe_text=r.text, report=report.to_dict(),
+                    overwrite=overwrite)
+    result = {"model": model_src, "output": str(output), **report.to_dict()}
+    result["checkpoint_bytes"] = folder_bytes(Path(output))
+    if Path(models.resolve_model_path(model_src)).is_dir():
+        result["original_checkpoint_bytes"] = folder_bytes(models.resolve_model_path(model_src))
+    if do_eval:
+        result["eval"] = _evaluate(output, model_src, tokenizer, eval_windows, progress=not as_json)
+    if as_json:
+        click.echo(json.dumps(result, default=str))
+        return
+    con = _console()
+    con.print(_table("passes", ["pass", "modules", "bytes before", "bytes after", "seconds"],
+                     [[p["name"], p["num_modules"], _mb(p["bytes_before"]), _mb(p["bytes_after"]), p["seconds"]]
+                      for p in result["passes"]]))
+    con.print(f"checkpoint: {output}  ({_mb(result['checkpoint_bytes'])} of weights"
+              + (f", original {_mb(result['original_checkpoint_bytes'])})" if "original_checkpoint_bytes" in result else ")"))
+    if do_eval:
+        _print_eval(con, result["eval"])
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+
+
+def _evaluate(model_src, baseline_src, tokenizer, windows, progress, seq_len: int = 256, text: str | None = None):
+    from . import models
+    from .evaluate import evaluate, heldout_windows
+
+    model = models.load(model_src)
+    baseline = models.load(baseline_src) if baseline_src else None
+    w = heldout_windows(tokenizer, text=text, seq_len=seq_len, max_windows=windows)
+    out = evaluate(model, w, baseline, progress=progress)
+    if baseline is not None:
+        out["baseline_perplexity"] = evaluate(baseline, w, progress=progress)["perplexity"]
+    out["protocol"] = f"{w.shape[0]} non-overlapping windows of {seq_len} tokens of held-out text"
+    return out
+
+
+def _print_eval(con, ev: dict) -> None:
+    rows = [["perplexity", _fmt(ev.get("baseline_perplexity", "-")), _fmt(ev["perplexity"])]]
+    if "kl" in ev:
+        rows.append(["KL(baseline || model)", "0", _fmt(ev["kl"])])
+        rows.append(["top-1 agreement", "1", _fmt(ev["top1_agreement"])])
+    con.print(_table(f"held-out evaluation ({ev['protocol']})", ["metric", "baseline", "model"], rows))
+
+
+@main.command("eval")
+@click.argument("model_src", metavar="MODEL")
+@click.option("--baseline", help="Model to compare against (KL divergence, top-1 agreement).")
+@click.option("--text", "text_file", type=click.Path(exists=True, dir_okay=False),
+              help="Held-out text file (default: the built-in reference model's held-out text).")
+@click.option("--seq-len", default=256, show_default=True)
+@click.option("--max-windows", default=None, type=int, help="Evaluate at most this many windows.")
+@click.option("--speed/--no-speed", default=True, show_default=True, help="Measure greedy generation tokens/s.")
+@click.option("--json", "as_json", is_flag=True)
+def eval_cmd(model_src, baseline, text_file, seq_len, max_windows, speed, as_json):
+    """Perplexity, KL and top-1 agreement vs a baseline on held-out text; parameters, bytes, tokens/s."""
+    from . import models
+    from .evaluate import generation_speed
+    from .pass_api import tensor_bytes
+
+    tokenizer = models.load_tokenizer(model_src) or (models.load_tokenizer(baseline) if baseline else None)
+    if tokenizer is None:
+        raise CompressError(f"{model_src} has no tokenizer files; save the tokenizer with the model")
+    text = Path(text_file).read_text(encoding="utf-8") if text_file else None
+    result = _evaluate(model_src, baseline, tokenizer, max_windows, progress=not as_json, seq_len=seq_len, text=text)
+    model = models.load(model_src)
+    result["parameters"] = sum(p.numel() for p in model.parameters())
+    result["bytes"] = folder_bytes(models.resolve_model_path(model_src))
+    result["resident_bytes"] = tensor_bytes(model)
+    if speed:
+        result["tokens_per_second"] = generation_speed(model, tokenizer)
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    con = _console()
+    _print_eval(con, result)
+    con.print(f"parameters {result['parameters']:,}  checkpoint {_mb(result['bytes'])}  resident {_mb(result['resident_bytes'])}"
+              + (f"  {result['tokens_per_second']:.1f} tokens/s" if speed else ""))
+
+
+@main.command()
+@click.argument("model_src", metavar="MODEL")
+@click.option("--prompt", required=True)
+@click.option("--max-new-tokens", default=64, show_default=True)
+@click.option("--sample", is_flag=True, help="Sample (temperature/top-p) instead of greedy decoding.")
+@click.option("--temperature", default=0.8, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+def generate(model_src, prompt, max_new_tokens, sample, temperature, seed):
+    """Generate text with a (compressed) model, as it will be used."""
+    import torch
+
+    from . import models
+
+    torch.manual_seed(seed)
+    model = models.load(model_src)
+    tokenizer = models.load_tokenizer(model_src)
+    if tokenizer is None:
+        raise CompressError(f"{model_src} has no tokenizer files; save the tokenizer with the model")
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    kwargs = {"do_sample": True, "temperature": temperature} if sample else {"do_sample": False}
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.eos_token_id, **kwargs)
+    click.echo(tokenizer.decode(out[0], skip_special_tokens=True))
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path())
+@click.option("--json", "as_json", is_flag=True)
+def inspect(checkpoint, as_json):
+    """Passes applied, bytes per component (dense vs compressed), and the recipe of a checkpoint."""
+    from . import models
+    from .inspection import bytes_by_component
+
+    path = models.resolve_model_path(checkpoint)
+    section = models.compression_section(path) or {}
+    model = models.load(checkpoint, meta=True)
+    comps = bytes_by_component(model, storage_dtype=model.compress_storage_dtype)
+    recipe = (path / "recipe.yaml").read_text() if (path / "recipe.yaml").exists() else None
+    result = {"checkpoint": str(path), "compression": section, "components": comps,
+              "checkpoint_bytes": folder_bytes(path), "recipe": recipe}
+    if as_json:
+        click.echo(json.dumps(result, default=str))
+        return
+    con = _console()
+    passes = section.get("passes", [])
+    con.print(f"[bold]{path}[/bold]  format {section.get('format_version', '-')}, "
+              f"compress {section.get('library_version', '-')}, calibration {section.get('calibration_hash') or '-'}")
+    for e in passes:
+        con.print(f"  pass {e['pass']}: " + ", ".join(f"{k}={v}" for k, v in e.get("args", {}).items()))
+    if not passes:
+        con.print("  no compression passes (a dense model)")
+    total = {k: sum(v[k] for v in comps.values()) for k in ("dense", "compressed")}
+    rows = [[c, _mb(v["dense"]), _mb(v["compressed"])] for c, v in sorted(comps.items())]
+    rows.append(["total", _mb(total["dense"]), _mb(total["compressed"])])
+    con.print(_table("bytes per component (at storage dtype)", ["component", "dense", "compressed"], rows))
+    con.print(f"safetensors on disk: {_mb(result['checkpoint_bytes'])}")
+    if recipe:
+        con.print("recipe:\n" + recipe)
+
+
+@main.command("passes")
+@click.option("--json", "as_json", is_flag=True)
+def list_passes(as_json):
+    """Every registered pass with its arguments, types and defaults."""
+    from .registry import available_passes
+
+    out = {}
+    for name, cls in available_passes().items():
+        fields = {}
+        for fname, f in cls.Config.model_fields.items():
+            default = f.get_default(call_default_factory=True)
+            fields[fname] = {"type": _type_name(f.annotation), "default": default, "description": f.description}
+        out[name] = {"doc": (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else "", "arguments": fields}
+    if as_json:
+        click.echo(json.dumps(out, default=str))
+        return
+    con = _console()
+    for name, info in out.items():
+        con.print(f"[bold]{name}[/bold]: {info['doc']}")
+        for fname, f in info["arguments"].items():
+            con.print(f"    {fname}: {f['type']} = {f['default']!r}" + (f"  # {f['description']}" if f["description"] else ""))
+
+
+def _type_name(annotation) -> str:
+    s = str(annotation)
+    return annotation.__name__ if isinstance(annotation, type) else s.replace("typing.", "")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""Bytes per component of a model or checkpoint: embeddings, attention, MLP, head, norms; dense vs compressed.
+
+Counts bytes actually held by tensors (each storage once), so a packed module counts its codes and indices, not
+the dense matrix it stands for."""
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+COMPONENTS = (
+    ("embeddings", re.compile(r"(^|\.)(embed_tokens|wte|wpe)(\.|$)")),
+    ("head", re.compile(r"(^|\.)lm_head(\.|$)")),
+    ("attention", re.compile(r"(^|\.)(self_attn|attn|attention)(\.|$)")),
+    ("mlp", re.compile(r"(^|\.)(mlp|feed_forward)(\.|$)")),
+    ("norms", re.compile(r"norm")),
+)
+
+
+def component_of(name: str) -> str:
+    for comp, rx in COMPONENTS:
+        if rx.search(name):
+            return comp
+    return "other"
+
+
+def _is_compressed(module: nn.Module) -> bool:
+    """Modules from torch or transformers hold dense tensors; the project's own modules hold compressed forms."""
+    return not type(module).__module__.startswith(("torch.", "transformers."))
+
+
+def _storage_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size() if t.device.type == "meta" else t.untyped_storage().nbytes()
+
+
+def bytes_by_component(model: nn.Module, storage_dtype: torch.dtype | None = None) -> dict[str, dict[str, int]]:
+    """{component: {"dense": bytes, "compressed": bytes}}. A tensor counts as compressed when its owning module is
+    not a plain Linear/Embedding (e.g. a SparseLinear or a VQ head). With `storage_dtype`, floating tensors are
+    counted at that dtype's size (what the checkpoint holds)."""
+    out: dict[str, dict[str, int]] = defaultdict(lambda: {"dense": 0, "compressed": 0})
+    seen = set()
+    for mod_name, module in model.named_modules():
+        kind = "compressed" if _is_compressed(module) else "dense"
+        tensors = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
+        for t_name, t in tensors:
+            key = id(t) if t.device.type == "meta" else (t.untyped_storage().data_ptr(), t.device)
+            if key in seen:
+                continue
+            seen.add(key)
+            nbytes = _storage_bytes(t)
+            if storage_dtype is not None and t.is_floating_point():
+                nbytes = t.numel() * torch.empty((), dtype=storage_dtype).element_size()
+            out[component_of(f"{mod_name}.{t_name}")][kind] += nbytes
+    return dict(out)

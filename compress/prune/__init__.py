@@ -1,4 +1,5 @@
-"""Weight pruning: magnitude (more methods build on the same masks)."""
+"""Weight pruning: magnitude, Wanda and SparseGPT; unstructured or N:M; stored packed in `SparseLinear`."""
 from .pass_ import Prune
+from .sparse_linear import SparseLinear
 
-__all__ = ["Prune"]
+__all__ = ["Prune", "SparseLinear"]

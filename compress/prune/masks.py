@@ -1,17 +1,25 @@
 """Pruning masks from importance scores (True = keep). The math only; no modules, no hooks."""
 from __future__ import annotations
 
+import re
+
 import torch
+
+from ..errors import ConfigError
 
 
 def parse_structure(structure: str) -> tuple[int, int] | None:
-    """"unstructured" -> None; "N:M" -> (N, M), meaning N of every M consecutive input weights are ZERO...
+    """"unstructured" -> None; "N:M" -> (N, M): N weights KEPT in every block of M consecutive input columns.
 
-    Convention (as in the Wanda/SparseGPT papers and NVIDIA's 2:4): "2:4" keeps 2 of every 4, so N is the number kept."""
+    The convention of the Wanda/SparseGPT papers and NVIDIA's 2:4 sparsity: "2:4" keeps 2 of every 4."""
     if structure == "unstructured":
         return None
-    n, m = structure.split(":")
-    return int(n), int(m)
+    if not re.fullmatch(r"\d+:\d+", structure):
+        raise ConfigError(f'structure must be "unstructured" or "N:M" like "2:4" (got {structure!r})')
+    n, m = (int(p) for p in structure.split(":"))
+    if not 0 < n < m:
+        raise ConfigError(f"structure {structure!r}: N (kept) must be at least 1 and smaller than M")
+    return n, m
 
 
 def unstructured_mask(scores: torch.Tensor, sparsity: float, per_row: bool = False) -> torch.Tensor:
@@ -40,3 +48,13 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     mask = torch.zeros_like(blocks, dtype=torch.bool)
     mask.scatter_(-1, keep, True)
     return mask.reshape(rows, cols)
+
+
+def magnitude_scores(weight: torch.Tensor) -> torch.Tensor:
+    return weight.detach().abs().float()
+
+
+def is_nm(mask: torch.Tensor, n: int, m: int) -> bool:
+    """Whether every block of m consecutive columns keeps exactly n (the packed N:M layout requires it)."""
+    rows, cols = mask.shape
+    return cols % m == 0 and bool((mask.reshape(rows, cols // m, m).sum(-1) == n).all())

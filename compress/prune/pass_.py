@@ -1,54 +1,229 @@
-"""The `prune` pass: glue between recipes and the masking math in masks.py."""
+"""The `prune` pass: glue between recipes and the math in masks.py, wanda.py, sparsegpt.py and owl.py.
+
+Magnitude needs no data. Wanda and SparseGPT run through the sequential runner: per decoder layer, forward hooks
+on the targeted Linears collect input norms (Wanda) or Hessians (SparseGPT), the layer is pruned, and its pruned
+outputs feed the next layer. Each pruned Linear is then replaced by a `SparseLinear` holding the packed weight,
+unless dense storage is smaller (low sparsity) or `storage: dense` is asked for."""
 from __future__ import annotations
 
-import re
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import Field
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 from ..pass_api import Pass, PassConfig, PassContext, PassReport, tensor_bytes, timed
 from ..registry import register_pass
-from .masks import nm_mask, parse_structure, unstructured_mask
+from .masks import magnitude_scores, nm_mask, parse_structure, unstructured_mask
+from .owl import outlier_ratio, owl_sparsities
+from .packing import bitmask_nbytes, nm_nbytes
+from .sparse_linear import SparseLinear
+from .sparsegpt import HessianAccumulator, sparsegpt_prune
+from .wanda import InputNormAccumulator, wanda_mask, wanda_scores
+
+Sparsity = Annotated[float, Field(ge=0.0, lt=1.0)]
 
 
 @register_pass("prune")
 class Prune(Pass):
-    """Zero out weights of Linear layers by importance: magnitude (no data)."""
+    """Zero out weights of Linear layers by importance (magnitude, Wanda, SparseGPT) and store them packed."""
 
     class Config(PassConfig):
-        method: Literal["magnitude"] = "magnitude"
-        sparsity: float = Field(0.5, ge=0.0, lt=1.0)
+        method: Literal["magnitude", "wanda", "sparsegpt"] = "magnitude"
+        sparsity: Sparsity | list[Sparsity] = Field(
+            0.5, description="fraction of weights to zero: one number, or one per decoder layer")
         structure: str = Field("unstructured", description='"unstructured" or "N:M" (N kept of every M)')
+        storage: Literal["auto", "packed", "dense"] = Field(
+            "auto", description="auto keeps whichever of packed (SparseLinear) and dense is smaller")
+        owl: bool = Field(False, description="OWL non-uniform layer sparsity (same mean), unstructured only")
+        owl_lambda: float = Field(0.08, gt=0.0, lt=0.5, description="OWL: layer sparsities span +-lambda")
+        owl_threshold: float = Field(5.0, gt=0.0, description="OWL: outlier = score above this x layer mean")
+        blocksize: int = Field(128, ge=1, description="SparseGPT: columns per lazy-update block")
+        dampening: float = Field(0.01, gt=0.0, description="SparseGPT: dampening, fraction of mean diag(H)")
 
     def validate_config(self) -> None:
-        s = self.config.structure
-        if s != "unstructured":
-            if not re.fullmatch(r"\d+:\d+", s):
-                raise ConfigError(f'structure must be "unstructured" or "N:M" like "2:4" (got {s!r})')
-            n, m = parse_structure(s)
-            if not 0 < n < m:
-                raise ConfigError(f"structure {s!r}: N (kept) must be between 1 and M-1")
+        c = self.config
+        nm = parse_structure(c.structure)
+        if nm is not None:
+            implied = 1 - nm[0] / nm[1]
+            if "sparsity" in c.model_fields_set and (not isinstance(c.sparsity, float) or abs(c.sparsity - implied) > 1e-9):
+                raise ConfigError(f"structure {c.structure} fixes sparsity at {implied:g}; drop `sparsity` or set it "
+                                  f"to {implied:g}")
+            if c.owl:
+                raise ConfigError("owl (non-uniform layer sparsity) works with unstructured pruning only; "
+                                  "drop `owl` or use structure: unstructured")
+        if isinstance(c.sparsity, list) and not c.sparsity:
+            raise ConfigError("sparsity list is empty: give one number, or one per decoder layer")
 
+    def needs_calibration_for(self) -> bool:
+        return self.config.method != "magnitude" or self.config.owl
+
+    # ---------------------------------------------------------------------------------------------- apply
     def apply(self, model: nn.Module, ctx: PassContext) -> PassReport:
-        targets = self.target_modules(model)
+        from ..sequential import decoder_layers
+
+        targets = self._checked_targets(model)
         report = PassReport(name=self.name, modules=list(targets))
         report.bytes_before = sum(tensor_bytes(m) for m in targets.values())
         nm = parse_structure(self.config.structure)
-        zeros = total = 0
+        prefix, layers = decoder_layers(model)
+        layer_of = {name: _layer_index(name, prefix) for name in targets}
+        state = _RunState(model=model, nm=nm, value_bytes=_storage_dtype(model).itemsize)
+        label = f"prune ({self.config.method})"
         with timed(report), torch.no_grad():
-            for name, module in targets.items():
-                w = module.weight
-                if nm is not None and w.shape[1] % nm[1]:
-                    raise ConfigError(f"{name}: input width {w.shape[1]} is not divisible by M={nm[1]}; "
-                                      "ignore this module or choose another N:M")
-                scores = w.abs().float()
-                mask = nm_mask(scores, *nm) if nm else unstructured_mask(scores, self.config.sparsity)
-                w.mul_(mask.to(w.dtype))
-                zeros += int((~mask).sum())
-                total += mask.numel()
-        report.bytes_after = sum(tensor_bytes(m) for m in targets.values())
-        report.details = {"sparsity": zeros / max(total, 1), "storage": "dense"}
+            layer_sparsity = self._layer_sparsities(len(layers), layer_of, model, ctx, label)
+            if self.config.method == "magnitude":
+                for name, module in targets.items():
+                    s = self._sparsity_of(layer_of[name], layer_sparsity)
+                    mask = nm_mask(magnitude_scores(module.weight), *nm) if nm else \
+                        unstructured_mask(magnitude_scores(module.weight), s)
+                    self._finish(state, name, module, module.weight.detach(), mask)
+            else:
+                outside = [n for n, i in layer_of.items() if i is None]
+                if outside:
+                    raise ConfigError(f"{label}: {', '.join(outside[:3])} is outside the decoder layers, so no "
+                                      "calibration activations reach it; add it to `ignore` or use method: magnitude")
+                ctx.run_sequential(model, lambda step: self._prune_layer(step, targets, layer_sparsity, state, label),
+                                   pass_name=label)
+        report.bytes_after = sum(tensor_bytes(model.get_submodule(n)) for n in targets)
+        report.details = {
+            "method": self.config.method,
+            "structure": self.config.structure,
+            "sparsity": state.zeros / max(state.total, 1),
+            "layer_sparsity": [round(s, 4) for s in layer_sparsity] if layer_sparsity else None,
+            "storage": {"packed": len(state.restore), "dense": len(targets) - len(state.restore)},
+            **({"hessian": state.hessian_notes} if state.hessian_notes else {}),
+            "restore": state.restore,
+        }
         return report
+
+    def _checked_targets(self, model: nn.Module) -> dict[str, nn.Linear]:
+        targets = self.target_modules(model)
+        nm = parse_structure(self.config.structure)
+        for name, module in targets.items():
+            if not isinstance(module, nn.Linear):
+                raise ConfigError(f"prune targets Linear layers; {name} is a {type(module).__name__}: "
+                                  "narrow `targets` or add it to `ignore`")
+            if nm is not None and module.in_features % nm[1]:
+                raise ConfigError(f"{name}: input width {module.in_features} is not divisible by M={nm[1]}; "
+                                  "ignore this module or choose another N:M")
+        return targets
+
+    def _layer_sparsities(self, num_layers, layer_of, model, ctx, label) -> list[float] | None:
+        """One sparsity per decoder layer (None when a single number applies everywhere and OWL is off)."""
+        s = self.config.sparsity
+        nm = parse_structure(self.config.structure)
+        if nm is not None:
+            return None
+        if isinstance(s, list):
+            if len(s) != num_layers:
+                raise ConfigError(f"sparsity lists {len(s)} values but the model has {num_layers} decoder layers; "
+                                  "give one per layer or a single number")
+            outside = [n for n, i in layer_of.items() if i is None]
+            if outside:
+                raise ConfigError(f"per-layer sparsity applies to decoder layers, but {outside[0]} is outside them; "
+                                  "add it to `ignore` or give one sparsity")
+            return list(s)
+        if not self.config.owl:
+            return None
+        ratios = [0.0] * num_layers
+        targets = self.target_modules(model)
+
+        def measure(step):
+            mods = {n: m for n, m in targets.items() if layer_of[n] == step.index}
+            accs = {n: InputNormAccumulator(m.in_features, m.weight.device) for n, m in mods.items()}
+            step.run({m: _input_hook(accs[n]) for n, m in mods.items()})
+            if mods:
+                ratios[step.index] = outlier_ratio([wanda_scores(m.weight, accs[n].norms()) for n, m in mods.items()],
+                                                   self.config.owl_threshold)
+
+        ctx.run_sequential(model, measure, pass_name=f"{label}: OWL outlier ratios")
+        return owl_sparsities(ratios, s, self.config.owl_lambda)
+
+    def _sparsity_of(self, layer: int | None, layer_sparsity: list[float] | None) -> float:
+        if layer_sparsity is None or layer is None:
+            s = self.config.sparsity
+            return float(s) if not isinstance(s, list) else float(sum(s) / len(s))
+        return layer_sparsity[layer]
+
+    def _prune_layer(self, step, targets, layer_sparsity, state: "_RunState", label: str) -> None:
+        mods = {n: m for n, m in targets.items() if n.startswith(step.name + ".")}
+        if not mods:
+            return
+        sparse_gpt = self.config.method == "sparsegpt"
+        acc_type = HessianAccumulator if sparse_gpt else InputNormAccumulator
+        accs = {n: acc_type(m.in_features, m.weight.device) for n, m in mods.items()}
+        step.run({m: _input_hook(accs[n]) for n, m in mods.items()})
+        s = self._sparsity_of(step.index, layer_sparsity)
+        for name, module in mods.items():
+            if accs[name].tokens == 0:
+                raise ConfigError(f"{label}: {name} saw no calibration inputs (it is not called in the forward "
+                                  "pass); add it to `ignore` or use method: magnitude")
+            if sparse_gpt:
+                result = sparsegpt_prune(module.weight, accs[name].hessian, s, state.nm,
+                                         blocksize=self.config.blocksize, dampening=self.config.dampening)
+                if result.fallback or result.retries:
+                    state.hessian_notes[name] = result.fallback or result.notes[-1]
+                weight, mask = result.weight, result.mask
+            else:
+                weight = module.weight.detach()
+                mask = wanda_mask(weight, accs[name].norms(), s, state.nm)
+            self._finish(state, name, module, weight, mask)
+
+    def _finish(self, state: "_RunState", name: str, module: nn.Linear, weight: torch.Tensor, mask: torch.Tensor) -> None:
+        """Write the pruned weight, and swap in a packed SparseLinear when that is smaller (or asked for)."""
+        module.weight.copy_(weight.to(module.weight.dtype) * mask.to(module.weight.dtype))
+        state.zeros += int((~mask).sum())
+        state.total += mask.numel()
+        rows, cols = module.weight.shape
+        dense = rows * cols * state.value_bytes
+        packed = nm_nbytes(rows, cols, *state.nm, state.value_bytes) if state.nm else \
+            bitmask_nbytes(rows, cols, int(mask.sum()), state.value_bytes)
+        if self.config.storage == "packed" or (self.config.storage == "auto" and packed < dense):
+            sparse = SparseLinear.from_linear(module, mask, state.nm)
+            _replace_module(state.model, name, sparse)
+            state.restore[name] = sparse.restore_spec()
+
+    # ---------------------------------------------------------------------------------------------- restore
+    def restore(self, model: nn.Module, entry: dict[str, Any]) -> None:
+        """Swap in SparseLinear modules shaped like the checkpoint's packed tensors, before the state dict loads."""
+        for name, spec in (entry.get("restore") or {}).items():
+            try:
+                module = model.get_submodule(name)
+            except AttributeError:
+                raise CheckpointError(f"checkpoint prunes {name}, which this model does not have") from None
+            if not isinstance(module, nn.Linear):
+                raise CheckpointError(f"checkpoint packs {name} as sparse, but it is a {type(module).__name__}")
+            _replace_module(model, name, SparseLinear.empty(module, spec))
+
+
+class _RunState:
+    def __init__(self, model: nn.Module, nm, value_bytes: int):
+        self.model, self.nm, self.value_bytes = model, nm, value_bytes
+        self.zeros = self.total = 0
+        self.restore: dict[str, dict] = {}
+        self.hessian_notes: dict[str, str] = {}
+
+
+def _input_hook(acc):
+    def hook(module, inputs, output):
+        acc.add(inputs[0])
+    return hook
+
+
+def _layer_index(name: str, prefix: str) -> int | None:
+    if not name.startswith(prefix + "."):
+        return None
+    return int(name[len(prefix) + 1:].split(".", 1)[0])
+
+
+def _replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, new)
+
+
+def _storage_dtype(model: nn.Module) -> torch.dtype:
+    from ..models import storage_dtype
+
+    return getattr(model, "compress_storage_dtype", None) or storage_dtype(model.config)

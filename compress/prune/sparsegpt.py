@@ -1,0 +1,138 @@
+"""SparseGPT (Frantar & Alistarh 2023, "Massive Language Models Can Be Accurately Pruned in One-Shot").
+
+Layer-wise: minimize ||W X - W' X||^2 with W' sparse. With H = 2/n sum X X^T (float32), dampened by
+`dampening * mean(diag H)`, and U the upper Cholesky factor of H^-1, columns are processed left to right in blocks:
+in each block the mask is chosen by w^2 / [U]_jj^2 (the OBS saliency), every pruned weight's error is spread
+over the not-yet-processed columns of its row (the OBS update), and the block's accumulated error is applied to
+the remaining columns at once (lazy batch update)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+
+class HessianAccumulator:
+    """H = 2/n sum_t x_t x_t^T over calibration tokens, accumulated in float32 as a running mean."""
+
+    def __init__(self, in_features: int, device) -> None:
+        self.hessian = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.tokens = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        n = x.shape[0]
+        self.hessian *= self.tokens / (self.tokens + n)
+        self.tokens += n
+        x = x * math.sqrt(2.0 / self.tokens)
+        self.hessian += x.t() @ x
+
+
+@dataclass
+class SparseGPTResult:
+    weight: torch.Tensor           # pruned and updated, zeros where mask is False
+    mask: torch.Tensor             # True = kept
+    dampening: float               # the relative dampening that made H^-1 factorizable (NaN after a fallback)
+    retries: int = 0               # how many times dampening was increased
+    fallback: str | None = None    # why the OBS update was skipped, if it was
+    notes: list[str] = field(default_factory=list)
+
+
+def inverse_hessian_factor(hessian: torch.Tensor, dampening: float, max_retries: int = 4):
+    """Upper Cholesky factor of (H + damp I)^-1, multiplying the dampening by 10 while H is not positive definite.
+
+    Returns (factor or None, relative dampening used, retries)."""
+    h = hessian.float()
+    diag_mean = float(torch.diagonal(h).mean())
+    if not math.isfinite(diag_mean) or diag_mean <= 0:
+        return None, dampening, 0
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    damp = dampening
+    for retry in range(max_retries + 1):
+        chol, info = torch.linalg.cholesky_ex(h + damp * diag_mean * eye)
+        if int(info) == 0:
+            inv = torch.cholesky_inverse(chol)
+            upper, info = torch.linalg.cholesky_ex(inv, upper=True)
+            if int(info) == 0 and bool(torch.isfinite(upper).all()):
+                return upper, damp, retry
+        damp *= 10.0
+    return None, damp / 10.0, max_retries
+
+
+@torch.no_grad()
+def sparsegpt_prune(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    sparsity: float,
+    nm: tuple[int, int] | None = None,
+    blocksize: int = 128,
+    dampening: float = 0.01,
+    max_retries: int = 4,
+) -> SparseGPTResult:
+    """Prune `weight` [out, in] to `sparsity` (or N:M, N kept of M) with the OBS update; returns the new weight."""
+    w = weight.detach().float().clone()
+    rows, cols = w.shape
+    h = hessian.detach().float().clone()
+    notes = []
+    dead = torch.diagonal(h) == 0  # input features that were always zero: their weights never matter
+    if bool(dead.any()):
+        h[dead, dead] = 1.0
+        w[:, dead] = 0.0
+        notes.append(f"{int(dead.sum())} input features were always zero")
+    factor, damp, retries = inverse_hessian_factor(h, dampening, max_retries)
+    if factor is None:
+        # Not factorizable even with large dampening (or not finite): mask by the diagonal saliency
+        # w^2 * H_jj (the Wanda score squared), no weight update.
+        diag = torch.diagonal(h)
+        finite = bool(torch.isfinite(diag).all()) and bool((diag >= 0).all())
+        scores = w.pow(2) * (diag.unsqueeze(0) if finite else 1.0)
+        from .masks import nm_mask, unstructured_mask
+
+        mask = nm_mask(scores, *nm) if nm else unstructured_mask(scores, sparsity, per_row=True)
+        reason = (f"Hessian not positive definite even with dampening {damp:g} x mean diagonal"
+                  if finite else "Hessian has non-finite or negative entries")
+        return SparseGPTResult(weight=(w * mask).to(weight.dtype), mask=mask, dampening=float("nan"),
+                               retries=retries, fallback=reason + "; pruned by w^2*diag(H) without the OBS update",
+                               notes=notes)
+
+    if nm is not None:
+        blocksize = max(nm[1], blocksize // nm[1] * nm[1])  # N:M groups must not straddle two blocks
+    mask = torch.zeros(rows, cols, dtype=torch.bool, device=w.device)  # True = pruned while we go
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        count = i2 - i1
+        w1 = w[:, i1:i2].clone()
+        q1 = torch.zeros_like(w1)
+        err1 = torch.zeros_like(w1)
+        hinv1 = factor[i1:i2, i1:i2]
+        d1 = torch.diagonal(hinv1)
+        pruned1 = torch.zeros_like(w1, dtype=torch.bool)
+        if nm is None:
+            saliency = w1.pow(2) / d1.unsqueeze(0).pow(2)
+            k = int(round(saliency.numel() * sparsity))
+            if k > 0:
+                idx = torch.argsort(saliency.flatten(), stable=True)[:k]
+                pruned1.view(-1)[idx] = True
+        for i in range(count):
+            col = w1[:, i]
+            d = hinv1[i, i]
+            if nm is not None and i % nm[1] == 0:
+                n, m = nm
+                saliency = w1[:, i : i + m].pow(2) / d1[i : i + m].unsqueeze(0).pow(2)
+                drop = torch.topk(saliency, m - n, dim=1, largest=False).indices
+                pruned1.scatter_(1, i + drop, True)
+            q = col.clone()
+            q[pruned1[:, i]] = 0
+            q1[:, i] = q
+            err = (col - q) / d
+            w1[:, i:] -= err.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)
+            err1[:, i] = err
+        w[:, i1:i2] = q1
+        mask[:, i1:i2] = pruned1
+        if i2 < cols:
+            w[:, i2:] -= err1 @ factor[i1:i2, i2:]
+    keep = ~mask
+    if retries:
+        notes.append(f"Hessian not positive definite at dampening {dampening:g}; used {damp:g} x mean diagonal")
+    return SparseGPTResult(weight=(w * keep).to(weight.dtype), mask=keep, dampening=damp, retries=retries, notes=notes)

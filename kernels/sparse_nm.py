@@ -1,0 +1,118 @@
+"""N:M sparse linear layer: y = x @ W^T + b with W stored as kept values + packed per-group position indices.
+
+Layout (one output row of W per row of each tensor):
+- values  [out, in * n / m]: the n kept weights of every group of m input columns, in column order;
+- indices [out, ceil(in * n / m * bits / 8)] uint8: each kept weight's position inside its group (0..m-1) as a
+  `bits = ceil(log2 m)`-bit field, packed little-endian as one bit stream per row (2:4 -> 2 bits per kept value).
+
+`nm_linear` runs the Triton kernel for CUDA tensors and the torch reference elsewhere (see dispatch.py)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .dispatch import use_triton
+
+
+def index_bits(m: int) -> int:
+    return max(1, math.ceil(math.log2(m)))
+
+
+def unpack_bit_fields(packed: torch.Tensor, count: int, bits: int) -> torch.Tensor:
+    """[rows, bytes] uint8 bit streams -> [rows, count] int64 fields of `bits` bits each (little-endian)."""
+    shifts = torch.arange(8, device=packed.device, dtype=torch.uint8)
+    stream = (packed.unsqueeze(-1) >> shifts) & 1                    # [rows, bytes, 8]
+    stream = stream.reshape(packed.shape[0], -1)[:, : count * bits].view(packed.shape[0], count, bits).long()
+    return (stream << torch.arange(bits, device=packed.device)).sum(-1)
+
+
+def nm_decode_reference(values: torch.Tensor, indices: torch.Tensor, n: int, m: int, in_features: int,
+                        dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The dense [out, in] weight (zeros where pruned)."""
+    rows, kept = values.shape
+    groups = in_features // m
+    pos = unpack_bit_fields(indices, kept, index_bits(m)).view(rows, groups, n)
+    dense = torch.zeros(rows, groups, m, dtype=dtype or values.dtype, device=values.device)
+    dense.scatter_(-1, pos, values.view(rows, groups, n).to(dense.dtype))
+    return dense.view(rows, in_features)
+
+
+def nm_linear_reference(x, values, indices, n, m, in_features, bias=None):
+    return F.linear(x, nm_decode_reference(values, indices, n, m, in_features, x.dtype), bias)
+
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - the torch reference runs without triton
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def _nm_linear_kernel(
+        x_ptr, v_ptr, idx_ptr, b_ptr, y_ptr,
+        M, N, K, KEPT_PER_ROW, IDX_ROW_BYTES,
+        stride_xm, stride_xk, stride_ym, stride_yn,
+        HAS_BIAS: tl.constexpr, NKEEP: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
+                        mask=(rm < M)[:, None] & (rk < K)[None, :], other=0.0).to(tl.float32)
+            group = rk // GROUP
+            local = rk % GROUP
+            valid = (rn < N)[:, None] & (rk < K)[None, :]
+            w = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+            # Decode the dense tile by gathering: column c of group g holds kept value t if its index equals c % m.
+            for t in tl.static_range(NKEEP):
+                j = group * NKEEP + t
+                val = tl.load(v_ptr + rn[:, None] * KEPT_PER_ROW + j[None, :], mask=valid, other=0.0).to(tl.float32)
+                bitpos = j * BITS
+                byte = bitpos >> 3
+                shift = bitpos & 7
+                row = idx_ptr + rn[:, None] * IDX_ROW_BYTES
+                b0 = tl.load(row + byte[None, :], mask=valid, other=0).to(tl.int32)
+                b1 = tl.load(row + byte[None, :] + 1, mask=valid & ((byte + 1) < IDX_ROW_BYTES)[None, :],
+                             other=0).to(tl.int32)
+                pos = ((b0 | (b1 << 8)) >> shift[None, :]) & ((1 << BITS) - 1)
+                w += tl.where(pos == local[None, :], val, 0.0)
+            acc += tl.dot(x, tl.trans(w))  # fp32 operands: exact enough, and the interpreter needs it
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
+                 mask=(rm < M)[:, None] & (rn < N)[None, :])
+
+
+def nm_linear_triton(x, values, indices, n, m, in_features, bias=None, block_m=16, block_n=32, block_k=32):
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, in_features)
+    rows = values.shape[0]
+    y = torch.empty(x2.shape[0], rows, dtype=x.dtype, device=x.device)
+    block_k = max(block_k, m)
+    grid = (triton.cdiv(x2.shape[0], block_m), triton.cdiv(rows, block_n))
+    values, indices = values.contiguous(), indices.contiguous()
+    _nm_linear_kernel[grid](
+        x2, values, indices, bias if bias is not None else values, y,
+        x2.shape[0], rows, in_features, values.shape[1], indices.shape[1],
+        x2.stride(0), x2.stride(1), y.stride(0), y.stride(1),
+        HAS_BIAS=bias is not None, NKEEP=n, GROUP=m, BITS=index_bits(m),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+    )
+    return y.view(*lead, rows)
+
+
+def nm_linear(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, n: int, m: int, in_features: int,
+              bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., in] @ W^T (+ bias) with W in the packed N:M layout above."""
+    if use_triton(x, values, indices):
+        return nm_linear_triton(x, values, indices, n, m, in_features, bias)
+    return nm_linear_reference(x, values, indices, n, m, in_features, bias)

@@ -1,0 +1,264 @@
+"""GEAR and KIVI caches for transformers 5.x: `model.generate(..., cache=GEARCache(model.config, bits=4))`.
+
+Each attention layer keeps the most recent tokens (fewer than `residual_length`) in an fp16 window; when the window
+fills, those `residual_length` tokens are compressed as one chunk and appended to an append-only store (store.py),
+so the work per token is constant and old chunks never drift.
+
+What `update` hands to attention: the tokens of the current call are always seen exactly; earlier tokens are seen as
+stored (compressed chunks + fp16 window). How:
+- with the model's attention implementation set to "gear_kv" (`compress.kvcache.use_compressed_attention(model)`),
+  `update` returns only the window and the new tokens, tagged with a snapshot of the compressed past, and the
+  registered attention (attention.py) reads codes, scales, outliers and low-rank factors directly, with no dense
+  copy of the past;
+- with any other attention implementation (sdpa, eager), `update` returns the dense reconstruction (correct, slower,
+  like transformers' QuantizedCache)."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
+
+from .config import KVCacheSettings
+from .kernel_api import KEY_AXIS, VALUE_AXIS
+from .store import CompressedStore
+
+ATTENTION_NAME = "gear_kv"
+WINDOW_DTYPE = torch.float16
+ITEMS = ("codes", "scales_zeros", "lowrank", "outlier_values", "outlier_indices", "window")
+
+
+def tag_past(tensor: torch.Tensor, past: CompressedStore) -> torch.Tensor:
+    """Attach the compressed past to the tensor that attention receives (read back by attention.py)."""
+    tensor._gear_past = past
+    return tensor
+
+
+def storage_bytes(tensors) -> int:
+    """Bytes held by the storages of these tensors, each storage counted once."""
+    seen, total = set(), 0
+    for t in tensors:
+        key = (t.untyped_storage().data_ptr(), t.device)
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+class GEARLayer(CacheLayerMixin):
+    """One attention layer's GEAR cache (quantized codes + sparse outliers + low-rank error + fp16 window)."""
+
+    is_sliding = False
+    is_croppable = True  # crop into compressed chunks restores their reconstruction (see `crop`)
+
+    def __init__(self, settings: KVCacheSettings, reads_storage=lambda: False):
+        super().__init__()
+        self.settings = settings
+        self.reads_storage = reads_storage  # whether attention reads the compressed storage (else: dense return)
+        self.key_store = self.value_store = None
+        self.window_keys = self.window_values = None
+        self._prompt_seen = False
+
+    # ---- transformers API -------------------------------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        s = self.settings
+        self.device, self.dtype = key_states.device, key_states.dtype
+        head_dim = key_states.shape[-1]
+        s.check_against_model(head_dim)
+        common = dict(bits=s.bits, group_size=s.group_size, chunk_len=s.residual_length,
+                      outlier_ratio=s.outlier_ratio, power_iters=s.power_iters)
+        self.key_store = CompressedStore(axis=KEY_AXIS, **common)
+        self.value_store = CompressedStore(axis=VALUE_AXIS, **common)
+        b, h, _, d = key_states.shape
+        self.window_keys = key_states.new_zeros(b, h, 0, d, dtype=WINDOW_DTYPE)
+        self.window_values = value_states.new_zeros(b, h, 0, value_states.shape[-1], dtype=WINDOW_DTYPE)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        dtype = key_states.dtype
+        old_wk, old_wv = self.window_keys, self.window_values
+        recent_k = torch.cat([old_wk.to(dtype), key_states], dim=-2)
+        recent_v = torch.cat([old_wv.to(dtype), value_states], dim=-2)
+        if self.key_store.num_tokens == 0:
+            out_k, out_v = recent_k, recent_v
+        elif self.reads_storage():
+            out_k = tag_past(recent_k, self.key_store.snapshot())
+            out_v = tag_past(recent_v, self.value_store.snapshot())
+        else:
+            out_k = torch.cat([self.key_store.dequantize().to(dtype), recent_k], dim=-2)
+            out_v = torch.cat([self.value_store.dequantize().to(dtype), recent_v], dim=-2)
+        self._store(recent_k, recent_v)
+        return out_k, out_v
+
+    def _store(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Append the window + new tokens: whole chunks are compressed, the remainder stays in the fp16 window."""
+        c = self.settings.residual_length
+        full = (keys.shape[-2] // c) * c
+        if full:
+            prefill = not self._prompt_seen
+            self.key_store.append(keys[:, :, :full], self.settings.rank("key", prefill))
+            self.value_store.append(values[:, :, :full], self.settings.rank("value", prefill))
+        self._prompt_seen = True
+        # a copy, so the window never shares (and keeps alive) the storage of the tensors handed to attention
+        self.window_keys = keys[:, :, full:].to(WINDOW_DTYPE, copy=True)
+        self.window_values = values[:, :, full:].to(WINDOW_DTYPE, copy=True)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_seq_length(self) -> int:
+        if not self.is_initialized:
+            return 0
+        return self.key_store.num_tokens + self.window_keys.shape[-2]
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.key_store = self.value_store = self.window_keys = self.window_values = None
+        self.is_initialized = False
+        self._prompt_seen = False
+
+    def offload(self):  # the compressed cache stays where it is
+        pass
+
+    def prefetch(self):
+        pass
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last `-tokens_to_remove` tokens (negative, as in DynamicLayer). Tokens of a compressed chunk that
+        survive the crop return to the fp16 window as their reconstruction (lossy for them; exact elsewhere)."""
+        if tokens_to_remove > 0:
+            raise ValueError("crop takes a negative number: the count of tokens to remove from the end")
+        remove = -tokens_to_remove
+        if remove == 0 or not self.is_initialized:
+            return
+        keep = max(self.get_seq_length() - remove, 0)
+        c, n_comp = self.settings.residual_length, self.key_store.num_tokens
+        if keep < n_comp:
+            pop = (n_comp - keep + c - 1) // c
+            tail_k = self.key_store.pop_chunks(pop).to(WINDOW_DTYPE)
+            tail_v = self.value_store.pop_chunks(pop).to(WINDOW_DTYPE)
+            self.window_keys = torch.cat([tail_k, self.window_keys], dim=-2)
+            self.window_values = torch.cat([tail_v, self.window_values], dim=-2)
+        start = self.key_store.num_tokens
+        self.window_keys = self.window_keys[:, :, :keep - start].contiguous()
+        self.window_values = self.window_values[:, :, :keep - start].contiguous()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.batch_select_indices(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if not self.is_initialized:
+            return
+        indices = torch.as_tensor(indices, device=self.window_keys.device)
+        if indices.dtype == torch.bool:
+            indices = indices.nonzero().flatten()
+        self.key_store.index_batch(indices)
+        self.value_store.index_batch(indices)
+        self.window_keys = self.window_keys.index_select(0, indices)
+        self.window_values = self.window_values.index_select(0, indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if not self.is_initialized:
+            return
+        self.key_store.repeat_batch(repeats)
+        self.value_store.repeat_batch(repeats)
+        self.window_keys = self.window_keys.repeat_interleave(repeats, dim=0)
+        self.window_values = self.window_values.repeat_interleave(repeats, dim=0)
+
+    @property
+    def batch_size(self) -> int:
+        return self.window_keys.shape[0]
+
+    # ---- byte accounting --------------------------------------------------------------------------------------
+    def tensors_by_item(self) -> dict[str, list[torch.Tensor]]:
+        out = {k: [] for k in ITEMS}
+        if not self.is_initialized:
+            return out
+        for store in (self.key_store, self.value_store):
+            for k, ts in store.tensors_by_kind().items():
+                out[k].extend(ts)
+        out["window"] = [self.window_keys, self.window_values]
+        return out
+
+    def num_elements(self) -> int:
+        """Key and value entries represented (tokens x heads x head_dim x batch, for K and V)."""
+        if not self.is_initialized:
+            return 0
+        b, h, _, d = self.window_keys.shape
+        return 2 * b * h * d * self.get_seq_length()
+
+
+class KIVILayer(GEARLayer):
+    """KIVI: the same streaming storage with quantization only (no outliers, no low-rank term)."""
+
+    def __init__(self, settings: KVCacheSettings, reads_storage=lambda: False):
+        super().__init__(settings.model_copy(update=dict(method="kivi", outlier_ratio=0.0, key_rank=0, value_rank=0,
+                                                         key_prefill_rank=None, value_prefill_rank=None)),
+                         reads_storage)
+
+
+class GEARCache(Cache):
+    """A transformers `Cache` whose layers are GEARLayer (or KIVILayer for `method="kivi"`); layers listed in
+    `skip_layers` keep a plain DynamicLayer. Keyword arguments are `KVCacheSettings` fields."""
+
+    def __init__(self, config, settings: KVCacheSettings | None = None, **kwargs: Any):
+        if settings is not None and kwargs:
+            raise TypeError("pass either settings or keyword arguments, not both")
+        settings = settings or KVCacheSettings.build(**kwargs)
+        text_config = config.get_text_config(decoder=True)
+        num_layers = text_config.num_hidden_layers
+        head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+        settings.check_against_model(head_dim, num_layers)
+        self.settings = settings
+        self._config = text_config
+
+        def reads_storage() -> bool:
+            return getattr(text_config, "_attn_implementation", None) == ATTENTION_NAME
+
+        layer_cls = KIVILayer if settings.method == "kivi" else GEARLayer
+        layers = [DynamicLayer() if i in settings.skip_layers else layer_cls(settings, reads_storage)
+                  for i in range(num_layers)]
+        super().__init__(layers=layers)
+
+    def nbytes(self) -> dict[str, int]:
+        """Bytes held by the cache's tensors, itemized (codes, scales_zeros, lowrank, outlier_values,
+        outlier_indices, window; uncompressed skipped layers under `dense`) plus `total`."""
+        items = {k: [] for k in ITEMS}
+        items["dense"] = []
+        for layer in self.layers:
+            if isinstance(layer, GEARLayer):
+                for k, ts in layer.tensors_by_item().items():
+                    items[k].extend(ts)
+            elif layer.is_initialized and layer.keys is not None:
+                items["dense"].extend([layer.keys, layer.values])
+        out = {k: storage_bytes(ts) for k, ts in items.items()}
+        out["total"] = storage_bytes([t for ts in items.values() for t in ts])
+        return out
+
+    def num_elements(self) -> int:
+        total = 0
+        for layer in self.layers:
+            if isinstance(layer, GEARLayer):
+                total += layer.num_elements()
+            elif layer.is_initialized and layer.keys is not None and layer.keys.numel():
+                total += layer.keys.numel() + layer.values.numel()
+        return total
+
+    def bits_per_element(self) -> float:
+        """Measured bits per cached key/value entry: 8 x bytes held / entries represented."""
+        n = self.num_elements()
+        return 8 * self.nbytes()["total"] / n if n else 0.0
+
+
+def dynamic_cache_bytes(cache) -> tuple[int, int]:
+    """(bytes held, entries) of any transformers cache whose layers expose `keys`/`values` tensors."""
+    tensors, n = [], 0
+    for layer in cache.layers:
+        if getattr(layer, "keys", None) is not None and layer.keys.numel():
+            tensors += [layer.keys, layer.values]
+            n += layer.keys.numel() + layer.values.numel()
+    return storage_bytes(tensors), n

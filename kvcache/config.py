@@ -1,0 +1,92 @@
+"""Settings of a compressed KV cache (GEAR or KIVI), validated once and shared by the cache, the pass and the
+benchmark. Checks that need the model's shapes (head_dim, number of layers) live in `check_against_model`."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ..errors import ConfigError
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+
+
+class KVCacheSettings(BaseModel):
+    """How each attention layer's keys and values are stored.
+
+    - `bits`: code width (2, 3, 4 or 8); keys are quantized per channel in groups of `group_size` tokens, values per
+      token in groups of `group_size` channels (the KIVI layout).
+    - `residual_length`: tokens kept in an fp16 window; when it fills, that chunk is compressed and appended.
+    - GEAR only: `outlier_ratio` of each chunk's entries kept exactly as sparse outliers, and the remaining error
+      approximated by a rank-r product per chunk and KV head (`key_rank`/`value_rank` for chunks compressed after the
+      prompt, `key_prefill_rank`/`value_prefill_rank` for the prompt's chunks; None = same as the decode rank),
+      found by `power_iters` power iterations.
+    - `skip_layers`: layer indices kept in an uncompressed cache."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    method: Literal["gear", "kivi"] = "gear"
+    bits: int = 4
+    group_size: int = Field(64, ge=1)
+    residual_length: int = Field(64, ge=1)
+    key_rank: int = Field(2, ge=0)
+    value_rank: int = Field(2, ge=0)
+    key_prefill_rank: int | None = Field(None, ge=0)
+    value_prefill_rank: int | None = Field(None, ge=0)
+    outlier_ratio: float = Field(0.02, ge=0.0, lt=0.5)
+    power_iters: int = Field(3, ge=1)
+    skip_layers: list[int] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check(self) -> "KVCacheSettings":
+        if self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"bits={self.bits} is not supported; choose one of {', '.join(map(str, SUPPORTED_BITS))}")
+        if self.residual_length % self.group_size:
+            raise ValueError(f"residual_length ({self.residual_length}) must be a multiple of group_size "
+                             f"({self.group_size}): keys are quantized in groups of group_size tokens per chunk")
+        if self.method == "kivi" and (self.outlier_ratio or self.key_rank or self.value_rank
+                                      or self.key_prefill_rank or self.value_prefill_rank):
+            raise ValueError("method 'kivi' has no outliers and no low-rank term: set outlier_ratio: 0 and the ranks "
+                             "to 0, or use method 'gear'")
+        return self
+
+    @classmethod
+    def build(cls, **kwargs) -> "KVCacheSettings":
+        """Construct from keyword arguments; a bad value raises ConfigError (a user mistake) with what to fix."""
+        if kwargs.get("method") == "kivi":
+            for key in ("outlier_ratio", "key_rank", "value_rank"):
+                kwargs.setdefault(key, 0)
+        try:
+            return cls(**kwargs)
+        except ValidationError as exc:
+            msgs = [f"{'.'.join(map(str, e['loc'])) or 'kv cache'}: {e['msg'].removeprefix('Value error, ')}"
+                    for e in exc.errors()]
+            raise ConfigError("; ".join(msgs)) from exc
+
+    def rank(self, kind: str, prefill: bool) -> int:
+        decode = self.key_rank if kind == "key" else self.value_rank
+        pre = self.key_prefill_rank if kind == "key" else self.value_prefill_rank
+        return decode if (not prefill or pre is None) else pre
+
+    def check_against_model(self, head_dim: int, num_layers: int | None = None) -> None:
+        """Raise ConfigError for settings this model's attention shapes cannot take."""
+        from .kernel_api import outliers_per_side
+
+        if 2 * outliers_per_side(self.outlier_ratio, self.group_size) >= self.group_size:
+            raise ConfigError(f"outlier_ratio {self.outlier_ratio} would set aside every entry of a group of "
+                              f"{self.group_size}: use a smaller outlier_ratio")
+        if head_dim % self.group_size:
+            raise ConfigError(f"group_size {self.group_size} must divide head_dim {head_dim} (values are quantized "
+                              f"per token in groups of group_size channels); try group_size {head_dim} or a divisor")
+        if (head_dim * self.bits) % 8 or (self.bits == 3 and head_dim % 8):
+            raise ConfigError(f"head_dim {head_dim} cannot be packed at {self.bits} bits (needs a multiple of 8 codes)")
+        for kind in ("key", "value"):
+            for prefill in (False, True):
+                r = self.rank(kind, prefill)
+                if r > min(head_dim, self.residual_length):
+                    raise ConfigError(f"{kind} rank {r} exceeds min(head_dim={head_dim}, residual_length="
+                                      f"{self.residual_length}); choose a rank <= {min(head_dim, self.residual_length)}")
+        if num_layers is not None:
+            bad = [i for i in self.skip_layers if not 0 <= i < num_layers]
+            if bad:
+                raise ConfigError(f"skip_layers {bad} out of range: the model has layers 0..{num_layers - 1}")

@@ -1,0 +1,175 @@
+"""KV quantizer: packing, error bounds per bit width, outliers, byte accounting, Triton (interpreted) vs reference."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # triton reads this when it is first imported: the kernels run interpreted on CPU
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from compress.errors import ConfigError  # noqa: E402
+from compress.kernels import kv_quant as K  # noqa: E402
+
+BITS = (2, 3, 4, 8)
+AXES = ("token", "channel")
+
+
+@pytest.fixture
+def triton_kernels(monkeypatch):
+    """Force the Triton path (interpreted on CPU); fail loudly if triton was imported before the interpreter flag."""
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() and type(K._quantize_keys_kernel).__name__ != "InterpretedFunction":
+        pytest.fail("triton was imported before TRITON_INTERPRET=1 was set: run these tests with TRITON_INTERPRET=1")
+    monkeypatch.setenv("COMPRESS_KERNELS", "triton")
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _expanded(p, stat):
+    return stat.float().repeat_interleave(p.group_size, dim=-2 if p.axis == "token" else -1)
+
+
+def _outlier_mask(p):
+    t, d = p.shape[-2:]
+    mask = torch.zeros(p.shape, dtype=torch.bool).view(-1, t * d)
+    if p.outlier_positions is not None:
+        mask.scatter_(1, p.outlier_positions.reshape(mask.shape[0], -1).long(), True)
+    return mask.view(p.shape)
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_pack_round_trip_and_bit_layout(bits):
+    torch.manual_seed(bits)
+    codes = torch.randint(0, 1 << bits, (3, 5, 64), dtype=torch.uint8)
+    packed = K.pack_codes(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.shape == (3, 5, 64 * bits // 8)
+    assert torch.equal(K.unpack_codes(packed, bits), codes)
+    # little-endian bit stream: code d occupies bits [d*bits, (d+1)*bits) of the row
+    row = codes[1, 2].tolist()
+    stream = sum(c << (i * bits) for i, c in enumerate(row))
+    assert packed[1, 2].tolist() == [(stream >> (8 * i)) & 255 for i in range(64 * bits // 8)]
+
+
+@pytest.mark.parametrize("axis", AXES)
+@pytest.mark.parametrize("bits", BITS)
+def test_error_within_half_step(bits, axis):
+    torch.manual_seed(0)
+    x = torch.randn(2, 2, 64, 64, dtype=torch.float16) * 3
+    p = K.quantize_pack_reference(x, bits, 32, axis)
+    expected_stat = (2, 2, 2, 64) if axis == "token" else (2, 2, 64, 2)
+    assert p.scale.shape == expected_stat and p.scale.dtype == torch.float16 and p.zero.dtype == torch.float16
+    x_hat = p.dequantize()
+    scale = _expanded(p, p.scale)
+    # half a step, plus fp16 rounding of the stored zero (min) and of scale times the top level
+    slack = 1e-3 * x.float().abs().amax() + (1 << bits) * scale * 2 ** -10
+    err = (x.float() - x_hat).abs()
+    assert (err <= scale / 2 + slack).all()
+    # the bound is tight: the error uses most of the half step somewhere (so a wrong scale would show)
+    assert (err / (scale / 2)).max() > 0.9
+    # rounding error is about uniform over the step: mean a quarter step (a wrong level mapping would not be)
+    assert 0.18 < (err / scale).mean() < 0.32
+
+
+def test_constant_group_is_exact():
+    x = torch.full((1, 1, 32, 64), 0.375)
+    for axis in AXES:
+        p = K.quantize_pack_reference(x, 2, 32, axis)
+        assert (p.scale == 0).all() and torch.equal(p.dequantize(), x)
+
+
+@pytest.mark.parametrize("axis", AXES)
+def test_outliers_set_aside_and_restored(axis):
+    torch.manual_seed(1)
+    x = torch.randn(1, 2, 64, 64, dtype=torch.float16)
+    # plant large spikes at distinct tokens and channels (so at most one per group, for either axis): without
+    # outliers each would blow up its group's step
+    x[..., torch.randperm(64)[:40], torch.randperm(64)[:40]] = 40.0
+    plain = K.quantize_pack_reference(x, 4, 32, axis)
+    p = K.quantize_pack_reference(x, 4, 32, axis, outlier_ratio=0.1)
+    per_side = K.outliers_per_side(0.1, 32)
+    assert per_side == 2 and K.outlier_fraction(0.1, 32) == 4 / 32
+    n_groups = 64 * 64 // 32
+    assert p.outlier_values.shape == p.outlier_positions.shape == (1, 2, n_groups * 2 * per_side)
+    assert p.outlier_positions.dtype == torch.int16 and p.outlier_values.dtype == torch.float16
+    # the set-aside entries are exactly each group's per_side largest and smallest
+    xg = K._grouped(x.reshape(-1, 64, 64).float(), 32, axis)
+    pos = p.outlier_positions.reshape(2, n_groups, 2 * per_side).long()
+    picked = x.reshape(2, -1).float().gather(1, pos.reshape(2, -1)).reshape(2, n_groups, 2 * per_side)
+    top = xg.topk(per_side, dim=-1).values
+    bottom = xg.topk(per_side, dim=-1, largest=False).values
+    assert torch.equal(picked[..., :per_side], top) and torch.equal(picked[..., per_side:], bottom)
+    x_hat = p.dequantize()
+    mask = _outlier_mask(p)
+    # restored to fp16 precision: the stored correction x - dequant(code) is rounded to fp16 once
+    out_err = (x_hat - x.float())[mask].abs()
+    assert (out_err <= x.float()[mask].abs() * 2 ** -10 + 1e-6).all()
+    # every other entry within half a step of its (now tighter) group range
+    err = (x_hat - x.float()).abs()
+    assert (err[~mask] <= (_expanded(p, p.scale) / 2 + 2e-3)[~mask]).all()
+    # and the spikes no longer widen their groups
+    assert err.mean() < 0.5 * (plain.dequantize() - x.float()).abs().mean()
+    assert p.scale.float().amax() < 0.5 * plain.scale.float().amax()
+
+
+def test_position_dtype_and_byte_accounting():
+    assert K.position_dtype(64, 128) == torch.int16 and K.position_dtype(512, 128) == torch.int32
+    x = torch.randn(1, 2, 64, 64)
+    p = K.quantize_pack_reference(x, 4, 64, "token", outlier_ratio=0.02)
+    nb = p.nbytes()
+    held = {"codes": p.codes, "scales_zeros": (p.scale, p.zero), "outlier_values": p.outlier_values,
+            "outlier_indices": p.outlier_positions}
+    for name, tensors in held.items():
+        tensors = tensors if isinstance(tensors, tuple) else (tensors,)
+        assert nb[name] == sum(t.untyped_storage().nbytes() for t in tensors)
+    # 4-bit codes + two fp16 per 64 tokens per channel + 2 outliers (fp16 + int16) per group of 64
+    assert p.bits_per_element() == pytest.approx(4 + 32 / 64 + 2 * 32 / 64)
+    p3 = K.quantize_pack_reference(x, 3, 64, "channel")
+    assert p3.codes.shape[-1] == 24 and p3.bits_per_element() == pytest.approx(3 + 32 / 64)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(bits=5, group_size=32), "bits=5"),
+    (dict(bits=4, group_size=48), "does not divide"),
+    (dict(bits=4, group_size=32, axis="keys"), "axis"),
+    (dict(bits=4, group_size=4, outlier_ratio=0.9), "every entry"),
+])
+def test_bad_arguments_are_config_errors(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        K.quantize_pack(torch.randn(1, 1, 64, 64), **kwargs)
+
+
+def test_public_functions_use_the_reference_on_cpu(monkeypatch):
+    monkeypatch.setenv("COMPRESS_KERNELS", "")
+    monkeypatch.setattr(K, "quantize_pack_triton", lambda *a, **k: pytest.fail("Triton path taken for CPU tensors"))
+    x = torch.randn(1, 1, 32, 64)
+    assert torch.equal(K.quantize_values(x, 4, 32).codes, K.quantize_pack_reference(x, 4, 32, "channel").codes)
+
+
+@pytest.mark.parametrize("outlier_ratio", (0.0, 0.1))
+@pytest.mark.parametrize("axis", AXES)
+@pytest.mark.parametrize("bits", BITS)
+def test_triton_matches_reference(triton_kernels, bits, axis, outlier_ratio):
+    torch.manual_seed(bits)
+    x = (torch.randn(1, 2, 64, 64) * 2).half().to(triton_kernels)
+    ref = K.quantize_pack_reference(x, bits, 32, axis, outlier_ratio)
+    got = K.quantize_pack(x, bits, 32, axis, outlier_ratio)
+    # Same fp32 arithmetic in the same order, so the interpreter gives identical codes. (Compiled on a GPU, fp32
+    # division may differ in the last ulp and move an exact rounding tie by one level.)
+    assert torch.equal(got.codes, ref.codes)
+    torch.testing.assert_close(got.scale, ref.scale, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(got.zero, ref.zero, rtol=1e-3, atol=1e-4)
+    if outlier_ratio:
+        assert torch.equal(got.outlier_positions, ref.outlier_positions)
+        torch.testing.assert_close(got.outlier_values, ref.outlier_values, rtol=1e-3, atol=1e-3)
+    else:
+        assert got.outlier_values is None
+    torch.testing.assert_close(K.unpack_dequantize(got), K.unpack_dequantize_reference(ref), rtol=1e-5, atol=1e-5)
+
+
+def test_triton_values_tail_block(triton_kernels):
+    # a token count that is not a multiple of the kernel's token block (masked rows)
+    x = torch.randn(2, 1, 40, 64).to(triton_kernels)
+    ref = K.quantize_pack_reference(x, 2, 16, "channel", 0.1)
+    got = K.quantize_pack(x, 2, 16, "channel", 0.1)
+    assert torch.equal(got.codes, ref.codes) and torch.equal(got.outlier_positions, ref.outlier_positions)
+    torch.testing.assert_close(K.unpack_dequantize(got), K.unpack_dequantize_reference(ref))

@@ -1,0 +1,70 @@
+"""Shared fixtures: tiny random-init configs of each supported architecture (shapes and plumbing only) and the
+built-in reference model (every quality assertion)."""
+from __future__ import annotations
+
+import os
+
+# Triton kernels are checked on the CPU through the interpreter; it must be on before any kernel is defined.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+import torch
+
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def tiny_config(arch: str, **overrides):
+    from transformers import AutoConfig
+
+    kwargs = dict(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=256, tie_word_embeddings=False,
+    )
+    kwargs.update(overrides)
+    return AutoConfig.for_model(arch, **kwargs)
+
+
+def tiny_model(arch: str, seed: int = 0, **overrides):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, **overrides), dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(name="tiny_model")
+def tiny_model_factory():
+    """`tiny_model(arch, seed=0, **config_overrides)` -> a random-init model (shapes and plumbing only)."""
+    return tiny_model
+
+
+@pytest.fixture(name="save_hf_folder")
+def save_hf_folder_factory():
+    return save_hf_folder
+
+
+@pytest.fixture(params=ARCHITECTURES)
+def arch(request):
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def reference_model():
+    import compress
+
+    return compress.load("builtin:tiny")
+
+
+@pytest.fixture(scope="session")
+def reference_tokenizer():
+    import compress
+
+    return compress.load_tokenizer("builtin:tiny")
+
+
+def save_hf_folder(model, path, tokenizer=None):
+    """A plain Hugging Face folder (what users point recipes at)."""
+    model.save_pretrained(path)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    return path

@@ -1,0 +1,138 @@
+"""Checkpoints: atomic safetensors writes, exact round trip, refused pickle, version and tensor checks."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import compress
+from compress import CheckpointError
+from compress import checkpoint as ckpt
+
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_round_trip_logits_identical(tmp_path, reference_model):
+    ids = torch.randint(0, 8192, (2, 48), generator=torch.Generator().manual_seed(0))
+    out = compress.save(reference_model, tmp_path / "ckpt", tokenizer=compress.load_tokenizer("builtin:tiny"))
+    reloaded = compress.load(out)
+    # the reference model is stored in bf16: saving writes the same bf16 values back, so logits match exactly
+    assert torch.equal(_logits(reference_model, ids), _logits(reloaded, ids))
+    config = json.loads((out / "config.json").read_text())
+    assert config["compression"]["format_version"] == ckpt.FORMAT_VERSION
+    assert config["dtype"] == "bfloat16"
+    assert (out / "tokenizer.json").exists()
+    assert not list(tmp_path.glob(".ckpt.tmp-*"))
+
+
+def test_sharded_round_trip(tmp_path, tiny_model):
+    model = tiny_model("qwen2")
+    model.compress_storage_dtype = torch.float32
+    out = compress.save(model, tmp_path / "sharded", max_shard_bytes=20_000)
+    assert (out / ckpt.INDEX_NAME).exists() and len(list(out.glob("model-*.safetensors"))) > 2
+    reloaded = compress.load(out)
+    ids = torch.randint(0, 128, (1, 16))
+    assert torch.equal(_logits(model, ids), _logits(reloaded, ids))
+
+
+def test_interrupted_save_leaves_nothing(tmp_path, monkeypatch, tiny_model):
+    model = tiny_model("llama")
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt  # the user pressed Ctrl-C while weights were being written
+
+    monkeypatch.setattr(ckpt, "save_file", crash)
+    with pytest.raises(KeyboardInterrupt):
+        compress.save(model, tmp_path / "target")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupted_overwrite_keeps_the_old_checkpoint(tmp_path, monkeypatch, tiny_model):
+    model = tiny_model("llama")
+    target = compress.save(model, tmp_path / "target")
+    before = (target / ckpt.WEIGHTS_NAME).read_bytes()
+    monkeypatch.setattr(ckpt, "save_file", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError):
+        compress.save(model, target, overwrite=True)
+    assert (target / ckpt.WEIGHTS_NAME).read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["target"]
+
+
+def test_existing_target_needs_overwrite(tmp_path, tiny_model):
+    model = tiny_model("llama")
+    compress.save(model, tmp_path / "t")
+    with pytest.raises(CheckpointError, match="already exists"):
+        compress.save(model, tmp_path / "t")
+
+
+def test_pickle_is_refused_unless_allowed(tmp_path, tiny_model):
+    model = tiny_model("llama")
+    folder = tmp_path / "legacy"
+    model.save_pretrained(folder, safe_serialization=False) if _supports_bin() else _write_bin(model, folder)
+    for f in folder.glob("*.safetensors"):
+        f.unlink()
+    with pytest.raises(CheckpointError, match="pickled .bin"):
+        compress.load(folder)
+    loaded = compress.load(folder, allow_pickle=True)
+    ids = torch.randint(0, 128, (1, 8))
+    assert torch.allclose(_logits(model, ids), _logits(loaded, ids))
+
+
+def _supports_bin() -> bool:
+    import inspect
+
+    from transformers import PreTrainedModel
+
+    return "safe_serialization" in inspect.signature(PreTrainedModel.save_pretrained).parameters
+
+
+def _write_bin(model, folder):
+    folder.mkdir()
+    model.config.save_pretrained(folder)
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+
+
+def test_newer_format_version_is_refused(tmp_path, tiny_model):
+    out = compress.save(tiny_model("llama"), tmp_path / "c")
+    config = json.loads((out / "config.json").read_text())
+    config["compression"]["format_version"] = ckpt.FORMAT_VERSION + 1
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="format version 2.*upgrade compress"):
+        compress.load(out)
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("drop", "missing tensors: model.layers.0.mlp.up_proj.weight"),
+    ("extra", "unexpected tensors: bogus.weight"),
+    ("shape", "wrong shapes: model.layers.0.mlp.up_proj.weight"),
+])
+def test_tensor_mismatches_are_clear_errors(tmp_path, damage, message, tiny_model):
+    from safetensors.torch import load_file, save_file
+
+    out = compress.save(tiny_model("llama"), tmp_path / "c")
+    state = load_file(out / ckpt.WEIGHTS_NAME)
+    key = "model.layers.0.mlp.up_proj.weight"
+    if damage == "drop":
+        del state[key]
+    elif damage == "extra":
+        state["bogus.weight"] = torch.zeros(2)
+    else:
+        state[key] = state[key][:, :-1].contiguous()
+    save_file(state, out / ckpt.WEIGHTS_NAME)
+    with pytest.raises(CheckpointError, match=message.replace(".", r"\.")):
+        compress.load(out)
+
+
+def test_plain_hf_folder_and_missing_paths(tmp_path, tiny_model, save_hf_folder):
+    folder = save_hf_folder(tiny_model("mistral"), tmp_path / "hf")
+    model = compress.load(folder)
+    assert type(model).__name__ == "MistralForCausalLM"
+    with pytest.raises(CheckpointError, match="does not exist"):
+        compress.load(tmp_path / "nope")
+    with pytest.raises(CheckpointError, match="unknown built-in model"):
+        compress.load("builtin:huge")

@@ -1,0 +1,120 @@
+"""The command line end to end: magnitude pruning of the reference model through `compress apply`, reload,
+evaluation; exit codes and messages for user mistakes."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import compress
+from compress.cli import main
+from compress.evaluate import evaluate, heldout_windows
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def run(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    return result
+
+
+@pytest.fixture(scope="module")
+def magnitude_checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "mag50"
+    result = run("apply", RECIPES / "magnitude-50.yaml", "--output", out, "--eval-windows", 8, "--json")
+    assert result.exit_code == 0, result.output
+    return out, json.loads(result.output)
+
+
+def test_apply_exports_a_sparse_checkpoint_that_reloads(magnitude_checkpoint, reference_model):
+    out, summary = magnitude_checkpoint
+    assert (out / "recipe.yaml").exists() and (out / "report.json").exists()
+    config = json.loads((out / "config.json").read_text())
+    (entry,) = config["compression"]["passes"]
+    assert entry["pass"] == "prune" and entry["args"]["sparsity"] == 0.5
+    assert summary["passes"][0]["num_modules"] == 42
+    reloaded = compress.load(out)
+    # every pruned Linear's effective weight is exactly half zeros; the head and embeddings are untouched
+    x = torch.eye(256)
+    for i in range(6):
+        layer = reloaded.model.layers[i]
+        for proj in (layer.self_attn.q_proj, layer.mlp.up_proj):
+            w = proj(x).T  # weight as the module applies it, whatever its storage
+            assert (w == 0).float().mean().item() == pytest.approx(0.5, abs=1e-6)
+    assert torch.equal(reloaded.lm_head.weight, reference_model.lm_head.weight)
+
+
+def test_apply_eval_numbers_match_an_independent_evaluation(magnitude_checkpoint, reference_model, reference_tokenizer):
+    out, summary = magnitude_checkpoint
+    ev = summary["eval"]
+    windows = heldout_windows(reference_tokenizer, seq_len=256, max_windows=8)
+    mine = evaluate(compress.load(out), windows, reference_model, progress=False)
+    assert ev["perplexity"] == pytest.approx(mine["perplexity"], rel=1e-6)
+    assert ev["kl"] == pytest.approx(mine["kl"], rel=1e-6)
+    assert ev["top1_agreement"] == pytest.approx(mine["top1_agreement"])
+    # magnitude pruning at 50% hurts the trained model: worse perplexity, KL > 0, not all argmaxes agree
+    assert ev["perplexity"] > ev["baseline_perplexity"]
+    assert ev["kl"] > 1e-3 and ev["top1_agreement"] < 0.99
+
+
+def test_eval_json_interface(magnitude_checkpoint):
+    out, _ = magnitude_checkpoint
+    result = run("eval", out, "--baseline", "builtin:tiny", "--max-windows", 4, "--no-speed", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    for key in ("perplexity", "kl", "top1_agreement", "parameters", "bytes"):
+        assert key in data
+    assert data["parameters"] == sum(p.numel() for p in compress.load("builtin:tiny").parameters())
+
+
+def test_inspect_generate_and_passes(magnitude_checkpoint):
+    out, _ = magnitude_checkpoint
+    result = run("inspect", out, "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["compression"]["passes"][0]["pass"] == "prune"
+    assert set(data["components"]) >= {"embeddings", "attention", "mlp", "head"}
+    assert data["components"]["head"]["dense"] == 8192 * 256 * 2  # bf16 storage
+    gen = run("generate", out, "--prompt", "The list type", "--max-new-tokens", 8)
+    assert gen.exit_code == 0 and gen.output.startswith("The list type")
+    listing = json.loads(run("passes", "--json").output)
+    assert listing["prune"]["arguments"]["sparsity"]["default"] == 0.5
+
+
+def test_dry_run_lists_modules_without_writing(tmp_path):
+    result = run("apply", RECIPES / "magnitude-50.yaml", "--dry-run", "--output", tmp_path / "never")
+    assert result.exit_code == 0, result.output
+    assert "model.layers.5.mlp.down_proj" in result.output and "lm_head" not in result.output
+    assert not (tmp_path / "never").exists()
+
+
+def test_user_mistakes_exit_2_with_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: builtin:tiny\npasses:\n  - prune: {sparsity: 2}\n")
+    for args in (["validate", bad], ["apply", bad, "--output", tmp_path / "o"]):
+        result = CliRunner().invoke(main, [str(a) for a in args])
+        assert result.exit_code == 2
+        assert f"{bad}:3:" in result.output and "Traceback" not in result.output
+    good = tmp_path / "good.yaml"
+    good.write_text("model: builtin:nope\npasses:\n  - prune: {}\n")
+    result = CliRunner().invoke(main, ["apply", str(good), "--output", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "unknown built-in model" in result.output
+    (tmp_path / "exists").mkdir()
+    result = CliRunner().invoke(main, ["apply", str(RECIPES / "magnitude-50.yaml"), "--output", str(tmp_path / "exists")])
+    assert result.exit_code == 2 and "already exists" in result.output
+
+
+@pytest.mark.skipif(shutil.which("compress") is None, reason="console script not installed")
+def test_console_script_exit_code(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: builtin:tiny\npasses:\n  - prun: {}\n")
+    proc = subprocess.run(["compress", "validate", str(bad)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: {bad}:3:5: unknown pass 'prun' (did you mean 'prune'?); "
+                                                f"known: {', '.join(compress.available_passes())}"]

@@ -1,0 +1,74 @@
+"""Recipe validation: every problem reported with FILE:LINE:COLUMN and a message that says what to fix."""
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from compress import Recipe, RecipeError
+
+BAD_RECIPES = [
+    # (recipe text, expected line, fragment of the message)
+    ("model: builtin:tiny\npasses:\n  - prune: {sparsity: 1.5}\n", 3, "less than 1"),
+    ("model: builtin:tiny\npasses:\n  - prune: {sparsity: -0.1}\n", 3, "greater than or equal to 0"),
+    ("model: builtin:tiny\npasses:\n  - prune: {sparsity: half}\n", 3, "valid number"),
+    ("model: builtin:tiny\npasses:\n  - prune:\n      methd: magnitude\n", 4, "unknown key 'methd' (did you mean 'method'"),
+    ("model: builtin:tiny\npasses:\n  - prun: {}\n", 3, "unknown pass 'prun' (did you mean 'prune'"),
+    ("model: builtin:tiny\npasses:\n  - prune: {method: random}\n", 3, "method"),
+    ("model: builtin:tiny\npasses:\n  - prune: {structure: '4:2'}\n", 3, "structure '4:2'"),
+    ("model: builtin:tiny\npasses:\n  - prune: {structure: 'two:four'}\n", 3, '"unstructured" or "N:M"'),
+    ("model: builtin:tiny\npases:\n  - prune: {}\n", 2, "unknown key 'pases' (did you mean 'passes'"),
+    ("model: builtin:tiny\n", 1, "no `passes:` list"),
+    ("model: builtin:tiny\npasses: []\n", 2, "non-empty list"),
+    ("model: builtin:tiny\npasses:\n  - prune: {}\n    quantize: {}\n", 3, "one `pass_name: {arguments}` mapping"),
+    ("model: builtin:tiny\npasses:\n  - prune: 0.5\n", 3, "must be a mapping"),
+    ("model: [1, 2]\npasses:\n  - prune: {}\n", 1, "model must be a local folder path or builtin:NAME"),
+    ("model: builtin:tiny\ncalibration: {num_samples: 0}\npasses:\n  - prune: {}\n", 2, "num_samples"),
+    ("model: builtin:tiny\ncalibration:\n  sorce: data.txt\npasses:\n  - prune: {}\n", 3,
+     "unknown key 'sorce' (did you mean 'source'"),
+    ("model: builtin:tiny\ncalibration: {seq_len: many}\npasses:\n  - prune: {}\n", 2, "seq_len"),
+    ("model: builtin:tiny\npasses:\n  - prune: {targets: Linear}\n", 3, "targets"),
+    ("model: builtin:tiny\noutput: 3\npasses:\n  - prune: {}\n", 2, "output must be a folder path"),
+    ("model: builtin:tiny\npasses:\n  - prune: {sparsity: 0.5\n", 4, "not valid YAML"),
+    ("- just\n- a list\n", 1, "a recipe is a mapping"),
+    ("model: builtin:tiny\nmodel: other\npasses:\n  - prune: {}\n", 2, "duplicate key 'model'"),
+]
+
+
+@pytest.mark.parametrize("text,line,fragment", BAD_RECIPES)
+def test_bad_recipe_reports_line_and_message(text, line, fragment):
+    with pytest.raises(RecipeError) as err:
+        Recipe.from_text(text, source="bad.yaml")
+    message = str(err.value)
+    assert f"bad.yaml:{line}:" in message, message
+    assert fragment in message, message
+
+
+def test_every_problem_is_reported_at_once():
+    text = "model: builtin:tiny\nextra: 1\npasses:\n  - prune: {sparsity: 2}\n  - nope: {}\n"
+    with pytest.raises(RecipeError) as err:
+        Recipe.from_text(text, source="r.yaml")
+    problems = err.value.problems
+    assert [p.split(":")[1] for p in problems] == ["2", "4", "5"], problems
+
+
+def test_good_recipe_builds_passes(tmp_path):
+    path = tmp_path / "ok.yaml"
+    path.write_text(textwrap.dedent("""\
+        model: builtin:tiny
+        calibration: {source: builtin:calibration, num_samples: 4, seq_len: 32}
+        passes:
+          - prune: {method: magnitude, sparsity: 0.25, structure: "2:4"}
+          - prune
+        output: out/x
+    """))
+    recipe = Recipe.from_yaml(path)
+    passes = recipe.build_passes()
+    assert [p.name for p in passes] == ["prune", "prune"]
+    assert passes[0].config.structure == "2:4" and passes[1].config.sparsity == 0.5
+    assert recipe.calibration.num_samples == 4 and recipe.output == "out/x"
+
+
+def test_missing_recipe_file(tmp_path):
+    with pytest.raises(RecipeError, match="no such recipe file"):
+        Recipe.from_yaml(tmp_path / "missing.yaml")

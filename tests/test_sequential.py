@@ -1,0 +1,63 @@
+"""The sequential runner: layer-by-layer propagation equals the full forward, on every supported architecture."""
+from __future__ import annotations
+
+import torch
+
+from compress.sequential import decoder_layers, run_sequential
+
+
+def _final_hidden(model, ids):
+    with torch.no_grad():
+        out = model(input_ids=ids, output_hidden_states=True)
+    # hidden_states[-1] has the final norm applied; the input of that norm is what the last layer produced
+    return out.hidden_states
+
+
+def test_propagation_matches_full_forward_when_nothing_changes(arch, tiny_model):
+    model = tiny_model(arch)
+    ids = torch.randint(0, 128, (5, 24), generator=torch.Generator().manual_seed(1))
+    expected = _final_hidden(model, ids)
+    seen_inputs, outputs = [], []
+
+    def on_layer(step):
+        seen_inputs.append(torch.cat(step.inputs))
+        outputs.append(torch.cat(step.run()))
+
+    run_sequential(model, ids, on_layer, batch_size=2, progress=False)
+    n = len(decoder_layers(model)[1])
+    assert len(seen_inputs) == n
+    for i in range(n):  # hidden_states[i] is the input of layer i
+        torch.testing.assert_close(seen_inputs[i], expected[i], rtol=1e-5, atol=1e-5)
+    final = model.model.norm(outputs[-1])
+    torch.testing.assert_close(final, expected[-1], rtol=1e-5, atol=1e-5)
+
+
+def test_changes_to_a_layer_reach_the_next_layers(tiny_model):
+    model = tiny_model("llama")
+    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(2))
+    inputs_of_last = []
+
+    def on_layer(step):
+        if step.index == 0:
+            step.layer.mlp.down_proj.weight.data.mul_(0.5)  # a "compression" of layer 0
+        if step.index == 2:
+            inputs_of_last.append(torch.cat(step.inputs))
+
+    run_sequential(model, ids, on_layer, batch_size=3, progress=False)
+    # the runner's layer-2 inputs are those of the model as modified, not of the original
+    expected = _final_hidden(model, ids)[2]
+    torch.testing.assert_close(inputs_of_last[0], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_hooks_see_every_calibration_token(tiny_model):
+    model = tiny_model("qwen3")
+    ids = torch.randint(0, 128, (3, 10))
+    counts = []
+
+    def on_layer(step):
+        seen = []
+        step.run({step.layer.mlp.up_proj: lambda m, args, out: seen.append(args[0].shape[:-1].numel())})
+        counts.append(sum(seen))
+
+    run_sequential(model, ids, on_layer, batch_size=2, progress=False)
+    assert counts == [30, 30, 30]

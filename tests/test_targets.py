@@ -1,0 +1,38 @@
+"""Target matching: class names, regexes, dotted names; ignore wins; a target matching nothing names close ones."""
+from __future__ import annotations
+
+import pytest
+
+from compress import TargetError
+from compress.targets import match_modules
+
+
+
+def test_class_name_matches_every_linear_and_ignore_wins(tiny_model):
+    model = tiny_model("llama")
+    matched = match_modules(model, ["Linear"], ["re:.*lm_head"])
+    assert "lm_head" not in matched
+    assert len(matched) == 3 * 7  # q, k, v, o, gate, up, down per layer
+    assert all(type(m).__name__ == "Linear" for m in matched.values())
+
+
+def test_regex_and_dotted_names(tiny_model):
+    model = tiny_model("llama")
+    assert list(match_modules(model, ["re:.*mlp\\.down_proj"])) == [f"model.layers.{i}.mlp.down_proj" for i in range(3)]
+    assert list(match_modules(model, ["model.layers.1.self_attn.q_proj"])) == ["model.layers.1.self_attn.q_proj"]
+    # a regex must match the whole name, not a substring
+    assert match_modules(model, ["re:.*q_proj"], require_all=False)
+    assert not match_modules(model, ["re:q_proj"], require_all=False)
+
+
+def test_target_matching_nothing_names_the_closest(tiny_model):
+    model = tiny_model("llama")
+    with pytest.raises(TargetError, match="matches no module.*model.layers.1.self_attn.q_proj"):
+        match_modules(model, ["model.layers.1.self_attn.qproj"])
+    with pytest.raises(TargetError, match="matches no module.*Linear"):
+        match_modules(model, ["Linaer"])
+
+
+def test_bad_regex_is_a_clear_error(tiny_model):
+    with pytest.raises(TargetError, match="not a valid regex"):
+        match_modules(tiny_model("llama"), ["re:(unclosed"])

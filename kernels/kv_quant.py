@@ -363,26 +363,32 @@ if triton is not None:
                 tl.store(opos_ptr + slot, pos.to(opos_ptr.dtype.element_ty), mask=tmask[:, None])
 
     @triton.jit
+    def load_code_tile(codes_ptr, rows, row_mask, D: tl.constexpr, BITS: tl.constexpr):
+        """Integer codes [ROWS, D] (int32) of the packed rows `rows` (row r starts at codes_ptr + r * D*BITS/8)."""
+        WIDTH: tl.constexpr = D * BITS // 8
+        d = tl.arange(0, D)
+        bit = d * BITS
+        byte = bit // 8
+        word = tl.load(codes_ptr + rows[:, None] * WIDTH + byte[None, :], mask=row_mask[:, None], other=0)
+        word = word.to(tl.int32)
+        if BITS == 3:  # a code may straddle two bytes
+            nxt = byte + 1
+            hi = tl.load(codes_ptr + rows[:, None] * WIDTH + nxt[None, :],
+                         mask=row_mask[:, None] & (nxt < WIDTH)[None, :], other=0).to(tl.int32)
+            word = word | (hi << 8)
+        return (word >> (bit % 8)[None, :]) & ((1 << BITS) - 1)
+
+    @triton.jit
     def _unpack_dequantize_kernel(codes_ptr, scale_ptr, zero_ptr, out_ptr, T,
                                   D: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, TOKEN_AXIS: tl.constexpr,
                                   BLOCK_T: tl.constexpr):
         r = tl.program_id(0)
         tb = tl.program_id(1)
-        LEVELS: tl.constexpr = (1 << BITS) - 1
-        WIDTH: tl.constexpr = D * BITS // 8
         t = tb * BLOCK_T + tl.arange(0, BLOCK_T)
         tmask = t < T
         d = tl.arange(0, D)
         rows = r * T + t
-        bit = d * BITS
-        byte = bit // 8
-        lo = tl.load(codes_ptr + rows[:, None] * WIDTH + byte[None, :], mask=tmask[:, None], other=0).to(tl.int32)
-        if BITS == 3:  # a code may straddle two bytes
-            nxt = byte + 1
-            hi = tl.load(codes_ptr + rows[:, None] * WIDTH + nxt[None, :],
-                         mask=tmask[:, None] & (nxt < WIDTH)[None, :], other=0).to(tl.int32)
-            lo = lo | (hi << 8)
-        code = ((lo >> (bit % 8)[None, :]) & LEVELS).to(tl.float32)
+        code = load_code_tile(codes_ptr, rows, tmask, D, BITS).to(tl.float32)
         if TOKEN_AXIS:
             stat = (r * (T // G) + t // G)[:, None] * D + d[None, :]
         else:

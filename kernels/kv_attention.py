@@ -1,0 +1,433 @@
+"""Decode attention that reads the compressed KV storage directly (codes + scales, low-rank factors, outliers) plus
+the fp16 window of recent tokens, never building a dense K or V of the past.
+
+Storage (the shared spec; see kv_quant.py for the codes): per (batch row b, KV head h), N compressed tokens in
+chunks of C (= residual_length), D = head_dim:
+- keys   codes uint8 [B, H, N, D*bits/8], scale/zero fp16 [B, H, N/G, D]  (groups of G tokens per channel)
+- values codes uint8 [B, H, N, D*bits/8], scale/zero fp16 [B, H, N, D/G]  (groups of G channels per token)
+- outliers fp16 values (corrections) and int16/int32 flat in-chunk positions t*D + d, [B, H, n_chunks, k]
+- low-rank segments: runs of chunks sharing a rank r, each A fp16 [B, H, chunks*C, r], Bf fp16 [B, H, chunks, D, r]
+Any object with these attributes works as a store (`codes, scale, zero, bits, group_size, chunk_len,
+outlier_values, outlier_positions, segments` with `first_chunk, a, b`): the cache's CompressedStore, or the
+`CompressedKV` below.
+
+The math, with scores for keys and p.V for values (GQA: the Hq = H * groups query heads are folded onto their KV
+head, so each KV head's storage is read once for all its query heads):
+  q.k_t  = sum_d (q_d * scale_gd) * code_td + sum_d q_d * zero_gd + (q @ Bf_c) . A_t + sum_{(t,d) in S} q_d * s_td
+  p.V_d  = sum_t (p_t * scale_tg) * code_td + sum_t p_t * zero_tg + ((p_c @ A_c) @ Bf_c^T)_d + sum_{(t,d) in S} p_t s_td
+then concatenated with the window's q.K_w^T, scaled, masked, softmaxed.
+
+Public: `compressed_decode_attention` runs the Triton kernel (one program per (b, KV head, query row), online
+softmax over one chunk at a time: fused unpack + dequantize + dot, low-rank term, outliers, then the window) on
+CUDA tensors and `compressed_attention_reference` (torch, blocks of at most REFERENCE_BLOCK_TOKENS tokens) elsewhere."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .dispatch import use_triton
+from .kv_quant import unpack_codes
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - the torch reference runs without triton
+    triton = None
+
+# Compressed tokens unpacked at a time by the torch reference: bounds its temporaries (float codes) to
+# B * H * REFERENCE_BLOCK_TOKENS * D floats however long the context.
+REFERENCE_BLOCK_TOKENS = 4096
+MASKED = torch.finfo(torch.float32).min  # finite, so a fully masked row (left padding) stays finite
+
+
+@dataclass
+class LowRank:
+    first_chunk: int
+    a: torch.Tensor  # fp16 [B, H, chunks*C, r]
+    b: torch.Tensor  # fp16 [B, H, chunks, D, r]
+
+
+@dataclass
+class CompressedKV:
+    """The compressed keys (axis "token") or values (axis "channel") of one layer, in the shared format."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    bits: int
+    group_size: int
+    chunk_len: int
+    outlier_values: torch.Tensor | None = None
+    outlier_positions: torch.Tensor | None = None
+    segments: list = field(default_factory=list)
+
+
+def _num_tokens(store) -> int:
+    return 0 if store is None or store.codes is None else store.codes.shape[2]
+
+
+def _head_dim(store) -> int:
+    return store.codes.shape[-1] * 8 // store.bits
+
+
+def _fold_queries(query: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """[B, Hq, L, D] -> fp32 [B, H, groups*L, D]; row i*L + l is query head h*groups + i at step l."""
+    b, hq, l, d = query.shape
+    if hq % kv_heads:
+        raise ValueError(f"{hq} query heads are not a multiple of {kv_heads} KV heads")
+    return query.float().reshape(b, kv_heads, (hq // kv_heads) * l, d)
+
+
+def attention_bias(mask: torch.Tensor | None, batch: int, q_len: int, kv_len: int,
+                   device: torch.device) -> torch.Tensor | None:
+    """Any accepted mask -> additive fp32 bias [B, L, KV] (None: nothing masked).
+
+    mask: None (causal when L > 1: query l sits at position KV - L + l), or bool (True = attend) / additive float,
+    shaped [B, KV] (keys only), [B, L, KV] or [B, 1, L, KV]; a longer last axis is cut to its last KV entries."""
+    if mask is None:
+        if q_len == 1:
+            return None
+        pos_q = torch.arange(kv_len - q_len, kv_len, device=device).view(-1, 1)
+        causal = torch.arange(kv_len, device=device).view(1, -1) > pos_q
+        return torch.zeros(q_len, kv_len, device=device).masked_fill(causal, MASKED).expand(batch, -1, -1)
+    if mask.dim() == 4:
+        if mask.shape[1] != 1:
+            raise ValueError("per-head attention masks are not supported: pass a mask with a head axis of 1")
+        mask = mask[:, 0]
+    if mask.dim() == 2:
+        mask = mask[:, None, :]
+    mask = mask[..., -kv_len:]
+    if mask.dtype == torch.bool:
+        bias = torch.zeros(mask.shape, device=device).masked_fill(~mask, MASKED)
+    else:
+        bias = mask.float().clamp(min=MASKED)
+    return bias.expand(batch, q_len, kv_len)
+
+
+# ---------------------------------------------------------------------------------------------- torch reference
+def _key_scores_block(q: torch.Tensor, keys, n0: int, n1: int) -> torch.Tensor:
+    """q [B, H, R, D] . K_hat^T over compressed tokens [n0, n1) from codes and scales: [B, H, R, n1 - n0]."""
+    b, h, r, d = q.shape
+    g, t = keys.group_size, n1 - n0
+    codes = unpack_codes(keys.codes[:, :, n0:n1], keys.bits).view(b, h, t // g, g, d).float()
+    scale = keys.scale[:, :, n0 // g:n1 // g].float()                    # [B, H, T/G, D]
+    zero = keys.zero[:, :, n0 // g:n1 // g].float()
+    s = (q.unsqueeze(2) * scale.unsqueeze(3)) @ codes.transpose(-1, -2)  # [B, H, T/G, R, G]
+    s = s + (zero @ q.transpose(-1, -2)).unsqueeze(-1)                   # + q . zero, once per group
+    return s.permute(0, 1, 3, 2, 4).reshape(b, h, r, t)
+
+
+def _value_mix_block(p: torch.Tensor, values, n0: int, n1: int) -> torch.Tensor:
+    """p [B, H, R, n1 - n0] . V_hat over compressed tokens [n0, n1): [B, H, R, D]."""
+    b, h, r, t = p.shape
+    g = values.group_size
+    codes = unpack_codes(values.codes[:, :, n0:n1], values.bits).float()  # [B, H, T, D]
+    d = codes.shape[-1]
+    ng = d // g
+    scale = values.scale[:, :, n0:n1].float()                           # [B, H, T, D/G]
+    zero = values.zero[:, :, n0:n1].float()
+    ps = p.unsqueeze(2) * scale.permute(0, 1, 3, 2).unsqueeze(3)          # [B, H, D/G, R, T]
+    out = ps @ codes.view(b, h, t, ng, g).permute(0, 1, 3, 2, 4)          # [B, H, D/G, R, G]
+    out = out.permute(0, 1, 3, 2, 4).reshape(b, h, r, d)
+    return out + (p @ zero).repeat_interleave(g, dim=-1)
+
+
+def _lowrank_scores(q: torch.Tensor, keys, scores: torch.Tensor) -> None:
+    """scores += (q @ Bf_c) @ A_c^T for every chunk with a low-rank term (never forms A Bf^T)."""
+    b, h, r, _ = q.shape
+    c = keys.chunk_len
+    for seg in keys.segments:
+        nc, rank = seg.b.shape[2], seg.b.shape[-1]
+        qb = q.unsqueeze(2) @ seg.b.float()                               # [B, H, nc, R, r]
+        a = seg.a.float().view(b, h, nc, c, rank)
+        lr = (qb @ a.transpose(-1, -2)).permute(0, 1, 3, 2, 4).reshape(b, h, r, nc * c)
+        scores[..., seg.first_chunk * c:(seg.first_chunk + nc) * c] += lr
+
+
+def _lowrank_mix(p: torch.Tensor, values, out: torch.Tensor) -> None:
+    """out += sum_c (p_c @ A_c) @ Bf_c^T."""
+    b, h, r, _ = p.shape
+    c = values.chunk_len
+    for seg in values.segments:
+        nc, rank = seg.b.shape[2], seg.b.shape[-1]
+        pc = p[..., seg.first_chunk * c:(seg.first_chunk + nc) * c].reshape(b, h, r, nc, c).transpose(2, 3)
+        pa = pc @ seg.a.float().view(b, h, nc, c, rank)                   # [B, H, nc, R, r]
+        out += (pa @ seg.b.float().transpose(-1, -2)).sum(2)
+
+
+def outlier_coordinates(store) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token (within the whole compressed region) and channel of every outlier: two int64 [B, H, n_chunks * k]."""
+    pos = store.outlier_positions.long()
+    d = _head_dim(store)
+    chunk_start = torch.arange(pos.shape[2], device=pos.device).view(1, 1, -1, 1) * store.chunk_len
+    b, h = pos.shape[:2]
+    return (pos // d + chunk_start).reshape(b, h, -1), (pos % d).reshape(b, h, -1)
+
+
+def compressed_attention_reference(query: torch.Tensor, keys, values, window_keys: torch.Tensor,
+                                   window_values: torch.Tensor, mask: torch.Tensor | None = None,
+                                   softmax_scale: float | None = None) -> torch.Tensor:
+    """Attention of query [B, Hq, L, D] over (compressed past ++ window [B, H, W, D]); see the module docstring."""
+    b, hq, l, d = query.shape
+    h = window_keys.shape[1]
+    q = _fold_queries(query, h)
+    rows = q.shape[2]
+    n = _num_tokens(keys)
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
+    parts = []
+    if n:
+        block = _block_tokens(keys, values)
+        past = torch.cat([_key_scores_block(q, keys, n0, min(n, n0 + block)) for n0 in range(0, n, block)], -1)
+        _lowrank_scores(q, keys, past)
+        if keys.outlier_values is not None:
+            t_idx, d_idx = outlier_coordinates(keys)
+            qd = q.gather(-1, d_idx.unsqueeze(2).expand(b, h, rows, -1))
+            past.scatter_add_(-1, t_idx.unsqueeze(2).expand(b, h, rows, -1),
+                              qd * keys.outlier_values.reshape(b, h, 1, -1).float())
+        parts.append(past)
+    parts.append(q @ window_keys.float().transpose(-1, -2))
+    scores = torch.cat(parts, -1) * scale
+    kv = scores.shape[-1]
+    bias = attention_bias(mask, b, l, kv, q.device)
+    scores = scores.view(b, h, hq // h, l, kv)
+    if bias is not None:
+        scores = scores + bias[:, None, None]
+    p = scores.softmax(-1).view(b, h, rows, kv)
+    out = p[..., n:] @ window_values.float()
+    if n:
+        pp = p[..., :n]
+        for n0 in range(0, n, block):
+            n1 = min(n, n0 + block)
+            out += _value_mix_block(pp[..., n0:n1], values, n0, n1)
+        _lowrank_mix(pp, values, out)
+        if values.outlier_values is not None:
+            t_idx, d_idx = outlier_coordinates(values)
+            pt = pp.gather(-1, t_idx.unsqueeze(2).expand(b, h, rows, -1))
+            out.scatter_add_(-1, d_idx.unsqueeze(2).expand(b, h, rows, -1),
+                             pt * values.outlier_values.reshape(b, h, 1, -1).float())
+    return out.view(b, hq, l, d).to(query.dtype)
+
+
+def _block_tokens(keys, values) -> int:
+    step = math.lcm(keys.chunk_len, keys.group_size)
+    return max(step, REFERENCE_BLOCK_TOKENS // step * step)
+
+
+# ------------------------------------------------------------------------------------------------- Triton kernel
+if triton is not None:
+    from .kv_quant import load_code_tile
+
+    @triton.jit
+    def _chunk_scores(q, kc_ptr, ks_ptr, kz_ptr, ka_ptr, kb_ptr, kov_ptr, kop_ptr, q_row_ptr, bh, c, N,
+                      k_lr_first, k_lr_chunks, k_rank, k_out,
+                      D: tl.constexpr, C: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr,
+                      R_BLOCK: tl.constexpr, HAS_LR: tl.constexpr, O_BLOCK: tl.constexpr, HAS_OUT: tl.constexpr):
+        """q . K_hat^T over chunk c: fused unpack + dequantize + dot, + low-rank + outliers. [C] fp32."""
+        t = tl.arange(0, C)
+        d = tl.arange(0, D)
+        tok = c * C + t
+        codes = load_code_tile(kc_ptr + bh * N * (D * BITS // 8), tok, tok < N, D, BITS).to(tl.float32)
+        stat = (bh * (N // G) + tok // G)[:, None] * D + d[None, :]
+        k_hat = codes * tl.load(ks_ptr + stat).to(tl.float32) + tl.load(kz_ptr + stat).to(tl.float32)
+        s = tl.sum(k_hat * q[None, :], axis=1)
+        if HAS_LR:  # (q @ Bf_c) . A_t, masked off outside the low-rank run of chunks
+            j = tl.arange(0, R_BLOCK)
+            lc = c - k_lr_first
+            lcv = tl.zeros([R_BLOCK], dtype=tl.int32) + lc  # a tensor, so the mask is one too
+            rm = (j < k_rank) & (lcv >= 0) & (lcv < k_lr_chunks)
+            bf = tl.load(kb_ptr + ((bh * k_lr_chunks + lc) * D + d[:, None]) * k_rank + j[None, :],
+                         mask=rm[None, :], other=0.0).to(tl.float32)            # [D, R]
+            qb = tl.sum(q[:, None] * bf, axis=0)                                  # [R]
+            a = tl.load(ka_ptr + (bh * k_lr_chunks * C + lc * C + t[:, None]) * k_rank + j[None, :],
+                        mask=rm[None, :], other=0.0).to(tl.float32)             # [C, R]
+            s += tl.sum(a * qb[None, :], axis=1)
+        if HAS_OUT:  # sum over this chunk's outliers (t_k, d_k) of q[d_k] * s_k, added at t_k
+            k = tl.arange(0, O_BLOCK)
+            km = k < k_out
+            n_chunks = N // C
+            pos = tl.load(kop_ptr + (bh * n_chunks + c) * k_out + k, mask=km, other=0).to(tl.int32)
+            val = tl.load(kov_ptr + (bh * n_chunks + c) * k_out + k, mask=km, other=0.0).to(tl.float32)
+            contrib = tl.load(q_row_ptr + pos % D, mask=km, other=0.0) * val
+            s += tl.sum(tl.where(t[:, None] == (pos // D)[None, :], contrib[None, :], 0.0), axis=1)
+        return s
+
+    @triton.jit
+    def _chunk_values(p, vc_ptr, vs_ptr, vz_ptr, va_ptr, vb_ptr, vov_ptr, vop_ptr, bh, c, N,
+                      v_lr_first, v_lr_chunks, v_rank, v_out,
+                      D: tl.constexpr, C: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr,
+                      R_BLOCK: tl.constexpr, HAS_LR: tl.constexpr, O_BLOCK: tl.constexpr, HAS_OUT: tl.constexpr):
+        """p . V_hat over chunk c (p [C]): fused unpack + dequantize, + low-rank + outliers. [D] fp32."""
+        t = tl.arange(0, C)
+        d = tl.arange(0, D)
+        tok = c * C + t
+        codes = load_code_tile(vc_ptr + bh * N * (D * BITS // 8), tok, tok < N, D, BITS).to(tl.float32)
+        stat = (bh * N + tok)[:, None] * (D // G) + (d // G)[None, :]
+        v_hat = codes * tl.load(vs_ptr + stat).to(tl.float32) + tl.load(vz_ptr + stat).to(tl.float32)
+        acc = tl.sum(p[:, None] * v_hat, axis=0)
+        if HAS_LR:  # ((p_c @ A_c) @ Bf_c^T)
+            j = tl.arange(0, R_BLOCK)
+            lc = c - v_lr_first
+            lcv = tl.zeros([R_BLOCK], dtype=tl.int32) + lc  # a tensor, so the mask is one too
+            rm = (j < v_rank) & (lcv >= 0) & (lcv < v_lr_chunks)
+            a = tl.load(va_ptr + (bh * v_lr_chunks * C + lc * C + t[:, None]) * v_rank + j[None, :],
+                        mask=rm[None, :], other=0.0).to(tl.float32)             # [C, R]
+            pa = tl.sum(p[:, None] * a, axis=0)                                   # [R]
+            bf = tl.load(vb_ptr + ((bh * v_lr_chunks + lc) * D + d[:, None]) * v_rank + j[None, :],
+                         mask=rm[None, :], other=0.0).to(tl.float32)            # [D, R]
+            acc += tl.sum(bf * pa[None, :], axis=1)
+        if HAS_OUT:  # p[t_k] * s_k added at channel d_k
+            k = tl.arange(0, O_BLOCK)
+            km = k < v_out
+            n_chunks = N // C
+            pos = tl.load(vop_ptr + (bh * n_chunks + c) * v_out + k, mask=km, other=0).to(tl.int32)
+            val = tl.load(vov_ptr + (bh * n_chunks + c) * v_out + k, mask=km, other=0.0).to(tl.float32)
+            p_k = tl.sum(tl.where(t[:, None] == (pos // D)[None, :], p[:, None], 0.0), axis=0)  # [K]
+            acc += tl.sum(tl.where((pos % D)[:, None] == d[None, :], (p_k * val)[:, None], 0.0), axis=0)
+        return acc
+
+    @triton.jit
+    def _compressed_decode_kernel(
+            q_ptr, out_ptr, bias_ptr, wk_ptr, wv_ptr,
+            kc_ptr, ks_ptr, kz_ptr, ka_ptr, kb_ptr, kov_ptr, kop_ptr,
+            vc_ptr, vs_ptr, vz_ptr, va_ptr, vb_ptr, vov_ptr, vop_ptr,
+            N, W, H, L, R, sm_scale,
+            k_lr_first, k_lr_chunks, k_rank, k_out, v_lr_first, v_lr_chunks, v_rank, v_out,
+            D: tl.constexpr, C: tl.constexpr, GK: tl.constexpr, GV: tl.constexpr, BITS: tl.constexpr,
+            RK_BLOCK: tl.constexpr, RV_BLOCK: tl.constexpr, HAS_KLR: tl.constexpr, HAS_VLR: tl.constexpr,
+            OK_BLOCK: tl.constexpr, OV_BLOCK: tl.constexpr, HAS_KO: tl.constexpr, HAS_VO: tl.constexpr,
+            HAS_BIAS: tl.constexpr, BLOCK_W: tl.constexpr):
+        """One program = one query row (query head of the group x step) of one (b, KV head): online softmax over
+        the compressed chunks, then the fp16 window."""
+        bh = tl.program_id(0)
+        row = tl.program_id(1)
+        d = tl.arange(0, D)
+        q_row_ptr = q_ptr + (bh * R + row) * D
+        q = tl.load(q_row_ptr + d)
+        kv_len = N + W
+        bias_row = bias_ptr + ((bh // H) * L + row % L) * kv_len
+        m_i = tl.full([], float("-inf"), tl.float32)
+        l_i = tl.full([], 0.0, tl.float32)
+        acc = tl.zeros([D], dtype=tl.float32)
+        t = tl.arange(0, C)
+        for c in range(0, N // C):
+            s = _chunk_scores(q, kc_ptr, ks_ptr, kz_ptr, ka_ptr, kb_ptr, kov_ptr, kop_ptr, q_row_ptr, bh, c, N,
+                              k_lr_first, k_lr_chunks, k_rank, k_out, D, C, GK, BITS, RK_BLOCK, HAS_KLR,
+                              OK_BLOCK, HAS_KO) * sm_scale
+            if HAS_BIAS:
+                s += tl.load(bias_row + c * C + t)
+            m_new = tl.maximum(m_i, tl.max(s, axis=0))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new)
+            l_i = l_i * alpha + tl.sum(p, axis=0)
+            acc = acc * alpha + _chunk_values(p, vc_ptr, vs_ptr, vz_ptr, va_ptr, vb_ptr, vov_ptr, vop_ptr, bh, c,
+                                              N, v_lr_first, v_lr_chunks, v_rank, v_out, D, C, GV, BITS,
+                                              RV_BLOCK, HAS_VLR, OV_BLOCK, HAS_VO)
+            m_i = m_new
+        w = tl.arange(0, BLOCK_W)
+        for w0 in range(0, W, BLOCK_W):
+            wm = w0 + w < W
+            offs = (bh * W + w0 + w)[:, None] * D + d[None, :]
+            k = tl.load(wk_ptr + offs, mask=wm[:, None], other=0.0).to(tl.float32)
+            s = tl.sum(k * q[None, :], axis=1) * sm_scale
+            if HAS_BIAS:
+                s += tl.load(bias_row + N + w0 + w, mask=wm, other=0.0)
+            s = tl.where(wm, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=0))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new)
+            l_i = l_i * alpha + tl.sum(p, axis=0)
+            v = tl.load(wv_ptr + offs, mask=wm[:, None], other=0.0).to(tl.float32)
+            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+            m_i = m_new
+        tl.store(out_ptr + (bh * R + row) * D + d, acc / l_i)
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _single_segment(store, n_chunks: int):
+    """(first_chunk, A, Bf, rank) as one run of chunks: segments of different ranks are zero-padded to the largest
+    and merged (a copy of the small factors); None without low-rank."""
+    segs = [s for s in store.segments if s.b.shape[2]]
+    if not segs:
+        return None
+    if len(segs) == 1:
+        s = segs[0]
+        return s.first_chunk, s.a.contiguous(), s.b.contiguous(), s.b.shape[-1]
+    rank = max(s.b.shape[-1] for s in segs)
+    first, last = segs[0].first_chunk, segs[-1].first_chunk + segs[-1].b.shape[2]
+    b, h, _, d, _ = segs[0].b.shape
+    c = store.chunk_len
+    a = segs[0].a.new_zeros(b, h, (last - first) * c, rank)
+    bf = segs[0].b.new_zeros(b, h, last - first, d, rank)
+    for s in segs:
+        i, r = s.first_chunk - first, s.b.shape[-1]
+        a[:, :, i * c:(i + s.b.shape[2]) * c, :r] = s.a
+        bf[:, :, i:i + s.b.shape[2], :, :r] = s.b
+    return first, a, bf, rank
+
+
+def _triton_ok(keys, values, d: int) -> bool:
+    if _num_tokens(keys) == 0:
+        return d >= 16 and d & (d - 1) == 0
+    c = keys.chunk_len
+    pow2 = lambda n: n > 0 and n & (n - 1) == 0  # noqa: E731
+    return (pow2(d) and d >= 16 and pow2(c) and c >= 16 and keys.bits == values.bits
+            and values.group_size <= d and keys.chunk_len == values.chunk_len)
+
+
+def compressed_attention_triton(query, keys, values, window_keys, window_values, mask=None, softmax_scale=None):
+    b, hq, l, d = query.shape
+    h, w = window_keys.shape[1], window_keys.shape[2]
+    q = _fold_queries(query, h).contiguous()
+    rows = q.shape[2]
+    n = _num_tokens(keys)
+    if n + w == 0:
+        raise ValueError("attention over an empty cache")
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
+    bias = attention_bias(mask, b, l, n + w, q.device)
+    out = torch.empty_like(q)
+    dummy = q.new_zeros(1)
+    wk, wv = window_keys.contiguous(), window_values.contiguous()
+    if w == 0:
+        wk = wv = dummy
+    store_args, meta = [], {}
+    for name, store in (("K", keys), ("V", values)):
+        if n:
+            lr = _single_segment(store, n // store.chunk_len)
+            has_out = store.outlier_values is not None and store.outlier_values.shape[-1] > 0
+            store_args += [store.codes.contiguous(), store.scale.contiguous(), store.zero.contiguous(),
+                           lr[1] if lr else dummy, lr[2] if lr else dummy,
+                           store.outlier_values.contiguous() if has_out else dummy,
+                           store.outlier_positions.contiguous() if has_out else dummy]
+            meta[name] = (lr[0] if lr else 0, lr[2].shape[2] if lr else 0, lr[3] if lr else 1,
+                          store.outlier_values.shape[-1] if has_out else 0, lr is not None, has_out)
+        else:
+            store_args += [dummy] * 7
+            meta[name] = (0, 0, 1, 0, False, False)
+    (klf, klc, kr, ko, has_klr, has_ko), (vlf, vlc, vr, vo, has_vlr, has_vo) = meta["K"], meta["V"]
+    _compressed_decode_kernel[(b * h, rows)](
+        q, out, bias.contiguous() if bias is not None else dummy, wk, wv, *store_args,
+        n, w, h, l, rows, scale, klf, klc, kr, ko, vlf, vlc, vr, vo,
+        D=d, C=keys.chunk_len if n else 16, GK=keys.group_size if n else 1, GV=values.group_size if n else 1,
+        BITS=keys.bits if n else 8, RK_BLOCK=_pow2_at_least(kr), RV_BLOCK=_pow2_at_least(vr),
+        HAS_KLR=has_klr, HAS_VLR=has_vlr, OK_BLOCK=_pow2_at_least(max(ko, 1)), OV_BLOCK=_pow2_at_least(max(vo, 1)),
+        HAS_KO=has_ko, HAS_VO=has_vo, HAS_BIAS=bias is not None, BLOCK_W=32)
+    return out.view(b, hq, l, d).to(query.dtype)
+
+
+# -------------------------------------------------------------------------------------------------- public API
+def compressed_decode_attention(query: torch.Tensor, keys, values, window_keys: torch.Tensor,
+                                window_values: torch.Tensor, mask: torch.Tensor | None = None,
+                                softmax_scale: float | None = None) -> torch.Tensor:
+    """softmax(q K^T * scale + mask) V over the compressed past (`keys`, `values`: stores in the shared format, or
+    None / empty) followed by the fp16 window [B, H, W, D]. query [B, Hq, L, D] (L = 1 for a decode step; L > 1
+    for a chunk of new tokens, which must then be in the window); mask: see `attention_bias`. Returns
+    [B, Hq, L, D] in query's dtype. Triton on CUDA tensors, the torch reference elsewhere."""
+    d = query.shape[-1]
+    if use_triton(query, window_keys) and _triton_ok(keys, values, d):
+        return compressed_attention_triton(query, keys, values, window_keys, window_values, mask, softmax_scale)
+    return compressed_attention_reference(query, keys, values, window_keys, window_values, mask, softmax_scale)

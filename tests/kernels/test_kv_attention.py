@@ -1,0 +1,165 @@
+"""Attention over the compressed KV storage: the torch reference against float64 attention over the dense
+reconstruction, and the Triton kernel (interpreted on CPU) against the reference."""
+import math
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # triton reads this when it is first imported: the kernels run interpreted on CPU
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from compress.kernels import kv_attention as A  # noqa: E402
+from compress.kernels import kv_quant as Q  # noqa: E402
+
+
+def random_store(x, axis, bits, group_size, chunk_len, outlier_ratio=0.0, ranks=(), seed=0):
+    """x [B, H, N, D] compressed chunk by chunk into the shared format, with low-rank segments of the given
+    (chunks, rank) (random factors: only the arithmetic is under test); returns (store, float64 reconstruction)."""
+    gen = torch.Generator().manual_seed(seed)
+    b, h, n, d = x.shape
+    nc = n // chunk_len
+    p = Q.quantize_pack_reference(x.reshape(b, h, nc, chunk_len, d), bits, group_size, axis, outlier_ratio)
+    flat = lambda t: t.reshape(b, h, -1, t.shape[-1])  # noqa: E731
+    store = A.CompressedKV(flat(p.codes), flat(p.scale), flat(p.zero), bits, group_size, chunk_len,
+                           p.outlier_values, p.outlier_positions)
+    dense = Q.unpack_dequantize_reference(p).reshape(b, h, n, d).double()
+    first = 0
+    for chunks, rank in ranks:
+        a = (torch.randn(b, h, chunks * chunk_len, rank, generator=gen) * 0.3).half()
+        bf = (torch.randn(b, h, chunks, d, rank, generator=gen) * 0.3).half()
+        store.segments.append(A.LowRank(first, a, bf))
+        lr = a.double().view(b, h, chunks, chunk_len, rank) @ bf.double().transpose(-1, -2)
+        dense[:, :, first * chunk_len:(first + chunks) * chunk_len] += lr.reshape(b, h, -1, d)
+        first += chunks
+    return store, dense
+
+
+def dense_attention_f64(q, k, v, bias):
+    """Plain attention in float64; k, v [B, H, KV, D] are repeated over the query heads (GQA)."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.double().repeat_interleave(groups, 1), v.double().repeat_interleave(groups, 1)
+    s = q.double() @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if bias is not None:
+        s = s + bias.double()[:, None]
+    return s.softmax(-1) @ v
+
+
+def make_case(bits=4, outlier_ratio=0.05, key_ranks=((1, 2), (2, 4)), value_ranks=((3, 2),), n_chunks=3, chunk=32,
+              window=5, batch=2, kv_heads=2, q_heads=4, q_len=1, group=32, d=64, seed=0):
+    torch.manual_seed(seed)
+    n = n_chunks * chunk
+    keys, k_dense = random_store(torch.randn(batch, kv_heads, n, d) * 2, "token", bits, group, chunk, outlier_ratio,
+                                 key_ranks, seed)
+    values, v_dense = random_store(torch.randn(batch, kv_heads, n, d), "channel", bits, group, chunk, outlier_ratio,
+                                   value_ranks, seed + 1)
+    wk = torch.randn(batch, kv_heads, window, d).half()
+    wv = torch.randn(batch, kv_heads, window, d).half()
+    q = torch.randn(batch, q_heads, q_len, d)
+    k_all = torch.cat([k_dense, wk.double()], 2)
+    v_all = torch.cat([v_dense, wv.double()], 2)
+    return q, keys, values, wk, wv, k_all, v_all
+
+
+def left_padding_mask(batch, kv, pad):
+    mask = torch.ones(batch, kv, dtype=torch.bool)
+    mask[-1, :pad] = False
+    return mask
+
+
+@pytest.mark.parametrize("bits", (2, 3, 4, 8))
+@pytest.mark.parametrize("outlier_ratio, key_ranks, value_ranks", [
+    (0.0, (), ()),                          # KIVI: codes only
+    (0.05, ((1, 2), (2, 4)), ((3, 2),)),   # GEAR: outliers + low-rank, prompt and decode ranks differ
+])
+def test_reference_matches_float64_dense(bits, outlier_ratio, key_ranks, value_ranks):
+    q, keys, values, wk, wv, k_all, v_all = make_case(bits, outlier_ratio, key_ranks, value_ranks)
+    mask = left_padding_mask(2, k_all.shape[2], pad=37)  # the second row starts 37 tokens late
+    out = A.compressed_attention_reference(q, keys, values, wk, wv, mask)
+    want = dense_attention_f64(q, k_all, v_all, A.attention_bias(mask, 2, 1, k_all.shape[2], q.device))
+    assert out.shape == q.shape and out.dtype == q.dtype
+    torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-5)
+    # the masked keys had no influence; the compressed tokens did (dropping them changes the answer)
+    window_only = A.compressed_attention_reference(q, None, None, wk, wv)
+    assert (out - window_only).abs().max() > 1e-2
+
+
+def test_reference_multi_token_causal_and_4d_masks():
+    # a chunk of 3 new tokens (in the window) attends to the compressed past and causally to each other
+    q, keys, values, wk, wv, k_all, v_all = make_case(q_len=3, window=7)
+    kv = k_all.shape[2]
+    want = dense_attention_f64(q, k_all, v_all, A.attention_bias(None, 2, 3, kv, q.device))
+    torch.testing.assert_close(A.compressed_attention_reference(q, keys, values, wk, wv).double(), want,
+                               rtol=1e-4, atol=1e-5)
+    causal = A.attention_bias(None, 2, 3, kv, q.device)
+    assert causal[0, 0, -2:].eq(A.MASKED).all() and causal[0, 2].eq(0).all()
+    # transformers' 4D masks: bool (True = attend) and additive float, with extra leading columns cut off
+    bool4d = torch.cat([torch.zeros(2, 1, 3, 4, dtype=torch.bool), (causal == 0)[:, None]], -1)
+    float4d = torch.where(bool4d, 0.0, float("-inf"))
+    for mask in (bool4d, float4d):
+        torch.testing.assert_close(A.compressed_attention_reference(q, keys, values, wk, wv, mask).double(), want,
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_reference_blocks_give_the_same_result(monkeypatch):
+    q, keys, values, wk, wv, _, _ = make_case(n_chunks=4)
+    whole = A.compressed_attention_reference(q, keys, values, wk, wv)
+    monkeypatch.setattr(A, "REFERENCE_BLOCK_TOKENS", 32)  # one chunk per block: 4 blocks
+    torch.testing.assert_close(A.compressed_attention_reference(q, keys, values, wk, wv), whole)
+
+
+def test_cpu_tensors_take_the_reference(monkeypatch):
+    monkeypatch.setenv("COMPRESS_KERNELS", "")
+    monkeypatch.setattr(A, "compressed_attention_triton", lambda *a, **k: pytest.fail("Triton path on CPU"))
+    q, keys, values, wk, wv, _, _ = make_case()
+    torch.testing.assert_close(A.compressed_decode_attention(q, keys, values, wk, wv),
+                               A.compressed_attention_reference(q, keys, values, wk, wv))
+
+
+@pytest.fixture
+def triton_kernels(monkeypatch):
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() and type(A._compressed_decode_kernel).__name__ != "InterpretedFunction":
+        pytest.fail("triton was imported before TRITON_INTERPRET=1 was set: run these tests with TRITON_INTERPRET=1")
+    monkeypatch.setenv("COMPRESS_KERNELS", "triton")
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _to(device, *tensors):
+    return [t.to(device) if isinstance(t, torch.Tensor) else t for t in tensors]
+
+
+def _store_to(store, device):
+    if store is None:
+        return None
+    return A.CompressedKV(*_to(device, store.codes, store.scale, store.zero), store.bits, store.group_size,
+                          store.chunk_len, *_to(device, store.outlier_values, store.outlier_positions),
+                          [A.LowRank(s.first_chunk, s.a.to(device), s.b.to(device)) for s in store.segments])
+
+
+@pytest.mark.parametrize("case", [
+    dict(bits=4),                                                    # GEAR, two key ranks, one value run
+    dict(bits=2, outlier_ratio=0.0, key_ranks=(), value_ranks=()),  # KIVI-2
+    dict(bits=3, window=0, value_ranks=((1, 4),)),                   # 3-bit straddling codes, no window
+    dict(bits=8, q_len=2, window=40, group=16),                      # two new tokens, window over 32 lanes
+])
+def test_triton_matches_reference(triton_kernels, case):
+    q, keys, values, wk, wv, k_all, _ = make_case(**case)
+    kv = k_all.shape[2]
+    mask = None if case.get("q_len", 1) > 1 else left_padding_mask(2, kv, pad=20)
+    ref = A.compressed_attention_reference(q, keys, values, wk, wv, mask)
+    dev = triton_kernels
+    got = A.compressed_decode_attention(*_to(dev, q), _store_to(keys, dev), _store_to(values, dev),
+                                        *_to(dev, wk, wv, mask))
+    torch.testing.assert_close(got.cpu(), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_triton_window_only(triton_kernels):
+    q, _, _, wk, wv, _, _ = make_case(window=9)
+    ref = A.compressed_attention_reference(q, None, None, wk, wv)
+    want = dense_attention_f64(q, wk, wv, None)
+    torch.testing.assert_close(ref.double(), want, rtol=1e-5, atol=1e-6)
+    dev = triton_kernels
+    got = A.compressed_decode_attention(*_to(dev, q), None, None, *_to(dev, wk, wv))
+    torch.testing.assert_close(got.cpu(), ref, rtol=1e-4, atol=1e-5)

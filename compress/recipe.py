@@ -113,8 +113,14 @@ class _Validator:
         self.problems.append(f"{self.where(path, key)}: {message}")
 
     def pydantic_errors(self, base: tuple, exc: ValidationError, what: str) -> None:
+        reported = set()
         for err in exc.errors():
-            loc = tuple(err["loc"])
+            # a union field (e.g. `float | list[float]`) yields one error per member: report the field once,
+            # and keep only field names and list indices of the location (not pydantic's member tags)
+            loc = tuple(p for i, p in enumerate(err["loc"]) if i == 0 or isinstance(p, int))
+            if loc in reported:
+                continue
+            reported.add(loc)
             if err["type"] == "extra_forbidden":
                 name = loc[-1]
                 self.error(base + loc, f"{what}: unknown key {name!r}{suggest(str(name), self._fields)}", key=True)

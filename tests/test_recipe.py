@@ -58,14 +58,14 @@ def test_good_recipe_builds_passes(tmp_path):
         model: builtin:tiny
         calibration: {source: builtin:calibration, num_samples: 4, seq_len: 32}
         passes:
-          - prune: {method: magnitude, sparsity: 0.25, structure: "2:4"}
+          - prune: {method: magnitude, structure: "2:4"}
           - prune
         output: out/x
     """))
     recipe = Recipe.from_yaml(path)
     passes = recipe.build_passes()
     assert [p.name for p in passes] == ["prune", "prune"]
-    assert passes[0].config.structure == "2:4" and passes[1].config.sparsity == 0.5
+    assert passes[0].config.structure == "2:4" and passes[1].config.structure == "unstructured"
     assert recipe.calibration.num_samples == 4 and recipe.output == "out/x"
 
 

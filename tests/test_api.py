@@ -1,0 +1,76 @@
+"""The Python API: apply a list of passes built in code, the registry, third-party passes by entry point."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import compress
+from compress import CompressError, ConfigError
+from compress import registry
+
+
+def test_apply_passes_in_code_and_record_them(tiny_model, tmp_path):
+    model = tiny_model("llama", hidden_size=128, intermediate_size=256)
+    before = model.model.layers[0].mlp.up_proj.weight.clone()
+    model, report = compress.apply(model, [compress.passes.Prune(method="magnitude", sparsity=0.25)], progress=False)
+    up = model.model.layers[0].mlp.up_proj
+    w = up.dense_weight() if hasattr(up, "dense_weight") else up.weight  # packed or dense storage
+    assert (w == 0).float().mean().item() == pytest.approx(0.25, abs=1e-3)
+    kept = w != 0
+    assert torch.equal(w[kept], before[kept])  # magnitude pruning only zeroes: kept weights are unchanged
+    assert report.passes[0].name == "prune" and len(report.passes[0].modules) == 21
+    assert model.config.compression["passes"][0]["args"]["sparsity"] == 0.25
+    # applying again appends to the record: the checkpoint lists both passes in order
+    compress.apply(model, [compress.passes.Prune(sparsity=0.5)], progress=False)
+    assert [e["args"]["sparsity"] for e in model.config.compression["passes"]] == [0.25, 0.5]
+
+
+def test_bad_arguments_in_code_are_config_errors():
+    with pytest.raises(ConfigError, match="sparsity"):
+        compress.passes.Prune(sparsity=1.0)
+    with pytest.raises(ConfigError, match="unexpected|Extra inputs"):
+        compress.passes.Prune(sparsity=0.5, bogus=1)
+    with pytest.raises(CompressError, match="apply\\(\\) takes a Recipe or a list of Pass"):
+        compress.apply(torch.nn.Linear(2, 2), ["prune"])
+
+
+def test_unknown_pass_suggests_close_names():
+    with pytest.raises(CompressError, match="did you mean 'prune'"):
+        compress.get_pass("prnue")
+
+
+def test_third_party_pass_registers_through_entry_points(monkeypatch):
+    class FakeEntryPoint:
+        name = "scale_weights"
+
+        def load(self):
+            @compress.register_pass("scale_weights")
+            class ScaleWeights(compress.Pass):
+                """Multiply target weights by a factor (a plugin, for the test)."""
+
+                class Config(compress.PassConfig):
+                    factor: float = 1.0
+
+                def apply(self, model, ctx):
+                    for m in self.target_modules(model).values():
+                        m.weight.data.mul_(self.config.factor)
+                    return compress.PassReport(name=self.name)
+
+            return ScaleWeights
+
+    monkeypatch.setattr(registry, "entry_points", lambda group: [FakeEntryPoint()] if group == "compress.passes" else [])
+    monkeypatch.setattr(registry, "_ENTRY_POINTS_LOADED", False)
+    monkeypatch.setattr(registry, "_PASSES", dict(registry._PASSES))
+    recipe = compress.Recipe.from_text("model: builtin:tiny\npasses:\n  - scale_weights: {factor: 2.0}\n")
+    (p,) = recipe.build_passes()
+    lin = torch.nn.Sequential(torch.nn.Linear(3, 3))
+    w = lin[0].weight.clone()
+    p.apply(lin, compress.PassContext(progress=False))
+    assert torch.equal(lin[0].weight, 2 * w)
+
+
+def test_duplicate_registration_is_refused():
+    with pytest.raises(ValueError, match="already registered"):
+        @compress.register_pass("prune")
+        class Other(compress.Pass):
+            pass

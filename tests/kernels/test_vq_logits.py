@@ -1,0 +1,108 @@
+"""VQ-Logits kernels (codebook GEMM -> gather -> scale/bias, and the log-sum-exp / top-k variants that never write
+the V logits) against a float64 torch computation; the Triton kernels run under TRITON_INTERPRET=1 on the CPU."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # read when triton is first imported: kernels run interpreted on CPU
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from compress.kernels import vq_logits as vk  # noqa: E402
+
+
+@pytest.fixture
+def triton_kernels(monkeypatch):
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() and type(vk._logits_kernel).__name__ != "InterpretedFunction":
+        pytest.fail("triton was imported before TRITON_INTERPRET=1 was set: run these tests with TRITON_INTERPRET=1")
+    monkeypatch.setenv("COMPRESS_KERNELS", "triton")
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def case(n, d, k, s, v, code_dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    parts = dict(
+        hidden=torch.randn(n, d, generator=g), codebook=torch.randn(k, d, generator=g),
+        codes=torch.randint(0, k + s, (v,), generator=g).to(code_dtype),
+        scales=torch.rand(v, generator=g) + 0.5, biases=torch.randn(v, generator=g),
+        shortlist_weight=torch.randn(s, d, generator=g) if s else None,
+    )
+    return parts
+
+
+def float64_logits(p):
+    """logit[n, v] = scale[v] * hidden[n] . table[codes[v]] + bias[v], written out in float64 without the kernels."""
+    table = p["codebook"].double()
+    if p["shortlist_weight"] is not None:
+        table = torch.cat([table, p["shortlist_weight"].double()])
+    rows = table[p["codes"].long()]                                  # [V, d]
+    return (p["hidden"].double() @ rows.t()) * p["scales"].double() + p["biases"].double()
+
+
+def on(p, device):
+    return {k: (t.to(device) if t is not None else None) for k, t in p.items()}
+
+
+CASES = [  # (tokens, d, K, shortlist, V, code dtype): odd sizes exercise every mask
+    (5, 64, 40, 3, 600, torch.uint8),
+    (17, 48, 300, 0, 777, torch.int16),
+    (1, 32, 16, 5, 300, torch.int32),
+]
+
+
+@pytest.mark.parametrize("n,d,k,s,v,code_dtype", CASES)
+def test_reference_matches_float64(n, d, k, s, v, code_dtype):
+    p = case(n, d, k, s, v, code_dtype)
+    want = float64_logits(p)
+    got = vk.vq_logits_reference(**p)
+    assert got.shape == (n, v)
+    assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-4)
+    lse = vk.vq_logsumexp_reference(**p, chunk=128)                  # several chunks
+    assert torch.allclose(lse.double(), torch.logsumexp(want, -1), rtol=1e-5, atol=1e-4)
+    vals, ids = vk.vq_topk_reference(**p, k=4, chunk=100)
+    want_vals, want_ids = torch.topk(want, 4)
+    assert torch.equal(ids, want_ids)
+    assert torch.allclose(vals.double(), want_vals, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("n,d,k,s,v,code_dtype", CASES)
+def test_triton_logits_match_float64(triton_kernels, n, d, k, s, v, code_dtype):
+    p = case(n, d, k, s, v, code_dtype)
+    want = float64_logits(p)
+    got = vk.vq_logits(**on(p, triton_kernels)).cpu().double()
+    err = (got - want).abs().max() / want.abs().max()
+    assert err < 1e-5, err
+
+
+@pytest.mark.parametrize("n,d,k,s,v,code_dtype", CASES)
+def test_triton_reductions_match_float64(triton_kernels, n, d, k, s, v, code_dtype):
+    p = case(n, d, k, s, v, code_dtype, seed=1)
+    want = float64_logits(p)
+    lse = vk.vq_logsumexp(**on(p, triton_kernels)).cpu().double()
+    assert torch.allclose(lse, torch.logsumexp(want, -1), rtol=1e-5, atol=1e-4)
+    vals, ids = vk.vq_topk(**on(p, triton_kernels), k=3)
+    want_vals, want_ids = torch.topk(want, 3)
+    assert torch.equal(ids.cpu(), want_ids)
+    assert torch.allclose(vals.cpu().double(), want_vals, rtol=1e-5, atol=1e-4)
+
+
+def test_leading_dims_and_dispatch(monkeypatch):
+    p = case(6, 32, 16, 2, 100, torch.uint8)
+    p["hidden"] = p["hidden"].view(2, 3, 32)
+    monkeypatch.setenv("COMPRESS_KERNELS", "torch")
+    out = vk.vq_logits(**p)
+    assert out.shape == (2, 3, 100)
+    assert torch.allclose(out.double().view(6, 100), float64_logits({**p, "hidden": p["hidden"].view(6, 32)}),
+                          atol=1e-4)
+    monkeypatch.delenv("COMPRESS_KERNELS")
+    assert not vk.use_triton(p["hidden"])  # CPU tensors take the torch reference by default
+
+
+def test_bad_arguments():
+    p = case(2, 16, 8, 0, 50, torch.uint8)
+    with pytest.raises(ValueError, match="k must be"):
+        vk.vq_topk(**p, k=0)
+    with pytest.raises(ValueError, match=r"\[V\]"):
+        vk.vq_logits(**{**p, "scales": p["scales"][:10]})

@@ -3,7 +3,7 @@
 - N:M: kept values [out, in*n/m] + each kept value's position in its group, ceil(log2 m) bits, as a bit stream
   per row (2:4: 2 bits per kept value, so 16-bit values cost 18 bits per kept weight, 0.5625x dense);
 - unstructured: a bitmask (1 bit per weight) + the kept values in row-major order + per-row offsets.
-`packed_nbytes` is what a packed module holds, so the pass can keep whichever of packed and dense is smaller."""
+`nm_nbytes` / `bitmask_nbytes` are what a packed module stores, so the pass can keep whichever of packed and dense is smaller."""
 from __future__ import annotations
 
 import torch
@@ -52,4 +52,5 @@ def nm_nbytes(rows: int, cols: int, n: int, m: int, value_bytes: int) -> int:
 
 
 def bitmask_nbytes(rows: int, cols: int, nnz: int, value_bytes: int) -> int:
-    return nnz * value_bytes + rows * ((cols + 7) // 8) + rows * 8
+    """Stored bytes (values + bitmask); in memory SparseLinear adds 8 bytes of row offset per row."""
+    return nnz * value_bytes + rows * ((cols + 7) // 8)

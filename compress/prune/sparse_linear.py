@@ -1,8 +1,8 @@
 """`SparseLinear`: a Linear layer that holds its pruned weight packed (N:M or bitmask) and runs it packed.
 
 Its buffers are the packed tensors themselves (values follow the model's floating dtype like any weight; indices
-and bitmasks are uint8, row offsets int64), so they are what the checkpoint stores and what memory holds after
-`compress.load`. `SparseLinear.empty` builds one with the right buffer shapes for `Prune.restore`."""
+and bitmasks are uint8), so they are what the checkpoint stores and what memory holds after `compress.load`. The
+bitmask format also holds per-row offsets into `values` (int64, 8 bytes per output row), recomputed on load. `SparseLinear.empty` builds one with the right buffer shapes for `Prune.restore`."""
 from __future__ import annotations
 
 import torch
@@ -32,7 +32,10 @@ class SparseLinear(nn.Module):
             self.register_buffer("values", torch.zeros(nnz, dtype=dtype, device=device))
             self.register_buffer("bitmask", torch.zeros(out_features, (in_features + 7) // 8, dtype=torch.uint8,
                                                         device=device))
-            self.register_buffer("row_offsets", torch.zeros(out_features, dtype=torch.int64, device=device))
+            # derived from the bitmask, so not stored in checkpoints: recomputed after the state dict loads
+            self.register_buffer("row_offsets", torch.zeros(out_features, dtype=torch.int64, device=device),
+                                 persistent=False)
+            self.register_load_state_dict_post_hook(lambda module, incompatible: module.refresh_row_offsets())
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
 
     @classmethod
@@ -59,6 +62,14 @@ class SparseLinear(nn.Module):
         if linear.bias is not None:
             out.bias.copy_(linear.bias.detach())
         return out
+
+    @torch.no_grad()
+    def refresh_row_offsets(self) -> None:
+        if self.format == "bitmask" and self.bitmask.device.type != "meta":
+            from ..kernels.sparse_bitmask import unpack_bitmask
+
+            counts = unpack_bitmask(self.bitmask, self.in_features).sum(1)
+            self.row_offsets.copy_(torch.cumsum(counts, 0) - counts)
 
     def restore_spec(self) -> dict:
         spec = {"format": self.format}

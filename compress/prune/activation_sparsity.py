@@ -1,0 +1,168 @@
+"""Activation sparsity reachable at a small perplexity cost: CETT-PPL-1% of the Sparsing Law paper (Luo et al. 2024,
+"Sparsing Law: Towards Large Language Models with Greater Activation Sparsity").
+
+An FFN computes y = sum_i a_i d_i, with a = act(gate(x)) * up(x) the neuron activations and d_i the i-th column of
+the down projection. Neuron i is inactive for a token when its output norm |a_i| ||d_i|| is below a layer threshold
+tau. The cumulative error of tail truncation is CETT(tau) = ||sum_{inactive} a_i d_i|| / ||y||, averaged over tokens.
+
+Two nested binary searches:
+- inner: for a CETT value c, per layer, the largest tau whose mean CETT does not exceed c;
+- outer: the largest c whose thresholds, applied to every FFN at once, raise held-out perplexity by at most
+  `target_ppl_increase` (1% by default).
+The result is the fraction of (token, neuron) pairs inactive at that c, per layer and in total."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, UnsupportedModelError
+
+
+def ffn_down_projections(model: nn.Module) -> list[nn.Module]:
+    """The down projection of every decoder layer's gated FFN (Llama, Mistral, Qwen2, Qwen3 layout)."""
+    from ..sequential import decoder_layers
+
+    _, layers = decoder_layers(model)
+    downs = [getattr(getattr(layer, "mlp", None), "down_proj", None) for layer in layers]
+    if any(d is None for d in downs):
+        raise UnsupportedModelError("activation sparsity needs gated FFNs with `mlp.down_proj` in every decoder layer")
+    return downs
+
+
+def down_weight(module: nn.Module) -> torch.Tensor:
+    return module.dense_weight(torch.float32) if hasattr(module, "dense_weight") else module.weight.detach().float()
+
+
+class LayerActivations:
+    """One layer's captured activations with what every CETT evaluation reuses: neuron output norms |a_i| ||d_i||
+    and the full output norms ||y||."""
+
+    def __init__(self, acts: torch.Tensor, weight: torch.Tensor):
+        self.acts, self.weight_t = acts, weight.t().contiguous()
+        self.magnitude = acts.abs() * weight.norm(dim=0)
+        self.full = (acts @ self.weight_t).norm(dim=-1).clamp_min(1e-12)
+        self._cache: dict[float, float] = {}  # the outer search's bisections share their first midpoints
+
+    def mean_cett(self, tau: float) -> float:
+        """Mean over tokens of ||truncated output|| / ||full output|| when neurons with |a| ||d|| < tau are dropped."""
+        if tau not in self._cache:
+            dropped = self.acts * (self.magnitude < tau)
+            self._cache[tau] = float(((dropped @ self.weight_t).norm(dim=-1) / self.full).mean())
+        return self._cache[tau]
+
+    def threshold_for_cett(self, cett: float, steps: int = 20) -> float:
+        """Inner search: the largest tau with mean CETT <= cett (CETT grows with tau)."""
+        lo, hi = 0.0, float(self.magnitude.max()) * 1.0001
+        for _ in range(steps):
+            mid = (lo + hi) / 2
+            if self.mean_cett(mid) <= cett:
+                lo = mid
+            else:
+                hi = mid
+        return lo
+
+
+class _Truncation:
+    """Pre-hooks on the down projections that zero inactive neurons and count them."""
+
+    def __init__(self, downs: list[nn.Module], norms: list[torch.Tensor]):
+        self.downs, self.norms = downs, norms
+        self.taus: list[float] | None = None
+        self.inactive = [0] * len(downs)
+        self.seen = [0] * len(downs)
+        self.captured: list[list[torch.Tensor]] | None = None
+        self.handles = [d.register_forward_pre_hook(self._hook(i)) for i, d in enumerate(downs)]
+
+    def _hook(self, i: int):
+        def hook(module, args):
+            a = args[0]
+            if self.captured is not None:
+                self.captured[i].append(a.detach().reshape(-1, a.shape[-1]).float())
+            if self.taus is None:
+                return None
+            drop = (a.abs() * self.norms[i].to(a.dtype)) < self.taus[i]
+            self.inactive[i] += int(drop.sum())
+            self.seen[i] += drop.numel()
+            return (a.masked_fill(drop, 0.0),) + tuple(args[1:])
+        return hook
+
+    def reset_counts(self) -> None:
+        self.inactive = [0] * len(self.downs)
+        self.seen = [0] * len(self.downs)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+@torch.no_grad()
+def activation_sparsity(
+    model: nn.Module,
+    windows: torch.Tensor,
+    target_ppl_increase: float = 0.01,
+    *,
+    search_tokens: int = 2048,
+    outer_steps: int = 10,
+    inner_steps: int = 20,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """FFN neuron sparsity reachable at `target_ppl_increase` relative perplexity increase on `windows`
+    ([n, seq_len] token ids, e.g. `compress.evaluate.heldout_windows(tokenizer)`).
+
+    Thresholds are searched on the activations of the first `search_tokens` tokens of `windows`; perplexity and
+    the reported sparsity are measured on all of `windows` with the thresholds applied."""
+    from ..evaluate import evaluate
+
+    if not 0 < target_ppl_increase < 1:
+        raise ConfigError(f"target_ppl_increase is a fraction like 0.01 (1%), got {target_ppl_increase}")
+    downs = ffn_down_projections(model)
+    weights = [down_weight(d) for d in downs]
+    norms = [w.norm(dim=0) for w in weights]
+    trunc = _Truncation(downs, norms)
+    try:
+        trunc.captured = [[] for _ in downs]
+        per_window = windows.shape[1]
+        search_windows = windows[: max(1, -(-search_tokens // per_window))]
+        evaluate(model, search_windows, batch_size=batch_size, progress=False)
+        layers = [LayerActivations(torch.cat(c)[:search_tokens], w.to(c[0].device))
+                  for c, w in zip(trunc.captured, weights)]
+        trunc.captured = None
+        dense_ppl = evaluate(model, windows, batch_size=batch_size, progress=progress)["perplexity"]
+        limit = dense_ppl * (1 + target_ppl_increase)
+
+        def trial(cett: float):
+            taus = [layer.threshold_for_cett(cett, inner_steps) for layer in layers]
+            trunc.taus = taus
+            trunc.reset_counts()
+            ppl = evaluate(model, windows, batch_size=batch_size, progress=False)["perplexity"]
+            counts = (list(trunc.inactive), list(trunc.seen))
+            trunc.taus = None
+            return ppl, taus, counts
+
+        best = (0.0, dense_ppl, [0.0] * len(downs), ([0] * len(downs), [1] * len(downs)))
+        lo, hi = 0.0, 1.0
+        for _ in range(outer_steps):
+            mid = (lo + hi) / 2
+            ppl, taus, counts = trial(mid)
+            if ppl <= limit:
+                lo, best = mid, (mid, ppl, taus, counts)
+            else:
+                hi = mid
+    finally:
+        trunc.remove()
+    cett, ppl, taus, (inactive, seen) = best
+    layer = [i / s for i, s in zip(inactive, seen)]
+    return {
+        "cett": cett,
+        "target_ppl_increase": target_ppl_increase,
+        "perplexity_dense": dense_ppl,
+        "perplexity": ppl,
+        "ppl_increase": ppl / dense_ppl - 1,
+        "layer_sparsity": layer,
+        "sparsity": sum(inactive) / max(sum(seen), 1),
+        "thresholds": taus,
+        "tokens": int(windows.numel()),
+    }

@@ -1,0 +1,76 @@
+"""The N:M sparse linear kernel against a float64 dense reference; the Triton kernel runs under TRITON_INTERPRET=1."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # read when triton is first imported: kernels run interpreted on CPU
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from compress.kernels import sparse_nm  # noqa: E402
+from compress.prune.masks import nm_mask  # noqa: E402
+from compress.prune.packing import pack_nm  # noqa: E402
+
+
+@pytest.fixture
+def triton_kernels(monkeypatch):
+    """Force the Triton path (interpreted on CPU); fail loudly if triton was imported before the interpreter flag."""
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() and type(sparse_nm._nm_linear_kernel).__name__ != "InterpretedFunction":
+        pytest.fail("triton was imported before TRITON_INTERPRET=1 was set: run these tests with TRITON_INTERPRET=1")
+    monkeypatch.setenv("COMPRESS_KERNELS", "triton")
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def packed_case(rows, cols, n, m, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g)
+    mask = nm_mask(torch.rand(rows, cols, generator=g), n, m)
+    values, indices = pack_nm(w.to(dtype), mask, n, m)
+    return (w.to(dtype).float() * mask).double(), values, indices
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (1, 2), (3, 8)])
+def test_decode_reference_is_exact(n, m):
+    dense, values, indices = packed_case(12, 48, n, m)
+    assert indices.dtype == torch.uint8
+    assert indices.shape[1] == -(-48 * n // m * sparse_nm.index_bits(m) // 8)
+    decoded = sparse_nm.nm_decode_reference(values, indices, n, m, 48)
+    assert torch.equal(decoded.double(), dense)
+
+
+def test_two_of_four_packs_two_bits_per_kept_value():
+    _, values, indices = packed_case(8, 64, 2, 4)
+    assert values.shape == (8, 32) and indices.shape == (8, 8)  # 32 kept x 2 bits = 8 bytes per row
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reference_linear_matches_float64(dtype):
+    dense, values, indices = packed_case(20, 64, 2, 4, dtype=dtype)
+    x = torch.randn(3, 5, 64)
+    bias = torch.randn(20)
+    y = sparse_nm.nm_linear(x, values, indices, 2, 4, 64, bias)
+    ref = x.double() @ dense.t() + bias.double()
+    assert y.shape == (3, 5, 20)
+    assert (y.double() - ref).abs().max() / ref.abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("n,m,rows,cols,tokens", [(2, 4, 24, 64, 5), (4, 8, 40, 96, 17), (3, 8, 9, 40, 1)])
+def test_triton_kernel_matches_reference(triton_kernels, n, m, rows, cols, tokens):
+    dev = triton_kernels
+    dense, values, indices = packed_case(rows, cols, n, m, seed=rows)
+    x = torch.randn(tokens, cols)
+    bias = torch.randn(rows)
+    y = sparse_nm.nm_linear(x.to(dev), values.to(dev), indices.to(dev), n, m, cols, bias.to(dev)).cpu()
+    ref = x.double() @ dense.t() + bias.double()
+    assert (y.double() - ref).abs().max() / ref.abs().max() < 1e-5
+    y_nobias = sparse_nm.nm_linear(x.to(dev), values.to(dev), indices.to(dev), n, m, cols).cpu()
+    assert (y_nobias.double() - (ref - bias.double())).abs().max() / ref.abs().max() < 1e-5
+
+
+def test_dispatch_forced_torch_runs_reference(monkeypatch):
+    monkeypatch.setenv("COMPRESS_KERNELS", "torch")
+    dense, values, indices = packed_case(8, 16, 2, 4)
+    x = torch.randn(2, 16)
+    assert torch.allclose(sparse_nm.nm_linear(x, values, indices, 2, 4, 16).double(), x.double() @ dense.t(), atol=1e-5)

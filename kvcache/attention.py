@@ -1,9 +1,10 @@
 """The "gear_kv" attention implementation registered with transformers.
 
 With a GEARCache, each layer's `update` hands attention the recent tokens tagged with a snapshot of the compressed
-past (cache.tag_past); this function then computes attention from the compressed storage (compressed_attention.py)
-plus the recent tokens. Any other call (no cache, a DynamicCache, a layer with nothing compressed yet) goes to
-transformers' sdpa, so the implementation can stay set on a model whatever cache it is given."""
+past (cache.tag_past); this function then computes attention from the compressed storage plus the recent tokens
+with `compress.kernels.kv_attention.compressed_decode_attention` (Triton on CUDA, its torch reference elsewhere).
+Any other call (no cache, a DynamicCache, a layer with nothing compressed yet) goes to transformers' sdpa, so the
+implementation can stay set on a model whatever cache it is given."""
 from __future__ import annotations
 
 from torch import nn
@@ -11,8 +12,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from ..kernels.kv_attention import compressed_decode_attention
 from .cache import ATTENTION_NAME
-from .compressed_attention import attend
 
 
 def gear_attention_forward(module: nn.Module, query, key, value, attention_mask, dropout: float = 0.0,
@@ -22,7 +23,7 @@ def gear_attention_forward(module: nn.Module, query, key, value, attention_mask,
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-    out = attend(query, past_keys, value._gear_past, key, value, attention_mask, scaling)
+    out = compressed_decode_attention(query, past_keys, value._gear_past, key, value, attention_mask, scaling)
     return out.transpose(1, 2).contiguous(), None
 
 

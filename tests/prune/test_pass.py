@@ -1,0 +1,163 @@
+"""The `prune` pass end to end: exact patterns in the packed modules, checkpoints that reload packed and smaller,
+quality against the dense model, storage choice, per-layer and OWL sparsity, user errors."""
+import pytest
+import torch
+
+import compress
+from compress.errors import CompressError, ConfigError
+from compress.kernels.sparse_bitmask import unpack_bitmask
+from compress.kernels.sparse_nm import index_bits, unpack_bit_fields
+from compress.pass_api import tensor_bytes
+from compress.prune import Prune, SparseLinear
+from compress.prune.masks import is_nm
+from compress.sequential import decoder_layers
+
+CALIB = {"source": "builtin:calibration", "num_samples": 4, "seq_len": 64}
+
+
+def pruned(method, tok, calibration=CALIB, **kwargs):
+    model = compress.load("builtin:tiny")
+    model, report = compress.apply(model, [Prune(method=method, **kwargs)], calibration=calibration,
+                                   tokenizer=tok, progress=False)
+    return model, report.passes[0]
+
+
+def sparse_modules(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, SparseLinear)}
+
+
+@pytest.mark.parametrize("method,structure", [("wanda", "2:4"), ("sparsegpt", "unstructured"), ("sparsegpt", "4:8")])
+def test_data_methods_give_exact_patterns_and_reload_packed(tmp_path, reference_model, reference_tokenizer,
+                                                            method, structure):
+    model, report = pruned(method, reference_tokenizer, structure=structure)
+    mods = sparse_modules(model)
+    assert len(mods) == 6 * 7 and report.details["storage"] == {"packed": 42, "dense": 0}
+    assert "lm_head" not in mods and not any("embed" in n for n in mods)
+    for name, m in mods.items():
+        if structure == "unstructured":
+            keep = unpack_bitmask(m.bitmask, m.in_features)
+            assert m.format == "bitmask" and int((~keep).sum()) == keep.numel() // 2, name
+        else:
+            keep = nm_positions(m)
+            assert m.format == "nm" and is_nm(keep, m.n, m.m), name
+        assert not m.dense_weight()[~keep].any()
+    assert report.details["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert report.bytes_after < 0.55 * report.bytes_before  # fp32 values: (0.5 * 4 + 1/8 + index bits) / 4
+
+    ids = torch.randint(0, 8192, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        dense_logits = reference_model(input_ids=ids).logits
+        logits = model(input_ids=ids).logits
+    agree = (logits.argmax(-1) == dense_logits.argmax(-1)).float().mean()
+    assert agree > 0.6, agree
+
+    dense_dir = compress.save(reference_model, tmp_path / "dense")
+    out = compress.save(model, tmp_path / "pruned")
+    ratio = (out / "model.safetensors").stat().st_size / (dense_dir / "model.safetensors").stat().st_size
+    assert ratio < 0.85  # embeddings and lm_head (about half this model) stay dense
+    reloaded = compress.load(out)
+    re_mods = sparse_modules(reloaded)
+    assert set(re_mods) == set(mods)
+    for name, m in re_mods.items():
+        expected = mods[name].dense_weight().to(torch.bfloat16).float()  # checkpoints store bf16 values
+        assert torch.equal(m.dense_weight(), expected), name
+    assert tensor_bytes(reloaded) < 0.80 * tensor_bytes(reference_model)
+    with torch.no_grad():
+        re_logits = reloaded(input_ids=ids).logits
+    assert (re_logits.argmax(-1) == logits.argmax(-1)).float().mean() > 0.9
+
+
+def nm_positions(m):
+    """The kept positions of an N:M SparseLinear, decoded from its packed indices."""
+    rows, kept = m.values.shape
+    pos = unpack_bit_fields(m.indices, kept, index_bits(m.m)).view(rows, -1, m.n)
+    keep = torch.zeros(rows, pos.shape[1], m.m, dtype=torch.bool).scatter_(-1, pos, True)
+    return keep.view(rows, -1)
+
+
+def test_magnitude_keeps_its_behaviour_and_needs_no_data(reference_tokenizer):
+    model, report = pruned("magnitude", reference_tokenizer, calibration=None, sparsity=0.3)
+    dense = compress.load("builtin:tiny")
+    for name, m in sparse_modules(model).items():
+        w = dense.get_submodule(name).weight
+        kept = m.dense_weight() != 0
+        assert int((~kept).sum()) == round(w.numel() * 0.3)
+        assert w.abs()[~kept].max() <= w.abs()[kept].min()
+        assert torch.equal(m.dense_weight()[kept], w[kept])
+
+
+def test_low_sparsity_stays_dense_when_dense_is_smaller(reference_tokenizer):
+    model, report = pruned("magnitude", reference_tokenizer, calibration=None, sparsity=0.02)
+    assert report.details["storage"] == {"packed": 0, "dense": 42} and not sparse_modules(model)
+    assert report.details["restore"] == {}
+    w = model.model.layers[0].mlp.down_proj.weight
+    assert int((w == 0).sum()) == round(w.numel() * 0.02)
+    forced, _ = pruned("magnitude", reference_tokenizer, calibration=None, sparsity=0.02, storage="packed")
+    assert len(sparse_modules(forced)) == 42
+
+
+def test_per_layer_sparsity_and_owl(reference_tokenizer):
+    per_layer = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7]
+    model, report = pruned("wanda", reference_tokenizer, sparsity=per_layer)
+    for i, layer in enumerate(decoder_layers(model)[1]):
+        m = layer.mlp.up_proj  # Wanda prunes per output row
+        assert ((~unpack_bitmask(m.bitmask, m.in_features)).sum(1) == round(m.in_features * per_layer[i])).all()
+    model, report = pruned("wanda", reference_tokenizer, sparsity=0.5, owl=True)
+    layer_s = report.details["layer_sparsity"]
+    assert sum(layer_s) / 6 == pytest.approx(0.5, abs=1e-4) and max(layer_s) - min(layer_s) == pytest.approx(0.16, abs=1e-3)
+    assert report.details["sparsity"] == pytest.approx(0.5, abs=0.01)
+
+
+def test_non_pd_hessian_in_the_pass_is_reported(monkeypatch, reference_tokenizer):
+    from compress.prune import pass_ as glue
+    from compress.prune.sparsegpt import HessianAccumulator
+
+    class Broken(HessianAccumulator):
+        def add(self, x):
+            super().add(x)
+            self.hessian.fill_(float("nan"))
+
+    monkeypatch.setattr(glue, "HessianAccumulator", Broken)
+    model, report = pruned("sparsegpt", reference_tokenizer, targets=["re:.*mlp.down_proj"])
+    notes = report.details["hessian"]
+    assert len(notes) == 6 and all("without the OBS update" in v for v in notes.values())
+    assert all(int((m.dense_weight() == 0).sum()) == m.values.numel() for m in sparse_modules(model).values())
+
+
+def test_qwen2_biases_round_trip(tmp_path, tiny_model):
+    model = tiny_model("qwen2")  # random init: shapes and plumbing only
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    model, report = compress.apply(model, [Prune(method="magnitude", structure="2:4")], progress=False)
+    assert model.model.layers[0].self_attn.q_proj.bias is not None
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    model.compress_storage_dtype = torch.float32
+    reloaded = compress.load(compress.save(model, tmp_path / "q"))
+    assert isinstance(reloaded.model.layers[0].self_attn.q_proj, SparseLinear)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, before, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("args,match", [
+    ({"sparsity": 1.0}, "less than 1"),
+    ({"sparsity": -0.1}, "greater than or equal to 0"),
+    ({"structure": "4:4"}, "smaller than M"),
+    ({"structure": "2:4", "sparsity": 0.3}, "fixes sparsity at 0.5"),
+    ({"structure": "2:4", "owl": True}, "unstructured pruning only"),
+    ({"method": "obs"}, "method"),
+    ({"sparsity": []}, "empty"),
+])
+def test_config_errors(args, match):
+    with pytest.raises(ConfigError, match=match):
+        Prune(**args)
+
+
+def test_errors_found_while_applying(tiny_model, reference_tokenizer):
+    with pytest.raises(ConfigError, match="not divisible by M=7"):
+        compress.apply(tiny_model("llama"), [Prune(structure="3:7")], progress=False)
+    with pytest.raises(ConfigError, match="6 decoder layers|3 decoder layers"):
+        compress.apply(tiny_model("llama"), [Prune(sparsity=[0.5, 0.5])], progress=False)
+    with pytest.raises(CompressError, match="calibration"):
+        compress.apply(tiny_model("llama"), [Prune(method="wanda")], progress=False)
+    with pytest.raises(ConfigError, match="lm_head is outside the decoder layers"):
+        pruned("wanda", reference_tokenizer, targets=["re:.*down_proj", "lm_head"], ignore=[])

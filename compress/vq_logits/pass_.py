@@ -1,0 +1,213 @@
+"""The `vq_logits` pass: glue between recipes and the math in kmeans.py, fit.py and distill.py.
+
+Finds the output head, gathers calibration hidden states (a forward hook on the head's input) and token counts,
+clusters the head's rows into a codebook, fits per-token scale/bias, optionally distills, and swaps in a
+`VQLogitsHead`. Tied input/output embeddings are untied: the input embedding is kept as it is."""
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from ..errors import CalibrationError, ConfigError, UnsupportedModelError
+from ..pass_api import Pass, PassConfig, PassContext, PassReport, tensor_bytes, timed
+from ..progress import progress_bar
+from ..registry import register_pass
+from .distill import distill_head, kl_dense_to_head
+from .fit import fit_scale_bias
+from .head import VQLogitsHead, smallest_int_dtype
+from .kmeans import cluster_means, spherical_kmeans
+
+
+def build_vq_head(weight: torch.Tensor, hidden: torch.Tensor | None, counts: torch.Tensor, c: "VQLogits.Config", *,
+                  progress: bool = True, keep_stages: bool = False) -> tuple[list[tuple[str, VQLogitsHead]], dict]:
+    """Fit a VQ head to the dense head `weight` [V, d] from calibration `hidden` [N, d] and token `counts` [V].
+
+    Returns ([(stage, head)], details): stages "copy", then "scale_bias", then "distill" as configured; the last
+    is the result. With `keep_stages`, each stage is a separate copy (the benchmark compares them)."""
+    import copy
+
+    vocab = weight.shape[0]
+    details: dict = {}
+    row_weights = counts + 1 if c.weighting == "frequency" else torch.ones(vocab)
+    # shortlist: most frequent calibration tokens (ties to the lower id), kept as exact rows
+    order = torch.argsort(-counts, stable=True)
+    shortlist_ids = order[: c.shortlist].sort().values
+    rest = torch.ones(vocab, dtype=torch.bool)
+    rest[shortlist_ids] = False
+    rest_ids = rest.nonzero().flatten()
+    if rest_ids.numel() < c.num_codes:
+        raise ConfigError(f"vq_logits: only {rest_ids.numel()} tokens left outside the shortlist for "
+                          f"{c.num_codes} codes; lower num_codes or shortlist")
+    w_cpu = weight.detach().float().cpu()
+    km = spherical_kmeans(w_cpu[rest_ids], c.num_codes, row_weights[rest_ids], iterations=c.kmeans_iterations,
+                          seed=c.seed)
+    codes = torch.zeros(vocab, dtype=torch.long)
+    codes[rest_ids] = km.assignments
+    codebook = cluster_means(w_cpu[rest_ids], km.assignments, c.num_codes, row_weights[rest_ids])
+    vq = VQLogitsHead.from_parts(codebook, codes, shortlist_ids=shortlist_ids if c.shortlist else None,
+                                 shortlist_weight=w_cpu[shortlist_ids] if c.shortlist else None)
+    vq = vq.to(device=weight.device, dtype=weight.dtype)
+    details["kmeans_iterations"] = km.iterations
+    stages = [("copy", vq)]
+    probe = hidden[:4096] if hidden is not None else None
+    if probe is not None:
+        details["calibration_kl_copy"] = round(kl_dense_to_head(probe, weight, vq), 5)
+    if c.scale_bias:
+        vq = copy.deepcopy(vq) if keep_stages else vq
+        table = torch.cat([vq.codebook.detach(), vq.shortlist_weight.detach()])
+        scales, biases = fit_scale_bias(hidden, weight, table, vq.codes)
+        with torch.no_grad():
+            vq.scales.copy_(scales)
+            vq.biases.copy_(biases)
+        vq.reset_shortlist()
+        stages.append(("scale_bias", vq))
+        details["calibration_kl_scale_bias"] = round(kl_dense_to_head(probe, weight, vq), 5)
+    if c.distill:
+        vq = copy.deepcopy(vq) if keep_stages else vq
+        details["distill"] = distill_head(vq, hidden, weight, steps=c.distill_steps, max_seconds=c.distill_seconds,
+                                          lr=c.distill_lr, batch_size=c.distill_batch_size, seed=c.seed,
+                                          progress=progress)
+        stages.append(("distill", vq))
+        details["calibration_kl_distill"] = round(kl_dense_to_head(probe, weight, vq), 5)
+    for _, head in stages:
+        for p in head.parameters():
+            p.requires_grad_(p is not head.shortlist_weight)
+    return stages, details
+
+
+@register_pass("vq_logits")
+class VQLogits(Pass):
+    """Output head -> K x d codebook + token->code map + per-token scale/bias (+ exact shortlist rows)."""
+
+    class Config(PassConfig):
+        targets: list[str] = Field(default_factory=lambda: ["lm_head"])
+        ignore: list[str] = Field(default_factory=list)
+        num_codes: int = Field(1024, ge=2, description="K, codebook size (2 <= K < vocabulary size)")
+        shortlist: int = Field(0, ge=0, description="most frequent calibration tokens kept as exact dense rows")
+        scale_bias: bool = Field(True, description="per-token scale and bias; false = the paper's plain copy")
+        weighting: str = Field("frequency", pattern="^(frequency|uniform)$",
+                               description="k-means row weights: calibration token counts + 1, or uniform")
+        kmeans_iterations: int = Field(25, ge=1, le=1000)
+        distill: bool = Field(False, description="fine-tune codebook/scales/biases on KL to the dense head")
+        distill_steps: int = Field(300, ge=1)
+        distill_seconds: float = Field(120.0, gt=0, description="wall-clock budget of distillation")
+        distill_lr: float = Field(1e-3, gt=0)
+        distill_batch_size: int = Field(512, ge=1)
+        max_fit_tokens: int = Field(65536, ge=16, description="calibration positions kept for fitting")
+        seed: int = 0
+
+    def validate_config(self) -> None:
+        c = self.config
+        if c.distill and not c.scale_bias:
+            raise ConfigError("distill: true needs scale_bias: true (distillation trains the scales and biases)")
+
+    def needs_calibration_for(self) -> bool:
+        c = self.config
+        return c.scale_bias or c.distill or c.shortlist > 0 or c.weighting == "frequency"
+
+    # ------------------------------------------------------------------------------------------------ locating
+    def _head(self, model: nn.Module) -> tuple[str, nn.Module]:
+        found = self.target_modules(model)
+        if len(found) != 1:
+            raise ConfigError(f"vq_logits: targets {self.config.targets} must match exactly one output head module, "
+                              f"matched {len(found)}: {', '.join(found) or 'none'}")
+        return next(iter(found.items()))
+
+    @staticmethod
+    def _set(model: nn.Module, name: str, module: nn.Module) -> None:
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+    # ------------------------------------------------------------------------------------------------ calibration
+    @torch.no_grad()
+    def _calibration(self, model: nn.Module, head: nn.Module, ctx: PassContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden states [N, d] entering the head, token counts [V]) from the calibration batches."""
+        if ctx.calibration is None:
+            raise CalibrationError(
+                "vq_logits with scale_bias, distill, shortlist or weighting: frequency needs calibration data: add "
+                "`calibration: {source: builtin:calibration}` to the recipe (or set all of them off for a plain copy)")
+        batches = ctx.calibration_batches(self.name)
+        vocab = head.weight.shape[0]
+        counts = torch.bincount(batches.flatten().clamp(0, vocab - 1), minlength=vocab).float()
+        captured: list[torch.Tensor] = []
+        hook = head.register_forward_hook(lambda m, inp, out: captured.append(inp[0].detach().reshape(-1, inp[0].shape[-1]).float()))
+        device = head.weight.device
+        try:
+            for i in progress_bar(range(0, batches.shape[0], 8), description="vq_logits: hidden states",
+                                  enabled=ctx.progress):
+                model(input_ids=batches[i:i + 8].to(device), use_cache=False)
+        finally:
+            hook.remove()
+        hidden = torch.cat(captured)
+        if hidden.shape[0] > self.config.max_fit_tokens:
+            gen = torch.Generator().manual_seed(self.config.seed)
+            hidden = hidden[torch.randperm(hidden.shape[0], generator=gen)[: self.config.max_fit_tokens].to(hidden.device)]
+        return hidden, counts
+
+    # ------------------------------------------------------------------------------------------------ apply
+    def apply(self, model: nn.Module, ctx: PassContext) -> PassReport:
+        c = self.config
+        name, head = self._head(model)
+        if not isinstance(head, nn.Linear) or head.bias is not None:
+            raise UnsupportedModelError(f"vq_logits: {name} is a {type(head).__name__}"
+                                        f"{' with a bias' if isinstance(head, nn.Linear) else ''}; "
+                                        "it needs a bias-free nn.Linear output head")
+        vocab, hidden_size = head.weight.shape
+        if c.num_codes >= vocab:
+            raise ConfigError(f"vq_logits: num_codes={c.num_codes} must be smaller than the vocabulary size {vocab}")
+        if c.num_codes + c.shortlist > vocab:
+            raise ConfigError(f"vq_logits: num_codes + shortlist = {c.num_codes + c.shortlist} exceeds the vocabulary "
+                              f"size {vocab}; lower one of them")
+        report = PassReport(name=self.name, modules=[name])
+        report.bytes_before = tensor_bytes(head)
+        weight = head.weight.detach()
+        tied = self._is_tied(model, head)
+        with timed(report):
+            hidden, counts = (self._calibration(model, head, ctx) if self.needs_calibration_for()
+                              else (None, torch.zeros(vocab)))
+            stages, details = build_vq_head(weight, hidden, counts, c, progress=ctx.progress)
+            vq = stages[-1][1]
+            self._set(model, name, vq)
+            if tied:
+                model.config.tie_word_embeddings = False
+        report.bytes_after = tensor_bytes(vq)
+        details.update({
+            "vocab_size": vocab, "hidden_size": hidden_size, "num_codes": c.num_codes, "shortlist": c.shortlist,
+            "head_params_before": weight.numel(), "head_float_params_after": vq.num_float_parameters(),
+            "head_params_ratio": round(weight.numel() / vq.num_float_parameters(), 3),
+            "codes_dtype": str(vq.codes.dtype).removeprefix("torch."),
+            "untied": tied,
+        })
+        if tied:
+            details["note"] = ("the output head was tied to the input embedding: it is untied, the input embedding is "
+                               "kept unchanged, so the model grows by the VQ head's bytes instead of shrinking")
+        details["restore"] = {"module": name, "vocab_size": vocab, "hidden_size": hidden_size,
+                              "num_codes": c.num_codes, "shortlist": c.shortlist, "untied": tied}
+        report.details = details
+        return report
+
+    @staticmethod
+    def _is_tied(model: nn.Module, head: nn.Module) -> bool:
+        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        shares = emb is not None and emb.weight.data_ptr() == head.weight.data_ptr()
+        return bool(shares or getattr(model.config, "tie_word_embeddings", False))
+
+    # ------------------------------------------------------------------------------------------------ restore
+    def restore(self, model: nn.Module, entry: dict) -> None:
+        r = entry.get("restore")
+        if not r:
+            raise ConfigError("vq_logits checkpoint entry has no `restore` record; re-export the model")
+        old = model.get_submodule(r["module"])
+        ref = next(old.parameters())
+        head = VQLogitsHead(r["vocab_size"], r["hidden_size"], r["num_codes"], r["shortlist"],
+                            dtype=ref.dtype if ref.dtype.is_floating_point else None, device=ref.device)
+        self._set(model, r["module"], head)
+        if r.get("untied"):
+            model.config.tie_word_embeddings = False
+
+    def describe(self, model: nn.Module) -> list[str]:
+        return [self._head(model)[0]]
+
+
+__all__ = ["VQLogits", "VQLogitsHead", "smallest_int_dtype"]

@@ -1,3 +1,4 @@
 """Imports that register the built-in passes. Third-party passes use the `compress.passes` entry-point group."""
 from .prune import Prune  # noqa: F401
 from .vq_logits import VQLogits  # noqa: F401
+from .kvcache.pass_ import GearKV  # noqa: F401

@@ -6,6 +6,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+GEAR_DEFAULTS = {"key_rank": 2, "value_rank": 2, "outlier_ratio": 0.02}
+KIVI_DEFAULTS = {"key_rank": 0, "value_rank": 0, "outlier_ratio": 0.0}
+
 from ..errors import ConfigError
 
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -17,7 +20,9 @@ class KVCacheSettings(BaseModel):
     - `bits`: code width (2, 3, 4 or 8); keys are quantized per channel in groups of `group_size` tokens, values per
       token in groups of `group_size` channels (the KIVI layout).
     - `residual_length`: tokens kept in an fp16 window; when it fills, that chunk is compressed and appended.
-    - GEAR only: `outlier_ratio` of each chunk's entries kept exactly as sparse outliers, and the remaining error
+    - GEAR only: `outlier_ratio` s: in every quantization group the max(1, round(s*G/2)) largest and as many
+      smallest entries are kept exactly as sparse outliers (so at G=64 any s <= 0.047 keeps 2/64 = 3.1%, see
+      kernels.kv_quant.outlier_fraction); the remaining error is
       approximated by a rank-r product per chunk and KV head (`key_rank`/`value_rank` for chunks compressed after the
       prompt, `key_prefill_rank`/`value_prefill_rank` for the prompt's chunks; None = same as the decode rank),
       found by `power_iters` power iterations.
@@ -29,13 +34,21 @@ class KVCacheSettings(BaseModel):
     bits: int = 4
     group_size: int = Field(64, ge=1)
     residual_length: int = Field(64, ge=1)
-    key_rank: int = Field(2, ge=0)
+    key_rank: int = Field(2, ge=0)      # defaults depend on `method` (GEAR_DEFAULTS / KIVI_DEFAULTS)
     value_rank: int = Field(2, ge=0)
     key_prefill_rank: int | None = Field(None, ge=0)
     value_prefill_rank: int | None = Field(None, ge=0)
     outlier_ratio: float = Field(0.02, ge=0.0, lt=0.5)
     power_iters: int = Field(3, ge=1)
     skip_layers: list[int] = Field(default_factory=list)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_defaults(cls, data):
+        if isinstance(data, dict):
+            defaults = KIVI_DEFAULTS if data.get("method") == "kivi" else GEAR_DEFAULTS
+            data = {**defaults, **{k: v for k, v in data.items() if v is not None or k not in defaults}}
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> "KVCacheSettings":
@@ -53,9 +66,6 @@ class KVCacheSettings(BaseModel):
     @classmethod
     def build(cls, **kwargs) -> "KVCacheSettings":
         """Construct from keyword arguments; a bad value raises ConfigError (a user mistake) with what to fix."""
-        if kwargs.get("method") == "kivi":
-            for key in ("outlier_ratio", "key_rank", "value_rank"):
-                kwargs.setdefault(key, 0)
         try:
             return cls(**kwargs)
         except ValidationError as exc:

@@ -1,0 +1,78 @@
+"""The `gear_kv` pass: glue between recipes/checkpoints and the compressed KV cache (cache.py).
+
+It changes no weights. It validates the cache settings against the model, records them in the checkpoint's
+`compression` section, and installs the cache on the model: the "gear_kv" attention implementation (which reads the
+compressed storage) and a `generate` that builds a `GEARCache` with these settings whenever the caller passes no
+cache of their own. `restore` installs it again on a reloaded model, so `compress.load(...)` + `generate` and
+`compress generate` use the compressed cache by default."""
+from __future__ import annotations
+
+import functools
+
+from pydantic import Field
+from torch import nn
+
+from ..errors import UnsupportedModelError
+from ..pass_api import Pass, PassConfig, PassContext, PassReport, tensor_bytes, timed
+from ..registry import register_pass
+from .attention import use_compressed_attention
+from .cache import GEARCache
+from .config import KVCacheSettings
+
+SETTINGS_FIELDS = tuple(KVCacheSettings.model_fields)
+
+
+@register_pass("gear_kv")
+class GearKV(Pass):
+    """Compressed KV cache for generation: GEAR (method: gear) or KIVI (method: kivi)."""
+
+    class Config(PassConfig, KVCacheSettings):
+        # `targets`/`ignore` only name the attention modules shown by --dry-run; `skip_layers` picks the layers.
+        targets: list[str] = Field(default_factory=lambda: ["re:.*self_attn"])
+        ignore: list[str] = Field(default_factory=list)
+
+    def settings(self) -> KVCacheSettings:
+        return KVCacheSettings(**self.config.model_dump(include=set(SETTINGS_FIELDS)))
+
+    def apply(self, model: nn.Module, ctx: PassContext) -> PassReport:
+        report = PassReport(name=self.name)
+        with timed(report):
+            settings = self.settings()
+            cache = install_compressed_cache(model, settings)  # validates against the model's shapes
+            report.modules = self.describe(model)
+            report.bytes_before = report.bytes_after = tensor_bytes(model)
+            report.details = {"changes_weights": False, "layers_compressed": len(report.modules),
+                              "layers_skipped": sorted(settings.skip_layers), "cache": type(cache).__name__}
+        return report
+
+    def restore(self, model: nn.Module, entry: dict) -> None:
+        install_compressed_cache(model, self.settings())
+
+    def describe(self, model: nn.Module) -> list[str]:
+        skipped = set(self.config.skip_layers)
+        return [n for n, m in self.target_modules(model).items() if getattr(m, "layer_idx", None) not in skipped]
+
+
+def install_compressed_cache(model: nn.Module, settings: KVCacheSettings) -> GEARCache:
+    """Make `model.generate` default to a GEARCache with `settings`, read through the "gear_kv" attention.
+    Returns an example cache (validates the settings against the model's shapes; raises ConfigError)."""
+    if not hasattr(model, "generate") or not hasattr(model, "set_attn_implementation"):
+        raise UnsupportedModelError(f"{type(model).__name__} has no generate/attention interface: gear_kv needs a "
+                                    "transformers causal LM (Llama, Mistral, Qwen2/3)")
+    example = GEARCache(model.config, settings)
+    use_compressed_attention(model)
+    original = type(model).generate
+
+    @functools.wraps(original)
+    def generate(*args, **kwargs):
+        gen_config = kwargs.get("generation_config")
+        wants_cache = kwargs.get("use_cache", getattr(gen_config, "use_cache", True)) is not False
+        own = kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None
+        implementation = kwargs.get("cache_implementation", getattr(gen_config, "cache_implementation", None))
+        if wants_cache and not own and implementation is None:
+            kwargs["cache"] = GEARCache(model.config, settings)
+        return original(model, *args, **kwargs)
+
+    model.generate = generate
+    model.kv_cache_settings = settings
+    return example

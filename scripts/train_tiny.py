@@ -4,7 +4,7 @@ Reproducible: the data recipe (which documents are held out), the tokenizer, the
 number of steps are all fixed here; the loss curve is printed as it trains.
 
     apt-get install python3.11-doc
-    python scripts/train_tiny.py --steps 3000 --out compress/builtin/tiny
+    python scripts/train_tiny.py --steps 450 --batch 8 --seq-len 1024 --eval-every 75 --threads 1
 
 Data recipe: every `*.rst.txt` under the docs' `_sources`, sorted by path. A document is held out when
 sha1(relative path) mod 10 == 0; held-out documents never reach the tokenizer or the model. From the held-out
@@ -95,13 +95,16 @@ def heldout_perplexity(model, ids: torch.Tensor, seq_len: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("compress/builtin/tiny"))
-    ap.add_argument("--steps", type=int, default=3000)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=450)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--eval-every", type=int, default=250)
+    ap.add_argument("--eval-every", type=int, default=75)
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from transformers import LlamaForCausalLM
 

@@ -18,9 +18,8 @@ from .dispatch import use_triton
 
 def unpack_bitmask(bitmask: torch.Tensor, in_features: int) -> torch.Tensor:
     """[out, ceil(in/8)] uint8 -> [out, in] bool."""
-    shifts = torch.arange(8, device=bitmask.device, dtype=torch.uint8)
-    bits = (bitmask.unsqueeze(-1) >> shifts) & 1
-    return bits.reshape(bitmask.shape[0], -1)[:, :in_features].bool()
+    bits = torch.stack([(bitmask >> b) & 1 for b in range(8)], dim=-1)  # byte planes: fast uint8 ops on CPU
+    return bits.view(bitmask.shape[0], -1)[:, :in_features].bool()
 
 
 def bitmask_decode_reference(values: torch.Tensor, bitmask: torch.Tensor, in_features: int,
@@ -28,7 +27,7 @@ def bitmask_decode_reference(values: torch.Tensor, bitmask: torch.Tensor, in_fea
     """The dense [out, in] weight (zeros where pruned)."""
     keep = unpack_bitmask(bitmask, in_features)
     dense = torch.zeros(keep.shape, dtype=dtype or values.dtype, device=values.device)
-    dense[keep] = values.to(dense.dtype)  # boolean indexing walks row-major, the order values are stored in
+    dense.masked_scatter_(keep, values.to(dense.dtype))  # fills row-major, the order values are stored in
     return dense
 
 

@@ -70,7 +70,7 @@ def test_data_methods_give_exact_patterns_and_reload_packed(tmp_path, reference_
 def nm_positions(m):
     """The kept positions of an N:M SparseLinear, decoded from its packed indices."""
     rows, kept = m.values.shape
-    pos = unpack_bit_fields(m.indices, kept, index_bits(m.m)).view(rows, -1, m.n)
+    pos = unpack_bit_fields(m.indices, kept, index_bits(m.m)).long().view(rows, -1, m.n)
     keep = torch.zeros(rows, pos.shape[1], m.m, dtype=torch.bool).scatter_(-1, pos, True)
     return keep.view(rows, -1)
 

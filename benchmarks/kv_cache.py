@@ -1,0 +1,232 @@
+"""KV cache benchmark: fp16/fp32 DynamicCache, transformers' QuantizedCache (fp8), KIVI and GEAR, one run, one table.
+
+Model: builtin:tiny (the trained reference model), float32 on the CPU, attention implementation "gear_kv" (which
+reads a GEARCache's compressed storage and hands every other cache to sdpa).
+- quality (compress.kvcache.quality): held-out windows fed in chunks of residual_length tokens, so earlier chunks
+  are compressed before later tokens are scored; perplexity change, KL(reference || ours) and top-1 agreement
+  against the same chunked pass with an uncompressed DynamicCache; copy probe: random token strings repeated,
+  greedy accuracy over the second copy (the reference cache's own accuracy is the `fp16` row).
+- bits/element: 8 x bytes actually held by the cache's tensors / key+value entries, measured at the 4k-context
+  decode state (compressed chunks + partly filled fp16 window; skipped layers and metadata included).
+- decode speed: contexts of 1k and 4k tokens (held-out text, repeated), each cache filled with the same prefill K/V,
+  then `--steps` greedy decode steps timed; ratio = baseline (DynamicCache, sdpa) time / this cache's time, medians
+  of interleaved repetitions in this one process (> 1: faster).
+- memory at 16k: bytes held by the cache after a 16k-token context over bytes of an fp16 DynamicCache holding the
+  same tokens (both measured from tensor storage; the transient memory of a step is not included).
+
+    OMP_NUM_THREADS=1 python benchmarks/kv_cache.py [--json] [--quick]
+    OMP_NUM_THREADS=1 python benchmarks/kv_cache.py --long 32768   # 32k-token context with GEAR-4, no table"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+
+import torch
+from transformers import DynamicCache, QuantizedCache
+
+import compress
+from compress.calibration import builtin_text
+from compress.kvcache import GEARCache, KVCacheSettings
+from compress.kvcache.cache import dynamic_cache_bytes
+from compress.kvcache.quality import copy_sequences, copy_accuracy, heldout_windows, kv_quality
+
+
+def configurations(quick: bool) -> list[dict]:
+    """name, method, cache kwargs. GEAR grid: bits x (outliers on/off) x rank (r=0 without outliers is KIVI)."""
+    rows = [dict(name="fp16", method="fp16", bits=16), dict(name="hf-fp8", method="hf_quantized_fp8", bits=8)]
+    bits_list = (2, 4) if quick else (2, 3, 4)
+    for b in bits_list:
+        rows.append(dict(name=f"kivi-{b}", method="kivi", bits=b, kw=dict(method="kivi", bits=b)))
+    for b in bits_list:
+        for ratio in (0.02, 0.0):
+            for r in ((0, 2) if quick else (0, 2, 4)):
+                if ratio == 0 and r == 0:
+                    continue
+                name = f"gear-{b}" + ("" if ratio else "-noout") + f"-r{r}"
+                rows.append(dict(name=name, method="gear", bits=b, kw=dict(method="gear", bits=b, key_rank=r,
+                                                                            value_rank=r, outlier_ratio=ratio)))
+    return rows
+
+
+def make_factory(model, row):
+    if row["method"] == "fp16":
+        return lambda: DynamicCache(config=model.config)
+    if row["method"] == "hf_quantized_fp8":
+        return lambda: QuantizedCache("fp8", model.config)
+    settings = KVCacheSettings.build(**row["kw"])
+    return lambda: GEARCache(model.config, settings)
+
+
+def cache_bytes(cache) -> tuple[int, int]:
+    """(bytes held, key/value entries) for our caches, DynamicCache and the fp8 QuantizedCache."""
+    if isinstance(cache, GEARCache):
+        return cache.nbytes()["total"], cache.num_elements()
+    if isinstance(cache, QuantizedCache):
+        from compress.kvcache.cache import storage_bytes
+
+        tensors, n = [], 0
+        for layer in cache.layers:
+            (qk, ks), (qv, vs) = layer._quantized_keys, layer._quantized_values
+            tensors += [qk, ks, qv, vs]
+            n += qk.numel() + qv.numel()
+        return storage_bytes(tensors), n
+    return dynamic_cache_bytes(cache)
+
+
+@torch.no_grad()
+def prefill_kv(model, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-layer (K, V) of a prompt, from one forward with a DynamicCache (in chunks, to bound the memory)."""
+    cache = DynamicCache(config=model.config)
+    for s in range(0, ids.shape[1], 2048):
+        model(ids[:, s:s + 2048], cache=cache, use_cache=True, logits_to_keep=1)
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def filled(factory, kv):
+    """A cache holding the prefill: each layer's update gets the prompt's K/V, as in a model prefill."""
+    cache = factory()
+    for i, (k, v) in enumerate(kv):
+        cache.update(k.clone(), v.clone(), i)
+    return cache
+
+
+@torch.no_grad()
+def decode_seconds(model, cache, first: torch.Tensor, steps: int) -> float:
+    """Median seconds per greedy decode step with `cache` (which already holds the context)."""
+    nxt, times = first, []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        out = model(nxt, cache=cache, use_cache=True)
+        nxt = out.logits[:, -1:].argmax(-1)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def speed_ratio(model, factory, kv, first, steps: int, reps: int) -> tuple[float, object]:
+    """Baseline (DynamicCache) step time / this cache's step time, interleaved repetitions; and the last cache."""
+    base, ours, cache = [], [], None
+    for _ in range(reps):
+        base.append(decode_seconds(model, filled(lambda: DynamicCache(config=model.config), kv), first, steps))
+        cache = filled(factory, kv)
+        ours.append(decode_seconds(model, cache, first, steps))
+    return statistics.median(base) / statistics.median(ours), cache
+
+
+def context_ids(tok, n: int) -> torch.Tensor:
+    ids = tok(builtin_text("builtin:heldout"), return_tensors="pt").input_ids
+    return ids.repeat(1, n // ids.shape[1] + 1)[:, :n]
+
+
+def run(args) -> list[dict]:
+    torch.manual_seed(0)
+    model = compress.load("builtin:tiny")
+    model.set_attn_implementation("gear_kv")
+    tok = compress.load_tokenizer("builtin:tiny")
+    rows = configurations(args.quick)
+    windows = heldout_windows(tok, builtin_text("builtin:heldout"), args.windows, args.window_len)
+    seqs = copy_sequences(args.copy_num, args.copy_len, model.config.vocab_size)
+    chunk = KVCacheSettings().residual_length
+    contexts = {n: prefill_kv(model, context_ids(tok, n)) for n in (1024, 4096)}
+    first = context_ids(tok, 4097)[:, -1:]
+    memory_kv = prefill_kv(model, context_ids(tok, args.memory_context)) if args.memory_context else None
+    fp16_bytes = None
+    if memory_kv is not None:
+        fp16_bytes = filled(lambda: DynamicCache(config=model.config), [(k.half(), v.half()) for k, v in memory_kv])
+        fp16_bytes = cache_bytes(fp16_bytes)[0]
+    reference = None
+    out = []
+    for row in rows:
+        t0 = time.perf_counter()
+        factory = make_factory(model, row)
+        q, reference = kv_quality(model, windows, factory, chunk, reference)
+        res = {k: v for k, v in row.items() if k != "kw"}
+        kw = row.get("kw", {})
+        res.update(rank=kw.get("key_rank", 0), outlier_ratio=kw.get("outlier_ratio", 0.0),
+                   residual_length=chunk if kw else None, ppl=q.ppl, ppl_reference=q.ppl_reference,
+                   ppl_delta_pct=q.ppl_delta_pct, kl=q.kl, top1_agreement=q.top1_agreement,
+                   copy_accuracy=copy_accuracy(model, seqs, factory, chunk))
+        for n, kv in contexts.items():
+            ratio, cache = speed_ratio(model, factory, kv, first, args.steps, args.reps)
+            res[f"decode_speed_ratio_{n // 1024}k"] = ratio
+            if n == 4096:
+                nbytes, entries = cache_bytes(cache)
+                res["bits_per_element"] = 8 * nbytes / entries
+        if memory_kv is not None:
+            res[f"kv_bytes_ratio_{args.memory_context // 1024}k"] = cache_bytes(filled(factory, memory_kv))[0] / fp16_bytes
+        res["seconds"] = time.perf_counter() - t0
+        out.append(res)
+        print(f"[{row['name']}] done in {res['seconds']:.0f}s", file=sys.stderr)
+    return out
+
+
+def print_table(rows: list[dict], args) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    mem = f"kv_bytes_ratio_{args.memory_context // 1024}k" if args.memory_context else None
+    cols = ["name", "bits_per_element", "ppl_delta_pct", "kl", "top1_agreement", "copy_accuracy",
+            "decode_speed_ratio_1k", "decode_speed_ratio_4k"] + ([mem] if mem else [])
+    heads = ["config", "bits/elem", "ppl Δ%", "KL", "top-1", "copy acc", "speed 1k", "speed 4k"] + \
+            ([f"bytes {args.memory_context // 1024}k"] if mem else [])
+    table = Table(title=f"KV cache on builtin:tiny (ppl ref {rows[0]['ppl_reference']:.2f}; {args.windows} windows x "
+                        f"{args.window_len} tokens; copy {args.copy_num} x {args.copy_len})")
+    for h in heads:
+        table.add_column(h, justify="right")
+    for r in rows:
+        table.add_row(*[r[c] if isinstance(r[c], str) else f"{r[c]:.4f}" if c == "kl" else f"{r[c]:.3f}"
+                        for c in cols])
+    Console(width=160).print(table)
+
+
+@torch.no_grad()
+def long_context(n: int) -> dict:
+    """Feed an n-token context through GEAR-4 (chunks of 2048) and generate 16 tokens; memory and time."""
+    model = compress.load("builtin:tiny")
+    model.set_attn_implementation("gear_kv")
+    tok = compress.load_tokenizer("builtin:tiny")
+    ids = context_ids(tok, n)
+    cache = GEARCache(model.config, bits=4)
+    t0 = time.perf_counter()
+    for s in range(0, n, 2048):
+        logits = model(ids[:, s:s + 2048], cache=cache, use_cache=True, logits_to_keep=1).logits
+    nxt = logits[:, -1:].argmax(-1)
+    for _ in range(16):
+        nxt = model(nxt, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+    nbytes = cache.nbytes()
+    return {"context": cache.get_seq_length(), "seconds": time.perf_counter() - t0, "cache_bytes": nbytes["total"],
+            "fp16_equivalent_bytes": cache.num_elements() * 2, "bits_per_element": cache.bits_per_element(),
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", action="store_true", help="print a JSON list (one object per configuration)")
+    ap.add_argument("--quick", action="store_true", help="fewer configurations, windows and steps (smoke test)")
+    ap.add_argument("--windows", type=int, default=8)
+    ap.add_argument("--window-len", type=int, default=512)
+    ap.add_argument("--copy-num", type=int, default=8)
+    ap.add_argument("--copy-len", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--memory-context", type=int, default=16384)
+    ap.add_argument("--long", type=int, default=0, help="only run the long-context check at this many tokens")
+    args = ap.parse_args(argv)
+    if args.long:
+        print(json.dumps(long_context(args.long), indent=2))
+        return
+    if args.quick:
+        args.windows, args.window_len, args.copy_num, args.copy_len = 2, 192, 2, 96
+        args.steps, args.reps, args.memory_context = 4, 1, 0
+    rows = run(args)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print_table(rows, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""KV-cache quality protocol: how much a compressed cache changes the model's predictions.
+
+Chunked scoring: each window of held-out text is fed in chunks of `chunk_len` tokens (default: the cache's
+residual_length), so before chunk i is scored, chunks < i have been compressed; tokens of the first chunk see no
+compressed past and are not scored. The same chunked pass with an uncompressed cache (transformers' DynamicCache,
+in the model's dtype) is the reference. Reported: perplexity of both, its relative change, KL(reference || ours)
+per token, and top-1 agreement.
+
+Copy probe: a random token string repeated twice; accuracy of greedy next-token predictions over the second copy
+(from its second token on), while the first copy sits in the compressed past. It is where KV errors show first."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from ..errors import CompressError
+
+CacheFactory = Callable[[], object]
+
+
+@dataclass
+class QualityResult:
+    ppl: float
+    ppl_reference: float
+    ppl_delta_pct: float
+    kl: float
+    top1_agreement: float
+    tokens_scored: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def heldout_windows(tokenizer, text: str, num_windows: int, window_len: int) -> torch.Tensor:
+    """[num_windows, window_len] token ids, evenly spaced over the tokenized text (deterministic)."""
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    if ids.numel() < window_len:
+        raise CompressError(f"held-out text has {ids.numel()} tokens, fewer than one window of {window_len}")
+    starts = torch.linspace(0, ids.numel() - window_len, num_windows).long()
+    return torch.stack([ids[s:s + window_len] for s in starts.tolist()])
+
+
+@torch.no_grad()
+def chunked_logits(model: nn.Module, ids: torch.Tensor, make_cache: CacheFactory, chunk_len: int) -> torch.Tensor:
+    """Logits [B, T, V] (float32) from feeding ids [B, T] in chunks of `chunk_len` through one cache."""
+    cache = make_cache()
+    out = []
+    for start in range(0, ids.shape[1], chunk_len):
+        logits = model(ids[:, start:start + chunk_len], cache=cache, use_cache=True).logits
+        out.append(logits.float())
+    return torch.cat(out, dim=1)
+
+
+def compare_logits(ref: torch.Tensor, ours: torch.Tensor, targets: torch.Tensor) -> QualityResult:
+    """ref/ours [N, V] logits at the scored positions; targets [N] the true next tokens."""
+    ref_logp, our_logp = ref.log_softmax(-1), ours.log_softmax(-1)
+    nll_ref = -ref_logp.gather(-1, targets[:, None]).mean().item()
+    nll = -our_logp.gather(-1, targets[:, None]).mean().item()
+    kl = (ref_logp.exp() * (ref_logp - our_logp)).sum(-1).mean().item()
+    top1 = (ref.argmax(-1) == ours.argmax(-1)).float().mean().item()
+    ppl, ppl_ref = math.exp(nll), math.exp(nll_ref)
+    return QualityResult(ppl, ppl_ref, 100.0 * (ppl / ppl_ref - 1.0), max(kl, 0.0), top1, int(targets.numel()))
+
+
+@torch.no_grad()
+def kv_quality(model: nn.Module, windows: torch.Tensor, make_cache: CacheFactory, chunk_len: int,
+               reference: torch.Tensor | None = None) -> tuple[QualityResult, torch.Tensor]:
+    """Score `windows` [W, T] with the compressed cache against the uncompressed chunked reference.
+    Returns the result and the reference logits (pass them back in to reuse them across configurations)."""
+    if windows.shape[1] <= chunk_len:
+        raise CompressError(f"windows of {windows.shape[1]} tokens leave nothing to score after the first chunk "
+                            f"of {chunk_len}: use longer windows")
+    if reference is None:
+        reference = torch.cat([chunked_logits(model, w[None], lambda: DynamicCache(config=model.config), chunk_len)
+                               for w in windows])
+    ours = torch.cat([chunked_logits(model, w[None], make_cache, chunk_len) for w in windows])
+    scored = slice(chunk_len, windows.shape[1] - 1)  # positions after the first chunk that have a next token
+    targets = windows[:, scored.start + 1:scored.stop + 1].reshape(-1)
+    v = reference.shape[-1]
+    return compare_logits(reference[:, scored].reshape(-1, v), ours[:, scored].reshape(-1, v), targets), reference
+
+
+def copy_sequences(num: int, length: int, vocab_size: int, seed: int = 0, low: int = 100) -> torch.Tensor:
+    """[num, 2*length]: random token strings (ids in [low, vocab)) each followed by itself."""
+    gen = torch.Generator().manual_seed(seed)
+    s = torch.randint(low, vocab_size, (num, length), generator=gen)
+    return torch.cat([s, s], dim=1)
+
+
+@torch.no_grad()
+def copy_accuracy(model: nn.Module, seqs: torch.Tensor, make_cache: CacheFactory, chunk_len: int) -> float:
+    """Greedy accuracy over the second copy (predicting its tokens 1.. from the ones before)."""
+    length = seqs.shape[1] // 2
+    logits = chunked_logits(model, seqs, make_cache, chunk_len)
+    pred = logits[:, length:-1].argmax(-1)        # predictions for tokens length+1 .. 2*length-1
+    return (pred == seqs[:, length + 1:]).float().mean().item()

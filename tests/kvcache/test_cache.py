@@ -1,0 +1,133 @@
+"""GEARCache inside transformers' generate: exactness at 8 bits, left padding, byte accounting, crop/reorder."""
+import pytest
+import torch
+from transformers import DynamicCache
+
+from compress.errors import ConfigError
+from compress.kvcache import GEARCache, KVCacheSettings
+from compress.kvcache.cache import GEARLayer
+
+EXACT = dict(bits=8, outlier_ratio=0.0, key_rank=0, value_rank=0)
+
+
+@pytest.mark.parametrize("impl", ["gear_kv", "sdpa"])
+def test_8bit_greedy_matches_uncompressed_cache(lm, heldout_ids, attn, impl, greedy):
+    attn(impl)  # gear_kv: attention reads the compressed storage; sdpa: the cache returns the dense reconstruction
+    ids = heldout_ids[:, :150]
+    ref = greedy(lm, ids, DynamicCache(config=lm.config), 40)
+    cache = GEARCache(lm.config, **EXACT)
+    out = greedy(lm, ids, cache, 40)
+    assert torch.equal(out, ref)
+    layer = cache.layers[0]
+    assert layer.key_store.num_tokens == 128 and layer.window_keys.shape[-2] == 189 - 128  # streamed in chunks
+
+
+def test_left_padded_batch_matches_batch_of_one(lm, heldout_ids, attn, greedy):
+    attn("gear_kv")
+    a, b = heldout_ids[:, 200:330], heldout_ids[:, 400:490]  # 130 and 90 tokens
+    pad = a.shape[1] - b.shape[1]
+    ids = torch.cat([a, torch.cat([torch.zeros(1, pad, dtype=torch.long), b], 1)])
+    mask = torch.ones_like(ids)
+    mask[1, :pad] = 0
+    batch = greedy(lm, ids, GEARCache(lm.config, **EXACT), 30, attention_mask=mask)
+    one_a = greedy(lm, a, GEARCache(lm.config, **EXACT), 30)
+    one_b = greedy(lm, b, GEARCache(lm.config, **EXACT), 30)
+    assert torch.equal(batch[0, a.shape[1]:], one_a[0, a.shape[1]:])
+    assert torch.equal(batch[1, ids.shape[1]:], one_b[0, b.shape[1]:])
+
+
+def all_tensors(cache):
+    """Every tensor the cache's layers hold, found by walking their attributes (independently of nbytes)."""
+    found = []
+    for layer in cache.layers:
+        for store in (layer.key_store, layer.value_store):
+            for name in ("codes", "scale", "zero", "outlier_values", "outlier_positions"):
+                if getattr(store, name) is not None:
+                    found.append(getattr(store, name))
+            found += [t for s in store.segments for t in (s.a, s.b)]
+        found += [layer.window_keys, layer.window_values]
+    return found
+
+
+def test_nbytes_equals_tensor_storage_and_bits(lm, heldout_ids, attn):
+    attn("gear_kv")
+    cache = GEARCache(lm.config, bits=4, outlier_ratio=0.02, key_rank=2, value_rank=1)
+    with torch.no_grad():
+        lm(heldout_ids[:, :300], cache=cache, use_cache=True)
+    items = cache.nbytes()
+    tensors = all_tensors(cache)
+    assert items["total"] == sum(t.untyped_storage().nbytes() for t in tensors)
+    assert items["total"] == sum(v for k, v in items.items() if k != "total")
+    assert all(items[k] > 0 for k in ("codes", "scales_zeros", "lowrank", "outlier_values", "outlier_indices", "window"))
+    layer = cache.layers[0]
+    n, w = layer.key_store.num_tokens, layer.window_keys.shape[-2]
+    assert (n, w) == (256, 44)
+    # by hand for one layer (B=1, H=2 KV heads, D=64, 4 chunks), K and V each:
+    codes = 2 * (2 * n * 64 * 4 // 8)                       # 4-bit codes
+    scales = 2 * (2 * 2 * (n * 64 // 64) * 2)                # fp16 scale + zero per group of 64 entries
+    outliers = 2 * (2 * (n * 64 // 64) * 2)                  # 2 outliers per group, K and V
+    lowrank = (2 * (n + 4 * 64) * 2 + 2 * (n + 4 * 64) * 1) * 2  # fp16 A [n, r] + Bf [chunks, D, r]: r=2 (K), 1 (V)
+    window = 2 * (2 * w * 64 * 2)                            # fp16 window
+    per_layer = codes + scales + outliers * 2 + outliers * 2 + lowrank + window  # values fp16 + indices int16
+    assert (items["outlier_values"], items["outlier_indices"]) == (6 * outliers * 2, 6 * outliers * 2)
+    assert items["total"] == 6 * per_layer
+    assert cache.bits_per_element() == pytest.approx(8 * items["total"] / (6 * 2 * 2 * 64 * (n + w)))
+
+
+def test_kivi_bits_per_element_by_hand(lm, heldout_ids):
+    cache = GEARCache(lm.config, method="kivi", bits=2)
+    with torch.no_grad():
+        lm(heldout_ids[:, :256], cache=cache, use_cache=True)
+    assert cache.nbytes()["window"] == 0 and cache.nbytes()["lowrank"] == 0
+    assert cache.bits_per_element() == pytest.approx(2 + 2 * 16 / 64)  # codes + fp16 scale and zero per group
+
+
+def test_skip_layers_keep_a_dense_layer(lm, heldout_ids):
+    cache = GEARCache(lm.config, bits=4, skip_layers=[0, 5])
+    with torch.no_grad():
+        lm(heldout_ids[:, :100], cache=cache, use_cache=True)
+    assert not isinstance(cache.layers[0], GEARLayer) and isinstance(cache.layers[1], GEARLayer)
+    assert cache.nbytes()["dense"] == 2 * 2 * (2 * 100 * 64 * 4)  # two fp32 layers of K and V
+
+
+def test_crop_reorder_select(lm, heldout_ids, attn):
+    attn("gear_kv")
+    cache = GEARCache(lm.config, bits=4)
+    ids = torch.cat([heldout_ids[:, :150], heldout_ids[:, 1000:1150]])
+    with torch.no_grad():
+        lm(ids, cache=cache, use_cache=True)
+    layer = cache.layers[2]
+    before_k = layer.key_store.dequantize()
+    cache.crop(-10)  # within the window: exact
+    assert cache.get_seq_length() == 140 and layer.key_store.num_tokens == 128
+    cache.crop(-20)  # into the last compressed chunk: it returns to the window as its reconstruction
+    assert cache.get_seq_length() == 120 and layer.key_store.num_tokens == 64 and layer.window_keys.shape[-2] == 56
+    assert torch.allclose(layer.window_keys[:, :, :56].float(), before_k[:, :, 64:120], atol=2e-3)
+    kept = layer.key_store.dequantize()
+    cache.reorder_cache(torch.tensor([1, 0]))
+    assert torch.equal(layer.key_store.dequantize(), kept.flip(0))
+    cache.batch_select_indices(torch.tensor([1]))
+    assert cache.layers[0].batch_size == 1 and torch.equal(layer.key_store.dequantize(), kept[:1])
+    cache.batch_repeat_interleave(3)
+    assert cache.layers[0].batch_size == 3
+
+
+def test_beam_search_and_prompt_lookup_match_uncompressed_at_8_bits(lm, heldout_ids, attn, greedy):
+    attn("gear_kv")
+    ids = heldout_ids[:, :130]
+    beams = greedy(lm, ids, GEARCache(lm.config, **EXACT), 12, num_beams=3)
+    assert torch.equal(beams, greedy(lm, ids, DynamicCache(config=lm.config), 12, num_beams=3))
+    # prompt-lookup (assisted) decoding crops the cache after rejected candidates
+    looked = greedy(lm, ids, GEARCache(lm.config, **EXACT), 30, prompt_lookup_num_tokens=4)
+    assert torch.equal(looked, greedy(lm, ids, DynamicCache(config=lm.config), 30))
+
+
+def test_bad_settings_are_config_errors(lm):
+    with pytest.raises(ConfigError, match="bits=5"):
+        GEARCache(lm.config, bits=5)
+    with pytest.raises(ConfigError, match="rank 100"):
+        GEARCache(lm.config, key_rank=100)
+    with pytest.raises(ConfigError, match="group_size 128 must divide head_dim"):
+        GEARCache(lm.config, group_size=128, residual_length=128)
+    with pytest.raises(ConfigError, match="kivi"):
+        KVCacheSettings.build(method="kivi", key_rank=2)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
@@ -41,6 +41,13 @@ class Prune(Pass):
         owl_threshold: float = Field(5.0, gt=0.0, description="OWL: outlier = score above this x layer mean")
         blocksize: int = Field(128, ge=1, description="SparseGPT: columns per lazy-update block")
         dampening: float = Field(0.01, gt=0.0, description="SparseGPT: dampening, fraction of mean diag(H)")
+
+        @field_validator("structure", mode="before")
+        @classmethod
+        def _quoted_nm(cls, value):
+            if isinstance(value, int):  # YAML 1.1 reads an unquoted 2:4 as the base-60 number 124
+                raise ValueError(f'got the number {value}: quote N:M in YAML, e.g. structure: "2:4"')
+            return value
 
     def validate_config(self) -> None:
         c = self.config

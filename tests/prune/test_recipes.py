@@ -24,3 +24,9 @@ def test_recipe_runs_and_reloads_packed(tmp_path, reference_tokenizer, name):
     reloaded = compress.load(compress.save(model, tmp_path / "out", recipe_text=recipe.text))
     packed = [m for m in reloaded.modules() if isinstance(m, SparseLinear)]
     assert len(packed) == 42 and {m.format for m in packed} == {fmt}
+
+
+def test_unquoted_nm_in_yaml_gets_a_clear_message():
+    text = "model: builtin:tiny\npasses:\n  - prune: {method: magnitude, structure: 2:4}\n"
+    with pytest.raises(compress.RecipeError, match=r'<recipe>:3:.*quote N:M in YAML, e.g. structure: "2:4"'):
+        compress.Recipe.from_text(text)

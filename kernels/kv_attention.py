@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .dispatch import use_triton
-from .kv_quant import unpack_codes
+from .kv_quant import code_lanes, unpack_codes
 
 try:
     import triton
@@ -108,30 +108,46 @@ def attention_bias(mask: torch.Tensor | None, batch: int, q_len: int, kv_len: in
 
 # ---------------------------------------------------------------------------------------------- torch reference
 def _key_scores_block(q: torch.Tensor, keys, n0: int, n1: int) -> torch.Tensor:
-    """q [B, H, R, D] . K_hat^T over compressed tokens [n0, n1) from codes and scales: [B, H, R, n1 - n0]."""
+    """q [B, H, R, D] . K_hat^T over compressed tokens [n0, n1) from codes and scales: [B, H, R, n1 - n0].
+
+    Works lane by lane (see `code_lanes`): lane j holds channels j::lanes, so no interleaved copy of the codes is
+    made, and each lane's uint8 codes are converted to float once."""
     b, h, r, d = q.shape
     g, t = keys.group_size, n1 - n0
-    codes = unpack_codes(keys.codes[:, :, n0:n1], keys.bits).view(b, h, t // g, g, d).float()
+    lanes = code_lanes(keys.codes[:, :, n0:n1], keys.bits)
+    stride = len(lanes)
     scale = keys.scale[:, :, n0 // g:n1 // g].float()                    # [B, H, T/G, D]
     zero = keys.zero[:, :, n0 // g:n1 // g].float()
-    s = (q.unsqueeze(2) * scale.unsqueeze(3)) @ codes.transpose(-1, -2)  # [B, H, T/G, R, G]
-    s = s + (zero @ q.transpose(-1, -2)).unsqueeze(-1)                   # + q . zero, once per group
+    qs = q.unsqueeze(2) * scale.unsqueeze(3)                              # [B, H, T/G, R, D]
+    s = (zero @ q.transpose(-1, -2)).unsqueeze(-1)                       # q . zero, once per group
+    for j, lane in enumerate(lanes):
+        codes = lane.view(b, h, t // g, g, d // stride).float()
+        s = s + qs[..., j::stride].contiguous() @ codes.transpose(-1, -2)  # [B, H, T/G, R, G]
     return s.permute(0, 1, 3, 2, 4).reshape(b, h, r, t)
 
 
 def _value_mix_block(p: torch.Tensor, values, n0: int, n1: int) -> torch.Tensor:
-    """p [B, H, R, n1 - n0] . V_hat over compressed tokens [n0, n1): [B, H, R, D]."""
+    """p [B, H, R, n1 - n0] . V_hat over compressed tokens [n0, n1): [B, H, R, D] (lane by lane, as above)."""
     b, h, r, t = p.shape
     g = values.group_size
-    codes = unpack_codes(values.codes[:, :, n0:n1], values.bits).float()  # [B, H, T, D]
-    d = codes.shape[-1]
+    lanes = code_lanes(values.codes[:, :, n0:n1], values.bits)
+    stride = len(lanes)
+    d = lanes[0].shape[-1] * stride
     ng = d // g
     scale = values.scale[:, :, n0:n1].float()                           # [B, H, T, D/G]
     zero = values.zero[:, :, n0:n1].float()
     ps = p.unsqueeze(2) * scale.permute(0, 1, 3, 2).unsqueeze(3)          # [B, H, D/G, R, T]
-    out = ps @ codes.view(b, h, t, ng, g).permute(0, 1, 3, 2, 4)          # [B, H, D/G, R, G]
-    out = out.permute(0, 1, 3, 2, 4).reshape(b, h, r, d)
-    return out + (p @ zero).repeat_interleave(g, dim=-1)
+    if g % stride:  # a group boundary inside a lane's channel run: interleave the codes (rare shapes)
+        codes = unpack_codes(values.codes[:, :, n0:n1], values.bits).float()
+        out = ps @ codes.view(b, h, t, ng, g).permute(0, 1, 3, 2, 4)      # [B, H, D/G, R, G]
+        out = out.permute(0, 1, 3, 2, 4).reshape(b, h, r, d)
+    else:
+        per_lane = []
+        for lane in lanes:  # lane j: channels j::stride; group gi holds lane entries gi*G/stride ...
+            codes = lane.view(b, h, t, ng, g // stride).float().permute(0, 1, 3, 2, 4)
+            per_lane.append((ps @ codes).permute(0, 1, 3, 2, 4).reshape(b, h, r, d // stride))
+        out = torch.stack(per_lane, -1).reshape(b, h, r, d)
+    return out + (p @ zero).unsqueeze(-1).expand(b, h, r, ng, g).reshape(b, h, r, d)
 
 
 def _lowrank_scores(q: torch.Tensor, keys, scores: torch.Tensor) -> None:
@@ -159,11 +175,16 @@ def _lowrank_mix(p: torch.Tensor, values, out: torch.Tensor) -> None:
 
 def outlier_coordinates(store) -> tuple[torch.Tensor, torch.Tensor]:
     """Token (within the whole compressed region) and channel of every outlier: two int64 [B, H, n_chunks * k]."""
-    pos = store.outlier_positions.long()
+    pos = store.outlier_positions.to(torch.int32)
     d = _head_dim(store)
-    chunk_start = torch.arange(pos.shape[2], device=pos.device).view(1, 1, -1, 1) * store.chunk_len
+    chunk_start = torch.arange(pos.shape[2], device=pos.device, dtype=torch.int32).view(1, 1, -1, 1)
+    chunk_start = chunk_start * store.chunk_len
+    if d & (d - 1) == 0:  # shifts and masks: integer division is a slow path on the CPU
+        token, channel = (pos >> (d.bit_length() - 1)), pos & (d - 1)
+    else:
+        token, channel = pos // d, pos % d
     b, h = pos.shape[:2]
-    return (pos // d + chunk_start).reshape(b, h, -1), (pos % d).reshape(b, h, -1)
+    return (token + chunk_start).reshape(b, h, -1).long(), channel.reshape(b, h, -1).long()
 
 
 def compressed_attention_reference(query: torch.Tensor, keys, values, window_keys: torch.Tensor,
@@ -289,19 +310,23 @@ if triton is not None:
 
     @triton.jit
     def _compressed_decode_kernel(
-            q_ptr, out_ptr, bias_ptr, wk_ptr, wv_ptr,
+            q_ptr, acc_ptr, m_ptr, l_ptr, bias_ptr, wk_ptr, wv_ptr,
             kc_ptr, ks_ptr, kz_ptr, ka_ptr, kb_ptr, kov_ptr, kop_ptr,
             vc_ptr, vs_ptr, vz_ptr, va_ptr, vb_ptr, vov_ptr, vop_ptr,
-            N, W, H, L, R, sm_scale,
+            N, W, H, L, R, sm_scale, chunks_per_split,
             k_lr_first, k_lr_chunks, k_rank, k_out, v_lr_first, v_lr_chunks, v_rank, v_out,
             D: tl.constexpr, C: tl.constexpr, GK: tl.constexpr, GV: tl.constexpr, BITS: tl.constexpr,
             RK_BLOCK: tl.constexpr, RV_BLOCK: tl.constexpr, HAS_KLR: tl.constexpr, HAS_VLR: tl.constexpr,
             OK_BLOCK: tl.constexpr, OV_BLOCK: tl.constexpr, HAS_KO: tl.constexpr, HAS_VO: tl.constexpr,
             HAS_BIAS: tl.constexpr, BLOCK_W: tl.constexpr):
-        """One program = one query row (query head of the group x step) of one (b, KV head): online softmax over
-        the compressed chunks, then the fp16 window."""
+        """One program = one query row (query head of the group x step) of one (b, KV head), over one split of
+        the compressed chunks (the last split also takes the fp16 window): online softmax, writing its partial
+        (max, sum, unnormalized output) for `_combine_splits` (flash-decoding: splits keep the GPU busy when
+        batch x heads is small)."""
         bh = tl.program_id(0)
         row = tl.program_id(1)
+        split = tl.program_id(2)
+        n_splits = tl.num_programs(2)
         d = tl.arange(0, D)
         q_row_ptr = q_ptr + (bh * R + row) * D
         q = tl.load(q_row_ptr + d)
@@ -311,37 +336,51 @@ if triton is not None:
         l_i = tl.full([], 0.0, tl.float32)
         acc = tl.zeros([D], dtype=tl.float32)
         t = tl.arange(0, C)
-        for c in range(0, N // C):
-            s = _chunk_scores(q, kc_ptr, ks_ptr, kz_ptr, ka_ptr, kb_ptr, kov_ptr, kop_ptr, q_row_ptr, bh, c, N,
-                              k_lr_first, k_lr_chunks, k_rank, k_out, D, C, GK, BITS, RK_BLOCK, HAS_KLR,
-                              OK_BLOCK, HAS_KO) * sm_scale
-            if HAS_BIAS:
-                s += tl.load(bias_row + c * C + t)
-            m_new = tl.maximum(m_i, tl.max(s, axis=0))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(s - m_new)
-            l_i = l_i * alpha + tl.sum(p, axis=0)
-            acc = acc * alpha + _chunk_values(p, vc_ptr, vs_ptr, vz_ptr, va_ptr, vb_ptr, vov_ptr, vop_ptr, bh, c,
-                                              N, v_lr_first, v_lr_chunks, v_rank, v_out, D, C, GV, BITS,
-                                              RV_BLOCK, HAS_VLR, OV_BLOCK, HAS_VO)
-            m_i = m_new
-        w = tl.arange(0, BLOCK_W)
-        for w0 in range(0, W, BLOCK_W):
-            wm = w0 + w < W
-            offs = (bh * W + w0 + w)[:, None] * D + d[None, :]
-            k = tl.load(wk_ptr + offs, mask=wm[:, None], other=0.0).to(tl.float32)
-            s = tl.sum(k * q[None, :], axis=1) * sm_scale
-            if HAS_BIAS:
-                s += tl.load(bias_row + N + w0 + w, mask=wm, other=0.0)
-            s = tl.where(wm, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=0))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(s - m_new)
-            l_i = l_i * alpha + tl.sum(p, axis=0)
-            v = tl.load(wv_ptr + offs, mask=wm[:, None], other=0.0).to(tl.float32)
-            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
-            m_i = m_new
-        tl.store(out_ptr + (bh * R + row) * D + d, acc / l_i)
+        n_chunks = N // C
+        for i in range(0, chunks_per_split):
+            c = split * chunks_per_split + i
+            if c < n_chunks:
+                s = _chunk_scores(q, kc_ptr, ks_ptr, kz_ptr, ka_ptr, kb_ptr, kov_ptr, kop_ptr, q_row_ptr, bh, c, N,
+                                  k_lr_first, k_lr_chunks, k_rank, k_out, D, C, GK, BITS, RK_BLOCK, HAS_KLR,
+                                  OK_BLOCK, HAS_KO) * sm_scale
+                if HAS_BIAS:
+                    s += tl.load(bias_row + c * C + t)
+                m_new = tl.maximum(m_i, tl.max(s, axis=0))
+                alpha = tl.exp(m_i - m_new)
+                p = tl.exp(s - m_new)
+                l_i = l_i * alpha + tl.sum(p, axis=0)
+                acc = acc * alpha + _chunk_values(p, vc_ptr, vs_ptr, vz_ptr, va_ptr, vb_ptr, vov_ptr, vop_ptr, bh,
+                                                  c, N, v_lr_first, v_lr_chunks, v_rank, v_out, D, C, GV, BITS,
+                                                  RV_BLOCK, HAS_VLR, OV_BLOCK, HAS_VO)
+                m_i = m_new
+        if split == n_splits - 1:
+            w = tl.arange(0, BLOCK_W)
+            for w0 in range(0, W, BLOCK_W):
+                wm = w0 + w < W
+                offs = (bh * W + w0 + w)[:, None] * D + d[None, :]
+                k = tl.load(wk_ptr + offs, mask=wm[:, None], other=0.0).to(tl.float32)
+                s = tl.sum(k * q[None, :], axis=1) * sm_scale
+                if HAS_BIAS:
+                    s += tl.load(bias_row + N + w0 + w, mask=wm, other=0.0)
+                s = tl.where(wm, s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, axis=0))
+                alpha = tl.exp(m_i - m_new)
+                p = tl.exp(s - m_new)
+                l_i = l_i * alpha + tl.sum(p, axis=0)
+                v = tl.load(wv_ptr + offs, mask=wm[:, None], other=0.0).to(tl.float32)
+                acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+                m_i = m_new
+        part = (bh * R + row) * n_splits + split
+        tl.store(acc_ptr + part * D + d, acc)
+        tl.store(m_ptr + part, m_i)
+        tl.store(l_ptr + part, l_i)
+
+
+def _combine_splits(acc: torch.Tensor, m: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+    """Merge per-split softmax partials: acc [..., S, D], m and l [..., S] -> [..., D]. Empty splits (m = -inf,
+    l = 0) weigh nothing."""
+    weight = torch.exp(m - m.amax(-1, keepdim=True))
+    return (acc * weight.unsqueeze(-1)).sum(-2) / (l * weight).sum(-1, keepdim=True)
 
 
 def _pow2_at_least(n: int) -> int:
@@ -379,7 +418,8 @@ def _triton_ok(keys, values, d: int) -> bool:
             and values.group_size <= d and keys.chunk_len == values.chunk_len)
 
 
-def compressed_attention_triton(query, keys, values, window_keys, window_values, mask=None, softmax_scale=None):
+def compressed_attention_triton(query, keys, values, window_keys, window_values, mask=None, softmax_scale=None,
+                                splits: int | None = None):
     b, hq, l, d = query.shape
     h, w = window_keys.shape[1], window_keys.shape[2]
     q = _fold_queries(query, h).contiguous()
@@ -389,7 +429,6 @@ def compressed_attention_triton(query, keys, values, window_keys, window_values,
         raise ValueError("attention over an empty cache")
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
     bias = attention_bias(mask, b, l, n + w, q.device)
-    out = torch.empty_like(q)
     dummy = q.new_zeros(1)
     wk, wv = window_keys.contiguous(), window_values.contiguous()
     if w == 0:
@@ -409,14 +448,22 @@ def compressed_attention_triton(query, keys, values, window_keys, window_values,
             store_args += [dummy] * 7
             meta[name] = (0, 0, 1, 0, False, False)
     (klf, klc, kr, ko, has_klr, has_ko), (vlf, vlc, vr, vo, has_vlr, has_vo) = meta["K"], meta["V"]
-    _compressed_decode_kernel[(b * h, rows)](
-        q, out, bias.contiguous() if bias is not None else dummy, wk, wv, *store_args,
-        n, w, h, l, rows, scale, klf, klc, kr, ko, vlf, vlc, vr, vo,
+    n_chunks = n // keys.chunk_len if n else 0
+    if splits is None:  # about two programs per SM, each with at least 4 chunks
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
+        splits = min(max(1, 2 * sms // (b * h * rows)), max(1, n_chunks // 4))
+    splits = max(1, min(splits, max(n_chunks, 1)))
+    per_split = -(-n_chunks // splits)
+    acc = q.new_empty(b * h, rows, splits, d)
+    m, lse = q.new_empty(b * h, rows, splits), q.new_empty(b * h, rows, splits)
+    _compressed_decode_kernel[(b * h, rows, splits)](
+        q, acc, m, lse, bias.contiguous() if bias is not None else dummy, wk, wv, *store_args,
+        n, w, h, l, rows, scale, per_split, klf, klc, kr, ko, vlf, vlc, vr, vo,
         D=d, C=keys.chunk_len if n else 16, GK=keys.group_size if n else 1, GV=values.group_size if n else 1,
         BITS=keys.bits if n else 8, RK_BLOCK=_pow2_at_least(kr), RV_BLOCK=_pow2_at_least(vr),
         HAS_KLR=has_klr, HAS_VLR=has_vlr, OK_BLOCK=_pow2_at_least(max(ko, 1)), OV_BLOCK=_pow2_at_least(max(vo, 1)),
         HAS_KO=has_ko, HAS_VO=has_vo, HAS_BIAS=bias is not None, BLOCK_W=32)
-    return out.view(b, hq, l, d).to(query.dtype)
+    return _combine_splits(acc, m, lse).view(b, hq, l, d).to(query.dtype)
 
 
 # -------------------------------------------------------------------------------------------------- public API

@@ -150,6 +150,21 @@ def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return ((packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).reshape(*packed.shape[:-1], nbytes * per_byte)
 
 
+def code_lanes(packed: torch.Tensor, bits: int) -> list[torch.Tensor]:
+    """The codes as `lanes_per_word` uint8 tensors [..., D/lanes]: lane j holds the codes of channels j, j + lanes,
+    j + 2*lanes, ... (lanes = 8/bits bytes' worth for 2/4/8 bits, 8 for 3 bits). Cheaper than `unpack_codes` when
+    the consumer can work on strided channels (no interleaving copy)."""
+    if bits == 3:
+        words = (packed[..., 0::3].to(torch.int32) | (packed[..., 1::3].to(torch.int32) << 8)
+                 | (packed[..., 2::3].to(torch.int32) << 16))
+        return [((words >> (3 * j)) & 7).to(torch.uint8) for j in range(8)]
+    if bits == 8:
+        return [packed]
+    mask = (1 << bits) - 1
+    per = 8 // bits  # the top lane needs no mask: the shift leaves only its bits
+    return [packed & mask] + [(packed >> (bits * j)) & mask for j in range(1, per - 1)] + [packed >> (bits * (per - 1))]
+
+
 def _grouped(x: torch.Tensor, group_size: int, axis: str) -> torch.Tensor:
     """[R, T, D] -> [R, n_groups, G] with groups in the scale layout's order."""
     r, t, d = x.shape

@@ -163,3 +163,15 @@ def test_triton_window_only(triton_kernels):
     dev = triton_kernels
     got = A.compressed_decode_attention(*_to(dev, q), None, None, *_to(dev, wk, wv))
     torch.testing.assert_close(got.cpu(), ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("splits", (2, 3))
+def test_triton_split_sequence_matches_reference(triton_kernels, splits):
+    # flash-decoding: the chunks are split over programs (3 splits of 4 chunks leaves the last split only the window)
+    q, keys, values, wk, wv, k_all, _ = make_case(n_chunks=4, window=3)
+    mask = left_padding_mask(2, k_all.shape[2], pad=70)
+    ref = A.compressed_attention_reference(q, keys, values, wk, wv, mask)
+    dev = triton_kernels
+    got = A.compressed_attention_triton(*_to(dev, q), _store_to(keys, dev), _store_to(values, dev),
+                                        *_to(dev, wk, wv, mask), splits=splits)
+    torch.testing.assert_close(got.cpu(), ref, rtol=1e-4, atol=1e-5)

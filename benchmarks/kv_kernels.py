@@ -1,0 +1,163 @@
+"""Decode attention over the compressed KV cache vs dense attention, one process, one table.
+
+Queries, keys and values are the reference model's own (builtin:tiny, one layer, post-RoPE, on held-out text; the
+model's 1024 positions are tiled for longer contexts). For each context and cache format the compressed store is
+built with the cache's own code (compress.kvcache CompressedStore: quantize + outliers + low-rank by power
+iteration), then one decode step (1 token, 4 query heads on 2 KV heads) is timed for:
+  dense fp32   SDPA over dense fp32 K/V (the CPU model's own cache: the baseline of the speed ratios)
+  dense fp16   SDPA over dense fp16 K/V
+  dequant      dequantize the whole compressed cache, then SDPA (what a cache without a storage-reading kernel does)
+  ours         compressed_decode_attention: reads codes, scales, outliers and low-rank factors directly
+Speed ratios are baseline time / our time (> 1: ours faster). rel_err = |ours - exact| / |exact| with exact =
+float64 attention over the original K/V. bytes = compressed store + window, over dense fp16 K/V.
+On the CPU the torch reference runs; the Triton kernel runs only when CUDA is present (skipped otherwise).
+
+    OMP_NUM_THREADS=1 python benchmarks/kv_kernels.py [--contexts 1024 4096 16384] [--json]"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch.utils import benchmark
+
+from compress.kernels.kv_attention import compressed_attention_reference, compressed_decode_attention
+from compress.kernels.dispatch import use_triton
+
+FORMATS = {  # name: (bits, outlier_ratio, rank)
+    "kivi-4": (4, 0.0, 0), "kivi-2": (2, 0.0, 0), "gear-4": (4, 0.02, 2), "gear-2": (2, 0.02, 4),
+}
+GROUP, CHUNK, WINDOW = 64, 64, 32
+
+
+def capture_qkv(layer: int, tokens: int = 1024):
+    """(q [1, 4, 1, 64] of the last position, k, v [1, 2, tokens, 64]) of one layer of the reference model."""
+    import compress
+    from compress.calibration import builtin_text
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    model = compress.load("builtin:tiny")
+    tok = compress.load_tokenizer("builtin:tiny")
+    ids = tok(builtin_text("builtin:heldout"), return_tensors="pt").input_ids[:, :tokens]
+    seen = {}
+
+    def capture(module, query, key, value, attention_mask, **kwargs):
+        if module.layer_idx == layer:
+            seen.update(q=query[:, :, -1:].detach().clone(), k=key.detach().clone(), v=value.detach().clone())
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("capture_qkv", capture)
+    model.set_attn_implementation("capture_qkv")
+    with torch.no_grad():
+        model(ids)
+    return seen["q"], seen["k"], seen["v"]
+
+
+def build_store(x: torch.Tensor, axis: str, bits: int, outlier_ratio: float, rank: int):
+    from compress.kvcache.store import CompressedStore
+
+    store = CompressedStore(axis=axis, bits=bits, group_size=GROUP, chunk_len=CHUNK, outlier_ratio=outlier_ratio,
+                            power_iters=3)
+    store.append(x, rank)
+    return store
+
+
+def store_bytes(store) -> int:
+    return sum(t.untyped_storage().nbytes() for ts in store.tensors_by_kind().values() for t in ts)
+
+
+def time_us(fn, min_run_time: float) -> float:
+    return benchmark.Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median * 1e6
+
+
+def exact_attention(q, k, v):
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.double().repeat_interleave(groups, 1), v.double().repeat_interleave(groups, 1)
+    return ((q.double() @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])).softmax(-1) @ v
+
+
+def run(contexts, layer: int, min_run_time: float, device: str):
+    q, k1, v1 = capture_qkv(layer)
+    rows = []
+    for ctx in contexts:
+        reps = -(-ctx // k1.shape[2])
+        k = k1.repeat(1, 1, reps, 1)[:, :, :ctx].to(device)
+        v = v1.repeat(1, 1, reps, 1)[:, :, :ctx].to(device)
+        qd = q.to(device)
+        n = (ctx - WINDOW) // CHUNK * CHUNK
+        exact = exact_attention(qd, k, v)
+        k32, v32, k16, v16 = k.contiguous(), v.contiguous(), k.half(), v.half()
+        wk, wv = k16[:, :, n:], v16[:, :, n:]
+        dense32 = time_us(lambda: F.scaled_dot_product_attention(qd, k32, v32, enable_gqa=True), min_run_time)
+        q16 = qd.half()
+        dense16 = time_us(lambda: F.scaled_dot_product_attention(q16, k16, v16, enable_gqa=True), min_run_time)
+        for name, (bits, ratio, rank) in FORMATS.items():
+            keys = build_store(k[:, :, :n], "token", bits, ratio, rank)
+            values = build_store(v[:, :, :n], "channel", bits, ratio, rank)
+
+            def dequant_then_dense():
+                kd = torch.cat([keys.dequantize(), wk.float()], 2)
+                vd = torch.cat([values.dequantize(), wv.float()], 2)
+                return F.scaled_dot_product_attention(qd, kd, vd, enable_gqa=True)
+
+            def ours():
+                return compressed_decode_attention(qd, keys, values, wk, wv)
+
+            out = ours()
+            rel_err = ((out.double() - exact).norm() / exact.norm()).item()
+            t_ours = time_us(ours, min_run_time)
+            t_deq = time_us(dequant_then_dense, min_run_time)
+            held = store_bytes(keys) + store_bytes(values) + 2 * wk.numel() * wk.element_size()
+            rows.append(dict(
+                device=device, path="triton" if use_triton(qd) else "torch reference", context=ctx, format=name,
+                bits=bits, outlier_ratio=ratio, rank=rank,
+                bits_per_element=8 * held / (2 * k.numel()), bytes_ratio_vs_fp16=held / (2 * k.numel() * 2),
+                rel_err=rel_err, speed_vs_dense_fp32=dense32 / t_ours, speed_vs_dense_fp16=dense16 / t_ours,
+                speed_vs_dequant_then_dense=t_deq / t_ours, threads=torch.get_num_threads()))
+    return rows
+
+
+def print_table(rows, title):
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    cols = ["context", "format", "bits/elem", "bytes vs fp16", "rel err", "vs dense fp32", "vs dense fp16",
+            "vs dequant+dense"]
+    for c in cols:
+        table.add_column(c, justify="right")
+    for r in rows:
+        table.add_row(str(r["context"]), r["format"], f"{r['bits_per_element']:.2f}", f"{r['bytes_ratio_vs_fp16']:.3f}",
+                      f"{r['rel_err']:.2e}", f"{r['speed_vs_dense_fp32']:.2f}x", f"{r['speed_vs_dense_fp16']:.2f}x",
+                      f"{r['speed_vs_dequant_then_dense']:.2f}x")
+    Console(width=160).print(table)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384])
+    parser.add_argument("--layer", type=int, default=2)
+    parser.add_argument("--min-run-time", type=float, default=0.3, help="seconds of timing per measurement")
+    parser.add_argument("--json", action="store_true", help="print the rows as a JSON list")
+    args = parser.parse_args(argv)
+    rows = run(args.contexts, args.layer, args.min_run_time, "cpu")
+    if torch.cuda.is_available():
+        rows += run(args.contexts, args.layer, args.min_run_time, "cuda")
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return
+    print_table([r for r in rows if r["device"] == "cpu"],
+                f"CPU decode attention, torch reference ({torch.get_num_threads()} threads); ratios = baseline / ours")
+    if torch.cuda.is_available():
+        print_table([r for r in rows if r["device"] == "cuda"],
+                    f"CUDA decode attention, Triton ({torch.cuda.get_device_name()}); ratios = baseline / ours")
+    else:
+        print("Triton path: skipped (no CUDA device here); no GPU numbers are claimed.", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

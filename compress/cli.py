@@ -161,8 +161,10 @@ def _print_eval(con, ev: dict) -> None:
 @click.option("--seq-len", default=256, show_default=True)
 @click.option("--max-windows", default=None, type=int, help="Evaluate at most this many windows.")
 @click.option("--speed/--no-speed", default=True, show_default=True, help="Measure greedy generation tokens/s.")
+@click.option("--activation-sparsity", is_flag=True,
+              help="Also report the FFN neuron sparsity reachable at 1% perplexity increase (CETT-PPL-1%).")
 @click.option("--json", "as_json", is_flag=True)
-def eval_cmd(model_src, baseline, text_file, seq_len, max_windows, speed, as_json):
+def eval_cmd(model_src, baseline, text_file, seq_len, max_windows, speed, activation_sparsity, as_json):
     """Perplexity, KL and top-1 agreement vs a baseline on held-out text; parameters, bytes, tokens/s."""
     from . import models
     from .evaluate import generation_speed
@@ -179,11 +181,23 @@ def eval_cmd(model_src, baseline, text_file, seq_len, max_windows, speed, as_jso
     result["resident_bytes"] = tensor_bytes(model)
     if speed:
         result["tokens_per_second"] = generation_speed(model, tokenizer)
+    if activation_sparsity:
+        from .evaluate import heldout_windows
+        from .prune.activation_sparsity import activation_sparsity as cett_search
+
+        windows = heldout_windows(tokenizer, text=text, seq_len=seq_len, max_windows=max_windows)
+        result["activation_sparsity"] = cett_search(model, windows, 0.01, progress=not as_json)
     if as_json:
         click.echo(json.dumps(result))
         return
     con = _console()
     _print_eval(con, result)
+    if activation_sparsity:
+        a = result["activation_sparsity"]
+        rows = [[f"layer {i}", f"{x:.3f}"] for i, x in enumerate(a["layer_sparsity"])]
+        rows.append(["total", f"{a['sparsity']:.3f}"])
+        con.print(_table(f"FFN activation sparsity at CETT {a['cett']:.4f} (ppl {a['perplexity_dense']:.3f} -> "
+                         f"{a['perplexity']:.3f}, +{100 * a['ppl_increase']:.2f}%)", ["layer", "sparsity"], rows))
     con.print(f"parameters {result['parameters']:,}  checkpoint {_mb(result['bytes'])}  resident {_mb(result['resident_bytes'])}"
               + (f"  {result['tokens_per_second']:.1f} tokens/s" if speed else ""))
 

@@ -118,3 +118,11 @@ def test_console_script_exit_code(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: {bad}:3:5: unknown pass 'prun' (did you mean 'prune'?); "
                                                 f"known: {', '.join(compress.available_passes())}"]
+
+
+def test_eval_activation_sparsity_stays_within_one_percent():
+    result = run("eval", "builtin:tiny", "--max-windows", 4, "--no-speed", "--activation-sparsity", "--json")
+    assert result.exit_code == 0, result.output
+    a = json.loads(result.output)["activation_sparsity"]
+    assert len(a["layer_sparsity"]) == 6
+    assert 0 < a["sparsity"] < 1 and a["ppl_increase"] <= 0.01 + 1e-9

@@ -22,6 +22,7 @@ a dense nn.Linear, at Llama-like shapes (TinyLlama-1.1B's attention and MLP proj
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import sys
@@ -81,7 +82,7 @@ def quality_rows(num_samples: int, windows_n: int, progress: bool) -> list[dict]
                          resident_bytes_ratio=1.0, pruned_resident_ratio=1.0, seconds=0.0))
         for structure in STRUCTURES:
             for method in METHODS:
-                model = compress.load("builtin:tiny")
+                model = copy.deepcopy(dense)  # one snapshot of the weights for every row
                 t0 = time.perf_counter()
                 model, report = compress.apply(model, [Prune(method=method, structure=structure)],
                                                calibration=calibration, tokenizer=tok, progress=progress)

@@ -102,7 +102,7 @@ def test_crop_reorder_select(lm, heldout_ids, attn):
     assert cache.get_seq_length() == 140 and layer.key_store.num_tokens == 128
     cache.crop(-20)  # into the last compressed chunk: it returns to the window as its reconstruction
     assert cache.get_seq_length() == 120 and layer.key_store.num_tokens == 64 and layer.window_keys.shape[-2] == 56
-    assert torch.allclose(layer.window_keys[:, :, :56].float(), before_k[:, :, 64:120], atol=2e-3)
+    assert torch.allclose(layer.window_keys[:, :, :56].float(), before_k[:, :, 64:120], atol=1e-3, rtol=1e-3)  # fp16
     kept = layer.key_store.dequantize()
     cache.reorder_cache(torch.tensor([1, 0]))
     assert torch.equal(layer.key_store.dequantize(), kept.flip(0))

@@ -1,0 +1,65 @@
+"""The gear_kv pass: recipe arguments validated, recorded in the checkpoint, and a reloaded model generates with
+the compressed cache by default."""
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import compress
+from compress.errors import CompressError
+from compress.kvcache import GEARCache
+
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+
+
+def test_apply_save_load_generate_uses_compressed_cache(tmp_path, heldout_ids, reference_tokenizer):
+    model = compress.load("builtin:tiny")
+    gear = compress.get_pass("gear_kv")(bits=4, key_rank=2, value_rank=1, outlier_ratio=0.02, skip_layers=[0])
+    model, report = compress.apply(model, [gear], progress=False)
+    assert report.bytes_before == report.bytes_after  # no weight changes
+    assert report.passes[0].modules == [f"model.layers.{i}.self_attn" for i in range(1, 6)]
+    reloaded = compress.load(compress.save(model, tmp_path / "out", tokenizer=reference_tokenizer))
+    entry = reloaded.config.compression["passes"][0]
+    assert entry["pass"] == "gear_kv" and entry["args"]["value_rank"] == 1 and entry["args"]["skip_layers"] == [0]
+    ids = heldout_ids[:, :150]
+    with torch.no_grad():
+        out = reloaded.generate(ids, max_new_tokens=20, do_sample=False, return_dict_in_generate=True)
+    assert isinstance(out.cache, GEARCache) and out.cache.settings.value_rank == 1
+    assert out.cache.layers[1].key_store.num_tokens == 128 and reloaded.config._attn_implementation == "gear_kv"
+    # the same tokens as an explicit cache with these settings on the original model
+    with torch.no_grad():
+        explicit = model.generate(ids, max_new_tokens=20, do_sample=False, cache=GEARCache(model.config, out.cache.settings))
+    assert torch.equal(out.sequences, explicit)
+    # a cache the caller passes wins
+    with torch.no_grad():
+        own = reloaded.generate(ids, max_new_tokens=3, do_sample=False, cache=DynamicCache(config=reloaded.config),
+                                return_dict_in_generate=True)
+    assert isinstance(own.cache, DynamicCache)
+
+
+@pytest.mark.parametrize("args,match", [
+    (dict(bits=5), "bits=5 is not supported"),
+    (dict(group_size=48), "multiple of group_size"),
+    (dict(method="kivi", key_rank=2), "kivi"),
+    (dict(outlier_ratio=0.6), "outlier_ratio"),
+    (dict(rank=2), "rank"),
+])
+def test_bad_arguments(args, match):
+    with pytest.raises(CompressError, match=match):
+        compress.get_pass("gear_kv")(**args)
+
+
+@pytest.mark.parametrize("args,match", [(dict(key_rank=65), "exceeds"), (dict(skip_layers=[6]), "out of range")])
+def test_arguments_impossible_for_the_model(args, match):
+    with pytest.raises(CompressError, match=match):
+        compress.apply(compress.load("builtin:tiny"), [compress.get_pass("gear_kv")(**args)], progress=False)
+
+
+@pytest.mark.parametrize("name,method", [("gear-kv4.yaml", "gear"), ("kivi-2.yaml", "kivi")])
+def test_recipes_apply(name, method, tmp_path):
+    recipe = compress.Recipe.from_yaml(RECIPES / name)
+    model, report = compress.apply(compress.load(recipe.model), recipe, progress=False)
+    assert model.kv_cache_settings.method == method
+    reloaded = compress.load(compress.save(model, tmp_path / "out", recipe_text=recipe.text))
+    assert reloaded.kv_cache_settings == model.kv_cache_settings

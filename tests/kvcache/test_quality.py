@@ -1,0 +1,29 @@
+"""The KV-quality protocol and the copy probe on the reference model."""
+import torch
+from transformers import DynamicCache
+
+from compress.kvcache import GEARCache
+from compress.kvcache.quality import copy_accuracy, copy_sequences, heldout_windows, kv_quality
+
+
+def test_protocol_orders_configurations(lm, reference_tokenizer, attn):
+    from compress.calibration import builtin_text
+
+    attn("gear_kv")
+    windows = heldout_windows(reference_tokenizer, builtin_text("builtin:heldout"), 2, 256)
+    same, ref = kv_quality(lm, windows, lambda: DynamicCache(config=lm.config), 64)
+    assert same.kl < 1e-6 and same.top1_agreement == 1.0 and abs(same.ppl_delta_pct) < 1e-3
+    assert same.tokens_scored == 2 * (256 - 64 - 1)
+    q8, _ = kv_quality(lm, windows, lambda: GEARCache(lm.config, method="kivi", bits=8), 64, ref)
+    q2, _ = kv_quality(lm, windows, lambda: GEARCache(lm.config, method="kivi", bits=2), 64, ref)
+    assert q8.kl < q2.kl and q8.top1_agreement >= q2.top1_agreement and q8.top1_agreement > 0.98
+    assert q2.kl > 0  # earlier chunks really were compressed before later tokens were scored
+
+
+def test_copy_probe(lm, attn):
+    attn("gear_kv")
+    seqs = copy_sequences(2, 80, lm.config.vocab_size)
+    assert torch.equal(seqs[:, :80], seqs[:, 80:])
+    ref = copy_accuracy(lm, seqs, lambda: DynamicCache(config=lm.config), 64)
+    ours = copy_accuracy(lm, seqs, lambda: GEARCache(lm.config, method="kivi", bits=8), 64)
+    assert 0.0 <= ref <= 1.0 and abs(ours - ref) <= 1 / 79 + 1e-6

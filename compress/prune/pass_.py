@@ -6,7 +6,7 @@ outputs feed the next layer. Each pruned Linear is then replaced by a `SparseLin
 unless dense storage is smaller (low sparsity) or `storage: dense` is asked for."""
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, field_validator
@@ -22,16 +22,13 @@ from .sparse_linear import SparseLinear
 from .sparsegpt import HessianAccumulator, sparsegpt_prune
 from .wanda import InputNormAccumulator, wanda_mask, wanda_scores
 
-Sparsity = Annotated[float, Field(ge=0.0, lt=1.0)]
-
-
 @register_pass("prune")
 class Prune(Pass):
     """Zero out weights of Linear layers by importance (magnitude, Wanda, SparseGPT) and store them packed."""
 
     class Config(PassConfig):
         method: Literal["magnitude", "wanda", "sparsegpt"] = "magnitude"
-        sparsity: Sparsity | list[Sparsity] = Field(
+        sparsity: float | list[float] = Field(
             0.5, description="fraction of weights to zero: one number, or one per decoder layer")
         structure: str = Field("unstructured", description='"unstructured" or "N:M" (N kept of every M)')
         storage: Literal["auto", "packed", "dense"] = Field(
@@ -41,6 +38,14 @@ class Prune(Pass):
         owl_threshold: float = Field(5.0, gt=0.0, description="OWL: outlier = score above this x layer mean")
         blocksize: int = Field(128, ge=1, description="SparseGPT: columns per lazy-update block")
         dampening: float = Field(0.01, gt=0.0, description="SparseGPT: dampening, fraction of mean diag(H)")
+
+        @field_validator("sparsity")
+        @classmethod
+        def _fraction(cls, value):
+            for s in value if isinstance(value, list) else [value]:
+                if not 0.0 <= s < 1.0:
+                    raise ValueError(f"sparsity is the fraction of weights to zero, in [0, 1); got {s}")
+            return value
 
         @field_validator("structure", mode="before")
         @classmethod

@@ -139,8 +139,9 @@ def test_qwen2_biases_round_trip(tmp_path, tiny_model):
 
 
 @pytest.mark.parametrize("args,match", [
-    ({"sparsity": 1.0}, "less than 1"),
-    ({"sparsity": -0.1}, "greater than or equal to 0"),
+    ({"sparsity": 1.0}, r"in \[0, 1\); got 1.0"),
+    ({"sparsity": -0.1}, r"in \[0, 1\); got -0.1"),
+    ({"sparsity": [0.5, 1.2]}, r"got 1.2"),
     ({"structure": "4:4"}, "smaller than M"),
     ({"structure": "2:4", "sparsity": 0.3}, "fixes sparsity at 0.5"),
     ({"structure": "2:4", "owl": True}, "unstructured pruning only"),

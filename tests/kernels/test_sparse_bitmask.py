@@ -57,3 +57,18 @@ def test_reference_linear_matches_float64_bf16_values():
     y = sparse_bitmask.bitmask_linear(x, values, bitmask, offsets, 32)
     ref = x.double() @ dense.t()
     assert (y.double() - ref).abs().max() / ref.abs().max() < 1e-5
+
+
+def test_sparse_linear_module_runs_the_kernel(triton_kernels):
+    from torch import nn
+
+    from compress.prune.masks import unstructured_mask
+    from compress.prune.sparse_linear import SparseLinear
+
+    lin = nn.Linear(40, 18, bias=True)
+    mask = unstructured_mask(lin.weight.detach().abs(), 0.7)
+    sparse = SparseLinear.from_linear(lin, mask, None).to(triton_kernels)
+    x = torch.randn(5, 40)
+    ref = x.double() @ (lin.weight.detach() * mask).double().t() + lin.bias.detach().double()
+    y = sparse(x.to(triton_kernels)).cpu()
+    assert (y.double() - ref).abs().max() / ref.abs().max() < 1e-5

@@ -74,3 +74,17 @@ def test_dispatch_forced_torch_runs_reference(monkeypatch):
     dense, values, indices = packed_case(8, 16, 2, 4)
     x = torch.randn(2, 16)
     assert torch.allclose(sparse_nm.nm_linear(x, values, indices, 2, 4, 16).double(), x.double() @ dense.t(), atol=1e-5)
+
+
+def test_sparse_linear_module_runs_the_kernel(triton_kernels):
+    from torch import nn
+
+    from compress.prune.sparse_linear import SparseLinear
+
+    lin = nn.Linear(32, 20, bias=True)
+    mask = nm_mask(lin.weight.detach().abs(), 2, 4)
+    sparse = SparseLinear.from_linear(lin, mask, (2, 4)).to(triton_kernels)
+    x = torch.randn(2, 3, 32)
+    ref = x.double() @ (lin.weight.detach() * mask).double().t() + lin.bias.detach().double()
+    y = sparse(x.to(triton_kernels)).cpu()
+    assert y.shape == (2, 3, 20) and (y.double() - ref).abs().max() / ref.abs().max() < 1e-5

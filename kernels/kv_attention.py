@@ -193,14 +193,15 @@ def compressed_attention_reference(query: torch.Tensor, keys, values, window_key
     """Attention of query [B, Hq, L, D] over (compressed past ++ window [B, H, W, D]); see the module docstring."""
     b, hq, l, d = query.shape
     h = window_keys.shape[1]
-    q = _fold_queries(query, h)
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
+    q = _fold_queries(query, h) * scale  # scores are linear in q: scale the few query rows, not the N scores
     rows = q.shape[2]
     n = _num_tokens(keys)
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
     parts = []
     if n:
         block = _block_tokens(keys, values)
-        past = torch.cat([_key_scores_block(q, keys, n0, min(n, n0 + block)) for n0 in range(0, n, block)], -1)
+        blocks = [_key_scores_block(q, keys, n0, min(n, n0 + block)) for n0 in range(0, n, block)]
+        past = blocks[0] if len(blocks) == 1 else torch.cat(blocks, -1)
         _lowrank_scores(q, keys, past)
         if keys.outlier_values is not None:
             t_idx, d_idx = outlier_coordinates(keys)
@@ -209,7 +210,7 @@ def compressed_attention_reference(query: torch.Tensor, keys, values, window_key
                               qd * keys.outlier_values.reshape(b, h, 1, -1).float())
         parts.append(past)
     parts.append(q @ window_keys.float().transpose(-1, -2))
-    scores = torch.cat(parts, -1) * scale
+    scores = torch.cat(parts, -1)
     kv = scores.shape[-1]
     bias = attention_bias(mask, b, l, kv, q.device)
     scores = scores.view(b, h, hq // h, l, kv)

@@ -142,12 +142,12 @@ def _store_to(store, device):
     dict(bits=4),                                                    # GEAR, two key ranks, one value run
     dict(bits=2, outlier_ratio=0.0, key_ranks=(), value_ranks=()),  # KIVI-2
     dict(bits=3, window=0, value_ranks=((1, 4),)),                   # 3-bit straddling codes, no window
-    dict(bits=8, q_len=2, window=40, group=16),                      # two new tokens, window over 32 lanes
+    dict(bits=8, q_len=2, window=40, group=16, batch=1),             # two new tokens, window over 32 lanes
 ])
 def test_triton_matches_reference(triton_kernels, case):
     q, keys, values, wk, wv, k_all, _ = make_case(**case)
     kv = k_all.shape[2]
-    mask = None if case.get("q_len", 1) > 1 else left_padding_mask(2, kv, pad=20)
+    mask = None if case.get("q_len", 1) > 1 else left_padding_mask(case.get("batch", 2), kv, pad=20)
     ref = A.compressed_attention_reference(q, keys, values, wk, wv, mask)
     dev = triton_kernels
     got = A.compressed_decode_attention(*_to(dev, q), _store_to(keys, dev), _store_to(values, dev),
@@ -168,7 +168,7 @@ def test_triton_window_only(triton_kernels):
 @pytest.mark.parametrize("splits", (2, 3))
 def test_triton_split_sequence_matches_reference(triton_kernels, splits):
     # flash-decoding: the chunks are split over programs (3 splits of 4 chunks leaves the last split only the window)
-    q, keys, values, wk, wv, k_all, _ = make_case(n_chunks=4, window=3)
+    q, keys, values, wk, wv, k_all, _ = make_case(n_chunks=4, window=3, q_heads=2)
     mask = left_padding_mask(2, k_all.shape[2], pad=70)
     ref = A.compressed_attention_reference(q, keys, values, wk, wv, mask)
     dev = triton_kernels

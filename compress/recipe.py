@@ -127,8 +127,9 @@ class _Validator:
             elif err["type"] == "missing":
                 self.error(base, f"{what}: missing required key {'.'.join(map(str, loc))!r}")
             else:
-                got = err.get("input")
-                self.error(base + loc, f"{what}: {'.'.join(map(str, loc))}: {err['msg']} (got {got!r})")
+                msg = err["msg"].removeprefix("Value error, ")
+                got = f" (got {err.get('input')!r})" if repr(err.get("input")) not in msg else ""
+                self.error(base + loc, f"{what}: {'.'.join(map(str, loc))}: {msg}{got}")
 
     def validate(self, data: Any, text: str, base_dir: Path | None) -> Recipe:
         if not isinstance(data, dict):
@@ -145,6 +146,11 @@ class _Validator:
             self.error(("output",), f"output must be a folder path (got {output!r})")
         calibration = self.calibration(data.get("calibration"))
         passes = self.passes(data.get("passes"))
+        if "calibration" not in data:
+            for spec, instance in zip(passes, self._instances):
+                if instance.needs_calibration_for():
+                    self.error(spec.path, f"pass {spec.name!r} with these arguments needs calibration data: add "
+                                          "`calibration: {source: builtin:calibration}` to the recipe", key=True)
         if self.problems:
             raise RecipeError(self.problems)
         return Recipe(model=model, passes=passes, calibration=calibration, output=output, text=text,
@@ -166,6 +172,7 @@ class _Validator:
             return None
 
     def passes(self, raw: Any) -> list[PassSpec]:
+        self._instances = []
         if raw is None:
             self.error((), "the recipe has no `passes:` list; add at least one pass, e.g. `- prune: {sparsity: 0.5}`")
             return []
@@ -173,7 +180,7 @@ class _Validator:
             self.error(("passes",), "passes must be a non-empty list of `- pass_name: {arguments}` items")
             return []
         registered = available_passes()
-        specs = []
+        specs, self._instances = [], []
         for i, item in enumerate(raw):
             path = ("passes", i)
             if isinstance(item, str):
@@ -194,7 +201,7 @@ class _Validator:
             cls = registered[name]
             self._fields = list(cls.Config.model_fields)
             try:
-                cls(args)
+                instance = cls(args)
             except ConfigError as exc:
                 cause = exc.__cause__ or exc.__context__
                 if isinstance(cause, ValidationError):
@@ -203,4 +210,5 @@ class _Validator:
                     self.error(path + (name,), f"pass {name!r}: {exc}")
                 continue
             specs.append(PassSpec(name=name, args=args, path=path + (name,)))
+            self._instances.append(instance)
         return specs

@@ -9,8 +9,8 @@ from compress import Recipe, RecipeError
 
 BAD_RECIPES = [
     # (recipe text, expected line, fragment of the message)
-    ("model: builtin:tiny\npasses:\n  - prune: {sparsity: 1.5}\n", 3, "less than 1"),
-    ("model: builtin:tiny\npasses:\n  - prune: {sparsity: -0.1}\n", 3, "greater than or equal to 0"),
+    ("model: builtin:tiny\npasses:\n  - prune: {sparsity: 1.5}\n", 3, "sparsity: sparsity is the fraction of weights to zero, in [0, 1); got 1.5"),
+    ("model: builtin:tiny\npasses:\n  - prune: {sparsity: -0.1}\n", 3, "in [0, 1); got -0.1"),
     ("model: builtin:tiny\npasses:\n  - prune: {sparsity: half}\n", 3, "valid number"),
     ("model: builtin:tiny\npasses:\n  - prune:\n      methd: magnitude\n", 4, "unknown key 'methd' (did you mean 'method'"),
     ("model: builtin:tiny\npasses:\n  - prun: {}\n", 3, "unknown pass 'prun' (did you mean 'prune'"),
@@ -32,6 +32,8 @@ BAD_RECIPES = [
     ("model: builtin:tiny\npasses:\n  - prune: {sparsity: 0.5\n", 4, "not valid YAML"),
     ("- just\n- a list\n", 1, "a recipe is a mapping"),
     ("model: builtin:tiny\nmodel: other\npasses:\n  - prune: {}\n", 2, "duplicate key 'model'"),
+    ("model: builtin:tiny\npasses:\n  - prune: {sparsity: 0.2}\n  - prune: {method: wanda}\n", 4,
+     "pass 'prune' with these arguments needs calibration data"),
 ]
 
 

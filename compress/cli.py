@@ -79,12 +79,9 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
     from .recipe import Recipe
 
     r = Recipe.from_yaml(recipe)
-    model_src = model_src or r.model
+    model_src = model_src or r.resolved_model()
     if not model_src:
         raise CompressError(f"{recipe}: no model: add `model: builtin:tiny` (or a local folder) or pass --model")
-    if r.model and not model_src.startswith("builtin:") and not Path(model_src).is_absolute() and model_src == r.model:
-        candidate = Path(recipe).parent / model_src
-        model_src = str(candidate) if candidate.exists() and not Path(model_src).exists() else model_src
     passes = r.build_passes()
     if dry_run:
         model = models.load(model_src, meta=True, allow_pickle=allow_pickle)

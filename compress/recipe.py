@@ -89,6 +89,14 @@ class Recipe:
             raise RecipeError([p.format(file=source) for p in exc.problems]) from None
         return _Validator(source, marks).validate(data, text, base_dir)
 
+    def resolved_model(self) -> str | None:
+        """The recipe's model; a relative folder that does not exist from here is taken from the recipe's folder."""
+        m = self.model
+        if m and not m.startswith("builtin:") and not Path(m).exists() and self.base_dir is not None:
+            if (self.base_dir / m).exists():
+                return str(self.base_dir / m)
+        return m
+
     def build_passes(self):
         from .registry import get_pass
 

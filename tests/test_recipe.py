@@ -74,3 +74,14 @@ def test_good_recipe_builds_passes(tmp_path):
 def test_missing_recipe_file(tmp_path):
     with pytest.raises(RecipeError, match="no such recipe file"):
         Recipe.from_yaml(tmp_path / "missing.yaml")
+
+
+def test_every_shipped_recipe_validates():
+    from pathlib import Path
+
+    recipes = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+    assert len(recipes) >= 3
+    for path in recipes:
+        recipe = Recipe.from_yaml(path)
+        assert recipe.model == "builtin:tiny" and recipe.output, path
+        assert recipe.build_passes()

@@ -17,9 +17,12 @@ head, so each KV head's storage is read once for all its query heads):
   p.V_d  = sum_t (p_t * scale_tg) * code_td + sum_t p_t * zero_tg + ((p_c @ A_c) @ Bf_c^T)_d + sum_{(t,d) in S} p_t s_td
 then concatenated with the window's q.K_w^T, scaled, masked, softmaxed.
 
-Public: `compressed_decode_attention` runs the Triton kernel (one program per (b, KV head, query row), online
-softmax over one chunk at a time: fused unpack + dequantize + dot, low-rank term, outliers, then the window) on
-CUDA tensors and `compressed_attention_reference` (torch, blocks of at most REFERENCE_BLOCK_TOKENS tokens) elsewhere."""
+Public: `compressed_decode_attention` runs the Triton kernel on CUDA tensors and `compressed_attention_reference`
+(torch, blocks of at most REFERENCE_BLOCK_TOKENS tokens) elsewhere. The kernel: one program per (b, KV head, block
+of 16 query rows, split of the chunks); rows are the query heads of that KV head times the new tokens, so the
+compressed storage is read once for all of them; per chunk an online-softmax step with fused unpack + dequantize
++ dot (tl.dot in fp32, "ieee"), the low-rank term through the factors, the outliers as products with one-hot
+tiles; the last split also reads the fp16 window; the splits' partials are merged by `_combine_splits`."""
 from __future__ import annotations
 
 import math
@@ -40,6 +43,8 @@ except ImportError:  # pragma: no cover - the torch reference runs without trito
 # B * H * REFERENCE_BLOCK_TOKENS * D floats however long the context.
 REFERENCE_BLOCK_TOKENS = 4096
 MASKED = torch.finfo(torch.float32).min  # finite, so a fully masked row (left padding) stays finite
+# Query rows per Triton program (tl.dot needs 16): the query heads sharing a KV head, times the new tokens.
+ROW_BLOCK = 16
 
 
 @dataclass
@@ -242,37 +247,38 @@ if triton is not None:
     from .kv_quant import load_code_tile
 
     @triton.jit
-    def _chunk_scores(q, kc_ptr, ks_ptr, kz_ptr, ka_ptr, kb_ptr, kov_ptr, kop_ptr, q_row_ptr, bh, c, N,
-                      k_lr_first, k_lr_chunks, k_rank, k_out,
+    def _chunk_scores(q, q_rows_ptr, rows, row_mask, kc_ptr, ks_ptr, kz_ptr, ka_ptr, kb_ptr, kov_ptr, kop_ptr,
+                      bh, c, N, k_lr_first, k_lr_chunks, k_rank, k_out,
                       D: tl.constexpr, C: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr,
                       R_BLOCK: tl.constexpr, HAS_LR: tl.constexpr, O_BLOCK: tl.constexpr, HAS_OUT: tl.constexpr):
-        """q . K_hat^T over chunk c: fused unpack + dequantize + dot, + low-rank + outliers. [C] fp32."""
+        """q [ROWS, D] . K_hat^T over chunk c: fused unpack + dequantize + dot, + low-rank + outliers. [ROWS, C]."""
         t = tl.arange(0, C)
         d = tl.arange(0, D)
         tok = c * C + t
         codes = load_code_tile(kc_ptr + bh * N * (D * BITS // 8), tok, tok < N, D, BITS).to(tl.float32)
         stat = (bh * (N // G) + tok // G)[:, None] * D + d[None, :]
         k_hat = codes * tl.load(ks_ptr + stat).to(tl.float32) + tl.load(kz_ptr + stat).to(tl.float32)
-        s = tl.sum(k_hat * q[None, :], axis=1)
-        if HAS_LR:  # (q @ Bf_c) . A_t, masked off outside the low-rank run of chunks
+        s = tl.dot(q, tl.trans(k_hat), input_precision="ieee")
+        if HAS_LR:  # (q @ Bf_c) @ A_c^T, masked off outside the low-rank run of chunks (rank padded to R_BLOCK)
             j = tl.arange(0, R_BLOCK)
-            lc = c - k_lr_first
-            lcv = tl.zeros([R_BLOCK], dtype=tl.int32) + lc  # a tensor, so the mask is one too
-            rm = (j < k_rank) & (lcv >= 0) & (lcv < k_lr_chunks)
-            bf = tl.load(kb_ptr + ((bh * k_lr_chunks + lc) * D + d[:, None]) * k_rank + j[None, :],
-                         mask=rm[None, :], other=0.0).to(tl.float32)            # [D, R]
-            qb = tl.sum(q[:, None] * bf, axis=0)                                  # [R]
-            a = tl.load(ka_ptr + (bh * k_lr_chunks * C + lc * C + t[:, None]) * k_rank + j[None, :],
-                        mask=rm[None, :], other=0.0).to(tl.float32)             # [C, R]
-            s += tl.sum(a * qb[None, :], axis=1)
-        if HAS_OUT:  # sum over this chunk's outliers (t_k, d_k) of q[d_k] * s_k, added at t_k
+            lc = tl.zeros([R_BLOCK], dtype=tl.int32) + (c - k_lr_first)  # a tensor, so the mask is one too
+            rm = (j < k_rank) & (lc >= 0) & (lc < k_lr_chunks)
+            bf = tl.load(kb_ptr + ((bh * k_lr_chunks + lc[None, :]) * D + d[:, None]) * k_rank + j[None, :],
+                         mask=rm[None, :], other=0.0).to(tl.float32)                       # [D, R]
+            a = tl.load(ka_ptr + (bh * k_lr_chunks * C + lc[None, :] * C + t[:, None]) * k_rank + j[None, :],
+                        mask=rm[None, :], other=0.0).to(tl.float32)                        # [C, R]
+            qb = tl.dot(q, bf, input_precision="ieee")                                      # [ROWS, R]
+            s += tl.dot(qb, tl.trans(a), input_precision="ieee")
+        if HAS_OUT:  # q[:, d_k] * s_k added at token t_k, as a product with a one-hot [K, C]
             k = tl.arange(0, O_BLOCK)
             km = k < k_out
-            n_chunks = N // C
-            pos = tl.load(kop_ptr + (bh * n_chunks + c) * k_out + k, mask=km, other=0).to(tl.int32)
-            val = tl.load(kov_ptr + (bh * n_chunks + c) * k_out + k, mask=km, other=0.0).to(tl.float32)
-            contrib = tl.load(q_row_ptr + pos % D, mask=km, other=0.0) * val
-            s += tl.sum(tl.where(t[:, None] == (pos // D)[None, :], contrib[None, :], 0.0), axis=1)
+            slot = (bh * (N // C) + c) * k_out + k
+            pos = tl.load(kop_ptr + slot, mask=km, other=0).to(tl.int32)
+            val = tl.load(kov_ptr + slot, mask=km, other=0.0).to(tl.float32)
+            qd = tl.load(q_rows_ptr + rows[:, None] * D + (pos % D)[None, :], mask=row_mask[:, None] & km[None, :],
+                         other=0.0)                                                         # [ROWS, K]
+            onehot = ((pos // D)[:, None] == t[None, :]) & km[:, None]                      # [K, C]
+            s += tl.dot(qd * val[None, :], onehot.to(tl.float32), input_precision="ieee")
         return s
 
     @triton.jit
@@ -280,34 +286,34 @@ if triton is not None:
                       v_lr_first, v_lr_chunks, v_rank, v_out,
                       D: tl.constexpr, C: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr,
                       R_BLOCK: tl.constexpr, HAS_LR: tl.constexpr, O_BLOCK: tl.constexpr, HAS_OUT: tl.constexpr):
-        """p . V_hat over chunk c (p [C]): fused unpack + dequantize, + low-rank + outliers. [D] fp32."""
+        """p [ROWS, C] . V_hat over chunk c: fused unpack + dequantize + dot, + low-rank + outliers. [ROWS, D]."""
         t = tl.arange(0, C)
         d = tl.arange(0, D)
         tok = c * C + t
         codes = load_code_tile(vc_ptr + bh * N * (D * BITS // 8), tok, tok < N, D, BITS).to(tl.float32)
         stat = (bh * N + tok)[:, None] * (D // G) + (d // G)[None, :]
         v_hat = codes * tl.load(vs_ptr + stat).to(tl.float32) + tl.load(vz_ptr + stat).to(tl.float32)
-        acc = tl.sum(p[:, None] * v_hat, axis=0)
-        if HAS_LR:  # ((p_c @ A_c) @ Bf_c^T)
+        out = tl.dot(p, v_hat, input_precision="ieee")
+        if HAS_LR:  # (p_c @ A_c) @ Bf_c^T
             j = tl.arange(0, R_BLOCK)
-            lc = c - v_lr_first
-            lcv = tl.zeros([R_BLOCK], dtype=tl.int32) + lc  # a tensor, so the mask is one too
-            rm = (j < v_rank) & (lcv >= 0) & (lcv < v_lr_chunks)
-            a = tl.load(va_ptr + (bh * v_lr_chunks * C + lc * C + t[:, None]) * v_rank + j[None, :],
-                        mask=rm[None, :], other=0.0).to(tl.float32)             # [C, R]
-            pa = tl.sum(p[:, None] * a, axis=0)                                   # [R]
-            bf = tl.load(vb_ptr + ((bh * v_lr_chunks + lc) * D + d[:, None]) * v_rank + j[None, :],
-                         mask=rm[None, :], other=0.0).to(tl.float32)            # [D, R]
-            acc += tl.sum(bf * pa[None, :], axis=1)
-        if HAS_OUT:  # p[t_k] * s_k added at channel d_k
+            lc = tl.zeros([R_BLOCK], dtype=tl.int32) + (c - v_lr_first)
+            rm = (j < v_rank) & (lc >= 0) & (lc < v_lr_chunks)
+            a = tl.load(va_ptr + (bh * v_lr_chunks * C + lc[None, :] * C + t[:, None]) * v_rank + j[None, :],
+                        mask=rm[None, :], other=0.0).to(tl.float32)                        # [C, R]
+            bf = tl.load(vb_ptr + ((bh * v_lr_chunks + lc[None, :]) * D + d[:, None]) * v_rank + j[None, :],
+                         mask=rm[None, :], other=0.0).to(tl.float32)                       # [D, R]
+            out += tl.dot(tl.dot(p, a, input_precision="ieee"), tl.trans(bf), input_precision="ieee")
+        if HAS_OUT:  # p[:, t_k] * s_k added at channel d_k: two products with one-hot matrices
             k = tl.arange(0, O_BLOCK)
             km = k < v_out
-            n_chunks = N // C
-            pos = tl.load(vop_ptr + (bh * n_chunks + c) * v_out + k, mask=km, other=0).to(tl.int32)
-            val = tl.load(vov_ptr + (bh * n_chunks + c) * v_out + k, mask=km, other=0.0).to(tl.float32)
-            p_k = tl.sum(tl.where(t[:, None] == (pos // D)[None, :], p[:, None], 0.0), axis=0)  # [K]
-            acc += tl.sum(tl.where((pos % D)[:, None] == d[None, :], (p_k * val)[:, None], 0.0), axis=0)
-        return acc
+            slot = (bh * (N // C) + c) * v_out + k
+            pos = tl.load(vop_ptr + slot, mask=km, other=0).to(tl.int32)
+            val = tl.load(vov_ptr + slot, mask=km, other=0.0).to(tl.float32)
+            at_token = (t[:, None] == (pos // D)[None, :]) & km[None, :]                    # [C, K]
+            p_k = tl.dot(p, at_token.to(tl.float32), input_precision="ieee")                # [ROWS, K]
+            at_channel = ((pos % D)[:, None] == d[None, :]) & km[:, None]                   # [K, D]
+            out += tl.dot(p_k * val[None, :], at_channel.to(tl.float32), input_precision="ieee")
+        return out
 
     @triton.jit
     def _compressed_decode_kernel(
@@ -319,40 +325,42 @@ if triton is not None:
             D: tl.constexpr, C: tl.constexpr, GK: tl.constexpr, GV: tl.constexpr, BITS: tl.constexpr,
             RK_BLOCK: tl.constexpr, RV_BLOCK: tl.constexpr, HAS_KLR: tl.constexpr, HAS_VLR: tl.constexpr,
             OK_BLOCK: tl.constexpr, OV_BLOCK: tl.constexpr, HAS_KO: tl.constexpr, HAS_VO: tl.constexpr,
-            HAS_BIAS: tl.constexpr, BLOCK_W: tl.constexpr):
-        """One program = one query row (query head of the group x step) of one (b, KV head), over one split of
-        the compressed chunks (the last split also takes the fp16 window): online softmax, writing its partial
-        (max, sum, unnormalized output) for `_combine_splits` (flash-decoding: splits keep the GPU busy when
-        batch x heads is small)."""
+            HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK_W: tl.constexpr):
+        """One program = ROWS query rows (the query heads of one KV head x steps, so the storage is read once for
+        all of them) of one (b, KV head), over one split of the compressed chunks (the last split also takes the
+        fp16 window): online softmax, writing its partial (max, sum, unnormalized output) for `_combine_splits`
+        (flash-decoding: splits keep the GPU busy when batch x heads is small)."""
         bh = tl.program_id(0)
-        row = tl.program_id(1)
+        rows = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
         split = tl.program_id(2)
         n_splits = tl.num_programs(2)
+        row_mask = rows < R
         d = tl.arange(0, D)
-        q_row_ptr = q_ptr + (bh * R + row) * D
-        q = tl.load(q_row_ptr + d)
+        q_rows_ptr = q_ptr + bh * R * D
+        q = tl.load(q_rows_ptr + rows[:, None] * D + d[None, :], mask=row_mask[:, None], other=0.0)
         kv_len = N + W
-        bias_row = bias_ptr + ((bh // H) * L + row % L) * kv_len
-        m_i = tl.full([], float("-inf"), tl.float32)
-        l_i = tl.full([], 0.0, tl.float32)
-        acc = tl.zeros([D], dtype=tl.float32)
+        bias_rows = bias_ptr + ((bh // H) * L + rows % L) * kv_len                             # [ROWS]
+        m_i = tl.full([ROWS], float("-inf"), tl.float32)
+        l_i = tl.zeros([ROWS], dtype=tl.float32)
+        acc = tl.zeros([ROWS, D], dtype=tl.float32)
         t = tl.arange(0, C)
         n_chunks = N // C
         for i in range(0, chunks_per_split):
             c = split * chunks_per_split + i
             if c < n_chunks:
-                s = _chunk_scores(q, kc_ptr, ks_ptr, kz_ptr, ka_ptr, kb_ptr, kov_ptr, kop_ptr, q_row_ptr, bh, c, N,
-                                  k_lr_first, k_lr_chunks, k_rank, k_out, D, C, GK, BITS, RK_BLOCK, HAS_KLR,
-                                  OK_BLOCK, HAS_KO) * sm_scale
+                s = _chunk_scores(q, q_rows_ptr, rows, row_mask, kc_ptr, ks_ptr, kz_ptr, ka_ptr, kb_ptr, kov_ptr,
+                                  kop_ptr, bh, c, N, k_lr_first, k_lr_chunks, k_rank, k_out, D, C, GK, BITS,
+                                  RK_BLOCK, HAS_KLR, OK_BLOCK, HAS_KO) * sm_scale
                 if HAS_BIAS:
-                    s += tl.load(bias_row + c * C + t)
-                m_new = tl.maximum(m_i, tl.max(s, axis=0))
+                    s += tl.load(bias_rows[:, None] + c * C + t[None, :], mask=row_mask[:, None], other=0.0)
+                m_new = tl.maximum(m_i, tl.max(s, axis=1))
                 alpha = tl.exp(m_i - m_new)
-                p = tl.exp(s - m_new)
-                l_i = l_i * alpha + tl.sum(p, axis=0)
-                acc = acc * alpha + _chunk_values(p, vc_ptr, vs_ptr, vz_ptr, va_ptr, vb_ptr, vov_ptr, vop_ptr, bh,
-                                                  c, N, v_lr_first, v_lr_chunks, v_rank, v_out, D, C, GV, BITS,
-                                                  RV_BLOCK, HAS_VLR, OV_BLOCK, HAS_VO)
+                p = tl.exp(s - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, axis=1)
+                acc = acc * alpha[:, None] + _chunk_values(p, vc_ptr, vs_ptr, vz_ptr, va_ptr, vb_ptr, vov_ptr,
+                                                           vop_ptr, bh, c, N, v_lr_first, v_lr_chunks, v_rank,
+                                                           v_out, D, C, GV, BITS, RV_BLOCK, HAS_VLR, OV_BLOCK,
+                                                           HAS_VO)
                 m_i = m_new
         if split == n_splits - 1:
             w = tl.arange(0, BLOCK_W)
@@ -360,21 +368,22 @@ if triton is not None:
                 wm = w0 + w < W
                 offs = (bh * W + w0 + w)[:, None] * D + d[None, :]
                 k = tl.load(wk_ptr + offs, mask=wm[:, None], other=0.0).to(tl.float32)
-                s = tl.sum(k * q[None, :], axis=1) * sm_scale
+                s = tl.dot(q, tl.trans(k), input_precision="ieee") * sm_scale
                 if HAS_BIAS:
-                    s += tl.load(bias_row + N + w0 + w, mask=wm, other=0.0)
-                s = tl.where(wm, s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, axis=0))
+                    s += tl.load(bias_rows[:, None] + N + w0 + w[None, :], mask=row_mask[:, None] & wm[None, :],
+                                 other=0.0)
+                s = tl.where(wm[None, :], s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, axis=1))
                 alpha = tl.exp(m_i - m_new)
-                p = tl.exp(s - m_new)
-                l_i = l_i * alpha + tl.sum(p, axis=0)
+                p = tl.exp(s - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, axis=1)
                 v = tl.load(wv_ptr + offs, mask=wm[:, None], other=0.0).to(tl.float32)
-                acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+                acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
                 m_i = m_new
-        part = (bh * R + row) * n_splits + split
-        tl.store(acc_ptr + part * D + d, acc)
-        tl.store(m_ptr + part, m_i)
-        tl.store(l_ptr + part, l_i)
+        part = (bh * R + rows) * n_splits + split                                             # [ROWS]
+        tl.store(acc_ptr + part[:, None] * D + d[None, :], acc, mask=row_mask[:, None])
+        tl.store(m_ptr + part, m_i, mask=row_mask)
+        tl.store(l_ptr + part, l_i, mask=row_mask)
 
 
 def _combine_splits(acc: torch.Tensor, m: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
@@ -384,8 +393,9 @@ def _combine_splits(acc: torch.Tensor, m: torch.Tensor, l: torch.Tensor) -> torc
     return (acc * weight.unsqueeze(-1)).sum(-2) / (l * weight).sum(-1, keepdim=True)
 
 
-def _pow2_at_least(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
+def _dot_size(n: int) -> int:
+    """A tile side for tl.dot: a power of two, at least 16."""
+    return max(16, 1 << max(0, (n - 1).bit_length()))
 
 
 def _single_segment(store, n_chunks: int):
@@ -450,20 +460,21 @@ def compressed_attention_triton(query, keys, values, window_keys, window_values,
             meta[name] = (0, 0, 1, 0, False, False)
     (klf, klc, kr, ko, has_klr, has_ko), (vlf, vlc, vr, vo, has_vlr, has_vo) = meta["K"], meta["V"]
     n_chunks = n // keys.chunk_len if n else 0
+    row_blocks = triton.cdiv(rows, ROW_BLOCK)
     if splits is None:  # about two programs per SM, each with at least 4 chunks
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
-        splits = min(max(1, 2 * sms // (b * h * rows)), max(1, n_chunks // 4))
+        splits = min(max(1, 2 * sms // (b * h * row_blocks)), max(1, n_chunks // 4))
     splits = max(1, min(splits, max(n_chunks, 1)))
     per_split = -(-n_chunks // splits)
     acc = q.new_empty(b * h, rows, splits, d)
     m, lse = q.new_empty(b * h, rows, splits), q.new_empty(b * h, rows, splits)
-    _compressed_decode_kernel[(b * h, rows, splits)](
+    _compressed_decode_kernel[(b * h, row_blocks, splits)](
         q, acc, m, lse, bias.contiguous() if bias is not None else dummy, wk, wv, *store_args,
         n, w, h, l, rows, scale, per_split, klf, klc, kr, ko, vlf, vlc, vr, vo,
         D=d, C=keys.chunk_len if n else 16, GK=keys.group_size if n else 1, GV=values.group_size if n else 1,
-        BITS=keys.bits if n else 8, RK_BLOCK=_pow2_at_least(kr), RV_BLOCK=_pow2_at_least(vr),
-        HAS_KLR=has_klr, HAS_VLR=has_vlr, OK_BLOCK=_pow2_at_least(max(ko, 1)), OV_BLOCK=_pow2_at_least(max(vo, 1)),
-        HAS_KO=has_ko, HAS_VO=has_vo, HAS_BIAS=bias is not None, BLOCK_W=32)
+        BITS=keys.bits if n else 8, RK_BLOCK=_dot_size(kr), RV_BLOCK=_dot_size(vr), HAS_KLR=has_klr,
+        HAS_VLR=has_vlr, OK_BLOCK=_dot_size(ko), OV_BLOCK=_dot_size(vo), HAS_KO=has_ko, HAS_VO=has_vo,
+        HAS_BIAS=bias is not None, ROWS=ROW_BLOCK, BLOCK_W=32)
     return _combine_splits(acc, m, lse).view(b, hq, l, d).to(query.dtype)
 
 

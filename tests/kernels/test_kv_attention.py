@@ -143,6 +143,7 @@ def _store_to(store, device):
     dict(bits=2, outlier_ratio=0.0, key_ranks=(), value_ranks=()),  # KIVI-2
     dict(bits=3, window=0, value_ranks=((1, 4),)),                   # 3-bit straddling codes, no window
     dict(bits=8, q_len=2, window=40, group=16, batch=1),             # two new tokens, window over 32 lanes
+    dict(bits=4, q_len=9, window=12, batch=1),                       # 2 x 9 = 18 query rows: two row blocks
 ])
 def test_triton_matches_reference(triton_kernels, case):
     q, keys, values, wk, wv, k_all, _ = make_case(**case)

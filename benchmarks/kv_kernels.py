@@ -10,8 +10,10 @@ iteration), then one decode step (1 token, 4 query heads on 2 KV heads) is timed
   ours         compressed_decode_attention: reads codes, scales, outliers and low-rank factors directly
 Speed ratios are baseline time / our time (> 1: ours faster); the functions take turns over 3 rounds and each keeps
 its best round (the machine may be shared). On the CPU, fp16 matmuls are slow (no native fp16 arithmetic), so
-dense fp32 is the fair CPU baseline; dense fp16 is there because it is the GPU baseline. rel_err = |ours - exact| / |exact| with exact =
-float64 attention over the original K/V. bytes = compressed store + window, over dense fp16 K/V.
+dense fp32 is the fair CPU baseline; dense fp16 is there because it is the GPU baseline.
+rel_err = |ours - exact| / |exact| over the last 16 positions (causal), exact = float64 attention over the original
+K/V: the error of the cache format, computed through our kernel. bytes = compressed store + window, over dense
+fp16 K/V (bits/elem: the same, per K or V element).
 On the CPU the torch reference runs; the Triton kernel runs only when CUDA is present (skipped otherwise).
 
     OMP_NUM_THREADS=1 python benchmarks/kv_kernels.py [--contexts 1024 4096 16384] [--json]"""
@@ -26,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils import benchmark
 
-from compress.kernels.kv_attention import compressed_attention_reference, compressed_decode_attention
+from compress.kernels.kv_attention import compressed_decode_attention
 from compress.kernels.dispatch import use_triton
 
 FORMATS = {  # name: (bits, outlier_ratio, rank)
@@ -50,7 +52,8 @@ def capture_qkv(layer: int, tokens: int = 1024):
 
     def capture(module, query, key, value, attention_mask, **kwargs):
         if module.layer_idx == layer:
-            seen.update(q=query[:, :, -ERROR_QUERIES:].detach().clone(), k=key.detach().clone(), v=value.detach().clone())
+            seen.update(q=query[:, :, -ERROR_QUERIES:].detach().clone(), k=key.detach().clone(),
+                        v=value.detach().clone())
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
     AttentionInterface.register("capture_qkv", capture)

@@ -8,8 +8,9 @@ iteration), then one decode step (1 token, 4 query heads on 2 KV heads) is timed
   dense fp16   SDPA over dense fp16 K/V
   dequant      dequantize the whole compressed cache, then SDPA (what a cache without a storage-reading kernel does)
   ours         compressed_decode_attention: reads codes, scales, outliers and low-rank factors directly
-Speed ratios are baseline time / our time (> 1: ours faster); the functions take turns over 3 rounds and each keeps
-its best round (the machine may be shared). On the CPU, fp16 matmuls are slow (no native fp16 arithmetic), so
+Speed ratios are baseline time / our time (> 1: ours faster); the functions take turns over 3 rounds of 5 timed
+blocks and each keeps its fastest block. On the CPU with one thread the clock is the process's CPU time, so time
+spent waiting for a core on a shared machine is not counted. On the CPU, fp16 matmuls are slow (no native fp16 arithmetic), so
 dense fp32 is the fair CPU baseline; dense fp16 is there because it is the GPU baseline.
 rel_err = |ours - exact| / |exact| over the last 16 positions (causal), exact = float64 attention over the original
 K/V: the error of the cache format, computed through our kernel. bytes = compressed store + window, over dense
@@ -23,10 +24,10 @@ import argparse
 import json
 import math
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
-from torch.utils import benchmark
 
 from compress.kernels.kv_attention import compressed_decode_attention
 from compress.kernels.dispatch import use_triton
@@ -76,14 +77,37 @@ def store_bytes(store) -> int:
     return sum(t.untyped_storage().nbytes() for ts in store.tensors_by_kind().values() for t in ts)
 
 
-def time_us(fns: dict, min_run_time: float, rounds: int = 3) -> dict:
-    """Microseconds per call of each function: the functions take turns for `rounds` rounds, and each keeps its
-    best round's median (a shared machine slows whole rounds down; the best round is the least disturbed)."""
+def cpu_clock():
+    """With one torch thread, the process's CPU time: unlike wall time it does not count the time this process
+    waits for a core on a shared machine. With more threads (or a GPU), wall time."""
+    return time.process_time if torch.get_num_threads() == 1 and not torch.cuda.is_available() else time.perf_counter
+
+
+def time_us(fns: dict, min_run_time: float, rounds: int = 3, blocks: int = 5) -> dict:
+    """Microseconds per call of each function. The functions take turns for `rounds` rounds; each round times
+    `blocks` blocks of calls per function, and the fastest block counts (the least disturbed one)."""
+    clock = cpu_clock()
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     best = {name: float("inf") for name in fns}
+    calls = {}
+    for name, fn in fns.items():  # calls per block: about min_run_time / blocks of work
+        n, spent = 1, 0.0
+        while spent < min_run_time / blocks / 4:
+            start = clock()
+            for _ in range(n):
+                fn()
+            sync()
+            spent = clock() - start
+            n *= 2
+        calls[name] = max(1, int(n / 2 * (min_run_time / blocks) / max(spent, 1e-9)))
     for _ in range(rounds):
         for name, fn in fns.items():
-            t = benchmark.Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median
-            best[name] = min(best[name], t * 1e6)
+            for _ in range(blocks):
+                start = clock()
+                for _ in range(calls[name]):
+                    fn()
+                sync()
+                best[name] = min(best[name], (clock() - start) / calls[name] * 1e6)
     return best
 
 
@@ -159,7 +183,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384])
     parser.add_argument("--layer", type=int, default=2)
-    parser.add_argument("--min-run-time", type=float, default=0.2, help="seconds per measurement (x 3 rounds)")
+    parser.add_argument("--min-run-time", type=float, default=0.2, help="seconds per function per round")
     parser.add_argument("--json", action="store_true", help="print the rows as a JSON list")
     args = parser.parse_args(argv)
     rows = run(args.contexts, args.layer, args.min_run_time, "cpu")
@@ -169,7 +193,8 @@ def main(argv=None):
         print(json.dumps(rows, indent=1))
         return
     print_table([r for r in rows if r["device"] == "cpu"],
-                f"CPU decode attention, torch reference ({torch.get_num_threads()} threads); ratios = baseline / ours")
+                f"CPU decode attention, torch reference ({torch.get_num_threads()} thread(s), "
+                f"{'CPU' if cpu_clock() is time.process_time else 'wall'} time); ratios = baseline / ours")
     if torch.cuda.is_available():
         print_table([r for r in rows if r["device"] == "cuda"],
                     f"CUDA decode attention, Triton ({torch.cuda.get_device_name()}); ratios = baseline / ours")

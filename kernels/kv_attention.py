@@ -116,23 +116,25 @@ def _key_scores_block(q: torch.Tensor, keys, n0: int, n1: int) -> torch.Tensor:
     """q [B, H, R, D] . K_hat^T over compressed tokens [n0, n1) from codes and scales: [B, H, R, n1 - n0].
 
     Works lane by lane (see `code_lanes`): lane j holds channels j::lanes, so no interleaved copy of the codes is
-    made, and each lane's uint8 codes are converted to float once."""
+    made, each lane's uint8 codes are converted to float once, and the lanes accumulate in one baddbmm each, on
+    top of the groups' q . zero."""
     b, h, r, d = q.shape
     g, t = keys.group_size, n1 - n0
     lanes = code_lanes(keys.codes[:, :, n0:n1], keys.bits)
-    stride = len(lanes)
+    stride, batch = len(lanes), b * h * (t // g)
     scale = keys.scale[:, :, n0 // g:n1 // g].float()                    # [B, H, T/G, D]
     zero = keys.zero[:, :, n0 // g:n1 // g].float()
-    qs = q.unsqueeze(2) * scale.unsqueeze(3)                              # [B, H, T/G, R, D]
-    s = (zero @ q.transpose(-1, -2)).unsqueeze(-1)                       # q . zero, once per group
+    # q_d * scale_gd, split by lane: [lanes, B*H*T/G, R, D/lanes]
+    qs = (q.unsqueeze(2) * scale.unsqueeze(3)).view(batch, r, d // stride, stride).movedim(-1, 0).contiguous()
+    s = (zero @ q.transpose(-1, -2)).view(batch, r, 1)                   # q . zero, once per group
     for j, lane in enumerate(lanes):
-        codes = lane.view(b, h, t // g, g, d // stride).float()
-        s = s + qs[..., j::stride].contiguous() @ codes.transpose(-1, -2)  # [B, H, T/G, R, G]
-    return s.permute(0, 1, 3, 2, 4).reshape(b, h, r, t)
+        s = torch.baddbmm(s, qs[j], lane.view(batch, g, d // stride).float().transpose(1, 2))  # [.., R, G]
+    return s.view(b, h, t // g, r, g).permute(0, 1, 3, 2, 4).reshape(b, h, r, t)
 
 
 def _value_mix_block(p: torch.Tensor, values, n0: int, n1: int) -> torch.Tensor:
-    """p [B, H, R, n1 - n0] . V_hat over compressed tokens [n0, n1): [B, H, R, D] (lane by lane, as above)."""
+    """p [B, H, R, n1 - n0] . V_hat over compressed tokens [n0, n1): [B, H, R, D] (lane by lane, as above; each
+    lane's product starts from the groups' p . zero)."""
     b, h, r, t = p.shape
     g = values.group_size
     lanes = code_lanes(values.codes[:, :, n0:n1], values.bits)
@@ -142,17 +144,20 @@ def _value_mix_block(p: torch.Tensor, values, n0: int, n1: int) -> torch.Tensor:
     scale = values.scale[:, :, n0:n1].float()                           # [B, H, T, D/G]
     zero = values.zero[:, :, n0:n1].float()
     ps = p.unsqueeze(2) * scale.permute(0, 1, 3, 2).unsqueeze(3)          # [B, H, D/G, R, T]
+    pz = (p @ zero).permute(0, 1, 3, 2).unsqueeze(-1)                    # [B, H, D/G, R, 1]: p . zero per group
     if g % stride:  # a group boundary inside a lane's channel run: interleave the codes (rare shapes)
         codes = unpack_codes(values.codes[:, :, n0:n1], values.bits).float()
-        out = ps @ codes.view(b, h, t, ng, g).permute(0, 1, 3, 2, 4)      # [B, H, D/G, R, G]
-        out = out.permute(0, 1, 3, 2, 4).reshape(b, h, r, d)
-    else:
-        per_lane = []
-        for lane in lanes:  # lane j: channels j::stride; group gi holds lane entries gi*G/stride ...
-            codes = lane.view(b, h, t, ng, g // stride).float().permute(0, 1, 3, 2, 4)
-            per_lane.append((ps @ codes).permute(0, 1, 3, 2, 4).reshape(b, h, r, d // stride))
-        out = torch.stack(per_lane, -1).reshape(b, h, r, d)
-    return out + (p @ zero).unsqueeze(-1).expand(b, h, r, ng, g).reshape(b, h, r, d)
+        out = pz + ps @ codes.view(b, h, t, ng, g).permute(0, 1, 3, 2, 4)  # [B, H, D/G, R, G]
+        return out.permute(0, 1, 3, 2, 4).reshape(b, h, r, d)
+    if ng == 1:  # one group per token (G = D): plain batched products
+        ps, pz = ps.view(b * h, r, t), pz.view(b * h, r, 1)
+        per_lane = [torch.baddbmm(pz, ps, lane.view(b * h, t, d // stride).float()) for lane in lanes]
+        return torch.stack(per_lane, -1).view(b, h, r, d)
+    per_lane = []
+    for lane in lanes:  # lane j: channels j::stride; group gi holds lane entries gi*G/stride ...
+        codes = lane.view(b, h, t, ng, g // stride).float().permute(0, 1, 3, 2, 4)
+        per_lane.append((pz + ps @ codes).permute(0, 1, 3, 2, 4).reshape(b, h, r, d // stride))
+    return torch.stack(per_lane, -1).view(b, h, r, d)
 
 
 def _lowrank_scores(q: torch.Tensor, keys, scores: torch.Tensor) -> None:

@@ -176,3 +176,13 @@ def test_triton_split_sequence_matches_reference(triton_kernels, splits):
     got = A.compressed_attention_triton(*_to(dev, q), _store_to(keys, dev), _store_to(values, dev),
                                         *_to(dev, wk, wv, mask), splits=splits)
     torch.testing.assert_close(got.cpu(), ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits, group", [(4, 64), (3, 4), (2, 16)])
+def test_reference_group_layouts(bits, group):
+    # values: one group per token (G = D), groups narrower than a lane's word (3-bit, G = 4), and in between
+    q, keys, values, wk, wv, k_all, v_all = make_case(bits=bits, group=group, chunk=64, n_chunks=2,
+                                                      key_ranks=((2, 2),), value_ranks=((1, 2),))
+    want = dense_attention_f64(q, k_all, v_all, None)
+    torch.testing.assert_close(A.compressed_attention_reference(q, keys, values, wk, wv).double(), want,
+                               rtol=1e-4, atol=1e-5)

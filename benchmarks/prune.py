@@ -171,6 +171,7 @@ def main(argv=None) -> None:
     ap.add_argument("--json", action="store_true", help="print a JSON list on stdout (quality rows, or with "
                                                         "--kernels the speed rows)")
     ap.add_argument("--kernels", action="store_true", help="only the SparseLinear vs Linear speed table")
+    ap.add_argument("--save-json", metavar="PATH", help="also write {quality, kernels} rows to PATH (table mode)")
     ap.add_argument("--num-samples", type=int, default=64, help="calibration windows of 256 tokens")
     ap.add_argument("--windows", type=int, default=32, help="held-out windows of 256 tokens")
     args = ap.parse_args(argv)
@@ -182,7 +183,10 @@ def main(argv=None) -> None:
     if args.json:
         print(json.dumps(quality, indent=1))
         return
-    print_tables(quality, kernel_rows())
+    kernels = kernel_rows()
+    print_tables(quality, kernels)
+    if args.save_json:
+        Path(args.save_json).write_text(json.dumps({"quality": quality, "kernels": kernels}, indent=1))
 
 
 if __name__ == "__main__":

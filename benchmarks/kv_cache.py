@@ -15,7 +15,7 @@ reads a GEARCache's compressed storage and hands every other cache to sdpa).
   same tokens (both measured from tensor storage; the transient memory of a step is not included).
 
     OMP_NUM_THREADS=1 python benchmarks/kv_cache.py [--json] [--quick]
-    OMP_NUM_THREADS=1 python benchmarks/kv_cache.py --long 32768   # 32k-token context with GEAR-4, no table"""
+    OMP_NUM_THREADS=1 python benchmarks/kv_cache.py --long 32768 [--device cuda]   # 32k-token context, GEAR-4"""
 from __future__ import annotations
 
 import argparse
@@ -36,8 +36,11 @@ from compress.kvcache.quality import copy_sequences, copy_accuracy, heldout_wind
 
 
 def configurations(quick: bool) -> list[dict]:
-    """name, method, cache kwargs. GEAR grid: bits x (outliers on/off) x rank (r=0 without outliers is KIVI)."""
-    rows = [dict(name="fp16", method="fp16", bits=16), dict(name="hf-fp8", method="hf_quantized_fp8", bits=8)]
+    """name, method, cache kwargs. GEAR grid: bits x (outliers on/off) x rank for K and V (r=0 without outliers is
+    KIVI), then rank-1-on-one-side variants. "noout" = no outliers; outlier_ratio 0.02 keeps 2 entries per group
+    of 64 (3.1%, the kernel's minimum of one per side)."""
+    # the uncompressed baseline: transformers' DynamicCache in the model's dtype (float32 on the CPU)
+    rows = [dict(name="dynamic-fp32", method="fp16", bits=32), dict(name="hf-fp8", method="hf_quantized_fp8", bits=8)]
     bits_list = (2, 4) if quick else (2, 3, 4)
     for b in bits_list:
         rows.append(dict(name=f"kivi-{b}", method="kivi", bits=b, kw=dict(method="kivi", bits=b)))
@@ -49,6 +52,12 @@ def configurations(quick: bool) -> list[dict]:
                 name = f"gear-{b}" + ("" if ratio else "-noout") + f"-r{r}"
                 rows.append(dict(name=name, method="gear", bits=b, kw=dict(method="gear", bits=b, key_rank=r,
                                                                             value_rank=r, outlier_ratio=ratio)))
+    if not quick:  # bit-budget variants: a rank-1 term on keys only or on values only, no outliers
+        for b in bits_list:
+            for side in ("key", "value"):
+                rows.append(dict(name=f"gear-{b}-{side[0]}1", method="gear", bits=b,
+                                 kw=dict(method="gear", bits=b, outlier_ratio=0.0, key_rank=int(side == "key"),
+                                         value_rank=int(side == "value"))))
     return rows
 
 
@@ -127,6 +136,8 @@ def run(args) -> list[dict]:
     model.set_attn_implementation("gear_kv")
     tok = compress.load_tokenizer("builtin:tiny")
     rows = configurations(args.quick)
+    if args.only:
+        rows = [r for r in rows if r["name"] in args.only or r["method"] == "fp16"]
     windows = heldout_windows(tok, builtin_text("builtin:heldout"), args.windows, args.window_len)
     seqs = copy_sequences(args.copy_num, args.copy_len, model.config.vocab_size)
     chunk = KVCacheSettings().residual_length
@@ -145,7 +156,8 @@ def run(args) -> list[dict]:
         q, reference = kv_quality(model, windows, factory, chunk, reference)
         res = {k: v for k, v in row.items() if k != "kw"}
         kw = row.get("kw", {})
-        res.update(rank=kw.get("key_rank", 0), outlier_ratio=kw.get("outlier_ratio", 0.0),
+        res.update(rank=max(kw.get("key_rank", 0), kw.get("value_rank", 0)), key_rank=kw.get("key_rank", 0),
+                   value_rank=kw.get("value_rank", 0), outlier_ratio=kw.get("outlier_ratio", 0.0),
                    residual_length=chunk if kw else None, ppl=q.ppl, ppl_reference=q.ppl_reference,
                    ppl_delta_pct=q.ppl_delta_pct, kl=q.kl, top1_agreement=q.top1_agreement,
                    copy_accuracy=copy_accuracy(model, seqs, factory, chunk))
@@ -183,23 +195,33 @@ def print_table(rows: list[dict], args) -> None:
 
 
 @torch.no_grad()
-def long_context(n: int) -> dict:
-    """Feed an n-token context through GEAR-4 (chunks of 2048) and generate 16 tokens; memory and time."""
-    model = compress.load("builtin:tiny")
+def long_context(n: int, device: str) -> dict:
+    """Feed an n-token context through GEAR-4 (chunks of 1024 tokens, each attending to the compressed past), then
+    time 16 decode steps; the same with a DynamicCache when `--long-baseline`. Cache bytes, peak memory, time."""
+    model = compress.load("builtin:tiny", device=device)
     model.set_attn_implementation("gear_kv")
-    tok = compress.load_tokenizer("builtin:tiny")
-    ids = context_ids(tok, n)
-    cache = GEARCache(model.config, bits=4)
-    t0 = time.perf_counter()
-    for s in range(0, n, 2048):
-        logits = model(ids[:, s:s + 2048], cache=cache, use_cache=True, logits_to_keep=1).logits
-    nxt = logits[:, -1:].argmax(-1)
-    for _ in range(16):
-        nxt = model(nxt, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
-    nbytes = cache.nbytes()
-    return {"context": cache.get_seq_length(), "seconds": time.perf_counter() - t0, "cache_bytes": nbytes["total"],
-            "fp16_equivalent_bytes": cache.num_elements() * 2, "bits_per_element": cache.bits_per_element(),
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    ids = context_ids(compress.load_tokenizer("builtin:tiny"), n).to(device)
+    out = {"context": n, "device": device}
+    for name, factory in (("gear-4", lambda: GEARCache(model.config, bits=4)),
+                          ("dynamic", lambda: DynamicCache(config=model.config))):
+        if name == "dynamic" and device == "cpu" and n > 16384:
+            continue  # the uncompressed baseline is only run where it fits comfortably
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        cache, t0 = factory(), time.perf_counter()
+        for s in range(0, n, 1024):
+            logits = model(ids[:, s:s + 1024], cache=cache, use_cache=True, logits_to_keep=1).logits
+        prefill = time.perf_counter() - t0
+        step = decode_seconds(model, cache, logits[:, -1:].argmax(-1), 16)
+        nbytes, entries = cache_bytes(cache)
+        out[name] = {"prefill_seconds": prefill, "decode_step_seconds": step, "cache_bytes": nbytes,
+                     "bits_per_element": 8 * nbytes / entries, "seq_length": cache.get_seq_length()}
+        if device == "cuda":
+            out[name]["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
+    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if "dynamic" in out:
+        out["decode_speed_ratio"] = out["dynamic"]["decode_step_seconds"] / out["gear-4"]["decode_step_seconds"]
+    return out
 
 
 def main(argv=None) -> None:
@@ -213,10 +235,12 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--memory-context", type=int, default=16384)
+    ap.add_argument("--device", default="cpu", help="device of the --long check (cpu or cuda)")
+    ap.add_argument("--only", nargs="*", help="only these configuration names (and the baseline)")
     ap.add_argument("--long", type=int, default=0, help="only run the long-context check at this many tokens")
     args = ap.parse_args(argv)
     if args.long:
-        print(json.dumps(long_context(args.long), indent=2))
+        print(json.dumps(long_context(args.long, args.device), indent=2))
         return
     if args.quick:
         args.windows, args.window_len, args.copy_num, args.copy_len = 2, 192, 2, 96

@@ -25,10 +25,10 @@ def _console():
     return Console(stderr=False)
 
 
-def _table(title: str, columns: list[str], rows: list[list]):
+def _table(title: str, columns: list[str], rows: list[list], caption: str | None = None):
     from rich.table import Table
 
-    t = Table(title=title)
+    t = Table(title=title, caption=caption)
     for c in columns:
         t.add_column(c, justify="right" if c != columns[0] else "left")
     for r in rows:
@@ -147,7 +147,7 @@ def _print_eval(con, ev: dict) -> None:
     if "kl" in ev:
         rows.append(["KL(baseline || model)", "0", _fmt(ev["kl"])])
         rows.append(["top-1 agreement", "1", _fmt(ev["top1_agreement"])])
-    con.print(_table(f"held-out evaluation ({ev['protocol']})", ["metric", "baseline", "model"], rows))
+    con.print(_table("held-out evaluation", ["metric", "baseline", "model"], rows, caption=ev["protocol"]))
 
 
 @main.command("eval")
@@ -165,7 +165,7 @@ def eval_cmd(model_src, baseline, text_file, seq_len, max_windows, speed, activa
     """Perplexity, KL and top-1 agreement vs a baseline on held-out text; parameters, bytes, tokens/s."""
     from . import models
     from .evaluate import generation_speed
-    from .pass_api import tensor_bytes
+    from .pass_api import stored_parameters, tensor_bytes
 
     tokenizer = models.load_tokenizer(model_src) or (models.load_tokenizer(baseline) if baseline else None)
     if tokenizer is None:
@@ -173,7 +173,7 @@ def eval_cmd(model_src, baseline, text_file, seq_len, max_windows, speed, activa
     text = Path(text_file).read_text(encoding="utf-8") if text_file else None
     result = _evaluate(model_src, baseline, tokenizer, max_windows, progress=not as_json, seq_len=seq_len, text=text)
     model = models.load(model_src)
-    result["parameters"] = sum(p.numel() for p in model.parameters())
+    result["parameters"] = stored_parameters(model)
     result["bytes"] = folder_bytes(models.resolve_model_path(model_src))
     result["resident_bytes"] = tensor_bytes(model)
     if speed:

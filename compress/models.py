@@ -91,13 +91,14 @@ def load(
         dtype = DTYPES[dtype]
     path = resolve_model_path(source)
     config = read_config(path)
+    stored_as = storage_dtype(config)  # before building: from_config/from_pretrained rewrite config.dtype
     section = compression_section(path)
     if section is not None:
         model = load_checkpoint(path, config, section, dtype=dtype, meta=meta)
     else:
         model = load_hf_folder(path, config, dtype=dtype, allow_pickle=allow_pickle, meta=meta)
     model.compress_source = str(source)
-    model.compress_storage_dtype = storage_dtype(config)
+    model.compress_storage_dtype = stored_as
     if not meta:
         model.to(device)
     model.eval()

@@ -172,3 +172,17 @@ def tensor_bytes(module: nn.Module) -> int:
         seen.add(key)
         total += t.numel() * t.element_size() if t.device.type == "meta" else t.untyped_storage().nbytes()
     return total
+
+
+def stored_parameters(module: nn.Module) -> int:
+    """Numbers a model stores: floating tensors of its state dict, each storage once. A packed sparse layer counts
+    its kept values (not the zeros, nor its integer indices); a codebook head counts codebook, scales and biases."""
+    seen, total = set(), 0
+    for t in module.state_dict().values():
+        if not t.is_floating_point():
+            continue
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key not in seen:
+            seen.add(key)
+            total += t.numel()
+    return total

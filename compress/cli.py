@@ -70,10 +70,13 @@ def validate(recipe: str) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("--eval/--no-eval", "do_eval", default=True, show_default=True,
               help="Evaluate the exported checkpoint against the original model on held-out text.")
-@click.option("--eval-windows", default=64, show_default=True, help="Held-out windows of 256 tokens to evaluate.")
+@click.option("--eval-windows", default=None, type=int, help="Evaluate at most this many held-out windows (default: all).")
+@click.option("--eval-text", type=click.Path(exists=True, dir_okay=False),
+              help="Held-out text file for the evaluation (default: the built-in reference model's held-out text).")
 @click.option("--allow-pickle", is_flag=True, help="Allow loading a model stored as pickled .bin (trusted files only).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
-def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_windows, allow_pickle, as_json):
+def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_windows, eval_text, allow_pickle,
+          as_json):
     """Run a recipe's passes on a model and export a compressed checkpoint."""
     from . import api, checkpoint, models
     from .recipe import Recipe
@@ -110,7 +113,8 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
     if Path(models.resolve_model_path(model_src)).is_dir():
         result["original_checkpoint_bytes"] = folder_bytes(models.resolve_model_path(model_src))
     if do_eval:
-        result["eval"] = _evaluate(output, model_src, tokenizer, eval_windows, progress=not as_json)
+        text = Path(eval_text).read_text(encoding="utf-8") if eval_text else None
+        result["eval"] = _evaluate(output, model_src, tokenizer, eval_windows, progress=not as_json, text=text)
     if as_json:
         click.echo(json.dumps(result, default=str))
         return

@@ -143,7 +143,24 @@ def _evaluate(model_src, baseline_src, tokenizer, windows, progress, seq_len: in
     if baseline is not None:
         out["baseline_perplexity"] = evaluate(baseline, w, progress=progress)["perplexity"]
     out["protocol"] = f"{w.shape[0]} non-overlapping windows of {seq_len} tokens of held-out text"
+    settings = getattr(model, "kv_cache_settings", None)
+    if settings is not None:
+        out["kv_cache"] = _kv_cache_quality(model, tokenizer, settings, text, windows)
     return out
+
+
+def _kv_cache_quality(model, tokenizer, settings, text: str | None, windows: int | None, window_len: int = 512):
+    """A compressed KV cache leaves a plain forward unchanged: score tokens chunk by chunk with the compressed past
+    instead (kvcache/quality.py), against the same chunked pass with an uncompressed cache."""
+    from .calibration import builtin_text
+    from .kvcache import GEARCache
+    from .kvcache.quality import heldout_windows as kv_windows, kv_quality
+
+    n = min(windows or 16, 16)
+    w = kv_windows(tokenizer, text if text is not None else builtin_text("builtin:heldout"), n, window_len)
+    result, _ = kv_quality(model, w, lambda: GEARCache(model.config, settings), settings.residual_length)
+    return {**result.to_dict(), "protocol": f"{n} windows of {window_len} tokens fed in chunks of "
+                                            f"{settings.residual_length}; tokens after the first chunk scored"}
 
 
 def _print_eval(con, ev: dict) -> None:
@@ -152,6 +169,13 @@ def _print_eval(con, ev: dict) -> None:
         rows.append(["KL(baseline || model)", "0", _fmt(ev["kl"])])
         rows.append(["top-1 agreement", "1", _fmt(ev["top1_agreement"])])
     con.print(_table("held-out evaluation", ["metric", "baseline", "model"], rows, caption=ev["protocol"]))
+    kv = ev.get("kv_cache")
+    if kv:
+        rows = [["perplexity", _fmt(kv["ppl_reference"]), _fmt(kv["ppl"])],
+                ["KL(fp16 cache || compressed)", "0", _fmt(kv["kl"])],
+                ["top-1 agreement", "1", _fmt(kv["top1_agreement"])]]
+        con.print(_table("with the compressed KV cache", ["metric", "fp16 cache", "compressed cache"], rows,
+                         caption=kv["protocol"]))
 
 
 @main.command("eval")

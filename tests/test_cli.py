@@ -129,3 +129,14 @@ def test_eval_activation_sparsity_stays_within_one_percent():
     a = json.loads(result.output)["activation_sparsity"]
     assert len(a["layer_sparsity"]) == 6
     assert 0 < a["sparsity"] < 1 and a["ppl_increase"] <= 0.01 + 1e-9
+
+
+def test_apply_kv_cache_recipe_reports_the_chunked_cache_protocol(tmp_path):
+    result = run("apply", RECIPES / "gear-kv4.yaml", "--output", tmp_path / "g", "--eval-windows", 2, "--json")
+    assert result.exit_code == 0, result.output
+    ev = json.loads(result.output)["eval"]
+    # the weights are unchanged, so a plain forward matches the baseline exactly...
+    assert ev["kl"] == pytest.approx(0.0, abs=1e-12) and ev["top1_agreement"] == 1.0
+    # ...and the compressed cache's effect shows in the chunked protocol: small but real
+    kv = ev["kv_cache"]
+    assert 0 < kv["kl"] < 0.05 and abs(kv["ppl_delta_pct"]) < 5 and kv["tokens_scored"] == 2 * (512 - 64 - 1)

@@ -161,40 +161,42 @@ def _value_mix_block(p: torch.Tensor, values, n0: int, n1: int) -> torch.Tensor:
 
 
 def _lowrank_scores(q: torch.Tensor, keys, scores: torch.Tensor) -> None:
-    """scores += (q @ Bf_c) @ A_c^T for every chunk with a low-rank term (never forms A Bf^T)."""
-    b, h, r, _ = q.shape
+    """scores += (q @ Bf_c) @ A_c^T for every chunk with a low-rank term (never forms A Bf^T): one product of q
+    with all chunks' channel factors, then one multiply-add per rank component (ranks are small)."""
+    b, h, r, d = q.shape
     c = keys.chunk_len
     for seg in keys.segments:
         nc, rank = seg.b.shape[2], seg.b.shape[-1]
-        qb = q.unsqueeze(2) @ seg.b.float()                               # [B, H, nc, R, r]
-        a = seg.a.float().view(b, h, nc, c, rank)
-        lr = (qb @ a.transpose(-1, -2)).permute(0, 1, 3, 2, 4).reshape(b, h, r, nc * c)
-        scores[..., seg.first_chunk * c:(seg.first_chunk + nc) * c] += lr
+        bf = seg.b.permute(0, 1, 3, 2, 4).reshape(b, h, d, nc * rank).float()
+        qb = (q @ bf).view(b, h, r, nc, 1, rank)                              # q @ Bf_c for every chunk
+        a = seg.a.float().view(b, h, 1, nc, c, rank)
+        part = scores[..., seg.first_chunk * c:(seg.first_chunk + nc) * c].view(b, h, r, nc, c)
+        for k in range(rank):
+            part.addcmul_(qb[..., k], a[..., k])
 
 
 def _lowrank_mix(p: torch.Tensor, values, out: torch.Tensor) -> None:
-    """out += sum_c (p_c @ A_c) @ Bf_c^T."""
+    """out += sum_c (p_c @ A_c) @ Bf_c^T: p_c @ A_c for all chunks at once, then one product with all Bf_c."""
     b, h, r, _ = p.shape
     c = values.chunk_len
     for seg in values.segments:
-        nc, rank = seg.b.shape[2], seg.b.shape[-1]
-        pc = p[..., seg.first_chunk * c:(seg.first_chunk + nc) * c].reshape(b, h, r, nc, c).transpose(2, 3)
-        pa = pc @ seg.a.float().view(b, h, nc, c, rank)                   # [B, H, nc, R, r]
-        out += (pa @ seg.b.float().transpose(-1, -2)).sum(2)
+        nc, rank, d = seg.b.shape[2], seg.b.shape[-1], seg.b.shape[3]
+        pc = p[..., seg.first_chunk * c:(seg.first_chunk + nc) * c].unsqueeze(-1)
+        pa = (pc * seg.a.float().unsqueeze(2)).view(b, h, r, nc, c, rank).sum(-2)   # [B, H, R, nc, r]
+        out += pa.reshape(b, h, r, nc * rank) @ seg.b.transpose(-1, -2).reshape(b, h, nc * rank, d).float()
 
 
 def outlier_coordinates(store) -> tuple[torch.Tensor, torch.Tensor]:
     """Token (within the whole compressed region) and channel of every outlier: two int64 [B, H, n_chunks * k]."""
-    pos = store.outlier_positions.to(torch.int32)
+    pos = store.outlier_positions.long()
     d = _head_dim(store)
-    chunk_start = torch.arange(pos.shape[2], device=pos.device, dtype=torch.int32).view(1, 1, -1, 1)
-    chunk_start = chunk_start * store.chunk_len
+    b, h, n_chunks = pos.shape[:3]
+    chunk_start = torch.arange(0, n_chunks * store.chunk_len, store.chunk_len, device=pos.device).view(-1, 1)
     if d & (d - 1) == 0:  # shifts and masks: integer division is a slow path on the CPU
         token, channel = (pos >> (d.bit_length() - 1)), pos & (d - 1)
     else:
         token, channel = pos // d, pos % d
-    b, h = pos.shape[:2]
-    return (token + chunk_start).reshape(b, h, -1).long(), channel.reshape(b, h, -1).long()
+    return (token + chunk_start).view(b, h, -1), channel.view(b, h, -1)
 
 
 def compressed_attention_reference(query: torch.Tensor, keys, values, window_keys: torch.Tensor,
@@ -217,7 +219,7 @@ def compressed_attention_reference(query: torch.Tensor, keys, values, window_key
             t_idx, d_idx = outlier_coordinates(keys)
             qd = q.gather(-1, d_idx.unsqueeze(2).expand(b, h, rows, -1))
             past.scatter_add_(-1, t_idx.unsqueeze(2).expand(b, h, rows, -1),
-                              qd * keys.outlier_values.reshape(b, h, 1, -1).float())
+                              qd * keys.outlier_values.reshape(b, h, 1, -1))
         parts.append(past)
     parts.append(q @ window_keys.float().transpose(-1, -2))
     scores = torch.cat(parts, -1)
@@ -238,7 +240,7 @@ def compressed_attention_reference(query: torch.Tensor, keys, values, window_key
             t_idx, d_idx = outlier_coordinates(values)
             pt = pp.gather(-1, t_idx.unsqueeze(2).expand(b, h, rows, -1))
             out.scatter_add_(-1, d_idx.unsqueeze(2).expand(b, h, rows, -1),
-                             pt * values.outlier_values.reshape(b, h, 1, -1).float())
+                             pt * values.outlier_values.reshape(b, h, 1, -1))
     return out.view(b, hq, l, d).to(query.dtype)
 
 

@@ -297,14 +297,16 @@ if triton is not None:
         lo = tl.min(tl.where(excluded != 0, float("inf"), x), axis=0)
         hi = tl.max(tl.where(excluded != 0, float("-inf"), x), axis=0)
         zero16 = lo.to(tl.float16)
-        scale16 = ((hi - lo) / LEVELS).to(tl.float16)
+        # div_rn: IEEE round-to-nearest division like torch's (a GPU's default fp32 division is approximate), so
+        # scales and codes match the torch reference bit for bit
+        scale16 = tl.math.div_rn(hi - lo, tl.zeros_like(hi) + LEVELS).to(tl.float16)
         stat = (r * n_groups + g) * D + d
         tl.store(zero_ptr + stat, zero16)
         tl.store(scale_ptr + stat, scale16)
         zero = zero16.to(tl.float32)
         scale = scale16.to(tl.float32)
         safe = tl.where(scale == 0, 1.0, scale)
-        q = tl.floor((x - zero[None, :]) / safe[None, :] + 0.5)
+        q = tl.floor(tl.math.div_rn(x - zero[None, :], safe[None, :]) + 0.5)
         q = tl.minimum(tl.maximum(q, 0.0), LEVELS).to(tl.int32)
         _pack_store(q, codes_ptr, rows, rows >= 0, G, D, BITS)
         if PER_SIDE > 0:  # select again (cheap) and store each outlier's correction and position
@@ -319,7 +321,7 @@ if triton is not None:
                     idx = tl.argmin(cand, axis=0)
                     val = tl.min(cand, axis=0)
                 chosen = tl.where(t[:, None] == idx[None, :], 1, chosen)
-                code = tl.minimum(tl.maximum(tl.floor((val - zero) / safe + 0.5), 0.0), LEVELS)
+                code = tl.minimum(tl.maximum(tl.floor(tl.math.div_rn(val - zero, safe) + 0.5), 0.0), LEVELS)
                 slot = stat * (2 * PER_SIDE) + i
                 tl.store(oval_ptr + slot, (val - (code * scale + zero)).to(tl.float16))
                 tl.store(opos_ptr + slot, ((g * G + idx) * D + d).to(opos_ptr.dtype.element_ty))
@@ -349,14 +351,14 @@ if triton is not None:
         lo = tl.min(tl.where(excluded != 0, float("inf"), x), axis=2)
         hi = tl.max(tl.where(excluded != 0, float("-inf"), x), axis=2)
         zero16 = lo.to(tl.float16)
-        scale16 = ((hi - lo) / LEVELS).to(tl.float16)
+        scale16 = tl.math.div_rn(hi - lo, tl.zeros_like(hi) + LEVELS).to(tl.float16)
         stat = (r * T + t)[:, None] * NG + gi[None, :]
         tl.store(zero_ptr + stat, zero16, mask=tmask[:, None])
         tl.store(scale_ptr + stat, scale16, mask=tmask[:, None])
         zero = zero16.to(tl.float32)
         scale = scale16.to(tl.float32)
         safe = tl.where(scale == 0, 1.0, scale)
-        q = tl.floor((x - zero[:, :, None]) / safe[:, :, None] + 0.5)
+        q = tl.floor(tl.math.div_rn(x - zero[:, :, None], safe[:, :, None]) + 0.5)
         q = tl.minimum(tl.maximum(q, 0.0), LEVELS).to(tl.int32)
         _pack_store(tl.reshape(q, [BLOCK_T, D]), codes_ptr, r * T + t, tmask, BLOCK_T, D, BITS)
         if PER_SIDE > 0:
@@ -371,7 +373,7 @@ if triton is not None:
                     idx = tl.argmin(cand, axis=2)
                     val = tl.min(cand, axis=2)
                 chosen = tl.where(j[None, None, :] == idx[:, :, None], 1, chosen)
-                code = tl.minimum(tl.maximum(tl.floor((val - zero) / safe + 0.5), 0.0), LEVELS)
+                code = tl.minimum(tl.maximum(tl.floor(tl.math.div_rn(val - zero, safe) + 0.5), 0.0), LEVELS)
                 slot = stat * (2 * PER_SIDE) + i
                 tl.store(oval_ptr + slot, (val - (code * scale + zero)).to(tl.float16), mask=tmask[:, None])
                 pos = t[:, None] * D + gi[None, :] * G + idx

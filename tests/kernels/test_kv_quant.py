@@ -153,8 +153,8 @@ def test_triton_matches_reference(triton_kernels, bits, axis, outlier_ratio):
     x = (torch.randn(1, 2, 64, 64) * 2).half().to(triton_kernels)
     ref = K.quantize_pack_reference(x, bits, 32, axis, outlier_ratio)
     got = K.quantize_pack(x, bits, 32, axis, outlier_ratio)
-    # Same fp32 arithmetic in the same order, so the interpreter gives identical codes. (Compiled on a GPU, fp32
-    # division may differ in the last ulp and move an exact rounding tie by one level.)
+    # Same fp32 arithmetic in the same order (the kernels divide with div_rn, IEEE round-to-nearest like torch, not
+    # the GPU's approximate division), so the codes are identical.
     assert torch.equal(got.codes, ref.codes)
     torch.testing.assert_close(got.scale, ref.scale, rtol=1e-3, atol=1e-4)
     torch.testing.assert_close(got.zero, ref.zero, rtol=1e-3, atol=1e-4)

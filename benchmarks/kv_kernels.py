@@ -1,6 +1,6 @@
 """Decode attention over the compressed KV cache vs dense attention, one process, one table.
 
-Queries, keys and values are the reference model's own (builtin:tiny, one layer, post-RoPE, on held-out text; the
+Queries, keys and values are the reference model's own (builtin:tiny, post-RoPE, on held-out text; the
 model's 1024 positions are tiled for longer contexts). For each context and cache format the compressed store is
 built with the cache's own code (compress.kvcache CompressedStore: quantize + outliers + low-rank by power
 iteration), then one decode step (1 token, 4 query heads on 2 KV heads) is timed for:
@@ -13,7 +13,8 @@ blocks and each keeps its fastest block. On the CPU with one thread the clock is
 spent waiting for a core on a shared machine is not counted. On the CPU, fp16 matmuls are slow (no native fp16 arithmetic), so
 dense fp32 is the fair CPU baseline; dense fp16 is there because it is the GPU baseline.
 rel_err = |ours - exact| / |exact| over the last 16 positions (causal), exact = float64 attention over the original
-K/V: the error of the cache format, computed through our kernel. bytes = compressed store + window, over dense
+K/V, averaged over the 6 layers (per layer in --json): the error of the cache format, computed through our kernel;
+timings use one layer (--layer). bytes = compressed store + window, over dense
 fp16 K/V (bits/elem: the same, per K or V element).
 On the CPU the torch reference runs; the Triton kernel runs only when CUDA is present (skipped otherwise).
 
@@ -39,8 +40,9 @@ GROUP, CHUNK, WINDOW = 64, 64, 32
 ERROR_QUERIES = 16  # the last 16 positions, causally, for the error column; one query for the timings
 
 
-def capture_qkv(layer: int, tokens: int = 1024):
-    """(q [1, 4, 16, 64] of the last 16 positions, k, v [1, 2, tokens, 64]) of one layer of the reference model."""
+def capture_qkv(tokens: int = 1024) -> list:
+    """Per layer of the reference model on held-out text: (q [1, 4, 16, 64] of the last 16 positions, k, v
+    [1, 2, tokens, 64]), post-RoPE, as attention receives them."""
     import compress
     from compress.calibration import builtin_text
     from transformers import AttentionInterface
@@ -52,16 +54,15 @@ def capture_qkv(layer: int, tokens: int = 1024):
     seen = {}
 
     def capture(module, query, key, value, attention_mask, **kwargs):
-        if module.layer_idx == layer:
-            seen.update(q=query[:, :, -ERROR_QUERIES:].detach().clone(), k=key.detach().clone(),
-                        v=value.detach().clone())
+        seen[module.layer_idx] = (query[:, :, -ERROR_QUERIES:].detach().clone(), key.detach().clone(),
+                                  value.detach().clone())
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
     AttentionInterface.register("capture_qkv", capture)
     model.set_attn_implementation("capture_qkv")
     with torch.no_grad():
         model(ids)
-    return seen["q"], seen["k"], seen["v"]
+    return [seen[i] for i in sorted(seen)]
 
 
 def build_store(x: torch.Tensor, axis: str, bits: int, outlier_ratio: float, rank: int):
@@ -120,46 +121,49 @@ def exact_attention(q, k, v):
     return scores.masked_fill(future, float("-inf")).softmax(-1) @ v
 
 
+def tiled(x: torch.Tensor, tokens: int) -> torch.Tensor:
+    return x.repeat(1, 1, -(-tokens // x.shape[2]), 1)[:, :, :tokens]
+
+
 def run(contexts, layer: int, min_run_time: float, device: str):
-    q, k1, v1 = capture_qkv(layer)
+    layers = [[t.to(device) for t in qkv] for qkv in capture_qkv()]
     rows = []
     for ctx in contexts:
-        reps = -(-ctx // k1.shape[2])
-        k = k1.repeat(1, 1, reps, 1)[:, :, :ctx].to(device)
-        v = v1.repeat(1, 1, reps, 1)[:, :, :ctx].to(device)
-        q_all = q.to(device)
-        qd = q_all[:, :, -1:].contiguous()
         n = (ctx - WINDOW) // CHUNK * CHUNK
-        exact = exact_attention(q_all, k, v)
-        k32, v32, k16, v16 = k.contiguous(), v.contiguous(), k.half(), v.half()
-        wk, wv = k16[:, :, n:], v16[:, :, n:]
-        q16 = qd.half()
         for name, (bits, ratio, rank) in FORMATS.items():
-            keys = build_store(k[:, :, :n], "token", bits, ratio, rank)
-            values = build_store(v[:, :, :n], "channel", bits, ratio, rank)
+            errors = []
+            for i, (q_all, k1, v1) in enumerate(layers):  # the error of the format, in every layer
+                k, v = tiled(k1, ctx), tiled(v1, ctx)
+                keys = build_store(k[:, :, :n], "token", bits, ratio, rank)
+                values = build_store(v[:, :, :n], "channel", bits, ratio, rank)
+                wk, wv = k[:, :, n:].half(), v[:, :, n:].half()
+                out = compressed_decode_attention(q_all, keys, values, wk, wv)  # causal over the last positions
+                exact = exact_attention(q_all, k, v)
+                errors.append(((out.double() - exact).norm() / exact.norm()).item())
+                if i == layer:
+                    timed = (q_all[:, :, -1:].contiguous(), k.contiguous(), v.contiguous(), keys, values, wk, wv)
+            qd, k32, v32, keys, values, wk, wv = timed
+            q16, k16, v16 = qd.half(), k32.half(), v32.half()
 
             def dequant_then_dense():
                 kd = torch.cat([keys.dequantize(), wk.float()], 2)
                 vd = torch.cat([values.dequantize(), wv.float()], 2)
                 return F.scaled_dot_product_attention(qd, kd, vd, enable_gqa=True)
 
-            def ours():
-                return compressed_decode_attention(qd, keys, values, wk, wv)
-
-            out = compressed_decode_attention(q_all, keys, values, wk, wv)  # causal over the last positions
-            rel_err = ((out.double() - exact).norm() / exact.norm()).item()
             times = time_us({
                 "dense32": lambda: F.scaled_dot_product_attention(qd, k32, v32, enable_gqa=True),
                 "dense16": lambda: F.scaled_dot_product_attention(q16, k16, v16, enable_gqa=True),
-                "dequant": dequant_then_dense, "ours": ours}, min_run_time)
-            t_ours, t_deq, dense32, dense16 = times["ours"], times["dequant"], times["dense32"], times["dense16"]
+                "dequant": dequant_then_dense,
+                "ours": lambda: compressed_decode_attention(qd, keys, values, wk, wv)}, min_run_time)
             held = store_bytes(keys) + store_bytes(values) + 2 * wk.numel() * wk.element_size()
             rows.append(dict(
                 device=device, path="triton" if use_triton(qd) else "torch reference", context=ctx, format=name,
                 bits=bits, outlier_ratio=ratio, rank=rank,
-                bits_per_element=8 * held / (2 * k.numel()), bytes_ratio_vs_fp16=held / (2 * k.numel() * 2),
-                rel_err=rel_err, speed_vs_dense_fp32=dense32 / t_ours, speed_vs_dense_fp16=dense16 / t_ours,
-                speed_vs_dequant_then_dense=t_deq / t_ours, threads=torch.get_num_threads()))
+                bits_per_element=8 * held / (2 * k32.numel()), bytes_ratio_vs_fp16=held / (2 * k32.numel() * 2),
+                rel_err=sum(errors) / len(errors), rel_err_per_layer=errors,
+                speed_vs_dense_fp32=times["dense32"] / times["ours"],
+                speed_vs_dense_fp16=times["dense16"] / times["ours"],
+                speed_vs_dequant_then_dense=times["dequant"] / times["ours"], threads=torch.get_num_threads()))
     return rows
 
 

@@ -186,3 +186,23 @@ def test_reference_group_layouts(bits, group):
     want = dense_attention_f64(q, k_all, v_all, None)
     torch.testing.assert_close(A.compressed_attention_reference(q, keys, values, wk, wv).double(), want,
                                rtol=1e-4, atol=1e-5)
+
+
+def test_head_dim_128_reference_and_triton(triton_kernels):
+    # the head size of Llama / Mistral / Qwen checkpoints; values in two groups of 64 channels
+    q, keys, values, wk, wv, k_all, v_all = make_case(d=128, group=64, chunk=64, n_chunks=2, batch=1,
+                                                      key_ranks=((2, 2),), value_ranks=((2, 3),))
+    ref = A.compressed_attention_reference(q, keys, values, wk, wv)
+    torch.testing.assert_close(ref.double(), dense_attention_f64(q, k_all, v_all, None), rtol=1e-4, atol=1e-5)
+    dev = triton_kernels
+    got = A.compressed_decode_attention(*_to(dev, q), _store_to(keys, dev), _store_to(values, dev), *_to(dev, wk, wv))
+    torch.testing.assert_close(got.cpu(), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_shapes_the_kernel_cannot_tile_take_the_reference(triton_kernels, monkeypatch):
+    # head_dim 96 is not a power of two: even with Triton forced, the public function answers with the reference
+    monkeypatch.setattr(A, "compressed_attention_triton", lambda *a, **k: pytest.fail("Triton path for head_dim 96"))
+    q, keys, values, wk, wv, k_all, v_all = make_case(d=96, group=32, chunk=32, n_chunks=2, batch=1,
+                                                      key_ranks=(), value_ranks=())
+    got = A.compressed_decode_attention(q, keys, values, wk, wv)
+    torch.testing.assert_close(got.double(), dense_attention_f64(q, k_all, v_all, None), rtol=1e-4, atol=1e-5)

@@ -173,3 +173,13 @@ def test_triton_values_tail_block(triton_kernels):
     got = K.quantize_pack(x, 2, 16, "channel", 0.1)
     assert torch.equal(got.codes, ref.codes) and torch.equal(got.outlier_positions, ref.outlier_positions)
     torch.testing.assert_close(K.unpack_dequantize(got), K.unpack_dequantize_reference(ref))
+
+
+def test_triton_head_dim_128(triton_kernels):
+    x = torch.randn(1, 2, 128, 128).to(triton_kernels)
+    for axis, group in (("token", 128), ("channel", 64)):
+        ref = K.quantize_pack_reference(x, 4, group, axis, 0.02)
+        got = K.quantize_pack(x, 4, group, axis, 0.02)
+        assert torch.equal(got.codes, ref.codes) and torch.equal(got.outlier_positions, ref.outlier_positions)
+        assert got.outlier_positions.dtype == torch.int16  # 128 x 128 = 16384 positions fit
+        torch.testing.assert_close(K.unpack_dequantize(got), K.unpack_dequantize_reference(ref))

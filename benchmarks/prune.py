@@ -141,7 +141,7 @@ def print_tables(quality: list[dict] | None, kernels: list[dict] | None) -> None
     from rich.console import Console
     from rich.table import Table
 
-    con = Console()
+    con = Console(width=None if sys.stdout.isatty() else 160)  # no truncated columns when piped to a file
     con.print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
               f"{torch.get_num_threads()} threads")
     if quality:

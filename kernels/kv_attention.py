@@ -405,7 +405,7 @@ def _dot_size(n: int) -> int:
     return max(16, 1 << max(0, (n - 1).bit_length()))
 
 
-def _single_segment(store, n_chunks: int):
+def _single_segment(store):
     """(first_chunk, A, Bf, rank) as one run of chunks: segments of different ranks are zero-padded to the largest
     and merged (a copy of the small factors); None without low-rank."""
     segs = [s for s in store.segments if s.b.shape[2]]
@@ -454,7 +454,7 @@ def compressed_attention_triton(query, keys, values, window_keys, window_values,
     store_args, meta = [], {}
     for name, store in (("K", keys), ("V", values)):
         if n:
-            lr = _single_segment(store, n // store.chunk_len)
+            lr = _single_segment(store)
             has_out = store.outlier_values is not None and store.outlier_values.shape[-1] > 0
             store_args += [store.codes.contiguous(), store.scale.contiguous(), store.zero.contiguous(),
                            lr[1] if lr else dummy, lr[2] if lr else dummy,

@@ -11,7 +11,6 @@ import torch
 # defined. With a GPU the kernels compile for real.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-import torch
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 

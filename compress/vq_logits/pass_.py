@@ -56,7 +56,8 @@ def build_vq_head(weight: torch.Tensor, hidden: torch.Tensor | None, counts: tor
     if c.scale_bias:
         vq = copy.deepcopy(vq) if keep_stages else vq
         table = torch.cat([vq.codebook.detach(), vq.shortlist_weight.detach()])
-        scales, biases = fit_scale_bias(hidden, weight, table, vq.codes)
+        scales, biases = fit_scale_bias(hidden, weight, table, vq.codes, weighting=c.fit_weighting,
+                                        share=c.fit_probability_share)
         with torch.no_grad():
             vq.scales.copy_(scales)
             vq.biases.copy_(biases)
@@ -86,6 +87,10 @@ class VQLogits(Pass):
         num_codes: int = Field(1024, ge=2, description="K, codebook size (2 <= K < vocabulary size)")
         shortlist: int = Field(0, ge=0, description="most frequent calibration tokens kept as exact dense rows")
         scale_bias: bool = Field(True, description="per-token scale and bias; false = the paper's plain copy")
+        fit_weighting: str = Field("probability", pattern="^(probability|uniform)$",
+                                   description="least-squares weights per token: probability-weighted mix, or uniform")
+        fit_probability_share: float = Field(0.2, ge=0, le=1, description="share of each token's fit weight "
+                                             "placed by dense probability (the rest is uniform over positions)")
         weighting: str = Field("frequency", pattern="^(frequency|uniform)$",
                                description="k-means row weights: calibration token counts + 1, or uniform")
         kmeans_iterations: int = Field(25, ge=1, le=1000)

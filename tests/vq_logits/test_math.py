@@ -1,4 +1,5 @@
 """k-means, least-squares scale/bias and the head module: checked against direct computations."""
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -66,17 +67,20 @@ def test_least_squares_recovers_planted_scale_and_bias():
     assert biases.abs().max() < 1e-4
 
 
-def test_least_squares_is_optimal():
-    # against numpy's lstsq, token by token, on unstructured rows
+@pytest.mark.parametrize("weighting", ["uniform", "probability"])
+def test_least_squares_is_optimal(weighting):
+    # against torch.linalg.lstsq (rows scaled by sqrt(weight)), token by token, on unstructured rows
     g = torch.Generator().manual_seed(1)
     dense, codebook = torch.randn(20, 8, generator=g), torch.randn(4, 8, generator=g)
     codes, hidden = torch.randint(0, 4, (20,), generator=g), torch.randn(300, 8, generator=g)
-    scales, biases = fit_scale_bias(hidden.double(), dense.double(), codebook.double(), codes, ridge=0.0)
+    scales, biases = fit_scale_bias(hidden, dense, codebook, codes, weighting=weighting, share=0.4, ridge=0.0)
     z, gl = hidden.double() @ dense.double().t(), hidden.double() @ codebook.double().t()
+    p = torch.softmax(z, -1)
+    om = 0.4 * p / p.sum(0) + 0.6 / 300 if weighting == "probability" else torch.ones_like(z)
     for i in range(20):
-        a = torch.stack([gl[:, codes[i]], torch.ones(300, dtype=torch.float64)], 1)
-        sol = torch.linalg.lstsq(a, z[:, i:i + 1]).solution.flatten()
-        assert torch.allclose(torch.tensor([scales[i], biases[i]], dtype=torch.float64), sol, rtol=1e-4, atol=1e-5)
+        a = torch.stack([gl[:, codes[i]], torch.ones(300, dtype=torch.float64)], 1) * om[:, i:i + 1].sqrt()
+        sol = torch.linalg.lstsq(a, z[:, i:i + 1] * om[:, i:i + 1].sqrt()).solution.flatten()
+        assert torch.allclose(torch.tensor([scales[i], biases[i]], dtype=torch.float64), sol, rtol=1e-4, atol=1e-4)
 
 
 def test_head_logits_equal_reference_and_shortlist_is_exact():

@@ -227,12 +227,13 @@ def long_context(n: int, device: str) -> dict:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", action="store_true", help="print a JSON list (one object per configuration)")
+    ap.add_argument("--save-json", metavar="PATH", help="also write the JSON list to PATH (with the table on stdout)")
     ap.add_argument("--quick", action="store_true", help="fewer configurations, windows and steps (smoke test)")
-    ap.add_argument("--windows", type=int, default=8)
+    ap.add_argument("--windows", type=int, default=6)
     ap.add_argument("--window-len", type=int, default=512)
     ap.add_argument("--copy-num", type=int, default=8)
     ap.add_argument("--copy-len", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--memory-context", type=int, default=16384)
     ap.add_argument("--device", default="cpu", help="device of the --long check (cpu or cuda)")
@@ -246,6 +247,9 @@ def main(argv=None) -> None:
         args.windows, args.window_len, args.copy_num, args.copy_len = 2, 192, 2, 96
         args.steps, args.reps, args.memory_context = 4, 1, 0
     rows = run(args)
+    if args.save_json:
+        with open(args.save_json, "w") as f:
+            json.dump(rows, f, indent=2)
     if args.json:
         print(json.dumps(rows, indent=2))
     else:

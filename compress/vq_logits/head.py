@@ -75,7 +75,11 @@ class VQLogitsHead(nn.Module):
         return self.codebook, self.codes, self.scales, self.biases, self.shortlist_weight
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[..., d] -> [..., V] logits (Triton on CUDA, torch reference elsewhere)."""
+        """[..., d] -> [..., V] logits (Triton on CUDA, torch reference elsewhere). When autograd needs the graph
+        (training through the head), the differentiable torch reference runs: the Triton kernels have no backward."""
+        trainable = hidden.requires_grad or any(p.requires_grad for p in (self.codebook, self.scales, self.biases))
+        if torch.is_grad_enabled() and trainable:
+            return self.reference_logits(hidden)
         return kernels.vq_logits(hidden.to(self.codebook.dtype), *self.parts())
 
     def reference_logits(self, hidden: torch.Tensor) -> torch.Tensor:

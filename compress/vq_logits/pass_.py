@@ -97,8 +97,8 @@ class VQLogits(Pass):
         distill: bool = Field(False, description="fine-tune codebook/scales/biases on KL to the dense head")
         distill_steps: int = Field(300, ge=1)
         distill_seconds: float = Field(120.0, gt=0, description="wall-clock budget of distillation")
-        distill_lr: float = Field(1e-3, gt=0)
-        distill_batch_size: int = Field(512, ge=1)
+        distill_lr: float = Field(3e-3, gt=0)
+        distill_batch_size: int = Field(256, ge=1)
         max_fit_tokens: int = Field(65536, ge=16, description="calibration positions kept for fitting")
         seed: int = 0
 

@@ -88,6 +88,10 @@ def test_generate_greedy_matches_full_forward_and_sampling_runs(fitted, referenc
     # the loss path: labels give a finite cross-entropy through the VQ head
     loss = model(input_ids=manual, labels=manual).loss
     assert torch.isfinite(loss)
+    loss.backward()  # and gradients reach the codebook, scales and biases (the differentiable reference path)
+    head = model.lm_head
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in (head.codebook, head.scales, head.biases))
+    model.zero_grad(set_to_none=True)
 
 
 def test_checkpoint_round_trip(fitted, tmp_path, heldout, reference_tokenizer):

@@ -15,7 +15,7 @@ reads a GEARCache's compressed storage and hands every other cache to sdpa).
   same tokens (both measured from tensor storage; the transient memory of a step is not included).
 
     OMP_NUM_THREADS=1 python benchmarks/kv_cache.py [--json] [--quick]
-    OMP_NUM_THREADS=1 python benchmarks/kv_cache.py --long 32768 [--device cuda]   # 32k-token context, GEAR-4"""
+    OMP_NUM_THREADS=1 python benchmarks/kv_cache.py --long 32768 [--device cuda] [--only gear-4-k1 kivi-2 ...]"""
 from __future__ import annotations
 
 import argparse
@@ -195,18 +195,23 @@ def print_table(rows: list[dict], args) -> None:
 
 
 @torch.no_grad()
-def long_context(n: int, device: str) -> dict:
-    """Feed an n-token context through GEAR-4 (chunks of 1024 tokens, each attending to the compressed past), then
-    time 16 decode steps; the same with a DynamicCache when `--long-baseline`. Cache bytes, peak memory, time."""
+def long_context(n: int, device: str, names: list[str]) -> dict:
+    """Feed an n-token context (chunks of 1024 tokens, each attending to the compressed past) through each named
+    configuration, then time 16 decode steps: cache bytes, peak memory (GPU: allocator peak of that run), time,
+    and ratios to the uncompressed DynamicCache (skipped on the CPU above 16k tokens)."""
     model = compress.load("builtin:tiny", device=device)
     model.set_attn_implementation("gear_kv")
     ids = context_ids(compress.load_tokenizer("builtin:tiny"), n).to(device)
+    known = {r["name"]: r for r in configurations(False)}
     out = {"context": n, "device": device}
-    for name, factory in (("gear-4", lambda: GEARCache(model.config, bits=4)),
-                          ("dynamic", lambda: DynamicCache(config=model.config))):
-        if name == "dynamic" and device == "cpu" and n > 16384:
-            continue  # the uncompressed baseline is only run where it fits comfortably
+    for name in ["dynamic-fp32"] + [x for x in names if x != "dynamic-fp32"]:
+        if name not in known:
+            raise SystemExit(f"unknown configuration {name!r}; known: {', '.join(known)}")
+        if name == "dynamic-fp32" and device == "cpu" and n > 16384:
+            continue
+        factory = make_factory(model, known[name])
         if device == "cuda":
+            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         cache, t0 = factory(), time.perf_counter()
         for s in range(0, n, 1024):
@@ -214,13 +219,20 @@ def long_context(n: int, device: str) -> dict:
         prefill = time.perf_counter() - t0
         step = decode_seconds(model, cache, logits[:, -1:].argmax(-1), 16)
         nbytes, entries = cache_bytes(cache)
-        out[name] = {"prefill_seconds": prefill, "decode_step_seconds": step, "cache_bytes": nbytes,
-                     "bits_per_element": 8 * nbytes / entries, "seq_length": cache.get_seq_length()}
+        res = {"prefill_seconds": prefill, "decode_step_seconds": step, "cache_bytes": nbytes,
+               "bits_per_element": 8 * nbytes / entries, "seq_length": cache.get_seq_length()}
         if device == "cuda":
-            out[name]["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
+            res["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
+        out[name] = res
+        del cache
+    base = out.get("dynamic-fp32")
+    for name in names:
+        if base is not None and name in out and name != "dynamic-fp32":
+            out[name]["decode_speed_ratio"] = base["decode_step_seconds"] / out[name]["decode_step_seconds"]
+            out[name]["cache_bytes_ratio_fp32"] = out[name]["cache_bytes"] / base["cache_bytes"]
+            if device == "cuda":
+                out[name]["peak_gpu_ratio"] = out[name]["peak_gpu_bytes"] / base["peak_gpu_bytes"]
     out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if "dynamic" in out:
-        out["decode_speed_ratio"] = out["dynamic"]["decode_step_seconds"] / out["gear-4"]["decode_step_seconds"]
     return out
 
 
@@ -237,11 +249,12 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--memory-context", type=int, default=16384)
     ap.add_argument("--device", default="cpu", help="device of the --long check (cpu or cuda)")
-    ap.add_argument("--only", nargs="*", help="only these configuration names (and the baseline)")
+    ap.add_argument("--only", nargs="*", help="only these configuration names (and the baseline); with --long: the "
+                    "configurations to run (default gear-4-r2, the issue's GEAR-4 defaults)")
     ap.add_argument("--long", type=int, default=0, help="only run the long-context check at this many tokens")
     args = ap.parse_args(argv)
     if args.long:
-        print(json.dumps(long_context(args.long, args.device), indent=2))
+        print(json.dumps(long_context(args.long, args.device, args.only or ["gear-4-r2"]), indent=2))
         return
     if args.quick:
         args.windows, args.window_len, args.copy_num, args.copy_len = 2, 192, 2, 96

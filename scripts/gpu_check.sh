@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# One run on a lent GPU machine (the device tool runs it in the repository root, $OUT comes back):
+# every Triton kernel against its torch reference compiled for real (the kernel tests), then the GPU benchmarks.
+# The machine cannot download: pydantic and a matching transformers travel as wheels in .gearwheels/ (ignored).
+set -u
+OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
+nvidia-smi -L | tee "$OUT/device.txt"
+python3 -m pip install --no-index --no-deps -q .gearwheels/*.whl 2>&1 | tail -n 2
+python3 -m pip install --no-deps --no-build-isolation -q -e . 2>&1 | tail -n 2
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/device.txt"
+timeout 170 python3 -m pytest -q -p no:cacheprovider tests/kernels 2>&1 | tail -n 25 | tee "$OUT/kernel_tests.txt"
+timeout 100 python3 benchmarks/gpu_kernels.py 2>&1 | tee "$OUT/gpu_kernels.txt"
+timeout 60 python3 benchmarks/kv_kernels.py --contexts 4096 16384 2>&1 | tail -n 30 | tee "$OUT/kv_kernels.txt"

@@ -7,8 +7,11 @@ One run, one table:
 
 Quality protocol: as compress.evaluate (non-overlapping 256-token held-out windows, every next-token position).
 Only the head changes, so the backbone runs once: the hidden states entering the head are captured and every head
-(dense and VQ) is scored on the same hidden states. Speed: median wall time of the head's forward (dense F.linear
-vs VQLogitsHead on the torch CPU path), for 1 token (decoding) and 128 tokens (a prompt), in this one process.
+(dense and VQ) is scored on the same hidden states (64 windows by default). Speed: median wall time of the head's
+forward (dense F.linear vs VQLogitsHead on the torch CPU path), for 1 token (decoding) and 128 tokens (a prompt),
+timed in alternation in this one process with 1 torch thread (see `speedups`).
+Parameters: dense V*d against the VQ head's floating-point numbers (codebook, shortlist rows, scales, biases); the
+integer code map is reported in the byte ratios (and `head_numbers_ratio`, which counts it as numbers too).
 
     python benchmarks/vq_logits.py            # table
     python benchmarks/vq_logits.py --json     # JSON list of rows on stdout
@@ -57,33 +60,43 @@ def quality(head_fn, hidden: torch.Tensor, windows: torch.Tensor, dense_weight: 
     return acc.result(True)
 
 
-def median_seconds(fn, repeats: int, min_batch_seconds: float = 0.02) -> float:
-    """Median seconds per call over `repeats` timed batches; each batch loops enough calls to last about
-    `min_batch_seconds`, so sub-millisecond heads are not lost in timer and scheduler noise."""
+def _calls_per_batch(fn, min_batch_seconds: float) -> int:
     fn()
     t0 = time.perf_counter()
     fn()
-    once = max(time.perf_counter() - t0, 1e-6)
-    inner = max(1, int(min_batch_seconds / once))
-    times = []
+    return max(1, int(min_batch_seconds / max(time.perf_counter() - t0, 1e-6)))
+
+
+def paired_median_seconds(fns, repeats: int, min_batch_seconds: float = 0.02) -> list[float]:
+    """Median seconds per call of each function. The functions are timed in alternation (A, B, A, B, ...) so that
+    both see the same machine load; each timed batch loops enough calls to last about `min_batch_seconds`."""
+    inner = [_calls_per_batch(fn, min_batch_seconds) for fn in fns]
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        times.append((time.perf_counter() - t0) / inner)
-    return statistics.median(times)
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            for _ in range(inner[i]):
+                fn()
+            times[i].append((time.perf_counter() - t0) / inner[i])
+    return [statistics.median(t) for t in times]
 
 
 @torch.no_grad()
-def speedups(dense_weight: torch.Tensor, head: VQLogitsHead, repeats: int) -> dict[int, float]:
-    """dense time / VQ time of the head forward, per token count, same inputs, same process."""
+def speedups(dense_weight: torch.Tensor, head: VQLogitsHead, repeats: int, threads: int) -> dict:
+    """dense time / VQ time of the head forward, per token count, same inputs, same process, `threads` threads
+    (1 by default: on a shared 2-core machine, multi-threaded timings are dominated by waits for a busy core)."""
     out = {}
     gen = torch.Generator().manual_seed(1)
-    for n in TOKENS:
-        h = torch.randn(n, dense_weight.shape[1], generator=gen)
-        dense = median_seconds(lambda: F.linear(h, dense_weight), repeats)
-        ours = median_seconds(lambda: head(h), repeats)
-        out[n] = dense / ours
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for n in TOKENS:
+            h = torch.randn(n, dense_weight.shape[1], generator=gen)
+            dense, ours = paired_median_seconds([lambda: F.linear(h, dense_weight), lambda: head(h)], repeats)
+            out[n] = dense / ours
+            out[f"ms_{n}"] = (round(dense * 1e3, 4), round(ours * 1e3, 4))
+    finally:
+        torch.set_num_threads(saved)
     return out
 
 
@@ -124,12 +137,13 @@ def tiny_rows(args, progress: bool) -> list[dict]:
         t0 = time.perf_counter()
         stages, details = build_vq_head(dense_weight, calib_hidden, counts, cfg, progress=progress, keep_stages=True)
         fit_seconds = time.perf_counter() - t0
-        speed = speedups(dense_weight, stages[-1][1], args.repeats)
+        speed = speedups(dense_weight, stages[-1][1], args.repeats, args.threads)
         for variant, head in stages:
             q = quality(head, eval_hidden, windows, dense_weight)
             rows.append({"model": "builtin:tiny", "K": k, "variant": variant, **ratios(dense_weight, head),
                          "perplexity": q["perplexity"], "kl": q["kl"], "top1_agreement": q["top1_agreement"],
                          "head_speedup": speed[1], "head_speedup_128_tokens": speed[128],
+                         "head_ms_dense_vq": {1: speed["ms_1"], 128: speed["ms_128"]},
                          "fit_seconds": round(fit_seconds, 1),
                          **({"distill_steps": details["distill"]["steps"]} if variant == "distill" else {})})
         print(f"builtin:tiny K={k} done in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
@@ -145,21 +159,22 @@ def llama_rows(args) -> list[dict]:
     head = VQLogitsHead.from_parts(torch.randn(k, d, generator=gen).mul_(0.02),
                                    torch.randint(0, k, (v,), generator=gen),
                                    torch.rand(v, generator=gen) + 0.5, torch.randn(v, generator=gen))
-    speed = speedups(dense_weight, head, args.repeats)
+    speed = speedups(dense_weight, head, args.repeats, args.threads)
     return [{"model": "llama3-8b-shape", "K": k, "variant": "scale_bias", **ratios(dense_weight, head),
              "perplexity": None, "kl": None, "top1_agreement": None,
-             "head_speedup": speed[1], "head_speedup_128_tokens": speed[128]}]
+             "head_speedup": speed[1], "head_speedup_128_tokens": speed[128],
+             "head_ms_dense_vq": {1: speed["ms_1"], 128: speed["ms_128"]}}]
 
 
 def fmt(x, spec):
     return "-" if x is None else format(x, spec)
 
 
-def print_table(rows: list[dict]) -> None:
+def print_table(rows: list[dict], threads: int) -> None:
     """A markdown table (pasted as is into BENCHMARKS.md)."""
     cols = ["model", "K", "variant", "params ratio", "bytes ratio", "perplexity", "KL", "top-1",
             "head speedup 1 tok", "head speedup 128 tok"]
-    print(f"CPU: {torch.get_num_threads()} threads; ratios are dense / VQ")
+    print(f"CPU ({torch.get_num_threads()} threads for fitting, {threads} for head timing); ratios are dense / VQ")
     print("| " + " | ".join(cols) + " |")
     print("|" + "|".join("---" for _ in cols) + "|")
     for r in rows:
@@ -173,24 +188,29 @@ def print_table(rows: list[dict]) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", action="store_true", help="print the rows as a JSON list instead of a table")
-    ap.add_argument("--max-windows", type=int, default=100, help="held-out windows of 256 tokens to score")
+    ap.add_argument("--max-windows", type=int, default=64, help="held-out windows of 256 tokens to score")
     ap.add_argument("--calib-samples", type=int, default=128, help="calibration windows of 256 tokens")
     ap.add_argument("--shortlist", type=int, default=0)
     ap.add_argument("--distill-steps", type=int, default=100)
-    ap.add_argument("--distill-seconds", type=float, default=60.0)
+    ap.add_argument("--distill-seconds", type=float, default=45.0)
     ap.add_argument("--distill-batch-size", type=int, default=256)
     ap.add_argument("--distill-lr", type=float, default=3e-3)
     ap.add_argument("--repeats", type=int, default=7, help="timed repeats per measurement (median)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads while timing the heads")
     ap.add_argument("--skip-llama", action="store_true")
+    ap.add_argument("--save", help="also write the JSON rows to this file")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     rows = tiny_rows(args, progress=not args.json and sys.stderr.isatty())
     if not args.skip_llama:
         rows += llama_rows(args)
+    if args.save:
+        with open(args.save, "w") as f:
+            json.dump(rows, f, indent=1)
     if args.json:
         print(json.dumps(rows, indent=1))
     else:
-        print_table(rows)
+        print_table(rows, args.threads)
     return 0
 
 

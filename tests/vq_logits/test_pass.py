@@ -184,3 +184,20 @@ def test_recipe_through_the_cli(tmp_path, reference_model, reference_tokenizer):
     mine = evaluate(loaded, windows, reference_model, progress=False)
     assert summary["eval"]["kl"] == pytest.approx(mine["kl"], rel=1e-5)
     assert 0 < mine["kl"] < 1.5  # K=256 from 1k calibration tokens: a sanity bound, quality is tested above
+
+
+def test_benchmark_head_only_scoring_equals_full_evaluation(fitted, reference_model, heldout):
+    """benchmarks/vq_logits.py scores heads on captured hidden states; that must equal compress.evaluate."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "vq_logits.py"
+    spec = importlib.util.spec_from_file_location("bench_vq_logits", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    model, _ = fitted["distill"]
+    windows = heldout[:4]
+    hidden = bench.head_inputs(reference_model, windows)
+    mine = bench.quality(model.lm_head, hidden, windows, reference_model.lm_head.weight.detach())
+    full = evaluate(model, windows, reference_model, progress=False)
+    for key in ("perplexity", "kl", "top1_agreement"):
+        assert mine[key] == pytest.approx(full[key], rel=1e-4, abs=1e-6)

@@ -30,14 +30,16 @@ def fit_scale_bias(hidden: torch.Tensor, dense_weight: torch.Tensor, table: torc
         raise ValueError(f"share must be in [0, 1] (got {share})")
     codes = codes.long()
     n_total, v = hidden.shape[0], dense_weight.shape[0]
-    w, t = dense_weight.float(), table.float()
+    w, t = dense_weight.float().to(hidden.device), table.float().to(hidden.device)
+    codes = codes.to(hidden.device)
     prob_mass = None
     if weighting == "probability" and share > 0:
-        prob_mass = torch.zeros(v, dtype=torch.float64)  # first pass: each token's total probability
+        # first pass: each token's total probability over the calibration positions
+        prob_mass = torch.zeros(v, dtype=torch.float64, device=hidden.device)
         for i in range(0, n_total, chunk):
             prob_mass += torch.softmax(hidden[i:i + chunk].float() @ w.t(), dim=-1).sum(0, dtype=torch.float64)
         prob_scale = (share / prob_mass.clamp_min(1e-300)).float()
-    sw, sg, sgg, sz, sgz = (torch.zeros(v, dtype=torch.float64) for _ in range(5))
+    sw, sg, sgg, sz, sgz = (torch.zeros(v, dtype=torch.float64, device=hidden.device) for _ in range(5))
     for i in range(0, n_total, chunk):
         h = hidden[i:i + chunk].float()
         z = h @ w.t()                             # [n, V] dense logits
@@ -56,4 +58,4 @@ def fit_scale_bias(hidden: torch.Tensor, dense_weight: torch.Tensor, table: torc
     cov = sgz - sg * sz / sw                       # weighted covariance of g and z (times total weight)
     scales = cov / (var_g + ridge * sgg.clamp_min(1e-30))
     biases = (sz - scales * sg) / sw
-    return scales.float(), biases.float()
+    return scales.float().to(dense_weight.device), biases.float().to(dense_weight.device)

@@ -68,7 +68,7 @@ if triton is not None:
             where = count[:, None] + before
             w = tl.load(v_ptr + where, mask=bit == 1, other=0.0).to(tl.float32)
             count += tl.sum(bit, axis=1)
-            acc += tl.dot(x, tl.trans(w))
+            acc += tl.dot(x, tl.trans(w), input_precision="ieee")  # fp32 accuracy on GPUs too (no TF32)
         if HAS_BIAS:
             acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
         tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),

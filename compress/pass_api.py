@@ -144,7 +144,7 @@ def format_validation_error(pass_name: str, exc) -> str:
     lines = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "(arguments)"
-        lines.append(f"pass {pass_name!r}: {loc}: {err['msg']}")
+        lines.append(f"pass {pass_name!r}: {loc}: {err['msg'].removeprefix('Value error, ')}")
     return "\n".join(lines)
 
 

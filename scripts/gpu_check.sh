@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One run on a lent GPU machine (the device tool runs it in the repository root, $OUT comes back):
 # every Triton kernel against its torch reference compiled for real (the kernel tests), then the GPU benchmarks.
-# The machine cannot download: pydantic and a matching transformers travel as wheels in .gearwheels/ (ignored).
+# The machine cannot download: pydantic and a matching transformers travel as wheels in .gearwheels/ (ignored;
+# make them here with `pip download --only-binary :all: --python-version 3.12 --no-deps -d .gearwheels pydantic
+# pydantic-core annotated-types typing-inspection transformers==5.24.0`) and the call carries that folder.
 set -u
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
 nvidia-smi -L | tee "$OUT/device.txt"

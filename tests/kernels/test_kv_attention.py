@@ -1,17 +1,16 @@
 """Attention over the compressed KV storage: the torch reference against float64 attention over the dense
 reconstruction, and the Triton kernel (interpreted on CPU) against the reference."""
 import math
-import os
 
 import torch
 
-if not torch.cuda.is_available():  # triton reads this when it is first imported: the kernels run interpreted on CPU
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
+import pytest
 
-from compress.kernels import kv_attention as A  # noqa: E402
-from compress.kernels import kv_quant as Q  # noqa: E402
+from compress.kernels import kv_attention as A
+from compress.kernels import kv_quant as Q
+
+TRITON_KERNEL = A._compressed_decode_kernel  # checked by the triton_kernels fixture (tests/kernels/conftest.py)
 
 
 def random_store(x, axis, bits, group_size, chunk_len, outlier_ratio=0.0, ranks=(), seed=0):
@@ -115,15 +114,6 @@ def test_cpu_tensors_take_the_reference(monkeypatch):
     q, keys, values, wk, wv, _, _ = make_case()
     torch.testing.assert_close(A.compressed_decode_attention(q, keys, values, wk, wv),
                                A.compressed_attention_reference(q, keys, values, wk, wv))
-
-
-@pytest.fixture
-def triton_kernels(monkeypatch):
-    pytest.importorskip("triton")
-    if not torch.cuda.is_available() and type(A._compressed_decode_kernel).__name__ != "InterpretedFunction":
-        pytest.fail("triton was imported before TRITON_INTERPRET=1 was set: run these tests with TRITON_INTERPRET=1")
-    monkeypatch.setenv("COMPRESS_KERNELS", "triton")
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _to(device, *tensors):

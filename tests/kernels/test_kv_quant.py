@@ -3,26 +3,16 @@ import os
 
 import torch
 
-if not torch.cuda.is_available():  # triton reads this when it is first imported: the kernels run interpreted on CPU
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
+import pytest
 
-from compress.errors import ConfigError  # noqa: E402
-from compress.kernels import kv_quant as K  # noqa: E402
+from compress.errors import ConfigError
+from compress.kernels import kv_quant as K
+
+TRITON_KERNEL = K._quantize_keys_kernel  # checked by the triton_kernels fixture (tests/kernels/conftest.py)
 
 BITS = (2, 3, 4, 8)
 AXES = ("token", "channel")
-
-
-@pytest.fixture
-def triton_kernels(monkeypatch):
-    """Force the Triton path (interpreted on CPU); fail loudly if triton was imported before the interpreter flag."""
-    pytest.importorskip("triton")
-    if not torch.cuda.is_available() and type(K._quantize_keys_kernel).__name__ != "InterpretedFunction":
-        pytest.fail("triton was imported before TRITON_INTERPRET=1 was set: run these tests with TRITON_INTERPRET=1")
-    monkeypatch.setenv("COMPRESS_KERNELS", "triton")
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _expanded(p, stat):

@@ -1,26 +1,12 @@
 """The N:M sparse linear kernel against a float64 dense reference; the Triton kernel runs under TRITON_INTERPRET=1."""
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():  # read when triton is first imported: kernels run interpreted on CPU
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from compress.kernels import sparse_nm
+from compress.prune.masks import nm_mask
+from compress.prune.packing import pack_nm
 
-import pytest  # noqa: E402
-
-from compress.kernels import sparse_nm  # noqa: E402
-from compress.prune.masks import nm_mask  # noqa: E402
-from compress.prune.packing import pack_nm  # noqa: E402
-
-
-@pytest.fixture
-def triton_kernels(monkeypatch):
-    """Force the Triton path (interpreted on CPU); fail loudly if triton was imported before the interpreter flag."""
-    pytest.importorskip("triton")
-    if not torch.cuda.is_available() and type(sparse_nm._nm_linear_kernel).__name__ != "InterpretedFunction":
-        pytest.fail("triton was imported before TRITON_INTERPRET=1 was set: run these tests with TRITON_INTERPRET=1")
-    monkeypatch.setenv("COMPRESS_KERNELS", "triton")
-    return "cuda" if torch.cuda.is_available() else "cpu"
+TRITON_KERNEL = sparse_nm._nm_linear_kernel  # checked by the triton_kernels fixture (tests/kernels/conftest.py)
 
 
 def packed_case(rows, cols, n, m, seed=0, dtype=torch.float32):

@@ -1,24 +1,11 @@
 """VQ-Logits kernels (codebook GEMM -> gather -> scale/bias, and the log-sum-exp / top-k variants that never write
 the V logits) against a float64 torch computation; the Triton kernels run under TRITON_INTERPRET=1 on the CPU."""
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():  # read when triton is first imported: kernels run interpreted on CPU
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from compress.kernels import vq_logits as vk
 
-import pytest  # noqa: E402
-
-from compress.kernels import vq_logits as vk  # noqa: E402
-
-
-@pytest.fixture
-def triton_kernels(monkeypatch):
-    pytest.importorskip("triton")
-    if not torch.cuda.is_available() and type(vk._logits_kernel).__name__ != "InterpretedFunction":
-        pytest.fail("triton was imported before TRITON_INTERPRET=1 was set: run these tests with TRITON_INTERPRET=1")
-    monkeypatch.setenv("COMPRESS_KERNELS", "triton")
-    return "cuda" if torch.cuda.is_available() else "cpu"
+TRITON_KERNEL = vk._logits_kernel  # checked by the triton_kernels fixture (tests/kernels/conftest.py)
 
 
 def case(n, d, k, s, v, code_dtype, seed=0):

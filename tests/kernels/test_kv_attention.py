@@ -2,10 +2,8 @@
 reconstruction, and the Triton kernel (interpreted on CPU) against the reference."""
 import math
 
-import torch
-
-
 import pytest
+import torch
 
 from compress.kernels import kv_attention as A
 from compress.kernels import kv_quant as Q

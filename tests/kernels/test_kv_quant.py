@@ -1,10 +1,8 @@
 """KV quantizer: packing, error bounds per bit width, outliers, byte accounting, Triton (interpreted) vs reference."""
 import os
 
-import torch
-
-
 import pytest
+import torch
 
 from compress.errors import ConfigError
 from compress.kernels import kv_quant as K

@@ -1,5 +1,4 @@
 """KV quantizer: packing, error bounds per bit width, outliers, byte accounting, Triton (interpreted) vs reference."""
-import os
 
 import pytest
 import torch

@@ -93,3 +93,28 @@ def test_bad_arguments():
         vk.vq_topk(**p, k=0)
     with pytest.raises(ValueError, match=r"\[V\]"):
         vk.vq_logits(**{**p, "scales": p["scales"][:10]})
+
+
+@pytest.mark.parametrize("gemm", ["triton", "torch"])
+def test_both_stage1_gemms_feed_the_fused_stage(triton_kernels, gemm):
+    """Stage 1 by the Triton GEMM or by the BLAS library (the CUDA default), stage 2 Triton either way."""
+    p = on(case(7, 64, 40, 3, 500, torch.int16, seed=2), triton_kernels)
+    want = float64_logits({k: (t.cpu() if t is not None else None) for k, t in p.items()})
+    got = vk.vq_logits_triton(**p, gemm=gemm).cpu().double()
+    assert (got - want).abs().max() / want.abs().max() < 1e-5
+    lse = vk.vq_logsumexp_triton(**p, gemm=gemm).cpu().double()
+    assert torch.allclose(lse, torch.logsumexp(want, -1), rtol=1e-5, atol=1e-4)
+    vals, ids = vk.vq_topk_triton(**p, k=2, gemm=gemm)
+    assert torch.equal(ids.cpu(), want.topk(2).indices)
+    with pytest.raises(ValueError, match="gemm"):
+        vk.vq_logits_triton(**p, gemm="cublas")
+
+
+def test_half_precision_output_is_written_in_the_input_dtype(triton_kernels):
+    p = on(case(3, 32, 16, 0, 300, torch.uint8, seed=3), triton_kernels)
+    half = {k: (t.half() if t is not None and t.is_floating_point() else t) for k, t in p.items()}
+    out = vk.vq_logits(**half)
+    assert out.dtype == torch.float16
+    want = float64_logits({k: (t.cpu().double() if t is not None and t.is_floating_point() else
+                              (t.cpu() if t is not None else None)) for k, t in half.items()})
+    assert (out.cpu().double() - want).abs().max() / want.abs().max() < 2e-3

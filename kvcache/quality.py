@@ -10,7 +10,6 @@ Copy probe: a random token string repeated twice; accuracy of greedy next-token 
 (from its second token on), while the first copy sits in the compressed past. It is where KV errors show first."""
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -19,6 +18,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from ..errors import CompressError
+from ..evaluate import MetricAccumulator
 
 CacheFactory = Callable[[], object]
 
@@ -58,13 +58,13 @@ def chunked_logits(model: nn.Module, ids: torch.Tensor, make_cache: CacheFactory
 
 def compare_logits(ref: torch.Tensor, ours: torch.Tensor, targets: torch.Tensor) -> QualityResult:
     """ref/ours [N, V] logits at the scored positions; targets [N] the true next tokens."""
-    ref_logp, our_logp = ref.log_softmax(-1), ours.log_softmax(-1)
-    nll_ref = -ref_logp.gather(-1, targets[:, None]).mean().item()
-    nll = -our_logp.gather(-1, targets[:, None]).mean().item()
-    kl = (ref_logp.exp() * (ref_logp - our_logp)).sum(-1).mean().item()
-    top1 = (ref.argmax(-1) == ours.argmax(-1)).float().mean().item()
-    ppl, ppl_ref = math.exp(nll), math.exp(nll_ref)
-    return QualityResult(ppl, ppl_ref, 100.0 * (ppl / ppl_ref - 1.0), max(kl, 0.0), top1, int(targets.numel()))
+    ours_acc, ref_acc = MetricAccumulator(), MetricAccumulator()
+    ours_acc.add(ours, targets, ref)
+    ref_acc.add(ref, targets)
+    got, want = ours_acc.result(with_baseline=True), ref_acc.result(with_baseline=False)
+    ppl, ppl_ref = got["perplexity"], want["perplexity"]
+    return QualityResult(ppl, ppl_ref, 100.0 * (ppl / ppl_ref - 1.0), max(got["kl"], 0.0), got["top1_agreement"],
+                         int(targets.numel()))
 
 
 @torch.no_grad()

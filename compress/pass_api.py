@@ -162,16 +162,23 @@ def timed(report: PassReport):
     return _Timer()
 
 
+def storage_bytes(tensors) -> int:
+    """Bytes held by these tensors' storages, each storage counted once (a meta tensor counts its would-be size)."""
+    seen, total = set(), 0
+    for t in tensors:
+        if t.device.type == "meta":
+            total += t.numel() * t.element_size()
+            continue
+        key = (t.untyped_storage().data_ptr(), t.device)
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
 def tensor_bytes(module: nn.Module) -> int:
     """Bytes actually held by the module's parameters and buffers (each storage counted once)."""
-    seen, total = set(), 0
-    for t in list(module.parameters()) + list(module.buffers()):
-        key = (t.untyped_storage().data_ptr(), t.device) if t.device.type != "meta" else id(t)
-        if key in seen:
-            continue
-        seen.add(key)
-        total += t.numel() * t.element_size() if t.device.type == "meta" else t.untyped_storage().nbytes()
-    return total
+    return storage_bytes(list(module.parameters()) + list(module.buffers()))
 
 
 def stored_parameters(module: nn.Module) -> int:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
+from ..pass_api import storage_bytes
 from .config import KVCacheSettings
 from .kernel_api import KEY_AXIS, VALUE_AXIS
 from .store import CompressedStore
@@ -32,17 +33,6 @@ def tag_past(tensor: torch.Tensor, past: CompressedStore) -> torch.Tensor:
     """Attach the compressed past to the tensor that attention receives (read back by attention.py)."""
     tensor._gear_past = past
     return tensor
-
-
-def storage_bytes(tensors) -> int:
-    """Bytes held by the storages of these tensors, each storage counted once."""
-    seen, total = set(), 0
-    for t in tensors:
-        key = (t.untyped_storage().data_ptr(), t.device)
-        if key not in seen:
-            seen.add(key)
-            total += t.untyped_storage().nbytes()
-    return total
 
 
 class GEARLayer(CacheLayerMixin):

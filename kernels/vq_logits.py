@@ -4,9 +4,10 @@
 
 Shortlist tokens point at their own exact row (codes >= K) with scale 1 and bias 0, so one gather serves both.
 
-Two stages, both Triton on CUDA: (1) the code logits U = hidden @ table^T, a small [N, K+S] GEMM; (2) one fused
-pass over the vocabulary that gathers U by code and applies scale/bias, and either writes the V logits, or reduces
-them on the fly to a log-sum-exp or to per-block top-k candidates without writing [N, V]. The stages are not merged
+Two stages: (1) the code logits U = hidden @ table^T, a small [N, K+S] GEMM (cuBLAS on CUDA by default, or the
+Triton GEMM here: see `code_logits_gemm`); (2) one fused Triton pass over the vocabulary that gathers U by code
+and applies scale/bias, and either writes the V logits, or reduces them on the fly to a log-sum-exp or to
+per-block top-k candidates without writing [N, V]. The stages are not merged
 into one kernel on purpose: every vocabulary block needs code logits for arbitrary codes, so recomputing them per
 block would cost V x d like the dense head; U is tiny ([N, K+S]) and stays in L2 between the two launches.
 
@@ -177,27 +178,43 @@ def code_logits_triton(hidden2d: torch.Tensor, codebook, shortlist_weight=None) 
     return u
 
 
-def _launch_args(hidden, codebook, codes, scales, biases, shortlist_weight):
+def code_logits_gemm(hidden2d: torch.Tensor, codebook, shortlist_weight=None, gemm: str = "auto") -> torch.Tensor:
+    """Stage 1, [N, K+S] fp32. `gemm="torch"` hands this plain GEMM to the BLAS library (cuBLAS on a GPU), which
+    is the default on CUDA: the H200 run measured the whole Triton path at only 2x over the dense fp16 head at
+    Llama-3-8B's shape, most likely because the Triton GEMM above (64 programs x 128 serial d-steps for one
+    token) is latency-bound there. `gemm="triton"` runs the Triton GEMM (the default off CUDA, i.e. under the
+    interpreter). The fused stage 2 is Triton either way."""
+    if gemm == "auto":
+        gemm = "torch" if hidden2d.is_cuda else "triton"
+    if gemm == "triton":
+        return code_logits_triton(hidden2d, codebook, shortlist_weight)
+    if gemm != "torch":
+        raise ValueError(f"gemm must be 'auto', 'torch' or 'triton' (got {gemm!r})")
+    return code_logits_reference(hidden2d.float(), codebook.float(),
+                                 None if shortlist_weight is None else shortlist_weight.float()).contiguous()
+
+
+def _launch_args(hidden, codebook, codes, scales, biases, shortlist_weight, gemm):
     h = _flat(hidden)
-    u = code_logits_triton(h, codebook, shortlist_weight)
+    u = code_logits_gemm(h, codebook, shortlist_weight, gemm)
     return h, u, codes.contiguous(), scales.contiguous(), biases.contiguous()
 
 
 BLOCK_N_ROWS, BLOCK_V_COLS = 16, 256
 
 
-def vq_logits_triton(hidden, codebook, codes, scales, biases, shortlist_weight=None) -> torch.Tensor:
-    h, u, codes, scales, biases = _launch_args(hidden, codebook, codes, scales, biases, shortlist_weight)
+def vq_logits_triton(hidden, codebook, codes, scales, biases, shortlist_weight=None, gemm="auto") -> torch.Tensor:
+    h, u, codes, scales, biases = _launch_args(hidden, codebook, codes, scales, biases, shortlist_weight, gemm)
     n, v = h.shape[0], codes.shape[0]
-    out = torch.empty(n, v, device=h.device, dtype=torch.float32)
+    out = torch.empty(n, v, device=h.device, dtype=hidden.dtype)  # the store casts: no extra pass over [N, V]
     grid = (triton.cdiv(n, BLOCK_N_ROWS), triton.cdiv(v, BLOCK_V_COLS))
     _logits_kernel[grid](u, codes, scales, biases, out, n, v, u.stride(0), out.stride(0),
                          BLOCK_N=BLOCK_N_ROWS, BLOCK_V=BLOCK_V_COLS)
-    return out.to(hidden.dtype).view(*hidden.shape[:-1], v)
+    return out.view(*hidden.shape[:-1], v)
 
 
-def vq_logsumexp_triton(hidden, codebook, codes, scales, biases, shortlist_weight=None) -> torch.Tensor:
-    h, u, codes, scales, biases = _launch_args(hidden, codebook, codes, scales, biases, shortlist_weight)
+def vq_logsumexp_triton(hidden, codebook, codes, scales, biases, shortlist_weight=None, gemm="auto") -> torch.Tensor:
+    h, u, codes, scales, biases = _launch_args(hidden, codebook, codes, scales, biases, shortlist_weight, gemm)
     n, v = h.shape[0], codes.shape[0]
     nvb = triton.cdiv(v, BLOCK_V_COLS)
     pmax = torch.empty(n, nvb, device=h.device, dtype=torch.float32)
@@ -209,8 +226,8 @@ def vq_logsumexp_triton(hidden, codebook, codes, scales, biases, shortlist_weigh
     return lse.view(hidden.shape[:-1])
 
 
-def vq_topk_triton(hidden, codebook, codes, scales, biases, k: int, shortlist_weight=None):
-    h, u, codes, scales, biases = _launch_args(hidden, codebook, codes, scales, biases, shortlist_weight)
+def vq_topk_triton(hidden, codebook, codes, scales, biases, k: int, shortlist_weight=None, gemm="auto"):
+    h, u, codes, scales, biases = _launch_args(hidden, codebook, codes, scales, biases, shortlist_weight, gemm)
     n, v = h.shape[0], codes.shape[0]
     nvb = triton.cdiv(v, BLOCK_V_COLS)
     kk = min(k, BLOCK_V_COLS)

@@ -9,7 +9,7 @@ from torch import nn
 
 from .calibration import CalibrationSpec, batches_hash
 from .checkpoint import compression_record
-from .errors import CompressError
+from .errors import CalibrationError, CompressError
 from .pass_api import Pass, PassContext, PassReport, tensor_bytes
 
 
@@ -59,8 +59,8 @@ def apply(
     ctx = PassContext(calibration=calibration, tokenizer=tokenizer, device=device, progress=progress)
     for p in passes:
         if p.needs_calibration_for() and calibration is None:
-            raise CompressError(f"pass {p.name!r} with these arguments needs calibration data: add a `calibration:` "
-                                "section to the recipe (e.g. `calibration: {source: builtin:calibration}`)")
+            raise CalibrationError(f"pass {p.name!r} with these arguments needs calibration data: add a "
+                                   "`calibration:` section to the recipe (e.g. `calibration: {source: builtin:calibration}`)")
 
     report = ApplyReport(bytes_before=tensor_bytes(model))
     previous = getattr(model.config, "compression", None) or {}

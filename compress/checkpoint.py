@@ -49,7 +49,7 @@ def _unique_state_dict(model: nn.Module, storage_dtype: torch.dtype) -> dict[str
             continue  # a tied weight (e.g. lm_head = embed_tokens); re-tied on load
         seen[key] = name
         t = t.detach().to("cpu")
-        if t.is_floating_point() and not getattr(t, "_compress_keep_dtype", False):
+        if t.is_floating_point():
             t = t.to(storage_dtype)
         out[name] = t.contiguous()
     return out

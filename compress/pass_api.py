@@ -13,7 +13,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from .errors import ConfigError, CompressError
+from .errors import CalibrationError, CompressError, ConfigError
 from .targets import match_modules
 
 
@@ -63,7 +63,7 @@ class PassContext:
         """Token ids [num_samples, seq_len] (LongTensor), deterministic by the calibration seed."""
         if self._batches is None:
             if self.calibration is None:
-                raise CompressError(
+                raise CalibrationError(
                     f"{pass_name} needs calibration data: add a `calibration:` section to the recipe "
                     "(e.g. `calibration: {source: builtin:calibration}`)"
                 )

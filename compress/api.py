@@ -5,12 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from pydantic import ValidationError
 from torch import nn
 
 from .calibration import CalibrationSpec, batches_hash
 from .checkpoint import compression_record
-from .errors import CalibrationError, CompressError
-from .pass_api import Pass, PassContext, PassReport, tensor_bytes
+from .errors import CalibrationError, CompressError, ConfigError
+from .pass_api import Pass, PassContext, PassReport, format_validation_error, tensor_bytes
 
 
 @dataclass
@@ -39,11 +40,12 @@ def apply(
     """Apply a `Recipe` or a list of `Pass` instances to `model` in place; returns (model, report)."""
     from .recipe import Recipe
 
-    recipe_text = None
+    recipe_text, base_dir = None, None
     if isinstance(recipe_or_passes, Recipe):
         passes: Sequence[Pass] = recipe_or_passes.build_passes()
         calibration = calibration or recipe_or_passes.calibration
         recipe_text = recipe_or_passes.text
+        base_dir = recipe_or_passes.base_dir
     elif isinstance(recipe_or_passes, Pass):
         passes = [recipe_or_passes]
     else:
@@ -51,12 +53,16 @@ def apply(
         if not all(isinstance(p, Pass) for p in passes):
             raise CompressError("apply() takes a Recipe or a list of Pass instances (e.g. compress.passes.Prune(...))")
     if isinstance(calibration, dict):
-        calibration = CalibrationSpec(**calibration)
+        try:
+            calibration = CalibrationSpec(**calibration)
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error("calibration", exc).replace("pass 'calibration'", "calibration")) from None
     if tokenizer is None and getattr(model, "compress_source", None):
         from .models import load_tokenizer
 
         tokenizer = load_tokenizer(model.compress_source)
-    ctx = PassContext(calibration=calibration, tokenizer=tokenizer, device=device, progress=progress)
+    ctx = PassContext(calibration=calibration, tokenizer=tokenizer, device=device, progress=progress,
+                      base_dir=base_dir)
     for p in passes:
         if p.needs_calibration_for() and calibration is None:
             raise CalibrationError(f"pass {p.name!r} with these arguments needs calibration data: add a "
@@ -71,5 +77,6 @@ def apply(
         entries.append(p.entry(r))
     report.bytes_after = tensor_bytes(model)
     report.calibration_hash = batches_hash(ctx._batches) if ctx._batches is not None else previous.get("calibration_hash")
-    model.config.compression = compression_record(entries, recipe_text, report.calibration_hash)
+    source = previous.get("source_model") or getattr(model, "compress_source", None)
+    model.config.compression = compression_record(entries, recipe_text, report.calibration_hash, source)
     return model, report

@@ -30,8 +30,10 @@ def library_version() -> str:
     return __version__
 
 
-def compression_record(passes: list[dict[str, Any]], recipe_text: str | None, calibration_hash: str | None) -> dict:
+def compression_record(passes: list[dict[str, Any]], recipe_text: str | None, calibration_hash: str | None,
+                       source_model: str | None = None) -> dict:
     return {
+        "source_model": source_model,
         "format_version": FORMAT_VERSION,
         "library_version": library_version(),
         "passes": passes,

@@ -66,7 +66,8 @@ def validate(recipe: str) -> None:
 @click.option("--model", "model_src", help="Model folder or builtin:NAME (overrides the recipe's `model`).")
 @click.option("--output", "-o", help="Output folder (overrides the recipe's `output`).")
 @click.option("--dry-run", is_flag=True, help="Print the modules each pass would touch; load no weights.")
-@click.option("--device", default="cpu", show_default=True, help="Compute device for calibration (cpu, cuda).")
+@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]),
+              help="Compute device for calibration; the model stays on the CPU and layers visit the device in turn.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("--eval/--no-eval", "do_eval", default=True, show_default=True,
               help="Evaluate the exported checkpoint against the original model on held-out text.")
@@ -88,11 +89,11 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
     passes = r.build_passes()
     if dry_run:
         model = models.load(model_src, meta=True, allow_pickle=allow_pickle)
-        plan = {p.name: p.describe(model) for p in passes}
+        plan = [(p.name, p.describe(model)) for p in passes]
         if as_json:
-            click.echo(json.dumps({"model": model_src, "passes": [{"pass": k, "modules": v} for k, v in plan.items()]}))
+            click.echo(json.dumps({"model": model_src, "passes": [{"pass": k, "modules": v} for k, v in plan]}))
         else:
-            for i, (name, mods) in enumerate(plan.items(), 1):
+            for i, (name, mods) in enumerate(plan, 1):
                 click.echo(f"{i}. {name}: {len(mods)} module(s)")
                 for m in mods:
                     click.echo(f"     {m}")
@@ -102,19 +103,25 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
         raise CompressError(f"{recipe}: no output folder: add `output: out/NAME` to the recipe or pass --output")
     if Path(output).exists() and not overwrite:
         raise CompressError(f"{output} already exists; choose another --output or pass --overwrite")
-    model = models.load(model_src, device=device, allow_pickle=allow_pickle)
+    source_path = models.resolve_model_path(model_src)
+    if Path(output).resolve() == source_path.resolve():
+        raise CompressError(f"--output {output} is the source model's folder; write the checkpoint somewhere else")
+    _check_device(device)
     tokenizer = models.load_tokenizer(model_src)
+    if do_eval and tokenizer is None:
+        raise CompressError(f"{model_src} has no tokenizer files, which the evaluation needs: save the tokenizer "
+                            "with the model, or pass --no-eval")
+    model = models.load(model_src, allow_pickle=allow_pickle)
     model, report = api.apply(model, r, tokenizer=tokenizer, device=device, progress=not as_json)
-    model.to("cpu")
     checkpoint.save(model, output, tokenizer=tokenizer, recipe_text=r.text, report=report.to_dict(),
                     overwrite=overwrite)
     result = {"model": model_src, "output": str(output), **report.to_dict()}
     result["checkpoint_bytes"] = folder_bytes(Path(output))
-    if Path(models.resolve_model_path(model_src)).is_dir():
-        result["original_checkpoint_bytes"] = folder_bytes(models.resolve_model_path(model_src))
+    result["original_checkpoint_bytes"] = folder_bytes(source_path)
     if do_eval:
         text = Path(eval_text).read_text(encoding="utf-8") if eval_text else None
-        result["eval"] = _evaluate(output, model_src, tokenizer, eval_windows, progress=not as_json, text=text)
+        result["eval"] = _evaluate(models.load(output), model_src, tokenizer, eval_windows, progress=not as_json,
+                                   text=text)
     if as_json:
         click.echo(json.dumps(result, default=str))
         return
@@ -122,21 +129,38 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
     con.print(_table("passes", ["pass", "modules", "bytes before", "bytes after", "seconds"],
                      [[p["name"], p["num_modules"], _mb(p["bytes_before"]), _mb(p["bytes_after"]), p["seconds"]]
                       for p in result["passes"]]))
-    con.print(f"checkpoint: {output}  ({_mb(result['checkpoint_bytes'])} of weights"
-              + (f", original {_mb(result['original_checkpoint_bytes'])})" if "original_checkpoint_bytes" in result else ")"))
+    con.print(f"checkpoint: {output}  ({_mb(result['checkpoint_bytes'])} of weights, "
+              f"original {_mb(result['original_checkpoint_bytes'])})")
     if do_eval:
         _print_eval(con, result["eval"])
+
+
+def _recorded_source(model_src: str) -> str | None:
+    """The model a compressed checkpoint was made from, if its `compression` section names one that exists here."""
+    from . import models
+
+    source = (models.compression_section(models.resolve_model_path(model_src)) or {}).get("source_model")
+    if source and (source.startswith("builtin:") or Path(source).exists()):
+        return source
+    return None
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise CompressError("--device cuda, but torch sees no CUDA GPU here; use --device cpu")
 
 
 def folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
 
 
-def _evaluate(model_src, baseline_src, tokenizer, windows, progress, seq_len: int = 256, text: str | None = None):
+def _evaluate(model, baseline_src, tokenizer, windows, progress, seq_len: int = 256, text: str | None = None):
+    """Evaluate a loaded `model` against the model at `baseline_src` (if any) on held-out windows."""
     from . import models
     from .evaluate import evaluate, heldout_windows
 
-    model = models.load(model_src)
     baseline = models.load(baseline_src) if baseline_src else None
     w = heldout_windows(tokenizer, text=text, seq_len=seq_len, max_windows=windows)
     out = evaluate(model, w, baseline, progress=progress)
@@ -180,7 +204,8 @@ def _print_eval(con, ev: dict) -> None:
 
 @main.command("eval")
 @click.argument("model_src", metavar="MODEL")
-@click.option("--baseline", help="Model to compare against (KL divergence, top-1 agreement).")
+@click.option("--baseline", help="Model to compare against (KL divergence, top-1 agreement); default: the model a "
+                                "compressed checkpoint was made from, when it can be found.")
 @click.option("--text", "text_file", type=click.Path(exists=True, dir_okay=False),
               help="Held-out text file (default: the built-in reference model's held-out text).")
 @click.option("--seq-len", default=256, show_default=True)
@@ -195,12 +220,15 @@ def eval_cmd(model_src, baseline, text_file, seq_len, max_windows, speed, activa
     from .evaluate import generation_speed
     from .pass_api import stored_parameters, tensor_bytes
 
+    if baseline is None:
+        baseline = _recorded_source(model_src)
     tokenizer = models.load_tokenizer(model_src) or (models.load_tokenizer(baseline) if baseline else None)
     if tokenizer is None:
         raise CompressError(f"{model_src} has no tokenizer files; save the tokenizer with the model")
     text = Path(text_file).read_text(encoding="utf-8") if text_file else None
-    result = _evaluate(model_src, baseline, tokenizer, max_windows, progress=not as_json, seq_len=seq_len, text=text)
     model = models.load(model_src)
+    result = _evaluate(model, baseline, tokenizer, max_windows, progress=not as_json, seq_len=seq_len, text=text)
+    result["baseline"] = baseline
     result["parameters"] = stored_parameters(model)
     result["bytes"] = folder_bytes(models.resolve_model_path(model_src))
     result["resident_bytes"] = tensor_bytes(model)

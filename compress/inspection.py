@@ -31,26 +31,22 @@ def _is_compressed(module: nn.Module) -> bool:
     return not type(module).__module__.startswith(("torch.", "transformers."))
 
 
-def _storage_bytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size() if t.device.type == "meta" else t.untyped_storage().nbytes()
-
-
 def bytes_by_component(model: nn.Module, storage_dtype: torch.dtype | None = None) -> dict[str, dict[str, int]]:
-    """{component: {"dense": bytes, "compressed": bytes}}. A tensor counts as compressed when its owning module is
-    not a plain Linear/Embedding (e.g. a SparseLinear or a VQ head). With `storage_dtype`, floating tensors are
-    counted at that dtype's size (what the checkpoint holds)."""
+    """{component: {"dense": bytes, "compressed": bytes}} over the tensors a checkpoint stores (the state dict:
+    non-persistent buffers such as rotary frequencies are rebuilt on load, not stored). A tensor counts as compressed
+    when its owning module is the project's own (e.g. a SparseLinear or a VQ head). With `storage_dtype`, floating
+    tensors are counted at that dtype's size (what the checkpoint holds)."""
     out: dict[str, dict[str, int]] = defaultdict(lambda: {"dense": 0, "compressed": 0})
+    modules = dict(model.named_modules())
     seen = set()
-    for mod_name, module in model.named_modules():
-        kind = "compressed" if _is_compressed(module) else "dense"
-        tensors = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
-        for t_name, t in tensors:
-            key = id(t) if t.device.type == "meta" else (t.untyped_storage().data_ptr(), t.device)
-            if key in seen:
-                continue
-            seen.add(key)
-            nbytes = _storage_bytes(t)
-            if storage_dtype is not None and t.is_floating_point():
-                nbytes = t.numel() * torch.empty((), dtype=storage_dtype).element_size()
-            out[component_of(f"{mod_name}.{t_name}")][kind] += nbytes
+    for name, t in model.state_dict(keep_vars=True).items():
+        key = id(t) if t.device.type == "meta" else (t.untyped_storage().data_ptr(), t.storage_offset(), t.shape)
+        if key in seen:
+            continue  # a tied weight, stored once
+        seen.add(key)
+        owner = modules[name.rpartition(".")[0]]
+        kind = "compressed" if _is_compressed(owner) else "dense"
+        itemsize = (torch.empty((), dtype=storage_dtype).element_size()
+                    if storage_dtype is not None and t.is_floating_point() else t.element_size())
+        out[component_of(name)][kind] += t.numel() * itemsize
     return dict(out)

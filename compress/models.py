@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import CheckpointError, UnsupportedModelError
+from .errors import CheckpointError, CompressError, UnsupportedModelError
 
 BUILTIN_ROOT = Path(__file__).parent / "builtin"
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -88,6 +88,8 @@ def load(
 
     _quiet_transformers()
     if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise CompressError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
         dtype = DTYPES[dtype]
     path = resolve_model_path(source)
     config = read_config(path)

@@ -57,6 +57,7 @@ class PassContext:
     device: str = "cpu"
     seed: int = 0
     progress: bool = True
+    base_dir: Any = None  # the recipe's folder: relative calibration sources resolve from there
     _batches: torch.Tensor | None = None
 
     def calibration_batches(self, pass_name: str = "this pass") -> torch.Tensor:
@@ -71,7 +72,7 @@ class PassContext:
                 raise CompressError(f"{pass_name} needs calibration data, but the model has no tokenizer to encode it")
             from .calibration import build_batches
 
-            self._batches = build_batches(self.calibration, self.tokenizer)
+            self._batches = build_batches(self.calibration, self.tokenizer, self.base_dir)
         return self._batches
 
     def run_sequential(self, model: nn.Module, on_layer, pass_name: str = "this pass", batch_size: int = 8) -> None:

@@ -19,9 +19,6 @@ def triton_available() -> bool:
     return True
 
 
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
 
 def use_triton(*tensors: torch.Tensor) -> bool:
     """Whether the public kernel functions should run their Triton kernel for these inputs."""

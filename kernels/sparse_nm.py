@@ -112,7 +112,7 @@ def nm_linear_triton(x, values, indices, n, m, in_features, bias=None, block_m=1
     x2 = x.reshape(-1, in_features)
     rows = values.shape[0]
     y = torch.empty(x2.shape[0], rows, dtype=x.dtype, device=x.device)
-    block_k = max(block_k, m)
+    block_k = triton.next_power_of_2(max(block_k, m))  # tl.arange needs a power of two
     grid = (triton.cdiv(x2.shape[0], block_m), triton.cdiv(rows, block_n))
     values, indices = values.contiguous(), indices.contiguous()
     _nm_linear_kernel[grid](

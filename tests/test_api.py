@@ -12,7 +12,8 @@ from compress import registry
 def test_apply_passes_in_code_and_record_them(tiny_model, tmp_path):
     model = tiny_model("llama", hidden_size=128, intermediate_size=256)
     before = model.model.layers[0].mlp.up_proj.weight.clone()
-    model, report = compress.apply(model, [compress.passes.Prune(method="magnitude", sparsity=0.25)], progress=False)
+    model, report = compress.apply(model, [compress.passes.Prune(method="magnitude", sparsity=0.25, storage="dense")],
+                                   progress=False)
     up = model.model.layers[0].mlp.up_proj
     w = up.dense_weight() if hasattr(up, "dense_weight") else up.weight  # packed or dense storage
     assert (w == 0).float().mean().item() == pytest.approx(0.25, abs=1e-3)
@@ -23,6 +24,9 @@ def test_apply_passes_in_code_and_record_them(tiny_model, tmp_path):
     # applying again appends to the record: the checkpoint lists both passes in order
     compress.apply(model, [compress.passes.Prune(sparsity=0.5)], progress=False)
     assert [e["args"]["sparsity"] for e in model.config.compression["passes"]] == [0.25, 0.5]
+    # now every decoder Linear is packed: a third prune finds nothing to prune and says so
+    with pytest.raises(ConfigError, match="match no Linear layer"):
+        compress.apply(model, [compress.passes.Prune(sparsity=0.5)], progress=False)
 
 
 def test_bad_arguments_in_code_are_config_errors():

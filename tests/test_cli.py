@@ -139,3 +139,53 @@ def test_apply_kv_cache_recipe_reports_the_chunked_cache_protocol(tmp_path):
     # ...and the compressed cache's effect shows in the chunked protocol: small but real
     kv = ev["kv_cache"]
     assert 0 < kv["kl"] < 0.05 and abs(kv["ppl_delta_pct"]) < 5 and kv["tokens_scored"] == 2 * (512 - 64 - 1)
+
+
+def test_inspect_components_add_up_to_the_stored_tensors(magnitude_checkpoint):
+    from safetensors import safe_open
+
+    out, _ = magnitude_checkpoint
+    data = json.loads(run("inspect", out, "--json").output)
+    counted = sum(v["dense"] + v["compressed"] for v in data["components"].values())
+    with safe_open(out / "model.safetensors", framework="pt") as f:
+        stored = sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys())
+    assert counted == stored
+    assert data["components"]["mlp"]["compressed"] > 0 and data["components"]["mlp"]["dense"] == 0
+
+
+def test_eval_defaults_to_the_recorded_source_model(magnitude_checkpoint):
+    out, _ = magnitude_checkpoint
+    data = json.loads(run("eval", out, "--max-windows", 2, "--no-speed", "--json").output)
+    assert data["baseline"] == "builtin:tiny" and data["kl"] > 0
+
+
+def test_dry_run_lists_every_pass_even_with_the_same_name(tmp_path):
+    recipe = tmp_path / "two.yaml"
+    recipe.write_text("model: builtin:tiny\npasses:\n  - prune: {targets: ['re:.*mlp.*']}\n"
+                      "  - prune: {targets: ['re:.*self_attn.*'], structure: '2:4'}\n")
+    result = run("apply", recipe, "--dry-run", "--json")
+    assert result.exit_code == 0, result.output
+    plans = json.loads(result.output)["passes"]
+    assert [len(p["modules"]) for p in plans] == [18, 24]  # the Linear layers inside the matched containers
+    assert all(m.endswith("_proj") for p in plans for m in p["modules"])
+
+
+def test_relative_calibration_source_resolves_from_the_recipe_folder(tmp_path, reference_tokenizer):
+    from compress.calibration import builtin_text
+
+    (tmp_path / "calib.txt").write_text(builtin_text("builtin:calibration")[:20000])
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: builtin:tiny\ncalibration: {source: calib.txt, num_samples: 4, seq_len: 64}\n"
+                      "passes:\n  - prune: {method: wanda, sparsity: 0.3}\n")
+    result = run("apply", recipe, "--output", tmp_path / "o", "--no-eval", "--json")
+    assert result.exit_code == 0, result.output
+
+
+def test_nm_structures_other_than_half_reload(tmp_path):
+    model = compress.load("builtin:tiny")
+    compress.apply(model, [compress.passes.Prune(structure="1:4")], progress=False)
+    reloaded = compress.load(compress.save(model, tmp_path / "c"))
+    assert reloaded.config.compression["passes"][0]["args"]["sparsity"] == 0.75
+    ids = torch.randint(0, 8192, (1, 16))
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, reloaded(ids).logits, atol=1e-4)

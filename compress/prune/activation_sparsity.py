@@ -82,7 +82,7 @@ class _Truncation:
                 self.captured[i].append(a.detach().reshape(-1, a.shape[-1]).float())
             if self.taus is None:
                 return None
-            drop = (a.abs() * self.norms[i].to(a.dtype)) < self.taus[i]
+            drop = (a.abs() * self.norms[i].to(a.device, a.dtype)) < self.taus[i]
             self.inactive[i] += int(drop.sum())
             self.seen[i] += drop.numel()
             return (a.masked_fill(drop, 0.0),) + tuple(args[1:])

@@ -62,6 +62,8 @@ class Prune(Pass):
             if "sparsity" in c.model_fields_set and (not isinstance(c.sparsity, float) or abs(c.sparsity - implied) > 1e-9):
                 raise ConfigError(f"structure {c.structure} fixes sparsity at {implied:g}; drop `sparsity` or set it "
                                   f"to {implied:g}")
+            # record the implied sparsity, so the checkpoint's arguments validate again when it is reloaded
+            c.sparsity = implied
             if c.owl:
                 raise ConfigError("owl (non-uniform layer sparsity) works with unstructured pruning only; "
                                   "drop `owl` or use structure: unstructured")
@@ -111,16 +113,24 @@ class Prune(Pass):
         return report
 
     def _checked_targets(self, model: nn.Module) -> dict[str, nn.Linear]:
-        targets = self.target_modules(model)
+        matched = self.target_modules(model)
         nm = parse_structure(self.config.structure)
-        for name, module in targets.items():
-            if not isinstance(module, nn.Linear):
+        for name, module in matched.items():
+            if name in self.config.targets and not isinstance(module, nn.Linear):
                 raise ConfigError(f"prune targets Linear layers; {name} is a {type(module).__name__}: "
-                                  "narrow `targets` or add it to `ignore`")
+                                  "name its Linear layers or use a pattern like 're:.*mlp\\..*'")
+        # a pattern such as re:.*mlp.* also matches the MLP container: keep the Linear layers it holds
+        targets = {n: m for n, m in matched.items() if isinstance(m, nn.Linear)}
+        if not targets:
+            raise ConfigError(f"prune: targets {self.config.targets} match no Linear layer; name Linear layers")
+        for name, module in targets.items():
             if nm is not None and module.in_features % nm[1]:
                 raise ConfigError(f"{name}: input width {module.in_features} is not divisible by M={nm[1]}; "
                                   "ignore this module or choose another N:M")
         return targets
+
+    def describe(self, model: nn.Module) -> list[str]:
+        return list(self._checked_targets(model))
 
     def _layer_sparsities(self, num_layers, layer_of, model, ctx, label) -> list[float] | None:
         """One sparsity per decoder layer (None when a single number applies everywhere and OWL is off)."""

@@ -9,7 +9,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from ..errors import CalibrationError, ConfigError, UnsupportedModelError
+from ..errors import CalibrationError, CheckpointError, ConfigError, UnsupportedModelError
 from ..pass_api import Pass, PassConfig, PassContext, PassReport, tensor_bytes, timed
 from ..progress import progress_bar
 from ..registry import register_pass
@@ -202,8 +202,11 @@ class VQLogits(Pass):
     def restore(self, model: nn.Module, entry: dict) -> None:
         r = entry.get("restore")
         if not r:
-            raise ConfigError("vq_logits checkpoint entry has no `restore` record; re-export the model")
-        old = model.get_submodule(r["module"])
+            raise CheckpointError("vq_logits checkpoint entry has no `restore` record; re-export the model")
+        try:
+            old = model.get_submodule(r["module"])
+        except AttributeError:
+            raise CheckpointError(f"checkpoint replaces {r['module']}, which this model does not have") from None
         ref = next(old.parameters())
         head = VQLogitsHead(r["vocab_size"], r["hidden_size"], r["num_codes"], r["shortlist"],
                             dtype=ref.dtype if ref.dtype.is_floating_point else None, device=ref.device)

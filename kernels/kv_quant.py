@@ -159,7 +159,7 @@ def code_lanes(packed: torch.Tensor, bits: int) -> list[torch.Tensor]:
                  | (packed[..., 2::3].to(torch.int32) << 16))
         return [((words >> (3 * j)) & 7).to(torch.uint8) for j in range(8)]
     if bits == 8:
-        return [packed]
+        return [packed.contiguous()]  # consumers .view() the lane; a sliced store is not contiguous
     mask = (1 << bits) - 1
     per = 8 // bits  # the top lane needs no mask: the shift leaves only its bits
     return [packed & mask] + [(packed >> (bits * j)) & mask for j in range(1, per - 1)] + [packed >> (bits * (per - 1))]

@@ -14,6 +14,8 @@ stored (compressed chunks + fp16 window). How:
   like transformers' QuantizedCache)."""
 from __future__ import annotations
 
+import functools
+import warnings
 from typing import Any
 
 import torch
@@ -33,6 +35,13 @@ def tag_past(tensor: torch.Tensor, past: CompressedStore) -> torch.Tensor:
     """Attach the compressed past to the tensor that attention receives (read back by attention.py)."""
     tensor._gear_past = past
     return tensor
+
+
+@functools.lru_cache(maxsize=1)
+def _warn_dense_path() -> None:
+    warnings.warn("GEARCache: the model's attention is not 'gear_kv', so each step dequantizes the whole compressed "
+                  "past; call compress.kvcache.use_compressed_attention(model) to read the packed storage directly",
+                  stacklevel=3)
 
 
 class GEARLayer(CacheLayerMixin):
@@ -77,6 +86,7 @@ class GEARLayer(CacheLayerMixin):
             out_k = tag_past(recent_k, self.key_store.snapshot())
             out_v = tag_past(recent_v, self.value_store.snapshot())
         else:
+            _warn_dense_path()
             out_k = torch.cat([self.key_store.dequantize().to(dtype), recent_k], dim=-2)
             out_v = torch.cat([self.value_store.dequantize().to(dtype), recent_v], dim=-2)
         self._store(recent_k, recent_v)

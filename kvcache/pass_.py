@@ -7,7 +7,7 @@ cache of their own. `restore` installs it again on a reloaded model, so `compres
 `compress generate` use the compressed cache by default."""
 from __future__ import annotations
 
-import functools
+import types
 
 from pydantic import Field
 from torch import nn
@@ -61,18 +61,19 @@ def install_compressed_cache(model: nn.Module, settings: KVCacheSettings) -> GEA
                                     "transformers causal LM (Llama, Mistral, Qwen2/3)")
     example = GEARCache(model.config, settings)
     use_compressed_attention(model)
-    original = type(model).generate
-
-    @functools.wraps(original)
-    def generate(*args, **kwargs):
-        gen_config = kwargs.get("generation_config")
-        wants_cache = kwargs.get("use_cache", getattr(gen_config, "use_cache", True)) is not False
-        own = kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None
-        implementation = kwargs.get("cache_implementation", getattr(gen_config, "cache_implementation", None))
-        if wants_cache and not own and implementation is None:
-            kwargs["cache"] = GEARCache(model.config, settings)
-        return original(model, *args, **kwargs)
-
-    model.generate = generate
+    # a bound method (not a closure over `model`): deepcopy rebinds it to the copy, and pickling works
+    model.generate = types.MethodType(_generate_with_compressed_cache, model)
     model.kv_cache_settings = settings
     return example
+
+
+def _generate_with_compressed_cache(self, *args, **kwargs):
+    """`generate` that builds a GEARCache with `self.kv_cache_settings` unless the caller (or the generation config)
+    asks for no cache, passes its own, or names a cache implementation."""
+    gen_config = kwargs.get("generation_config") or getattr(self, "generation_config", None)
+    wants_cache = kwargs.get("use_cache", getattr(gen_config, "use_cache", True)) is not False
+    own = kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None
+    implementation = kwargs.get("cache_implementation", getattr(gen_config, "cache_implementation", None))
+    if wants_cache and not own and implementation is None:
+        kwargs["cache"] = GEARCache(self.config, self.kv_cache_settings)
+    return type(self).generate(self, *args, **kwargs)

@@ -99,8 +99,9 @@ def test_reference_multi_token_causal_and_4d_masks():
                                    rtol=1e-4, atol=1e-5)
 
 
-def test_reference_blocks_give_the_same_result(monkeypatch):
-    q, keys, values, wk, wv, _, _ = make_case(n_chunks=4)
+@pytest.mark.parametrize("bits", (2, 3, 4, 8))
+def test_reference_blocks_give_the_same_result(monkeypatch, bits):
+    q, keys, values, wk, wv, _, _ = make_case(bits=bits, n_chunks=4)
     whole = A.compressed_attention_reference(q, keys, values, wk, wv)
     monkeypatch.setattr(A, "REFERENCE_BLOCK_TOKENS", 32)  # one chunk per block: 4 blocks
     torch.testing.assert_close(A.compressed_attention_reference(q, keys, values, wk, wv), whole)
@@ -194,3 +195,22 @@ def test_shapes_the_kernel_cannot_tile_take_the_reference(triton_kernels, monkey
                                                       key_ranks=(), value_ranks=())
     got = A.compressed_decode_attention(q, keys, values, wk, wv)
     torch.testing.assert_close(got.double(), dense_attention_f64(q, k_all, v_all, None), rtol=1e-4, atol=1e-5)
+
+
+
+@pytest.mark.parametrize("bits", (4, 8))
+def test_cache_store_longer_than_a_reference_block(bits):
+    """The cache's own store (codes sliced from a larger tensor), several heads, more tokens than one block."""
+    from compress.kvcache.store import CompressedStore
+
+    stores = {ax: CompressedStore(axis=ax, bits=bits, group_size=64, chunk_len=64, outlier_ratio=0.0, power_iters=1)
+              for ax in ("token", "channel")}
+    x = torch.randn(1, 2, A.REFERENCE_BLOCK_TOKENS + 64, 64)
+    for s in stores.values():
+        s.append(x, 0)
+    q, w = torch.randn(1, 2, 1, 64), torch.randn(1, 2, 3, 64)
+    got = A.compressed_attention_reference(q, stores["token"], stores["channel"], w, w)
+    k = torch.cat([stores["token"].dequantize(), w], 2)
+    v = torch.cat([stores["channel"].dequantize(), w], 2)
+    want = torch.softmax(q @ k.transpose(-1, -2) / 8, -1) @ v
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -63,3 +63,27 @@ def test_recipes_apply(name, method, tmp_path):
     assert model.kv_cache_settings.method == method
     reloaded = compress.load(compress.save(model, tmp_path / "out", recipe_text=recipe.text))
     assert reloaded.kv_cache_settings == model.kv_cache_settings
+
+
+def test_default_cache_respects_the_generation_config_and_survives_deepcopy(heldout_ids):
+    import copy
+
+    model = compress.load("builtin:tiny")
+    compress.apply(model, [compress.get_pass("gear_kv")(bits=4)], progress=False)
+    ids = heldout_ids[:, :40]
+    # the model's own generation config turns the cache off: no compressed cache is forced on it
+    model.generation_config.use_cache = False
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
+    assert out.cache is None or not isinstance(out.cache, GEARCache)
+    model.generation_config.use_cache = True
+    # a deep copy generates with its own weights, not the original's
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        clone.lm_head.weight.zero_()  # every logit 0: greedy picks token 0 (which is also end-of-text)
+        out = clone.generate(ids, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    n = ids.shape[1]
+    assert out.sequences[0, n].item() == 0 and isinstance(out.cache, GEARCache)
+    with torch.no_grad():
+        mine = model.generate(ids, max_new_tokens=3, do_sample=False)
+    assert mine[0, n].item() != 0

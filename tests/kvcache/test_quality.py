@@ -1,4 +1,5 @@
 """The KV-quality protocol and the copy probe on the reference model."""
+import pytest
 import torch
 from transformers import DynamicCache
 
@@ -25,5 +26,8 @@ def test_copy_probe(lm, attn):
     seqs = copy_sequences(2, 80, lm.config.vocab_size)
     assert torch.equal(seqs[:, :80], seqs[:, 80:])
     ref = copy_accuracy(lm, seqs, lambda: DynamicCache(config=lm.config), 64)
+    if ref < 0.5:
+        pytest.skip(f"the reference model does not copy in context (accuracy {ref:.2f}): the probe cannot tell "
+                    "caches apart on it")
     ours = copy_accuracy(lm, seqs, lambda: GEARCache(lm.config, method="kivi", bits=8), 64)
     assert 0.0 <= ref <= 1.0 and abs(ours - ref) <= 1 / 79 + 1e-6

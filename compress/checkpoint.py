@@ -104,9 +104,9 @@ def save(
 
 
 def _write(model, tmp: Path, tokenizer, recipe_text, report, max_shard_bytes) -> None:
-    from .models import storage_dtype
+    from .models import checkpoint_dtype
 
-    dtype = getattr(model, "compress_storage_dtype", None) or storage_dtype(model.config)
+    dtype = checkpoint_dtype(model)
     state = _unique_state_dict(model, dtype)
     shards = _shards(state, max_shard_bytes)
     if len(shards) == 1:

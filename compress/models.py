@@ -107,6 +107,11 @@ def load(
     return model
 
 
+def checkpoint_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype `save` writes this model's floating tensors in: the dtype it was loaded from."""
+    return getattr(model, "compress_storage_dtype", None) or storage_dtype(model.config)
+
+
 def _quiet_transformers() -> None:
     """Our own progress bars and messages replace transformers' per-load bars and info logs."""
     from transformers.utils import logging as hf_logging

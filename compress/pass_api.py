@@ -6,6 +6,7 @@ compressed module structure from a checkpoint's `compression` entry before the s
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -149,18 +150,14 @@ def format_validation_error(pass_name: str, exc) -> str:
     return "\n".join(lines)
 
 
+@contextmanager
 def timed(report: PassReport):
-    """Context manager filling `report.seconds`."""
-
-    class _Timer:
-        def __enter__(self):
-            self.t0 = time.perf_counter()
-            return report
-
-        def __exit__(self, *exc):
-            report.seconds = time.perf_counter() - self.t0
-
-    return _Timer()
+    """Fill `report.seconds` with the time spent inside the block."""
+    t0 = time.perf_counter()
+    try:
+        yield report
+    finally:
+        report.seconds = time.perf_counter() - t0
 
 
 def storage_bytes(tensors) -> int:
@@ -194,3 +191,9 @@ def stored_parameters(module: nn.Module) -> int:
             seen.add(key)
             total += t.numel()
     return total
+
+
+def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` at dotted `name` inside `root` (how passes swap in their compressed modules)."""
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, new)

@@ -102,9 +102,6 @@ class Recipe:
 
         return [get_pass(s.name)(s.args) for s in self.passes]
 
-    def needs_calibration(self) -> bool:
-        return any(p.needs_calibration_for() for p in self.build_passes())
-
 
 class _Validator:
     def __init__(self, source: str, marks: Marks):

@@ -48,12 +48,6 @@ class LayerStep:
     inputs: list[torch.Tensor]     # hidden states per calibration batch, on the compute device
     kwargs: list[dict[str, Any]]   # the keyword arguments the model passed this layer, per batch
 
-    def module_name(self, module: nn.Module) -> str:
-        for n, m in self.layer.named_modules():
-            if m is module:
-                return f"{self.name}.{n}" if n else self.name
-        raise KeyError("module is not inside this layer")
-
     @torch.no_grad()
     def run(self, hooks: dict[nn.Module, Callable] | None = None) -> list[torch.Tensor]:
         """Run the layer over every stored batch with `hooks` (module -> forward hook) attached; return outputs."""

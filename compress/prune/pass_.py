@@ -13,7 +13,8 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
-from ..pass_api import Pass, PassConfig, PassContext, PassReport, tensor_bytes, timed
+from ..models import checkpoint_dtype
+from ..pass_api import Pass, PassConfig, PassContext, PassReport, replace_module, tensor_bytes, timed
 from ..registry import register_pass
 from .masks import magnitude_scores, nm_mask, parse_structure, unstructured_mask
 from .owl import outlier_ratio, owl_sparsities
@@ -83,7 +84,7 @@ class Prune(Pass):
         nm = parse_structure(self.config.structure)
         prefix, layers = decoder_layers(model)
         layer_of = {name: _layer_index(name, prefix) for name in targets}
-        state = _RunState(model=model, nm=nm, value_bytes=_storage_dtype(model).itemsize)
+        state = _RunState(model=model, nm=nm, value_bytes=checkpoint_dtype(model).itemsize)
         label = f"prune ({self.config.method})"
         with timed(report), torch.no_grad():
             layer_sparsity = self._layer_sparsities(len(layers), layer_of, model, ctx, label)
@@ -204,7 +205,7 @@ class Prune(Pass):
             bitmask_nbytes(rows, cols, int(mask.sum()), state.value_bytes)
         if self.config.storage == "packed" or (self.config.storage == "auto" and packed < dense):
             sparse = SparseLinear.from_linear(module, mask, state.nm)
-            _replace_module(state.model, name, sparse)
+            replace_module(state.model, name, sparse)
             state.restore[name] = sparse.restore_spec()
 
     # ---------------------------------------------------------------------------------------------- restore
@@ -217,7 +218,7 @@ class Prune(Pass):
                 raise CheckpointError(f"checkpoint prunes {name}, which this model does not have") from None
             if not isinstance(module, nn.Linear):
                 raise CheckpointError(f"checkpoint packs {name} as sparse, but it is a {type(module).__name__}")
-            _replace_module(model, name, SparseLinear.empty(module, spec))
+            replace_module(model, name, SparseLinear.empty(module, spec))
 
 
 class _RunState:
@@ -240,12 +241,5 @@ def _layer_index(name: str, prefix: str) -> int | None:
     return int(name[len(prefix) + 1:].split(".", 1)[0])
 
 
-def _replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, new)
 
 
-def _storage_dtype(model: nn.Module) -> torch.dtype:
-    from ..models import storage_dtype
-
-    return getattr(model, "compress_storage_dtype", None) or storage_dtype(model.config)

@@ -10,7 +10,7 @@ from pydantic import Field
 from torch import nn
 
 from ..errors import CalibrationError, CheckpointError, ConfigError, UnsupportedModelError
-from ..pass_api import Pass, PassConfig, PassContext, PassReport, tensor_bytes, timed
+from ..pass_api import Pass, PassConfig, PassContext, PassReport, replace_module, tensor_bytes, timed
 from ..progress import progress_bar
 from ..registry import register_pass
 from .distill import distill_head, kl_dense_to_head
@@ -119,11 +119,6 @@ class VQLogits(Pass):
                               f"matched {len(found)}: {', '.join(found) or 'none'}")
         return next(iter(found.items()))
 
-    @staticmethod
-    def _set(model: nn.Module, name: str, module: nn.Module) -> None:
-        parent, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, leaf, module)
-
     # ------------------------------------------------------------------------------------------------ calibration
     @torch.no_grad()
     def _calibration(self, model: nn.Module, head: nn.Module, ctx: PassContext) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,7 +168,7 @@ class VQLogits(Pass):
                               else (None, torch.zeros(vocab)))
             stages, details = build_vq_head(weight, hidden, counts, c, progress=ctx.progress)
             vq = stages[-1][1]
-            self._set(model, name, vq)
+            replace_module(model, name, vq)
             if tied:
                 model.config.tie_word_embeddings = False
         report.bytes_after = tensor_bytes(vq)
@@ -210,7 +205,7 @@ class VQLogits(Pass):
         ref = next(old.parameters())
         head = VQLogitsHead(r["vocab_size"], r["hidden_size"], r["num_codes"], r["shortlist"],
                             dtype=ref.dtype if ref.dtype.is_floating_point else None, device=ref.device)
-        self._set(model, r["module"], head)
+        replace_module(model, r["module"], head)
         if r.get("untied"):
             model.config.tie_word_embeddings = False
 

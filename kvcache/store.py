@@ -5,12 +5,25 @@ Per (batch row b, KV head h), with D = head_dim, C = chunk length (= residual_le
 - outliers: values fp16 and flat in-chunk positions (t*D + d, int16) [B, H, n_chunks, k];
 - low-rank: runs of chunks that share a rank r ("segments"; the prompt's chunks may use another rank than the
   decode chunks), each with A fp16 [B, H, tokens, r] and Bf fp16 [B, H, chunks, D, r].
-Chunks are only ever appended (or dropped from the end by `crop`); old chunks are never re-compressed. Every update
-builds new tensors rather than writing in place, so a shallow copy (`snapshot`) is a consistent view of the past."""
+Chunks are only ever appended (or dropped from the end by `crop`); old chunks are never re-compressed.
+
+Growth: every tensor lives in a buffer with spare capacity along its token (or chunk) axis (dim 2); an append writes
+into the free region, and a full buffer is replaced by one of twice the length (amortized O(1) per appended token,
+where re-concatenating would cost O(N) per chunk). The attributes (`codes`, ..., each segment's `a`/`b`) are the
+filled prefixes `buffer[:, :, :length]` (views: strided along dim 2, not contiguous when B*H > 1). The first append
+allocates exactly what it writes (no spare capacity after a prompt), each growth max(needed, 2 x the length held).
+Spare capacity is memory held, so the byte accounting counts it: `tensors_by_kind` returns the views, whose
+storage is the whole buffer (`pass_api.storage_bytes`).
+
+Snapshots: an append only writes past the store's current length, so a snapshot (prefix views, taken earlier, of
+at most that length) never sees it; a growth allocates a new buffer and the snapshot keeps the old one alive. A
+snapshot holds no buffer of its own, so appending to a snapshot copies instead of writing into the shared buffer;
+`pop_chunks`, `index_batch`, `repeat_batch` build new compact tensors (no buffer shared with an older snapshot, which
+a later append could otherwise overwrite in the region the crop freed)."""
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -20,19 +33,41 @@ from .kernel_api import KEY_AXIS, unpack_dequantize
 
 @dataclass
 class LowRankSegment:
+    """Never changed once built: extending a segment replaces it by a new one (so a snapshot's list stays valid)."""
     first_chunk: int
-    a: torch.Tensor    # [B, H, chunks*C, r]
-    b: torch.Tensor    # [B, H, chunks, D, r]
+    a: torch.Tensor    # [B, H, chunks*C, r]  (filled prefix of a_buf)
+    b: torch.Tensor    # [B, H, chunks, D, r] (filled prefix of b_buf)
+    a_buf: torch.Tensor | None = field(default=None, repr=False, compare=False)  # None: no spare capacity owned
+    b_buf: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_chunks(self) -> int:
         return self.b.shape[2]
 
 
-def _cat(old: torch.Tensor | None, new: torch.Tensor | None, dim: int) -> torch.Tensor | None:
+def _owns(buf: torch.Tensor | None, view: torch.Tensor) -> bool:
+    """Whether `view` is the dim-2 prefix of `buf` (so data past the view's length may be written into buf)."""
+    return (buf is not None and buf.data_ptr() == view.data_ptr() and buf.dtype == view.dtype
+            and buf.device == view.device and buf.stride() == view.stride()
+            and buf.shape[:2] == view.shape[:2] and buf.shape[3:] == view.shape[3:])
+
+
+def _append(view: torch.Tensor | None, buf: torch.Tensor | None, new: torch.Tensor | None):
+    """Append `new` along dim 2 to `view` (the filled prefix of `buf`): (new view, buffer). Writes in place into
+    buf's spare capacity when it fits; else allocates a buffer of max(needed, 2 x length) and copies the view."""
     if new is None:
-        return old
-    return new if old is None else torch.cat([old, new], dim=dim)
+        return view, buf
+    if view is None:
+        return new, new  # the first append keeps the computed tensor: exact size, no spare capacity
+    n, m = view.shape[2], new.shape[2]
+    if not (_owns(buf, view) and buf.shape[2] >= n + m):
+        buf = view.new_empty(*view.shape[:2], max(n + m, 2 * n), *view.shape[3:])
+        buf[:, :, :n] = view
+    buf[:, :, n:n + m] = new
+    return buf[:, :, :n + m], buf
+
+
+_FLAT = ("codes", "scale", "zero", "outlier_values", "outlier_positions")
 
 
 class CompressedStore:
@@ -45,6 +80,7 @@ class CompressedStore:
         self.codes = self.scale = self.zero = None
         self.outlier_values = self.outlier_positions = None
         self.segments: list[LowRankSegment] = []
+        self._bufs: dict[str, torch.Tensor] = {}  # name in _FLAT -> buffer whose dim-2 prefix is that attribute
 
     # ---- size -------------------------------------------------------------------------------------------------
     @property
@@ -56,7 +92,8 @@ class CompressedStore:
         return self.num_tokens // self.chunk_len
 
     def tensors_by_kind(self) -> dict[str, list[torch.Tensor]]:
-        """Every tensor held, by the byte-accounting item it belongs to."""
+        """Every tensor held, by the byte-accounting item it belongs to: the filled-prefix views, whose storages are
+        the whole buffers, so the bytes counted from them (`storage_bytes`) include the spare capacity held."""
         return {
             "codes": [t for t in (self.codes,) if t is not None],
             "scales_zeros": [t for t in (self.scale, self.zero) if t is not None],
@@ -73,24 +110,28 @@ class CompressedStore:
         chunks = compress_chunks(x.reshape(b, h, n, self.chunk_len, d), bits=self.bits, group_size=self.group_size,
                                  axis=self.axis, outlier_ratio=self.outlier_ratio, rank=rank, power_iters=self.power_iters)
         first = self.num_chunks
-        self.codes = _cat(self.codes, chunks.codes, 2)
-        self.scale = _cat(self.scale, chunks.scale, 2)
-        self.zero = _cat(self.zero, chunks.zero, 2)
-        self.outlier_values = _cat(self.outlier_values, chunks.outlier_values, 2)
-        self.outlier_positions = _cat(self.outlier_positions, chunks.outlier_positions, 2)
+        for name in _FLAT:
+            view, buf = _append(getattr(self, name), self._bufs.get(name), getattr(chunks, name))
+            setattr(self, name, view)
+            if buf is not None:
+                self._bufs[name] = buf
         if rank:
             last = self.segments[-1] if self.segments else None
             if last is not None and last.a.shape[-1] == rank and last.first_chunk + last.num_chunks == first:
-                self.segments[-1] = LowRankSegment(last.first_chunk, torch.cat([last.a, chunks.lowrank_a], 2),
-                                                   torch.cat([last.b, chunks.lowrank_b], 2))
+                a, a_buf = _append(last.a, last.a_buf, chunks.lowrank_a)
+                b_, b_buf = _append(last.b, last.b_buf, chunks.lowrank_b)
+                self.segments[-1] = LowRankSegment(last.first_chunk, a, b_, a_buf, b_buf)
             else:
-                self.segments.append(LowRankSegment(first, chunks.lowrank_a, chunks.lowrank_b))
+                self.segments.append(LowRankSegment(first, chunks.lowrank_a, chunks.lowrank_b,
+                                                    chunks.lowrank_a, chunks.lowrank_b))
 
     # ---- reading ----------------------------------------------------------------------------------------------
     def snapshot(self) -> "CompressedStore":
-        """A view of the current contents that later appends do not change (tensors are never written in place)."""
+        """A view of the current contents that later appends do not change (they only write past its length, or into
+        a new buffer). It owns no buffer: appending to it copies rather than writing into the store's buffers."""
         view = copy.copy(self)
-        view.segments = list(self.segments)
+        view._bufs = {}
+        view.segments = [LowRankSegment(s.first_chunk, s.a, s.b) for s in self.segments]
         return view
 
     def dequantize(self) -> torch.Tensor:
@@ -115,11 +156,13 @@ class CompressedStore:
 
     # ---- editing (beam search, assisted decoding) -------------------------------------------------------------
     def _map(self, fn) -> None:
-        for name in ("codes", "scale", "zero", "outlier_values", "outlier_positions"):
+        """Replace every tensor by fn(filled prefix), a new compact tensor; the buffers (spare capacity) are released."""
+        for name in _FLAT:
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, fn(t))
         self.segments = [LowRankSegment(s.first_chunk, fn(s.a), fn(s.b)) for s in self.segments]
+        self._bufs = {}
 
     def index_batch(self, index: torch.Tensor) -> None:
         if self.codes is not None:
@@ -135,11 +178,12 @@ class CompressedStore:
         keep_chunks = self.num_chunks - n
         tail = self.dequantize()[:, :, keep_chunks * c:]
         keep = keep_chunks * c
+        self._bufs = {}  # never write again into the freed region: an older snapshot may still see it
         if keep == 0:
             self.codes = self.scale = self.zero = self.outlier_values = self.outlier_positions = None
             self.segments = []
             return tail
-        # .clone() releases the dropped part's memory (a slice would keep the whole storage alive)
+        # .clone() releases the dropped part's memory and the spare capacity (a slice would keep the whole buffer)
         self.codes = self.codes[:, :, :keep].clone()
         scale_len = keep // g if self.axis == KEY_AXIS else keep
         self.scale, self.zero = self.scale[:, :, :scale_len].clone(), self.zero[:, :, :scale_len].clone()

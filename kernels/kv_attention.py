@@ -255,15 +255,15 @@ if triton is not None:
 
     @triton.jit
     def _chunk_scores(q, q_rows_ptr, rows, row_mask, kc_ptr, ks_ptr, kz_ptr, ka_ptr, kb_ptr, kov_ptr, kop_ptr,
-                      bh, c, N, k_lr_first, k_lr_chunks, k_rank, k_out,
+                      bh, c, N, CAP, k_lr_first, k_lr_chunks, k_rank, k_out,
                       D: tl.constexpr, C: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr,
                       R_BLOCK: tl.constexpr, HAS_LR: tl.constexpr, O_BLOCK: tl.constexpr, HAS_OUT: tl.constexpr):
         """q [ROWS, D] . K_hat^T over chunk c: fused unpack + dequantize + dot, + low-rank + outliers. [ROWS, C]."""
         t = tl.arange(0, C)
         d = tl.arange(0, D)
         tok = c * C + t
-        codes = load_code_tile(kc_ptr + bh * N * (D * BITS // 8), tok, tok < N, D, BITS).to(tl.float32)
-        stat = (bh * (N // G) + tok // G)[:, None] * D + d[None, :]
+        codes = load_code_tile(kc_ptr + bh * CAP * (D * BITS // 8), tok, tok < N, D, BITS).to(tl.float32)
+        stat = (bh * (CAP // G) + tok // G)[:, None] * D + d[None, :]
         k_hat = codes * tl.load(ks_ptr + stat).to(tl.float32) + tl.load(kz_ptr + stat).to(tl.float32)
         s = tl.dot(q, tl.trans(k_hat), input_precision="ieee")
         if HAS_LR:  # (q @ Bf_c) @ A_c^T, masked off outside the low-rank run of chunks (rank padded to R_BLOCK)
@@ -279,7 +279,7 @@ if triton is not None:
         if HAS_OUT:  # q[:, d_k] * s_k added at token t_k, as a product with a one-hot [K, C]
             k = tl.arange(0, O_BLOCK)
             km = k < k_out
-            slot = (bh * (N // C) + c) * k_out + k
+            slot = (bh * (CAP // C) + c) * k_out + k
             pos = tl.load(kop_ptr + slot, mask=km, other=0).to(tl.int32)
             val = tl.load(kov_ptr + slot, mask=km, other=0.0).to(tl.float32)
             qd = tl.load(q_rows_ptr + rows[:, None] * D + (pos % D)[None, :], mask=row_mask[:, None] & km[None, :],
@@ -289,7 +289,7 @@ if triton is not None:
         return s
 
     @triton.jit
-    def _chunk_values(p, vc_ptr, vs_ptr, vz_ptr, va_ptr, vb_ptr, vov_ptr, vop_ptr, bh, c, N,
+    def _chunk_values(p, vc_ptr, vs_ptr, vz_ptr, va_ptr, vb_ptr, vov_ptr, vop_ptr, bh, c, N, CAP,
                       v_lr_first, v_lr_chunks, v_rank, v_out,
                       D: tl.constexpr, C: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr,
                       R_BLOCK: tl.constexpr, HAS_LR: tl.constexpr, O_BLOCK: tl.constexpr, HAS_OUT: tl.constexpr):
@@ -297,8 +297,8 @@ if triton is not None:
         t = tl.arange(0, C)
         d = tl.arange(0, D)
         tok = c * C + t
-        codes = load_code_tile(vc_ptr + bh * N * (D * BITS // 8), tok, tok < N, D, BITS).to(tl.float32)
-        stat = (bh * N + tok)[:, None] * (D // G) + (d // G)[None, :]
+        codes = load_code_tile(vc_ptr + bh * CAP * (D * BITS // 8), tok, tok < N, D, BITS).to(tl.float32)
+        stat = (bh * CAP + tok)[:, None] * (D // G) + (d // G)[None, :]
         v_hat = codes * tl.load(vs_ptr + stat).to(tl.float32) + tl.load(vz_ptr + stat).to(tl.float32)
         out = tl.dot(p, v_hat, input_precision="ieee")
         if HAS_LR:  # (p_c @ A_c) @ Bf_c^T
@@ -313,7 +313,7 @@ if triton is not None:
         if HAS_OUT:  # p[:, t_k] * s_k added at channel d_k: two products with one-hot matrices
             k = tl.arange(0, O_BLOCK)
             km = k < v_out
-            slot = (bh * (N // C) + c) * v_out + k
+            slot = (bh * (CAP // C) + c) * v_out + k
             pos = tl.load(vop_ptr + slot, mask=km, other=0).to(tl.int32)
             val = tl.load(vov_ptr + slot, mask=km, other=0.0).to(tl.float32)
             at_token = (t[:, None] == (pos // D)[None, :]) & km[None, :]                    # [C, K]
@@ -327,7 +327,7 @@ if triton is not None:
             q_ptr, acc_ptr, m_ptr, l_ptr, bias_ptr, wk_ptr, wv_ptr,
             kc_ptr, ks_ptr, kz_ptr, ka_ptr, kb_ptr, kov_ptr, kop_ptr,
             vc_ptr, vs_ptr, vz_ptr, va_ptr, vb_ptr, vov_ptr, vop_ptr,
-            N, W, H, L, R, sm_scale, chunks_per_split,
+            N, K_CAP, V_CAP, W, H, L, R, sm_scale, chunks_per_split,
             k_lr_first, k_lr_chunks, k_rank, k_out, v_lr_first, v_lr_chunks, v_rank, v_out,
             D: tl.constexpr, C: tl.constexpr, GK: tl.constexpr, GV: tl.constexpr, BITS: tl.constexpr,
             RK_BLOCK: tl.constexpr, RV_BLOCK: tl.constexpr, HAS_KLR: tl.constexpr, HAS_VLR: tl.constexpr,
@@ -356,7 +356,7 @@ if triton is not None:
             c = split * chunks_per_split + i
             if c < n_chunks:
                 s = _chunk_scores(q, q_rows_ptr, rows, row_mask, kc_ptr, ks_ptr, kz_ptr, ka_ptr, kb_ptr, kov_ptr,
-                                  kop_ptr, bh, c, N, k_lr_first, k_lr_chunks, k_rank, k_out, D, C, GK, BITS,
+                                  kop_ptr, bh, c, N, K_CAP, k_lr_first, k_lr_chunks, k_rank, k_out, D, C, GK, BITS,
                                   RK_BLOCK, HAS_KLR, OK_BLOCK, HAS_KO) * sm_scale
                 if HAS_BIAS:
                     s += tl.load(bias_rows[:, None] + c * C + t[None, :], mask=row_mask[:, None], other=0.0)
@@ -365,7 +365,7 @@ if triton is not None:
                 p = tl.exp(s - m_new[:, None])
                 l_i = l_i * alpha + tl.sum(p, axis=1)
                 acc = acc * alpha[:, None] + _chunk_values(p, vc_ptr, vs_ptr, vz_ptr, va_ptr, vb_ptr, vov_ptr,
-                                                           vop_ptr, bh, c, N, v_lr_first, v_lr_chunks, v_rank,
+                                                           vop_ptr, bh, c, N, V_CAP, v_lr_first, v_lr_chunks, v_rank,
                                                            v_out, D, C, GV, BITS, RV_BLOCK, HAS_VLR, OV_BLOCK,
                                                            HAS_VO)
                 m_i = m_new
@@ -436,6 +436,20 @@ def _triton_ok(keys, values, d: int) -> bool:
             and values.group_size <= d and keys.chunk_len == values.chunk_len)
 
 
+def _token_capacity(n: int, tensors) -> int | None:
+    """The cache's store hands out prefix views (along tokens, key groups or chunks) of buffers that grow by doubling.
+    The kernel reads them in place when each is such a view of a [B, H, cap_i, ...] buffer and all capacities agree
+    in tokens: returns that token capacity (n for compact tensors), else None."""
+    caps = set()
+    for t in tensors:
+        entries = t.shape[2]
+        inner = t[0, 0].numel() // entries
+        if not t[0, 0].is_contiguous() or t.stride(1) % inner or t.stride(0) != t.stride(1) * t.shape[1]:
+            return None
+        caps.add(t.stride(1) // inner * (n // entries))  # entries along axis 2 -> tokens
+    return caps.pop() if len(caps) == 1 else None
+
+
 def compressed_attention_triton(query, keys, values, window_keys, window_values, mask=None, softmax_scale=None,
                                 splits: int | None = None):
     b, hq, l, d = query.shape
@@ -451,20 +465,25 @@ def compressed_attention_triton(query, keys, values, window_keys, window_values,
     wk, wv = window_keys.contiguous(), window_values.contiguous()
     if w == 0:
         wk = wv = dummy
-    store_args, meta = [], {}
+    store_args, meta, caps = [], {}, {}
     for name, store in (("K", keys), ("V", values)):
         if n:
             lr = _single_segment(store)
             has_out = store.outlier_values is not None and store.outlier_values.shape[-1] > 0
-            store_args += [store.codes.contiguous(), store.scale.contiguous(), store.zero.contiguous(),
-                           lr[1] if lr else dummy, lr[2] if lr else dummy,
-                           store.outlier_values.contiguous() if has_out else dummy,
-                           store.outlier_positions.contiguous() if has_out else dummy]
+            tensors = [store.codes, store.scale, store.zero] + ([store.outlier_values, store.outlier_positions]
+                                                                if has_out else [])
+            cap = _token_capacity(n, tensors)
+            if cap is None:  # not prefix views of one growth schedule: read compact copies
+                tensors, cap = [t.contiguous() for t in tensors], n
+            caps[name] = cap
+            store_args += tensors[:3] + [lr[1] if lr else dummy, lr[2] if lr else dummy]
+            store_args += tensors[3:] if has_out else [dummy, dummy]
             meta[name] = (lr[0] if lr else 0, lr[2].shape[2] if lr else 0, lr[3] if lr else 1,
                           store.outlier_values.shape[-1] if has_out else 0, lr is not None, has_out)
         else:
             store_args += [dummy] * 7
             meta[name] = (0, 0, 1, 0, False, False)
+            caps[name] = 0
     (klf, klc, kr, ko, has_klr, has_ko), (vlf, vlc, vr, vo, has_vlr, has_vo) = meta["K"], meta["V"]
     n_chunks = n // keys.chunk_len if n else 0
     row_blocks = triton.cdiv(rows, ROW_BLOCK)
@@ -477,7 +496,7 @@ def compressed_attention_triton(query, keys, values, window_keys, window_values,
     m, lse = q.new_empty(b * h, rows, splits), q.new_empty(b * h, rows, splits)
     _compressed_decode_kernel[(b * h, row_blocks, splits)](
         q, acc, m, lse, bias.contiguous() if bias is not None else dummy, wk, wv, *store_args,
-        n, w, h, l, rows, scale, per_split, klf, klc, kr, ko, vlf, vlc, vr, vo,
+        n, caps["K"], caps["V"], w, h, l, rows, scale, per_split, klf, klc, kr, ko, vlf, vlc, vr, vo,
         D=d, C=keys.chunk_len if n else 16, GK=keys.group_size if n else 1, GV=values.group_size if n else 1,
         BITS=keys.bits if n else 8, RK_BLOCK=_dot_size(kr), RV_BLOCK=_dot_size(vr), HAS_KLR=has_klr,
         HAS_VLR=has_vlr, OK_BLOCK=_dot_size(ko), OV_BLOCK=_dot_size(vo), HAS_KO=has_ko, HAS_VO=has_vo,

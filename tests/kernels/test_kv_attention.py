@@ -214,3 +214,26 @@ def test_cache_store_longer_than_a_reference_block(bits):
     v = torch.cat([stores["channel"].dequantize(), w], 2)
     want = torch.softmax(q @ k.transpose(-1, -2) / 8, -1) @ v
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_triton_reads_grown_store_views_in_place(triton_kernels):
+    """The cache's store grows by doubling and hands out prefix views: the kernel addresses the buffers by their
+    capacity instead of copying them, and still matches the reference."""
+    from compress.kvcache.store import CompressedStore
+
+    torch.manual_seed(0)
+    stores = {ax: CompressedStore(axis=ax, bits=4, group_size=32, chunk_len=32, outlier_ratio=0.05, power_iters=1)
+              for ax in ("token", "channel")}
+    x = torch.randn(2, 2, 5 * 32, 64)
+    for i in range(5):  # one chunk at a time: the buffers grow and readers see prefix views
+        for ax, s in stores.items():
+            s.append(x[:, :, i * 32:(i + 1) * 32], 0 if ax == "token" else 1)
+    keys, values = stores["token"], stores["channel"]
+    assert not keys.codes.is_contiguous()
+    n = keys.codes.shape[2]
+    assert A._token_capacity(n, [keys.codes, keys.scale, keys.zero]) > n
+    q, w = torch.randn(2, 4, 1, 64), torch.randn(2, 2, 3, 64).half()
+    dev = triton_kernels
+    got = A.compressed_decode_attention(q.to(dev), keys, values, w.to(dev), w.to(dev)).cpu()
+    want = A.compressed_attention_reference(q, keys, values, w, w)
+    torch.testing.assert_close(got, want, rtol=2e-4, atol=2e-4)

@@ -164,8 +164,6 @@ def _evaluate(model, baseline_src, tokenizer, windows, progress, seq_len: int = 
     baseline = models.load(baseline_src) if baseline_src else None
     w = heldout_windows(tokenizer, text=text, seq_len=seq_len, max_windows=windows)
     out = evaluate(model, w, baseline, progress=progress)
-    if baseline is not None:
-        out["baseline_perplexity"] = evaluate(baseline, w, progress=progress)["perplexity"]
     out["protocol"] = f"{w.shape[0]} non-overlapping windows of {seq_len} tokens of held-out text"
     settings = getattr(model, "kv_cache_settings", None)
     if settings is not None:

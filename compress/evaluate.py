@@ -74,15 +74,21 @@ def evaluate(
     batch_size: int = 8,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Perplexity of `model` on `windows`; with `baseline`, also KL(baseline || model) and top-1 agreement."""
-    acc = MetricAccumulator()
+    """Perplexity of `model` on `windows`; with `baseline`, also KL(baseline || model), top-1 agreement and the
+    baseline's own perplexity (from the same forward passes)."""
+    acc, base_acc = MetricAccumulator(), MetricAccumulator()
     batches = range(0, windows.shape[0], batch_size)
     for i in progress_bar(batches, description="evaluating", enabled=progress):
         x = windows[i : i + batch_size]
         logits = logits_of(model, x)[:, :-1]
         base = logits_of(baseline, x)[:, :-1] if baseline is not None else None
         acc.add(logits, x[:, 1:], base)
-    return acc.result(baseline is not None)
+        if base is not None:
+            base_acc.add(base, x[:, 1:])
+    out = acc.result(baseline is not None)
+    if baseline is not None:
+        out["baseline_perplexity"] = base_acc.result(False)["perplexity"]
+    return out
 
 
 @torch.no_grad()

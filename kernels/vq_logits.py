@@ -190,6 +190,11 @@ def code_logits_gemm(hidden2d: torch.Tensor, codebook, shortlist_weight=None, ge
         return code_logits_triton(hidden2d, codebook, shortlist_weight)
     if gemm != "torch":
         raise ValueError(f"gemm must be 'auto', 'torch' or 'triton' (got {gemm!r})")
+    if hidden2d.is_cuda and hidden2d.dtype in (torch.float16, torch.bfloat16):
+        # half-precision GEMM on tensor cores (fp32 accumulation), as the dense head it replaces would run; no fp32
+        # copy of the codebook per call
+        parts = [hidden2d @ t.to(hidden2d.dtype).t() for t in _table(codebook, shortlist_weight)]
+        return torch.cat(parts, dim=1).float() if len(parts) > 1 else parts[0].float()
     return code_logits_reference(hidden2d.float(), codebook.float(),
                                  None if shortlist_weight is None else shortlist_weight.float()).contiguous()
 

@@ -189,3 +189,25 @@ def test_nm_structures_other_than_half_reload(tmp_path):
     ids = torch.randint(0, 8192, (1, 16))
     with torch.no_grad():
         assert torch.allclose(model(ids).logits, reloaded(ids).logits, atol=1e-4)
+
+
+def test_one_recipe_chains_every_pass(tmp_path):
+    from compress.kvcache import GEARCache
+    from compress.prune.sparse_linear import SparseLinear
+    from compress.vq_logits.head import VQLogitsHead
+
+    out = tmp_path / "all"
+    result = run("apply", RECIPES / "tiny-all.yaml", "--output", out, "--eval-windows", 4, "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert [p["name"] for p in summary["passes"]] == ["prune", "vq_logits", "gear_kv"]
+    # packed 2:4 layers + a codebook head: the whole checkpoint shrinks below 0.6x of the dense one
+    assert summary["checkpoint_bytes"] < 0.6 * summary["original_checkpoint_bytes"]
+    model = compress.load(out)
+    assert sum(isinstance(m, SparseLinear) for m in model.modules()) == 42
+    assert isinstance(model.lm_head, VQLogitsHead)
+    ids = torch.randint(100, 8192, (1, 80), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        gen = model.generate(ids, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+    assert isinstance(gen.cache, GEARCache)
+    assert summary["eval"]["kl"] > summary["eval"]["kv_cache"]["kl"] > 0

@@ -11,7 +11,7 @@ from the YAML node marks: unknown keys, unknown passes (with a suggestion), wron
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +62,6 @@ class Recipe:
     text: str = ""
     source: str = "<recipe>"
     base_dir: Path | None = None
-    marks: Marks = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "Recipe":
@@ -159,7 +158,7 @@ class _Validator:
         if self.problems:
             raise RecipeError(self.problems)
         return Recipe(model=model, passes=passes, calibration=calibration, output=output, text=text,
-                      source=self.source, base_dir=base_dir, marks=self.marks)
+                      source=self.source, base_dir=base_dir)
 
     def calibration(self, raw: Any) -> CalibrationSpec | None:
         if raw is None:

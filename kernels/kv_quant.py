@@ -43,11 +43,6 @@ AXES = ("token", "channel")
 
 
 # ------------------------------------------------------------------------------------------------ shapes, checks
-def packed_width(head_dim: int, bits: int) -> int:
-    """Bytes per token row of packed codes."""
-    return head_dim * bits // 8
-
-
 def outliers_per_side(outlier_ratio: float, group_size: int) -> int:
     """How many largest (and as many smallest) entries each group sets aside; 0 when outlier_ratio is 0."""
     if outlier_ratio <= 0:

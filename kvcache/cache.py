@@ -214,7 +214,6 @@ class GEARCache(Cache):
         head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
         settings.check_against_model(head_dim, num_layers)
         self.settings = settings
-        self._config = text_config
 
         def reads_storage() -> bool:
             return getattr(text_config, "_attn_implementation", None) == ATTENTION_NAME

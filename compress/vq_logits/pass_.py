@@ -5,6 +5,8 @@ clusters the head's rows into a codebook, fits per-token scale/bias, optionally 
 `VQLogitsHead`. Tied input/output embeddings are untied: the input embedding is kept as it is."""
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from pydantic import Field
 from torch import nn
@@ -87,11 +89,11 @@ class VQLogits(Pass):
         num_codes: int = Field(1024, ge=2, description="K, codebook size (2 <= K < vocabulary size)")
         shortlist: int = Field(0, ge=0, description="most frequent calibration tokens kept as exact dense rows")
         scale_bias: bool = Field(True, description="per-token scale and bias; false = the paper's plain copy")
-        fit_weighting: str = Field("probability", pattern="^(probability|uniform)$",
+        fit_weighting: Literal["probability", "uniform"] = Field("probability",
                                    description="least-squares weights per token: probability-weighted mix, or uniform")
         fit_probability_share: float = Field(0.2, ge=0, le=1, description="share of each token's fit weight "
                                              "placed by dense probability (the rest is uniform over positions)")
-        weighting: str = Field("frequency", pattern="^(frequency|uniform)$",
+        weighting: Literal["frequency", "uniform"] = Field("frequency",
                                description="k-means row weights: calibration token counts + 1, or uniform")
         kmeans_iterations: int = Field(25, ge=1, le=1000)
         distill: bool = Field(False, description="fine-tune codebook/scales/biases on KL to the dense head")

@@ -33,3 +33,32 @@ class CalibrationError(CompressError):
 
 class ConfigError(CompressError):
     """Pass arguments that are individually valid but impossible together or for this model."""
+
+
+class OutputError(CompressError):
+    """An output location that cannot or must not be written (a file, the source model, a folder not ours)."""
+
+
+def user_error(exc: BaseException) -> CompressError | None:
+    """The one-line user error for an OS failure that the user's paths or disk caused (the CLI prints it and exits
+    2), or None for anything else (a bug: the CLI lets its traceback through)."""
+    import errno
+
+    if isinstance(exc, CompressError):
+        return exc
+    if not isinstance(exc, OSError) or exc.errno is None:
+        return None
+    where = exc.filename if exc.filename is not None else "a file"
+    shown = str(where) if len(str(where)) <= 120 else str(where)[:60] + "..." + str(where)[-40:]
+    messages = {
+        errno.ENAMETOOLONG: f"path too long ({len(str(where))} characters): {shown}; use a shorter path",
+        errno.ENOSPC: f"no space left on the device while writing {shown}; free some space or write elsewhere",
+        errno.EACCES: f"permission denied: {shown}",
+        errno.EPERM: f"operation not permitted: {shown}",
+        errno.EROFS: f"read-only file system: {shown}; write somewhere else",
+        errno.ENOTDIR: f"not a folder: {shown}",
+        errno.EISDIR: f"is a folder, expected a file: {shown}",
+        errno.ENOENT: f"no such file or folder: {shown}",
+    }
+    message = messages.get(exc.errno)
+    return CompressError(message) if message else None

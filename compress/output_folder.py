@@ -1,0 +1,150 @@
+"""Where a checkpoint may be written, and the atomic swap that writes it.
+
+Checked before any work (`check_output`): the target is not a plain file, not the current folder, not the source
+model's folder nor inside or around it, not around the recipe; its nearest existing parent is a writable folder;
+an existing target is replaced only with `overwrite` and only when it is a checkpoint this tool wrote (a
+config.json with a `compression` section, and nothing but checkpoint files).
+
+Writing (`temporary_folder` + `swap_into_place`): files go to `.NAME.tmp-PID-XXXX` beside the target, then
+renames put them in place. Replacing a checkpoint moves the old one to `.NAME.old-XXXX` first; a crash between the
+two renames leaves that copy, which `recover` (run by the next save and by `compress.load`) moves back. Stale
+temporaries of the same target whose process is gone are swept at the next save."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from .errors import OutputError
+
+# files a checkpoint written by `compress.save` may hold (tokenizer files vary by tokenizer class)
+CHECKPOINT_FILES = ("config.json", "generation_config.json", "recipe.yaml", "report.json", "tokenizer.json",
+                    "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "chat_template.json",
+                    "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json", "model.safetensors.index.json")
+CHECKPOINT_SUFFIXES = (".safetensors",)
+
+
+def _is_checkpoint_file(p: Path) -> bool:
+    return p.is_file() and (p.name in CHECKPOINT_FILES or p.name.endswith(CHECKPOINT_SUFFIXES))
+
+
+def written_by_compress(folder: Path) -> bool:
+    """A folder this tool wrote: config.json with a `compression` mapping."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and isinstance(config.get("compression"), dict)
+
+
+def _contains(outer: Path, inner: Path) -> bool:
+    return inner == outer or outer in inner.parents
+
+
+def check_output(output: str | Path, *, overwrite: bool, source: Path | None = None,
+                 protected: tuple[Path, ...] = ()) -> Path:
+    """Raise OutputError unless a checkpoint can be written at `output` (see the module docstring).
+    `source` is the model read; `protected` are other files the run reads (the recipe, the evaluation text)."""
+    out = Path(output).expanduser()
+    try:
+        resolved = out.resolve()
+    except (OSError, RuntimeError) as exc:
+        raise OutputError(f"output {output}: {exc.strerror if isinstance(exc, OSError) else exc}") from None
+    if resolved == Path.cwd().resolve() or resolved == Path(resolved.anchor):
+        raise OutputError(f"--output {output} is the current folder (or the root); name a new folder, e.g. out/NAME")
+    if source is not None:
+        src = Path(source).resolve()
+        if _contains(resolved, src):
+            raise OutputError(f"output {output} {'is' if resolved == src else 'contains'} the source model "
+                              f"({source}); write the checkpoint somewhere else")
+        if _contains(src, resolved):
+            raise OutputError(f"output {output} is inside the source model's folder ({source}); write it elsewhere")
+    for p in protected:
+        if _contains(resolved, Path(p).resolve()):
+            raise OutputError(f"output {output} contains {p}, which this run reads; choose another output folder")
+    recover(resolved)
+    if resolved.exists() or resolved.is_symlink():
+        _check_replaceable(out, resolved, overwrite)
+    parent = resolved.parent
+    while not parent.exists():
+        if parent.is_symlink() or parent == parent.parent:
+            break
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(f"output {output}: {parent} is a file, not a folder; choose another output path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"output {output}: no permission to write in {parent}; choose a writable folder")
+    return out
+
+
+def _check_replaceable(out: Path, resolved: Path, overwrite: bool) -> None:
+    if out.is_symlink():
+        raise OutputError(f"output {out} is a symbolic link; give the real folder or a new name")
+    if not resolved.is_dir():
+        raise OutputError(f"output {out} is a file, not a folder; choose another output path")
+    entries = list(resolved.iterdir())
+    if not entries:
+        return  # an empty folder: replacing it loses nothing
+    if not overwrite:
+        raise OutputError(f"{out} already exists; choose another output folder or pass --overwrite (overwrite=True)")
+    if not written_by_compress(resolved):
+        raise OutputError(f"--overwrite replaces only a checkpoint written by compress; {out} is not one "
+                          "(no `compression` section in its config.json): choose another output folder")
+    others = sorted(p.name for p in entries if not _is_checkpoint_file(p))
+    if others:
+        raise OutputError(f"--overwrite would delete {', '.join(others[:3])}{' ...' if len(others) > 3 else ''} "
+                          f"in {out}, which compress did not write; move them or choose another output folder")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover(target: Path) -> Path | None:
+    """Finish an interrupted save of `target`: put back a replaced copy if the target is missing, drop leftovers of
+    a completed swap, sweep temporaries whose process is gone. Returns the restored folder, if any."""
+    parent, name = target.parent, target.name
+    if not parent.is_dir():
+        return None
+    restored = None
+    try:
+        olds = sorted(parent.glob(f".{name}.old-*"), key=lambda p: p.stat().st_mtime, reverse=True)
+        if olds and not target.exists():
+            os.replace(olds[0], target)
+            restored, olds = target, olds[1:]
+        for old in olds:
+            shutil.rmtree(old, ignore_errors=True)
+        for tmp in parent.glob(f".{name}.tmp-*"):
+            pid = tmp.name.rsplit(".tmp-", 1)[1].split("-", 1)[0]
+            if not pid.isdigit() or not _pid_alive(int(pid)):
+                shutil.rmtree(tmp, ignore_errors=True)
+    except OSError:
+        return restored  # a read-only parent: nothing to clean, check_output reports it
+    return restored
+
+
+def temporary_folder(target: Path) -> Path:
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    return tmp
+
+
+def swap_into_place(tmp: Path, target: Path) -> None:
+    """Rename the finished `tmp` to `target`; an existing target is moved aside first and removed after."""
+    if target.is_dir() and not any(target.iterdir()):
+        target.rmdir()
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(target, old)
+        os.replace(tmp, target)  # a crash before this line leaves `old`, which recover() puts back
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)

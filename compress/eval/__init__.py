@@ -1,0 +1,1 @@
+"""Evaluation beyond perplexity: probes of what compression breaks (copying, retrieval)."""

@@ -1,0 +1,251 @@
+"""Train the reference model `builtin:small`: a Llama-family model that can copy and retrieve in context.
+
+Same family as `builtin:tiny` (Llama, GQA, RoPE, SwiGLU, untied head) and the same 8192-token byte-level BPE
+tokenizer, so both models share the held-out and calibration slices and every protocol compares like with like.
+
+    apt-get install python3.11-doc manpages manpages-dev
+    python scripts/train_small.py --threads 1          # ~100 min on one AVX2 core; prints the curve as it goes
+
+Data recipe (all from Debian packages in main, licences in their copyright files):
+- python3.11-doc's reST sources (PSF-2.0), split exactly as for builtin:tiny: a document is held out when
+  sha1(relative path) mod 10 == 0; `heldout.txt` / `calibration.txt` are tiny's slices, copied.
+- the English man pages of `manpages` and `manpages-dev` 6.03 (roff sources, GPL-2+ and per-page permissive
+  licences), same hold-out rule on their path; `.so` redirect stubs skipped.
+- a share (`--synthetic`, default 0.3) of sequences built to teach in-context copying and retrieval, so induction
+  heads form: (1) a random-token span repeated later in natural text (the copy probe's shape), (2) a natural-text
+  span repeated, (3) a pass key sentence buried at a random depth in natural text and asked for at the end
+  (`compress.eval.probes.passkey_prompt`'s wording), (4) key-value lists queried at the end. The loss covers every
+  token (spans are unpredictable on first sight, predictable on the repeat: that gap is what trains copying).
+
+Schedule: `--steps` at `--seq-len` then `--long-steps` at `--long-seq-len` (2048, the model's context), AdamW with a
+warmup and one cosine over both phases, fp32 (bf16 autocast is 13x slower on CPUs without AVX512-BF16), seed fixed. Checkpoints are written at every evaluation so
+an interrupted run still leaves the latest model; `training.json` records where it stopped and what it measured.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import json
+import math
+import random
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "compress" / "builtin" / "tiny"
+DOCS = Path("/usr/share/doc/python3.11/html/_sources")
+MAN_PACKAGES = ("manpages", "manpages-dev")
+
+
+def held_out(rel: str) -> bool:
+    return int(hashlib.sha1(rel.encode()).hexdigest(), 16) % 10 == 0
+
+
+def python_docs() -> tuple[list[str], list[str]]:
+    train, held = [], []
+    for path in sorted(DOCS.rglob("*.rst.txt")):
+        rel = path.relative_to(DOCS).as_posix()
+        (held if held_out(rel) else train).append(path.read_text(encoding="utf-8", errors="replace"))
+    return train, held
+
+
+def man_pages() -> tuple[list[str], list[str]]:
+    files = subprocess.run(["dpkg", "-L", *MAN_PACKAGES], capture_output=True, text=True, check=True).stdout.split()
+    train, held = [], []
+    for f in sorted(set(files)):
+        p = Path(f)
+        if not (f.startswith("/usr/share/man/man") and f.endswith(".gz") and p.is_file() and not p.is_symlink()):
+            continue
+        text = gzip.decompress(p.read_bytes()).decode("utf-8", errors="replace")
+        if text.startswith(".so ") or len(text) < 300:
+            continue
+        (held if held_out(p.relative_to("/usr/share/man").as_posix()) else train).append(text)
+    return train, held
+
+
+def model_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=8192, hidden_size=384, intermediate_size=1152, num_hidden_layers=8,
+        num_attention_heads=6, num_key_value_heads=2, head_dim=64, max_position_embeddings=2048,
+        rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    )
+
+
+class Mixture:
+    """Draws training sequences: natural windows, and with probability `synthetic` one of four copy/retrieval
+    shapes embedded in natural text."""
+
+    def __init__(self, ids: torch.Tensor, tokenizer, synthetic: float, seed: int):
+        self.ids, self.tok, self.synthetic = ids, tokenizer, synthetic
+        self.rng = random.Random(seed)
+        self.vocab = tokenizer.vocab_size
+
+    def natural(self, n: int) -> list[int]:
+        o = self.rng.randrange(0, self.ids.numel() - n - 1)
+        return self.ids[o:o + n].tolist()
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def fill(self, parts: list[list[int]], n: int) -> list[int]:
+        """Natural text between and around `parts` (kept in order) to exactly n tokens."""
+        used = sum(len(p) for p in parts)
+        free = max(0, n - used)
+        cuts = sorted(self.rng.randint(0, free) for _ in range(len(parts)))
+        gaps = [b - a for a, b in zip([0] + cuts, cuts + [free])]
+        out: list[int] = []
+        for gap, part in zip(gaps, parts + [[]]):
+            out += self.natural(gap) if gap else []
+            out += part
+        return out[:n]
+
+    def copy_random(self, n: int) -> list[int]:
+        span = [self.rng.randrange(100, self.vocab) for _ in range(self.rng.randint(8, min(256, n // 3)))]
+        return self.fill([span, span], n)
+
+    def copy_natural(self, n: int) -> list[int]:
+        span = self.natural(self.rng.randint(16, min(256, n // 3)))
+        return self.fill([span, span], n)
+
+    def passkey(self, n: int) -> list[int]:
+        from compress.eval.probes import passkey_parts
+
+        key = self.rng.randrange(10_000, 100_000)
+        needle, question, answer = passkey_parts(key)
+        return self.fill([self.encode(needle), self.encode(question) + self.encode(answer)], n)
+
+    def kv_recall(self, n: int) -> list[int]:
+        pairs = [(f"{self.rng.randrange(1000, 10000)}", f"{self.rng.randrange(1000, 10000)}")
+                 for _ in range(self.rng.randint(4, 24))]
+        listing = self.encode("".join(f"key {k} -> value {v}\n" for k, v in pairs))
+        k, v = self.rng.choice(pairs)
+        return self.fill([listing, self.encode(f"\nThe value of key {k} is {v}.")], n)
+
+    def sequence(self, n: int) -> list[int]:
+        if self.rng.random() >= self.synthetic:
+            return self.natural(n)
+        kind = self.rng.choice((self.copy_random, self.copy_natural, self.passkey, self.kv_recall))
+        return kind(n)
+
+    def batch(self, b: int, n: int) -> torch.Tensor:
+        return torch.tensor([self.sequence(n + 1) for _ in range(b)], dtype=torch.long)
+
+
+@torch.no_grad()
+def heldout_perplexity(model, ids: torch.Tensor, seq_len: int) -> float:
+    model.eval()
+    n = (ids.numel() - 1) // seq_len
+    nll = 0.0
+    for i in range(n):
+        window = ids[i * seq_len:(i + 1) * seq_len + 1].unsqueeze(0)
+        logits = model(window[:, :-1]).logits.float()
+        nll += torch.nn.functional.cross_entropy(logits[0], window[0, 1:], reduction="sum").item()
+    model.train()
+    return math.exp(nll / (n * seq_len))
+
+
+def probes(model, tokenizer, heldout: str) -> dict:
+    from compress.eval.probes import copy_probe, passkey_probe
+
+    model.eval()
+    out = {"copy_128": copy_probe(model, span_len=128, num=8, vocab_size=tokenizer.vocab_size),
+           "passkey_1k": passkey_probe(model, tokenizer, heldout, context_len=1024, num=8)}
+    model.train()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=ROOT / "compress" / "builtin" / "small")
+    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--long-steps", type=int, default=120)
+    ap.add_argument("--long-seq-len", type=int, default=2048)
+    ap.add_argument("--long-batch", type=int, default=1)
+    ap.add_argument("--synthetic", type=float, default=0.3)
+    ap.add_argument("--lr", type=float, default=1.5e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eval-every", type=int, default=200)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+    torch.manual_seed(args.seed)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(TINY)
+    py_train, py_held = python_docs()
+    man_train, man_held = man_pages()
+    print(f"documents: python {len(py_train)} train / {len(py_held)} held out; "
+          f"man {len(man_train)} train / {len(man_held)} held out", flush=True)
+    eos = tokenizer.eos_token_id
+    train = []
+    for doc in py_train + man_train:
+        train.extend(tokenizer(doc)["input_ids"] + [eos])
+    train_ids = torch.tensor(train, dtype=torch.long)
+    heldout = (TINY / "heldout.txt").read_text(encoding="utf-8")
+    held_ids = torch.tensor(tokenizer(heldout)["input_ids"], dtype=torch.long)
+    print(f"tokens: {train_ids.numel()} train, {held_ids.numel()} held-out eval", flush=True)
+
+    model = LlamaForCausalLM(model_config())
+    print(f"parameters: {sum(p.numel() for p in model.parameters())}", flush=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    total = args.steps + args.long_steps
+    warmup = max(1, total // 25)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    mix = Mixture(train_ids, tokenizer, args.synthetic, args.seed)
+    start, seen = time.time(), 0
+    for step in range(1, total + 1):
+        long = step > args.steps
+        batch = mix.batch(args.long_batch, args.long_seq_len) if long else mix.batch(args.batch, args.seq_len)
+        seen += batch[:, 1:].numel()
+        logits = model(batch[:, :-1]).logits
+        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 10 == 0:
+            print(f"step {step} seq {batch.shape[1] - 1} loss {loss.item():.3f} lr {sched.get_last_lr()[0]:.2e} "
+                  f"tokens {seen} {time.time() - start:.0f}s", flush=True)
+        if step % args.eval_every == 0 or step == total:
+            ppl = heldout_perplexity(model, held_ids[:20_000], 1024)
+            found = probes(model, tokenizer, heldout)
+            print(f"step {step} heldout_ppl {ppl:.2f} {json.dumps(found)} {time.time() - start:.0f}s", flush=True)
+            save(model, tokenizer, args, step, total, seen, ppl, found, time.time() - start)
+
+
+def save(model, tokenizer, args, step, total, seen, ppl, found, seconds) -> None:
+    out = args.out
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.to(torch.bfloat16).save_pretrained(tmp, max_shard_size="16MB")
+    model.to(torch.float32)
+    tokenizer.save_pretrained(tmp)
+    for name in ("heldout.txt", "calibration.txt"):
+        shutil.copy(TINY / name, tmp / name)
+    (tmp / "training.json").write_text(json.dumps({
+        "steps": step, "planned_steps": total, "short_steps": args.steps, "seq_len": args.seq_len,
+        "batch": args.batch, "long_seq_len": args.long_seq_len, "long_batch": args.long_batch,
+        "synthetic": args.synthetic, "lr": args.lr, "seed": args.seed, "tokens_seen": seen,
+        "heldout_ppl_20k_tokens_1024": round(ppl, 3), "probes": found, "train_seconds": round(seconds),
+        "threads": torch.get_num_threads(),
+    }, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+
+
+if __name__ == "__main__":
+    main()

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -82,28 +80,29 @@ def save(
 ) -> Path:
     """Write a checkpoint atomically. The `compression` section comes from `model.config.compression` (set by
     `compress.apply`); a model never compressed is saved with an empty pass list."""
-    folder = Path(folder).expanduser()
-    if folder.exists() and not overwrite:
-        raise CheckpointError(f"{folder} already exists; choose another output folder or pass overwrite/--overwrite")
+    from .output_folder import check_output, swap_into_place, temporary_folder
+
+    folder = check_output(folder, overwrite=overwrite, source=_source_folder(model))
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    tmp = temporary_folder(folder)
     try:
         _write(model, tmp, tokenizer, recipe_text, report, max_shard_bytes)
-        if folder.exists():
-            old = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(folder, old)
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
+        swap_into_place(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
 
 
+def _source_folder(model: nn.Module) -> Path | None:
+    source = getattr(model, "compress_source", None)
+    if not source or str(source).startswith("builtin:"):
+        return None
+    return Path(source).expanduser()
+
+
 def _write(model, tmp: Path, tokenizer, recipe_text, report, max_shard_bytes) -> None:
+    from .export.native_marker import mark_native
     from .models import checkpoint_dtype
 
     dtype = checkpoint_dtype(model)
@@ -123,6 +122,7 @@ def _write(model, tmp: Path, tokenizer, recipe_text, report, max_shard_bytes) ->
     config["dtype"] = str(dtype).removeprefix("torch.")
     config.setdefault("compression", compression_record([], recipe_text, None))
     config["architectures"] = [type(model).__name__]
+    mark_native(config, model)  # plain transformers must refuse what it cannot read (export/native_marker.py)
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
@@ -134,23 +134,28 @@ def _write(model, tmp: Path, tokenizer, recipe_text, report, max_shard_bytes) ->
 
 def weight_files(path: Path) -> list[Path]:
     if (path / INDEX_NAME).exists():
-        index = json.loads((path / INDEX_NAME).read_text())
-        return sorted({path / f for f in index["weight_map"].values()})
+        from .checkpoint_validation import read_index
+
+        return sorted({path / f for f in read_index(path / INDEX_NAME).values()})
     files = sorted(path.glob("*.safetensors"))
     return files
 
 
 def read_state(path: Path) -> dict[str, torch.Tensor]:
+    """Every stored tensor; headers are checked first (checkpoint_validation), so a damaged file is a clear error."""
+    from .checkpoint_validation import check_weight_files
+
     files = weight_files(path)
-    if not files:
-        raise CheckpointError(f"{path} has no *.safetensors weights")
+    check_weight_files(path, files)
     state = {}
     for f in files:
-        if not f.exists():
-            raise CheckpointError(f"{path}: shard {f.name} named by the index is missing")
-        with safe_open(f, framework="pt") as sf:
-            for k in sf.keys():
-                state[k] = sf.get_tensor(k)
+        try:
+            with safe_open(f, framework="pt") as sf:
+                for k in sf.keys():
+                    state[k] = sf.get_tensor(k)
+        except (OSError, ValueError, RuntimeError) as exc:  # safetensors' own errors past the header checks
+            raise CheckpointError(f"{f}: cannot be read as safetensors ({str(exc).splitlines()[0][:200]}); the "
+                                  "file is damaged: copy or export the model again") from None
     return state
 
 
@@ -163,8 +168,8 @@ def _no_init():
 
 
 def load_checkpoint(path: Path, config, section: dict, *, dtype, meta: bool = False) -> nn.Module:
+    from .checkpoint_validation import check_against_model, check_loaded_modules, check_weight_files
     from .models import empty_model
-    from .registry import get_pass
 
     version = section.get("format_version", 0)
     if not isinstance(version, int) or version > FORMAT_VERSION:
@@ -174,41 +179,55 @@ def load_checkpoint(path: Path, config, section: dict, *, dtype, meta: bool = Fa
         )
     with _no_init():
         model = empty_model(config, dtype=dtype, meta=meta)
-    for entry in section.get("passes", []):
-        get_pass(entry["pass"])(entry.get("args", {})).restore(model, entry)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()  # from_config under no_init leaves the head untied; the checkpoint stores it once
+    for i, entry in enumerate(section.get("passes", [])):
+        restore_pass(path, i, entry, model)
     if meta:
         return model
+    files = weight_files(path)
+    headers = check_weight_files(path, files)
+    check_against_model(path, headers, model, _tied_names(model))
     state = read_state(path)
-    expected = model.state_dict()
-    tied = _tied_names(model)
-    missing = [k for k in expected if k not in state and k not in tied]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-             for k, v in expected.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
-    problems = []
-    if missing:
-        problems.append(f"missing tensors: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-    if unexpected:
-        problems.append(f"unexpected tensors: {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
-    if wrong:
-        problems.append(f"wrong shapes: {'; '.join(wrong[:3])}")
-    if problems:
-        raise CheckpointError(f"{path} does not match its config: " + " | ".join(problems))
     model.load_state_dict(state, strict=False)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
+    check_loaded_modules(path, model)
     return model
+
+
+def restore_pass(path: Path, index: int, entry: dict, model: nn.Module) -> None:
+    """Rebuild one pass's modules from its checkpoint entry; a record the pass cannot read is a damaged checkpoint."""
+    from .errors import CompressError
+    from .registry import get_pass
+
+    name = entry["pass"]
+    try:
+        get_pass(name)(entry.get("args") or {}).restore(model, entry)
+    except CheckpointError:
+        raise
+    except CompressError as exc:
+        raise CheckpointError(f"{path}: compression.passes[{index}] ({name}): {str(exc).splitlines()[0]}") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"{path}: compression.passes[{index}] ({name}) has a damaged restore record "
+                              f"({type(exc).__name__}: {exc}); export the checkpoint again") from None
 
 
 def _tied_names(model: nn.Module) -> set[str]:
     """State-dict names that alias an earlier tensor (saved once)."""
     seen, tied = set(), set()
-    for name, t in model.state_dict().items():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-        if key in seen and t.numel() > 0:
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) in seen:  # the same Parameter under two names (works on meta tensors too)
             tied.add(name)
-        seen.add(key)
+        seen.add(id(t))
     return tied
+
+
+def verify_files(path: Path, model: nn.Module) -> None:
+    """Check a checkpoint's weight files against a (meta) model without reading the tensors (for `inspect`)."""
+    from .checkpoint_validation import check_against_model, check_weight_files
+
+    check_against_model(path, check_weight_files(path, weight_files(path)), model, _tied_names(model))
 
 
 def load_hf_folder(path: Path, config, *, dtype, allow_pickle: bool, meta: bool) -> nn.Module:
@@ -219,7 +238,11 @@ def load_hf_folder(path: Path, config, *, dtype, allow_pickle: bool, meta: bool)
     if meta:
         return empty_model(config, dtype=dtype, meta=True)
     has_safetensors = bool(list(path.glob("*.safetensors")))
-    if not has_safetensors:
+    if has_safetensors:
+        from .checkpoint_validation import check_weight_files
+
+        check_weight_files(path, weight_files(path))
+    else:
         if not list(path.glob("*.bin")):
             raise CheckpointError(f"{path} has no weights (*.safetensors)")
         if not allow_pickle:

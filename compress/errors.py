@@ -35,7 +35,7 @@ class ConfigError(CompressError):
     """Pass arguments that are individually valid but impossible together or for this model."""
 
 
-class OutputError(CompressError):
+class OutputError(CheckpointError):
     """An output location that cannot or must not be written (a file, the source model, a folder not ours)."""
 
 

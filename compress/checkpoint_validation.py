@@ -1,0 +1,224 @@
+"""Validation of a model folder before and after its weights load: every way a damaged or hand-edited checkpoint
+can fail is found here and reported as one CheckpointError line that names the file and what is wrong.
+
+- config.json: valid JSON, a mapping; the `compression` section a mapping with a list of pass entries;
+- safetensors files: read header-first without trusting it (size, header length, JSON, dtypes, offsets inside
+  the file), before safetensors or transformers open them;
+- tensors against the model built from the config: names, shapes, and integer vs floating kinds;
+- packed modules against the metadata that describes them (`check_loaded_modules`), e.g. a bitmask whose set bits
+  must equal the number of stored values, N:M positions that must be distinct in each group, VQ codes in range."""
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
+ITEM_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+              "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+FLOATING = {"F8_E5M2", "F8_E4M3", "F16", "BF16", "F32", "F64"}
+
+
+def _damaged(path: Path, what: str) -> CheckpointError:
+    return CheckpointError(f"{path}: {what}; the file is damaged: copy or export the model again")
+
+
+# ------------------------------------------------------------------------------------------------- config.json
+def read_config_json(folder: Path) -> dict[str, Any]:
+    path = folder / "config.json"
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror})") from None
+    try:
+        config = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise _damaged(path, f"not UTF-8 text (byte {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise _damaged(path, f"not valid JSON at line {exc.lineno}, column {exc.colno} ({exc.msg})") from None
+    if not isinstance(config, dict):
+        raise _damaged(path, f"holds a JSON {type(config).__name__}, not an object")
+    if not isinstance(config.get("model_type", ""), str):
+        raise _damaged(path, "`model_type` is not a string")
+    return config
+
+
+def check_compression_section(folder: Path, section: Any) -> dict | None:
+    """The `compression` section, checked for the types the loader relies on (values are checked by each pass)."""
+    where = folder / "config.json"
+    if section is None:
+        return None
+    if not isinstance(section, dict):
+        raise _damaged(where, f"the `compression` section is a {type(section).__name__}, not a mapping")
+    passes = section.get("passes", [])
+    if not isinstance(passes, list):
+        raise _damaged(where, f"`compression.passes` is a {type(passes).__name__}, not a list")
+    for i, entry in enumerate(passes):
+        if not isinstance(entry, dict) or not isinstance(entry.get("pass"), str):
+            raise _damaged(where, f"`compression.passes[{i}]` is not a mapping with a `pass` name")
+        for key in ("args", "restore"):
+            if entry.get(key) is not None and not isinstance(entry[key], dict):
+                raise _damaged(where, f"`compression.passes[{i}].{key}` is a {type(entry[key]).__name__}, "
+                                      "not a mapping")
+    return section
+
+
+# ------------------------------------------------------------------------------------------------- safetensors
+def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{tensor name: (safetensors dtype, shape)} from a file's header, every field checked against the file size."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if size == 0:
+                raise _damaged(path, "is empty (0 bytes)")
+            if len(head) < 8:
+                raise _damaged(path, f"is {size} bytes, shorter than a safetensors header")
+            (length,) = struct.unpack("<Q", head)
+            if length > MAX_HEADER_BYTES:
+                raise _damaged(path, f"declares a {length}-byte header (at most {MAX_HEADER_BYTES}): not a "
+                                     "safetensors file")
+            if 8 + length > size:
+                raise _damaged(path, f"is truncated: its header needs {8 + length} bytes, the file has {size}")
+            header_bytes = f.read(length)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror})") from None
+    try:
+        header = json.loads(header_bytes.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise _damaged(path, "has a header that is not JSON: not a safetensors file") from None
+    if not isinstance(header, dict):
+        raise _damaged(path, "has a header that is not a JSON object")
+    data_size = size - 8 - length
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+            ok = (dtype in ITEM_SIZES and all(isinstance(d, int) and d >= 0 for d in shape)
+                  and isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end)
+        except (TypeError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            raise _damaged(path, f"tensor {name!r} has a malformed header entry")
+        if end > data_size:
+            raise _damaged(path, f"is truncated: tensor {name!r} ends at byte {end} of a {data_size}-byte data "
+                                 "section")
+        if end - begin != math.prod(shape) * ITEM_SIZES[dtype]:
+            raise _damaged(path, f"tensor {name!r}: {end - begin} bytes stored for shape {list(shape)} of {dtype}")
+        out[name] = (dtype, shape)
+    return out
+
+
+def check_weight_files(folder: Path, files: list[Path]) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Headers of every weight file of `folder`, merged (a tensor in two shards is an error)."""
+    if not files:
+        raise CheckpointError(f"{folder} has no *.safetensors weights")
+    headers: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for f in files:
+        if not f.exists():
+            raise CheckpointError(f"{folder}: shard {f.name} named by the index is missing")
+        for name, info in read_header(f).items():
+            if name in headers:
+                raise _damaged(f, f"tensor {name!r} is stored twice")
+            headers[name] = info
+    return headers
+
+
+def read_index(path: Path) -> dict[str, str]:
+    """The weight map of a sharded checkpoint's index file."""
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+        weight_map = index["weight_map"]
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) and "/" not in v and "\\" not in v
+                                                        for v in weight_map.values()):
+            raise ValueError
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise _damaged(path, "is not a valid index (a `weight_map` of tensor name -> shard file name)") from None
+    return weight_map
+
+
+def check_against_model(folder: Path, headers: dict[str, tuple[str, tuple[int, ...]]], model: nn.Module,
+                        tied: set[str]) -> None:
+    """Names, shapes and integer/floating kinds of the stored tensors against the model built from the config."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in headers and k not in tied]
+    unexpected = [k for k in headers if k not in expected]
+    wrong = [f"{k}: checkpoint {tuple(headers[k][1])} vs model {tuple(v.shape)}"
+             for k, v in expected.items() if k in headers and tuple(headers[k][1]) != tuple(v.shape)]
+    kinds = [f"{k}: checkpoint {headers[k][0]} vs model {str(v.dtype).removeprefix('torch.')}"
+             for k, v in expected.items()
+             if k in headers and (headers[k][0] in FLOATING) != v.is_floating_point()]
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
+    if wrong:
+        problems.append(f"wrong shapes: {'; '.join(wrong[:3])}")
+    if kinds:
+        problems.append(f"wrong dtypes: {'; '.join(kinds[:3])}")
+    if problems:
+        raise CheckpointError(f"{folder} does not match its config: " + " | ".join(problems))
+
+
+# ------------------------------------------------------------------------------------------------- packed modules
+def check_loaded_modules(folder: Path, model: nn.Module) -> None:
+    """Every packed module's tensors against the metadata that describes it (after the state dict loaded)."""
+    from .prune.sparse_linear import SparseLinear
+    from .vq_logits.head import VQLogitsHead
+
+    for name, module in model.named_modules():
+        if isinstance(module, SparseLinear):
+            problem = _sparse_problem(module)
+        elif isinstance(module, VQLogitsHead):
+            problem = _vq_problem(module)
+        else:
+            continue
+        if problem:
+            raise CheckpointError(f"{folder}: {name}: {problem}; the checkpoint is damaged: export it again")
+
+
+@torch.no_grad()
+def _sparse_problem(m) -> str | None:
+    if m.format == "bitmask":
+        from .kernels.sparse_bitmask import unpack_bitmask
+
+        full = torch.stack([(m.bitmask >> b) & 1 for b in range(8)], dim=-1).view(m.bitmask.shape[0], -1)
+        if bool(full[:, m.in_features:].any()):
+            return "its bitmask sets bits past the layer's input width"
+        kept = int(unpack_bitmask(m.bitmask, m.in_features).sum())
+        if kept != m.values.numel():
+            return f"its bitmask keeps {kept} weights but {m.values.numel()} values are stored"
+        return None
+    from .kernels.sparse_nm import nm_positions
+
+    if not (0 < m.n <= m.m) or m.in_features % m.m:
+        return f"N:M = {m.n}:{m.m} does not fit input width {m.in_features}"
+    kept = m.values.shape[1]
+    pos = nm_positions(m.indices, kept, m.m).long()
+    if bool((pos >= m.m).any()):
+        return f"an N:M position is >= M={m.m}"
+    groups = pos.view(pos.shape[0], -1, m.n)
+    if m.n > 1 and bool((groups[..., 1:] <= groups[..., :-1]).any()):
+        return f"its {m.n}:{m.m} positions repeat (or are out of order) inside a group"
+    return None
+
+
+@torch.no_grad()
+def _vq_problem(h) -> str | None:
+    table = h.num_codes + h.shortlist_size
+    if h.codes.numel() and (int(h.codes.long().min()) < 0 or int(h.codes.long().max()) >= table):
+        return f"a token's code is outside the {table} codebook rows"
+    if h.shortlist_size and (int(h.shortlist_ids.long().min()) < 0
+                             or int(h.shortlist_ids.long().max()) >= h.out_features):
+        return "a shortlist token id is outside the vocabulary"
+    return None

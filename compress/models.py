@@ -34,9 +34,9 @@ def resolve_model_path(source: str | Path) -> Path:
 
 
 def read_config(path: Path):
-    from transformers import AutoConfig
+    from .export.native_marker import read_config as read_marked_config
 
-    config = AutoConfig.from_pretrained(path)
+    config = read_marked_config(path)  # a native checkpoint's config.json hides its model type from transformers
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedModelError(
             f"model type {config.model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"

@@ -35,6 +35,10 @@ class ConfigError(CompressError):
     """Pass arguments that are individually valid but impossible together or for this model."""
 
 
+class ExportError(CompressError):
+    """A model that the chosen export format cannot express (e.g. a VQ head in compressed-tensors): names the pass."""
+
+
 class OutputError(CheckpointError):
     """An output location that cannot or must not be written (a file, the source model, a folder not ours)."""
 

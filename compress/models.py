@@ -1,7 +1,6 @@
 """Loading models: the built-in reference model, a local Hugging Face folder, or a compressed checkpoint."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,10 @@ def resolve_model_path(source: str | Path) -> Path:
         return path
     path = Path(s).expanduser()
     if not path.exists():
+        from .output_folder import recover
+
+        recover(path.absolute())  # a save interrupted between its two renames left the old copy beside it
+    if not path.exists():
         raise CheckpointError(f"model {s} does not exist; give a local Hugging Face folder or builtin:tiny (no hub downloads)")
     if not (path / "config.json").exists():
         raise CheckpointError(f"{s} has no config.json; give a Hugging Face model folder (config.json + *.safetensors)")
@@ -34,9 +37,16 @@ def resolve_model_path(source: str | Path) -> Path:
 
 
 def read_config(path: Path):
+    from .checkpoint_validation import read_config_json
     from .export.native_marker import read_config as read_marked_config
 
-    config = read_marked_config(path)  # a native checkpoint's config.json hides its model type from transformers
+    read_config_json(path)  # a damaged config.json is a one-line CheckpointError, not transformers' traceback
+    try:
+        # a native checkpoint's config.json hides its model type from transformers
+        config = read_marked_config(path)
+    except (ValueError, OSError, TypeError, KeyError) as exc:
+        raise CheckpointError(f"{path / 'config.json'}: transformers cannot read it "
+                              f"({str(exc).splitlines()[0][:200]})") from None
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedModelError(
             f"model type {config.model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
@@ -45,8 +55,9 @@ def read_config(path: Path):
 
 
 def compression_section(path: Path) -> dict[str, Any] | None:
-    raw = json.loads((path / "config.json").read_text())
-    return raw.get("compression")
+    from .checkpoint_validation import check_compression_section, read_config_json
+
+    return check_compression_section(path, read_config_json(path).get("compression"))
 
 
 def empty_model(config, dtype: torch.dtype | None = None, meta: bool = False) -> nn.Module:
@@ -70,10 +81,13 @@ def storage_dtype(config) -> torch.dtype:
 def load(
     source: str | Path,
     *,
-    dtype: str | torch.dtype | None = "float32",
+    dtype: str | torch.dtype | None = "auto",
     device: str = "cpu",
     allow_pickle: bool = False,
     meta: bool = False,
+    sparse_runtime: str = "auto",
+    max_memory: int | str | None = None,
+    offload_folder: str | Path | None = None,
 ) -> nn.Module:
     """Load a model for compression or inference.
 
@@ -86,11 +100,6 @@ def load(
     dtype of the checkpoint is remembered in `model.config.dtype` so that `save` writes the same size back."""
     from .checkpoint import load_checkpoint, load_hf_folder
 
-    _quiet_transformers()
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise CompressError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
-        dtype = DTYPES[dtype]
     path = resolve_model_path(source)
     config = read_config(path)
     stored_as = storage_dtype(config)  # before building: from_config/from_pretrained rewrite config.dtype
@@ -104,6 +113,7 @@ def load(
     if not meta:
         model.to(device)
     model.eval()
+    dtype = compute_dtype(dtype, stored_as, device)
     return model
 
 
@@ -112,12 +122,31 @@ def checkpoint_dtype(model: nn.Module) -> torch.dtype:
     return getattr(model, "compress_storage_dtype", None) or storage_dtype(model.config)
 
 
-def _quiet_transformers() -> None:
-    """Our own progress bars and messages replace transformers' per-load bars and info logs."""
-    from transformers.utils import logging as hf_logging
+DTYPE_CHOICES = ("auto", "stored", *DTYPES)
 
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
+
+def compute_dtype(dtype: str | torch.dtype | None, stored: torch.dtype, device: str = "cpu") -> torch.dtype:
+    """The dtype a model is loaded in (see `load`)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "stored":
+        return stored
+    if dtype == "auto":
+        return stored if native_dtype(stored, device) else torch.float32
+    if dtype not in DTYPES:
+        raise CompressError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPE_CHOICES)}")
+    return DTYPES[dtype]
+
+
+def native_dtype(dtype: torch.dtype, device: str = "cpu") -> bool:
+    """Whether `device` computes in `dtype` at full speed (half precision on CPUs needs AVX512-BF16/FP16 or AMX)."""
+    if dtype == torch.float32 or not str(device).startswith("cpu"):
+        return True
+    if dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if dtype == torch.float16:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    return False
 
 
 def load_tokenizer(source: str | Path):

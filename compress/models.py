@@ -96,13 +96,16 @@ def load(
       pass's `restore`, then the safetensors weights load strictly;
     - any other local Hugging Face folder: loaded from safetensors (a pickled `.bin` only with `allow_pickle`).
 
-    `dtype` is the compute dtype (float32 by default: CPU kernels are fastest and most exact there); the storage
-    dtype of the checkpoint is remembered in `model.config.dtype` so that `save` writes the same size back."""
+    `dtype`: "auto" (default) keeps the checkpoint's dtype where the device computes it natively (CUDA, CPUs with
+    AVX512-BF16/AMX) and uses float32 on CPUs that emulate half precision (there bf16 matmuls are ~10x slower);
+    "stored" always keeps the checkpoint's dtype (least memory); or float32 / bfloat16 / float16. The storage
+    dtype is remembered so that `save` writes the same size back."""
     from .checkpoint import load_checkpoint, load_hf_folder
 
     path = resolve_model_path(source)
     config = read_config(path)
     stored_as = storage_dtype(config)  # before building: from_config/from_pretrained rewrite config.dtype
+    dtype = compute_dtype(dtype, stored_as, device)
     section = compression_section(path)
     if section is not None:
         model = load_checkpoint(path, config, section, dtype=dtype, meta=meta)
@@ -113,7 +116,6 @@ def load(
     if not meta:
         model.to(device)
     model.eval()
-    dtype = compute_dtype(dtype, stored_as, device)
     return model
 
 

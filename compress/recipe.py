@@ -25,9 +25,75 @@ from .registry import available_passes, suggest
 TOP_LEVEL_KEYS = ("model", "calibration", "passes", "output")
 Marks = dict[tuple, tuple[int, int]]
 
+# Limits that keep a hostile recipe from exhausting memory or the stack (a real recipe is a few dozen lines).
+MAX_RECIPE_BYTES = 1024 * 1024
+MAX_DEPTH = 32          # nesting of mappings and lists
+MAX_ALIASES = 64        # *alias references
+MAX_VALUES = 20_000     # values after alias expansion (an alias "bomb" multiplies them)
+NAME_MAX, PATH_MAX = 255, 4096  # what file systems accept for one path component, and for a whole path
+
+
+class _LimitedLoader(yaml.SafeLoader):
+    """A SafeLoader whose composer counts nesting depth and aliases and refuses explicit tags."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self.depth = self.aliases = 0
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            self.aliases += 1
+            if self.aliases > MAX_ALIASES:
+                raise _LimitError(event.start_mark, f"more than {MAX_ALIASES} aliases; write the values out")
+        elif getattr(event, "tag", None) not in (None, "!"):
+            raise _LimitError(event.start_mark, f"tag {event.tag.replace('tag:yaml.org,2002:', '!!')} is not allowed in a recipe: remove it (quote the "
+                                                "value if it should be a string)")
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            raise _LimitError(event.start_mark, f"nested deeper than {MAX_DEPTH} levels")
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+class _LimitError(Exception):
+    def __init__(self, mark, message: str):
+        super().__init__(message)
+        self.mark, self.message = mark, message
+
+
+def read_recipe_text(path: Path) -> str:
+    """The recipe file as text, or a one-line RecipeError (missing, a folder, too large, not UTF-8, path too long)."""
+    from .errors import user_error
+
+    try:
+        if not path.is_file():
+            raise RecipeError([f"{path}: {'is a folder, not a recipe file' if path.is_dir() else 'no such recipe file'}"])
+        size = path.stat().st_size
+        if size > MAX_RECIPE_BYTES:
+            raise RecipeError([f"{path}: {size} bytes, larger than a recipe can be ({MAX_RECIPE_BYTES} bytes)"])
+        raw = path.read_bytes()
+    except OSError as exc:
+        mapped = user_error(exc)
+        raise RecipeError([f"recipe: {mapped if mapped else exc.strerror}"]) from None
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise RecipeError([f"{path}:1: the recipe is UTF-16 text; save it as UTF-8"])
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise RecipeError([f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); save the recipe as "
+                           "UTF-8"]) from None
+
 
 def _to_python(node: yaml.Node, path: tuple, marks: Marks, loader: yaml.SafeLoader) -> Any:
     """Convert a composed YAML node to Python values, recording the (line, column) of every path."""
+    if len(marks) >= MAX_VALUES or len(path) > MAX_DEPTH:
+        what = f"more than {MAX_VALUES} values" if len(marks) >= MAX_VALUES else f"nested deeper than {MAX_DEPTH} levels"
+        raise RecipeError([f"{{file}}:{node.start_mark.line + 1}:{node.start_mark.column + 1}: {what} once aliases "
+                           "are expanded; write the recipe out without aliases"])
     marks[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
     if isinstance(node, yaml.MappingNode):
         out = {}
@@ -66,15 +132,19 @@ class Recipe:
     @classmethod
     def from_yaml(cls, path: str | Path) -> "Recipe":
         path = Path(path)
-        if not path.exists():
-            raise RecipeError([f"{path}: no such recipe file"])
-        return cls.from_text(path.read_text(encoding="utf-8"), source=str(path), base_dir=path.parent)
+        return cls.from_text(read_recipe_text(path), source=str(path), base_dir=path.parent)
 
     @classmethod
     def from_text(cls, text: str, source: str = "<recipe>", base_dir: Path | None = None) -> "Recipe":
-        loader = yaml.SafeLoader(text)
+        if len(text) > MAX_RECIPE_BYTES:
+            raise RecipeError([f"{source}: {len(text)} characters, larger than a recipe can be"])
+        loader = _LimitedLoader(text)
         try:
             node = loader.get_single_node()
+        except _LimitError as exc:
+            raise RecipeError([f"{source}:{exc.mark.line + 1}:{exc.mark.column + 1}: {exc.message}"]) from None
+        except RecursionError:
+            raise RecipeError([f"{source}: nested too deeply"]) from None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
@@ -148,6 +218,12 @@ class _Validator:
         output = data.get("output")
         if output is not None and not isinstance(output, str):
             self.error(("output",), f"output must be a folder path (got {output!r})")
+        for key in ("model", "output"):
+            self.check_path((key,), data.get(key), key)
+        if isinstance(data.get("calibration"), dict):
+            self.check_path(("calibration", "source"), data["calibration"].get("source"), "calibration source")
+        elif isinstance(data.get("calibration"), str):
+            self.check_path(("calibration",), data["calibration"], "calibration source")
         calibration = self.calibration(data.get("calibration"))
         passes = self.passes(data.get("passes"))
         if "calibration" not in data:
@@ -159,6 +235,17 @@ class _Validator:
             raise RecipeError(self.problems)
         return Recipe(model=model, passes=passes, calibration=calibration, output=output, text=text,
                       source=self.source, base_dir=base_dir)
+
+    def check_path(self, where: tuple, value: Any, what: str) -> None:
+        """A path no file system accepts is reported here, with its line, instead of failing when it is opened."""
+        if not isinstance(value, str):
+            return
+        longest = max((len(part.encode()) for part in value.split("/")), default=0)
+        if len(value.encode()) > PATH_MAX or longest > NAME_MAX:
+            limit = f"{PATH_MAX} bytes" if len(value.encode()) > PATH_MAX else f"{NAME_MAX} bytes per folder or file name"
+            self.error(where, f"{what}: path too long ({len(value)} characters; file systems accept {limit})")
+        elif "\x00" in value:
+            self.error(where, f"{what}: a path cannot contain a NUL character")
 
     def calibration(self, raw: Any) -> CalibrationSpec | None:
         if raw is None:

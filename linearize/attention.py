@@ -1,0 +1,130 @@
+"""The linearized attention module that replaces a decoder layer's softmax attention (Liger; no new parameters).
+
+It keeps the original module's q/k/v/o projections (and Qwen3's q/k norms) under their original names, so the
+state dict is unchanged and LoRA (PEFT) attaches to them as before. From the projections' outputs, before RoPE:
+  phi(q) = softmax(q) over the head dimension (scale 1);
+  gla gate:   phi(k) = softmax(k),     log-gate = logsigmoid(k) / 16
+  hgrn2 gate: phi(k) = 1 - sigmoid(k), log-gate = logsigmoid(k)
+  S_t = diag(exp(log-gate_t)) S_{t-1} + phi(k_t)^T v_t,   o_t = phi(q_t) S_t     (one state per KV head)
+Liger Attention (variant hybrid) adds a sliding-window softmax branch on the RoPE'd q/k:
+  o = alpha * o_recurrent + beta * o_window.
+Padding (from the attention mask) contributes nothing: its keys/values are zeroed and its gates set to 0 (no
+decay), so a left-padded row computes exactly what the unpadded row does."""
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import UnsupportedModelError
+from ..kernels.gla import gated_linear_attention
+from ..kernels.window_attention import sliding_window_attention
+from .cache import LinearizedLayer
+from .settings import LinearizeSettings
+
+GLA_GATE_NORMALIZER = 16.0
+
+
+def key_validity(attention_mask, num_new: int):
+    """[B, T] bool: which of the T new tokens are real (not padding), or None when all are. Read from the 4D mask's
+    diagonal over the new tokens (a real token always sees itself, padding never is seen), so it works whatever
+    the mask's key length and for bool (sdpa) and additive float (eager) masks alike."""
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 4:
+        raise UnsupportedModelError("linearized attention reads padding from a 4D attention mask; use the sdpa or "
+                                    "eager attention implementation (not flex/flash) for linearized models")
+    diag = attention_mask[:, 0, -num_new:, -num_new:].diagonal(dim1=-2, dim2=-1)
+    valid = diag if diag.dtype == torch.bool else diag > torch.finfo(diag.dtype).min / 2
+    return None if bool(valid.all()) else valid
+
+
+class LinearizedAttention(nn.Module):
+    def __init__(self, original: nn.Module, settings: LinearizeSettings, layer_idx: int):
+        super().__init__()
+        missing = [n for n in ("q_proj", "k_proj", "v_proj", "o_proj") if not hasattr(original, n)]
+        rotary = getattr(sys.modules.get(type(original).__module__), "apply_rotary_pos_emb", None)
+        if missing or rotary is None:
+            raise UnsupportedModelError(f"{type(original).__name__} has no {', '.join(missing) or 'RoPE function'}: "
+                                        "linearize supports Llama, Mistral, Qwen2 and Qwen3 attention")
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (original.q_proj, original.k_proj, original.v_proj,
+                                                              original.o_proj)
+        self.q_norm = getattr(original, "q_norm", None)  # Qwen3: RMSNorm over the head dimension, kept
+        self.k_norm = getattr(original, "k_norm", None)
+        self.config = original.config
+        self.layer_idx = layer_idx
+        self.head_dim = original.head_dim
+        self.scaling = original.scaling
+        self.settings = settings
+        self._rotary = rotary  # the model's own apply_rotary_pos_emb (window branch only)
+
+    def extra_repr(self) -> str:
+        s = self.settings
+        extra = f", window={s.window}, alpha={s.alpha}, beta={s.beta}" if s.variant == "hybrid" else ""
+        return f"layer_idx={self.layer_idx}, variant={s.variant}, gate={s.gate}{extra}"
+
+    def _cache_layer(self, cache) -> LinearizedLayer | None:
+        if cache is None:
+            return None
+        i = self.layer_idx
+        while len(cache.layers) <= i:  # caches that create their layers lazily
+            if cache.layer_class_to_replicate is None:
+                raise UnsupportedModelError(f"the cache has no layer {i}")
+            cache.layers.append(cache.layer_class_to_replicate())
+        layer = cache.layers[i]
+        if not isinstance(layer, LinearizedLayer):
+            if layer.get_seq_length() > 0:
+                raise UnsupportedModelError(f"cache layer {i} already holds keys/values of softmax attention; a "
+                                            "linearized layer needs a fresh cache (or a LinearizedCache)")
+            layer = cache.layers[i] = LinearizedLayer(self.settings.window_or_none())
+        return layer
+
+    def project(self, hidden_states):
+        """q [B, Hq, T, D], k and v [B, Hkv, T, D]: the original projections (+ biases, + q/k norms), before RoPE."""
+        shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+        q, k = self.q_proj(hidden_states).view(shape), self.k_proj(hidden_states).view(shape)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q.transpose(1, 2), k.transpose(1, 2), self.v_proj(hidden_states).view(shape).transpose(1, 2)
+
+    def features(self, q, k):
+        """(phi(q), phi(k), log-gates) from the projections."""
+        if self.settings.gate == "hgrn2":
+            return q.softmax(-1), torch.sigmoid(-k), F.logsigmoid(k)
+        return q.softmax(-1), k.softmax(-1), F.logsigmoid(k) / GLA_GATE_NORMALIZER
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
+        cache = cache if cache is not None else kwargs.get("past_key_values")
+        b, t, _ = hidden_states.shape
+        layer = self._cache_layer(cache)
+        q, k, v = self.project(hidden_states)
+        phi_q, phi_k, log_gate = self.features(q, k)
+        valid = key_validity(attention_mask, t)
+        if valid is not None:
+            pad = ~valid[:, None, :, None]
+            phi_k, log_gate = phi_k.masked_fill(pad, 0.0), log_gate.masked_fill(pad, 0.0)
+            v = v.masked_fill(pad, 0.0)
+        state = layer.state if layer is not None else None
+        out, state = gated_linear_attention(phi_q, phi_k, v, log_gate, state, self.settings.chunk_size)
+        window = self.settings.window_or_none()
+        if window is None:
+            if layer is not None:
+                layer.store(state, new_tokens=t)
+        else:
+            cos, sin = position_embeddings
+            q_rot, k_rot = self._rotary(q, k, cos, sin)
+            new_valid = valid if valid is not None else torch.ones(b, t, dtype=torch.bool, device=q.device)
+            past = layer.window_past() if layer is not None else None
+            if past is None:
+                keys, values, key_valid = k_rot, v, new_valid
+            else:
+                keys, values = torch.cat([past[0], k_rot], dim=2), torch.cat([past[1], v], dim=2)
+                key_valid = torch.cat([past[2], new_valid], dim=1)
+            windowed = sliding_window_attention(q_rot, keys, values, key_valid, window, self.scaling)
+            out = self.settings.alpha * out + self.settings.beta * windowed
+            if layer is not None:
+                layer.store(state, keys, values, key_valid, new_tokens=t)
+        out = out.transpose(1, 2).reshape(b, t, -1).to(hidden_states.dtype)
+        return self.o_proj(out), None

@@ -1,0 +1,64 @@
+"""What a linearized attention layer computes (shared by the pass, the module and its cache), and which layers."""
+from __future__ import annotations
+
+import re
+from typing import Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ..errors import ConfigError
+
+LayerSpec = Union[Literal["all"], list[int], str]
+
+
+class LinearizeSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # gla: gated linear attention only; hybrid: Liger Attention = alpha * recurrent + beta * sliding-window softmax
+    variant: Literal["gla", "hybrid"] = "gla"
+    # gla: phi(k) = softmax(k), log-gate = logsigmoid(k) / 16; hgrn2: phi(k) = 1 - sigmoid(k), log-gate = logsigmoid(k)
+    gate: Literal["gla", "hgrn2"] = "gla"
+    window: int = Field(64, ge=2, description="tokens the hybrid's softmax branch sees, itself included")
+    alpha: float = Field(0.5, description="weight of the recurrent branch (hybrid)")
+    beta: float = Field(0.5, description="weight of the sliding-window branch (hybrid)")
+    chunk_size: int = Field(16, ge=1, le=256, description="tokens per chunk of the chunked torch path")
+
+    def window_or_none(self) -> int | None:
+        return self.window if self.variant == "hybrid" else None
+
+
+EVERY = re.compile(r"every_(\d+)$")
+
+
+def check_layer_spec(spec: LayerSpec) -> LayerSpec:
+    if isinstance(spec, str) and spec != "all" and not EVERY.match(spec):
+        raise ValueError(f"layers must be 'all', a list of layer indices, or 'every_K' (keep softmax attention in "
+                         f"every K-th layer), got {spec!r}")
+    if isinstance(spec, str) and EVERY.match(spec) and int(EVERY.match(spec).group(1)) < 2:
+        raise ValueError("every_K needs K >= 2 (every_1 would keep every layer softmax)")
+    return spec
+
+
+def resolve_layers(spec: LayerSpec, num_layers: int) -> list[int]:
+    """Indices of the layers to linearize. `every_K` keeps softmax in layers K-1, 2K-1, ... (the last of each group
+    of K), linearizing the others."""
+    if spec == "all":
+        return list(range(num_layers))
+    if isinstance(spec, str):
+        k = int(EVERY.match(spec).group(1))
+        return [i for i in range(num_layers) if (i + 1) % k]
+    bad = [i for i in spec if not 0 <= i < num_layers]
+    if bad:
+        raise ConfigError(f"linearize: layers {bad} do not exist (the model has {num_layers} layers, 0..{num_layers - 1})")
+    return sorted(set(spec))
+
+
+class LayerSpecField(BaseModel):
+    """Mixin for configs that choose layers."""
+
+    layers: LayerSpec = "all"
+
+    @field_validator("layers")
+    @classmethod
+    def _check_layers(cls, v):
+        return check_layer_spec(v)

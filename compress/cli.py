@@ -14,8 +14,13 @@ class _Group(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except CompressError as exc:
-            click.echo(f"error: {exc}", err=True)
+        except (CompressError, OSError) as exc:
+            from .errors import user_error
+
+            mapped = user_error(exc)
+            if mapped is None:
+                raise  # not the user's doing: a bug, with its traceback
+            click.echo(f"error: {mapped}", err=True)
             ctx.exit(2)
 
 
@@ -61,6 +66,12 @@ def validate(recipe: str) -> None:
                f"{', '.join(p.name for p in r.passes)})")
 
 
+_DTYPE = click.option(
+    "--dtype", default="auto", show_default=True, type=click.Choice(["auto", "stored", "float32", "bfloat16", "float16"]),
+    help="Compute dtype: auto = the checkpoint's dtype where the device computes it natively, float32 on CPUs without "
+         "native bf16/fp16; stored = always the checkpoint's dtype (least memory). Checkpoints keep their dtype.")
+
+
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("--model", "model_src", help="Model folder or builtin:NAME (overrides the recipe's `model`).")
@@ -71,13 +82,15 @@ def validate(recipe: str) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("--eval/--no-eval", "do_eval", default=True, show_default=True,
               help="Evaluate the exported checkpoint against the original model on held-out text.")
-@click.option("--eval-windows", default=None, type=int, help="Evaluate at most this many held-out windows (default: all).")
+@click.option("--eval-windows", default=None, type=click.IntRange(min=1),
+              help="Evaluate at most this many held-out windows (default: all).")
 @click.option("--eval-text", type=click.Path(exists=True, dir_okay=False),
               help="Held-out text file for the evaluation (default: the built-in reference model's held-out text).")
 @click.option("--allow-pickle", is_flag=True, help="Allow loading a model stored as pickled .bin (trusted files only).")
+@_DTYPE
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
 def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_windows, eval_text, allow_pickle,
-          as_json):
+          dtype, as_json):
     """Run a recipe's passes on a model and export a compressed checkpoint."""
     from . import api, checkpoint, models
     from .recipe import Recipe
@@ -87,8 +100,13 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
     if not model_src:
         raise CompressError(f"{recipe}: no model: add `model: builtin:tiny` (or a local folder) or pass --model")
     passes = r.build_passes()
+    output = output or r.output
     if dry_run:
         model = models.load(model_src, meta=True, allow_pickle=allow_pickle)
+        for p in passes:
+            p.check(model)  # shapes a pass cannot take fail here, before any work
+        if output:
+            check_output(output, overwrite=overwrite, source=_local_source(model_src), protected=(Path(recipe),))
         plan = [(p.name, p.describe(model)) for p in passes]
         if as_json:
             click.echo(json.dumps({"model": model_src, "passes": [{"pass": k, "modules": v} for k, v in plan]}))
@@ -98,20 +116,19 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
                 for m in mods:
                     click.echo(f"     {m}")
         return
-    output = output or r.output
     if not output:
         raise CompressError(f"{recipe}: no output folder: add `output: out/NAME` to the recipe or pass --output")
-    if Path(output).exists() and not overwrite:
-        raise CompressError(f"{output} already exists; choose another --output or pass --overwrite")
     source_path = models.resolve_model_path(model_src)
-    if Path(output).resolve() == source_path.resolve():
-        raise CompressError(f"--output {output} is the source model's folder; write the checkpoint somewhere else")
+    protected = (Path(recipe),) + ((Path(eval_text),) if eval_text else ())
+    check_output(output, overwrite=overwrite, source=_local_source(model_src), protected=protected)
     _check_device(device)
     tokenizer = models.load_tokenizer(model_src)
     if do_eval and tokenizer is None:
         raise CompressError(f"{model_src} has no tokenizer files, which the evaluation needs: save the tokenizer "
                             "with the model, or pass --no-eval")
-    model = models.load(model_src, allow_pickle=allow_pickle)
+    model = models.load(model_src, allow_pickle=allow_pickle, dtype=dtype)
+    text = _read_text(eval_text) if do_eval and eval_text else None
+    windows = _eval_windows(tokenizer, text, EVAL_SEQ_LEN, eval_windows, model.config) if do_eval else None
     model, report = api.apply(model, r, tokenizer=tokenizer, device=device, progress=not as_json)
     checkpoint.save(model, output, tokenizer=tokenizer, recipe_text=r.text, report=report.to_dict(),
                     overwrite=overwrite)
@@ -119,16 +136,18 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
     result["checkpoint_bytes"] = folder_bytes(Path(output))
     result["original_checkpoint_bytes"] = folder_bytes(source_path)
     if do_eval:
-        text = Path(eval_text).read_text(encoding="utf-8") if eval_text else None
-        result["eval"] = _evaluate(models.load(output), model_src, tokenizer, eval_windows, progress=not as_json,
-                                   text=text)
+        result["eval"] = _evaluate(models.load(output, dtype=dtype, allow_pickle=allow_pickle), model_src, tokenizer,
+                                   eval_windows, progress=not as_json, text=text, allow_pickle=allow_pickle,
+                                   dtype=dtype, prepared=windows)
     if as_json:
         click.echo(json.dumps(result, default=str))
         return
     con = _console()
-    con.print(_table("passes", ["pass", "modules", "bytes before", "bytes after", "seconds"],
-                     [[p["name"], p["num_modules"], _mb(p["bytes_before"]), _mb(p["bytes_after"]), p["seconds"]]
-                      for p in result["passes"]]))
+    stored = str(models.checkpoint_dtype(model)).removeprefix("torch.")
+    con.print(_table("passes", ["pass", "modules", "model before", "model after", "seconds"],
+                     [[p["name"], p["num_modules"], _mb(p.get("stored_bytes_before")),
+                       _mb(p.get("stored_bytes_after")), p["seconds"]] for p in result["passes"]],
+                     caption=f"model = the tensors the checkpoint stores, at its dtype ({stored})"))
     con.print(f"checkpoint: {output}  ({_mb(result['checkpoint_bytes'])} of weights, "
               f"original {_mb(result['original_checkpoint_bytes'])})")
     if do_eval:
@@ -145,6 +164,41 @@ def _recorded_source(model_src: str) -> str | None:
     return None
 
 
+EVAL_SEQ_LEN = 256
+
+
+def _local_source(model_src: str) -> Path | None:
+    from . import models
+
+    return None if str(model_src).startswith("builtin:") else models.resolve_model_path(model_src)
+
+
+def check_output(output, **kwargs):
+    from .output_folder import check_output as check
+
+    return check(output, **kwargs)
+
+
+def _read_text(path: str) -> str:
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise CompressError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); save it as UTF-8") from None
+
+
+def _eval_windows(tokenizer, text, seq_len: int, max_windows, config):
+    """The held-out windows, checked against the model's context before any work."""
+    from .evaluate import heldout_windows
+
+    context = getattr(config, "max_position_embeddings", None)
+    if context is not None and seq_len > context:
+        raise CompressError(f"--seq-len {seq_len} is longer than the model's context ({context} tokens); "
+                            f"use at most {context}")
+    return heldout_windows(tokenizer, text=text, seq_len=seq_len, max_windows=max_windows)
+
+
 def _check_device(device: str) -> None:
     import torch
 
@@ -156,13 +210,15 @@ def folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
 
 
-def _evaluate(model, baseline_src, tokenizer, windows, progress, seq_len: int = 256, text: str | None = None):
-    """Evaluate a loaded `model` against the model at `baseline_src` (if any) on held-out windows."""
+def _evaluate(model, baseline_src, tokenizer, windows, progress, seq_len: int = EVAL_SEQ_LEN, text: str | None = None,
+              allow_pickle: bool = False, dtype: str = "auto", prepared=None):
+    """Evaluate a loaded `model` against the model at `baseline_src` (if any) on held-out windows (`prepared`, or
+    cut here from `text`)."""
     from . import models
-    from .evaluate import evaluate, heldout_windows
+    from .evaluate import evaluate
 
-    baseline = models.load(baseline_src) if baseline_src else None
-    w = heldout_windows(tokenizer, text=text, seq_len=seq_len, max_windows=windows)
+    w = prepared if prepared is not None else _eval_windows(tokenizer, text, seq_len, windows, model.config)
+    baseline = models.load(baseline_src, allow_pickle=allow_pickle, dtype=dtype) if baseline_src else None
     out = evaluate(model, w, baseline, progress=progress)
     out["protocol"] = f"{w.shape[0]} non-overlapping windows of {seq_len} tokens of held-out text"
     settings = getattr(model, "kv_cache_settings", None)
@@ -200,19 +256,30 @@ def _print_eval(con, ev: dict) -> None:
                          caption=kv["protocol"]))
 
 
+_SPARSE_RUNTIME = click.option(
+    "--sparse-runtime", default="auto", show_default=True, type=click.Choice(["auto", "dense", "packed"]),
+    help="How pruned layers run: dense = decoded once at load (dense speed, packed on disk), packed = smallest "
+         "memory, auto = dense on the CPU and packed kernels on CUDA.")
+
+
 @main.command("eval")
 @click.argument("model_src", metavar="MODEL")
 @click.option("--baseline", help="Model to compare against (KL divergence, top-1 agreement); default: the model a "
                                 "compressed checkpoint was made from, when it can be found.")
 @click.option("--text", "text_file", type=click.Path(exists=True, dir_okay=False),
               help="Held-out text file (default: the built-in reference model's held-out text).")
-@click.option("--seq-len", default=256, show_default=True)
-@click.option("--max-windows", default=None, type=int, help="Evaluate at most this many windows.")
+@click.option("--seq-len", default=EVAL_SEQ_LEN, show_default=True, type=click.IntRange(min=2),
+              help="Tokens per window (at most the model's context).")
+@click.option("--max-windows", default=None, type=click.IntRange(min=1), help="Evaluate at most this many windows.")
 @click.option("--speed/--no-speed", default=True, show_default=True, help="Measure greedy generation tokens/s.")
 @click.option("--activation-sparsity", is_flag=True,
               help="Also report the FFN neuron sparsity reachable at 1% perplexity increase (CETT-PPL-1%).")
+@_SPARSE_RUNTIME
+@click.option("--allow-pickle", is_flag=True, help="Allow loading a model stored as pickled .bin (trusted files only).")
+@_DTYPE
 @click.option("--json", "as_json", is_flag=True)
-def eval_cmd(model_src, baseline, text_file, seq_len, max_windows, speed, activation_sparsity, as_json):
+def eval_cmd(model_src, baseline, text_file, seq_len, max_windows, speed, activation_sparsity, sparse_runtime,
+             allow_pickle, dtype, as_json):
     """Perplexity, KL and top-1 agreement vs a baseline on held-out text; parameters, bytes, tokens/s."""
     from . import models
     from .evaluate import generation_speed
@@ -223,9 +290,10 @@ def eval_cmd(model_src, baseline, text_file, seq_len, max_windows, speed, activa
     tokenizer = models.load_tokenizer(model_src) or (models.load_tokenizer(baseline) if baseline else None)
     if tokenizer is None:
         raise CompressError(f"{model_src} has no tokenizer files; save the tokenizer with the model")
-    text = Path(text_file).read_text(encoding="utf-8") if text_file else None
-    model = models.load(model_src)
-    result = _evaluate(model, baseline, tokenizer, max_windows, progress=not as_json, seq_len=seq_len, text=text)
+    text = _read_text(text_file) if text_file else None
+    model = models.load(model_src, sparse_runtime=sparse_runtime, allow_pickle=allow_pickle, dtype=dtype)
+    result = _evaluate(model, baseline, tokenizer, max_windows, progress=not as_json, seq_len=seq_len, text=text,
+                       allow_pickle=allow_pickle, dtype=dtype)
     result["baseline"] = baseline
     result["parameters"] = stored_parameters(model)
     result["bytes"] = folder_bytes(models.resolve_model_path(model_src))
@@ -255,44 +323,77 @@ def eval_cmd(model_src, baseline, text_file, seq_len, max_windows, speed, activa
 
 @main.command()
 @click.argument("model_src", metavar="MODEL")
-@click.option("--prompt", required=True)
-@click.option("--max-new-tokens", default=64, show_default=True)
-@click.option("--sample", is_flag=True, help="Sample (temperature/top-p) instead of greedy decoding.")
-@click.option("--temperature", default=0.8, show_default=True)
+@click.option("--prompt", required=True, callback=lambda ctx, param, value: _non_empty(value))
+@click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--sample", is_flag=True, help="Sample (with --temperature and --top-p) instead of greedy decoding.")
+@click.option("--temperature", default=0.8, show_default=True, type=click.FloatRange(min=0, min_open=True, max=100),
+              help="Sampling temperature (with --sample).")
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True, max=1),
+              help="Nucleus sampling: keep the smallest set of tokens whose probability reaches this (with --sample).")
 @click.option("--seed", default=0, show_default=True)
-def generate(model_src, prompt, max_new_tokens, sample, temperature, seed):
+@click.option("--allow-pickle", is_flag=True, help="Allow loading a model stored as pickled .bin (trusted files only).")
+@_DTYPE
+@_SPARSE_RUNTIME
+def generate(model_src, prompt, max_new_tokens, sample, temperature, top_p, seed, allow_pickle, dtype,
+             sparse_runtime):
     """Generate text with a (compressed) model, as it will be used."""
     import torch
 
     from . import models
 
     torch.manual_seed(seed)
-    model = models.load(model_src)
+    model = models.load(model_src, sparse_runtime=sparse_runtime, allow_pickle=allow_pickle, dtype=dtype)
     tokenizer = models.load_tokenizer(model_src)
     if tokenizer is None:
         raise CompressError(f"{model_src} has no tokenizer files; save the tokenizer with the model")
     ids = tokenizer(prompt, return_tensors="pt").input_ids
-    kwargs = {"do_sample": True, "temperature": temperature} if sample else {"do_sample": False}
+    _check_context(model.config, ids.shape[1], max_new_tokens)
+    kwargs = ({"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": None} if sample
+              else {"do_sample": False})
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.eos_token_id, **kwargs)
     click.echo(tokenizer.decode(out[0], skip_special_tokens=True))
 
 
+def _non_empty(prompt: str) -> str:
+    if not prompt.strip():
+        raise click.BadParameter("the prompt is empty; give some text to continue")
+    return prompt
+
+
+def _check_context(config, prompt_tokens: int, new_tokens: int) -> None:
+    context = getattr(config, "max_position_embeddings", None)
+    if context is not None and prompt_tokens + new_tokens > context:
+        raise CompressError(f"the prompt ({prompt_tokens} tokens) plus --max-new-tokens {new_tokens} exceed the "
+                            f"model's context of {context} tokens; shorten one of them")
+
+
 @main.command()
 @click.argument("checkpoint", type=click.Path())
+@_SPARSE_RUNTIME
+@click.option("--device", default=None, type=click.Choice(["cpu", "cuda"]),
+              help="Device whose runtime paths to show (default: cuda when torch sees a GPU, else cpu).")
 @click.option("--json", "as_json", is_flag=True)
-def inspect(checkpoint, as_json):
-    """Passes applied, bytes per component (dense vs compressed), and the recipe of a checkpoint."""
+def inspect(checkpoint, sparse_runtime, device, as_json):
+    """Passes applied, bytes per component (dense vs compressed), runtime path per compressed layer, the recipe."""
+    import torch
+
     from . import models
+    from .checkpoint import verify_files
     from .inspection import bytes_by_component
+    from .prune.runtime import runtime_plan
 
     path = models.resolve_model_path(checkpoint)
     section = models.compression_section(path) or {}
     model = models.load(checkpoint, meta=True)
+    verify_files(path, model)  # a damaged weight file is an error here too, without reading the tensors
     comps = bytes_by_component(model, storage_dtype=model.compress_storage_dtype)
     recipe = (path / "recipe.yaml").read_text() if (path / "recipe.yaml").exists() else None
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    paths = runtime_plan(model, sparse_runtime, device)
     result = {"checkpoint": str(path), "compression": section, "components": comps,
-              "checkpoint_bytes": folder_bytes(path), "recipe": recipe}
+              "checkpoint_bytes": folder_bytes(path), "recipe": recipe,
+              "runtime": {"device": device, "sparse_runtime": sparse_runtime, "paths": paths}}
     if as_json:
         click.echo(json.dumps(result, default=str))
         return
@@ -309,6 +410,9 @@ def inspect(checkpoint, as_json):
     rows.append(["total", _mb(total["dense"]), _mb(total["compressed"])])
     con.print(_table("bytes per component (at storage dtype)", ["component", "dense", "compressed"], rows))
     con.print(f"safetensors on disk: {_mb(result['checkpoint_bytes'])}")
+    if paths:
+        con.print(_table(f"runtime path per layer on {device} (sparse runtime {sparse_runtime})", ["module", "path"],
+                         [[name, p] for name, p in paths.items()]))
     if recipe:
         con.print("recipe:\n" + recipe)
 

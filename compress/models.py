@@ -99,22 +99,37 @@ def load(
     `dtype`: "auto" (default) keeps the checkpoint's dtype where the device computes it natively (CUDA, CPUs with
     AVX512-BF16/AMX) and uses float32 on CPUs that emulate half precision (there bf16 matmuls are ~10x slower);
     "stored" always keeps the checkpoint's dtype (least memory); or float32 / bfloat16 / float16. The storage
-    dtype is remembered so that `save` writes the same size back."""
+    dtype is remembered so that `save` writes the same size back.
+    `sparse_runtime` is how pruned layers run (compress/prune/runtime.py): `auto` (dense on the CPU, packed
+    kernels on CUDA), `dense` (decoded once at load: dense speed) or `packed` (smallest memory).
+    `max_memory` (e.g. "8GB") caps the CPU memory the weights take: decoder layers that do not fit stay on disk and
+    are read one at a time (compress/offload.py); `offload_folder` holds the compressed layers written meanwhile
+    (a temporary folder by default)."""
     from .checkpoint import load_checkpoint, load_hf_folder
+    from .prune.runtime import resolve_runtime, set_sparse_runtime
+
+    resolve_runtime(sparse_runtime, "cpu")  # an unknown runtime fails before anything loads
 
     path = resolve_model_path(source)
     config = read_config(path)
     stored_as = storage_dtype(config)  # before building: from_config/from_pretrained rewrite config.dtype
     dtype = compute_dtype(dtype, stored_as, device)
     section = compression_section(path)
-    if section is not None:
+    offloaded = max_memory is not None and not meta
+    if offloaded:
+        from .offload import load_offloaded_folder
+
+        model = load_offloaded_folder(path, config, section, dtype=dtype, max_memory=max_memory,
+                                      offload_folder=offload_folder, device=device)
+    elif section is not None and not section.get("export_format"):  # an export for other tools reads as HF
         model = load_checkpoint(path, config, section, dtype=dtype, meta=meta)
     else:
         model = load_hf_folder(path, config, dtype=dtype, allow_pickle=allow_pickle, meta=meta)
     model.compress_source = str(source)
     model.compress_storage_dtype = stored_as
-    if not meta:
+    if not meta and not offloaded:
         model.to(device)
+        set_sparse_runtime(model, sparse_runtime)
     model.eval()
     return model
 

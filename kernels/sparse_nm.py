@@ -33,17 +33,22 @@ def unpack_bit_fields(packed: torch.Tensor, count: int, bits: int) -> torch.Tens
     return fields
 
 
-def nm_decode_reference(values: torch.Tensor, indices: torch.Tensor, n: int, m: int, in_features: int,
-                        dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The dense [out, in] weight (zeros where pruned)."""
-    rows, kept = values.shape
+def nm_positions(indices: torch.Tensor, kept: int, m: int) -> torch.Tensor:
+    """[rows, kept] uint8: each kept value's position inside its group of m."""
+    rows = indices.shape[0]
     bits = index_bits(m)
     if 8 % bits == 0:  # fields never straddle bytes: one shift per field slot of a byte
         per_byte = 8 // bits
         pos = torch.stack([(indices >> (bits * k)) & (2**bits - 1) for k in range(per_byte)], dim=-1)
-        pos = pos.view(rows, -1)[:, :kept]
-    else:
-        pos = unpack_bit_fields(indices, kept, bits)
+        return pos.view(rows, -1)[:, :kept]
+    return unpack_bit_fields(indices, kept, bits)
+
+
+def nm_decode_reference(values: torch.Tensor, indices: torch.Tensor, n: int, m: int, in_features: int,
+                        dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The dense [out, in] weight (zeros where pruned)."""
+    rows, kept = values.shape
+    pos = nm_positions(indices, kept, m)
     # flat destination of every kept value: row * in + group * m + position (int32 while it fits)
     itype = torch.int32 if rows * in_features < 2**31 else torch.int64
     group_start = torch.arange(0, in_features, m, dtype=itype, device=values.device).repeat_interleave(n)

@@ -2,17 +2,27 @@
 
 Its buffers are the packed tensors themselves (values follow the model's floating dtype like any weight; indices
 and bitmasks are uint8), so they are what the checkpoint stores and what memory holds after `compress.load`. The
-bitmask format also holds per-row offsets into `values` (int64, 8 bytes per output row), recomputed on load. `SparseLinear.empty` builds one with the right buffer shapes for `Prune.restore`."""
+bitmask format also holds per-row offsets into `values` (int64, 8 bytes per output row), recomputed on load. `SparseLinear.empty` builds one with the right buffer shapes for `Prune.restore`.
+
+Runtime (chosen at load, `set_runtime`; see runtime.py for the model-wide choice):
+- `packed`: only the packed tensors are held. On the CPU each call decodes then multiplies (smallest memory, slow);
+  on CUDA the GPU dispatcher (gpu_dispatch.py) runs the packed GEMV for few tokens and, above, the fastest of
+  cuSPARSELt and expand-into-scratch + cuBLAS for that shape.
+- `dense`: the weight is decoded once into `weight_dense` (not persistent) and the packed values are dropped; a
+  state-dict hook gathers them back from `weight_dense`, so `save` still writes the packed format."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..kernels.sparse_bitmask import bitmask_decode_reference, bitmask_linear
-from ..kernels.sparse_nm import index_bits, nm_decode_reference, nm_linear
+from ..kernels.sparse_bitmask import unpack_bitmask
+from ..kernels.sparse_nm import index_bits, nm_decode_reference, nm_linear, nm_positions
 from .packing import pack_bitmask, pack_nm
 
 FORMATS = ("nm", "bitmask")
+RUNTIMES = ("packed", "dense")
 
 
 class SparseLinear(nn.Module):
@@ -23,6 +33,9 @@ class SparseLinear(nn.Module):
             raise ValueError(f"unknown sparse format {fmt!r}; one of {FORMATS}")
         self.in_features, self.out_features, self.format = in_features, out_features, fmt
         self.n, self.m = n, m
+        self.runtime = "packed"
+        self.gpu_state = None  # per-module cache of the GPU dispatcher (converted weights), built on first call
+        self.register_state_dict_post_hook(_packed_values_in_state)
         if fmt == "nm":
             kept = in_features // m * n
             self.register_buffer("values", torch.zeros(out_features, kept, dtype=dtype, device=device))
@@ -65,9 +78,7 @@ class SparseLinear(nn.Module):
 
     @torch.no_grad()
     def refresh_row_offsets(self) -> None:
-        if self.format == "bitmask" and self.bitmask.device.type != "meta":
-            from ..kernels.sparse_bitmask import unpack_bitmask
-
+        if self.format == "bitmask" and self.bitmask.device.type != "meta" and self.runtime == "packed":
             counts = unpack_bitmask(self.bitmask, self.in_features).sum(1)
             self.row_offsets.copy_(torch.cumsum(counts, 0) - counts)
 
@@ -76,21 +87,100 @@ class SparseLinear(nn.Module):
         if self.format == "nm":
             spec.update(n=self.n, m=self.m)
         else:
-            spec["nnz"] = int(self.values.numel())
+            spec["nnz"] = self.nnz()
         return spec
 
     def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The decoded [out, in] weight with zeros where pruned (for inspection and tests; forward stays packed)."""
+        """The decoded [out, in] weight with zeros where pruned (for inspection and tests)."""
+        if self.runtime == "dense":
+            return self.weight_dense.to(dtype or self.weight_dense.dtype)
         if self.format == "nm":
             return nm_decode_reference(self.values, self.indices, self.n, self.m, self.in_features, dtype)
         return bitmask_decode_reference(self.values, self.bitmask, self.in_features, dtype)
 
+    def nnz(self) -> int:
+        if self.runtime == "packed" or self.format == "nm":
+            return int(self.values.numel()) if self.runtime == "packed" else self.out_features * (
+                self.in_features // self.m * self.n)
+        return int(unpack_bitmask(self.bitmask, self.in_features).sum())
+
+    @torch.no_grad()
+    def packed_values(self) -> torch.Tensor:
+        """The packed `values` (gathered back from the dense weight under runtime `dense`)."""
+        if self.runtime == "packed":
+            return self.values
+        w = self.weight_dense
+        if self.format == "bitmask":
+            return w[unpack_bitmask(self.bitmask, self.in_features)]
+        kept = self.in_features // self.m * self.n
+        pos = nm_positions(self.indices, kept, self.m).long().view(self.out_features, -1, self.n)
+        return w.view(self.out_features, -1, self.m).gather(-1, pos).reshape(self.out_features, kept)
+
+    @torch.no_grad()
+    def set_runtime(self, runtime: str) -> None:
+        """`dense`: decode once and hold the dense weight (dense speed); `packed`: hold only the packed tensors."""
+        if runtime not in RUNTIMES:
+            raise ValueError(f"unknown sparse runtime {runtime!r}; one of {RUNTIMES}")
+        if runtime == self.runtime or self.values.device.type == "meta":
+            self.runtime = runtime
+            return
+        if runtime == "dense":
+            self.register_buffer("weight_dense", self.dense_weight(), persistent=False)
+            self.values = self.values.new_empty(0)
+            if self.format == "bitmask":
+                self.row_offsets = self.row_offsets.new_empty(0)
+        else:
+            values = self.packed_values()
+            self.weight_dense = None
+            self.values = values
+            if self.format == "bitmask":
+                self.row_offsets = torch.zeros(self.out_features, dtype=torch.int64, device=values.device)
+        self.runtime = runtime
+        self.gpu_state = None
+        self.refresh_row_offsets()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        dense = self.runtime == "dense"
+        if dense:  # load into packed buffers, then decode again
+            self.set_runtime("packed")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        self.gpu_state = None
+        if dense:
+            self.refresh_row_offsets()
+            self.set_runtime("dense")
+
+    def runtime_path(self, tokens: int | None = None) -> str:
+        """Which code path a call runs (what `compress inspect` prints)."""
+        if self.runtime == "dense":
+            return "dense (decoded at load)"
+        device = self.values.device.type
+        if device == "cuda":
+            from .gpu_dispatch import describe_path
+
+            return describe_path(self, tokens)
+        return "packed (decode per call)"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias.to(x.dtype) if self.bias is not None else None
+        if self.runtime == "dense":
+            return F.linear(x, self.weight_dense.to(x.dtype), bias)
+        if x.is_cuda and self.values.is_cuda:
+            from .gpu_dispatch import sparse_linear_cuda
+
+            return sparse_linear_cuda(self, x, bias)
         if self.format == "nm":
             return nm_linear(x, self.values, self.indices, self.n, self.m, self.in_features, bias)
         return bitmask_linear(x, self.values, self.bitmask, self.row_offsets, self.in_features, bias)
 
     def extra_repr(self) -> str:
-        layout = f"{self.n}:{self.m}" if self.format == "nm" else f"bitmask, nnz={self.values.numel()}"
-        return f"in_features={self.in_features}, out_features={self.out_features}, {layout}, bias={self.bias is not None}"
+        layout = f"{self.n}:{self.m}" if self.format == "nm" else f"bitmask, nnz={self.nnz()}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, {layout}, "
+                f"bias={self.bias is not None}, runtime={self.runtime}")
+
+
+def _packed_values_in_state(module: SparseLinear, state_dict, prefix, local_metadata) -> None:
+    """Under runtime `dense` the checkpoint still stores the packed values (gathered from the dense weight)."""
+    if module.runtime == "dense":
+        state_dict[prefix + "values"] = module.packed_values()

@@ -1,0 +1,71 @@
+"""The runtime of pruned layers chosen at load: `dense` (decoded once) gives the packed model's outputs at dense
+speed and still saves the packed format; `packed` holds only the packed tensors; `compress inspect` says which."""
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import compress
+from compress.cli import main
+from compress.pass_api import tensor_bytes
+from compress.prune import Prune, SparseLinear
+
+
+@pytest.fixture(scope="module", params=["2:4", "unstructured"])
+def pruned_checkpoint(request, tmp_path_factory):
+    model = compress.load("builtin:tiny")
+    model, _ = compress.apply(model, [Prune(method="magnitude", structure=request.param, sparsity=0.5)],
+                              progress=False)
+    return compress.save(model, tmp_path_factory.mktemp("rt") / "pruned")
+
+
+def sparse_layers(model):
+    return [m for m in model.modules() if isinstance(m, SparseLinear)]
+
+
+def test_default_cpu_runtime_is_dense_and_matches_packed(pruned_checkpoint, tmp_path):
+    packed = compress.load(pruned_checkpoint, sparse_runtime="packed")
+    dense = compress.load(pruned_checkpoint)  # auto: dense on the CPU
+    assert {m.runtime for m in sparse_layers(dense)} == {"dense"}
+    assert {m.runtime for m in sparse_layers(packed)} == {"packed"}
+    ids = torch.randint(0, 8192, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(dense(input_ids=ids).logits, packed(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    # memory: packed holds less than the dense runtime, which holds about the unpruned model
+    assert tensor_bytes(packed) < 0.8 * tensor_bytes(dense)
+    # the dense runtime still saves the packed format, tensor for tensor
+    s_packed, s_dense = packed.state_dict(), dense.state_dict()
+    assert set(s_packed) == set(s_dense) and all(torch.equal(s_packed[k], s_dense[k]) for k in s_packed)
+    again = compress.save(dense, tmp_path / "again")
+    assert (again / "model.safetensors").stat().st_size == (pruned_checkpoint / "model.safetensors").stat().st_size
+
+
+def test_runtime_switches_both_ways_and_reloads_state(pruned_checkpoint):
+    model = compress.load(pruned_checkpoint, sparse_runtime="packed")
+    layer = sparse_layers(model)[0]
+    x = torch.randn(3, layer.in_features)
+    before, values = layer(x), layer.values.clone()
+    layer.set_runtime("dense")
+    assert layer.values.numel() == 0 and layer.weight_dense.shape == (layer.out_features, layer.in_features)
+    torch.testing.assert_close(layer(x), before)
+    layer.load_state_dict(layer.state_dict())  # loading into a dense-runtime layer decodes again
+    torch.testing.assert_close(layer(x), before)
+    layer.set_runtime("packed")
+    assert torch.equal(layer.values, values)
+    torch.testing.assert_close(layer(x), before)
+
+
+def test_unknown_runtime_is_a_user_error(pruned_checkpoint):
+    with pytest.raises(compress.CompressError, match="unknown sparse runtime 'fast'"):
+        compress.load(pruned_checkpoint, sparse_runtime="fast")
+
+
+def test_inspect_says_which_path_each_layer_runs(pruned_checkpoint):
+    runner = CliRunner()
+    out = runner.invoke(main, ["inspect", str(pruned_checkpoint), "--device", "cpu", "--json"])
+    assert out.exit_code == 0, out.output
+    paths = json.loads(out.output)["runtime"]["paths"]
+    assert len(paths) == 42 and set(paths.values()) == {"dense (decoded at load)"}
+    out = runner.invoke(main, ["inspect", str(pruned_checkpoint), "--device", "cpu", "--sparse-runtime", "packed"])
+    assert out.exit_code == 0 and "packed (decode per call)" in out.output

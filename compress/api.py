@@ -2,6 +2,7 @@
 model's config (the checkpoint's `compression` section)."""
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -11,6 +12,8 @@ from torch import nn
 from .calibration import CalibrationSpec, batches_hash
 from .checkpoint import compression_record
 from .errors import CalibrationError, CompressError, ConfigError
+from .inspection import stored_bytes
+from .models import checkpoint_dtype
 from .pass_api import Pass, PassContext, PassReport, format_validation_error, tensor_bytes
 
 
@@ -67,12 +70,21 @@ def apply(
         if p.needs_calibration_for() and calibration is None:
             raise CalibrationError(f"pass {p.name!r} with these arguments needs calibration data: add a "
                                    "`calibration:` section to the recipe (e.g. `calibration: {source: builtin:calibration}`)")
+    for p in passes:
+        p.check(model)  # shapes a pass cannot take fail before any pass runs
+    if any(p.needs_original_model_for() for p in passes):
+        # e.g. the teacher of a distillation loss: the model before the first pass, frozen, on the CPU
+        ctx.original_model = copy.deepcopy(model).cpu().eval().requires_grad_(False)
 
     report = ApplyReport(bytes_before=tensor_bytes(model))
     previous = getattr(model.config, "compression", None) or {}
     entries = list(previous.get("passes", []))
+    storage = checkpoint_dtype(model)
+    stored = stored_bytes(model, storage)
     for p in passes:
         r = p.apply(model, ctx)
+        r.stored_bytes_before, stored = stored, stored_bytes(model, storage)
+        r.stored_bytes_after = stored
         report.passes.append(r)
         entries.append(p.entry(r))
     report.bytes_after = tensor_bytes(model)

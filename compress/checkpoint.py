@@ -80,13 +80,20 @@ def save(
 ) -> Path:
     """Write a checkpoint atomically. The `compression` section comes from `model.config.compression` (set by
     `compress.apply`); a model never compressed is saved with an empty pass list."""
+    return write_folder(folder, lambda tmp: _write(model, tmp, tokenizer, recipe_text, report, max_shard_bytes),
+                        overwrite=overwrite, source=_source_folder(model))
+
+
+def write_folder(folder: str | Path, write, *, overwrite: bool, source: Path | None) -> Path:
+    """Check the output, run `write(tmp)` on a temporary folder beside it, then swap that into place: an
+    interrupted write leaves nothing at `folder` (every export format goes through here)."""
     from .output_folder import check_output, swap_into_place, temporary_folder
 
-    folder = check_output(folder, overwrite=overwrite, source=_source_folder(model))
+    folder = check_output(folder, overwrite=overwrite, source=source)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_folder(folder)
     try:
-        _write(model, tmp, tokenizer, recipe_text, report, max_shard_bytes)
+        write(tmp)
         swap_into_place(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -107,17 +114,9 @@ def _write(model, tmp: Path, tokenizer, recipe_text, report, max_shard_bytes) ->
 
     dtype = checkpoint_dtype(model)
     state = _unique_state_dict(model, dtype)
-    shards = _shards(state, max_shard_bytes)
-    if len(shards) == 1:
-        save_file(shards[0], tmp / WEIGHTS_NAME, metadata={"format": "pt"})
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards, 1):
-            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, tmp / name, metadata={"format": "pt"})
-            weight_map.update({k: name for k in shard})
-        total = sum(t.numel() * t.element_size() for t in state.values())
-        (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    for entry, p in _recorded_passes(model):
+        state = p.write_files(model, entry, state, tmp)  # e.g. an unmerged LoRA adapter's own folder
+    write_weights(state, tmp, max_shard_bytes)
     config = model.config.to_dict()
     config["dtype"] = str(dtype).removeprefix("torch.")
     config.setdefault("compression", compression_record([], recipe_text, None))
@@ -130,6 +129,21 @@ def _write(model, tmp: Path, tokenizer, recipe_text, report, max_shard_bytes) ->
         (tmp / "recipe.yaml").write_text(recipe_text)
     if report is not None:
         (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str))
+
+
+def write_weights(state: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+    """model.safetensors, or shards and their index above `max_shard_bytes` (the layout transformers reads)."""
+    shards = _shards(state, max_shard_bytes)
+    if len(shards) == 1:
+        save_file(shards[0], folder / WEIGHTS_NAME, metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, folder / name, metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    (folder / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
 
 
 def weight_files(path: Path) -> list[Path]:
@@ -170,6 +184,7 @@ def _no_init():
 def load_checkpoint(path: Path, config, section: dict, *, dtype, meta: bool = False) -> nn.Module:
     from .checkpoint_validation import check_against_model, check_loaded_modules, check_weight_files
     from .models import empty_model
+    from .registry import get_pass
 
     version = section.get("format_version", 0)
     if not isinstance(version, int) or version > FORMAT_VERSION:
@@ -193,7 +208,17 @@ def load_checkpoint(path: Path, config, section: dict, *, dtype, meta: bool = Fa
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     check_loaded_modules(path, model)
+    for entry in section.get("passes", []):
+        get_pass(entry["pass"])(entry.get("args") or {}).read_files(model, entry, path)
     return model
+
+
+def _recorded_passes(model: nn.Module):
+    """(entry, pass instance) for each pass the model's `compression` section records."""
+    from .registry import get_pass
+
+    for entry in (getattr(model.config, "compression", None) or {}).get("passes", []):
+        yield entry, get_pass(entry["pass"])(entry.get("args") or {})
 
 
 def restore_pass(path: Path, index: int, entry: dict, model: nn.Module) -> None:
@@ -227,6 +252,8 @@ def verify_files(path: Path, model: nn.Module) -> None:
     """Check a checkpoint's weight files against a (meta) model without reading the tensors (for `inspect`)."""
     from .checkpoint_validation import check_against_model, check_weight_files
 
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()  # a plain folder built on the meta device: the head is stored once, as the embedding
     check_against_model(path, check_weight_files(path, weight_files(path)), model, _tied_names(model))
 
 
@@ -250,4 +277,12 @@ def load_hf_folder(path: Path, config, *, dtype, allow_pickle: bool, meta: bool)
                 f"{path} has only pickled .bin weights, which can run code when loaded; convert them to safetensors, "
                 "or pass --allow-pickle (allow_pickle=True) if you trust the file"
             )
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=has_safetensors)
+    from transformers.utils import logging as hf_logging
+
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # our own progress output; transformers' warnings stay on (its verbosity is
+    try:                               # the user's to set)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=has_safetensors)
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()

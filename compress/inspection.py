@@ -50,3 +50,8 @@ def bytes_by_component(model: nn.Module, storage_dtype: torch.dtype | None = Non
                     if storage_dtype is not None and t.is_floating_point() else t.element_size())
         out[component_of(name)][kind] += t.numel() * itemsize
     return dict(out)
+
+
+def stored_bytes(model: nn.Module, storage_dtype: torch.dtype | None = None) -> int:
+    """Bytes of the tensors a checkpoint of `model` stores (floating ones at `storage_dtype`)."""
+    return sum(v["dense"] + v["compressed"] for v in bytes_by_component(model, storage_dtype).values())

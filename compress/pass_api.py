@@ -23,8 +23,10 @@ class PassConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    targets: list[str] = Field(default_factory=lambda: ["Linear"])
-    ignore: list[str] = Field(default_factory=lambda: ["re:.*lm_head", "re:.*embed_tokens"])
+    targets: list[str] = Field(default_factory=lambda: ["Linear"], description="modules to compress: a class name "
+                               "(Linear), a regex (re:.*mlp.*) or a dotted module name")
+    ignore: list[str] = Field(default_factory=lambda: ["re:.*lm_head", "re:.*embed_tokens"],
+                              description="modules to leave alone (same forms as targets; ignore wins)")
 
 
 @dataclass
@@ -37,11 +39,16 @@ class PassReport:
     bytes_after: int = 0
     seconds: float = 0.0
     details: dict[str, Any] = field(default_factory=dict)
+    # the whole model's stored tensors at the checkpoint's dtype, before and after this pass (what the checkpoint
+    # holds; `bytes_before/after` are the touched modules' tensors in memory, at the compute dtype)
+    stored_bytes_before: int | None = None
+    stored_bytes_after: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name, "modules": self.modules, "num_modules": len(self.modules),
             "bytes_before": self.bytes_before, "bytes_after": self.bytes_after,
+            "stored_bytes_before": self.stored_bytes_before, "stored_bytes_after": self.stored_bytes_after,
             "seconds": round(self.seconds, 3), "details": self.details,
         }
 
@@ -59,6 +66,9 @@ class PassContext:
     seed: int = 0
     progress: bool = True
     base_dir: Any = None  # the recipe's folder: relative calibration sources resolve from there
+    # a frozen CPU copy of the model as it was before the recipe's first pass (e.g. the teacher of a distillation
+    # loss); `compress.apply` makes it only when some pass's `needs_original_model_for()` says so
+    original_model: nn.Module | None = None
     _batches: torch.Tensor | None = None
 
     def calibration_batches(self, pass_name: str = "this pass") -> torch.Tensor:
@@ -117,6 +127,10 @@ class Pass:
         """Whether this configured instance needs calibration data (some methods of a pass do, others not)."""
         return self.needs_calibration
 
+    def needs_original_model_for(self) -> bool:
+        """Whether this configured instance reads `ctx.original_model` (costs a copy of the model's weights)."""
+        return False
+
     def target_modules(self, model: nn.Module) -> dict[str, nn.Module]:
         return match_modules(model, self.config.targets, self.config.ignore)
 
@@ -125,6 +139,14 @@ class Pass:
 
     def restore(self, model: nn.Module, entry: dict[str, Any]) -> None:
         """Rebuild compressed modules from a checkpoint entry before weights load. Dense-stored passes do nothing."""
+
+    def write_files(self, model: nn.Module, entry: dict[str, Any], state: dict, folder) -> dict:
+        """Called by `save` with the state dict about to be written: a pass that keeps tensors outside the main
+        weights (e.g. an adapter folder) writes them under `folder` and returns the state without them."""
+        return state
+
+    def read_files(self, model: nn.Module, entry: dict[str, Any], folder) -> None:
+        """Called by `load` after the main weights are in: read back what `write_files` wrote."""
 
     def entry(self, report: PassReport | None = None) -> dict[str, Any]:
         """What the checkpoint's `compression.passes` list records for this pass."""
@@ -136,6 +158,11 @@ class Pass:
     def describe(self, model: nn.Module) -> list[str]:
         """Module names this pass would touch (for `--dry-run`)."""
         return list(self.target_modules(model))
+
+    def check(self, model: nn.Module) -> None:
+        """Raise ConfigError/UnsupportedModelError if this model's shapes cannot take the pass. Runs on a meta model
+        (`--dry-run`) and at the start of `compress.apply`, before any pass does expensive work."""
+        self.describe(model)
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config.model_dump().items())

@@ -48,6 +48,9 @@ class GearKV(Pass):
     def restore(self, model: nn.Module, entry: dict) -> None:
         install_compressed_cache(model, self.settings())
 
+    def check(self, model: nn.Module) -> None:
+        GEARCache(model.config, self.settings())  # validates the settings against head_dim and the layer count
+
     def describe(self, model: nn.Module) -> list[str]:
         skipped = set(self.config.skip_layers)
         return [n for n, m in self.target_modules(model).items() if getattr(m, "layer_idx", None) not in skipped]

@@ -148,19 +148,28 @@ class VQLogits(Pass):
         return hidden, counts
 
     # ------------------------------------------------------------------------------------------------ apply
-    def apply(self, model: nn.Module, ctx: PassContext) -> PassReport:
+    def check(self, model: nn.Module) -> None:
+        self._checked_head(model)
+
+    def _checked_head(self, model: nn.Module) -> tuple[str, nn.Linear]:
         c = self.config
         name, head = self._head(model)
         if not isinstance(head, nn.Linear) or head.bias is not None:
             raise UnsupportedModelError(f"vq_logits: {name} is a {type(head).__name__}"
                                         f"{' with a bias' if isinstance(head, nn.Linear) else ''}; "
                                         "it needs a bias-free nn.Linear output head")
-        vocab, hidden_size = head.weight.shape
+        vocab = head.weight.shape[0]
         if c.num_codes >= vocab:
             raise ConfigError(f"vq_logits: num_codes={c.num_codes} must be smaller than the vocabulary size {vocab}")
         if c.num_codes + c.shortlist > vocab:
             raise ConfigError(f"vq_logits: num_codes + shortlist = {c.num_codes + c.shortlist} exceeds the vocabulary "
                               f"size {vocab}; lower one of them")
+        return name, head
+
+    def apply(self, model: nn.Module, ctx: PassContext) -> PassReport:
+        c = self.config
+        name, head = self._checked_head(model)
+        vocab, hidden_size = head.weight.shape
         report = PassReport(name=self.name, modules=[name])
         report.bytes_before = tensor_bytes(head)
         weight = head.weight.detach()

@@ -13,6 +13,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
+from ..hessian import input_hook as _input_hook
 from ..models import checkpoint_dtype
 from ..pass_api import Pass, PassConfig, PassContext, PassReport, replace_module, tensor_bytes, timed
 from ..registry import register_pass
@@ -229,10 +230,6 @@ class _RunState:
         self.hessian_notes: dict[str, str] = {}
 
 
-def _input_hook(acc):
-    def hook(module, inputs, output):
-        acc.add(inputs[0])
-    return hook
 
 
 def _layer_index(name: str, prefix: str) -> int | None:

@@ -7,26 +7,11 @@ over the not-yet-processed columns of its row (the OBS update), and the block's 
 the remaining columns at once (lazy batch update)."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 
-
-class HessianAccumulator:
-    """H = 2/n sum_t x_t x_t^T over calibration tokens, accumulated in float32 as a running mean."""
-
-    def __init__(self, in_features: int, device) -> None:
-        self.hessian = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
-        self.tokens = 0
-
-    def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).float()
-        n = x.shape[0]
-        self.hessian *= self.tokens / (self.tokens + n)
-        self.tokens += n
-        x = x * math.sqrt(2.0 / self.tokens)
-        self.hessian += x.t() @ x
+from ..hessian import HessianAccumulator, drop_dead_inputs, inverse_hessian_factor  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -37,27 +22,6 @@ class SparseGPTResult:
     retries: int = 0               # how many times dampening was increased
     fallback: str | None = None    # why the OBS update was skipped, if it was
     notes: list[str] = field(default_factory=list)
-
-
-def inverse_hessian_factor(hessian: torch.Tensor, dampening: float, max_retries: int = 4):
-    """Upper Cholesky factor of (H + damp I)^-1, multiplying the dampening by 10 while H is not positive definite.
-
-    Returns (factor or None, relative dampening used, retries)."""
-    h = hessian.float()
-    diag_mean = float(torch.diagonal(h).mean())
-    if not math.isfinite(diag_mean) or diag_mean <= 0:
-        return None, dampening, 0
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    damp = dampening
-    for retry in range(max_retries + 1):
-        chol, info = torch.linalg.cholesky_ex(h + damp * diag_mean * eye)
-        if int(info) == 0:
-            inv = torch.cholesky_inverse(chol)
-            upper, info = torch.linalg.cholesky_ex(inv, upper=True)
-            if int(info) == 0 and bool(torch.isfinite(upper).all()):
-                return upper, damp, retry
-        damp *= 10.0
-    return None, damp / 10.0, max_retries
 
 
 @torch.no_grad()
@@ -75,11 +39,9 @@ def sparsegpt_prune(
     rows, cols = w.shape
     h = hessian.detach().float().clone()
     notes = []
-    dead = torch.diagonal(h) == 0  # input features that were always zero: their weights never matter
-    if bool(dead.any()):
-        h[dead, dead] = 1.0
-        w[:, dead] = 0.0
-        notes.append(f"{int(dead.sum())} input features were always zero")
+    dead_note = drop_dead_inputs(w, h)
+    if dead_note:
+        notes.append(dead_note)
     factor, damp, retries = inverse_hessian_factor(h, dampening, max_retries)
     if factor is None:
         # Not factorizable even with large dampening (or not finite): mask by the diagonal saliency

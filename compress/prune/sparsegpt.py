@@ -7,6 +7,7 @@ over the not-yet-processed columns of its row (the OBS update), and the block's 
 the remaining columns at once (lazy batch update)."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -24,6 +25,22 @@ class SparseGPTResult:
     notes: list[str] = field(default_factory=list)
 
 
+def thread_independent(fn):
+    """Run `fn` on one CPU thread: torch's CPU Cholesky and matrix products split their sums by thread count, so the
+    OBS update (and the mask, at near ties) would otherwise change with torch.get_num_threads(). The cost is small:
+    the per-layer OBS math is a fraction of a pass, and calibration forwards keep every thread."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+    return wrapper
+
+
+@thread_independent
 @torch.no_grad()
 def sparsegpt_prune(
     weight: torch.Tensor,

@@ -30,17 +30,23 @@ class KVCacheSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    method: Literal["gear", "kivi"] = "gear"
-    bits: int = 4
-    group_size: int = Field(64, ge=1)
-    residual_length: int = Field(64, ge=1)
-    key_rank: int = Field(2, ge=0)      # defaults depend on `method` (GEAR_DEFAULTS / KIVI_DEFAULTS)
-    value_rank: int = Field(2, ge=0)
-    key_prefill_rank: int | None = Field(None, ge=0)
-    value_prefill_rank: int | None = Field(None, ge=0)
-    outlier_ratio: float = Field(0.02, ge=0.0, lt=0.5)
-    power_iters: int = Field(3, ge=1)
-    skip_layers: list[int] = Field(default_factory=list)
+    method: Literal["gear", "kivi"] = Field("gear", description="gear: codes + low-rank error + sparse outliers; "
+                                            "kivi: codes only (its rank and outlier defaults are 0)")
+    bits: int = Field(4, description="code width per entry: 2, 3, 4 or 8")
+    group_size: int = Field(64, ge=1, description="entries per quantization group (keys: tokens per channel, values: "
+                                                  "channels per token); must divide head_dim")
+    residual_length: int = Field(64, ge=1, description="recent tokens kept uncompressed; when full, the chunk is "
+                                                       "compressed (a multiple of group_size)")
+    # rank and outlier defaults depend on `method` (GEAR_DEFAULTS / KIVI_DEFAULTS)
+    key_rank: int = Field(2, ge=0, description="rank of the low-rank error term on keys (chunks after the prompt)")
+    value_rank: int = Field(2, ge=0, description="rank of the low-rank error term on values (chunks after the prompt)")
+    key_prefill_rank: int | None = Field(None, ge=0, description="key rank for the prompt's chunks (None: key_rank)")
+    value_prefill_rank: int | None = Field(None, ge=0,
+                                           description="value rank for the prompt's chunks (None: value_rank)")
+    outlier_ratio: float = Field(0.02, ge=0.0, lt=0.5, description="share of each group's largest and smallest "
+                                                                   "entries kept exactly as sparse outliers")
+    power_iters: int = Field(3, ge=1, description="power iterations that find the low-rank term")
+    skip_layers: list[int] = Field(default_factory=list, description="layer indices kept in an uncompressed cache")
 
     @model_validator(mode="before")
     @classmethod

@@ -28,8 +28,9 @@ class GearKV(Pass):
 
     class Config(PassConfig, KVCacheSettings):
         # `targets`/`ignore` only name the attention modules shown by --dry-run; `skip_layers` picks the layers.
-        targets: list[str] = Field(default_factory=lambda: ["re:.*self_attn"])
-        ignore: list[str] = Field(default_factory=list)
+        targets: list[str] = Field(default_factory=lambda: ["re:.*self_attn"],
+                                   description="attention modules listed by --dry-run (skip_layers picks layers)")
+        ignore: list[str] = Field(default_factory=list, description="attention modules left out of the listing")
 
     def settings(self) -> KVCacheSettings:
         return KVCacheSettings(**self.config.model_dump(include=set(SETTINGS_FIELDS)))

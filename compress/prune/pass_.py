@@ -29,7 +29,9 @@ class Prune(Pass):
     """Zero out weights of Linear layers by importance (magnitude, Wanda, SparseGPT) and store them packed."""
 
     class Config(PassConfig):
-        method: Literal["magnitude", "wanda", "sparsegpt"] = "magnitude"
+        method: Literal["magnitude", "wanda", "sparsegpt"] = Field(
+            "magnitude", description="importance: |w| (no data), |w| x input norm (Wanda), or OBS with updates "
+                                     "(SparseGPT)")
         sparsity: float | list[float] = Field(
             0.5, description="fraction of weights to zero: one number, or one per decoder layer")
         structure: str = Field("unstructured", description='"unstructured" or "N:M" (N kept of every M)')

@@ -84,8 +84,8 @@ class VQLogits(Pass):
     """Output head -> K x d codebook + token->code map + per-token scale/bias (+ exact shortlist rows)."""
 
     class Config(PassConfig):
-        targets: list[str] = Field(default_factory=lambda: ["lm_head"])
-        ignore: list[str] = Field(default_factory=list)
+        targets: list[str] = Field(default_factory=lambda: ["lm_head"], description="the output head module")
+        ignore: list[str] = Field(default_factory=list, description="modules left out of the match")
         num_codes: int = Field(1024, ge=2, description="K, codebook size (2 <= K < vocabulary size)")
         shortlist: int = Field(0, ge=0, description="most frequent calibration tokens kept as exact dense rows")
         scale_bias: bool = Field(True, description="per-token scale and bias; false = the paper's plain copy")
@@ -95,14 +95,14 @@ class VQLogits(Pass):
                                              "placed by dense probability (the rest is uniform over positions)")
         weighting: Literal["frequency", "uniform"] = Field("frequency",
                                description="k-means row weights: calibration token counts + 1, or uniform")
-        kmeans_iterations: int = Field(25, ge=1, le=1000)
+        kmeans_iterations: int = Field(25, ge=1, le=1000, description="spherical k-means iterations")
         distill: bool = Field(False, description="fine-tune codebook/scales/biases on KL to the dense head")
-        distill_steps: int = Field(300, ge=1)
+        distill_steps: int = Field(300, ge=1, description="distillation optimizer steps")
         distill_seconds: float = Field(120.0, gt=0, description="wall-clock budget of distillation")
-        distill_lr: float = Field(3e-3, gt=0)
-        distill_batch_size: int = Field(256, ge=1)
+        distill_lr: float = Field(3e-3, gt=0, description="distillation learning rate (Adam)")
+        distill_batch_size: int = Field(256, ge=1, description="calibration positions per distillation step")
         max_fit_tokens: int = Field(65536, ge=16, description="calibration positions kept for fitting")
-        seed: int = 0
+        seed: int = Field(0, description="seed of k-means initialization, sampling and distillation")
 
     def validate_config(self) -> None:
         c = self.config

@@ -84,11 +84,11 @@ def _check_replaceable(out: Path, resolved: Path, overwrite: bool) -> None:
         raise OutputError(f"output {out} is a symbolic link; give the real folder or a new name")
     if not resolved.is_dir():
         raise OutputError(f"output {out} is a file, not a folder; choose another output path")
+    if not overwrite:
+        raise OutputError(f"{out} already exists; choose another output folder or pass --overwrite (overwrite=True)")
     entries = list(resolved.iterdir())
     if not entries:
         return  # an empty folder: replacing it loses nothing
-    if not overwrite:
-        raise OutputError(f"{out} already exists; choose another output folder or pass --overwrite (overwrite=True)")
     if not written_by_compress(resolved):
         raise OutputError(f"--overwrite replaces only a checkpoint written by compress; {out} is not one "
                           "(no `compression` section in its config.json): choose another output folder")

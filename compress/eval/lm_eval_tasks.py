@@ -1,0 +1,70 @@
+"""The suite's lm-eval side: our fixtures as local task configs, our loaded model behind lm-eval's HF wrapper.
+
+The YAML task files in compress/eval/data/ (written by scripts/build_eval_fixtures.py) name `load_fixture` as
+their dataset, so lm-eval reads the JSON lines next to them and never touches the hub. Any other lm-eval task (a
+standard benchmark, for users with internet) runs on a compressed checkpoint the same way: `lm_eval_results(model,
+tokenizer, ["hellaswag"], tasks_dir=None)`."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from ..errors import CompressError
+
+DATA_DIR = Path(__file__).parent / "data"
+
+
+def require_lm_eval():
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError as exc:
+        raise CompressError("the evaluation suite runs on lm-eval: pip install 'compress[eval]' "
+                            "(or pip install lm_eval)") from exc
+
+
+def load_fixture(fixture: str, fixtures_dir: str | None = None, **_):
+    """lm-eval `custom_dataset`: a JSON-lines fixture as a DatasetDict with one `test` split."""
+    import datasets
+
+    path = Path(fixtures_dir or DATA_DIR) / fixture
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
+
+
+def suite_task_names(tasks_dir: Path) -> list[str]:
+    """The lm-eval task names defined by the YAML files of a suite folder."""
+    names = []
+    for path in sorted(Path(tasks_dir).glob("*.yaml")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.startswith("task:"):
+                names.append(line.split(":", 1)[1].strip())
+    return names
+
+
+def wrap_model(model, tokenizer, batch_size: int = 8, max_length: int | None = None):
+    """lm-eval's HFLM around an already loaded (compressed) model; nothing is reloaded or moved."""
+    require_lm_eval()
+    from lm_eval.models.huggingface import HFLM
+
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # it warns about being handed a model object
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+
+
+def lm_eval_results(lm, tasks: list[str], tasks_dir: Path | None = DATA_DIR, limit: int | None = None,
+                    seed: int = 0) -> dict[str, dict]:
+    """Run lm-eval `tasks` on a wrapped model; {task: {metric: value}} (lm-eval's `results` section).
+    `tasks_dir=None` uses lm-eval's own task registry (standard benchmarks; they download their data)."""
+    require_lm_eval()
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    if tasks_dir is not None:
+        manager = TaskManager(include_path=str(tasks_dir), include_defaults=False,
+                              metadata={"fixtures_dir": str(tasks_dir)})
+    else:
+        manager = TaskManager()
+    out = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, random_seed=seed,
+                                  numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+                                  bootstrap_iters=0, log_samples=False, verbosity="ERROR")
+    return out["results"]

@@ -1,0 +1,120 @@
+"""The LLM-KICK-style suite: what perplexity hides, scored for a model and its baseline.
+
+Tasks (fixtures in compress/eval/data/, built by scripts/build_eval_fixtures.py; scores in [0, 1], higher is better
+unless named in LOWER_IS_BETTER):
+- agreement_kl / agreement_top1 / agreement_greedy: next-token agreement with the baseline on held-out
+  continuations (agreement.py; needs a baseline: 0 / 1 / 1 when the model is the baseline);
+- passkey_<L>: pass-key retrieval at ~L tokens of context (lm-eval, greedy digits exact);
+- copy: compress.eval.probes.copy_probe (seeded random tokens, repeated; greedy accuracy on the repeat);
+- cloze_open / cloze_closed: a 3-word span of a held-out paragraph, with the paragraph in context or not (lm-eval,
+  greedy span exact); the gap between them is in-context retrieval;
+- mc: the true continuation of a held-out paragraph among 4, by log-likelihood (lm-eval).
+lm-eval cannot compare two models, so agreement runs on our side over the same kind of fixture."""
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+from ..errors import CompressError
+from .lm_eval_tasks import DATA_DIR, lm_eval_results, suite_task_names, wrap_model
+
+SUITES = {"kick": DATA_DIR}
+AGREEMENT_TASKS = ("agreement_kl", "agreement_top1", "agreement_greedy")
+LOWER_IS_BETTER = {"agreement_kl"}
+SELF_AGREEMENT = {"agreement_kl": 0.0, "agreement_top1": 1.0, "agreement_greedy": 1.0}
+LM_EVAL_PREFIX = "kick_"
+
+
+def sorted_tasks(names: list[str]) -> list[str]:
+    """Pass-key tasks by length first, then the rest by name."""
+    key = lambda n: (0, int(n.split("_")[1]), "") if re.fullmatch(r"passkey_\d+", n) else (1, 0, n)  # noqa: E731
+    return sorted(names, key=key)
+
+
+def suite_dir(suite: str | None, directory: str | Path | None) -> Path:
+    if directory is not None:
+        path = Path(directory)
+        if not (path / "agreement.jsonl").exists() or not list(path.glob("*.yaml")):
+            raise CompressError(f"{path} is not a suite folder (YAML task files + agreement.jsonl); build one with "
+                                "scripts/build_eval_fixtures.py --out DIR")
+        return path
+    if suite not in SUITES:
+        raise CompressError(f"unknown suite {suite!r}; available: {', '.join(SUITES)}")
+    return SUITES[suite]
+
+
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def too_long(tasks_dir: Path, task: str, tokenizer, max_length: int, limit: int | None) -> bool:
+    """Whether any prompt (+ answer) of a task's fixture exceeds the model's context (lm-eval would cut the left
+    of the prompt, silently dropping a pass key buried early)."""
+    rows = read_rows(tasks_dir / f"{task.removeprefix(LM_EVAL_PREFIX)}.jsonl")[:limit]
+    answers = [r["answer"] if "answer" in r else max(r["choices"], key=len) for r in rows]
+    return any(len(tokenizer(r["context"] + " " + a, add_special_tokens=False)["input_ids"]) > max_length
+               for r, a in zip(rows, answers))
+
+
+def run_suite(model, tokenizer, baseline=None, *, tasks_dir: Path = DATA_DIR, tasks: list[str] | None = None,
+              limit: int | None = None, batch_size: int = 8, greedy_tokens: int = 16, copy_span: int = 64,
+              copy_num: int = 8, seed: int = 0) -> dict:
+    """Score `model` (and `baseline`, if given) on the suite. Returns {"model": {task: score}, "baseline":
+    {task: score} | None, "skipped": {task: reason}, "seconds": float}. `tasks` selects by short name (`mc`,
+    `passkey_512`, `copy`, `agreement_top1`, ...); `limit` caps the examples per lm-eval task."""
+    from .probes import copy_probe
+
+    start = time.perf_counter()
+    lm_names = sorted_tasks([n.removeprefix(LM_EVAL_PREFIX) for n in suite_task_names(tasks_dir)])
+    passkeys = [n for n in lm_names if n.startswith("passkey_")]
+    available = [*AGREEMENT_TASKS, *passkeys, "copy", *[n for n in lm_names if n not in passkeys]]
+    wanted = tasks or available
+    unknown = sorted(set(wanted) - set(available))
+    if unknown:
+        raise CompressError(f"unknown suite task(s) {', '.join(unknown)}; available: {', '.join(available)}")
+    max_length = getattr(model.config, "max_position_embeddings", None) or 2048
+    skipped: dict[str, str] = {}
+    lm_tasks = []
+    for name in wanted:
+        if name == "copy" or name in AGREEMENT_TASKS:
+            continue
+        if too_long(tasks_dir, name, tokenizer, max_length, limit):
+            skipped[name] = f"prompts longer than the model's context ({max_length} tokens)"
+        else:
+            lm_tasks.append(LM_EVAL_PREFIX + name)
+    if baseline is None:
+        skipped.update({t: "no baseline" for t in AGREEMENT_TASKS if t in wanted})
+
+    def scores_of(m) -> dict[str, float]:
+        out = {}
+        if lm_tasks:
+            results = lm_eval_results(wrap_model(m, tokenizer, batch_size, max_length), lm_tasks, tasks_dir, limit,
+                                      seed)
+            out.update({t.removeprefix(LM_EVAL_PREFIX): results[t]["acc,none"] for t in lm_tasks})
+        if "copy" in wanted:
+            out["copy"] = copy_probe(m, span_len=min(copy_span, max_length // 2), num=copy_num,
+                                     vocab_size=min(len(tokenizer), m.config.vocab_size), seed=seed)
+        return out
+
+    model_scores = scores_of(model)
+    baseline_scores = None
+    if baseline is not None:
+        from .agreement import agreement_scores
+
+        baseline_scores = scores_of(baseline)
+        if any(t in wanted for t in AGREEMENT_TASKS):
+            rows = read_rows(tasks_dir / "agreement.jsonl")
+            agreement = agreement_scores(model, baseline, tokenizer, rows, greedy_tokens, batch_size)
+            model_scores.update({t: v for t, v in agreement.items() if t in wanted})
+            baseline_scores.update({t: SELF_AGREEMENT[t] for t in agreement if t in wanted})
+    order = {t: i for i, t in enumerate(available)}
+    ordered = lambda d: dict(sorted(d.items(), key=lambda kv: order[kv[0]]))  # noqa: E731
+    return {"model": ordered(model_scores), "baseline": ordered(baseline_scores) if baseline_scores else None,
+            "skipped": skipped, "seconds": time.perf_counter() - start}
+
+
+def suite_protocol(tasks_dir: Path, limit: int | None) -> str:
+    return (f"suite {tasks_dir.name if tasks_dir != DATA_DIR else 'kick'}: fixtures in {tasks_dir}"
+            + (f", at most {limit} examples per task" if limit else "") + "; scored on the continuation only")

@@ -35,7 +35,7 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir=package_dir,
-    package_data={"compress": ["builtin/tiny/*"]},
+    package_data={"compress": ["builtin/tiny/*", "eval/data/*"]},
     include_package_data=True,
     install_requires=[
         "torch>=2.4",
@@ -54,7 +54,9 @@ setup(
     extras_require={
         "triton": ["triton>=3.0"],
         "bnb": ["bitsandbytes>=0.45"],
-        "test": ["pytest>=8", "triton>=3.0"],
+        "eval": ["lm_eval>=0.4.13,<0.5"],
+        "plot": ["matplotlib>=3.7"],
+        "test": ["pytest>=8", "triton>=3.0", "lm_eval>=0.4.13,<0.5", "matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["compress=compress.cli:main"]},
 )

@@ -31,6 +31,14 @@ def _is_compressed(module: nn.Module) -> bool:
     return not type(module).__module__.startswith(("torch.", "transformers."))
 
 
+def owner_module(modules: dict[str, nn.Module], tensor_name: str) -> nn.Module:
+    """The module a state-dict entry belongs to (bitsandbytes layouts name tensors like `proj.weight.absmax`)."""
+    name = tensor_name.rpartition(".")[0]
+    while name not in modules:
+        name = name.rpartition(".")[0]
+    return modules[name]
+
+
 def bytes_by_component(model: nn.Module, storage_dtype: torch.dtype | None = None) -> dict[str, dict[str, int]]:
     """{component: {"dense": bytes, "compressed": bytes}} over the tensors a checkpoint stores (the state dict:
     non-persistent buffers such as rotary frequencies are rebuilt on load, not stored). A tensor counts as compressed
@@ -44,7 +52,7 @@ def bytes_by_component(model: nn.Module, storage_dtype: torch.dtype | None = Non
         if key in seen:
             continue  # a tied weight, stored once
         seen.add(key)
-        owner = modules[name.rpartition(".")[0]]
+        owner = owner_module(modules, name)
         kind = "compressed" if _is_compressed(owner) else "dense"
         itemsize = (torch.empty((), dtype=storage_dtype).element_size()
                     if storage_dtype is not None and t.is_floating_point() else t.element_size())

@@ -22,10 +22,12 @@ REAL_MODEL_TYPE_KEY = "compress_model_type"
 def holds_project_tensors(model: nn.Module) -> bool:
     """Whether a stored tensor belongs to a module that is neither torch's nor transformers' (plain transformers
     could not put it anywhere)."""
-    from ..inspection import _is_compressed
+    from ..inspection import _is_compressed, owner_module
 
     modules = dict(model.named_modules())
-    return any(_is_compressed(modules[name.rpartition(".")[0]]) for name in model.state_dict())
+    owners = (owner_module(modules, name) for name in model.state_dict())
+    # bitsandbytes layers are stored in the layout transformers' bitsandbytes integration reads
+    return any(_is_compressed(m) and not getattr(m, "transformers_reads", False) for m in owners)
 
 
 def mark_native(config: dict, model: nn.Module) -> None:

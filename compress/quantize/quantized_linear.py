@@ -14,6 +14,12 @@ from .int_quant import expand_groups, num_groups, pack_codes, packed_width, unpa
 SPARSITY_FORMATS = (None, "nm", "bitmask")
 
 
+def nm_kept_mask(indices: torch.Tensor, n: int, m: int, in_features: int) -> torch.Tensor:
+    """bool [out, in]: True at the positions an N:M `indices` tensor (SparseLinear's packing) keeps."""
+    ones = torch.ones(indices.shape[0], in_features // m * n, device=indices.device)
+    return nm_decode_reference(ones, indices, n, m, in_features, torch.float32) != 0
+
+
 class QuantizedLinear(nn.Module):
     """A Linear layer with weight-only integer quantization (GPTQ or round-to-nearest), group-wise scales.
 
@@ -117,8 +123,7 @@ class QuantizedLinear(nn.Module):
         if self.sparsity == "bitmask":
             return unpack_bitmask(self.bitmask, self.in_features)
         if self.sparsity == "nm":
-            ones = torch.ones(self.out_features, self.in_features // self.m * self.n, device=self.weight_packed.device)
-            return nm_decode_reference(ones, self.indices, self.n, self.m, self.in_features, torch.float32) != 0
+            return nm_kept_mask(self.indices, self.n, self.m, self.in_features)
         return None
 
     def scales(self) -> torch.Tensor:

@@ -1,0 +1,137 @@
+"""The two products of an activation-sparse MLP when decoding: only the active neurons' weights are read.
+
+- `gather_dot(w, idx, x)`  -> [t, k]: out[:, r] = x @ w[idx[r]]   (up_proj rows of the active neurons)
+- `gather_axpy(wt, idx, h)` -> [t, d]: out = h @ wt[idx]           (down_proj as its transpose [inter, hidden], so
+  each active neuron's column of down_proj is one contiguous row)
+
+Each has a torch reference (index_select / embedding_bag: runs everywhere), a Triton kernel (CUDA, or the
+interpreter in tests), and on the CPU a small C kernel (cpu_gather.py) that fuses the gather into the product so the
+active rows are read once (the torch reference copies them first, which costs more than the product).
+`COMPRESS_KERNELS=torch|triton` forces one (dispatch.py)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .dispatch import use_triton
+
+
+def gather_dot_reference(w: torch.Tensor, idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return x @ w.index_select(0, idx).t()
+
+
+def gather_axpy_reference(wt: torch.Tensor, idx: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    # embedding_bag reads each selected row once and sums them weighted: one bag per token
+    t, k = h.shape
+    if t == 0 or k == 0:
+        return h.new_zeros(t, wt.shape[1])
+    return F.embedding_bag(idx.repeat(t), wt, torch.arange(0, t * k, k, device=idx.device),
+                           mode="sum", per_sample_weights=h.reshape(-1).to(wt.dtype)).to(h.dtype)
+
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - the torch reference runs without triton
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def _gather_dot_kernel(w_ptr, idx_ptr, x_ptr, out_ptr, K, D, T, stride_w, stride_x, stride_o,
+                           BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
+        # one program: BLOCK_R active rows x all tokens; the rows are streamed once, x stays in cache
+        pid = tl.program_id(0)
+        r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+        rows = tl.load(idx_ptr + r, mask=r < K, other=0).to(tl.int64)
+        tok = tl.arange(0, BLOCK_T)
+        acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            w = tl.load(w_ptr + rows[:, None] * stride_w + cols[None, :],
+                        mask=(r < K)[:, None] & (cols < D)[None, :], other=0.0).to(tl.float32)
+            x = tl.load(x_ptr + tok[:, None] * stride_x + cols[None, :],
+                        mask=(tok < T)[:, None] & (cols < D)[None, :], other=0.0).to(tl.float32)
+            acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+        tl.store(out_ptr + tok[:, None] * stride_o + r[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=(tok < T)[:, None] & (r < K)[None, :])
+
+    @triton.jit
+    def _gather_axpy_kernel(wt_ptr, idx_ptr, h_ptr, out_ptr, K, D, T, stride_w, stride_h, stride_o,
+                            BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
+        # one program: BLOCK_D output columns, looping over all active rows (no atomics: deterministic)
+        pid = tl.program_id(0)
+        cols = pid * BLOCK_D + tl.arange(0, BLOCK_D)
+        tok = tl.arange(0, BLOCK_T)
+        acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+        for r0 in range(0, K, BLOCK_R):
+            r = r0 + tl.arange(0, BLOCK_R)
+            rows = tl.load(idx_ptr + r, mask=r < K, other=0).to(tl.int64)
+            w = tl.load(wt_ptr + rows[:, None] * stride_w + cols[None, :],
+                        mask=(r < K)[:, None] & (cols < D)[None, :], other=0.0).to(tl.float32)
+            h = tl.load(h_ptr + tok[:, None] * stride_h + r[None, :],
+                        mask=(tok < T)[:, None] & (r < K)[None, :], other=0.0).to(tl.float32)
+            acc += tl.sum(h[:, :, None] * w[None, :, :], axis=1)
+        tl.store(out_ptr + tok[:, None] * stride_o + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=(tok < T)[:, None] & (cols < D)[None, :])
+
+
+def _block_t(t: int) -> int:
+    return max(1, triton.next_power_of_2(t))
+
+
+def gather_dot_triton(w, idx, x, block_r=16, block_d=64):
+    t, d = x.shape
+    k = idx.numel()
+    out = torch.empty(t, k, dtype=x.dtype, device=x.device)
+    if k:
+        x = x.contiguous()
+        _gather_dot_kernel[(triton.cdiv(k, block_r),)](w, idx, x, out, k, d, t, w.stride(0), x.stride(0),
+                                                       out.stride(0), BLOCK_R=block_r, BLOCK_D=block_d,
+                                                       BLOCK_T=_block_t(t))
+    return out
+
+
+def gather_axpy_triton(wt, idx, h, block_r=16, block_d=64):
+    t, k = h.shape
+    d = wt.shape[1]
+    out = torch.empty(t, d, dtype=h.dtype, device=h.device)
+    h = h.contiguous()
+    _gather_axpy_kernel[(triton.cdiv(d, block_d),)](wt, idx, h, out, k, d, t, wt.stride(0), h.stride(0),
+                                                    out.stride(0), BLOCK_R=block_r, BLOCK_D=block_d,
+                                                    BLOCK_T=_block_t(t))
+    return out
+
+
+def gather_dot(w: torch.Tensor, idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """x [t, d] @ w[idx].T -> [t, k]; w [n, d] row-major, idx int64 [k]."""
+    if use_triton(w, idx, x):
+        return gather_dot_triton(w, idx, x)
+    if _cpu_fast(w, x):
+        from .cpu_gather import cpu_gather_dot
+
+        return cpu_gather_dot(w, idx, x)
+    return gather_dot_reference(w, idx, x)
+
+
+def gather_axpy(wt: torch.Tensor, idx: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """h [t, k] @ wt[idx] -> [t, d]; wt [n, d] row-major (a down_proj transposed), idx int64 [k]."""
+    if use_triton(wt, idx, h):
+        return gather_axpy_triton(wt, idx, h)
+    if _cpu_fast(wt, h):
+        from .cpu_gather import cpu_gather_axpy
+
+        return cpu_gather_axpy(wt, idx, h)
+    return gather_axpy_reference(wt, idx, h)
+
+
+def _cpu_fast(w: torch.Tensor, x: torch.Tensor) -> bool:
+    import os
+
+    if os.environ.get("COMPRESS_KERNELS", "").lower() == "torch" or w.device.type != "cpu":
+        return False
+    if w.dtype != torch.float32 or x.dtype != torch.float32 or w.stride(1) != 1:
+        return False
+    from .cpu_gather import cpu_library
+
+    return cpu_library() is not None

@@ -1,0 +1,172 @@
+"""Packed sparse kernels for decoding and for expanding into a scratch buffer (GPU; tests run them interpreted).
+
+- `nm_gemv(x, values, indices, n, m, in_features)`: x [t <= 16, in] @ W^T reading only the packed values and
+  their position bits (2:4 in fp16: 0.5625x the bytes of the dense weight). Each program owns BLOCK_N output rows
+  and one slice of the kept values (split-K across programs, fp32 atomics), gathers x at the decoded columns (x is
+  a few KB, cache resident) and reduces without tensor cores: at 1-16 tokens the product is memory bound.
+- `bitmask_gemv(x, values, bitmask, row_offsets, in_features)`: the same for the 50%-unstructured layout (one
+  program per BLOCK_N rows walks K with a running per-row count of kept values).
+- `nm_expand(values, indices, n, m, in_features, out)`: decode the packed weight into a dense buffer (each dense
+  element written once) for decompress-then-cuBLAS at large batches.
+
+References: `nm_linear_reference` / `bitmask_linear_reference` / `nm_decode_reference` beside the layouts. Autotuned
+on a GPU; fixed configurations under TRITON_INTERPRET=1 (no driver to time with)."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .sparse_nm import index_bits
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - the torch references run without triton
+    triton = None
+
+MAX_GEMV_TOKENS = 16
+
+
+def gemv_supports_nm(m: int) -> bool:
+    """The GEMV kernel decodes fields that never straddle a byte (1, 2 or 4 bits: M = 2, 4, 16)."""
+    return 8 % index_bits(m) == 0
+
+
+if triton is not None:
+
+    @triton.jit
+    def _nm_gemv_kernel(x_ptr, v_ptr, idx_ptr, y_ptr, T, N, KEPT, IDX_ROW_BYTES, stride_x, stride_y,
+                        NKEEP: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_T: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, SPLIT_K: tl.constexpr):
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        tok = tl.arange(0, BLOCK_T)
+        acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+        per_split = tl.cdiv(tl.cdiv(KEPT, SPLIT_K), BLOCK_J) * BLOCK_J
+        j_begin = pid_k * per_split
+        for j0 in range(0, per_split, BLOCK_J):
+            j = j_begin + j0 + tl.arange(0, BLOCK_J)
+            valid = (rn < N)[:, None] & (j < KEPT)[None, :]
+            v = tl.load(v_ptr + rn[:, None].to(tl.int64) * KEPT + j[None, :], mask=valid, other=0.0).to(tl.float32)
+            bitpos = j * BITS
+            b = tl.load(idx_ptr + rn[:, None].to(tl.int64) * IDX_ROW_BYTES + (bitpos >> 3)[None, :], mask=valid,
+                        other=0).to(tl.int32)
+            pos = (b >> (bitpos & 7)[None, :]) & ((1 << BITS) - 1)
+            col = (j // NKEEP)[None, :] * GROUP + pos
+            xg = tl.load(x_ptr + tok[:, None, None] * stride_x + col[None, :, :],
+                         mask=(tok < T)[:, None, None] & valid[None, :, :], other=0.0).to(tl.float32)
+            acc += tl.sum(xg * v[None, :, :], axis=2)
+        out = y_ptr + tok[:, None] * stride_y + rn[None, :]
+        omask = (tok < T)[:, None] & (rn < N)[None, :]
+        if SPLIT_K == 1:
+            tl.store(out, acc, mask=omask)
+        else:
+            tl.atomic_add(out, acc, mask=omask)
+
+    @triton.jit
+    def _bitmask_gemv_kernel(x_ptr, v_ptr, mask_ptr, off_ptr, y_ptr, T, N, K, MASK_ROW_BYTES, stride_x, stride_y,
+                             BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        pid = tl.program_id(0)
+        rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        tok = tl.arange(0, BLOCK_T)
+        count = tl.load(off_ptr + rn, mask=rn < N, other=0)
+        acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            valid = (rn < N)[:, None] & (rk < K)[None, :]
+            byte = tl.load(mask_ptr + rn[:, None].to(tl.int64) * MASK_ROW_BYTES + (rk >> 3)[None, :], mask=valid,
+                           other=0)
+            bit = tl.where(valid, (byte.to(tl.int32) >> (rk & 7)[None, :]) & 1, 0)
+            where = count[:, None] + tl.cumsum(bit, axis=1) - bit
+            w = tl.load(v_ptr + where, mask=bit == 1, other=0.0).to(tl.float32)
+            count += tl.sum(bit, axis=1)
+            x = tl.load(x_ptr + tok[:, None] * stride_x + rk[None, :], mask=(tok < T)[:, None] & (rk < K)[None, :],
+                        other=0.0).to(tl.float32)
+            acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+        tl.store(y_ptr + tok[:, None] * stride_y + rn[None, :], acc, mask=(tok < T)[:, None] & (rn < N)[None, :])
+
+    @triton.jit
+    def _nm_expand_kernel(v_ptr, idx_ptr, out_ptr, N, K, KEPT, IDX_ROW_BYTES, stride_o,
+                          NKEEP: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        valid = (rn < N)[:, None] & (rc < K)[None, :]
+        group = rc // GROUP
+        w = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+        for t in tl.static_range(NKEEP):  # column c holds kept value t of its group if that value's position is c % m
+            j = group * NKEEP + t
+            v = tl.load(v_ptr + rn[:, None].to(tl.int64) * KEPT + j[None, :], mask=valid, other=0.0).to(tl.float32)
+            bitpos = j * BITS
+            row = idx_ptr + rn[:, None].to(tl.int64) * IDX_ROW_BYTES
+            byte = bitpos >> 3
+            b = tl.load(row + byte[None, :], mask=valid, other=0).to(tl.int32)
+            if 8 % BITS != 0:  # a 3-bit field (4:8) may straddle two bytes
+                b |= tl.load(row + byte[None, :] + 1, mask=valid & ((byte + 1) < IDX_ROW_BYTES)[None, :],
+                             other=0).to(tl.int32) << 8
+            pos = (b >> (bitpos & 7)[None, :]) & ((1 << BITS) - 1)
+            w += tl.where(pos == (rc % GROUP)[None, :], v, 0.0)
+        tl.store(out_ptr + rn[:, None].to(tl.int64) * stride_o + rc[None, :], w.to(out_ptr.dtype.element_ty),
+                 mask=valid)
+
+    _GEMV_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_J": bj, "SPLIT_K": sk}, num_warps=w)
+                     for bn in (16, 32, 64) for bj in (64, 128) for sk in (1, 2, 4, 8) for w in (2, 4)]
+    _nm_gemv_tuned = triton.autotune(_GEMV_CONFIGS, key=["N", "KEPT", "BLOCK_T"], reset_to_zero=["y_ptr"])(
+        _nm_gemv_kernel)
+    _bitmask_gemv_tuned = triton.autotune(
+        [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w) for bn in (8, 16, 32) for bk in (64, 128, 256)
+         for w in (2, 4)], key=["N", "K", "BLOCK_T"])(_bitmask_gemv_kernel)
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+def nm_gemv(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, n: int, m: int, in_features: int,
+            bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., in] with at most MAX_GEMV_TOKENS rows @ W^T (+ bias), W packed N:M; output in x's dtype."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, in_features).contiguous()
+    t, rows, kept = x2.shape[0], values.shape[0], values.shape[1]
+    y = torch.zeros(t, rows, dtype=torch.float32, device=x.device)
+    args = (x2, values, indices, y, t, rows, kept, indices.shape[1], x2.stride(0), y.stride(0))
+    meta = dict(NKEEP=n, GROUP=m, BITS=index_bits(m), BLOCK_T=max(2, triton.next_power_of_2(t)))
+    if _interpreted():
+        grid = (triton.cdiv(rows, 16), 2)
+        _nm_gemv_kernel[grid](*args, **meta, BLOCK_N=16, BLOCK_J=32, SPLIT_K=2)
+    else:
+        _nm_gemv_tuned[lambda c: (triton.cdiv(rows, c["BLOCK_N"]), c["SPLIT_K"])](*args, **meta)
+    if bias is not None:
+        y += bias
+    return y.to(x.dtype).view(*lead, rows)
+
+
+def bitmask_gemv(x: torch.Tensor, values: torch.Tensor, bitmask: torch.Tensor, row_offsets: torch.Tensor,
+                 in_features: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, in_features).contiguous()
+    t, rows = x2.shape[0], bitmask.shape[0]
+    y = torch.empty(t, rows, dtype=torch.float32, device=x.device)
+    args = (x2, values, bitmask, row_offsets, y, t, rows, in_features, bitmask.shape[1], x2.stride(0), y.stride(0))
+    block_t = max(2, triton.next_power_of_2(t))
+    if _interpreted():
+        _bitmask_gemv_kernel[(triton.cdiv(rows, 8),)](*args, BLOCK_T=block_t, BLOCK_N=8, BLOCK_K=32)
+    else:
+        _bitmask_gemv_tuned[lambda c: (triton.cdiv(rows, c["BLOCK_N"]),)](*args, BLOCK_T=block_t)
+    if bias is not None:
+        y += bias
+    return y.to(x.dtype).view(*lead, rows)
+
+
+def nm_expand(values: torch.Tensor, indices: torch.Tensor, n: int, m: int, in_features: int,
+              out: torch.Tensor) -> torch.Tensor:
+    """Decode the packed N:M weight into `out` [rows, in] (e.g. a view of a reused scratch buffer); returns `out`."""
+    rows, kept = values.shape
+    block_n, block_c = (16, 32) if _interpreted() else (32, 128)
+    grid = (triton.cdiv(rows, block_n), triton.cdiv(in_features, block_c))
+    _nm_expand_kernel[grid](values, indices, out, rows, in_features, kept, indices.shape[1], out.stride(0),
+                            NKEEP=n, GROUP=m, BITS=index_bits(m), BLOCK_N=block_n, BLOCK_C=block_c,
+                            num_warps=4)
+    return out

@@ -74,7 +74,7 @@ def check_output(output: str | Path, *, overwrite: bool, source: Path | None = N
         parent = parent.parent
     if not parent.is_dir():
         raise OutputError(f"output {output}: {parent} is a file, not a folder; choose another output path")
-    if not os.access(parent, os.W_OK | os.X_OK):
+    if not _writable(parent):
         raise OutputError(f"output {output}: no permission to write in {parent}; choose a writable folder")
     return out
 
@@ -96,6 +96,14 @@ def _check_replaceable(out: Path, resolved: Path, overwrite: bool) -> None:
     if others:
         raise OutputError(f"--overwrite would delete {', '.join(others[:3])}{' ...' if len(others) > 3 else ''} "
                           f"in {out}, which compress did not write; move them or choose another output folder")
+
+
+def _writable(folder: Path) -> bool:
+    return os.access(folder, os.W_OK | os.X_OK)
+
+
+def _rename(src: Path, dst: Path) -> None:
+    os.replace(src, dst)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -143,8 +151,8 @@ def swap_into_place(tmp: Path, target: Path) -> None:
         target.rmdir()
     if target.exists():
         old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(target, old)
-        os.replace(tmp, target)  # a crash before this line leaves `old`, which recover() puts back
+        _rename(target, old)
+        _rename(tmp, target)  # a crash before this line leaves `old`, which recover() puts back
         shutil.rmtree(old, ignore_errors=True)
     else:
-        os.replace(tmp, target)
+        _rename(tmp, target)

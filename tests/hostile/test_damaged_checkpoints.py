@@ -1,0 +1,170 @@
+"""Damaged or hand-edited checkpoints: every command that reads one (compress.load, eval, generate, inspect, apply)
+ends with one clear CheckpointError line and exit 2, never a library traceback, and apply writes nothing."""
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import compress
+from compress.errors import CheckpointError
+
+WEIGHTS = "model.safetensors"
+
+
+def _rewrite(folder, fn):
+    state = load_file(folder / WEIGHTS)
+    fn(state)
+    save_file(state, folder / WEIGHTS, metadata={"format": "pt"})
+
+
+def _config(folder, fn):
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    fn(config)
+    path.write_text(json.dumps(config))
+
+
+def _truncate(folder):
+    data = (folder / WEIGHTS).read_bytes()
+    (folder / WEIGHTS).write_bytes(data[: len(data) // 2])
+
+
+def _random(folder):
+    size = (folder / WEIGHTS).stat().st_size
+    (folder / WEIGHTS).write_bytes(os.urandom(size))
+
+
+def _bad_header(folder):
+    data = (folder / WEIGHTS).read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    (folder / WEIGHTS).write_bytes(data[:8] + b"{" * length + data[8 + length:])
+
+
+def _huge_header(folder):
+    data = (folder / WEIGHTS).read_bytes()
+    (folder / WEIGHTS).write_bytes(struct.pack("<Q", 2**40) + data[8:])
+
+
+def _lying_dtype(folder):
+    """The header names a dtype of another width than the bytes stored (same-length name: the header keeps its size)."""
+    data = (folder / WEIGHTS).read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = data[8:8 + length]
+    swapped = header.replace(b'"F32"', b'"F64"', 1) if b'"F32"' in header else header.replace(b'"BF16"', b'"BOOL"', 1)
+    (folder / WEIGHTS).write_bytes(data[:8] + swapped + data[8 + length:])
+
+
+def _empty(folder):
+    (folder / WEIGHTS).write_bytes(b"")
+
+
+def _truncated_config(folder):
+    text = (folder / "config.json").read_text()
+    (folder / "config.json").write_text(text[: len(text) // 2])
+
+
+def _extra_bitmask_bit(folder):
+    def damage(state):
+        key = next(k for k in state if k.endswith(".bitmask"))
+        row = state[key][0]
+        zero_bit = next(i for i in range(row.numel() * 8) if not (int(row[i // 8]) >> (i % 8)) & 1)
+        row[zero_bit // 8] |= 1 << (zero_bit % 8)
+    _rewrite(folder, damage)
+
+
+def _repeated_nm_position(folder):
+    def damage(state):
+        key = next(k for k in state if k.endswith(".indices"))
+        state[key][0, 0] = 0  # 2:4, 2 bits per position: both kept values of the first group at position 0
+    _rewrite(folder, damage)
+
+
+def _vq_code_out_of_range(folder):
+    def damage(state):
+        state["lm_head.codes"][0] = 200
+    _rewrite(folder, damage)
+
+
+def _float_bitmask(folder):
+    def damage(state):
+        key = next(k for k in state if k.endswith(".bitmask"))
+        state[key] = state[key].float()
+    _rewrite(folder, damage)
+
+
+CASES = {
+    # name: (checkpoint, damage, message fragment)
+    "truncated": ("bitmask", _truncate, "is truncated"),
+    "random bytes": ("bitmask", _random, "damaged"),
+    "header not JSON": ("bitmask", _bad_header, "header that is not JSON"),
+    "oversized header": ("bitmask", _huge_header, "-byte header"),
+    "header lies about a dtype": ("bitmask", _lying_dtype, "bytes stored for shape"),
+    "empty weights": ("bitmask", _empty, "is empty (0 bytes)"),
+    "truncated config.json": ("bitmask", _truncated_config, "config.json: not valid JSON at line"),
+    "compression is a string": ("bitmask", lambda f: _config(f, lambda c: c.update(compression="yes")),
+                                "the `compression` section is a str, not a mapping"),
+    "compression is a list": ("bitmask", lambda f: _config(f, lambda c: c.update(compression=[1])),
+                              "the `compression` section is a list"),
+    "passes is a string": ("bitmask", lambda f: _config(f, lambda c: c["compression"].update(passes="prune")),
+                           "`compression.passes` is a str"),
+    "restore is a list": ("bitmask", lambda f: _config(f, lambda c: c["compression"]["passes"][0].update(restore=[1])),
+                          "`compression.passes[0].restore` is a list"),
+    "unknown sparse format": ("bitmask", lambda f: _config(f, lambda c: [s.update(format="csr") for s in
+                                                                         c["compression"]["passes"][0]["restore"].values()]),
+                              "damaged restore record"),
+    "bitmask keeps more than stored": ("bitmask", _extra_bitmask_bit, "its bitmask keeps"),
+    "bitmask stored as floats": ("bitmask", _float_bitmask, "wrong dtypes"),
+    "N:M positions repeat": ("nm", _repeated_nm_position, "positions repeat"),
+    "VQ code out of range": ("vq", _vq_code_out_of_range, "code is outside the 16 codebook rows"),
+}
+# damage that only the tensors' contents show: inspect reads headers only, so it cannot see these
+CONTENT_ONLY = {"bitmask keeps more than stored", "N:M positions repeat", "VQ code out of range"}
+
+
+@pytest.fixture(params=list(CASES), name="damaged")
+def damaged_checkpoint(request, packed_checkpoints, copy_of):
+    kind, damage, message = CASES[request.param]
+    folder = copy_of(packed_checkpoints[kind])
+    damage(folder)
+    return request.param, folder, message
+
+
+def test_compress_load_raises_one_line(damaged):
+    _, folder, message = damaged
+    with pytest.raises(CheckpointError, match=None) as info:
+        compress.load(folder)
+    assert message in str(info.value) and len(str(info.value).splitlines()) == 1
+
+
+def test_every_command_exits_2(damaged, cli, user_error, tmp_path):
+    name, folder, message = damaged
+    user_error(cli("eval", folder, "--no-speed", "--max-windows", 1), message)
+    user_error(cli("generate", folder, "--prompt", "hi", "--max-new-tokens", 1), message)
+    if name not in CONTENT_ONLY:
+        user_error(cli("inspect", folder), message)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("passes:\n  - prune: {sparsity: 0.5}\n")
+    user_error(cli("apply", recipe, "--model", folder, "--output", tmp_path / "out", "--no-eval"), message)
+    assert not (tmp_path / "out").exists()
+
+
+def test_broken_shard_index(packed_checkpoints, copy_of, cli, user_error):
+    folder = copy_of(packed_checkpoints["bitmask"])
+    (folder / "model.safetensors.index.json").write_text('{"weight_map": {"a": "../../etc/passwd"}}')
+    with pytest.raises(CheckpointError, match="not a valid index"):
+        compress.load(folder)
+    user_error(cli("inspect", folder), "not a valid index")
+
+
+def test_intact_checkpoints_still_load_exactly(packed_checkpoints):
+    """The checks reject nothing valid: each packed checkpoint reloads and runs."""
+    ids = torch.randint(0, 8192, (1, 8))
+    for folder in packed_checkpoints.values():
+        model = compress.load(folder)
+        with torch.no_grad():
+            assert torch.isfinite(model(ids).logits).all()

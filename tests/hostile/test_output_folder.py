@@ -1,0 +1,177 @@
+"""Where `compress apply` / `compress.save` may write: --overwrite replaces only a checkpoint compress wrote, never
+the source, the recipe, the current folder or a plain file; output problems are found before any work; stale
+temporaries are swept and an overwrite interrupted between its two renames is recovered."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+import compress
+import compress.output_folder as output_folder
+from compress.errors import OutputError
+
+RECIPE = "passes:\n  - prune: {sparsity: 0.5}\n"
+
+
+@pytest.fixture
+def source(tmp_path, small_model, tokenizer):
+    folder = tmp_path / "work" / "src"
+    small_model().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def recipe(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(RECIPE)
+    return path
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Fail loudly if a command gets as far as loading the model: output checks must come first."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output location was checked")
+    monkeypatch.setattr(compress.models, "load", refuse)
+
+
+def _files(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+@pytest.mark.parametrize("where,message", [
+    ("parent_of_source", "contains the source model"),
+    ("source", "is the source model"),
+    ("inside_source", "is inside the source model's folder"),
+    ("around_recipe", "recipe.yaml, which this run reads"),
+])
+def test_overwrite_never_touches_the_source_or_the_recipe(where, message, source, tmp_path, cli, user_error, no_work):
+    recipe = source.parent / "recipe.yaml" if where == "around_recipe" else tmp_path / "recipe.yaml"
+    recipe.write_text(RECIPE)
+    model = source if where != "around_recipe" else "builtin:tiny"
+    output = {"parent_of_source": source.parent, "source": source, "inside_source": source / "out",
+              "around_recipe": source.parent}[where]
+    before = _files(tmp_path)
+    user_error(cli("apply", recipe, "--model", model, "--output", output, "--overwrite", "--no-eval"), message)
+    assert _files(tmp_path) == before
+
+
+def test_overwrite_refuses_folders_compress_did_not_write(tmp_path, recipe, cli, user_error, no_work):
+    mine = tmp_path / "photos"
+    mine.mkdir()
+    (mine / "cat.jpg").write_bytes(b"\xff\xd8")
+    user_error(cli("apply", recipe, "--model", "builtin:tiny", "--output", mine, "--overwrite"),
+               "replaces only a checkpoint written by compress")
+    assert (mine / "cat.jpg").exists()
+
+
+def test_overwrite_refuses_a_checkpoint_holding_other_files(tmp_path, small_model, recipe, cli, user_error, no_work):
+    out = compress.save(small_model(), tmp_path / "ckpt")
+    (out / "notes.txt").write_text("mine")
+    user_error(cli("apply", recipe, "--model", "builtin:tiny", "--output", out, "--overwrite"),
+               "would delete notes.txt")
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_plain_file_output(tmp_path, recipe, cli, user_error, no_work, overwrite):
+    target = tmp_path / "model.bin"
+    target.write_bytes(b"data")
+    user_error(cli("apply", recipe, "--model", "builtin:tiny", "--output", target, *(["--overwrite"] * overwrite)),
+               "is a file, not a folder")
+    assert target.read_bytes() == b"data"
+
+
+def test_output_dot_is_refused(tmp_path, recipe, cli, user_error, no_work, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    user_error(cli("apply", recipe, "--model", "builtin:tiny", "--output", ".", "--overwrite"), "the current folder")
+    assert recipe.exists()
+
+
+def test_parent_is_a_file(tmp_path, recipe, cli, user_error, no_work):
+    (tmp_path / "file.txt").write_text("x")
+    user_error(cli("apply", recipe, "--model", "builtin:tiny", "--output", tmp_path / "file.txt" / "out"),
+               "is a file, not a folder")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_parent(tmp_path, recipe, cli, user_error, no_work):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        user_error(cli("apply", recipe, "--model", "builtin:tiny", "--output", locked / "out"), "no permission")
+    finally:
+        locked.chmod(0o700)
+
+
+def test_read_only_parent_found_before_work(tmp_path, recipe, cli, user_error, no_work, monkeypatch):
+    """The same check as above, where the tests run as root: the permission test is os.access."""
+    monkeypatch.setattr(output_folder, "_writable", lambda folder: False)
+    user_error(cli("apply", recipe, "--model", "builtin:tiny", "--output", tmp_path / "out"), "no permission to write")
+
+
+def test_overwrite_replaces_a_compress_checkpoint(tmp_path, small_model):
+    out = compress.save(small_model(seed=1), tmp_path / "ckpt")
+    compress.save(small_model(seed=2), out, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_api_save_refuses_foreign_folders(tmp_path, small_model):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "table.csv").write_text("a,b")
+    with pytest.raises(OutputError, match="not one"):
+        compress.save(small_model(), tmp_path / "data", overwrite=True)
+    with pytest.raises(OutputError, match="is the source model"):
+        src = compress.save(small_model(), tmp_path / "src")
+        compress.save(compress.load(src), src, overwrite=True)
+
+
+def test_stale_temporaries_of_the_target_are_swept(tmp_path, small_model):
+    dead = tmp_path / ".ckpt.tmp-999999999-abcd"  # no such process
+    alive = tmp_path / f".ckpt.tmp-{os.getpid()}-abcd"  # a save in progress in this process
+    other = tmp_path / ".other.tmp-999999999-abcd"  # another target's
+    for d in (dead, alive, other):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"x" * 1000)
+    compress.save(small_model(), tmp_path / "ckpt")
+    assert not dead.exists() and alive.exists() and other.exists()
+
+
+def _crash_between_renames(monkeypatch):
+    real, calls = output_folder._rename, []
+
+    def rename(src, dst):
+        calls.append(src)
+        if len(calls) == 2:  # the old checkpoint is moved aside, the new one not yet in place
+            raise KeyboardInterrupt
+        real(src, dst)
+    monkeypatch.setattr(output_folder, "_rename", rename)
+
+
+def test_interrupted_swap_is_restored_by_load(tmp_path, small_model, monkeypatch):
+    import torch
+
+    old_model = small_model(seed=1)
+    out = compress.save(old_model, tmp_path / "ckpt")
+    _crash_between_renames(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        compress.save(small_model(seed=2), out, overwrite=True)
+    monkeypatch.undo()
+    assert not out.exists() and list(tmp_path.glob(".ckpt.old-*"))
+    restored = compress.load(out)  # finds the moved-aside copy and puts it back
+    assert torch.equal(restored.lm_head.weight, old_model.lm_head.weight)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_interrupted_swap_is_restored_by_the_next_save(tmp_path, small_model, monkeypatch):
+    out = compress.save(small_model(seed=1), tmp_path / "ckpt")
+    _crash_between_renames(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        compress.save(small_model(seed=2), out, overwrite=True)
+    monkeypatch.undo()
+    with pytest.raises(OutputError, match="already exists"):  # the old copy is back, so overwrite is needed again
+        compress.save(small_model(seed=3), out)
+    assert out.exists() and not list(tmp_path.glob(".ckpt.*"))

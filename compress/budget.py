@@ -1,0 +1,71 @@
+"""One byte budget for a compressed model: weights per component (original vs stored, the output head on its own
+line) and the KV cache's bytes per token, so the effect of every pass of a composed recipe reads in one table.
+
+Weights are counted from the tensors the checkpoint stores (inspection.bytes_by_component) against the same
+architecture uncompressed at the same storage dtype (a meta model: no memory). KV bytes per token are measured,
+not computed: `tokens` random keys/values are appended to one layer of the cache the checkpoint generates with
+(an uncompressed transformers cache, or the GEAR/KIVI cache of its `gear_kv` pass) and the bytes its tensors hold
+are divided by the tokens; every compressed layer stores alike, so the layer count multiplies it."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .inspection import bytes_by_component
+
+KV_TOKENS = 1024  # a multiple of every residual window the GEAR settings allow by default; fills whole chunks
+
+
+def original_bytes_by_component(config, storage_dtype: torch.dtype) -> dict[str, int]:
+    """What the uncompressed model of `config` stores per component at `storage_dtype`."""
+    from .models import empty_model
+
+    plain = empty_model(config, dtype=storage_dtype, meta=True)
+    return {k: v["dense"] + v["compressed"] for k, v in bytes_by_component(plain, storage_dtype).items()}
+
+
+def kv_bytes_per_token(config, settings=None, tokens: int = KV_TOKENS, dtype: torch.dtype = torch.float16) -> dict:
+    """{"uncompressed", "compressed"} bytes per token over all layers (compressed: None without `settings`)."""
+    from transformers import DynamicCache
+
+    from .kvcache.cache import GEARCache, dynamic_cache_bytes
+
+    text = config.get_text_config(decoder=True)
+    layers = text.num_hidden_layers
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    gen = torch.Generator().manual_seed(0)
+    shape = (1, text.num_key_value_heads, tokens, head_dim)
+    keys, values = (torch.randn(shape, generator=gen).to(dtype) for _ in range(2))
+    dense = DynamicCache(config=config)
+    dense.update(keys, values, 0)
+    per_layer_dense = dynamic_cache_bytes(dense)[0] / tokens
+    out = {"tokens_measured": tokens, "uncompressed": per_layer_dense * layers, "compressed": None}
+    if settings is not None:
+        skipped = set(settings.skip_layers)
+        layer = next((i for i in range(layers) if i not in skipped), None)
+        per_layer = 0.0
+        if layer is not None:
+            cache = GEARCache(config, settings)
+            cache.update(keys, values, layer)
+            per_layer = cache.nbytes()["total"] / tokens
+        out["compressed"] = per_layer * (layers - len(skipped)) + per_layer_dense * len(skipped)
+        out["cache"] = f"{settings.method} {settings.bits}-bit"
+    return out
+
+
+def budget(model: nn.Module, section: dict[str, Any] | None, storage_dtype: torch.dtype) -> dict[str, Any]:
+    """{"weights": {component: {"original", "stored"}}, "weights_total": {...}, "kv_per_token": {...}}."""
+    stored = {k: v["dense"] + v["compressed"] for k, v in bytes_by_component(model, storage_dtype).items()}
+    original = original_bytes_by_component(model.config, storage_dtype)
+    weights = {c: {"original": original.get(c, 0), "stored": stored.get(c, 0)}
+               for c in sorted(set(stored) | set(original))}
+    total = {k: sum(v[k] for v in weights.values()) for k in ("original", "stored")}
+    settings = None
+    for entry in (section or {}).get("passes", []):
+        if entry.get("pass") == "gear_kv":
+            from .registry import get_pass
+
+            settings = get_pass("gear_kv")(entry.get("args") or {}).settings()
+    return {"weights": weights, "weights_total": total, "kv_per_token": kv_bytes_per_token(model.config, settings)}

@@ -1,0 +1,249 @@
+"""Export to compressed-tensors: the checkpoint layout llm-compressor writes and transformers and vLLM read.
+
+What maps where (compressed-tensors 0.20):
+- a symmetric `QuantizedLinear` (int4/int8 codes, group scales) -> `weight_packed` (int32, packed by
+  compressed-tensors' own `PackedQuantizationCompressor`), `weight_scale`, `weight_shape`, format "pack-quantized";
+  an asymmetric one -> int8 `weight` + `weight_scale` + `weight_zero_point`, format "int-quantized" (see
+  `storage_format`); one `config_groups` entry per (bits, group size, symmetric) scheme. The codes are relabelled,
+  never requantized: the exporter checks that compressed-tensors' decompression gives back `dequantized_weight()`.
+  A layer whose width is not a multiple of its group size is stored dense (compressed-tensors needs whole groups)
+  and named in `ignore`; the summary lists it.
+- a pruned `SparseLinear` -> its dense weight (zeros where pruned), described by a `sparsity_config` of format
+  "dense" (compressed-tensors' `DenseSparsityConfig`: structure "2:4" or "unstructured", global sparsity, targets),
+  kept in config.json's `compression` provenance (not in `quantization_config`, which vLLM would refuse).
+  compressed-tensors 0.20 no longer ships the sparse-bitmask / sparse-24-bitmask compressors (and vLLM >= 0.19.1
+  dropped Sparse24), so no current loader reads a bitmask layout: pruning alone does not shrink this export;
+  quantization (4-bit on top of 2:4 included) does.
+- what compressed-tensors cannot express (a VQ-Logits head, GEAR KV settings, linearized attention, activation
+  sparsity thresholds, bitsandbytes layers) fails before any work, naming the pass (`check_passes`)."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ExportError
+from ..prune.sparse_linear import SparseLinear
+
+FORMAT = "compressed-tensors"
+INSTALL_HINT = "the compressed-tensors export needs the compressed-tensors package: pip install 'compress[ct]'"
+# pass -> why compressed-tensors cannot hold what it made
+INEXPRESSIBLE = {
+    "vq_logits": "its codebook output head has no compressed-tensors layout",
+    "gear_kv": "its KV-cache settings (GEAR/KIVI) have no compressed-tensors equivalent",
+    "linearize": "linearized attention layers are not transformers modules",
+    "activation_sparsity": "its activation thresholds are not a weight format",
+}
+BNB_METHODS = ("nf4", "fp4", "int8", "bnb_nf4", "bnb_fp4", "bnb_int8", "llm_int8")
+
+
+def check_passes(passes: list[tuple[str, dict]]) -> None:
+    """Raise ExportError (before any work) when a pass makes something compressed-tensors cannot express."""
+    problems = []
+    for name, args in passes:
+        if name in INEXPRESSIBLE:
+            problems.append(f"pass {name!r}: {INEXPRESSIBLE[name]}")
+        elif name == "quantize" and str((args or {}).get("method", "")).lower() in BNB_METHODS:
+            problems.append(f"pass 'quantize' (method {args['method']}): bitsandbytes layers have their own layout")
+        elif name not in ("prune", "quantize"):
+            problems.append(f"pass {name!r}: compressed-tensors holds pruned and int-quantized weights only")
+    if problems:
+        raise ExportError(f"the {FORMAT} format cannot express " + "; ".join(problems)
+                          + ": drop those passes or use the native format (the default)")
+
+
+def _require_package():
+    try:
+        import compressed_tensors  # noqa: F401
+    except ImportError:
+        raise ExportError(INSTALL_HINT) from None
+
+
+@dataclass
+class ExportSummary:
+    quantized: list[str] = field(default_factory=list)
+    sparse: list[str] = field(default_factory=list)
+    dense_fallback: dict[str, str] = field(default_factory=dict)  # module -> why it is stored dense
+    format: str = "dense"
+    sparsity_structure: str | None = None
+    global_sparsity: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, "quantization_format": self.format, "quantized_modules": len(self.quantized),
+                "sparse_modules": len(self.sparse), "sparsity_structure": self.sparsity_structure,
+                "global_sparsity": round(self.global_sparsity, 6),
+                "stored_dense": self.dense_fallback}
+
+
+def _is_quantized(module: nn.Module) -> bool:
+    from ..quantize.quantized_linear import QuantizedLinear
+
+    return isinstance(module, QuantizedLinear)
+
+
+def storage_format(module) -> str:
+    """Symmetric codes are packed 32/bits per int32 ("pack-quantized"). Asymmetric ones are stored one per byte
+    ("int-quantized"): compressed-tensors 0.20 packs their zero points, but the layout it builds when transformers
+    loads does not, so a packed asymmetric layer fails to load ("size mismatch" on weight_zero_point)."""
+    return "pack-quantized" if module.symmetric else "int-quantized"
+
+
+def _scheme(module, targets: list[str], fmt: str | None = None):
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    channel = module.group_size >= module.in_features
+    weights = QuantizationArgs(num_bits=module.bits, type="int", symmetric=module.symmetric,
+                               strategy="channel" if channel else "group",
+                               group_size=None if channel else module.group_size)
+    return QuantizationScheme(targets=targets, weights=weights, format=fmt)
+
+
+def _scheme_key(module) -> tuple:
+    channel = module.group_size >= module.in_features
+    return module.bits, None if channel else module.group_size, module.symmetric
+
+
+@torch.no_grad()
+def quantized_tensors(name: str, module, storage_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The compressed-tensors tensors of one QuantizedLinear (local names), written by compressed-tensors' own
+    compressor from our codes, then decompressed by it again to check that nothing was requantized."""
+    from compressed_tensors.compressors import BaseCompressor
+
+    scheme = _scheme(module, ["Linear"])
+    compressor = BaseCompressor.get_value_from_registry(storage_format(module))
+    local = {"weight": module.dequantized_weight(torch.float32), "weight_scale": module.scales().to(storage_dtype)}
+    if not module.symmetric:  # compressed-tensors keeps asymmetric codes and zero points signed
+        offset = 2 ** (module.bits - 1)
+        local["weight_zero_point"] = (module.zero_points().to(torch.int16) - offset).to(torch.int8)
+    out = {k: v.contiguous() for k, v in compressor.compress(local, scheme).items()}
+    check = compressor.decompress({**out, "weight_scale": out["weight_scale"].float()}, scheme)["weight"]
+    if not torch.equal(check.float(), local["weight"]):
+        raise ExportError(f"{name}: compressed-tensors would not reproduce this layer's weights; export it natively")
+    if module.bias is not None:
+        out["bias"] = module.bias.detach().to(storage_dtype)
+    return out
+
+
+def _modules_state(model: nn.Module, storage_dtype: torch.dtype, summary: ExportSummary) -> dict[str, torch.Tensor]:
+    from ..checkpoint import _unique_state_dict
+    from ..inspection import _is_compressed
+
+    state = _unique_state_dict(model, storage_dtype)
+    structures, zeros, total = set(), 0, 0
+    for name, module in model.named_modules():
+        own = [k for k in state if k.rpartition(".")[0] == name]
+        if not own or not _is_compressed(module):
+            continue
+        for k in own:
+            del state[k]
+        mask = None
+        if isinstance(module, SparseLinear):
+            weight = module.dense_weight(storage_dtype)
+            state[f"{name}.weight"] = weight
+            if module.bias is not None:
+                state[f"{name}.bias"] = module.bias.detach().to(storage_dtype)
+            mask, nm = weight != 0, (module.n, module.m) if module.format == "nm" else None
+        elif _is_quantized(module):
+            mask, nm = module.sparsity_mask(), module.sparsity_structure
+            if module.in_features % module.group_size:
+                summary.dense_fallback[name] = (f"in_features {module.in_features} is not a multiple of group_size "
+                                                f"{module.group_size}")
+                state[f"{name}.weight"] = module.dequantized_weight(storage_dtype)
+                if module.bias is not None:
+                    state[f"{name}.bias"] = module.bias.detach().to(storage_dtype)
+            else:
+                state.update({f"{name}.{k}": v for k, v in quantized_tensors(name, module, storage_dtype).items()})
+                summary.quantized.append(name)
+        else:
+            raise ExportError(f"{name} is a {type(module).__name__}, which --format {FORMAT} cannot express; "
+                              "use the native format (the default)")
+        if mask is not None:
+            summary.sparse.append(name)
+            structures.add(f"{nm[0]}:{nm[1]}" if nm else "unstructured")
+            zeros, total = zeros + int((~mask).sum()), total + mask.numel()
+    if structures:
+        summary.sparsity_structure = structures.pop() if len(structures) == 1 else "unstructured"
+    summary.global_sparsity = zeros / max(total, 1)
+    return state
+
+
+def _sparsity_metadata(model: nn.Module, summary: ExportSummary) -> dict | None:
+    """compressed-tensors' description of weights stored dense with zeros (`DenseSparsityConfig`). Kept in the
+    `compression.export` provenance, not in `quantization_config`: vLLM >= 0.19.1 refuses a quantization_config
+    whose `sparsity_config` names targets ("Sparsity support has been removed from compressed-tensors")."""
+    from compressed_tensors.config import DenseSparsityConfig
+
+    if not summary.sparse:
+        return None
+    return DenseSparsityConfig(targets=summary.sparse, global_sparsity=round(summary.global_sparsity, 6),
+                               sparsity_structure=summary.sparsity_structure).model_dump()
+
+
+def _quantization_config(model: nn.Module, summary: ExportSummary):
+    """compressed-tensors' QuantizationConfig of the quantized layers (None when there are none): one config group
+    per (bits, group size, symmetric) scheme."""
+    from compressed_tensors.quantization import QuantizationConfig
+
+    groups: dict[tuple, list[str]] = {}
+    for name in summary.quantized:
+        groups.setdefault(_scheme_key(model.get_submodule(name)), []).append(name)
+    if not groups:
+        return None
+    one = len(groups) == 1
+    formats = {storage_format(model.get_submodule(names[0])) for names in groups.values()}
+    fmt = formats.pop() if len(formats) == 1 else "mixed-precision"
+    # each scheme names its format: transformers' loader infers a missing one from the scheme alone
+    # (pack-quantized for any int weights), whatever the config-level `format` says
+    schemes = {f"group_{i}": _scheme(model.get_submodule(names[0]), ["Linear"] if one else names,
+                                     storage_format(model.get_submodule(names[0])))
+               for i, names in enumerate(groups.values())}
+    # transformers builds nn.Linear layers: with the class name as target, every other Linear must be ignored
+    linears = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, SparseLinear)) or _is_quantized(m)]
+    ignore = [n for n in linears if n not in summary.quantized] if one else []
+    summary.format = fmt
+    return QuantizationConfig(config_groups=schemes, format=fmt, ignore=ignore,
+                              quantization_status="compressed")
+
+
+def export(model: nn.Module, folder: str | Path, *, tokenizer=None, recipe_text: str | None = None,
+           report: dict | None = None, overwrite: bool = False) -> ExportSummary:
+    """Write `model` (compressed by prune and/or quantize) as a compressed-tensors checkpoint at `folder`,
+    atomically. Fails with ExportError, writing nothing, on what compressed-tensors cannot express."""
+    from ..checkpoint import _source_folder, compression_record, write_folder, write_weights
+    from ..models import checkpoint_dtype
+
+    _require_package()
+    section = getattr(model.config, "compression", None) or compression_record([], recipe_text, None)
+    check_passes([(e["pass"], e.get("args") or {}) for e in section.get("passes", [])])
+    dtype = checkpoint_dtype(model)
+    summary = ExportSummary()
+    state = _modules_state(model, dtype, summary)  # before any file is written: errors leave nothing behind
+    quantization = _quantization_config(model, summary)
+
+    def write(tmp: Path) -> None:
+        from compressed_tensors.compressors import ModelCompressor
+
+        write_weights(state, tmp)
+        config = model.config.to_dict()
+        config["dtype"] = str(dtype).removeprefix("torch.")
+        config["architectures"] = [type(model).__name__]
+        # provenance; compress.load reads a folder with `export_format` through transformers (models.load)
+        config["compression"] = {**section, "export_format": FORMAT, "export": summary.to_dict(),
+                                 "sparsity": _sparsity_metadata(model, summary)}
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
+        # `quantization_config` written by compressed-tensors itself, as llm-compressor's save does
+        ModelCompressor(quantization_config=quantization).update_config(str(tmp))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if recipe_text is not None:
+            (tmp / "recipe.yaml").write_text(recipe_text)
+        if report is not None:
+            (tmp / "report.json").write_text(json.dumps({**report, "export": summary.to_dict()}, indent=2,
+                                                        default=str))
+
+    write_folder(folder, write, overwrite=overwrite, source=_source_folder(model))
+    return summary

@@ -138,9 +138,13 @@ class Recipe:
     def from_text(cls, text: str, source: str = "<recipe>", base_dir: Path | None = None) -> "Recipe":
         if len(text) > MAX_RECIPE_BYTES:
             raise RecipeError([f"{source}: {len(text)} characters, larger than a recipe can be"])
-        loader = _LimitedLoader(text)
+        loader = None
         try:
+            loader = _LimitedLoader(text)  # the reader rejects control characters already here
             node = loader.get_single_node()
+        except yaml.reader.ReaderError as exc:
+            line = text[: exc.position].count("\n") + 1
+            raise RecipeError([f"{source}:{line}: not valid YAML (character #x{exc.character:04x} is not allowed)"]) from None
         except _LimitError as exc:
             raise RecipeError([f"{source}:{exc.mark.line + 1}:{exc.mark.column + 1}: {exc.message}"]) from None
         except RecursionError:
@@ -150,7 +154,8 @@ class Recipe:
             where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
             raise RecipeError([f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})"]) from None
         finally:
-            loader.dispose()
+            if loader is not None:
+                loader.dispose()
         marks: Marks = {}
         try:
             data = _to_python(node, (), marks, yaml.SafeLoader("")) if node is not None else None

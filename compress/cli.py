@@ -327,9 +327,9 @@ def eval_cmd(model_src, baseline, text_file, seq_len, max_windows, speed, activa
 @click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--sample", is_flag=True, help="Sample (with --temperature and --top-p) instead of greedy decoding.")
 @click.option("--temperature", default=0.8, show_default=True, type=click.FloatRange(min=0, min_open=True, max=100),
-              help="Sampling temperature (with --sample).")
+              callback=lambda ctx, param, value: _finite(param, value), help="Sampling temperature (with --sample).")
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True, max=1),
-              help="Nucleus sampling: keep the smallest set of tokens whose probability reaches this (with --sample).")
+              callback=lambda ctx, param, value: _finite(param, value), help="Nucleus sampling: keep the smallest set of tokens whose probability reaches this (with --sample).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--allow-pickle", is_flag=True, help="Allow loading a model stored as pickled .bin (trusted files only).")
 @_DTYPE
@@ -353,6 +353,14 @@ def generate(model_src, prompt, max_new_tokens, sample, temperature, top_p, seed
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.eos_token_id, **kwargs)
     click.echo(tokenizer.decode(out[0], skip_special_tokens=True))
+
+
+def _finite(param, value: float) -> float:
+    import math
+
+    if not math.isfinite(value):  # click's ranges let NaN through
+        raise click.BadParameter(f"{value} is not a number in the allowed range", param=param)
+    return value
 
 
 def _non_empty(prompt: str) -> str:

@@ -1,0 +1,91 @@
+"""Hostile recipes (alias bombs, deep nesting, tags, other encodings, over-long paths) and out-of-range command-line
+numbers: each a one-line error naming where, exit 2, before any model loads."""
+from __future__ import annotations
+
+import pytest
+
+import compress
+from compress.errors import RecipeError
+
+BOMB = "".join(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9) if i else ', '.join(['x'] * 9)}]\n" for i in range(8))
+
+RECIPES = {
+    # name: (bytes, message fragment)
+    "alias bomb": ((BOMB + "passes: [prune]\n").encode(), "once aliases are expanded"),
+    "recursive alias": (b"passes: &a [*a]\n", "once aliases are expanded"),
+    "too many aliases": (("x: &x 1\n" + "".join(f"k{i}: *x\n" for i in range(100)) + "passes: [prune]\n").encode(),
+                         "more than 64 aliases"),
+    "deep nesting": (b"passes: " + b"[" * 5000 + b"]" * 5000 + b"\n", "nested deeper than 32 levels"),
+    "python tag": (b"model: !!python/object/apply:os.system [ls]\npasses: [prune]\n",
+                   "tag !!python/object/apply:os.system is not allowed"),
+    "custom tag": (b"model: !local x\npasses: [prune]\n", "tag !local is not allowed"),
+    "standard tag": (b"passes:\n  - prune: {sparsity: !!float 0.5}\n", "tag !!float is not allowed"),
+    "UTF-16": ("passes: [prune]\n".encode("utf-16"), "UTF-16 text; save it as UTF-8"),
+    "Latin-1": ("# r\xe9sum\xe9\npasses: [prune]\n".encode("latin-1"), ":1: not UTF-8 text (byte 0xe9)"),
+    "over-long model path": (b"model: " + b"m" * 300 + b"\npasses: [prune]\n", ":1:8: model: path too long"),
+    "over-long output path": (b"passes: [prune]\noutput: " + b"/".join([b"d" * 200] * 30) + b"\n",
+                              ":2:9: output: path too long"),
+    "over-long calibration path": (b"calibration: {source: " + b"c" * 300 + b"}\npasses: [prune]\n",
+                                   "calibration source: path too long"),
+    "too large": (b"passes: [prune]\n#" + b"x" * (2 * 1024 * 1024) + b"\n", "larger than a recipe can be"),
+    "NUL byte": (b"passes: [prune]\n\x00\n", ":2: not valid YAML (character #x0000"),
+}
+
+
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_hostile_recipe_is_one_line(name, tmp_path, cli, user_error):
+    data, message = RECIPES[name]
+    path = tmp_path / "r.yaml"
+    path.write_bytes(data)
+    with pytest.raises(RecipeError) as info:
+        compress.Recipe.from_yaml(path)
+    assert message in str(info.value) and len(str(info.value).splitlines()) == 1
+    user_error(cli("validate", path), message)
+    if name in ("alias bomb", "python tag", "Latin-1"):  # apply reads recipes through the same loader
+        user_error(cli("apply", path, "--model", "builtin:tiny", "--output", tmp_path / "o"), message)
+        assert not (tmp_path / "o").exists()
+
+
+def test_over_long_recipe_path(tmp_path, cli, user_error):
+    user_error(cli("validate", tmp_path / ("r" * 300 + ".yaml")), "path too long")
+
+
+def test_recipe_that_is_a_folder(tmp_path, cli, user_error):
+    (tmp_path / "dir.yaml").mkdir()
+    user_error(cli("validate", tmp_path / "dir.yaml"))
+
+
+def test_anchors_within_limits_still_work():
+    r = compress.Recipe.from_text("passes:\n  - prune: &c {sparsity: 0.5}\n  - prune: *c\n")
+    assert [p.args for p in r.passes] == [{"sparsity": 0.5}, {"sparsity": 0.5}]
+
+
+OPTIONS = [
+    (["generate", "builtin:tiny", "--prompt", ""], "the prompt is empty"),
+    (["generate", "builtin:tiny", "--prompt", "   "], "the prompt is empty"),
+    (["generate", "builtin:tiny", "--prompt", "hi", "--max-new-tokens", "0"], "'--max-new-tokens': 0 is not in the range"),
+    (["generate", "builtin:tiny", "--prompt", "hi", "--max-new-tokens", "-5"], "'--max-new-tokens'"),
+    (["generate", "builtin:tiny", "--prompt", "hi", "--max-new-tokens", "100000"], "exceed the model's context of 1024"),
+    (["generate", "builtin:tiny", "--prompt", "hi", "--sample", "--temperature", "0"], "'--temperature': 0.0 is not"),
+    (["generate", "builtin:tiny", "--prompt", "hi", "--sample", "--temperature", "nan"], "'--temperature'"),
+    (["generate", "builtin:tiny", "--prompt", "hi", "--sample", "--top-p", "1.5"], "'--top-p'"),
+    (["eval", "builtin:tiny", "--seq-len", "1"], "'--seq-len': 1 is not in the range"),
+    (["eval", "builtin:tiny", "--seq-len", "4096", "--no-speed"], "longer than the model's context (1024 tokens)"),
+    (["eval", "builtin:tiny", "--max-windows", "0"], "'--max-windows'"),
+    (["apply", "recipes/magnitude-50.yaml", "--eval-windows", "-1", "--output", "never"], "'--eval-windows'"),
+    (["apply", "recipes/magnitude-50.yaml", "--dtype", "int8", "--output", "never"], "'--dtype'"),
+]
+
+
+@pytest.mark.parametrize("args,message", OPTIONS, ids=[" ".join(a[2:]) or a[0] for a, _ in OPTIONS])
+def test_numeric_options_are_range_checked(args, message, cli, user_error, monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])
+    user_error(cli(*args), message)
+    assert not Path("never").exists()
+
+
+def test_sample_help_names_only_options_that_exist(cli):
+    out = cli("generate", "--help").output
+    assert "--top-p" in out and "--temperature" in out

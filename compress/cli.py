@@ -274,17 +274,29 @@ _SPARSE_RUNTIME = click.option(
 @click.option("--speed/--no-speed", default=True, show_default=True, help="Measure greedy generation tokens/s.")
 @click.option("--activation-sparsity", is_flag=True,
               help="Also report the FFN neuron sparsity reachable at 1% perplexity increase (CETT-PPL-1%).")
+@click.option("--suite", type=click.Choice(["kick"]), default=None,
+              help="Also run an evaluation suite on lm-eval (kick: agreement with the baseline, pass key, copy, "
+                   "open/closed-book cloze, multiple choice; LLM-KICK style).")
+@click.option("--suite-dir", type=click.Path(exists=True, file_okay=False),
+              help="A suite folder written by scripts/build_eval_fixtures.py --out DIR (bigger fixtures).")
+@click.option("--suite-limit", default=None, type=click.IntRange(min=1), help="At most this many examples per suite task.")
+@click.option("--plot", "plot_file", type=click.Path(dir_okay=False),
+              help="Write a PNG of each suite score against the baseline (needs matplotlib).")
 @_SPARSE_RUNTIME
 @click.option("--allow-pickle", is_flag=True, help="Allow loading a model stored as pickled .bin (trusted files only).")
 @_DTYPE
 @click.option("--json", "as_json", is_flag=True)
 def eval_cmd(model_src, baseline, text_file, seq_len, max_windows, speed, activation_sparsity, sparse_runtime,
-             allow_pickle, dtype, as_json):
+             allow_pickle, dtype, as_json, suite=None, suite_dir=None, suite_limit=None, plot_file=None):
     """Perplexity, KL and top-1 agreement vs a baseline on held-out text; parameters, bytes, tokens/s."""
     from . import models
     from .evaluate import generation_speed
     from .pass_api import stored_parameters, tensor_bytes
 
+    if suite or suite_dir or plot_file:
+        from .eval.report import check_suite_options
+
+        check_suite_options(suite, suite_dir, plot_file)
     if baseline is None:
         baseline = _recorded_source(model_src)
     tokenizer = models.load_tokenizer(model_src) or (models.load_tokenizer(baseline) if baseline else None)
@@ -306,11 +318,22 @@ def eval_cmd(model_src, baseline, text_file, seq_len, max_windows, speed, activa
 
         windows = heldout_windows(tokenizer, text=text, seq_len=seq_len, max_windows=max_windows)
         result["activation_sparsity"] = cett_search(model, windows, 0.01, progress=not as_json)
+    if suite or suite_dir:
+        from .eval.report import suite_result
+
+        base_model = models.load(baseline, allow_pickle=allow_pickle, dtype=dtype) if baseline else None
+        result.update(suite_result(model, tokenizer, base_model, suite, suite_dir, suite_limit, plot_file,
+                                   model_src, baseline))
     if as_json:
         click.echo(json.dumps(result))
         return
     con = _console()
     _print_eval(con, result)
+    if suite or suite_dir:
+        from .eval.report import suite_table_rows
+
+        con.print(_table("evaluation suite", ["task", "baseline", "model", "model / baseline"],
+                         suite_table_rows(result), caption=result["suite_protocol"]))
     if activation_sparsity:
         a = result["activation_sparsity"]
         rows = [[f"layer {i}", f"{x:.3f}"] for i, x in enumerate(a["layer_sparsity"])]

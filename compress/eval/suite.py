@@ -60,10 +60,11 @@ def too_long(tasks_dir: Path, task: str, tokenizer, max_length: int, limit: int 
 
 def run_suite(model, tokenizer, baseline=None, *, tasks_dir: Path = DATA_DIR, tasks: list[str] | None = None,
               limit: int | None = None, batch_size: int = 8, greedy_tokens: int = 16, copy_span: int = 64,
-              copy_num: int = 8, seed: int = 0) -> dict:
+              copy_num: int = 8, seed: int = 0, baseline_scores: dict[str, float] | None = None) -> dict:
     """Score `model` (and `baseline`, if given) on the suite. Returns {"model": {task: score}, "baseline":
     {task: score} | None, "skipped": {task: reason}, "seconds": float}. `tasks` selects by short name (`mc`,
-    `passkey_512`, `copy`, `agreement_top1`, ...); `limit` caps the examples per lm-eval task."""
+    `passkey_512`, `copy`, `agreement_top1`, ...); `limit` caps the examples per lm-eval task; `baseline_scores`
+    (the baseline's own "model" scores from an earlier run) saves scoring the baseline again."""
     from .probes import copy_probe
 
     start = time.perf_counter()
@@ -99,11 +100,10 @@ def run_suite(model, tokenizer, baseline=None, *, tasks_dir: Path = DATA_DIR, ta
         return out
 
     model_scores = scores_of(model)
-    baseline_scores = None
     if baseline is not None:
         from .agreement import agreement_scores
 
-        baseline_scores = scores_of(baseline)
+        baseline_scores = dict(baseline_scores) if baseline_scores is not None else scores_of(baseline)
         if any(t in wanted for t in AGREEMENT_TASKS):
             rows = read_rows(tasks_dir / "agreement.jsonl")
             agreement = agreement_scores(model, baseline, tokenizer, rows, greedy_tokens, batch_size)
@@ -111,7 +111,7 @@ def run_suite(model, tokenizer, baseline=None, *, tasks_dir: Path = DATA_DIR, ta
             baseline_scores.update({t: SELF_AGREEMENT[t] for t in agreement if t in wanted})
     order = {t: i for i, t in enumerate(available)}
     ordered = lambda d: dict(sorted(d.items(), key=lambda kv: order[kv[0]]))  # noqa: E731
-    return {"model": ordered(model_scores), "baseline": ordered(baseline_scores) if baseline_scores else None,
+    return {"model": ordered(model_scores), "baseline": ordered(baseline_scores) if baseline is not None else None,
             "skipped": skipped, "seconds": time.perf_counter() - start}
 
 

@@ -1,0 +1,73 @@
+"""The evaluation suite (compress/eval/) on the built-in reference model: the original, Wanda 2:4 and 70% magnitude
+pruning, in one process (the original is scored once and is every model's baseline).
+
+    python benchmarks/eval_suite.py [--model builtin:tiny] [--limit N] [--windows 16] [--json]
+
+Columns: held-out perplexity (--windows x 256 tokens) and every suite task. Pruning uses the shipped recipes'
+settings: recipes/wanda-2of4.yaml (calibrated), and magnitude at 70% unstructured."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def variants(source: str, tokenizer):
+    import compress
+
+    yield "original", compress.load(source)
+    recipe = compress.Recipe.from_yaml(ROOT / "recipes" / "wanda-2of4.yaml")
+    yield "wanda 2:4", compress.apply(compress.load(source), recipe, tokenizer=tokenizer, progress=False)[0]
+    yield "magnitude 70%", compress.apply(compress.load(source), [compress.passes.Prune(method="magnitude",
+                                                                                         sparsity=0.7)],
+                                          progress=False)[0]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="builtin:tiny")
+    ap.add_argument("--limit", type=int, default=None, help="examples per lm-eval task (default: all)")
+    ap.add_argument("--windows", type=int, default=16, help="held-out windows of 256 tokens for perplexity")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+
+    import compress
+    from compress.eval.suite import SELF_AGREEMENT, run_suite
+    from compress.evaluate import evaluate, heldout_windows
+
+    tokenizer = compress.load_tokenizer(args.model)
+    windows = heldout_windows(tokenizer, seq_len=256, max_windows=args.windows)
+    rows, baseline, baseline_scores = {}, None, None
+    for name, model in variants(args.model, tokenizer):
+        start = time.perf_counter()
+        if baseline is None:  # the original: scored once; its agreement with itself is checked by tests/eval
+            baseline = model
+            out = run_suite(model, tokenizer, limit=args.limit)
+            baseline_scores = dict(out["model"])
+            out["model"] = {**SELF_AGREEMENT, **out["model"]}
+            out["skipped"] = {k: v for k, v in out["skipped"].items() if k not in SELF_AGREEMENT}
+        else:
+            out = run_suite(model, tokenizer, baseline, limit=args.limit, baseline_scores=baseline_scores)
+        quality = evaluate(model, windows, baseline, progress=False)
+        rows[name] = {"perplexity": quality["perplexity"], **out["model"], "skipped": out["skipped"],
+                      "seconds": round(time.perf_counter() - start, 1)}
+        print(f"{name}: done in {rows[name]['seconds']} s", file=sys.stderr)
+    if args.json:
+        print(json.dumps({"model": args.model, "limit": args.limit, "windows": args.windows, "rows": rows}))
+        return 0
+    names = list(rows)
+    tasks = [k for k in rows[names[0]] if k not in ("skipped", "seconds")]
+    print(f"| task ({args.model}) | " + " | ".join(names) + " |")
+    print("|---" * (len(names) + 1) + "|")
+    for task in tasks:
+        print(f"| {task} | " + " | ".join(f"{rows[n][task]:.4f}" if task in rows[n] else "-" for n in names) + " |")
+    print("| seconds (suite + perplexity) | " + " | ".join(str(rows[n]["seconds"]) for n in names) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""LoRA that keeps a pruned layer's sparsity: a PEFT LoRA layer that sits beside a packed `SparseLinear` or a
+dense-stored pruned `nn.Linear`, and whose update is masked to the layer's kept weights.
+
+Why the mask is applied in training and not only at the merge: with y = W x + (M * B A) x the unmerged forward is
+exactly what the merged layer computes (W + M * B A keeps W's zeros), so merging changes no output, the pruned
+weights stay zero, and a packed layer is re-packed with the same structure. A layer with no exact zeros gets plain
+PEFT LoRA (the low-rank path, no dense delta per step).
+
+PEFT's injection cannot wrap a module without a `weight` or any parameter (a packed layer keeps its values as
+buffers), so `wrap_for_lora` builds these layers through PEFT's own `lora.Linear` constructor; `get_peft_model` then
+finds them already wrapped and (re)initializes their adapter the PEFT way."""
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.lora.layer import Linear as PeftLoraLinear
+from torch import nn
+
+from ..kernels.sparse_bitmask import unpack_bitmask
+from ..kernels.sparse_nm import nm_decode_reference
+from ..pass_api import replace_module
+from ..prune.packing import pack_bitmask, pack_nm
+from ..prune.sparse_linear import SparseLinear
+
+ADAPTER = "default"  # PEFT's default adapter name: one adapter per recover pass
+
+
+def keep_mask(layer: nn.Module) -> torch.Tensor | None:
+    """Bool [out, in] of the weights a pruned layer keeps; None for a layer with no exact zeros (not pruned)."""
+    if isinstance(layer, SparseLinear):
+        if layer.format == "bitmask":
+            return unpack_bitmask(layer.bitmask, layer.in_features).bool()
+        ones = torch.ones(layer.out_features, layer.in_features // layer.m * layer.n, device=layer.indices.device)
+        return nm_decode_reference(ones, layer.indices, layer.n, layer.m, layer.in_features) != 0
+    zeros = layer.weight == 0
+    return ~zeros if bool(zeros.any()) else None
+
+
+class SparsityKeepingLoraLinear(PeftLoraLinear):
+    """PEFT's `lora.Linear`, also over a `SparseLinear`, with the update masked to the base layer's kept weights."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, **kwargs: Any) -> None:
+        super().__init__(base_layer, adapter_name, **kwargs)
+        mask = keep_mask(base_layer)
+        # derived from the base layer: not saved with the adapter, recomputed whenever the layer is wrapped
+        self.register_buffer("keep_mask", mask, persistent=False)
+
+    # PEFT reads in/out features, device and dtype from `weight`; a packed layer has `values` instead
+    def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
+        return module.in_features, module.out_features
+
+    def _get_base_layer_device_and_dtype(self, base_layer: nn.Module):
+        if isinstance(base_layer, SparseLinear):
+            return base_layer.values.device, base_layer.values.dtype
+        return super()._get_base_layer_device_and_dtype(base_layer)
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        delta = super().get_delta_weight(adapter)
+        return delta if self.keep_mask is None else delta * self.keep_mask.to(delta.dtype)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.keep_mask is None or self.disable_adapters or self.merged or kwargs.get("adapter_names"):
+            return super().forward(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        for name in self.active_adapters:
+            if name not in self.lora_A:
+                continue
+            a = self.lora_A[name].weight
+            delta = (self.lora_B[name].weight @ a) * self.keep_mask.to(a.dtype) * self.scaling[name]
+            result = result + F.linear(self.lora_dropout[name](x.to(a.dtype)), delta).to(result.dtype)
+        return result
+
+    # ------------------------------------------------------------------------------------- merge / unmerge
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        if not isinstance(self.get_base_layer(), SparseLinear):
+            return super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
+        for name in adapter_names or self.active_adapters:
+            if name in self.lora_A and name not in self.merged_adapters:
+                self._add_to_packed(self.get_delta_weight(name), safe_merge)
+                self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        if not isinstance(self.get_base_layer(), SparseLinear):
+            return super().unmerge()
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if name in self.lora_A:
+                self._add_to_packed(-self.get_delta_weight(name), False)
+
+    @torch.no_grad()
+    def _add_to_packed(self, delta: torch.Tensor, check_finite: bool) -> None:
+        """Decode the packed weight, add the (masked) delta, re-pack with the same kept positions."""
+        base: SparseLinear = self.get_base_layer()
+        dense = base.dense_weight(torch.float32) + delta.float()
+        if check_finite and not torch.isfinite(dense).all():
+            raise ValueError("NaNs or infinities in the merged weights: the adapter is broken")
+        if getattr(base, "runtime", "packed") == "dense":  # decoded at load: its state-dict hook re-packs on save
+            base.weight_dense.copy_(dense.to(base.weight_dense.dtype))
+        elif base.format == "nm":
+            values, indices = pack_nm(dense, self.keep_mask, base.n, base.m)
+            if not torch.equal(indices, base.indices):  # same mask, so the same positions: a bug if not
+                raise RuntimeError("re-packing the merged N:M layer changed its kept positions")
+            base.values.copy_(values.to(base.values.dtype))
+        else:
+            base.values.copy_(pack_bitmask(dense, self.keep_mask)[0].to(base.values.dtype))
+        if hasattr(base, "gpu_state"):
+            base.gpu_state = None  # converted copies of the old weights
+
+    def __repr__(self) -> str:
+        return "sparsity_keeping_" + super().__repr__()
+
+
+@contextmanager
+def quiet_rewrap():
+    """PEFT warns when it finds layers already wrapped, which is how `wrap_for_lora` hands them over."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*modify a model with PEFT for a second time.*")
+        yield
+
+
+def wrap_for_lora(model: nn.Module, names: list[str], lora_config) -> None:
+    """Freeze `model` and put a `SparsityKeepingLoraLinear` at each of `names` (built through PEFT's constructor)."""
+    # frozen first: PEFT keeps the trainability of parameters that exist when it finds adapters already present
+    model.requires_grad_(False)
+    for name in names:
+        layer = SparsityKeepingLoraLinear(model.get_submodule(name), ADAPTER, config=lora_config,
+                                          r=lora_config.r, lora_alpha=lora_config.lora_alpha)
+        replace_module(model, name, layer)
+
+
+def wrapped_layers(model: nn.Module) -> dict[str, SparsityKeepingLoraLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, SparsityKeepingLoraLinear)}
+
+
+@torch.no_grad()
+def round_to(layer: nn.Module, dtype: torch.dtype) -> None:
+    """Round a merged layer's weights to the checkpoint's storage dtype in place, so the model in memory computes
+    exactly what its saved checkpoint will."""
+    if isinstance(layer, SparseLinear):
+        t = layer.weight_dense if getattr(layer, "runtime", "packed") == "dense" else layer.values
+        if hasattr(layer, "gpu_state"):
+            layer.gpu_state = None
+    else:
+        t = layer.weight
+    t.copy_(t.to(dtype).to(t.dtype))

@@ -1,0 +1,181 @@
+"""The `recover` pass: LoRA (through PEFT) trained with the Hugging Face Trainer on the recipe's calibration text,
+after any other pass, to win back what compression lost. Next-token loss, plus KL(original || model) when
+`kl_weight` > 0, the original being the model as it was before the recipe's first pass. A token budget and a
+wall-clock budget stop training; Trainer checkpoints make it resumable. The adapter is merged into the weights
+(`merge: true`; a pruned layer keeps its zeros and its packing) or kept as a PEFT adapter folder beside the
+checkpoint (`merge: false`), which `compress.load` attaches again."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from ..errors import CalibrationError, CheckpointError, CompressError, ConfigError
+from ..models import checkpoint_dtype
+from ..pass_api import Pass, PassConfig, PassContext, PassReport, tensor_bytes, timed
+from ..prune.sparse_linear import SparseLinear
+from ..registry import register_pass
+from .adapter import load_adapter, save_adapter
+from .lora import SparsityKeepingLoraLinear, quiet_rewrap, round_to, wrap_for_lora, wrapped_layers
+from .training import TrainingPlan, steps_for_budget, train
+
+ADAPTER_FOLDER = "adapter"
+
+
+@register_pass("recover")
+class Recover(Pass):
+    """Train LoRA adapters on calibration text to recover quality after compression; merge them or keep them."""
+
+    class Config(PassConfig):
+        targets: list[str] = Field(default_factory=lambda: ["re:.*(q_proj|k_proj|v_proj)$"])
+        r: int = Field(8, ge=1, description="LoRA rank")
+        alpha: int = Field(16, ge=1, description="LoRA alpha (the update is scaled by alpha / r)")
+        dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the LoRA input")
+        lr: float = Field(1e-3, gt=0.0, description="peak learning rate (cosine decay, 5% warm-up)")
+        max_tokens: int = Field(262_144, ge=1, description="token budget: training stops after this many tokens")
+        max_minutes: float = Field(20.0, gt=0.0, description="wall-clock budget of the training loop")
+        seq_len: int | None = Field(None, ge=8, description="training window length (default: the calibration's)")
+        batch_size: int = Field(8, ge=1, description="windows per step and device")
+        kl_weight: float = Field(0.0, ge=0.0, description="0: next-token loss only; > 0 adds this x KL(original || model)")
+        merge: bool = Field(True, description="true: merge LoRA into the weights; false: keep a PEFT adapter folder")
+        checkpoint_dir: str | None = Field(None, description="Trainer checkpoints go here; training resumes from "
+                                                             "the newest one found (none: no checkpoints)")
+        save_steps: int = Field(100, ge=1, description="steps between Trainer checkpoints (with checkpoint_dir)")
+        resume_from: str | None = Field(None, description="a Trainer checkpoint folder to resume from")
+        seed: int = 0
+
+    needs_calibration = True
+
+    def needs_original_model_for(self) -> bool:
+        return self.config.kl_weight > 0
+
+    def _checked_targets(self, model: nn.Module) -> dict[str, nn.Module]:
+        matched = self.target_modules(model)
+        if wrapped_layers(model):
+            raise ConfigError("recover: this model already carries a LoRA adapter kept unmerged (merge: false); "
+                              "only one unmerged adapter is supported: use merge: true on the earlier recover pass")
+        targets = {n: m for n, m in matched.items() if isinstance(m, (nn.Linear, SparseLinear))}
+        if not targets:
+            raise ConfigError(f"recover: targets {self.config.targets} match no Linear (or packed sparse) layer")
+        return targets
+
+    def describe(self, model: nn.Module) -> list[str]:
+        return list(self._checked_targets(model))
+
+    # ---------------------------------------------------------------------------------------------- apply
+    def apply(self, model: nn.Module, ctx: PassContext) -> PassReport:
+        from peft import LoraConfig, get_peft_model
+
+        c = self.config
+        targets = self._checked_targets(model)
+        teacher = None
+        if c.kl_weight > 0:
+            teacher = ctx.original_model
+            if teacher is None:
+                raise CompressError("recover: kl_weight > 0 needs the original model; run it through compress.apply, "
+                                    "which keeps a frozen copy of the model as it was before the first pass")
+        if c.resume_from is not None and not Path(c.resume_from).is_dir():
+            raise ConfigError(f"recover: resume_from {c.resume_from} is not a folder; give a Trainer checkpoint "
+                              "folder (checkpoint-N) or drop resume_from")
+        report = PassReport(name=self.name, modules=list(targets))
+        report.bytes_before = sum(tensor_bytes(m) for m in targets.values())
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        seq_len = c.seq_len or (ctx.calibration.seq_len if ctx.calibration is not None else 256)
+        max_steps = steps_for_budget(c.max_tokens, c.batch_size, seq_len, world)
+        windows = self._training_windows(ctx, max_steps * c.batch_size * world, seq_len)
+        device = next(model.parameters()).device
+        trainable_before = {n: p.requires_grad for n, p in model.named_parameters()}
+        lora_config = LoraConfig(r=c.r, lora_alpha=c.alpha, lora_dropout=c.dropout, target_modules=list(targets),
+                                 bias="none")
+        output_dir = Path(c.checkpoint_dir) if c.checkpoint_dir else Path(tempfile.mkdtemp(prefix="recover-"))
+        with timed(report):
+            torch.manual_seed(c.seed)  # the adapters' initialization
+            wrap_for_lora(model, list(targets), lora_config)
+            with quiet_rewrap():
+                peft_model = get_peft_model(model, lora_config)
+            plan = TrainingPlan(windows=windows, max_steps=max_steps, tokens_per_step=c.batch_size * seq_len,
+                                batch_size=c.batch_size, lr=c.lr, max_seconds=c.max_minutes * 60,
+                                output_dir=output_dir, save_steps=c.save_steps if c.checkpoint_dir else None,
+                                resume_from=c.resume_from, seed=c.seed, device=ctx.device, progress=ctx.progress)
+            runtimes = _decoded_for_training(model) if ctx.device == "cpu" else {}
+            try:
+                stats = train(peft_model, plan, teacher, c.kl_weight)
+            finally:
+                for layer, runtime in runtimes.items():
+                    layer.set_runtime(runtime)
+                if not c.checkpoint_dir:
+                    shutil.rmtree(output_dir, ignore_errors=True)
+            model.to(device).eval()
+            if c.merge:
+                peft_model.merge_and_unload()
+                storage = checkpoint_dtype(model)
+                for name in targets:
+                    round_to(model.get_submodule(name), storage)
+                if hasattr(model, "peft_config"):
+                    del model.peft_config
+            model.requires_grad_(False)
+            for name, p in model.named_parameters():
+                p.requires_grad_(trainable_before.get(name, False))
+        report.bytes_after = sum(tensor_bytes(model.get_submodule(n)) for n in targets)
+        report.details = {**stats, "seq_len": seq_len, "batch_size": c.batch_size, "merged": c.merge,
+                          "kl_weight": c.kl_weight}
+        if not c.merge:
+            report.details["restore"] = {"adapter": ADAPTER_FOLDER, "modules": list(targets)}
+        return report
+
+    def _training_windows(self, ctx: PassContext, count: int, seq_len: int) -> torch.Tensor:
+        """`count` windows of `seq_len` tokens from the recipe's calibration source (its own draw, not the
+        calibration batches other passes share: the token budget sets how many)."""
+        from ..calibration import build_batches
+
+        if ctx.calibration is None:
+            raise CalibrationError("recover trains on calibration text: add `calibration: {source: builtin:calibration}`")
+        if ctx.tokenizer is None:
+            raise CompressError("recover needs a tokenizer to encode the calibration text; save it with the model")
+        spec = ctx.calibration.model_copy(update={"num_samples": count, "seq_len": seq_len})
+        return build_batches(spec, ctx.tokenizer, ctx.base_dir)
+
+    # ---------------------------------------------------------------------------------------------- checkpoint
+    def lora_config(self, modules: list[str]):
+        from peft import LoraConfig
+
+        c = self.config
+        return LoraConfig(r=c.r, lora_alpha=c.alpha, lora_dropout=c.dropout, target_modules=modules, bias="none")
+
+    def write_files(self, model: nn.Module, entry: dict[str, Any], state: dict, folder: Path) -> dict:
+        """An unmerged adapter goes to its own PEFT folder; the main weights keep the base layers' usual names."""
+        restore = entry.get("restore") or {}
+        if not restore.get("adapter"):
+            return state
+        return save_adapter(model, state, restore["modules"], self.lora_config(restore["modules"]),
+                            folder / restore["adapter"])
+
+    def read_files(self, model: nn.Module, entry: dict[str, Any], folder: Path) -> None:
+        restore = entry.get("restore") or {}
+        if not restore.get("adapter"):
+            return
+        path = folder / restore["adapter"]
+        if not (path / "adapter_config.json").exists():
+            raise CheckpointError(f"{folder} records an unmerged LoRA adapter in {restore['adapter']}/, which is "
+                                  "missing; copy the whole checkpoint folder")
+        load_adapter(model, restore["modules"], self.lora_config(restore["modules"]), path)
+
+
+def _decoded_for_training(model: nn.Module) -> dict[SparseLinear, str]:
+    """On the CPU a packed layer decodes its weight on every call: decode once for the training loop instead.
+    Returns each switched layer's previous runtime, to put back afterwards."""
+    switched = {}
+    for module in model.modules():
+        if isinstance(module, SparseLinear) and hasattr(module, "set_runtime") and module.runtime != "dense":
+            switched[module] = module.runtime
+            module.set_runtime("dense")
+    return switched
+
+
+__all__ = ["Recover", "SparsityKeepingLoraLinear"]

@@ -1,0 +1,159 @@
+"""Recovery training with the Hugging Face Trainer: next-token loss on calibration windows, plus optionally
+KL(teacher || student) to the original model, under a token budget (max_steps) and a wall-clock budget (a
+callback). Because it is the stock Trainer, `accelerate launch` spreads it over devices with no code here."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+
+class WindowDataset(torch.utils.data.Dataset):
+    """Token windows [n, seq_len] as causal-LM examples (labels = inputs; the model shifts them)."""
+
+    def __init__(self, windows: torch.Tensor):
+        self.windows = windows
+
+    def __len__(self) -> int:
+        return self.windows.shape[0]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.windows[i], "labels": self.windows[i]}
+
+
+def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(teacher || student) of the next-token distributions."""
+    s = F.log_softmax(student_logits.float(), dim=-1)
+    t = F.log_softmax(teacher_logits.float(), dim=-1)
+    return F.kl_div(s, t, log_target=True, reduction="none").sum(-1).mean()
+
+
+class RecoveryTrainer(Trainer):
+    """The Trainer with loss = next-token NLL + kl_weight * KL(teacher || student); the teacher is frozen."""
+
+    def __init__(self, *args, teacher: nn.Module | None = None, kl_weight: float = 0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.kl_weight = kl_weight
+        self.teacher = teacher
+        if teacher is not None:
+            teacher.requires_grad_(False).eval().to(self.args.device)
+        self._parts: dict[str, list[float]] = {"nll": [], "kl": []}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(input_ids=inputs["input_ids"], labels=inputs["labels"], use_cache=False)
+        loss = outputs.loss
+        self._parts["nll"].append(float(loss.detach()))
+        if self.teacher is not None and self.kl_weight > 0:
+            with torch.no_grad():
+                teacher_logits = self.teacher(input_ids=inputs["input_ids"], use_cache=False).logits
+            kl = kl_to_teacher(outputs.logits, teacher_logits)
+            self._parts["kl"].append(float(kl.detach()))
+            loss = loss + self.kl_weight * kl
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        # the two loss terms, averaged since the last log line, beside the Trainer's total
+        for key, values in self._parts.items():
+            if values and "loss" in logs:
+                logs[key] = round(sum(values) / len(values), 4)
+                values.clear()
+        super().log(logs, *args, **kwargs)
+
+
+class WallClockBudget(TrainerCallback):
+    """Stop training (and save a checkpoint, if checkpointing) once `seconds` of training have passed."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.start = None
+        self.hit = False
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.monotonic()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if time.monotonic() - self.start >= self.seconds:
+            self.hit = True
+            control.should_training_stop = True
+            control.should_save = args.save_strategy != "no"
+        return control
+
+
+@dataclass
+class TrainingPlan:
+    windows: torch.Tensor           # [n, seq_len] token ids
+    max_steps: int
+    tokens_per_step: int
+    batch_size: int
+    lr: float
+    max_seconds: float
+    output_dir: Path
+    save_steps: int | None          # None: no Trainer checkpoints
+    resume_from: str | None
+    seed: int
+    device: str
+    progress: bool
+
+
+def steps_for_budget(max_tokens: int, batch_size: int, seq_len: int, world_size: int = 1) -> int:
+    return max(1, max_tokens // (batch_size * seq_len * world_size))
+
+
+def train(peft_model: nn.Module, plan: TrainingPlan, teacher: nn.Module | None, kl_weight: float) -> dict:
+    """Train the adapter of `peft_model` in place; returns what happened (steps, tokens, seconds, losses)."""
+    args = TrainingArguments(
+        output_dir=str(plan.output_dir),
+        per_device_train_batch_size=plan.batch_size,
+        learning_rate=plan.lr,
+        max_steps=plan.max_steps,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, plan.max_steps // 20),
+        weight_decay=0.0,
+        logging_steps=max(1, plan.max_steps // 20),
+        logging_first_step=True,
+        save_strategy="steps" if plan.save_steps else "no",
+        save_steps=plan.save_steps or 500,
+        save_total_limit=2,
+        report_to="none",
+        disable_tqdm=not plan.progress,
+        seed=plan.seed,
+        data_seed=plan.seed,
+        use_cpu=plan.device == "cpu",
+        dataloader_pin_memory=plan.device != "cpu",
+        remove_unused_columns=False,
+        label_names=["labels"],
+    )
+    budget = WallClockBudget(plan.max_seconds)
+    trainer = RecoveryTrainer(model=peft_model, args=args, train_dataset=WindowDataset(plan.windows),
+                              callbacks=[budget], teacher=teacher, kl_weight=kl_weight)
+    if not plan.progress:  # no bar, and no log lines on stdout (the CLI's --json owns it)
+        trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(ProgressCallback)
+    resume = plan.resume_from
+    if resume is None and plan.save_steps and plan.output_dir.is_dir():
+        resume = get_last_checkpoint(str(plan.output_dir))
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume)
+    history = trainer.state.log_history
+    losses = [h["loss"] for h in history if "loss" in h]
+    kls = [h["kl"] for h in history if "kl" in h]
+    return {
+        "steps": trainer.state.global_step,
+        "max_steps": plan.max_steps,
+        "tokens": trainer.state.global_step * plan.tokens_per_step * args.world_size,
+        "seconds": round(time.perf_counter() - start, 2),
+        "stopped_by": "wall_clock" if budget.hit else "token_budget",
+        "resumed_from": resume,
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        **({"first_kl": kls[0], "last_kl": kls[-1]} if kls else {}),
+        "train_loss": round(float(result.training_loss), 4) if not math.isnan(result.training_loss) else None,
+    }

@@ -1,0 +1,88 @@
+"""The sparsity-keeping LoRA layer: merging changes no output, pruned weights stay zero, packed layers stay packed
+with the same structure; unpruned layers get plain PEFT LoRA."""
+import pytest
+import torch
+from peft import LoraConfig
+from torch import nn
+
+from compress.prune.masks import nm_mask, unstructured_mask
+from compress.prune.sparse_linear import SparseLinear
+from compress.recover.lora import ADAPTER, SparsityKeepingLoraLinear, keep_mask
+
+
+def pruned_linear(kind: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    linear = nn.Linear(32, 24, bias=True)
+    if kind == "dense":
+        return linear
+    mask = nm_mask(linear.weight.abs(), 2, 4) if kind == "nm" else unstructured_mask(linear.weight.abs(), 0.6)
+    with torch.no_grad():
+        linear.weight.mul_(mask)
+    if kind == "dense_pruned":
+        return linear
+    return SparseLinear.from_linear(linear, mask, (2, 4) if kind == "nm" else None)
+
+
+def wrapped(base: nn.Module) -> SparsityKeepingLoraLinear:
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["x"])
+    layer = SparsityKeepingLoraLinear(base, ADAPTER, config=config, r=4, lora_alpha=8)
+    with torch.no_grad():  # PEFT initializes B to zero: make the update non-trivial
+        layer.lora_B[ADAPTER].weight.normal_(0, 0.5)
+    return layer
+
+
+def dense_of(base: nn.Module) -> torch.Tensor:
+    return base.dense_weight(torch.float32) if isinstance(base, SparseLinear) else base.weight.detach().clone()
+
+
+@pytest.mark.parametrize("kind", ["nm", "bitmask", "dense_pruned", "dense"])
+def test_merge_leaves_outputs_unchanged_and_keeps_the_zeros(kind):
+    base = pruned_linear(kind)
+    before = dense_of(base)
+    layer = wrapped(base)
+    x = torch.randn(3, 5, 32)
+    with torch.no_grad():
+        plain = base(x)
+        unmerged = layer(x)
+        assert (unmerged - plain).abs().max() > 1e-2  # the adapter does something
+        layer.merge()
+        merged = layer(x)
+        after_merge = dense_of(base)
+        torch.testing.assert_close(merged, unmerged, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(base(x), unmerged, rtol=1e-5, atol=1e-5)  # the base layer alone now does it
+    if kind == "dense":
+        assert layer.keep_mask is None  # plain PEFT LoRA: every weight may move
+        assert (after_merge != before).float().mean() > 0.99
+    else:
+        zeros = before == 0
+        assert zeros.float().mean() >= 0.5
+        assert not after_merge[zeros].any()  # pruned weights stay exactly zero
+        assert (after_merge[~zeros] != before[~zeros]).float().mean() > 0.99
+    if kind in ("nm", "bitmask"):
+        assert isinstance(layer.get_base_layer(), SparseLinear)
+    with torch.no_grad():
+        layer.unmerge()
+        torch.testing.assert_close(dense_of(base), before, rtol=1e-5, atol=1e-6)
+
+
+def test_nm_merge_keeps_the_packed_structure():
+    base = pruned_linear("nm")
+    indices = base.indices.clone()
+    mask = keep_mask(base)
+    assert torch.equal(mask, base.dense_weight() != 0)
+    layer = wrapped(base)
+    with torch.no_grad():
+        layer.merge()
+    assert torch.equal(base.indices, indices)
+    assert base.values.shape == (24, 16)
+    groups = (base.dense_weight() != 0).view(24, 8, 4).sum(-1)
+    assert bool((groups <= 2).all())
+
+
+def test_only_the_adapter_trains_and_gradients_respect_the_mask():
+    base = pruned_linear("bitmask")
+    layer = wrapped(base)
+    layer(torch.randn(4, 32)).pow(2).sum().backward()
+    a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+    assert a.grad is not None and b.grad is not None
+    assert all(t.grad is None for t in base.buffers())

@@ -1,0 +1,157 @@
+"""The `recover` pass on the reference model: recovery lowers held-out loss, the KL term trains against a frozen
+teacher, budgets stop training, Trainer checkpoints resume, and checkpoints round-trip with and without merging
+(after 2:4 pruning: still exactly 2:4 and packed)."""
+import copy
+
+import pytest
+import torch
+
+import compress
+from compress.evaluate import evaluate, heldout_windows
+from compress.pass_api import PassContext
+from compress.prune import SparseLinear
+from compress.prune.masks import is_nm
+from compress.recover import Recover, SparsityKeepingLoraLinear
+
+CALIBRATION = compress.CalibrationSpec(source="builtin:calibration", num_samples=4, seq_len=32)
+SMALL = dict(seq_len=32, batch_size=4)  # 128 tokens per step
+ALL_LINEAR = ["re:.*(q|k|v|o|gate|up|down)_proj$"]
+
+
+@pytest.fixture(scope="module")
+def pruned_2of4(reference_model):
+    model, _ = compress.apply(copy.deepcopy(reference_model), [compress.passes.Prune(structure="2:4")], progress=False)
+    return model
+
+
+def recover(model, tokenizer, **args):
+    model, report = compress.apply(model, [Recover(**{**SMALL, **args})], calibration=CALIBRATION,
+                                   tokenizer=tokenizer, progress=False)
+    return model, report.passes[0].details
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+IDS = torch.randint(0, 8192, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+def test_recovery_lowers_heldout_loss_of_a_damaged_model(reference_model, reference_tokenizer):
+    damaged, _ = compress.apply(copy.deepcopy(reference_model),
+                                [compress.passes.Prune(sparsity=0.6, storage="dense")], progress=False)
+    windows = heldout_windows(reference_tokenizer, seq_len=64, max_windows=6)
+    before = evaluate(damaged, windows, progress=False)["perplexity"]
+    model, details = recover(damaged, reference_tokenizer, targets=ALL_LINEAR, max_tokens=30 * 128, lr=3e-3)
+    after = evaluate(model, windows, progress=False)["perplexity"]
+    assert details["steps"] == 30 and details["stopped_by"] == "token_budget"
+    assert after < 0.9 * before, (before, after)
+    zeros = [(m.weight == 0).float().mean().item() for n, m in model.named_modules() if n.endswith("_proj")]
+    assert min(zeros) == pytest.approx(0.6, abs=1e-3)  # merged, and the dense-stored zeros stayed zero
+
+
+def test_kl_term_trains_against_a_frozen_teacher(pruned_2of4, reference_model, reference_tokenizer):
+    teacher = copy.deepcopy(reference_model)
+    snapshot = {k: v.clone() for k, v in teacher.state_dict().items()}
+    ctx = PassContext(calibration=CALIBRATION, tokenizer=reference_tokenizer, progress=False, original_model=teacher)
+    student = copy.deepcopy(pruned_2of4)
+    details = Recover(**SMALL, max_tokens=24 * 128, lr=3e-3, kl_weight=1.0).apply(student, ctx).details
+    assert details["last_kl"] < 0.8 * details["first_kl"], details
+    assert all(torch.equal(v, snapshot[k]) for k, v in teacher.state_dict().items())
+    assert not any(p.requires_grad for p in teacher.parameters())
+    with pytest.raises(compress.CompressError, match="needs the original model"):
+        Recover(kl_weight=1.0).apply(copy.deepcopy(pruned_2of4), PassContext(calibration=CALIBRATION,
+                                                                             tokenizer=reference_tokenizer))
+
+
+def test_apply_keeps_the_model_before_the_first_pass_as_teacher(reference_model, reference_tokenizer):
+    passes = [compress.passes.Prune(structure="2:4"), Recover(**SMALL, max_tokens=2 * 128, kl_weight=0.5)]
+    model, report = compress.apply(copy.deepcopy(reference_model), passes, calibration=CALIBRATION,
+                                   tokenizer=reference_tokenizer, progress=False)
+    # KL to the dense original, not to the pruned model: clearly above zero from the first step
+    assert report.passes[1].details["first_kl"] > 0.05
+
+
+def test_merge_after_2of4_stays_2of4_packed_and_reloads_exactly(tmp_path, pruned_2of4, reference_tokenizer):
+    model = copy.deepcopy(pruned_2of4)
+    before = {n: m.dense_weight() for n, m in model.named_modules() if isinstance(m, SparseLinear)}
+    model, details = recover(model, reference_tokenizer, max_tokens=3 * 128, lr=1e-2, merge=True)
+    packed = {n: m for n, m in model.named_modules() if isinstance(m, SparseLinear)}
+    assert set(packed) == set(before) and len(packed) == 42
+    changed = [n for n, m in packed.items() if not torch.equal(m.dense_weight(), before[n])]
+    assert changed and all(n.endswith(("q_proj", "k_proj", "v_proj")) for n in changed)
+    for m in packed.values():
+        assert m.format == "nm" and is_nm(m.dense_weight() != 0, 2, 4)
+    expected = logits(model, IDS)
+    out = compress.save(model, tmp_path / "merged")
+    section = compress.models.compression_section(out)
+    assert [p["pass"] for p in section["passes"]] == ["prune", "recover"] and not (out / "adapter").exists()
+    reloaded = compress.load(out)
+    assert sum(isinstance(m, SparseLinear) for m in reloaded.modules()) == 42
+    assert not any(isinstance(m, SparsityKeepingLoraLinear) for m in reloaded.modules())
+    torch.testing.assert_close(logits(reloaded, IDS), expected, rtol=0, atol=1e-5)
+
+
+def test_unmerged_adapter_is_a_peft_folder_that_reloads(tmp_path, pruned_2of4, reference_tokenizer):
+    model, details = recover(copy.deepcopy(pruned_2of4), reference_tokenizer, max_tokens=3 * 128, lr=1e-2,
+                             merge=False)
+    assert details["merged"] is False
+    assert len([m for m in model.modules() if isinstance(m, SparsityKeepingLoraLinear)]) == 18
+    expected = logits(model, IDS)
+    assert not torch.allclose(expected, logits(pruned_2of4, IDS), atol=1e-3)  # the adapter is active
+    out = compress.save(model, tmp_path / "adapter")
+    assert (out / "adapter" / "adapter_config.json").exists() and (out / "adapter" / "adapter_model.safetensors").exists()
+    from safetensors import safe_open
+
+    with safe_open(out / "model.safetensors", "pt") as f:
+        keys = list(f.keys())
+    assert not any("lora_" in k or "base_layer" in k for k in keys)
+    assert "model.layers.0.self_attn.q_proj.values" in keys
+    reloaded = compress.load(out)
+    wrappers = [m for m in reloaded.modules() if isinstance(m, SparsityKeepingLoraLinear)]
+    assert len(wrappers) == 18 and all(isinstance(w.get_base_layer(), SparseLinear) for w in wrappers)
+    torch.testing.assert_close(logits(reloaded, IDS), expected, rtol=0, atol=1e-5)
+    compress.save(reloaded, tmp_path / "again")  # a reloaded adapter saves again the same way
+    torch.testing.assert_close(logits(compress.load(tmp_path / "again"), IDS), expected, rtol=0, atol=1e-5)
+
+
+def test_unmerged_adapter_on_a_dense_model_loads_with_plain_peft(tmp_path, reference_model, reference_tokenizer):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model, _ = recover(copy.deepcopy(reference_model), reference_tokenizer, max_tokens=2 * 128, lr=1e-2, merge=False)
+    out = compress.save(model, tmp_path / "dense")
+    base = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, out / "adapter").eval()
+    torch.testing.assert_close(logits(peft_model, IDS), logits(compress.load(out), IDS), rtol=0, atol=1e-5)
+
+
+def test_budgets_stop_training(pruned_2of4, reference_tokenizer):
+    _, details = recover(copy.deepcopy(pruned_2of4), reference_tokenizer, max_tokens=3 * 128 + 5)
+    assert (details["steps"], details["tokens"], details["stopped_by"]) == (3, 3 * 128, "token_budget")
+    _, details = recover(copy.deepcopy(pruned_2of4), reference_tokenizer, max_tokens=1000 * 128,
+                         max_minutes=1e-4)
+    assert details["steps"] == 1 and details["max_steps"] == 1000 and details["stopped_by"] == "wall_clock"
+
+
+def test_training_resumes_from_trainer_checkpoints(tmp_path, pruned_2of4, reference_tokenizer):
+    folder = tmp_path / "trainer"
+    _, first = recover(copy.deepcopy(pruned_2of4), reference_tokenizer, max_tokens=2 * 128, checkpoint_dir=str(folder),
+                       save_steps=2)
+    assert first["steps"] == 2 and (folder / "checkpoint-2").is_dir()
+    # a longer budget with the same folder picks up the newest checkpoint: the global step continues from 2
+    _, resumed = recover(copy.deepcopy(pruned_2of4), reference_tokenizer, max_tokens=4 * 128,
+                         checkpoint_dir=str(folder), save_steps=2)
+    assert resumed["resumed_from"].endswith("checkpoint-2") and resumed["steps"] == 4
+    assert (folder / "checkpoint-4").is_dir()
+    _, explicit = recover(copy.deepcopy(pruned_2of4), reference_tokenizer, max_tokens=5 * 128,
+                          resume_from=str(folder / "checkpoint-4"))
+    assert explicit["resumed_from"].endswith("checkpoint-4") and explicit["steps"] == 5
+    with pytest.raises(compress.ConfigError, match="resume_from"):
+        recover(copy.deepcopy(pruned_2of4), reference_tokenizer, resume_from=str(tmp_path / "nope"))
+
+
+def test_recipe_without_calibration_is_refused():
+    with pytest.raises(compress.RecipeError, match="needs calibration data"):
+        compress.Recipe.from_text("model: builtin:tiny\npasses:\n  - recover: {max_tokens: 1000}\n")

@@ -88,9 +88,12 @@ _DTYPE = click.option(
               help="Held-out text file for the evaluation (default: the built-in reference model's held-out text).")
 @click.option("--allow-pickle", is_flag=True, help="Allow loading a model stored as pickled .bin (trusted files only).")
 @_DTYPE
+@click.option("--format", "export_format", type=click.Choice(["native", "compressed-tensors"]), default=None,
+              help="Checkpoint format: native (default: everything compress can express) or compressed-tensors "
+                   "(pruned / int-quantized weights that transformers and vLLM load without compress).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
 def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_windows, eval_text, allow_pickle,
-          dtype, as_json):
+          dtype, export_format, as_json):
     """Run a recipe's passes on a model and export a compressed checkpoint."""
     from . import api, checkpoint, models
     from .recipe import Recipe
@@ -101,6 +104,11 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
         raise CompressError(f"{recipe}: no model: add `model: builtin:tiny` (or a local folder) or pass --model")
     passes = r.build_passes()
     output = output or r.output
+    export_format = export_format or r.export_format or "native"
+    if export_format == "compressed-tensors":
+        from .export.compressed_tensors import check_passes, export
+
+        check_passes([(p.name, p.args) for p in r.passes])  # what the format cannot express fails before any work
     if dry_run:
         model = models.load(model_src, meta=True, allow_pickle=allow_pickle)
         for p in passes:
@@ -130,9 +138,14 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
     text = _read_text(eval_text) if do_eval and eval_text else None
     windows = _eval_windows(tokenizer, text, EVAL_SEQ_LEN, eval_windows, model.config) if do_eval else None
     model, report = api.apply(model, r, tokenizer=tokenizer, device=device, progress=not as_json)
-    checkpoint.save(model, output, tokenizer=tokenizer, recipe_text=r.text, report=report.to_dict(),
-                    overwrite=overwrite)
-    result = {"model": model_src, "output": str(output), **report.to_dict()}
+    if export_format == "compressed-tensors":
+        exported = export(model, output, tokenizer=tokenizer, recipe_text=r.text, report=report.to_dict(),
+                          overwrite=overwrite).to_dict()
+    else:
+        checkpoint.save(model, output, tokenizer=tokenizer, recipe_text=r.text, report=report.to_dict(),
+                        overwrite=overwrite)
+        exported = {"format": "native"}
+    result = {"model": model_src, "output": str(output), **report.to_dict(), "export": exported}
     result["checkpoint_bytes"] = folder_bytes(Path(output))
     result["original_checkpoint_bytes"] = folder_bytes(source_path)
     if do_eval:
@@ -149,7 +162,9 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
                        _mb(p.get("stored_bytes_after")), p["seconds"]] for p in result["passes"]],
                      caption=f"model = the tensors the checkpoint stores, at its dtype ({stored})"))
     con.print(f"checkpoint: {output}  ({_mb(result['checkpoint_bytes'])} of weights, "
-              f"original {_mb(result['original_checkpoint_bytes'])})")
+              f"original {_mb(result['original_checkpoint_bytes'])}, format {export_format})")
+    if exported.get("stored_dense"):
+        con.print(f"stored dense in compressed-tensors: {', '.join(exported['stored_dense'])}")
     if do_eval:
         _print_eval(con, result["eval"])
 
@@ -422,7 +437,10 @@ def inspect(checkpoint, sparse_runtime, device, as_json):
     recipe = (path / "recipe.yaml").read_text() if (path / "recipe.yaml").exists() else None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     paths = runtime_plan(model, sparse_runtime, device)
+    from .budget import budget
+
     result = {"checkpoint": str(path), "compression": section, "components": comps,
+              "budget": budget(model, section, model.compress_storage_dtype),
               "checkpoint_bytes": folder_bytes(path), "recipe": recipe,
               "runtime": {"device": device, "sparse_runtime": sparse_runtime, "paths": paths}}
     if as_json:
@@ -440,12 +458,30 @@ def inspect(checkpoint, sparse_runtime, device, as_json):
     rows = [[c, _mb(v["dense"]), _mb(v["compressed"])] for c, v in sorted(comps.items())]
     rows.append(["total", _mb(total["dense"]), _mb(total["compressed"])])
     con.print(_table("bytes per component (at storage dtype)", ["component", "dense", "compressed"], rows))
+    _print_budget(con, result["budget"])
     con.print(f"safetensors on disk: {_mb(result['checkpoint_bytes'])}")
     if paths:
         con.print(_table(f"runtime path per layer on {device} (sparse runtime {sparse_runtime})", ["module", "path"],
                          [[name, p] for name, p in paths.items()]))
     if recipe:
         con.print("recipe:\n" + recipe)
+
+
+def _print_budget(con, b: dict) -> None:
+    """One table: weights per component (the head on its own line), then the KV cache per token."""
+    def ratio(new, old):
+        return f"{new / old:.3f}x" if old else "-"
+
+    rows = [[c, _mb(v["original"]), _mb(v["stored"]), ratio(v["stored"], v["original"])]
+            for c, v in b["weights"].items()]
+    t = b["weights_total"]
+    rows.append(["weights total", _mb(t["original"]), _mb(t["stored"]), ratio(t["stored"], t["original"])])
+    kv = b["kv_per_token"]
+    kv_stored = kv["compressed"] if kv["compressed"] is not None else kv["uncompressed"]
+    rows.append([f"KV cache per token ({kv.get('cache', 'uncompressed')})", f"{kv['uncompressed']:.0f} B",
+                 f"{kv_stored:.0f} B", ratio(kv_stored, kv["uncompressed"])])
+    con.print(_table("budget", ["", "original", "compressed", "ratio"], rows,
+                     caption=f"weights at the storage dtype; KV at fp16, measured over {kv['tokens_measured']} tokens"))
 
 
 @main.command("passes")

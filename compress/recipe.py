@@ -22,7 +22,7 @@ from .calibration import CalibrationSpec
 from .errors import ConfigError, RecipeError
 from .registry import available_passes, suggest
 
-TOP_LEVEL_KEYS = ("model", "calibration", "passes", "output")
+TOP_LEVEL_KEYS = ("model", "calibration", "passes", "output", "export")
 Marks = dict[tuple, tuple[int, int]]
 
 # Limits that keep a hostile recipe from exhausting memory or the stack (a real recipe is a few dozen lines).
@@ -126,6 +126,7 @@ class Recipe:
     calibration: CalibrationSpec | None = None
     output: str | None = None
     text: str = ""
+    export_format: str | None = None  # `export: {format: ...}`: native (default) or compressed-tensors
     source: str = "<recipe>"
     base_dir: Path | None = None
 
@@ -236,10 +237,35 @@ class _Validator:
                 if instance.needs_calibration_for():
                     self.error(spec.path, f"pass {spec.name!r} with these arguments needs calibration data: add "
                                           "`calibration: {source: builtin:calibration}` to the recipe", key=True)
+        export_format = self.export(data.get("export"), passes)
         if self.problems:
             raise RecipeError(self.problems)
         return Recipe(model=model, passes=passes, calibration=calibration, output=output, text=text,
-                      source=self.source, base_dir=base_dir)
+                      source=self.source, base_dir=base_dir, export_format=export_format)
+
+    def export(self, raw: Any, passes: list[PassSpec]) -> str | None:
+        """`export: {format: compressed-tensors}`; a pass that format cannot express is reported at its line."""
+        from .errors import ExportError
+        from .export import FORMATS
+
+        if raw is None:
+            return None
+        if not isinstance(raw, dict) or set(raw) - {"format"}:
+            self.error(("export",), f"export is a mapping with one key, format ({' or '.join(FORMATS)})")
+            return None
+        fmt = raw.get("format")
+        if fmt not in FORMATS:
+            self.error(("export", "format"), f"export format must be one of {', '.join(FORMATS)} (got {fmt!r})")
+            return None
+        if fmt == "compressed-tensors":
+            from .export.compressed_tensors import check_passes
+
+            for spec in passes:
+                try:
+                    check_passes([(spec.name, spec.args)])
+                except ExportError as exc:
+                    self.error(spec.path, str(exc), key=True)
+        return fmt
 
     def check_path(self, where: tuple, value: Any, what: str) -> None:
         """A path no file system accepts is reported here, with its line, instead of failing when it is opened."""

@@ -1,0 +1,179 @@
+"""What a new user hits with their own models: tied embeddings through every pass, the checkpoint's dtype kept,
+shape problems found before any work, --allow-pickle on every command that loads, transformers' warnings left on,
+every gear_kv/prune/vq_logits argument described, thread-independent SparseGPT, progress lines off a terminal."""
+from __future__ import annotations
+
+import io
+import json
+import sys
+
+import pytest
+import torch
+
+import compress
+from compress.errors import ConfigError
+
+CALIBRATION = {"source": "builtin:calibration", "num_samples": 4, "seq_len": 32}
+PASSES = {
+    "none": lambda: [],
+    "prune": lambda: [compress.passes.Prune(method="magnitude", sparsity=0.5, storage="packed")],
+    "wanda 2:4": lambda: [compress.passes.Prune(method="wanda", structure="2:4")],
+    "vq_logits": lambda: [compress.get_pass("vq_logits")(num_codes=16, scale_bias=False, weighting="uniform")],
+    "gear_kv": lambda: [compress.get_pass("gear_kv")(bits=4, group_size=16, residual_length=16)],
+}
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_every_pass_saves_and_reloads_with_and_without_tied_embeddings(arch, tied, small_model, tokenizer, tmp_path):
+    ids = torch.randint(0, 8192, (2, 12))
+    for name, make in PASSES.items():
+        model = small_model(arch, tie_word_embeddings=tied)
+        assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+        compress.apply(model, make(), calibration=CALIBRATION, tokenizer=tokenizer, progress=False)
+        reloaded = compress.load(compress.save(model, tmp_path / f"{name}"))
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, reloaded(ids).logits), name
+        if tied and name != "vq_logits":  # vq_logits unties the head (the embedding stays dense)
+            assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight, name
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_plain_tied_folder_save_and_load_with_no_pass(arch, small_model, tmp_path):
+    model = small_model(arch, tie_word_embeddings=True)
+    model.save_pretrained(tmp_path / "hf")  # transformers stores the tied head once, as the embedding
+    loaded = compress.load(tmp_path / "hf")
+    again = compress.load(compress.save(loaded, tmp_path / "ours"))
+    ids = torch.randint(0, 8192, (1, 10))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, again(ids).logits)
+
+
+@pytest.fixture(scope="module")
+def bf16_checkpoint(tmp_path_factory):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("llama", vocab_size=8192, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    folder = tmp_path_factory.mktemp("bf16") / "hf"
+    model.save_pretrained(folder)
+    compress.load_tokenizer("builtin:tiny").save_pretrained(folder)
+    return folder
+
+
+def test_load_keeps_the_checkpoints_dtype_when_asked_and_by_default_where_native(bf16_checkpoint, tmp_path):
+    from compress.models import native_dtype
+
+    stored = compress.load(bf16_checkpoint, dtype="stored")
+    assert {p.dtype for p in stored.parameters()} == {torch.bfloat16}
+    auto = compress.load(bf16_checkpoint)
+    expected = torch.bfloat16 if native_dtype(torch.bfloat16, "cpu") else torch.float32
+    assert {p.dtype for p in auto.parameters()} == {expected}
+    assert compress.load(bf16_checkpoint, dtype="float32").lm_head.weight.dtype == torch.float32
+    # a bf16 model compressed in bf16 (Hessians in fp32 inside the pass) is saved and reloaded in bf16
+    compress.apply(stored, [compress.passes.Prune(method="sparsegpt", sparsity=0.5)], calibration=CALIBRATION,
+                   progress=False)
+    out = compress.save(stored, tmp_path / "c")
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert compress.load(out, dtype="stored").model.embed_tokens.weight.dtype == torch.bfloat16
+    with pytest.raises(compress.CompressError, match="unknown dtype 'int3'"):
+        compress.load(out, dtype="int3")
+
+
+def test_cli_dtype_option(bf16_checkpoint, cli):
+    result = cli("eval", bf16_checkpoint, "--dtype", "stored", "--no-speed", "--max-windows", 1, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["resident_bytes"] < 2.1 * 8192 * 64 * 2 + 200_000  # bf16: 2 bytes a number
+
+
+@pytest.mark.parametrize("passes,message", [
+    ("  - prune: {structure: '3:7'}\n", "not divisible by M=7"),
+    ("  - vq_logits: {num_codes: 9000, scale_bias: false, weighting: uniform}\n", "smaller than the vocabulary"),
+    ("  - gear_kv: {group_size: 12, residual_length: 48}\n", "group_size 12 must divide head_dim"),
+])
+def test_shape_problems_found_by_dry_run_and_before_any_work(passes, message, tmp_path, small_model, tokenizer, cli,
+                                                             user_error, monkeypatch):
+    src = tmp_path / "src"
+    small_model().save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    recipe = tmp_path / "r.yaml"
+    # an expensive pass first: it must not run when a later pass cannot take the model's shapes
+    recipe.write_text("calibration: {source: builtin:calibration, num_samples: 4, seq_len: 32}\npasses:\n"
+                      "  - prune: {method: sparsegpt, sparsity: 0.5}\n" + passes)
+    user_error(cli("apply", recipe, "--model", src, "--output", tmp_path / "o", "--dry-run"), message)
+    monkeypatch.setattr(compress.get_pass("prune"), "apply", lambda *a: pytest.fail("a pass ran before the check"))
+    user_error(cli("apply", recipe, "--model", src, "--output", tmp_path / "o"), message)
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(ConfigError, match=message):
+        compress.apply(compress.load(src), compress.Recipe.from_yaml(recipe), progress=False)
+
+
+def test_allow_pickle_reaches_every_load(tmp_path, small_model, tokenizer, cli, user_error):
+    folder = tmp_path / "legacy"
+    model = small_model()
+    folder.mkdir()
+    model.config.save_pretrained(folder)
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    tokenizer.save_pretrained(folder)
+    user_error(cli("eval", folder, "--no-speed", "--max-windows", 1), "pickled .bin", "--allow-pickle")
+    result = cli("eval", folder, "--no-speed", "--max-windows", 1, "--allow-pickle", "--json")
+    assert result.exit_code == 0, result.output
+    assert cli("generate", folder, "--prompt", "a", "--max-new-tokens", 2, "--allow-pickle").exit_code == 0
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("passes:\n  - prune: {sparsity: 0.5}\n")
+    # apply loads the source twice: to compress it, and as the evaluation's baseline
+    result = cli("apply", recipe, "--model", folder, "--output", tmp_path / "o", "--allow-pickle", "--eval-windows", 1,
+                 "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["eval"]["kl"] > 0
+
+
+def test_load_leaves_transformers_warnings_on(bf16_checkpoint):
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_warning()
+    compress.load(bf16_checkpoint)
+    assert hf_logging.get_verbosity() == hf_logging.WARNING
+
+
+def test_pass_arguments_are_described(cli):
+    listing = json.loads(cli("passes", "--json").output)
+    for name in ("gear_kv", "prune", "vq_logits"):
+        undescribed = [k for k, v in listing[name]["arguments"].items() if not v["description"]]
+        assert not undescribed, (name, undescribed)
+    assert len(listing["gear_kv"]["arguments"]) >= 13
+
+
+def test_sparsegpt_does_not_depend_on_the_thread_count(small_model, tokenizer):
+    threads = torch.get_num_threads()
+    states = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            model = small_model(hidden_size=128, intermediate_size=256)
+            compress.apply(model, [compress.passes.Prune(method="sparsegpt", sparsity=0.5)],
+                           calibration=CALIBRATION, tokenizer=tokenizer, progress=False)
+            states.append(model.state_dict())
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_progress_is_logged_line_by_line_off_a_terminal(monkeypatch):
+    from compress.progress import progress_bar
+
+    err = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    assert list(progress_bar(range(3), description="calibrating")) == [0, 1, 2]
+    assert err.getvalue().splitlines()[0] == "calibrating: 0/3" and "calibrating: 3/3" in err.getvalue()
+
+
+def test_pass_table_reports_stored_sizes(tmp_path, cli):
+    result = cli("apply", "recipes/magnitude-50.yaml", "--output", tmp_path / "o", "--no-eval", "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output[result.output.index("{"):])
+    stored_after = summary["passes"][-1]["stored_bytes_after"]
+    assert abs(stored_after - summary["checkpoint_bytes"]) / summary["checkpoint_bytes"] < 0.01
+    assert summary["passes"][0]["stored_bytes_before"] == pytest.approx(summary["original_checkpoint_bytes"], rel=0.01)

@@ -56,6 +56,7 @@ setup(
         "bnb": ["bitsandbytes>=0.45"],
         "eval": ["lm_eval>=0.4.13,<0.5"],
         "plot": ["matplotlib>=3.7"],
+        "bench": ["optimum-quanto>=0.2", "hqq>=0.2"],  # outside KV-cache baselines in benchmarks/kv_serving.py
         "ct": ["compressed-tensors>=0.20,<0.21"],  # --format compressed-tensors (transformers and vLLM read it)
         "test": ["pytest>=8", "triton>=3.0", "lm_eval>=0.4.13,<0.5", "matplotlib>=3.7",
                  "compressed-tensors>=0.20,<0.21"],

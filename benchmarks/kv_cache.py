@@ -36,28 +36,26 @@ from compress.kvcache.quality import copy_sequences, copy_accuracy, heldout_wind
 
 
 def configurations(quick: bool) -> list[dict]:
-    """name, method, cache kwargs. GEAR grid: bits x (outliers on/off) x rank for K and V (r=0 without outliers is
-    KIVI), then rank-1-on-one-side variants. "noout" = no outliers; outlier_ratio 0.02 keeps 2 entries per group
-    of 64 (3.1%, the kernel's minimum of one per side)."""
+    """name, method, cache kwargs. Lean GEAR (paged format v2): outliers cost 24 bits (fp16 value + uint8 offset)
+    per kept entry, 2 of every group of 64 at outlier_ratio 0.02 (0.75 bit/element); a rank-r term costs 16 r / D
+    bits per element on its side (fp16 token factors; one channel basis per 2048-token page). Names: "o" = outliers,
+    "rR" = rank R on K and V, "k1" = rank 1 on keys only, "noout" = without outliers, "fp8" = token factors in fp8
+    e4m3 (half their cost)."""
     # the uncompressed baseline: transformers' DynamicCache in the model's dtype (float32 on the CPU)
     rows = [dict(name="dynamic-fp32", method="fp16", bits=32), dict(name="hf-fp8", method="hf_quantized_fp8", bits=8)]
     bits_list = (2, 4) if quick else (2, 3, 4)
     for b in bits_list:
         rows.append(dict(name=f"kivi-{b}", method="kivi", bits=b, kw=dict(method="kivi", bits=b)))
+    grid = [  # (name suffix, outlier_ratio, key_rank, value_rank, low-rank factor dtype)
+        ("o", 0.02, 0, 0, "float16"), ("o-k1", 0.02, 1, 0, "float16"), ("r2", 0.02, 2, 2, "float16"),
+        ("noout-r2", 0.0, 2, 2, "float16"), ("k1", 0.0, 1, 0, "float16"), ("k1-fp8", 0.0, 1, 0, "float8_e4m3fn"),
+        ("r2-fp8", 0.02, 2, 2, "float8_e4m3fn"),
+    ]
     for b in bits_list:
-        for ratio in (0.02, 0.0):
-            for r in ((0, 2) if quick else (0, 2, 4)):
-                if ratio == 0 and r == 0:
-                    continue
-                name = f"gear-{b}" + ("" if ratio else "-noout") + f"-r{r}"
-                rows.append(dict(name=name, method="gear", bits=b, kw=dict(method="gear", bits=b, key_rank=r,
-                                                                            value_rank=r, outlier_ratio=ratio)))
-    if not quick:  # bit-budget variants: a rank-1 term on keys only or on values only, no outliers
-        for b in bits_list:
-            for side in ("key", "value"):
-                rows.append(dict(name=f"gear-{b}-{side[0]}1", method="gear", bits=b,
-                                 kw=dict(method="gear", bits=b, outlier_ratio=0.0, key_rank=int(side == "key"),
-                                         value_rank=int(side == "value"))))
+        for suffix, ratio, kr, vr, dtype in (grid[:3] if quick else grid):
+            rows.append(dict(name=f"gear-{b}-{suffix}", method="gear", bits=b,
+                             kw=dict(method="gear", bits=b, outlier_ratio=ratio, key_rank=kr, value_rank=vr,
+                                     lowrank_dtype=dtype)))
     return rows
 
 
@@ -105,13 +103,15 @@ def filled(factory, kv):
 
 @torch.no_grad()
 def decode_seconds(model, cache, first: torch.Tensor, steps: int) -> float:
-    """Median seconds per greedy decode step with `cache` (which already holds the context)."""
+    """Median seconds per greedy decode step with `cache` (which already holds the context). With one torch thread
+    on the CPU the clock is the process's CPU time (time spent waiting for a core on a shared machine not counted)."""
+    clock = time.process_time if torch.get_num_threads() == 1 and first.device.type == "cpu" else time.perf_counter
     nxt, times = first, []
     for _ in range(steps):
-        t0 = time.perf_counter()
+        t0 = clock()
         out = model(nxt, cache=cache, use_cache=True)
         nxt = out.logits[:, -1:].argmax(-1)
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     return statistics.median(times)
 
 
@@ -236,6 +236,37 @@ def long_context(n: int, device: str, names: list[str]) -> dict:
     return out
 
 
+@torch.no_grad()
+def residual_spectrum(spans=(64, 512, 2048), bits_list=(2, 4), ranks=(1, 2, 4)) -> list[dict]:
+    """Whether the model's keys/values have the structure GEAR's low-rank term needs: the share of the quantization
+    residual's energy (KIVI layout, groups of 64, no outliers) in its top-r singular directions, per span length,
+    averaged over layers, heads and spans of a 2048-token held-out context, beside the same share for Gaussian noise
+    of the same shape (noise_topR): close to it, a rank-r term removes little more than it would from noise."""
+    from compress.kernels.kv_quant import quantize_pack, unpack_dequantize
+
+    model = compress.load("builtin:tiny")
+    kv = prefill_kv(model, context_ids(compress.load_tokenizer("builtin:tiny"), 2048))
+    d = kv[0][0].shape[-1]
+    out = []
+    for kind, axis, idx in (("key", "token", 0), ("value", "channel", 1)):
+        for bits in bits_list:
+            res = []
+            for layer in kv:
+                x = layer[idx].float()
+                p = quantize_pack(x.reshape(*x.shape[:2], -1, 64, d), bits, 64, axis)
+                res.append((x - unpack_dequantize(p).reshape(x.shape)).reshape(-1, x.shape[2], d))
+            res = torch.cat(res)                                                   # [layers*B*H, T, D]
+            for span in spans:
+                sv2 = torch.linalg.svdvals(res.reshape(-1, span, d)) ** 2
+                share = sv2.cumsum(-1) / sv2.sum(-1, keepdim=True)
+                noise = torch.linalg.svdvals(torch.randn(64, span, d, generator=torch.Generator().manual_seed(0))) ** 2
+                noise = noise.cumsum(-1) / noise.sum(-1, keepdim=True)                # Gaussian noise, same shape
+                out.append(dict(kind=kind, bits=bits, span=span,
+                                **{f"top{r}": share[:, r - 1].mean().item() for r in ranks},
+                                **{f"noise_top{r}": noise[:, r - 1].mean().item() for r in ranks}))
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", action="store_true", help="print a JSON list (one object per configuration)")
@@ -252,7 +283,12 @@ def main(argv=None) -> None:
     ap.add_argument("--only", nargs="*", help="only these configuration names (and the baseline); with --long: the "
                     "configurations to run (default gear-4-r2, the issue's GEAR-4 defaults)")
     ap.add_argument("--long", type=int, default=0, help="only run the long-context check at this many tokens")
+    ap.add_argument("--residual-spectrum", action="store_true",
+                    help="only print the singular-value decay of the quantization residual per span length")
     args = ap.parse_args(argv)
+    if args.residual_spectrum:
+        print(json.dumps(residual_spectrum(), indent=1))
+        return
     if args.long:
         print(json.dumps(long_context(args.long, args.device, args.only or ["gear-4-r2"]), indent=2))
         return

@@ -22,10 +22,13 @@ class KVCacheSettings(BaseModel):
     - `residual_length`: tokens kept in an fp16 window; when it fills, that chunk is compressed and appended.
     - GEAR only: `outlier_ratio` s: in every quantization group the max(1, round(s*G/2)) largest and as many
       smallest entries are kept exactly as sparse outliers (so at G=64 any s <= 0.047 keeps 2/64 = 3.1%, see
-      kernels.kv_quant.outlier_fraction); the remaining error is
-      approximated by a rank-r product per chunk and KV head (`key_rank`/`value_rank` for chunks compressed after the
-      prompt, `key_prefill_rank`/`value_prefill_rank` for the prompt's chunks; None = same as the decode rank),
-      found by `power_iters` power iterations.
+      kernels.kv_quant.outlier_fraction; fp16 value + uint8 offset in the group each); the remaining error is
+      approximated by a rank-r term per page (a span of `page_chunks` chunks) and KV head: one orthonormal channel
+      basis per page and fp16 token factors (`key_rank`/`value_rank` for pages opened after the prompt,
+      `key_prefill_rank`/`value_prefill_rank` for the prompt's pages; None = same as the decode rank; a page keeps
+      the rank it was opened with), found by `power_iters` power iterations.
+    - `page_chunks`: chunks per page of the paged storage (compress.kernels.kv_pages, format version 2);
+      `lowrank_dtype`: storage of the low-rank token factors (fp8 e4m3 halves their cost).
     - `skip_layers`: layer indices kept in an uncompressed cache."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -46,6 +49,9 @@ class KVCacheSettings(BaseModel):
     outlier_ratio: float = Field(0.02, ge=0.0, lt=0.5, description="share of each group's largest and smallest "
                                                                    "entries kept exactly as sparse outliers")
     power_iters: int = Field(3, ge=1, description="power iterations that find the low-rank term")
+    page_chunks: int = Field(32, ge=1, description="compressed chunks per storage page")
+    lowrank_dtype: Literal["float16", "float8_e4m3fn"] = Field("float16", description="storage of the low-rank "
+                                                               "token factors (fp8 e4m3 halves their cost)")
     skip_layers: list[int] = Field(default_factory=list, description="layer indices kept in an uncompressed cache")
 
     @model_validator(mode="before")

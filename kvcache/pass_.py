@@ -13,6 +13,7 @@ from pydantic import Field
 from torch import nn
 
 from ..errors import UnsupportedModelError
+from ..kernels.kv_pages import FORMAT_VERSION as KV_FORMAT_VERSION
 from ..pass_api import Pass, PassConfig, PassContext, PassReport, tensor_bytes, timed
 from ..registry import register_pass
 from .attention import use_compressed_attention
@@ -43,7 +44,8 @@ class GearKV(Pass):
             report.modules = self.describe(model)
             report.bytes_before = report.bytes_after = tensor_bytes(model)
             report.details = {"changes_weights": False, "layers_compressed": len(report.modules),
-                              "layers_skipped": sorted(settings.skip_layers), "cache": type(cache).__name__}
+                              "layers_skipped": sorted(settings.skip_layers), "cache": type(cache).__name__,
+                              "kv_storage_format": KV_FORMAT_VERSION}
         return report
 
     def restore(self, model: nn.Module, entry: dict) -> None:

@@ -12,6 +12,10 @@ python3 -m pip install --no-index --no-deps -q .gearwheels/*.whl 2>&1 | tail -n 
 rm -rf /tmp/pkg && mkdir -p /tmp/pkg && cp -r compress /tmp/pkg/ && cp -r kvcache kernels linearize /tmp/pkg/compress/
 export PYTHONPATH=/tmp/pkg
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/device.txt"
-timeout 170 python3 -P -m pytest -q -p no:cacheprovider tests/kernels 2>&1 | tail -n 25 | tee "$OUT/kernel_tests.txt"
+# kernel tests (KV decode attention at head_dim 64/128/256 compiled for real) and the cache's CUDA tests
+timeout 200 python3 -P -m pytest -q -p no:cacheprovider tests/kernels tests/kvcache/test_cuda.py 2>&1 | tail -n 25 \
+  | tee "$OUT/kernel_tests.txt"
+# KV cache at serving shapes (Llama-3-8B attention, batch 1/8, 8k/32k/128k; e2e 2-layer model at 32k, batch 8)
+timeout 240 python3 -P benchmarks/kv_serving.py --json --max-seconds 200 > "$OUT/kv_serving.json" 2> "$OUT/kv_serving.log"
+tail -n 40 "$OUT/kv_serving.log"
 timeout 100 python3 -P benchmarks/gpu_kernels.py 2>&1 | tee "$OUT/gpu_kernels.txt"
-timeout 120 python3 -P benchmarks/kv_kernels.py --contexts 4096 16384 2>&1 | tail -n 30 | tee "$OUT/kv_kernels.txt"

@@ -1,36 +1,51 @@
-"""Attention over the compressed KV storage: the torch reference against float64 attention over the dense
-reconstruction, and the Triton kernel (interpreted on CPU) against the reference."""
+"""Attention over the paged compressed KV storage: the torch reference against float64 attention over the dense
+reconstruction, and the Triton flash-decoding kernel (interpreted on CPU, compiled on a GPU) against the reference,
+at head_dim 64/128/256; the kernel's shared-memory bound at head_dim 128/256 against an H100/H200 block's."""
+import contextlib
 import math
+import os
 
 import pytest
 import torch
 
 from compress.kernels import kv_attention as A
-from compress.kernels import kv_quant as Q
+from compress.kernels import kv_attention_triton as AT
+from compress.kvcache.store import CompressedStore
 
-TRITON_KERNEL = A._compressed_decode_kernel  # checked by the triton_kernels fixture (tests/kernels/conftest.py)
+TRITON_KERNEL = AT._paged_decode_kernel  # checked by the triton_kernels fixture (tests/kernels/conftest.py)
+ON_GPU = torch.cuda.is_available()
+# the GPU kernel multiplies in fp16 (fp32 accumulation); the interpreter in fp32
+TOL = dict(rtol=2e-2, atol=2e-2) if ON_GPU else dict(rtol=1e-4, atol=1e-5)
 
 
-def random_store(x, axis, bits, group_size, chunk_len, outlier_ratio=0.0, ranks=(), seed=0):
-    """x [B, H, N, D] compressed chunk by chunk into the shared format, with low-rank segments of the given
-    (chunks, rank) (random factors: only the arithmetic is under test); returns (store, float64 reconstruction)."""
-    gen = torch.Generator().manual_seed(seed)
-    b, h, n, d = x.shape
-    nc = n // chunk_len
-    p = Q.quantize_pack_reference(x.reshape(b, h, nc, chunk_len, d), bits, group_size, axis, outlier_ratio)
-    flat = lambda t: t.reshape(b, h, -1, t.shape[-1])  # noqa: E731
-    store = A.CompressedKV(flat(p.codes), flat(p.scale), flat(p.zero), bits, group_size, chunk_len,
-                           p.outlier_values, p.outlier_positions)
-    dense = Q.unpack_dequantize_reference(p).reshape(b, h, n, d).double()
-    first = 0
-    for chunks, rank in ranks:
-        a = (torch.randn(b, h, chunks * chunk_len, rank, generator=gen) * 0.3).half()
-        bf = (torch.randn(b, h, chunks, d, rank, generator=gen) * 0.3).half()
-        store.segments.append(A.LowRank(first, a, bf))
-        lr = a.double().view(b, h, chunks, chunk_len, rank) @ bf.double().transpose(-1, -2)
-        dense[:, :, first * chunk_len:(first + chunks) * chunk_len] += lr.reshape(b, h, -1, d)
-        first += chunks
-    return store, dense
+def build_store(x, axis, bits, group, chunk, outlier_ratio, ranks, page_chunks, device="cpu",
+                factor_dtype=torch.float16):
+    """x [B, H, N, D] appended in pieces of (chunks, rank), so the store has several pages, an open page that later
+    chunks were projected into, and pages of different ranks; returns (store, float64 reconstruction)."""
+    store = CompressedStore(axis=axis, bits=bits, group_size=group, chunk_len=chunk, outlier_ratio=outlier_ratio,
+                            power_iters=2, page_chunks=page_chunks, factor_dtype=factor_dtype)
+    start = 0
+    with torch_quantizer_on_cpu():
+        for chunks, rank in ranks:
+            store.append(x[:, :, start:start + chunks * chunk].to(device), rank)
+            start += chunks * chunk
+        return store, store.dequantize().double().cpu()
+
+
+@contextlib.contextmanager
+def torch_quantizer_on_cpu():
+    """Build stores with the torch quantizer on the CPU (the interpreted Triton quantizer is tested elsewhere and
+    slow); on a GPU the store is built by the compiled kernels."""
+    old = os.environ.get("COMPRESS_KERNELS")
+    if not ON_GPU:
+        os.environ["COMPRESS_KERNELS"] = "torch"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("COMPRESS_KERNELS", None)
+        else:
+            os.environ["COMPRESS_KERNELS"] = old
 
 
 def dense_attention_f64(q, k, v, bias):
@@ -43,20 +58,19 @@ def dense_attention_f64(q, k, v, bias):
     return s.softmax(-1) @ v
 
 
-def make_case(bits=4, outlier_ratio=0.05, key_ranks=((1, 2), (2, 4)), value_ranks=((3, 2),), n_chunks=3, chunk=32,
-              window=5, batch=2, kv_heads=2, q_heads=4, q_len=1, group=32, d=64, seed=0):
+def make_case(bits=4, outlier_ratio=0.05, key_ranks=((3, 2), (2, 0)), value_ranks=((3, 3), (2, 0)), chunk=32,
+              window=5, batch=2, kv_heads=2, q_heads=4, q_len=1, group=32, d=64, page_chunks=2, seed=0,
+              device="cpu", factor_dtype=torch.float16):
     torch.manual_seed(seed)
-    n = n_chunks * chunk
-    keys, k_dense = random_store(torch.randn(batch, kv_heads, n, d) * 2, "token", bits, group, chunk, outlier_ratio,
-                                 key_ranks, seed)
-    values, v_dense = random_store(torch.randn(batch, kv_heads, n, d), "channel", bits, group, chunk, outlier_ratio,
-                                   value_ranks, seed + 1)
+    n = sum(c for c, _ in key_ranks) * chunk
+    keys, k_dense = build_store(torch.randn(batch, kv_heads, n, d) * 2, "token", bits, group, chunk, outlier_ratio,
+                                key_ranks, page_chunks, device, factor_dtype)
+    values, v_dense = build_store(torch.randn(batch, kv_heads, n, d), "channel", bits, group, chunk, outlier_ratio,
+                                  value_ranks, page_chunks, device, factor_dtype)
     wk = torch.randn(batch, kv_heads, window, d).half()
     wv = torch.randn(batch, kv_heads, window, d).half()
     q = torch.randn(batch, q_heads, q_len, d)
-    k_all = torch.cat([k_dense, wk.double()], 2)
-    v_all = torch.cat([v_dense, wv.double()], 2)
-    return q, keys, values, wk, wv, k_all, v_all
+    return q, keys, values, wk, wv, torch.cat([k_dense, wk.double()], 2), torch.cat([v_dense, wv.double()], 2)
 
 
 def left_padding_mask(batch, kv, pad):
@@ -65,25 +79,25 @@ def left_padding_mask(batch, kv, pad):
     return mask
 
 
+GEAR = dict(outlier_ratio=0.05, key_ranks=((3, 2), (2, 0)), value_ranks=((3, 3), (2, 0)))
+KIVI = dict(outlier_ratio=0.0, key_ranks=((3, 0), (2, 0)), value_ranks=((3, 0), (2, 0)))
+
+
 @pytest.mark.parametrize("bits", (2, 3, 4, 8))
-@pytest.mark.parametrize("outlier_ratio, key_ranks, value_ranks", [
-    (0.0, (), ()),                          # KIVI: codes only
-    (0.05, ((1, 2), (2, 4)), ((3, 2),)),   # GEAR: outliers + low-rank, prompt and decode ranks differ
-])
-def test_reference_matches_float64_dense(bits, outlier_ratio, key_ranks, value_ranks):
-    q, keys, values, wk, wv, k_all, v_all = make_case(bits, outlier_ratio, key_ranks, value_ranks)
+@pytest.mark.parametrize("fmt", [KIVI, GEAR], ids=["kivi", "gear"])
+def test_reference_matches_float64_dense(bits, fmt):
+    q, keys, values, wk, wv, k_all, v_all = make_case(bits, **fmt)
+    assert [p.codes.shape[2] for p in keys.pages] == [64, 64, 32]  # pages of 2 chunks, the last one open
     mask = left_padding_mask(2, k_all.shape[2], pad=37)  # the second row starts 37 tokens late
     out = A.compressed_attention_reference(q, keys, values, wk, wv, mask)
     want = dense_attention_f64(q, k_all, v_all, A.attention_bias(mask, 2, 1, k_all.shape[2], q.device))
     assert out.shape == q.shape and out.dtype == q.dtype
     torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-5)
-    # the masked keys had no influence; the compressed tokens did (dropping them changes the answer)
     window_only = A.compressed_attention_reference(q, None, None, wk, wv)
-    assert (out - window_only).abs().max() > 1e-2
+    assert (out - window_only).abs().max() > 1e-2  # the compressed tokens mattered
 
 
 def test_reference_multi_token_causal_and_4d_masks():
-    # a chunk of 3 new tokens (in the window) attends to the compressed past and causally to each other
     q, keys, values, wk, wv, k_all, v_all = make_case(q_len=3, window=7)
     kv = k_all.shape[2]
     want = dense_attention_f64(q, k_all, v_all, A.attention_bias(None, 2, 3, kv, q.device))
@@ -91,7 +105,6 @@ def test_reference_multi_token_causal_and_4d_masks():
                                rtol=1e-4, atol=1e-5)
     causal = A.attention_bias(None, 2, 3, kv, q.device)
     assert causal[0, 0, -2:].eq(A.MASKED).all() and causal[0, 2].eq(0).all()
-    # transformers' 4D masks: bool (True = attend) and additive float, with extra leading columns cut off
     bool4d = torch.cat([torch.zeros(2, 1, 3, 4, dtype=torch.bool), (causal == 0)[:, None]], -1)
     float4d = torch.where(bool4d, 0.0, float("-inf"))
     for mask in (bool4d, float4d):
@@ -99,12 +112,12 @@ def test_reference_multi_token_causal_and_4d_masks():
                                    rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("bits", (2, 3, 4, 8))
-def test_reference_blocks_give_the_same_result(monkeypatch, bits):
-    q, keys, values, wk, wv, _, _ = make_case(bits=bits, n_chunks=4)
-    whole = A.compressed_attention_reference(q, keys, values, wk, wv)
-    monkeypatch.setattr(A, "REFERENCE_BLOCK_TOKENS", 32)  # one chunk per block: 4 blocks
-    torch.testing.assert_close(A.compressed_attention_reference(q, keys, values, wk, wv), whole)
+@pytest.mark.parametrize("bits, group", [(4, 64), (3, 4), (2, 16)])
+def test_reference_group_layouts(bits, group):
+    q, keys, values, wk, wv, k_all, v_all = make_case(bits=bits, group=group, chunk=64, key_ranks=((2, 2),),
+                                                      value_ranks=((2, 1),))
+    torch.testing.assert_close(A.compressed_attention_reference(q, keys, values, wk, wv).double(),
+                               dense_attention_f64(q, k_all, v_all, None), rtol=1e-4, atol=1e-5)
 
 
 def test_cpu_tensors_take_the_reference(monkeypatch):
@@ -119,121 +132,97 @@ def _to(device, *tensors):
     return [t.to(device) if isinstance(t, torch.Tensor) else t for t in tensors]
 
 
-def _store_to(store, device):
-    if store is None:
-        return None
-    return A.CompressedKV(*_to(device, store.codes, store.scale, store.zero), store.bits, store.group_size,
-                          store.chunk_len, *_to(device, store.outlier_values, store.outlier_positions),
-                          [A.LowRank(s.first_chunk, s.a.to(device), s.b.to(device)) for s in store.segments])
-
-
 @pytest.mark.parametrize("case", [
-    dict(bits=4),                                                    # GEAR, two key ranks, one value run
-    dict(bits=2, outlier_ratio=0.0, key_ranks=(), value_ranks=()),  # KIVI-2
-    dict(bits=3, window=0, value_ranks=((1, 4),)),                   # 3-bit straddling codes, no window
-    dict(bits=8, q_len=2, window=40, group=16, batch=1),             # two new tokens, window over 32 lanes
-    dict(bits=4, q_len=9, window=12, batch=1),                       # 2 x 9 = 18 query rows: two row blocks
+    dict(bits=4, kv_heads=1, q_heads=2),                              # GEAR: outliers, ranks 2/3 and 0 pages
+    dict(bits=2, **KIVI),                                             # KIVI-2
+    dict(bits=4, batch=1, factor_dtype=torch.float8_e4m3fn),          # fp8 e4m3 low-rank token factors
+    dict(bits=3, window=0, batch=1),                                  # 3-bit straddling codes, no window
+    dict(bits=8, q_len=2, window=40, group=16, batch=1),              # two new tokens, group < chunk
+    dict(bits=4, q_len=9, window=12, batch=1),                        # 2 x 9 = 18 query rows: two row blocks
+    dict(bits=4, d=128, group=64, chunk=64, batch=1, q_heads=8),      # Llama / Mistral / Qwen head size, GQA 4
+    dict(bits=2, d=256, group=64, chunk=64, batch=1, q_heads=2, key_ranks=((2, 1), (1, 0)),
+         value_ranks=((2, 2), (1, 0))),                                # Gemma head size
 ])
 def test_triton_matches_reference(triton_kernels, case):
-    q, keys, values, wk, wv, k_all, _ = make_case(**case)
-    kv = k_all.shape[2]
-    mask = None if case.get("q_len", 1) > 1 else left_padding_mask(case.get("batch", 2), kv, pad=20)
-    ref = A.compressed_attention_reference(q, keys, values, wk, wv, mask)
     dev = triton_kernels
-    got = A.compressed_decode_attention(*_to(dev, q), _store_to(keys, dev), _store_to(values, dev),
-                                        *_to(dev, wk, wv, mask))
-    torch.testing.assert_close(got.cpu(), ref, rtol=1e-4, atol=1e-5)
+    q, keys, values, wk, wv, k_all, v_all = make_case(**case, device=dev)
+    mask = None if case.get("q_len", 1) > 1 else left_padding_mask(case.get("batch", 2), k_all.shape[2], pad=20)
+    ref = A.compressed_attention_reference(*_to(dev, q), keys, values, *_to(dev, wk, wv, mask)).cpu()
+    got = A.compressed_decode_attention(*_to(dev, q), keys, values, *_to(dev, wk, wv, mask)).cpu()
+    torch.testing.assert_close(got, ref, **TOL)
+    bias = A.attention_bias(mask, q.shape[0], q.shape[2], k_all.shape[2], "cpu")
+    want = dense_attention_f64(q, k_all, v_all, bias)
+    torch.testing.assert_close(got.double(), want, **(TOL if ON_GPU else dict(rtol=1e-4, atol=1e-5)))
 
 
 def test_triton_window_only(triton_kernels):
-    q, _, _, wk, wv, _, _ = make_case(window=9)
-    ref = A.compressed_attention_reference(q, None, None, wk, wv)
+    q, _, _, wk, wv, _, _ = make_case(window=9, key_ranks=((1, 0),), value_ranks=((1, 0),))
     want = dense_attention_f64(q, wk, wv, None)
-    torch.testing.assert_close(ref.double(), want, rtol=1e-5, atol=1e-6)
     dev = triton_kernels
     got = A.compressed_decode_attention(*_to(dev, q), None, None, *_to(dev, wk, wv))
-    torch.testing.assert_close(got.cpu(), ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got.cpu().double(), want, **TOL)
 
 
-@pytest.mark.parametrize("splits", (2, 3))
+@pytest.mark.parametrize("splits", (2, 3, 5))
 def test_triton_split_sequence_matches_reference(triton_kernels, splits):
-    # flash-decoding: the chunks are split over programs (3 splits of 4 chunks leaves the last split only the window)
-    q, keys, values, wk, wv, k_all, _ = make_case(n_chunks=4, window=3, q_heads=2)
-    mask = left_padding_mask(2, k_all.shape[2], pad=70)
-    ref = A.compressed_attention_reference(q, keys, values, wk, wv, mask)
+    # flash-decoding: chunks split over programs (5 splits of 5 chunks: one each; pages straddle splits)
     dev = triton_kernels
-    got = A.compressed_attention_triton(*_to(dev, q), _store_to(keys, dev), _store_to(values, dev),
-                                        *_to(dev, wk, wv, mask), splits=splits)
-    torch.testing.assert_close(got.cpu(), ref, rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.parametrize("bits, group", [(4, 64), (3, 4), (2, 16)])
-def test_reference_group_layouts(bits, group):
-    # values: one group per token (G = D), groups narrower than a lane's word (3-bit, G = 4), and in between
-    q, keys, values, wk, wv, k_all, v_all = make_case(bits=bits, group=group, chunk=64, n_chunks=2,
-                                                      key_ranks=((2, 2),), value_ranks=((1, 2),))
-    want = dense_attention_f64(q, k_all, v_all, None)
-    torch.testing.assert_close(A.compressed_attention_reference(q, keys, values, wk, wv).double(), want,
-                               rtol=1e-4, atol=1e-5)
-
-
-def test_head_dim_128_reference_and_triton(triton_kernels):
-    # the head size of Llama / Mistral / Qwen checkpoints; values in two groups of 64 channels
-    q, keys, values, wk, wv, k_all, v_all = make_case(d=128, group=64, chunk=64, n_chunks=2, batch=1,
-                                                      key_ranks=((2, 2),), value_ranks=((2, 3),))
-    ref = A.compressed_attention_reference(q, keys, values, wk, wv)
-    torch.testing.assert_close(ref.double(), dense_attention_f64(q, k_all, v_all, None), rtol=1e-4, atol=1e-5)
-    dev = triton_kernels
-    got = A.compressed_decode_attention(*_to(dev, q), _store_to(keys, dev), _store_to(values, dev), *_to(dev, wk, wv))
-    torch.testing.assert_close(got.cpu(), ref, rtol=1e-4, atol=1e-5)
+    q, keys, values, wk, wv, k_all, _ = make_case(window=3, q_heads=2, batch=1, kv_heads=1, device=dev)
+    mask = None
+    ref = A.compressed_attention_reference(q, keys, values, wk, wv, mask) if dev == "cpu" else None
+    got = AT.compressed_attention_triton(*_to(dev, q), keys, values, *_to(dev, wk, wv, mask), splits=splits).cpu()
+    if ref is None:
+        ref = AT.compressed_attention_triton(*_to(dev, q), keys, values, *_to(dev, wk, wv, mask), splits=1).cpu()
+    torch.testing.assert_close(got, ref, **TOL)
 
 
 def test_shapes_the_kernel_cannot_tile_take_the_reference(triton_kernels, monkeypatch):
-    # head_dim 96 is not a power of two: even with Triton forced, the public function answers with the reference
     monkeypatch.setattr(A, "compressed_attention_triton", lambda *a, **k: pytest.fail("Triton path for head_dim 96"))
-    q, keys, values, wk, wv, k_all, v_all = make_case(d=96, group=32, chunk=32, n_chunks=2, batch=1,
-                                                      key_ranks=(), value_ranks=())
+    q, keys, values, wk, wv, k_all, v_all = make_case(d=96, group=32, chunk=32, batch=1, **KIVI)
     got = A.compressed_decode_attention(q, keys, values, wk, wv)
     torch.testing.assert_close(got.double(), dense_attention_f64(q, k_all, v_all, None), rtol=1e-4, atol=1e-5)
 
 
-
-@pytest.mark.parametrize("bits", (4, 8))
-def test_cache_store_longer_than_a_reference_block(bits):
-    """The cache's own store (codes sliced from a larger tensor), several heads, more tokens than one block."""
-    from compress.kvcache.store import CompressedStore
-
-    stores = {ax: CompressedStore(axis=ax, bits=bits, group_size=64, chunk_len=64, outlier_ratio=0.0, power_iters=1)
-              for ax in ("token", "channel")}
-    x = torch.randn(1, 2, A.REFERENCE_BLOCK_TOKENS + 64, 64)
-    for s in stores.values():
-        s.append(x, 0)
-    q, w = torch.randn(1, 2, 1, 64), torch.randn(1, 2, 3, 64)
-    got = A.compressed_attention_reference(q, stores["token"], stores["channel"], w, w)
-    k = torch.cat([stores["token"].dequantize(), w], 2)
-    v = torch.cat([stores["channel"].dequantize(), w], 2)
-    want = torch.softmax(q @ k.transpose(-1, -2) / 8, -1) @ v
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-
-
-def test_triton_reads_grown_store_views_in_place(triton_kernels):
-    """The cache's store grows by doubling and hands out prefix views: the kernel addresses the buffers by their
-    capacity instead of copying them, and still matches the reference."""
-    from compress.kvcache.store import CompressedStore
-
-    torch.manual_seed(0)
-    stores = {ax: CompressedStore(axis=ax, bits=4, group_size=32, chunk_len=32, outlier_ratio=0.05, power_iters=1)
-              for ax in ("token", "channel")}
-    x = torch.randn(2, 2, 5 * 32, 64)
-    for i in range(5):  # one chunk at a time: the buffers grow and readers see prefix views
-        for ax, s in stores.items():
-            s.append(x[:, :, i * 32:(i + 1) * 32], 0 if ax == "token" else 1)
-    keys, values = stores["token"], stores["channel"]
-    assert not keys.codes.is_contiguous()
-    n = keys.codes.shape[2]
-    assert A._token_capacity(n, [keys.codes, keys.scale, keys.zero]) > n
-    q, w = torch.randn(2, 4, 1, 64), torch.randn(2, 2, 3, 64).half()
+def test_store_on_another_device_is_refused(triton_kernels):
     dev = triton_kernels
-    got = A.compressed_decode_attention(q.to(dev), keys, values, w.to(dev), w.to(dev)).cpu()
-    want = A.compressed_attention_reference(q, keys, values, w, w)
-    torch.testing.assert_close(got, want, rtol=2e-4, atol=2e-4)
+    q, keys, values, wk, wv, _, _ = make_case()
+    if dev == "cpu":
+        pytest.skip("one device only")
+    with pytest.raises(ValueError, match="move it"):  # a CPU pointer handed to a GPU kernel would fault
+        A.compressed_decode_attention(*_to(dev, q), keys, values, *_to(dev, wk, wv))
+
+
+@pytest.mark.parametrize("head_dim", (64, 128, 256))
+def test_shared_memory_fits_h100_h200(head_dim):
+    """The kernel's shared memory bound (dot operands + the pipelined loads of a chunk, at its launch config) fits
+    an H100/H200 block (232,448 bytes) at the settings the cache uses, with room for the largest outlier count."""
+    limit = min(AT.SHARED_MEMORY_LIMIT.values())
+    for bits in (2, 3, 4, 8):
+        need = AT.shared_memory_estimate(head_dim, chunk_len=64, bits=bits, group_size=64, per_group=8)
+        assert need <= limit, (head_dim, bits, need)
+    # the estimate grows with the tile: more stages or a larger head_dim ask more
+    assert AT.shared_memory_estimate(head_dim, stages=3) > AT.shared_memory_estimate(head_dim, stages=1)
+    if head_dim == 128:  # the old kernel asked 303,104 B here; ours at 8 bits and 3 stages still fits
+        assert AT.shared_memory_estimate(128, bits=8, stages=3) < limit
+
+
+def test_triton_reads_a_store_grown_chunk_by_chunk(triton_kernels):
+    """The cache's own store, appended one chunk at a time on the kernel's device (pages sealed and an open page
+    re-allocated on every append), read in place through the page table."""
+    dev = triton_kernels
+    torch.manual_seed(0)
+    stores = {ax: CompressedStore(axis=ax, bits=4, group_size=32, chunk_len=32, outlier_ratio=0.05, power_iters=1,
+                                  page_chunks=2) for ax in ("token", "channel")}
+    x = torch.randn(1, 2, 5 * 32, 64, device=dev)
+    with torch_quantizer_on_cpu():
+        for i in range(5):
+            for ax, s in stores.items():
+                s.append(x[:, :, i * 32:(i + 1) * 32], 2 if ax == "token" else 1)
+    keys, values = stores["token"], stores["channel"]
+    assert [p.codes.shape[2] for p in keys.pages] == [64, 64, 32] and keys.pages[0].codes.device.type == dev
+    q, w = torch.randn(1, 4, 1, 64, device=dev), torch.randn(1, 2, 3, 64, device=dev).half()
+    got = A.compressed_decode_attention(q, keys, values, w, w).cpu()
+    k = torch.cat([keys.dequantize().cpu(), w.cpu().float()], 2).repeat_interleave(2, 1)
+    v = torch.cat([values.dequantize().cpu(), w.cpu().float()], 2).repeat_interleave(2, 1)
+    want = torch.softmax(q.cpu() @ k.transpose(-1, -2) / 8, -1) @ v
+    torch.testing.assert_close(got, want, **(TOL if ON_GPU else dict(rtol=2e-4, atol=2e-4)))

@@ -41,10 +41,8 @@ def all_tensors(cache):
     found = []
     for layer in cache.layers:
         for store in (layer.key_store, layer.value_store):
-            for name in ("codes", "scale", "zero", "outlier_values", "outlier_positions"):
-                if getattr(store, name) is not None:
-                    found.append(getattr(store, name))
-            found += [t for s in store.segments for t in (s.a, s.b)]
+            for page in store.pages:
+                found += [getattr(page, f) for f in vars(page) if isinstance(getattr(page, f), torch.Tensor)]
         found += [layer.window_keys, layer.window_values]
     return found
 
@@ -62,14 +60,14 @@ def test_nbytes_equals_tensor_storage_and_bits(lm, heldout_ids, attn):
     layer = cache.layers[0]
     n, w = layer.key_store.num_tokens, layer.window_keys.shape[-2]
     assert (n, w) == (256, 44)
-    # by hand for one layer (B=1, H=2 KV heads, D=64, 4 chunks), K and V each:
+    # by hand for one layer (B=1, H=2 KV heads, D=64, 4 chunks in one page), K and V each:
     codes = 2 * (2 * n * 64 * 4 // 8)                       # 4-bit codes
     scales = 2 * (2 * 2 * (n * 64 // 64) * 2)                # fp16 scale + zero per group of 64 entries
     outliers = 2 * (2 * (n * 64 // 64) * 2)                  # 2 outliers per group, K and V
-    lowrank = (2 * (n + 4 * 64) * 2 + 2 * (n + 4 * 64) * 1) * 2  # fp16 A [n, r] + Bf [chunks, D, r]: r=2 (K), 1 (V)
+    lowrank = (2 * (n + 64) * 2 + 2 * (n + 64) * 1) * 2      # fp16 A [n, r] + one basis [D, r]: r=2 (K), 1 (V)
     window = 2 * (2 * w * 64 * 2)                            # fp16 window
-    per_layer = codes + scales + outliers * 2 + outliers * 2 + lowrank + window  # values fp16 + indices int16
-    assert (items["outlier_values"], items["outlier_indices"]) == (6 * outliers * 2, 6 * outliers * 2)
+    per_layer = codes + scales + outliers * 2 + outliers * 1 + lowrank + window  # values fp16 + offsets uint8
+    assert (items["outlier_values"], items["outlier_indices"]) == (6 * outliers * 2, 6 * outliers)
     assert items["total"] == 6 * per_layer
     assert cache.bits_per_element() == pytest.approx(8 * items["total"] / (6 * 2 * 2 * 64 * (n + w)))
 

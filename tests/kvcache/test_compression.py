@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from compress.kernels.kv_pages import outlier_coordinates
 from compress.kvcache.gear_math import power_iteration
 from compress.kvcache.store import CompressedStore
 
@@ -27,9 +28,9 @@ def test_error_within_half_a_step(bits, axis):
     s.append(x, rank=0)
     err = (s.dequantize() - x).abs()
     # the step of each entry's group, expanded to entries
-    step = s.scale.float().repeat_interleave(64, dim=2 if axis == "token" else 3)
+    step = s.pages[0].scale.float().repeat_interleave(64, dim=2 if axis == "token" else 3)
     assert torch.all(err <= step / 2 + 1e-3 * x.abs().amax()), "an entry is further than half a step from its code"
-    assert s.codes.shape[-1] == 64 * bits // 8, "codes are not packed"
+    assert len(s.pages) == 1 and s.pages[0].codes.shape[-1] == 64 * bits // 8, "codes are not packed"
 
 
 def test_more_bits_less_error():
@@ -47,16 +48,20 @@ def test_outliers_restored_exactly(axis):
     x = kv_like()
     s = make_store(axis, 2, outlier_ratio=0.02)
     s.append(x, rank=0)
-    pos = s.outlier_positions.long()
-    assert s.outlier_positions.dtype == torch.int16 and s.outlier_values.dtype == torch.float16
-    flat_x = x.reshape(2, 2, 2, 64 * 64)
-    flat_hat = s.dequantize().reshape(2, 2, 2, 64 * 64)
+    page = s.pages[0]
+    assert page.outlier_offsets.dtype == torch.uint8 and page.outlier_values.dtype == torch.float16
+    assert page.outlier_values.shape == (2, 2, 2, 64 * 64 // 64 * 2)  # 2 per group of 64, per chunk
+    tok, ch = outlier_coordinates(s, page)
+    pos = tok * 64 + ch
+    flat_x, flat_hat = x.reshape(2, 2, -1), s.dequantize().reshape(2, 2, -1)
     at_x, at_hat = flat_x.gather(-1, pos), flat_hat.gather(-1, pos)
     # exact up to the fp16 rounding of the stored correction
     assert torch.allclose(at_hat, at_x, atol=2e-3 * x.abs().amax().item(), rtol=0)
-    # and the outliers shrink the error where they are (the codes alone are far off there)
-    assert (flat_x.gather(-1, pos) - s.quantized_only().reshape(2, 2, 2, -1).gather(-1, pos)).abs().mean() > \
-        10 * (at_x - at_hat).abs().mean()
+    # the outliers are each group's extremes, and the codes alone are far off there
+    assert (at_x - s.quantized_only().reshape(2, 2, -1).gather(-1, pos)).abs().mean() > 10 * (at_x - at_hat).abs().mean()
+    grouped = x.reshape(2, 2, 2, 64, 64)                                  # [.., chunk, token, channel]
+    grouped = grouped.transpose(-1, -2) if axis == "token" else grouped   # groups along the last axis
+    assert torch.equal(at_x.reshape(2, 2, -1, 2)[..., 0], grouped.reshape(2, 2, -1, 64).amax(-1))
 
 
 def test_lowrank_reduces_error_and_rank_helps():
@@ -86,10 +91,10 @@ def test_append_only_chunks_never_change():
     x = kv_like(n=192)
     s = make_store("token", 4, outlier_ratio=0.02)
     s.append(x[:, :, :64], rank=2)
-    first = (s.codes.clone(), s.scale.clone(), s.outlier_values.clone(), s.segments[0].a.clone())
-    s.append(x[:, :, 64:192], rank=2)
-    assert s.num_chunks == 3 and len(s.segments) == 1
-    assert torch.equal(s.codes[:, :, :64], first[0]) and torch.equal(s.scale[:, :, :1], first[1])
-    assert torch.equal(s.outlier_values[:, :, :1], first[2]) and torch.equal(s.segments[0].a[:, :, :64], first[3])
-    s.append(x[:, :, :64], rank=4)  # another rank starts a new low-rank segment
-    assert [seg.a.shape[-1] for seg in s.segments] == [2, 4] and s.segments[1].first_chunk == 3
+    first = s.pages[0]
+    snap = [t.clone() for t in first.tensors()]
+    s.append(x[:, :, 64:192], rank=4)
+    assert s.num_chunks == 3 and len(s.pages) == 1 and s.pages[0].rank == 2  # the open page keeps its basis
+    assert all(torch.equal(a, b) for a, b in zip(first.tensors(), snap))   # replaced, never written in place
+    new = s.pages[0]
+    assert torch.equal(new.codes[:, :, :64], snap[0]) and torch.equal(new.a[:, :, :64], first.a)

@@ -87,3 +87,17 @@ def test_default_cache_respects_the_generation_config_and_survives_deepcopy(held
     with torch.no_grad():
         mine = model.generate(ids, max_new_tokens=3, do_sample=False)
     assert mine[0, n].item() != 0
+
+
+def test_entry_written_before_the_paged_format_restores(heldout_ids):
+    """A gear_kv entry from format version 1 (no page_chunks / lowrank_dtype): the checkpoint holds only cache
+    settings, so it restores onto the paged (v2) cache with the new fields at their defaults."""
+    old_args = dict(method="gear", bits=4, group_size=64, residual_length=64, key_rank=1, value_rank=0,
+                    key_prefill_rank=None, value_prefill_rank=None, outlier_ratio=0.0, power_iters=3, skip_layers=[],
+                    targets=["re:.*self_attn"], ignore=[])
+    model = compress.load("builtin:tiny")
+    compress.get_pass("gear_kv")(old_args).restore(model, {"pass": "gear_kv", "args": old_args})
+    with torch.no_grad():
+        out = model.generate(heldout_ids[:, :140], max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    store = out.cache.layers[0].key_store
+    assert out.cache.settings.page_chunks == 32 and len(store.pages) == 1 and store.pages[0].rank == 1

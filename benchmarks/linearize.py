@@ -1,0 +1,220 @@
+"""Linearization benchmark: the original model and its Liger conversions (GLA, Liger Attention hybrid), one run, one
+table.
+
+- quality, on the trained reference model (builtin:tiny, float32, CPU): held-out perplexity right after conversion
+  (`ppl_converted`) and after LoRA recovery (`ppl_recovered`, from a checkpoint written by the recipe, e.g.
+  `compress apply recipes/liger-hybrid.yaml`, given as `--recovered liger-hybrid=DIR`; the recover pass's tokens and
+  minutes are read from its report.json; null when no checkpoint is given); KL(original || model) and top-1
+  agreement of next-token distributions, of the recovered model when there is one, else of the converted one;
+  copy and pass-key accuracy (compress.eval.probes).
+- cache bytes: bytes held by the cache's tensors after a context of 1k, 8k and 32k tokens (DynamicCache K/V for the
+  original; recurrent states + window ring buffers for ours).
+- decode speed: tokens/s of one-token forward passes from a cache holding the context, as a ratio to the original
+  with a DynamicCache (> 1: faster), medians of interleaved repetitions in this process. The reference model's
+  context is 1024 tokens, so at 8k and 32k both models are random-init models with its shapes (speed does not
+  depend on the weights); the caches are filled with random tensors of the right shapes (a 32k prefill on 2 CPU
+  cores would take most of the run and changes nothing about the per-token cost).
+
+    OMP_NUM_THREADS=1 python benchmarks/linearize.py [--json] [--recovered liger-hybrid=out/liger-hybrid ...]"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache
+
+import compress
+from compress.eval.probes import copy_probe, passkey_probe
+from compress.evaluate import evaluate, heldout_windows
+from compress.linearize import LinearizedCache, LinearizedLayer, LinearizeSettings, cache_nbytes, linearize_model
+from compress.pass_api import storage_bytes
+from compress.progress import progress_bar
+
+VARIANTS = {"liger-gla": LinearizeSettings(variant="gla"), "liger-hybrid": LinearizeSettings(variant="hybrid")}
+CONTEXTS = (1024, 8192, 32768)
+
+
+def heldout_text() -> str:
+    return (Path(compress.__file__).parent / "builtin" / "tiny" / "heldout.txt").read_text()
+
+
+def quality(model, original, windows, tokenizer, args) -> dict:
+    ev = evaluate(model, windows, original, progress=False)
+    return {"perplexity": ev["perplexity"], "kl": ev["kl"], "top1": ev["top1_agreement"],
+            "copy": copy_probe(model, span_len=args.copy_len, num=args.probe_num),
+            "passkey": passkey_probe(model, tokenizer, heldout_text(), context_len=args.passkey_len,
+                                     num=args.probe_num)}
+
+
+def recovered_info(folder: Path) -> dict:
+    report = json.loads((folder / "report.json").read_text()) if (folder / "report.json").exists() else {}
+    for p in report.get("passes", []):
+        if p.get("name") == "recover":
+            d = p.get("details", {})
+            return {"tokens": d.get("tokens"), "minutes": round(p.get("seconds", 0) / 60, 2), "details": d}
+    return {"tokens": None, "minutes": None}
+
+
+def filled_dynamic_cache(model, context: int) -> DynamicCache:
+    cfg = model.config
+    cache = DynamicCache(config=cfg)
+    shape = (1, cfg.num_key_value_heads, context, cfg.head_dim)
+    for i in range(cfg.num_hidden_layers):
+        cache.update(torch.randn(shape), torch.randn(shape), i)
+    return cache
+
+
+def filled_linearized_cache(model, context: int) -> LinearizedCache:
+    cfg, cache = model.config, LinearizedCache(model)
+    for layer in cache.layers:
+        state = torch.randn(1, cfg.num_key_value_heads, cfg.head_dim, cfg.head_dim)
+        if isinstance(layer, LinearizedLayer) and layer.window:
+            kv = torch.randn(1, cfg.num_key_value_heads, layer.window - 1, cfg.head_dim)
+            layer.store(state, kv, kv.clone(), torch.ones(1, layer.window - 1, dtype=torch.bool),
+                        new_tokens=layer.window - 1)
+            layer.cumulative_length = context
+        else:
+            layer.store(state, new_tokens=context)
+    return cache
+
+
+@torch.no_grad()
+def decode_seconds(model, cache, steps: int) -> float:
+    ids = torch.randint(100, model.config.vocab_size, (1, 1))
+    model(ids, cache=cache)  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        model(ids, cache=cache)
+    return (time.perf_counter() - t0) / steps
+
+
+def speed_and_bytes(reference, args) -> dict[str, dict]:
+    """{variant: {"cache_bytes": {ctx: bytes}, "decode_speedup": {ctx: ratio}}} plus the original's bytes."""
+    out = {name: {"cache_bytes": {}, "decode_speedup": {}} for name in ["original", *VARIANTS]}
+    for ctx in progress_bar(CONTEXTS, description="decode speed"):
+        if ctx <= reference.config.max_position_embeddings:
+            base = reference
+        else:
+            cfg = copy.deepcopy(reference.config)
+            cfg.max_position_embeddings = ctx
+            torch.manual_seed(0)
+            base = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+        models = {"original": base}
+        for name, settings in VARIANTS.items():
+            models[name] = copy.deepcopy(base)
+            linearize_model(models[name], settings)
+        times = {name: [] for name in models}
+        for _ in range(args.reps):  # interleaved, fresh cache each repetition
+            for name, m in models.items():
+                cache = filled_dynamic_cache(m, ctx) if name == "original" else filled_linearized_cache(m, ctx)
+                times[name].append(decode_seconds(m, cache, args.steps))
+                nbytes = (storage_bytes([t for layer in cache.layers for t in (layer.keys, layer.values)])
+                          if name == "original" else cache_nbytes(cache)["total"])
+                out[name]["cache_bytes"][str(ctx)] = nbytes
+                del cache
+        base_t = statistics.median(times["original"])
+        for name in models:
+            out[name]["decode_speedup"][str(ctx)] = round(base_t / statistics.median(times[name]), 2)
+            if name == "original":
+                out[name]["decode_tokens_per_s"] = out[name].get("decode_tokens_per_s", {})
+                out[name]["decode_tokens_per_s"][str(ctx)] = round(1 / base_t, 1)
+    return out
+
+
+def run(args) -> list[dict]:
+    torch.manual_seed(0)
+    original = compress.load(args.model)
+    tokenizer = compress.load_tokenizer(args.model)
+    windows = heldout_windows(tokenizer, seq_len=args.seq_len, max_windows=args.windows)
+    recovered = dict(item.split("=", 1) for item in args.recovered)
+    rows = []
+    ev = evaluate(original, windows, None, progress=False)
+    rows.append({"variant": "original", "perplexity": ev["perplexity"], "kl": 0.0, "top1": 1.0,
+                 "copy": copy_probe(original, span_len=args.copy_len, num=args.probe_num),
+                 "passkey": passkey_probe(original, tokenizer, heldout_text(), context_len=args.passkey_len,
+                                          num=args.probe_num)})
+    for name, settings in progress_bar(list(VARIANTS.items()), description="variants"):
+        converted = copy.deepcopy(original)
+        linearize_model(converted, settings)
+        q = quality(converted, original, windows, tokenizer, args)
+        row = {"variant": name, "ppl_converted": q["perplexity"], "ppl_recovered": None,
+               "recovery_tokens": None, "recovery_minutes": None,
+               "kl_converted": q["kl"], "top1_converted": q["top1"]}
+        if name in recovered:
+            folder = Path(recovered[name])
+            rec = compress.load(folder)
+            qr = quality(rec, original, windows, tokenizer, args)
+            info = recovered_info(folder)
+            row.update(ppl_recovered=qr["perplexity"], recovery_tokens=info["tokens"],
+                       recovery_minutes=info["minutes"], kl=qr["kl"], top1=qr["top1"], copy=qr["copy"],
+                       passkey=qr["passkey"], recovered_from=str(folder))
+        else:
+            row.update(kl=q["kl"], top1=q["top1"], copy=q["copy"], passkey=q["passkey"],
+                       note="no recovered checkpoint given (--recovered NAME=DIR): ppl_recovered is null")
+        rows.append(row)
+    if not args.skip_speed:
+        perf = speed_and_bytes(original, args)
+        for row in rows:
+            row.update(perf[row["variant"]])
+    for row in rows:
+        row["protocol"] = (f"{windows.shape[0]} held-out windows of {args.seq_len} tokens; copy {args.probe_num}x"
+                           f"{args.copy_len}; passkey {args.probe_num} prompts of {args.passkey_len} tokens; decode "
+                           f"{args.steps} steps x {args.reps} reps, contexts > {original.config.max_position_embeddings}"
+                           " on random-init models of the same shapes")
+    return rows
+
+
+def fmt(v, spec=".3f"):
+    return "-" if v is None else format(v, spec) if isinstance(v, float) else str(v)
+
+
+def print_table(rows: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="Linearization (builtin:tiny, CPU fp32)")
+    for col in ("variant", "ppl", "ppl converted", "ppl recovered", "recovery", "KL", "top-1", "copy", "passkey",
+                *(f"cache MB {c // 1024}k" for c in CONTEXTS), *(f"decode x {c // 1024}k" for c in CONTEXTS)):
+        t.add_column(col, justify="right")
+    for r in rows:
+        rec = (f"{r['recovery_tokens']} tok / {r['recovery_minutes']} min"
+               if r.get("recovery_minutes") is not None else "-")
+        cb, ds = r.get("cache_bytes", {}), r.get("decode_speedup", {})
+        t.add_row(r["variant"], fmt(r.get("perplexity"), ".2f"), fmt(r.get("ppl_converted"), ".2f"),
+                  fmt(r.get("ppl_recovered"), ".2f"), rec, fmt(r.get("kl"), ".4f"), fmt(r.get("top1")),
+                  fmt(r.get("copy")), fmt(r.get("passkey"), ".2f"),
+                  *(fmt(cb.get(str(c), 0) / 2**20, ".2f") if cb else "-" for c in CONTEXTS),
+                  *(fmt(ds.get(str(c)), ".2f") if ds else "-" for c in CONTEXTS))
+    Console().print(t)
+    print(rows[0]["protocol"])
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", action="store_true", help="print a JSON list of rows instead of the table")
+    ap.add_argument("--model", default="builtin:tiny")
+    ap.add_argument("--recovered", nargs="*", default=[], metavar="NAME=DIR",
+                    help="recovered checkpoints, e.g. liger-hybrid=out/liger-hybrid liger-gla=out/liger-gla")
+    ap.add_argument("--windows", type=int, default=16, help="held-out windows for perplexity / KL")
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--copy-len", type=int, default=64)
+    ap.add_argument("--probe-num", type=int, default=8)
+    ap.add_argument("--passkey-len", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=8, help="decode steps timed per repetition")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--skip-speed", action="store_true")
+    args = ap.parse_args(argv)
+    rows = run(args)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print_table(rows)
+
+
+if __name__ == "__main__":
+    main()

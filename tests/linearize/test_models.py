@@ -1,0 +1,103 @@
+"""Linearized models of each architecture: a full forward equals chunked prefill + token-by-token cached decoding,
+with and without left padding, with GQA and without; the cache stays constant in size."""
+import pytest
+import torch
+
+from compress.linearize import LinearizedCache, LinearizedLayer, LinearizeSettings, cache_nbytes, linearize_model
+
+VARIANTS = {
+    "gla": LinearizeSettings(variant="gla"),
+    "hybrid": LinearizeSettings(variant="hybrid", window=8, alpha=0.6, beta=0.4),
+    "hgrn2": LinearizeSettings(variant="gla", gate="hgrn2"),
+}
+TOL = dict(rtol=1e-5, atol=2e-5)
+
+
+def converted(tiny_model, arch, variant, kv_heads=2, layers="all", chunk_size=4):
+    model = tiny_model(arch, num_key_value_heads=kv_heads)
+    linearize_model(model, VARIANTS[variant].model_copy(update={"chunk_size": chunk_size}), layers)
+    return model
+
+
+def incremental_logits(model, ids, attention_mask=None, prefill=13, cache=None):
+    """Logits of a chunked prefill of `prefill` tokens then one token at a time through `cache`."""
+    cache = cache if cache is not None else LinearizedCache(model)
+    mask = attention_mask
+    out = [model(ids[:, :prefill], cache=cache, attention_mask=None if mask is None else mask[:, :prefill]).logits]
+    for i in range(prefill, ids.shape[1]):
+        out.append(model(ids[:, i:i + 1], cache=cache,
+                         attention_mask=None if mask is None else mask[:, :i + 1]).logits)
+    return torch.cat(out, dim=1), cache
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("kv_heads", [2, 4], ids=["gqa", "mha"])
+def test_full_forward_equals_prefill_plus_cached_decode(tiny_model, arch, variant, kv_heads):
+    model = converted(tiny_model, arch, variant, kv_heads)
+    ids = torch.randint(1, 128, (2, 27), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(ids).logits
+        inc, cache = incremental_logits(model, ids)
+    torch.testing.assert_close(inc, full, **TOL)
+    assert all(isinstance(layer, LinearizedLayer) for layer in cache.layers)
+    assert cache.get_seq_length() == 27
+
+
+@pytest.mark.parametrize("variant", ["gla", "hybrid"])
+def test_left_padding_computes_what_the_unpadded_row_computes(tiny_model, arch, variant):
+    model = converted(tiny_model, arch, variant, layers="every_2")  # also mixes softmax layers in
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 128, (2, 26), generator=gen)
+    pad = 9
+    mask = torch.ones_like(ids)
+    mask[1, :pad] = 0
+    ids[1, :pad] = 0
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask).logits
+        alone = model(ids[1:, pad:]).logits
+        inc, _ = incremental_logits(model, ids, mask, prefill=12)
+    torch.testing.assert_close(full[1:, pad:], alone, **TOL)
+    torch.testing.assert_close(inc[:, pad:], full[:, pad:], **TOL)
+    torch.testing.assert_close(inc[0], full[0], **TOL)
+
+
+def test_generate_with_default_and_explicit_cache_and_padding(tiny_model):
+    model = converted(tiny_model, "qwen3", "hybrid", layers=[0, 2])
+    ids = torch.randint(1, 128, (2, 20), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[1, :6] = 0
+    ids[1, :6] = 0
+    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        default = model.generate(ids, attention_mask=mask, **kw, return_dict_in_generate=True)
+        explicit = model.generate(ids, attention_mask=mask, cache=LinearizedCache(model), **kw)
+        row1 = model.generate(ids[1:, 6:], **kw)
+    assert torch.equal(default.sequences, explicit)
+    assert torch.equal(default.sequences[1, 20:], row1[0, 14:])
+    kinds = [type(layer).__name__ for layer in default.cache.layers]
+    assert kinds == ["LinearizedLayer", "DynamicLayer", "LinearizedLayer"]
+
+
+def test_softmax_layers_are_untouched_and_no_parameters_added(tiny_model):
+    original = tiny_model("llama")
+    model = converted(tiny_model, "llama", "gla", layers="every_3")  # keeps layer 2 softmax
+    assert type(model.model.layers[2].self_attn) is type(original.model.layers[2].self_attn)
+    assert set(model.state_dict()) == set(original.state_dict())
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in original.state_dict().items())
+
+
+@pytest.mark.parametrize("variant", ["gla", "hybrid"])
+def test_cache_bytes_constant_in_context_length(tiny_model, variant):
+    model = converted(tiny_model, "mistral", variant)
+    sizes = []
+    with torch.no_grad():
+        for length in (9, 40, 120):
+            cache = LinearizedCache(model)
+            model(torch.randint(1, 128, (1, length)), cache=cache)
+            model(torch.randint(1, 128, (1, 1)), cache=cache)
+            sizes.append(cache_nbytes(cache)["total"])
+    assert sizes[0] == sizes[1] == sizes[2] > 0
+    # state: layers x KV heads x head_dim^2 floats; the hybrid adds window-1 keys and values and their validity
+    state = 3 * 2 * 16 * 16 * 4
+    window = 3 * (2 * 2 * 7 * 16 * 4 + 7) if variant == "hybrid" else 0
+    assert sizes[0] == state + window

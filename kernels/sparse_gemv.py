@@ -111,13 +111,13 @@ if triton is not None:
         tl.store(out_ptr + rn[:, None].to(tl.int64) * stride_o + rc[None, :], w.to(out_ptr.dtype.element_ty),
                  mask=valid)
 
-    _GEMV_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_J": bj, "SPLIT_K": sk}, num_warps=w)
-                     for bn in (16, 32, 64) for bj in (64, 128) for sk in (1, 2, 4, 8) for w in (2, 4)]
+    _GEMV_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_J": bj, "SPLIT_K": sk}, num_warps=4)
+                     for bn in (32, 64) for bj in (64, 128) for sk in (1, 2, 4, 8)]
     _nm_gemv_tuned = triton.autotune(_GEMV_CONFIGS, key=["N", "KEPT", "BLOCK_T"], reset_to_zero=["y_ptr"])(
         _nm_gemv_kernel)
     _bitmask_gemv_tuned = triton.autotune(
-        [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w) for bn in (8, 16, 32) for bk in (64, 128, 256)
-         for w in (2, 4)], key=["N", "K", "BLOCK_T"])(_bitmask_gemv_kernel)
+        [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=4) for bn in (8, 16, 32) for bk in (64, 128, 256)],
+        key=["N", "K", "BLOCK_T"])(_bitmask_gemv_kernel)
 
 
 def _interpreted() -> bool:

@@ -37,11 +37,12 @@ def down_weight(module: nn.Module) -> torch.Tensor:
 
 class LayerActivations:
     """One layer's captured activations with what every CETT evaluation reuses: neuron output norms |a_i| ||d_i||
-    and the full output norms ||y||."""
+    and the full output norms ||y||. `scores` replaces the neuron output norms as what the threshold compares (the
+    activation_sparsity pass thresholds the gate activation |act(gate(x))|, known before up_proj runs)."""
 
-    def __init__(self, acts: torch.Tensor, weight: torch.Tensor):
+    def __init__(self, acts: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor | None = None):
         self.acts, self.weight_t = acts, weight.t().contiguous()
-        self.magnitude = acts.abs() * weight.norm(dim=0)
+        self.magnitude = acts.abs() * weight.norm(dim=0) if scores is None else scores
         self.full = (acts @ self.weight_t).norm(dim=-1).clamp_min(1e-12)
         self._cache: dict[float, float] = {}  # the outer search's bisections share their first midpoints
 

@@ -41,10 +41,16 @@ def runtime_plan(model: nn.Module, runtime: str = "auto", device_type: str = "cp
     """{module: path} that each pruned layer would run on a device of this type, without weights (a meta model)."""
     from .sparse_linear import SparseLinear
 
+    from ..activation_sparsity.mlp import ActivationSparseMLP
+
     concrete = resolve_runtime(runtime, device_type)
     plan = {}
     for name, module in model.named_modules():
-        if isinstance(module, SparseLinear):
+        if isinstance(module, ActivationSparseMLP):
+            gather = "Triton" if device_type == "cuda" else "C or torch"
+            plan[name] = (f"activation-sparse: active neurons' rows only ({gather} gather) at <= "
+                          f"{module.max_sparse_tokens} tokens, masked dense above")
+        elif isinstance(module, SparseLinear):
             if concrete == "dense":
                 plan[name] = "dense (decoded at load)"
             elif device_type == "cuda":

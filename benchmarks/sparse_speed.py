@@ -1,0 +1,292 @@
+"""Sparse layers against dense ones, in one process, one table per device (ratio > 1 = ours faster).
+
+    python benchmarks/sparse_speed.py [--json] [--quick]
+
+CPU (one torch thread, fp32; speeds as ratios of paired medians):
+- runtime_dense: a 2:4 SparseLinear loaded with runtime `dense` vs the unpruned nn.Linear, Llama shapes, 1/8/64
+  tokens; e2e_prefill / e2e_decode: builtin:tiny pruned 2:4 (runtime dense) vs unpruned, prefill 256 tokens and
+  greedy decoding of 64 tokens.
+- activation_sparse_mlp: the `activation_sparsity` pass is calibrated on builtin:tiny (+1% perplexity budget on its
+  calibration windows); ppl_delta_pct is the held-out perplexity change at those thresholds and `sparsity` the
+  inactive share measured there. Speed: an ActivationSparseMLP at Llama-3-8B's MLP shape (4096 x 14336, random
+  weights) whose threshold gives that same inactive share on its inputs, vs the same dense MLP, 1 and 4 tokens.
+CUDA (fp16, when a GPU is present): per shape and tokens, dense cuBLAS vs the packed runtime's dispatched path
+(kind semi_structured, with every candidate's time), the packed GEMV alone (packed_gemv, <= 16 tokens), the
+activation-sparse MLP (Triton gathers), and a 2-layer model with Llama-3-8B layer shapes, all Linears 2:4: prefill
+of 4096 tokens and 64 decoded tokens, tokens/s vs dense. Without CUDA only the CPU rows print (exit 0)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+from vq_logits import paired_median_seconds  # noqa: E402
+
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096)]  # (out, in)
+MLP_SHAPE = (4096, 14336)  # hidden, intermediate (Llama-3-8B)
+
+
+def pruned_pair(out_f: int, in_f: int, dtype=torch.float32, device="cpu", structure="2:4"):
+    from compress.prune.masks import nm_mask, unstructured_mask
+    from compress.prune.sparse_linear import SparseLinear
+
+    lin = nn.Linear(in_f, out_f, bias=False, dtype=dtype, device=device)
+    with torch.no_grad():
+        lin.weight.normal_(0, 0.02)
+    mask = nm_mask(lin.weight.abs(), 2, 4) if structure == "2:4" else unstructured_mask(lin.weight.abs(), 0.5)
+    sparse = SparseLinear.from_linear(lin, mask, (2, 4) if structure == "2:4" else None)
+    return lin, sparse
+
+
+# ------------------------------------------------------------------------------------------------ CPU
+@torch.no_grad()
+def cpu_runtime_dense(tokens_list, repeats) -> list[dict]:
+    rows = []
+    for out_f, in_f in SHAPES:
+        lin, sparse = pruned_pair(out_f, in_f)
+        sparse.set_runtime("dense")
+        for t in tokens_list:
+            x = torch.randn(t, in_f)
+            dense_s, ours_s = paired_median_seconds([lambda: lin(x), lambda: sparse(x)], repeats)
+            rows.append(dict(device="cpu", kind="runtime_dense", shape=f"{out_f}x{in_f}", tokens=t,
+                             speedup_vs_dense=dense_s / ours_s, dense_ms=dense_s * 1e3, ours_ms=ours_s * 1e3))
+        del lin, sparse
+    return rows
+
+
+@torch.no_grad()
+def cpu_e2e_tiny(repeats) -> list[dict]:
+    import tempfile
+
+    import compress
+    from compress.prune import Prune
+
+    base = compress.load("builtin:tiny")
+    pruned, _ = compress.apply(compress.load("builtin:tiny"), [Prune(method="magnitude", structure="2:4")],
+                               progress=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        ours = compress.load(compress.save(pruned, Path(tmp) / "p"))  # the default CPU runtime: dense
+    ids = torch.randint(0, 8192, (1, 256), generator=torch.Generator().manual_seed(0))
+    prefill = paired_median_seconds([lambda: base(input_ids=ids), lambda: ours(input_ids=ids)], repeats)
+    gen = dict(max_new_tokens=64, min_new_tokens=64, do_sample=False, pad_token_id=0)
+    decode = paired_median_seconds([lambda: base.generate(ids[:, :16], **gen), lambda: ours.generate(ids[:, :16], **gen)],
+                                   max(3, repeats // 2), min_batch_seconds=0)
+    return [dict(device="cpu", kind="e2e_prefill", shape="builtin:tiny 2:4 runtime=dense", tokens=256,
+                 speedup_vs_dense=prefill[0] / prefill[1]),
+            dict(device="cpu", kind="e2e_decode", shape="builtin:tiny 2:4 runtime=dense", tokens=64,
+                 speedup_vs_dense=decode[0] / decode[1])]
+
+
+@torch.no_grad()
+def calibrated_tiny(calib_samples: int, eval_windows: int) -> dict:
+    """Calibrate the activation_sparsity pass on builtin:tiny; held-out perplexity change and inactive share."""
+    import compress
+    from compress.activation_sparsity import ActivationSparseMLP, ActivationSparsity
+    from compress.evaluate import evaluate, heldout_windows
+
+    tok = compress.load_tokenizer("builtin:tiny")
+    base = compress.load("builtin:tiny")
+    model, report = compress.apply(compress.load("builtin:tiny"), [ActivationSparsity(outer_steps=8, inner_steps=16,
+                                                                                      search_tokens=1024)],
+                                   calibration={"source": "builtin:calibration", "num_samples": calib_samples,
+                                                "seq_len": 256}, tokenizer=tok, progress=False)
+    windows = heldout_windows(tok, max_windows=eval_windows)
+    mlps = [m for m in model.modules() if isinstance(m, ActivationSparseMLP)]
+    for m in mlps:
+        m.record, m.counts = True, [0, 0]
+    ev = evaluate(model, windows, base, progress=False)
+    inactive = 1 - sum(m.counts[0] for m in mlps) / sum(m.counts[1] for m in mlps)
+    d = report.passes[0].details
+    return dict(ppl_delta_pct=100 * (ev["perplexity"] / ev["baseline_perplexity"] - 1), sparsity=inactive,
+                calibration_ppl_delta_pct=100 * d["ppl_increase"], kl=ev["kl"], cett=d["cett"],
+                layer_sparsity=[round(s, 3) for s in d["layer_sparsity"]])
+
+
+def mlp_at_sparsity(sparsity: float, dtype=torch.float32, device="cpu"):
+    """A Llama-3-8B-shaped MLP with random weights; threshold set so `sparsity` of neurons are inactive on N(0,1) x."""
+    from transformers.activations import ACT2FN
+
+    from compress.activation_sparsity import ActivationSparseMLP
+
+    hidden, inter = MLP_SHAPE
+    mlp = nn.Module()
+    mlp.gate_proj = nn.Linear(hidden, inter, bias=False, dtype=dtype, device=device)
+    mlp.up_proj = nn.Linear(hidden, inter, bias=False, dtype=dtype, device=device)
+    mlp.down_proj = nn.Linear(inter, hidden, bias=False, dtype=dtype, device=device)
+    mlp.act_fn = ACT2FN["silu"]
+    with torch.no_grad():
+        for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+            p.weight.normal_(0, 0.02)
+        sample = torch.randn(64, hidden, dtype=dtype, device=device)
+        scores = mlp.act_fn(mlp.gate_proj(sample)).abs().float().flatten()
+        tau = torch.quantile(scores[:: max(1, scores.numel() // 1_000_000)], sparsity).item()
+    sparse = ActivationSparseMLP(mlp, threshold=tau, max_sparse_tokens=16)
+
+    def dense(x):
+        return mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+
+    return dense, sparse
+
+
+@torch.no_grad()
+def cpu_activation_sparse(quality: dict, repeats) -> list[dict]:
+    from compress.activation_sparsity import ActivationSparseMLP
+
+    dense, sparse = mlp_at_sparsity(quality["sparsity"])
+    rows = []
+    for t in (1, 4):
+        x = torch.randn(t, MLP_SHAPE[0])
+        sparse.record, sparse.counts = True, [0, 0]
+        sparse(x)
+        sparse.record = False
+        measured = 1 - sparse.counts[0] / sparse.counts[1]
+        d, s = paired_median_seconds([lambda: dense(x), lambda: sparse(x)], repeats)
+        rows.append(dict(device="cpu", kind="activation_sparse_mlp", shape=f"{MLP_SHAPE[0]}x{MLP_SHAPE[1]}", tokens=t,
+                         speedup_vs_dense=d / s, dense_ms=d * 1e3, ours_ms=s * 1e3, sparsity=measured,
+                         ppl_delta_pct=quality["ppl_delta_pct"], path=sparse.runtime_path(t),
+                         quality_model="builtin:tiny", **{k: quality[k] for k in ("calibration_ppl_delta_pct", "kl")}))
+    assert isinstance(sparse, ActivationSparseMLP)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ CUDA
+def cuda_ms(fn, repeats: int = 50) -> float:
+    import triton
+
+    return triton.testing.do_bench(fn, rep=repeats, return_mode="median")
+
+
+@torch.no_grad()
+def cuda_layers(tokens_list) -> list[dict]:
+    from compress.prune import gpu_dispatch
+
+    rows = []
+    for out_f, in_f in SHAPES:
+        for structure in ("2:4", "unstructured"):
+            lin, sparse = pruned_pair(out_f, in_f, torch.float16, "cuda", structure)
+            for t in tokens_list:
+                if structure == "unstructured" and t > 16:  # the bitmask layout has a fast path for decoding only
+                    continue
+                x = torch.randn(t, in_f, device="cuda", dtype=torch.float16)
+                dense = cuda_ms(lambda: lin(x))
+                ref = lin(x).float()
+                times = {p: cuda_ms(lambda p=p: gpu_dispatch.RUN[p](sparse, x, None))
+                         for p in gpu_dispatch.candidates(sparse, t, torch.float16)}
+                chosen = gpu_dispatch.choose(sparse, t, torch.float16, x)
+                err = float((sparse(x).float() - ref).norm() / ref.norm())
+                common = dict(device="cuda", shape=f"{out_f}x{in_f}", tokens=t, structure=structure,
+                              dense_ms=dense, rel_err=err)
+                if "packed_gemv" in times:
+                    rows.append(dict(common, kind="packed_gemv", speedup_vs_dense=dense / times["packed_gemv"],
+                                     ours_ms=times["packed_gemv"]))
+                if structure == "2:4":
+                    rows.append(dict(common, kind="semi_structured", path=chosen, ours_ms=times[chosen],
+                                     speedup_vs_dense=dense / times[chosen],
+                                     paths={p: dense / v for p, v in times.items()}))
+            del lin, sparse
+            torch.cuda.empty_cache()
+    return rows
+
+
+@torch.no_grad()
+def cuda_activation_sparse(quality: dict) -> list[dict]:
+    dense, sparse = mlp_at_sparsity(quality["sparsity"], torch.float16, "cuda")
+    rows = []
+    for t in (1, 4):
+        x = torch.randn(t, MLP_SHAPE[0], device="cuda", dtype=torch.float16)
+        d, s = cuda_ms(lambda: dense(x)), cuda_ms(lambda: sparse(x))
+        rows.append(dict(device="cuda", kind="activation_sparse_mlp", shape=f"{MLP_SHAPE[0]}x{MLP_SHAPE[1]}",
+                         tokens=t, speedup_vs_dense=d / s, dense_ms=d, ours_ms=s, sparsity=quality["sparsity"],
+                         ppl_delta_pct=quality["ppl_delta_pct"], quality_model="builtin:tiny"))
+    return rows
+
+
+@torch.no_grad()
+def cuda_e2e(prefill_tokens: int = 4096, decode_tokens: int = 64) -> list[dict]:
+    """2 decoder layers with Llama-3-8B shapes (small vocabulary: the layers are what is measured), all Linears 2:4."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import compress
+    from compress.prune import Prune
+
+    config = AutoConfig.for_model("llama", vocab_size=1024, hidden_size=4096, intermediate_size=14336,
+                                  num_hidden_layers=2, num_attention_heads=32, num_key_value_heads=8,
+                                  max_position_embeddings=8192, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    dense = AutoModelForCausalLM.from_config(config, dtype=torch.float16).cuda().eval()
+    sparse = AutoModelForCausalLM.from_config(config, dtype=torch.float16).cuda().eval()
+    sparse.load_state_dict(dense.state_dict())
+    compress.apply(sparse, [Prune(method="magnitude", structure="2:4", ignore=["re:.*lm_head"])], progress=False)
+    ids = torch.randint(0, 1024, (1, prefill_tokens), device="cuda")
+    pre_d = cuda_ms(lambda: dense(input_ids=ids), 200)
+    pre_s = cuda_ms(lambda: sparse(input_ids=ids), 200)
+    gen = dict(max_new_tokens=decode_tokens, min_new_tokens=decode_tokens, do_sample=False, pad_token_id=0)
+
+    def decode_s(model):
+        model.generate(ids[:, :128], **gen)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model.generate(ids[:, :128], **gen)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    dec_d, dec_s = decode_s(dense), decode_s(sparse)
+    shape = "2 layers Llama-3-8B, all Linears 2:4"
+    return [dict(device="cuda", kind="e2e_prefill", shape=shape, tokens=prefill_tokens, speedup_vs_dense=pre_d / pre_s),
+            dict(device="cuda", kind="e2e_decode", shape=shape, tokens=decode_tokens, speedup_vs_dense=dec_d / dec_s)]
+
+
+def print_table(rows: list[dict]) -> None:
+    for device in ("cpu", "cuda"):
+        sub = [r for r in rows if r["device"] == device]
+        if not sub:
+            continue
+        print(f"\n{device}: speedup = dense time / ours (> 1: ours faster)")
+        print(f"{'kind':<22}{'shape':<36}{'tokens':>7}{'speedup':>9}  extra")
+        for r in sub:
+            extra = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()
+                     if k in ("path", "sparsity", "ppl_delta_pct", "rel_err", "structure", "paths")}
+            print(f"{r['kind']:<22}{r['shape']:<36}{r['tokens']:>7}{r['speedup_vs_dense']:>8.2f}x  {extra or ''}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", action="store_true", help="print the rows as one JSON list")
+    ap.add_argument("--quick", action="store_true", help="fewer shapes/tokens/repeats (a smoke run)")
+    ap.add_argument("--no-cpu", action="store_true", help="CUDA rows only")
+    args = ap.parse_args()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    repeats = 3 if args.quick else 7
+    rows: list[dict] = []
+    quality = calibrated_tiny(8 if args.quick else 16, 8 if args.quick else 32)
+    if not args.no_cpu:
+        saved = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            rows += cpu_activation_sparse(quality, repeats)
+            rows += cpu_runtime_dense([1, 8] if args.quick else [1, 8, 64], repeats)
+            rows += cpu_e2e_tiny(repeats)
+        finally:
+            torch.set_num_threads(saved)
+    if torch.cuda.is_available():
+        rows += cuda_layers([1, 8, 16] if args.quick else [1, 8, 16, 64, 512, 4096])
+        rows += cuda_activation_sparse(quality)
+        rows += cuda_e2e()
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        print(f"torch {torch.__version__}; CPU rows at 1 thread; activation sparsity calibrated on builtin:tiny: "
+              f"{json.dumps(quality)}")
+        print_table(rows)
+
+
+if __name__ == "__main__":
+    main()

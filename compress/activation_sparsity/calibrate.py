@@ -1,0 +1,76 @@
+"""Per-layer gate thresholds at a perplexity budget (CATS thresholds, chosen the Sparsing Law way).
+
+Neuron i of an FFN is skipped for a token when |act(gate(x))_i| < tau (CATS: the gate is known before up_proj and
+down_proj run, so skipping saves their work). Per layer, tau comes from a target CETT (the relative output error of
+the truncation, compress/prune/activation_sparsity.py): the largest tau whose mean CETT stays within it. Across
+layers, one CETT value is searched by bisection: the largest whose thresholds, all applied at once, raise the
+perplexity on the calibration windows by at most `target_ppl_increase`."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..evaluate import evaluate
+from ..prune.activation_sparsity import LayerActivations
+from ..progress import progress_bar
+from .mlp import ActivationSparseMLP
+
+
+def _capture(mlps: list[ActivationSparseMLP], model, windows: torch.Tensor, search_tokens: int, batch_size: int):
+    """The first `search_tokens` tokens' down_proj inputs and gate scores |act(gate(x))|, per layer."""
+    acts: list[list[torch.Tensor]] = [[] for _ in mlps]
+    scores: list[list[torch.Tensor]] = [[] for _ in mlps]
+    handles = []
+    for i, mlp in enumerate(mlps):
+        handles.append(mlp.down_proj.register_forward_pre_hook(
+            lambda mod, args, i=i: acts[i].append(args[0].detach().reshape(-1, args[0].shape[-1]).float())))
+        handles.append(mlp.gate_proj.register_forward_hook(
+            lambda mod, args, out, i=i, act=mlp.act_fn:
+            scores[i].append(act(out.detach()).abs().reshape(-1, out.shape[-1]).float())))
+    try:
+        per_window = windows.shape[1]
+        evaluate(model, windows[: max(1, -(-search_tokens // per_window))], batch_size=batch_size, progress=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return [(torch.cat(a)[:search_tokens], torch.cat(s)[:search_tokens]) for a, s in zip(acts, scores)]
+
+
+@torch.no_grad()
+def calibrate_thresholds(model, mlps: list[ActivationSparseMLP], windows: torch.Tensor,
+                         target_ppl_increase: float = 0.01, *, search_tokens: int = 2048, outer_steps: int = 10,
+                         inner_steps: int = 20, batch_size: int = 8, progress: bool = False) -> dict[str, Any]:
+    """Set each module's `threshold`; return what was found (thresholds, sparsity per layer, perplexities)."""
+    for m in mlps:
+        m.threshold.fill_(0.0)
+    layers = [LayerActivations(a, m.down_proj.weight.detach().float(), scores=s)
+              for m, (a, s) in zip(mlps, _capture(mlps, model, windows, search_tokens, batch_size))]
+    dense_ppl = evaluate(model, windows, batch_size=batch_size, progress=False)["perplexity"]
+    limit = dense_ppl * (1 + target_ppl_increase)
+
+    def trial(cett: float):
+        taus = [layer.threshold_for_cett(cett, inner_steps) for layer in layers]
+        for m, tau in zip(mlps, taus):
+            m.threshold.fill_(tau)
+            m.record, m.counts = True, [0, 0]
+        ppl = evaluate(model, windows, batch_size=batch_size, progress=False)["perplexity"]
+        for m in mlps:
+            m.record = False
+        return ppl, taus, [1 - m.counts[0] / max(m.counts[1], 1) for m in mlps]
+
+    best = {"cett": 0.0, "perplexity": dense_ppl, "thresholds": [0.0] * len(mlps), "layer_sparsity": [0.0] * len(mlps)}
+    lo, hi = 0.0, 1.0
+    for _ in progress_bar(range(outer_steps), description="activation sparsity: threshold search", enabled=progress):
+        mid = (lo + hi) / 2
+        ppl, taus, sparsity = trial(mid)
+        if ppl <= limit:
+            lo = mid
+            best = {"cett": mid, "perplexity": ppl, "thresholds": taus, "layer_sparsity": sparsity}
+        else:
+            hi = mid
+    for m, tau in zip(mlps, best["thresholds"]):
+        m.threshold.fill_(tau)
+    return {**best, "perplexity_dense": dense_ppl, "ppl_increase": best["perplexity"] / dense_ppl - 1,
+            "sparsity": sum(best["layer_sparsity"]) / len(mlps), "target_ppl_increase": target_ppl_increase,
+            "tokens": int(windows.numel())}

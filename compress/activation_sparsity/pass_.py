@@ -1,0 +1,82 @@
+"""The `activation_sparsity` pass: glue between recipes and calibrate.py / mlp.py.
+
+Every targeted gated MLP (Llama, Mistral, Qwen2/3 layout: gate_proj, up_proj, down_proj, act_fn) becomes an
+`ActivationSparseMLP`; per-layer gate thresholds are calibrated on the calibration windows to the perplexity
+budget. The checkpoint records, per MLP, its exact threshold (in the compression section; the tensors are the
+dense model's)."""
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field
+from torch import nn
+
+from ..errors import CheckpointError, ConfigError
+from ..pass_api import Pass, PassConfig, PassContext, PassReport, replace_module, timed
+from ..registry import register_pass
+from .calibrate import calibrate_thresholds
+from .mlp import ActivationSparseMLP
+
+_GATED = ("gate_proj", "up_proj", "down_proj", "act_fn")
+
+
+@register_pass("activation_sparsity")
+class ActivationSparsity(Pass):
+    """Skip FFN neurons whose gate activation is below a per-layer threshold fitted to a perplexity budget (CATS)."""
+
+    class Config(PassConfig):
+        targets: list[str] = Field(default_factory=lambda: [r"re:.*\.mlp"],
+                                   description="the gated MLP modules (containers of gate_proj/up_proj/down_proj)")
+        ignore: list[str] = Field(default_factory=list)
+        target_ppl_increase: float = Field(0.01, gt=0.0, lt=1.0,
+                                           description="perplexity budget on the calibration windows (0.01 = +1%)")
+        max_sparse_tokens: int = Field(4, ge=1, le=256,
+                                       description="calls with at most this many tokens read only active neurons")
+        search_tokens: int = Field(2048, ge=64, description="calibration tokens whose activations set the thresholds")
+        outer_steps: int = Field(10, ge=1, le=30, description="bisection steps over the CETT value")
+        inner_steps: int = Field(20, ge=1, le=60, description="bisection steps per layer threshold")
+
+    needs_calibration = True
+
+    def _mlps(self, model: nn.Module) -> dict[str, nn.Module]:
+        matched = self.target_modules(model)
+        mlps = {n: m for n, m in matched.items()
+                if isinstance(m, ActivationSparseMLP) or all(hasattr(m, a) for a in _GATED)}
+        if not mlps:
+            raise ConfigError(f"activation_sparsity: targets {self.config.targets} match no gated MLP (a module "
+                              "with gate_proj, up_proj, down_proj and act_fn); target e.g. 're:.*\\.mlp'")
+        return mlps
+
+    def describe(self, model: nn.Module) -> list[str]:
+        return list(self._mlps(model))
+
+    def apply(self, model: nn.Module, ctx: PassContext) -> PassReport:
+        targets = self._mlps(model)
+        report = PassReport(name=self.name, modules=list(targets))
+        windows = ctx.calibration_batches(self.name)
+        c = self.config
+        with timed(report):
+            modules = []
+            for name, mlp in targets.items():
+                module = mlp if isinstance(mlp, ActivationSparseMLP) else \
+                    ActivationSparseMLP(mlp, max_sparse_tokens=c.max_sparse_tokens)
+                replace_module(model, name, module)
+                modules.append(module)
+            found = calibrate_thresholds(model, modules, windows, c.target_ppl_increase, search_tokens=c.search_tokens,
+                                         outer_steps=c.outer_steps, inner_steps=c.inner_steps, progress=ctx.progress)
+        report.bytes_before = report.bytes_after = 0  # weights unchanged: this pass saves work, not bytes
+        report.details = {**found, "restore": {name: {"threshold": float(m.threshold)}
+                                               for name, m in zip(targets, modules)}}
+        return report
+
+    def restore(self, model: nn.Module, entry: dict[str, Any]) -> None:
+        for name, spec in (entry.get("restore") or {}).items():
+            try:
+                mlp = model.get_submodule(name)
+            except AttributeError:
+                raise CheckpointError(f"checkpoint makes {name} activation-sparse, but this model has no such module") \
+                    from None
+            if not all(hasattr(mlp, a) for a in _GATED):
+                raise CheckpointError(f"checkpoint makes {name} activation-sparse, but it is not a gated MLP")
+            replace_module(model, name, ActivationSparseMLP(mlp, threshold=float(spec["threshold"]),
+                                                            max_sparse_tokens=self.config.max_sparse_tokens))

@@ -4,3 +4,4 @@ from .vq_logits import VQLogits  # noqa: F401
 from .kvcache.pass_ import GearKV  # noqa: F401
 from .linearize.pass_ import Linearize  # noqa: F401
 from .recover import Recover  # noqa: F401
+from .activation_sparsity import ActivationSparsity  # noqa: F401

@@ -1,0 +1,111 @@
+"""bitsandbytes methods: our layers equal bitsandbytes' own (quantized tensors and forward, bit for bit), and a
+checkpoint of them loads in plain transformers (a process that never imports compress) with the same logits.
+
+Tolerance of the transformers comparison: exact (0) once transformers' unquantized tensors are cast to float32;
+transformers 5 keeps a bitsandbytes checkpoint's unquantized tensors (embeddings, norms, head) in the stored bf16
+whatever `dtype` asks, so its own bf16 forward differs from compress.load's float32 one by about 0.05 in the logits
+(also checked, as a bound)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import compress
+from compress.errors import CompressError
+from compress.quantize.bnb import Bnb4bitLinear, Bnb8bitLinear
+
+bnb = pytest.importorskip("bitsandbytes")
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_4bit_equals_bitsandbytes_bit_for_bit(quant_type, double_quant):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(192, 40, bias=True)
+    ours = Bnb4bitLinear.from_linear(linear, quant_type=quant_type, blocksize=128, double_quant=double_quant,
+                                     compute_dtype=torch.float32)
+    packed, state = bnb.functional.quantize_4bit(linear.weight.detach(), blocksize=128,
+                                                 compress_statistics=double_quant, quant_type=quant_type)
+    assert torch.equal(ours.weight, packed) and torch.equal(ours.absmax, state.absmax)
+    theirs = bnb.nn.Linear4bit(192, 40, bias=True, compute_dtype=torch.float32, compress_statistics=double_quant,
+                               quant_type=quant_type)
+    theirs.load_state_dict(linear.state_dict())
+    theirs.weight.blocksize = 128
+    theirs = theirs.to("cpu")  # bitsandbytes quantizes on the move
+    mine, ref = ours.state_dict(), theirs.state_dict()
+    assert mine.keys() == ref.keys() and all(torch.equal(mine[k], ref[k]) for k in ref)
+    x = torch.randn(2, 7, 192)
+    assert torch.equal(ours(x), theirs(x))
+    # and back from the state dict alone (what compress.load does)
+    empty = Bnb4bitLinear(192, 40, quant_type=quant_type, blocksize=128, double_quant=double_quant,
+                          compute_dtype=torch.float32, state_bytes=ours.quant_state.numel(), bias=True)
+    empty.load_state_dict(ref)
+    assert torch.equal(empty(x), theirs(x))
+
+
+def test_int8_equals_bitsandbytes_with_outliers():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 40, bias=True)
+    ours = Bnb8bitLinear.from_linear(linear, threshold=6.0).eval()
+    theirs = bnb.nn.Linear8bitLt(96, 40, bias=True, has_fp16_weights=False, threshold=6.0)
+    theirs.load_state_dict(linear.state_dict())
+    theirs = theirs.to("cpu").eval()
+    assert torch.equal(ours.weight, theirs.weight.data)
+    x = torch.randn(2, 5, 96)
+    x[0, 0, 3] = 20.0  # an outlier column: the 16-bit path of LLM.int8
+    assert torch.equal(ours(x), theirs(x))
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+
+
+def test_missing_bitsandbytes_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails
+    with pytest.raises(CompressError, match=r"pip install 'compress\[bnb\]'"):
+        compress.apply(compress.load("builtin:tiny"), [compress.get_pass("quantize")(method="nf4")], progress=False)
+
+
+PLAIN = textwrap.dedent('''
+    import json, sys, warnings, torch
+    warnings.filterwarnings("ignore")
+    from transformers import AutoModelForCausalLM
+    out = {}
+    for folder in sys.argv[1:]:
+        model = AutoModelForCausalLM.from_pretrained(folder, device_map="cpu")
+        ids = torch.arange(3, 67).unsqueeze(0)
+        with torch.no_grad():
+            bf16 = model(ids).logits[0]
+            for p in model.parameters():  # unquantized tensors stay bf16 in transformers: compare in float32
+                if p.dtype == torch.bfloat16:
+                    p.data = p.data.float()
+            fp32 = model(ids).logits[0]
+        out[folder] = {"layer": type(model.model.layers[0].mlp.down_proj).__name__,
+                       "fp32": fp32.tolist(), "bf16": bf16.float().tolist()}
+    assert "compress" not in sys.modules
+    print(json.dumps(out))
+''')
+
+
+def test_checkpoint_loads_in_plain_transformers_with_the_same_logits(tmp_path):
+    folders, expected = [], {}
+    for method in ("nf4", "int8"):
+        model = compress.load("builtin:tiny")
+        compress.apply(model, [compress.get_pass("quantize")(method=method)], progress=False)
+        folder = str(compress.save(model, tmp_path / method))
+        config = json.loads((tmp_path / method / "config.json").read_text())
+        assert config["model_type"] == "llama" and config["quantization_config"]["quant_method"] == "bitsandbytes"
+        reloaded = compress.load(folder)
+        with torch.no_grad():
+            expected[folder] = model(torch.arange(3, 67).unsqueeze(0)).logits[0]
+            assert torch.equal(reloaded(torch.arange(3, 67).unsqueeze(0)).logits[0], expected[folder])
+        folders.append(folder)
+    run = subprocess.run([sys.executable, "-c", PLAIN, *folders], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    for folder, layer in zip(folders, ("Linear4bit", "Linear8bitLt")):
+        assert got[folder]["layer"] == layer
+        torch.testing.assert_close(torch.tensor(got[folder]["fp32"]), expected[folder], rtol=0, atol=0)
+        assert (torch.tensor(got[folder]["bf16"]) - expected[folder]).abs().max() < 0.25

@@ -1,0 +1,46 @@
+"""The quantize pass's arguments, targets and skips, and its user errors."""
+import pytest
+import torch
+
+import compress
+from compress.errors import ConfigError
+from compress.quantize import QuantizedLinear
+
+
+def quantize(**args):
+    return compress.get_pass("quantize")(**args)
+
+
+@pytest.mark.parametrize("args,message", [
+    (dict(method="rtn", act_order=True), "does not take act_order"),
+    (dict(method="nf4", bits=8), "does not take bits"),
+    (dict(method="gptq", threshold=3.0), "does not take threshold"),
+    (dict(group_size=0), "group_size is a positive number"),
+    (dict(bits=3), "bits"),
+])
+def test_bad_arguments_are_config_errors(args, message):
+    with pytest.raises(ConfigError, match=message):
+        quantize(**args)
+
+
+def test_gptq_outside_decoder_layers_and_non_linear_targets(tiny_model):
+    model = tiny_model("llama")
+    with pytest.raises(ConfigError, match="outside the decoder layers"):
+        compress.apply(model, [quantize(method="gptq", ignore=[])], calibration={"source": "builtin:calibration"},
+                       tokenizer=compress.load_tokenizer("builtin:tiny"), progress=False)
+    with pytest.raises(ConfigError, match="targets Linear layers"):
+        quantize(method="rtn", targets=["model.layers.0.mlp"]).describe(model)
+
+
+def test_rtn_composes_with_pruning_and_skips_what_is_quantized(tiny_model):
+    model = tiny_model("llama")
+    compress.apply(model, [compress.get_pass("prune")(method="magnitude", structure="2:4",
+                                                        targets=["re:.*mlp\\..*"], storage="packed")], progress=False)
+    _, report = compress.apply(model, [quantize(method="rtn", group_size=32, symmetric=False)], progress=False)
+    details = report.passes[0].details
+    assert details["pruned_layers_kept_sparse"] == 9 and len(report.passes[0].modules) == 21
+    mlp = model.model.layers[0].mlp.up_proj
+    assert isinstance(mlp, QuantizedLinear) and mlp.sparsity_structure == (2, 4) and mlp.zero_points() is not None
+    # a second quantize pass finds nothing left to quantize, and says so
+    with pytest.raises(ConfigError, match="already quantized"):
+        compress.apply(model, [quantize(method="rtn", targets=["QuantizedLinear"])], progress=False)

@@ -48,7 +48,7 @@ def read_texts(spec: CalibrationSpec, base_dir: Path | None = None) -> list[str]
         return _read_dataset_folder(path, spec)
     if path.suffix in (".jsonl", ".json"):
         texts = []
-        with path.open(encoding="utf-8") as f:
+        with path.open(encoding="utf-8", errors="replace") as f:  # a stray byte is replaced, like in .txt
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue

@@ -72,6 +72,8 @@ def apply(
                                    "`calibration:` section to the recipe (e.g. `calibration: {source: builtin:calibration}`)")
     for p in passes:
         p.check(model)  # shapes a pass cannot take fail before any pass runs
+    if any(p.needs_calibration_for() for p in passes):
+        ctx.calibration_batches("calibration")  # unreadable or too short calibration data fails before any work
     if any(p.needs_original_model_for() for p in passes):
         # e.g. the teacher of a distillation loss: the model before the first pass, frozen, on the CPU
         ctx.original_model = copy.deepcopy(model).cpu().eval().requires_grad_(False)

@@ -70,6 +70,11 @@ def apply(
         if p.needs_calibration_for() and calibration is None:
             raise CalibrationError(f"pass {p.name!r} with these arguments needs calibration data: add a "
                                    "`calibration:` section to the recipe (e.g. `calibration: {source: builtin:calibration}`)")
+    if getattr(model, "compress_offloaded_layers", None):
+        unable = [p.name for p in passes if not p.supports_offload]
+        if unable:
+            raise CompressError(f"pass {', '.join(map(repr, unable))} cannot run with decoder layers left on disk "
+                                "(max_memory): load the model without max_memory, or on a machine that holds it")
     for p in passes:
         p.check(model)  # shapes a pass cannot take fail before any pass runs
     if any(p.needs_calibration_for() for p in passes):

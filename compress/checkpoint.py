@@ -44,6 +44,11 @@ def _unique_state_dict(model: nn.Module, storage_dtype: torch.dtype) -> dict[str
     """The state dict with tied tensors kept once and floating tensors cast to the storage dtype."""
     out, seen = {}, {}
     for name, t in model.state_dict().items():
+        if t.device.type == "meta":  # a layer left on disk (compress/offload.py): read when its shard is written
+            from .offload import LazyTensor
+
+            out[name] = LazyTensor.of(model, name, t, storage_dtype)
+            continue
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
         if key in seen and t.numel() > 0:
             continue  # a tied weight (e.g. lm_head = embed_tokens); re-tied on load
@@ -133,14 +138,16 @@ def _write(model, tmp: Path, tokenizer, recipe_text, report, max_shard_bytes) ->
 
 def write_weights(state: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
     """model.safetensors, or shards and their index above `max_shard_bytes` (the layout transformers reads)."""
+    from .offload import materialize
+
     shards = _shards(state, max_shard_bytes)
     if len(shards) == 1:
-        save_file(shards[0], folder / WEIGHTS_NAME, metadata={"format": "pt"})
+        save_file(materialize(shards[0]), folder / WEIGHTS_NAME, metadata={"format": "pt"})
         return
     weight_map = {}
     for i, shard in enumerate(shards, 1):
         name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, folder / name, metadata={"format": "pt"})
+        save_file(materialize(shard), folder / name, metadata={"format": "pt"})  # one shard in memory at a time
         weight_map.update({k: name for k in shard})
     total = sum(t.numel() * t.element_size() for t in state.values())
     (folder / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))

@@ -102,6 +102,9 @@ class Pass:
     name: ClassVar[str] = "unnamed"
     Config: ClassVar[type[PassConfig]] = PassConfig
     needs_calibration: ClassVar[bool] = False
+    # True when the pass reaches decoder layers only through ctx.run_sequential / sequential.for_each_layer, so it
+    # runs on a model whose layers are left on disk (compress.load(max_memory=...))
+    supports_offload: ClassVar[bool] = False
 
     def __init__(self, config: PassConfig | dict | None = None, **kwargs: Any):
         if config is not None and kwargs:

@@ -6,7 +6,8 @@
    with `step.run(hooks)` and compresses the layer; then run the (now compressed) layer over the stored inputs, and
    its outputs become the next layer's inputs. Only the current layer sits on the compute device.
 
-Memory: the stored activations are num_samples x seq_len x hidden, never sized by the model's maximum positions."""
+Memory: the stored activations are num_samples x seq_len x hidden, never sized by the model's maximum positions.
+A layer left on disk (compress.load(max_memory=...)) is read in for its step and written back compressed."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from .errors import UnsupportedModelError
+from .offload import is_offloaded, materialized
 from .progress import progress_bar
 
 
@@ -112,8 +114,27 @@ def run_sequential(
         for m in pre_layer:
             m.to(offload)
     for i in progress_bar(range(len(layers)), description=description, enabled=progress):
+        if is_offloaded(layers[i]):  # on disk (compress.load(max_memory=...)): read in, written back compressed
+            with materialized(layers[i], f"{prefix}.{i}", device, model) as layer:
+                step = LayerStep(index=i, name=f"{prefix}.{i}", layer=layer, inputs=inputs, kwargs=kwargs)
+                on_layer(step)
+                inputs = step.run()
+            continue
         layer = layers[i].to(device)
         step = LayerStep(index=i, name=f"{prefix}.{i}", layer=layer, inputs=inputs, kwargs=kwargs)
         on_layer(step)
         inputs = step.run()
         layers[i] = layer.to(offload)
+
+
+def for_each_layer(model: nn.Module, fn: Callable[[int, str, nn.Module], None], device: str = "cpu") -> None:
+    """Call `fn(index, name, layer)` on every decoder layer with real weights (no calibration): a layer left on
+    disk is read in for the call and written back afterwards, so passes that need no activations still work on
+    models larger than memory."""
+    prefix, layers = decoder_layers(model)
+    for i in range(len(layers)):
+        if is_offloaded(layers[i]):
+            with materialized(layers[i], f"{prefix}.{i}", device, model) as layer:
+                fn(i, f"{prefix}.{i}", layer)
+        else:
+            fn(i, f"{prefix}.{i}", layers[i])

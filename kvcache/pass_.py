@@ -27,6 +27,8 @@ SETTINGS_FIELDS = tuple(KVCacheSettings.model_fields)
 class GearKV(Pass):
     """Compressed KV cache for generation: GEAR (method: gear) or KIVI (method: kivi)."""
 
+    supports_offload = True  # records cache settings, touches no weights (see Pass.supports_offload)
+
     class Config(PassConfig, KVCacheSettings):
         # `targets`/`ignore` only name the attention modules shown by --dry-run; `skip_layers` picks the layers.
         targets: list[str] = Field(default_factory=lambda: ["re:.*self_attn"],

@@ -28,6 +28,8 @@ from .wanda import InputNormAccumulator, wanda_mask, wanda_scores
 class Prune(Pass):
     """Zero out weights of Linear layers by importance (magnitude, Wanda, SparseGPT) and store them packed."""
 
+    supports_offload = True  # decoder layers reached only layer by layer (see Pass.supports_offload)
+
     class Config(PassConfig):
         method: Literal["magnitude", "wanda", "sparsegpt"] = Field(
             "magnitude", description="importance: |w| (no data), |w| x input norm (Wanda), or OBS with updates "
@@ -79,7 +81,7 @@ class Prune(Pass):
 
     # ---------------------------------------------------------------------------------------------- apply
     def apply(self, model: nn.Module, ctx: PassContext) -> PassReport:
-        from ..sequential import decoder_layers
+        from ..sequential import decoder_layers, for_each_layer
 
         targets = self._checked_targets(model)
         report = PassReport(name=self.name, modules=list(targets))
@@ -92,11 +94,19 @@ class Prune(Pass):
         with timed(report), torch.no_grad():
             layer_sparsity = self._layer_sparsities(len(layers), layer_of, model, ctx, label)
             if self.config.method == "magnitude":
-                for name, module in targets.items():
+                def magnitude(name: str, module: nn.Linear) -> None:
                     s = self._sparsity_of(layer_of[name], layer_sparsity)
                     mask = nm_mask(magnitude_scores(module.weight), *nm) if nm else \
                         unstructured_mask(magnitude_scores(module.weight), s)
                     self._finish(state, name, module, module.weight.detach(), mask)
+
+                for name, module in targets.items():
+                    if layer_of[name] is None:
+                        magnitude(name, module)
+                # layer by layer, so that layers left on disk (compress.load(max_memory=...)) are read in turn
+                for_each_layer(model, lambda i, lname, layer: [
+                    magnitude(name, layer.get_submodule(name[len(lname) + 1:]))
+                    for name in targets if layer_of[name] == i])
             else:
                 outside = [n for n, i in layer_of.items() if i is None]
                 if outside:

@@ -1,0 +1,281 @@
+"""Models larger than memory: decoder layers left on disk and brought in one at a time.
+
+`compress.load(source, max_memory="8GB")` builds the model on the meta device and plans, with accelerate's
+`infer_auto_device_map`, which decoder layers fit in `max_memory` of CPU RAM; the others stay where they are on
+disk. An offloaded layer's tensors are meta tensors behind an accelerate `AlignDevicesHook` whose weights map reads
+the safetensors files in place (accelerate's `OffloadedWeightsLoader` index: file + tensor name, no copy), so a
+plain forward (evaluation, generation) loads each layer for its forward and drops it afterwards.
+
+Compression goes through the sequential runner, which calls `materialized(layer)`: the layer's tensors are read
+onto the compute device, the pass compresses it, and on exit the (now compressed) layer is written to a spill
+file in the offload folder (compute dtype, so results are bit-identical to an in-memory run) and returns to meta
+behind a hook that reads the spill file. `compress.save` then streams every tensor, shard by shard, from wherever
+it lives. Peak memory: the resident modules (embeddings, final norm, head: always resident, passes and the
+calibration capture need them) + the layers that fit the cap + one layer being compressed + the calibration
+activations. Disk: the spill files (about the compressed model's size) beside the source.
+"""
+from __future__ import annotations
+
+import math
+import re
+import shutil
+import tempfile
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .errors import CompressError
+from .progress import progress_bar
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_bytes(value: int | str) -> int:
+    """`8GB`, `512MiB`, `1.5e9` or an int -> bytes."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value <= 0:
+            raise CompressError(f"max_memory must be positive, got {value}")
+        return value
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*", str(value))
+    if not m or m.group(2).upper() not in _UNITS or float(m.group(1)) <= 0:
+        raise CompressError(f"cannot read memory size {value!r}; write e.g. 8GB, 512MiB or a number of bytes")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def weight_index(files: list[Path], dtype: torch.dtype) -> dict[str, dict]:
+    """accelerate's OffloadedWeightsLoader index: tensor name -> where it lives, read in place and cast to `dtype`
+    (floating tensors only; integer codes and indices keep their type)."""
+    index = {}
+    for f in files:
+        with safe_open(f, framework="pt") as sf:
+            for key in sf.keys():
+                entry = {"safetensors_file": str(f), "weight_name": key}
+                if sf.get_slice(key).get_dtype() in ("F16", "BF16", "F32", "F64"):
+                    entry["dtype"] = str(dtype).removeprefix("torch.")
+                index[key] = entry
+    return index
+
+
+def is_offloaded(module: nn.Module) -> bool:
+    return getattr(module, "_compress_weights", None) is not None
+
+
+def _attach(module: nn.Module, weights: dict[str, dict], prefix: str, device) -> None:
+    """Leave `module` on meta behind accelerate hooks that load its tensors from `weights` (an index) for each
+    forward. One hook per submodule that holds tensors (accelerate's attach_align_device_hook), so each hook
+    knows its own non-persistent buffers; those (derived, e.g. row offsets) stay resident."""
+    from accelerate.hooks import attach_align_device_hook
+    from accelerate.utils import OffloadedWeightsLoader, PrefixedDataset, set_module_tensor_to_device
+
+    for name in module.state_dict():
+        set_module_tensor_to_device(module, name, "meta")
+    module._compress_weights = PrefixedDataset(OffloadedWeightsLoader(index=weights), prefix + ".")
+    attach_align_device_hook(module, execution_device=device, offload=True, offload_buffers=True,
+                             weights_map=module._compress_weights)
+
+
+def _tensors(module: nn.Module):
+    yield from module.named_parameters(recurse=True)
+    yield from module.named_buffers(recurse=True)
+
+
+class OffloadState:
+    """Where the offloaded layers of one model live; kept on the model as `model.compress_offload`."""
+
+    def __init__(self, folder: Path | None, device, dtype: torch.dtype):
+        self._own_folder = folder is None
+        self.folder = Path(folder) if folder else Path(tempfile.mkdtemp(prefix="compress-offload-"))
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.device, self.dtype = device, dtype
+
+    def spill(self, module: nn.Module, prefix: str) -> None:
+        """Write `module` (compressed or not) to a spill file and leave it on meta, read back on demand."""
+        path = self.folder / f"{prefix}-{uuid.uuid4().hex[:8]}.safetensors"
+        state = {f"{prefix}.{k}": v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
+        save_file(state, path)
+        _attach(module, {k: {"safetensors_file": str(path), "weight_name": k} for k in state}, prefix, self.device)
+
+    def cleanup(self) -> None:
+        if self._own_folder:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+    def __del__(self):  # the spill files of a model that goes away
+        try:
+            self.cleanup()
+        except Exception:
+            pass
+
+
+@contextmanager
+def materialized(module: nn.Module, prefix: str, device, model: nn.Module) -> Iterator[nn.Module]:
+    """`module` with real tensors on `device` for the duration; an offloaded module is read in first and written
+    back to a spill file afterwards (it may have been replaced by compressed submodules meanwhile)."""
+    if not is_offloaded(module):
+        yield module.to(device)
+        return
+    from accelerate.hooks import remove_hook_from_submodules
+    from accelerate.utils import set_module_tensor_to_device
+
+    weights = module._compress_weights
+    remove_hook_from_submodules(module)
+    module._compress_weights = None
+    for name in list(module.state_dict()):
+        set_module_tensor_to_device(module, name, device, value=weights[name])
+    try:
+        yield module
+    finally:
+        model.compress_offload.spill(module, prefix)
+
+
+def resident_bytes(model: nn.Module) -> int:
+    """Bytes of tensors the model holds in memory (meta tensors of offloaded layers excluded)."""
+    seen, total = set(), 0
+    for _, t in _tensors(model):
+        if t.device.type == "meta" or t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+class LazyTensor:
+    """A tensor of an offloaded layer in a state dict being saved: shape and dtype now, data when its shard is
+    written (so saving holds one shard in memory, not the model)."""
+
+    def __init__(self, shape, dtype: torch.dtype, load):
+        self.shape, self.dtype, self._load = tuple(shape), dtype, load
+
+    @classmethod
+    def of(cls, model: nn.Module, name: str, meta: torch.Tensor, storage_dtype: torch.dtype) -> "LazyTensor":
+        dtype = storage_dtype if meta.is_floating_point() else meta.dtype
+        read = tensor_source(model, name)
+        return cls(meta.shape, dtype, lambda: read().detach().to("cpu", dtype).contiguous())
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def element_size(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    def is_floating_point(self) -> bool:
+        return self.dtype.is_floating_point
+
+    def load(self) -> torch.Tensor:
+        return self._load()
+
+
+def materialize(state: dict) -> dict[str, torch.Tensor]:
+    return {k: v.load() if isinstance(v, LazyTensor) else v for k, v in state.items()}
+
+
+def tensor_source(model: nn.Module, name: str):
+    """A zero-argument function that reads the offloaded tensor `name` (a state-dict key) from disk."""
+    parts = name.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        owner = model.get_submodule(".".join(parts[:cut]))
+        if is_offloaded(owner):
+            weights, key = owner._compress_weights, ".".join(parts[cut:])
+            return lambda: weights[key]
+    raise CompressError(f"tensor {name} is on the meta device and no offload hook knows where it lives")
+
+
+def load_offloaded_folder(path: Path, config, section: dict | None, *, dtype: torch.dtype, max_memory,
+                          offload_folder=None, device="cpu") -> nn.Module:
+    """`compress.load(..., max_memory=...)`: a Hugging Face folder or a compressed checkpoint, layers that do not
+    fit left on disk."""
+    from .checkpoint import FORMAT_VERSION, weight_files
+    from .errors import CheckpointError
+
+    if section is not None and (not isinstance(section.get("format_version", 0), int)
+                                or section.get("format_version", 0) > FORMAT_VERSION):
+        raise CheckpointError(f"{path} was written by a newer compress format ({section.get('format_version')}); "
+                              "upgrade compress")
+    files = [f for f in weight_files(path) if f.suffix == ".safetensors"]
+    if not files:
+        raise CheckpointError(f"{path} has no *.safetensors weights; offloaded loading reads safetensors only")
+    return load_offloaded(path, files, empty_structure(config, section, dtype), dtype=dtype,
+                          max_memory=max_memory, offload_folder=offload_folder, device=device)
+
+
+def load_offloaded(path: Path, files: list[Path], model: nn.Module, *, dtype: torch.dtype, max_memory,
+                   offload_folder=None, device="cpu") -> nn.Module:
+    """Fill a meta-device `model` from `files`: modules that fit `max_memory` in RAM, decoder layers that do not
+    left on disk behind offload hooks."""
+    from accelerate import infer_auto_device_map
+    from accelerate.utils import OffloadedWeightsLoader
+
+    from .sequential import decoder_layers
+
+    cap = parse_bytes(max_memory)
+    prefix, layers = decoder_layers(model)
+    layer_class = type(layers[0]).__name__
+    plan = infer_auto_device_map(model, max_memory={"cpu": cap, "disk": 1 << 60},
+                                 no_split_module_classes=[layer_class], dtype=dtype)
+    offloaded = set()
+    for i in range(len(layers)):
+        name = f"{prefix}.{i}"
+        where = next((d for k, d in plan.items() if name == k or name.startswith(k + ".")), "cpu")
+        if where == "disk":
+            offloaded.add(i)
+    index = weight_index(files, dtype)
+    state_names = set(model.state_dict())
+    missing = sorted(state_names - set(index) - _tied_names_meta(model))
+    if missing:
+        raise CompressError(f"{path} lacks tensors the model needs: {', '.join(missing[:5])}")
+    model.compress_offload = OffloadState(offload_folder, device, dtype)
+    loader = OffloadedWeightsLoader(index=index)
+    _fill(model, {k: loader[k] for k in index if k in state_names and not k.startswith(prefix + ".")},
+          skip=prefix + ".")
+    for i in progress_bar(range(len(layers)), description="loading layers", enabled=len(offloaded) > 0):
+        layer_prefix = f"{prefix}.{i}"
+        weights = {k: v for k, v in index.items() if k.startswith(layer_prefix + ".")}
+        # read each layer once so that buffers its modules derive on load (row offsets, ...) are computed, then
+        # leave the layers that do not fit on disk
+        _fill(layers[i], {k[len(layer_prefix) + 1:]: loader[k] for k in weights})
+        if i in offloaded:
+            _attach(layers[i], weights, layer_prefix, device)
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    model.compress_offloaded_layers = sorted(offloaded)
+    return model
+
+
+def empty_structure(config, section: dict | None, dtype: torch.dtype) -> nn.Module:
+    """The model with its compressed modules rebuilt, parameters on meta. Buffers that the constructor computes
+    (rotary frequencies) stay real; whatever the passes' `restore` creates stays meta until filled."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from .checkpoint import _no_init
+    from .registry import get_pass
+
+    with init_empty_weights(include_buffers=False), _no_init():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with init_empty_weights(include_buffers=True):
+        for entry in (section or {}).get("passes", []):
+            get_pass(entry["pass"])(entry.get("args", {})).restore(model, entry)
+    return model
+
+
+def _fill(module: nn.Module, state: dict[str, torch.Tensor], skip: str | None = None) -> None:
+    """Give `module`'s meta tensors (outside `skip`) real storage and load `state` through load_state_dict, so
+    that modules' load hooks run."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    for name, t in list(_tensors(module)):
+        if t.device.type == "meta" and not (skip and name.startswith(skip)):
+            set_module_tensor_to_device(module, name, "cpu", value=torch.empty(t.shape, dtype=t.dtype))
+    module.load_state_dict(state, strict=False)
+
+
+def _tied_names_meta(model: nn.Module) -> set[str]:
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return set()
+    return {n for n in model.state_dict() if n.startswith("lm_head.")}

@@ -1,0 +1,105 @@
+"""Models larger than memory: compressing with decoder layers left on disk gives the same checkpoint, bit for
+bit, as compressing in memory, while the weights held in RAM stay under the cap."""
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import compress
+from compress.checkpoint import read_state
+from compress.offload import is_offloaded, parse_bytes, resident_bytes
+from compress.errors import CompressError
+
+CALIBRATION = {"source": "builtin:calibration", "num_samples": 4, "seq_len": 32, "seed": 0}
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """A 12-layer random Llama whose layers outweigh its embeddings, saved as a plain HF folder."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=8192, hidden_size=128, intermediate_size=512, num_hidden_layers=12,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=256,
+                         tie_word_embeddings=False)
+    path = tmp_path_factory.mktemp("big") / "src"
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
+    return path
+
+
+def weight_bytes(model):
+    return sum(t.numel() * 4 for t in model.state_dict().values())
+
+
+def apply_and_save(model, tmp_path, name, prune_args):
+    tok = compress.load_tokenizer("builtin:tiny")
+    peak = []
+    from compress import sequential
+
+    original = sequential.LayerStep.run
+
+    def spy(step, hooks=None):  # weights in RAM while a layer is being compressed
+        peak.append(resident_bytes(model))
+        return original(step, hooks)
+
+    sequential.LayerStep.run = spy
+    try:
+        compress.apply(model, [compress.passes.Prune(**prune_args)], calibration=CALIBRATION, tokenizer=tok,
+                       progress=False)
+    finally:
+        sequential.LayerStep.run = original
+    return compress.save(model, tmp_path / name), max(peak, default=0)
+
+
+# SparseGPT goes through the same runner as Wanda (and its own test checks it against the reference)
+@pytest.mark.parametrize("prune_args", [{"method": "wanda", "structure": "2:4"},
+                                        {"method": "magnitude", "sparsity": 0.5}], ids=["wanda", "magnitude"])
+def test_capped_memory_matches_in_memory(source, tmp_path, prune_args):
+    whole = compress.load(source)
+    total = weight_bytes(whole)
+    cap = int(total * 0.55)  # embeddings + head (~40%) and a few layers; the rest stays on disk
+    capped = compress.load(source, max_memory=cap, offload_folder=tmp_path / "spill")
+    offloaded = [i for i, layer in enumerate(capped.model.layers) if is_offloaded(layer)]
+    assert len(offloaded) >= 6
+    assert resident_bytes(capped) < cap < total
+
+    ref_dir, _ = apply_and_save(whole, tmp_path, "in-memory", prune_args)
+    out_dir, peak = apply_and_save(capped, tmp_path, "capped", prune_args)
+    layer_bytes = total // 12
+    if prune_args["method"] != "magnitude":
+        assert 0 < peak <= cap + 2 * layer_bytes  # the cap, plus the layer being compressed
+    assert resident_bytes(capped) < cap
+
+    ref, got = read_state(ref_dir), read_state(out_dir)
+    assert ref.keys() == got.keys()
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), k
+
+    # the compressed checkpoint reloads capped too, and its forward (layers read per forward) matches
+    ids = torch.randint(0, 8192, (2, 24))
+    dense = compress.load(out_dir)
+    lean = compress.load(out_dir, max_memory=cap)
+    assert any(is_offloaded(layer) for layer in lean.model.layers)
+    with torch.no_grad():
+        torch.testing.assert_close(lean(ids).logits, dense(ids).logits, rtol=0, atol=0)
+
+
+def test_offload_refuses_passes_that_need_whole_layers(source, tmp_path):
+    capped = compress.load(source, max_memory=int(weight_bytes(compress.load(source)) * 0.55))
+
+    class Whole(compress.Pass):
+        name = "whole_model_pass"
+
+        def apply(self, model, ctx):  # pragma: no cover - refused before it runs
+            raise AssertionError
+
+    with pytest.raises(CompressError, match="left on disk"):
+        compress.apply(capped, [Whole()])
+
+
+@pytest.mark.parametrize("text,value", [("8GB", 8 * 10**9), ("512MiB", 512 * 2**20), ("1.5e3", 1500), (4096, 4096)])
+def test_parse_bytes(text, value):
+    assert parse_bytes(text) == value
+
+
+@pytest.mark.parametrize("bad", ["lots", "-1GB", "0", "12 parsecs", 0])
+def test_parse_bytes_rejects(bad):
+    with pytest.raises(CompressError):
+        parse_bytes(bad)

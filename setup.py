@@ -53,14 +53,14 @@ setup(
     ],
     extras_require={
         "triton": ["triton>=3.0"],
-        "bnb": ["bitsandbytes>=0.45"],
+        "bnb": ["bitsandbytes>=0.50"],  # quantize nf4/fp4/int8; its CPU backend runs them here
         "eval": ["lm_eval>=0.4.13,<0.5"],
         "plot": ["matplotlib>=3.7"],
         "fla": ["fla-core>=0.6"],  # GPU: flash-linear-attention kernels for linearized layers (chunk_gla)
         "bench": ["optimum-quanto>=0.2", "hqq>=0.2"],  # outside KV-cache baselines in benchmarks/kv_serving.py
         "ct": ["compressed-tensors>=0.20,<0.21"],  # --format compressed-tensors (transformers and vLLM read it)
         "test": ["pytest>=8", "triton>=3.0", "lm_eval>=0.4.13,<0.5", "matplotlib>=3.7",
-                 "compressed-tensors>=0.20,<0.21"],
+                 "compressed-tensors>=0.20,<0.21", "bitsandbytes>=0.50"],
     },
     entry_points={"console_scripts": ["compress=compress.cli:main"]},
 )

@@ -91,9 +91,14 @@ _DTYPE = click.option(
 @click.option("--format", "export_format", type=click.Choice(["native", "compressed-tensors"]), default=None,
               help="Checkpoint format: native (default: everything compress can express) or compressed-tensors "
                    "(pruned / int-quantized weights that transformers and vLLM load without compress).")
+@click.option("--max-memory", default=None,
+              help="Cap the CPU memory the weights take (e.g. 8GB): decoder layers that do not fit stay on disk and "
+                   "are compressed one at a time (models larger than memory).")
+@click.option("--offload-folder", type=click.Path(file_okay=False),
+              help="Where --max-memory writes compressed layers before the checkpoint (default: a temporary folder).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
 def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_windows, eval_text, allow_pickle,
-          dtype, export_format, as_json):
+          dtype, export_format, max_memory, offload_folder, as_json):
     """Run a recipe's passes on a model and export a compressed checkpoint."""
     from . import api, checkpoint, models
     from .recipe import Recipe
@@ -134,7 +139,12 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
     if do_eval and tokenizer is None:
         raise CompressError(f"{model_src} has no tokenizer files, which the evaluation needs: save the tokenizer "
                             "with the model, or pass --no-eval")
-    model = models.load(model_src, allow_pickle=allow_pickle, dtype=dtype)
+    if max_memory is not None:
+        from .offload import parse_bytes
+
+        parse_bytes(max_memory)  # a malformed size fails before any work
+    offload = {"max_memory": max_memory, "offload_folder": offload_folder} if max_memory else {}
+    model = models.load(model_src, allow_pickle=allow_pickle, dtype=dtype, **offload)
     text = _read_text(eval_text) if do_eval and eval_text else None
     windows = _eval_windows(tokenizer, text, EVAL_SEQ_LEN, eval_windows, model.config) if do_eval else None
     model, report = api.apply(model, r, tokenizer=tokenizer, device=device, progress=not as_json)
@@ -149,9 +159,10 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
     result["checkpoint_bytes"] = folder_bytes(Path(output))
     result["original_checkpoint_bytes"] = folder_bytes(source_path)
     if do_eval:
-        result["eval"] = _evaluate(models.load(output, dtype=dtype, allow_pickle=allow_pickle), model_src, tokenizer,
+        result["eval"] = _evaluate(models.load(output, dtype=dtype, allow_pickle=allow_pickle,
+                                               max_memory=max_memory), model_src, tokenizer,
                                    eval_windows, progress=not as_json, text=text, allow_pickle=allow_pickle,
-                                   dtype=dtype, prepared=windows)
+                                   dtype=dtype, prepared=windows, max_memory=max_memory)
     if as_json:
         click.echo(json.dumps(result, default=str))
         return
@@ -226,14 +237,15 @@ def folder_bytes(path: Path) -> int:
 
 
 def _evaluate(model, baseline_src, tokenizer, windows, progress, seq_len: int = EVAL_SEQ_LEN, text: str | None = None,
-              allow_pickle: bool = False, dtype: str = "auto", prepared=None):
+              allow_pickle: bool = False, dtype: str = "auto", prepared=None, max_memory=None):
     """Evaluate a loaded `model` against the model at `baseline_src` (if any) on held-out windows (`prepared`, or
     cut here from `text`)."""
     from . import models
     from .evaluate import evaluate
 
     w = prepared if prepared is not None else _eval_windows(tokenizer, text, seq_len, windows, model.config)
-    baseline = models.load(baseline_src, allow_pickle=allow_pickle, dtype=dtype) if baseline_src else None
+    baseline = models.load(baseline_src, allow_pickle=allow_pickle, dtype=dtype, max_memory=max_memory) \
+        if baseline_src else None
     out = evaluate(model, w, baseline, progress=progress)
     out["protocol"] = f"{w.shape[0]} non-overlapping windows of {seq_len} tokens of held-out text"
     settings = getattr(model, "kv_cache_settings", None)

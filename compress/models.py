@@ -119,7 +119,8 @@ def load(
     if offloaded:
         from .offload import load_offloaded_folder
 
-        model = load_offloaded_folder(path, config, section, dtype=dtype, max_memory=max_memory,
+        native = section if section is not None and not section.get("export_format") else None
+        model = load_offloaded_folder(path, config, native, dtype=dtype, max_memory=max_memory,
                                       offload_folder=offload_folder, device=device)
     elif section is not None and not section.get("export_format"):  # an export for other tools reads as HF
         model = load_checkpoint(path, config, section, dtype=dtype, meta=meta)

@@ -1,5 +1,7 @@
 """Models larger than memory: compressing with decoder layers left on disk gives the same checkpoint, bit for
 bit, as compressing in memory, while the weights held in RAM stay under the cap."""
+import shutil
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -103,3 +105,26 @@ def test_parse_bytes(text, value):
 def test_parse_bytes_rejects(bad):
     with pytest.raises(CompressError):
         parse_bytes(bad)
+
+
+def test_cli_apply_with_max_memory(source, tmp_path):
+    from click.testing import CliRunner
+
+    from compress.cli import main
+
+    src = tmp_path / "src"
+    shutil.copytree(source, src)
+    compress.load_tokenizer("builtin:tiny").save_pretrained(src)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: builtin:tiny\npasses:\n  - prune: {method: magnitude, sparsity: 0.5}\n")
+    run = CliRunner().invoke(main, ["apply", str(recipe), "--model", str(src), "--output", str(tmp_path / "out"),
+                                    "--max-memory", "9MB", "--no-eval", "--json"])
+    assert run.exit_code == 0, run.output
+    ref = compress.apply(compress.load(src), [compress.passes.Prune(method="magnitude", sparsity=0.5)],
+                         progress=False)[0]
+    ids = torch.randint(0, 8192, (1, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(compress.load(tmp_path / "out")(ids).logits, ref(ids).logits)
+    bad = CliRunner().invoke(main, ["apply", str(recipe), "--model", str(src), "--output", str(tmp_path / "bad"),
+                                    "--max-memory", "lots", "--no-eval"])
+    assert bad.exit_code == 2 and "memory size" in bad.output and not (tmp_path / "bad").exists()

@@ -166,8 +166,10 @@ def e2e_rows(device, prompt, batch, new_tokens, budget_gib, baselines):
                 nxt = model(nxt, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
             sync()
             seconds = time.perf_counter() - t0
-        except (ImportError, RuntimeError, ValueError) as exc:  # an outside backend that is not installed
-            print(f"[skip] {name}: {str(exc).splitlines()[0][:160]}", file=sys.stderr)
+        except Exception as exc:  # an outside backend that is not installed or fails: report, go on
+            if not name.startswith("hf-"):
+                raise
+            print(f"[skip] {name}: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}", file=sys.stderr)
             continue
         nbytes = cache.nbytes()["total"] if isinstance(cache, GEARCache) else (
             dynamic_cache_bytes(cache)[0] if name == "dynamic" else quantized_cache_bytes(cache))

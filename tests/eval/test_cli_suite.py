@@ -1,0 +1,38 @@
+"""`compress eval --suite kick`: the JSON keys, the table, the plot, and mistakes that exit 2."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+pytest.importorskip("lm_eval")
+
+from compress.cli import main  # noqa: E402
+from compress.eval.suite import AGREEMENT_TASKS  # noqa: E402
+
+
+def test_eval_suite_json_and_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "suite.png"
+    result = CliRunner().invoke(main, ["eval", "builtin:tiny", "--baseline", "builtin:tiny", "--suite", "kick",
+                                       "--suite-limit", "1", "--max-windows", "1", "--no-speed", "--json",
+                                       "--plot", str(png)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert {"perplexity", "kl", "top1_agreement", "suite", "suite_baseline"} <= out.keys()
+    suite = out["suite"]
+    assert set(AGREEMENT_TASKS) | {"copy", "mc", "cloze_open", "cloze_closed", "passkey_256"} <= suite.keys()
+    assert all(isinstance(v, float) for v in suite.values())
+    assert suite["agreement_top1"] == 1.0 and suite == out["suite_baseline"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out["suite_plot"] == str(png)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--plot", "x.png"], "add --suite kick"),
+    (["--suite", "kick", "--plot", "x.jpg"], ".png"),
+    (["--suite-dir", "."], "not a suite folder"),
+])
+def test_suite_mistakes_exit_2_before_loading(args, message):
+    result = CliRunner().invoke(main, ["eval", "builtin:tiny", *args])
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output

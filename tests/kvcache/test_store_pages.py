@@ -108,6 +108,7 @@ def test_bytes_held_equal_the_data_at_every_length(kw):
 
     config = SimpleNamespace(num_hidden_layers=1, hidden_size=64, num_attention_heads=1, head_dim=D)
     config.get_text_config = lambda decoder=True: config
+    config._attn_implementation = "gear_kv"  # update hands attention the window (no dense reconstruction per step)
     settings = KVCacheSettings.build(**kw, residual_length=64, group_size=64, power_iters=1)
     cache = GEARCache(config, settings)
     gen = torch.Generator().manual_seed(0)

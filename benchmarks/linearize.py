@@ -132,6 +132,9 @@ def run(args) -> list[dict]:
     tokenizer = compress.load_tokenizer(args.model)
     windows = heldout_windows(tokenizer, seq_len=args.seq_len, max_windows=args.windows)
     recovered = dict(item.split("=", 1) for item in args.recovered)
+    if args.skip_quality:
+        perf = speed_and_bytes(original, args)
+        return [{"variant": name, **values} for name, values in perf.items()]
     rows = []
     ev = evaluate(original, windows, None, progress=False)
     rows.append({"variant": "original", "perplexity": ev["perplexity"], "kl": 0.0, "top1": 1.0,
@@ -191,7 +194,7 @@ def print_table(rows: list[dict]) -> None:
                   *(fmt(cb.get(str(c), 0) / 2**20, ".2f") if cb else "-" for c in CONTEXTS),
                   *(fmt(ds.get(str(c)), ".2f") if ds else "-" for c in CONTEXTS))
     Console().print(t)
-    print(rows[0]["protocol"])
+    print(rows[0].get("protocol", "decode speed and cache bytes only"))
 
 
 def main(argv=None) -> None:
@@ -207,7 +210,8 @@ def main(argv=None) -> None:
     ap.add_argument("--passkey-len", type=int, default=512)
     ap.add_argument("--steps", type=int, default=8, help="decode steps timed per repetition")
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--skip-speed", action="store_true", help="no cache-bytes / decode-speed columns")
+    ap.add_argument("--skip-quality", action="store_true", help="only the cache-bytes / decode-speed columns")
     args = ap.parse_args(argv)
     rows = run(args)
     if args.json:

@@ -116,7 +116,7 @@ class LinearizedAttention(nn.Module):
             cos, sin = position_embeddings
             q_rot, k_rot = self._rotary(q, k, cos, sin)
             new_valid = valid if valid is not None else torch.ones(b, t, dtype=torch.bool, device=q.device)
-            past = layer.window_past() if layer is not None else None
+            past = layer.window_past(ordered=t > 1) if layer is not None else None  # one token sees all slots
             if past is None:
                 keys, values, key_valid = k_rot, v, new_valid
             else:

@@ -32,10 +32,14 @@ class LinearizedLayer(CacheLayerMixin):
         self.cumulative_length = 0
 
     # ---- what the linearized attention reads and writes ----------------------------------------------------------
-    def window_past(self):
-        """(keys, values, valid) of the last `window - 1` tokens, oldest first; never-written slots are invalid."""
+    def window_past(self, ordered: bool = True):
+        """(keys, values, valid) of the last `window - 1` tokens, oldest first (`ordered`) or in slot order (enough
+        for one new token, which sees every slot: saves three copies per decoding step); never-written slots are
+        invalid."""
         if self.window_keys is None:
             return None
+        if not ordered:
+            return self.window_keys, self.window_values, self.window_valid
         shift = -(self.cumulative_length % self.window_keys.shape[2])
         return (self.window_keys.roll(shift, dims=2), self.window_values.roll(shift, dims=2),
                 self.window_valid.roll(shift, dims=1))

@@ -42,27 +42,33 @@ def test_recovery_lowers_heldout_loss_of_a_damaged_model(reference_model, refere
     damaged, _ = compress.apply(copy.deepcopy(reference_model),
                                 [compress.passes.Prune(sparsity=0.6, storage="dense")], progress=False)
     windows = heldout_windows(reference_tokenizer, seq_len=64, max_windows=6)
+    dense = evaluate(reference_model, windows, progress=False)["perplexity"]
     before = evaluate(damaged, windows, progress=False)["perplexity"]
-    model, details = recover(damaged, reference_tokenizer, targets=ALL_LINEAR, max_tokens=30 * 128, lr=3e-3)
+    assert before > 1.02 * dense  # this model loses little to pruning: the gap to close is a few percent
+    model, details = recover(damaged, reference_tokenizer, targets=ALL_LINEAR, max_tokens=20 * 128, lr=3e-3)
     after = evaluate(model, windows, progress=False)["perplexity"]
-    assert details["steps"] == 30 and details["stopped_by"] == "token_budget"
-    assert after < 0.9 * before, (before, after)
+    assert details["steps"] == 20 and details["stopped_by"] == "token_budget"
+    assert after < before - 0.5 * (before - dense), (dense, before, after)  # at least half the gap closed
     zeros = [(m.weight == 0).float().mean().item() for n, m in model.named_modules() if n.endswith("_proj")]
     assert min(zeros) == pytest.approx(0.6, abs=1e-3)  # merged, and the dense-stored zeros stayed zero
 
 
-def test_kl_term_trains_against_a_frozen_teacher(pruned_2of4, reference_model, reference_tokenizer):
+def test_kl_term_trains_against_a_frozen_teacher(reference_model, reference_tokenizer):
     teacher = copy.deepcopy(reference_model)
     snapshot = {k: v.clone() for k, v in teacher.state_dict().items()}
+    student, _ = compress.apply(copy.deepcopy(reference_model),
+                                [compress.passes.Prune(sparsity=0.6, storage="dense")], progress=False)
+    windows = heldout_windows(reference_tokenizer, seq_len=64, max_windows=6)
+    before = evaluate(student, windows, teacher, progress=False)["kl"]
     ctx = PassContext(calibration=CALIBRATION, tokenizer=reference_tokenizer, progress=False, original_model=teacher)
-    student = copy.deepcopy(pruned_2of4)
-    details = Recover(**SMALL, max_tokens=24 * 128, lr=3e-3, kl_weight=1.0).apply(student, ctx).details
-    assert details["last_kl"] < 0.8 * details["first_kl"], details
+    details = Recover(**SMALL, targets=ALL_LINEAR, max_tokens=20 * 128, lr=3e-3, kl_weight=1.0).apply(student,
+                                                                                                     ctx).details
+    after = evaluate(student, windows, teacher, progress=False)["kl"]
+    assert after < 0.8 * before and details["last_kl"] < details["first_kl"], (before, after, details)
     assert all(torch.equal(v, snapshot[k]) for k, v in teacher.state_dict().items())
     assert not any(p.requires_grad for p in teacher.parameters())
     with pytest.raises(compress.CompressError, match="needs the original model"):
-        Recover(kl_weight=1.0).apply(copy.deepcopy(pruned_2of4), PassContext(calibration=CALIBRATION,
-                                                                             tokenizer=reference_tokenizer))
+        Recover(kl_weight=1.0).apply(student, PassContext(calibration=CALIBRATION, tokenizer=reference_tokenizer))
 
 
 def test_apply_keeps_the_model_before_the_first_pass_as_teacher(reference_model, reference_tokenizer):
@@ -70,7 +76,7 @@ def test_apply_keeps_the_model_before_the_first_pass_as_teacher(reference_model,
     model, report = compress.apply(copy.deepcopy(reference_model), passes, calibration=CALIBRATION,
                                    tokenizer=reference_tokenizer, progress=False)
     # KL to the dense original, not to the pruned model: clearly above zero from the first step
-    assert report.passes[1].details["first_kl"] > 0.05
+    assert report.passes[1].details["first_kl"] > 0.02
 
 
 def test_merge_after_2of4_stays_2of4_packed_and_reloads_exactly(tmp_path, pruned_2of4, reference_tokenizer):

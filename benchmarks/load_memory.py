@@ -1,0 +1,73 @@
+"""Peak memory of loading a model: plain transformers vs compress.load with each dtype choice.
+
+Builds a random-init Llama of ~88M parameters stored in bf16 (176 MB on disk; random weights: only memory is
+measured), then loads it in fresh subprocesses and reports each one's peak resident memory (ru_maxrss) minus the
+same process's resident memory after the imports, so the figure is what the load itself costs.
+
+    python benchmarks/load_memory.py [--json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+LOADERS = {
+    "transformers from_pretrained (bf16)":
+        "from transformers import AutoModelForCausalLM as A; import torch; m = A.from_pretrained(P, dtype=torch.bfloat16)",
+    "compress.load dtype=stored (bf16)": "import compress; m = compress.load(P, dtype='stored')",
+    "compress.load dtype=auto": "import compress; m = compress.load(P)",
+    "compress.load dtype=float32": "import compress; m = compress.load(P, dtype='float32')",
+}
+PROBE = """
+import resource, sys, gc
+import torch, transformers, compress, compress.checkpoint
+P = sys.argv[1]
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+{code}
+dtype = str(next(m.parameters()).dtype).removeprefix("torch.")
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base, dtype)
+"""
+
+
+def build(folder: Path) -> int:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("llama", vocab_size=8192, hidden_size=768, intermediate_size=2048,
+                                  num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
+                                  tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(folder)
+    return sum(p.numel() for p in model.parameters())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "m"
+        params = build(folder)
+        disk = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+        rows = {}
+        for name, code in LOADERS.items():
+            out = subprocess.run([sys.executable, "-c", PROBE.format(code=code), str(folder)], capture_output=True,
+                                 text=True, check=True).stdout.split()
+            rows[name] = {"peak_mb": int(out[0]) / 1024, "dtype": out[1]}
+    result = {"parameters": params, "disk_mb": disk / 1e6, "loads": rows}
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(f"{params / 1e6:.1f}M parameters, {disk / 1e6:.0f} MB on disk (bf16)")
+    print(f"{'loader':40s} {'dtype':>9s} {'peak MB above imports':>22s}")
+    for name, r in rows.items():
+        print(f"{name:40s} {r['dtype']:>9s} {r['peak_mb']:>22.0f}")
+
+
+if __name__ == "__main__":
+    main()

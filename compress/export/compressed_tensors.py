@@ -151,8 +151,9 @@ def _modules_state(model: nn.Module, storage_dtype: torch.dtype, summary: Export
             mask, nm = module.sparsity_mask(), module.sparsity_structure
             if module.in_features % module.group_size:
                 summary.dense_fallback[name] = (f"in_features {module.in_features} is not a multiple of group_size "
-                                                f"{module.group_size}")
-                state[f"{name}.weight"] = module.dequantized_weight(storage_dtype)
+                                                f"{module.group_size}: stored as float32 (exact)")
+                # float32: code x scale needs more mantissa than bf16 has; transformers casts it on load
+                state[f"{name}.weight"] = module.dequantized_weight(torch.float32)
                 if module.bias is not None:
                     state[f"{name}.bias"] = module.bias.detach().to(storage_dtype)
             else:

@@ -1,0 +1,119 @@
+"""Every shipped recipe on the reference model, in one table: to choose a recipe (or a composition of passes).
+
+For each recipe in recipes/ (or those named with --recipes), `compress apply RECIPE --json` runs in its own process
+(same model, calibration and held-out text for all), and its JSON gives: checkpoint bytes vs the original's,
+held-out perplexity, KL(baseline || model) and top-1 agreement against the uncompressed model, the same with the
+compressed KV cache for recipes that set one, and the seconds its passes took (time to apply; loading and
+evaluation excluded). `--suite` adds `compress eval --suite kick` scores (retrieval, copy, cloze, multiple choice:
+what perplexity hides) and their mean ratio to the baseline's.
+
+    python benchmarks/compose.py [--recipes a.yaml b.yaml] [--windows 8] [--suite --suite-limit 20] [--json]
+
+Times are this machine's wall seconds (noisy when shared): read them as relative costs between recipes."""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "recipes"
+
+
+def run_json(args: list[str]) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "compress.cli", *args, "--json"], capture_output=True, text=True,
+                          cwd=ROOT)
+    if proc.returncode:
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        return {"error": lines[-1] if lines else f"exit code {proc.returncode}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def measure(recipe: Path, out: Path, windows: int, suite: bool, suite_limit: int | None) -> dict:
+    start = time.perf_counter()
+    result = run_json(["apply", str(recipe), "--output", str(out), "--eval-windows", str(windows)])
+    row = {"recipe": recipe.name, "wall_seconds": round(time.perf_counter() - start, 1)}
+    if "error" in result:
+        return {**row, **result}
+    ev = result.get("eval", {})
+    row.update(
+        passes=[p["name"] for p in result["passes"]],
+        apply_seconds=round(sum(p["seconds"] for p in result["passes"]), 1),
+        checkpoint_bytes=result["checkpoint_bytes"], original_bytes=result["original_checkpoint_bytes"],
+        ratio=round(result["checkpoint_bytes"] / result["original_checkpoint_bytes"], 4),
+        perplexity=ev.get("perplexity"), baseline_perplexity=ev.get("baseline_perplexity"),
+        kl=ev.get("kl"), top1=ev.get("top1_agreement"), protocol=ev.get("protocol"),
+    )
+    if "kv_cache" in ev:
+        row["kv_cache"] = {k: ev["kv_cache"][k] for k in ("ppl", "ppl_reference", "kl", "top1_agreement")}
+    if suite:
+        args = ["eval", str(out), "--no-speed", "--suite", "kick", "--max-windows", "1"]
+        scores = run_json(args + (["--suite-limit", str(suite_limit)] if suite_limit else []))
+        if "error" in scores:
+            row["suite_error"] = scores["error"]
+        else:
+            row["suite"], row["suite_baseline"] = scores.get("suite"), scores.get("suite_baseline")
+    return row
+
+
+def suite_ratio(row: dict) -> str:
+    from compress.eval.suite import LOWER_IS_BETTER
+
+    model, base = row.get("suite") or {}, row.get("suite_baseline") or {}
+    ratios = [model[t] / base[t] for t in model if base.get(t) and t not in LOWER_IS_BETTER]
+    return f"{sum(ratios) / len(ratios):.3f}" if ratios else "-"
+
+
+def print_table(rows: list[dict], suite: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="every recipe on builtin:tiny (bytes: safetensors on disk; quality vs the uncompressed model)")
+    cols = ["recipe", "passes", "checkpoint", "vs dense", "perplexity", "KL", "top-1", "KV-cache KL", "apply s"]
+    if suite:
+        cols.append("suite / baseline")
+    for c in cols:
+        table.add_column(c, justify="left" if c in ("recipe", "passes") else "right")
+    for r in rows:
+        if "error" in r:
+            table.add_row(r["recipe"], "failed: " + r["error"][:80], *[""] * (len(cols) - 2))
+            continue
+        kv = r.get("kv_cache")
+        cells = [r["recipe"], " + ".join(r["passes"]), f"{r['checkpoint_bytes'] / 1e6:.2f} MB", f"{r['ratio']:.3f}x",
+                 f"{r['baseline_perplexity']:.3f} -> {r['perplexity']:.3f}", f"{r['kl']:.4f}", f"{r['top1']:.3f}",
+                 f"{kv['kl']:.4f}" if kv else "-", f"{r['apply_seconds']:.1f}"]
+        if suite:
+            cells.append(suite_ratio(r) if "suite" in r else r.get("suite_error", "-")[:40])
+        table.add_row(*cells)
+    Console().print(table)
+    if rows and rows[0].get("protocol"):
+        print(f"held-out protocol: {rows[0]['protocol']}; KV-cache KL: the compressed cache vs an fp16 cache, "
+              "chunked decoding")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipes", nargs="*", type=Path, help="recipe files (default: every recipes/*.yaml)")
+    parser.add_argument("--windows", type=int, default=8, help="held-out windows of 256 tokens per evaluation")
+    parser.add_argument("--suite", action="store_true", help="also score the kick suite (slower)")
+    parser.add_argument("--suite-limit", type=int, default=None, help="examples per suite task")
+    parser.add_argument("--json", action="store_true", help="print one JSON list instead of the table")
+    args = parser.parse_args()
+    recipes = args.recipes or sorted(RECIPES.glob("*.yaml"))
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="compose-bench-") as tmp:
+        for i, recipe in enumerate(recipes, 1):
+            print(f"[{i}/{len(recipes)}] {recipe.name}", file=sys.stderr, flush=True)
+            rows.append(measure(recipe, Path(tmp) / recipe.stem, args.windows, args.suite, args.suite_limit))
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        print_table(rows, args.suite)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""The composed recipe end to end through the CLI (prune 2:4 + quantize 4-bit + vq_logits + gear_kv), its byte
+budget in `compress inspect`, and `--format compressed-tensors` / `export:` from the command line."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+import compress
+from compress.cli import main
+
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_compose_all_runs_end_to_end_and_inspect_shows_one_budget(tmp_path):
+    from compress.kvcache import GEARCache
+    from compress.quantize.quantized_linear import QuantizedLinear
+    from compress.vq_logits.head import VQLogitsHead
+
+    recipe = yaml.safe_load((RECIPES / "compose-all.yaml").read_text())
+    recipe["calibration"].update(num_samples=8, seq_len=128)  # the shipped recipe, with less calibration (CI time)
+    (tmp_path / "compose.yaml").write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "all"
+    result = run("apply", tmp_path / "compose.yaml", "--output", out, "--eval-windows", 2, "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert [p["name"] for p in summary["passes"]] == ["prune", "quantize", "vq_logits", "gear_kv"]
+    assert summary["passes"][1]["details"]["pruned_layers_kept_sparse"] == 42  # quantize composed with 2:4
+    model = compress.load(out)
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    assert len(layers) == 42 and all(m.sparsity_structure == (2, 4) for m in layers)
+    assert isinstance(model.lm_head, VQLogitsHead)
+    with torch.no_grad():
+        gen = model.generate(torch.arange(10, 90).unsqueeze(0), max_new_tokens=3, do_sample=False,
+                             return_dict_in_generate=True)
+    assert isinstance(gen.cache, GEARCache)
+
+    inspected = run("inspect", out, "--json")
+    assert inspected.exit_code == 0, inspected.output
+    budget = json.loads(inspected.output)["budget"]
+    w = budget["weights"]
+    assert w["mlp"]["stored"] < 0.35 * w["mlp"]["original"]  # 2:4 + 4-bit codes: ~0.3x of bf16
+    assert w["head"]["stored"] < 0.5 * w["head"]["original"]  # 1024-entry codebook + codes + scale/bias
+    assert w["embeddings"]["stored"] == w["embeddings"]["original"]
+    kv = budget["kv_per_token"]
+    assert kv["uncompressed"] == 2 * 6 * 2 * 64 * 2  # K and V, 6 layers, 2 KV heads of 64, fp16
+    assert kv["compressed"] < 0.5 * kv["uncompressed"] and kv["cache"] == "gear 4-bit"
+    table = run("inspect", out)
+    assert "KV cache per token (gear 4-bit)" in table.output and "budget" in table.output
+
+
+def test_apply_format_compressed_tensors(tmp_path):
+    recipe = tmp_path / "w4.yaml"
+    recipe.write_text("model: builtin:tiny\npasses:\n  - prune: {method: magnitude, structure: \"2:4\"}\n"
+                      "  - quantize: {method: rtn, bits: 4, group_size: 64}\nexport: {format: compressed-tensors}\n")
+    out = tmp_path / "ct"
+    result = run("apply", recipe, "--output", out, "--no-eval", "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["export"]["quantization_format"] == "pack-quantized"
+    assert summary["export"]["quantized_modules"] == 42 and summary["export"]["sparsity_structure"] == "2:4"
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+    assert config["model_type"] == "llama"
+    # an export for other tools is replaced by --overwrite like any checkpoint compress wrote
+    again = run("apply", recipe, "--output", out, "--no-eval", "--json", "--format", "native", "--overwrite")
+    assert again.exit_code == 0, again.output
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+
+
+@pytest.mark.parametrize("how", ["flag", "recipe"])
+def test_inexpressible_recipe_fails_before_any_work(tmp_path, how):
+    out = tmp_path / "never"
+    if how == "flag":
+        result = run("apply", RECIPES / "compose-all.yaml", "--format", "compressed-tensors", "--output", out)
+        assert "vq_logits" in result.output and "gear_kv" in result.output
+    else:
+        recipe = tmp_path / "r.yaml"
+        recipe.write_text("model: builtin:tiny\ncalibration: {source: builtin:calibration}\npasses:\n"
+                          "  - vq_logits: {num_codes: 64}\nexport: {format: compressed-tensors}\n")
+        result = run("validate", recipe)
+        assert f"{recipe}:4:5:" in result.output and "vq_logits" in result.output
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert not out.exists()

@@ -249,6 +249,8 @@ def main(argv=None):
     ap.add_argument("--min-run-time", type=float, default=None)
     ap.add_argument("--no-e2e", action="store_true")
     ap.add_argument("--baselines", action="store_true", help="add transformers' QuantizedCache quanto/HQQ rows")
+    ap.add_argument("--shapes", nargs="+", metavar="B,CTX,D", help="attention shapes batch,context,head_dim "
+                    "(32 query / 8 KV heads) instead of the device's default list")
     ap.add_argument("--max-seconds", type=float, default=math.inf,
                     help="stop starting attention shapes after 60%% of this (the e2e row runs after them)")
     args = ap.parse_args(argv)
@@ -261,6 +263,8 @@ def main(argv=None):
     else:
         shapes = [(1, 4096, 128, 32, 8), (1, 4096, 64, 32, 8), (4, 2048, 128, 32, 8)]
         e2e = dict(prompt=2048, batch=2, new_tokens=8, budget_gib=16)
+    if args.shapes:
+        shapes = [(*map(int, x.split(",")), 32, 8) for x in args.shapes]
     start = time.time()
     rows = attention_rows(dev, shapes, args.min_run_time or (0.1 if dev == "cuda" else 0.5),
                           deadline=start + 0.6 * args.max_seconds)

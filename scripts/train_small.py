@@ -83,8 +83,9 @@ class Mixture:
     """Draws training sequences: natural windows, and with probability `synthetic` one of four copy/retrieval
     shapes embedded in natural text."""
 
-    def __init__(self, ids: torch.Tensor, tokenizer, synthetic: float, seed: int):
+    def __init__(self, ids: torch.Tensor, tokenizer, synthetic: float, seed: int, kinds: list[str] | None = None):
         self.ids, self.tok, self.synthetic = ids, tokenizer, synthetic
+        self.kinds = [getattr(self, k) for k in (kinds or ["copy_random", "copy_natural", "passkey", "kv_recall"])]
         self.rng = random.Random(seed)
         self.vocab = tokenizer.vocab_size
 
@@ -132,7 +133,7 @@ class Mixture:
     def sequence(self, n: int) -> list[int]:
         if self.rng.random() >= self.synthetic:
             return self.natural(n)
-        kind = self.rng.choice((self.copy_random, self.copy_natural, self.passkey, self.kv_recall))
+        kind = self.rng.choice(self.kinds)
         return kind(n)
 
     def batch(self, b: int, n: int) -> torch.Tensor:
@@ -176,6 +177,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-every", type=int, default=200)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--kinds", default="copy_random,copy_natural,passkey,kv_recall",
+                    help="synthetic sequence kinds to draw from (comma-separated)")
+    ap.add_argument("--init-from", type=Path, default=None,
+                    help="continue from a saved model (a second phase, e.g. more synthetic copy sequences); "
+                         "its training.json is kept as the first phase's record")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -196,14 +202,19 @@ def main() -> None:
     held_ids = torch.tensor(tokenizer(heldout)["input_ids"], dtype=torch.long)
     print(f"tokens: {train_ids.numel()} train, {held_ids.numel()} held-out eval", flush=True)
 
-    model = LlamaForCausalLM(model_config())
+    previous = None
+    if args.init_from:
+        previous = json.loads((args.init_from / "training.json").read_text())
+        model = LlamaForCausalLM.from_pretrained(args.init_from, dtype=torch.float32)
+    else:
+        model = LlamaForCausalLM(model_config())
     print(f"parameters: {sum(p.numel() for p in model.parameters())}", flush=True)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     total = args.steps + args.long_steps
     warmup = max(1, total // 25)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
-    mix = Mixture(train_ids, tokenizer, args.synthetic, args.seed)
+    mix = Mixture(train_ids, tokenizer, args.synthetic, args.seed, args.kinds.split(","))
     start, seen = time.time(), 0
     for step in range(1, total + 1):
         long = step > args.steps
@@ -223,10 +234,10 @@ def main() -> None:
             ppl = heldout_perplexity(model, held_ids[:20_000], 1024)
             found = probes(model, tokenizer, heldout)
             print(f"step {step} heldout_ppl {ppl:.2f} {json.dumps(found)} {time.time() - start:.0f}s", flush=True)
-            save(model, tokenizer, args, step, total, seen, ppl, found, time.time() - start)
+            save(model, tokenizer, args, step, total, seen, ppl, found, time.time() - start, previous)
 
 
-def save(model, tokenizer, args, step, total, seen, ppl, found, seconds) -> None:
+def save(model, tokenizer, args, step, total, seen, ppl, found, seconds, previous=None) -> None:
     out = args.out
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -237,9 +248,11 @@ def save(model, tokenizer, args, step, total, seen, ppl, found, seconds) -> None
     for name in ("heldout.txt", "calibration.txt"):
         shutil.copy(TINY / name, tmp / name)
     (tmp / "training.json").write_text(json.dumps({
+        **({"previous_phase": previous} if previous else {}),
+        "init_from": str(args.init_from) if args.init_from else None,
         "steps": step, "planned_steps": total, "short_steps": args.steps, "seq_len": args.seq_len,
         "batch": args.batch, "long_seq_len": args.long_seq_len, "long_batch": args.long_batch,
-        "synthetic": args.synthetic, "lr": args.lr, "seed": args.seed, "tokens_seen": seen,
+        "synthetic": args.synthetic, "kinds": args.kinds, "lr": args.lr, "seed": args.seed, "tokens_seen": seen,
         "heldout_ppl_20k_tokens_1024": round(ppl, 3), "probes": found, "train_seconds": round(seconds),
         "threads": torch.get_num_threads(),
     }, indent=2))

@@ -73,16 +73,16 @@ GPTQ_LAYERS = ("model.layers.2.mlp.down_proj", "model.layers.1.self_attn.o_proj"
 
 @pytest.fixture(scope="module")
 def calibration_inputs(reference_model, reference_tokenizer) -> dict[str, torch.Tensor]:
-    """Inputs of two Linear layers of the reference model on 2 x 256 tokens of its calibration text."""
+    """Inputs of two Linear layers of the reference model on 4 x 256 tokens of its calibration text."""
     from compress.models import BUILTIN_ROOT
 
-    text = (BUILTIN_ROOT / "tiny" / "calibration.txt").read_text()[:10000]
-    ids = reference_tokenizer(text, return_tensors="pt").input_ids[:, :512]
+    text = (BUILTIN_ROOT / "tiny" / "calibration.txt").read_text()[:20000]
+    ids = reference_tokenizer(text, return_tensors="pt").input_ids[:, :1024]
     seen = {name: [] for name in GPTQ_LAYERS}
     handles = [reference_model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: seen[n].append(i[0]))
                for n in GPTQ_LAYERS]
     with torch.no_grad():
-        reference_model(ids.view(2, 256))
+        reference_model(ids.view(4, 256))
     for h in handles:
         h.remove()
     return {n: torch.cat([s.reshape(-1, s.shape[-1]) for s in v]) for n, v in seen.items()}

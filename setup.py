@@ -35,7 +35,7 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir=package_dir,
-    package_data={"compress": ["builtin/tiny/*", "eval/data/*"]},
+    package_data={"compress": ["builtin/tiny/*", "builtin/small/*", "eval/data/*"]},
     include_package_data=True,
     install_requires=[
         "torch>=2.4",
@@ -57,8 +57,8 @@ setup(
         "eval": ["lm_eval>=0.4.13,<0.5"],
         "plot": ["matplotlib>=3.7"],
         "fla": ["fla-core>=0.6"],  # GPU: flash-linear-attention kernels for linearized layers (chunk_gla)
-        "bench": ["optimum-quanto>=0.2", "hqq>=0.2"],  # outside KV-cache baselines in benchmarks/kv_serving.py
         "ct": ["compressed-tensors>=0.20,<0.21"],  # --format compressed-tensors (transformers and vLLM read it)
+        "bench": ["optimum-quanto>=0.2", "hqq>=0.2"],  # outside KV-cache baselines in benchmarks/kv_serving.py
         "test": ["pytest>=8", "triton>=3.0", "lm_eval>=0.4.13,<0.5", "matplotlib>=3.7",
                  "compressed-tensors>=0.20,<0.21", "bitsandbytes>=0.50"],
     },

@@ -4,7 +4,11 @@
 # The machine cannot download: pydantic and a matching transformers travel as wheels in .gearwheels/ (ignored;
 # make them here with `pip download --only-binary :all: --python-version 3.12 --no-deps -d .gearwheels pydantic
 # pydantic-core annotated-types typing-inspection transformers==5.24.0`) and the call carries that folder.
+# Two halves, each within one device call (600 s): `bash scripts/gpu_check.sh kv` (kernel tests + KV serving,
+# ~450 s at most) and `bash scripts/gpu_check.sh sparse` (GPU kernels + sparse dispatch + sparse speed, ~500 s at
+# most); no argument runs both (only where a call may run ~950 s).
 set -u
+PART=${1:-all}
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
 nvidia-smi -L | tee "$OUT/device.txt"
 python3 -m pip install --no-index --no-deps -q .gearwheels/*.whl 2>&1 | tail -n 2
@@ -12,15 +16,19 @@ python3 -m pip install --no-index --no-deps -q .gearwheels/*.whl 2>&1 | tail -n 
 rm -rf /tmp/pkg && mkdir -p /tmp/pkg && cp -r compress /tmp/pkg/ && cp -r kvcache kernels linearize /tmp/pkg/compress/
 export PYTHONPATH=/tmp/pkg
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/device.txt"
+if [ "$PART" = all ] || [ "$PART" = kv ]; then
 # kernel tests (KV decode attention at head_dim 64/128/256 compiled for real) and the cache's CUDA tests
 timeout 200 python3 -P -m pytest -q -p no:cacheprovider tests/kernels tests/kvcache/test_cuda.py 2>&1 | tail -n 25 \
   | tee "$OUT/kernel_tests.txt"
 # KV cache at serving shapes (Llama-3-8B attention, batch 1/8, 8k/32k/128k; e2e 2-layer model at 32k, batch 8)
 timeout 240 python3 -P benchmarks/kv_serving.py --json --max-seconds 200 > "$OUT/kv_serving.json" 2> "$OUT/kv_serving.log"
 tail -n 40 "$OUT/kv_serving.log"
+fi
+if [ "$PART" = all ] || [ "$PART" = sparse ]; then
 timeout 100 python3 -P benchmarks/gpu_kernels.py 2>&1 | tee "$OUT/gpu_kernels.txt"
 # issue 9 (sparse speed): the dispatcher's CUDA tests, then every GPU row of the sparse benchmark (packed GEMV,
 # cuSPARSELt / expand + cuBLAS per shape, activation-sparse MLP, 2-layer Llama-3-8B-shaped e2e)
 timeout 90 python3 -P -m pytest -q -p no:cacheprovider tests/prune/test_gpu_dispatch.py 2>&1 | tail -n 15 | tee "$OUT/sparse_dispatch_tests.txt"
 timeout 300 python3 -P benchmarks/sparse_speed.py --json --no-cpu > "$OUT/sparse_speed.json" 2> "$OUT/sparse_speed.err"; tail -n 5 "$OUT/sparse_speed.err"
 cp ~/.cache/compress/sparse_dispatch_*.json "$OUT/" 2>/dev/null || true
+fi

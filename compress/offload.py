@@ -221,7 +221,7 @@ def load_offloaded(path: Path, files: list[Path], model: nn.Module, *, dtype: to
     offloaded = set()
     for i in range(len(layers)):
         name = f"{prefix}.{i}"
-        where = next((d for k, d in plan.items() if name == k or name.startswith(k + ".")), "cpu")
+        where = next((d for k, d in plan.items() if k in ("", name) or name.startswith(k + ".")), "cpu")
         if where == "disk":
             offloaded.add(i)
     index = weight_index(files, dtype)

@@ -39,6 +39,10 @@ BNB_OPTIONS["fp4"] = BNB_OPTIONS["nf4"]
 class Quantize(Pass):
     """Quantize Linear weights: GPTQ / round-to-nearest int4/int8 with group scales, or bitsandbytes NF4/FP4/int8."""
 
+    @property
+    def supports_offload(self) -> bool:  # GPTQ reaches the layers only through the sequential runner
+        return self.config.method == "gptq"
+
     class Config(PassConfig):
         method: Literal["gptq", "rtn", "nf4", "fp4", "int8"] = "gptq"
         bits: Literal[4, 8] = Field(4, description="gptq/rtn: bits per weight")

@@ -188,17 +188,21 @@ def _no_init():
     return no_init_weights()
 
 
-def load_checkpoint(path: Path, config, section: dict, *, dtype, meta: bool = False) -> nn.Module:
-    from .checkpoint_validation import check_against_model, check_loaded_modules, check_weight_files
-    from .models import empty_model
-    from .registry import get_pass
-
+def check_format_version(path: Path, section: dict) -> None:
     version = section.get("format_version", 0)
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise CheckpointError(
             f"{path} was written by compress format version {version} (library {section.get('library_version')}); "
             f"this library reads up to version {FORMAT_VERSION}: upgrade compress"
         )
+
+
+def load_checkpoint(path: Path, config, section: dict, *, dtype, meta: bool = False) -> nn.Module:
+    from .checkpoint_validation import check_against_model, check_loaded_modules, check_weight_files
+    from .models import empty_model
+    from .registry import get_pass
+
+    check_format_version(path, section)
     with _no_init():
         model = empty_model(config, dtype=dtype, meta=meta)
     if getattr(config, "tie_word_embeddings", False):

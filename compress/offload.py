@@ -190,13 +190,11 @@ def load_offloaded_folder(path: Path, config, section: dict | None, *, dtype: to
                           offload_folder=None, device="cpu") -> nn.Module:
     """`compress.load(..., max_memory=...)`: a Hugging Face folder or a compressed checkpoint, layers that do not
     fit left on disk."""
-    from .checkpoint import FORMAT_VERSION, weight_files
+    from .checkpoint import check_format_version, weight_files
     from .errors import CheckpointError
 
-    if section is not None and (not isinstance(section.get("format_version", 0), int)
-                                or section.get("format_version", 0) > FORMAT_VERSION):
-        raise CheckpointError(f"{path} was written by a newer compress format ({section.get('format_version')}); "
-                              "upgrade compress")
+    if section is not None:
+        check_format_version(path, section)
     files = [f for f in weight_files(path) if f.suffix == ".safetensors"]
     if not files:
         raise CheckpointError(f"{path} has no *.safetensors weights; offloaded loading reads safetensors only")

@@ -36,6 +36,8 @@ from pathlib import Path
 
 import torch
 
+from train_tiny import heldout_perplexity, train_step  # the same step and measure as builtin:tiny's, in fp32
+
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "compress" / "builtin" / "tiny"
 DOCS = Path("/usr/share/doc/python3.11/html/_sources")
@@ -140,19 +142,6 @@ class Mixture:
         return torch.tensor([self.sequence(n + 1) for _ in range(b)], dtype=torch.long)
 
 
-@torch.no_grad()
-def heldout_perplexity(model, ids: torch.Tensor, seq_len: int) -> float:
-    model.eval()
-    n = (ids.numel() - 1) // seq_len
-    nll = 0.0
-    for i in range(n):
-        window = ids[i * seq_len:(i + 1) * seq_len + 1].unsqueeze(0)
-        logits = model(window[:, :-1]).logits.float()
-        nll += torch.nn.functional.cross_entropy(logits[0], window[0, 1:], reduction="sum").item()
-    model.train()
-    return math.exp(nll / (n * seq_len))
-
-
 def probes(model, tokenizer, heldout: str) -> dict:
     from compress.eval.probes import copy_probe, passkey_probe
 
@@ -220,18 +209,12 @@ def main() -> None:
         long = step > args.steps
         batch = mix.batch(args.long_batch, args.long_seq_len) if long else mix.batch(args.batch, args.seq_len)
         seen += batch[:, 1:].numel()
-        logits = model(batch[:, :-1]).logits
-        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        loss = train_step(model, batch, opt, sched, bf16=False)
         if step % 10 == 0:
             print(f"step {step} seq {batch.shape[1] - 1} loss {loss.item():.3f} lr {sched.get_last_lr()[0]:.2e} "
                   f"tokens {seen} {time.time() - start:.0f}s", flush=True)
         if step % args.eval_every == 0 or step == total:
-            ppl = heldout_perplexity(model, held_ids[:20_000], 1024)
+            ppl = heldout_perplexity(model, held_ids[:20_000], 1024, bf16=False)
             found = probes(model, tokenizer, heldout)
             print(f"step {step} heldout_ppl {ppl:.2f} {json.dumps(found)} {time.time() - start:.0f}s", flush=True)
             save(model, tokenizer, args, step, total, seen, ppl, found, time.time() - start, previous)

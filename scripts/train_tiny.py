@@ -13,6 +13,7 @@ documents (sorted), the first ~200 KB become `heldout.txt` (evaluation) and the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -77,19 +78,36 @@ def model_config():
     )
 
 
+def _compute(bf16: bool):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
 @torch.no_grad()
-def heldout_perplexity(model, ids: torch.Tensor, seq_len: int) -> float:
+def heldout_perplexity(model, ids: torch.Tensor, seq_len: int, bf16: bool = True) -> float:
     model.eval()
     n = (ids.numel() - 1) // seq_len
     nll, count = 0.0, 0
     for i in range(n):
         window = ids[i * seq_len : (i + 1) * seq_len + 1].unsqueeze(0)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with _compute(bf16):
             logits = model(window[:, :-1]).logits.float()
         nll += torch.nn.functional.cross_entropy(logits[0], window[0, 1:], reduction="sum").item()
         count += seq_len
     model.train()
     return math.exp(nll / count)
+
+
+def train_step(model, batch: torch.Tensor, opt, sched, bf16: bool = True) -> torch.Tensor:
+    """One next-token step on `batch` [B, T+1]: loss, clipped backward, optimizer and schedule step."""
+    with _compute(bf16):
+        logits = model(batch[:, :-1]).logits
+    loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
 
 
 def main() -> None:
@@ -136,14 +154,7 @@ def main() -> None:
     for step in range(1, args.steps + 1):
         offsets = torch.randint(0, n_windows, (args.batch,), generator=gen)
         batch = torch.stack([train_ids[o : o + args.seq_len + 1] for o in offsets.tolist()])
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits = model(batch[:, :-1]).logits
-        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        loss = train_step(model, batch, opt, sched)
         if step % 25 == 0:
             print(f"step {step} loss {loss.item():.3f} lr {sched.get_last_lr()[0]:.2e} {time.time() - start:.0f}s", flush=True)
         if step % args.eval_every == 0 or step == args.steps:

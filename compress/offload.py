@@ -89,11 +89,11 @@ def _tensors(module: nn.Module):
 class OffloadState:
     """Where the offloaded layers of one model live; kept on the model as `model.compress_offload`."""
 
-    def __init__(self, folder: Path | None, device, dtype: torch.dtype):
+    def __init__(self, folder: Path | None, device):
         self._own_folder = folder is None
         self.folder = Path(folder) if folder else Path(tempfile.mkdtemp(prefix="compress-offload-"))
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.device, self.dtype = device, dtype
+        self.device = device
 
     def spill(self, module: nn.Module, prefix: str) -> None:
         """Write `module` (compressed or not) to a spill file and leave it on meta, read back on demand."""
@@ -115,10 +115,15 @@ class OffloadState:
 
 @contextmanager
 def materialized(module: nn.Module, prefix: str, device, model: nn.Module) -> Iterator[nn.Module]:
-    """`module` with real tensors on `device` for the duration; an offloaded module is read in first and written
-    back to a spill file afterwards (it may have been replaced by compressed submodules meanwhile)."""
-    if not is_offloaded(module):
-        yield module.to(device)
+    """`module` with real tensors on `device` for the duration. A resident module returns to its device after; an
+    offloaded one is read in first and written back to a spill file after (its submodules may have been replaced
+    by compressed ones meanwhile)."""
+    if not is_offloaded(module):  # resident: visits the compute device, then goes home
+        home = next(module.parameters(), torch.empty(0)).device
+        try:
+            yield module.to(device)
+        finally:
+            module.to(home)
         return
     from accelerate.hooks import remove_hook_from_submodules
     from accelerate.utils import set_module_tensor_to_device
@@ -227,7 +232,7 @@ def load_offloaded(path: Path, files: list[Path], model: nn.Module, *, dtype: to
     missing = sorted(state_names - set(index) - _tied_names_meta(model))
     if missing:
         raise CompressError(f"{path} lacks tensors the model needs: {', '.join(missing[:5])}")
-    model.compress_offload = OffloadState(offload_folder, device, dtype)
+    model.compress_offload = OffloadState(offload_folder, device)
     loader = OffloadedWeightsLoader(index=index)
     _fill(model, {k: loader[k] for k in index if k in state_names and not k.startswith(prefix + ".")},
           skip=prefix + ".")

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .errors import UnsupportedModelError
-from .offload import is_offloaded, materialized
+from .offload import materialized
 from .progress import progress_bar
 
 
@@ -114,17 +114,12 @@ def run_sequential(
         for m in pre_layer:
             m.to(offload)
     for i in progress_bar(range(len(layers)), description=description, enabled=progress):
-        if is_offloaded(layers[i]):  # on disk (compress.load(max_memory=...)): read in, written back compressed
-            with materialized(layers[i], f"{prefix}.{i}", device, model) as layer:
-                step = LayerStep(index=i, name=f"{prefix}.{i}", layer=layer, inputs=inputs, kwargs=kwargs)
-                on_layer(step)
-                inputs = step.run()
-            continue
-        layer = layers[i].to(device)
-        step = LayerStep(index=i, name=f"{prefix}.{i}", layer=layer, inputs=inputs, kwargs=kwargs)
-        on_layer(step)
-        inputs = step.run()
-        layers[i] = layer.to(offload)
+        # on the compute device for its step; a layer on disk (compress.load(max_memory=...)) is read in and
+        # written back compressed
+        with materialized(layers[i], f"{prefix}.{i}", device, model) as layer:
+            step = LayerStep(index=i, name=f"{prefix}.{i}", layer=layer, inputs=inputs, kwargs=kwargs)
+            on_layer(step)
+            inputs = step.run()
 
 
 def for_each_layer(model: nn.Module, fn: Callable[[int, str, nn.Module], None], device: str = "cpu") -> None:
@@ -133,8 +128,5 @@ def for_each_layer(model: nn.Module, fn: Callable[[int, str, nn.Module], None], 
     models larger than memory."""
     prefix, layers = decoder_layers(model)
     for i in range(len(layers)):
-        if is_offloaded(layers[i]):
-            with materialized(layers[i], f"{prefix}.{i}", device, model) as layer:
-                fn(i, f"{prefix}.{i}", layer)
-        else:
-            fn(i, f"{prefix}.{i}", layers[i])
+        with materialized(layers[i], f"{prefix}.{i}", device, model) as layer:
+            fn(i, f"{prefix}.{i}", layer)

@@ -7,11 +7,13 @@ no new parameters; Liger Attention adds a sliding-window softmax branch. Constan
 
 or as a pass (`linearize` in a recipe, followed by `recover`). Layout: settings.py (what a layer computes, which
 layers), attention.py (the module), cache.py (recurrent state + window ring buffer), convert.py (module swap),
-pass_.py. The math lives in compress.kernels.gla and compress.kernels.window_attention."""
+pass_.py, mom.py (variant mom: Mixture-of-Memories, gated delta-rule memories with a router). The math lives in
+compress.kernels.gla, compress.kernels.delta_rule and compress.kernels.window_attention."""
 from .attention import LinearizedAttention
 from .cache import LinearizedCache, LinearizedLayer, cache_nbytes
 from .convert import linearize_model
+from .mom import MixtureOfMemoriesAttention
 from .settings import LinearizeSettings
 
-__all__ = ["LinearizeSettings", "LinearizedAttention", "LinearizedCache", "LinearizedLayer", "cache_nbytes",
-           "linearize_model"]
+__all__ = ["LinearizeSettings", "LinearizedAttention", "LinearizedCache", "LinearizedLayer",
+           "MixtureOfMemoriesAttention", "cache_nbytes", "linearize_model"]

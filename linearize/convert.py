@@ -1,4 +1,5 @@
-"""Module swap: a decoder layer's softmax attention -> LinearizedAttention (same projections, no new parameters)."""
+"""Module swap: a decoder layer's softmax attention -> LinearizedAttention (same projections, no new parameters) or,
+for variant mom, MixtureOfMemoriesAttention (same projections plus a small router and beta map)."""
 from __future__ import annotations
 
 import re
@@ -8,6 +9,7 @@ from torch import nn
 from ..errors import UnsupportedModelError
 from ..pass_api import replace_module
 from .attention import LinearizedAttention
+from .mom import attention_class
 from .settings import LayerSpec, LinearizeSettings, resolve_layers
 
 ATTENTION_NAME = re.compile(r"(.*\.)?layers\.(\d+)\.self_attn$")
@@ -35,6 +37,6 @@ def linearize_model(model: nn.Module, settings: LinearizeSettings, layers: Layer
         name, module = modules[i]
         if isinstance(module, LinearizedAttention):
             raise UnsupportedModelError(f"{name} is already linearized")
-        replace_module(model, name, LinearizedAttention(module, settings, i))
+        replace_module(model, name, attention_class(settings)(module, settings, i))
         names.append(name)
     return names

@@ -1,8 +1,9 @@
 """The `linearize` pass: glue between recipes/checkpoints and the module swap (convert.py).
 
-It adds no parameters and changes no weights: the converted layers compute with the same projections, so the state
-dict keeps its names and shapes and `restore` only redoes the swap before the weights load. Quality is recovered
-afterwards by the `recover` pass (LoRA) in the same recipe."""
+It changes no weights: the converted layers compute with the same projections, so the state dict keeps its names
+and shapes and `restore` only redoes the swap before the weights load. Variants gla and hybrid add no parameters;
+mom adds a small router and beta map per layer (saved with the checkpoint, created again by `restore`). Quality
+is recovered afterwards by the `recover` pass (LoRA) in the same recipe."""
 from __future__ import annotations
 
 from pydantic import Field
@@ -18,7 +19,8 @@ SETTINGS_FIELDS = tuple(LinearizeSettings.model_fields)
 
 @register_pass("linearize")
 class Linearize(Pass):
-    """Softmax attention -> Liger gated linear attention (variant gla) or Liger Attention (variant hybrid)."""
+    """Softmax attention -> Liger gated linear attention (variant gla), Liger Attention (variant hybrid) or
+    Mixture-of-Memories (variant mom: adds a router and a beta map per layer, trained by `recover`)."""
 
     class Config(PassConfig, LinearizeSettings, LayerSpecField):
         # `layers` picks the layers (all | [indices] | every_K); `targets`/`ignore` are not used to select
@@ -32,10 +34,12 @@ class Linearize(Pass):
         report = PassReport(name=self.name)
         with timed(report):
             report.bytes_before = tensor_bytes(model)
+            params_before = sum(p.numel() for p in model.parameters())
             report.modules = linearize_model(model, self.settings(), self.config.layers)
             report.bytes_after = tensor_bytes(model)
             total = len(attention_modules(model))
-            report.details = {"changes_weights": False, "new_parameters": 0,
+            new_parameters = sum(p.numel() for p in model.parameters()) - params_before
+            report.details = {"changes_weights": False, "new_parameters": new_parameters,
                               "layers_linearized": len(report.modules), "layers_softmax": total - len(report.modules),
                               "variant": self.config.variant, "gate": self.config.gate}
         return report

@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from typing import Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..errors import ConfigError
 
@@ -14,14 +14,23 @@ LayerSpec = Union[Literal["all"], list[int], str]
 class LinearizeSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    # gla: gated linear attention only; hybrid: Liger Attention = alpha * recurrent + beta * sliding-window softmax
-    variant: Literal["gla", "hybrid"] = "gla"
+    # gla: gated linear attention only; hybrid: Liger Attention = alpha * recurrent + beta * sliding-window softmax;
+    # mom: Mixture-of-Memories, gated delta-rule memories with top-k routing plus a shared memory (mom.py)
+    variant: Literal["gla", "hybrid", "mom"] = "gla"
     # gla: phi(k) = softmax(k), log-gate = logsigmoid(k) / 16; hgrn2: phi(k) = 1 - sigmoid(k), log-gate = logsigmoid(k)
     gate: Literal["gla", "hgrn2"] = "gla"
     window: int = Field(64, ge=2, description="tokens the hybrid's softmax branch sees, itself included")
     alpha: float = Field(0.5, description="weight of the recurrent branch (hybrid)")
     beta: float = Field(0.5, description="weight of the sliding-window branch (hybrid)")
     chunk_size: int = Field(16, ge=1, le=256, description="tokens per chunk of the chunked torch path")
+    num_memories: int = Field(4, ge=1, le=64, description="routed memories per layer (mom; plus one shared memory)")
+    top_k: int = Field(2, ge=1, description="memories each token is routed to (mom)")
+
+    @model_validator(mode="after")
+    def _check_routing(self):
+        if self.top_k > self.num_memories:
+            raise ValueError(f"top_k ({self.top_k}) cannot exceed num_memories ({self.num_memories})")
+        return self
 
     def window_or_none(self) -> int | None:
         return self.window if self.variant == "hybrid" else None

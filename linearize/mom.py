@@ -1,0 +1,125 @@
+"""Mixture-of-Memories (MoM, 2025) built from a pretrained softmax attention layer: `num_memories` gated delta-rule
+memories, each token routed to `top_k` of them, plus one shared memory every token writes and reads.
+
+What comes from the pretrained layer and what is new (a MoM layer is trained from scratch in the paper):
+- queries, keys, values: the layer's own q/k/v projections (and Qwen3's q/k norms), shared by all memories. The
+  memories differ by the tokens routed to them, not by their projections: memory key/value projections *are* W_K
+  and W_V (no copies, so LoRA on k_proj/v_proj adapts every memory at once and the state dict keeps its names).
+  phi(q) = softmax(q) over the head dimension as in Liger; keys are the Liger key features, L2-normalized (the
+  delta rule's (I - beta k k^T) is a contraction only for unit keys).
+- decay alpha_t: from the key projection, no new parameter: log alpha_t = mean over the head dimension of the Liger
+  log-gate (logsigmoid(k) / 16 for gate gla, logsigmoid(k) for hgrn2). A scalar per head, because the delta rule's
+  chunked WY form (and fla's kernel) take one decay per head and token.
+- write strength beta_t: a new per-KV-head linear map (`beta_proj`, hidden -> Hkv), zero weights and zero bias, so
+  beta = 0.5 for every token at conversion. Softmax attention has nothing that plays this role, so a constant start
+  keeps the conversion deterministic; the map is tiny (hidden * Hkv + Hkv) and learns in recovery.
+- router: a new linear map hidden -> num_memories (`router`, no bias), normal(0, 0.02) from a seed per layer: near
+  uniform routing at conversion, trained in recovery with the switch-style load-balancing loss (`aux_loss`).
+
+Output: o_t = (o_shared + sum_{m in top-k} w_m o_m) / 2, with w the router's probabilities renormalized over the
+chosen memories, so the two halves weigh like the hybrid's 0.5 / 0.5. A memory a token is not routed to sees an
+identity step (k = decay = beta = 0). The memories are folded into the batch: the kernel runs B * (M + 1)
+sequences (dense compute, (M + 1)x a single memory; a gathered per-memory layout would cost (k + 1)x).
+
+Cache: a `LinearizedLayer` whose state is [B, M + 1, Hkv, K, V]: constant in context length."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kernels.delta_rule import gated_delta_rule
+from .attention import LinearizedAttention, key_validity
+from .settings import LinearizeSettings
+
+ROUTER_INIT_STD = 0.02
+MIX_SCALE = 0.5  # (shared + routed mixture) / 2
+NEW_MODULES = ("router", "beta_proj")
+
+
+def top_k_routing(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights [.., M]: the router's probabilities renormalized over the chosen memories, 0 elsewhere;
+    chosen [.., M] bool)."""
+    probs = logits.softmax(-1)
+    top, index = probs.topk(top_k, dim=-1)
+    chosen = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, index, True)
+    weights = torch.zeros_like(probs).scatter(-1, index, top / top.sum(-1, keepdim=True))
+    return weights, chosen
+
+
+def load_balance_loss(logits: torch.Tensor, chosen: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """Switch-Transformer auxiliary loss M * sum_m f_m * P_m over the real tokens: f_m the fraction of routing slots
+    given to memory m (not differentiable), P_m its mean router probability (differentiable). 1 when balanced."""
+    probs = logits.softmax(-1)
+    weight = torch.ones_like(probs[..., :1]) if valid is None else valid.unsqueeze(-1).to(probs.dtype)
+    tokens = weight.sum().clamp_min(1.0)
+    slots = chosen.to(probs.dtype) / chosen.sum(-1, keepdim=True)  # each token's top_k slots, 1 / top_k each
+    fraction = (slots * weight).sum((0, 1)) / tokens
+    mean_prob = (probs * weight).sum((0, 1)) / tokens
+    return logits.shape[-1] * (fraction * mean_prob).sum()
+
+
+class MixtureOfMemoriesAttention(LinearizedAttention):
+    def __init__(self, original: nn.Module, settings: LinearizeSettings, layer_idx: int):
+        super().__init__(original, settings, layer_idx)
+        w = self.k_proj.weight
+        hidden, kv_heads = self.k_proj.in_features, self.k_proj.out_features // self.head_dim
+        self.router = nn.Linear(hidden, settings.num_memories, bias=False, device=w.device, dtype=w.dtype)
+        self.beta_proj = nn.Linear(hidden, kv_heads, bias=True, device=w.device, dtype=w.dtype)
+        self.aux_loss: torch.Tensor | None = None  # set by a training forward, read (and cleared) by recover
+        self._init_new_parameters()
+
+    @torch.no_grad()
+    def _init_new_parameters(self) -> None:
+        if self.router.weight.device.type == "meta":  # a checkpoint being loaded: its weights come next
+            return
+        gen = torch.Generator().manual_seed(1000 + self.layer_idx)
+        router = torch.randn(self.router.weight.shape, generator=gen) * ROUTER_INIT_STD
+        self.router.weight.copy_(router.to(self.router.weight.dtype))
+        self.beta_proj.weight.zero_()
+        self.beta_proj.bias.zero_()  # beta = sigmoid(0) = 0.5
+
+    def extra_repr(self) -> str:
+        s = self.settings
+        return f"layer_idx={self.layer_idx}, variant=mom, gate={s.gate}, memories={s.num_memories}+1, top_k={s.top_k}"
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
+        cache = cache if cache is not None else kwargs.get("past_key_values")
+        b, t, _ = hidden_states.shape
+        layer = self._cache_layer(cache)
+        q, k, v = self.project(hidden_states)
+        phi_q, phi_k, log_gate = self.features(q, k)
+        phi_k, log_gate = F.normalize(phi_k, dim=-1), log_gate.mean(-1)  # unit keys, one decay per head
+        beta = torch.sigmoid(self.beta_proj(hidden_states)).transpose(1, 2).to(phi_k.dtype)  # [B, Hkv, T]
+        logits = F.linear(hidden_states.float(), self.router.weight.float())  # routing in fp32: stable top-k
+        weights, chosen = top_k_routing(logits, self.settings.top_k)  # [B, T, M]
+        valid = key_validity(attention_mask, t)
+        if valid is not None:  # padding: an identity step in every memory
+            pad = ~valid[:, None, :]
+            phi_k, v = phi_k.masked_fill(pad[..., None], 0.0), v.masked_fill(pad[..., None], 0.0)
+            log_gate, beta = log_gate.masked_fill(pad, 0.0), beta.masked_fill(pad, 0.0)
+        self.aux_loss = (load_balance_loss(logits, chosen, valid)
+                         if self.training and torch.is_grad_enabled() else None)
+
+        memories = self.settings.num_memories + 1  # index 0: the shared memory
+        active = torch.cat([chosen.new_ones(b, t, 1), chosen], -1).transpose(1, 2).to(log_gate.dtype)  # [B, M+1, T]
+
+        def per_memory(x):  # [B, ...] -> [B * (M + 1), ...]
+            return x.unsqueeze(1).expand(b, memories, *x.shape[1:]).flatten(0, 1)
+
+        g = (log_gate.unsqueeze(1) * active.unsqueeze(2)).flatten(0, 1)  # [B * (M + 1), Hkv, T]
+        beta = (beta.unsqueeze(1) * active.unsqueeze(2)).flatten(0, 1)
+        state = layer.state.flatten(0, 1) if layer is not None and layer.state is not None else None
+        out, state = gated_delta_rule(per_memory(phi_q), per_memory(phi_k), per_memory(v), g, beta, state,
+                                      self.settings.chunk_size)
+        mix = torch.cat([weights.new_ones(b, t, 1), weights], -1).transpose(1, 2)  # [B, M+1, T]
+        out = out.view(b, memories, *out.shape[1:])
+        out = (out * mix[:, :, None, :, None].to(out.dtype)).sum(1) * MIX_SCALE
+        if layer is not None:
+            layer.store(state.view(b, memories, *state.shape[1:]), new_tokens=t)
+        out = out.transpose(1, 2).reshape(b, t, -1).to(hidden_states.dtype)
+        return self.o_proj(out), None
+
+
+def attention_class(settings: LinearizeSettings) -> type[LinearizedAttention]:
+    return MixtureOfMemoriesAttention if settings.variant == "mom" else LinearizedAttention

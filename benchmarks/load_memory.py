@@ -1,8 +1,11 @@
 """Peak memory of loading a model: plain transformers vs compress.load with each dtype choice.
 
 Builds a random-init Llama of ~88M parameters stored in bf16 (176 MB on disk; random weights: only memory is
-measured), then loads it in fresh subprocesses and reports each one's peak resident memory (ru_maxrss) minus the
-same process's resident memory after the imports, so the figure is what the load itself costs.
+measured), then loads it in fresh subprocesses and reports each one's peak resident memory during the load minus
+its resident memory after the imports, so the figure is what the load itself costs. The peak is the kernel's
+high-water mark (VmHWM), reset after the imports (/proc/self/clear_refs): a plain ru_maxrss would keep the
+imports' own peak and hide any load smaller than it. Resident memory counts the file pages a memory-mapped
+safetensors load touches; the "held after" column is what stays resident once the load returned.
 
     python benchmarks/load_memory.py [--json]
 """
@@ -23,13 +26,20 @@ LOADERS = {
     "compress.load dtype=float32": "import compress; m = compress.load(P, dtype='float32')",
 }
 PROBE = """
-import resource, sys, gc
+import sys, gc
 import torch, transformers, compress, compress.checkpoint
+def kb(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
 P = sys.argv[1]
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+gc.collect()
+open("/proc/self/clear_refs", "w").write("5")  # reset VmHWM to the current resident size
+base = kb("VmRSS")
 {code}
+gc.collect()
 dtype = str(next(m.parameters()).dtype).removeprefix("torch.")
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base, dtype)
+print(kb("VmHWM") - base, kb("VmRSS") - base, dtype)
 """
 
 
@@ -58,15 +68,15 @@ def main() -> None:
         for name, code in LOADERS.items():
             out = subprocess.run([sys.executable, "-c", PROBE.format(code=code), str(folder)], capture_output=True,
                                  text=True, check=True).stdout.split()
-            rows[name] = {"peak_mb": int(out[0]) / 1024, "dtype": out[1]}
+            rows[name] = {"peak_mb": int(out[0]) / 1024, "held_mb": int(out[1]) / 1024, "dtype": out[2]}
     result = {"parameters": params, "disk_mb": disk / 1e6, "loads": rows}
     if args.json:
         print(json.dumps(result))
         return
     print(f"{params / 1e6:.1f}M parameters, {disk / 1e6:.0f} MB on disk (bf16)")
-    print(f"{'loader':40s} {'dtype':>9s} {'peak MB above imports':>22s}")
+    print(f"{'loader':40s} {'dtype':>9s} {'peak MB above imports':>22s} {'held after':>11s}")
     for name, r in rows.items():
-        print(f"{name:40s} {r['dtype']:>9s} {r['peak_mb']:>22.0f}")
+        print(f"{name:40s} {r['dtype']:>9s} {r['peak_mb']:>22.0f} {r['held_mb']:>11.0f}")
 
 
 if __name__ == "__main__":

@@ -41,6 +41,13 @@ def _table(title: str, columns: list[str], rows: list[list], caption: str | None
     return t
 
 
+def _group_by_reason(skipped: dict[str, str]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for name, reason in skipped.items():
+        out.setdefault(reason, []).append(name)
+    return out
+
+
 def _mb(n: int | None) -> str:
     return "-" if n is None else f"{n / 1e6:.2f} MB"
 
@@ -172,6 +179,10 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
                      [[p["name"], p["num_modules"], _mb(p.get("stored_bytes_before")),
                        _mb(p.get("stored_bytes_after")), p["seconds"]] for p in result["passes"]],
                      caption=f"model = the tensors the checkpoint stores, at its dtype ({stored})"))
+    for p in result["passes"]:
+        for reason, names in _group_by_reason(p.get("skipped") or {}).items():
+            con.print(f"{p['name']} skipped {len(names)} module(s), {reason}: {', '.join(names[:3])}"
+                      + (", ..." if len(names) > 3 else ""))
     con.print(f"checkpoint: {output}  ({_mb(result['checkpoint_bytes'])} of weights, "
               f"original {_mb(result['original_checkpoint_bytes'])}, format {export_format})")
     if exported.get("stored_dense"):

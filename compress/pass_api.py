@@ -43,10 +43,13 @@ class PassReport:
     # holds; `bytes_before/after` are the touched modules' tensors in memory, at the compute dtype)
     stored_bytes_before: int | None = None
     stored_bytes_after: int | None = None
+    # modules the pass's targets matched but it left alone, and why (e.g. already quantized by an earlier pass)
+    skipped: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name, "modules": self.modules, "num_modules": len(self.modules),
+            "skipped": self.skipped,
             "bytes_before": self.bytes_before, "bytes_after": self.bytes_after,
             "stored_bytes_before": self.stored_bytes_before, "stored_bytes_after": self.stored_bytes_after,
             "seconds": round(self.seconds, 3), "details": self.details,

@@ -17,6 +17,7 @@ from ..hessian import input_hook as _input_hook
 from ..models import checkpoint_dtype
 from ..pass_api import Pass, PassConfig, PassContext, PassReport, replace_module, tensor_bytes, timed
 from ..registry import register_pass
+from ..targets import match_modules
 from .masks import magnitude_scores, nm_mask, parse_structure, unstructured_mask
 from .owl import outlier_ratio, owl_sparsities
 from .packing import bitmask_nbytes, nm_nbytes
@@ -84,7 +85,7 @@ class Prune(Pass):
         from ..sequential import decoder_layers, for_each_layer
 
         targets = self._checked_targets(model)
-        report = PassReport(name=self.name, modules=list(targets))
+        report = PassReport(name=self.name, modules=list(targets), skipped=self._skipped(model))
         report.bytes_before = sum(tensor_bytes(m) for m in targets.values())
         nm = parse_structure(self.config.structure)
         prefix, layers = decoder_layers(model)
@@ -142,6 +143,20 @@ class Prune(Pass):
                 raise ConfigError(f"{name}: input width {module.in_features} is not divisible by M={nm[1]}; "
                                   "ignore this module or choose another N:M")
         return targets
+
+    def _skipped(self, model: nn.Module) -> dict[str, str]:
+        """Matched modules an earlier pass already compressed: pruning them again is not supported (a quantized
+        weight has no dense values to score; a packed one is already pruned), so they stay as they are."""
+        from ..quantize.bnb import Bnb4bitLinear, Bnb8bitLinear
+        from ..quantize.quantized_linear import QuantizedLinear
+
+        matched = self.target_modules(model)
+        matched.update(match_modules(model, ["SparseLinear", "QuantizedLinear", "Bnb4bitLinear", "Bnb8bitLinear"],
+                                     self.config.ignore, require_all=False)
+                       if "Linear" in self.config.targets else {})
+        why = {SparseLinear: "already pruned (packed)", QuantizedLinear: "already quantized",
+               Bnb4bitLinear: "already quantized", Bnb8bitLinear: "already quantized"}
+        return {n: why[type(m)] for n, m in model.named_modules() if n in matched and type(m) in why}
 
     def describe(self, model: nn.Module) -> list[str]:
         return list(self._checked_targets(model))

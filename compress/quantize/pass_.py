@@ -117,7 +117,7 @@ class Quantize(Pass):
         if c.method in BNB_METHODS:
             require_bitsandbytes()
         targets, skipped = self._targets(model)
-        report = PassReport(name=self.name, modules=list(targets))
+        report = PassReport(name=self.name, modules=list(targets), skipped=skipped)
         report.bytes_before = sum(tensor_bytes(m) for m in targets.values())
         restore: dict[str, dict] = {}
         notes: dict[str, str] = {}
@@ -144,7 +144,6 @@ class Quantize(Pass):
             **({"bits": c.bits, "group_size": c.group_size, "symmetric": c.symmetric}
                if c.method not in BNB_METHODS else {}),
             "pruned_layers_kept_sparse": sum(1 for s in restore.values() if s.get("sparsity")),
-            **({"skipped": skipped} if skipped else {}),
             **({"hessian": notes} if notes else {}),
             "restore": restore,
         }

@@ -44,3 +44,22 @@ def test_rtn_composes_with_pruning_and_skips_what_is_quantized(tiny_model):
     # a second quantize pass finds nothing left to quantize, and says so
     with pytest.raises(ConfigError, match="already quantized"):
         compress.apply(model, [quantize(method="rtn", targets=["QuantizedLinear"])], progress=False)
+
+
+def test_prune_after_quantize_skips_the_quantized_layers_and_reports_them(tiny_model):
+    model = tiny_model("llama")
+    compress.apply(model, [quantize(method="rtn", group_size=32, targets=["re:.*mlp\\..*"])], progress=False)
+    _, report = compress.apply(model, [compress.get_pass("prune")(method="magnitude", structure="2:4")],
+                               progress=False)
+    pruned = report.passes[0]
+    assert pruned.skipped and set(pruned.skipped.values()) == {"already quantized"}
+    assert all(".mlp." in n for n in pruned.skipped) and not any(".mlp." in n for n in pruned.modules)
+    assert isinstance(model.model.layers[0].mlp.up_proj, QuantizedLinear)  # left as it was
+    assert pruned.to_dict()["skipped"] == pruned.skipped
+    # and quantize after prune (bitsandbytes cannot hold packed weights) reports the same way
+    model = tiny_model("llama")
+    compress.apply(model, [compress.get_pass("prune")(method="magnitude", structure="2:4", storage="packed",
+                                                        targets=["re:.*mlp\\..*"])], progress=False)
+    _, report = compress.apply(model, [quantize(method="rtn", group_size=32, targets=["re:.*mlp\\..*"])],
+                               progress=False)
+    assert not report.passes[0].skipped  # gptq/rtn quantize pruned layers and keep them sparse

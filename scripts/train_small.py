@@ -85,8 +85,9 @@ class Mixture:
     """Draws training sequences: natural windows, and with probability `synthetic` one of four copy/retrieval
     shapes embedded in natural text."""
 
-    def __init__(self, ids: torch.Tensor, tokenizer, synthetic: float, seed: int, kinds: list[str] | None = None):
-        self.ids, self.tok, self.synthetic = ids, tokenizer, synthetic
+    def __init__(self, ids: torch.Tensor, tokenizer, synthetic: float, seed: int, kinds: list[str] | None = None,
+                 mask_first: bool = False):
+        self.ids, self.tok, self.synthetic, self.mask_first = ids, tokenizer, synthetic, mask_first
         self.kinds = [getattr(self, k) for k in (kinds or ["copy_random", "copy_natural", "passkey", "kv_recall"])]
         self.rng = random.Random(seed)
         self.vocab = tokenizer.vocab_size
@@ -98,21 +99,34 @@ class Mixture:
     def encode(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"]
 
-    def fill(self, parts: list[list[int]], n: int) -> list[int]:
-        """Natural text between and around `parts` (kept in order) to exactly n tokens."""
+    def fill(self, parts: list[list[int]], n: int, unscored: tuple[int, ...] = ()) -> tuple[list[int], list[bool]]:
+        """Natural text between and around `parts` (kept in order) to exactly n tokens, and a flag per token:
+        False for the tokens of parts[i], i in `unscored` (a random span's first sight: unpredictable, so its loss
+        only teaches the head a uniform distribution over ids and drags natural-text perplexity)."""
         used = sum(len(p) for p in parts)
         free = max(0, n - used)
         cuts = sorted(self.rng.randint(0, free) for _ in range(len(parts)))
         gaps = [b - a for a, b in zip([0] + cuts, cuts + [free])]
         out: list[int] = []
-        for gap, part in zip(gaps, parts + [[]]):
+        scored: list[bool] = []
+        for i, (gap, part) in enumerate(zip(gaps, parts + [[]])):
             out += self.natural(gap) if gap else []
+            scored += [True] * gap
             out += part
-        return out[:n]
+            scored += [i not in unscored] * len(part)
+        return out[:n], scored[:n]
 
     def copy_random(self, n: int) -> list[int]:
         span = [self.rng.randrange(100, self.vocab) for _ in range(self.rng.randint(8, min(256, n // 3)))]
-        return self.fill([span, span], n)
+        return self.fill([span, span], n, unscored=(0,) if self.mask_first else ())
+
+    def repeat_random(self, n: int) -> tuple[list[int], list[bool]]:
+        """A short random span repeated to fill the sequence: every token after the first copy is predictable by
+        copying, the densest signal for forming induction heads (the first copy is unscored)."""
+        length = self.rng.randint(4, 64)
+        span = [self.rng.randrange(100, self.vocab) for _ in range(length)]
+        out = (span * (n // length + 1))[:n]
+        return out, [i >= length for i in range(n)]
 
     def copy_natural(self, n: int) -> list[int]:
         span = self.natural(self.rng.randint(16, min(256, n // 3)))
@@ -132,14 +146,19 @@ class Mixture:
         k, v = self.rng.choice(pairs)
         return self.fill([listing, self.encode(f"\nThe value of key {k} is {v}.")], n)
 
-    def sequence(self, n: int) -> list[int]:
+    def sequence(self, n: int) -> tuple[list[int], list[bool]]:
         if self.rng.random() >= self.synthetic:
-            return self.natural(n)
+            return self.natural(n), [True] * n
         kind = self.rng.choice(self.kinds)
-        return kind(n)
+        out = kind(n)
+        return out if isinstance(out, tuple) else (out, [True] * n)
 
-    def batch(self, b: int, n: int) -> torch.Tensor:
-        return torch.tensor([self.sequence(n + 1) for _ in range(b)], dtype=torch.long)
+    def batch(self, b: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids [b, n+1], targets [b, n]: ids shifted by one, -100 where a token is not scored)."""
+        rows = [self.sequence(n + 1) for _ in range(b)]
+        ids = torch.tensor([r[0] for r in rows], dtype=torch.long)
+        scored = torch.tensor([r[1] for r in rows], dtype=torch.bool)[:, 1:]
+        return ids, ids[:, 1:].masked_fill(~scored, -100)
 
 
 def probes(model, tokenizer, heldout: str) -> dict:
@@ -167,7 +186,11 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=200)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--kinds", default="copy_random,copy_natural,passkey,kv_recall",
-                    help="synthetic sequence kinds to draw from (comma-separated)")
+                    help="synthetic sequence kinds to draw from (comma-separated; repeat a kind to weight it): "
+                         "copy_random, repeat_random, copy_natural, passkey, kv_recall")
+    ap.add_argument("--mask-first-copy", action="store_true",
+                    help="do not score a random span's first occurrence (only its repeat, which is predictable)")
+    ap.add_argument("--warmup", type=int, default=None, help="warmup steps (default: 4%% of all steps)")
     ap.add_argument("--init-from", type=Path, default=None,
                     help="continue from a saved model (a second phase, e.g. more synthetic copy sequences); "
                          "its training.json is kept as the first phase's record")
@@ -200,16 +223,16 @@ def main() -> None:
     print(f"parameters: {sum(p.numel() for p in model.parameters())}", flush=True)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     total = args.steps + args.long_steps
-    warmup = max(1, total // 25)
+    warmup = args.warmup or max(1, total // 25)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
-    mix = Mixture(train_ids, tokenizer, args.synthetic, args.seed, args.kinds.split(","))
+    mix = Mixture(train_ids, tokenizer, args.synthetic, args.seed, args.kinds.split(","), args.mask_first_copy)
     start, seen = time.time(), 0
     for step in range(1, total + 1):
         long = step > args.steps
-        batch = mix.batch(args.long_batch, args.long_seq_len) if long else mix.batch(args.batch, args.seq_len)
-        seen += batch[:, 1:].numel()
-        loss = train_step(model, batch, opt, sched, bf16=False)
+        batch, targets = mix.batch(args.long_batch, args.long_seq_len) if long else mix.batch(args.batch, args.seq_len)
+        seen += targets.numel()
+        loss = train_step(model, batch, opt, sched, bf16=False, targets=targets)
         if step % 10 == 0:
             print(f"step {step} seq {batch.shape[1] - 1} loss {loss.item():.3f} lr {sched.get_last_lr()[0]:.2e} "
                   f"tokens {seen} {time.time() - start:.0f}s", flush=True)
@@ -235,7 +258,7 @@ def save(model, tokenizer, args, step, total, seen, ppl, found, seconds, previou
         "init_from": str(args.init_from) if args.init_from else None,
         "steps": step, "planned_steps": total, "short_steps": args.steps, "seq_len": args.seq_len,
         "batch": args.batch, "long_seq_len": args.long_seq_len, "long_batch": args.long_batch,
-        "synthetic": args.synthetic, "kinds": args.kinds, "lr": args.lr, "seed": args.seed, "tokens_seen": seen,
+        "synthetic": args.synthetic, "kinds": args.kinds, "mask_first_copy": args.mask_first_copy, "lr": args.lr, "seed": args.seed, "tokens_seen": seen,
         "heldout_ppl_20k_tokens_1024": round(ppl, 3), "probes": found, "train_seconds": round(seconds),
         "threads": torch.get_num_threads(),
     }, indent=2))

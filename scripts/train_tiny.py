@@ -97,11 +97,14 @@ def heldout_perplexity(model, ids: torch.Tensor, seq_len: int, bf16: bool = True
     return math.exp(nll / count)
 
 
-def train_step(model, batch: torch.Tensor, opt, sched, bf16: bool = True) -> torch.Tensor:
-    """One next-token step on `batch` [B, T+1]: loss, clipped backward, optimizer and schedule step."""
+def train_step(model, batch: torch.Tensor, opt, sched, bf16: bool = True,
+               targets: torch.Tensor | None = None) -> torch.Tensor:
+    """One next-token step on `batch` [B, T+1]: loss, clipped backward, optimizer and schedule step.
+    `targets` [B, T] overrides `batch[:, 1:]` (-100 where a token is not scored)."""
     with _compute(bf16):
         logits = model(batch[:, :-1]).logits
-    loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
+    targets = batch[:, 1:] if targets is None else targets
+    loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()

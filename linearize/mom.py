@@ -67,6 +67,8 @@ class MixtureOfMemoriesAttention(LinearizedAttention):
         self.router = nn.Linear(hidden, settings.num_memories, bias=False, device=w.device, dtype=w.dtype)
         self.beta_proj = nn.Linear(hidden, kv_heads, bias=True, device=w.device, dtype=w.dtype)
         self.aux_loss: torch.Tensor | None = None  # set by a training forward, read (and cleared) by recover
+        for child in (self.router, self.beta_proj):  # trainable like the rest of the model (frozen after load)
+            child.requires_grad_(w.requires_grad)
         self._init_new_parameters()
 
     @torch.no_grad()
@@ -119,6 +121,17 @@ class MixtureOfMemoriesAttention(LinearizedAttention):
             layer.store(state.view(b, memories, *state.shape[1:]), new_tokens=t)
         out = out.transpose(1, 2).reshape(b, t, -1).to(hidden_states.dtype)
         return self.o_proj(out), None
+
+
+@torch.no_grad()
+def round_new_parameters(model: nn.Module, names: list[str], dtype: torch.dtype) -> None:
+    """Round the router / beta map of the named MoM modules to the checkpoint's storage dtype in place, so the model
+    in memory computes exactly what its saved checkpoint will (the pretrained weights already are)."""
+    for name in names:
+        module = model.get_submodule(name)
+        if isinstance(module, MixtureOfMemoriesAttention):
+            for p in (p for child in NEW_MODULES for p in getattr(module, child).parameters()):
+                p.copy_(p.to(dtype).to(p.dtype))
 
 
 def attention_class(settings: LinearizeSettings) -> type[LinearizedAttention]:

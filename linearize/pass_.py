@@ -9,9 +9,11 @@ from __future__ import annotations
 from pydantic import Field
 from torch import nn
 
+from ..models import checkpoint_dtype
 from ..pass_api import Pass, PassConfig, PassContext, PassReport, tensor_bytes, timed
 from ..registry import register_pass
 from .convert import attention_modules, linearize_model
+from .mom import round_new_parameters
 from .settings import LayerSpecField, LinearizeSettings, resolve_layers
 
 SETTINGS_FIELDS = tuple(LinearizeSettings.model_fields)
@@ -36,6 +38,7 @@ class Linearize(Pass):
             report.bytes_before = tensor_bytes(model)
             params_before = sum(p.numel() for p in model.parameters())
             report.modules = linearize_model(model, self.settings(), self.config.layers)
+            round_new_parameters(model, report.modules, checkpoint_dtype(model))
             report.bytes_after = tensor_bytes(model)
             total = len(attention_modules(model))
             new_parameters = sum(p.numel() for p in model.parameters()) - params_before

@@ -3,7 +3,9 @@ after any other pass, to win back what compression lost. Next-token loss, plus K
 `kl_weight` > 0, the original being the model as it was before the recipe's first pass. A token budget and a
 wall-clock budget stop training; Trainer checkpoints make it resumable. The adapter is merged into the weights
 (`merge: true`; a pruned layer keeps its zeros and its packing) or kept as a PEFT adapter folder beside the
-checkpoint (`merge: false`), which `compress.load` attaches again."""
+checkpoint (`merge: false`), which `compress.load` attaches again. Modules a pass added (MoM's router and beta
+map) can be trained in full beside LoRA (`train_modules`), and auxiliary losses that modules expose (`aux_loss`, MoM's
+load balance) join the loss with weight `aux_weight`."""
 from __future__ import annotations
 
 import os
@@ -21,6 +23,7 @@ from ..models import checkpoint_dtype
 from ..pass_api import Pass, PassConfig, PassContext, PassReport, tensor_bytes, timed
 from ..prune.sparse_linear import SparseLinear
 from ..registry import register_pass
+from ..targets import match_modules
 from .adapter import load_adapter, save_adapter
 from .lora import SparsityKeepingLoraLinear, quiet_rewrap, round_to, wrap_for_lora, wrapped_layers
 from .training import TrainingPlan, steps_for_budget, train
@@ -43,6 +46,10 @@ class Recover(Pass):
         seq_len: int | None = Field(None, ge=8, description="training window length (default: the calibration's)")
         batch_size: int = Field(8, ge=1, description="windows per step and device")
         kl_weight: float = Field(0.0, ge=0.0, description="0: next-token loss only; > 0 adds this x KL(original || model)")
+        train_modules: list[str] = Field(default_factory=list, description=(
+            "modules trained in full beside LoRA (e.g. MoM's new router and beta map); pattern syntax of targets"))
+        aux_weight: float = Field(0.01, ge=0.0, description=(
+            "weight of the auxiliary losses modules expose (MoM's router load balance); 0 leaves them out"))
         merge: bool = Field(True, description="true: merge LoRA into the weights; false: keep a PEFT adapter folder")
         checkpoint_dir: str | None = Field(None, description="Trainer checkpoints go here; training resumes from "
                                                              "the newest one found (none: no checkpoints)")
@@ -83,6 +90,7 @@ class Recover(Pass):
         if c.resume_from is not None and not Path(c.resume_from).is_dir():
             raise ConfigError(f"recover: resume_from {c.resume_from} is not a folder; give a Trainer checkpoint "
                               "folder (checkpoint-N) or drop resume_from")
+        fully_trained = self._fully_trained(model, targets)
         report = PassReport(name=self.name, modules=list(targets))
         report.bytes_before = sum(tensor_bytes(m) for m in targets.values())
         world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -99,10 +107,13 @@ class Recover(Pass):
             wrap_for_lora(model, list(targets), lora_config)
             with quiet_rewrap():
                 peft_model = get_peft_model(model, lora_config)
+            for p in fully_trained:
+                p.requires_grad_(True)
             plan = TrainingPlan(windows=windows, max_steps=max_steps, tokens_per_step=c.batch_size * seq_len,
                                 batch_size=c.batch_size, lr=c.lr, max_seconds=c.max_minutes * 60,
                                 output_dir=output_dir, save_steps=c.save_steps if c.checkpoint_dir else None,
-                                resume_from=c.resume_from, seed=c.seed, device=ctx.device, progress=ctx.progress)
+                                resume_from=c.resume_from, seed=c.seed, device=ctx.device, progress=ctx.progress,
+                                aux_weight=c.aux_weight)
             runtimes = _decoded_for_training(model) if ctx.device == "cpu" else {}
             try:
                 stats = train(peft_model, plan, teacher, c.kl_weight)
@@ -112,9 +123,12 @@ class Recover(Pass):
                 if not c.checkpoint_dir:
                     shutil.rmtree(output_dir, ignore_errors=True)
             model.to(device).eval()
+            storage = checkpoint_dtype(model)
+            with torch.no_grad():  # fully trained parameters compute in memory what the checkpoint will hold
+                for p in fully_trained:
+                    p.copy_(p.to(storage).to(p.dtype))
             if c.merge:
                 peft_model.merge_and_unload()
-                storage = checkpoint_dtype(model)
                 for name in targets:
                     round_to(model.get_submodule(name), storage)
                 if hasattr(model, "peft_config"):
@@ -124,10 +138,22 @@ class Recover(Pass):
                 p.requires_grad_(trainable_before.get(name, False))
         report.bytes_after = sum(tensor_bytes(model.get_submodule(n)) for n in targets)
         report.details = {**stats, "seq_len": seq_len, "batch_size": c.batch_size, "merged": c.merge,
-                          "kl_weight": c.kl_weight}
+                          "kl_weight": c.kl_weight, "aux_weight": c.aux_weight,
+                          "fully_trained_parameters": sum(p.numel() for p in fully_trained)}
         if not c.merge:
             report.details["restore"] = {"adapter": ADAPTER_FOLDER, "modules": list(targets)}
         return report
+
+    def _fully_trained(self, model: nn.Module, targets: dict[str, nn.Module]) -> list[nn.Parameter]:
+        """Parameters of `train_modules` (trained in full, not through LoRA); none may be a LoRA target's."""
+        if not self.config.train_modules:
+            return []
+        modules = match_modules(model, self.config.train_modules)
+        overlap = [n for n in modules if any(n == t or n.startswith(t + ".") or t.startswith(n + ".") for t in targets)]
+        if overlap:
+            raise ConfigError(f"recover: train_modules {overlap[:3]} overlap the LoRA targets; a module is trained "
+                              "either through LoRA (targets) or in full (train_modules), not both")
+        return [p for m in modules.values() for p in m.parameters()]
 
     def _training_windows(self, ctx: PassContext, count: int, seq_len: int) -> torch.Tensor:
         """`count` windows of `seq_len` tokens from the recipe's calibration source (its own draw, not the

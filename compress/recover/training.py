@@ -1,6 +1,8 @@
 """Recovery training with the Hugging Face Trainer: next-token loss on calibration windows, plus optionally
-KL(teacher || student) to the original model, under a token budget (max_steps) and a wall-clock budget (a
-callback). Because it is the stock Trainer, `accelerate launch` spreads it over devices with no code here."""
+KL(teacher || student) to the original model, plus `aux_weight` x the auxiliary losses that modules expose (a module
+with an `aux_loss` tensor set by its training forward, e.g. MoM's router load balance), under a token budget
+(max_steps) and a wall-clock budget (a callback). Because it is the stock Trainer, `accelerate launch` spreads it
+over devices with no code here."""
 from __future__ import annotations
 
 import math
@@ -36,16 +38,31 @@ def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor) ->
     return F.kl_div(s, t, log_target=True, reduction="none").sum(-1).mean()
 
 
-class RecoveryTrainer(Trainer):
-    """The Trainer with loss = next-token NLL + kl_weight * KL(teacher || student); the teacher is frozen."""
+def take_aux_losses(model: nn.Module) -> torch.Tensor | None:
+    """Sum of the `aux_loss` tensors the last forward left on `model`'s modules (None: none), each cleared so that
+    its graph is not kept past this step."""
+    total = None
+    for module in model.modules():
+        aux = getattr(module, "aux_loss", None)
+        if isinstance(aux, torch.Tensor):
+            total = aux if total is None else total + aux.to(total.device)
+            module.aux_loss = None
+    return total
 
-    def __init__(self, *args, teacher: nn.Module | None = None, kl_weight: float = 0.0, **kwargs):
+
+class RecoveryTrainer(Trainer):
+    """The Trainer with loss = next-token NLL + kl_weight * KL(teacher || student) + aux_weight * the modules'
+    auxiliary losses; the teacher is frozen."""
+
+    def __init__(self, *args, teacher: nn.Module | None = None, kl_weight: float = 0.0, aux_weight: float = 0.0,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.kl_weight = kl_weight
+        self.aux_weight = aux_weight
         self.teacher = teacher
         if teacher is not None:
             teacher.requires_grad_(False).eval().to(self.args.device)
-        self._parts: dict[str, list[float]] = {"nll": [], "kl": []}
+        self._parts: dict[str, list[float]] = {"nll": [], "kl": [], "aux": []}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(input_ids=inputs["input_ids"], labels=inputs["labels"], use_cache=False)
@@ -57,6 +74,11 @@ class RecoveryTrainer(Trainer):
             kl = kl_to_teacher(outputs.logits, teacher_logits)
             self._parts["kl"].append(float(kl.detach()))
             loss = loss + self.kl_weight * kl
+        aux = take_aux_losses(model)
+        if aux is not None:
+            self._parts["aux"].append(float(aux.detach()))
+            if self.aux_weight > 0:
+                loss = loss + self.aux_weight * aux.to(loss.dtype)
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
@@ -101,6 +123,7 @@ class TrainingPlan:
     seed: int
     device: str
     progress: bool
+    aux_weight: float = 0.0         # weight of the modules' auxiliary losses (MoM load balance)
 
 
 def steps_for_budget(max_tokens: int, batch_size: int, seq_len: int, world_size: int = 1) -> int:
@@ -133,7 +156,8 @@ def train(peft_model: nn.Module, plan: TrainingPlan, teacher: nn.Module | None, 
     )
     budget = WallClockBudget(plan.max_seconds)
     trainer = RecoveryTrainer(model=peft_model, args=args, train_dataset=WindowDataset(plan.windows),
-                              callbacks=[budget], teacher=teacher, kl_weight=kl_weight)
+                              callbacks=[budget], teacher=teacher, kl_weight=kl_weight,
+                              aux_weight=plan.aux_weight)
     if not plan.progress:  # no bar, and no log lines on stdout (the CLI's --json owns it)
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(ProgressCallback)
@@ -145,6 +169,7 @@ def train(peft_model: nn.Module, plan: TrainingPlan, teacher: nn.Module | None, 
     history = trainer.state.log_history
     losses = [h["loss"] for h in history if "loss" in h]
     kls = [h["kl"] for h in history if "kl" in h]
+    auxes = [h["aux"] for h in history if "aux" in h]
     return {
         "steps": trainer.state.global_step,
         "max_steps": plan.max_steps,
@@ -155,5 +180,6 @@ def train(peft_model: nn.Module, plan: TrainingPlan, teacher: nn.Module | None, 
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,
         **({"first_kl": kls[0], "last_kl": kls[-1]} if kls else {}),
+        **({"first_aux": auxes[0], "last_aux": auxes[-1]} if auxes else {}),
         "train_loss": round(float(result.training_loss), 4) if not math.isnan(result.training_loss) else None,
     }

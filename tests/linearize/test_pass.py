@@ -47,7 +47,7 @@ def test_layers_that_do_not_exist(tiny_model):
         compress.apply(model, [compress.get_pass("linearize")(layers=[0, 7])], progress=False)
 
 
-@pytest.mark.parametrize("name", ["liger-gla", "liger-hybrid"])
+@pytest.mark.parametrize("name", ["liger-gla", "liger-hybrid", "mom"])
 def test_recipes_validate(name):
     recipe = compress.Recipe.from_yaml(RECIPES / f"{name}.yaml")
     passes = recipe.build_passes()

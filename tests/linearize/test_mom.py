@@ -1,0 +1,131 @@
+"""Mixture-of-Memories (variant mom): initialized from the pretrained projections, the router's load-balancing loss
+is differentiable and reaches the recover pass, checkpoints reload with compress.load and generate the same.
+(Full forward == prefill + cached decode, left padding, cache bytes: test_models.py, variant "mom".)"""
+import pytest
+import torch
+
+import compress
+from compress.errors import CompressError
+from compress.linearize import LinearizeSettings, MixtureOfMemoriesAttention, linearize_model
+from compress.linearize.mom import load_balance_loss, top_k_routing
+from compress.recover.training import take_aux_losses
+
+CALIBRATION = compress.CalibrationSpec(source="builtin:calibration", num_samples=4, seq_len=32)
+MOM = LinearizeSettings(variant="mom", num_memories=4, top_k=2, chunk_size=8)
+
+
+def test_built_from_the_pretrained_projections_with_a_small_router(tiny_model):
+    original = tiny_model("qwen3")
+    model = tiny_model("qwen3")
+    linearize_model(model, MOM)
+    attn = model.model.layers[1].self_attn
+    assert isinstance(attn, MixtureOfMemoriesAttention)
+    assert attn.k_proj is model.model.layers[1].self_attn.k_proj and attn.k_norm is not None
+    old, new = original.state_dict(), model.state_dict()
+    added = set(new) - set(old)
+    assert added == {f"model.layers.{i}.self_attn.{n}" for i in range(3)
+                     for n in ("router.weight", "beta_proj.weight", "beta_proj.bias")}
+    assert all(torch.equal(new[k], v) for k, v in old.items())  # nothing pretrained changed
+    assert 0 < attn.router.weight.std() < 0.05 and attn.router.weight.shape == (4, 64)
+    assert torch.equal(attn.beta_proj.weight, torch.zeros(2, 64))  # beta = 0.5 at conversion
+    again = tiny_model("qwen3")
+    linearize_model(again, MOM)  # deterministic conversion (router seeded per layer)
+    assert torch.equal(again.model.layers[1].self_attn.router.weight, attn.router.weight)
+
+
+def test_load_balance_loss_values():
+    logits = torch.zeros(1, 8, 4)  # uniform probabilities: the loss is 1 whatever the choice
+    _, chosen = top_k_routing(logits, 2)
+    assert chosen.sum(-1).eq(2).all()
+    assert load_balance_loss(logits, chosen, None).item() == pytest.approx(1.0)
+    skewed = torch.tensor([[[5.0, 4.0, 0.0, 0.0]] * 6])  # every token to memories 0 and 1
+    _, chosen = top_k_routing(skewed, 2)
+    p = skewed.softmax(-1)[0, 0]
+    assert load_balance_loss(skewed, chosen, None).item() == pytest.approx(4 * (0.5 * p[0] + 0.5 * p[1]).item())
+    valid = torch.tensor([[False, False, True, True, True, True]])  # padding does not count
+    mixed = skewed.clone()
+    mixed[0, :2] = torch.tensor([0.0, 0.0, 5.0, 4.0])
+    assert load_balance_loss(mixed, top_k_routing(mixed, 2)[1], valid).item() == pytest.approx(
+        load_balance_loss(skewed, chosen, None).item())
+
+
+def test_aux_loss_is_differentiable_and_only_set_in_training(tiny_model):
+    model = tiny_model("llama", num_key_value_heads=4)
+    linearize_model(model, MOM)
+    ids = torch.randint(1, 128, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model(ids)
+    assert take_aux_losses(model) is None  # eval / no grad: nothing kept
+    model.train()
+    model(ids)
+    aux = take_aux_losses(model)
+    assert aux is not None and aux.item() >= 3.0 - 1e-6  # 3 layers, each >= 1 (its balanced value)
+    assert take_aux_losses(model) is None  # taken: cleared
+    aux.backward()
+    router = model.model.layers[0].self_attn.router.weight
+    assert router.grad is not None and router.grad.abs().sum() > 0
+
+
+def test_checkpoint_round_trip_and_generate(tmp_path, reference_tokenizer):
+    model = compress.load("builtin:tiny")
+    ids = torch.tensor([reference_tokenizer("The Python tutorial explains")["input_ids"]])
+    lin = compress.get_pass("linearize")(variant="mom", num_memories=4, top_k=2, layers="every_2")
+    model, report = compress.apply(model, [lin], progress=False)
+    cfg = model.config
+    per_layer = cfg.hidden_size * 4 + cfg.hidden_size * cfg.num_key_value_heads + cfg.num_key_value_heads
+    assert report.passes[0].details["new_parameters"] == 3 * per_layer
+    with torch.no_grad():  # the saved router must be the trained one, not a fresh draw: perturb it (bf16-exactly)
+        model.model.layers[0].self_attn.router.weight.mul_(2.0)
+        model.model.layers[2].self_attn.beta_proj.bias.fill_(0.75)
+    reloaded = compress.load(compress.save(model, tmp_path / "out", tokenizer=reference_tokenizer))
+    kinds = [type(layer.self_attn) is MixtureOfMemoriesAttention for layer in reloaded.model.layers]
+    assert kinds == [True, False] * 3
+    assert reloaded.model.layers[0].self_attn.settings.num_memories == 4
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+        a = reloaded.generate(ids, max_new_tokens=8, do_sample=False)
+        b = model.generate(ids, max_new_tokens=8, do_sample=False)
+    assert torch.equal(a, b)
+
+
+def test_recover_trains_the_router_with_the_aux_loss(reference_model, reference_tokenizer):
+    import copy
+
+    model = copy.deepcopy(reference_model)
+    passes = [compress.get_pass("linearize")(variant="mom", layers=[0]),
+              compress.get_pass("recover")(seq_len=32, batch_size=2, max_tokens=2 * 64, lr=1e-2, aux_weight=0.1,
+                                           train_modules=["re:.*self_attn\\.(router|beta_proj)"])]
+
+    def snapshot(m):
+        return m.model.layers[0].self_attn.router.weight.detach().clone()
+
+    linearized, _ = compress.apply(copy.deepcopy(model), passes[:1], progress=False)
+    router_before = snapshot(linearized)  # the conversion is deterministic: the same router the run starts from
+    model, report = compress.apply(model, passes, calibration=CALIBRATION, tokenizer=reference_tokenizer,
+                                   progress=False)
+    details = report.passes[1].details
+    attn = model.model.layers[0].self_attn
+    assert details["fully_trained_parameters"] == sum(p.numel() for m in (attn.router, attn.beta_proj)
+                                                      for p in m.parameters())
+    assert details["first_aux"] >= 1.0 - 1e-6  # logged: the balanced value is 1
+    assert not torch.equal(snapshot(model), router_before)  # trained in full (not LoRA)
+    assert not any("lora" in n for n, _ in model.named_parameters())  # LoRA on q/k/v merged
+
+
+@pytest.mark.parametrize("args,match", [
+    (dict(variant="mom", num_memories=2, top_k=3), "top_k .3. cannot exceed num_memories .2."),
+    (dict(variant="mom", num_memories=0), "greater than or equal to 1"),
+])
+def test_bad_arguments(args, match):
+    with pytest.raises(CompressError, match=match):
+        compress.get_pass("linearize")(**args)
+
+
+def test_train_modules_that_overlap_lora_targets_are_refused(reference_model, reference_tokenizer):
+    import copy
+
+    passes = [compress.get_pass("linearize")(variant="mom", layers=[0]),
+              compress.get_pass("recover")(seq_len=32, batch_size=2, max_tokens=64, train_modules=["re:.*self_attn"])]
+    with pytest.raises(CompressError, match="overlap the LoRA targets"):
+        compress.apply(copy.deepcopy(reference_model), passes, calibration=CALIBRATION, tokenizer=reference_tokenizer,
+                       progress=False)

@@ -1,5 +1,5 @@
-"""Linearization benchmark: the original model and its Liger conversions (GLA, Liger Attention hybrid), one run, one
-table.
+"""Linearization benchmark: the original model and its conversions (Liger GLA, Liger Attention hybrid, Liger GSA with
+8 slots, Mixture-of-Memories with 4 memories, top-2, plus a shared one), one run, one table.
 
 - quality, on the trained reference model (builtin:tiny, float32, CPU): held-out perplexity right after conversion
   (`ppl_converted`) and after LoRA recovery (`ppl_recovered`, from a checkpoint written by the recipe, e.g.
@@ -32,10 +32,13 @@ import compress
 from compress.eval.probes import copy_probe, passkey_probe
 from compress.evaluate import evaluate, heldout_windows
 from compress.linearize import LinearizedCache, LinearizedLayer, LinearizeSettings, cache_nbytes, linearize_model
+from compress.linearize.convert import attention_modules
 from compress.pass_api import storage_bytes
 from compress.progress import progress_bar
 
-VARIANTS = {"liger-gla": LinearizeSettings(variant="gla"), "liger-hybrid": LinearizeSettings(variant="hybrid")}
+VARIANTS = {"liger-gla": LinearizeSettings(variant="gla"), "liger-hybrid": LinearizeSettings(variant="hybrid"),
+            "liger-gsa": LinearizeSettings(variant="gla", gate="gsa", num_slots=8),
+            "mom": LinearizeSettings(variant="mom", num_memories=4, top_k=2)}
 CONTEXTS = (1024, 8192, 32768)
 
 
@@ -71,8 +74,9 @@ def filled_dynamic_cache(model, context: int) -> DynamicCache:
 
 def filled_linearized_cache(model, context: int) -> LinearizedCache:
     cfg, cache = model.config, LinearizedCache(model)
-    for layer in cache.layers:
-        state = torch.randn(1, cfg.num_key_value_heads, cfg.head_dim, cfg.head_dim)
+    modules = attention_modules(model)
+    for i, layer in enumerate(cache.layers):
+        state = torch.randn(modules[i][1].state_shape(1))  # GLA [1, Hkv, K, V]; MoM [1, M+1, Hkv, K, V]; GSA
         if isinstance(layer, LinearizedLayer) and layer.window:
             kv = torch.randn(1, cfg.num_key_value_heads, layer.window - 1, cfg.head_dim)
             layer.store(state, kv, kv.clone(), torch.ones(1, layer.window - 1, dtype=torch.bool),

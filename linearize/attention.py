@@ -6,6 +6,8 @@ state dict is unchanged and LoRA (PEFT) attaches to them as before. From the pro
   gla gate:   phi(k) = softmax(k),     log-gate = logsigmoid(k) / 16
   hgrn2 gate: phi(k) = 1 - sigmoid(k), log-gate = logsigmoid(k)
   S_t = diag(exp(log-gate_t)) S_{t-1} + phi(k_t)^T v_t,   o_t = phi(q_t) S_t     (one state per KV head)
+  gsa gate:   phi(k) = softmax(k), slot log-gates = the gla log-gate averaged over `num_slots` groups of the head
+              dimension; gated slot attention over those slots (compress.kernels.gsa; state [slots, K + V])
 Liger Attention (variant hybrid) adds a sliding-window softmax branch on the RoPE'd q/k:
   o = alpha * o_recurrent + beta * o_window.
 Padding (from the attention mask) contributes nothing: its keys/values are zeroed and its gates set to 0 (no
@@ -20,6 +22,7 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from ..kernels.gla import gated_linear_attention
+from ..kernels.gsa import gated_slot_attention
 from ..kernels.window_attention import sliding_window_attention
 from .cache import LinearizedLayer
 from .settings import LinearizeSettings
@@ -63,6 +66,7 @@ class LinearizedAttention(nn.Module):
     def extra_repr(self) -> str:
         s = self.settings
         extra = f", window={s.window}, alpha={s.alpha}, beta={s.beta}" if s.variant == "hybrid" else ""
+        extra += f", num_slots={s.num_slots}" if s.gate == "gsa" else ""
         return f"layer_idx={self.layer_idx}, variant={s.variant}, gate={s.gate}{extra}"
 
     def _cache_layer(self, cache) -> LinearizedLayer | None:
@@ -81,6 +85,13 @@ class LinearizedAttention(nn.Module):
             layer = cache.layers[i] = LinearizedLayer(self.settings.window_or_none())
         return layer
 
+    def state_shape(self, batch: int) -> tuple[int, ...]:
+        """Shape of this layer's recurrent state in the cache: one [K, V] matrix per KV head."""
+        kv_heads = self.k_proj.out_features // self.head_dim
+        if self.settings.gate == "gsa":  # slot keys and slot values, packed
+            return batch, kv_heads, self.settings.num_slots, 2 * self.head_dim
+        return batch, kv_heads, self.head_dim, self.head_dim
+
     def project(self, hidden_states):
         """q [B, Hq, T, D], k and v [B, Hkv, T, D]: the original projections (+ biases, + q/k norms), before RoPE."""
         shape = (*hidden_states.shape[:-1], -1, self.head_dim)
@@ -93,7 +104,12 @@ class LinearizedAttention(nn.Module):
         """(phi(q), phi(k), log-gates) from the projections."""
         if self.settings.gate == "hgrn2":
             return q.softmax(-1), torch.sigmoid(-k), F.logsigmoid(k)
-        return q.softmax(-1), k.softmax(-1), F.logsigmoid(k) / GLA_GATE_NORMALIZER
+        log_gate = F.logsigmoid(k) / GLA_GATE_NORMALIZER
+        if self.settings.gate == "gsa":  # [.., K] -> [.., num_slots]: mean over contiguous groups of dimensions
+            shape = log_gate.shape
+            log_gate = F.adaptive_avg_pool1d(log_gate.reshape(-1, 1, shape[-1]), self.settings.num_slots)
+            log_gate = log_gate.view(*shape[:-1], self.settings.num_slots)
+        return q.softmax(-1), k.softmax(-1), log_gate
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
         cache = cache if cache is not None else kwargs.get("past_key_values")
@@ -107,7 +123,8 @@ class LinearizedAttention(nn.Module):
             phi_k, log_gate = phi_k.masked_fill(pad, 0.0), log_gate.masked_fill(pad, 0.0)
             v = v.masked_fill(pad, 0.0)
         state = layer.state if layer is not None else None
-        out, state = gated_linear_attention(phi_q, phi_k, v, log_gate, state, self.settings.chunk_size)
+        recurrent = gated_slot_attention if self.settings.gate == "gsa" else gated_linear_attention
+        out, state = recurrent(phi_q, phi_k, v, log_gate, state, self.settings.chunk_size)
         window = self.settings.window_or_none()
         if window is None:
             if layer is not None:

@@ -85,6 +85,10 @@ class MixtureOfMemoriesAttention(LinearizedAttention):
         s = self.settings
         return f"layer_idx={self.layer_idx}, variant=mom, gate={s.gate}, memories={s.num_memories}+1, top_k={s.top_k}"
 
+    def state_shape(self, batch: int) -> tuple[int, ...]:
+        b, *per_memory = super().state_shape(batch)
+        return b, self.settings.num_memories + 1, *per_memory
+
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
         cache = cache if cache is not None else kwargs.get("past_key_values")
         b, t, _ = hidden_states.shape

@@ -17,19 +17,23 @@ class LinearizeSettings(BaseModel):
     # gla: gated linear attention only; hybrid: Liger Attention = alpha * recurrent + beta * sliding-window softmax;
     # mom: Mixture-of-Memories, gated delta-rule memories with top-k routing plus a shared memory (mom.py)
     variant: Literal["gla", "hybrid", "mom"] = "gla"
-    # gla: phi(k) = softmax(k), log-gate = logsigmoid(k) / 16; hgrn2: phi(k) = 1 - sigmoid(k), log-gate = logsigmoid(k)
-    gate: Literal["gla", "hgrn2"] = "gla"
+    # gla: phi(k) = softmax(k), log-gate = logsigmoid(k) / 16; hgrn2: phi(k) = 1 - sigmoid(k), log-gate = logsigmoid(k);
+    # gsa: gated slot attention, the gla log-gate averaged into `num_slots` slot gates (kernels/gsa.py)
+    gate: Literal["gla", "hgrn2", "gsa"] = "gla"
     window: int = Field(64, ge=2, description="tokens the hybrid's softmax branch sees, itself included")
     alpha: float = Field(0.5, description="weight of the recurrent branch (hybrid)")
     beta: float = Field(0.5, description="weight of the sliding-window branch (hybrid)")
     chunk_size: int = Field(16, ge=1, le=256, description="tokens per chunk of the chunked torch path")
     num_memories: int = Field(4, ge=1, le=64, description="routed memories per layer (mom; plus one shared memory)")
     top_k: int = Field(2, ge=1, description="memories each token is routed to (mom)")
+    num_slots: int = Field(8, ge=1, le=256, description="memory slots per KV head (gate gsa)")
 
     @model_validator(mode="after")
     def _check_routing(self):
         if self.top_k > self.num_memories:
             raise ValueError(f"top_k ({self.top_k}) cannot exceed num_memories ({self.num_memories})")
+        if self.variant == "mom" and self.gate == "gsa":
+            raise ValueError("variant mom uses gated delta-rule memories: gate gla or hgrn2, not gsa")
         return self
 
     def window_or_none(self) -> int | None:

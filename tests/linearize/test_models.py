@@ -10,6 +10,7 @@ VARIANTS = {
     "hybrid": LinearizeSettings(variant="hybrid", window=8, alpha=0.6, beta=0.4),
     "hgrn2": LinearizeSettings(variant="gla", gate="hgrn2"),
     "mom": LinearizeSettings(variant="mom", num_memories=3, top_k=2),
+    "gsa": LinearizeSettings(variant="gla", gate="gsa", num_slots=4),
 }
 TOL = dict(rtol=1e-5, atol=2e-5)
 
@@ -44,7 +45,7 @@ def test_full_forward_equals_prefill_plus_cached_decode(tiny_model, arch, varian
     assert cache.get_seq_length() == 27
 
 
-@pytest.mark.parametrize("variant", ["gla", "hybrid", "mom"])
+@pytest.mark.parametrize("variant", ["gla", "hybrid", "mom", "gsa"])
 def test_left_padding_computes_what_the_unpadded_row_computes(tiny_model, arch, variant):
     model = converted(tiny_model, arch, variant, layers="every_2")  # also mixes softmax layers in
     gen = torch.Generator().manual_seed(1)
@@ -87,7 +88,7 @@ def test_softmax_layers_are_untouched_and_no_parameters_added(tiny_model):
     assert all(torch.equal(model.state_dict()[k], v) for k, v in original.state_dict().items())
 
 
-@pytest.mark.parametrize("variant", ["gla", "hybrid", "mom"])
+@pytest.mark.parametrize("variant", ["gla", "hybrid", "mom", "gsa"])
 def test_cache_bytes_constant_in_context_length(tiny_model, variant):
     model = converted(tiny_model, "mistral", variant)
     sizes = []
@@ -99,7 +100,7 @@ def test_cache_bytes_constant_in_context_length(tiny_model, variant):
             sizes.append(cache_nbytes(cache)["total"])
     assert sizes[0] == sizes[1] == sizes[2] > 0
     # state: layers x KV heads x head_dim^2 floats; the hybrid adds window-1 keys and values and their validity
-    # (mom: one state per memory, 3 routed + 1 shared)
-    state = 3 * 2 * 16 * 16 * 4 * (4 if variant == "mom" else 1)
+    # (mom: one state per memory, 3 routed + 1 shared; gsa: 4 slots of a key and a value)
+    state = 3 * 2 * {"mom": 4 * 16 * 16, "gsa": 4 * (16 + 16)}.get(variant, 16 * 16) * 4
     window = 3 * (2 * 2 * 7 * 16 * 4 + 7) if variant == "hybrid" else 0
     assert sizes[0] == state + window

@@ -115,6 +115,7 @@ def test_recover_trains_the_router_with_the_aux_loss(reference_model, reference_
 @pytest.mark.parametrize("args,match", [
     (dict(variant="mom", num_memories=2, top_k=3), "top_k .3. cannot exceed num_memories .2."),
     (dict(variant="mom", num_memories=0), "greater than or equal to 1"),
+    (dict(variant="mom", gate="gsa"), "gate gla or hgrn2, not gsa"),
 ])
 def test_bad_arguments(args, match):
     with pytest.raises(CompressError, match=match):

@@ -91,6 +91,14 @@ class Mixture:
         self.kinds = [getattr(self, k) for k in (kinds or ["copy_random", "copy_natural", "passkey", "kv_recall"])]
         self.rng = random.Random(seed)
         self.vocab = tokenizer.vocab_size
+        self.alphabet: list[int] = []  # random spans draw from these ids when set (a curriculum), else [100, vocab)
+
+    def restrict_alphabet(self, size: int) -> None:
+        """Random spans from the `size` most frequent training ids: each id then recurs across a batch often
+        enough for attention to learn to match it, which is what a copy circuit first needs."""
+        counts = torch.bincount(self.ids, minlength=self.vocab)
+        counts[:100] = 0
+        self.alphabet = counts.topk(size).indices.tolist()
 
     def natural(self, n: int) -> list[int]:
         o = self.rng.randrange(0, self.ids.numel() - n - 1)
@@ -117,15 +125,19 @@ class Mixture:
         return out[:n], scored[:n]
 
     def copy_random(self, n: int) -> list[int]:
-        span = [self.rng.randrange(100, self.vocab) for _ in range(self.rng.randint(8, min(256, n // 3)))]
+        span = [self.random_token() for _ in range(self.rng.randint(8, min(256, n // 3)))]
         return self.fill([span, span], n, unscored=(0,) if self.mask_first else ())
+
+    def random_token(self) -> int:
+        return self.rng.choice(self.alphabet) if self.alphabet else self.rng.randrange(100, self.vocab)
 
     def repeat_random(self, n: int) -> tuple[list[int], list[bool]]:
         """A short random span repeated to fill the sequence: every token after the first copy is predictable by
         copying, the densest signal for forming induction heads (the first copy is unscored)."""
-        length = self.rng.randint(4, 64)
-        span = [self.rng.randrange(100, self.vocab) for _ in range(length)]
+        length = self.rng.randint(4, max(4, n // 2))  # up to half the sequence: copies over every distance
+        span = [self.random_token() for _ in range(length)]
         out = (span * (n // length + 1))[:n]
+        self.period = length
         return out, [i >= length for i in range(n)]
 
     def copy_natural(self, n: int) -> list[int]:
@@ -146,19 +158,63 @@ class Mixture:
         k, v = self.rng.choice(pairs)
         return self.fill([listing, self.encode(f"\nThe value of key {k} is {v}.")], n)
 
-    def sequence(self, n: int) -> tuple[list[int], list[bool]]:
+    def sequence(self, n: int) -> tuple[list[int], list[bool], list[int]]:
+        """(ids, scored per token, induction target per token: for a token inside a repeat of a random span, the
+        position right after its previous occurrence, which an induction head attends to; -1 elsewhere)."""
+        self.period = 0
         if self.rng.random() >= self.synthetic:
-            return self.natural(n), [True] * n
+            return self.natural(n), [True] * n, [-1] * n
         kind = self.rng.choice(self.kinds)
         out = kind(n)
-        return out if isinstance(out, tuple) else (out, [True] * n)
+        ids, scored = out if isinstance(out, tuple) else (out, [True] * n)
+        p = self.period
+        return ids, scored, [t - p + 1 if p and t >= p else -1 for t in range(n)]
 
-    def batch(self, b: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ids [b, n+1], targets [b, n]: ids shifted by one, -100 where a token is not scored)."""
+    def batch(self, b: int, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ids [b, n+1], targets [b, n]: ids shifted by one, -100 where a token is not scored, induction
+        targets [b, n] of the input positions)."""
         rows = [self.sequence(n + 1) for _ in range(b)]
         ids = torch.tensor([r[0] for r in rows], dtype=torch.long)
         scored = torch.tensor([r[1] for r in rows], dtype=torch.bool)[:, 1:]
-        return ids, ids[:, 1:].masked_fill(~scored, -100)
+        induction = torch.tensor([r[2] for r in rows], dtype=torch.long)[:, :-1]
+        return ids, ids[:, 1:].masked_fill(~scored, -100), induction
+
+
+def supervised_step(model, batch, targets, induction, heads, weight, opt, sched) -> torch.Tensor:
+    """A next-token step plus supervision of the chosen (layer, head) pairs on tokens inside a repeated random span:
+    their attention is pulled towards the induction target (-log of the attention probability there), and their
+    own output, read through the final norm and the head (its direct path to the logits), is trained to predict
+    the next token. Copying needs a query-key match and a value-output copy that are each useless without the
+    other, which is why it forms late (a long loss plateau); a direct gradient on each lets both form at once."""
+    captured = {}
+    hooks = [model.model.layers[layer].self_attn.o_proj.register_forward_hook(
+        lambda mod, args, out, layer=layer: captured.__setitem__(layer, args[0])) for layer in {l for l, _ in heads}]
+    try:
+        out = model(batch[:, :-1], output_attentions=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    loss = torch.nn.functional.cross_entropy(out.logits.float().reshape(-1, out.logits.size(-1)), targets.reshape(-1))
+    valid = induction >= 0
+    if valid.any():
+        aux = []
+        next_token = batch[:, 1:][valid]
+        for layer, head in heads:
+            attn = out.attentions[layer][:, head]  # [B, T, T]
+            p = attn.gather(-1, induction.clamp(min=0)[..., None])[..., 0]
+            aux.append(-(p[valid] + 1e-6).log().mean())
+            o_proj = model.model.layers[layer].self_attn.o_proj
+            d = o_proj.in_features // model.config.num_attention_heads
+            contribution = captured[layer][..., head * d:(head + 1) * d] @ o_proj.weight[:, head * d:(head + 1) * d].T
+            direct = model.lm_head(model.model.norm(contribution[valid]))
+            aux.append(torch.nn.functional.cross_entropy(direct.float(), next_token))
+        loss = loss + weight * torch.stack(aux).mean()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
 
 
 def probes(model, tokenizer, heldout: str) -> dict:
@@ -190,6 +246,12 @@ def main() -> None:
                          "copy_random, repeat_random, copy_natural, passkey, kv_recall")
     ap.add_argument("--mask-first-copy", action="store_true",
                     help="do not score a random span's first occurrence (only its repeat, which is predictable)")
+    ap.add_argument("--alphabet", type=int, default=0,
+                    help="random spans from this many most frequent ids (0: uniform over [100, vocab)); a curriculum")
+    ap.add_argument("--supervise-heads", default="",
+                    help="layer:head pairs (e.g. 5:0,6:3) whose attention is pulled to the induction target on "
+                         "repeat_random sequences (attention supervision; see supervised_step)")
+    ap.add_argument("--supervise-weight", type=float, default=1.0)
     ap.add_argument("--warmup", type=int, default=None, help="warmup steps (default: 4%% of all steps)")
     ap.add_argument("--init-from", type=Path, default=None,
                     help="continue from a saved model (a second phase, e.g. more synthetic copy sequences); "
@@ -217,7 +279,8 @@ def main() -> None:
     previous = None
     if args.init_from:
         previous = json.loads((args.init_from / "training.json").read_text())
-        model = LlamaForCausalLM.from_pretrained(args.init_from, dtype=torch.float32)
+        model = LlamaForCausalLM.from_pretrained(args.init_from, dtype=torch.float32,
+                                                 attn_implementation="eager" if args.supervise_heads else None)
     else:
         model = LlamaForCausalLM(model_config())
     print(f"parameters: {sum(p.numel() for p in model.parameters())}", flush=True)
@@ -227,12 +290,19 @@ def main() -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
     mix = Mixture(train_ids, tokenizer, args.synthetic, args.seed, args.kinds.split(","), args.mask_first_copy)
+    if args.alphabet:
+        mix.restrict_alphabet(args.alphabet)
+    heads = [tuple(int(x) for x in pair.split(":")) for pair in args.supervise_heads.split(",") if pair]
     start, seen = time.time(), 0
     for step in range(1, total + 1):
         long = step > args.steps
-        batch, targets = mix.batch(args.long_batch, args.long_seq_len) if long else mix.batch(args.batch, args.seq_len)
+        batch, targets, induction = (mix.batch(args.long_batch, args.long_seq_len) if long
+                                     else mix.batch(args.batch, args.seq_len))
         seen += targets.numel()
-        loss = train_step(model, batch, opt, sched, bf16=False, targets=targets)
+        if heads:
+            loss = supervised_step(model, batch, targets, induction, heads, args.supervise_weight, opt, sched)
+        else:
+            loss = train_step(model, batch, opt, sched, bf16=False, targets=targets)
         if step % 10 == 0:
             print(f"step {step} seq {batch.shape[1] - 1} loss {loss.item():.3f} lr {sched.get_last_lr()[0]:.2e} "
                   f"tokens {seen} {time.time() - start:.0f}s", flush=True)
@@ -258,7 +328,8 @@ def save(model, tokenizer, args, step, total, seen, ppl, found, seconds, previou
         "init_from": str(args.init_from) if args.init_from else None,
         "steps": step, "planned_steps": total, "short_steps": args.steps, "seq_len": args.seq_len,
         "batch": args.batch, "long_seq_len": args.long_seq_len, "long_batch": args.long_batch,
-        "synthetic": args.synthetic, "kinds": args.kinds, "mask_first_copy": args.mask_first_copy, "lr": args.lr, "seed": args.seed, "tokens_seen": seen,
+        "synthetic": args.synthetic, "kinds": args.kinds, "mask_first_copy": args.mask_first_copy, "alphabet": args.alphabet,
+        "supervise_heads": args.supervise_heads, "supervise_weight": args.supervise_weight, "lr": args.lr, "seed": args.seed, "tokens_seen": seen,
         "heldout_ppl_20k_tokens_1024": round(ppl, 3), "probes": found, "train_seconds": round(seconds),
         "threads": torch.get_num_threads(),
     }, indent=2))

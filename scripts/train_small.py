@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from train_tiny import heldout_perplexity, train_step  # the same step and measure as builtin:tiny's, in fp32
+from train_tiny import heldout_perplexity, optimizer_step, train_step  # the same step and measure as builtin:tiny's, in fp32
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "compress" / "builtin" / "tiny"
@@ -209,12 +209,7 @@ def supervised_step(model, batch, targets, induction, heads, weight, opt, sched)
             direct = model.lm_head(model.model.norm(contribution[valid]))
             aux.append(torch.nn.functional.cross_entropy(direct.float(), next_token))
         loss = loss + weight * torch.stack(aux).mean()
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-    sched.step()
-    opt.zero_grad(set_to_none=True)
-    return loss
+    return optimizer_step(model, loss, opt, sched)
 
 
 def probes(model, tokenizer, heldout: str) -> dict:

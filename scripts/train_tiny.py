@@ -105,6 +105,11 @@ def train_step(model, batch: torch.Tensor, opt, sched, bf16: bool = True,
         logits = model(batch[:, :-1]).logits
     targets = batch[:, 1:] if targets is None else targets
     loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
+    return optimizer_step(model, loss, opt, sched)
+
+
+def optimizer_step(model, loss: torch.Tensor, opt, sched) -> torch.Tensor:
+    """Backward of `loss`, gradients clipped to norm 1, one optimizer and schedule step."""
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()

@@ -22,12 +22,13 @@ def python_blocks(path: Path) -> list[str]:
 
 @pytest.mark.parametrize("document", DOCUMENTS, ids=[str(p.relative_to(ROOT)) for p in DOCUMENTS])
 def test_python_snippets_run(document, tmp_path, monkeypatch):
-    from compress.registry import _PASSES
+    from compress.registry import _PASSES, available_passes
 
     blocks = python_blocks(document)
     assert blocks, f"{document} has no python snippet"
     (tmp_path / "recipes").symlink_to(ROOT / "recipes")
     monkeypatch.chdir(tmp_path)
+    available_passes()  # built-in passes registered first, so the clean-up below removes only the snippet's own
     registered = set(_PASSES)
     namespace: dict = {"__name__": "snippet"}
     try:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from .cli_format import _console, _group_by_reason, _mb, _print_eval, _table
 from .errors import CompressError
 
 
@@ -22,38 +23,6 @@ class _Group(click.Group):
                 raise  # not the user's doing: a bug, with its traceback
             click.echo(f"error: {mapped}", err=True)
             ctx.exit(2)
-
-
-def _console():
-    from rich.console import Console
-
-    return Console(stderr=False)
-
-
-def _table(title: str, columns: list[str], rows: list[list], caption: str | None = None):
-    from rich.table import Table
-
-    t = Table(title=title, caption=caption)
-    for c in columns:
-        t.add_column(c, justify="right" if c != columns[0] else "left")
-    for r in rows:
-        t.add_row(*[str(x) for x in r])
-    return t
-
-
-def _group_by_reason(skipped: dict[str, str]) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    for name, reason in skipped.items():
-        out.setdefault(reason, []).append(name)
-    return out
-
-
-def _mb(n: int | None) -> str:
-    return "-" if n is None else f"{n / 1e6:.2f} MB"
-
-
-def _fmt(x) -> str:
-    return f"{x:.4f}" if isinstance(x, float) else str(x)
 
 
 @click.group(cls=_Group)
@@ -277,21 +246,6 @@ def _kv_cache_quality(model, tokenizer, settings, text: str | None, windows: int
     result, _ = kv_quality(model, w, lambda: GEARCache(model.config, settings), settings.residual_length)
     return {**result.to_dict(), "protocol": f"{n} windows of {window_len} tokens fed in chunks of "
                                             f"{settings.residual_length}; tokens after the first chunk scored"}
-
-
-def _print_eval(con, ev: dict) -> None:
-    rows = [["perplexity", _fmt(ev.get("baseline_perplexity", "-")), _fmt(ev["perplexity"])]]
-    if "kl" in ev:
-        rows.append(["KL(baseline || model)", "0", _fmt(ev["kl"])])
-        rows.append(["top-1 agreement", "1", _fmt(ev["top1_agreement"])])
-    con.print(_table("held-out evaluation", ["metric", "baseline", "model"], rows, caption=ev["protocol"]))
-    kv = ev.get("kv_cache")
-    if kv:
-        rows = [["perplexity", _fmt(kv["ppl_reference"]), _fmt(kv["ppl"])],
-                ["KL(fp16 cache || compressed)", "0", _fmt(kv["kl"])],
-                ["top-1 agreement", "1", _fmt(kv["top1_agreement"])]]
-        con.print(_table("with the compressed KV cache", ["metric", "fp16 cache", "compressed cache"], rows,
-                         caption=kv["protocol"]))
 
 
 _SPARSE_RUNTIME = click.option(

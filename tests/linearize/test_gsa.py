@@ -22,16 +22,8 @@ def gsa_inputs(b=2, hq=4, hkv=2, t=29, dk=8, dv=6, slots=4, seed=0):
 
 
 @pytest.mark.parametrize("hq,hkv,t,chunk", [(4, 2, 29, 8), (2, 2, 16, 16), (6, 2, 5, 4)])
-def test_chunked_equals_recurrence_forward_and_backward(hq, hkv, t, chunk):
-    inputs = gsa_inputs(hq=hq, hkv=hkv, t=t)
-    ref_o, ref_s = gsa_recurrent_reference(*inputs)
-    o, s = gsa_chunked(*inputs, chunk_size=chunk)
-    torch.testing.assert_close(o, ref_o, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(s, ref_s, rtol=1e-10, atol=1e-12)
-    w = torch.randn(o.shape, generator=torch.Generator().manual_seed(1), dtype=o.dtype)
-    for a, b in zip(torch.autograd.grad((o * w).sum() + s.sum() * 0.3, inputs),
-                    torch.autograd.grad((ref_o * w).sum() + ref_s.sum() * 0.3, inputs)):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+def test_chunked_equals_recurrence_forward_and_backward(hq, hkv, t, chunk, assert_chunked_matches_reference):
+    assert_chunked_matches_reference(gsa_recurrent_reference, gsa_chunked, gsa_inputs(hq=hq, hkv=hkv, t=t), chunk)
 
 
 def test_padding_steps_and_token_by_token_continuation():

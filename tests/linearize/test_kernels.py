@@ -23,21 +23,9 @@ def gla_inputs(b=2, hq=4, hkv=2, t=37, dk=8, dv=6, gate_scale=1.0, seed=0):
     return q, k, v, g, s0
 
 
-def grads(out, state, inputs):
-    gen = torch.Generator().manual_seed(1)
-    loss = (out * torch.randn(out.shape, generator=gen, dtype=out.dtype)).sum() + (state * 0.3).sum()
-    return torch.autograd.grad(loss, inputs)
-
-
 @pytest.mark.parametrize("hq,hkv,t,chunk", [(4, 2, 37, 8), (4, 4, 16, 16), (6, 2, 5, 16), (2, 1, 40, 3)])
-def test_chunked_equals_recurrence_forward_and_backward(hq, hkv, t, chunk):
-    inputs = gla_inputs(hq=hq, hkv=hkv, t=t)
-    ref_o, ref_s = gla_recurrent_reference(*inputs)
-    o, s = gla_chunked(*inputs, chunk_size=chunk)
-    torch.testing.assert_close(o, ref_o, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(s, ref_s, rtol=1e-10, atol=1e-12)
-    for a, b in zip(grads(o, s, inputs), grads(ref_o, ref_s, inputs)):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+def test_chunked_equals_recurrence_forward_and_backward(hq, hkv, t, chunk, assert_chunked_matches_reference):
+    assert_chunked_matches_reference(gla_recurrent_reference, gla_chunked, gla_inputs(hq=hq, hkv=hkv, t=t), chunk)
 
 
 def test_chunked_stays_finite_with_strong_gates_in_float32():

@@ -91,14 +91,6 @@ class Mixture:
         self.kinds = [getattr(self, k) for k in (kinds or ["copy_random", "copy_natural", "passkey", "kv_recall"])]
         self.rng = random.Random(seed)
         self.vocab = tokenizer.vocab_size
-        self.alphabet: list[int] = []  # random spans draw from these ids when set (a curriculum), else [100, vocab)
-
-    def restrict_alphabet(self, size: int) -> None:
-        """Random spans from the `size` most frequent training ids: each id then recurs across a batch often
-        enough for attention to learn to match it, which is what a copy circuit first needs."""
-        counts = torch.bincount(self.ids, minlength=self.vocab)
-        counts[:100] = 0
-        self.alphabet = counts.topk(size).indices.tolist()
 
     def natural(self, n: int) -> list[int]:
         o = self.rng.randrange(0, self.ids.numel() - n - 1)
@@ -129,7 +121,7 @@ class Mixture:
         return self.fill([span, span], n, unscored=(0,) if self.mask_first else ())
 
     def random_token(self) -> int:
-        return self.rng.choice(self.alphabet) if self.alphabet else self.rng.randrange(100, self.vocab)
+        return self.rng.randrange(100, self.vocab)
 
     def repeat_random(self, n: int) -> tuple[list[int], list[bool]]:
         """A short random span repeated to fill the sequence: every token after the first copy is predictable by
@@ -137,8 +129,7 @@ class Mixture:
         length = self.rng.randint(4, max(4, n // 2))  # up to half the sequence: copies over every distance
         span = [self.random_token() for _ in range(length)]
         out = (span * (n // length + 1))[:n]
-        self.period = length
-        return out, [i >= length for i in range(n)]
+        return out, [i >= length for i in range(n)], [t - length + 1 if t >= length else -1 for t in range(n)]
 
     def copy_natural(self, n: int) -> list[int]:
         span = self.natural(self.rng.randint(16, min(256, n // 3)))
@@ -161,14 +152,12 @@ class Mixture:
     def sequence(self, n: int) -> tuple[list[int], list[bool], list[int]]:
         """(ids, scored per token, induction target per token: for a token inside a repeat of a random span, the
         position right after its previous occurrence, which an induction head attends to; -1 elsewhere)."""
-        self.period = 0
         if self.rng.random() >= self.synthetic:
             return self.natural(n), [True] * n, [-1] * n
-        kind = self.rng.choice(self.kinds)
-        out = kind(n)
-        ids, scored = out if isinstance(out, tuple) else (out, [True] * n)
-        p = self.period
-        return ids, scored, [t - p + 1 if p and t >= p else -1 for t in range(n)]
+        out = self.rng.choice(self.kinds)(n)
+        if not isinstance(out, tuple):
+            return out, [True] * n, [-1] * n
+        return out if len(out) == 3 else (*out, [-1] * n)
 
     def batch(self, b: int, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(ids [b, n+1], targets [b, n]: ids shifted by one, -100 where a token is not scored, induction
@@ -241,8 +230,6 @@ def main() -> None:
                          "copy_random, repeat_random, copy_natural, passkey, kv_recall")
     ap.add_argument("--mask-first-copy", action="store_true",
                     help="do not score a random span's first occurrence (only its repeat, which is predictable)")
-    ap.add_argument("--alphabet", type=int, default=0,
-                    help="random spans from this many most frequent ids (0: uniform over [100, vocab)); a curriculum")
     ap.add_argument("--supervise-heads", default="",
                     help="layer:head pairs (e.g. 5:0,6:3) whose attention is pulled to the induction target on "
                          "repeat_random sequences (attention supervision; see supervised_step)")
@@ -285,8 +272,6 @@ def main() -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
     mix = Mixture(train_ids, tokenizer, args.synthetic, args.seed, args.kinds.split(","), args.mask_first_copy)
-    if args.alphabet:
-        mix.restrict_alphabet(args.alphabet)
     heads = [tuple(int(x) for x in pair.split(":")) for pair in args.supervise_heads.split(",") if pair]
     start, seen = time.time(), 0
     for step in range(1, total + 1):
@@ -323,7 +308,7 @@ def save(model, tokenizer, args, step, total, seen, ppl, found, seconds, previou
         "init_from": str(args.init_from) if args.init_from else None,
         "steps": step, "planned_steps": total, "short_steps": args.steps, "seq_len": args.seq_len,
         "batch": args.batch, "long_seq_len": args.long_seq_len, "long_batch": args.long_batch,
-        "synthetic": args.synthetic, "kinds": args.kinds, "mask_first_copy": args.mask_first_copy, "alphabet": args.alphabet,
+        "synthetic": args.synthetic, "kinds": args.kinds, "mask_first_copy": args.mask_first_copy,
         "supervise_heads": args.supervise_heads, "supervise_weight": args.supervise_weight, "lr": args.lr, "seed": args.seed, "tokens_seen": seen,
         "heldout_ppl_20k_tokens_1024": round(ppl, 3), "probes": found, "train_seconds": round(seconds),
         "threads": torch.get_num_threads(),

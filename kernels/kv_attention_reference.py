@@ -14,7 +14,7 @@ import math
 import torch
 
 from .kv_pages import num_tokens, outlier_coordinates
-from .kv_quant import code_lanes, unpack_codes
+from .kv_quant import unpack_lanes
 
 MASKED = torch.finfo(torch.float32).min  # finite, so a fully masked row (left padding) stays finite
 
@@ -54,52 +54,50 @@ def attention_bias(mask: torch.Tensor | None, batch: int, q_len: int, kv_len: in
 
 
 
+def _split_lanes(x: torch.Tensor, stride: int) -> torch.Tensor:
+    """[..., D] in channel order -> [S, ..., D/S] view in the lane order of `unpack_lanes` (lane j: channels j::S)."""
+    return x.unflatten(-1, (-1, stride)).movedim(-1, 0)
+
+
 def _key_scores_block(q: torch.Tensor, keys, page) -> torch.Tensor:
     """q [B, H, R, D] . K_hat^T over a page's tokens from codes and scales: [B, H, R, tokens].
 
-    Works lane by lane (see `code_lanes`): lane j holds channels j::lanes, so no interleaved copy of the codes is
-    made, each lane's uint8 codes are converted to float once, and the lanes accumulate in one baddbmm each, on
-    top of the groups' q . zero."""
-    b, h, r, d = q.shape
+    The codes are unpacked lane-outer (`unpack_lanes`: no interleaving copy), scaled in place per channel and group
+    (keys: G tokens of a channel share a scale), multiplied by q split into the same lanes in one batched product,
+    and the lanes' partial scores summed; q . zero is added once per group."""
+    b, h, r, _ = q.shape
     g, t = keys.group_size, page.codes.shape[2]
-    lanes = code_lanes(page.codes, keys.bits)
-    stride, batch = len(lanes), b * h * (t // g)
-    scale = page.scale.float()                                           # [B, H, T/G, D]
-    zero = page.zero.float()
-    # q_d * scale_gd, split by lane: [lanes, B*H*T/G, R, D/lanes]
-    qs = (q.unsqueeze(2) * scale.unsqueeze(3)).view(batch, r, d // stride, stride).movedim(-1, 0).contiguous()
-    s = (zero @ q.transpose(-1, -2)).view(batch, r, 1)                   # q . zero, once per group
-    for j, lane in enumerate(lanes):
-        s = torch.baddbmm(s, qs[j], lane.view(batch, g, d // stride).float().transpose(1, 2))  # [.., R, G]
-    return s.view(b, h, t // g, r, g).permute(0, 1, 3, 2, 4).reshape(b, h, r, t)
+    lanes = unpack_lanes(page.codes, keys.bits)                           # [S, B, H, T, D/S]
+    stride = lanes.shape[0]
+    lanes.view(stride, b, h, t // g, g, -1).mul_(_split_lanes(page.scale.float(), stride).contiguous().unsqueeze(4))
+    q_lanes = _split_lanes(q, stride).reshape(stride * b * h, r, -1)
+    s = torch.bmm(q_lanes, lanes.view(stride * b * h, t, -1).transpose(1, 2)).view(stride, b, h, r, t).sum(0)
+    s.view(b, h, r, t // g, g).add_((q @ page.zero.float().transpose(-1, -2)).unsqueeze(-1))
+    return s
 
 
 def _value_mix_block(p: torch.Tensor, values, page) -> torch.Tensor:
-    """p [B, H, R, tokens] . V_hat over a page's tokens: [B, H, R, D] (lane by lane, as above; each
-    lane's product starts from the groups' p . zero)."""
+    """p [B, H, R, tokens] . V_hat over a page's tokens: [B, H, R, D] (codes unpacked lane-outer as above; values:
+    G channels of a token share a scale; p . zero added once per group)."""
     b, h, r, t = p.shape
     g = values.group_size
-    lanes = code_lanes(page.codes, values.bits)
-    stride = len(lanes)
-    d = lanes[0].shape[-1] * stride
+    lanes = unpack_lanes(page.codes, values.bits)                          # [S, B, H, T, D/S]
+    stride = lanes.shape[0]
+    d = stride * lanes.shape[-1]
     ng = d // g
-    scale = page.scale.float()                                          # [B, H, T, D/G]
-    zero = page.zero.float()
-    ps = p.unsqueeze(2) * scale.permute(0, 1, 3, 2).unsqueeze(3)          # [B, H, D/G, R, T]
-    pz = (p @ zero).permute(0, 1, 3, 2).unsqueeze(-1)                    # [B, H, D/G, R, 1]: p . zero per group
-    if g % stride:  # a group boundary inside a lane's channel run: interleave the codes (rare shapes)
-        codes = unpack_codes(page.codes, values.bits).float()
-        out = pz + ps @ codes.view(b, h, t, ng, g).permute(0, 1, 3, 2, 4)  # [B, H, D/G, R, G]
-        return out.permute(0, 1, 3, 2, 4).reshape(b, h, r, d)
-    if ng == 1:  # one group per token (G = D): plain batched products
-        ps, pz = ps.view(b * h, r, t), pz.view(b * h, r, 1)
-        per_lane = [torch.baddbmm(pz, ps, lane.view(b * h, t, d // stride).float()) for lane in lanes]
-        return torch.stack(per_lane, -1).view(b, h, r, d)
-    per_lane = []
-    for lane in lanes:  # lane j: channels j::stride; group gi holds lane entries gi*G/stride ...
-        codes = lane.view(b, h, t, ng, g // stride).float().permute(0, 1, 3, 2, 4)
-        per_lane.append((pz + ps @ codes).permute(0, 1, 3, 2, 4).reshape(b, h, r, d // stride))
-    return torch.stack(per_lane, -1).view(b, h, r, d)
+    scale = page.scale.float()                                             # [B, H, T, D/G]
+    if ng == 1:  # one group per token: the scale folds into p
+        ps = (p * scale.transpose(-1, -2)).view(1, b * h, r, t).expand(stride, -1, -1, -1).reshape(-1, r, t)
+        out = torch.bmm(ps, lanes.view(stride * b * h, t, -1)).view(stride, b, h, r, -1)  # [S, B, H, R, D/S]
+    else:
+        if g % stride == 0:  # lane entry i is channel S*i + j, in group i // (G/S)
+            lanes.view(stride, b, h, t, ng, g // stride).mul_(scale.view(1, b, h, t, ng, 1))
+        else:  # a group boundary inside a lane's channel run (rare shapes): a per-channel scale
+            lanes.mul_(_split_lanes(scale.repeat_interleave(g, -1), stride))
+        out = p @ lanes
+    out = out.movedim(0, -1).reshape(b, h, r, d)                           # back to channel order
+    out.view(b, h, r, ng, g).add_((p @ page.zero.float()).unsqueeze(-1))
+    return out
 
 
 def _page_scores(q: torch.Tensor, keys, page) -> torch.Tensor:

@@ -24,6 +24,7 @@ Each runs a Triton kernel when `dispatch.use_triton` says so (CUDA tensors, or C
 torch reference (`*_reference`) otherwise."""
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -145,19 +146,32 @@ def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return ((packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).reshape(*packed.shape[:-1], nbytes * per_byte)
 
 
-def code_lanes(packed: torch.Tensor, bits: int) -> list[torch.Tensor]:
-    """The codes as `lanes_per_word` uint8 tensors [..., D/lanes]: lane j holds the codes of channels j, j + lanes,
-    j + 2*lanes, ... (lanes = 8/bits bytes' worth for 2/4/8 bits, 8 for 3 bits). Cheaper than `unpack_codes` when
-    the consumer can work on strided channels (no interleaving copy)."""
-    if bits == 3:
-        words = (packed[..., 0::3].to(torch.int32) | (packed[..., 1::3].to(torch.int32) << 8)
-                 | (packed[..., 2::3].to(torch.int32) << 16))
-        return [((words >> (3 * j)) & 7).to(torch.uint8) for j in range(8)]
-    if bits == 8:
-        return [packed.contiguous()]  # consumers .view() the lane; a sliced store is not contiguous
-    mask = (1 << bits) - 1
-    per = 8 // bits  # the top lane needs no mask: the shift leaves only its bits
-    return [packed & mask] + [(packed >> (bits * j)) & mask for j in range(1, per - 1)] + [packed >> (bits * (per - 1))]
+@functools.lru_cache(maxsize=64)
+def _lane_shifts(bits: int, stride: int, dtype: torch.dtype, device: torch.device, dims: int) -> torch.Tensor:
+    """[S, 1, ...] shifts of `unpack_lanes` (cached: a decode step calls it per page and layer)."""
+    return (bits * torch.arange(stride, dtype=dtype, device=device)).view(-1, *[1] * dims)
+
+
+def unpack_lanes(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """The codes of uint8 [..., D*bits/8] as float32 [S, ..., D/S], lane-outer: lane j holds the codes of channels
+    j, j + S, j + 2S, ... (S = 8/bits for 2/4/8 bits, 8 for 3 bits). Every op runs over whole contiguous tensors
+    (the lane axis is outermost), which is what makes it fast on a CPU: torch's shifts broadcast along an inner
+    axis run element by element, several times slower than this, and an interleaved [..., D] layout would need one."""
+    if bits == 3:  # 8 codes per 24-bit word (a code may straddle two bytes)
+        triples = packed.reshape(-1, 3)
+        if packed.device.type == "cpu":  # one small GEMV beats three strided byte reads; fp32 holds 24 bits exactly
+            words = triples.float().mm(torch.tensor([[1.0], [256.0], [65536.0]])).to(torch.int32)
+        else:  # (GPU matmuls may round through TF32)
+            triples = triples.to(torch.int32)
+            words = triples[:, 0] | (triples[:, 1] << 8) | (triples[:, 2] << 16)
+        words, stride = words.view(*packed.shape[:-1], -1), 8
+    else:
+        words, stride = packed, 8 // bits
+    if stride == 1:
+        return words.unsqueeze(0).float()
+    lanes = words.unsqueeze(0) >> _lane_shifts(bits, stride, words.dtype, words.device, words.dim())
+    lanes &= (1 << bits) - 1
+    return lanes.float()
 
 
 def _grouped(x: torch.Tensor, group_size: int, axis: str) -> torch.Tensor:

@@ -37,6 +37,17 @@ def test_pack_round_trip_and_bit_layout(bits):
     assert packed[1, 2].tolist() == [(stream >> (8 * i)) & 255 for i in range(64 * bits // 8)]
 
 
+@pytest.mark.parametrize("bits", BITS)
+def test_unpack_lanes_is_the_codes_lane_outer(bits):
+    """unpack_lanes (the CPU decode path's unpacking): lane j holds channels j, j + S, ... as exact floats."""
+    torch.manual_seed(bits)
+    codes = torch.randint(0, 1 << bits, (2, 3, 7, 64), dtype=torch.uint8)
+    lanes = K.unpack_lanes(K.pack_codes(codes, bits), bits)
+    stride = 8 if bits == 3 else 8 // bits
+    assert lanes.dtype == torch.float32 and lanes.shape == (stride, 2, 3, 7, 64 // stride)
+    assert torch.equal(lanes.movedim(0, -1).reshape(codes.shape), codes.float())
+
+
 @pytest.mark.parametrize("axis", AXES)
 @pytest.mark.parametrize("bits", BITS)
 def test_error_within_half_step(bits, axis):

@@ -128,7 +128,7 @@ def mlp_at_sparsity(sparsity: float, dtype=torch.float32, device="cpu"):
         sample = torch.randn(64, hidden, dtype=dtype, device=device)
         scores = mlp.act_fn(mlp.gate_proj(sample)).abs().float().flatten()
         tau = torch.quantile(scores[:: max(1, scores.numel() // 1_000_000)], sparsity).item()
-    sparse = ActivationSparseMLP(mlp, threshold=tau, max_sparse_tokens=16)
+    sparse = ActivationSparseMLP(mlp, threshold=tau, max_sparse_tokens=16).eval()  # training mode runs masked dense
 
     def dense(x):
         return mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))

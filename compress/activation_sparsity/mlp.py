@@ -53,7 +53,7 @@ class ActivationSparseMLP(nn.Module):
         return y.view(*lead, y.shape[-1])
 
     def runtime_path(self, tokens: int = 1) -> str:
-        if tokens > self.max_sparse_tokens or not self._gatherable():
+        if tokens > self.max_sparse_tokens or self.training or not self._gatherable():
             return "masked dense"
         from ..kernels.activation_sparse import _cpu_fast
 

@@ -35,6 +35,10 @@ class ActivationSparsity(Pass):
         search_tokens: int = Field(2048, ge=64, description="calibration tokens whose activations set the thresholds")
         outer_steps: int = Field(10, ge=1, le=30, description="bisection steps over the CETT value")
         inner_steps: int = Field(20, ge=1, le=60, description="bisection steps per layer threshold")
+        greedy_rounds: int = Field(0, ge=0, le=200, description="0: one CETT value for all layers (bisection); > 0: "
+                                   "per-layer thresholds built up greedily in this many rounds (each evaluates every "
+                                   "layer once; more sparsity at the same budget, slower)")
+        greedy_step: float = Field(0.05, gt=0.0, lt=0.5, description="inactive share added to a layer per greedy move")
 
     needs_calibration = True
 
@@ -63,7 +67,9 @@ class ActivationSparsity(Pass):
                 replace_module(model, name, module)
                 modules.append(module)
             found = calibrate_thresholds(model, modules, windows, c.target_ppl_increase, search_tokens=c.search_tokens,
-                                         outer_steps=c.outer_steps, inner_steps=c.inner_steps, progress=ctx.progress)
+                                         outer_steps=c.outer_steps, inner_steps=c.inner_steps,
+                                         greedy_rounds=c.greedy_rounds, greedy_step=c.greedy_step,
+                                         progress=ctx.progress)
         report.bytes_before = report.bytes_after = 0  # weights unchanged: this pass saves work, not bytes
         report.details = {**found, "restore": {name: {"threshold": float(m.threshold)}
                                                for name, m in zip(targets, modules)}}

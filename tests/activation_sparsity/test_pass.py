@@ -63,6 +63,19 @@ def test_pass_meets_budget_and_reloads(tmp_path, reference_tokenizer):
     assert torch.equal(fast, slow)  # decoding through the gathers gives the masked model's tokens
 
 
+def test_greedy_per_layer_thresholds_meet_budget(reference_tokenizer):
+    """greedy_rounds: per-layer thresholds built up from zero, each move kept only within the budget."""
+    model, report = compress.apply(compress.load("builtin:tiny"),
+                                   [ActivationSparsity(target_ppl_increase=0.02, greedy_rounds=3, greedy_step=0.1,
+                                                       **FAST)],
+                                   calibration=CALIB, tokenizer=reference_tokenizer, progress=False)
+    d = report.passes[0].details
+    assert d["cett"] == 0.0 and d["ppl_increase"] <= 0.02  # no CETT bisection; within the budget
+    assert sum(s > 0.05 for s in d["layer_sparsity"]) <= 3  # three moves, one layer each
+    assert 0.1 * 0.8 < max(d["layer_sparsity"]) and [float(m.threshold) for m in mlps(model)] == \
+        pytest.approx(d["thresholds"])
+
+
 def test_recipe_runs(reference_tokenizer):
     recipe = compress.Recipe.from_yaml(RECIPE)
     assert recipe.passes[0].name == "activation_sparsity"

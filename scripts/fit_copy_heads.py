@@ -6,7 +6,7 @@ their direct path (head output -> final norm -> lm_head) picks the right token o
 head frozen, even a full-rank linear map from the token embeddings to it reaches ~5% top-1: the untied embedding and
 unembedding of an 8,192-token vocabulary were never aligned, and each unembedding row only moves when its token is
 the label, so full-model steps (2.3k tokens each) align them very slowly. On frozen features one Adam step covers
-1,024 random tokens per head at ~1 s, so the alignment that full training would take hours for is fit in ~15
+1,024 random tokens per head at ~1.4 s (one core), so the alignment that full training would take hours for is fit in ~20
 minutes:
 
     loss = mean over heads of CE(lm_head(norm(W_O,h W_V,h x_t)), token_t)       (x_t: the layer's input at a random

@@ -7,7 +7,7 @@ compressed KV cache for recipes that set one, and the seconds its passes took (t
 evaluation excluded). `--suite` adds `compress eval --suite kick` scores (retrieval, copy, cloze, multiple choice:
 what perplexity hides) and their mean ratio to the baseline's.
 
-    python benchmarks/compose.py [--recipes a.yaml b.yaml] [--windows 8] [--suite --suite-limit 20] [--json]
+    python benchmarks/compose.py [--model builtin:small] [--recipes a.yaml b.yaml] [--windows 8] [--suite --suite-limit 20] [--json]
 
 Times are this machine's wall seconds (noisy when shared): read them as relative costs between recipes."""
 from __future__ import annotations
@@ -33,10 +33,12 @@ def run_json(args: list[str]) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def measure(recipe: Path, out: Path, windows: int, suite: bool, suite_limit: int | None) -> dict:
+def measure(recipe: Path, out: Path, windows: int, suite: bool, suite_limit: int | None,
+            model: str | None = None) -> dict:
     start = time.perf_counter()
-    result = run_json(["apply", str(recipe), "--output", str(out), "--eval-windows", str(windows)])
-    row = {"recipe": recipe.name, "wall_seconds": round(time.perf_counter() - start, 1)}
+    result = run_json(["apply", str(recipe), "--output", str(out), "--eval-windows", str(windows),
+                       *(["--model", model] if model else [])])
+    row = {"recipe": recipe.name, "model": model or "(the recipe's)", "wall_seconds": round(time.perf_counter() - start, 1)}
     if "error" in result:
         return {**row, **result}
     ev = result.get("eval", {})
@@ -68,11 +70,11 @@ def suite_ratio(row: dict) -> str:
     return f"{sum(ratios) / len(ratios):.3f}" if ratios else "-"
 
 
-def print_table(rows: list[dict], suite: bool) -> None:
+def print_table(rows: list[dict], suite: bool, model: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="every recipe on builtin:tiny (bytes: safetensors on disk; quality vs the uncompressed model)")
+    table = Table(title=f"every recipe on {model} (bytes: safetensors on disk; quality vs the uncompressed model)")
     cols = ["recipe", "passes", "checkpoint", "vs dense", "perplexity", "KL", "top-1", "KV-cache KL", "apply s"]
     if suite:
         cols.append("suite / baseline")
@@ -98,6 +100,8 @@ def print_table(rows: list[dict], suite: bool) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipes", nargs="*", type=Path, help="recipe files (default: every recipes/*.yaml)")
+    parser.add_argument("--model", default=None, help="run every recipe on this model (default: the model each "
+                        "recipe names, builtin:tiny for the shipped ones)")
     parser.add_argument("--windows", type=int, default=8, help="held-out windows of 256 tokens per evaluation")
     parser.add_argument("--suite", action="store_true", help="also score the kick suite (slower)")
     parser.add_argument("--suite-limit", type=int, default=None, help="examples per suite task")
@@ -108,11 +112,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="compose-bench-") as tmp:
         for i, recipe in enumerate(recipes, 1):
             print(f"[{i}/{len(recipes)}] {recipe.name}", file=sys.stderr, flush=True)
-            rows.append(measure(recipe, Path(tmp) / recipe.stem, args.windows, args.suite, args.suite_limit))
+            rows.append(measure(recipe, Path(tmp) / recipe.stem, args.windows, args.suite, args.suite_limit,
+                                args.model))
     if args.json:
         print(json.dumps(rows))
     else:
-        print_table(rows, args.suite)
+        print_table(rows, args.suite, args.model or "the recipes' models")
 
 
 if __name__ == "__main__":

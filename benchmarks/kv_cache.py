@@ -1,7 +1,8 @@
 """KV cache benchmark: fp16/fp32 DynamicCache, transformers' QuantizedCache (fp8), KIVI and GEAR, one run, one table.
 
-Model: builtin:tiny (the trained reference model), float32 on the CPU, attention implementation "gear_kv" (which
-reads a GEARCache's compressed storage and hands every other cache to sdpa).
+Model: `--model` (default builtin:small, the reference model that copies; builtin:tiny for quick runs), float32
+on the CPU, attention implementation "gear_kv" (which reads a GEARCache's compressed storage and hands every
+other cache to sdpa).
 - quality (compress.kvcache.quality): held-out windows fed in chunks of residual_length tokens, so earlier chunks
   are compressed before later tokens are scored; perplexity change, KL(reference || ours) and top-1 agreement
   against the same chunked pass with an uncompressed DynamicCache; copy probe: random token strings repeated,
@@ -132,9 +133,9 @@ def context_ids(tok, n: int) -> torch.Tensor:
 
 def run(args) -> list[dict]:
     torch.manual_seed(0)
-    model = compress.load("builtin:tiny")
+    model = compress.load(args.model, dtype="float32")
     model.set_attn_implementation("gear_kv")
-    tok = compress.load_tokenizer("builtin:tiny")
+    tok = compress.load_tokenizer(args.model)
     rows = configurations(args.quick)
     if args.only:
         rows = [r for r in rows if r["name"] in args.only or r["method"] == "fp16"]
@@ -184,7 +185,7 @@ def print_table(rows: list[dict], args) -> None:
             "decode_speed_ratio_1k", "decode_speed_ratio_4k"] + ([mem] if mem else [])
     heads = ["config", "bits/elem", "ppl Δ%", "KL", "top-1", "copy acc", "speed 1k", "speed 4k"] + \
             ([f"bytes {args.memory_context // 1024}k"] if mem else [])
-    table = Table(title=f"KV cache on builtin:tiny (ppl ref {rows[0]['ppl_reference']:.2f}; {args.windows} windows x "
+    table = Table(title=f"KV cache on {args.model} (ppl ref {rows[0]['ppl_reference']:.2f}; {args.windows} windows x "
                         f"{args.window_len} tokens; copy {args.copy_num} x {args.copy_len})")
     for h in heads:
         table.add_column(h, justify="right")
@@ -195,13 +196,13 @@ def print_table(rows: list[dict], args) -> None:
 
 
 @torch.no_grad()
-def long_context(n: int, device: str, names: list[str]) -> dict:
+def long_context(n: int, device: str, names: list[str], model_name: str = "builtin:small") -> dict:
     """Feed an n-token context (chunks of 1024 tokens, each attending to the compressed past) through each named
     configuration, then time 16 decode steps: cache bytes, peak memory (GPU: allocator peak of that run), time,
     and ratios to the uncompressed DynamicCache (skipped on the CPU above 16k tokens)."""
-    model = compress.load("builtin:tiny", device=device)
+    model = compress.load(model_name, device=device, dtype="float32")
     model.set_attn_implementation("gear_kv")
-    ids = context_ids(compress.load_tokenizer("builtin:tiny"), n).to(device)
+    ids = context_ids(compress.load_tokenizer(model_name), n).to(device)
     known = {r["name"]: r for r in configurations(False)}
     out = {"context": n, "device": device}
     for name in ["dynamic-fp32"] + [x for x in names if x != "dynamic-fp32"]:
@@ -237,15 +238,16 @@ def long_context(n: int, device: str, names: list[str]) -> dict:
 
 
 @torch.no_grad()
-def residual_spectrum(spans=(64, 512, 2048), bits_list=(2, 4), ranks=(1, 2, 4)) -> list[dict]:
+def residual_spectrum(model_name: str = "builtin:small", spans=(64, 512, 2048), bits_list=(2, 4),
+                      ranks=(1, 2, 4)) -> list[dict]:
     """Whether the model's keys/values have the structure GEAR's low-rank term needs: the share of the quantization
     residual's energy (KIVI layout, groups of 64, no outliers) in its top-r singular directions, per span length,
     averaged over layers, heads and spans of a 2048-token held-out context, beside the same share for Gaussian noise
     of the same shape (noise_topR): close to it, a rank-r term removes little more than it would from noise."""
     from compress.kernels.kv_quant import quantize_pack, unpack_dequantize
 
-    model = compress.load("builtin:tiny")
-    kv = prefill_kv(model, context_ids(compress.load_tokenizer("builtin:tiny"), 2048))
+    model = compress.load(model_name, dtype="float32")
+    kv = prefill_kv(model, context_ids(compress.load_tokenizer(model_name), 2048))
     d = kv[0][0].shape[-1]
     out = []
     for kind, axis, idx in (("key", "token", 0), ("value", "channel", 1)):
@@ -269,6 +271,7 @@ def residual_spectrum(spans=(64, 512, 2048), bits_list=(2, 4), ranks=(1, 2, 4)) 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="builtin:small", help="reference model (builtin:tiny for quick runs)")
     ap.add_argument("--json", action="store_true", help="print a JSON list (one object per configuration)")
     ap.add_argument("--save-json", metavar="PATH", help="also write the JSON list to PATH (with the table on stdout)")
     ap.add_argument("--quick", action="store_true", help="fewer configurations, windows and steps (smoke test)")
@@ -287,10 +290,10 @@ def main(argv=None) -> None:
                     help="only print the singular-value decay of the quantization residual per span length")
     args = ap.parse_args(argv)
     if args.residual_spectrum:
-        print(json.dumps(residual_spectrum(), indent=1))
+        print(json.dumps(residual_spectrum(args.model), indent=1))
         return
     if args.long:
-        print(json.dumps(long_context(args.long, args.device, args.only or ["gear-4-r2"]), indent=2))
+        print(json.dumps(long_context(args.long, args.device, args.only or ["gear-4-r2"], args.model), indent=2))
         return
     if args.quick:
         args.windows, args.window_len, args.copy_num, args.copy_len = 2, 192, 2, 96

@@ -1,10 +1,11 @@
 """Pruning benchmark: dense vs magnitude / Wanda / SparseGPT at 50% unstructured, 2:4 and 4:8, one run, one table.
 
-Quality (builtin:tiny, the trained reference model): every configuration is pruned with the `prune` pass, saved
+Quality (`--model`, default builtin:small, the trained reference model that copies): every configuration is pruned with the `prune` pass, saved
 with `compress.save`, reloaded with `compress.load` (so SparseLinear modules are rebuilt from the checkpoint) and
 evaluated against the dense model as in compress.evaluate (non-overlapping 256-token held-out windows): perplexity,
-KL(dense || pruned), top-1 agreement. Sizes:
-  checkpoint_bytes_ratio   whole model.safetensors of the pruned checkpoint / the dense one (both bf16); the
+KL(dense || pruned), top-1 agreement, and the copy probe (greedy accuracy on the second copy of 8 random 128-token
+spans: in-context retrieval, which perplexity does not show). Sizes:
+  checkpoint_bytes_ratio   all *.safetensors of the pruned checkpoint / the dense one (both bf16); the
                            embeddings and lm_head (about half of this small model) stay dense by default
   pruned_checkpoint_ratio  the pruned Linears' tensors in the checkpoint / the same Linears' dense bf16 weights
   resident_bytes_ratio     bytes held by the reloaded model's tensors / the dense model's (both loaded fp32)
@@ -36,6 +37,7 @@ from torch import nn
 from torch.utils import benchmark
 
 import compress
+from compress.eval.probes import copy_probe
 from compress.evaluate import evaluate, heldout_windows
 from compress.pass_api import tensor_bytes
 from compress.prune import Prune, SparseLinear
@@ -61,23 +63,28 @@ def checkpoint_tensor_bytes(folder: Path) -> dict[str, int]:
     return out
 
 
+def safetensors_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
 def module_bytes(tensors: dict[str, int], modules) -> int:
     return sum(b for k, b in tensors.items() if any(k.startswith(m + ".") for m in modules))
 
 
-def quality_rows(num_samples: int, windows_n: int, progress: bool) -> list[dict]:
-    tok = compress.load_tokenizer("builtin:tiny")
-    dense = compress.load("builtin:tiny")
+def quality_rows(num_samples: int, windows_n: int, progress: bool, model_name: str = "builtin:small") -> list[dict]:
+    tok = compress.load_tokenizer(model_name)
+    dense = compress.load(model_name, dtype="float32")
     windows = heldout_windows(tok, seq_len=256, max_windows=windows_n)
     calibration = {"source": "builtin:calibration", "num_samples": num_samples, "seq_len": 256}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         dense_dir = compress.save(dense, Path(tmp) / "dense")
-        dense_file = (dense_dir / "model.safetensors").stat().st_size
+        dense_file = safetensors_bytes(dense_dir)
         dense_tensors = checkpoint_tensor_bytes(dense_dir)
         dense_resident = tensor_bytes(dense)
         ev = evaluate(dense, windows, dense, progress=False)
         rows.append(dict(method="dense", structure="dense", sparsity=0.0, perplexity=ev["perplexity"], kl=ev["kl"],
+                         copy_accuracy=copy_probe(dense, num=8),
                          top1_agreement=ev["top1_agreement"], checkpoint_bytes_ratio=1.0, pruned_checkpoint_ratio=1.0,
                          resident_bytes_ratio=1.0, pruned_resident_ratio=1.0, seconds=0.0))
         for structure in STRUCTURES:
@@ -98,7 +105,8 @@ def quality_rows(num_samples: int, windows_n: int, progress: bool) -> list[dict]
                 rows.append(dict(
                     method=method, structure=structure, sparsity=details["sparsity"],
                     perplexity=ev["perplexity"], kl=ev["kl"], top1_agreement=ev["top1_agreement"],
-                    checkpoint_bytes_ratio=(out / "model.safetensors").stat().st_size / dense_file,
+                    copy_accuracy=copy_probe(reloaded, num=8),
+                    checkpoint_bytes_ratio=safetensors_bytes(out) / dense_file,
                     pruned_checkpoint_ratio=module_bytes(tensors, pruned) / module_bytes(dense_tensors, pruned),
                     resident_bytes_ratio=tensor_bytes(reloaded) / dense_resident,
                     pruned_resident_ratio=sum(tensor_bytes(reloaded.get_submodule(n)) for n in pruned)
@@ -106,7 +114,7 @@ def quality_rows(num_samples: int, windows_n: int, progress: bool) -> list[dict]
                     seconds=seconds, packed_modules=packed, hessian_notes=len(details.get("hessian", {})),
                 ))
                 print(f"  {method:9s} {structure:12s} ppl {ev['perplexity']:.2f} ({seconds:.1f}s)", file=sys.stderr)
-    return rows
+    return [{"model": model_name, **r} for r in rows]
 
 
 def median_seconds(fn) -> float:
@@ -145,13 +153,14 @@ def print_tables(quality: list[dict] | None, kernels: list[dict] | None) -> None
     con.print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
               f"{torch.get_num_threads()} threads")
     if quality:
-        t = Table(title="pruning builtin:tiny (held-out text; ratios vs dense)")
-        for col in ("method", "structure", "sparsity", "ppl", "KL", "top-1", "ckpt", "ckpt (pruned)",
+        t = Table(title=f"pruning {quality[0]['model']} (held-out text; ratios vs dense)")
+        for col in ("method", "structure", "sparsity", "ppl", "KL", "top-1", "copy", "ckpt", "ckpt (pruned)",
                     "resident", "resident (pruned)", "seconds"):
             t.add_column(col, justify="right")
         for r in quality:
             t.add_row(r["method"], r["structure"], f"{r['sparsity']:.3f}", f"{r['perplexity']:.2f}",
-                      f"{r['kl']:.4f}", f"{r['top1_agreement']:.3f}", f"{r['checkpoint_bytes_ratio']:.3f}",
+                      f"{r['kl']:.4f}", f"{r['top1_agreement']:.3f}", f"{r['copy_accuracy']:.3f}",
+                      f"{r['checkpoint_bytes_ratio']:.3f}",
                       f"{r['pruned_checkpoint_ratio']:.3f}", f"{r['resident_bytes_ratio']:.3f}",
                       f"{r['pruned_resident_ratio']:.3f}", f"{r['seconds']:.1f}")
         con.print(t)
@@ -174,12 +183,13 @@ def main(argv=None) -> None:
     ap.add_argument("--save-json", metavar="PATH", help="also write {quality, kernels} rows to PATH (table mode)")
     ap.add_argument("--num-samples", type=int, default=64, help="calibration windows of 256 tokens")
     ap.add_argument("--windows", type=int, default=32, help="held-out windows of 256 tokens")
+    ap.add_argument("--model", default="builtin:small", help="reference model (builtin:tiny for quick runs)")
     args = ap.parse_args(argv)
     if args.kernels:
         rows = kernel_rows()
         print(json.dumps(rows, indent=1)) if args.json else print_tables(None, rows)
         return
-    quality = quality_rows(args.num_samples, args.windows, progress=False)
+    quality = quality_rows(args.num_samples, args.windows, progress=False, model_name=args.model)
     if args.json:
         print(json.dumps(quality, indent=1))
         return

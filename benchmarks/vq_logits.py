@@ -1,7 +1,7 @@
 """VQ-Logits benchmark: the paper's plain copy vs + per-token scale/bias vs + distillation, against the dense head.
 
 One run, one table:
-  - builtin:tiny (the trained reference model), K in {256, 512, 1024, 2048}: head parameter and byte ratios,
+  - `--model` (default builtin:small, the trained reference model; builtin:tiny for quick runs), K in {256, 512, 1024, 2048}: head parameter and byte ratios,
     perplexity, KL(dense || ours) and top-1 agreement on the held-out text, and head compute time vs dense;
   - llama3-8b-shape (V=128256, d=4096, K=2048, random weights): parameter/byte ratios and head compute time.
 
@@ -116,9 +116,9 @@ def ratios(dense_weight: torch.Tensor, head: VQLogitsHead) -> dict:
     }
 
 
-def tiny_rows(args, progress: bool) -> list[dict]:
-    model = compress.load("builtin:tiny")
-    tok = compress.load_tokenizer("builtin:tiny")
+def reference_rows(args, progress: bool) -> list[dict]:
+    model = compress.load(args.model, dtype="float32")
+    tok = compress.load_tokenizer(args.model)
     windows = heldout_windows(tok, seq_len=256, max_windows=args.max_windows)
     dense_weight = model.lm_head.weight.detach().float()
     eval_hidden = head_inputs(model, windows)
@@ -127,7 +127,7 @@ def tiny_rows(args, progress: bool) -> list[dict]:
     calib_hidden = head_inputs(model, calib).reshape(-1, dense_weight.shape[1])
     counts = torch.bincount(calib.flatten(), minlength=dense_weight.shape[0]).float()
     base = quality(lambda h: F.linear(h, dense_weight), eval_hidden, windows, dense_weight)
-    rows = [{"model": "builtin:tiny", "K": None, "variant": "dense", "head_params": dense_weight.numel(),
+    rows = [{"model": args.model, "K": None, "variant": "dense", "head_params": dense_weight.numel(),
              "head_params_ratio": 1.0, "head_bytes_ratio": 1.0, "perplexity": base["perplexity"], "kl": 0.0,
              "top1_agreement": 1.0, "head_speedup": 1.0, "eval_tokens": base["tokens"]}]
     for k in KS:
@@ -140,13 +140,13 @@ def tiny_rows(args, progress: bool) -> list[dict]:
         speed = speedups(dense_weight, stages[-1][1], args.repeats, args.threads)
         for variant, head in stages:
             q = quality(head, eval_hidden, windows, dense_weight)
-            rows.append({"model": "builtin:tiny", "K": k, "variant": variant, **ratios(dense_weight, head),
+            rows.append({"model": args.model, "K": k, "variant": variant, **ratios(dense_weight, head),
                          "perplexity": q["perplexity"], "kl": q["kl"], "top1_agreement": q["top1_agreement"],
                          "head_speedup": speed[1], "head_speedup_128_tokens": speed[128],
                          "head_ms_dense_vq": {1: speed["ms_1"], 128: speed["ms_128"]},
                          "fit_seconds": round(fit_seconds, 1),
                          **({"distill_steps": details["distill"]["steps"]} if variant == "distill" else {})})
-        print(f"builtin:tiny K={k} done in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
+        print(f"{args.model} K={k} done in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
     return rows
 
 
@@ -187,6 +187,7 @@ def print_table(rows: list[dict], threads: int) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="builtin:small", help="reference model (builtin:tiny for quick runs)")
     ap.add_argument("--json", action="store_true", help="print the rows as a JSON list instead of a table")
     ap.add_argument("--max-windows", type=int, default=64, help="held-out windows of 256 tokens to score")
     ap.add_argument("--calib-samples", type=int, default=128, help="calibration windows of 256 tokens")
@@ -201,7 +202,7 @@ def main(argv=None) -> int:
     ap.add_argument("--save", help="also write the JSON rows to this file")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
-    rows = tiny_rows(args, progress=not args.json and sys.stderr.isatty())
+    rows = reference_rows(args, progress=not args.json and sys.stderr.isatty())
     if not args.skip_llama:
         rows += llama_rows(args)
     if args.save:

@@ -81,6 +81,16 @@ def model_config():
     )
 
 
+def induction_targets(n: int, pairs: list[tuple[int, int]]) -> list[int]:
+    """Per input position, the position an induction head should attend to (-1 where none), from
+    (position, target) pairs; pairs cut off by the sequence end are dropped."""
+    out = [-1] * n
+    for pos, target in pairs:
+        if pos < n and target < pos:
+            out[pos] = target
+    return out
+
+
 class Mixture:
     """Draws training sequences: natural windows, and with probability `synthetic` one of four copy/retrieval
     shapes embedded in natural text."""
@@ -105,6 +115,7 @@ class Mixture:
         only teaches the head a uniform distribution over ids and drags natural-text perplexity)."""
         used = sum(len(p) for p in parts)
         free = max(0, n - used)
+        self.offsets = []  # where each part starts, for the induction targets of the natural-text kinds
         cuts = sorted(self.rng.randint(0, free) for _ in range(len(parts)))
         gaps = [b - a for a, b in zip([0] + cuts, cuts + [free])]
         out: list[int] = []
@@ -112,6 +123,8 @@ class Mixture:
         for i, (gap, part) in enumerate(zip(gaps, parts + [[]])):
             out += self.natural(gap) if gap else []
             scored += [True] * gap
+            if i < len(parts):
+                self.offsets.append(len(out))
             out += part
             scored += [i not in unscored] * len(part)
         return out[:n], scored[:n]
@@ -131,16 +144,37 @@ class Mixture:
         out = (span * (n // length + 1))[:n]
         return out, [i >= length for i in range(n)], [t - length + 1 if t >= length else -1 for t in range(n)]
 
-    def copy_natural(self, n: int) -> list[int]:
-        span = self.natural(self.rng.randint(16, min(256, n // 3)))
-        return self.fill([span, span], n)
+    def copy_natural(self, n: int) -> tuple[list[int], list[bool], list[int]]:
+        """A natural-text span repeated; inside the repeat, the induction target is the token after the same
+        position of the first copy (a natural span's tokens recur elsewhere, so matching needs the prefix: the
+        skill that pass-key retrieval uses and random spans do not teach)."""
+        return self.repeat_span(self.natural(self.rng.randint(16, min(256, n // 3))), n)
 
-    def passkey(self, n: int) -> list[int]:
+    def copy_numbers(self, n: int) -> tuple[list[int], list[bool], list[int]]:
+        """A list of random numbers repeated: copying the digit tokens (ids 16-25 and their merges) that a pass key
+        is made of, which random spans (ids >= 100) never contain."""
+        numbers = " ".join(str(self.rng.randrange(10, 100_000)) for _ in range(self.rng.randint(4, 40)))
+        return self.repeat_span(self.encode(" " + numbers), n)
+
+    def repeat_span(self, span: list[int], n: int) -> tuple[list[int], list[bool], list[int]]:
+        out, scored = self.fill([span, span], n)
+        first, second = self.offsets
+        return out, scored, induction_targets(n, [(second + i, first + i + 1) for i in range(len(span) - 1)])
+
+    def passkey(self, n: int) -> tuple[list[int], list[bool], list[int]]:
+        """A pass-key needle in natural text and the question with its answer at the end; the induction target of
+        the question's last token and of each answer token is the next key token in the needle."""
         from compress.eval.probes import passkey_parts
 
         key = self.rng.randrange(10_000, 100_000)
-        needle, question, answer = passkey_parts(key)
-        return self.fill([self.encode(needle), self.encode(question) + self.encode(answer)], n)
+        needle, question, answer = (self.encode(p) for p in passkey_parts(key))
+        out, scored = self.fill([needle, question + answer], n)
+        digits = answer[:-1]  # the key's tokens, without the closing period
+        at = next((i for i in range(len(needle)) if needle[i:i + len(digits)] == digits), None)
+        if at is None:  # the key tokenizes differently inside the sentence: no induction target
+            return out, scored, [-1] * n
+        needle_start, asked = self.offsets[0], self.offsets[1] + len(question) - 1
+        return out, scored, induction_targets(n, [(asked + i, needle_start + at + i) for i in range(len(digits))])
 
     def kv_recall(self, n: int) -> list[int]:
         pairs = [(f"{self.rng.randrange(1000, 10000)}", f"{self.rng.randrange(1000, 10000)}")
@@ -170,8 +204,8 @@ class Mixture:
 
 
 def supervised_step(model, batch, targets, induction, heads, weight, opt, sched) -> torch.Tensor:
-    """A next-token step plus supervision of the chosen (layer, head) pairs on tokens inside a repeated random span:
-    their attention is pulled towards the induction target (-log of the attention probability there), and their
+    """A next-token step plus supervision of the chosen (layer, head) pairs on tokens inside a repeat (random span,
+    natural span, pass key): their attention is pulled towards the induction target (-log of the attention probability there), and their
     own output, read through the final norm and the head (its direct path to the logits), is trained to predict
     the next token. Copying needs a query-key match and a value-output copy that are each useless without the
     other, which is why it forms late (a long loss plateau); a direct gradient on each lets both form at once."""
@@ -187,10 +221,14 @@ def supervised_step(model, batch, targets, induction, heads, weight, opt, sched)
     valid = induction >= 0
     if valid.any():
         aux = []
-        next_token = batch[:, 1:][valid]
+        inputs, next_token = batch[:, :-1], batch[:, 1:][valid]
+        # every position j that copies the right token counts, not only the marked one (a pass key is stated twice,
+        # a repeated span recurs): the token at j is the next token and the token before j is the current one
+        before = torch.nn.functional.pad(inputs[:, :-1], (1, 0), value=-1)
+        copies = ((before[:, None, :] == inputs[:, :, None]) & (inputs[:, None, :] == batch[:, 1:, None])).tril()
         for layer, head in heads:
             attn = out.attentions[layer][:, head]  # [B, T, T]
-            p = attn.gather(-1, induction.clamp(min=0)[..., None])[..., 0]
+            p = (attn * copies).sum(-1)
             aux.append(-(p[valid] + 1e-6).log().mean())
             o_proj = model.model.layers[layer].self_attn.o_proj
             d = o_proj.in_features // model.config.num_attention_heads
@@ -227,12 +265,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--kinds", default="copy_random,copy_natural,passkey,kv_recall",
                     help="synthetic sequence kinds to draw from (comma-separated; repeat a kind to weight it): "
-                         "copy_random, repeat_random, copy_natural, passkey, kv_recall")
+                         "copy_random, repeat_random, copy_natural, copy_numbers, passkey, kv_recall")
     ap.add_argument("--mask-first-copy", action="store_true",
                     help="do not score a random span's first occurrence (only its repeat, which is predictable)")
     ap.add_argument("--supervise-heads", default="",
                     help="layer:head pairs (e.g. 5:0,6:3) whose attention is pulled to the induction target on "
-                         "repeat_random sequences (attention supervision; see supervised_step)")
+                         "repeat_random, copy_natural and passkey sequences (attention supervision; see "
+                         "supervised_step)")
     ap.add_argument("--supervise-weight", type=float, default=1.0)
     ap.add_argument("--warmup", type=int, default=None, help="warmup steps (default: 4%% of all steps)")
     ap.add_argument("--init-from", type=Path, default=None,

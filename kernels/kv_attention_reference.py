@@ -14,7 +14,7 @@ import math
 import torch
 
 from .kv_pages import num_tokens, outlier_coordinates
-from .kv_quant import unpack_lanes
+from .bitpack import unpack_lanes
 
 MASKED = torch.finfo(torch.float32).min  # finite, so a fully masked row (left padding) stays finite
 

@@ -18,6 +18,7 @@ share of the residual stream has to dominate the final norm on copy positions) a
 again (train_small.py --init-from OUT --supervise-heads ...), which re-balances that scale against natural text.
 
     python scripts/fit_copy_heads.py --init-from DIR --out DIR [--heads 5:0,6:4] [--steps 800] [--scale 12]
+                                     [--numbers 0.5]    # phase 4: digits too (pass keys), scale 1
 
 Prints the direct path's top-1 on held-out random tokens and the KL every 100 steps, then the full model's greedy
 accuracy on the second copy of 8 random 128-token spans at the chosen scale.
@@ -58,6 +59,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--scale", type=float, default=12.0)
+    ap.add_argument("--numbers", type=float, default=0.0,
+                    help="share of the feature sequences that are lists of random numbers instead of random ids: "
+                         "a pass key's digit tokens (ids 16-25 and their merges) are below the random ids' range")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
@@ -72,6 +76,10 @@ def main() -> None:
     d, group = cfg.head_dim, cfg.num_attention_heads // cfg.num_key_value_heads
     start = time.time()
     ids = torch.randint(100, cfg.vocab_size, (args.sequences, 256))
+    for row in range(int(args.numbers * args.sequences)):
+        numbers = " ".join(str(n) for n in torch.randint(10, 100_000, (200,)).tolist())
+        ids[row] = torch.tensor(tok(" " + numbers, add_special_tokens=False)["input_ids"][:256])
+    ids = ids[torch.randperm(len(ids))]  # the held-out tenth gets both kinds
     feats = layer_inputs(model, sorted({layer for layer, _ in heads}), ids)
     text = (args.init_from / "calibration.txt").read_text(encoding="utf-8")
     nat = tok(text)["input_ids"]
@@ -108,8 +116,12 @@ def main() -> None:
             with torch.no_grad():
                 top1 = [(direct(layer, feats[layer][train:train + 2000]).argmax(-1) == labels[train:train + 2000])
                         .float().mean().item() for layer, _ in heads]
+                digit = (labels[train:] >= 16) & (labels[train:] <= 25)  # single-digit tokens '0'-'9'
+                digit_top1 = [(direct(layer, feats[layer][train:][digit]).argmax(-1) == labels[train:][digit])
+                              .float().mean().item() for layer, _ in heads] if digit.any() else []
             print(f"step {step} copy CE {copy.item():.3f} held-out direct top-1 "
-                  f"{' '.join(f'{t:.3f}' for t in top1)} KL {kl.item():.3f} {time.time() - start:.0f}s", flush=True)
+                  f"{' '.join(f'{t:.3f}' for t in top1)} (digits {' '.join(f'{t:.3f}' for t in digit_top1)}) "
+                  f"KL {kl.item():.3f} {time.time() - start:.0f}s", flush=True)
 
     with torch.no_grad():
         model.lm_head.weight.copy_(params["lm_head"])

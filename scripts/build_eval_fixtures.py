@@ -146,7 +146,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows), encoding="utf-8")
 
 
-def build(out: Path, num: int = 24, passkey_lengths: tuple[int, ...] = (256, 512, 1000), passkey_num: int = 8,
+def build(out: Path, num: int = 24, passkey_lengths: tuple[int, ...] = (256, 512, 1000, 2000), passkey_num: int = 16,
           agreement_num: int = 16) -> list[str]:
     """Write every fixture and task config under `out`; returns the task names (lm-eval names, `kick_` prefix)."""
     from transformers import AutoTokenizer
@@ -177,8 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: the shipped fixtures)")
     ap.add_argument("--num", type=int, default=24, help="examples per cloze / multiple-choice task")
-    ap.add_argument("--passkey-lengths", default="256,512,1000", help="comma-separated prompt lengths in tokens")
-    ap.add_argument("--passkey-num", type=int, default=8, help="prompts per pass-key length")
+    ap.add_argument("--passkey-lengths", default="256,512,1000,2000", help="comma-separated prompt lengths in tokens")
+    ap.add_argument("--passkey-num", type=int, default=16, help="prompts per pass-key length")
     ap.add_argument("--agreement-num", type=int, default=16, help="prefixes for the agreement metrics")
     args = ap.parse_args(argv)
     lengths = tuple(int(x) for x in args.passkey_lengths.split(","))

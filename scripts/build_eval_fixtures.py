@@ -109,8 +109,9 @@ dataset_kwargs:
 output_type: loglikelihood
 test_split: test
 doc_to_text: "{{{{context}}}}"
-doc_to_target: "{{{{answer}}}}"
-target_delimiter: " "
+# the space is part of the target: lm-eval 0.4.x does not put target_delimiter before a loglikelihood continuation
+doc_to_target: " {{{{answer}}}}"
+target_delimiter: ""
 metric_list:
   - metric: acc
     aggregation: mean

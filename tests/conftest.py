@@ -64,6 +64,14 @@ def reference_tokenizer():
     return compress.load_tokenizer("builtin:tiny")
 
 
+@pytest.fixture(scope="session")
+def small_model():
+    """builtin:small in fp32 (stored in bf16): the reference model that copies and finds pass keys."""
+    import compress
+
+    return compress.load("builtin:small", dtype="float32")
+
+
 def save_hf_folder(model, path, tokenizer=None):
     """A plain Hugging Face folder (what users point recipes at)."""
     model.save_pretrained(path)

@@ -76,6 +76,17 @@ def test_lm_eval_scores_match_a_direct_computation(pruned_70, reference_tokenize
                                                               read_rows(DATA_DIR / "cloze_closed.jsonl")[:LIMIT])
 
 
+def test_lm_eval_span_tasks_match_a_direct_computation_on_a_model_that_retrieves(small_model):
+    """On builtin:small the pass-key and open-book cloze answers are found often enough that a mis-scored
+    continuation (e.g. without the space before the answer) shows as a mismatch, not as 0 == 0."""
+    tokenizer = compress.load_tokenizer("builtin:small")
+    out = run_suite(small_model, tokenizer, limit=8, tasks=["passkey_256", "cloze_open"])
+    for task in ("passkey_256", "cloze_open"):
+        direct = direct_greedy_span(small_model, tokenizer, read_rows(DATA_DIR / f"{task}.jsonl")[:8])
+        assert out["model"][task] == direct, (task, out["model"][task], direct)
+    assert out["model"]["passkey_256"] >= 0.5
+
+
 def test_pruning_hurts_generation_more_than_perplexity_says(reference_model, reference_tokenizer, pruned_70):
     """LLM-KICK: perplexity moves little while what the model generates changes a lot. builtin:tiny cannot copy or
     retrieve (its pass-key, copy and open-book scores are ~0 before pruning), so the exact-match task here is the

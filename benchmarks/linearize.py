@@ -1,9 +1,10 @@
 """Linearization benchmark: the original model and its conversions (Liger GLA, Liger Attention hybrid, Liger GSA with
 8 slots, Mixture-of-Memories with 4 memories, top-2, plus a shared one), one run, one table.
 
-- quality, on the trained reference model (builtin:tiny, float32, CPU): held-out perplexity right after conversion
-  (`ppl_converted`) and after LoRA recovery (`ppl_recovered`, from a checkpoint written by the recipe, e.g.
-  `compress apply recipes/liger-hybrid.yaml`, given as `--recovered liger-hybrid=DIR`; the recover pass's tokens and
+- quality, on a trained reference model (`--model`: builtin:tiny by default, builtin:small copies; float32, CPU):
+  held-out perplexity right after conversion (`ppl_converted`) and after LoRA recovery (`ppl_recovered`, from a
+  checkpoint written by the recipe, e.g. `compress apply recipes/liger-hybrid.yaml`, given as
+  `--recovered liger-hybrid=DIR`; the recover pass's tokens and
   minutes are read from its report.json; null when no checkpoint is given); KL(original || model) and top-1
   agreement of next-token distributions, of the recovered model when there is one, else of the converted one;
   copy and pass-key accuracy (compress.eval.probes).
@@ -132,7 +133,7 @@ def speed_and_bytes(reference, args) -> dict[str, dict]:
 
 def run(args) -> list[dict]:
     torch.manual_seed(0)
-    original = compress.load(args.model)
+    original = compress.load(args.model, dtype="float32")  # builtin:small is stored in bf16
     tokenizer = compress.load_tokenizer(args.model)
     windows = heldout_windows(tokenizer, seq_len=args.seq_len, max_windows=args.windows)
     recovered = dict(item.split("=", 1) for item in args.recovered)
@@ -180,11 +181,11 @@ def fmt(v, spec=".3f"):
     return "-" if v is None else format(v, spec) if isinstance(v, float) else str(v)
 
 
-def print_table(rows: list[dict]) -> None:
+def print_table(rows: list[dict], model: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title="Linearization (builtin:tiny, CPU fp32)")
+    t = Table(title=f"Linearization ({model}, CPU fp32)")
     for col in ("variant", "ppl", "ppl converted", "ppl recovered", "recovery", "KL", "top-1", "copy", "passkey",
                 *(f"cache MB {c // 1024}k" for c in CONTEXTS), *(f"decode x {c // 1024}k" for c in CONTEXTS)):
         t.add_column(col, justify="right")
@@ -221,7 +222,7 @@ def main(argv=None) -> None:
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
-        print_table(rows)
+        print_table(rows, args.model)
 
 
 if __name__ == "__main__":

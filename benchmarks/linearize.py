@@ -39,7 +39,10 @@ from compress.progress import progress_bar
 
 VARIANTS = {"liger-gla": LinearizeSettings(variant="gla"), "liger-hybrid": LinearizeSettings(variant="hybrid"),
             "liger-gsa": LinearizeSettings(variant="gla", gate="gsa", num_slots=8),
-            "mom": LinearizeSettings(variant="mom", num_memories=4, top_k=2)}
+            "mom": LinearizeSettings(variant="mom", num_memories=4, top_k=2),
+            # not Liger's: the recurrent branch divided by phi(q) . z (LinearizeSettings.normalize)
+            "liger-gla-normalized": LinearizeSettings(variant="gla", normalize=True),
+            "liger-hybrid-normalized": LinearizeSettings(variant="hybrid", normalize=True)}
 CONTEXTS = (1024, 8192, 32768)
 
 

@@ -10,6 +10,8 @@ state dict is unchanged and LoRA (PEFT) attaches to them as before. From the pro
               dimension; gated slot attention over those slots (compress.kernels.gsa; state [slots, K + V])
 Liger Attention (variant hybrid) adds a sliding-window softmax branch on the RoPE'd q/k:
   o = alpha * o_recurrent + beta * o_window.
+normalize (optional, not Liger's): o_recurrent = phi(q_t) S_t / phi(q_t) z_t, z_t = diag(gate_t) z_{t-1} + phi(k_t):
+a weighted mean of values at the scale of a softmax output (Liger's unnormalized sum grows with the gates' memory).
 Padding (from the attention mask) contributes nothing: its keys/values are zeroed and its gates set to 0 (no
 decay), so a left-padded row computes exactly what the unpadded row does."""
 from __future__ import annotations
@@ -90,7 +92,7 @@ class LinearizedAttention(nn.Module):
         kv_heads = self.k_proj.out_features // self.head_dim
         if self.settings.gate == "gsa":  # slot keys and slot values, packed
             return batch, kv_heads, self.settings.num_slots, 2 * self.head_dim
-        return batch, kv_heads, self.head_dim, self.head_dim
+        return batch, kv_heads, self.head_dim, self.head_dim + int(self.settings.normalize)
 
     def project(self, hidden_states):
         """q [B, Hq, T, D], k and v [B, Hkv, T, D]: the original projections (+ biases, + q/k norms), before RoPE."""
@@ -118,13 +120,18 @@ class LinearizedAttention(nn.Module):
         q, k, v = self.project(hidden_states)
         phi_q, phi_k, log_gate = self.features(q, k)
         valid = key_validity(attention_mask, t)
+        # normalize: a ones column rides along with the values, so the same recurrence also carries z_t = the
+        # decayed sum of phi(k) (its output column is phi(q_t) . z_t), in every kernel and in the cached state
+        v_state = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1) if self.settings.normalize else v
         if valid is not None:
             pad = ~valid[:, None, :, None]
             phi_k, log_gate = phi_k.masked_fill(pad, 0.0), log_gate.masked_fill(pad, 0.0)
-            v = v.masked_fill(pad, 0.0)
+            v, v_state = v.masked_fill(pad, 0.0), v_state.masked_fill(pad, 0.0)
         state = layer.state if layer is not None else None
         recurrent = gated_slot_attention if self.settings.gate == "gsa" else gated_linear_attention
-        out, state = recurrent(phi_q, phi_k, v, log_gate, state, self.settings.chunk_size)
+        out, state = recurrent(phi_q, phi_k, v_state, log_gate, state, self.settings.chunk_size)
+        if self.settings.normalize:
+            out = out[..., :-1] / out[..., -1:].clamp_min(1e-6)
         window = self.settings.window_or_none()
         if window is None:
             if layer is not None:

@@ -23,6 +23,9 @@ class LinearizeSettings(BaseModel):
     window: int = Field(64, ge=2, description="tokens the hybrid's softmax branch sees, itself included")
     alpha: float = Field(0.5, description="weight of the recurrent branch (hybrid)")
     beta: float = Field(0.5, description="weight of the sliding-window branch (hybrid)")
+    normalize: bool = Field(False, description="divide the recurrent output by phi(q_t) . z_t (z: the decayed sum of "
+                            "phi(k)), making it a weighted mean of values as softmax attention is (gates gla and "
+                            "hgrn2); the state keeps one more value column for z")
     chunk_size: int = Field(16, ge=1, le=256, description="tokens per chunk of the chunked torch path")
     num_memories: int = Field(4, ge=1, le=64, description="routed memories per layer (mom; plus one shared memory)")
     top_k: int = Field(2, ge=1, description="memories each token is routed to (mom)")
@@ -32,6 +35,8 @@ class LinearizeSettings(BaseModel):
     def _check_routing(self):
         if self.top_k > self.num_memories:
             raise ValueError(f"top_k ({self.top_k}) cannot exceed num_memories ({self.num_memories})")
+        if self.normalize and (self.variant == "mom" or self.gate == "gsa"):
+            raise ValueError("normalize applies to the gla and hgrn2 recurrences of variants gla and hybrid")
         if self.variant == "mom" and self.gate == "gsa":
             raise ValueError("variant mom uses gated delta-rule memories: gate gla or hgrn2, not gsa")
         return self

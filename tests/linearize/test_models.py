@@ -8,6 +8,7 @@ from compress.linearize import LinearizedCache, LinearizedLayer, LinearizeSettin
 VARIANTS = {
     "gla": LinearizeSettings(variant="gla"),
     "hybrid": LinearizeSettings(variant="hybrid", window=8, alpha=0.6, beta=0.4),
+    "hybrid-normalized": LinearizeSettings(variant="hybrid", window=8, normalize=True),
     "hgrn2": LinearizeSettings(variant="gla", gate="hgrn2"),
     "mom": LinearizeSettings(variant="mom", num_memories=3, top_k=2),
     "gsa": LinearizeSettings(variant="gla", gate="gsa", num_slots=4),
@@ -45,7 +46,7 @@ def test_full_forward_equals_prefill_plus_cached_decode(tiny_model, arch, varian
     assert cache.get_seq_length() == 27
 
 
-@pytest.mark.parametrize("variant", ["gla", "hybrid", "mom", "gsa"])
+@pytest.mark.parametrize("variant", ["gla", "hybrid", "hybrid-normalized", "mom", "gsa"])
 def test_left_padding_computes_what_the_unpadded_row_computes(tiny_model, arch, variant):
     model = converted(tiny_model, arch, variant, layers="every_2")  # also mixes softmax layers in
     gen = torch.Generator().manual_seed(1)
@@ -104,3 +105,24 @@ def test_cache_bytes_constant_in_context_length(tiny_model, variant):
     state = 3 * 2 * {"mom": 4 * 16 * 16, "gsa": 4 * (16 + 16)}.get(variant, 16 * 16) * 4
     window = 3 * (2 * 2 * 7 * 16 * 4 + 7) if variant == "hybrid" else 0
     assert sizes[0] == state + window
+
+
+def test_normalized_recurrence_is_a_weighted_mean_of_values(tiny_model):
+    """normalize: o_t = sum_s w_ts v_s / sum_s w_ts with w_ts = sum_d phi(q_t)_d phi(k_s)_d prod_{r=s+1..t} gate_r,d,
+    computed here in float64 from the module's own projections, without the GLA kernels."""
+    model = tiny_model("llama", num_key_value_heads=2)
+    linearize_model(model, LinearizeSettings(variant="gla", normalize=True, chunk_size=4))
+    attn = model.model.layers[0].self_attn
+    x = torch.randn(1, 11, model.config.hidden_size, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        q, k, v = attn.project(x)
+        phi_q, phi_k, log_gate = (t.double() for t in attn.features(q, k))
+        group = phi_q.shape[1] // phi_k.shape[1]
+        phi_k, log_gate, v = (t.double().repeat_interleave(group, dim=1) for t in (phi_k, log_gate, v))
+        cum = log_gate.cumsum(2)                                                  # [B, H, T, D]
+        decay = (cum[:, :, :, None, :] - cum[:, :, None, :, :]).exp()             # [B, H, t, s, D]: gates s+1..t
+        w = (phi_q[:, :, :, None, :] * phi_k[:, :, None, :, :] * decay).sum(-1).tril()
+        expected = (w @ v) / w.sum(-1, keepdim=True)
+        expected = attn.o_proj(expected.transpose(1, 2).reshape(1, 11, -1).float())
+        got, _ = attn(x, position_embeddings=None)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)

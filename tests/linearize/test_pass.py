@@ -35,6 +35,8 @@ def test_checkpoint_round_trip_and_generate(tmp_path, reference_tokenizer):
     (dict(layers="some"), "layers must be"),
     (dict(window=1), "greater than or equal to 2"),
     (dict(variant="ssm"), "variant"),
+    (dict(gate="gsa", normalize=True), "normalize applies to"),
+    (dict(variant="mom", normalize=True), "normalize applies to"),
 ])
 def test_bad_arguments(args, match):
     with pytest.raises(CompressError, match=match):

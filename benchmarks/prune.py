@@ -1,9 +1,9 @@
 """Pruning benchmark: dense vs magnitude / Wanda / SparseGPT at 50% unstructured, 2:4 and 4:8, one run, one table.
 
-Quality (`--model`, default builtin:small, the trained reference model that copies): every configuration is pruned with the `prune` pass, saved
-with `compress.save`, reloaded with `compress.load` (so SparseLinear modules are rebuilt from the checkpoint) and
-evaluated against the dense model as in compress.evaluate (non-overlapping 256-token held-out windows): perplexity,
-KL(dense || pruned), top-1 agreement, and the copy probe (greedy accuracy on the second copy of 8 random 128-token
+Quality (`--model`, default builtin:small, the trained reference model that copies): every configuration is
+pruned with the `prune` pass, saved with `compress.save`, reloaded with `compress.load` (so SparseLinear modules
+are rebuilt from the checkpoint) and evaluated against the dense model as in compress.evaluate (non-overlapping
+256-token held-out windows): perplexity, KL(dense || pruned), top-1 agreement, and the copy probe (greedy accuracy on the second copy of 8 random 128-token
 spans: in-context retrieval, which perplexity does not show). Sizes:
   checkpoint_bytes_ratio   all *.safetensors of the pruned checkpoint / the dense one (both bf16); the
                            embeddings and lm_head (about half of this small model) stay dense by default

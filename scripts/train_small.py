@@ -81,13 +81,13 @@ def model_config():
     )
 
 
-def induction_targets(n: int, pairs: list[tuple[int, int]]) -> list[int]:
-    """Per input position, the position an induction head should attend to (-1 where none), from
-    (position, target) pairs; pairs cut off by the sequence end are dropped."""
-    out = [-1] * n
-    for pos, target in pairs:
-        if pos < n and target < pos:
-            out[pos] = target
+def copy_positions(n: int, positions) -> list[bool]:
+    """Per input position: whether its next token can be copied from earlier in the sequence (the positions where
+    supervised_step supervises the heads); positions cut off by the sequence end are dropped."""
+    out = [False] * n
+    for pos in positions:
+        if pos < n:
+            out[pos] = True
     return out
 
 
@@ -115,7 +115,7 @@ class Mixture:
         only teaches the head a uniform distribution over ids and drags natural-text perplexity)."""
         used = sum(len(p) for p in parts)
         free = max(0, n - used)
-        self.offsets = []  # where each part starts, for the induction targets of the natural-text kinds
+        self.offsets = []  # where each part starts, for the copy positions of the natural-text kinds
         cuts = sorted(self.rng.randint(0, free) for _ in range(len(parts)))
         gaps = [b - a for a, b in zip([0] + cuts, cuts + [free])]
         out: list[int] = []
@@ -142,39 +142,38 @@ class Mixture:
         length = self.rng.randint(4, max(4, n // 2))  # up to half the sequence: copies over every distance
         span = [self.random_token() for _ in range(length)]
         out = (span * (n // length + 1))[:n]
-        return out, [i >= length for i in range(n)], [t - length + 1 if t >= length else -1 for t in range(n)]
+        return out, [i >= length for i in range(n)], [t >= length for t in range(n)]
 
-    def copy_natural(self, n: int) -> tuple[list[int], list[bool], list[int]]:
-        """A natural-text span repeated; inside the repeat, the induction target is the token after the same
-        position of the first copy (a natural span's tokens recur elsewhere, so matching needs the prefix: the
-        skill that pass-key retrieval uses and random spans do not teach)."""
+    def copy_natural(self, n: int) -> tuple[list[int], list[bool], list[bool]]:
+        """A natural-text span repeated; inside the repeat each next token is the one after the same position of
+        the first copy (a natural span's tokens recur elsewhere, so matching needs the prefix: the skill that
+        pass-key retrieval uses and random spans do not teach)."""
         return self.repeat_span(self.natural(self.rng.randint(16, min(256, n // 3))), n)
 
-    def copy_numbers(self, n: int) -> tuple[list[int], list[bool], list[int]]:
+    def copy_numbers(self, n: int) -> tuple[list[int], list[bool], list[bool]]:
         """A list of random numbers repeated: copying the digit tokens (ids 16-25 and their merges) that a pass key
         is made of, which random spans (ids >= 100) never contain."""
         numbers = " ".join(str(self.rng.randrange(10, 100_000)) for _ in range(self.rng.randint(4, 40)))
         return self.repeat_span(self.encode(" " + numbers), n)
 
-    def repeat_span(self, span: list[int], n: int) -> tuple[list[int], list[bool], list[int]]:
+    def repeat_span(self, span: list[int], n: int) -> tuple[list[int], list[bool], list[bool]]:
         out, scored = self.fill([span, span], n)
-        first, second = self.offsets
-        return out, scored, induction_targets(n, [(second + i, first + i + 1) for i in range(len(span) - 1)])
+        second = self.offsets[1]
+        return out, scored, copy_positions(n, range(second, second + len(span) - 1))
 
-    def passkey(self, n: int) -> tuple[list[int], list[bool], list[int]]:
-        """A pass-key needle in natural text and the question with its answer at the end; the induction target of
-        the question's last token and of each answer token is the next key token in the needle."""
+    def passkey(self, n: int) -> tuple[list[int], list[bool], list[bool]]:
+        """A pass-key needle in natural text and the question with its answer at the end; the question's last
+        token and each answer token are copy positions (their next token is a key token of the needle)."""
         from compress.eval.probes import passkey_parts
 
         key = self.rng.randrange(10_000, 100_000)
         needle, question, answer = (self.encode(p) for p in passkey_parts(key))
         out, scored = self.fill([needle, question + answer], n)
         digits = answer[:-1]  # the key's tokens, without the closing period
-        at = next((i for i in range(len(needle)) if needle[i:i + len(digits)] == digits), None)
-        if at is None:  # the key tokenizes differently inside the sentence: no induction target
-            return out, scored, [-1] * n
-        needle_start, asked = self.offsets[0], self.offsets[1] + len(question) - 1
-        return out, scored, induction_targets(n, [(asked + i, needle_start + at + i) for i in range(len(digits))])
+        if not any(needle[i:i + len(digits)] == digits for i in range(len(needle))):
+            return out, scored, [False] * n  # the key tokenizes differently inside the sentence: nothing to copy
+        asked = self.offsets[1] + len(question) - 1
+        return out, scored, copy_positions(n, range(asked, asked + len(digits)))
 
     def kv_recall(self, n: int) -> list[int]:
         pairs = [(f"{self.rng.randrange(1000, 10000)}", f"{self.rng.randrange(1000, 10000)}")
@@ -183,29 +182,30 @@ class Mixture:
         k, v = self.rng.choice(pairs)
         return self.fill([listing, self.encode(f"\nThe value of key {k} is {v}.")], n)
 
-    def sequence(self, n: int) -> tuple[list[int], list[bool], list[int]]:
-        """(ids, scored per token, induction target per token: for a token inside a repeat of a random span, the
-        position right after its previous occurrence, which an induction head attends to; -1 elsewhere)."""
+    def sequence(self, n: int) -> tuple[list[int], list[bool], list[bool]]:
+        """(ids, scored per token, copy position per token: whether the next token can be copied from earlier in
+        the sequence, where supervised_step supervises the heads)."""
         if self.rng.random() >= self.synthetic:
-            return self.natural(n), [True] * n, [-1] * n
+            return self.natural(n), [True] * n, [False] * n
         out = self.rng.choice(self.kinds)(n)
         if not isinstance(out, tuple):
-            return out, [True] * n, [-1] * n
-        return out if len(out) == 3 else (*out, [-1] * n)
+            return out, [True] * n, [False] * n
+        return out if len(out) == 3 else (*out, [False] * n)
 
     def batch(self, b: int, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(ids [b, n+1], targets [b, n]: ids shifted by one, -100 where a token is not scored, induction
-        targets [b, n] of the input positions)."""
+        """(ids [b, n+1], targets [b, n]: ids shifted by one, -100 where a token is not scored, copy positions
+        [b, n] of the input positions)."""
         rows = [self.sequence(n + 1) for _ in range(b)]
         ids = torch.tensor([r[0] for r in rows], dtype=torch.long)
         scored = torch.tensor([r[1] for r in rows], dtype=torch.bool)[:, 1:]
-        induction = torch.tensor([r[2] for r in rows], dtype=torch.long)[:, :-1]
-        return ids, ids[:, 1:].masked_fill(~scored, -100), induction
+        copies = torch.tensor([r[2] for r in rows], dtype=torch.bool)[:, :-1]
+        return ids, ids[:, 1:].masked_fill(~scored, -100), copies
 
 
-def supervised_step(model, batch, targets, induction, heads, weight, opt, sched) -> torch.Tensor:
-    """A next-token step plus supervision of the chosen (layer, head) pairs on tokens inside a repeat (random span,
-    natural span, pass key): their attention is pulled towards the induction target (-log of the attention probability there), and their
+def supervised_step(model, batch, targets, valid, heads, weight, opt, sched) -> torch.Tensor:
+    """A next-token step plus supervision of the chosen (layer, head) pairs at copy positions (`valid`: inside a
+    repeated random or natural span, a pass key's answer): their attention is pulled towards the positions that
+    hold the next token after an occurrence of the current one (-log of the attention probability there), and their
     own output, read through the final norm and the head (its direct path to the logits), is trained to predict
     the next token. Copying needs a query-key match and a value-output copy that are each useless without the
     other, which is why it forms late (a long loss plateau); a direct gradient on each lets both form at once."""
@@ -218,7 +218,6 @@ def supervised_step(model, batch, targets, induction, heads, weight, opt, sched)
         for h in hooks:
             h.remove()
     loss = torch.nn.functional.cross_entropy(out.logits.float().reshape(-1, out.logits.size(-1)), targets.reshape(-1))
-    valid = induction >= 0
     if valid.any():
         aux = []
         inputs, next_token = batch[:, :-1], batch[:, 1:][valid]
@@ -269,8 +268,8 @@ def main() -> None:
     ap.add_argument("--mask-first-copy", action="store_true",
                     help="do not score a random span's first occurrence (only its repeat, which is predictable)")
     ap.add_argument("--supervise-heads", default="",
-                    help="layer:head pairs (e.g. 5:0,6:3) whose attention is pulled to the induction target on "
-                         "repeat_random, copy_natural and passkey sequences (attention supervision; see "
+                    help="layer:head pairs (e.g. 5:0,6:3) whose attention is pulled to the copy target on "
+                         "repeat_random, copy_natural, copy_numbers and passkey sequences (attention supervision; see "
                          "supervised_step)")
     ap.add_argument("--supervise-weight", type=float, default=1.0)
     ap.add_argument("--warmup", type=int, default=None, help="warmup steps (default: 4%% of all steps)")
@@ -315,11 +314,11 @@ def main() -> None:
     start, seen = time.time(), 0
     for step in range(1, total + 1):
         long = step > args.steps
-        batch, targets, induction = (mix.batch(args.long_batch, args.long_seq_len) if long
+        batch, targets, copies = (mix.batch(args.long_batch, args.long_seq_len) if long
                                      else mix.batch(args.batch, args.seq_len))
         seen += targets.numel()
         if heads:
-            loss = supervised_step(model, batch, targets, induction, heads, args.supervise_weight, opt, sched)
+            loss = supervised_step(model, batch, targets, copies, heads, args.supervise_weight, opt, sched)
         else:
             loss = train_step(model, batch, opt, sched, bf16=False, targets=targets)
         if step % 10 == 0:

@@ -3,8 +3,9 @@
 Quality (`--model`, default builtin:small, the trained reference model that copies): every configuration is
 pruned with the `prune` pass, saved with `compress.save`, reloaded with `compress.load` (so SparseLinear modules
 are rebuilt from the checkpoint) and evaluated against the dense model as in compress.evaluate (non-overlapping
-256-token held-out windows): perplexity, KL(dense || pruned), top-1 agreement, and the copy probe (greedy accuracy on the second copy of 8 random 128-token
-spans: in-context retrieval, which perplexity does not show). Sizes:
+256-token held-out windows): perplexity, KL(dense || pruned), top-1 agreement, and the copy probe (greedy
+accuracy on the second copy of 8 random 128-token spans: in-context retrieval, which perplexity does not show).
+Sizes:
   checkpoint_bytes_ratio   all *.safetensors of the pruned checkpoint / the dense one (both bf16); the
                            embeddings and lm_head (about half of this small model) stay dense by default
   pruned_checkpoint_ratio  the pruned Linears' tensors in the checkpoint / the same Linears' dense bf16 weights

@@ -136,7 +136,7 @@ class Mixture:
     def random_token(self) -> int:
         return self.rng.randrange(100, self.vocab)
 
-    def repeat_random(self, n: int) -> tuple[list[int], list[bool]]:
+    def repeat_random(self, n: int) -> tuple[list[int], list[bool], list[bool]]:
         """A short random span repeated to fill the sequence: every token after the first copy is predictable by
         copying, the densest signal for forming induction heads (the first copy is unscored)."""
         length = self.rng.randint(4, max(4, n // 2))  # up to half the sequence: copies over every distance

@@ -6,7 +6,7 @@ speed and bytes, and rel_err measures the format through our kernel, not a model
 store is built by the cache's own code (CompressedStore, paged format v2) and one decode step (1 new token, a
 window of 32 fp16 tokens) is timed:
   sdpa fp16   F.scaled_dot_product_attention over dense fp16 K/V of the same tokens (the baseline of speedup)
-  ours        compressed_decode_attention (Triton flash-decoding on CUDA, the torch reference on the CPU)
+  ours        compressed_decode_attention (Triton flash-decoding on CUDA, the C kernel on the CPU)
 bytes_vs_fp16 = bytes held by the compressed stores + window / bytes of the fp16 K/V; rel_err = |ours - exact| /
 |exact| for the first batch row, exact = float64 attention over the original K/V. On the CPU fp16 matmuls are
 emulated (slow), so `speedup_vs_sdpa_fp32` (dense fp32 SDPA, the CPU's natural baseline) is given too.

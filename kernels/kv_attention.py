@@ -5,15 +5,20 @@ Storage: the paged format of kv_pages.py (any object with `axis, bits, group_siz
 per_group, pages` works: the cache's CompressedStore, or kv_pages.PagedKV). Layout of this kernel family:
 - kv_attention_reference.py: the torch reference (the CPU path; what the kernel is tested against),
 - kv_attention_triton.py: the Triton flash-decoding kernel (CUDA, or the interpreter in tests),
+- kv_attention_cpu.py: the CPU kernel (C, csrc/kv_decode.c: the reference in one call per layer),
 - this file: the public function choosing between them.
 
 `compressed_decode_attention` runs the Triton kernel on CUDA tensors (or with COMPRESS_KERNELS=triton) for the
-shapes it tiles (`triton_supports`), and the torch reference elsewhere."""
+shapes it tiles (`triton_supports`), the C kernel on CPU tensors for the shapes it holds (`cpu_kernel_supports`;
+not with COMPRESS_KERNELS=torch or COMPRESS_CPU_KERNELS=off), and the torch reference elsewhere."""
 from __future__ import annotations
+
+import os
 
 import torch
 
 from .dispatch import use_triton
+from .kv_attention_cpu import compressed_attention_cpu, cpu_kernel_supports
 from .kv_attention_reference import MASKED, attention_bias, compressed_attention_reference  # noqa: F401
 from .kv_attention_triton import compressed_attention_triton, triton_supports  # noqa: F401
 from .kv_pages import Page, PagedKV  # noqa: F401
@@ -25,7 +30,11 @@ def compressed_decode_attention(query: torch.Tensor, keys, values, window_keys: 
     """softmax(q K^T * scale + mask) V over the compressed past (`keys`, `values`: paged stores, or None / empty)
     followed by the fp16 window [B, H, W, D]. query [B, Hq, L, D] (L = 1 for a decode step; L > 1 for a chunk of
     new tokens, which must then be in the window); mask: see `attention_bias`. Returns [B, Hq, L, D] in query's
-    dtype. Triton on CUDA tensors, the torch reference elsewhere."""
-    if use_triton(query, window_keys) and triton_supports(keys, values, query.shape[-1]):
-        return compressed_attention_triton(query, keys, values, window_keys, window_values, mask, softmax_scale)
+    dtype. Triton on CUDA tensors, the C kernel on CPU tensors, the torch reference for what neither holds."""
+    if use_triton(query, window_keys):
+        if triton_supports(keys, values, query.shape[-1]):
+            return compressed_attention_triton(query, keys, values, window_keys, window_values, mask, softmax_scale)
+    elif (os.environ.get("COMPRESS_KERNELS", "").lower() != "torch"
+          and cpu_kernel_supports(query, keys, values, window_keys)):
+        return compressed_attention_cpu(query, keys, values, window_keys, window_values, mask, softmax_scale)
     return compressed_attention_reference(query, keys, values, window_keys, window_values, mask, softmax_scale)

@@ -103,6 +103,18 @@ def outlier_coordinates(store, page: Page) -> tuple[torch.Tensor, torch.Tensor]:
     return token.reshape(b, h, -1), channel.reshape(b, h, -1)
 
 
+def page_pointers(page: Page) -> list[int]:
+    """data_ptr of each field in PAGE_FIELDS order, an absent field pointing at the codes (never read). Cached on the
+    page: its tensors never change (an append replaces the open page by a new one)."""
+    ptrs = page.__dict__.get("_ptrs")
+    if ptrs is None:
+        if not all(t.is_contiguous() for t in page.tensors()):
+            raise ValueError("page tensors must be contiguous: the kernels address them from their data_ptr")
+        ptrs = [(page.codes if getattr(page, f) is None else getattr(page, f)).data_ptr() for f in PAGE_FIELDS]
+        page.__dict__["_ptrs"] = ptrs
+    return ptrs
+
+
 def page_table(stores, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Pointer table int64 [len(stores), len(PAGE_FIELDS), n_pages] (0 for an absent field) and ranks int32
     [len(stores), n_pages] of stores with the same number of pages; an absent field points at the page's codes (never
@@ -110,15 +122,9 @@ def page_table(stores, device) -> tuple[torch.Tensor, torch.Tensor]:
     cols, ranks = [], []
     for store in stores:
         for p in store.pages:
-            ptrs = p.__dict__.get("_ptrs")
-            if ptrs is None:
-                if any(t.device != torch.device(device) for t in p.tensors()):
-                    raise ValueError(f"the KV store is on {p.codes.device} but attention runs on {device}: move it")
-                if not all(t.is_contiguous() for t in p.tensors()):
-                    raise ValueError("page tensors must be contiguous: the kernel addresses them from their data_ptr")
-                ptrs = [(p.codes if getattr(p, f) is None else getattr(p, f)).data_ptr() for f in PAGE_FIELDS]
-                p.__dict__["_ptrs"] = ptrs
-            cols.append(ptrs)
+            if any(t.device != torch.device(device) for t in p.tensors()):
+                raise ValueError(f"the KV store is on {p.codes.device} but attention runs on {device}: move it")
+            cols.append(page_pointers(p))
             ranks.append(p.rank)
     n = len(stores[0].pages)
     table = torch.tensor(cols, dtype=torch.int64).view(len(stores), n, len(PAGE_FIELDS)).transpose(1, 2)

@@ -1,6 +1,7 @@
 """Attention over the paged compressed KV storage: the torch reference against float64 attention over the dense
-reconstruction, and the Triton flash-decoding kernel (interpreted on CPU, compiled on a GPU) against the reference,
-at head_dim 64/128/256; the kernel's shared-memory bound at head_dim 128/256 against an H100/H200 block's."""
+reconstruction; the C kernel (the CPU path) and the Triton flash-decoding kernel (interpreted on CPU, compiled on a
+GPU) against the reference, at head_dim 64/128/256; the Triton kernel's shared-memory bound at head_dim 128/256
+against an H100/H200 block's."""
 import contextlib
 import math
 import os
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from compress.kernels import kv_attention as A
+from compress.kernels import kv_attention_cpu as AC
 from compress.kernels import kv_attention_triton as AT
 from compress.kvcache.store import CompressedStore
 
@@ -120,12 +122,82 @@ def test_reference_group_layouts(bits, group):
                                dense_attention_f64(q, k_all, v_all, None), rtol=1e-4, atol=1e-5)
 
 
-def test_cpu_tensors_take_the_reference(monkeypatch):
+needs_c = pytest.mark.skipif(AC._library() is None, reason="no C compiler: the CPU kernel is not built")
+
+
+@needs_c
+@pytest.mark.parametrize("bits", (2, 3, 4, 8))
+@pytest.mark.parametrize("fmt", [KIVI, GEAR], ids=["kivi", "gear"])
+@pytest.mark.parametrize("factor_dtype", (torch.float16, torch.float8_e4m3fn), ids=["fp16", "fp8"])
+def test_cpu_kernel_matches_reference(bits, fmt, factor_dtype):
+    q, keys, values, wk, wv, k_all, v_all = make_case(bits, factor_dtype=factor_dtype, **fmt)
+    mask = left_padding_mask(2, k_all.shape[2], pad=37)
+    assert AC.cpu_kernel_supports(q, keys, values, wk)
+    out = AC.compressed_attention_cpu(q, keys, values, wk, wv, mask)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    torch.testing.assert_close(out, A.compressed_attention_reference(q, keys, values, wk, wv, mask),
+                               rtol=1e-4, atol=1e-5)
+    want = dense_attention_f64(q, k_all, v_all, A.attention_bias(mask, 2, 1, k_all.shape[2], q.device))
+    torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-5)
+
+
+@needs_c
+@pytest.mark.parametrize("d, bits, group", [(128, 2, 64), (128, 3, 32), (256, 4, 64), (96, 2, 32), (40, 4, 8)])
+def test_cpu_kernel_head_sizes(d, bits, group):
+    """64/128 run specialized code, the rest the generic loops (96: whole AVX2 blocks; 40: the scalar unpacking)."""
+    q, keys, values, wk, wv, k_all, v_all = make_case(bits, d=d, group=group, chunk=64, q_heads=8, **GEAR)
+    assert AC.cpu_kernel_supports(q, keys, values, wk)
+    torch.testing.assert_close(AC.compressed_attention_cpu(q, keys, values, wk, wv).double(),
+                               dense_attention_f64(q, k_all, v_all, None), rtol=1e-4, atol=1e-5)
+
+
+@needs_c
+def test_cpu_kernel_multi_token_masks_and_window_only():
+    q, keys, values, wk, wv, k_all, v_all = make_case(q_len=3, window=7)
+    kv = k_all.shape[2]
+    want = dense_attention_f64(q, k_all, v_all, A.attention_bias(None, 2, 3, kv, q.device))
+    torch.testing.assert_close(AC.compressed_attention_cpu(q, keys, values, wk, wv).double(), want,
+                               rtol=1e-4, atol=1e-5)
+    causal = A.attention_bias(None, 2, 3, kv, q.device)
+    bool4d = torch.cat([torch.zeros(2, 1, 3, 4, dtype=torch.bool), (causal == 0)[:, None]], -1)
+    torch.testing.assert_close(AC.compressed_attention_cpu(q, keys, values, wk, wv, bool4d).double(), want,
+                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(AC.compressed_attention_cpu(q, None, None, wk, wv),
+                               A.compressed_attention_reference(q, None, None, wk, wv), rtol=1e-4, atol=1e-5)
+
+
+@needs_c
+def test_cpu_tensors_take_the_c_kernel_where_it_fits(monkeypatch):
     monkeypatch.setenv("COMPRESS_KERNELS", "")
     monkeypatch.setattr(A, "compressed_attention_triton", lambda *a, **k: pytest.fail("Triton path on CPU"))
+    reference = A.compressed_attention_reference
+    calls = []
+    monkeypatch.setattr(A, "compressed_attention_reference", lambda *a, **k: calls.append(1) or reference(*a, **k))
     q, keys, values, wk, wv, _, _ = make_case()
     torch.testing.assert_close(A.compressed_decode_attention(q, keys, values, wk, wv),
-                               A.compressed_attention_reference(q, keys, values, wk, wv))
+                               reference(q, keys, values, wk, wv), rtol=1e-4, atol=1e-5)
+    assert not calls  # the C kernel ran
+    q, keys, values, wk, wv, _, _ = make_case(bits=3, group=4, chunk=64, key_ranks=((2, 2),), value_ranks=((2, 1),))
+    assert not AC.cpu_kernel_supports(q, keys, values, wk)  # value groups of 4 split the 8 lanes of 3-bit codes
+    A.compressed_decode_attention(q, keys, values, wk, wv)
+    assert calls == [1]
+    for env in ({"COMPRESS_KERNELS": "torch"}, {"COMPRESS_CPU_KERNELS": "off"}):  # either switch turns it off
+        with monkeypatch.context() as m:
+            for k, v in env.items():
+                m.setenv(k, v)
+            q, keys, values, wk, wv, _, _ = make_case()
+            A.compressed_decode_attention(q, keys, values, wk, wv)
+    assert calls == [1, 1, 1]
+
+
+@needs_c
+def test_cpu_kernel_refuses_what_its_buffers_cannot_hold():
+    q, keys, values, wk, wv, _, _ = make_case(key_ranks=((2, 17),), value_ranks=((2, 0),))
+    assert not AC.cpu_kernel_supports(q, keys, values, wk)  # rank 17 > 16
+    q, keys, values, wk, wv, _, _ = make_case(q_len=33, window=40)
+    assert not AC.cpu_kernel_supports(q, keys, values, wk)  # 2 query heads per KV head x 33 steps > 64 rows
+    q, keys, values, wk, wv, _, _ = make_case(q_len=32, window=40)
+    assert AC.cpu_kernel_supports(q, keys, values, wk)
 
 
 def _to(device, *tensors):

@@ -1,0 +1,63 @@
+"""Small C kernels for the CPU paths, built with the system C compiler on first use (~1 s) into a per-user cache and
+loaded with ctypes. torch has no fused op for what they do (a gather fused into a GEMV; decode attention over packed
+codes); a C extension module would need a build step at install, this needs only a compiler at run time. Sources
+live in csrc/; the library name carries a digest of the source, so an edited source never loads a stale build.
+Without a compiler (or with COMPRESS_CPU_KERNELS=off) `load_c_library` returns None and callers run their torch
+reference instead (same results, slower)."""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+SOURCES = Path(__file__).parent / "csrc"
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "compress"
+
+
+def _build(source: str, target: Path) -> bool:
+    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc") or shutil.which("clang")
+    if compiler is None:
+        return False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        src = Path(tmp) / "kernel.c"
+        src.write_text(source)
+        out = Path(tmp) / target.name
+        for flags in (["-fopenmp"], ["-fopenmp-simd"]):  # OpenMP threads if the toolchain has them
+            cmd = [compiler, "-O3", "-march=native", "-shared", "-fPIC", *flags, str(src), "-o", str(out), "-lm"]
+            if subprocess.run(cmd, capture_output=True).returncode == 0:
+                os.replace(out, target)  # atomic: concurrent builders never see half a library
+                return True
+    return False
+
+
+def cpu_kernels_enabled() -> bool:
+    return os.environ.get("COMPRESS_CPU_KERNELS", "").lower() != "off"
+
+
+def load_c_library(name: str):
+    """The compiled csrc/<name>.c (ctypes CDLL), or None where it cannot be built or CPU kernels are turned off
+    (checked per call, so tests and users can switch them at run time)."""
+    return _load(name) if cpu_kernels_enabled() else None
+
+
+@functools.lru_cache(maxsize=None)
+def _load(name: str):
+    source = (SOURCES / f"{name}.c").read_text()
+    digest = hashlib.sha256(source.encode()).hexdigest()[:12]
+    target = _cache_dir() / f"{name}_{digest}.so"
+    try:
+        if not target.exists() and not _build(source, target):
+            return None
+        return ctypes.CDLL(str(target))
+    except OSError:
+        return None

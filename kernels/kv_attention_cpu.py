@@ -1,0 +1,114 @@
+"""The CPU decode-attention kernel over the paged compressed KV storage: csrc/kv_decode.c (built on first use by
+cpu_build.py), one call per layer doing what kv_attention_reference.py does in ~25 torch ops per page side. Same
+inputs and result as `compressed_attention_reference`; `cpu_kernel_supports` says which stores it reads (the
+reference runs for the rest, and wherever no C compiler is available)."""
+from __future__ import annotations
+
+import ctypes
+import functools
+import math
+
+import torch
+
+from .cpu_build import load_c_library
+from .kv_attention_reference import attention_bias
+from .kv_pages import PAGE_FIELDS, num_tokens, page_pointers
+
+MAX_ROWS, MAX_RANK, MAX_HEAD_DIM = 64, 16, 512  # the kernel's fixed per-head buffers (csrc/kv_decode.c)
+
+
+def _library():
+    lib = load_c_library("kv_decode")
+    return None if lib is None else _typed(lib)
+
+
+@functools.lru_cache(maxsize=1)
+def _typed(lib):
+    i64, ptr, f32, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
+    arr = ctypes.POINTER(ctypes.c_int64)
+    lib.kv_decode_attention.argtypes = [ptr, i64, i64, i64, i64, i64, f32, i64, arr, arr, arr, arr, arr, arr, arr,
+                                        i32, i32, i32, i32, i32, i32, i32, ptr, ptr, i64, ptr, i64, i64, ptr, ptr, i32]
+    lib.kv_decode_attention.restype = ctypes.c_int
+    return lib
+
+
+@functools.lru_cache(maxsize=1)
+def _fp8_table() -> torch.Tensor:
+    """float32 value of each fp8 e4m3 byte (the token factors' optional storage type)."""
+    return torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+
+
+def _lanes(bits: int) -> int:
+    return 8 if bits == 3 else 8 // bits
+
+
+def cpu_kernel_supports(query: torch.Tensor, keys, values, window_keys: torch.Tensor) -> bool:
+    """CPU tensors, the compiled library, and the shapes its fixed buffers hold (query rows per KV head <= 64, rank
+    <= 16, head_dim <= 512 in whole code lanes, <= 64 value groups per token); keys and values paged alike, every
+    page with outliers exactly when its store keeps them."""
+    if query.device.type != "cpu" or _library() is None:
+        return False
+    b, hq, l, d = query.shape
+    h = window_keys.shape[1]
+    if hq % h or (hq // h) * l > MAX_ROWS or d > MAX_HEAD_DIM:
+        return False
+    if num_tokens(keys) == 0:
+        return True
+    if keys.bits not in (2, 3, 4, 8) or values.bits not in (2, 3, 4, 8):
+        return False
+    kp, vp = keys.pages, values.pages
+    rows, gv = (hq // h) * l, values.group_size
+    return (d % _lanes(keys.bits) == 0 and d % _lanes(values.bits) == 0 and gv % _lanes(values.bits) == 0
+            and d % gv == 0 and d // gv <= 64 and rows * (d // gv) <= 1024
+            and keys.chunk_len == values.chunk_len and keys.chunk_len % keys.group_size == 0
+            and len(kp) == len(vp) and all(k.codes.shape[2] == v.codes.shape[2] for k, v in zip(kp, vp))
+            and all((p.outlier_values is not None) == bool(keys.per_group) for p in kp)
+            and all((p.outlier_values is not None) == bool(values.per_group) for p in vp)
+            and max([p.rank for p in kp + vp] + [0]) <= MAX_RANK)
+
+
+def _store_arrays(store, n_pages: int):
+    """(pointers [n_pages, fields], ranks, fp8 flags) as ctypes int64 arrays (a page's pointers are cached on it)."""
+    ptrs = (ctypes.c_int64 * (n_pages * len(PAGE_FIELDS)))()
+    ranks, fp8 = (ctypes.c_int64 * n_pages)(), (ctypes.c_int64 * n_pages)()
+    for i, page in enumerate(store.pages):
+        ptrs[i * len(PAGE_FIELDS):(i + 1) * len(PAGE_FIELDS)] = page_pointers(page)
+        ranks[i] = page.rank
+        fp8[i] = int(page.a is not None and page.a.element_size() == 1)
+    return ptrs, ranks, fp8
+
+
+def compressed_attention_cpu(query: torch.Tensor, keys, values, window_keys: torch.Tensor,
+                             window_values: torch.Tensor, mask: torch.Tensor | None = None,
+                             softmax_scale: float | None = None) -> torch.Tensor:
+    """Attention of query [B, Hq, L, D] over (compressed past ++ window [B, H, W, D]), as
+    `compressed_attention_reference`, in one C call (check `cpu_kernel_supports` first)."""
+    b, hq, l, d = query.shape
+    h, w = window_keys.shape[1], window_keys.shape[2]
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
+    q = query.float().contiguous()  # [B, Hq, L, D] is [B, H, groups*L, D]: row i*L + l = head h*groups + i, step l
+    wk = window_keys.float().contiguous()
+    wv = window_values.float().contiguous()
+    n = num_tokens(keys)
+    n_pages = len(keys.pages) if n else 0
+    bias = attention_bias(mask, b, l, n + w, q.device)
+    if bias is not None and bias.stride(-1) != 1:
+        bias = bias.contiguous()
+    out = torch.empty_like(q)
+    if n_pages:
+        (kptr, krank, kfp8), (vptr, vrank, vfp8) = _store_arrays(keys, n_pages), _store_arrays(values, n_pages)
+        tokens = (ctypes.c_int64 * n_pages)(*[p.codes.shape[2] for p in keys.pages])
+        kq = (keys.bits, keys.group_size, keys.per_group, values.bits, values.group_size, values.per_group,
+              keys.chunk_len)
+    else:
+        kptr = krank = kfp8 = vptr = vrank = vfp8 = tokens = None
+        kq = (8, 1, 0, 8, 1, 0, 1)
+    lut = _fp8_table()
+    status = _library().kv_decode_attention(
+        q.data_ptr(), b, h, (hq // h) * l, l, d, scale, n_pages, kptr, vptr, tokens, krank, vrank, kfp8, vfp8, *kq,
+        wk.data_ptr(), wv.data_ptr(), w,
+        bias.data_ptr() if bias is not None else None, bias.stride(0) if bias is not None else 0,
+        bias.stride(1) if bias is not None else 0, lut.data_ptr(), out.data_ptr(), torch.get_num_threads())
+    if status != 0:
+        raise MemoryError("kv_decode_attention: could not allocate its per-head buffers")
+    return out.to(query.dtype)

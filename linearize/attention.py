@@ -25,6 +25,7 @@ from torch import nn
 from ..errors import UnsupportedModelError
 from ..kernels.gla import gated_linear_attention
 from ..kernels.gsa import gated_slot_attention
+from ..kernels.linear_decode_cpu import linear_decode_step, linear_decode_supported
 from ..kernels.window_attention import sliding_window_attention
 from .cache import LinearizedLayer
 from .settings import LinearizeSettings
@@ -128,6 +129,9 @@ class LinearizedAttention(nn.Module):
             phi_k, log_gate = phi_k.masked_fill(pad, 0.0), log_gate.masked_fill(pad, 0.0)
             v, v_state = v.masked_fill(pad, 0.0), v_state.masked_fill(pad, 0.0)
         state = layer.state if layer is not None else None
+        if t == 1 and self._fused_decode_ready(layer):
+            return self._fused_decode_step(layer, q, k, v, phi_q, phi_k, log_gate, v_state, valid,
+                                           position_embeddings, hidden_states)
         recurrent = gated_slot_attention if self.settings.gate == "gsa" else gated_linear_attention
         out, state = recurrent(phi_q, phi_k, v_state, log_gate, state, self.settings.chunk_size)
         if self.settings.normalize:
@@ -152,3 +156,27 @@ class LinearizedAttention(nn.Module):
                 layer.store(state, keys, values, key_valid, new_tokens=t)
         out = out.transpose(1, 2).reshape(b, t, -1).to(hidden_states.dtype)
         return self.o_proj(out), None
+
+    # ---- one decoding step in one C call (kernels/linear_decode_cpu.py); forward's torch path is its reference ----
+    def _fused_decode_ready(self, layer) -> bool:
+        if layer is None or layer.state is None or self.settings.gate == "gsa":
+            return False
+        if self.settings.window_or_none() is None:
+            return linear_decode_supported(layer.state)
+        return layer.window_keys is not None and linear_decode_supported(
+            layer.state, layer.window_keys, layer.window_values, layer.window_valid)
+
+    def _fused_decode_step(self, layer, q, k, v, phi_q, phi_k, log_gate, v_state, valid, position_embeddings,
+                           hidden_states):
+        b = hidden_states.shape[0]
+        window = None
+        if self.settings.window_or_none() is not None:
+            cos, sin = position_embeddings
+            q_rot, k_rot = self._rotary(q, k, cos, sin)
+            slot = layer.cumulative_length % layer.window_keys.shape[2]
+            window = (q_rot, k_rot, v, layer.window_keys, layer.window_values, layer.window_valid, slot)
+        out = linear_decode_step(phi_q, phi_k, log_gate, v_state, layer.state, self.settings.normalize, window,
+                                 None if valid is None else valid[:, -1], self.settings.alpha, self.settings.beta,
+                                 self.scaling)
+        layer.cumulative_length += 1
+        return self.o_proj(out.view(b, 1, -1).to(hidden_states.dtype)), None

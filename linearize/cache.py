@@ -47,7 +47,7 @@ class LinearizedLayer(CacheLayerMixin):
     def store(self, state, keys=None, values=None, valid=None, new_tokens: int = 0):
         """Keep the state after this call; `keys/values/valid` are [past window | new tokens] (window layers)."""
         self.is_initialized = True
-        self.state = state.detach()
+        self.state = state.detach().contiguous()  # the fused CPU decode step updates it in place
         if keys is not None:
             slots = self.window - 1
             if self.window_keys is None:

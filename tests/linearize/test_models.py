@@ -126,3 +126,32 @@ def test_normalized_recurrence_is_a_weighted_mean_of_values(tiny_model):
         expected = attn.o_proj(expected.transpose(1, 2).reshape(1, 11, -1).float())
         got, _ = attn(x, position_embeddings=None)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["gla", "hgrn2", "hybrid", "hybrid-normalized"])
+def test_fused_cpu_decode_step_matches_the_torch_step(tiny_model, arch, variant, monkeypatch):
+    """The one-call C decode step (kernels/linear_decode_cpu.py) against forward's torch path, token by token, with
+    left padding and a window that fills up during decoding (prefill 5 < 7 slots)."""
+    from compress.kernels import linear_decode_cpu
+    import compress.linearize.attention as attention
+
+    if linear_decode_cpu._library() is None:
+        pytest.skip("no C compiler: the fused CPU step is not built")
+    model = converted(tiny_model, arch, variant)
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.randint(1, 128, (2, 16), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    calls = []
+    fused = attention.linear_decode_step
+    monkeypatch.setattr(attention, "linear_decode_step", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    logits = {}
+    for kernels in ("off", "on"):
+        monkeypatch.setenv("COMPRESS_CPU_KERNELS", kernels)
+        with torch.no_grad():
+            logits[kernels], cache = incremental_logits(model, ids, mask, prefill=5)
+    assert len(calls) == 11 * model.config.num_hidden_layers  # every decode step of every layer, "on" only
+    torch.testing.assert_close(logits["on"], logits["off"], rtol=1e-5, atol=1e-5)
+    with torch.enable_grad():  # training (gradients on) keeps the torch path
+        model(ids[:, :1], cache=cache)
+    assert len(calls) == 11 * model.config.num_hidden_layers

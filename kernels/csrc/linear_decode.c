@@ -1,0 +1,113 @@
+/* One decoding step of a linearized attention layer (linearize/attention.py) on the CPU, for every (batch row, KV
+   head) in one call: the gated recurrence updated in place, its read-out (optionally normalized), and, for the
+   Liger Attention hybrid, the sliding-window softmax branch over the ring buffer of the last W - 1 tokens plus the
+   new one, whose key/value then replace the oldest slot. The torch path (kernels/gla.py gla_step, kernels/
+   window_attention.py, LinearizedLayer.store) spends ~40 small ops per layer on this; at a decode step of a small
+   model that fixed cost, not the arithmetic, decides the speed.
+
+   Per (b, h), with G query heads per KV head, K = key dim, V = value columns of the state (+1 when normalized: the
+   ones column carrying z_t):
+     valid token: S = diag(exp(g)) S + phi(k)^T v;   padding: S unchanged (its k, v, gate are zero)
+     o_i = phi(q_i) S;  normalized: o_i[:V-1] / max(o_i[V-1], 1e-6)
+     hybrid: w_i = softmax over the valid slots and the new key (if valid) of q_rot_i . k * scale, mixing values;
+             out_i = alpha * o_i + beta * w_i (w_i = 0 when nothing is visible) */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+static inline float dotf(const float* x, const float* y, int64_t n) {
+    float acc = 0.f;
+    #pragma omp simd reduction(+:acc)
+    for (int64_t i = 0; i < n; ++i) acc += x[i] * y[i];
+    return acc;
+}
+
+/* phi_q [B, Hq, K]; phi_k, log_gate [B, H, K]; v_state [B, H, VS] (VS = V + normalize); state [B, H, K, VS];
+   q_rot [B, Hq, D], k_rot [B, H, D], v [B, H, V]; ring_k [B, H, S, D], ring_v [B, H, S, V], ring_valid [B, S]
+   (uint8); new_valid [B] (uint8, NULL: all valid); slots S = 0: no window branch. out [B, Hq, V]. */
+int linear_decode_step(const float* phi_q, const float* phi_k, const float* log_gate, const float* v_state,
+                       float* state, int64_t b_size, int64_t h_size, int64_t groups, int64_t k_dim, int64_t vs_dim,
+                       int normalize, const float* q_rot, const float* k_rot, const float* v, float* ring_k,
+                       float* ring_v, uint8_t* ring_valid, int64_t slots, int64_t slot, int64_t d_rot,
+                       const uint8_t* new_valid, float alpha, float beta, float scale, float* out, int nthreads) {
+    int64_t v_dim = vs_dim - (normalize ? 1 : 0), pairs = b_size * h_size;
+    int failed = 0;
+    #pragma omp parallel for num_threads(nthreads) schedule(static) reduction(|:failed)
+    for (int64_t bh = 0; bh < pairs; ++bh) {
+        int64_t b = bh / h_size;
+        int valid = new_valid ? new_valid[b] != 0 : 1;
+        float* s = state + bh * k_dim * vs_dim;
+        if (valid) {
+            const float* pk = phi_k + bh * k_dim;
+            const float* g = log_gate + bh * k_dim;
+            const float* vv = v_state + bh * vs_dim;
+            for (int64_t d = 0; d < k_dim; ++d) {
+                float decay = expf(g[d]), kd = pk[d];
+                float* row = s + d * vs_dim;
+                #pragma omp simd
+                for (int64_t c = 0; c < vs_dim; ++c) row[c] = decay * row[c] + kd * vv[c];
+            }
+        }
+        float* tmp = (float*)malloc(sizeof(float) * (size_t)(vs_dim + slots + 1));
+        if (!tmp) { failed = 1; continue; }
+        float* p = tmp + vs_dim;
+        for (int64_t i = 0; i < groups; ++i) {
+            int64_t qh = bh * groups + i;
+            const float* pq = phi_q + qh * k_dim;
+            for (int64_t c = 0; c < vs_dim; ++c) tmp[c] = 0.f;
+            for (int64_t d = 0; d < k_dim; ++d) {
+                float qd = pq[d];
+                const float* row = s + d * vs_dim;
+                #pragma omp simd
+                for (int64_t c = 0; c < vs_dim; ++c) tmp[c] += qd * row[c];
+            }
+            float* o = out + qh * v_dim;
+            float inv = 1.f;
+            if (normalize) inv = 1.f / fmaxf(tmp[v_dim], 1e-6f);
+            for (int64_t c = 0; c < v_dim; ++c) o[c] = tmp[c] * inv;
+            if (slots == 0) continue;
+            /* window branch: the slots (any order: one new token sees them all) and the new key */
+            const float* qr = q_rot + qh * d_rot;
+            const float* rk = ring_k + bh * slots * d_rot;
+            const float* rv = ring_v + bh * slots * v_dim;
+            const uint8_t* rvalid = ring_valid + b * slots;
+            float mx = -INFINITY;
+            for (int64_t j = 0; j < slots; ++j) {
+                p[j] = rvalid[j] ? dotf(qr, rk + j * d_rot, d_rot) * scale : -INFINITY;
+                mx = p[j] > mx ? p[j] : mx;
+            }
+            p[slots] = valid ? dotf(qr, k_rot + bh * d_rot, d_rot) * scale : -INFINITY;
+            mx = p[slots] > mx ? p[slots] : mx;
+            for (int64_t c = 0; c < v_dim; ++c) o[c] *= alpha;
+            if (mx == -INFINITY) continue;  /* nothing visible: the window branch adds zeros */
+            float sum = 0.f;
+            for (int64_t j = 0; j <= slots; ++j) { p[j] = p[j] == -INFINITY ? 0.f : expf(p[j] - mx); sum += p[j]; }
+            float w = beta / sum;
+            for (int64_t j = 0; j < slots; ++j) {
+                if (p[j] == 0.f) continue;
+                float pj = p[j] * w;
+                const float* vj = rv + j * v_dim;
+                #pragma omp simd
+                for (int64_t c = 0; c < v_dim; ++c) o[c] += pj * vj[c];
+            }
+            if (valid) {
+                float pn = p[slots] * w;
+                const float* vn = v + bh * v_dim;
+                #pragma omp simd
+                for (int64_t c = 0; c < v_dim; ++c) o[c] += pn * vn[c];
+            }
+        }
+        free(tmp);
+        if (slots) {  /* the new token replaces the oldest slot (a padding token is stored as zeros, invalid) */
+            float* dk = ring_k + (bh * slots + slot) * d_rot;
+            float* dv = ring_v + (bh * slots + slot) * v_dim;
+            const float* sk = k_rot + bh * d_rot;
+            const float* sv = v + bh * v_dim;
+            for (int64_t c = 0; c < d_rot; ++c) dk[c] = sk[c];
+            for (int64_t c = 0; c < v_dim; ++c) dv[c] = valid ? sv[c] : 0.f;
+        }
+    }
+    /* after every head has read the old slot: the validity row is shared by a batch row's heads */
+    for (int64_t b = 0; slots && b < b_size; ++b) ring_valid[b * slots + slot] = new_valid ? (new_valid[b] != 0) : 1;
+    return failed ? -1 : 0;
+}

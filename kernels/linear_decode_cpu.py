@@ -1,0 +1,70 @@
+"""One decoding step of a linearized attention layer on the CPU in one C call (csrc/linear_decode.c, built on first
+use by cpu_build.py): the gated recurrence updated in place, its read-out (optionally normalized), and the hybrid's
+sliding-window branch over its ring buffer. The torch path it replaces (kernels/gla.py `gla_step`,
+kernels/window_attention.py, LinearizedLayer.store) is the reference the tests compare it with."""
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+
+from .cpu_build import load_c_library
+
+
+def _library():
+    lib = load_c_library("linear_decode")
+    return None if lib is None else _typed(lib)
+
+
+@functools.lru_cache(maxsize=1)
+def _typed(lib):
+    i64, ptr, f32, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
+    lib.linear_decode_step.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i32, ptr, ptr, ptr, ptr,
+                                       ptr, ptr, i64, i64, i64, ptr, f32, f32, f32, ptr, i32]
+    lib.linear_decode_step.restype = ctypes.c_int
+    return lib
+
+
+def _ready(*tensors) -> bool:
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
+
+
+def linear_decode_supported(state: torch.Tensor, ring_k=None, ring_v=None, ring_valid=None) -> bool:
+    """fp32 contiguous CPU state and ring buffers (updated in place), gradients off, and the compiled library."""
+    rings = () if ring_k is None else (ring_k, ring_v)
+    return (not torch.is_grad_enabled() and _ready(state, *rings) and _library() is not None
+            and (ring_valid is None or (ring_valid.dtype == torch.bool and ring_valid.is_contiguous())))
+
+
+def linear_decode_step(phi_q, phi_k, log_gate, v_state, state, normalize: bool, window=None, new_valid=None,
+                       alpha: float = 0.0, beta: float = 0.0, scale: float = 1.0) -> torch.Tensor:
+    """phi_q [B, Hq, 1, K]; phi_k, log_gate [B, H, 1, K]; v_state [B, H, 1, VS]; state [B, H, K, VS] (updated in
+    place); window: None, or (q_rot [B, Hq, 1, D], k_rot [B, H, 1, D], v [B, H, 1, V], ring_k [B, H, S, D],
+    ring_v [B, H, S, V], ring_valid bool [B, S], slot) whose ring entries at `slot` are overwritten by the new
+    token; new_valid bool [B] or None. Returns out [B, Hq, 1, V]."""
+    phi_q, phi_k, log_gate, v_state = (t.float().contiguous() for t in (phi_q, phi_k, log_gate, v_state))
+    b, hq, _, k_dim = phi_q.shape
+    h, vs_dim = state.shape[1], state.shape[-1]
+    v_dim = vs_dim - int(normalize)
+    out = phi_q.new_empty(b, hq, 1, v_dim)
+    valid_ptr = None
+    if new_valid is not None:
+        new_valid = new_valid.to(torch.bool).contiguous()
+        valid_ptr = new_valid.data_ptr()
+    if window is None:
+        slots = slot = d_rot = 0
+        ptrs = (None,) * 6
+    else:
+        q_rot, k_rot, v, ring_k, ring_v, ring_valid, slot = window
+        q_rot, k_rot, v = (t.float().contiguous() for t in (q_rot, k_rot, v))
+        slots, d_rot = ring_k.shape[2], ring_k.shape[3]
+        ptrs = (q_rot.data_ptr(), k_rot.data_ptr(), v.data_ptr(), ring_k.data_ptr(), ring_v.data_ptr(),
+                ring_valid.data_ptr())
+    status = _library().linear_decode_step(
+        phi_q.data_ptr(), phi_k.data_ptr(), log_gate.data_ptr(), v_state.data_ptr(), state.data_ptr(), b, h, hq // h,
+        k_dim, vs_dim, int(normalize), *ptrs, slots, slot, d_rot, valid_ptr, alpha, beta, scale, out.data_ptr(),
+        torch.get_num_threads())
+    if status != 0:
+        raise MemoryError("linear_decode_step: could not allocate its per-head buffers")
+    return out

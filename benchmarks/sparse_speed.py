@@ -6,8 +6,8 @@ CPU (one torch thread, fp32; speeds as ratios of paired medians):
 - runtime_dense: a 2:4 SparseLinear loaded with runtime `dense` vs the unpruned nn.Linear, Llama shapes, 1/8/64
   tokens; e2e_prefill / e2e_decode: builtin:tiny pruned 2:4 (runtime dense) vs unpruned, prefill 256 tokens and
   greedy decoding of 64 tokens.
-- activation_sparse_mlp: the `activation_sparsity` pass is calibrated on builtin:tiny (+1% perplexity budget on its
-  calibration windows); ppl_delta_pct is the held-out perplexity change at those thresholds and `sparsity` the
+- activation_sparse_mlp: the `activation_sparsity` pass is calibrated on the reference model (`--model`, default
+  builtin:small, fp32; +1% perplexity budget on its calibration windows); ppl_delta_pct is the held-out perplexity change at those thresholds and `sparsity` the
   inactive share measured there. Speed: an ActivationSparseMLP at Llama-3-8B's MLP shape (4096 x 14336, random
   weights) whose threshold gives that same inactive share on its inputs, vs the same dense MLP, 1 and 4 tokens.
 CUDA (fp16, when a GPU is present): per shape and tokens, dense cuBLAS vs the packed runtime's dispatched path
@@ -86,16 +86,20 @@ def cpu_e2e_tiny(repeats) -> list[dict]:
 
 
 @torch.no_grad()
-def calibrated_tiny(calib_samples: int, eval_windows: int, greedy_rounds: int = 0, budget: float = 0.01) -> dict:
-    """Calibrate the activation_sparsity pass on builtin:tiny; held-out perplexity change and inactive share.
-    greedy_rounds > 0: per-layer thresholds built up greedily (steps of 10% inactive) instead of one CETT value."""
+def calibrated_quality(model_name: str, calib_samples: int, eval_windows: int, greedy_rounds: int | None = 0,
+                       budget: float = 0.01) -> dict:
+    """Calibrate the activation_sparsity pass on `model_name`; held-out perplexity change and inactive share.
+    greedy_rounds > 0: per-layer thresholds built up greedily (steps of 10% inactive) instead of one CETT value;
+    None: 8 rounds per layer (enough to move every layer to ~80%)."""
     import compress
     from compress.activation_sparsity import ActivationSparseMLP, ActivationSparsity
     from compress.evaluate import evaluate, heldout_windows
 
-    tok = compress.load_tokenizer("builtin:tiny")
-    base = compress.load("builtin:tiny")
-    model, report = compress.apply(compress.load("builtin:tiny"), [ActivationSparsity(outer_steps=8, inner_steps=16,
+    tok = compress.load_tokenizer(model_name)
+    base = compress.load(model_name, dtype="float32")
+    if greedy_rounds is None:
+        greedy_rounds = 8 * base.config.num_hidden_layers
+    model, report = compress.apply(compress.load(model_name, dtype="float32"), [ActivationSparsity(outer_steps=8, inner_steps=16,
                                                                                       search_tokens=1024,
                                                                                       greedy_rounds=greedy_rounds,
                                                                                       greedy_step=0.1,
@@ -109,7 +113,8 @@ def calibrated_tiny(calib_samples: int, eval_windows: int, greedy_rounds: int = 
     ev = evaluate(model, windows, base, progress=False)
     inactive = 1 - sum(m.counts[0] for m in mlps) / sum(m.counts[1] for m in mlps)
     d = report.passes[0].details
-    return dict(ppl_delta_pct=100 * (ev["perplexity"] / ev["baseline_perplexity"] - 1), sparsity=inactive,
+    return dict(model=model_name, ppl_delta_pct=100 * (ev["perplexity"] / ev["baseline_perplexity"] - 1),
+                sparsity=inactive, greedy_rounds=greedy_rounds,
                 calibration="per-layer greedy" if greedy_rounds else "one CETT value",
                 calibration_ppl_delta_pct=100 * d["ppl_increase"], kl=ev["kl"], cett=d["cett"],
                 layer_sparsity=[round(s, 3) for s in d["layer_sparsity"]])
@@ -157,7 +162,7 @@ def cpu_activation_sparse(quality: dict, repeats) -> list[dict]:
         rows.append(dict(device="cpu", kind="activation_sparse_mlp", shape=f"{MLP_SHAPE[0]}x{MLP_SHAPE[1]}", tokens=t,
                          speedup_vs_dense=d / s, dense_ms=d * 1e3, ours_ms=s * 1e3, sparsity=measured,
                          ppl_delta_pct=quality["ppl_delta_pct"], path=sparse.runtime_path(t),
-                         quality_model="builtin:tiny", **{k: quality[k] for k in ("calibration_ppl_delta_pct", "kl")}))
+                         quality_model=quality["model"], **{k: quality[k] for k in ("calibration_ppl_delta_pct", "kl")}))
     assert isinstance(sparse, ActivationSparseMLP)
     return rows
 
@@ -210,7 +215,7 @@ def cuda_activation_sparse(quality: dict) -> list[dict]:
         d, s = cuda_ms(lambda: dense(x)), cuda_ms(lambda: sparse(x))
         rows.append(dict(device="cuda", kind="activation_sparse_mlp", shape=f"{MLP_SHAPE[0]}x{MLP_SHAPE[1]}",
                          tokens=t, speedup_vs_dense=d / s, dense_ms=d, ours_ms=s, sparsity=quality["sparsity"],
-                         ppl_delta_pct=quality["ppl_delta_pct"], quality_model="builtin:tiny"))
+                         ppl_delta_pct=quality["ppl_delta_pct"], quality_model=quality["model"]))
     return rows
 
 
@@ -267,16 +272,20 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="print the rows as one JSON list")
     ap.add_argument("--quick", action="store_true", help="fewer shapes/tokens/repeats (a smoke run)")
     ap.add_argument("--no-cpu", action="store_true", help="CUDA rows only")
-    ap.add_argument("--greedy-rounds", type=int, default=45, help="activation sparsity: rounds of per-layer greedy "
-                    "threshold moves (0: one CETT value for all layers, faster; --quick uses 0)")
+    ap.add_argument("--model", default="builtin:small", help="reference model the activation sparsity is calibrated "
+                    "and its perplexity measured on (loaded in fp32)")
+    ap.add_argument("--greedy-rounds", type=int, default=None, help="activation sparsity: rounds of per-layer greedy "
+                    "threshold moves (default 8 per layer; 0: one CETT value for all layers, faster; --quick uses 0)")
     ap.add_argument("--ppl-budget", type=float, default=0.01, help="activation sparsity: perplexity budget on the "
                     "calibration windows (the held-out change is what the rows report)")
+    ap.add_argument("--calibration-samples", type=int, default=16, help="activation sparsity: calibration windows "
+                    "of 256 tokens (more: slower search, less overfitting of the per-layer thresholds)")
     ap.add_argument("--only-activation-sparse", action="store_true", help="only the activation_sparse_mlp rows")
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     repeats = 3 if args.quick else 7
     rows: list[dict] = []
-    quality = calibrated_tiny(8 if args.quick else 16, 8 if args.quick else 32, 0 if args.quick else args.greedy_rounds,
+    quality = calibrated_quality(args.model, 8 if args.quick else args.calibration_samples, 8 if args.quick else 32, 0 if args.quick else args.greedy_rounds,
                               args.ppl_budget)
     if not args.no_cpu:
         saved = torch.get_num_threads()
@@ -295,7 +304,7 @@ def main() -> None:
     if args.json:
         print(json.dumps(rows))
     else:
-        print(f"torch {torch.__version__}; CPU rows at 1 thread; activation sparsity calibrated on builtin:tiny: "
+        print(f"torch {torch.__version__}; CPU rows at 1 thread; activation sparsity calibrated on {args.model}: "
               f"{json.dumps(quality)}")
         print_table(rows)
 

@@ -44,20 +44,25 @@ def cpu_kernels_enabled() -> bool:
     return os.environ.get("COMPRESS_CPU_KERNELS", "").lower() != "off"
 
 
-def load_c_library(name: str):
-    """The compiled csrc/<name>.c (ctypes CDLL), or None where it cannot be built or CPU kernels are turned off
-    (checked per call, so tests and users can switch them at run time)."""
-    return _load(name) if cpu_kernels_enabled() else None
+def load_c_library(name: str, signatures: tuple = ()):
+    """The compiled csrc/<name>.c (ctypes CDLL) with `signatures` ((function, argtypes, restype), ...) applied, or
+    None where it cannot be built or CPU kernels are turned off (checked per call, so tests and users can switch them
+    at run time)."""
+    return _load(name, signatures) if cpu_kernels_enabled() else None
 
 
 @functools.lru_cache(maxsize=None)
-def _load(name: str):
+def _load(name: str, signatures: tuple):
     source = (SOURCES / f"{name}.c").read_text()
     digest = hashlib.sha256(source.encode()).hexdigest()[:12]
     target = _cache_dir() / f"{name}_{digest}.so"
     try:
         if not target.exists() and not _build(source, target):
             return None
-        return ctypes.CDLL(str(target))
+        lib = ctypes.CDLL(str(target))
     except OSError:
         return None
+    for function, argtypes, restype in signatures:
+        getattr(lib, function).argtypes = list(argtypes)
+        getattr(lib, function).restype = restype
+    return lib

@@ -6,26 +6,20 @@ instead (same results, slower)."""
 from __future__ import annotations
 
 import ctypes
-import functools
 
 import torch
 
 from .cpu_build import load_c_library
 
 
+_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+_GATHER_ARGS = (_PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _I64, _PTR, _I64, ctypes.c_int)
+_SIGNATURES = (("gather_dot", _GATHER_ARGS, None), ("gather_axpy", _GATHER_ARGS, None))
+
+
 def cpu_library():
     """The compiled kernels of csrc/gather.c (ctypes CDLL), or None where no C compiler is available."""
-    lib = load_c_library("gather")
-    return None if lib is None else _typed(lib)
-
-
-@functools.lru_cache(maxsize=1)
-def _typed(lib):
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    for fn in (lib.gather_dot, lib.gather_axpy):
-        fn.argtypes = [ptr, i64, ptr, i64, ptr, i64, i64, i64, ptr, i64, ctypes.c_int]
-        fn.restype = None
-    return lib
+    return load_c_library("gather", _SIGNATURES)
 
 
 def cpu_gather_dot(w: torch.Tensor, idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -17,19 +17,15 @@ from .kv_pages import PAGE_FIELDS, num_tokens, page_pointers
 MAX_ROWS, MAX_RANK, MAX_HEAD_DIM = 64, 16, 512  # the kernel's fixed per-head buffers (csrc/kv_decode.c)
 
 
+_I64, _PTR, _I32, _ARR = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(ctypes.c_int64)
+_SIGNATURES = (("kv_decode_attention",
+                (_PTR, _I64, _I64, _I64, _I64, _I64, ctypes.c_float, _I64, _ARR, _ARR, _ARR, _ARR, _ARR, _ARR, _ARR,
+                 _I32, _I32, _I32, _I32, _I32, _I32, _I32, _PTR, _PTR, _I64, _PTR, _I64, _I64, _PTR, _PTR, _I32),
+                ctypes.c_int),)
+
+
 def _library():
-    lib = load_c_library("kv_decode")
-    return None if lib is None else _typed(lib)
-
-
-@functools.lru_cache(maxsize=1)
-def _typed(lib):
-    i64, ptr, f32, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
-    arr = ctypes.POINTER(ctypes.c_int64)
-    lib.kv_decode_attention.argtypes = [ptr, i64, i64, i64, i64, i64, f32, i64, arr, arr, arr, arr, arr, arr, arr,
-                                        i32, i32, i32, i32, i32, i32, i32, ptr, ptr, i64, ptr, i64, i64, ptr, ptr, i32]
-    lib.kv_decode_attention.restype = ctypes.c_int
-    return lib
+    return load_c_library("kv_decode", _SIGNATURES)
 
 
 @functools.lru_cache(maxsize=1)

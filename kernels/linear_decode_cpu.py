@@ -5,25 +5,21 @@ kernels/window_attention.py, LinearizedLayer.store) is the reference the tests c
 from __future__ import annotations
 
 import ctypes
-import functools
 
 import torch
 
 from .cpu_build import load_c_library
 
 
+_I64, _PTR, _F32, _I32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
+_SIGNATURES = (("linear_decode_step",
+                (_PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _I32, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR,
+                 _I64, _I64, _I64, _PTR, _F32, _F32, _F32, _PTR, _I32),
+                ctypes.c_int),)
+
+
 def _library():
-    lib = load_c_library("linear_decode")
-    return None if lib is None else _typed(lib)
-
-
-@functools.lru_cache(maxsize=1)
-def _typed(lib):
-    i64, ptr, f32, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
-    lib.linear_decode_step.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i32, ptr, ptr, ptr, ptr,
-                                       ptr, ptr, i64, i64, i64, ptr, f32, f32, f32, ptr, i32]
-    lib.linear_decode_step.restype = ctypes.c_int
-    return lib
+    return load_c_library("linear_decode", _SIGNATURES)
 
 
 def _ready(*tensors) -> bool:

@@ -15,7 +15,11 @@ _I64, _PTR, _F32, _I32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes
 _SIGNATURES = (("linear_decode_step",
                 (_PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _I32, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR,
                  _I64, _I64, _I64, _PTR, _F32, _F32, _F32, _PTR, _I32),
-                ctypes.c_int),)
+                ctypes.c_int),
+               ("mom_decode_step",
+                (_PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _I64, _PTR, _F32, _PTR,
+                 _I32),
+                ctypes.c_int))
 
 
 def _library():
@@ -63,4 +67,26 @@ def linear_decode_step(phi_q, phi_k, log_gate, v_state, state, normalize: bool, 
         torch.get_num_threads())
     if status != 0:
         raise MemoryError("linear_decode_step: could not allocate its per-head buffers")
+    return out
+
+
+def mom_decode_step(phi_q, k, v, log_gate, beta, state, active, mix, new_valid=None,
+                    out_scale: float = 1.0) -> torch.Tensor:
+    """One Mixture-of-Memories step: phi_q [B, Hq, 1, K]; k [B, H, 1, K] (unit keys); v [B, H, 1, V]; log_gate,
+    beta [B, H, 1]; state [B, M + 1, H, K, V] (updated in place; memory 0 is the shared one); active bool and mix
+    [B, M + 1] (the shared memory and the routed ones, with their mixing weights); new_valid bool [B] or None.
+    Returns out [B, Hq, 1, V] = out_scale * sum_m mix_m phi_q S_m."""
+    phi_q, k, v, log_gate, beta, mix = (t.float().contiguous() for t in (phi_q, k, v, log_gate, beta, mix))
+    active = active.to(torch.bool).contiguous()
+    b, hq, _, k_dim = phi_q.shape
+    m1, h, v_dim = state.shape[1], state.shape[2], state.shape[-1]
+    out = phi_q.new_empty(b, hq, 1, v_dim)
+    if new_valid is not None:
+        new_valid = new_valid.to(torch.bool).contiguous()
+    status = _library().mom_decode_step(
+        phi_q.data_ptr(), k.data_ptr(), v.data_ptr(), log_gate.data_ptr(), beta.data_ptr(), state.data_ptr(),
+        active.data_ptr(), mix.data_ptr(), b, m1, h, hq // h, k_dim, v_dim,
+        None if new_valid is None else new_valid.data_ptr(), out_scale, out.data_ptr(), torch.get_num_threads())
+    if status != 0:
+        raise MemoryError("mom_decode_step: could not allocate its per-head buffers")
     return out

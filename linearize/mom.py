@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels.delta_rule import gated_delta_rule
+from ..kernels.linear_decode_cpu import linear_decode_supported, mom_decode_step
 from .attention import LinearizedAttention, key_validity
 from .settings import LinearizeSettings
 
@@ -107,6 +108,13 @@ class MixtureOfMemoriesAttention(LinearizedAttention):
         self.aux_loss = (load_balance_loss(logits, chosen, valid)
                          if self.training and torch.is_grad_enabled() else None)
 
+        if t == 1 and layer is not None and layer.state is not None and linear_decode_supported(layer.state):
+            active = torch.cat([chosen.new_ones(b, 1), chosen[:, 0]], -1)  # one C call per layer and step
+            mix = torch.cat([weights.new_ones(b, 1), weights[:, 0]], -1)
+            out = mom_decode_step(phi_q, phi_k, v, log_gate, beta, layer.state, active, mix,
+                                  None if valid is None else valid[:, -1], MIX_SCALE)
+            layer.cumulative_length += 1
+            return self.o_proj(out.view(b, 1, -1).to(hidden_states.dtype)), None
         memories = self.settings.num_memories + 1  # index 0: the shared memory
         active = torch.cat([chosen.new_ones(b, t, 1), chosen], -1).transpose(1, 2).to(log_gate.dtype)  # [B, M+1, T]
 

@@ -111,3 +111,61 @@ int linear_decode_step(const float* phi_q, const float* phi_k, const float* log_
     for (int64_t b = 0; slots && b < b_size; ++b) ring_valid[b * slots + slot] = new_valid ? (new_valid[b] != 0) : 1;
     return failed ? -1 : 0;
 }
+
+/* One decoding step of a Mixture-of-Memories layer (linearize/mom.py): per (b, h), every active memory m (the shared
+   one and the routed ones) takes the gated delta-rule step
+     S_m = a S_m + k (beta (v - k^T a S_m))^T,   a = exp(log_gate)
+   (padding or an unrouted memory: S_m unchanged), and out = out_scale * sum_m mix_m phi(q) S_m.
+   phi_q [B, Hq, K]; k [B, H, K]; v [B, H, V]; log_gate, beta [B, H]; state [B, M1, H, K, V] (in place);
+   active (uint8), mix [B, M1]; new_valid [B] (uint8, NULL: all valid); out [B, Hq, V]. */
+int mom_decode_step(const float* phi_q, const float* k, const float* v, const float* log_gate, const float* beta,
+                    float* state, const uint8_t* active, const float* mix, int64_t b_size, int64_t m1,
+                    int64_t h_size, int64_t groups, int64_t k_dim, int64_t v_dim, const uint8_t* new_valid,
+                    float out_scale, float* out, int nthreads) {
+    int64_t pairs = b_size * h_size;
+    int failed = 0;
+    #pragma omp parallel for num_threads(nthreads) schedule(static) reduction(|:failed)
+    for (int64_t bh = 0; bh < pairs; ++bh) {
+        int64_t b = bh / h_size, h = bh % h_size;
+        int valid = new_valid ? new_valid[b] != 0 : 1;
+        float* corr = (float*)malloc(sizeof(float) * (size_t)v_dim);
+        if (!corr) { failed = 1; continue; }
+        for (int64_t i = 0; i < groups * v_dim; ++i) out[bh * groups * v_dim + i] = 0.f;
+        const float* kh = k + bh * k_dim;
+        for (int64_t m = 0; m < m1; ++m) {
+            float* s = state + ((b * m1 + m) * h_size + h) * k_dim * v_dim;
+            if (valid && active[b * m1 + m]) {
+                float a = expf(log_gate[bh]), bt = beta[bh];
+                const float* vh = v + bh * v_dim;
+                for (int64_t c = 0; c < v_dim; ++c) corr[c] = 0.f;
+                for (int64_t d = 0; d < k_dim; ++d) {
+                    float kd = kh[d];
+                    const float* row = s + d * v_dim;
+                    #pragma omp simd
+                    for (int64_t c = 0; c < v_dim; ++c) corr[c] += kd * row[c];
+                }
+                for (int64_t c = 0; c < v_dim; ++c) corr[c] = bt * (vh[c] - a * corr[c]);
+                for (int64_t d = 0; d < k_dim; ++d) {
+                    float kd = kh[d];
+                    float* row = s + d * v_dim;
+                    #pragma omp simd
+                    for (int64_t c = 0; c < v_dim; ++c) row[c] = a * row[c] + kd * corr[c];
+                }
+            }
+            float w = mix[b * m1 + m] * out_scale;
+            if (w == 0.f) continue;
+            for (int64_t i = 0; i < groups; ++i) {
+                const float* pq = phi_q + (bh * groups + i) * k_dim;
+                float* o = out + (bh * groups + i) * v_dim;
+                for (int64_t d = 0; d < k_dim; ++d) {
+                    float qd = w * pq[d];
+                    const float* row = s + d * v_dim;
+                    #pragma omp simd
+                    for (int64_t c = 0; c < v_dim; ++c) o[c] += qd * row[c];
+                }
+            }
+        }
+        free(corr);
+    }
+    return failed ? -1 : 0;
+}

@@ -19,7 +19,9 @@ _SIGNATURES = (("linear_decode_step",
                ("mom_decode_step",
                 (_PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _I64, _PTR, _F32, _PTR,
                  _I32),
-                ctypes.c_int))
+                ctypes.c_int),
+               ("gsa_decode_step",
+                (_PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _I64, _PTR, _PTR, _I32), ctypes.c_int))
 
 
 def _library():
@@ -89,4 +91,23 @@ def mom_decode_step(phi_q, k, v, log_gate, beta, state, active, mix, new_valid=N
         None if new_valid is None else new_valid.data_ptr(), out_scale, out.data_ptr(), torch.get_num_threads())
     if status != 0:
         raise MemoryError("mom_decode_step: could not allocate its per-head buffers")
+    return out
+
+
+def gsa_decode_step(phi_q, phi_k, v, log_gate, state, new_valid=None) -> torch.Tensor:
+    """One gated-slot-attention step: phi_q [B, Hq, 1, K]; phi_k [B, H, 1, K]; v [B, H, 1, V]; slot log-gates
+    [B, H, 1, M]; packed state [B, H, M, K + V] (updated in place); new_valid bool [B] or None. Returns
+    out [B, Hq, 1, V]."""
+    phi_q, phi_k, v, log_gate = (t.float().contiguous() for t in (phi_q, phi_k, v, log_gate))
+    b, hq, _, k_dim = phi_q.shape
+    h, slots, v_dim = state.shape[1], state.shape[2], v.shape[-1]
+    out = phi_q.new_empty(b, hq, 1, v_dim)
+    if new_valid is not None:
+        new_valid = new_valid.to(torch.bool).contiguous()
+    status = _library().gsa_decode_step(
+        phi_q.data_ptr(), phi_k.data_ptr(), v.data_ptr(), log_gate.data_ptr(), state.data_ptr(), b, h, hq // h,
+        k_dim, v_dim, slots, None if new_valid is None else new_valid.data_ptr(), out.data_ptr(),
+        torch.get_num_threads())
+    if status != 0:
+        raise MemoryError("gsa_decode_step: could not allocate its per-head buffers")
     return out

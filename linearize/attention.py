@@ -25,7 +25,7 @@ from torch import nn
 from ..errors import UnsupportedModelError
 from ..kernels.gla import gated_linear_attention
 from ..kernels.gsa import gated_slot_attention
-from ..kernels.linear_decode_cpu import linear_decode_step, linear_decode_supported
+from ..kernels.linear_decode_cpu import gsa_decode_step, linear_decode_step, linear_decode_supported
 from ..kernels.window_attention import sliding_window_attention
 from .cache import LinearizedLayer
 from .settings import LinearizeSettings
@@ -159,8 +159,10 @@ class LinearizedAttention(nn.Module):
 
     # ---- one decoding step in one C call (kernels/linear_decode_cpu.py); forward's torch path is its reference ----
     def _fused_decode_ready(self, layer) -> bool:
-        if layer is None or layer.state is None or self.settings.gate == "gsa":
+        if layer is None or layer.state is None:
             return False
+        if self.settings.gate == "gsa":  # (the window branch is fused for the GLA gates only)
+            return self.settings.window_or_none() is None and linear_decode_supported(layer.state)
         if self.settings.window_or_none() is None:
             return linear_decode_supported(layer.state)
         return layer.window_keys is not None and linear_decode_supported(
@@ -169,6 +171,11 @@ class LinearizedAttention(nn.Module):
     def _fused_decode_step(self, layer, q, k, v, phi_q, phi_k, log_gate, v_state, valid, position_embeddings,
                            hidden_states):
         b = hidden_states.shape[0]
+        new_valid = None if valid is None else valid[:, -1]
+        if self.settings.gate == "gsa":
+            out = gsa_decode_step(phi_q, phi_k, v, log_gate, layer.state, new_valid)
+            layer.cumulative_length += 1
+            return self.o_proj(out.view(b, 1, -1).to(hidden_states.dtype)), None
         window = None
         if self.settings.window_or_none() is not None:
             cos, sin = position_embeddings
@@ -176,7 +183,6 @@ class LinearizedAttention(nn.Module):
             slot = layer.cumulative_length % layer.window_keys.shape[2]
             window = (q_rot, k_rot, v, layer.window_keys, layer.window_values, layer.window_valid, slot)
         out = linear_decode_step(phi_q, phi_k, log_gate, v_state, layer.state, self.settings.normalize, window,
-                                 None if valid is None else valid[:, -1], self.settings.alpha, self.settings.beta,
-                                 self.scaling)
+                                 new_valid, self.settings.alpha, self.settings.beta, self.scaling)
         layer.cumulative_length += 1
         return self.o_proj(out.view(b, 1, -1).to(hidden_states.dtype)), None

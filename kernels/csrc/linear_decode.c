@@ -169,3 +169,51 @@ int mom_decode_step(const float* phi_q, const float* k, const float* v, const fl
     }
     return failed ? -1 : 0;
 }
+
+/* One decoding step of gated slot attention (kernels/gsa.py; Liger's GSA gate): per (b, h), state [M, K + V] packs
+   the slot keys (row j: K_t[:, j]) and slot values (row j: V_t[j]); a = exp(g), s = 1 - a:
+     slot j: key_j = a_j key_j + s_j k,  value_j = a_j value_j + s_j v   (padding: unchanged)
+     o_i = softmax_j(phi(q_i) . key_j) value_j.
+   phi_q [B, Hq, K]; k [B, H, K]; v [B, H, V]; log_gate [B, H, M]; state [B, H, M, K + V]; out [B, Hq, V]. */
+int gsa_decode_step(const float* phi_q, const float* k, const float* v, const float* log_gate, float* state,
+                    int64_t b_size, int64_t h_size, int64_t groups, int64_t k_dim, int64_t v_dim, int64_t slots,
+                    const uint8_t* new_valid, float* out, int nthreads) {
+    int64_t pairs = b_size * h_size, width = k_dim + v_dim;
+    int failed = 0;
+    #pragma omp parallel for num_threads(nthreads) schedule(static) reduction(|:failed)
+    for (int64_t bh = 0; bh < pairs; ++bh) {
+        int64_t b = bh / h_size;
+        float* s = state + bh * slots * width;
+        float* p = (float*)malloc(sizeof(float) * (size_t)slots);
+        if (!p) { failed = 1; continue; }
+        if (!new_valid || new_valid[b]) {
+            const float* kh = k + bh * k_dim;
+            const float* vh = v + bh * v_dim;
+            for (int64_t j = 0; j < slots; ++j) {
+                float a = expf(log_gate[bh * slots + j]), w = 1.f - a;
+                float* row = s + j * width;
+                for (int64_t c = 0; c < k_dim; ++c) row[c] = a * row[c] + w * kh[c];
+                for (int64_t c = 0; c < v_dim; ++c) row[k_dim + c] = a * row[k_dim + c] + w * vh[c];
+            }
+        }
+        for (int64_t i = 0; i < groups; ++i) {
+            const float* pq = phi_q + (bh * groups + i) * k_dim;
+            float mx = -INFINITY, sum = 0.f;
+            for (int64_t j = 0; j < slots; ++j) {
+                p[j] = dotf(pq, s + j * width, k_dim);
+                mx = p[j] > mx ? p[j] : mx;
+            }
+            for (int64_t j = 0; j < slots; ++j) { p[j] = expf(p[j] - mx); sum += p[j]; }
+            float* o = out + (bh * groups + i) * v_dim;
+            for (int64_t c = 0; c < v_dim; ++c) o[c] = 0.f;
+            for (int64_t j = 0; j < slots; ++j) {
+                float w = p[j] / sum;
+                const float* vj = s + j * width + k_dim;
+                #pragma omp simd
+                for (int64_t c = 0; c < v_dim; ++c) o[c] += w * vj[c];
+            }
+        }
+        free(p);
+    }
+    return failed ? -1 : 0;
+}

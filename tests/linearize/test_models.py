@@ -128,7 +128,7 @@ def test_normalized_recurrence_is_a_weighted_mean_of_values(tiny_model):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("variant", ["gla", "hgrn2", "hybrid", "hybrid-normalized", "mom"])
+@pytest.mark.parametrize("variant", ["gla", "hgrn2", "hybrid", "hybrid-normalized", "mom", "gsa"])
 def test_fused_cpu_decode_step_matches_the_torch_step(tiny_model, arch, variant, monkeypatch):
     """The one-call C decode step (kernels/linear_decode_cpu.py) against forward's torch path, token by token, with
     left padding and a window that fills up during decoding (prefill 5 < 7 slots)."""
@@ -144,7 +144,8 @@ def test_fused_cpu_decode_step_matches_the_torch_step(tiny_model, arch, variant,
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
     calls = []
-    module, name = (mom, "mom_decode_step") if variant == "mom" else (attention, "linear_decode_step")
+    module, name = {"mom": (mom, "mom_decode_step"), "gsa": (attention, "gsa_decode_step")}.get(
+        variant, (attention, "linear_decode_step"))
     fused = getattr(module, name)
     monkeypatch.setattr(module, name, lambda *a, **k: calls.append(1) or fused(*a, **k))
     logits = {}

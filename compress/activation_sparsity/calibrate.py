@@ -42,6 +42,7 @@ def _capture(mlps: list[ActivationSparseMLP], model, windows: torch.Tensor, sear
 def calibrate_thresholds(model, mlps: list[ActivationSparseMLP], windows: torch.Tensor,
                          target_ppl_increase: float = 0.01, *, search_tokens: int = 2048, outer_steps: int = 10,
                          inner_steps: int = 20, batch_size: int = 8, greedy_rounds: int = 0, greedy_step: float = 0.05,
+                         predictor_recall: float = 0.99, storage_dtype: torch.dtype | None = None,
                          progress: bool = False) -> dict[str, Any]:
     """Set each module's `threshold`; return what was found (thresholds, sparsity per layer, perplexities)."""
     for m in mlps:
@@ -76,6 +77,11 @@ def calibrate_thresholds(model, mlps: list[ActivationSparseMLP], windows: torch.
         best = _greedy_layers(trial, [sc for _, sc in captured], best, limit, greedy_rounds, greedy_step, progress)
     for m, tau in zip(mlps, best["thresholds"]):
         m.threshold.fill_(tau)
+    if any(m.predictor_rank for m in mlps):  # fit after the thresholds; the budget check then includes its misses
+        best["candidate_share"] = _fit_predictors(model, mlps, windows, search_tokens, batch_size, predictor_recall,
+                                                  storage_dtype)
+        best["predictor_thresholds"] = [float(m.predictor_threshold) for m in mlps]
+        best["perplexity"], _, best["layer_sparsity"] = trial(0.0, best["thresholds"])
     return {**best, "perplexity_dense": dense_ppl, "ppl_increase": best["perplexity"] / dense_ppl - 1,
             "sparsity": sum(best["layer_sparsity"]) / len(mlps), "target_ppl_increase": target_ppl_increase,
             "tokens": int(windows.numel())}
@@ -109,3 +115,31 @@ def _greedy_layers(trial, scores: list[torch.Tensor], best: dict, limit: float, 
         target[i] += step
         best = {"cett": best["cett"], "perplexity": ppl, "thresholds": taus, "layer_sparsity": sparsity}
     return best
+
+
+@torch.no_grad()
+def _fit_predictors(model, mlps: list[ActivationSparseMLP], windows: torch.Tensor, search_tokens: int,
+                    batch_size: int, recall: float, storage_dtype: torch.dtype | None) -> list[float]:
+    """Fit each gate predictor (SVD) and set its threshold so that, on the calibration tokens, a share `recall` of
+    the neurons the exact gate keeps are candidates; returns each layer's candidate share."""
+    inputs: list[list[torch.Tensor]] = [[] for _ in mlps]
+    handles = [m.gate_proj.register_forward_pre_hook(
+        lambda mod, args, i=i: inputs[i].append(args[0].detach().reshape(-1, args[0].shape[-1])))
+        for i, m in enumerate(mlps)]
+    try:
+        per_window = windows.shape[1]
+        evaluate(model, windows[: max(1, -(-search_tokens // per_window))], batch_size=batch_size, progress=False)
+    finally:
+        for h in handles:
+            h.remove()
+    shares = []
+    for m, xs in zip(mlps, inputs):
+        x = torch.cat(xs)[:search_tokens]
+        m.fit_predictor(storage_dtype)
+        exact = m.act_fn(m.gate_proj(x)).abs().float()
+        predicted = m.predicted_scores(x).float()
+        kept = predicted[exact >= float(m.threshold)]
+        kept = kept[:: max(1, kept.numel() // 1_000_000)]  # torch.quantile's size limit
+        m.predictor_threshold.fill_(float(torch.quantile(kept, 1 - recall)) if kept.numel() else 0.0)
+        shares.append(float((predicted >= float(m.predictor_threshold)).float().mean()))
+    return shares

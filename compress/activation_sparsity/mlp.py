@@ -7,6 +7,11 @@ calibrated per-layer threshold are zeroed (CATS, Lee et al. 2024), and skipped w
   contiguous [intermediate, hidden] tensor), so each neuron's column is one contiguous row; the dense path multiplies
   that layout at the same speed and the checkpoint stores the usual layout.
 - many tokens (prefill, training): the dense MLP with the same mask, so every path computes the same function.
+- optional gate predictor (`predictor_rank` > 0, Deja Vu style but with no training): a rank-r factorization of
+  gate_proj's weight from its SVD, W_g ~ P_out P_in, predicts the gate; only neurons the prediction puts above
+  `predictor_threshold` (the candidates) get their exact gate row computed, so decoding reads r (hidden +
+  intermediate) + candidates x hidden weights for the gate instead of all of gate_proj. A neuron is active when it
+  is a candidate and its exact gate passes `threshold`, on every path (the masked dense path applies both masks).
 
 Its children keep the names and tensors of the MLP it replaces (gate_proj, up_proj, down_proj), so the checkpoint's
 tensors are those of the dense model; the threshold is recorded in the checkpoint's compression section."""
@@ -19,7 +24,8 @@ from ..kernels.activation_sparse import gather_axpy, gather_dot
 
 
 class ActivationSparseMLP(nn.Module):
-    def __init__(self, mlp: nn.Module, threshold: float = 0.0, max_sparse_tokens: int = 4):
+    def __init__(self, mlp: nn.Module, threshold: float = 0.0, max_sparse_tokens: int = 4, predictor_rank: int = 0,
+                 predictor_threshold: float = 0.0):
         super().__init__()
         self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
         self.act_fn = mlp.act_fn
@@ -29,17 +35,47 @@ class ActivationSparseMLP(nn.Module):
         self.register_buffer("threshold", torch.tensor(float(threshold), dtype=torch.float32,
                                                        device=None if device.type == "meta" else device),
                              persistent=False)
+        self.register_buffer("predictor_threshold", torch.tensor(float(predictor_threshold), dtype=torch.float32,
+                                                                 device=None if device.type == "meta" else device),
+                             persistent=False)
+        self.predictor_rank = predictor_rank
+        if predictor_rank:  # saved with the weights (checkpoint dtype); `fit_predictor` fills them
+            w = mlp.gate_proj.weight
+            self.register_buffer("predictor_in", w.new_zeros(predictor_rank, w.shape[1]))
+            self.register_buffer("predictor_out", w.new_zeros(w.shape[0], predictor_rank))
         self.max_sparse_tokens = max_sparse_tokens
         self.record = False  # when True, forward counts active neurons into `counts` (benchmarks, reports)
         self.counts = [0, 0]  # [active, seen] (token, neuron) pairs
 
-    def gate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(act(gate(x)), keep mask |act(gate(x))| >= threshold)."""
-        g = self.act_fn(self.gate_proj(x))
-        keep = g.abs() >= self.threshold.to(g.dtype)
+    @torch.no_grad()
+    def fit_predictor(self, storage_dtype: torch.dtype | None = None) -> None:
+        """P_in = diag(S_r) V_r^T, P_out = U_r from gate_proj's SVD (the best rank-r approximation), rounded to
+        `storage_dtype` (the checkpoint's), so the model in memory predicts exactly what its saved copy will."""
+        w = self.gate_proj.weight
+        u, sv, vh = torch.linalg.svd(w.detach().float(), full_matrices=False)
+        r, rounding = self.predictor_rank, storage_dtype or w.dtype
+        self.predictor_in.copy_((sv[:r, None] * vh[:r]).to(rounding))
+        self.predictor_out.copy_(u[:, :r].to(rounding))
+
+    def predicted_scores(self, x: torch.Tensor) -> torch.Tensor:
+        """|act(P_out P_in x)|: the predictor's estimate of |act(gate(x))| [tokens, intermediate]."""
+        return self.act_fn((x @ self.predictor_in.t().to(x.dtype)) @ self.predictor_out.t().to(x.dtype)).abs()
+
+    def candidates(self, x: torch.Tensor) -> torch.Tensor:
+        return self.predicted_scores(x) >= self.predictor_threshold.to(x.dtype)
+
+    def _count(self, keep: torch.Tensor) -> None:
         if self.record:
             self.counts[0] += int(keep.sum())
             self.counts[1] += keep.numel()
+
+    def gate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(act(gate(x)), keep mask: |act(gate(x))| >= threshold, and a predicted candidate with a predictor)."""
+        g = self.act_fn(self.gate_proj(x))
+        keep = g.abs() >= self.threshold.to(g.dtype)
+        if self.predictor_rank:
+            keep &= self.candidates(x)
+        self._count(keep)
         return g, keep
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -74,16 +110,40 @@ class ActivationSparseMLP(nn.Module):
             w.data = w.data.t().contiguous().t()
         return w.t()
 
+    def _sparse_gate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(act(gate(x)) and keep mask of the neurons any token keeps, their indices): with a predictor, only the
+        candidates' gate rows are read."""
+        if not self.predictor_rank or type(self.gate_proj) is not nn.Linear:
+            g, keep = self.gate(x)
+            idx = keep.any(0).nonzero().squeeze(1)
+            return g[:, idx], keep[:, idx], idx
+        cand = self.candidates(x)
+        idx = cand.any(0).nonzero().squeeze(1)
+        pre = gather_dot(self.gate_proj.weight, idx, x).to(x.dtype)
+        if self.gate_proj.bias is not None:
+            pre = pre + self.gate_proj.bias[idx]
+        g = self.act_fn(pre)
+        keep = (g.abs() >= self.threshold.to(g.dtype)) & cand[:, idx]
+        self._count_sparse(keep, cand.shape)
+        used = keep.any(0)
+        return g[:, used], keep[:, used], idx[used]
+
+    def _count_sparse(self, keep: torch.Tensor, full_shape) -> None:
+        if self.record:
+            self.counts[0] += int(keep.sum())
+            self.counts[1] += full_shape[0] * full_shape[1]
+
     def _sparse(self, x: torch.Tensor) -> torch.Tensor:
-        g, keep = self.gate(x)
-        idx = keep.any(0).nonzero().squeeze(1)
-        h = (g[:, idx] * keep[:, idx]) * gather_dot(self.up_proj.weight, idx, x).to(g.dtype)
+        g, keep, idx = self._sparse_gate(x)
+        h = (g * keep) * gather_dot(self.up_proj.weight, idx, x).to(g.dtype)
         if self.up_proj.bias is not None:
-            h = h + (g[:, idx] * keep[:, idx]) * self.up_proj.bias[idx]
+            h = h + (g * keep) * self.up_proj.bias[idx]
         y = gather_axpy(self.column_major_down(), idx, h).to(x.dtype)
         if self.down_proj.bias is not None:
             y = y + self.down_proj.bias
         return y
 
     def extra_repr(self) -> str:
-        return f"threshold={float(self.threshold):.4g}, max_sparse_tokens={self.max_sparse_tokens}"
+        extra = (f", predictor_rank={self.predictor_rank}, predictor_threshold={float(self.predictor_threshold):.4g}"
+                 if self.predictor_rank else "")
+        return f"threshold={float(self.threshold):.4g}, max_sparse_tokens={self.max_sparse_tokens}{extra}"

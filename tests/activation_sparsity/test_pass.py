@@ -63,6 +63,65 @@ def test_pass_meets_budget_and_reloads(tmp_path, reference_tokenizer):
     assert torch.equal(fast, slow)  # decoding through the gathers gives the masked model's tokens
 
 
+@pytest.mark.parametrize("kernels", ["torch", "default"])
+def test_gate_predictor_paths_agree(tiny_model, monkeypatch, kernels):
+    """With a gate predictor the sparse path reads only the candidates' gate rows and still computes the masked dense
+    MLP (mask = candidate and exact gate above threshold); full rank with a zero threshold changes nothing."""
+    if kernels == "torch":
+        monkeypatch.setenv("COMPRESS_KERNELS", "torch")
+    model = tiny_model("llama")
+    mlp = model.model.layers[0].mlp
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        plain = ActivationSparseMLP(mlp, threshold=0.0, max_sparse_tokens=4)
+        g = mlp.act_fn(mlp.gate_proj(x))
+        plain.threshold.fill_(float(g.abs().median()))
+        full = ActivationSparseMLP(mlp, max_sparse_tokens=4, predictor_rank=64, threshold=float(plain.threshold))
+        full.fit_predictor()  # rank = hidden: exact up to rounding
+        torch.testing.assert_close(full.predicted_scores(x), g.abs(), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(full(x), plain(x), rtol=1e-5, atol=1e-6)
+        low = ActivationSparseMLP(mlp, max_sparse_tokens=4, predictor_rank=8, threshold=float(plain.threshold))
+        low.fit_predictor()
+        low.predictor_threshold.fill_(float(low.predicted_scores(x).median()))
+        keep = (g.abs() >= low.threshold) & low.candidates(x)
+        expected = mlp.down_proj(g * mlp.up_proj(x) * keep)
+        low.record, low.counts = True, [0, 0]
+        fast = low(x)
+        assert low.counts == [int(keep.sum()), keep.numel()]
+        low.max_sparse_tokens = 0
+        masked = low(x)
+    torch.testing.assert_close(fast, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(masked, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(fast, plain(x), atol=1e-4)  # the predictor did drop active neurons
+
+
+def test_pass_with_predictor_meets_recall_and_reloads(tmp_path, reference_tokenizer):
+    model, report = compress.apply(compress.load("builtin:tiny", dtype="float32"),
+                                   [ActivationSparsity(target_ppl_increase=0.02, predictor_rank=32,
+                                                       predictor_recall=0.95, **FAST)],
+                                   calibration=CALIB, tokenizer=reference_tokenizer, progress=False)
+    d = report.passes[0].details
+    assert len(d["candidate_share"]) == 6 and all(0 < c < 1 for c in d["candidate_share"])
+    assert d["predictor_thresholds"] == pytest.approx([float(m.predictor_threshold) for m in mlps(model)])
+    m0 = mlps(model)[0]
+    seen = []
+    handle = m0.gate_proj.register_forward_pre_hook(lambda mod, args: seen.append(args[0].reshape(-1, 256)))
+    text = reference_tokenizer("The tutorial explains how to define a function in Python.", return_tensors="pt")
+    with torch.no_grad():
+        model(input_ids=text.input_ids)
+        handle.remove()
+        x = torch.cat(seen)
+        exact = m0.act_fn(m0.gate_proj(x)).abs() >= m0.threshold  # on real inputs the predictor finds most of them
+        assert 0 < float(m0.predictor_threshold) and float((exact & m0.candidates(x)).sum() / exact.sum()) > 0.8
+    reloaded = compress.load(compress.save(model, tmp_path / "asp"), dtype="float32")
+    ids = torch.randint(0, 8192, (1, 12), generator=torch.Generator().manual_seed(0))
+    r0 = mlps(reloaded)[0]
+    assert r0.predictor_rank == 32 and float(r0.predictor_threshold) == pytest.approx(float(m0.predictor_threshold))
+    assert torch.equal(r0.predictor_in, m0.predictor_in)  # rounded to the checkpoint's bf16 when fitted
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
 def test_greedy_per_layer_thresholds_meet_budget(reference_tokenizer):
     """greedy_rounds: per-layer thresholds built up from zero, each move kept only within the budget."""
     model, report = compress.apply(compress.load("builtin:tiny"),

@@ -34,8 +34,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kv_kernels import time_us  # noqa: E402  (the interleaved best-of-blocks timer)
 
-from compress.kernels.dispatch import use_triton  # noqa: E402
-from compress.kernels.kv_attention import compressed_decode_attention  # noqa: E402
+from compress.kernels.kv_attention import compressed_decode_attention, decode_attention_path  # noqa: E402
 from compress.kvcache.store import CompressedStore  # noqa: E402
 
 FORMATS = {  # name: (bits, outlier_ratio, key_rank, value_rank)
@@ -98,7 +97,7 @@ def attention_rows(device, shapes, min_run_time, deadline=math.inf):
             err = ((out[:1].double() - exact).norm() / exact.norm()).item()
             ours = time_us({"ours": lambda: compressed_decode_attention(q, keys, values, wk, wv)}, min_run_time)["ours"]
             row = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu", kind="attention",
-                       path="triton" if use_triton(q) else "torch reference", format=name, bits=bits,
+                       path=decode_attention_path(q, keys, values, wk), format=name, bits=bits,
                        outlier_ratio=ratio, key_rank=kr, value_rank=vr, batch=batch, context=context, head_dim=d,
                        q_heads=hq, kv_heads=h, bytes_vs_fp16=(held_bytes(keys, values) + 2 * wk.numel() * 2)
                        / (2 * k.numel() * 2), rel_err=err, us_ours=ours, us_sdpa_fp16=base_t["sdpa_fp16"],

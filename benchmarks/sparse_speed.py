@@ -7,9 +7,12 @@ CPU (one torch thread, fp32; speeds as ratios of paired medians):
   tokens; e2e_prefill / e2e_decode: builtin:tiny pruned 2:4 (runtime dense) vs unpruned, prefill 256 tokens and
   greedy decoding of 64 tokens.
 - activation_sparse_mlp: the `activation_sparsity` pass is calibrated on the reference model (`--model`, default
-  builtin:small, fp32; +1% perplexity budget on its calibration windows); ppl_delta_pct is the held-out perplexity change at those thresholds and `sparsity` the
-  inactive share measured there. Speed: an ActivationSparseMLP at Llama-3-8B's MLP shape (4096 x 14336, random
-  weights) whose threshold gives that same inactive share on its inputs, vs the same dense MLP, 1 and 4 tokens.
+  builtin:small, fp32; `--ppl-budget` on its calibration windows); ppl_delta_pct is the held-out perplexity change
+  at those thresholds and `sparsity` the inactive share measured there. Two rows per token count: `gate` "dense
+  gate" (the whole gate computed) and "predictor rank r" (a rank-r SVD predictor, rank = `--predictor-ratio` x
+  hidden, picks candidates; only their gate rows are read; its misses are in its row's ppl_delta_pct). Speed: an
+  ActivationSparseMLP at Llama-3-8B's MLP shape (4096 x 14336, random weights) whose thresholds give the same
+  inactive (and candidate) shares on its inputs, vs the same dense MLP, 1 and 4 tokens.
 CUDA (fp16, when a GPU is present): per shape and tokens, dense cuBLAS vs the packed runtime's dispatched path
 (kind semi_structured, with every candidate's time), the packed GEMV alone (packed_gemv, <= 16 tokens), the
 activation-sparse MLP (Triton gathers), and a 2-layer model with Llama-3-8B layer shapes, all Linears 2:4: prefill
@@ -87,10 +90,11 @@ def cpu_e2e_tiny(repeats) -> list[dict]:
 
 @torch.no_grad()
 def calibrated_quality(model_name: str, calib_samples: int, eval_windows: int, greedy_rounds: int | None = 0,
-                       budget: float = 0.01) -> dict:
+                       budget: float = 0.01, predictor_ratio: float = 0.0, recall: float = 0.99) -> dict:
     """Calibrate the activation_sparsity pass on `model_name`; held-out perplexity change and inactive share.
     greedy_rounds > 0: per-layer thresholds built up greedily (steps of 10% inactive) instead of one CETT value;
-    None: 8 rounds per layer (enough to move every layer to ~80%)."""
+    None: 8 rounds per layer (enough to move every layer to ~80%). predictor_ratio > 0: also a gate predictor of rank
+    ratio x hidden (its misses count in the budget); the same thresholds without it are measured as well."""
     import compress
     from compress.activation_sparsity import ActivationSparseMLP, ActivationSparsity
     from compress.evaluate import evaluate, heldout_windows
@@ -99,29 +103,48 @@ def calibrated_quality(model_name: str, calib_samples: int, eval_windows: int, g
     base = compress.load(model_name, dtype="float32")
     if greedy_rounds is None:
         greedy_rounds = 8 * base.config.num_hidden_layers
-    model, report = compress.apply(compress.load(model_name, dtype="float32"), [ActivationSparsity(outer_steps=8, inner_steps=16,
-                                                                                      search_tokens=1024,
-                                                                                      greedy_rounds=greedy_rounds,
-                                                                                      greedy_step=0.1,
-                                                                                      target_ppl_increase=budget)],
+    rank = round(predictor_ratio * base.config.hidden_size)
+    spec = ActivationSparsity(outer_steps=8, inner_steps=16, search_tokens=1024, greedy_rounds=greedy_rounds,
+                              greedy_step=0.1, target_ppl_increase=budget, predictor_rank=rank,
+                              predictor_recall=recall)
+    model, report = compress.apply(compress.load(model_name, dtype="float32"), [spec],
                                    calibration={"source": "builtin:calibration", "num_samples": calib_samples,
                                                 "seq_len": 256}, tokenizer=tok, progress=False)
     windows = heldout_windows(tok, max_windows=eval_windows)
     mlps = [m for m in model.modules() if isinstance(m, ActivationSparseMLP)]
-    for m in mlps:
-        m.record, m.counts = True, [0, 0]
-    ev = evaluate(model, windows, base, progress=False)
-    inactive = 1 - sum(m.counts[0] for m in mlps) / sum(m.counts[1] for m in mlps)
     d = report.passes[0].details
-    return dict(model=model_name, ppl_delta_pct=100 * (ev["perplexity"] / ev["baseline_perplexity"] - 1),
-                sparsity=inactive, greedy_rounds=greedy_rounds,
-                calibration="per-layer greedy" if greedy_rounds else "one CETT value",
-                calibration_ppl_delta_pct=100 * d["ppl_increase"], kl=ev["kl"], cett=d["cett"],
-                layer_sparsity=[round(s, 3) for s in d["layer_sparsity"]])
+
+    def heldout() -> tuple[dict, float]:
+        for m in mlps:
+            m.record, m.counts = True, [0, 0]
+        ev = evaluate(model, windows, base, progress=False)
+        inactive = 1 - sum(m.counts[0] for m in mlps) / sum(m.counts[1] for m in mlps)
+        return ev, inactive
+
+    ev, inactive = heldout()
+    out = dict(model=model_name, ppl_delta_pct=100 * (ev["perplexity"] / ev["baseline_perplexity"] - 1),
+               sparsity=inactive, greedy_rounds=greedy_rounds,
+               calibration="per-layer greedy" if greedy_rounds else "one CETT value",
+               calibration_ppl_delta_pct=100 * d["ppl_increase"], kl=ev["kl"], cett=d["cett"],
+               layer_sparsity=[round(s, 3) for s in d["layer_sparsity"]], predictor_rank=rank,
+               predictor_ratio=predictor_ratio)
+    if rank:
+        out["candidate_share"] = sum(d["candidate_share"]) / len(mlps)
+        saved = [float(m.predictor_threshold) for m in mlps]
+        for m in mlps:  # threshold 0: every neuron a candidate, i.e. the same thresholds without the predictor
+            m.predictor_threshold.fill_(0.0)
+        plain, plain_inactive = heldout()
+        for m, t in zip(mlps, saved):
+            m.predictor_threshold.fill_(t)
+        out["without_predictor"] = dict(ppl_delta_pct=100 * (plain["perplexity"] / plain["baseline_perplexity"] - 1),
+                                        sparsity=plain_inactive, kl=plain["kl"])
+    return out
 
 
-def mlp_at_sparsity(sparsity: float, dtype=torch.float32, device="cpu"):
-    """A Llama-3-8B-shaped MLP with random weights; threshold set so `sparsity` of neurons are inactive on N(0,1) x."""
+def mlp_at_sparsity(sparsity: float, dtype=torch.float32, device="cpu", predictor_rank: int = 0,
+                    candidate_share: float = 1.0):
+    """A Llama-3-8B-shaped MLP with random weights; thresholds set so that on N(0,1) x `sparsity` of the neurons are
+    inactive and, with a predictor, `candidate_share` of them are candidates (the active ones among them)."""
     from transformers.activations import ACT2FN
 
     from compress.activation_sparsity import ActivationSparseMLP
@@ -132,37 +155,58 @@ def mlp_at_sparsity(sparsity: float, dtype=torch.float32, device="cpu"):
     mlp.up_proj = nn.Linear(hidden, inter, bias=False, dtype=dtype, device=device)
     mlp.down_proj = nn.Linear(inter, hidden, bias=False, dtype=dtype, device=device)
     mlp.act_fn = ACT2FN["silu"]
+
+    def quantile(t, q):
+        t = t.float().flatten()
+        return torch.quantile(t[:: max(1, t.numel() // 1_000_000)], q).item()
+
     with torch.no_grad():
         for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
             p.weight.normal_(0, 0.02)
         sample = torch.randn(64, hidden, dtype=dtype, device=device)
-        scores = mlp.act_fn(mlp.gate_proj(sample)).abs().float().flatten()
-        tau = torch.quantile(scores[:: max(1, scores.numel() // 1_000_000)], sparsity).item()
-    sparse = ActivationSparseMLP(mlp, threshold=tau, max_sparse_tokens=16).eval()  # training mode runs masked dense
+        scores = mlp.act_fn(mlp.gate_proj(sample)).abs()
+        sparse = ActivationSparseMLP(mlp, max_sparse_tokens=16, predictor_rank=predictor_rank).eval()
+        if predictor_rank:
+            sparse.fit_predictor()
+            predicted = sparse.predicted_scores(sample)
+            sparse.predictor_threshold.fill_(quantile(predicted, 1 - candidate_share))
+            cand = predicted >= sparse.predictor_threshold
+            # among the candidates, keep as many as the model keeps in all (random weights: the predictor's picks
+            # say nothing about the exact gate, only the work they cause is modelled)
+            sparse.threshold.fill_(quantile(scores[cand], max(0.0, 1 - (1 - sparsity) / candidate_share)))
+        else:
+            sparse.threshold.fill_(quantile(scores, sparsity))
 
     def dense(x):
         return mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
 
-    return dense, sparse
+    return dense, sparse  # eval mode: training mode runs the masked dense path
 
 
 @torch.no_grad()
 def cpu_activation_sparse(quality: dict, repeats) -> list[dict]:
     from compress.activation_sparsity import ActivationSparseMLP
 
-    dense, sparse = mlp_at_sparsity(quality["sparsity"])
+    variants = [("dense gate", quality.get("without_predictor", quality), 0, 1.0)]
+    if quality.get("predictor_rank"):
+        rank = round(MLP_SHAPE[0] * quality["predictor_ratio"])
+        variants.append((f"predictor rank {rank}", quality, rank, quality["candidate_share"]))
     rows = []
-    for t in (1, 4):
-        x = torch.randn(t, MLP_SHAPE[0])
-        sparse.record, sparse.counts = True, [0, 0]
-        sparse(x)
-        sparse.record = False
-        measured = 1 - sparse.counts[0] / sparse.counts[1]
-        d, s = paired_median_seconds([lambda: dense(x), lambda: sparse(x)], repeats)
-        rows.append(dict(device="cpu", kind="activation_sparse_mlp", shape=f"{MLP_SHAPE[0]}x{MLP_SHAPE[1]}", tokens=t,
-                         speedup_vs_dense=d / s, dense_ms=d * 1e3, ours_ms=s * 1e3, sparsity=measured,
-                         ppl_delta_pct=quality["ppl_delta_pct"], path=sparse.runtime_path(t),
-                         quality_model=quality["model"], **{k: quality[k] for k in ("calibration_ppl_delta_pct", "kl")}))
+    for gate, q, rank, share in variants:
+        dense, sparse = mlp_at_sparsity(q["sparsity"], predictor_rank=rank, candidate_share=share)
+        for t in (1, 4):
+            x = torch.randn(t, MLP_SHAPE[0])
+            sparse.record, sparse.counts = True, [0, 0]
+            sparse(x)
+            sparse.record = False
+            measured = 1 - sparse.counts[0] / sparse.counts[1]
+            d, s = paired_median_seconds([lambda: dense(x), lambda: sparse(x)], repeats)
+            rows.append(dict(device="cpu", kind="activation_sparse_mlp", shape=f"{MLP_SHAPE[0]}x{MLP_SHAPE[1]}",
+                             tokens=t, gate=gate, speedup_vs_dense=d / s, dense_ms=d * 1e3, ours_ms=s * 1e3,
+                             sparsity=measured, candidate_share=share if rank else None,
+                             ppl_delta_pct=q["ppl_delta_pct"], path=sparse.runtime_path(t),
+                             quality_model=quality["model"], kl=q["kl"],
+                             calibration_ppl_delta_pct=quality["calibration_ppl_delta_pct"]))
     assert isinstance(sparse, ActivationSparseMLP)
     return rows
 
@@ -208,6 +252,7 @@ def cuda_layers(tokens_list) -> list[dict]:
 
 @torch.no_grad()
 def cuda_activation_sparse(quality: dict) -> list[dict]:
+    quality = {**quality, **quality.get("without_predictor", {})}  # the dense-gate thresholds (no Triton predictor)
     dense, sparse = mlp_at_sparsity(quality["sparsity"], torch.float16, "cuda")
     rows = []
     for t in (1, 4):
@@ -263,7 +308,8 @@ def print_table(rows: list[dict]) -> None:
         print(f"{'kind':<22}{'shape':<36}{'tokens':>7}{'speedup':>9}  extra")
         for r in sub:
             extra = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()
-                     if k in ("path", "sparsity", "ppl_delta_pct", "rel_err", "structure", "paths")}
+                     if k in ("path", "gate", "sparsity", "candidate_share", "ppl_delta_pct", "rel_err", "structure",
+                              "paths")}
             print(f"{r['kind']:<22}{r['shape']:<36}{r['tokens']:>7}{r['speedup_vs_dense']:>8.2f}x  {extra or ''}")
 
 
@@ -280,13 +326,18 @@ def main() -> None:
                     "calibration windows (the held-out change is what the rows report)")
     ap.add_argument("--calibration-samples", type=int, default=16, help="activation sparsity: calibration windows "
                     "of 256 tokens (more: slower search, less overfitting of the per-layer thresholds)")
+    ap.add_argument("--predictor-ratio", type=float, default=0.125, help="activation sparsity: gate predictor rank "
+                    "as a share of the hidden size (0: no predictor rows)")
+    ap.add_argument("--recall", type=float, default=0.99, help="activation sparsity: the predictor's recall of the "
+                    "exactly-active neurons on the calibration tokens")
     ap.add_argument("--only-activation-sparse", action="store_true", help="only the activation_sparse_mlp rows")
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     repeats = 3 if args.quick else 7
     rows: list[dict] = []
-    quality = calibrated_quality(args.model, 8 if args.quick else args.calibration_samples, 8 if args.quick else 32, 0 if args.quick else args.greedy_rounds,
-                              args.ppl_budget)
+    quality = calibrated_quality(args.model, 8 if args.quick else args.calibration_samples, 8 if args.quick else 32,
+                                 0 if args.quick else args.greedy_rounds, args.ppl_budget, args.predictor_ratio,
+                                 args.recall)
     if not args.no_cpu:
         saved = torch.get_num_threads()
         torch.set_num_threads(1)

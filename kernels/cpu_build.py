@@ -10,6 +10,7 @@ import ctypes
 import functools
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -23,20 +24,39 @@ def _cache_dir() -> Path:
     return Path(root) / "compress"
 
 
+FLAGS = ["-O3", "-march=native", "-shared", "-fPIC"]
+
+
+def _compilers() -> list[str]:
+    """$CC first, then cc, gcc, clang: each that exists, once (a broken $CC falls back to the others)."""
+    found = [shutil.which(c) for c in (os.environ.get("CC", ""), "cc", "gcc", "clang") if c]
+    return list(dict.fromkeys(c for c in found if c))
+
+
+def _host_tag() -> str:
+    """What the build depends on besides the source: flags, the machine and its CPU features (-march=native code
+    from another CPU in a shared cache directory could die of an illegal instruction)."""
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    return " ".join([*FLAGS, platform.machine(), cpu])
+
+
 def _build(source: str, target: Path) -> bool:
-    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc") or shutil.which("clang")
-    if compiler is None:
-        return False
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         src = Path(tmp) / "kernel.c"
         src.write_text(source)
         out = Path(tmp) / target.name
-        for flags in (["-fopenmp"], ["-fopenmp-simd"]):  # OpenMP threads if the toolchain has them
-            cmd = [compiler, "-O3", "-march=native", "-shared", "-fPIC", *flags, str(src), "-o", str(out), "-lm"]
-            if subprocess.run(cmd, capture_output=True).returncode == 0:
-                os.replace(out, target)  # atomic: concurrent builders never see half a library
-                return True
+        for compiler in _compilers():
+            for flags in (["-fopenmp"], ["-fopenmp-simd"]):  # OpenMP threads if the toolchain has them
+                cmd = [compiler, *FLAGS, *flags, str(src), "-o", str(out), "-lm"]
+                if subprocess.run(cmd, capture_output=True).returncode == 0:
+                    os.replace(out, target)  # atomic: concurrent builders never see half a library
+                    return True
     return False
 
 
@@ -54,7 +74,7 @@ def load_c_library(name: str, signatures: tuple = ()):
 @functools.lru_cache(maxsize=None)
 def _load(name: str, signatures: tuple):
     source = (SOURCES / f"{name}.c").read_text()
-    digest = hashlib.sha256(source.encode()).hexdigest()[:12]
+    digest = hashlib.sha256((source + _host_tag()).encode()).hexdigest()[:12]
     target = _cache_dir() / f"{name}_{digest}.so"
     try:
         if not target.exists() and not _build(source, target):

@@ -24,12 +24,13 @@ from .kv_attention_triton import compressed_attention_triton, triton_supports  #
 from .kv_pages import Page, PagedKV  # noqa: F401
 
 
-def decode_attention_path(query: torch.Tensor, keys, values, window_keys: torch.Tensor) -> str:
+def decode_attention_path(query: torch.Tensor, keys, values, window_keys: torch.Tensor,
+                          window_values: torch.Tensor | None = None) -> str:
     """Which implementation `compressed_decode_attention` runs for these inputs: "triton", "c" or "torch"."""
     if use_triton(query, window_keys):
         return "triton" if triton_supports(keys, values, query.shape[-1]) else "torch"
     if (os.environ.get("COMPRESS_KERNELS", "").lower() != "torch"
-            and cpu_kernel_supports(query, keys, values, window_keys)):
+            and cpu_kernel_supports(query, keys, values, window_keys, window_values)):
         return "c"
     return "torch"
 
@@ -41,7 +42,7 @@ def compressed_decode_attention(query: torch.Tensor, keys, values, window_keys: 
     followed by the fp16 window [B, H, W, D]. query [B, Hq, L, D] (L = 1 for a decode step; L > 1 for a chunk of
     new tokens, which must then be in the window); mask: see `attention_bias`. Returns [B, Hq, L, D] in query's
     dtype. Triton on CUDA tensors, the C kernel on CPU tensors, the torch reference for what neither holds."""
-    path = decode_attention_path(query, keys, values, window_keys)
+    path = decode_attention_path(query, keys, values, window_keys, window_values)
     if path == "triton":
         return compressed_attention_triton(query, keys, values, window_keys, window_values, mask, softmax_scale)
     if path == "c":

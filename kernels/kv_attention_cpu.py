@@ -38,21 +38,43 @@ def _lanes(bits: int) -> int:
     return 8 if bits == 3 else 8 // bits
 
 
-def cpu_kernel_supports(query: torch.Tensor, keys, values, window_keys: torch.Tensor) -> bool:
+_FP16_FIELDS = ("scale", "zero", "outlier_values", "basis")
+
+
+def _page_layout_ok(page, b: int, h: int, d: int, bits: int) -> bool:
+    """CPU tensors of the kernel's dtypes (uint8 codes/offsets; fp16 scales, zeros, outliers, basis; fp16 or fp8
+    e4m3 token factors) shaped for this batch, head count and head_dim."""
+    tensors = page.tensors()
+    return (all(t.device.type == "cpu" for t in tensors) and page.codes.dtype == torch.uint8
+            and tuple(page.codes.shape[:2]) == (b, h) and page.codes.shape[-1] * 8 == d * bits
+            and all(getattr(page, f) is None or getattr(page, f).dtype == torch.float16 for f in _FP16_FIELDS)
+            and (page.outlier_offsets is None or page.outlier_offsets.dtype == torch.uint8)
+            and (page.a is None or page.a.dtype in (torch.float16, torch.float8_e4m3fn)))
+
+
+def cpu_kernel_supports(query: torch.Tensor, keys, values, window_keys: torch.Tensor,
+                        window_values: torch.Tensor | None = None) -> bool:
     """CPU tensors, the compiled library, and the shapes its fixed buffers hold (query rows per KV head <= 64, rank
-    <= 16, head_dim <= 512 in whole code lanes, <= 64 value groups per token); keys and values paged alike, every
-    page with outliers exactly when its store keeps them."""
+    <= 16, head_dim <= 512 in whole code lanes, <= 64 value groups per token); window and pages shaped for the query
+    (no broadcasting), of the format's dtypes; keys and values paged alike, every page with outliers exactly when its
+    store keeps them."""
+    window_values = window_keys if window_values is None else window_values
     if query.device.type != "cpu" or _library() is None:
         return False
     b, hq, l, d = query.shape
-    h = window_keys.shape[1]
-    if hq % h or (hq // h) * l > MAX_ROWS or d > MAX_HEAD_DIM:
-        return False
+    h, w = window_keys.shape[1], window_keys.shape[2]
+    if (hq % h or (hq // h) * l > MAX_ROWS or d > MAX_HEAD_DIM or window_keys.shape != (b, h, w, d)
+            or window_values.shape != (b, h, w, d) or window_keys.device.type != "cpu"
+            or window_values.device.type != "cpu"):
+        return False  # (the reference broadcasts or raises)
     if num_tokens(keys) == 0:
         return True
     if keys.bits not in (2, 3, 4, 8) or values.bits not in (2, 3, 4, 8):
         return False
     kp, vp = keys.pages, values.pages
+    if not all(_page_layout_ok(p, b, h, d, bits) for pages, bits in ((kp, keys.bits), (vp, values.bits))
+               for p in pages):
+        return False
     rows, gv = (hq // h) * l, values.group_size
     return (d % _lanes(keys.bits) == 0 and d % _lanes(values.bits) == 0 and gv % _lanes(values.bits) == 0
             and d % gv == 0 and d // gv <= 64 and rows * (d // gv) <= 1024

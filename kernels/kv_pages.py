@@ -107,7 +107,9 @@ def page_pointers(page: Page) -> list[int]:
     """data_ptr of each field in PAGE_FIELDS order, an absent field pointing at the codes (never read). Cached on the
     page: its tensors never change (an append replaces the open page by a new one)."""
     ptrs = page.__dict__.get("_ptrs")
-    if ptrs is None:
+    if ptrs is None or ptrs[0] != page.codes.data_ptr():  # a deep copy or unpickled page carries the old list
+        if any(t.device != page.codes.device for t in page.tensors()):
+            raise ValueError("the fields of a KV page are on different devices")
         if not all(t.is_contiguous() for t in page.tensors()):
             raise ValueError("page tensors must be contiguous: the kernels address them from their data_ptr")
         ptrs = [(page.codes if getattr(page, f) is None else getattr(page, f)).data_ptr() for f in PAGE_FIELDS]

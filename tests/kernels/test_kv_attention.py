@@ -183,6 +183,30 @@ def test_cpu_tensors_take_the_c_kernel_where_it_fits(monkeypatch):
 
 
 @needs_c
+def test_cpu_kernel_reads_a_deep_copy_not_the_original():
+    """Pages cache their data pointers; a deep copy (how a prompt cache is reused) must not read the original's."""
+    import copy
+
+    q, keys, values, wk, wv, _, _ = make_case()
+    AC.compressed_attention_cpu(q, keys, values, wk, wv)  # fills the pointer caches
+    keys2, values2 = copy.deepcopy(keys), copy.deepcopy(values)
+    want = A.compressed_attention_reference(q, keys2, values2, wk, wv)
+    for page in keys.pages + values.pages:
+        page.codes.zero_()
+    torch.testing.assert_close(AC.compressed_attention_cpu(q, keys2, values2, wk, wv), want, rtol=1e-4, atol=1e-5)
+
+
+@needs_c
+def test_cpu_kernel_refuses_broadcast_windows_and_foreign_dtypes():
+    q, keys, values, wk, wv, _, _ = make_case()
+    assert not AC.cpu_kernel_supports(q, keys, values, wk[:1], wv[:1])  # batch-1 window, batch-2 query
+    assert A.decode_attention_path(q, keys, values, wk[:1], wv[:1]) == "torch"
+    q, keys, values, wk, wv, _, _ = make_case(factor_dtype=torch.bfloat16)
+    assert not AC.cpu_kernel_supports(q, keys, values, wk, wv)  # factors the kernel cannot decode
+    assert not AC.cpu_kernel_supports(q.new_zeros(q.shape, device="meta"), keys, values, wk, wv)
+
+
+@needs_c
 def test_cpu_kernel_refuses_what_its_buffers_cannot_hold():
     q, keys, values, wk, wv, _, _ = make_case(key_ranks=((2, 17),), value_ranks=((2, 0),))
     assert not AC.cpu_kernel_supports(q, keys, values, wk)  # rank 17 > 16

@@ -94,9 +94,9 @@ class ActivationSparseMLP(nn.Module):
         from ..kernels.activation_sparse import _cpu_fast
 
         w = self.up_proj.weight
-        if w.is_cuda:
-            return "active rows only (Triton gather)"
-        return "active rows only (C gather)" if _cpu_fast(w, w) else "active rows only (torch gather)"
+        gather = "Triton" if w.is_cuda else "C" if _cpu_fast(w, w) else "torch"
+        gate = f", gate rows of rank-{self.predictor_rank} predicted candidates" if self.predictor_rank else ""
+        return f"active rows only ({gather} gather{gate})"
 
     def _gatherable(self) -> bool:
         return all(type(p) is nn.Linear for p in (self.up_proj, self.down_proj)) and \

@@ -117,6 +117,7 @@ def test_pass_with_predictor_meets_recall_and_reloads(tmp_path, reference_tokeni
     ids = torch.randint(0, 8192, (1, 12), generator=torch.Generator().manual_seed(0))
     r0 = mlps(reloaded)[0]
     assert r0.predictor_rank == 32 and float(r0.predictor_threshold) == pytest.approx(float(m0.predictor_threshold))
+    assert "rank-32 predicted candidates" in r0.runtime_path(1)
     assert torch.equal(r0.predictor_in, m0.predictor_in)  # rounded to the checkpoint's bf16 when fitted
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-4, atol=1e-4)

@@ -32,6 +32,14 @@ def _ready(*tensors) -> bool:
     return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
 
 
+def _valid(new_valid):
+    """(bool [B] contiguous, its pointer) or (None, None): which batch rows' new token is real (not padding)."""
+    if new_valid is None:
+        return None, None
+    new_valid = new_valid.to(torch.bool).contiguous()
+    return new_valid, new_valid.data_ptr()
+
+
 def linear_decode_supported(state: torch.Tensor, ring_k=None, ring_v=None, ring_valid=None) -> bool:
     """fp32 contiguous CPU state and ring buffers (updated in place), gradients off, and the compiled library."""
     rings = () if ring_k is None else (ring_k, ring_v)
@@ -50,10 +58,7 @@ def linear_decode_step(phi_q, phi_k, log_gate, v_state, state, normalize: bool, 
     h, vs_dim = state.shape[1], state.shape[-1]
     v_dim = vs_dim - int(normalize)
     out = phi_q.new_empty(b, hq, 1, v_dim)
-    valid_ptr = None
-    if new_valid is not None:
-        new_valid = new_valid.to(torch.bool).contiguous()
-        valid_ptr = new_valid.data_ptr()
+    new_valid, valid_ptr = _valid(new_valid)
     if window is None:
         slots = slot = d_rot = 0
         ptrs = (None,) * 6
@@ -83,12 +88,11 @@ def mom_decode_step(phi_q, k, v, log_gate, beta, state, active, mix, new_valid=N
     b, hq, _, k_dim = phi_q.shape
     m1, h, v_dim = state.shape[1], state.shape[2], state.shape[-1]
     out = phi_q.new_empty(b, hq, 1, v_dim)
-    if new_valid is not None:
-        new_valid = new_valid.to(torch.bool).contiguous()
+    new_valid, valid_ptr = _valid(new_valid)
     status = _library().mom_decode_step(
         phi_q.data_ptr(), k.data_ptr(), v.data_ptr(), log_gate.data_ptr(), beta.data_ptr(), state.data_ptr(),
-        active.data_ptr(), mix.data_ptr(), b, m1, h, hq // h, k_dim, v_dim,
-        None if new_valid is None else new_valid.data_ptr(), out_scale, out.data_ptr(), torch.get_num_threads())
+        active.data_ptr(), mix.data_ptr(), b, m1, h, hq // h, k_dim, v_dim, valid_ptr, out_scale, out.data_ptr(),
+        torch.get_num_threads())
     if status != 0:
         raise MemoryError("mom_decode_step: could not allocate its per-head buffers")
     return out
@@ -102,12 +106,10 @@ def gsa_decode_step(phi_q, phi_k, v, log_gate, state, new_valid=None) -> torch.T
     b, hq, _, k_dim = phi_q.shape
     h, slots, v_dim = state.shape[1], state.shape[2], v.shape[-1]
     out = phi_q.new_empty(b, hq, 1, v_dim)
-    if new_valid is not None:
-        new_valid = new_valid.to(torch.bool).contiguous()
+    new_valid, valid_ptr = _valid(new_valid)
     status = _library().gsa_decode_step(
         phi_q.data_ptr(), phi_k.data_ptr(), v.data_ptr(), log_gate.data_ptr(), state.data_ptr(), b, h, hq // h,
-        k_dim, v_dim, slots, None if new_valid is None else new_valid.data_ptr(), out.data_ptr(),
-        torch.get_num_threads())
+        k_dim, v_dim, slots, valid_ptr, out.data_ptr(), torch.get_num_threads())
     if status != 0:
         raise MemoryError("gsa_decode_step: could not allocate its per-head buffers")
     return out

@@ -18,6 +18,16 @@ from ..progress import progress_bar
 from .mlp import ActivationSparseMLP
 
 
+def _forward_with_hooks(model, windows: torch.Tensor, search_tokens: int, batch_size: int, handles) -> None:
+    """Run the first `search_tokens` calibration tokens through the model, then remove the hooks."""
+    try:
+        per_window = windows.shape[1]
+        evaluate(model, windows[: max(1, -(-search_tokens // per_window))], batch_size=batch_size, progress=False)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _capture(mlps: list[ActivationSparseMLP], model, windows: torch.Tensor, search_tokens: int, batch_size: int):
     """The first `search_tokens` tokens' down_proj inputs and gate scores |act(gate(x))|, per layer."""
     acts: list[list[torch.Tensor]] = [[] for _ in mlps]
@@ -29,12 +39,7 @@ def _capture(mlps: list[ActivationSparseMLP], model, windows: torch.Tensor, sear
         handles.append(mlp.gate_proj.register_forward_hook(
             lambda mod, args, out, i=i, act=mlp.act_fn:
             scores[i].append(act(out.detach()).abs().reshape(-1, out.shape[-1]).float())))
-    try:
-        per_window = windows.shape[1]
-        evaluate(model, windows[: max(1, -(-search_tokens // per_window))], batch_size=batch_size, progress=False)
-    finally:
-        for h in handles:
-            h.remove()
+    _forward_with_hooks(model, windows, search_tokens, batch_size, handles)
     return [(torch.cat(a)[:search_tokens], torch.cat(s)[:search_tokens]) for a, s in zip(acts, scores)]
 
 
@@ -126,12 +131,7 @@ def _fit_predictors(model, mlps: list[ActivationSparseMLP], windows: torch.Tenso
     handles = [m.gate_proj.register_forward_pre_hook(
         lambda mod, args, i=i: inputs[i].append(args[0].detach().reshape(-1, args[0].shape[-1])))
         for i, m in enumerate(mlps)]
-    try:
-        per_window = windows.shape[1]
-        evaluate(model, windows[: max(1, -(-search_tokens // per_window))], batch_size=batch_size, progress=False)
-    finally:
-        for h in handles:
-            h.remove()
+    _forward_with_hooks(model, windows, search_tokens, batch_size, handles)
     shares = []
     for m, xs in zip(mlps, inputs):
         x = torch.cat(xs)[:search_tokens]

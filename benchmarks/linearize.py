@@ -42,7 +42,9 @@ VARIANTS = {"liger-gla": LinearizeSettings(variant="gla"), "liger-hybrid": Linea
             "mom": LinearizeSettings(variant="mom", num_memories=4, top_k=2),
             # not Liger's: the recurrent branch divided by phi(q) . z (LinearizeSettings.normalize)
             "liger-gla-normalized": LinearizeSettings(variant="gla", normalize=True),
-            "liger-hybrid-normalized": LinearizeSettings(variant="hybrid", normalize=True)}
+            "liger-hybrid-normalized": LinearizeSettings(variant="hybrid", normalize=True),
+            # the window branch weighted up (Liger's alpha/beta are recipe settings; 0.5/0.5 by default)
+            "liger-hybrid-normalized-a0.3": LinearizeSettings(variant="hybrid", normalize=True, alpha=0.3, beta=0.7)}
 CONTEXTS = (1024, 8192, 32768)
 
 

@@ -83,5 +83,5 @@ def test_every_shipped_recipe_validates():
     assert len(recipes) >= 3
     for path in recipes:
         recipe = Recipe.from_yaml(path)
-        assert recipe.model == "builtin:tiny" and recipe.output, path
+        assert recipe.model in ("builtin:tiny", "builtin:small") and recipe.output, path  # runs with no download
         assert recipe.build_passes()

@@ -1,7 +1,11 @@
-"""One decoding step of a linearized attention layer on the CPU in one C call (csrc/linear_decode.c, built on first
-use by cpu_build.py): the gated recurrence updated in place, its read-out (optionally normalized), and the hybrid's
-sliding-window branch over its ring buffer. The torch path it replaces (kernels/gla.py `gla_step`,
-kernels/window_attention.py, LinearizedLayer.store) is the reference the tests compare it with."""
+"""One decoding step of a linearized attention layer on the CPU in one C call per layer (csrc/linear_decode.c, built
+on first use by cpu_build.py), its state updated in place:
+- `linear_decode_step`: the GLA / HGRN2 recurrence, its read-out (optionally normalized), and the hybrid's
+  sliding-window branch over its ring buffer (reference: kernels/gla.py `gla_step`, kernels/window_attention.py,
+  LinearizedLayer.store);
+- `mom_decode_step`: Mixture-of-Memories' routed gated delta-rule memories (reference: kernels/delta_rule.py);
+- `gsa_decode_step`: gated slot attention (reference: kernels/gsa.py).
+The attention modules' torch forward is what the tests compare them with, token by token."""
 from __future__ import annotations
 
 import ctypes

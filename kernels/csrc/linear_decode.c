@@ -1,5 +1,6 @@
-/* One decoding step of a linearized attention layer (linearize/attention.py) on the CPU, for every (batch row, KV
-   head) in one call: the gated recurrence updated in place, its read-out (optionally normalized), and, for the
+/* Decoding steps of the linearized attention layers (linearize/attention.py, linearize/mom.py) on the CPU, for every
+   (batch row, KV head) in one call: linear_decode_step (GLA / HGRN2 gates, the hybrid's window), mom_decode_step
+   and gsa_decode_step below. linear_decode_step: the gated recurrence updated in place, its read-out (optionally normalized), and, for the
    Liger Attention hybrid, the sliding-window softmax branch over the ring buffer of the last W - 1 tokens plus the
    new one, whose key/value then replace the oldest slot. The torch path (kernels/gla.py gla_step, kernels/
    window_attention.py, LinearizedLayer.store) spends ~40 small ops per layer on this; at a decode step of a small

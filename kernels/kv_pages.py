@@ -124,7 +124,7 @@ def page_table(stores, device) -> tuple[torch.Tensor, torch.Tensor]:
     cols, ranks = [], []
     for store in stores:
         for p in store.pages:
-            if any(t.device != torch.device(device) for t in p.tensors()):
+            if p.codes.device != torch.device(device):  # (page_pointers checks the other fields once)
                 raise ValueError(f"the KV store is on {p.codes.device} but attention runs on {device}: move it")
             cols.append(page_pointers(p))
             ranks.append(p.rank)

@@ -64,10 +64,11 @@ class ActivationSparseMLP(nn.Module):
     def candidates(self, x: torch.Tensor) -> torch.Tensor:
         return self.predicted_scores(x) >= self.predictor_threshold.to(x.dtype)
 
-    def _count(self, keep: torch.Tensor) -> None:
+    def _count(self, keep: torch.Tensor, seen: int | None = None) -> None:
+        """Add kept (token, neuron) pairs and, of all `seen` (default: keep's size), to `counts` when recording."""
         if self.record:
             self.counts[0] += int(keep.sum())
-            self.counts[1] += keep.numel()
+            self.counts[1] += keep.numel() if seen is None else seen
 
     def gate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(act(gate(x)), keep mask: |act(gate(x))| >= threshold, and a predicted candidate with a predictor)."""
@@ -124,14 +125,9 @@ class ActivationSparseMLP(nn.Module):
             pre = pre + self.gate_proj.bias[idx]
         g = self.act_fn(pre)
         keep = (g.abs() >= self.threshold.to(g.dtype)) & cand[:, idx]
-        self._count_sparse(keep, cand.shape)
+        self._count(keep, cand.numel())  # every neuron was seen, only the candidates' gates computed
         used = keep.any(0)
         return g[:, used], keep[:, used], idx[used]
-
-    def _count_sparse(self, keep: torch.Tensor, full_shape) -> None:
-        if self.record:
-            self.counts[0] += int(keep.sum())
-            self.counts[1] += full_shape[0] * full_shape[1]
 
     def _sparse(self, x: torch.Tensor) -> torch.Tensor:
         g, keep, idx = self._sparse_gate(x)

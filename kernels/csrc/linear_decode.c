@@ -16,6 +16,16 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+/* o[:n] += w * q S for one query row q [K] and a state S [K, n] (row stride n) */
+static inline void readout_add(const float* q, const float* s, int64_t k_dim, int64_t n, float w, float* o) {
+    for (int64_t d = 0; d < k_dim; ++d) {
+        float qd = w * q[d];
+        const float* row = s + d * n;
+        #pragma omp simd
+        for (int64_t c = 0; c < n; ++c) o[c] += qd * row[c];
+    }
+}
+
 static inline float dotf(const float* x, const float* y, int64_t n) {
     float acc = 0.f;
     #pragma omp simd reduction(+:acc)
@@ -56,12 +66,7 @@ int linear_decode_step(const float* phi_q, const float* phi_k, const float* log_
             int64_t qh = bh * groups + i;
             const float* pq = phi_q + qh * k_dim;
             for (int64_t c = 0; c < vs_dim; ++c) tmp[c] = 0.f;
-            for (int64_t d = 0; d < k_dim; ++d) {
-                float qd = pq[d];
-                const float* row = s + d * vs_dim;
-                #pragma omp simd
-                for (int64_t c = 0; c < vs_dim; ++c) tmp[c] += qd * row[c];
-            }
+            readout_add(pq, s, k_dim, vs_dim, 1.f, tmp);
             float* o = out + qh * v_dim;
             float inv = 1.f;
             if (normalize) inv = 1.f / fmaxf(tmp[v_dim], 1e-6f);
@@ -155,16 +160,8 @@ int mom_decode_step(const float* phi_q, const float* k, const float* v, const fl
             }
             float w = mix[b * m1 + m] * out_scale;
             if (w == 0.f) continue;
-            for (int64_t i = 0; i < groups; ++i) {
-                const float* pq = phi_q + (bh * groups + i) * k_dim;
-                float* o = out + (bh * groups + i) * v_dim;
-                for (int64_t d = 0; d < k_dim; ++d) {
-                    float qd = w * pq[d];
-                    const float* row = s + d * v_dim;
-                    #pragma omp simd
-                    for (int64_t c = 0; c < v_dim; ++c) o[c] += qd * row[c];
-                }
-            }
+            for (int64_t i = 0; i < groups; ++i)
+                readout_add(phi_q + (bh * groups + i) * k_dim, s, k_dim, v_dim, w, out + (bh * groups + i) * v_dim);
         }
         free(corr);
     }

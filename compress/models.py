@@ -1,6 +1,7 @@
 """Loading models: the built-in reference model, a local Hugging Face folder, or a compressed checkpoint."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -156,10 +157,18 @@ def compute_dtype(dtype: str | torch.dtype | None, stored: torch.dtype, device: 
     return DTYPES[dtype]
 
 
+CPU_HALF_ENV = "COMPRESS_CPU_HALF_PRECISION"  # "off": `auto` computes in float32 on every CPU
+
+
 def native_dtype(dtype: torch.dtype, device: str = "cpu") -> bool:
-    """Whether `device` computes in `dtype` at full speed (half precision on CPUs needs AVX512-BF16/FP16 or AMX)."""
+    """Whether `device` computes in `dtype` at full speed (half precision on CPUs needs AVX512-BF16/FP16 or AMX).
+
+    COMPRESS_CPU_HALF_PRECISION=off answers no for half precision on every CPU, so that `auto` gives the same float32
+    numerics on any machine (the test suite sets it: its tolerances are float32's)."""
     if dtype == torch.float32 or not str(device).startswith("cpu"):
         return True
+    if os.environ.get(CPU_HALF_ENV, "auto").lower() in ("off", "0", "false", "no"):
+        return False
     if dtype == torch.bfloat16:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     if dtype == torch.float16:

@@ -24,9 +24,9 @@ from ..pass_api import Pass, PassConfig, PassContext, PassReport, tensor_bytes, 
 from ..prune.sparse_linear import SparseLinear
 from ..registry import register_pass
 from ..targets import match_modules
-from .adapter import load_adapter, save_adapter
-from .lora import SparsityKeepingLoraLinear, quiet_rewrap, round_to, wrap_for_lora, wrapped_layers
-from .training import TrainingPlan, steps_for_budget, train
+
+# PEFT, the Trainer and bitsandbytes (which PEFT imports) load when a recover pass runs or is read back, not when the
+# registry lists the passes: on AVX512-BF16 CPUs bitsandbytes logs a warning at import that every CLI call would show.
 
 ADAPTER_FOLDER = "adapter"
 
@@ -63,6 +63,7 @@ class Recover(Pass):
         return self.config.kl_weight > 0
 
     def _checked_targets(self, model: nn.Module) -> dict[str, nn.Module]:
+        from .lora import wrapped_layers
         matched = self.target_modules(model)
         if wrapped_layers(model):
             raise ConfigError("recover: this model already carries a LoRA adapter kept unmerged (merge: false); "
@@ -77,6 +78,8 @@ class Recover(Pass):
 
     # ---------------------------------------------------------------------------------------------- apply
     def apply(self, model: nn.Module, ctx: PassContext) -> PassReport:
+        from .lora import quiet_rewrap, round_to, wrap_for_lora
+        from .training import TrainingPlan, steps_for_budget, train
         from peft import LoraConfig, get_peft_model
 
         c = self.config
@@ -176,6 +179,7 @@ class Recover(Pass):
 
     def write_files(self, model: nn.Module, entry: dict[str, Any], state: dict, folder: Path) -> dict:
         """An unmerged adapter goes to its own PEFT folder; the main weights keep the base layers' usual names."""
+        from .adapter import save_adapter
         restore = entry.get("restore") or {}
         if not restore.get("adapter"):
             return state
@@ -183,6 +187,7 @@ class Recover(Pass):
                             folder / restore["adapter"])
 
     def read_files(self, model: nn.Module, entry: dict[str, Any], folder: Path) -> None:
+        from .adapter import load_adapter
         restore = entry.get("restore") or {}
         if not restore.get("adapter"):
             return
@@ -204,4 +209,4 @@ def _decoded_for_training(model: nn.Module) -> dict[SparseLinear, str]:
     return switched
 
 
-__all__ = ["Recover", "SparsityKeepingLoraLinear"]
+__all__ = ["Recover"]

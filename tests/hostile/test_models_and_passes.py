@@ -82,6 +82,19 @@ def test_load_keeps_the_checkpoints_dtype_when_asked_and_by_default_where_native
         compress.load(out, dtype="int3")
 
 
+def test_cpu_half_precision_switch(monkeypatch):
+    """`auto` follows the CPU (bf16 where AVX512-BF16/AMX computes it) unless COMPRESS_CPU_HALF_PRECISION=off."""
+    from compress.models import compute_dtype
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    monkeypatch.setenv("COMPRESS_CPU_HALF_PRECISION", "auto")
+    assert compute_dtype("auto", torch.bfloat16, "cpu") == torch.bfloat16
+    monkeypatch.setenv("COMPRESS_CPU_HALF_PRECISION", "off")
+    assert compute_dtype("auto", torch.bfloat16, "cpu") == torch.float32
+    assert compute_dtype("stored", torch.bfloat16, "cpu") == torch.bfloat16  # explicit choices are untouched
+    assert compute_dtype("auto", torch.bfloat16, "cuda") == torch.bfloat16
+
+
 def test_cli_dtype_option(bf16_checkpoint, cli):
     result = cli("eval", bf16_checkpoint, "--dtype", "stored", "--no-speed", "--max-windows", 1, "--json")
     assert result.exit_code == 0, result.output

@@ -100,12 +100,22 @@ def test_checkpoint_loads_in_plain_transformers_with_the_same_logits(tmp_path):
         reloaded = compress.load(folder)
         with torch.no_grad():
             expected[folder] = model(torch.arange(3, 67).unsqueeze(0)).logits[0]
-            assert torch.equal(reloaded(torch.arange(3, 67).unsqueeze(0)).logits[0], expected[folder])
+            # not bit for bit: oneDNN's fp32 kernels may sum in another order for differently aligned (mmapped)
+            # tensors, and LLM.int8 re-rounds activations, so the last bits can move; 1e-3 of logits of ~15 cannot
+            # hide a wrong weight
+            torch.testing.assert_close(reloaded(torch.arange(3, 67).unsqueeze(0)).logits[0], expected[folder],
+                                       rtol=0, atol=1e-3)
         folders.append(folder)
     run = subprocess.run([sys.executable, "-c", PLAIN, *folders], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     got = json.loads(run.stdout.strip().splitlines()[-1])
+    # On AVX512-BF16 CPUs bitsandbytes' own Linear4bit repacks its weight for a bf16 CPU kernel at the first eval
+    # forward (absmax rounded to bf16), so there the 4-bit logits match to bf16 rounding instead of bit for bit.
+    from bitsandbytes.functional import has_avx512bf16
+
+    repacked = has_avx512bf16()
     for folder, layer in zip(folders, ("Linear4bit", "Linear8bitLt")):
         assert got[folder]["layer"] == layer
-        torch.testing.assert_close(torch.tensor(got[folder]["fp32"]), expected[folder], rtol=0, atol=0)
+        atol = 0.05 if repacked and layer == "Linear4bit" else 1e-3
+        torch.testing.assert_close(torch.tensor(got[folder]["fp32"]), expected[folder], rtol=0, atol=atol)
         assert (torch.tensor(got[folder]["bf16"]) - expected[folder]).abs().max() < 0.25

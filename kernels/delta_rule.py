@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .gla import _use_fla
+from .gla import _use_fla, upcast_half
 
 DEFAULT_CHUNK = 16
 
@@ -117,14 +117,18 @@ def delta_rule_fla(q, k, v, g, beta, initial_state=None):
     o, final = chunk_gated_delta_rule(q.transpose(1, 2), heads(k), heads(v), heads(g.float()), heads(beta),
                                       scale=1.0, initial_state=None if init is None else init.float(),
                                       output_final_state=True)
-    return o.transpose(1, 2), final[:, ::groups].to(q.dtype)
+    return o.transpose(1, 2), final[:, ::groups]  # fla's final state is float32
 
 
 def gated_delta_rule(q, k, v, g, beta, initial_state=None, chunk_size: int = DEFAULT_CHUNK):
-    """(o [B, Hq, T, V], final state [B, Hkv, K, V]). One token: the recurrence step; CUDA with fla-core:
-    chunk_gated_delta_rule; elsewhere the chunked torch path."""
-    if q.shape[2] == 1:
-        return delta_rule_recurrent_reference(q, k, v, g, beta, initial_state)
-    if _use_fla(q):
+    """(o [B, Hq, T, V] in q's dtype, final state [B, Hkv, K, V] in float32 or wider: see gla.py). One token: the
+    recurrence step; CUDA with fla-core: chunk_gated_delta_rule; elsewhere the chunked torch path."""
+    if q.shape[2] > 1 and _use_fla(q):
         return delta_rule_fla(q, k, v, g, beta, initial_state)
-    return delta_rule_chunked(q, k, v, g, beta, initial_state, chunk_size)
+    dtype = q.dtype
+    q, k, v, g, beta, initial_state = upcast_half(q, k, v, g, beta, initial_state)
+    if q.shape[2] == 1:
+        o, state = delta_rule_recurrent_reference(q, k, v, g, beta, initial_state)
+    else:
+        o, state = delta_rule_chunked(q, k, v, g, beta, initial_state, chunk_size)
+    return o.to(dtype), state

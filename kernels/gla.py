@@ -9,7 +9,11 @@ Three implementations, one contract:
 - `gla_chunked`: chunks of `chunk_size` tokens, exact pairwise decay inside a chunk and the state carried across
   chunks; differentiable, the CPU path (training and prefill);
 - fla-core's `chunk_gla` on CUDA when the optional `fla` extra is installed (imported lazily).
-`gated_linear_attention` picks one (COMPRESS_KERNELS=torch forces the torch path, as for every kernel here)."""
+`gated_linear_attention` picks one (COMPRESS_KERNELS=torch forces the torch path, as for every kernel here).
+
+Precision: the dispatchers here and in gsa.py / delta_rule.py return the state in float32 whatever the inputs' dtype
+(as fla does): a state summed over thousands of tokens in bf16 drifts, and the fused CPU decode steps read float32.
+The torch paths then compute in float32 and return outputs in the inputs' dtype."""
 from __future__ import annotations
 
 import functools
@@ -115,14 +119,23 @@ def gla_fla(q, k, v, g, initial_state=None):
     init = initial_state.repeat_interleave(groups, dim=1) if initial_state is not None and groups > 1 else initial_state
     o, final = chunk_gla(q.transpose(1, 2), heads(k), heads(v), heads(g), scale=1.0,
                          initial_state=None if init is None else init.float(), output_final_state=True)
-    return o.transpose(1, 2), final[:, ::groups].to(q.dtype)
+    return o.transpose(1, 2), final[:, ::groups]  # fla's final state is float32
+
+
+def upcast_half(*tensors):
+    """float16/bf16 tensors as float32; others (float32, the tests' float64) unchanged."""
+    return tuple(x.float() if x is not None and x.dtype in (torch.float16, torch.bfloat16) else x for x in tensors)
 
 
 def gated_linear_attention(q, k, v, g, initial_state=None, chunk_size: int = DEFAULT_CHUNK):
-    """(o [B, Hq, T, V], final state [B, Hkv, K, V]). One token: the recurrence step; CUDA with fla-core: chunk_gla;
-    elsewhere the chunked torch path."""
-    if q.shape[2] == 1:
-        return gla_step(q, k, v, g, initial_state)
-    if _use_fla(q):
+    """(o [B, Hq, T, V] in q's dtype, final state [B, Hkv, K, V] in float32 or wider). One token: the recurrence
+    step; CUDA with fla-core: chunk_gla; elsewhere the chunked torch path."""
+    if q.shape[2] > 1 and _use_fla(q):
         return gla_fla(q, k, v, g, initial_state)
-    return gla_chunked(q, k, v, g, initial_state, chunk_size)
+    dtype = q.dtype
+    q, k, v, g, initial_state = upcast_half(q, k, v, g, initial_state)
+    if q.shape[2] == 1:
+        o, state = gla_step(q, k, v, g, initial_state)
+    else:
+        o, state = gla_chunked(q, k, v, g, initial_state, chunk_size)
+    return o.to(dtype), state

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .gla import gla_chunked
+from .gla import gla_chunked, upcast_half
 
 DEFAULT_CHUNK = 16
 
@@ -95,8 +95,13 @@ def gsa_chunked(q, k, v, g, initial_state=None, chunk_size: int = DEFAULT_CHUNK)
 
 
 def gated_slot_attention(q, k, v, g, initial_state=None, chunk_size: int = DEFAULT_CHUNK):
-    """(o [B, Hq, T, V], packed state [B, Hkv, M, K + V]): the recurrence for one token, else the chunked path.
-    (fla-core has chunk_gsa, but with equal head counts and its own state layout; not wired.)"""
+    """(o [B, Hq, T, V] in q's dtype, packed state [B, Hkv, M, K + V] in float32 or wider: see gla.py): the
+    recurrence for one token, else the chunked path. (fla-core has chunk_gsa, but with equal head counts and its own
+    state layout; not wired.)"""
+    dtype = q.dtype
+    q, k, v, g, initial_state = upcast_half(q, k, v, g, initial_state)
     if q.shape[2] == 1:
-        return gsa_recurrent_reference(q, k, v, g, initial_state)
-    return gsa_chunked(q, k, v, g, initial_state, chunk_size)
+        o, state = gsa_recurrent_reference(q, k, v, g, initial_state)
+    else:
+        o, state = gsa_chunked(q, k, v, g, initial_state, chunk_size)
+    return o.to(dtype), state

@@ -148,7 +148,8 @@ class LinearizedAttention(nn.Module):
             if past is None:
                 keys, values, key_valid = k_rot, v, new_valid
             else:
-                keys, values = torch.cat([past[0], k_rot], dim=2), torch.cat([past[1], v], dim=2)
+                keys = torch.cat([past[0].to(k_rot.dtype), k_rot], dim=2)  # the ring buffer is float32
+                values = torch.cat([past[1].to(v.dtype), v], dim=2)
                 key_valid = torch.cat([past[2], new_valid], dim=1)
             windowed = sliding_window_attention(q_rot, keys, values, key_valid, window, self.scaling)
             out = self.settings.alpha * out + self.settings.beta * windowed

@@ -27,7 +27,7 @@ class LinearizedLayer(CacheLayerMixin):
     def __init__(self, window: int | None = None):
         super().__init__()
         self.window = window  # None: no window branch
-        self.state = None  # [B, Hkv, K, V]
+        self.state = None  # [B, Hkv, K, V], float32 or wider (as the kernels return it)
         self.window_keys = self.window_values = self.window_valid = None  # [B, Hkv, W - 1, D], [B, W - 1]
         self.cumulative_length = 0
 
@@ -50,10 +50,12 @@ class LinearizedLayer(CacheLayerMixin):
         self.state = state.detach().contiguous()  # the fused CPU decode step updates it in place
         if keys is not None:
             slots = self.window - 1
+            # the ring buffer is float32 or wider like the state (64 tokens; the fused CPU step reads float32)
+            dtype = torch.promote_types(keys.dtype, torch.float32)
             if self.window_keys is None:
                 b, h, _, d = keys.shape
-                self.window_keys = keys.new_zeros(b, h, slots, d)
-                self.window_values = values.new_zeros(b, h, slots, values.shape[-1])
+                self.window_keys = keys.new_zeros(b, h, slots, d, dtype=dtype)
+                self.window_values = values.new_zeros(b, h, slots, values.shape[-1], dtype=dtype)
                 self.window_valid = valid.new_zeros(b, slots)
             end = self.cumulative_length + new_tokens
             if new_tokens == 1:  # decoding: overwrite the oldest slot in place
@@ -67,8 +69,8 @@ class LinearizedLayer(CacheLayerMixin):
                     keys, values = (F.pad(x, (0, 0, short, 0)) for x in (keys, values))
                     valid = F.pad(valid, (short, 0), value=False)
                 shift = end % slots
-                self.window_keys = keys[:, :, -slots:].detach().roll(shift, dims=2).contiguous()
-                self.window_values = values[:, :, -slots:].detach().roll(shift, dims=2).contiguous()
+                self.window_keys = keys[:, :, -slots:].detach().roll(shift, dims=2).to(dtype).contiguous()
+                self.window_values = values[:, :, -slots:].detach().roll(shift, dims=2).to(dtype).contiguous()
                 self.window_valid = valid[:, -slots:].roll(shift, dims=1).contiguous()
         self.cumulative_length += new_tokens
 

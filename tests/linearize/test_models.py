@@ -1,5 +1,7 @@
 """Linearized models of each architecture: a full forward equals chunked prefill + token-by-token cached decoding,
 with and without left padding, with GQA and without; the cache stays constant in size."""
+import copy
+
 import pytest
 import torch
 
@@ -158,3 +160,23 @@ def test_fused_cpu_decode_step_matches_the_torch_step(tiny_model, arch, variant,
     with torch.enable_grad():  # training (gradients on) keeps the torch path
         model(ids[:, :1], cache=cache)
     assert len(calls) == 11 * model.config.num_hidden_layers
+
+
+@pytest.mark.parametrize("variant", ["gla", "hybrid", "mom", "gsa"])
+def test_half_precision_model_keeps_a_float32_state_and_decodes_as_its_forward(tiny_model, variant):
+    """A bf16 model's recurrent state and window stay float32 (a bf16 state summed over thousands of tokens drifts;
+    the fused CPU step reads float32), its cached decode equals its full forward to bf16 rounding, and both stay
+    near the float32 model's logits."""
+    model = converted(tiny_model, "llama", variant)
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    ids = torch.randint(1, 128, (2, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = half(ids).logits.float()
+        decoded, cache = incremental_logits(half, ids, prefill=5)
+        reference = model(ids).logits
+    for layer in cache.layers:
+        assert layer.state.dtype == torch.float32
+        assert layer.window_keys is None or layer.window_keys.dtype == torch.float32
+    scale = reference.abs().max()
+    assert (decoded.float() - full).abs().max() < 0.02 * scale
+    assert (full - reference).abs().max() < 0.05 * scale

@@ -40,6 +40,8 @@ from compress.progress import progress_bar
 VARIANTS = {"liger-gla": LinearizeSettings(variant="gla"), "liger-hybrid": LinearizeSettings(variant="hybrid"),
             "liger-gsa": LinearizeSettings(variant="gla", gate="gsa", num_slots=8),
             "mom": LinearizeSettings(variant="mom", num_memories=4, top_k=2),
+            # GLA's state size: one gated delta-rule memory (MoM with a single memory and no shared one)
+            "mom-1": LinearizeSettings(variant="mom", num_memories=1, top_k=1, shared_memory=False),
             # not Liger's: the recurrent branch divided by phi(q) . z (LinearizeSettings.normalize)
             "liger-gla-normalized": LinearizeSettings(variant="gla", normalize=True),
             "liger-hybrid-normalized": LinearizeSettings(variant="hybrid", normalize=True),
@@ -103,9 +105,13 @@ def decode_seconds(model, cache, steps: int) -> float:
     return (time.perf_counter() - t0) / steps
 
 
+def selected(args) -> dict[str, LinearizeSettings]:
+    return {name: s for name, s in VARIANTS.items() if not args.only or name in args.only}
+
+
 def speed_and_bytes(reference, args) -> dict[str, dict]:
     """{variant: {"cache_bytes": {ctx: bytes}, "decode_speedup": {ctx: ratio}}} plus the original's bytes."""
-    out = {name: {"cache_bytes": {}, "decode_speedup": {}} for name in ["original", *VARIANTS]}
+    out = {name: {"cache_bytes": {}, "decode_speedup": {}} for name in ["original", *selected(args)]}
     for ctx in progress_bar(CONTEXTS, description="decode speed"):
         if ctx <= reference.config.max_position_embeddings:
             base = reference
@@ -115,7 +121,7 @@ def speed_and_bytes(reference, args) -> dict[str, dict]:
             torch.manual_seed(0)
             base = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
         models = {"original": base}
-        for name, settings in VARIANTS.items():
+        for name, settings in selected(args).items():
             models[name] = copy.deepcopy(base)
             linearize_model(models[name], settings)
         times = {name: [] for name in models}
@@ -151,7 +157,7 @@ def run(args) -> list[dict]:
                  "copy": copy_probe(original, span_len=args.copy_len, num=args.probe_num),
                  "passkey": passkey_probe(original, tokenizer, heldout_text(), context_len=args.passkey_len,
                                           num=args.probe_num)})
-    for name, settings in progress_bar(list(VARIANTS.items()), description="variants"):
+    for name, settings in progress_bar(list(selected(args).items()), description="variants"):
         converted = copy.deepcopy(original)
         linearize_model(converted, settings)
         q = quality(converted, original, windows, tokenizer, args)
@@ -160,7 +166,7 @@ def run(args) -> list[dict]:
                "kl_converted": q["kl"], "top1_converted": q["top1"]}
         if name in recovered:
             folder = Path(recovered[name])
-            rec = compress.load(folder)
+            rec = compress.load(folder, dtype="float32")
             qr = quality(rec, original, windows, tokenizer, args)
             info = recovered_info(folder)
             row.update(ppl_recovered=qr["perplexity"], recovery_tokens=info["tokens"],
@@ -222,6 +228,7 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--skip-speed", action="store_true", help="no cache-bytes / decode-speed columns")
     ap.add_argument("--skip-quality", action="store_true", help="only the cache-bytes / decode-speed columns")
+    ap.add_argument("--only", nargs="*", choices=list(VARIANTS), help="these variants (and the original) only")
     args = ap.parse_args(argv)
     rows = run(args)
     if args.json:

@@ -17,11 +17,13 @@ What comes from the pretrained layer and what is new (a MoM layer is trained fro
   uniform routing at conversion, trained in recovery with the switch-style load-balancing loss (`aux_loss`).
 
 Output: o_t = (o_shared + sum_{m in top-k} w_m o_m) / 2, with w the router's probabilities renormalized over the
-chosen memories, so the two halves weigh like the hybrid's 0.5 / 0.5. A memory a token is not routed to sees an
+chosen memories, so the two halves weigh like the hybrid's 0.5 / 0.5 (`shared_memory: false`: the routed mixture
+alone; with num_memories 1 that is one gated delta-rule memory, GLA's state size). A memory a token is not routed to sees an
 identity step (k = decay = beta = 0). The memories are folded into the batch: the kernel runs B * (M + 1)
 sequences (dense compute, (M + 1)x a single memory; a gathered per-memory layout would cost (k + 1)x).
 
-Cache: a `LinearizedLayer` whose state is [B, M + 1, Hkv, K, V]: constant in context length."""
+Cache: a `LinearizedLayer` whose state is [B, M + 1, Hkv, K, V] (M without the shared memory): constant in context
+length."""
 from __future__ import annotations
 
 import torch
@@ -34,7 +36,7 @@ from .attention import LinearizedAttention, key_validity
 from .settings import LinearizeSettings
 
 ROUTER_INIT_STD = 0.02
-MIX_SCALE = 0.5  # (shared + routed mixture) / 2
+SHARED_MIX_SCALE = 0.5  # with a shared memory: (shared + routed mixture) / 2
 NEW_MODULES = ("router", "beta_proj")
 
 
@@ -84,11 +86,26 @@ class MixtureOfMemoriesAttention(LinearizedAttention):
 
     def extra_repr(self) -> str:
         s = self.settings
-        return f"layer_idx={self.layer_idx}, variant=mom, gate={s.gate}, memories={s.num_memories}+1, top_k={s.top_k}"
+        shared = "+1" if s.shared_memory else ""
+        return (f"layer_idx={self.layer_idx}, variant=mom, gate={s.gate}, memories={s.num_memories}{shared}, "
+                f"top_k={s.top_k}")
+
+    @property
+    def _mix_scale(self) -> float:
+        return SHARED_MIX_SCALE if self.settings.shared_memory else 1.0
+
+    @property
+    def memories(self) -> int:
+        """Memories in the state: the routed ones, after the shared one (index 0) when there is one."""
+        return self.settings.num_memories + int(self.settings.shared_memory)
+
+    def _with_shared(self, x: torch.Tensor) -> torch.Tensor:
+        """Routing weights or flags [.., M] with the shared memory's (always on, weight 1) in front, if any."""
+        return torch.cat([x.new_ones(*x.shape[:-1], 1), x], -1) if self.settings.shared_memory else x
 
     def state_shape(self, batch: int) -> tuple[int, ...]:
         b, *per_memory = super().state_shape(batch)
-        return b, self.settings.num_memories + 1, *per_memory
+        return b, self.memories, *per_memory
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
         cache = cache if cache is not None else kwargs.get("past_key_values")
@@ -109,16 +126,15 @@ class MixtureOfMemoriesAttention(LinearizedAttention):
                          if self.training and torch.is_grad_enabled() else None)
 
         if t == 1 and layer is not None and layer.state is not None and linear_decode_supported(layer.state):
-            active = torch.cat([chosen.new_ones(b, 1), chosen[:, 0]], -1)  # one C call per layer and step
-            mix = torch.cat([weights.new_ones(b, 1), weights[:, 0]], -1)
+            active, mix = self._with_shared(chosen[:, 0]), self._with_shared(weights[:, 0])  # one C call per layer
             out = mom_decode_step(phi_q, phi_k, v, log_gate, beta, layer.state, active, mix,
-                                  None if valid is None else valid[:, -1], MIX_SCALE)
+                                  None if valid is None else valid[:, -1], self._mix_scale)
             layer.cumulative_length += 1
             return self.o_proj(out.view(b, 1, -1).to(hidden_states.dtype)), None
-        memories = self.settings.num_memories + 1  # index 0: the shared memory
-        active = torch.cat([chosen.new_ones(b, t, 1), chosen], -1).transpose(1, 2).to(log_gate.dtype)  # [B, M+1, T]
+        memories = self.memories
+        active = self._with_shared(chosen).transpose(1, 2).to(log_gate.dtype)  # [B, memories, T]
 
-        def per_memory(x):  # [B, ...] -> [B * (M + 1), ...]
+        def per_memory(x):  # [B, ...] -> [B * memories, ...]
             return x.unsqueeze(1).expand(b, memories, *x.shape[1:]).flatten(0, 1)
 
         g = (log_gate.unsqueeze(1) * active.unsqueeze(2)).flatten(0, 1)  # [B * (M + 1), Hkv, T]
@@ -126,9 +142,9 @@ class MixtureOfMemoriesAttention(LinearizedAttention):
         state = layer.state.flatten(0, 1) if layer is not None and layer.state is not None else None
         out, state = gated_delta_rule(per_memory(phi_q), per_memory(phi_k), per_memory(v), g, beta, state,
                                       self.settings.chunk_size)
-        mix = torch.cat([weights.new_ones(b, t, 1), weights], -1).transpose(1, 2)  # [B, M+1, T]
+        mix = self._with_shared(weights).transpose(1, 2)  # [B, memories, T]
         out = out.view(b, memories, *out.shape[1:])
-        out = (out * mix[:, :, None, :, None].to(out.dtype)).sum(1) * MIX_SCALE
+        out = (out * mix[:, :, None, :, None].to(out.dtype)).sum(1) * self._mix_scale
         if layer is not None:
             layer.store(state.view(b, memories, *state.shape[1:]), new_tokens=t)
         out = out.transpose(1, 2).reshape(b, t, -1).to(hidden_states.dtype)

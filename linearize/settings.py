@@ -29,6 +29,8 @@ class LinearizeSettings(BaseModel):
     chunk_size: int = Field(16, ge=1, le=256, description="tokens per chunk of the chunked torch path")
     num_memories: int = Field(4, ge=1, le=64, description="routed memories per layer (mom; plus one shared memory)")
     top_k: int = Field(2, ge=1, description="memories each token is routed to (mom)")
+    shared_memory: bool = Field(True, description="mom: one more memory that every token writes and reads; without "
+                                "it, num_memories 1 is a single gated delta-rule memory, GLA's state size")
     num_slots: int = Field(8, ge=1, le=256, description="memory slots per KV head (gate gsa)")
 
     @model_validator(mode="after")

@@ -13,6 +13,7 @@ VARIANTS = {
     "hybrid-normalized": LinearizeSettings(variant="hybrid", window=8, normalize=True),
     "hgrn2": LinearizeSettings(variant="gla", gate="hgrn2"),
     "mom": LinearizeSettings(variant="mom", num_memories=3, top_k=2),
+    "mom-unshared": LinearizeSettings(variant="mom", num_memories=2, top_k=1, shared_memory=False),
     "gsa": LinearizeSettings(variant="gla", gate="gsa", num_slots=4),
 }
 TOL = dict(rtol=1e-5, atol=2e-5)
@@ -91,7 +92,7 @@ def test_softmax_layers_are_untouched_and_no_parameters_added(tiny_model):
     assert all(torch.equal(model.state_dict()[k], v) for k, v in original.state_dict().items())
 
 
-@pytest.mark.parametrize("variant", ["gla", "hybrid", "mom", "gsa"])
+@pytest.mark.parametrize("variant", ["gla", "hybrid", "mom", "mom-unshared", "gsa"])
 def test_cache_bytes_constant_in_context_length(tiny_model, variant):
     model = converted(tiny_model, "mistral", variant)
     sizes = []
@@ -103,8 +104,8 @@ def test_cache_bytes_constant_in_context_length(tiny_model, variant):
             sizes.append(cache_nbytes(cache)["total"])
     assert sizes[0] == sizes[1] == sizes[2] > 0
     # state: layers x KV heads x head_dim^2 floats; the hybrid adds window-1 keys and values and their validity
-    # (mom: one state per memory, 3 routed + 1 shared; gsa: 4 slots of a key and a value)
-    state = 3 * 2 * {"mom": 4 * 16 * 16, "gsa": 4 * (16 + 16)}.get(variant, 16 * 16) * 4
+    # (mom: one state per memory, 3 routed + 1 shared, or 2 routed alone; gsa: 4 slots of a key and a value)
+    state = 3 * 2 * {"mom": 4 * 16 * 16, "mom-unshared": 2 * 16 * 16, "gsa": 4 * (16 + 16)}.get(variant, 16 * 16) * 4
     window = 3 * (2 * 2 * 7 * 16 * 4 + 7) if variant == "hybrid" else 0
     assert sizes[0] == state + window
 
@@ -130,7 +131,7 @@ def test_normalized_recurrence_is_a_weighted_mean_of_values(tiny_model):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("variant", ["gla", "hgrn2", "hybrid", "hybrid-normalized", "mom", "gsa"])
+@pytest.mark.parametrize("variant", ["gla", "hgrn2", "hybrid", "hybrid-normalized", "mom", "mom-unshared", "gsa"])
 def test_fused_cpu_decode_step_matches_the_torch_step(tiny_model, arch, variant, monkeypatch):
     """The one-call C decode step (kernels/linear_decode_cpu.py) against forward's torch path, token by token, with
     left padding and a window that fills up during decoding (prefill 5 < 7 slots)."""
@@ -146,7 +147,7 @@ def test_fused_cpu_decode_step_matches_the_torch_step(tiny_model, arch, variant,
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
     calls = []
-    module, name = {"mom": (mom, "mom_decode_step"), "gsa": (attention, "gsa_decode_step")}.get(
+    module, name = {"mom": (mom, "mom_decode_step"), "mom-unshared": (mom, "mom_decode_step"), "gsa": (attention, "gsa_decode_step")}.get(
         variant, (attention, "linear_decode_step"))
     fused = getattr(module, name)
     monkeypatch.setattr(module, name, lambda *a, **k: calls.append(1) or fused(*a, **k))

@@ -12,7 +12,10 @@ CPU (one torch thread, fp32; speeds as ratios of paired medians):
   gate" (the whole gate computed) and "predictor rank r" (a rank-r SVD predictor, rank = `--predictor-ratio` x
   hidden, picks candidates; only their gate rows are read; its misses are in its row's ppl_delta_pct). Speed: an
   ActivationSparseMLP at Llama-3-8B's MLP shape (4096 x 14336, random weights) whose thresholds give the same
-  inactive (and candidate) shares on its inputs, vs the same dense MLP, 1 and 4 tokens.
+  inactive (and candidate) shares on its inputs, vs the same dense MLP, 1 and 4 tokens. Timed over enough copies
+  (`weight_copies`, distinct random weights, called in turn) that the weights read per cycle exceed 3x the CPU's
+  largest cache, as the 32 layers of a real model do: a 480 MB L3 would otherwise hold the sparse path's ~460 MB
+  working set and not the dense path's 705 MB, a gain no real model sees.
 CUDA (fp16, when a GPU is present): per shape and tokens, dense cuBLAS vs the packed runtime's dispatched path
 (kind semi_structured, with every candidate's time), the packed GEMV alone (packed_gemv, <= 16 tokens), the
 activation-sparse MLP (Triton gathers), and a 2-layer model with Llama-3-8B layer shapes, all Linears 2:4: prefill
@@ -20,7 +23,9 @@ of 4096 tokens and 64 decoded tokens, tokens/s vs dense. Without CUDA only the C
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import math
 import os
 import sys
 import time
@@ -183,6 +188,22 @@ def mlp_at_sparsity(sparsity: float, dtype=torch.float32, device="cpu", predicto
     return dense, sparse  # eval mode: training mode runs the masked dense path
 
 
+def largest_cache_bytes() -> int:
+    """The CPU's largest cache as sysfs reports it (e.g. "491520K"); 32 MiB where it does not."""
+    sizes = []
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = f.read_text().strip()
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        sizes.append(int(text.rstrip("KMG")) * scale)
+    return max(sizes, default=32 << 20)
+
+
+def cycling(fns):
+    """One callable that calls `fns` in turn (each call a different copy of the weights)."""
+    turn = itertools.cycle(fns)
+    return lambda: next(turn)()
+
+
 @torch.no_grad()
 def cpu_activation_sparse(quality: dict, repeats) -> list[dict]:
     from compress.activation_sparsity import ActivationSparseMLP
@@ -191,18 +212,23 @@ def cpu_activation_sparse(quality: dict, repeats) -> list[dict]:
     if quality.get("predictor_rank"):
         rank = round(MLP_SHAPE[0] * quality["predictor_ratio"])
         variants.append((f"predictor rank {rank}", quality, rank, quality["candidate_share"]))
+    mlp_bytes = 3 * MLP_SHAPE[0] * MLP_SHAPE[1] * 4
+    copies = max(1, math.ceil(3 * largest_cache_bytes() / mlp_bytes))
     rows = []
     for gate, q, rank, share in variants:
-        dense, sparse = mlp_at_sparsity(q["sparsity"], predictor_rank=rank, candidate_share=share)
+        pairs = [mlp_at_sparsity(q["sparsity"], predictor_rank=rank, candidate_share=share) for _ in range(copies)]
+        sparse = pairs[0][1]
         for t in (1, 4):
             x = torch.randn(t, MLP_SHAPE[0])
             sparse.record, sparse.counts = True, [0, 0]
             sparse(x)
             sparse.record = False
             measured = 1 - sparse.counts[0] / sparse.counts[1]
-            d, s = paired_median_seconds([lambda: dense(x), lambda: sparse(x)], repeats)
+            d, s = paired_median_seconds([cycling([lambda f=f: f(x) for f, _ in pairs]),
+                                          cycling([lambda f=f: f(x) for _, f in pairs])], repeats)
             rows.append(dict(device="cpu", kind="activation_sparse_mlp", shape=f"{MLP_SHAPE[0]}x{MLP_SHAPE[1]}",
                              tokens=t, gate=gate, speedup_vs_dense=d / s, dense_ms=d * 1e3, ours_ms=s * 1e3,
+                             weight_copies=copies,
                              sparsity=measured, candidate_share=share if rank else None,
                              ppl_delta_pct=q["ppl_delta_pct"], path=sparse.runtime_path(t),
                              quality_model=quality["model"], kl=q["kl"],

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .gla import _use_fla, upcast_half
+from .gla import _use_fla, torch_path_in_float32
 
 DEFAULT_CHUNK = 16
 
@@ -125,10 +125,5 @@ def gated_delta_rule(q, k, v, g, beta, initial_state=None, chunk_size: int = DEF
     recurrence step; CUDA with fla-core: chunk_gated_delta_rule; elsewhere the chunked torch path."""
     if q.shape[2] > 1 and _use_fla(q):
         return delta_rule_fla(q, k, v, g, beta, initial_state)
-    dtype = q.dtype
-    q, k, v, g, beta, initial_state = upcast_half(q, k, v, g, beta, initial_state)
-    if q.shape[2] == 1:
-        o, state = delta_rule_recurrent_reference(q, k, v, g, beta, initial_state)
-    else:
-        o, state = delta_rule_chunked(q, k, v, g, beta, initial_state, chunk_size)
-    return o.to(dtype), state
+    return torch_path_in_float32(delta_rule_recurrent_reference, delta_rule_chunked, q, k, v, g, beta,
+                                 initial_state=initial_state, chunk_size=chunk_size)

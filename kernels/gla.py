@@ -127,15 +127,22 @@ def upcast_half(*tensors):
     return tuple(x.float() if x is not None and x.dtype in (torch.float16, torch.bfloat16) else x for x in tensors)
 
 
+def torch_path_in_float32(step, chunked, *inputs, initial_state=None, chunk_size: int = DEFAULT_CHUNK):
+    """A torch recurrence (`step` for one token, else `chunked`) computed in float32 for half-precision inputs:
+    (o in the inputs' dtype, state in float32 or wider)."""
+    dtype = inputs[0].dtype
+    *inputs, initial_state = upcast_half(*inputs, initial_state)
+    if inputs[0].shape[2] == 1:
+        o, state = step(*inputs, initial_state)
+    else:
+        o, state = chunked(*inputs, initial_state, chunk_size)
+    return o.to(dtype), state
+
+
 def gated_linear_attention(q, k, v, g, initial_state=None, chunk_size: int = DEFAULT_CHUNK):
     """(o [B, Hq, T, V] in q's dtype, final state [B, Hkv, K, V] in float32 or wider). One token: the recurrence
     step; CUDA with fla-core: chunk_gla; elsewhere the chunked torch path."""
     if q.shape[2] > 1 and _use_fla(q):
         return gla_fla(q, k, v, g, initial_state)
-    dtype = q.dtype
-    q, k, v, g, initial_state = upcast_half(q, k, v, g, initial_state)
-    if q.shape[2] == 1:
-        o, state = gla_step(q, k, v, g, initial_state)
-    else:
-        o, state = gla_chunked(q, k, v, g, initial_state, chunk_size)
-    return o.to(dtype), state
+    return torch_path_in_float32(gla_step, gla_chunked, q, k, v, g, initial_state=initial_state,
+                                 chunk_size=chunk_size)

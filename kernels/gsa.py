@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .gla import gla_chunked, upcast_half
+from .gla import gla_chunked, torch_path_in_float32
 
 DEFAULT_CHUNK = 16
 
@@ -98,10 +98,5 @@ def gated_slot_attention(q, k, v, g, initial_state=None, chunk_size: int = DEFAU
     """(o [B, Hq, T, V] in q's dtype, packed state [B, Hkv, M, K + V] in float32 or wider: see gla.py): the
     recurrence for one token, else the chunked path. (fla-core has chunk_gsa, but with equal head counts and its own
     state layout; not wired.)"""
-    dtype = q.dtype
-    q, k, v, g, initial_state = upcast_half(q, k, v, g, initial_state)
-    if q.shape[2] == 1:
-        o, state = gsa_recurrent_reference(q, k, v, g, initial_state)
-    else:
-        o, state = gsa_chunked(q, k, v, g, initial_state, chunk_size)
-    return o.to(dtype), state
+    return torch_path_in_float32(gsa_recurrent_reference, gsa_chunked, q, k, v, g, initial_state=initial_state,
+                                 chunk_size=chunk_size)

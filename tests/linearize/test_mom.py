@@ -66,13 +66,15 @@ def test_aux_loss_is_differentiable_and_only_set_in_training(tiny_model):
     assert router.grad is not None and router.grad.abs().sum() > 0
 
 
-def test_checkpoint_round_trip_and_generate(tmp_path, reference_tokenizer):
+@pytest.mark.parametrize("memories,shared", [(4, True), (1, False)], ids=["4+shared", "1-unshared"])
+def test_checkpoint_round_trip_and_generate(tmp_path, reference_tokenizer, memories, shared):
     model = compress.load("builtin:tiny")
     ids = torch.tensor([reference_tokenizer("The Python tutorial explains")["input_ids"]])
-    lin = compress.get_pass("linearize")(variant="mom", num_memories=4, top_k=2, layers="every_2")
+    lin = compress.get_pass("linearize")(variant="mom", num_memories=memories, top_k=min(2, memories),
+                                         shared_memory=shared, layers="every_2")
     model, report = compress.apply(model, [lin], progress=False)
     cfg = model.config
-    per_layer = cfg.hidden_size * 4 + cfg.hidden_size * cfg.num_key_value_heads + cfg.num_key_value_heads
+    per_layer = cfg.hidden_size * memories + cfg.hidden_size * cfg.num_key_value_heads + cfg.num_key_value_heads
     assert report.passes[0].details["new_parameters"] == 3 * per_layer
     with torch.no_grad():  # the saved router must be the trained one, not a fresh draw: perturb it (bf16-exactly)
         model.model.layers[0].self_attn.router.weight.mul_(2.0)
@@ -80,7 +82,8 @@ def test_checkpoint_round_trip_and_generate(tmp_path, reference_tokenizer):
     reloaded = compress.load(compress.save(model, tmp_path / "out", tokenizer=reference_tokenizer))
     kinds = [type(layer.self_attn) is MixtureOfMemoriesAttention for layer in reloaded.model.layers]
     assert kinds == [True, False] * 3
-    assert reloaded.model.layers[0].self_attn.settings.num_memories == 4
+    settings = reloaded.model.layers[0].self_attn.settings
+    assert (settings.num_memories, settings.shared_memory) == (memories, shared)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=0)
         a = reloaded.generate(ids, max_new_tokens=8, do_sample=False)

@@ -95,7 +95,8 @@ def cpu_e2e_tiny(repeats) -> list[dict]:
 
 @torch.no_grad()
 def calibrated_quality(model_name: str, calib_samples: int, eval_windows: int, greedy_rounds: int | None = 0,
-                       budget: float = 0.01, predictor_ratio: float = 0.0, recall: float = 0.99) -> dict:
+                       budget: float = 0.01, predictor_ratio: float = 0.0, recall: float = 0.99,
+                       neuron_scaling: bool = False) -> dict:
     """Calibrate the activation_sparsity pass on `model_name`; held-out perplexity change and inactive share.
     greedy_rounds > 0: per-layer thresholds built up greedily (steps of 10% inactive) instead of one CETT value;
     None: 8 rounds per layer (enough to move every layer to ~80%). predictor_ratio > 0: also a gate predictor of rank
@@ -111,7 +112,7 @@ def calibrated_quality(model_name: str, calib_samples: int, eval_windows: int, g
     rank = round(predictor_ratio * base.config.hidden_size)
     spec = ActivationSparsity(outer_steps=8, inner_steps=16, search_tokens=1024, greedy_rounds=greedy_rounds,
                               greedy_step=0.1, target_ppl_increase=budget, predictor_rank=rank,
-                              predictor_recall=recall)
+                              predictor_recall=recall, neuron_scaling=neuron_scaling)
     model, report = compress.apply(compress.load(model_name, dtype="float32"), [spec],
                                    calibration={"source": "builtin:calibration", "num_samples": calib_samples,
                                                 "seq_len": 256}, tokenizer=tok, progress=False)
@@ -132,7 +133,7 @@ def calibrated_quality(model_name: str, calib_samples: int, eval_windows: int, g
                calibration="per-layer greedy" if greedy_rounds else "one CETT value",
                calibration_ppl_delta_pct=100 * d["ppl_increase"], kl=ev["kl"], cett=d["cett"],
                layer_sparsity=[round(s, 3) for s in d["layer_sparsity"]], predictor_rank=rank,
-               predictor_ratio=predictor_ratio)
+               predictor_ratio=predictor_ratio, neuron_scaling=neuron_scaling)
     if rank:
         out["candidate_share"] = sum(d["candidate_share"]) / len(mlps)
         saved = [float(m.predictor_threshold) for m in mlps]
@@ -356,14 +357,24 @@ def main() -> None:
                     "as a share of the hidden size (0: no predictor rows)")
     ap.add_argument("--recall", type=float, default=0.99, help="activation sparsity: the predictor's recall of the "
                     "exactly-active neurons on the calibration tokens")
+    ap.add_argument("--neuron-scaling", action="store_true", help="activation sparsity: threshold |act(gate)| x "
+                    "E|up_i| x ||W_down[:, i]|| (the pass's neuron_scaling) instead of |act(gate)|")
     ap.add_argument("--only-activation-sparse", action="store_true", help="only the activation_sparse_mlp rows")
+    ap.add_argument("--save-quality", type=Path, help="write the activation-sparsity calibration result (JSON) here")
+    ap.add_argument("--quality", type=Path, help="reuse a --save-quality file instead of calibrating again (the "
+                    "slow part: the speed rows then time this machine at that file's inactive shares)")
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     repeats = 3 if args.quick else 7
     rows: list[dict] = []
-    quality = calibrated_quality(args.model, 8 if args.quick else args.calibration_samples, 8 if args.quick else 32,
-                                 0 if args.quick else args.greedy_rounds, args.ppl_budget, args.predictor_ratio,
-                                 args.recall)
+    if args.quality is not None:
+        quality = json.loads(args.quality.read_text())
+    else:
+        quality = calibrated_quality(args.model, 8 if args.quick else args.calibration_samples,
+                                     8 if args.quick else 32, 0 if args.quick else args.greedy_rounds,
+                                     args.ppl_budget, args.predictor_ratio, args.recall, args.neuron_scaling)
+    if args.save_quality is not None:
+        args.save_quality.write_text(json.dumps(quality, indent=2))
     if not args.no_cpu:
         saved = torch.get_num_threads()
         torch.set_num_threads(1)

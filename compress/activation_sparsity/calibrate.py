@@ -1,7 +1,7 @@
 """Per-layer gate thresholds at a perplexity budget (CATS thresholds, chosen the Sparsing Law way).
 
 Neuron i of an FFN is skipped for a token when |act(gate(x))_i| < tau (CATS: the gate is known before up_proj and
-down_proj run, so skipping saves their work). Per layer, tau comes from a target CETT (the relative output error of
+down_proj run, so skipping saves their work), or |act(gate(x))_i| * s_i < tau with neuron scaling (mlp.py). Per layer, tau comes from a target CETT (the relative output error of
 the truncation, compress/prune/activation_sparsity.py): the largest tau whose mean CETT stays within it. Across
 layers, one CETT value is searched by bisection: the largest whose thresholds, all applied at once, raise the
 perplexity on the calibration windows by at most `target_ppl_increase`; or (`greedy_rounds` > 0) per-layer
@@ -37,8 +37,8 @@ def _capture(mlps: list[ActivationSparseMLP], model, windows: torch.Tensor, sear
         handles.append(mlp.down_proj.register_forward_pre_hook(
             lambda mod, args, i=i: acts[i].append(args[0].detach().reshape(-1, args[0].shape[-1]).float())))
         handles.append(mlp.gate_proj.register_forward_hook(
-            lambda mod, args, out, i=i, act=mlp.act_fn:
-            scores[i].append(act(out.detach()).abs().reshape(-1, out.shape[-1]).float())))
+            lambda mod, args, out, i=i, mlp=mlp:
+            scores[i].append(mlp.scores(mlp.act_fn(out.detach())).reshape(-1, out.shape[-1]).float())))
     _forward_with_hooks(model, windows, search_tokens, batch_size, handles)
     return [(torch.cat(a)[:search_tokens], torch.cat(s)[:search_tokens]) for a, s in zip(acts, scores)]
 
@@ -52,6 +52,8 @@ def calibrate_thresholds(model, mlps: list[ActivationSparseMLP], windows: torch.
     """Set each module's `threshold`; return what was found (thresholds, sparsity per layer, perplexities)."""
     for m in mlps:
         m.threshold.fill_(0.0)
+    if any(m.neuron_scaling for m in mlps):  # before the scores are captured: they include the scales
+        _fit_neuron_scales(model, mlps, windows, search_tokens, batch_size, storage_dtype)
     captured = _capture(mlps, model, windows, search_tokens, batch_size)
     layers = [LayerActivations(a, m.down_proj.weight.detach().float(), scores=s) for m, (a, s) in zip(mlps, captured)]
     dense_ppl = evaluate(model, windows, batch_size=batch_size, progress=False)["perplexity"]
@@ -123,6 +125,27 @@ def _greedy_layers(trial, scores: list[torch.Tensor], best: dict, limit: float, 
 
 
 @torch.no_grad()
+def _fit_neuron_scales(model, mlps: list[ActivationSparseMLP], windows: torch.Tensor, search_tokens: int,
+                       batch_size: int, storage_dtype: torch.dtype | None) -> None:
+    """Each scaled module's s_i = E|up_i(x)| * ||W_down[:, i]|| over the first `search_tokens` calibration tokens."""
+    sums = [torch.zeros(m.up_proj.out_features) for m in mlps]
+    counts = [0] * len(mlps)
+
+    def add(i, out):
+        if counts[i] < search_tokens:
+            rows = out.detach().reshape(-1, out.shape[-1])[: search_tokens - counts[i]]
+            sums[i] += rows.abs().float().sum(0).cpu()
+            counts[i] += rows.shape[0]
+
+    handles = [m.up_proj.register_forward_hook(lambda mod, args, out, i=i: add(i, out))
+               for i, m in enumerate(mlps) if m.neuron_scaling]
+    _forward_with_hooks(model, windows, search_tokens, batch_size, handles)
+    for m, total, n in zip(mlps, sums, counts):
+        if m.neuron_scaling:
+            m.fit_neuron_scale((total / max(n, 1)).to(m.neuron_scale.device), storage_dtype)
+
+
+@torch.no_grad()
 def _fit_predictors(model, mlps: list[ActivationSparseMLP], windows: torch.Tensor, search_tokens: int,
                     batch_size: int, recall: float, storage_dtype: torch.dtype | None) -> list[float]:
     """Fit each gate predictor (SVD) and set its threshold so that, on the calibration tokens, a share `recall` of
@@ -136,7 +159,7 @@ def _fit_predictors(model, mlps: list[ActivationSparseMLP], windows: torch.Tenso
     for m, xs in zip(mlps, inputs):
         x = torch.cat(xs)[:search_tokens]
         m.fit_predictor(storage_dtype)
-        exact = m.act_fn(m.gate_proj(x)).abs().float()
+        exact = m.scores(m.act_fn(m.gate_proj(x))).float()
         predicted = m.predicted_scores(x).float()
         kept = predicted[exact >= float(m.threshold)]
         kept = kept[:: max(1, kept.numel() // 1_000_000)]  # torch.quantile's size limit

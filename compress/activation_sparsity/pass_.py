@@ -43,6 +43,10 @@ class ActivationSparsity(Pass):
         predictor_rank: int = Field(0, ge=0, description="0: decoding computes the whole gate; r > 0: a rank-r SVD "
                                     "predictor of the gate picks candidate neurons and only their gate rows are read "
                                     "(saves up to a third of the MLP's weight reads; stored with the weights)")
+        neuron_scaling: bool = Field(True, description="threshold |act(gate)| x s_i, s_i = E|up_i| x ||W_down[:, i]|| "
+                                     "on the calibration tokens (channel-wise, CHESS-style) instead of |act(gate)| "
+                                     "(CATS): 5-9 points more inactive neurons at the same held-out perplexity on the "
+                                     "reference models; the scales are saved with the weights")
         predictor_recall: float = Field(0.99, gt=0.5, le=1.0, description="share of the exactly-active neurons the "
                                         "predictor must keep on the calibration tokens (sets its threshold)")
 
@@ -69,7 +73,8 @@ class ActivationSparsity(Pass):
             modules = []
             for name, mlp in targets.items():
                 module = mlp if isinstance(mlp, ActivationSparseMLP) else \
-                    ActivationSparseMLP(mlp, max_sparse_tokens=c.max_sparse_tokens, predictor_rank=c.predictor_rank)
+                    ActivationSparseMLP(mlp, max_sparse_tokens=c.max_sparse_tokens, predictor_rank=c.predictor_rank,
+                                        neuron_scaling=c.neuron_scaling)
                 replace_module(model, name, module)
                 modules.append(module)
             found = calibrate_thresholds(model, modules, windows, c.target_ppl_increase, search_tokens=c.search_tokens,
@@ -79,7 +84,8 @@ class ActivationSparsity(Pass):
                                          storage_dtype=checkpoint_dtype(model), progress=ctx.progress)
         report.bytes_before = report.bytes_after = 0  # weights unchanged: this pass saves work, not bytes
         restore = {name: {"threshold": float(m.threshold), "predictor_rank": m.predictor_rank,
-                          "predictor_threshold": float(m.predictor_threshold)} for name, m in zip(targets, modules)}
+                          "predictor_threshold": float(m.predictor_threshold), "neuron_scaling": m.neuron_scaling}
+                   for name, m in zip(targets, modules)}
         report.details = {**found, "restore": restore}
         return report
 
@@ -95,4 +101,5 @@ class ActivationSparsity(Pass):
             replace_module(model, name, ActivationSparseMLP(
                 mlp, threshold=float(spec["threshold"]), max_sparse_tokens=self.config.max_sparse_tokens,
                 predictor_rank=int(spec.get("predictor_rank", 0)),
-                predictor_threshold=float(spec.get("predictor_threshold", 0.0))))
+                predictor_threshold=float(spec.get("predictor_threshold", 0.0)),
+                neuron_scaling=bool(spec.get("neuron_scaling", False))))

@@ -153,3 +153,34 @@ def test_user_errors(reference_tokenizer):
         compress.apply(compress.load("builtin:tiny"), [ActivationSparsity()], progress=False)
     with pytest.raises(compress.ConfigError, match="target_ppl_increase"):
         ActivationSparsity(target_ppl_increase=1.5)
+
+
+def test_neuron_scaling_criterion_paths_and_reload(tmp_path, reference_tokenizer):
+    """neuron_scaling: the kept neurons are those with |act(gate)| * s_i >= threshold, s_i = E|up_i| * ||W_down[:, i]||
+    (mean 1) on the calibration tokens; the sparse path with a predictor equals the masked dense path; the scales
+    reload with the checkpoint."""
+    model, report = compress.apply(compress.load("builtin:tiny", dtype="float32"),
+                                   [ActivationSparsity(target_ppl_increase=0.02, neuron_scaling=True, predictor_rank=32,
+                                                       **FAST)],
+                                   calibration=CALIB, tokenizer=reference_tokenizer, progress=False)
+    m0 = mlps(model)[0]
+    scale = m0.neuron_scale
+    assert scale.mean().item() == pytest.approx(1.0, rel=0.01) and scale.std() > 0.05  # not all ones
+    ids = torch.randint(0, 8192, (1, 12), generator=torch.Generator().manual_seed(0))
+    x = torch.randn(3, 256) * 3
+    with torch.no_grad():
+        g = m0.act_fn(m0.gate_proj(x))
+        keep = (g.abs() * scale >= m0.threshold) & m0.candidates(x)
+        expected = m0.down_proj(g * m0.up_proj(x) * keep)
+        fast = m0(x)
+        m0.max_sparse_tokens = 0
+        masked = m0(x)
+        m0.max_sparse_tokens = 4
+    assert 0 < keep.float().mean() < 1
+    torch.testing.assert_close(fast, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(masked, expected, rtol=1e-5, atol=1e-5)
+    reloaded = compress.load(compress.save(model, tmp_path / "scaled"), dtype="float32")
+    r0 = mlps(reloaded)[0]
+    assert r0.neuron_scaling and torch.equal(r0.neuron_scale, scale)  # rounded to the checkpoint's bf16 when fitted
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-4, atol=1e-4)

@@ -206,7 +206,7 @@ def cycling(fns):
 
 
 @torch.no_grad()
-def cpu_activation_sparse(quality: dict, repeats) -> list[dict]:
+def cpu_activation_sparse(quality: dict, repeats, copies: int = 0) -> list[dict]:
     from compress.activation_sparsity import ActivationSparseMLP
 
     variants = [("dense gate", quality.get("without_predictor", quality), 0, 1.0)]
@@ -214,7 +214,7 @@ def cpu_activation_sparse(quality: dict, repeats) -> list[dict]:
         rank = round(MLP_SHAPE[0] * quality["predictor_ratio"])
         variants.append((f"predictor rank {rank}", quality, rank, quality["candidate_share"]))
     mlp_bytes = 3 * MLP_SHAPE[0] * MLP_SHAPE[1] * 4
-    copies = max(1, math.ceil(3 * largest_cache_bytes() / mlp_bytes))
+    copies = copies or max(1, math.ceil(3 * largest_cache_bytes() / mlp_bytes))
     rows = []
     for gate, q, rank, share in variants:
         pairs = [mlp_at_sparsity(q["sparsity"], predictor_rank=rank, candidate_share=share) for _ in range(copies)]
@@ -360,6 +360,8 @@ def main() -> None:
     ap.add_argument("--neuron-scaling", action="store_true", help="activation sparsity: threshold |act(gate)| x "
                     "E|up_i| x ||W_down[:, i]|| (the pass's neuron_scaling) instead of |act(gate)|")
     ap.add_argument("--only-activation-sparse", action="store_true", help="only the activation_sparse_mlp rows")
+    ap.add_argument("--weight-copies", type=int, default=0, help="activation-sparse MLP timing: copies of its "
+                    "weights called in turn (0: enough to exceed 3x the largest CPU cache; 1 shows a warm cache)")
     ap.add_argument("--save-quality", type=Path, help="write the activation-sparsity calibration result (JSON) here")
     ap.add_argument("--quality", type=Path, help="reuse a --save-quality file instead of calibrating again (the "
                     "slow part: the speed rows then time this machine at that file's inactive shares)")
@@ -379,7 +381,7 @@ def main() -> None:
         saved = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            rows += cpu_activation_sparse(quality, repeats)
+            rows += cpu_activation_sparse(quality, repeats, args.weight_copies)
             if not args.only_activation_sparse:
                 rows += cpu_runtime_dense([1, 8] if args.quick else [1, 8, 64], repeats)
                 rows += cpu_e2e_tiny(repeats)

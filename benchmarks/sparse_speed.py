@@ -6,8 +6,8 @@ CPU (one torch thread, fp32; speeds as ratios of paired medians):
 - runtime_dense: a 2:4 SparseLinear loaded with runtime `dense` vs the unpruned nn.Linear, Llama shapes, 1/8/64
   tokens; e2e_prefill / e2e_decode: builtin:tiny pruned 2:4 (runtime dense) vs unpruned, prefill 256 tokens and
   greedy decoding of 64 tokens.
-- activation_sparse_mlp: the `activation_sparsity` pass is calibrated on the reference model (`--model`, default
-  builtin:small, fp32; `--ppl-budget` on its calibration windows); ppl_delta_pct is the held-out perplexity change
+- activation_sparse_mlp: the `activation_sparsity` pass (neuron scaling unless `--no-neuron-scaling`) is calibrated
+  on the reference model (`--model`, default builtin:small, fp32; `--ppl-budget` on its calibration windows); ppl_delta_pct is the held-out perplexity change
   at those thresholds and `sparsity` the inactive share measured there. Two rows per token count: `gate` "dense
   gate" (the whole gate computed) and "predictor rank r" (a rank-r SVD predictor, rank = `--predictor-ratio` x
   hidden, picks candidates; only their gate rows are read; its misses are in its row's ppl_delta_pct). Speed: an
@@ -357,8 +357,9 @@ def main() -> None:
                     "as a share of the hidden size (0: no predictor rows)")
     ap.add_argument("--recall", type=float, default=0.99, help="activation sparsity: the predictor's recall of the "
                     "exactly-active neurons on the calibration tokens")
-    ap.add_argument("--neuron-scaling", action="store_true", help="activation sparsity: threshold |act(gate)| x "
-                    "E|up_i| x ||W_down[:, i]|| (the pass's neuron_scaling) instead of |act(gate)|")
+    ap.add_argument("--neuron-scaling", action=argparse.BooleanOptionalAction, default=True,
+                    help="activation sparsity: threshold |act(gate)| x E|up_i| x ||W_down[:, i]|| (the pass's "
+                    "neuron_scaling, its default); --no-neuron-scaling: |act(gate)| (CATS)")
     ap.add_argument("--only-activation-sparse", action="store_true", help="only the activation_sparse_mlp rows")
     ap.add_argument("--weight-copies", type=int, default=0, help="activation-sparse MLP timing: copies of its "
                     "weights called in turn (0: enough to exceed 3x the largest CPU cache; 1 shows a warm cache)")

@@ -7,8 +7,8 @@ CPU (one torch thread, fp32; speeds as ratios of paired medians):
   tokens; e2e_prefill / e2e_decode: builtin:tiny pruned 2:4 (runtime dense) vs unpruned, prefill 256 tokens and
   greedy decoding of 64 tokens.
 - activation_sparse_mlp: the `activation_sparsity` pass (neuron scaling unless `--no-neuron-scaling`) is calibrated
-  on the reference model (`--model`, default builtin:small, fp32; `--ppl-budget` on its calibration windows); ppl_delta_pct is the held-out perplexity change
-  at those thresholds and `sparsity` the inactive share measured there. Two rows per token count: `gate` "dense
+  on the reference model (`--model`, default builtin:small, fp32; `--ppl-budget` on its calibration windows);
+  ppl_delta_pct is the held-out perplexity change at those thresholds and `sparsity` the inactive share measured there. Two rows per token count: `gate` "dense
   gate" (the whole gate computed) and "predictor rank r" (a rank-r SVD predictor, rank = `--predictor-ratio` x
   hidden, picks candidates; only their gate rows are read; its misses are in its row's ppl_delta_pct). Speed: an
   ActivationSparseMLP at Llama-3-8B's MLP shape (4096 x 14336, random weights) whose thresholds give the same

@@ -8,8 +8,8 @@ CPU (one torch thread, fp32; speeds as ratios of paired medians):
   greedy decoding of 64 tokens.
 - activation_sparse_mlp: the `activation_sparsity` pass (neuron scaling unless `--no-neuron-scaling`) is calibrated
   on the reference model (`--model`, default builtin:small, fp32; `--ppl-budget` on its calibration windows);
-  ppl_delta_pct is the held-out perplexity change at those thresholds and `sparsity` the inactive share measured there. Two rows per token count: `gate` "dense
-  gate" (the whole gate computed) and "predictor rank r" (a rank-r SVD predictor, rank = `--predictor-ratio` x
+  ppl_delta_pct is the held-out perplexity change at those thresholds and `sparsity` the inactive share measured
+  there. Two rows per token count: `gate` "dense gate" (the whole gate computed) and "predictor rank r" (a rank-r SVD predictor, rank = `--predictor-ratio` x
   hidden, picks candidates; only their gate rows are read; its misses are in its row's ppl_delta_pct). Speed: an
   ActivationSparseMLP at Llama-3-8B's MLP shape (4096 x 14336, random weights) whose thresholds give the same
   inactive (and candidate) shares on its inputs, vs the same dense MLP, 1 and 4 tokens. Timed over enough copies

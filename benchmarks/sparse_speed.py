@@ -9,13 +9,13 @@ CPU (one torch thread, fp32; speeds as ratios of paired medians):
 - activation_sparse_mlp: the `activation_sparsity` pass (neuron scaling unless `--no-neuron-scaling`) is calibrated
   on the reference model (`--model`, default builtin:small, fp32; `--ppl-budget` on its calibration windows);
   ppl_delta_pct is the held-out perplexity change at those thresholds and `sparsity` the inactive share measured
-  there. Two rows per token count: `gate` "dense gate" (the whole gate computed) and "predictor rank r" (a rank-r SVD predictor, rank = `--predictor-ratio` x
-  hidden, picks candidates; only their gate rows are read; its misses are in its row's ppl_delta_pct). Speed: an
-  ActivationSparseMLP at Llama-3-8B's MLP shape (4096 x 14336, random weights) whose thresholds give the same
-  inactive (and candidate) shares on its inputs, vs the same dense MLP, 1 and 4 tokens. Timed over enough copies
-  (`weight_copies`, distinct random weights, called in turn) that the weights read per cycle exceed 3x the CPU's
-  largest cache, as the 32 layers of a real model do: a 480 MB L3 would otherwise hold the sparse path's ~460 MB
-  working set and not the dense path's 705 MB, a gain no real model sees.
+  there. Two rows per token count: `gate` "dense gate" (the whole gate computed) and "predictor rank r" (a rank-r
+  SVD predictor, rank = `--predictor-ratio` x hidden, picks candidates; only their gate rows are read; its misses
+  are in its row's ppl_delta_pct). Speed: an ActivationSparseMLP at Llama-3-8B's MLP shape (4096 x 14336, random
+  weights) whose thresholds give the same inactive (and candidate) shares on its inputs, vs the same dense MLP, 1
+  and 4 tokens. Timed over enough copies (`weight_copies`, distinct random weights, called in turn) that the weights
+  read per cycle exceed 3x the CPU's largest cache, as the 32 layers of a real model do: a 480 MB L3 would otherwise
+  hold the sparse path's ~460 MB working set and not the dense path's 705 MB, a gain no real model sees.
 CUDA (fp16, when a GPU is present): per shape and tokens, dense cuBLAS vs the packed runtime's dispatched path
 (kind semi_structured, with every candidate's time), the packed GEMV alone (packed_gemv, <= 16 tokens), the
 activation-sparse MLP (Triton gathers), and a 2-layer model with Llama-3-8B layer shapes, all Linears 2:4: prefill

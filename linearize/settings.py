@@ -27,7 +27,8 @@ class LinearizeSettings(BaseModel):
                             "phi(k)), making it a weighted mean of values as softmax attention is (gates gla and "
                             "hgrn2); the state keeps one more value column for z")
     chunk_size: int = Field(16, ge=1, le=256, description="tokens per chunk of the chunked torch path")
-    num_memories: int = Field(4, ge=1, le=64, description="routed memories per layer (mom; plus one shared memory)")
+    num_memories: int = Field(4, ge=1, le=64, description="routed memories per layer (mom; plus the shared memory "
+                                "unless shared_memory is false)")
     top_k: int = Field(2, ge=1, description="memories each token is routed to (mom)")
     shared_memory: bool = Field(True, description="mom: one more memory that every token writes and reads; without "
                                 "it, num_memories 1 is a single gated delta-rule memory, GLA's state size")

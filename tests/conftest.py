@@ -12,7 +12,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 # dtype "auto" keeps bf16 on CPUs with AVX512-BF16/AMX; the suite's tolerances are float32's, so it pins float32 on
-# every runner (subprocesses inherit it). tests/test_models.py checks the switch itself.
+# every runner (subprocesses inherit it). tests/hostile/test_models_and_passes.py checks the switch itself.
 os.environ.setdefault("COMPRESS_CPU_HALF_PRECISION", "off")
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")

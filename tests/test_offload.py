@@ -138,3 +138,24 @@ def test_cli_apply_with_max_memory(source, tmp_path):
     bad = CliRunner().invoke(main, ["apply", str(recipe), "--model", str(src), "--output", str(tmp_path / "bad"),
                                     "--max-memory", "lots", "--no-eval"])
     assert bad.exit_code == 2 and "memory size" in bad.output and not (tmp_path / "bad").exists()
+
+
+def test_capped_load_of_an_activation_sparse_checkpoint_keeps_its_thresholds(tmp_path, reference_tokenizer):
+    """The thresholds live in the checkpoint's compression section, not its weights: a load with layers on disk must
+    not leave them as the empty memory the loader gives other not-yet-loaded tensors."""
+    from compress.activation_sparsity import ActivationSparseMLP, ActivationSparsity
+
+    model, _ = compress.apply(compress.load("builtin:tiny", dtype="float32"),
+                              [ActivationSparsity(target_ppl_increase=0.02, predictor_rank=16, outer_steps=3,
+                                                  inner_steps=8, search_tokens=128)],
+                              calibration={"source": "builtin:calibration", "num_samples": 2, "seq_len": 64},
+                              tokenizer=reference_tokenizer, progress=False)
+    out = compress.save(model, tmp_path / "asp", tokenizer=reference_tokenizer)
+    whole, capped = compress.load(out, dtype="float32"), compress.load(out, dtype="float32", max_memory="2MB")
+    assert any(is_offloaded(m) for m in capped.modules())  # some layers stay on disk
+    for a, b in zip(*[[m for m in x.modules() if isinstance(m, ActivationSparseMLP)] for x in (whole, capped)]):
+        assert float(b.threshold) == float(a.threshold) > 0
+        assert float(b.predictor_threshold) == float(a.predictor_threshold)
+    ids = torch.randint(0, 8192, (1, 3), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(capped(ids).logits, whole(ids).logits, rtol=1e-5, atol=1e-5)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ..evaluate import evaluate
-from ..prune.activation_sparsity import LayerActivations
+from ..prune.activation_sparsity import LayerActivations, down_weight
 from ..progress import progress_bar
 from .mlp import ActivationSparseMLP
 
@@ -55,7 +55,7 @@ def calibrate_thresholds(model, mlps: list[ActivationSparseMLP], windows: torch.
     if any(m.neuron_scaling for m in mlps):  # before the scores are captured: they include the scales
         _fit_neuron_scales(model, mlps, windows, search_tokens, batch_size, storage_dtype)
     captured = _capture(mlps, model, windows, search_tokens, batch_size)
-    layers = [LayerActivations(a, m.down_proj.weight.detach().float(), scores=s) for m, (a, s) in zip(mlps, captured)]
+    layers = [LayerActivations(a, down_weight(m.down_proj), scores=s) for m, (a, s) in zip(mlps, captured)]
     dense_ppl = evaluate(model, windows, batch_size=batch_size, progress=False)["perplexity"]
     limit = dense_ppl * (1 + target_ppl_increase)
 

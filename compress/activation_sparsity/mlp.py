@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..kernels.activation_sparse import gather_axpy, gather_dot
+from ..prune.activation_sparsity import down_weight
 
 
 class ActivationSparseMLP(nn.Module):
@@ -69,7 +70,7 @@ class ActivationSparseMLP(nn.Module):
     @torch.no_grad()
     def fit_neuron_scale(self, up_abs_mean: torch.Tensor, storage_dtype: torch.dtype | None = None) -> None:
         """s_i = E|up_i(x)| * ||W_down[:, i]||, normalized to mean 1, rounded to `storage_dtype` (the checkpoint's)."""
-        scale = up_abs_mean.float() * self.down_proj.weight.detach().float().norm(dim=0)
+        scale = up_abs_mean.float() * down_weight(self.down_proj).norm(dim=0).to(up_abs_mean.device)
         scale = scale / scale.mean().clamp_min(1e-12)
         self.neuron_scale.copy_(scale.to(storage_dtype or self.neuron_scale.dtype))
 
@@ -164,4 +165,5 @@ class ActivationSparseMLP(nn.Module):
     def extra_repr(self) -> str:
         extra = (f", predictor_rank={self.predictor_rank}, predictor_threshold={float(self.predictor_threshold):.4g}"
                  if self.predictor_rank else "")
-        return f"threshold={float(self.threshold):.4g}, max_sparse_tokens={self.max_sparse_tokens}{extra}"
+        scaled = ", neuron_scaling=True" if self.neuron_scaling else ""
+        return f"threshold={float(self.threshold):.4g}{scaled}, max_sparse_tokens={self.max_sparse_tokens}{extra}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from pydantic import Field
 from torch import nn
 
@@ -74,7 +75,7 @@ class ActivationSparsity(Pass):
             for name, mlp in targets.items():
                 module = mlp if isinstance(mlp, ActivationSparseMLP) else \
                     ActivationSparseMLP(mlp, max_sparse_tokens=c.max_sparse_tokens, predictor_rank=c.predictor_rank,
-                                        neuron_scaling=c.neuron_scaling)
+                                        neuron_scaling=c.neuron_scaling).train(mlp.training)  # (eval: decode path)
                 replace_module(model, name, module)
                 modules.append(module)
             found = calibrate_thresholds(model, modules, windows, c.target_ppl_increase, search_tokens=c.search_tokens,
@@ -98,8 +99,16 @@ class ActivationSparsity(Pass):
                     from None
             if not all(hasattr(mlp, a) for a in _GATED):
                 raise CheckpointError(f"checkpoint makes {name} activation-sparse, but it is not a gated MLP")
-            replace_module(model, name, ActivationSparseMLP(
+            module = ActivationSparseMLP(
                 mlp, threshold=float(spec["threshold"]), max_sparse_tokens=self.config.max_sparse_tokens,
                 predictor_rank=int(spec.get("predictor_rank", 0)),
                 predictor_threshold=float(spec.get("predictor_threshold", 0.0)),
-                neuron_scaling=bool(spec.get("neuron_scaling", False))))
+                neuron_scaling=bool(spec.get("neuron_scaling", False))).train(mlp.training)
+            for buffer in ("threshold", "predictor_threshold"):
+                if getattr(module, buffer).is_meta:  # built under init_empty_weights (max_memory loading): the
+                    # loader would give it empty memory, and these values are not in the weights. Assigned into
+                    # _buffers, on an explicit device: that context patches register_buffer (which setattr calls)
+                    # and makes meta the default device.
+                    module._buffers[buffer] = torch.tensor(float(spec.get(buffer, 0.0)), dtype=torch.float32,
+                                                           device="cpu")
+            replace_module(model, name, module)

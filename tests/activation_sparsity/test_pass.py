@@ -27,7 +27,7 @@ def test_sparse_path_equals_masked_dense_and_original(tiny_model, monkeypatch, k
     x = torch.randn(3, 64)
     with torch.no_grad():
         original = mlp(x)
-        sparse = ActivationSparseMLP(mlp, threshold=0.0, max_sparse_tokens=4)
+        sparse = ActivationSparseMLP(mlp, threshold=0.0, max_sparse_tokens=4).eval()  # eval: the decode path
         torch.testing.assert_close(sparse(x), original, rtol=1e-5, atol=1e-6)  # threshold 0 keeps every neuron
         g = mlp.act_fn(mlp.gate_proj(x))
         sparse.threshold.fill_(float(g.abs().median()))
@@ -73,14 +73,14 @@ def test_gate_predictor_paths_agree(tiny_model, monkeypatch, kernels):
     mlp = model.model.layers[0].mlp
     x = torch.randn(3, 64)
     with torch.no_grad():
-        plain = ActivationSparseMLP(mlp, threshold=0.0, max_sparse_tokens=4)
+        plain = ActivationSparseMLP(mlp, threshold=0.0, max_sparse_tokens=4).eval()
         g = mlp.act_fn(mlp.gate_proj(x))
         plain.threshold.fill_(float(g.abs().median()))
-        full = ActivationSparseMLP(mlp, max_sparse_tokens=4, predictor_rank=64, threshold=float(plain.threshold))
+        full = ActivationSparseMLP(mlp, max_sparse_tokens=4, predictor_rank=64, threshold=float(plain.threshold)).eval()
         full.fit_predictor()  # rank = hidden: exact up to rounding
         torch.testing.assert_close(full.predicted_scores(x), g.abs(), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(full(x), plain(x), rtol=1e-5, atol=1e-6)
-        low = ActivationSparseMLP(mlp, max_sparse_tokens=4, predictor_rank=8, threshold=float(plain.threshold))
+        low = ActivationSparseMLP(mlp, max_sparse_tokens=4, predictor_rank=8, threshold=float(plain.threshold)).eval()
         low.fit_predictor()
         low.predictor_threshold.fill_(float(low.predicted_scores(x).median()))
         keep = (g.abs() >= low.threshold) & low.candidates(x)
@@ -111,7 +111,7 @@ def test_pass_with_predictor_meets_recall_and_reloads(tmp_path, reference_tokeni
         model(input_ids=text.input_ids)
         handle.remove()
         x = torch.cat(seen)
-        exact = m0.act_fn(m0.gate_proj(x)).abs() >= m0.threshold  # on real inputs the predictor finds most of them
+        exact = m0.scores(m0.act_fn(m0.gate_proj(x))) >= m0.threshold  # on real inputs the predictor finds most
         assert 0 < float(m0.predictor_threshold) and float((exact & m0.candidates(x)).sum() / exact.sum()) > 0.8
     reloaded = compress.load(compress.save(model, tmp_path / "asp"), dtype="float32")
     ids = torch.randint(0, 8192, (1, 12), generator=torch.Generator().manual_seed(0))
@@ -164,6 +164,7 @@ def test_neuron_scaling_criterion_paths_and_reload(tmp_path, reference_tokenizer
                                                        **FAST)],
                                    calibration=CALIB, tokenizer=reference_tokenizer, progress=False)
     m0 = mlps(model)[0]
+    assert not m0.training and "active rows only" in m0.runtime_path(3)  # the model is in eval mode: decode path
     scale = m0.neuron_scale
     assert scale.mean().item() == pytest.approx(1.0, rel=0.01) and scale.std() > 0.05  # not all ones
     ids = torch.randint(0, 8192, (1, 12), generator=torch.Generator().manual_seed(0))

@@ -148,7 +148,7 @@ def calibrated_quality(model_name: str, calib_samples: int, eval_windows: int, g
 
 
 def mlp_at_sparsity(sparsity: float, dtype=torch.float32, device="cpu", predictor_rank: int = 0,
-                    candidate_share: float = 1.0):
+                    candidate_share: float = 1.0, neuron_scaling: bool = False):
     """A Llama-3-8B-shaped MLP with random weights; thresholds set so that on N(0,1) x `sparsity` of the neurons are
     inactive and, with a predictor, `candidate_share` of them are candidates (the active ones among them)."""
     from transformers.activations import ACT2FN
@@ -170,8 +170,12 @@ def mlp_at_sparsity(sparsity: float, dtype=torch.float32, device="cpu", predicto
         for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
             p.weight.normal_(0, 0.02)
         sample = torch.randn(64, hidden, dtype=dtype, device=device)
-        scores = mlp.act_fn(mlp.gate_proj(sample)).abs()
-        sparse = ActivationSparseMLP(mlp, max_sparse_tokens=16, predictor_rank=predictor_rank).eval()
+        sparse = ActivationSparseMLP(mlp, max_sparse_tokens=16, predictor_rank=predictor_rank,
+                                     neuron_scaling=neuron_scaling).eval()
+        if neuron_scaling:  # the per-neuron multiply is timed too; random scales of mean 1
+            scale = torch.empty(inter, device=device).log_normal_(0, 0.5)
+            sparse.neuron_scale.copy_(scale / scale.mean())
+        scores = sparse.scores(mlp.act_fn(mlp.gate_proj(sample)))
         if predictor_rank:
             sparse.fit_predictor()
             predicted = sparse.predicted_scores(sample)
@@ -217,7 +221,8 @@ def cpu_activation_sparse(quality: dict, repeats, copies: int = 0) -> list[dict]
     copies = copies or max(1, math.ceil(3 * largest_cache_bytes() / mlp_bytes))
     rows = []
     for gate, q, rank, share in variants:
-        pairs = [mlp_at_sparsity(q["sparsity"], predictor_rank=rank, candidate_share=share) for _ in range(copies)]
+        pairs = [mlp_at_sparsity(q["sparsity"], predictor_rank=rank, candidate_share=share,
+                                 neuron_scaling=quality.get("neuron_scaling", False)) for _ in range(copies)]
         sparse = pairs[0][1]
         for t in (1, 4):
             x = torch.randn(t, MLP_SHAPE[0])
@@ -280,7 +285,8 @@ def cuda_layers(tokens_list) -> list[dict]:
 @torch.no_grad()
 def cuda_activation_sparse(quality: dict) -> list[dict]:
     quality = {**quality, **quality.get("without_predictor", {})}  # the dense-gate thresholds (no Triton predictor)
-    dense, sparse = mlp_at_sparsity(quality["sparsity"], torch.float16, "cuda")
+    dense, sparse = mlp_at_sparsity(quality["sparsity"], torch.float16, "cuda",
+                                    neuron_scaling=quality.get("neuron_scaling", False))
     rows = []
     for t in (1, 4):
         x = torch.randn(t, MLP_SHAPE[0], device="cuda", dtype=torch.float16)

@@ -185,26 +185,3 @@ def test_neuron_scaling_criterion_paths_and_reload(tmp_path, reference_tokenizer
     assert r0.neuron_scaling and torch.equal(r0.neuron_scale, scale)  # rounded to the checkpoint's bf16 when fitted
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
-
-
-def test_greedy_search_stops_at_the_first_move_the_check_windows_reject():
-    """Moves are chosen on the fitted windows; the first one the other windows put over budget is undone and ends the
-    search (the fitted windows alone would take every move: their budget here is never reached)."""
-    from compress.activation_sparsity.calibrate import _greedy_layers
-
-    def trial(cett, taus):  # each move costs its threshold squared: moves spread over the layers
-        return 1.0 + sum(t * t for t in taus) * 0.01, taus, [t for t in taus]
-
-    checked = []
-
-    def check(taus):
-        checked.append(list(taus))
-        return sum(t > 0 for t in taus) <= 2  # a third layer with a threshold is over budget elsewhere
-
-    scores = [torch.rand(1000) for _ in range(4)]
-    start = {"cett": 0.0, "perplexity": 1.0, "thresholds": [0.0] * 4, "layer_sparsity": [0.0] * 4}
-    best = _greedy_layers(trial, scores, start, limit=2.0, rounds=10, step=0.1, progress=False,
-                          within_budget_elsewhere=check)
-    assert sum(t > 0 for t in best["thresholds"]) == 2 and len(checked) == 3
-    unchecked = _greedy_layers(trial, scores, start, limit=2.0, rounds=10, step=0.1, progress=False)
-    assert sum(t > 0 for t in unchecked["thresholds"]) == 4

@@ -39,7 +39,8 @@ class ActivationSparsity(Pass):
         inner_steps: int = Field(20, ge=1, le=60, description="bisection steps per layer threshold")
         greedy_rounds: int = Field(0, ge=0, le=200, description="0: one CETT value for all layers (bisection); > 0: "
                                    "per-layer thresholds built up greedily in this many rounds (each evaluates every "
-                                   "layer once; more sparsity at the same budget, slower)")
+                                   "layer once; more sparsity on the calibration windows, slower, but it overfits "
+                                   "them: check held-out perplexity)")
         greedy_step: float = Field(0.05, gt=0.0, lt=0.5, description="inactive share added to a layer per greedy move")
         predictor_rank: int = Field(0, ge=0, description="0: decoding computes the whole gate; r > 0: a rank-r SVD "
                                     "predictor of the gate picks candidate neurons and only their gate rows are read "

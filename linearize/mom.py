@@ -18,8 +18,8 @@ What comes from the pretrained layer and what is new (a MoM layer is trained fro
 
 Output: o_t = (o_shared + sum_{m in top-k} w_m o_m) / 2, with w the router's probabilities renormalized over the
 chosen memories, so the two halves weigh like the hybrid's 0.5 / 0.5 (`shared_memory: false`: the routed mixture
-alone; with num_memories 1 that is one gated delta-rule memory, GLA's state size). A memory a token is not routed to sees an
-identity step (k = decay = beta = 0). The memories are folded into the batch: the kernel runs B * (M + 1)
+alone; with num_memories 1 that is one gated delta-rule memory, GLA's state size). A memory a token is not routed
+to sees an identity step (k = decay = beta = 0). The memories are folded into the batch: the kernel runs B * (M + 1)
 sequences (dense compute, (M + 1)x a single memory; a gathered per-memory layout would cost (k + 1)x).
 
 Cache: a `LinearizedLayer` whose state is [B, M + 1, Hkv, K, V] (M without the shared memory): constant in context

@@ -1,11 +1,12 @@
 """Per-layer gate thresholds at a perplexity budget (CATS thresholds, chosen the Sparsing Law way).
 
 Neuron i of an FFN is skipped for a token when |act(gate(x))_i| < tau (CATS: the gate is known before up_proj and
-down_proj run, so skipping saves their work), or |act(gate(x))_i| * s_i < tau with neuron scaling (mlp.py). Per layer, tau comes from a target CETT (the relative output error of
-the truncation, compress/prune/activation_sparsity.py): the largest tau whose mean CETT stays within it. Across
-layers, one CETT value is searched by bisection: the largest whose thresholds, all applied at once, raise the
-perplexity on the calibration windows by at most `target_ppl_increase`; or (`greedy_rounds` > 0) per-layer
-thresholds are built up one layer at a time where the budget buys the most sparsity (`_greedy_layers`)."""
+down_proj run, so skipping saves their work), or |act(gate(x))_i| * s_i < tau with neuron scaling (mlp.py). Per
+layer, tau comes from a target CETT (the relative output error of the truncation,
+compress/prune/activation_sparsity.py): the largest tau whose mean CETT stays within it. Across layers, one CETT
+value is searched by bisection: the largest whose thresholds, all applied at once, raise the perplexity on the
+calibration windows by at most `target_ppl_increase`; or (`greedy_rounds` > 0) per-layer thresholds are built up one
+layer at a time where the budget buys the most sparsity (`_greedy_layers`)."""
 from __future__ import annotations
 
 from typing import Any
@@ -29,18 +30,25 @@ def _forward_with_hooks(model, windows: torch.Tensor, search_tokens: int, batch_
 
 
 def _capture(mlps: list[ActivationSparseMLP], model, windows: torch.Tensor, search_tokens: int, batch_size: int):
-    """The first `search_tokens` tokens' down_proj inputs and gate scores |act(gate(x))|, per layer."""
+    """The first `search_tokens` tokens' down_proj inputs, |act(gate(x))| and (neuron scaling only) |up(x)|, per
+    layer, from one forward pass."""
     acts: list[list[torch.Tensor]] = [[] for _ in mlps]
-    scores: list[list[torch.Tensor]] = [[] for _ in mlps]
+    gates: list[list[torch.Tensor]] = [[] for _ in mlps]
+    ups: list[list[torch.Tensor]] = [[] for _ in mlps]
+
+    def rows(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().reshape(-1, t.shape[-1]).float()
+
     handles = []
     for i, mlp in enumerate(mlps):
-        handles.append(mlp.down_proj.register_forward_pre_hook(
-            lambda mod, args, i=i: acts[i].append(args[0].detach().reshape(-1, args[0].shape[-1]).float())))
+        handles.append(mlp.down_proj.register_forward_pre_hook(lambda mod, args, i=i: acts[i].append(rows(args[0]))))
         handles.append(mlp.gate_proj.register_forward_hook(
-            lambda mod, args, out, i=i, mlp=mlp:
-            scores[i].append(mlp.scores(mlp.act_fn(out.detach())).reshape(-1, out.shape[-1]).float())))
+            lambda mod, args, out, i=i, act=mlp.act_fn: gates[i].append(rows(act(out)).abs())))
+        if mlp.neuron_scaling:
+            handles.append(mlp.up_proj.register_forward_hook(lambda mod, args, out, i=i: ups[i].append(rows(out))))
     _forward_with_hooks(model, windows, search_tokens, batch_size, handles)
-    return [(torch.cat(a)[:search_tokens], torch.cat(s)[:search_tokens]) for a, s in zip(acts, scores)]
+    return [(torch.cat(a)[:search_tokens], torch.cat(g)[:search_tokens], torch.cat(u)[:search_tokens] if u else None)
+            for a, g, u in zip(acts, gates, ups)]
 
 
 @torch.no_grad()
@@ -52,9 +60,11 @@ def calibrate_thresholds(model, mlps: list[ActivationSparseMLP], windows: torch.
     """Set each module's `threshold`; return what was found (thresholds, sparsity per layer, perplexities)."""
     for m in mlps:
         m.threshold.fill_(0.0)
-    if any(m.neuron_scaling for m in mlps):  # before the scores are captured: they include the scales
-        _fit_neuron_scales(model, mlps, windows, search_tokens, batch_size, storage_dtype)
-    captured = _capture(mlps, model, windows, search_tokens, batch_size)
+    captured = []
+    for m, (acts, gates, ups) in zip(mlps, _capture(mlps, model, windows, search_tokens, batch_size)):
+        if m.neuron_scaling:  # before the scores: they include the scales
+            m.fit_neuron_scale(ups.abs().mean(0), storage_dtype)
+        captured.append((acts, m.scores(gates)))
     layers = [LayerActivations(a, down_weight(m.down_proj), scores=s) for m, (a, s) in zip(mlps, captured)]
     dense_ppl = evaluate(model, windows, batch_size=batch_size, progress=False)["perplexity"]
     limit = dense_ppl * (1 + target_ppl_increase)
@@ -122,27 +132,6 @@ def _greedy_layers(trial, scores: list[torch.Tensor], best: dict, limit: float, 
         target[i] += step
         best = {"cett": best["cett"], "perplexity": ppl, "thresholds": taus, "layer_sparsity": sparsity}
     return best
-
-
-@torch.no_grad()
-def _fit_neuron_scales(model, mlps: list[ActivationSparseMLP], windows: torch.Tensor, search_tokens: int,
-                       batch_size: int, storage_dtype: torch.dtype | None) -> None:
-    """Each scaled module's s_i = E|up_i(x)| * ||W_down[:, i]|| over the first `search_tokens` calibration tokens."""
-    sums = [torch.zeros(m.up_proj.out_features) for m in mlps]
-    counts = [0] * len(mlps)
-
-    def add(i, out):
-        if counts[i] < search_tokens:
-            rows = out.detach().reshape(-1, out.shape[-1])[: search_tokens - counts[i]]
-            sums[i] += rows.abs().float().sum(0).cpu()
-            counts[i] += rows.shape[0]
-
-    handles = [m.up_proj.register_forward_hook(lambda mod, args, out, i=i: add(i, out))
-               for i, m in enumerate(mlps) if m.neuron_scaling]
-    _forward_with_hooks(model, windows, search_tokens, batch_size, handles)
-    for m, total, n in zip(mlps, sums, counts):
-        if m.neuron_scaling:
-            m.fit_neuron_scale((total / max(n, 1)).to(m.neuron_scale.device), storage_dtype)
 
 
 @torch.no_grad()

@@ -36,14 +36,14 @@ class ActivationSparseMLP(nn.Module):
         self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
         self.act_fn = mlp.act_fn
         device = mlp.gate_proj.weight.device
+        device = torch.device("cpu") if device.type == "meta" else device
         # not in the state dict (which is cast to the checkpoint's bf16): the pass records the exact float in the
-        # checkpoint's compression section and restore passes it back
-        self.register_buffer("threshold", torch.tensor(float(threshold), dtype=torch.float32,
-                                                       device=None if device.type == "meta" else device),
-                             persistent=False)
-        self.register_buffer("predictor_threshold", torch.tensor(float(predictor_threshold), dtype=torch.float32,
-                                                                 device=None if device.type == "meta" else device),
-                             persistent=False)
+        # checkpoint's compression section and restore passes it back. Set into _buffers on a real device: under
+        # accelerate's init_empty_weights (max_memory loading) register_buffer and the default device are meta, and
+        # the loader fills meta tensors only from the weights, which do not hold these.
+        for name, value in (("threshold", threshold), ("predictor_threshold", predictor_threshold)):
+            self.register_buffer(name, None, persistent=False)
+            self._buffers[name] = torch.tensor(float(value), dtype=torch.float32, device=device)
         self.predictor_rank = predictor_rank
         if predictor_rank:  # saved with the weights (checkpoint dtype); `fit_predictor` fills them
             w = mlp.gate_proj.weight
@@ -70,14 +70,18 @@ class ActivationSparseMLP(nn.Module):
     @torch.no_grad()
     def fit_neuron_scale(self, up_abs_mean: torch.Tensor, storage_dtype: torch.dtype | None = None) -> None:
         """s_i = E|up_i(x)| * ||W_down[:, i]||, normalized to mean 1, rounded to `storage_dtype` (the checkpoint's)."""
-        scale = up_abs_mean.float() * down_weight(self.down_proj).norm(dim=0).to(up_abs_mean.device)
+        scale = up_abs_mean.float() * down_weight(self.down_proj).norm(dim=0)
         scale = scale / scale.mean().clamp_min(1e-12)
         self.neuron_scale.copy_(scale.to(storage_dtype or self.neuron_scale.dtype))
 
-    def scores(self, g: torch.Tensor) -> torch.Tensor:
-        """What `threshold` compares: |g|, times each neuron's scale with neuron scaling."""
+    def scores(self, g: torch.Tensor, neurons: torch.Tensor | None = None) -> torch.Tensor:
+        """What `threshold` compares: |g|, times each neuron's scale with neuron scaling (`neurons`: the indices of
+        g's columns when g holds only some neurons)."""
         s = g.abs()
-        return s * self.neuron_scale.to(s.dtype) if self.neuron_scaling else s
+        if not self.neuron_scaling:
+            return s
+        scale = self.neuron_scale if neurons is None else self.neuron_scale[neurons]
+        return s * scale.to(s.dtype)
 
     def predicted_scores(self, x: torch.Tensor) -> torch.Tensor:
         """The predictor's estimate of `scores(act(gate(x)))` [tokens, intermediate], from act(P_out P_in x)."""
@@ -146,8 +150,7 @@ class ActivationSparseMLP(nn.Module):
         if self.gate_proj.bias is not None:
             pre = pre + self.gate_proj.bias[idx]
         g = self.act_fn(pre)
-        scale = self.neuron_scale[idx].to(g.dtype) if self.neuron_scaling else 1.0
-        keep = (g.abs() * scale >= self.threshold.to(g.dtype)) & cand[:, idx]
+        keep = (self.scores(g, idx) >= self.threshold.to(g.dtype)) & cand[:, idx]
         self._count(keep, cand.numel())  # every neuron was seen, only the candidates' gates computed
         used = keep.any(0)
         return g[:, used], keep[:, used], idx[used]

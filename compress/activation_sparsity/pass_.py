@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from pydantic import Field
 from torch import nn
 
@@ -105,11 +104,4 @@ class ActivationSparsity(Pass):
                 predictor_rank=int(spec.get("predictor_rank", 0)),
                 predictor_threshold=float(spec.get("predictor_threshold", 0.0)),
                 neuron_scaling=bool(spec.get("neuron_scaling", False))).train(mlp.training)
-            for buffer in ("threshold", "predictor_threshold"):
-                if getattr(module, buffer).is_meta:  # built under init_empty_weights (max_memory loading): the
-                    # loader would give it empty memory, and these values are not in the weights. Assigned into
-                    # _buffers, on an explicit device: that context patches register_buffer (which setattr calls)
-                    # and makes meta the default device.
-                    module._buffers[buffer] = torch.tensor(float(spec.get(buffer, 0.0)), dtype=torch.float32,
-                                                           device="cpu")
             replace_module(model, name, module)

@@ -147,8 +147,8 @@ def test_fused_cpu_decode_step_matches_the_torch_step(tiny_model, arch, variant,
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
     calls = []
-    module, name = {"mom": (mom, "mom_decode_step"), "mom-unshared": (mom, "mom_decode_step"), "gsa": (attention, "gsa_decode_step")}.get(
-        variant, (attention, "linear_decode_step"))
+    module, name = (mom, "mom_decode_step") if variant.startswith("mom") else \
+        (attention, "gsa_decode_step") if variant == "gsa" else (attention, "linear_decode_step")
     fused = getattr(module, name)
     monkeypatch.setattr(module, name, lambda *a, **k: calls.append(1) or fused(*a, **k))
     logits = {}

@@ -11,7 +11,8 @@ CPU (one torch thread, fp32; speeds as ratios of paired medians):
   ppl_delta_pct is the held-out perplexity change at those thresholds and `sparsity` the inactive share measured
   there. Two rows per token count: `gate` "dense gate" (the whole gate computed) and "predictor rank r" (a rank-r
   SVD predictor, rank = `--predictor-ratio` x hidden, picks candidates; only their gate rows are read; its misses
-  are in its row's ppl_delta_pct). Speed: an ActivationSparseMLP at Llama-3-8B's MLP shape (4096 x 14336, random
+  are in its row's ppl_delta_pct), or with `--predictor-bits 8|4` "predictor int8|int4" (the gate's quantized copy
+  picks them). Speed: an ActivationSparseMLP at Llama-3-8B's MLP shape (4096 x 14336, random
   weights) whose thresholds give the same inactive (and candidate) shares on its inputs, vs the same dense MLP, 1
   and 4 tokens. Timed over enough copies (`weight_copies`, distinct random weights, called in turn) that the weights
   read per cycle exceed 3x the CPU's largest cache, as the 32 layers of a real model do: a 480 MB L3 would otherwise
@@ -96,11 +97,12 @@ def cpu_e2e_tiny(repeats) -> list[dict]:
 @torch.no_grad()
 def calibrated_quality(model_name: str, calib_samples: int, eval_windows: int, greedy_rounds: int | None = 0,
                        budget: float = 0.01, predictor_ratio: float = 0.0, recall: float = 0.99,
-                       neuron_scaling: bool = False) -> dict:
+                       neuron_scaling: bool = False, predictor_bits: int = 0) -> dict:
     """Calibrate the activation_sparsity pass on `model_name`; held-out perplexity change and inactive share.
     greedy_rounds > 0: per-layer thresholds built up greedily (steps of 10% inactive) instead of one CETT value;
     None: 8 rounds per layer (enough to move every layer to ~80%). predictor_ratio > 0: also a gate predictor of rank
-    ratio x hidden (its misses count in the budget); the same thresholds without it are measured as well."""
+    ratio x hidden, or predictor_bits > 0: the gate's quantized copy (its misses count in the budget); the same
+    thresholds without it are measured as well."""
     import compress
     from compress.activation_sparsity import ActivationSparseMLP, ActivationSparsity
     from compress.evaluate import evaluate, heldout_windows
@@ -109,10 +111,10 @@ def calibrated_quality(model_name: str, calib_samples: int, eval_windows: int, g
     base = compress.load(model_name, dtype="float32")
     if greedy_rounds is None:
         greedy_rounds = 8 * base.config.num_hidden_layers
-    rank = round(predictor_ratio * base.config.hidden_size)
+    rank = 0 if predictor_bits else round(predictor_ratio * base.config.hidden_size)
     spec = ActivationSparsity(outer_steps=8, inner_steps=16, search_tokens=1024, greedy_rounds=greedy_rounds,
                               greedy_step=0.1, target_ppl_increase=budget, predictor_rank=rank,
-                              predictor_recall=recall, neuron_scaling=neuron_scaling)
+                              predictor_recall=recall, neuron_scaling=neuron_scaling, predictor_bits=predictor_bits)
     model, report = compress.apply(compress.load(model_name, dtype="float32"), [spec],
                                    calibration={"source": "builtin:calibration", "num_samples": calib_samples,
                                                 "seq_len": 256}, tokenizer=tok, progress=False)
@@ -133,8 +135,8 @@ def calibrated_quality(model_name: str, calib_samples: int, eval_windows: int, g
                calibration="per-layer greedy" if greedy_rounds else "one CETT value",
                calibration_ppl_delta_pct=100 * d["ppl_increase"], kl=ev["kl"], cett=d["cett"],
                layer_sparsity=[round(s, 3) for s in d["layer_sparsity"]], predictor_rank=rank,
-               predictor_ratio=predictor_ratio, neuron_scaling=neuron_scaling)
-    if rank:
+               predictor_ratio=predictor_ratio, neuron_scaling=neuron_scaling, predictor_bits=predictor_bits)
+    if rank or predictor_bits:
         out["candidate_share"] = sum(d["candidate_share"]) / len(mlps)
         saved = [float(m.predictor_threshold) for m in mlps]
         for m in mlps:  # threshold 0: every neuron a candidate, i.e. the same thresholds without the predictor
@@ -148,7 +150,7 @@ def calibrated_quality(model_name: str, calib_samples: int, eval_windows: int, g
 
 
 def mlp_at_sparsity(sparsity: float, dtype=torch.float32, device="cpu", predictor_rank: int = 0,
-                    candidate_share: float = 1.0, neuron_scaling: bool = False):
+                    candidate_share: float = 1.0, neuron_scaling: bool = False, predictor_bits: int = 0):
     """A Llama-3-8B-shaped MLP with random weights; thresholds set so that on N(0,1) x `sparsity` of the neurons are
     inactive and, with a predictor, `candidate_share` of them are candidates (the active ones among them)."""
     from transformers.activations import ACT2FN
@@ -171,12 +173,12 @@ def mlp_at_sparsity(sparsity: float, dtype=torch.float32, device="cpu", predicto
             p.weight.normal_(0, 0.02)
         sample = torch.randn(64, hidden, dtype=dtype, device=device)
         sparse = ActivationSparseMLP(mlp, max_sparse_tokens=16, predictor_rank=predictor_rank,
-                                     neuron_scaling=neuron_scaling).eval()
+                                     predictor_bits=predictor_bits, neuron_scaling=neuron_scaling).eval()
         if neuron_scaling:  # the per-neuron multiply is timed too; random scales of mean 1
             scale = torch.empty(inter, device=device).log_normal_(0, 0.5)
             sparse.neuron_scale.copy_(scale / scale.mean())
         scores = sparse.scores(mlp.act_fn(mlp.gate_proj(sample)))
-        if predictor_rank:
+        if sparse.has_predictor:
             sparse.fit_predictor()
             predicted = sparse.predicted_scores(sample)
             sparse.predictor_threshold.fill_(quantile(predicted, 1 - candidate_share))
@@ -213,15 +215,18 @@ def cycling(fns):
 def cpu_activation_sparse(quality: dict, repeats, copies: int = 0) -> list[dict]:
     from compress.activation_sparsity import ActivationSparseMLP
 
-    variants = [("dense gate", quality.get("without_predictor", quality), 0, 1.0)]
+    variants = [("dense gate", quality.get("without_predictor", quality), 0, 1.0, 0)]
+    bits = quality.get("predictor_bits", 0)
     if quality.get("predictor_rank"):
         rank = round(MLP_SHAPE[0] * quality["predictor_ratio"])
-        variants.append((f"predictor rank {rank}", quality, rank, quality["candidate_share"]))
+        variants.append((f"predictor rank {rank}", quality, rank, quality["candidate_share"], 0))
+    elif bits:
+        variants.append((f"predictor int{bits}", quality, 0, quality["candidate_share"], bits))
     mlp_bytes = 3 * MLP_SHAPE[0] * MLP_SHAPE[1] * 4
     copies = copies or max(1, math.ceil(3 * largest_cache_bytes() / mlp_bytes))
     rows = []
-    for gate, q, rank, share in variants:
-        pairs = [mlp_at_sparsity(q["sparsity"], predictor_rank=rank, candidate_share=share,
+    for gate, q, rank, share, bits in variants:
+        pairs = [mlp_at_sparsity(q["sparsity"], predictor_rank=rank, candidate_share=share, predictor_bits=bits,
                                  neuron_scaling=quality.get("neuron_scaling", False)) for _ in range(copies)]
         sparse = pairs[0][1]
         for t in (1, 4):
@@ -235,7 +240,7 @@ def cpu_activation_sparse(quality: dict, repeats, copies: int = 0) -> list[dict]
             rows.append(dict(device="cpu", kind="activation_sparse_mlp", shape=f"{MLP_SHAPE[0]}x{MLP_SHAPE[1]}",
                              tokens=t, gate=gate, speedup_vs_dense=d / s, dense_ms=d * 1e3, ours_ms=s * 1e3,
                              weight_copies=copies,
-                             sparsity=measured, candidate_share=share if rank else None,
+                             sparsity=measured, candidate_share=share if rank or bits else None,
                              ppl_delta_pct=q["ppl_delta_pct"], path=sparse.runtime_path(t),
                              quality_model=quality["model"], kl=q["kl"],
                              calibration_ppl_delta_pct=quality["calibration_ppl_delta_pct"]))
@@ -361,6 +366,8 @@ def main() -> None:
                     "of 256 tokens (more: slower search, less overfitting of the per-layer thresholds)")
     ap.add_argument("--predictor-ratio", type=float, default=0.125, help="activation sparsity: gate predictor rank "
                     "as a share of the hidden size (0: no predictor rows)")
+    ap.add_argument("--predictor-bits", type=int, choices=(0, 4, 8), default=0, help="activation sparsity: a "
+                    "quantized gate predictor (the gate's int8 / int4 copy) instead of the low-rank one")
     ap.add_argument("--recall", type=float, default=0.99, help="activation sparsity: the predictor's recall of the "
                     "exactly-active neurons on the calibration tokens")
     ap.add_argument("--neuron-scaling", action=argparse.BooleanOptionalAction, default=True,
@@ -381,7 +388,8 @@ def main() -> None:
     else:
         quality = calibrated_quality(args.model, 8 if args.quick else args.calibration_samples,
                                      8 if args.quick else 32, 0 if args.quick else args.greedy_rounds,
-                                     args.ppl_budget, args.predictor_ratio, args.recall, args.neuron_scaling)
+                                     args.ppl_budget, args.predictor_ratio, args.recall, args.neuron_scaling,
+                                     args.predictor_bits)
     if args.save_quality is not None:
         args.save_quality.write_text(json.dumps(quality, indent=2))
     if not args.no_cpu:

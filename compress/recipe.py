@@ -208,6 +208,9 @@ class _Validator:
                 self.error(base, f"{what}: missing required key {'.'.join(map(str, loc))!r}")
             else:
                 msg = err["msg"].removeprefix("Value error, ")
+                if not loc:  # a check across keys (a model validator): the input is the whole mapping
+                    self.error(base, f"{what}: {msg}")
+                    continue
                 got = f" (got {err.get('input')!r})" if repr(err.get("input")) not in msg else ""
                 self.error(base + loc, f"{what}: {'.'.join(map(str, loc))}: {msg}{got}")
 

@@ -3,6 +3,8 @@
 - `gather_dot(w, idx, x)`  -> [t, k]: out[:, r] = x @ w[idx[r]]   (up_proj rows of the active neurons)
 - `gather_axpy(wt, idx, h)` -> [t, d]: out = h @ wt[idx]           (down_proj as its transpose [inter, hidden], so
   each active neuron's column of down_proj is one contiguous row)
+- `quantized_matvec(codes, scales, x, bits)` -> [t, n]: x @ W~.T with W~ a weight's int8/int4 copy
+  (`quantize_groups`), for the gate predictor: it reads a quarter / an eighth of the fp32 gate's bytes
 
 Each has a torch reference (index_select / embedding_bag: runs everywhere), a Triton kernel (CUDA, or the
 interpreter in tests), and on the CPU a small C kernel (cpu_gather.py) that fuses the gather into the product so the
@@ -123,6 +125,56 @@ def gather_axpy(wt: torch.Tensor, idx: torch.Tensor, h: torch.Tensor) -> torch.T
 
         return cpu_gather_axpy(wt, idx, h)
     return gather_axpy_reference(wt, idx, h)
+
+
+def quantization_group(d: int) -> int:
+    """Columns per scale: 128 where they divide the row (4-bit codes pair columns, so an even group), else the row."""
+    return 128 if d % 128 == 0 else d
+
+
+@torch.no_grad()
+def quantize_groups(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric round-to-nearest codes of w [n, d], one float32 scale per `quantization_group(d)` columns:
+    (int8 [n, d], scales) for 8 bits; (uint8 [n, d / 2], scales) for 4 bits, in each group byte b holding column b
+    (low nibble) and column b + group / 2 (high nibble) as value + 8."""
+    n, d = w.shape
+    if bits == 4 and d % 2:
+        raise ValueError(f"4-bit codes pair columns: the row length {d} must be even")
+    group = quantization_group(d)
+    wg = w.detach().float().reshape(n, d // group, group)
+    top = (1 << (bits - 1)) - 1
+    scales = (wg.abs().amax(-1) / top).clamp_min(1e-12)
+    codes = torch.round(wg / scales[..., None]).clamp(-top - 1, top)
+    if bits == 8:
+        return codes.to(torch.int8).reshape(n, d), scales
+    v = (codes + 8).to(torch.uint8)
+    return (v[..., : group // 2] | (v[..., group // 2:] << 4)).reshape(n, d // 2), scales
+
+
+def dequantize_groups(codes: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
+    """The float32 weight [n, d] that `quantize_groups`' codes and scales stand for."""
+    n, groups = scales.shape
+    if bits == 8:
+        values = codes.float().reshape(n, groups, -1)
+    else:
+        packed = codes.reshape(n, groups, -1)
+        values = torch.cat([(packed & 15), (packed >> 4)], -1).float() - 8
+    return (values * scales.float()[..., None]).reshape(n, -1)
+
+
+def quantized_matvec_reference(codes: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, bits: int) -> torch.Tensor:
+    return x.float() @ dequantize_groups(codes, scales, bits).t()
+
+
+def quantized_matvec(codes: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, bits: int) -> torch.Tensor:
+    """x [t, d] @ W~.T -> [t, n] float32, W~ = dequantize_groups(codes, scales, bits); on the CPU a C kernel that
+    reads the codes once (the reference materializes W~, four times the codes' bytes for 8 bits)."""
+    if _cpu_fast(scales, x) and codes.is_contiguous():
+        from .cpu_gather import cpu_quantized_matvec, qmatvec_library
+
+        if qmatvec_library() is not None:
+            return cpu_quantized_matvec(codes, scales, x, bits)
+    return quantized_matvec_reference(codes, scales, x, bits)
 
 
 def _cpu_fast(w: torch.Tensor, x: torch.Tensor) -> bool:

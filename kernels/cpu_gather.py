@@ -14,7 +14,9 @@ from .cpu_build import load_c_library
 
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 _GATHER_ARGS = (_PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _I64, _PTR, _I64, ctypes.c_int)
+_QMATVEC_ARGS = (_PTR, _PTR, _I64, _I64, _I64, _PTR, _I64, _I64, _PTR, _I64, ctypes.c_int)
 _SIGNATURES = (("gather_dot", _GATHER_ARGS, None), ("gather_axpy", _GATHER_ARGS, None))
+_QMATVEC_SIGNATURES = (("qmatvec_int8", _QMATVEC_ARGS, None), ("qmatvec_int4", _QMATVEC_ARGS, None))
 
 
 def cpu_library():
@@ -40,4 +42,21 @@ def cpu_gather_axpy(wt: torch.Tensor, idx: torch.Tensor, h: torch.Tensor) -> tor
     out = torch.empty(t, d, dtype=torch.float32)
     cpu_library().gather_axpy(wt.data_ptr(), wt.stride(0), idx.data_ptr(), k, h.data_ptr(), h.stride(0), t, d,
                               out.data_ptr(), out.stride(0), torch.get_num_threads())
+    return out
+
+
+def qmatvec_library():
+    """The compiled kernels of csrc/qmatvec.c, or None where no C compiler is available."""
+    return load_c_library("qmatvec", _QMATVEC_SIGNATURES)
+
+
+def cpu_quantized_matvec(codes: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, bits: int) -> torch.Tensor:
+    x = x.contiguous()
+    scales = scales.float().contiguous()
+    t, d = x.shape
+    n, groups = scales.shape
+    out = torch.empty(t, n, dtype=torch.float32)
+    kernel = qmatvec_library().qmatvec_int8 if bits == 8 else qmatvec_library().qmatvec_int4
+    kernel(codes.contiguous().data_ptr(), scales.data_ptr(), n, d, d // groups, x.data_ptr(), x.stride(0), t,
+           out.data_ptr(), out.stride(0), torch.get_num_threads())
     return out

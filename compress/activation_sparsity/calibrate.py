@@ -94,7 +94,7 @@ def calibrate_thresholds(model, mlps: list[ActivationSparseMLP], windows: torch.
         best = _greedy_layers(trial, [sc for _, sc in captured], best, limit, greedy_rounds, greedy_step, progress)
     for m, tau in zip(mlps, best["thresholds"]):
         m.threshold.fill_(tau)
-    if any(m.predictor_rank for m in mlps):  # fit after the thresholds; the budget check then includes its misses
+    if any(m.has_predictor for m in mlps):  # fit after the thresholds; the budget check then includes its misses
         best["candidate_share"] = _fit_predictors(model, mlps, windows, search_tokens, batch_size, predictor_recall,
                                                   storage_dtype)
         best["predictor_thresholds"] = [float(m.predictor_threshold) for m in mlps]
@@ -137,7 +137,7 @@ def _greedy_layers(trial, scores: list[torch.Tensor], best: dict, limit: float, 
 @torch.no_grad()
 def _fit_predictors(model, mlps: list[ActivationSparseMLP], windows: torch.Tensor, search_tokens: int,
                     batch_size: int, recall: float, storage_dtype: torch.dtype | None) -> list[float]:
-    """Fit each gate predictor (SVD) and set its threshold so that, on the calibration tokens, a share `recall` of
+    """Fit each gate predictor (SVD or quantized copy) and set its threshold so that, on the calibration tokens, a share `recall` of
     the neurons the exact gate keeps are candidates; returns each layer's candidate share."""
     inputs: list[list[torch.Tensor]] = [[] for _ in mlps]
     handles = [m.gate_proj.register_forward_pre_hook(

@@ -17,6 +17,10 @@ calibrated per-layer threshold are zeroed (CATS, Lee et al. 2024), and skipped w
   `predictor_threshold` (the candidates) get their exact gate row computed, so decoding reads r (hidden +
   intermediate) + candidates x hidden weights for the gate instead of all of gate_proj. A neuron is active when it
   is a candidate and its exact gate passes `threshold`, on every path (the masked dense path applies both masks).
+- or a quantized gate predictor (`predictor_bits` 8 or 4): gate_proj's int8 / int4 copy (round-to-nearest, one
+  scale per 128 columns) predicts the gate, far closer than a low-rank factor, so the candidates are barely more
+  than the active neurons; decoding reads a quarter / an eighth of the gate's fp32 bytes for the prediction, then
+  the candidates' exact gate rows. The copy adds 25% / 12.5% of gate_proj's fp32 bytes to the model.
 
 Its children keep the names and tensors of the MLP it replaces (gate_proj, up_proj, down_proj), so the checkpoint's
 tensors are those of the dense model; the threshold is recorded in the checkpoint's compression section."""
@@ -25,14 +29,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..kernels.activation_sparse import gather_axpy, gather_dot
+from ..kernels.activation_sparse import gather_axpy, gather_dot, quantization_group, quantize_groups, quantized_matvec
 from ..prune.activation_sparsity import down_weight
 
 
 class ActivationSparseMLP(nn.Module):
     def __init__(self, mlp: nn.Module, threshold: float = 0.0, max_sparse_tokens: int = 4, predictor_rank: int = 0,
-                 predictor_threshold: float = 0.0, neuron_scaling: bool = False):
+                 predictor_threshold: float = 0.0, neuron_scaling: bool = False, predictor_bits: int = 0):
         super().__init__()
+        if predictor_rank and predictor_bits:
+            raise ValueError("one gate predictor: predictor_rank (low rank) or predictor_bits (quantized), not both")
+        if predictor_bits not in (0, 4, 8):
+            raise ValueError(f"predictor_bits must be 0, 4 or 8, not {predictor_bits}")
         self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
         self.act_fn = mlp.act_fn
         device = mlp.gate_proj.weight.device
@@ -49,6 +57,13 @@ class ActivationSparseMLP(nn.Module):
             w = mlp.gate_proj.weight
             self.register_buffer("predictor_in", w.new_zeros(predictor_rank, w.shape[1]))
             self.register_buffer("predictor_out", w.new_zeros(w.shape[0], predictor_rank))
+        self.predictor_bits = predictor_bits
+        if predictor_bits:  # saved with the weights (codes as integers, scales at checkpoint dtype)
+            w = mlp.gate_proj.weight
+            n, d = w.shape
+            self.register_buffer("predictor_codes", torch.zeros(n, d if predictor_bits == 8 else d // 2, device=w.device,
+                                                                dtype=torch.int8 if predictor_bits == 8 else torch.uint8))
+            self.register_buffer("predictor_scales", w.new_zeros(n, d // quantization_group(d)))
         self.neuron_scaling = neuron_scaling
         if neuron_scaling:  # saved with the weights (checkpoint dtype); `fit_neuron_scale` fills it
             w = mlp.gate_proj.weight
@@ -57,11 +72,21 @@ class ActivationSparseMLP(nn.Module):
         self.record = False  # when True, forward counts active neurons into `counts` (benchmarks, reports)
         self.counts = [0, 0]  # [active, seen] (token, neuron) pairs
 
+    @property
+    def has_predictor(self) -> bool:
+        return bool(self.predictor_rank or self.predictor_bits)
+
     @torch.no_grad()
     def fit_predictor(self, storage_dtype: torch.dtype | None = None) -> None:
-        """P_in = diag(S_r) V_r^T, P_out = U_r from gate_proj's SVD (the best rank-r approximation), rounded to
-        `storage_dtype` (the checkpoint's), so the model in memory predicts exactly what its saved copy will."""
+        """P_in = diag(S_r) V_r^T, P_out = U_r from gate_proj's SVD (the best rank-r approximation), or gate_proj's
+        quantized copy; rounded to `storage_dtype` (the checkpoint's), so the model in memory predicts exactly what
+        its saved copy will."""
         w = self.gate_proj.weight
+        if self.predictor_bits:
+            codes, scales = quantize_groups(w, self.predictor_bits)
+            self.predictor_codes.copy_(codes)
+            self.predictor_scales.copy_(scales.to(storage_dtype or w.dtype))
+            return
         u, sv, vh = torch.linalg.svd(w.detach().float(), full_matrices=False)
         r, rounding = self.predictor_rank, storage_dtype or w.dtype
         self.predictor_in.copy_((sv[:r, None] * vh[:r]).to(rounding))
@@ -84,7 +109,13 @@ class ActivationSparseMLP(nn.Module):
         return s * scale.to(s.dtype)
 
     def predicted_scores(self, x: torch.Tensor) -> torch.Tensor:
-        """The predictor's estimate of `scores(act(gate(x)))` [tokens, intermediate], from act(P_out P_in x)."""
+        """The predictor's estimate of `scores(act(gate(x)))` [tokens, intermediate]: act(P_out P_in x) or act(W~ x)
+        with W~ the gate's quantized copy."""
+        if self.predictor_bits:
+            pre = quantized_matvec(self.predictor_codes, self.predictor_scales, x, self.predictor_bits).to(x.dtype)
+            if self.gate_proj.bias is not None:
+                pre = pre + self.gate_proj.bias
+            return self.scores(self.act_fn(pre))
         return self.scores(self.act_fn((x @ self.predictor_in.t().to(x.dtype)) @ self.predictor_out.t().to(x.dtype)))
 
     def candidates(self, x: torch.Tensor) -> torch.Tensor:
@@ -100,7 +131,7 @@ class ActivationSparseMLP(nn.Module):
         """(act(gate(x)), keep mask: scores(act(gate(x))) >= threshold, and a predicted candidate with a predictor)."""
         g = self.act_fn(self.gate_proj(x))
         keep = self.scores(g) >= self.threshold.to(g.dtype)
-        if self.predictor_rank:
+        if self.has_predictor:
             keep &= self.candidates(x)
         self._count(keep)
         return g, keep
@@ -122,7 +153,8 @@ class ActivationSparseMLP(nn.Module):
 
         w = self.up_proj.weight
         gather = "Triton" if w.is_cuda else "C" if _cpu_fast(w, w) else "torch"
-        gate = f", gate rows of rank-{self.predictor_rank} predicted candidates" if self.predictor_rank else ""
+        kind = f"rank-{self.predictor_rank}" if self.predictor_rank else f"int{self.predictor_bits}"
+        gate = f", gate rows of {kind} predicted candidates" if self.has_predictor else ""
         return f"active rows only ({gather} gather{gate})"
 
     def _gatherable(self) -> bool:
@@ -140,7 +172,7 @@ class ActivationSparseMLP(nn.Module):
     def _sparse_gate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(act(gate(x)) and keep mask of the neurons any token keeps, their indices): with a predictor, only the
         candidates' gate rows are read."""
-        if not self.predictor_rank or type(self.gate_proj) is not nn.Linear:
+        if not self.has_predictor or type(self.gate_proj) is not nn.Linear:
             g, keep = self.gate(x)
             idx = keep.any(0).nonzero().squeeze(1)
             return g[:, idx], keep[:, idx], idx
@@ -166,7 +198,7 @@ class ActivationSparseMLP(nn.Module):
         return y
 
     def extra_repr(self) -> str:
-        extra = (f", predictor_rank={self.predictor_rank}, predictor_threshold={float(self.predictor_threshold):.4g}"
-                 if self.predictor_rank else "")
+        kind = f"predictor_rank={self.predictor_rank}" if self.predictor_rank else f"predictor_bits={self.predictor_bits}"
+        extra = f", {kind}, predictor_threshold={float(self.predictor_threshold):.4g}" if self.has_predictor else ""
         scaled = ", neuron_scaling=True" if self.neuron_scaling else ""
         return f"threshold={float(self.threshold):.4g}{scaled}, max_sparse_tokens={self.max_sparse_tokens}{extra}"

@@ -185,3 +185,57 @@ def test_neuron_scaling_criterion_paths_and_reload(tmp_path, reference_tokenizer
     assert r0.neuron_scaling and torch.equal(r0.neuron_scale, scale)  # rounded to the checkpoint's bf16 when fitted
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_gate_predictor_paths_agree(tiny_model, bits):
+    """predictor_bits: the gate's int8 / int4 copy picks the candidates; the sparse path (exact gate rows of the
+    candidates only) equals the masked dense path, and the copy predicts the exact gate closely (unlike a low rank)."""
+    model = tiny_model("llama")
+    mlp = model.model.layers[0].mlp
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        g = mlp.act_fn(mlp.gate_proj(x))
+        middle = g.abs().flatten().sort().values[g.numel() // 2 - 1: g.numel() // 2 + 1]
+        tau = float(middle.mean())  # between two gate values: no neuron sits on it (rounding would decide)
+        m = ActivationSparseMLP(mlp, max_sparse_tokens=8, predictor_bits=bits, threshold=tau).eval()
+        m.fit_predictor()
+        assert m.predictor_codes.dtype == (torch.int8 if bits == 8 else torch.uint8)
+        error = (m.predicted_scores(x) - g.abs()).abs().max() / g.abs().max()
+        assert error < (0.02 if bits == 8 else 0.2)
+        m.predictor_threshold.fill_(tau * 0.9)
+        keep = (g.abs() >= tau) & m.candidates(x)
+        assert keep.sum() >= 0.95 * (g.abs() >= tau).sum()  # candidates cover the active neurons
+        expected = mlp.down_proj(g * mlp.up_proj(x) * keep)
+        assert f"int{bits} predicted candidates" in m.runtime_path(1)
+        fast = m(x)
+        m.max_sparse_tokens = 0
+        masked = m(x)
+    torch.testing.assert_close(fast, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(masked, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_pass_with_quantized_predictor_reloads(tmp_path, reference_tokenizer):
+    model, report = compress.apply(compress.load("builtin:tiny", dtype="float32"),
+                                   [ActivationSparsity(target_ppl_increase=0.02, predictor_bits=8,
+                                                       predictor_recall=0.995, **FAST)],
+                                   calibration=CALIB, tokenizer=reference_tokenizer, progress=False)
+    d = report.passes[0].details
+    active = [1 - s for s in d["layer_sparsity"]]
+    # a close prediction: the candidates are barely more than the active neurons (a rank-32 SVD needs far more)
+    assert all(a - 0.01 <= c <= a + 0.1 for a, c in zip(active, d["candidate_share"])), (active, d["candidate_share"])
+    assert d["ppl_increase"] <= 0.02
+    m0 = mlps(model)[0]
+    reloaded = compress.load(compress.save(model, tmp_path / "asq"), dtype="float32")
+    r0 = mlps(reloaded)[0]
+    assert r0.predictor_bits == 8 and r0.predictor_codes.dtype == torch.int8
+    assert torch.equal(r0.predictor_codes, m0.predictor_codes) and torch.equal(r0.predictor_scales, m0.predictor_scales)
+    assert "int8 predicted candidates" in r0.runtime_path(1)
+    ids = torch.randint(0, 8192, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+        fast = reloaded.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        for m in mlps(reloaded):
+            m.max_sparse_tokens = 0
+        slow = reloaded.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(fast, slow)

@@ -63,3 +63,28 @@ def test_triton_kernels(triton_kernels, tokens, k, d):
     out_dot = ak.gather_dot(w.to(dev), idx.to(dev), x.to(dev)).cpu()
     out_axpy = ak.gather_axpy(w.to(dev), idx.to(dev), h.to(dev)).cpu()
     assert rel(out_dot, dot) < 1e-5 and rel(out_axpy, axpy) < 1e-5
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("n,d", [(37, 256), (20, 100)])
+def test_quantized_gate_copy(monkeypatch, bits, n, d):
+    """The gate predictor's int8 / int4 copy: round-to-nearest within half a step of each group's scale; its product
+    (C kernel where a compiler exists, torch reference) against a float64 product with the dequantized weight."""
+    monkeypatch.delenv("COMPRESS_KERNELS", raising=False)
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(n, d, generator=g)
+    w[3, :7] *= 20  # an outlier: only its own group's scale grows
+    codes, scales = ak.quantize_groups(w, bits)
+    group = ak.quantization_group(d)
+    assert codes.shape == (n, d if bits == 8 else d // 2) and scales.shape == (n, d // group)
+    dequantized = ak.dequantize_groups(codes, scales, bits)
+    step = scales.repeat_interleave(group, 1)
+    assert ((dequantized - w).abs() <= step / 2 + 1e-6).all()
+    assert (dequantized - w).abs().max() > 0.05 * step.min()  # it is a rounding, not a copy
+    for tokens in (1, 3):
+        x = torch.randn(tokens, d, generator=g)
+        want = x.double() @ dequantized.double().t()
+        assert rel(ak.quantized_matvec(codes, scales, x, bits), want) < 1e-5
+        assert rel(ak.quantized_matvec_reference(codes, scales, x, bits), want) < 1e-5
+    if cpu_library() is not None:
+        assert ak._cpu_fast(scales, x)  # the C kernel ran above

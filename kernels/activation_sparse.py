@@ -3,8 +3,8 @@
 - `gather_dot(w, idx, x)`  -> [t, k]: out[:, r] = x @ w[idx[r]]   (up_proj rows of the active neurons)
 - `gather_axpy(wt, idx, h)` -> [t, d]: out = h @ wt[idx]           (down_proj as its transpose [inter, hidden], so
   each active neuron's column of down_proj is one contiguous row)
-- `quantized_matvec(codes, scales, x, bits)` -> [t, n]: x @ W~.T with W~ a weight's int8/int4 copy
-  (`quantize_groups`), for the gate predictor: it reads a quarter / an eighth of the fp32 gate's bytes
+- `quantized_matvec(codes, scales, x, bits)` -> [t, n]: ~ x @ W.T from W's int8/int4 copy (`quantize_groups`) and
+  x rounded to int8, for the gate predictor: it reads a quarter / an eighth of the fp32 gate's bytes
 
 Each has a torch reference (index_select / embedding_bag: runs everywhere), a Triton kernel (CUDA, or the
 interpreter in tests), and on the CPU a small C kernel (cpu_gather.py) that fuses the gather into the product so the
@@ -162,13 +162,31 @@ def dequantize_groups(codes: torch.Tensor, scales: torch.Tensor, bits: int) -> t
     return (values * scales.float()[..., None]).reshape(n, -1)
 
 
+def round_activations(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [t, d] rounded to int8 per token and `group` columns, symmetric (scale = max |x| / 127, half to even):
+    (the integers as float32 [t, d / group, group], scales [t, d / group])."""
+    t, d = x.shape
+    xg = x.float().reshape(t, d // group, group)
+    m = xg.abs().amax(-1)
+    scales = torch.where(m > 0, m / 127, torch.ones_like(m))
+    return torch.round(xg / scales[..., None]).clamp(-127, 127), scales
+
+
 def quantized_matvec_reference(codes: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, bits: int) -> torch.Tensor:
-    return x.float() @ dequantize_groups(codes, scales, bits).t()
+    n, groups = scales.shape
+    xq, sx = round_activations(x, x.shape[1] // groups)
+    w = dequantize_groups(codes, torch.ones_like(scales, dtype=torch.float32), bits).reshape(n, groups, -1)
+    out = x.new_zeros(x.shape[0], n, dtype=torch.float32)
+    for g in range(groups):  # integer products, exact in float32; one [t, n] product per group
+        out += (xq[:, g] @ w[:, g].t()) * sx[:, g, None] * scales[:, g].float()[None]
+    return out
 
 
 def quantized_matvec(codes: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, bits: int) -> torch.Tensor:
-    """x [t, d] @ W~.T -> [t, n] float32, W~ = dequantize_groups(codes, scales, bits); on the CPU a C kernel that
-    reads the codes once (the reference materializes W~, four times the codes' bytes for 8 bits)."""
+    """sum_g sw[:, g] sx[:, g] (xq_g @ code_g.T) -> [t, n] float32: the product of a weight's quantized copy
+    (`quantize_groups`: codes, scales sw) with x rounded to int8 per token and group (`round_activations`: xq, sx).
+    Integer products, so the C kernel (VNNI where the CPU has it) and the reference agree to float rounding of the
+    scaled sums; the C kernel reads the codes once (the reference expands them per call)."""
     if _cpu_fast(scales, x) and codes.is_contiguous():
         from .cpu_gather import cpu_quantized_matvec, qmatvec_library
 

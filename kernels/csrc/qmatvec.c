@@ -1,4 +1,6 @@
+#include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #endif
@@ -6,130 +8,188 @@
 #include <omp.h>
 #endif
 
-/* out[j, r] = sum_g scale[r, g] * sum_{c in group g} code[r, c] * x[j, c]: a product with a weight's int8 or int4
-   copy (one scale per `group` columns), for the activation-sparse MLP's gate predictor. At one token it should cost
-   what reading the codes costs (a quarter / an eighth of the fp32 weight's bytes), so the int -> float conversion
-   must keep up: compilers vectorize the plain loop poorly (128-bit lanes, a horizontal sum per group: as slow as
-   the fp32 product), hence AVX-512 / AVX2 intrinsics with vector partial sums per group; the plain loop remains
-   for other CPUs. int4 layout: in each group, byte b holds column b in its low nibble and column b + group / 2 in
-   its high nibble, each as value + 8. */
+/* The activation-sparse MLP's gate predictor: out[j, r] = sum_g sw[r, g] * sx[j, g] * sum_{c in g} code[r, c] *
+   xq[j, c], a product of a weight's int8 / int4 copy (one scale sw per `group` columns) with x rounded to int8 per
+   token and group (sx = max |x| / 127 over the group, round half to even): integer products, so every path (AVX-512
+   VNNI, the float vector loop, plain C, the torch reference) sums the same integers. At one token it should cost
+   what reading the codes costs (a quarter / an eighth of the fp32 weight's bytes); compilers vectorize the plain
+   loop poorly (128-bit lanes, a horizontal sum per group: as slow as the fp32 product), hence intrinsics.
+   int4 layout: in each group, byte b holds column b in its low nibble and column b + group / 2 in its high nibble,
+   each as value + 8 (unsigned, as vpdpbusd wants one operand). */
 
-static float dot_int8_plain(const int8_t* q, const float* x, int64_t n) {
-    float a = 0.f;
-    for (int64_t c = 0; c < n; ++c) a += (float)q[c] * x[c];
-    return a;
+typedef struct {
+    int8_t* q;      /* [t, d] x rounded */
+    float* f;       /* [t, d] the same integers as floats (the float loop's operand) */
+    float* scale;   /* [t, groups] */
+    float* sum;     /* [t, groups] sum of the rounded values */
+} rounded_x;
+
+static int round_x(const float* x, int64_t ldx, int64_t t, int64_t d, int64_t group, rounded_x* r) {
+    int64_t groups = d / group;
+    r->q = malloc(t * d);
+    r->f = malloc(t * d * sizeof(float));
+    r->scale = malloc(t * groups * sizeof(float));
+    r->sum = malloc(t * groups * sizeof(float));
+    if (!r->q || !r->f || !r->scale || !r->sum) return 0;
+    for (int64_t j = 0; j < t; ++j)
+        for (int64_t g = 0; g < groups; ++g) {
+            const float* xg = x + j * ldx + g * group;
+            float m = 0.f;
+            for (int64_t c = 0; c < group; ++c) m = fmaxf(m, fabsf(xg[c]));
+            float s = m > 0.f ? m / 127.f : 1.f;
+            int32_t sum = 0;
+            for (int64_t c = 0; c < group; ++c) {
+                int v = (int)nearbyintf(xg[c] / s);
+                v = v > 127 ? 127 : v < -127 ? -127 : v;
+                r->q[j * d + g * group + c] = (int8_t)v;
+                r->f[j * d + g * group + c] = (float)v;
+                sum += v;
+            }
+            r->scale[j * groups + g] = s;
+            r->sum[j * groups + g] = (float)sum;
+        }
+    return 1;
 }
 
-#if defined(__AVX512F__)
-#define LANES 16
-typedef __m512 vec;
-static inline vec vzero(void) { return _mm512_setzero_ps(); }
-static inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
-static inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
-static inline vec vset(float s) { return _mm512_set1_ps(s); }
-static inline vec vload(const float* p) { return _mm512_loadu_ps(p); }
-static inline float vsum(vec v) { return _mm512_reduce_add_ps(v); }
-static inline vec vint8(__m128i b) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)); }  /* 16 codes */
-#elif defined(__AVX2__) && defined(__FMA__)
-#define LANES 8
-typedef __m256 vec;
-static inline vec vzero(void) { return _mm256_setzero_ps(); }
-static inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
-static inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
-static inline vec vset(float s) { return _mm256_set1_ps(s); }
-static inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
-static inline float vsum(vec v) {
+static void free_x(rounded_x* r) { free(r->q); free(r->f); free(r->scale); free(r->sum); }
+
+/* sum over one group of code * x (x: the rounded integers as floats; exact: integer products and sums < 2^24);
+   int4 codes still carry their + 8 */
+#if defined(__AVX2__) && defined(__FMA__)
+static inline __m256 codes8(__m128i b) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)); }  /* low 8 bytes */
+static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
-static inline vec vint8(__m128i b) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)); }  /* low 8 codes */
 #endif
 
-#ifdef LANES
-/* two vectors of 16 codes' products: 16 int8 codes in b against x[0..16) */
-static inline void fma16(__m128i b, const float* x, vec* p0, vec* p1) {
-#if LANES == 16
-    *p0 = vfma(vint8(b), vload(x), *p0);
-#else
-    *p0 = vfma(vint8(b), vload(x), *p0);
-    *p1 = vfma(vint8(_mm_unpackhi_epi64(b, b)), vload(x + 8), *p1);
+static float group_dot_int8(const int8_t* q, const float* x, int64_t group) {
+    int64_t c = 0;
+    float a = 0.f;
+#if defined(__AVX2__) && defined(__FMA__)
+    __m256 p0 = _mm256_setzero_ps(), p1 = _mm256_setzero_ps();
+    for (; c + 16 <= group; c += 16) {
+        __m128i b = _mm_loadu_si128((const __m128i*)(q + c));
+        p0 = _mm256_fmadd_ps(codes8(b), _mm256_loadu_ps(x + c), p0);
+        p1 = _mm256_fmadd_ps(codes8(_mm_unpackhi_epi64(b, b)), _mm256_loadu_ps(x + c + 8), p1);
+    }
+    a = hsum(_mm256_add_ps(p0, p1));
 #endif
+    for (; c < group; ++c) a += (float)q[c] * x[c];
+    return a;
+}
+
+static float group_dot_int4(const uint8_t* q, const float* x, int64_t half) {
+    int64_t c = 0;
+    float a = 0.f;
+#if defined(__AVX2__) && defined(__FMA__)
+    const __m128i low = _mm_set1_epi8(15);
+    __m256 p0 = _mm256_setzero_ps(), p1 = _mm256_setzero_ps();
+    for (; c + 16 <= half; c += 16) {
+        __m128i b = _mm_loadu_si128((const __m128i*)(q + c));
+        __m128i lo = _mm_and_si128(b, low), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low);
+        p0 = _mm256_fmadd_ps(codes8(lo), _mm256_loadu_ps(x + c), p0);
+        p1 = _mm256_fmadd_ps(codes8(_mm_unpackhi_epi64(lo, lo)), _mm256_loadu_ps(x + c + 8), p1);
+        p0 = _mm256_fmadd_ps(codes8(hi), _mm256_loadu_ps(x + half + c), p0);
+        p1 = _mm256_fmadd_ps(codes8(_mm_unpackhi_epi64(hi, hi)), _mm256_loadu_ps(x + half + c + 8), p1);
+    }
+    a = hsum(_mm256_add_ps(p0, p1));
+#endif
+    for (; c < half; ++c) a += (float)(q[c] & 15) * x[c] + (float)(q[c] >> 4) * x[c + half];
+    return a;
+}
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define HAVE_VNNI 1
+/* one row against one token, groups of 128 columns; int4: the 64 bytes of a group are one vector */
+static float row_vnni_int4(const uint8_t* q, const int8_t* x, const float* sw, const float* sx, const float* sum,
+                           int64_t groups) {
+    const __m512i low = _mm512_set1_epi8(15);
+    __m512 acc = _mm512_setzero_ps();
+    float offset = 0.f;
+    for (int64_t g = 0; g < groups; ++g) {
+        __m512i b = _mm512_loadu_si512((const void*)(q + g * 64));
+        __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(b, low),
+                                          _mm512_loadu_si512((const void*)(x + g * 128)));
+        dot = _mm512_dpbusd_epi32(dot, _mm512_and_si512(_mm512_srli_epi16(b, 4), low),
+                                  _mm512_loadu_si512((const void*)(x + g * 128 + 64)));
+        float s = sw[g] * sx[g];
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(s), _mm512_cvtepi32_ps(dot), acc);
+        offset += 8.f * s * sum[g];
+    }
+    return _mm512_reduce_add_ps(acc) - offset;
+}
+
+/* int8: vpdpbusd multiplies unsigned by signed bytes, so x goes in as x + 128 and sum(code) * 128 comes off */
+static float row_vnni_int8(const int8_t* q, const uint8_t* xu, const float* sw, const float* sx, int64_t groups) {
+    const __m512i ones = _mm512_set1_epi8(1);
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; ++g) {
+        __m512i dot = _mm512_setzero_si512(), codes = _mm512_setzero_si512();
+        for (int64_t c = 0; c < 128; c += 64) {
+            __m512i w = _mm512_loadu_si512((const void*)(q + g * 128 + c));
+            dot = _mm512_dpbusd_epi32(dot, _mm512_loadu_si512((const void*)(xu + g * 128 + c)), w);
+            codes = _mm512_dpbusd_epi32(codes, ones, w);
+        }
+        dot = _mm512_sub_epi32(dot, _mm512_slli_epi32(codes, 7));
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(sw[g] * sx[g]), _mm512_cvtepi32_ps(dot), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
 }
 #endif
 
 void qmatvec_int8(const int8_t* q, const float* scale, int64_t n, int64_t d, int64_t group, const float* x,
                   int64_t ldx, int64_t t, float* out, int64_t ldo, int nthreads) {
     int64_t groups = d / group;
+    rounded_x rx;
+    if (!round_x(x, ldx, t, d, group, &rx)) { free_x(&rx); return; }
+#ifdef HAVE_VNNI
+    uint8_t* xu = NULL;
+    if (group == 128 && (xu = malloc(t * d)))
+        for (int64_t i = 0; i < t * d; ++i) xu[i] = (uint8_t)(rx.q[i] + 128);
+#endif
     #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t r = 0; r < n; ++r) {
         const int8_t* qr = q + r * d;
         const float* sr = scale + r * groups;
         for (int64_t j = 0; j < t; ++j) {
-            const float* xj = x + j * ldx;
+            const float* sx = rx.scale + j * groups;
+#ifdef HAVE_VNNI
+            if (xu) { out[j * ldo + r] = row_vnni_int8(qr, xu + j * d, sr, sx, groups); continue; }
+#endif
             float total = 0.f;
-#ifdef LANES
-            vec acc = vzero();
-#endif
-            for (int64_t g = 0; g < groups; ++g) {
-                const int8_t* qg = qr + g * group;
-                const float* xg = xj + g * group;
-                int64_t c = 0;
-#ifdef LANES
-                vec p0 = vzero(), p1 = vzero();
-                for (; c + 32 <= group; c += 32) {
-                    fma16(_mm_loadu_si128((const __m128i*)(qg + c)), xg + c, &p0, &p1);
-                    fma16(_mm_loadu_si128((const __m128i*)(qg + c + 16)), xg + c + 16, &p1, &p0);
-                }
-                acc = vfma(vset(sr[g]), vadd(p0, p1), acc);
-#endif
-                total += sr[g] * dot_int8_plain(qg + c, xg + c, group - c);
-            }
-#ifdef LANES
-            total += vsum(acc);
-#endif
+            for (int64_t g = 0; g < groups; ++g)
+                total += sr[g] * sx[g] * group_dot_int8(qr + g * group, rx.f + j * d + g * group, group);
             out[j * ldo + r] = total;
         }
     }
+#ifdef HAVE_VNNI
+    free(xu);
+#endif
+    free_x(&rx);
 }
 
 void qmatvec_int4(const uint8_t* q, const float* scale, int64_t n, int64_t d, int64_t group, const float* x,
                   int64_t ldx, int64_t t, float* out, int64_t ldo, int nthreads) {
     int64_t groups = d / group, half = group / 2;
+    rounded_x rx;
+    if (!round_x(x, ldx, t, d, group, &rx)) { free_x(&rx); return; }
     #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t r = 0; r < n; ++r) {
         const uint8_t* qr = q + r * (d / 2);
         const float* sr = scale + r * groups;
         for (int64_t j = 0; j < t; ++j) {
-            const float* xj = x + j * ldx;
+            const float* sx = rx.scale + j * groups;
+            const float* sum = rx.sum + j * groups;
+#ifdef HAVE_VNNI
+            if (group == 128) { out[j * ldo + r] = row_vnni_int4(qr, rx.q + j * d, sr, sx, sum, groups); continue; }
+#endif
             float total = 0.f;
-#ifdef LANES
-            vec acc = vzero();
-            const __m128i low = _mm_set1_epi8(15), eight = _mm_set1_epi8(8);
-#endif
-            for (int64_t g = 0; g < groups; ++g) {
-                const uint8_t* qg = qr + g * half;
-                const float* xg = xj + g * group;
-                int64_t c = 0;
-#ifdef LANES
-                vec p0 = vzero(), p1 = vzero();
-                for (; c + 16 <= half; c += 16) {
-                    __m128i b = _mm_loadu_si128((const __m128i*)(qg + c));
-                    fma16(_mm_sub_epi8(_mm_and_si128(b, low), eight), xg + c, &p0, &p1);
-                    fma16(_mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(b, 4), low), eight), xg + half + c, &p1, &p0);
-                }
-                acc = vfma(vset(sr[g]), vadd(p0, p1), acc);
-#endif
-                /* the tail: columns c..half of the low half and their partners in the high half */
-                float a = 0.f;
-                for (int64_t k = c; k < half; ++k)
-                    a += (float)((int)(qg[k] & 15) - 8) * xg[k] + (float)((int)(qg[k] >> 4) - 8) * xg[k + half];
-                total += sr[g] * a;
-            }
-#ifdef LANES
-            total += vsum(acc);
-#endif
+            for (int64_t g = 0; g < groups; ++g)
+                total += sr[g] * sx[g] * (group_dot_int4(qr + g * half, rx.f + j * d + g * group, half) - 8.f * sum[g]);
             out[j * ldo + r] = total;
         }
     }
+    free_x(&rx);
 }

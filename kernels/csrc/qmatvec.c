@@ -15,7 +15,18 @@
    what reading the codes costs (a quarter / an eighth of the fp32 weight's bytes); compilers vectorize the plain
    loop poorly (128-bit lanes, a horizontal sum per group: as slow as the fp32 product), hence intrinsics.
    int4 layout: in each group, byte b holds column b in its low nibble and column b + group / 2 in its high nibble,
-   each as value + 8 (unsigned, as vpdpbusd wants one operand). */
+   each as value + 8 (unsigned, as vpdpbusd wants one operand).
+   Each row prefetches (into L2) the row PREFETCH_BYTES ahead: the hardware prefetcher alone leaves the loop
+   waiting on DRAM at every few pages (int4 14336 x 4096 from DRAM, one core: 3.4 ms -> ~1.9 ms; the codes are
+   ~29 MB). */
+
+#ifndef PREFETCH_BYTES
+#define PREFETCH_BYTES 16384
+#endif
+
+static inline void prefetch_row(const void* row, int64_t bytes) {
+    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch((const char*)row + b, 0, 1);
+}
 
 typedef struct {
     int8_t* q;      /* [t, d] x rounded */
@@ -149,8 +160,10 @@ void qmatvec_int8(const int8_t* q, const float* scale, int64_t n, int64_t d, int
     if (group == 128 && (xu = malloc(t * d)))
         for (int64_t i = 0; i < t * d; ++i) xu[i] = (uint8_t)(rx.q[i] + 128);
 #endif
+    int64_t ahead = PREFETCH_BYTES / d + 1;
     #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t r = 0; r < n; ++r) {
+        if (r + ahead < n) prefetch_row(q + (r + ahead) * d, d);
         const int8_t* qr = q + r * d;
         const float* sr = scale + r * groups;
         for (int64_t j = 0; j < t; ++j) {
@@ -175,8 +188,10 @@ void qmatvec_int4(const uint8_t* q, const float* scale, int64_t n, int64_t d, in
     int64_t groups = d / group, half = group / 2;
     rounded_x rx;
     if (!round_x(x, ldx, t, d, group, &rx)) { free_x(&rx); return; }
+    int64_t ahead = PREFETCH_BYTES / (d / 2) + 1;
     #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t r = 0; r < n; ++r) {
+        if (r + ahead < n) prefetch_row(q + (r + ahead) * (d / 2), d / 2);
         const uint8_t* qr = q + r * (d / 2);
         const float* sr = scale + r * groups;
         for (int64_t j = 0; j < t; ++j) {

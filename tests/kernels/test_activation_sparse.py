@@ -72,6 +72,9 @@ def test_quantized_gate_copy(monkeypatch, bits, n, d):
     with x rounded to int8 per token and group (C kernel, VNNI where the CPU has it, and the torch reference) against
     the same integers summed in float64, and close to the exact float product."""
     monkeypatch.delenv("COMPRESS_KERNELS", raising=False)
+    from compress.kernels.cpu_gather import qmatvec_library
+    if cpu_library() is not None:  # a compiler is here: the predictor's kernel must build too (no silent fallback)
+        assert qmatvec_library() is not None
     g = torch.Generator().manual_seed(1)
     w = torch.randn(n, d, generator=g)
     w[3, :7] *= 20  # an outlier: only its own group's scale grows

@@ -15,7 +15,9 @@ from .cpu_build import load_c_library
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 _GATHER_ARGS = (_PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _I64, _PTR, _I64, ctypes.c_int)
 _QMATVEC_ARGS = (_PTR, _PTR, _I64, _I64, _I64, _PTR, _I64, _I64, _PTR, _I64, ctypes.c_int)
-_SIGNATURES = (("gather_dot", _GATHER_ARGS, None), ("gather_axpy", _GATHER_ARGS, None))
+_SELECT_ARGS = (_PTR, _I64, _I64, _I64, _PTR, _PTR, ctypes.c_float, _PTR, _I64, _PTR, _PTR, _PTR)
+_SIGNATURES = (("gather_dot", _GATHER_ARGS, None), ("gather_axpy", _GATHER_ARGS, None),
+               ("select_silu", _SELECT_ARGS, _I64))
 _QMATVEC_SIGNATURES = (("qmatvec_int8", _QMATVEC_ARGS, None), ("qmatvec_int4", _QMATVEC_ARGS, None))
 
 
@@ -60,3 +62,23 @@ def cpu_quantized_matvec(codes: torch.Tensor, scales: torch.Tensor, x: torch.Ten
     kernel(codes.contiguous().data_ptr(), scales.data_ptr(), n, d, d // groups, x.data_ptr(), x.stride(0), t,
            out.data_ptr(), out.stride(0), torch.get_num_threads())
     return out
+
+
+def _ptr(t: torch.Tensor | None):
+    return None if t is None else t.data_ptr()
+
+
+def cpu_select_silu(pre: torch.Tensor, threshold: float, scale: torch.Tensor | None = None,
+                    ids: torch.Tensor | None = None, allow: torch.Tensor | None = None):
+    """(idx [k], mask [t, k] bool, g [t, k]) of the columns of pre [t, n] that some token keeps: |silu(pre)| *
+    scale[id] >= threshold (and allow[t, n]); ids: the neuron of each column (default: the column), g zero where a
+    token does not keep its column. See csrc/gather.c select_silu."""
+    pre = pre.contiguous()
+    t, n = pre.shape
+    idx = torch.empty(n, dtype=torch.int64)
+    mask = torch.empty(t, n, dtype=torch.bool)
+    g = torch.empty(t, n, dtype=torch.float32)
+    ids, scale, allow = (None if v is None else v.contiguous() for v in (ids, scale, allow))  # held for the call
+    k = cpu_library().select_silu(pre.data_ptr(), pre.stride(0), t, n, _ptr(ids), _ptr(scale), float(threshold),
+                                  _ptr(allow), n, idx.data_ptr(), mask.data_ptr(), g.data_ptr())
+    return idx[:k], mask[:, :k], g[:, :k]

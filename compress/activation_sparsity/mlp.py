@@ -29,7 +29,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..kernels.activation_sparse import gather_axpy, gather_dot, quantization_group, quantize_groups, quantized_matvec
+from ..kernels.activation_sparse import (_cpu_fast, gather_axpy, gather_dot, quantization_group, quantize_groups,
+                                         quantized_matvec)
+from ..kernels.cpu_gather import cpu_select_silu
 from ..prune.activation_sparsity import down_weight
 
 
@@ -108,15 +110,17 @@ class ActivationSparseMLP(nn.Module):
         scale = self.neuron_scale if neurons is None else self.neuron_scale[neurons]
         return s * scale.to(s.dtype)
 
-    def predicted_scores(self, x: torch.Tensor) -> torch.Tensor:
-        """The predictor's estimate of `scores(act(gate(x)))` [tokens, intermediate]: act(P_out P_in x) or act(W~ x)
+    def predicted_gate(self, x: torch.Tensor) -> torch.Tensor:
+        """The predictor's estimate of gate(x) [tokens, intermediate] (before the activation): P_out P_in x, or W~ x
         with W~ the gate's quantized copy."""
         if self.predictor_bits:
             pre = quantized_matvec(self.predictor_codes, self.predictor_scales, x, self.predictor_bits).to(x.dtype)
-            if self.gate_proj.bias is not None:
-                pre = pre + self.gate_proj.bias
-            return self.scores(self.act_fn(pre))
-        return self.scores(self.act_fn((x @ self.predictor_in.t().to(x.dtype)) @ self.predictor_out.t().to(x.dtype)))
+            return pre + self.gate_proj.bias if self.gate_proj.bias is not None else pre
+        return (x @ self.predictor_in.t().to(x.dtype)) @ self.predictor_out.t().to(x.dtype)
+
+    def predicted_scores(self, x: torch.Tensor) -> torch.Tensor:
+        """The predictor's estimate of `scores(act(gate(x)))` [tokens, intermediate]."""
+        return self.scores(self.act_fn(self.predicted_gate(x)))
 
     def candidates(self, x: torch.Tensor) -> torch.Tensor:
         return self.predicted_scores(x) >= self.predictor_threshold.to(x.dtype)
@@ -174,6 +178,8 @@ class ActivationSparseMLP(nn.Module):
     def _sparse_gate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(act(gate(x)) and keep mask of the neurons any token keeps, their indices): with a predictor, only the
         candidates' gate rows are read."""
+        if self._select_in_c(x):
+            return self._sparse_gate_c(x)
         if not self.has_predictor or type(self.gate_proj) is not nn.Linear:
             g, keep = self.gate(x)
             idx = keep.any(0).nonzero().squeeze(1)
@@ -188,6 +194,27 @@ class ActivationSparseMLP(nn.Module):
         self._count(keep, cand.numel())  # every neuron was seen, only the candidates' gates computed
         used = keep.any(0)
         return g[:, used], keep[:, used], idx[used]
+
+    def _select_in_c(self, x: torch.Tensor) -> bool:
+        """The C selection (csrc/gather.c select_silu) applies: SiLU gate, float32 on a CPU with the C kernels."""
+        return type(self.act_fn).__name__ in ("SiLU", "SiLUActivation") and type(self.gate_proj) is nn.Linear \
+            and _cpu_fast(self.up_proj.weight, x) and (not self.neuron_scaling or self.neuron_scale.dtype == x.dtype)
+
+    def _sparse_gate_c(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`_sparse_gate` with its selection in C: the same decisions, g zero where a token does not keep."""
+        scale = self.neuron_scale if self.neuron_scaling else None
+        if not self.has_predictor:
+            pre = self.gate_proj(x)
+            idx, keep, g = cpu_select_silu(pre, float(self.threshold), scale)
+            self._count(keep, pre.numel())
+            return g, keep, idx
+        cand, allowed, _ = cpu_select_silu(self.predicted_gate(x), float(self.predictor_threshold), scale)
+        pre = gather_dot(self.gate_proj.weight, cand, x)
+        if self.gate_proj.bias is not None:
+            pre = pre + self.gate_proj.bias[cand]
+        idx, keep, g = cpu_select_silu(pre, float(self.threshold), scale, ids=cand, allow=allowed)
+        self._count(keep, x.shape[0] * self.gate_proj.out_features)
+        return g, keep, idx
 
     def _sparse(self, x: torch.Tensor) -> torch.Tensor:
         g, keep, idx = self._sparse_gate(x)

@@ -1,3 +1,4 @@
+#include <math.h>
 #include <stdint.h>
 #ifdef _OPENMP
 #include <omp.h>
@@ -75,4 +76,32 @@ void gather_axpy(const float* wt, int64_t ldw, const int64_t* idx, int64_t k, co
             }
         }
     }
+}
+
+/* The activation-sparse MLP's selection, one call instead of ~10 small torch ops per decoding step (nonzero and
+   boolean indexing alone cost ~1.2 ms per step at 14336 neurons, a twentieth of the step): for each column i of
+   pre [t, n], a_j = silu(pre[j, i]) and token j keeps it when |a_j| * scale[ids[i]] >= thr and allow[j, i] (when
+   given); a column any token keeps goes to out position k: idx[k] = ids[i] (ids NULL: i), mask[j, k] = kept by
+   token j, g[j, k] = a_j where kept, else 0 (mask, g: leading dimension n; either may be NULL). Returns k. */
+int64_t select_silu(const float* pre, int64_t ldp, int64_t t, int64_t n, const int64_t* ids, const float* scale,
+                    float thr, const uint8_t* allow, int64_t lda, int64_t* idx, uint8_t* mask, float* g) {
+    int64_t k = 0;
+    for (int64_t i = 0; i < n; ++i) {
+        int64_t id = ids ? ids[i] : i;
+        float s = scale ? scale[id] : 1.f;
+        int any = 0;
+        for (int64_t j = 0; j < t; ++j) {
+            float v = pre[j * ldp + i], a = 0.f;
+            int keep = 0;
+            if (fabsf(v) * s >= thr && (!allow || allow[j * lda + i])) {  /* |silu(v)| <= |v|: most skip expf */
+                a = v / (1.f + expf(-v));
+                keep = fabsf(a) * s >= thr;
+            }
+            any |= keep;
+            if (mask) mask[j * n + k] = (uint8_t)keep;
+            if (g) g[j * n + k] = keep ? a : 0.f;
+        }
+        if (any) idx[k++] = id;  /* mask and g at column k are overwritten by the next column otherwise */
+    }
+    return k;
 }

@@ -175,15 +175,15 @@ class ActivationSparseMLP(nn.Module):
             w.data = w.data.t().contiguous().t()
         return w.t()
 
-    def _sparse_gate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(act(gate(x)) and keep mask of the neurons any token keeps, their indices): with a predictor, only the
-        candidates' gate rows are read."""
+    def _sparse_gate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(act(gate(x)) of the neurons any token keeps, zero where a token does not keep one; their indices): with
+        a predictor, only the candidates' gate rows are read."""
         if self._select_in_c(x):
             return self._sparse_gate_c(x)
         if not self.has_predictor or type(self.gate_proj) is not nn.Linear:
             g, keep = self.gate(x)
             idx = keep.any(0).nonzero().squeeze(1)
-            return g[:, idx], keep[:, idx], idx
+            return (g * keep)[:, idx], idx
         cand = self.candidates(x)
         idx = cand.any(0).nonzero().squeeze(1)
         pre = gather_dot(self.gate_proj.weight, idx, x).to(x.dtype)
@@ -193,34 +193,34 @@ class ActivationSparseMLP(nn.Module):
         keep = (self.scores(g, idx) >= self.threshold.to(g.dtype)) & cand[:, idx]
         self._count(keep, cand.numel())  # every neuron was seen, only the candidates' gates computed
         used = keep.any(0)
-        return g[:, used], keep[:, used], idx[used]
+        return (g * keep)[:, used], idx[used]
 
     def _select_in_c(self, x: torch.Tensor) -> bool:
         """The C selection (csrc/gather.c select_silu) applies: SiLU gate, float32 on a CPU with the C kernels."""
         return type(self.act_fn).__name__ in ("SiLU", "SiLUActivation") and type(self.gate_proj) is nn.Linear \
             and _cpu_fast(self.up_proj.weight, x) and (not self.neuron_scaling or self.neuron_scale.dtype == x.dtype)
 
-    def _sparse_gate_c(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`_sparse_gate` with its selection in C: the same decisions, g zero where a token does not keep."""
+    def _sparse_gate_c(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`_sparse_gate` with its selection in C: the same decisions."""
         scale = self.neuron_scale if self.neuron_scaling else None
         if not self.has_predictor:
             pre = self.gate_proj(x)
             idx, keep, g = cpu_select_silu(pre, float(self.threshold), scale)
             self._count(keep, pre.numel())
-            return g, keep, idx
+            return g, idx
         cand, allowed, _ = cpu_select_silu(self.predicted_gate(x), float(self.predictor_threshold), scale)
         pre = gather_dot(self.gate_proj.weight, cand, x)
         if self.gate_proj.bias is not None:
             pre = pre + self.gate_proj.bias[cand]
         idx, keep, g = cpu_select_silu(pre, float(self.threshold), scale, ids=cand, allow=allowed)
         self._count(keep, x.shape[0] * self.gate_proj.out_features)
-        return g, keep, idx
+        return g, idx
 
     def _sparse(self, x: torch.Tensor) -> torch.Tensor:
-        g, keep, idx = self._sparse_gate(x)
-        h = (g * keep) * gather_dot(self.up_proj.weight, idx, x).to(g.dtype)
+        g, idx = self._sparse_gate(x)
+        h = g * gather_dot(self.up_proj.weight, idx, x).to(g.dtype)
         if self.up_proj.bias is not None:
-            h = h + (g * keep) * self.up_proj.bias[idx]
+            h = h + g * self.up_proj.bias[idx]
         y = gather_axpy(self.column_major_down(), idx, h).to(x.dtype)
         if self.down_proj.bias is not None:
             y = y + self.down_proj.bias

@@ -97,11 +97,41 @@ def calibrate_thresholds(model, mlps: list[ActivationSparseMLP], windows: torch.
     if any(m.has_predictor for m in mlps):  # fit after the thresholds; the budget check then includes its misses
         best["candidate_share"] = _fit_predictors(model, mlps, windows, search_tokens, batch_size, predictor_recall,
                                                   storage_dtype)
-        best["predictor_thresholds"] = [float(m.predictor_threshold) for m in mlps]
         best["perplexity"], _, best["layer_sparsity"] = trial(0.0, best["thresholds"])
+        if best["perplexity"] > limit:
+            best.update(_within_budget(mlps, trial, best["thresholds"], limit, outer_steps))
+        best["predictor_thresholds"] = [float(m.predictor_threshold) for m in mlps]
     return {**best, "perplexity_dense": dense_ppl, "ppl_increase": best["perplexity"] / dense_ppl - 1,
             "sparsity": sum(best["layer_sparsity"]) / len(mlps), "target_ppl_increase": target_ppl_increase,
             "tokens": int(windows.numel())}
+
+
+def _within_budget(mlps: list[ActivationSparseMLP], trial, thresholds: list[float], limit: float,
+                   steps: int) -> dict[str, Any]:
+    """The predictor's misses took perplexity past the budget: scale every predictor threshold by the largest factor
+    in [0, 1] that stays within it (bisection; factor 0 makes every neuron a candidate: the thresholds alone, which
+    the search kept within the budget)."""
+    fitted = [float(m.predictor_threshold) for m in mlps]
+
+    def set_scale(factor: float) -> None:
+        for m, t in zip(mlps, fitted):
+            m.predictor_threshold.fill_(t * factor)
+
+    lo, hi = 0.0, 1.0
+    found: dict[str, Any] = {}
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        set_scale(mid)
+        ppl, _, sparsity = trial(0.0, thresholds)
+        if ppl <= limit:
+            lo, found = mid, {"perplexity": ppl, "layer_sparsity": sparsity}
+        else:
+            hi = mid
+    set_scale(lo)
+    if not found:  # no factor above 0 fits: every neuron a candidate
+        ppl, _, sparsity = trial(0.0, thresholds)
+        found = {"perplexity": ppl, "layer_sparsity": sparsity}
+    return {**found, "predictor_threshold_scale": lo}
 
 
 def _greedy_layers(trial, scores: list[torch.Tensor], best: dict, limit: float, rounds: int, step: float,

@@ -54,7 +54,8 @@ class ActivationSparsity(Pass):
                                      "(CATS): 5-9 points more inactive neurons at the same held-out perplexity on the "
                                      "reference models; the scales are saved with the weights")
         predictor_recall: float = Field(0.99, gt=0.5, le=1.0, description="share of the exactly-active neurons the "
-                                        "predictor must keep on the calibration tokens (sets its threshold)")
+                                        "predictor must keep on the calibration tokens (sets its threshold; lowered "
+                                        "further if its misses would take perplexity past the budget)")
 
         @model_validator(mode="after")
         def _one_predictor(self):

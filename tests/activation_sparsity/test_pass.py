@@ -233,6 +233,8 @@ def test_pass_with_quantized_predictor_reloads(tmp_path, reference_tokenizer):
     assert r0.predictor_bits == 8 and r0.predictor_codes.dtype == torch.int8
     assert torch.equal(r0.predictor_codes, m0.predictor_codes) and torch.equal(r0.predictor_scales, m0.predictor_scales)
     assert "int8 predicted candidates" in r0.runtime_path(1)
+    from compress.prune.runtime import runtime_plan
+    assert "int8 predicted candidates" in runtime_plan(reloaded)["model.layers.0.mlp"]  # what `compress inspect` says
     ids = torch.randint(0, 8192, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
@@ -241,3 +243,15 @@ def test_pass_with_quantized_predictor_reloads(tmp_path, reference_tokenizer):
             m.max_sparse_tokens = 0
         slow = reloaded.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert torch.equal(fast, slow)
+
+
+def test_predictor_misses_stay_within_the_budget(reference_tokenizer):
+    """A poor predictor (rank 2, recall 0.6) would push perplexity past the budget: its thresholds are scaled down
+    until the calibration perplexity, misses included, is within it again."""
+    model, report = compress.apply(compress.load("builtin:tiny", dtype="float32"),
+                                   [ActivationSparsity(target_ppl_increase=0.02, predictor_rank=2, predictor_recall=0.6,
+                                                       **FAST)],
+                                   calibration=CALIB, tokenizer=reference_tokenizer, progress=False)
+    d = report.passes[0].details
+    assert 0 <= d["predictor_threshold_scale"] < 1 and d["ppl_increase"] <= 0.02
+    assert d["predictor_thresholds"] == pytest.approx([float(m.predictor_threshold) for m in mlps(model)])

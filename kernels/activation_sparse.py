@@ -187,8 +187,8 @@ def quantized_matvec(codes: torch.Tensor, scales: torch.Tensor, x: torch.Tensor,
     (`quantize_groups`: codes, scales sw) with x rounded to int8 per token and group (`round_activations`: xq, sx).
     Integer products, so the C kernel (VNNI where the CPU has it) and the reference agree to float rounding of the
     scaled sums; the C kernel reads the codes once (the reference expands them per call)."""
-    if _cpu_fast(scales, x) and codes.is_contiguous():
-        from .cpu_gather import cpu_quantized_matvec, qmatvec_library
+    if x.shape[0] <= 16 and _cpu_fast(scales, x) and codes.is_contiguous():  # a GEMV kernel: prefill-sized x runs
+        from .cpu_gather import cpu_quantized_matvec, qmatvec_library     # faster as the reference's GEMMs
 
         if qmatvec_library() is not None:
             return cpu_quantized_matvec(codes, scales, x, bits)

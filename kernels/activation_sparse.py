@@ -77,6 +77,52 @@ if triton is not None:
         tl.store(out_ptr + tok[:, None] * stride_o + cols[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=(tok < T)[:, None] & (cols < D)[None, :])
 
+    @triton.jit
+    def _qmatvec_kernel(codes_ptr, sw_ptr, xq_ptr, sx_ptr, out_ptr, N, T, GROUPS, stride_c, stride_sw, stride_x,
+                        stride_sx, stride_o, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_T: tl.constexpr):
+        # one program: BLOCK_N rows x all tokens; x comes rounded (integers as floats), products summed in fp32 by
+        # broadcast-multiply (exact for these integers; tl.dot would round through TF32 on GPUs)
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        tok = tl.arange(0, BLOCK_T)
+        rmask, tmask = rows < N, tok < T
+        acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+        for g in range(0, GROUPS):
+            if BITS == 8:
+                cols = g * GROUP + tl.arange(0, GROUP)
+                w = tl.load(codes_ptr + rows[:, None] * stride_c + cols[None, :], mask=rmask[:, None],
+                            other=0).to(tl.float32)
+                x = tl.load(xq_ptr + tok[:, None] * stride_x + cols[None, :], mask=tmask[:, None], other=0.0)
+                dot = tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+            else:
+                half = tl.arange(0, GROUP // 2)
+                b = tl.load(codes_ptr + rows[:, None] * stride_c + g * (GROUP // 2) + half[None, :],
+                            mask=rmask[:, None], other=136).to(tl.int32)  # 136: both nibbles 8, value 0
+                lo = (b & 15).to(tl.float32) - 8.0
+                hi = (b >> 4).to(tl.float32) - 8.0
+                xl = tl.load(xq_ptr + tok[:, None] * stride_x + g * GROUP + half[None, :], mask=tmask[:, None],
+                             other=0.0)
+                xh = tl.load(xq_ptr + tok[:, None] * stride_x + g * GROUP + GROUP // 2 + half[None, :],
+                             mask=tmask[:, None], other=0.0)
+                dot = tl.sum(xl[:, None, :] * lo[None, :, :], axis=2) + tl.sum(xh[:, None, :] * hi[None, :, :], axis=2)
+            sw = tl.load(sw_ptr + rows * stride_sw + g, mask=rmask, other=0.0).to(tl.float32)
+            sx = tl.load(sx_ptr + tok * stride_sx + g, mask=tmask, other=0.0)
+            acc += dot * sx[:, None] * sw[None, :]
+        tl.store(out_ptr + tok[:, None] * stride_o + rows[None, :], acc, mask=tmask[:, None] & rmask[None, :])
+
+
+def quantized_matvec_triton(codes, scales, x, bits, block_n=16):
+    t, d = x.shape
+    n, groups = scales.shape
+    xq, sx = round_activations(x, d // groups)
+    xq, sx = xq.reshape(t, d).contiguous(), sx.contiguous()
+    out = torch.empty(t, n, dtype=torch.float32, device=x.device)
+    _qmatvec_kernel[(triton.cdiv(n, block_n),)](codes, scales, xq, sx, out, n, t, groups, codes.stride(0),
+                                                scales.stride(0), xq.stride(0), sx.stride(0), out.stride(0), BITS=bits,
+                                                GROUP=d // groups, BLOCK_N=block_n, BLOCK_T=_block_t(t))
+    return out
+
 
 def _block_t(t: int) -> int:
     return max(1, triton.next_power_of_2(t))
@@ -187,6 +233,9 @@ def quantized_matvec(codes: torch.Tensor, scales: torch.Tensor, x: torch.Tensor,
     (`quantize_groups`: codes, scales sw) with x rounded to int8 per token and group (`round_activations`: xq, sx).
     Integer products, so the C kernel (VNNI where the CPU has it) and the reference agree to float rounding of the
     scaled sums; the C kernel reads the codes once (the reference expands them per call)."""
+    group = x.shape[1] // scales.shape[1]
+    if x.shape[0] <= 16 and group & (group - 1) == 0 and codes.is_contiguous() and use_triton(codes, scales, x):
+        return quantized_matvec_triton(codes, scales, x, bits)
     if x.shape[0] <= 16 and _cpu_fast(scales, x) and codes.is_contiguous():  # a GEMV kernel: prefill-sized x runs
         from .cpu_gather import cpu_quantized_matvec, qmatvec_library     # faster as the reference's GEMMs
 

@@ -159,7 +159,7 @@ class ActivationSparseMLP(nn.Module):
         gather = "Triton" if w.is_cuda else "C" if _cpu_fast(w, w) else "torch"
         kind = f"rank-{self.predictor_rank}" if self.predictor_rank else f"int{self.predictor_bits}"
         gate = f", gate rows of {kind} predicted candidates" if self.has_predictor else ""
-        if self.predictor_bits and gather != "C":  # the quantized product has a C kernel only
+        if self.predictor_bits and gather == "torch":  # the quantized product: C and Triton kernels
             gate += " (the prediction by the torch reference: slow)"
         return f"active rows only ({gather} gather{gate})"
 

@@ -99,3 +99,19 @@ def test_quantized_gate_copy(monkeypatch, bits, n, d):
     rows = [i for i in range(n) if i != 3]  # (the outlier's group is coarse by design)
     exact = x.double() @ w[rows].double().t()
     assert rel(ak.quantized_matvec(codes, scales, x, bits)[:, rows], exact) < (0.02 if bits == 8 else 0.15)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_matvec_triton(triton_kernels, bits):
+    """The Triton predictor product (CUDA, or the interpreter here) against the float64 sums of the same integers."""
+    dev = triton_kernels
+    g = torch.Generator().manual_seed(2)
+    n, d = 24, 256
+    codes, scales = ak.quantize_groups(torch.randn(n, d, generator=g), bits)
+    ints = ak.dequantize_groups(codes, torch.ones_like(scales), bits).double().reshape(n, 2, 128)
+    for tokens in (1, 3):
+        x = torch.randn(tokens, d, generator=g)
+        xq, sx = ak.round_activations(x, 128)
+        want = torch.einsum("tgc,ngc,tg,ng->tn", xq.double(), ints, sx.double(), scales.double())
+        out = ak.quantized_matvec(codes.to(dev), scales.to(dev), x.to(dev), bits)
+        assert out.shape == (tokens, n) and rel(out.cpu(), want) < 1e-5

@@ -18,6 +18,26 @@ def mlps(model):
     return [m for m in model.modules() if isinstance(m, ActivationSparseMLP)]
 
 
+def calibrated(tokenizer, dtype="float32", **config):
+    """builtin:tiny through the pass (the FAST search, then `config`): (model, the pass's details)."""
+    model, report = compress.apply(compress.load("builtin:tiny", dtype=dtype), [ActivationSparsity(**{**FAST, **config})],
+                                   calibration=CALIB, tokenizer=tokenizer, progress=False)
+    return model, report.passes[0].details
+
+
+def assert_reloaded_decodes_like(model, reloaded):
+    """Same logits as the model it was saved from, and greedy decoding through the gathers gives the masked dense
+    path's tokens."""
+    ids = torch.randint(0, 8192, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+        fast = reloaded.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        for m in mlps(reloaded):
+            m.max_sparse_tokens = 0
+        slow = reloaded.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(fast, slow)
+
+
 @pytest.mark.parametrize("kernels", ["torch", "default"])
 def test_sparse_path_equals_masked_dense_and_original(tiny_model, monkeypatch, kernels):
     if kernels == "torch":
@@ -43,24 +63,14 @@ def test_sparse_path_equals_masked_dense_and_original(tiny_model, monkeypatch, k
 
 
 def test_pass_meets_budget_and_reloads(tmp_path, reference_tokenizer):
-    model = compress.load("builtin:tiny")
-    ids = torch.randint(0, 8192, (1, 12), generator=torch.Generator().manual_seed(0))
-    model, report = compress.apply(model, [ActivationSparsity(target_ppl_increase=0.02, **FAST)], calibration=CALIB,
-                                   tokenizer=reference_tokenizer, progress=False)
-    d = report.passes[0].details
+    model, d = calibrated(reference_tokenizer, dtype="auto", target_ppl_increase=0.02)
     assert len(mlps(model)) == 6 and len(d["thresholds"]) == 6
     assert 0 < d["ppl_increase"] <= 0.02 and d["sparsity"] > 0.2
     assert [float(m.threshold) for m in mlps(model)] == pytest.approx(d["thresholds"])
     reloaded = compress.load(compress.save(model, tmp_path / "as"))
     assert [float(m.threshold) for m in mlps(reloaded)] == pytest.approx(d["thresholds"], rel=1e-6)
     assert mlps(reloaded)[0].runtime_path(1).startswith("active rows only")
-    with torch.no_grad():
-        torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
-        fast = reloaded.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
-        for m in mlps(reloaded):
-            m.max_sparse_tokens = 0
-        slow = reloaded.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
-    assert torch.equal(fast, slow)  # decoding through the gathers gives the masked model's tokens
+    assert_reloaded_decodes_like(model, reloaded)
 
 
 @pytest.mark.parametrize("kernels", ["torch", "default"])
@@ -96,11 +106,7 @@ def test_gate_predictor_paths_agree(tiny_model, monkeypatch, kernels):
 
 
 def test_pass_with_predictor_meets_recall_and_reloads(tmp_path, reference_tokenizer):
-    model, report = compress.apply(compress.load("builtin:tiny", dtype="float32"),
-                                   [ActivationSparsity(target_ppl_increase=0.02, predictor_rank=32,
-                                                       predictor_recall=0.95, **FAST)],
-                                   calibration=CALIB, tokenizer=reference_tokenizer, progress=False)
-    d = report.passes[0].details
+    model, d = calibrated(reference_tokenizer, target_ppl_increase=0.02, predictor_rank=32, predictor_recall=0.95)
     assert len(d["candidate_share"]) == 6 and all(0 < c < 1 for c in d["candidate_share"])
     assert d["predictor_thresholds"] == pytest.approx([float(m.predictor_threshold) for m in mlps(model)])
     m0 = mlps(model)[0]
@@ -114,22 +120,16 @@ def test_pass_with_predictor_meets_recall_and_reloads(tmp_path, reference_tokeni
         exact = m0.scores(m0.act_fn(m0.gate_proj(x))) >= m0.threshold  # on real inputs the predictor finds most
         assert 0 < float(m0.predictor_threshold) and float((exact & m0.candidates(x)).sum() / exact.sum()) > 0.8
     reloaded = compress.load(compress.save(model, tmp_path / "asp"), dtype="float32")
-    ids = torch.randint(0, 8192, (1, 12), generator=torch.Generator().manual_seed(0))
     r0 = mlps(reloaded)[0]
     assert r0.predictor_rank == 32 and float(r0.predictor_threshold) == pytest.approx(float(m0.predictor_threshold))
     assert "rank-32 predicted candidates" in r0.runtime_path(1)
     assert torch.equal(r0.predictor_in, m0.predictor_in)  # rounded to the checkpoint's bf16 when fitted
-    with torch.no_grad():
-        torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+    assert_reloaded_decodes_like(model, reloaded)
 
 
 def test_greedy_per_layer_thresholds_meet_budget(reference_tokenizer):
     """greedy_rounds: per-layer thresholds built up from zero, each move kept only within the budget."""
-    model, report = compress.apply(compress.load("builtin:tiny"),
-                                   [ActivationSparsity(target_ppl_increase=0.02, greedy_rounds=3, greedy_step=0.1,
-                                                       **FAST)],
-                                   calibration=CALIB, tokenizer=reference_tokenizer, progress=False)
-    d = report.passes[0].details
+    model, d = calibrated(reference_tokenizer, target_ppl_increase=0.02, greedy_rounds=3, greedy_step=0.1)
     assert d["cett"] == 0.0 and d["ppl_increase"] <= 0.02  # no CETT bisection; within the budget
     assert sum(s > 0.05 for s in d["layer_sparsity"]) <= 3  # three moves, one layer each
     assert 0.1 * 0.8 < max(d["layer_sparsity"]) and [float(m.threshold) for m in mlps(model)] == \
@@ -159,15 +159,11 @@ def test_neuron_scaling_criterion_paths_and_reload(tmp_path, reference_tokenizer
     """neuron_scaling: the kept neurons are those with |act(gate)| * s_i >= threshold, s_i = E|up_i| * ||W_down[:, i]||
     (mean 1) on the calibration tokens; the sparse path with a predictor equals the masked dense path; the scales
     reload with the checkpoint."""
-    model, report = compress.apply(compress.load("builtin:tiny", dtype="float32"),
-                                   [ActivationSparsity(target_ppl_increase=0.02, neuron_scaling=True, predictor_rank=32,
-                                                       **FAST)],
-                                   calibration=CALIB, tokenizer=reference_tokenizer, progress=False)
+    model, _ = calibrated(reference_tokenizer, target_ppl_increase=0.02, neuron_scaling=True, predictor_rank=32)
     m0 = mlps(model)[0]
     assert not m0.training and "active rows only" in m0.runtime_path(3)  # the model is in eval mode: decode path
     scale = m0.neuron_scale
     assert scale.mean().item() == pytest.approx(1.0, rel=0.01) and scale.std() > 0.05  # not all ones
-    ids = torch.randint(0, 8192, (1, 12), generator=torch.Generator().manual_seed(0))
     x = torch.randn(3, 256) * 3
     with torch.no_grad():
         g = m0.act_fn(m0.gate_proj(x))
@@ -183,8 +179,7 @@ def test_neuron_scaling_criterion_paths_and_reload(tmp_path, reference_tokenizer
     reloaded = compress.load(compress.save(model, tmp_path / "scaled"), dtype="float32")
     r0 = mlps(reloaded)[0]
     assert r0.neuron_scaling and torch.equal(r0.neuron_scale, scale)  # rounded to the checkpoint's bf16 when fitted
-    with torch.no_grad():
-        torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+    assert_reloaded_decodes_like(model, reloaded)
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -218,11 +213,7 @@ def test_quantized_gate_predictor_paths_agree(tiny_model, bits):
 
 
 def test_pass_with_quantized_predictor_reloads(tmp_path, reference_tokenizer):
-    model, report = compress.apply(compress.load("builtin:tiny", dtype="float32"),
-                                   [ActivationSparsity(target_ppl_increase=0.02, predictor_bits=8,
-                                                       predictor_recall=0.995, **FAST)],
-                                   calibration=CALIB, tokenizer=reference_tokenizer, progress=False)
-    d = report.passes[0].details
+    model, d = calibrated(reference_tokenizer, target_ppl_increase=0.02, predictor_bits=8, predictor_recall=0.995)
     active = [1 - s for s in d["layer_sparsity"]]
     # a close prediction: the candidates are barely more than the active neurons (a rank-32 SVD needs far more)
     assert all(a - 0.01 <= c <= a + 0.1 for a, c in zip(active, d["candidate_share"])), (active, d["candidate_share"])
@@ -235,23 +226,12 @@ def test_pass_with_quantized_predictor_reloads(tmp_path, reference_tokenizer):
     assert "int8 predicted candidates" in r0.runtime_path(1)
     from compress.prune.runtime import runtime_plan
     assert "int8 predicted candidates" in runtime_plan(reloaded)["model.layers.0.mlp"]  # what `compress inspect` says
-    ids = torch.randint(0, 8192, (1, 12), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
-        fast = reloaded.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
-        for m in mlps(reloaded):
-            m.max_sparse_tokens = 0
-        slow = reloaded.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
-    assert torch.equal(fast, slow)
+    assert_reloaded_decodes_like(model, reloaded)
 
 
 def test_predictor_misses_stay_within_the_budget(reference_tokenizer):
     """A poor predictor (rank 2, recall 0.6) would push perplexity past the budget: its thresholds are scaled down
     until the calibration perplexity, misses included, is within it again."""
-    model, report = compress.apply(compress.load("builtin:tiny", dtype="float32"),
-                                   [ActivationSparsity(target_ppl_increase=0.02, predictor_rank=2, predictor_recall=0.6,
-                                                       **FAST)],
-                                   calibration=CALIB, tokenizer=reference_tokenizer, progress=False)
-    d = report.passes[0].details
+    model, d = calibrated(reference_tokenizer, target_ppl_increase=0.02, predictor_rank=2, predictor_recall=0.6)
     assert 0 <= d["predictor_threshold_scale"] < 1 and d["ppl_increase"] <= 0.02
     assert d["predictor_thresholds"] == pytest.approx([float(m.predictor_threshold) for m in mlps(model)])

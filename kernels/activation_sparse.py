@@ -233,14 +233,15 @@ def quantized_matvec(codes: torch.Tensor, scales: torch.Tensor, x: torch.Tensor,
     (`quantize_groups`: codes, scales sw) with x rounded to int8 per token and group (`round_activations`: xq, sx).
     Integer products, so the C kernel (VNNI where the CPU has it) and the reference agree to float rounding of the
     scaled sums; the C kernel reads the codes once (the reference expands them per call)."""
-    group = x.shape[1] // scales.shape[1]
-    if x.shape[0] <= 16 and group & (group - 1) == 0 and codes.is_contiguous() and use_triton(codes, scales, x):
-        return quantized_matvec_triton(codes, scales, x, bits)
-    if x.shape[0] <= 16 and _cpu_fast(scales, x) and codes.is_contiguous():  # a GEMV kernel: prefill-sized x runs
-        from .cpu_gather import cpu_quantized_matvec, qmatvec_library     # faster as the reference's GEMMs
+    if x.shape[0] <= 16 and codes.is_contiguous():  # GEMV kernels: prefill-sized x runs faster as the reference's GEMMs
+        group = x.shape[1] // scales.shape[1]
+        if group & (group - 1) == 0 and use_triton(codes, scales, x):  # tl.arange needs a power-of-two group
+            return quantized_matvec_triton(codes, scales, x, bits)
+        if _cpu_fast(scales, x):
+            from .cpu_gather import cpu_quantized_matvec, qmatvec_library
 
-        if qmatvec_library() is not None:
-            return cpu_quantized_matvec(codes, scales, x, bits)
+            if qmatvec_library() is not None:
+                return cpu_quantized_matvec(codes, scales, x, bits)
     return quantized_matvec_reference(codes, scales, x, bits)
 
 

@@ -53,14 +53,15 @@ def qmatvec_library():
 
 
 def cpu_quantized_matvec(codes: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, bits: int) -> torch.Tensor:
-    x = x.contiguous()
-    scales = scales.float().contiguous()
+    """codes contiguous, scales float32 (the dispatcher checks both)."""
+    x, scales = x.contiguous(), scales.contiguous()
     t, d = x.shape
     n, groups = scales.shape
     out = torch.empty(t, n, dtype=torch.float32)
-    kernel = qmatvec_library().qmatvec_int8 if bits == 8 else qmatvec_library().qmatvec_int4
-    kernel(codes.contiguous().data_ptr(), scales.data_ptr(), n, d, d // groups, x.data_ptr(), x.stride(0), t,
-           out.data_ptr(), out.stride(0), torch.get_num_threads())
+    library = qmatvec_library()
+    kernel = library.qmatvec_int8 if bits == 8 else library.qmatvec_int4
+    kernel(codes.data_ptr(), scales.data_ptr(), n, d, d // groups, x.data_ptr(), x.stride(0), t, out.data_ptr(),
+           out.stride(0), torch.get_num_threads())
     return out
 
 

@@ -167,8 +167,8 @@ def _greedy_layers(trial, scores: list[torch.Tensor], best: dict, limit: float, 
 @torch.no_grad()
 def _fit_predictors(model, mlps: list[ActivationSparseMLP], windows: torch.Tensor, search_tokens: int,
                     batch_size: int, recall: float, storage_dtype: torch.dtype | None) -> list[float]:
-    """Fit each gate predictor (SVD or quantized copy) and set its threshold so that, on the calibration tokens, a share `recall` of
-    the neurons the exact gate keeps are candidates; returns each layer's candidate share."""
+    """Fit each gate predictor (SVD or quantized copy) and set its threshold so that, on the calibration tokens, a
+    share `recall` of the neurons the exact gate keeps are candidates; returns each layer's candidate share."""
     inputs: list[list[torch.Tensor]] = [[] for _ in mlps]
     handles = [m.gate_proj.register_forward_pre_hook(
         lambda mod, args, i=i: inputs[i].append(args[0].detach().reshape(-1, args[0].shape[-1])))

@@ -63,8 +63,8 @@ class ActivationSparseMLP(nn.Module):
         if predictor_bits:  # saved with the weights (codes as integers, scales at checkpoint dtype)
             w = mlp.gate_proj.weight
             n, d = w.shape
-            self.register_buffer("predictor_codes", torch.zeros(n, d if predictor_bits == 8 else d // 2, device=w.device,
-                                                                dtype=torch.int8 if predictor_bits == 8 else torch.uint8))
+            shape, dtype = ((n, d), torch.int8) if predictor_bits == 8 else ((n, d // 2), torch.uint8)
+            self.register_buffer("predictor_codes", torch.zeros(shape, dtype=dtype, device=w.device))
             self.register_buffer("predictor_scales", w.new_zeros(n, d // quantization_group(d)))
         self.neuron_scaling = neuron_scaling
         if neuron_scaling:  # saved with the weights (checkpoint dtype); `fit_neuron_scale` fills it
@@ -77,6 +77,13 @@ class ActivationSparseMLP(nn.Module):
     @property
     def has_predictor(self) -> bool:
         return bool(self.predictor_rank or self.predictor_bits)
+
+    def predictor_description(self) -> str:
+        """How decoding picks the gate rows it reads ('' without a predictor): runtime_path and `compress inspect`."""
+        if not self.has_predictor:
+            return ""
+        kind = f"rank-{self.predictor_rank}" if self.predictor_rank else f"int{self.predictor_bits}"
+        return f"gate rows of {kind} predicted candidates"
 
     @torch.no_grad()
     def fit_predictor(self, storage_dtype: torch.dtype | None = None) -> None:
@@ -157,8 +164,7 @@ class ActivationSparseMLP(nn.Module):
 
         w = self.up_proj.weight
         gather = "Triton" if w.is_cuda else "C" if _cpu_fast(w, w) else "torch"
-        kind = f"rank-{self.predictor_rank}" if self.predictor_rank else f"int{self.predictor_bits}"
-        gate = f", gate rows of {kind} predicted candidates" if self.has_predictor else ""
+        gate = f", {self.predictor_description()}" if self.has_predictor else ""
         if self.predictor_bits and gather == "torch":  # the quantized product: C and Triton kernels
             gate += " (the prediction by the torch reference: slow)"
         return f"active rows only ({gather} gather{gate})"
@@ -227,7 +233,8 @@ class ActivationSparseMLP(nn.Module):
         return y
 
     def extra_repr(self) -> str:
-        kind = f"predictor_rank={self.predictor_rank}" if self.predictor_rank else f"predictor_bits={self.predictor_bits}"
+        kind = f"predictor_rank={self.predictor_rank}" if self.predictor_rank else \
+            f"predictor_bits={self.predictor_bits}"
         extra = f", {kind}, predictor_threshold={float(self.predictor_threshold):.4g}" if self.has_predictor else ""
         scaled = ", neuron_scaling=True" if self.neuron_scaling else ""
         return f"threshold={float(self.threshold):.4g}{scaled}, max_sparse_tokens={self.max_sparse_tokens}{extra}"

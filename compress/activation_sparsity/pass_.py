@@ -13,7 +13,7 @@ from torch import nn
 
 from ..errors import CheckpointError, ConfigError
 from ..models import checkpoint_dtype
-from ..pass_api import Pass, PassConfig, PassContext, PassReport, replace_module, timed
+from ..pass_api import Pass, PassConfig, PassContext, PassReport, replace_module, tensor_bytes, timed
 from ..registry import register_pass
 from .calibrate import calibrate_thresholds
 from .mlp import ActivationSparseMLP
@@ -82,12 +82,14 @@ class ActivationSparsity(Pass):
         report = PassReport(name=self.name, modules=list(targets))
         windows = ctx.calibration_batches(self.name)
         c = self.config
+        report.bytes_before = sum(tensor_bytes(m) for m in targets.values())
         with timed(report):
             modules = []
             for name, mlp in targets.items():
                 module = mlp if isinstance(mlp, ActivationSparseMLP) else \
                     ActivationSparseMLP(mlp, max_sparse_tokens=c.max_sparse_tokens, predictor_rank=c.predictor_rank,
-                                        predictor_bits=c.predictor_bits, neuron_scaling=c.neuron_scaling).train(mlp.training)  # (eval: decode path)
+                                        predictor_bits=c.predictor_bits, neuron_scaling=c.neuron_scaling)
+                module.train(mlp.training)  # eval (the decode path) when the MLP was
                 replace_module(model, name, module)
                 modules.append(module)
             found = calibrate_thresholds(model, modules, windows, c.target_ppl_increase, search_tokens=c.search_tokens,
@@ -95,7 +97,8 @@ class ActivationSparsity(Pass):
                                          greedy_rounds=c.greedy_rounds, greedy_step=c.greedy_step,
                                          predictor_recall=c.predictor_recall,
                                          storage_dtype=checkpoint_dtype(model), progress=ctx.progress)
-        report.bytes_before = report.bytes_after = 0  # weights unchanged: this pass saves work, not bytes
+        # the weights are unchanged (this pass saves work); what it adds is the predictor and the neuron scales
+        report.bytes_after = sum(tensor_bytes(m) for m in modules)
         restore = {name: {"threshold": float(m.threshold), "predictor_rank": m.predictor_rank,
                           "predictor_bits": m.predictor_bits,
                           "predictor_threshold": float(m.predictor_threshold), "neuron_scaling": m.neuron_scaling}

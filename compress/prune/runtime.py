@@ -48,9 +48,7 @@ def runtime_plan(model: nn.Module, runtime: str = "auto", device_type: str = "cp
     for name, module in model.named_modules():
         if isinstance(module, ActivationSparseMLP):
             gather = "Triton" if device_type == "cuda" else "C or torch"
-            predictor = (f", gate rows of rank-{module.predictor_rank} predicted candidates" if module.predictor_rank
-                         else f", gate rows of int{module.predictor_bits} predicted candidates"
-                         if module.predictor_bits else "")
+            predictor = f", {module.predictor_description()}" if module.has_predictor else ""
             plan[name] = (f"activation-sparse: active neurons' rows only ({gather} gather{predictor}) at <= "
                           f"{module.max_sparse_tokens} tokens, masked dense above")
         elif isinstance(module, SparseLinear):

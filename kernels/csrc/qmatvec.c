@@ -4,9 +4,6 @@
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #endif
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 /* The activation-sparse MLP's gate predictor: out[j, r] = sum_g sw[r, g] * sx[j, g] * sum_{c in g} code[r, c] *
    xq[j, c], a product of a weight's int8 / int4 copy (one scale sw per `group` columns) with x rounded to int8 per
@@ -17,8 +14,8 @@
    int4 layout: in each group, byte b holds column b in its low nibble and column b + group / 2 in its high nibble,
    each as value + 8 (unsigned, as vpdpbusd wants one operand).
    Each row prefetches (into L2) the row PREFETCH_BYTES ahead: the hardware prefetcher alone leaves the loop
-   waiting on DRAM at every few pages (int4 14336 x 4096 from DRAM, one core: 3.4 ms -> ~1.9 ms; the codes are
-   ~29 MB). */
+   waiting on DRAM at every few pages (int4 14336 x 4096, cache flushed before each call, one core: 3.4 ms ->
+   2.8 ms; the codes are ~29 MB; a simple stream over as many bytes takes 2.5 ms). */
 
 #ifndef PREFETCH_BYTES
 #define PREFETCH_BYTES 16384

@@ -20,8 +20,9 @@ def mlps(model):
 
 def calibrated(tokenizer, dtype="float32", **config):
     """builtin:tiny through the pass (the FAST search, then `config`): (model, the pass's details)."""
-    model, report = compress.apply(compress.load("builtin:tiny", dtype=dtype), [ActivationSparsity(**{**FAST, **config})],
-                                   calibration=CALIB, tokenizer=tokenizer, progress=False)
+    spec = ActivationSparsity(**{**FAST, **config})
+    model, report = compress.apply(compress.load("builtin:tiny", dtype=dtype), [spec], calibration=CALIB,
+                                   tokenizer=tokenizer, progress=False)
     return model, report.passes[0].details
 
 

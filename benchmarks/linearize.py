@@ -7,7 +7,11 @@
   `--recovered liger-hybrid=DIR`; the recover pass's tokens and
   minutes are read from its report.json; null when no checkpoint is given); KL(original || model) and top-1
   agreement of next-token distributions, of the recovered model when there is one, else of the converted one;
-  copy and pass-key accuracy (compress.eval.probes).
+  copy and pass-key accuracy (compress.eval.probes). Recovery trains on in-distribution text, which can improve an
+  under-trained original too; `--dense-recovered liger-gla=DIR` names a checkpoint of the *unconverted* model given
+  the same recovery (a recipe with only the recover pass, same settings and tokens), and the row adds its
+  perplexity (`ppl_dense_recovered`) and `ppl_recovered / ppl_dense_recovered`, the ratio that isolates what the
+  conversion costs.
 - cache bytes: bytes held by the cache's tensors after a context of 1k, 8k and 32k tokens (DynamicCache K/V for the
   original; recurrent states + window ring buffers for ours).
 - decode speed: tokens/s of one-token forward passes from a cache holding the context, as a ratio to the original
@@ -148,6 +152,7 @@ def run(args) -> list[dict]:
     tokenizer = compress.load_tokenizer(args.model)
     windows = heldout_windows(tokenizer, seq_len=args.seq_len, max_windows=args.windows)
     recovered = dict(item.split("=", 1) for item in args.recovered)
+    dense_recovered = dict(item.split("=", 1) for item in args.dense_recovered)
     if args.skip_quality:
         perf = speed_and_bytes(original, args)
         return [{"variant": name, **values} for name, values in perf.items()]
@@ -172,6 +177,11 @@ def run(args) -> list[dict]:
             row.update(ppl_recovered=qr["perplexity"], recovery_tokens=info["tokens"],
                        recovery_minutes=info["minutes"], kl=qr["kl"], top1=qr["top1"], copy=qr["copy"],
                        passkey=qr["passkey"], recovered_from=str(folder))
+            if name in dense_recovered:  # the unconverted model with the same recovery: the fair denominator
+                control = evaluate(compress.load(dense_recovered[name], dtype="float32"), windows, None,
+                                   progress=False)["perplexity"]
+                row.update(ppl_dense_recovered=control, recovered_vs_dense_recovered=qr["perplexity"] / control,
+                           dense_recovered_from=dense_recovered[name])
         else:
             row.update(kl=q["kl"], top1=q["top1"], copy=q["copy"], passkey=q["passkey"],
                        note="no recovered checkpoint given (--recovered NAME=DIR): ppl_recovered is null")
@@ -197,7 +207,7 @@ def print_table(rows: list[dict], model: str) -> None:
     from rich.table import Table
 
     t = Table(title=f"Linearization ({model}, CPU fp32)")
-    for col in ("variant", "ppl", "ppl converted", "ppl recovered", "recovery", "KL", "top-1", "copy", "passkey",
+    for col in ("variant", "ppl", "ppl converted", "ppl recovered", "vs dense recovered", "recovery", "KL", "top-1", "copy", "passkey",
                 *(f"cache MB {c // 1024}k" for c in CONTEXTS), *(f"decode x {c // 1024}k" for c in CONTEXTS)):
         t.add_column(col, justify="right")
     for r in rows:
@@ -205,7 +215,7 @@ def print_table(rows: list[dict], model: str) -> None:
                if r.get("recovery_minutes") is not None else "-")
         cb, ds = r.get("cache_bytes", {}), r.get("decode_speedup", {})
         t.add_row(r["variant"], fmt(r.get("perplexity"), ".2f"), fmt(r.get("ppl_converted"), ".2f"),
-                  fmt(r.get("ppl_recovered"), ".2f"), rec, fmt(r.get("kl"), ".4f"), fmt(r.get("top1")),
+                  fmt(r.get("ppl_recovered"), ".2f"), fmt(r.get("recovered_vs_dense_recovered"), ".2f"), rec, fmt(r.get("kl"), ".4f"), fmt(r.get("top1")),
                   fmt(r.get("copy")), fmt(r.get("passkey"), ".2f"),
                   *(fmt(cb.get(str(c), 0) / 2**20, ".2f") if cb else "-" for c in CONTEXTS),
                   *(fmt(ds.get(str(c)), ".2f") if ds else "-" for c in CONTEXTS))
@@ -219,6 +229,9 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default="builtin:tiny")
     ap.add_argument("--recovered", nargs="*", default=[], metavar="NAME=DIR",
                     help="recovered checkpoints, e.g. liger-hybrid=out/liger-hybrid liger-gla=out/liger-gla")
+    ap.add_argument("--dense-recovered", nargs="*", default=[], metavar="NAME=DIR",
+                    help="the unconverted model recovered with NAME's recovery settings (a recipe with only the "
+                         "recover pass): adds ppl_dense_recovered and recovered_vs_dense_recovered to NAME's row")
     ap.add_argument("--windows", type=int, default=16, help="held-out windows for perplexity / KL")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--copy-len", type=int, default=64)
@@ -230,6 +243,15 @@ def main(argv=None) -> None:
     ap.add_argument("--skip-quality", action="store_true", help="only the cache-bytes / decode-speed columns")
     ap.add_argument("--only", nargs="*", choices=list(VARIANTS), help="these variants (and the original) only")
     args = ap.parse_args(argv)
+    for option, items in (("--recovered", args.recovered), ("--dense-recovered", args.dense_recovered)):
+        for item in items:
+            name, sep, folder = item.partition("=")
+            if not sep or name not in VARIANTS or not Path(folder).is_dir():
+                ap.error(f"{option} {item}: expected NAME=DIR with NAME one of {', '.join(VARIANTS)} and DIR a "
+                         "checkpoint folder")
+    missing = {i.split("=", 1)[0] for i in args.dense_recovered} - {i.split("=", 1)[0] for i in args.recovered}
+    if missing:
+        ap.error(f"--dense-recovered {', '.join(sorted(missing))}: give that variant's --recovered checkpoint too")
     rows = run(args)
     if args.json:
         print(json.dumps(rows, indent=2))

@@ -1,0 +1,48 @@
+"""benchmarks/linearize.py: the recovered rows' ratio to the unconverted model given the same recovery."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+import compress
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "linearize.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_linearize", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_dense_recovered_ratio(bench, tmp_path, capsys, reference_tokenizer):
+    """With the converted model standing in for the recovered one and the original for the dense control, the row's
+    ratio must be exactly ppl_converted / the original's perplexity, both measured independently in the same run."""
+    converted, _ = compress.apply(compress.load("builtin:tiny"), [compress.get_pass("linearize")(variant="gla")],
+                                  progress=False)
+    lin = compress.save(converted, tmp_path / "lin", tokenizer=reference_tokenizer)
+    dense = compress.save(compress.load("builtin:tiny"), tmp_path / "dense", tokenizer=reference_tokenizer)
+    bench.main(["--json", "--skip-speed", "--only", "liger-gla", "--windows", "2", "--seq-len", "64",
+                "--probe-num", "1", "--copy-len", "8", "--passkey-len", "128",
+                "--recovered", f"liger-gla={lin}", "--dense-recovered", f"liger-gla={dense}"])
+    original, row = json.loads(capsys.readouterr().out)
+    assert row["ppl_recovered"] == pytest.approx(row["ppl_converted"], rel=1e-5)
+    assert row["ppl_dense_recovered"] == pytest.approx(original["perplexity"], rel=1e-5)
+    assert row["recovered_vs_dense_recovered"] == pytest.approx(row["ppl_converted"] / original["perplexity"],
+                                                                rel=1e-5)
+    assert row["recovered_vs_dense_recovered"] > 1.5  # GLA without recovery is far from the original
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--dense-recovered", "liger-gla=."], "give that variant's --recovered checkpoint too"),
+    (["--recovered", "gla=."], "expected NAME=DIR"),
+    (["--recovered", "liger-gla=/nonexistent"], "expected NAME=DIR"),
+])
+def test_bad_checkpoint_arguments(bench, capsys, args, match):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--skip-speed", *args])
+    assert exit_info.value.code == 2
+    assert match in capsys.readouterr().err

@@ -5,7 +5,8 @@ Weights are counted from the tensors the checkpoint stores (inspection.bytes_by_
 architecture uncompressed at the same storage dtype (a meta model: no memory). KV bytes per token are measured,
 not computed: `tokens` random keys/values are appended to one layer of the cache the checkpoint generates with
 (an uncompressed transformers cache, or the GEAR/KIVI cache of its `gear_kv` pass) and the bytes its tensors hold
-are divided by the tokens; every compressed layer stores alike, so the layer count multiplies it."""
+are divided by the tokens; every compressed layer stores alike, so the layer count multiplies it. Linearized layers
+add nothing per token: their recurrent state (and the hybrid's window buffer) is a constant, reported apart."""
 from __future__ import annotations
 
 from typing import Any
@@ -26,8 +27,11 @@ def original_bytes_by_component(config, storage_dtype: torch.dtype) -> dict[str,
     return {k: v["dense"] + v["compressed"] for k, v in bytes_by_component(plain, storage_dtype).items()}
 
 
-def kv_bytes_per_token(config, settings=None, tokens: int = KV_TOKENS, dtype: torch.dtype = torch.float16) -> dict:
-    """{"uncompressed", "compressed"} bytes per token over all layers (compressed: None without `settings`)."""
+def kv_bytes_per_token(config, settings=None, tokens: int = KV_TOKENS, dtype: torch.dtype = torch.float16,
+                       linearized: dict[int, int] | None = None) -> dict:
+    """{"uncompressed", "compressed"} bytes per token over all layers (compressed: None without `settings` or
+    linearized layers). `linearized`: {layer index: bytes its recurrent cache holds at any length}; those layers
+    add nothing per token, and their sum is reported as `recurrent_bytes` (batch 1)."""
     from transformers import DynamicCache
 
     from .kvcache.cache import GEARCache, dynamic_cache_bytes
@@ -42,16 +46,23 @@ def kv_bytes_per_token(config, settings=None, tokens: int = KV_TOKENS, dtype: to
     dense.update(keys, values, 0)
     per_layer_dense = dynamic_cache_bytes(dense)[0] / tokens
     out = {"tokens_measured": tokens, "uncompressed": per_layer_dense * layers, "compressed": None}
-    if settings is not None:
-        skipped = set(settings.skip_layers)
-        layer = next((i for i in range(layers) if i not in skipped), None)
-        per_layer = 0.0
-        if layer is not None:
-            cache = GEARCache(config, settings)
-            cache.update(keys, values, layer)
-            per_layer = cache.nbytes()["total"] / tokens
-        out["compressed"] = per_layer * (layers - len(skipped)) + per_layer_dense * len(skipped)
-        out["cache"] = f"{settings.method} {settings.bits}-bit"
+    linearized = linearized or {}
+    if settings is None and not linearized:
+        return out
+    softmax = [i for i in range(layers) if i not in linearized]
+    skipped = set(settings.skip_layers) if settings is not None else set(softmax)
+    layer = next((i for i in softmax if i not in skipped), None)
+    per_layer = 0.0
+    if layer is not None:
+        cache = GEARCache(config, settings)
+        cache.update(keys, values, layer)
+        per_layer = cache.nbytes()["total"] / tokens
+    out["compressed"] = sum(per_layer_dense if i in skipped else per_layer for i in softmax)
+    labels = [f"{settings.method} {settings.bits}-bit"] if settings is not None else []
+    if linearized:
+        labels.append(f"{len(linearized)} of {layers} layers linearized")
+        out["recurrent_bytes"] = sum(linearized.values())
+    out["cache"] = "; ".join(labels)
     return out
 
 
@@ -68,4 +79,8 @@ def budget(model: nn.Module, section: dict[str, Any] | None, storage_dtype: torc
             from .registry import get_pass
 
             settings = get_pass("gear_kv")(entry.get("args") or {}).settings()
-    return {"weights": weights, "weights_total": total, "kv_per_token": kv_bytes_per_token(model.config, settings)}
+    from .linearize import LinearizedAttention
+
+    linearized = {m.layer_idx: m.cache_bytes() for m in model.modules() if isinstance(m, LinearizedAttention)}
+    return {"weights": weights, "weights_total": total,
+            "kv_per_token": kv_bytes_per_token(model.config, settings, linearized=linearized)}

@@ -457,6 +457,8 @@ def _print_budget(con, b: dict) -> None:
     kv_stored = kv["compressed"] if kv["compressed"] is not None else kv["uncompressed"]
     rows.append([f"KV cache per token ({kv.get('cache', 'uncompressed')})", f"{kv['uncompressed']:.0f} B",
                  f"{kv_stored:.0f} B", ratio(kv_stored, kv["uncompressed"])])
+    if kv.get("recurrent_bytes"):
+        rows.append(["recurrent state, any length (batch 1)", "-", _mb(kv["recurrent_bytes"]), "-"])
     con.print(_table("budget", ["", "original", "compressed", "ratio"], rows,
                      caption=f"weights at the storage dtype; KV at fp16, measured over {kv['tokens_measured']} tokens"))
 

@@ -226,13 +226,18 @@ class GEARCache(Cache):
 
     def nbytes(self) -> dict[str, int]:
         """Bytes held by the cache's tensors, itemized (codes, scales_zeros, lowrank, outlier_values,
-        outlier_indices, window; uncompressed skipped layers under `dense`) plus `total`."""
+        outlier_indices, window; uncompressed skipped layers under `dense`; the states and window buffers of a
+        linearized model's recurrent layers under `recurrent`) plus `total`."""
+        from ..linearize.cache import LinearizedLayer  # a linearized layer swaps its slot for one (attention.py)
+
         items = {k: [] for k in ITEMS}
-        items["dense"] = []
+        items["dense"], items["recurrent"] = [], []
         for layer in self.layers:
             if isinstance(layer, GEARLayer):
                 for k, ts in layer.tensors_by_item().items():
                     items[k].extend(ts)
+            elif isinstance(layer, LinearizedLayer):
+                items["recurrent"].extend(layer.tensors())
             elif layer.is_initialized and layer.keys is not None:
                 items["dense"].extend([layer.keys, layer.values])
         out = {k: storage_bytes(ts) for k, ts in items.items()}
@@ -249,9 +254,11 @@ class GEARCache(Cache):
         return total
 
     def bits_per_element(self) -> float:
-        """Measured bits per cached key/value entry: 8 x bytes held / entries represented."""
+        """Measured bits per cached key/value entry: 8 x bytes held for keys/values / entries represented
+        (recurrent layers' states represent no entries and are left out)."""
         n = self.num_elements()
-        return 8 * self.nbytes()["total"] / n if n else 0.0
+        held = self.nbytes()
+        return 8 * (held["total"] - held["recurrent"]) / n if n else 0.0
 
 
 def dynamic_cache_bytes(cache) -> tuple[int, int]:

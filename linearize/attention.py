@@ -16,6 +16,7 @@ Padding (from the attention mask) contributes nothing: its keys/values are zeroe
 decay), so a left-padded row computes exactly what the unpadded row does."""
 from __future__ import annotations
 
+import math
 import sys
 
 import torch
@@ -94,6 +95,16 @@ class LinearizedAttention(nn.Module):
         if self.settings.gate == "gsa":  # slot keys and slot values, packed
             return batch, kv_heads, self.settings.num_slots, 2 * self.head_dim
         return batch, kv_heads, self.head_dim, self.head_dim + int(self.settings.normalize)
+
+    def cache_bytes(self, batch: int = 1) -> int:
+        """Bytes this layer's cache holds at any context length: the float32 state (the kernels' accumulation
+        dtype) plus, for the hybrid, the ring buffer of `window - 1` float32 keys and values and their validity."""
+        n = 4 * math.prod(self.state_shape(batch))
+        window = self.settings.window_or_none()
+        if window:
+            kv_heads = self.k_proj.out_features // self.head_dim
+            n += batch * (window - 1) * (2 * 4 * kv_heads * self.head_dim + 1)
+        return n
 
     def project(self, hidden_states):
         """q [B, Hq, T, D], k and v [B, Hkv, T, D]: the original projections (+ biases, + q/k norms), before RoPE."""

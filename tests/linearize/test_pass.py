@@ -54,3 +54,36 @@ def test_recipes_validate(name):
     recipe = compress.Recipe.from_yaml(RECIPES / f"{name}.yaml")
     passes = recipe.build_passes()
     assert [p.name for p in passes][0] == "linearize"
+
+
+def test_inspect_budget_counts_what_a_partly_linearized_cache_holds(tmp_path, reference_tokenizer):
+    """`compress inspect` of a hybrid (every 2nd layer softmax) + KIVI-8 checkpoint: the per-token KV figure and the
+    constant recurrent bytes are those a GEARCache really holds while the model runs (its growth between two
+    lengths, and its `recurrent` item), and GEARCache.nbytes() counts the linearized layers' slots."""
+    import json
+
+    from click.testing import CliRunner
+
+    from compress.cli import main
+    from compress.kvcache import GEARCache
+
+    passes = [compress.get_pass("linearize")(variant="hybrid", layers="every_2"),
+              compress.get_pass("gear_kv")(method="kivi", bits=8)]
+    model, _ = compress.apply(compress.load("builtin:tiny", dtype="float32"), passes, progress=False)
+    out = compress.save(model, tmp_path / "out", tokenizer=reference_tokenizer)
+    result = CliRunner().invoke(main, ["inspect", str(out), "--json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    kv = json.loads(result.output)["budget"]["kv_per_token"]
+    held = {}
+    for tokens in (512, 1024):
+        cache = GEARCache(model.config, method="kivi", bits=8)
+        with torch.no_grad():
+            model(torch.randint(100, 8000, (1, tokens), generator=torch.Generator().manual_seed(0)), cache=cache,
+                  use_cache=True)
+        held[tokens] = cache.nbytes()
+    assert held[512]["recurrent"] == held[1024]["recurrent"] == kv["recurrent_bytes"] > 0
+    assert held[1024]["total"] - held[512]["total"] == kv["compressed"] * 512
+    assert kv["compressed"] < kv["uncompressed"] / 2  # three of six layers, each at ~8 bits of 16
+    assert kv["cache"] == "kivi 8-bit; 3 of 6 layers linearized"
+    table = CliRunner().invoke(main, ["inspect", str(out)], catch_exceptions=False).output
+    assert "recurrent state, any length" in table

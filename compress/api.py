@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from .calibration import CalibrationSpec, batches_hash
-from .checkpoint import compression_record
+from .checkpoint import compression_record, round_to_storage
 from .errors import CalibrationError, CompressError, ConfigError
 from .inspection import stored_bytes
 from .models import checkpoint_dtype
@@ -94,6 +94,7 @@ def apply(
         r.stored_bytes_after = stored
         report.passes.append(r)
         entries.append(p.entry(r))
+    round_to_storage(model, storage)  # the model in memory computes what its checkpoint will hold
     report.bytes_after = tensor_bytes(model)
     report.calibration_hash = batches_hash(ctx._batches) if ctx._batches is not None else previous.get("calibration_hash")
     source = previous.get("source_model") or getattr(model, "compress_source", None)

@@ -40,6 +40,27 @@ def compression_record(passes: list[dict[str, Any]], recipe_text: str | None, ca
     }
 
 
+@torch.no_grad()
+def round_to_storage(model: nn.Module, dtype: torch.dtype) -> None:
+    """Round every floating tensor the checkpoint stores to `dtype` in place, so the model in memory computes
+    exactly what its checkpoint will (passes fit float32 weights on a model loaded from bf16: SparseGPT's updated
+    rows, VQ-Logits' codebook, LoRA merges); a packed layer decoded for speed (SparseLinear runtime `dense`) is
+    rounded in its dense copy, whose nonzeros are the values stored."""
+    for name, module in model.named_modules():
+        if any(part.startswith("lora_") for part in name.split(".")):
+            continue  # an unmerged LoRA adapter is saved in its own dtype (recover/adapter.py)
+        tensors = [t for t in module._parameters.values() if t is not None]
+        tensors += [t for name, t in module._buffers.items()
+                    if t is not None and name not in module._non_persistent_buffers_set]
+        dense = getattr(module, "weight_dense", None) if getattr(module, "runtime", None) == "dense" else None
+        tensors += [dense] if isinstance(dense, torch.Tensor) else []
+        rounded = [t for t in tensors if t.is_floating_point() and t.dtype != dtype and t.device.type != "meta"]
+        for t in rounded:
+            t.data.copy_(t.data.to(dtype).to(t.dtype))
+        if rounded and getattr(module, "gpu_state", None) is not None:
+            module.gpu_state = None  # a packed layer's prepared GPU form is rebuilt from the rounded values
+
+
 def _unique_state_dict(model: nn.Module, storage_dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The state dict with tied tensors kept once and floating tensors cast to the storage dtype."""
     out, seen = {}, {}

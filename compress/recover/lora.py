@@ -134,16 +134,3 @@ def wrap_for_lora(model: nn.Module, names: list[str], lora_config) -> None:
 
 def wrapped_layers(model: nn.Module) -> dict[str, SparsityKeepingLoraLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, SparsityKeepingLoraLinear)}
-
-
-@torch.no_grad()
-def round_to(layer: nn.Module, dtype: torch.dtype) -> None:
-    """Round a merged layer's weights to the checkpoint's storage dtype in place, so the model in memory computes
-    exactly what its saved checkpoint will."""
-    if isinstance(layer, SparseLinear):
-        t = layer.weight_dense if getattr(layer, "runtime", "packed") == "dense" else layer.values
-        if hasattr(layer, "gpu_state"):
-            layer.gpu_state = None
-    else:
-        t = layer.weight
-    t.copy_(t.to(dtype).to(t.dtype))

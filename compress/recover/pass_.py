@@ -19,7 +19,6 @@ from pydantic import Field
 from torch import nn
 
 from ..errors import CalibrationError, CheckpointError, CompressError, ConfigError
-from ..models import checkpoint_dtype
 from ..pass_api import Pass, PassConfig, PassContext, PassReport, tensor_bytes, timed
 from ..prune.sparse_linear import SparseLinear
 from ..registry import register_pass
@@ -78,7 +77,7 @@ class Recover(Pass):
 
     # ---------------------------------------------------------------------------------------------- apply
     def apply(self, model: nn.Module, ctx: PassContext) -> PassReport:
-        from .lora import quiet_rewrap, round_to, wrap_for_lora
+        from .lora import quiet_rewrap, wrap_for_lora
         from .training import TrainingPlan, steps_for_budget, train
         from peft import LoraConfig, get_peft_model
 
@@ -126,14 +125,8 @@ class Recover(Pass):
                 if not c.checkpoint_dir:
                     shutil.rmtree(output_dir, ignore_errors=True)
             model.to(device).eval()
-            storage = checkpoint_dtype(model)
-            with torch.no_grad():  # fully trained parameters compute in memory what the checkpoint will hold
-                for p in fully_trained:
-                    p.copy_(p.to(storage).to(p.dtype))
-            if c.merge:
+            if c.merge:  # compress.apply then rounds the merged weights to the checkpoint's dtype (round_to_storage)
                 peft_model.merge_and_unload()
-                for name in targets:
-                    round_to(model.get_submodule(name), storage)
                 if hasattr(model, "peft_config"):
                     del model.peft_config
             model.requires_grad_(False)

@@ -64,7 +64,9 @@ def test_data_methods_give_exact_patterns_and_reload_packed(tmp_path, reference_
     assert tensor_bytes(reloaded) < 0.80 * tensor_bytes(reference_model)
     with torch.no_grad():
         re_logits = reloaded(input_ids=ids).logits
-    assert (re_logits.argmax(-1) == logits.argmax(-1)).float().mean() > 0.9
+    # apply rounds what it fitted (SparseGPT's updated rows) to the checkpoint's bf16: the model evaluated in
+    # memory is exactly the one saved
+    torch.testing.assert_close(re_logits, logits, rtol=0, atol=0)
 
 
 def nm_positions(m):

@@ -110,7 +110,8 @@ def test_checkpoint_round_trip(fitted, tmp_path, heldout, reference_tokenizer):
     h = torch.randn(4, 256)
     assert torch.allclose(head(h), rounded(h), atol=1e-5)
     x = heldout[:2]
-    assert torch.allclose(loaded(input_ids=x).logits, model(input_ids=x).logits, atol=0.15)
+    # apply rounds the fitted floats to the checkpoint's bf16: in memory and reloaded compute the same
+    torch.testing.assert_close(loaded(input_ids=x).logits, model(input_ids=x).logits, rtol=0, atol=0)
 
 
 def test_user_mistakes(reference_model, reference_tokenizer):

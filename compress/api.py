@@ -13,7 +13,7 @@ from .calibration import CalibrationSpec, batches_hash
 from .checkpoint import compression_record, round_to_storage
 from .errors import CalibrationError, CompressError, ConfigError
 from .inspection import stored_bytes
-from .models import checkpoint_dtype
+from .models import check_token_ids, checkpoint_dtype
 from .pass_api import Pass, PassContext, PassReport, format_validation_error, tensor_bytes
 
 
@@ -78,7 +78,8 @@ def apply(
     for p in passes:
         p.check(model)  # shapes a pass cannot take fail before any pass runs
     if any(p.needs_calibration_for() for p in passes):
-        ctx.calibration_batches("calibration")  # unreadable or too short calibration data fails before any work
+        # unreadable, too short or foreign-vocabulary calibration data fails before any work
+        check_token_ids(ctx.calibration_batches("calibration"), model.config, "calibration")
     if any(p.needs_original_model_for() for p in passes):
         # e.g. the teacher of a distillation loss: the model before the first pass, frozen, on the CPU
         ctx.original_model = copy.deepcopy(model).cpu().eval().requires_grad_(False)

@@ -25,7 +25,7 @@ class CalibrationSpec(BaseModel):
     split: str = "train"
     num_samples: int = Field(64, ge=1, le=100_000)
     seq_len: int = Field(256, ge=8, le=131_072)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**63 - 1)  # torch generators take 64-bit seeds
 
 
 def builtin_text(name: str, model: str = "tiny") -> str:
@@ -68,7 +68,11 @@ def _read_dataset_folder(path: Path, spec: CalibrationSpec) -> list[str]:
         import datasets  # optional dependency
     except ImportError:
         raise CalibrationError(f"{path} is a folder: reading a local datasets folder needs `pip install datasets`") from None
-    ds = datasets.load_from_disk(str(path))
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except (FileNotFoundError, ValueError, OSError) as exc:
+        raise CalibrationError(f"{path} is a folder but not a datasets folder written by `save_to_disk` "
+                               f"({str(exc).splitlines()[0][:120]}); give a text or .jsonl file instead") from None
     if isinstance(ds, datasets.DatasetDict):
         if spec.split not in ds:
             raise CalibrationError(f"{path} has splits {list(ds)}; set calibration.split to one of them")

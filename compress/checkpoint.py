@@ -265,7 +265,7 @@ def restore_pass(path: Path, index: int, entry: dict, model: nn.Module) -> None:
         raise
     except CompressError as exc:
         raise CheckpointError(f"{path}: compression.passes[{index}] ({name}): {str(exc).splitlines()[0]}") from None
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:  # e.g. a negative size
         raise CheckpointError(f"{path}: compression.passes[{index}] ({name}) has a damaged restore record "
                               f"({type(exc).__name__}: {exc}); export the checkpoint again") from None
 

@@ -167,6 +167,9 @@ def _recorded_source(model_src: str) -> str | None:
     source = (models.compression_section(models.resolve_model_path(model_src)) or {}).get("source_model")
     if source and (source.startswith("builtin:") or Path(source).exists()):
         return source
+    if source:  # said, not silently dropped: without a baseline there is no KL / top-1 agreement
+        click.echo(f"note: {model_src} was made from {source}, which is not here; no KL or top-1 agreement "
+                   "(pass --baseline MODEL)", err=True)
     return None
 
 
@@ -197,12 +200,15 @@ def _read_text(path: str) -> str:
 def _eval_windows(tokenizer, text, seq_len: int, max_windows, config):
     """The held-out windows, checked against the model's context before any work."""
     from .evaluate import heldout_windows
+    from .models import check_token_ids
 
     context = getattr(config, "max_position_embeddings", None)
     if context is not None and seq_len > context:
         raise CompressError(f"--seq-len {seq_len} is longer than the model's context ({context} tokens); "
                             f"use at most {context}")
-    return heldout_windows(tokenizer, text=text, seq_len=seq_len, max_windows=max_windows)
+    windows = heldout_windows(tokenizer, text=text, seq_len=seq_len, max_windows=max_windows)
+    check_token_ids(windows, config, "held-out text")
+    return windows
 
 
 def _check_device(device: str) -> None:
@@ -226,6 +232,10 @@ def _evaluate(model, baseline_src, tokenizer, windows, progress, seq_len: int = 
     w = prepared if prepared is not None else _eval_windows(tokenizer, text, seq_len, windows, model.config)
     baseline = models.load(baseline_src, allow_pickle=allow_pickle, dtype=dtype, max_memory=max_memory) \
         if baseline_src else None
+    vocab = [getattr(models.text_config(m.config), "vocab_size", None) for m in (model, baseline) if m is not None]
+    if len(set(vocab)) > 1:
+        raise CompressError(f"the baseline {baseline_src} has a vocabulary of {vocab[1]} tokens, the model {vocab[0]}: "
+                            "KL and top-1 agreement need the same vocabulary; pass the model it was made from")
     out = evaluate(model, w, baseline, progress=progress)
     out["protocol"] = f"{w.shape[0]} non-overlapping windows of {seq_len} tokens of held-out text"
     settings = getattr(model, "kv_cache_settings", None)
@@ -345,7 +355,7 @@ def eval_cmd(model_src, baseline, text_file, seq_len, max_windows, speed, activa
               callback=lambda ctx, param, value: _finite(param, value), help="Sampling temperature (with --sample).")
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True, max=1),
               callback=lambda ctx, param, value: _finite(param, value), help="Nucleus sampling: keep the smallest set of tokens whose probability reaches this (with --sample).")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**63 - 1))
 @click.option("--allow-pickle", is_flag=True, help="Allow loading a model stored as pickled .bin (trusted files only).")
 @_DTYPE
 @_SPARSE_RUNTIME
@@ -362,6 +372,7 @@ def generate(model_src, prompt, max_new_tokens, sample, temperature, top_p, seed
     if tokenizer is None:
         raise CompressError(f"{model_src} has no tokenizer files; save the tokenizer with the model")
     ids = tokenizer(prompt, return_tensors="pt").input_ids
+    models.check_token_ids(ids, model.config, "--prompt")
     _check_context(model.config, ids.shape[1], max_new_tokens)
     kwargs = ({"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": None} if sample
               else {"do_sample": False})

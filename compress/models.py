@@ -45,9 +45,16 @@ def read_config(path: Path):
     try:
         # a native checkpoint's config.json hides its model type from transformers
         config = read_marked_config(path)
-    except (ValueError, OSError, TypeError, KeyError) as exc:
+    except CompressError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - transformers' config classes raise many kinds (strict dataclasses too)
         raise CheckpointError(f"{path / 'config.json'}: transformers cannot read it "
                               f"({str(exc).splitlines()[0][:200]})") from None
+    stored = getattr(config, "dtype", None)
+    stored = getattr(torch, stored, stored) if isinstance(stored, str) else stored
+    if stored is not None and not (isinstance(stored, torch.dtype) and stored.is_floating_point):
+        raise CheckpointError(f"{path / 'config.json'}: dtype {str(stored).removeprefix('torch.')!r} is not a "
+                              "floating-point type (float32, bfloat16 or float16)")
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedModelError(
             f"model type {config.model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
@@ -127,7 +134,9 @@ def load(
         model = load_checkpoint(path, config, section, dtype=dtype, meta=meta)
     else:
         model = load_hf_folder(path, config, dtype=dtype, allow_pickle=allow_pickle, meta=meta)
-    model.compress_source = str(source)
+    # recorded in checkpoints made from it (the baseline `compress eval` finds): absolute, so that it resolves
+    # from any working directory
+    model.compress_source = str(source) if str(source).startswith("builtin:") else str(path.resolve())
     model.compress_storage_dtype = stored_as
     if not meta and not offloaded:
         model.to(device)
@@ -174,6 +183,23 @@ def native_dtype(dtype: torch.dtype, device: str = "cpu") -> bool:
     if dtype == torch.float16:
         return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
     return False
+
+
+def text_config(config):
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
+def check_token_ids(ids: torch.Tensor, config, what: str) -> None:
+    """Token ids a tokenizer produced must index the model's embedding, and sequences fit its context: a tokenizer
+    from another model fails here, before any work, instead of as an IndexError deep in the forward pass."""
+    text = text_config(config)
+    vocab, context = getattr(text, "vocab_size", None), getattr(text, "max_position_embeddings", None)
+    if vocab is not None and ids.numel() and int(ids.max()) >= vocab:
+        raise CompressError(f"{what}: the tokenizer gives token id {int(ids.max())}, but the model's vocabulary has "
+                            f"{vocab} entries: the tokenizer does not belong to this model")
+    if context is not None and ids.dim() == 2 and ids.shape[1] > context:
+        raise CompressError(f"{what}: sequences of {ids.shape[1]} tokens are longer than the model's context "
+                            f"({context} tokens); use a seq_len of at most {context}")
 
 
 def load_tokenizer(source: str | Path):

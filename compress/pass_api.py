@@ -105,6 +105,9 @@ class Pass:
     name: ClassVar[str] = "unnamed"
     Config: ClassVar[type[PassConfig]] = PassConfig
     needs_calibration: ClassVar[bool] = False
+    # True where a second instance would silently replace the first (one KV cache, one output head): a recipe
+    # naming it twice is refused at validation
+    once_per_model: ClassVar[bool] = False
     # True when the pass reaches decoder layers only through ctx.run_sequential / sequential.for_each_layer, so it
     # runs on a model whose layers are left on disk (compress.load(max_memory=...))
     supports_offload: ClassVar[bool] = False

@@ -181,6 +181,7 @@ class Recipe:
 class _Validator:
     def __init__(self, source: str, marks: Marks):
         self.source, self.marks, self.problems = source, marks, []
+        self.base_dir: Path | None = None
 
     def where(self, path: tuple, key: bool = False) -> str:
         probe = path + ("__key__",) if key else path
@@ -233,6 +234,7 @@ class _Validator:
             self.check_path(("calibration", "source"), data["calibration"].get("source"), "calibration source")
         elif isinstance(data.get("calibration"), str):
             self.check_path(("calibration",), data["calibration"], "calibration source")
+        self.base_dir = base_dir  # relative calibration paths resolve against the recipe's folder too
         calibration = self.calibration(data.get("calibration"))
         passes = self.passes(data.get("passes"))
         if "calibration" not in data:
@@ -291,10 +293,17 @@ class _Validator:
             return None
         self._fields = list(CalibrationSpec.model_fields)
         try:
-            return CalibrationSpec(**raw)
+            spec = CalibrationSpec(**raw)
         except ValidationError as exc:
             self.pydantic_errors(("calibration",), exc, "calibration")
             return None
+        if spec.source.startswith("builtin:") or any("calibration source:" in p for p in self.problems):
+            return spec  # a built-in corpus (read_texts checks its name), or a path check_path already refused
+        source = Path(spec.source).expanduser()
+        if not source.exists() and not (self.base_dir is not None and (self.base_dir / source).exists()):
+            self.error(("calibration", "source"), f"calibration source {spec.source} does not exist; give a text file, a .jsonl file, "
+                              "a local datasets folder, or builtin:calibration")
+        return spec
 
     def passes(self, raw: Any) -> list[PassSpec]:
         self._instances = []
@@ -333,6 +342,10 @@ class _Validator:
                     self.pydantic_errors(path + (name,), cause, f"pass {name!r}")
                 else:
                     self.error(path + (name,), f"pass {name!r}: {exc}")
+                continue
+            if cls.once_per_model and any(spec.name == name for spec in specs):
+                self.error(path + (name,), f"pass {name!r} appears twice; the second would replace the first: keep "
+                                           "one", key=True)
                 continue
             specs.append(PassSpec(name=name, args=args, path=path + (name,)))
             self._instances.append(instance)

@@ -137,6 +137,11 @@ class Prune(Pass):
         # a pattern such as re:.*mlp.* also matches the MLP container: keep the Linear layers it holds
         targets = {n: m for n, m in matched.items() if isinstance(m, nn.Linear)}
         if not targets:
+            done = self._skipped(model)
+            if done:  # the targets match, but an earlier pass replaced those layers
+                name, why = next(iter(done.items()))
+                raise ConfigError(f"prune: every layer the targets match is {why} by an earlier pass (e.g. {name}): "
+                                  "put prune before quantize, and prune each layer once")
             raise ConfigError(f"prune: targets {self.config.targets} match no Linear layer; name Linear layers")
         for name, module in targets.items():
             if nm is not None and module.in_features % nm[1]:

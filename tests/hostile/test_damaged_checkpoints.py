@@ -168,3 +168,23 @@ def test_intact_checkpoints_still_load_exactly(packed_checkpoints):
         model = compress.load(folder)
         with torch.no_grad():
             assert torch.isfinite(model(ids).logits).all()
+
+
+EDITED_CONFIGS = {
+    # hand edits that transformers or a pass's restore would otherwise end in a traceback
+    "negative nnz in a restore record": (lambda c: [s.update(nnz=-1) for s in
+                                                    c["compression"]["passes"][0]["restore"].values()],
+                                         "damaged restore record"),
+    "heads that do not divide the hidden size": (lambda c: c.update(num_attention_heads=3),
+                                                 "transformers cannot read it"),
+    "dtype that is no floating-point type": (lambda c: c.update(dtype="int7"), "int7"),
+}
+
+
+@pytest.mark.parametrize("name", list(EDITED_CONFIGS))
+def test_edited_config_exits_2(name, packed_checkpoints, copy_of, cli, user_error):
+    edit, message = EDITED_CONFIGS[name]
+    folder = copy_of(packed_checkpoints["bitmask"])
+    _config(folder, edit)
+    user_error(cli("inspect", folder), message)
+    user_error(cli("generate", folder, "--prompt", "hi", "--max-new-tokens", 1), message)

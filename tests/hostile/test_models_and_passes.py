@@ -190,3 +190,43 @@ def test_pass_table_reports_stored_sizes(tmp_path, cli):
     stored_after = summary["passes"][-1]["stored_bytes_after"]
     assert abs(stored_after - summary["checkpoint_bytes"]) / summary["checkpoint_bytes"] < 0.01
     assert summary["passes"][0]["stored_bytes_before"] == pytest.approx(summary["original_checkpoint_bytes"], rel=0.01)
+
+
+def test_tokenizer_of_another_vocabulary(tmp_path, small_model, tokenizer, cli, user_error):
+    """A model whose embedding is smaller than its tokenizer's ids: one line before any work (eval, generate, and
+    apply, which must leave the existing output untouched even with --overwrite)."""
+    folder = compress.save(small_model(vocab_size=300), tmp_path / "m", tokenizer=tokenizer)
+    fragment = "but the model's vocabulary has 300 entries"
+    user_error(cli("eval", folder, "--no-speed", "--max-windows", 1), fragment)
+    user_error(cli("generate", folder, "--prompt", "hello world", "--max-new-tokens", 1), fragment)
+    out = compress.save(small_model(), tmp_path / "out", tokenizer=tokenizer)
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir())
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("calibration: {source: builtin:calibration, num_samples: 2, seq_len: 32}\n"
+                      "passes:\n  - prune: {method: wanda}\n")
+    user_error(cli("apply", recipe, "--model", folder, "--output", out, "--overwrite"), fragment)
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir()) == before
+
+
+def test_baseline_of_another_vocabulary(tmp_path, small_model, tokenizer, cli, user_error):
+    model = compress.save(small_model(), tmp_path / "m", tokenizer=tokenizer)
+    baseline = compress.save(small_model(vocab_size=9000), tmp_path / "b", tokenizer=tokenizer)
+    user_error(cli("eval", model, "--baseline", baseline, "--no-speed", "--max-windows", 1),
+               "has a vocabulary of 9000 tokens, the model 8192")
+
+
+def test_eval_says_when_the_recorded_source_is_gone(tmp_path, small_model, tokenizer, cli, monkeypatch):
+    """The source is recorded as an absolute path (found from any folder); when it is gone, eval says so."""
+    import shutil
+
+    source = compress.save(small_model(), tmp_path / "src", tokenizer=tokenizer)
+    monkeypatch.chdir(tmp_path)
+    model, _ = compress.apply(compress.load("src"), [compress.passes.Prune(sparsity=0.5)], progress=False)
+    out = compress.save(model, tmp_path / "pruned", tokenizer=tokenizer)
+    assert model.config.compression["source_model"] == str(source.resolve())
+    monkeypatch.chdir(tmp_path.parent)
+    found = cli("eval", out, "--no-speed", "--max-windows", 1, "--json")
+    assert found.exit_code == 0, found.output
+    shutil.rmtree(source)
+    gone = cli("eval", out, "--no-speed", "--max-windows", 1)
+    assert gone.exit_code == 0 and "which is not here; no KL or top-1 agreement" in gone.output

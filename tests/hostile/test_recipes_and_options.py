@@ -29,6 +29,12 @@ RECIPES = {
                                    "calibration source: path too long"),
     "too large": (b"passes: [prune]\n#" + b"x" * (2 * 1024 * 1024) + b"\n", "larger than a recipe can be"),
     "NUL byte": (b"passes: [prune]\n\x00\n", ":2: not valid YAML (character #x0000"),
+    "two KV caches": (b"passes:\n  - gear_kv: {}\n  - gear_kv: {bits: 2}\n",
+                      ":3:5: pass 'gear_kv' appears twice; the second would replace the first"),
+    "calibration seed beyond 64 bits": (b"calibration: {source: builtin:calibration, seed: 99999999999999999999999}\n"
+                                        b"passes: [prune]\n", ":1:50: calibration: seed: Input should be less than or equal to"),
+    "missing calibration file": (b"calibration: {source: no_such_file.txt}\npasses:\n  - prune: {method: wanda}\n",
+                                 ":1:23: calibration source no_such_file.txt does not exist"),
 }
 
 
@@ -74,6 +80,7 @@ OPTIONS = [
     (["eval", "builtin:tiny", "--max-windows", "0"], "'--max-windows'"),
     (["apply", "recipes/magnitude-50.yaml", "--eval-windows", "-1", "--output", "never"], "'--eval-windows'"),
     (["apply", "recipes/magnitude-50.yaml", "--dtype", "int8", "--output", "never"], "'--dtype'"),
+    (["generate", "builtin:tiny", "--prompt", "hi", "--sample", "--seed", "99999999999999999999999"], "'--seed'"),
 ]
 
 
@@ -89,3 +96,31 @@ def test_numeric_options_are_range_checked(args, message, cli, user_error, monke
 def test_sample_help_names_only_options_that_exist(cli):
     out = cli("generate", "--help").output
     assert "--top-p" in out and "--temperature" in out
+
+
+def test_calibration_folder_that_is_no_dataset(tmp_path, cli, user_error):
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "a.txt").write_text("some text " * 100)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"calibration: {{source: {tmp_path / 'texts'}, num_samples: 2, seq_len: 16}}\n"
+                      "passes:\n  - prune: {method: wanda}\n")
+    user_error(cli("apply", recipe, "--model", "builtin:tiny", "--output", tmp_path / "o", "--no-eval"),
+               "is a folder but not a datasets folder")
+    assert not (tmp_path / "o").exists()
+
+
+def test_calibration_longer_than_the_context(tmp_path, cli, user_error):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("calibration: {source: builtin:calibration, num_samples: 1, seq_len: 2048}\n"
+                      "passes:\n  - prune: {method: wanda}\n")
+    user_error(cli("apply", recipe, "--model", "builtin:tiny", "--output", tmp_path / "o", "--no-eval"),
+               "calibration: sequences of 2048 tokens are longer than the model's context (1024 tokens)")
+    assert not (tmp_path / "o").exists()
+
+
+def test_prune_after_quantize_names_the_order(tmp_path, cli, user_error):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("passes:\n  - quantize: {method: rtn}\n  - prune: {}\n")
+    user_error(cli("apply", recipe, "--model", "builtin:tiny", "--output", tmp_path / "o", "--no-eval"),
+               "already quantized by an earlier pass", "put prune before quantize")
+    assert not (tmp_path / "o").exists()

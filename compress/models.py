@@ -202,11 +202,20 @@ def check_token_ids(ids: torch.Tensor, config, what: str) -> None:
                             f"({context} tokens); use a seq_len of at most {context}")
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
 def load_tokenizer(source: str | Path):
     from transformers import AutoTokenizer
 
     path = resolve_model_path(source)
+    if not any((path / name).exists() for name in TOKENIZER_FILES):
+        return None  # passes and commands that need text say so (AutoTokenizer would first warn about config.json)
+    if (path / "config.json").exists():  # AutoTokenizer reads it too: a damaged one is reported as such
+        from .checkpoint_validation import read_config_json
+
+        read_config_json(path)
     try:
         return AutoTokenizer.from_pretrained(path)
-    except Exception:  # a folder without tokenizer files: passes that need text will say so
-        return None
+    except Exception as exc:  # noqa: BLE001 - the tokenizers library raises plain Exceptions on damaged files
+        raise CheckpointError(f"{path}: its tokenizer files cannot be read ({str(exc).splitlines()[0][:200]})") from None

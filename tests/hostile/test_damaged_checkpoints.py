@@ -188,3 +188,19 @@ def test_edited_config_exits_2(name, packed_checkpoints, copy_of, cli, user_erro
     _config(folder, edit)
     user_error(cli("inspect", folder), message)
     user_error(cli("generate", folder, "--prompt", "hi", "--max-new-tokens", 1), message)
+
+
+def test_checkpoint_without_tokenizer_is_one_line(packed_checkpoints, copy_of):
+    """In a real process (transformers' logging writes to the process's stderr, which CliRunner does not capture):
+    no tokenizer files is one error line, without transformers' warning about the marked config.json."""
+    import subprocess
+    import sys
+
+    folder = copy_of(packed_checkpoints["bitmask"])
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (folder / name).unlink(missing_ok=True)
+    code = "from compress.cli import main; main()"
+    run = subprocess.run([sys.executable, "-c", code, "generate", str(folder), "--prompt", "hi"],
+                         capture_output=True, text=True, timeout=120)
+    lines = [line for line in (run.stdout + run.stderr).splitlines() if line.strip()]
+    assert run.returncode == 2 and len(lines) == 1 and "has no tokenizer files" in lines[0], lines

@@ -219,7 +219,8 @@ def _check_device(device: str) -> None:
 
 
 def folder_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+    """Bytes of the weight files (safetensors, or the pickled .bin/.pt of a model loaded with --allow-pickle)."""
+    return sum(f.stat().st_size for f in Path(path).iterdir() if f.suffix in (".safetensors", ".bin", ".pt"))
 
 
 def _evaluate(model, baseline_src, tokenizer, windows, progress, seq_len: int = EVAL_SEQ_LEN, text: str | None = None,
@@ -295,10 +296,10 @@ def eval_cmd(model_src, baseline, text_file, seq_len, max_windows, speed, activa
     from .evaluate import generation_speed
     from .pass_api import stored_parameters, tensor_bytes
 
-    if suite or suite_dir or plot_file:
+    if suite or suite_dir or plot_file or suite_limit is not None:
         from .eval.report import check_suite_options
 
-        check_suite_options(suite, suite_dir, plot_file)
+        check_suite_options(suite, suite_dir, plot_file, suite_limit)
     if baseline is None:
         baseline = _recorded_source(model_src)
     tokenizer = models.load_tokenizer(model_src) or (models.load_tokenizer(baseline) if baseline else None)
@@ -365,6 +366,11 @@ def generate(model_src, prompt, max_new_tokens, sample, temperature, top_p, seed
     import torch
 
     from . import models
+
+    given = [f"--{name.replace('_', '-')}" for name in ("temperature", "top_p")
+             if click.get_current_context().get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE]
+    if given and not sample:
+        raise CompressError(f"{' and '.join(given)} only apply to sampling; add --sample (greedy decoding ignores them)")
 
     torch.manual_seed(seed)
     model = models.load(model_src, sparse_runtime=sparse_runtime, allow_pickle=allow_pickle, dtype=dtype)

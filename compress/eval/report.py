@@ -4,7 +4,8 @@ from __future__ import annotations
 from ..errors import CompressError
 
 
-def check_suite_options(suite: str | None, suite_dir: str | None, plot_file: str | None) -> None:
+def check_suite_options(suite: str | None, suite_dir: str | None, plot_file: str | None,
+                        suite_limit: int | None = None) -> None:
     """Everything that can fail before any model loads."""
     from .lm_eval_tasks import require_lm_eval
     from .plot import check_plot_target
@@ -12,6 +13,8 @@ def check_suite_options(suite: str | None, suite_dir: str | None, plot_file: str
 
     if plot_file and not (suite or suite_dir):
         raise CompressError("--plot draws the suite's scores: add --suite kick")
+    if suite_limit is not None and not (suite or suite_dir):
+        raise CompressError("--suite-limit limits the suite's examples: add --suite kick")
     if suite or suite_dir:
         resolve(suite, suite_dir)
         require_lm_eval()

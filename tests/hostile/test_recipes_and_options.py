@@ -81,6 +81,8 @@ OPTIONS = [
     (["apply", "recipes/magnitude-50.yaml", "--eval-windows", "-1", "--output", "never"], "'--eval-windows'"),
     (["apply", "recipes/magnitude-50.yaml", "--dtype", "int8", "--output", "never"], "'--dtype'"),
     (["generate", "builtin:tiny", "--prompt", "hi", "--sample", "--seed", "99999999999999999999999"], "'--seed'"),
+    (["generate", "builtin:tiny", "--prompt", "hi", "--temperature", "0.5"], "--temperature only apply to sampling; add --sample"),
+    (["eval", "builtin:tiny", "--suite-limit", "3"], "--suite-limit limits the suite's examples: add --suite kick"),
 ]
 
 

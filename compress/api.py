@@ -76,7 +76,7 @@ def apply(
             raise CompressError(f"pass {', '.join(map(repr, unable))} cannot run with decoder layers left on disk "
                                 "(max_memory): load the model without max_memory, or on a machine that holds it")
     for p in passes:
-        p.check(model)  # shapes a pass cannot take fail before any pass runs
+        p.checked(model)  # shapes a pass cannot take fail before any pass runs, at their recipe line
     if any(p.needs_calibration_for() for p in passes):
         # unreadable, too short or foreign-vocabulary calibration data fails before any work
         check_token_ids(ctx.calibration_batches("calibration"), model.config, "calibration")

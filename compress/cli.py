@@ -93,7 +93,7 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
     if dry_run:
         model = models.load(model_src, meta=True, allow_pickle=allow_pickle)
         for p in passes:
-            p.check(model)  # shapes a pass cannot take fail here, before any work
+            p.checked(model)  # shapes a pass cannot take fail here, before any work, at their recipe line
         if output:
             check_output(output, overwrite=overwrite, source=_local_source(model_src), protected=(Path(recipe),))
         plan = [(p.name, p.describe(model)) for p in passes]

@@ -14,7 +14,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from .errors import CalibrationError, CompressError, ConfigError
+from .errors import CalibrationError, CompressError, ConfigError, UnsupportedModelError
 from .targets import match_modules
 
 
@@ -172,6 +172,15 @@ class Pass:
         """Raise ConfigError/UnsupportedModelError if this model's shapes cannot take the pass. Runs on a meta model
         (`--dry-run`) and at the start of `compress.apply`, before any pass does expensive work."""
         self.describe(model)
+
+    def checked(self, model: nn.Module) -> None:
+        """`check`, its error prefixed with the pass's place in the recipe (`location`) when it came from one."""
+        try:
+            self.check(model)
+        except (ConfigError, UnsupportedModelError) as exc:
+            if not getattr(self, "location", ""):
+                raise
+            raise type(exc)(f"{self.location}: {exc}") from None
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config.model_dump().items())

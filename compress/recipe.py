@@ -115,6 +115,7 @@ class PassSpec:
     name: str
     args: dict[str, Any]
     path: tuple
+    location: str = ""  # "recipe.yaml:LINE:COL" of the pass's name: errors found once a model is known point here
 
 
 @dataclass
@@ -175,7 +176,10 @@ class Recipe:
     def build_passes(self):
         from .registry import get_pass
 
-        return [get_pass(s.name)(s.args) for s in self.passes]
+        passes = [get_pass(s.name)(s.args) for s in self.passes]
+        for p, spec in zip(passes, self.passes):
+            p.location = spec.location
+        return passes
 
 
 class _Validator:
@@ -347,6 +351,7 @@ class _Validator:
                 self.error(path + (name,), f"pass {name!r} appears twice; the second would replace the first: keep "
                                            "one", key=True)
                 continue
-            specs.append(PassSpec(name=name, args=args, path=path + (name,)))
+            specs.append(PassSpec(name=name, args=args, path=path + (name,),
+                                  location=self.where(path + (name,), key=True)))
             self._instances.append(instance)
         return specs

@@ -115,9 +115,10 @@ def test_shape_problems_found_by_dry_run_and_before_any_work(passes, message, tm
     # an expensive pass first: it must not run when a later pass cannot take the model's shapes
     recipe.write_text("calibration: {source: builtin:calibration, num_samples: 4, seq_len: 32}\npasses:\n"
                       "  - prune: {method: sparsegpt, sparsity: 0.5}\n" + passes)
-    user_error(cli("apply", recipe, "--model", src, "--output", tmp_path / "o", "--dry-run"), message)
+    where = f"{recipe}:4:5: "  # the failing pass's line in the recipe
+    user_error(cli("apply", recipe, "--model", src, "--output", tmp_path / "o", "--dry-run"), where, message)
     monkeypatch.setattr(compress.get_pass("prune"), "apply", lambda *a: pytest.fail("a pass ran before the check"))
-    user_error(cli("apply", recipe, "--model", src, "--output", tmp_path / "o"), message)
+    user_error(cli("apply", recipe, "--model", src, "--output", tmp_path / "o"), where, message)
     assert not (tmp_path / "o").exists()
     with pytest.raises(ConfigError, match=message):
         compress.apply(compress.load(src), compress.Recipe.from_yaml(recipe), progress=False)

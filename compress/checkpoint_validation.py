@@ -121,6 +121,11 @@ def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
 def check_weight_files(folder: Path, files: list[Path]) -> dict[str, tuple[str, tuple[int, ...]]]:
     """Headers of every weight file of `folder`, merged (a tensor in two shards is an error)."""
     if not files:
+        pickled = sorted(f.name for f in Path(folder).glob("*") if f.suffix in (".bin", ".pt", ".pth"))
+        if pickled:  # never unpickled here: say what is there and how to read it
+            raise CheckpointError(f"{folder} has no *.safetensors weights, only pickled ones ({', '.join(pickled[:2])}); "
+                                  "convert them to safetensors, or pass --allow-pickle to eval/generate/apply if you "
+                                  "trust them")
         raise CheckpointError(f"{folder} has no *.safetensors weights")
     headers: dict[str, tuple[str, tuple[int, ...]]] = {}
     for f in files:

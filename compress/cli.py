@@ -123,6 +123,9 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
     model = models.load(model_src, allow_pickle=allow_pickle, dtype=dtype, **offload)
     text = _read_text(eval_text) if do_eval and eval_text else None
     windows = _eval_windows(tokenizer, text, EVAL_SEQ_LEN, eval_windows, model.config) if do_eval else None
+    if r.calibration is not None and r.calibration.source == "builtin:heldout" and do_eval and not eval_text:
+        click.echo("note: the recipe calibrates on builtin:heldout, the text the evaluation scores: the held-out "
+                   "numbers will flatter the result (use builtin:calibration)", err=True)
     model, report = api.apply(model, r, tokenizer=tokenizer, device=device, progress=not as_json)
     if export_format == "compressed-tensors":
         exported = export(model, output, tokenizer=tokenizer, recipe_text=r.text, report=report.to_dict(),

@@ -132,6 +132,7 @@ def test_allow_pickle_reaches_every_load(tmp_path, small_model, tokenizer, cli, 
     torch.save(model.state_dict(), folder / "pytorch_model.bin")
     tokenizer.save_pretrained(folder)
     user_error(cli("eval", folder, "--no-speed", "--max-windows", 1), "pickled .bin", "--allow-pickle")
+    user_error(cli("inspect", folder), "only pickled ones (pytorch_model.bin)")
     result = cli("eval", folder, "--no-speed", "--max-windows", 1, "--allow-pickle", "--json")
     assert result.exit_code == 0, result.output
     assert cli("generate", folder, "--prompt", "a", "--max-new-tokens", 2, "--allow-pickle").exit_code == 0

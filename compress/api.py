@@ -63,7 +63,7 @@ def apply(
     if tokenizer is None and getattr(model, "compress_source", None):
         from .models import load_tokenizer
 
-        tokenizer = load_tokenizer(model.compress_source)
+        tokenizer = load_tokenizer(model.compress_source, strict=False)  # needed only by calibration
     ctx = PassContext(calibration=calibration, tokenizer=tokenizer, device=device, progress=progress,
                       base_dir=base_dir)
     for p in passes:
@@ -79,7 +79,8 @@ def apply(
         p.checked(model)  # shapes a pass cannot take fail before any pass runs, at their recipe line
     if any(p.needs_calibration_for() for p in passes):
         # unreadable, too short or foreign-vocabulary calibration data fails before any work
-        check_token_ids(ctx.calibration_batches("calibration"), model.config, "calibration")
+        check_token_ids(ctx.calibration_batches("calibration"), model.config, "calibration",
+                        "lower calibration.seq_len")
     if any(p.needs_original_model_for() for p in passes):
         # e.g. the teacher of a distillation loss: the model before the first pass, frozen, on the CPU
         ctx.original_model = copy.deepcopy(model).cpu().eval().requires_grad_(False)

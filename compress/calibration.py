@@ -25,7 +25,7 @@ class CalibrationSpec(BaseModel):
     split: str = "train"
     num_samples: int = Field(64, ge=1, le=100_000)
     seq_len: int = Field(256, ge=8, le=131_072)
-    seed: int = Field(0, ge=0, le=2**63 - 1)  # torch generators take 64-bit seeds
+    seed: int = Field(0, ge=-(2**63), le=2**64 - 1)  # the range torch generators take
 
 
 def builtin_text(name: str, model: str = "tiny") -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -45,20 +46,23 @@ def round_to_storage(model: nn.Module, dtype: torch.dtype) -> None:
     """Round every floating tensor the checkpoint stores to `dtype` in place, so the model in memory computes
     exactly what its checkpoint will (passes fit float32 weights on a model loaded from bf16: SparseGPT's updated
     rows, VQ-Logits' codebook, LoRA merges); a packed layer decoded for speed (SparseLinear runtime `dense`) is
-    rounded in its dense copy, whose nonzeros are the values stored."""
+    rounded in its dense copy, whose nonzeros are the values stored. Layers left on disk (max_memory) are not: they
+    are read back from the offload folder at the compute dtype."""
     for name, module in model.named_modules():
         if any(part.startswith("lora_") for part in name.split(".")):
             continue  # an unmerged LoRA adapter is saved in its own dtype (recover/adapter.py)
         tensors = [t for t in module._parameters.values() if t is not None]
-        tensors += [t for name, t in module._buffers.items()
-                    if t is not None and name not in module._non_persistent_buffers_set]
+        tensors += [t for key, t in module._buffers.items()
+                    if t is not None and key not in module._non_persistent_buffers_set]
         dense = getattr(module, "weight_dense", None) if getattr(module, "runtime", None) == "dense" else None
         tensors += [dense] if isinstance(dense, torch.Tensor) else []
         rounded = [t for t in tensors if t.is_floating_point() and t.dtype != dtype and t.device.type != "meta"]
         for t in rounded:
             t.data.copy_(t.data.to(dtype).to(t.dtype))
-        if rounded and getattr(module, "gpu_state", None) is not None:
-            module.gpu_state = None  # a packed layer's prepared GPU form is rebuilt from the rounded values
+        # prepared forms (SparseLinear's GPU weights, bitsandbytes' quant state) are rebuilt from the rounded tensors
+        for cache in ("gpu_state", "_cached_state"):
+            if rounded and getattr(module, cache, None) is not None:
+                setattr(module, cache, None)
 
 
 def _unique_state_dict(model: nn.Module, storage_dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -134,6 +138,15 @@ def _source_folder(model: nn.Module) -> Path | None:
     return Path(source).expanduser()
 
 
+def _portable_source(section: dict, tmp: Path) -> dict:
+    """`source_model` as a path relative to the checkpoint folder (`tmp` is its sibling, so the same relative path),
+    so that `compress eval` finds the baseline from any working directory and after both folders move together."""
+    source = section.get("source_model")
+    if not source or str(source).startswith("builtin:") or not Path(source).is_absolute():
+        return section
+    return {**section, "source_model": os.path.relpath(source, tmp)}
+
+
 def _write(model, tmp: Path, tokenizer, recipe_text, report, max_shard_bytes) -> None:
     from .export.native_marker import mark_native
     from .models import checkpoint_dtype
@@ -146,6 +159,7 @@ def _write(model, tmp: Path, tokenizer, recipe_text, report, max_shard_bytes) ->
     config = model.config.to_dict()
     config["dtype"] = str(dtype).removeprefix("torch.")
     config.setdefault("compression", compression_record([], recipe_text, None))
+    config["compression"] = _portable_source(config["compression"], tmp)
     config["architectures"] = [type(model).__name__]
     mark_native(config, model)  # plain transformers must refuse what it cannot read (export/native_marker.py)
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
@@ -266,6 +280,8 @@ def restore_pass(path: Path, index: int, entry: dict, model: nn.Module) -> None:
     except CompressError as exc:
         raise CheckpointError(f"{path}: compression.passes[{index}] ({name}): {str(exc).splitlines()[0]}") from None
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:  # e.g. a negative size
+        if isinstance(exc, RuntimeError) and ("allocate" in str(exc) or isinstance(exc, torch.OutOfMemoryError)):
+            raise  # out of memory: not the checkpoint's fault
         raise CheckpointError(f"{path}: compression.passes[{index}] ({name}) has a damaged restore record "
                               f"({type(exc).__name__}: {exc}); export the checkpoint again") from None
 

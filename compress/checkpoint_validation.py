@@ -123,9 +123,10 @@ def check_weight_files(folder: Path, files: list[Path]) -> dict[str, tuple[str, 
     if not files:
         pickled = sorted(f.name for f in Path(folder).glob("*") if f.suffix in (".bin", ".pt", ".pth"))
         if pickled:  # never unpickled here: say what is there and how to read it
+            how = ", or pass --allow-pickle to eval/generate/apply if you trust them" \
+                if any(name.endswith(".bin") for name in pickled) else ""
             raise CheckpointError(f"{folder} has no *.safetensors weights, only pickled ones ({', '.join(pickled[:2])}); "
-                                  "convert them to safetensors, or pass --allow-pickle to eval/generate/apply if you "
-                                  "trust them")
+                                  f"convert them to safetensors{how}")
         raise CheckpointError(f"{folder} has no *.safetensors weights")
     headers: dict[str, tuple[str, tuple[int, ...]]] = {}
     for f in files:

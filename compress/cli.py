@@ -111,7 +111,8 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
     protected = (Path(recipe),) + ((Path(eval_text),) if eval_text else ())
     check_output(output, overwrite=overwrite, source=_local_source(model_src), protected=protected)
     _check_device(device)
-    tokenizer = models.load_tokenizer(model_src)
+    needs_text = do_eval or any(p.needs_calibration_for() for p in passes)
+    tokenizer = models.load_tokenizer(model_src, strict=needs_text)
     if do_eval and tokenizer is None:
         raise CompressError(f"{model_src} has no tokenizer files, which the evaluation needs: save the tokenizer "
                             "with the model, or pass --no-eval")
@@ -167,9 +168,14 @@ def _recorded_source(model_src: str) -> str | None:
     """The model a compressed checkpoint was made from, if its `compression` section names one that exists here."""
     from . import models
 
-    source = (models.compression_section(models.resolve_model_path(model_src)) or {}).get("source_model")
-    if source and (source.startswith("builtin:") or Path(source).exists()):
+    folder = models.resolve_model_path(model_src)
+    source = (models.compression_section(folder) or {}).get("source_model")
+    if source and source.startswith("builtin:"):
         return source
+    # recorded relative to the checkpoint folder; older checkpoints recorded it as typed (the current folder's)
+    for candidate in ((folder / source, Path(source)) if source else ()):
+        if candidate.exists():
+            return str(candidate.resolve())
     if source:  # said, not silently dropped: without a baseline there is no KL / top-1 agreement
         click.echo(f"note: {model_src} was made from {source}, which is not here; no KL or top-1 agreement "
                    "(pass --baseline MODEL)", err=True)
@@ -222,8 +228,10 @@ def _check_device(device: str) -> None:
 
 
 def folder_bytes(path: Path) -> int:
-    """Bytes of the weight files (safetensors, or the pickled .bin/.pt of a model loaded with --allow-pickle)."""
-    return sum(f.stat().st_size for f in Path(path).iterdir() if f.suffix in (".safetensors", ".bin", ".pt"))
+    """Bytes of the weight files: the safetensors, or where there are none the pickled .bin a model loaded with
+    --allow-pickle reads (a folder with both loads the safetensors; training_args.bin and the like are no weights)."""
+    files = list(Path(path).glob("*.safetensors")) or list(Path(path).glob("*.bin"))
+    return sum(f.stat().st_size for f in files)
 
 
 def _evaluate(model, baseline_src, tokenizer, windows, progress, seq_len: int = EVAL_SEQ_LEN, text: str | None = None,
@@ -359,7 +367,7 @@ def eval_cmd(model_src, baseline, text_file, seq_len, max_windows, speed, activa
               callback=lambda ctx, param, value: _finite(param, value), help="Sampling temperature (with --sample).")
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True, max=1),
               callback=lambda ctx, param, value: _finite(param, value), help="Nucleus sampling: keep the smallest set of tokens whose probability reaches this (with --sample).")
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**63 - 1))
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(-(2**63), 2**64 - 1))
 @click.option("--allow-pickle", is_flag=True, help="Allow loading a model stored as pickled .bin (trusted files only).")
 @_DTYPE
 @_SPARSE_RUNTIME
@@ -381,8 +389,8 @@ def generate(model_src, prompt, max_new_tokens, sample, temperature, top_p, seed
     if tokenizer is None:
         raise CompressError(f"{model_src} has no tokenizer files; save the tokenizer with the model")
     ids = tokenizer(prompt, return_tensors="pt").input_ids
+    _check_context(model.config, ids.shape[1], max_new_tokens)  # the prompt's length, with the new tokens
     models.check_token_ids(ids, model.config, "--prompt")
-    _check_context(model.config, ids.shape[1], max_new_tokens)
     kwargs = ({"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": None} if sample
               else {"do_sample": False})
     with torch.no_grad():

@@ -189,7 +189,7 @@ def text_config(config):
     return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
 
 
-def check_token_ids(ids: torch.Tensor, config, what: str) -> None:
+def check_token_ids(ids: torch.Tensor, config, what: str, fix: str = "") -> None:
     """Token ids a tokenizer produced must index the model's embedding, and sequences fit its context: a tokenizer
     from another model fails here, before any work, instead of as an IndexError deep in the forward pass."""
     text = text_config(config)
@@ -199,13 +199,15 @@ def check_token_ids(ids: torch.Tensor, config, what: str) -> None:
                             f"{vocab} entries: the tokenizer does not belong to this model")
     if context is not None and ids.dim() == 2 and ids.shape[1] > context:
         raise CompressError(f"{what}: sequences of {ids.shape[1]} tokens are longer than the model's context "
-                            f"({context} tokens); use a seq_len of at most {context}")
+                            f"({context} tokens)" + (f"; {fix}" if fix else ""))
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 
 
-def load_tokenizer(source: str | Path):
+def load_tokenizer(source: str | Path, strict: bool = True):
+    """The folder's tokenizer; None without tokenizer files. Files that cannot be read are a CheckpointError, or
+    None with `strict=False` (for work that may need no text: the pass or command that does need it says so)."""
     from transformers import AutoTokenizer
 
     path = resolve_model_path(source)
@@ -218,4 +220,6 @@ def load_tokenizer(source: str | Path):
     try:
         return AutoTokenizer.from_pretrained(path)
     except Exception as exc:  # noqa: BLE001 - the tokenizers library raises plain Exceptions on damaged files
+        if not strict:
+            return None
         raise CheckpointError(f"{path}: its tokenizer files cannot be read ({str(exc).splitlines()[0][:200]})") from None

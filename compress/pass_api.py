@@ -14,7 +14,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from .errors import CalibrationError, CompressError, ConfigError, UnsupportedModelError
+from .errors import CalibrationError, CompressError, ConfigError, TargetError, UnsupportedModelError
 from .targets import match_modules
 
 
@@ -177,7 +177,7 @@ class Pass:
         """`check`, its error prefixed with the pass's place in the recipe (`location`) when it came from one."""
         try:
             self.check(model)
-        except (ConfigError, UnsupportedModelError) as exc:
+        except (ConfigError, UnsupportedModelError, TargetError) as exc:
             if not getattr(self, "location", ""):
                 raise
             raise type(exc)(f"{self.location}: {exc}") from None

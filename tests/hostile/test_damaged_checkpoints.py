@@ -204,3 +204,18 @@ def test_checkpoint_without_tokenizer_is_one_line(packed_checkpoints, copy_of):
                          capture_output=True, text=True, timeout=120)
     lines = [line for line in (run.stdout + run.stderr).splitlines() if line.strip()]
     assert run.returncode == 2 and len(lines) == 1 and "has no tokenizer files" in lines[0], lines
+
+
+def test_damaged_tokenizer_blocks_only_what_needs_text(tmp_path, small_model, tokenizer, cli, user_error):
+    """Unreadable tokenizer files: an error where text is needed (eval), none where it is not (magnitude pruning
+    without evaluation), in the API and the CLI."""
+    folder = compress.save(small_model(), tmp_path / "m", tokenizer=tokenizer)
+    (folder / "tokenizer.json").write_text('{"broken')
+    with pytest.raises(CheckpointError, match="its tokenizer files cannot be read"):
+        compress.load_tokenizer(folder)
+    compress.apply(compress.load(folder), [compress.passes.Prune(sparsity=0.5)], progress=False)
+    user_error(cli("eval", folder, "--no-speed", "--max-windows", 1), "its tokenizer files cannot be read")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("passes:\n  - prune: {sparsity: 0.5}\n")
+    result = cli("apply", recipe, "--model", folder, "--output", tmp_path / "out", "--no-eval", "--json")
+    assert result.exit_code == 0, result.output

@@ -218,17 +218,25 @@ def test_baseline_of_another_vocabulary(tmp_path, small_model, tokenizer, cli, u
 
 
 def test_eval_says_when_the_recorded_source_is_gone(tmp_path, small_model, tokenizer, cli, monkeypatch):
-    """The source is recorded as an absolute path (found from any folder); when it is gone, eval says so."""
+    """The source is recorded relative to the checkpoint (found from any folder, and after both move together);
+    when it is gone, eval says so."""
     import shutil
 
     source = compress.save(small_model(), tmp_path / "src", tokenizer=tokenizer)
     monkeypatch.chdir(tmp_path)
     model, _ = compress.apply(compress.load("src"), [compress.passes.Prune(sparsity=0.5)], progress=False)
     out = compress.save(model, tmp_path / "pruned", tokenizer=tokenizer)
-    assert model.config.compression["source_model"] == str(source.resolve())
+    assert json.loads((out / "config.json").read_text())["compression"]["source_model"] == "../src"
     monkeypatch.chdir(tmp_path.parent)
     found = cli("eval", out, "--no-speed", "--max-windows", 1, "--json")
-    assert found.exit_code == 0, found.output
-    shutil.rmtree(source)
+    assert found.exit_code == 0 and json.loads(found.output)["baseline"] == str(source.resolve()), found.output
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for name in ("src", "pruned"):  # both folders moved together: still found
+        shutil.move(tmp_path / name, moved / name)
+    found = cli("eval", moved / "pruned", "--no-speed", "--max-windows", 1, "--json")
+    assert json.loads(found.output)["baseline"] == str((moved / "src").resolve()), found.output
+    out = moved / "pruned"
+    shutil.rmtree(moved / "src")
     gone = cli("eval", out, "--no-speed", "--max-windows", 1)
     assert gone.exit_code == 0 and "which is not here; no KL or top-1 agreement" in gone.output

@@ -100,29 +100,26 @@ def test_sample_help_names_only_options_that_exist(cli):
     assert "--top-p" in out and "--temperature" in out
 
 
-def test_calibration_folder_that_is_no_dataset(tmp_path, cli, user_error):
+APPLY_MISTAKES = {
+    # name: (recipe text, {TEXTS}: a folder of .txt files; message fragments)
+    "calibration folder that is no datasets folder": (
+        "calibration: {{source: {texts}, num_samples: 2, seq_len: 16}}\npasses:\n  - prune: {{method: wanda}}\n",
+        ["is a folder but not a datasets folder"]),
+    "calibration longer than the context": (
+        "calibration: {{source: builtin:calibration, num_samples: 1, seq_len: 2048}}\n"
+        "passes:\n  - prune: {{method: wanda}}\n",
+        ["calibration: sequences of 2048 tokens are longer than the model's context (1024 tokens)"]),
+    "prune after quantize": ("passes:\n  - quantize: {{method: rtn}}\n  - prune: {{}}\n",
+                             ["already quantized by an earlier pass", "put prune before quantize"]),
+}
+
+
+@pytest.mark.parametrize("name", list(APPLY_MISTAKES))
+def test_recipe_mistakes_apply_finds_before_any_work(name, tmp_path, cli, user_error):
+    text, fragments = APPLY_MISTAKES[name]
     (tmp_path / "texts").mkdir()
     (tmp_path / "texts" / "a.txt").write_text("some text " * 100)
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"calibration: {{source: {tmp_path / 'texts'}, num_samples: 2, seq_len: 16}}\n"
-                      "passes:\n  - prune: {method: wanda}\n")
-    user_error(cli("apply", recipe, "--model", "builtin:tiny", "--output", tmp_path / "o", "--no-eval"),
-               "is a folder but not a datasets folder")
-    assert not (tmp_path / "o").exists()
-
-
-def test_calibration_longer_than_the_context(tmp_path, cli, user_error):
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text("calibration: {source: builtin:calibration, num_samples: 1, seq_len: 2048}\n"
-                      "passes:\n  - prune: {method: wanda}\n")
-    user_error(cli("apply", recipe, "--model", "builtin:tiny", "--output", tmp_path / "o", "--no-eval"),
-               "calibration: sequences of 2048 tokens are longer than the model's context (1024 tokens)")
-    assert not (tmp_path / "o").exists()
-
-
-def test_prune_after_quantize_names_the_order(tmp_path, cli, user_error):
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text("passes:\n  - quantize: {method: rtn}\n  - prune: {}\n")
-    user_error(cli("apply", recipe, "--model", "builtin:tiny", "--output", tmp_path / "o", "--no-eval"),
-               "already quantized by an earlier pass", "put prune before quantize")
+    recipe.write_text(text.format(texts=tmp_path / "texts"))
+    user_error(cli("apply", recipe, "--model", "builtin:tiny", "--output", tmp_path / "o", "--no-eval"), *fragments)
     assert not (tmp_path / "o").exists()

@@ -31,6 +31,14 @@ class ApplyReport:
         }
 
 
+def check_offload_support(passes: Sequence[Pass]) -> None:
+    """Refuse passes that cannot run with decoder layers left on disk (max_memory)."""
+    unable = [p.name for p in passes if not p.supports_offload]
+    if unable:
+        raise CompressError(f"pass {', '.join(map(repr, unable))} cannot run with decoder layers left on disk "
+                            "(max_memory): load the model without max_memory, or on a machine that holds it")
+
+
 def apply(
     model: nn.Module,
     recipe_or_passes,
@@ -71,10 +79,7 @@ def apply(
             raise CalibrationError(f"pass {p.name!r} with these arguments needs calibration data: add a "
                                    "`calibration:` section to the recipe (e.g. `calibration: {source: builtin:calibration}`)")
     if getattr(model, "compress_offloaded_layers", None):
-        unable = [p.name for p in passes if not p.supports_offload]
-        if unable:
-            raise CompressError(f"pass {', '.join(map(repr, unable))} cannot run with decoder layers left on disk "
-                                "(max_memory): load the model without max_memory, or on a machine that holds it")
+        check_offload_support(passes)
     for p in passes:
         p.checked(model)  # shapes a pass cannot take fail before any pass runs, at their recipe line
     if any(p.needs_calibration_for() for p in passes):

@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .errors import CheckpointError
+from .errors import CheckpointError, CompressError
 
 FORMAT_VERSION = 1
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
@@ -284,6 +284,19 @@ def restore_pass(path: Path, index: int, entry: dict, model: nn.Module) -> None:
             raise  # out of memory: not the checkpoint's fault
         raise CheckpointError(f"{path}: compression.passes[{index}] ({name}) has a damaged restore record "
                               f"({type(exc).__name__}: {exc}); export the checkpoint again") from None
+
+
+def extra_folders(path: Path, section: dict | None) -> list[Path]:
+    """The subfolders the checkpoint's passes wrote beside its weights (Pass.extra_folders), e.g. `adapter/`."""
+    from .registry import get_pass
+
+    out = []
+    for entry in (section or {}).get("passes", []):
+        try:
+            out += [path / name for name in get_pass(entry["pass"])(entry.get("args") or {}).extra_folders(entry)]
+        except CompressError:  # an entry this version cannot read: load reports it
+            continue
+    return out
 
 
 def _tied_names(model: nn.Module) -> set[str]:

@@ -119,7 +119,9 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
     if max_memory is not None:
         from .offload import parse_bytes
 
-        parse_bytes(max_memory)  # a malformed size fails before any work
+        cap = parse_bytes(max_memory)  # a malformed size fails before any work
+        if folder_bytes(source_path) > cap:  # layers will stay on disk: passes that cannot run so fail before
+            api.check_offload_support(passes)  # any layer loads (api.apply checks again what really was offloaded)
     offload = {"max_memory": max_memory, "offload_folder": offload_folder} if max_memory else {}
     model = models.load(model_src, allow_pickle=allow_pickle, dtype=dtype, **offload)
     text = _read_text(eval_text) if do_eval and eval_text else None
@@ -228,9 +230,16 @@ def _check_device(device: str) -> None:
 
 
 def folder_bytes(path: Path) -> int:
-    """Bytes of the weight files: the safetensors, or where there are none the pickled .bin a model loaded with
-    --allow-pickle reads (a folder with both loads the safetensors; training_args.bin and the like are no weights)."""
-    files = list(Path(path).glob("*.safetensors")) or list(Path(path).glob("*.bin"))
+    """Bytes of the weight files: the safetensors (with those of subfolders its passes wrote, e.g. an unmerged
+    adapter), or where there are none the pickled .bin a model loaded with --allow-pickle reads (a folder with both
+    loads the safetensors; training_args.bin and the like are no weights)."""
+    from . import models
+    from .checkpoint import extra_folders
+
+    path = Path(path)
+    files = list(path.glob("*.safetensors")) or list(path.glob("*.bin"))
+    for folder in extra_folders(path, models.compression_section(path) if (path / "config.json").exists() else None):
+        files += list(folder.glob("*.safetensors"))
     return sum(f.stat().st_size for f in files)
 
 

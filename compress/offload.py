@@ -94,13 +94,18 @@ class OffloadState:
         self.folder = Path(folder) if folder else Path(tempfile.mkdtemp(prefix="compress-offload-"))
         self.folder.mkdir(parents=True, exist_ok=True)
         self.device = device
+        self._spilled: dict[str, Path] = {}  # prefix -> its current spill file
 
     def spill(self, module: nn.Module, prefix: str) -> None:
-        """Write `module` (compressed or not) to a spill file and leave it on meta, read back on demand."""
+        """Write `module` (compressed or not) to a spill file and leave it on meta, read back on demand; the layer's
+        previous spill file (a pass before this one) is removed, so the folder holds one copy of each layer."""
         path = self.folder / f"{prefix}-{uuid.uuid4().hex[:8]}.safetensors"
         state = {f"{prefix}.{k}": v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
         save_file(state, path)
         _attach(module, {k: {"safetensors_file": str(path), "weight_name": k} for k in state}, prefix, self.device)
+        previous, self._spilled[prefix] = self._spilled.get(prefix), path
+        if previous is not None:
+            previous.unlink(missing_ok=True)
 
     def cleanup(self) -> None:
         if self._own_folder:
@@ -195,11 +200,16 @@ def load_offloaded_folder(path: Path, config, section: dict | None, *, dtype: to
                           offload_folder=None, device="cpu") -> nn.Module:
     """`compress.load(..., max_memory=...)`: a Hugging Face folder or a compressed checkpoint, layers that do not
     fit left on disk."""
-    from .checkpoint import check_format_version, weight_files
+    from .checkpoint import check_format_version, extra_folders, weight_files
     from .errors import CheckpointError
 
     if section is not None:
         check_format_version(path, section)
+        extra = extra_folders(path, section)
+        if extra:
+            raise CheckpointError(f"{path} keeps {extra[0].name}/ beside its weights (an unmerged LoRA adapter), "
+                                  "which max_memory loading cannot attach: load it without max_memory, or recover "
+                                  "with merge: true")
     files = [f for f in weight_files(path) if f.suffix == ".safetensors"]
     if not files:
         raise CheckpointError(f"{path} has no *.safetensors weights; offloaded loading reads safetensors only")

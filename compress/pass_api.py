@@ -157,6 +157,11 @@ class Pass:
     def read_files(self, model: nn.Module, entry: dict[str, Any], folder) -> None:
         """Called by `load` after the main weights are in: read back what `write_files` wrote."""
 
+    def extra_folders(self, entry: dict[str, Any]) -> list[str]:
+        """Subfolders of the checkpoint that `write_files` writes for this entry (their bytes count as the
+        checkpoint's; loaders that cannot read them refuse)."""
+        return []
+
     def entry(self, report: PassReport | None = None) -> dict[str, Any]:
         """What the checkpoint's `compression.passes` list records for this pass."""
         out: dict[str, Any] = {"pass": self.name, "args": self.config.model_dump(mode="json")}

@@ -91,6 +91,17 @@ def test_capped_memory_matches_in_memory(source, tmp_path, prune_args):
         torch.testing.assert_close(lean(ids).logits, dense(ids).logits, rtol=0, atol=0)
 
 
+def test_spill_folder_holds_one_copy_of_each_layer(source, tmp_path):
+    """Two passes over the offloaded layers (disjoint prune targets): each layer's earlier spill file is removed."""
+    capped = compress.load(source, max_memory=int(weight_bytes(compress.load(source)) * 0.55),
+                           offload_folder=tmp_path / "spill")
+    offloaded = sum(is_offloaded(layer) for layer in capped.model.layers)
+    passes = [compress.passes.Prune(method="magnitude", structure="2:4", targets=["re:.*mlp\\..*_proj$"]),
+              compress.passes.Prune(method="magnitude", sparsity=0.5, targets=["re:.*self_attn\\..*_proj$"])]
+    compress.apply(capped, passes, progress=False)
+    assert len(list((tmp_path / "spill").glob("*.safetensors"))) == offloaded > 0
+
+
 def test_offload_refuses_passes_that_need_whole_layers(source, tmp_path):
     capped = compress.load(source, max_memory=int(weight_bytes(compress.load(source)) * 0.55))
     with pytest.raises(CompressError, match="left on disk"):
@@ -138,6 +149,12 @@ def test_cli_apply_with_max_memory(source, tmp_path):
     bad = CliRunner().invoke(main, ["apply", str(recipe), "--model", str(src), "--output", str(tmp_path / "bad"),
                                     "--max-memory", "lots", "--no-eval"])
     assert bad.exit_code == 2 and "memory size" in bad.output and not (tmp_path / "bad").exists()
+    # a pass that cannot run with layers on disk fails before any layer is read (on a 70B model, minutes of disk)
+    recipe.write_text("model: builtin:tiny\npasses:\n  - quantize: {method: rtn}\n")
+    refused = CliRunner().invoke(main, ["apply", str(recipe), "--model", str(src), "--output", str(tmp_path / "bad"),
+                                        "--max-memory", "9MB", "--no-eval"])
+    assert refused.exit_code == 2 and "cannot run with decoder layers left on disk" in refused.output
+    assert "loading" not in refused.output.lower() and not (tmp_path / "bad").exists()
 
 
 def test_capped_load_of_an_activation_sparse_checkpoint_keeps_its_thresholds(tmp_path, reference_tokenizer):

@@ -179,6 +179,10 @@ class Recover(Pass):
         return save_adapter(model, state, restore["modules"], self.lora_config(restore["modules"]),
                             folder / restore["adapter"])
 
+    def extra_folders(self, entry: dict[str, Any]) -> list[str]:
+        adapter = (entry.get("restore") or {}).get("adapter")
+        return [adapter] if adapter else []
+
     def read_files(self, model: nn.Module, entry: dict[str, Any], folder: Path) -> None:
         from .adapter import load_adapter
         restore = entry.get("restore") or {}

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import compress
+from compress.errors import CheckpointError
 from compress.evaluate import evaluate, heldout_windows
 from compress.pass_api import PassContext
 from compress.prune import SparseLinear
@@ -120,6 +121,13 @@ def test_unmerged_adapter_is_a_peft_folder_that_reloads(tmp_path, pruned_2of4, r
     torch.testing.assert_close(logits(reloaded, IDS), expected, rtol=0, atol=1e-5)
     compress.save(reloaded, tmp_path / "again")  # a reloaded adapter saves again the same way
     torch.testing.assert_close(logits(compress.load(tmp_path / "again"), IDS), expected, rtol=0, atol=1e-5)
+    # max_memory loading cannot attach the adapter: refused, not silently dropped
+    with pytest.raises(CheckpointError, match="keeps adapter/ beside its weights"):
+        compress.load(out, max_memory="1GB")
+    from compress.cli import folder_bytes  # the checkpoint's bytes include the adapter's
+
+    assert folder_bytes(out) == sum(f.stat().st_size for f in out.rglob("*.safetensors"))
+    assert folder_bytes(out) > (out / "model.safetensors").stat().st_size
 
 
 def test_unmerged_adapter_on_a_dense_model_loads_with_plain_peft(tmp_path, reference_model, reference_tokenizer):

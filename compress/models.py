@@ -55,6 +55,11 @@ def read_config(path: Path):
     if stored is not None and not (isinstance(stored, torch.dtype) and stored.is_floating_point):
         raise CheckpointError(f"{path / 'config.json'}: dtype {str(stored).removeprefix('torch.')!r} is not a "
                               "floating-point type (float32, bfloat16 or float16)")
+    text = text_config(config)
+    for key in ("vocab_size", "max_position_embeddings", "hidden_size", "num_hidden_layers"):
+        value = getattr(text, key, None)
+        if value is not None and (not isinstance(value, int) or value <= 0):
+            raise CheckpointError(f"{path / 'config.json'}: {key} is {value!r}; it must be a positive integer")
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedModelError(
             f"model type {config.model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"

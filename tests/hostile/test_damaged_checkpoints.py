@@ -178,6 +178,7 @@ EDITED_CONFIGS = {
     "heads that do not divide the hidden size": (lambda c: c.update(num_attention_heads=3),
                                                  "transformers cannot read it"),
     "dtype that is no floating-point type": (lambda c: c.update(dtype="int7"), "int7"),
+    "negative context": (lambda c: c.update(max_position_embeddings=-1), "max_position_embeddings is -1"),
 }
 
 

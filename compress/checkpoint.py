@@ -293,9 +293,10 @@ def extra_folders(path: Path, section: dict | None) -> list[Path]:
     out = []
     for entry in (section or {}).get("passes", []):
         try:
-            out += [path / name for name in get_pass(entry["pass"])(entry.get("args") or {}).extra_folders(entry)]
+            p = get_pass(entry["pass"])(entry.get("args") or {})
         except CompressError:  # an entry this version cannot read: load reports it
             continue
+        out += [path / name for name in p.extra_folders(entry)]  # a malformed record: CheckpointError
     return out
 
 

@@ -119,9 +119,9 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
     if max_memory is not None:
         from .offload import parse_bytes
 
-        cap = parse_bytes(max_memory)  # a malformed size fails before any work
-        if folder_bytes(source_path) > cap:  # layers will stay on disk: passes that cannot run so fail before
-            api.check_offload_support(passes)  # any layer loads (api.apply checks again what really was offloaded)
+        parse_bytes(max_memory)  # a malformed size fails before any work
+        if models.layers_left_on_disk(model_src, max_memory=max_memory, dtype=dtype):
+            api.check_offload_support(passes)  # passes that cannot run so fail before any layer is read
     offload = {"max_memory": max_memory, "offload_folder": offload_folder} if max_memory else {}
     model = models.load(model_src, allow_pickle=allow_pickle, dtype=dtype, **offload)
     text = _read_text(eval_text) if do_eval and eval_text else None

@@ -190,6 +190,20 @@ def native_dtype(dtype: torch.dtype, device: str = "cpu") -> bool:
     return False
 
 
+def layers_left_on_disk(source: str | Path, *, max_memory, dtype: str | torch.dtype | None = "auto",
+                        device: str = "cpu") -> set[int]:
+    """The decoder layers `load(source, dtype=dtype, max_memory=max_memory)` would leave on disk, planned from the
+    config alone (no weights read): what fits is decided at the compute dtype, as the loader decides it."""
+    from .offload import empty_structure, offload_plan
+
+    path = resolve_model_path(source)
+    config = read_config(path)
+    dtype = compute_dtype(dtype, storage_dtype(config), device)
+    section = compression_section(path)
+    native = section if section is not None and not section.get("export_format") else None
+    return offload_plan(empty_structure(config, native, dtype), dtype, max_memory)
+
+
 def text_config(config):
     return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
 

@@ -217,26 +217,33 @@ def load_offloaded_folder(path: Path, config, section: dict | None, *, dtype: to
                           max_memory=max_memory, offload_folder=offload_folder, device=device)
 
 
+def offload_plan(model: nn.Module, dtype: torch.dtype, max_memory) -> set[int]:
+    """Indices of the decoder layers of a meta-device `model` that do not fit `max_memory` at `dtype`."""
+    from accelerate import infer_auto_device_map
+
+    from .sequential import decoder_layers
+
+    prefix, layers = decoder_layers(model)
+    plan = infer_auto_device_map(model, max_memory={"cpu": parse_bytes(max_memory), "disk": 1 << 60},
+                                 no_split_module_classes=[type(layers[0]).__name__], dtype=dtype)
+    offloaded = set()
+    for i in range(len(layers)):
+        name = f"{prefix}.{i}"
+        if next((d for k, d in plan.items() if k in ("", name) or name.startswith(k + ".")), "cpu") == "disk":
+            offloaded.add(i)
+    return offloaded
+
+
 def load_offloaded(path: Path, files: list[Path], model: nn.Module, *, dtype: torch.dtype, max_memory,
                    offload_folder=None, device="cpu") -> nn.Module:
     """Fill a meta-device `model` from `files`: modules that fit `max_memory` in RAM, decoder layers that do not
     left on disk behind offload hooks."""
-    from accelerate import infer_auto_device_map
     from accelerate.utils import OffloadedWeightsLoader
 
     from .sequential import decoder_layers
 
-    cap = parse_bytes(max_memory)
     prefix, layers = decoder_layers(model)
-    layer_class = type(layers[0]).__name__
-    plan = infer_auto_device_map(model, max_memory={"cpu": cap, "disk": 1 << 60},
-                                 no_split_module_classes=[layer_class], dtype=dtype)
-    offloaded = set()
-    for i in range(len(layers)):
-        name = f"{prefix}.{i}"
-        where = next((d for k, d in plan.items() if k in ("", name) or name.startswith(k + ".")), "cpu")
-        if where == "disk":
-            offloaded.add(i)
+    offloaded = offload_plan(model, dtype, max_memory)
     index = weight_index(files, dtype)
     state_names = set(model.state_dict())
     missing = sorted(state_names - set(index) - _tied_names_meta(model))

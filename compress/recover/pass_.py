@@ -181,14 +181,20 @@ class Recover(Pass):
 
     def extra_folders(self, entry: dict[str, Any]) -> list[str]:
         adapter = (entry.get("restore") or {}).get("adapter")
-        return [adapter] if adapter else []
+        if not adapter:
+            return []
+        if not isinstance(adapter, str) or Path(adapter).name != adapter or adapter in (".", ".."):
+            raise CheckpointError(f"compression: recover's restore.adapter must name a folder inside the checkpoint "
+                                  f"(got {adapter!r})")
+        return [adapter]
 
     def read_files(self, model: nn.Module, entry: dict[str, Any], folder: Path) -> None:
         from .adapter import load_adapter
         restore = entry.get("restore") or {}
-        if not restore.get("adapter"):
+        names = self.extra_folders(entry)  # the adapter's folder, checked
+        if not names:
             return
-        path = folder / restore["adapter"]
+        path = folder / names[0]
         if not (path / "adapter_config.json").exists():
             raise CheckpointError(f"{folder} records an unmerged LoRA adapter in {restore['adapter']}/, which is "
                                   "missing; copy the whole checkpoint folder")

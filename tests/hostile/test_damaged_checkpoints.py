@@ -179,6 +179,9 @@ EDITED_CONFIGS = {
                                                  "transformers cannot read it"),
     "dtype that is no floating-point type": (lambda c: c.update(dtype="int7"), "int7"),
     "negative context": (lambda c: c.update(max_position_embeddings=-1), "max_position_embeddings is -1"),
+    "adapter folder that is no name": (lambda c: c["compression"]["passes"].append(
+        {"pass": "recover", "args": {}, "restore": {"adapter": 5, "modules": []}}),
+        "restore.adapter must name a folder inside the checkpoint"),
 }
 
 

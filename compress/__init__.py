@@ -3,6 +3,13 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+import logging as _logging
+
+# PEFT imports bitsandbytes, which on AVX512-BF16 CPUs looks for an optional hub kernel and logs a warning on every
+# run without it (a CPU fallback is used; compress never needs that kernel): keep it off users' screens.
+_logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: "kernels-community" not in record.getMessage())
+
 from .api import ApplyReport, apply
 from .calibration import CalibrationSpec
 from .checkpoint import save

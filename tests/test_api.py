@@ -78,3 +78,19 @@ def test_duplicate_registration_is_refused():
         @compress.register_pass("prune")
         class Other(compress.Pass):
             pass
+
+
+def test_bitsandbytes_cpu_kernel_warning_is_filtered():
+    """bitsandbytes (imported by PEFT) logs a warning about an optional hub kernel on AVX512-BF16 CPUs on every
+    run; compress filters that one message and nothing else from that logger."""
+    import logging
+
+    import compress  # noqa: F401  (installs the filter)
+
+    log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+
+    def record(msg):
+        return logging.LogRecord(log.name, logging.WARNING, __file__, 1, msg, (), None)
+
+    assert not log.filter(record("Failed to load CPU gemm_4bit_forward from kernels-community: x"))
+    assert log.filter(record("some other warning"))

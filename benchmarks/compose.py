@@ -101,7 +101,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipes", nargs="*", type=Path, help="recipe files (default: every recipes/*.yaml)")
     parser.add_argument("--model", default=None, help="run every recipe on this model (default: the model each "
-                        "recipe names, builtin:tiny for the shipped ones)")
+                        "recipe names: builtin:tiny, or builtin:small for the *-small recipes)")
     parser.add_argument("--windows", type=int, default=8, help="held-out windows of 256 tokens per evaluation")
     parser.add_argument("--suite", action="store_true", help="also score the kick suite (slower)")
     parser.add_argument("--suite-limit", type=int, default=None, help="examples per suite task")

@@ -139,8 +139,8 @@ def load(
         model = load_checkpoint(path, config, section, dtype=dtype, meta=meta)
     else:
         model = load_hf_folder(path, config, dtype=dtype, allow_pickle=allow_pickle, meta=meta)
-    # recorded in checkpoints made from it (the baseline `compress eval` finds): absolute, so that it resolves
-    # from any working directory
+    # the baseline `compress eval` finds for checkpoints made from it: absolute here, recorded relative to the
+    # checkpoint folder when one is saved (checkpoint._portable_source)
     model.compress_source = str(source) if str(source).startswith("builtin:") else str(path.resolve())
     model.compress_storage_dtype = stored_as
     if not meta and not offloaded:

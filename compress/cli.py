@@ -397,7 +397,7 @@ def generate(model_src, prompt, max_new_tokens, sample, temperature, top_p, seed
     tokenizer = models.load_tokenizer(model_src)
     if tokenizer is None:
         raise CompressError(f"{model_src} has no tokenizer files; save the tokenizer with the model")
-    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    ids = tokenizer(prompt, return_tensors="pt", verbose=False).input_ids  # the length is checked below
     _check_context(model.config, ids.shape[1], max_new_tokens)  # the prompt's length, with the new tokens
     models.check_token_ids(ids, model.config, "--prompt")
     kwargs = ({"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": None} if sample

@@ -5,7 +5,10 @@ from __future__ import annotations
 def _console():
     from rich.console import Console
 
-    return Console(stderr=False)
+    import shutil
+
+    # piped or redirected output has no terminal width: rich would wrap at 80 columns and split lines mid-value
+    return Console(stderr=False, width=None if shutil.get_terminal_size((0, 0)).columns else 120)
 
 
 def _table(title: str, columns: list[str], rows: list[list], caption: str | None = None):

@@ -232,12 +232,17 @@ def load_tokenizer(source: str | Path, strict: bool = True):
     path = resolve_model_path(source)
     if not any((path / name).exists() for name in TOKENIZER_FILES):
         return None  # passes and commands that need text say so (AutoTokenizer would first warn about config.json)
+    kwargs = {}
     if (path / "config.json").exists():  # AutoTokenizer reads it too: a damaged one is reported as such
         from .checkpoint_validation import read_config_json
 
         read_config_json(path)
+        try:  # given the config, AutoTokenizer does not read a native checkpoint's marked one (and warn about it)
+            kwargs["config"] = read_config(path)
+        except CompressError:  # e.g. a model type compress does not support: the tokenizer may still serve
+            pass
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path, **kwargs)
     except Exception as exc:  # noqa: BLE001 - the tokenizers library raises plain Exceptions on damaged files
         if not strict:
             return None

@@ -38,7 +38,7 @@ class QualityResult:
 
 def heldout_windows(tokenizer, text: str, num_windows: int, window_len: int) -> torch.Tensor:
     """[num_windows, window_len] token ids, evenly spaced over the tokenized text (deterministic)."""
-    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    ids = tokenizer(text, return_tensors="pt", verbose=False).input_ids[0]  # windows are cut below
     if ids.numel() < window_len:
         raise CompressError(f"held-out text has {ids.numel()} tokens, fewer than one window of {window_len}")
     starts = torch.linspace(0, ids.numel() - window_len, num_windows).long()

@@ -38,10 +38,14 @@ def set_sparse_runtime(model: nn.Module, runtime: str = "auto") -> dict[str, str
 
 
 def runtime_plan(model: nn.Module, runtime: str = "auto", device_type: str = "cpu") -> dict[str, str]:
-    """{module: path} that each pruned layer would run on a device of this type, without weights (a meta model)."""
+    """{module: path} that each compressed layer (pruned, quantized, activation-sparse, codebook head) would run on a
+    device of this type, without weights (a meta model): what `compress inspect` prints."""
     from .sparse_linear import SparseLinear
 
     from ..activation_sparsity.mlp import ActivationSparseMLP
+    from ..quantize.bnb import Bnb4bitLinear, Bnb8bitLinear
+    from ..quantize.quantized_linear import QuantizedLinear
+    from ..vq_logits.head import VQLogitsHead
 
     concrete = resolve_runtime(runtime, device_type)
     plan = {}
@@ -60,4 +64,14 @@ def runtime_plan(model: nn.Module, runtime: str = "auto", device_type: str = "cp
                 plan[name] = describe_path(module, None)
             else:
                 plan[name] = "packed (decode per call)"
+        elif isinstance(module, QuantizedLinear):
+            zeros = (f", {module.n}:{module.m} zeros kept" if module.sparsity == "nm"
+                     else ", zeros kept" if module.sparsity else "")
+            plan[name] = f"int{module.bits} codes, dequantized per call, then a dense product (torch{zeros})"
+        elif isinstance(module, Bnb4bitLinear):
+            plan[name] = f"bitsandbytes {module.quant_type.upper()} kernels"
+        elif isinstance(module, Bnb8bitLinear):
+            plan[name] = "bitsandbytes LLM.int8 kernels"
+        elif isinstance(module, VQLogitsHead):
+            plan[name] = "codebook logits (" + ("Triton)" if device_type == "cuda" else "torch reference)")
     return plan

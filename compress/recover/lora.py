@@ -116,9 +116,11 @@ class SparsityKeepingLoraLinear(PeftLoraLinear):
 
 @contextmanager
 def quiet_rewrap():
-    """PEFT warns when it finds layers already wrapped, which is how `wrap_for_lora` hands them over."""
+    """PEFT warns when it finds layers already wrapped, which is how `wrap_for_lora` hands them over; and PEFT 0.21
+    calls an API transformers 5 deprecates (`is_gradient_checkpointing`), a warning for PEFT, not for our users."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*modify a model with PEFT for a second time.*")
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated.*", category=FutureWarning)
         yield
 
 

@@ -80,8 +80,8 @@ def apply(
                                    "`calibration:` section to the recipe (e.g. `calibration: {source: builtin:calibration}`)")
     if getattr(model, "compress_offloaded_layers", None):
         check_offload_support(passes)
-    for p in passes:
-        p.checked(model)  # shapes a pass cannot take fail before any pass runs, at their recipe line
+    for i, p in enumerate(passes):
+        p.checked(model, passes[:i])  # shapes a pass cannot take fail before any pass runs, at their recipe line
     if any(p.needs_calibration_for() for p in passes):
         # unreadable, too short or foreign-vocabulary calibration data fails before any work
         check_token_ids(ctx.calibration_batches("calibration"), model.config, "calibration",

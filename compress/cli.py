@@ -92,8 +92,8 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
         check_passes([(p.name, p.args) for p in r.passes])  # what the format cannot express fails before any work
     if dry_run:
         model = models.load(model_src, meta=True, allow_pickle=allow_pickle)
-        for p in passes:
-            p.checked(model)  # shapes a pass cannot take fail here, before any work, at their recipe line
+        for i, p in enumerate(passes):
+            p.checked(model, passes[:i])  # shapes a pass cannot take fail here, before any work, at their line
         if output:
             check_output(output, overwrite=overwrite, source=_local_source(model_src), protected=(Path(recipe),))
         plan = [(p.name, p.describe(model)) for p in passes]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Sequence
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -178,10 +178,16 @@ class Pass:
         (`--dry-run`) and at the start of `compress.apply`, before any pass does expensive work."""
         self.describe(model)
 
-    def checked(self, model: nn.Module) -> None:
-        """`check`, its error prefixed with the pass's place in the recipe (`location`) when it came from one."""
+    def check_after(self, model: nn.Module, earlier: Sequence["Pass"]) -> None:
+        """Raise ConfigError if the passes that run before this one (`earlier`, in order) leave `model` in a form
+        this pass cannot take; checked on the model before any of them runs."""
+
+    def checked(self, model: nn.Module, earlier: Sequence["Pass"] = ()) -> None:
+        """`check` and `check_after`, an error prefixed with the pass's place in the recipe (`location`) when it
+        came from one."""
         try:
             self.check(model)
+            self.check_after(model, earlier)
         except (ConfigError, UnsupportedModelError, TargetError) as exc:
             if not getattr(self, "location", ""):
                 raise

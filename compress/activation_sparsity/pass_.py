@@ -73,10 +73,27 @@ class ActivationSparsity(Pass):
         if not mlps:
             raise ConfigError(f"activation_sparsity: targets {self.config.targets} match no gated MLP (a module "
                               "with gate_proj, up_proj, down_proj and act_fn); target e.g. 're:.*\\.mlp'")
+        for name, mlp in mlps.items():
+            compressed = [a for a in _GATED[:3] if not isinstance(getattr(mlp, a), nn.Linear)]
+            if compressed and not isinstance(mlp, ActivationSparseMLP):
+                raise ConfigError(f"activation_sparsity needs the MLPs' dense weights, but {name}.{compressed[0]} is "
+                                  f"a {type(getattr(mlp, compressed[0])).__name__}: put activation_sparsity before "
+                                  "prune and quantize (they compose in that order)")
         return mlps
 
     def describe(self, model: nn.Module) -> list[str]:
         return list(self._mlps(model))
+
+    def check_after(self, model: nn.Module, earlier) -> None:
+        """A prune or quantize pass before this one that touches these MLPs' projections leaves no dense weights."""
+        mlps = list(self._mlps(model))
+        for p in earlier:
+            if p.name not in ("prune", "quantize"):
+                continue
+            hit = next((m for m in p.describe(model) if any(m.startswith(name + ".") for name in mlps)), None)
+            if hit is not None:
+                raise ConfigError(f"activation_sparsity needs the MLPs' dense weights, but the {p.name} pass before it "
+                                  f"compresses {hit}: put activation_sparsity before prune and quantize")
 
     def apply(self, model: nn.Module, ctx: PassContext) -> PassReport:
         targets = self._mlps(model)

@@ -71,6 +71,9 @@ def load_adapter(model: nn.Module, modules: list[str], lora_config, path: Path) 
         missing = sorted(expected - set(state))[:3]
         raise CheckpointError(f"{path} does not match its checkpoint: missing adapter tensors {missing or '-'}, "
                               f"unexpected {sorted(set(state) - expected)[:3] or '-'}")
+    for key, t in state.items():  # the adapter keeps its saved dtype (fp32 when trained on the CPU), as in memory
+        module = model.get_submodule(key.rpartition(".")[0])
+        module.to(t.dtype)
     result = model.load_state_dict(state, strict=False)
     if result.unexpected_keys:
         raise CheckpointError(f"{path}: adapter tensors the model cannot take: {result.unexpected_keys[:3]}")

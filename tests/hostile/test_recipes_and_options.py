@@ -111,6 +111,10 @@ APPLY_MISTAKES = {
         ["calibration: sequences of 2048 tokens are longer than the model's context (1024 tokens)"]),
     "prune after quantize": ("passes:\n  - quantize: {{method: rtn}}\n  - prune: {{}}\n",
                              ["already quantized by an earlier pass", "put prune before quantize"]),
+    "activation sparsity after quantize": (
+        "calibration: {{source: builtin:calibration, num_samples: 2, seq_len: 32}}\n"
+        "passes:\n  - quantize: {{method: rtn}}\n  - activation_sparsity: {{}}\n",
+        [":4:5: activation_sparsity needs the MLPs' dense weights", "put activation_sparsity before prune"]),
 }
 
 

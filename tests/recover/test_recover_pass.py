@@ -169,3 +169,20 @@ def test_training_resumes_from_trainer_checkpoints(tmp_path, pruned_2of4, refere
 def test_recipe_without_calibration_is_refused():
     with pytest.raises(compress.RecipeError, match="needs calibration data"):
         compress.Recipe.from_text("model: builtin:tiny\npasses:\n  - recover: {max_tokens: 1000}\n")
+
+
+def test_merge_into_a_tied_head_is_refused(tiny_model, reference_tokenizer):
+    """LoRA merged into an lm_head that shares its weight with the embedding would change the embedding too."""
+    from compress.errors import ConfigError
+
+    model = tiny_model("llama", tie_word_embeddings=True, vocab_size=8192)
+    with pytest.raises(ConfigError, match="shares its weight with the input embedding"):
+        recover(model, reference_tokenizer, targets=["lm_head"], ignore=[], max_tokens=128, merge=True)
+
+
+def test_unmerged_adapter_reloads_exactly_in_bf16(tmp_path, reference_tokenizer):
+    """A bf16 model keeps its trained adapter in fp32 in memory; the reload must too (it was cast to bf16)."""
+    model, _ = recover(compress.load("builtin:tiny", dtype="bfloat16"), reference_tokenizer, max_tokens=2 * 128,
+                       lr=1e-2, merge=False)
+    reloaded = compress.load(compress.save(model, tmp_path / "bf16"), dtype="bfloat16")
+    torch.testing.assert_close(logits(reloaded, IDS), logits(model, IDS), rtol=0, atol=0)

@@ -213,8 +213,16 @@ def load_offloaded_folder(path: Path, config, section: dict | None, *, dtype: to
     files = [f for f in weight_files(path) if f.suffix == ".safetensors"]
     if not files:
         raise CheckpointError(f"{path} has no *.safetensors weights; offloaded loading reads safetensors only")
-    return load_offloaded(path, files, empty_structure(config, section, dtype), dtype=dtype,
-                          max_memory=max_memory, offload_folder=offload_folder, device=device)
+    model = empty_structure(config, section, dtype)
+    four_bit = [e for e in (section or {}).get("passes", []) if e.get("pass") == "quantize"
+                and (e.get("args") or {}).get("method") in ("nf4", "fp4")]
+    # a 4-bit layer's quant state is no plain tensor, which accelerate's offload hooks need
+    if four_bit and offload_plan(model, dtype, max_memory):
+        raise CheckpointError(f"{path} holds bitsandbytes 4-bit layers, which max_memory loading cannot leave on "
+                              "disk: load it without max_memory, or with a cap it fits in (int8 and compress's own "
+                              "int4 offload fine)")
+    return load_offloaded(path, files, model, dtype=dtype, max_memory=max_memory, offload_folder=offload_folder,
+                          device=device)
 
 
 def offload_plan(model: nn.Module, dtype: torch.dtype, max_memory) -> set[int]:

@@ -169,9 +169,13 @@ class ActivationSparseMLP(nn.Module):
             gate += " (the prediction by the torch reference: slow)"
         return f"active rows only ({gather} gather{gate})"
 
+    def dense_projections(self) -> bool:
+        """up_proj and down_proj are plain Linear layers, whose rows the gather kernels read (a quantize pass after
+        this one replaces them: then decoding runs the masked dense path)."""
+        return all(type(p) is nn.Linear for p in (self.up_proj, self.down_proj))
+
     def _gatherable(self) -> bool:
-        return all(type(p) is nn.Linear for p in (self.up_proj, self.down_proj)) and \
-            self.up_proj.weight.device.type != "meta"
+        return self.dense_projections() and self.up_proj.weight.device.type != "meta"
 
     @torch.no_grad()
     def column_major_down(self) -> torch.Tensor:

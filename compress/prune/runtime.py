@@ -50,7 +50,9 @@ def runtime_plan(model: nn.Module, runtime: str = "auto", device_type: str = "cp
     concrete = resolve_runtime(runtime, device_type)
     plan = {}
     for name, module in model.named_modules():
-        if isinstance(module, ActivationSparseMLP):
+        if isinstance(module, ActivationSparseMLP) and not module.dense_projections():
+            plan[name] = "activation-sparse, masked dense (its up/down projections are quantized: no row gathers)"
+        elif isinstance(module, ActivationSparseMLP):
             gather = "Triton" if device_type == "cuda" else "C or torch"
             predictor = f", {module.predictor_description()}" if module.has_predictor else ""
             plan[name] = (f"activation-sparse: active neurons' rows only ({gather} gather{predictor}) at <= "

@@ -72,6 +72,13 @@ def test_pass_meets_budget_and_reloads(tmp_path, reference_tokenizer):
     assert [float(m.threshold) for m in mlps(reloaded)] == pytest.approx(d["thresholds"], rel=1e-6)
     assert mlps(reloaded)[0].runtime_path(1).startswith("active rows only")
     assert_reloaded_decodes_like(model, reloaded)
+    # quantized afterwards, up/down have no rows to gather: decoding and inspect both say masked dense
+    from compress.prune.runtime import runtime_plan
+
+    compress.apply(model, [compress.get_pass("quantize")(method="rtn")], progress=False)
+    plan = runtime_plan(compress.load(compress.save(model, tmp_path / "as_rtn"), meta=True))
+    assert mlps(model)[0].runtime_path(1) == "masked dense"
+    assert "masked dense" in plan["model.layers.0.mlp"]
 
 
 @pytest.mark.parametrize("kernels", ["torch", "default"])

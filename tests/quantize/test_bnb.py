@@ -119,3 +119,16 @@ def test_checkpoint_loads_in_plain_transformers_with_the_same_logits(tmp_path):
         atol = 0.05 if repacked and layer == "Linear4bit" else 1e-3
         torch.testing.assert_close(torch.tensor(got[folder]["fp32"]), expected[folder], rtol=0, atol=atol)
         assert (torch.tensor(got[folder]["bf16"]) - expected[folder]).abs().max() < 0.25
+
+
+def test_4bit_checkpoint_with_layers_left_on_disk_is_refused(tmp_path):
+    """A bitsandbytes 4-bit layer's quant state cannot sit behind accelerate's offload hooks: one clear error, and a
+    cap the model fits in still loads."""
+    from compress.errors import CheckpointError
+
+    model = compress.load("builtin:tiny")
+    compress.apply(model, [compress.get_pass("quantize")(method="nf4")], progress=False)
+    folder = compress.save(model, tmp_path / "nf4")
+    with pytest.raises(CheckpointError, match="bitsandbytes 4-bit layers, which max_memory loading cannot leave"):
+        compress.load(folder, max_memory="6MB")
+    assert compress.load(folder, max_memory="1GB").compress_offloaded_layers == []

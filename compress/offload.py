@@ -213,11 +213,13 @@ def load_offloaded_folder(path: Path, config, section: dict | None, *, dtype: to
     files = [f for f in weight_files(path) if f.suffix == ".safetensors"]
     if not files:
         raise CheckpointError(f"{path} has no *.safetensors weights; offloaded loading reads safetensors only")
+    from .quantize.bnb import Bnb4bitLinear
+    from .sequential import decoder_layers
+
     model = empty_structure(config, section, dtype)
-    four_bit = [e for e in (section or {}).get("passes", []) if e.get("pass") == "quantize"
-                and (e.get("args") or {}).get("method") in ("nf4", "fp4")]
+    layers = decoder_layers(model)[1]
     # a 4-bit layer's quant state is no plain tensor, which accelerate's offload hooks need
-    if four_bit and offload_plan(model, dtype, max_memory):
+    if any(isinstance(m, Bnb4bitLinear) for i in offload_plan(model, dtype, max_memory) for m in layers[i].modules()):
         raise CheckpointError(f"{path} holds bitsandbytes 4-bit layers, which max_memory loading cannot leave on "
                               "disk: load it without max_memory, or with a cap it fits in (int8 and compress's own "
                               "int4 offload fine)")

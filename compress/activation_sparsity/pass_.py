@@ -85,15 +85,17 @@ class ActivationSparsity(Pass):
         return list(self._mlps(model))
 
     def check_after(self, model: nn.Module, earlier) -> None:
-        """A prune or quantize pass before this one that touches these MLPs' projections leaves no dense weights."""
+        """A prune or quantize pass, or an unmerged LoRA adapter, before this one that touches these MLPs'
+        projections leaves them no plain Linear layers."""
         mlps = list(self._mlps(model))
         for p in earlier:
-            if p.name not in ("prune", "quantize"):
+            if p.name not in ("prune", "quantize") and not (p.name == "recover" and not p.config.merge):
                 continue
             hit = next((m for m in p.describe(model) if any(m.startswith(name + ".") for name in mlps)), None)
             if hit is not None:
                 raise ConfigError(f"activation_sparsity needs the MLPs' dense weights, but the {p.name} pass before it "
-                                  f"compresses {hit}: put activation_sparsity before prune and quantize")
+                                  f"replaces {hit}: put activation_sparsity first (prune, quantize and recover "
+                                  "compose after it)")
 
     def apply(self, model: nn.Module, ctx: PassContext) -> PassReport:
         targets = self._mlps(model)

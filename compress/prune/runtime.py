@@ -51,7 +51,8 @@ def runtime_plan(model: nn.Module, runtime: str = "auto", device_type: str = "cp
     plan = {}
     for name, module in model.named_modules():
         if isinstance(module, ActivationSparseMLP) and not module.dense_projections():
-            plan[name] = "activation-sparse, masked dense (its up/down projections are quantized: no row gathers)"
+            plan[name] = ("activation-sparse, masked dense (its up/down projections are no plain Linear layers "
+                          "after a later pass: no row gathers)")
         elif isinstance(module, ActivationSparseMLP):
             gather = "Triton" if device_type == "cuda" else "C or torch"
             predictor = f", {module.predictor_description()}" if module.has_predictor else ""

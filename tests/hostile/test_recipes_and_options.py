@@ -114,7 +114,12 @@ APPLY_MISTAKES = {
     "activation sparsity after quantize": (
         "calibration: {{source: builtin:calibration, num_samples: 2, seq_len: 32}}\n"
         "passes:\n  - quantize: {{method: rtn}}\n  - activation_sparsity: {{}}\n",
-        [":4:5: activation_sparsity needs the MLPs' dense weights", "put activation_sparsity before prune"]),
+        [":4:5: activation_sparsity needs the MLPs' dense weights", "put activation_sparsity first"]),
+    "activation sparsity after an unmerged adapter on the MLPs": (
+        "calibration: {{source: builtin:calibration, num_samples: 2, seq_len: 32}}\npasses:\n"
+        "  - recover: {{targets: ['re:.*mlp\\..*_proj$'], merge: false, max_tokens: 64}}\n"
+        "  - activation_sparsity: {{}}\n",
+        [":4:5: activation_sparsity needs the MLPs' dense weights, but the recover pass before it"]),
 }
 
 

@@ -132,3 +132,13 @@ def test_4bit_checkpoint_with_layers_left_on_disk_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="bitsandbytes 4-bit layers, which max_memory loading cannot leave"):
         compress.load(folder, max_memory="6MB")
     assert compress.load(folder, max_memory="1GB").compress_offloaded_layers == []
+    # 4-bit layers that stay in memory are fine while other layers go to disk
+    model = compress.load("builtin:tiny")
+    compress.apply(model, [compress.get_pass("quantize")(method="nf4", targets=["re:.*layers\\.0\\..*proj"])],
+                   progress=False)
+    folder = compress.save(model, tmp_path / "nf4-layer0")
+    capped = compress.load(folder, max_memory=24_000_000)  # head, embeddings and layers 0-1 at fp32
+    assert capped.compress_offloaded_layers and 0 not in capped.compress_offloaded_layers
+    ids = torch.randint(0, 8192, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(capped(ids).logits, compress.load(folder)(ids).logits, rtol=0, atol=0)

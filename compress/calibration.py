@@ -32,18 +32,25 @@ def builtin_text(name: str, model: str = "tiny") -> str:
     return (BUILTIN_DIR / model / BUILTIN_TEXTS[name]).read_text(encoding="utf-8")
 
 
+def source_path(source: str, base_dir: Path | None = None) -> Path:
+    """A local calibration source: as given, else relative to the recipe's folder (`base_dir`); CalibrationError
+    when neither exists."""
+    path = Path(source).expanduser()
+    if not path.is_absolute() and base_dir is not None and not path.exists():
+        path = base_dir / path
+    if not path.exists():
+        raise CalibrationError(f"calibration source {source} does not exist; give a text file, a .jsonl file, "
+                               "a local datasets folder, or builtin:calibration")
+    return path
+
+
 def read_texts(spec: CalibrationSpec, base_dir: Path | None = None) -> list[str]:
     """The documents of a calibration source, in file order."""
     if spec.source in BUILTIN_TEXTS:
         return [builtin_text(spec.source)]
     if spec.source.startswith("builtin:"):
         raise CalibrationError(f"unknown built-in corpus {spec.source!r}; use one of {', '.join(BUILTIN_TEXTS)}")
-    path = Path(spec.source).expanduser()
-    if not path.is_absolute() and base_dir is not None and not path.exists():
-        path = base_dir / path
-    if not path.exists():
-        raise CalibrationError(f"calibration source {spec.source} does not exist; give a text file, a .jsonl file, "
-                               "a local datasets folder, or builtin:calibration")
+    path = source_path(spec.source, base_dir)
     if path.is_dir():
         return _read_dataset_folder(path, spec)
     if path.suffix in (".jsonl", ".json"):

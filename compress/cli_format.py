@@ -3,9 +3,9 @@ from __future__ import annotations
 
 
 def _console():
-    from rich.console import Console
-
     import shutil
+
+    from rich.console import Console
 
     # piped or redirected output has no terminal width: rich would wrap at 80 columns and split lines mid-value
     return Console(stderr=False, width=None if shutil.get_terminal_size((0, 0)).columns else 120)

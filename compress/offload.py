@@ -218,12 +218,13 @@ def load_offloaded_folder(path: Path, config, section: dict | None, *, dtype: to
 
     model = empty_structure(config, section, dtype)
     layers = decoder_layers(model)[1]
+    offloaded = offload_plan(model, dtype, max_memory)
     # a 4-bit layer's quant state is no plain tensor, which accelerate's offload hooks need
-    if any(isinstance(m, Bnb4bitLinear) for i in offload_plan(model, dtype, max_memory) for m in layers[i].modules()):
+    if any(isinstance(m, Bnb4bitLinear) for i in offloaded for m in layers[i].modules()):
         raise CheckpointError(f"{path} holds bitsandbytes 4-bit layers, which max_memory loading cannot leave on "
                               "disk: load it without max_memory, or with a cap it fits in (int8 and compress's own "
                               "int4 offload fine)")
-    return load_offloaded(path, files, model, dtype=dtype, max_memory=max_memory, offload_folder=offload_folder,
+    return load_offloaded(path, files, model, dtype=dtype, offloaded=offloaded, offload_folder=offload_folder,
                           device=device)
 
 
@@ -244,16 +245,15 @@ def offload_plan(model: nn.Module, dtype: torch.dtype, max_memory) -> set[int]:
     return offloaded
 
 
-def load_offloaded(path: Path, files: list[Path], model: nn.Module, *, dtype: torch.dtype, max_memory,
+def load_offloaded(path: Path, files: list[Path], model: nn.Module, *, dtype: torch.dtype, offloaded: set[int],
                    offload_folder=None, device="cpu") -> nn.Module:
-    """Fill a meta-device `model` from `files`: modules that fit `max_memory` in RAM, decoder layers that do not
-    left on disk behind offload hooks."""
+    """Fill a meta-device `model` from `files`: the decoder layers in `offloaded` (`offload_plan`) left on disk
+    behind offload hooks, everything else in RAM."""
     from accelerate.utils import OffloadedWeightsLoader
 
     from .sequential import decoder_layers
 
     prefix, layers = decoder_layers(model)
-    offloaded = offload_plan(model, dtype, max_memory)
     index = weight_index(files, dtype)
     state_names = set(model.state_dict())
     missing = sorted(state_names - set(index) - _tied_names_meta(model))

@@ -108,6 +108,7 @@ class Pass:
     # True where a second instance would silently replace the first (one KV cache, one output head): a recipe
     # naming it twice is refused at validation
     once_per_model: ClassVar[bool] = False
+    location: str = ""  # "recipe.yaml:LINE:COL" when built from a recipe (Recipe.build_passes): errors point there
     # True when the pass reaches decoder layers only through ctx.run_sequential / sequential.for_each_layer, so it
     # runs on a model whose layers are left on disk (compress.load(max_memory=...))
     supports_offload: ClassVar[bool] = False
@@ -189,7 +190,7 @@ class Pass:
             self.check(model)
             self.check_after(model, earlier)
         except (ConfigError, UnsupportedModelError, TargetError) as exc:
-            if not getattr(self, "location", ""):
+            if not self.location:
                 raise
             raise type(exc)(f"{self.location}: {exc}") from None
 

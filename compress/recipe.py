@@ -18,8 +18,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from .calibration import CalibrationSpec
-from .errors import ConfigError, RecipeError
+from .calibration import CalibrationSpec, source_path
+from .errors import CalibrationError, ConfigError, RecipeError
 from .registry import available_passes, suggest
 
 TOP_LEVEL_KEYS = ("model", "calibration", "passes", "output", "export")
@@ -303,10 +303,10 @@ class _Validator:
             return None
         if spec.source.startswith("builtin:") or any("calibration source:" in p for p in self.problems):
             return spec  # a built-in corpus (read_texts checks its name), or a path check_path already refused
-        source = Path(spec.source).expanduser()
-        if not source.exists() and not (self.base_dir is not None and (self.base_dir / source).exists()):
-            self.error(("calibration", "source"), f"calibration source {spec.source} does not exist; give a text file, a .jsonl file, "
-                              "a local datasets folder, or builtin:calibration")
+        try:
+            source_path(spec.source, self.base_dir)
+        except CalibrationError as exc:
+            self.error(("calibration", "source"), str(exc))
         return spec
 
     def passes(self, raw: Any) -> list[PassSpec]:

@@ -27,7 +27,7 @@ SETTINGS_FIELDS = tuple(KVCacheSettings.model_fields)
 class GearKV(Pass):
     """Compressed KV cache for generation: GEAR (method: gear) or KIVI (method: kivi)."""
 
-    once_per_model = True  # one per model (Pass.once_per_model)
+    once_per_model = True  # one KV cache per model: a second gear_kv would replace the first
 
     supports_offload = True  # records cache settings, touches no weights (see Pass.supports_offload)
 

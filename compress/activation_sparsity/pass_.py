@@ -25,7 +25,6 @@ _GATED = ("gate_proj", "up_proj", "down_proj", "act_fn")
 class ActivationSparsity(Pass):
     """Skip FFN neurons whose gate activation is below a per-layer threshold fitted to a perplexity budget (CATS)."""
 
-
     class Config(PassConfig):
         targets: list[str] = Field(default_factory=lambda: [r"re:.*\.mlp"],
                                    description="the gated MLP modules (containers of gate_proj/up_proj/down_proj)")

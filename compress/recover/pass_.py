@@ -202,7 +202,7 @@ class Recover(Pass):
             return
         path = folder / names[0]
         if not (path / "adapter_config.json").exists():
-            raise CheckpointError(f"{folder} records an unmerged LoRA adapter in {restore['adapter']}/, which is "
+            raise CheckpointError(f"{folder} records an unmerged LoRA adapter in {names[0]}/, which is "
                                   "missing; copy the whole checkpoint folder")
         load_adapter(model, restore["modules"], self.lora_config(restore["modules"]), path)
 

@@ -83,7 +83,7 @@ def build_vq_head(weight: torch.Tensor, hidden: torch.Tensor | None, counts: tor
 class VQLogits(Pass):
     """Output head -> K x d codebook + token->code map + per-token scale/bias (+ exact shortlist rows)."""
 
-    once_per_model = True  # one per model (Pass.once_per_model)
+    once_per_model = True  # one output head: a second vq_logits would replace the first
 
     supports_offload = True  # touches the head only, which stays resident (see Pass.supports_offload)
 

@@ -19,6 +19,12 @@ def triton_available() -> bool:
     return True
 
 
+def interpreted() -> bool:
+    """Whether Triton kernels run under its CPU interpreter (TRITON_INTERPRET=1): fixed tile configurations (no
+    driver to autotune with) and fp32 dot operands (fp16/bf16 `tl.dot` is wrong there); compiled kernels, on a GPU
+    or for one (compile_check.py), take the GPU's choices."""
+    return os.environ.get("TRITON_INTERPRET", "") == "1"
+
 
 def use_triton(*tensors: torch.Tensor) -> bool:
     """Whether the public kernel functions should run their Triton kernel for these inputs."""

@@ -13,10 +13,9 @@ References: `nm_linear_reference` / `bitmask_linear_reference` / `nm_decode_refe
 on a GPU; fixed configurations under TRITON_INTERPRET=1 (no driver to time with)."""
 from __future__ import annotations
 
-import os
-
 import torch
 
+from .dispatch import interpreted
 from .sparse_nm import index_bits
 
 try:
@@ -111,17 +110,24 @@ if triton is not None:
         tl.store(out_ptr + rn[:, None].to(tl.int64) * stride_o + rc[None, :], w.to(out_ptr.dtype.element_ty),
                  mask=valid)
 
-    _GEMV_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_J": bj, "SPLIT_K": sk}, num_warps=4)
-                     for bn in (32, 64) for bj in (64, 128) for sk in (1, 2, 4, 8)]
-    _nm_gemv_tuned = triton.autotune(_GEMV_CONFIGS, key=["N", "KEPT", "BLOCK_T"], reset_to_zero=["y_ptr"])(
-        _nm_gemv_kernel)
+    def _tile_fits_registers(configs, named_args, **kwargs):
+        """Configurations whose [tokens, rows, columns] product tile holds <= 64 fp32 values per thread: compiled
+        for sm_90 (compile_check.py), larger tiles spilled 0.2-17 KB per thread (16 tokens x 64 x 128: 17.5 KB) and
+        took ptxas minutes, on the first call of every shape."""
+        tokens = kwargs["BLOCK_T"]
+        fits = [c for c in configs if tokens * c.kwargs["BLOCK_N"] * c.kwargs.get("BLOCK_J", c.kwargs.get("BLOCK_K"))
+                <= 64 * 32 * c.num_warps]
+        return fits or [min(configs, key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs.get("BLOCK_J", 0))]
+
+    _GEMV_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_J": bj, "SPLIT_K": sk}, num_warps=w)
+                     for bn in (16, 32, 64) for bj in (32, 64, 128) for sk in (1, 4) for w in (4, 8)]
+    _nm_gemv_tuned = triton.autotune(_GEMV_CONFIGS, key=["N", "KEPT", "BLOCK_T"], reset_to_zero=["y_ptr"],
+                                     prune_configs_by={"early_config_prune": _tile_fits_registers})(_nm_gemv_kernel)
     _bitmask_gemv_tuned = triton.autotune(
-        [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=4) for bn in (8, 16, 32) for bk in (64, 128, 256)],
-        key=["N", "K", "BLOCK_T"])(_bitmask_gemv_kernel)
-
-
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "") == "1"
+        [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w) for bn in (8, 16, 32) for bk in (64, 128, 256)
+         for w in (4, 8)],
+        key=["N", "K", "BLOCK_T"], prune_configs_by={"early_config_prune": _tile_fits_registers})(
+        _bitmask_gemv_kernel)
 
 
 def nm_gemv(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, n: int, m: int, in_features: int,
@@ -133,7 +139,7 @@ def nm_gemv(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, n: int
     y = torch.zeros(t, rows, dtype=torch.float32, device=x.device)
     args = (x2, values, indices, y, t, rows, kept, indices.shape[1], x2.stride(0), y.stride(0))
     meta = dict(NKEEP=n, GROUP=m, BITS=index_bits(m), BLOCK_T=max(2, triton.next_power_of_2(t)))
-    if _interpreted():
+    if interpreted():
         grid = (triton.cdiv(rows, 16), 2)
         _nm_gemv_kernel[grid](*args, **meta, BLOCK_N=16, BLOCK_J=32, SPLIT_K=2)
     else:
@@ -151,7 +157,7 @@ def bitmask_gemv(x: torch.Tensor, values: torch.Tensor, bitmask: torch.Tensor, r
     y = torch.empty(t, rows, dtype=torch.float32, device=x.device)
     args = (x2, values, bitmask, row_offsets, y, t, rows, in_features, bitmask.shape[1], x2.stride(0), y.stride(0))
     block_t = max(2, triton.next_power_of_2(t))
-    if _interpreted():
+    if interpreted():
         _bitmask_gemv_kernel[(triton.cdiv(rows, 8),)](*args, BLOCK_T=block_t, BLOCK_N=8, BLOCK_K=32)
     else:
         _bitmask_gemv_tuned[lambda c: (triton.cdiv(rows, c["BLOCK_N"]),)](*args, BLOCK_T=block_t)
@@ -164,7 +170,7 @@ def nm_expand(values: torch.Tensor, indices: torch.Tensor, n: int, m: int, in_fe
               out: torch.Tensor) -> torch.Tensor:
     """Decode the packed N:M weight into `out` [rows, in] (e.g. a view of a reused scratch buffer); returns `out`."""
     rows, kept = values.shape
-    block_n, block_c = (16, 32) if _interpreted() else (32, 128)
+    block_n, block_c = (16, 32) if interpreted() else (32, 128)
     grid = (triton.cdiv(rows, block_n), triton.cdiv(in_features, block_c))
     _nm_expand_kernel[grid](values, indices, out, rows, in_features, kept, indices.shape[1], out.stride(0),
                             NKEEP=n, GROUP=m, BITS=index_bits(m), BLOCK_N=block_n, BLOCK_C=block_c,

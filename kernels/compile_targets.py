@@ -1,0 +1,145 @@
+"""The GPU entry points that `compile_check` compiles: each label calls the Triton path of one kernel wrapper, on
+small CPU tensors, with the constexprs it takes at serving shapes (Llama-3-8B: 32 query / 8 KV heads, head_dim
+128 (also 64 and 256), MLP 4096 x 14336; fp16 activations as on the GPU). Context length, batch and matrix sizes
+are runtime arguments of these kernels, so the tensors stay small."""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+# name: (bits, outlier_ratio, key_rank, value_rank, factor dtype): the serving benchmark's rows, 3 bits, fp8
+# factors, and 8 bits with 8 outliers per group of 64 (ratio 0.125), the largest loads per chunk
+KV_FORMATS = {
+    "kivi-2": (2, 0.0, 0, 0, torch.float16), "kivi-3": (3, 0.0, 0, 0, torch.float16),
+    "kivi-4": (4, 0.0, 0, 0, torch.float16), "kivi-8": (8, 0.0, 0, 0, torch.float16),
+    "gear-2": (2, 0.02, 2, 2, torch.float16), "gear-4": (4, 0.02, 2, 2, torch.float16),
+    "gear-4-fp8": (4, 0.02, 2, 2, torch.float8_e4m3fn), "gear-8-o8": (8, 0.125, 2, 2, torch.float16),
+}
+GROUP = CHUNK = 64  # the KV cache's defaults (kvcache/cache.py)
+HEAD_DIMS = (64, 128, 256)
+
+
+@contextlib.contextmanager
+def torch_kernels():
+    """Build inputs with the torch references (under compile_only the Triton quantizer would not run)."""
+    old = os.environ.get("COMPRESS_KERNELS")
+    os.environ["COMPRESS_KERNELS"] = "torch"
+    try:
+        yield
+    finally:
+        os.environ.pop("COMPRESS_KERNELS") if old is None else os.environ.__setitem__("COMPRESS_KERNELS", old)
+
+
+def kv_decode(d: int, fmt: str, masked: bool = False):
+    from ..kvcache.store import CompressedStore
+    from .kv_attention_triton import compressed_attention_triton
+
+    bits, ratio, key_rank, value_rank, factor_dtype = KV_FORMATS[fmt]
+    batch, heads, q_heads, n, window = (2 if masked else 1), 8, 32, 4 * CHUNK, 16
+    g = torch.Generator().manual_seed(0)
+    stores = []
+    with torch_kernels():
+        for axis, rank in (("token", key_rank), ("channel", value_rank)):
+            store = CompressedStore(axis=axis, bits=bits, group_size=GROUP, chunk_len=CHUNK, outlier_ratio=ratio,
+                                    power_iters=1, factor_dtype=factor_dtype)
+            store.append(torch.randn(batch, heads, n, d, generator=g).half(), rank)
+            stores.append(store)
+    wk, wv = (torch.randn(batch, heads, window, d, generator=g).half() for _ in range(2))
+    q = torch.randn(batch, q_heads, 1, d, generator=g).half()
+    mask = None
+    if masked:  # left padding: the additive bias over every position
+        mask = torch.ones(batch, n + window, dtype=torch.bool)
+        mask[0, :5] = False
+    compressed_attention_triton(q, stores[0], stores[1], wk, wv, mask)
+
+
+def kv_quantize(d: int, bits: int, ratio: float):
+    from .kv_quant import quantize_pack_triton, unpack_dequantize_triton
+
+    x = torch.randn(1, 8, 2 * CHUNK, d).half()
+    for axis in ("token", "channel"):
+        quantize_pack_triton(x, bits, GROUP, axis, ratio)
+    with torch_kernels():
+        from .kv_quant import quantize_pack
+
+        packed = quantize_pack(x, bits, GROUP, "token", ratio)
+    unpack_dequantize_triton(packed)
+
+
+def sparse_nm(tokens: int):
+    from ..prune.masks import nm_mask
+    from ..prune.packing import pack_nm
+    from .sparse_gemv import nm_expand, nm_gemv
+    from .sparse_nm import nm_linear_triton
+
+    rows, cols = 256, 512
+    w = torch.randn(rows, cols).half()
+    values, indices = pack_nm(w, nm_mask(torch.rand(rows, cols), 2, 4), 2, 4)
+    x = torch.randn(tokens, cols).half()
+    if tokens <= 16:
+        nm_gemv(x, values, indices, 2, 4, cols)
+    else:
+        nm_linear_triton(x, values, indices, 2, 4, cols)
+        nm_expand(values, indices, 2, 4, cols, torch.empty(rows, cols).half())
+
+
+def sparse_bitmask(tokens: int):
+    from ..prune.masks import unstructured_mask
+    from ..prune.packing import pack_bitmask
+    from .sparse_bitmask import bitmask_linear_triton
+    from .sparse_gemv import bitmask_gemv
+
+    rows, cols = 256, 512
+    w = torch.randn(rows, cols).half()
+    values, bitmask, offsets = pack_bitmask(w, unstructured_mask(torch.rand(rows, cols), 0.5))
+    x = torch.randn(tokens, cols).half()
+    if tokens <= 16:
+        bitmask_gemv(x, values, bitmask, offsets, cols)
+    else:
+        bitmask_linear_triton(x, values, bitmask, offsets, cols)
+
+
+def activation_sparse(bits: int):
+    from .activation_sparse import gather_axpy_triton, gather_dot_triton, quantize_groups, quantized_matvec_triton
+
+    n, d = 1024, 512
+    w = torch.randn(n, d).half()
+    x = torch.randn(1, d).half()
+    with torch_kernels():
+        codes, scales = quantize_groups(w.float(), bits)
+    quantized_matvec_triton(codes, scales.half(), x, bits)
+    idx = torch.arange(0, n, 2)
+    gather_dot_triton(w, idx, x)
+    gather_axpy_triton(w, idx, torch.randn(1, idx.numel()).half())
+
+
+def vq_logits():
+    from .vq_logits import vq_logits_triton, vq_logsumexp_triton, vq_topk_triton
+
+    n, d, k, v = 4, 256, 512, 4096
+    args = (torch.randn(n, d).half(), torch.randn(k, d).half(), torch.randint(0, k, (v,), dtype=torch.int16),
+            torch.rand(v).half(), torch.randn(v).half())
+    vq_logits_triton(*args, gemm="torch")  # stage 1 is cuBLAS on a GPU
+    vq_logsumexp_triton(*args, gemm="torch")
+    vq_topk_triton(*args, k=8, gemm="torch")
+
+
+def entry_points() -> dict:
+    """label -> zero-argument callable that launches (compiles) one wrapper's kernels."""
+    entries = {}
+    for d in HEAD_DIMS:
+        for fmt in KV_FORMATS:
+            entries[f"kv_decode d{d} {fmt}"] = lambda d=d, fmt=fmt: kv_decode(d, fmt)
+    entries["kv_decode d128 gear-4 masked"] = lambda: kv_decode(128, "gear-4", masked=True)
+    for d in (64, 128):
+        for bits, ratio in ((2, 0.0), (4, 0.0), (4, 0.02)):
+            entries[f"kv_quantize d{d} {bits}-bit outliers {ratio}"] = lambda d=d, b=bits, r=ratio: kv_quantize(d, b, r)
+    for tokens in (1, 16, 512):
+        entries[f"sparse 2:4 {tokens} tokens"] = lambda t=tokens: sparse_nm(t)
+        entries[f"sparse bitmask {tokens} tokens"] = lambda t=tokens: sparse_bitmask(t)
+    for bits in (4, 8):
+        entries[f"activation_sparse int{bits}"] = lambda b=bits: activation_sparse(b)
+    entries["vq_logits"] = vq_logits
+    return entries

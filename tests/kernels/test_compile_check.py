@@ -1,0 +1,99 @@
+"""Every Triton kernel compiled for an H100/H200 (sm_90) without a GPU (compress.kernels.compile_check, ptxas from
+Triton's wheel): each compiles, fits a block's shared memory and registers, the KV decode kernel's dots run on
+tensor cores and do not spill at the formats the cache uses. The interpreter runs in every other kernel test, so
+this one compiles in a subprocess without TRITON_INTERPRET."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+# a subset that keeps this test near 30 s on two cores: every kernel, the decode kernel at each head_dim
+ENTRIES = ["kv_decode d64 gear-4", "kv_decode d128 kivi-2", "kv_decode d128 gear-4", "kv_decode d256 kivi-4",
+           "kv_decode d256 gear-4", "kv_quantize d128", "sparse", "activation_sparse", "vq_logits"]
+
+
+def compile_for_sm90(*only):
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "COMPRESS_KERNELS")}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    from compress.kernels import compile_check
+
+    if compile_check.tool("ptxas") is None or compile_check.tool("cuobjdump") is None:
+        pytest.skip("triton's wheel has no ptxas/cuobjdump here")
+    proc = subprocess.run([sys.executable, "-m", "compress.kernels.compile_check", "--json", "--only", *only],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.stdout, proc.stderr[-3000:]
+    return proc.returncode, json.loads(proc.stdout)
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    return compile_for_sm90(*ENTRIES)
+
+
+def test_every_kernel_compiles_and_fits_an_h200_block(compiled):
+    code, report = compiled
+    assert report["failures"] == []
+    problems = [(k["entry"], k["kernel"], k["problems"]) for k in report["kernels"] if k["problems"]]
+    assert problems == [] and code == 0
+    names = {k["kernel"] for k in report["kernels"]}
+    assert {"_paged_decode_kernel", "_quantize_keys_kernel", "_quantize_values_kernel", "_unpack_dequantize_kernel",
+            "_nm_gemv_kernel", "_bitmask_gemv_kernel", "_nm_expand_kernel", "_qmatvec_kernel", "_gather_dot_kernel",
+            "_gather_axpy_kernel", "_logits_kernel", "_lse_partial_kernel", "_topk_partial_kernel"} <= names
+    # an autotuned kernel compiles every configuration that fits (sparse_gemv._tile_fits_registers)
+    assert sum(k["kernel"] == "_nm_gemv_kernel" and k["constexprs"]["BLOCK_T"] == 16 for k in report["kernels"]) >= 4
+    for k in report["kernels"]:
+        assert 0 <= k["shared_bytes"] <= 232_448 and 0 < k["registers"] <= 255
+        assert k["local_bytes"] == 0, (k["entry"], k["kernel"], k["local_bytes"])  # no register spills
+
+
+def test_kv_decode_uses_tensor_cores_without_spilling(compiled):
+    _, report = compiled
+    decode = [k for k in report["kernels"] if k["kernel"] == "_paged_decode_kernel"]
+    assert len(decode) == 9  # the prefixes also pick the -fp8 rows and d128 gear-4 masked
+    for k in decode:
+        assert k["constexprs"]["DOT16"] is True  # fp16 operands on a GPU (fp32 only under the interpreter)
+        assert k["tensor_cores"] is True, k["entry"]
+        assert k["local_bytes"] == 0, (k["entry"], k["local_bytes"])
+    by_dim = {k["constexprs"]["D"]: k for k in decode if k["entry"].endswith("gear-4")}
+    assert set(by_dim) == {64, 128, 256}
+    # the tile grows with head_dim; 256 takes 8 warps and no pipelining (launch_config)
+    assert by_dim[64]["shared_bytes"] < by_dim[128]["shared_bytes"] < by_dim[256]["shared_bytes"]
+    assert (by_dim[256]["num_warps"], by_dim[256]["num_stages"]) == (8, 1)
+
+
+def test_a_kernel_that_does_not_compile_is_reported(tmp_path):
+    """The harness itself: a kernel the interpreter runs but the compiler rejects (two returns of different
+    shapes, the bug this check first found in the decode kernel) is a failure, not a silent pass."""
+    script = tmp_path / "bad.py"
+    script.write_text('''
+import json, torch, triton, triton.language as tl
+from compress.kernels.compile_check import compile_entries
+
+@triton.jit
+def _pick(x, FIRST: tl.constexpr):
+    if FIRST:
+        return x
+    return tl.reshape(x, (4, 4))
+
+@triton.jit
+def _bad(x_ptr, FIRST: tl.constexpr):
+    x = tl.load(x_ptr + tl.arange(0, 16))
+    tl.store(x_ptr + tl.arange(0, 16), tl.reshape(_pick(x, FIRST), (16,)))
+
+kernels, failures = compile_entries({"bad": lambda: _bad[(1,)](torch.zeros(16), FIRST=True)})
+print(json.dumps([f["entry"] for f in failures]))
+''')
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    pytest.importorskip("triton")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == ["bad"], proc.stderr[-2000:]
+
+
+def test_cli_refuses_to_run_under_the_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-m", "compress.kernels.compile_check"], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert proc.returncode == 2 and "TRITON_INTERPRET=1" in proc.stderr and "Traceback" not in proc.stderr

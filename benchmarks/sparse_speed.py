@@ -18,7 +18,8 @@ CPU (one torch thread, fp32; speeds as ratios of paired medians):
   read per cycle exceed 3x the CPU's largest cache, as the 32 layers of a real model do: a 480 MB L3 would otherwise
   hold the sparse path's ~460 MB working set and not the dense path's 705 MB, a gain no real model sees.
 CUDA (fp16, when a GPU is present): per shape and tokens, dense cuBLAS vs the packed runtime's dispatched path
-(kind semi_structured, with every candidate's time), the packed GEMV alone (packed_gemv, <= 16 tokens), the
+(kind semi_structured for 2:4, dispatch for the 50%-unstructured bitmask above 16 tokens, with every candidate's
+time), the packed GEMV alone (packed_gemv, <= 16 tokens), the
 activation-sparse MLP (Triton gathers), and a 2-layer model with Llama-3-8B layer shapes, all Linears 2:4: prefill
 of 4096 tokens and 64 decoded tokens, tokens/s vs dense. Without CUDA only the CPU rows print (exit 0)."""
 from __future__ import annotations
@@ -264,8 +265,6 @@ def cuda_layers(tokens_list) -> list[dict]:
         for structure in ("2:4", "unstructured"):
             lin, sparse = pruned_pair(out_f, in_f, torch.float16, "cuda", structure)
             for t in tokens_list:
-                if structure == "unstructured" and t > 16:  # the bitmask layout has a fast path for decoding only
-                    continue
                 x = torch.randn(t, in_f, device="cuda", dtype=torch.float16)
                 dense = cuda_ms(lambda: lin(x))
                 ref = lin(x).float()
@@ -278,9 +277,9 @@ def cuda_layers(tokens_list) -> list[dict]:
                 if "packed_gemv" in times:
                     rows.append(dict(common, kind="packed_gemv", speedup_vs_dense=dense / times["packed_gemv"],
                                      ours_ms=times["packed_gemv"]))
-                if structure == "2:4":
-                    rows.append(dict(common, kind="semi_structured", path=chosen, ours_ms=times[chosen],
-                                     speedup_vs_dense=dense / times[chosen],
+                if structure == "2:4" or t > 16:  # the dispatched path (bitmask above 16 tokens: expand + cuBLAS)
+                    rows.append(dict(common, kind="semi_structured" if structure == "2:4" else "dispatch",
+                                     path=chosen, ours_ms=times[chosen], speedup_vs_dense=dense / times[chosen],
                                      paths={p: dense / v for p, v in times.items()}))
             del lin, sparse
             torch.cuda.empty_cache()

@@ -72,7 +72,6 @@ def sparse_nm(tokens: int):
     from ..prune.masks import nm_mask
     from ..prune.packing import pack_nm
     from .sparse_gemv import nm_expand, nm_gemv
-    from .sparse_nm import nm_linear_triton
 
     rows, cols = 256, 512
     w = torch.randn(rows, cols).half()
@@ -80,16 +79,14 @@ def sparse_nm(tokens: int):
     x = torch.randn(tokens, cols).half()
     if tokens <= 16:
         nm_gemv(x, values, indices, 2, 4, cols)
-    else:
-        nm_linear_triton(x, values, indices, 2, 4, cols)
+    else:  # above 16 tokens: expand + cuBLAS (or cuSPARSELt)
         nm_expand(values, indices, 2, 4, cols, torch.empty(rows, cols).half())
 
 
 def sparse_bitmask(tokens: int):
     from ..prune.masks import unstructured_mask
     from ..prune.packing import pack_bitmask
-    from .sparse_bitmask import bitmask_linear_triton
-    from .sparse_gemv import bitmask_gemv
+    from .sparse_gemv import bitmask_expand, bitmask_gemv
 
     rows, cols = 256, 512
     w = torch.randn(rows, cols).half()
@@ -97,8 +94,23 @@ def sparse_bitmask(tokens: int):
     x = torch.randn(tokens, cols).half()
     if tokens <= 16:
         bitmask_gemv(x, values, bitmask, offsets, cols)
-    else:
-        bitmask_linear_triton(x, values, bitmask, offsets, cols)
+    else:  # above 16 tokens the dispatcher expands into a scratch buffer for cuBLAS
+        bitmask_expand(values, bitmask, offsets, cols, torch.empty(rows, cols).half())
+
+
+def sparse_linear_kernels():
+    """`nm_linear` / `bitmask_linear` on CUDA tensors called directly (SparseLinear dispatches around them): fp32
+    operands in tl.dot by design (input_precision ieee, the accuracy of the float64 tests), so no tensor cores."""
+    from ..prune.masks import nm_mask, unstructured_mask
+    from ..prune.packing import pack_bitmask, pack_nm
+    from .sparse_bitmask import bitmask_linear_triton
+    from .sparse_nm import nm_linear_triton
+
+    rows, cols = 256, 512
+    w = torch.randn(rows, cols).half()
+    x = torch.randn(64, cols).half()
+    nm_linear_triton(x, *pack_nm(w, nm_mask(torch.rand(rows, cols), 2, 4), 2, 4), 2, 4, cols)
+    bitmask_linear_triton(x, *pack_bitmask(w, unstructured_mask(torch.rand(rows, cols), 0.5)), cols)
 
 
 def activation_sparse(bits: int):
@@ -139,6 +151,7 @@ def entry_points() -> dict:
     for tokens in (1, 16, 512):
         entries[f"sparse 2:4 {tokens} tokens"] = lambda t=tokens: sparse_nm(t)
         entries[f"sparse bitmask {tokens} tokens"] = lambda t=tokens: sparse_bitmask(t)
+    entries["sparse linear kernels (fp32 dots)"] = sparse_linear_kernels
     for bits in (4, 8):
         entries[f"activation_sparse int{bits}"] = lambda b=bits: activation_sparse(b)
     entries["vq_logits"] = vq_logits

@@ -6,10 +6,12 @@
   a few KB, cache resident) and reduces without tensor cores: at 1-16 tokens the product is memory bound.
 - `bitmask_gemv(x, values, bitmask, row_offsets, in_features)`: the same for the 50%-unstructured layout (one
   program per BLOCK_N rows walks K with a running per-row count of kept values).
-- `nm_expand(values, indices, n, m, in_features, out)`: decode the packed weight into a dense buffer (each dense
-  element written once) for decompress-then-cuBLAS at large batches.
+- `nm_expand(values, indices, n, m, in_features, out)` / `bitmask_expand(values, bitmask, row_offsets,
+  in_features, out)`: decode the packed weight into a dense buffer (each dense element written once) for
+  decompress-then-cuBLAS at large batches.
 
-References: `nm_linear_reference` / `bitmask_linear_reference` / `nm_decode_reference` beside the layouts. Autotuned
+References: `nm_linear_reference` / `bitmask_linear_reference` / `nm_decode_reference` /
+`bitmask_decode_reference` beside the layouts. Autotuned
 on a GPU; fixed configurations under TRITON_INTERPRET=1 (no driver to time with)."""
 from __future__ import annotations
 
@@ -85,6 +87,24 @@ if triton is not None:
                         other=0.0).to(tl.float32)
             acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
         tl.store(y_ptr + tok[:, None] * stride_y + rn[None, :], acc, mask=(tok < T)[:, None] & (rn < N)[None, :])
+
+    @triton.jit
+    def _bitmask_expand_kernel(v_ptr, mask_ptr, off_ptr, out_ptr, N, K, MASK_ROW_BYTES, stride_o,
+                               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Rows of the bitmask layout decoded left to right: a row's kept values are contiguous from its offset,
+        so each column tile starts where the previous one's kept count ended (one program per block of rows)."""
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        count = tl.load(off_ptr + rn, mask=rn < N, other=0)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            valid = (rn < N)[:, None] & (rk < K)[None, :]
+            byte = tl.load(mask_ptr + rn[:, None].to(tl.int64) * MASK_ROW_BYTES + (rk >> 3)[None, :], mask=valid,
+                           other=0)
+            bit = tl.where(valid, (byte.to(tl.int32) >> (rk & 7)[None, :]) & 1, 0)
+            w = tl.load(v_ptr + count[:, None] + tl.cumsum(bit, axis=1) - bit, mask=bit == 1, other=0.0)
+            count += tl.sum(bit, axis=1)
+            tl.store(out_ptr + rn[:, None].to(tl.int64) * stride_o + rk[None, :], w.to(out_ptr.dtype.element_ty),
+                     mask=valid)
 
     @triton.jit
     def _nm_expand_kernel(v_ptr, idx_ptr, out_ptr, N, K, KEPT, IDX_ROW_BYTES, stride_o,
@@ -175,4 +195,15 @@ def nm_expand(values: torch.Tensor, indices: torch.Tensor, n: int, m: int, in_fe
     _nm_expand_kernel[grid](values, indices, out, rows, in_features, kept, indices.shape[1], out.stride(0),
                             NKEEP=n, GROUP=m, BITS=index_bits(m), BLOCK_N=block_n, BLOCK_C=block_c,
                             num_warps=4)
+    return out
+
+
+def bitmask_expand(values: torch.Tensor, bitmask: torch.Tensor, row_offsets: torch.Tensor, in_features: int,
+                   out: torch.Tensor) -> torch.Tensor:
+    """Decode the packed bitmask weight into `out` [rows, in] (a view of a reused scratch buffer); returns `out`."""
+    rows = bitmask.shape[0]
+    block_n, block_k = (8, 32) if interpreted() else (16, 128)
+    _bitmask_expand_kernel[(triton.cdiv(rows, block_n),)](values, bitmask, row_offsets, out, rows, in_features,
+                                                         bitmask.shape[1], out.stride(0), BLOCK_N=block_n,
+                                                         BLOCK_K=block_k, num_warps=4)
     return out

@@ -5,8 +5,9 @@ Paths:
 - `semi_structured`: the tensor cores' 2:4 path, cuSPARSELt through torch (`torch._cslt_compress` once, at the first
   call, from the packed weight; the algorithm id searched once per shape with `torch._cslt_sparse_mm_search`);
   2:4 only, fp16/bf16, compute capability >= 8.0;
-- `expand_cublas`: the Triton expand kernel decodes the packed weight into a scratch buffer shared by all layers
-  (sized by the largest), then one dense cuBLAS GEMM: ~dense cost plus one write of the weight, packed memory kept.
+- `expand_cublas`: the Triton expand kernel (N:M or bitmask) decodes the packed weight into a scratch buffer shared
+  by all layers (sized by the largest), then one dense cuBLAS GEMM: ~dense cost plus one write of the weight,
+  packed memory kept.
 
 The first call of a (device, layout, shape, dtype, token bucket) times every applicable path on that input and
 records the fastest in a table cached per device (~/.cache/compress/sparse_dispatch_<device>.json), so the choice
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..kernels.sparse_gemv import MAX_GEMV_TOKENS, bitmask_gemv, gemv_supports_nm, nm_expand, nm_gemv
+from ..kernels.sparse_gemv import MAX_GEMV_TOKENS, bitmask_expand, bitmask_gemv, gemv_supports_nm, nm_expand, nm_gemv
 
 PATHS = ("packed_gemv", "semi_structured", "expand_cublas")
 _lock = threading.Lock()
@@ -50,9 +51,8 @@ def candidates(module, tokens: int, dtype: torch.dtype) -> list[str]:
             and module.out_features % 32 == 0 and module.in_features % 64 == 0
             and semi_structured_available(module.values.device)):
         out.append("semi_structured")
-    if module.format == "nm":
-        out.append("expand_cublas")
-    return out or ["reference"]
+    out.append("expand_cublas")
+    return out
 
 
 def describe_path(module, tokens: int | None) -> str:
@@ -60,7 +60,7 @@ def describe_path(module, tokens: int | None) -> str:
     if tokens is None:
         few = "packed GEMV" if module.format == "bitmask" or gemv_supports_nm(module.m) else "measured"
         many = "cuSPARSELt or expand + cuBLAS, measured per shape" if (module.format, module.n, module.m) == \
-            ("nm", 2, 4) else ("expand + cuBLAS" if module.format == "nm" else "packed Triton kernel")
+            ("nm", 2, 4) else "expand + cuBLAS"
         return f"packed: {few} at <= {MAX_GEMV_TOKENS} tokens; above: {many}"
     return choose(module, tokens, module.values.dtype, measure=False)
 
@@ -76,7 +76,10 @@ def _scratch_view(rows: int, cols: int, dtype: torch.dtype, device: torch.device
 
 def _expand_cublas(module, x, bias):
     w = _scratch_view(module.out_features, module.in_features, x.dtype, x.device)
-    nm_expand(module.values, module.indices, module.n, module.m, module.in_features, w)
+    if module.format == "nm":
+        nm_expand(module.values, module.indices, module.n, module.m, module.in_features, w)
+    else:
+        bitmask_expand(module.values, module.bitmask, module.row_offsets, module.in_features, w)
     return F.linear(x, w, bias)
 
 
@@ -103,17 +106,7 @@ def _packed_gemv(module, x, bias):
     return bitmask_gemv(x, module.values, module.bitmask, module.row_offsets, module.in_features, bias)
 
 
-def _reference(module, x, bias):
-    from ..kernels.sparse_bitmask import bitmask_linear
-    from ..kernels.sparse_nm import nm_linear
-
-    if module.format == "nm":
-        return nm_linear(x, module.values, module.indices, module.n, module.m, module.in_features, bias)
-    return bitmask_linear(x, module.values, module.bitmask, module.row_offsets, module.in_features, bias)
-
-
-RUN = {"packed_gemv": _packed_gemv, "semi_structured": _semi_structured, "expand_cublas": _expand_cublas,
-       "reference": _reference}
+RUN = {"packed_gemv": _packed_gemv, "semi_structured": _semi_structured, "expand_cublas": _expand_cublas}
 
 
 # ------------------------------------------------------------------------------------------------ the table

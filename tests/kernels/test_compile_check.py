@@ -40,8 +40,8 @@ def test_every_kernel_compiles_and_fits_an_h200_block(compiled):
     assert problems == [] and code == 0
     names = {k["kernel"] for k in report["kernels"]}
     assert {"_paged_decode_kernel", "_quantize_keys_kernel", "_quantize_values_kernel", "_unpack_dequantize_kernel",
-            "_nm_gemv_kernel", "_bitmask_gemv_kernel", "_nm_expand_kernel", "_qmatvec_kernel", "_gather_dot_kernel",
-            "_gather_axpy_kernel", "_logits_kernel", "_lse_partial_kernel", "_topk_partial_kernel"} <= names
+            "_nm_gemv_kernel", "_bitmask_gemv_kernel", "_nm_expand_kernel", "_bitmask_expand_kernel", "_qmatvec_kernel",
+            "_gather_dot_kernel", "_gather_axpy_kernel", "_logits_kernel", "_lse_partial_kernel", "_topk_partial_kernel"} <= names
     # an autotuned kernel compiles every configuration that fits (sparse_gemv._tile_fits_registers)
     assert sum(k["kernel"] == "_nm_gemv_kernel" and k["constexprs"]["BLOCK_T"] == 16 for k in report["kernels"]) >= 4
     for k in report["kernels"]:

@@ -51,3 +51,20 @@ def test_nm_expand_matches_decode(triton_kernels, n, m, rows, cols):
     scratch = torch.full((rows * cols + 10,), float("nan"), device=dev)  # a larger reused buffer, not pre-zeroed
     out = sparse_gemv.nm_expand(values.to(dev), indices.to(dev), n, m, cols, scratch[: rows * cols].view(rows, cols))
     assert torch.equal(out.cpu(), nm_decode_reference(values, indices, n, m, cols))
+
+
+@pytest.mark.parametrize("rows,cols,density", [(40, 96, 0.5), (9, 130, 0.3), (17, 64, 0.9)])
+def test_bitmask_expand_matches_decode(triton_kernels, rows, cols, density):
+    """Rows walked left to right with a running count of kept values, into a reused buffer that is not zeroed."""
+    from compress.kernels.sparse_bitmask import bitmask_decode_reference
+
+    dev = triton_kernels
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(rows, cols, generator=g)
+    mask = torch.rand(rows, cols, generator=g) < density
+    mask[0] = False  # an empty row
+    values, bitmask, offsets = pack_bitmask(w, mask)
+    scratch = torch.full((rows * cols + 10,), float("nan"), device=dev)
+    out = sparse_gemv.bitmask_expand(values.to(dev), bitmask.to(dev), offsets.to(dev), cols,
+                                     scratch[: rows * cols].view(rows, cols))
+    assert torch.equal(out.cpu(), bitmask_decode_reference(values, bitmask, cols))

@@ -114,11 +114,23 @@ if triton is not None:
                     mask=rm[None, :], other=0.0).to(tl.float32)
         offs = (bh * k_p * C + i * C + t)[:, None] * rank + j[None, :]
         if A_FP8:
-            a = tl.load(_ptr(tbl, n_pages, store, 5, page, tl.float8e4nv) + offs, mask=rm[None, :], other=0.0)
+            a = _e4m3_to_f32(tl.load(_ptr(tbl, n_pages, store, 5, page, tl.uint8) + offs, mask=rm[None, :], other=0))
         else:
             a = tl.load(_ptr(tbl, n_pages, store, 5, page, tl.float16) + offs, mask=rm[None, :], other=0.0)
-        a = a.to(tl.float32)
+            a = a.to(tl.float32)
         return u, a
+
+    @triton.jit
+    def _e4m3_to_f32(b):
+        """fp8 e4m3fn bytes -> float32 by bit arithmetic (an A100, sm_80, has no fp8 conversion: Triton refuses to
+        compile `float8e4nv` for it): 2^(e - 7) (1 + m / 8), or m 2^-9 for e = 0. (NaN, S.1111.111, reads 480:
+        the cache never stores it.)"""
+        b = b.to(tl.int32)
+        e = (b >> 3) & 15
+        m = b & 7
+        normal = (((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
+        v = tl.where(e == 0, m.to(tl.float32) * 0.001953125, normal)
+        return tl.where(b >= 128, -v, v)
 
     @triton.jit
     def _dot(a, b, DOT16: tl.constexpr):

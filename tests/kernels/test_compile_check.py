@@ -1,6 +1,6 @@
 """Every Triton kernel compiled for an H100/H200 (sm_90) without a GPU (compress.kernels.compile_check, ptxas from
-Triton's wheel): each compiles, fits a block's shared memory and registers, the KV decode kernel's dots run on
-tensor cores and do not spill at the formats the cache uses. The interpreter runs in every other kernel test, so
+Triton's wheel): each compiles, fits a block's shared memory and registers without spilling, the KV decode kernel's
+dots run on tensor cores; its fp8 variant compiles for an A100 (sm_80) too. The interpreter runs in every other kernel test, so
 this one compiles in a subprocess without TRITON_INTERPRET."""
 import json
 import os
@@ -14,7 +14,7 @@ ENTRIES = ["kv_decode d64 gear-4", "kv_decode d128 kivi-2", "kv_decode d128 gear
            "kv_decode d256 gear-4", "kv_quantize d128", "sparse", "activation_sparse", "vq_logits"]
 
 
-def compile_for_sm90(*only):
+def compile_for(arch, *only):
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "COMPRESS_KERNELS")}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
@@ -22,7 +22,8 @@ def compile_for_sm90(*only):
 
     if compile_check.tool("ptxas") is None or compile_check.tool("cuobjdump") is None:
         pytest.skip("triton's wheel has no ptxas/cuobjdump here")
-    proc = subprocess.run([sys.executable, "-m", "compress.kernels.compile_check", "--json", "--only", *only],
+    proc = subprocess.run([sys.executable, "-m", "compress.kernels.compile_check", "--json", "--arch", str(arch),
+                           "--only", *only],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.stdout, proc.stderr[-3000:]
     return proc.returncode, json.loads(proc.stdout)
@@ -30,7 +31,7 @@ def compile_for_sm90(*only):
 
 @pytest.fixture(scope="module")
 def compiled():
-    return compile_for_sm90(*ENTRIES)
+    return compile_for(90, *ENTRIES)
 
 
 def test_every_kernel_compiles_and_fits_an_h200_block(compiled):
@@ -62,6 +63,14 @@ def test_kv_decode_uses_tensor_cores_without_spilling(compiled):
     # the tile grows with head_dim; 256 takes 8 warps and no pipelining (launch_config)
     assert by_dim[64]["shared_bytes"] < by_dim[128]["shared_bytes"] < by_dim[256]["shared_bytes"]
     assert (by_dim[256]["num_warps"], by_dim[256]["num_stages"]) == (8, 1)
+
+
+def test_fp8_factors_compile_for_an_a100():
+    """sm_80 has no fp8 conversion (Triton refused `float8e4nv` there): the kernel decodes the bytes itself."""
+    code, report = compile_for(80, "kv_decode d128 gear-4-fp8")
+    assert report["failures"] == [] and code == 0
+    assert [k["constexprs"]["A_FP8"] for k in report["kernels"]] == [True]
+    assert report["kernels"][0]["shared_bytes"] <= 166_912  # an A100 block
 
 
 def test_a_kernel_that_does_not_compile_is_reported(tmp_path):

@@ -32,7 +32,9 @@ def torch_kernels():
         os.environ.pop("COMPRESS_KERNELS") if old is None else os.environ.__setitem__("COMPRESS_KERNELS", old)
 
 
-def kv_decode(d: int, fmt: str, masked: bool = False):
+def kv_decode(d: int, fmt: str, masked: bool = False, dtype: torch.dtype = torch.float16):
+    """One decode step of 32 query heads over 8 KV heads; `dtype`: the model's, that of the queries (the cache
+    keeps its window in fp16 whatever the model's dtype)."""
     from ..kvcache.store import CompressedStore
     from .kv_attention_triton import compressed_attention_triton
 
@@ -44,10 +46,10 @@ def kv_decode(d: int, fmt: str, masked: bool = False):
         for axis, rank in (("token", key_rank), ("channel", value_rank)):
             store = CompressedStore(axis=axis, bits=bits, group_size=GROUP, chunk_len=CHUNK, outlier_ratio=ratio,
                                     power_iters=1, factor_dtype=factor_dtype)
-            store.append(torch.randn(batch, heads, n, d, generator=g).half(), rank)
+            store.append(torch.randn(batch, heads, n, d, generator=g).to(dtype), rank)
             stores.append(store)
     wk, wv = (torch.randn(batch, heads, window, d, generator=g).half() for _ in range(2))
-    q = torch.randn(batch, q_heads, 1, d, generator=g).half()
+    q = torch.randn(batch, q_heads, 1, d, generator=g).to(dtype)
     mask = None
     if masked:  # left padding: the additive bias over every position
         mask = torch.ones(batch, n + window, dtype=torch.bool)
@@ -145,6 +147,7 @@ def entry_points() -> dict:
         for fmt in KV_FORMATS:
             entries[f"kv_decode d{d} {fmt}"] = lambda d=d, fmt=fmt: kv_decode(d, fmt)
     entries["kv_decode d128 gear-4 masked"] = lambda: kv_decode(128, "gear-4", masked=True)
+    entries["kv_decode d128 gear-4 bf16"] = lambda: kv_decode(128, "gear-4", dtype=torch.bfloat16)  # Llama's dtype
     for d in (64, 128):
         for bits, ratio in ((2, 0.0), (4, 0.0), (4, 0.02)):
             entries[f"kv_quantize d{d} {bits}-bit outliers {ratio}"] = lambda d=d, b=bits, r=ratio: kv_quantize(d, b, r)

@@ -135,7 +135,8 @@ def vq_logits():
     n, d, k, v = 4, 256, 512, 4096
     args = (torch.randn(n, d).half(), torch.randn(k, d).half(), torch.randint(0, k, (v,), dtype=torch.int16),
             torch.rand(v).half(), torch.randn(v).half())
-    vq_logits_triton(*args, gemm="torch")  # stage 1 is cuBLAS on a GPU
+    vq_logits_triton(*args, gemm="torch")  # stage 1 is cuBLAS on a GPU ...
+    vq_logits_triton(*args, gemm="triton")  # ... or the Triton GEMM when asked for
     vq_logsumexp_triton(*args, gemm="torch")
     vq_topk_triton(*args, k=8, gemm="torch")
 

@@ -29,6 +29,20 @@ def compile_for(arch, *only):
     return proc.returncode, json.loads(proc.stdout)
 
 
+def launched_kernels() -> set[str]:
+    import importlib
+    import pkgutil
+
+    import compress.kernels
+
+    names = set()
+    for info in pkgutil.iter_modules(compress.kernels.__path__):
+        module = importlib.import_module(f"compress.kernels.{info.name}")
+        names |= {name for name, value in vars(module).items() if name.endswith("_kernel")
+                  and type(value).__name__ in ("JITFunction", "InterpretedFunction")}
+    return names
+
+
 @pytest.fixture(scope="module")
 def compiled():
     return compile_for(90, *ENTRIES)
@@ -39,10 +53,10 @@ def test_every_kernel_compiles_and_fits_an_h200_block(compiled):
     assert report["failures"] == []
     problems = [(k["entry"], k["kernel"], k["problems"]) for k in report["kernels"] if k["problems"]]
     assert problems == [] and code == 0
-    names = {k["kernel"] for k in report["kernels"]}
-    assert {"_paged_decode_kernel", "_quantize_keys_kernel", "_quantize_values_kernel", "_unpack_dequantize_kernel",
-            "_nm_gemv_kernel", "_bitmask_gemv_kernel", "_nm_expand_kernel", "_bitmask_expand_kernel", "_qmatvec_kernel",
-            "_gather_dot_kernel", "_gather_axpy_kernel", "_logits_kernel", "_lse_partial_kernel", "_topk_partial_kernel"} <= names
+    # every launched kernel of compress.kernels (a *_kernel JIT function) is in the catalogue: a new kernel without
+    # an entry in compile_targets.py fails here
+    assert launched_kernels() <= {k["kernel"] for k in report["kernels"]}
+    assert len(launched_kernels()) >= 17
     # an autotuned kernel compiles every configuration that fits (sparse_gemv._tile_fits_registers)
     assert sum(k["kernel"] == "_nm_gemv_kernel" and k["constexprs"]["BLOCK_T"] == 16 for k in report["kernels"]) >= 4
     for k in report["kernels"]:
@@ -53,7 +67,7 @@ def test_every_kernel_compiles_and_fits_an_h200_block(compiled):
 def test_kv_decode_uses_tensor_cores_without_spilling(compiled):
     _, report = compiled
     decode = [k for k in report["kernels"] if k["kernel"] == "_paged_decode_kernel"]
-    assert len(decode) == 9  # the prefixes also pick the -fp8 rows and d128 gear-4 masked
+    assert len(decode) == 10  # the prefixes also pick the -fp8 rows and d128 gear-4 masked / bf16
     for k in decode:
         assert k["constexprs"]["DOT16"] is True  # fp16 operands on a GPU (fp32 only under the interpreter)
         assert k["tensor_cores"] is True, k["entry"]

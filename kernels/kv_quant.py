@@ -233,7 +233,7 @@ if triton is not None:
     def _quantize_keys_kernel(x_ptr, codes_ptr, scale_ptr, zero_ptr, oval_ptr, opos_ptr, T,
                               D: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, PER_SIDE: tl.constexpr):
         """One program = one group of G tokens x all D channels of one row (each channel its own group)."""
-        r = tl.program_id(0)
+        r = tl.program_id(0).to(tl.int64)  # rows x T x D passes 2^31 elements at batch x heads x long contexts
         g = tl.program_id(1)
         n_groups = T // G
         LEVELS: tl.constexpr = (1 << BITS) - 1
@@ -285,7 +285,7 @@ if triton is not None:
                                 D: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, PER_SIDE: tl.constexpr,
                                 BLOCK_T: tl.constexpr):
         """One program = BLOCK_T tokens of one row; each token's D channels form D/G groups of G."""
-        r = tl.program_id(0)
+        r = tl.program_id(0).to(tl.int64)  # rows x T x D passes 2^31 elements at batch x heads x long contexts
         tb = tl.program_id(1)
         NG: tl.constexpr = D // G
         LEVELS: tl.constexpr = (1 << BITS) - 1
@@ -353,7 +353,7 @@ if triton is not None:
     def _unpack_dequantize_kernel(codes_ptr, scale_ptr, zero_ptr, out_ptr, T,
                                   D: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, TOKEN_AXIS: tl.constexpr,
                                   BLOCK_T: tl.constexpr):
-        r = tl.program_id(0)
+        r = tl.program_id(0).to(tl.int64)  # rows x T x D passes 2^31 elements at batch x heads x long contexts
         tb = tl.program_id(1)
         t = tb * BLOCK_T + tl.arange(0, BLOCK_T)
         tmask = t < T

@@ -112,7 +112,7 @@ if triton is not None:
         code = tl.load(codes_ptr + offs_v, mask=vmask, other=0).to(tl.int64)
         s = tl.load(scales_ptr + offs_v, mask=vmask, other=0.0).to(tl.float32)
         b = tl.load(biases_ptr + offs_v, mask=vmask, other=0.0).to(tl.float32)
-        u = tl.load(u_ptr + offs_n[:, None] * stride_un + code[None, :], mask=mask, other=0.0)
+        u = tl.load(u_ptr + offs_n[:, None].to(tl.int64) * stride_un + code[None, :], mask=mask, other=0.0)
         return u * s[None, :] + b[None, :], offs_n, offs_v, mask
 
     @triton.jit
@@ -120,7 +120,8 @@ if triton is not None:
                        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
         x, offs_n, offs_v, mask = _gathered_block(u_ptr, codes_ptr, scales_ptr, biases_ptr, N, V, stride_un,
                                                   tl.program_id(0), tl.program_id(1), BLOCK_N, BLOCK_V)
-        tl.store(out_ptr + offs_n[:, None] * stride_on + offs_v[None, :], x, mask=mask)
+        # int64: tokens x vocabulary passes 2^31 from 16,744 tokens at Llama-3's 128,256 (a long prompt's logits)
+        tl.store(out_ptr + offs_n[:, None].to(tl.int64) * stride_on + offs_v[None, :], x, mask=mask)
 
     @triton.jit
     def _lse_partial_kernel(u_ptr, codes_ptr, scales_ptr, biases_ptr, max_ptr, sum_ptr, N, V, NUM_VB, stride_un,

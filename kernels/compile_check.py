@@ -11,7 +11,8 @@ wheel carries ptxas, cuobjdump and nvdisasm.
 
 Run it in a process without TRITON_INTERPRET (the interpreter is chosen when a kernel is defined):
     python -m compress.kernels.compile_check [--arch 90] [--only kv_decode ...] [--json]
-It exits 1 when a kernel fails to compile or does not fit a block of the target (shared memory, registers).
+It exits 1 when a kernel fails to compile or does not fit a block of the target (shared memory, registers); a
+kernel that spills registers to local memory is flagged in the table (and `warnings` in --json).
 Context length and batch are runtime arguments of every kernel here, so small tensors compile the kernels that
 serving shapes run (head_dim, bits, group and tile sizes are the constexprs)."""
 from __future__ import annotations
@@ -32,6 +33,8 @@ import torch
 # Bytes of shared memory one block may use (the opt-in maximum) and registers per thread, per compute capability.
 SHARED_MEMORY_LIMIT = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448}
 MAX_REGISTERS = 255
+REGISTERS_PER_SM = 65_536  # per block at most, on every architecture from sm_80 to sm_90
+FAKE_DEVICE = 1_000_000
 TENSOR_CORE_OPS = re.compile(r"\b(HMMA|HGMMA|IMMA|IGMMA|QGMMA)\b")
 
 
@@ -47,7 +50,8 @@ class CompiledKernel:
     local_bytes: int           # per thread: stack frame + local memory (where register spills go)
     uses_dot: bool             # the kernel has a tl.dot
     tensor_cores: bool | None  # its SASS has MMA instructions (None when it has no dot)
-    problems: list = field(default_factory=list)
+    problems: list = field(default_factory=list)   # does not compile or does not fit: exit status 1
+    warnings: list = field(default_factory=list)   # register spills
 
 
 def tool(name: str) -> str | None:
@@ -62,8 +66,10 @@ def tool(name: str) -> str | None:
 
 def available() -> str | None:
     """None when this machine can compile for a GPU, else why not."""
-    if os.environ.get("TRITON_INTERPRET", "") == "1":
-        return "TRITON_INTERPRET=1 is set: kernels are defined for the interpreter"
+    from .dispatch import interpreted
+
+    if interpreted():
+        return "TRITON_INTERPRET is set: kernels are defined for the interpreter"
     for name in ("ptxas", "cuobjdump", "nvdisasm"):
         if tool(name) is None:
             return f"triton's {name} is missing (pip install triton)"
@@ -98,7 +104,9 @@ def compile_only(arch: int = 90):
             return torch.device("cpu")
 
         def get_current_device(self):
-            return 0
+            # a device id of its own per architecture: a JIT function keeps its compile target per device id, so
+            # reusing 0 would compile for whatever target (a real GPU's, another --arch) device 0 saw first
+            return FAKE_DEVICE + arch
 
         def get_current_stream(self, device=None):
             return 0
@@ -139,21 +147,36 @@ def read_resources(name: str, kernel, entry: str, arch: int) -> CompiledKernel:
         uses_dot = "tt.dot" in kernel.asm["ttir"]
         sass = subprocess.run([tool("nvdisasm"), cubin], capture_output=True, text=True, check=True).stdout \
             if uses_dot else ""
-    fields = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage))
+    fields = _usage_fields(usage, name)
     fn = kernel.src.fn  # the JITFunction: constants are keyed by argument position; keep its constexpr params
     constexprs = {fn.arg_names[k[0]]: v for k, v in kernel.src.constants.items()
                   if len(k) == 1 and k[0] in fn.constexprs and isinstance(v, (bool, int, float, str))}
     out = CompiledKernel(
         entry=entry, kernel=name, constexprs=constexprs, num_warps=meta.num_warps, num_stages=meta.num_stages,
-        shared_bytes=int(meta.shared) + int(fields.get("SHARED", 0)), registers=int(fields.get("REG", 0)),
-        local_bytes=int(fields.get("LOCAL", 0)) + int(fields.get("STACK", 0)), uses_dot=uses_dot,
+        shared_bytes=int(meta.shared) + fields["SHARED"], registers=fields["REG"],
+        local_bytes=fields["LOCAL"] + fields["STACK"], uses_dot=uses_dot,
         tensor_cores=bool(TENSOR_CORE_OPS.search(sass)) if uses_dot else None)
     limit = SHARED_MEMORY_LIMIT.get(arch)
     if limit is not None and out.shared_bytes > limit:
         out.problems.append(f"needs {out.shared_bytes:,} bytes of shared memory, a block may use {limit:,}")
-    if out.registers > MAX_REGISTERS:
-        out.problems.append(f"{out.registers} registers per thread (at most {MAX_REGISTERS})")
+    threads = 32 * out.num_warps
+    if out.registers > MAX_REGISTERS or out.registers * threads > REGISTERS_PER_SM:
+        out.problems.append(f"{out.registers} registers x {threads} threads (at most {MAX_REGISTERS} per thread, "
+                            f"{REGISTERS_PER_SM:,} per block)")
+    if out.local_bytes:  # runs, slower: a warning, not a failure (the tests require none where they look)
+        out.warnings.append(f"spills {out.local_bytes} B per thread to local memory")
     return out
+
+
+def _usage_fields(usage: str, name: str) -> dict:
+    """REG / STACK / SHARED / LOCAL of kernel `name` in `cuobjdump -res-usage` output; an error if any is missing
+    (a silent 0 would read as 'no spills')."""
+    block = re.search(rf"Function {re.escape(name)}:\s*\n\s*(.*)", usage)
+    found = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", block.group(1))) if block else {}
+    missing = {"REG", "STACK", "SHARED", "LOCAL"} - set(found)
+    if missing:
+        raise RuntimeError(f"cuobjdump gave no {', '.join(sorted(missing))} for {name}:\n{usage}")
+    return {k: int(v) for k, v in found.items()}
 
 
 def compile_entries(entries: dict, arch: int = 90, progress=None) -> tuple[list[CompiledKernel], list[dict]]:
@@ -162,13 +185,13 @@ def compile_entries(entries: dict, arch: int = 90, progress=None) -> tuple[list[
     kernels, failures = [], []
     for label, call in entries.items():
         started = time.perf_counter()
+        compiled = []
         try:
             with compile_only(arch) as compiled:
                 call()
         except Exception as error:  # noqa: BLE001 - a compiler error is this tool's finding, reported per entry
             failures.append({"entry": label, "error": f"{type(error).__name__}: {str(error).strip()[:2000]}"})
-            compiled = []
-        seen = set()
+        seen = set()  # what compiled before a failure is reported too
         for name, kernel in compiled:
             if kernel is not None and id(kernel) not in seen:
                 seen.add(id(kernel))
@@ -224,7 +247,7 @@ def format_table(kernels: list[CompiledKernel], failures: list[dict], arch: int)
         mma = "-" if k.tensor_cores is None else "yes" if k.tensor_cores else "no"
         lines.append(f"{k.entry:<38} {k.kernel:<26} {tiles(k):<40} {k.num_warps:>5} {k.num_stages:>6} "
                      f"{k.shared_bytes:>9,} {k.registers:>4} {k.local_bytes:>7} {mma:>4}"
-                     + ("  <- " + "; ".join(k.problems) if k.problems else ""))
+                     + ("  <- " + "; ".join(k.problems + k.warnings) if k.problems or k.warnings else ""))
     for f in failures:
         lines.append(f"{f['entry']:<38} FAILED: {f['error'].splitlines()[0] if f['error'] else ''}")
     return "\n".join(lines)

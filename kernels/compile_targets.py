@@ -149,7 +149,7 @@ def entry_points() -> dict:
             entries[f"kv_decode d{d} {fmt}"] = lambda d=d, fmt=fmt: kv_decode(d, fmt)
     entries["kv_decode d128 gear-4 masked"] = lambda: kv_decode(128, "gear-4", masked=True)
     entries["kv_decode d128 gear-4 bf16"] = lambda: kv_decode(128, "gear-4", dtype=torch.bfloat16)  # Llama's dtype
-    for d in (64, 128):
+    for d in HEAD_DIMS:
         for bits, ratio in ((2, 0.0), (4, 0.0), (4, 0.02)):
             entries[f"kv_quantize d{d} {bits}-bit outliers {ratio}"] = lambda d=d, b=bits, r=ratio: kv_quantize(d, b, r)
     for tokens in (1, 16, 512):

@@ -397,7 +397,8 @@ def quantize_pack_triton(x: torch.Tensor, bits: int, group_size: int, axis: str 
     opos = torch.empty(rows, max(n_out, 1), dtype=position_dtype(t, d), device=dev)
     if rows and t:
         if axis == "token":
-            # a [G, D] tile per program: 8 warps from 64 x 128 on (4 spilled 48 B per thread with outliers, sm_90)
+            # a [G, D] tile per program: 8 warps from 64 x 128 on (4 spilled 48 B per thread there with outliers;
+            # 16 would cap registers at 128 per thread: compile_check, sm_90)
             _quantize_keys_kernel[(rows, t // group_size)](xr, codes, scale, zero, oval, opos, t, D=d, G=group_size,
                                                            BITS=bits, PER_SIDE=per_side,
                                                            num_warps=8 if group_size * d >= 8192 else 4)

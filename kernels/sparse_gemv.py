@@ -134,10 +134,12 @@ if triton is not None:
         """Configurations whose [tokens, rows, columns] product tile holds <= 64 fp32 values per thread: compiled
         for sm_90 (compile_check.py), larger tiles spilled 0.2-17 KB per thread (16 tokens x 64 x 128: 17.5 KB) and
         took ptxas minutes, on the first call of every shape."""
-        tokens = kwargs["BLOCK_T"]
-        fits = [c for c in configs if tokens * c.kwargs["BLOCK_N"] * c.kwargs.get("BLOCK_J", c.kwargs.get("BLOCK_K"))
-                <= 64 * 32 * c.num_warps]
-        return fits or [min(configs, key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs.get("BLOCK_J", 0))]
+        tokens = {**named_args, **kwargs}["BLOCK_T"]
+
+        def per_thread(c):
+            return tokens * c.kwargs["BLOCK_N"] * c.kwargs.get("BLOCK_J", c.kwargs.get("BLOCK_K")) / (32 * c.num_warps)
+
+        return [c for c in configs if per_thread(c) <= 64] or [min(configs, key=per_thread)]
 
     _GEMV_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_J": bj, "SPLIT_K": sk}, num_warps=w)
                      for bn in (16, 32, 64) for bj in (32, 64, 128) for sk in (1, 4) for w in (4, 8)]
@@ -202,7 +204,8 @@ def bitmask_expand(values: torch.Tensor, bitmask: torch.Tensor, row_offsets: tor
                    out: torch.Tensor) -> torch.Tensor:
     """Decode the packed bitmask weight into `out` [rows, in] (a view of a reused scratch buffer); returns `out`."""
     rows = bitmask.shape[0]
-    block_n, block_k = (8, 32) if interpreted() else (16, 128)
+    # 4 rows per program: rows / 4 programs walk K (1,024 at 4,096 rows; not measured on a GPU yet)
+    block_n, block_k = (8, 32) if interpreted() else (4, 256)
     _bitmask_expand_kernel[(triton.cdiv(rows, block_n),)](values, bitmask, row_offsets, out, rows, in_features,
                                                          bitmask.shape[1], out.stride(0), BLOCK_N=block_n,
                                                          BLOCK_K=block_k, num_warps=4)

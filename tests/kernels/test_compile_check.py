@@ -119,4 +119,38 @@ def test_cli_refuses_to_run_under_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, "-m", "compress.kernels.compile_check"], capture_output=True, text=True,
                           env=env, timeout=120)
-    assert proc.returncode == 2 and "TRITON_INTERPRET=1" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "TRITON_INTERPRET is set" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_two_architectures_in_one_process_compile_for_each(tmp_path):
+    """A JIT function keeps its compile target per device id: each --arch gets an id of its own, so a second arch
+    in the same process is not silently compiled for the first."""
+    script = tmp_path / "two.py"
+    script.write_text('''
+import json
+from compress.kernels import compile_targets as ct
+from compress.kernels.compile_check import compile_only
+
+archs = []
+for arch in (90, 80):
+    with compile_only(arch) as compiled:
+        ct.activation_sparse(8)
+    archs.append(sorted({k.metadata.target.arch for _, k in compiled}))
+print(json.dumps(archs))
+''')
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == [[90], [80]], proc.stderr[-2000:]
+
+
+def test_resource_usage_is_read_for_the_named_function_or_refused():
+    from compress.kernels.compile_check import _usage_fields
+
+    usage = ("Resource usage:\n Common:\n  GLOBAL:0\n Function helper:\n  REG:12 STACK:0 SHARED:0 LOCAL:0 CONSTANT[0]:8\n"
+             " Function _k:\n  REG:40 STACK:16 SHARED:1024 LOCAL:8 CONSTANT[0]:568 TEXTURE:0\n")
+    assert _usage_fields(usage, "_k") == {"REG": 40, "STACK": 16, "SHARED": 1024, "LOCAL": 8}
+    with pytest.raises(RuntimeError, match="LOCAL"):
+        _usage_fields(usage.replace(" LOCAL:8", ""), "_k")
+    with pytest.raises(RuntimeError, match="REG"):
+        _usage_fields(usage, "_absent")

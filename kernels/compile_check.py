@@ -209,6 +209,9 @@ def main(argv=None) -> int:
     parser.add_argument("--only", nargs="+", metavar="PREFIX", help="entry points whose label starts with one of these")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args(argv)
+    # Triton 3.9 warns once per process that this default will change; keep today's default (fusion on, as the
+    # GPU runs compile) and say so
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     why_not = available()
     if why_not:
         print(f"error: cannot compile for a GPU here: {why_not}", file=sys.stderr)

@@ -23,11 +23,12 @@ def interpreted() -> bool:
     """Whether Triton kernels run under its CPU interpreter (TRITON_INTERPRET=1): fixed tile configurations (no
     driver to autotune with) and fp32 dot operands (fp16/bf16 `tl.dot` is wrong there); compiled kernels, on a GPU
     or for one (compile_check.py), take the GPU's choices."""
-    if triton_available():
+    try:  # Triton's own reading of TRITON_INTERPRET (1, true, on, ...); `knobs` is Triton >= 3.4
         from triton import knobs
 
-        return bool(knobs.runtime.interpret)  # Triton's own reading of TRITON_INTERPRET (1, true, on, ...)
-    return os.environ.get("TRITON_INTERPRET", "") == "1"
+        return bool(knobs.runtime.interpret)
+    except (ImportError, AttributeError):
+        return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes")
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:

@@ -322,3 +322,22 @@ def test_fp8_factor_decode_matches_torch_for_every_byte(triton_kernels):
     assert int(finite.sum()) == 254
     assert torch.equal(out.cpu()[finite], expected[finite])
     assert torch.equal(out.cpu()[finite].signbit(), expected[finite].signbit())
+
+
+@pytest.mark.parametrize("case", [dict(bits=4, **GEAR), dict(bits=2, **KIVI), dict(bits=4, d=128, **GEAR),
+                                  dict(bits=3, factor_dtype=torch.float8_e4m3fn, **GEAR)],
+                         ids=["gear-4", "kivi-2", "gear-4-d128", "gear-3-fp8"])
+def test_fp16_dots_of_the_gpu_path_stay_within_its_tolerance(triton_kernels, monkeypatch, case):
+    """The compiled kernel multiplies in fp16 (DOT16, fp32 accumulation); the interpreter runs fp32 dots unless
+    told otherwise. Run the GPU's fp16 variant here: its casts (q, K_hat, p, V_hat, the low-rank products) keep the
+    output within the GPU tests' tolerance of the reference, with a padding mask."""
+    if triton_kernels != "cpu":
+        pytest.skip("on a GPU the other tests run this variant")
+    q, keys, values, wk, wv, k_all, _ = make_case(**case)
+    mask = left_padding_mask(2, k_all.shape[2], pad=20)
+    ref = A.compressed_attention_reference(q, keys, values, wk, wv, mask)
+    fp32 = AT.compressed_attention_triton(q, keys, values, wk, wv, mask)
+    monkeypatch.setattr(AT, "interpreted", lambda: False)
+    fp16 = AT.compressed_attention_triton(q, keys, values, wk, wv, mask)
+    torch.testing.assert_close(fp16, ref, rtol=2e-2, atol=2e-2)
+    assert (fp32 - ref).abs().max() < 1e-5 < (fp16 - ref).abs().max()  # the fp16 variant really ran

@@ -67,6 +67,17 @@ if triton is not None:
             tl.atomic_add(out, acc, mask=omask)
 
     @triton.jit
+    def _bitmask_tile(v_ptr, mask_ptr, count, rn, rk, N, K, MASK_ROW_BYTES):
+        """The dense [rows rn, columns rk] tile of the bitmask layout (zeros where pruned), the in-bounds mask, and
+        each row's count of kept values after it: a row's kept values are contiguous from its offset, so a tile's
+        start is the running count, its positions a prefix sum of its bits."""
+        valid = (rn < N)[:, None] & (rk < K)[None, :]
+        byte = tl.load(mask_ptr + rn[:, None].to(tl.int64) * MASK_ROW_BYTES + (rk >> 3)[None, :], mask=valid, other=0)
+        bit = tl.where(valid, (byte.to(tl.int32) >> (rk & 7)[None, :]) & 1, 0)
+        w = tl.load(v_ptr + count[:, None] + tl.cumsum(bit, axis=1) - bit, mask=bit == 1, other=0.0)
+        return w, valid, count + tl.sum(bit, axis=1)
+
+    @triton.jit
     def _bitmask_gemv_kernel(x_ptr, v_ptr, mask_ptr, off_ptr, y_ptr, T, N, K, MASK_ROW_BYTES, stride_x, stride_y,
                              BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         pid = tl.program_id(0)
@@ -76,13 +87,8 @@ if triton is not None:
         acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
-            valid = (rn < N)[:, None] & (rk < K)[None, :]
-            byte = tl.load(mask_ptr + rn[:, None].to(tl.int64) * MASK_ROW_BYTES + (rk >> 3)[None, :], mask=valid,
-                           other=0)
-            bit = tl.where(valid, (byte.to(tl.int32) >> (rk & 7)[None, :]) & 1, 0)
-            where = count[:, None] + tl.cumsum(bit, axis=1) - bit
-            w = tl.load(v_ptr + where, mask=bit == 1, other=0.0).to(tl.float32)
-            count += tl.sum(bit, axis=1)
+            w, valid, count = _bitmask_tile(v_ptr, mask_ptr, count, rn, rk, N, K, MASK_ROW_BYTES)
+            w = w.to(tl.float32)
             x = tl.load(x_ptr + tok[:, None] * stride_x + rk[None, :], mask=(tok < T)[:, None] & (rk < K)[None, :],
                         other=0.0).to(tl.float32)
             acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
@@ -91,18 +97,12 @@ if triton is not None:
     @triton.jit
     def _bitmask_expand_kernel(v_ptr, mask_ptr, off_ptr, out_ptr, N, K, MASK_ROW_BYTES, stride_o,
                                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """Rows of the bitmask layout decoded left to right: a row's kept values are contiguous from its offset,
-        so each column tile starts where the previous one's kept count ended (one program per block of rows)."""
+        """Rows of the bitmask layout decoded left to right into `out` (one program per block of rows)."""
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         count = tl.load(off_ptr + rn, mask=rn < N, other=0)
         for k0 in range(0, K, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
-            valid = (rn < N)[:, None] & (rk < K)[None, :]
-            byte = tl.load(mask_ptr + rn[:, None].to(tl.int64) * MASK_ROW_BYTES + (rk >> 3)[None, :], mask=valid,
-                           other=0)
-            bit = tl.where(valid, (byte.to(tl.int32) >> (rk & 7)[None, :]) & 1, 0)
-            w = tl.load(v_ptr + count[:, None] + tl.cumsum(bit, axis=1) - bit, mask=bit == 1, other=0.0)
-            count += tl.sum(bit, axis=1)
+            w, valid, count = _bitmask_tile(v_ptr, mask_ptr, count, rn, rk, N, K, MASK_ROW_BYTES)
             tl.store(out_ptr + rn[:, None].to(tl.int64) * stride_o + rk[None, :], w.to(out_ptr.dtype.element_ty),
                      mask=valid)
 

@@ -30,8 +30,11 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-# Bytes of shared memory one block may use (the opt-in maximum) and registers per thread, per compute capability.
+# Bytes of shared memory one block may use (the opt-in maximum) and registers per thread, per compute capability;
+# an SM's shared memory and resident warps (occupancy)
 SHARED_MEMORY_LIMIT = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448}
+SHARED_MEMORY_PER_SM = {80: 167_936, 86: 102_400, 89: 102_400, 90: 233_472}
+WARPS_PER_SM = {80: 64, 86: 48, 89: 48, 90: 64}
 MAX_REGISTERS = 255
 REGISTERS_PER_SM = 65_536  # per block at most, on every architecture from sm_80 to sm_90
 FAKE_DEVICE = 1_000_000
@@ -50,6 +53,7 @@ class CompiledKernel:
     local_bytes: int           # per thread: stack frame + local memory (where register spills go)
     uses_dot: bool             # the kernel has a tl.dot
     tensor_cores: bool | None  # its SASS has MMA instructions (None when it has no dot)
+    blocks_per_sm: int = 0     # resident blocks per SM its registers, shared memory and warps allow
     problems: list = field(default_factory=list)   # does not compile or does not fit: exit status 1
     warnings: list = field(default_factory=list)   # register spills
 
@@ -156,6 +160,7 @@ def read_resources(name: str, kernel, entry: str, arch: int) -> CompiledKernel:
         shared_bytes=int(meta.shared) + fields["SHARED"], registers=fields["REG"],
         local_bytes=fields["LOCAL"] + fields["STACK"], uses_dot=uses_dot,
         tensor_cores=bool(TENSOR_CORE_OPS.search(sass)) if uses_dot else None)
+    out.blocks_per_sm = occupancy(out, arch)
     limit = SHARED_MEMORY_LIMIT.get(arch)
     if limit is not None and out.shared_bytes > limit:
         out.problems.append(f"needs {out.shared_bytes:,} bytes of shared memory, a block may use {limit:,}")
@@ -166,6 +171,17 @@ def read_resources(name: str, kernel, entry: str, arch: int) -> CompiledKernel:
     if out.local_bytes:  # runs, slower: a warning, not a failure (the tests require none where they look)
         out.warnings.append(f"spills {out.local_bytes} B per thread to local memory")
     return out
+
+
+def occupancy(k: CompiledKernel, arch: int) -> int:
+    """Blocks of this kernel one SM holds at once: the least of what its registers (allocated per warp in units
+    of 256), its shared memory (+1 KB reserved per block) and its warps allow, at most 32."""
+    warps = k.num_warps
+    regs_per_warp = -(-max(k.registers, 1) * 32 // 256) * 256
+    by_regs = REGISTERS_PER_SM // (regs_per_warp * warps)
+    by_shared = SHARED_MEMORY_PER_SM.get(arch, 233_472) // (k.shared_bytes + 1024)
+    by_warps = WARPS_PER_SM.get(arch, 64) // warps
+    return max(0, min(by_regs, by_shared, by_warps, 32))
 
 
 def _usage_fields(usage: str, name: str) -> dict:
@@ -245,11 +261,11 @@ def format_table(kernels: list[CompiledKernel], failures: list[dict], arch: int)
              f"{SHARED_MEMORY_LIMIT.get(arch, 0):,} bytes per block; local B: stack + local memory per thread, where "
              f"spills go; MMA: tensor-core instructions for tl.dot)",
              f"{'entry':<38} {'kernel':<26} {'tiles':<40} {'warps':>5} {'stages':>6} {'shared B':>9} {'regs':>4} "
-             f"{'local B':>7} {'MMA':>4}"]
+             f"{'local B':>7} {'MMA':>4} {'blocks/SM':>9}"]
     for k in kernels:
         mma = "-" if k.tensor_cores is None else "yes" if k.tensor_cores else "no"
         lines.append(f"{k.entry:<38} {k.kernel:<26} {tiles(k):<40} {k.num_warps:>5} {k.num_stages:>6} "
-                     f"{k.shared_bytes:>9,} {k.registers:>4} {k.local_bytes:>7} {mma:>4}"
+                     f"{k.shared_bytes:>9,} {k.registers:>4} {k.local_bytes:>7} {mma:>4} {k.blocks_per_sm:>9}"
                      + ("  <- " + "; ".join(k.problems + k.warnings) if k.problems or k.warnings else ""))
     for f in failures:
         lines.append(f"{f['entry']:<38} FAILED: {f['error'].splitlines()[0] if f['error'] else ''}")

@@ -76,6 +76,7 @@ def test_kv_decode_uses_tensor_cores_without_spilling(compiled):
         assert k["constexprs"]["DOT16"] is True  # fp16 operands on a GPU (fp32 only under the interpreter)
         assert k["tensor_cores"] is True, k["entry"]
         assert k["local_bytes"] == 0, (k["entry"], k["local_bytes"])
+        assert k["blocks_per_sm"] * k["num_warps"] >= 8, k["entry"]  # >= 8 resident warps per SM
     by_dim = {k["constexprs"]["D"]: k for k in decode if k["entry"].endswith("gear-4")}
     assert set(by_dim) == {64, 128, 256}
     # the tile grows with head_dim; 256 takes 8 warps and no pipelining (launch_config)

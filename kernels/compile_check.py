@@ -50,7 +50,8 @@ class CompiledKernel:
     num_stages: int
     shared_bytes: int          # shared memory the launch asks for (Triton's dynamic allocation + static)
     registers: int
-    local_bytes: int           # per thread: stack frame + local memory (where register spills go)
+    local_bytes: int           # per thread: stack frame + local memory (cuobjdump)
+    spill_bytes: int           # per thread: register spill stores (ptxas -v, read when local_bytes > 0)
     uses_dot: bool             # the kernel has a tl.dot
     tensor_cores: bool | None  # its SASS has MMA instructions (None when it has no dot)
     blocks_per_sm: int = 0     # resident blocks per SM its registers, shared memory and warps allow
@@ -158,7 +159,7 @@ def read_resources(name: str, kernel, entry: str, arch: int) -> CompiledKernel:
     out = CompiledKernel(
         entry=entry, kernel=name, constexprs=constexprs, num_warps=meta.num_warps, num_stages=meta.num_stages,
         shared_bytes=int(meta.shared) + fields["SHARED"], registers=fields["REG"],
-        local_bytes=fields["LOCAL"] + fields["STACK"], uses_dot=uses_dot,
+        local_bytes=fields["LOCAL"] + fields["STACK"], spill_bytes=0, uses_dot=uses_dot,
         tensor_cores=bool(TENSOR_CORE_OPS.search(sass)) if uses_dot else None)
     out.blocks_per_sm = occupancy(out, arch)
     limit = SHARED_MEMORY_LIMIT.get(arch)
@@ -168,9 +169,30 @@ def read_resources(name: str, kernel, entry: str, arch: int) -> CompiledKernel:
     if out.registers > MAX_REGISTERS or out.registers * threads > REGISTERS_PER_SM:
         out.problems.append(f"{out.registers} registers x {threads} threads (at most {MAX_REGISTERS} per thread, "
                             f"{REGISTERS_PER_SM:,} per block)")
-    if out.local_bytes:  # runs, slower: a warning, not a failure (the tests require none where they look)
-        out.warnings.append(f"spills {out.local_bytes} B per thread to local memory")
+    if out.local_bytes:  # a stack frame is not always a spill: ask ptxas (the same flags as Triton's build)
+        out.spill_bytes = ptxas_spill_stores(kernel, arch)
+    if out.spill_bytes:  # runs, slower: a warning, not a failure (the tests require none where they look)
+        out.warnings.append(f"spills {out.spill_bytes} B per thread to local memory")
     return out
+
+
+def ptxas_spill_stores(kernel, arch: int) -> int:
+    """Bytes of register spill stores per thread, from `ptxas -v` run on the kernel's PTX with the flags Triton's
+    own build uses (cuobjdump reports the stack frame, which also holds things that are not spills)."""
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = os.path.join(tmp, "kernel.ptx")
+        with open(ptx, "w") as f:
+            f.write(kernel.asm["ptx"])
+        fmad = [] if kernel.metadata.enable_fp_fusion else ["--fmad=false"]
+        log = subprocess.run([get_ptxas(arch).path, "-lineinfo", *fmad, "-v", "--regAllocOptLevel=2",
+                              f"--gpu-name={sm_arch_from_capability(arch)}", ptx, "-o", ptx + ".o"],
+                             capture_output=True, text=True, check=True).stderr
+    found = re.search(r"(\d+) bytes spill stores", log)
+    if found is None:
+        raise RuntimeError(f"ptxas -v gave no spill figure:\n{log}")
+    return int(found.group(1))
 
 
 def occupancy(k: CompiledKernel, arch: int) -> int:
@@ -258,14 +280,14 @@ def tiles(k: CompiledKernel) -> str:
 
 def format_table(kernels: list[CompiledKernel], failures: list[dict], arch: int) -> str:
     lines = [f"Triton kernels compiled for sm_{arch} (shared-memory limit "
-             f"{SHARED_MEMORY_LIMIT.get(arch, 0):,} bytes per block; local B: stack + local memory per thread, where "
-             f"spills go; MMA: tensor-core instructions for tl.dot)",
+             f"{SHARED_MEMORY_LIMIT.get(arch, 0):,} bytes per block; spill B: register spill stores per thread (ptxas -v); "
+             f"MMA: tensor-core instructions for tl.dot)",
              f"{'entry':<38} {'kernel':<26} {'tiles':<40} {'warps':>5} {'stages':>6} {'shared B':>9} {'regs':>4} "
-             f"{'local B':>7} {'MMA':>4} {'blocks/SM':>9}"]
+             f"{'spill B':>7} {'MMA':>4} {'blocks/SM':>9}"]
     for k in kernels:
         mma = "-" if k.tensor_cores is None else "yes" if k.tensor_cores else "no"
         lines.append(f"{k.entry:<38} {k.kernel:<26} {tiles(k):<40} {k.num_warps:>5} {k.num_stages:>6} "
-                     f"{k.shared_bytes:>9,} {k.registers:>4} {k.local_bytes:>7} {mma:>4} {k.blocks_per_sm:>9}"
+                     f"{k.shared_bytes:>9,} {k.registers:>4} {k.spill_bytes:>7} {mma:>4} {k.blocks_per_sm:>9}"
                      + ("  <- " + "; ".join(k.problems + k.warnings) if k.problems or k.warnings else ""))
     for f in failures:
         lines.append(f"{f['entry']:<38} FAILED: {f['error'].splitlines()[0] if f['error'] else ''}")

@@ -37,8 +37,10 @@ CODES, SCALE, ZERO, OVAL, OOFF, FACTOR, BASIS = range(len(PAGE_FIELDS))
 
 
 def launch_config(head_dim: int) -> dict:
-    """Warps and software-pipeline stages per head_dim (bigger tiles: more warps, fewer stages in flight)."""
-    return {64: dict(num_warps=4, num_stages=3), 128: dict(num_warps=4, num_stages=2),
+    """Warps and software-pipeline stages per head_dim, set by compiling for sm_90 (compile_check.py): at 128, 8
+    warps keep every format under 210 registers without spills (4 warps sat at 255 and spilled with a padding mask);
+    at 256 one stage keeps the tile under an sm_89 block's 99 KB."""
+    return {64: dict(num_warps=4, num_stages=3), 128: dict(num_warps=8, num_stages=3),
             256: dict(num_warps=8, num_stages=1)}.get(head_dim, dict(num_warps=4, num_stages=1))
 
 
@@ -61,12 +63,16 @@ if triton is not None:
 
     @triton.jit
     def _dequant_tile(tbl, n_pages, store, page, i, k_p, bh, D: tl.constexpr, C: tl.constexpr, G: tl.constexpr,
-                      BITS: tl.constexpr, PER: tl.constexpr, KEYS: tl.constexpr):
+                      BITS: tl.constexpr, PER: tl.constexpr, KEYS: tl.constexpr, ALIGN16: tl.constexpr):
         """K_hat or V_hat [C, D] (fp32) of chunk i of a page of k_p chunks: codes * scale + zero + outliers."""
         t = tl.arange(0, C)
         d = tl.arange(0, D)
         W: tl.constexpr = D * BITS // 8
-        codes = _ptr(tbl, n_pages, store, 0, page, tl.uint8) + bh * k_p * C * W
+        codes = _ptr(tbl, n_pages, store, 0, page, tl.uint8)
+        if ALIGN16:  # every page's codes 16-byte aligned and W a multiple of 16 (checked on the host): saying so
+            # lets the compiler copy rows of codes in 16-byte vectors, asynchronously, ahead of their use
+            codes = tl.multiple_of(codes, 16)
+        codes += bh * k_p * C * W
         x = load_code_tile(codes, i * C + t, t >= 0, D, BITS).to(tl.float32)
         if KEYS:  # stats [C/G, D]: one row per group of G tokens
             NT: tl.constexpr = C // G
@@ -145,7 +151,7 @@ if triton is not None:
             D: tl.constexpr, C: tl.constexpr, GK: tl.constexpr, GV: tl.constexpr, BITS: tl.constexpr,
             PK: tl.constexpr, PV: tl.constexpr, K_LR: tl.constexpr, V_LR: tl.constexpr, HAS_BIAS: tl.constexpr,
             ROWS: tl.constexpr, RB: tl.constexpr, BLOCK_W: tl.constexpr, DOT16: tl.constexpr,
-            A_FP8: tl.constexpr):
+            A_FP8: tl.constexpr, ALIGN16: tl.constexpr):
         bh = tl.program_id(0)
         rows = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
         split = tl.program_id(2)
@@ -165,7 +171,7 @@ if triton is not None:
             page = c // P
             i = c - page * P
             k_p = tl.minimum(P, n_chunks - page * P)
-            k_hat = _dequant_tile(tbl, n_pages, 0, page, i, k_p, bh, D, C, GK, BITS, PK, True)
+            k_hat = _dequant_tile(tbl, n_pages, 0, page, i, k_p, bh, D, C, GK, BITS, PK, True, ALIGN16)
             s = _dot(q, tl.trans(k_hat), DOT16)
             if K_LR:
                 u, a = _factors(tbl, n_pages, 0, page, i, k_p, bh, tl.load(ranks + page), D, C, RB, A_FP8)
@@ -176,7 +182,7 @@ if triton is not None:
             alpha = tl.exp(m_i - m_new)
             p = tl.exp(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            v_hat = _dequant_tile(tbl, n_pages, 1, page, i, k_p, bh, D, C, GV, BITS, PV, False)
+            v_hat = _dequant_tile(tbl, n_pages, 1, page, i, k_p, bh, D, C, GV, BITS, PV, False, ALIGN16)
             acc = acc * alpha[:, None] + _dot(p, v_hat, DOT16)
             if V_LR:
                 rank = tl.load(ranks + n_pages + page)
@@ -260,10 +266,12 @@ def compressed_attention_triton(query, keys, values, window_keys, window_values,
         k_lr, v_lr = any(p.rank for p in keys.pages), any(p.rank for p in values.pages)
         gk, gv, bits = keys.group_size, values.group_size, keys.bits
         a_fp8 = any(p.a is not None and p.a.element_size() == 1 for p in keys.pages + values.pages)
+        align16 = d * bits // 8 % 16 == 0 and all(p.codes.data_ptr() % 16 == 0 for p in keys.pages + values.pages)
     else:
         tbl, ranks = torch.zeros(1, dtype=torch.int64, device=q.device), torch.zeros(2, dtype=torch.int32,
                                                                                      device=q.device)
         c, p_chunks, n_pages, pk, pv, k_lr, v_lr, gk, gv, bits, a_fp8 = 16, 1, 1, 0, 0, False, False, 16, 16, 8, False
+        align16 = False
     n_chunks = n // c
     row_blocks = triton.cdiv(rows, ROW_BLOCK)
     splits = splits or _splits(q, b * h * row_blocks, n_chunks)
@@ -275,5 +283,5 @@ def compressed_attention_triton(query, keys, values, window_keys, window_values,
         q, acc, m, lse, bias.contiguous() if bias is not None else dummy, wk, wv, tbl, ranks,
         n_pages, n_chunks, p_chunks, w, h, l, rows, per_split,
         D=d, C=c, GK=gk, GV=gv, BITS=bits, PK=pk, PV=pv, K_LR=k_lr, V_LR=v_lr, HAS_BIAS=bias is not None,
-        ROWS=ROW_BLOCK, RB=RANK_BLOCK, BLOCK_W=WINDOW_BLOCK, DOT16=not interpreted(), A_FP8=a_fp8, **launch_config(d))
+        ROWS=ROW_BLOCK, RB=RANK_BLOCK, BLOCK_W=WINDOW_BLOCK, DOT16=not interpreted(), A_FP8=a_fp8, ALIGN16=align16, **launch_config(d))
     return _combine_splits(acc, m, lse).view(b, hq, l, d).to(query.dtype)

@@ -335,19 +335,29 @@ if triton is not None:
 
     @triton.jit
     def load_code_tile(codes_ptr, rows, row_mask, D: tl.constexpr, BITS: tl.constexpr):
-        """Integer codes [ROWS, D] (int32) of the packed rows `rows` (row r starts at codes_ptr + r * D*BITS/8)."""
+        """Integer codes [ROWS, D] (int32) of the packed rows `rows` (row r starts at codes_ptr + r * D*BITS/8).
+        Every byte is loaded once (compiled for sm_90, loading each code's byte made 4x / 2x redundant byte loads
+        at 2 / 4 bits that could not be vectorized)."""
         WIDTH: tl.constexpr = D * BITS // 8
-        d = tl.arange(0, D)
-        bit = d * BITS
-        byte = bit // 8
-        word = tl.load(codes_ptr + rows[:, None] * WIDTH + byte[None, :], mask=row_mask[:, None], other=0)
-        word = word.to(tl.int32)
-        if BITS == 3:  # a code may straddle two bytes
-            nxt = byte + 1
-            hi = tl.load(codes_ptr + rows[:, None] * WIDTH + nxt[None, :],
-                         mask=row_mask[:, None] & (nxt < WIDTH)[None, :], other=0).to(tl.int32)
-            word = word | (hi << 8)
-        return (word >> (bit % 8)[None, :]) & ((1 << BITS) - 1)
+        R: tl.constexpr = rows.shape[0]
+        if BITS == 8:
+            out = tl.load(codes_ptr + rows[:, None] * WIDTH + tl.arange(0, D)[None, :], mask=row_mask[:, None],
+                          other=0).to(tl.int32)
+        elif BITS == 3:  # 8 codes in 3 bytes: each group's bytes read once (a 4th lane masked) into a 24-bit word
+            g = tl.arange(0, D // 8)
+            k = tl.arange(0, 4)
+            b = tl.load(codes_ptr + rows[:, None, None] * WIDTH + g[None, :, None] * 3 + k[None, None, :],
+                        mask=row_mask[:, None, None] & (k < 3)[None, None, :], other=0).to(tl.int32)
+            word = tl.sum(b << (k * 8)[None, None, :], axis=2)
+            lanes = (word[:, :, None] >> (tl.arange(0, 8) * 3)[None, None, :]) & 7
+            out = tl.reshape(lanes, (R, D))
+        else:  # each byte read once (contiguous: vector loads), its 8 / BITS codes split out in registers
+            PER: tl.constexpr = 8 // BITS
+            packed = tl.load(codes_ptr + rows[:, None] * WIDTH + tl.arange(0, WIDTH)[None, :],
+                             mask=row_mask[:, None], other=0).to(tl.int32)
+            lanes = (packed[:, :, None] >> (tl.arange(0, PER) * BITS)[None, None, :]) & ((1 << BITS) - 1)
+            out = tl.reshape(lanes, (R, D))
+        return out
 
     @triton.jit
     def _unpack_dequantize_kernel(codes_ptr, scale_ptr, zero_ptr, out_ptr, T,

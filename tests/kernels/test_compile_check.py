@@ -65,7 +65,7 @@ def test_every_kernel_compiles_and_fits_an_h200_block(compiled):
     assert sum(k["kernel"] == "_nm_gemv_kernel" and k["constexprs"]["BLOCK_T"] == 16 for k in report["kernels"]) >= 4
     for k in report["kernels"]:
         assert 0 <= k["shared_bytes"] <= 232_448 and 0 < k["registers"] <= 255
-        assert k["local_bytes"] == 0, (k["entry"], k["kernel"], k["local_bytes"])  # no register spills
+        assert k["spill_bytes"] == 0, (k["entry"], k["kernel"], k["spill_bytes"])  # no register spills
 
 
 def test_kv_decode_uses_tensor_cores_without_spilling(compiled):
@@ -75,7 +75,7 @@ def test_kv_decode_uses_tensor_cores_without_spilling(compiled):
     for k in decode:
         assert k["constexprs"]["DOT16"] is True  # fp16 operands on a GPU (fp32 only under the interpreter)
         assert k["tensor_cores"] is True, k["entry"]
-        assert k["local_bytes"] == 0, (k["entry"], k["local_bytes"])
+        assert k["spill_bytes"] == 0, (k["entry"], k["spill_bytes"])
         assert k["blocks_per_sm"] * k["num_warps"] >= 8, k["entry"]  # >= 8 resident warps per SM
     by_dim = {k["constexprs"]["D"]: k for k in decode if k["entry"].endswith("gear-4")}
     assert set(by_dim) == {64, 128, 256}

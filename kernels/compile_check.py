@@ -35,6 +35,7 @@ import torch
 SHARED_MEMORY_LIMIT = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448}
 SHARED_MEMORY_PER_SM = {80: 167_936, 86: 102_400, 89: 102_400, 90: 233_472}
 WARPS_PER_SM = {80: 64, 86: 48, 89: 48, 90: 64}
+BLOCKS_PER_SM = {80: 32, 86: 16, 89: 24, 90: 32}
 MAX_REGISTERS = 255
 REGISTERS_PER_SM = 65_536  # per block at most, on every architecture from sm_80 to sm_90
 FAKE_DEVICE = 1_000_000
@@ -51,7 +52,7 @@ class CompiledKernel:
     shared_bytes: int          # shared memory the launch asks for (Triton's dynamic allocation + static)
     registers: int
     local_bytes: int           # per thread: stack frame + local memory (cuobjdump)
-    spill_bytes: int           # per thread: register spill stores (ptxas -v, read when local_bytes > 0)
+    spill_bytes: int           # bytes of spill-store instructions in the code (ptxas -v, static; 0 = no spills)
     uses_dot: bool             # the kernel has a tl.dot
     tensor_cores: bool | None  # its SASS has MMA instructions (None when it has no dot)
     blocks_per_sm: int = 0     # resident blocks per SM its registers, shared memory and warps allow
@@ -172,13 +173,15 @@ def read_resources(name: str, kernel, entry: str, arch: int) -> CompiledKernel:
     if out.local_bytes:  # a stack frame is not always a spill: ask ptxas (the same flags as Triton's build)
         out.spill_bytes = ptxas_spill_stores(kernel, arch)
     if out.spill_bytes:  # runs, slower: a warning, not a failure (the tests require none where they look)
-        out.warnings.append(f"spills {out.spill_bytes} B per thread to local memory")
+        out.warnings.append(f"spills registers ({out.spill_bytes} B of spill stores, a {out.local_bytes} B stack "
+                            f"frame per thread)")
     return out
 
 
 def ptxas_spill_stores(kernel, arch: int) -> int:
-    """Bytes of register spill stores per thread, from `ptxas -v` run on the kernel's PTX with the flags Triton's
-    own build uses (cuobjdump reports the stack frame, which also holds things that are not spills)."""
+    """Bytes of register spill-store instructions in the kernel (static: summed over the code, not per thread at
+    run time), from `ptxas -v` run on its PTX with the flags Triton's own build uses; nonzero means it spills
+    (cuobjdump's stack frame also holds things that are not spills)."""
     from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -197,13 +200,13 @@ def ptxas_spill_stores(kernel, arch: int) -> int:
 
 def occupancy(k: CompiledKernel, arch: int) -> int:
     """Blocks of this kernel one SM holds at once: the least of what its registers (allocated per warp in units
-    of 256), its shared memory (+1 KB reserved per block) and its warps allow, at most 32."""
+    of 256), its shared memory (+1 KB reserved per block), its warps and the architecture's block limit allow."""
     warps = k.num_warps
     regs_per_warp = -(-max(k.registers, 1) * 32 // 256) * 256
     by_regs = REGISTERS_PER_SM // (regs_per_warp * warps)
     by_shared = SHARED_MEMORY_PER_SM.get(arch, 233_472) // (k.shared_bytes + 1024)
     by_warps = WARPS_PER_SM.get(arch, 64) // warps
-    return max(0, min(by_regs, by_shared, by_warps, 32))
+    return max(0, min(by_regs, by_shared, by_warps, BLOCKS_PER_SM.get(arch, 32)))
 
 
 def _usage_fields(usage: str, name: str) -> dict:
@@ -274,13 +277,13 @@ def main(argv=None) -> int:
 
 def tiles(k: CompiledKernel) -> str:
     """The tile constexprs of a kernel (BLOCK_*, SPLIT_*, and D / BITS / outliers of the KV kernels), compactly."""
-    keep = ("D", "BITS", "PK", "PV", "PER_SIDE", "G")
+    keep = ("D", "BITS", "PK", "PV", "PER_SIDE", "G", "ALIGN16")
     return " ".join(f"{n}={v}" for n, v in k.constexprs.items() if n.startswith(("BLOCK_", "SPLIT_")) or n in keep)
 
 
 def format_table(kernels: list[CompiledKernel], failures: list[dict], arch: int) -> str:
     lines = [f"Triton kernels compiled for sm_{arch} (shared-memory limit "
-             f"{SHARED_MEMORY_LIMIT.get(arch, 0):,} bytes per block; spill B: register spill stores per thread (ptxas -v); "
+             f"{SHARED_MEMORY_LIMIT.get(arch, 0):,} bytes per block; spill B: bytes of spill-store instructions, static (ptxas -v), 0 = no spills; "
              f"MMA: tensor-core instructions for tl.dot)",
              f"{'entry':<38} {'kernel':<26} {'tiles':<40} {'warps':>5} {'stages':>6} {'shared B':>9} {'regs':>4} "
              f"{'spill B':>7} {'MMA':>4} {'blocks/SM':>9}"]

@@ -32,7 +32,7 @@ def torch_kernels():
         os.environ.pop("COMPRESS_KERNELS") if old is None else os.environ.__setitem__("COMPRESS_KERNELS", old)
 
 
-def kv_decode(d: int, fmt: str, masked: bool = False, dtype: torch.dtype = torch.float16):
+def kv_decode(d: int, fmt: str, masked: bool = False, dtype: torch.dtype = torch.float16, aligned: bool = True):
     """One decode step of 32 query heads over 8 KV heads; `dtype`: the model's, that of the queries (the cache
     keeps its window in fp16 whatever the model's dtype)."""
     from ..kvcache.store import CompressedStore
@@ -48,6 +48,12 @@ def kv_decode(d: int, fmt: str, masked: bool = False, dtype: torch.dtype = torch
                                     power_iters=1, factor_dtype=factor_dtype)
             store.append(torch.randn(batch, heads, n, d, generator=g).to(dtype), rank)
             stores.append(store)
+    if not aligned:  # every page's codes one byte past an aligned address: the kernel without its ALIGN16 hint
+        for store in stores:
+            for page in store.pages:
+                buf = torch.empty(page.codes.numel() + 1, dtype=torch.uint8)
+                buf[1:] = page.codes.flatten()
+                page.codes = buf[1:].view(page.codes.shape)
     wk, wv = (torch.randn(batch, heads, window, d, generator=g).half() for _ in range(2))
     q = torch.randn(batch, q_heads, 1, d, generator=g).to(dtype)
     mask = None
@@ -149,6 +155,7 @@ def entry_points() -> dict:
             entries[f"kv_decode d{d} {fmt}"] = lambda d=d, fmt=fmt: kv_decode(d, fmt)
     entries["kv_decode d128 gear-4 masked"] = lambda: kv_decode(128, "gear-4", masked=True)
     entries["kv_decode d128 gear-4 bf16"] = lambda: kv_decode(128, "gear-4", dtype=torch.bfloat16)  # Llama's dtype
+    entries["kv_decode d128 kivi-2 unaligned"] = lambda: kv_decode(128, "kivi-2", aligned=False)
     for d in HEAD_DIMS:
         for bits, ratio in ((2, 0.0), (4, 0.0), (4, 0.02)):
             entries[f"kv_quantize d{d} {bits}-bit outliers {ratio}"] = lambda d=d, b=bits, r=ratio: kv_quantize(d, b, r)

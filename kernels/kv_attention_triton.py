@@ -240,6 +240,13 @@ def triton_supports(keys, values, d: int) -> bool:
             and len({p.a.dtype for p in keys.pages + values.pages if p.a is not None}) <= 1)
 
 
+def codes_aligned(pages, d: int, bits: int) -> bool:
+    """Every row of codes the kernel reads starts 16-byte aligned: rows of W = d * bits / 8 bytes (a multiple of
+    16), pages contiguous (page_table refuses others) from a 16-byte aligned address. The kernel then says so to the
+    compiler (ALIGN16), which copies codes in vectors; a false claim would read misaligned memory on a GPU."""
+    return d * bits // 8 % 16 == 0 and all(p.codes.data_ptr() % 16 == 0 for p in pages)
+
+
 def _splits(q: torch.Tensor, programs: int, n_chunks: int) -> int:
     """About two programs per SM, each split with at least 4 chunks."""
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
@@ -266,7 +273,7 @@ def compressed_attention_triton(query, keys, values, window_keys, window_values,
         k_lr, v_lr = any(p.rank for p in keys.pages), any(p.rank for p in values.pages)
         gk, gv, bits = keys.group_size, values.group_size, keys.bits
         a_fp8 = any(p.a is not None and p.a.element_size() == 1 for p in keys.pages + values.pages)
-        align16 = d * bits // 8 % 16 == 0 and all(p.codes.data_ptr() % 16 == 0 for p in keys.pages + values.pages)
+        align16 = codes_aligned(keys.pages + values.pages, d, bits)
     else:
         tbl, ranks = torch.zeros(1, dtype=torch.int64, device=q.device), torch.zeros(2, dtype=torch.int32,
                                                                                      device=q.device)

@@ -67,13 +67,19 @@ if triton is not None:
             tl.atomic_add(out, acc, mask=omask)
 
     @triton.jit
-    def _bitmask_tile(v_ptr, mask_ptr, count, rn, rk, N, K, MASK_ROW_BYTES):
-        """The dense [rows rn, columns rk] tile of the bitmask layout (zeros where pruned), the in-bounds mask, and
-        each row's count of kept values after it: a row's kept values are contiguous from its offset, so a tile's
-        start is the running count, its positions a prefix sum of its bits."""
+    def _bitmask_tile(v_ptr, mask_ptr, count, rn, k0, N, K, MASK_ROW_BYTES, BLOCK_K: tl.constexpr):
+        """The dense [rows rn, columns k0 + arange(BLOCK_K)] tile of the bitmask layout (zeros where pruned), the
+        in-bounds mask, and each row's count of kept values after it: a row's kept values are contiguous from its
+        offset, so a tile's start is the running count, its positions a prefix sum of its bits. Each mask byte is
+        loaded once and its 8 bits split in registers (not one load per column: 8x the loads); k0 % 8 == 0."""
+        BN: tl.constexpr = rn.shape[0]
+        rk = k0 + tl.arange(0, BLOCK_K)
         valid = (rn < N)[:, None] & (rk < K)[None, :]
-        byte = tl.load(mask_ptr + rn[:, None].to(tl.int64) * MASK_ROW_BYTES + (rk >> 3)[None, :], mask=valid, other=0)
-        bit = tl.where(valid, (byte.to(tl.int32) >> (rk & 7)[None, :]) & 1, 0)
+        rb = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+        byte = tl.load(mask_ptr + rn[:, None].to(tl.int64) * MASK_ROW_BYTES + rb[None, :],
+                       mask=(rn < N)[:, None] & (rb < MASK_ROW_BYTES)[None, :], other=0).to(tl.int32)
+        bits = tl.reshape((byte[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1, (BN, BLOCK_K))
+        bit = tl.where(valid, bits, 0)
         w = tl.load(v_ptr + count[:, None] + tl.cumsum(bit, axis=1) - bit, mask=bit == 1, other=0.0)
         return w, valid, count + tl.sum(bit, axis=1)
 
@@ -87,7 +93,7 @@ if triton is not None:
         acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
-            w, valid, count = _bitmask_tile(v_ptr, mask_ptr, count, rn, rk, N, K, MASK_ROW_BYTES)
+            w, valid, count = _bitmask_tile(v_ptr, mask_ptr, count, rn, k0, N, K, MASK_ROW_BYTES, BLOCK_K)
             w = w.to(tl.float32)
             x = tl.load(x_ptr + tok[:, None] * stride_x + rk[None, :], mask=(tok < T)[:, None] & (rk < K)[None, :],
                         other=0.0).to(tl.float32)
@@ -102,7 +108,7 @@ if triton is not None:
         count = tl.load(off_ptr + rn, mask=rn < N, other=0)
         for k0 in range(0, K, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
-            w, valid, count = _bitmask_tile(v_ptr, mask_ptr, count, rn, rk, N, K, MASK_ROW_BYTES)
+            w, valid, count = _bitmask_tile(v_ptr, mask_ptr, count, rn, k0, N, K, MASK_ROW_BYTES, BLOCK_K)
             tl.store(out_ptr + rn[:, None].to(tl.int64) * stride_o + rk[None, :], w.to(out_ptr.dtype.element_ty),
                      mask=valid)
 
@@ -133,14 +139,16 @@ if triton is not None:
     def _tile_fits_registers(configs, named_args, **kwargs):
         """Configurations whose [tokens, rows, columns] product tile holds 32-64 fp32 values per thread. Above 64,
         compiled for sm_90 (compile_check.py), tiles spilled 0.2-17 KB per thread (16 tokens x 64 x 128: 17.5 KB)
-        and took ptxas minutes on the first call of every shape; below 32 a thread has little to overlap, and
-        every configuration kept costs the autotuner a timed run per shape (8-20 of 36 / 4-10 of 18 kept)."""
+        and took ptxas minutes on the first call of every shape; below 32 (from 4 tokens on) a thread has little
+        to overlap, and every configuration kept costs the autotuner a timed run per shape (8-34 of 36 / 4-17 of
+        18 kept)."""
         tokens = {**named_args, **kwargs}["BLOCK_T"]
 
         def per_thread(c):
             return tokens * c.kwargs["BLOCK_N"] * c.kwargs.get("BLOCK_J", c.kwargs.get("BLOCK_K")) / (32 * c.num_warps)
 
-        return ([c for c in configs if 32 <= per_thread(c) <= 64] or [c for c in configs if per_thread(c) <= 64]
+        low = 32 if tokens >= 4 else 0  # at 1-2 tokens small many-program tiles may win: not measured, all kept
+        return ([c for c in configs if low <= per_thread(c) <= 64] or [c for c in configs if per_thread(c) <= 64]
                 or [min(configs, key=per_thread)])
 
     _GEMV_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_J": bj, "SPLIT_K": sk}, num_warps=w)

@@ -341,3 +341,20 @@ def test_fp16_dots_of_the_gpu_path_stay_within_its_tolerance(triton_kernels, mon
     fp16 = AT.compressed_attention_triton(q, keys, values, wk, wv, mask)
     torch.testing.assert_close(fp16, ref, rtol=2e-2, atol=2e-2)
     assert (fp32 - ref).abs().max() < 1e-5 < (fp16 - ref).abs().max()  # the fp16 variant really ran
+
+
+def test_codes_alignment_claim_and_an_unaligned_page(triton_kernels):
+    """ALIGN16 (a 16-byte alignment hint the compiler vectorizes with) is claimed only when every row of codes
+    starts aligned; a page whose codes sit one byte off runs the kernel without it, with the same result."""
+    dev = triton_kernels
+    q, keys, values, wk, wv, _, _ = make_case(d=64, group=32, chunk=32, bits=2, **KIVI, device=dev)
+    assert AT.codes_aligned(keys.pages + values.pages, 64, 2)           # rows of 16 bytes, fresh allocations
+    assert not AT.codes_aligned(keys.pages, 64, 3)                      # rows of 24 bytes
+    want = A.compressed_attention_reference(*_to(dev, q), keys, values, *_to(dev, wk, wv))
+    for page in keys.pages:
+        buf = torch.empty(page.codes.numel() + 1, dtype=torch.uint8, device=page.codes.device)
+        buf[1:] = page.codes.flatten()
+        page.codes = buf[1:].view(page.codes.shape)
+    assert not AT.codes_aligned(keys.pages + values.pages, 64, 2)
+    got = A.compressed_decode_attention(*_to(dev, q), keys, values, *_to(dev, wk, wv))
+    torch.testing.assert_close(got.cpu(), want.cpu(), **TOL)

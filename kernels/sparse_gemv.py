@@ -151,11 +151,23 @@ if triton is not None:
         return ([c for c in configs if low <= per_thread(c) <= 64] or [c for c in configs if per_thread(c) <= 64]
                 or [min(configs, key=per_thread)])
 
+    def _autotune(configs, key, **options):
+        """triton.autotune with a short timing per candidate (a decode GEMV takes tens of microseconds: 20 ms is
+        hundreds of runs; the default 125 ms made tuning 34 candidates per shape cost seconds) and the choice cached
+        on disk across processes, where this Triton has those options (3.3+)."""
+        def quick(fn, quantiles):
+            return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
+
+        try:
+            return triton.autotune(configs, key, **options, do_bench=quick, cache_results=True)
+        except TypeError:
+            return triton.autotune(configs, key, **options)
+
     _GEMV_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_J": bj, "SPLIT_K": sk}, num_warps=w)
                      for bn in (16, 32, 64) for bj in (32, 64, 128) for sk in (1, 4) for w in (4, 8)]
-    _nm_gemv_tuned = triton.autotune(_GEMV_CONFIGS, key=["N", "KEPT", "BLOCK_T"], reset_to_zero=["y_ptr"],
-                                     prune_configs_by={"early_config_prune": _tile_fits_registers})(_nm_gemv_kernel)
-    _bitmask_gemv_tuned = triton.autotune(
+    _nm_gemv_tuned = _autotune(_GEMV_CONFIGS, key=["N", "KEPT", "BLOCK_T"], reset_to_zero=["y_ptr"],
+                               prune_configs_by={"early_config_prune": _tile_fits_registers})(_nm_gemv_kernel)
+    _bitmask_gemv_tuned = _autotune(
         [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w) for bn in (8, 16, 32) for bk in (64, 128, 256)
          for w in (4, 8)],
         key=["N", "K", "BLOCK_T"], prune_configs_by={"early_config_prune": _tile_fits_registers})(

@@ -10,7 +10,7 @@ reads each cubin's registers, local memory (register spills) and the shared memo
 wheel carries ptxas, cuobjdump and nvdisasm.
 
 Run it in a process without TRITON_INTERPRET (the interpreter is chosen when a kernel is defined):
-    python -m compress.kernels.compile_check [--arch 90] [--only kv_decode ...] [--json]
+    python -m compress.kernels.compile_check [--arch 90] [--only kv_decode ...] [--json] [--list]
 It exits 1 when a kernel fails to compile or does not fit a block of the target (shared memory, registers); a
 kernel that spills registers to local memory is flagged in the table (and `warnings` in --json).
 Context length and batch are runtime arguments of every kernel here, so small tensors compile the kernels that
@@ -249,7 +249,11 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200, 80: A100)")
     parser.add_argument("--only", nargs="+", metavar="PREFIX", help="entry points whose label starts with one of these")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--list", action="store_true", help="print the entry points' labels and exit")
     args = parser.parse_args(argv)
+    if args.list:
+        print("\n".join(entry_points()))
+        return 0
     # Triton 3.9 warns once per process that this default will change; keep today's default (fusion on, as the
     # GPU runs compile) and say so
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")

@@ -123,6 +123,13 @@ print(json.dumps([f["entry"] for f in failures]))
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == ["bad"], proc.stderr[-2000:]
 
 
+def test_cli_lists_its_entry_points():
+    proc = subprocess.run([sys.executable, "-m", "compress.kernels.compile_check", "--list"], capture_output=True,
+                          text=True, timeout=120)
+    labels = proc.stdout.split("\n")
+    assert proc.returncode == 0 and "kv_decode d128 gear-4" in labels and "vq_logits" in labels
+
+
 def test_cli_refuses_to_run_under_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, "-m", "compress.kernels.compile_check"], capture_output=True, text=True,

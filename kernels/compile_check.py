@@ -5,9 +5,10 @@ a GPU or fits one: an H200 run once found the KV decode kernel asking 303,104 by
 use 232,448). Here each GPU entry point runs on small CPU tensors while Triton compiles instead of launching
 (`compile_only`): the same path as on the GPU (TTIR -> TTGIR -> PTX -> ptxas cubin for the target architecture, the
 same constexprs, warps and stages the wrapper picks, every configuration of an autotuned kernel). Then `cuobjdump`
-reads each cubin's registers, local memory (register spills) and the shared memory the launch asks for, and
-`nvdisasm` says whether its `tl.dot`s became tensor-core instructions. No driver and no GPU are needed: Triton's
-wheel carries ptxas, cuobjdump and nvdisasm.
+reads each cubin's registers, stack frame and the shared memory the launch asks for, `ptxas -v` (with Triton's own
+flags, where a stack frame shows up) says whether it spills, `nvdisasm` whether its `tl.dot`s became tensor-core
+instructions, and the blocks one SM holds follow. No driver and no GPU are needed: Triton's wheel carries ptxas,
+cuobjdump and nvdisasm.
 
 Run it in a process without TRITON_INTERPRET (the interpreter is chosen when a kernel is defined):
     python -m compress.kernels.compile_check [--arch 90] [--only kv_decode ...] [--json] [--list]

@@ -21,8 +21,9 @@ def triton_available() -> bool:
 
 def interpreted() -> bool:
     """Whether Triton kernels run under its CPU interpreter (TRITON_INTERPRET=1): fixed tile configurations (no
-    driver to autotune with) and fp32 dot operands (fp16/bf16 `tl.dot` is wrong there); compiled kernels, on a GPU
-    or for one (compile_check.py), take the GPU's choices."""
+    driver to autotune with) and fp32 dot operands (bf16 `tl.dot` is wrong there, and fp32 keeps the tests' tight
+    float64 tolerances); compiled kernels, on a GPU or for one (compile_check.py), take the GPU's choices. Tests
+    reach the GPU's choices on a CPU by patching this function."""
     try:  # Triton's own reading of TRITON_INTERPRET (1, true, on, ...); `knobs` is Triton >= 3.4
         from triton import knobs
 

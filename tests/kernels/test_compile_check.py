@@ -18,14 +18,18 @@ ENTRIES = ["kv_decode d64 gear-4", "kv_decode d128 kivi-2", "kv_decode d128 gear
            "kv_decode d256 gear-4", "kv_quantize d128", "sparse", "activation_sparse", "vq_logits"]
 
 
-def compile_for(arch, *only):
+def require_compiler():
     pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "COMPRESS_KERNELS")}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
     from compress.kernels import compile_check
 
-    if compile_check.tool("ptxas") is None or compile_check.tool("cuobjdump") is None:
-        pytest.skip("triton's wheel has no ptxas/cuobjdump here")
+    if any(compile_check.tool(name) is None for name in ("ptxas", "cuobjdump", "nvdisasm")):
+        pytest.skip("triton's wheel has no ptxas/cuobjdump/nvdisasm here")
+
+
+def compile_for(arch, *only):
+    require_compiler()
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "COMPRESS_KERNELS")}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
     proc = subprocess.run([sys.executable, "-m", "compress.kernels.compile_check", "--json", "--arch", str(arch),
                            "--only", *only],
                           capture_output=True, text=True, env=env, timeout=600)
@@ -118,7 +122,7 @@ kernels, failures = compile_entries({"bad": lambda: _bad[(1,)](torch.zeros(16), 
 print(json.dumps([f["entry"] for f in failures]))
 ''')
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    pytest.importorskip("triton")
+    require_compiler()
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == ["bad"], proc.stderr[-2000:]
 
@@ -153,7 +157,7 @@ for arch in (90, 80):
     archs.append(sorted({k.metadata.target.arch for _, k in compiled}))
 print(json.dumps(archs))
 ''')
-    pytest.importorskip("triton")
+    require_compiler()
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == [[90], [80]], proc.stderr[-2000:]

@@ -147,6 +147,23 @@ def vq_logits():
     vq_topk_triton(*args, k=8, gemm="torch")
 
 
+def linear_decode(d: int, window: bool, normalize: bool):
+    """One decoding step of a linearized layer (GLA gates; the hybrid's window of 64 when `window`): 32 query heads
+    over 8 KV heads, float32 state as the cache keeps it."""
+    from .linear_decode_triton import linear_decode_step_triton
+
+    b, h, g = 2, 8, 4
+    x = lambda *shape: torch.randn(*shape)  # noqa: E731
+    state = x(b, h, d, d + int(normalize))
+    win = None
+    if window:
+        slots = 63
+        win = (x(b, h * g, 1, d), x(b, h, 1, d), x(b, h, 1, d), x(b, h, slots, d), x(b, h, slots, d),
+               torch.ones(b, slots, dtype=torch.bool), 5)
+    linear_decode_step_triton(x(b, h * g, 1, d), x(b, h, 1, d), x(b, h, 1, d), x(b, h, 1, d + int(normalize)),
+                              state, normalize, win, torch.ones(b, dtype=torch.bool), 0.3, 0.7, d ** -0.5)
+
+
 def entry_points() -> dict:
     """label -> zero-argument callable that launches (compiles) one wrapper's kernels."""
     entries = {}
@@ -166,4 +183,8 @@ def entry_points() -> dict:
     for bits in (4, 8):
         entries[f"activation_sparse int{bits}"] = lambda b=bits: activation_sparse(b)
     entries["vq_logits"] = vq_logits
+    for d in (64, 128):
+        for window, normalize in ((False, False), (True, False), (True, True)):
+            label = f"linear_decode d{d}" + (" hybrid" if window else " gla") + (" normalized" if normalize else "")
+            entries[label] = lambda d=d, w=window, n=normalize: linear_decode(d, w, n)
     return entries

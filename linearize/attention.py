@@ -24,9 +24,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnsupportedModelError
+from ..kernels.dispatch import use_triton
 from ..kernels.gla import gated_linear_attention
 from ..kernels.gsa import gated_slot_attention
 from ..kernels.linear_decode_cpu import gsa_decode_step, linear_decode_step, linear_decode_supported
+from ..kernels.linear_decode_triton import linear_decode_step_triton, linear_decode_triton_supported
 from ..kernels.window_attention import sliding_window_attention
 from .cache import LinearizedLayer
 from .settings import LinearizeSettings
@@ -169,10 +171,17 @@ class LinearizedAttention(nn.Module):
         out = out.transpose(1, 2).reshape(b, t, -1).to(hidden_states.dtype)
         return self.o_proj(out), None
 
-    # ---- one decoding step in one C call (kernels/linear_decode_cpu.py); forward's torch path is its reference ----
+    # ---- one decoding step in one call: C on the CPU (kernels/linear_decode_cpu.py), Triton on CUDA
+    # (kernels/linear_decode_triton.py); forward's torch path is their reference ----
     def _fused_decode_ready(self, layer) -> bool:
         if layer is None or layer.state is None:
             return False
+        if use_triton(layer.state):  # CUDA (or COMPRESS_KERNELS=triton): the Triton step, GLA-type gates only
+            window = self.settings.window_or_none() is not None
+            return self.settings.gate != "gsa" and (not window or layer.window_keys is not None) and \
+                linear_decode_triton_supported(layer.state, self.settings.normalize,
+                                               *((layer.window_keys, layer.window_values, layer.window_valid)
+                                                 if window else ()))
         if self.settings.gate == "gsa":  # (the window branch is fused for the GLA gates only)
             return self.settings.window_or_none() is None and linear_decode_supported(layer.state)
         if self.settings.window_or_none() is None:
@@ -194,7 +203,8 @@ class LinearizedAttention(nn.Module):
             q_rot, k_rot = self._rotary(q, k, cos, sin)
             slot = layer.cumulative_length % layer.window_keys.shape[2]
             window = (q_rot, k_rot, v, layer.window_keys, layer.window_values, layer.window_valid, slot)
-        out = linear_decode_step(phi_q, phi_k, log_gate, v_state, layer.state, self.settings.normalize, window,
-                                 new_valid, self.settings.alpha, self.settings.beta, self.scaling)
+        step = linear_decode_step_triton if use_triton(layer.state) else linear_decode_step
+        out = step(phi_q, phi_k, log_gate, v_state, layer.state, self.settings.normalize, window, new_valid,
+                   self.settings.alpha, self.settings.beta, self.scaling)
         layer.cumulative_length += 1
         return self.o_proj(out.view(b, 1, -1).to(hidden_states.dtype)), None

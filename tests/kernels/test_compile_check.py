@@ -15,7 +15,7 @@ import torch
 cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="the kernel tests compile for this GPU for real")
 
 ENTRIES = ["kv_decode d64 gear-4", "kv_decode d128 kivi-2", "kv_decode d128 gear-4", "kv_decode d256 kivi-4",
-           "kv_decode d256 gear-4", "kv_quantize d128", "sparse", "activation_sparse", "vq_logits"]
+           "kv_decode d256 gear-4", "kv_quantize d128", "sparse", "activation_sparse", "vq_logits", "linear_decode"]
 
 
 def require_compiler():

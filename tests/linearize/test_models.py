@@ -181,3 +181,33 @@ def test_half_precision_model_keeps_a_float32_state_and_decodes_as_its_forward(t
     scale = reference.abs().max()
     assert (decoded.float() - full).abs().max() < 0.02 * scale
     assert (full - reference).abs().max() < 0.05 * scale
+
+
+@pytest.mark.parametrize("variant", ["gla", "hgrn2", "hybrid", "hybrid-normalized"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_triton_decode_step_matches_the_torch_step(tiny_model, arch, variant, monkeypatch):
+    """The one-launch Triton decode step (kernels/linear_decode_triton.py: interpreted here, compiled on a GPU)
+    against forward's torch path, token by token, with left padding and a window that fills up during decoding;
+    gradients on keep the torch path."""
+    pytest.importorskip("triton")
+    import compress.linearize.attention as attention
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model = converted(tiny_model, arch, variant).to(dev)
+    ids = torch.randint(1, 128, (2, 16), generator=torch.Generator().manual_seed(4)).to(dev)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    calls = []
+    step = attention.linear_decode_step_triton
+    monkeypatch.setattr(attention, "linear_decode_step_triton", lambda *a, **k: calls.append(1) or step(*a, **k))
+    monkeypatch.setenv("COMPRESS_CPU_KERNELS", "off")  # the C step stays out of both runs
+    logits = {}
+    for kernels in ("torch", "triton"):
+        monkeypatch.setenv("COMPRESS_KERNELS", kernels)
+        with torch.no_grad():
+            logits[kernels], cache = incremental_logits(model, ids, mask, prefill=5)
+    assert len(calls) == 11 * model.config.num_hidden_layers  # every decode step of every layer, Triton run only
+    torch.testing.assert_close(logits["triton"], logits["torch"], rtol=1e-5, atol=1e-5)
+    with torch.enable_grad():
+        model(ids[:, :1], cache=cache)
+    assert len(calls) == 11 * model.config.num_hidden_layers

@@ -1,0 +1,132 @@
+"""One decoding step of a GLA-type linearized layer on a GPU in one Triton launch (the CUDA counterpart of
+linear_decode_cpu.py's `linear_decode_step`, same arguments and results): the gated recurrence updated in place, its
+read-out (optionally normalized), and the Liger Attention hybrid's sliding-window branch over its ring buffer, whose
+oldest slot the new token then replaces. fla-core has no such step (its fused-recurrent kernels take no window
+branch); forward's torch path (kernels/gla.py gla_step, window_attention.py, LinearizedLayer.store: ~40 small
+launches per layer) is the reference the tests compare with, token by token, under the interpreter.
+
+One program per (batch row, KV head): the state [K, V (+1)] and the window's slots loaded once into registers for the
+G query heads of the group, each head's read-out a product and a sum over them in fp32 (a padded tl.dot in fp32
+spilled kilobytes per thread: compile_check, sm_90)."""
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - the C kernel and the torch path run without triton
+    triton = None
+
+
+def _pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def linear_decode_triton_supported(state: torch.Tensor, normalize: bool, ring_k=None, ring_v=None,
+                                   ring_valid=None) -> bool:
+    """Power-of-two key, value and rotary dims of at least 16 (the tiles), float32 contiguous state and ring buffers
+    (updated in place), gradients off."""
+    rings = () if ring_k is None else (ring_k, ring_v)
+    if triton is None or torch.is_grad_enabled() or any(t.dtype != torch.float32 or not t.is_contiguous()
+                                                        for t in (state, *rings)):
+        return False
+    if ring_valid is not None and (ring_valid.dtype != torch.bool or not ring_valid.is_contiguous()):
+        return False
+    k_dim, v_dim = state.shape[2], state.shape[3] - int(normalize)
+    dims = (k_dim, v_dim) if ring_k is None else (k_dim, v_dim, ring_k.shape[3])
+    return all(_pow2(n) and n >= 16 for n in dims)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _linear_decode_kernel(phi_q, phi_k, log_gate, v_state, state, q_rot, k_rot, v_new, ring_k, ring_v,
+                              ring_valid, new_valid, out, slot, alpha, beta, scale, H,
+                              G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, NORMALIZE: tl.constexpr,
+                              WINDOW: tl.constexpr, S: tl.constexpr, SP: tl.constexpr, D: tl.constexpr,
+                              HAS_VALID: tl.constexpr):
+        bh = tl.program_id(0).to(tl.int64)
+        b = bh // H
+        VS: tl.constexpr = V + NORMALIZE  # the state's row length (a ones column carries z when normalized)
+        kk = tl.arange(0, K)
+        cc = tl.arange(0, V)
+        valid = tl.load(new_valid + b).to(tl.int32) if HAS_VALID else 1
+        # the recurrence: S = diag(exp(g)) S + phi(k)^T v for a real token; a padding token leaves S as it is
+        s_ptr = state + bh * K * VS + kk[:, None] * VS + cc[None, :]
+        z_ptr = state + bh * K * VS + kk * VS + V
+        s = tl.load(s_ptr)
+        decay = tl.exp(tl.load(log_gate + bh * K + kk))
+        pk = tl.load(phi_k + bh * K + kk)
+        if valid != 0:
+            s = decay[:, None] * s + pk[:, None] * tl.load(v_state + bh * VS + cc)[None, :]
+            tl.store(s_ptr, s)
+        if NORMALIZE:
+            z = tl.load(z_ptr)
+            if valid != 0:
+                z = decay * z + pk * tl.load(v_state + bh * VS + V)
+                tl.store(z_ptr, z)
+        if WINDOW:  # the ring buffer's slots, read once for the G query heads
+            dd = tl.arange(0, D)
+            jj = tl.arange(0, SP)
+            jmask = jj < S
+            rk = tl.load(ring_k + (bh * S + jj)[:, None] * D + dd[None, :], mask=jmask[:, None], other=0.0)
+            rv = tl.load(ring_v + (bh * S + jj)[:, None] * V + cc[None, :], mask=jmask[:, None], other=0.0)
+            seen = jmask & (tl.load(ring_valid + b * S + jj, mask=jmask, other=0) != 0)
+            kn = tl.load(k_rot + bh * D + dd)
+            vn = tl.load(v_new + bh * V + cc)
+        # per query head of the group (G is 1-8): products and sums over the tiles in registers, no padded dot
+        for i in tl.static_range(G):
+            row = bh * G + i
+            q = tl.load(phi_q + row * K + kk)
+            o = tl.sum(q[:, None] * s, axis=0)  # phi(q) S  [V]
+            if NORMALIZE:  # divided by phi(q) . z: a weighted mean of values
+                o = o * (1.0 / tl.maximum(tl.sum(q * z, axis=0), 1e-6))
+            if WINDOW:  # softmax over the seen slots and the new key; alpha * recurrent + beta * window
+                qr = tl.load(q_rot + row * D + dd)
+                scores = tl.where(seen, tl.sum(qr[None, :] * rk, axis=1) * scale, float("-inf"))
+                s_new = tl.where(valid != 0, tl.sum(qr * kn, axis=0) * scale, float("-inf"))
+                mx = tl.maximum(tl.max(scores, axis=0), s_new)
+                any_seen = mx > float("-inf")
+                mx = tl.where(any_seen, mx, 0.0)
+                p = tl.exp(scores - mx)  # exp(-inf) = 0 for slots not seen
+                p_new = tl.exp(s_new - mx)
+                total = tl.sum(p, axis=0) + p_new
+                w = tl.sum(p[:, None] * rv, axis=0) + p_new * vn
+                w = w * tl.where(any_seen, 1.0 / tl.where(any_seen, total, 1.0), 0.0)
+                o = alpha * o + beta * w
+            tl.store(out + row * V + cc, o)
+        if WINDOW:  # every thread has read the slot before it is overwritten with the new token (zeros if padding)
+            tl.debug_barrier()
+            tl.store(ring_k + (bh * S + slot) * D + dd, kn)
+            tl.store(ring_v + (bh * S + slot) * V + cc, tl.where(valid != 0, vn, 0.0))
+
+
+def linear_decode_step_triton(phi_q, phi_k, log_gate, v_state, state, normalize: bool, window=None, new_valid=None,
+                              alpha: float = 0.0, beta: float = 0.0, scale: float = 1.0) -> torch.Tensor:
+    """`linear_decode_cpu.linear_decode_step` on a GPU (or the interpreter): the same arguments, state and ring
+    buffers updated in place, out [B, Hq, 1, V]."""
+    phi_q, phi_k, log_gate, v_state = (t.float().contiguous() for t in (phi_q, phi_k, log_gate, v_state))
+    b, hq, _, k_dim = phi_q.shape
+    h, vs_dim = state.shape[1], state.shape[-1]
+    v_dim, groups = vs_dim - int(normalize), hq // h
+    out = phi_q.new_empty(b, hq, 1, v_dim)
+    dummy = phi_q.new_zeros(1)
+    valid = new_valid.to(device=state.device, dtype=torch.uint8).contiguous() if new_valid is not None else None
+    if window is None:
+        q_rot = k_rot = v = ring_k = ring_v = dummy
+        ring_valid, slots, slot, d_rot = valid if valid is not None else dummy, 0, 0, 16
+    else:
+        q_rot, k_rot, v, ring_k, ring_v, ring_valid_bool, slot = window
+        q_rot, k_rot, v = (t.float().contiguous() for t in (q_rot, k_rot, v))
+        ring_valid = ring_valid_bool.view(torch.uint8)
+        slots, d_rot = ring_k.shape[2], ring_k.shape[3]
+    _linear_decode_kernel[(b * h,)](
+        phi_q, phi_k, log_gate, v_state, state, q_rot, k_rot, v, ring_k, ring_v, ring_valid,
+        valid if valid is not None else dummy, out, slot, float(alpha), float(beta), float(scale), h,
+        G=groups, K=k_dim, V=v_dim, NORMALIZE=int(normalize),
+        WINDOW=window is not None, S=max(slots, 1), SP=max(16, triton.next_power_of_2(max(slots, 1))), D=d_rot,
+        HAS_VALID=valid is not None, num_warps=8)
+    if window is not None:  # after every head of a batch row has read the slot's validity (shared by its heads)
+        ring_valid_bool[:, slot] = True if new_valid is None else new_valid.to(ring_valid_bool.device, torch.bool)
+    return out

@@ -164,6 +164,27 @@ def linear_decode(d: int, window: bool, normalize: bool):
                               state, normalize, win, torch.ones(b, dtype=torch.bool), 0.3, 0.7, d ** -0.5)
 
 
+def mom_decode(d: int):
+    """Mixture-of-Memories' step: 4 routed memories + the shared one per KV head, 32 query / 8 KV heads."""
+    from .linear_decode_triton import mom_decode_step_triton
+
+    b, h, g, m1 = 2, 8, 4, 5
+    active = torch.tensor([[1, 1, 0, 1, 0]] * b, dtype=torch.bool)
+    mom_decode_step_triton(torch.randn(b, h * g, 1, d), torch.randn(b, h, 1, d), torch.randn(b, h, 1, d),
+                           torch.randn(b, h, 1), torch.rand(b, h, 1), torch.randn(b, m1, h, d, d), active,
+                           torch.rand(b, m1), torch.ones(b, dtype=torch.bool), 0.5)
+
+
+def gsa_decode(d: int, slots: int = 8):
+    """Gated slot attention's step (Liger's GSA gate, 8 slots), 32 query / 8 KV heads."""
+    from .linear_decode_triton import gsa_decode_step_triton
+
+    b, h, g = 2, 8, 4
+    gsa_decode_step_triton(torch.randn(b, h * g, 1, d), torch.randn(b, h, 1, d), torch.randn(b, h, 1, d),
+                           -torch.rand(b, h, 1, slots), torch.randn(b, h, slots, 2 * d),
+                           torch.ones(b, dtype=torch.bool))
+
+
 def entry_points() -> dict:
     """label -> zero-argument callable that launches (compiles) one wrapper's kernels."""
     entries = {}
@@ -187,4 +208,6 @@ def entry_points() -> dict:
         for window, normalize in ((False, False), (True, False), (True, True)):
             label = f"linear_decode d{d}" + (" hybrid" if window else " gla") + (" normalized" if normalize else "")
             entries[label] = lambda d=d, w=window, n=normalize: linear_decode(d, w, n)
+        entries[f"linear_decode d{d} mom"] = lambda d=d: mom_decode(d)
+        entries[f"linear_decode d{d} gsa"] = lambda d=d: gsa_decode(d)
     return entries

@@ -130,3 +130,110 @@ def linear_decode_step_triton(phi_q, phi_k, log_gate, v_state, state, normalize:
     if window is not None:  # after every head of a batch row has read the slot's validity (shared by its heads)
         ring_valid_bool[:, slot] = True if new_valid is None else new_valid.to(ring_valid_bool.device, torch.bool)
     return out
+
+
+def _dims_supported(state: torch.Tensor, *dims: int) -> bool:
+    return (triton is not None and not torch.is_grad_enabled() and state.dtype == torch.float32
+            and state.is_contiguous() and all(_pow2(n) and n >= 16 for n in dims))
+
+
+def mom_triton_supported(state: torch.Tensor) -> bool:
+    """state [B, M + 1, H, K, V]: float32, contiguous, power-of-two K and V >= 16, gradients off."""
+    return _dims_supported(state, state.shape[3], state.shape[4])
+
+
+def gsa_triton_supported(state: torch.Tensor, k_dim: int) -> bool:
+    """packed state [B, H, M, K + V]: float32, contiguous, power-of-two K and V >= 16, gradients off."""
+    return _dims_supported(state, k_dim, state.shape[3] - k_dim)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _mom_decode_kernel(phi_q, k, v, log_gate, beta, state, active, mix, new_valid, out, out_scale, H, M1,
+                           G: tl.constexpr, GP: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                           HAS_VALID: tl.constexpr):
+        """Per (b, h): every memory m (0: the shared one) takes the gated delta-rule step when routed and the token
+        is real, S = a S + k (beta (v - k^T a S))^T, and out = out_scale * sum_m mix_m phi(q) S_m."""
+        bh = tl.program_id(0).to(tl.int64)
+        b = bh // H
+        h = bh % H
+        kk = tl.arange(0, K)
+        cc = tl.arange(0, V)
+        rows = tl.arange(0, GP)
+        valid = tl.load(new_valid + b).to(tl.int32) if HAS_VALID else 1
+        kh = tl.load(k + bh * K + kk)
+        vh = tl.load(v + bh * V + cc)
+        a = tl.exp(tl.load(log_gate + bh))
+        bt = tl.load(beta + bh)
+        acc = tl.zeros([GP, V], dtype=tl.float32)
+        for m in range(M1):
+            s_ptr = state + ((b * M1 + m) * H + h) * K * V + kk[:, None] * V + cc[None, :]
+            s = tl.load(s_ptr)
+            if valid * tl.load(active + b * M1 + m).to(tl.int32) != 0:
+                corr = bt * (vh - a * tl.sum(kh[:, None] * s, axis=0))
+                s = a * s + kh[:, None] * corr[None, :]
+                tl.store(s_ptr, s)
+            w = tl.load(mix + b * M1 + m) * out_scale
+            for i in tl.static_range(G):
+                q = tl.load(phi_q + (bh * G + i) * K + kk)
+                acc = tl.where(rows[:, None] == i, acc + (w * tl.sum(q[:, None] * s, axis=0))[None, :], acc)
+        tl.store(out + (bh * G + rows)[:, None] * V + cc[None, :], acc, mask=(rows < G)[:, None])
+
+    @triton.jit
+    def _gsa_decode_kernel(phi_q, k, v, log_gate, state, new_valid, out, H, M,
+                           G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, MP: tl.constexpr,
+                           HAS_VALID: tl.constexpr):
+        """Per (b, h): slot j's key and value move toward the new ones, a_j x + (1 - a_j) new (a real token only);
+        each query head reads the slots with a softmax over phi(q) . key_j."""
+        bh = tl.program_id(0).to(tl.int64)
+        b = bh // H
+        kk = tl.arange(0, K)
+        cc = tl.arange(0, V)
+        jj = tl.arange(0, MP)
+        jmask = jj < M
+        base = state + bh * M * (K + V) + jj[:, None] * (K + V)
+        keys = tl.load(base + kk[None, :], mask=jmask[:, None], other=0.0)
+        vals = tl.load(base + K + cc[None, :], mask=jmask[:, None], other=0.0)
+        valid = tl.load(new_valid + b).to(tl.int32) if HAS_VALID else 1
+        if valid != 0:
+            a = tl.exp(tl.load(log_gate + bh * M + jj, mask=jmask, other=0.0))
+            keys = a[:, None] * keys + (1.0 - a)[:, None] * tl.load(k + bh * K + kk)[None, :]
+            vals = a[:, None] * vals + (1.0 - a)[:, None] * tl.load(v + bh * V + cc)[None, :]
+            tl.store(base + kk[None, :], keys, mask=jmask[:, None])
+            tl.store(base + K + cc[None, :], vals, mask=jmask[:, None])
+        for i in tl.static_range(G):
+            q = tl.load(phi_q + (bh * G + i) * K + kk)
+            p = tl.where(jmask, tl.sum(q[None, :] * keys, axis=1), float("-inf"))
+            e = tl.exp(p - tl.max(p, axis=0))
+            o = tl.sum(e[:, None] * vals, axis=0) * (1.0 / tl.sum(e, axis=0))
+            tl.store(out + (bh * G + i) * V + cc, o)
+
+
+def mom_decode_step_triton(phi_q, k, v, log_gate, beta, state, active, mix, new_valid=None,
+                           out_scale: float = 1.0) -> torch.Tensor:
+    """`linear_decode_cpu.mom_decode_step` on a GPU (or the interpreter): same arguments, state updated in place."""
+    phi_q, k, v, log_gate, beta, mix = (t.float().contiguous() for t in (phi_q, k, v, log_gate, beta, mix))
+    active = active.to(torch.uint8).contiguous()
+    b, hq, _, k_dim = phi_q.shape
+    m1, h, v_dim = state.shape[1], state.shape[2], state.shape[-1]
+    out = phi_q.new_empty(b, hq, 1, v_dim)
+    valid = new_valid.to(device=state.device, dtype=torch.uint8).contiguous() if new_valid is not None else None
+    _mom_decode_kernel[(b * h,)](phi_q, k, v, log_gate, beta, state, active, mix,
+                                 valid if valid is not None else active, out, float(out_scale), h, m1,
+                                 G=hq // h, GP=triton.next_power_of_2(hq // h), K=k_dim, V=v_dim,
+                                 HAS_VALID=valid is not None, num_warps=8)
+    return out
+
+
+def gsa_decode_step_triton(phi_q, phi_k, v, log_gate, state, new_valid=None) -> torch.Tensor:
+    """`linear_decode_cpu.gsa_decode_step` on a GPU (or the interpreter): same arguments, state updated in place."""
+    phi_q, phi_k, v, log_gate = (t.float().contiguous() for t in (phi_q, phi_k, v, log_gate))
+    b, hq, _, k_dim = phi_q.shape
+    h, slots, v_dim = state.shape[1], state.shape[2], v.shape[-1]
+    out = phi_q.new_empty(b, hq, 1, v_dim)
+    valid = new_valid.to(device=state.device, dtype=torch.uint8).contiguous() if new_valid is not None else None
+    _gsa_decode_kernel[(b * h,)](phi_q, phi_k, v, log_gate, state, valid if valid is not None else out, out, h, slots,
+                                 G=hq // h, K=k_dim, V=v_dim, MP=max(2, triton.next_power_of_2(slots)),
+                                 HAS_VALID=valid is not None, num_warps=4)
+    return out

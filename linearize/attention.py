@@ -28,7 +28,8 @@ from ..kernels.dispatch import use_triton
 from ..kernels.gla import gated_linear_attention
 from ..kernels.gsa import gated_slot_attention
 from ..kernels.linear_decode_cpu import gsa_decode_step, linear_decode_step, linear_decode_supported
-from ..kernels.linear_decode_triton import linear_decode_step_triton, linear_decode_triton_supported
+from ..kernels.linear_decode_triton import (gsa_decode_step_triton, gsa_triton_supported, linear_decode_step_triton,
+                                            linear_decode_triton_supported)
 from ..kernels.window_attention import sliding_window_attention
 from .cache import LinearizedLayer
 from .settings import LinearizeSettings
@@ -176,12 +177,13 @@ class LinearizedAttention(nn.Module):
     def _fused_decode_ready(self, layer) -> bool:
         if layer is None or layer.state is None:
             return False
-        if use_triton(layer.state):  # CUDA (or COMPRESS_KERNELS=triton): the Triton step, GLA-type gates only
+        if use_triton(layer.state):  # CUDA (or COMPRESS_KERNELS=triton): the Triton steps
             window = self.settings.window_or_none() is not None
-            return self.settings.gate != "gsa" and (not window or layer.window_keys is not None) and \
-                linear_decode_triton_supported(layer.state, self.settings.normalize,
-                                               *((layer.window_keys, layer.window_values, layer.window_valid)
-                                                 if window else ()))
+            if self.settings.gate == "gsa":
+                return not window and gsa_triton_supported(layer.state, self.head_dim)
+            return (not window or layer.window_keys is not None) and linear_decode_triton_supported(
+                layer.state, self.settings.normalize,
+                *((layer.window_keys, layer.window_values, layer.window_valid) if window else ()))
         if self.settings.gate == "gsa":  # (the window branch is fused for the GLA gates only)
             return self.settings.window_or_none() is None and linear_decode_supported(layer.state)
         if self.settings.window_or_none() is None:
@@ -194,7 +196,8 @@ class LinearizedAttention(nn.Module):
         b = hidden_states.shape[0]
         new_valid = None if valid is None else valid[:, -1]
         if self.settings.gate == "gsa":
-            out = gsa_decode_step(phi_q, phi_k, v, log_gate, layer.state, new_valid)
+            step = gsa_decode_step_triton if use_triton(layer.state) else gsa_decode_step
+            out = step(phi_q, phi_k, v, log_gate, layer.state, new_valid)
             layer.cumulative_length += 1
             return self.o_proj(out.view(b, 1, -1).to(hidden_states.dtype)), None
         window = None

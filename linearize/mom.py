@@ -31,7 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels.delta_rule import gated_delta_rule
+from ..kernels.dispatch import use_triton
 from ..kernels.linear_decode_cpu import linear_decode_supported, mom_decode_step
+from ..kernels.linear_decode_triton import mom_decode_step_triton, mom_triton_supported
 from .attention import LinearizedAttention, key_validity
 from .settings import LinearizeSettings
 
@@ -125,10 +127,16 @@ class MixtureOfMemoriesAttention(LinearizedAttention):
         self.aux_loss = (load_balance_loss(logits, chosen, valid)
                          if self.training and torch.is_grad_enabled() else None)
 
-        if t == 1 and layer is not None and layer.state is not None and linear_decode_supported(layer.state):
-            active, mix = self._with_shared(chosen[:, 0]), self._with_shared(weights[:, 0])  # one C call per layer
-            out = mom_decode_step(phi_q, phi_k, v, log_gate, beta, layer.state, active, mix,
-                                  None if valid is None else valid[:, -1], self._mix_scale)
+        step = None
+        if t == 1 and layer is not None and layer.state is not None:  # one C call / Triton launch per layer
+            if use_triton(layer.state):
+                step = mom_decode_step_triton if mom_triton_supported(layer.state) else None
+            elif linear_decode_supported(layer.state):
+                step = mom_decode_step
+        if step is not None:
+            active, mix = self._with_shared(chosen[:, 0]), self._with_shared(weights[:, 0])
+            out = step(phi_q, phi_k, v, log_gate, beta, layer.state, active, mix,
+                       None if valid is None else valid[:, -1], self._mix_scale)
             layer.cumulative_length += 1
             return self.o_proj(out.view(b, 1, -1).to(hidden_states.dtype)), None
         memories = self.memories

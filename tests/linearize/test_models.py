@@ -183,14 +183,15 @@ def test_half_precision_model_keeps_a_float32_state_and_decodes_as_its_forward(t
     assert (full - reference).abs().max() < 0.05 * scale
 
 
-@pytest.mark.parametrize("variant", ["gla", "hgrn2", "hybrid", "hybrid-normalized"])
+@pytest.mark.parametrize("variant", ["gla", "hgrn2", "hybrid", "hybrid-normalized", "mom", "mom-unshared", "gsa"])
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_triton_decode_step_matches_the_torch_step(tiny_model, arch, variant, monkeypatch):
-    """The one-launch Triton decode step (kernels/linear_decode_triton.py: interpreted here, compiled on a GPU)
+    """The one-launch Triton decode steps (kernels/linear_decode_triton.py: interpreted here, compiled on a GPU)
     against forward's torch path, token by token, with left padding and a window that fills up during decoding;
     gradients on keep the torch path."""
     pytest.importorskip("triton")
     import compress.linearize.attention as attention
+    import compress.linearize.mom as mom
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     model = converted(tiny_model, arch, variant).to(dev)
@@ -198,8 +199,10 @@ def test_triton_decode_step_matches_the_torch_step(tiny_model, arch, variant, mo
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
     calls = []
-    step = attention.linear_decode_step_triton
-    monkeypatch.setattr(attention, "linear_decode_step_triton", lambda *a, **k: calls.append(1) or step(*a, **k))
+    module, name = (mom, "mom_decode_step_triton") if variant.startswith("mom") else \
+        (attention, "gsa_decode_step_triton") if variant == "gsa" else (attention, "linear_decode_step_triton")
+    step = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: calls.append(1) or step(*a, **k))
     monkeypatch.setenv("COMPRESS_CPU_KERNELS", "off")  # the C step stays out of both runs
     logits = {}
     for kernels in ("torch", "triton"):

@@ -20,7 +20,12 @@
   depend on the weights); the caches are filled with random tensors of the right shapes (a 32k prefill on 2 CPU
   cores would take most of the run and changes nothing about the per-token cost).
 
-    OMP_NUM_THREADS=1 python benchmarks/linearize.py [--json] [--recovered liger-hybrid=out/liger-hybrid ...]"""
+- `--serving-shape --device cuda`: the decode-speed and cache-bytes columns only, on a 2-layer random-init model with
+  Llama-3-8B layer shapes (hidden 4096, 32 query / 8 KV heads of 128, MLP 14336, vocabulary 128,256) in bf16
+  (fp32 on a CPU), `--batch` rows: the GPU row of the issue (each linearized layer decodes in one Triton launch).
+
+    OMP_NUM_THREADS=1 python benchmarks/linearize.py [--json] [--recovered liger-hybrid=out/liger-hybrid ...]
+    python benchmarks/linearize.py --json --serving-shape --device cuda [--batch 8]"""
 from __future__ import annotations
 
 import argparse
@@ -52,6 +57,9 @@ VARIANTS = {"liger-gla": LinearizeSettings(variant="gla"), "liger-hybrid": Linea
             # the window branch weighted up (Liger's alpha/beta are recipe settings; 0.5/0.5 by default)
             "liger-hybrid-normalized-a0.3": LinearizeSettings(variant="hybrid", normalize=True, alpha=0.3, beta=0.7)}
 CONTEXTS = (1024, 8192, 32768)
+# one Llama-3-8B layer (the GPU row: speed does not depend on the weights)
+SERVING_LAYER = dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                     intermediate_size=14336, vocab_size=128256)
 
 
 def heldout_text() -> str:
@@ -75,23 +83,36 @@ def recovered_info(folder: Path) -> dict:
     return {"tokens": None, "minutes": None}
 
 
-def filled_dynamic_cache(model, context: int) -> DynamicCache:
-    cfg = model.config
+def serving_model(device: str, layers: int = 2):
+    """A random-init Llama with Llama-3-8B layer shapes, bf16 on CUDA (fp32 on a CPU), for contexts up to 32k."""
+    from transformers import LlamaConfig
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    cfg = LlamaConfig(**SERVING_LAYER, num_hidden_layers=layers, max_position_embeddings=max(CONTEXTS),
+                      tie_word_embeddings=False)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg, dtype=dtype).to(device).eval()
+
+
+def filled_dynamic_cache(model, context: int, batch: int = 1) -> DynamicCache:
+    cfg, p = model.config, next(model.parameters())
     cache = DynamicCache(config=cfg)
-    shape = (1, cfg.num_key_value_heads, context, cfg.head_dim)
+    shape = (batch, cfg.num_key_value_heads, context, cfg.head_dim)
     for i in range(cfg.num_hidden_layers):
-        cache.update(torch.randn(shape), torch.randn(shape), i)
+        cache.update(torch.randn(shape, device=p.device, dtype=p.dtype),
+                     torch.randn(shape, device=p.device, dtype=p.dtype), i)
     return cache
 
 
-def filled_linearized_cache(model, context: int) -> LinearizedCache:
-    cfg, cache = model.config, LinearizedCache(model)
+def filled_linearized_cache(model, context: int, batch: int = 1) -> LinearizedCache:
+    cfg, cache, device = model.config, LinearizedCache(model), next(model.parameters()).device
     modules = attention_modules(model)
     for i, layer in enumerate(cache.layers):
-        state = torch.randn(modules[i][1].state_shape(1))  # GLA [1, Hkv, K, V]; MoM [1, M+1, Hkv, K, V]; GSA
+        # float32 as the cache keeps it: GLA [B, Hkv, K, V]; MoM [B, M+1, Hkv, K, V]; GSA [B, Hkv, M, K+V]
+        state = torch.randn(modules[i][1].state_shape(batch), device=device)
         if isinstance(layer, LinearizedLayer) and layer.window:
-            kv = torch.randn(1, cfg.num_key_value_heads, layer.window - 1, cfg.head_dim)
-            layer.store(state, kv, kv.clone(), torch.ones(1, layer.window - 1, dtype=torch.bool),
+            kv = torch.randn(batch, cfg.num_key_value_heads, layer.window - 1, cfg.head_dim, device=device)
+            layer.store(state, kv, kv.clone(), torch.ones(batch, layer.window - 1, dtype=torch.bool, device=device),
                         new_tokens=layer.window - 1)
             layer.cumulative_length = context
         else:
@@ -99,13 +120,21 @@ def filled_linearized_cache(model, context: int) -> LinearizedCache:
     return cache
 
 
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @torch.no_grad()
-def decode_seconds(model, cache, steps: int) -> float:
-    ids = torch.randint(100, model.config.vocab_size, (1, 1))
+def decode_seconds(model, cache, steps: int, batch: int = 1) -> float:
+    device = next(model.parameters()).device
+    ids = torch.randint(100, model.config.vocab_size, (batch, 1), device=device)
     model(ids, cache=cache)  # warm-up
+    _sync(device)
     t0 = time.perf_counter()
     for _ in range(steps):
         model(ids, cache=cache)
+    _sync(device)
     return (time.perf_counter() - t0) / steps
 
 
@@ -116,23 +145,28 @@ def selected(args) -> dict[str, LinearizeSettings]:
 def speed_and_bytes(reference, args) -> dict[str, dict]:
     """{variant: {"cache_bytes": {ctx: bytes}, "decode_speedup": {ctx: ratio}}} plus the original's bytes."""
     out = {name: {"cache_bytes": {}, "decode_speedup": {}} for name in ["original", *selected(args)]}
+    batch = args.batch
+    models = {}
     for ctx in progress_bar(CONTEXTS, description="decode speed"):
-        if ctx <= reference.config.max_position_embeddings:
-            base = reference
-        else:
+        if ctx > reference.config.max_position_embeddings:
             cfg = copy.deepcopy(reference.config)
             cfg.max_position_embeddings = ctx
             torch.manual_seed(0)
-            base = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-        models = {"original": base}
-        for name, settings in selected(args).items():
-            models[name] = copy.deepcopy(base)
-            linearize_model(models[name], settings)
+            reference = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+            models = {}
+        if not models:  # the converted models, built once per base model (the serving shape: once)
+            p = next(reference.parameters())
+            models = {"original": reference}
+            for name, settings in selected(args).items():
+                models[name] = copy.deepcopy(reference)
+                linearize_model(models[name], settings)
+                models[name].to(device=p.device, dtype=p.dtype)  # new parameters (router, beta map) follow
         times = {name: [] for name in models}
         for _ in range(args.reps):  # interleaved, fresh cache each repetition
             for name, m in models.items():
-                cache = filled_dynamic_cache(m, ctx) if name == "original" else filled_linearized_cache(m, ctx)
-                times[name].append(decode_seconds(m, cache, args.steps))
+                cache = filled_dynamic_cache(m, ctx, batch) if name == "original" else \
+                    filled_linearized_cache(m, ctx, batch)
+                times[name].append(decode_seconds(m, cache, args.steps, batch))
                 nbytes = (storage_bytes([t for layer in cache.layers for t in (layer.keys, layer.values)])
                           if name == "original" else cache_nbytes(cache)["total"])
                 out[name]["cache_bytes"][str(ctx)] = nbytes
@@ -142,12 +176,17 @@ def speed_and_bytes(reference, args) -> dict[str, dict]:
             out[name]["decode_speedup"][str(ctx)] = round(base_t / statistics.median(times[name]), 2)
             if name == "original":
                 out[name]["decode_tokens_per_s"] = out[name].get("decode_tokens_per_s", {})
-                out[name]["decode_tokens_per_s"][str(ctx)] = round(1 / base_t, 1)
+                out[name]["decode_tokens_per_s"][str(ctx)] = round(batch / base_t, 1)
     return out
 
 
 def run(args) -> list[dict]:
     torch.manual_seed(0)
+    if args.serving_shape:  # speed and bytes only, at Llama-3-8B layer shapes
+        perf = speed_and_bytes(serving_model(args.device), args)
+        shape = "2 layers of Llama-3-8B (hidden 4096, 32/8 heads x 128, MLP 14336), random weights"
+        return [{"variant": name, "device": args.device, "batch": args.batch, "shape": shape, **values}
+                for name, values in perf.items()]
     original = compress.load(args.model, dtype="float32")  # builtin:small is stored in bf16
     tokenizer = compress.load_tokenizer(args.model)
     windows = heldout_windows(tokenizer, seq_len=args.seq_len, max_windows=args.windows)
@@ -206,7 +245,7 @@ def print_table(rows: list[dict], model: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"Linearization ({model}, CPU fp32)")
+    t = Table(title=f"Linearization ({model})")
     for col in ("variant", "ppl", "ppl converted", "ppl recovered", "vs dense recovered", "recovery", "KL", "top-1", "copy", "passkey",
                 *(f"cache MB {c // 1024}k" for c in CONTEXTS), *(f"decode x {c // 1024}k" for c in CONTEXTS)):
         t.add_column(col, justify="right")
@@ -242,7 +281,17 @@ def main(argv=None) -> None:
     ap.add_argument("--skip-speed", action="store_true", help="no cache-bytes / decode-speed columns")
     ap.add_argument("--skip-quality", action="store_true", help="only the cache-bytes / decode-speed columns")
     ap.add_argument("--only", nargs="*", choices=list(VARIANTS), help="these variants (and the original) only")
+    ap.add_argument("--serving-shape", action="store_true",
+                    help="decode speed and cache bytes only, on 2 random layers of Llama-3-8B's shapes")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="with --serving-shape")
+    ap.add_argument("--batch", type=int, default=1, help="rows decoded at once (with --serving-shape)")
     args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device here")
+    if (args.device != "cpu" or args.batch != 1) and not args.serving_shape:
+        ap.error("--device and --batch go with --serving-shape (quality runs on the CPU, batch 1)")
+    if args.batch < 1:
+        ap.error("--batch must be >= 1")
     for option, items in (("--recovered", args.recovered), ("--dense-recovered", args.dense_recovered)):
         for item in items:
             name, sep, folder = item.partition("=")
@@ -256,7 +305,8 @@ def main(argv=None) -> None:
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
-        print_table(rows, args.model)
+        print_table(rows, f"Llama-3-8B layer shapes, {args.device}, batch {args.batch}" if args.serving_shape
+                    else f"{args.model}, CPU fp32")
 
 
 if __name__ == "__main__":

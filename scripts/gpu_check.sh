@@ -6,7 +6,8 @@
 # pydantic-core annotated-types typing-inspection transformers==5.24.0`) and the call carries that folder.
 # Two halves, each within one device call (600 s): `bash scripts/gpu_check.sh kv` (kernel tests + KV serving,
 # ~520 s at most) and `bash scripts/gpu_check.sh sparse` (GPU kernels + sparse dispatch + sparse speed, ~500 s at
-# most); no argument runs both (only where a call may run ~950 s).
+# most); no argument runs both (only where a call may run ~950 s). `bash scripts/gpu_check.sh lin` (~420 s at most):
+# the linearized layers' Triton decode steps and their speed at Llama-3-8B layer shapes (issue 10).
 set -u
 PART=${1:-all}
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
@@ -33,4 +34,12 @@ timeout 100 python3 -P benchmarks/gpu_kernels.py 2>&1 | tee "$OUT/gpu_kernels.tx
 timeout 90 python3 -P -m pytest -q -p no:cacheprovider tests/prune/test_gpu_dispatch.py 2>&1 | tail -n 15 | tee "$OUT/sparse_dispatch_tests.txt"
 timeout 300 python3 -P benchmarks/sparse_speed.py --json --no-cpu > "$OUT/sparse_speed.json" 2> "$OUT/sparse_speed.err"; tail -n 5 "$OUT/sparse_speed.err"
 cp ~/.cache/compress/sparse_dispatch_*.json "$OUT/" 2>/dev/null || true
+fi
+if [ "$PART" = lin ]; then
+# issue 10 on a GPU: the linearized layers' Triton decode steps against the torch step (compiled for real), then
+# decode speed and cache bytes at Llama-3-8B layer shapes (2 layers, bf16, batch 8, 1k/8k/32k) vs DynamicCache
+timeout 120 python3 -P -m pytest -q -p no:cacheprovider tests/linearize/test_models.py -k triton_decode 2>&1 \
+  | tail -n 15 | tee "$OUT/linear_decode_tests.txt"
+timeout 300 python3 -P benchmarks/linearize.py --json --serving-shape --device cuda --batch 8 --reps 3 --steps 16 \
+  > "$OUT/linearize_gpu.json" 2> "$OUT/linearize_gpu.err"; tail -n 5 "$OUT/linearize_gpu.err"
 fi

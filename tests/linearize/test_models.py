@@ -131,36 +131,45 @@ def test_normalized_recurrence_is_a_weighted_mean_of_values(tiny_model):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("variant", ["gla", "hgrn2", "hybrid", "hybrid-normalized", "mom", "mom-unshared", "gsa"])
-def test_fused_cpu_decode_step_matches_the_torch_step(tiny_model, arch, variant, monkeypatch):
-    """The one-call C decode step (kernels/linear_decode_cpu.py) against forward's torch path, token by token, with
-    left padding and a window that fills up during decoding (prefill 5 < 7 slots)."""
-    from compress.kernels import linear_decode_cpu
+def assert_fused_step_matches_torch(model, variant, monkeypatch, suffix, switch, dev="cpu"):
+    """Incremental decoding with left padding and a window that fills up during decoding (prefill 5 < 7 slots),
+    once with the environment variable `switch` = (name, torch value, fused value) at its torch value and once at
+    its fused value: the fused step (`linear_decode_step` / `gsa_decode_step` / `mom_decode_step` + `suffix`) runs
+    at every decode step of every layer in the second run only, with the same logits; gradients on keep the torch
+    path."""
     import compress.linearize.attention as attention
     import compress.linearize.mom as mom
 
-    if linear_decode_cpu._library() is None:
-        pytest.skip("no C compiler: the fused CPU step is not built")
-    model = converted(tiny_model, arch, variant)
-    gen = torch.Generator().manual_seed(2)
-    ids = torch.randint(1, 128, (2, 16), generator=gen)
+    ids = torch.randint(1, 128, (2, 16), generator=torch.Generator().manual_seed(2)).to(dev)
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
     calls = []
     module, name = (mom, "mom_decode_step") if variant.startswith("mom") else \
         (attention, "gsa_decode_step") if variant == "gsa" else (attention, "linear_decode_step")
-    fused = getattr(module, name)
-    monkeypatch.setattr(module, name, lambda *a, **k: calls.append(1) or fused(*a, **k))
+    fused = getattr(module, name + suffix)
+    monkeypatch.setattr(module, name + suffix, lambda *a, **k: calls.append(1) or fused(*a, **k))
+    variable, off, on = switch
     logits = {}
-    for kernels in ("off", "on"):
-        monkeypatch.setenv("COMPRESS_CPU_KERNELS", kernels)
+    for value in (off, on):
+        monkeypatch.setenv(variable, value)
         with torch.no_grad():
-            logits[kernels], cache = incremental_logits(model, ids, mask, prefill=5)
-    assert len(calls) == 11 * model.config.num_hidden_layers  # every decode step of every layer, "on" only
-    torch.testing.assert_close(logits["on"], logits["off"], rtol=1e-5, atol=1e-5)
-    with torch.enable_grad():  # training (gradients on) keeps the torch path
+            logits[value], cache = incremental_logits(model, ids, mask, prefill=5)
+    assert len(calls) == 11 * model.config.num_hidden_layers
+    torch.testing.assert_close(logits[on], logits[off], rtol=1e-5, atol=1e-5)
+    with torch.enable_grad():
         model(ids[:, :1], cache=cache)
     assert len(calls) == 11 * model.config.num_hidden_layers
+
+
+@pytest.mark.parametrize("variant", ["gla", "hgrn2", "hybrid", "hybrid-normalized", "mom", "mom-unshared", "gsa"])
+def test_fused_cpu_decode_step_matches_the_torch_step(tiny_model, arch, variant, monkeypatch):
+    """The one-call C decode steps (kernels/linear_decode_cpu.py) against forward's torch path."""
+    from compress.kernels import linear_decode_cpu
+
+    if linear_decode_cpu._library() is None:
+        pytest.skip("no C compiler: the fused CPU step is not built")
+    assert_fused_step_matches_torch(converted(tiny_model, arch, variant), variant, monkeypatch, "",
+                                    ("COMPRESS_CPU_KERNELS", "off", "on"))
 
 
 @pytest.mark.parametrize("variant", ["gla", "hybrid", "mom", "gsa"])
@@ -187,30 +196,9 @@ def test_half_precision_model_keeps_a_float32_state_and_decodes_as_its_forward(t
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_triton_decode_step_matches_the_torch_step(tiny_model, arch, variant, monkeypatch):
     """The one-launch Triton decode steps (kernels/linear_decode_triton.py: interpreted here, compiled on a GPU)
-    against forward's torch path, token by token, with left padding and a window that fills up during decoding;
-    gradients on keep the torch path."""
+    against forward's torch path (the C step kept out of both runs)."""
     pytest.importorskip("triton")
-    import compress.linearize.attention as attention
-    import compress.linearize.mom as mom
-
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    model = converted(tiny_model, arch, variant).to(dev)
-    ids = torch.randint(1, 128, (2, 16), generator=torch.Generator().manual_seed(4)).to(dev)
-    mask = torch.ones_like(ids)
-    mask[1, :3] = 0
-    calls = []
-    module, name = (mom, "mom_decode_step_triton") if variant.startswith("mom") else \
-        (attention, "gsa_decode_step_triton") if variant == "gsa" else (attention, "linear_decode_step_triton")
-    step = getattr(module, name)
-    monkeypatch.setattr(module, name, lambda *a, **k: calls.append(1) or step(*a, **k))
-    monkeypatch.setenv("COMPRESS_CPU_KERNELS", "off")  # the C step stays out of both runs
-    logits = {}
-    for kernels in ("torch", "triton"):
-        monkeypatch.setenv("COMPRESS_KERNELS", kernels)
-        with torch.no_grad():
-            logits[kernels], cache = incremental_logits(model, ids, mask, prefill=5)
-    assert len(calls) == 11 * model.config.num_hidden_layers  # every decode step of every layer, Triton run only
-    torch.testing.assert_close(logits["triton"], logits["torch"], rtol=1e-5, atol=1e-5)
-    with torch.enable_grad():
-        model(ids[:, :1], cache=cache)
-    assert len(calls) == 11 * model.config.num_hidden_layers
+    monkeypatch.setenv("COMPRESS_CPU_KERNELS", "off")
+    assert_fused_step_matches_torch(converted(tiny_model, arch, variant).to(dev), variant, monkeypatch, "_triton",
+                                    ("COMPRESS_KERNELS", "torch", "triton"), dev)

@@ -19,6 +19,11 @@ except ImportError:  # pragma: no cover - the C kernel and the torch path run wi
     triton = None
 
 
+# window slots / GSA slots the kernels hold in registers: 128 at head_dim 128 sat at 255 registers, 256 spilled
+# (compile_check, sm_90); larger windows take the torch path
+MAX_SLOTS = 128
+
+
 def _pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
@@ -33,6 +38,8 @@ def linear_decode_triton_supported(state: torch.Tensor, normalize: bool, ring_k=
         return False
     if ring_valid is not None and (ring_valid.dtype != torch.bool or not ring_valid.is_contiguous()):
         return False
+    if ring_k is not None and ring_k.shape[2] > MAX_SLOTS:
+        return False
     k_dim, v_dim = state.shape[2], state.shape[3] - int(normalize)
     dims = (k_dim, v_dim) if ring_k is None else (k_dim, v_dim, ring_k.shape[3])
     return all(_pow2(n) and n >= 16 for n in dims)
@@ -40,7 +47,7 @@ def linear_decode_triton_supported(state: torch.Tensor, normalize: bool, ring_k=
 
 if triton is not None:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["slot", "H"])  # one compiled kernel whatever the slot (0, 1, 16, ... )
     def _linear_decode_kernel(phi_q, phi_k, log_gate, v_state, state, q_rot, k_rot, v_new, ring_k, ring_v,
                               ring_valid, new_valid, out, slot, alpha, beta, scale, H,
                               G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, NORMALIZE: tl.constexpr,
@@ -56,15 +63,19 @@ if triton is not None:
         s_ptr = state + bh * K * VS + kk[:, None] * VS + cc[None, :]
         z_ptr = state + bh * K * VS + kk * VS + V
         s = tl.load(s_ptr)
+        z = tl.load(z_ptr) if NORMALIZE else tl.zeros([K], dtype=tl.float32)
         decay = tl.exp(tl.load(log_gate + bh * K + kk))
         pk = tl.load(phi_k + bh * K + kk)
         if valid != 0:
             s = decay[:, None] * s + pk[:, None] * tl.load(v_state + bh * VS + cc)[None, :]
-            tl.store(s_ptr, s)
-        if NORMALIZE:
-            z = tl.load(z_ptr)
-            if valid != 0:
+            if NORMALIZE:
                 z = decay * z + pk * tl.load(v_state + bh * VS + V)
+        # the state is updated in place, and a layout may give several threads copies of one element (z on sm_90):
+        # every copy is read before any is written
+        tl.debug_barrier()
+        if valid != 0:
+            tl.store(s_ptr, s)
+            if NORMALIZE:
                 tl.store(z_ptr, z)
         if WINDOW:  # the ring buffer's slots, read once for the G query heads
             dd = tl.arange(0, D)
@@ -143,13 +154,14 @@ def mom_triton_supported(state: torch.Tensor) -> bool:
 
 
 def gsa_triton_supported(state: torch.Tensor, k_dim: int) -> bool:
-    """packed state [B, H, M, K + V]: float32, contiguous, power-of-two K and V >= 16, gradients off."""
-    return _dims_supported(state, k_dim, state.shape[3] - k_dim)
+    """packed state [B, H, M, K + V]: float32, contiguous, power-of-two K and V >= 16, at most MAX_SLOTS slots,
+    gradients off."""
+    return state.shape[2] <= MAX_SLOTS and _dims_supported(state, k_dim, state.shape[3] - k_dim)
 
 
 if triton is not None:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["H", "M1"])
     def _mom_decode_kernel(phi_q, k, v, log_gate, beta, state, active, mix, new_valid, out, out_scale, H, M1,
                            G: tl.constexpr, GP: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                            HAS_VALID: tl.constexpr):
@@ -170,9 +182,12 @@ if triton is not None:
         for m in range(M1):
             s_ptr = state + ((b * M1 + m) * H + h) * K * V + kk[:, None] * V + cc[None, :]
             s = tl.load(s_ptr)
-            if valid * tl.load(active + b * M1 + m).to(tl.int32) != 0:
+            update = valid * tl.load(active + b * M1 + m).to(tl.int32)
+            if update != 0:
                 corr = bt * (vh - a * tl.sum(kh[:, None] * s, axis=0))
                 s = a * s + kh[:, None] * corr[None, :]
+            tl.debug_barrier()  # in place: every copy of an element read before any is written
+            if update != 0:
                 tl.store(s_ptr, s)
             w = tl.load(mix + b * M1 + m) * out_scale
             for i in tl.static_range(G):
@@ -180,7 +195,7 @@ if triton is not None:
                 acc = tl.where(rows[:, None] == i, acc + (w * tl.sum(q[:, None] * s, axis=0))[None, :], acc)
         tl.store(out + (bh * G + rows)[:, None] * V + cc[None, :], acc, mask=(rows < G)[:, None])
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["H", "M"])
     def _gsa_decode_kernel(phi_q, k, v, log_gate, state, new_valid, out, H, M,
                            G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, MP: tl.constexpr,
                            HAS_VALID: tl.constexpr):
@@ -200,6 +215,8 @@ if triton is not None:
             a = tl.exp(tl.load(log_gate + bh * M + jj, mask=jmask, other=0.0))
             keys = a[:, None] * keys + (1.0 - a)[:, None] * tl.load(k + bh * K + kk)[None, :]
             vals = a[:, None] * vals + (1.0 - a)[:, None] * tl.load(v + bh * V + cc)[None, :]
+        tl.debug_barrier()  # in place: small tiles are replicated over warps; every copy read before any write
+        if valid != 0:
             tl.store(base + kk[None, :], keys, mask=jmask[:, None])
             tl.store(base + K + cc[None, :], vals, mask=jmask[:, None])
         for i in tl.static_range(G):

@@ -1,6 +1,7 @@
 """Linearized models of each architecture: a full forward equals chunked prefill + token-by-token cached decoding,
 with and without left padding, with GQA and without; the cache stays constant in size."""
 import copy
+import os
 
 import pytest
 import torch
@@ -143,9 +144,10 @@ def assert_fused_step_matches_torch(model, variant, monkeypatch, suffix, switch,
     ids = torch.randint(1, 128, (2, 16), generator=torch.Generator().manual_seed(2)).to(dev)
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
+    mask[1, 8] = mask[0, 10] = 0  # padding at decode steps too: the fused step's no-update, invalid-slot path
     calls = []
     module, name = (mom, "mom_decode_step") if variant.startswith("mom") else \
-        (attention, "gsa_decode_step") if variant == "gsa" else (attention, "linear_decode_step")
+        (attention, "gsa_decode_step") if variant.startswith("gsa") else (attention, "linear_decode_step")
     fused = getattr(module, name + suffix)
     monkeypatch.setattr(module, name + suffix, lambda *a, **k: calls.append(1) or fused(*a, **k))
     variable, off, on = switch
@@ -192,13 +194,26 @@ def test_half_precision_model_keeps_a_float32_state_and_decodes_as_its_forward(t
     assert (full - reference).abs().max() < 0.05 * scale
 
 
-@pytest.mark.parametrize("variant", ["gla", "hgrn2", "hybrid", "hybrid-normalized", "mom", "mom-unshared", "gsa"])
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_triton_decode_step_matches_the_torch_step(tiny_model, arch, variant, monkeypatch):
+TRITON_STEP_VARIANTS = {**VARIANTS, "gla-normalized": LinearizeSettings(variant="gla", normalize=True),
+                        "hybrid-wide": LinearizeSettings(variant="hybrid", window=21),  # 20 slots: past one tile
+                        "gsa-3": LinearizeSettings(variant="gla", gate="gsa", num_slots=3)}
+
+
+@pytest.mark.parametrize("variant", list(TRITON_STEP_VARIANTS))
+@pytest.mark.parametrize("arch,kv_heads", [("llama", 1), ("qwen3", 2), ("mistral", 4)])  # 4, 2, 1 query heads each
+def test_triton_decode_step_matches_the_torch_step(tiny_model, arch, kv_heads, variant, monkeypatch):
     """The one-launch Triton decode steps (kernels/linear_decode_triton.py: interpreted here, compiled on a GPU)
-    against forward's torch path (the C step kept out of both runs)."""
+    against forward's torch path (the C step kept out of both runs; only the decode step switches, so a prefill
+    through fla-core on a GPU is the same in both)."""
     pytest.importorskip("triton")
+    import compress.linearize.attention as attention
+    import compress.linearize.mom as mom
+
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     monkeypatch.setenv("COMPRESS_CPU_KERNELS", "off")
-    assert_fused_step_matches_torch(converted(tiny_model, arch, variant).to(dev), variant, monkeypatch, "_triton",
-                                    ("COMPRESS_KERNELS", "torch", "triton"), dev)
+    for module in (attention, mom):
+        monkeypatch.setattr(module, "use_triton", lambda *tensors: os.environ["DECODE_STEP"] == "triton")
+    model = tiny_model(arch, num_key_value_heads=kv_heads)
+    linearize_model(model, TRITON_STEP_VARIANTS[variant].model_copy(update={"chunk_size": 4}))
+    assert_fused_step_matches_torch(model.to(dev), variant, monkeypatch, "_triton",
+                                    ("DECODE_STEP", "torch", "triton"), dev)

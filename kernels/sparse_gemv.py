@@ -137,9 +137,9 @@ if triton is not None:
                  mask=valid)
 
     def _tile_fits_registers(configs, named_args, **kwargs):
-        """Configurations whose [tokens, rows, columns] product tile holds 32-64 fp32 values per thread. Above 64,
-        compiled for sm_90 (compile_check.py), tiles spilled 0.2-17 KB per thread (16 tokens x 64 x 128: 17.5 KB)
-        and took ptxas minutes on the first call of every shape; below 32 (from 4 tokens on) a thread has little
+        """Configurations whose [tokens, rows, columns] product tile holds at most 64 fp32 values per thread (and,
+        from 4 tokens on, at least 32). Above 64, compiled for sm_90 (compile_check.py), tiles spilled 0.2-17.5 KB
+        of stack per thread (16 tokens x 64 x 128: 17.5 KB) and took ptxas minutes on the first call of every shape; below 32 (from 4 tokens on) a thread has little
         to overlap, and every configuration kept costs the autotuner a timed run per shape (8-34 of 36 / 4-17 of
         18 kept)."""
         tokens = {**named_args, **kwargs}["BLOCK_T"]
@@ -152,8 +152,8 @@ if triton is not None:
                 or [min(configs, key=per_thread)])
 
     def _autotune(configs, key, **options):
-        """triton.autotune with a short timing per candidate (a decode GEMV takes tens of microseconds: 20 ms is
-        hundreds of runs; the default 125 ms made tuning 34 candidates per shape cost seconds) and the choice cached
+        """triton.autotune with a short timing per candidate (5 ms warmup + 20 ms: a decode GEMV takes tens of
+        microseconds, so hundreds of runs; the default 25 + 100 ms made tuning 34 candidates per shape cost seconds) and the choice cached
         on disk across processes, where this Triton has those options (3.3+)."""
         def quick(fn, quantiles):
             return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)

@@ -6,7 +6,7 @@
 # pydantic-core annotated-types typing-inspection transformers==5.24.0`) and the call carries that folder.
 # Two halves, each within one device call (600 s): `bash scripts/gpu_check.sh kv` (kernel tests + KV serving,
 # ~520 s at most) and `bash scripts/gpu_check.sh sparse` (GPU kernels + sparse dispatch + sparse speed, ~500 s at
-# most); no argument runs both (only where a call may run ~950 s). `bash scripts/gpu_check.sh lin` (~420 s at most):
+# most); no argument runs both (only where a call may run ~1,020 s). `bash scripts/gpu_check.sh lin` (~440 s at most):
 # the linearized layers' Triton decode steps and their speed at Llama-3-8B layer shapes (issue 10).
 set -u
 PART=${1:-all}

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 import torch
 import torch.nn.functional as F
 
+from compress.kernels.dispatch import forced_kernels
 
 DEVICE = "cuda"
 DTYPE = torch.float16
@@ -26,15 +26,8 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def with_kernels(mode: str, fn):
-    old = os.environ.get("COMPRESS_KERNELS")
-    os.environ["COMPRESS_KERNELS"] = mode
-    try:
+    with forced_kernels(mode):
         return fn()
-    finally:
-        if old is None:
-            os.environ.pop("COMPRESS_KERNELS")
-        else:
-            os.environ["COMPRESS_KERNELS"] = old
 
 
 def bench(fn) -> float:

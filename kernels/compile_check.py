@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -41,6 +42,7 @@ MAX_REGISTERS = 255
 REGISTERS_PER_SM = 65_536  # per block at most, on every architecture from sm_80 to sm_90
 FAKE_DEVICE = 1_000_000
 TENSOR_CORE_OPS = re.compile(r"\b(HMMA|HGMMA|IMMA|IGMMA|QGMMA)\b")
+MEMORY_OPS = re.compile(r"\b((?:LDG|LDGSTS|STG|LDS|STS)(?:\.[A-Z0-9]+)*)\b")
 
 
 @dataclass
@@ -57,6 +59,7 @@ class CompiledKernel:
     uses_dot: bool             # the kernel has a tl.dot
     tensor_cores: bool | None  # its SASS has MMA instructions (None when it has no dot)
     blocks_per_sm: int = 0     # resident blocks per SM its registers, shared memory and warps allow
+    memory_ops: dict = field(default_factory=dict)  # with --sass: load/store instructions in its SASS, by kind
     problems: list = field(default_factory=list)   # does not compile or does not fit: exit status 1
     warnings: list = field(default_factory=list)   # register spills
 
@@ -142,8 +145,9 @@ def compile_only(arch: int = 90):
         driver._active = previous
 
 
-def read_resources(name: str, kernel, entry: str, arch: int) -> CompiledKernel:
-    """Registers, local memory and shared memory of one compiled kernel, and whether its dots use tensor cores."""
+def read_resources(name: str, kernel, entry: str, arch: int, sass_ops: bool = False) -> CompiledKernel:
+    """Registers, local memory and shared memory of one compiled kernel, and whether its dots use tensor cores
+    (`sass_ops`: also its global / shared-memory load and store instructions, counted by kind)."""
     meta = kernel.metadata
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "kernel.cubin")
@@ -153,7 +157,7 @@ def read_resources(name: str, kernel, entry: str, arch: int) -> CompiledKernel:
                                check=True).stdout
         uses_dot = "tt.dot" in kernel.asm["ttir"]
         sass = subprocess.run([tool("nvdisasm"), cubin], capture_output=True, text=True, check=True).stdout \
-            if uses_dot else ""
+            if uses_dot or sass_ops else ""
     fields = _usage_fields(usage, name)
     fn = kernel.src.fn  # the JITFunction: constants are keyed by argument position; keep its constexpr params
     constexprs = {fn.arg_names[k[0]]: v for k, v in kernel.src.constants.items()
@@ -164,6 +168,8 @@ def read_resources(name: str, kernel, entry: str, arch: int) -> CompiledKernel:
         local_bytes=fields["LOCAL"] + fields["STACK"], spill_bytes=0, uses_dot=uses_dot,
         tensor_cores=bool(TENSOR_CORE_OPS.search(sass)) if uses_dot else None)
     out.blocks_per_sm = occupancy(out, arch)
+    if sass_ops:
+        out.memory_ops = dict(sorted(Counter(MEMORY_OPS.findall(sass)).items(), key=lambda kv: -kv[1]))
     limit = SHARED_MEMORY_LIMIT.get(arch)
     if limit is not None and out.shared_bytes > limit:
         out.problems.append(f"needs {out.shared_bytes:,} bytes of shared memory, a block may use {limit:,}")
@@ -221,7 +227,8 @@ def _usage_fields(usage: str, name: str) -> dict:
     return {k: int(v) for k, v in found.items()}
 
 
-def compile_entries(entries: dict, arch: int = 90, progress=None) -> tuple[list[CompiledKernel], list[dict]]:
+def compile_entries(entries: dict, arch: int = 90, progress=None,
+                    sass_ops: bool = False) -> tuple[list[CompiledKernel], list[dict]]:
     """Run each entry point (label -> zero-argument callable) under `compile_only`; returns the compiled kernels
     with their resources and the entry points that failed ({"entry", "error"})."""
     kernels, failures = [], []
@@ -237,7 +244,7 @@ def compile_entries(entries: dict, arch: int = 90, progress=None) -> tuple[list[
         for name, kernel in compiled:
             if kernel is not None and id(kernel) not in seen:
                 seen.add(id(kernel))
-                kernels.append(read_resources(name, kernel, label, arch))
+                kernels.append(read_resources(name, kernel, label, arch, sass_ops))
         if progress:
             progress(label, time.perf_counter() - started)
     return kernels, failures
@@ -251,6 +258,8 @@ def main(argv=None) -> int:
     parser.add_argument("--only", nargs="+", metavar="PREFIX", help="entry points whose label starts with one of these")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--list", action="store_true", help="print the entry points' labels and exit")
+    parser.add_argument("--sass", action="store_true",
+                        help="also count each kernel's load/store instructions in its SASS (memory_ops)")
     args = parser.parse_args(argv)
     if args.list:
         print("\n".join(entry_points()))
@@ -272,7 +281,7 @@ def main(argv=None) -> int:
     def progress(label, seconds):
         print(f"  compiled {label} ({seconds:.1f} s)", file=sys.stderr)
 
-    kernels, failures = compile_entries(entries, args.arch, progress)
+    kernels, failures = compile_entries(entries, args.arch, progress, args.sass)
     if args.json:
         print(json.dumps({"arch": args.arch, "kernels": [asdict(k) for k in kernels], "failures": failures}, indent=1))
     else:
@@ -297,6 +306,8 @@ def format_table(kernels: list[CompiledKernel], failures: list[dict], arch: int)
         lines.append(f"{k.entry:<38} {k.kernel:<26} {tiles(k):<40} {k.num_warps:>5} {k.num_stages:>6} "
                      f"{k.shared_bytes:>9,} {k.registers:>4} {k.spill_bytes:>7} {mma:>4} {k.blocks_per_sm:>9}"
                      + ("  <- " + "; ".join(k.problems + k.warnings) if k.problems or k.warnings else ""))
+        if k.memory_ops:
+            lines.append(" " * 40 + "memory ops: " + ", ".join(f"{op} x{n}" for op, n in k.memory_ops.items()))
     for f in failures:
         lines.append(f"{f['entry']:<38} FAILED: {f['error'].splitlines()[0] if f['error'] else ''}")
     return "\n".join(lines)

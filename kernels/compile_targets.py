@@ -4,10 +4,9 @@ small CPU tensors, with the constexprs it takes at serving shapes (Llama-3-8B: 3
 are runtime arguments of these kernels, so the tensors stay small."""
 from __future__ import annotations
 
-import contextlib
-import os
-
 import torch
+
+from .dispatch import forced_kernels
 
 # name: (bits, outlier_ratio, key_rank, value_rank, factor dtype): the serving benchmark's rows, 3 bits, fp8
 # factors, and 8 bits with 8 outliers per group of 64 (ratio 0.125), the largest loads per chunk
@@ -21,15 +20,9 @@ GROUP = CHUNK = 64  # the KV cache's defaults (kvcache/cache.py)
 HEAD_DIMS = (64, 128, 256)
 
 
-@contextlib.contextmanager
 def torch_kernels():
     """Build inputs with the torch references (under compile_only the Triton quantizer would not run)."""
-    old = os.environ.get("COMPRESS_KERNELS")
-    os.environ["COMPRESS_KERNELS"] = "torch"
-    try:
-        yield
-    finally:
-        os.environ.pop("COMPRESS_KERNELS") if old is None else os.environ.__setitem__("COMPRESS_KERNELS", old)
+    return forced_kernels("torch")
 
 
 def kv_decode(d: int, fmt: str, masked: bool = False, dtype: torch.dtype = torch.float16, aligned: bool = True):

@@ -4,6 +4,7 @@ Triton runs for CUDA tensors when triton is importable; the torch reference runs
 variable COMPRESS_KERNELS=torch|triton forces one (tests force `triton` under TRITON_INTERPRET=1 on the CPU)."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -30,6 +31,25 @@ def interpreted() -> bool:
         return bool(knobs.runtime.interpret)
     except (ImportError, AttributeError):
         return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes")
+
+
+def power_of_two(n: int) -> bool:
+    """A tile side Triton can take (tl.arange needs powers of two)."""
+    return n > 0 and n & (n - 1) == 0
+
+
+@contextlib.contextmanager
+def forced_kernels(mode: str):
+    """COMPRESS_KERNELS=`mode` inside the block, the previous setting restored after it."""
+    old = os.environ.get("COMPRESS_KERNELS")
+    os.environ["COMPRESS_KERNELS"] = mode
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("COMPRESS_KERNELS", None)
+        else:
+            os.environ["COMPRESS_KERNELS"] = old
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:

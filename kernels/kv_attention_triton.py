@@ -21,7 +21,7 @@ import math
 import torch
 
 from .kv_attention_reference import _fold_queries, attention_bias
-from .dispatch import interpreted
+from .dispatch import interpreted, power_of_two as _pow2
 from .kv_pages import PAGE_FIELDS, num_tokens, page_table
 
 try:
@@ -37,10 +37,11 @@ CODES, SCALE, ZERO, OVAL, OOFF, FACTOR, BASIS = range(len(PAGE_FIELDS))
 
 
 def launch_config(head_dim: int) -> dict:
-    """Warps and software-pipeline stages per head_dim, set by compiling for sm_90 (compile_check.py): at 128, 8
-    warps keep every format under 210 registers without spills (4 warps sat at 255 and spilled with a padding mask);
-    at 256 one stage keeps the tile under an sm_89 block's 99 KB."""
-    return {64: dict(num_warps=4, num_stages=3), 128: dict(num_warps=8, num_stages=3),
+    """Warps and software-pipeline stages per head_dim, compared by compiling for sm_90 (`compile_check --sass`): at
+    128, 8 warps stopped a 52 B spill with a padding mask but made the fp16 scale/zero loads per element (GEAR-4:
+    440 global load instructions per chunk against 106 at 4 warps), so 4; at 256 one stage keeps the tile under an
+    sm_89 block's 99 KB."""
+    return {64: dict(num_warps=4, num_stages=3), 128: dict(num_warps=4, num_stages=2),
             256: dict(num_warps=8, num_stages=1)}.get(head_dim, dict(num_warps=4, num_stages=1))
 
 
@@ -218,10 +219,6 @@ def _combine_splits(acc: torch.Tensor, m: torch.Tensor, l: torch.Tensor) -> torc
     l = 0) weigh nothing."""
     weight = torch.exp(m - m.amax(-1, keepdim=True))
     return (acc * weight.unsqueeze(-1)).sum(-2) / (l * weight).sum(-1, keepdim=True)
-
-
-def _pow2(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
 
 
 def triton_supports(keys, values, d: int) -> bool:

@@ -31,7 +31,7 @@ import torch
 
 from ..errors import ConfigError
 from .bitpack import pack_codes, unpack_codes, unpack_lanes  # noqa: F401  (public here too)
-from .dispatch import use_triton
+from .dispatch import power_of_two as _pow2, use_triton
 
 try:
     import triton
@@ -377,10 +377,6 @@ if triton is not None:
         scale = tl.load(scale_ptr + stat, mask=tmask[:, None], other=0.0).to(tl.float32)
         zero = tl.load(zero_ptr + stat, mask=tmask[:, None], other=0.0).to(tl.float32)
         tl.store(out_ptr + rows[:, None] * D + d[None, :], code * scale + zero, mask=tmask[:, None])
-
-
-def _pow2(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
 
 
 def _triton_shapes_ok(t: int, d: int, group_size: int, axis: str) -> bool:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from .dispatch import power_of_two
+
 try:
     import triton
     import triton.language as tl
@@ -24,25 +26,37 @@ except ImportError:  # pragma: no cover - the C kernel and the torch path run wi
 MAX_SLOTS = 128
 
 
-def _pow2(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
+def _supported(state: torch.Tensor, dims, rings=()) -> bool:
+    """The tiles the kernels take: power-of-two dims of at least 16; float32 contiguous state (and ring buffers),
+    updated in place; gradients off (training keeps forward's torch path)."""
+    return (triton is not None and not torch.is_grad_enabled()
+            and all(t.dtype == torch.float32 and t.is_contiguous() for t in (state, *rings))
+            and all(power_of_two(n) and n >= 16 for n in dims))
 
 
 def linear_decode_triton_supported(state: torch.Tensor, normalize: bool, ring_k=None, ring_v=None,
                                    ring_valid=None) -> bool:
-    """Power-of-two key, value and rotary dims of at least 16 (the tiles), float32 contiguous state and ring buffers
-    (updated in place), gradients off."""
-    rings = () if ring_k is None else (ring_k, ring_v)
-    if triton is None or torch.is_grad_enabled() or any(t.dtype != torch.float32 or not t.is_contiguous()
-                                                        for t in (state, *rings)):
-        return False
-    if ring_valid is not None and (ring_valid.dtype != torch.bool or not ring_valid.is_contiguous()):
-        return False
-    if ring_k is not None and ring_k.shape[2] > MAX_SLOTS:
-        return False
-    k_dim, v_dim = state.shape[2], state.shape[3] - int(normalize)
-    dims = (k_dim, v_dim) if ring_k is None else (k_dim, v_dim, ring_k.shape[3])
-    return all(_pow2(n) and n >= 16 for n in dims)
+    """state [B, H, K, V (+1)]; the hybrid's ring buffers [B, H, slots <= MAX_SLOTS, D], validity bool [B, slots]."""
+    dims = [state.shape[2], state.shape[3] - int(normalize)]
+    if ring_k is None:
+        return _supported(state, dims)
+    return (ring_k.shape[2] <= MAX_SLOTS and ring_valid.dtype == torch.bool and ring_valid.is_contiguous()
+            and _supported(state, dims + [ring_k.shape[3]], (ring_k, ring_v)))
+
+
+def mom_triton_supported(state: torch.Tensor) -> bool:
+    """state [B, M + 1, H, K, V]."""
+    return _supported(state, state.shape[3:])
+
+
+def gsa_triton_supported(state: torch.Tensor, k_dim: int) -> bool:
+    """packed state [B, H, M <= MAX_SLOTS, K + V]."""
+    return state.shape[2] <= MAX_SLOTS and _supported(state, (k_dim, state.shape[3] - k_dim))
+
+
+def _valid_bytes(new_valid, device):
+    """Which batch rows' new token is real, as uint8 [B] (None: all are)."""
+    return None if new_valid is None else new_valid.to(device=device, dtype=torch.uint8).contiguous()
 
 
 if triton is not None:
@@ -112,55 +126,6 @@ if triton is not None:
             tl.store(ring_k + (bh * S + slot) * D + dd, kn)
             tl.store(ring_v + (bh * S + slot) * V + cc, tl.where(valid != 0, vn, 0.0))
 
-
-def linear_decode_step_triton(phi_q, phi_k, log_gate, v_state, state, normalize: bool, window=None, new_valid=None,
-                              alpha: float = 0.0, beta: float = 0.0, scale: float = 1.0) -> torch.Tensor:
-    """`linear_decode_cpu.linear_decode_step` on a GPU (or the interpreter): the same arguments, state and ring
-    buffers updated in place, out [B, Hq, 1, V]."""
-    phi_q, phi_k, log_gate, v_state = (t.float().contiguous() for t in (phi_q, phi_k, log_gate, v_state))
-    b, hq, _, k_dim = phi_q.shape
-    h, vs_dim = state.shape[1], state.shape[-1]
-    v_dim, groups = vs_dim - int(normalize), hq // h
-    out = phi_q.new_empty(b, hq, 1, v_dim)
-    dummy = phi_q.new_zeros(1)
-    valid = new_valid.to(device=state.device, dtype=torch.uint8).contiguous() if new_valid is not None else None
-    if window is None:
-        q_rot = k_rot = v = ring_k = ring_v = dummy
-        ring_valid, slots, slot, d_rot = valid if valid is not None else dummy, 0, 0, 16
-    else:
-        q_rot, k_rot, v, ring_k, ring_v, ring_valid_bool, slot = window
-        q_rot, k_rot, v = (t.float().contiguous() for t in (q_rot, k_rot, v))
-        ring_valid = ring_valid_bool.view(torch.uint8)
-        slots, d_rot = ring_k.shape[2], ring_k.shape[3]
-    _linear_decode_kernel[(b * h,)](
-        phi_q, phi_k, log_gate, v_state, state, q_rot, k_rot, v, ring_k, ring_v, ring_valid,
-        valid if valid is not None else dummy, out, slot, float(alpha), float(beta), float(scale), h,
-        G=groups, K=k_dim, V=v_dim, NORMALIZE=int(normalize),
-        WINDOW=window is not None, S=max(slots, 1), SP=max(16, triton.next_power_of_2(max(slots, 1))), D=d_rot,
-        HAS_VALID=valid is not None, num_warps=8)
-    if window is not None:  # after every head of a batch row has read the slot's validity (shared by its heads)
-        ring_valid_bool[:, slot] = True if new_valid is None else new_valid.to(ring_valid_bool.device, torch.bool)
-    return out
-
-
-def _dims_supported(state: torch.Tensor, *dims: int) -> bool:
-    return (triton is not None and not torch.is_grad_enabled() and state.dtype == torch.float32
-            and state.is_contiguous() and all(_pow2(n) and n >= 16 for n in dims))
-
-
-def mom_triton_supported(state: torch.Tensor) -> bool:
-    """state [B, M + 1, H, K, V]: float32, contiguous, power-of-two K and V >= 16, gradients off."""
-    return _dims_supported(state, state.shape[3], state.shape[4])
-
-
-def gsa_triton_supported(state: torch.Tensor, k_dim: int) -> bool:
-    """packed state [B, H, M, K + V]: float32, contiguous, power-of-two K and V >= 16, at most MAX_SLOTS slots,
-    gradients off."""
-    return state.shape[2] <= MAX_SLOTS and _dims_supported(state, k_dim, state.shape[3] - k_dim)
-
-
-if triton is not None:
-
     @triton.jit(do_not_specialize=["H", "M1"])
     def _mom_decode_kernel(phi_q, k, v, log_gate, beta, state, active, mix, new_valid, out, out_scale, H, M1,
                            G: tl.constexpr, GP: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
@@ -227,6 +192,36 @@ if triton is not None:
             tl.store(out + (bh * G + i) * V + cc, o)
 
 
+def linear_decode_step_triton(phi_q, phi_k, log_gate, v_state, state, normalize: bool, window=None, new_valid=None,
+                              alpha: float = 0.0, beta: float = 0.0, scale: float = 1.0) -> torch.Tensor:
+    """`linear_decode_cpu.linear_decode_step` on a GPU (or the interpreter): the same arguments, state and ring
+    buffers updated in place, out [B, Hq, 1, V]."""
+    phi_q, phi_k, log_gate, v_state = (t.float().contiguous() for t in (phi_q, phi_k, log_gate, v_state))
+    b, hq, _, k_dim = phi_q.shape
+    h, vs_dim = state.shape[1], state.shape[-1]
+    v_dim, groups = vs_dim - int(normalize), hq // h
+    out = phi_q.new_empty(b, hq, 1, v_dim)
+    dummy = phi_q.new_zeros(1)
+    valid = _valid_bytes(new_valid, state.device)
+    if window is None:
+        q_rot = k_rot = v = ring_k = ring_v = dummy
+        ring_valid, slots, slot, d_rot = valid if valid is not None else dummy, 0, 0, 16
+    else:
+        q_rot, k_rot, v, ring_k, ring_v, ring_valid_bool, slot = window
+        q_rot, k_rot, v = (t.float().contiguous() for t in (q_rot, k_rot, v))
+        ring_valid = ring_valid_bool.view(torch.uint8)
+        slots, d_rot = ring_k.shape[2], ring_k.shape[3]
+    _linear_decode_kernel[(b * h,)](
+        phi_q, phi_k, log_gate, v_state, state, q_rot, k_rot, v, ring_k, ring_v, ring_valid,
+        valid if valid is not None else dummy, out, slot, float(alpha), float(beta), float(scale), h,
+        G=groups, K=k_dim, V=v_dim, NORMALIZE=int(normalize),
+        WINDOW=window is not None, S=max(slots, 1), SP=max(16, triton.next_power_of_2(max(slots, 1))), D=d_rot,
+        HAS_VALID=valid is not None, num_warps=8)
+    if window is not None:  # after every head of a batch row has read the slot's validity (shared by its heads)
+        ring_valid_bool[:, slot] = True if new_valid is None else new_valid.to(ring_valid_bool.device, torch.bool)
+    return out
+
+
 def mom_decode_step_triton(phi_q, k, v, log_gate, beta, state, active, mix, new_valid=None,
                            out_scale: float = 1.0) -> torch.Tensor:
     """`linear_decode_cpu.mom_decode_step` on a GPU (or the interpreter): same arguments, state updated in place."""
@@ -235,7 +230,7 @@ def mom_decode_step_triton(phi_q, k, v, log_gate, beta, state, active, mix, new_
     b, hq, _, k_dim = phi_q.shape
     m1, h, v_dim = state.shape[1], state.shape[2], state.shape[-1]
     out = phi_q.new_empty(b, hq, 1, v_dim)
-    valid = new_valid.to(device=state.device, dtype=torch.uint8).contiguous() if new_valid is not None else None
+    valid = _valid_bytes(new_valid, state.device)
     _mom_decode_kernel[(b * h,)](phi_q, k, v, log_gate, beta, state, active, mix,
                                  valid if valid is not None else active, out, float(out_scale), h, m1,
                                  G=hq // h, GP=triton.next_power_of_2(hq // h), K=k_dim, V=v_dim,
@@ -249,7 +244,7 @@ def gsa_decode_step_triton(phi_q, phi_k, v, log_gate, state, new_valid=None) -> 
     b, hq, _, k_dim = phi_q.shape
     h, slots, v_dim = state.shape[1], state.shape[2], v.shape[-1]
     out = phi_q.new_empty(b, hq, 1, v_dim)
-    valid = new_valid.to(device=state.device, dtype=torch.uint8).contiguous() if new_valid is not None else None
+    valid = _valid_bytes(new_valid, state.device)
     _gsa_decode_kernel[(b * h,)](phi_q, phi_k, v, log_gate, state, valid if valid is not None else out, out, h, slots,
                                  G=hq // h, K=k_dim, V=v_dim, MP=max(2, triton.next_power_of_2(slots)),
                                  HAS_VALID=valid is not None, num_warps=4)

@@ -30,8 +30,8 @@ def compile_for(arch, *only):
     require_compiler()
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "COMPRESS_KERNELS")}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    proc = subprocess.run([sys.executable, "-m", "compress.kernels.compile_check", "--json", "--arch", str(arch),
-                           "--only", *only],
+    proc = subprocess.run([sys.executable, "-m", "compress.kernels.compile_check", "--json", "--sass", "--arch",
+                           str(arch), "--only", *only],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.stdout, proc.stderr[-3000:]
     return proc.returncode, json.loads(proc.stdout)
@@ -70,7 +70,8 @@ def test_every_kernel_compiles_and_fits_an_h200_block(compiled):
     assert sum(k["kernel"] == "_nm_gemv_kernel" and k["constexprs"]["BLOCK_T"] == 16 for k in report["kernels"]) >= 4
     for k in report["kernels"]:
         assert 0 <= k["shared_bytes"] <= 232_448 and 0 < k["registers"] <= 255
-        assert k["spill_bytes"] == 0, (k["entry"], k["kernel"], k["spill_bytes"])  # no register spills
+        # no register spills (but the padding mask's bias tile at head_dim 128: see below)
+        assert k["spill_bytes"] <= (64 if k["entry"].endswith("masked") else 0), (k["entry"], k["spill_bytes"])
 
 
 @cpu_only
@@ -82,8 +83,13 @@ def test_kv_decode_uses_tensor_cores_without_spilling(compiled):
     for k in decode:
         assert k["constexprs"]["DOT16"] is True  # fp16 operands on a GPU (fp32 only under the interpreter)
         assert k["tensor_cores"] is True, k["entry"]
-        assert k["spill_bytes"] == 0, (k["entry"], k["spill_bytes"])
+        # a padding mask adds a [rows, chunk] bias tile: 52 B of spill stores at head_dim 128 (4 warps; 8 warps made
+        # every scale load per element: kv_attention_triton.launch_config)
+        assert k["spill_bytes"] <= (64 if k["entry"].endswith("masked") else 0), (k["entry"], k["spill_bytes"])
         assert k["blocks_per_sm"] * k["num_warps"] >= 8, k["entry"]  # >= 8 resident warps per SM
+    # codes arrive as asynchronous vector copies, each byte once: no byte-wide global loads at 2 bits
+    kivi2 = next(k for k in decode if k["entry"] == "kv_decode d128 kivi-2")
+    assert "LDG.E.U8" not in kivi2["memory_ops"] and kivi2["memory_ops"].get("LDGSTS.E.BYPASS.128", 0) > 0
     by_dim = {k["constexprs"]["D"]: k for k in decode if k["entry"].endswith("gear-4")}
     assert set(by_dim) == {64, 128, 256}
     # the tile grows with head_dim; 256 takes 8 warps and no pipelining (launch_config)

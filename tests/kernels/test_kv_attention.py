@@ -4,7 +4,6 @@ GPU) against the reference, at head_dim 64/128/256 (its shared memory and regist
 test_compile_check.py)."""
 import contextlib
 import math
-import os
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ import torch
 from compress.kernels import kv_attention as A
 from compress.kernels import kv_attention_cpu as AC
 from compress.kernels import kv_attention_triton as AT
+from compress.kernels.dispatch import forced_kernels
 from compress.kvcache.store import CompressedStore
 
 TRITON_KERNEL = AT._paged_decode_kernel  # checked by the triton_kernels fixture (tests/kernels/conftest.py)
@@ -34,20 +34,10 @@ def build_store(x, axis, bits, group, chunk, outlier_ratio, ranks, page_chunks, 
         return store, store.dequantize().double().cpu()
 
 
-@contextlib.contextmanager
 def torch_quantizer_on_cpu():
     """Build stores with the torch quantizer on the CPU (the interpreted Triton quantizer is tested elsewhere and
     slow); on a GPU the store is built by the compiled kernels."""
-    old = os.environ.get("COMPRESS_KERNELS")
-    if not ON_GPU:
-        os.environ["COMPRESS_KERNELS"] = "torch"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("COMPRESS_KERNELS", None)
-        else:
-            os.environ["COMPRESS_KERNELS"] = old
+    return contextlib.nullcontext() if ON_GPU else forced_kernels("torch")
 
 
 def dense_attention_f64(q, k, v, bias):

@@ -32,6 +32,7 @@ import argparse
 import copy
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -177,6 +178,9 @@ def speed_and_bytes(reference, args) -> dict[str, dict]:
             if name == "original":
                 out[name]["decode_tokens_per_s"] = out[name].get("decode_tokens_per_s", {})
                 out[name]["decode_tokens_per_s"][str(ctx)] = round(batch / base_t, 1)
+        # a line per context as it completes: a run cut by a timeout still leaves what it measured
+        print(f"[decode {ctx}] " + ", ".join(f"{n} {out[n]['decode_speedup'][str(ctx)]}x" for n in models),
+              file=sys.stderr)
     return out
 
 

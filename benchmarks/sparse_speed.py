@@ -257,11 +257,11 @@ def cuda_ms(fn, repeats: int = 50) -> float:
 
 
 @torch.no_grad()
-def cuda_layers(tokens_list) -> list[dict]:
+def cuda_layers(tokens_list, shapes=SHAPES) -> list[dict]:
     from compress.prune import gpu_dispatch
 
     rows = []
-    for out_f, in_f in SHAPES:
+    for out_f, in_f in shapes:
         for structure in ("2:4", "unstructured"):
             lin, sparse = pruned_pair(out_f, in_f, torch.float16, "cuda", structure)
             for t in tokens_list:
@@ -281,6 +281,9 @@ def cuda_layers(tokens_list) -> list[dict]:
                     rows.append(dict(common, kind="semi_structured" if structure == "2:4" else "dispatch",
                                      path=chosen, ours_ms=times[chosen], speedup_vs_dense=dense / times[chosen],
                                      paths={p: dense / v for p, v in times.items()}))
+                # one line per shape as it completes: a run cut by a timeout still leaves its rows
+                print(f"[cuda] {structure} {out_f}x{in_f} x{t}: " + ", ".join(
+                    f"{p} {dense / v:.2f}x" for p, v in times.items()) + f" (chosen {chosen})", file=sys.stderr)
             del lin, sparse
             torch.cuda.empty_cache()
     return rows
@@ -332,6 +335,7 @@ def cuda_e2e(prefill_tokens: int = 4096, decode_tokens: int = 64) -> list[dict]:
 
     dec_d, dec_s = decode_s(dense), decode_s(sparse)
     shape = "2 layers Llama-3-8B, all Linears 2:4"
+    print(f"[cuda e2e] prefill {pre_d / pre_s:.2f}x, decode {dec_d / dec_s:.2f}x", file=sys.stderr)
     return [dict(device="cuda", kind="e2e_prefill", shape=shape, tokens=prefill_tokens, speedup_vs_dense=pre_d / pre_s),
             dict(device="cuda", kind="e2e_decode", shape=shape, tokens=decode_tokens, speedup_vs_dense=dec_d / dec_s)]
 
@@ -350,11 +354,22 @@ def print_table(rows: list[dict]) -> None:
             print(f"{r['kind']:<22}{r['shape']:<36}{r['tokens']:>7}{r['speedup_vs_dense']:>8.2f}x  {extra or ''}")
 
 
+def linear_shape(text: str) -> tuple[int, int]:
+    try:
+        out_f, in_f = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected OUTxIN, e.g. 14336x4096") from None
+    return out_f, in_f
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="print the rows as one JSON list")
     ap.add_argument("--quick", action="store_true", help="fewer shapes/tokens/repeats (a smoke run)")
     ap.add_argument("--no-cpu", action="store_true", help="CUDA rows only")
+    ap.add_argument("--tokens", type=int, nargs="+", help="CUDA layer rows at these token counts only")
+    ap.add_argument("--shapes", nargs="+", metavar="OUTxIN", type=linear_shape,
+                    help="CUDA layer rows at these Linear shapes only (e.g. 4096x4096 14336x4096)")
     ap.add_argument("--model", default="builtin:small", help="reference model the activation sparsity is calibrated "
                     "and its perplexity measured on (loaded in fp32)")
     ap.add_argument("--greedy-rounds", type=int, default=None, help="activation sparsity: rounds of per-layer greedy "
@@ -402,7 +417,9 @@ def main() -> None:
         finally:
             torch.set_num_threads(saved)
     if torch.cuda.is_available() and not args.only_activation_sparse:
-        rows += cuda_layers([1, 8, 16] if args.quick else [1, 8, 16, 64, 512, 4096])
+        tokens = args.tokens or ([1, 8, 16] if args.quick else [1, 8, 16, 64, 512, 4096])
+        shapes = args.shapes or SHAPES
+        rows += cuda_layers(tokens, shapes)
         rows += cuda_activation_sparse(quality)
         rows += cuda_e2e()
     if args.json:

@@ -19,7 +19,7 @@ from .dispatch import use_triton
 
 
 def gather_dot_reference(w: torch.Tensor, idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return x @ w.index_select(0, idx).t()
+    return x @ w.index_select(0, idx).t().to(x.dtype)  # in x's dtype (bf16 weights against float32 x: widened)
 
 
 def gather_axpy_reference(wt: torch.Tensor, idx: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -27,6 +27,8 @@ def gather_axpy_reference(wt: torch.Tensor, idx: torch.Tensor, h: torch.Tensor) 
     t, k = h.shape
     if t == 0 or k == 0:
         return h.new_zeros(t, wt.shape[1])
+    if wt.dtype != h.dtype:  # bf16 weights against float32 h: in h's dtype, like gather_dot_reference
+        return h @ wt.index_select(0, idx).to(h.dtype)
     return F.embedding_bag(idx.repeat(t), wt, torch.arange(0, t * k, k, device=idx.device),
                            mode="sum", per_sample_weights=h.reshape(-1).to(wt.dtype)).to(h.dtype)
 
@@ -245,13 +247,19 @@ def quantized_matvec(codes: torch.Tensor, scales: torch.Tensor, x: torch.Tensor,
     return quantized_matvec_reference(codes, scales, x, bits)
 
 
-def _cpu_fast(w: torch.Tensor, x: torch.Tensor) -> bool:
+def cpu_reads(w: torch.Tensor) -> bool:
+    """The C kernels handle this weight (or predictor scales): on the CPU, float32 or bfloat16, unit column stride,
+    a compiler here, and not forced to torch."""
     import os
 
     if os.environ.get("COMPRESS_KERNELS", "").lower() == "torch" or w.device.type != "cpu":
         return False
-    if w.dtype != torch.float32 or x.dtype != torch.float32 or w.stride(1) != 1:
-        return False
-    from .cpu_gather import cpu_library
+    from .cpu_gather import WEIGHT_DTYPES, cpu_library
 
-    return cpu_library() is not None
+    return w.dtype in WEIGHT_DTYPES and w.stride(-1) == 1 and cpu_library() is not None
+
+
+def _cpu_fast(w: torch.Tensor, x: torch.Tensor) -> bool:
+    """The C kernels run w (float32 or bfloat16) against x: float32 (a bf16 model's MLP widens x, its weights are
+    read as they are)."""
+    return x.dtype == torch.float32 and cpu_reads(w)

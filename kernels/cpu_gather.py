@@ -17,6 +17,7 @@ _GATHER_ARGS = (_PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _I64, _PTR, _I64, ctyp
 _QMATVEC_ARGS = (_PTR, _PTR, _I64, _I64, _I64, _PTR, _I64, _I64, _PTR, _I64, ctypes.c_int)
 _SELECT_ARGS = (_PTR, _I64, _I64, _I64, _PTR, _PTR, ctypes.c_float, _PTR, _I64, _PTR, _PTR, _PTR)
 _SIGNATURES = (("gather_dot", _GATHER_ARGS, None), ("gather_axpy", _GATHER_ARGS, None),
+               ("gather_dot_bf16", _GATHER_ARGS, None), ("gather_axpy_bf16", _GATHER_ARGS, None),
                ("select_silu", _SELECT_ARGS, _I64))
 _QMATVEC_SIGNATURES = (("qmatvec_int8", _QMATVEC_ARGS, None), ("qmatvec_int4", _QMATVEC_ARGS, None))
 
@@ -26,24 +27,31 @@ def cpu_library():
     return load_c_library("gather", _SIGNATURES)
 
 
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16)  # what the gathers read; x, h and the results are float32
+
+
 def cpu_gather_dot(w: torch.Tensor, idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """x [t, d] float32 @ w[idx].T -> [t, k] float32; w float32 or bfloat16 with unit column stride."""
     x = x.contiguous()
     idx = idx.contiguous().to(torch.int64)
     t, d = x.shape
     out = torch.empty(t, idx.numel(), dtype=torch.float32)
-    cpu_library().gather_dot(w.data_ptr(), w.stride(0), idx.data_ptr(), idx.numel(), x.data_ptr(), x.stride(0),
-                             t, d, out.data_ptr(), out.stride(0), torch.get_num_threads())
+    kernel = cpu_library().gather_dot_bf16 if w.dtype == torch.bfloat16 else cpu_library().gather_dot
+    kernel(w.data_ptr(), w.stride(0), idx.data_ptr(), idx.numel(), x.data_ptr(), x.stride(0), t, d, out.data_ptr(),
+           out.stride(0), torch.get_num_threads())
     return out
 
 
 def cpu_gather_axpy(wt: torch.Tensor, idx: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """h [t, k] float32 @ wt[idx] -> [t, d] float32; wt float32 or bfloat16 with unit column stride."""
     h = h.contiguous()
     idx = idx.contiguous().to(torch.int64)
     t, k = h.shape
     d = wt.shape[1]
     out = torch.empty(t, d, dtype=torch.float32)
-    cpu_library().gather_axpy(wt.data_ptr(), wt.stride(0), idx.data_ptr(), k, h.data_ptr(), h.stride(0), t, d,
-                              out.data_ptr(), out.stride(0), torch.get_num_threads())
+    kernel = cpu_library().gather_axpy_bf16 if wt.dtype == torch.bfloat16 else cpu_library().gather_axpy
+    kernel(wt.data_ptr(), wt.stride(0), idx.data_ptr(), k, h.data_ptr(), h.stride(0), t, d, out.data_ptr(),
+           out.stride(0), torch.get_num_threads())
     return out
 
 
@@ -53,8 +61,9 @@ def qmatvec_library():
 
 
 def cpu_quantized_matvec(codes: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, bits: int) -> torch.Tensor:
-    """codes contiguous, scales float32 (the dispatcher checks both)."""
-    x, scales = x.contiguous(), scales.contiguous()
+    """codes contiguous (the dispatcher checks), x float32; scales as stored (a bf16 checkpoint's are widened per
+    call, exactly: an eighth of the codes' bytes)."""
+    x, scales = x.contiguous(), scales.float().contiguous()
     t, d = x.shape
     n, groups = scales.shape
     out = torch.empty(t, n, dtype=torch.float32)

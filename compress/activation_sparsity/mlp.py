@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..kernels.activation_sparse import (_cpu_fast, gather_axpy, gather_dot, quantization_group, quantize_groups,
+from ..kernels.activation_sparse import (cpu_reads, gather_axpy, gather_dot, quantization_group, quantize_groups,
                                          quantized_matvec)
 from ..kernels.cpu_gather import cpu_select_silu
 from ..prune.activation_sparsity import down_weight
@@ -160,10 +160,9 @@ class ActivationSparseMLP(nn.Module):
     def runtime_path(self, tokens: int = 1) -> str:
         if tokens > self.max_sparse_tokens or self.training or not self._gatherable():
             return "masked dense"
-        from ..kernels.activation_sparse import _cpu_fast
-
         w = self.up_proj.weight
-        gather = "Triton" if w.is_cuda else "C" if _cpu_fast(w, w) else "torch"
+        in_c = self._select_in_c() or (w.dtype == torch.float32 and cpu_reads(w))  # fp32: the gathers alone too
+        gather = "Triton" if w.is_cuda else "C" if in_c else "torch"
         gate = f", {self.predictor_description()}" if self.has_predictor else ""
         if self.predictor_bits and gather == "torch":  # the quantized product: C and Triton kernels
             gate += " (the prediction by the torch reference: slow)"
@@ -188,7 +187,7 @@ class ActivationSparseMLP(nn.Module):
     def _sparse_gate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(act(gate(x)) of the neurons any token keeps, zero where a token does not keep one; their indices): with
         a predictor, only the candidates' gate rows are read."""
-        if self._select_in_c(x):
+        if self._select_in_c():
             return self._sparse_gate_c(x)
         if not self.has_predictor or type(self.gate_proj) is not nn.Linear:
             g, keep = self.gate(x)
@@ -205,36 +204,51 @@ class ActivationSparseMLP(nn.Module):
         used = keep.any(0)
         return (g * keep)[:, used], idx[used]
 
-    def _select_in_c(self, x: torch.Tensor) -> bool:
-        """The C selection (csrc/gather.c select_silu) applies: SiLU gate, float32 on a CPU with the C kernels."""
+    def _select_in_c(self) -> bool:
+        """The C path applies: SiLU gate, weights the C kernels read (float32, or bfloat16 read as such) on a CPU with
+        a compiler. It computes in float32 whatever the weights' dtype (x is widened, the output rounded back)."""
         return type(self.act_fn).__name__ in ("SiLU", "SiLUActivation") and type(self.gate_proj) is nn.Linear \
-            and _cpu_fast(self.up_proj.weight, x) and (not self.neuron_scaling or self.neuron_scale.dtype == x.dtype)
+            and cpu_reads(self.up_proj.weight) and self.up_proj.weight.dtype == self.gate_proj.weight.dtype \
+            and self.down_proj.weight.dtype == self.up_proj.weight.dtype
 
     def _sparse_gate_c(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`_sparse_gate` with its selection in C: the same decisions."""
-        scale = self.neuron_scale if self.neuron_scaling else None
+        """`_sparse_gate` with its selection in C, x float32: the same decisions (up to the rounding of a bf16
+        model's masked dense path, which rounds the gate to bf16 before comparing it)."""
+        scale = self.neuron_scale.float() if self.neuron_scaling else None
+        gate = self.gate_proj
         if not self.has_predictor:
-            pre = self.gate_proj(x)
+            pre = gate(x) if gate.weight.dtype == x.dtype else gather_dot(gate.weight, self._all_neurons(), x)
+            if gate.bias is not None and gate.weight.dtype != x.dtype:
+                pre = pre + gate.bias
             idx, keep, g = cpu_select_silu(pre, float(self.threshold), scale)
             self._count(keep, pre.numel())
             return g, idx
         cand, allowed, _ = cpu_select_silu(self.predicted_gate(x), float(self.predictor_threshold), scale)
-        pre = gather_dot(self.gate_proj.weight, cand, x)
-        if self.gate_proj.bias is not None:
-            pre = pre + self.gate_proj.bias[cand]
+        pre = gather_dot(gate.weight, cand, x)
+        if gate.bias is not None:
+            pre = pre + gate.bias[cand]
         idx, keep, g = cpu_select_silu(pre, float(self.threshold), scale, ids=cand, allow=allowed)
-        self._count(keep, x.shape[0] * self.gate_proj.out_features)
+        self._count(keep, x.shape[0] * gate.out_features)
         return g, idx
 
+    def _all_neurons(self) -> torch.Tensor:
+        n = self.gate_proj.out_features
+        if getattr(self, "_arange", None) is None or self._arange.numel() != n:
+            self._arange = torch.arange(n)
+        return self._arange
+
     def _sparse(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        if self._select_in_c():  # the C kernels compute in float32 from float32 or bf16 weights
+            x = x.float()
         g, idx = self._sparse_gate(x)
         h = g * gather_dot(self.up_proj.weight, idx, x).to(g.dtype)
         if self.up_proj.bias is not None:
             h = h + g * self.up_proj.bias[idx]
-        y = gather_axpy(self.column_major_down(), idx, h).to(x.dtype)
+        y = gather_axpy(self.column_major_down(), idx, h)
         if self.down_proj.bias is not None:
             y = y + self.down_proj.bias
-        return y
+        return y.to(dtype)
 
     def extra_repr(self) -> str:
         kind = f"predictor_rank={self.predictor_rank}" if self.predictor_rank else \

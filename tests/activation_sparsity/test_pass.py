@@ -212,12 +212,51 @@ def test_quantized_gate_predictor_paths_agree(tiny_model, bits):
         expected = mlp.down_proj(g * mlp.up_proj(x) * keep)
         assert f"int{bits} predicted candidates" in m.runtime_path(1)
         from compress.kernels.activation_sparse import _cpu_fast
-        assert m._select_in_c(x) == _cpu_fast(mlp.up_proj.weight, x)  # the C selection runs wherever C gathers do
+        assert m._select_in_c() == _cpu_fast(mlp.up_proj.weight, x)  # the C selection runs wherever C gathers do
         fast = m(x)
         m.max_sparse_tokens = 0
         masked = m(x)
     torch.testing.assert_close(fast, expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(masked, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [0, 4])
+def test_bf16_model_decodes_in_c_from_its_bf16_weights(tiny_model, bits):
+    """A bf16 model (what `dtype: auto` loads on AVX512-BF16 CPUs) decodes through the C kernels, which read its bf16
+    weights and compute in float32 (it ran the torch gathers before, ~9x slower than its dense MLP): the output is
+    the float32 masked dense MLP over the same weights widened, with the same neurons kept, rounded to bf16 once."""
+    import copy
+
+    from compress.kernels.cpu_gather import cpu_library
+    if cpu_library() is None:
+        pytest.skip("no C compiler here: the torch reference runs instead")
+    model = tiny_model("llama")
+    mlp = model.model.layers[0].mlp
+    x = torch.randn(3, 64).to(torch.bfloat16)
+    with torch.no_grad():
+        m = ActivationSparseMLP(mlp, max_sparse_tokens=4, predictor_bits=bits, neuron_scaling=True).eval()
+        m.neuron_scale.copy_(torch.rand(m.neuron_scale.shape) + 0.5)
+        m = copy.deepcopy(m).to(torch.bfloat16)
+        reference = copy.deepcopy(m).float()  # the same values, widened exactly
+        s = reference.scores(reference.act_fn(reference.gate_proj(x.float())))
+        middle = s.flatten().sort().values[s.numel() // 2 - 1: s.numel() // 2 + 1]
+        for module in (m, reference):  # between two scores (bf16-representable), no neuron sits on it
+            module.threshold.fill_(float(middle.mean().to(torch.bfloat16)))
+        if bits:
+            m.fit_predictor(torch.bfloat16)
+            reference.fit_predictor(torch.bfloat16)  # rounded like the bf16 model's
+            p = reference.predicted_scores(x.float())
+            for module in (m, reference):
+                module.predictor_threshold.fill_(float(p.quantile(0.4).to(torch.bfloat16)))
+        assert m.runtime_path(1).startswith("active rows only (C gather")
+        m.record, m.counts = True, [0, 0]
+        fast = m(x)
+        reference.max_sparse_tokens = 0  # the masked dense path, float32
+        reference.record, reference.counts = True, [0, 0]
+        expected = reference(x.float())
+    assert fast.dtype == torch.bfloat16
+    assert m.counts == reference.counts and 0 < m.counts[0] < m.counts[1]  # the same neurons kept
+    torch.testing.assert_close(fast.float(), expected.to(torch.bfloat16).float(), rtol=2 ** -7, atol=1e-5)
 
 
 def test_pass_with_quantized_predictor_reloads(tmp_path, reference_tokenizer):

@@ -35,13 +35,16 @@ def test_torch_reference(tokens, k):
     assert rel(ak.gather_axpy_reference(w, idx, h), axpy) < 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tokens,k,d", [(1, 13, 72), (4, 40, 200), (2, 0, 64)])
-def test_c_kernel(monkeypatch, tokens, k, d):
+def test_c_kernel(monkeypatch, tokens, k, d, dtype):
+    """float32 weights, and bfloat16 ones read as they are (a bf16 model's): float32 products of the same values."""
     if cpu_library() is None:
         pytest.skip("no C compiler here: the torch reference runs instead")
     monkeypatch.delenv("COMPRESS_KERNELS", raising=False)
     w, idx, x, h = case(d=d, tokens=tokens, k=k)
-    assert ak._cpu_fast(w, x)
+    w = w.to(dtype)
+    assert ak._cpu_fast(w, x) and not ak._cpu_fast(w, x.to(torch.bfloat16))  # x and h: float32 only
     dot, axpy = expected(w, idx, x, h)
     out_dot, out_axpy = ak.gather_dot(w, idx, x), ak.gather_axpy(w, idx, h)
     assert out_dot.shape == (tokens, k) and out_axpy.shape == (tokens, d)

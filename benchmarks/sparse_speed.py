@@ -213,7 +213,9 @@ def cycling(fns):
 
 
 @torch.no_grad()
-def cpu_activation_sparse(quality: dict, repeats, copies: int = 0) -> list[dict]:
+def cpu_activation_sparse(quality: dict, repeats, copies: int = 0, dtype=torch.float32) -> list[dict]:
+    """Dense vs activation-sparse MLP at one dtype (weights, x and the output; the sparse path computes in float32
+    from bf16 weights)."""
     from compress.activation_sparsity import ActivationSparseMLP
 
     variants = [("dense gate", quality.get("without_predictor", quality), 0, 1.0, 0)]
@@ -223,15 +225,16 @@ def cpu_activation_sparse(quality: dict, repeats, copies: int = 0) -> list[dict]
         variants.append((f"predictor rank {rank}", quality, rank, quality["candidate_share"], 0))
     elif bits:
         variants.append((f"predictor int{bits}", quality, 0, quality["candidate_share"], bits))
-    mlp_bytes = 3 * MLP_SHAPE[0] * MLP_SHAPE[1] * 4
+    mlp_bytes = 3 * MLP_SHAPE[0] * MLP_SHAPE[1] * dtype.itemsize
     copies = copies or max(1, math.ceil(3 * largest_cache_bytes() / mlp_bytes))
     rows = []
     for gate, q, rank, share, bits in variants:
-        pairs = [mlp_at_sparsity(q["sparsity"], predictor_rank=rank, candidate_share=share, predictor_bits=bits,
-                                 neuron_scaling=quality.get("neuron_scaling", False)) for _ in range(copies)]
+        pairs = [mlp_at_sparsity(q["sparsity"], dtype, predictor_rank=rank, candidate_share=share,
+                                 predictor_bits=bits, neuron_scaling=quality.get("neuron_scaling", False))
+                 for _ in range(copies)]
         sparse = pairs[0][1]
         for t in (1, 4):
-            x = torch.randn(t, MLP_SHAPE[0])
+            x = torch.randn(t, MLP_SHAPE[0], dtype=dtype)
             sparse.record, sparse.counts = True, [0, 0]
             sparse(x)
             sparse.record = False
@@ -239,6 +242,7 @@ def cpu_activation_sparse(quality: dict, repeats, copies: int = 0) -> list[dict]
             d, s = paired_median_seconds([cycling([lambda f=f: f(x) for f, _ in pairs]),
                                           cycling([lambda f=f: f(x) for _, f in pairs])], repeats)
             rows.append(dict(device="cpu", kind="activation_sparse_mlp", shape=f"{MLP_SHAPE[0]}x{MLP_SHAPE[1]}",
+                             dtype=str(dtype).removeprefix("torch."),
                              tokens=t, gate=gate, speedup_vs_dense=d / s, dense_ms=d * 1e3, ours_ms=s * 1e3,
                              weight_copies=copies,
                              sparsity=measured, candidate_share=share if rank or bits else None,
@@ -349,8 +353,8 @@ def print_table(rows: list[dict]) -> None:
         print(f"{'kind':<22}{'shape':<36}{'tokens':>7}{'speedup':>9}  extra")
         for r in sub:
             extra = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()
-                     if k in ("path", "gate", "sparsity", "candidate_share", "ppl_delta_pct", "rel_err", "structure",
-                              "paths")}
+                     if k in ("dtype", "path", "gate", "sparsity", "candidate_share", "ppl_delta_pct", "rel_err",
+                              "structure", "paths")}
             print(f"{r['kind']:<22}{r['shape']:<36}{r['tokens']:>7}{r['speedup_vs_dense']:>8.2f}x  {extra or ''}")
 
 
@@ -411,6 +415,10 @@ def main() -> None:
         torch.set_num_threads(1)
         try:
             rows += cpu_activation_sparse(quality, repeats, args.weight_copies)
+            from compress.models import native_dtype
+
+            if native_dtype(torch.bfloat16, "cpu"):  # what `dtype: auto` loads a bf16 checkpoint in on this CPU
+                rows += cpu_activation_sparse(quality, repeats, args.weight_copies, torch.bfloat16)
             if not args.only_activation_sparse:
                 rows += cpu_runtime_dense([1, 8] if args.quick else [1, 8, 64], repeats)
                 rows += cpu_e2e_tiny(repeats)

@@ -36,7 +36,7 @@ def test_torch_reference(tokens, k):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("tokens,k,d", [(1, 13, 72), (4, 40, 200), (2, 0, 64)])
+@pytest.mark.parametrize("tokens,k,d", [(1, 13, 72), (4, 40, 200), (2, 0, 64), (7, 21, 100)])  # 7: 4 + 2 + 1
 def test_c_kernel(monkeypatch, tokens, k, d, dtype):
     """float32 weights, and bfloat16 ones read as they are (a bf16 model's): float32 products of the same values."""
     if cpu_library() is None:

@@ -129,6 +129,27 @@ static float row_vnni_int4(const uint8_t* q, const int8_t* x, const float* sw, c
     return _mm512_reduce_add_ps(acc) - offset;
 }
 
+/* the same for four tokens (x: four rows of d bytes): each group's codes are loaded and split into nibbles once */
+static void row_vnni_int4_t4(const uint8_t* q, const int8_t* x, int64_t d, const float* sw, const float* sx,
+                             const float* sum, int64_t groups, float* out, int64_t ldo) {
+    const __m512i low = _mm512_set1_epi8(15);
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    float offset[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int64_t g = 0; g < groups; ++g) {
+        __m512i b = _mm512_loadu_si512((const void*)(q + g * 64));
+        __m512i lo = _mm512_and_si512(b, low), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), low);
+        for (int j = 0; j < 4; ++j) {
+            const int8_t* xj = x + j * d + g * 128;
+            __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512((const void*)xj));
+            dot = _mm512_dpbusd_epi32(dot, hi, _mm512_loadu_si512((const void*)(xj + 64)));
+            float s = sw[g] * sx[j * groups + g];
+            acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(s), _mm512_cvtepi32_ps(dot), acc[j]);
+            offset[j] += 8.f * s * sum[j * groups + g];
+        }
+    }
+    for (int j = 0; j < 4; ++j) out[j * ldo] = _mm512_reduce_add_ps(acc[j]) - offset[j];
+}
+
 /* int8: vpdpbusd multiplies unsigned by signed bytes, so x goes in as x + 128 and sum(code) * 128 comes off */
 static float row_vnni_int8(const int8_t* q, const uint8_t* xu, const float* sw, const float* sx, int64_t groups) {
     const __m512i ones = _mm512_set1_epi8(1);
@@ -191,7 +212,14 @@ void qmatvec_int4(const uint8_t* q, const float* scale, int64_t n, int64_t d, in
         if (r + ahead < n) prefetch_row(q + (r + ahead) * (d / 2), d / 2);
         const uint8_t* qr = q + r * (d / 2);
         const float* sr = scale + r * groups;
-        for (int64_t j = 0; j < t; ++j) {
+        int64_t j = 0;
+#ifdef HAVE_VNNI
+        if (group == 128)  /* four tokens per pass over the row's codes, then one at a time */
+            for (; j + 4 <= t; j += 4)
+                row_vnni_int4_t4(qr, rx.q + j * d, d, sr, rx.scale + j * groups, rx.sum + j * groups, groups,
+                                 out + j * ldo + r, ldo);
+#endif
+        for (; j < t; ++j) {
             const float* sx = rx.scale + j * groups;
             const float* sum = rx.sum + j * groups;
 #ifdef HAVE_VNNI

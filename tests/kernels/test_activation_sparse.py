@@ -88,7 +88,7 @@ def test_quantized_gate_copy(monkeypatch, bits, n, d):
     step = scales.repeat_interleave(group, 1)
     assert ((dequantized - w).abs() <= step / 2 + 1e-6).all()
     assert (dequantized - w).abs().max() > 0.05 * step.min()  # it is a rounding, not a copy
-    for tokens in (1, 3, 20):  # 20: past the GEMV kernel, the reference
+    for tokens in (1, 3, 6, 20):  # 6: four at once (VNNI) + two; 20: past the GEMV kernel, the reference
         x = torch.randn(tokens, d, generator=g)
         x[0, 0], x[0, 1], x[0, 2] = 127.0, 2.5, -0.5  # group scale 1: ties, rounded half to even (2, -0) everywhere
         xq, sx = ak.round_activations(x, group)

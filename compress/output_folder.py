@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -23,11 +24,23 @@ from .errors import OutputError
 CHECKPOINT_FILES = ("config.json", "generation_config.json", "recipe.yaml", "report.json", "tokenizer.json",
                     "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "chat_template.json",
                     "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json", "model.safetensors.index.json")
-CHECKPOINT_SUFFIXES = (".safetensors",)
+WEIGHT_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")  # write_weights' shard names
 
 
-def _is_checkpoint_file(p: Path) -> bool:
-    return p.is_file() and (p.name in CHECKPOINT_FILES or p.name.endswith(CHECKPOINT_SUFFIXES))
+def _written_by_us(folder: Path) -> tuple[set[str], set[str]]:
+    """(files, folders) in a compress checkpoint folder that compress wrote: its fixed files, model.safetensors or
+    its shards, and the subfolders its passes record (an unmerged adapter). Any other entry, a *.safetensors of the
+    user's included, is not ours to delete."""
+    files = {*CHECKPOINT_FILES, "model.safetensors"} | {p.name for p in folder.iterdir() if WEIGHT_SHARD.fullmatch(p.name)}
+    folders: set[str] = set()
+    try:
+        from .checkpoint import extra_folders
+
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        folders = {p.name for p in extra_folders(folder, config.get("compression"))}
+    except Exception:  # a damaged record: its folders count as the user's (nothing is deleted on a guess)
+        pass
+    return files, folders
 
 
 def written_by_compress(folder: Path) -> bool:
@@ -92,7 +105,9 @@ def _check_replaceable(out: Path, resolved: Path, overwrite: bool) -> None:
     if not written_by_compress(resolved):
         raise OutputError(f"--overwrite replaces only a checkpoint written by compress; {out} is not one "
                           "(no `compression` section in its config.json): choose another output folder")
-    others = sorted(p.name for p in entries if not _is_checkpoint_file(p))
+    files, folders = _written_by_us(resolved)
+    others = sorted(p.name for p in entries if not ((p.is_file() and p.name in files) or
+                                                     (p.is_dir() and not p.is_symlink() and p.name in folders)))
     if others:
         raise OutputError(f"--overwrite would delete {', '.join(others[:3])}{' ...' if len(others) > 3 else ''} "
                           f"in {out}, which compress did not write; move them or choose another output folder")

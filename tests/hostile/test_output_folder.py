@@ -3,6 +3,7 @@ the source, the recipe, the current folder or a plain file; output problems are 
 temporaries are swept and an overwrite interrupted between its two renames is recovered."""
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -73,6 +74,38 @@ def test_overwrite_refuses_a_checkpoint_holding_other_files(tmp_path, small_mode
     user_error(cli("apply", recipe, "--model", "builtin:tiny", "--output", out, "--overwrite"),
                "would delete notes.txt")
     assert (out / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("name", ["my_lora.safetensors", "model-00001-of-00002.safetensors.bak", "adapter"])
+def test_overwrite_refuses_user_files_that_look_like_weights(tmp_path, small_model, recipe, cli, user_error, no_work,
+                                                             name):
+    """Only model.safetensors, its shards and the folders the checkpoint's passes record are ours: a user's
+    *.safetensors (or an `adapter` folder the record does not name) is refused, not deleted."""
+    out = compress.save(small_model(), tmp_path / "ckpt")
+    target = out / name
+    if name == "adapter":
+        target.mkdir()
+        (target / "adapter_config.json").write_text("{}")
+    else:
+        target.write_bytes(b"mine")
+    user_error(cli("apply", recipe, "--model", "builtin:tiny", "--output", out, "--overwrite"),
+               f"would delete {name}")
+    assert target.exists()
+
+
+def test_overwrite_accepts_what_the_checkpoint_records_writing(tmp_path, small_model):
+    """Shards named by the index, and a pass's recorded folder (recover with merge: false writes `adapter/`)."""
+    from compress.output_folder import check_output
+
+    model = small_model()
+    out = compress.save(model, tmp_path / "ckpt", max_shard_bytes=1 << 16)
+    assert len(list(out.glob("model-*-of-*.safetensors"))) > 1
+    config = json.loads((out / "config.json").read_text())
+    config["compression"]["passes"] = [{"pass": "recover", "args": {}, "restore": {"adapter": "adapter"}}]
+    (out / "config.json").write_text(json.dumps(config))
+    (out / "adapter").mkdir()
+    (out / "adapter" / "adapter_model.safetensors").write_bytes(b"x")
+    assert check_output(out, overwrite=True) == out  # nothing refused
 
 
 @pytest.mark.parametrize("overwrite", [False, True])

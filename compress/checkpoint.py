@@ -344,7 +344,25 @@ def load_hf_folder(path: Path, config, *, dtype, allow_pickle: bool, meta: bool)
     bar = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # our own progress output; transformers' warnings stay on (its verbosity is
     try:                               # the user's to set)
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=has_safetensors)
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=has_safetensors,
+                                                           output_loading_info=True)
+    except RuntimeError as exc:  # transformers refuses stored shapes that differ from the config's
+        text = str(exc)
+        if "mismatch" not in text:
+            raise
+        raise CheckpointError(f"{path} does not match its config.json: stored tensors of other shapes (transformers' "
+                              "report above names them); fix config.json or the weights") from None
     finally:
         if bar:
             hf_logging.enable_progress_bar()
+    # transformers fills missing tensors with random values and drops unexpected ones (after its own ignore lists,
+    # e.g. legacy rotary buffers), with a warning: a model that is not the checkpoint must not be compressed
+    problems = []
+    for key, what in (("missing_keys", "missing tensors"), ("unexpected_keys", "unexpected tensors"),
+                      ("mismatched_keys", "wrong shapes")):
+        names = sorted(str(k) for k in info.get(key) or ())
+        if names:
+            problems.append(f"{what}: {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}")
+    if problems:
+        raise CheckpointError(f"{path} does not match its config.json: " + " | ".join(problems))
+    return model

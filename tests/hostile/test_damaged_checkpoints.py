@@ -227,3 +227,34 @@ def test_damaged_tokenizer_blocks_only_what_needs_text(tmp_path, small_model, to
     recipe.write_text("passes:\n  - prune: {sparsity: 0.5}\n")
     result = cli("apply", recipe, "--model", folder, "--output", tmp_path / "out", "--no-eval", "--json")
     assert result.exit_code == 0, result.output
+
+
+def _drop_layer_1(folder):
+    state = {k: v for k, v in load_file(folder / "model.safetensors").items() if not k.startswith("model.layers.1.")}
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+PLAIN_CASES = {  # a plain Hugging Face folder (no compression section) whose tensors contradict its config
+    "missing layer": (_drop_layer_1, "missing tensors: model.layers.1."),
+    "other shapes": (lambda f: _config(f, lambda c: c.update(intermediate_size=100)), "stored tensors of other shapes"),
+    "extra layer": (lambda f: _config(f, lambda c: c.update(num_hidden_layers=1)), "unexpected tensors: model.layers.1."),
+}
+
+
+@pytest.mark.parametrize("case", list(PLAIN_CASES))
+def test_plain_folder_that_contradicts_its_config_is_refused(case, small_model, tokenizer, tmp_path, cli, user_error):
+    """transformers fills missing tensors with random values (and drops unexpected ones) with only a warning: apply
+    would compress, and generate and eval run, a model that is not the checkpoint. Every command refuses it."""
+    damage, message = PLAIN_CASES[case]
+    folder = tmp_path / "plain"
+    small_model().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    damage(folder)
+    with pytest.raises(CheckpointError, match="does not match its config.json"):
+        compress.load(folder)
+    user_error(cli("generate", folder, "--prompt", "hi", "--max-new-tokens", 1), message)
+    user_error(cli("eval", folder, "--no-speed", "--max-windows", 1), message)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("passes:\n  - prune: {sparsity: 0.5}\n")
+    user_error(cli("apply", recipe, "--model", folder, "--output", tmp_path / "out", "--no-eval"), message)
+    assert not (tmp_path / "out").exists()

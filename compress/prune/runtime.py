@@ -43,6 +43,8 @@ def runtime_plan(model: nn.Module, runtime: str = "auto", device_type: str = "cp
     from .sparse_linear import SparseLinear
 
     from ..activation_sparsity.mlp import ActivationSparseMLP
+    from ..kernels.quantized_linear_cpu import MAX_TOKENS as QGEMV_MAX_TOKENS
+    from ..kernels.quantized_linear_cpu import cpu_qgemv_available
     from ..quantize.bnb import Bnb4bitLinear, Bnb8bitLinear
     from ..quantize.quantized_linear import QuantizedLinear
     from ..vq_logits.head import VQLogitsHead
@@ -70,7 +72,13 @@ def runtime_plan(model: nn.Module, runtime: str = "auto", device_type: str = "cp
         elif isinstance(module, QuantizedLinear):
             zeros = (f", {module.n}:{module.m} zeros kept" if module.sparsity == "nm"
                      else ", zeros kept" if module.sparsity else "")
-            plan[name] = f"int{module.bits} codes, dequantized per call, then a dense product (torch{zeros})"
+            dequantized = f"int{module.bits} codes, dequantized per call, then a dense product (torch{zeros})"
+            if device_type == "cpu" and module.sparsity is None and \
+                    cpu_qgemv_available(module.bits, module.in_features, module.group_size):
+                plan[name] = (f"int{module.bits} codes multiplied in C at <= {QGEMV_MAX_TOKENS} tokens; above, "
+                              + dequantized)
+            else:
+                plan[name] = dequantized
         elif isinstance(module, Bnb4bitLinear):
             plan[name] = f"bitsandbytes {module.quant_type.upper()} kernels"
         elif isinstance(module, Bnb8bitLinear):

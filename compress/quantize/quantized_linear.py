@@ -1,11 +1,13 @@
 """`QuantizedLinear`: a Linear layer holding integer weight codes (4 or 8 bits, packed in uint8) with group scales,
-optionally on top of a pruned weight (N:M or unstructured), run by dequantize-then-matmul in torch."""
+optionally on top of a pruned weight (N:M or unstructured). Decoding on a CPU multiplies the packed codes in C
+(kernels/quantized_linear_cpu.py); everything else dequantizes, then runs a dense matmul in torch."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels.quantized_linear_cpu import cpu_qgemv, cpu_qgemv_applies
 from ..kernels.sparse_bitmask import unpack_bitmask
 from ..kernels.sparse_nm import index_bits, nm_decode_reference
 from ..prune.packing import pack_bit_fields, pack_nm
@@ -157,7 +159,20 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias.to(x.dtype) if self.bias is not None else None
+        if self.sparsity is None and cpu_qgemv_applies(self.weight_packed, self.weight_scale, self.bits,
+                                                       self.in_features, self.group_size, x):
+            # decoding on a CPU: the codes multiplied as they are, no float weight built (kernels/csrc/qgemv.c)
+            y = cpu_qgemv(self.weight_packed, self.weight_scale, self.weight_zero_point, self.bits, self.group_size, x)
+            return (y if self.bias is None else y + self.bias.float()).to(x.dtype)  # one rounding, at the end
         return F.linear(x, self.dequantized_weight(x.dtype), bias)
+
+    def runtime_path(self, tokens: int = 1) -> str:
+        """What forward runs for `tokens` tokens on this layer's device (`compress inspect`)."""
+        probe = torch.empty(tokens, self.in_features, dtype=torch.float32, device=self.weight_packed.device)
+        if self.sparsity is None and cpu_qgemv_applies(self.weight_packed, self.weight_scale, self.bits,
+                                                       self.in_features, self.group_size, probe):
+            return f"int{self.bits} codes multiplied in C"
+        return "dequantized, then a dense matmul"
 
     def extra_repr(self) -> str:
         sparse = f", {self.n}:{self.m} sparse" if self.sparsity == "nm" else (", sparse" if self.sparsity else "")

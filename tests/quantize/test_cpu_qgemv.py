@@ -1,0 +1,74 @@
+"""QuantizedLinear's decoding product on the CPU (kernels/csrc/qgemv.c): the packed codes multiplied as they are,
+against the float64 product of the dequantized weight, on the AVX-512 path (whole groups of 32 / 16 columns) and the
+plain C path (other groups, short last groups), and in the layer against its dequantize-then-matmul path."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compress.kernels.cpu_build import load_c_library
+from compress.kernels.quantized_linear_cpu import MAX_TOKENS, cpu_qgemv, cpu_qgemv_applies
+from compress.quantize import QuantizedLinear
+from compress.quantize.int_quant import quantize_rtn
+
+pytestmark = pytest.mark.skipif(load_c_library("qgemv") is None, reason="no C compiler: the torch path runs")
+
+
+def layer(out_f, in_f, bits, group, symmetric, scale_dtype, seed=0, bias=False):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=g) * (torch.rand(out_f, 1, generator=g) + 0.5)
+    codes, scales, zeros = quantize_rtn(w, bits, group, symmetric, scale_dtype)
+    b = torch.randn(out_f, generator=g) if bias else None
+    return QuantizedLinear.from_codes(codes, scales, zeros, bits=bits, group_size=group, bias=b, dtype=scale_dtype)
+
+
+# (out, in, group): 128 / 64 / 48 (8 bits) whole groups take the AVX-512 path where the CPU has it; 48 (4 bits),
+# 100 and a short last group (200 = 3 x 64 + 8) the plain C loops
+SHAPES = [(37, 256, 128), (20, 192, 64), (9, 96, 48), (11, 100, 100), (13, 200, 64)]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("out_f,in_f,group", SHAPES)
+def test_codes_times_x_equals_the_dequantized_product(bits, symmetric, scale_dtype, out_f, in_f, group):
+    q = layer(out_f, in_f, bits, group, symmetric, scale_dtype, seed=in_f + bits)
+    w = q.dequantized_weight(torch.float32).double()  # exact: codes times bf16/fp32 scales
+    for tokens in (1, 3, 7):  # 7 = 4 + 2 + 1 token blocks
+        x = torch.randn(tokens, in_f, generator=torch.Generator().manual_seed(tokens))
+        assert cpu_qgemv_applies(q.weight_packed, q.weight_scale, bits, in_f, q.group_size, x)
+        got = cpu_qgemv(q.weight_packed, q.weight_scale, q.weight_zero_point, bits, q.group_size, x)
+        want = x.double() @ w.t()
+        assert got.dtype == torch.float32 and got.shape == (tokens, out_f)
+        assert float((got.double() - want).abs().max() / want.abs().max()) < 2e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layer_decodes_through_the_kernel_and_matches_its_torch_path(monkeypatch, dtype):
+    monkeypatch.delenv("COMPRESS_KERNELS", raising=False)
+    q = layer(48, 256, 4, 128, True, dtype, bias=True)
+    x = torch.randn(2, 3, 256).to(dtype)  # 6 tokens: within MAX_TOKENS
+    assert q.runtime_path(6) == "int4 codes multiplied in C"
+    assert q.runtime_path(MAX_TOKENS + 1) == "dequantized, then a dense matmul"
+    with torch.no_grad():
+        fast = q(x)
+        monkeypatch.setenv("COMPRESS_KERNELS", "torch")
+        assert q.runtime_path(6) == "dequantized, then a dense matmul"
+        slow = q(x)
+        exact = x.double() @ q.dequantized_weight(torch.float32).double().t() + q.bias.double()
+    assert fast.dtype == dtype and fast.shape == (2, 3, 48)
+    # relative to the largest output: bf16 rounds the result (ours, once) and the weight, sums and bias (torch's)
+    tol = 1e-6 if dtype == torch.float32 else 2 ** -8
+    for y in (fast, slow):
+        assert float((y.double() - exact).abs().max() / exact.abs().max()) < tol
+
+
+def test_gradients_and_prefill_take_the_torch_path():
+    q = layer(16, 128, 4, 64, True, torch.float32)
+    x = torch.randn(2, 128, requires_grad=True)
+    assert not cpu_qgemv_applies(q.weight_packed, q.weight_scale, 4, 128, 64, x)
+    y = q(x)
+    y.sum().backward()  # through dequantize-then-matmul
+    torch.testing.assert_close(x.grad, q.dequantized_weight().sum(0).expand(2, -1))
+    big = torch.randn(MAX_TOKENS + 1, 128)
+    assert not cpu_qgemv_applies(q.weight_packed, q.weight_scale, 4, 128, 64, big)

@@ -4,9 +4,11 @@
 
 Rows (`kind`):
 - quantized_linear: a QuantizedLinear (round-to-nearest codes, groups of 128, symmetric) at Llama-3-8B's shapes
-  (4096x4096, 14336x4096, 4096x14336) vs nn.Linear of the same dtype, 1 / 4 / 16 tokens: `speedup_vs_dense` for the
-  C product of the packed codes (kernels/csrc/qgemv.c), `torch_path_speedup_vs_dense` for the dequantize-then-matmul
-  path (COMPRESS_KERNELS=torch; what every call ran before, timed at 1 token only: it is slow). `rel_err`: the C
+  (4096x4096, 14336x4096, 4096x14336) vs nn.Linear of the same dtype, 1 / 4 / 16 / 64 tokens: `speedup_vs_dense`
+  for what the layer runs (`path`: the C product of the packed codes, kernels/csrc/qgemv.c, up to 16 tokens in
+  float32 and 4 in bf16; above, the weight dequantized by one C pass, then a dense matmul),
+  `torch_path_speedup_vs_dense` for the torch reference's dequantize-then-matmul (COMPRESS_KERNELS=torch; what
+  every call ran before, timed at 1 token only: it is slow). `rel_err`: the C
   product against the float64 product of the dequantized weight. float32 rows, and bfloat16 rows where the CPU
   computes bf16 natively (what `dtype: auto` loads a bf16 checkpoint in there).
 - e2e_decode: builtin:tiny through recipes' round-to-nearest int4 / int8 pass vs the unquantized model, greedy
@@ -75,7 +77,8 @@ def layer_rows(dtypes, tokens_list, repeats: int) -> list[dict]:
                     exact = x.double() @ q.dequantized_weight(torch.float32).double().t()
                     err = float((q(x).double() - exact).abs().max() / exact.abs().max())
                     d, s = paired_median_seconds([cycling([lambda f=f: f(x) for f in dense_copies]),
-                                                  cycling([lambda f=f: f(x) for f in layers])], repeats)
+                                                  cycling([lambda f=f: f(x) for f in layers])],
+                                                 repeats if t <= 16 else 3)
                     row = dict(device="cpu", kind="quantized_linear", shape=f"{out_f}x{in_f}", bits=bits,
                                dtype=str(dtype).removeprefix("torch."), tokens=t, dense_ms=d * 1e3, ours_ms=s * 1e3,
                                speedup_vs_dense=d / s, path=q.runtime_path(t), rel_err=err, weight_copies=copies)
@@ -132,7 +135,7 @@ def main() -> None:
 
     torch.set_num_threads(1)
     dtypes = [torch.float32] + ([torch.bfloat16] if native_dtype(torch.bfloat16, "cpu") else [])
-    rows = layer_rows(dtypes, [1] if args.quick else [1, 4, 16], 3 if args.quick else 7)
+    rows = layer_rows(dtypes, [1] if args.quick else [1, 4, 16, 64], 3 if args.quick else 7)
     rows += e2e_rows(dtypes)
     if args.json:
         print(json.dumps(rows))

@@ -39,6 +39,18 @@ def check_offload_support(passes: Sequence[Pass]) -> None:
                             "(max_memory): load the model without max_memory, or on a machine that holds it")
 
 
+def check_calibration(model: nn.Module, passes: Sequence[Pass], ctx: PassContext) -> None:
+    """Passes that need calibration data have it, and it reads: unreadable, too short or foreign-vocabulary text
+    fails before any work (`apply`, and `compress apply --dry-run` on a meta model: only its config is read)."""
+    needy = [p for p in passes if p.needs_calibration_for()]
+    if needy and ctx.calibration is None:
+        raise CalibrationError(f"pass {needy[0].name!r} with these arguments needs calibration data: add a "
+                               "`calibration:` section to the recipe (e.g. `calibration: {source: builtin:calibration}`)")
+    if needy:
+        check_token_ids(ctx.calibration_batches("calibration"), model.config, "calibration",
+                        "lower calibration.seq_len")
+
+
 def apply(
     model: nn.Module,
     recipe_or_passes,
@@ -74,18 +86,11 @@ def apply(
         tokenizer = load_tokenizer(model.compress_source, strict=False)  # needed only by calibration
     ctx = PassContext(calibration=calibration, tokenizer=tokenizer, device=device, progress=progress,
                       base_dir=base_dir)
-    for p in passes:
-        if p.needs_calibration_for() and calibration is None:
-            raise CalibrationError(f"pass {p.name!r} with these arguments needs calibration data: add a "
-                                   "`calibration:` section to the recipe (e.g. `calibration: {source: builtin:calibration}`)")
     if getattr(model, "compress_offloaded_layers", None):
         check_offload_support(passes)
     for i, p in enumerate(passes):
         p.checked(model, passes[:i])  # shapes a pass cannot take fail before any pass runs, at their recipe line
-    if any(p.needs_calibration_for() for p in passes):
-        # unreadable, too short or foreign-vocabulary calibration data fails before any work
-        check_token_ids(ctx.calibration_batches("calibration"), model.config, "calibration",
-                        "lower calibration.seq_len")
+    check_calibration(model, passes, ctx)
     if any(p.needs_original_model_for() for p in passes):
         # e.g. the teacher of a distillation loss: the model before the first pass, frozen, on the CPU
         ctx.original_model = copy.deepcopy(model).cpu().eval().requires_grad_(False)

@@ -94,8 +94,15 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
         model = models.load(model_src, meta=True, allow_pickle=allow_pickle)
         for i, p in enumerate(passes):
             p.checked(model, passes[:i])  # shapes a pass cannot take fail here, before any work, at their line
+        if any(p.needs_calibration_for() for p in passes):  # the calibration text, as the real run reads it
+            from .pass_api import PassContext
+
+            api.check_calibration(model, passes, PassContext(
+                calibration=r.calibration, tokenizer=models.load_tokenizer(model_src, strict=True),
+                base_dir=r.base_dir))
         if output:
-            check_output(output, overwrite=overwrite, source=_local_source(model_src), protected=(Path(recipe),))
+            check_output(output, overwrite=overwrite, source=_local_source(model_src), protected=(Path(recipe),),
+                         work=tuple(f for p in passes for f in p.work_folders()))
         plan = [(p.name, p.describe(model)) for p in passes]
         if as_json:
             click.echo(json.dumps({"model": model_src, "passes": [{"pass": k, "modules": v} for k, v in plan]}))
@@ -109,7 +116,8 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
         raise CompressError(f"{recipe}: no output folder: add `output: out/NAME` to the recipe or pass --output")
     source_path = models.resolve_model_path(model_src)
     protected = (Path(recipe),) + ((Path(eval_text),) if eval_text else ())
-    check_output(output, overwrite=overwrite, source=_local_source(model_src), protected=protected)
+    check_output(output, overwrite=overwrite, source=_local_source(model_src), protected=protected,
+                 work=tuple(f for p in passes for f in p.work_folders()))
     _check_device(device)
     needs_text = do_eval or any(p.needs_calibration_for() for p in passes)
     tokenizer = models.load_tokenizer(model_src, strict=needs_text)

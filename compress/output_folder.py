@@ -57,9 +57,10 @@ def _contains(outer: Path, inner: Path) -> bool:
 
 
 def check_output(output: str | Path, *, overwrite: bool, source: Path | None = None,
-                 protected: tuple[Path, ...] = ()) -> Path:
+                 protected: tuple[Path, ...] = (), work: tuple[Path, ...] = ()) -> Path:
     """Raise OutputError unless a checkpoint can be written at `output` (see the module docstring).
-    `source` is the model read; `protected` are other files the run reads (the recipe, the evaluation text)."""
+    `source` is the model read; `protected` are other files the run reads (the recipe, the evaluation text); `work`
+    folders a pass writes while it runs (Trainer checkpoints), which the checkpoint's swap would replace."""
     out = Path(output).expanduser()
     try:
         resolved = out.resolve()
@@ -77,6 +78,10 @@ def check_output(output: str | Path, *, overwrite: bool, source: Path | None = N
     for p in protected:
         if _contains(resolved, Path(p).resolve()):
             raise OutputError(f"output {output} contains {p}, which this run reads; choose another output folder")
+    for p in work:
+        if _contains(resolved, Path(p).expanduser().resolve()):
+            raise OutputError(f"output {output} contains {p}, where a pass writes while it runs (checkpoint_dir); "
+                              "put it outside the output folder")
     recover(resolved)
     if resolved.exists() or resolved.is_symlink():
         _check_replaceable(out, resolved, overwrite)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
 import torch
@@ -140,6 +141,11 @@ class Pass:
     def needs_original_model_for(self) -> bool:
         """Whether this configured instance reads `ctx.original_model` (costs a copy of the model's weights)."""
         return False
+
+    def work_folders(self) -> list[Path]:
+        """Folders this configured instance writes while it runs (e.g. Trainer checkpoints): the output folder must
+        not hold them, since the checkpoint replaces it (checked before any work)."""
+        return []
 
     def target_modules(self, model: nn.Module) -> dict[str, nn.Module]:
         return match_modules(model, self.config.targets, self.config.ignore)

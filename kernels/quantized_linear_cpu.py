@@ -12,11 +12,16 @@ import torch
 
 from .cpu_build import load_c_library
 
-MAX_TOKENS = 16  # above this the dequantize-then-GEMM path amortizes its temporary weight
+# Tokens up to which the C product beats dequantize-then-matmul (benchmarks/quantize_speed.py, an AVX512-BF16 Xeon):
+# in float32 the C product still wins at 16 tokens (1.0-1.5x dense); a bf16 matmul runs on AMX there, which leaves
+# the C product 0.24-0.41x dense at 16 tokens and ~1x at 4, so bf16 inputs above 4 tokens take the matmul.
+MAX_TOKENS = 16
+MAX_TOKENS_BF16 = 4
 
 _I64, _PTR, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 _SIGNATURES = (("qgemv", (_PTR, _I64, _PTR, _INT, _PTR, _INT, _I64, _I64, _I64, _PTR, _I64, _I64, _PTR, _I64, _INT),
-                _INT),)
+                _INT),
+               ("dequantize", (_PTR, _I64, _PTR, _INT, _PTR, _INT, _I64, _I64, _I64, _PTR, _INT, _INT), None))
 
 
 def _library():
@@ -29,11 +34,15 @@ def cpu_qgemv_applies(packed: torch.Tensor, scale: torch.Tensor, bits: int, in_f
     float32/bf16 scales, 4 bits with an even row and group (both nibbles of a byte in one group), a compiler here."""
     if os.environ.get("COMPRESS_KERNELS", "").lower() == "torch" or x.device.type != "cpu":
         return False
-    if x.numel() > MAX_TOKENS * in_features or (torch.is_grad_enabled() and x.requires_grad):
+    limit = MAX_TOKENS_BF16 if x.dtype == torch.bfloat16 else MAX_TOKENS
+    if x.numel() > limit * in_features or (torch.is_grad_enabled() and x.requires_grad):
         return False
-    if packed.stride(-1) != 1 or scale.dtype not in (torch.float32, torch.bfloat16) or not scale.is_contiguous():
-        return False
-    return cpu_qgemv_available(bits, in_features, group)
+    return _stored_as_c_reads(packed, scale) and cpu_qgemv_available(bits, in_features, group)
+
+
+def _stored_as_c_reads(packed: torch.Tensor, scale: torch.Tensor) -> bool:
+    return (packed.device.type == "cpu" and packed.is_contiguous() and scale.is_contiguous()
+            and scale.dtype in (torch.float32, torch.bfloat16))
 
 
 def cpu_qgemv_available(bits: int, in_features: int, group: int) -> bool:
@@ -58,3 +67,19 @@ def cpu_qgemv(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | No
     if not ok:
         raise MemoryError("qgemv: could not allocate its split copy of x")
     return out.view(*lead, n)
+
+
+def cpu_dequantize(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int, group: int,
+                   in_features: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """The float weight [out, in] (float32 or bfloat16) the codes stand for, bit for bit the torch reference's, in
+    one pass (csrc/qgemv.c dequantize); None where the C kernel does not apply (the caller runs the reference)."""
+    if (os.environ.get("COMPRESS_KERNELS", "").lower() == "torch" or dtype not in (torch.float32, torch.bfloat16)
+            or not _stored_as_c_reads(packed, scale) or _library() is None):
+        return None
+    n = packed.shape[0]
+    out = torch.empty(n, in_features, dtype=dtype)
+    zero = None if zero is None else zero.contiguous()
+    _library().dequantize(packed.data_ptr(), packed.stride(0), scale.data_ptr(), int(scale.dtype == torch.bfloat16),
+                          None if zero is None else zero.data_ptr(), bits, n, in_features, group, out.data_ptr(),
+                          int(dtype == torch.bfloat16), torch.get_num_threads())
+    return out

@@ -166,6 +166,34 @@ class Prune(Pass):
     def describe(self, model: nn.Module) -> list[str]:
         return list(self._checked_targets(model))
 
+    def check_after(self, model: nn.Module, earlier) -> None:
+        """A layer an earlier quantize pass replaces, or an earlier prune stores packed, cannot be pruned (no dense
+        values to score; the run skips it): when that leaves this pass no layer, the run would stop only after those
+        passes ran. Said here, before any work (and by --dry-run)."""
+        targets = set(self._checked_targets(model))
+        for p in earlier:
+            if p.name == "quantize" or (p.name == "prune" and p.stores_packed(model)):
+                targets -= set(p.describe(model))
+        if not targets:
+            raise ConfigError("prune: every layer the targets match is quantized or pruned (packed) by an earlier "
+                              "pass: put prune before quantize, and prune each layer once")
+
+    def stores_packed(self, model: nn.Module) -> bool:
+        """Whether this pass leaves its layers as packed SparseLinear modules, judged before it runs: `storage`, or
+        for `auto` whether packing a typical target at the configured sparsity is smaller than dense (`_finish`
+        decides per layer on the real mask)."""
+        if self.config.storage != "auto":
+            return self.config.storage == "packed"
+        layer = next(iter(self._checked_targets(model).values()))
+        rows, cols = layer.weight.shape
+        value_bytes = layer.weight.element_size()
+        nm = parse_structure(self.config.structure)
+        s = self.config.sparsity
+        mean = sum(s) / len(s) if isinstance(s, list) else s
+        packed = nm_nbytes(rows, cols, *nm, value_bytes) if nm else \
+            bitmask_nbytes(rows, cols, round((1 - mean) * rows * cols), value_bytes)
+        return packed < rows * cols * value_bytes
+
     def _layer_sparsities(self, num_layers, layer_of, model, ctx, label) -> list[float] | None:
         """One sparsity per decoder layer (None when a single number applies everywhere and OWL is off)."""
         s = self.config.sparsity

@@ -109,6 +109,17 @@ class Quantize(Pass):
     def describe(self, model: nn.Module) -> list[str]:
         return list(self._targets(model)[0])
 
+    def check_after(self, model: nn.Module, earlier) -> None:
+        """Layers an earlier quantize pass replaces are skipped here: when that leaves no layer, the run would stop
+        only after the earlier passes ran. Said here, before any work (and by --dry-run)."""
+        targets = set(self.describe(model))
+        for p in earlier:
+            if p.name == "quantize":
+                targets -= set(p.describe(model))
+        if not targets:
+            raise ConfigError("quantize: every layer the targets match is quantized by an earlier quantize pass: "
+                              "quantize each layer once")
+
     # ---------------------------------------------------------------------------------------------- apply
     def apply(self, model: nn.Module, ctx: PassContext) -> PassReport:
         from ..sequential import decoder_layers

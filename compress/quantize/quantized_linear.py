@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.quantized_linear_cpu import cpu_qgemv, cpu_qgemv_applies
+from ..kernels.quantized_linear_cpu import cpu_dequantize, cpu_qgemv, cpu_qgemv_applies
 from ..kernels.sparse_bitmask import unpack_bitmask
 from ..kernels.sparse_nm import index_bits, nm_decode_reference
 from ..prune.packing import pack_bit_fields, pack_nm
@@ -151,6 +151,11 @@ class QuantizedLinear(nn.Module):
         return codes.to(self._code_dtype())
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        if self.sparsity is None:  # on a CPU, one C pass (bit for bit the same) instead of the temporaries below
+            fast = cpu_dequantize(self.weight_packed, self.weight_scale, self.weight_zero_point, self.bits,
+                                  self.group_size, self.in_features, dtype or self.weight_scale.dtype)
+            if fast is not None:
+                return fast
         q = self.int_weight().float()
         scale = expand_groups(self.weight_scale.float(), self.group_size, self.in_features)
         if not self.symmetric:
@@ -168,7 +173,7 @@ class QuantizedLinear(nn.Module):
 
     def runtime_path(self, tokens: int = 1) -> str:
         """What forward runs for `tokens` tokens on this layer's device (`compress inspect`)."""
-        probe = torch.empty(tokens, self.in_features, dtype=torch.float32, device=self.weight_packed.device)
+        probe = torch.empty(tokens, self.in_features, dtype=self.weight_scale.dtype, device=self.weight_packed.device)
         if self.sparsity is None and cpu_qgemv_applies(self.weight_packed, self.weight_scale, self.bits,
                                                        self.in_features, self.group_size, probe):
             return f"int{self.bits} codes multiplied in C"

@@ -58,6 +58,9 @@ class Recover(Pass):
 
     needs_calibration = True
 
+    def work_folders(self) -> list[Path]:
+        return [Path(self.config.checkpoint_dir)] if self.config.checkpoint_dir else []
+
     def needs_original_model_for(self) -> bool:
         return self.config.kl_weight > 0
 

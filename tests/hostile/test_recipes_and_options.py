@@ -110,7 +110,16 @@ APPLY_MISTAKES = {
         "passes:\n  - prune: {{method: wanda}}\n",
         ["calibration: sequences of 2048 tokens are longer than the model's context (1024 tokens)"]),
     "prune after quantize": ("passes:\n  - quantize: {{method: rtn}}\n  - prune: {{}}\n",
-                             ["already quantized by an earlier pass", "put prune before quantize"]),
+                             [":3:5: prune: every layer the targets match is quantized or pruned (packed) by an "
+                              "earlier pass", "put prune before quantize"]),
+    "prune twice (packed)": ("passes:\n  - prune: {{}}\n  - prune: {{structure: '2:4'}}\n",
+                             [":3:5: prune: every layer", "prune each layer once"]),
+    "recover checkpoint_dir inside the output": (
+        "calibration: {{source: builtin:calibration, num_samples: 2, seq_len: 32}}\n"
+        "passes:\n  - recover: {{checkpoint_dir: {out}/trainer, max_tokens: 64}}\n",
+        ["trainer, where a pass writes while it runs (checkpoint_dir)"]),
+    "quantize twice": ("passes:\n  - quantize: {{method: rtn}}\n  - quantize: {{method: rtn, bits: 8}}\n",
+                       [":3:5: quantize: every layer the targets match is quantized by an earlier quantize pass"]),
     "activation sparsity after quantize": (
         "calibration: {{source: builtin:calibration, num_samples: 2, seq_len: 32}}\n"
         "passes:\n  - quantize: {{method: rtn}}\n  - activation_sparsity: {{}}\n",
@@ -129,6 +138,7 @@ def test_recipe_mistakes_apply_finds_before_any_work(name, tmp_path, cli, user_e
     (tmp_path / "texts").mkdir()
     (tmp_path / "texts" / "a.txt").write_text("some text " * 100)
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(text.format(texts=tmp_path / "texts"))
+    recipe.write_text(text.format(texts=tmp_path / "texts", out=tmp_path / "o"))
     user_error(cli("apply", recipe, "--model", "builtin:tiny", "--output", tmp_path / "o", "--no-eval"), *fragments)
     assert not (tmp_path / "o").exists()
+    user_error(cli("apply", recipe, "--model", "builtin:tiny", "--output", tmp_path / "o", "--dry-run"), *fragments)

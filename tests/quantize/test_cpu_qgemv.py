@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from compress.kernels.cpu_build import load_c_library
-from compress.kernels.quantized_linear_cpu import MAX_TOKENS, cpu_qgemv, cpu_qgemv_applies
+from compress.kernels.dispatch import forced_kernels
+from compress.kernels.quantized_linear_cpu import MAX_TOKENS, MAX_TOKENS_BF16, cpu_dequantize, cpu_qgemv, cpu_qgemv_applies
 from compress.quantize import QuantizedLinear
 from compress.quantize.int_quant import quantize_rtn
 
@@ -48,15 +49,17 @@ def test_layer_decodes_through_the_kernel_and_matches_its_torch_path(monkeypatch
     monkeypatch.delenv("COMPRESS_KERNELS", raising=False)
     q = layer(48, 256, 4, 128, True, dtype, bias=True)
     x = torch.randn(2, 3, 256).to(dtype)  # 6 tokens: within MAX_TOKENS
-    assert q.runtime_path(6) == "int4 codes multiplied in C"
-    assert q.runtime_path(MAX_TOKENS + 1) == "dequantized, then a dense matmul"
+    most = MAX_TOKENS if dtype == torch.float32 else MAX_TOKENS_BF16
+    x = x[:, :2] if dtype == torch.bfloat16 else x  # bf16: 4 tokens (a bf16 matmul above them)
+    assert q.runtime_path(most) == "int4 codes multiplied in C"
+    assert q.runtime_path(most + 1) == "dequantized, then a dense matmul"
     with torch.no_grad():
         fast = q(x)
         monkeypatch.setenv("COMPRESS_KERNELS", "torch")
-        assert q.runtime_path(6) == "dequantized, then a dense matmul"
+        assert q.runtime_path(1) == "dequantized, then a dense matmul"
         slow = q(x)
         exact = x.double() @ q.dequantized_weight(torch.float32).double().t() + q.bias.double()
-    assert fast.dtype == dtype and fast.shape == (2, 3, 48)
+    assert fast.dtype == dtype and fast.shape == (*x.shape[:-1], 48)
     # relative to the largest output: bf16 rounds the result (ours, once) and the weight, sums and bias (torch's)
     tol = 1e-6 if dtype == torch.float32 else 2 ** -8
     for y in (fast, slow):
@@ -72,3 +75,30 @@ def test_gradients_and_prefill_take_the_torch_path():
     torch.testing.assert_close(x.grad, q.dequantized_weight().sum(0).expand(2, -1))
     big = torch.randn(MAX_TOKENS + 1, 128)
     assert not cpu_qgemv_applies(q.weight_packed, q.weight_scale, 4, 128, 64, big)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("out_f,in_f,group", [(37, 256, 128), (13, 200, 64), (5, 99, 32)])  # 99: a padded nibble
+def test_dequantize_in_c_is_the_torch_reference_bit_for_bit(bits, symmetric, dtype, out_f, in_f, group):
+    """What prefill-sized inputs multiply (and `dequantized_weight()` returns): one C pass, identical to the torch
+    reference's temporaries, float32 and bf16 (rounded to nearest even like torch's cast)."""
+    q = layer(out_f, in_f, bits, group, symmetric, dtype, seed=out_f)
+    fast = cpu_dequantize(q.weight_packed, q.weight_scale, q.weight_zero_point, bits, q.group_size, in_f, dtype)
+    with forced_kernels("torch"):
+        reference = q.dequantized_weight(dtype)
+    assert fast is not None and fast.dtype == dtype
+    assert torch.equal(fast, reference)
+    assert torch.equal(q.dequantized_weight(dtype), reference)  # the layer's own call takes the C pass
+
+
+def test_inspect_names_the_path_per_dtype():
+    from compress.prune.runtime import runtime_plan
+
+    plan = runtime_plan(torch.nn.ModuleDict({"a": QuantizedLinear(256, 8, dtype=torch.bfloat16),
+                                             "b": QuantizedLinear(256, 8, dtype=torch.float32),
+                                             "c": QuantizedLinear(99, 8, bits=4, group_size=33)}))
+    assert plan["a"].startswith(f"int4 codes multiplied in C at <= {MAX_TOKENS_BF16} tokens")
+    assert plan["b"].startswith(f"int4 codes multiplied in C at <= {MAX_TOKENS} tokens")
+    assert plan["c"] == "int4 codes, dequantized per call, then a dense product (torch)"  # odd row: no C product

@@ -348,7 +348,7 @@ def load_hf_folder(path: Path, config, *, dtype, allow_pickle: bool, meta: bool)
                                                            output_loading_info=True)
     except RuntimeError as exc:  # transformers refuses stored shapes that differ from the config's
         text = str(exc)
-        if "mismatch" not in text:
+        if "ignore_mismatched_sizes" not in text and "size mismatch" not in text:
             raise
         raise CheckpointError(f"{path} does not match its config.json: stored tensors of other shapes (transformers' "
                               "report above names them); fix config.json or the weights") from None

@@ -17,6 +17,8 @@ from .cpu_build import load_c_library
 # the C product 0.24-0.41x dense at 16 tokens and ~1x at 4, so bf16 inputs above 4 tokens take the matmul.
 MAX_TOKENS = 16
 MAX_TOKENS_BF16 = 4
+SCALE_DTYPES = (torch.float32, torch.bfloat16)
+INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # float64 stays on the torch path (it computes in it)
 
 _I64, _PTR, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 _SIGNATURES = (("qgemv", (_PTR, _I64, _PTR, _INT, _PTR, _INT, _I64, _I64, _I64, _PTR, _I64, _I64, _PTR, _I64, _INT),
@@ -32,22 +34,25 @@ def cpu_qgemv_applies(packed: torch.Tensor, scale: torch.Tensor, bits: int, in_f
                       x: torch.Tensor) -> bool:
     """The C product handles this call: a CPU, few tokens, gradients not needed through x, row-contiguous codes,
     float32/bf16 scales, 4 bits with an even row and group (both nibbles of a byte in one group), a compiler here."""
-    if os.environ.get("COMPRESS_KERNELS", "").lower() == "torch" or x.device.type != "cpu":
+    if x.device.type != "cpu" or x.dtype not in INPUT_DTYPES or x.dim() == 0 or x.shape[-1] != in_features:
         return False
     limit = MAX_TOKENS_BF16 if x.dtype == torch.bfloat16 else MAX_TOKENS
-    if x.numel() > limit * in_features or (torch.is_grad_enabled() and x.requires_grad):
+    if not 0 < x.numel() <= limit * in_features or (torch.is_grad_enabled() and x.requires_grad):
         return False
-    return _stored_as_c_reads(packed, scale) and cpu_qgemv_available(bits, in_features, group)
+    return _stored_as_c_reads(packed, scale) and cpu_qgemv_available(bits, in_features, group, scale.dtype)
 
 
 def _stored_as_c_reads(packed: torch.Tensor, scale: torch.Tensor) -> bool:
     return (packed.device.type == "cpu" and packed.is_contiguous() and scale.is_contiguous()
-            and scale.dtype in (torch.float32, torch.bfloat16))
+            and scale.dtype in SCALE_DTYPES)
 
 
-def cpu_qgemv_available(bits: int, in_features: int, group: int) -> bool:
-    """The shape the C product takes (4 bits: an even row and group, so both nibbles of a byte share a group) and a
-    compiler here; per call, `cpu_qgemv_applies` checks the rest."""
+def cpu_qgemv_available(bits: int, in_features: int, group: int, scale_dtype: torch.dtype) -> bool:
+    """The layer the C product takes (4 bits: an even row and group, so both nibbles of a byte share a group;
+    float32 / bf16 scales), not forced to torch, and a compiler here; per call, `cpu_qgemv_applies` checks the rest
+    (also what `compress inspect` asks, of a model on the meta device)."""
+    if os.environ.get("COMPRESS_KERNELS", "").lower() == "torch" or scale_dtype not in SCALE_DTYPES:
+        return False
     if bits == 4 and (in_features % 2 or group % 2):
         return False
     return _library() is not None

@@ -186,12 +186,13 @@ class Prune(Pass):
             return self.config.storage == "packed"
         layer = next(iter(self._checked_targets(model).values()))
         rows, cols = layer.weight.shape
-        value_bytes = layer.weight.element_size()
+        value_bytes = checkpoint_dtype(model).itemsize  # what `_finish` sizes by, whatever the compute dtype
         nm = parse_structure(self.config.structure)
         s = self.config.sparsity
-        mean = sum(s) / len(s) if isinstance(s, list) else s
+        # the least sparse layer decides (a per-layer list, OWL's spread): a layer left dense stays prunable
+        least = min(s) if isinstance(s, list) else s - (self.config.owl_lambda if self.config.owl else 0.0)
         packed = nm_nbytes(rows, cols, *nm, value_bytes) if nm else \
-            bitmask_nbytes(rows, cols, round((1 - mean) * rows * cols), value_bytes)
+            bitmask_nbytes(rows, cols, round((1 - max(least, 0.0)) * rows * cols), value_bytes)
         return packed < rows * cols * value_bytes
 
     def _layer_sparsities(self, num_layers, layer_of, model, ctx, label) -> list[float] | None:

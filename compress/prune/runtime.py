@@ -76,7 +76,7 @@ def runtime_plan(model: nn.Module, runtime: str = "auto", device_type: str = "cp
                      else ", zeros kept" if module.sparsity else "")
             dequantized = f"int{module.bits} codes, dequantized per call, then a dense product (torch{zeros})"
             if device_type == "cpu" and module.sparsity is None and \
-                    cpu_qgemv_available(module.bits, module.in_features, module.group_size):
+                    cpu_qgemv_available(module.bits, module.in_features, module.group_size, module.weight_scale.dtype):
                 most = QGEMV_MAX_TOKENS_BF16 if module.weight_scale.dtype == torch.bfloat16 else QGEMV_MAX_TOKENS
                 plan[name] = (f"int{module.bits} codes multiplied in C at <= {most} tokens; above, dequantized in C "
                               "per call, then a dense matmul")

@@ -34,7 +34,8 @@ class QuantizedLinear(nn.Module):
       group's zero point).
     - `scales()` -> float [out, ceil(in / group_size)] (values exactly representable in the checkpoint dtype).
     - `zero_points()` -> int8 [out, ceil(in / group_size)] (int16 for bits=8) when asymmetric, else None.
-    - `dequantized_weight(dtype=None)` -> float [out, in] = what forward multiplies by.
+    - `dequantized_weight(dtype=None)` -> float [out, in] = the weight the codes stand for (forward multiplies by
+      it; when decoding on a CPU it multiplies the codes directly, in float32, which rounds less in bf16).
     - `sparsity_mask()` -> bool [out, in] (True = kept) when the layer was pruned before quantization, else None;
       `sparsity_structure` is (n, m) for N:M (e.g. (2, 4)), None for unstructured or dense.
 

@@ -140,6 +140,7 @@ ALWAYS_INLINE void row_tokens(const uint8_t* row, const void* scale, int scale_b
 int qgemv(const uint8_t* packed, int64_t ldp, const void* scale, int scale_bf16, const uint8_t* zero, int bits,
           int64_t n, int64_t d, int64_t group, const float* x, int64_t ldx, int64_t t, float* out, int64_t ldo,
           int nthreads) {
+    if (t <= 0 || n <= 0) return 1;
     int64_t groups = (d + group - 1) / group;
     const float *xa = x, *xb = NULL;
     float* split = NULL;
@@ -205,6 +206,7 @@ int qgemv(const uint8_t* packed, int64_t ldp, const void* scale, int scale_bf16,
 static inline uint16_t f32_to_bf16(float f) {
     uint32_t u;
     memcpy(&u, &f, sizeof u);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((u >> 16) | 0x40u);  /* NaN stays a (quiet) NaN */
     u += 0x7FFFu + ((u >> 16) & 1u);
     return (uint16_t)(u >> 16);
 }

@@ -34,7 +34,8 @@ SHAPES = [(37, 256, 128), (20, 192, 64), (9, 96, 48), (11, 100, 100), (13, 200, 
 @pytest.mark.parametrize("out_f,in_f,group", SHAPES)
 def test_codes_times_x_equals_the_dequantized_product(bits, symmetric, scale_dtype, out_f, in_f, group):
     q = layer(out_f, in_f, bits, group, symmetric, scale_dtype, seed=in_f + bits)
-    w = q.dequantized_weight(torch.float32).double()  # exact: codes times bf16/fp32 scales
+    with forced_kernels("torch"):  # the torch reference's weight, not the C dequantize (checked separately below)
+        w = q.dequantized_weight(torch.float32).double()  # exact: codes times bf16/fp32 scales
     for tokens in (1, 3, 7):  # 7 = 4 + 2 + 1 token blocks
         x = torch.randn(tokens, in_f, generator=torch.Generator().manual_seed(tokens))
         assert cpu_qgemv_applies(q.weight_packed, q.weight_scale, bits, in_f, q.group_size, x)
@@ -64,6 +65,16 @@ def test_layer_decodes_through_the_kernel_and_matches_its_torch_path(monkeypatch
     tol = 1e-6 if dtype == torch.float32 else 2 ** -8
     for y in (fast, slow):
         assert float((y.double() - exact).abs().max() / exact.abs().max()) < tol
+
+
+def test_inputs_the_kernel_cannot_take_go_to_the_torch_path():
+    """A row of another width (torch raises), no tokens, float64 (computed in float64 there)."""
+    q = layer(8, 256, 4, 128, True, torch.float32)
+    for x in (torch.randn(1, 128), torch.randn(1, 512), torch.randn(0, 256), torch.randn(2, 256, dtype=torch.float64)):
+        assert not cpu_qgemv_applies(q.weight_packed, q.weight_scale, 4, 256, 128, x)
+    with pytest.raises(RuntimeError):
+        q(torch.randn(1, 128))
+    assert q(torch.randn(0, 256)).shape == (0, 8)
 
 
 def test_gradients_and_prefill_take_the_torch_path():
@@ -102,3 +113,7 @@ def test_inspect_names_the_path_per_dtype():
     assert plan["a"].startswith(f"int4 codes multiplied in C at <= {MAX_TOKENS_BF16} tokens")
     assert plan["b"].startswith(f"int4 codes multiplied in C at <= {MAX_TOKENS} tokens")
     assert plan["c"] == "int4 codes, dequantized per call, then a dense product (torch)"  # odd row: no C product
+    with forced_kernels("torch"):
+        assert runtime_plan(torch.nn.ModuleDict({"b": QuantizedLinear(256, 8)}))["b"].endswith("(torch)")
+    fp16 = runtime_plan(torch.nn.ModuleDict({"d": QuantizedLinear(256, 8, dtype=torch.float16)}))["d"]
+    assert fp16.endswith("(torch)")  # float16 scales: forward stays in torch, and inspect says so

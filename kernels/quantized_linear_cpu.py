@@ -12,11 +12,10 @@ import torch
 
 from .cpu_build import load_c_library
 
-# Tokens up to which the C product beats dequantize-then-matmul (benchmarks/quantize_speed.py, an AVX512-BF16 Xeon):
-# in float32 the C product still wins at 16 tokens (1.0-1.5x dense); a bf16 matmul runs on AMX there, which leaves
-# the C product 0.24-0.41x dense at 16 tokens and ~1x at 4, so bf16 inputs above 4 tokens take the matmul.
+# Tokens up to which the C product runs; above, the weight is dequantized (one C pass) for a dense matmul. At 16
+# tokens the C product is 1.4-1.7x the dense float32 layer; in bf16 it is 0.24-0.41x dense (AMX) but 3-4x the
+# dequantize path, whose scalar C pass costs ~130 ms at 14336 x 4096 (benchmarks/quantize_speed.py).
 MAX_TOKENS = 16
-MAX_TOKENS_BF16 = 4
 SCALE_DTYPES = (torch.float32, torch.bfloat16)
 INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # float64 stays on the torch path (it computes in it)
 
@@ -36,8 +35,7 @@ def cpu_qgemv_applies(packed: torch.Tensor, scale: torch.Tensor, bits: int, in_f
     float32/bf16 scales, 4 bits with an even row and group (both nibbles of a byte in one group), a compiler here."""
     if x.device.type != "cpu" or x.dtype not in INPUT_DTYPES or x.dim() == 0 or x.shape[-1] != in_features:
         return False
-    limit = MAX_TOKENS_BF16 if x.dtype == torch.bfloat16 else MAX_TOKENS
-    if not 0 < x.numel() <= limit * in_features or (torch.is_grad_enabled() and x.requires_grad):
+    if not 0 < x.numel() <= MAX_TOKENS * in_features or (torch.is_grad_enabled() and x.requires_grad):
         return False
     return _stored_as_c_reads(packed, scale) and cpu_qgemv_available(bits, in_features, group, scale.dtype)
 

@@ -8,7 +8,6 @@
 - `packed`: hold only the packed tensors: the smallest memory."""
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from ..errors import CompressError
@@ -45,7 +44,6 @@ def runtime_plan(model: nn.Module, runtime: str = "auto", device_type: str = "cp
 
     from ..activation_sparsity.mlp import ActivationSparseMLP
     from ..kernels.quantized_linear_cpu import MAX_TOKENS as QGEMV_MAX_TOKENS
-    from ..kernels.quantized_linear_cpu import MAX_TOKENS_BF16 as QGEMV_MAX_TOKENS_BF16
     from ..kernels.quantized_linear_cpu import cpu_qgemv_available
     from ..quantize.bnb import Bnb4bitLinear, Bnb8bitLinear
     from ..quantize.quantized_linear import QuantizedLinear
@@ -77,9 +75,8 @@ def runtime_plan(model: nn.Module, runtime: str = "auto", device_type: str = "cp
             dequantized = f"int{module.bits} codes, dequantized per call, then a dense product (torch{zeros})"
             if device_type == "cpu" and module.sparsity is None and \
                     cpu_qgemv_available(module.bits, module.in_features, module.group_size, module.weight_scale.dtype):
-                most = QGEMV_MAX_TOKENS_BF16 if module.weight_scale.dtype == torch.bfloat16 else QGEMV_MAX_TOKENS
-                plan[name] = (f"int{module.bits} codes multiplied in C at <= {most} tokens; above, dequantized in C "
-                              "per call, then a dense matmul")
+                plan[name] = (f"int{module.bits} codes multiplied in C at <= {QGEMV_MAX_TOKENS} tokens; above, "
+                              "dequantized in C per call, then a dense matmul")
             else:
                 plan[name] = dequantized
         elif isinstance(module, Bnb4bitLinear):

@@ -8,7 +8,7 @@ import torch
 
 from compress.kernels.cpu_build import load_c_library
 from compress.kernels.dispatch import forced_kernels
-from compress.kernels.quantized_linear_cpu import MAX_TOKENS, MAX_TOKENS_BF16, cpu_dequantize, cpu_qgemv, cpu_qgemv_applies
+from compress.kernels.quantized_linear_cpu import MAX_TOKENS, cpu_dequantize, cpu_qgemv, cpu_qgemv_applies
 from compress.quantize import QuantizedLinear
 from compress.quantize.int_quant import quantize_rtn
 
@@ -50,10 +50,8 @@ def test_layer_decodes_through_the_kernel_and_matches_its_torch_path(monkeypatch
     monkeypatch.delenv("COMPRESS_KERNELS", raising=False)
     q = layer(48, 256, 4, 128, True, dtype, bias=True)
     x = torch.randn(2, 3, 256).to(dtype)  # 6 tokens: within MAX_TOKENS
-    most = MAX_TOKENS if dtype == torch.float32 else MAX_TOKENS_BF16
-    x = x[:, :2] if dtype == torch.bfloat16 else x  # bf16: 4 tokens (a bf16 matmul above them)
-    assert q.runtime_path(most) == "int4 codes multiplied in C"
-    assert q.runtime_path(most + 1) == "dequantized, then a dense matmul"
+    assert q.runtime_path(MAX_TOKENS) == "int4 codes multiplied in C"
+    assert q.runtime_path(MAX_TOKENS + 1) == "dequantized, then a dense matmul"
     with torch.no_grad():
         fast = q(x)
         monkeypatch.setenv("COMPRESS_KERNELS", "torch")
@@ -110,7 +108,7 @@ def test_inspect_names_the_path_per_dtype():
     plan = runtime_plan(torch.nn.ModuleDict({"a": QuantizedLinear(256, 8, dtype=torch.bfloat16),
                                              "b": QuantizedLinear(256, 8, dtype=torch.float32),
                                              "c": QuantizedLinear(99, 8, bits=4, group_size=33)}))
-    assert plan["a"].startswith(f"int4 codes multiplied in C at <= {MAX_TOKENS_BF16} tokens")
+    assert plan["a"].startswith(f"int4 codes multiplied in C at <= {MAX_TOKENS} tokens")
     assert plan["b"].startswith(f"int4 codes multiplied in C at <= {MAX_TOKENS} tokens")
     assert plan["c"] == "int4 codes, dequantized per call, then a dense product (torch)"  # odd row: no C product
     with forced_kernels("torch"):

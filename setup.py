@@ -35,7 +35,7 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir=package_dir,
-    package_data={"compress": ["builtin/tiny/*", "builtin/small/*", "eval/data/*"], "compress.kernels": ["csrc/*.c"]},
+    package_data={"compress": ["builtin/tiny/*", "builtin/small/*", "eval/data/*"], "compress.kernels": ["csrc/*.c", "csrc/*.h"]},
     include_package_data=True,
     install_requires=[
         "torch>=2.4",

@@ -53,7 +53,7 @@ def _build(source: str, target: Path) -> bool:
         out = Path(tmp) / target.name
         for compiler in _compilers():
             for flags in (["-fopenmp"], ["-fopenmp-simd"]):  # OpenMP threads if the toolchain has them
-                cmd = [compiler, *FLAGS, *flags, str(src), "-o", str(out), "-lm"]
+                cmd = [compiler, *FLAGS, *flags, f"-I{SOURCES}", str(src), "-o", str(out), "-lm"]
                 if subprocess.run(cmd, capture_output=True).returncode == 0:
                     os.replace(out, target)  # atomic: concurrent builders never see half a library
                     return True
@@ -74,7 +74,8 @@ def load_c_library(name: str, signatures: tuple = ()):
 @functools.lru_cache(maxsize=None)
 def _load(name: str, signatures: tuple):
     source = (SOURCES / f"{name}.c").read_text()
-    digest = hashlib.sha256((source + _host_tag()).encode()).hexdigest()[:12]
+    headers = "".join(h.read_text() for h in sorted(SOURCES.glob("*.h")))  # an edited header rebuilds too
+    digest = hashlib.sha256((source + headers + _host_tag()).encode()).hexdigest()[:12]
     target = _cache_dir() / f"{name}_{digest}.so"
     try:
         if not target.exists() and not _build(source, target):

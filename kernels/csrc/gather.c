@@ -1,6 +1,8 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+
+#include "bf16.h"
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -12,14 +14,6 @@
    bf16 -> fp32 is a 16-bit shift, which vectorizes.
    Several tokens (batched decoding): each weight element is loaded (and widened) once for a block of up to four
    tokens, not once per token (per token, four tokens ran the bf16 gathers compute-bound at ~6 GB/s). */
-#define ALWAYS_INLINE static inline __attribute__((always_inline))
-
-ALWAYS_INLINE float bf16_to_f32(uint16_t v) {
-    uint32_t u = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
 
 ALWAYS_INLINE float load_w(const void* row, int64_t c, int bf16) {
     return bf16 ? bf16_to_f32(((const uint16_t*)row)[c]) : ((const float*)row)[c];

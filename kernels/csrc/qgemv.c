@@ -8,6 +8,8 @@
 #include <immintrin.h>
 #endif
 
+#include "bf16.h"
+
 /* QuantizedLinear's product on the CPU for a few tokens (decoding): out[j, r] = sum_g s[r, g] * sum_{c in g}
    (u[r, c] - z[r, g]) * x[j, c], u the stored codes (4 bits: two per byte, even column in the low nibble; 8 bits:
    one per byte), z the group's zero point (asymmetric) or the symmetric offset (8 / 128), s the group's scale
@@ -21,14 +23,6 @@
    by one permute from a 16-entry table, and the group's sums stay in vector registers until the row ends; the plain
    C loops (any machine, any group) reduce every group horizontally, ~8x slower at Llama-3-8B's MLP shape. */
 
-#define ALWAYS_INLINE static inline __attribute__((always_inline))
-
-ALWAYS_INLINE float bf16_to_f32(uint16_t v) {
-    uint32_t u = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
 
 /* partial[j] = sum over nb bytes of (lo - off) * xe[j][b] + (hi - off) * xo[j][b], tokens j < nt (4, 2 or 1) */
 ALWAYS_INLINE void dot_int4(const uint8_t* q, int64_t nb, const float* xe, const float* xo, int64_t ldx, float off,
@@ -134,6 +128,20 @@ ALWAYS_INLINE void row_tokens(const uint8_t* row, const void* scale, int scale_b
     for (int i = 0; i < nt; ++i) out[i * ldo] = acc[i];
 }
 
+/* a row against a block of tokens: the AVX-512 loop where `fast` (whole vector groups), else the plain C one */
+ALWAYS_INLINE void row_block(int fast, const uint8_t* row, const void* scale, int scale_bf16, const uint8_t* zero,
+                             int bits, int64_t d, int64_t group, int64_t groups, const float* xa, const float* xb,
+                             int64_t ldx, int nt, float* out, int64_t ldo) {
+#if defined(__AVX512F__)
+    if (fast) {
+        row_tokens_avx512(row, scale, scale_bf16, zero, bits, d, group, groups, xa, xb, ldx, nt, out, ldo);
+        return;
+    }
+#endif
+    (void)fast;
+    row_tokens(row, scale, scale_bf16, zero, bits, d, group, groups, xa, xb, ldx, nt, out, ldo);
+}
+
 /* packed [n, ldp] codes, scale [n, groups] (float32, or bfloat16 when scale_bf16), zero [n, groups] uint8 or NULL
    (symmetric); x [t, d] float32; out [t, n] float32. 4 bits needs d and group even (the caller checks). Returns 0
    when a temporary cannot be allocated (nothing written). */
@@ -157,27 +165,9 @@ int qgemv(const uint8_t* packed, int64_t ldp, const void* scale, int scale_bf16,
         xa = split, xb = split + t * half, ldxs = half;
     }
     size_t scale_bytes = scale_bf16 ? 2 : 4;
+    int fast = 0;
 #if defined(__AVX512F__)
-    if (d % group == 0 && group % (bits == 4 ? 32 : 16) == 0) {
-        #pragma omp parallel for num_threads(nthreads) schedule(static)
-        for (int64_t r = 0; r < n; ++r) {
-            const uint8_t* row = packed + r * ldp;
-            const void* sr = (const char*)scale + r * groups * scale_bytes;
-            const uint8_t* zr = zero ? zero + r * groups : NULL;
-            int64_t j = 0;
-            for (; j + 4 <= t; j += 4)
-                row_tokens_avx512(row, sr, scale_bf16, zr, bits, d, group, groups, xa + j * ldxs,
-                                  xb ? xb + j * ldxs : NULL, ldxs, 4, out + j * ldo + r, ldo);
-            for (; j + 2 <= t; j += 2)
-                row_tokens_avx512(row, sr, scale_bf16, zr, bits, d, group, groups, xa + j * ldxs,
-                                  xb ? xb + j * ldxs : NULL, ldxs, 2, out + j * ldo + r, ldo);
-            for (; j < t; ++j)
-                row_tokens_avx512(row, sr, scale_bf16, zr, bits, d, group, groups, xa + j * ldxs,
-                                  xb ? xb + j * ldxs : NULL, ldxs, 1, out + j * ldo + r, ldo);
-        }
-        free(split);
-        return 1;
-    }
+    fast = d % group == 0 && group % (bits == 4 ? 32 : 16) == 0;  /* whole groups of whole vectors */
 #endif
     #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t r = 0; r < n; ++r) {
@@ -186,14 +176,14 @@ int qgemv(const uint8_t* packed, int64_t ldp, const void* scale, int scale_bf16,
         const uint8_t* zr = zero ? zero + r * groups : NULL;
         int64_t j = 0;
         for (; j + 4 <= t; j += 4)
-            row_tokens(row, sr, scale_bf16, zr, bits, d, group, groups, xa + j * ldxs, xb ? xb + j * ldxs : NULL,
-                       ldxs, 4, out + j * ldo + r, ldo);
+            row_block(fast, row, sr, scale_bf16, zr, bits, d, group, groups, xa + j * ldxs,
+                      xb ? xb + j * ldxs : NULL, ldxs, 4, out + j * ldo + r, ldo);
         for (; j + 2 <= t; j += 2)
-            row_tokens(row, sr, scale_bf16, zr, bits, d, group, groups, xa + j * ldxs, xb ? xb + j * ldxs : NULL,
-                       ldxs, 2, out + j * ldo + r, ldo);
+            row_block(fast, row, sr, scale_bf16, zr, bits, d, group, groups, xa + j * ldxs,
+                      xb ? xb + j * ldxs : NULL, ldxs, 2, out + j * ldo + r, ldo);
         for (; j < t; ++j)
-            row_tokens(row, sr, scale_bf16, zr, bits, d, group, groups, xa + j * ldxs, xb ? xb + j * ldxs : NULL,
-                       ldxs, 1, out + j * ldo + r, ldo);
+            row_block(fast, row, sr, scale_bf16, zr, bits, d, group, groups, xa + j * ldxs,
+                      xb ? xb + j * ldxs : NULL, ldxs, 1, out + j * ldo + r, ldo);
     }
     free(split);
     return 1;

@@ -1,7 +1,7 @@
 """KV cache benchmark: fp16/fp32 DynamicCache, transformers' QuantizedCache (fp8), KIVI and GEAR, one run, one table.
 
 Model: `--model` (default builtin:small, the reference model that copies; builtin:tiny for quick runs), float32
-on the CPU, attention implementation "gear_kv" (which reads a GEARCache's compressed storage and hands every
+on the CPU (`--dtype bfloat16`: what `dtype: auto` loads on a CPU with native bf16; the baseline cache is then bf16), attention implementation "gear_kv" (which reads a GEARCache's compressed storage and hands every
 other cache to sdpa).
 - quality (compress.kvcache.quality): held-out windows fed in chunks of residual_length tokens, so earlier chunks
   are compressed before later tokens are scored; perplexity change, KL(reference || ours) and top-1 agreement
@@ -133,7 +133,7 @@ def context_ids(tok, n: int) -> torch.Tensor:
 
 def run(args) -> list[dict]:
     torch.manual_seed(0)
-    model = compress.load(args.model, dtype="float32")
+    model = compress.load(args.model, dtype=args.dtype)
     model.set_attn_implementation("gear_kv")
     tok = compress.load_tokenizer(args.model)
     rows = configurations(args.quick)
@@ -272,6 +272,8 @@ def residual_spectrum(model_name: str = "builtin:small", spans=(64, 512, 2048), 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="builtin:small", help="reference model (builtin:tiny for quick runs)")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                    help="the model's dtype for the quality and speed columns")
     ap.add_argument("--json", action="store_true", help="print a JSON list (one object per configuration)")
     ap.add_argument("--save-json", metavar="PATH", help="also write the JSON list to PATH (with the table on stdout)")
     ap.add_argument("--quick", action="store_true", help="fewer configurations, windows and steps (smoke test)")

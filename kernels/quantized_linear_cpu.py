@@ -72,17 +72,42 @@ def cpu_qgemv(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | No
     return out.view(*lead, n)
 
 
+def cpu_dequantize_applies(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> bool:
+    return (os.environ.get("COMPRESS_KERNELS", "").lower() != "torch" and dtype in (torch.float32, torch.bfloat16)
+            and _stored_as_c_reads(packed, scale) and _library() is not None)
+
+
 def cpu_dequantize(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int, group: int,
-                   in_features: int, dtype: torch.dtype) -> torch.Tensor | None:
+                   in_features: int, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor | None:
     """The float weight [out, in] (float32 or bfloat16) the codes stand for, bit for bit the torch reference's, in
-    one pass (csrc/qgemv.c dequantize); None where the C kernel does not apply (the caller runs the reference)."""
-    if (os.environ.get("COMPRESS_KERNELS", "").lower() == "torch" or dtype not in (torch.float32, torch.bfloat16)
-            or not _stored_as_c_reads(packed, scale) or _library() is None):
+    one pass (csrc/qgemv.c dequantize), into `out` when given (contiguous, that shape and dtype); None where the C
+    kernel does not apply (the caller runs the reference)."""
+    if not cpu_dequantize_applies(packed, scale, dtype):
         return None
     n = packed.shape[0]
-    out = torch.empty(n, in_features, dtype=dtype)
+    out = torch.empty(n, in_features, dtype=dtype) if out is None else out
     zero = None if zero is None else zero.contiguous()
     _library().dequantize(packed.data_ptr(), packed.stride(0), scale.data_ptr(), int(scale.dtype == torch.bfloat16),
                           None if zero is None else zero.data_ptr(), bits, n, in_features, group, out.data_ptr(),
                           int(dtype == torch.bfloat16), torch.get_num_threads())
     return out
+
+
+ROW_BLOCK = 256  # rows dequantized at a time by `cpu_blocked_linear`: 4 MB of float32 at 4096 columns (in cache)
+
+
+def cpu_blocked_linear(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int, group: int,
+                       x: torch.Tensor) -> torch.Tensor:
+    """x @ W.T for prefill-sized x without the whole float weight: ROW_BLOCK rows at a time are dequantized into one
+    reused buffer (cache-resident; a whole new weight costs its first-touch page faults, ~100 ms at 14336 x 4096)
+    and multiplied by torch's GEMM. Check `cpu_dequantize_applies` first; x float32 or bf16, W in x's dtype."""
+    n, d = packed.shape[0], x.shape[-1]
+    x2 = x.reshape(-1, d)
+    out = torch.empty(x2.shape[0], n, dtype=x.dtype)
+    buf = torch.empty(min(ROW_BLOCK, n), d, dtype=x.dtype)
+    for r0 in range(0, n, ROW_BLOCK):
+        r1 = min(r0 + ROW_BLOCK, n)
+        w = cpu_dequantize(packed[r0:r1], scale[r0:r1], None if zero is None else zero[r0:r1], bits, group, d,
+                           x.dtype, out=buf[:r1 - r0])
+        torch.matmul(x2, w.t(), out=out[:, r0:r1])
+    return out.view(*x.shape[:-1], n)

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.quantized_linear_cpu import cpu_dequantize, cpu_qgemv, cpu_qgemv_applies
+from ..kernels.quantized_linear_cpu import (cpu_blocked_linear, cpu_dequantize, cpu_dequantize_applies, cpu_qgemv,
+                                             cpu_qgemv_applies)
 from ..kernels.sparse_bitmask import unpack_bitmask
 from ..kernels.sparse_nm import index_bits, nm_decode_reference
 from ..prune.packing import pack_bit_fields, pack_nm
@@ -170,6 +171,13 @@ class QuantizedLinear(nn.Module):
             # decoding on a CPU: the codes multiplied as they are, no float weight built (kernels/csrc/qgemv.c)
             y = cpu_qgemv(self.weight_packed, self.weight_scale, self.weight_zero_point, self.bits, self.group_size, x)
             return (y if self.bias is None else y + self.bias.float()).to(x.dtype)  # one rounding, at the end
+        if self.sparsity is None and x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad) \
+                and x.shape[-1] == self.in_features and cpu_dequantize_applies(self.weight_packed, self.weight_scale,
+                                                                               x.dtype):
+            # prefill on a CPU: rows dequantized a block at a time into one cached buffer, then torch's GEMM
+            y = cpu_blocked_linear(self.weight_packed, self.weight_scale, self.weight_zero_point, self.bits,
+                                   self.group_size, x)
+            return y if bias is None else y + bias
         return F.linear(x, self.dequantized_weight(x.dtype), bias)
 
     def runtime_path(self, tokens: int = 1) -> str:

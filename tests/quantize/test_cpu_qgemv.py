@@ -115,3 +115,27 @@ def test_inspect_names_the_path_per_dtype():
         assert runtime_plan(torch.nn.ModuleDict({"b": QuantizedLinear(256, 8)}))["b"].endswith("(torch)")
     fp16 = runtime_plan(torch.nn.ModuleDict({"d": QuantizedLinear(256, 8, dtype=torch.float16)}))["d"]
     assert fp16.endswith("(torch)")  # float16 scales: forward stays in torch, and inspect says so
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_prefill_dequantizes_row_blocks_into_one_buffer(dtype, symmetric):
+    """Above MAX_TOKENS: ROW_BLOCK rows at a time dequantized and multiplied, the same values as dequantizing the
+    whole weight then one matmul (float32: bit for bit), 300 rows = a full block and a partial one, a bias, 3-d
+    input."""
+    from compress.kernels import quantized_linear_cpu as qc
+
+    q = layer(300, 256, 4, 64, symmetric, dtype, seed=3, bias=True)
+    assert qc.ROW_BLOCK < 300 < 2 * qc.ROW_BLOCK
+    x = torch.randn(2, MAX_TOKENS, 256).to(dtype)  # 32 tokens
+    with torch.no_grad():
+        got = q(x)
+        with forced_kernels("torch"):
+            want = torch.nn.functional.linear(x, q.dequantized_weight(dtype), q.bias.to(dtype))
+    assert got.shape == (2, MAX_TOKENS, 300) and got.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    else:  # bf16 GEMMs round by their blocking (and F.linear fuses the bias): both within bf16 of the exact product
+        exact = (x.double() @ q.dequantized_weight(torch.float32).double().t() + q.bias.double()).detach()
+        for y in (got, want):
+            assert float((y.double() - exact).abs().max() / exact.abs().max()) < 2 ** -7

@@ -44,6 +44,7 @@ def runtime_plan(model: nn.Module, runtime: str = "auto", device_type: str = "cp
 
     from ..activation_sparsity.mlp import ActivationSparseMLP
     from ..kernels.quantized_linear_cpu import MAX_TOKENS as QGEMV_MAX_TOKENS
+    from ..kernels.quantized_linear_cpu import ROW_BLOCK as QGEMV_ROW_BLOCK
     from ..kernels.quantized_linear_cpu import cpu_qgemv_available
     from ..quantize.bnb import Bnb4bitLinear, Bnb8bitLinear
     from ..quantize.quantized_linear import QuantizedLinear
@@ -76,7 +77,7 @@ def runtime_plan(model: nn.Module, runtime: str = "auto", device_type: str = "cp
             if device_type == "cpu" and module.sparsity is None and \
                     cpu_qgemv_available(module.bits, module.in_features, module.group_size, module.weight_scale.dtype):
                 plan[name] = (f"int{module.bits} codes multiplied in C at <= {QGEMV_MAX_TOKENS} tokens; above, "
-                              "dequantized in C per call, then a dense matmul")
+                              f"dequantized in C {QGEMV_ROW_BLOCK} rows at a time, each block by torch's matmul")
             else:
                 plan[name] = dequantized
         elif isinstance(module, Bnb4bitLinear):

@@ -186,6 +186,8 @@ class QuantizedLinear(nn.Module):
         if self.sparsity is None and cpu_qgemv_applies(self.weight_packed, self.weight_scale, self.bits,
                                                        self.in_features, self.group_size, probe):
             return f"int{self.bits} codes multiplied in C"
+        if self.sparsity is None and cpu_dequantize_applies(self.weight_packed, self.weight_scale, probe.dtype):
+            return "dequantized in C a block of rows at a time, then torch's matmul"
         return "dequantized, then a dense matmul"
 
     def extra_repr(self) -> str:

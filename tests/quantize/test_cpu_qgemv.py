@@ -51,7 +51,7 @@ def test_layer_decodes_through_the_kernel_and_matches_its_torch_path(monkeypatch
     q = layer(48, 256, 4, 128, True, dtype, bias=True)
     x = torch.randn(2, 3, 256).to(dtype)  # 6 tokens: within MAX_TOKENS
     assert q.runtime_path(MAX_TOKENS) == "int4 codes multiplied in C"
-    assert q.runtime_path(MAX_TOKENS + 1) == "dequantized, then a dense matmul"
+    assert q.runtime_path(MAX_TOKENS + 1) == "dequantized in C a block of rows at a time, then torch's matmul"
     with torch.no_grad():
         fast = q(x)
         monkeypatch.setenv("COMPRESS_KERNELS", "torch")

@@ -1,8 +1,9 @@
-"""QuantizedLinear's product on the CPU when decoding (a few tokens): the packed int4 / int8 codes multiplied as they
-are (csrc/qgemv.c), so a decoding step reads the codes' bytes (an eighth / a quarter of float32's) instead of
-building the float weight on every call. The torch reference is `QuantizedLinear.dequantized_weight()` then a
-matmul: it stays the path for prefill-sized inputs (where the product dominates), gradients, pruned-then-quantized
-layers, CUDA, and machines without a C compiler."""
+"""QuantizedLinear on the CPU (csrc/qgemv.c). Decoding (<= MAX_TOKENS tokens): the packed int4 / int8 codes
+multiplied as they are, so a step reads the codes' bytes (an eighth / a quarter of float32's) instead of building the
+float weight on every call. Prefill: ROW_BLOCK rows at a time dequantized into one reused buffer (bit for bit the
+torch reference's weight) and multiplied by torch's GEMM. The torch reference (`QuantizedLinear.dequantized_weight()`
+then a matmul) stays the path for gradients, pruned-then-quantized layers, float16 / float64, CUDA, and machines
+without a C compiler."""
 from __future__ import annotations
 
 import ctypes
@@ -12,9 +13,8 @@ import torch
 
 from .cpu_build import load_c_library
 
-# Tokens up to which the C product runs; above, the weight is dequantized (one C pass) for a dense matmul. At 16
-# tokens the C product is 1.4-1.7x the dense float32 layer; in bf16 it is 0.24-0.41x dense (AMX) but 3-4x the
-# dequantize path, whose scalar C pass costs ~130 ms at 14336 x 4096 (benchmarks/quantize_speed.py).
+# Tokens up to which the C product runs (benchmarks/quantize_speed.py, an AVX512-BF16 Xeon): at 16 it is 1.3-1.7x
+# the dense float32 layer and 0.24-0.41x the bf16 one (AMX), where the blocked dequantize + GEMM costs about as much.
 MAX_TOKENS = 16
 SCALE_DTYPES = (torch.float32, torch.bfloat16)
 INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # float64 stays on the torch path (it computes in it)

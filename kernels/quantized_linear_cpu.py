@@ -14,7 +14,7 @@ import torch
 from .cpu_build import load_c_library
 
 # Tokens up to which the C product runs (benchmarks/quantize_speed.py, an AVX512-BF16 Xeon): at 16 it is 1.3-1.7x
-# the dense float32 layer and 0.24-0.41x the bf16 one (AMX), where the blocked dequantize + GEMM costs about as much.
+# the dense float32 layer and 0.24-0.41x the bf16 one (AMX); the blocked dequantize + GEMM is near it there.
 MAX_TOKENS = 16
 SCALE_DTYPES = (torch.float32, torch.bfloat16)
 INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # float64 stays on the torch path (it computes in it)

@@ -17,7 +17,7 @@
 
 enum { F_CODES, F_SCALE, F_ZERO, F_OUT_VALUES, F_OUT_OFFSETS, F_A, F_BASIS, N_FIELDS };
 
-#if defined(__F16C__) || defined(__AVX2__)
+#if defined(__F16C__) || defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 #if defined(__F16C__)
@@ -67,6 +67,20 @@ static inline void unpack_row(const uint8_t* row, int bits, int64_t d, float* ou
     if (bits == 3)
         for (int64_t i = 0; i < n; ++i)
             w[i] = (uint32_t)row[3 * i] | ((uint32_t)row[3 * i + 1] << 8) | ((uint32_t)row[3 * i + 2] << 16);
+#if defined(__AVX512F__)
+    if (n % 16 == 0) {  /* sixteen bytes (words) at a time */
+        const __m512i m = _mm512_set1_epi32((int)mask);
+        for (int64_t i = 0; i < n; i += 16) {
+            __m512i v = bits == 3 ? _mm512_loadu_si512((const void*)(w + i))
+                                  : _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(row + i)));
+            for (int j = 0; j < s; ++j) {
+                __m512i c = _mm512_and_si512(_mm512_srlv_epi32(v, _mm512_set1_epi32(bits * j)), m);
+                _mm512_storeu_ps(out + j * n + i, _mm512_cvtepi32_ps(c));
+            }
+        }
+        return;
+    }
+#endif
 #if defined(__AVX2__)
     if (n % 8 == 0) {
         const __m256i m = _mm256_set1_epi32((int)mask);
@@ -93,6 +107,18 @@ static inline int lanes_of(int bits) { return bits == 3 ? 8 : 8 / bits; }
 static inline float factor(const void* a, int fp8, int64_t i, const float* lut) {
     return fp8 ? lut[((const uint8_t*)a)[i]] : h2f(((const uint16_t*)a)[i]);
 }
+
+#if defined(__AVX512F__)
+/* [sum(a0), sum(a1), sum(a2), sum(a3)]: halves added, then two rounds of pairwise adds across the four */
+static inline __m128 hsum4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
+    __m256 b0 = _mm256_add_ps(_mm512_castps512_ps256(a0), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a0), 1)));
+    __m256 b1 = _mm256_add_ps(_mm512_castps512_ps256(a1), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a1), 1)));
+    __m256 b2 = _mm256_add_ps(_mm512_castps512_ps256(a2), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a2), 1)));
+    __m256 b3 = _mm256_add_ps(_mm512_castps512_ps256(a3), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a3), 1)));
+    __m256 c = _mm256_hadd_ps(_mm256_hadd_ps(b0, b1), _mm256_hadd_ps(b2, b3));  /* per 128-bit half: 4 partials */
+    return _mm_add_ps(_mm256_castps256_ps128(c), _mm256_extractf128_ps(c, 1));
+}
+#endif
 
 static inline float dot(const float* x, const float* y, int64_t n) {
     float acc = 0.f;
@@ -138,10 +164,24 @@ static inline __attribute__((always_inline)) void page_scores_impl(
             const float *b0 = buf, *b1 = buf + d, *b2 = buf + 2 * d, *b3 = buf + 3 * d;
             for (int64_t r = 0; r < r_rows; ++r) {
                 const float* x = qs + r * d;
+                float* sr = s + r * lds + k;
+#if defined(__AVX512F__)
+                if (d % 16 == 0) {  /* four vector sums, then one combined horizontal sum (not four) */
+                    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+                    for (int64_t c = 0; c < d; c += 16) {
+                        __m512 xv = _mm512_loadu_ps(x + c);
+                        a0 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(b0 + c), a0);
+                        a1 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(b1 + c), a1);
+                        a2 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(b2 + c), a2);
+                        a3 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(b3 + c), a3);
+                    }
+                    _mm_storeu_ps(sr, _mm_add_ps(_mm_set1_ps(qz[r]), hsum4(a0, a1, a2, a3)));
+                    continue;
+                }
+#endif
                 float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
                 #pragma omp simd reduction(+:a0, a1, a2, a3)
                 for (int64_t c = 0; c < d; ++c) { a0 += x[c] * b0[c]; a1 += x[c] * b1[c]; a2 += x[c] * b2[c]; a3 += x[c] * b3[c]; }
-                float* sr = s + r * lds + k;
                 sr[0] = qz[r] + a0; sr[1] = qz[r] + a1; sr[2] = qz[r] + a2; sr[3] = qz[r] + a3;
             }
         }

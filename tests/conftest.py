@@ -81,3 +81,12 @@ def save_hf_folder(model, path, tokenizer=None):
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(autouse=True)
+def gathers_at_every_size(monkeypatch):
+    """The test models' MLPs are far below ActivationSparseMLP.MIN_GATHER_WEIGHTS, where decoding takes the masked
+    dense path: tests of the gather path lower the bar to 0 (test_small_mlps_decode_masked_dense checks the default)."""
+    from compress.activation_sparsity import ActivationSparseMLP
+
+    monkeypatch.setattr(ActivationSparseMLP, "MIN_GATHER_WEIGHTS", 0)

@@ -56,6 +56,9 @@ def runtime_plan(model: nn.Module, runtime: str = "auto", device_type: str = "cp
         if isinstance(module, ActivationSparseMLP) and not module.dense_projections():
             plan[name] = ("activation-sparse, masked dense (its up/down projections are no plain Linear layers "
                           "after a later pass: no row gathers)")
+        elif isinstance(module, ActivationSparseMLP) and device_type != "cuda" and module.small_for_gathers():
+            plan[name] = (f"activation-sparse, masked dense (an MLP of {3 * module.up_proj.weight.numel():,} weights: "
+                          f"below {module.MIN_GATHER_WEIGHTS:,} the row gathers are slower on a CPU)")
         elif isinstance(module, ActivationSparseMLP):
             gather = "Triton" if device_type == "cuda" else "C or torch"
             predictor = f", {module.predictor_description()}" if module.has_predictor else ""

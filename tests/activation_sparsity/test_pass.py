@@ -282,3 +282,27 @@ def test_predictor_misses_stay_within_the_budget(reference_tokenizer):
     model, d = calibrated(reference_tokenizer, target_ppl_increase=0.02, predictor_rank=2, predictor_recall=0.6)
     assert 0 <= d["predictor_threshold_scale"] < 1 and d["ppl_increase"] <= 0.02
     assert d["predictor_thresholds"] == pytest.approx([float(m.predictor_threshold) for m in mlps(model)])
+
+
+def test_small_mlps_decode_masked_dense_and_the_layout_is_set_up_front(tiny_model, monkeypatch):
+    """Below MIN_GATHER_WEIGHTS a CPU MLP decodes through the masked dense path (the gathers lose there), with the
+    same output; down_proj is laid out column-major when the module is built, not on the first decoding step."""
+    from compress.prune.runtime import runtime_plan
+
+    monkeypatch.undo()  # the default threshold (the suite's autouse fixture lowers it to 0)
+    assert ActivationSparseMLP.MIN_GATHER_WEIGHTS == 8_000_000
+    model = tiny_model("llama")
+    mlp = model.model.layers[0].mlp
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        m = ActivationSparseMLP(mlp, threshold=0.1, max_sparse_tokens=4).eval()
+        assert m.down_proj.weight.stride(0) == 1  # column-major already
+        assert m.runtime_path(1) == "masked dense (a small MLP: gathers would be slower)"
+        small = m(x)
+        monkeypatch.setattr(ActivationSparseMLP, "MIN_GATHER_WEIGHTS", 0)
+        assert m.runtime_path(1).startswith("active rows only")
+        gathered = m(x)
+    torch.testing.assert_close(small, gathered, rtol=1e-5, atol=1e-6)
+    monkeypatch.undo()
+    plan = runtime_plan(torch.nn.ModuleDict({"mlp": m}))
+    assert "masked dense (an MLP of" in plan["mlp"]

@@ -13,9 +13,15 @@ import torch
 
 from .cpu_build import load_c_library
 
-# Tokens up to which the C product runs (benchmarks/quantize_speed.py, an AVX512-BF16 Xeon): at 16 it is 1.3-1.7x
-# the dense float32 layer and 0.24-0.41x the bf16 one (AMX); the blocked dequantize + GEMM is near it there.
+# Tokens up to which the C product runs; above, the blocked dequantize + torch GEMM. Timed path against path
+# (14336x4096 int4, cache-cold, one thread, an AVX512-BF16 Xeon): in float32 the product leads through 16 tokens
+# (37 vs 46 ms at 16); in bf16 the blocked path (AMX GEMM) leads from 8 (28 vs 29 ms; 26 vs 53 at 16).
 MAX_TOKENS = 16
+MAX_TOKENS_BF16 = 6
+
+
+def max_tokens(dtype: torch.dtype) -> int:
+    return MAX_TOKENS_BF16 if dtype == torch.bfloat16 else MAX_TOKENS
 SCALE_DTYPES = (torch.float32, torch.bfloat16)
 INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # float64 stays on the torch path (it computes in it)
 
@@ -35,7 +41,7 @@ def cpu_qgemv_applies(packed: torch.Tensor, scale: torch.Tensor, bits: int, in_f
     float32/bf16 scales, 4 bits with an even row and group (both nibbles of a byte in one group), a compiler here."""
     if x.device.type != "cpu" or x.dtype not in INPUT_DTYPES or x.dim() == 0 or x.shape[-1] != in_features:
         return False
-    if not 0 < x.numel() <= MAX_TOKENS * in_features or (torch.is_grad_enabled() and x.requires_grad):
+    if not 0 < x.numel() <= max_tokens(x.dtype) * in_features or (torch.is_grad_enabled() and x.requires_grad):
         return False
     return _stored_as_c_reads(packed, scale) and cpu_qgemv_available(bits, in_features, group, scale.dtype)
 
@@ -93,7 +99,9 @@ def cpu_dequantize(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
     return out
 
 
-ROW_BLOCK = 256  # rows dequantized at a time by `cpu_blocked_linear`: 4 MB of float32 at 4096 columns (in cache)
+# rows dequantized at a time by `cpu_blocked_linear` (14336x4096 int4, 16 / 64 tokens, one thread: float32 best at
+# 256-512 rows, bf16 at 512-2048, both ~10-20% slower at 128 or below, where the GEMM calls get small)
+ROW_BLOCK = 512
 
 
 def cpu_blocked_linear(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int, group: int,

@@ -43,7 +43,7 @@ def runtime_plan(model: nn.Module, runtime: str = "auto", device_type: str = "cp
     from .sparse_linear import SparseLinear
 
     from ..activation_sparsity.mlp import ActivationSparseMLP
-    from ..kernels.quantized_linear_cpu import MAX_TOKENS as QGEMV_MAX_TOKENS
+    from ..kernels.quantized_linear_cpu import max_tokens as qgemv_max_tokens
     from ..kernels.quantized_linear_cpu import ROW_BLOCK as QGEMV_ROW_BLOCK
     from ..kernels.quantized_linear_cpu import cpu_qgemv_available
     from ..quantize.bnb import Bnb4bitLinear, Bnb8bitLinear
@@ -79,8 +79,9 @@ def runtime_plan(model: nn.Module, runtime: str = "auto", device_type: str = "cp
             dequantized = f"int{module.bits} codes, dequantized per call, then a dense product (torch{zeros})"
             if device_type == "cpu" and module.sparsity is None and \
                     cpu_qgemv_available(module.bits, module.in_features, module.group_size, module.weight_scale.dtype):
-                plan[name] = (f"int{module.bits} codes multiplied in C at <= {QGEMV_MAX_TOKENS} tokens; above, "
-                              f"dequantized in C {QGEMV_ROW_BLOCK} rows at a time, each block by torch's matmul")
+                most = qgemv_max_tokens(module.weight_scale.dtype)
+                plan[name] = (f"int{module.bits} codes multiplied in C at <= {most} tokens; above, dequantized in C "
+                              f"{QGEMV_ROW_BLOCK} rows at a time, each block by torch's matmul")
             else:
                 plan[name] = dequantized
         elif isinstance(module, Bnb4bitLinear):

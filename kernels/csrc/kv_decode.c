@@ -110,11 +110,11 @@ static inline float factor(const void* a, int fp8, int64_t i, const float* lut) 
 
 #if defined(__AVX512F__)
 /* [sum(a0), sum(a1), sum(a2), sum(a3)]: halves added, then two rounds of pairwise adds across the four */
+static inline __m256 halves(__m512 a) {
+    return _mm256_add_ps(_mm512_castps512_ps256(a), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
+}
 static inline __m128 hsum4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
-    __m256 b0 = _mm256_add_ps(_mm512_castps512_ps256(a0), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a0), 1)));
-    __m256 b1 = _mm256_add_ps(_mm512_castps512_ps256(a1), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a1), 1)));
-    __m256 b2 = _mm256_add_ps(_mm512_castps512_ps256(a2), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a2), 1)));
-    __m256 b3 = _mm256_add_ps(_mm512_castps512_ps256(a3), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a3), 1)));
+    __m256 b0 = halves(a0), b1 = halves(a1), b2 = halves(a2), b3 = halves(a3);
     __m256 c = _mm256_hadd_ps(_mm256_hadd_ps(b0, b1), _mm256_hadd_ps(b2, b3));  /* per 128-bit half: 4 partials */
     return _mm_add_ps(_mm256_castps256_ps128(c), _mm256_extractf128_ps(c, 1));
 }

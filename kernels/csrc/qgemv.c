@@ -268,7 +268,15 @@ void dequantize(const uint8_t* packed, int64_t ldp, const void* scale, int scale
             uint16_t* o = (uint16_t*)out + r * d;
             if (row) {
                 dequantize_row(packed + r * ldp, sr, scale_bf16, zr, bits, d, group, row);
-                for (int64_t c = 0; c < d; ++c) o[c] = f32_to_bf16(row[c]);
+                int64_t c = 0;
+#if defined(__AVX512BF16__)
+                /* round to nearest even, like f32_to_bf16 (the values are normal numbers or zero: a group's scale
+                   is at least the dtype's smallest normal, and this instruction reads subnormals as zero) */
+                for (; c + 32 <= d; c += 32)
+                    _mm512_storeu_si512((void*)(o + c), (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(row + c + 16),
+                                                                                      _mm512_loadu_ps(row + c)));
+#endif
+                for (; c < d; ++c) o[c] = f32_to_bf16(row[c]);
             } else {  /* no scratch row: one value at a time (slow, the same values) */
                 const uint8_t* q = packed + r * ldp;
                 for (int64_t c = 0; c < d; ++c) {

@@ -8,7 +8,8 @@ import torch
 
 from compress.kernels.cpu_build import load_c_library
 from compress.kernels.dispatch import forced_kernels
-from compress.kernels.quantized_linear_cpu import MAX_TOKENS, cpu_dequantize, cpu_qgemv, cpu_qgemv_applies
+from compress.kernels.quantized_linear_cpu import (MAX_TOKENS, MAX_TOKENS_BF16, cpu_dequantize, cpu_qgemv,
+                                                   cpu_qgemv_applies)
 from compress.quantize import QuantizedLinear
 from compress.quantize.int_quant import quantize_rtn
 
@@ -50,8 +51,9 @@ def test_layer_decodes_through_the_kernel_and_matches_its_torch_path(monkeypatch
     monkeypatch.delenv("COMPRESS_KERNELS", raising=False)
     q = layer(48, 256, 4, 128, True, dtype, bias=True)
     x = torch.randn(2, 3, 256).to(dtype)  # 6 tokens: within MAX_TOKENS
-    assert q.runtime_path(MAX_TOKENS) == "int4 codes multiplied in C"
-    assert q.runtime_path(MAX_TOKENS + 1) == "dequantized in C a block of rows at a time, then torch's matmul"
+    most = MAX_TOKENS if dtype == torch.float32 else MAX_TOKENS_BF16  # bf16: AMX's GEMM wins sooner
+    assert q.runtime_path(most) == "int4 codes multiplied in C"
+    assert q.runtime_path(most + 1) == "dequantized in C a block of rows at a time, then torch's matmul"
     with torch.no_grad():
         fast = q(x)
         monkeypatch.setenv("COMPRESS_KERNELS", "torch")
@@ -108,7 +110,7 @@ def test_inspect_names_the_path_per_dtype():
     plan = runtime_plan(torch.nn.ModuleDict({"a": QuantizedLinear(256, 8, dtype=torch.bfloat16),
                                              "b": QuantizedLinear(256, 8, dtype=torch.float32),
                                              "c": QuantizedLinear(99, 8, bits=4, group_size=33)}))
-    assert plan["a"].startswith(f"int4 codes multiplied in C at <= {MAX_TOKENS} tokens")
+    assert plan["a"].startswith(f"int4 codes multiplied in C at <= {MAX_TOKENS_BF16} tokens")
     assert plan["b"].startswith(f"int4 codes multiplied in C at <= {MAX_TOKENS} tokens")
     assert plan["c"] == "int4 codes, dequantized per call, then a dense product (torch)"  # odd row: no C product
     with forced_kernels("torch"):
@@ -119,14 +121,13 @@ def test_inspect_names_the_path_per_dtype():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_prefill_dequantizes_row_blocks_into_one_buffer(dtype, symmetric):
+def test_prefill_dequantizes_row_blocks_into_one_buffer(dtype, symmetric, monkeypatch):
     """Above MAX_TOKENS: ROW_BLOCK rows at a time dequantized and multiplied, the same values as dequantizing the
-    whole weight then one matmul (float32: bit for bit), 300 rows = a full block and a partial one, a bias, 3-d
-    input."""
+    whole weight then one matmul (float32: bit for bit), 300 rows in blocks of 128, a bias, 3-d input."""
     from compress.kernels import quantized_linear_cpu as qc
 
+    monkeypatch.setattr(qc, "ROW_BLOCK", 128)  # 300 rows: two full blocks and a partial one
     q = layer(300, 256, 4, 64, symmetric, dtype, seed=3, bias=True)
-    assert qc.ROW_BLOCK < 300 < 2 * qc.ROW_BLOCK
     x = torch.randn(2, MAX_TOKENS, 256).to(dtype)  # 32 tokens
     with torch.no_grad():
         got = q(x)

@@ -174,7 +174,7 @@ class QuantizedLinear(nn.Module):
         if self.sparsity is None and x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad) \
                 and x.shape[-1] == self.in_features and cpu_dequantize_applies(self.weight_packed, self.weight_scale,
                                                                                x.dtype):
-            # prefill on a CPU: rows dequantized a block at a time into one cached buffer, then torch's GEMM
+            # prefill on a CPU: rows dequantized a block at a time into one reused buffer, then torch's GEMM
             y = cpu_blocked_linear(self.weight_packed, self.weight_scale, self.weight_zero_point, self.bits,
                                    self.group_size, x)
             return y if bias is None else y + bias

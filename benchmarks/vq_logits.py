@@ -91,7 +91,7 @@ def speedups(dense_weight: torch.Tensor, head: VQLogitsHead, repeats: int, threa
     torch.set_num_threads(threads)
     try:
         for n in TOKENS:
-            h = torch.randn(n, dense_weight.shape[1], generator=gen)
+            h = torch.randn(n, dense_weight.shape[1], generator=gen).to(dense_weight.dtype)
             dense, ours = paired_median_seconds([lambda: F.linear(h, dense_weight), lambda: head(h)], repeats)
             out[n] = dense / ours
             out[f"ms_{n}"] = (round(dense * 1e3, 4), round(ours * 1e3, 4))

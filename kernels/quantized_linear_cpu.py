@@ -1,7 +1,8 @@
 """QuantizedLinear on the CPU (csrc/qgemv.c). Decoding (<= MAX_TOKENS tokens): the packed int4 / int8 codes
 multiplied as they are, so a step reads the codes' bytes (an eighth / a quarter of float32's) instead of building the
 float weight on every call. Prefill: ROW_BLOCK rows at a time dequantized into one reused buffer (bit for bit the
-torch reference's weight) and multiplied by torch's GEMM. The torch reference (`QuantizedLinear.dequantized_weight()`
+torch reference's weight) and multiplied by torch's GEMM (the same products as one GEMM over the whole weight, up to
+the summation order its blocking picks). The torch reference (`QuantizedLinear.dequantized_weight()`
 then a matmul) stays the path for gradients, pruned-then-quantized layers, float16 / float64, CUDA, and machines
 without a C compiler."""
 from __future__ import annotations
@@ -79,8 +80,14 @@ def cpu_qgemv(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | No
 
 
 def cpu_dequantize_applies(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> bool:
-    return (os.environ.get("COMPRESS_KERNELS", "").lower() != "torch" and dtype in (torch.float32, torch.bfloat16)
-            and _stored_as_c_reads(packed, scale) and _library() is not None)
+    return dtype in (torch.float32, torch.bfloat16) and _stored_as_c_reads(packed, scale) \
+        and cpu_dequantize_available(scale.dtype)
+
+
+def cpu_dequantize_available(scale_dtype: torch.dtype) -> bool:
+    """The C dequantize for a layer with these scales, not forced to torch, a compiler here (`compress inspect`)."""
+    return (os.environ.get("COMPRESS_KERNELS", "").lower() != "torch" and scale_dtype in SCALE_DTYPES
+            and _library() is not None)
 
 
 def cpu_dequantize(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int, group: int,
@@ -105,17 +112,22 @@ ROW_BLOCK = 512
 
 
 def cpu_blocked_linear(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int, group: int,
-                       x: torch.Tensor) -> torch.Tensor:
+                       x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ W.T for prefill-sized x without the whole float weight: ROW_BLOCK rows at a time are dequantized into one
     reused buffer (cache-resident; a whole new weight costs its first-touch page faults, ~100 ms at 14336 x 4096)
     and multiplied by torch's GEMM. Check `cpu_dequantize_applies` first; x float32 or bf16, W in x's dtype."""
     n, d = packed.shape[0], x.shape[-1]
     x2 = x.reshape(-1, d)
     out = torch.empty(x2.shape[0], n, dtype=x.dtype)
+    if x2.shape[0] == 0:
+        return out.view(*x.shape[:-1], n)
     buf = torch.empty(min(ROW_BLOCK, n), d, dtype=x.dtype)
     for r0 in range(0, n, ROW_BLOCK):
         r1 = min(r0 + ROW_BLOCK, n)
         w = cpu_dequantize(packed[r0:r1], scale[r0:r1], None if zero is None else zero[r0:r1], bits, group, d,
                            x.dtype, out=buf[:r1 - r0])
-        torch.matmul(x2, w.t(), out=out[:, r0:r1])
+        if bias is None:
+            torch.matmul(x2, w.t(), out=out[:, r0:r1])
+        else:  # the bias inside the GEMM, as F.linear does (one bf16 rounding, not two)
+            torch.addmm(bias[r0:r1], x2, w.t(), out=out[:, r0:r1])
     return out.view(*x.shape[:-1], n)

@@ -75,7 +75,7 @@ class ActivationSparseMLP(nn.Module):
             w = mlp.gate_proj.weight
             self.register_buffer("neuron_scale", w.new_ones(w.shape[0]))
         self.max_sparse_tokens = max_sparse_tokens
-        if device.type == "cpu" and type(mlp.down_proj) is nn.Linear:
+        if device.type == "cpu" and self._gatherable():
             self.column_major_down()  # now, not on the first decoding step (~0.3 s a layer at Llama-3-8B's shape)
         self.record = False  # when True, forward counts active neurons into `counts` (benchmarks, reports)
         self.counts = [0, 0]  # [active, seen] (token, neuron) pairs

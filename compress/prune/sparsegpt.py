@@ -52,7 +52,9 @@ def sparsegpt_prune(
     max_retries: int = 4,
 ) -> SparseGPTResult:
     """Prune `weight` [out, in] to `sparsity` (or N:M, N kept of M) with the OBS update; returns the new weight."""
-    w = weight.detach().float().clone()
+    # row-major whatever the weight's layout (an activation-sparse MLP holds down_proj column-major); the blocks
+    # below are flattened with view()
+    w = weight.detach().to(torch.float32, memory_format=torch.contiguous_format, copy=True)
     rows, cols = w.shape
     h = hessian.detach().float().clone()
     notes = []

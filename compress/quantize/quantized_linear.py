@@ -175,9 +175,8 @@ class QuantizedLinear(nn.Module):
                 and x.shape[-1] == self.in_features and cpu_dequantize_applies(self.weight_packed, self.weight_scale,
                                                                                x.dtype):
             # prefill on a CPU: rows dequantized a block at a time into one reused buffer, then torch's GEMM
-            y = cpu_blocked_linear(self.weight_packed, self.weight_scale, self.weight_zero_point, self.bits,
-                                   self.group_size, x)
-            return y if bias is None else y + bias
+            return cpu_blocked_linear(self.weight_packed, self.weight_scale, self.weight_zero_point, self.bits,
+                                      self.group_size, x, bias)
         return F.linear(x, self.dequantized_weight(x.dtype), bias)
 
     def runtime_path(self, tokens: int = 1) -> str:

@@ -286,7 +286,7 @@ def test_predictor_misses_stay_within_the_budget(reference_tokenizer):
 
 def test_small_mlps_decode_masked_dense_and_the_layout_is_set_up_front(tiny_model, monkeypatch):
     """Below MIN_GATHER_WEIGHTS a CPU MLP decodes through the masked dense path (the gathers lose there), with the
-    same output; down_proj is laid out column-major when the module is built, not on the first decoding step."""
+    same output; an MLP that gathers has down_proj laid out column-major when built, not on its first decoding step."""
     from compress.prune.runtime import runtime_plan
 
     monkeypatch.undo()  # the default threshold (the suite's autouse fixture lowers it to 0)
@@ -296,13 +296,27 @@ def test_small_mlps_decode_masked_dense_and_the_layout_is_set_up_front(tiny_mode
     x = torch.randn(2, 64)
     with torch.no_grad():
         m = ActivationSparseMLP(mlp, threshold=0.1, max_sparse_tokens=4).eval()
-        assert m.down_proj.weight.stride(0) == 1  # column-major already
+        assert m.down_proj.weight.stride(1) == 1  # a small MLP never gathers: its layout is left alone
         assert m.runtime_path(1) == "masked dense (a small MLP: gathers would be slower)"
         small = m(x)
         monkeypatch.setattr(ActivationSparseMLP, "MIN_GATHER_WEIGHTS", 0)
+        m = ActivationSparseMLP(mlp, threshold=0.1, max_sparse_tokens=4).eval()
+        assert m.down_proj.weight.stride(0) == 1  # one that gathers is laid out column-major when built
         assert m.runtime_path(1).startswith("active rows only")
         gathered = m(x)
     torch.testing.assert_close(small, gathered, rtol=1e-5, atol=1e-6)
     monkeypatch.undo()
     plan = runtime_plan(torch.nn.ModuleDict({"mlp": m}))
     assert "masked dense (an MLP of" in plan["mlp"]
+
+
+def test_sparsegpt_after_activation_sparsity(reference_tokenizer):
+    """The activation-sparse MLP holds down_proj column-major; SparseGPT after it (unstructured: its blocks are
+    flattened) prunes it like any other layer (it raised "view size is not compatible" before)."""
+    model, _ = calibrated(reference_tokenizer)
+    down = mlps(model)[0].down_proj.weight
+    assert down.stride(0) == 1  # column-major (the suite's fixture lets the tiny MLPs gather)
+    compress.apply(model, [compress.passes.Prune(method="sparsegpt", sparsity=0.5, storage="dense")],
+                   calibration=CALIB, tokenizer=reference_tokenizer, progress=False)
+    w = mlps(model)[0].down_proj.weight
+    assert abs(float((w == 0).float().mean()) - 0.5) < 0.01

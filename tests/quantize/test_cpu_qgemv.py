@@ -112,7 +112,7 @@ def test_inspect_names_the_path_per_dtype():
                                              "c": QuantizedLinear(99, 8, bits=4, group_size=33)}))
     assert plan["a"].startswith(f"int4 codes multiplied in C at <= {MAX_TOKENS_BF16} tokens")
     assert plan["b"].startswith(f"int4 codes multiplied in C at <= {MAX_TOKENS} tokens")
-    assert plan["c"] == "int4 codes, dequantized per call, then a dense product (torch)"  # odd row: no C product
+    assert plan["c"].startswith("int4 codes dequantized in C")  # an odd row: no C product, the row blocks run
     with forced_kernels("torch"):
         assert runtime_plan(torch.nn.ModuleDict({"b": QuantizedLinear(256, 8)}))["b"].endswith("(torch)")
     fp16 = runtime_plan(torch.nn.ModuleDict({"d": QuantizedLinear(256, 8, dtype=torch.float16)}))["d"]

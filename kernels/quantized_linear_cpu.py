@@ -29,22 +29,33 @@ INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # float64 stays o
 _I64, _PTR, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 _SIGNATURES = (("qgemv", (_PTR, _I64, _PTR, _INT, _PTR, _INT, _I64, _I64, _I64, _PTR, _I64, _I64, _PTR, _I64, _INT),
                 _INT),
-               ("dequantize", (_PTR, _I64, _PTR, _INT, _PTR, _INT, _I64, _I64, _I64, _PTR, _INT, _INT), None))
+               ("dequantize", (_PTR, _I64, _PTR, _INT, _PTR, _INT, _I64, _I64, _I64, _PTR, _INT, _INT), _INT))
 
 
 def _library():
     return load_c_library("qgemv", _SIGNATURES)
 
 
+def _decoding_input(x: torch.Tensor, in_features: int) -> bool:
+    """x the C paths take: on the CPU, a row of the layer's width, no gradient needed through it."""
+    return (x.device.type == "cpu" and x.dim() > 0 and x.shape[-1] == in_features
+            and not (torch.is_grad_enabled() and x.requires_grad))
+
+
 def cpu_qgemv_applies(packed: torch.Tensor, scale: torch.Tensor, bits: int, in_features: int, group: int,
                       x: torch.Tensor) -> bool:
-    """The C product handles this call: a CPU, few tokens, gradients not needed through x, row-contiguous codes,
+    """The C product handles this call: few tokens (`max_tokens`), float32/bf16/fp16 x, row-contiguous codes,
     float32/bf16 scales, 4 bits with an even row and group (both nibbles of a byte in one group), a compiler here."""
-    if x.device.type != "cpu" or x.dtype not in INPUT_DTYPES or x.dim() == 0 or x.shape[-1] != in_features:
+    if not _decoding_input(x, in_features) or x.dtype not in INPUT_DTYPES:
         return False
-    if not 0 < x.numel() <= max_tokens(x.dtype) * in_features or (torch.is_grad_enabled() and x.requires_grad):
+    if not 0 < x.numel() <= max_tokens(x.dtype) * in_features:
         return False
     return _stored_as_c_reads(packed, scale) and cpu_qgemv_available(bits, in_features, group, scale.dtype)
+
+
+def cpu_blocked_applies(packed: torch.Tensor, scale: torch.Tensor, in_features: int, x: torch.Tensor) -> bool:
+    """`cpu_blocked_linear` handles this call (the C dequantize, x float32 or bf16): any number of tokens."""
+    return _decoding_input(x, in_features) and cpu_dequantize_applies(packed, scale, x.dtype)
 
 
 def _stored_as_c_reads(packed: torch.Tensor, scale: torch.Tensor) -> bool:
@@ -53,14 +64,10 @@ def _stored_as_c_reads(packed: torch.Tensor, scale: torch.Tensor) -> bool:
 
 
 def cpu_qgemv_available(bits: int, in_features: int, group: int, scale_dtype: torch.dtype) -> bool:
-    """The layer the C product takes (4 bits: an even row and group, so both nibbles of a byte share a group;
-    float32 / bf16 scales), not forced to torch, and a compiler here; per call, `cpu_qgemv_applies` checks the rest
-    (also what `compress inspect` asks, of a model on the meta device)."""
-    if os.environ.get("COMPRESS_KERNELS", "").lower() == "torch" or scale_dtype not in SCALE_DTYPES:
-        return False
-    if bits == 4 and (in_features % 2 or group % 2):
-        return False
-    return _library() is not None
+    """The layer the C product takes (`cpu_dequantize_available`, and 4 bits: an even row and group, so both
+    nibbles of a byte share a group); per call, `cpu_qgemv_applies` checks the rest (also what `compress inspect`
+    asks, of a model on the meta device)."""
+    return not (bits == 4 and (in_features % 2 or group % 2)) and cpu_dequantize_available(scale_dtype)
 
 
 def cpu_qgemv(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int, group: int,
@@ -91,18 +98,24 @@ def cpu_dequantize_available(scale_dtype: torch.dtype) -> bool:
 
 
 def cpu_dequantize(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int, group: int,
-                   in_features: int, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor | None:
+                   in_features: int, dtype: torch.dtype) -> torch.Tensor | None:
     """The float weight [out, in] (float32 or bfloat16) the codes stand for, bit for bit the torch reference's, in
-    one pass (csrc/qgemv.c dequantize), into `out` when given (contiguous, that shape and dtype); None where the C
-    kernel does not apply (the caller runs the reference)."""
+    one pass (csrc/qgemv.c dequantize); None where the C kernel does not apply (the caller runs the reference)."""
     if not cpu_dequantize_applies(packed, scale, dtype):
         return None
-    n = packed.shape[0]
-    out = torch.empty(n, in_features, dtype=dtype) if out is None else out
+    out = torch.empty(packed.shape[0], in_features, dtype=dtype)
+    return _dequantize_into(packed, scale, zero, bits, group, out)
+
+
+def _dequantize_into(packed, scale, zero, bits: int, group: int, out: torch.Tensor) -> torch.Tensor:
+    """`cpu_dequantize` into `out` [rows, in] (contiguous), the checks already made."""
     zero = None if zero is None else zero.contiguous()
-    _library().dequantize(packed.data_ptr(), packed.stride(0), scale.data_ptr(), int(scale.dtype == torch.bfloat16),
-                          None if zero is None else zero.data_ptr(), bits, n, in_features, group, out.data_ptr(),
-                          int(dtype == torch.bfloat16), torch.get_num_threads())
+    ok = _library().dequantize(packed.data_ptr(), packed.stride(0), scale.data_ptr(),
+                               int(scale.dtype == torch.bfloat16), None if zero is None else zero.data_ptr(), bits,
+                               out.shape[0], out.shape[1], group, out.data_ptr(), int(out.dtype == torch.bfloat16),
+                               torch.get_num_threads())
+    if not ok:
+        raise MemoryError("dequantize: could not allocate its per-thread row")
     return out
 
 
@@ -115,7 +128,7 @@ def cpu_blocked_linear(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Te
                        x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ W.T for prefill-sized x without the whole float weight: ROW_BLOCK rows at a time are dequantized into one
     reused buffer (cache-resident; a whole new weight costs its first-touch page faults, ~100 ms at 14336 x 4096)
-    and multiplied by torch's GEMM. Check `cpu_dequantize_applies` first; x float32 or bf16, W in x's dtype."""
+    and multiplied by torch's GEMM. Check `cpu_blocked_applies` first; W is built in x's dtype."""
     n, d = packed.shape[0], x.shape[-1]
     x2 = x.reshape(-1, d)
     out = torch.empty(x2.shape[0], n, dtype=x.dtype)
@@ -124,8 +137,8 @@ def cpu_blocked_linear(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Te
     buf = torch.empty(min(ROW_BLOCK, n), d, dtype=x.dtype)
     for r0 in range(0, n, ROW_BLOCK):
         r1 = min(r0 + ROW_BLOCK, n)
-        w = cpu_dequantize(packed[r0:r1], scale[r0:r1], None if zero is None else zero[r0:r1], bits, group, d,
-                           x.dtype, out=buf[:r1 - r0])
+        w = _dequantize_into(packed[r0:r1], scale[r0:r1], None if zero is None else zero[r0:r1], bits, group,
+                             buf[:r1 - r0])
         if bias is None:
             torch.matmul(x2, w.t(), out=out[:, r0:r1])
         else:  # the bias inside the GEMM, as F.linear does (one bf16 rounding, not two)

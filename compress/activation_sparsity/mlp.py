@@ -35,10 +35,6 @@ from ..kernels.cpu_gather import cpu_select_silu
 from ..prune.activation_sparsity import down_weight
 
 
-def w_on_device(w: torch.Tensor) -> bool:
-    return w.device.type != "meta"
-
-
 class ActivationSparseMLP(nn.Module):
     def __init__(self, mlp: nn.Module, threshold: float = 0.0, max_sparse_tokens: int = 4, predictor_rank: int = 0,
                  predictor_threshold: float = 0.0, neuron_scaling: bool = False, predictor_bits: int = 0):
@@ -76,7 +72,7 @@ class ActivationSparseMLP(nn.Module):
             self.register_buffer("neuron_scale", w.new_ones(w.shape[0]))
         self.max_sparse_tokens = max_sparse_tokens
         if device.type == "cpu" and self._gatherable():
-            self.column_major_down()  # now, not on the first decoding step (~0.3 s a layer at Llama-3-8B's shape)
+            self.column_major_down()  # now, not on the first decoding step (~0.18 s a layer at Llama-3-8B's shape)
         self.record = False  # when True, forward counts active neurons into `counts` (benchmarks, reports)
         self.counts = [0, 0]  # [active, seen] (token, neuron) pairs
 
@@ -170,9 +166,9 @@ class ActivationSparseMLP(nn.Module):
 
     def runtime_path(self, tokens: int = 1) -> str:
         if tokens > self.max_sparse_tokens or self.training or not self._gatherable():
-            if self.dense_projections() and self.small_for_gathers() and w_on_device(self.up_proj.weight):
-                return "masked dense (a small MLP: gathers would be slower)"
-            return "masked dense"
+            small = tokens <= self.max_sparse_tokens and not self.training and self.dense_projections() \
+                and self.small_for_gathers()
+            return "masked dense (a small MLP: gathers would be slower)" if small else "masked dense"
         w = self.up_proj.weight
         in_c = self._select_in_c() or (w.dtype == torch.float32 and cpu_reads(w))  # fp32: the gathers alone too
         gather = "Triton" if w.is_cuda else "C" if in_c else "torch"
@@ -193,7 +189,7 @@ class ActivationSparseMLP(nn.Module):
     MIN_GATHER_WEIGHTS = 8_000_000
 
     def _gatherable(self) -> bool:
-        return self.dense_projections() and w_on_device(self.up_proj.weight) and not self.small_for_gathers()
+        return self.dense_projections() and self.up_proj.weight.device.type != "meta" and not self.small_for_gathers()
 
     @torch.no_grad()
     def column_major_down(self) -> torch.Tensor:
@@ -236,9 +232,11 @@ class ActivationSparseMLP(nn.Module):
         scale = self.neuron_scale.float() if self.neuron_scaling else None
         gate = self.gate_proj
         if not self.has_predictor:
-            pre = gate(x) if gate.weight.dtype == x.dtype else gather_dot(gate.weight, self._all_neurons(), x)
-            if gate.bias is not None and gate.weight.dtype != x.dtype:
-                pre = pre + gate.bias
+            if gate.weight.dtype == x.dtype:
+                pre = gate(x)
+            else:  # a bf16 gate against float32 x: every row through the C gather (no float copy of the weight)
+                pre = gather_dot(gate.weight, torch.arange(gate.out_features), x)
+                pre = pre if gate.bias is None else pre + gate.bias
             idx, keep, g = cpu_select_silu(pre, float(self.threshold), scale)
             self._count(keep, pre.numel())
             return g, idx
@@ -249,12 +247,6 @@ class ActivationSparseMLP(nn.Module):
         idx, keep, g = cpu_select_silu(pre, float(self.threshold), scale, ids=cand, allow=allowed)
         self._count(keep, x.shape[0] * gate.out_features)
         return g, idx
-
-    def _all_neurons(self) -> torch.Tensor:
-        n = self.gate_proj.out_features
-        if getattr(self, "_arange", None) is None or self._arange.numel() != n:
-            self._arange = torch.arange(n)
-        return self._arange
 
     def _sparse(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype

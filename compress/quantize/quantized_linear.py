@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.quantized_linear_cpu import (cpu_blocked_linear, cpu_dequantize, cpu_dequantize_applies, cpu_qgemv,
+from ..kernels.quantized_linear_cpu import (cpu_blocked_applies, cpu_blocked_linear, cpu_dequantize, cpu_qgemv,
                                              cpu_qgemv_applies)
 from ..kernels.sparse_bitmask import unpack_bitmask
 from ..kernels.sparse_nm import index_bits, nm_decode_reference
@@ -171,9 +171,7 @@ class QuantizedLinear(nn.Module):
             # decoding on a CPU: the codes multiplied as they are, no float weight built (kernels/csrc/qgemv.c)
             y = cpu_qgemv(self.weight_packed, self.weight_scale, self.weight_zero_point, self.bits, self.group_size, x)
             return (y if self.bias is None else y + self.bias.float()).to(x.dtype)  # one rounding, at the end
-        if self.sparsity is None and x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad) \
-                and x.shape[-1] == self.in_features and cpu_dequantize_applies(self.weight_packed, self.weight_scale,
-                                                                               x.dtype):
+        if self.sparsity is None and cpu_blocked_applies(self.weight_packed, self.weight_scale, self.in_features, x):
             # prefill on a CPU: rows dequantized a block at a time into one reused buffer, then torch's GEMM
             return cpu_blocked_linear(self.weight_packed, self.weight_scale, self.weight_zero_point, self.bits,
                                       self.group_size, x, bias)
@@ -185,7 +183,8 @@ class QuantizedLinear(nn.Module):
         if self.sparsity is None and cpu_qgemv_applies(self.weight_packed, self.weight_scale, self.bits,
                                                        self.in_features, self.group_size, probe):
             return f"int{self.bits} codes multiplied in C"
-        if self.sparsity is None and cpu_dequantize_applies(self.weight_packed, self.weight_scale, probe.dtype):
+        blocked = cpu_blocked_applies(self.weight_packed, self.weight_scale, self.in_features, probe)
+        if self.sparsity is None and blocked:
             return "dequantized in C a block of rows at a time, then torch's matmul"
         return "dequantized, then a dense matmul"
 

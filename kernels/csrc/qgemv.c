@@ -250,13 +250,19 @@ static void dequantize_row(const uint8_t* q, const float* sc, int scale_bf16, co
     }
 }
 
-void dequantize(const uint8_t* packed, int64_t ldp, const void* scale, int scale_bf16, const uint8_t* zero, int bits,
-                int64_t n, int64_t d, int64_t group, void* out, int out_bf16, int nthreads) {
+/* Returns 0 (nothing written past the rows done) when a bf16 output's per-thread float row cannot be allocated. */
+int dequantize(const uint8_t* packed, int64_t ldp, const void* scale, int scale_bf16, const uint8_t* zero, int bits,
+               int64_t n, int64_t d, int64_t group, void* out, int out_bf16, int nthreads) {
     int64_t groups = (d + group - 1) / group;
     size_t scale_bytes = scale_bf16 ? 2 : 4;
+    int ok = 1;
     #pragma omp parallel num_threads(nthreads)
     {
         float* row = out_bf16 ? malloc(d * sizeof(float)) : NULL;
+        if (out_bf16 && !row) {
+            #pragma omp atomic write
+            ok = 0;
+        }
         #pragma omp for schedule(static)
         for (int64_t r = 0; r < n; ++r) {
             const void* sr = (const char*)scale + r * groups * scale_bytes;
@@ -265,29 +271,20 @@ void dequantize(const uint8_t* packed, int64_t ldp, const void* scale, int scale
                 dequantize_row(packed + r * ldp, sr, scale_bf16, zr, bits, d, group, (float*)out + r * d);
                 continue;
             }
+            if (!row) continue;
             uint16_t* o = (uint16_t*)out + r * d;
-            if (row) {
-                dequantize_row(packed + r * ldp, sr, scale_bf16, zr, bits, d, group, row);
-                int64_t c = 0;
+            dequantize_row(packed + r * ldp, sr, scale_bf16, zr, bits, d, group, row);
+            int64_t c = 0;
 #if defined(__AVX512BF16__)
-                /* round to nearest even, like f32_to_bf16 (the values are normal numbers or zero: a group's scale
-                   is at least the dtype's smallest normal, and this instruction reads subnormals as zero) */
-                for (; c + 32 <= d; c += 32)
-                    _mm512_storeu_si512((void*)(o + c), (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(row + c + 16),
-                                                                                      _mm512_loadu_ps(row + c)));
+            /* round to nearest even, like f32_to_bf16 (the values are normal numbers or zero: a group's scale is at
+               least the dtype's smallest normal, and this instruction reads subnormals as zero) */
+            for (; c + 32 <= d; c += 32)
+                _mm512_storeu_si512((void*)(o + c), (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(row + c + 16),
+                                                                                  _mm512_loadu_ps(row + c)));
 #endif
-                for (; c < d; ++c) o[c] = f32_to_bf16(row[c]);
-            } else {  /* no scratch row: one value at a time (slow, the same values) */
-                const uint8_t* q = packed + r * ldp;
-                for (int64_t c = 0; c < d; ++c) {
-                    int64_t g = c / group;
-                    float s = scale_bf16 ? bf16_to_f32(((const uint16_t*)sr)[g]) : ((const float*)sr)[g];
-                    float off = zr ? (float)zr[g] : (bits == 4 ? 8.f : 128.f);
-                    float u = bits == 4 ? (float)((q[c >> 1] >> ((c & 1) * 4)) & 15) : (float)q[c];
-                    o[c] = f32_to_bf16((u - off) * s);
-                }
-            }
+            for (; c < d; ++c) o[c] = f32_to_bf16(row[c]);
         }
         free(row);
     }
+    return ok;
 }

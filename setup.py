@@ -60,7 +60,7 @@ setup(
         "ct": ["compressed-tensors>=0.20,<0.21"],  # --format compressed-tensors (transformers and vLLM read it)
         "bench": ["optimum-quanto>=0.2", "hqq>=0.2"],  # outside KV-cache baselines in benchmarks/kv_serving.py
         "test": ["pytest>=8", "triton>=3.0", "lm_eval>=0.4.13,<0.5", "matplotlib>=3.7",
-                 "compressed-tensors>=0.20,<0.21", "bitsandbytes>=0.50"],
+                 "compressed-tensors>=0.20,<0.21", "bitsandbytes>=0.50", "optimum-quanto>=0.2", "hqq>=0.2"],
     },
     entry_points={"console_scripts": ["compress=compress.cli:main"]},
 )

@@ -1,4 +1,5 @@
-"""KV cache benchmark: fp16/fp32 DynamicCache, transformers' QuantizedCache (fp8), KIVI and GEAR, one run, one table.
+"""KV cache benchmark: fp16/fp32 DynamicCache, transformers' QuantizedCache (fp8; quanto and HQQ int2/int4
+where installed), KIVI and GEAR, one run, one table.
 
 Model: `--model` (default builtin:small, the reference model that copies; builtin:tiny for quick runs), float32
 on the CPU (`--dtype bfloat16`: what `dtype: auto` loads on a CPU with native bf16; the baseline cache is then bf16), attention implementation "gear_kv" (which reads a GEARCache's compressed storage and hands every
@@ -20,6 +21,7 @@ other cache to sdpa).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import resource
 import statistics
@@ -32,7 +34,7 @@ from transformers import DynamicCache, QuantizedCache
 import compress
 from compress.calibration import builtin_text
 from compress.kvcache import GEARCache, KVCacheSettings
-from compress.kvcache.cache import dynamic_cache_bytes
+from compress.kvcache.cache import dynamic_cache_bytes, quantized_cache_bytes
 from compress.kvcache.quality import copy_sequences, copy_accuracy, heldout_windows, kv_quality
 
 
@@ -44,6 +46,13 @@ def configurations(quick: bool) -> list[dict]:
     e4m3 (half their cost)."""
     # the uncompressed baseline: transformers' DynamicCache in the model's dtype (float32 on the CPU)
     rows = [dict(name="dynamic-fp32", method="fp16", bits=32), dict(name="hf-fp8", method="hf_quantized_fp8", bits=8)]
+    # what a transformers user picks instead: QuantizedCache with its group-wise backends (per-token groups of 64
+    # for keys and values, a 128-token full-precision residual), where installed (`pip install -e ".[bench]"`)
+    for backend, module in (("quanto", "optimum.quanto"), ("hqq", "hqq")):
+        if importlib.util.find_spec(module.split(".")[0]) is None or importlib.util.find_spec(module) is None:
+            print(f"[skip] hf-{backend}-*: {module} is not installed (pip install -e \".[bench]\")", file=sys.stderr)
+            continue
+        rows += [dict(name=f"hf-{backend}-{b}", method="hf_quantized", backend=backend, bits=b) for b in (2, 4)]
     bits_list = (2, 4) if quick else (2, 3, 4)
     for b in bits_list:
         rows.append(dict(name=f"kivi-{b}", method="kivi", bits=b, kw=dict(method="kivi", bits=b)))
@@ -65,23 +74,18 @@ def make_factory(model, row):
         return lambda: DynamicCache(config=model.config)
     if row["method"] == "hf_quantized_fp8":
         return lambda: QuantizedCache("fp8", model.config)
+    if row["method"] == "hf_quantized":
+        return lambda: QuantizedCache(row["backend"], model.config, nbits=row["bits"])
     settings = KVCacheSettings.build(**row["kw"])
     return lambda: GEARCache(model.config, settings)
 
 
 def cache_bytes(cache) -> tuple[int, int]:
-    """(bytes held, key/value entries) for our caches, DynamicCache and the fp8 QuantizedCache."""
+    """(bytes held, key/value entries) for our caches, DynamicCache and transformers' QuantizedCache."""
     if isinstance(cache, GEARCache):
         return cache.nbytes()["total"], cache.num_elements()
     if isinstance(cache, QuantizedCache):
-        from compress.kvcache.cache import storage_bytes
-
-        tensors, n = [], 0
-        for layer in cache.layers:
-            (qk, ks), (qv, vs) = layer._quantized_keys, layer._quantized_values
-            tensors += [qk, ks, qv, vs]
-            n += qk.numel() + qv.numel()
-        return storage_bytes(tensors), n
+        return quantized_cache_bytes(cache)
     return dynamic_cache_bytes(cache)
 
 

@@ -134,7 +134,7 @@ def e2e_rows(device, prompt, batch, new_tokens, budget_gib, baselines):
     from transformers import DynamicCache, QuantizedCache
 
     from compress.kvcache import GEARCache, use_compressed_attention
-    from compress.kvcache.cache import dynamic_cache_bytes
+    from compress.kvcache.cache import dynamic_cache_bytes, quantized_cache_bytes
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = e2e_model(device, dtype, small=device == "cpu")
@@ -171,7 +171,7 @@ def e2e_rows(device, prompt, batch, new_tokens, budget_gib, baselines):
             print(f"[skip] {name}: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}", file=sys.stderr)
             continue
         nbytes = cache.nbytes()["total"] if isinstance(cache, GEARCache) else (
-            dynamic_cache_bytes(cache)[0] if name == "dynamic" else quantized_cache_bytes(cache))
+            dynamic_cache_bytes(cache)[0] if name == "dynamic" else quantized_cache_bytes(cache)[0])
         per_seq = nbytes / batch
         row = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu", kind="e2e", format=name,
                    batch=batch, context=prompt, head_dim=model.config.head_dim, dtype=str(dtype).split(".")[-1],
@@ -187,28 +187,6 @@ def e2e_rows(device, prompt, batch, new_tokens, budget_gib, baselines):
         print(f"[e2e {name}] {row['tokens_per_s']:.1f} tok/s, {nbytes / 2**20:.0f} MiB", file=sys.stderr)
         del cache
     return rows
-
-
-def quantized_cache_bytes(cache) -> int:
-    from compress.pass_api import storage_bytes
-
-    tensors = []
-    for layer in cache.layers:
-        for item in (getattr(layer, "_quantized_keys", None), getattr(layer, "_quantized_values", None),
-                     getattr(layer, "keys", None), getattr(layer, "values", None)):
-            tensors += [t for t in _tensors_in(item)]
-    return storage_bytes(tensors)
-
-
-def _tensors_in(obj, depth=0):
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, (tuple, list)):
-        for x in obj:
-            yield from _tensors_in(x, depth + 1)
-    elif depth < 3 and hasattr(obj, "__dict__"):
-        for x in vars(obj).values():
-            yield from _tensors_in(x, depth + 1)
 
 
 def print_table(rows):

@@ -269,3 +269,39 @@ def dynamic_cache_bytes(cache) -> tuple[int, int]:
             tensors += [layer.keys, layer.values]
             n += layer.keys.numel() + layer.values.numel()
     return storage_bytes(tensors), n
+
+
+def _held_tensors(obj):
+    """The plain tensors that really hold `obj`'s bytes: a tensor subclass (optimum-quanto's packed codes) is opened
+    through `__tensor_flatten__` down to the tensors with storage; tuples/lists and dicts (HQQ's scale/zero metadata)
+    are walked."""
+    if isinstance(obj, torch.Tensor):
+        if type(obj) is not torch.Tensor and hasattr(obj, "__tensor_flatten__"):
+            for name in obj.__tensor_flatten__()[0]:
+                yield from _held_tensors(getattr(obj, name))
+        else:
+            yield obj
+    elif isinstance(obj, (tuple, list)):
+        for x in obj:
+            yield from _held_tensors(x)
+    elif isinstance(obj, dict):
+        for x in obj.values():
+            yield from _held_tensors(x)
+
+
+def quantized_cache_bytes(cache) -> tuple[int, int]:
+    """(bytes held, key/value entries represented) of transformers' QuantizedCache, any backend (fp8, quanto, HQQ):
+    the quantized codes with their scales/zeros, plus the full-precision residual tokens not yet quantized.
+    Entries: each layer's token count x batch x KV heads x head_dim (the quantized tensor's logical shape; HQQ keeps
+    it in its metadata)."""
+    tensors, entries = [], 0
+    for layer in cache.layers:
+        if not getattr(layer, "is_initialized", False):
+            continue
+        held = [layer._quantized_keys, layer._quantized_values, layer.keys, layer.values]
+        tensors += [t for item in held for t in _held_tensors(item) if t.numel()]
+        codes, meta = (layer._quantized_keys, None) if isinstance(layer._quantized_keys, torch.Tensor) \
+            else layer._quantized_keys
+        b, h, _, d = meta["shape"] if isinstance(meta, dict) else codes.shape
+        entries += 2 * layer.cumulative_length * b * h * d
+    return storage_bytes(tensors), entries

@@ -143,6 +143,8 @@ def run(args) -> list[dict]:
     rows = configurations(args.quick)
     if args.only:
         rows = [r for r in rows if r["name"] in args.only or r["method"] == "fp16"]
+    if args.dtype == "bfloat16":  # the baseline cache holds the model's dtype
+        rows[0].update(name="dynamic-bf16", bits=16)
     windows = heldout_windows(tok, builtin_text("builtin:heldout"), args.windows, args.window_len)
     seqs = copy_sequences(args.copy_num, args.copy_len, model.config.vocab_size)
     chunk = KVCacheSettings().residual_length

@@ -16,6 +16,9 @@ from torch import nn
 from ..errors import UnsupportedModelError
 
 NATIVE_MODEL_TYPE = "compress-native (packed layers: load this checkpoint with compress.load, or export it with --format compressed-tensors)"
+# what a checkpoint gets when one of its passes has no compressed-tensors form (a codebook head, linearized layers..)
+NATIVE_ONLY_MODEL_TYPE = "compress-native (layers only compress runs: load this checkpoint with compress.load)"
+MARKERS = (NATIVE_MODEL_TYPE, NATIVE_ONLY_MODEL_TYPE)
 REAL_MODEL_TYPE_KEY = "compress_model_type"
 
 
@@ -30,11 +33,25 @@ def holds_project_tensors(model: nn.Module) -> bool:
     return any(_is_compressed(m) and not getattr(m, "transformers_reads", False) for m in owners)
 
 
+def exportable(config: dict) -> bool:
+    """Whether every recorded pass has a compressed-tensors form (so the marker may suggest that export)."""
+    from ..errors import ExportError
+    from .compressed_tensors import check_passes
+
+    passes = (config.get("compression") or {}).get("passes") or []
+    try:
+        check_passes([(p.get("pass"), p.get("args") or {}) for p in passes if isinstance(p, dict)])
+    except ExportError:
+        return False
+    return True
+
+
 def mark_native(config: dict, model: nn.Module) -> None:
-    """Give a config.json dict the unknown model type when plain transformers could not read `model`'s tensors."""
+    """Give a config.json dict the unknown model type when plain transformers could not read `model`'s tensors;
+    its text (what transformers' error shows) suggests the compressed-tensors export only where that export works."""
     if holds_project_tensors(model):
         config[REAL_MODEL_TYPE_KEY] = config["model_type"]
-        config["model_type"] = NATIVE_MODEL_TYPE
+        config["model_type"] = NATIVE_MODEL_TYPE if exportable(config) else NATIVE_ONLY_MODEL_TYPE
 
 
 def read_config(path: Path):
@@ -43,7 +60,7 @@ def read_config(path: Path):
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    if raw.get("model_type") != NATIVE_MODEL_TYPE or REAL_MODEL_TYPE_KEY not in raw:
+    if raw.get("model_type") not in MARKERS or REAL_MODEL_TYPE_KEY not in raw:
         return AutoConfig.from_pretrained(path)
     raw["model_type"] = raw.pop(REAL_MODEL_TYPE_KEY)
     if raw["model_type"] not in CONFIG_MAPPING:

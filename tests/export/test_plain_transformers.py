@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 import compress
 from compress.errors import ExportError
 from compress.export.compressed_tensors import export
-from compress.export.native_marker import NATIVE_MODEL_TYPE
+from compress.export.native_marker import NATIVE_MODEL_TYPE, NATIVE_ONLY_MODEL_TYPE, mark_native
 from compress.pass_api import replace_module
 from compress.prune.sparse_linear import SparseLinear
 from compress.quantize.int_quant import quantize_rtn
@@ -190,6 +190,27 @@ def test_native_packed_checkpoint_refuses_plain_transformers(folders, variant):
     message = (folders["root"] / f"plain_native_{variant}.error.txt").read_text()
     assert "compress.load" in message
     assert json.loads((folders["root"] / f"native_{variant}" / "config.json").read_text())["model_type"] == NATIVE_MODEL_TYPE
+
+
+def test_marker_suggests_the_export_only_where_it_works(folders, tmp_path):
+    """transformers' error shows the marker: a checkpoint with a pass compressed-tensors cannot hold (here a codebook
+    head recorded after the prune) must not send the user to an export that refuses it; either marker reloads."""
+    import shutil
+
+    model = folders["variants"]["sparse24"]
+    config = model.config.to_dict()
+    mark_native(config, model)
+    assert config["model_type"] == NATIVE_MODEL_TYPE
+    config = model.config.to_dict()
+    config["compression"] = {**config["compression"],
+                             "passes": config["compression"]["passes"] + [{"pass": "vq_logits", "args": {}}]}
+    mark_native(config, model)
+    assert config["model_type"] == NATIVE_ONLY_MODEL_TYPE and "compressed-tensors" not in config["model_type"]
+    folder = tmp_path / "only"
+    shutil.copytree(folders["root"] / "native_sparse24", folder)
+    on_disk = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**on_disk, "model_type": NATIVE_ONLY_MODEL_TYPE}))
+    torch.testing.assert_close(logits(compress.load(folder, dtype="float32")), folders["reference"]["sparse24"], **TOL)
 
 
 def test_dense_native_checkpoint_still_loads_in_plain_transformers(folders):

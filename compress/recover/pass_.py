@@ -74,7 +74,8 @@ class Recover(Pass):
         if not targets:
             raise ConfigError(f"recover: targets {self.config.targets} match no Linear (or packed sparse) layer")
         head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
-        tied = head is not None and embedding is not None and head.weight is embedding.weight
+        # a replaced head (a VQ-Logits codebook) has no weight to share
+        tied = getattr(head, "weight", None) is not None and embedding is not None and head.weight is embedding.weight
         if self.config.merge and tied and any(m is head for m in targets.values()):
             raise ConfigError("recover: the output head shares its weight with the input embedding "
                               "(tie_word_embeddings), so merging LoRA into it would change the embedding too: leave "

@@ -171,6 +171,18 @@ def test_recipe_without_calibration_is_refused():
         compress.Recipe.from_text("model: builtin:tiny\npasses:\n  - recover: {max_tokens: 1000}\n")
 
 
+def test_recovery_after_a_codebook_head(reference_model, reference_tokenizer):
+    """recover follows any pass: after vq_logits the head is a codebook with no weight (it crashed there)."""
+    model, _ = compress.apply(copy.deepcopy(reference_model), [compress.passes.VQLogits(num_codes=64,
+                              kmeans_iterations=2)], calibration=CALIBRATION, tokenizer=reference_tokenizer,
+                              progress=False)
+    before = logits(model, IDS)
+    model, details = recover(model, reference_tokenizer, max_tokens=2 * 128, lr=1e-2)
+    assert details["steps"] == 2
+    assert type(model.get_output_embeddings()).__name__ == "VQLogitsHead"
+    assert not torch.equal(logits(model, IDS), before)  # the merged adapter changed q/k/v
+
+
 def test_merge_into_a_tied_head_is_refused(tiny_model, reference_tokenizer):
     """LoRA merged into an lm_head that shares its weight with the embedding would change the embedding too."""
     from compress.errors import ConfigError

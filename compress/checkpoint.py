@@ -288,15 +288,21 @@ def restore_pass(path: Path, index: int, entry: dict, model: nn.Module) -> None:
 
 def extra_folders(path: Path, section: dict | None) -> list[Path]:
     """The subfolders the checkpoint's passes wrote beside its weights (Pass.extra_folders), e.g. `adapter/`."""
+    return list(extra_folder_files(path, section))
+
+
+def extra_folder_files(path: Path, section: dict | None) -> dict[Path, tuple[str, ...]]:
+    """Those subfolders, each with the file names its pass writes there (Pass.extra_folder_files)."""
     from .registry import get_pass
 
-    out = []
+    out = {}
     for entry in (section or {}).get("passes", []):
         try:
             p = get_pass(entry["pass"])(entry.get("args") or {})
         except CompressError:  # an entry this version cannot read: load reports it
             continue
-        out += [path / name for name in p.extra_folders(entry)]  # a malformed record: CheckpointError
+        for name in p.extra_folders(entry):  # a malformed record: CheckpointError
+            out[path / name] = tuple(p.extra_folder_files)
     return out
 
 

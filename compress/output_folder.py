@@ -29,15 +29,23 @@ WEIGHT_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")  # write_weights
 
 def _written_by_us(folder: Path) -> tuple[set[str], set[str]]:
     """(files, folders) in a compress checkpoint folder that compress wrote: its fixed files, model.safetensors or
-    its shards, and the subfolders its passes record (an unmerged adapter). Any other entry, a *.safetensors of the
-    user's included, is not ours to delete."""
+    its shards, and the subfolders its passes record (an unmerged adapter) while they hold only the files their
+    pass writes there. Any other entry, a *.safetensors of the user's or a note added to adapter/ included, is not
+    ours to delete."""
     files = {*CHECKPOINT_FILES, "model.safetensors"} | {p.name for p in folder.iterdir() if WEIGHT_SHARD.fullmatch(p.name)}
     folders: set[str] = set()
     try:
-        from .checkpoint import extra_folders
+        from .checkpoint import extra_folder_files
 
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-        folders = {p.name for p in extra_folders(folder, config.get("compression"))}
+        for path, names in extra_folder_files(folder, config.get("compression")).items():
+            if path.is_dir() and not path.is_symlink():
+                foreign = [f"{path.name}/{p.name}" for p in path.iterdir()
+                           if not (p.is_file() and not p.is_symlink() and p.name in names)]
+                if foreign:
+                    files |= set(foreign)  # named in the refusal below instead of the folder
+                else:
+                    folders.add(path.name)
     except Exception:  # a damaged record: its folders count as the user's (nothing is deleted on a guess)
         pass
     return files, folders
@@ -111,8 +119,10 @@ def _check_replaceable(out: Path, resolved: Path, overwrite: bool) -> None:
         raise OutputError(f"--overwrite replaces only a checkpoint written by compress; {out} is not one "
                           "(no `compression` section in its config.json): choose another output folder")
     files, folders = _written_by_us(resolved)
+    inside = sorted(f for f in files if "/" in f)  # a user's file in a folder a pass wrote (adapter/NOTES.md)
     others = sorted(p.name for p in entries if not ((p.is_file() and p.name in files) or
                                                      (p.is_dir() and not p.is_symlink() and p.name in folders)))
+    others = inside + [o for o in others if not any(f.startswith(o + "/") for f in inside)]
     if others:
         raise OutputError(f"--overwrite would delete {', '.join(others[:3])}{' ...' if len(others) > 3 else ''} "
                           f"in {out}, which compress did not write; move them or choose another output folder")

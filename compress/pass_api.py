@@ -169,6 +169,10 @@ class Pass:
         checkpoint's; loaders that cannot read them refuse)."""
         return []
 
+    # the file names `write_files` puts in each of those folders: `--overwrite` removes such a folder only while it
+    # holds nothing else (a file the user added there is theirs)
+    extra_folder_files: tuple[str, ...] = ()
+
     def entry(self, report: PassReport | None = None) -> dict[str, Any]:
         """What the checkpoint's `compression.passes` list records for this pass."""
         out: dict[str, Any] = {"pass": self.name, "args": self.config.model_dump(mode="json")}

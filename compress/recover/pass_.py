@@ -189,6 +189,8 @@ class Recover(Pass):
         return save_adapter(model, state, restore["modules"], self.lora_config(restore["modules"]),
                             folder / restore["adapter"])
 
+    extra_folder_files = ("adapter_config.json", "adapter_model.safetensors")  # PEFT's names (adapter.py)
+
     def extra_folders(self, entry: dict[str, Any]) -> list[str]:
         adapter = (entry.get("restore") or {}).get("adapter")
         if not adapter:

@@ -106,6 +106,11 @@ def test_overwrite_accepts_what_the_checkpoint_records_writing(tmp_path, small_m
     (out / "adapter").mkdir()
     (out / "adapter" / "adapter_model.safetensors").write_bytes(b"x")
     assert check_output(out, overwrite=True) == out  # nothing refused
+    # a file the user added to that folder is theirs: refused and named, nothing deleted
+    (out / "adapter" / "NOTES.md").write_text("mine")
+    with pytest.raises(compress.errors.OutputError, match="would delete adapter/NOTES.md"):
+        check_output(out, overwrite=True)
+    assert (out / "adapter" / "NOTES.md").read_text() == "mine"
 
 
 @pytest.mark.parametrize("overwrite", [False, True])

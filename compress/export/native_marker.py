@@ -2,7 +2,8 @@
 
 A checkpoint whose stored tensors belong to this project's modules (packed 2:4 or bitmask layers, a codebook head,
 quantized layers...) has no weights under the names a Hugging Face model expects: transformers would warn about
-missing keys, initialize those layers randomly and generate nonsense. So `save` writes such a checkpoint with a
+missing keys, initialize those layers randomly and generate nonsense. One whose modules compute differently with
+the same tensors (linearized attention) would load without a warning as the original model. So `save` writes such a checkpoint with a
 `model_type` transformers does not know (its error message then tells the user what to do) and keeps the real one
 in `compress_model_type`; `compress.load` reads it back. vLLM and other tools read config.json through
 transformers' AutoConfig and stop at the same message. Checkpoints without the marker load as before."""
@@ -33,6 +34,13 @@ def holds_project_tensors(model: nn.Module) -> bool:
     return any(_is_compressed(m) and not getattr(m, "transformers_reads", False) for m in owners)
 
 
+def runs_project_modules(model: nn.Module) -> bool:
+    """Whether a module of this project computes part of the forward (a linearized attention holds the original
+    projections under their usual names, so plain transformers would load it as softmax attention, silently)."""
+    return any(type(m).__module__.startswith("compress.") and not getattr(m, "transformers_reads", False)
+               for m in model.modules())
+
+
 def exportable(config: dict) -> bool:
     """Whether every recorded pass has a compressed-tensors form (so the marker may suggest that export)."""
     from ..errors import ExportError
@@ -49,7 +57,7 @@ def exportable(config: dict) -> bool:
 def mark_native(config: dict, model: nn.Module) -> None:
     """Give a config.json dict the unknown model type when plain transformers could not read `model`'s tensors;
     its text (what transformers' error shows) suggests the compressed-tensors export only where that export works."""
-    if holds_project_tensors(model):
+    if holds_project_tensors(model) or runs_project_modules(model):
         config[REAL_MODEL_TYPE_KEY] = config["model_type"]
         config["model_type"] = NATIVE_MODEL_TYPE if exportable(config) else NATIVE_ONLY_MODEL_TYPE
 

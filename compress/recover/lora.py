@@ -43,6 +43,10 @@ def keep_mask(layer: nn.Module) -> torch.Tensor | None:
 class SparsityKeepingLoraLinear(PeftLoraLinear):
     """PEFT's `lora.Linear`, also over a `SparseLinear`, with the update masked to the base layer's kept weights."""
 
+    # saved as the base layer's tensors under their usual names + a PEFT adapter folder: plain transformers + PEFT
+    # read it (a packed base layer is marked by its own tensors; export/native_marker.py)
+    transformers_reads = True
+
     def __init__(self, base_layer: nn.Module, adapter_name: str, **kwargs: Any) -> None:
         super().__init__(base_layer, adapter_name, **kwargs)
         mask = keep_mask(base_layer)

@@ -28,6 +28,12 @@ def test_checkpoint_round_trip_and_generate(tmp_path, reference_tokenizer):
         a = reloaded.generate(ids, max_new_tokens=8, do_sample=False)
         b = model.generate(ids, max_new_tokens=8, do_sample=False)
     assert torch.equal(a, b)
+    # its tensors are the original's, under the original's names: plain transformers must refuse it rather than
+    # load softmax attention in its place, silently
+    from transformers import AutoModelForCausalLM
+
+    with pytest.raises(ValueError, match="compress-native .*compress.load"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "out")
 
 
 @pytest.mark.parametrize("args,match", [

@@ -85,6 +85,44 @@ class Recover(Pass):
     def describe(self, model: nn.Module) -> list[str]:
         return list(self._checked_targets(model))
 
+    def check(self, model: nn.Module) -> None:
+        """Targets, and what the arguments say of this model and this machine, before any pass runs."""
+        from ..models import text_config
+
+        super().check(model)
+        c = self.config
+        context = getattr(text_config(model.config), "max_position_embeddings", None)
+        if c.seq_len is not None and context is not None and c.seq_len > context:
+            raise ConfigError(f"recover: seq_len {c.seq_len} is longer than the model's context ({context} tokens); "
+                              "lower it")
+        if c.seq_len is not None and c.batch_size * c.seq_len > c.max_tokens:
+            raise ConfigError(f"recover: max_tokens {c.max_tokens} is less than one step (batch_size x seq_len = "
+                              f"{c.batch_size * c.seq_len} tokens); raise max_tokens or lower batch_size / seq_len")
+        if c.resume_from is not None and not Path(c.resume_from).is_dir():
+            raise ConfigError(f"recover: resume_from {c.resume_from} is not a folder; give a Trainer checkpoint "
+                              "folder (checkpoint-N) or drop resume_from")
+
+    def check_after(self, model: nn.Module, earlier) -> None:
+        """LoRA attaches to Linear (or packed sparse) layers: layers an earlier quantize pass replaces are left out,
+        and when that leaves none the run would stop only after those passes ran. train_modules must name modules
+        of the model unless an earlier linearize pass makes new ones (MoM's routers)."""
+        targets = set(self._checked_targets(model))
+        for p in earlier:
+            if p.name == "quantize":
+                targets -= set(p.describe(model))
+        if not targets:
+            raise ConfigError("recover: every layer the targets match is quantized by an earlier pass, and LoRA "
+                              "attaches to Linear or packed sparse layers only: recover before quantize, or target "
+                              "layers quantize leaves alone")
+        if self.config.train_modules and not any(p.name == "linearize" for p in earlier):
+            self._train_modules(model)
+
+    def _train_modules(self, model: nn.Module) -> dict[str, nn.Module]:
+        try:
+            return match_modules(model, self.config.train_modules)
+        except CompressError as exc:
+            raise ConfigError(f"recover: train_modules: {exc}") from None
+
     # ---------------------------------------------------------------------------------------------- apply
     def apply(self, model: nn.Module, ctx: PassContext) -> PassReport:
         from .lora import quiet_rewrap, wrap_for_lora
@@ -99,14 +137,17 @@ class Recover(Pass):
             if teacher is None:
                 raise CompressError("recover: kl_weight > 0 needs the original model; run it through compress.apply, "
                                     "which keeps a frozen copy of the model as it was before the first pass")
-        if c.resume_from is not None and not Path(c.resume_from).is_dir():
-            raise ConfigError(f"recover: resume_from {c.resume_from} is not a folder; give a Trainer checkpoint "
-                              "folder (checkpoint-N) or drop resume_from")
         fully_trained = self._fully_trained(model, targets)
         report = PassReport(name=self.name, modules=list(targets))
+        report.skipped = {n: f"{type(m).__name__}: LoRA attaches to Linear or packed sparse layers"
+                          for n, m in self.target_modules(model).items() if n not in targets}
         report.bytes_before = sum(tensor_bytes(m) for m in targets.values())
         world = int(os.environ.get("WORLD_SIZE", "1"))
         seq_len = c.seq_len or (ctx.calibration.seq_len if ctx.calibration is not None else 256)
+        if c.batch_size * seq_len * world > c.max_tokens:  # (an explicit seq_len was checked before any work)
+            raise ConfigError(f"recover: max_tokens {c.max_tokens} is less than one step (batch_size x seq_len x "
+                              f"devices = {c.batch_size * seq_len * world} tokens, seq_len from the calibration); "
+                              "raise max_tokens or lower batch_size / seq_len")
         max_steps = steps_for_budget(c.max_tokens, c.batch_size, seq_len, world)
         windows = self._training_windows(ctx, max_steps * c.batch_size * world, seq_len)
         device = next(model.parameters()).device
@@ -154,7 +195,7 @@ class Recover(Pass):
         """Parameters of `train_modules` (trained in full, not through LoRA); none may be a LoRA target's."""
         if not self.config.train_modules:
             return []
-        modules = match_modules(model, self.config.train_modules)
+        modules = self._train_modules(model)
         overlap = [n for n in modules if any(n == t or n.startswith(t + ".") or t.startswith(n + ".") for t in targets)]
         if overlap:
             raise ConfigError(f"recover: train_modules {overlap[:3]} overlap the LoRA targets; a module is trained "

@@ -20,3 +20,43 @@ def test_wanda_2of4_recover_recipe_runs_and_reloads_packed(tmp_path, reference_t
     reloaded = compress.load(compress.save(model, tmp_path / "out", recipe_text=recipe.text))
     packed = [m for m in reloaded.modules() if isinstance(m, SparseLinear)]
     assert len(packed) == 42 and all(is_nm(m.dense_weight() != 0, 2, 4) for m in packed)
+
+
+import pytest  # noqa: E402
+
+from compress.errors import CompressError  # noqa: E402
+
+CALIBRATION = "calibration: {source: builtin:calibration, num_samples: 2, seq_len: 32}\n"
+
+
+@pytest.mark.parametrize("passes,match", [
+    ("  - quantize: {method: rtn, bits: 4}\n  - recover: {max_tokens: 256}\n",
+     "every layer the targets match is quantized by an earlier pass"),
+    ("  - prune: {method: magnitude}\n  - recover: {max_tokens: 256, train_modules: ['re:.*router$']}\n",
+     "train_modules: target 're:.*router\\$' matches no module"),
+    ("  - prune: {method: magnitude}\n  - recover: {max_tokens: 256, resume_from: /nonexistent/ckpt}\n",
+     "resume_from /nonexistent/ckpt is not a folder"),
+    ("  - recover: {max_tokens: 100000, seq_len: 4096}\n", "seq_len 4096 is longer than the model's context"),
+    ("  - recover: {max_tokens: 512, seq_len: 512, batch_size: 2}\n", "max_tokens 512 is less than one step"),
+])
+def test_recover_mistakes_are_found_before_any_pass_runs(tmp_path, passes, match, monkeypatch):
+    """What used to fail only after the earlier passes ran (or trained past its budget) fails at their line, before
+    any work: the same check that --dry-run makes on a meta model."""
+    recipe = compress.Recipe.from_text("model: builtin:tiny\n" + CALIBRATION + "passes:\n" + passes)
+    ran = []
+    monkeypatch.setattr(compress.get_pass("prune"), "apply", lambda *a, **k: ran.append("prune"))
+    monkeypatch.setattr(compress.get_pass("quantize"), "apply", lambda *a, **k: ran.append("quantize"))
+    with pytest.raises(CompressError, match=match):
+        compress.apply(compress.load("builtin:tiny"), recipe, progress=False)
+    assert ran == []
+
+
+def test_recover_names_the_layers_it_leaves_out(reference_tokenizer):
+    recipe = compress.Recipe.from_text(
+        "model: builtin:tiny\n" + CALIBRATION + "passes:\n"
+        "  - quantize: {method: rtn, bits: 4, targets: ['re:.*mlp.*']}\n"
+        "  - recover: {max_tokens: 128, seq_len: 32, batch_size: 4, targets: ['re:.*proj$']}\n")
+    _, report = compress.apply(compress.load("builtin:tiny"), recipe, tokenizer=reference_tokenizer, progress=False)
+    recover = report.passes[1]
+    assert len(recover.modules) == 24 and len(recover.skipped) == 18
+    assert all("QuantizedLinear" in why for why in recover.skipped.values())

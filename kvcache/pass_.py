@@ -12,7 +12,7 @@ import types
 from pydantic import Field
 from torch import nn
 
-from ..errors import UnsupportedModelError
+from ..errors import ConfigError, UnsupportedModelError
 from ..kernels.kv_pages import FORMAT_VERSION as KV_FORMAT_VERSION
 from ..pass_api import Pass, PassConfig, PassContext, PassReport, tensor_bytes, timed
 from ..registry import register_pass
@@ -40,12 +40,27 @@ class GearKV(Pass):
     def settings(self) -> KVCacheSettings:
         return KVCacheSettings(**self.config.model_dump(include=set(SETTINGS_FIELDS)))
 
+    def check_after(self, model: nn.Module, earlier) -> None:
+        """When earlier linearize passes convert every attention layer, no KV cache is left to compress: said
+        before any work instead of a report of layers 'compressed' that hold no cache."""
+        listed = set(self.describe(model))
+        for p in earlier:
+            if p.name == "linearize":
+                listed -= set(p.describe(model))
+        if not listed:
+            raise ConfigError("gear_kv: every attention layer is linearized by an earlier pass, so no layer keeps a "
+                              "KV cache to compress: drop gear_kv, or linearize only some layers (layers: every_K)")
+
     def apply(self, model: nn.Module, ctx: PassContext) -> PassReport:
         report = PassReport(name=self.name)
         with timed(report):
             settings = self.settings()
             cache = install_compressed_cache(model, settings)  # validates against the model's shapes
-            report.modules = self.describe(model)
+            listed = self.describe(model)
+            # a linearized layer keeps a recurrent state, no key/value cache: nothing of it is compressed
+            report.skipped = {n: "linearized: a recurrent state, no KV cache" for n in listed
+                              if type(model.get_submodule(n)).__name__ == "LinearizedAttention"}
+            report.modules = [n for n in listed if n not in report.skipped]
             report.bytes_before = report.bytes_after = tensor_bytes(model)
             report.details = {"changes_weights": False, "layers_compressed": len(report.modules),
                               "layers_skipped": sorted(settings.skip_layers), "cache": type(cache).__name__,

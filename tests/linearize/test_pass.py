@@ -75,7 +75,10 @@ def test_inspect_budget_counts_what_a_partly_linearized_cache_holds(tmp_path, re
 
     passes = [compress.get_pass("linearize")(variant="hybrid", layers="every_2"),
               compress.get_pass("gear_kv")(method="kivi", bits=8)]
-    model, _ = compress.apply(compress.load("builtin:tiny", dtype="float32"), passes, progress=False)
+    model, report = compress.apply(compress.load("builtin:tiny", dtype="float32"), passes, progress=False)
+    gear = report.passes[1]  # the linearized layers hold no KV cache: listed as skipped, not counted compressed
+    assert gear.details["layers_compressed"] == 3 and sorted(gear.skipped) == [
+        f"model.layers.{i}.self_attn" for i in (0, 2, 4)]
     out = compress.save(model, tmp_path / "out", tokenizer=reference_tokenizer)
     result = CliRunner().invoke(main, ["inspect", str(out), "--json"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
@@ -93,3 +96,9 @@ def test_inspect_budget_counts_what_a_partly_linearized_cache_holds(tmp_path, re
     assert kv["cache"] == "kivi 8-bit; 3 of 6 layers linearized"
     table = CliRunner().invoke(main, ["inspect", str(out)], catch_exceptions=False).output
     assert "recurrent state, any length" in table
+
+
+def test_gear_kv_after_linearizing_every_layer_is_refused_before_work():
+    passes = [compress.get_pass("linearize")(variant="gla"), compress.get_pass("gear_kv")(method="kivi", bits=4)]
+    with pytest.raises(CompressError, match="every attention layer is linearized"):
+        compress.apply(compress.load("builtin:tiny"), passes, progress=False)

@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from .errors import CalibrationError, CompressError, ConfigError, TargetError, UnsupportedModelError
-from .targets import match_modules
+from .targets import check_patterns, match_modules
 
 
 class PassConfig(BaseModel):
@@ -28,6 +28,14 @@ class PassConfig(BaseModel):
                                "(Linear), a regex (re:.*mlp.*) or a dotted module name")
     ignore: list[str] = Field(default_factory=lambda: ["re:.*lm_head", "re:.*embed_tokens"],
                               description="modules to leave alone (same forms as targets; ignore wins)")
+
+    @field_validator("targets", "ignore", "train_modules", check_fields=False)
+    @classmethod
+    def _patterns_compile(cls, patterns: list[str]) -> list[str]:
+        try:
+            return check_patterns(patterns)
+        except TargetError as exc:  # found by `compress validate`, with no model loaded
+            raise ValueError(str(exc)) from None
 
 
 @dataclass

@@ -11,6 +11,14 @@ from torch import nn
 from .errors import TargetError
 
 
+def check_patterns(patterns: list[str]) -> list[str]:
+    """Validate patterns without a model (recipe validation): a `re:` pattern must compile."""
+    for pattern in patterns:
+        if pattern.startswith("re:"):
+            _matcher(pattern)
+    return patterns
+
+
 def _matcher(pattern: str):
     if pattern.startswith("re:"):
         try:

@@ -34,6 +34,11 @@ BAD_RECIPES = [
     ("model: builtin:tiny\nmodel: other\npasses:\n  - prune: {}\n", 2, "duplicate key 'model'"),
     ("model: builtin:tiny\npasses:\n  - prune: {sparsity: 0.2}\n  - prune: {method: wanda}\n", 4,
      "pass 'prune' with these arguments needs calibration data"),
+    # regexes compile without a model: `compress validate` finds them
+    ("model: builtin:tiny\npasses:\n  - prune: {targets: ['re:[unclosed']}\n", 3, "'re:[unclosed' is not a valid regex"),
+    ("model: builtin:tiny\npasses:\n  - prune: {ignore: ['re:(x']}\n", 3, "ignore: target 're:(x' is not a valid regex"),
+    ("model: builtin:tiny\ncalibration: {source: builtin:calibration}\npasses:\n  - recover: {train_modules: ['re:(']}\n",
+     4, "train_modules: target 're:(' is not a valid regex"),
 ]
 
 

@@ -9,6 +9,8 @@ are divided by the tokens; every compressed layer stores alike, so the layer cou
 add nothing per token: their recurrent state (and the hybrid's window buffer) is a constant, reported apart."""
 from __future__ import annotations
 
+import copy
+
 from typing import Any
 
 import torch
@@ -25,6 +27,18 @@ def original_bytes_by_component(config, storage_dtype: torch.dtype) -> dict[str,
 
     plain = empty_model(config, dtype=storage_dtype, meta=True)
     return {k: v["dense"] + v["compressed"] for k, v in bytes_by_component(plain, storage_dtype).items()}
+
+
+def _original_config(config, section: dict[str, Any] | None):
+    """The config of the model before the passes: a vq_logits pass unties a tied head (the config then says
+    untied), and the original stored that matrix once."""
+    untied = any(e.get("pass") == "vq_logits" and (e.get("restore") or {}).get("untied")
+                 for e in (section or {}).get("passes", []))
+    if not untied:
+        return config
+    original = copy.deepcopy(config)
+    original.tie_word_embeddings = True
+    return original
 
 
 def kv_bytes_per_token(config, settings=None, tokens: int = KV_TOKENS, dtype: torch.dtype = torch.float16,
@@ -69,7 +83,7 @@ def kv_bytes_per_token(config, settings=None, tokens: int = KV_TOKENS, dtype: to
 def budget(model: nn.Module, section: dict[str, Any] | None, storage_dtype: torch.dtype) -> dict[str, Any]:
     """{"weights": {component: {"original", "stored"}}, "weights_total": {...}, "kv_per_token": {...}}."""
     stored = {k: v["dense"] + v["compressed"] for k, v in bytes_by_component(model, storage_dtype).items()}
-    original = original_bytes_by_component(model.config, storage_dtype)
+    original = original_bytes_by_component(_original_config(model.config, section), storage_dtype)
     weights = {c: {"original": original.get(c, 0), "stored": stored.get(c, 0)}
                for c in sorted(set(stored) | set(original))}
     total = {k: sum(v[k] for v in weights.values()) for k in ("original", "stored")}

@@ -202,3 +202,24 @@ def test_benchmark_head_only_scoring_equals_full_evaluation(fitted, reference_mo
     full = evaluate(model, windows, reference_model, progress=False)
     for key in ("perplexity", "kl", "top1_agreement"):
         assert mine[key] == pytest.approx(full[key], rel=1e-4, abs=1e-6)
+
+
+def test_budget_of_an_untied_head_counts_the_original_matrix_once(tiny_model, reference_tokenizer):
+    """A tied head stored its matrix once (the embedding's); after vq_logits unties it the config says untied, and
+    inspect's original total counted the matrix twice (a 1.02x growth reported as 0.57x)."""
+    import torch
+
+    import compress
+    from compress.budget import budget
+    from compress.inspection import stored_bytes
+
+    model = tiny_model("llama", tie_word_embeddings=True, vocab_size=8192)
+    original = stored_bytes(model, torch.bfloat16)
+    model, _ = compress.apply(model, [compress.passes.VQLogits(num_codes=64, kmeans_iterations=2)],
+                              calibration=compress.CalibrationSpec(source="builtin:calibration", num_samples=2,
+                                                                   seq_len=32),
+                              tokenizer=reference_tokenizer, progress=False)
+    assert model.config.tie_word_embeddings is False
+    total = budget(model, model.config.compression, torch.bfloat16)["weights_total"]
+    assert total["original"] == original
+    assert total["stored"] == stored_bytes(model, torch.bfloat16) > original  # it grew by the VQ head

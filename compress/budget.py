@@ -80,9 +80,13 @@ def kv_bytes_per_token(config, settings=None, tokens: int = KV_TOKENS, dtype: to
     return out
 
 
-def budget(model: nn.Module, section: dict[str, Any] | None, storage_dtype: torch.dtype) -> dict[str, Any]:
-    """{"weights": {component: {"original", "stored"}}, "weights_total": {...}, "kv_per_token": {...}}."""
-    stored = {k: v["dense"] + v["compressed"] for k, v in bytes_by_component(model, storage_dtype).items()}
+def budget(model: nn.Module, section: dict[str, Any] | None, storage_dtype: torch.dtype,
+           components: dict[str, dict[str, int]] | None = None) -> dict[str, Any]:
+    """{"weights": {component: {"original", "stored"}}, "weights_total": {...}, "kv_per_token": {...}}.
+    `components`: the stored bytes per component when the model cannot show them (a compressed-tensors folder,
+    counted from its files)."""
+    components = components if components is not None else bytes_by_component(model, storage_dtype)
+    stored = {k: v["dense"] + v["compressed"] for k, v in components.items()}
     original = original_bytes_by_component(_original_config(model.config, section), storage_dtype)
     weights = {c: {"original": original.get(c, 0), "stored": stored.get(c, 0)}
                for c in sorted(set(stored) | set(original))}

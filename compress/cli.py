@@ -454,15 +454,25 @@ def inspect(checkpoint, sparse_runtime, device, as_json):
     path = models.resolve_model_path(checkpoint)
     section = models.compression_section(path) or {}
     model = models.load(checkpoint, meta=True)
-    verify_files(path, model)  # a damaged weight file is an error here too, without reading the tensors
-    comps = bytes_by_component(model, storage_dtype=model.compress_storage_dtype)
-    recipe = (path / "recipe.yaml").read_text() if (path / "recipe.yaml").exists() else None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    paths = runtime_plan(model, sparse_runtime, device)
+    if _compressed_tensors_folder(path):
+        # transformers builds these layers (its compressed-tensors integration), the meta model is the dense one:
+        # the files are checked for damage and counted from their headers
+        from .checkpoint import weight_files
+        from .checkpoint_validation import check_weight_files
+        from .inspection import bytes_by_component_from_headers
+
+        comps = bytes_by_component_from_headers(check_weight_files(path, weight_files(path)))
+        paths = {}
+    else:
+        verify_files(path, model)  # a damaged weight file is an error here too, without reading the tensors
+        comps = bytes_by_component(model, storage_dtype=model.compress_storage_dtype)
+        paths = runtime_plan(model, sparse_runtime, device)
+    recipe = (path / "recipe.yaml").read_text() if (path / "recipe.yaml").exists() else None
     from .budget import budget
 
     result = {"checkpoint": str(path), "compression": section, "components": comps,
-              "budget": budget(model, section, model.compress_storage_dtype),
+              "budget": budget(model, section, model.compress_storage_dtype, comps),
               "checkpoint_bytes": folder_bytes(path), "recipe": recipe,
               "runtime": {"device": device, "sparse_runtime": sparse_runtime, "paths": paths}}
     if as_json:
@@ -487,6 +497,15 @@ def inspect(checkpoint, sparse_runtime, device, as_json):
                          [[name, p] for name, p in paths.items()]))
     if recipe:
         con.print("recipe:\n" + recipe)
+
+
+def _compressed_tensors_folder(path) -> bool:
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    quantization = config.get("quantization_config") if isinstance(config, dict) else None
+    return isinstance(quantization, dict) and quantization.get("quant_method") == "compressed-tensors"
 
 
 def _print_budget(con, b: dict) -> None:

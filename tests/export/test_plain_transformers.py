@@ -184,6 +184,25 @@ def test_compress_load_reads_an_export_through_transformers(folders):
                                folders["reference"]["w4_24"], **TOL)
 
 
+@pytest.mark.parametrize("name", ["ct_w4_24", "ct_sparse24"])
+def test_inspect_reads_a_compressed_tensors_export(folders, name):
+    """transformers builds these layers, so inspect counts the files' tensors (it refused them as not matching
+    their config): the stored total is the bytes of the tensors on disk, the MLP and attention compressed."""
+    from click.testing import CliRunner
+
+    from compress.cli import main
+
+    folder = folders["root"] / name
+    result = CliRunner().invoke(main, ["inspect", str(folder), "--json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    on_disk = sum(t.numel() * t.element_size() for f in folder.glob("*.safetensors") for t in load_file(f).values())
+    assert out["budget"]["weights_total"]["stored"] == on_disk
+    if name == "ct_w4_24":  # quantized: packed codes (the sparse-only export stores dense values)
+        assert out["components"]["mlp"]["compressed"] > 0 and out["components"]["mlp"]["dense"] == 0
+        assert out["budget"]["weights_total"]["stored"] < out["budget"]["weights_total"]["original"]
+
+
 @pytest.mark.parametrize("variant", ["sparse24", "bitmask"])
 def test_native_packed_checkpoint_refuses_plain_transformers(folders, variant):
     assert not (folders["root"] / f"plain_native_{variant}.safetensors").exists()

@@ -108,8 +108,14 @@ class OffloadState:
             previous.unlink(missing_ok=True)
 
     def cleanup(self) -> None:
+        """Remove what this state wrote: its own temporary folder, or in a folder the user named only the spill
+        files it wrote there (the folder and anything else in it stay)."""
         if self._own_folder:
             shutil.rmtree(self.folder, ignore_errors=True)
+            return
+        for path in self._spilled.values():
+            path.unlink(missing_ok=True)
+        self._spilled.clear()
 
     def __del__(self):  # the spill files of a model that goes away
         try:

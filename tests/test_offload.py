@@ -98,8 +98,16 @@ def test_spill_folder_holds_one_copy_of_each_layer(source, tmp_path):
     offloaded = sum(is_offloaded(layer) for layer in capped.model.layers)
     passes = [compress.passes.Prune(method="magnitude", structure="2:4", targets=["re:.*mlp\\..*_proj$"]),
               compress.passes.Prune(method="magnitude", sparsity=0.5, targets=["re:.*self_attn\\..*_proj$"])]
+    (tmp_path / "spill" / "mine.txt").write_text("the user's")
     compress.apply(capped, passes, progress=False)
     assert len(list((tmp_path / "spill").glob("*.safetensors"))) == offloaded > 0
+    # when the model goes away its spill files go too (they piled up run after run); the folder and the user's
+    # file stay
+    import gc
+
+    del capped
+    gc.collect()
+    assert sorted(p.name for p in (tmp_path / "spill").iterdir()) == ["mine.txt"]
 
 
 def test_offload_refuses_passes_that_need_whole_layers(source, tmp_path):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -468,6 +469,7 @@ def inspect(checkpoint, sparse_runtime, device, as_json):
         verify_files(path, model)  # a damaged weight file is an error here too, without reading the tensors
         comps = bytes_by_component(model, storage_dtype=model.compress_storage_dtype)
         paths = runtime_plan(model, sparse_runtime, device)
+        comps.update(_extra_folder_components(path, section, model))
     recipe = (path / "recipe.yaml").read_text() if (path / "recipe.yaml").exists() else None
     from .budget import budget
 
@@ -497,6 +499,24 @@ def inspect(checkpoint, sparse_runtime, device, as_json):
                          [[name, p] for name, p in paths.items()]))
     if recipe:
         con.print("recipe:\n" + recipe)
+
+
+def _extra_folder_components(path: Path, section: dict, model) -> dict:
+    """Tensors a pass keeps in its own folder (an unmerged LoRA adapter) that the meta model does not hold: one
+    component per folder, counted from the files' headers, so the budget's total is what the checkpoint stores."""
+    from .checkpoint import extra_folders
+    from .checkpoint_validation import read_header
+    from .inspection import SAFETENSORS_ITEMSIZE
+
+    if any(".lora_A." in name for name in model.state_dict()):
+        return {}  # already counted with the model's tensors
+    out = {}
+    for folder in extra_folders(path, section):
+        total = sum(math.prod(shape) * SAFETENSORS_ITEMSIZE.get(dtype, 1)
+                    for f in folder.glob("*.safetensors") for dtype, shape in read_header(f).values())
+        if total:
+            out[f"{folder.name} (own folder)"] = {"dense": total, "compressed": 0}
+    return out
 
 
 def _compressed_tensors_folder(path) -> bool:

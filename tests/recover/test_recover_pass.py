@@ -128,6 +128,20 @@ def test_unmerged_adapter_is_a_peft_folder_that_reloads(tmp_path, pruned_2of4, r
 
     assert folder_bytes(out) == sum(f.stat().st_size for f in out.rglob("*.safetensors"))
     assert folder_bytes(out) > (out / "model.safetensors").stat().st_size
+    # one size everywhere: the model's stored bytes (the pass table), inspect's total and the tensors on disk
+    # (the adapter at its own float32, not the checkpoint's bf16)
+    import json
+
+    from click.testing import CliRunner
+    from safetensors.torch import load_file
+
+    from compress.cli import main
+    from compress.inspection import stored_bytes
+
+    tensors = sum(t.numel() * t.element_size() for f in out.rglob("*.safetensors") for t in load_file(f).values())
+    shown = json.loads(CliRunner().invoke(main, ["inspect", str(out), "--json"], catch_exceptions=False).output)
+    assert shown["budget"]["weights_total"]["stored"] == tensors
+    assert stored_bytes(model, reloaded.compress_storage_dtype) == tensors
 
 
 def test_unmerged_adapter_on_a_dense_model_loads_with_plain_peft(tmp_path, reference_model, reference_tokenizer):

@@ -58,9 +58,9 @@ setup(
         "plot": ["matplotlib>=3.7"],
         "fla": ["fla-core>=0.6"],  # GPU: flash-linear-attention kernels for linearized layers (chunk_gla)
         "ct": ["compressed-tensors>=0.20,<0.21"],  # --format compressed-tensors (transformers and vLLM read it)
-        "bench": ["optimum-quanto>=0.2", "hqq>=0.2"],  # outside KV-cache baselines in benchmarks/kv_serving.py
+        "bench": ["optimum-quanto>=0.2.5", "hqq>=0.2"],  # outside KV-cache baselines in benchmarks/kv_serving.py
         "test": ["pytest>=8", "triton>=3.0", "lm_eval>=0.4.13,<0.5", "matplotlib>=3.7",
-                 "compressed-tensors>=0.20,<0.21", "bitsandbytes>=0.50", "optimum-quanto>=0.2", "hqq>=0.2"],
+                 "compressed-tensors>=0.20,<0.21", "bitsandbytes>=0.50", "optimum-quanto>=0.2.5", "hqq>=0.2"],
     },
     entry_points={"console_scripts": ["compress=compress.cli:main"]},
 )

@@ -49,6 +49,11 @@ def check_calibration(model: nn.Module, passes: Sequence[Pass], ctx: PassContext
     if needy:
         check_token_ids(ctx.calibration_batches("calibration"), model.config, "calibration",
                         "lower calibration.seq_len")
+    for p in passes:
+        try:
+            p.check_with_calibration(model, ctx)
+        except ConfigError as exc:
+            raise type(exc)(f"{p.location}: {exc}" if p.location else str(exc)) from None
 
 
 def apply(

@@ -302,7 +302,7 @@ def extra_folder_files(path: Path, section: dict | None) -> dict[Path, tuple[str
         except CompressError:  # an entry this version cannot read: load reports it
             continue
         for name in p.extra_folders(entry):  # a malformed record: CheckpointError
-            out[path / name] = tuple(p.extra_folder_files)
+            out[path / name] = tuple(dict.fromkeys(out.get(path / name, ()) + tuple(p.extra_folder_files)))
     return out
 
 

@@ -67,9 +67,6 @@ def stored_bytes(model: nn.Module, storage_dtype: torch.dtype | None = None) -> 
     return sum(v["dense"] + v["compressed"] for v in bytes_by_component(model, storage_dtype).values())
 
 
-# safetensors dtype names -> bytes per element
-SAFETENSORS_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
-                        "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 # tensor names compressed-tensors gives a compressed layer (pack-/int-quantized, sparse bitmask / 2:4)
 CT_TENSORS = re.compile(r"\.(weight_packed|weight_scale|weight_zero_point|weight_shape|weight_g_idx|bitmask|shape|"
                         r"compressed|row_offsets|meta)$")
@@ -78,6 +75,8 @@ CT_TENSORS = re.compile(r"\.(weight_packed|weight_scale|weight_zero_point|weight
 def bytes_by_component_from_headers(headers: dict[str, tuple[str, tuple[int, ...]]]) -> dict[str, dict[str, int]]:
     """The same counts from a checkpoint's safetensors headers, for a folder whose layers transformers builds
     (compressed-tensors): a tensor counts as compressed when its module stores compressed-tensors' tensors."""
+    from .checkpoint_validation import ITEM_SIZES
+
     compressed_modules = {name.rpartition(".")[0] for name in headers if CT_TENSORS.search(name)}
     out: dict[str, dict[str, int]] = defaultdict(lambda: {"dense": 0, "compressed": 0})
     for name, (dtype, shape) in headers.items():
@@ -85,5 +84,5 @@ def bytes_by_component_from_headers(headers: dict[str, tuple[str, tuple[int, ...
         for n in shape:
             numel *= n
         kind = "compressed" if name.rpartition(".")[0] in compressed_modules else "dense"
-        out[component_of(name)][kind] += numel * SAFETENSORS_ITEMSIZE.get(dtype, 1)
+        out[component_of(name)][kind] += numel * ITEM_SIZES[dtype]  # read_header admits no other dtype
     return dict(out)

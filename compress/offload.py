@@ -117,6 +117,11 @@ class OffloadState:
             path.unlink(missing_ok=True)
         self._spilled.clear()
 
+    def __deepcopy__(self, memo):
+        """A copy of the model reads the same spill files: it shares this state, so the files go with the last of
+        them (a copy that cleaned up on its own would delete what the other still reads)."""
+        return self
+
     def __del__(self):  # the spill files of a model that goes away
         try:
             self.cleanup()

@@ -201,6 +201,10 @@ class Pass:
         """Raise ConfigError if the passes that run before this one (`earlier`, in order) leave `model` in a form
         this pass cannot take; checked on the model before any of them runs."""
 
+    def check_with_calibration(self, model: nn.Module, ctx: "PassContext") -> None:
+        """Raise ConfigError if the arguments do not fit the run's calibration data (`ctx.calibration`); called
+        before any work, after the calibration is known to read."""
+
     def checked(self, model: nn.Module, earlier: Sequence["Pass"] = ()) -> None:
         """`check` and `check_after`, an error prefixed with the pass's place in the recipe (`location`) when it
         came from one."""

@@ -296,7 +296,7 @@ def quantized_cache_bytes(cache) -> tuple[int, int]:
     it in its metadata)."""
     tensors, entries = [], 0
     for layer in cache.layers:
-        if not getattr(layer, "is_initialized", False):
+        if not getattr(layer, "is_initialized", False) or layer._quantized_keys is None:  # (reset() keeps the flag)
             continue
         held = [layer._quantized_keys, layer._quantized_values, layer.keys, layer.values]
         tensors += [t for item in held for t in _held_tensors(item) if t.numel()]

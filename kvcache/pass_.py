@@ -58,8 +58,10 @@ class GearKV(Pass):
             cache = install_compressed_cache(model, settings)  # validates against the model's shapes
             listed = self.describe(model)
             # a linearized layer keeps a recurrent state, no key/value cache: nothing of it is compressed
+            from ..linearize import LinearizedAttention
+
             report.skipped = {n: "linearized: a recurrent state, no KV cache" for n in listed
-                              if type(model.get_submodule(n)).__name__ == "LinearizedAttention"}
+                              if isinstance(model.get_submodule(n), LinearizedAttention)}
             report.modules = [n for n in listed if n not in report.skipped]
             report.bytes_before = report.bytes_after = tensor_bytes(model)
             report.details = {"changes_weights": False, "layers_compressed": len(report.modules),

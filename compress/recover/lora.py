@@ -44,7 +44,8 @@ class SparsityKeepingLoraLinear(PeftLoraLinear):
     """PEFT's `lora.Linear`, also over a `SparseLinear`, with the update masked to the base layer's kept weights."""
 
     # saved as the base layer's tensors under their usual names + a PEFT adapter folder: plain transformers + PEFT
-    # read it (a packed base layer is marked by its own tensors; export/native_marker.py)
+    # read it when the update is PEFT's own, i.e. over an unpruned layer (set per layer below; a packed base layer
+    # is marked by its own tensors; export/native_marker.py)
     transformers_reads = True
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, **kwargs: Any) -> None:
@@ -52,6 +53,8 @@ class SparsityKeepingLoraLinear(PeftLoraLinear):
         mask = keep_mask(base_layer)
         # derived from the base layer: not saved with the adapter, recomputed whenever the layer is wrapped
         self.register_buffer("keep_mask", mask, persistent=False)
+        # a masked update (M * BA) x is not what plain PEFT computes: such a checkpoint must not load there silently
+        self.transformers_reads = mask is None
 
     # PEFT reads in/out features, device and dtype from `weight`; a packed layer has `values` instead
     def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:

@@ -95,17 +95,30 @@ class Recover(Pass):
         if c.seq_len is not None and context is not None and c.seq_len > context:
             raise ConfigError(f"recover: seq_len {c.seq_len} is longer than the model's context ({context} tokens); "
                               "lower it")
-        if c.seq_len is not None and c.batch_size * c.seq_len > c.max_tokens:
-            raise ConfigError(f"recover: max_tokens {c.max_tokens} is less than one step (batch_size x seq_len = "
-                              f"{c.batch_size * c.seq_len} tokens); raise max_tokens or lower batch_size / seq_len")
+        if c.seq_len is not None:
+            self._check_step_fits(c.seq_len, "seq_len")
         if c.resume_from is not None and not Path(c.resume_from).is_dir():
             raise ConfigError(f"recover: resume_from {c.resume_from} is not a folder; give a Trainer checkpoint "
                               "folder (checkpoint-N) or drop resume_from")
 
+    def check_with_calibration(self, model: nn.Module, ctx: PassContext) -> None:
+        if self.config.seq_len is None and ctx.calibration is not None:  # windows of the calibration's length
+            self._check_step_fits(ctx.calibration.seq_len, "seq_len from the calibration")
+
+    def _check_step_fits(self, seq_len: int, where: str) -> None:
+        """The token budget holds at least one step (it trained a whole step past a smaller one)."""
+        c, world = self.config, int(os.environ.get("WORLD_SIZE", "1"))
+        step = c.batch_size * seq_len * world
+        if step > c.max_tokens:
+            devices = f" x {world} devices" if world > 1 else ""
+            raise ConfigError(f"recover: max_tokens {c.max_tokens} is less than one step (batch_size {c.batch_size} "
+                              f"x {where} {seq_len}{devices} = {step} tokens); raise max_tokens or lower batch_size "
+                              "/ seq_len")
+
     def check_after(self, model: nn.Module, earlier) -> None:
         """LoRA attaches to Linear (or packed sparse) layers: layers an earlier quantize pass replaces are left out,
         and when that leaves none the run would stop only after those passes ran. train_modules must name modules
-        of the model unless an earlier linearize pass makes new ones (MoM's routers)."""
+        of the model unless an earlier MoM linearize pass makes new ones (its routers)."""
         targets = set(self._checked_targets(model))
         for p in earlier:
             if p.name == "quantize":
@@ -114,7 +127,9 @@ class Recover(Pass):
             raise ConfigError("recover: every layer the targets match is quantized by an earlier pass, and LoRA "
                               "attaches to Linear or packed sparse layers only: recover before quantize, or target "
                               "layers quantize leaves alone")
-        if self.config.train_modules and not any(p.name == "linearize" for p in earlier):
+        # MoM's linearize makes new modules (routers, beta maps) that train_modules may name
+        if self.config.train_modules and not any(p.name == "linearize" and getattr(p.config, "variant", None) == "mom"
+                                                 for p in earlier):
             self._train_modules(model)
 
     def _train_modules(self, model: nn.Module) -> dict[str, nn.Module]:
@@ -144,10 +159,7 @@ class Recover(Pass):
         report.bytes_before = sum(tensor_bytes(m) for m in targets.values())
         world = int(os.environ.get("WORLD_SIZE", "1"))
         seq_len = c.seq_len or (ctx.calibration.seq_len if ctx.calibration is not None else 256)
-        if c.batch_size * seq_len * world > c.max_tokens:  # (an explicit seq_len was checked before any work)
-            raise ConfigError(f"recover: max_tokens {c.max_tokens} is less than one step (batch_size x seq_len x "
-                              f"devices = {c.batch_size * seq_len * world} tokens, seq_len from the calibration); "
-                              "raise max_tokens or lower batch_size / seq_len")
+        self._check_step_fits(seq_len, "seq_len")  # checked before any work too (check, check_with_calibration)
         max_steps = steps_for_budget(c.max_tokens, c.batch_size, seq_len, world)
         windows = self._training_windows(ctx, max_steps * c.batch_size * world, seq_len)
         device = next(model.parameters()).device

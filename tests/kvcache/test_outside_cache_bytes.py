@@ -29,6 +29,12 @@ def expected(code_bits, per_group_bytes, residual_tokens, dtype_bytes):
     return 2 * (quantized + B * H * residual_tokens * D * dtype_bytes)
 
 
+def test_a_reset_cache_holds_nothing():
+    cache = filled("fp8")
+    cache.reset()
+    assert quantized_cache_bytes(cache) == (0, 0)
+
+
 def test_fp8_cache_bytes():
     cache = filled("fp8")
     nbytes, entries = quantized_cache_bytes(cache)

@@ -98,6 +98,13 @@ def test_inspect_budget_counts_what_a_partly_linearized_cache_holds(tmp_path, re
     assert "recurrent state, any length" in table
 
 
+def test_gear_kv_skips_mixture_of_memories_layers_too():
+    passes = [compress.get_pass("linearize")(variant="mom", layers="every_2"),
+              compress.get_pass("gear_kv")(method="kivi", bits=4)]
+    _, report = compress.apply(compress.load("builtin:tiny", dtype="float32"), passes, progress=False)
+    assert report.passes[1].details["layers_compressed"] == 3 and len(report.passes[1].skipped) == 3
+
+
 def test_gear_kv_after_linearizing_every_layer_is_refused_before_work():
     passes = [compress.get_pass("linearize")(variant="gla"), compress.get_pass("gear_kv")(method="kivi", bits=4)]
     with pytest.raises(CompressError, match="every attention layer is linearized"):

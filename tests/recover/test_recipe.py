@@ -38,6 +38,10 @@ CALIBRATION = "calibration: {source: builtin:calibration, num_samples: 2, seq_le
      "resume_from /nonexistent/ckpt is not a folder"),
     ("  - recover: {max_tokens: 100000, seq_len: 4096}\n", "seq_len 4096 is longer than the model's context"),
     ("  - recover: {max_tokens: 512, seq_len: 512, batch_size: 2}\n", "max_tokens 512 is less than one step"),
+    ("  - prune: {method: magnitude}\n  - recover: {max_tokens: 200}\n",  # 8 windows of the calibration's 32
+     "recover: max_tokens 200 is less than one step .*seq_len from the calibration 32"),
+    ("  - linearize: {variant: gla}\n  - recover: {max_tokens: 256, train_modules: ['re:.*router$']}\n",
+     "train_modules: target 're:.*router\\$' matches no module"),
 ])
 def test_recover_mistakes_are_found_before_any_pass_runs(tmp_path, passes, match, monkeypatch):
     """What used to fail only after the earlier passes ran (or trained past its budget) fails at their line, before
@@ -46,6 +50,7 @@ def test_recover_mistakes_are_found_before_any_pass_runs(tmp_path, passes, match
     ran = []
     monkeypatch.setattr(compress.get_pass("prune"), "apply", lambda *a, **k: ran.append("prune"))
     monkeypatch.setattr(compress.get_pass("quantize"), "apply", lambda *a, **k: ran.append("quantize"))
+    monkeypatch.setattr(compress.get_pass("linearize"), "apply", lambda *a, **k: ran.append("linearize"))
     with pytest.raises(CompressError, match=match):
         compress.apply(compress.load("builtin:tiny"), recipe, progress=False)
     assert ran == []

@@ -144,6 +144,20 @@ def test_unmerged_adapter_is_a_peft_folder_that_reloads(tmp_path, pruned_2of4, r
     assert stored_bytes(model, reloaded.compress_storage_dtype) == tensors
 
 
+def test_unmerged_adapter_over_dense_stored_pruned_layers_refuses_plain_transformers(tmp_path, reference_model,
+                                                                                     reference_tokenizer):
+    """Over a pruned layer the update is masked (M * BA), which plain PEFT would not apply: marked, not loadable."""
+    from transformers import AutoModelForCausalLM
+
+    pruned, _ = compress.apply(copy.deepcopy(reference_model), [compress.passes.Prune(sparsity=0.5, storage="dense")],
+                               progress=False)
+    model, _ = recover(pruned, reference_tokenizer, max_tokens=128, merge=False)
+    out = compress.save(model, tmp_path / "out")
+    with pytest.raises(ValueError, match="compress-native"):
+        AutoModelForCausalLM.from_pretrained(out)
+    torch.testing.assert_close(logits(compress.load(out), IDS), logits(model, IDS), rtol=0, atol=1e-5)
+
+
 def test_unmerged_adapter_on_a_dense_model_loads_with_plain_peft(tmp_path, reference_model, reference_tokenizer):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

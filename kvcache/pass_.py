@@ -43,13 +43,17 @@ class GearKV(Pass):
     def check_after(self, model: nn.Module, earlier) -> None:
         """When earlier linearize passes convert every attention layer, no KV cache is left to compress: said
         before any work instead of a report of layers 'compressed' that hold no cache."""
-        listed = set(self.describe(model))
+        from ..linearize import LinearizedAttention
+
+        listed = {n for n in self.describe(model)  # a model loaded linearized counts as well
+                  if not isinstance(model.get_submodule(n), LinearizedAttention)}
         for p in earlier:
             if p.name == "linearize":
                 listed -= set(p.describe(model))
         if not listed:
-            raise ConfigError("gear_kv: every attention layer is linearized by an earlier pass, so no layer keeps a "
-                              "KV cache to compress: drop gear_kv, or linearize only some layers (layers: every_K)")
+            raise ConfigError("gear_kv: every attention layer is linearized (by an earlier pass or in the model "
+                              "loaded), so no layer keeps a KV cache to compress: drop gear_kv, or linearize only "
+                              "some layers (layers: every_K)")
 
     def apply(self, model: nn.Module, ctx: PassContext) -> PassReport:
         report = PassReport(name=self.name)

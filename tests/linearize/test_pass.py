@@ -105,7 +105,12 @@ def test_gear_kv_skips_mixture_of_memories_layers_too():
     assert report.passes[1].details["layers_compressed"] == 3 and len(report.passes[1].skipped) == 3
 
 
-def test_gear_kv_after_linearizing_every_layer_is_refused_before_work():
+def test_gear_kv_after_linearizing_every_layer_is_refused_before_work(tmp_path):
     passes = [compress.get_pass("linearize")(variant="gla"), compress.get_pass("gear_kv")(method="kivi", bits=4)]
     with pytest.raises(CompressError, match="every attention layer is linearized"):
         compress.apply(compress.load("builtin:tiny"), passes, progress=False)
+    # and on a model loaded linearized
+    model, _ = compress.apply(compress.load("builtin:tiny"), passes[:1], progress=False)
+    linearized = compress.load(compress.save(model, tmp_path / "gla"))
+    with pytest.raises(CompressError, match="every attention layer is linearized"):
+        compress.apply(linearized, passes[1:], progress=False)

@@ -221,6 +221,16 @@ class Pass:
         return f"{type(self).__name__}({args})"
 
 
+def left_by_earlier(model: nn.Module, names, earlier: Sequence[Pass], replaces) -> set[str]:
+    """`names` less the modules that earlier passes for which `replaces(pass)` holds will replace (their
+    `describe`): what a `check_after` still has to work on."""
+    left = set(names)
+    for p in earlier:
+        if replaces(p):
+            left -= set(p.describe(model))
+    return left
+
+
 def format_validation_error(pass_name: str, exc) -> str:
     lines = []
     for err in exc.errors():

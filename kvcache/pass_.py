@@ -14,7 +14,7 @@ from torch import nn
 
 from ..errors import ConfigError, UnsupportedModelError
 from ..kernels.kv_pages import FORMAT_VERSION as KV_FORMAT_VERSION
-from ..pass_api import Pass, PassConfig, PassContext, PassReport, tensor_bytes, timed
+from ..pass_api import Pass, PassConfig, PassContext, PassReport, left_by_earlier, tensor_bytes, timed
 from ..registry import register_pass
 from .attention import use_compressed_attention
 from .cache import GEARCache
@@ -47,10 +47,7 @@ class GearKV(Pass):
 
         listed = {n for n in self.describe(model)  # a model loaded linearized counts as well
                   if not isinstance(model.get_submodule(n), LinearizedAttention)}
-        for p in earlier:
-            if p.name == "linearize":
-                listed -= set(p.describe(model))
-        if not listed:
+        if not left_by_earlier(model, listed, earlier, lambda p: p.name == "linearize"):
             raise ConfigError("gear_kv: every attention layer is linearized (by an earlier pass or in the model "
                               "loaded), so no layer keeps a KV cache to compress: drop gear_kv, or linearize only "
                               "some layers (layers: every_K)")

@@ -15,7 +15,7 @@ from torch import nn
 from ..errors import CheckpointError, ConfigError
 from ..hessian import input_hook as _input_hook
 from ..models import checkpoint_dtype
-from ..pass_api import Pass, PassConfig, PassContext, PassReport, replace_module, tensor_bytes, timed
+from ..pass_api import Pass, PassConfig, PassContext, PassReport, left_by_earlier, replace_module, tensor_bytes, timed
 from ..registry import register_pass
 from ..targets import match_modules
 from .masks import magnitude_scores, nm_mask, parse_structure, unstructured_mask
@@ -170,11 +170,8 @@ class Prune(Pass):
         """A layer an earlier quantize pass replaces, or an earlier prune stores packed, cannot be pruned (no dense
         values to score; the run skips it): when that leaves this pass no layer, the run would stop only after those
         passes ran. Said here, before any work (and by --dry-run)."""
-        targets = set(self._checked_targets(model))
-        for p in earlier:
-            if p.name == "quantize" or (p.name == "prune" and p.stores_packed(model)):
-                targets -= set(p.describe(model))
-        if not targets:
+        if not left_by_earlier(model, self._checked_targets(model), earlier,
+                               lambda p: p.name == "quantize" or (p.name == "prune" and p.stores_packed(model))):
             raise ConfigError("prune: every layer the targets match is quantized or pruned (packed) by an earlier "
                               "pass: put prune before quantize, and prune each layer once")
 

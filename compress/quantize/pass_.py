@@ -20,7 +20,7 @@ from torch import nn
 from ..errors import CheckpointError, ConfigError
 from ..hessian import HessianAccumulator, input_hook
 from ..models import DTYPES, checkpoint_dtype
-from ..pass_api import Pass, PassConfig, PassContext, PassReport, replace_module, tensor_bytes, timed
+from ..pass_api import Pass, PassConfig, PassContext, PassReport, left_by_earlier, replace_module, tensor_bytes, timed
 from ..prune.sparse_linear import SparseLinear
 from ..registry import register_pass
 from ..targets import match_modules
@@ -112,11 +112,7 @@ class Quantize(Pass):
     def check_after(self, model: nn.Module, earlier) -> None:
         """Layers an earlier quantize pass replaces are skipped here: when that leaves no layer, the run would stop
         only after the earlier passes ran. Said here, before any work (and by --dry-run)."""
-        targets = set(self.describe(model))
-        for p in earlier:
-            if p.name == "quantize":
-                targets -= set(p.describe(model))
-        if not targets:
+        if not left_by_earlier(model, self.describe(model), earlier, lambda p: p.name == "quantize"):
             raise ConfigError("quantize: every layer the targets match is quantized by an earlier quantize pass: "
                               "quantize each layer once")
 

@@ -19,7 +19,7 @@ from pydantic import Field
 from torch import nn
 
 from ..errors import CalibrationError, CheckpointError, CompressError, ConfigError
-from ..pass_api import Pass, PassConfig, PassContext, PassReport, tensor_bytes, timed
+from ..pass_api import Pass, PassConfig, PassContext, PassReport, left_by_earlier, tensor_bytes, timed
 from ..prune.sparse_linear import SparseLinear
 from ..registry import register_pass
 from ..targets import match_modules
@@ -119,11 +119,7 @@ class Recover(Pass):
         """LoRA attaches to Linear (or packed sparse) layers: layers an earlier quantize pass replaces are left out,
         and when that leaves none the run would stop only after those passes ran. train_modules must name modules
         of the model unless an earlier MoM linearize pass makes new ones (its routers)."""
-        targets = set(self._checked_targets(model))
-        for p in earlier:
-            if p.name == "quantize":
-                targets -= set(p.describe(model))
-        if not targets:
+        if not left_by_earlier(model, self._checked_targets(model), earlier, lambda p: p.name == "quantize"):
             raise ConfigError("recover: every layer the targets match is quantized by an earlier pass, and LoRA "
                               "attaches to Linear or packed sparse layers only: recover before quantize, or target "
                               "layers quantize leaves alone")

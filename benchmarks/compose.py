@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from compress.bench_args import run_cli, positive_int  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
@@ -97,17 +98,24 @@ def print_table(rows: list[dict], suite: bool, model: str) -> None:
               "chunked decoding")
 
 
-def main() -> None:
+def main() -> int | None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipes", nargs="*", type=Path, help="recipe files (default: every recipes/*.yaml)")
     parser.add_argument("--model", default=None, help="run every recipe on this model (default: the model each "
                         "recipe names: builtin:tiny, or builtin:small for the *-small recipes)")
-    parser.add_argument("--windows", type=int, default=8, help="held-out windows of 256 tokens per evaluation")
+    parser.add_argument("--windows", type=positive_int, default=8, help="held-out windows of 256 tokens per evaluation")
     parser.add_argument("--suite", action="store_true", help="also score the kick suite (slower)")
-    parser.add_argument("--suite-limit", type=int, default=None, help="examples per suite task")
+    parser.add_argument("--suite-limit", type=positive_int, default=None, help="examples per suite task")
     parser.add_argument("--json", action="store_true", help="print one JSON list instead of the table")
     args = parser.parse_args()
     recipes = args.recipes or sorted(RECIPES.glob("*.yaml"))
+    missing = [str(r) for r in recipes if not r.is_file()]
+    if missing:
+        parser.error(f"--recipes: no such file: {', '.join(missing)}")
+    if args.model is not None:
+        from compress.models import resolve_model_path
+
+        resolve_model_path(args.model)  # a missing model: one line, exit 2, before 22 failing runs
     rows = []
     with tempfile.TemporaryDirectory(prefix="compose-bench-") as tmp:
         for i, recipe in enumerate(recipes, 1):
@@ -118,7 +126,9 @@ def main() -> None:
         print(json.dumps(rows))
     else:
         print_table(rows, args.suite, args.model or "the recipes' models")
+    if rows and all(r.get("error") for r in rows):
+        return 1  # nothing measured
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

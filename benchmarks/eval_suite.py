@@ -12,6 +12,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from compress.bench_args import run_cli, positive_int  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,8 +34,8 @@ def variants(source: str, tokenizer):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="builtin:small")
-    ap.add_argument("--limit", type=int, default=None, help="examples per lm-eval task (default: all)")
-    ap.add_argument("--windows", type=int, default=16, help="held-out windows of 256 tokens for perplexity")
+    ap.add_argument("--limit", type=positive_int, default=None, help="examples per lm-eval task (default: all)")
+    ap.add_argument("--windows", type=positive_int, default=16, help="held-out windows of 256 tokens for perplexity")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -73,4 +74,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

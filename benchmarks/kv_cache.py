@@ -36,6 +36,7 @@ from compress.calibration import builtin_text
 from compress.kvcache import GEARCache, KVCacheSettings
 from compress.kvcache.cache import dynamic_cache_bytes, quantized_cache_bytes
 from compress.kvcache.quality import copy_sequences, copy_accuracy, heldout_windows, kv_quality
+from compress.bench_args import check_device, positive_int, run_cli  # noqa: E402
 
 
 def configurations(quick: bool) -> list[dict]:
@@ -283,14 +284,15 @@ def main(argv=None) -> None:
     ap.add_argument("--json", action="store_true", help="print a JSON list (one object per configuration)")
     ap.add_argument("--save-json", metavar="PATH", help="also write the JSON list to PATH (with the table on stdout)")
     ap.add_argument("--quick", action="store_true", help="fewer configurations, windows and steps (smoke test)")
-    ap.add_argument("--windows", type=int, default=6)
-    ap.add_argument("--window-len", type=int, default=512)
-    ap.add_argument("--copy-num", type=int, default=8)
-    ap.add_argument("--copy-len", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--windows", type=positive_int, default=6)
+    ap.add_argument("--window-len", type=positive_int, default=512)
+    ap.add_argument("--copy-num", type=positive_int, default=8)
+    ap.add_argument("--copy-len", type=positive_int, default=128)
+    ap.add_argument("--steps", type=positive_int, default=12)
+    ap.add_argument("--reps", type=positive_int, default=3)
     ap.add_argument("--memory-context", type=int, default=16384)
-    ap.add_argument("--device", default="cpu", help="device of the --long check (cpu or cuda)")
+    ap.add_argument("--device", default="cpu", type=check_device, choices=("cpu", "cuda"),
+                    help="device of the --long check (cpu or cuda)")
     ap.add_argument("--only", nargs="*", help="only these configuration names (and the baseline); with --long: the "
                     "configurations to run (default gear-4-r2, the issue's GEAR-4 defaults)")
     ap.add_argument("--long", type=int, default=0, help="only run the long-context check at this many tokens")
@@ -317,4 +319,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from compress.kernels.kv_attention import compressed_decode_attention
 from compress.kernels.dispatch import use_triton
+from compress.bench_args import run_cli, positive_int  # noqa: E402
 
 FORMATS = {  # name: (bits, outlier_ratio, rank)
     "kivi-4": (4, 0.0, 0), "kivi-2": (2, 0.0, 0), "gear-4": (4, 0.02, 2), "gear-2": (2, 0.02, 4),
@@ -48,7 +49,7 @@ def capture_qkv(tokens: int = 1024) -> list:
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    model = compress.load("builtin:tiny")
+    model = compress.load("builtin:tiny", dtype="float32")  # `auto` is bf16 on CPUs with native bf16
     tok = compress.load_tokenizer("builtin:tiny")
     ids = tok(builtin_text("builtin:heldout"), return_tensors="pt").input_ids[:, :tokens]
     seen = {}
@@ -185,11 +186,16 @@ def print_table(rows, title):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384])
+    parser.add_argument("--contexts", type=positive_int, nargs="+", default=[1024, 4096, 16384])
     parser.add_argument("--layer", type=int, default=2)
     parser.add_argument("--min-run-time", type=float, default=0.2, help="seconds per function per round")
     parser.add_argument("--json", action="store_true", help="print the rows as a JSON list")
     args = parser.parse_args(argv)
+    import compress
+
+    layers = compress.load("builtin:tiny", meta=True).config.num_hidden_layers
+    if not 0 <= args.layer < layers:
+        parser.error(f"--layer {args.layer}: builtin:tiny has layers 0 .. {layers - 1}")
     rows = run(args.contexts, args.layer, args.min_run_time, "cpu")
     if torch.cuda.is_available():
         rows += run(args.contexts, args.layer, args.min_run_time, "cuda")
@@ -207,4 +213,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

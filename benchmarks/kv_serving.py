@@ -36,6 +36,7 @@ from kv_kernels import time_us  # noqa: E402  (the interleaved best-of-blocks ti
 
 from compress.kernels.kv_attention import compressed_decode_attention, decode_attention_path  # noqa: E402
 from compress.kvcache.store import CompressedStore  # noqa: E402
+from compress.bench_args import check_device, positive_int, run_cli  # noqa: E402
 
 FORMATS = {  # name: (bits, outlier_ratio, key_rank, value_rank)
     "kivi-2": (2, 0.0, 0, 0), "kivi-4": (4, 0.0, 0, 0), "gear-2": (2, 0.02, 2, 2), "gear-4": (4, 0.02, 2, 2),
@@ -219,14 +220,26 @@ def print_table(rows):
         Console(width=160).print(t)
 
 
+def attention_shape(text: str) -> tuple[int, int, int]:
+    """`batch,context,head_dim` (argparse type: a bad one is one line and exit 2)."""
+    try:
+        shape = tuple(positive_int(x) for x in text.split(","))
+    except argparse.ArgumentTypeError:
+        shape = ()
+    if len(shape) != 3:
+        raise argparse.ArgumentTypeError(f"{text!r}: write batch,context,head_dim, e.g. 8,32768,128")
+    return shape
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", action="store_true", help="print the rows as a JSON list")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=check_device,
+                    choices=("cpu", "cuda"))
     ap.add_argument("--min-run-time", type=float, default=None)
     ap.add_argument("--no-e2e", action="store_true")
     ap.add_argument("--baselines", action="store_true", help="add transformers' QuantizedCache quanto/HQQ rows")
-    ap.add_argument("--shapes", nargs="+", metavar="B,CTX,D", help="attention shapes batch,context,head_dim "
+    ap.add_argument("--shapes", nargs="+", metavar="B,CTX,D", type=attention_shape, help="attention shapes batch,context,head_dim "
                     "(32 query / 8 KV heads) instead of the device's default list")
     ap.add_argument("--max-seconds", type=float, default=math.inf,
                     help="stop starting attention shapes after 60%% of this (the e2e row runs after them)")
@@ -241,7 +254,7 @@ def main(argv=None):
         shapes = [(1, 4096, 128, 32, 8), (1, 4096, 64, 32, 8), (4, 2048, 128, 32, 8)]
         e2e = dict(prompt=2048, batch=2, new_tokens=8, budget_gib=16)
     if args.shapes:
-        shapes = [(*map(int, x.split(",")), 32, 8) for x in args.shapes]
+        shapes = [(*x, 32, 8) for x in args.shapes]
     start = time.time()
     rows = attention_rows(dev, shapes, args.min_run_time or (0.1 if dev == "cuda" else 0.5),
                           deadline=start + 0.6 * args.max_seconds)
@@ -254,4 +267,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

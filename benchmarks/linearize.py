@@ -46,6 +46,7 @@ from compress.linearize import LinearizedCache, LinearizedLayer, LinearizeSettin
 from compress.linearize.convert import attention_modules
 from compress.pass_api import storage_bytes
 from compress.progress import progress_bar
+from compress.bench_args import run_cli, positive_int  # noqa: E402
 
 VARIANTS = {"liger-gla": LinearizeSettings(variant="gla"), "liger-hybrid": LinearizeSettings(variant="hybrid"),
             "liger-gsa": LinearizeSettings(variant="gla", gate="gsa", num_slots=8),
@@ -275,20 +276,20 @@ def main(argv=None) -> None:
     ap.add_argument("--dense-recovered", nargs="*", default=[], metavar="NAME=DIR",
                     help="the unconverted model recovered with NAME's recovery settings (a recipe with only the "
                          "recover pass): adds ppl_dense_recovered and recovered_vs_dense_recovered to NAME's row")
-    ap.add_argument("--windows", type=int, default=16, help="held-out windows for perplexity / KL")
+    ap.add_argument("--windows", type=positive_int, default=16, help="held-out windows for perplexity / KL")
     ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--copy-len", type=int, default=64)
+    ap.add_argument("--copy-len", type=positive_int, default=64)
     ap.add_argument("--probe-num", type=int, default=8)
     ap.add_argument("--passkey-len", type=int, default=512)
-    ap.add_argument("--steps", type=int, default=8, help="decode steps timed per repetition")
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--steps", type=positive_int, default=8, help="decode steps timed per repetition")
+    ap.add_argument("--reps", type=positive_int, default=3)
     ap.add_argument("--skip-speed", action="store_true", help="no cache-bytes / decode-speed columns")
     ap.add_argument("--skip-quality", action="store_true", help="only the cache-bytes / decode-speed columns")
     ap.add_argument("--only", nargs="*", choices=list(VARIANTS), help="these variants (and the original) only")
     ap.add_argument("--serving-shape", action="store_true",
                     help="decode speed and cache bytes only, on 2 random layers of Llama-3-8B's shapes")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="with --serving-shape")
-    ap.add_argument("--batch", type=int, default=1, help="rows decoded at once (with --serving-shape)")
+    ap.add_argument("--batch", type=positive_int, default=1, help="rows decoded at once (with --serving-shape)")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device here")
@@ -314,4 +315,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -28,6 +28,7 @@ LOADERS = {
 PROBE = """
 import sys, gc
 import torch, transformers, compress, compress.checkpoint
+from compress.bench_args import run_cli  # noqa: E402
 def kb(field):
     for line in open("/proc/self/status"):
         if line.startswith(field + ":"):
@@ -80,4 +81,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

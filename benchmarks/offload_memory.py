@@ -18,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from compress.bench_args import positive_int, run_cli
+
 WORKER = r"""
 import json, resource, sys, time
 import torch
@@ -59,13 +61,17 @@ def run(src: Path, out: Path, method: str, cap: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--layers", type=positive_int, default=16)
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--intermediate", type=int, default=2816)
     ap.add_argument("--max-memory", default="200MB")
     ap.add_argument("--method", choices=["magnitude", "wanda"], default="wanda")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    if args.max_memory != "none":
+        from compress.offload import parse_bytes
+
+        parse_bytes(args.max_memory)  # a bad size: one line, exit 2 (before the subprocesses)
     from safetensors.torch import load_file
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -92,4 +98,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -34,6 +34,7 @@ from sparse_speed import cycling, largest_cache_bytes, paired_median_seconds  # 
 from compress.kernels.dispatch import forced_kernels  # noqa: E402
 from compress.quantize import QuantizedLinear  # noqa: E402
 from compress.quantize.int_quant import quantize_rtn  # noqa: E402
+from compress.bench_args import run_cli  # noqa: E402
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]  # (out, in)
 GROUP = 128
@@ -148,4 +149,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

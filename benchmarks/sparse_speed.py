@@ -39,6 +39,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 from vq_logits import paired_median_seconds  # noqa: E402
+from compress.bench_args import run_cli, positive_int, fraction  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096)]  # (out, in)
 MLP_SHAPE = (4096, 14336)  # hidden, intermediate (Llama-3-8B)
@@ -371,7 +372,7 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="print the rows as one JSON list")
     ap.add_argument("--quick", action="store_true", help="fewer shapes/tokens/repeats (a smoke run)")
     ap.add_argument("--no-cpu", action="store_true", help="CUDA rows only")
-    ap.add_argument("--tokens", type=int, nargs="+", help="CUDA layer rows at these token counts only")
+    ap.add_argument("--tokens", type=positive_int, nargs="+", help="CUDA layer rows at these token counts only")
     ap.add_argument("--shapes", nargs="+", metavar="OUTxIN", type=linear_shape,
                     help="CUDA layer rows at these Linear shapes only (e.g. 4096x4096 14336x4096)")
     ap.add_argument("--model", default="builtin:small", help="reference model the activation sparsity is calibrated "
@@ -386,7 +387,7 @@ def main() -> None:
                     "as a share of the hidden size (0: no predictor rows)")
     ap.add_argument("--predictor-bits", type=int, choices=(0, 4, 8), default=0, help="activation sparsity: a "
                     "quantized gate predictor (the gate's int8 / int4 copy) instead of the low-rank one")
-    ap.add_argument("--recall", type=float, default=0.99, help="activation sparsity: the predictor's recall of the "
+    ap.add_argument("--recall", type=fraction, default=0.99, help="activation sparsity: the predictor's recall of the "
                     "exactly-active neurons on the calibration tokens")
     ap.add_argument("--neuron-scaling", action=argparse.BooleanOptionalAction, default=True,
                     help="activation sparsity: threshold |act(gate)| x E|up_i| x ||W_down[:, i]|| (the pass's "
@@ -402,6 +403,8 @@ def main() -> None:
     repeats = 3 if args.quick else 7
     rows: list[dict] = []
     if args.quality is not None:
+        if not args.quality.is_file():
+            ap.error(f"--quality {args.quality}: no such file (write one with --save-quality)")
         quality = json.loads(args.quality.read_text())
     else:
         quality = calibrated_quality(args.model, 8 if args.quick else args.calibration_samples,
@@ -439,4 +442,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -32,6 +32,7 @@ from compress.calibration import CalibrationSpec, build_batches
 from compress.evaluate import MetricAccumulator, heldout_windows
 from compress.vq_logits import VQLogits, VQLogitsHead
 from compress.vq_logits.pass_ import build_vq_head
+from compress.bench_args import run_cli, positive_int  # noqa: E402
 
 KS = (256, 512, 1024, 2048)
 LLAMA3_8B = {"vocab": 128256, "hidden": 4096, "K": 2048}
@@ -189,15 +190,15 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="builtin:small", help="reference model (builtin:tiny for quick runs)")
     ap.add_argument("--json", action="store_true", help="print the rows as a JSON list instead of a table")
-    ap.add_argument("--max-windows", type=int, default=64, help="held-out windows of 256 tokens to score")
+    ap.add_argument("--max-windows", type=positive_int, default=64, help="held-out windows of 256 tokens to score")
     ap.add_argument("--calib-samples", type=int, default=128, help="calibration windows of 256 tokens")
     ap.add_argument("--shortlist", type=int, default=0)
-    ap.add_argument("--distill-steps", type=int, default=100)
+    ap.add_argument("--distill-steps", type=positive_int, default=100)
     ap.add_argument("--distill-seconds", type=float, default=45.0)
     ap.add_argument("--distill-batch-size", type=int, default=256)
     ap.add_argument("--distill-lr", type=float, default=3e-3)
     ap.add_argument("--repeats", type=int, default=7, help="timed repeats per measurement (median)")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads while timing the heads")
+    ap.add_argument("--threads", type=positive_int, default=1, help="torch threads while timing the heads")
     ap.add_argument("--skip-llama", action="store_true")
     ap.add_argument("--save", help="also write the JSON rows to this file")
     args = ap.parse_args(argv)
@@ -216,4 +217,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

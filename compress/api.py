@@ -45,7 +45,8 @@ def check_calibration(model: nn.Module, passes: Sequence[Pass], ctx: PassContext
     needy = [p for p in passes if p.needs_calibration_for()]
     if needy and ctx.calibration is None:
         raise CalibrationError(f"pass {needy[0].name!r} with these arguments needs calibration data: add a "
-                               "`calibration:` section to the recipe (e.g. `calibration: {source: builtin:calibration}`)")
+                               "`calibration:` section to the recipe (e.g. `calibration: {source: builtin:calibration}`), "
+                               "or from Python pass calibration={'source': 'builtin:calibration'} to compress.apply")
     if needy:
         check_token_ids(ctx.calibration_batches("calibration"), model.config, "calibration",
                         "lower calibration.seq_len")

@@ -267,7 +267,9 @@ def _evaluate(model, baseline_src, tokenizer, windows, progress, seq_len: int = 
         raise CompressError(f"the baseline {baseline_src} has a vocabulary of {vocab[1]} tokens, the model {vocab[0]}: "
                             "KL and top-1 agreement need the same vocabulary; pass the model it was made from")
     out = evaluate(model, w, baseline, progress=progress)
-    out["protocol"] = f"{w.shape[0]} non-overlapping windows of {seq_len} tokens of held-out text"
+    n = w.shape[0]
+    out["protocol"] = (f"{n} non-overlapping window{'s' if n != 1 else ''} of {seq_len} tokens of "
+                       + ("the given text" if text is not None else "held-out text"))
     settings = getattr(model, "kv_cache_settings", None)
     if settings is not None:
         out["kv_cache"] = _kv_cache_quality(model, tokenizer, settings, text, windows)
@@ -372,7 +374,7 @@ def eval_cmd(model_src, baseline, text_file, seq_len, max_windows, speed, activa
         rows.append(["total", f"{a['sparsity']:.3f}"])
         con.print(_table(f"FFN activation sparsity at CETT {a['cett']:.4f} (ppl {a['perplexity_dense']:.3f} -> "
                          f"{a['perplexity']:.3f}, +{100 * a['ppl_increase']:.2f}%)", ["layer", "sparsity"], rows))
-    con.print(f"parameters {result['parameters']:,}  checkpoint {_mb(result['bytes'])}  resident {_mb(result['resident_bytes'])}"
+    con.print(f"stored floats {result['parameters']:,}  checkpoint {_mb(result['bytes'])}  resident {_mb(result['resident_bytes'])}"
               + (f"  {result['tokens_per_second']:.1f} tokens/s" if speed else ""))
 
 
@@ -399,7 +401,8 @@ def generate(model_src, prompt, max_new_tokens, sample, temperature, top_p, seed
     given = [f"--{name.replace('_', '-')}" for name in ("temperature", "top_p")
              if click.get_current_context().get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE]
     if given and not sample:
-        raise CompressError(f"{' and '.join(given)} only apply to sampling; add --sample (greedy decoding ignores them)")
+        verb, them = ("only applies", "it") if len(given) == 1 else ("only apply", "them")
+        raise CompressError(f"{' and '.join(given)} {verb} to sampling; add --sample (greedy decoding ignores {them})")
 
     torch.manual_seed(seed)
     model = models.load(model_src, sparse_runtime=sparse_runtime, allow_pickle=allow_pickle, dtype=dtype)

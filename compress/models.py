@@ -122,6 +122,8 @@ def load(
     from .prune.runtime import resolve_runtime, set_sparse_runtime
 
     resolve_runtime(sparse_runtime, "cpu")  # an unknown runtime fails before anything loads
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise CompressError(f"device={device!r}, but torch sees no CUDA GPU here; use device='cpu'")
 
     path = resolve_model_path(source)
     config = read_config(path)

@@ -44,8 +44,10 @@ def parse_bytes(value: int | str) -> int:
             raise CompressError(f"max_memory must be positive, got {value}")
         return value
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*", str(value))
-    if not m or m.group(2).upper() not in _UNITS or float(m.group(1)) <= 0:
+    if not m or m.group(2).upper() not in _UNITS:
         raise CompressError(f"cannot read memory size {value!r}; write e.g. 8GB, 512MiB or a number of bytes")
+    if float(m.group(1)) <= 0:
+        raise CompressError(f"max_memory must be positive, got {value!r}")
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
 
 

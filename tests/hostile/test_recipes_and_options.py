@@ -81,7 +81,7 @@ OPTIONS = [
     (["apply", "recipes/magnitude-50.yaml", "--eval-windows", "-1", "--output", "never"], "'--eval-windows'"),
     (["apply", "recipes/magnitude-50.yaml", "--dtype", "int8", "--output", "never"], "'--dtype'"),
     (["generate", "builtin:tiny", "--prompt", "hi", "--sample", "--seed", "99999999999999999999999"], "'--seed'"),
-    (["generate", "builtin:tiny", "--prompt", "hi", "--temperature", "0.5"], "--temperature only apply to sampling; add --sample"),
+    (["generate", "builtin:tiny", "--prompt", "hi", "--temperature", "0.5"], "--temperature only applies to sampling; add --sample"),
     (["eval", "builtin:tiny", "--suite-limit", "3"], "--suite-limit limits the suite's examples: add --suite kick"),
 ]
 
@@ -116,7 +116,7 @@ APPLY_MISTAKES = {
                              [":3:5: prune: every layer", "prune each layer once"]),
     "recover checkpoint_dir inside the output": (
         "calibration: {{source: builtin:calibration, num_samples: 2, seq_len: 32}}\n"
-        "passes:\n  - recover: {{checkpoint_dir: {out}/trainer, max_tokens: 64}}\n",
+        "passes:\n  - recover: {{checkpoint_dir: {out}/trainer, max_tokens: 256}}\n",
         ["trainer, where a pass writes while it runs (checkpoint_dir)"]),
     "quantize twice": ("passes:\n  - quantize: {{method: rtn}}\n  - quantize: {{method: rtn, bits: 8}}\n",
                        [":3:5: quantize: every layer the targets match is quantized by an earlier quantize pass"]),
@@ -126,7 +126,7 @@ APPLY_MISTAKES = {
         [":4:5: activation_sparsity needs the MLPs' dense weights", "put activation_sparsity first"]),
     "activation sparsity after an unmerged adapter on the MLPs": (
         "calibration: {{source: builtin:calibration, num_samples: 2, seq_len: 32}}\npasses:\n"
-        "  - recover: {{targets: ['re:.*mlp\\..*_proj$'], merge: false, max_tokens: 64}}\n"
+        "  - recover: {{targets: ['re:.*mlp\\..*_proj$'], merge: false, max_tokens: 256}}\n"
         "  - activation_sparsity: {{}}\n",
         [":4:5: activation_sparsity needs the MLPs' dense weights, but the recover pass before it"]),
 }

@@ -1,0 +1,56 @@
+"""What every script in benchmarks/ shares for its command line: argument types that refuse nonsense at parse time
+(argparse prints one line and exits 2) and a runner that turns this library's user errors into one line and exit 2,
+as the `compress` CLI does, instead of a traceback."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import CompressError
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{value} must be positive")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A number in (0, 1]."""
+    value = positive_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at most 1")
+    return value
+
+
+def check_device(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CompressError(f"--device {device}, but torch sees no CUDA GPU here; use --device cpu")
+    return device
+
+
+def run_cli(main, *args) -> None:
+    """Call `main`; a CompressError (a missing model, a bad file, a wrong device...) is one line on stderr, exit 2."""
+    try:
+        code = main(*args)
+    except CompressError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if isinstance(code, int):
+        raise SystemExit(code)

@@ -18,6 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from compress.bench_args import run_cli
+
 LOADERS = {
     "transformers from_pretrained (bf16)":
         "from transformers import AutoModelForCausalLM as A; import torch; m = A.from_pretrained(P, dtype=torch.bfloat16)",
@@ -28,7 +30,6 @@ LOADERS = {
 PROBE = """
 import sys, gc
 import torch, transformers, compress, compress.checkpoint
-from compress.bench_args import run_cli  # noqa: E402
 def kb(field):
     for line in open("/proc/self/status"):
         if line.startswith(field + ":"):

@@ -51,10 +51,7 @@ def check_calibration(model: nn.Module, passes: Sequence[Pass], ctx: PassContext
         check_token_ids(ctx.calibration_batches("calibration"), model.config, "calibration",
                         "lower calibration.seq_len")
     for p in passes:
-        try:
-            p.check_with_calibration(model, ctx)
-        except ConfigError as exc:
-            raise type(exc)(f"{p.location}: {exc}" if p.location else str(exc)) from None
+        p.located(lambda: p.check_with_calibration(model, ctx))
 
 
 def apply(

@@ -26,6 +26,11 @@ ITEM_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2,
 FLOATING = {"F8_E5M2", "F8_E4M3", "F16", "BF16", "F32", "F64"}
 
 
+def header_nbytes(dtype: str, shape) -> int:
+    """Bytes of a tensor as a safetensors header describes it."""
+    return math.prod(shape) * ITEM_SIZES[dtype]
+
+
 def _damaged(path: Path, what: str) -> CheckpointError:
     return CheckpointError(f"{path}: {what}; the file is damaged: copy or export the model again")
 
@@ -112,7 +117,7 @@ def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
         if end > data_size:
             raise _damaged(path, f"is truncated: tensor {name!r} ends at byte {end} of a {data_size}-byte data "
                                  "section")
-        if end - begin != math.prod(shape) * ITEM_SIZES[dtype]:
+        if end - begin != header_nbytes(dtype, shape):
             raise _damaged(path, f"tensor {name!r}: {end - begin} bytes stored for shape {list(shape)} of {dtype}")
         out[name] = (dtype, shape)
     return out

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -508,14 +507,13 @@ def _extra_folder_components(path: Path, section: dict, model) -> dict:
     """Tensors a pass keeps in its own folder (an unmerged LoRA adapter) that the meta model does not hold: one
     component per folder, counted from the files' headers, so the budget's total is what the checkpoint stores."""
     from .checkpoint import extra_folders
-    from .checkpoint_validation import ITEM_SIZES, read_header
+    from .checkpoint_validation import header_nbytes, read_header
 
     if any(".lora_A." in name for name in model.state_dict()):
         return {}  # already counted with the model's tensors
     out = {}
     for folder in extra_folders(path, section):
-        total = sum(math.prod(shape) * ITEM_SIZES[dtype]
-                    for f in folder.glob("*.safetensors") for dtype, shape in read_header(f).values())
+        total = sum(header_nbytes(*info) for f in folder.glob("*.safetensors") for info in read_header(f).values())
         if total:
             out[f"{folder.name} (own folder)"] = {"dense": total, "compressed": 0}
     return out

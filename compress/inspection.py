@@ -75,14 +75,11 @@ CT_TENSORS = re.compile(r"\.(weight_packed|weight_scale|weight_zero_point|weight
 def bytes_by_component_from_headers(headers: dict[str, tuple[str, tuple[int, ...]]]) -> dict[str, dict[str, int]]:
     """The same counts from a checkpoint's safetensors headers, for a folder whose layers transformers builds
     (compressed-tensors): a tensor counts as compressed when its module stores compressed-tensors' tensors."""
-    from .checkpoint_validation import ITEM_SIZES
+    from .checkpoint_validation import header_nbytes
 
     compressed_modules = {name.rpartition(".")[0] for name in headers if CT_TENSORS.search(name)}
     out: dict[str, dict[str, int]] = defaultdict(lambda: {"dense": 0, "compressed": 0})
     for name, (dtype, shape) in headers.items():
-        numel = 1
-        for n in shape:
-            numel *= n
         kind = "compressed" if name.rpartition(".")[0] in compressed_modules else "dense"
-        out[component_of(name)][kind] += numel * ITEM_SIZES[dtype]  # read_header admits no other dtype
+        out[component_of(name)][kind] += header_nbytes(dtype, shape)
     return dict(out)

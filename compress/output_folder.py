@@ -27,28 +27,29 @@ CHECKPOINT_FILES = ("config.json", "generation_config.json", "recipe.yaml", "rep
 WEIGHT_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")  # write_weights' shard names
 
 
-def _written_by_us(folder: Path) -> tuple[set[str], set[str]]:
-    """(files, folders) in a compress checkpoint folder that compress wrote: its fixed files, model.safetensors or
-    its shards, and the subfolders its passes record (an unmerged adapter) while they hold only the files their
-    pass writes there. Any other entry, a *.safetensors of the user's or a note added to adapter/ included, is not
-    ours to delete."""
+def _written_by_us(folder: Path) -> tuple[set[str], set[str], list[str]]:
+    """(files, folders, foreign) of a compress checkpoint folder: the files compress wrote (its fixed files,
+    model.safetensors or its shards), the subfolders its passes record (an unmerged adapter) while they hold only
+    the files their pass writes there, and what a user added inside such a subfolder (`adapter/NOTES.md`, which
+    keeps that subfolder from being ours). Any other entry, a *.safetensors of the user's included, is not ours to
+    delete."""
     files = {*CHECKPOINT_FILES, "model.safetensors"} | {p.name for p in folder.iterdir() if WEIGHT_SHARD.fullmatch(p.name)}
     folders: set[str] = set()
+    foreign: list[str] = []
     try:
         from .checkpoint import extra_folder_files
 
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
         for path, names in extra_folder_files(folder, config.get("compression")).items():
             if path.is_dir() and not path.is_symlink():
-                foreign = [f"{path.name}/{p.name}" for p in path.iterdir()
-                           if not (p.is_file() and not p.is_symlink() and p.name in names)]
-                if foreign:
-                    files |= set(foreign)  # named in the refusal below instead of the folder
-                else:
+                added = [f"{path.name}/{p.name}" for p in path.iterdir()
+                         if not (p.is_file() and not p.is_symlink() and p.name in names)]
+                foreign += added
+                if not added:
                     folders.add(path.name)
     except Exception:  # a damaged record: its folders count as the user's (nothing is deleted on a guess)
         pass
-    return files, folders
+    return files, folders, sorted(foreign)
 
 
 def written_by_compress(folder: Path) -> bool:
@@ -118,11 +119,10 @@ def _check_replaceable(out: Path, resolved: Path, overwrite: bool) -> None:
     if not written_by_compress(resolved):
         raise OutputError(f"--overwrite replaces only a checkpoint written by compress; {out} is not one "
                           "(no `compression` section in its config.json): choose another output folder")
-    files, folders = _written_by_us(resolved)
-    inside = sorted(f for f in files if "/" in f)  # a user's file in a folder a pass wrote (adapter/NOTES.md)
-    others = sorted(p.name for p in entries if not ((p.is_file() and p.name in files) or
-                                                     (p.is_dir() and not p.is_symlink() and p.name in folders)))
-    others = inside + [o for o in others if not any(f.startswith(o + "/") for f in inside)]
+    files, folders, foreign = _written_by_us(resolved)
+    holders = {f.partition("/")[0] for f in foreign}  # named by what the user added inside, not as a whole
+    others = foreign + sorted(p.name for p in entries if p.name not in holders and not (
+        (p.is_file() and p.name in files) or (p.is_dir() and not p.is_symlink() and p.name in folders)))
     if others:
         raise OutputError(f"--overwrite would delete {', '.join(others[:3])}{' ...' if len(others) > 3 else ''} "
                           f"in {out}, which compress did not write; move them or choose another output folder")

@@ -208,9 +208,12 @@ class Pass:
     def checked(self, model: nn.Module, earlier: Sequence["Pass"] = ()) -> None:
         """`check` and `check_after`, an error prefixed with the pass's place in the recipe (`location`) when it
         came from one."""
+        self.located(lambda: (self.check(model), self.check_after(model, earlier)))
+
+    def located(self, check) -> None:
+        """Run `check()`; its ConfigError / UnsupportedModelError / TargetError names the pass's recipe line."""
         try:
-            self.check(model)
-            self.check_after(model, earlier)
+            check()
         except (ConfigError, UnsupportedModelError, TargetError) as exc:
             if not self.location:
                 raise

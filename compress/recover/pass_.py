@@ -95,25 +95,25 @@ class Recover(Pass):
         if c.seq_len is not None and context is not None and c.seq_len > context:
             raise ConfigError(f"recover: seq_len {c.seq_len} is longer than the model's context ({context} tokens); "
                               "lower it")
-        if c.seq_len is not None:
-            self._check_step_fits(c.seq_len, "seq_len")
         if c.resume_from is not None and not Path(c.resume_from).is_dir():
             raise ConfigError(f"recover: resume_from {c.resume_from} is not a folder; give a Trainer checkpoint "
                               "folder (checkpoint-N) or drop resume_from")
 
     def check_with_calibration(self, model: nn.Module, ctx: PassContext) -> None:
-        if self.config.seq_len is None and ctx.calibration is not None:  # windows of the calibration's length
-            self._check_step_fits(ctx.calibration.seq_len, "seq_len from the calibration")
-
-    def _check_step_fits(self, seq_len: int, where: str) -> None:
         """The token budget holds at least one step (it trained a whole step past a smaller one)."""
         c, world = self.config, int(os.environ.get("WORLD_SIZE", "1"))
+        seq_len = self._seq_len(ctx)
         step = c.batch_size * seq_len * world
         if step > c.max_tokens:
+            where = "seq_len" if c.seq_len else "seq_len from the calibration"
             devices = f" x {world} devices" if world > 1 else ""
             raise ConfigError(f"recover: max_tokens {c.max_tokens} is less than one step (batch_size {c.batch_size} "
                               f"x {where} {seq_len}{devices} = {step} tokens); raise max_tokens or lower batch_size "
                               "/ seq_len")
+
+    def _seq_len(self, ctx: PassContext) -> int:
+        """Training windows' length: the argument, else the calibration's."""
+        return self.config.seq_len or (ctx.calibration.seq_len if ctx.calibration is not None else 256)
 
     def check_after(self, model: nn.Module, earlier) -> None:
         """LoRA attaches to Linear (or packed sparse) layers: layers an earlier quantize pass replaces are left out,
@@ -154,8 +154,7 @@ class Recover(Pass):
                           for n, m in self.target_modules(model).items() if n not in targets}
         report.bytes_before = sum(tensor_bytes(m) for m in targets.values())
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        seq_len = c.seq_len or (ctx.calibration.seq_len if ctx.calibration is not None else 256)
-        self._check_step_fits(seq_len, "seq_len")  # checked before any work too (check, check_with_calibration)
+        seq_len = self._seq_len(ctx)  # the budget holds a step: check_with_calibration, before any work
         max_steps = steps_for_budget(c.max_tokens, c.batch_size, seq_len, world)
         windows = self._training_windows(ctx, max_steps * c.batch_size * world, seq_len)
         device = next(model.parameters()).device

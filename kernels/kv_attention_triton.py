@@ -137,7 +137,8 @@ if triton is not None:
         m = b & 7
         normal = (((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
         v = tl.where(e == 0, m.to(tl.float32) * 0.001953125, normal)
-        return tl.where(b >= 128, -v, v)
+        # the sign as a bit: triton 3.6 negates as 0 - v, which turns the byte 0x80 (-0.0) into +0.0
+        return (v.to(tl.int32, bitcast=True) | ((b & 128) << 24)).to(tl.float32, bitcast=True)
 
     @triton.jit
     def _dot(a, b, DOT16: tl.constexpr):

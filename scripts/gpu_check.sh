@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
 # One run on a lent GPU machine (the device tool runs it in the repository root, $OUT comes back):
 # every Triton kernel against its torch reference compiled for real (the kernel tests), then the GPU benchmarks.
-# The machine cannot download: pydantic and a matching transformers travel as wheels in .gearwheels/ (ignored;
-# make them here with `pip download --only-binary :all: --python-version 3.12 --no-deps -d .gearwheels pydantic
-# pydantic-core annotated-types typing-inspection transformers==5.24.0`) and the call carries that folder.
+# The machine cannot download: pydantic, transformers and their dependencies travel as wheels in .gearwheels/
+# (ignored; `bash scripts/make_gearwheels.sh` fills it, ~46 MB) and the call carries that folder.
 # Two halves, each within one device call (600 s): `bash scripts/gpu_check.sh kv` (kernel tests + KV serving,
 # ~520 s at most) and `bash scripts/gpu_check.sh sparse` (GPU kernels + sparse dispatch + sparse speed, ~500 s at
 # most); no argument runs both (only where a call may run ~1,020 s). `bash scripts/gpu_check.sh lin` (~440 s at most):
@@ -17,7 +16,11 @@ set -u
 PART=${1:-all}
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
 nvidia-smi -L | tee "$OUT/device.txt"
-python3 -m pip install --no-index --no-deps -q .gearwheels/*.whl 2>&1 | tail -n 2
+if [ ! -d .gearwheels ]; then echo "no .gearwheels/ here: run bash scripts/make_gearwheels.sh and carry it" >&2; exit 2; fi
+# resolved against the image's packages: the tested transformers, and whatever else is missing or too old (torch and
+# triton stay the image's)
+python3 -m pip install --no-index --find-links .gearwheels -q --disable-pip-version-check .gearwheels/transformers-*.whl \
+  "pydantic>=2.5,<3" "peft>=0.13" "accelerate>=1.0" rich pyyaml "safetensors>=0.4" 2>&1 | tail -n 3
 # the image's pip cannot build the editable install offline: lay the package out as setup.py maps it instead
 rm -rf /tmp/pkg && mkdir -p /tmp/pkg && cp -r compress /tmp/pkg/ && cp -r kvcache kernels linearize /tmp/pkg/compress/
 export PYTHONPATH=/tmp/pkg

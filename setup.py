@@ -39,7 +39,7 @@ setup(
     include_package_data=True,
     install_requires=[
         "torch>=2.4",
-        "transformers>=5.0,<6",
+        "transformers>=5.24,<6",  # 5.24: models take `cache=` (earlier 5.x: `past_key_values=`)
         "safetensors>=0.4",
         "click>=8.1",
         "pyyaml>=6.0",

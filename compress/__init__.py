@@ -10,6 +10,29 @@ import logging as _logging
 _logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
     lambda record: "kernels-community" not in record.getMessage())
 
+
+
+def _require_transformers(minimum: tuple[int, int] = (5, 24)) -> None:
+    """Every model call here passes the cache as `cache=`, the name transformers took in 5.24; an older 5.x ignores
+    the unknown keyword and decodes without it (wrong tokens, no error), so refuse it at import instead."""
+    import sys
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    found = version("transformers")
+    if Version(found).release[:2] >= minimum:
+        return
+    message = (f"compress needs transformers >= {minimum[0]}.{minimum[1]} (models take `cache=`), found {found}: "
+               f"pip install -U 'transformers>={minimum[0]}.{minimum[1]},<6'")
+    if sys.argv and sys.argv[0].rsplit("/", 1)[-1] in ("compress", "-m"):  # the CLI: one line, exit 2
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+    raise ImportError(message)
+
+
+_require_transformers()
+
 from .api import ApplyReport, apply
 from .calibration import CalibrationSpec
 from .checkpoint import save

@@ -1,39 +1,31 @@
 #!/usr/bin/env bash
-# Fill .gearwheels/ (git-ignored) with the wheels a lent GPU machine needs, for scripts/gpu_check.sh to carry there.
-# That machine cannot download and its image has torch and triton but not pydantic, and an older transformers whose
-# hub/tokenizers pins a newer transformers would not import with. So this takes the whole dependency closure of what
-# the GPU runs import (transformers, pydantic, peft, accelerate, rich, pyyaml, safetensors) at the versions installed
-# here, minus torch/triton/nvidia-* (the image's own) and scipy (34 MB, never imported by this package; the carry
-# limit is 64 MiB), as cp312 manylinux wheels. gpu_check.sh then installs from the folder with pip resolving against
-# what the image already has, so only missing or too-old packages change.
-#   bash scripts/make_gearwheels.sh [python-version, default 3.12]
+# Fill .gearwheels/ (git-ignored) with what a lent GPU machine needs, for scripts/gpu_check.sh to carry there.
+# That machine cannot download. Its image (/work/.library/device/KINDS.md: Python 3.12, torch 2.11, triton 3.6,
+# transformers 5.17, peft, accelerate, rich, pyyaml, safetensors, scipy) lacks pydantic, and its transformers predates
+# 5.24, the first with `cache=` (the whole package calls models with it). What a call sends (the tracked tree, ~58
+# MiB with the built-in models, plus what it carries) must stay under 64 MiB, and transformers' wheel is 13 MB: so
+# - pydantic, its own dependencies and regex (transformers 5.24 checks its version at import) as cp312 wheels, and
+# - transformers, at the version installed here, as a tarball without the model families this package's GPU runs
+#   never build (all but auto, llama, mistral, qwen2 and qwen3, plus encoder_decoder, which AutoTokenizer imports,
+#   and bloom and gpt2, which peft imports; nor pipelines/exporters/cli; ~1.8 MB), for gpu_check.sh to unpack beside the image's.
+#   bash scripts/make_gearwheels.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYVER=${1:-3.12}
-PINS=$(python - <<'EOF'
-import importlib.metadata as md
-from packaging.requirements import Requirement
-
-roots = ["transformers", "pydantic", "peft", "accelerate", "rich", "pyyaml", "safetensors", "numpy"]
-skip = {"torch", "triton", "scipy"}
-seen, stack = {}, list(roots)
-while stack:
-    name = stack.pop()
-    key = name.lower().replace("_", "-")
-    if key in seen or key in skip or key.startswith("nvidia-"):
-        continue
-    dist = md.distribution(name)  # every one is installed here: the test extra's environment
-    seen[key] = dist.version
-    for text in dist.requires or []:
-        req = Requirement(text)
-        if req.marker is None or req.marker.evaluate({"extra": ""}):
-            stack.append(req.name)
-print(" ".join(f"{k}=={v}" for k, v in sorted(seen.items())))
-EOF
-)
-rm -rf .gearwheels
+PINS=$(python -c 'import importlib.metadata as md; print(" ".join(f"{n}=={md.version(n)}" for n in ["pydantic",
+"pydantic-core", "annotated-types", "typing-inspection", "typing-extensions", "regex", "transformers"]))')
+rm -rf .gearwheels && mkdir .gearwheels
+tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
 # shellcheck disable=SC2086
 python -m pip download -q --disable-pip-version-check --only-binary :all: --no-deps --implementation cp \
-  --python-version "$PYVER" --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
-  --platform manylinux_2_27_x86_64 --platform manylinux_2_28_x86_64 -d .gearwheels $PINS
-echo "$(ls .gearwheels | wc -l) wheels, $(du -sh .gearwheels | cut -f1) in .gearwheels/ (carry limit 64 MiB)"
+  --python-version 3.12 --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
+  --platform manylinux_2_27_x86_64 --platform manylinux_2_28_x86_64 -d "$tmp/wheels" $PINS
+mv "$tmp"/wheels/*.whl .gearwheels/ && mv .gearwheels/transformers-*.whl "$tmp/"
+mkdir "$tmp/site" && (cd "$tmp/site" && python -m zipfile -e "$tmp"/transformers-*.whl .)
+find "$tmp/site/transformers/models" -mindepth 1 -maxdepth 1 -type d \
+  ! -name auto ! -name encoder_decoder ! -name bloom ! -name gpt2 ! -name llama ! -name mistral ! -name qwen2 ! -name qwen3 -exec rm -rf {} +
+rm -rf "$tmp"/site/transformers/{pipelines,exporters,cli}  # imported lazily, never here
+tar -czf ".gearwheels/$(basename "$tmp"/transformers-*.whl .whl)-trimmed.tgz" -C "$tmp/site" .
+tree=$(git ls-files -z | xargs -0 du -cb | tail -n 1 | cut -f1)
+carried=$(du -sb .gearwheels | cut -f1)
+echo "$(ls .gearwheels | tr '\n' ' ')"
+echo "a call sends $(( (tree + carried) / 1048576 )) MiB of 64"

@@ -46,15 +46,20 @@ def test_every_path_matches_reference_on_cuda(structure, tokens, tmp_path, monke
     layer = sparse_layer(256, 512, structure, torch.float16, "cuda")
     x = torch.randn(tokens, 512, device="cuda", dtype=torch.float16)
     ref = x.float() @ layer.dense_weight(torch.float32).t() + layer.bias.float()
-    for path in gpu_dispatch.candidates(layer, tokens, torch.float16):
+    paths = gpu_dispatch.candidates(layer, tokens, torch.float16)
+    for path in paths:
         y = gpu_dispatch.RUN[path](layer, x, layer.bias)
         assert y.shape == (tokens, 256) and y.dtype == torch.float16
         assert float((y.float() - ref).abs().max() / ref.abs().max()) < 5e-3, path
     gpu_dispatch._tables.clear()
-    y = layer(x)  # measures, records and uses the fastest path
+    y = layer(x)  # measures, records and uses the fastest path (one candidate: used without measuring or a table)
     assert float((y.float() - ref).abs().max() / ref.abs().max()) < 5e-3
-    table = json.loads(next((tmp_path / "compress").glob("sparse_dispatch_*.json")).read_text())
-    assert len(table) == 1 and list(table.values())[0] in gpu_dispatch.PATHS
+    tables = list((tmp_path / "compress").glob("sparse_dispatch_*.json"))
+    if len(paths) == 1:
+        assert not tables
+    else:
+        table = json.loads(tables[0].read_text())
+        assert len(table) == 1 and list(table.values())[0] in paths
 
 
 @cuda

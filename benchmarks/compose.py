@@ -94,8 +94,8 @@ def print_table(rows: list[dict], suite: bool, model: str) -> None:
         table.add_row(*cells)
     Console().print(table)
     if rows and rows[0].get("protocol"):
-        print(f"held-out protocol: {rows[0]['protocol']}; KV-cache KL: the compressed cache vs an fp16 cache, "
-              "chunked decoding")
+        print(f"held-out protocol: {rows[0]['protocol']}; KV-cache KL: the compressed cache vs the uncompressed one "
+              "(the model's dtype), chunked decoding")
 
 
 def main() -> int | None:

@@ -5,12 +5,14 @@ Weights are counted from the tensors the checkpoint stores (inspection.bytes_by_
 architecture uncompressed at the same storage dtype (a meta model: no memory). KV bytes per token are measured,
 not computed: `tokens` random keys/values are appended to one layer of the cache the checkpoint generates with
 (an uncompressed transformers cache, or the GEAR/KIVI cache of its `gear_kv` pass) and the bytes its tensors hold
-are divided by the tokens; every compressed layer stores alike, so the layer count multiplies it. Linearized layers
+are divided by the tokens; every compressed layer stores alike, so the layer count multiplies it. A compressed
+cache keeps its latest 0 .. residual_length - 1 tokens uncompressed, so its bytes per token depend on where in that
+cycle a length falls (least at whole chunks): the figure is the mean over one cycle of decode steps, with its range. Linearized layers
 add nothing per token: their recurrent state (and the hybrid's window buffer) is a constant, reported apart."""
 from __future__ import annotations
 
 import copy
-
+import warnings
 from typing import Any
 
 import torch
@@ -66,12 +68,23 @@ def kv_bytes_per_token(config, settings=None, tokens: int = KV_TOKENS, dtype: to
     softmax = [i for i in range(layers) if i not in linearized]
     skipped = set(settings.skip_layers) if settings is not None else set(softmax)
     layer = next((i for i in softmax if i not in skipped), None)
-    per_layer = 0.0
+    cycle = [0.0]
     if layer is not None:
         cache = GEARCache(config, settings)
         cache.update(keys, values, layer)
-        per_layer = cache.nbytes()["total"] / tokens
-    out["compressed"] = sum(per_layer_dense if i in skipped else per_layer for i in softmax)
+        cycle = [cache.nbytes()["total"] / tokens]
+        # then one token at a time (decode steps) until the uncompressed window is one short of full again
+        steps = (torch.randn((1, shape[1], settings.residual_length - 1, head_dim), generator=gen).to(dtype)
+                 for _ in range(2))
+        with warnings.catch_warnings():  # its advice on attention (read the packed store) is about decoding speed
+            warnings.simplefilter("ignore", UserWarning)
+            for j, (k, v) in enumerate(zip(*(s.split(1, dim=2) for s in steps)), start=1):
+                cache.update(k, v, layer)
+                cycle.append(cache.nbytes()["total"] / (tokens + j))
+    for key, per_layer in (("compressed", sum(cycle) / len(cycle)), ("compressed_min", min(cycle)),
+                           ("compressed_max", max(cycle))):
+        out[key] = sum(per_layer_dense if i in skipped else per_layer for i in softmax)
+    out["tokens_cycle"] = [tokens, tokens + len(cycle) - 1]
     labels = [f"{settings.method} {settings.bits}-bit"] if settings is not None else []
     if linearized:
         labels.append(f"{len(linearized)} of {layers} layers linearized")

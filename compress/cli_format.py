@@ -46,7 +46,7 @@ def _print_eval(con, ev: dict) -> None:
     kv = ev.get("kv_cache")
     if kv:
         rows = [["perplexity", _fmt(kv["ppl_reference"]), _fmt(kv["ppl"])],
-                ["KL(fp16 cache || compressed)", "0", _fmt(kv["kl"])],
+                ["KL(uncompressed || compressed)", "0", _fmt(kv["kl"])],
                 ["top-1 agreement", "1", _fmt(kv["top1_agreement"])]]
-        con.print(_table("with the compressed KV cache", ["metric", "fp16 cache", "compressed cache"], rows,
+        con.print(_table("with the compressed KV cache", ["metric", "uncompressed cache", "compressed cache"], rows,
                          caption=kv["protocol"]))

@@ -91,7 +91,9 @@ def test_inspect_budget_counts_what_a_partly_linearized_cache_holds(tmp_path, re
                   use_cache=True)
         held[tokens] = cache.nbytes()
     assert held[512]["recurrent"] == held[1024]["recurrent"] == kv["recurrent_bytes"] > 0
-    assert held[1024]["total"] - held[512]["total"] == kv["compressed"] * 512
+    # at whole chunks (512, 1024: the uncompressed window empty) a token costs the cycle's least
+    assert held[1024]["total"] - held[512]["total"] == kv["compressed_min"] * 512
+    assert kv["compressed_min"] < kv["compressed"] < kv["compressed_max"] and kv["tokens_cycle"] == [1024, 1087]
     assert kv["compressed"] < kv["uncompressed"] / 2  # three of six layers, each at ~8 bits of 16
     assert kv["cache"] == "kivi 8-bit; 3 of 6 layers linearized"
     table = CliRunner().invoke(main, ["inspect", str(out)], catch_exceptions=False).output

@@ -19,14 +19,19 @@ from .pass_api import Pass, PassContext, PassReport, format_validation_error, te
 
 @dataclass
 class ApplyReport:
+    """`bytes_*`: the whole model's tensors in memory (parameters and buffers at the compute dtype, e.g. a packed
+    layer's int64 row offsets too); `stored_bytes_*`: what its checkpoint holds, at the storage dtype."""
     passes: list[PassReport] = field(default_factory=list)
     bytes_before: int = 0
     bytes_after: int = 0
+    stored_bytes_before: int | None = None
+    stored_bytes_after: int | None = None
     calibration_hash: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "bytes_before": self.bytes_before, "bytes_after": self.bytes_after,
+            "stored_bytes_before": self.stored_bytes_before, "stored_bytes_after": self.stored_bytes_after,
             "calibration_hash": self.calibration_hash, "passes": [p.to_dict() for p in self.passes],
         }
 
@@ -102,7 +107,7 @@ def apply(
     previous = getattr(model.config, "compression", None) or {}
     entries = list(previous.get("passes", []))
     storage = checkpoint_dtype(model)
-    stored = stored_bytes(model, storage)
+    stored = report.stored_bytes_before = stored_bytes(model, storage)
     for p in passes:
         r = p.apply(model, ctx)
         r.stored_bytes_before, stored = stored, stored_bytes(model, storage)
@@ -110,7 +115,7 @@ def apply(
         report.passes.append(r)
         entries.append(p.entry(r))
     round_to_storage(model, storage)  # the model in memory computes what its checkpoint will hold
-    report.bytes_after = tensor_bytes(model)
+    report.bytes_after, report.stored_bytes_after = tensor_bytes(model), stored
     report.calibration_hash = batches_hash(ctx._batches) if ctx._batches is not None else previous.get("calibration_hash")
     source = previous.get("source_model") or getattr(model, "compress_source", None)
     model.config.compression = compression_record(entries, recipe_text, report.calibration_hash, source)

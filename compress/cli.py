@@ -161,7 +161,9 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
     con.print(_table("passes", ["pass", "modules", "model before", "model after", "seconds"],
                      [[p["name"], p["num_modules"], _mb(p.get("stored_bytes_before")),
                        _mb(p.get("stored_bytes_after")), p["seconds"]] for p in result["passes"]],
-                     caption=f"model = the tensors the checkpoint stores, at its dtype ({stored})"))
+                     caption=(f"model = the tensors the checkpoint stores, at its dtype ({stored})"
+                              if export_format == "native" else f"model = the tensors a native checkpoint would "
+                              f"store, at its dtype ({stored}); the {export_format} checkpoint's size is below")))
     for p in result["passes"]:
         for reason, names in _group_by_reason(p.get("skipped") or {}).items():
             con.print(f"{p['name']} skipped {len(names)} module(s), {reason}: {', '.join(names[:3])}"

@@ -94,3 +94,19 @@ def test_bitsandbytes_cpu_kernel_warning_is_filtered():
 
     assert not log.filter(record("Failed to load CPU gemm_4bit_forward from kernels-community: x"))
     assert log.filter(record("some other warning"))
+
+
+def test_report_totals_stored_bytes_are_what_the_checkpoint_holds(tmp_path, reference_tokenizer):
+    """report.json's `stored_bytes_after` is the checkpoint's tensor bytes (counted here from the file), while
+    `bytes_after` is what memory holds (a packed layer's row offsets too, so it may exceed the file)."""
+    from safetensors import safe_open
+
+    model = compress.load("builtin:tiny")
+    model, report = compress.apply(model, [compress.passes.Prune(method="magnitude", sparsity=0.5)], progress=False)
+    out = compress.save(model, tmp_path / "out", tokenizer=reference_tokenizer)
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        on_disk = sum(f.get_tensor(k).nbytes for k in f.keys())
+    d = report.to_dict()
+    assert d["stored_bytes_after"] == on_disk == report.passes[-1].stored_bytes_after
+    assert d["stored_bytes_before"] == report.passes[0].stored_bytes_before > on_disk
+    assert d["bytes_after"] > d["stored_bytes_after"]  # int64 row offsets of the packed layers live in memory only

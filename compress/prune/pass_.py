@@ -91,6 +91,7 @@ class Prune(Pass):
         prefix, layers = decoder_layers(model)
         layer_of = {name: _layer_index(name, prefix) for name in targets}
         state = _RunState(model=model, nm=nm, value_bytes=checkpoint_dtype(model).itemsize)
+        state.layer_of = layer_of
         label = f"prune ({self.config.method})"
         with timed(report), torch.no_grad():
             layer_sparsity = self._layer_sparsities(len(layers), layer_of, model, ctx, label)
@@ -120,7 +121,10 @@ class Prune(Pass):
             "method": self.config.method,
             "structure": self.config.structure,
             "sparsity": state.zeros / max(state.total, 1),
-            "layer_sparsity": [round(s, 4) for s in layer_sparsity] if layer_sparsity else None,
+            # per decoder layer, what was pruned (rows round their kept counts) and what OWL / the list asked for
+            "layer_sparsity": ([round(state.layer_zeros[i][0] / max(state.layer_zeros[i][1], 1), 4)
+                                for i in range(len(layer_sparsity))] if layer_sparsity else None),
+            "layer_sparsity_target": [round(s, 4) for s in layer_sparsity] if layer_sparsity else None,
             "storage": {"packed": len(state.restore), "dense": len(targets) - len(state.restore)},
             **({"hessian": state.hessian_notes} if state.hessian_notes else {}),
             "restore": state.restore,
@@ -258,6 +262,8 @@ class Prune(Pass):
         module.weight.copy_(weight.to(module.weight.dtype) * mask.to(module.weight.dtype))
         state.zeros += int((~mask).sum())
         state.total += mask.numel()
+        counts = state.layer_zeros.setdefault(state.layer_of.get(name), [0, 0])
+        counts[0], counts[1] = counts[0] + int((~mask).sum()), counts[1] + mask.numel()
         rows, cols = module.weight.shape
         dense = rows * cols * state.value_bytes
         packed = nm_nbytes(rows, cols, *state.nm, state.value_bytes) if state.nm else \
@@ -284,6 +290,8 @@ class _RunState:
     def __init__(self, model: nn.Module, nm, value_bytes: int):
         self.model, self.nm, self.value_bytes = model, nm, value_bytes
         self.zeros = self.total = 0
+        self.layer_of: dict[str, int | None] = {}
+        self.layer_zeros: dict[int | None, list[int]] = {}  # decoder layer -> [pruned, total] weights
         self.restore: dict[str, dict] = {}
         self.hessian_notes: dict[str, str] = {}
 

@@ -105,8 +105,13 @@ def test_per_layer_sparsity_and_owl(reference_tokenizer):
         m = layer.mlp.up_proj  # Wanda prunes per output row
         assert ((~unpack_bitmask(m.bitmask, m.in_features)).sum(1) == round(m.in_features * per_layer[i])).all()
     model, report = pruned("wanda", reference_tokenizer, sparsity=0.5, owl=True)
-    layer_s = report.details["layer_sparsity"]
+    layer_s = report.details["layer_sparsity_target"]
     assert sum(layer_s) / 6 == pytest.approx(0.5, abs=1e-4) and max(layer_s) - min(layer_s) == pytest.approx(0.16, abs=1e-3)
+    for i, layer in enumerate(decoder_layers(model)[1]):  # what was pruned, counted from the packed masks
+        masks = [~unpack_bitmask(m.bitmask, m.in_features) for m in layer.modules() if hasattr(m, "bitmask")]
+        achieved = sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks)
+        assert report.details["layer_sparsity"][i] == round(achieved, 4)
+        assert abs(achieved - layer_s[i]) < 2e-3
     assert report.details["sparsity"] == pytest.approx(0.5, abs=0.01)
 
 

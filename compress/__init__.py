@@ -11,7 +11,6 @@ _logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
     lambda record: "kernels-community" not in record.getMessage())
 
 
-
 def _require_transformers(minimum: tuple[int, int] = (5, 24)) -> None:
     """Every model call here passes the cache as `cache=`, the name transformers took in 5.24; an older 5.x ignores
     the unknown keyword and decodes without it (wrong tokens, no error), so refuse it at import instead."""

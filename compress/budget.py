@@ -7,8 +7,9 @@ not computed: `tokens` random keys/values are appended to one layer of the cache
 (an uncompressed transformers cache, or the GEAR/KIVI cache of its `gear_kv` pass) and the bytes its tensors hold
 are divided by the tokens; every compressed layer stores alike, so the layer count multiplies it. A compressed
 cache keeps its latest 0 .. residual_length - 1 tokens uncompressed, so its bytes per token depend on where in that
-cycle a length falls (least at whole chunks): the figure is the mean over one cycle of decode steps, with its range. Linearized layers
-add nothing per token: their recurrent state (and the hybrid's window buffer) is a constant, reported apart."""
+cycle a length falls (least at whole chunks): the figure is the mean over one cycle of decode steps, with its
+range. Linearized layers add nothing per token: their recurrent state (and the hybrid's window buffer) is a
+constant, reported apart."""
 from __future__ import annotations
 
 import copy

@@ -122,8 +122,9 @@ class Prune(Pass):
             "structure": self.config.structure,
             "sparsity": state.zeros / max(state.total, 1),
             # per decoder layer, what was pruned (rows round their kept counts) and what OWL / the list asked for
-            "layer_sparsity": ([round(state.layer_zeros[i][0] / max(state.layer_zeros[i][1], 1), 4)
-                                for i in range(len(layer_sparsity))] if layer_sparsity else None),
+            "layer_sparsity": ([round(z / t, 4) if t else None for z, t in
+                                (state.layer_zeros.get(i, (0, 0)) for i in range(len(layer_sparsity)))]
+                               if layer_sparsity else None),
             "layer_sparsity_target": [round(s, 4) for s in layer_sparsity] if layer_sparsity else None,
             "storage": {"packed": len(state.restore), "dense": len(targets) - len(state.restore)},
             **({"hessian": state.hessian_notes} if state.hessian_notes else {}),

@@ -34,6 +34,7 @@ from transformers import DynamicCache, QuantizedCache
 import compress
 from compress.calibration import builtin_text
 from compress.kvcache import GEARCache, KVCacheSettings
+from compress.budget import kv_bytes_per_token
 from compress.kvcache.cache import dynamic_cache_bytes, quantized_cache_bytes
 from compress.kvcache.quality import copy_sequences, copy_accuracy, heldout_windows, kv_quality
 from compress.bench_args import check_device, positive_int, run_cli  # noqa: E402
@@ -141,7 +142,8 @@ def run(args) -> list[dict]:
     model = compress.load(args.model, dtype=args.dtype)
     model.set_attn_implementation("gear_kv")
     tok = compress.load_tokenizer(args.model)
-    rows = configurations(args.quick)
+    # --only picks from every configuration (--quick then shortens the protocol, not the list)
+    rows = configurations(args.quick and not args.only)
     if args.only:
         rows = [r for r in rows if r["name"] in args.only or r["method"] == "fp16"]
     if args.dtype == "bfloat16":  # the baseline cache holds the model's dtype
@@ -174,7 +176,10 @@ def run(args) -> list[dict]:
             res[f"decode_speed_ratio_{n // 1024}k"] = ratio
             if n == 4096:
                 nbytes, entries = cache_bytes(cache)
-                res["bits_per_element"] = 8 * nbytes / entries
+                res["bits_per_element"] = 8 * nbytes / entries  # read a few decode steps into the window's cycle
+        if kw:  # ours: the mean over a whole cycle of the uncompressed window at 4k (compress inspect's figure)
+            kv = kv_bytes_per_token(model.config, KVCacheSettings.build(**kw), tokens=4096)
+            res["bits_per_element_cycle_mean"] = 16 * kv["compressed"] / kv["uncompressed"]
         if memory_kv is not None:
             res[f"kv_bytes_ratio_{args.memory_context // 1024}k"] = cache_bytes(filled(factory, memory_kv))[0] / fp16_bytes
         res["seconds"] = time.perf_counter() - t0
@@ -188,17 +193,17 @@ def print_table(rows: list[dict], args) -> None:
     from rich.table import Table
 
     mem = f"kv_bytes_ratio_{args.memory_context // 1024}k" if args.memory_context else None
-    cols = ["name", "bits_per_element", "ppl_delta_pct", "kl", "top1_agreement", "copy_accuracy",
-            "decode_speed_ratio_1k", "decode_speed_ratio_4k"] + ([mem] if mem else [])
-    heads = ["config", "bits/elem", "ppl Δ%", "KL", "top-1", "copy acc", "speed 1k", "speed 4k"] + \
+    cols = ["name", "bits_per_element", "bits_per_element_cycle_mean", "ppl_delta_pct", "kl", "top1_agreement",
+            "copy_accuracy", "decode_speed_ratio_1k", "decode_speed_ratio_4k"] + ([mem] if mem else [])
+    heads = ["config", "bits/elem", "cycle mean", "ppl Δ%", "KL", "top-1", "copy acc", "speed 1k", "speed 4k"] + \
             ([f"bytes {args.memory_context // 1024}k"] if mem else [])
     table = Table(title=f"KV cache on {args.model} (ppl ref {rows[0]['ppl_reference']:.2f}; {args.windows} windows x "
                         f"{args.window_len} tokens; copy {args.copy_num} x {args.copy_len})")
     for h in heads:
         table.add_column(h, justify="right")
     for r in rows:
-        table.add_row(*[r[c] if isinstance(r[c], str) else f"{r[c]:.4f}" if c == "kl" else f"{r[c]:.3f}"
-                        for c in cols])
+        table.add_row(*["-" if r.get(c) is None else r[c] if isinstance(r[c], str) else f"{r[c]:.4f}" if c == "kl"
+                        else f"{r[c]:.3f}" for c in cols])
     Console(width=160).print(table)
 
 
@@ -305,6 +310,11 @@ def main(argv=None) -> None:
     if args.long:
         print(json.dumps(long_context(args.long, args.device, args.only or ["gear-4-r2"], args.model), indent=2))
         return
+    if args.only and not args.long:
+        known = {r["name"] for r in configurations(False)}
+        unknown = [n for n in args.only if n not in known]
+        if unknown:  # a row the installed extras lack (hf-quanto-*, hf-hqq-*) was named by the skip line above
+            ap.error(f"--only {' '.join(unknown)}: no such configuration; known: {', '.join(sorted(known))}")
     if args.quick:
         args.windows, args.window_len, args.copy_num, args.copy_len = 2, 192, 2, 96
         args.steps, args.reps, args.memory_context = 4, 1, 0

@@ -211,3 +211,14 @@ def test_one_recipe_chains_every_pass(tmp_path):
         gen = model.generate(ids, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
     assert isinstance(gen.cache, GEARCache)
     assert summary["eval"]["kl"] > summary["eval"]["kv_cache"]["kl"] > 0
+
+
+def test_a_pass_that_grows_the_stored_model_says_so(tmp_path):
+    """int8 codes + scales + the mask after 50% unstructured pruning hold more than the packed sparse layers did."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: builtin:tiny\npasses:\n  - prune: {method: magnitude, sparsity: 0.5}\n"
+                      "  - quantize: {method: rtn, bits: 8}\n")
+    result = run("apply", recipe, "--output", tmp_path / "out", "--no-eval")
+    assert result.exit_code == 0, result.output
+    notes = [line for line in result.output.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and notes[0].startswith("note: quantize made the stored model larger (13.37 MB -> ")

@@ -6,8 +6,10 @@ standard benchmark, for users with internet) runs on a compressed checkpoint the
 tokenizer, ["hellaswag"], tasks_dir=None)`."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import subprocess
 from pathlib import Path
 
 from ..errors import CompressError
@@ -64,7 +66,30 @@ def lm_eval_results(lm, tasks: list[str], tasks_dir: Path | None = DATA_DIR, lim
                               metadata={"fixtures_dir": str(tasks_dir)})
     else:
         manager = TaskManager()
-    out = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, random_seed=seed,
-                                  numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
-                                  bootstrap_iters=0, log_samples=False, verbosity="ERROR")
+    with _quiet_git_hash():
+        out = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, random_seed=seed,
+                                      numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+                                      bootstrap_iters=0, log_samples=False, verbosity="ERROR")
     return out["results"]
+
+
+@contextlib.contextmanager
+def _quiet_git_hash():
+    """lm-eval records the current folder's git commit by running `git describe`, whose stderr reaches the user as
+    'fatal: not a git repository' outside a repository: the same query, its stderr dropped."""
+    import lm_eval.evaluator as evaluator
+
+    def commit_hash():
+        try:
+            return subprocess.check_output(["git", "describe", "--always"], stderr=subprocess.DEVNULL).strip().decode()
+        except (subprocess.CalledProcessError, FileNotFoundError, OSError):
+            return None
+
+    if not hasattr(evaluator, "get_git_commit_hash"):  # another lm-eval version: leave it as it is
+        yield
+        return
+    saved, evaluator.get_git_commit_hash = evaluator.get_git_commit_hash, commit_hash
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash = saved

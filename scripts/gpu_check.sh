@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One run on a lent GPU machine (the device tool runs it in the repository root, $OUT comes back):
 # every Triton kernel against its torch reference compiled for real (the kernel tests), then the GPU benchmarks.
-# The machine cannot download: pydantic (which its image lacks) and transformers 5.24 (its image has 5.17, from before
-# `cache=`) travel in .gearwheels/ (ignored; `bash scripts/make_gearwheels.sh` fills it, ~5 MB) and the call carries
-# that folder. A call sends the tracked tree (~58 MiB) plus what it carries, 64 MiB at most: carry nothing else.
+# The machine cannot download: pydantic and fla-core (which its image lacks) and transformers 5.24 (its image has
+# 5.17, from before `cache=`) travel in .gearwheels/ (ignored; `bash scripts/make_gearwheels.sh` fills it, ~5 MB) and
+# the call carries that folder. A call sends the tracked tree (~58 MiB) plus what it carries, 64 MiB at most: carry nothing else.
 # Two halves, each within one device call (600 s): `bash scripts/gpu_check.sh kv` (kernel tests + KV serving,
 # ~520 s at most) and `bash scripts/gpu_check.sh sparse` (GPU kernels + sparse dispatch + sparse speed, ~500 s at
 # most); no argument runs both (only where a call may run ~1,020 s). `bash scripts/gpu_check.sh lin` (~440 s at most):
@@ -48,8 +48,8 @@ fi
 if [ "$PART" = quick ]; then
 timeout -k 10 -s INT 150 python3 -P -m pytest -q -p no:cacheprovider tests/kernels/test_kv_attention.py tests/kvcache/test_cuda.py \
   tests/prune/test_gpu_dispatch.py 2>&1 | tail -n 20 | tee "$OUT/kernel_tests.txt"
-timeout -k 10 -s INT 60 python3 -P -m pytest -q -p no:cacheprovider tests/linearize/test_models.py -k triton_decode 2>&1 \
-  | tail -n 8 | tee "$OUT/linear_decode_tests.txt"
+timeout -k 10 -s INT 60 python3 -P -m pytest -q -p no:cacheprovider tests/linearize/test_models.py \
+  tests/linearize/test_fla_cuda.py -k "triton_decode or fla" 2>&1 | tail -n 8 | tee "$OUT/linear_decode_tests.txt"
 timeout 140 python3 -P benchmarks/kv_serving.py --json --shapes 8,32768,128 8,8192,128 --max-seconds 100 \
   > "$OUT/kv_serving.json" 2> "$OUT/kv_serving.log"; tail -n 20 "$OUT/kv_serving.log"
 # the activation-sparsity thresholds from a file (`--quick --no-cpu --save-quality` on builtin:small, made on a CPU):
@@ -63,8 +63,8 @@ fi
 if [ "$PART" = lin ]; then
 # issue 10 on a GPU: the linearized layers' Triton decode steps against the torch step (compiled for real), then
 # decode speed and cache bytes at Llama-3-8B layer shapes (2 layers, bf16, batch 8, 1k/8k/32k) vs DynamicCache
-timeout -k 10 -s INT 120 python3 -P -m pytest -q -p no:cacheprovider tests/linearize/test_models.py -k triton_decode 2>&1 \
-  | tail -n 15 | tee "$OUT/linear_decode_tests.txt"
+timeout -k 10 -s INT 120 python3 -P -m pytest -q -p no:cacheprovider tests/linearize/test_models.py \
+  tests/linearize/test_fla_cuda.py -k "triton_decode or fla" 2>&1 | tail -n 15 | tee "$OUT/linear_decode_tests.txt"
 timeout 300 python3 -P benchmarks/linearize.py --json --serving-shape --device cuda --batch 8 --reps 3 --steps 16 \
   > "$OUT/linearize_gpu.json" 2> "$OUT/linearize_gpu.err"; tail -n 5 "$OUT/linearize_gpu.err"
 fi

@@ -4,7 +4,8 @@
 # transformers 5.17, peft, accelerate, rich, pyyaml, safetensors, scipy) lacks pydantic, and its transformers predates
 # 5.24, the first with `cache=` (the whole package calls models with it). What a call sends (the tracked tree, ~58
 # MiB with the built-in models, plus what it carries) must stay under 64 MiB, and transformers' wheel is 13 MB: so
-# - pydantic, its own dependencies and regex (transformers 5.24 checks its version at import) as cp312 wheels, and
+# - pydantic and its own dependencies, and fla-core (the linearized layers' prefill kernels; pure Python, 1 MB) as
+#   wheels (the image's regex, einops, hub and tokenizers satisfy transformers 5.24 and fla), and
 # - transformers, at the version installed here, as a tarball without the model families this package's GPU runs
 #   never build (all but auto, llama, mistral, qwen2 and qwen3, plus encoder_decoder, which AutoTokenizer imports,
 #   and bloom and gpt2, which peft imports; nor pipelines/exporters/cli; ~1.8 MB), for gpu_check.sh to unpack beside the image's.
@@ -12,7 +13,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PINS=$(python -c 'import importlib.metadata as md; print(" ".join(f"{n}=={md.version(n)}" for n in ["pydantic",
-"pydantic-core", "annotated-types", "typing-inspection", "typing-extensions", "regex", "transformers"]))')
+"pydantic-core", "annotated-types", "typing-inspection", "typing-extensions", "transformers"]))')
+PINS="$PINS fla-core==0.6.0"  # the `fla` extra: GLA / gated-delta-rule prefill on CUDA (not installed here: no GPU)
 rm -rf .gearwheels && mkdir .gearwheels
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
 # shellcheck disable=SC2086

@@ -32,6 +32,7 @@ import torch
 from transformers import DynamicCache, QuantizedCache
 
 import compress
+from compress import CompressError
 from compress.calibration import builtin_text
 from compress.kvcache import GEARCache, KVCacheSettings
 from compress.budget import kv_bytes_per_token
@@ -138,14 +139,18 @@ def context_ids(tok, n: int) -> torch.Tensor:
 
 
 def run(args) -> list[dict]:
+    # --only picks from every configuration (--quick then shortens the protocol, not the list)
+    rows = configurations(args.quick and not args.only)
+    if args.only:
+        known = {r["name"] for r in rows}
+        unknown = [n for n in args.only if n not in known]
+        if unknown:  # a row the installed extras lack (hf-quanto-*, hf-hqq-*) was named by the skip line above
+            raise CompressError(f"--only {' '.join(unknown)}: no such configuration; known: {', '.join(sorted(known))}")
+        rows = [r for r in rows if r["name"] in args.only or r["method"] == "fp16"]
     torch.manual_seed(0)
     model = compress.load(args.model, dtype=args.dtype)
     model.set_attn_implementation("gear_kv")
     tok = compress.load_tokenizer(args.model)
-    # --only picks from every configuration (--quick then shortens the protocol, not the list)
-    rows = configurations(args.quick and not args.only)
-    if args.only:
-        rows = [r for r in rows if r["name"] in args.only or r["method"] == "fp16"]
     if args.dtype == "bfloat16":  # the baseline cache holds the model's dtype
         rows[0].update(name="dynamic-bf16", bits=16)
     windows = heldout_windows(tok, builtin_text("builtin:heldout"), args.windows, args.window_len)
@@ -310,11 +315,6 @@ def main(argv=None) -> None:
     if args.long:
         print(json.dumps(long_context(args.long, args.device, args.only or ["gear-4-r2"], args.model), indent=2))
         return
-    if args.only and not args.long:
-        known = {r["name"] for r in configurations(False)}
-        unknown = [n for n in args.only if n not in known]
-        if unknown:  # a row the installed extras lack (hf-quanto-*, hf-hqq-*) was named by the skip line above
-            ap.error(f"--only {' '.join(unknown)}: no such configuration; known: {', '.join(sorted(known))}")
     if args.quick:
         args.windows, args.window_len, args.copy_num, args.copy_len = 2, 192, 2, 96
         args.steps, args.reps, args.memory_context = 4, 1, 0

@@ -16,6 +16,7 @@ def _require_transformers(minimum: tuple[int, int] = (5, 24)) -> None:
     the unknown keyword and decodes without it (wrong tokens, no error), so refuse it at import instead."""
     import sys
     from importlib.metadata import version
+    from pathlib import Path
 
     from packaging.version import Version
 
@@ -24,7 +25,7 @@ def _require_transformers(minimum: tuple[int, int] = (5, 24)) -> None:
         return
     message = (f"compress needs transformers >= {minimum[0]}.{minimum[1]} (models take `cache=`), found {found}: "
                f"pip install -U 'transformers>={minimum[0]}.{minimum[1]},<6'")
-    if sys.argv and sys.argv[0].rsplit("/", 1)[-1] in ("compress", "-m"):  # the CLI: one line, exit 2
+    if sys.argv and Path(sys.argv[0]).stem in ("compress", "-m"):  # the CLI: one line, exit 2
         print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2)
     raise ImportError(message)

@@ -548,13 +548,13 @@ def _print_budget(con, b: dict) -> None:
                  f"{kv_stored:.0f} B", ratio(kv_stored, kv["uncompressed"])])
     if kv.get("recurrent_bytes"):
         rows.append(["recurrent state, any length (batch 1)", "-", _mb(kv["recurrent_bytes"]), "-"])
-    caption = f"weights at the storage dtype; KV at fp16, measured over {kv['tokens_measured']} tokens"
+    measured = f"measured over {kv['tokens_measured']} tokens"
     if kv.get("tokens_cycle"):
         first, last = kv["tokens_cycle"]
-        caption = (f"weights at the storage dtype; KV at fp16, compressed: mean over {first}-{last} tokens (the "
-                   f"uncompressed window of recent tokens in every state it takes), "
-                   f"{kv['compressed_min']:.0f}-{kv['compressed_max']:.0f} B")
-    con.print(_table("budget", ["", "original", "compressed", "ratio"], rows, caption=caption))
+        measured = (f"compressed: mean over {first}-{last} tokens (the uncompressed window of recent tokens in every "
+                    f"state it takes), {kv['compressed_min']:.0f}-{kv['compressed_max']:.0f} B")
+    con.print(_table("budget", ["", "original", "compressed", "ratio"], rows,
+                     caption=f"weights at the storage dtype; KV at fp16, {measured}"))
 
 
 @main.command("passes")

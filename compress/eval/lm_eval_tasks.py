@@ -82,7 +82,7 @@ def _quiet_git_hash():
     def commit_hash():
         try:
             return subprocess.check_output(["git", "describe", "--always"], stderr=subprocess.DEVNULL).strip().decode()
-        except (subprocess.CalledProcessError, FileNotFoundError, OSError):
+        except (subprocess.CalledProcessError, OSError):  # not a repository; no git
             return None
 
     if not hasattr(evaluator, "get_git_commit_hash"):  # another lm-eval version: leave it as it is

@@ -90,8 +90,7 @@ class Prune(Pass):
         nm = parse_structure(self.config.structure)
         prefix, layers = decoder_layers(model)
         layer_of = {name: _layer_index(name, prefix) for name in targets}
-        state = _RunState(model=model, nm=nm, value_bytes=checkpoint_dtype(model).itemsize)
-        state.layer_of = layer_of
+        state = _RunState(model=model, nm=nm, value_bytes=checkpoint_dtype(model).itemsize, layer_of=layer_of)
         label = f"prune ({self.config.method})"
         with timed(report), torch.no_grad():
             layer_sparsity = self._layer_sparsities(len(layers), layer_of, model, ctx, label)
@@ -261,10 +260,11 @@ class Prune(Pass):
     def _finish(self, state: "_RunState", name: str, module: nn.Linear, weight: torch.Tensor, mask: torch.Tensor) -> None:
         """Write the pruned weight, and swap in a packed SparseLinear when that is smaller (or asked for)."""
         module.weight.copy_(weight.to(module.weight.dtype) * mask.to(module.weight.dtype))
-        state.zeros += int((~mask).sum())
+        pruned = int((~mask).sum())
+        state.zeros += pruned
         state.total += mask.numel()
         counts = state.layer_zeros.setdefault(state.layer_of.get(name), [0, 0])
-        counts[0], counts[1] = counts[0] + int((~mask).sum()), counts[1] + mask.numel()
+        counts[0], counts[1] = counts[0] + pruned, counts[1] + mask.numel()
         rows, cols = module.weight.shape
         dense = rows * cols * state.value_bytes
         packed = nm_nbytes(rows, cols, *state.nm, state.value_bytes) if state.nm else \
@@ -288,10 +288,9 @@ class Prune(Pass):
 
 
 class _RunState:
-    def __init__(self, model: nn.Module, nm, value_bytes: int):
-        self.model, self.nm, self.value_bytes = model, nm, value_bytes
+    def __init__(self, model: nn.Module, nm, value_bytes: int, layer_of: dict[str, int | None]):
+        self.model, self.nm, self.value_bytes, self.layer_of = model, nm, value_bytes, layer_of
         self.zeros = self.total = 0
-        self.layer_of: dict[str, int | None] = {}
         self.layer_zeros: dict[int | None, list[int]] = {}  # decoder layer -> [pruned, total] weights
         self.restore: dict[str, dict] = {}
         self.hessian_notes: dict[str, str] = {}

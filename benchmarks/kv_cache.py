@@ -46,7 +46,7 @@ def configurations(quick: bool) -> list[dict]:
     per kept entry, 2 of every group of 64 at outlier_ratio 0.02 (0.75 bit/element); a rank-r term costs 16 r / D
     bits per element on its side (fp16 token factors; one channel basis per 2048-token page). Names: "o" = outliers,
     "rR" = rank R on K and V, "k1" = rank 1 on keys only, "noout" = without outliers, "fp8" = token factors in fp8
-    e4m3 (half their cost)."""
+    e4m3 (half their cost), "s8" = one-byte scales (scale_format log8: 0.125 bit/element less)."""
     # the uncompressed baseline: transformers' DynamicCache in the model's dtype (float32 on the CPU)
     rows = [dict(name="dynamic-fp32", method="fp16", bits=32), dict(name="hf-fp8", method="hf_quantized_fp8", bits=8)]
     # what a transformers user picks instead: QuantizedCache with its group-wise backends (per-token groups of 64
@@ -59,16 +59,21 @@ def configurations(quick: bool) -> list[dict]:
     bits_list = (2, 4) if quick else (2, 3, 4)
     for b in bits_list:
         rows.append(dict(name=f"kivi-{b}", method="kivi", bits=b, kw=dict(method="kivi", bits=b)))
-    grid = [  # (name suffix, outlier_ratio, key_rank, value_rank, low-rank factor dtype)
-        ("o", 0.02, 0, 0, "float16"), ("o-k1", 0.02, 1, 0, "float16"), ("r2", 0.02, 2, 2, "float16"),
-        ("noout-r2", 0.0, 2, 2, "float16"), ("k1", 0.0, 1, 0, "float16"), ("k1-fp8", 0.0, 1, 0, "float8_e4m3fn"),
-        ("r2-fp8", 0.02, 2, 2, "float8_e4m3fn"),
+        if not quick:
+            rows.append(dict(name=f"kivi-{b}-s8", method="kivi", bits=b,
+                             kw=dict(method="kivi", bits=b, scale_format="log8")))
+    grid = [  # (name suffix, outlier_ratio, key_rank, value_rank, low-rank factor dtype, scale format)
+        ("o", 0.02, 0, 0, "float16", "fp16"), ("o-k1", 0.02, 1, 0, "float16", "fp16"),
+        ("r2", 0.02, 2, 2, "float16", "fp16"), ("noout-r2", 0.0, 2, 2, "float16", "fp16"),
+        ("k1", 0.0, 1, 0, "float16", "fp16"), ("k1-fp8", 0.0, 1, 0, "float8_e4m3fn", "fp16"),
+        ("r2-fp8", 0.02, 2, 2, "float8_e4m3fn", "fp16"), ("o-s8", 0.02, 0, 0, "float16", "log8"),
+        ("k1-fp8-s8", 0.0, 1, 0, "float8_e4m3fn", "log8"),
     ]
     for b in bits_list:
-        for suffix, ratio, kr, vr, dtype in (grid[:3] if quick else grid):
+        for suffix, ratio, kr, vr, dtype, scale_format in (grid[:3] if quick else grid):
             rows.append(dict(name=f"gear-{b}-{suffix}", method="gear", bits=b,
                              kw=dict(method="gear", bits=b, outlier_ratio=ratio, key_rank=kr, value_rank=vr,
-                                     lowrank_dtype=dtype)))
+                                     lowrank_dtype=dtype, scale_format=scale_format)))
     return rows
 
 

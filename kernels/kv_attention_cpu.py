@@ -13,6 +13,7 @@ import torch
 from .cpu_build import load_c_library
 from .kv_attention_reference import attention_bias
 from .kv_pages import PAGE_FIELDS, num_tokens, page_pointers
+from .kv_scale import log8_table
 
 MAX_ROWS, MAX_RANK, MAX_HEAD_DIM = 64, 16, 512  # the kernel's fixed per-head buffers (csrc/kv_decode.c)
 
@@ -20,7 +21,8 @@ MAX_ROWS, MAX_RANK, MAX_HEAD_DIM = 64, 16, 512  # the kernel's fixed per-head bu
 _I64, _PTR, _I32, _ARR = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(ctypes.c_int64)
 _SIGNATURES = (("kv_decode_attention",
                 (_PTR, _I64, _I64, _I64, _I64, _I64, ctypes.c_float, _I64, _ARR, _ARR, _ARR, _ARR, _ARR, _ARR, _ARR,
-                 _I32, _I32, _I32, _I32, _I32, _I32, _I32, _PTR, _PTR, _I64, _PTR, _I64, _I64, _PTR, _PTR, _I32),
+                 _I32, _I32, _I32, _I32, _I32, _I32, _I32, _PTR, _PTR, _I64, _PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR,
+                 _I32),
                 ctypes.c_int),)
 
 
@@ -38,12 +40,12 @@ def _lanes(bits: int) -> int:
     return 8 if bits == 3 else 8 // bits
 
 
-_FP16_FIELDS = ("scale", "zero", "outlier_values", "basis")
+_FP16_FIELDS = ("zero", "outlier_values", "basis")
 
 
 def _page_layout_ok(page, b: int, h: int, d: int, bits: int) -> bool:
-    """CPU tensors of the kernel's dtypes (uint8 codes/offsets; fp16 scales, zeros, outliers, basis; fp16 or fp8
-    e4m3 token factors) shaped for this batch, head count and head_dim. Cached on the page (its tensors never
+    """CPU tensors of the kernel's dtypes (uint8 codes/offsets; fp16 or log8 (uint8) scales; fp16 zeros, outliers,
+    basis; fp16 or fp8 e4m3 token factors) shaped for this batch, head count and head_dim. Cached on the page (its tensors never
     change), so a long context's many pages cost one dict lookup each per decode step."""
     key = ("_cpu_layout_ok", b, h, d, bits)
     if key not in page.__dict__:
@@ -56,6 +58,7 @@ def _check_layout(page, b: int, h: int, d: int, bits: int) -> bool:
     return (all(t.device.type == "cpu" for t in tensors) and page.codes.dtype == torch.uint8
             and tuple(page.codes.shape[:2]) == (b, h) and page.codes.shape[-1] * 8 == d * bits
             and all(getattr(page, f) is None or getattr(page, f).dtype == torch.float16 for f in _FP16_FIELDS)
+            and page.scale.dtype in (torch.float16, torch.uint8)
             and (page.outlier_offsets is None or page.outlier_offsets.dtype == torch.uint8)
             and (page.a is None or page.a.dtype in (torch.float16, torch.float8_e4m3fn)))
 
@@ -88,6 +91,7 @@ def cpu_kernel_supports(query: torch.Tensor, keys, values, window_keys: torch.Te
             and d % gv == 0 and d // gv <= 64 and rows * (d // gv) <= 1024
             and keys.chunk_len == values.chunk_len and keys.chunk_len % keys.group_size == 0
             and len(kp) == len(vp) and all(k.codes.shape[2] == v.codes.shape[2] for k, v in zip(kp, vp))
+            and len({p.scale.dtype for p in kp}) == 1 and len({p.scale.dtype for p in vp}) == 1
             and all((p.outlier_values is not None) == bool(keys.per_group) for p in kp)
             and all((p.outlier_values is not None) == bool(values.per_group) for p in vp)
             and max([p.rank for p in kp + vp] + [0]) <= MAX_RANK)
@@ -126,15 +130,18 @@ def compressed_attention_cpu(query: torch.Tensor, keys, values, window_keys: tor
         tokens = (ctypes.c_int64 * n_pages)(*[p.codes.shape[2] for p in keys.pages])
         kq = (keys.bits, keys.group_size, keys.per_group, values.bits, values.group_size, values.per_group,
               keys.chunk_len)
+        k_slut, v_slut = (log8_table().data_ptr() if s.pages[0].scale.dtype == torch.uint8 else None
+                          for s in (keys, values))
     else:
-        kptr = krank = kfp8 = vptr = vrank = vfp8 = tokens = None
+        kptr = krank = kfp8 = vptr = vrank = vfp8 = tokens = k_slut = v_slut = None
         kq = (8, 1, 0, 8, 1, 0, 1)
     lut = _fp8_table()
     status = _library().kv_decode_attention(
         q.data_ptr(), b, h, (hq // h) * l, l, d, scale, n_pages, kptr, vptr, tokens, krank, vrank, kfp8, vfp8, *kq,
         wk.data_ptr(), wv.data_ptr(), w,
         bias.data_ptr() if bias is not None else None, bias.stride(0) if bias is not None else 0,
-        bias.stride(1) if bias is not None else 0, lut.data_ptr(), out.data_ptr(), torch.get_num_threads())
+        bias.stride(1) if bias is not None else 0, lut.data_ptr(), k_slut, v_slut, out.data_ptr(),
+        torch.get_num_threads())
     if status != 0:
         raise MemoryError("kv_decode_attention: could not allocate its per-head buffers")
     return out.to(query.dtype)

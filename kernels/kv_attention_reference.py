@@ -14,6 +14,7 @@ import math
 import torch
 
 from .kv_pages import num_tokens, outlier_coordinates
+from .kv_scale import scale_values
 from .bitpack import unpack_lanes
 
 MASKED = torch.finfo(torch.float32).min  # finite, so a fully masked row (left padding) stays finite
@@ -69,7 +70,8 @@ def _key_scores_block(q: torch.Tensor, keys, page) -> torch.Tensor:
     g, t = keys.group_size, page.codes.shape[2]
     lanes = unpack_lanes(page.codes, keys.bits)                           # [S, B, H, T, D/S]
     stride = lanes.shape[0]
-    lanes.view(stride, b, h, t // g, g, -1).mul_(_split_lanes(page.scale.float(), stride).contiguous().unsqueeze(4))
+    scale = _split_lanes(scale_values(page.scale), stride).contiguous()
+    lanes.view(stride, b, h, t // g, g, -1).mul_(scale.unsqueeze(4))
     q_lanes = _split_lanes(q, stride).reshape(stride * b * h, r, -1)
     s = torch.bmm(q_lanes, lanes.view(stride * b * h, t, -1).transpose(1, 2)).view(stride, b, h, r, t).sum(0)
     s.view(b, h, r, t // g, g).add_((q @ page.zero.float().transpose(-1, -2)).unsqueeze(-1))
@@ -85,7 +87,7 @@ def _value_mix_block(p: torch.Tensor, values, page) -> torch.Tensor:
     stride = lanes.shape[0]
     d = stride * lanes.shape[-1]
     ng = d // g
-    scale = page.scale.float()                                             # [B, H, T, D/G]
+    scale = scale_values(page.scale)                                       # [B, H, T, D/G]
     if ng == 1:  # one group per token: the scale folds into p
         ps = (p * scale.transpose(-1, -2)).view(1, b * h, r, t).expand(stride, -1, -1, -1).reshape(-1, r, t)
         out = torch.bmm(ps, lanes.view(stride * b * h, t, -1)).view(stride, b, h, r, -1)  # [S, B, H, R, D/S]

@@ -63,8 +63,19 @@ if triton is not None:
         return out
 
     @triton.jit
+    def _scales(tbl, n_pages, store, page, offs, SCALE8: tl.constexpr):
+        """The page's scales at offs (fp32): fp16, or log8 bytes u -> 2^(u/8 - 17) (kv_scale.py)."""
+        if SCALE8:
+            u = tl.load(_ptr(tbl, n_pages, store, 1, page, tl.uint8) + offs).to(tl.float32)
+            out = tl.exp2(u * 0.125 - 17.0)
+        else:
+            out = tl.load(_ptr(tbl, n_pages, store, 1, page, tl.float16) + offs).to(tl.float32)
+        return out
+
+    @triton.jit
     def _dequant_tile(tbl, n_pages, store, page, i, k_p, bh, D: tl.constexpr, C: tl.constexpr, G: tl.constexpr,
-                      BITS: tl.constexpr, PER: tl.constexpr, KEYS: tl.constexpr, ALIGN16: tl.constexpr):
+                      BITS: tl.constexpr, PER: tl.constexpr, KEYS: tl.constexpr, ALIGN16: tl.constexpr,
+                      SCALE8: tl.constexpr):
         """K_hat or V_hat [C, D] (fp32) of chunk i of a page of k_p chunks: codes * scale + zero + outliers."""
         t = tl.arange(0, C)
         d = tl.arange(0, D)
@@ -79,13 +90,13 @@ if triton is not None:
             NT: tl.constexpr = C // G
             tg = tl.arange(0, NT)
             stat = (bh * k_p * NT + i * NT + tg)[:, None] * D + d[None, :]
-            scale = _expand(tl.load(_ptr(tbl, n_pages, store, 1, page, tl.float16) + stat).to(tl.float32), NT, D, G, 0)
+            scale = _expand(_scales(tbl, n_pages, store, page, stat, SCALE8), NT, D, G, 0)
             zero = _expand(tl.load(_ptr(tbl, n_pages, store, 2, page, tl.float16) + stat).to(tl.float32), NT, D, G, 0)
         else:     # stats [C, D/G]: one column per group of G channels
             NG: tl.constexpr = D // G
             gi = tl.arange(0, NG)
             stat = (bh * k_p * C + i * C + t)[:, None] * NG + gi[None, :]
-            scale = _expand(tl.load(_ptr(tbl, n_pages, store, 1, page, tl.float16) + stat).to(tl.float32), C, NG, G, 1)
+            scale = _expand(_scales(tbl, n_pages, store, page, stat, SCALE8), C, NG, G, 1)
             zero = _expand(tl.load(_ptr(tbl, n_pages, store, 2, page, tl.float16) + stat).to(tl.float32), C, NG, G, 1)
         x = x * scale + zero
         if PER > 0:  # outliers: the correction added at its offset inside each group
@@ -153,7 +164,7 @@ if triton is not None:
             D: tl.constexpr, C: tl.constexpr, GK: tl.constexpr, GV: tl.constexpr, BITS: tl.constexpr,
             PK: tl.constexpr, PV: tl.constexpr, K_LR: tl.constexpr, V_LR: tl.constexpr, HAS_BIAS: tl.constexpr,
             ROWS: tl.constexpr, RB: tl.constexpr, BLOCK_W: tl.constexpr, DOT16: tl.constexpr,
-            A_FP8: tl.constexpr, ALIGN16: tl.constexpr):
+            A_FP8: tl.constexpr, ALIGN16: tl.constexpr, SCALE8: tl.constexpr):
         bh = tl.program_id(0)
         rows = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
         split = tl.program_id(2)
@@ -173,7 +184,7 @@ if triton is not None:
             page = c // P
             i = c - page * P
             k_p = tl.minimum(P, n_chunks - page * P)
-            k_hat = _dequant_tile(tbl, n_pages, 0, page, i, k_p, bh, D, C, GK, BITS, PK, True, ALIGN16)
+            k_hat = _dequant_tile(tbl, n_pages, 0, page, i, k_p, bh, D, C, GK, BITS, PK, True, ALIGN16, SCALE8)
             s = _dot(q, tl.trans(k_hat), DOT16)
             if K_LR:
                 u, a = _factors(tbl, n_pages, 0, page, i, k_p, bh, tl.load(ranks + page), D, C, RB, A_FP8)
@@ -184,7 +195,7 @@ if triton is not None:
             alpha = tl.exp(m_i - m_new)
             p = tl.exp(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            v_hat = _dequant_tile(tbl, n_pages, 1, page, i, k_p, bh, D, C, GV, BITS, PV, False, ALIGN16)
+            v_hat = _dequant_tile(tbl, n_pages, 1, page, i, k_p, bh, D, C, GV, BITS, PV, False, ALIGN16, SCALE8)
             acc = acc * alpha[:, None] + _dot(p, v_hat, DOT16)
             if V_LR:
                 rank = tl.load(ranks + n_pages + page)
@@ -224,7 +235,7 @@ def _combine_splits(acc: torch.Tensor, m: torch.Tensor, l: torch.Tensor) -> torc
 
 def triton_supports(keys, values, d: int) -> bool:
     """Shapes the kernel tiles: power-of-two head_dim >= 16, chunk >= 16 and group sizes dividing them, the same
-    bits and page structure for keys and values, ranks <= RANK_BLOCK."""
+    bits, page structure and scale format for keys and values, ranks <= RANK_BLOCK."""
     if not (_pow2(d) and d >= 16):
         return False
     if num_tokens(keys) == 0:
@@ -235,7 +246,8 @@ def triton_supports(keys, values, d: int) -> bool:
             and _pow2(values.group_size) and values.group_size <= d and len(keys.pages) == len(values.pages)
             and all(k.codes.shape[2] == v.codes.shape[2] for k, v in zip(keys.pages, values.pages))
             and max([p.rank for p in keys.pages + values.pages] + [0]) <= RANK_BLOCK
-            and len({p.a.dtype for p in keys.pages + values.pages if p.a is not None}) <= 1)
+            and len({p.a.dtype for p in keys.pages + values.pages if p.a is not None}) <= 1
+            and len({p.scale.dtype for p in keys.pages + values.pages}) == 1)
 
 
 def codes_aligned(pages, d: int, bits: int) -> bool:
@@ -272,11 +284,12 @@ def compressed_attention_triton(query, keys, values, window_keys, window_values,
         gk, gv, bits = keys.group_size, values.group_size, keys.bits
         a_fp8 = any(p.a is not None and p.a.element_size() == 1 for p in keys.pages + values.pages)
         align16 = codes_aligned(keys.pages + values.pages, d, bits)
+        scale8 = keys.pages[0].scale.dtype == torch.uint8
     else:
         tbl, ranks = torch.zeros(1, dtype=torch.int64, device=q.device), torch.zeros(2, dtype=torch.int32,
                                                                                      device=q.device)
         c, p_chunks, n_pages, pk, pv, k_lr, v_lr, gk, gv, bits, a_fp8 = 16, 1, 1, 0, 0, False, False, 16, 16, 8, False
-        align16 = False
+        align16 = scale8 = False
     n_chunks = n // c
     row_blocks = triton.cdiv(rows, ROW_BLOCK)
     splits = splits or _splits(q, b * h * row_blocks, n_chunks)
@@ -288,5 +301,6 @@ def compressed_attention_triton(query, keys, values, window_keys, window_values,
         q, acc, m, lse, bias.contiguous() if bias is not None else dummy, wk, wv, tbl, ranks,
         n_pages, n_chunks, p_chunks, w, h, l, rows, per_split,
         D=d, C=c, GK=gk, GV=gv, BITS=bits, PK=pk, PV=pv, K_LR=k_lr, V_LR=v_lr, HAS_BIAS=bias is not None,
-        ROWS=ROW_BLOCK, RB=RANK_BLOCK, BLOCK_W=WINDOW_BLOCK, DOT16=not interpreted(), A_FP8=a_fp8, ALIGN16=align16, **launch_config(d))
+        ROWS=ROW_BLOCK, RB=RANK_BLOCK, BLOCK_W=WINDOW_BLOCK, DOT16=not interpreted(), A_FP8=a_fp8, ALIGN16=align16,
+        SCALE8=scale8, **launch_config(d))
     return _combine_splits(acc, m, lse).view(b, hq, l, d).to(query.dtype)

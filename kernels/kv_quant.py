@@ -10,7 +10,9 @@ Layout (the shared storage spec of kvcache/ and kernels/), for x [..., T, D] (T 
   (a code may straddle two bytes), so 3-bit storage is exactly 3 bits per code.
 - quantization: zero = fp16(min), scale = fp16((max - min) / (2^b - 1)) (zero range: codes 0, x_hat = zero),
   q = clamp(floor((x - zero) / scale + 0.5), 0, 2^b - 1), x_hat = q * scale + zero, computed with the stored fp16
-  scale/zero so that dequantization reproduces exactly what the quantizer assumed.
+  scale/zero so that dequantization reproduces exactly what the quantizer assumed. With scale_format "log8" the
+  scale is one byte (kv_scale.py: 2^(u/8 - 17), the step searched per group, the zero centred) and the same
+  formula holds with the decoded scale.
 - outliers (GEAR, outlier_ratio = s > 0): in every group the `per_side` largest and `per_side` smallest entries are
   set aside before min/max, per_side = max(1, round(s * G / 2)) (so the kept fraction is 2 * per_side / G, which
   can exceed s for small groups: see `outlier_fraction`). Their codes clamp to the kept range, and the stored fp16
@@ -32,6 +34,7 @@ import torch
 from ..errors import ConfigError
 from .bitpack import pack_codes, unpack_codes, unpack_lanes  # noqa: F401  (public here too)
 from .dispatch import power_of_two as _pow2, use_triton
+from .kv_scale import SCALE_FORMATS, scale_values, search_log8
 
 try:
     import triton
@@ -61,9 +64,12 @@ def position_dtype(tokens: int, head_dim: int) -> torch.dtype:
     return torch.int16 if tokens * head_dim <= torch.iinfo(torch.int16).max else torch.int32
 
 
-def check_quant_args(shape, bits: int, group_size: int, axis: str, outlier_ratio: float = 0.0) -> None:
+def check_quant_args(shape, bits: int, group_size: int, axis: str, outlier_ratio: float = 0.0,
+                     scale_format: str = "fp16") -> None:
     if bits not in SUPPORTED_BITS:
         raise ConfigError(f"bits={bits} is not supported: use one of {SUPPORTED_BITS}")
+    if scale_format not in SCALE_FORMATS:
+        raise ConfigError(f"scale_format={scale_format!r} is not a scale format: use one of {SCALE_FORMATS}")
     if axis not in AXES:
         raise ConfigError(f"axis={axis!r} is not a quantization axis: use 'token' (keys) or 'channel' (values)")
     if len(shape) < 2:
@@ -92,7 +98,7 @@ class PackedQuant:
     """Quantized [..., T, D] tensor. `outlier_values`/`outlier_positions` are None without outliers."""
 
     codes: torch.Tensor              # uint8 [..., T, D*bits/8]
-    scale: torch.Tensor              # fp16 [..., T/G, D] (token axis) or [..., T, D/G] (channel axis)
+    scale: torch.Tensor              # fp16 (or log8 bytes) [..., T/G, D] (token axis) or [..., T, D/G] (channel)
     zero: torch.Tensor               # fp16, as scale
     bits: int
     group_size: int
@@ -150,8 +156,8 @@ def _select_outliers(xg: torch.Tensor, per_side: int):
 
 
 def quantize_pack_reference(x: torch.Tensor, bits: int, group_size: int, axis: str = "token",
-                            outlier_ratio: float = 0.0) -> PackedQuant:
-    check_quant_args(x.shape, bits, group_size, axis, outlier_ratio)
+                            outlier_ratio: float = 0.0, scale_format: str = "fp16") -> PackedQuant:
+    check_quant_args(x.shape, bits, group_size, axis, outlier_ratio, scale_format)
     shape = tuple(x.shape)
     t, d = shape[-2], shape[-1]
     lead = shape[:-2]
@@ -164,14 +170,19 @@ def quantize_pack_reference(x: torch.Tensor, bits: int, group_size: int, axis: s
         hi = xg.masked_fill(excluded, float("-inf")).amax(-1)
     else:
         lo, hi = xg.amin(-1), xg.amax(-1)
-    zero16 = lo.half()
-    scale16 = ((hi - lo) / levels).half()
-    zero, scale = zero16.float().unsqueeze(-1), scale16.float().unsqueeze(-1)
-    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
-    q = torch.floor((xg - zero) / safe + 0.5).clamp_(0, levels)
+    if scale_format == "log8":
+        stored_scale, zero16, q = search_log8(xg, lo, hi, levels, None if not per_side else ~excluded)
+    else:
+        zero16 = lo.half()
+        stored_scale = ((hi - lo) / levels).half()
+        safe = stored_scale.float().unsqueeze(-1)
+        safe = torch.where(safe == 0, torch.ones_like(safe), safe)
+        q = torch.floor((xg - zero16.float().unsqueeze(-1)) / safe + 0.5).clamp_(0, levels)
+    zero, scale = zero16.float().unsqueeze(-1), scale_values(stored_scale).unsqueeze(-1)
     codes = pack_codes(_ungrouped(q, t, d, group_size, axis).to(torch.uint8), bits).reshape(*lead, t, d * bits // 8)
     scale_shape = (*lead, t // group_size, d) if axis == "token" else (*lead, t, d // group_size)
-    out = PackedQuant(codes, scale16.reshape(scale_shape), zero16.reshape(scale_shape), bits, group_size, axis, shape)
+    out = PackedQuant(codes, stored_scale.reshape(scale_shape), zero16.reshape(scale_shape), bits, group_size, axis,
+                      shape)
     if per_side:
         x_sel = xg.gather(-1, picks)
         residual = x_sel - (q.gather(-1, picks) * scale + zero)
@@ -189,7 +200,7 @@ def quantize_pack_reference(x: torch.Tensor, bits: int, group_size: int, axis: s
 
 def _scale_expanded(p: PackedQuant, tensor: torch.Tensor) -> torch.Tensor:
     g = p.group_size
-    return tensor.float().repeat_interleave(g, dim=-2 if p.axis == "token" else -1)
+    return scale_values(tensor).repeat_interleave(g, dim=-2 if p.axis == "token" else -1)
 
 
 def add_outliers(x_hat: torch.Tensor, values: torch.Tensor | None, positions: torch.Tensor | None) -> torch.Tensor:
@@ -438,28 +449,33 @@ def unpack_dequantize_triton(p: PackedQuant, dtype: torch.dtype = torch.float32)
 
 # -------------------------------------------------------------------------------------------------- public API
 def quantize_pack(x: torch.Tensor, bits: int, group_size: int, axis: str = "token",
-                  outlier_ratio: float = 0.0) -> PackedQuant:
+                  outlier_ratio: float = 0.0, scale_format: str = "fp16") -> PackedQuant:
     """Quantize x [..., T, D] in groups of `group_size` along `axis` ("token": keys, "channel": values) to packed
-    `bits`-bit codes with fp16 scale/zero; with outlier_ratio > 0 set aside each group's extremes first."""
-    check_quant_args(x.shape, bits, group_size, axis, outlier_ratio)
-    if use_triton(x) and _triton_shapes_ok(x.shape[-2], x.shape[-1], group_size, axis):
+    `bits`-bit codes with fp16 zeros and fp16 (or "log8": one byte, kv_scale.py) scales; with outlier_ratio > 0 set
+    aside each group's extremes first. (log8's step search runs in torch on any device: the Triton quantizer
+    computes fp16 min-max only.)"""
+    check_quant_args(x.shape, bits, group_size, axis, outlier_ratio, scale_format)
+    if (scale_format == "fp16" and use_triton(x)
+            and _triton_shapes_ok(x.shape[-2], x.shape[-1], group_size, axis)):
         return quantize_pack_triton(x, bits, group_size, axis, outlier_ratio)
-    return quantize_pack_reference(x, bits, group_size, axis, outlier_ratio)
+    return quantize_pack_reference(x, bits, group_size, axis, outlier_ratio, scale_format)
 
 
-def quantize_keys(x: torch.Tensor, bits: int, group_size: int, outlier_ratio: float = 0.0) -> PackedQuant:
+def quantize_keys(x: torch.Tensor, bits: int, group_size: int, outlier_ratio: float = 0.0,
+                  scale_format: str = "fp16") -> PackedQuant:
     """Keys [..., T, D]: per channel, in groups of `group_size` consecutive tokens (KIVI)."""
-    return quantize_pack(x, bits, group_size, "token", outlier_ratio)
+    return quantize_pack(x, bits, group_size, "token", outlier_ratio, scale_format)
 
 
-def quantize_values(x: torch.Tensor, bits: int, group_size: int, outlier_ratio: float = 0.0) -> PackedQuant:
+def quantize_values(x: torch.Tensor, bits: int, group_size: int, outlier_ratio: float = 0.0,
+                    scale_format: str = "fp16") -> PackedQuant:
     """Values [..., T, D]: per token, in groups of `group_size` consecutive channels (KIVI)."""
-    return quantize_pack(x, bits, group_size, "channel", outlier_ratio)
+    return quantize_pack(x, bits, group_size, "channel", outlier_ratio, scale_format)
 
 
 def unpack_dequantize(p: PackedQuant, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The reconstruction [..., T, D]: dequant(codes) + outlier corrections."""
     t, d = p.shape[-2:]
-    if use_triton(p.codes) and _triton_shapes_ok(t, d, p.group_size, p.axis):
+    if p.scale.dtype == torch.float16 and use_triton(p.codes) and _triton_shapes_ok(t, d, p.group_size, p.axis):
         return unpack_dequantize_triton(p, dtype)
     return unpack_dequantize_reference(p, dtype)

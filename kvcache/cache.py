@@ -66,7 +66,7 @@ class GEARLayer(CacheLayerMixin):
         s.check_against_model(head_dim)
         common = dict(bits=s.bits, group_size=s.group_size, chunk_len=s.residual_length,
                       outlier_ratio=s.outlier_ratio, power_iters=s.power_iters, page_chunks=s.page_chunks,
-                      factor_dtype=getattr(torch, s.lowrank_dtype))
+                      factor_dtype=getattr(torch, s.lowrank_dtype), scale_format=s.scale_format)
         self.key_store = CompressedStore(axis=KEY_AXIS, **common)
         self.value_store = CompressedStore(axis=VALUE_AXIS, **common)
         b, h, _, d = key_states.shape

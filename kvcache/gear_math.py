@@ -39,11 +39,11 @@ def group_offsets(positions: torch.Tensor, axis: str, group_size: int, head_dim:
 
 
 def quantize_chunks(x: torch.Tensor, *, bits: int, group_size: int, axis: str, outlier_ratio: float,
-                    chunk_len: int) -> tuple[Page, PackedQuant]:
+                    chunk_len: int, scale_format: str = "fp16") -> tuple[Page, PackedQuant]:
     """Quantize x [B, H, n*C, D] chunk by chunk: a Page without low-rank, and the PackedQuant it came from."""
     b, h, t, d = x.shape
     n = t // chunk_len
-    p = quantize_pack(x.reshape(b, h, n, chunk_len, d), bits, group_size, axis, outlier_ratio)
+    p = quantize_pack(x.reshape(b, h, n, chunk_len, d), bits, group_size, axis, outlier_ratio, scale_format)
     flat = lambda u: u.reshape(b, h, -1, u.shape[-1])  # noqa: E731
     page = Page(flat(p.codes), flat(p.scale), flat(p.zero))
     if p.outlier_values is not None:
@@ -54,12 +54,12 @@ def quantize_chunks(x: torch.Tensor, *, bits: int, group_size: int, axis: str, o
 
 def compress_span(x: torch.Tensor, *, bits: int, group_size: int, axis: str, outlier_ratio: float, chunk_len: int,
                   rank: int, power_iters: int, basis: torch.Tensor | None = None,
-                  factor_dtype: torch.dtype = torch.float16) -> Page:
+                  factor_dtype: torch.dtype = torch.float16, scale_format: str = "fp16") -> Page:
     """Compress x [B, H, n*C, D] into one Page; with `basis` (fp16 [B, H, D, r]) the residual is projected onto it,
     else with rank > 0 a basis of the span's own residual is found."""
     x = x.float()
     page, packed = quantize_chunks(x, bits=bits, group_size=group_size, axis=axis, outlier_ratio=outlier_ratio,
-                                   chunk_len=chunk_len)
+                                   chunk_len=chunk_len, scale_format=scale_format)
     if basis is None and not rank:
         return page
     err = x - unpack_dequantize(packed).reshape(x.shape)

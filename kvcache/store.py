@@ -34,11 +34,12 @@ class CompressedStore:
     """One layer's compressed keys (axis "token": groups along tokens) or values ("channel": along channels)."""
 
     def __init__(self, *, axis: str, bits: int, group_size: int, chunk_len: int, outlier_ratio: float,
-                 power_iters: int, page_chunks: int = 32, factor_dtype: torch.dtype = torch.float16):
+                 power_iters: int, page_chunks: int = 32, factor_dtype: torch.dtype = torch.float16,
+                 scale_format: str = "fp16"):
         self.axis, self.bits, self.group_size, self.chunk_len = axis, bits, group_size, chunk_len
         self.outlier_ratio, self.power_iters, self.page_chunks = outlier_ratio, power_iters, page_chunks
         self.per_group = 2 * outliers_per_side(outlier_ratio, group_size)
-        self.factor_dtype = factor_dtype
+        self.factor_dtype, self.scale_format = factor_dtype, scale_format
         self.pages: list[Page] = []
 
     # ---- size -------------------------------------------------------------------------------------------------
@@ -78,7 +79,8 @@ class CompressedStore:
     def _compress(self, x, rank, basis) -> Page:
         return compress_span(x, bits=self.bits, group_size=self.group_size, axis=self.axis,
                              outlier_ratio=self.outlier_ratio, chunk_len=self.chunk_len, rank=rank,
-                             power_iters=self.power_iters, basis=basis, factor_dtype=self.factor_dtype)
+                             power_iters=self.power_iters, basis=basis, factor_dtype=self.factor_dtype,
+                             scale_format=self.scale_format)
 
     # ---- reading ----------------------------------------------------------------------------------------------
     def snapshot(self) -> "CompressedStore":

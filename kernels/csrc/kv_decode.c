@@ -9,7 +9,8 @@
      values: p_t * scale_tg weighs the unpacked code row, p . zero per group, (p a) U^T, outliers.
    Codes are unpacked lane-outer (lane j: channels j, j+S, ...: contiguous byte loads, one shift and mask per lane,
    what the compiler vectorizes); query rows and the value accumulator live in that lane order, so no interleave is
-   needed until the end. fp16 fields are converted by bit manipulation; fp8 (e4m3) factors through a table. */
+   needed until the end. fp16 fields are converted by bit manipulation; fp8 (e4m3) factors and log8 scales (one
+   byte per group, kernels/kv_scale.py) through tables. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -133,7 +134,18 @@ typedef struct {
     const int64_t* ranks;   /* [n_pages] low-rank rank per page (0: none) */
     const int64_t* fp8;     /* [n_pages] token factors stored as fp8 e4m3 */
     int bits, group, per_group, chunk;
+    const float* slut;      /* log8 scales: the value of each byte [256]; NULL: fp16 scales */
 } Store;
+
+/* n scales of a page's scale field from entry `off` on -> float */
+static inline void scale_row(const Store* st, const void* base, int64_t off, int64_t n, float* dst) {
+    if (st->slut) {
+        const uint8_t* u = (const uint8_t*)base + off;
+        for (int64_t i = 0; i < n; ++i) dst[i] = st->slut[u[i]];
+    } else {
+        h2f_row((const uint16_t*)base + off, n, dst);
+    }
+}
 
 static const void* field(const Store* st, int64_t page, int f) {
     return (const void*)(intptr_t)st->ptrs[page * N_FIELDS + f];
@@ -146,11 +158,11 @@ static inline __attribute__((always_inline)) void page_scores_impl(
     int64_t t = st->tokens[page], g = st->group, nb = d * bits / 8, ng = t / g;
     int sl = lanes_of(bits);
     const uint8_t* codes = (const uint8_t*)field(st, page, F_CODES) + bh * t * nb;
-    const uint16_t* scale = (const uint16_t*)field(st, page, F_SCALE) + bh * ng * d;
+    const void* scale = field(st, page, F_SCALE);
     const uint16_t* zero = (const uint16_t*)field(st, page, F_ZERO) + bh * ng * d;
     float qz[64], *sc = tmp, *sc_lanes = tmp + d;
     for (int64_t grp = 0; grp < ng; ++grp) {
-        h2f_row(scale + grp * d, d, sc);
+        scale_row(st, scale, (bh * ng + grp) * d, d, sc);
         to_lanes(sc, d, sl, sc_lanes);
         h2f_row(zero + grp * d, d, sc);
         for (int64_t r = 0; r < r_rows; ++r) {
@@ -232,7 +244,7 @@ static inline __attribute__((always_inline)) void page_mix_impl(
     int sl = lanes_of(bits);
     int64_t n = d / sl, seg = g / sl;
     const uint8_t* codes = (const uint8_t*)field(st, page, F_CODES) + bh * t * nb;
-    const uint16_t* scale = (const uint16_t*)field(st, page, F_SCALE) + bh * t * ng;
+    const void* scale = field(st, page, F_SCALE);
     const uint16_t* zero = (const uint16_t*)field(st, page, F_ZERO) + bh * t * ng;
     float zsum[16 * 64];  /* [R, ng] sum_t p_t zero_tg */
     float sc[4 * 64], zf[4 * 64];
@@ -242,7 +254,7 @@ static inline __attribute__((always_inline)) void page_mix_impl(
         for (int u = 0; u < 4; ++u) {  /* a missing token (tail) gets zero codes and zero weight */
             if (u < u_n) {
                 unpack_row(codes + (k + u) * nb, bits, d, buf + u * d);
-                h2f_row(scale + (k + u) * ng, ng, sc + u * ng);
+                scale_row(st, scale, (bh * t + k + u) * ng, ng, sc + u * ng);
                 h2f_row(zero + (k + u) * ng, ng, zf + u * ng);
             } else {
                 memset(buf + u * d, 0, sizeof(float) * (size_t)d);
@@ -353,7 +365,8 @@ static MixFn mix_fn(int bits, int64_t d) {
 
 /* out [B, H, R, D] = softmax(q K^T * scale + bias) V for every (b, h); q [B, H, R, D] (R = query heads per KV head
    x L steps, row i*L + l at step l); window keys/values [B, H, W, D] fp32; bias [B, L, N+W] with strides
-   (bias_sb, bias_sl) or NULL. Returns 0, or -1 if a buffer could not be allocated. */
+   (bias_sb, bias_sl) or NULL; lut: fp8 e4m3 factor values [256]; k_slut / v_slut: log8 scale values [256], or NULL
+   where that side's scales are fp16. Returns 0, or -1 if a buffer could not be allocated. */
 int kv_decode_attention(const float* q, int64_t b_size, int64_t h_size, int64_t r_rows, int64_t l_steps, int64_t d,
                         float softmax_scale, int64_t n_pages,
                         const int64_t* k_ptrs, const int64_t* v_ptrs, const int64_t* tokens,
@@ -361,9 +374,9 @@ int kv_decode_attention(const float* q, int64_t b_size, int64_t h_size, int64_t 
                         int k_bits, int k_group, int k_per_group, int v_bits, int v_group, int v_per_group,
                         int chunk, const float* wk, const float* wv, int64_t w_len,
                         const float* bias, int64_t bias_sb, int64_t bias_sl, const float* lut,
-                        float* out, int nthreads) {
-    Store ks = {k_ptrs, tokens, k_ranks, k_fp8, k_bits, k_group, k_per_group, chunk};
-    Store vs = {v_ptrs, tokens, v_ranks, v_fp8, v_bits, v_group, v_per_group, chunk};
+                        const float* k_slut, const float* v_slut, float* out, int nthreads) {
+    Store ks = {k_ptrs, tokens, k_ranks, k_fp8, k_bits, k_group, k_per_group, chunk, k_slut};
+    Store vs = {v_ptrs, tokens, v_ranks, v_fp8, v_bits, v_group, v_per_group, chunk, v_slut};
     int64_t n = 0;
     for (int64_t pg = 0; pg < n_pages; ++pg) n += tokens[pg];
     int64_t kv = n + w_len, pairs = b_size * h_size;

@@ -21,11 +21,12 @@ TOL = dict(rtol=2e-2, atol=2e-2) if ON_GPU else dict(rtol=1e-4, atol=1e-5)
 
 
 def build_store(x, axis, bits, group, chunk, outlier_ratio, ranks, page_chunks, device="cpu",
-                factor_dtype=torch.float16):
+                factor_dtype=torch.float16, scale_format="fp16"):
     """x [B, H, N, D] appended in pieces of (chunks, rank), so the store has several pages, an open page that later
     chunks were projected into, and pages of different ranks; returns (store, float64 reconstruction)."""
     store = CompressedStore(axis=axis, bits=bits, group_size=group, chunk_len=chunk, outlier_ratio=outlier_ratio,
-                            power_iters=2, page_chunks=page_chunks, factor_dtype=factor_dtype)
+                            power_iters=2, page_chunks=page_chunks, factor_dtype=factor_dtype,
+                            scale_format=scale_format)
     start = 0
     with torch_quantizer_on_cpu():
         for chunks, rank in ranks:
@@ -52,13 +53,13 @@ def dense_attention_f64(q, k, v, bias):
 
 def make_case(bits=4, outlier_ratio=0.05, key_ranks=((3, 2), (2, 0)), value_ranks=((3, 3), (2, 0)), chunk=32,
               window=5, batch=2, kv_heads=2, q_heads=4, q_len=1, group=32, d=64, page_chunks=2, seed=0,
-              device="cpu", factor_dtype=torch.float16):
+              device="cpu", factor_dtype=torch.float16, scale_format="fp16"):
     torch.manual_seed(seed)
     n = sum(c for c, _ in key_ranks) * chunk
     keys, k_dense = build_store(torch.randn(batch, kv_heads, n, d) * 2, "token", bits, group, chunk, outlier_ratio,
-                                key_ranks, page_chunks, device, factor_dtype)
+                                key_ranks, page_chunks, device, factor_dtype, scale_format)
     values, v_dense = build_store(torch.randn(batch, kv_heads, n, d), "channel", bits, group, chunk, outlier_ratio,
-                                  value_ranks, page_chunks, device, factor_dtype)
+                                  value_ranks, page_chunks, device, factor_dtype, scale_format)
     wk = torch.randn(batch, kv_heads, window, d).half()
     wv = torch.randn(batch, kv_heads, window, d).half()
     q = torch.randn(batch, q_heads, q_len, d)
@@ -77,8 +78,10 @@ KIVI = dict(outlier_ratio=0.0, key_ranks=((3, 0), (2, 0)), value_ranks=((3, 0), 
 
 @pytest.mark.parametrize("bits", (2, 3, 4, 8))
 @pytest.mark.parametrize("fmt", [KIVI, GEAR], ids=["kivi", "gear"])
-def test_reference_matches_float64_dense(bits, fmt):
-    q, keys, values, wk, wv, k_all, v_all = make_case(bits, **fmt)
+@pytest.mark.parametrize("scale_format", ("fp16", "log8"))
+def test_reference_matches_float64_dense(bits, fmt, scale_format):
+    q, keys, values, wk, wv, k_all, v_all = make_case(bits, scale_format=scale_format, **fmt)
+    assert keys.pages[0].scale.dtype == (torch.uint8 if scale_format == "log8" else torch.float16)
     assert [p.codes.shape[2] for p in keys.pages] == [64, 64, 32]  # pages of 2 chunks, the last one open
     mask = left_padding_mask(2, k_all.shape[2], pad=37)  # the second row starts 37 tokens late
     out = A.compressed_attention_reference(q, keys, values, wk, wv, mask)
@@ -125,9 +128,11 @@ needs_c = pytest.mark.skipif(AC._library() is None, reason="no C compiler: the C
 @needs_c
 @pytest.mark.parametrize("bits", (2, 3, 4, 8))
 @pytest.mark.parametrize("fmt", [KIVI, GEAR], ids=["kivi", "gear"])
-@pytest.mark.parametrize("factor_dtype", (torch.float16, torch.float8_e4m3fn), ids=["fp16", "fp8"])
-def test_cpu_kernel_matches_reference(bits, fmt, factor_dtype):
-    q, keys, values, wk, wv, k_all, v_all = make_case(bits, factor_dtype=factor_dtype, **fmt)
+@pytest.mark.parametrize("factor_dtype, scale_format", [(torch.float16, "fp16"), (torch.float8_e4m3fn, "fp16"),
+                                                       (torch.float8_e4m3fn, "log8")], ids=["fp16", "fp8", "fp8-log8"])
+def test_cpu_kernel_matches_reference(bits, fmt, factor_dtype, scale_format):
+    q, keys, values, wk, wv, k_all, v_all = make_case(bits, factor_dtype=factor_dtype, scale_format=scale_format,
+                                                      **fmt)
     mask = left_padding_mask(2, k_all.shape[2], pad=37)
     assert AC.cpu_kernel_supports(q, keys, values, wk)
     out = AC.compressed_attention_cpu(q, keys, values, wk, wv, mask)
@@ -139,10 +144,12 @@ def test_cpu_kernel_matches_reference(bits, fmt, factor_dtype):
 
 
 @needs_c
-@pytest.mark.parametrize("d, bits, group", [(128, 2, 64), (128, 3, 32), (256, 4, 64), (96, 2, 32), (40, 4, 8)])
-def test_cpu_kernel_head_sizes(d, bits, group):
+@pytest.mark.parametrize("d, bits, group, scale_format", [(128, 2, 64, "fp16"), (128, 3, 32, "log8"),
+                                                         (256, 4, 64, "fp16"), (96, 2, 32, "log8"), (40, 4, 8, "fp16")])
+def test_cpu_kernel_head_sizes(d, bits, group, scale_format):
     """64/128 run specialized code, the rest the generic loops (96: whole AVX2 blocks; 40: the scalar unpacking)."""
-    q, keys, values, wk, wv, k_all, v_all = make_case(bits, d=d, group=group, chunk=64, q_heads=8, **GEAR)
+    q, keys, values, wk, wv, k_all, v_all = make_case(bits, d=d, group=group, chunk=64, q_heads=8,
+                                                      scale_format=scale_format, **GEAR)
     assert AC.cpu_kernel_supports(q, keys, values, wk)
     torch.testing.assert_close(AC.compressed_attention_cpu(q, keys, values, wk, wv).double(),
                                dense_attention_f64(q, k_all, v_all, None), rtol=1e-4, atol=1e-5)
@@ -214,6 +221,7 @@ def _to(device, *tensors):
     dict(bits=4, kv_heads=1, q_heads=2),                              # GEAR: outliers, ranks 2/3 and 0 pages
     dict(bits=2, **KIVI),                                             # KIVI-2
     dict(bits=4, batch=1, factor_dtype=torch.float8_e4m3fn),          # fp8 e4m3 low-rank token factors
+    dict(bits=2, batch=1, scale_format="log8"),                       # one-byte scales, GEAR-2
     dict(bits=3, window=0, batch=1),                                  # 3-bit straddling codes, no window
     dict(bits=8, q_len=2, window=40, group=16, batch=1),              # two new tokens, group < chunk
     dict(bits=4, q_len=9, window=12, batch=1),                        # 2 x 9 = 18 query rows: two row blocks
@@ -315,8 +323,9 @@ def test_fp8_factor_decode_matches_torch_for_every_byte(triton_kernels):
 
 
 @pytest.mark.parametrize("case", [dict(bits=4, **GEAR), dict(bits=2, **KIVI), dict(bits=4, d=128, **GEAR),
-                                  dict(bits=3, factor_dtype=torch.float8_e4m3fn, **GEAR)],
-                         ids=["gear-4", "kivi-2", "gear-4-d128", "gear-3-fp8"])
+                                  dict(bits=3, factor_dtype=torch.float8_e4m3fn, **GEAR),
+                                  dict(bits=2, scale_format="log8", d=128, **KIVI)],
+                         ids=["gear-4", "kivi-2", "gear-4-d128", "gear-3-fp8", "kivi-2-log8-d128"])
 def test_fp16_dots_of_the_gpu_path_stay_within_its_tolerance(triton_kernels, monkeypatch, case):
     """The compiled kernel multiplies in fp16 (DOT16, fp32 accumulation); the interpreter runs fp32 dots unless
     told otherwise. Run the GPU's fp16 variant here: its casts (q, K_hat, p, V_hat, the low-rank products) keep the

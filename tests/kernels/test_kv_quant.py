@@ -130,10 +130,65 @@ def test_position_dtype_and_byte_accounting():
     (dict(bits=4, group_size=48), "does not divide"),
     (dict(bits=4, group_size=32, axis="keys"), "axis"),
     (dict(bits=4, group_size=4, outlier_ratio=0.9), "every entry"),
+    (dict(bits=4, group_size=32, scale_format="fp8"), "scale format"),
 ])
 def test_bad_arguments_are_config_errors(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         K.quantize_pack(torch.randn(1, 1, 64, 64), **kwargs)
+
+
+@pytest.mark.parametrize("axis", AXES)
+@pytest.mark.parametrize("outlier_ratio", (0.0, 0.1))
+def test_log8_scales_dequantize_as_stored_and_beat_fp16_min_max(axis, outlier_ratio):
+    """One-byte scales (kv_scale.py): codes * 2^(u/8 - 17) + zero (+ outliers) is the reconstruction; the searched
+    step gives a lower squared error than fp16 min-max at 2-4 bits on channels with offsets and spreads like keys',
+    and the scales take 3/4 of fp16 scale + zero."""
+    torch.manual_seed(0)
+    x = (torch.randn(2, 2, 64, 64) * torch.rand(64) * 3 + torch.randn(64) * 2).half()
+    for bits in (2, 3, 4):
+        p = K.quantize_pack_reference(x, bits, 32, axis, outlier_ratio, "log8")
+        fp16 = K.quantize_pack_reference(x, bits, 32, axis, outlier_ratio)
+        assert p.scale.dtype == torch.uint8 and p.zero.dtype == torch.float16 and p.scale.shape == fp16.scale.shape
+        codes = K.unpack_codes(p.codes, bits).double()
+        manual = codes * _expanded(p, torch.exp2(p.scale.double() / 8 - 17)).double() + _expanded(p, p.zero).double()
+        manual = K.add_outliers(manual, p.outlier_values, p.outlier_positions)
+        torch.testing.assert_close(p.dequantize(), manual.float(), rtol=1e-6, atol=1e-6)
+        err, err16 = ((q.dequantize() - x.float()).square().sum().item() for q in (p, fp16))
+        assert err < (0.9 if bits < 4 else 1.0) * err16
+        assert 4 * p.nbytes()["scales_zeros"] == 3 * fp16.nbytes()["scales_zeros"]
+
+
+def test_log8_search_never_loses_to_the_step_that_clips_nothing():
+    """Per group, the chosen step's squared error is at most that of the smallest one-byte step covering the
+    group's range (one of the candidates), with the same centred zero: the search's argmin."""
+    from compress.kernels.kv_scale import log8_table
+
+    torch.manual_seed(1)
+    x = torch.randn(1, 4, 64, 64) * torch.rand(64) * 5
+    for bits in (2, 4):
+        p = K.quantize_pack_reference(x, bits, 64, "channel", 0.0, "log8")
+        xg = K._grouped(x.reshape(-1, 64, 64), 64, "channel")
+        lo, hi = xg.amin(-1, keepdim=True), xg.amax(-1, keepdim=True)
+        levels = (1 << bits) - 1
+        table = log8_table()
+        u = torch.searchsorted(table, ((hi - lo) / levels).contiguous())   # first table entry >= the min-max step
+        s = table[u]
+        z = ((lo + hi) / 2 - levels * s / 2).half().float()
+        covering = (torch.floor((xg - z) / s + 0.5).clamp(0, levels) * s + z - xg).square().sum(-1)
+        chosen = (K._grouped(p.dequantize().reshape(-1, 64, 64), 64, "channel") - xg).square().sum(-1)
+        assert (chosen <= covering * (1 + 1e-5) + 1e-9).all()
+        assert (chosen < covering * 0.99).float().mean() > 0.3  # and the clipping steps win often
+
+
+def test_log8_runs_in_torch_where_triton_is_asked_for(monkeypatch):
+    """The Triton quantizer computes fp16 min-max only: log8 quantizes (and dequantizes) in torch on any device."""
+    monkeypatch.setenv("COMPRESS_KERNELS", "triton")
+    monkeypatch.setattr(K, "quantize_pack_triton", lambda *a, **k: pytest.fail("Triton quantizer for log8"))
+    monkeypatch.setattr(K, "unpack_dequantize_triton", lambda *a, **k: pytest.fail("Triton dequantizer for log8"))
+    x = torch.randn(1, 1, 32, 64)
+    p = K.quantize_keys(x, 2, 32, scale_format="log8")
+    assert torch.equal(p.codes, K.quantize_pack_reference(x, 2, 32, "token", 0.0, "log8").codes)
+    assert (p.dequantize() - x).abs().max() < 2
 
 
 def test_public_functions_use_the_reference_on_cpu(monkeypatch):

@@ -80,6 +80,28 @@ def test_kivi_bits_per_element_by_hand(lm, heldout_ids):
     assert cache.bits_per_element() == pytest.approx(2 + 2 * 16 / 64)  # codes + fp16 scale and zero per group
 
 
+def test_log8_scales_read_like_their_reconstruction_and_cost_less(lm, heldout_ids, attn):
+    """One-byte scales: attention over the compressed storage (gear_kv: the C kernel) gives the logits of attention
+    over the cache's dense reconstruction (sdpa), and a KIVI-2 cache holds 2 + (8 + 16) / 64 bits per entry."""
+    ids = heldout_ids[:, :300]
+    logits = {}
+    for impl in ("gear_kv", "sdpa"):
+        attn(impl)
+        cache = GEARCache(lm.config, bits=2, outlier_ratio=0.02, key_rank=1, value_rank=0, scale_format="log8")
+        with torch.no_grad():
+            lm(ids[:, :-1], cache=cache, use_cache=True)
+            logits[impl] = lm(ids[:, -1:], cache=cache, use_cache=True).logits
+        assert cache.layers[0].key_store.pages[0].scale.dtype == torch.uint8
+    torch.testing.assert_close(logits["gear_kv"], logits["sdpa"], rtol=1e-4, atol=1e-4)
+    bits = {}
+    for fmt in ("fp16", "log8"):
+        cache = GEARCache(lm.config, method="kivi", bits=2, scale_format=fmt)
+        with torch.no_grad():
+            lm(heldout_ids[:, :256], cache=cache, use_cache=True)
+        bits[fmt] = cache.bits_per_element()
+    assert bits == pytest.approx({"fp16": 2 + 32 / 64, "log8": 2 + 24 / 64})
+
+
 def test_skip_layers_keep_a_dense_layer(lm, heldout_ids):
     cache = GEARCache(lm.config, bits=4, skip_layers=[0, 5])
     with torch.no_grad():

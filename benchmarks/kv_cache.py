@@ -178,6 +178,8 @@ def run(args) -> list[dict]:
         kw = row.get("kw", {})
         res.update(rank=max(kw.get("key_rank", 0), kw.get("value_rank", 0)), key_rank=kw.get("key_rank", 0),
                    value_rank=kw.get("value_rank", 0), outlier_ratio=kw.get("outlier_ratio", 0.0),
+                   lowrank_dtype=kw.get("lowrank_dtype", "float16") if kw else None,
+                   scale_format=kw.get("scale_format", "fp16") if kw else None,
                    residual_length=chunk if kw else None, ppl=q.ppl, ppl_reference=q.ppl_reference,
                    ppl_delta_pct=q.ppl_delta_pct, kl=q.kl, top1_agreement=q.top1_agreement,
                    copy_accuracy=copy_accuracy(model, seqs, factory, chunk))

@@ -38,9 +38,11 @@ from compress.kernels.kv_attention import compressed_decode_attention, decode_at
 from compress.kvcache.store import CompressedStore  # noqa: E402
 from compress.bench_args import check_device, positive_int, run_cli  # noqa: E402
 
-FORMATS = {  # name: (bits, outlier_ratio, key_rank, value_rank)
-    "kivi-2": (2, 0.0, 0, 0), "kivi-4": (4, 0.0, 0, 0), "gear-2": (2, 0.02, 2, 2), "gear-4": (4, 0.02, 2, 2),
+FORMATS = {  # name: (bits, outlier_ratio, key_rank, value_rank, scale format); "-s8": one-byte scales
+    "kivi-2": (2, 0.0, 0, 0, "fp16"), "kivi-4": (4, 0.0, 0, 0, "fp16"), "gear-2": (2, 0.02, 2, 2, "fp16"),
+    "gear-4": (4, 0.02, 2, 2, "fp16"), "kivi-2-s8": (2, 0.0, 0, 0, "log8"), "gear-4-s8": (4, 0.02, 2, 2, "log8"),
 }
+E2E_FORMATS = ("kivi-2", "kivi-4", "gear-2", "gear-4")
 GROUP = CHUNK = 64
 WINDOW = 32
 
@@ -51,8 +53,9 @@ def keys_like(b, h, n, d, device, gen):
     return torch.where(spikes, 6 * x, x)
 
 
-def build_store(x, axis, bits, ratio, rank):
-    s = CompressedStore(axis=axis, bits=bits, group_size=GROUP, chunk_len=CHUNK, outlier_ratio=ratio, power_iters=2)
+def build_store(x, axis, bits, ratio, rank, scale_format="fp16"):
+    s = CompressedStore(axis=axis, bits=bits, group_size=GROUP, chunk_len=CHUNK, outlier_ratio=ratio, power_iters=2,
+                        scale_format=scale_format)
     for start in range(0, x.shape[2], 8192):  # like a chunked prefill: bounded temporaries
         s.append(x[:, :, start:start + 8192], rank)
     return s
@@ -89,17 +92,17 @@ def attention_rows(device, shapes, min_run_time, deadline=math.inf):
         if k32 is not None:
             baseline["sdpa_fp32"] = lambda: F.scaled_dot_product_attention(q, k32, v32, enable_gqa=True)
         base_t = time_us(baseline, min_run_time)
-        for name, (bits, ratio, kr, vr) in FORMATS.items():
+        for name, (bits, ratio, kr, vr, sf) in FORMATS.items():
             t0 = time.perf_counter()
-            keys, values = build_store(k[:, :, :n], "token", bits, ratio, kr), \
-                build_store(v[:, :, :n], "channel", bits, ratio, vr)
+            keys, values = build_store(k[:, :, :n], "token", bits, ratio, kr, sf), \
+                build_store(v[:, :, :n], "channel", bits, ratio, vr, sf)
             wk, wv = k[:, :, n:].contiguous(), v[:, :, n:].contiguous()
             out = compressed_decode_attention(q, keys, values, wk, wv)
             err = ((out[:1].double() - exact).norm() / exact.norm()).item()
             ours = time_us({"ours": lambda: compressed_decode_attention(q, keys, values, wk, wv)}, min_run_time)["ours"]
             row = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu", kind="attention",
                        path=decode_attention_path(q, keys, values, wk), format=name, bits=bits,
-                       outlier_ratio=ratio, key_rank=kr, value_rank=vr, batch=batch, context=context, head_dim=d,
+                       outlier_ratio=ratio, key_rank=kr, value_rank=vr, scale_format=sf, batch=batch, context=context, head_dim=d,
                        q_heads=hq, kv_heads=h, bytes_vs_fp16=(held_bytes(keys, values) + 2 * wk.numel() * 2)
                        / (2 * k.numel() * 2), rel_err=err, us_ours=ours, us_sdpa_fp16=base_t["sdpa_fp16"],
                        speedup_vs_sdpa_fp16=base_t["sdpa_fp16"] / ours)
@@ -142,7 +145,8 @@ def e2e_rows(device, prompt, batch, new_tokens, budget_gib, baselines):
     use_compressed_attention(model)
     ids = torch.randint(100, model.config.vocab_size, (batch, prompt), device=device)
     caches = {"dynamic": lambda: DynamicCache(config=model.config)}
-    for name, (bits, ratio, kr, vr) in FORMATS.items():
+    for name in E2E_FORMATS:
+        bits, ratio, kr, vr, _ = FORMATS[name]
         caches[name] = (lambda b=bits, r=ratio, k=kr, v=vr: GEARCache(model.config, method="gear" if r or k or v
                         else "kivi", bits=b, outlier_ratio=r, key_rank=k, value_rank=v))
     if baselines:

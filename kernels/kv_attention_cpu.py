@@ -45,8 +45,8 @@ _FP16_FIELDS = ("zero", "outlier_values", "basis")
 
 def _page_layout_ok(page, b: int, h: int, d: int, bits: int) -> bool:
     """CPU tensors of the kernel's dtypes (uint8 codes/offsets; fp16 or log8 (uint8) scales; fp16 zeros, outliers,
-    basis; fp16 or fp8 e4m3 token factors) shaped for this batch, head count and head_dim. Cached on the page (its tensors never
-    change), so a long context's many pages cost one dict lookup each per decode step."""
+    basis; fp16 or fp8 e4m3 token factors) shaped for this batch, head count and head_dim. Cached on the page (its
+    tensors never change), so a long context's many pages cost one dict lookup each per decode step."""
     key = ("_cpu_layout_ok", b, h, d, bits)
     if key not in page.__dict__:
         page.__dict__[key] = _check_layout(page, b, h, d, bits)

@@ -9,7 +9,8 @@ C = chunk length (the cache's residual_length), G = group size, P = chunks per p
   a full page is never copied again. The page list is the page table: the kernel reads it through one table of
   pointers (`page_table`), as paged attention does.
 - codes    uint8 [B, H, k*C, D*bits/8]  (packed as in kv_quant.py)
-- scale, zero fp16: keys [B, H, k*C/G, D] (G tokens of one channel), values [B, H, k*C, D/G] (G channels of a token)
+- scale, zero fp16: keys [B, H, k*C/G, D] (G tokens of one channel), values [B, H, k*C, D/G] (G channels of a token);
+  scale_format "log8" stores the scale as one byte u, 2^(u/8 - 17) (kv_scale.py; a store's pages share one format)
 - outliers (GEAR): in every group the `per_group` entries set aside by the quantizer (kv_quant.py): correction
   values fp16 and their offsets inside the group as uint8 (token offset for keys, channel offset for values),
   both [B, H, k, n_groups_per_chunk * per_group], group by group in the scale layout's order.
@@ -17,7 +18,8 @@ C = chunk length (the cache's residual_length), G = group size, P = chunks per p
   tokens and token factors `a` fp16 (or fp8 e4m3) [B, H, k*C, r] = residual @ basis, so the page's residual ~ a @ basis^T. The
   prompt's pages get their basis from all their tokens (power iteration); a page opened by a decode chunk from that
   chunk, and later chunks of the page are projected onto it. Rank r is per page (0: none).
-Per element this costs bits + 32/G (scale, zero) + per_group * 24/G (outliers) + 16 r / D (a) + 16 r / (P C) (basis)."""
+Per element this costs bits + 32/G (scale, zero; 24/G with log8 scales) + per_group * 24/G (outliers) + 16 r / D (a)
++ 16 r / (P C) (basis)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -33,7 +35,7 @@ class Page:
     """Up to P chunks of one store; every tensor compact [B, H, ...]; fields absent in this format are None."""
 
     codes: torch.Tensor
-    scale: torch.Tensor
+    scale: torch.Tensor                          # fp16, or uint8 (log8 scales)
     zero: torch.Tensor
     outlier_values: torch.Tensor | None = None   # fp16 [B, H, k, n_out]
     outlier_offsets: torch.Tensor | None = None  # uint8 [B, H, k, n_out]

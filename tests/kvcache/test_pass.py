@@ -15,7 +15,8 @@ RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
 def test_apply_save_load_generate_uses_compressed_cache(tmp_path, heldout_ids, reference_tokenizer):
     model = compress.load("builtin:tiny")
-    gear = compress.get_pass("gear_kv")(bits=4, key_rank=2, value_rank=1, outlier_ratio=0.02, skip_layers=[0])
+    gear = compress.get_pass("gear_kv")(bits=4, key_rank=2, value_rank=1, outlier_ratio=0.02, skip_layers=[0],
+                                        scale_format="log8")
     model, report = compress.apply(model, [gear], progress=False)
     assert report.bytes_before == report.bytes_after  # no weight changes
     assert report.passes[0].modules == [f"model.layers.{i}.self_attn" for i in range(1, 6)]
@@ -26,6 +27,8 @@ def test_apply_save_load_generate_uses_compressed_cache(tmp_path, heldout_ids, r
     with torch.no_grad():
         out = reloaded.generate(ids, max_new_tokens=20, do_sample=False, return_dict_in_generate=True)
     assert isinstance(out.cache, GEARCache) and out.cache.settings.value_rank == 1
+    assert out.cache.settings.scale_format == "log8"
+    assert out.cache.layers[1].key_store.pages[0].scale.dtype == torch.uint8
     assert out.cache.layers[1].key_store.num_tokens == 128 and reloaded.config._attn_implementation == "gear_kv"
     # the same tokens as an explicit cache with these settings on the original model
     with torch.no_grad():
@@ -44,6 +47,7 @@ def test_apply_save_load_generate_uses_compressed_cache(tmp_path, heldout_ids, r
     (dict(method="kivi", key_rank=2), "kivi"),
     (dict(outlier_ratio=0.6), "outlier_ratio"),
     (dict(rank=2), "rank"),
+    (dict(scale_format="fp8"), "scale_format"),
 ])
 def test_bad_arguments(args, match):
     with pytest.raises(CompressError, match=match):

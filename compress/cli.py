@@ -452,109 +452,13 @@ def _check_context(config, prompt_tokens: int, new_tokens: int) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def inspect(checkpoint, sparse_runtime, device, as_json):
     """Passes applied, bytes per component (dense vs compressed), runtime path per compressed layer, the recipe."""
-    import torch
+    from .cli_inspect import inspect_checkpoint, print_inspection
 
-    from . import models
-    from .checkpoint import verify_files
-    from .inspection import bytes_by_component
-    from .prune.runtime import runtime_plan
-
-    path = models.resolve_model_path(checkpoint)
-    section = models.compression_section(path) or {}
-    model = models.load(checkpoint, meta=True)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if _compressed_tensors_folder(path):
-        # transformers builds these layers (its compressed-tensors integration), the meta model is the dense one:
-        # the files are checked for damage and counted from their headers
-        from .checkpoint import weight_files
-        from .checkpoint_validation import check_weight_files
-        from .inspection import bytes_by_component_from_headers
-
-        comps = bytes_by_component_from_headers(check_weight_files(path, weight_files(path)))
-        paths = {}
-    else:
-        verify_files(path, model)  # a damaged weight file is an error here too, without reading the tensors
-        comps = bytes_by_component(model, storage_dtype=model.compress_storage_dtype)
-        paths = runtime_plan(model, sparse_runtime, device)
-        comps.update(_extra_folder_components(path, section, model))
-    recipe = (path / "recipe.yaml").read_text() if (path / "recipe.yaml").exists() else None
-    from .budget import budget
-
-    result = {"checkpoint": str(path), "compression": section, "components": comps,
-              "budget": budget(model, section, model.compress_storage_dtype, comps),
-              "checkpoint_bytes": folder_bytes(path), "recipe": recipe,
-              "runtime": {"device": device, "sparse_runtime": sparse_runtime, "paths": paths}}
+    result = inspect_checkpoint(checkpoint, sparse_runtime, device)
     if as_json:
         click.echo(json.dumps(result, default=str))
         return
-    con = _console()
-    passes = section.get("passes", [])
-    con.print(f"[bold]{path}[/bold]  format {section.get('format_version', '-')}, "
-              f"compress {section.get('library_version', '-')}, calibration {section.get('calibration_hash') or '-'}")
-    for e in passes:
-        con.print(f"  pass {e['pass']}: " + ", ".join(f"{k}={v}" for k, v in e.get("args", {}).items()))
-    if not passes:
-        con.print("  no compression passes (a dense model)")
-    total = {k: sum(v[k] for v in comps.values()) for k in ("dense", "compressed")}
-    rows = [[c, _mb(v["dense"]), _mb(v["compressed"])] for c, v in sorted(comps.items())]
-    rows.append(["total", _mb(total["dense"]), _mb(total["compressed"])])
-    con.print(_table("bytes per component (at storage dtype)", ["component", "dense", "compressed"], rows))
-    _print_budget(con, result["budget"])
-    con.print(f"safetensors on disk: {_mb(result['checkpoint_bytes'])}")
-    if paths:
-        con.print(_table(f"runtime path per layer on {device} (sparse runtime {sparse_runtime})", ["module", "path"],
-                         [[name, p] for name, p in paths.items()]))
-    if recipe:
-        con.print("recipe:\n" + recipe)
-
-
-def _extra_folder_components(path: Path, section: dict, model) -> dict:
-    """Tensors a pass keeps in its own folder (an unmerged LoRA adapter) that the meta model does not hold: one
-    component per folder, counted from the files' headers, so the budget's total is what the checkpoint stores."""
-    from .checkpoint import extra_folders
-    from .checkpoint_validation import header_nbytes, read_header
-
-    if any(".lora_A." in name for name in model.state_dict()):
-        return {}  # already counted with the model's tensors
-    out = {}
-    for folder in extra_folders(path, section):
-        total = sum(header_nbytes(*info) for f in folder.glob("*.safetensors") for info in read_header(f).values())
-        if total:
-            out[f"{folder.name} (own folder)"] = {"dense": total, "compressed": 0}
-    return out
-
-
-def _compressed_tensors_folder(path) -> bool:
-    try:
-        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    quantization = config.get("quantization_config") if isinstance(config, dict) else None
-    return isinstance(quantization, dict) and quantization.get("quant_method") == "compressed-tensors"
-
-
-def _print_budget(con, b: dict) -> None:
-    """One table: weights per component (the head on its own line), then the KV cache per token."""
-    def ratio(new, old):
-        return f"{new / old:.3f}x" if old else "-"
-
-    rows = [[c, _mb(v["original"]), _mb(v["stored"]), ratio(v["stored"], v["original"])]
-            for c, v in b["weights"].items()]
-    t = b["weights_total"]
-    rows.append(["weights total", _mb(t["original"]), _mb(t["stored"]), ratio(t["stored"], t["original"])])
-    kv = b["kv_per_token"]
-    kv_stored = kv["compressed"] if kv["compressed"] is not None else kv["uncompressed"]
-    rows.append([f"KV cache per token ({kv.get('cache', 'uncompressed')})", f"{kv['uncompressed']:.0f} B",
-                 f"{kv_stored:.0f} B", ratio(kv_stored, kv["uncompressed"])])
-    if kv.get("recurrent_bytes"):
-        rows.append(["recurrent state, any length (batch 1)", "-", _mb(kv["recurrent_bytes"]), "-"])
-    measured = f"measured over {kv['tokens_measured']} tokens"
-    if kv.get("tokens_cycle"):
-        first, last = kv["tokens_cycle"]
-        measured = (f"compressed: mean over {first}-{last} tokens (the uncompressed window of recent tokens in every "
-                    f"state it takes), {kv['compressed_min']:.0f}-{kv['compressed_max']:.0f} B")
-    con.print(_table("budget", ["", "original", "compressed", "ratio"], rows,
-                     caption=f"weights at the storage dtype; KV at fp16, {measured}"))
+    print_inspection(result)
 
 
 @main.command("passes")

@@ -1,0 +1,42 @@
+"""benchmarks/kv_serving.py on a small shape: the issue's row interface, bytes and errors ordered as the formats
+promise, and --max-seconds naming what it cut (the end-to-end rows included)."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "kv_serving.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_kv_serving", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_rows_keep_the_interface_and_order(bench, capsys):
+    bench.main(["--json", "--device", "cpu", "--shapes", "1,352,64", "--no-e2e", "--min-run-time", "0.01"])
+    rows = {r["format"]: r for r in json.loads(capsys.readouterr().out)}
+    assert set(rows) == set(bench.FORMATS)
+    for r in rows.values():
+        assert {"device", "format", "batch", "context", "head_dim", "bytes_vs_fp16", "rel_err",
+                "speedup_vs_sdpa_fp16"} <= set(r)
+        assert (r["device"], r["batch"], r["context"], r["head_dim"]) == ("cpu", 1, 352, 64)
+        assert 0 < r["bytes_vs_fp16"] < 1 and 0 < r["rel_err"] < 1 and r["speedup_vs_sdpa_fp16"] > 0
+    assert rows["kivi-4"]["rel_err"] < rows["kivi-2"]["rel_err"]
+    assert rows["gear-4"]["rel_err"] < rows["gear-2"]["rel_err"]
+    assert rows["kivi-2"]["bytes_vs_fp16"] < rows["gear-2"]["bytes_vs_fp16"] < rows["kivi-4"]["bytes_vs_fp16"]
+    for s8, fp16 in (("kivi-2-s8", "kivi-2"), ("gear-4-s8", "gear-4")):  # one-byte scales: fewer bytes
+        assert rows[s8]["scale_format"] == "log8" and rows[fp16]["scale_format"] == "fp16"
+        assert rows[s8]["bytes_vs_fp16"] < rows[fp16]["bytes_vs_fp16"]
+
+
+def test_max_seconds_skips_shapes_and_end_to_end_rows_by_name(bench, capsys):
+    bench.main(["--json", "--device", "cpu", "--shapes", "1,352,64", "--max-seconds", "0"])
+    out = capsys.readouterr()
+    assert json.loads(out.out) == []
+    assert "[skip] batch 1 context 352 head_dim 64: past --max-seconds" in out.err
+    assert all(f"[skip] e2e {name}: past --max-seconds" in out.err for name in ("dynamic", *bench.E2E_FORMATS))

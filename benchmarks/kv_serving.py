@@ -102,8 +102,8 @@ def attention_rows(device, shapes, min_run_time, deadline=math.inf):
             ours = time_us({"ours": lambda: compressed_decode_attention(q, keys, values, wk, wv)}, min_run_time)["ours"]
             row = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu", kind="attention",
                        path=decode_attention_path(q, keys, values, wk), format=name, bits=bits,
-                       outlier_ratio=ratio, key_rank=kr, value_rank=vr, scale_format=sf, batch=batch, context=context, head_dim=d,
-                       q_heads=hq, kv_heads=h, bytes_vs_fp16=(held_bytes(keys, values) + 2 * wk.numel() * 2)
+                       outlier_ratio=ratio, key_rank=kr, value_rank=vr, scale_format=sf, batch=batch,
+                       context=context, head_dim=d, q_heads=hq, kv_heads=h, bytes_vs_fp16=(held_bytes(keys, values) + 2 * wk.numel() * 2)
                        / (2 * k.numel() * 2), rel_err=err, us_ours=ours, us_sdpa_fp16=base_t["sdpa_fp16"],
                        speedup_vs_sdpa_fp16=base_t["sdpa_fp16"] / ours)
             if "sdpa_fp32" in base_t:
@@ -246,8 +246,9 @@ def main(argv=None):
     ap.add_argument("--min-run-time", type=float, default=None)
     ap.add_argument("--no-e2e", action="store_true")
     ap.add_argument("--baselines", action="store_true", help="add transformers' QuantizedCache quanto/HQQ rows")
-    ap.add_argument("--shapes", nargs="+", metavar="B,CTX,D", type=attention_shape, help="attention shapes batch,context,head_dim "
-                    "(32 query / 8 KV heads) instead of the device's default list")
+    ap.add_argument("--shapes", nargs="+", metavar="B,CTX,D", type=attention_shape,
+                    help="attention shapes batch,context,head_dim (32 query / 8 KV heads) instead of the device's "
+                    "default list")
     ap.add_argument("--max-seconds", type=float, default=math.inf,
                     help="stop starting attention shapes after 60%% of this, and end-to-end rows after 85%% (they "
                     "run after the shapes)")

@@ -65,6 +65,27 @@ def test_merge_leaves_outputs_unchanged_and_keeps_the_zeros(kind):
         torch.testing.assert_close(dense_of(base), before, rtol=1e-5, atol=1e-6)
 
 
+def test_a_few_exact_zeros_are_not_a_pruned_layer():
+    """A trained layer may hold exact zeros by chance: below 1% it gets plain PEFT LoRA (every weight moves on merge,
+    the adapter loads in plain PEFT); from 1% its zeros are kept."""
+    base = pruned_linear("dense")
+    with torch.no_grad():
+        base.weight.view(-1)[:5] = 0.0                        # 5 of 768: 0.65%
+    layer = wrapped(base)
+    assert layer.keep_mask is None and layer.transformers_reads
+    with torch.no_grad():
+        layer.merge()
+    assert (base.weight.view(-1)[:5] != 0).all()
+    base = pruned_linear("dense")
+    with torch.no_grad():
+        base.weight.view(-1)[:8] = 0.0                        # 8 of 768: 1.04%
+    layer = wrapped(base)
+    assert layer.keep_mask is not None and not layer.transformers_reads
+    with torch.no_grad():
+        layer.merge()
+    assert not base.weight.view(-1)[:8].any()
+
+
 def test_nm_merge_keeps_the_packed_structure():
     base = pruned_linear("nm")
     indices = base.indices.clone()

@@ -44,7 +44,6 @@ setup(
         "click>=8.1",
         "pyyaml>=6.0",
         "pydantic>=2.5,<3",
-        "scipy>=1.10",
         "rich>=13",
         "peft>=0.13",
         "accelerate>=1.0",

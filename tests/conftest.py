@@ -2,7 +2,10 @@
 built-in reference model (every quality assertion)."""
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -35,6 +38,24 @@ def tiny_model(arch: str, seed: int = 0, **overrides):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(arch, **overrides), dtype=torch.float32)
     return model.eval()
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@functools.lru_cache(maxsize=None)
+def _script(relative: str):
+    spec = importlib.util.spec_from_file_location(Path(relative).stem + "_script", REPO / relative)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(name="script_module")
+def script_module_fixture():
+    """`script_module("benchmarks/kv_serving.py")`: a script of the repository (benchmarks/, scripts/) imported as
+    a module, once per session."""
+    return _script
 
 
 @pytest.fixture(name="tiny_model")

@@ -2,9 +2,7 @@
 computation, the LLM-KICK finding on a 70%-magnitude-pruned model, and deterministic fixtures."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +16,6 @@ from compress.eval.lm_eval_tasks import DATA_DIR  # noqa: E402
 from compress.eval.suite import read_rows, run_suite  # noqa: E402
 from compress.evaluate import evaluate, heldout_windows  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
 LIMIT = 4  # examples per lm-eval task: enough to compare, small enough for the CPU
 
 
@@ -100,10 +97,8 @@ def test_pruning_hurts_generation_more_than_perplexity_says(reference_model, ref
     assert agreement["agreement_top1"] < 1.0 and agreement["agreement_kl"] > 0.01
 
 
-def test_fixture_script_rebuilds_the_shipped_files(tmp_path):
-    spec = importlib.util.spec_from_file_location("build_eval_fixtures", ROOT / "scripts" / "build_eval_fixtures.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+def test_fixture_script_rebuilds_the_shipped_files(tmp_path, script_module):
+    script = script_module("scripts/build_eval_fixtures.py")
     script.main(["--out", str(tmp_path)])
     shipped = sorted(p.name for p in DATA_DIR.iterdir() if p.suffix in (".jsonl", ".yaml"))
     assert sorted(p.name for p in tmp_path.iterdir()) == shipped

@@ -1,20 +1,13 @@
 """benchmarks/kv_serving.py on a small shape: the issue's row interface, bytes and errors ordered as the formats
 promise, and --max-seconds naming what it cut (the end-to-end rows included)."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "kv_serving.py"
 
-
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_kv_serving", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture
+def bench(script_module):
+    return script_module("benchmarks/kv_serving.py")
 
 
 def test_rows_keep_the_interface_and_order(bench, capsys):

@@ -1,21 +1,14 @@
 """benchmarks/linearize.py: the recovered rows' ratio to the unconverted model given the same recovery."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 import compress
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "linearize.py"
 
-
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_linearize", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture
+def bench(script_module):
+    return script_module("benchmarks/linearize.py")
 
 
 def test_dense_recovered_ratio(bench, tmp_path, capsys, reference_tokenizer):

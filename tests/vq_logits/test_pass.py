@@ -187,14 +187,9 @@ def test_recipe_through_the_cli(tmp_path, reference_model, reference_tokenizer):
     assert 0 < mine["kl"] < 1.5  # K=256 from 1k calibration tokens: a sanity bound, quality is tested above
 
 
-def test_benchmark_head_only_scoring_equals_full_evaluation(fitted, reference_model, heldout):
+def test_benchmark_head_only_scoring_equals_full_evaluation(fitted, reference_model, heldout, script_module):
     """benchmarks/vq_logits.py scores heads on captured hidden states; that must equal compress.evaluate."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "vq_logits.py"
-    spec = importlib.util.spec_from_file_location("bench_vq_logits", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = script_module("benchmarks/vq_logits.py")
     model, _ = fitted["distill"]
     windows = heldout[:4]
     hidden = bench.head_inputs(reference_model, windows)

@@ -140,6 +140,10 @@ def e2e_rows(device, prompt, batch, new_tokens, budget_gib, baselines, deadline=
     from compress.kvcache import GEARCache, use_compressed_attention
     from compress.kvcache.cache import dynamic_cache_bytes, quantized_cache_bytes
 
+    if time.time() > deadline:
+        names = ["dynamic", *E2E_FORMATS] + (["hf-quanto-*", "hf-hqq-*"] if baselines else [])
+        print("\n".join(f"[skip] e2e {n}: past --max-seconds" for n in names), file=sys.stderr)
+        return []
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = e2e_model(device, dtype, small=device == "cpu")
     use_compressed_attention(model)

@@ -118,5 +118,3 @@ def _print_budget(con, b: dict) -> None:
                     f"state it takes), {kv['compressed_min']:.0f}-{kv['compressed_max']:.0f} B")
     con.print(_table("budget", ["", "original", "compressed", "ratio"], rows,
                      caption=f"weights at the storage dtype; KV at fp16, {measured}"))
-
-

@@ -128,8 +128,16 @@ class Prune(Pass):
             "storage": {"packed": len(state.restore), "dense": len(targets) - len(state.restore)},
             **({"hessian": state.hessian_notes} if state.hessian_notes else {}),
             "restore": state.restore,
+            "dense_pruned": state.dense_pruned,
         }
         return report
+
+    def entry(self, report=None) -> dict[str, Any]:
+        """Also the layers pruned but stored dense (`dense_pruned`): their zeros are the mask (recover keeps them)."""
+        out = super().entry(report)
+        if report is not None and report.details.get("dense_pruned"):
+            out["dense_pruned"] = report.details["dense_pruned"]
+        return out
 
     def _checked_targets(self, model: nn.Module) -> dict[str, nn.Linear]:
         matched = self.target_modules(model)
@@ -273,10 +281,22 @@ class Prune(Pass):
             sparse = SparseLinear.from_linear(module, mask, state.nm)
             replace_module(state.model, name, sparse)
             state.restore[name] = sparse.restore_spec()
+        else:  # its exact zeros are the mask: marked, so that recover keeps them however few they are
+            module.compress_pruned = True
+            state.dense_pruned.append(name)
 
     # ---------------------------------------------------------------------------------------------- restore
     def restore(self, model: nn.Module, entry: dict[str, Any]) -> None:
-        """Swap in SparseLinear modules shaped like the checkpoint's packed tensors, before the state dict loads."""
+        """Swap in SparseLinear modules shaped like the checkpoint's packed tensors, before the state dict loads; mark
+        the layers pruned but stored dense."""
+        dense_pruned = entry.get("dense_pruned") or []
+        if not isinstance(dense_pruned, list) or not all(isinstance(n, str) for n in dense_pruned):
+            raise CheckpointError("the prune entry's `dense_pruned` is not a list of module names: the checkpoint's "
+                                  "config.json is damaged")
+        for name in dense_pruned:
+            module = dict(model.named_modules()).get(name)
+            if isinstance(module, nn.Linear):
+                module.compress_pruned = True
         for name, spec in (entry.get("restore") or {}).items():
             try:
                 module = model.get_submodule(name)
@@ -293,6 +313,7 @@ class _RunState:
         self.zeros = self.total = 0
         self.layer_zeros: dict[int | None, list[int]] = {}  # decoder layer -> [pruned, total] weights
         self.restore: dict[str, dict] = {}
+        self.dense_pruned: list[str] = []
         self.hessian_notes: dict[str, str] = {}
 
 

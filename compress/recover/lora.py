@@ -29,22 +29,24 @@ from ..prune.sparse_linear import SparseLinear
 ADAPTER = "default"  # PEFT's default adapter name: one adapter per recover pass
 
 
-# the share of exact zeros from which a dense-stored layer counts as pruned: pruning leaves >= 10% (usually 50%);
-# a trained bf16 layer can hold a few exact zeros by chance, and masking its update for them would make the adapter
+# the share of exact zeros from which an unmarked dense layer counts as pruned (one pruned by another tool): a
+# trained bf16 layer can hold a few exact zeros by chance, and masking its update for them would make the adapter
 # one plain PEFT cannot load (a masked update is not PEFT's) for nothing
 PRUNED_ZERO_FRACTION = 0.01
 
 
 def keep_mask(layer: nn.Module) -> torch.Tensor | None:
-    """Bool [out, in] of the weights a pruned layer keeps; None for a layer that is not pruned (packed layers always
-    are; a dense-stored one when at least PRUNED_ZERO_FRACTION of its weights are exact zeros)."""
+    """Bool [out, in] of the weights a pruned layer keeps; None for a layer that is not pruned. Packed layers are;
+    a dense-stored layer is when the prune pass marked it (`compress_pruned`, also on reload) or, unmarked, when at
+    least PRUNED_ZERO_FRACTION of its weights are exact zeros."""
     if isinstance(layer, SparseLinear):
         if layer.format == "bitmask":
             return unpack_bitmask(layer.bitmask, layer.in_features).bool()
         ones = torch.ones(layer.out_features, layer.in_features // layer.m * layer.n, device=layer.indices.device)
         return nm_decode_reference(ones, layer.indices, layer.n, layer.m, layer.in_features) != 0
     zeros = layer.weight == 0
-    return ~zeros if zeros.float().mean().item() >= PRUNED_ZERO_FRACTION else None
+    pruned = getattr(layer, "compress_pruned", False) or int(zeros.sum()) >= PRUNED_ZERO_FRACTION * zeros.numel()
+    return ~zeros if pruned else None
 
 
 class SparsityKeepingLoraLinear(PeftLoraLinear):

@@ -182,6 +182,8 @@ EDITED_CONFIGS = {
     "adapter folder that is no name": (lambda c: c["compression"]["passes"].append(
         {"pass": "recover", "args": {}, "restore": {"adapter": 5, "modules": []}}),
         "restore.adapter must name a folder inside the checkpoint"),
+    "dense-pruned layers that are no names": (lambda c: c["compression"]["passes"][0].update(dense_pruned=[3]),
+                                              "`dense_pruned` is not a list of module names"),
 }
 
 

@@ -234,6 +234,7 @@ def test_triton_matches_reference(triton_kernels, case):
     q, keys, values, wk, wv, k_all, v_all = make_case(**case, device=dev)
     mask = None if case.get("q_len", 1) > 1 else left_padding_mask(case.get("batch", 2), k_all.shape[2], pad=20)
     ref = A.compressed_attention_reference(*_to(dev, q), keys, values, *_to(dev, wk, wv, mask)).cpu()
+    assert A.decode_attention_path(*_to(dev, q), keys, values, *_to(dev, wk, wv)) == "triton"  # no silent fallback
     got = A.compressed_decode_attention(*_to(dev, q), keys, values, *_to(dev, wk, wv, mask)).cpu()
     torch.testing.assert_close(got, ref, **TOL)
     bias = A.attention_bias(mask, q.shape[0], q.shape[2], k_all.shape[2], "cpu")

@@ -180,6 +180,20 @@ def test_log8_search_never_loses_to_the_step_that_clips_nothing():
         assert (chosen < covering * 0.99).float().mean() > 0.3  # and the clipping steps win often
 
 
+def test_log8_constant_groups_are_exact_and_a_nan_is_no_crash():
+    x = torch.full((1, 1, 32, 64), 0.375)
+    x[..., 1] = 0.0
+    for axis in AXES:
+        assert torch.equal(K.quantize_pack_reference(x, 2, 32, axis, 0.0, "log8").dequantize(), x)
+    y = torch.randn(1, 1, 64, 64)
+    y[0, 0, 10, 3] = float("nan")  # a NaN group decodes to garbage (as with fp16 scales); the others are intact
+    p = K.quantize_pack_reference(y, 4, 32, "token", 0.0, "log8")
+    err = (p.dequantize() - y).abs()
+    finite = torch.ones_like(y, dtype=torch.bool)
+    finite[0, 0, :32, 3] = False                          # tokens 0-31 of channel 3: the NaN's group
+    assert err[finite].max() < 0.5
+
+
 def test_log8_runs_in_torch_where_triton_is_asked_for(monkeypatch):
     """The Triton quantizer computes fp16 min-max only: log8 quantizes (and dequantizes) in torch on any device."""
     monkeypatch.setenv("COMPRESS_KERNELS", "triton")

@@ -88,10 +88,20 @@ def test_magnitude_keeps_its_behaviour_and_needs_no_data(reference_tokenizer):
         assert torch.equal(m.dense_weight()[kept], w[kept])
 
 
-def test_low_sparsity_stays_dense_when_dense_is_smaller(reference_tokenizer):
-    model, report = pruned("magnitude", reference_tokenizer, calibration=None, sparsity=0.02)
+def test_low_sparsity_stays_dense_when_dense_is_smaller(reference_tokenizer, tmp_path):
+    model, report = pruned("magnitude", reference_tokenizer, calibration=None, sparsity=0.005)
     assert report.details["storage"] == {"packed": 0, "dense": 42} and not sparse_modules(model)
     assert report.details["restore"] == {}
+    # the dense-stored layers are marked pruned (recover keeps their zeros, however few), in memory and on reload
+    assert len(report.details["dense_pruned"]) == 42 and model.model.layers[0].mlp.down_proj.compress_pruned
+    reloaded = compress.load(compress.save(model, tmp_path / "p", tokenizer=reference_tokenizer))
+    assert reloaded.model.layers[0].mlp.down_proj.compress_pruned
+    assert not getattr(reloaded.lm_head, "compress_pruned", False)
+    from compress.recover.lora import keep_mask
+
+    w = reloaded.model.layers[0].mlp.down_proj.weight  # 0.5% zeros: an unmarked layer would not count as pruned
+    assert torch.equal(keep_mask(reloaded.model.layers[0].mlp.down_proj), w != 0) and (w == 0).any()
+    model, report = pruned("magnitude", reference_tokenizer, calibration=None, sparsity=0.02)
     w = model.model.layers[0].mlp.down_proj.weight
     assert int((w == 0).sum()) == round(w.numel() * 0.02)
     forced, _ = pruned("magnitude", reference_tokenizer, calibration=None, sparsity=0.02, storage="packed")

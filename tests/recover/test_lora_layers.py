@@ -84,6 +84,14 @@ def test_a_few_exact_zeros_are_not_a_pruned_layer():
     with torch.no_grad():
         layer.merge()
     assert not base.weight.view(-1)[:8].any()
+    base = pruned_linear("dense")  # marked by the prune pass: its zeros are kept however few
+    with torch.no_grad():
+        base.weight.view(-1)[:5] = 0.0
+    base.compress_pruned = True
+    layer = wrapped(base)
+    with torch.no_grad():
+        layer.merge()
+    assert not base.weight.view(-1)[:5].any() and (base.weight.view(-1)[5:] != 0).all()
 
 
 def test_nm_merge_keeps_the_packed_structure():

@@ -1,14 +1,16 @@
 """Storage of the KV quantizer's per-group scale: "fp16" (KIVI's and GEAR's own), or "log8": one byte u per group,
 scale = 2^(u/8 - 17) (steps of 9%, from 7.6e-6 to 3.0e4: group ranges up to 9e4 at 2 bits, far beyond what keys
-and values reach), chosen per group by a small search. It halves the scale's cost (0.125 bit per element at groups of 64; the zero stays fp16, because
-keys carry per-channel offsets many times their group's range, which an 8-bit zero would blur).
+and values reach), chosen per group by a small search. It halves the scale's cost (0.125 bit per element at groups
+of 64; the zero stays fp16, because keys carry per-channel offsets many times their group's range, which an 8-bit
+zero would blur).
 
 The search: among the three 8-bit steps nearest the min-max step (the largest at or below it, the next one up, and
 one further below: the two smaller ones clip the group's extremes a little), with the zero centred on the group's
-range (a constant group keeps its value as the zero, exactly), the step whose reconstruction has the least squared error over the group's quantized entries (outliers,
-stored exactly, excluded). On builtin:small's keys and values this lowers the reconstruction error below fp16
-min-max's (by ~25% at 2 bits, ~18% at 3, ~6% at 4; 10% above it at 8 bits), and the cache's KL on the reference
-model is lower at 2-3 bits and the same within noise at 4 (BENCHMARKS.md, "One-byte scales")."""
+range (a constant group keeps its value as the zero, exactly), the step whose reconstruction has the least squared
+error over the group's quantized entries (outliers, stored exactly, excluded). On builtin:small's keys and values
+this lowers the reconstruction error below fp16 min-max's (by ~25% at 2 bits, ~18% at 3, ~6% at 4; 10% above it at
+8 bits), and the cache's KL on the reference model is lower at 2-3 bits and the same within noise at 4
+(BENCHMARKS.md, "One-byte scales"). It costs ~1.6-1.8x the fp16 quantizer's CPU time (three candidate passes)."""
 from __future__ import annotations
 
 import functools
@@ -44,21 +46,25 @@ def search_log8(xg: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, levels: in
     u0 = torch.nan_to_num(u0, nan=255.0)  # a NaN in the group: garbage in, as with fp16 scales, but no bad index
     mid = (lo + hi) / 2
     constant = span == 0  # such a group is exact with zero = its value (fp16 min-max's zero)
-    best = None
+    best_err = best_u = best_zero = None
     for du in (0, 1, -1):  # the largest at or below the min-max step, the next one up, one further below
         u = (u0 + du).clamp(0, 255).long()
         s = table[u]
         zero16 = torch.where(constant, lo, mid - levels * s / 2).half()
-        z = zero16.float().unsqueeze(-1)
-        q = torch.floor((xg - z) / s.unsqueeze(-1) + 0.5).clamp_(0, levels)
-        err = (q * s.unsqueeze(-1) + z - xg).square_()
+        x_hat = _codes(xg, s, zero16, levels).mul_(s.unsqueeze(-1)).add_(zero16.float().unsqueeze(-1))
+        err = x_hat.sub_(xg).square_()
         if keep is not None:
-            err = err.masked_fill_(~keep, 0.0)
+            err.masked_fill_(~keep, 0.0)
         err = err.sum(-1)
-        if best is None:
-            best = [err, u, zero16, q]
+        if best_err is None:
+            best_err, best_u, best_zero = err, u, zero16
         else:
-            better = err < best[0]
-            best = [torch.where(better, err, best[0]), torch.where(better, u, best[1]),
-                    torch.where(better, zero16, best[2]), torch.where(better.unsqueeze(-1), q, best[3])]
-    return best[1].to(torch.uint8), best[2], best[3]
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_u, best_zero = torch.where(better, u, best_u), torch.where(better, zero16, best_zero)
+    return best_u.to(torch.uint8), best_zero, _codes(xg, table[best_u], best_zero, levels)
+
+
+def _codes(xg: torch.Tensor, s: torch.Tensor, zero16: torch.Tensor, levels: int) -> torch.Tensor:
+    """floor((x - zero) / s + 0.5) clamped to the codes, for groups xg [..., G] with s, zero16 [...]."""
+    return (xg - zero16.float().unsqueeze(-1)).div_(s.unsqueeze(-1)).add_(0.5).floor_().clamp_(0, levels)

@@ -19,6 +19,7 @@ def test_rows_keep_the_interface_and_order(bench, capsys):
                 "speedup_vs_sdpa_fp16"} <= set(r)
         assert (r["device"], r["batch"], r["context"], r["head_dim"]) == ("cpu", 1, 352, 64)
         assert 0 < r["bytes_vs_fp16"] < 1 and 0 < r["rel_err"] < 1 and r["speedup_vs_sdpa_fp16"] > 0
+        assert r["compress_ms"] > 0
     assert rows["kivi-4"]["rel_err"] < rows["kivi-2"]["rel_err"]
     assert rows["gear-4"]["rel_err"] < rows["gear-2"]["rel_err"]
     assert rows["kivi-2"]["bytes_vs_fp16"] < rows["gear-2"]["bytes_vs_fp16"] < rows["kivi-4"]["bytes_vs_fp16"]

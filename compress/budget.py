@@ -86,7 +86,7 @@ def kv_bytes_per_token(config, settings=None, tokens: int = KV_TOKENS, dtype: to
                            ("compressed_max", max(cycle))):
         out[key] = sum(per_layer_dense if i in skipped else per_layer for i in softmax)
     out["tokens_cycle"] = [tokens, tokens + len(cycle) - 1]
-    labels = [f"{settings.method} {settings.bits}-bit"] if settings is not None else []
+    labels = [_cache_label(settings)] if settings is not None else []
     if linearized:
         labels.append(f"{len(linearized)} of {layers} layers linearized")
         out["recurrent_bytes"] = sum(linearized.values())
@@ -116,3 +116,14 @@ def budget(model: nn.Module, section: dict[str, Any] | None, storage_dtype: torc
     linearized = {m.layer_idx: m.cache_bytes() for m in model.modules() if isinstance(m, LinearizedAttention)}
     return {"weights": weights, "weights_total": total,
             "kv_per_token": kv_bytes_per_token(model.config, settings, linearized=linearized)}
+
+
+def _cache_label(settings) -> str:
+    """"gear 4-bit", with the storage formats that differ from GEAR's/KIVI's own (one-byte scales, fp8 factors)."""
+    parts = [f"{settings.method} {settings.bits}-bit"]
+    if settings.scale_format != "fp16":
+        parts.append("one-byte scales")
+    ranks = (settings.key_rank, settings.value_rank, settings.key_prefill_rank or 0, settings.value_prefill_rank or 0)
+    if settings.lowrank_dtype != "float16" and any(ranks):
+        parts.append("fp8 factors")
+    return ", ".join(parts)

@@ -102,6 +102,17 @@ def test_log8_scales_read_like_their_reconstruction_and_cost_less(lm, heldout_id
     assert bits == pytest.approx({"fp16": 2 + 32 / 64, "log8": 2 + 24 / 64})
 
 
+def test_budget_names_the_storage_formats(lm):
+    """`compress inspect`'s KV row: one-byte scales and fp8 factors are named, and cost fewer bytes per token."""
+    from compress.budget import kv_bytes_per_token
+
+    plain = kv_bytes_per_token(lm.config, KVCacheSettings.build(bits=4, key_rank=1, value_rank=0), tokens=256)
+    lean = kv_bytes_per_token(lm.config, KVCacheSettings.build(bits=4, key_rank=1, value_rank=0, scale_format="log8",
+                                                               lowrank_dtype="float8_e4m3fn"), tokens=256)
+    assert plain["cache"] == "gear 4-bit" and lean["cache"] == "gear 4-bit, one-byte scales, fp8 factors"
+    assert lean["compressed"] < plain["compressed"]
+
+
 def test_skip_layers_keep_a_dense_layer(lm, heldout_ids):
     cache = GEARCache(lm.config, bits=4, skip_layers=[0, 5])
     with torch.no_grad():

@@ -120,7 +120,8 @@ def budget(model: nn.Module, section: dict[str, Any] | None, storage_dtype: torc
 
 def _cache_label(settings) -> str:
     """"gear 4-bit", with the storage formats that differ from GEAR's/KIVI's own (one-byte scales, fp8 factors)."""
-    parts = [f"{settings.method} {settings.bits}-bit"]
+    kb, vb = settings.bits_of("key"), settings.bits_of("value")
+    parts = [f"{settings.method} {kb}-bit" if kb == vb else f"{settings.method} K{kb}/V{vb}-bit"]
     if settings.scale_format != "fp16":
         parts.append("one-byte scales")
     ranks = (settings.key_rank, settings.value_rank, settings.key_prefill_rank or 0, settings.value_prefill_rank or 0)

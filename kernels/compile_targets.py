@@ -26,9 +26,10 @@ def torch_kernels():
 
 
 def kv_decode(d: int, fmt: str, masked: bool = False, dtype: torch.dtype = torch.float16, aligned: bool = True,
-              scale_format: str = "fp16"):
+              scale_format: str = "fp16", value_bits: int | None = None):
     """One decode step of 32 query heads over 8 KV heads; `dtype`: the model's, that of the queries (the cache
-    keeps its window in fp16 whatever the model's dtype); `scale_format`: the stores' (fp16 or one-byte log8)."""
+    keeps its window in fp16 whatever the model's dtype); `scale_format`: the stores' (fp16 or one-byte log8);
+    `value_bits`: the values' code width where it differs from the keys'."""
     from ..kvcache.store import CompressedStore
     from .kv_attention_triton import compressed_attention_triton
 
@@ -38,7 +39,8 @@ def kv_decode(d: int, fmt: str, masked: bool = False, dtype: torch.dtype = torch
     stores = []
     with torch_kernels():
         for axis, rank in (("token", key_rank), ("channel", value_rank)):
-            store = CompressedStore(axis=axis, bits=bits, group_size=GROUP, chunk_len=CHUNK, outlier_ratio=ratio,
+            width = value_bits if axis == "channel" and value_bits else bits
+            store = CompressedStore(axis=axis, bits=width, group_size=GROUP, chunk_len=CHUNK, outlier_ratio=ratio,
                                     power_iters=1, factor_dtype=factor_dtype, scale_format=scale_format)
             store.append(torch.randn(batch, heads, n, d, generator=g).to(dtype), rank)
             stores.append(store)
@@ -188,6 +190,7 @@ def entry_points() -> dict:
     entries["kv_decode d128 gear-4 masked"] = lambda: kv_decode(128, "gear-4", masked=True)
     entries["kv_decode d128 gear-4 bf16"] = lambda: kv_decode(128, "gear-4", dtype=torch.bfloat16)  # Llama's dtype
     entries["kv_decode d128 kivi-2 unaligned"] = lambda: kv_decode(128, "kivi-2", aligned=False)
+    entries["kv_decode d128 gear-4 values 2-bit"] = lambda: kv_decode(128, "gear-4", value_bits=2)
     for d, fmt in ((128, "kivi-2"), (256, "gear-4-fp8")):  # one-byte scales
         entries[f"kv_decode d{d} {fmt} log8"] = lambda d=d, fmt=fmt: kv_decode(d, fmt, scale_format="log8")
     for d in HEAD_DIMS:

@@ -164,7 +164,7 @@ if triton is not None:
             D: tl.constexpr, C: tl.constexpr, GK: tl.constexpr, GV: tl.constexpr, BITS: tl.constexpr,
             PK: tl.constexpr, PV: tl.constexpr, K_LR: tl.constexpr, V_LR: tl.constexpr, HAS_BIAS: tl.constexpr,
             ROWS: tl.constexpr, RB: tl.constexpr, BLOCK_W: tl.constexpr, DOT16: tl.constexpr,
-            A_FP8: tl.constexpr, ALIGN16: tl.constexpr, SCALE8: tl.constexpr):
+            A_FP8: tl.constexpr, ALIGN16: tl.constexpr, SCALE8: tl.constexpr, BITS_V: tl.constexpr):
         bh = tl.program_id(0)
         rows = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
         split = tl.program_id(2)
@@ -195,7 +195,7 @@ if triton is not None:
             alpha = tl.exp(m_i - m_new)
             p = tl.exp(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            v_hat = _dequant_tile(tbl, n_pages, 1, page, i, k_p, bh, D, C, GV, BITS, PV, False, ALIGN16, SCALE8)
+            v_hat = _dequant_tile(tbl, n_pages, 1, page, i, k_p, bh, D, C, GV, BITS_V, PV, False, ALIGN16, SCALE8)
             acc = acc * alpha[:, None] + _dot(p, v_hat, DOT16)
             if V_LR:
                 rank = tl.load(ranks + n_pages + page)
@@ -235,13 +235,13 @@ def _combine_splits(acc: torch.Tensor, m: torch.Tensor, l: torch.Tensor) -> torc
 
 def triton_supports(keys, values, d: int) -> bool:
     """Shapes the kernel tiles: power-of-two head_dim >= 16, chunk >= 16 and group sizes dividing them, the same
-    bits, page structure and scale format for keys and values, ranks <= RANK_BLOCK."""
+    page structure and scale format for keys and values (their bits may differ), ranks <= RANK_BLOCK."""
     if not (_pow2(d) and d >= 16):
         return False
     if num_tokens(keys) == 0:
         return True
     c = keys.chunk_len
-    return (_pow2(c) and c >= 16 and keys.bits == values.bits and keys.chunk_len == values.chunk_len
+    return (_pow2(c) and c >= 16 and keys.chunk_len == values.chunk_len
             and keys.page_chunks == values.page_chunks and _pow2(keys.group_size) and keys.group_size <= c
             and _pow2(values.group_size) and values.group_size <= d and len(keys.pages) == len(values.pages)
             and all(k.codes.shape[2] == v.codes.shape[2] for k, v in zip(keys.pages, values.pages))
@@ -281,14 +281,15 @@ def compressed_attention_triton(query, keys, values, window_keys, window_values,
         c, p_chunks, n_pages = keys.chunk_len, keys.page_chunks, len(keys.pages)
         pk, pv = keys.per_group, values.per_group
         k_lr, v_lr = any(p.rank for p in keys.pages), any(p.rank for p in values.pages)
-        gk, gv, bits = keys.group_size, values.group_size, keys.bits
+        gk, gv, bits, bits_v = keys.group_size, values.group_size, keys.bits, values.bits
         a_fp8 = any(p.a is not None and p.a.element_size() == 1 for p in keys.pages + values.pages)
-        align16 = codes_aligned(keys.pages + values.pages, d, bits)
+        align16 = codes_aligned(keys.pages, d, bits) and codes_aligned(values.pages, d, bits_v)
         scale8 = keys.pages[0].scale.dtype == torch.uint8
     else:
         tbl, ranks = torch.zeros(1, dtype=torch.int64, device=q.device), torch.zeros(2, dtype=torch.int32,
                                                                                      device=q.device)
         c, p_chunks, n_pages, pk, pv, k_lr, v_lr, gk, gv, bits, a_fp8 = 16, 1, 1, 0, 0, False, False, 16, 16, 8, False
+        bits_v = bits
         align16 = scale8 = False
     n_chunks = n // c
     row_blocks = triton.cdiv(rows, ROW_BLOCK)
@@ -302,5 +303,5 @@ def compressed_attention_triton(query, keys, values, window_keys, window_values,
         n_pages, n_chunks, p_chunks, w, h, l, rows, per_split,
         D=d, C=c, GK=gk, GV=gv, BITS=bits, PK=pk, PV=pv, K_LR=k_lr, V_LR=v_lr, HAS_BIAS=bias is not None,
         ROWS=ROW_BLOCK, RB=RANK_BLOCK, BLOCK_W=WINDOW_BLOCK, DOT16=not interpreted(), A_FP8=a_fp8, ALIGN16=align16,
-        SCALE8=scale8, **launch_config(d))
+        SCALE8=scale8, BITS_V=bits_v, **launch_config(d))
     return _combine_splits(acc, m, lse).view(b, hq, l, d).to(query.dtype)

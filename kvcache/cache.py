@@ -64,11 +64,11 @@ class GEARLayer(CacheLayerMixin):
         self.device, self.dtype = key_states.device, key_states.dtype
         head_dim = key_states.shape[-1]
         s.check_against_model(head_dim)
-        common = dict(bits=s.bits, group_size=s.group_size, chunk_len=s.residual_length,
+        common = dict(group_size=s.group_size, chunk_len=s.residual_length,
                       outlier_ratio=s.outlier_ratio, power_iters=s.power_iters, page_chunks=s.page_chunks,
                       factor_dtype=getattr(torch, s.lowrank_dtype), scale_format=s.scale_format)
-        self.key_store = CompressedStore(axis=KEY_AXIS, **common)
-        self.value_store = CompressedStore(axis=VALUE_AXIS, **common)
+        self.key_store = CompressedStore(axis=KEY_AXIS, bits=s.bits_of("key"), **common)
+        self.value_store = CompressedStore(axis=VALUE_AXIS, bits=s.bits_of("value"), **common)
         b, h, _, d = key_states.shape
         self.window_keys = key_states.new_zeros(b, h, 0, d, dtype=WINDOW_DTYPE)
         self.window_values = value_states.new_zeros(b, h, 0, value_states.shape[-1], dtype=WINDOW_DTYPE)

@@ -18,7 +18,8 @@ class KVCacheSettings(BaseModel):
     """How each attention layer's keys and values are stored.
 
     - `bits`: code width (2, 3, 4 or 8); keys are quantized per channel in groups of `group_size` tokens, values per
-      token in groups of `group_size` channels (the KIVI layout).
+      token in groups of `group_size` channels (the KIVI layout). `value_bits`: the values' width where it differs
+      (KIVI's k_bits / v_bits: keys usually need more bits than values).
     - `residual_length`: tokens kept in an fp16 window; when it fills, that chunk is compressed and appended.
     - GEAR only: `outlier_ratio` s: in every quantization group the max(1, round(s*G/2)) largest and as many
       smallest entries are kept exactly as sparse outliers (so at G=64 any s <= 0.047 keeps 2/64 = 3.1%, see
@@ -39,6 +40,8 @@ class KVCacheSettings(BaseModel):
     method: Literal["gear", "kivi"] = Field("gear", description="gear: codes + low-rank error + sparse outliers; "
                                             "kivi: codes only (its rank and outlier defaults are 0)")
     bits: int = Field(4, description="code width per entry: 2, 3, 4 or 8")
+    value_bits: int | None = Field(None, description="code width of the values when it differs from the keys' "
+                                                     "(KIVI's k_bits / v_bits; None: bits)")
     group_size: int = Field(64, ge=1, description="entries per quantization group (keys: tokens per channel, values: "
                                                   "channels per token); must divide head_dim")
     residual_length: int = Field(64, ge=1, description="recent tokens kept uncompressed; when full, the chunk is "
@@ -69,8 +72,9 @@ class KVCacheSettings(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "KVCacheSettings":
-        if self.bits not in SUPPORTED_BITS:
-            raise ValueError(f"bits={self.bits} is not supported; choose one of {', '.join(map(str, SUPPORTED_BITS))}")
+        for name, b in (("bits", self.bits), ("value_bits", self.value_bits)):
+            if b is not None and b not in SUPPORTED_BITS:
+                raise ValueError(f"{name}={b} is not supported; choose one of {', '.join(map(str, SUPPORTED_BITS))}")
         if self.residual_length % self.group_size:
             raise ValueError(f"residual_length ({self.residual_length}) must be a multiple of group_size "
                              f"({self.group_size}): keys are quantized in groups of group_size tokens per chunk")
@@ -90,6 +94,10 @@ class KVCacheSettings(BaseModel):
                     for e in exc.errors()]
             raise ConfigError("; ".join(msgs)) from exc
 
+    def bits_of(self, kind: str) -> int:
+        """Code width of keys ("key") or values ("value")."""
+        return self.value_bits if kind == "value" and self.value_bits is not None else self.bits
+
     def rank(self, kind: str, prefill: bool) -> int:
         decode = self.key_rank if kind == "key" else self.value_rank
         pre = self.key_prefill_rank if kind == "key" else self.value_prefill_rank
@@ -105,8 +113,9 @@ class KVCacheSettings(BaseModel):
         if head_dim % self.group_size:
             raise ConfigError(f"group_size {self.group_size} must divide head_dim {head_dim} (values are quantized "
                               f"per token in groups of group_size channels); try group_size {head_dim} or a divisor")
-        if (head_dim * self.bits) % 8 or (self.bits == 3 and head_dim % 8):
-            raise ConfigError(f"head_dim {head_dim} cannot be packed at {self.bits} bits (needs a multiple of 8 codes)")
+        for b in {self.bits, self.bits_of("value")}:
+            if (head_dim * b) % 8 or (b == 3 and head_dim % 8):
+                raise ConfigError(f"head_dim {head_dim} cannot be packed at {b} bits (needs a multiple of 8 codes)")
         for kind in ("key", "value"):
             for prefill in (False, True):
                 r = self.rank(kind, prefill)

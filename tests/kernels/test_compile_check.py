@@ -78,8 +78,9 @@ def test_every_kernel_compiles_and_fits_an_h200_block(compiled):
 def test_kv_decode_uses_tensor_cores_without_spilling(compiled):
     _, report = compiled
     decode = [k for k in report["kernels"] if k["kernel"] == "_paged_decode_kernel"]
-    # the prefixes also pick the -fp8 rows, d128 gear-4 masked / bf16, kivi-2 unaligned, the two log8 rows
-    assert len(decode) == 13
+    # the prefixes also pick the -fp8 rows, d128 gear-4 masked / bf16 / values 2-bit, kivi-2 unaligned, the two log8
+    assert len(decode) == 14
+    assert [(k["constexprs"]["BITS"], k["constexprs"]["BITS_V"]) for k in decode].count((4, 2)) == 1
     assert [k["constexprs"]["ALIGN16"] for k in decode].count(False) == 1  # the unaligned page's variant
     assert sorted(k["entry"] for k in decode if k["constexprs"]["SCALE8"]) == [
         "kv_decode d128 kivi-2 log8", "kv_decode d256 gear-4-fp8 log8"]  # one-byte scales

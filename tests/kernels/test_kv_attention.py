@@ -53,13 +53,13 @@ def dense_attention_f64(q, k, v, bias):
 
 def make_case(bits=4, outlier_ratio=0.05, key_ranks=((3, 2), (2, 0)), value_ranks=((3, 3), (2, 0)), chunk=32,
               window=5, batch=2, kv_heads=2, q_heads=4, q_len=1, group=32, d=64, page_chunks=2, seed=0,
-              device="cpu", factor_dtype=torch.float16, scale_format="fp16"):
+              device="cpu", factor_dtype=torch.float16, scale_format="fp16", value_bits=None):
     torch.manual_seed(seed)
     n = sum(c for c, _ in key_ranks) * chunk
     keys, k_dense = build_store(torch.randn(batch, kv_heads, n, d) * 2, "token", bits, group, chunk, outlier_ratio,
                                 key_ranks, page_chunks, device, factor_dtype, scale_format)
-    values, v_dense = build_store(torch.randn(batch, kv_heads, n, d), "channel", bits, group, chunk, outlier_ratio,
-                                  value_ranks, page_chunks, device, factor_dtype, scale_format)
+    values, v_dense = build_store(torch.randn(batch, kv_heads, n, d), "channel", value_bits or bits, group, chunk,
+                                  outlier_ratio, value_ranks, page_chunks, device, factor_dtype, scale_format)
     wk = torch.randn(batch, kv_heads, window, d).half()
     wv = torch.randn(batch, kv_heads, window, d).half()
     q = torch.randn(batch, q_heads, q_len, d)
@@ -112,6 +112,25 @@ def test_multi_token_causal_and_4d_masks(attend):
         torch.testing.assert_close(attend(q, keys, values, wk, wv, mask).double(), want, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(attend(q, None, None, wk, wv),  # window only
                                A.compressed_attention_reference(q, None, None, wk, wv), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits, value_bits", [(4, 2), (8, 3), (2, 4)])
+def test_keys_and_values_at_different_widths(bits, value_bits):
+    """KIVI's k_bits / v_bits: the reference, the C kernel and the Triton kernel (interpreted) read each store at
+    its own width."""
+    q, keys, values, wk, wv, k_all, v_all = make_case(bits, value_bits=value_bits, **GEAR)
+    assert (keys.bits, values.bits) == (bits, value_bits)
+    want = dense_attention_f64(q, k_all, v_all, None)
+    torch.testing.assert_close(A.compressed_attention_reference(q, keys, values, wk, wv).double(), want,
+                               rtol=1e-4, atol=1e-5)
+    if AC._library() is not None:
+        assert AC.cpu_kernel_supports(q, keys, values, wk)
+        torch.testing.assert_close(AC.compressed_attention_cpu(q, keys, values, wk, wv).double(), want,
+                                   rtol=1e-4, atol=1e-5)
+    if AT.triton is not None and not ON_GPU:
+        assert AT.triton_supports(keys, values, q.shape[-1])
+        torch.testing.assert_close(AT.compressed_attention_triton(q, keys, values, wk, wv).double(), want,
+                                   rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("bits, group", [(4, 64), (3, 4), (2, 16)])
@@ -222,6 +241,7 @@ def _to(device, *tensors):
     dict(bits=2, **KIVI),                                             # KIVI-2
     dict(bits=4, batch=1, factor_dtype=torch.float8_e4m3fn),          # fp8 e4m3 low-rank token factors
     dict(bits=2, batch=1, scale_format="log8"),                       # one-byte scales, GEAR-2
+    dict(bits=4, value_bits=2, batch=1, **KIVI),                      # keys 4-bit, values 2-bit
     dict(bits=3, window=0, batch=1),                                  # 3-bit straddling codes, no window
     dict(bits=8, q_len=2, window=40, group=16, batch=1),              # two new tokens, group < chunk
     dict(bits=4, q_len=9, window=12, batch=1),                        # 2 x 9 = 18 query rows: two row blocks

@@ -100,6 +100,11 @@ def test_log8_scales_read_like_their_reconstruction_and_cost_less(lm, heldout_id
             lm(heldout_ids[:, :256], cache=cache, use_cache=True)
         bits[fmt] = cache.bits_per_element()
     assert bits == pytest.approx({"fp16": 2 + 32 / 64, "log8": 2 + 24 / 64})
+    cache = GEARCache(lm.config, method="kivi", bits=4, value_bits=2)  # keys 4-bit, values 2-bit: 3 + 32/64
+    with torch.no_grad():
+        lm(heldout_ids[:, :256], cache=cache, use_cache=True)
+    assert cache.bits_per_element() == pytest.approx(3.5)
+    assert (cache.layers[0].key_store.bits, cache.layers[0].value_store.bits) == (4, 2)
 
 
 def test_budget_names_the_storage_formats(lm):
@@ -110,6 +115,8 @@ def test_budget_names_the_storage_formats(lm):
     lean = kv_bytes_per_token(lm.config, KVCacheSettings.build(bits=4, key_rank=1, value_rank=0, scale_format="log8",
                                                                lowrank_dtype="float8_e4m3fn"), tokens=256)
     assert plain["cache"] == "gear 4-bit" and lean["cache"] == "gear 4-bit, one-byte scales, fp8 factors"
+    mixed = kv_bytes_per_token(lm.config, KVCacheSettings.build(method="kivi", bits=4, value_bits=2), tokens=256)
+    assert mixed["cache"] == "kivi K4/V2-bit"
     assert lean["compressed"] < plain["compressed"]
 
 

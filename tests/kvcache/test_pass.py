@@ -48,6 +48,7 @@ def test_apply_save_load_generate_uses_compressed_cache(tmp_path, heldout_ids, r
     (dict(outlier_ratio=0.6), "outlier_ratio"),
     (dict(rank=2), "rank"),
     (dict(scale_format="fp8"), "scale_format"),
+    (dict(value_bits=5), "value_bits=5 is not supported"),
 ])
 def test_bad_arguments(args, match):
     with pytest.raises(CompressError, match=match):

@@ -46,7 +46,8 @@ def configurations(quick: bool) -> list[dict]:
     per kept entry, 2 of every group of 64 at outlier_ratio 0.02 (0.75 bit/element); a rank-r term costs 16 r / D
     bits per element on its side (fp16 token factors; one channel basis per 2048-token page). Names: "o" = outliers,
     "rR" = rank R on K and V, "k1" = rank 1 on keys only, "noout" = without outliers, "fp8" = token factors in fp8
-    e4m3 (half their cost), "s8" = one-byte scales (scale_format log8: 0.125 bit/element less)."""
+    e4m3 (half their cost), "s8" = one-byte scales (scale_format log8: 0.125 bit/element less), "k4v2" = keys at 4
+    bits, values at 2 (value_bits)."""
     # the uncompressed baseline: transformers' DynamicCache in the model's dtype (float32 on the CPU)
     rows = [dict(name="dynamic-fp32", method="fp16", bits=32), dict(name="hf-fp8", method="hf_quantized_fp8", bits=8)]
     # what a transformers user picks instead: QuantizedCache with its group-wise backends (per-token groups of 64
@@ -62,6 +63,14 @@ def configurations(quick: bool) -> list[dict]:
         if not quick:
             rows.append(dict(name=f"kivi-{b}-s8", method="kivi", bits=b,
                              kw=dict(method="kivi", bits=b, scale_format="log8")))
+    if not quick:  # keys wider than values (KIVI's k_bits / v_bits): "kB vV"
+        # (k4v8 / k8v4: one side at 4 bits, the other near-exact: which side costs the quality)
+        for kb, vb, sf in ((4, 2, "fp16"), (4, 2, "log8"), (4, 3, "log8"), (4, 8, "fp16"), (8, 4, "fp16")):
+            rows.append(dict(name=f"kivi-k{kb}v{vb}" + ("-s8" if sf == "log8" else ""), method="kivi", bits=kb,
+                             kw=dict(method="kivi", bits=kb, value_bits=vb, scale_format=sf)))
+        rows.append(dict(name="gear-k4v2-k1-fp8-s8", method="gear", bits=4,
+                         kw=dict(method="gear", bits=4, value_bits=2, outlier_ratio=0.0, key_rank=1, value_rank=0,
+                                 lowrank_dtype="float8_e4m3fn", scale_format="log8")))
     grid = [  # (name suffix, outlier_ratio, key_rank, value_rank, low-rank factor dtype, scale format)
         ("o", 0.02, 0, 0, "float16", "fp16"), ("o-k1", 0.02, 1, 0, "float16", "fp16"),
         ("r2", 0.02, 2, 2, "float16", "fp16"), ("noout-r2", 0.0, 2, 2, "float16", "fp16"),
@@ -180,6 +189,7 @@ def run(args) -> list[dict]:
                    value_rank=kw.get("value_rank", 0), outlier_ratio=kw.get("outlier_ratio", 0.0),
                    lowrank_dtype=kw.get("lowrank_dtype", "float16") if kw else None,
                    scale_format=kw.get("scale_format", "fp16") if kw else None,
+                   value_bits=kw.get("value_bits") or row["bits"],
                    residual_length=chunk if kw else None, ppl=q.ppl, ppl_reference=q.ppl_reference,
                    ppl_delta_pct=q.ppl_delta_pct, kl=q.kl, top1_agreement=q.top1_agreement,
                    copy_accuracy=copy_accuracy(model, seqs, factory, chunk))

@@ -17,7 +17,8 @@ other cache to sdpa).
   same tokens (both measured from tensor storage; the transient memory of a step is not included).
 
     OMP_NUM_THREADS=1 python benchmarks/kv_cache.py [--json] [--quick]
-    OMP_NUM_THREADS=1 python benchmarks/kv_cache.py --long 32768 [--device cuda] [--only gear-4-k1 kivi-2 ...]"""
+    OMP_NUM_THREADS=1 python benchmarks/kv_cache.py --long 32768 [--device cuda] [--only gear-4-k1 kivi-2 ...]
+    python benchmarks/kv_cache.py --residual-spectrum | --scale-error      # diagnostics on the model's K/V"""
 from __future__ import annotations
 
 import argparse
@@ -271,6 +272,35 @@ def long_context(n: int, device: str, names: list[str], model_name: str = "built
     return out
 
 
+def context_kv(model_name: str, tokens: int = 2048) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-layer (K, V) of a held-out context, the model in float32 (the diagnostics' input)."""
+    model = compress.load(model_name, dtype="float32")
+    return prefill_kv(model, context_ids(compress.load_tokenizer(model_name), tokens))
+
+
+def kivi_reconstruction(x: torch.Tensor, bits: int, axis: str, scale_format: str = "fp16") -> torch.Tensor:
+    """x [B, H, T, D] quantized in the KIVI layout (chunks of 64 tokens, groups of 64, no outliers) and back."""
+    from compress.kernels.kv_quant import quantize_pack, unpack_dequantize
+
+    p = quantize_pack(x.reshape(*x.shape[:2], -1, 64, x.shape[-1]), bits, 64, axis, scale_format=scale_format)
+    return unpack_dequantize(p).reshape(x.shape)
+
+
+@torch.no_grad()
+def scale_error(model_name: str = "builtin:small", bits_list=(2, 3, 4, 8)) -> list[dict]:
+    """One-byte (log8) scales against fp16 min-max: the squared reconstruction error of the model's keys and values
+    over a 2048-token held-out context (all layers, KIVI layout, groups of 64, no outliers), as a ratio."""
+    kv = context_kv(model_name)
+    out = []
+    for kind, axis, idx in (("key", "token", 0), ("value", "channel", 1)):
+        for bits in bits_list:
+            err = {fmt: sum((kivi_reconstruction(layer[idx].float(), bits, axis, fmt) - layer[idx].float())
+                            .square().sum().item() for layer in kv) for fmt in ("fp16", "log8")}
+            out.append(dict(kind=kind, bits=bits, fp16_error=err["fp16"], log8_error=err["log8"],
+                            log8_vs_fp16=err["log8"] / err["fp16"]))
+    return out
+
+
 @torch.no_grad()
 def residual_spectrum(model_name: str = "builtin:small", spans=(64, 512, 2048), bits_list=(2, 4),
                       ranks=(1, 2, 4)) -> list[dict]:
@@ -278,10 +308,7 @@ def residual_spectrum(model_name: str = "builtin:small", spans=(64, 512, 2048), 
     residual's energy (KIVI layout, groups of 64, no outliers) in its top-r singular directions, per span length,
     averaged over layers, heads and spans of a 2048-token held-out context, beside the same share for Gaussian noise
     of the same shape (noise_topR): close to it, a rank-r term removes little more than it would from noise."""
-    from compress.kernels.kv_quant import quantize_pack, unpack_dequantize
-
-    model = compress.load(model_name, dtype="float32")
-    kv = prefill_kv(model, context_ids(compress.load_tokenizer(model_name), 2048))
+    kv = context_kv(model_name)
     d = kv[0][0].shape[-1]
     out = []
     for kind, axis, idx in (("key", "token", 0), ("value", "channel", 1)):
@@ -289,8 +316,7 @@ def residual_spectrum(model_name: str = "builtin:small", spans=(64, 512, 2048), 
             res = []
             for layer in kv:
                 x = layer[idx].float()
-                p = quantize_pack(x.reshape(*x.shape[:2], -1, 64, d), bits, 64, axis)
-                res.append((x - unpack_dequantize(p).reshape(x.shape)).reshape(-1, x.shape[2], d))
+                res.append((x - kivi_reconstruction(x, bits, axis)).reshape(-1, x.shape[2], d))
             res = torch.cat(res)                                                   # [layers*B*H, T, D]
             for span in spans:
                 sv2 = torch.linalg.svdvals(res.reshape(-1, span, d)) ** 2
@@ -325,7 +351,12 @@ def main(argv=None) -> None:
     ap.add_argument("--long", type=int, default=0, help="only run the long-context check at this many tokens")
     ap.add_argument("--residual-spectrum", action="store_true",
                     help="only print the singular-value decay of the quantization residual per span length")
+    ap.add_argument("--scale-error", action="store_true",
+                    help="only print the reconstruction error of one-byte scales relative to fp16 ones")
     args = ap.parse_args(argv)
+    if args.scale_error:
+        print(json.dumps(scale_error(args.model), indent=1))
+        return
     if args.residual_spectrum:
         print(json.dumps(residual_spectrum(args.model), indent=1))
         return

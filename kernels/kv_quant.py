@@ -34,7 +34,7 @@ import torch
 from ..errors import ConfigError
 from .bitpack import pack_codes, unpack_codes, unpack_lanes  # noqa: F401  (public here too)
 from .dispatch import power_of_two as _pow2, use_triton
-from .kv_scale import SCALE_FORMATS, scale_values, search_log8
+from .kv_scale import SCALE_FORMATS, group_codes, scale_values, search_log8
 
 try:
     import triton
@@ -175,9 +175,8 @@ def quantize_pack_reference(x: torch.Tensor, bits: int, group_size: int, axis: s
     else:
         zero16 = lo.half()
         stored_scale = ((hi - lo) / levels).half()
-        safe = stored_scale.float().unsqueeze(-1)
-        safe = torch.where(safe == 0, torch.ones_like(safe), safe)
-        q = torch.floor((xg - zero16.float().unsqueeze(-1)) / safe + 0.5).clamp_(0, levels)
+        safe = stored_scale.float()
+        q = group_codes(xg, torch.where(safe == 0, torch.ones_like(safe), safe), zero16, levels)
     zero, scale = zero16.float().unsqueeze(-1), scale_values(stored_scale).unsqueeze(-1)
     codes = pack_codes(_ungrouped(q, t, d, group_size, axis).to(torch.uint8), bits).reshape(*lead, t, d * bits // 8)
     scale_shape = (*lead, t // group_size, d) if axis == "token" else (*lead, t, d // group_size)

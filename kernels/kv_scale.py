@@ -8,9 +8,10 @@ The search: among the three 8-bit steps nearest the min-max step (the largest at
 one further below: the two smaller ones clip the group's extremes a little), with the zero centred on the group's
 range (a constant group keeps its value as the zero, exactly), the step whose reconstruction has the least squared
 error over the group's quantized entries (outliers, stored exactly, excluded). On builtin:small's keys and values
-this lowers the reconstruction error below fp16 min-max's (by ~25% at 2 bits, ~18% at 3, ~6% at 4; 10% above it at
-8 bits), and the cache's KL on the reference model is lower at 2-3 bits and the same within noise at 4
-(BENCHMARKS.md, "One-byte scales"). It costs ~1.6-1.8x the fp16 quantizer's CPU time (three candidate passes)."""
+this lowers the reconstruction error below fp16 min-max's (by 23-26% at 2 bits, 17-18% at 3, 6% at 4; 11-12% above
+it at 8 bits: `benchmarks/kv_cache.py --scale-error`), and the cache's KL on the reference model is lower at 2-3
+bits and the same within noise at 4 (BENCHMARKS.md, "One-byte scales"). Compressing costs 1.4-1.9x the fp16
+quantizer's CPU time (three candidate passes; `benchmarks/kv_serving.py`'s compress_ms)."""
 from __future__ import annotations
 
 import functools
@@ -51,7 +52,7 @@ def search_log8(xg: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, levels: in
         u = (u0 + du).clamp(0, 255).long()
         s = table[u]
         zero16 = torch.where(constant, lo, mid - levels * s / 2).half()
-        x_hat = _codes(xg, s, zero16, levels).mul_(s.unsqueeze(-1)).add_(zero16.float().unsqueeze(-1))
+        x_hat = group_codes(xg, s, zero16, levels).mul_(s.unsqueeze(-1)).add_(zero16.float().unsqueeze(-1))
         err = x_hat.sub_(xg).square_()
         if keep is not None:
             err.masked_fill_(~keep, 0.0)
@@ -62,9 +63,10 @@ def search_log8(xg: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, levels: in
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best_u, best_zero = torch.where(better, u, best_u), torch.where(better, zero16, best_zero)
-    return best_u.to(torch.uint8), best_zero, _codes(xg, table[best_u], best_zero, levels)
+    return best_u.to(torch.uint8), best_zero, group_codes(xg, table[best_u], best_zero, levels)
 
 
-def _codes(xg: torch.Tensor, s: torch.Tensor, zero16: torch.Tensor, levels: int) -> torch.Tensor:
-    """floor((x - zero) / s + 0.5) clamped to the codes, for groups xg [..., G] with s, zero16 [...]."""
+def group_codes(xg: torch.Tensor, s: torch.Tensor, zero16: torch.Tensor, levels: int) -> torch.Tensor:
+    """floor((x - zero) / s + 0.5) clamped to the codes, for groups xg [..., G] with s, zero16 [...] (every scale
+    format's rounding rule)."""
     return (xg - zero16.float().unsqueeze(-1)).div_(s.unsqueeze(-1)).add_(0.5).floor_().clamp_(0, levels)

@@ -293,8 +293,9 @@ class Prune(Pass):
         if not isinstance(dense_pruned, list) or not all(isinstance(n, str) for n in dense_pruned):
             raise CheckpointError("the prune entry's `dense_pruned` is not a list of module names: the checkpoint's "
                                   "config.json is damaged")
+        modules = dict(model.named_modules())
         for name in dense_pruned:
-            module = dict(model.named_modules()).get(name)
+            module = modules.get(name)
             if isinstance(module, nn.Linear):
                 module.compress_pruned = True
         for name, spec in (entry.get("restore") or {}).items():

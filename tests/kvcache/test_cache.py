@@ -100,6 +100,9 @@ def test_log8_scales_read_like_their_reconstruction_and_cost_less(lm, heldout_id
             lm(heldout_ids[:, :256], cache=cache, use_cache=True)
         bits[fmt] = cache.bits_per_element()
     assert bits == pytest.approx({"fp16": 2 + 32 / 64, "log8": 2 + 24 / 64})
+
+
+def test_values_at_their_own_width(lm, heldout_ids):
     cache = GEARCache(lm.config, method="kivi", bits=4, value_bits=2)  # keys 4-bit, values 2-bit: 3 + 32/64
     with torch.no_grad():
         lm(heldout_ids[:, :256], cache=cache, use_cache=True)

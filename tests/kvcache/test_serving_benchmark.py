@@ -1,5 +1,6 @@
 """benchmarks/kv_serving.py on a small shape: the issue's row interface, bytes and errors ordered as the formats
-promise, and --max-seconds naming what it cut (the end-to-end rows included)."""
+promise, and --max-seconds naming what it cut (the end-to-end rows included); kv_cache.py's scale-error
+diagnostic."""
 import json
 
 import pytest
@@ -34,3 +35,12 @@ def test_max_seconds_skips_shapes_and_end_to_end_rows_by_name(bench, capsys):
     assert json.loads(out.out) == []
     assert "[skip] batch 1 context 352 head_dim 64: past --max-seconds" in out.err
     assert all(f"[skip] e2e {name}: past --max-seconds" in out.err for name in ("dynamic", *bench.E2E_FORMATS))
+
+
+def test_scale_error_diagnostic_on_the_reference_model(script_module):
+    """`kv_cache.py --scale-error`: one-byte scales' reconstruction error relative to fp16 min-max on the model's own
+    keys and values (the BENCHMARKS figures), below 1 at 2 bits on both sides."""
+    rows = script_module("benchmarks/kv_cache.py").scale_error("builtin:small", bits_list=(2,))
+    assert [(r["kind"], r["bits"]) for r in rows] == [("key", 2), ("value", 2)]
+    for r in rows:
+        assert r["log8_vs_fp16"] == pytest.approx(r["log8_error"] / r["fp16_error"]) and r["log8_vs_fp16"] < 0.85

@@ -6,7 +6,8 @@ on the CPU (`--dtype bfloat16`: what `dtype: auto` loads on a CPU with native bf
 other cache to sdpa).
 - quality (compress.kvcache.quality): held-out windows fed in chunks of residual_length tokens, so earlier chunks
   are compressed before later tokens are scored; perplexity change, KL(reference || ours) and top-1 agreement
-  against the same chunked pass with an uncompressed DynamicCache; copy probe: random token strings repeated,
+  against the same chunked pass with an uncompressed DynamicCache, the change and the KL with 95% intervals over
+  the windows (`ppl_delta_pct_ci95`, `kl_ci95`: each window's NLL paired with the reference's); copy probe: random token strings repeated,
   greedy accuracy over the second copy (the reference cache's own accuracy is the `fp16` row).
 - bits/element: 8 x bytes actually held by the cache's tensors / key+value entries, measured at the 4k-context
   decode state (compressed chunks + partly filled fp16 window; skipped layers and metadata included).
@@ -192,7 +193,8 @@ def run(args) -> list[dict]:
                    scale_format=kw.get("scale_format", "fp16") if kw else None,
                    value_bits=kw.get("value_bits") or row["bits"],
                    residual_length=chunk if kw else None, ppl=q.ppl, ppl_reference=q.ppl_reference,
-                   ppl_delta_pct=q.ppl_delta_pct, kl=q.kl, top1_agreement=q.top1_agreement,
+                   ppl_delta_pct=q.ppl_delta_pct, ppl_delta_pct_ci95=q.ppl_delta_pct_ci95, kl=q.kl,
+                   kl_ci95=q.kl_ci95, windows=q.windows, top1_agreement=q.top1_agreement,
                    copy_accuracy=copy_accuracy(model, seqs, factory, chunk))
         for n, kv in contexts.items():
             ratio, cache = speed_ratio(model, factory, kv, first, args.steps, args.reps)
@@ -216,10 +218,13 @@ def print_table(rows: list[dict], args) -> None:
     from rich.table import Table
 
     mem = f"kv_bytes_ratio_{args.memory_context // 1024}k" if args.memory_context else None
-    cols = ["name", "bits_per_element", "bits_per_element_cycle_mean", "ppl_delta_pct", "kl", "top1_agreement",
-            "copy_accuracy", "decode_speed_ratio_1k", "decode_speed_ratio_4k"] + ([mem] if mem else [])
-    heads = ["config", "bits/elem", "cycle mean", "ppl Δ%", "KL", "top-1", "copy acc", "speed 1k", "speed 4k"] + \
-            ([f"bytes {args.memory_context // 1024}k"] if mem else [])
+    cols = ["name", "bits_per_element", "bits_per_element_cycle_mean", "ppl_delta_pct", "ppl_ci", "kl", "kl_ci",
+            "top1_agreement", "copy_accuracy", "decode_speed_ratio_1k", "decode_speed_ratio_4k"] + ([mem] if mem else [])
+    heads = ["config", "bits/elem", "cycle mean", "ppl Δ%", "95% CI", "KL", "95% CI", "top-1", "copy acc", "speed 1k",
+             "speed 4k"] + ([f"bytes {args.memory_context // 1024}k"] if mem else [])
+    # the 95% intervals over windows (compress.evaluate.paired_change), as strings
+    rows = [dict(r, ppl_ci="[{:+.2f}, {:+.2f}]".format(*r["ppl_delta_pct_ci95"]),
+                 kl_ci="[{:.4f}, {:.4f}]".format(*r["kl_ci95"])) for r in rows]
     table = Table(title=f"KV cache on {args.model} (ppl ref {rows[0]['ppl_reference']:.2f}; {args.windows} windows x "
                         f"{args.window_len} tokens; copy {args.copy_num} x {args.copy_len})")
     for h in heads:
@@ -227,7 +232,7 @@ def print_table(rows: list[dict], args) -> None:
     for r in rows:
         table.add_row(*["-" if r.get(c) is None else r[c] if isinstance(r[c], str) else f"{r[c]:.4f}" if c == "kl"
                         else f"{r[c]:.3f}" for c in cols])
-    Console(width=160).print(table)
+    Console(width=200).print(table)
 
 
 @torch.no_grad()

@@ -7,6 +7,8 @@
   `--recovered liger-hybrid=DIR`; the recover pass's tokens and
   minutes are read from its report.json; null when no checkpoint is given); KL(original || model) and top-1
   agreement of next-token distributions, of the recovered model when there is one, else of the converted one;
+  `ppl_converted_ratio_ci95` / `ppl_recovered_ratio_ci95`: the perplexity ratio to the original with its 95%
+  interval over the held-out windows (compress.evaluate.paired_change);
   copy and pass-key accuracy (compress.eval.probes). Recovery trains on in-distribution text, which can improve an
   under-trained original too; `--dense-recovered liger-gla=DIR` names a checkpoint of the *unconverted* model given
   the same recovery (a recipe with only the recover pass, same settings and tokens), and the row adds its
@@ -70,7 +72,10 @@ def heldout_text() -> str:
 
 def quality(model, original, windows, tokenizer, args) -> dict:
     ev = evaluate(model, windows, original, progress=False)
-    return {"perplexity": ev["perplexity"], "kl": ev["kl"], "top1": ev["top1_agreement"],
+    # the perplexity ratio to the original with its 95% interval over the windows (each window paired with the
+    # original's NLL on it)
+    ratio = [1 + p / 100 for p in ev["ppl_delta_pct_ci95"]]
+    return {"perplexity": ev["perplexity"], "ppl_ratio_ci95": ratio, "kl": ev["kl"], "top1": ev["top1_agreement"],
             "copy": copy_probe(model, span_len=args.copy_len, num=args.probe_num),
             "passkey": passkey_probe(model, tokenizer, heldout_text(), context_len=args.passkey_len,
                                      num=args.probe_num)}
@@ -211,14 +216,15 @@ def run(args) -> list[dict]:
         linearize_model(converted, settings)
         q = quality(converted, original, windows, tokenizer, args)
         row = {"variant": name, "ppl_converted": q["perplexity"], "ppl_recovered": None,
-               "recovery_tokens": None, "recovery_minutes": None,
+               "ppl_converted_ratio_ci95": q["ppl_ratio_ci95"], "recovery_tokens": None, "recovery_minutes": None,
                "kl_converted": q["kl"], "top1_converted": q["top1"]}
         if name in recovered:
             folder = Path(recovered[name])
             rec = compress.load(folder, dtype="float32")
             qr = quality(rec, original, windows, tokenizer, args)
             info = recovered_info(folder)
-            row.update(ppl_recovered=qr["perplexity"], recovery_tokens=info["tokens"],
+            row.update(ppl_recovered=qr["perplexity"], ppl_recovered_ratio_ci95=qr["ppl_ratio_ci95"],
+                       recovery_tokens=info["tokens"],
                        recovery_minutes=info["minutes"], kl=qr["kl"], top1=qr["top1"], copy=qr["copy"],
                        passkey=qr["passkey"], recovered_from=str(folder))
             if name in dense_recovered:  # the unconverted model with the same recovery: the fair denominator
@@ -251,15 +257,18 @@ def print_table(rows: list[dict], model: str) -> None:
     from rich.table import Table
 
     t = Table(title=f"Linearization ({model})")
-    for col in ("variant", "ppl", "ppl converted", "ppl recovered", "vs dense recovered", "recovery", "KL", "top-1", "copy", "passkey",
+    for col in ("variant", "ppl", "ppl converted", "ppl recovered", "x original (95% CI)", "vs dense recovered",
+                "recovery", "KL", "top-1", "copy", "passkey",
                 *(f"cache MB {c // 1024}k" for c in CONTEXTS), *(f"decode x {c // 1024}k" for c in CONTEXTS)):
         t.add_column(col, justify="right")
     for r in rows:
         rec = (f"{r['recovery_tokens']} tok / {r['recovery_minutes']} min"
                if r.get("recovery_minutes") is not None else "-")
         cb, ds = r.get("cache_bytes", {}), r.get("decode_speedup", {})
+        ci = r.get("ppl_recovered_ratio_ci95") or r.get("ppl_converted_ratio_ci95")  # of the last stage measured
         t.add_row(r["variant"], fmt(r.get("perplexity"), ".2f"), fmt(r.get("ppl_converted"), ".2f"),
-                  fmt(r.get("ppl_recovered"), ".2f"), fmt(r.get("recovered_vs_dense_recovered"), ".2f"), rec, fmt(r.get("kl"), ".4f"), fmt(r.get("top1")),
+                  fmt(r.get("ppl_recovered"), ".2f"), "[{:.3f}, {:.3f}]".format(*ci) if ci else "-",
+                  fmt(r.get("recovered_vs_dense_recovered"), ".2f"), rec, fmt(r.get("kl"), ".4f"), fmt(r.get("top1")),
                   fmt(r.get("copy")), fmt(r.get("passkey"), ".2f"),
                   *(fmt(cb.get(str(c), 0) / 2**20, ".2f") if cb else "-" for c in CONTEXTS),
                   *(fmt(ds.get(str(c)), ".2f") if ds else "-" for c in CONTEXTS))

@@ -8,8 +8,8 @@ CPU (one torch thread, fp32; speeds as ratios of paired medians):
   greedy decoding of 64 tokens.
 - activation_sparse_mlp: the `activation_sparsity` pass (neuron scaling unless `--no-neuron-scaling`) is calibrated
   on the reference model (`--model`, default builtin:small, fp32; `--ppl-budget` on its calibration windows);
-  ppl_delta_pct is the held-out perplexity change at those thresholds and `sparsity` the inactive share measured
-  there. Two rows per token count: `gate` "dense gate" (the whole gate computed) and "predictor rank r" (a rank-r
+  ppl_delta_pct is the held-out perplexity change at those thresholds (ppl_delta_pct_ci95: its 95% interval over
+  the held-out windows) and `sparsity` the inactive share measured there. Two rows per token count: `gate` "dense gate" (the whole gate computed) and "predictor rank r" (a rank-r
   SVD predictor, rank = `--predictor-ratio` x hidden, picks candidates; only their gate rows are read; its misses
   are in its row's ppl_delta_pct), or with `--predictor-bits 8|4` "predictor int8|int4" (the gate's quantized copy
   picks them). Speed: an ActivationSparseMLP at Llama-3-8B's MLP shape (4096 x 14336, random
@@ -132,8 +132,8 @@ def calibrated_quality(model_name: str, calib_samples: int, eval_windows: int, g
         return ev, inactive
 
     ev, inactive = heldout()
-    out = dict(model=model_name, ppl_delta_pct=100 * (ev["perplexity"] / ev["baseline_perplexity"] - 1),
-               sparsity=inactive, greedy_rounds=greedy_rounds,
+    out = dict(model=model_name, ppl_delta_pct=ev["ppl_delta_pct"], ppl_delta_pct_ci95=ev["ppl_delta_pct_ci95"],
+               eval_windows=ev["windows"], sparsity=inactive, greedy_rounds=greedy_rounds,
                calibration="per-layer greedy" if greedy_rounds else "one CETT value",
                calibration_ppl_delta_pct=100 * d["ppl_increase"], kl=ev["kl"], cett=d["cett"],
                layer_sparsity=[round(s, 3) for s in d["layer_sparsity"]], predictor_rank=rank,
@@ -146,8 +146,9 @@ def calibrated_quality(model_name: str, calib_samples: int, eval_windows: int, g
         plain, plain_inactive = heldout()
         for m, t in zip(mlps, saved):
             m.predictor_threshold.fill_(t)
-        out["without_predictor"] = dict(ppl_delta_pct=100 * (plain["perplexity"] / plain["baseline_perplexity"] - 1),
-                                        sparsity=plain_inactive, kl=plain["kl"])
+        out["without_predictor"] = dict(ppl_delta_pct=plain["ppl_delta_pct"],
+                                        ppl_delta_pct_ci95=plain["ppl_delta_pct_ci95"], sparsity=plain_inactive,
+                                        kl=plain["kl"])
     return out
 
 
@@ -247,7 +248,8 @@ def cpu_activation_sparse(quality: dict, repeats, copies: int = 0, dtype=torch.f
                              tokens=t, gate=gate, speedup_vs_dense=d / s, dense_ms=d * 1e3, ours_ms=s * 1e3,
                              weight_copies=copies,
                              sparsity=measured, candidate_share=share if rank or bits else None,
-                             ppl_delta_pct=q["ppl_delta_pct"], path=sparse.runtime_path(t),
+                             ppl_delta_pct=q["ppl_delta_pct"], ppl_delta_pct_ci95=q.get("ppl_delta_pct_ci95"),
+                             path=sparse.runtime_path(t),
                              quality_model=quality["model"], kl=q["kl"],
                              calibration_ppl_delta_pct=quality["calibration_ppl_delta_pct"]))
     assert isinstance(sparse, ActivationSparseMLP)
@@ -305,7 +307,8 @@ def cuda_activation_sparse(quality: dict) -> list[dict]:
         d, s = cuda_ms(lambda: dense(x)), cuda_ms(lambda: sparse(x))
         rows.append(dict(device="cuda", kind="activation_sparse_mlp", shape=f"{MLP_SHAPE[0]}x{MLP_SHAPE[1]}",
                          tokens=t, speedup_vs_dense=d / s, dense_ms=d, ours_ms=s, sparsity=quality["sparsity"],
-                         ppl_delta_pct=quality["ppl_delta_pct"], quality_model=quality["model"]))
+                         ppl_delta_pct=quality["ppl_delta_pct"],
+                         ppl_delta_pct_ci95=quality.get("ppl_delta_pct_ci95"), quality_model=quality["model"]))
     return rows
 
 

@@ -37,16 +37,31 @@ def _fmt(x) -> str:
     return f"{x:.4f}" if isinstance(x, float) else str(x)
 
 
+def _interval(ci, fmt: str) -> str:
+    return f"[{format(ci[0], fmt)}, {format(ci[1], fmt)}]"
+
+
+def _quality_rows(ev: dict, ppl_baseline, ppl, kl_name: str) -> list[list]:
+    """Perplexity, its change, KL and top-1 agreement; the change and the KL with their 95% intervals over windows
+    where the evaluation has them."""
+    rows = [["perplexity", _fmt(ppl_baseline), _fmt(ppl)]]
+    if "kl" not in ev:
+        return rows
+    ci = "ppl_delta_pct_ci95" in ev
+    if ci:
+        rows.append(["perplexity change (95% CI)", "-",
+                     f"{ev['ppl_delta_pct']:+.2f}% " + _interval(ev["ppl_delta_pct_ci95"], "+.2f")])
+    rows.append([kl_name, "0", _fmt(ev["kl"])])
+    if ci:
+        rows.append(["KL 95% CI", "-", _interval(ev["kl_ci95"], ".4f")])
+    return rows + [["top-1 agreement", "1", _fmt(ev["top1_agreement"])]]
+
+
 def _print_eval(con, ev: dict) -> None:
-    rows = [["perplexity", _fmt(ev.get("baseline_perplexity", "-")), _fmt(ev["perplexity"])]]
-    if "kl" in ev:
-        rows.append(["KL(baseline || model)", "0", _fmt(ev["kl"])])
-        rows.append(["top-1 agreement", "1", _fmt(ev["top1_agreement"])])
+    rows = _quality_rows(ev, ev.get("baseline_perplexity", "-"), ev["perplexity"], "KL(baseline || model)")
     con.print(_table("held-out evaluation", ["metric", "baseline", "model"], rows, caption=ev["protocol"]))
     kv = ev.get("kv_cache")
     if kv:
-        rows = [["perplexity", _fmt(kv["ppl_reference"]), _fmt(kv["ppl"])],
-                ["KL(uncompressed || compressed)", "0", _fmt(kv["kl"])],
-                ["top-1 agreement", "1", _fmt(kv["top1_agreement"])]]
+        rows = _quality_rows(kv, kv["ppl_reference"], kv["ppl"], "KL(uncompressed || compressed)")
         con.print(_table("with the compressed KV cache", ["metric", "uncompressed cache", "compressed cache"], rows,
                          caption=kv["protocol"]))

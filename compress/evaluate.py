@@ -4,7 +4,10 @@ Protocol: the held-out text (by default the built-in reference model's `heldout.
 model never saw) is tokenized once and cut into non-overlapping windows of `seq_len` tokens; every window is scored
 from its first token (no context carried across windows). Perplexity = exp(mean next-token NLL over all predicted
 positions); KL = mean over positions of KL(baseline || model) of the next-token distributions; top-1 agreement =
-fraction of positions where both models' argmax agree."""
+fraction of positions where both models' argmax agree. With a baseline, the perplexity change and the KL also get
+95% intervals over windows (`paired_change`): the windows are the independent samples, each model's per-window
+NLL paired with the baseline's on the same text, so the interval says whether a change is more than the sample's
+noise."""
 from __future__ import annotations
 
 import math
@@ -40,21 +43,60 @@ def logits_of(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=input_ids.to(device), use_cache=False).logits.float().cpu()
 
 
+# two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (beyond: a Cornish-Fisher expansion)
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t_quantile_975(df: int) -> float:
+    """The 97.5% quantile of Student's t with `df` degrees of freedom (accurate to ~1e-4 above 30)."""
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = 1.959964
+    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+
+
+def ratio_interval(num: torch.Tensor, den: torch.Tensor) -> tuple[float, float, float]:
+    """sum(num) / sum(den) over W samples (windows), with a 95% interval from the ratio estimator's standard error
+    (the linearized variance of a ratio of sums; for equal `den` it is the t interval of the per-window means).
+    Fewer than two windows: the interval is the point itself."""
+    num, den = num.double(), den.double()
+    w = num.numel()
+    est = (num.sum() / den.sum()).item()
+    if w < 2:
+        return est, est, est
+    resid = (num - est * den) / den.mean()
+    se = (resid.var(unbiased=True) / w).sqrt().item()
+    half = t_quantile_975(w - 1) * se
+    return est, est - half, est + half
+
+
 class MetricAccumulator:
-    """Sums NLL, KL and top-1 agreement over positions, batch by batch, so memory stays at one batch of logits."""
+    """Sums NLL, KL and top-1 agreement over positions, batch by batch, so memory stays at one batch of logits;
+    per window too (each row of a batch), for the intervals of `paired_change`."""
 
     def __init__(self) -> None:
         self.nll = self.kl = 0.0
         self.agree = self.positions = 0
+        self.window_nll: list[torch.Tensor] = []  # per window: sum of NLL over its positions
+        self.window_kl: list[torch.Tensor] = []
+        self.window_positions: list[torch.Tensor] = []
 
     def add(self, logits: torch.Tensor, targets: torch.Tensor, base_logits: torch.Tensor | None = None) -> None:
-        """logits [..., V] predicting `targets` [...]; base_logits of the same shape for KL and agreement."""
+        """logits [..., V] predicting `targets` [...]; base_logits of the same shape for KL and agreement. With
+        targets [B, ...], each of the B rows is one window; 1-D targets are one window."""
         logp = F.log_softmax(logits.double(), dim=-1)
-        self.nll -= logp.gather(-1, targets.unsqueeze(-1)).sum().item()
+        rows = targets.shape[0] if targets.dim() >= 2 else 1
+        nll = -logp.gather(-1, targets.unsqueeze(-1)).reshape(rows, -1).sum(1)
+        self.nll += nll.sum().item()
         self.positions += targets.numel()
+        self.window_nll.append(nll)
+        self.window_positions.append(torch.full((rows,), targets.numel() // rows, dtype=torch.float64))
         if base_logits is not None:
             base_logp = F.log_softmax(base_logits.double(), dim=-1)
-            self.kl += (base_logp.exp() * (base_logp - logp)).sum().item()
+            kl = (base_logp.exp() * (base_logp - logp)).reshape(rows, -1).sum(1)
+            self.kl += kl.sum().item()
+            self.window_kl.append(kl)
             self.agree += (logits.argmax(-1) == base_logits.argmax(-1)).sum().item()
 
     def result(self, with_baseline: bool) -> dict[str, float]:
@@ -63,6 +105,23 @@ class MetricAccumulator:
             out["kl"] = self.kl / self.positions
             out["top1_agreement"] = self.agree / self.positions
         return out
+
+
+def paired_change(model: MetricAccumulator, baseline: MetricAccumulator) -> dict[str, Any]:
+    """The perplexity change of `model` against `baseline` scored on the same windows, and model's KL to it, each
+    with a 95% interval over windows: ppl_delta_pct, ppl_delta_pct_ci95 [lo, hi], kl_ci95 [lo, hi], windows."""
+    pos = torch.cat(model.window_positions)
+    if not torch.equal(pos, torch.cat(baseline.window_positions)):
+        raise ValueError("paired_change needs both accumulators over the same windows")
+    diff = torch.cat(model.window_nll) - torch.cat(baseline.window_nll)
+    log_ratio, lo, hi = ratio_interval(diff, pos)
+    pct = lambda x: 100.0 * math.expm1(x)  # noqa: E731
+    out: dict[str, Any] = {"ppl_delta_pct": pct(log_ratio), "ppl_delta_pct_ci95": [pct(lo), pct(hi)],
+                           "windows": int(pos.numel())}
+    if model.window_kl:
+        _, klo, khi = ratio_interval(torch.cat(model.window_kl), pos)
+        out["kl_ci95"] = [max(klo, 0.0), khi]
+    return out
 
 
 @torch.no_grad()
@@ -74,8 +133,8 @@ def evaluate(
     batch_size: int = 8,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Perplexity of `model` on `windows`; with `baseline`, also KL(baseline || model), top-1 agreement and the
-    baseline's own perplexity (from the same forward passes)."""
+    """Perplexity of `model` on `windows`; with `baseline`, also KL(baseline || model), top-1 agreement, the
+    baseline's own perplexity (from the same forward passes) and the change's 95% intervals (`paired_change`)."""
     acc, base_acc = MetricAccumulator(), MetricAccumulator()
     batches = range(0, windows.shape[0], batch_size)
     for i in progress_bar(batches, description="evaluating", enabled=progress):
@@ -88,6 +147,7 @@ def evaluate(
     out = acc.result(baseline is not None)
     if baseline is not None:
         out["baseline_perplexity"] = base_acc.result(False)["perplexity"]
+        out.update(paired_change(acc, base_acc))
     return out
 
 

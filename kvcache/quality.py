@@ -4,7 +4,8 @@ Chunked scoring: each window of held-out text is fed in chunks of `chunk_len` to
 residual_length), so before chunk i is scored, chunks < i have been compressed; tokens of the first chunk see no
 compressed past and are not scored. The same chunked pass with an uncompressed cache (transformers' DynamicCache,
 in the model's dtype) is the reference. Reported: perplexity of both, its relative change, KL(reference || ours)
-per token, and top-1 agreement.
+per token, and top-1 agreement; the perplexity change and the KL with 95% intervals over windows
+(`compress.evaluate.paired_change`: each window's NLL paired with the reference's on the same text).
 
 Copy probe: a random token string repeated twice; accuracy of greedy next-token predictions over the second copy
 (from its second token on), while the first copy sits in the compressed past. It is where KV errors show first."""
@@ -18,7 +19,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from ..errors import CompressError
-from ..evaluate import MetricAccumulator
+from ..evaluate import MetricAccumulator, paired_change
 
 CacheFactory = Callable[[], object]
 
@@ -31,6 +32,9 @@ class QualityResult:
     kl: float
     top1_agreement: float
     tokens_scored: int
+    ppl_delta_pct_ci95: list[float]  # [lo, hi], over windows
+    kl_ci95: list[float]
+    windows: int
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -57,14 +61,15 @@ def chunked_logits(model: nn.Module, ids: torch.Tensor, make_cache: CacheFactory
 
 
 def compare_logits(ref: torch.Tensor, ours: torch.Tensor, targets: torch.Tensor) -> QualityResult:
-    """ref/ours [N, V] logits at the scored positions; targets [N] the true next tokens."""
+    """ref/ours [W, P, V] logits at the scored positions of W windows; targets [W, P] the true next tokens."""
     ours_acc, ref_acc = MetricAccumulator(), MetricAccumulator()
     ours_acc.add(ours, targets, ref)
     ref_acc.add(ref, targets)
     got, want = ours_acc.result(with_baseline=True), ref_acc.result(with_baseline=False)
-    ppl, ppl_ref = got["perplexity"], want["perplexity"]
-    return QualityResult(ppl, ppl_ref, 100.0 * (ppl / ppl_ref - 1.0), max(got["kl"], 0.0), got["top1_agreement"],
-                         int(targets.numel()))
+    change = paired_change(ours_acc, ref_acc)
+    return QualityResult(got["perplexity"], want["perplexity"], change["ppl_delta_pct"], max(got["kl"], 0.0),
+                         got["top1_agreement"], int(targets.numel()), change["ppl_delta_pct_ci95"],
+                         change["kl_ci95"], change["windows"])
 
 
 @torch.no_grad()
@@ -80,9 +85,8 @@ def kv_quality(model: nn.Module, windows: torch.Tensor, make_cache: CacheFactory
                                for w in windows])
     ours = torch.cat([chunked_logits(model, w[None], make_cache, chunk_len) for w in windows])
     scored = slice(chunk_len, windows.shape[1] - 1)  # positions after the first chunk that have a next token
-    targets = windows[:, scored.start + 1:scored.stop + 1].reshape(-1)
-    v = reference.shape[-1]
-    return compare_logits(reference[:, scored].reshape(-1, v), ours[:, scored].reshape(-1, v), targets), reference
+    targets = windows[:, scored.start + 1:scored.stop + 1]
+    return compare_logits(reference[:, scored], ours[:, scored], targets), reference
 
 
 def copy_sequences(num: int, length: int, vocab_size: int, seed: int = 0, low: int = 100) -> torch.Tensor:

@@ -19,6 +19,9 @@ def test_protocol_orders_configurations(lm, reference_tokenizer, attn):
     q2, _ = kv_quality(lm, windows, lambda: GEARCache(lm.config, method="kivi", bits=2), 64, ref)
     assert q8.kl < q2.kl and q8.top1_agreement >= q2.top1_agreement and q8.top1_agreement > 0.98
     assert q2.kl > 0  # earlier chunks really were compressed before later tokens were scored
+    lo, hi = q2.ppl_delta_pct_ci95  # intervals over the 2 windows, around the point figures
+    assert q2.windows == 2 and lo < q2.ppl_delta_pct < hi and q2.kl_ci95[0] <= q2.kl < q2.kl_ci95[1]
+    assert 100 * (q2.ppl / q2.ppl_reference - 1) == pytest.approx(q2.ppl_delta_pct, rel=1e-9)
 
 
 def test_copy_probe(lm, attn):

@@ -1,0 +1,78 @@
+"""95% intervals over windows for the perplexity change and the KL (compress.evaluate.paired_change)."""
+import math
+
+import pytest
+import torch
+
+from compress.evaluate import MetricAccumulator, evaluate, paired_change, ratio_interval, t_quantile_975
+
+
+@pytest.mark.parametrize("df, want", [(1, 12.706), (4, 2.776), (30, 2.042), (31, 2.0395), (60, 2.0003),
+                                      (120, 1.9799)])
+def test_t_quantile_matches_tables(df, want):
+    assert t_quantile_975(df) == pytest.approx(want, abs=2e-4)
+
+
+def test_ratio_interval_is_the_t_interval_for_equal_windows():
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    est, lo, hi = ratio_interval(x, torch.ones(4))
+    half = 3.182 * (torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64).std() / 2).item()  # by hand
+    assert (est, lo, hi) == pytest.approx((2.5, 2.5 - half, 2.5 + half), rel=1e-4)
+    assert ratio_interval(torch.tensor([3.0]), torch.tensor([2.0])) == (1.5, 1.5, 1.5)
+
+
+def test_interval_covers_the_true_change_95_percent_of_the_time():
+    """Windows of 32 positions with per-window shifts drawn around a known mean: the interval holds it in ~95% of
+    2,000 seeded trials (a wrong quantile or standard error lands far outside [0.93, 0.97])."""
+    gen = torch.Generator().manual_seed(0)
+    hits = 0
+    for _ in range(2000):
+        per_window = 0.3 + torch.randn(8, generator=gen, dtype=torch.float64)  # true mean 0.3 per position
+        _, lo, hi = ratio_interval(per_window * 32, torch.full((8,), 32.0))
+        hits += lo <= 0.3 <= hi
+    assert 0.93 <= hits / 2000 <= 0.97
+
+
+def _accumulators(shift_per_window: torch.Tensor, positions: int = 16, vocab: int = 11):
+    gen = torch.Generator().manual_seed(1)
+    w = shift_per_window.numel()
+    base = torch.randn(w, positions, vocab, generator=gen)
+    targets = torch.randint(0, vocab, (w, positions), generator=gen)
+    noise = torch.randn(w, positions, vocab, generator=gen) * shift_per_window.view(w, 1, 1)
+    model, ref = MetricAccumulator(), MetricAccumulator()
+    for i in range(0, w, 3):  # batches of three windows
+        model.add(base[i:i + 3] + noise[i:i + 3], targets[i:i + 3], base[i:i + 3])
+        ref.add(base[i:i + 3], targets[i:i + 3])
+    return model, ref
+
+
+def test_paired_change_agrees_with_the_totals():
+    model, ref = _accumulators(torch.linspace(0.1, 1.0, 10))
+    change = paired_change(model, ref)
+    ppl, ppl_ref = model.result(True)["perplexity"], ref.result(False)["perplexity"]
+    assert change["ppl_delta_pct"] == pytest.approx(100 * (ppl / ppl_ref - 1), rel=1e-9)
+    lo, hi = change["ppl_delta_pct_ci95"]
+    assert lo < change["ppl_delta_pct"] < hi and change["windows"] == 10
+    klo, khi = change["kl_ci95"]
+    assert 0 <= klo < model.result(True)["kl"] < khi
+
+
+def test_identical_models_have_a_zero_width_interval():
+    model, ref = _accumulators(torch.zeros(6))
+    change = paired_change(model, ref)
+    assert change["ppl_delta_pct_ci95"] == pytest.approx([0.0, 0.0], abs=1e-9)
+    assert change["kl_ci95"] == pytest.approx([0.0, 0.0], abs=1e-9)
+
+
+def test_paired_change_refuses_different_windows():
+    a, _ = _accumulators(torch.zeros(6))
+    b, _ = _accumulators(torch.zeros(3))
+    with pytest.raises(ValueError, match="same windows"):
+        paired_change(a, b)
+
+
+def test_evaluate_reports_intervals_over_its_windows(reference_model):
+    windows = torch.randint(0, reference_model.config.vocab_size, (5, 24), generator=torch.Generator().manual_seed(2))
+    out = evaluate(reference_model, windows, baseline=reference_model, batch_size=2, progress=False)
+    assert out["windows"] == 5 and out["ppl_delta_pct_ci95"] == pytest.approx([0.0, 0.0], abs=1e-9)
+    assert math.isclose(out["perplexity"], out["baseline_perplexity"])

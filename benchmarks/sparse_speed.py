@@ -1,6 +1,7 @@
 """Sparse layers against dense ones, in one process, one table per device (ratio > 1 = ours faster).
 
     python benchmarks/sparse_speed.py [--json] [--quick]
+    python benchmarks/sparse_speed.py --gather-crossover [--json]   # where the CPU gathers start to pay
 
 CPU (one torch thread, fp32; speeds as ratios of paired medians):
 - runtime_dense: a 2:4 SparseLinear loaded with runtime `dense` vs the unpruned nn.Linear, Llama shapes, 1/8/64
@@ -43,6 +44,8 @@ from compress.bench_args import run_cli, positive_int, fraction  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096)]  # (out, in)
 MLP_SHAPE = (4096, 14336)  # hidden, intermediate (Llama-3-8B)
+# builtin:tiny's MLP, builtin:small's, then wider ones up to Llama-3-8B's (--gather-crossover)
+GATHER_CROSSOVER_SHAPES = ((256, 704), (384, 1152), (512, 1536), (1024, 2816), (2048, 5632), (4096, 14336))
 
 
 def pruned_pair(out_f: int, in_f: int, dtype=torch.float32, device="cpu", structure="2:4"):
@@ -153,14 +156,16 @@ def calibrated_quality(model_name: str, calib_samples: int, eval_windows: int, g
 
 
 def mlp_at_sparsity(sparsity: float, dtype=torch.float32, device="cpu", predictor_rank: int = 0,
-                    candidate_share: float = 1.0, neuron_scaling: bool = False, predictor_bits: int = 0):
-    """A Llama-3-8B-shaped MLP with random weights; thresholds set so that on N(0,1) x `sparsity` of the neurons are
-    inactive and, with a predictor, `candidate_share` of them are candidates (the active ones among them)."""
+                    candidate_share: float = 1.0, neuron_scaling: bool = False, predictor_bits: int = 0,
+                    shape: tuple[int, int] = MLP_SHAPE):
+    """An MLP of `shape` (hidden, intermediate; Llama-3-8B's by default) with random weights; thresholds set so that
+    on N(0,1) x `sparsity` of the neurons are inactive and, with a predictor, `candidate_share` of them are
+    candidates (the active ones among them)."""
     from transformers.activations import ACT2FN
 
     from compress.activation_sparsity import ActivationSparseMLP
 
-    hidden, inter = MLP_SHAPE
+    hidden, inter = shape
     mlp = nn.Module()
     mlp.gate_proj = nn.Linear(hidden, inter, bias=False, dtype=dtype, device=device)
     mlp.up_proj = nn.Linear(hidden, inter, bias=False, dtype=dtype, device=device)
@@ -253,6 +258,33 @@ def cpu_activation_sparse(quality: dict, repeats, copies: int = 0, dtype=torch.f
                              quality_model=quality["model"], kl=q["kl"],
                              calibration_ppl_delta_pct=quality["calibration_ppl_delta_pct"]))
     assert isinstance(sparse, ActivationSparseMLP)
+    return rows
+
+
+@torch.no_grad()
+def cpu_gather_crossover(repeats, copies: int = 0, sparsity: float = 0.5) -> list[dict]:
+    """Where the CPU row gathers start to pay: the activation-sparse MLP with its gathers forced on (no predictor,
+    `sparsity` of the neurons inactive by a plain threshold) vs the dense MLP, 1 token, float32, from builtin:tiny's
+    MLP shape up to Llama-3-8B's; weight copies cycled past 3x the largest cache, as at the Llama-3-8B shape.
+    What `ActivationSparseMLP.MIN_GATHER_WEIGHTS` (below it: the masked dense path) is set from."""
+    rows = []
+    for shape in GATHER_CROSSOVER_SHAPES:
+        n = copies or max(1, math.ceil(3 * largest_cache_bytes() / (3 * shape[0] * shape[1] * 4)))
+        pairs = [mlp_at_sparsity(sparsity, shape=shape) for _ in range(n)]
+        for _, sparse in pairs:
+            sparse.MIN_GATHER_WEIGHTS = 0  # the gathers at every size (the instance's own, not the class's)
+        x = torch.randn(1, shape[0])
+        sparse = pairs[0][1]
+        assert sparse.runtime_path(1).startswith("active rows"), sparse.runtime_path(1)
+        d, s = paired_median_seconds([cycling([lambda f=f: f(x) for f, _ in pairs]),
+                                      cycling([lambda f=f: f(x) for _, f in pairs])], repeats)
+        rows.append(dict(device="cpu", kind="gather_crossover", shape=f"{shape[0]}x{shape[1]}", tokens=1,
+                         dtype="float32", weights=3 * shape[0] * shape[1], sparsity=sparsity,
+                         speedup_vs_dense=d / s, dense_ms=d * 1e3, ours_ms=s * 1e3, weight_copies=n,
+                         path=sparse.runtime_path(1),
+                         below_min_gather_weights=3 * shape[0] * shape[1] < type(sparse).MIN_GATHER_WEIGHTS))
+        print(f"[gather crossover] {shape[0]}x{shape[1]}: {d / s:.2f}x ({n} copies)", file=sys.stderr)
+        del pairs
     return rows
 
 
@@ -358,6 +390,7 @@ def print_table(rows: list[dict]) -> None:
         for r in sub:
             extra = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()
                      if k in ("dtype", "path", "gate", "sparsity", "candidate_share", "ppl_delta_pct", "rel_err",
+                              "weight_copies",
                               "structure", "paths")}
             print(f"{r['kind']:<22}{r['shape']:<36}{r['tokens']:>7}{r['speedup_vs_dense']:>8.2f}x  {extra or ''}")
 
@@ -370,7 +403,7 @@ def linear_shape(text: str) -> tuple[int, int]:
     return out_f, in_f
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="print the rows as one JSON list")
     ap.add_argument("--quick", action="store_true", help="fewer shapes/tokens/repeats (a smoke run)")
@@ -396,15 +429,26 @@ def main() -> None:
                     help="activation sparsity: threshold |act(gate)| x E|up_i| x ||W_down[:, i]|| (the pass's "
                     "neuron_scaling, its default); --no-neuron-scaling: |act(gate)| (CATS)")
     ap.add_argument("--only-activation-sparse", action="store_true", help="only the activation_sparse_mlp rows")
+    ap.add_argument("--gather-crossover", action="store_true", help="only the gather_crossover rows: the CPU row "
+                    "gathers vs the dense MLP from builtin:tiny's MLP shape to Llama-3-8B's (50%% inactive, 1 token)")
     ap.add_argument("--weight-copies", type=int, default=0, help="activation-sparse MLP timing: copies of its "
                     "weights called in turn (0: enough to exceed 3x the largest CPU cache; 1 shows a warm cache)")
     ap.add_argument("--save-quality", type=Path, help="write the activation-sparsity calibration result (JSON) here")
     ap.add_argument("--quality", type=Path, help="reuse a --save-quality file instead of calibrating again (the "
                     "slow part: the speed rows then time this machine at that file's inactive shares)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     repeats = 3 if args.quick else 7
     rows: list[dict] = []
+    if args.gather_crossover:
+        saved = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            rows = cpu_gather_crossover(repeats, args.weight_copies)
+        finally:
+            torch.set_num_threads(saved)
+        print(json.dumps(rows)) if args.json else print_table(rows)
+        return
     if args.quality is not None:
         if not args.quality.is_file():
             ap.error(f"--quality {args.quality}: no such file (write one with --save-quality)")

@@ -13,7 +13,7 @@
   under-trained original too; `--dense-recovered liger-gla=DIR` names a checkpoint of the *unconverted* model given
   the same recovery (a recipe with only the recover pass, same settings and tokens), and the row adds its
   perplexity (`ppl_dense_recovered`) and `ppl_recovered / ppl_dense_recovered`, the ratio that isolates what the
-  conversion costs.
+  conversion costs (`recovered_vs_dense_recovered_ci95`: its 95% interval over the windows).
 - cache bytes: bytes held by the cache's tensors after a context of 1k, 8k and 32k tokens (DynamicCache K/V for the
   original; recurrent states + window ring buffers for ours).
 - decode speed: tokens/s of one-token forward passes from a cache holding the context, as a ratio to the original
@@ -228,9 +228,12 @@ def run(args) -> list[dict]:
                        recovery_minutes=info["minutes"], kl=qr["kl"], top1=qr["top1"], copy=qr["copy"],
                        passkey=qr["passkey"], recovered_from=str(folder))
             if name in dense_recovered:  # the unconverted model with the same recovery: the fair denominator
-                control = evaluate(compress.load(dense_recovered[name], dtype="float32"), windows, None,
-                                   progress=False)["perplexity"]
+                # (scored as the baseline of the recovered model, window by window: the ratio's 95% interval)
+                paired = evaluate(rec, windows, compress.load(dense_recovered[name], dtype="float32"),
+                                  progress=False)
+                control = paired["baseline_perplexity"]
                 row.update(ppl_dense_recovered=control, recovered_vs_dense_recovered=qr["perplexity"] / control,
+                           recovered_vs_dense_recovered_ci95=[1 + p / 100 for p in paired["ppl_delta_pct_ci95"]],
                            dense_recovered_from=dense_recovered[name])
         else:
             row.update(kl=q["kl"], top1=q["top1"], copy=q["copy"], passkey=q["passkey"],

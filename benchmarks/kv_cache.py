@@ -39,8 +39,15 @@ from compress.calibration import builtin_text
 from compress.kvcache import GEARCache, KVCacheSettings
 from compress.budget import kv_bytes_per_token
 from compress.kvcache.cache import dynamic_cache_bytes, quantized_cache_bytes
-from compress.kvcache.quality import copy_sequences, copy_accuracy, heldout_windows, kv_quality
+from compress.kvcache.quality import compare_caches, copy_sequences, copy_accuracy, heldout_windows, kv_quality
 from compress.bench_args import check_device, positive_int, run_cli  # noqa: E402
+
+
+def config_pair(text: str) -> tuple[str, str]:
+    a, sep, b = text.partition(":")
+    if not (sep and a and b):
+        raise argparse.ArgumentTypeError(f"expected A:B (two configuration names), got {text!r}")
+    return a, b
 
 
 def configurations(quick: bool) -> list[dict]:
@@ -180,11 +187,12 @@ def run(args) -> list[dict]:
         fp16_bytes = filled(lambda: DynamicCache(config=model.config), [(k.half(), v.half()) for k, v in memory_kv])
         fp16_bytes = cache_bytes(fp16_bytes)[0]
     reference = None
-    out = []
+    out, results = [], {}
     for row in rows:
         t0 = time.perf_counter()
         factory = make_factory(model, row)
         q, reference = kv_quality(model, windows, factory, chunk, reference)
+        results[row["name"]] = q
         res = {k: v for k, v in row.items() if k != "kw"}
         kw = row.get("kw", {})
         res.update(rank=max(kw.get("key_rank", 0), kw.get("value_rank", 0)), key_rank=kw.get("key_rank", 0),
@@ -210,6 +218,8 @@ def run(args) -> list[dict]:
         res["seconds"] = time.perf_counter() - t0
         out.append(res)
         print(f"[{row['name']}] done in {res['seconds']:.0f}s", file=sys.stderr)
+    for a, b in args.compare or []:  # paired window by window: is a really below b?
+        next(r for r in out if r["name"] == a)[f"vs_{b}"] = compare_caches(results[a], results[b])
     return out
 
 
@@ -233,6 +243,12 @@ def print_table(rows: list[dict], args) -> None:
         table.add_row(*["-" if r.get(c) is None else r[c] if isinstance(r[c], str) else f"{r[c]:.4f}" if c == "kl"
                         else f"{r[c]:.3f}" for c in cols])
     Console(width=200).print(table)
+    for r in rows:
+        for key, c in r.items():
+            if key.startswith("vs_"):
+                print(f"{r['name']} {key.replace('_', ' ')}: KL x{c['kl_ratio']:.3f} [{c['kl_ratio_ci95'][0]:.3f}, "
+                      f"{c['kl_ratio_ci95'][1]:.3f}], perplexity x{c['ppl_ratio']:.5f} [{c['ppl_ratio_ci95'][0]:.5f}, "
+                      f"{c['ppl_ratio_ci95'][1]:.5f}] (95% CI over windows, paired)")
 
 
 @torch.no_grad()
@@ -353,6 +369,9 @@ def main(argv=None) -> None:
                     help="device of the --long check (cpu or cuda)")
     ap.add_argument("--only", nargs="*", help="only these configuration names (and the baseline); with --long: the "
                     "configurations to run (default gear-4-r2, the issue's GEAR-4 defaults)")
+    ap.add_argument("--compare", nargs="+", default=[], metavar="A:B", type=config_pair,
+                    help="pair two configurations window by window: A's KL and perplexity over B's, with 95%% "
+                         "intervals (JSON: row A's vs_B)")
     ap.add_argument("--long", type=int, default=0, help="only run the long-context check at this many tokens")
     ap.add_argument("--residual-spectrum", action="store_true",
                     help="only print the singular-value decay of the quantization residual per span length")
@@ -368,6 +387,14 @@ def main(argv=None) -> None:
     if args.long:
         print(json.dumps(long_context(args.long, args.device, args.only or ["gear-4-r2"], args.model), indent=2))
         return
+    known = {r["name"] for r in configurations(False)}
+    for a, b in args.compare:
+        if {a, b} - known:
+            ap.error(f"--compare {a}:{b}: unknown configuration {sorted({a, b} - known)[0]!r}")
+        if args.only is not None:  # both sides must run
+            args.only += [x for x in (a, b) if x not in args.only]
+        elif args.quick:
+            ap.error("--compare with --quick needs --only (the quick list may not hold both sides)")
     if args.quick:
         args.windows, args.window_len, args.copy_num, args.copy_len = 2, 192, 2, 96
         args.steps, args.reps, args.memory_context = 4, 1, 0

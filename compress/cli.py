@@ -290,7 +290,8 @@ def _kv_cache_quality(model, tokenizer, settings, text: str | None, windows: int
     n = min(windows or 16, 16)
     w = kv_windows(tokenizer, text if text is not None else builtin_text("builtin:heldout"), n, window_len)
     result, _ = kv_quality(model, w, lambda: GEARCache(model.config, settings), settings.residual_length)
-    return {**result.to_dict(), "protocol": f"{n} windows of {window_len} tokens fed in chunks of "
+    summary = {k: v for k, v in result.to_dict().items() if not k.startswith("window_")}  # not the per-window lists
+    return {**summary, "protocol": f"{n} windows of {window_len} tokens fed in chunks of "
                                             f"{settings.residual_length}; tokens after the first chunk scored"}
 
 

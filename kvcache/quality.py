@@ -11,6 +11,7 @@ Copy probe: a random token string repeated twice; accuracy of greedy next-token 
 (from its second token on), while the first copy sits in the compressed past. It is where KV errors show first."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -19,7 +20,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from ..errors import CompressError
-from ..evaluate import MetricAccumulator, paired_change
+from ..evaluate import MetricAccumulator, paired_change, ratio_interval
 
 CacheFactory = Callable[[], object]
 
@@ -35,6 +36,10 @@ class QualityResult:
     ppl_delta_pct_ci95: list[float]  # [lo, hi], over windows
     kl_ci95: list[float]
     windows: int
+    # per window: summed NLL and summed KL over its scored positions (to pair two caches on the same windows:
+    # compare_caches)
+    window_nll: list[float]
+    window_kl: list[float]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -69,7 +74,22 @@ def compare_logits(ref: torch.Tensor, ours: torch.Tensor, targets: torch.Tensor)
     change = paired_change(ours_acc, ref_acc)
     return QualityResult(got["perplexity"], want["perplexity"], change["ppl_delta_pct"], max(got["kl"], 0.0),
                          got["top1_agreement"], int(targets.numel()), change["ppl_delta_pct_ci95"],
-                         change["kl_ci95"], change["windows"])
+                         change["kl_ci95"], change["windows"], torch.cat(ours_acc.window_nll).tolist(),
+                         torch.cat(ours_acc.window_kl).tolist())
+
+
+def compare_caches(a: QualityResult, b: QualityResult) -> dict:
+    """Two caches scored on the same windows, paired window by window: KL(a) / KL(b) and the perplexity of a over
+    that of b, each with its 95% interval (a difference smaller than the windows' spread shows as an interval
+    around 1)."""
+    if a.windows != b.windows or a.tokens_scored != b.tokens_scored:
+        raise CompressError("compare_caches needs two results over the same windows")
+    pos = torch.full((a.windows,), a.tokens_scored / a.windows, dtype=torch.float64)
+    f64 = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
+    kl = ratio_interval(f64(a.window_kl), f64(b.window_kl))
+    log_ppl = ratio_interval(f64(a.window_nll) - f64(b.window_nll), pos)
+    return {"kl_ratio": kl[0], "kl_ratio_ci95": [max(kl[1], 0.0), kl[2]],
+            "ppl_ratio": math.exp(log_ppl[0]), "ppl_ratio_ci95": [math.exp(log_ppl[1]), math.exp(log_ppl[2])]}
 
 
 @torch.no_grad()

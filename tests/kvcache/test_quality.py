@@ -4,7 +4,7 @@ import torch
 from transformers import DynamicCache
 
 from compress.kvcache import GEARCache
-from compress.kvcache.quality import copy_accuracy, copy_sequences, heldout_windows, kv_quality
+from compress.kvcache.quality import compare_caches, copy_accuracy, copy_sequences, heldout_windows, kv_quality
 
 
 def test_protocol_orders_configurations(lm, reference_tokenizer, attn):
@@ -22,6 +22,11 @@ def test_protocol_orders_configurations(lm, reference_tokenizer, attn):
     lo, hi = q2.ppl_delta_pct_ci95  # intervals over the 2 windows, around the point figures
     assert q2.windows == 2 and lo < q2.ppl_delta_pct < hi and q2.kl_ci95[0] <= q2.kl < q2.kl_ci95[1]
     assert 100 * (q2.ppl / q2.ppl_reference - 1) == pytest.approx(q2.ppl_delta_pct, rel=1e-9)
+    paired = compare_caches(q8, q2)  # window by window: the ratios of the two results' own figures
+    assert paired["kl_ratio"] == pytest.approx(q8.kl / q2.kl, rel=1e-6)
+    assert paired["ppl_ratio"] == pytest.approx(q8.ppl / q2.ppl, rel=1e-9)
+    assert paired["ppl_ratio_ci95"][0] < paired["ppl_ratio"] < paired["ppl_ratio_ci95"][1]
+    assert compare_caches(q2, q2)["ppl_ratio_ci95"] == pytest.approx([1.0, 1.0])
 
 
 def test_copy_probe(lm, attn):

@@ -433,6 +433,8 @@ def main(argv=None) -> None:
                     "gathers vs the dense MLP from builtin:tiny's MLP shape to Llama-3-8B's (50%% inactive, 1 token)")
     ap.add_argument("--weight-copies", type=int, default=0, help="activation-sparse MLP timing: copies of its "
                     "weights called in turn (0: enough to exceed 3x the largest CPU cache; 1 shows a warm cache)")
+    ap.add_argument("--eval-windows", type=positive_int, default=32, help="activation sparsity: held-out windows "
+                    "of 256 tokens for the perplexity change and its 95%% interval")
     ap.add_argument("--save-quality", type=Path, help="write the activation-sparsity calibration result (JSON) here")
     ap.add_argument("--quality", type=Path, help="reuse a --save-quality file instead of calibrating again (the "
                     "slow part: the speed rows then time this machine at that file's inactive shares)")
@@ -455,7 +457,7 @@ def main(argv=None) -> None:
         quality = json.loads(args.quality.read_text())
     else:
         quality = calibrated_quality(args.model, 8 if args.quick else args.calibration_samples,
-                                     8 if args.quick else 32, 0 if args.quick else args.greedy_rounds,
+                                     8 if args.quick else args.eval_windows, 0 if args.quick else args.greedy_rounds,
                                      args.ppl_budget, args.predictor_ratio, args.recall, args.neuron_scaling,
                                      args.predictor_bits)
     if args.save_quality is not None:

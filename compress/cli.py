@@ -415,7 +415,9 @@ def generate(model_src, prompt, max_new_tokens, sample, temperature, top_p, seed
     if tokenizer is None:
         raise CompressError(f"{model_src} has no tokenizer files; save the tokenizer with the model")
     ids = tokenizer(prompt, return_tensors="pt", verbose=False).input_ids  # the length is checked below
-    _check_context(model.config, ids.shape[1], max_new_tokens)  # the prompt's length, with the new tokens
+    if ids.shape[1] == 0:
+        raise CompressError(f"the prompt {prompt!r} gives no tokens; give some text to continue")
+    _check_context(model, ids.shape[1], max_new_tokens)  # the prompt's length, with the new tokens
     models.check_token_ids(ids, model.config, "--prompt")
     kwargs = ({"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": None} if sample
               else {"do_sample": False})
@@ -433,13 +435,18 @@ def _finite(param, value: float) -> float:
 
 
 def _non_empty(prompt: str) -> str:
-    if not prompt.strip():
+    if not prompt:  # whitespace is a prompt ("\n": start a paragraph); nothing at all is not
         raise click.BadParameter("the prompt is empty; give some text to continue")
     return prompt
 
 
-def _check_context(config, prompt_tokens: int, new_tokens: int) -> None:
-    context = getattr(config, "max_position_embeddings", None)
+def _check_context(model, prompt_tokens: int, new_tokens: int) -> None:
+    from .linearize import LinearizedAttention
+
+    linearized = sum(isinstance(m, LinearizedAttention) for m in model.modules())
+    if linearized == model.config.num_hidden_layers:  # a recurrent state (and a RoPE window of a few dozen tokens)
+        return  # has no context limit: what linearizing every layer is for
+    context = getattr(model.config, "max_position_embeddings", None)
     if context is not None and prompt_tokens + new_tokens > context:
         raise CompressError(f"the prompt ({prompt_tokens} tokens) plus --max-new-tokens {new_tokens} exceed the "
                             f"model's context of {context} tokens; shorten one of them")

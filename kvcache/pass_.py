@@ -7,7 +7,6 @@ cache of their own. `restore` installs it again on a reloaded model, so `compres
 `compress generate` use the compressed cache by default."""
 from __future__ import annotations
 
-import types
 
 from pydantic import Field
 from torch import nn
@@ -89,19 +88,28 @@ def install_compressed_cache(model: nn.Module, settings: KVCacheSettings) -> GEA
                                     "transformers causal LM (Llama, Mistral, Qwen2/3)")
     example = GEARCache(model.config, settings)
     use_compressed_attention(model)
-    # a bound method (not a closure over `model`): deepcopy rebinds it to the copy, and pickling works
-    model.generate = types.MethodType(_generate_with_compressed_cache, model)
+    model.generate = GenerateWithCompressedCache(model)
     model.kv_cache_settings = settings
     return example
 
 
-def _generate_with_compressed_cache(self, *args, **kwargs):
-    """`generate` that builds a GEARCache with `self.kv_cache_settings` unless the caller (or the generation config)
-    asks for no cache, passes its own, or names a cache implementation."""
-    gen_config = kwargs.get("generation_config") or getattr(self, "generation_config", None)
-    wants_cache = kwargs.get("use_cache", getattr(gen_config, "use_cache", True)) is not False
-    own = kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None
-    implementation = kwargs.get("cache_implementation", getattr(gen_config, "cache_implementation", None))
-    if wants_cache and not own and implementation is None:
-        kwargs["cache"] = GEARCache(self.config, self.kv_cache_settings)
-    return type(self).generate(self, *args, **kwargs)
+class GenerateWithCompressedCache:
+    """`model.generate` that builds a GEARCache with `model.kv_cache_settings` unless the caller (or the generation
+    config) asks for no cache, passes its own, or names a cache implementation.
+
+    An object holding the model, not a closure (deepcopy would keep generating with the original) nor a bound method
+    (pickle stores that as getattr(model, "..."), which fails when loading, before the model's state exists):
+    deepcopy and pickle carry this reference along with the model they copy."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, *args, **kwargs):
+        model = self.model
+        gen_config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+        wants_cache = kwargs.get("use_cache", getattr(gen_config, "use_cache", True)) is not False
+        own = kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None
+        implementation = kwargs.get("cache_implementation", getattr(gen_config, "cache_implementation", None))
+        if wants_cache and not own and implementation is None:
+            kwargs["cache"] = GEARCache(model.config, model.kv_cache_settings)
+        return type(model).generate(model, *args, **kwargs)

@@ -22,6 +22,7 @@ import sys
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.cache_utils import StaticLayer
 
 from ..errors import UnsupportedModelError
 from ..kernels.dispatch import use_triton
@@ -86,6 +87,11 @@ class LinearizedAttention(nn.Module):
             cache.layers.append(cache.layer_class_to_replicate())
         layer = cache.layers[i]
         if not isinstance(layer, LinearizedLayer):
+            if isinstance(layer, StaticLayer):  # its masks span max_cache_len: padding would be read off the wrong
+                # columns, and a swapped layer's length would disagree with the softmax layers' (wrong tokens)
+                raise UnsupportedModelError(
+                    "linearized layers keep a recurrent state and do not work with a static cache "
+                    "(cache_implementation='static' / StaticCache); use the default cache or a LinearizedCache")
             if layer.get_seq_length() > 0:
                 raise UnsupportedModelError(f"cache layer {i} already holds keys/values of softmax attention; a "
                                             "linearized layer needs a fresh cache (or a LinearizedCache)")

@@ -8,8 +8,9 @@ validity (left padding inside the window). The mask sizes reported are those of 
 mixing linearized and softmax layers builds one consistent mask.
 
 `LinearizedCache(model)` holds a `LinearizedLayer` for each linearized layer and a `DynamicLayer` for the others.
-Any other transformers cache works too (the default `DynamicCache` of `generate`, a GEARCache): a linearized layer
-swaps its own slot for a `LinearizedLayer` on first use (attention.py)."""
+Any other dynamic transformers cache works too (the default `DynamicCache` of `generate`, a GEARCache): a linearized
+layer swaps its own slot for a `LinearizedLayer` on first use (attention.py). A static cache is refused (its masks
+span max_cache_len, which the padding read-out and the softmax layers' lengths would disagree with)."""
 from __future__ import annotations
 
 import torch

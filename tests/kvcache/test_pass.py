@@ -94,6 +94,21 @@ def test_default_cache_respects_the_generation_config_and_survives_deepcopy(held
     assert mine[0, n].item() != 0
 
 
+def test_a_pickled_model_loads_and_generates_with_its_own_compressed_cache(heldout_ids):
+    """generate was a bound method, which pickle stores as getattr(model, name): dumps worked, loads failed."""
+    import pickle
+
+    model = compress.load("builtin:tiny")
+    compress.apply(model, [compress.get_pass("gear_kv")(bits=4)], progress=False)
+    clone = pickle.loads(pickle.dumps(model))  # our own bytes, in memory
+    assert clone.generate.model is clone
+    ids = heldout_ids[:, :40]
+    with torch.no_grad():
+        out = clone.generate(ids, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+        want = model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert isinstance(out.cache, GEARCache) and torch.equal(out.sequences, want)
+
+
 def test_entry_written_before_the_paged_format_restores(heldout_ids):
     """A gear_kv entry from format version 1 (no page_chunks / lowrank_dtype): the checkpoint holds only cache
     settings, so it restores onto the paged (v2) cache with the new fields at their defaults."""

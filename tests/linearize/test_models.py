@@ -85,6 +85,21 @@ def test_generate_with_default_and_explicit_cache_and_padding(tiny_model):
     assert kinds == ["LinearizedLayer", "DynamicLayer", "LinearizedLayer"]
 
 
+@pytest.mark.parametrize("layers", ["all", [0, 2]], ids=["linearized", "mixed"])
+def test_static_cache_is_refused(tiny_model, layers):
+    """A static cache's masks span max_cache_len: padding was read off unwritten columns and every token treated as
+    padding (silently wrong tokens); it is refused with one clear error, by either way of asking for it."""
+    from transformers import StaticCache
+
+    from compress.errors import UnsupportedModelError
+
+    model = converted(tiny_model, "llama", "hybrid", layers=layers)
+    ids = torch.randint(1, 128, (1, 5), generator=torch.Generator().manual_seed(0))
+    for kw in (dict(cache_implementation="static"), dict(cache=StaticCache(config=model.config, max_cache_len=32))):
+        with pytest.raises(UnsupportedModelError, match="do not work with a static cache"), torch.no_grad():
+            model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0, **kw)
+
+
 def test_softmax_layers_are_untouched_and_no_parameters_added(tiny_model):
     original = tiny_model("llama")
     model = converted(tiny_model, "llama", "gla", layers="every_3")  # keeps layer 2 softmax

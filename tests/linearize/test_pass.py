@@ -36,6 +36,29 @@ def test_checkpoint_round_trip_and_generate(tmp_path, reference_tokenizer):
         AutoModelForCausalLM.from_pretrained(tmp_path / "out")
 
 
+@pytest.mark.parametrize("layers,runs", [("all", True), ("every_3", False)], ids=["all-layers", "mixed"])
+def test_cli_generates_past_the_context_only_when_every_layer_is_linearized(tmp_path, reference_tokenizer, layers,
+                                                                            runs):
+    """A recurrent state has no context limit: `compress generate` lets a fully linearized model run past
+    max_position_embeddings (1024 here); a model that keeps softmax layers is still held to it."""
+    from click.testing import CliRunner
+
+    from compress.cli import main
+
+    model, _ = compress.apply(compress.load("builtin:tiny"),
+                              [compress.get_pass("linearize")(variant="hybrid", window=16, layers=layers)],
+                              progress=False)
+    out = compress.save(model, tmp_path / "out", tokenizer=reference_tokenizer)
+    prompt = " ".join(["Python"] * 1020)
+    assert len(reference_tokenizer(prompt)["input_ids"]) > 1000
+    result = CliRunner().invoke(main, ["generate", str(out), "--prompt", prompt, "--max-new-tokens", "24"])
+    if runs:
+        assert result.exit_code == 0, result.output
+        assert result.output.startswith(prompt) and len(result.output) > len(prompt)
+    else:
+        assert result.exit_code == 2 and "exceed the model's context of 1024" in result.output
+
+
 @pytest.mark.parametrize("args,match", [
     (dict(layers="every_1"), "every_K needs K >= 2"),
     (dict(layers="some"), "layers must be"),

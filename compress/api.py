@@ -44,6 +44,24 @@ def check_offload_support(passes: Sequence[Pass]) -> None:
                             "(max_memory): load the model without max_memory, or on a machine that holds it")
 
 
+def check_not_quantized_elsewhere(model: nn.Module) -> None:
+    """Refuse a model whose weights another tool quantized when it was loaded (a compressed-tensors export, a
+    bitsandbytes folder written by transformers): the passes read plain weights or compress's own modules, and a
+    checkpoint saved from those modules would not match its config (compress's own bitsandbytes layers are fine)."""
+    qc = getattr(model.config, "quantization_config", None)
+    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    method = str(getattr(method, "value", method) or "")
+    own = any(e.get("pass") == "quantize" for e in (getattr(model.config, "compression", None) or {}).get("passes", [])
+              if isinstance(e, dict))
+    foreign = [n for n, m in model.named_modules() if type(m).__module__.startswith(("bitsandbytes.",
+                                                                                     "compressed_tensors."))]
+    if method == "compressed-tensors" or foreign or (method and not own):
+        source = getattr(model, "compress_source", None) or "the model"
+        raise CompressError(f"{source} holds weights quantized by {method or 'another tool'} (config.json "
+                            "quantization_config): compress's passes start from unquantized weights or its own "
+                            "checkpoints; apply the recipe to the original model (or to the native checkpoint)")
+
+
 def check_calibration(model: nn.Module, passes: Sequence[Pass], ctx: PassContext) -> None:
     """Passes that need calibration data have it, and it reads: unreadable, too short or foreign-vocabulary text
     fails before any work (`apply`, and `compress apply --dry-run` on a meta model: only its config is read)."""
@@ -94,6 +112,7 @@ def apply(
         tokenizer = load_tokenizer(model.compress_source, strict=False)  # needed only by calibration
     ctx = PassContext(calibration=calibration, tokenizer=tokenizer, device=device, progress=progress,
                       base_dir=base_dir)
+    check_not_quantized_elsewhere(model)
     if getattr(model, "compress_offloaded_layers", None):
         check_offload_support(passes)
     for i, p in enumerate(passes):

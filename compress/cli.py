@@ -92,6 +92,7 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
         check_passes([(p.name, p.args) for p in r.passes])  # what the format cannot express fails before any work
     if dry_run:
         model = models.load(model_src, meta=True, allow_pickle=allow_pickle)
+        api.check_not_quantized_elsewhere(model)
         for i, p in enumerate(passes):
             p.checked(model, passes[:i])  # shapes a pass cannot take fail here, before any work, at their line
         if any(p.needs_calibration_for() for p in passes):  # the calibration text, as the real run reads it

@@ -70,6 +70,14 @@ def test_apply_format_compressed_tensors(tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "compressed-tensors"
     assert config["model_type"] == "llama"
+    # an export as the model of another recipe: refused before any work (quantize crashed on its modules; gear_kv
+    # wrote a checkpoint whose tensors did not match its config), by the dry run too
+    kv = tmp_path / "kv.yaml"
+    kv.write_text("passes:\n  - gear_kv: {bits: 4}\n")
+    for extra in ([], ["--dry-run"]):
+        refused = run("apply", kv, "--model", out, "--output", tmp_path / "kv", "--no-eval", *extra)
+        assert refused.exit_code == 2 and "quantized by compressed-tensors" in refused.output, refused.output
+        assert not (tmp_path / "kv").exists()
     # an export for other tools is replaced by --overwrite like any checkpoint compress wrote
     again = run("apply", recipe, "--output", out, "--no-eval", "--json", "--format", "native", "--overwrite")
     assert again.exit_code == 0, again.output

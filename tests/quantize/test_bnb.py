@@ -121,6 +121,26 @@ def test_checkpoint_loads_in_plain_transformers_with_the_same_logits(tmp_path):
         assert (torch.tensor(got[folder]["bf16"]) - expected[folder]).abs().max() < 0.25
 
 
+def test_a_folder_quantized_by_transformers_is_refused_as_a_recipes_model(tmp_path):
+    """transformers' own bitsandbytes layers (not compress's): a recipe on them wrote a checkpoint whose tensors did
+    not match its config; refused with one line. compress's own 4-bit checkpoint takes a recipe (gear_kv)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from compress.api import check_not_quantized_elsewhere
+    from compress.models import resolve_model_path
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    AutoModelForCausalLM.from_pretrained(resolve_model_path("builtin:tiny"), quantization_config=config).save_pretrained(
+        tmp_path / "hf")
+    with pytest.raises(CompressError, match="quantized by bitsandbytes .* apply the recipe to the original model"):
+        compress.apply(compress.load(tmp_path / "hf"), [compress.get_pass("gear_kv")(bits=4)], progress=False)
+    ours = compress.load("builtin:tiny")
+    compress.apply(ours, [compress.get_pass("quantize")(method="nf4")], progress=False)
+    reloaded = compress.load(compress.save(ours, tmp_path / "ours"))
+    check_not_quantized_elsewhere(reloaded)
+    compress.apply(reloaded, [compress.get_pass("gear_kv")(bits=4)], progress=False)
+
+
 def test_4bit_checkpoint_with_layers_left_on_disk_is_refused(tmp_path):
     """A bitsandbytes 4-bit layer's quant state cannot sit behind accelerate's offload hooks: one clear error, and a
     cap the model fits in still loads."""

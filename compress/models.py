@@ -18,6 +18,8 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 def resolve_model_path(source: str | Path) -> Path:
     """`builtin:NAME` -> the packaged folder; anything else must be a local folder with a config.json."""
     s = str(source)
+    if not s.strip():
+        raise CheckpointError("no model given (an empty path); give a local Hugging Face folder or builtin:tiny")
     if s.startswith("builtin:"):
         name = s.split(":", 1)[1]
         path = BUILTIN_ROOT / name
@@ -122,6 +124,14 @@ def load(
     from .prune.runtime import resolve_runtime, set_sparse_runtime
 
     resolve_runtime(sparse_runtime, "cpu")  # an unknown runtime fails before anything loads
+    if not isinstance(allow_pickle, bool):  # "false" from a config file is truthy: never unpickle on a guess
+        raise CompressError(f"allow_pickle must be True or False, got {allow_pickle!r}")
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        raise CompressError(f"device={device!r}: use 'cpu' or 'cuda' (or 'cuda:N')")
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise CompressError(f"device={device!r}, but torch sees no CUDA GPU here; use device='cpu'")
 
@@ -163,6 +173,8 @@ DTYPE_CHOICES = ("auto", "stored", *DTYPES)
 def compute_dtype(dtype: str | torch.dtype | None, stored: torch.dtype, device: str = "cpu") -> torch.dtype:
     """The dtype a model is loaded in (see `load`)."""
     if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise CompressError(f"dtype {dtype} cannot hold a model's weights; use one of {', '.join(DTYPE_CHOICES)}")
         return dtype
     if dtype is None or dtype == "stored":
         return stored

@@ -175,8 +175,20 @@ def temporary_folder(target: Path) -> Path:
     return tmp
 
 
+def _plain_file_modes(folder: Path) -> None:
+    """safetensors writes its files 0600 (a private temporary file renamed into place): give every file the mode a
+    plain write gives (0666 less the umask), so a checkpoint is readable by whoever may read its folder (a serving
+    account loading an export)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for f in folder.rglob("*"):
+        if f.is_file() and not f.is_symlink():
+            f.chmod(0o666 & ~mask)
+
+
 def swap_into_place(tmp: Path, target: Path) -> None:
     """Rename the finished `tmp` to `target`; an existing target is moved aside first and removed after."""
+    _plain_file_modes(tmp)
     if target.is_dir() and not any(target.iterdir()):
         target.rmdir()
     if target.exists():

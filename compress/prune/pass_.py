@@ -178,6 +178,17 @@ class Prune(Pass):
     def describe(self, model: nn.Module) -> list[str]:
         return list(self._checked_targets(model))
 
+    def check(self, model: nn.Module) -> None:
+        """Targets and N:M widths (describe), and a per-layer sparsity list of the model's length: found by --dry-run
+        and before any pass runs, at the recipe line (it failed only when this pass began)."""
+        from ..sequential import decoder_layers
+
+        targets = self._checked_targets(model)
+        s = self.config.sparsity
+        if isinstance(s, list) and parse_structure(self.config.structure) is None:
+            prefix, layers = decoder_layers(model)
+            self._layer_sparsities(len(layers), {n: _layer_index(n, prefix) for n in targets}, model, None, "")
+
     def check_after(self, model: nn.Module, earlier) -> None:
         """A layer an earlier quantize pass replaces, or an earlier prune stores packed, cannot be pruned (no dense
         values to score; the run skips it): when that leaves this pass no layer, the run would stop only after those

@@ -51,7 +51,7 @@ class QuantizedLinear(nn.Module):
                  dtype: torch.dtype = torch.float32, device=None):
         super().__init__()
         if bits not in (4, 8):
-            raise ValueError(f"bits must be 4 or 8, got {bits}")
+            raise ValueError(f"bits must be 4 or 8, got {bits!r}")
         if sparsity not in SPARSITY_FORMATS:
             raise ValueError(f"unknown sparsity format {sparsity!r}; one of {SPARSITY_FORMATS}")
         self.in_features, self.out_features = in_features, out_features

@@ -184,6 +184,9 @@ EDITED_CONFIGS = {
         "restore.adapter must name a folder inside the checkpoint"),
     "dense-pruned layers that are no names": (lambda c: c["compression"]["passes"][0].update(dense_pruned=[3]),
                                               "`dense_pruned` is not a list of module names"),
+    # said "written by format version 1; this library reads up to version 1: upgrade compress"
+    "format version as a string": (lambda c: c["compression"].update(format_version="1"),
+                                   "compression.format_version is '1', not an integer"),
 }
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import compress
-from compress.errors import ConfigError
+from compress.errors import CompressError, ConfigError
 
 CALIBRATION = {"source": "builtin:calibration", "num_samples": 4, "seq_len": 32}
 PASSES = {
@@ -124,6 +124,20 @@ def test_shape_problems_found_by_dry_run_and_before_any_work(passes, message, tm
         compress.apply(compress.load(src), compress.Recipe.from_yaml(recipe), progress=False)
 
 
+def test_per_layer_sparsity_of_the_wrong_length_found_by_dry_run_and_before_any_work(tmp_path, cli, user_error,
+                                                                                      monkeypatch):
+    """It failed only when the prune pass began (after the passes before it had run), with no recipe line."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: builtin:tiny\ncalibration: {source: builtin:calibration, num_samples: 4, seq_len: 32}\n"
+                      "passes:\n  - vq_logits: {num_codes: 64}\n  - prune: {method: magnitude, sparsity: [0.5, 0.5]}\n")
+    where = f"{recipe}:5:5: "
+    for extra in (["--dry-run"], []):
+        monkeypatch.setattr(compress.get_pass("vq_logits"), "apply", lambda *a: pytest.fail("a pass ran first"))
+        user_error(cli("apply", recipe, "--output", tmp_path / "o", *extra), where,
+                   "sparsity lists 2 values but the model has 6 decoder layers")
+    assert not (tmp_path / "o").exists()
+
+
 def test_allow_pickle_reaches_every_load(tmp_path, small_model, tokenizer, cli, user_error):
     folder = tmp_path / "legacy"
     model = small_model()
@@ -143,6 +157,22 @@ def test_allow_pickle_reaches_every_load(tmp_path, small_model, tokenizer, cli, 
                  "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["eval"]["kl"] > 0
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(allow_pickle="false"), "allow_pickle must be True or False, got 'false'"),  # a truthy string unpickled
+    (dict(allow_pickle=1), "allow_pickle must be True or False"),
+    (dict(device="tpu"), "device='tpu': use 'cpu' or 'cuda'"),
+    (dict(dtype=torch.int8), "dtype torch.int8 cannot hold a model's weights"),
+])
+def test_load_arguments_are_checked_before_anything_loads(kwargs, message):
+    with pytest.raises(CompressError, match=message):
+        compress.load("builtin:tiny", **kwargs)
+
+
+def test_an_empty_model_path_says_so():
+    with pytest.raises(CompressError, match="no model given"):
+        compress.load("")
 
 
 def test_load_leaves_transformers_warnings_on(bf16_checkpoint):

@@ -157,6 +157,20 @@ def test_overwrite_replaces_a_compress_checkpoint(tmp_path, small_model):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
+def test_checkpoint_files_get_the_modes_a_plain_write_gives(tmp_path, small_model):
+    """safetensors wrote model.safetensors 0600 while the other files were 0644: a serving account that may read the
+    folder could not read the weights. Every file now gets 0666 less the umask, as the umask says."""
+    import os
+
+    mask = os.umask(0o027)
+    try:
+        out = compress.save(small_model(), tmp_path / "ckpt")
+    finally:
+        os.umask(mask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir() if p.is_file()}
+    assert "model.safetensors" in modes and set(modes.values()) == {0o640}, modes
+
+
 def test_api_save_refuses_foreign_folders(tmp_path, small_model):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "table.csv").write_text("a,b")

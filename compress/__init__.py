@@ -9,6 +9,10 @@ import logging as _logging
 # run without it (a CPU fallback is used; compress never needs that kernel): keep it off users' screens.
 _logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
     lambda record: "kernels-community" not in record.getMessage())
+# LLM.int8 layers (quantize method int8) compute in fp16 as bitsandbytes designed them; it logs so at every call of
+# every layer (42 lines per decoding step of builtin:tiny), which buries a run's own output
+_logging.getLogger("bitsandbytes.autograd._functions").addFilter(
+    lambda record: not record.getMessage().startswith("MatMul8bitLt: inputs will be cast"))
 
 
 def _require_transformers(minimum: tuple[int, int] = (5, 24)) -> None:

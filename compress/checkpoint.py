@@ -253,7 +253,14 @@ def load_checkpoint(path: Path, config, section: dict, *, dtype, meta: bool = Fa
     headers = check_weight_files(path, files)
     check_against_model(path, headers, model, _tied_names(model))
     state = read_state(path)
-    model.load_state_dict(state, strict=False)
+    try:
+        model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # a module's own check of its tensors (e.g. a bitsandbytes quant state)
+        reasons = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
+        if not reasons or "Error(s) in loading state_dict" not in str(exc):
+            raise
+        raise CheckpointError(f"{path}: {reasons[0]}" + (f" (and {len(reasons) - 1} more)" if len(reasons) > 1
+                                                         else "")) from None
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     check_loaded_modules(path, model)

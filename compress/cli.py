@@ -29,6 +29,9 @@ class _Group(click.Group):
 @click.version_option(package_name="compress")
 def main() -> None:
     """Make pretrained causal language models smaller and faster from one YAML recipe."""
+    from .environment import check_environment
+
+    check_environment()  # a misspelt COMPRESS_* value: one line, before any work
 
 
 @main.command()

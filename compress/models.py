@@ -123,6 +123,9 @@ def load(
     from .checkpoint import load_checkpoint, load_hf_folder
     from .prune.runtime import resolve_runtime, set_sparse_runtime
 
+    from .environment import check_environment
+
+    check_environment()
     resolve_runtime(sparse_runtime, "cpu")  # an unknown runtime fails before anything loads
     if not isinstance(allow_pickle, bool):  # "false" from a config file is truthy: never unpickle on a guess
         raise CompressError(f"allow_pickle must be True or False, got {allow_pickle!r}")

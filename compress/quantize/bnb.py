@@ -12,6 +12,8 @@ State-dict names (those of transformers' `save_pretrained` on a bitsandbytes mod
 - 8-bit: `weight` (int8 [out, in]), `SCB` (float32 row scales [out]), `weight_format` (uint8 0 = row-major)."""
 from __future__ import annotations
 
+import json
+
 import torch
 from torch import nn
 
@@ -28,6 +30,18 @@ def require_bitsandbytes():
         raise CompressError("the nf4 / fp4 / int8 methods need bitsandbytes: pip install 'compress[bnb]' "
                             "(or pip install bitsandbytes)") from None
     return bitsandbytes
+
+
+def _quant_state_problem(blob: torch.Tensor, quant_type: str, shape: tuple[int, int]) -> str | None:
+    """What is wrong with a stored 4-bit quant-state blob (bitsandbytes' packed JSON), or None."""
+    try:
+        state = json.loads(bytes(blob.detach().cpu().to(torch.uint8).tolist()).decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return "not a bitsandbytes quant state (its bytes are no JSON): the checkpoint is damaged"
+    if not isinstance(state, dict) or state.get("quant_type") != quant_type or list(state.get("shape", ())) != list(shape):
+        return (f"a bitsandbytes quant state for {state.get('quant_type') if isinstance(state, dict) else state!r} "
+                f"{state.get('shape') if isinstance(state, dict) else ''}, but the layer is {quant_type} {list(shape)}")
+    return None
 
 
 class Bnb4bitLinear(nn.Module):
@@ -99,6 +113,11 @@ class Bnb4bitLinear(nn.Module):
                 missing_keys.append(full)
                 continue
             value = state_dict[full]
+            if key.startswith("weight.quant_state."):
+                problem = _quant_state_problem(value, self.quant_type, (self.out_features, self.in_features))
+                if problem:  # else bitsandbytes fails at the first forward, in a JSON traceback
+                    error_msgs.append(f"{full}: {problem}")
+                    continue
             if key.startswith("weight.quant_state.") and value.shape != target.shape:
                 self._buffers["quant_state"] = value.detach().to(device=target.device, dtype=torch.uint8).clone()
                 continue  # the blob's length varies with the JSON it holds

@@ -148,3 +148,27 @@ def test_recipe_mistakes_apply_finds_before_any_work(name, tmp_path, cli, user_e
     user_error(cli("apply", recipe, "--model", "builtin:tiny", "--output", tmp_path / "o", "--no-eval"), *fragments)
     assert not (tmp_path / "o").exists()
     user_error(cli("apply", recipe, "--model", "builtin:tiny", "--output", tmp_path / "o", "--dry-run"), *fragments)
+
+
+@pytest.mark.parametrize("name,value,message", [
+    ("COMPRESS_KERNELS", "bogus", "COMPRESS_KERNELS='bogus' is not understood; use one of: torch, triton"),
+    ("COMPRESS_CPU_KERNELS", "of", "COMPRESS_CPU_KERNELS='of' is not understood"),
+    ("COMPRESS_CPU_HALF_PRECISION", "maybe", "COMPRESS_CPU_HALF_PRECISION='maybe' is not understood"),
+])
+def test_misspelt_environment_settings_are_one_line(name, value, message, cli, user_error, monkeypatch):
+    """They were silently ignored (the run went on with the default the user meant to change)."""
+    monkeypatch.setenv(name, value)
+    user_error(cli("inspect", "builtin:tiny"), message)
+    with pytest.raises(compress.CompressError, match=message):
+        compress.load("builtin:tiny")
+
+
+def test_triton_forced_without_a_gpu_or_interpreter_is_one_line(cli, user_error, monkeypatch):
+    """It ended in a driver traceback ("0 active drivers") in the middle of generating."""
+    from compress.kernels import dispatch
+
+    monkeypatch.setenv("COMPRESS_KERNELS", "triton")
+    monkeypatch.setattr(dispatch, "interpreted", lambda: False)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)  # a CPU machine, also when run on a GPU one
+    user_error(cli("generate", "builtin:tiny", "--prompt", "hi", "--max-new-tokens", "2"),
+               "COMPRESS_KERNELS=triton needs a CUDA GPU, or TRITON_INTERPRET=1")

@@ -162,3 +162,32 @@ def test_4bit_checkpoint_with_layers_left_on_disk_is_refused(tmp_path):
     ids = torch.randint(0, 8192, (1, 12))
     with torch.no_grad():
         torch.testing.assert_close(capped(ids).logits, compress.load(folder)(ids).logits, rtol=0, atol=0)
+
+
+def test_a_damaged_quant_state_is_one_line_at_load(tmp_path):
+    """A 4-bit layer's quant state (bitsandbytes' packed JSON) overwritten: it loaded, then every forward ended in a
+    JSON traceback; now the load names the tensor."""
+    from safetensors.torch import load_file, save_file
+
+    from compress.errors import CheckpointError
+
+    model = compress.load("builtin:tiny")
+    compress.apply(model, [compress.get_pass("quantize")(method="nf4")], progress=False)
+    folder = compress.save(model, tmp_path / "nf4")
+    state = load_file(folder / "model.safetensors")
+    key = "model.layers.0.self_attn.q_proj.weight.quant_state.bitsandbytes__nf4"
+    state[key] = torch.full_like(state[key], 65)
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=f"{key}: not a bitsandbytes quant state"):
+        compress.load(folder)
+
+
+def test_int8_layers_do_not_log_at_every_call(caplog):
+    """bitsandbytes logs "MatMul8bitLt: inputs will be cast ... to float16" at every call of every layer."""
+    import logging
+
+    model = compress.load("builtin:tiny")
+    compress.apply(model, [compress.get_pass("quantize")(method="int8")], progress=False)
+    with caplog.at_level(logging.WARNING), torch.no_grad():
+        model(torch.arange(3, 20).unsqueeze(0))
+    assert "MatMul8bitLt" not in caplog.text

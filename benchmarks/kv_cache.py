@@ -38,6 +38,7 @@ from compress import CompressError
 from compress.calibration import builtin_text
 from compress.kvcache import GEARCache, KVCacheSettings
 from compress.budget import kv_bytes_per_token
+from compress.intervals import format_interval
 from compress.kvcache.cache import dynamic_cache_bytes, quantized_cache_bytes
 from compress.kvcache.quality import compare_caches, copy_sequences, copy_accuracy, heldout_windows, kv_quality
 from compress.bench_args import check_device, positive_int, run_cli  # noqa: E402
@@ -233,8 +234,8 @@ def print_table(rows: list[dict], args) -> None:
     heads = ["config", "bits/elem", "cycle mean", "ppl Δ%", "95% CI", "KL", "95% CI", "top-1", "copy acc", "speed 1k",
              "speed 4k"] + ([f"bytes {args.memory_context // 1024}k"] if mem else [])
     # the 95% intervals over windows (compress.evaluate.paired_change), as strings
-    rows = [dict(r, ppl_ci="[{:+.2f}, {:+.2f}]".format(*r["ppl_delta_pct_ci95"]),
-                 kl_ci="[{:.4f}, {:.4f}]".format(*r["kl_ci95"])) for r in rows]
+    rows = [dict(r, ppl_ci=format_interval(r["ppl_delta_pct_ci95"], "+.2f"),
+                 kl_ci=format_interval(r["kl_ci95"], ".4f")) for r in rows]
     table = Table(title=f"KV cache on {args.model} (ppl ref {rows[0]['ppl_reference']:.2f}; {args.windows} windows x "
                         f"{args.window_len} tokens; copy {args.copy_num} x {args.copy_len})")
     for h in heads:
@@ -246,9 +247,9 @@ def print_table(rows: list[dict], args) -> None:
     for r in rows:
         for key, c in r.items():
             if key.startswith("vs_"):
-                print(f"{r['name']} {key.replace('_', ' ')}: KL x{c['kl_ratio']:.3f} [{c['kl_ratio_ci95'][0]:.3f}, "
-                      f"{c['kl_ratio_ci95'][1]:.3f}], perplexity x{c['ppl_ratio']:.5f} [{c['ppl_ratio_ci95'][0]:.5f}, "
-                      f"{c['ppl_ratio_ci95'][1]:.5f}] (95% CI over windows, paired)")
+                print(f"{r['name']} {key.replace('_', ' ')}: KL x{c['kl_ratio']:.3f} "
+                      f"{format_interval(c['kl_ratio_ci95'], '.3f')}, perplexity x{c['ppl_ratio']:.5f} "
+                      f"{format_interval(c['ppl_ratio_ci95'], '.5f')} (95% CI over windows, paired)")
 
 
 @torch.no_grad()
@@ -391,6 +392,9 @@ def main(argv=None) -> None:
     for a, b in args.compare:
         if {a, b} - known:
             ap.error(f"--compare {a}:{b}: unknown configuration {sorted({a, b} - known)[0]!r}")
+        if b == "dynamic-fp32":
+            ap.error(f"--compare {a}:{b}: {b} is the reference (KL 0), a ratio to it is undefined; the row's own "
+                     "columns already compare to it")
         if args.only is not None:  # both sides must run
             args.only += [x for x in (a, b) if x not in args.only]
         elif args.quick:

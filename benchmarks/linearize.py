@@ -44,6 +44,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 import compress
 from compress.eval.probes import copy_probe, passkey_probe
 from compress.evaluate import evaluate, heldout_windows
+from compress.intervals import format_interval
 from compress.linearize import LinearizedCache, LinearizedLayer, LinearizeSettings, cache_nbytes, linearize_model
 from compress.linearize.convert import attention_modules
 from compress.pass_api import storage_bytes
@@ -74,8 +75,7 @@ def quality(model, original, windows, tokenizer, args) -> dict:
     ev = evaluate(model, windows, original, progress=False)
     # the perplexity ratio to the original with its 95% interval over the windows (each window paired with the
     # original's NLL on it)
-    ratio = [1 + p / 100 for p in ev["ppl_delta_pct_ci95"]]
-    return {"perplexity": ev["perplexity"], "ppl_ratio_ci95": ratio, "kl": ev["kl"], "top1": ev["top1_agreement"],
+    return {"perplexity": ev["perplexity"], "ppl_ratio_ci95": ev["ppl_ratio_ci95"], "kl": ev["kl"], "top1": ev["top1_agreement"],
             "copy": copy_probe(model, span_len=args.copy_len, num=args.probe_num),
             "passkey": passkey_probe(model, tokenizer, heldout_text(), context_len=args.passkey_len,
                                      num=args.probe_num)}
@@ -233,7 +233,7 @@ def run(args) -> list[dict]:
                                   progress=False)
                 control = paired["baseline_perplexity"]
                 row.update(ppl_dense_recovered=control, recovered_vs_dense_recovered=qr["perplexity"] / control,
-                           recovered_vs_dense_recovered_ci95=[1 + p / 100 for p in paired["ppl_delta_pct_ci95"]],
+                           recovered_vs_dense_recovered_ci95=paired["ppl_ratio_ci95"],
                            dense_recovered_from=dense_recovered[name])
         else:
             row.update(kl=q["kl"], top1=q["top1"], copy=q["copy"], passkey=q["passkey"],
@@ -268,9 +268,10 @@ def print_table(rows: list[dict], model: str) -> None:
         rec = (f"{r['recovery_tokens']} tok / {r['recovery_minutes']} min"
                if r.get("recovery_minutes") is not None else "-")
         cb, ds = r.get("cache_bytes", {}), r.get("decode_speedup", {})
-        ci = r.get("ppl_recovered_ratio_ci95") or r.get("ppl_converted_ratio_ci95")  # of the last stage measured
+        # of the last stage measured
+        ci = r["ppl_recovered_ratio_ci95"] if r.get("ppl_recovered") is not None else r.get("ppl_converted_ratio_ci95")
         t.add_row(r["variant"], fmt(r.get("perplexity"), ".2f"), fmt(r.get("ppl_converted"), ".2f"),
-                  fmt(r.get("ppl_recovered"), ".2f"), "[{:.3f}, {:.3f}]".format(*ci) if ci else "-",
+                  fmt(r.get("ppl_recovered"), ".2f"), format_interval(ci, ".3f") if "ppl_converted" in r else "-",
                   fmt(r.get("recovered_vs_dense_recovered"), ".2f"), rec, fmt(r.get("kl"), ".4f"), fmt(r.get("top1")),
                   fmt(r.get("copy")), fmt(r.get("passkey"), ".2f"),
                   *(fmt(cb.get(str(c), 0) / 2**20, ".2f") if cb else "-" for c in CONTEXTS),

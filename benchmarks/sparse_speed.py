@@ -273,6 +273,8 @@ def cpu_gather_crossover(repeats, copies: int = 0, sparsity: float = 0.5) -> lis
         pairs = [mlp_at_sparsity(sparsity, shape=shape) for _ in range(n)]
         for _, sparse in pairs:
             sparse.MIN_GATHER_WEIGHTS = 0  # the gathers at every size (the instance's own, not the class's)
+            sparse.column_major_down()  # what building does above the threshold: not inside the timed calls
+            assert sparse.down_proj.weight.stride(0) == 1
         x = torch.randn(1, shape[0])
         sparse = pairs[0][1]
         assert sparse.runtime_path(1).startswith("active rows"), sparse.runtime_path(1)

@@ -44,22 +44,30 @@ def check_offload_support(passes: Sequence[Pass]) -> None:
                             "(max_memory): load the model without max_memory, or on a machine that holds it")
 
 
+# packages whose layers hold weights another tool quantized (loaded by transformers from such a folder)
+_FOREIGN_QUANTIZED = ("bitsandbytes.", "compressed_tensors.", "auto_gptq.", "gptqmodel.", "awq.", "optimum.",
+                      "hqq.")
+
+
 def check_not_quantized_elsewhere(model: nn.Module) -> None:
-    """Refuse a model whose weights another tool quantized when it was loaded (a compressed-tensors export, a
-    bitsandbytes folder written by transformers): the passes read plain weights or compress's own modules, and a
-    checkpoint saved from those modules would not match its config (compress's own bitsandbytes layers are fine)."""
+    """Refuse a model whose weights another tool compressed: layers of a quantization package (a bitsandbytes folder
+    written by transformers), or a compressed-tensors export (which transformers loads into plain-looking layers).
+    The passes read plain weights or compress's own modules, and a checkpoint saved from those layers would not
+    match its config. compress's own bitsandbytes layers live in compress.quantize, and pass."""
     qc = getattr(model.config, "quantization_config", None)
     method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
     method = str(getattr(method, "value", method) or "")
-    own = any(e.get("pass") == "quantize" for e in (getattr(model.config, "compression", None) or {}).get("passes", [])
-              if isinstance(e, dict))
-    foreign = [n for n, m in model.named_modules() if type(m).__module__.startswith(("bitsandbytes.",
-                                                                                     "compressed_tensors."))]
-    if method == "compressed-tensors" or foreign or (method and not own):
-        source = getattr(model, "compress_source", None) or "the model"
-        raise CompressError(f"{source} holds weights quantized by {method or 'another tool'} (config.json "
-                            "quantization_config): compress's passes start from unquantized weights or its own "
-                            "checkpoints; apply the recipe to the original model (or to the native checkpoint)")
+    foreign = sorted({type(m).__module__.split(".")[0] for m in model.modules()
+                      if type(m).__module__.startswith(_FOREIGN_QUANTIZED)})
+    source = getattr(model, "compress_source", None) or "the model"
+    if method == "compressed-tensors":
+        raise CompressError(f"{source} is a compressed-tensors export (for vLLM/transformers): compress's passes start "
+                            "from unquantized weights or its own checkpoints; apply the recipe to the original model "
+                            "(or to the native checkpoint)")
+    if foreign:
+        raise CompressError(f"{source} holds layers quantized by {', '.join(foreign)}: compress's passes start from "
+                            "unquantized weights or its own checkpoints; apply the recipe to the original model "
+                            "(or to the native checkpoint)")
 
 
 def check_calibration(model: nn.Module, passes: Sequence[Pass], ctx: PassContext) -> None:

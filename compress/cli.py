@@ -280,23 +280,10 @@ def _evaluate(model, baseline_src, tokenizer, windows, progress, seq_len: int = 
                        + ("the given text" if text is not None else "held-out text"))
     settings = getattr(model, "kv_cache_settings", None)
     if settings is not None:
-        out["kv_cache"] = _kv_cache_quality(model, tokenizer, settings, text, windows)
+        from .kvcache.quality import cache_quality_summary
+
+        out["kv_cache"] = cache_quality_summary(model, tokenizer, settings, text, windows)
     return out
-
-
-def _kv_cache_quality(model, tokenizer, settings, text: str | None, windows: int | None, window_len: int = 512):
-    """A compressed KV cache leaves a plain forward unchanged: score tokens chunk by chunk with the compressed past
-    instead (kvcache/quality.py), against the same chunked pass with an uncompressed cache."""
-    from .calibration import builtin_text
-    from .kvcache import GEARCache
-    from .kvcache.quality import heldout_windows as kv_windows, kv_quality
-
-    n = min(windows or 16, 16)
-    w = kv_windows(tokenizer, text if text is not None else builtin_text("builtin:heldout"), n, window_len)
-    result, _ = kv_quality(model, w, lambda: GEARCache(model.config, settings), settings.residual_length)
-    summary = {k: v for k, v in result.to_dict().items() if not k.startswith("window_")}  # not the per-window lists
-    return {**summary, "protocol": f"{n} windows of {window_len} tokens fed in chunks of "
-                                            f"{settings.residual_length}; tokens after the first chunk scored"}
 
 
 _SPARSE_RUNTIME = click.option(
@@ -445,11 +432,10 @@ def _non_empty(prompt: str) -> str:
 
 
 def _check_context(model, prompt_tokens: int, new_tokens: int) -> None:
-    from .linearize import LinearizedAttention
+    from .linearize.cache import linearized_windows
 
-    linearized = sum(isinstance(m, LinearizedAttention) for m in model.modules())
-    if linearized == model.config.num_hidden_layers:  # a recurrent state (and a RoPE window of a few dozen tokens)
-        return  # has no context limit: what linearizing every layer is for
+    if len(linearized_windows(model)) == getattr(model.config, "num_hidden_layers", None):
+        return  # recurrent states (and RoPE windows of a few dozen tokens) have no context limit: linearizing's point
     context = getattr(model.config, "max_position_embeddings", None)
     if context is not None and prompt_tokens + new_tokens > context:
         raise CompressError(f"the prompt ({prompt_tokens} tokens) plus --max-new-tokens {new_tokens} exceed the "

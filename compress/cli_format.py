@@ -37,23 +37,21 @@ def _fmt(x) -> str:
     return f"{x:.4f}" if isinstance(x, float) else str(x)
 
 
-def _interval(ci, fmt: str) -> str:
-    return f"[{format(ci[0], fmt)}, {format(ci[1], fmt)}]"
-
-
 def _quality_rows(ev: dict, ppl_baseline, ppl, kl_name: str) -> list[list]:
     """Perplexity, its change, KL and top-1 agreement; the change and the KL with their 95% intervals over windows
     where the evaluation has them."""
     rows = [["perplexity", _fmt(ppl_baseline), _fmt(ppl)]]
     if "kl" not in ev:
         return rows
+    from .intervals import format_interval
+
     ci = "ppl_delta_pct_ci95" in ev
     if ci:
         rows.append(["perplexity change (95% CI)", "-",
-                     f"{ev['ppl_delta_pct']:+.2f}% " + _interval(ev["ppl_delta_pct_ci95"], "+.2f")])
+                     f"{ev['ppl_delta_pct']:+.2f}% " + format_interval(ev["ppl_delta_pct_ci95"], "+.2f")])
     rows.append([kl_name, "0", _fmt(ev["kl"])])
     if ci:
-        rows.append(["KL 95% CI", "-", _interval(ev["kl_ci95"], ".4f")])
+        rows.append(["KL 95% CI", "-", format_interval(ev["kl_ci95"], ".4f")])
     return rows + [["top-1 agreement", "1", _fmt(ev["top1_agreement"])]]
 
 

@@ -1,27 +1,39 @@
-"""The environment variables compress reads, checked once: a misspelt value was silently ignored, and
-COMPRESS_KERNELS=triton on a machine with neither a GPU nor Triton's interpreter ended in a driver traceback."""
+"""The environment variables compress reads, parsed in one place (`setting`) and checked once at start
+(`check_environment`): a misspelt value used to be silently ignored, and COMPRESS_KERNELS=triton on a machine with
+neither a GPU nor Triton's interpreter ended in a driver traceback."""
 from __future__ import annotations
 
 import os
 
 from .errors import CompressError
 
-# variable -> accepted values (lower case; unset or empty = the default)
+# variable -> {accepted value: what it means}; unset or empty = "auto"
 CHOICES = {
-    "COMPRESS_KERNELS": ("torch", "triton"),  # force the torch references or the Triton kernels (kernels/dispatch.py)
-    "COMPRESS_CPU_KERNELS": ("auto", "on", "off"),  # off: the C kernels' torch references (kernels/cpu_build.py)
-    "COMPRESS_CPU_HALF_PRECISION": ("auto", "on", "off", "0", "1", "false", "true", "no", "yes"),  # models.py
+    # force the torch references or the Triton kernels (kernels/dispatch.py)
+    "COMPRESS_KERNELS": {"auto": "auto", "torch": "torch", "triton": "triton"},
+    # off: the C CPU kernels' torch references (kernels/cpu_build.py)
+    "COMPRESS_CPU_KERNELS": {"auto": "auto", "off": "off"},
+    # off: `dtype: auto` computes in float32 on every CPU (models.native_dtype)
+    "COMPRESS_CPU_HALF_PRECISION": {"auto": "auto", "off": "off", "0": "off", "false": "off", "no": "off"},
 }
 
 
+def setting(name: str) -> str:
+    """The meaning of variable `name` ("auto" when unset), after stripping and lower-casing its value; a value it
+    does not accept raises CompressError naming the accepted ones."""
+    raw = os.environ.get(name, "")
+    value = raw.strip().lower() or "auto"
+    allowed = CHOICES[name]
+    if value not in allowed:
+        raise CompressError(f"{name}={raw!r} is not understood; use one of: {', '.join(allowed)} (or leave it unset)")
+    return allowed[value]
+
+
 def check_environment() -> None:
-    """Raise CompressError naming the variable and its accepted values for a value compress would not understand."""
-    for name, allowed in CHOICES.items():
-        value = os.environ.get(name, "").strip().lower()
-        if value and value not in allowed:
-            raise CompressError(f"{name}={os.environ[name]!r} is not understood; use one of: {', '.join(allowed)} "
-                                "(or leave it unset)")
-    if os.environ.get("COMPRESS_KERNELS", "").strip().lower() == "triton":
+    """Every variable readable, and a forced Triton runnable here."""
+    for name in CHOICES:
+        setting(name)
+    if setting("COMPRESS_KERNELS") == "triton":
         import torch
 
         from .kernels.dispatch import interpreted, triton_available

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .intervals import mapped, paired_log_ratio, perplexity_change, ratio_interval
 from .progress import progress_bar
 
 
@@ -41,34 +42,6 @@ def heldout_windows(tokenizer, text: str | None = None, seq_len: int = 256, max_
 def logits_of(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     device = next(model.parameters()).device
     return model(input_ids=input_ids.to(device), use_cache=False).logits.float().cpu()
-
-
-# two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (beyond: a Cornish-Fisher expansion)
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
-
-
-def t_quantile_975(df: int) -> float:
-    """The 97.5% quantile of Student's t with `df` degrees of freedom (accurate to ~1e-4 above 30)."""
-    if df <= len(_T975):
-        return _T975[df - 1]
-    z = 1.959964
-    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
-
-
-def ratio_interval(num: torch.Tensor, den: torch.Tensor) -> tuple[float, float, float]:
-    """sum(num) / sum(den) over W samples (windows), with a 95% interval from the ratio estimator's standard error
-    (the linearized variance of a ratio of sums; for equal `den` it is the t interval of the per-window means).
-    Fewer than two windows: the interval is the point itself."""
-    num, den = num.double(), den.double()
-    w = num.numel()
-    est = (num.sum() / den.sum()).item()
-    if w < 2:
-        return est, est, est
-    resid = (num - est * den) / den.mean()
-    se = (resid.var(unbiased=True) / w).sqrt().item()
-    half = t_quantile_975(w - 1) * se
-    return est, est - half, est + half
 
 
 class MetricAccumulator:
@@ -109,18 +82,16 @@ class MetricAccumulator:
 
 def paired_change(model: MetricAccumulator, baseline: MetricAccumulator) -> dict[str, Any]:
     """The perplexity change of `model` against `baseline` scored on the same windows, and model's KL to it, each
-    with a 95% interval over windows: ppl_delta_pct, ppl_delta_pct_ci95 [lo, hi], kl_ci95 [lo, hi], windows."""
+    with a 95% interval over windows (compress/intervals.py): ppl_delta_pct (+ _ci95 [lo, hi]), ppl_ratio (+ _ci95),
+    kl_ci95, windows; the bounds are None with a single window."""
     pos = torch.cat(model.window_positions)
     if not torch.equal(pos, torch.cat(baseline.window_positions)):
         raise ValueError("paired_change needs both accumulators over the same windows")
-    diff = torch.cat(model.window_nll) - torch.cat(baseline.window_nll)
-    log_ratio, lo, hi = ratio_interval(diff, pos)
-    pct = lambda x: 100.0 * math.expm1(x)  # noqa: E731
-    out: dict[str, Any] = {"ppl_delta_pct": pct(log_ratio), "ppl_delta_pct_ci95": [pct(lo), pct(hi)],
-                           "windows": int(pos.numel())}
+    out: dict[str, Any] = perplexity_change(paired_log_ratio(torch.cat(model.window_nll),
+                                                              torch.cat(baseline.window_nll), pos))
+    out["windows"] = int(pos.numel())
     if model.window_kl:
-        _, klo, khi = ratio_interval(torch.cat(model.window_kl), pos)
-        out["kl_ci95"] = [max(klo, 0.0), khi]
+        out["kl_ci95"] = mapped(ratio_interval(torch.cat(model.window_kl), pos), lambda x: max(x, 0.0))[1]
     return out
 
 

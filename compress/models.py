@@ -1,13 +1,13 @@
 """Loading models: the built-in reference model, a local Hugging Face folder, or a compressed checkpoint."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from .environment import setting
 from .errors import CheckpointError, CompressError, UnsupportedModelError
 
 BUILTIN_ROOT = Path(__file__).parent / "builtin"
@@ -198,7 +198,7 @@ def native_dtype(dtype: torch.dtype, device: str = "cpu") -> bool:
     numerics on any machine (the test suite sets it: its tolerances are float32's)."""
     if dtype == torch.float32 or not str(device).startswith("cpu"):
         return True
-    if os.environ.get(CPU_HALF_ENV, "auto").lower() in ("off", "0", "false", "no"):
+    if setting(CPU_HALF_ENV) == "off":
         return False
     if dtype == torch.bfloat16:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())

@@ -175,12 +175,25 @@ def temporary_folder(target: Path) -> Path:
     return tmp
 
 
+def _umask() -> int:
+    """The process's umask, read from /proc without changing it (setting it to read it would, for an instant, let
+    another thread create world-writable files); only where /proc is missing, by setting it and back."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _plain_file_modes(folder: Path) -> None:
     """safetensors writes its files 0600 (a private temporary file renamed into place): give every file the mode a
     plain write gives (0666 less the umask), so a checkpoint is readable by whoever may read its folder (a serving
     account loading an export)."""
-    mask = os.umask(0)
-    os.umask(mask)
+    mask = _umask()
     for f in folder.rglob("*"):
         if f.is_file() and not f.is_symlink():
             f.chmod(0o666 & ~mask)

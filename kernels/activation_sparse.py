@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .dispatch import use_triton
+from ..environment import setting
 
 
 def gather_dot_reference(w: torch.Tensor, idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -250,9 +251,8 @@ def quantized_matvec(codes: torch.Tensor, scales: torch.Tensor, x: torch.Tensor,
 def cpu_reads(w: torch.Tensor) -> bool:
     """The C kernels handle this weight (or predictor scales): on the CPU, float32 or bfloat16, unit column stride,
     a compiler here, and not forced to torch."""
-    import os
-
-    if os.environ.get("COMPRESS_KERNELS", "").lower() == "torch" or w.device.type != "cpu":
+    
+    if setting("COMPRESS_KERNELS") == "torch" or w.device.type != "cpu":
         return False
     from .cpu_gather import WEIGHT_DTYPES, cpu_library
 

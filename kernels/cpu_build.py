@@ -16,6 +16,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from ..environment import setting
+
 SOURCES = Path(__file__).parent / "csrc"
 
 
@@ -61,7 +63,7 @@ def _build(source: str, target: Path) -> bool:
 
 
 def cpu_kernels_enabled() -> bool:
-    return os.environ.get("COMPRESS_CPU_KERNELS", "").lower() != "off"
+    return setting("COMPRESS_CPU_KERNELS") != "off"
 
 
 def load_c_library(name: str, signatures: tuple = ()):

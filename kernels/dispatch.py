@@ -10,6 +10,8 @@ import os
 
 import torch
 
+from ..environment import setting
+
 
 @functools.lru_cache(maxsize=1)
 def triton_available() -> bool:
@@ -54,7 +56,7 @@ def forced_kernels(mode: str):
 
 def use_triton(*tensors: torch.Tensor) -> bool:
     """Whether the public kernel functions should run their Triton kernel for these inputs."""
-    forced = os.environ.get("COMPRESS_KERNELS", "").lower()
+    forced = setting("COMPRESS_KERNELS")
     if forced == "torch":
         return False
     if forced == "triton":

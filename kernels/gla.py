@@ -17,9 +17,10 @@ The torch paths then compute in float32 and return outputs in the inputs' dtype.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
+
+from ..environment import setting
 
 DEFAULT_CHUNK = 16
 
@@ -99,7 +100,7 @@ def fla_available() -> bool:
 
 
 def _use_fla(*tensors) -> bool:
-    forced = os.environ.get("COMPRESS_KERNELS", "").lower()
+    forced = setting("COMPRESS_KERNELS")
     if forced == "torch":
         return False
     return all(t.is_cuda for t in tensors) and fla_available()

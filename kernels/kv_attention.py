@@ -13,7 +13,6 @@ shapes it tiles (`triton_supports`), the C kernel on CPU tensors for the shapes 
 not with COMPRESS_KERNELS=torch or COMPRESS_CPU_KERNELS=off), and the torch reference elsewhere."""
 from __future__ import annotations
 
-import os
 
 import torch
 
@@ -22,6 +21,7 @@ from .kv_attention_cpu import compressed_attention_cpu, cpu_kernel_supports
 from .kv_attention_reference import MASKED, attention_bias, compressed_attention_reference  # noqa: F401
 from .kv_attention_triton import compressed_attention_triton, triton_supports  # noqa: F401
 from .kv_pages import Page, PagedKV  # noqa: F401
+from ..environment import setting
 
 
 def decode_attention_path(query: torch.Tensor, keys, values, window_keys: torch.Tensor,
@@ -29,7 +29,7 @@ def decode_attention_path(query: torch.Tensor, keys, values, window_keys: torch.
     """Which implementation `compressed_decode_attention` runs for these inputs: "triton", "c" or "torch"."""
     if use_triton(query, window_keys):
         return "triton" if triton_supports(keys, values, query.shape[-1]) else "torch"
-    if (os.environ.get("COMPRESS_KERNELS", "").lower() != "torch"
+    if (setting("COMPRESS_KERNELS") != "torch"
             and cpu_kernel_supports(query, keys, values, window_keys, window_values)):
         return "c"
     return "torch"

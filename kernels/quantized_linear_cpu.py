@@ -8,11 +8,11 @@ without a C compiler."""
 from __future__ import annotations
 
 import ctypes
-import os
 
 import torch
 
 from .cpu_build import load_c_library
+from ..environment import setting
 
 # Tokens up to which the C product runs; above, the blocked dequantize + torch GEMM. Timed path against path
 # (14336x4096 int4, cache-cold, one thread, an AVX512-BF16 Xeon): in float32 the product leads through 16 tokens
@@ -93,7 +93,7 @@ def cpu_dequantize_applies(packed: torch.Tensor, scale: torch.Tensor, dtype: tor
 
 def cpu_dequantize_available(scale_dtype: torch.dtype) -> bool:
     """The C dequantize for a layer with these scales, not forced to torch, a compiler here (`compress inspect`)."""
-    return (os.environ.get("COMPRESS_KERNELS", "").lower() != "torch" and scale_dtype in SCALE_DTYPES
+    return (setting("COMPRESS_KERNELS") != "torch" and scale_dtype in SCALE_DTYPES
             and _library() is not None)
 
 

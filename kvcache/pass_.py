@@ -7,7 +7,6 @@ cache of their own. `restore` installs it again on a reloaded model, so `compres
 `compress generate` use the compressed cache by default."""
 from __future__ import annotations
 
-
 from pydantic import Field
 from torch import nn
 
@@ -103,6 +102,9 @@ class GenerateWithCompressedCache:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
+        # help(model.generate) shows transformers' documentation (the keyword arguments are generate's own); not
+        # functools.update_wrapper, whose __wrapped__ (a decorated function) does not pickle
+        self.__name__, self.__doc__ = "generate", type(model).generate.__doc__
 
     def __call__(self, *args, **kwargs):
         model = self.model

@@ -11,7 +11,6 @@ Copy probe: a random token string repeated twice; accuracy of greedy next-token 
 (from its second token on), while the first copy sits in the compressed past. It is where KV errors show first."""
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -20,7 +19,8 @@ from torch import nn
 from transformers import DynamicCache
 
 from ..errors import CompressError
-from ..evaluate import MetricAccumulator, paired_change, ratio_interval
+from ..evaluate import MetricAccumulator, paired_change
+from ..intervals import mapped, paired_log_ratio, perplexity_change, ratio_interval
 
 CacheFactory = Callable[[], object]
 
@@ -33,13 +33,13 @@ class QualityResult:
     kl: float
     top1_agreement: float
     tokens_scored: int
-    ppl_delta_pct_ci95: list[float]  # [lo, hi], over windows
-    kl_ci95: list[float]
+    ppl_delta_pct_ci95: list[float] | None  # [lo, hi] over windows; None with a single window
+    kl_ci95: list[float] | None
     windows: int
-    # per window: summed NLL and summed KL over its scored positions (to pair two caches on the same windows:
-    # compare_caches)
+    # per window: summed NLL, summed KL and scored positions (to pair two caches on the same windows: compare_caches)
     window_nll: list[float]
     window_kl: list[float]
+    window_positions: list[float]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -67,6 +67,8 @@ def chunked_logits(model: nn.Module, ids: torch.Tensor, make_cache: CacheFactory
 
 def compare_logits(ref: torch.Tensor, ours: torch.Tensor, targets: torch.Tensor) -> QualityResult:
     """ref/ours [W, P, V] logits at the scored positions of W windows; targets [W, P] the true next tokens."""
+    if ours.dim() != 3 or targets.dim() != 2:  # flat [N, V] would count as one window (no interval)
+        raise ValueError("compare_logits takes [windows, positions, vocabulary] logits and [windows, positions] targets")
     ours_acc, ref_acc = MetricAccumulator(), MetricAccumulator()
     ours_acc.add(ours, targets, ref)
     ref_acc.add(ref, targets)
@@ -75,21 +77,23 @@ def compare_logits(ref: torch.Tensor, ours: torch.Tensor, targets: torch.Tensor)
     return QualityResult(got["perplexity"], want["perplexity"], change["ppl_delta_pct"], max(got["kl"], 0.0),
                          got["top1_agreement"], int(targets.numel()), change["ppl_delta_pct_ci95"],
                          change["kl_ci95"], change["windows"], torch.cat(ours_acc.window_nll).tolist(),
-                         torch.cat(ours_acc.window_kl).tolist())
+                         torch.cat(ours_acc.window_kl).tolist(), torch.cat(ours_acc.window_positions).tolist())
 
 
 def compare_caches(a: QualityResult, b: QualityResult) -> dict:
     """Two caches scored on the same windows, paired window by window: KL(a) / KL(b) and the perplexity of a over
-    that of b, each with its 95% interval (a difference smaller than the windows' spread shows as an interval
-    around 1)."""
-    if a.windows != b.windows or a.tokens_scored != b.tokens_scored:
+    that of b, each with its 95% interval (compress/intervals.py; a difference smaller than the windows' spread
+    shows as an interval around 1)."""
+    if a.window_positions != b.window_positions:
         raise CompressError("compare_caches needs two results over the same windows")
-    pos = torch.full((a.windows,), a.tokens_scored / a.windows, dtype=torch.float64)
+    if not sum(b.window_kl) > 0:
+        raise CompressError("compare_caches: the second cache has no KL to the reference (the reference itself?), "
+                            "so a ratio to it is undefined")
     f64 = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
-    kl = ratio_interval(f64(a.window_kl), f64(b.window_kl))
-    log_ppl = ratio_interval(f64(a.window_nll) - f64(b.window_nll), pos)
-    return {"kl_ratio": kl[0], "kl_ratio_ci95": [max(kl[1], 0.0), kl[2]],
-            "ppl_ratio": math.exp(log_ppl[0]), "ppl_ratio_ci95": [math.exp(log_ppl[1]), math.exp(log_ppl[2])]}
+    kl, kl_ci = mapped(ratio_interval(f64(a.window_kl), f64(b.window_kl)), lambda x: max(x, 0.0))
+    change = perplexity_change(paired_log_ratio(f64(a.window_nll), f64(b.window_nll), f64(a.window_positions)))
+    return {"kl_ratio": kl, "kl_ratio_ci95": kl_ci, "ppl_ratio": change["ppl_ratio"],
+            "ppl_ratio_ci95": change["ppl_ratio_ci95"]}
 
 
 @torch.no_grad()
@@ -123,3 +127,19 @@ def copy_accuracy(model: nn.Module, seqs: torch.Tensor, make_cache: CacheFactory
     logits = chunked_logits(model, seqs, make_cache, chunk_len)
     pred = logits[:, length:-1].argmax(-1)        # predictions for tokens length+1 .. 2*length-1
     return (pred == seqs[:, length + 1:]).float().mean().item()
+
+
+def cache_quality_summary(model: nn.Module, tokenizer, settings, text: str | None, windows: int | None,
+                          window_len: int = 512) -> dict:
+    """What `compress eval`/`apply` report for a model with a compressed KV cache (a plain forward does not use it):
+    tokens scored chunk by chunk with the compressed past against the same chunked pass with an uncompressed cache,
+    on at most 16 windows of `text` (default: the held-out text), without the per-window lists."""
+    from ..calibration import builtin_text
+    from .cache import GEARCache
+
+    n = min(windows or 16, 16)
+    w = heldout_windows(tokenizer, text if text is not None else builtin_text("builtin:heldout"), n, window_len)
+    result, _ = kv_quality(model, w, lambda: GEARCache(model.config, settings), settings.residual_length)
+    summary = {k: v for k, v in result.to_dict().items() if not k.startswith("window_")}
+    return {**summary, "protocol": f"{n} windows of {window_len} tokens fed in chunks of "
+                                   f"{settings.residual_length}; tokens after the first chunk scored"}

@@ -15,6 +15,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
     ("kv_cache.py", ["--only", "kivi-2", "gear-4-kk"], "--only gear-4-kk: no such configuration"),  # was dropped
     ("kv_cache.py", ["--compare", "kivi-4"], "expected A:B (two configuration names)"),
     ("kv_cache.py", ["--compare", "kivi-4:kivi-9"], "unknown configuration 'kivi-9'"),
+    ("kv_cache.py", ["--compare", "kivi-4:dynamic-fp32"], "is the reference (KL 0)"),
     ("kv_serving.py", ["--shapes", "foo"], "write batch,context,head_dim"),
     ("prune.py", ["--model", "/nonexistent/model"], "error: model /nonexistent/model does not exist"),
     ("compose.py", ["--recipes", "/nonexistent.yaml"], "--recipes: no such file"),

@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from compress.evaluate import MetricAccumulator, evaluate, paired_change, ratio_interval, t_quantile_975
+from compress.evaluate import MetricAccumulator, evaluate, paired_change
+from compress.intervals import format_interval, ratio_interval, t_quantile_975
 
 
 @pytest.mark.parametrize("df, want", [(1, 12.706), (4, 2.776), (30, 2.042), (31, 2.0395), (60, 2.0003),
@@ -18,7 +19,22 @@ def test_ratio_interval_is_the_t_interval_for_equal_windows():
     est, lo, hi = ratio_interval(x, torch.ones(4))
     half = 3.182 * (torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64).std() / 2).item()  # by hand
     assert (est, lo, hi) == pytest.approx((2.5, 2.5 - half, 2.5 + half), rel=1e-4)
-    assert ratio_interval(torch.tensor([3.0]), torch.tensor([2.0])) == (1.5, 1.5, 1.5)
+    # one window: no spread to measure, so no bounds (not a zero-width interval that looks certain)
+    assert ratio_interval(torch.tensor([3.0]), torch.tensor([2.0])) == (1.5, None, None)
+    assert format_interval(None, ".2f") == "n/a (1 window)"
+    with pytest.raises(ValueError):
+        t_quantile_975(0)
+
+
+def test_ratio_interval_for_windows_of_unequal_length_by_hand():
+    """sum(num)/sum(den) with the ratio estimator's standard error: residuals num - R den over mean(den)."""
+    num, den = torch.tensor([2.0, 9.0, 4.0]), torch.tensor([1.0, 3.0, 2.0])
+    r = 15.0 / 6.0
+    resid = [(2 - r * 1) / 2, (9 - r * 3) / 2, (4 - r * 2) / 2]  # mean(den) = 2
+    mean = sum(resid) / 3
+    se = (sum((x - mean) ** 2 for x in resid) / 2 / 3) ** 0.5
+    est, lo, hi = ratio_interval(num, den)
+    assert (est, lo, hi) == pytest.approx((r, r - 4.303 * se, r + 4.303 * se), rel=1e-9)
 
 
 def test_interval_covers_the_true_change_95_percent_of_the_time():
@@ -72,7 +88,22 @@ def test_paired_change_refuses_different_windows():
 
 
 def test_evaluate_reports_intervals_over_its_windows(reference_model):
+    """Against itself: zero width. Against a perturbed copy: the interval holds the change and the pairing is by
+    window (each window's NLL against the baseline's on the same text, checked by recomputing one by hand)."""
+    import copy
+
     windows = torch.randint(0, reference_model.config.vocab_size, (5, 24), generator=torch.Generator().manual_seed(2))
     out = evaluate(reference_model, windows, baseline=reference_model, batch_size=2, progress=False)
     assert out["windows"] == 5 and out["ppl_delta_pct_ci95"] == pytest.approx([0.0, 0.0], abs=1e-9)
     assert math.isclose(out["perplexity"], out["baseline_perplexity"])
+    other = copy.deepcopy(reference_model)
+    with torch.no_grad():
+        other.lm_head.weight.mul_(1.3)
+    out = evaluate(other, windows, baseline=reference_model, batch_size=2, progress=False)
+    lo, hi = out["ppl_delta_pct_ci95"]
+    assert lo < out["ppl_delta_pct"] < hi and out["ppl_ratio_ci95"][0] < out["ppl_ratio"] < out["ppl_ratio_ci95"][1]
+    nll = lambda m: torch.stack([torch.nn.functional.cross_entropy(  # noqa: E731
+        m(w[None]).logits[0, :-1].double(), w[1:], reduction="sum") for w in windows]).detach()
+    with torch.no_grad():
+        est, want_lo, want_hi = ratio_interval(nll(other) - nll(reference_model), torch.full((5,), 23.0))
+    assert [lo, hi] == pytest.approx([100 * math.expm1(want_lo), 100 * math.expm1(want_hi)], rel=1e-6)

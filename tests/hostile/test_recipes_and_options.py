@@ -3,6 +3,7 @@ numbers: each a one-line error naming where, exit 2, before any model loads."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 import compress
 from compress.errors import RecipeError
@@ -151,7 +152,7 @@ def test_recipe_mistakes_apply_finds_before_any_work(name, tmp_path, cli, user_e
 
 
 @pytest.mark.parametrize("name,value,message", [
-    ("COMPRESS_KERNELS", "bogus", "COMPRESS_KERNELS='bogus' is not understood; use one of: torch, triton"),
+    ("COMPRESS_KERNELS", "bogus", "COMPRESS_KERNELS='bogus' is not understood; use one of: auto, torch, triton"),
     ("COMPRESS_CPU_KERNELS", "of", "COMPRESS_CPU_KERNELS='of' is not understood"),
     ("COMPRESS_CPU_HALF_PRECISION", "maybe", "COMPRESS_CPU_HALF_PRECISION='maybe' is not understood"),
 ])
@@ -172,3 +173,18 @@ def test_triton_forced_without_a_gpu_or_interpreter_is_one_line(cli, user_error,
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)  # a CPU machine, also when run on a GPU one
     user_error(cli("generate", "builtin:tiny", "--prompt", "hi", "--max-new-tokens", "2"),
                "COMPRESS_KERNELS=triton needs a CUDA GPU, or TRITON_INTERPRET=1")
+
+
+def test_environment_values_are_read_as_they_are_checked(monkeypatch):
+    """The check and the code that acts on a value parse it alike: " off " used to pass one and be ignored by the
+    other."""
+    from compress.environment import setting
+    from compress.models import native_dtype
+
+    monkeypatch.setenv("COMPRESS_CPU_HALF_PRECISION", " No ")
+    assert setting("COMPRESS_CPU_HALF_PRECISION") == "off" and not native_dtype(torch.bfloat16, "cpu")
+    pytest.importorskip("triton")
+    from compress.kernels.dispatch import use_triton
+
+    monkeypatch.setenv("COMPRESS_KERNELS", " Triton")  # forced: Triton even for a CPU tensor (interpreted here)
+    assert setting("COMPRESS_KERNELS") == "triton" and use_triton(torch.zeros(1))

@@ -3,6 +3,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from compress.errors import CompressError
 from compress.kvcache import GEARCache
 from compress.kvcache.quality import compare_caches, copy_accuracy, copy_sequences, heldout_windows, kv_quality
 
@@ -27,6 +28,8 @@ def test_protocol_orders_configurations(lm, reference_tokenizer, attn):
     assert paired["ppl_ratio"] == pytest.approx(q8.ppl / q2.ppl, rel=1e-9)
     assert paired["ppl_ratio_ci95"][0] < paired["ppl_ratio"] < paired["ppl_ratio_ci95"][1]
     assert compare_caches(q2, q2)["ppl_ratio_ci95"] == pytest.approx([1.0, 1.0])
+    with pytest.raises(CompressError, match="no KL to the reference"):  # a ratio to the reference is undefined
+        compare_caches(q8, same)
 
 
 def test_copy_probe(lm, attn):

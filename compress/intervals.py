@@ -1,0 +1,65 @@
+"""95% intervals over held-out windows: how far a quality figure could move with other windows of the same text.
+
+The windows are the samples. A figure that is a ratio of sums over them (perplexity's mean NLL per token, KL per
+token) gets the ratio estimator's standard error (the linearized variance of a ratio of sums; for windows of equal
+length it is the standard error of the per-window means), and Student's t with W - 1 degrees of freedom. Two
+models scored on the same windows are paired: the interval is that of their per-window difference, far narrower
+than two separate intervals. Assumed: windows are independent samples. Consecutive windows of one document are
+not quite, so the intervals are somewhat too narrow, and they say nothing about other kinds of text. With fewer
+than two windows there is no spread to measure: the bounds are None."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+# two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (beyond: a Cornish-Fisher expansion)
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+Interval = tuple[float, float | None, float | None]  # (estimate, low, high); bounds None below two windows
+
+
+def t_quantile_975(df: int) -> float:
+    """The 97.5% quantile of Student's t with `df` >= 1 degrees of freedom (accurate to ~1e-4 above 30)."""
+    if df < 1:
+        raise ValueError(f"Student's t needs at least 1 degree of freedom, got {df}")
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = 1.959964
+    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+
+
+def ratio_interval(num: torch.Tensor, den: torch.Tensor) -> Interval:
+    """sum(num) / sum(den) over W windows, with its 95% interval."""
+    num, den = num.double(), den.double()
+    w = num.numel()
+    est = (num.sum() / den.sum()).item()
+    if w < 2:
+        return est, None, None
+    resid = (num - est * den) / den.mean()
+    half = t_quantile_975(w - 1) * (resid.var(unbiased=True) / w).sqrt().item()
+    return est, est - half, est + half
+
+
+def paired_log_ratio(nll: torch.Tensor, base_nll: torch.Tensor, positions: torch.Tensor) -> Interval:
+    """log(perplexity / base perplexity), from two models' summed NLL per window over the same windows."""
+    return ratio_interval(nll - base_nll, positions)
+
+
+def mapped(interval: Interval, fn) -> tuple[float, list[float] | None]:
+    """(fn(estimate), [fn(low), fn(high)] or None) for an increasing `fn`."""
+    est, lo, hi = interval
+    return fn(est), None if lo is None else [fn(lo), fn(hi)]
+
+
+def perplexity_change(interval: Interval) -> dict:
+    """A paired log ratio as ppl_delta_pct / ppl_ratio, each with its 95% interval."""
+    pct, pct_ci = mapped(interval, lambda x: 100.0 * math.expm1(x))
+    ratio, ratio_ci = mapped(interval, math.exp)
+    return {"ppl_delta_pct": pct, "ppl_delta_pct_ci95": pct_ci, "ppl_ratio": ratio, "ppl_ratio_ci95": ratio_ci}
+
+
+def format_interval(ci: list[float] | None, spec: str) -> str:
+    """`[low, high]` in `spec`, or what stands in for it with a single window."""
+    return "n/a (1 window)" if ci is None else f"[{format(ci[0], spec)}, {format(ci[1], spec)}]"

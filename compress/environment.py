@@ -11,8 +11,9 @@ from .errors import CompressError
 CHOICES = {
     # force the torch references or the Triton kernels (kernels/dispatch.py)
     "COMPRESS_KERNELS": {"auto": "auto", "torch": "torch", "triton": "triton"},
-    # off: the C CPU kernels' torch references (kernels/cpu_build.py)
-    "COMPRESS_CPU_KERNELS": {"auto": "auto", "off": "off"},
+    # off: the C CPU kernels' torch references (kernels/cpu_build.py); on = auto: the C kernels where they build
+    "COMPRESS_CPU_KERNELS": {"auto": "auto", "on": "auto", "1": "auto", "true": "auto", "yes": "auto",
+                             "off": "off", "0": "off", "false": "off", "no": "off"},
     # off: `dtype: auto` computes in float32 on every CPU (models.native_dtype)
     "COMPRESS_CPU_HALF_PRECISION": {"auto": "auto", "off": "off", "0": "off", "false": "off", "no": "off"},
 }

@@ -49,6 +49,7 @@ def measure(recipe: Path, out: Path, windows: int, suite: bool, suite_limit: int
         checkpoint_bytes=result["checkpoint_bytes"], original_bytes=result["original_checkpoint_bytes"],
         ratio=round(result["checkpoint_bytes"] / result["original_checkpoint_bytes"], 4),
         perplexity=ev.get("perplexity"), baseline_perplexity=ev.get("baseline_perplexity"),
+        ppl_delta_pct=ev.get("ppl_delta_pct"), ppl_delta_pct_ci95=ev.get("ppl_delta_pct_ci95"),
         kl=ev.get("kl"), top1=ev.get("top1_agreement"), protocol=ev.get("protocol"),
     )
     if "kv_cache" in ev:
@@ -75,8 +76,11 @@ def print_table(rows: list[dict], suite: bool, model: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from compress.intervals import format_interval
+
     table = Table(title=f"every recipe on {model} (bytes: safetensors on disk; quality vs the uncompressed model)")
-    cols = ["recipe", "passes", "checkpoint", "vs dense", "perplexity", "KL", "top-1", "KV-cache KL", "apply s"]
+    cols = ["recipe", "passes", "checkpoint", "vs dense", "perplexity", "change [95% CI]", "KL", "top-1",
+            "KV-cache KL", "apply s"]
     if suite:
         cols.append("suite / baseline")
     for c in cols:
@@ -87,12 +91,14 @@ def print_table(rows: list[dict], suite: bool, model: str) -> None:
             continue
         kv = r.get("kv_cache")
         cells = [r["recipe"], " + ".join(r["passes"]), f"{r['checkpoint_bytes'] / 1e6:.2f} MB", f"{r['ratio']:.3f}x",
-                 f"{r['baseline_perplexity']:.3f} -> {r['perplexity']:.3f}", f"{r['kl']:.4f}", f"{r['top1']:.3f}",
+                 f"{r['baseline_perplexity']:.3f} -> {r['perplexity']:.3f}",
+                 f"{r['ppl_delta_pct']:+.2f}% {format_interval(r['ppl_delta_pct_ci95'], '+.2f')}",
+                 f"{r['kl']:.4f}", f"{r['top1']:.3f}",
                  f"{kv['kl']:.4f}" if kv else "-", f"{r['apply_seconds']:.1f}"]
         if suite:
             cells.append(suite_ratio(r) if "suite" in r else r.get("suite_error", "-")[:40])
         table.add_row(*cells)
-    Console().print(table)
+    Console(width=200).print(table)
     if rows and rows[0].get("protocol"):
         print(f"held-out protocol: {rows[0]['protocol']}; KV-cache KL: the compressed cache vs the uncompressed one "
               "(the model's dtype), chunked decoding")

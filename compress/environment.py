@@ -34,6 +34,13 @@ def check_environment() -> None:
     """Every variable readable, and a forced Triton runnable here."""
     for name in CHOICES:
         setting(name)
+    forced_sparse = os.environ.get("COMPRESS_SPARSE_PATH", "").strip()
+    if forced_sparse:  # a GPU path name for every pruned layer (compress/prune/gpu_dispatch.py)
+        from .prune.gpu_dispatch import RUN
+
+        if forced_sparse not in RUN:
+            raise CompressError(f"COMPRESS_SPARSE_PATH={forced_sparse!r} is not a sparse path; use one of: "
+                                f"{', '.join(RUN)} (or leave it unset)")
     if setting("COMPRESS_KERNELS") == "triton":
         import torch
 

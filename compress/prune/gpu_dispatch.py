@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..errors import CompressError
 from ..kernels.sparse_gemv import MAX_GEMV_TOKENS, bitmask_expand, bitmask_gemv, gemv_supports_nm, nm_expand, nm_gemv
 
 PATHS = ("packed_gemv", "semi_structured", "expand_cublas")
@@ -158,11 +159,12 @@ def _time_ms(fn, repeats: int = 10) -> float:
 
 def choose(module, tokens: int, dtype: torch.dtype, x: torch.Tensor | None = None, bias=None,
            measure: bool = True) -> str:
-    forced = os.environ.get("COMPRESS_SPARSE_PATH")
+    forced = os.environ.get("COMPRESS_SPARSE_PATH", "").strip()
     options = candidates(module, tokens, dtype)
     if forced:
         if forced not in options:
-            raise ValueError(f"COMPRESS_SPARSE_PATH={forced} does not apply here; applicable: {options}")
+            raise CompressError(f"COMPRESS_SPARSE_PATH={forced} does not apply to this layer at {tokens} tokens; "
+                                f"applicable here: {', '.join(options)} (or leave it unset)")
         return forced
     if len(options) == 1:
         return options[0]

@@ -155,6 +155,7 @@ def test_recipe_mistakes_apply_finds_before_any_work(name, tmp_path, cli, user_e
     ("COMPRESS_KERNELS", "bogus", "COMPRESS_KERNELS='bogus' is not understood; use one of: auto, torch, triton"),
     ("COMPRESS_CPU_KERNELS", "of", "COMPRESS_CPU_KERNELS='of' is not understood"),
     ("COMPRESS_CPU_HALF_PRECISION", "maybe", "COMPRESS_CPU_HALF_PRECISION='maybe' is not understood"),
+    ("COMPRESS_SPARSE_PATH", "cublas", "COMPRESS_SPARSE_PATH='cublas' is not a sparse path; use one of: packed_gemv"),
 ])
 def test_misspelt_environment_settings_are_one_line(name, value, message, cli, user_error, monkeypatch):
     """They were silently ignored (the run went on with the default the user meant to change)."""

@@ -22,9 +22,9 @@ def inspect_checkpoint(checkpoint: str, sparse_runtime: str, device: str | None)
     section = models.compression_section(path) or {}
     model = models.load(checkpoint, meta=True)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if _compressed_tensors_folder(path):
-        # transformers builds these layers (its compressed-tensors integration), the meta model is the dense one:
-        # the files are checked for damage and counted from their headers
+    if _quantized_by_transformers(path):
+        # transformers builds these layers (its compressed-tensors or bitsandbytes integration), the meta model is
+        # the dense one: the files are checked for damage and counted from their headers
         from .checkpoint import weight_files
         from .checkpoint_validation import check_weight_files
         from .inspection import bytes_by_component_from_headers
@@ -87,13 +87,20 @@ def _extra_folder_components(path: Path, section: dict, model) -> dict:
     return out
 
 
-def _compressed_tensors_folder(path) -> bool:
+def _quantized_by_transformers(path) -> bool:
+    """A folder whose quantized layers transformers builds from config.json's quantization_config: a
+    compressed-tensors export, or a quantized folder no compress quantize pass wrote (e.g. transformers' own
+    bitsandbytes save, whose double-quant tensors compress's layers do not hold)."""
     try:
         config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     quantization = config.get("quantization_config") if isinstance(config, dict) else None
-    return isinstance(quantization, dict) and quantization.get("quant_method") == "compressed-tensors"
+    if not isinstance(quantization, dict):
+        return False
+    section = config.get("compression") if isinstance(config.get("compression"), dict) else {}
+    ours = any(isinstance(e, dict) and e.get("pass") == "quantize" for e in section.get("passes") or [])
+    return quantization.get("quant_method") == "compressed-tensors" or not ours
 
 
 def _print_budget(con, b: dict) -> None:

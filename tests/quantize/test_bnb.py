@@ -134,6 +134,14 @@ def test_a_folder_quantized_by_transformers_is_refused_as_a_recipes_model(tmp_pa
         tmp_path / "hf")
     with pytest.raises(CompressError, match="holds layers quantized by bitsandbytes: .* to the original model"):
         compress.apply(compress.load(tmp_path / "hf"), [compress.get_pass("gear_kv")(bits=4)], progress=False)
+    # compress inspect reads it as eval and generate do (it refused its double-quant tensors), counting the headers
+    from click.testing import CliRunner
+
+    from compress.cli import main
+
+    shown = CliRunner().invoke(main, ["inspect", str(tmp_path / "hf"), "--json"])
+    assert shown.exit_code == 0, shown.output
+    assert 0 < json.loads(shown.output)["budget"]["weights_total"]["stored"] < 14e6  # 4-bit layers, bf16 the rest
     ours = compress.load("builtin:tiny")
     compress.apply(ours, [compress.get_pass("quantize")(method="nf4")], progress=False)
     reloaded = compress.load(compress.save(ours, tmp_path / "ours"))

@@ -360,10 +360,9 @@ def eval_cmd(model_src, baseline, text_file, seq_len, max_windows, speed, activa
     con = _console()
     _print_eval(con, result)
     if suite or suite_dir:
-        from .eval.report import suite_table_rows
+        from .eval.report import SUITE_COLUMNS, suite_table_rows
 
-        con.print(_table("evaluation suite", ["task", "baseline", "model", "model / baseline"],
-                         suite_table_rows(result), caption=result["suite_protocol"]))
+        con.print(_table("evaluation suite", SUITE_COLUMNS, suite_table_rows(result), caption=result["suite_protocol"]))
     if activation_sparsity:
         a = result["activation_sparsity"]
         rows = [[f"layer {i}", f"{x:.3f}"] for i, x in enumerate(a["layer_sparsity"])]

@@ -62,7 +62,8 @@ def run_suite(model, tokenizer, baseline=None, *, tasks_dir: Path = DATA_DIR, ta
               limit: int | None = None, batch_size: int = 8, greedy_tokens: int = 16, copy_span: int = 64,
               copy_num: int = 8, seed: int = 0, baseline_scores: dict[str, float] | None = None) -> dict:
     """Score `model` (and `baseline`, if given) on the suite. Returns {"model": {task: score}, "baseline":
-    {task: score} | None, "skipped": {task: reason}, "seconds": float}. `tasks` selects by short name (`mc`,
+    {task: score} | None, "model_ci95" / "baseline_ci95": {task: [lo, hi]} (lm-eval tasks; None when the baseline's
+    scores were given), "skipped": {task: reason}, "seconds": float}. `tasks` selects by short name (`mc`,
     `passkey_512`, `copy`, `agreement_top1`, ...); `limit` caps the examples per lm-eval task; `baseline_scores`
     (the baseline's own "model" scores from an earlier run) saves scoring the baseline again."""
     from .probes import copy_probe
@@ -88,22 +89,28 @@ def run_suite(model, tokenizer, baseline=None, *, tasks_dir: Path = DATA_DIR, ta
     if baseline is None:
         skipped.update({t: "no baseline" for t in AGREEMENT_TASKS if t in wanted})
 
-    def scores_of(m) -> dict[str, float]:
-        out = {}
+    def scores_of(m) -> tuple[dict[str, float], dict[str, list[float]]]:
+        out, ci = {}, {}
         if lm_tasks:
             results = lm_eval_results(wrap_model(m, tokenizer, batch_size, max_length), lm_tasks, tasks_dir, limit,
                                       seed)
-            out.update({t.removeprefix(LM_EVAL_PREFIX): results[t]["acc,none"] for t in lm_tasks})
+            for t in lm_tasks:
+                out[t.removeprefix(LM_EVAL_PREFIX)] = results[t]["acc,none"]
+                ci[t.removeprefix(LM_EVAL_PREFIX)] = accuracy_interval(results[t])
         if "copy" in wanted:
             out["copy"] = copy_probe(m, span_len=min(copy_span, max_length // 2), num=copy_num,
                                      vocab_size=min(len(tokenizer), m.config.vocab_size), seed=seed)
-        return out
+        return out, {t: c for t, c in ci.items() if c is not None}
 
-    model_scores = scores_of(model)
+    model_scores, model_ci = scores_of(model)
+    baseline_ci = None
     if baseline is not None:
         from .agreement import agreement_scores
 
-        baseline_scores = dict(baseline_scores) if baseline_scores is not None else scores_of(baseline)
+        if baseline_scores is not None:
+            baseline_scores = dict(baseline_scores)
+        else:
+            baseline_scores, baseline_ci = scores_of(baseline)
         if any(t in wanted for t in AGREEMENT_TASKS):
             rows = read_rows(tasks_dir / "agreement.jsonl")
             agreement = agreement_scores(model, baseline, tokenizer, rows, greedy_tokens, batch_size)
@@ -112,7 +119,20 @@ def run_suite(model, tokenizer, baseline=None, *, tasks_dir: Path = DATA_DIR, ta
     order = {t: i for i, t in enumerate(available)}
     ordered = lambda d: dict(sorted(d.items(), key=lambda kv: order[kv[0]]))  # noqa: E731
     return {"model": ordered(model_scores), "baseline": ordered(baseline_scores) if baseline is not None else None,
-            "skipped": skipped, "seconds": time.perf_counter() - start}
+            "model_ci95": model_ci, "baseline_ci95": baseline_ci, "skipped": skipped,
+            "seconds": time.perf_counter() - start}
+
+
+def accuracy_interval(result: dict) -> list[float] | None:
+    """An lm-eval task's accuracy +- t(n - 1) x its standard error over the n examples, within [0, 1] (a 95%
+    interval, normal approximation: wide and rough for the suite's few dozen examples, which is the point)."""
+    from ..intervals import t_quantile_975
+
+    acc, se, n = result.get("acc,none"), result.get("acc_stderr,none"), result.get("sample_len")
+    if not isinstance(se, (int, float)) or not isinstance(n, int) or n < 2:
+        return None
+    half = t_quantile_975(n - 1) * se
+    return [max(acc - half, 0.0), min(acc + half, 1.0)]
 
 
 def suite_protocol(tasks_dir: Path, limit: int | None) -> str:

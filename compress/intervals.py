@@ -30,9 +30,14 @@ def t_quantile_975(df: int) -> float:
     return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
 
 
-def ratio_interval(num: torch.Tensor, den: torch.Tensor) -> Interval:
-    """sum(num) / sum(den) over W windows, with its 95% interval."""
+def ratio_interval(num: torch.Tensor, den: torch.Tensor, block: int = 1) -> Interval:
+    """sum(num) / sum(den) over W windows, with its 95% interval. `block` > 1 sums runs of that many consecutive
+    windows first and treats the runs as the samples (batch means: wider where neighbouring windows correlate; a
+    last partial run is dropped)."""
     num, den = num.double(), den.double()
+    if block > 1:
+        n = num.numel() // block * block
+        num, den = num[:n].view(-1, block).sum(1), den[:n].view(-1, block).sum(1)
     w = num.numel()
     est = (num.sum() / den.sum()).item()
     if w < 2:
@@ -42,9 +47,9 @@ def ratio_interval(num: torch.Tensor, den: torch.Tensor) -> Interval:
     return est, est - half, est + half
 
 
-def paired_log_ratio(nll: torch.Tensor, base_nll: torch.Tensor, positions: torch.Tensor) -> Interval:
+def paired_log_ratio(nll: torch.Tensor, base_nll: torch.Tensor, positions: torch.Tensor, block: int = 1) -> Interval:
     """log(perplexity / base perplexity), from two models' summed NLL per window over the same windows."""
-    return ratio_interval(nll - base_nll, positions)
+    return ratio_interval(nll - base_nll, positions, block)
 
 
 def mapped(interval: Interval, fn) -> tuple[float, list[float] | None]:

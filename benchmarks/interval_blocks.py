@@ -1,42 +1,43 @@
 """Are held-out windows independent samples? The paired perplexity ratio of two models with its 95% interval over
 windows, and over runs of 4, 8, 16 consecutive windows (batch means): if neighbouring windows (one document) move
-together, the interval widens with the run length, and the window-level one understates the uncertainty.
+together, the interval widens with the run length, and the window-level one understates the uncertainty. The
+widening is given for the half-width and for the standard error alone (fewer samples also raise the t quantile).
 
     OMP_NUM_THREADS=1 python benchmarks/interval_blocks.py MODEL BASELINE [--windows 199] [--json]"""
 from __future__ import annotations
 
 import argparse
 import json
+import math
 
 import torch
 
 import compress
 from compress.bench_args import positive_int, run_cli
-from compress.evaluate import MetricAccumulator, heldout_windows, logits_of
-from compress.intervals import paired_log_ratio
-from compress.progress import progress_bar
+from compress.evaluate import heldout_windows, score_windows
+from compress.intervals import paired_log_ratio, t_quantile_975
 
 BLOCKS = (1, 4, 8, 16)
 
 
-@torch.no_grad()
 def block_intervals(model, baseline, windows: torch.Tensor, batch_size: int = 8) -> list[dict]:
-    ours, base = MetricAccumulator(), MetricAccumulator()
-    for i in progress_bar(range(0, windows.shape[0], batch_size), description="scoring"):
-        x = windows[i:i + batch_size]
-        ours.add(logits_of(model, x)[:, :-1], x[:, 1:])
-        base.add(logits_of(baseline, x)[:, :-1], x[:, 1:])
+    ours, base = score_windows(model, windows, baseline, batch_size=batch_size)
     nll, base_nll = torch.cat(ours.window_nll), torch.cat(base.window_nll)
     positions = torch.cat(ours.window_positions)
     rows = []
     for block in BLOCKS:
-        if windows.shape[0] // block < 2:
+        samples = -(-windows.shape[0] // block)  # a last, shorter run counts (compress.intervals)
+        if samples < 2:
             continue
-        est, lo, hi = (torch.tensor(v).exp().item() for v in paired_log_ratio(nll, base_nll, positions, block))
-        rows.append({"block": block, "samples": windows.shape[0] // block, "ppl_ratio": est,
-                     "ppl_ratio_ci95": [lo, hi], "half_width": (hi - lo) / 2})
+        est, lo, hi = paired_log_ratio(nll, base_nll, positions, block)
+        rows.append({"block": block, "samples": samples, "ppl_ratio": math.exp(est),
+                     "ppl_ratio_ci95": [math.exp(lo), math.exp(hi)], "half_width": (math.exp(hi) - math.exp(lo)) / 2,
+                     # the standard error of the log ratio, without the t quantile's share of the widening
+                     "standard_error": (hi - lo) / 2 / t_quantile_975(samples - 1)})
     for r in rows:
-        r["widening"] = r["half_width"] / rows[0]["half_width"] if rows[0]["half_width"] else None
+        first = rows[0]
+        r["widening"] = r["half_width"] / first["half_width"] if first["half_width"] else None
+        r["se_widening"] = r["standard_error"] / first["standard_error"] if first["standard_error"] else None
     return rows
 
 
@@ -57,7 +58,8 @@ def main(argv=None) -> None:
     for r in rows:
         lo, hi = r["ppl_ratio_ci95"]
         print(f"runs of {r['block']:2d} windows ({r['samples']:3d} samples): ratio {r['ppl_ratio']:.4f} "
-              f"[{lo:.4f}, {hi:.4f}], half-width {r['half_width']:.4f} ({r['widening']:.2f}x)")
+              f"[{lo:.4f}, {hi:.4f}], half-width {r['half_width']:.4f} ({r['widening']:.2f}x; standard error "
+              f"{r['se_widening']:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ def inspect_checkpoint(checkpoint: str, sparse_runtime: str, device: str | None)
     section = models.compression_section(path) or {}
     model = models.load(checkpoint, meta=True)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if _quantized_by_transformers(path):
+    if _quantized_by_transformers(path, section):
         # transformers builds these layers (its compressed-tensors or bitsandbytes integration), the meta model is
         # the dense one: the files are checked for damage and counted from their headers
         from .checkpoint import weight_files
@@ -87,10 +87,10 @@ def _extra_folder_components(path: Path, section: dict, model) -> dict:
     return out
 
 
-def _quantized_by_transformers(path) -> bool:
+def _quantized_by_transformers(path, section: dict) -> bool:
     """A folder whose quantized layers transformers builds from config.json's quantization_config: a
     compressed-tensors export, or a quantized folder no compress quantize pass wrote (e.g. transformers' own
-    bitsandbytes save, whose double-quant tensors compress's layers do not hold)."""
+    bitsandbytes save, whose double-quant tensors compress's layers do not hold). `section`: its compression record."""
     try:
         config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -98,7 +98,6 @@ def _quantized_by_transformers(path) -> bool:
     quantization = config.get("quantization_config") if isinstance(config, dict) else None
     if not isinstance(quantization, dict):
         return False
-    section = config.get("compression") if isinstance(config.get("compression"), dict) else {}
     ours = any(isinstance(e, dict) and e.get("pass") == "quantize" for e in section.get("passes") or [])
     return quantization.get("quant_method") == "compressed-tensors" or not ours
 

@@ -15,7 +15,8 @@ CHOICES = {
     "COMPRESS_CPU_KERNELS": {"auto": "auto", "on": "auto", "1": "auto", "true": "auto", "yes": "auto",
                              "off": "off", "0": "off", "false": "off", "no": "off"},
     # off: `dtype: auto` computes in float32 on every CPU (models.native_dtype)
-    "COMPRESS_CPU_HALF_PRECISION": {"auto": "auto", "off": "off", "0": "off", "false": "off", "no": "off"},
+    "COMPRESS_CPU_HALF_PRECISION": {"auto": "auto", "on": "auto", "1": "auto", "true": "auto", "yes": "auto",
+                                    "off": "off", "0": "off", "false": "off", "no": "off"},
 }
 
 
@@ -34,13 +35,7 @@ def check_environment() -> None:
     """Every variable readable, and a forced Triton runnable here."""
     for name in CHOICES:
         setting(name)
-    forced_sparse = os.environ.get("COMPRESS_SPARSE_PATH", "").strip()
-    if forced_sparse:  # a GPU path name for every pruned layer (compress/prune/gpu_dispatch.py)
-        from .prune.gpu_dispatch import RUN
-
-        if forced_sparse not in RUN:
-            raise CompressError(f"COMPRESS_SPARSE_PATH={forced_sparse!r} is not a sparse path; use one of: "
-                                f"{', '.join(RUN)} (or leave it unset)")
+    sparse_path()
     if setting("COMPRESS_KERNELS") == "triton":
         import torch
 
@@ -51,3 +46,16 @@ def check_environment() -> None:
         if not torch.cuda.is_available() and not interpreted():
             raise CompressError("COMPRESS_KERNELS=triton needs a CUDA GPU, or TRITON_INTERPRET=1 for Triton's (slow) "
                                 "CPU interpreter; unset it to run the CPU kernels")
+
+
+def sparse_path() -> str | None:
+    """COMPRESS_SPARSE_PATH: the GPU path every pruned layer takes (compress/prune/gpu_dispatch.py), or None."""
+    value = os.environ.get("COMPRESS_SPARSE_PATH", "").strip().lower()
+    if not value:
+        return None
+    from .prune.gpu_dispatch import RUN
+
+    if value not in RUN:
+        raise CompressError(f"COMPRESS_SPARSE_PATH={os.environ['COMPRESS_SPARSE_PATH']!r} is not a sparse path; use "
+                            f"one of: {', '.join(RUN)} (or leave it unset)")
+    return value

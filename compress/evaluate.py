@@ -96,6 +96,22 @@ def paired_change(model: MetricAccumulator, baseline: MetricAccumulator) -> dict
 
 
 @torch.no_grad()
+def score_windows(model: nn.Module, windows: torch.Tensor, baseline: nn.Module | None = None, *, batch_size: int = 8,
+                  progress: bool = True) -> tuple[MetricAccumulator, MetricAccumulator]:
+    """`model`'s metrics on `windows` (against `baseline` where given) and the baseline's own, window by window."""
+    acc, base_acc = MetricAccumulator(), MetricAccumulator()
+    batches = range(0, windows.shape[0], batch_size)
+    for i in progress_bar(batches, description="evaluating", enabled=progress):
+        x = windows[i : i + batch_size]
+        logits = logits_of(model, x)[:, :-1]
+        base = logits_of(baseline, x)[:, :-1] if baseline is not None else None
+        acc.add(logits, x[:, 1:], base)
+        if base is not None:
+            base_acc.add(base, x[:, 1:])
+    return acc, base_acc
+
+
+@torch.no_grad()
 def evaluate(
     model: nn.Module,
     windows: torch.Tensor,
@@ -106,15 +122,7 @@ def evaluate(
 ) -> dict[str, Any]:
     """Perplexity of `model` on `windows`; with `baseline`, also KL(baseline || model), top-1 agreement, the
     baseline's own perplexity (from the same forward passes) and the change's 95% intervals (`paired_change`)."""
-    acc, base_acc = MetricAccumulator(), MetricAccumulator()
-    batches = range(0, windows.shape[0], batch_size)
-    for i in progress_bar(batches, description="evaluating", enabled=progress):
-        x = windows[i : i + batch_size]
-        logits = logits_of(model, x)[:, :-1]
-        base = logits_of(baseline, x)[:, :-1] if baseline is not None else None
-        acc.add(logits, x[:, 1:], base)
-        if base is not None:
-            base_acc.add(base, x[:, 1:])
+    acc, base_acc = score_windows(model, windows, baseline, batch_size=batch_size, progress=progress)
     out = acc.result(baseline is not None)
     if baseline is not None:
         out["baseline_perplexity"] = base_acc.result(False)["perplexity"]

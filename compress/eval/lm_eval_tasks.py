@@ -69,9 +69,9 @@ def lm_eval_results(lm, tasks: list[str], tasks_dir: Path | None = DATA_DIR, lim
     with _quiet_git_hash():
         out = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, random_seed=seed,
                                       numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
-                                      # 1: the closed-form standard error of mean metrics (acc, the suite's),
-                                      # nothing resampled for them; 0 would drop it
-                                      bootstrap_iters=1, log_samples=False, verbosity="ERROR")
+                                      # no resampling (1 would fork a pool and divide by zero for metrics lm-eval
+                                      # bootstraps); the suite's accuracy intervals come from acc and n (suite.py)
+                                      bootstrap_iters=0, log_samples=False, verbosity="ERROR")
     return out["results"]
 
 

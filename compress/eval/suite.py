@@ -124,15 +124,14 @@ def run_suite(model, tokenizer, baseline=None, *, tasks_dir: Path = DATA_DIR, ta
 
 
 def accuracy_interval(result: dict) -> list[float] | None:
-    """An lm-eval task's accuracy +- t(n - 1) x its standard error over the n examples, within [0, 1] (a 95%
-    interval, normal approximation: wide and rough for the suite's few dozen examples, which is the point)."""
-    from ..intervals import t_quantile_975
+    """A 95% Wilson score interval for an lm-eval task's accuracy over its n examples (compress.intervals): from acc
+    and n alone, and not zero-width at 0 or 1 (0 of 20 is consistent with up to ~16%)."""
+    from ..intervals import wilson_interval
 
-    acc, se, n = result.get("acc,none"), result.get("acc_stderr,none"), result.get("sample_len")
-    if not isinstance(se, (int, float)) or not isinstance(n, int) or n < 2:
+    acc, n = result.get("acc,none"), result.get("sample_len", result.get("samples"))
+    if not isinstance(acc, (int, float)) or not isinstance(n, int) or n < 1:
         return None
-    half = t_quantile_975(n - 1) * se
-    return [max(acc - half, 0.0), min(acc + half, 1.0)]
+    return wilson_interval(acc, n)
 
 
 def suite_protocol(tasks_dir: Path, limit: int | None) -> str:

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..environment import sparse_path
 from ..errors import CompressError
 from ..kernels.sparse_gemv import MAX_GEMV_TOKENS, bitmask_expand, bitmask_gemv, gemv_supports_nm, nm_expand, nm_gemv
 
@@ -159,7 +160,7 @@ def _time_ms(fn, repeats: int = 10) -> float:
 
 def choose(module, tokens: int, dtype: torch.dtype, x: torch.Tensor | None = None, bias=None,
            measure: bool = True) -> str:
-    forced = os.environ.get("COMPRESS_SPARSE_PATH", "").strip()
+    forced = sparse_path()
     options = candidates(module, tokens, dtype)
     if forced:
         if forced not in options:

@@ -34,13 +34,13 @@ def test_uncompressed_model_scores_perfectly_against_itself(reference_model, ref
     assert abs(model["agreement_kl"]) < 1e-9
     assert model == pytest.approx(base, abs=1e-9)  # every task: the same score as the baseline
     assert list(model) == ["agreement_kl", "agreement_top1", "agreement_greedy", "copy", "mc"]
-    # lm-eval's tasks get acc +- t(n-1) x its standard error, sqrt(p(1-p)/(n-1)) over the LIMIT examples
-    from compress.intervals import t_quantile_975
-
-    p = model["mc"]
-    half = t_quantile_975(LIMIT - 1) * (p * (1 - p) / (LIMIT - 1)) ** 0.5
-    assert out["model_ci95"]["mc"] == pytest.approx([max(p - half, 0), min(p + half, 1)], abs=1e-9)
+    # lm-eval's tasks get a Wilson interval over their LIMIT examples (by hand: z = 1.96)
+    p, n, z = model["mc"], LIMIT, 1.959964
+    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z / (1 + z * z / n) * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5
+    assert out["model_ci95"]["mc"] == pytest.approx([max(centre - half, 0), min(centre + half, 1)], abs=1e-9)
     assert out["baseline_ci95"]["mc"] == out["model_ci95"]["mc"] and "copy" not in out["model_ci95"]
+    lo, hi = out["model_ci95"]["mc"]
+    assert hi - lo > 0.2  # 4 examples say little, whatever the score (not zero-width at 0 or 1)
 
 
 def direct_multiple_choice(model, tokenizer, rows) -> float:

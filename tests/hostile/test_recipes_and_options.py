@@ -176,6 +176,19 @@ def test_triton_forced_without_a_gpu_or_interpreter_is_one_line(cli, user_error,
                "COMPRESS_KERNELS=triton needs a CUDA GPU, or TRITON_INTERPRET=1")
 
 
+def test_every_accepted_environment_value_reads(monkeypatch):
+    """Each value a variable accepts (on/1/true/yes were accepted, as anything-but-off, before the check) maps to
+    what it means, spaces and case aside."""
+    from compress.environment import CHOICES, check_environment, setting
+
+    for name, allowed in CHOICES.items():
+        for value, meaning in allowed.items():
+            monkeypatch.setenv(name, f" {value.upper()} ")
+            assert setting(name) == meaning
+            check_environment() if name != "COMPRESS_KERNELS" or meaning != "triton" else None
+        monkeypatch.delenv(name)
+
+
 def test_environment_values_are_read_as_they_are_checked(monkeypatch):
     """The check and the code that acts on a value parse it alike: " off " used to pass one and be ignored by the
     other."""

@@ -147,6 +147,12 @@ def test_a_folder_quantized_by_transformers_is_refused_as_a_recipes_model(tmp_pa
     reloaded = compress.load(compress.save(ours, tmp_path / "ours"))
     check_not_quantized_elsewhere(reloaded)
     compress.apply(reloaded, [compress.get_pass("gear_kv")(bits=4)], progress=False)
+    # inspect: transformers' folder from its headers, compress's own through its modules
+    from compress.cli_inspect import _quantized_by_transformers
+    from compress.models import compression_section
+
+    assert _quantized_by_transformers(tmp_path / "hf", compression_section(tmp_path / "hf") or {})
+    assert not _quantized_by_transformers(tmp_path / "ours", compression_section(tmp_path / "ours"))
 
 
 def test_4bit_checkpoint_with_layers_left_on_disk_is_refused(tmp_path):

@@ -301,6 +301,19 @@ def extra_folders(path: Path, section: dict | None) -> list[Path]:
     return list(extra_folder_files(path, section))
 
 
+def folder_bytes(path: Path) -> int:
+    """Bytes of the weight files: the safetensors (with those of subfolders its passes wrote, e.g. an unmerged
+    adapter), or where there are none the pickled .bin a model loaded with --allow-pickle reads (a folder with both
+    loads the safetensors; training_args.bin and the like are no weights)."""
+    from .models import compression_section
+
+    path = Path(path)
+    files = list(path.glob("*.safetensors")) or list(path.glob("*.bin"))
+    for folder in extra_folders(path, compression_section(path) if (path / "config.json").exists() else None):
+        files += list(folder.glob("*.safetensors"))
+    return sum(f.stat().st_size for f in files)
+
+
 def extra_folder_files(path: Path, section: dict | None) -> dict[Path, tuple[str, ...]]:
     """Those subfolders, each with the file names its pass writes there (Pass.extra_folder_files)."""
     from .registry import get_pass

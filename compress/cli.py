@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from .cli_format import _console, _group_by_reason, _mb, _print_eval, _table
+from .checkpoint import folder_bytes  # noqa: F401 (also compress.cli.folder_bytes)
 from .errors import CompressError
 
 
@@ -244,20 +245,6 @@ def _check_device(device: str) -> None:
 
     if device == "cuda" and not torch.cuda.is_available():
         raise CompressError("--device cuda, but torch sees no CUDA GPU here; use --device cpu")
-
-
-def folder_bytes(path: Path) -> int:
-    """Bytes of the weight files: the safetensors (with those of subfolders its passes wrote, e.g. an unmerged
-    adapter), or where there are none the pickled .bin a model loaded with --allow-pickle reads (a folder with both
-    loads the safetensors; training_args.bin and the like are no weights)."""
-    from . import models
-    from .checkpoint import extra_folders
-
-    path = Path(path)
-    files = list(path.glob("*.safetensors")) or list(path.glob("*.bin"))
-    for folder in extra_folders(path, models.compression_section(path) if (path / "config.json").exists() else None):
-        files += list(folder.glob("*.safetensors"))
-    return sum(f.stat().st_size for f in files)
 
 
 def _evaluate(model, baseline_src, tokenizer, windows, progress, seq_len: int = EVAL_SEQ_LEN, text: str | None = None,

@@ -14,7 +14,7 @@ def inspect_checkpoint(checkpoint: str, sparse_runtime: str, device: str | None)
 
     from . import models
     from .checkpoint import verify_files
-    from .cli import folder_bytes
+    from .checkpoint import folder_bytes
     from .inspection import bytes_by_component
     from .prune.runtime import runtime_plan
 

@@ -7,17 +7,19 @@ import os
 
 from .errors import CompressError
 
+# a switch: "on" and its spellings mean the default (auto), "off" and its spellings turn the feature off
+_AUTO_OFF = {"auto": "auto", "on": "auto", "1": "auto", "true": "auto", "yes": "auto",
+             "off": "off", "0": "off", "false": "off", "no": "off"}
 # variable -> {accepted value: what it means}; unset or empty = "auto"
 CHOICES = {
     # force the torch references or the Triton kernels (kernels/dispatch.py)
     "COMPRESS_KERNELS": {"auto": "auto", "torch": "torch", "triton": "triton"},
-    # off: the C CPU kernels' torch references (kernels/cpu_build.py); on = auto: the C kernels where they build
-    "COMPRESS_CPU_KERNELS": {"auto": "auto", "on": "auto", "1": "auto", "true": "auto", "yes": "auto",
-                             "off": "off", "0": "off", "false": "off", "no": "off"},
+    # off: the C CPU kernels' torch references (kernels/cpu_build.py)
+    "COMPRESS_CPU_KERNELS": _AUTO_OFF,
     # off: `dtype: auto` computes in float32 on every CPU (models.native_dtype)
-    "COMPRESS_CPU_HALF_PRECISION": {"auto": "auto", "on": "auto", "1": "auto", "true": "auto", "yes": "auto",
-                                    "off": "off", "0": "off", "false": "off", "no": "off"},
+    "COMPRESS_CPU_HALF_PRECISION": _AUTO_OFF,
 }
+TRITON_MISSING = "COMPRESS_KERNELS=triton but triton is not installed: pip install 'compress[triton]'"
 
 
 def setting(name: str) -> str:
@@ -42,7 +44,7 @@ def check_environment() -> None:
         from .kernels.dispatch import interpreted, triton_available
 
         if not triton_available():
-            raise CompressError("COMPRESS_KERNELS=triton but triton is not installed: pip install 'compress[triton]'")
+            raise CompressError(TRITON_MISSING)
         if not torch.cuda.is_available() and not interpreted():
             raise CompressError("COMPRESS_KERNELS=triton needs a CUDA GPU, or TRITON_INTERPRET=1 for Triton's (slow) "
                                 "CPU interpreter; unset it to run the CPU kernels")

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .intervals import mapped, paired_log_ratio, perplexity_change, ratio_interval
+from .intervals import paired_figures
 from .progress import progress_bar
 
 
@@ -87,11 +87,10 @@ def paired_change(model: MetricAccumulator, baseline: MetricAccumulator) -> dict
     pos = torch.cat(model.window_positions)
     if not torch.equal(pos, torch.cat(baseline.window_positions)):
         raise ValueError("paired_change needs both accumulators over the same windows")
-    out: dict[str, Any] = perplexity_change(paired_log_ratio(torch.cat(model.window_nll),
-                                                              torch.cat(baseline.window_nll), pos))
+    out: dict[str, Any] = paired_figures(torch.cat(model.window_nll), torch.cat(baseline.window_nll), pos,
+                                         torch.cat(model.window_kl) if model.window_kl else None)
+    out.pop("kl", None)  # the accumulator's own figure stands
     out["windows"] = int(pos.numel())
-    if model.window_kl:
-        out["kl_ci95"] = mapped(ratio_interval(torch.cat(model.window_kl), pos), lambda x: max(x, 0.0))[1]
     return out
 
 

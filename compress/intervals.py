@@ -68,6 +68,18 @@ def perplexity_change(interval: Interval) -> dict:
     return {"ppl_delta_pct": pct, "ppl_delta_pct_ci95": pct_ci, "ppl_ratio": ratio, "ppl_ratio_ci95": ratio_ci}
 
 
+def paired_figures(nll: torch.Tensor, base_nll: torch.Tensor, positions: torch.Tensor,
+                   kl: torch.Tensor | None = None, kl_per: torch.Tensor | None = None) -> dict:
+    """Two models over the same windows (per-window summed NLL, and the first's summed KL): perplexity_change of
+    the first against the second, and with `kl` sum(kl) / sum(kl_per) (per position by default; another KL for a
+    ratio of two) as kl / kl_ci95, clipped at 0."""
+    out = perplexity_change(paired_log_ratio(nll, base_nll, positions))
+    if kl is not None:
+        out["kl"], out["kl_ci95"] = mapped(ratio_interval(kl, positions if kl_per is None else kl_per),
+                                           lambda x: max(x, 0.0))
+    return out
+
+
 def wilson_interval(p: float, n: int) -> list[float]:
     """The 95% Wilson score interval of a proportion p observed over n trials (inside [0, 1], and not zero-width
     at p = 0 or 1 as p +- 1.96 x its standard error would be)."""

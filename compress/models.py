@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .environment import setting
+from .environment import check_environment, setting
 from .errors import CheckpointError, CompressError, UnsupportedModelError
 
 BUILTIN_ROOT = Path(__file__).parent / "builtin"
@@ -122,8 +122,6 @@ def load(
     (a temporary folder by default)."""
     from .checkpoint import load_checkpoint, load_hf_folder
     from .prune.runtime import resolve_runtime, set_sparse_runtime
-
-    from .environment import check_environment
 
     check_environment()
     resolve_runtime(sparse_runtime, "cpu")  # an unknown runtime fails before anything loads

@@ -251,7 +251,6 @@ def quantized_matvec(codes: torch.Tensor, scales: torch.Tensor, x: torch.Tensor,
 def cpu_reads(w: torch.Tensor) -> bool:
     """The C kernels handle this weight (or predictor scales): on the CPU, float32 or bfloat16, unit column stride,
     a compiler here, and not forced to torch."""
-    
     if setting("COMPRESS_KERNELS") == "torch" or w.device.type != "cpu":
         return False
     from .cpu_gather import WEIGHT_DTYPES, cpu_library

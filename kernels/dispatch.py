@@ -10,7 +10,8 @@ import os
 
 import torch
 
-from ..environment import setting
+from ..environment import TRITON_MISSING, setting
+from ..errors import CompressError
 
 
 @functools.lru_cache(maxsize=1)
@@ -61,6 +62,6 @@ def use_triton(*tensors: torch.Tensor) -> bool:
         return False
     if forced == "triton":
         if not triton_available():
-            raise RuntimeError("COMPRESS_KERNELS=triton but triton is not installed: pip install 'compress[triton]'")
+            raise CompressError(TRITON_MISSING)
         return True
     return triton_available() and all(t.is_cuda for t in tensors)

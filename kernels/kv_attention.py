@@ -13,7 +13,6 @@ shapes it tiles (`triton_supports`), the C kernel on CPU tensors for the shapes 
 not with COMPRESS_KERNELS=torch or COMPRESS_CPU_KERNELS=off), and the torch reference elsewhere."""
 from __future__ import annotations
 
-
 import torch
 
 from .dispatch import use_triton

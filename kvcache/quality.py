@@ -20,7 +20,7 @@ from transformers import DynamicCache
 
 from ..errors import CompressError
 from ..evaluate import MetricAccumulator, paired_change
-from ..intervals import mapped, paired_log_ratio, perplexity_change, ratio_interval
+from ..intervals import paired_figures
 
 CacheFactory = Callable[[], object]
 
@@ -41,8 +41,9 @@ class QualityResult:
     window_kl: list[float]
     window_positions: list[float]
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    def to_dict(self, windows: bool = True) -> dict:
+        """The fields; `windows=False` leaves out the per-window lists."""
+        return {k: v for k, v in asdict(self).items() if windows or not k.startswith("window_")}
 
 
 def heldout_windows(tokenizer, text: str, num_windows: int, window_len: int) -> torch.Tensor:
@@ -90,10 +91,10 @@ def compare_caches(a: QualityResult, b: QualityResult) -> dict:
         raise CompressError("compare_caches: the second cache has no KL to the reference (the reference itself?), "
                             "so a ratio to it is undefined")
     f64 = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
-    kl, kl_ci = mapped(ratio_interval(f64(a.window_kl), f64(b.window_kl)), lambda x: max(x, 0.0))
-    change = perplexity_change(paired_log_ratio(f64(a.window_nll), f64(b.window_nll), f64(a.window_positions)))
-    return {"kl_ratio": kl, "kl_ratio_ci95": kl_ci, "ppl_ratio": change["ppl_ratio"],
-            "ppl_ratio_ci95": change["ppl_ratio_ci95"]}
+    out = paired_figures(f64(a.window_nll), f64(b.window_nll), f64(a.window_positions), f64(a.window_kl),
+                         f64(b.window_kl))
+    return {"kl_ratio": out["kl"], "kl_ratio_ci95": out["kl_ci95"], "ppl_ratio": out["ppl_ratio"],
+            "ppl_ratio_ci95": out["ppl_ratio_ci95"]}
 
 
 @torch.no_grad()
@@ -140,6 +141,6 @@ def cache_quality_summary(model: nn.Module, tokenizer, settings, text: str | Non
     n = min(windows or 16, 16)
     w = heldout_windows(tokenizer, text if text is not None else builtin_text("builtin:heldout"), n, window_len)
     result, _ = kv_quality(model, w, lambda: GEARCache(model.config, settings), settings.residual_length)
-    summary = {k: v for k, v in result.to_dict().items() if not k.startswith("window_")}
+    summary = result.to_dict(windows=False)
     return {**summary, "protocol": f"{n} windows of {window_len} tokens fed in chunks of "
                                    f"{settings.residual_length}; tokens after the first chunk scored"}

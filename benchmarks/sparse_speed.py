@@ -102,12 +102,13 @@ def cpu_e2e_tiny(repeats) -> list[dict]:
 @torch.no_grad()
 def calibrated_quality(model_name: str, calib_samples: int, eval_windows: int, greedy_rounds: int | None = 0,
                        budget: float = 0.01, predictor_ratio: float = 0.0, recall: float = 0.99,
-                       neuron_scaling: bool = False, predictor_bits: int = 0) -> dict:
+                       neuron_scaling: bool = False, predictor_bits: int = 0, exact_gate: bool = True) -> dict:
     """Calibrate the activation_sparsity pass on `model_name`; held-out perplexity change and inactive share.
     greedy_rounds > 0: per-layer thresholds built up greedily (steps of 10% inactive) instead of one CETT value;
     None: 8 rounds per layer (enough to move every layer to ~80%). predictor_ratio > 0: also a gate predictor of rank
     ratio x hidden, or predictor_bits > 0: the gate's quantized copy (its misses count in the budget); the same
-    thresholds without it are measured as well."""
+    thresholds without it are measured as well. exact_gate=False (with predictor_bits): the quantized copy is the gate
+    itself; what that alone costs (every neuron kept) is measured as well."""
     import compress
     from compress.activation_sparsity import ActivationSparseMLP, ActivationSparsity
     from compress.evaluate import evaluate, heldout_windows
@@ -119,7 +120,8 @@ def calibrated_quality(model_name: str, calib_samples: int, eval_windows: int, g
     rank = 0 if predictor_bits else round(predictor_ratio * base.config.hidden_size)
     spec = ActivationSparsity(outer_steps=8, inner_steps=16, search_tokens=1024, greedy_rounds=greedy_rounds,
                               greedy_step=0.1, target_ppl_increase=budget, predictor_rank=rank,
-                              predictor_recall=recall, neuron_scaling=neuron_scaling, predictor_bits=predictor_bits)
+                              predictor_recall=recall, neuron_scaling=neuron_scaling, predictor_bits=predictor_bits,
+                              exact_gate=exact_gate)
     model, report = compress.apply(compress.load(model_name, dtype="float32"), [spec],
                                    calibration={"source": "builtin:calibration", "num_samples": calib_samples,
                                                 "seq_len": 256}, tokenizer=tok, progress=False)
@@ -140,8 +142,18 @@ def calibrated_quality(model_name: str, calib_samples: int, eval_windows: int, g
                calibration="per-layer greedy" if greedy_rounds else "one CETT value",
                calibration_ppl_delta_pct=100 * d["ppl_increase"], kl=ev["kl"], cett=d["cett"],
                layer_sparsity=[round(s, 3) for s in d["layer_sparsity"]], predictor_rank=rank,
-               predictor_ratio=predictor_ratio, neuron_scaling=neuron_scaling, predictor_bits=predictor_bits)
-    if rank or predictor_bits:
+               predictor_ratio=predictor_ratio, neuron_scaling=neuron_scaling, predictor_bits=predictor_bits,
+               exact_gate=exact_gate)
+    if not exact_gate:
+        saved = [float(m.threshold) for m in mlps]
+        for m in mlps:  # threshold 0: every neuron kept, only the quantized gate
+            m.threshold.fill_(0.0)
+        alone, _ = heldout()
+        for m, t in zip(mlps, saved):
+            m.threshold.fill_(t)
+        out["quantized_gate_alone"] = dict(ppl_delta_pct=alone["ppl_delta_pct"],
+                                           ppl_delta_pct_ci95=alone["ppl_delta_pct_ci95"], kl=alone["kl"])
+    elif rank or predictor_bits:
         out["candidate_share"] = sum(d["candidate_share"]) / len(mlps)
         saved = [float(m.predictor_threshold) for m in mlps]
         for m in mlps:  # threshold 0: every neuron a candidate, i.e. the same thresholds without the predictor
@@ -157,10 +169,10 @@ def calibrated_quality(model_name: str, calib_samples: int, eval_windows: int, g
 
 def mlp_at_sparsity(sparsity: float, dtype=torch.float32, device="cpu", predictor_rank: int = 0,
                     candidate_share: float = 1.0, neuron_scaling: bool = False, predictor_bits: int = 0,
-                    shape: tuple[int, int] = MLP_SHAPE):
+                    shape: tuple[int, int] = MLP_SHAPE, exact_gate: bool = True):
     """An MLP of `shape` (hidden, intermediate; Llama-3-8B's by default) with random weights; thresholds set so that
     on N(0,1) x `sparsity` of the neurons are inactive and, with a predictor, `candidate_share` of them are
-    candidates (the active ones among them)."""
+    candidates (the active ones among them); exact_gate=False: the quantized copy is the gate."""
     from transformers.activations import ACT2FN
 
     from compress.activation_sparsity import ActivationSparseMLP
@@ -181,12 +193,16 @@ def mlp_at_sparsity(sparsity: float, dtype=torch.float32, device="cpu", predicto
             p.weight.normal_(0, 0.02)
         sample = torch.randn(64, hidden, dtype=dtype, device=device)
         sparse = ActivationSparseMLP(mlp, max_sparse_tokens=16, predictor_rank=predictor_rank,
-                                     predictor_bits=predictor_bits, neuron_scaling=neuron_scaling).eval()
+                                     predictor_bits=predictor_bits, neuron_scaling=neuron_scaling,
+                                     exact_gate=exact_gate).eval()
         if neuron_scaling:  # the per-neuron multiply is timed too; random scales of mean 1
             scale = torch.empty(inter, device=device).log_normal_(0, 0.5)
             sparse.neuron_scale.copy_(scale / scale.mean())
         scores = sparse.scores(mlp.act_fn(mlp.gate_proj(sample)))
-        if sparse.has_predictor:
+        if not exact_gate:
+            sparse.fit_predictor()
+            sparse.threshold.fill_(quantile(sparse.predicted_scores(sample), sparsity) if sparsity else 0.0)
+        elif sparse.has_predictor:
             sparse.fit_predictor()
             predicted = sparse.predicted_scores(sample)
             sparse.predictor_threshold.fill_(quantile(predicted, 1 - candidate_share))
@@ -220,39 +236,48 @@ def cycling(fns):
 
 
 @torch.no_grad()
-def cpu_activation_sparse(quality: dict, repeats, copies: int = 0, dtype=torch.float32) -> list[dict]:
+def cpu_activation_sparse(quality: dict, repeats, copies: int = 0, dtype=torch.float32,
+                          prefill_tokens: int = 256) -> list[dict]:
     """Dense vs activation-sparse MLP at one dtype (weights, x and the output; the sparse path computes in float32
-    from bf16 weights)."""
+    from bf16 weights): decoding (1 and 4 tokens, the gathers) and a prefill of `prefill_tokens` (the masked dense
+    path, which must not cost more than the dense MLP; 0: none)."""
     from compress.activation_sparsity import ActivationSparseMLP
 
-    variants = [("dense gate", quality.get("without_predictor", quality), 0, 1.0, 0)]
     bits = quality.get("predictor_bits", 0)
-    if quality.get("predictor_rank"):
-        rank = round(MLP_SHAPE[0] * quality["predictor_ratio"])
-        variants.append((f"predictor rank {rank}", quality, rank, quality["candidate_share"], 0))
-    elif bits:
-        variants.append((f"predictor int{bits}", quality, 0, quality["candidate_share"], bits))
+    if not quality.get("exact_gate", True):  # the quantized copy is the gate: alone (every neuron kept), then sparse
+        alone = {**quality, **quality["quantized_gate_alone"], "sparsity": 0.0}
+        variants = [(f"int{bits} gate, every neuron", alone, 0, 1.0, bits, False),
+                    (f"int{bits} gate", quality, 0, 1.0, bits, False)]
+    else:
+        variants = [("dense gate", quality.get("without_predictor", quality), 0, 1.0, 0, True)]
+        if quality.get("predictor_rank"):
+            rank = round(MLP_SHAPE[0] * quality["predictor_ratio"])
+            variants.append((f"predictor rank {rank}", quality, rank, quality["candidate_share"], 0, True))
+        elif bits:
+            variants.append((f"predictor int{bits}", quality, 0, quality["candidate_share"], bits, True))
     mlp_bytes = 3 * MLP_SHAPE[0] * MLP_SHAPE[1] * dtype.itemsize
     copies = copies or max(1, math.ceil(3 * largest_cache_bytes() / mlp_bytes))
     rows = []
-    for gate, q, rank, share, bits in variants:
+    for gate, q, rank, share, bits, exact in variants:
         pairs = [mlp_at_sparsity(q["sparsity"], dtype, predictor_rank=rank, candidate_share=share,
-                                 predictor_bits=bits, neuron_scaling=quality.get("neuron_scaling", False))
+                                 predictor_bits=bits, neuron_scaling=quality.get("neuron_scaling", False),
+                                 exact_gate=exact, shape=MLP_SHAPE)
                  for _ in range(copies)]
         sparse = pairs[0][1]
-        for t in (1, 4):
+        for t in (1, 4, prefill_tokens) if prefill_tokens else (1, 4):
             x = torch.randn(t, MLP_SHAPE[0], dtype=dtype)
             sparse.record, sparse.counts = True, [0, 0]
             sparse(x)
             sparse.record = False
             measured = 1 - sparse.counts[0] / sparse.counts[1]
             d, s = paired_median_seconds([cycling([lambda f=f: f(x) for f, _ in pairs]),
-                                          cycling([lambda f=f: f(x) for _, f in pairs])], repeats)
+                                          cycling([lambda f=f: f(x) for _, f in pairs])],
+                                         repeats if t <= 4 else max(3, repeats // 2))
             rows.append(dict(device="cpu", kind="activation_sparse_mlp", shape=f"{MLP_SHAPE[0]}x{MLP_SHAPE[1]}",
                              dtype=str(dtype).removeprefix("torch."),
                              tokens=t, gate=gate, speedup_vs_dense=d / s, dense_ms=d * 1e3, ours_ms=s * 1e3,
                              weight_copies=copies,
-                             sparsity=measured, candidate_share=share if rank or bits else None,
+                             sparsity=measured, candidate_share=share if (rank or bits) and exact else None,
                              ppl_delta_pct=q["ppl_delta_pct"], ppl_delta_pct_ci95=q.get("ppl_delta_pct_ci95"),
                              path=sparse.runtime_path(t),
                              quality_model=quality["model"], kl=q["kl"],
@@ -425,6 +450,8 @@ def main(argv=None) -> None:
                     "as a share of the hidden size (0: no predictor rows)")
     ap.add_argument("--predictor-bits", type=int, choices=(0, 4, 8), default=0, help="activation sparsity: a "
                     "quantized gate predictor (the gate's int8 / int4 copy) instead of the low-rank one")
+    ap.add_argument("--quantized-gate", action="store_true", help="activation sparsity: the --predictor-bits copy "
+                    "is the gate itself (the pass's exact_gate: false): no fp32 gate rows read when decoding")
     ap.add_argument("--recall", type=fraction, default=0.99, help="activation sparsity: the predictor's recall of the "
                     "exactly-active neurons on the calibration tokens")
     ap.add_argument("--neuron-scaling", action=argparse.BooleanOptionalAction, default=True,
@@ -435,12 +462,16 @@ def main(argv=None) -> None:
                     "gathers vs the dense MLP from builtin:tiny's MLP shape to Llama-3-8B's (50%% inactive, 1 token)")
     ap.add_argument("--weight-copies", type=int, default=0, help="activation-sparse MLP timing: copies of its "
                     "weights called in turn (0: enough to exceed 3x the largest CPU cache; 1 shows a warm cache)")
+    ap.add_argument("--prefill-tokens", type=int, default=256, help="activation-sparse MLP: also time a prefill of "
+                    "this many tokens (the masked dense path; 0: none)")
     ap.add_argument("--eval-windows", type=positive_int, default=32, help="activation sparsity: held-out windows "
                     "of 256 tokens for the perplexity change and its 95%% interval")
     ap.add_argument("--save-quality", type=Path, help="write the activation-sparsity calibration result (JSON) here")
     ap.add_argument("--quality", type=Path, help="reuse a --save-quality file instead of calibrating again (the "
                     "slow part: the speed rows then time this machine at that file's inactive shares)")
     args = ap.parse_args(argv)
+    if args.quantized_gate and not args.predictor_bits:
+        ap.error("--quantized-gate computes the gate from its quantized copy: add --predictor-bits 8 (or 4)")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     repeats = 3 if args.quick else 7
     rows: list[dict] = []
@@ -461,18 +492,19 @@ def main(argv=None) -> None:
         quality = calibrated_quality(args.model, 8 if args.quick else args.calibration_samples,
                                      8 if args.quick else args.eval_windows, 0 if args.quick else args.greedy_rounds,
                                      args.ppl_budget, args.predictor_ratio, args.recall, args.neuron_scaling,
-                                     args.predictor_bits)
+                                     args.predictor_bits, not args.quantized_gate)
     if args.save_quality is not None:
         args.save_quality.write_text(json.dumps(quality, indent=2))
     if not args.no_cpu:
         saved = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            rows += cpu_activation_sparse(quality, repeats, args.weight_copies)
+            rows += cpu_activation_sparse(quality, repeats, args.weight_copies, prefill_tokens=args.prefill_tokens)
             from compress.models import native_dtype
 
             if native_dtype(torch.bfloat16, "cpu"):  # what `dtype: auto` loads a bf16 checkpoint in on this CPU
-                rows += cpu_activation_sparse(quality, repeats, args.weight_copies, torch.bfloat16)
+                rows += cpu_activation_sparse(quality, repeats, args.weight_copies, torch.bfloat16,
+                                              args.prefill_tokens)
             if not args.only_activation_sparse:
                 rows += cpu_runtime_dense([1, 8] if args.quick else [1, 8, 64], repeats)
                 rows += cpu_e2e_tiny(repeats)

@@ -4,7 +4,8 @@
 - `gather_axpy(wt, idx, h)` -> [t, d]: out = h @ wt[idx]           (down_proj as its transpose [inter, hidden], so
   each active neuron's column of down_proj is one contiguous row)
 - `quantized_matvec(codes, scales, x, bits)` -> [t, n]: ~ x @ W.T from W's int8/int4 copy (`quantize_groups`) and
-  x rounded to int8, for the gate predictor: it reads a quarter / an eighth of the fp32 gate's bytes
+  x rounded to int8, for the gate predictor: it reads a quarter / an eighth of the fp32 gate's bytes (prefill-sized
+  x: `quantized_matmul`, one GEMM over the weight expanded into a shared scratch buffer)
 
 Each has a torch reference (index_select / embedding_bag: runs everywhere), a Triton kernel (CUDA, or the
 interpreter in tests), and on the CPU a small C kernel (cpu_gather.py) that fuses the gather into the product so the
@@ -231,6 +232,44 @@ def quantized_matvec_reference(codes: torch.Tensor, scales: torch.Tensor, x: tor
     return out
 
 
+_SCRATCH: dict[tuple, torch.Tensor] = {}
+
+
+def _dequantized(codes: torch.Tensor, scales: torch.Tensor, bits: int, reuse: bool) -> torch.Tensor:
+    """dequantize_groups' weight [n, d] float32, written into one buffer per shape and device that every layer of
+    that shape reuses (they run one after another) when `reuse`: no float copy of the weight is kept per layer, and
+    the unpack runs in place (copy, shift, scale: ~75 ms at 14336 x 4096 on one CPU thread, a third of the allocating
+    version, which page-faults its fresh 235 MB)."""
+    n, groups = scales.shape
+    d = codes.shape[1] * (2 if bits == 4 else 1)
+    key = (n, d, codes.device)
+    out = _SCRATCH.get(key) if reuse else None
+    if out is None:
+        out = torch.empty(n, groups, d // groups, dtype=torch.float32, device=codes.device)
+        if reuse:
+            _SCRATCH.clear()  # one buffer: the shape a model's layers share
+            _SCRATCH[key] = out
+    packed = codes.reshape(n, groups, -1)
+    if bits == 8:
+        out.copy_(packed)
+    else:
+        half = packed.shape[-1]
+        out[..., :half].copy_(packed & 15)
+        out[..., half:].copy_(packed >> 4)
+        out.sub_(8)
+    return out.mul_(scales.float()[..., None]).reshape(n, d)
+
+
+def quantized_matmul(codes: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, bits: int) -> torch.Tensor:
+    """quantized_matvec for prefill-sized x as one GEMM: (xq * sx) @ dequantized W.T. The same products as the
+    reference, summed in floating point instead of exactly per group, so equal to float rounding; 4x faster than the
+    reference's per-group products at 256 tokens (its GEMMs of depth 128 run far below the GEMM's speed)."""
+    n, groups = scales.shape
+    xq, sx = round_activations(x, x.shape[1] // groups)
+    reuse = not torch.is_grad_enabled() or not x.requires_grad  # autograd would keep the shared buffer
+    return (xq * sx[..., None]).reshape(x.shape[0], -1) @ _dequantized(codes, scales, bits, reuse).t()
+
+
 def quantized_matvec(codes: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, bits: int) -> torch.Tensor:
     """sum_g sw[:, g] sx[:, g] (xq_g @ code_g.T) -> [t, n] float32: the product of a weight's quantized copy
     (`quantize_groups`: codes, scales sw) with x rounded to int8 per token and group (`round_activations`: xq, sx).
@@ -245,7 +284,9 @@ def quantized_matvec(codes: torch.Tensor, scales: torch.Tensor, x: torch.Tensor,
 
             if qmatvec_library() is not None:
                 return cpu_quantized_matvec(codes, scales, x, bits)
-    return quantized_matvec_reference(codes, scales, x, bits)
+        if x.shape[0] <= 4:  # a few rows: the reference's group products cost less than expanding the weight
+            return quantized_matvec_reference(codes, scales, x, bits)
+    return quantized_matmul(codes, scales, x, bits)
 
 
 def cpu_reads(w: torch.Tensor) -> bool:

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from ..errors import CalibrationError
 from ..evaluate import evaluate
 from ..prune.activation_sparsity import LayerActivations, down_weight
 from ..progress import progress_bar
@@ -36,14 +37,18 @@ def _capture(mlps: list[ActivationSparseMLP], model, windows: torch.Tensor, sear
     gates: list[list[torch.Tensor]] = [[] for _ in mlps]
     ups: list[list[torch.Tensor]] = [[] for _ in mlps]
 
+    def flat(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().reshape(-1, t.shape[-1])
+
     def rows(t: torch.Tensor) -> torch.Tensor:
-        return t.detach().reshape(-1, t.shape[-1]).float()
+        return flat(t).float()
 
     handles = []
     for i, mlp in enumerate(mlps):
         handles.append(mlp.down_proj.register_forward_pre_hook(lambda mod, args, i=i: acts[i].append(rows(args[0]))))
-        handles.append(mlp.gate_proj.register_forward_hook(
-            lambda mod, args, out, i=i, act=mlp.act_fn: gates[i].append(rows(act(out)).abs())))
+        # the gate as the module computes it (gate_proj, or its quantized copy when that is the gate)
+        handles.append(mlp.register_forward_pre_hook(
+            lambda mod, args, i=i: gates[i].append(rows(mod.act_fn(mod.gate_pre(flat(args[0])))).abs())))
         if mlp.neuron_scaling:
             handles.append(mlp.up_proj.register_forward_hook(lambda mod, args, out, i=i: ups[i].append(rows(out))))
     _forward_with_hooks(model, windows, search_tokens, batch_size, handles)
@@ -60,13 +65,19 @@ def calibrate_thresholds(model, mlps: list[ActivationSparseMLP], windows: torch.
     """Set each module's `threshold`; return what was found (thresholds, sparsity per layer, perplexities)."""
     for m in mlps:
         m.threshold.fill_(0.0)
+    quantized_gate = [m for m in mlps if not m.exact_gate]
+    for m in quantized_gate:  # the original model's perplexity: the budget includes the quantized gate's own cost
+        m.exact_gate = True
+    dense_ppl = evaluate(model, windows, batch_size=batch_size, progress=False)["perplexity"]
+    for m in quantized_gate:  # the gate itself: fitted before its activations are captured
+        m.exact_gate = False
+        m.fit_predictor(storage_dtype)
     captured = []
     for m, (acts, gates, ups) in zip(mlps, _capture(mlps, model, windows, search_tokens, batch_size)):
         if m.neuron_scaling:  # before the scores: they include the scales
             m.fit_neuron_scale(ups.abs().mean(0), storage_dtype)
         captured.append((acts, m.scores(gates)))
     layers = [LayerActivations(a, down_weight(m.down_proj), scores=s) for m, (a, s) in zip(mlps, captured)]
-    dense_ppl = evaluate(model, windows, batch_size=batch_size, progress=False)["perplexity"]
     limit = dense_ppl * (1 + target_ppl_increase)
 
     def trial(cett: float, taus: list[float] | None = None):
@@ -80,6 +91,16 @@ def calibrate_thresholds(model, mlps: list[ActivationSparseMLP], windows: torch.
         return ppl, taus, [1 - m.counts[0] / max(m.counts[1], 1) for m in mlps]
 
     best = {"cett": 0.0, "perplexity": dense_ppl, "thresholds": [0.0] * len(mlps), "layer_sparsity": [0.0] * len(mlps)}
+    extra: dict[str, Any] = {}
+    if quantized_gate:  # what the quantized gate alone costs (every neuron kept)
+        best["perplexity"], _, best["layer_sparsity"] = trial(0.0, best["thresholds"])
+        extra["quantized_gate_ppl_increase"] = cost = best["perplexity"] / dense_ppl - 1
+        if cost > target_ppl_increase:
+            bits = quantized_gate[0].predictor_bits
+            raise CalibrationError(f"activation_sparsity: the int{bits} gate alone (every neuron kept) raises the "
+                                   f"calibration perplexity by {100 * cost:.2f}%, over the budget of "
+                                   f"{100 * target_ppl_increase:.2f}%: use predictor_bits: 8, exact_gate: true, or a "
+                                   "larger target_ppl_increase")
     lo, hi = 0.0, 1.0
     for _ in progress_bar(range(0 if greedy_rounds else outer_steps), description="activation sparsity: threshold "
                           "search", enabled=progress):
@@ -94,14 +115,15 @@ def calibrate_thresholds(model, mlps: list[ActivationSparseMLP], windows: torch.
         best = _greedy_layers(trial, [sc for _, sc in captured], best, limit, greedy_rounds, greedy_step, progress)
     for m, tau in zip(mlps, best["thresholds"]):
         m.threshold.fill_(tau)
-    if any(m.has_predictor for m in mlps):  # fit after the thresholds; the budget check then includes its misses
-        best["candidate_share"] = _fit_predictors(model, mlps, windows, search_tokens, batch_size, predictor_recall,
-                                                  storage_dtype)
+    predicting = [m for m in mlps if m.has_predictor and m.exact_gate]
+    if predicting:  # fit after the thresholds; the budget check then includes its misses
+        best["candidate_share"] = _fit_predictors(model, predicting, windows, search_tokens, batch_size,
+                                                  predictor_recall, storage_dtype)
         best["perplexity"], _, best["layer_sparsity"] = trial(0.0, best["thresholds"])
         if best["perplexity"] > limit:
-            best.update(_within_budget(mlps, trial, best["thresholds"], limit, outer_steps))
-        best["predictor_thresholds"] = [float(m.predictor_threshold) for m in mlps]
-    return {**best, "perplexity_dense": dense_ppl, "ppl_increase": best["perplexity"] / dense_ppl - 1,
+            best.update(_within_budget(predicting, trial, best["thresholds"], limit, outer_steps))
+        best["predictor_thresholds"] = [float(m.predictor_threshold) for m in predicting]
+    return {**best, **extra, "perplexity_dense": dense_ppl, "ppl_increase": best["perplexity"] / dense_ppl - 1,
             "sparsity": sum(best["layer_sparsity"]) / len(mlps), "target_ppl_increase": target_ppl_increase,
             "tokens": int(windows.numel())}
 

@@ -21,6 +21,11 @@ calibrated per-layer threshold are zeroed (CATS, Lee et al. 2024), and skipped w
   scale per 128 columns) predicts the gate, far closer than a low-rank factor, so the candidates are barely more
   than the active neurons; decoding reads a quarter / an eighth of the gate's fp32 bytes for the prediction, then
   the candidates' exact gate rows. The copy adds 25% / 12.5% of gate_proj's fp32 bytes to the model.
+- or the quantized copy as the gate itself (`exact_gate=False`, with `predictor_bits`): no fp32 gate row is read
+  when decoding, and every path (decode gathers, masked dense prefill, calibration) computes the gate from the
+  copy's integer products with x rounded to int8, so the function stays one; its rounding error is part of the
+  perplexity the calibration budgets against the original model. Decoding then reads a quarter (int8) of the gate's
+  fp32 bytes, plus the active neurons' up rows and down columns.
 
 Its children keep the names and tensors of the MLP it replaces (gate_proj, up_proj, down_proj), so the checkpoint's
 tensors are those of the dense model; the threshold is recorded in the checkpoint's compression section."""
@@ -37,8 +42,11 @@ from ..prune.activation_sparsity import down_weight
 
 class ActivationSparseMLP(nn.Module):
     def __init__(self, mlp: nn.Module, threshold: float = 0.0, max_sparse_tokens: int = 4, predictor_rank: int = 0,
-                 predictor_threshold: float = 0.0, neuron_scaling: bool = False, predictor_bits: int = 0):
+                 predictor_threshold: float = 0.0, neuron_scaling: bool = False, predictor_bits: int = 0,
+                 exact_gate: bool = True):
         super().__init__()
+        if not exact_gate and not predictor_bits:
+            raise ValueError("exact_gate=False computes the gate from its quantized copy: set predictor_bits (8 or 4)")
         if predictor_rank and predictor_bits:
             raise ValueError("one gate predictor: predictor_rank (low rank) or predictor_bits (quantized), not both")
         if predictor_bits not in (0, 4, 8):
@@ -60,6 +68,7 @@ class ActivationSparseMLP(nn.Module):
             self.register_buffer("predictor_in", w.new_zeros(predictor_rank, w.shape[1]))
             self.register_buffer("predictor_out", w.new_zeros(w.shape[0], predictor_rank))
         self.predictor_bits = predictor_bits
+        self.exact_gate = exact_gate
         if predictor_bits:  # saved with the weights (codes as integers, scales at checkpoint dtype)
             w = mlp.gate_proj.weight
             n, d = w.shape
@@ -85,6 +94,8 @@ class ActivationSparseMLP(nn.Module):
         if not self.has_predictor:
             return ""
         kind = f"rank-{self.predictor_rank}" if self.predictor_rank else f"int{self.predictor_bits}"
+        if not self.exact_gate:
+            return f"the gate from its {kind} copy, no fp32 gate rows read"
         return f"gate rows of {kind} predicted candidates"
 
     @torch.no_grad()
@@ -140,11 +151,16 @@ class ActivationSparseMLP(nn.Module):
             self.counts[0] += int(keep.sum())
             self.counts[1] += keep.numel() if seen is None else seen
 
+    def gate_pre(self, x: torch.Tensor) -> torch.Tensor:
+        """gate(x) before the activation: gate_proj(x), or its quantized copy's product when that is the gate."""
+        return self.gate_proj(x) if self.exact_gate else self.predicted_gate(x)
+
     def gate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(act(gate(x)), keep mask: scores(act(gate(x))) >= threshold, and a predicted candidate with a predictor)."""
-        g = self.act_fn(self.gate_proj(x))
+        """(act(gate(x)), keep mask: scores(act(gate(x))) >= threshold, and a predicted candidate with a predictor
+        that only picks candidates)."""
+        g = self.act_fn(self.gate_pre(x))
         keep = self.scores(g) >= self.threshold.to(g.dtype)
-        if self.has_predictor:
+        if self.has_predictor and self.exact_gate:
             keep &= self.candidates(x)
         self._count(keep)
         return g, keep
@@ -204,7 +220,7 @@ class ActivationSparseMLP(nn.Module):
         a predictor, only the candidates' gate rows are read."""
         if self._select_in_c():
             return self._sparse_gate_c(x)
-        if not self.has_predictor or type(self.gate_proj) is not nn.Linear:
+        if not self.has_predictor or not self.exact_gate or type(self.gate_proj) is not nn.Linear:
             g, keep = self.gate(x)
             idx = keep.any(0).nonzero().squeeze(1)
             return (g * keep)[:, idx], idx
@@ -231,8 +247,10 @@ class ActivationSparseMLP(nn.Module):
         model's masked dense path, which rounds the gate to bf16 before comparing it)."""
         scale = self.neuron_scale.float() if self.neuron_scaling else None
         gate = self.gate_proj
-        if not self.has_predictor:
-            if gate.weight.dtype == x.dtype:
+        if not self.has_predictor or not self.exact_gate:
+            if not self.exact_gate:  # the quantized copy is the gate: no fp32 gate row is read
+                pre = self.predicted_gate(x)
+            elif gate.weight.dtype == x.dtype:
                 pre = gate(x)
             else:  # a bf16 gate against float32 x: every row through the C gather (no float copy of the weight)
                 pre = gather_dot(gate.weight, torch.arange(gate.out_features), x)
@@ -265,5 +283,6 @@ class ActivationSparseMLP(nn.Module):
         kind = f"predictor_rank={self.predictor_rank}" if self.predictor_rank else \
             f"predictor_bits={self.predictor_bits}"
         extra = f", {kind}, predictor_threshold={float(self.predictor_threshold):.4g}" if self.has_predictor else ""
+        extra += "" if self.exact_gate else ", exact_gate=False"
         scaled = ", neuron_scaling=True" if self.neuron_scaling else ""
         return f"threshold={float(self.threshold):.4g}{scaled}, max_sparse_tokens={self.max_sparse_tokens}{extra}"

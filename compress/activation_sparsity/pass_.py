@@ -49,6 +49,10 @@ class ActivationSparsity(Pass):
                                                  "neurons, only their gate rows are read in full; a far closer "
                                                  "prediction than a low-rank one, for 25% / 12.5% of the gate's "
                                                  "fp32 bytes more memory (stored with the weights)")
+        exact_gate: bool = Field(True, description="False (needs predictor_bits): the gate's quantized copy is the "
+                                 "gate itself, on every path: decoding reads no fp32 gate rows (a quarter / an eighth "
+                                 "of the gate's bytes instead of the candidates' rows); its rounding error counts in "
+                                 "the budget, which is measured against the original model")
         neuron_scaling: bool = Field(True, description="threshold |act(gate)| x s_i, s_i = E|up_i| x ||W_down[:, i]|| "
                                      "on the calibration tokens (channel-wise, CHESS-style) instead of |act(gate)| "
                                      "(CATS): 5-9 points more inactive neurons at the same held-out perplexity on the "
@@ -61,6 +65,9 @@ class ActivationSparsity(Pass):
         def _one_predictor(self):
             if self.predictor_rank and self.predictor_bits:
                 raise ValueError("choose one gate predictor: predictor_rank (low rank) or predictor_bits (quantized)")
+            if not self.exact_gate and not self.predictor_bits:
+                raise ValueError("exact_gate: false computes the gate from its quantized copy: set predictor_bits "
+                                 "(8 or 4)")
             return self
 
     needs_calibration = True
@@ -107,7 +114,8 @@ class ActivationSparsity(Pass):
             for name, mlp in targets.items():
                 module = mlp if isinstance(mlp, ActivationSparseMLP) else \
                     ActivationSparseMLP(mlp, max_sparse_tokens=c.max_sparse_tokens, predictor_rank=c.predictor_rank,
-                                        predictor_bits=c.predictor_bits, neuron_scaling=c.neuron_scaling)
+                                        predictor_bits=c.predictor_bits, neuron_scaling=c.neuron_scaling,
+                                        exact_gate=c.exact_gate)
                 module.train(mlp.training)  # eval (the decode path) when the MLP was
                 replace_module(model, name, module)
                 modules.append(module)
@@ -120,7 +128,8 @@ class ActivationSparsity(Pass):
         report.bytes_after = sum(tensor_bytes(m) for m in modules)
         restore = {name: {"threshold": float(m.threshold), "predictor_rank": m.predictor_rank,
                           "predictor_bits": m.predictor_bits,
-                          "predictor_threshold": float(m.predictor_threshold), "neuron_scaling": m.neuron_scaling}
+                          "predictor_threshold": float(m.predictor_threshold), "neuron_scaling": m.neuron_scaling,
+                          "exact_gate": m.exact_gate}
                    for name, m in zip(targets, modules)}
         report.details = {**found, "restore": restore}
         return report
@@ -138,5 +147,6 @@ class ActivationSparsity(Pass):
                 mlp, threshold=float(spec["threshold"]), max_sparse_tokens=self.config.max_sparse_tokens,
                 predictor_rank=int(spec.get("predictor_rank", 0)), predictor_bits=int(spec.get("predictor_bits", 0)),
                 predictor_threshold=float(spec.get("predictor_threshold", 0.0)),
-                neuron_scaling=bool(spec.get("neuron_scaling", False))).train(mlp.training)
+                neuron_scaling=bool(spec.get("neuron_scaling", False)),
+                exact_gate=bool(spec.get("exact_gate", True))).train(mlp.training)
             replace_module(model, name, module)

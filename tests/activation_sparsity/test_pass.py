@@ -7,7 +7,7 @@ import torch
 
 import compress
 from compress.activation_sparsity import ActivationSparseMLP, ActivationSparsity
-from compress.calibration import CalibrationSpec
+from compress.calibration import CalibrationSpec, build_batches
 
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "activation-sparse.yaml"
 FAST = dict(outer_steps=3, inner_steps=8, search_tokens=128)
@@ -320,3 +320,67 @@ def test_sparsegpt_after_activation_sparsity(reference_tokenizer):
                    calibration=CALIB, tokenizer=reference_tokenizer, progress=False)
     w = mlps(model)[0].down_proj.weight
     assert abs(float((w == 0).float().mean()) - 0.5) < 0.01
+
+
+@pytest.mark.parametrize("kernels", ["torch", "default"])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_copy_as_the_gate_paths_agree(tiny_model, monkeypatch, kernels, bits):
+    """exact_gate=False: the int8 / int4 copy is the gate itself. The decode path (no fp32 gate row read) and the
+    masked dense path both equal the MLP computed by hand from the dequantized codes and int8-rounded x."""
+    from compress.kernels.activation_sparse import dequantize_groups, round_activations
+
+    if kernels == "torch":
+        monkeypatch.setenv("COMPRESS_KERNELS", "torch")
+    model = tiny_model("llama")
+    mlp = model.model.layers[0].mlp
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        m = ActivationSparseMLP(mlp, max_sparse_tokens=4, predictor_bits=bits, exact_gate=False).eval()
+        m.fit_predictor()
+        xq, sx = round_activations(x, 64)
+        pre = (xq * sx[..., None]).reshape(3, 64) @ dequantize_groups(m.predictor_codes, m.predictor_scales, bits).t()
+        g = mlp.act_fn(pre)
+        exact = mlp.act_fn(mlp.gate_proj(x))
+        assert 0 < (g - exact).abs().max() < (0.05 if bits == 8 else 0.3) * exact.abs().max()  # rounded, close
+        middle = g.abs().flatten().sort().values[g.numel() // 2 - 1: g.numel() // 2 + 1]
+        m.threshold.fill_(float(middle.mean()))  # between two gate values: no neuron sits on it
+        keep = g.abs() >= m.threshold
+        expected = mlp.down_proj(g * mlp.up_proj(x) * keep)
+        gate_rows_read = []
+        hook = mlp.gate_proj.register_forward_hook(lambda *a: gate_rows_read.append(1))
+        assert f"the gate from its int{bits} copy" in m.runtime_path(1)
+        m.record, m.counts = True, [0, 0]
+        fast = m(x)
+        assert m.counts == [int(keep.sum()), keep.numel()]
+        m.max_sparse_tokens = 0
+        masked = m(x)
+        hook.remove()
+    assert not gate_rows_read  # gate_proj is never called
+    torch.testing.assert_close(fast, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(masked, expected, rtol=1e-4, atol=1e-5)
+    m.train()  # training (e.g. a recover pass after this one): gradients reach x through up_proj
+    xg = torch.randn(20, 64, requires_grad=True)
+    m(xg).sum().backward()
+    assert xg.grad is not None and xg.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="predictor_bits"):
+        ActivationSparseMLP(mlp, exact_gate=False)
+
+
+def test_pass_with_quantized_gate_budgets_against_the_original_and_reloads(tmp_path, reference_tokenizer):
+    """The budget counts the quantized gate's own cost: the calibration perplexity is measured against the original
+    model (the gate computed exactly), and the checkpoint reloads the gate as its copy."""
+    model, d = calibrated(reference_tokenizer, target_ppl_increase=0.02, predictor_bits=8, exact_gate=False)
+    original = compress.load("builtin:tiny", dtype="float32")
+    from compress.evaluate import evaluate
+    windows = build_batches(CalibrationSpec(**CALIB), reference_tokenizer)
+    assert d["perplexity_dense"] == pytest.approx(evaluate(original, windows, progress=False)["perplexity"])
+    assert 0 < d["quantized_gate_ppl_increase"] <= d["ppl_increase"] <= 0.02
+    assert d["sparsity"] > 0.1
+    reloaded = compress.load(compress.save(model, tmp_path / "asg"), dtype="float32")
+    r0 = mlps(reloaded)[0]
+    assert not r0.exact_gate and "the gate from its int8 copy" in r0.runtime_path(1)
+    assert_reloaded_decodes_like(model, reloaded)
+    with pytest.raises(compress.ConfigError, match="predictor_bits"):
+        ActivationSparsity(exact_gate=False)
+    with pytest.raises(compress.CalibrationError, match="the int4 gate alone"):  # a budget its rounding exceeds
+        calibrated(reference_tokenizer, target_ppl_increase=1e-5, predictor_bits=4, exact_gate=False)

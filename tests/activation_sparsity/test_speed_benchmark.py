@@ -25,3 +25,34 @@ def test_gather_crossover_rows(bench, capsys, monkeypatch):
         assert r["below_min_gather_weights"] == (r["weights"] < ActivationSparseMLP.MIN_GATHER_WEIGHTS)
     assert [r["below_min_gather_weights"] for r in rows] == [True, False]
     assert ActivationSparseMLP.MIN_GATHER_WEIGHTS == 1_000_000  # the instances' override did not leak
+
+
+@pytest.mark.parametrize("exact_gate", [True, False])
+def test_activation_sparse_rows_from_a_quality_file(bench, capsys, monkeypatch, tmp_path, exact_gate):
+    """--quality reuses a calibration's figures: decode rows at 1 and 4 tokens through the gathers and a prefill row
+    through the masked dense path, per gate variant (with the int8 copy as the gate: alone, every neuron kept, then
+    sparse), each carrying its perplexity cost and the measured inactive share."""
+    monkeypatch.setattr(bench, "MLP_SHAPE", (128, 256))
+    quality = dict(model="builtin:small", ppl_delta_pct=0.9, ppl_delta_pct_ci95=[0.7, 1.1], sparsity=0.5, kl=0.01,
+                   calibration_ppl_delta_pct=0.9, neuron_scaling=True, predictor_bits=8, exact_gate=exact_gate,
+                   candidate_share=0.55, predictor_rank=0)
+    if exact_gate:
+        quality["without_predictor"] = dict(ppl_delta_pct=0.8, ppl_delta_pct_ci95=[0.6, 1.0], sparsity=0.5, kl=0.01)
+    else:
+        quality["quantized_gate_alone"] = dict(ppl_delta_pct=0.01, ppl_delta_pct_ci95=[0.0, 0.02], kl=1e-5)
+    path = tmp_path / "q.json"
+    path.write_text(json.dumps(quality))
+    bench.main(["--json", "--only-activation-sparse", "--quick", "--weight-copies", "1", "--quality", str(path),
+                "--prefill-tokens", "32"])
+    rows = [r for r in json.loads(capsys.readouterr().out) if r["dtype"] == "float32"]
+    gates = ["dense gate", "predictor int8"] if exact_gate else ["int8 gate, every neuron", "int8 gate"]
+    assert [(r["gate"], r["tokens"]) for r in rows] == [(g, t) for g in gates for t in (1, 4, 32)]
+    for r in rows:
+        assert r["kind"] == "activation_sparse_mlp" and r["speedup_vs_dense"] > 0
+        assert r["path"].startswith("active rows only" if r["tokens"] <= 4 else "masked dense")
+    sparse = [r for r in rows if r["gate"] == gates[1]]
+    assert all(0.3 < r["sparsity"] < 0.7 and r["ppl_delta_pct"] == 0.9 for r in sparse)
+    if not exact_gate:
+        alone = [r for r in rows if r["gate"] == gates[0]]
+        assert all(r["sparsity"] == 0 and r["ppl_delta_pct"] == 0.01 for r in alone)
+        assert all("the gate from its int8 copy" in r["path"] for r in alone if r["tokens"] <= 4)

@@ -98,6 +98,16 @@ def test_quantized_gate_copy(monkeypatch, bits, n, d):
                             scales.double())
         assert rel(ak.quantized_matvec(codes, scales, x, bits), want) < 1e-5
         assert rel(ak.quantized_matvec_reference(codes, scales, x, bits), want) < 1e-5
+        assert rel(ak.quantized_matmul(codes, scales, x, bits), want) < 1e-5  # the prefill path, any token count
+    # the prefill GEMM's shared buffer holds the last weight expanded, and a second weight of that shape reuses it
+    w2 = torch.randn(n, d, generator=g)
+    codes2, scales2 = ak.quantize_groups(w2, bits)
+    x = torch.randn(20, d, generator=g)
+    first = ak.quantized_matmul(codes, scales, x, bits)
+    second = ak.quantized_matmul(codes2, scales2, x, bits)
+    assert rel(second, ak.quantized_matvec_reference(codes2, scales2, x, bits)) < 1e-5
+    assert torch.equal(ak.quantized_matmul(codes, scales, x, bits), first)
+    assert len(ak._SCRATCH) == 1 and next(iter(ak._SCRATCH.values())).shape[0] == n
     x = torch.randn(4, d, generator=g)  # no planted ties or outliers: how close a predictor it is
     rows = [i for i in range(n) if i != 3]  # (the outlier's group is coarse by design)
     exact = x.double() @ w[rows].double().t()

@@ -235,46 +235,59 @@ def quantized_matvec_reference(codes: torch.Tensor, scales: torch.Tensor, x: tor
 _SCRATCH: dict[tuple, torch.Tensor] = {}
 
 
-def _dequantized(codes: torch.Tensor, scales: torch.Tensor, bits: int, reuse: bool) -> torch.Tensor:
-    """dequantize_groups' weight [n, d] float32, written into one buffer per shape and device that every layer of
-    that shape reuses (they run one after another) when `reuse`: no float copy of the weight is kept per layer, and
-    the unpack runs in place (copy, shift, scale: ~75 ms at 14336 x 4096 on one CPU thread, a third of the allocating
-    version, which page-faults its fresh 235 MB)."""
+def dequantize_into(out: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
+    """dequantize_groups' weight written into `out` [n, d] (contiguous, any float dtype: each value rounded to it
+    once), in place: copy, shift, scale (~75 ms at 14336 x 4096 in float32 on one CPU thread, a third of the
+    allocating version, which page-faults a fresh 235 MB)."""
     n, groups = scales.shape
-    d = codes.shape[1] * (2 if bits == 4 else 1)
-    key = (n, d, codes.device)
-    out = _SCRATCH.get(key) if reuse else None
-    if out is None:
-        out = torch.empty(n, groups, d // groups, dtype=torch.float32, device=codes.device)
-        if reuse:
-            _SCRATCH.clear()  # one buffer: the shape a model's layers share
-            _SCRATCH[key] = out
+    view = out.view(n, groups, -1)
     packed = codes.reshape(n, groups, -1)
     if bits == 8:
-        out.copy_(packed)
-    else:
+        view.copy_(packed)
+    else:  # the offset taken off in int8 (a quarter of the bytes of a float pass)
         half = packed.shape[-1]
-        out[..., :half].copy_(packed & 15)
-        out[..., half:].copy_(packed >> 4)
-        out.sub_(8)
-    return out.mul_(scales.float()[..., None]).reshape(n, d)
+        view[..., :half].copy_((packed & 15).view(torch.int8).sub_(8))
+        view[..., half:].copy_((packed >> 4).view(torch.int8).sub_(8))
+    # bf16 out: scales multiplied as bf16 (torch's mixed bf16 x float32 multiply runs ~9x slower on the CPU); a bf16
+    # checkpoint's scales are bf16 already, so that rounds nothing more
+    view.mul_((scales if out.dtype == torch.bfloat16 else scales.float()).to(out.dtype)[..., None])
+    return out
 
 
-def quantized_matmul(codes: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, bits: int) -> torch.Tensor:
-    """quantized_matvec for prefill-sized x as one GEMM: (xq * sx) @ dequantized W.T. The same products as the
-    reference, summed in floating point instead of exactly per group, so equal to float rounding; 4x faster than the
-    reference's per-group products at 256 tokens (its GEMMs of depth 128 run far below the GEMM's speed)."""
+def _scratch(n: int, d: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """One buffer that every layer of a shape reuses (they run one after another): no float copy per layer."""
+    key = (n, d, dtype, device)
+    if key not in _SCRATCH:
+        _SCRATCH.clear()  # one buffer: the shape a model's layers share
+        _SCRATCH[key] = torch.empty(n, d, dtype=dtype, device=device)
+    return _SCRATCH[key]
+
+
+def quantized_matmul(codes: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, bits: int,
+                     expanded: torch.Tensor | None = None) -> torch.Tensor:
+    """quantized_matvec for prefill-sized x as one GEMM: (xq * sx) @ W~.T, W~ the dequantized weight (`expanded` when
+    the caller holds it, else written into a shared buffer), in x's dtype for bf16 / fp16 x (the GEMM the model runs
+    natively; W~ and x rounded to it once), float32 otherwise. The same products as the reference, summed in
+    floating point instead of exactly per group; 4x faster than the reference's depth-128 GEMMs at 256 tokens.
+    Returns float32."""
     n, groups = scales.shape
-    xq, sx = round_activations(x, x.shape[1] // groups)
-    reuse = not torch.is_grad_enabled() or not x.requires_grad  # autograd would keep the shared buffer
-    return (xq * sx[..., None]).reshape(x.shape[0], -1) @ _dequantized(codes, scales, bits, reuse).t()
+    t, d = x.shape
+    dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.float32
+    xq, sx = round_activations(x, d // groups)
+    if expanded is None:
+        reuse = not torch.is_grad_enabled() or not x.requires_grad  # autograd would keep the shared buffer
+        out = _scratch(n, d, dtype, x.device) if reuse else torch.empty(n, d, dtype=dtype, device=x.device)
+        expanded = dequantize_into(out, codes, scales, bits)
+    return ((xq * sx[..., None]).reshape(t, d).to(dtype) @ expanded.to(dtype).t()).float()
 
 
-def quantized_matvec(codes: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, bits: int) -> torch.Tensor:
+def quantized_matvec(codes: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, bits: int,
+                     expanded: torch.Tensor | None = None) -> torch.Tensor:
     """sum_g sw[:, g] sx[:, g] (xq_g @ code_g.T) -> [t, n] float32: the product of a weight's quantized copy
     (`quantize_groups`: codes, scales sw) with x rounded to int8 per token and group (`round_activations`: xq, sx).
     Integer products, so the C kernel (VNNI where the CPU has it) and the reference agree to float rounding of the
-    scaled sums; the C kernel reads the codes once (the reference expands them per call)."""
+    scaled sums; the C kernel reads the codes once (the reference expands them per call). Prefill-sized x:
+    `quantized_matmul` (over `expanded`, the dequantized weight, where the caller holds it)."""
     if x.shape[0] <= 16 and codes.is_contiguous():  # GEMV kernels: prefill-sized x runs faster as the reference's GEMMs
         group = x.shape[1] // scales.shape[1]
         if group & (group - 1) == 0 and use_triton(codes, scales, x):  # tl.arange needs a power-of-two group
@@ -284,9 +297,9 @@ def quantized_matvec(codes: torch.Tensor, scales: torch.Tensor, x: torch.Tensor,
 
             if qmatvec_library() is not None:
                 return cpu_quantized_matvec(codes, scales, x, bits)
-        if x.shape[0] <= 4:  # a few rows: the reference's group products cost less than expanding the weight
+        if x.shape[0] <= 4 and expanded is None:  # a few rows: the group products cost less than expanding W
             return quantized_matvec_reference(codes, scales, x, bits)
-    return quantized_matmul(codes, scales, x, bits)
+    return quantized_matmul(codes, scales, x, bits, expanded)
 
 
 def cpu_reads(w: torch.Tensor) -> bool:

@@ -25,17 +25,19 @@ calibrated per-layer threshold are zeroed (CATS, Lee et al. 2024), and skipped w
   when decoding, and every path (decode gathers, masked dense prefill, calibration) computes the gate from the
   copy's integer products with x rounded to int8, so the function stays one; its rounding error is part of the
   perplexity the calibration budgets against the original model. Decoding then reads a quarter (int8) of the gate's
-  fp32 bytes, plus the active neurons' up rows and down columns.
+  fp32 bytes, plus the active neurons' up rows and down columns; gate_proj's weight holds the copy expanded, which
+  prefill multiplies in one GEMM (and which checkpoints store).
 
 Its children keep the names and tensors of the MLP it replaces (gate_proj, up_proj, down_proj), so the checkpoint's
-tensors are those of the dense model; the threshold is recorded in the checkpoint's compression section."""
+tensors are those of the dense model (gate_proj's rounded to its copy's grid when that is the gate); the threshold is
+recorded in the checkpoint's compression section."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ..kernels.activation_sparse import (cpu_reads, gather_axpy, gather_dot, quantization_group, quantize_groups,
-                                         quantized_matvec)
+from ..kernels.activation_sparse import (cpu_reads, dequantize_into, gather_axpy, gather_dot, quantization_group,
+                                         quantize_groups, quantized_matvec)
 from ..kernels.cpu_gather import cpu_select_silu
 from ..prune.activation_sparsity import down_weight
 
@@ -69,6 +71,7 @@ class ActivationSparseMLP(nn.Module):
             self.register_buffer("predictor_out", w.new_zeros(w.shape[0], predictor_rank))
         self.predictor_bits = predictor_bits
         self.exact_gate = exact_gate
+        self._expanded_key: tuple | None = None  # what gate_proj's weight was expanded from (exact_gate=False)
         if predictor_bits:  # saved with the weights (codes as integers, scales at checkpoint dtype)
             w = mlp.gate_proj.weight
             n, d = w.shape
@@ -108,6 +111,7 @@ class ActivationSparseMLP(nn.Module):
             codes, scales = quantize_groups(w, self.predictor_bits)
             self.predictor_codes.copy_(codes)
             self.predictor_scales.copy_(scales.to(storage_dtype or w.dtype))
+            self.expanded_gate()  # the copy as the gate: gate_proj's weight holds it from now on (and in checkpoints)
             return
         u, sv, vh = torch.linalg.svd(w.detach().float(), full_matrices=False)
         r, rounding = self.predictor_rank, storage_dtype or w.dtype
@@ -130,11 +134,34 @@ class ActivationSparseMLP(nn.Module):
         scale = self.neuron_scale if neurons is None else self.neuron_scale[neurons]
         return s * scale.to(s.dtype)
 
+    @torch.no_grad()
+    def expanded_gate(self) -> torch.Tensor | None:
+        """With the quantized copy as the gate (exact_gate=False): gate_proj's weight, holding the copy expanded
+        (codes x scales at the weight's dtype), which prefill multiplies in one GEMM; the original gate is not needed
+        again, so no float copy is added, and checkpoints store the gate every path computes (tools that ignore the
+        compression section get it too). Expanded again whenever the codes, scales or weight changed since (a load, a
+        refit). None otherwise, or where the weight is not a plain tensor beside the codes (meta, offloaded)."""
+        w = self.gate_proj.weight
+        if self.exact_gate or not self.predictor_bits or w.device != self.predictor_codes.device \
+                or not w.is_contiguous() or not w.is_floating_point():
+            return None
+        tensors = (w, self.predictor_codes, self.predictor_scales)
+
+        def key():
+            return tuple((t.data_ptr(), t._version) for t in tensors)
+
+        if self._expanded_key != key():
+            dequantize_into(w, self.predictor_codes, self.predictor_scales, self.predictor_bits)
+            self._expanded_key = key()
+        return w
+
     def predicted_gate(self, x: torch.Tensor) -> torch.Tensor:
         """The predictor's estimate of gate(x) [tokens, intermediate] (before the activation): P_out P_in x, or W~ x
         with W~ the gate's quantized copy."""
         if self.predictor_bits:
-            pre = quantized_matvec(self.predictor_codes, self.predictor_scales, x, self.predictor_bits).to(x.dtype)
+            expanded = self.expanded_gate() if x.shape[0] > 16 else None  # prefill: one GEMM on the expanded copy
+            pre = quantized_matvec(self.predictor_codes, self.predictor_scales, x, self.predictor_bits,
+                                   expanded).to(x.dtype)
             return pre + self.gate_proj.bias if self.gate_proj.bias is not None else pre
         return (x @ self.predictor_in.t().to(x.dtype)) @ self.predictor_out.t().to(x.dtype)
 

@@ -335,12 +335,14 @@ def test_quantized_copy_as_the_gate_paths_agree(tiny_model, monkeypatch, kernels
     mlp = model.model.layers[0].mlp
     x = torch.randn(3, 64)
     with torch.no_grad():
+        exact = mlp.act_fn(mlp.gate_proj(x))
         m = ActivationSparseMLP(mlp, max_sparse_tokens=4, predictor_bits=bits, exact_gate=False).eval()
         m.fit_predictor()
+        copy = dequantize_groups(m.predictor_codes, m.predictor_scales, bits)
+        assert torch.equal(mlp.gate_proj.weight, copy)  # gate_proj holds the copy expanded (no float copy added)
         xq, sx = round_activations(x, 64)
-        pre = (xq * sx[..., None]).reshape(3, 64) @ dequantize_groups(m.predictor_codes, m.predictor_scales, bits).t()
+        pre = (xq * sx[..., None]).reshape(3, 64) @ copy.t()
         g = mlp.act_fn(pre)
-        exact = mlp.act_fn(mlp.gate_proj(x))
         assert 0 < (g - exact).abs().max() < (0.05 if bits == 8 else 0.3) * exact.abs().max()  # rounded, close
         middle = g.abs().flatten().sort().values[g.numel() // 2 - 1: g.numel() // 2 + 1]
         m.threshold.fill_(float(middle.mean()))  # between two gate values: no neuron sits on it
@@ -358,6 +360,15 @@ def test_quantized_copy_as_the_gate_paths_agree(tiny_model, monkeypatch, kernels
     assert not gate_rows_read  # gate_proj is never called
     torch.testing.assert_close(fast, expected, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(masked, expected, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():  # prefill-sized input: one GEMM on the expanded weight, re-expanded after the codes change
+        from compress.kernels.activation_sparse import quantized_matvec_reference
+        xp = torch.randn(20, 64)
+        torch.testing.assert_close(m.gate_pre(xp), quantized_matvec_reference(m.predictor_codes, m.predictor_scales,
+                                                                             xp, bits), rtol=1e-5, atol=1e-5)
+        m.predictor_scales.mul_(2)  # what loading other codes does
+        torch.testing.assert_close(m.gate_pre(xp), quantized_matvec_reference(m.predictor_codes, m.predictor_scales,
+                                                                             xp, bits), rtol=1e-5, atol=1e-5)
+        assert torch.equal(mlp.gate_proj.weight, 2 * copy)
     m.train()  # training (e.g. a recover pass after this one): gradients reach x through up_proj
     xg = torch.randn(20, 64, requires_grad=True)
     m(xg).sum().backward()

@@ -10,12 +10,15 @@ CPU (one torch thread, fp32; speeds as ratios of paired medians):
 - activation_sparse_mlp: the `activation_sparsity` pass (neuron scaling unless `--no-neuron-scaling`) is calibrated
   on the reference model (`--model`, default builtin:small, fp32; `--ppl-budget` on its calibration windows);
   ppl_delta_pct is the held-out perplexity change at those thresholds (ppl_delta_pct_ci95: its 95% interval over
-  the held-out windows) and `sparsity` the inactive share measured there. Two rows per token count: `gate` "dense gate" (the whole gate computed) and "predictor rank r" (a rank-r
+  the held-out windows) and `sparsity` the inactive share measured there. By default the recipe's settings
+  (recipes/activation-sparse.yaml: the int8 copy as the gate, one CETT value, a 0.7% budget, 48 calibration
+  windows, all 199 held-out ones): rows `gate` "int8 gate, every neuron" (the quantized gate alone) and "int8 gate".
+  With `--no-quantized-gate` the exact gate: "dense gate" (the whole gate computed) and "predictor rank r" (a rank-r
   SVD predictor, rank = `--predictor-ratio` x hidden, picks candidates; only their gate rows are read; its misses
   are in its row's ppl_delta_pct), or with `--predictor-bits 8|4` "predictor int8|int4" (the gate's quantized copy
   picks them). Speed: an ActivationSparseMLP at Llama-3-8B's MLP shape (4096 x 14336, random
   weights) whose thresholds give the same inactive (and candidate) shares on its inputs, vs the same dense MLP, 1
-  and 4 tokens. Timed over enough copies (`weight_copies`, distinct random weights, called in turn) that the weights
+  and 4 tokens, and a prefill of `--prefill-tokens` (the masked dense path). Timed over enough copies (`weight_copies`, distinct random weights, called in turn) that the weights
   read per cycle exceed 3x the CPU's largest cache, as the 32 layers of a real model do: a 480 MB L3 would otherwise
   hold the sparse path's ~460 MB working set and not the dense path's 705 MB, a gain no real model sees.
 CUDA (fp16, when a GPU is present): per shape and tokens, dense cuBLAS vs the packed runtime's dispatched path
@@ -440,18 +443,21 @@ def main(argv=None) -> None:
                     help="CUDA layer rows at these Linear shapes only (e.g. 4096x4096 14336x4096)")
     ap.add_argument("--model", default="builtin:small", help="reference model the activation sparsity is calibrated "
                     "and its perplexity measured on (loaded in fp32)")
-    ap.add_argument("--greedy-rounds", type=int, default=None, help="activation sparsity: rounds of per-layer greedy "
-                    "threshold moves (default 8 per layer; 0: one CETT value for all layers, faster; --quick uses 0)")
-    ap.add_argument("--ppl-budget", type=float, default=0.01, help="activation sparsity: perplexity budget on the "
+    ap.add_argument("--greedy-rounds", type=int, default=0, help="activation sparsity: rounds of per-layer greedy "
+                    "threshold moves (0, the default: one CETT value for all layers; the greedy moves overfit the "
+                    "calibration text, BENCHMARKS.md)")
+    ap.add_argument("--ppl-budget", type=float, default=0.007, help="activation sparsity: perplexity budget on the "
                     "calibration windows (the held-out change is what the rows report)")
-    ap.add_argument("--calibration-samples", type=int, default=16, help="activation sparsity: calibration windows "
+    ap.add_argument("--calibration-samples", type=int, default=48, help="activation sparsity: calibration windows "
                     "of 256 tokens (more: slower search, less overfitting of the per-layer thresholds)")
-    ap.add_argument("--predictor-ratio", type=float, default=0.125, help="activation sparsity: gate predictor rank "
-                    "as a share of the hidden size (0: no predictor rows)")
-    ap.add_argument("--predictor-bits", type=int, choices=(0, 4, 8), default=0, help="activation sparsity: a "
-                    "quantized gate predictor (the gate's int8 / int4 copy) instead of the low-rank one")
-    ap.add_argument("--quantized-gate", action="store_true", help="activation sparsity: the --predictor-bits copy "
-                    "is the gate itself (the pass's exact_gate: false): no fp32 gate rows read when decoding")
+    ap.add_argument("--predictor-ratio", type=float, default=0.0, help="activation sparsity: a low-rank gate "
+                    "predictor's rank as a share of the hidden size, with --predictor-bits 0 (0: none)")
+    ap.add_argument("--predictor-bits", type=int, choices=(0, 4, 8), default=8, help="activation sparsity: the "
+                    "gate's quantized copy (int8 / int4), as the gate (--quantized-gate) or as a predictor of it; 0: "
+                    "none (then --predictor-ratio may add a low-rank one)")
+    ap.add_argument("--quantized-gate", action=argparse.BooleanOptionalAction, default=True, help="activation "
+                    "sparsity: the --predictor-bits copy is the gate itself (the pass's exact_gate: false, the "
+                    "default): no fp32 gate rows read when decoding; --no-quantized-gate: the exact gate")
     ap.add_argument("--recall", type=fraction, default=0.99, help="activation sparsity: the predictor's recall of the "
                     "exactly-active neurons on the calibration tokens")
     ap.add_argument("--neuron-scaling", action=argparse.BooleanOptionalAction, default=True,
@@ -464,14 +470,15 @@ def main(argv=None) -> None:
                     "weights called in turn (0: enough to exceed 3x the largest CPU cache; 1 shows a warm cache)")
     ap.add_argument("--prefill-tokens", type=int, default=256, help="activation-sparse MLP: also time a prefill of "
                     "this many tokens (the masked dense path; 0: none)")
-    ap.add_argument("--eval-windows", type=positive_int, default=32, help="activation sparsity: held-out windows "
+    ap.add_argument("--eval-windows", type=positive_int, default=199, help="activation sparsity: held-out windows "
                     "of 256 tokens for the perplexity change and its 95%% interval")
     ap.add_argument("--save-quality", type=Path, help="write the activation-sparsity calibration result (JSON) here")
     ap.add_argument("--quality", type=Path, help="reuse a --save-quality file instead of calibrating again (the "
                     "slow part: the speed rows then time this machine at that file's inactive shares)")
     args = ap.parse_args(argv)
     if args.quantized_gate and not args.predictor_bits:
-        ap.error("--quantized-gate computes the gate from its quantized copy: add --predictor-bits 8 (or 4)")
+        ap.error("--quantized-gate (the default) computes the gate from its quantized copy: use --predictor-bits 8 "
+                 "(or 4), or --no-quantized-gate")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     repeats = 3 if args.quick else 7
     rows: list[dict] = []

@@ -42,7 +42,7 @@ timeout 100 python3 -P benchmarks/gpu_kernels.py 2>&1 | tee "$OUT/gpu_kernels.tx
 # issue 9 (sparse speed): the dispatcher's CUDA tests, then every GPU row of the sparse benchmark (packed GEMV,
 # cuSPARSELt / expand + cuBLAS per shape, activation-sparse MLP, 2-layer Llama-3-8B-shaped e2e)
 timeout -k 10 -s INT 90 python3 -P -m pytest -q -p no:cacheprovider tests/prune/test_gpu_dispatch.py 2>&1 | tail -n 15 | tee "$OUT/sparse_dispatch_tests.txt"
-timeout 300 python3 -P benchmarks/sparse_speed.py --json --no-cpu > "$OUT/sparse_speed.json" 2> "$OUT/sparse_speed.err"; tail -n 5 "$OUT/sparse_speed.err"
+timeout 300 python3 -P benchmarks/sparse_speed.py --json --no-cpu --quality benchmarks/sparse_quality_quick.json > "$OUT/sparse_speed.json" 2> "$OUT/sparse_speed.err"; tail -n 5 "$OUT/sparse_speed.err"
 cp ~/.cache/compress/sparse_dispatch_*.json "$OUT/" 2>/dev/null || true
 fi
 if [ "$PART" = quick ]; then

@@ -452,9 +452,9 @@ def main(argv=None) -> None:
                     "of 256 tokens (more: slower search, less overfitting of the per-layer thresholds)")
     ap.add_argument("--predictor-ratio", type=float, default=0.0, help="activation sparsity: a low-rank gate "
                     "predictor's rank as a share of the hidden size, with --predictor-bits 0 (0: none)")
-    ap.add_argument("--predictor-bits", type=int, choices=(0, 4, 8), default=8, help="activation sparsity: the "
+    ap.add_argument("--predictor-bits", type=int, choices=(0, 4, 8), default=None, help="activation sparsity: the "
                     "gate's quantized copy (int8 / int4), as the gate (--quantized-gate) or as a predictor of it; 0: "
-                    "none (then --predictor-ratio may add a low-rank one)")
+                    "none (then --predictor-ratio may add a low-rank one); default 8 with --quantized-gate, else 0")
     ap.add_argument("--quantized-gate", action=argparse.BooleanOptionalAction, default=True, help="activation "
                     "sparsity: the --predictor-bits copy is the gate itself (the pass's exact_gate: false, the "
                     "default): no fp32 gate rows read when decoding; --no-quantized-gate: the exact gate")
@@ -476,6 +476,8 @@ def main(argv=None) -> None:
     ap.add_argument("--quality", type=Path, help="reuse a --save-quality file instead of calibrating again (the "
                     "slow part: the speed rows then time this machine at that file's inactive shares)")
     args = ap.parse_args(argv)
+    if args.predictor_bits is None:
+        args.predictor_bits = 8 if args.quantized_gate else 0
     if args.quantized_gate and not args.predictor_bits:
         ap.error("--quantized-gate (the default) computes the gate from its quantized copy: use --predictor-bits 8 "
                  "(or 4), or --no-quantized-gate")

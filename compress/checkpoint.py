@@ -63,6 +63,10 @@ def round_to_storage(model: nn.Module, dtype: torch.dtype) -> None:
         for cache in ("gpu_state", "_cached_state"):
             if rounded and getattr(module, cache, None) is not None:
                 setattr(module, cache, None)
+    for module in model.modules():  # forms derived from the tensors just rounded (in place, behind autograd's back)
+        rebuild = getattr(module, "after_storage_rounding", None)
+        if callable(rebuild):
+            rebuild()
 
 
 def _unique_state_dict(model: nn.Module, storage_dtype: torch.dtype) -> dict[str, torch.Tensor]:

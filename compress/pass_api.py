@@ -201,14 +201,19 @@ class Pass:
         """Raise ConfigError if the passes that run before this one (`earlier`, in order) leave `model` in a form
         this pass cannot take; checked on the model before any of them runs."""
 
+    def check_later(self, model: nn.Module, later: "Pass") -> None:
+        """Raise ConfigError if a pass that runs after this one (`later`) would work on what this one leaves unused
+        (the other direction of `check_after`); checked on the model before any pass runs."""
+
     def check_with_calibration(self, model: nn.Module, ctx: "PassContext") -> None:
         """Raise ConfigError if the arguments do not fit the run's calibration data (`ctx.calibration`); called
         before any work, after the calibration is known to read."""
 
     def checked(self, model: nn.Module, earlier: Sequence["Pass"] = ()) -> None:
-        """`check` and `check_after`, an error prefixed with the pass's place in the recipe (`location`) when it
-        came from one."""
-        self.located(lambda: (self.check(model), self.check_after(model, earlier)))
+        """`check`, `check_after` and the earlier passes' `check_later`, an error prefixed with the pass's place in
+        the recipe (`location`) when it came from one."""
+        self.located(lambda: (self.check(model), self.check_after(model, earlier),
+                              [p.check_later(model, self) for p in earlier]))
 
     def located(self, check) -> None:
         """Run `check()`; its ConfigError / UnsupportedModelError / TargetError names the pass's recipe line."""

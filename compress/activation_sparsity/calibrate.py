@@ -68,10 +68,13 @@ def calibrate_thresholds(model, mlps: list[ActivationSparseMLP], windows: torch.
     quantized_gate = [m for m in mlps if not m.exact_gate]
     for m in quantized_gate:  # the original model's perplexity: the budget includes the quantized gate's own cost
         m.exact_gate = True
-    dense_ppl = evaluate(model, windows, batch_size=batch_size, progress=False)["perplexity"]
-    for m in quantized_gate:  # the gate itself: fitted before its activations are captured
-        m.exact_gate = False
-        m.fit_predictor(storage_dtype)
+    try:
+        dense_ppl = evaluate(model, windows, batch_size=batch_size, progress=False)["perplexity"]
+    finally:
+        for m in quantized_gate:
+            m.exact_gate = False
+    for m in quantized_gate:  # the gate itself: fitted before its activations are captured (gate_proj's weight
+        m.fit_predictor(storage_dtype)  # keeps the original values until the copy is adopted, at the end)
     captured = []
     for m, (acts, gates, ups) in zip(mlps, _capture(mlps, model, windows, search_tokens, batch_size)):
         if m.neuron_scaling:  # before the scores: they include the scales
@@ -97,10 +100,10 @@ def calibrate_thresholds(model, mlps: list[ActivationSparseMLP], windows: torch.
         extra["quantized_gate_ppl_increase"] = cost = best["perplexity"] / dense_ppl - 1
         if cost > target_ppl_increase:
             bits = quantized_gate[0].predictor_bits
+            options = ("predictor_bits: 8, " if bits != 8 else "") + "exact_gate: true, or a larger target_ppl_increase"
             raise CalibrationError(f"activation_sparsity: the int{bits} gate alone (every neuron kept) raises the "
                                    f"calibration perplexity by {100 * cost:.2f}%, over the budget of "
-                                   f"{100 * target_ppl_increase:.2f}%: use predictor_bits: 8, exact_gate: true, or a "
-                                   "larger target_ppl_increase")
+                                   f"{100 * target_ppl_increase:.2f}%: use {options}")
     lo, hi = 0.0, 1.0
     for _ in progress_bar(range(0 if greedy_rounds else outer_steps), description="activation sparsity: threshold "
                           "search", enabled=progress):
@@ -123,6 +126,8 @@ def calibrate_thresholds(model, mlps: list[ActivationSparseMLP], windows: torch.
         if best["perplexity"] > limit:
             best.update(_within_budget(predicting, trial, best["thresholds"], limit, outer_steps))
         best["predictor_thresholds"] = [float(m.predictor_threshold) for m in predicting]
+    for m in quantized_gate:  # accepted: gate_proj's weight holds the copy from now on
+        m.adopt_quantized_gate()
     return {**best, **extra, "perplexity_dense": dense_ppl, "ppl_increase": best["perplexity"] / dense_ppl - 1,
             "sparsity": sum(best["layer_sparsity"]) / len(mlps), "target_ppl_increase": target_ppl_increase,
             "tokens": int(windows.numel())}

@@ -71,7 +71,10 @@ class ActivationSparseMLP(nn.Module):
             self.register_buffer("predictor_out", w.new_zeros(w.shape[0], predictor_rank))
         self.predictor_bits = predictor_bits
         self.exact_gate = exact_gate
-        self._expanded_key: tuple | None = None  # what gate_proj's weight was expanded from (exact_gate=False)
+        # exact_gate=False: whether gate_proj's weight holds the copy expanded (`adopt_quantized_gate`), and what it
+        # was expanded from
+        self.gate_adopted = False
+        self._expanded_key: tuple | None = None
         if predictor_bits:  # saved with the weights (codes as integers, scales at checkpoint dtype)
             w = mlp.gate_proj.weight
             n, d = w.shape
@@ -111,7 +114,6 @@ class ActivationSparseMLP(nn.Module):
             codes, scales = quantize_groups(w, self.predictor_bits)
             self.predictor_codes.copy_(codes)
             self.predictor_scales.copy_(scales.to(storage_dtype or w.dtype))
-            self.expanded_gate()  # the copy as the gate: gate_proj's weight holds it from now on (and in checkpoints)
             return
         u, sv, vh = torch.linalg.svd(w.detach().float(), full_matrices=False)
         r, rounding = self.predictor_rank, storage_dtype or w.dtype
@@ -135,31 +137,46 @@ class ActivationSparseMLP(nn.Module):
         return s * scale.to(s.dtype)
 
     @torch.no_grad()
-    def expanded_gate(self) -> torch.Tensor | None:
-        """With the quantized copy as the gate (exact_gate=False): gate_proj's weight, holding the copy expanded
-        (codes x scales at the weight's dtype), which prefill multiplies in one GEMM; the original gate is not needed
-        again, so no float copy is added, and checkpoints store the gate every path computes (tools that ignore the
-        compression section get it too). Expanded again whenever the codes, scales or weight changed since (a load, a
-        refit). None otherwise, or where the weight is not a plain tensor beside the codes (meta, offloaded)."""
-        w = self.gate_proj.weight
-        if self.exact_gate or not self.predictor_bits or w.device != self.predictor_codes.device \
-                or not w.is_contiguous() or not w.is_floating_point():
-            return None
-        tensors = (w, self.predictor_codes, self.predictor_scales)
+    def adopt_quantized_gate(self) -> None:
+        """exact_gate=False, once the calibration accepted the copy as the gate (or a checkpoint that stores it is
+        loaded): gate_proj's weight holds the copy expanded from now on (`expanded_gate`). Its original values are not
+        needed again, so no float copy is added, and checkpoints store the gate every path computes (tools that ignore
+        the compression section get it too). It is frozen: the gate is its codes, which training would not change."""
+        self.gate_adopted = True
+        self.gate_proj.weight.requires_grad_(False)
+        self._expanded_key = None
+        self.expanded_gate()
 
-        def key():
-            return tuple((t.data_ptr(), t._version) for t in tensors)
+    def after_storage_rounding(self) -> None:
+        """`round_to_storage` rounded gate_proj's weight through `.data` (no version bump): expand the codes again
+        on next use, so the model keeps computing the copy exactly, as a reloaded one does."""
+        self._expanded_key = None
+
+    @torch.no_grad()
+    def expanded_gate(self) -> torch.Tensor | None:
+        """gate_proj's weight holding the quantized copy expanded (codes x scales at the weight's dtype), which prefill
+        multiplies in one GEMM; expanded again whenever the codes, scales or weight changed since (a load, a refit).
+        None before `adopt_quantized_gate`, or where gate_proj is no plain Linear beside the codes (a later pass
+        replaced it, or its weight is meta / offloaded): then prefill expands the copy into a shared buffer."""
+        gate = self.gate_proj
+        if not self.gate_adopted or type(gate) is not nn.Linear or gate.weight.device != self.predictor_codes.device \
+                or not gate.weight.is_contiguous() or not gate.weight.is_floating_point():
+            return None
+        tensors = (gate.weight, self.predictor_codes, self.predictor_scales)
+
+        def key():  # inference tensors (loaded under torch.inference_mode) keep no version: their storage only
+            return tuple((t.data_ptr(), None if t.is_inference() else t._version) for t in tensors)
 
         if self._expanded_key != key():
-            dequantize_into(w, self.predictor_codes, self.predictor_scales, self.predictor_bits)
+            dequantize_into(gate.weight, self.predictor_codes, self.predictor_scales, self.predictor_bits)
             self._expanded_key = key()
-        return w
+        return gate.weight
 
     def predicted_gate(self, x: torch.Tensor) -> torch.Tensor:
         """The predictor's estimate of gate(x) [tokens, intermediate] (before the activation): P_out P_in x, or W~ x
         with W~ the gate's quantized copy."""
         if self.predictor_bits:
-            expanded = self.expanded_gate() if x.shape[0] > 16 else None  # prefill: one GEMM on the expanded copy
+            expanded = self.expanded_gate()  # prefill-sized x: one GEMM on it (decoding reads the codes)
             pre = quantized_matvec(self.predictor_codes, self.predictor_scales, x, self.predictor_bits,
                                    expanded).to(x.dtype)
             return pre + self.gate_proj.bias if self.gate_proj.bias is not None else pre

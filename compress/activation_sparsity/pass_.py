@@ -90,6 +90,19 @@ class ActivationSparsity(Pass):
     def describe(self, model: nn.Module) -> list[str]:
         return list(self._mlps(model))
 
+    def check_later(self, model: nn.Module, later: Pass) -> None:
+        """With the quantized copy as the gate, gate_proj is never called again: a later pass that would quantize,
+        prune or train it would change nothing the model computes."""
+        if self.config.exact_gate:
+            return
+        gates = {f"{name}.gate_proj" for name in self._mlps(model)}
+        hit = next((m for m in later.describe(model) if m in gates or any(m.startswith(g + ".") for g in gates)),
+                   None)
+        if hit is not None:
+            raise ConfigError(f"{later.name} targets {hit}, but activation_sparsity before it computes that gate from "
+                              f"its int{self.config.predictor_bits} copy (exact_gate: false), so gate_proj is never "
+                              f"called: add 're:.*gate_proj' to {later.name}'s ignore")
+
     def check_after(self, model: nn.Module, earlier) -> None:
         """A prune or quantize pass, or an unmerged LoRA adapter, before this one that touches these MLPs'
         projections leaves them no plain Linear layers."""
@@ -112,10 +125,14 @@ class ActivationSparsity(Pass):
         with timed(report):
             modules = []
             for name, mlp in targets.items():
-                module = mlp if isinstance(mlp, ActivationSparseMLP) else \
-                    ActivationSparseMLP(mlp, max_sparse_tokens=c.max_sparse_tokens, predictor_rank=c.predictor_rank,
-                                        predictor_bits=c.predictor_bits, neuron_scaling=c.neuron_scaling,
-                                        exact_gate=c.exact_gate)
+                if isinstance(mlp, ActivationSparseMLP) and mlp.gate_adopted:
+                    raise ConfigError(f"activation_sparsity: {name} already computes its gate from a quantized copy "
+                                      "(exact_gate: false), its original gate weights are gone: apply the pass to "
+                                      "the original model")
+                # an MLP made activation-sparse before is built again around the same projections, with this config
+                module = ActivationSparseMLP(mlp, max_sparse_tokens=c.max_sparse_tokens,
+                                             predictor_rank=c.predictor_rank, predictor_bits=c.predictor_bits,
+                                             neuron_scaling=c.neuron_scaling, exact_gate=c.exact_gate)
                 module.train(mlp.training)  # eval (the decode path) when the MLP was
                 replace_module(model, name, module)
                 modules.append(module)
@@ -149,4 +166,7 @@ class ActivationSparsity(Pass):
                 predictor_threshold=float(spec.get("predictor_threshold", 0.0)),
                 neuron_scaling=bool(spec.get("neuron_scaling", False)),
                 exact_gate=bool(spec.get("exact_gate", True))).train(mlp.training)
+            if not module.exact_gate:  # the checkpoint stores the adopted copy; expanded from the codes when used
+                module.gate_adopted = True
+                module.gate_proj.weight.requires_grad_(False)
             replace_module(model, name, module)

@@ -39,12 +39,16 @@ def assert_reloaded_decodes_like(model, reloaded):
     assert torch.equal(fast, slow)
 
 
+def first_mlp(tiny_model, monkeypatch, kernels: str):
+    """The first MLP of a tiny Llama; kernels "torch": the torch reference gathers instead of the C kernels."""
+    if kernels == "torch":
+        monkeypatch.setenv("COMPRESS_KERNELS", "torch")
+    return tiny_model("llama").model.layers[0].mlp
+
+
 @pytest.mark.parametrize("kernels", ["torch", "default"])
 def test_sparse_path_equals_masked_dense_and_original(tiny_model, monkeypatch, kernels):
-    if kernels == "torch":
-        monkeypatch.setenv("COMPRESS_KERNELS", "torch")  # the torch reference gathers instead of the C kernel
-    model = tiny_model("llama")
-    mlp = model.model.layers[0].mlp
+    mlp = first_mlp(tiny_model, monkeypatch, kernels)
     x = torch.randn(3, 64)
     with torch.no_grad():
         original = mlp(x)
@@ -85,10 +89,7 @@ def test_pass_meets_budget_and_reloads(tmp_path, reference_tokenizer):
 def test_gate_predictor_paths_agree(tiny_model, monkeypatch, kernels):
     """With a gate predictor the sparse path reads only the candidates' gate rows and still computes the masked dense
     MLP (mask = candidate and exact gate above threshold); full rank with a zero threshold changes nothing."""
-    if kernels == "torch":
-        monkeypatch.setenv("COMPRESS_KERNELS", "torch")
-    model = tiny_model("llama")
-    mlp = model.model.layers[0].mlp
+    mlp = first_mlp(tiny_model, monkeypatch, kernels)
     x = torch.randn(3, 64)
     with torch.no_grad():
         plain = ActivationSparseMLP(mlp, threshold=0.0, max_sparse_tokens=4).eval()
@@ -329,10 +330,7 @@ def test_quantized_copy_as_the_gate_paths_agree(tiny_model, monkeypatch, kernels
     masked dense path both equal the MLP computed by hand from the dequantized codes and int8-rounded x."""
     from compress.kernels.activation_sparse import dequantize_groups, round_activations
 
-    if kernels == "torch":
-        monkeypatch.setenv("COMPRESS_KERNELS", "torch")
-    model = tiny_model("llama")
-    mlp = model.model.layers[0].mlp
+    mlp = first_mlp(tiny_model, monkeypatch, kernels)
     x = torch.randn(3, 64)
     with torch.no_grad():
         exact = mlp.act_fn(mlp.gate_proj(x))

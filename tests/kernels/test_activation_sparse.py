@@ -128,3 +128,39 @@ def test_quantized_matvec_triton(triton_kernels, bits):
         want = torch.einsum("tgc,ngc,tg,ng->tn", xq.double(), ints, sx.double(), scales.double())
         out = ak.quantized_matvec(codes.to(dev), scales.to(dev), x.to(dev), bits)
         assert out.shape == (tokens, n) and rel(out.cpu(), want) < 1e-5
+
+
+def test_quantized_gate_mlp_through_triton(triton_kernels):
+    """The int8 copy as the gate (exact_gate=False) on the Triton path (CUDA, or the interpreter here): the decode
+    path (Triton int8 product and gathers) equals the masked dense path over the expanded copy, and the float64 MLP
+    of the dequantized weight and int8-rounded x with the same neurons kept."""
+    from torch import nn
+    from transformers.activations import ACT2FN
+
+    from compress.activation_sparsity import ActivationSparseMLP
+
+    dev = triton_kernels
+    g = torch.Generator().manual_seed(3)
+    mlp = nn.Module()
+    mlp.gate_proj, mlp.up_proj = (nn.Linear(128, 96, bias=False) for _ in range(2))
+    mlp.down_proj, mlp.act_fn = nn.Linear(96, 128, bias=False), ACT2FN["silu"]
+    with torch.no_grad():
+        for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+            p.weight.copy_(torch.randn(p.weight.shape, generator=g) * 0.1)
+        m = ActivationSparseMLP(mlp.to(dev), max_sparse_tokens=4, predictor_bits=8, exact_gate=False).eval()
+        m.fit_predictor()
+        m.adopt_quantized_gate()
+        x = torch.randn(2, 128, generator=g).to(dev)
+        xq, sx = ak.round_activations(x.cpu(), 128)
+        w = ak.dequantize_groups(m.predictor_codes.cpu(), m.predictor_scales.cpu(), 8).double()
+        gate = mlp.act_fn((xq * sx[..., None]).reshape(2, 128).double() @ w.t())
+        tau = float(gate.abs().flatten().sort().values[gate.numel() // 2 - 1: gate.numel() // 2 + 1].mean())
+        m.threshold.fill_(tau)  # between two gate values: no neuron sits on it
+        keep = gate.abs() >= tau
+        want = (gate * (x.cpu().double() @ mlp.up_proj.weight.cpu().double().t()) * keep) \
+            @ mlp.down_proj.weight.cpu().double().t()
+        assert "the gate from its int8 copy" in m.runtime_path(1)
+        fast = m(x)
+        m.max_sparse_tokens = 0
+        masked = m(x)
+    assert rel(fast.cpu(), want) < 1e-5 and rel(masked.cpu(), want) < 1e-5

@@ -59,11 +59,9 @@ def round_to_storage(model: nn.Module, dtype: torch.dtype) -> None:
         rounded = [t for t in tensors if t.is_floating_point() and t.dtype != dtype and t.device.type != "meta"]
         for t in rounded:
             t.data.copy_(t.data.to(dtype).to(t.dtype))
-        # prepared forms (SparseLinear's GPU weights, bitsandbytes' quant state) are rebuilt from the rounded tensors
-        for cache in ("gpu_state", "_cached_state"):
-            if rounded and getattr(module, cache, None) is not None:
-                setattr(module, cache, None)
-    for module in model.modules():  # forms derived from the tensors just rounded (in place, behind autograd's back)
+    # forms prepared from the tensors just rounded (in place, behind autograd's version counters) are rebuilt from
+    # them: SparseLinear's GPU weights, bitsandbytes' quant state, an activation-sparse MLP's expanded gate
+    for module in model.modules():
         rebuild = getattr(module, "after_storage_rounding", None)
         if callable(rebuild):
             rebuild()

@@ -139,6 +139,10 @@ class SparseLinear(nn.Module):
         self.gpu_state = None
         self.refresh_row_offsets()
 
+    def after_storage_rounding(self) -> None:
+        """`round_to_storage` may have rounded the stored values: the GPU forms are built from them again."""
+        self.gpu_state = None
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         dense = self.runtime == "dense"

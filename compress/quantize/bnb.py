@@ -135,6 +135,10 @@ class Bnb4bitLinear(nn.Module):
         self._cached_state = None
         return super()._apply(fn, recurse)
 
+    def after_storage_rounding(self) -> None:
+        """`round_to_storage` may have rounded the quant-state tensors: build the QuantState from them again."""
+        self._cached_state = None
+
     def bnb_quant_state(self):
         """bitsandbytes' QuantState, built from the stored tensors (as transformers' loader builds it)."""
         if self._cached_state is None:

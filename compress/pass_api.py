@@ -209,11 +209,27 @@ class Pass:
         """Raise ConfigError if the arguments do not fit the run's calibration data (`ctx.calibration`); called
         before any work, after the calibration is known to read."""
 
+    def check_not_unused(self, model: nn.Module, unused: dict[str, str]) -> None:
+        """Raise ConfigError if this pass targets a module nothing calls any more (`unused`: name -> why), e.g.
+        the gate_proj of an MLP that computes its gate from a quantized copy: compressing it would change nothing
+        the model computes."""
+        if not unused:
+            return
+        for target in self.describe(model):
+            hit = next((name for name in unused if target == name or target.startswith(name + ".")), None)
+            if hit is not None:
+                leaf = hit.rsplit(".", 1)[-1]
+                ignore = [*getattr(self.config, "ignore", []), f"re:.*{leaf}"]
+                raise ConfigError(f"{self.name} targets {target}, but {unused[hit]}: set {self.name}'s ignore to "
+                                  f"{ignore}")
+
     def checked(self, model: nn.Module, earlier: Sequence["Pass"] = ()) -> None:
-        """`check`, `check_after` and the earlier passes' `check_later`, an error prefixed with the pass's place in
+        """`check`, `check_after`, the earlier passes' `check_later` and `check_not_unused` against the modules the
+        model already leaves unused (`unused_children()` of its modules), an error prefixed with the pass's place in
         the recipe (`location`) when it came from one."""
         self.located(lambda: (self.check(model), self.check_after(model, earlier),
-                              [p.check_later(model, self) for p in earlier]))
+                              [p.check_later(model, self) for p in earlier],
+                              self.check_not_unused(model, unused_modules(model))))
 
     def located(self, check) -> None:
         """Run `check()`; its ConfigError / UnsupportedModelError / TargetError names the pass's recipe line."""
@@ -227,6 +243,16 @@ class Pass:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config.model_dump().items())
         return f"{type(self).__name__}({args})"
+
+
+def unused_modules(model: nn.Module) -> dict[str, str]:
+    """Modules that nothing calls any more, name -> why: what modules' `unused_children()` ({child: why}) say."""
+    out = {}
+    for name, module in model.named_modules():
+        children = getattr(module, "unused_children", None)
+        if callable(children):
+            out.update({f"{name}.{child}" if name else child: why for child, why in children().items()})
+    return out
 
 
 def left_by_earlier(model: nn.Module, names, earlier: Sequence[Pass], replaces) -> set[str]:

@@ -102,8 +102,8 @@ def calibrate_thresholds(model, mlps: list[ActivationSparseMLP], windows: torch.
             bits = quantized_gate[0].predictor_bits
             options = ("predictor_bits: 8, " if bits != 8 else "") + "exact_gate: true, or a larger target_ppl_increase"
             raise CalibrationError(f"activation_sparsity: the int{bits} gate alone (every neuron kept) raises the "
-                                   f"calibration perplexity by {100 * cost:.2f}%, over the budget of "
-                                   f"{100 * target_ppl_increase:.2f}%: use {options}")
+                                   f"calibration perplexity by {100 * cost:.3g}%, over the budget of "
+                                   f"{100 * target_ppl_increase:.3g}%: use {options}")
     lo, hi = 0.0, 1.0
     for _ in progress_bar(range(0 if greedy_rounds else outer_steps), description="activation sparsity: threshold "
                           "search", enabled=progress):

@@ -147,6 +147,13 @@ class ActivationSparseMLP(nn.Module):
         self._expanded_key = None
         self.expanded_gate()
 
+    def unused_children(self) -> dict[str, str]:
+        """{child: why} for children nothing calls (passes refuse to compress them: pass_api.unused_modules)."""
+        if not (self.gate_adopted and not self.exact_gate):
+            return {}
+        return {"gate_proj": f"this MLP computes its gate from gate_proj's int{self.predictor_bits} copy "
+                             "(activation_sparsity, exact_gate: false), so gate_proj is never called"}
+
     def after_storage_rounding(self) -> None:
         """`round_to_storage` rounded gate_proj's weight through `.data` (no version bump): expand the codes again
         on next use, so the model keeps computing the copy exactly, as a reloaded one does."""

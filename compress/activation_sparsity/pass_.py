@@ -95,13 +95,18 @@ class ActivationSparsity(Pass):
         prune or train it would change nothing the model computes."""
         if self.config.exact_gate:
             return
-        gates = {f"{name}.gate_proj" for name in self._mlps(model)}
-        hit = next((m for m in later.describe(model) if m in gates or any(m.startswith(g + ".") for g in gates)),
-                   None)
-        if hit is not None:
-            raise ConfigError(f"{later.name} targets {hit}, but activation_sparsity before it computes that gate from "
-                              f"its int{self.config.predictor_bits} copy (exact_gate: false), so gate_proj is never "
-                              f"called: add 're:.*gate_proj' to {later.name}'s ignore")
+        why = (f"activation_sparsity before it computes that gate from its int{self.config.predictor_bits} copy "
+               "(exact_gate: false), so gate_proj is never called")
+        later.check_not_unused(model, {f"{name}.gate_proj": why for name in self._mlps(model)})
+
+    def check(self, model: nn.Module) -> None:
+        super().check(model)
+        adopted = next((n for n, m in self._mlps(model).items() if isinstance(m, ActivationSparseMLP)
+                        and m.gate_adopted), None)
+        if adopted is not None:
+            raise ConfigError(f"activation_sparsity: {adopted} already computes its gate from a quantized copy "
+                              "(exact_gate: false) and its original gate weights are gone: apply the pass to the "
+                              "original model")
 
     def check_after(self, model: nn.Module, earlier) -> None:
         """A prune or quantize pass, or an unmerged LoRA adapter, before this one that touches these MLPs'
@@ -114,7 +119,7 @@ class ActivationSparsity(Pass):
             if hit is not None:
                 raise ConfigError(f"activation_sparsity needs the MLPs' dense weights, but the {p.name} pass before it "
                                   f"replaces {hit}: put activation_sparsity first (prune, quantize and recover "
-                                  "compose after it)")
+                                  "compose after it; with exact_gate: false, ignoring gate_proj)")
 
     def apply(self, model: nn.Module, ctx: PassContext) -> PassReport:
         targets = self._mlps(model)
@@ -125,10 +130,6 @@ class ActivationSparsity(Pass):
         with timed(report):
             modules = []
             for name, mlp in targets.items():
-                if isinstance(mlp, ActivationSparseMLP) and mlp.gate_adopted:
-                    raise ConfigError(f"activation_sparsity: {name} already computes its gate from a quantized copy "
-                                      "(exact_gate: false), its original gate weights are gone: apply the pass to "
-                                      "the original model")
                 # an MLP made activation-sparse before is built again around the same projections, with this config
                 module = ActivationSparseMLP(mlp, max_sparse_tokens=c.max_sparse_tokens,
                                              predictor_rank=c.predictor_rank, predictor_bits=c.predictor_bits,

@@ -423,3 +423,10 @@ def test_pass_with_quantized_gate_budgets_against_the_original_and_reloads(tmp_p
     with pytest.raises(compress.ConfigError, match=r"quantize targets model\.layers\.0\.mlp\.gate_proj.*ignore"):
         Quantize(method="rtn").checked(compress.load("builtin:tiny"), [sparse])
     Quantize(method="rtn", ignore=["re:.*gate_proj", "lm_head"]).checked(compress.load("builtin:tiny"), [sparse])
+    # the same for a checkpoint that already holds such MLPs (its modules say what they no longer call), and the
+    # pass itself is refused at the checks (a dry run says so), not only when it runs
+    with pytest.raises(compress.ConfigError, match=r"gate_proj is never called: set quantize's ignore to "
+                                                   r"\['re:\.\*lm_head', 're:\.\*embed_tokens', 're:\.\*gate_proj'\]"):
+        Quantize(method="rtn").checked(reloaded)
+    with pytest.raises(compress.ConfigError, match="already computes its gate"):
+        ActivationSparsity().checked(reloaded)

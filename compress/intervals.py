@@ -89,6 +89,30 @@ def wilson_interval(p: float, n: int) -> list[float]:
     return [max(centre - half, 0.0), min(centre + half, 1.0)]
 
 
+def paired_proportion_difference(ours: list[bool], base: list[bool]) -> list[float]:
+    """The 95% interval of p(ours) - p(base) over paired binary outcomes (the same items scored twice): Newcombe's
+    (1998) square-and-add of the two Wilson intervals, with the pairs' correlation (continuity-corrected phi, as in
+    Altman et al., "Statistics with confidence", 2000); not zero-width when every pair agrees, and narrower than
+    the unpaired difference when the two sides agree on most items."""
+    n = len(ours)
+    if n != len(base) or n == 0:
+        raise ValueError(f"paired outcomes: {n} and {len(base)} items")
+    both = sum(1 for a, b in zip(ours, base) if a and b)
+    only_ours = sum(1 for a, b in zip(ours, base) if a and not b)
+    only_base = sum(1 for a, b in zip(ours, base) if b and not a)
+    neither = n - both - only_ours - only_base
+    p1, p2 = (both + only_ours) / n, (both + only_base) / n
+    (l1, u1), (l2, u2) = wilson_interval(p1, n), wilson_interval(p2, n)
+    margins = (both + only_ours) * (only_base + neither) * (both + only_base) * (only_ours + neither)
+    cross = both * neither - only_ours * only_base
+    corrected = cross - n / 2 if cross > n / 2 else cross if cross < 0 else 0.0
+    phi = corrected / math.sqrt(margins) if margins else 0.0
+    d = p1 - p2
+    low = d - math.sqrt(max((p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2, 0.0))
+    high = d + math.sqrt(max((u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2, 0.0))
+    return [max(low, -1.0), min(high, 1.0)]
+
+
 def format_interval(ci: list[float] | None, spec: str) -> str:
     """`[low, high]` in `spec`, or what stands in for it with a single window."""
     return "n/a (1 window)" if ci is None else f"[{format(ci[0], spec)}, {format(ci[1], spec)}]"

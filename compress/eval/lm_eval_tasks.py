@@ -55,7 +55,8 @@ def wrap_model(model, tokenizer, batch_size: int = 8, max_length: int | None = N
 
 def lm_eval_results(lm, tasks: list[str], tasks_dir: Path | None = DATA_DIR, limit: int | None = None,
                     seed: int = 0) -> dict[str, dict]:
-    """Run lm-eval `tasks` on a wrapped model; {task: {metric: value}} (lm-eval's `results` section).
+    """Run lm-eval `tasks` on a wrapped model; {task: {metric: value}} (lm-eval's `results` section), each task's
+    with "acc_per_doc": {doc_id: acc} where its samples score acc (what paired comparisons of two models use).
     `tasks_dir=None` uses lm-eval's own task registry (standard benchmarks; they download their data)."""
     require_lm_eval()
     import lm_eval
@@ -71,8 +72,12 @@ def lm_eval_results(lm, tasks: list[str], tasks_dir: Path | None = DATA_DIR, lim
                                       numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
                                       # no resampling (1 would fork a pool and divide by zero for metrics lm-eval
                                       # bootstraps); the suite's accuracy intervals come from acc and n (suite.py)
-                                      bootstrap_iters=0, log_samples=False, verbosity="ERROR")
-    return out["results"]
+                                      bootstrap_iters=0, log_samples=True, verbosity="ERROR")
+    results = out["results"]
+    for task, samples in (out.get("samples") or {}).items():
+        if task in results and samples and all("acc" in s for s in samples):
+            results[task]["acc_per_doc"] = {s["doc_id"]: float(s["acc"]) for s in samples}
+    return results
 
 
 @contextlib.contextmanager

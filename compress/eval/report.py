@@ -30,7 +30,7 @@ def suite_result(model, tokenizer, baseline, suite: str | None, suite_dir: str |
     tasks_dir = resolve(suite, suite_dir)
     scores = run_suite(model, tokenizer, baseline, tasks_dir=tasks_dir, limit=limit)
     out = {"suite": scores["model"], "suite_baseline": scores["baseline"], "suite_ci95": scores["model_ci95"],
-           "suite_baseline_ci95": scores["baseline_ci95"], "suite_skipped": scores["skipped"],
+           "suite_baseline_ci95": scores["baseline_ci95"], "suite_change_ci95": scores["change_ci95"], "suite_skipped": scores["skipped"],
            "suite_protocol": suite_protocol(tasks_dir, limit), "suite_seconds": round(scores["seconds"], 1)}
     if plot_file:
         from .plot import plot_suite
@@ -40,7 +40,7 @@ def suite_result(model, tokenizer, baseline, suite: str | None, suite_dir: str |
     return out
 
 
-SUITE_COLUMNS = ["task", "baseline", "model", "model 95% CI", "model / baseline"]
+SUITE_COLUMNS = ["task", "baseline", "model", "model 95% CI", "model - baseline (paired 95% CI)", "model / baseline"]
 
 
 def suite_table_rows(result: dict) -> list[list[str]]:
@@ -49,12 +49,14 @@ def suite_table_rows(result: dict) -> list[list[str]]:
     from .suite import LOWER_IS_BETTER
 
     base, ci = result.get("suite_baseline") or {}, result.get("suite_ci95") or {}
+    change = result.get("suite_change_ci95") or {}
     rows = []
     for task, score in result["suite"].items():
         b = base.get(task)
         ratio = "-" if b in (None, 0) or task in LOWER_IS_BETTER else f"{score / b:.2f}"
         name = f"{task} (lower is better)" if task in LOWER_IS_BETTER else task
         rows.append([name, "-" if b is None else f"{b:.4f}", f"{score:.4f}",
-                     format_interval(ci[task], ".3f") if task in ci else "-", ratio])
-    rows += [[task, "skipped", reason, "", ""] for task, reason in result.get("suite_skipped", {}).items()]
+                     format_interval(ci[task], ".3f") if task in ci else "-",
+                     f"{score - b:+.3f} {format_interval(change[task], '+.3f')}" if task in change else "-", ratio])
+    rows += [[task, "skipped", reason, "", "", ""] for task, reason in result.get("suite_skipped", {}).items()]
     return rows

@@ -63,7 +63,8 @@ def run_suite(model, tokenizer, baseline=None, *, tasks_dir: Path = DATA_DIR, ta
               copy_num: int = 8, seed: int = 0, baseline_scores: dict[str, float] | None = None) -> dict:
     """Score `model` (and `baseline`, if given) on the suite. Returns {"model": {task: score}, "baseline":
     {task: score} | None, "model_ci95" / "baseline_ci95": {task: [lo, hi]} (lm-eval tasks; None when the baseline's
-    scores were given), "skipped": {task: reason}, "seconds": float}. `tasks` selects by short name (`mc`,
+    scores were given), "change_ci95": {task: [lo, hi]} of model minus baseline accuracy, paired over the same
+    documents (empty without a baseline scored in this run), "skipped": {task: reason}, "seconds": float}. `tasks` selects by short name (`mc`,
     `passkey_512`, `copy`, `agreement_top1`, ...); `limit` caps the examples per lm-eval task; `baseline_scores`
     (the baseline's own "model" scores from an earlier run) saves scoring the baseline again."""
     from .probes import copy_probe
@@ -89,6 +90,8 @@ def run_suite(model, tokenizer, baseline=None, *, tasks_dir: Path = DATA_DIR, ta
     if baseline is None:
         skipped.update({t: "no baseline" for t in AGREEMENT_TASKS if t in wanted})
 
+    per_doc: dict[int, dict[str, dict]] = {}  # id(model) -> {task: {doc_id: acc}}
+
     def scores_of(m) -> tuple[dict[str, float], dict[str, list[float]]]:
         out, ci = {}, {}
         if lm_tasks:
@@ -97,6 +100,7 @@ def run_suite(model, tokenizer, baseline=None, *, tasks_dir: Path = DATA_DIR, ta
             for t in lm_tasks:
                 out[t.removeprefix(LM_EVAL_PREFIX)] = results[t]["acc,none"]
                 ci[t.removeprefix(LM_EVAL_PREFIX)] = accuracy_interval(results[t])
+            per_doc[id(m)] = {t.removeprefix(LM_EVAL_PREFIX): results[t].get("acc_per_doc") for t in lm_tasks}
         if "copy" in wanted:
             out["copy"] = copy_probe(m, span_len=min(copy_span, max_length // 2), num=copy_num,
                                      vocab_size=min(len(tokenizer), m.config.vocab_size), seed=seed)
@@ -104,6 +108,7 @@ def run_suite(model, tokenizer, baseline=None, *, tasks_dir: Path = DATA_DIR, ta
 
     model_scores, model_ci = scores_of(model)
     baseline_ci = None
+    change_ci: dict[str, list[float]] = {}
     if baseline is not None:
         from .agreement import agreement_scores
 
@@ -111,6 +116,7 @@ def run_suite(model, tokenizer, baseline=None, *, tasks_dir: Path = DATA_DIR, ta
             baseline_scores = dict(baseline_scores)
         else:
             baseline_scores, baseline_ci = scores_of(baseline)
+            change_ci = paired_changes(per_doc[id(model)], per_doc[id(baseline)])
         if any(t in wanted for t in AGREEMENT_TASKS):
             rows = read_rows(tasks_dir / "agreement.jsonl")
             agreement = agreement_scores(model, baseline, tokenizer, rows, greedy_tokens, batch_size)
@@ -119,8 +125,22 @@ def run_suite(model, tokenizer, baseline=None, *, tasks_dir: Path = DATA_DIR, ta
     order = {t: i for i, t in enumerate(available)}
     ordered = lambda d: dict(sorted(d.items(), key=lambda kv: order[kv[0]]))  # noqa: E731
     return {"model": ordered(model_scores), "baseline": ordered(baseline_scores) if baseline is not None else None,
-            "model_ci95": model_ci, "baseline_ci95": baseline_ci, "skipped": skipped,
+            "model_ci95": model_ci, "baseline_ci95": baseline_ci, "change_ci95": change_ci, "skipped": skipped,
             "seconds": time.perf_counter() - start}
+
+
+def paired_changes(ours: dict[str, dict | None], base: dict[str, dict | None]) -> dict[str, list[float]]:
+    """{task: 95% interval of our accuracy minus the baseline's}, paired over the documents both scored
+    (compress.intervals.paired_proportion_difference): the same items, so what the two models agree on cancels."""
+    from ..intervals import paired_proportion_difference
+
+    out = {}
+    for task, docs in ours.items():
+        other = base.get(task)
+        common = sorted(set(docs or {}) & set(other or {}))
+        if common:
+            out[task] = paired_proportion_difference([docs[d] > 0.5 for d in common], [other[d] > 0.5 for d in common])
+    return out
 
 
 def accuracy_interval(result: dict) -> list[float] | None:

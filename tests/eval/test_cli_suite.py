@@ -25,6 +25,9 @@ def test_eval_suite_json_and_plot(tmp_path):
     assert set(AGREEMENT_TASKS) | {"copy", "mc", "cloze_open", "cloze_closed", "passkey_256"} <= suite.keys()
     assert all(isinstance(v, float) for v in suite.values())
     assert suite["agreement_top1"] == 1.0 and suite == out["suite_baseline"]
+    # the model against itself: every lm-eval task's paired change is an interval around 0 (one document each)
+    assert set(out["suite_change_ci95"]) == {t for t in out["suite_ci95"]}
+    assert all(lo <= 0 <= hi for lo, hi in out["suite_change_ci95"].values())
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out["suite_plot"] == str(png)
 
 

@@ -45,7 +45,12 @@ def test_uncompressed_model_scores_perfectly_against_itself(reference_model, ref
 
 def direct_multiple_choice(model, tokenizer, rows) -> float:
     """Accuracy by summed log-likelihood of each option after the context, computed here without lm-eval."""
-    hits = 0
+    return sum(direct_choices(model, tokenizer, rows)) / len(rows)
+
+
+def direct_choices(model, tokenizer, rows) -> list[bool]:
+    """Per row: the option of highest summed log-likelihood after the context is the label."""
+    hits = []
     for row in rows:
         ctx = tokenizer(row["context"], add_special_tokens=False)["input_ids"]
         scores = []
@@ -55,8 +60,8 @@ def direct_multiple_choice(model, tokenizer, rows) -> float:
                 logp = F.log_softmax(model(torch.tensor([whole])).logits[0].double(), -1)
             cont = torch.tensor(whole[len(ctx):])
             scores.append(logp[len(ctx) - 1:-1].gather(-1, cont[:, None]).sum().item())
-        hits += int(max(range(len(scores)), key=scores.__getitem__) == row["label"])
-    return hits / len(rows)
+        hits.append(max(range(len(scores)), key=scores.__getitem__) == row["label"])
+    return hits
 
 
 def direct_greedy_span(model, tokenizer, rows) -> float:
@@ -89,6 +94,19 @@ def test_lm_eval_span_tasks_match_a_direct_computation_on_a_model_that_retrieves
         direct = direct_greedy_span(small_model, tokenizer, read_rows(DATA_DIR / f"{task}.jsonl")[:8])
         assert out["model"][task] == direct, (task, out["model"][task], direct)
     assert out["model"]["passkey_256"] >= 0.5
+
+
+def test_paired_change_against_the_baseline_by_hand(pruned_70, reference_model, reference_tokenizer):
+    """The suite's model-minus-baseline interval pairs the two models' outcomes on the same documents: it equals
+    paired_proportion_difference over per-row outcomes computed here without lm-eval."""
+    from compress.intervals import paired_proportion_difference
+
+    out = run_suite(pruned_70, reference_tokenizer, reference_model, limit=12, tasks=["mc"])
+    rows = read_rows(DATA_DIR / "mc.jsonl")[:12]
+    ours, base = (direct_choices(m, reference_tokenizer, rows) for m in (pruned_70, reference_model))
+    assert out["model"]["mc"] - out["baseline"]["mc"] == pytest.approx((sum(ours) - sum(base)) / 12)
+    assert out["change_ci95"]["mc"] == pytest.approx(paired_proportion_difference(ours, base), abs=1e-12)
+    assert run_suite(pruned_70, reference_tokenizer, limit=4, tasks=["mc"])["change_ci95"] == {}  # no baseline
 
 
 def test_pruning_hurts_generation_more_than_perplexity_says(reference_model, reference_tokenizer, pruned_70):

@@ -60,11 +60,14 @@ def too_long(tasks_dir: Path, task: str, tokenizer, max_length: int, limit: int 
 
 def run_suite(model, tokenizer, baseline=None, *, tasks_dir: Path = DATA_DIR, tasks: list[str] | None = None,
               limit: int | None = None, batch_size: int = 8, greedy_tokens: int = 16, copy_span: int = 64,
-              copy_num: int = 8, seed: int = 0, baseline_scores: dict[str, float] | None = None) -> dict:
+              copy_num: int = 8, seed: int = 0, baseline_scores: dict[str, float] | None = None,
+              baseline_per_doc: dict[str, dict | None] | None = None) -> dict:
     """Score `model` (and `baseline`, if given) on the suite. Returns {"model": {task: score}, "baseline":
     {task: score} | None, "model_ci95" / "baseline_ci95": {task: [lo, hi]} (lm-eval tasks; None when the baseline's
     scores were given), "change_ci95": {task: [lo, hi]} of model minus baseline accuracy, paired over the same
-    documents (empty without a baseline scored in this run), "skipped": {task: reason}, "seconds": float}. `tasks` selects by short name (`mc`,
+    documents (empty without a baseline scored in this run or its `baseline_per_doc`), "model_per_doc": {task:
+    {doc_id: acc}} (lm-eval tasks: what a later run pairs with as `baseline_per_doc`), "skipped": {task: reason},
+    "seconds": float}. `tasks` selects by short name (`mc`,
     `passkey_512`, `copy`, `agreement_top1`, ...); `limit` caps the examples per lm-eval task; `baseline_scores`
     (the baseline's own "model" scores from an earlier run) saves scoring the baseline again."""
     from .probes import copy_probe
@@ -114,6 +117,7 @@ def run_suite(model, tokenizer, baseline=None, *, tasks_dir: Path = DATA_DIR, ta
 
         if baseline_scores is not None:
             baseline_scores = dict(baseline_scores)
+            change_ci = paired_changes(per_doc.get(id(model), {}), baseline_per_doc or {})
         else:
             baseline_scores, baseline_ci = scores_of(baseline)
             change_ci = paired_changes(per_doc[id(model)], per_doc[id(baseline)])
@@ -125,7 +129,8 @@ def run_suite(model, tokenizer, baseline=None, *, tasks_dir: Path = DATA_DIR, ta
     order = {t: i for i, t in enumerate(available)}
     ordered = lambda d: dict(sorted(d.items(), key=lambda kv: order[kv[0]]))  # noqa: E731
     return {"model": ordered(model_scores), "baseline": ordered(baseline_scores) if baseline is not None else None,
-            "model_ci95": model_ci, "baseline_ci95": baseline_ci, "change_ci95": change_ci, "skipped": skipped,
+            "model_ci95": model_ci, "baseline_ci95": baseline_ci, "change_ci95": change_ci,
+            "model_per_doc": per_doc.get(id(model), {}), "skipped": skipped,
             "seconds": time.perf_counter() - start}
 
 

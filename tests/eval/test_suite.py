@@ -107,6 +107,11 @@ def test_paired_change_against_the_baseline_by_hand(pruned_70, reference_model, 
     assert out["model"]["mc"] - out["baseline"]["mc"] == pytest.approx((sum(ours) - sum(base)) / 12)
     assert out["change_ci95"]["mc"] == pytest.approx(paired_proportion_difference(ours, base), abs=1e-12)
     assert run_suite(pruned_70, reference_tokenizer, limit=4, tasks=["mc"])["change_ci95"] == {}  # no baseline
+    # a baseline scored in an earlier run pairs through its per-document outcomes (benchmarks/eval_suite.py)
+    earlier = run_suite(reference_model, reference_tokenizer, limit=12, tasks=["mc"])
+    again = run_suite(pruned_70, reference_tokenizer, reference_model, limit=12, tasks=["mc"],
+                      baseline_scores=earlier["model"], baseline_per_doc=earlier["model_per_doc"])
+    assert again["change_ci95"] == out["change_ci95"]
 
 
 def test_pruning_hurts_generation_more_than_perplexity_says(reference_model, reference_tokenizer, pruned_70):

@@ -9,12 +9,18 @@ def bench(script_module):
     return script_module("benchmarks/sparse_speed.py")
 
 
+def rows_module():
+    """benchmarks/activation_sparse_rows.py as sparse_speed.py imported it (its shapes are patched there)."""
+    import sys
+    return sys.modules["activation_sparse_rows"]
+
+
 def test_gather_crossover_rows(bench, capsys, monkeypatch):
     """Shrunk shapes, one weight copy: one row per shape, each timing the gathers (not the masked dense path that
     the small ones decode through in a model), flagged by whether the shape is below MIN_GATHER_WEIGHTS."""
     from compress.activation_sparsity import ActivationSparseMLP
 
-    monkeypatch.setattr(bench, "GATHER_CROSSOVER_SHAPES", ((64, 128), (2048, 1536)))
+    monkeypatch.setattr(rows_module(), "GATHER_CROSSOVER_SHAPES", ((64, 128), (2048, 1536)))
     monkeypatch.setattr(ActivationSparseMLP, "MIN_GATHER_WEIGHTS", 1_000_000)  # the suite's default is 0
     bench.main(["--json", "--gather-crossover", "--quick", "--weight-copies", "1"])
     rows = json.loads(capsys.readouterr().out)
@@ -32,7 +38,7 @@ def test_activation_sparse_rows_from_a_quality_file(bench, capsys, monkeypatch, 
     """--quality reuses a calibration's figures: decode rows at 1 and 4 tokens through the gathers and a prefill row
     through the masked dense path, per gate variant (with the int8 copy as the gate: alone, every neuron kept, then
     sparse), each carrying its perplexity cost and the measured inactive share."""
-    monkeypatch.setattr(bench, "MLP_SHAPE", (128, 256))
+    monkeypatch.setattr(rows_module(), "MLP_SHAPE", (128, 256))
     quality = dict(model="builtin:small", ppl_delta_pct=0.9, ppl_delta_pct_ci95=[0.7, 1.1], sparsity=0.5, kl=0.01,
                    calibration_ppl_delta_pct=0.9, neuron_scaling=True, predictor_bits=8, exact_gate=exact_gate,
                    candidate_share=0.55, predictor_rank=0)

@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sparse_speed import cycling, largest_cache_bytes, paired_median_seconds  # noqa: E402
+from activation_sparse_rows import cycling, largest_cache_bytes  # noqa: E402
+from vq_logits import paired_median_seconds  # noqa: E402
 
 from compress.kernels.dispatch import forced_kernels  # noqa: E402
 from compress.quantize import QuantizedLinear  # noqa: E402

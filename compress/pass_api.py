@@ -192,6 +192,10 @@ class Pass:
         """Module names this pass would touch (for `--dry-run`)."""
         return list(self.target_modules(model))
 
+    def touches(self, model: nn.Module) -> list[str]:
+        """Module names whose weights this pass changes (`describe`, plus e.g. what it trains in full)."""
+        return self.describe(model)
+
     def check(self, model: nn.Module) -> None:
         """Raise ConfigError/UnsupportedModelError if this model's shapes cannot take the pass. Runs on a meta model
         (`--dry-run`) and at the start of `compress.apply`, before any pass does expensive work."""
@@ -215,8 +219,9 @@ class Pass:
         the model computes."""
         if not unused:
             return
-        for target in self.describe(model):
-            hit = next((name for name in unused if target == name or target.startswith(name + ".")), None)
+        for target in self.touches(model):
+            hit = next((name for name in unused if target == name or target.startswith(name + ".")
+                        or name.startswith(target + ".")), None)  # the module, one inside it, or its parent
             if hit is not None:
                 leaf = hit.rsplit(".", 1)[-1]
                 ignore = [*getattr(self.config, "ignore", []), f"re:.*{leaf}"]

@@ -95,6 +95,10 @@ class ActivationSparsity(Pass):
         prune or train it would change nothing the model computes."""
         if self.config.exact_gate:
             return
+        if later.name == self.name and set(later.describe(model)) & set(self._mlps(model)):
+            raise ConfigError("activation_sparsity twice over the same MLPs, the first with exact_gate: false: the "
+                              "second would calibrate on the first's quantized gate; keep one activation_sparsity "
+                              "pass")
         why = (f"activation_sparsity before it computes that gate from its int{self.config.predictor_bits} copy "
                "(exact_gate: false), so gate_proj is never called")
         later.check_not_unused(model, {f"{name}.gate_proj": why for name in self._mlps(model)})
@@ -130,6 +134,8 @@ class ActivationSparsity(Pass):
         with timed(report):
             modules = []
             for name, mlp in targets.items():
+                if isinstance(mlp, ActivationSparseMLP) and mlp.gate_adopted:  # (check() says so before any work)
+                    raise ConfigError(f"activation_sparsity: {name} already computes its gate from a quantized copy")
                 # an MLP made activation-sparse before is built again around the same projections, with this config
                 module = ActivationSparseMLP(mlp, max_sparse_tokens=c.max_sparse_tokens,
                                              predictor_rank=c.predictor_rank, predictor_bits=c.predictor_bits,

@@ -120,7 +120,7 @@ def run_suite(model, tokenizer, baseline=None, *, tasks_dir: Path = DATA_DIR, ta
             change_ci = paired_changes(per_doc.get(id(model), {}), baseline_per_doc or {})
         else:
             baseline_scores, baseline_ci = scores_of(baseline)
-            change_ci = paired_changes(per_doc[id(model)], per_doc[id(baseline)])
+            change_ci = paired_changes(per_doc.get(id(model), {}), per_doc.get(id(baseline), {}))
         if any(t in wanted for t in AGREEMENT_TASKS):
             rows = read_rows(tasks_dir / "agreement.jsonl")
             agreement = agreement_scores(model, baseline, tokenizer, rows, greedy_tokens, batch_size)

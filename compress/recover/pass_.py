@@ -85,6 +85,14 @@ class Recover(Pass):
     def describe(self, model: nn.Module) -> list[str]:
         return list(self._checked_targets(model))
 
+    def touches(self, model: nn.Module) -> list[str]:
+        """The LoRA targets and the modules trained in full (those an earlier linearize creates are not there yet)."""
+        try:
+            full = list(self._train_modules(model)) if self.config.train_modules else []
+        except ConfigError:
+            full = []
+        return self.describe(model) + full
+
     def check(self, model: nn.Module) -> None:
         """Targets, and what the arguments say of this model and this machine, before any pass runs."""
         from ..models import text_config

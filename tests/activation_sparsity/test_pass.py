@@ -430,3 +430,9 @@ def test_pass_with_quantized_gate_budgets_against_the_original_and_reloads(tmp_p
         Quantize(method="rtn").checked(reloaded)
     with pytest.raises(compress.ConfigError, match="already computes its gate"):
         ActivationSparsity().checked(reloaded)
+    with pytest.raises(compress.ConfigError, match="twice over the same MLPs"):  # a second one in the same recipe
+        ActivationSparsity().checked(compress.load("builtin:tiny"), [sparse])
+    from compress.recover.pass_ import Recover  # training the gate in full (or its MLP) is refused as well
+    for names in (["re:.*layers\\.0\\.mlp\\.gate_proj"], ["re:.*layers\\.0\\.mlp$"]):
+        with pytest.raises(compress.ConfigError, match="gate_proj is never called"):
+            Recover(train_modules=names).checked(compress.load("builtin:tiny"), [sparse])

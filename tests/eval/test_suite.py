@@ -112,6 +112,7 @@ def test_paired_change_against_the_baseline_by_hand(pruned_70, reference_model, 
     again = run_suite(pruned_70, reference_tokenizer, reference_model, limit=12, tasks=["mc"],
                       baseline_scores=earlier["model"], baseline_per_doc=earlier["model_per_doc"])
     assert again["change_ci95"] == out["change_ci95"]
+    assert run_suite(pruned_70, reference_tokenizer, reference_model, tasks=["copy"])["change_ci95"] == {}  # no lm-eval
 
 
 def test_pruning_hurts_generation_more_than_perplexity_says(reference_model, reference_tokenizer, pruned_70):

@@ -13,6 +13,8 @@ active rows are read once (the torch reference copies them first, which costs mo
 `COMPRESS_KERNELS=torch|triton` forces one (dispatch.py)."""
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 
@@ -232,7 +234,7 @@ def quantized_matvec_reference(codes: torch.Tensor, scales: torch.Tensor, x: tor
     return out
 
 
-_SCRATCH: dict[tuple, torch.Tensor] = {}
+_SCRATCH = threading.local()  # per thread: two threads running layers of one shape must not share a buffer
 
 
 def dequantize_into(out: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
@@ -255,12 +257,13 @@ def dequantize_into(out: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor
 
 
 def _scratch(n: int, d: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """One buffer that every layer of a shape reuses (they run one after another): no float copy per layer."""
+    """One buffer that every layer of a shape reuses (they run one after another): no float copy per layer; one per
+    thread."""
     key = (n, d, dtype, device)
-    if key not in _SCRATCH:
-        _SCRATCH.clear()  # one buffer: the shape a model's layers share
-        _SCRATCH[key] = torch.empty(n, d, dtype=dtype, device=device)
-    return _SCRATCH[key]
+    held = getattr(_SCRATCH, "buffers", None)
+    if held is None or key not in held:  # one buffer: the shape a model's layers share
+        held = _SCRATCH.buffers = {key: torch.empty(n, d, dtype=dtype, device=device)}
+    return held[key]
 
 
 def quantized_matmul(codes: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, bits: int,

@@ -107,7 +107,7 @@ def test_quantized_gate_copy(monkeypatch, bits, n, d):
     second = ak.quantized_matmul(codes2, scales2, x, bits)
     assert rel(second, ak.quantized_matvec_reference(codes2, scales2, x, bits)) < 1e-5
     assert torch.equal(ak.quantized_matmul(codes, scales, x, bits), first)
-    assert len(ak._SCRATCH) == 1 and next(iter(ak._SCRATCH.values())).shape[0] == n
+    assert len(ak._SCRATCH.buffers) == 1 and next(iter(ak._SCRATCH.buffers.values())).shape[0] == n
     x = torch.randn(4, d, generator=g)  # no planted ties or outliers: how close a predictor it is
     rows = [i for i in range(n) if i != 3]  # (the outlier's group is coarse by design)
     exact = x.double() @ w[rows].double().t()

@@ -42,7 +42,7 @@ timeout 100 python3 -P benchmarks/gpu_kernels.py 2>&1 | tee "$OUT/gpu_kernels.tx
 # issue 9 (sparse speed): the dispatcher's CUDA tests, then every GPU row of the sparse benchmark (packed GEMV,
 # cuSPARSELt / expand + cuBLAS per shape, activation-sparse MLP, 2-layer Llama-3-8B-shaped e2e)
 timeout -k 10 -s INT 90 python3 -P -m pytest -q -p no:cacheprovider tests/prune/test_gpu_dispatch.py 2>&1 | tail -n 15 | tee "$OUT/sparse_dispatch_tests.txt"
-timeout 300 python3 -P benchmarks/sparse_speed.py --json --no-cpu --quality benchmarks/sparse_quality_quick.json > "$OUT/sparse_speed.json" 2> "$OUT/sparse_speed.err"; tail -n 5 "$OUT/sparse_speed.err"
+timeout 300 python3 -P benchmarks/sparse_speed.py --json --no-cpu --quality benchmarks/sparse_quality_int8_gate.json > "$OUT/sparse_speed.json" 2> "$OUT/sparse_speed.err"; tail -n 5 "$OUT/sparse_speed.err"
 cp ~/.cache/compress/sparse_dispatch_*.json "$OUT/" 2>/dev/null || true
 fi
 if [ "$PART" = quick ]; then
@@ -52,9 +52,10 @@ timeout -k 10 -s INT 60 python3 -P -m pytest -q -p no:cacheprovider tests/linear
   tests/linearize/test_fla_cuda.py -k "triton_decode or fla" 2>&1 | tail -n 8 | tee "$OUT/linear_decode_tests.txt"
 timeout 140 python3 -P benchmarks/kv_serving.py --json --shapes 8,32768,128 8,8192,128 --max-seconds 100 \
   > "$OUT/kv_serving.json" 2> "$OUT/kv_serving.log"; tail -n 20 "$OUT/kv_serving.log"
-# the activation-sparsity thresholds from a file (`--quick --no-cpu --save-quality` on builtin:small, made on a CPU):
+# the activation-sparsity thresholds from a file (the recipe's int8 gate, `sparse_speed.py --only-activation-sparse
+# --no-cpu --save-quality F` on builtin:small, made on a CPU):
 # calibrating here would spend ~35 s of device time on the CPU before the first GPU row
-timeout 110 python3 -P benchmarks/sparse_speed.py --json --no-cpu --quick --quality benchmarks/sparse_quality_quick.json \
+timeout 110 python3 -P benchmarks/sparse_speed.py --json --no-cpu --quick --quality benchmarks/sparse_quality_int8_gate.json \
   --tokens 1 16 4096 \
   --shapes 4096x4096 14336x4096 > "$OUT/sparse_speed.json" 2> "$OUT/sparse_speed.err"; tail -n 20 "$OUT/sparse_speed.err"
 timeout 60 python3 -P benchmarks/linearize.py --json --serving-shape --device cuda --batch 8 --reps 1 --steps 8 \

@@ -61,6 +61,17 @@ def calibrated_quality(model_name: str, calib_samples: int, eval_windows: int, g
         inactive = 1 - sum(m.counts[0] for m in mlps) / sum(m.counts[1] for m in mlps)
         return ev, inactive
 
+    def heldout_with_zero(buffer: str) -> tuple[dict, float]:
+        """heldout() with every module's `buffer` (a threshold) at 0, then restored."""
+        saved = [float(getattr(m, buffer)) for m in mlps]
+        for m in mlps:
+            getattr(m, buffer).fill_(0.0)
+        try:
+            return heldout()
+        finally:
+            for m, t in zip(mlps, saved):
+                getattr(m, buffer).fill_(t)
+
     ev, inactive = heldout()
     out = dict(model=model_name, ppl_delta_pct=ev["ppl_delta_pct"], ppl_delta_pct_ci95=ev["ppl_delta_pct_ci95"],
                eval_windows=ev["windows"], sparsity=inactive, greedy_rounds=greedy_rounds,
@@ -70,22 +81,13 @@ def calibrated_quality(model_name: str, calib_samples: int, eval_windows: int, g
                predictor_ratio=predictor_ratio, neuron_scaling=neuron_scaling, predictor_bits=predictor_bits,
                exact_gate=exact_gate)
     if not exact_gate:
-        saved = [float(m.threshold) for m in mlps]
-        for m in mlps:  # threshold 0: every neuron kept, only the quantized gate
-            m.threshold.fill_(0.0)
-        alone, _ = heldout()
-        for m, t in zip(mlps, saved):
-            m.threshold.fill_(t)
+        alone, _ = heldout_with_zero("threshold")  # every neuron kept: the quantized gate alone
         out["quantized_gate_alone"] = dict(ppl_delta_pct=alone["ppl_delta_pct"],
                                            ppl_delta_pct_ci95=alone["ppl_delta_pct_ci95"], kl=alone["kl"])
     elif rank or predictor_bits:
         out["candidate_share"] = sum(d["candidate_share"]) / len(mlps)
-        saved = [float(m.predictor_threshold) for m in mlps]
-        for m in mlps:  # threshold 0: every neuron a candidate, i.e. the same thresholds without the predictor
-            m.predictor_threshold.fill_(0.0)
-        plain, plain_inactive = heldout()
-        for m, t in zip(mlps, saved):
-            m.predictor_threshold.fill_(t)
+        # every neuron a candidate: the same thresholds without the predictor
+        plain, plain_inactive = heldout_with_zero("predictor_threshold")
         out["without_predictor"] = dict(ppl_delta_pct=plain["ppl_delta_pct"],
                                         ppl_delta_pct_ci95=plain["ppl_delta_pct_ci95"], sparsity=plain_inactive,
                                         kl=plain["kl"])

@@ -16,10 +16,10 @@ CPU (one torch thread, fp32; speeds as ratios of paired medians):
   With `--no-quantized-gate` the exact gate: "dense gate" (the whole gate computed) and "predictor rank r" (a rank-r
   SVD predictor, rank = `--predictor-ratio` x hidden, picks candidates; only their gate rows are read; its misses
   are in its row's ppl_delta_pct), or with `--predictor-bits 8|4` "predictor int8|int4" (the gate's quantized copy
-  picks them). Speed: an ActivationSparseMLP at Llama-3-8B's MLP shape (4096 x 14336, random
-  weights) whose thresholds give the same inactive (and candidate) shares on its inputs, vs the same dense MLP, 1
-  and 4 tokens, and a prefill of `--prefill-tokens` (the masked dense path). Timed over enough copies (`weight_copies`, distinct random weights, called in turn) that the weights
-  read per cycle exceed 3x the CPU's largest cache, as the 32 layers of a real model do: a 480 MB L3 would otherwise
+  picks them). Speed: an ActivationSparseMLP at Llama-3-8B's MLP shape (4096 x 14336, random weights) whose
+  thresholds give the same inactive (and candidate) shares on its inputs, vs the same dense MLP, 1 and 4 tokens, and
+  a prefill of `--prefill-tokens` (the masked dense path). Timed over enough copies (`weight_copies`, distinct random
+  weights, called in turn) that the weights read per cycle exceed 3x the CPU's largest cache, as the 32 layers of a real model do: a 480 MB L3 would otherwise
   hold the sparse path's ~460 MB working set and not the dense path's 705 MB, a gain no real model sees.
 CUDA (fp16, when a GPU is present): per shape and tokens, dense cuBLAS vs the packed runtime's dispatched path
 (kind semi_structured for 2:4, dispatch for the 50%-unstructured bitmask above 16 tokens, with every candidate's
@@ -90,7 +90,8 @@ def cpu_e2e_tiny(repeats) -> list[dict]:
     ids = torch.randint(0, 8192, (1, 256), generator=torch.Generator().manual_seed(0))
     prefill = paired_median_seconds([lambda: base(input_ids=ids), lambda: ours(input_ids=ids)], repeats)
     gen = dict(max_new_tokens=64, min_new_tokens=64, do_sample=False, pad_token_id=0)
-    decode = paired_median_seconds([lambda: base.generate(ids[:, :16], **gen), lambda: ours.generate(ids[:, :16], **gen)],
+    decode = paired_median_seconds([lambda: base.generate(ids[:, :16], **gen),
+                                    lambda: ours.generate(ids[:, :16], **gen)],
                                    max(3, repeats // 2), min_batch_seconds=0)
     return [dict(device="cpu", kind="e2e_prefill", shape="builtin:tiny 2:4 runtime=dense", tokens=256,
                  speedup_vs_dense=prefill[0] / prefill[1]),

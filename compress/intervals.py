@@ -6,7 +6,7 @@ length it is the standard error of the per-window means), and Student's t with W
 models scored on the same windows are paired: the interval is that of their per-window difference, far narrower
 than two separate intervals. Assumed: windows are independent samples. Consecutive windows of one document are
 not: `block=k` takes runs of k consecutive windows as the samples instead (batch means; on the reference model's
-held-out text runs of 16 widened three pairs' standard errors 1.7-2.5x, benchmarks/interval_blocks.py). Nothing
+held-out text runs of 16 widened four pairs' standard errors 1.4-2.5x, benchmarks/interval_blocks.py). Nothing
 here speaks for other kinds of text. With fewer than two samples there is no spread to measure: the bounds are None.
 Accuracies over n examples (the eval suite) get Wilson score intervals."""
 from __future__ import annotations

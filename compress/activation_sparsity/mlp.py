@@ -36,8 +36,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..kernels.activation_sparse import (cpu_reads, dequantize_into, gather_axpy, gather_dot, quantization_group,
-                                         quantize_groups, quantized_matvec)
+from ..kernels.activation_sparse import (FEW_ROWS, cpu_reads, dequantize_into, gather_axpy, gather_dot,
+                                         quantization_group, quantize_groups, quantized_matvec)
 from ..kernels.cpu_gather import cpu_select_silu
 from ..prune.activation_sparsity import down_weight
 
@@ -137,15 +137,17 @@ class ActivationSparseMLP(nn.Module):
         return s * scale.to(s.dtype)
 
     @torch.no_grad()
-    def adopt_quantized_gate(self) -> None:
+    def adopt_quantized_gate(self, expand: bool = True) -> None:
         """exact_gate=False, once the calibration accepted the copy as the gate (or a checkpoint that stores it is
-        loaded): gate_proj's weight holds the copy expanded from now on (`expanded_gate`). Its original values are not
-        needed again, so no float copy is added, and checkpoints store the gate every path computes (tools that ignore
-        the compression section get it too). It is frozen: the gate is its codes, which training would not change."""
+        loaded: `expand=False`, the codes are not read yet): gate_proj's weight holds the copy expanded from now on
+        (`expanded_gate`). Its original values are not needed again, so no float copy is added, and checkpoints store
+        the gate every path computes (tools that ignore the compression section get it too). It is frozen: the gate
+        is its codes, which training would not change."""
         self.gate_adopted = True
         self.gate_proj.weight.requires_grad_(False)
         self._expanded_key = None
-        self.expanded_gate()
+        if expand:
+            self.expanded_gate()
 
     def unused_children(self) -> dict[str, str]:
         """{child: why} for children nothing calls (passes refuse to compress them: pass_api.unused_modules)."""
@@ -183,7 +185,8 @@ class ActivationSparseMLP(nn.Module):
         """The predictor's estimate of gate(x) [tokens, intermediate] (before the activation): P_out P_in x, or W~ x
         with W~ the gate's quantized copy."""
         if self.predictor_bits:
-            expanded = self.expanded_gate()  # prefill-sized x: one GEMM on it (decoding reads the codes)
+            # prefill-sized x: one GEMM on the expanded copy (decoding reads the codes: no key check on its path)
+            expanded = self.expanded_gate() if x.shape[0] > FEW_ROWS else None
             pre = quantized_matvec(self.predictor_codes, self.predictor_scales, x, self.predictor_bits,
                                    expanded).to(x.dtype)
             return pre + self.gate_proj.bias if self.gate_proj.bias is not None else pre

@@ -134,9 +134,8 @@ class ActivationSparsity(Pass):
         with timed(report):
             modules = []
             for name, mlp in targets.items():
-                if isinstance(mlp, ActivationSparseMLP) and mlp.gate_adopted:  # (check() says so before any work)
-                    raise ConfigError(f"activation_sparsity: {name} already computes its gate from a quantized copy")
                 # an MLP made activation-sparse before is built again around the same projections, with this config
+                # (one whose gate is already a quantized copy is refused by check(), before any pass runs)
                 module = ActivationSparseMLP(mlp, max_sparse_tokens=c.max_sparse_tokens,
                                              predictor_rank=c.predictor_rank, predictor_bits=c.predictor_bits,
                                              neuron_scaling=c.neuron_scaling, exact_gate=c.exact_gate)
@@ -174,6 +173,5 @@ class ActivationSparsity(Pass):
                 neuron_scaling=bool(spec.get("neuron_scaling", False)),
                 exact_gate=bool(spec.get("exact_gate", True))).train(mlp.training)
             if not module.exact_gate:  # the checkpoint stores the adopted copy; expanded from the codes when used
-                module.gate_adopted = True
-                module.gate_proj.weight.requires_grad_(False)
+                module.adopt_quantized_gate(expand=False)
             replace_module(model, name, module)

@@ -28,7 +28,8 @@ from ..errors import UnsupportedModelError
 from ..kernels.dispatch import use_triton
 from ..kernels.gla import gated_linear_attention
 from ..kernels.gsa import gated_slot_attention
-from ..kernels.linear_decode_cpu import gsa_decode_step, linear_decode_step, linear_decode_supported
+from ..kernels.linear_decode_cpu import (gsa_decode_step, linear_decode_step, linear_decode_step_from_projections,
+                                        linear_decode_supported)
 from ..kernels.linear_decode_triton import (gsa_decode_step_triton, gsa_triton_supported, linear_decode_step_triton,
                                             linear_decode_triton_supported)
 from ..kernels.window_attention import sliding_window_attention
@@ -139,8 +140,11 @@ class LinearizedAttention(nn.Module):
         b, t, _ = hidden_states.shape
         layer = self._cache_layer(cache)
         q, k, v = self.project(hidden_states)
-        phi_q, phi_k, log_gate = self.features(q, k)
         valid = key_validity(attention_mask, t)
+        fused = self._fused_decode_ready(layer) if t == 1 else None
+        if fused:
+            return self._fused_decode_step(fused, layer, q, k, v, valid, position_embeddings, hidden_states)
+        phi_q, phi_k, log_gate = self.features(q, k)
         # normalize: a ones column rides along with the values, so the same recurrence also carries z_t = the
         # decayed sum of phi(k) (its output column is phi(q_t) . z_t), in every kernel and in the cached state
         v_state = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1) if self.settings.normalize else v
@@ -149,9 +153,6 @@ class LinearizedAttention(nn.Module):
             phi_k, log_gate = phi_k.masked_fill(pad, 0.0), log_gate.masked_fill(pad, 0.0)
             v, v_state = v.masked_fill(pad, 0.0), v_state.masked_fill(pad, 0.0)
         state = layer.state if layer is not None else None
-        if t == 1 and self._fused_decode_ready(layer):
-            return self._fused_decode_step(layer, q, k, v, phi_q, phi_k, log_gate, v_state, valid,
-                                           position_embeddings, hidden_states)
         recurrent = gated_slot_attention if self.settings.gate == "gsa" else gated_linear_attention
         out, state = recurrent(phi_q, phi_k, v_state, log_gate, state, self.settings.chunk_size)
         if self.settings.normalize:
@@ -180,29 +181,30 @@ class LinearizedAttention(nn.Module):
 
     # ---- one decoding step in one call: C on the CPU (kernels/linear_decode_cpu.py), Triton on CUDA
     # (kernels/linear_decode_triton.py); forward's torch path is their reference ----
-    def _fused_decode_ready(self, layer) -> bool:
+    def _fused_decode_ready(self, layer) -> str | None:
+        """"triton" or "cpu" where a one-call decoding step applies to this layer's cache, else None."""
         if layer is None or layer.state is None:
-            return False
+            return None
+        window = self.settings.window_or_none() is not None
+        rings = (layer.window_keys, layer.window_values, layer.window_valid) if window else ()
+        if window and layer.window_keys is None:
+            return None
         if use_triton(layer.state):  # CUDA (or COMPRESS_KERNELS=triton): the Triton steps
-            window = self.settings.window_or_none() is not None
             if self.settings.gate == "gsa":
-                return not window and gsa_triton_supported(layer.state, self.head_dim)
-            return (not window or layer.window_keys is not None) and linear_decode_triton_supported(
-                layer.state, self.settings.normalize,
-                *((layer.window_keys, layer.window_values, layer.window_valid) if window else ()))
-        if self.settings.gate == "gsa":  # (the window branch is fused for the GLA gates only)
-            return self.settings.window_or_none() is None and linear_decode_supported(layer.state)
-        if self.settings.window_or_none() is None:
-            return linear_decode_supported(layer.state)
-        return layer.window_keys is not None and linear_decode_supported(
-            layer.state, layer.window_keys, layer.window_values, layer.window_valid)
+                ok = not window and gsa_triton_supported(layer.state, self.head_dim)
+            else:
+                ok = linear_decode_triton_supported(layer.state, self.settings.normalize, *rings)
+            return "triton" if ok else None
+        if self.settings.gate == "gsa" and window:  # (the window branch is fused for the GLA gates only)
+            return None
+        return "cpu" if linear_decode_supported(layer.state, *rings) else None
 
-    def _fused_decode_step(self, layer, q, k, v, phi_q, phi_k, log_gate, v_state, valid, position_embeddings,
-                           hidden_states):
+    def _fused_decode_step(self, kind, layer, q, k, v, valid, position_embeddings, hidden_states):
         b = hidden_states.shape[0]
         new_valid = None if valid is None else valid[:, -1]
         if self.settings.gate == "gsa":
-            step = gsa_decode_step_triton if use_triton(layer.state) else gsa_decode_step
+            phi_q, phi_k, log_gate = self.features(q, k)
+            step = gsa_decode_step_triton if kind == "triton" else gsa_decode_step
             out = step(phi_q, phi_k, v, log_gate, layer.state, new_valid)
             layer.cumulative_length += 1
             return self.o_proj(out.view(b, 1, -1).to(hidden_states.dtype)), None
@@ -212,8 +214,12 @@ class LinearizedAttention(nn.Module):
             q_rot, k_rot = self._rotary(q, k, cos, sin)
             slot = layer.cumulative_length % layer.window_keys.shape[2]
             window = (q_rot, k_rot, v, layer.window_keys, layer.window_values, layer.window_valid, slot)
-        step = linear_decode_step_triton if use_triton(layer.state) else linear_decode_step
-        out = step(phi_q, phi_k, log_gate, v_state, layer.state, self.settings.normalize, window, new_valid,
-                   self.settings.alpha, self.settings.beta, self.scaling)
+        args = (self.settings.normalize, window, new_valid, self.settings.alpha, self.settings.beta, self.scaling)
+        if kind == "cpu":  # the C step applies the feature map itself
+            out = linear_decode_step_from_projections(q, k, v, layer.state, self.settings.gate, *args)
+        else:
+            phi_q, phi_k, log_gate = self.features(q, k)
+            v_state = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1) if self.settings.normalize else v
+            out = linear_decode_step_triton(phi_q, phi_k, log_gate, v_state, layer.state, *args)
         layer.cumulative_length += 1
         return self.o_proj(out.view(b, 1, -1).to(hidden_states.dtype)), None

@@ -38,12 +38,14 @@ def main() -> None:
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
 def validate(recipe: str) -> None:
-    """Check a recipe without loading any model."""
+    """Check a recipe without loading any model (its syntax, passes and settings; what needs the model's modules,
+    such as targets that match nothing or passes that conflict on a module, `compress apply --dry-run` checks)."""
     from .recipe import Recipe
 
     r = Recipe.from_yaml(recipe)
     click.echo(f"{recipe}: ok ({len(r.passes)} pass{'es' if len(r.passes) != 1 else ''}: "
-               f"{', '.join(p.name for p in r.passes)})")
+               f"{', '.join(p.name for p in r.passes)}); checks that need the model: "
+               f"compress apply {recipe} --dry-run")
 
 
 _DTYPE = click.option(

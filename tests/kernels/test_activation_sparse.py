@@ -72,7 +72,8 @@ def test_triton_kernels(triton_kernels, tokens, k, d):
 @pytest.mark.parametrize("n,d", [(37, 256), (20, 100)])
 def test_quantized_gate_copy(monkeypatch, bits, n, d):
     """The gate predictor's int8 / int4 copy: round-to-nearest within half a step of each group's scale. Its product
-    with x rounded to int8 per token and group (C kernel, VNNI where the CPU has it, and the torch reference) against
+    with x rounded to int8 per token and group (C kernel: VNNI, or AVX2 integer pairs, where the CPU has them; the
+    torch reference) against
     the same integers summed in float64, and close to the exact float product."""
     monkeypatch.delenv("COMPRESS_KERNELS", raising=False)
     from compress.kernels.cpu_gather import qmatvec_library

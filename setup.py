@@ -58,8 +58,10 @@ setup(
         "fla": ["fla-core>=0.6"],  # GPU: flash-linear-attention kernels for linearized layers (chunk_gla)
         "ct": ["compressed-tensors>=0.20,<0.21"],  # --format compressed-tensors (transformers and vLLM read it)
         "bench": ["optimum-quanto>=0.2.5", "hqq>=0.2"],  # outside KV-cache baselines in benchmarks/kv_serving.py
+        # hqq (bench) is left out: where it is installed, transformers.cache_utils imports it, and torch's compiler
+        # with it, in every process (~4.5 s each on a slow CPU); its cache-bytes test runs with `.[test,bench]`
         "test": ["pytest>=8", "triton>=3.0", "lm_eval>=0.4.13,<0.5", "matplotlib>=3.7",
-                 "compressed-tensors>=0.20,<0.21", "bitsandbytes>=0.50", "optimum-quanto>=0.2.5", "hqq>=0.2"],
+                 "compressed-tensors>=0.20,<0.21", "bitsandbytes>=0.50", "optimum-quanto>=0.2.5"],
     },
     entry_points={"console_scripts": ["compress=compress.cli:main"]},
 )

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -211,7 +211,7 @@ def read_state(path: Path) -> dict[str, torch.Tensor]:
             with safe_open(f, framework="pt") as sf:
                 for k in sf.keys():
                     state[k] = sf.get_tensor(k)
-        except (OSError, ValueError, RuntimeError) as exc:  # safetensors' own errors past the header checks
+        except (OSError, ValueError, RuntimeError, SafetensorError) as exc:  # safetensors' errors past our checks
             raise CheckpointError(f"{f}: cannot be read as safetensors ({str(exc).splitlines()[0][:200]}); the "
                                   "file is damaged: copy or export the model again") from None
     return state
@@ -291,7 +291,7 @@ def restore_pass(path: Path, index: int, entry: dict, model: nn.Module) -> None:
         raise
     except CompressError as exc:
         raise CheckpointError(f"{path}: compression.passes[{index}] ({name}): {str(exc).splitlines()[0]}") from None
-    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:  # e.g. a negative size
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, ArithmeticError) as exc:  # negative sizes..
         if isinstance(exc, RuntimeError) and ("allocate" in str(exc) or isinstance(exc, torch.OutOfMemoryError)):
             raise  # out of memory: not the checkpoint's fault
         raise CheckpointError(f"{path}: compression.passes[{index}] ({name}) has a damaged restore record "

@@ -102,7 +102,7 @@ def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     if not isinstance(header, dict):
         raise _damaged(path, "has a header that is not a JSON object")
     data_size = size - 8 - length
-    out = {}
+    out, spans = {}, []
     for name, info in header.items():
         if name == "__metadata__":
             continue
@@ -120,6 +120,11 @@ def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
         if end - begin != header_nbytes(dtype, shape):
             raise _damaged(path, f"tensor {name!r}: {end - begin} bytes stored for shape {list(shape)} of {dtype}")
         out[name] = (dtype, shape)
+        spans.append((begin, end, name))
+    spans.sort()
+    for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
+        if begin < end:  # two tensors would read the same bytes (safetensors raises its own error class)
+            raise _damaged(path, f"tensors {first!r} and {second!r} overlap in the data section")
     return out
 
 

@@ -96,6 +96,15 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
         from .export.compressed_tensors import check_passes, export
 
         check_passes([(p.name, p.args) for p in r.passes])  # what the format cannot express fails before any work
+    if max_memory is not None:
+        from .offload import parse_bytes
+
+        parse_bytes(max_memory)  # a malformed size fails before any work
+        if models.layers_left_on_disk(model_src, max_memory=max_memory, dtype=dtype):
+            api.check_offload_support(passes)  # passes that cannot run so fail before any layer is read
+    # folders written while the run works (Trainer checkpoints, --offload-folder): the output's swap must not hold them
+    work_folders = tuple(f for p in passes for f in p.work_folders()) + ((Path(offload_folder),) if offload_folder
+                                                                        and max_memory else ())
     if dry_run:
         model = models.load(model_src, meta=True, allow_pickle=allow_pickle)
         api.check_not_quantized_elsewhere(model)
@@ -109,7 +118,7 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
                 base_dir=r.base_dir))
         if output:
             check_output(output, overwrite=overwrite, source=_local_source(model_src), protected=(Path(recipe),),
-                         work=tuple(f for p in passes for f in p.work_folders()))
+                         work=work_folders)
         plan = [(p.name, p.describe(model)) for p in passes]
         if as_json:
             click.echo(json.dumps({"model": model_src, "passes": [{"pass": k, "modules": v} for k, v in plan]}))
@@ -124,19 +133,13 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
     source_path = models.resolve_model_path(model_src)
     protected = (Path(recipe),) + ((Path(eval_text),) if eval_text else ())
     check_output(output, overwrite=overwrite, source=_local_source(model_src), protected=protected,
-                 work=tuple(f for p in passes for f in p.work_folders()))
+                 work=work_folders)
     _check_device(device)
     needs_text = do_eval or any(p.needs_calibration_for() for p in passes)
     tokenizer = models.load_tokenizer(model_src, strict=needs_text)
     if do_eval and tokenizer is None:
         raise CompressError(f"{model_src} has no tokenizer files, which the evaluation needs: save the tokenizer "
                             "with the model, or pass --no-eval")
-    if max_memory is not None:
-        from .offload import parse_bytes
-
-        parse_bytes(max_memory)  # a malformed size fails before any work
-        if models.layers_left_on_disk(model_src, max_memory=max_memory, dtype=dtype):
-            api.check_offload_support(passes)  # passes that cannot run so fail before any layer is read
     offload = {"max_memory": max_memory, "offload_folder": offload_folder} if max_memory else {}
     model = models.load(model_src, allow_pickle=allow_pickle, dtype=dtype, **offload)
     text = _read_text(eval_text) if do_eval and eval_text else None

@@ -79,10 +79,17 @@ def empty_model(config, dtype: torch.dtype | None = None, meta: bool = False) ->
     """The model structure from a config, with uninitialized (or meta) weights."""
     from transformers import AutoModelForCausalLM
 
-    if meta:
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    try:
+        if meta:
+            with torch.device("meta"):
+                return AutoModelForCausalLM.from_config(config, dtype=dtype)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except (KeyError, ValueError, TypeError, AttributeError, IndexError, ArithmeticError) as exc:
+        # values the config's class accepts but the modeling code cannot use (an unknown activation or RoPE type,
+        # zero heads): transformers raises from deep inside its modules
+        detail = str(exc).splitlines()[0][:200] if str(exc) else ""
+        raise CheckpointError(f"config.json: transformers cannot build a {getattr(config, 'model_type', '?')} model "
+                              f"from it ({type(exc).__name__}: {detail}); the config is damaged or edited") from None
 
 
 def storage_dtype(config) -> torch.dtype:

@@ -46,9 +46,12 @@ def parse_bytes(value: int | str) -> int:
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*", str(value))
     if not m or m.group(2).upper() not in _UNITS:
         raise CompressError(f"cannot read memory size {value!r}; write e.g. 8GB, 512MiB or a number of bytes")
-    if float(m.group(1)) <= 0:
+    number = float(m.group(1)) * _UNITS[m.group(2).upper()]
+    if number <= 0:
         raise CompressError(f"max_memory must be positive, got {value!r}")
-    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    if not math.isfinite(number) or number >= 2**63:
+        raise CompressError(f"max_memory {value!r} is more memory than any machine has; write e.g. 8GB")
+    return int(number)
 
 
 def weight_index(files: list[Path], dtype: torch.dtype) -> dict[str, dict]:

@@ -89,8 +89,8 @@ def check_output(output: str | Path, *, overwrite: bool, source: Path | None = N
             raise OutputError(f"output {output} contains {p}, which this run reads; choose another output folder")
     for p in work:
         if _contains(resolved, Path(p).expanduser().resolve()):
-            raise OutputError(f"output {output} contains {p}, where a pass writes while it runs (checkpoint_dir); "
-                              "put it outside the output folder")
+            raise OutputError(f"output {output} contains {p}, where this run writes while it works (a pass's "
+                              "checkpoint_dir or --offload-folder); put it outside the output folder")
     recover(resolved)
     if resolved.exists() or resolved.is_symlink():
         _check_replaceable(out, resolved, overwrite)
@@ -112,7 +112,8 @@ def _check_replaceable(out: Path, resolved: Path, overwrite: bool) -> None:
     if not resolved.is_dir():
         raise OutputError(f"output {out} is a file, not a folder; choose another output path")
     if not overwrite:
-        raise OutputError(f"{out} already exists; choose another output folder or pass --overwrite (overwrite=True)")
+        raise OutputError(f"{out} already exists; choose another output folder, or pass --overwrite "
+                          "(overwrite=True in Python)")
     entries = list(resolved.iterdir())
     if not entries:
         return  # an empty folder: replacing it loses nothing

@@ -28,8 +28,7 @@ from ..errors import UnsupportedModelError
 from ..kernels.dispatch import use_triton
 from ..kernels.gla import gated_linear_attention
 from ..kernels.gsa import gated_slot_attention
-from ..kernels.linear_decode_cpu import (gsa_decode_step, linear_decode_step, linear_decode_step_from_projections,
-                                        linear_decode_supported)
+from ..kernels.linear_decode_cpu import gsa_decode_step, linear_decode_step_from_projections, linear_decode_supported
 from ..kernels.linear_decode_triton import (gsa_decode_step_triton, gsa_triton_supported, linear_decode_step_triton,
                                             linear_decode_triton_supported)
 from ..kernels.window_attention import sliding_window_attention

@@ -9,9 +9,11 @@ from __future__ import annotations
 from pydantic import Field
 from torch import nn
 
+from ..errors import ConfigError, UnsupportedModelError
 from ..models import checkpoint_dtype
 from ..pass_api import Pass, PassConfig, PassContext, PassReport, tensor_bytes, timed
 from ..registry import register_pass
+from .attention import LinearizedAttention
 from .convert import attention_modules, linearize_model
 from .mom import round_new_parameters
 from .settings import LayerSpecField, LinearizeSettings, resolve_layers
@@ -53,3 +55,21 @@ class Linearize(Pass):
     def describe(self, model: nn.Module) -> list[str]:
         modules = attention_modules(model)
         return [modules[i][0] for i in resolve_layers(self.config.layers, len(modules))]
+
+    def check(self, model: nn.Module) -> None:
+        """A model that is linearized already (a linearized checkpoint as the input) at the chosen layers."""
+        done = [name for name in self.describe(model) if isinstance(model.get_submodule(name), LinearizedAttention)]
+        if done:
+            raise UnsupportedModelError(f"{done[0]} is already linearized (the input model is a linearized "
+                                        "checkpoint); choose other `layers` or start from the original model")
+
+    def check_after(self, model: nn.Module, earlier) -> None:
+        """Two linearize passes may convert different layers (e.g. GLA here, the hybrid there), not the same."""
+        mine = set(self.describe(model))
+        for p in earlier:
+            if p.name == self.name:
+                both = [name for name in p.describe(model) if name in mine]
+                if both:
+                    raise ConfigError(f"the linearize pass before this one converts {both[0]} too"
+                                      f"{f' (and {len(both) - 1} more)' if len(both) > 1 else ''}: give the two "
+                                      "passes disjoint `layers`")

@@ -97,6 +97,21 @@ def _float_bitmask(folder):
     _rewrite(folder, damage)
 
 
+def _overlapping_tensors(folder):
+    """Two tensors' data offsets point at the same bytes (each entry's size still matches its shape)."""
+    data = (folder / WEIGHTS).read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + length])
+    names = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
+    first, second = header[names[0]], header[names[1]]
+    size = second["data_offsets"][1] - second["data_offsets"][0]
+    second["data_offsets"] = [first["data_offsets"][0], first["data_offsets"][0] + size]  # starts where the first does
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (length - len(text))  # same header length: the data section stays where it was
+    assert len(text) == length
+    (folder / WEIGHTS).write_bytes(data[:8] + text + data[8 + length:])
+
+
 CASES = {
     # name: (checkpoint, damage, message fragment)
     "truncated": ("bitmask", _truncate, "is truncated"),
@@ -105,6 +120,7 @@ CASES = {
     "oversized header": ("bitmask", _huge_header, "-byte header"),
     "header lies about a dtype": ("bitmask", _lying_dtype, "bytes stored for shape"),
     "empty weights": ("bitmask", _empty, "is empty (0 bytes)"),
+    "overlapping tensors": ("bitmask", _overlapping_tensors, "overlap in the data section"),
     "truncated config.json": ("bitmask", _truncated_config, "config.json: not valid JSON at line"),
     "compression is a string": ("bitmask", lambda f: _config(f, lambda c: c.update(compression="yes")),
                                 "the `compression` section is a str, not a mapping"),
@@ -184,6 +200,15 @@ EDITED_CONFIGS = {
         "restore.adapter must name a folder inside the checkpoint"),
     "dense-pruned layers that are no names": (lambda c: c["compression"]["passes"][0].update(dense_pruned=[3]),
                                               "`dense_pruned` is not a list of module names"),
+    # values transformers' config class accepts and its modeling code cannot use (KeyError / ZeroDivisionError)
+    "unknown activation": (lambda c: c.update(hidden_act="swishy"), "transformers cannot build a llama model"),
+    "no key/value heads": (lambda c: c.update(num_key_value_heads=0), "transformers cannot build a llama model"),
+    "unknown RoPE type": (lambda c: c.update(rope_parameters={**(c.get("rope_parameters") or {}),
+                                                              "rope_type": "yarnz"}),
+                          "transformers cannot build a llama model"),
+    "an N:M record without N and M": (lambda c: [s.update(format="nm") for s in
+                                                 c["compression"]["passes"][0]["restore"].values()],
+                                      "damaged restore record"),
     # said "written by format version 1; this library reads up to version 1: upgrade compress"
     "format version as a string": (lambda c: c["compression"].update(format_version="1"),
                                    "compression.format_version is '1', not an integer"),

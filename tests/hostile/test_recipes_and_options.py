@@ -83,6 +83,14 @@ OPTIONS = [
     (["generate", "builtin:tiny", "--prompt", "hi", "--sample", "--seed", "99999999999999999999999"], "'--seed'"),
     (["generate", "builtin:tiny", "--prompt", "hi", "--temperature", "0.5"], "--temperature only applies to sampling; add --sample"),
     (["eval", "builtin:tiny", "--suite-limit", "3"], "--suite-limit limits the suite's examples: add --suite kick"),
+    (["apply", "recipes/magnitude-50.yaml", "--max-memory", "1e400GB", "--output", "never"],
+     "is more memory than any machine has"),
+    (["apply", "recipes/magnitude-50.yaml", "--max-memory", "1e400GB", "--output", "never", "--dry-run"],
+     "is more memory than any machine has"),
+    (["apply", "recipes/magnitude-50.yaml", "--max-memory", "1MB", "--offload-folder", "never/spill", "--output",
+      "never"], "where this run writes while it works (a pass's checkpoint_dir or --offload-folder)"),
+    (["apply", "recipes/activation-sparse.yaml", "--max-memory", "1MB", "--output", "never", "--dry-run"],
+     "cannot run with decoder layers left on disk"),
 ]
 
 
@@ -124,7 +132,10 @@ APPLY_MISTAKES = {
     "recover checkpoint_dir inside the output": (
         "calibration: {{source: builtin:calibration, num_samples: 2, seq_len: 32}}\n"
         "passes:\n  - recover: {{checkpoint_dir: {out}/trainer, max_tokens: 256}}\n",
-        ["trainer, where a pass writes while it runs (checkpoint_dir)"]),
+        ["trainer, where this run writes while it works (a pass's checkpoint_dir"]),
+    "linearize twice over the same layers": (
+        "passes:\n  - linearize: {{layers: [0, 1]}}\n  - linearize: {{variant: hybrid, layers: [1, 2]}}\n",
+        [":3:5: the linearize pass before this one converts model.layers.1.self_attn too", "disjoint `layers`"]),
     "quantize twice": ("passes:\n  - quantize: {{method: rtn}}\n  - quantize: {{method: rtn, bits: 8}}\n",
                        [":3:5: quantize: every layer the targets match is quantized by an earlier quantize pass"]),
     "activation sparsity after quantize": (

@@ -26,15 +26,25 @@ def require_compiler():
         pytest.skip("triton's wheel has no ptxas/cuobjdump/nvdisasm here")
 
 
-def compile_for(arch, *only):
+def compile_for(arch, *only, workers: int = 1):
+    """compile_check's (exit code, report) for the entries `only`, split over `workers` processes run at once
+    (the pytest process waits on one core; ptxas on the others)."""
     require_compiler()
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "COMPRESS_KERNELS")}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    proc = subprocess.run([sys.executable, "-m", "compress.kernels.compile_check", "--json", "--sass", "--arch",
-                           str(arch), "--only", *only],
-                          capture_output=True, text=True, env=env, timeout=600)
-    assert proc.stdout, proc.stderr[-3000:]
-    return proc.returncode, json.loads(proc.stdout)
+    parts = [list(only[i::workers]) for i in range(max(1, min(workers, len(only))))]
+    procs = [subprocess.Popen([sys.executable, "-m", "compress.kernels.compile_check", "--json", "--sass", "--arch",
+                               str(arch), "--only", *part], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env) for part in parts]
+    code, report = 0, {"arch": arch, "kernels": [], "failures": []}
+    for proc in procs:
+        out, err = proc.communicate(timeout=600)
+        assert out, err[-3000:]
+        part = json.loads(out)
+        code = max(code, proc.returncode)
+        report["kernels"] += part["kernels"]
+        report["failures"] += part["failures"]
+    return code, report
 
 
 def launched_kernels() -> set[str]:
@@ -53,7 +63,7 @@ def launched_kernels() -> set[str]:
 
 @pytest.fixture(scope="module")
 def compiled():
-    return compile_for(90, *ENTRIES)
+    return compile_for(90, *ENTRIES, workers=min(4, os.cpu_count() or 1))
 
 
 @cpu_only

@@ -17,8 +17,8 @@ from .cpu_build import load_c_library
 
 _I64, _PTR, _F32, _I32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
 _SIGNATURES = (("linear_decode_step",
-                (_PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _I32, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR,
-                 _I64, _I64, _I64, _PTR, _F32, _F32, _F32, _PTR, _I32, _I32),
+                (_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _I32, _I32, _PTR, _PTR, _PTR, _PTR, _PTR,
+                 _I64, _I64, _I64, _PTR, _F32, _F32, _F32, _PTR, _I32),
                 ctypes.c_int),
                ("mom_decode_step",
                 (_PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _I64, _PTR, _F32, _PTR,
@@ -51,47 +51,33 @@ def linear_decode_supported(state: torch.Tensor, ring_k=None, ring_v=None, ring_
             and (ring_valid is None or (ring_valid.dtype == torch.bool and ring_valid.is_contiguous())))
 
 
-def linear_decode_step(phi_q, phi_k, log_gate, v_state, state, normalize: bool, window=None, new_valid=None,
-                       alpha: float = 0.0, beta: float = 0.0, scale: float = 1.0) -> torch.Tensor:
-    """phi_q [B, Hq, 1, K]; phi_k, log_gate [B, H, 1, K]; v_state [B, H, 1, VS]; state [B, H, K, VS] (updated in
-    place); window: None, or (q_rot [B, Hq, 1, D], k_rot [B, H, 1, D], v [B, H, 1, V], ring_k [B, H, S, D],
-    ring_v [B, H, S, V], ring_valid bool [B, S], slot) whose ring entries at `slot` are overwritten by the new
-    token; new_valid bool [B] or None. Returns out [B, Hq, 1, V]."""
-    return _linear_step(0, phi_q, phi_k, log_gate, v_state, state, normalize, window, new_valid, alpha, beta, scale)
+GATES = {"gla": 1, "hgrn2": 2}  # the C step's feature maps (linearize/attention.py `features`)
 
 
-FEATURE_MAPS = {"gla": 1, "hgrn2": 2}
-
-
-def linear_decode_step_from_projections(q, k, v, state, gate: str, normalize: bool, window=None, new_valid=None,
-                                        alpha: float = 0.0, beta: float = 0.0, scale: float = 1.0) -> torch.Tensor:
-    """`linear_decode_step` from the raw projections q [B, Hq, 1, K], k [B, H, 1, K], v [B, H, 1, V] (before RoPE):
-    the C step applies Liger's feature map for `gate` ("gla" or "hgrn2": linearize/attention.py `features`) and
-    the normalized state's ones column itself, which saves a decoding step ~8 small torch ops per layer."""
-    return _linear_step(FEATURE_MAPS[gate], q, k, k, v, state, normalize, window, new_valid, alpha, beta, scale)
-
-
-def _linear_step(feature_map, phi_q, phi_k, log_gate, v_state, state, normalize, window, new_valid, alpha, beta,
-                 scale) -> torch.Tensor:
-    phi_q, phi_k, log_gate, v_state = (t.float().contiguous() for t in (phi_q, phi_k, log_gate, v_state))
-    b, hq, _, k_dim = phi_q.shape
+def linear_decode_step(q, k, v, state, gate: str, normalize: bool, window=None, new_valid=None, alpha: float = 0.0,
+                       beta: float = 0.0, scale: float = 1.0) -> torch.Tensor:
+    """From the raw projections q [B, Hq, 1, K], k [B, H, 1, K], v [B, H, 1, V] (before RoPE): the C step applies
+    Liger's feature map for `gate` ("gla" or "hgrn2") and the normalized state's ones column itself (~8 small torch
+    ops per layer and step fewer than computing them here). state [B, H, K, V + normalize] (updated in place);
+    window: None, or (q_rot [B, Hq, 1, D], k_rot [B, H, 1, D], v, ring_k [B, H, S, D], ring_v [B, H, S, V],
+    ring_valid bool [B, S], slot), the Triton step's tuple (its v is this v), whose ring entries at `slot` are
+    overwritten by the new token; new_valid bool [B] or None. Returns out [B, Hq, 1, V]."""
+    q, k, v = (t.float().contiguous() for t in (q, k, v))
+    b, hq, _, k_dim = q.shape
     h, vs_dim = state.shape[1], state.shape[-1]
-    v_dim = vs_dim - int(normalize)
-    out = phi_q.new_empty(b, hq, 1, v_dim)
+    out = q.new_empty(b, hq, 1, vs_dim - int(normalize))
     new_valid, valid_ptr = _valid(new_valid)
     if window is None:
         slots = slot = d_rot = 0
-        ptrs = (None,) * 6
+        ptrs = (None,) * 5
     else:
-        q_rot, k_rot, v, ring_k, ring_v, ring_valid, slot = window
-        q_rot, k_rot, v = (t.float().contiguous() for t in (q_rot, k_rot, v))
+        q_rot, k_rot, _, ring_k, ring_v, ring_valid, slot = window
+        q_rot, k_rot = (t.float().contiguous() for t in (q_rot, k_rot))
         slots, d_rot = ring_k.shape[2], ring_k.shape[3]
-        ptrs = (q_rot.data_ptr(), k_rot.data_ptr(), v.data_ptr(), ring_k.data_ptr(), ring_v.data_ptr(),
-                ring_valid.data_ptr())
+        ptrs = (q_rot.data_ptr(), k_rot.data_ptr(), ring_k.data_ptr(), ring_v.data_ptr(), ring_valid.data_ptr())
     status = _library().linear_decode_step(
-        phi_q.data_ptr(), phi_k.data_ptr(), log_gate.data_ptr(), v_state.data_ptr(), state.data_ptr(), b, h, hq // h,
-        k_dim, vs_dim, int(normalize), *ptrs, slots, slot, d_rot, valid_ptr, alpha, beta, scale, out.data_ptr(),
-        torch.get_num_threads(), feature_map)
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), state.data_ptr(), b, h, hq // h, k_dim, vs_dim, int(normalize),
+        GATES[gate], *ptrs, slots, slot, d_rot, valid_ptr, alpha, beta, scale, out.data_ptr(), torch.get_num_threads())
     if status != 0:
         raise MemoryError("linear_decode_step: could not allocate its per-head buffers")
     return out

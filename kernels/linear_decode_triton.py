@@ -1,9 +1,10 @@
 """One decoding step of a GLA-type linearized layer on a GPU in one Triton launch (the CUDA counterpart of
-linear_decode_cpu.py's `linear_decode_step`, same arguments and results): the gated recurrence updated in place, its
-read-out (optionally normalized), and the Liger Attention hybrid's sliding-window branch over its ring buffer, whose
-oldest slot the new token then replaces. fla-core has no such step (its fused-recurrent kernels take no window
-branch); forward's torch path (kernels/gla.py gla_step, window_attention.py, LinearizedLayer.store: ~40 small
-launches per layer) is the reference the tests compare with, token by token, under the interpreter.
+linear_decode_cpu.py's `linear_decode_step`, same results; it takes the features, which the C step computes
+itself): the gated recurrence updated in place, its read-out (optionally normalized), and the Liger Attention
+hybrid's sliding-window branch over its ring buffer, whose oldest slot the new token then replaces. fla-core has
+no such step (its fused-recurrent kernels take no window branch); forward's torch path (kernels/gla.py gla_step,
+window_attention.py, LinearizedLayer.store: ~40 small launches per layer) is the reference the tests compare
+with, token by token, under the interpreter.
 
 One program per (batch row, KV head): the state [K, V (+1)] and the window's slots loaded once into registers for the
 G query heads of the group, each head's read-out a product and a sum over them in fp32 (a padded tl.dot in fp32
@@ -194,8 +195,9 @@ if triton is not None:
 
 def linear_decode_step_triton(phi_q, phi_k, log_gate, v_state, state, normalize: bool, window=None, new_valid=None,
                               alpha: float = 0.0, beta: float = 0.0, scale: float = 1.0) -> torch.Tensor:
-    """`linear_decode_cpu.linear_decode_step` on a GPU (or the interpreter): the same arguments, state and ring
-    buffers updated in place, out [B, Hq, 1, V]."""
+    """`linear_decode_cpu.linear_decode_step` on a GPU (or the interpreter), from the features: phi_q [B, Hq, 1, K],
+    phi_k and log_gate [B, H, 1, K], v_state [B, H, 1, V + normalize] (the ones column appended); the same window
+    tuple, state and ring buffers updated in place, out [B, Hq, 1, V]."""
     phi_q, phi_k, log_gate, v_state = (t.float().contiguous() for t in (phi_q, phi_k, log_gate, v_state))
     b, hq, _, k_dim = phi_q.shape
     h, vs_dim = state.shape[1], state.shape[-1]

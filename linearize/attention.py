@@ -28,7 +28,7 @@ from ..errors import UnsupportedModelError
 from ..kernels.dispatch import use_triton
 from ..kernels.gla import gated_linear_attention
 from ..kernels.gsa import gated_slot_attention
-from ..kernels.linear_decode_cpu import gsa_decode_step, linear_decode_step_from_projections, linear_decode_supported
+from ..kernels.linear_decode_cpu import gsa_decode_step, linear_decode_step, linear_decode_supported
 from ..kernels.linear_decode_triton import (gsa_decode_step_triton, gsa_triton_supported, linear_decode_step_triton,
                                             linear_decode_triton_supported)
 from ..kernels.window_attention import sliding_window_attention
@@ -215,7 +215,7 @@ class LinearizedAttention(nn.Module):
             window = (q_rot, k_rot, v, layer.window_keys, layer.window_values, layer.window_valid, slot)
         args = (self.settings.normalize, window, new_valid, self.settings.alpha, self.settings.beta, self.scaling)
         if kind == "cpu":  # the C step applies the feature map itself
-            out = linear_decode_step_from_projections(q, k, v, layer.state, self.settings.gate, *args)
+            out = linear_decode_step(q, k, v, layer.state, self.settings.gate, *args)
         else:
             phi_q, phi_k, log_gate = self.features(q, k)
             v_state = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1) if self.settings.normalize else v

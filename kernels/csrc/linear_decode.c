@@ -33,9 +33,6 @@ static inline float dotf(const float* x, const float* y, int64_t n) {
     return acc;
 }
 
-/* phi_q [B, Hq, K]; phi_k, log_gate [B, H, K]; v_state [B, H, VS] (VS = V + normalize); state [B, H, K, VS];
-   q_rot [B, Hq, D], k_rot [B, H, D], v [B, H, V]; ring_k [B, H, S, D], ring_v [B, H, S, V], ring_valid [B, S]
-   (uint8); new_valid [B] (uint8, NULL: all valid); slots S = 0: no window branch. out [B, Hq, V]. */
 /* softmax of x [n] into y */
 static inline void softmax_into(const float* x, int64_t n, float* y) {
     float mx = -INFINITY, sum = 0.f;
@@ -48,17 +45,17 @@ static inline void softmax_into(const float* x, int64_t n, float* y) {
 /* log(sigmoid(x)) without overflow: min(x, 0) - log1p(exp(-|x|)) */
 static inline float log_sigmoid(float x) { return fminf(x, 0.f) - log1pf(expf(-fabsf(x))); }
 
-/* feature_map 0: phi_q, phi_k, log_gate and v_state hold the features (VS columns). 1 (GLA) / 2 (HGRN2): they hold
-   the raw projections q [B, Hq, K], k [B, H, K] (log_gate unused) and v [B, H, V], and the step applies Liger's
-   feature map itself (linearize/attention.py `features`): phi = softmax over K for q and for GLA's k, HGRN2's
-   phi(k) = 1 - sigmoid(k); log-gate = logsigmoid(k) / 16 (GLA) or logsigmoid(k) (HGRN2); the normalized state's
-   ones column appended to v. One call instead of ~8 small torch ops per layer and step. */
-int linear_decode_step(const float* phi_q, const float* phi_k, const float* log_gate, const float* v_state,
-                       float* state, int64_t b_size, int64_t h_size, int64_t groups, int64_t k_dim, int64_t vs_dim,
-                       int normalize, const float* q_rot, const float* k_rot, const float* v, float* ring_k,
-                       float* ring_v, uint8_t* ring_valid, int64_t slots, int64_t slot, int64_t d_rot,
-                       const uint8_t* new_valid, float alpha, float beta, float scale, float* out, int nthreads,
-                       int feature_map) {
+/* From the raw projections q [B, Hq, K], k [B, H, K], v [B, H, V] (before RoPE); state [B, H, K, VS]
+   (VS = V + normalize); q_rot [B, Hq, D], k_rot [B, H, D]; ring_k [B, H, S, D], ring_v [B, H, S, V],
+   ring_valid [B, S] (uint8); new_valid [B] (uint8, NULL: all valid); slots S = 0: no window branch. out [B, Hq, V].
+   The step applies Liger's feature map itself (linearize/attention.py `features`), gate 1 (GLA) or 2 (HGRN2):
+   phi = softmax over K for q and for GLA's k, HGRN2's phi(k) = 1 - sigmoid(k); log-gate = logsigmoid(k) / 16
+   (GLA) or logsigmoid(k) (HGRN2); the normalized state's ones column appended to v. */
+int linear_decode_step(const float* q, const float* k, const float* v, float* state, int64_t b_size,
+                       int64_t h_size, int64_t groups, int64_t k_dim, int64_t vs_dim, int normalize, int gate,
+                       const float* q_rot, const float* k_rot, float* ring_k, float* ring_v, uint8_t* ring_valid,
+                       int64_t slots, int64_t slot, int64_t d_rot, const uint8_t* new_valid, float alpha, float beta,
+                       float scale, float* out, int nthreads) {
     int64_t v_dim = vs_dim - (normalize ? 1 : 0), pairs = b_size * h_size;
     int failed = 0;
     #pragma omp parallel for num_threads(nthreads) schedule(static) reduction(|:failed)
@@ -66,32 +63,23 @@ int linear_decode_step(const float* phi_q, const float* phi_k, const float* log_
         int64_t b = bh / h_size;
         int valid = new_valid ? new_valid[b] != 0 : 1;
         float* s = state + bh * k_dim * vs_dim;
-        /* [vs_dim] read-out, [slots + 1] window weights, and with feature_map: phi(k), log-gate, v ++ 1, phi(q) */
-        float* tmp = (float*)malloc(sizeof(float) * (size_t)(vs_dim + slots + 1
-                                                             + (feature_map ? 3 * k_dim + vs_dim : 0)));
+        /* [vs_dim] read-out, [slots + 1] window weights, phi(k), log-gate, v ++ 1, phi(q) */
+        float* tmp = (float*)malloc(sizeof(float) * (size_t)(2 * vs_dim + slots + 1 + 3 * k_dim));
         if (!tmp) { failed = 1; continue; }
         float* p = tmp + vs_dim;
-        const float* pk = phi_k + bh * k_dim;
-        const float* g = log_gate + bh * k_dim;
-        const float* vv = v_state + bh * vs_dim;
-        float* pq_buf = NULL;
-        if (feature_map) {
-            const float* raw_k = phi_k + bh * k_dim;
-            float* fk = p + slots + 1;
-            float* fg = fk + k_dim;
-            float* fv = fg + k_dim;
-            pq_buf = fv + vs_dim;
-            if (feature_map == 1) {
-                softmax_into(raw_k, k_dim, fk);
-                for (int64_t d = 0; d < k_dim; ++d) fg[d] = log_sigmoid(raw_k[d]) * (1.f / 16.f);
-            } else {
-                for (int64_t d = 0; d < k_dim; ++d) { fk[d] = 1.f / (1.f + expf(raw_k[d])); fg[d] = log_sigmoid(raw_k[d]); }
-            }
-            const float* raw_v = v_state + bh * v_dim;
-            for (int64_t c = 0; c < v_dim; ++c) fv[c] = raw_v[c];
-            if (normalize) fv[v_dim] = 1.f;
-            pk = fk; g = fg; vv = fv;
+        float* pk = p + slots + 1;
+        float* g = pk + k_dim;
+        float* vv = g + k_dim;
+        float* pq = vv + vs_dim;
+        const float* kr = k + bh * k_dim;
+        if (gate == 1) {
+            softmax_into(kr, k_dim, pk);
+            for (int64_t d = 0; d < k_dim; ++d) g[d] = log_sigmoid(kr[d]) * (1.f / 16.f);
+        } else {
+            for (int64_t d = 0; d < k_dim; ++d) { pk[d] = 1.f / (1.f + expf(kr[d])); g[d] = log_sigmoid(kr[d]); }
         }
+        for (int64_t c = 0; c < v_dim; ++c) vv[c] = v[bh * v_dim + c];
+        if (normalize) vv[v_dim] = 1.f;
         if (valid) {
             for (int64_t d = 0; d < k_dim; ++d) {
                 float decay = expf(g[d]), kd = pk[d];
@@ -102,8 +90,7 @@ int linear_decode_step(const float* phi_q, const float* phi_k, const float* log_
         }
         for (int64_t i = 0; i < groups; ++i) {
             int64_t qh = bh * groups + i;
-            const float* pq = phi_q + qh * k_dim;
-            if (feature_map) { softmax_into(pq, k_dim, pq_buf); pq = pq_buf; }
+            softmax_into(q + qh * k_dim, k_dim, pq);
             for (int64_t c = 0; c < vs_dim; ++c) tmp[c] = 0.f;
             readout_add(pq, s, k_dim, vs_dim, 1.f, tmp);
             float* o = out + qh * v_dim;

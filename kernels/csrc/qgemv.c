@@ -123,22 +123,27 @@ static inline float hsum256(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
+/* eight bytes widened to int32 lanes; their value (lane - off) as floats: 8-bit codes, or a byte's low / high nibble */
+static inline __m256i widen8(const uint8_t* p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p)); }
+static inline __m256 minus(__m256i lanes, __m256 off) { return _mm256_sub_ps(_mm256_cvtepi32_ps(lanes), off); }
+static inline __m256 low_nibbles(__m256i b, __m256 off) {
+    return minus(_mm256_and_si256(b, _mm256_set1_epi32(15)), off);
+}
+static inline __m256 high_nibbles(__m256i b, __m256 off) { return minus(_mm256_srli_epi32(b, 4), off); }
+
 /* row_tokens_avx512 at 8 lanes: groups of a multiple of 16 (4 bits) / 8 (8 bits) columns, d a multiple of the group */
 ALWAYS_INLINE void row_tokens_avx2(const uint8_t* row, const void* scale, int scale_bf16, const uint8_t* zero,
-                                   int bits, int64_t d, int64_t group, int64_t groups, const float* xa,
-                                   const float* xb, int64_t ldx, int nt, float* out, int64_t ldo) {
-    const __m256i low = _mm256_set1_epi32(15);
+                                   int bits, int64_t group, int64_t groups, const float* xa, const float* xb,
+                                   int64_t ldx, int nt, float* out, int64_t ldo) {
     __m256 total[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
     float symmetric_offset = bits == 4 ? 8.f : 128.f;
-    (void)d;
     for (int64_t g = 0; g < groups; ++g) {
         __m256 off = _mm256_set1_ps(zero ? (float)zero[g] : symmetric_offset);
         __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
         if (bits == 4) {
             for (int64_t k = g * group / 2; k < (g + 1) * group / 2; k += 8) {
-                __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(row + k)));
-                __m256 wl = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b, low)), off);
-                __m256 wh = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)), off);
+                __m256i b = widen8(row + k);
+                __m256 wl = low_nibbles(b, off), wh = high_nibbles(b, off);
                 for (int j = 0; j < nt; ++j) {
                     acc[j] = _mm256_fmadd_ps(wl, _mm256_loadu_ps(xa + j * ldx + k), acc[j]);
                     acc[j] = _mm256_fmadd_ps(wh, _mm256_loadu_ps(xb + j * ldx + k), acc[j]);
@@ -146,8 +151,7 @@ ALWAYS_INLINE void row_tokens_avx2(const uint8_t* row, const void* scale, int sc
             }
         } else {
             for (int64_t c = g * group; c < (g + 1) * group; c += 8) {
-                __m256 w = _mm256_sub_ps(
-                    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(row + c)))), off);
+                __m256 w = minus(widen8(row + c), off);
                 for (int j = 0; j < nt; ++j) acc[j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xa + j * ldx + c), acc[j]);
             }
         }
@@ -158,53 +162,37 @@ ALWAYS_INLINE void row_tokens_avx2(const uint8_t* row, const void* scale, int sc
 }
 
 /* one token: four independent accumulators, since one chain of dependent FMAs (4-cycle latency) would cap the loop
-   at ~2 bytes of codes a cycle */
+   at ~2 bytes of codes a cycle (the 8-bit loop runs 32 codes a pass; group % 8 == 0 leaves a tail of 8s) */
 ALWAYS_INLINE void row_one_avx2(const uint8_t* row, const void* scale, int scale_bf16, const uint8_t* zero, int bits,
                                 int64_t group, int64_t groups, const float* xa, const float* xb, float* out) {
-    const __m256i low = _mm256_set1_epi32(15);
     __m256 total = _mm256_setzero_ps();
     float symmetric_offset = bits == 4 ? 8.f : 128.f;
     for (int64_t g = 0; g < groups; ++g) {
         __m256 off = _mm256_set1_ps(zero ? (float)zero[g] : symmetric_offset);
         __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-        if (bits == 4) {
+        if (bits == 4) {  /* 8 bytes: their low nibbles meet xa, high ones xb; two such blocks a pass */
             int64_t k = g * group / 2, end = (g + 1) * group / 2;
             for (; k + 16 <= end; k += 16) {
-                __m256i b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(row + k)));
-                __m256i b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(row + k + 8)));
-                a0 = _mm256_fmadd_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b0, low)), off),
-                                     _mm256_loadu_ps(xa + k), a0);
-                a1 = _mm256_fmadd_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b0, 4)), off),
-                                     _mm256_loadu_ps(xb + k), a1);
-                a2 = _mm256_fmadd_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b1, low)), off),
-                                     _mm256_loadu_ps(xa + k + 8), a2);
-                a3 = _mm256_fmadd_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b1, 4)), off),
-                                     _mm256_loadu_ps(xb + k + 8), a3);
+                __m256i b0 = widen8(row + k), b1 = widen8(row + k + 8);
+                a0 = _mm256_fmadd_ps(low_nibbles(b0, off), _mm256_loadu_ps(xa + k), a0);
+                a1 = _mm256_fmadd_ps(high_nibbles(b0, off), _mm256_loadu_ps(xb + k), a1);
+                a2 = _mm256_fmadd_ps(low_nibbles(b1, off), _mm256_loadu_ps(xa + k + 8), a2);
+                a3 = _mm256_fmadd_ps(high_nibbles(b1, off), _mm256_loadu_ps(xb + k + 8), a3);
             }
             for (; k < end; k += 8) {
-                __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(row + k)));
-                a0 = _mm256_fmadd_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b, low)), off),
-                                     _mm256_loadu_ps(xa + k), a0);
-                a1 = _mm256_fmadd_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)), off),
-                                     _mm256_loadu_ps(xb + k), a1);
+                __m256i b = widen8(row + k);
+                a0 = _mm256_fmadd_ps(low_nibbles(b, off), _mm256_loadu_ps(xa + k), a0);
+                a1 = _mm256_fmadd_ps(high_nibbles(b, off), _mm256_loadu_ps(xb + k), a1);
             }
         } else {
             int64_t c = g * group, end = (g + 1) * group;
             for (; c + 32 <= end; c += 32) {
-                __m128i b = _mm_loadu_si128((const __m128i*)(row + c)), b2 = _mm_loadu_si128((const __m128i*)(row + c + 16));
-                a0 = _mm256_fmadd_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)), off),
-                                     _mm256_loadu_ps(xa + c), a0);
-                a1 = _mm256_fmadd_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(b, b))),
-                                                   off), _mm256_loadu_ps(xa + c + 8), a1);
-                a2 = _mm256_fmadd_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b2)), off),
-                                     _mm256_loadu_ps(xa + c + 16), a2);
-                a3 = _mm256_fmadd_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(b2, b2))),
-                                                   off), _mm256_loadu_ps(xa + c + 24), a3);
+                a0 = _mm256_fmadd_ps(minus(widen8(row + c), off), _mm256_loadu_ps(xa + c), a0);
+                a1 = _mm256_fmadd_ps(minus(widen8(row + c + 8), off), _mm256_loadu_ps(xa + c + 8), a1);
+                a2 = _mm256_fmadd_ps(minus(widen8(row + c + 16), off), _mm256_loadu_ps(xa + c + 16), a2);
+                a3 = _mm256_fmadd_ps(minus(widen8(row + c + 24), off), _mm256_loadu_ps(xa + c + 24), a3);
             }
-            for (; c < end; c += 8)
-                a0 = _mm256_fmadd_ps(_mm256_sub_ps(
-                    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(row + c)))), off),
-                    _mm256_loadu_ps(xa + c), a0);
+            for (; c < end; c += 8) a0 = _mm256_fmadd_ps(minus(widen8(row + c), off), _mm256_loadu_ps(xa + c), a0);
         }
         __m256 sc = _mm256_set1_ps(scale_bf16 ? bf16_to_f32(((const uint16_t*)scale)[g]) : ((const float*)scale)[g]);
         total = _mm256_fmadd_ps(sc, _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)), total);
@@ -245,7 +233,7 @@ ALWAYS_INLINE void row_block(int fast, const uint8_t* row, const void* scale, in
         return;
     }
     if (fast) {
-        row_tokens_avx2(row, scale, scale_bf16, zero, bits, d, group, groups, xa, xb, ldx, nt, out, ldo);
+        row_tokens_avx2(row, scale, scale_bf16, zero, bits, group, groups, xa, xb, ldx, nt, out, ldo);
         return;
     }
 #endif

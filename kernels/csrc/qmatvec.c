@@ -241,7 +241,10 @@ void qmatvec_int8(const int8_t* q, const float* scale, int64_t n, int64_t d, int
             if (xu) { out[j * ldo + r] = row_vnni_int8(qr, xu + j * d, sr, sx, groups); continue; }
 #endif
 #ifdef HAVE_AVX2_INT
-            if (group % 32 == 0) { out[j * ldo + r] = row_avx2_int8(qr, rx.q + j * d, sr, sx, groups, group); continue; }
+            if (group % 32 == 0) {
+                out[j * ldo + r] = row_avx2_int8(qr, rx.q + j * d, sr, sx, groups, group);
+                continue;
+            }
 #endif
             float total = 0.f;
             for (int64_t g = 0; g < groups; ++g)

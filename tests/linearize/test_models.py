@@ -162,8 +162,7 @@ def assert_fused_step_matches_torch(model, variant, monkeypatch, suffix, switch,
     mask[1, 8] = mask[0, 10] = 0  # padding at decode steps too: the fused step's no-update, invalid-slot path
     calls = []
     module, name = (mom, "mom_decode_step") if variant.startswith("mom") else \
-        (attention, "gsa_decode_step") if variant.startswith("gsa") else \
-        (attention, "linear_decode_step_from_projections" if dev == "cpu" and not suffix else "linear_decode_step")
+        (attention, "gsa_decode_step") if variant.startswith("gsa") else (attention, "linear_decode_step")
     fused = getattr(module, name + suffix)
     monkeypatch.setattr(module, name + suffix, lambda *a, **k: calls.append(1) or fused(*a, **k))
     variable, off, on = switch

@@ -12,10 +12,32 @@ from .checkpoint import folder_bytes  # noqa: F401 (also compress.cli.folder_byt
 from .errors import CompressError
 
 
+class _OneLineUsageError(click.UsageError):
+    """click's usage error in one line (its own takes four: the usage, a hint, a blank line, the error)."""
+
+    def show(self, file=None) -> None:
+        where = self.ctx.command_path if self.ctx is not None else "compress"
+        message = self.format_message().strip()
+        end = "" if message.endswith((".", "?", "!")) else "."
+        click.echo(f"error: {message}{end} See '{where} --help'.", file=file, err=True)
+
+
+def _one_line(exc: click.UsageError) -> _OneLineUsageError:
+    return exc if isinstance(exc, _OneLineUsageError) else _OneLineUsageError(exc.format_message(), exc.ctx)
+
+
 class _Group(click.Group):
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as exc:  # `compress --bogus`
+            raise _one_line(exc) from None
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except click.UsageError as exc:  # `compress nosuch`, `compress apply --bogus`, a bad option value
+            raise _one_line(exc) from None
         except (CompressError, OSError) as exc:
             from .errors import user_error
 

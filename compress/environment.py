@@ -19,6 +19,7 @@ CHOICES = {
     # off: `dtype: auto` computes in float32 on every CPU (models.native_dtype)
     "COMPRESS_CPU_HALF_PRECISION": _AUTO_OFF,
 }
+KNOWN = (*CHOICES, "COMPRESS_SPARSE_PATH")
 TRITON_MISSING = "COMPRESS_KERNELS=triton but triton is not installed: pip install 'compress[triton]'"
 
 
@@ -34,10 +35,14 @@ def setting(name: str) -> str:
 
 
 def check_environment() -> None:
-    """Every variable readable, and a forced Triton runnable here."""
+    """Every variable readable, no misspelt name, and a forced Triton runnable here."""
     for name in CHOICES:
         setting(name)
     sparse_path()
+    for name, meant in misspelt_names().items():
+        # an error, not a warning: COMPRESS_KERNEL=torch silently running the Triton kernels is the surprise this
+        # check exists to prevent
+        raise CompressError(f"{name} is not a compress setting; did you mean {meant}? (rename it, or unset it)")
     if setting("COMPRESS_KERNELS") == "triton":
         import torch
 
@@ -61,3 +66,19 @@ def sparse_path() -> str | None:
         raise CompressError(f"COMPRESS_SPARSE_PATH={os.environ['COMPRESS_SPARSE_PATH']!r} is not a sparse path; use "
                             f"one of: {', '.join(RUN)} (or leave it unset)")
     return value
+
+
+def misspelt_names() -> dict[str, str]:
+    """COMPRESS_* variables set here that compress does not read but whose name is close to one it does ->
+    that name. A distant name (COMPRESS_LEVEL) may belong to another program and is left alone."""
+    import difflib
+
+    suffixes = {name.removeprefix("COMPRESS_"): name for name in KNOWN}
+    found = {}
+    for name in os.environ:
+        upper = name.upper()
+        if upper.startswith("COMPRESS_") and name not in KNOWN:
+            close = difflib.get_close_matches(upper.removeprefix("COMPRESS_"), suffixes, n=1, cutoff=0.75)
+            if close:
+                found[name] = suffixes[close[0]]
+    return dict(sorted(found.items()))

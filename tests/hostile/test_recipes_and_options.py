@@ -213,3 +213,35 @@ def test_environment_values_are_read_as_they_are_checked(monkeypatch):
 
     monkeypatch.setenv("COMPRESS_KERNELS", " Triton")  # forced: Triton even for a CPU tensor (interpreted here)
     assert setting("COMPRESS_KERNELS") == "triton" and use_triton(torch.zeros(1))
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["apply", "--outpt", "x"], "No such option '--outpt'. Did you mean '--output'? See 'compress apply --help'."),
+    (["apply"], "Missing argument 'RECIPE'. See 'compress apply --help'."),
+    (["nosuch"], "No such command 'nosuch'. See 'compress --help'."),
+    (["--bogus"], "No such option '--bogus'. See 'compress --help'."),
+    (["generate", "builtin:tiny", "--dtype", "float8"], "Invalid value for '--dtype'"),
+])
+def test_command_line_mistakes_take_one_line(args, fragment):
+    """click's own usage errors took four lines (usage, hint, blank, error): one line now, the help hint in it."""
+    from click.testing import CliRunner
+
+    from compress.cli import main
+
+    result = CliRunner().invoke(main, args, prog_name="compress")
+    assert result.exit_code == 2 and result.output.strip().splitlines() == [f"error: {result.output[7:].strip()}"]
+    assert fragment in result.output
+
+
+def test_a_misspelt_setting_name_is_refused(cli, user_error, monkeypatch):
+    """COMPRESS_KERNEL=torch (no S) used to be ignored, so the user ran the kernels they meant to avoid; a name far
+    from every setting may belong to another program and is left alone."""
+    from compress.environment import misspelt_names
+
+    monkeypatch.setenv("COMPRESS_KERNEL", "torch")
+    monkeypatch.setenv("COMPRESS_LEVEL", "9")
+    assert misspelt_names() == {"COMPRESS_KERNEL": "COMPRESS_KERNELS"}
+    user_error(cli("validate", "recipes/liger-gla.yaml"), "COMPRESS_KERNEL is not a compress setting; did you mean "
+               "COMPRESS_KERNELS?")
+    monkeypatch.delenv("COMPRESS_KERNEL")
+    assert cli("validate", "recipes/liger-gla.yaml").exit_code == 0

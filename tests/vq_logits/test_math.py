@@ -111,3 +111,15 @@ def test_smallest_int_dtype():
     assert smallest_int_dtype(256) == torch.int16
     assert smallest_int_dtype(32767) == torch.int16
     assert smallest_int_dtype(40000) == torch.int32
+
+
+@pytest.mark.parametrize("rows", [1, 31, 32, 1000, 1024])
+def test_blocked_column_sums_stay_at_float32_rounding_of_the_terms(rows):
+    """The fit's sums (float32 over 32-row blocks, float64 across them) against float64 sums of the same terms:
+    within float32 rounding of the sum of magnitudes."""
+    from compress.vq_logits.fit import _column_sums
+
+    x = torch.randn(rows, 300, generator=torch.Generator().manual_seed(rows)) * 1e3
+    exact = x.double().sum(0)
+    assert _column_sums(x).dtype == torch.float64
+    assert ((_column_sums(x) - exact).abs() <= 32 * 2 ** -24 * x.double().abs().sum(0)).all()

@@ -67,7 +67,7 @@ def lm_eval_results(lm, tasks: list[str], tasks_dir: Path | None = DATA_DIR, lim
                               metadata={"fixtures_dir": str(tasks_dir)})
     else:
         manager = TaskManager()
-    with _quiet_git_hash():
+    with _lean_run_metadata():
         out = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, random_seed=seed,
                                       numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
                                       # no resampling (1 would fork a pool and divide by zero for metrics lm-eval
@@ -81,9 +81,12 @@ def lm_eval_results(lm, tasks: list[str], tasks_dir: Path | None = DATA_DIR, lim
 
 
 @contextlib.contextmanager
-def _quiet_git_hash():
-    """lm-eval records the current folder's git commit by running `git describe`, whose stderr reaches the user as
-    'fatal: not a git repository' outside a repository: the same query, its stderr dropped."""
+def _lean_run_metadata():
+    """Two things lm-eval does for its own run record, which the suite does not report:
+    - it records the current folder's git commit by running `git describe`, whose stderr reaches the user as
+      'fatal: not a git repository' outside a repository: the same query, its stderr dropped;
+    - `add_env_info` runs torch's collect_env (`pip list` and ten other subprocesses): 1.7 s of every 2.6 s
+      suite call on a 12-question task here. Skipped: the suite's own protocol line says what ran."""
     import lm_eval.evaluator as evaluator
 
     def commit_hash():
@@ -92,11 +95,13 @@ def _quiet_git_hash():
         except (subprocess.CalledProcessError, OSError):  # not a repository; no git
             return None
 
-    if not hasattr(evaluator, "get_git_commit_hash"):  # another lm-eval version: leave it as it is
-        yield
-        return
-    saved, evaluator.get_git_commit_hash = evaluator.get_git_commit_hash, commit_hash
+    replacements = {"get_git_commit_hash": commit_hash, "add_env_info": lambda storage: None}
+    # another lm-eval version without these names: leave it as it is
+    saved = {name: getattr(evaluator, name) for name in replacements if hasattr(evaluator, name)}
+    for name in saved:
+        setattr(evaluator, name, replacements[name])
     try:
         yield
     finally:
-        evaluator.get_git_commit_hash = saved
+        for name, value in saved.items():
+            setattr(evaluator, name, value)

@@ -214,8 +214,15 @@ TRITON_STEP_VARIANTS = {**VARIANTS, "gla-normalized": LinearizeSettings(variant=
                         "gsa-3": LinearizeSettings(variant="gla", gate="gsa", num_slots=3)}
 
 
-@pytest.mark.parametrize("variant", list(TRITON_STEP_VARIANTS))
-@pytest.mark.parametrize("arch,kv_heads", [("llama", 1), ("qwen3", 2), ("mistral", 4)])  # 4, 2, 1 query heads each
+GROUPINGS = [("llama", 1), ("qwen3", 2), ("mistral", 4)]  # 4, 2, 1 query heads per KV head
+# each kernel (linear_decode: gla/hybrid/hgrn2, mom, gsa) at every grouping through its richest variant; the other
+# variants, whose flags do not touch the head indexing, at one grouping each (the interpreter's cost: ~4 s a case)
+TRITON_STEP_CASES = [(*g, v) for v in ("hybrid", "mom", "gsa") for g in GROUPINGS] + [
+    (*GROUPINGS[i % 3], v) for i, v in enumerate(
+        ["gla", "hybrid-normalized", "hgrn2", "mom-unshared", "gla-normalized", "hybrid-wide", "gsa-3"])]
+
+
+@pytest.mark.parametrize("arch,kv_heads,variant", TRITON_STEP_CASES)
 def test_triton_decode_step_matches_the_torch_step(tiny_model, arch, kv_heads, variant, monkeypatch):
     """The one-launch Triton decode steps (kernels/linear_decode_triton.py: interpreted here, compiled on a GPU)
     against forward's torch path (the C step kept out of both runs; only the decode step switches, so a prefill

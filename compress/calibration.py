@@ -9,16 +9,16 @@ import json
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from .errors import CalibrationError
+from .strict_config import StrictConfig
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 BUILTIN_TEXTS = {"builtin:calibration": "calibration.txt", "builtin:heldout": "heldout.txt"}
 
 
-class CalibrationSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class CalibrationSpec(StrictConfig):
 
     source: str = "builtin:calibration"
     text_field: str = "text"

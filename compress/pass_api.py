@@ -12,17 +12,18 @@ from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 from torch import nn
 
 from .errors import CalibrationError, CompressError, ConfigError, TargetError, UnsupportedModelError
+from .strict_config import StrictConfig
 from .targets import check_patterns, match_modules
 
 
-class PassConfig(BaseModel):
+class PassConfig(StrictConfig):
     """Base of every pass's arguments: validated, unknown keys rejected, serializable to the checkpoint."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(validate_assignment=True)  # strict, unknown keys refused: StrictConfig
 
     targets: list[str] = Field(default_factory=lambda: ["Linear"], description="modules to compress: a class name "
                                "(Linear), a regex (re:.*mlp.*) or a dotted module name")

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, ValidationError, model_validator
 
 GEAR_DEFAULTS = {"key_rank": 2, "value_rank": 2, "outlier_ratio": 0.02}
 KIVI_DEFAULTS = {"key_rank": 0, "value_rank": 0, "outlier_ratio": 0.0}
 
 from ..errors import ConfigError
+from ..strict_config import StrictConfig
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 
 
-class KVCacheSettings(BaseModel):
+class KVCacheSettings(StrictConfig):
     """How each attention layer's keys and values are stored.
 
     - `bits`: code width (2, 3, 4 or 8); keys are quantized per channel in groups of `group_size` tokens, values per
@@ -35,7 +36,7 @@ class KVCacheSettings(BaseModel):
       KL than fp16 min-max at 2 and 3 bits; compress.kernels.kv_scale).
     - `skip_layers`: layer indices kept in an uncompressed cache."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(validate_assignment=True)  # strict, unknown keys refused: StrictConfig
 
     method: Literal["gear", "kivi"] = Field("gear", description="gear: codes + low-rank error + sparse outliers; "
                                             "kivi: codes only (its rank and outlier defaults are 0)")

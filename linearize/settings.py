@@ -4,15 +4,15 @@ from __future__ import annotations
 import re
 from typing import Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from ..errors import ConfigError
+from ..strict_config import StrictConfig
 
 LayerSpec = Union[Literal["all"], list[int], str]
 
 
-class LinearizeSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class LinearizeSettings(StrictConfig):
 
     # gla: gated linear attention only; hybrid: Liger Attention = alpha * recurrent + beta * sliding-window softmax;
     # mom: Mixture-of-Memories, gated delta-rule memories with top-k routing plus a shared memory (mom.py)
@@ -74,7 +74,7 @@ def resolve_layers(spec: LayerSpec, num_layers: int) -> list[int]:
     return sorted(set(spec))
 
 
-class LayerSpecField(BaseModel):
+class LayerSpecField(StrictConfig):
     """Mixin for configs that choose layers."""
 
     layers: LayerSpec = "all"

@@ -34,6 +34,17 @@ RECIPES = {
                       ":3:5: pass 'gear_kv' appears twice; the second would replace the first"),
     "calibration seed beyond 64 bits": (b"calibration: {source: builtin:calibration, seed: 99999999999999999999999}\n"
                                         b"passes: [prune]\n", ":1:50: calibration: seed: Input should be less than or equal to"),
+    # values as written (compress/strict_config.py): pydantic's lax mode read each of these as something else
+    "float for whole-number choices": (b"passes:\n  - quantize: {method: rtn, bits: 4.0}\n",
+                                       ":2:35: pass 'quantize': bits: Input should be a whole number, not 4.0"),
+    "float for an integer": (b"passes:\n  - gear_kv: {bits: 4.0}\n", ":2:21: pass 'gear_kv': bits: Input should be a "
+                             "valid integer (got 4.0)"),
+    "quoted number": (b'passes:\n  - prune: {sparsity: "0.5"}\n', ":2:23: pass 'prune': sparsity: Input should be a "
+                      "valid number (got '0.5')"),
+    "boolean for a number": (b"passes:\n  - prune: {sparsity: true}\n", "sparsity: Input should be a valid number"),
+    "number for a boolean": (b"passes:\n  - recover: {merge: 1}\n", ":2:22: pass 'recover': merge: Input should be a "
+                             "valid boolean (got 1)"),
+    "infinite number": (b"passes:\n  - recover: {lr: .inf}\n", "lr: Input should be a finite number (got inf)"),
     "missing calibration file": (b"calibration: {source: no_such_file.txt}\npasses:\n  - prune: {method: wanda}\n",
                                  ":1:23: calibration source no_such_file.txt does not exist"),
 }
@@ -245,3 +256,12 @@ def test_a_misspelt_setting_name_is_refused(cli, user_error, monkeypatch):
                "COMPRESS_KERNELS?")
     monkeypatch.delenv("COMPRESS_KERNEL")
     assert cli("validate", "recipes/liger-gla.yaml").exit_code == 0
+
+
+def test_python_api_takes_tuples_and_ints_for_floats():
+    """Strict types are for what a recipe writes; the API's natural spellings still work: a tuple of patterns, an
+    integer where a float goes."""
+    p = compress.passes.Prune(targets=("re:.*mlp.*",), sparsity=0)
+    assert p.config.targets == ["re:.*mlp.*"] and p.config.sparsity == 0.0
+    with pytest.raises(compress.CompressError, match="bits: Input should be a whole number"):
+        compress.passes.Quantize(method="rtn", bits=8.0)

@@ -1,8 +1,16 @@
-"""Imports that register the built-in passes. Third-party passes use the `compress.passes` entry-point group."""
-from .prune import Prune  # noqa: F401
-from .vq_logits import VQLogits  # noqa: F401
-from .kvcache.pass_ import GearKV  # noqa: F401
-from .linearize.pass_ import Linearize  # noqa: F401
-from .quantize.pass_ import Quantize  # noqa: F401
-from .recover import Recover  # noqa: F401
-from .activation_sparsity import ActivationSparsity  # noqa: F401
+"""The built-in pass classes (`compress.passes.Prune(...)`), each imported on first use (registry.BUILTIN).
+Third-party passes use the `compress.passes` entry-point group."""
+from __future__ import annotations
+
+import importlib
+
+from .registry import BUILTIN
+
+_CLASSES = {path.split(":")[1]: path.split(":")[0] for path in BUILTIN.values()}
+__all__ = sorted(_CLASSES)
+
+
+def __getattr__(name: str):
+    if name in _CLASSES:
+        return getattr(importlib.import_module(_CLASSES[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

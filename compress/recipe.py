@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from .calibration import CalibrationSpec, source_path
 from .errors import CalibrationError, ConfigError, RecipeError
-from .registry import available_passes, suggest
+from .registry import get_pass, pass_names, suggest
 
 TOP_LEVEL_KEYS = ("model", "calibration", "passes", "output", "export")
 Marks = dict[tuple, tuple[int, int]]
@@ -174,8 +174,6 @@ class Recipe:
         return m
 
     def build_passes(self):
-        from .registry import get_pass
-
         passes = [get_pass(s.name)(s.args) for s in self.passes]
         for p, spec in zip(passes, self.passes):
             p.location = spec.location
@@ -317,7 +315,7 @@ class _Validator:
         if not isinstance(raw, list) or not raw:
             self.error(("passes",), "passes must be a non-empty list of `- pass_name: {arguments}` items")
             return []
-        registered = available_passes()
+        registered = pass_names()
         specs, self._instances = [], []
         for i, item in enumerate(raw):
             path = ("passes", i)
@@ -336,7 +334,7 @@ class _Validator:
             if not isinstance(args, dict):
                 self.error(path + (name,), f"the arguments of pass {name!r} must be a mapping (got {args!r})")
                 continue
-            cls = registered[name]
+            cls = get_pass(name)
             self._fields = list(cls.Config.model_fields)
             try:
                 instance = cls(args)

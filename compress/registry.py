@@ -13,6 +13,13 @@ if TYPE_CHECKING:
 
 _PASSES: dict[str, type["Pass"]] = {}
 _ENTRY_POINTS_LOADED = False
+# the built-in passes, each imported on first use: importing the KV cache pass registers the "gear_kv" attention,
+# which loads transformers' modeling and masking modules (6-9 s on a slow CPU) that a recipe without it, or
+# `compress validate`, should not wait for
+BUILTIN = {"activation_sparsity": "compress.activation_sparsity:ActivationSparsity",
+           "gear_kv": "compress.kvcache.pass_:GearKV", "linearize": "compress.linearize.pass_:Linearize",
+           "prune": "compress.prune:Prune", "quantize": "compress.quantize.pass_:Quantize",
+           "recover": "compress.recover:Recover", "vq_logits": "compress.vq_logits:VQLogits"}
 
 
 def register_pass(name: str):
@@ -29,19 +36,43 @@ def register_pass(name: str):
     return decorate
 
 
+def _plugins() -> dict:
+    """Third-party passes: entry-point name -> entry point (not loaded)."""
+    return {ep.name: ep for ep in entry_points(group="compress.passes")}
+
+
+def _load(name: str) -> None:
+    """Import the module that registers pass `name`, if it is not registered yet."""
+    if name in _PASSES:
+        return
+    if name in BUILTIN:
+        import importlib
+
+        importlib.import_module(BUILTIN[name].split(":")[0])  # the module registers itself via @register_pass
+        return
+    plugin = _plugins().get(name)
+    if plugin is not None:
+        plugin.load()
+
+
 def _load_builtin_and_plugins() -> None:
     global _ENTRY_POINTS_LOADED
-    from . import passes  # noqa: F401  (imports register the built-in passes)
-
+    for name in BUILTIN:
+        _load(name)
     if _ENTRY_POINTS_LOADED:
         return
     _ENTRY_POINTS_LOADED = True
-    for ep in entry_points(group="compress.passes"):
-        if ep.name not in _PASSES:
-            ep.load()  # the module registers itself via @register_pass
+    for name in _plugins():
+        _load(name)
+
+
+def pass_names() -> list[str]:
+    """Every pass a recipe may name, without importing any (recipe checks, suggestions)."""
+    return sorted({*BUILTIN, *_PASSES, *_plugins()})
 
 
 def available_passes() -> dict[str, type["Pass"]]:
+    """Every pass class by name (imports them all)."""
     _load_builtin_and_plugins()
     return dict(sorted(_PASSES.items()))
 
@@ -52,7 +83,8 @@ def suggest(name: str, choices) -> str:
 
 
 def get_pass(name: str) -> type["Pass"]:
-    passes = available_passes()
-    if name not in passes:
-        raise CompressError(f"unknown pass {name!r}{suggest(name, passes)}; known passes: {', '.join(passes)}")
-    return passes[name]
+    _load(name)
+    if name not in _PASSES:
+        names = pass_names()
+        raise CompressError(f"unknown pass {name!r}{suggest(name, names)}; known passes: {', '.join(names)}")
+    return _PASSES[name]

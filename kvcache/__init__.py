@@ -9,19 +9,9 @@ streaming (an fp16 window of `residual_length` tokens, then append-only compress
 or as a pass (`gear_kv` in a recipe), which makes a saved and reloaded model generate with this cache by default.
 Layout: config.py (settings), gear_math.py (compression of a chunk), store.py (append-only storage), cache.py
 (CacheLayerMixin layers + Cache), attention.py (the "gear_kv" attention implementation), pass_.py, quality.py."""
+from .attention import gear_attention_forward, use_compressed_attention
 from .cache import GEARCache, GEARLayer, KIVILayer
 from .config import KVCacheSettings
-
-
-def __getattr__(name: str):
-    # attention.py imports transformers' attention and mask registries (torch._dynamo with them: 6-9 s on a slow
-    # CPU), which no-model commands (`compress validate`, a recipe's errors) should not wait for
-    if name in ("gear_attention_forward", "use_compressed_attention"):
-        from . import attention
-
-        return getattr(attention, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
 
 __all__ = ["GEARCache", "GEARLayer", "KIVILayer", "KVCacheSettings", "gear_attention_forward",
            "use_compressed_attention"]

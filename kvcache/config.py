@@ -6,11 +6,11 @@ from typing import Literal
 
 from pydantic import ConfigDict, Field, ValidationError, model_validator
 
-GEAR_DEFAULTS = {"key_rank": 2, "value_rank": 2, "outlier_ratio": 0.02}
-KIVI_DEFAULTS = {"key_rank": 0, "value_rank": 0, "outlier_ratio": 0.0}
-
 from ..errors import ConfigError
 from ..strict_config import StrictConfig
+
+GEAR_DEFAULTS = {"key_rank": 2, "value_rank": 2, "outlier_ratio": 0.02}
+KIVI_DEFAULTS = {"key_rank": 0, "value_rank": 0, "outlier_ratio": 0.0}
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 

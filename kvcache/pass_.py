@@ -14,6 +14,7 @@ from ..errors import ConfigError, UnsupportedModelError
 from ..kernels.kv_pages import FORMAT_VERSION as KV_FORMAT_VERSION
 from ..pass_api import Pass, PassConfig, PassContext, PassReport, left_by_earlier, tensor_bytes, timed
 from ..registry import register_pass
+from .attention import use_compressed_attention
 from .cache import GEARCache
 from .config import KVCacheSettings
 
@@ -85,8 +86,6 @@ def install_compressed_cache(model: nn.Module, settings: KVCacheSettings) -> GEA
         raise UnsupportedModelError(f"{type(model).__name__} has no generate/attention interface: gear_kv needs a "
                                     "transformers causal LM (Llama, Mistral, Qwen2/3)")
     example = GEARCache(model.config, settings)
-    from .attention import use_compressed_attention  # imports transformers' attention registries (slow)
-
     use_compressed_attention(model)
     model.generate = GenerateWithCompressedCache(model)
     model.kv_cache_settings = settings

@@ -90,3 +90,25 @@ def test_every_shipped_recipe_validates():
         recipe = Recipe.from_yaml(path)
         assert recipe.model in ("builtin:tiny", "builtin:small") and recipe.output, path  # runs with no download
         assert recipe.build_passes()
+
+
+def test_passes_import_on_first_use(tmp_path):
+    """A recipe's check imports only the passes it names: the KV cache pass loads transformers' attention and mask
+    registries (6-9 s on a slow CPU), which `compress validate` of a pruning recipe should not wait for; importing
+    compress.kvcache still registers its "gear_kv" attention (a model loaded with it by transformers needs that)."""
+    import subprocess
+    import sys
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("passes:\n  - prune: {sparsity: 0.5}\n")
+    script = f'''
+import sys
+from compress.recipe import Recipe
+Recipe.from_yaml({str(recipe)!r})
+print("compress.kvcache" in sys.modules, "compress.linearize" in sys.modules)
+import compress.kvcache
+from transformers import AttentionInterface
+print("gear_kv" in AttentionInterface._global_mapping)
+'''
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.stdout.split() == ["False", "False", "True"], proc.stderr[-2000:]

@@ -6,6 +6,7 @@ Without a compiler (or with COMPRESS_CPU_KERNELS=off) `load_c_library` returns N
 reference instead (same results, slower)."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -26,7 +27,20 @@ def _cache_dir() -> Path:
     return Path(root) / "compress"
 
 
-FLAGS = ["-O3", "-march=native", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-shared", "-fPIC"]
+_MARCH = ["native"]  # the -march the kernels are built for; build_target() changes it
+
+
+@contextlib.contextmanager
+def build_target(march: str):
+    """Inside the block the C kernels build and load for `march` (x86-64-v3: AVX2 and FMA; x86-64: SSE2 only), so
+    the vector paths of older CPUs, and the plain C loops, run and are tested on this one (which must support that
+    level). Each target is a separate library in the cache."""
+    _MARCH.append(march)
+    try:
+        yield
+    finally:
+        _MARCH.pop()
 
 
 def _compilers() -> list[str]:
@@ -35,7 +49,7 @@ def _compilers() -> list[str]:
     return list(dict.fromkeys(c for c in found if c))
 
 
-def _host_tag() -> str:
+def _host_tag(march: str) -> str:
     """What the build depends on besides the source: flags, the machine and its CPU features (-march=native code
     from another CPU in a shared cache directory could die of an illegal instruction)."""
     cpu = ""
@@ -44,10 +58,10 @@ def _host_tag() -> str:
             cpu = next((line for line in f if line.startswith(("flags", "Features"))), "")
     except OSError:
         pass
-    return " ".join([*FLAGS, platform.machine(), cpu])
+    return " ".join([*FLAGS, f"-march={march}", platform.machine(), cpu])
 
 
-def _build(source: str, target: Path) -> bool:
+def _build(source: str, target: Path, march: str) -> bool:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         src = Path(tmp) / "kernel.c"
@@ -55,7 +69,8 @@ def _build(source: str, target: Path) -> bool:
         out = Path(tmp) / target.name
         for compiler in _compilers():
             for flags in (["-fopenmp"], ["-fopenmp-simd"]):  # OpenMP threads if the toolchain has them
-                cmd = [compiler, *FLAGS, *flags, f"-I{SOURCES}", str(src), "-o", str(out), "-lm"]
+                cmd = [compiler, *FLAGS, f"-march={march}", *flags, f"-I{SOURCES}", str(src), "-o", str(out),
+                       "-lm"]
                 if subprocess.run(cmd, capture_output=True).returncode == 0:
                     os.replace(out, target)  # atomic: concurrent builders never see half a library
                     return True
@@ -70,17 +85,17 @@ def load_c_library(name: str, signatures: tuple = ()):
     """The compiled csrc/<name>.c (ctypes CDLL) with `signatures` ((function, argtypes, restype), ...) applied, or
     None where it cannot be built or CPU kernels are turned off (checked per call, so tests and users can switch them
     at run time)."""
-    return _load(name, signatures) if cpu_kernels_enabled() else None
+    return _load(name, signatures, _MARCH[-1]) if cpu_kernels_enabled() else None
 
 
 @functools.lru_cache(maxsize=None)
-def _load(name: str, signatures: tuple):
+def _load(name: str, signatures: tuple, march: str):
     source = (SOURCES / f"{name}.c").read_text()
     headers = "".join(h.read_text() for h in sorted(SOURCES.glob("*.h")))  # an edited header rebuilds too
-    digest = hashlib.sha256((source + headers + _host_tag()).encode()).hexdigest()[:12]
+    digest = hashlib.sha256((source + headers + _host_tag(march)).encode()).hexdigest()[:12]
     target = _cache_dir() / f"{name}_{digest}.so"
     try:
-        if not target.exists() and not _build(source, target):
+        if not target.exists() and not _build(source, target, march):
             return None
         lib = ctypes.CDLL(str(target))
     except OSError:

@@ -111,3 +111,45 @@ def gathers_at_every_size(monkeypatch):
     from compress.activation_sparsity import ActivationSparseMLP
 
     monkeypatch.setattr(ActivationSparseMLP, "MIN_GATHER_WEIGHTS", 0)
+
+
+# x86 levels below this CPU's own whose C paths the kernel tests also run (kernels/cpu_build.build_target): the AVX2
+# loops on an AVX-512 machine, the plain C loops everywhere. CI machines differ (an AMD EPYC with AVX2 only ran
+# code the AVX-512 Xeon never had), so each runs every path its CPU can execute.
+CPU_LEVELS = {"x86-64-v3": {"avx2", "fma", "f16c", "bmi2"}, "x86-64": set()}
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next((line for line in f if line.startswith("flags")), "").split(":")[-1].split())
+    except OSError:
+        return set()
+
+
+def _levels_to_test() -> list[str]:
+    """This CPU's own level, then each lower one it can execute and that differs from its own (no AVX-512: x86-64-v3
+    is its own level); only native off x86 or without a compiler."""
+    import platform
+    import shutil
+
+    flags = _cpu_flags()
+    if platform.machine() not in ("x86_64", "AMD64") or not any(shutil.which(c) for c in ("cc", "gcc", "clang")):
+        return ["native"]
+    return ["native", *(level for level, needs in CPU_LEVELS.items()
+                        if needs <= flags and not (level == "x86-64-v3" and "avx512f" not in flags))]
+
+
+@pytest.fixture(params=_levels_to_test())
+def cpu_level(request):
+    """Run the test with the C kernels built for this CPU, then for each lower x86 level it can execute."""
+    from compress.kernels import cpu_build
+
+    if request.param == "native":
+        yield request.param
+        return
+    with cpu_build.build_target(request.param):
+        # every source builds at this level too: a kernel that did not would leave the test on its torch fallback
+        for source in sorted(cpu_build.SOURCES.glob("*.c")):
+            assert cpu_build.load_c_library(source.stem) is not None, f"csrc/{source.name} fails at {request.param}"
+        yield request.param

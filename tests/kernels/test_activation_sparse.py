@@ -37,7 +37,7 @@ def test_torch_reference(tokens, k):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tokens,k,d", [(1, 13, 72), (4, 40, 200), (2, 0, 64), (7, 21, 100)])  # 7: 4 + 2 + 1
-def test_c_kernel(monkeypatch, tokens, k, d, dtype):
+def test_c_kernel(monkeypatch, tokens, k, d, dtype, cpu_level):
     """float32 weights, and bfloat16 ones read as they are (a bf16 model's): float32 products of the same values."""
     if cpu_library() is None:
         pytest.skip("no C compiler here: the torch reference runs instead")
@@ -70,7 +70,7 @@ def test_triton_kernels(triton_kernels, tokens, k, d):
 
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("n,d", [(37, 256), (20, 100)])
-def test_quantized_gate_copy(monkeypatch, bits, n, d):
+def test_quantized_gate_copy(monkeypatch, bits, n, d, cpu_level):
     """The gate predictor's int8 / int4 copy: round-to-nearest within half a step of each group's scale. Its product
     with x rounded to int8 per token and group (C kernel: VNNI, or AVX2 integer pairs, where the CPU has them; the
     torch reference) against

@@ -149,7 +149,7 @@ needs_c = pytest.mark.skipif(AC._library() is None, reason="no C compiler: the C
 @pytest.mark.parametrize("fmt", [KIVI, GEAR], ids=["kivi", "gear"])
 @pytest.mark.parametrize("factor_dtype, scale_format", [(torch.float16, "fp16"), (torch.float8_e4m3fn, "fp16"),
                                                        (torch.float8_e4m3fn, "log8")], ids=["fp16", "fp8", "fp8-log8"])
-def test_cpu_kernel_matches_reference(bits, fmt, factor_dtype, scale_format):
+def test_cpu_kernel_matches_reference(bits, fmt, factor_dtype, scale_format, cpu_level):
     q, keys, values, wk, wv, k_all, v_all = make_case(bits, factor_dtype=factor_dtype, scale_format=scale_format,
                                                       **fmt)
     mask = left_padding_mask(2, k_all.shape[2], pad=37)
@@ -165,7 +165,7 @@ def test_cpu_kernel_matches_reference(bits, fmt, factor_dtype, scale_format):
 @needs_c
 @pytest.mark.parametrize("d, bits, group, scale_format", [(128, 2, 64, "fp16"), (128, 3, 32, "log8"),
                                                          (256, 4, 64, "fp16"), (96, 2, 32, "log8"), (40, 4, 8, "fp16")])
-def test_cpu_kernel_head_sizes(d, bits, group, scale_format):
+def test_cpu_kernel_head_sizes(d, bits, group, scale_format, cpu_level):
     """64/128 run specialized code, the rest the generic loops (96: whole AVX2 blocks; 40: the scalar unpacking)."""
     q, keys, values, wk, wv, k_all, v_all = make_case(bits, d=d, group=group, chunk=64, q_heads=8,
                                                       scale_format=scale_format, **GEAR)

@@ -179,7 +179,7 @@ def assert_fused_step_matches_torch(model, variant, monkeypatch, suffix, switch,
 
 
 @pytest.mark.parametrize("variant", ["gla", "hgrn2", "hybrid", "hybrid-normalized", "mom", "mom-unshared", "gsa"])
-def test_fused_cpu_decode_step_matches_the_torch_step(tiny_model, arch, variant, monkeypatch):
+def test_fused_cpu_decode_step_matches_the_torch_step(tiny_model, arch, variant, monkeypatch, cpu_level):
     """The one-call C decode steps (kernels/linear_decode_cpu.py) against forward's torch path."""
     from compress.kernels import linear_decode_cpu
 

@@ -33,7 +33,7 @@ SHAPES = [(37, 256, 128), (20, 192, 64), (9, 96, 48), (11, 100, 100), (13, 200, 
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("out_f,in_f,group", SHAPES)
-def test_codes_times_x_equals_the_dequantized_product(bits, symmetric, scale_dtype, out_f, in_f, group):
+def test_codes_times_x_equals_the_dequantized_product(bits, symmetric, scale_dtype, out_f, in_f, group, cpu_level):
     q = layer(out_f, in_f, bits, group, symmetric, scale_dtype, seed=in_f + bits)
     with forced_kernels("torch"):  # the torch reference's weight, not the C dequantize (checked separately below)
         w = q.dequantized_weight(torch.float32).double()  # exact: codes times bf16/fp32 scales
@@ -92,7 +92,7 @@ def test_gradients_and_prefill_take_the_torch_path():
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("out_f,in_f,group", [(37, 256, 128), (13, 200, 64), (5, 99, 32)])  # 99: a padded nibble
-def test_dequantize_in_c_is_the_torch_reference_bit_for_bit(bits, symmetric, dtype, out_f, in_f, group):
+def test_dequantize_in_c_is_the_torch_reference_bit_for_bit(bits, symmetric, dtype, out_f, in_f, group, cpu_level):
     """What prefill-sized inputs multiply (and `dequantized_weight()` returns): one C pass, identical to the torch
     reference's temporaries, float32 and bf16 (rounded to nearest even like torch's cast)."""
     q = layer(out_f, in_f, bits, group, symmetric, dtype, seed=out_f)

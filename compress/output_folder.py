@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -130,7 +131,15 @@ def _check_replaceable(out: Path, resolved: Path, overwrite: bool) -> None:
 
 
 def _writable(folder: Path) -> bool:
-    return os.access(folder, os.W_OK | os.X_OK)
+    """Permission bits, then a folder actually made and removed: bits say yes where the file system says no (/sys,
+    a read-only mount for root), and the refusal used to come after all the work, at the final write."""
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return False
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".compress-probe-", dir=folder))
+    except OSError:
+        return False
+    return True
 
 
 def _rename(src: Path, dst: Path) -> None:

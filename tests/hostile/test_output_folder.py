@@ -151,6 +151,25 @@ def test_read_only_parent_found_before_work(tmp_path, recipe, cli, user_error, n
     user_error(cli("apply", recipe, "--model", "builtin:tiny", "--output", tmp_path / "out"), "no permission to write")
 
 
+def test_a_file_system_that_refuses_writes_is_found_before_work(tmp_path, recipe, cli, user_error, no_work,
+                                                                monkeypatch):
+    """/sys, or a read-only mount, as root: the permission bits say writable, the file system refuses; this used to
+    surface after all the work, at the checkpoint's write ("operation not permitted: /sys/.x.tmp-...")."""
+    def refuse(*args, **kwargs):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(output_folder.tempfile, "mkdtemp", refuse)
+    assert output_folder._writable(tmp_path) is False
+    user_error(cli("apply", recipe, "--model", "builtin:tiny", "--output", tmp_path / "out"), "no permission to write")
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_write_probe_leaves_nothing_behind(tmp_path):
+    before = sorted(tmp_path.iterdir())
+    assert output_folder._writable(tmp_path) is True
+    assert sorted(tmp_path.iterdir()) == before
+
+
 def test_overwrite_replaces_a_compress_checkpoint(tmp_path, small_model):
     out = compress.save(small_model(seed=1), tmp_path / "ckpt")
     compress.save(small_model(seed=2), out, overwrite=True)

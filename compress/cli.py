@@ -22,8 +22,11 @@ class _OneLineUsageError(click.UsageError):
         click.echo(f"error: {message}{end} See '{where} --help'.", file=file, err=True)
 
 
-def _one_line(exc: click.UsageError) -> _OneLineUsageError:
-    return exc if isinstance(exc, _OneLineUsageError) else _OneLineUsageError(exc.format_message(), exc.ctx)
+def _one_line(exc: click.UsageError) -> click.UsageError:
+    # a bare `compress` shows the help (click raises it as a usage error): kept as click prints it
+    if isinstance(exc, (_OneLineUsageError, getattr(click.exceptions, "NoArgsIsHelpError", ()))):
+        return exc
+    return _OneLineUsageError(exc.format_message(), exc.ctx)
 
 
 class _Group(click.Group):

@@ -265,3 +265,13 @@ def test_python_api_takes_tuples_and_ints_for_floats():
     assert p.config.targets == ["re:.*mlp.*"] and p.config.sparsity == 0.0
     with pytest.raises(compress.CompressError, match="bits: Input should be a whole number"):
         compress.passes.Quantize(method="rtn", bits=8.0)
+
+
+def test_bare_command_still_shows_the_help():
+    """click raises a bare `compress` as a usage error too: it keeps its help, not one error line."""
+    from click.testing import CliRunner
+
+    from compress.cli import main
+
+    result = CliRunner().invoke(main, [], prog_name="compress")
+    assert result.output.startswith("Usage: compress") and "apply" in result.output and "error:" not in result.output

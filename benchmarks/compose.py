@@ -104,7 +104,7 @@ def print_table(rows: list[dict], suite: bool, model: str) -> None:
               "(the model's dtype), chunked decoding")
 
 
-def main() -> int | None:
+def main(argv=None) -> int | None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipes", nargs="*", type=Path, help="recipe files (default: every recipes/*.yaml)")
     parser.add_argument("--model", default=None, help="run every recipe on this model (default: the model each "
@@ -113,7 +113,7 @@ def main() -> int | None:
     parser.add_argument("--suite", action="store_true", help="also score the kick suite (slower)")
     parser.add_argument("--suite-limit", type=positive_int, default=None, help="examples per suite task")
     parser.add_argument("--json", action="store_true", help="print one JSON list instead of the table")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     recipes = args.recipes or sorted(RECIPES.glob("*.yaml"))
     missing = [str(r) for r in recipes if not r.is_file()]
     if missing:

@@ -59,7 +59,7 @@ def run(src: Path, out: Path, method: str, cap: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=positive_int, default=16)
     ap.add_argument("--hidden", type=int, default=1024)
@@ -67,7 +67,7 @@ def main() -> None:
     ap.add_argument("--max-memory", default="200MB")
     ap.add_argument("--method", choices=["magnitude", "wanda"], default="wanda")
     ap.add_argument("--json", action="store_true")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.max_memory != "none":
         from compress.offload import parse_bytes
 

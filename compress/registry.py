@@ -3,6 +3,7 @@ third-party ones. Lookups of an unknown name suggest the closest registered name
 from __future__ import annotations
 
 import difflib
+import importlib
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING
 
@@ -46,8 +47,6 @@ def _load(name: str) -> None:
     if name in _PASSES:
         return
     if name in BUILTIN:
-        import importlib
-
         importlib.import_module(BUILTIN[name].split(":")[0])  # the module registers itself via @register_pass
         return
     plugin = _plugins().get(name)

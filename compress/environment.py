@@ -39,9 +39,9 @@ def check_environment() -> None:
     for name in CHOICES:
         setting(name)
     sparse_path()
-    for name, meant in misspelt_names().items():
-        # an error, not a warning: COMPRESS_KERNEL=torch silently running the Triton kernels is the surprise this
-        # check exists to prevent
+    misspelt = misspelt_names()
+    if misspelt:  # an error, not a warning: COMPRESS_KERNEL=torch silently running Triton is what this prevents
+        name, meant = next(iter(misspelt.items()))
         raise CompressError(f"{name} is not a compress setting; did you mean {meant}? (rename it, or unset it)")
     if setting("COMPRESS_KERNELS") == "triton":
         import torch

@@ -49,16 +49,24 @@ def _compilers() -> list[str]:
     return list(dict.fromkeys(c for c in found if c))
 
 
+def _cpu_line() -> str:
+    """/proc/cpuinfo's feature line ("flags" on x86, "Features" on ARM), or "" where there is none."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return ""
+
+
+def cpu_flags() -> set[str]:
+    """This CPU's feature names (avx2, avx512f, ...), empty where /proc/cpuinfo is missing."""
+    return set(_cpu_line().split(":")[-1].split())
+
+
 def _host_tag(march: str) -> str:
     """What the build depends on besides the source: flags, the machine and its CPU features (-march=native code
     from another CPU in a shared cache directory could die of an illegal instruction)."""
-    cpu = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line for line in f if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        pass
-    return " ".join([*FLAGS, f"-march={march}", platform.machine(), cpu])
+    return " ".join([*FLAGS, f"-march={march}", platform.machine(), _cpu_line()])
 
 
 def _build(source: str, target: Path, march: str) -> bool:

@@ -119,22 +119,15 @@ def gathers_at_every_size(monkeypatch):
 CPU_LEVELS = {"x86-64-v3": {"avx2", "fma", "f16c", "bmi2"}, "x86-64": set()}
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return set(next((line for line in f if line.startswith("flags")), "").split(":")[-1].split())
-    except OSError:
-        return set()
-
-
 def _levels_to_test() -> list[str]:
     """This CPU's own level, then each lower one it can execute and that differs from its own (no AVX-512: x86-64-v3
     is its own level); only native off x86 or without a compiler."""
     import platform
-    import shutil
 
-    flags = _cpu_flags()
-    if platform.machine() not in ("x86_64", "AMD64") or not any(shutil.which(c) for c in ("cc", "gcc", "clang")):
+    from compress.kernels import cpu_build
+
+    flags = cpu_build.cpu_flags()
+    if platform.machine() not in ("x86_64", "AMD64") or not cpu_build._compilers():
         return ["native"]
     return ["native", *(level for level, needs in CPU_LEVELS.items()
                         if needs <= flags and not (level == "x86-64-v3" and "avx512f" not in flags))]

@@ -1,6 +1,4 @@
 """The benchmark scripts treat a user's mistake like the CLI does: one line on stderr, exit 2, no traceback."""
-import functools
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -31,12 +29,12 @@ IN_A_PROCESS = CASES[0]  # run as the user runs it (the `__main__` path end to e
 
 
 @pytest.mark.parametrize("script,args,fragment", CASES)
-def test_bad_arguments_are_one_line_and_exit_2(script, args, fragment, capsys):
+def test_bad_arguments_are_one_line_and_exit_2(script, args, fragment, capsys, script_module):
     """One case runs as the user runs it; the others call the script's main(argv) through run_cli in this process,
     the path its `__main__` block takes (test_every_script_runs_main_through_run_cli)."""
     if (script, args, fragment) != IN_A_PROCESS:
         with pytest.raises(SystemExit) as exit_:
-            run_cli(benchmark_module(script).main, list(args))
+            run_cli(script_module(f"benchmarks/{script}").main, list(args))
         code, stderr = exit_.value.code, capsys.readouterr().err
     else:
         proc = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True,
@@ -44,14 +42,6 @@ def test_bad_arguments_are_one_line_and_exit_2(script, args, fragment, capsys):
         code, stderr = proc.returncode, proc.stderr
     assert code == 2, stderr
     assert fragment in stderr and "Traceback" not in stderr, stderr
-
-
-@functools.lru_cache(maxsize=None)
-def benchmark_module(script: str):
-    spec = importlib.util.spec_from_file_location(f"benchmark_{Path(script).stem}", BENCH / script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_argument_types():

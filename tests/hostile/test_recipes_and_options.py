@@ -240,7 +240,8 @@ def test_command_line_mistakes_take_one_line(args, fragment):
     from compress.cli import main
 
     result = CliRunner().invoke(main, args, prog_name="compress")
-    assert result.exit_code == 2 and result.output.strip().splitlines() == [f"error: {result.output[7:].strip()}"]
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: ")
     assert fragment in result.output
 
 

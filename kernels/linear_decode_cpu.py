@@ -3,7 +3,8 @@ on first use by cpu_build.py), its state updated in place:
 - `linear_decode_step`: the GLA / HGRN2 recurrence, its read-out (optionally normalized), and the hybrid's
   sliding-window branch over its ring buffer (reference: kernels/gla.py `gla_step`, kernels/window_attention.py,
   LinearizedLayer.store);
-- `mom_decode_step`: Mixture-of-Memories' routed gated delta-rule memories (reference: kernels/delta_rule.py);
+- `mom_decode_step`: Mixture-of-Memories' features, top-k routing and routed gated delta-rule memories (reference:
+  linearize/mom.py's forward with kernels/delta_rule.py);
 - `gsa_decode_step`: gated slot attention (reference: kernels/gsa.py).
 The attention modules' torch forward is what the tests compare them with, token by token."""
 from __future__ import annotations
@@ -21,8 +22,8 @@ _SIGNATURES = (("linear_decode_step",
                  _I64, _I64, _I64, _PTR, _F32, _F32, _F32, _PTR, _I32),
                 ctypes.c_int),
                ("mom_decode_step",
-                (_PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _I64, _PTR, _F32, _PTR,
-                 _I32),
+                (_PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I32, _I64, _I32, _I64, _I64, _I64, _I64, _PTR, _F32,
+                 _PTR, _I32),
                 ctypes.c_int),
                ("gsa_decode_step",
                 (_PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _I64, _PTR, _PTR, _I32), ctypes.c_int))
@@ -83,21 +84,21 @@ def linear_decode_step(q, k, v, state, gate: str, normalize: bool, window=None, 
     return out
 
 
-def mom_decode_step(phi_q, k, v, log_gate, beta, state, active, mix, new_valid=None,
-                    out_scale: float = 1.0) -> torch.Tensor:
-    """One Mixture-of-Memories step: phi_q [B, Hq, 1, K]; k [B, H, 1, K] (unit keys); v [B, H, 1, V]; log_gate,
-    beta [B, H, 1]; state [B, M + 1, H, K, V] (updated in place; memory 0 is the shared one); active bool and mix
-    [B, M + 1] (the shared memory and the routed ones, with their mixing weights); new_valid bool [B] or None.
-    Returns out [B, Hq, 1, V] = out_scale * sum_m mix_m phi_q S_m."""
-    phi_q, k, v, log_gate, beta, mix = (t.float().contiguous() for t in (phi_q, k, v, log_gate, beta, mix))
-    active = active.to(torch.bool).contiguous()
-    b, hq, _, k_dim = phi_q.shape
-    m1, h, v_dim = state.shape[1], state.shape[2], state.shape[-1]
-    out = phi_q.new_empty(b, hq, 1, v_dim)
+def mom_decode_step(q, k, v, beta_logit, router_logits, state, gate: str, top_k: int, shared: bool,
+                    new_valid=None, out_scale: float = 1.0) -> torch.Tensor:
+    """One Mixture-of-Memories step from the raw projections q [B, Hq, 1, K], k [B, H, 1, K], v [B, H, 1, V] (before
+    RoPE), the write-strength logits beta_logit [B, 1, H] and the router logits [B, 1, M]: the C step applies the
+    feature maps, the unit keys, the per-head decay, the sigmoid and the top-k routing itself (linearize/mom.py's
+    forward is the reference). state [B, M + shared, H, K, V] (updated in place; memory 0 is the shared one);
+    new_valid bool [B] or None. Returns out [B, Hq, 1, V] = out_scale * sum_m mix_m phi(q) S_m."""
+    q, k, v, beta_logit, router_logits = (t.float().contiguous() for t in (q, k, v, beta_logit, router_logits))
+    b, hq, _, k_dim = q.shape
+    memories, h, v_dim = router_logits.shape[-1], state.shape[2], state.shape[-1]
+    out = q.new_empty(b, hq, 1, v_dim)
     new_valid, valid_ptr = _valid(new_valid)
     status = _library().mom_decode_step(
-        phi_q.data_ptr(), k.data_ptr(), v.data_ptr(), log_gate.data_ptr(), beta.data_ptr(), state.data_ptr(),
-        active.data_ptr(), mix.data_ptr(), b, m1, h, hq // h, k_dim, v_dim, valid_ptr, out_scale, out.data_ptr(),
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), beta_logit.data_ptr(), router_logits.data_ptr(), state.data_ptr(),
+        b, memories, int(shared), top_k, GATES[gate], h, hq // h, k_dim, v_dim, valid_ptr, out_scale, out.data_ptr(),
         torch.get_num_threads())
     if status != 0:
         raise MemoryError("mom_decode_step: could not allocate its per-head buffers")

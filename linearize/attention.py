@@ -198,15 +198,18 @@ class LinearizedAttention(nn.Module):
             return None
         return "cpu" if linear_decode_supported(layer.state, *rings) else None
 
+    def _decoded(self, out, layer, hidden_states):
+        """The output of a one-call decoding step out [B, Hq, 1, V], its token counted in the cache layer."""
+        layer.cumulative_length += 1
+        return self.o_proj(out.view(out.shape[0], 1, -1).to(hidden_states.dtype)), None
+
     def _fused_decode_step(self, kind, layer, q, k, v, valid, position_embeddings, hidden_states):
-        b = hidden_states.shape[0]
         new_valid = None if valid is None else valid[:, -1]
         if self.settings.gate == "gsa":
             phi_q, phi_k, log_gate = self.features(q, k)
             step = gsa_decode_step_triton if kind == "triton" else gsa_decode_step
             out = step(phi_q, phi_k, v, log_gate, layer.state, new_valid)
-            layer.cumulative_length += 1
-            return self.o_proj(out.view(b, 1, -1).to(hidden_states.dtype)), None
+            return self._decoded(out, layer, hidden_states)
         window = None
         if self.settings.window_or_none() is not None:
             cos, sin = position_embeddings
@@ -220,5 +223,4 @@ class LinearizedAttention(nn.Module):
             phi_q, phi_k, log_gate = self.features(q, k)
             v_state = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1) if self.settings.normalize else v
             out = linear_decode_step_triton(phi_q, phi_k, log_gate, v_state, layer.state, *args)
-        layer.cumulative_length += 1
-        return self.o_proj(out.view(b, 1, -1).to(hidden_states.dtype)), None
+        return self._decoded(out, layer, hidden_states)

@@ -105,6 +105,14 @@ class MixtureOfMemoriesAttention(LinearizedAttention):
         """Routing weights or flags [.., M] with the shared memory's (always on, weight 1) in front, if any."""
         return torch.cat([x.new_ones(*x.shape[:-1], 1), x], -1) if self.settings.shared_memory else x
 
+    def _fused_decode_ready(self, layer) -> str | None:
+        """"triton" or "cpu" where a one-call decoding step applies to this layer's cache, else None."""
+        if layer is None or layer.state is None:
+            return None
+        if use_triton(layer.state):
+            return "triton" if mom_triton_supported(layer.state) else None
+        return "cpu" if linear_decode_supported(layer.state) else None
+
     def state_shape(self, batch: int) -> tuple[int, ...]:
         b, *per_memory = super().state_shape(batch)
         return b, self.memories, *per_memory
@@ -114,31 +122,31 @@ class MixtureOfMemoriesAttention(LinearizedAttention):
         b, t, _ = hidden_states.shape
         layer = self._cache_layer(cache)
         q, k, v = self.project(hidden_states)
+        valid = key_validity(attention_mask, t)
+        beta_logit = self.beta_proj(hidden_states)  # [B, T, Hkv]
+        logits = F.linear(hidden_states.float(), self.router.weight.float())  # routing in fp32: stable top-k
+        fused = self._fused_decode_ready(layer) if t == 1 else None
+        if fused == "cpu":  # one C call: features, routing and the memories' steps
+            self.aux_loss = None
+            s = self.settings
+            out = mom_decode_step(q, k, v, beta_logit, logits, layer.state, s.gate, s.top_k, s.shared_memory,
+                                  None if valid is None else valid[:, -1], self._mix_scale)
+            return self._decoded(out, layer, hidden_states)
         phi_q, phi_k, log_gate = self.features(q, k)
         phi_k, log_gate = F.normalize(phi_k, dim=-1), log_gate.mean(-1)  # unit keys, one decay per head
-        beta = torch.sigmoid(self.beta_proj(hidden_states)).transpose(1, 2).to(phi_k.dtype)  # [B, Hkv, T]
-        logits = F.linear(hidden_states.float(), self.router.weight.float())  # routing in fp32: stable top-k
+        beta = torch.sigmoid(beta_logit).transpose(1, 2).to(phi_k.dtype)  # [B, Hkv, T]
         weights, chosen = top_k_routing(logits, self.settings.top_k)  # [B, T, M]
-        valid = key_validity(attention_mask, t)
         if valid is not None:  # padding: an identity step in every memory
             pad = ~valid[:, None, :]
             phi_k, v = phi_k.masked_fill(pad[..., None], 0.0), v.masked_fill(pad[..., None], 0.0)
             log_gate, beta = log_gate.masked_fill(pad, 0.0), beta.masked_fill(pad, 0.0)
         self.aux_loss = (load_balance_loss(logits, chosen, valid)
                          if self.training and torch.is_grad_enabled() else None)
-
-        step = None
-        if t == 1 and layer is not None and layer.state is not None:  # one C call / Triton launch per layer
-            if use_triton(layer.state):
-                step = mom_decode_step_triton if mom_triton_supported(layer.state) else None
-            elif linear_decode_supported(layer.state):
-                step = mom_decode_step
-        if step is not None:
+        if fused == "triton":  # one launch, from the features
             active, mix = self._with_shared(chosen[:, 0]), self._with_shared(weights[:, 0])
-            out = step(phi_q, phi_k, v, log_gate, beta, layer.state, active, mix,
-                       None if valid is None else valid[:, -1], self._mix_scale)
-            layer.cumulative_length += 1
-            return self.o_proj(out.view(b, 1, -1).to(hidden_states.dtype)), None
+            out = mom_decode_step_triton(phi_q, phi_k, v, log_gate, beta, layer.state, active, mix,
+                                         None if valid is None else valid[:, -1], self._mix_scale)
+            return self._decoded(out, layer, hidden_states)
         memories = self.memories
         active = self._with_shared(chosen).transpose(1, 2).to(log_gate.dtype)  # [B, memories, T]
 

@@ -1,7 +1,7 @@
 /* Decoding steps of the linearized attention layers (linearize/attention.py, linearize/mom.py) on the CPU, for every
    (batch row, KV head) in one call: linear_decode_step (GLA / HGRN2 gates, the hybrid's window), mom_decode_step
-   and gsa_decode_step below. linear_decode_step: the gated recurrence updated in place, its read-out (optionally normalized), and, for the
-   Liger Attention hybrid, the sliding-window softmax branch over the ring buffer of the last W - 1 tokens plus the
+   and gsa_decode_step below. linear_decode_step: the gated recurrence updated in place, its read-out (optionally
+   normalized), and, for the Liger Attention hybrid, the sliding-window softmax branch over the ring buffer of the last W - 1 tokens plus the
    new one, whose key/value then replace the oldest slot. The torch path (kernels/gla.py gla_step, kernels/
    window_attention.py, LinearizedLayer.store) spends ~40 small ops per layer on this; at a decode step of a small
    model that fixed cost, not the arithmetic, decides the speed.
@@ -144,41 +144,81 @@ int linear_decode_step(const float* q, const float* k, const float* v, float* st
     return failed ? -1 : 0;
 }
 
-/* One decoding step of a Mixture-of-Memories layer (linearize/mom.py): per (b, h), every active memory m (the shared
-   one and the routed ones) takes the gated delta-rule step
-     S_m = a S_m + k (beta (v - k^T a S_m))^T,   a = exp(log_gate)
+/* Which memories row b's token reads and writes, from its router logits [M]: the shared memory (if any, index 0,
+   weight 1) and the top_k routed ones by softmax probability (ties: the lower index), weighted by their
+   probabilities renormalized over the chosen (linearize/mom.py top_k_routing). mix [M1] (0: not chosen), active
+   [M1] (a chosen memory is written even where its weight underflows to 0). */
+static void mom_route(const float* logits, int64_t memories, int shared, int64_t top_k, float* mix, uint8_t* active) {
+    float* routed = mix + shared;
+    uint8_t* chosen = active + shared;
+    if (shared) { mix[0] = 1.f; active[0] = 1; }
+    softmax_into(logits, memories, routed);
+    for (int64_t m = 0; m < memories; ++m) chosen[m] = 0;
+    float total = 0.f;
+    for (int64_t t = 0; t < top_k && t < memories; ++t) {
+        int64_t best = -1;
+        for (int64_t m = 0; m < memories; ++m)
+            if (!chosen[m] && (best < 0 || routed[m] > routed[best])) best = m;
+        chosen[best] = 1;
+        total += routed[best];
+    }
+    for (int64_t m = 0; m < memories; ++m) routed[m] = chosen[m] ? routed[m] / total : 0.f;
+}
+
+/* One decoding step of a Mixture-of-Memories layer (linearize/mom.py), from the raw projections q [B, Hq, K],
+   k [B, H, K], v [B, H, V] (before RoPE), the write-strength logits beta_logit [B, H] and the router logits
+   [B, M] (the step applies the features and the routing itself: ~20 small torch ops per layer fewer):
+     phi(q) = softmax(q);  key = phi(k) / |phi(k)| (gate 1, GLA: phi = softmax; gate 2, HGRN2: phi = 1 - sigmoid);
+     log a = mean over K of logsigmoid(k) (/ 16 for GLA);  beta = sigmoid(beta_logit);
+   per (b, h), every active memory m (the shared one and the routed ones) takes the gated delta-rule step
+     S_m = a S_m + key (beta (v - key^T a S_m))^T
    (padding or an unrouted memory: S_m unchanged), and out = out_scale * sum_m mix_m phi(q) S_m.
-   phi_q [B, Hq, K]; k [B, H, K]; v [B, H, V]; log_gate, beta [B, H]; state [B, M1, H, K, V] (in place);
-   active (uint8), mix [B, M1]; new_valid [B] (uint8, NULL: all valid); out [B, Hq, V]. */
-int mom_decode_step(const float* phi_q, const float* k, const float* v, const float* log_gate, const float* beta,
-                    float* state, const uint8_t* active, const float* mix, int64_t b_size, int64_t m1,
-                    int64_t h_size, int64_t groups, int64_t k_dim, int64_t v_dim, const uint8_t* new_valid,
-                    float out_scale, float* out, int nthreads) {
-    int64_t pairs = b_size * h_size;
+   state [B, M1, H, K, V] (in place; M1 = M + shared); new_valid [B] (uint8, NULL: all valid); out [B, Hq, V]. */
+int mom_decode_step(const float* q, const float* k, const float* v, const float* beta_logit,
+                    const float* router_logits, float* state, int64_t b_size, int64_t memories, int shared,
+                    int64_t top_k, int gate, int64_t h_size, int64_t groups, int64_t k_dim, int64_t v_dim,
+                    const uint8_t* new_valid, float out_scale, float* out, int nthreads) {
+    int64_t pairs = b_size * h_size, m1 = memories + (shared ? 1 : 0);
+    float* mix = (float*)malloc(sizeof(float) * (size_t)(b_size * m1));
+    uint8_t* active = (uint8_t*)malloc((size_t)(b_size * m1));
+    if (!mix || !active) { free(mix); free(active); return -1; }
+    for (int64_t b = 0; b < b_size; ++b)
+        mom_route(router_logits + b * memories, memories, shared, top_k, mix + b * m1, active + b * m1);
     int failed = 0;
     #pragma omp parallel for num_threads(nthreads) schedule(static) reduction(|:failed)
     for (int64_t bh = 0; bh < pairs; ++bh) {
         int64_t b = bh / h_size, h = bh % h_size;
         int valid = new_valid ? new_valid[b] != 0 : 1;
-        float* corr = (float*)malloc(sizeof(float) * (size_t)v_dim);
+        /* [V] correction, [K] unit key, [groups * K] phi(q) */
+        float* corr = (float*)malloc(sizeof(float) * (size_t)(v_dim + k_dim + groups * k_dim));
         if (!corr) { failed = 1; continue; }
+        float* key = corr + v_dim;
+        float* pq = key + k_dim;
+        const float* kr = k + bh * k_dim;
+        float log_a = 0.f, norm = 0.f;
+        if (gate == 1) softmax_into(kr, k_dim, key);
+        else for (int64_t d = 0; d < k_dim; ++d) key[d] = 1.f / (1.f + expf(kr[d]));
+        for (int64_t d = 0; d < k_dim; ++d) { log_a += log_sigmoid(kr[d]); norm += key[d] * key[d]; }
+        log_a = log_a / (float)k_dim * (gate == 1 ? 1.f / 16.f : 1.f);
+        norm = 1.f / fmaxf(sqrtf(norm), 1e-12f);
+        for (int64_t d = 0; d < k_dim; ++d) key[d] *= norm;
+        float a = expf(log_a), bt = 1.f / (1.f + expf(-beta_logit[bh]));
+        for (int64_t i = 0; i < groups; ++i) softmax_into(q + (bh * groups + i) * k_dim, k_dim, pq + i * k_dim);
         for (int64_t i = 0; i < groups * v_dim; ++i) out[bh * groups * v_dim + i] = 0.f;
-        const float* kh = k + bh * k_dim;
+        const float* vh = v + bh * v_dim;
         for (int64_t m = 0; m < m1; ++m) {
             float* s = state + ((b * m1 + m) * h_size + h) * k_dim * v_dim;
             if (valid && active[b * m1 + m]) {
-                float a = expf(log_gate[bh]), bt = beta[bh];
-                const float* vh = v + bh * v_dim;
                 for (int64_t c = 0; c < v_dim; ++c) corr[c] = 0.f;
                 for (int64_t d = 0; d < k_dim; ++d) {
-                    float kd = kh[d];
+                    float kd = key[d];
                     const float* row = s + d * v_dim;
                     #pragma omp simd
                     for (int64_t c = 0; c < v_dim; ++c) corr[c] += kd * row[c];
                 }
                 for (int64_t c = 0; c < v_dim; ++c) corr[c] = bt * (vh[c] - a * corr[c]);
                 for (int64_t d = 0; d < k_dim; ++d) {
-                    float kd = kh[d];
+                    float kd = key[d];
                     float* row = s + d * v_dim;
                     #pragma omp simd
                     for (int64_t c = 0; c < v_dim; ++c) row[c] = a * row[c] + kd * corr[c];
@@ -187,10 +227,12 @@ int mom_decode_step(const float* phi_q, const float* k, const float* v, const fl
             float w = mix[b * m1 + m] * out_scale;
             if (w == 0.f) continue;
             for (int64_t i = 0; i < groups; ++i)
-                readout_add(phi_q + (bh * groups + i) * k_dim, s, k_dim, v_dim, w, out + (bh * groups + i) * v_dim);
+                readout_add(pq + i * k_dim, s, k_dim, v_dim, w, out + (bh * groups + i) * v_dim);
         }
         free(corr);
     }
+    free(mix);
+    free(active);
     return failed ? -1 : 0;
 }
 

@@ -15,6 +15,7 @@ VARIANTS = {
     "hgrn2": LinearizeSettings(variant="gla", gate="hgrn2"),
     "mom": LinearizeSettings(variant="mom", num_memories=3, top_k=2),
     "mom-unshared": LinearizeSettings(variant="mom", num_memories=2, top_k=1, shared_memory=False),
+    "mom-hgrn2": LinearizeSettings(variant="mom", gate="hgrn2", num_memories=3, top_k=2),
     "gsa": LinearizeSettings(variant="gla", gate="gsa", num_slots=4),
 }
 TOL = dict(rtol=1e-5, atol=2e-5)
@@ -178,7 +179,8 @@ def assert_fused_step_matches_torch(model, variant, monkeypatch, suffix, switch,
     assert len(calls) == 11 * model.config.num_hidden_layers
 
 
-@pytest.mark.parametrize("variant", ["gla", "hgrn2", "hybrid", "hybrid-normalized", "mom", "mom-unshared", "gsa"])
+@pytest.mark.parametrize("variant", ["gla", "hgrn2", "hybrid", "hybrid-normalized", "mom", "mom-unshared", "mom-hgrn2",
+                                     "gsa"])
 def test_fused_cpu_decode_step_matches_the_torch_step(tiny_model, arch, variant, monkeypatch, cpu_level):
     """The one-call C decode steps (kernels/linear_decode_cpu.py) against forward's torch path."""
     from compress.kernels import linear_decode_cpu

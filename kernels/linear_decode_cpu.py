@@ -18,8 +18,8 @@ from .cpu_build import load_c_library
 
 _I64, _PTR, _F32, _I32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
 _SIGNATURES = (("linear_decode_step",
-                (_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _I32, _I32, _PTR, _PTR, _PTR, _PTR, _PTR,
-                 _I64, _I64, _I64, _PTR, _F32, _F32, _F32, _PTR, _I32),
+                (_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _I32, _I32, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR,
+                 _PTR, _I64, _I64, _I64, _PTR, _F32, _F32, _F32, _PTR, _I32),
                 ctypes.c_int),
                ("mom_decode_step",
                 (_PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I32, _I64, _I32, _I64, _I64, _I64, _I64, _PTR, _F32,
@@ -56,13 +56,16 @@ GATES = {"gla": 1, "hgrn2": 2}  # the C step's feature maps (linearize/attention
 
 
 def linear_decode_step(q, k, v, state, gate: str, normalize: bool, window=None, new_valid=None, alpha: float = 0.0,
-                       beta: float = 0.0, scale: float = 1.0) -> torch.Tensor:
+                       beta: float = 0.0, scale: float = 1.0, rope=None) -> torch.Tensor:
     """From the raw projections q [B, Hq, 1, K], k [B, H, 1, K], v [B, H, 1, V] (before RoPE): the C step applies
     Liger's feature map for `gate` ("gla" or "hgrn2") and the normalized state's ones column itself (~8 small torch
     ops per layer and step fewer than computing them here). state [B, H, K, V + normalize] (updated in place);
     window: None, or (q_rot [B, Hq, 1, D], k_rot [B, H, 1, D], v, ring_k [B, H, S, D], ring_v [B, H, S, V],
     ring_valid bool [B, S], slot), the Triton step's tuple (its v is this v), whose ring entries at `slot` are
-    overwritten by the new token; new_valid bool [B] or None. Returns out [B, Hq, 1, V]."""
+    overwritten by the new token; q_rot and k_rot may be None when rope = (cos, sin) [B, 1, K] is given: the step
+    then rotates q and k itself, Llama's x cos + rotate_half(x) sin (~12 small torch ops per layer fewer; for models
+    whose RoPE function computes exactly that, `attention.rotate_half_rope`). new_valid bool [B] or None.
+    Returns out [B, Hq, 1, V]."""
     q, k, v = (t.float().contiguous() for t in (q, k, v))
     b, hq, _, k_dim = q.shape
     h, vs_dim = state.shape[1], state.shape[-1]
@@ -70,12 +73,15 @@ def linear_decode_step(q, k, v, state, gate: str, normalize: bool, window=None, 
     new_valid, valid_ptr = _valid(new_valid)
     if window is None:
         slots = slot = d_rot = 0
-        ptrs = (None,) * 5
+        ptrs = (None,) * 7
     else:
         q_rot, k_rot, _, ring_k, ring_v, ring_valid, slot = window
-        q_rot, k_rot = (t.float().contiguous() for t in (q_rot, k_rot))
+        rotated = (q_rot, k_rot) if rope is None else rope  # kept alive until the call returns
+        rotated = tuple(t.float().contiguous() for t in rotated)
+        pointers = tuple(t.data_ptr() for t in rotated)
         slots, d_rot = ring_k.shape[2], ring_k.shape[3]
-        ptrs = (q_rot.data_ptr(), k_rot.data_ptr(), ring_k.data_ptr(), ring_v.data_ptr(), ring_valid.data_ptr())
+        ptrs = ((*pointers, None, None) if rope is None else (None, None, *pointers)) + \
+            (ring_k.data_ptr(), ring_v.data_ptr(), ring_valid.data_ptr())
     status = _library().linear_decode_step(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), state.data_ptr(), b, h, hq // h, k_dim, vs_dim, int(normalize),
         GATES[gate], *ptrs, slots, slot, d_rot, valid_ptr, alpha, beta, scale, out.data_ptr(), torch.get_num_threads())

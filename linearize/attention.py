@@ -52,6 +52,21 @@ def key_validity(attention_mask, num_new: int):
     return None if bool(valid.all()) else valid
 
 
+def rotate_half_rope(rotary, head_dim: int) -> bool:
+    """Whether the model's apply_rotary_pos_emb computes x cos + rotate_half(x) sin (Llama, Mistral, Qwen2, Qwen3),
+    which the CPU decoding step then applies itself; checked on random float64 inputs, so a model whose RoPE differs
+    keeps its own function."""
+    gen = torch.Generator().manual_seed(0)
+    x, cos, sin = (torch.randn(1, 1, 1, head_dim, generator=gen, dtype=torch.float64) for _ in range(3))
+    try:
+        got, _ = rotary(x, x, cos[:, 0], sin[:, 0])
+    except (TypeError, RuntimeError, ValueError):
+        return False
+    half = head_dim // 2
+    expected = x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
+    return got.shape == expected.shape and bool(torch.allclose(got, expected, rtol=1e-12, atol=1e-12))
+
+
 class LinearizedAttention(nn.Module):
     def __init__(self, original: nn.Module, settings: LinearizeSettings, layer_idx: int):
         super().__init__()
@@ -70,6 +85,7 @@ class LinearizedAttention(nn.Module):
         self.scaling = original.scaling
         self.settings = settings
         self._rotary = rotary  # the model's own apply_rotary_pos_emb (window branch only)
+        self._rope_is_rotate_half = rotate_half_rope(rotary, self.head_dim)
 
     def extra_repr(self) -> str:
         s = self.settings
@@ -210,15 +226,19 @@ class LinearizedAttention(nn.Module):
             step = gsa_decode_step_triton if kind == "triton" else gsa_decode_step
             out = step(phi_q, phi_k, v, log_gate, layer.state, new_valid)
             return self._decoded(out, layer, hidden_states)
-        window = None
+        window = rope = None
         if self.settings.window_or_none() is not None:
             cos, sin = position_embeddings
-            q_rot, k_rot = self._rotary(q, k, cos, sin)
             slot = layer.cumulative_length % layer.window_keys.shape[2]
+            if kind == "cpu" and self._rope_is_rotate_half and cos.shape[-1] == self.head_dim:
+                q_rot = k_rot = None  # the C step rotates q and k itself
+                rope = tuple(t.expand(q.shape[0], 1, -1) for t in (cos, sin))
+            else:
+                q_rot, k_rot = self._rotary(q, k, cos, sin)
             window = (q_rot, k_rot, v, layer.window_keys, layer.window_values, layer.window_valid, slot)
         args = (self.settings.normalize, window, new_valid, self.settings.alpha, self.settings.beta, self.scaling)
         if kind == "cpu":  # the C step applies the feature map itself
-            out = linear_decode_step(q, k, v, layer.state, self.settings.gate, *args)
+            out = linear_decode_step(q, k, v, layer.state, self.settings.gate, *args, rope=rope)
         else:
             phi_q, phi_k, log_gate = self.features(q, k)
             v_state = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1) if self.settings.normalize else v

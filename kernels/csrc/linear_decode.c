@@ -45,16 +45,25 @@ static inline void softmax_into(const float* x, int64_t n, float* y) {
 /* log(sigmoid(x)) without overflow: min(x, 0) - log1p(exp(-|x|)) */
 static inline float log_sigmoid(float x) { return fminf(x, 0.f) - log1pf(expf(-fabsf(x))); }
 
+/* x cos + rotate_half(x) sin into y [d]: rotate_half(x) = (-x[d/2:], x[:d/2]) */
+static inline void rope_into(const float* x, const float* cos, const float* sin, int64_t d, float* y) {
+    int64_t half = d / 2;
+    for (int64_t c = 0; c < half; ++c) y[c] = x[c] * cos[c] - x[c + half] * sin[c];
+    for (int64_t c = half; c < d; ++c) y[c] = x[c] * cos[c] + x[c - half] * sin[c];
+}
+
 /* From the raw projections q [B, Hq, K], k [B, H, K], v [B, H, V] (before RoPE); state [B, H, K, VS]
-   (VS = V + normalize); q_rot [B, Hq, D], k_rot [B, H, D]; ring_k [B, H, S, D], ring_v [B, H, S, V],
-   ring_valid [B, S] (uint8); new_valid [B] (uint8, NULL: all valid); slots S = 0: no window branch. out [B, Hq, V].
+   (VS = V + normalize); q_rot [B, Hq, D], k_rot [B, H, D], or, when rope_cos is given, NULL: the step rotates q
+   and k itself, x cos + rotate_half(x) sin with rope_cos, rope_sin [B, D] (D = K; Llama's RoPE, which the module
+   checked its model's function computes); ring_k [B, H, S, D], ring_v [B, H, S, V], ring_valid [B, S] (uint8);
+   new_valid [B] (uint8, NULL: all valid); slots S = 0: no window branch. out [B, Hq, V].
    The step applies Liger's feature map itself (linearize/attention.py `features`), gate 1 (GLA) or 2 (HGRN2):
    phi = softmax over K for q and for GLA's k, HGRN2's phi(k) = 1 - sigmoid(k); log-gate = logsigmoid(k) / 16
    (GLA) or logsigmoid(k) (HGRN2); the normalized state's ones column appended to v. */
 int linear_decode_step(const float* q, const float* k, const float* v, float* state, int64_t b_size,
                        int64_t h_size, int64_t groups, int64_t k_dim, int64_t vs_dim, int normalize, int gate,
-                       const float* q_rot, const float* k_rot, float* ring_k, float* ring_v, uint8_t* ring_valid,
-                       int64_t slots, int64_t slot, int64_t d_rot, const uint8_t* new_valid, float alpha, float beta,
+                       const float* q_rot, const float* k_rot, const float* rope_cos, const float* rope_sin,
+                       float* ring_k, float* ring_v, uint8_t* ring_valid, int64_t slots, int64_t slot, int64_t d_rot, const uint8_t* new_valid, float alpha, float beta,
                        float scale, float* out, int nthreads) {
     int64_t v_dim = vs_dim - (normalize ? 1 : 0), pairs = b_size * h_size;
     int failed = 0;
@@ -63,15 +72,19 @@ int linear_decode_step(const float* q, const float* k, const float* v, float* st
         int64_t b = bh / h_size;
         int valid = new_valid ? new_valid[b] != 0 : 1;
         float* s = state + bh * k_dim * vs_dim;
-        /* [vs_dim] read-out, [slots + 1] window weights, phi(k), log-gate, v ++ 1, phi(q) */
-        float* tmp = (float*)malloc(sizeof(float) * (size_t)(2 * vs_dim + slots + 1 + 3 * k_dim));
+        /* [vs_dim] read-out, [slots + 1] window weights, phi(k), log-gate, v ++ 1, phi(q), rotated q and k */
+        float* tmp = (float*)malloc(sizeof(float) * (size_t)(2 * vs_dim + slots + 1 + 3 * k_dim + 2 * d_rot));
         if (!tmp) { failed = 1; continue; }
         float* p = tmp + vs_dim;
         float* pk = p + slots + 1;
         float* g = pk + k_dim;
         float* vv = g + k_dim;
         float* pq = vv + vs_dim;
+        float* qr_buf = pq + k_dim;
+        float* kr_buf = qr_buf + d_rot;
         const float* kr = k + bh * k_dim;
+        const float* k_new = slots == 0 ? NULL : k_rot ? k_rot + bh * d_rot : kr_buf;  /* the new key, rotated */
+        if (slots && !k_rot) rope_into(kr, rope_cos + b * d_rot, rope_sin + b * d_rot, d_rot, kr_buf);
         if (gate == 1) {
             softmax_into(kr, k_dim, pk);
             for (int64_t d = 0; d < k_dim; ++d) g[d] = log_sigmoid(kr[d]) * (1.f / 16.f);
@@ -99,7 +112,8 @@ int linear_decode_step(const float* q, const float* k, const float* v, float* st
             for (int64_t c = 0; c < v_dim; ++c) o[c] = tmp[c] * inv;
             if (slots == 0) continue;
             /* window branch: the slots (any order: one new token sees them all) and the new key */
-            const float* qr = q_rot + qh * d_rot;
+            const float* qr = q_rot ? q_rot + qh * d_rot : qr_buf;
+            if (!q_rot) rope_into(q + qh * k_dim, rope_cos + b * d_rot, rope_sin + b * d_rot, d_rot, qr_buf);
             const float* rk = ring_k + bh * slots * d_rot;
             const float* rv = ring_v + bh * slots * v_dim;
             const uint8_t* rvalid = ring_valid + b * slots;
@@ -108,7 +122,7 @@ int linear_decode_step(const float* q, const float* k, const float* v, float* st
                 p[j] = rvalid[j] ? dotf(qr, rk + j * d_rot, d_rot) * scale : -INFINITY;
                 mx = p[j] > mx ? p[j] : mx;
             }
-            p[slots] = valid ? dotf(qr, k_rot + bh * d_rot, d_rot) * scale : -INFINITY;
+            p[slots] = valid ? dotf(qr, k_new, d_rot) * scale : -INFINITY;
             mx = p[slots] > mx ? p[slots] : mx;
             for (int64_t c = 0; c < v_dim; ++c) o[c] *= alpha;
             if (mx == -INFINITY) continue;  /* nothing visible: the window branch adds zeros */
@@ -129,15 +143,14 @@ int linear_decode_step(const float* q, const float* k, const float* v, float* st
                 for (int64_t c = 0; c < v_dim; ++c) o[c] += pn * vn[c];
             }
         }
-        free(tmp);
         if (slots) {  /* the new token replaces the oldest slot (a padding token is stored as zeros, invalid) */
             float* dk = ring_k + (bh * slots + slot) * d_rot;
             float* dv = ring_v + (bh * slots + slot) * v_dim;
-            const float* sk = k_rot + bh * d_rot;
             const float* sv = v + bh * v_dim;
-            for (int64_t c = 0; c < d_rot; ++c) dk[c] = sk[c];
+            for (int64_t c = 0; c < d_rot; ++c) dk[c] = k_new[c];
             for (int64_t c = 0; c < v_dim; ++c) dv[c] = valid ? sv[c] : 0.f;
         }
+        free(tmp);
     }
     /* after every head has read the old slot: the validity row is shared by a batch row's heads */
     for (int64_t b = 0; slots && b < b_size; ++b) ring_valid[b * slots + slot] = new_valid ? (new_valid[b] != 0) : 1;

@@ -191,6 +191,27 @@ def test_fused_cpu_decode_step_matches_the_torch_step(tiny_model, arch, variant,
                                     ("COMPRESS_CPU_KERNELS", "off", "on"))
 
 
+def test_the_c_step_rotates_only_for_models_whose_rope_it_computes():
+    """The hybrid's C step applies RoPE itself only where the model's function is Llama's x cos + rotate_half(x) sin
+    (every supported family's is); another function (here interleaved pairs, GPT-J style) keeps the model's own."""
+    import importlib
+
+    from compress.linearize.attention import rotate_half_rope
+
+    for family in ("llama", "mistral", "qwen2", "qwen3"):
+        module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+        assert rotate_half_rope(module.apply_rotary_pos_emb, 16)
+
+    def interleaved(q, k, cos, sin):
+        def rot(x):
+            return torch.stack([-x[..., 1::2], x[..., ::2]], -1).flatten(-2)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        return q * cos + rot(q) * sin, k * cos + rot(k) * sin
+
+    assert not rotate_half_rope(interleaved, 16)
+    assert not rotate_half_rope(lambda q, k: (q, k), 16)  # another signature
+
+
 @pytest.mark.parametrize("variant", ["gla", "hybrid", "mom", "gsa"])
 def test_half_precision_model_keeps_a_float32_state_and_decodes_as_its_forward(tiny_model, variant):
     """A bf16 model's recurrent state and window stay float32 (a bf16 state summed over thousands of tokens drifts;

@@ -30,6 +30,12 @@ class PassConfig(StrictConfig):
     ignore: list[str] = Field(default_factory=lambda: ["re:.*lm_head", "re:.*embed_tokens"],
                               description="modules to leave alone (same forms as targets; ignore wins)")
 
+    @field_validator("targets", "ignore", "train_modules", mode="before", check_fields=False)
+    @classmethod
+    def _one_pattern(cls, patterns):
+        """`targets: Linear` as written in a recipe: one pattern, a list of one (as llm-compressor reads it)."""
+        return [patterns] if isinstance(patterns, str) else patterns
+
     @field_validator("targets", "ignore", "train_modules", check_fields=False)
     @classmethod
     def _patterns_compile(cls, patterns: list[str]) -> list[str]:

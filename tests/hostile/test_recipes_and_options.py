@@ -268,6 +268,21 @@ def test_python_api_takes_tuples_and_ints_for_floats():
         compress.passes.Quantize(method="rtn", bits=8.0)
 
 
+def test_one_pattern_is_a_list_of_one(tmp_path):
+    """`targets: Linear` (llm-compressor's spelling) reads as ["Linear"] in every pass's pattern fields; a pattern
+    that is not one is still refused where it is written."""
+    path = tmp_path / "r.yaml"
+    path.write_text("calibration: {source: builtin:calibration}\npasses:\n"
+                    "  - prune: {targets: Linear, ignore: re:.*lm_head, sparsity: 0.5}\n"
+                    "  - recover: {train_modules: re:.*norm}\n")
+    prune, recover = compress.Recipe.from_yaml(path).build_passes()
+    assert (prune.config.targets, prune.config.ignore, recover.config.train_modules) == (
+        ["Linear"], ["re:.*lm_head"], ["re:.*norm"])
+    path.write_text("passes:\n  - prune: {targets: 're:(('}\n")
+    with pytest.raises(RecipeError, match=r":2:22: pass 'prune': targets: target 're:\(\(' is not a valid regex"):
+        compress.Recipe.from_yaml(path)
+
+
 def test_bare_command_still_shows_the_help():
     """click raises a bare `compress` as a usage error too: it keeps its help, not one error line."""
     from click.testing import CliRunner

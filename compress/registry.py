@@ -30,6 +30,9 @@ def register_pass(name: str):
         existing = _PASSES.get(name)
         if existing is not None and existing is not cls:
             raise ValueError(f"pass name {name!r} is already registered by {existing.__module__}.{existing.__qualname__}")
+        home = BUILTIN.get(name, ":").split(":")[0]
+        if home and cls.__module__ != home and not cls.__module__.startswith(home + "."):  # even before it loads
+            raise ValueError(f"pass name {name!r} is already registered: built in ({BUILTIN[name]})")
         cls.name = name
         _PASSES[name] = cls
         return cls
@@ -42,27 +45,42 @@ def _plugins() -> dict:
     return {ep.name: ep for ep in entry_points(group="compress.passes")}
 
 
-def _load(name: str) -> None:
-    """Import the module that registers pass `name`, if it is not registered yet."""
+def _load(name: str, plugins: dict | None = None) -> None:
+    """Import the module that registers pass `name`, if it is not registered yet. A plugin that fails to import,
+    registers no pass of its entry point's name, or claims a built-in name is a one-line CompressError naming it."""
+    plugins = _plugins() if plugins is None else plugins
+    plugin = plugins.get(name)
+    if name in BUILTIN and plugin is not None:  # which one a recipe means is not ours to guess
+        raise CompressError(f"pass {name!r} is built in, and the installed plugin {plugin.value} claims the same "
+                            "name; rename its `compress.passes` entry point (or uninstall it)")
     if name in _PASSES:
         return
     if name in BUILTIN:
         importlib.import_module(BUILTIN[name].split(":")[0])  # the module registers itself via @register_pass
         return
-    plugin = _plugins().get(name)
-    if plugin is not None:
+    if plugin is None:
+        return
+    try:
         plugin.load()
+    except Exception as exc:  # third-party code: whatever it raises is its failure, reported as such
+        detail = (str(exc).strip().splitlines() or [""])[0]
+        raise CompressError(f"pass {name!r}: its plugin {plugin.value} failed to import: "
+                            f"{type(exc).__name__}: {detail}") from exc
+    if name not in _PASSES:
+        raise CompressError(f"pass {name!r}: its plugin {plugin.value} registered no pass of that name (its class "
+                            f"needs @compress.register_pass({name!r}))")
 
 
 def _load_builtin_and_plugins() -> None:
     global _ENTRY_POINTS_LOADED
+    plugins = _plugins()
     for name in BUILTIN:
-        _load(name)
+        _load(name, plugins)
     if _ENTRY_POINTS_LOADED:
         return
+    for name in plugins:
+        _load(name, plugins)
     _ENTRY_POINTS_LOADED = True
-    for name in _plugins():
-        _load(name)
 
 
 def pass_names() -> list[str]:

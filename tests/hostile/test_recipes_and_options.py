@@ -291,3 +291,58 @@ def test_bare_command_still_shows_the_help():
 
     result = CliRunner().invoke(main, [], prog_name="compress")
     assert result.output.startswith("Usage: compress") and "apply" in result.output and "error:" not in result.output
+
+
+class _Plugin:
+    """A `compress.passes` entry point whose module runs `body` on its first load (a module imports once)."""
+
+    def __init__(self, name, body):
+        self.name, self.value, self._body, self._loaded = name, "scalepkg.passes:ScaleWeights", body, None
+
+    def load(self):
+        self._loaded = self._loaded or self._body()
+        return self._loaded
+
+
+def _registers(name):
+    def body():
+        @compress.register_pass(name)
+        class ScaleWeights(compress.Pass):
+            pass
+        return ScaleWeights
+    return body
+
+
+def _fails():
+    raise ModuleNotFoundError("No module named 'scalepkg'")
+
+
+PLUGIN_MISTAKES = {
+    # name: (entry point name, its module's body, the pass the recipe names, message fragments)
+    "fails to import": ("scale_weights", _fails, "scale_weights",
+                        ("plugin scalepkg.passes:ScaleWeights failed to import: ModuleNotFoundError: No module",)),
+    "registers another name": ("scale_weights", _registers("scale"), "scale_weights",
+                               ("registered no pass of that name", "register_pass('scale_weights')")),
+    "claims a built-in name": ("prune", _registers("prune"), "prune",
+                               ("pass 'prune' is built in, and the installed plugin scalepkg",)),
+    "registers a built-in name": ("my_prune", _registers("quantize"), "my_prune",
+                                  ("failed to import: ValueError: pass name 'quantize' is already registered",)),
+}
+
+
+@pytest.mark.parametrize("name", list(PLUGIN_MISTAKES))
+def test_a_broken_plugin_is_one_line_naming_it(name, tmp_path, cli, user_error, monkeypatch):
+    """A third-party pass (entry point group `compress.passes`) that fails to import, registers nothing under its
+    entry point's name, or claims a built-in pass's name: one line naming the plugin, when a recipe names the pass
+    and when `compress passes` lists them all."""
+    from compress import registry
+
+    entry, body, used, fragments = PLUGIN_MISTAKES[name]
+    plugin = _Plugin(entry, body)
+    monkeypatch.setattr(registry, "entry_points", lambda group: [plugin])
+    monkeypatch.setattr(registry, "_ENTRY_POINTS_LOADED", False)
+    monkeypatch.setattr(registry, "_PASSES", dict(registry._PASSES))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"passes:\n  - {used}: {{}}\n")
+    user_error(cli("validate", recipe), *fragments)
+    user_error(cli("passes"), *fragments)

@@ -17,7 +17,9 @@
 - cache bytes: bytes held by the cache's tensors after a context of 1k, 8k and 32k tokens (DynamicCache K/V for the
   original; recurrent states + window ring buffers for ours).
 - decode speed: tokens/s of one-token forward passes from a cache holding the context, as a ratio to the original
-  with a DynamicCache (> 1: faster), medians of interleaved repetitions in this process. The reference model's
+  with a DynamicCache (> 1: faster): per repetition the original and every variant run back to back, and the row
+  gives the median of those paired ratios (`decode_speedup`) and their lowest and highest (`decode_speedup_range`,
+  in parentheses in the table), all in this process. The reference model's
   context is 1024 tokens, so at 8k and 32k both models are random-init models with its shapes (speed does not
   depend on the weights); the caches are filled with random tensors of the right shapes (a 32k prefill on 2 CPU
   cores would take most of the run and changes nothing about the per-token cost).
@@ -180,7 +182,11 @@ def speed_and_bytes(reference, args) -> dict[str, dict]:
                 del cache
         base_t = statistics.median(times["original"])
         for name in models:
-            out[name]["decode_speedup"][str(ctx)] = round(base_t / statistics.median(times[name]), 2)
+            # paired within each repetition (the original and every variant ran back to back): a burst of the
+            # host's noise moves one repetition's ratio, not the median; the spread says how much it moved
+            ratios = [a / b for a, b in zip(times["original"], times[name])]
+            out[name]["decode_speedup"][str(ctx)] = round(statistics.median(ratios), 2)
+            out[name].setdefault("decode_speedup_range", {})[str(ctx)] = [round(min(ratios), 2), round(max(ratios), 2)]
             if name == "original":
                 out[name]["decode_tokens_per_s"] = out[name].get("decode_tokens_per_s", {})
                 out[name]["decode_tokens_per_s"][str(ctx)] = round(batch / base_t, 1)
@@ -255,6 +261,13 @@ def fmt(v, spec=".3f"):
     return "-" if v is None else format(v, spec) if isinstance(v, float) else str(v)
 
 
+def speedup(ratio, spread) -> str:
+    """The median paired ratio and, over the repetitions, its lowest and highest."""
+    if ratio is None:
+        return "-"
+    return f"{ratio:.2f}" + (f" ({spread[0]:.2f}-{spread[1]:.2f})" if spread and spread[0] != spread[1] else "")
+
+
 def print_table(rows: list[dict], model: str) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -267,7 +280,7 @@ def print_table(rows: list[dict], model: str) -> None:
     for r in rows:
         rec = (f"{r['recovery_tokens']} tok / {r['recovery_minutes']} min"
                if r.get("recovery_minutes") is not None else "-")
-        cb, ds = r.get("cache_bytes", {}), r.get("decode_speedup", {})
+        cb, ds, spread = r.get("cache_bytes", {}), r.get("decode_speedup", {}), r.get("decode_speedup_range", {})
         # of the last stage measured
         ci = r["ppl_recovered_ratio_ci95"] if r.get("ppl_recovered") is not None else r.get("ppl_converted_ratio_ci95")
         t.add_row(r["variant"], fmt(r.get("perplexity"), ".2f"), fmt(r.get("ppl_converted"), ".2f"),
@@ -275,7 +288,7 @@ def print_table(rows: list[dict], model: str) -> None:
                   fmt(r.get("recovered_vs_dense_recovered"), ".2f"), rec, fmt(r.get("kl"), ".4f"), fmt(r.get("top1")),
                   fmt(r.get("copy")), fmt(r.get("passkey"), ".2f"),
                   *(fmt(cb.get(str(c), 0) / 2**20, ".2f") if cb else "-" for c in CONTEXTS),
-                  *(fmt(ds.get(str(c)), ".2f") if ds else "-" for c in CONTEXTS))
+                  *(speedup(ds.get(str(c)), spread.get(str(c))) if ds else "-" for c in CONTEXTS))
     Console().print(t)
     print(rows[0].get("protocol", "decode speed and cache bytes only"))
 

@@ -50,13 +50,16 @@ def test_serving_shape_rows(bench, capsys, monkeypatch):
     monkeypatch.setattr(bench, "SERVING_LAYER", dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
                                                      head_dim=16, intermediate_size=128, vocab_size=256))
     monkeypatch.setattr(bench, "CONTEXTS", (64, 256))
-    bench.main(["--json", "--serving-shape", "--batch", "2", "--reps", "1", "--steps", "2",
+    bench.main(["--json", "--serving-shape", "--batch", "2", "--reps", "2", "--steps", "2",
                 "--only", "liger-hybrid", "mom", "liger-gsa"])
     rows = {r["variant"]: r for r in json.loads(capsys.readouterr().out)}
     assert set(rows) == {"original", "liger-hybrid", "mom", "liger-gsa"}
     for name, row in rows.items():
         assert row["device"] == "cpu" and row["batch"] == 2 and set(row["decode_speedup"]) == {"64", "256"}
         assert all(v > 0 for v in row["decode_speedup"].values())
+        for ctx, (low, high) in row["decode_speedup_range"].items():  # the median of two paired ratios: between
+            assert low - 0.01 <= row["decode_speedup"][ctx] <= high + 0.01
+            assert name != "original" or low == high == 1.0
         sizes = row["cache_bytes"]
         if name == "original":  # 2 layers x K and V x 2 rows x 2 KV heads x 16 floats per token
             assert sizes["256"] - sizes["64"] == (256 - 64) * 2 * 2 * 2 * 2 * 16 * 4

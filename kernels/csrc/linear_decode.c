@@ -1,10 +1,10 @@
 /* Decoding steps of the linearized attention layers (linearize/attention.py, linearize/mom.py) on the CPU, for every
    (batch row, KV head) in one call: linear_decode_step (GLA / HGRN2 gates, the hybrid's window), mom_decode_step
    and gsa_decode_step below. linear_decode_step: the gated recurrence updated in place, its read-out (optionally
-   normalized), and, for the Liger Attention hybrid, the sliding-window softmax branch over the ring buffer of the last W - 1 tokens plus the
-   new one, whose key/value then replace the oldest slot. The torch path (kernels/gla.py gla_step, kernels/
-   window_attention.py, LinearizedLayer.store) spends ~40 small ops per layer on this; at a decode step of a small
-   model that fixed cost, not the arithmetic, decides the speed.
+   normalized), and, for the Liger Attention hybrid, the sliding-window softmax branch over the ring buffer of the
+   last W - 1 tokens plus the new one, whose key/value then replace the oldest slot. The torch path (kernels/gla.py
+   gla_step, kernels/window_attention.py, LinearizedLayer.store) spends ~40 small ops per layer on this; at a decode
+   step of a small model that fixed cost, not the arithmetic, decides the speed.
 
    Per (b, h), with G query heads per KV head, K = key dim, V = value columns of the state (+1 when normalized: the
    ones column carrying z_t):
@@ -63,8 +63,9 @@ static inline void rope_into(const float* x, const float* cos, const float* sin,
 int linear_decode_step(const float* q, const float* k, const float* v, float* state, int64_t b_size,
                        int64_t h_size, int64_t groups, int64_t k_dim, int64_t vs_dim, int normalize, int gate,
                        const float* q_rot, const float* k_rot, const float* rope_cos, const float* rope_sin,
-                       float* ring_k, float* ring_v, uint8_t* ring_valid, int64_t slots, int64_t slot, int64_t d_rot, const uint8_t* new_valid, float alpha, float beta,
-                       float scale, float* out, int nthreads) {
+                       float* ring_k, float* ring_v, uint8_t* ring_valid, int64_t slots, int64_t slot,
+                       int64_t d_rot, const uint8_t* new_valid, float alpha, float beta, float scale, float* out,
+                       int nthreads) {
     int64_t v_dim = vs_dim - (normalize ? 1 : 0), pairs = b_size * h_size;
     int failed = 0;
     #pragma omp parallel for num_threads(nthreads) schedule(static) reduction(|:failed)

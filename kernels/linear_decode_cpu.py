@@ -5,7 +5,7 @@ on first use by cpu_build.py), its state updated in place:
   LinearizedLayer.store);
 - `mom_decode_step`: Mixture-of-Memories' features, top-k routing and routed gated delta-rule memories (reference:
   linearize/mom.py's forward with kernels/delta_rule.py);
-- `gsa_decode_step`: gated slot attention (reference: kernels/gsa.py).
+- `gsa_decode_step`: gated slot attention, its feature maps and slot gates (reference: kernels/gsa.py).
 The attention modules' torch forward is what the tests compare them with, token by token."""
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ _SIGNATURES = (("linear_decode_step",
                  _PTR, _I32),
                 ctypes.c_int),
                ("gsa_decode_step",
-                (_PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _I64, _PTR, _PTR, _I32), ctypes.c_int))
+                (_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _I64, _PTR, _PTR, _I32), ctypes.c_int))
 
 
 def _library():
@@ -111,18 +111,18 @@ def mom_decode_step(q, k, v, beta_logit, router_logits, state, gate: str, top_k:
     return out
 
 
-def gsa_decode_step(phi_q, phi_k, v, log_gate, state, new_valid=None) -> torch.Tensor:
-    """One gated-slot-attention step: phi_q [B, Hq, 1, K]; phi_k [B, H, 1, K]; v [B, H, 1, V]; slot log-gates
-    [B, H, 1, M]; packed state [B, H, M, K + V] (updated in place); new_valid bool [B] or None. Returns
-    out [B, Hq, 1, V]."""
-    phi_q, phi_k, v, log_gate = (t.float().contiguous() for t in (phi_q, phi_k, v, log_gate))
-    b, hq, _, k_dim = phi_q.shape
+def gsa_decode_step(q, k, v, state, new_valid=None) -> torch.Tensor:
+    """One gated-slot-attention step from the raw projections q [B, Hq, 1, K], k [B, H, 1, K], v [B, H, 1, V]: the C
+    step applies the softmax feature maps and pools the GLA log-gate into the state's slots itself. Packed state
+    [B, H, M, K + V] (updated in place); new_valid bool [B] or None. Returns out [B, Hq, 1, V]."""
+    q, k, v = (t.float().contiguous() for t in (q, k, v))
+    b, hq, _, k_dim = q.shape
     h, slots, v_dim = state.shape[1], state.shape[2], v.shape[-1]
-    out = phi_q.new_empty(b, hq, 1, v_dim)
+    out = q.new_empty(b, hq, 1, v_dim)
     new_valid, valid_ptr = _valid(new_valid)
     status = _library().gsa_decode_step(
-        phi_q.data_ptr(), phi_k.data_ptr(), v.data_ptr(), log_gate.data_ptr(), state.data_ptr(), b, h, hq // h,
-        k_dim, v_dim, slots, valid_ptr, out.data_ptr(), torch.get_num_threads())
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), state.data_ptr(), b, h, hq // h, k_dim, v_dim, slots, valid_ptr,
+        out.data_ptr(), torch.get_num_threads())
     if status != 0:
         raise MemoryError("gsa_decode_step: could not allocate its per-head buffers")
     return out

@@ -222,9 +222,11 @@ class LinearizedAttention(nn.Module):
     def _fused_decode_step(self, kind, layer, q, k, v, valid, position_embeddings, hidden_states):
         new_valid = None if valid is None else valid[:, -1]
         if self.settings.gate == "gsa":
-            phi_q, phi_k, log_gate = self.features(q, k)
-            step = gsa_decode_step_triton if kind == "triton" else gsa_decode_step
-            out = step(phi_q, phi_k, v, log_gate, layer.state, new_valid)
+            if kind == "cpu":  # the C step applies the feature maps and slot gates itself
+                out = gsa_decode_step(q, k, v, layer.state, new_valid)
+            else:
+                phi_q, phi_k, log_gate = self.features(q, k)
+                out = gsa_decode_step_triton(phi_q, phi_k, v, log_gate, layer.state, new_valid)
             return self._decoded(out, layer, hidden_states)
         window = rope = None
         if self.settings.window_or_none() is not None:

@@ -250,34 +250,47 @@ int mom_decode_step(const float* q, const float* k, const float* v, const float*
     return failed ? -1 : 0;
 }
 
-/* One decoding step of gated slot attention (kernels/gsa.py; Liger's GSA gate): per (b, h), state [M, K + V] packs
-   the slot keys (row j: K_t[:, j]) and slot values (row j: V_t[j]); a = exp(g), s = 1 - a:
-     slot j: key_j = a_j key_j + s_j k,  value_j = a_j value_j + s_j v   (padding: unchanged)
+/* One decoding step of gated slot attention (kernels/gsa.py; Liger's GSA gate) from the raw projections q [B, Hq, K],
+   k [B, H, K], v [B, H, V]: the step applies the features itself (linearize/attention.py `features`):
+     phi(q) = softmax(q), phi(k) = softmax(k); slot log-gate g_j = the mean of logsigmoid(k) / 16 over dimensions
+     [floor(j K / M), ceil((j + 1) K / M)) (torch's adaptive average pooling, K not necessarily a multiple of M).
+   Per (b, h), state [M, K + V] packs the slot keys (row j: K_t[:, j]) and slot values (row j: V_t[j]);
+   a = exp(g), s = 1 - a:
+     slot j: key_j = a_j key_j + s_j phi(k),  value_j = a_j value_j + s_j v   (padding: unchanged)
      o_i = softmax_j(phi(q_i) . key_j) value_j.
-   phi_q [B, Hq, K]; k [B, H, K]; v [B, H, V]; log_gate [B, H, M]; state [B, H, M, K + V]; out [B, Hq, V]. */
-int gsa_decode_step(const float* phi_q, const float* k, const float* v, const float* log_gate, float* state,
-                    int64_t b_size, int64_t h_size, int64_t groups, int64_t k_dim, int64_t v_dim, int64_t slots,
-                    const uint8_t* new_valid, float* out, int nthreads) {
+   state [B, H, M, K + V] (in place); new_valid [B] (uint8, NULL: all valid); out [B, Hq, V]. */
+int gsa_decode_step(const float* q, const float* k, const float* v, float* state, int64_t b_size, int64_t h_size,
+                    int64_t groups, int64_t k_dim, int64_t v_dim, int64_t slots, const uint8_t* new_valid, float* out,
+                    int nthreads) {
     int64_t pairs = b_size * h_size, width = k_dim + v_dim;
     int failed = 0;
     #pragma omp parallel for num_threads(nthreads) schedule(static) reduction(|:failed)
     for (int64_t bh = 0; bh < pairs; ++bh) {
         int64_t b = bh / h_size;
         float* s = state + bh * slots * width;
-        float* p = (float*)malloc(sizeof(float) * (size_t)slots);
+        /* [M] slot scores, [K] phi(k), [K] phi(q), [K] log-gates per dimension */
+        float* p = (float*)malloc(sizeof(float) * (size_t)(slots + 3 * k_dim));
         if (!p) { failed = 1; continue; }
+        float* pk = p + slots;
+        float* pq = pk + k_dim;
+        float* g = pq + k_dim;
         if (!new_valid || new_valid[b]) {
-            const float* kh = k + bh * k_dim;
+            const float* kr = k + bh * k_dim;
             const float* vh = v + bh * v_dim;
+            softmax_into(kr, k_dim, pk);
+            for (int64_t d = 0; d < k_dim; ++d) g[d] = log_sigmoid(kr[d]) * (1.f / 16.f);
             for (int64_t j = 0; j < slots; ++j) {
-                float a = expf(log_gate[bh * slots + j]), w = 1.f - a;
+                int64_t lo = j * k_dim / slots, hi = ((j + 1) * k_dim + slots - 1) / slots;
+                float mean = 0.f;
+                for (int64_t d = lo; d < hi; ++d) mean += g[d];
+                float a = expf(mean / (float)(hi - lo)), w = 1.f - a;
                 float* row = s + j * width;
-                for (int64_t c = 0; c < k_dim; ++c) row[c] = a * row[c] + w * kh[c];
+                for (int64_t c = 0; c < k_dim; ++c) row[c] = a * row[c] + w * pk[c];
                 for (int64_t c = 0; c < v_dim; ++c) row[k_dim + c] = a * row[k_dim + c] + w * vh[c];
             }
         }
         for (int64_t i = 0; i < groups; ++i) {
-            const float* pq = phi_q + (bh * groups + i) * k_dim;
+            softmax_into(q + (bh * groups + i) * k_dim, k_dim, pq);
             float mx = -INFINITY, sum = 0.f;
             for (int64_t j = 0; j < slots; ++j) {
                 p[j] = dotf(pq, s + j * width, k_dim);

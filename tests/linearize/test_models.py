@@ -17,6 +17,7 @@ VARIANTS = {
     "mom-unshared": LinearizeSettings(variant="mom", num_memories=2, top_k=1, shared_memory=False),
     "mom-hgrn2": LinearizeSettings(variant="mom", gate="hgrn2", num_memories=3, top_k=2),
     "gsa": LinearizeSettings(variant="gla", gate="gsa", num_slots=4),
+    "gsa-3": LinearizeSettings(variant="gla", gate="gsa", num_slots=3),  # slots pool unequal groups of dimensions
 }
 TOL = dict(rtol=1e-5, atol=2e-5)
 
@@ -180,7 +181,7 @@ def assert_fused_step_matches_torch(model, variant, monkeypatch, suffix, switch,
 
 
 @pytest.mark.parametrize("variant", ["gla", "hgrn2", "hybrid", "hybrid-normalized", "mom", "mom-unshared", "mom-hgrn2",
-                                     "gsa"])
+                                     "gsa", "gsa-3"])
 def test_fused_cpu_decode_step_matches_the_torch_step(tiny_model, arch, variant, monkeypatch, cpu_level):
     """The one-call C decode steps (kernels/linear_decode_cpu.py) against forward's torch path."""
     from compress.kernels import linear_decode_cpu
@@ -233,8 +234,7 @@ def test_half_precision_model_keeps_a_float32_state_and_decodes_as_its_forward(t
 
 
 TRITON_STEP_VARIANTS = {**VARIANTS, "gla-normalized": LinearizeSettings(variant="gla", normalize=True),
-                        "hybrid-wide": LinearizeSettings(variant="hybrid", window=21),  # 20 slots: past one tile
-                        "gsa-3": LinearizeSettings(variant="gla", gate="gsa", num_slots=3)}
+                        "hybrid-wide": LinearizeSettings(variant="hybrid", window=21)}  # 20 slots: past one tile
 
 
 GROUPINGS = [("llama", 1), ("qwen3", 2), ("mistral", 4)]  # 4, 2, 1 query heads per KV head

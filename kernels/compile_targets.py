@@ -144,31 +144,31 @@ def vq_logits():
 
 
 def linear_decode(d: int, window: bool, normalize: bool):
-    """One decoding step of a linearized layer (GLA gates; the hybrid's window of 64 when `window`): 32 query heads
-    over 8 KV heads, float32 state as the cache keeps it."""
+    """One decoding step of a linearized layer (GLA gates; the hybrid's window of 64 when `window`, RoPE inside):
+    32 query heads over 8 KV heads, float32 state as the cache keeps it."""
     from .linear_decode_triton import linear_decode_step_triton
 
     b, h, g = 2, 8, 4
     x = lambda *shape: torch.randn(*shape)  # noqa: E731
     state = x(b, h, d, d + int(normalize))
-    win = None
+    q, k, v = x(b, h * g, 1, d), x(b, h, 1, d), x(b, h, 1, d)
+    win = rope = None
     if window:
         slots = 63
-        win = (x(b, h * g, 1, d), x(b, h, 1, d), x(b, h, 1, d), x(b, h, slots, d), x(b, h, slots, d),
-               torch.ones(b, slots, dtype=torch.bool), 5)
-    linear_decode_step_triton(x(b, h * g, 1, d), x(b, h, 1, d), x(b, h, 1, d), x(b, h, 1, d + int(normalize)),
-                              state, normalize, win, torch.ones(b, dtype=torch.bool), 0.3, 0.7, d ** -0.5)
+        win = (None, None, v, x(b, h, slots, d), x(b, h, slots, d), torch.ones(b, slots, dtype=torch.bool), 5)
+        rope = (x(b, 1, d), x(b, 1, d))
+    linear_decode_step_triton(q, k, v, state, "gla", normalize, win, torch.ones(b, dtype=torch.bool), 0.3, 0.7,
+                              d ** -0.5, rope=rope)
 
 
 def mom_decode(d: int):
-    """Mixture-of-Memories' step: 4 routed memories + the shared one per KV head, 32 query / 8 KV heads."""
+    """Mixture-of-Memories' step: 4 routed memories (top 2) + the shared one per KV head, 32 query / 8 KV heads."""
     from .linear_decode_triton import mom_decode_step_triton
 
-    b, h, g, m1 = 2, 8, 4, 5
-    active = torch.tensor([[1, 1, 0, 1, 0]] * b, dtype=torch.bool)
+    b, h, g, m = 2, 8, 4, 4
     mom_decode_step_triton(torch.randn(b, h * g, 1, d), torch.randn(b, h, 1, d), torch.randn(b, h, 1, d),
-                           torch.randn(b, h, 1), torch.rand(b, h, 1), torch.randn(b, m1, h, d, d), active,
-                           torch.rand(b, m1), torch.ones(b, dtype=torch.bool), 0.5)
+                           torch.randn(b, 1, h), torch.randn(b, 1, m), torch.randn(b, m + 1, h, d, d), "gla", 2, True,
+                           torch.ones(b, dtype=torch.bool), 0.5)
 
 
 def gsa_decode(d: int, slots: int = 8):
@@ -177,8 +177,7 @@ def gsa_decode(d: int, slots: int = 8):
 
     b, h, g = 2, 8, 4
     gsa_decode_step_triton(torch.randn(b, h * g, 1, d), torch.randn(b, h, 1, d), torch.randn(b, h, 1, d),
-                           -torch.rand(b, h, 1, slots), torch.randn(b, h, slots, 2 * d),
-                           torch.ones(b, dtype=torch.bool))
+                           torch.randn(b, h, slots, 2 * d), torch.ones(b, dtype=torch.bool))
 
 
 def entry_points() -> dict:
@@ -204,7 +203,7 @@ def entry_points() -> dict:
         entries[f"activation_sparse int{bits}"] = lambda b=bits: activation_sparse(b)
     entries["vq_logits"] = vq_logits
     for d in (64, 128):
-        for window, normalize in ((False, False), (True, False), (True, True)):
+        for window, normalize in ((False, False), (False, True), (True, False), (True, True)):
             label = f"linear_decode d{d}" + (" hybrid" if window else " gla") + (" normalized" if normalize else "")
             entries[label] = lambda d=d, w=window, n=normalize: linear_decode(d, w, n)
         entries[f"linear_decode d{d} mom"] = lambda d=d: mom_decode(d)

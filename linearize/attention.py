@@ -220,29 +220,23 @@ class LinearizedAttention(nn.Module):
         return self.o_proj(out.view(out.shape[0], 1, -1).to(hidden_states.dtype)), None
 
     def _fused_decode_step(self, kind, layer, q, k, v, valid, position_embeddings, hidden_states):
+        """One call (C on the CPU, Triton on CUDA; same arguments) from the raw projections: the steps apply the
+        feature maps, gates and, for the hybrid's window, RoPE of the rotate-half form themselves."""
         new_valid = None if valid is None else valid[:, -1]
         if self.settings.gate == "gsa":
-            if kind == "cpu":  # the C step applies the feature maps and slot gates itself
-                out = gsa_decode_step(q, k, v, layer.state, new_valid)
-            else:
-                phi_q, phi_k, log_gate = self.features(q, k)
-                out = gsa_decode_step_triton(phi_q, phi_k, v, log_gate, layer.state, new_valid)
-            return self._decoded(out, layer, hidden_states)
+            step = gsa_decode_step_triton if kind == "triton" else gsa_decode_step
+            return self._decoded(step(q, k, v, layer.state, new_valid), layer, hidden_states)
         window = rope = None
         if self.settings.window_or_none() is not None:
             cos, sin = position_embeddings
             slot = layer.cumulative_length % layer.window_keys.shape[2]
-            if kind == "cpu" and self._rope_is_rotate_half and cos.shape[-1] == self.head_dim:
-                q_rot = k_rot = None  # the C step rotates q and k itself
+            if self._rope_is_rotate_half and cos.shape[-1] == self.head_dim:
+                q_rot = k_rot = None  # the step rotates q and k itself
                 rope = tuple(t.expand(q.shape[0], 1, -1) for t in (cos, sin))
             else:
                 q_rot, k_rot = self._rotary(q, k, cos, sin)
             window = (q_rot, k_rot, v, layer.window_keys, layer.window_values, layer.window_valid, slot)
-        args = (self.settings.normalize, window, new_valid, self.settings.alpha, self.settings.beta, self.scaling)
-        if kind == "cpu":  # the C step applies the feature map itself
-            out = linear_decode_step(q, k, v, layer.state, self.settings.gate, *args, rope=rope)
-        else:
-            phi_q, phi_k, log_gate = self.features(q, k)
-            v_state = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1) if self.settings.normalize else v
-            out = linear_decode_step_triton(phi_q, phi_k, log_gate, v_state, layer.state, *args)
+        step = linear_decode_step_triton if kind == "triton" else linear_decode_step
+        out = step(q, k, v, layer.state, self.settings.gate, self.settings.normalize, window, new_valid,
+                   self.settings.alpha, self.settings.beta, self.scaling, rope=rope)
         return self._decoded(out, layer, hidden_states)

@@ -126,11 +126,12 @@ class MixtureOfMemoriesAttention(LinearizedAttention):
         beta_logit = self.beta_proj(hidden_states)  # [B, T, Hkv]
         logits = F.linear(hidden_states.float(), self.router.weight.float())  # routing in fp32: stable top-k
         fused = self._fused_decode_ready(layer) if t == 1 else None
-        if fused == "cpu":  # one C call: features, routing and the memories' steps
+        if fused:  # one C call / Triton launch: features, routing and the memories' steps
             self.aux_loss = None
             s = self.settings
-            out = mom_decode_step(q, k, v, beta_logit, logits, layer.state, s.gate, s.top_k, s.shared_memory,
-                                  None if valid is None else valid[:, -1], self._mix_scale)
+            step = mom_decode_step_triton if fused == "triton" else mom_decode_step
+            out = step(q, k, v, beta_logit, logits, layer.state, s.gate, s.top_k, s.shared_memory,
+                       None if valid is None else valid[:, -1], self._mix_scale)
             return self._decoded(out, layer, hidden_states)
         phi_q, phi_k, log_gate = self.features(q, k)
         phi_k, log_gate = F.normalize(phi_k, dim=-1), log_gate.mean(-1)  # unit keys, one decay per head
@@ -142,11 +143,6 @@ class MixtureOfMemoriesAttention(LinearizedAttention):
             log_gate, beta = log_gate.masked_fill(pad, 0.0), beta.masked_fill(pad, 0.0)
         self.aux_loss = (load_balance_loss(logits, chosen, valid)
                          if self.training and torch.is_grad_enabled() else None)
-        if fused == "triton":  # one launch, from the features
-            active, mix = self._with_shared(chosen[:, 0]), self._with_shared(weights[:, 0])
-            out = mom_decode_step_triton(phi_q, phi_k, v, log_gate, beta, layer.state, active, mix,
-                                         None if valid is None else valid[:, -1], self._mix_scale)
-            return self._decoded(out, layer, hidden_states)
         memories = self.memories
         active = self._with_shared(chosen).transpose(1, 2).to(log_gate.dtype)  # [B, memories, T]
 

@@ -192,6 +192,21 @@ def test_fused_cpu_decode_step_matches_the_torch_step(tiny_model, arch, variant,
                                     ("COMPRESS_CPU_KERNELS", "off", "on"))
 
 
+def test_fused_cpu_step_takes_the_models_own_rotation_where_it_is_not_rotate_half(tiny_model, monkeypatch):
+    """A model whose RoPE function is not the rotate-half form the steps compute: the window's q and k are rotated
+    by the model's function and handed to the C step, which then equals the torch step as well."""
+    from compress.kernels import linear_decode_cpu
+    from compress.linearize.attention import LinearizedAttention
+
+    if linear_decode_cpu._library() is None:
+        pytest.skip("no C compiler: the fused CPU step is not built")
+    model = converted(tiny_model, "llama", "hybrid")
+    for module in model.modules():
+        if isinstance(module, LinearizedAttention):
+            module._rope_is_rotate_half = False
+    assert_fused_step_matches_torch(model, "hybrid", monkeypatch, "", ("COMPRESS_CPU_KERNELS", "off", "on"))
+
+
 def test_the_c_step_rotates_only_for_models_whose_rope_it_computes():
     """The hybrid's C step applies RoPE itself only where the model's function is Llama's x cos + rotate_half(x) sin
     (every supported family's is); another function (here interleaved pairs, GPT-J style) keeps the model's own."""
@@ -242,7 +257,7 @@ GROUPINGS = [("llama", 1), ("qwen3", 2), ("mistral", 4)]  # 4, 2, 1 query heads 
 # variants, whose flags do not touch the head indexing, at one grouping each (the interpreter's cost: ~4 s a case)
 TRITON_STEP_CASES = [(*g, v) for v in ("hybrid", "mom", "gsa") for g in GROUPINGS] + [
     (*GROUPINGS[i % 3], v) for i, v in enumerate(
-        ["gla", "hybrid-normalized", "hgrn2", "mom-unshared", "gla-normalized", "hybrid-wide", "gsa-3"])]
+        ["gla", "hybrid-normalized", "hgrn2", "mom-unshared", "gla-normalized", "hybrid-wide", "gsa-3", "mom-hgrn2"])]
 
 
 @pytest.mark.parametrize("arch,kv_heads,variant", TRITON_STEP_CASES)

@@ -54,8 +54,8 @@ def key_validity(attention_mask, num_new: int):
 
 def rotate_half_rope(rotary, head_dim: int) -> bool:
     """Whether the model's apply_rotary_pos_emb computes x cos + rotate_half(x) sin (Llama, Mistral, Qwen2, Qwen3),
-    which the CPU decoding step then applies itself; checked on random float64 inputs, so a model whose RoPE differs
-    keeps its own function."""
+    which the decoding steps (C and Triton) then apply themselves; checked on random float64 inputs, so a model whose
+    RoPE differs keeps its own function."""
     gen = torch.Generator().manual_seed(0)
     x, cos, sin = (torch.randn(1, 1, 1, head_dim, generator=gen, dtype=torch.float64) for _ in range(3))
     try:

@@ -269,27 +269,36 @@ def speedup(ratio, spread) -> str:
 
 
 def print_table(rows: list[dict], model: str) -> None:
+    import shutil
+
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"Linearization ({model})")
-    for col in ("variant", "ppl", "ppl converted", "ppl recovered", "x original (95% CI)", "vs dense recovered",
-                "recovery", "KL", "top-1", "copy", "passkey",
-                *(f"cache MB {c // 1024}k" for c in CONTEXTS), *(f"decode x {c // 1024}k" for c in CONTEXTS)):
-        t.add_column(col, justify="right")
+    columns = ("variant", "ppl", "ppl converted", "ppl recovered", "x original (95% CI)", "vs dense recovered",
+               "recovery", "KL", "top-1", "copy", "passkey",
+               *(f"cache MB {c // 1024}k" for c in CONTEXTS), *(f"decode x {c // 1024}k" for c in CONTEXTS))
+    cells = []
     for r in rows:
         rec = (f"{r['recovery_tokens']} tok / {r['recovery_minutes']} min"
                if r.get("recovery_minutes") is not None else "-")
         cb, ds, spread = r.get("cache_bytes", {}), r.get("decode_speedup", {}), r.get("decode_speedup_range", {})
         # of the last stage measured
         ci = r["ppl_recovered_ratio_ci95"] if r.get("ppl_recovered") is not None else r.get("ppl_converted_ratio_ci95")
-        t.add_row(r["variant"], fmt(r.get("perplexity"), ".2f"), fmt(r.get("ppl_converted"), ".2f"),
-                  fmt(r.get("ppl_recovered"), ".2f"), format_interval(ci, ".3f") if "ppl_converted" in r else "-",
-                  fmt(r.get("recovered_vs_dense_recovered"), ".2f"), rec, fmt(r.get("kl"), ".4f"), fmt(r.get("top1")),
-                  fmt(r.get("copy")), fmt(r.get("passkey"), ".2f"),
-                  *(fmt(cb.get(str(c), 0) / 2**20, ".2f") if cb else "-" for c in CONTEXTS),
-                  *(speedup(ds.get(str(c)), spread.get(str(c))) if ds else "-" for c in CONTEXTS))
-    Console().print(t)
+        cells.append([r["variant"], fmt(r.get("perplexity"), ".2f"), fmt(r.get("ppl_converted"), ".2f"),
+                      fmt(r.get("ppl_recovered"), ".2f"), format_interval(ci, ".3f") if "ppl_converted" in r else "-",
+                      fmt(r.get("recovered_vs_dense_recovered"), ".2f"), rec, fmt(r.get("kl"), ".4f"),
+                      fmt(r.get("top1")), fmt(r.get("copy")), fmt(r.get("passkey"), ".2f"),
+                      *(fmt(cb.get(str(c), 0) / 2**20, ".2f") if cb else "-" for c in CONTEXTS),
+                      *(speedup(ds.get(str(c)), spread.get(str(c))) if ds else "-" for c in CONTEXTS)])
+    # only the columns this run measured (--skip-quality / --skip-speed leave whole columns empty)
+    keep = [i for i in range(len(columns)) if i == 0 or any(row[i] != "-" for row in cells)]
+    t = Table(title=f"Linearization ({model})")
+    for i in keep:
+        t.add_column(columns[i], justify="right")
+    for row in cells:
+        t.add_row(*(str(row[i]) for i in keep))
+    # piped output has no terminal width: rich would squeeze the table into 80 columns
+    Console(width=None if shutil.get_terminal_size((0, 0)).columns else 200).print(t)
     print(rows[0].get("protocol", "decode speed and cache bytes only"))
 
 

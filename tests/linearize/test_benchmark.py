@@ -71,3 +71,15 @@ def test_serving_options_refused_without_serving_shape(bench):
     with pytest.raises(SystemExit) as exit_info:
         bench.main(["--batch", "4"])
     assert exit_info.value.code == 2
+
+
+def test_table_shows_the_measured_columns_and_the_ratio_spread(bench, capsys):
+    """Piped output (as here) keeps every measured column readable: the columns a run left empty are dropped, a
+    decode ratio carries its lowest-highest over the repetitions."""
+    speed = {"decode_speedup": {"1024": 1.25, "8192": 3.12, "32768": 11.54},
+             "decode_speedup_range": {"1024": [1.07, 1.44], "8192": [3.01, 3.63], "32768": [10.72, 11.97]},
+             "cache_bytes": {"1024": 2**20, "8192": 2**20, "32768": 2**20}}
+    bench.print_table([{"variant": "liger-gla", **speed}], "builtin:small")
+    out = capsys.readouterr().out
+    assert "3.12 (3.01-3.63)" in out and "11.54 (10.72-11.97)" in out and "cache MB 32k" in out
+    assert "ppl converted" not in out and "passkey" not in out

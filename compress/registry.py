@@ -40,16 +40,22 @@ def register_pass(name: str):
     return decorate
 
 
+_PLUGINS_SCANNED: tuple | None = None  # (the entry_points function scanned, its result)
+
+
 def _plugins() -> dict:
-    """Third-party passes: entry-point name -> entry point (not loaded)."""
-    return {ep.name: ep for ep in entry_points(group="compress.passes")}
+    """Third-party passes: entry-point name -> entry point (not loaded). Scanned once per process (~10 ms a scan;
+    every get_pass asks, to refuse a plugin claiming a built-in name); again if entry_points is replaced (tests)."""
+    global _PLUGINS_SCANNED
+    if _PLUGINS_SCANNED is None or _PLUGINS_SCANNED[0] is not entry_points:
+        _PLUGINS_SCANNED = (entry_points, {ep.name: ep for ep in entry_points(group="compress.passes")})
+    return _PLUGINS_SCANNED[1]
 
 
-def _load(name: str, plugins: dict | None = None) -> None:
+def _load(name: str) -> None:
     """Import the module that registers pass `name`, if it is not registered yet. A plugin that fails to import,
     registers no pass of its entry point's name, or claims a built-in name is a one-line CompressError naming it."""
-    plugins = _plugins() if plugins is None else plugins
-    plugin = plugins.get(name)
+    plugin = _plugins().get(name)
     if name in BUILTIN and plugin is not None:  # which one a recipe means is not ours to guess
         raise CompressError(f"pass {name!r} is built in, and the installed plugin {plugin.value} claims the same "
                             "name; rename its `compress.passes` entry point (or uninstall it)")
@@ -73,13 +79,12 @@ def _load(name: str, plugins: dict | None = None) -> None:
 
 def _load_builtin_and_plugins() -> None:
     global _ENTRY_POINTS_LOADED
-    plugins = _plugins()
     for name in BUILTIN:
-        _load(name, plugins)
+        _load(name)
     if _ENTRY_POINTS_LOADED:
         return
-    for name in plugins:
-        _load(name, plugins)
+    for name in _plugins():
+        _load(name)
     _ENTRY_POINTS_LOADED = True
 
 

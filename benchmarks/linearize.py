@@ -23,6 +23,9 @@
   context is 1024 tokens, so at 8k and 32k both models are random-init models with its shapes (speed does not
   depend on the weights); the caches are filled with random tensors of the right shapes (a 32k prefill on 2 CPU
   cores would take most of the run and changes nothing about the per-token cost).
+- prefill speed: one forward pass over a prompt of 1k and 4k tokens into an empty cache, as a ratio to the original
+  with a DynamicCache (`prefill_speedup`, `prefill_speedup_range`: paired per repetition, as decode's);
+  `--skip-prefill` leaves it out.
 
 - `--serving-shape --device cuda`: the decode-speed and cache-bytes columns only, on a 2-layer random-init model with
   Llama-3-8B layer shapes (hidden 4096, 32 query / 8 KV heads of 128, MLP 14336, vocabulary 128,256) in bf16
@@ -64,6 +67,7 @@ VARIANTS = {"liger-gla": LinearizeSettings(variant="gla"), "liger-hybrid": Linea
             # the window branch weighted up (Liger's alpha/beta are recipe settings; 0.5/0.5 by default)
             "liger-hybrid-normalized-a0.3": LinearizeSettings(variant="hybrid", normalize=True, alpha=0.3, beta=0.7)}
 CONTEXTS = (1024, 8192, 32768)
+PREFILL_CONTEXTS = (1024, 4096)
 # one Llama-3-8B layer (the GPU row: speed does not depend on the weights)
 SERVING_LAYER = dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
                      intermediate_size=14336, vocab_size=128256)
@@ -151,25 +155,79 @@ def selected(args) -> dict[str, LinearizeSettings]:
     return {name: s for name, s in VARIANTS.items() if not args.only or name in args.only}
 
 
+def models_for(reference, models: dict, ctx: int, args) -> tuple:
+    """(base model, {"original": base, variant: converted}) able to run `ctx` tokens: beyond the reference model's
+    positions a random-init model of its shapes (speed does not depend on the weights); built once per base."""
+    if ctx > reference.config.max_position_embeddings:
+        cfg = copy.deepcopy(reference.config)
+        cfg.max_position_embeddings = ctx
+        torch.manual_seed(0)
+        reference = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+        models = {}
+    if not models:
+        p = next(reference.parameters())
+        models = {"original": reference}
+        for name, settings in selected(args).items():
+            models[name] = copy.deepcopy(reference)
+            linearize_model(models[name], settings)
+            models[name].to(device=p.device, dtype=p.dtype)  # new parameters (router, beta map) follow
+    return reference, models
+
+
+def paired_speedups(times: dict[str, list[float]]) -> dict[str, tuple[float, list[float]]]:
+    """{name: (median, [lowest, highest])} of the original's time over the model's, paired per repetition (the
+    original and every variant ran back to back: a burst of the host's noise moves one repetition's ratio, not
+    the median; the spread says how much it moved)."""
+    out = {}
+    for name, ts in times.items():
+        ratios = [a / b for a, b in zip(times["original"], ts)]
+        out[name] = (round(statistics.median(ratios), 2), [round(min(ratios), 2), round(max(ratios), 2)])
+    return out
+
+
+@torch.no_grad()
+def prefill_seconds(model, context: int, batch: int, linearized: bool) -> float:
+    """One forward over `context` new tokens into an empty cache (what a prompt costs), last position's logits."""
+    device = next(model.parameters()).device
+    ids = torch.randint(100, model.config.vocab_size, (batch, context), device=device)
+    cache = LinearizedCache(model) if linearized else DynamicCache(config=model.config)
+    _sync(device)
+    t0 = time.perf_counter()
+    model(ids, cache=cache, logits_to_keep=1)
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def prefill_speed(reference, args) -> dict[str, dict]:
+    """{name: {"prefill_speedup": {ctx: ratio}, "prefill_speedup_range": {ctx: [lo, hi]}}}, as decode's."""
+    out, models = {}, {}
+    for ctx in progress_bar(PREFILL_CONTEXTS, description="prefill speed"):
+        reference, models = models_for(reference, models, ctx, args)
+        for m in models.values():  # warm-up (first-call allocations, kernel builds)
+            prefill_seconds(m, min(ctx, 128), args.batch, m is not models["original"])
+        times = {name: [] for name in models}
+        for _ in range(args.reps):
+            for name, m in models.items():
+                times[name].append(prefill_seconds(m, ctx, args.batch, name != "original"))
+        for name, (ratio, spread) in paired_speedups(times).items():
+            out.setdefault(name, {}).setdefault("prefill_speedup", {})[str(ctx)] = ratio
+            out[name].setdefault("prefill_speedup_range", {})[str(ctx)] = spread
+        print(f"[prefill {ctx}] " + ", ".join(f"{n} {out[n]['prefill_speedup'][str(ctx)]}x" for n in models),
+              file=sys.stderr)
+    return out
+
+
 def speed_and_bytes(reference, args) -> dict[str, dict]:
-    """{variant: {"cache_bytes": {ctx: bytes}, "decode_speedup": {ctx: ratio}}} plus the original's bytes."""
+    """{variant: {"cache_bytes": {ctx: bytes}, "decode_speedup": {ctx: ratio}, "prefill_speedup": ...}} plus the
+    original's bytes."""
     out = {name: {"cache_bytes": {}, "decode_speedup": {}} for name in ["original", *selected(args)]}
+    if not args.skip_prefill:
+        for name, values in prefill_speed(reference, args).items():
+            out[name].update(values)
     batch = args.batch
     models = {}
     for ctx in progress_bar(CONTEXTS, description="decode speed"):
-        if ctx > reference.config.max_position_embeddings:
-            cfg = copy.deepcopy(reference.config)
-            cfg.max_position_embeddings = ctx
-            torch.manual_seed(0)
-            reference = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-            models = {}
-        if not models:  # the converted models, built once per base model (the serving shape: once)
-            p = next(reference.parameters())
-            models = {"original": reference}
-            for name, settings in selected(args).items():
-                models[name] = copy.deepcopy(reference)
-                linearize_model(models[name], settings)
-                models[name].to(device=p.device, dtype=p.dtype)  # new parameters (router, beta map) follow
+        reference, models = models_for(reference, models, ctx, args)
         times = {name: [] for name in models}
         for _ in range(args.reps):  # interleaved, fresh cache each repetition
             for name, m in models.items():
@@ -181,12 +239,9 @@ def speed_and_bytes(reference, args) -> dict[str, dict]:
                 out[name]["cache_bytes"][str(ctx)] = nbytes
                 del cache
         base_t = statistics.median(times["original"])
-        for name in models:
-            # paired within each repetition (the original and every variant ran back to back): a burst of the
-            # host's noise moves one repetition's ratio, not the median; the spread says how much it moved
-            ratios = [a / b for a, b in zip(times["original"], times[name])]
-            out[name]["decode_speedup"][str(ctx)] = round(statistics.median(ratios), 2)
-            out[name].setdefault("decode_speedup_range", {})[str(ctx)] = [round(min(ratios), 2), round(max(ratios), 2)]
+        for name, (ratio, spread) in paired_speedups(times).items():
+            out[name]["decode_speedup"][str(ctx)] = ratio
+            out[name].setdefault("decode_speedup_range", {})[str(ctx)] = spread
             if name == "original":
                 out[name]["decode_tokens_per_s"] = out[name].get("decode_tokens_per_s", {})
                 out[name]["decode_tokens_per_s"][str(ctx)] = round(batch / base_t, 1)
@@ -252,8 +307,8 @@ def run(args) -> list[dict]:
     for row in rows:
         row["protocol"] = (f"{windows.shape[0]} held-out windows of {args.seq_len} tokens; copy {args.probe_num}x"
                            f"{args.copy_len}; passkey {args.probe_num} prompts of {args.passkey_len} tokens; decode "
-                           f"{args.steps} steps x {args.reps} reps, contexts > {original.config.max_position_embeddings}"
-                           " on random-init models of the same shapes")
+                           f"{args.steps} steps x {args.reps} reps, prefill {args.reps} reps, contexts > "
+                           f"{original.config.max_position_embeddings} on random-init models of the same shapes")
     return rows
 
 
@@ -276,12 +331,14 @@ def print_table(rows: list[dict], model: str) -> None:
 
     columns = ("variant", "ppl", "ppl converted", "ppl recovered", "x original (95% CI)", "vs dense recovered",
                "recovery", "KL", "top-1", "copy", "passkey",
-               *(f"cache MB {c // 1024}k" for c in CONTEXTS), *(f"decode x {c // 1024}k" for c in CONTEXTS))
+               *(f"cache MB {c // 1024}k" for c in CONTEXTS), *(f"decode x {c // 1024}k" for c in CONTEXTS),
+               *(f"prefill x {c // 1024}k" for c in PREFILL_CONTEXTS))
     cells = []
     for r in rows:
         rec = (f"{r['recovery_tokens']} tok / {r['recovery_minutes']} min"
                if r.get("recovery_minutes") is not None else "-")
         cb, ds, spread = r.get("cache_bytes", {}), r.get("decode_speedup", {}), r.get("decode_speedup_range", {})
+        ps, pspread = r.get("prefill_speedup", {}), r.get("prefill_speedup_range", {})
         # of the last stage measured
         ci = r["ppl_recovered_ratio_ci95"] if r.get("ppl_recovered") is not None else r.get("ppl_converted_ratio_ci95")
         cells.append([r["variant"], fmt(r.get("perplexity"), ".2f"), fmt(r.get("ppl_converted"), ".2f"),
@@ -289,7 +346,8 @@ def print_table(rows: list[dict], model: str) -> None:
                       fmt(r.get("recovered_vs_dense_recovered"), ".2f"), rec, fmt(r.get("kl"), ".4f"),
                       fmt(r.get("top1")), fmt(r.get("copy")), fmt(r.get("passkey"), ".2f"),
                       *(fmt(cb.get(str(c), 0) / 2**20, ".2f") if cb else "-" for c in CONTEXTS),
-                      *(speedup(ds.get(str(c)), spread.get(str(c))) if ds else "-" for c in CONTEXTS)])
+                      *(speedup(ds.get(str(c)), spread.get(str(c))) if ds else "-" for c in CONTEXTS),
+                      *(speedup(ps.get(str(c)), pspread.get(str(c))) if ps else "-" for c in PREFILL_CONTEXTS)])
     # only the columns this run measured (--skip-quality / --skip-speed leave whole columns empty)
     keep = [i for i in range(len(columns)) if i == 0 or any(row[i] != "-" for row in cells)]
     t = Table(title=f"Linearization ({model})")
@@ -318,7 +376,8 @@ def main(argv=None) -> None:
     ap.add_argument("--passkey-len", type=int, default=512)
     ap.add_argument("--steps", type=positive_int, default=8, help="decode steps timed per repetition")
     ap.add_argument("--reps", type=positive_int, default=3)
-    ap.add_argument("--skip-speed", action="store_true", help="no cache-bytes / decode-speed columns")
+    ap.add_argument("--skip-speed", action="store_true", help="no cache-bytes / decode / prefill speed columns")
+    ap.add_argument("--skip-prefill", action="store_true", help="no prefill-speed columns")
     ap.add_argument("--skip-quality", action="store_true", help="only the cache-bytes / decode-speed columns")
     ap.add_argument("--only", nargs="*", choices=list(VARIANTS), help="these variants (and the original) only")
     ap.add_argument("--serving-shape", action="store_true",

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from .gla import _use_fla, torch_path_in_float32
 
-DEFAULT_CHUNK = 16
+DEFAULT_CHUNK = 32  # fastest measured on a CPU for MoM's memories (BENCHMARKS.md)
 
 
 def _check(q, k, v, g, beta):
@@ -120,10 +120,10 @@ def delta_rule_fla(q, k, v, g, beta, initial_state=None):
     return o.transpose(1, 2), final[:, ::groups]  # fla's final state is float32
 
 
-def gated_delta_rule(q, k, v, g, beta, initial_state=None, chunk_size: int = DEFAULT_CHUNK):
+def gated_delta_rule(q, k, v, g, beta, initial_state=None, chunk_size: int | None = None):
     """(o [B, Hq, T, V] in q's dtype, final state [B, Hkv, K, V] in float32 or wider: see gla.py). One token: the
     recurrence step; CUDA with fla-core: chunk_gated_delta_rule; elsewhere the chunked torch path."""
     if q.shape[2] > 1 and _use_fla(q):
         return delta_rule_fla(q, k, v, g, beta, initial_state)
     return torch_path_in_float32(delta_rule_recurrent_reference, delta_rule_chunked, q, k, v, g, beta,
-                                 initial_state=initial_state, chunk_size=chunk_size)
+                                 initial_state=initial_state, chunk_size=chunk_size or DEFAULT_CHUNK)

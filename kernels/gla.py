@@ -6,8 +6,9 @@ state, so neither K/V nor the state is expanded per query head.
 
 Three implementations, one contract:
 - `gla_recurrent_reference`: the step-by-step recurrence (ground truth; tests run it in float64);
-- `gla_chunked`: chunks of `chunk_size` tokens, exact pairwise decay inside a chunk and the state carried across
-  chunks; differentiable, the CPU path (training and prefill);
+- `gla_chunked`: chunks of `chunk_size` tokens, two matmuls inside a chunk (the pairwise decay form for key
+  dimensions whose gates would overflow them) and the state carried across chunks; differentiable, the CPU path
+  (training and prefill);
 - fla-core's `chunk_gla` on CUDA when the optional `fla` extra is installed (imported lazily).
 `gated_linear_attention` picks one (COMPRESS_KERNELS=torch forces the torch path, as for every kernel here).
 
@@ -22,7 +23,11 @@ import torch
 
 from ..environment import setting
 
-DEFAULT_CHUNK = 16
+DEFAULT_CHUNK = 64  # fastest measured on a CPU, forward and backward (BENCHMARKS.md)
+# The factorized chunk form is used for key dimensions whose log-gates sum to no less than this over a chunk
+# (e^40 ~ 2e17: far from float32's overflow); stronger gates take the pairwise form in chunks of PAIRWISE_CHUNK.
+SAFE_CHUNK_DECAY = 40.0
+PAIRWISE_CHUNK = 8
 
 
 def _check(q, k, v, g):
@@ -53,41 +58,86 @@ def gla_step(q, k, v, g, state):
 
 
 def gla_chunked(q, k, v, g, initial_state=None, chunk_size: int = DEFAULT_CHUNK):
-    """(o, final state), equal to the recurrence. Inside a chunk the decay between positions i >= j is
-    exp(b_i - b_j) with b the within-chunk cumulative log-gate: every exponent is <= 0, so nothing overflows however
-    strong the gates are (the factorized q*exp(b) @ (k*exp(-b))^T form overflows for strong gates)."""
+    """(o, final state), equal to the recurrence. The key dimensions are independent recurrences (the gates are
+    diagonal), so they split: those whose log-gates sum to more than -SAFE_CHUNK_DECAY over every chunk take the
+    factorized form (two matmuls per chunk), the rest (a gate that forgets nearly everything within a chunk) the
+    pairwise form, whose exponents are all <= 0 whatever the gates."""
     _check(q, k, v, g)
     b, hq, t, dk = q.shape
-    hkv, dv, c = k.shape[1], v.shape[-1], chunk_size
-    groups = hq // hkv
-    state = q.new_zeros(b, hkv, dk, dv) if initial_state is None else initial_state.to(q.dtype)
+    state = q.new_zeros(b, k.shape[1], dk, v.shape[-1]) if initial_state is None else initial_state.to(q.dtype)
     if t == 0:
-        return q.new_zeros(b, hq, 0, dv), state
-    n = -(-t // c)
-    pad = n * c - t
+        return q.new_zeros(b, hq, 0, v.shape[-1]), state
+    n = -(-t // chunk_size)
+    pad = n * chunk_size - t
     if pad:  # zero keys/values and zero log-gates (no decay) past the end leave outputs and final state unchanged
         q, k, v, g = (torch.nn.functional.pad(x, (0, 0, 0, pad)) for x in (q, k, v, g))
-    qc = q.view(b, hkv, groups, n, c, dk)
+    chunk_decay = g.detach().view(*g.shape[:2], n, chunk_size, dk).sum(-2)  # [b, h, n, K]
+    strong = (chunk_decay < -SAFE_CHUNK_DECAY).flatten(0, -2).any(0)  # [K]
+    if not strong.any():
+        o, state = _gla_factorized(q, k, v, g, state, chunk_size)
+    elif strong.all():
+        o, state = _gla_pairwise(q, k, v, g, state, min(chunk_size, PAIRWISE_CHUNK))
+    else:  # each part with its key dimensions only; the state's rows put back in order
+        weak, strong = (~strong).nonzero().squeeze(1), strong.nonzero().squeeze(1)
+        o_weak, s_weak = _gla_factorized(q[..., weak], k[..., weak], v, g[..., weak], state[..., weak, :],
+                                         chunk_size)
+        o_strong, s_strong = _gla_pairwise(q[..., strong], k[..., strong], v, g[..., strong], state[..., strong, :],
+                                           min(chunk_size, PAIRWISE_CHUNK))
+        o = o_weak + o_strong
+        state = torch.cat([s_weak, s_strong], dim=-2)[..., torch.cat([weak, strong]).argsort(), :]
+    return o[:, :, :t], state
+
+
+def _gla_factorized(q, k, v, g, state, c: int):
+    """T a multiple of c. Inside a chunk, with b the cumulative log-gate from the chunk's start (<= 0):
+    A[i, j] = (q_i e^{b_i}) . (k_j e^{-b_j}) for j <= i; e^{-b_j} <= e^{SAFE_CHUNK_DECAY} stays finite, and rounding
+    is relative, so the large factors cost no precision. The state enters each chunk through q_i e^{b_i}."""
+    b, hq, t, dk = q.shape
+    hkv, dv, n = k.shape[1], v.shape[-1], t // c
+    qc = q.view(b, hkv, hq // hkv, n, c, dk)
+    kc, gc, vc = k.view(b, hkv, n, c, dk), g.view(b, hkv, n, c, dk), v.view(b, hkv, n, c, dv)
+    cum = gc.cumsum(dim=-2)
+    total = cum[:, :, :, -1:]  # [b, h, n, 1, K]
+    q_decayed = qc * cum.exp().unsqueeze(2)
+    scores = q_decayed @ (kc * (-cum).exp()).transpose(-1, -2).unsqueeze(2)  # [b, h, G, n, i, j]
+    causal = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
+    o = scores.masked_fill(~causal, 0.0) @ vc.unsqueeze(2)
+    local = (kc * (total - cum).exp()).transpose(-1, -2) @ vc  # each chunk's own contribution to the state
+    before, state = _scan_chunks(state, total.squeeze(-2), local)
+    o = o + q_decayed @ before.unsqueeze(2)
+    return o.reshape(b, hq, t, dv), state
+
+
+def _gla_pairwise(q, k, v, g, state, c: int):
+    """T a multiple of c. Inside a chunk the decay between positions i >= j is exp(b_i - b_j): every exponent is
+    <= 0, so nothing overflows however strong the gates are; the [c, c, K] decay tensor makes it the slower form."""
+    b, hq, t, dk = q.shape
+    hkv, dv = k.shape[1], v.shape[-1]
+    n = -(-t // c)
+    if n * c > t:  # (padding as in gla_chunked)
+        q, k, v, g = (torch.nn.functional.pad(x, (0, 0, 0, n * c - t)) for x in (q, k, v, g))
+    qc = q.view(b, hkv, hq // hkv, n, c, dk)
     kc, gc, vc = k.view(b, hkv, n, c, dk), g.view(b, hkv, n, c, dk), v.view(b, hkv, n, c, dv)
     cum = gc.cumsum(dim=-2)  # b_i within each chunk
-
-    # intra-chunk: A[i, j] = sum_d q_id k_jd exp(b_id - b_jd), j <= i
     diff = cum.unsqueeze(-2) - cum.unsqueeze(-3)  # [b, h, n, i, j, K]
     causal = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
     decay = diff.masked_fill(~causal[:, :, None], float("-inf")).exp()
     scores = torch.einsum("bhgnik,bhnijk->bhgnij", qc, kc.unsqueeze(-3) * decay)
     o = torch.einsum("bhgnij,bhnjv->bhgniv", scores, vc)
-
-    # inter-chunk: each chunk's own contribution to the state, then a scan over chunks
     total = cum[:, :, :, -1]  # [b, h, n, K]
     local = torch.einsum("bhnjk,bhnjv->bhnkv", kc * (total.unsqueeze(-2) - cum).exp(), vc)
-    before = []
-    for i in range(n):
-        before.append(state)
-        state = total[:, :, i].exp().unsqueeze(-1) * state + local[:, :, i]
-    before = torch.stack(before, dim=2)  # state entering each chunk [b, h, n, K, V]
+    before, state = _scan_chunks(state, total, local)
     o = o + torch.einsum("bhgnik,bhnkv->bhgniv", qc * cum.exp().unsqueeze(2), before)
     return o.reshape(b, hq, n * c, dv)[:, :, :t], state
+
+
+def _scan_chunks(state, total, local):
+    """(the state entering each chunk [b, h, n, K, V], the final state): S <- diag(e^{total_n}) S + local_n."""
+    before = []
+    for i in range(total.shape[2]):
+        before.append(state)
+        state = total[:, :, i].exp().unsqueeze(-1) * state + local[:, :, i]
+    return torch.stack(before, dim=2), state
 
 
 @functools.lru_cache(maxsize=1)
@@ -128,7 +178,7 @@ def upcast_half(*tensors):
     return tuple(x.float() if x is not None and x.dtype in (torch.float16, torch.bfloat16) else x for x in tensors)
 
 
-def torch_path_in_float32(step, chunked, *inputs, initial_state=None, chunk_size: int = DEFAULT_CHUNK):
+def torch_path_in_float32(step, chunked, *inputs, initial_state=None, chunk_size: int):
     """A torch recurrence (`step` for one token, else `chunked`) computed in float32 for half-precision inputs:
     (o in the inputs' dtype, state in float32 or wider)."""
     dtype = inputs[0].dtype
@@ -140,10 +190,10 @@ def torch_path_in_float32(step, chunked, *inputs, initial_state=None, chunk_size
     return o.to(dtype), state
 
 
-def gated_linear_attention(q, k, v, g, initial_state=None, chunk_size: int = DEFAULT_CHUNK):
+def gated_linear_attention(q, k, v, g, initial_state=None, chunk_size: int | None = None):
     """(o [B, Hq, T, V] in q's dtype, final state [B, Hkv, K, V] in float32 or wider). One token: the recurrence
     step; CUDA with fla-core: chunk_gla; elsewhere the chunked torch path."""
     if q.shape[2] > 1 and _use_fla(q):
         return gla_fla(q, k, v, g, initial_state)
     return torch_path_in_float32(gla_step, gla_chunked, q, k, v, g, initial_state=initial_state,
-                                 chunk_size=chunk_size)
+                                 chunk_size=chunk_size or DEFAULT_CHUNK)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from .gla import gla_chunked, torch_path_in_float32
 
-DEFAULT_CHUNK = 16
+DEFAULT_CHUNK = 32  # fastest measured on a CPU, forward and backward (BENCHMARKS.md)
 
 
 def _unpack(state, q, k, v, m):
@@ -94,9 +94,9 @@ def gsa_chunked(q, k, v, g, initial_state=None, chunk_size: int = DEFAULT_CHUNK)
     return o, _pack(key_state, value_state)
 
 
-def gated_slot_attention(q, k, v, g, initial_state=None, chunk_size: int = DEFAULT_CHUNK):
+def gated_slot_attention(q, k, v, g, initial_state=None, chunk_size: int | None = None):
     """(o [B, Hq, T, V] in q's dtype, packed state [B, Hkv, M, K + V] in float32 or wider: see gla.py): the
     recurrence for one token, else the chunked path. (fla-core has chunk_gsa, but with equal head counts and its own
     state layout; not wired.)"""
     return torch_path_in_float32(gsa_recurrent_reference, gsa_chunked, q, k, v, g, initial_state=initial_state,
-                                 chunk_size=chunk_size)
+                                 chunk_size=chunk_size or DEFAULT_CHUNK)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import re
-from typing import Literal, Union
+from typing import Literal, Optional, Union
 
 from pydantic import Field, field_validator, model_validator
 
@@ -26,7 +26,8 @@ class LinearizeSettings(StrictConfig):
     normalize: bool = Field(False, description="divide the recurrent output by phi(q_t) . z_t (z: the decayed sum of "
                             "phi(k)), making it a weighted mean of values as softmax attention is (gates gla and "
                             "hgrn2); the state keeps one more value column for z")
-    chunk_size: int = Field(16, ge=1, le=256, description="tokens per chunk of the chunked torch path")
+    chunk_size: Optional[int] = Field(None, ge=1, le=256, description="tokens per chunk of the chunked torch path "
+                                      "(default: each recurrence's fastest measured on a CPU: gla 64, gsa 32, mom 32)")
     num_memories: int = Field(4, ge=1, le=64, description="routed memories per layer (mom; plus the shared memory "
                                 "unless shared_memory is false)")
     top_k: int = Field(2, ge=1, description="memories each token is routed to (mom)")

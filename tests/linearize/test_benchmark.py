@@ -50,6 +50,7 @@ def test_serving_shape_rows(bench, capsys, monkeypatch):
     monkeypatch.setattr(bench, "SERVING_LAYER", dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
                                                      head_dim=16, intermediate_size=128, vocab_size=256))
     monkeypatch.setattr(bench, "CONTEXTS", (64, 256))
+    monkeypatch.setattr(bench, "PREFILL_CONTEXTS", (96, 160))
     bench.main(["--json", "--serving-shape", "--batch", "2", "--reps", "2", "--steps", "2",
                 "--only", "liger-hybrid", "mom", "liger-gsa"])
     rows = {r["variant"]: r for r in json.loads(capsys.readouterr().out)}
@@ -57,6 +58,7 @@ def test_serving_shape_rows(bench, capsys, monkeypatch):
     for name, row in rows.items():
         assert row["device"] == "cpu" and row["batch"] == 2 and set(row["decode_speedup"]) == {"64", "256"}
         assert all(v > 0 for v in row["decode_speedup"].values())
+        assert set(row["prefill_speedup"]) == {"96", "160"} and all(v > 0 for v in row["prefill_speedup"].values())
         for ctx, (low, high) in row["decode_speedup_range"].items():  # the median of two paired ratios: between
             assert low - 0.01 <= row["decode_speedup"][ctx] <= high + 0.01
             assert name != "original" or low == high == 1.0
@@ -78,8 +80,11 @@ def test_table_shows_the_measured_columns_and_the_ratio_spread(bench, capsys):
     decode ratio carries its lowest-highest over the repetitions."""
     speed = {"decode_speedup": {"1024": 1.25, "8192": 3.12, "32768": 11.54},
              "decode_speedup_range": {"1024": [1.07, 1.44], "8192": [3.01, 3.63], "32768": [10.72, 11.97]},
-             "cache_bytes": {"1024": 2**20, "8192": 2**20, "32768": 2**20}}
+             "cache_bytes": {"1024": 2**20, "8192": 2**20, "32768": 2**20},
+             "prefill_speedup": {"1024": 1.31, "4096": 1.87}, "prefill_speedup_range": {"1024": [1.2, 1.4],
+                                                                                      "4096": [1.8, 1.9]}}
     bench.print_table([{"variant": "liger-gla", **speed}], "builtin:small")
     out = capsys.readouterr().out
     assert "3.12 (3.01-3.63)" in out and "11.54 (10.72-11.97)" in out and "cache MB 32k" in out
+    assert "prefill x 4k" in out and "1.87 (1.80-1.90)" in out
     assert "ppl converted" not in out and "passkey" not in out

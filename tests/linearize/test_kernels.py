@@ -37,6 +37,29 @@ def test_chunked_stays_finite_with_strong_gates_in_float32():
     torch.testing.assert_close(o.double(), ref_o, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("chunk", [12, 16, 64])
+def test_strong_and_weak_key_dimensions_split_between_the_two_chunk_forms(chunk, assert_chunked_matches_reference):
+    # dimensions 1 and 5 forget within a chunk (log-gates ~ -20 per token): they must take the pairwise form (the
+    # factorized one would overflow e^-b) while the others take the matmuls; outputs, state rows and gradients agree
+    q, k, v, g, s0 = gla_inputs(t=45)
+    scale = torch.full((8,), 0.25, dtype=torch.float64)
+    scale[[1, 5]] = 20.0
+    g = (g.detach() * scale - scale.eq(20.0) * 1.0).requires_grad_()
+    chunk_decay = g.detach()[..., :chunk, :].sum(-2)
+    assert (chunk_decay[..., [1, 5]] < -40).all() and (chunk_decay[..., [0, 2, 3, 4, 6, 7]] > -40).all()
+    assert_chunked_matches_reference(gla_recurrent_reference, gla_chunked, (q, k, v, g, s0), chunk)
+
+
+def test_factorized_form_keeps_float32_precision_near_its_decay_limit():
+    # every chunk's log-gates sum to just above -40 (the factorized form's limit: factors up to e^40)
+    q, k, v, g, s0 = (x.detach() for x in gla_inputs(t=128))
+    g = torch.full_like(g, -39.0 / 64)
+    o, s = gla_chunked(*(x.float() for x in (q, k, v, g, s0)), chunk_size=64)
+    ref_o, ref_s = gla_recurrent_reference(q, k, v, g, s0)
+    torch.testing.assert_close(o.double(), ref_o, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(s.double(), ref_s, rtol=1e-5, atol=1e-6)
+
+
 def test_dispatch_continues_a_state_token_by_token():
     q, k, v, g, s0 = (x.detach() for x in gla_inputs(t=12))
     full, final = gated_linear_attention(q, k, v, g, s0)

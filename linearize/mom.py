@@ -67,13 +67,14 @@ def load_balance_loss(logits: torch.Tensor, chosen: torch.Tensor, valid: torch.T
     return logits.shape[-1] * (fraction * mean_prob).sum()
 
 
-def routed_delta_rule(q, k, v, g, beta, routed, state, chunk_size):
-    """Each routed memory over the tokens routed to it: (o [B, M, Hq, T, V], zero where a memory was not routed;
-    state [B, M, Hkv, K, V]). q [B, Hq, T, K], k / v [B, Hkv, T, .], g / beta [B, Hkv, T], routed [B, T, M] bool,
-    state [B, M, Hkv, K, V] or None. Where it saves work, a memory's tokens are gathered in order into one sequence
-    (padded to the busiest memory's count with identity steps): the same recurrence as identity steps at the other
-    tokens, for ~top_k / M of the work. When routing is so uneven that the busiest memory holds most tokens, every
-    memory runs over every token, with identity steps where it is not routed (the gathering would only cost)."""
+def routed_delta_rule(q, k, v, g, beta, routed, weights, state, chunk_size):
+    """The routed memories' mixture sum_m weights_m o_m [B, Hq, T, V] and their states [B, M, Hkv, K, V], each memory
+    over the tokens routed to it. q [B, Hq, T, K], k / v [B, Hkv, T, .], g / beta [B, Hkv, T], routed [B, T, M]
+    bool, weights [B, T, M] (0 where not routed), state [B, M, Hkv, K, V] or None. Where it saves work, a memory's
+    tokens are gathered in order into one sequence (padded to the busiest memory's count with identity steps): the
+    same recurrence as identity steps at the other tokens, for ~top_k / M of the work. When routing is so uneven
+    that the busiest memory holds most tokens, every memory runs over every token, with identity steps where it is
+    not routed (the gathering would only cost)."""
     b, t, m = routed.shape
     active = routed.transpose(1, 2)  # [B, M, T]
     counts = active.sum(-1)
@@ -87,8 +88,8 @@ def routed_delta_rule(q, k, v, g, beta, routed, state, chunk_size):
         on = active.unsqueeze(2).to(g.dtype)  # [B, M, 1, T]
         out, state = gated_delta_rule(*(per_memory(x).flatten(0, 1) for x in (q, k, v)), (g.unsqueeze(1) * on).flatten(
             0, 1), (beta.unsqueeze(1) * on).flatten(0, 1), init, chunk_size)
-        out = out.view(b, m, *out.shape[1:]) * on.unsqueeze(-1).to(out.dtype)
-        return out, state.view(b, m, *state.shape[1:])
+        mix = weights.transpose(1, 2)[:, :, None, :, None].to(out.dtype)  # [B, M, 1, T, 1]
+        return (out.view(b, m, *out.shape[1:]) * mix).sum(1), state.view(b, m, *state.shape[1:])
     # each memory's tokens first, in order (a stable sort of "not routed"); the rest of the row is padding
     order = torch.sort((~active).to(torch.uint8), dim=-1, stable=True).indices[..., :length]  # [B, M, L]
     real = torch.arange(length, device=routed.device) < counts.unsqueeze(-1)  # [B, M, L]
@@ -101,10 +102,12 @@ def routed_delta_rule(q, k, v, g, beta, routed, state, chunk_size):
         return (per_memory(x).gather(3, index) * mask.to(x.dtype)).flatten(0, 1)
 
     out, state = gated_delta_rule(*(gather(x) for x in (q, k, v, g, beta)), init, chunk_size)
-    out = out.view(b, m, *out.shape[1:])  # [B, M, Hq, L, V]
-    index = order[:, :, None, :, None].expand(b, m, out.shape[2], length, out.shape[-1])
-    full = out.new_zeros(b, m, out.shape[2], t, out.shape[-1]).scatter(3, index, out)  # (a permutation's prefix)
-    return full, state.view(b, m, *state.shape[1:])
+    hq, dv = out.shape[1], out.shape[-1]
+    mix = weights.transpose(1, 2).gather(2, order) * real  # [B, M, L]: each gathered token's weight, 0 on padding
+    out = (out.view(b, m, hq, length, dv) * mix[:, :, None, :, None].to(out.dtype)).transpose(1, 2)
+    index = order.reshape(b, 1, m * length, 1).expand(b, hq, m * length, dv)  # back to its token, summed over memories
+    mixed = out.new_zeros(b, hq, t, dv).scatter_add(2, index, out.reshape(b, hq, m * length, dv))
+    return mixed, state.view(b, m, *state.shape[1:])
 
 
 class MixtureOfMemoriesAttention(LinearizedAttention):
@@ -188,17 +191,16 @@ class MixtureOfMemoriesAttention(LinearizedAttention):
                          if self.training and torch.is_grad_enabled() else None)
         state = layer.state if layer is not None and layer.state is not None else None
         # (a padding token is routed as any other and reads its memories, as the decoding steps do; it writes nothing)
-        out, state_after = routed_delta_rule(phi_q, phi_k, v, log_gate, beta, chosen,
+        out, state_after = routed_delta_rule(phi_q, phi_k, v, log_gate, beta, chosen, weights,
                                              None if state is None else state[:, -self.settings.num_memories:],
                                              self.settings.chunk_size)
-        if self.settings.shared_memory:  # every token, the whole sequence
+        if self.settings.shared_memory:  # every token, the whole sequence, weight 1
             shared_out, shared_state = gated_delta_rule(phi_q, phi_k, v, log_gate, beta,
                                                         None if state is None else state[:, 0],
                                                         self.settings.chunk_size)
-            out = torch.cat([shared_out.unsqueeze(1), out], 1)
+            out = out + shared_out
             state_after = torch.cat([shared_state.unsqueeze(1), state_after], 1)
-        mix = self._with_shared(weights).transpose(1, 2)  # [B, memories, T]
-        out = (out * mix[:, :, None, :, None].to(out.dtype)).sum(1) * self._mix_scale
+        out = out * self._mix_scale
         if layer is not None:
             layer.store(state_after, new_tokens=t)
         out = out.transpose(1, 2).reshape(b, t, -1).to(hidden_states.dtype)

@@ -137,9 +137,9 @@ def test_train_modules_that_overlap_lora_targets_are_refused(reference_model, re
 
 @pytest.mark.parametrize("uneven", [False, True])
 def test_routed_memories_equal_identity_steps_over_every_token(uneven):
-    """Each memory over only its gathered tokens (or, with routing so uneven that gathering would not pay, over every
-    token) == the recurrence over every token with identity steps where it is not routed, at the routed positions,
-    in the final states and in every input's gradient."""
+    """The routed mixture with each memory over only its gathered tokens (or, with routing so uneven that gathering
+    would not pay, over every token) == the recurrence over every token with identity steps where it is not routed,
+    mixed by the weights: outputs, final states and every input's gradient."""
     from compress.kernels.delta_rule import delta_rule_recurrent_reference
     from compress.linearize.mom import GATHER_MAX_FRACTION, routed_delta_rule
 
@@ -159,19 +159,21 @@ def test_routed_memories_equal_identity_steps_over_every_token(uneven):
     chosen[0, :, 3] = False  # a memory no token of row 0 is routed to: its state passes through unchanged
     chosen[1, :, 2] = uneven  # one memory takes every token of row 1: the dense layout
     assert (chosen.sum(1).max() > GATHER_MAX_FRACTION * t) == uneven
-    out, final = routed_delta_rule(q, k, v, g, beta, chosen, state, chunk_size=8)
+    raw_weights = torch.rand(b, t, m, generator=gen, dtype=torch.float64).requires_grad_()
+    weights = raw_weights * chosen  # 0 where not routed, as top_k_routing's
+    out, final = routed_delta_rule(q, k, v, g, beta, chosen, weights, state, chunk_size=8)
 
     refs = []
     for i in range(m):
         on = chosen[:, :, i].unsqueeze(1).to(torch.float64)  # [B, 1, T]
         refs.append(delta_rule_recurrent_reference(q, k * on.unsqueeze(-1), v, g * on, beta * on, state[:, i]))
-    ref_out = torch.stack([o for o, _ in refs], 1) * chosen.transpose(1, 2)[:, :, None, :, None]
+    ref_out = sum(o * weights[:, :, i][:, None, :, None] for i, (o, _) in enumerate(refs))
     ref_final = torch.stack([s for _, s in refs], 1)
     torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(final, ref_final, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(final[0, 3], state[0, 3])
     w = rnd(*out.shape)
-    inputs = (q, k, v, g, beta, state)
-    for a, c in zip(torch.autograd.grad((out * w).sum() + final.sum(), inputs),
+    inputs = (q, k, v, g, beta, raw_weights, state)
+    for a, c in zip(torch.autograd.grad((out * w).sum() + final.sum(), inputs, retain_graph=True),
                     torch.autograd.grad((ref_out * w).sum() + ref_final.sum(), inputs)):
         torch.testing.assert_close(a, c, rtol=1e-9, atol=1e-11)

@@ -91,12 +91,19 @@ def delta_rule_chunked(q, k, v, g, beta, initial_state=None, chunk_size: int = D
     total = cum[..., -1]  # [b, h, n]
     k_to_end = kc * (total.unsqueeze(-1) - cum).exp().unsqueeze(-1)  # e^{b_C - b_j} k_j: writes the next state
 
-    outs = []
+    # only the state runs chunk after chunk; every chunk's output is then read from the state entering it at once
+    befores, us = [], []
     for i in range(n):
         u = u_v[:, :, i] - w[:, :, i] @ state  # [b, h, C, V]
-        outs.append(q_decayed[:, :, :, i] @ state.unsqueeze(2) + scores[:, :, :, i] @ u.unsqueeze(2))
+        befores.append(state)
+        us.append(u)
         state = total[:, :, i].exp()[..., None, None] * state + k_to_end[:, :, i].transpose(-1, -2) @ u
-    o = torch.stack(outs, dim=3)  # [b, h, g, n, C, V]
+    before, u = torch.stack(befores, dim=2), torch.stack(us, dim=2)  # [b, h, n, K, V], [b, h, n, C, V]
+
+    def rows(x):  # [b, h, g, n, C, .] -> [b, h, n, g * C, .]: the group's queries as rows, nothing broadcast
+        return x.transpose(2, 3).reshape(b, hkv, n, groups * c, x.shape[-1])
+
+    o = (rows(q_decayed) @ before + rows(scores) @ u).view(b, hkv, n, groups, c, dv).transpose(2, 3)
     return o.reshape(b, hq, n * c, dv)[:, :, :t], state
 
 

@@ -93,19 +93,19 @@ def _gla_factorized(q, k, v, g, state, c: int):
     A[i, j] = (q_i e^{b_i}) . (k_j e^{-b_j}) for j <= i; e^{-b_j} <= e^{SAFE_CHUNK_DECAY} stays finite, and rounding
     is relative, so the large factors cost no precision. The state enters each chunk through q_i e^{b_i}."""
     b, hq, t, dk = q.shape
-    hkv, dv, n = k.shape[1], v.shape[-1], t // c
-    qc = q.view(b, hkv, hq // hkv, n, c, dk)
+    hkv, dv, n, groups = k.shape[1], v.shape[-1], t // c, hq // k.shape[1]
     kc, gc, vc = k.view(b, hkv, n, c, dk), g.view(b, hkv, n, c, dk), v.view(b, hkv, n, c, dv)
     cum = gc.cumsum(dim=-2)
     total = cum[:, :, :, -1:]  # [b, h, n, 1, K]
-    q_decayed = qc * cum.exp().unsqueeze(2)
-    scores = q_decayed @ (kc * (-cum).exp()).transpose(-1, -2).unsqueeze(2)  # [b, h, G, n, i, j]
-    causal = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
-    o = scores.masked_fill(~causal, 0.0) @ vc.unsqueeze(2)
+    # the G query heads of a KV head as rows of one matrix per chunk [G * c, K]: nothing broadcast (copied) per head
+    q_decayed = (q.view(b, hkv, groups, n, c, dk).transpose(2, 3) * cum.exp().unsqueeze(3)).reshape(
+        b, hkv, n, groups * c, dk)
+    scores = q_decayed @ (kc * (-cum).exp()).transpose(-1, -2)  # [b, h, n, G * i, j]
+    causal = torch.ones(c, c, dtype=torch.bool, device=q.device).tril().repeat(groups, 1)
     local = (kc * (total - cum).exp()).transpose(-1, -2) @ vc  # each chunk's own contribution to the state
     before, state = _scan_chunks(state, total.squeeze(-2), local)
-    o = o + q_decayed @ before.unsqueeze(2)
-    return o.reshape(b, hq, t, dv), state
+    o = scores.masked_fill(~causal, 0.0) @ vc + q_decayed @ before
+    return o.view(b, hkv, n, groups, c, dv).transpose(2, 3).reshape(b, hq, t, dv), state
 
 
 def _gla_pairwise(q, k, v, g, state, c: int):

@@ -21,9 +21,9 @@ _SIGNATURES = (("linear_decode_step",
                 (_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _I32, _I32, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR,
                  _PTR, _I64, _I64, _I64, _PTR, _F32, _F32, _F32, _PTR, _I32),
                 ctypes.c_int),
-               ("mom_decode_step",
-                (_PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I32, _I64, _I32, _I64, _I64, _I64, _I64, _PTR, _F32,
-                 _PTR, _I32),
+               ("mom_decode_steps",
+                (_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I32, _I64, _I32, _I64, _I64, _I64, _I64, _PTR,
+                 _F32, _PTR, _I32),
                 ctypes.c_int),
                ("gsa_decode_step",
                 (_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _I64, _PTR, _PTR, _I32), ctypes.c_int))
@@ -92,23 +92,28 @@ def linear_decode_step(q, k, v, state, gate: str, normalize: bool, window=None, 
 
 def mom_decode_step(q, k, v, beta_logit, router_logits, state, gate: str, top_k: int, shared: bool,
                     new_valid=None, out_scale: float = 1.0) -> torch.Tensor:
-    """One Mixture-of-Memories step from the raw projections q [B, Hq, 1, K], k [B, H, 1, K], v [B, H, 1, V] (before
-    RoPE), the write-strength logits beta_logit [B, 1, H] and the router logits [B, 1, M]: the C step applies the
-    feature maps, the unit keys, the per-head decay, the sigmoid and the top-k routing itself (linearize/mom.py's
-    forward is the reference). state [B, M + shared, H, K, V] (updated in place; memory 0 is the shared one);
-    new_valid bool [B] or None. Returns out [B, Hq, 1, V] = out_scale * sum_m mix_m phi(q) S_m."""
-    q, k, v, beta_logit, router_logits = (t.float().contiguous() for t in (q, k, v, beta_logit, router_logits))
-    b, hq, _, k_dim = q.shape
+    """Mixture-of-Memories steps from the raw projections q [B, Hq, T, K], k [B, H, T, K], v [B, H, T, V] (before
+    RoPE), the write-strength logits beta_logit [B, T, H] and the router logits [B, T, M], token after token (T = 1
+    when decoding; a prompt without gradients too): the C step applies the feature maps, the unit keys, the per-head
+    decay, the sigmoid and the top-k routing itself (linearize/mom.py's forward is the reference). state
+    [B, M + shared, H, K, V] (updated in place; memory 0 is the shared one); new_valid bool [B] (T = 1) or [B, T],
+    or None. Returns out [B, Hq, T, V] = out_scale * sum_m mix_m phi(q) S_m."""
+    b, hq, t, k_dim = q.shape
+    # token-major, so that each token's inputs are one contiguous block
+    q, k, v = (x.float().permute(2, 0, 1, 3).contiguous() for x in (q, k, v))
+    beta_logit, router_logits = (x.float().transpose(0, 1).contiguous() for x in (beta_logit, router_logits))
     memories, h, v_dim = router_logits.shape[-1], state.shape[2], state.shape[-1]
-    out = q.new_empty(b, hq, 1, v_dim)
+    out = q.new_empty(t, b, hq, v_dim)
+    if new_valid is not None and new_valid.dim() == 2:
+        new_valid = new_valid.transpose(0, 1)
     new_valid, valid_ptr = _valid(new_valid)
-    status = _library().mom_decode_step(
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), beta_logit.data_ptr(), router_logits.data_ptr(), state.data_ptr(),
-        b, memories, int(shared), top_k, GATES[gate], h, hq // h, k_dim, v_dim, valid_ptr, out_scale, out.data_ptr(),
-        torch.get_num_threads())
+    status = _library().mom_decode_steps(
+        t, q.data_ptr(), k.data_ptr(), v.data_ptr(), beta_logit.data_ptr(), router_logits.data_ptr(),
+        state.data_ptr(), b, memories, int(shared), top_k, GATES[gate], h, hq // h, k_dim, v_dim, valid_ptr, out_scale,
+        out.data_ptr(), torch.get_num_threads())
     if status != 0:
         raise MemoryError("mom_decode_step: could not allocate its per-head buffers")
-    return out
+    return out.permute(1, 2, 0, 3)
 
 
 def gsa_decode_step(q, k, v, state, new_valid=None) -> torch.Tensor:

@@ -250,6 +250,25 @@ int mom_decode_step(const float* q, const float* k, const float* v, const float*
     return failed ? -1 : 0;
 }
 
+/* mom_decode_step over `tokens` tokens, one after the other (a prompt without gradients): q [T, B, Hq, K],
+   k [T, B, H, K], v [T, B, H, V], beta_logit [T, B, H], router_logits [T, B, M], new_valid [T, B] or NULL,
+   out [T, B, Hq, V]; the state carried in place from token to token. */
+int mom_decode_steps(int64_t tokens, const float* q, const float* k, const float* v, const float* beta_logit,
+                     const float* router_logits, float* state, int64_t b_size, int64_t memories, int shared,
+                     int64_t top_k, int gate, int64_t h_size, int64_t groups, int64_t k_dim, int64_t v_dim,
+                     const uint8_t* new_valid, float out_scale, float* out, int nthreads) {
+    int64_t hq = h_size * groups;
+    for (int64_t t = 0; t < tokens; ++t) {
+        int status = mom_decode_step(q + t * b_size * hq * k_dim, k + t * b_size * h_size * k_dim,
+                                     v + t * b_size * h_size * v_dim, beta_logit + t * b_size * h_size,
+                                     router_logits + t * b_size * memories, state, b_size, memories, shared, top_k,
+                                     gate, h_size, groups, k_dim, v_dim, new_valid ? new_valid + t * b_size : NULL,
+                                     out_scale, out + t * b_size * hq * v_dim, nthreads);
+        if (status) return status;
+    }
+    return 0;
+}
+
 /* One decoding step of gated slot attention (kernels/gsa.py; Liger's GSA gate) from the raw projections q [B, Hq, K],
    k [B, H, K], v [B, H, V]: the step applies the features itself (linearize/attention.py `features`):
      phi(q) = softmax(q), phi(k) = softmax(k); slot log-gate g_j = the mean of logsigmoid(k) / 16 over dimensions

@@ -177,3 +177,32 @@ def test_routed_memories_equal_identity_steps_over_every_token(uneven):
     for a, c in zip(torch.autograd.grad((out * w).sum() + final.sum(), inputs, retain_graph=True),
                     torch.autograd.grad((ref_out * w).sum() + ref_final.sum(), inputs)):
         torch.testing.assert_close(a, c, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("gate", ["gla", "hgrn2"])
+def test_prompt_through_the_c_step_equals_the_chunked_path(monkeypatch, gate):
+    """Without gradients on the CPU a prompt goes through the C step token by token; it must compute what the
+    chunked torch path computes (several chunks, left padding, a cache continued afterwards), and a model whose C
+    kernels are off (or that trains) keeps the torch path."""
+    import compress.linearize.mom as mom
+
+    model = compress.load("builtin:tiny")
+    linearize_model(model, LinearizeSettings(variant="mom", gate=gate, chunk_size=8))
+    ids = torch.randint(1, 200, (2, 40), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0
+    calls = []
+    step = mom.mom_decode_step
+    monkeypatch.setattr(mom, "mom_decode_step", lambda *a, **k: calls.append(a[0].shape[2]) or step(*a, **k))
+    logits, states = {}, {}
+    for switch in ("off", "on"):
+        monkeypatch.setenv("COMPRESS_CPU_KERNELS", switch)
+        cache = compress.linearize.LinearizedCache(model)
+        with torch.no_grad():
+            logits[switch] = model(ids, attention_mask=mask, cache=cache).logits
+        states[switch] = torch.stack([layer.state for layer in cache.layers])
+        assert cache.get_seq_length() == 40
+    assert calls == [40] * model.config.num_hidden_layers
+    real = mask.bool()
+    torch.testing.assert_close(logits["on"][real], logits["off"][real], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(states["on"], states["off"], rtol=1e-4, atol=1e-5)

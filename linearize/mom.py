@@ -163,7 +163,8 @@ class MixtureOfMemoriesAttention(LinearizedAttention):
     def _prompt_in_c(self, layer, q) -> str | None:
         """"cpu" where a prompt (gradients off, CPU) goes through the C step token after token: one pass over the
         state per token and memory; one layer at 1k tokens 52 -> 27 ms against the chunked WY path, whose gathering
-        and small-matrix products cost more than the arithmetic. The chunked path keeps training (gradients)."""
+        and small-matrix products cost more than the arithmetic. The chunked path keeps training (gradients). (The
+        same through linear_decode_step was measured for GLA and the hybrid: no faster at 1k, slower at 4k.)"""
         state = layer.state if layer is not None and layer.state is not None else torch.empty(0)
         return "cpu" if q.device.type == "cpu" and not use_triton(q) and linear_decode_supported(state) else None
 

@@ -148,10 +148,6 @@ class MixtureOfMemoriesAttention(LinearizedAttention):
         """Memories in the state: the routed ones, after the shared one (index 0) when there is one."""
         return self.settings.num_memories + int(self.settings.shared_memory)
 
-    def _with_shared(self, x: torch.Tensor) -> torch.Tensor:
-        """Routing weights or flags [.., M] with the shared memory's (always on, weight 1) in front, if any."""
-        return torch.cat([x.new_ones(*x.shape[:-1], 1), x], -1) if self.settings.shared_memory else x
-
     def _fused_decode_ready(self, layer) -> str | None:
         """"triton" or "cpu" where a one-call decoding step applies to this layer's cache, else None."""
         if layer is None or layer.state is None:

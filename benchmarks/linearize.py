@@ -27,9 +27,10 @@
   with a DynamicCache (`prefill_speedup`, `prefill_speedup_range`: paired per repetition, as decode's);
   `--skip-prefill` leaves it out.
 
-- `--serving-shape --device cuda`: the decode-speed and cache-bytes columns only, on a 2-layer random-init model with
-  Llama-3-8B layer shapes (hidden 4096, 32 query / 8 KV heads of 128, MLP 14336, vocabulary 128,256) in bf16
-  (fp32 on a CPU), `--batch` rows: the GPU row of the issue (each linearized layer decodes in one Triton launch).
+- `--serving-shape --device cuda`: the speed and cache-bytes columns only (prefill too unless `--skip-prefill`), on
+  a 2-layer random-init model with Llama-3-8B layer shapes (hidden 4096, 32 query / 8 KV heads of 128, MLP 14336,
+  vocabulary 128,256) in bf16 (fp32 on a CPU), `--batch` rows: the GPU row of the issue (each linearized layer
+  decodes in one Triton launch).
 
     OMP_NUM_THREADS=1 python benchmarks/linearize.py [--json] [--recovered liger-hybrid=out/liger-hybrid ...]
     python benchmarks/linearize.py --json --serving-shape --device cuda [--batch 8]"""

@@ -18,6 +18,7 @@ The torch paths then compute in float32 and return outputs in the inputs' dtype.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -72,7 +73,9 @@ def gla_chunked(q, k, v, g, initial_state=None, chunk_size: int = DEFAULT_CHUNK)
     if pad:  # zero keys/values and zero log-gates (no decay) past the end leave outputs and final state unchanged
         q, k, v, g = (torch.nn.functional.pad(x, (0, 0, 0, pad)) for x in (q, k, v, g))
     chunk_decay = g.detach().view(*g.shape[:2], n, chunk_size, dk).sum(-2)  # [b, h, n, K]
-    strong = (chunk_decay < -SAFE_CHUNK_DECAY).flatten(0, -2).any(0)  # [K]
+    # (a half-precision caller's e^{-b} overflows far sooner: the limit shrinks with the dtype's range)
+    limit = min(SAFE_CHUNK_DECAY, math.log(torch.finfo(g.dtype).max) / 2)
+    strong = (chunk_decay < -limit).flatten(0, -2).any(0)  # [K]
     if not strong.any():
         o, state = _gla_factorized(q, k, v, g, state, chunk_size)
     elif strong.all():

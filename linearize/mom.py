@@ -161,8 +161,10 @@ class MixtureOfMemoriesAttention(LinearizedAttention):
         state per token and memory; one layer at 1k tokens 52 -> 27 ms against the chunked WY path, whose gathering
         and small-matrix products cost more than the arithmetic. The chunked path keeps training (gradients). (The
         same through linear_decode_step was measured for GLA and the hybrid: no faster at 1k, slower at 4k.)"""
+        if q.device.type != "cpu" or q.dtype == torch.float64 or use_triton(q):  # (the C step computes in float32)
+            return None
         state = layer.state if layer is not None and layer.state is not None else torch.empty(0)
-        return "cpu" if q.device.type == "cpu" and not use_triton(q) and linear_decode_supported(state) else None
+        return "cpu" if linear_decode_supported(state) else None
 
     def state_shape(self, batch: int) -> tuple[int, ...]:
         b, *per_memory = super().state_shape(batch)

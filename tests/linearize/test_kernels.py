@@ -60,6 +60,16 @@ def test_factorized_form_keeps_float32_precision_near_its_decay_limit():
     torch.testing.assert_close(s.double(), ref_s, rtol=1e-5, atol=1e-6)
 
 
+def test_half_precision_inputs_stay_finite_when_called_directly():
+    # gates of -0.4 per token sum to -26 over a chunk of 64: safe for float32's factorized form, not for float16's
+    q, k, v, g, s0 = (x.detach() for x in gla_inputs(t=70))
+    g = torch.full_like(g, -0.4)
+    o, s = gla_chunked(*(x.half() for x in (q, k, v, g, s0)), chunk_size=64)
+    ref_o, ref_s = gla_recurrent_reference(q, k, v, g, s0)
+    assert torch.isfinite(o).all() and torch.isfinite(s).all()
+    torch.testing.assert_close(o.double(), ref_o, rtol=2e-2, atol=2e-2)
+
+
 def test_dispatch_continues_a_state_token_by_token():
     q, k, v, g, s0 = (x.detach() for x in gla_inputs(t=12))
     full, final = gated_linear_attention(q, k, v, g, s0)

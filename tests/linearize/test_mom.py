@@ -206,3 +206,16 @@ def test_prompt_through_the_c_step_equals_the_chunked_path(monkeypatch, gate):
     real = mask.bool()
     torch.testing.assert_close(logits["on"][real], logits["off"][real], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(states["on"], states["off"], rtol=1e-4, atol=1e-5)
+
+
+def test_a_float64_model_keeps_its_prompt_in_float64():
+    """The C step computes in float32: a float64 model (references, tests) keeps the torch path and its state dtype."""
+    model = compress.load("builtin:tiny", dtype="float32")
+    linearize_model(model, LinearizeSettings(variant="mom"))
+    model.double()
+    ids = torch.randint(1, 200, (1, 20), generator=torch.Generator().manual_seed(4))
+    cache = compress.linearize.LinearizedCache(model)
+    with torch.no_grad():
+        logits = model(ids, cache=cache).logits
+    assert cache.layers[0].state.dtype == torch.float64
+    torch.testing.assert_close(logits, model(ids).logits.detach(), rtol=1e-12, atol=1e-12)  # the grad path

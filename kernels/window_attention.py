@@ -57,15 +57,20 @@ def window_attention_blocked(q, keys, values, key_valid, window: int, scale: flo
     visible = band[None, None] & valid_blocks[:, :, None, :]  # [B, n, W, 2W]
     # the G query heads of a KV head stacked along the block's rows: one [G*W, 2W] product per block, the keys not
     # repeated per query head; 4-D [B * Hkv, blocks, rows, D] so torch's fused attention takes it (5-D inputs fall
-    # back to its unfused path, 1.5x slower); a padding row that sees nothing: zeros, forced below
+    # back to its unfused path, 1.5x slower). A padding row that sees nothing is given its own slot to see (no
+    # fully masked row: some fused kernels return NaN there, and NaN would reach the gradients) and zeroed after.
     groups = hq // hkv
     qb = torch.nn.functional.pad(_grouped(q, hkv), (0, 0, 0, n * w - t)).view(b, hkv, groups, n, w, d)
     qb = qb.transpose(2, 3).reshape(b * hkv, n, groups * w, d)
-    rows = visible[:, None, :, None].expand(b, hkv, n, groups, w, 2 * w).reshape(b * hkv, n, groups * w, 2 * w)
+    seen = visible.any(-1, keepdim=True)  # [B, n, W, 1]
+    own = (c == r + w)[None, None]  # query r's own key sits at slice entry r + W
+    rows = (visible | (own & ~seen))[:, None, :, None].expand(b, hkv, n, groups, w, 2 * w)
+    rows = rows.reshape(b * hkv, n, groups * w, 2 * w)
     out = torch.nn.functional.scaled_dot_product_attention(qb, k_blocks.reshape(b * hkv, n, 2 * w, d),
                                                            v_blocks.reshape(b * hkv, n, 2 * w, dv), attn_mask=rows,
                                                            scale=scale)
-    out = torch.where(rows.any(-1, keepdim=True), out, 0.0)
+    seen = seen[:, None, :, None].expand(b, hkv, n, groups, w, 1).reshape(b * hkv, n, groups * w, 1)
+    out = torch.where(seen, out, 0.0)
     return out.view(b, hkv, n, groups, w, dv).transpose(2, 3).reshape(b, hq, n * w, dv)[:, :, :t]
 
 

@@ -102,6 +102,23 @@ def test_blocked_window_attention_equals_dense_reference(past, t, window):
         torch.testing.assert_close(a, c, rtol=1e-9, atol=1e-11)
 
 
+def test_blocked_window_attention_never_hands_a_fully_masked_row_to_the_fused_kernel(monkeypatch):
+    """Some fused attention kernels return NaN for a row that sees no key (padding queries): every row given to
+    scaled_dot_product_attention sees at least one key, and such rows still come out as zeros."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    masks = []
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, attn_mask=None, **k: masks.append(attn_mask) or sdpa(*a, attn_mask=attn_mask, **k))
+    gen = torch.Generator().manual_seed(5)
+    q, keys, values = (torch.randn(2, h, 40, 8, generator=gen) for h in (4, 2, 2))
+    valid = torch.ones(2, 40, dtype=torch.bool)
+    valid[1, :13] = False  # left padding longer than a block of 8
+    out = window_attention_blocked(q, keys, values, valid, 8, 0.3)
+    assert masks and masks[0].any(-1).all()
+    assert (out[1, :, :13] == 0).all() and torch.isfinite(out).all()
+    torch.testing.assert_close(out, window_attention_reference(q, keys, values, valid, 8, 0.3))
+
+
 def test_window_reference_matches_plain_softmax_attention():
     """The dense reference itself against a per-query loop of textbook attention (GQA by repetition)."""
     gen = torch.Generator().manual_seed(3)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .gla import _use_fla, torch_path_in_float32
+from .gla import _use_fla, finite_log_gates, torch_path_in_float32
 
 DEFAULT_CHUNK = 32  # fastest measured on a CPU for MoM's memories (BENCHMARKS.md)
 
@@ -65,6 +65,7 @@ def delta_rule_chunked(q, k, v, g, beta, initial_state=None, chunk_size: int = D
     state = q.new_zeros(b, hkv, dk, dv) if initial_state is None else initial_state.to(q.dtype)
     if t == 0:
         return q.new_zeros(b, hq, 0, dv), state
+    g = finite_log_gates(g)
     n = -(-t // c)
     pad = n * c - t
     if pad:  # k = g = beta = 0 past the end: identity steps, outputs and final state unchanged
@@ -121,7 +122,7 @@ def delta_rule_fla(q, k, v, g, beta, initial_state=None):
     init = initial_state
     if init is not None and groups > 1:
         init = init.repeat_interleave(groups, dim=1)
-    o, final = chunk_gated_delta_rule(q.transpose(1, 2), heads(k), heads(v), heads(g.float()), heads(beta),
+    o, final = chunk_gated_delta_rule(q.transpose(1, 2), heads(k), heads(v), heads(finite_log_gates(g.float())), heads(beta),
                                       scale=1.0, initial_state=None if init is None else init.float(),
                                       output_final_state=True)
     return o.transpose(1, 2), final[:, ::groups]  # fla's final state is float32

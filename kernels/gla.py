@@ -31,6 +31,13 @@ SAFE_CHUNK_DECAY = 40.0
 PAIRWISE_CHUNK = 8
 
 
+def finite_log_gates(g):
+    """Log-gates floored at 2 log(eps) of their dtype. A gate below that forgets the state to within eps^2 of what the
+    dtype can hold, so the floor changes nothing it could represent; an unfloored -inf (an overflowing projection)
+    would turn the chunk forms' differences of cumulative log-gates into -inf - -inf = NaN."""
+    return g.clamp(min=2 * math.log(torch.finfo(g.dtype).eps))
+
+
 def _check(q, k, v, g):
     if k.shape != g.shape or k.shape[:3] != v.shape[:3] or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
         raise ValueError(f"GLA shapes: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, g {tuple(g.shape)}")
@@ -68,6 +75,7 @@ def gla_chunked(q, k, v, g, initial_state=None, chunk_size: int = DEFAULT_CHUNK)
     state = q.new_zeros(b, k.shape[1], dk, v.shape[-1]) if initial_state is None else initial_state.to(q.dtype)
     if t == 0:
         return q.new_zeros(b, hq, 0, v.shape[-1]), state
+    g = finite_log_gates(g)
     n = -(-t // chunk_size)
     pad = n * chunk_size - t
     if pad:  # zero keys/values and zero log-gates (no decay) past the end leave outputs and final state unchanged
@@ -171,7 +179,7 @@ def gla_fla(q, k, v, g, initial_state=None):
         return x.repeat_interleave(groups, dim=1).transpose(1, 2) if groups > 1 else x.transpose(1, 2)
 
     init = initial_state.repeat_interleave(groups, dim=1) if initial_state is not None and groups > 1 else initial_state
-    o, final = chunk_gla(q.transpose(1, 2), heads(k), heads(v), heads(g), scale=1.0,
+    o, final = chunk_gla(q.transpose(1, 2), heads(k), heads(v), heads(finite_log_gates(g)), scale=1.0,
                          initial_state=None if init is None else init.float(), output_final_state=True)
     return o.transpose(1, 2), final[:, ::groups]  # fla's final state is float32
 

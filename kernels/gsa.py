@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .gla import gla_chunked, torch_path_in_float32
+from .gla import finite_log_gates, gla_chunked, torch_path_in_float32
 
 DEFAULT_CHUNK = 32  # fastest measured on a CPU, forward and backward (BENCHMARKS.md)
 
@@ -60,6 +60,7 @@ def slot_scores_chunked(q, k, g, key_state, chunk_size: int):
     state entering the chunk is read as (q_i K_0) e^{b_i}."""
     b, hq, t, dk = q.shape
     hkv, m, c = k.shape[1], g.shape[-1], chunk_size
+    g = finite_log_gates(g)
     n = -(-t // c)
     pad = n * c - t
     if pad:  # k = 0 and g = 0 (s = 0): nothing written past the end

@@ -135,3 +135,37 @@ def test_window_reference_matches_plain_softmax_attention():
         idx = [j for j in range(max(0, pos - window + 1), pos + 1) if valid[0, j]]
         w = (q[0, :, i].unsqueeze(1) @ kk[0, :, idx].transpose(-1, -2) * d ** -0.5).softmax(-1)
         torch.testing.assert_close(out[0, :, i], (w @ vv[0, :, idx]).squeeze(1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kernel", ["gla", "delta_rule", "gsa"])
+def test_a_log_gate_of_minus_infinity_forgets_instead_of_giving_nan(kernel, dtype):
+    # an overflowing projection can give a gate of exactly 0 (log-gate -inf): the chunk forms subtract cumulative
+    # log-gates (-inf - -inf = NaN) unless floored; the step-by-step recurrence simply forgets there
+    from compress.kernels.delta_rule import delta_rule_chunked, delta_rule_recurrent_reference
+    from compress.kernels.gsa import gsa_chunked, gsa_recurrent_reference
+
+    gen = torch.Generator().manual_seed(3)
+    t, dk = 21, 4
+    q = torch.randn(1, 2, t, dk, generator=gen, dtype=dtype).softmax(-1).requires_grad_()
+    k = torch.randn(1, 1, t, dk, generator=gen, dtype=dtype).softmax(-1).requires_grad_()
+    v = torch.randn(1, 1, t, 3, generator=gen, dtype=dtype).requires_grad_()
+    width = {"gla": dk, "delta_rule": None, "gsa": 5}[kernel]
+    g = F.logsigmoid(torch.randn(1, 1, t, width or 1, generator=gen, dtype=dtype))
+    g[..., 5, :1] = -float("inf")  # one dimension forgets at token 5, every one at token 9
+    g[..., 9, :] = -float("inf")
+    g = (g if width else g.squeeze(-1)).requires_grad_()
+    if kernel == "gla":
+        run, ref, args = gla_chunked, gla_recurrent_reference, (q, k, v, g)
+    elif kernel == "delta_rule":
+        beta = torch.rand(1, 1, t, generator=gen, dtype=dtype)
+        run, ref, args = delta_rule_chunked, delta_rule_recurrent_reference, (q, k, v, g, beta)
+    else:
+        run, ref, args = gsa_chunked, gsa_recurrent_reference, (q, k, v, g)
+    o, s = run(*args, chunk_size=8)
+    ref_o, ref_s = ref(*(x.detach().double() for x in args))
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(o.double(), ref_o, **tol)
+    torch.testing.assert_close(s.double(), ref_s, **tol)
+    grads = torch.autograd.grad(o.sum() + s.sum(), (q, k, v, g))
+    assert all(torch.isfinite(x).all() for x in grads)

@@ -122,7 +122,8 @@ def delta_rule_fla(q, k, v, g, beta, initial_state=None):
     init = initial_state
     if init is not None and groups > 1:
         init = init.repeat_interleave(groups, dim=1)
-    o, final = chunk_gated_delta_rule(q.transpose(1, 2), heads(k), heads(v), heads(finite_log_gates(g.float())), heads(beta),
+    gates = heads(finite_log_gates(g.float()))
+    o, final = chunk_gated_delta_rule(q.transpose(1, 2), heads(k), heads(v), gates, heads(beta),
                                       scale=1.0, initial_state=None if init is None else init.float(),
                                       output_final_state=True)
     return o.transpose(1, 2), final[:, ::groups]  # fla's final state is float32

@@ -27,7 +27,9 @@ def _cache_dir() -> Path:
     return Path(root) / "compress"
 
 
-FLAGS = ["-O3", "-shared", "-fPIC"]
+# -fno-trapping-math: nothing here reads floating-point exception flags, and without it GCC keeps a float
+# comparison as a branch (it may trap) and leaves loops such as csrc/linear_decode.c's exp_vec unvectorized
+FLAGS = ["-O3", "-fno-trapping-math", "-shared", "-fPIC"]
 _MARCH = ["native"]  # the -march the kernels are built for; build_target() changes it
 
 

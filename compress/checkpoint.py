@@ -3,6 +3,7 @@ and the report. Writes go to a temporary folder that is renamed into place, so a
 at the target. Loading never unpickles unless the caller passes `allow_pickle=True`."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -127,10 +128,23 @@ def write_folder(folder: str | Path, write, *, overwrite: bool, source: Path | N
     try:
         write(tmp)
         swap_into_place(tmp, folder)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if _disk_full(exc):  # the user's disk, not a bug: one line (errors.user_error) instead of a traceback
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder)) from None
         raise
     return folder
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """A full disk (or quota) however the writer reports it: an OSError from Python, or the text of a Rust
+    io::Error from safetensors (SafetensorError) and tokenizers (a plain Exception)."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(exc)
+    marks = (f"os error {errno.ENOSPC}", f"code: {errno.ENOSPC},", "No space left on device",
+             f"os error {errno.EDQUOT}", "Disk quota exceeded")
+    return any(mark in text for mark in marks)
 
 
 def _source_folder(model: nn.Module) -> Path | None:

@@ -246,3 +246,27 @@ def test_interrupted_swap_is_restored_by_the_next_save(tmp_path, small_model, mo
     with pytest.raises(OutputError, match="already exists"):  # the old copy is back, so overwrite is needed again
         compress.save(small_model(seed=3), out)
     assert out.exists() and not list(tmp_path.glob(".ckpt.*"))
+
+
+@pytest.mark.parametrize("raised", [
+    # what safetensors' Rust writer and the tokenizers library raise when the disk fills (not OSErrors)
+    "SafetensorError:Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: \"No space left on "
+    "device\" })",
+    "Exception:No space left on device (os error 28)",
+])
+def test_a_full_disk_while_writing_is_one_line_and_keeps_the_old_checkpoint(tmp_path, recipe, cli, user_error,
+                                                                           monkeypatch, raised):
+    from safetensors import SafetensorError
+
+    import compress.checkpoint as ckpt
+
+    out = tmp_path / "out"
+    assert cli("apply", recipe, "--model", "builtin:tiny", "--output", out, "--no-eval").exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    kind, _, text = raised.partition(":")
+    error = SafetensorError(text) if kind == "SafetensorError" else Exception(text)
+    monkeypatch.setattr(ckpt, "save_file", lambda *a, **k: (_ for _ in ()).throw(error))
+    user_error(cli("apply", recipe, "--model", "builtin:tiny", "--output", out, "--overwrite", "--no-eval"),
+               "no space left on the device")
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "recipe.yaml"]

@@ -43,7 +43,11 @@ class GearKV(Pass):
         before any work instead of a report of layers 'compressed' that hold no cache."""
         from ..linearize import LinearizedAttention
 
-        listed = {n for n in self.describe(model)  # a model loaded linearized counts as well
+        described = self.describe(model)
+        if not described and self.config.skip_layers and self.target_modules(model):
+            raise ConfigError(f"gear_kv: skip_layers {sorted(self.config.skip_layers)} leaves no attention layer to "
+                              "compress; skip fewer layers, or drop gear_kv")
+        listed = {n for n in described  # a model loaded linearized counts as well
                   if not isinstance(model.get_submodule(n), LinearizedAttention)}
         if not left_by_earlier(model, listed, earlier, lambda p: p.name == "linearize"):
             raise ConfigError("gear_kv: every attention layer is linearized (by an earlier pass or in the model "

@@ -53,6 +53,9 @@ EVERY = re.compile(r"every_(\d+)$")
 
 
 def check_layer_spec(spec: LayerSpec) -> LayerSpec:
+    if isinstance(spec, list) and not spec:
+        raise ValueError("layers is an empty list, so nothing would be linearized: give 'all', layer indices, or "
+                         "'every_K'")
     if isinstance(spec, str) and spec != "all" and not EVERY.match(spec):
         raise ValueError(f"layers must be 'all', a list of layer indices, or 'every_K' (keep softmax attention in "
                          f"every K-th layer), got {spec!r}")

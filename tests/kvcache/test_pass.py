@@ -55,7 +55,8 @@ def test_bad_arguments(args, match):
         compress.get_pass("gear_kv")(**args)
 
 
-@pytest.mark.parametrize("args,match", [(dict(key_rank=65), "exceeds"), (dict(skip_layers=[6]), "out of range")])
+@pytest.mark.parametrize("args,match", [(dict(key_rank=65), "exceeds"), (dict(skip_layers=[6]), "out of range"),
+                                        (dict(skip_layers=[0, 1, 2, 3, 4, 5]), "leaves no attention layer")])
 def test_arguments_impossible_for_the_model(args, match):
     with pytest.raises(CompressError, match=match):
         compress.apply(compress.load("builtin:tiny"), [compress.get_pass("gear_kv")(**args)], progress=False)

@@ -67,7 +67,20 @@ def read_texts(spec: CalibrationSpec, base_dir: Path | None = None) -> list[str]
                     raise CalibrationError(f"{path}:{lineno}: no {spec.text_field!r} field; set calibration.text_field")
                 texts.append(str(row[spec.text_field]))
         return texts
-    return [path.read_text(encoding="utf-8", errors="replace")]
+    return [_read_text_file(path)]
+
+
+def _read_text_file(path: Path) -> str:
+    """The file as UTF-8 text (a stray byte replaced), refused when it is not text at all: a NUL byte, or more than
+    1% of its characters undecodable (a weights file or an archive named as the source calibrated on junk)."""
+    data = path.read_bytes()
+    text = data.decode("utf-8", errors="replace")
+    bad = text.count("\ufffd")
+    if b"\x00" in data or bad > 0.01 * max(len(text), 1):
+        why = "a NUL byte" if b"\x00" in data else f"{bad} of its {len(text)} characters are not UTF-8"
+        raise CalibrationError(f"calibration source {path} is not a text file ({why}); give a text file, a .jsonl "
+                               "file or a datasets folder")
+    return text
 
 
 def _read_dataset_folder(path: Path, spec: CalibrationSpec) -> list[str]:

@@ -27,6 +27,9 @@ def test_text_and_jsonl_sources(tmp_path, reference_tokenizer):
     j = build_batches(CalibrationSpec(source=str(tmp_path / "a.jsonl"), text_field="content", num_samples=2, seq_len=16),
                       reference_tokenizer)
     assert t.shape == j.shape == (2, 16)
+    (tmp_path / "stray.txt").write_bytes(text.encode() + b"\xff")  # one stray byte is replaced, not refused
+    assert build_batches(CalibrationSpec(source=str(tmp_path / "stray.txt"), num_samples=2, seq_len=16),
+                         reference_tokenizer).shape == (2, 16)
     decoded = reference_tokenizer.decode(t[0])
     assert decoded in text
 
@@ -37,6 +40,11 @@ def test_text_and_jsonl_sources(tmp_path, reference_tokenizer):
     (lambda p: (p / "y.jsonl").write_text("not json\n") and str(p / "y.jsonl"), "y.jsonl:1: not valid JSON"),
     (lambda p: (p / "short.txt").write_text("tiny") and str(p / "short.txt"), "fewer than seq_len"),
     (lambda p: "builtin:wiki", "unknown built-in corpus"),
+    # a weights file named as the source: it used to calibrate on replacement characters
+    (lambda p: (p / "model.safetensors").write_bytes(b"\x08\x00" + bytes(range(256)) * 40) and
+     str(p / "model.safetensors"), "is not a text file \\(a NUL byte\\)"),
+    (lambda p: (p / "latin1.txt").write_bytes("caf\xe9 ".encode("latin-1") * 500) and str(p / "latin1.txt"),
+     "is not a text file \\(500 of its"),
 ])
 def test_bad_sources(tmp_path, reference_tokenizer, setup, message):
     spec = CalibrationSpec(source=setup(tmp_path), num_samples=2, seq_len=64)

@@ -21,5 +21,23 @@ def owl_sparsities(outlier_ratios: list[float], sparsity: float, lam: float = 0.
     span = float(d.max() - d.min())
     scaled = (d - d.min()) / span * (2 * lam) if span > 0 else torch.zeros_like(d)
     density = scaled - scaled.mean() + (1 - sparsity)
-    out = (1 - density).clamp(0.0, 0.999)
-    return [float(x) for x in out]
+    return [float(x) for x in _clamp_keeping_mean(1 - density, sparsity, 0.0, MAX_LAYER_SPARSITY)]
+
+
+MAX_LAYER_SPARSITY = 0.999  # a layer keeps at least 0.1% of its weights
+
+
+def _clamp_keeping_mean(x: torch.Tensor, mean: float, lo: float, hi: float) -> torch.Tensor:
+    """x clamped into [lo, hi] with its mean kept at `mean` (a high target with a wide spread pushes layers past
+    the bounds; clamping alone lowered the model's sparsity below the recipe's, silently): what the clamped layers
+    lose or gain is shared equally by the layers still inside the bounds, repeatedly, so the order of the layers'
+    sparsities is kept."""
+    x = x.clone()
+    for _ in range(len(x) + 1):
+        x = x.clamp(lo, hi)
+        excess = mean * len(x) - float(x.sum())
+        free = (x < hi) if excess > 0 else (x > lo)
+        if abs(excess) < 1e-12 or not free.any():
+            break
+        x[free] += excess / int(free.sum())
+    return x

@@ -114,3 +114,15 @@ def test_owl_sparsities_keep_the_mean_and_favor_outlier_layers():
     assert max(s) - min(s) == pytest.approx(0.16)
     assert s[1] == min(s) and s[0] == max(s)  # most outliers -> least pruned
     assert owl_sparsities([0.02, 0.02], 0.5) == [0.5, 0.5]
+
+
+@pytest.mark.parametrize("sparsity,lam", [(0.95, 0.49), (0.99, 0.3), (0.02, 0.3)])
+def test_owl_keeps_the_recipes_mean_when_layers_hit_the_bounds(sparsity, lam):
+    # a high target with a wide spread pushes layers past 0.999 (or below 0): clamping alone gave a mean of 0.848
+    # for a recipe's 0.95, silently
+    ratios = [0.01, 0.02, 0.05, 0.001, 0.03, 0.04]
+    s = owl_sparsities(ratios, sparsity, lam=lam)
+    assert sum(s) / len(s) == pytest.approx(sparsity, abs=1e-9)
+    assert all(0.0 <= x <= 0.999 for x in s)
+    order = sorted(range(len(ratios)), key=ratios.__getitem__)
+    assert all(s[a] >= s[b] for a, b in zip(order, order[1:]))  # more outliers, never more pruning

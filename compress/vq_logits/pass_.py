@@ -123,7 +123,13 @@ class VQLogits(Pass):
         if len(found) != 1:
             raise ConfigError(f"vq_logits: targets {self.config.targets} must match exactly one output head module, "
                               f"matched {len(found)}: {', '.join(found) or 'none'}")
-        return next(iter(found.items()))
+        name, module = next(iter(found.items()))
+        output_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if output_head is not None and module is not output_head:
+            head_name = next((n for n, m in model.named_modules() if m is output_head), "the output head")
+            raise ConfigError(f"vq_logits: targets {self.config.targets} match {name}, which is not the model's "
+                              f"output head ({head_name}); vq_logits compresses the head that computes the logits")
+        return name, module
 
     # ------------------------------------------------------------------------------------------------ calibration
     @torch.no_grad()

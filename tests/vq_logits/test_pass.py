@@ -130,6 +130,8 @@ def test_user_mistakes(reference_model, reference_tokenizer):
         VQLogits(distill=True, scale_bias=False)
     with pytest.raises(ConfigError, match="weighting"):
         VQLogits(weighting="zipf")
+    with pytest.raises(ConfigError, match="down_proj, which is not the model's output head \\(lm_head\\)"):
+        VQLogits(num_codes=16, targets=["model.layers.0.mlp.down_proj"]).check(model)
     assert isinstance(model.lm_head, torch.nn.Linear)  # nothing half done
 
 

@@ -152,8 +152,9 @@ class Prune(Pass):
             done = self._skipped(model)
             if done:  # the targets match, but an earlier pass replaced those layers
                 name, why = next(iter(done.items()))
-                raise ConfigError(f"prune: every layer the targets match is {why} by an earlier pass (e.g. {name}): "
-                                  "put prune before quantize, and prune each layer once")
+                raise ConfigError(f"prune: every layer the targets match is {why} by an earlier pass or in the "
+                                  f"model loaded (e.g. {name}): prune the original model, before quantize, and each "
+                                  "layer once")
             raise ConfigError(f"prune: targets {self.config.targets} match no Linear layer; name Linear layers")
         for name, module in targets.items():
             if nm is not None and module.in_features % nm[1]:

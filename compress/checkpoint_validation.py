@@ -139,13 +139,17 @@ def check_weight_files(folder: Path, files: list[Path]) -> dict[str, tuple[str, 
                                   f"convert them to safetensors{how}")
         raise CheckpointError(f"{folder} has no *.safetensors weights")
     headers: dict[str, tuple[str, tuple[int, ...]]] = {}
+    source: dict[str, Path] = {}
     for f in files:
         if not f.exists():
             raise CheckpointError(f"{folder}: shard {f.name} named by the index is missing")
         for name, info in read_header(f).items():
             if name in headers:
+                if source[name] != f:  # two weight files hold it: a copy left beside the weights, usually
+                    raise CheckpointError(f"{folder}: tensor {name!r} is in both {source[name].name} and {f.name}; "
+                                          "a checkpoint holds one copy of its weights: move the extra file out")
                 raise _damaged(f, f"tensor {name!r} is stored twice")
-            headers[name] = info
+            headers[name], source[name] = info, f
     return headers
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 
 import pytest
@@ -137,6 +138,9 @@ CASES = {
     "bitmask stored as floats": ("bitmask", _float_bitmask, "wrong dtypes"),
     "N:M positions repeat": ("nm", _repeated_nm_position, "positions repeat"),
     "VQ code out of range": ("vq", _vq_code_out_of_range, "code is outside the 16 codebook rows"),
+    # a copy kept beside the weights: the message names both files (it blamed the weights as "damaged")
+    "backup beside the weights": ("bitmask", lambda f: shutil.copy(f / WEIGHTS, f / "model.backup.safetensors"),
+                                  "is in both model.backup.safetensors and model.safetensors"),
 }
 # damage that only the tensors' contents show: inspect reads headers only, so it cannot see these
 CONTENT_ONLY = {"bitmask keeps more than stored", "N:M positions repeat", "VQ code out of range"}

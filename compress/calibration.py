@@ -53,6 +53,10 @@ def read_texts(spec: CalibrationSpec, base_dir: Path | None = None) -> list[str]
     path = source_path(spec.source, base_dir)
     if path.is_dir():
         return _read_dataset_folder(path, spec)
+    if path.suffix == ".json":
+        whole = _whole_json(path, spec.text_field)
+        if whole is not None:
+            return whole
     if path.suffix in (".jsonl", ".json"):
         texts = []
         with path.open(encoding="utf-8", errors="replace") as f:  # a stray byte is replaced, like in .txt
@@ -68,6 +72,26 @@ def read_texts(spec: CalibrationSpec, base_dir: Path | None = None) -> list[str]
                 texts.append(str(row[spec.text_field]))
         return texts
     return [_read_text_file(path)]
+
+
+def _whole_json(path: Path, field: str) -> list[str] | None:
+    """A .json file that is one JSON document: a list of records with `field` (or of strings), or one record;
+    None when it is not one document (then it is read as JSON lines, one record per line)."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8", errors="replace"))
+    except json.JSONDecodeError:
+        return None
+    rows = doc if isinstance(doc, list) else [doc]
+    texts = []
+    for i, row in enumerate(rows):
+        if isinstance(row, str):
+            texts.append(row)
+        elif isinstance(row, dict) and field in row:
+            texts.append(str(row[field]))
+        else:
+            where = f"record {i}" if isinstance(doc, list) else "its record"
+            raise CalibrationError(f"{path}: {where} has no {field!r} field; set calibration.text_field")
+    return texts
 
 
 def _read_text_file(path: Path) -> str:

@@ -27,6 +27,12 @@ def test_text_and_jsonl_sources(tmp_path, reference_tokenizer):
     j = build_batches(CalibrationSpec(source=str(tmp_path / "a.jsonl"), text_field="content", num_samples=2, seq_len=16),
                       reference_tokenizer)
     assert t.shape == j.shape == (2, 16)
+    # a .json file that is one document (a list of records, pretty-printed over many lines) or JSON lines
+    (tmp_path / "a.json").write_text(json.dumps([{"content": text[i::3]} for i in range(3)], indent=2))
+    (tmp_path / "b.json").write_text((tmp_path / "a.jsonl").read_text())
+    for name in ("a.json", "b.json"):
+        assert torch.equal(build_batches(CalibrationSpec(source=str(tmp_path / name), text_field="content",
+                                                         num_samples=2, seq_len=16), reference_tokenizer), j)
     (tmp_path / "stray.txt").write_bytes(text.encode() + b"\xff")  # one stray byte is replaced, not refused
     assert build_batches(CalibrationSpec(source=str(tmp_path / "stray.txt"), num_samples=2, seq_len=16),
                          reference_tokenizer).shape == (2, 16)
@@ -38,6 +44,7 @@ def test_text_and_jsonl_sources(tmp_path, reference_tokenizer):
     (lambda p: str(p / "missing.txt"), "does not exist"),
     (lambda p: (p / "x.jsonl").write_text('{"body": "a"}\n') and str(p / "x.jsonl"), "no 'text' field"),
     (lambda p: (p / "y.jsonl").write_text("not json\n") and str(p / "y.jsonl"), "y.jsonl:1: not valid JSON"),
+    (lambda p: (p / "z.json").write_text('[\n  {"body": "a"}\n]') and str(p / "z.json"), "record 0 has no 'text'"),
     (lambda p: (p / "short.txt").write_text("tiny") and str(p / "short.txt"), "fewer than seq_len"),
     (lambda p: "builtin:wiki", "unknown built-in corpus"),
     # a weights file named as the source: it used to calibrate on replacement characters

@@ -21,8 +21,8 @@ class LinearizeSettings(StrictConfig):
     # gsa: gated slot attention, the gla log-gate averaged into `num_slots` slot gates (kernels/gsa.py)
     gate: Literal["gla", "hgrn2", "gsa"] = "gla"
     window: int = Field(64, ge=2, description="tokens the hybrid's softmax branch sees, itself included")
-    alpha: float = Field(0.5, description="weight of the recurrent branch (hybrid)")
-    beta: float = Field(0.5, description="weight of the sliding-window branch (hybrid)")
+    alpha: float = Field(0.5, ge=0, allow_inf_nan=False, description="weight of the recurrent branch (hybrid)")
+    beta: float = Field(0.5, ge=0, allow_inf_nan=False, description="weight of the sliding-window branch (hybrid)")
     normalize: bool = Field(False, description="divide the recurrent output by phi(q_t) . z_t (z: the decayed sum of "
                             "phi(k)), making it a weighted mean of values as softmax attention is (gates gla and "
                             "hgrn2); the state keeps one more value column for z")
@@ -43,6 +43,8 @@ class LinearizeSettings(StrictConfig):
             raise ValueError("normalize applies to the gla and hgrn2 recurrences of variants gla and hybrid")
         if self.variant == "mom" and self.gate == "gsa":
             raise ValueError("variant mom uses gated delta-rule memories: gate gla or hgrn2, not gsa")
+        if self.variant == "hybrid" and self.alpha == 0 and self.beta == 0:
+            raise ValueError("alpha and beta are both 0: the hybrid's attention output would be zero")
         return self
 
     def window_or_none(self) -> int | None:

@@ -63,6 +63,8 @@ def test_cli_generates_past_the_context_only_when_every_layer_is_linearized(tmp_
     (dict(layers="every_1"), "every_K needs K >= 2"),
     (dict(layers="some"), "layers must be"),
     (dict(layers=[]), "nothing would be linearized"),
+    (dict(variant="hybrid", alpha=-1.0), "greater than or equal to 0"),
+    (dict(variant="hybrid", alpha=0.0, beta=0.0), "both 0"),
     (dict(window=1), "greater than or equal to 2"),
     (dict(variant="ssm"), "variant"),
     (dict(gate="gsa", normalize=True), "normalize applies to"),

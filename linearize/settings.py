@@ -76,7 +76,8 @@ def resolve_layers(spec: LayerSpec, num_layers: int) -> list[int]:
         return [i for i in range(num_layers) if (i + 1) % k]
     bad = [i for i in spec if not 0 <= i < num_layers]
     if bad:
-        raise ConfigError(f"linearize: layers {bad} do not exist (the model has {num_layers} layers, 0..{num_layers - 1})")
+        raise ConfigError(f"linearize: layers {bad} do not exist (the model has {num_layers} layers, "
+                          f"0..{num_layers - 1})")
     return sorted(set(spec))
 
 

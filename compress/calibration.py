@@ -131,13 +131,18 @@ def build_batches(spec: CalibrationSpec, tokenizer, base_dir: Path | None = None
     texts = read_texts(spec, base_dir)
     eos = tokenizer.eos_token_id
     ids: list[int] = []
+    words = 0  # tokens of text, not counting the separators added here
     needed = spec.num_samples * spec.seq_len * 4  # enough text for distinct windows; bounds tokenization work
     for text in texts:
-        ids.extend(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+        tokens = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+        ids.extend(tokens)
+        words += len(tokens)
         if eos is not None:
             ids.append(eos)
         if len(ids) >= needed:
             break
+    if not words:
+        raise CalibrationError(f"calibration source {spec.source} holds no text; give a file with text in it")
     if len(ids) < spec.seq_len + 1:
         raise CalibrationError(
             f"calibration source {spec.source} has {len(ids)} tokens, fewer than seq_len={spec.seq_len}; "

@@ -70,7 +70,10 @@ def read_recipe_text(path: Path) -> str:
 
     try:
         if not path.is_file():
-            raise RecipeError([f"{path}: {'is a folder, not a recipe file' if path.is_dir() else 'no such recipe file'}"])
+            what = ("is a folder, not a recipe file" if path.is_dir() else
+                    "is not a regular file (a device or pipe); give a YAML file" if path.exists() else
+                    "no such recipe file")
+            raise RecipeError([f"{path}: {what}"])
         size = path.stat().st_size
         if size > MAX_RECIPE_BYTES:
             raise RecipeError([f"{path}: {size} bytes, larger than a recipe can be ({MAX_RECIPE_BYTES} bytes)"])

@@ -47,6 +47,7 @@ def test_text_and_jsonl_sources(tmp_path, reference_tokenizer):
     (lambda p: (p / "z.json").write_text('[\n  {"body": "a"}\n]') and str(p / "z.json"), "record 0 has no 'text'"),
     (lambda p: (p / "short.txt").write_text("tiny") and str(p / "short.txt"), "fewer than seq_len"),
     (lambda p: "builtin:wiki", "unknown built-in corpus"),
+    (lambda p: (p / "empty.txt").write_text("") == 0 and str(p / "empty.txt"), "holds no text"),
     # a weights file named as the source: it used to calibrate on replacement characters
     (lambda p: (p / "model.safetensors").write_bytes(b"\x08\x00" + bytes(range(256)) * 40) and
      str(p / "model.safetensors"), "is not a text file \\(a NUL byte\\)"),

@@ -80,6 +80,8 @@ def test_good_recipe_builds_passes(tmp_path):
 def test_missing_recipe_file(tmp_path):
     with pytest.raises(RecipeError, match="no such recipe file"):
         Recipe.from_yaml(tmp_path / "missing.yaml")
+    with pytest.raises(RecipeError, match="is not a regular file"):  # a device: it exists, and is no recipe
+        Recipe.from_yaml("/dev/null")
 
 
 def test_every_shipped_recipe_validates():

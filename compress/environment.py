@@ -55,6 +55,20 @@ def check_environment() -> None:
                                 "CPU interpreter; unset it to run the CPU kernels")
 
 
+def world_size() -> int:
+    """WORLD_SIZE: how many training processes share a run (set by `torchrun` / `accelerate launch`; 1 when unset).
+    Read by the recover pass, which splits its token budget across them: a value that is not a positive integer
+    raises CompressError (it used to end in a ValueError, a ZeroDivisionError or a RuntimeError deep in training)."""
+    raw = os.environ.get("WORLD_SIZE")
+    if raw is None:
+        return 1
+    value = raw.strip()
+    if not value.isascii() or not value.isdigit() or int(value) < 1:
+        raise CompressError(f"WORLD_SIZE={raw!r} must be a positive integer (the number of training processes, set by "
+                            "torchrun or accelerate launch); unset it to train in one process")
+    return int(value)
+
+
 def sparse_path() -> str | None:
     """COMPRESS_SPARSE_PATH: the GPU path every pruned layer takes (compress/prune/gpu_dispatch.py), or None."""
     value = os.environ.get("COMPRESS_SPARSE_PATH", "").strip().lower()

@@ -8,7 +8,6 @@ map) can be trained in full beside LoRA (`train_modules`), and auxiliary losses 
 load balance) join the loss with weight `aux_weight`."""
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -18,11 +17,14 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from ..environment import world_size
 from ..errors import CalibrationError, CheckpointError, CompressError, ConfigError
 from ..pass_api import Pass, PassConfig, PassContext, PassReport, left_by_earlier, tensor_bytes, timed
 from ..prune.sparse_linear import SparseLinear
 from ..registry import register_pass
 from ..targets import match_modules
+from .resume import (check_adapter_shapes, check_checkpoint_dir, check_resume_from, check_same_run, resume_point,
+                     write_record)
 
 # PEFT, the Trainer and bitsandbytes (which PEFT imports) load when a recover pass runs or is read back, not when the
 # registry lists the passes: on AVX512-BF16 CPUs bitsandbytes logs a warning at import that every CLI call would show.
@@ -51,7 +53,8 @@ class Recover(Pass):
             "weight of the auxiliary losses modules expose (MoM's router load balance); 0 leaves them out"))
         merge: bool = Field(True, description="true: merge LoRA into the weights; false: keep a PEFT adapter folder")
         checkpoint_dir: str | None = Field(None, description="Trainer checkpoints go here; training resumes from "
-                                                             "the newest one found (none: no checkpoints)")
+                                                             "the newest one found, if a run of the same settings "
+                                                             "wrote it (none: no checkpoints)")
         save_steps: int = Field(100, ge=1, description="steps between Trainer checkpoints (with checkpoint_dir)")
         resume_from: str | None = Field(None, description="a Trainer checkpoint folder to resume from")
         seed: int = 0
@@ -103,13 +106,37 @@ class Recover(Pass):
         if c.seq_len is not None and context is not None and c.seq_len > context:
             raise ConfigError(f"recover: seq_len {c.seq_len} is longer than the model's context ({context} tokens); "
                               "lower it")
-        if c.resume_from is not None and not Path(c.resume_from).is_dir():
-            raise ConfigError(f"recover: resume_from {c.resume_from} is not a folder; give a Trainer checkpoint "
-                              "folder (checkpoint-N) or drop resume_from")
+        world_size()  # WORLD_SIZE=0 or abc: one line here, not a ZeroDivisionError in apply
+        if c.checkpoint_dir is not None:
+            check_checkpoint_dir(c.checkpoint_dir)
+        if c.resume_from is not None:
+            check_resume_from(c.resume_from)
+
+    def _planned(self, model: nn.Module, modules=None) -> dict[str, Any]:
+        """What makes this run's Trainer checkpoints resumable by another (resume.py's RECORD)."""
+        c = self.config
+        planned = {"model": getattr(model, "compress_source", None), "r": c.r, "alpha": c.alpha,
+                   "targets": list(c.targets), "ignore": list(c.ignore), "train_modules": list(c.train_modules)}
+        if modules is not None:
+            planned["modules"] = sorted(modules)
+        return planned
+
+    def _check_resumable(self, model: nn.Module, earlier) -> None:
+        """The checkpoint this run would resume from is one of the same run: refused before any pass runs. The LoRA
+        targets' names are known here only when no earlier pass may replace them (else apply checks them)."""
+        c = self.config
+        if c.checkpoint_dir:  # the second would resume from the first's checkpoints, its budget already spent
+            mine = Path(c.checkpoint_dir).absolute()
+            if any(p.name == self.name and getattr(p.config, "checkpoint_dir", None)
+                   and Path(p.config.checkpoint_dir).absolute() == mine for p in earlier):
+                raise ConfigError(f"recover: checkpoint_dir {c.checkpoint_dir} is also an earlier recover pass's "
+                                  "checkpoint_dir; give each recover pass its own folder")
+        modules = None if earlier else list(self._checked_targets(model))
+        check_same_run(self._planned(model, modules), c.checkpoint_dir, c.resume_from)
 
     def check_with_calibration(self, model: nn.Module, ctx: PassContext) -> None:
         """The token budget holds at least one step (it trained a whole step past a smaller one)."""
-        c, world = self.config, int(os.environ.get("WORLD_SIZE", "1"))
+        c, world = self.config, world_size()
         seq_len = self._seq_len(ctx)
         step = c.batch_size * seq_len * world
         if step > c.max_tokens:
@@ -127,6 +154,7 @@ class Recover(Pass):
         """LoRA attaches to Linear (or packed sparse) layers: layers an earlier quantize pass replaces are left out,
         and when that leaves none the run would stop only after those passes ran. train_modules must name modules
         of the model unless an earlier MoM linearize pass makes new ones (its routers)."""
+        self._check_resumable(model, earlier)
         if not left_by_earlier(model, self._checked_targets(model), earlier, lambda p: p.name == "quantize"):
             raise ConfigError("recover: every layer the targets match is quantized by an earlier pass, and LoRA "
                               "attaches to Linear or packed sparse layers only: recover before quantize, or target "
@@ -161,7 +189,13 @@ class Recover(Pass):
         report.skipped = {n: f"{type(m).__name__}: LoRA attaches to Linear or packed sparse layers"
                           for n, m in self.target_modules(model).items() if n not in targets}
         report.bytes_before = sum(tensor_bytes(m) for m in targets.values())
-        world = int(os.environ.get("WORLD_SIZE", "1"))
+        world = world_size()
+        # the checkpoint it resumes from, of this very run: LoRA on the same modules, of the same shapes (checked
+        # before any pass ran where the targets were known; what earlier passes left, here, before training)
+        resume = resume_point(c.checkpoint_dir, c.resume_from)
+        shapes = {n: (m.out_features, m.in_features) for n, m in targets.items()}
+        self.located(lambda: (check_same_run(self._planned(model, targets), c.checkpoint_dir, c.resume_from),
+                              resume and check_adapter_shapes(resume, shapes, c.r, c.checkpoint_dir, c.resume_from)))
         seq_len = self._seq_len(ctx)  # the budget holds a step: check_with_calibration, before any work
         max_steps = steps_for_budget(c.max_tokens, c.batch_size, seq_len, world)
         windows = self._training_windows(ctx, max_steps * c.batch_size * world, seq_len)
@@ -180,8 +214,10 @@ class Recover(Pass):
             plan = TrainingPlan(windows=windows, max_steps=max_steps, tokens_per_step=c.batch_size * seq_len,
                                 batch_size=c.batch_size, lr=c.lr, max_seconds=c.max_minutes * 60,
                                 output_dir=output_dir, save_steps=c.save_steps if c.checkpoint_dir else None,
-                                resume_from=c.resume_from, seed=c.seed, device=ctx.device, progress=ctx.progress,
-                                aux_weight=c.aux_weight)
+                                resume_from=str(resume) if resume is not None else None, seed=c.seed,
+                                device=ctx.device, progress=ctx.progress, aux_weight=c.aux_weight)
+            if c.checkpoint_dir:  # what the next run that finds these checkpoints compares (resume.py)
+                write_record(c.checkpoint_dir, self._planned(model, targets))
             runtimes = _decoded_for_training(model) if ctx.device == "cpu" else {}
             try:
                 stats = train(peft_model, plan, teacher, c.kl_weight)

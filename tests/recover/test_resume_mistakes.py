@@ -1,0 +1,192 @@
+"""User mistakes around recover's Trainer checkpoints and WORLD_SIZE, through `compress apply`: each is one line on
+stderr and exit 2, found before training (before any pass runs where it can be), with nothing written or deleted.
+A rerun with the same recipe still resumes from the checkpoints it finds."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import save_file
+
+import compress
+from compress.cli import main
+from compress.environment import world_size
+from compress.recover import training
+from compress.recover.resume import RECORD
+
+CALIBRATION = "calibration: {source: builtin:calibration, num_samples: 4, seq_len: 32}"
+
+
+def recipe(path: Path, args: str, before: str = "") -> Path:
+    path.write_text("\n".join(["model: builtin:tiny", CALIBRATION, "passes:", *([before] if before else []),
+                               f"  - recover: {{{args}}}", ""]))
+    return path
+
+
+def apply(*args, env=None):
+    return CliRunner().invoke(main, ["apply", *map(str, args)], env=env)
+
+
+def refused(result, *expected: str) -> None:
+    """Exit 2, one or two lines on stderr naming what to fix, no traceback."""
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    lines = result.stderr.strip().splitlines()
+    assert 1 <= len(lines) <= 2 and lines[0].startswith("error: ") and "Traceback" not in result.output, lines
+    for text in expected:
+        assert text in result.stderr, (text, result.stderr)
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Training (the expensive work) must not start: the mistake is found before it."""
+    def fail(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(training, "train", fail)
+
+
+def listing(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ---------------------------------------------------------------------------------------------- WORLD_SIZE
+@pytest.mark.parametrize("value", ["abc", "0", "-2", "", "1.5"])
+def test_world_size_must_be_a_positive_integer(tmp_path, value):
+    rec = recipe(tmp_path / "rec.yaml", "max_tokens: 128, batch_size: 2, max_minutes: 0.2")
+    result = apply(rec, "-o", tmp_path / "x", "--dry-run", env={"WORLD_SIZE": value})
+    refused(result, f"WORLD_SIZE={value!r} must be a positive integer")
+
+
+def test_world_size_reads_unset_as_one(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert world_size() == 1
+    monkeypatch.setenv("WORLD_SIZE", " 4 ")
+    assert world_size() == 4
+
+
+# ---------------------------------------------------------------------------------------------- checkpoint_dir
+@pytest.mark.parametrize("inside", [False, True])
+def test_checkpoint_dir_that_is_a_file_is_refused_before_any_work(tmp_path, monkeypatch, no_training, inside):
+    monkeypatch.chdir(tmp_path)
+    Path("afile").write_text("mine\n")
+    folder = "afile/sub" if inside else "afile"
+    rec = recipe(tmp_path / "c.yaml", f"max_tokens: 128, batch_size: 2, max_minutes: 0.2, checkpoint_dir: {folder}")
+    refused(apply(rec, "-o", "o_c", "--no-eval"), f"checkpoint_dir {folder}", "is a file, not a folder")
+    assert Path("afile").read_text() == "mine\n" and not Path("o_c").exists()
+
+
+def test_a_changed_recipe_does_not_resume_another_runs_checkpoints(tmp_path, monkeypatch):
+    """Checkpoints of r 8 LoRA, then a recipe with r 4 in the same checkpoint_dir: refused before training (it
+    resumed and crashed on a size mismatch of lora_A); the same recipe with a longer budget resumes."""
+    monkeypatch.chdir(tmp_path)
+    common = "batch_size: 2, max_minutes: 1, checkpoint_dir: ckd, save_steps: 1"
+    first = apply(recipe(tmp_path / "a.yaml", f"max_tokens: 128, {common}"), "-o", "o_a", "--no-eval", "--json")
+    assert first.exit_code == 0, first.output
+    assert json.loads(first.stdout)["passes"][0]["details"]["steps"] == 2
+    assert (tmp_path / "ckd" / "checkpoint-2").is_dir() and (tmp_path / "ckd" / RECORD).is_file()
+    before = listing(tmp_path / "ckd")
+
+    trained = []
+    real_train = training.train
+    monkeypatch.setattr(training, "train", lambda *a, **k: trained.append(1) or real_train(*a, **k))
+    other = recipe(tmp_path / "b.yaml", f"r: 4, max_tokens: 128, {common}")
+    for extra in (["--no-eval"], ["--dry-run"]):
+        refused(apply(other, "-o", "o_b", *extra),
+                "checkpoint_dir ckd holds checkpoints of a different run (LoRA r 8, not 4): empty it or choose another "
+                "folder")
+    targets = recipe(tmp_path / "t.yaml", f"targets: ['re:.*q_proj$'], max_tokens: 128, {common}")
+    refused(apply(targets, "-o", "o_b", "--no-eval"), "different run (targets [")
+    # checkpoints an older version wrote (no record): their adapter_config.json says the same
+    (tmp_path / "ckd" / RECORD).rename(tmp_path / "record.json")
+    refused(apply(other, "-o", "o_b", "--no-eval"), "different run (LoRA r 8, not 4)")
+    refused(apply(targets, "-o", "o_b", "--no-eval"), "different run (LoRA on 18 modules, not 6")
+    (tmp_path / "record.json").rename(tmp_path / "ckd" / RECORD)
+    assert trained == [] and not (tmp_path / "o_b").exists() and listing(tmp_path / "ckd") == before
+
+    again = apply(recipe(tmp_path / "a2.yaml", f"max_tokens: 192, {common}"), "-o", "o_a2", "--no-eval", "--json")
+    assert again.exit_code == 0, again.output
+    details = json.loads(again.stdout)["passes"][0]["details"]
+    assert details["resumed_from"].endswith("checkpoint-2") and details["steps"] == 3 and trained == [1]
+
+
+def fake_checkpoint(folder: Path, shapes: dict[str, tuple[int, int]], r: int = 8, state: bool = True) -> Path:
+    """A Trainer checkpoint of a recover run as PEFT writes it: adapter config and tensors, trainer_state.json."""
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text(json.dumps({"r": r, "lora_alpha": 16, "target_modules": list(shapes)}))
+    tensors = {}
+    for name, (out_features, in_features) in shapes.items():
+        tensors[f"base_model.model.{name}.lora_A.weight"] = torch.zeros(r, in_features)
+        tensors[f"base_model.model.{name}.lora_B.weight"] = torch.zeros(out_features, r)
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    if state:
+        (folder / "trainer_state.json").write_text("{}")
+    return folder
+
+
+def tiny_targets() -> dict[str, tuple[int, int]]:
+    model = compress.load("builtin:tiny", meta=True)
+    return {n: (m.out_features, m.in_features) for n, m in model.named_modules()
+            if n.endswith(("q_proj", "k_proj", "v_proj"))}
+
+
+def test_checkpoints_of_another_models_shapes_are_refused_before_training(tmp_path, monkeypatch, no_training):
+    """No record, same rank and modules, other shapes (another model): found from the safetensors header after the
+    earlier passes ran, before training."""
+    monkeypatch.chdir(tmp_path)
+    shapes = {n: (out_features, in_features * 2) for n, (out_features, in_features) in tiny_targets().items()}
+    fake_checkpoint(tmp_path / "ckd" / "checkpoint-3", shapes)
+    rec = recipe(tmp_path / "s.yaml", "max_tokens: 128, batch_size: 2, checkpoint_dir: ckd",
+                 before="  - prune: {method: magnitude, sparsity: 0.5}")
+    refused(apply(rec, "-o", "o_s", "--no-eval"), "s.yaml:5:5: recover: checkpoint_dir ckd holds checkpoints of a "
+            "different run (model.layers.0.self_attn.k_proj.lora_A is 8x512 there, 8x256 here)")
+    assert not (tmp_path / "o_s").exists() and not (tmp_path / "ckd" / RECORD).exists()
+
+
+def test_an_incomplete_newest_checkpoint_is_refused_up_front(tmp_path, monkeypatch, no_training):
+    monkeypatch.chdir(tmp_path)
+    fake_checkpoint(tmp_path / "ckd" / "checkpoint-2", tiny_targets())
+    fake_checkpoint(tmp_path / "ckd" / "checkpoint-3", tiny_targets(), state=False)  # a save cut short
+    rec = recipe(tmp_path / "i.yaml", "max_tokens: 128, batch_size: 2, checkpoint_dir: ckd")
+    refused(apply(rec, "-o", "o_i", "--dry-run"), "its newest checkpoint checkpoint-3 is incomplete",
+            "(no trainer_state.json)")
+
+
+# ---------------------------------------------------------------------------------------------- resume_from
+def test_resume_from_a_folder_that_is_not_a_trainer_checkpoint(tmp_path, monkeypatch, no_training):
+    """A compress output folder given as resume_from: refused before any pass runs, not after the Trainer loaded it
+    into the model (with pages of missing-key warnings)."""
+    monkeypatch.chdir(tmp_path)
+    compress.save(compress.load("builtin:tiny"), tmp_path / "ck1")
+    rec = recipe(tmp_path / "d.yaml", "max_tokens: 128, batch_size: 2, max_minutes: 0.2, resume_from: ck1")
+    refused(apply(rec, "-o", "o_d", "--no-eval"),
+            "recover: resume_from ck1 is not a Trainer checkpoint (no trainer_state.json)")
+    assert not (tmp_path / "o_d").exists()
+
+
+def test_resume_from_a_checkpoint_of_another_run_is_refused(tmp_path, monkeypatch, no_training):
+    monkeypatch.chdir(tmp_path)
+    fake_checkpoint(tmp_path / "ckd" / "checkpoint-4", tiny_targets(), r=8)
+    rec = recipe(tmp_path / "g.yaml", "r: 4, max_tokens: 128, batch_size: 2, resume_from: ckd/checkpoint-4")
+    refused(apply(rec, "-o", "o_g", "--no-eval"), "resume_from ckd/checkpoint-4 is a checkpoint of a different run "
+            "(LoRA r 8, not 4)")
+    # resuming this run's checkpoint, but writing into a folder of another run's (the Trainer's rotation would
+    # delete them)
+    fake_checkpoint(tmp_path / "mine" / "checkpoint-1", tiny_targets(), r=4)
+    rec = recipe(tmp_path / "h.yaml", "r: 4, max_tokens: 128, batch_size: 2, resume_from: mine/checkpoint-1, "
+                 "checkpoint_dir: ckd")
+    refused(apply(rec, "-o", "o_g", "--dry-run"), "checkpoint_dir ckd holds checkpoints of a different run "
+            "(LoRA r 8, not 4): empty it or choose another folder")
+    assert not (tmp_path / "o_g").exists() and len(listing(tmp_path / "ckd")) == 3
+
+
+def test_two_recover_passes_with_one_checkpoint_dir_are_refused(tmp_path, monkeypatch, no_training):
+    """The second would resume from the first's newest checkpoint (its step count already past its budget)."""
+    monkeypatch.chdir(tmp_path)
+    rec = recipe(tmp_path / "two.yaml", "r: 4, max_tokens: 128, batch_size: 2, checkpoint_dir: ./ckd",
+                 before="  - recover: {max_tokens: 128, batch_size: 2, checkpoint_dir: ckd}")
+    refused(apply(rec, "-o", "o_two", "--no-eval"), "two.yaml:5:5: recover: checkpoint_dir ./ckd is also an earlier "
+            "recover pass's checkpoint_dir")
+    assert not (tmp_path / "ckd").exists() and not (tmp_path / "o_two").exists()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .cli_format import _console, _group_by_reason, _mb, _print_eval, _table
+from .cli_format import _bold, _console, _group_by_reason, _mb, _print_eval, _table, a_type, check_utf8_arguments
 from .checkpoint import folder_bytes  # noqa: F401 (also compress.cli.folder_bytes)
 from .errors import CompressError
 
@@ -31,6 +31,8 @@ def _one_line(exc: click.UsageError) -> click.UsageError:
 
 class _Group(click.Group):
     def make_context(self, info_name, args, parent=None, **extra):
+        if parent is None:  # bytes from a non-UTF-8 name or prompt: refused before any work, not at the end of it
+            check_utf8_arguments(args)
         try:
             return super().make_context(info_name, args, parent=parent, **extra)
         except click.UsageError as exc:  # `compress --bogus`
@@ -114,6 +116,9 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
     model_src = model_src or r.resolved_model()
     if not model_src:
         raise CompressError(f"{recipe}: no model: add `model: builtin:tiny` (or a local folder) or pass --model")
+    if offload_folder and max_memory is None:
+        raise CompressError("--offload-folder is where --max-memory writes the layers that do not fit; give "
+                            "--max-memory too, or drop --offload-folder")
     passes = r.build_passes()
     output = output or r.output
     export_format = export_format or r.export_format or "native"
@@ -220,6 +225,9 @@ def _recorded_source(model_src: str) -> str | None:
 
     folder = models.resolve_model_path(model_src)
     source = (models.compression_section(folder) or {}).get("source_model")
+    if source is not None and not isinstance(source, str):  # a hand-edited config.json
+        raise CompressError(f"{folder / 'config.json'}: `compression.source_model` is {a_type(source)}, not a path; "
+                            "the file is damaged or edited: fix the field, or pass --baseline MODEL")
     if source and source.startswith("builtin:"):
         return source
     # recorded relative to the checkpoint folder; older checkpoints recorded it as typed (the current folder's)
@@ -493,7 +501,7 @@ def list_passes(as_json):
         return
     con = _console()
     for name, info in out.items():
-        con.print(f"[bold]{name}[/bold]: {info['doc']}")
+        con.print(_bold(name, f": {info['doc']}"))
         for fname, f in info["arguments"].items():
             con.print(f"    {fname}: {f['type']} = {f['default']!r}" + (f"  # {f['description']}" if f["description"] else ""))
 

@@ -1,14 +1,26 @@
 """How the command line prints: rich tables on a terminal, sizes and numbers formatted one way everywhere."""
 from __future__ import annotations
 
+import click
+
 
 def _console():
     import shutil
 
     from rich.console import Console
 
-    # piped or redirected output has no terminal width: rich would wrap at 80 columns and split lines mid-value
-    return Console(stderr=False, width=None if shutil.get_terminal_size((0, 0)).columns else 120)
+    # piped or redirected output has no terminal width: rich would wrap at 80 columns and split lines mid-value.
+    # markup and emoji codes off: what is printed holds the user's paths, recipe text and model names, where
+    # `out_[v2]` or `[/]` is text, not a style (styles are given as rich Text / style=, never in the string)
+    return Console(stderr=False, width=None if shutil.get_terminal_size((0, 0)).columns else 120, markup=False,
+                   emoji=False)
+
+
+def _bold(head: str, rest: str = ""):
+    """`head` in bold, then `rest`, both as plain text (no markup is read from either)."""
+    from rich.text import Text
+
+    return Text.assemble((head, "bold"), rest)
 
 
 def _table(title: str, columns: list[str], rows: list[list], caption: str | None = None):
@@ -63,3 +75,43 @@ def _print_eval(con, ev: dict) -> None:
         rows = _quality_rows(kv, kv["ppl_reference"], kv["ppl"], "KL(uncompressed || compressed)")
         con.print(_table("with the compressed KV cache", ["metric", "uncompressed cache", "compressed cache"], rows,
                          caption=kv["protocol"]))
+
+
+def a_type(value) -> str:
+    """`a list`, `an int`: the type of a value found where another was expected, for a message."""
+    name = type(value).__name__
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+
+class ArgumentError(click.ClickException):
+    """A command line the CLI refuses before parsing it: `error: ...`, exit 2."""
+
+    exit_code = 2
+
+    def show(self, file=None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+def check_utf8_arguments(args) -> None:
+    """Refuse (exit 2, one line) a command line with an argument that is not UTF-8 text."""
+    bad = non_utf8_argument(args)
+    if bad is not None:
+        raise ArgumentError(f"the argument '{bad}' is not UTF-8 text; give paths and text in UTF-8")
+
+
+def non_utf8_argument(args) -> str | None:
+    """The first command-line argument that is not UTF-8 text (Python keeps such bytes as lone surrogates, which
+    tokenizers, JSON and the printed summary cannot take), shown with its bytes escaped; None when all are."""
+    for arg in args or ():
+        if not isinstance(arg, str):
+            continue
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            try:
+                raw = arg.encode("utf-8", "surrogateescape")  # the bytes as given
+            except UnicodeEncodeError:
+                raw = arg.encode("utf-8", "backslashreplace")
+            shown = raw.decode("utf-8", "backslashreplace")
+            return shown if len(shown) <= 120 else shown[:60] + "..." + shown[-40:]
+    return None

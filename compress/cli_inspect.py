@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .cli_format import _console, _mb, _table
+from .cli_format import _bold, _console, _mb, _table
 
 
 def inspect_checkpoint(checkpoint: str, sparse_runtime: str, device: str | None) -> dict:
@@ -36,12 +36,12 @@ def inspect_checkpoint(checkpoint: str, sparse_runtime: str, device: str | None)
         comps = bytes_by_component(model, storage_dtype=model.compress_storage_dtype)
         paths = runtime_plan(model, sparse_runtime, device)
         comps.update(_extra_folder_components(path, section, model))
-    recipe = (path / "recipe.yaml").read_text() if (path / "recipe.yaml").exists() else None
+    recipe, recipe_problem = _stored_recipe(path)
     from .budget import budget
 
     return {"checkpoint": str(path), "compression": section, "components": comps,
             "budget": budget(model, section, model.compress_storage_dtype, comps),
-            "checkpoint_bytes": folder_bytes(path), "recipe": recipe,
+            "checkpoint_bytes": folder_bytes(path), "recipe": recipe, "recipe_problem": recipe_problem,
             "runtime": {"device": device, "sparse_runtime": sparse_runtime, "paths": paths}}
 
 
@@ -52,10 +52,11 @@ def print_inspection(result: dict) -> None:
     device, sparse_runtime = result["runtime"]["device"], result["runtime"]["sparse_runtime"]
     con = _console()
     passes = section.get("passes", [])
-    con.print(f"[bold]{path}[/bold]  format {section.get('format_version', '-')}, "
-              f"compress {section.get('library_version', '-')}, calibration {section.get('calibration_hash') or '-'}")
+    con.print(_bold(str(path), f"  format {section.get('format_version', '-')}, compress "
+                               f"{section.get('library_version', '-')}, "
+                               f"calibration {section.get('calibration_hash') or '-'}"))
     for e in passes:
-        con.print(f"  pass {e['pass']}: " + ", ".join(f"{k}={v}" for k, v in e.get("args", {}).items()))
+        con.print(f"  pass {e['pass']}: " + ", ".join(f"{k}={v}" for k, v in (e.get("args") or {}).items()))
     if not passes:
         con.print("  no compression passes (a dense model)")
     total = {k: sum(v[k] for v in comps.values()) for k in ("dense", "compressed")}
@@ -69,6 +70,25 @@ def print_inspection(result: dict) -> None:
                          [[name, p] for name, p in paths.items()]))
     if recipe:
         con.print("recipe:\n" + recipe)
+    elif result.get("recipe_problem"):
+        con.print(f"recipe: not shown: {result['recipe_problem']}")
+
+
+def _stored_recipe(path: Path) -> tuple[str | None, str | None]:
+    """(the recipe.yaml a checkpoint stores, None), or (None, why it cannot be shown): an unreadable or edited recipe
+    is said in the report, the rest of it (the weights, the budget) still inspects. (None, None): no recipe stored."""
+    f = path / "recipe.yaml"
+    if not f.exists():
+        return None, None
+    try:
+        raw = f.read_bytes()
+    except OSError as exc:
+        return None, f"{f} cannot be read ({exc.strerror or type(exc).__name__})"
+    try:
+        return raw.decode("utf-8"), None
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        return None, f"{f}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x})"
 
 
 def _extra_folder_components(path: Path, section: dict, model) -> dict:

@@ -1,6 +1,7 @@
 """A PNG of each suite score against the baseline (matplotlib, the `plot` extra)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ..errors import CompressError
@@ -8,7 +9,8 @@ from .suite import LOWER_IS_BETTER
 
 
 def check_plot_target(path: str | Path) -> Path:
-    """Fail before any evaluation runs: matplotlib missing, or not a .png name."""
+    """Fail before any evaluation runs: matplotlib missing, not a .png name, or a place the PNG cannot be written
+    (its folder missing, a file, or not writable: no folder is created that the user did not ask for)."""
     try:
         import matplotlib
 
@@ -18,6 +20,14 @@ def check_plot_target(path: str | Path) -> Path:
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise CompressError(f"--plot {path}: give a file name ending in .png")
+    folder = path.parent  # `p.png`: the current folder
+    if path.is_dir():
+        raise CompressError(f"--plot {path}: is a folder; give a file name ending in .png")
+    if not folder.is_dir():
+        what = "is a file, not a folder" if folder.exists() else "no such folder"
+        raise CompressError(f"--plot {path}: {folder}: {what}; give a .png path in an existing folder")
+    if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise CompressError(f"--plot {path}: permission denied; give a .png path you can write")
     return path
 
 
@@ -25,6 +35,8 @@ def plot_suite(model_scores: dict[str, float], baseline_scores: dict[str, float]
                model_label: str = "model", baseline_label: str = "baseline") -> Path:
     """Grouped horizontal bars per task (baseline and model); tasks where lower is better are marked."""
     path = check_plot_target(path)
+    # the labels are the user's model names: a `$` in one is text, not the start of matplotlib's math
+    model_label, baseline_label = (label.replace("$", r"\$") for label in (model_label, baseline_label))
     import matplotlib.pyplot as plt
 
     tasks = list(model_scores)
@@ -45,7 +57,19 @@ def plot_suite(model_scores: dict[str, float], baseline_scores: dict[str, float]
     ax.legend(loc="lower right", fontsize=8)
     ax.set_title("evaluation suite: model vs baseline", fontsize=10)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    # written next to its place, then renamed: a failed write leaves no half-written PNG at the user's path
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    os.close(fd)
+    tmp = Path(tmp)
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        os.chmod(tmp, 0o666 & ~umask)  # a new file's usual mode, not mkstemp's owner-only one
+        fig.savefig(tmp, dpi=120, format="png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
     return path

@@ -52,3 +52,28 @@ def test_no_git_noise_outside_a_repository(tmp_path, monkeypatch, capfd):
     assert "suite" in json.loads(result.stdout)
     captured = capfd.readouterr()
     assert "not a git repository" not in captured.err + result.output
+
+
+def test_plot_location_is_checked_before_any_work_and_never_created(tmp_path):
+    pytest.importorskip("matplotlib")
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "adir.png").mkdir()
+    cases = [(tmp_path / "afile" / "p.png", "is a file, not a folder"),
+             (tmp_path / "no" / "dir" / "p.png", "no such folder"),
+             (tmp_path / "adir.png", "")]
+    for plot, message in cases:
+        result = CliRunner().invoke(main, ["eval", "builtin:tiny", "--suite", "kick", "--suite-limit", "1",
+                                           "--max-windows", "1", "--no-speed", "--plot", str(plot)])
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir.png", "afile"]
+
+
+def test_plot_labels_are_text(tmp_path):
+    """Model names are the legend's labels: a `$` in one is not matplotlib's math (it used to fail at the write,
+    after the whole suite); the PNG is written whole, with no temporary file left beside it."""
+    pytest.importorskip("matplotlib")
+    from compress.eval.plot import plot_suite
+
+    png = plot_suite({"copy": 0.5}, {"copy": 0.25}, tmp_path / "p.png", "out_$x^$ [/]", "base$")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and [p.name for p in tmp_path.iterdir()] == ["p.png"]

@@ -100,6 +100,8 @@ OPTIONS = [
      "is more memory than any machine has"),
     (["apply", "recipes/magnitude-50.yaml", "--max-memory", "1MB", "--offload-folder", "never/spill", "--output",
       "never"], "where this run writes while it works (a pass's checkpoint_dir or --offload-folder)"),
+    (["apply", "recipes/magnitude-50.yaml", "--offload-folder", "never/spill", "--output", "never"],
+     "give --max-memory too"),  # it was ignored without --max-memory
     (["apply", "recipes/activation-sparse.yaml", "--max-memory", "1MB", "--output", "never", "--dry-run"],
      "cannot run with decoder layers left on disk"),
 ]

@@ -201,6 +201,8 @@ class Recover(Pass):
         windows = self._training_windows(ctx, max_steps * c.batch_size * world, seq_len)
         device = next(model.parameters()).device
         trainable_before = {n: p.requires_grad for n, p in model.named_parameters()}
+        full_ids = {id(p) for p in fully_trained}
+        fully_trained_named = {n: p for n, p in model.named_parameters() if id(p) in full_ids}
         lora_config = LoraConfig(r=c.r, lora_alpha=c.alpha, lora_dropout=c.dropout, target_modules=list(targets),
                                  bias="none")
         output_dir = Path(c.checkpoint_dir) if c.checkpoint_dir else Path(tempfile.mkdtemp(prefix="recover-"))
@@ -215,7 +217,8 @@ class Recover(Pass):
                                 batch_size=c.batch_size, lr=c.lr, max_seconds=c.max_minutes * 60,
                                 output_dir=output_dir, save_steps=c.save_steps if c.checkpoint_dir else None,
                                 resume_from=str(resume) if resume is not None else None, seed=c.seed,
-                                device=ctx.device, progress=ctx.progress, aux_weight=c.aux_weight)
+                                device=ctx.device, progress=ctx.progress, aux_weight=c.aux_weight,
+                                fully_trained=fully_trained_named)
             if c.checkpoint_dir:  # what the next run that finds these checkpoints compares (resume.py)
                 write_record(c.checkpoint_dir, self._planned(model, targets))
             runtimes = _decoded_for_training(model) if ctx.device == "cpu" else {}

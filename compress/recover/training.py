@@ -109,6 +109,47 @@ class WallClockBudget(TrainerCallback):
         return control
 
 
+FULLY_TRAINED_FILE = "compress-fully-trained.safetensors"
+
+
+class FullyTrainedParameters(TrainerCallback):
+    """The parameters trained in full beside LoRA (`train_modules`, e.g. MoM's routers) saved into each Trainer
+    checkpoint and read back on resume: PEFT's checkpoints hold only the adapter, so a resumed run restarted them
+    from their initial values, silently."""
+
+    def __init__(self, params: dict[str, nn.Parameter]):
+        self.params = params
+
+    def on_save(self, args, state, control, **kwargs):
+        from safetensors.torch import save_file
+
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if self.params and folder.is_dir():
+            save_file({n: p.detach().cpu().contiguous() for n, p in self.params.items()}, folder / FULLY_TRAINED_FILE)
+        return control
+
+    def restore(self, checkpoint: str | Path) -> None:
+        """Copy the checkpoint's values into the parameters (before the Trainer resumes from it)."""
+        from safetensors.torch import load_file
+
+        from ..errors import CheckpointError
+
+        if not self.params:
+            return
+        path = Path(checkpoint) / FULLY_TRAINED_FILE
+        if not path.is_file():
+            raise CheckpointError(f"{checkpoint} has no {FULLY_TRAINED_FILE}: its run kept no copy of the parameters "
+                                  "trained in full (train_modules), so resuming would restart them; empty the "
+                                  "checkpoint_dir (or drop resume_from) to train from the start")
+        saved = load_file(str(path))
+        missing = sorted(set(self.params) - set(saved))
+        if missing:
+            raise CheckpointError(f"{path} lacks {missing[:3]}: it was written by a run with other train_modules")
+        with torch.no_grad():
+            for name, p in self.params.items():
+                p.copy_(saved[name].to(p.dtype))
+
+
 @dataclass
 class TrainingPlan:
     windows: torch.Tensor           # [n, seq_len] token ids
@@ -124,6 +165,7 @@ class TrainingPlan:
     device: str
     progress: bool
     aux_weight: float = 0.0         # weight of the modules' auxiliary losses (MoM load balance)
+    fully_trained: dict[str, nn.Parameter] | None = None  # trained in full beside LoRA: kept in each checkpoint
 
 
 def steps_for_budget(max_tokens: int, batch_size: int, seq_len: int, world_size: int = 1) -> int:
@@ -155,8 +197,9 @@ def train(peft_model: nn.Module, plan: TrainingPlan, teacher: nn.Module | None, 
         label_names=["labels"],
     )
     budget = WallClockBudget(plan.max_seconds)
+    full = FullyTrainedParameters(plan.fully_trained or {})
     trainer = RecoveryTrainer(model=peft_model, args=args, train_dataset=WindowDataset(plan.windows),
-                              callbacks=[budget], teacher=teacher, kl_weight=kl_weight,
+                              callbacks=[budget, full], teacher=teacher, kl_weight=kl_weight,
                               aux_weight=plan.aux_weight)
     if not plan.progress:  # no bar, and no log lines on stdout (the CLI's --json owns it)
         trainer.remove_callback(PrinterCallback)
@@ -164,6 +207,8 @@ def train(peft_model: nn.Module, plan: TrainingPlan, teacher: nn.Module | None, 
     resume = plan.resume_from
     if resume is None and plan.save_steps and plan.output_dir.is_dir():
         resume = get_last_checkpoint(str(plan.output_dir))
+    if resume is not None:
+        full.restore(resume)
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
     history = trainer.state.log_history

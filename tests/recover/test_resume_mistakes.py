@@ -190,3 +190,31 @@ def test_two_recover_passes_with_one_checkpoint_dir_are_refused(tmp_path, monkey
     refused(apply(rec, "-o", "o_two", "--no-eval"), "two.yaml:5:5: recover: checkpoint_dir ./ckd is also an earlier "
             "recover pass's checkpoint_dir")
     assert not (tmp_path / "ckd").exists() and not (tmp_path / "o_two").exists()
+
+
+# ---------------------------------------------------------------------------------------------- train_modules
+def test_parameters_trained_in_full_are_checkpointed_and_restored_on_resume(tmp_path, monkeypatch):
+    """MoM's routers trained in full (train_modules) are not in PEFT's adapter checkpoints: a resumed run restarted
+    them from their initial values. A rerun of a finished run (its budget spent, no step left) must give back the
+    same routers."""
+    from safetensors import safe_open
+
+    monkeypatch.chdir(tmp_path)
+    args = ("max_tokens: 128, batch_size: 2, seq_len: 32, max_minutes: 1, checkpoint_dir: ckd, save_steps: 1, "
+            "merge: true, train_modules: ['re:.*self_attn\\.router$']")
+    rec = recipe(tmp_path / "r.yaml", args, before="  - linearize: {variant: mom}")
+    first = apply(rec, "-o", "a", "--no-eval")
+    assert first.exit_code == 0, first.output
+    newest = sorted(Path("ckd").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-1]
+    with safe_open(str(newest / training.FULLY_TRAINED_FILE), "pt") as f:
+        saved = {k: f.get_tensor(k) for k in f.keys()}
+    assert saved and all(k.endswith("router.weight") for k in saved)
+    again = apply(rec, "-o", "b", "--no-eval")  # resumes from the newest checkpoint; nothing left to train
+    assert again.exit_code == 0, again.output
+    a, b = compress.load("a"), compress.load("b")
+    for name, value in saved.items():
+        torch.testing.assert_close(b.get_parameter(name), a.get_parameter(name), rtol=0, atol=0)
+    initial = compress.load("builtin:tiny")
+    compress.linearize.linearize_model(initial, compress.linearize.LinearizeSettings(variant="mom"))
+    name = next(iter(saved))
+    assert not torch.equal(a.get_parameter(name).float(), initial.get_parameter(name).float())  # it did train

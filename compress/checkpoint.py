@@ -16,7 +16,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .errors import CheckpointError, CompressError
+from .errors import CheckpointError, CompressError, first_line
 
 FORMAT_VERSION = 1
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
@@ -226,7 +226,7 @@ def read_state(path: Path) -> dict[str, torch.Tensor]:
                 for k in sf.keys():
                     state[k] = sf.get_tensor(k)
         except (OSError, ValueError, RuntimeError, SafetensorError) as exc:  # safetensors' errors past our checks
-            raise CheckpointError(f"{f}: cannot be read as safetensors ({str(exc).splitlines()[0][:200]}); the "
+            raise CheckpointError(f"{f}: cannot be read as safetensors ({first_line(exc)}); the "
                                   "file is damaged: copy or export the model again") from None
     return state
 
@@ -304,7 +304,7 @@ def restore_pass(path: Path, index: int, entry: dict, model: nn.Module) -> None:
     except CheckpointError:
         raise
     except CompressError as exc:
-        raise CheckpointError(f"{path}: compression.passes[{index}] ({name}): {str(exc).splitlines()[0]}") from None
+        raise CheckpointError(f"{path}: compression.passes[{index}] ({name}): {first_line(exc)}") from None
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, ArithmeticError) as exc:  # negative sizes..
         if isinstance(exc, RuntimeError) and ("allocate" in str(exc) or isinstance(exc, torch.OutOfMemoryError)):
             raise  # out of memory: not the checkpoint's fault

@@ -43,6 +43,16 @@ class OutputError(CheckpointError):
     """An output location that cannot or must not be written (a file, the source model, a folder not ours)."""
 
 
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """An exception's message cut to one line for a one-line error: its first line, joined with the next when the
+    first only announces it ("Class validation error for validator 'validate_architecture':" then the reason)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return ""
+    text = f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+    return text[:limit]
+
+
 def user_error(exc: BaseException) -> CompressError | None:
     """The one-line user error for an OS failure that the user's paths or disk caused (the CLI prints it and exits
     2), or None for anything else (a bug: the CLI lets its traceback through)."""

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .environment import check_environment, setting
-from .errors import CheckpointError, CompressError, UnsupportedModelError
+from .errors import CheckpointError, CompressError, UnsupportedModelError, first_line
 
 BUILTIN_ROOT = Path(__file__).parent / "builtin"
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -51,7 +51,7 @@ def read_config(path: Path):
         raise
     except Exception as exc:  # noqa: BLE001 - transformers' config classes raise many kinds (strict dataclasses too)
         raise CheckpointError(f"{path / 'config.json'}: transformers cannot read it "
-                              f"({str(exc).splitlines()[0][:200]})") from None
+                              f"({first_line(exc)})") from None
     stored = getattr(config, "dtype", None)
     stored = getattr(torch, stored, stored) if isinstance(stored, str) else stored
     if stored is not None and not (isinstance(stored, torch.dtype) and stored.is_floating_point):
@@ -87,7 +87,7 @@ def empty_model(config, dtype: torch.dtype | None = None, meta: bool = False) ->
     except (KeyError, ValueError, TypeError, AttributeError, IndexError, ArithmeticError) as exc:
         # values the config's class accepts but the modeling code cannot use (an unknown activation or RoPE type,
         # zero heads): transformers raises from deep inside its modules
-        detail = str(exc).splitlines()[0][:200] if str(exc) else ""
+        detail = first_line(exc)
         raise CheckpointError(f"config.json: transformers cannot build a {getattr(config, 'model_type', '?')} model "
                               f"from it ({type(exc).__name__}: {detail}); the config is damaged or edited") from None
 
@@ -268,4 +268,4 @@ def load_tokenizer(source: str | Path, strict: bool = True):
     except Exception as exc:  # noqa: BLE001 - the tokenizers library raises plain Exceptions on damaged files
         if not strict:
             return None
-        raise CheckpointError(f"{path}: its tokenizer files cannot be read ({str(exc).splitlines()[0][:200]})") from None
+        raise CheckpointError(f"{path}: its tokenizer files cannot be read ({first_line(exc)})") from None

@@ -138,6 +138,9 @@ CASES = {
     "bitmask stored as floats": ("bitmask", _float_bitmask, "wrong dtypes"),
     "N:M positions repeat": ("nm", _repeated_nm_position, "positions repeat"),
     "VQ code out of range": ("vq", _vq_code_out_of_range, "code is outside the 16 codebook rows"),
+    # transformers' reason is on the second line of its message: kept (the first only announces it)
+    "heads do not divide the width": ("bitmask", lambda f: _config(f, lambda c: c.update(num_attention_heads=3)),
+                                      "is not a multiple of the number of attention heads (3)"),
     # a copy kept beside the weights: the message names both files (it blamed the weights as "damaged")
     "backup beside the weights": ("bitmask", lambda f: shutil.copy(f / WEIGHTS, f / "model.backup.safetensors"),
                                   "is in both model.backup.safetensors and model.safetensors"),

@@ -55,23 +55,32 @@ def read_config_json(folder: Path) -> dict[str, Any]:
     return config
 
 
+def _a(value: Any) -> str:
+    """'a list', 'an int': the type of a value found where another was expected."""
+    name = type(value).__name__
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+
 def check_compression_section(folder: Path, section: Any) -> dict | None:
     """The `compression` section, checked for the types the loader relies on (values are checked by each pass)."""
     where = folder / "config.json"
     if section is None:
         return None
     if not isinstance(section, dict):
-        raise _damaged(where, f"the `compression` section is a {type(section).__name__}, not a mapping")
+        raise _damaged(where, f"the `compression` section is {_a(section)}, not a mapping")
     passes = section.get("passes", [])
     if not isinstance(passes, list):
-        raise _damaged(where, f"`compression.passes` is a {type(passes).__name__}, not a list")
+        raise _damaged(where, f"`compression.passes` is {_a(passes)}, not a list")
     for i, entry in enumerate(passes):
         if not isinstance(entry, dict) or not isinstance(entry.get("pass"), str):
             raise _damaged(where, f"`compression.passes[{i}]` is not a mapping with a `pass` name")
         for key in ("args", "restore"):
             if entry.get(key) is not None and not isinstance(entry[key], dict):
-                raise _damaged(where, f"`compression.passes[{i}].{key}` is a {type(entry[key]).__name__}, "
+                raise _damaged(where, f"`compression.passes[{i}].{key}` is {_a(entry[key])}, "
                                       "not a mapping")
+    for key in ("source_model", "calibration_hash", "recipe_hash"):  # read as text by eval, apply and inspect
+        if section.get(key) is not None and not isinstance(section[key], str):
+            raise _damaged(where, f"`compression.{key}` is {_a(section[key])}, not a string")
     return section
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .cli_format import _bold, _console, _group_by_reason, _mb, _print_eval, _table, a_type, check_utf8_arguments
+from .cli_format import _bold, _console, _group_by_reason, _mb, _print_eval, _table, check_utf8_arguments
 from .checkpoint import folder_bytes  # noqa: F401 (also compress.cli.folder_bytes)
 from .errors import CompressError
 
@@ -225,9 +225,6 @@ def _recorded_source(model_src: str) -> str | None:
 
     folder = models.resolve_model_path(model_src)
     source = (models.compression_section(folder) or {}).get("source_model")
-    if source is not None and not isinstance(source, str):  # a hand-edited config.json
-        raise CompressError(f"{folder / 'config.json'}: `compression.source_model` is {a_type(source)}, not a path; "
-                            "the file is damaged or edited: fix the field, or pass --baseline MODEL")
     if source and source.startswith("builtin:"):
         return source
     # recorded relative to the checkpoint folder; older checkpoints recorded it as typed (the current folder's)

@@ -77,12 +77,6 @@ def _print_eval(con, ev: dict) -> None:
                          caption=kv["protocol"]))
 
 
-def a_type(value) -> str:
-    """`a list`, `an int`: the type of a value found where another was expected, for a message."""
-    name = type(value).__name__
-    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
-
-
 class ArgumentError(click.ClickException):
     """A command line the CLI refuses before parsing it: `error: ...`, exit 2."""
 

@@ -65,10 +65,7 @@ def test_eval_with_a_non_string_recorded_source_is_a_damaged_config(bracket_chec
     config["compression"]["source_model"] = value
     (damaged / "config.json").write_text(json.dumps(config))
     result = run("eval", damaged, "--max-windows", 1, "--no-speed")
-    user_error(result, "`compression.source_model` is " + kind, "--baseline")
-    # the baseline given: the recorded one is not needed
-    result = run("eval", damaged, "--baseline", "builtin:tiny", "--max-windows", 1, "--no-speed", "--json")
-    assert result.exit_code == 0, result.output
+    user_error(result, "`compression.source_model` is " + kind + ", not a string")  # a damaged config, as on load
 
 
 def test_inspect_with_a_recipe_that_is_not_utf8(bracket_checkpoint, tmp_path, monkeypatch):

@@ -139,6 +139,8 @@ CASES = {
     "N:M positions repeat": ("nm", _repeated_nm_position, "positions repeat"),
     "VQ code out of range": ("vq", _vq_code_out_of_range, "code is outside the 16 codebook rows"),
     # transformers' reason is on the second line of its message: kept (the first only announces it)
+    "source_model is a number": ("bitmask", lambda f: _config(f, lambda c: c["compression"].update(source_model=5)),
+                                 "`compression.source_model` is an int, not a string"),
     "heads do not divide the width": ("bitmask", lambda f: _config(f, lambda c: c.update(num_attention_heads=3)),
                                       "is not a multiple of the number of attention heads (3)"),
     # a copy kept beside the weights: the message names both files (it blamed the weights as "damaged")

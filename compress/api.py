@@ -139,6 +139,10 @@ def apply(
         r = p.apply(model, ctx)
         r.stored_bytes_before, stored = stored, stored_bytes(model, storage)
         r.stored_bytes_after = stored
+        for earlier, earlier_report in zip(passes, report.passes):
+            note = earlier.note_on_later(model, p, r)
+            if note and note not in earlier_report.notes:
+                earlier_report.notes.append(note)
         report.passes.append(r)
         entries.append(p.entry(r))
     round_to_storage(model, storage)  # the model in memory computes what its checkpoint will hold

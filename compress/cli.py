@@ -208,6 +208,8 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
         for reason, names in _group_by_reason(p.get("skipped") or {}).items():
             con.print(f"{p['name']} skipped {len(names)} module(s), {reason}: {', '.join(names[:3])}"
                       + (", ..." if len(names) > 3 else ""))
+        for note in p.get("notes") or ():
+            con.print(f"note: {p['name']}: {note}")
         before, after = p.get("stored_bytes_before"), p.get("stored_bytes_after")
         if before and after and after > 1.005 * before:  # e.g. int8 codes + scales replacing a packed sparse layer
             con.print(f"note: {p['name']} made the stored model larger ({_mb(before)} -> {_mb(after)})")

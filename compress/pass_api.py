@@ -61,11 +61,13 @@ class PassReport:
     stored_bytes_after: int | None = None
     # modules the pass's targets matched but it left alone, and why (e.g. already quantized by an earlier pass)
     skipped: dict[str, str] = field(default_factory=dict)
+    # what a user should know of this pass's figures after the later passes ran (`Pass.note_on_later`)
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name, "modules": self.modules, "num_modules": len(self.modules),
-            "skipped": self.skipped,
+            "skipped": self.skipped, "notes": self.notes,
             "bytes_before": self.bytes_before, "bytes_after": self.bytes_after,
             "stored_bytes_before": self.stored_bytes_before, "stored_bytes_after": self.stored_bytes_after,
             "seconds": round(self.seconds, 3), "details": self.details,
@@ -215,6 +217,11 @@ class Pass:
     def check_later(self, model: nn.Module, later: "Pass") -> None:
         """Raise ConfigError if a pass that runs after this one (`later`) would work on what this one leaves unused
         (the other direction of `check_after`); checked on the model before any pass runs."""
+
+    def note_on_later(self, model: nn.Module, later: "Pass", later_report: PassReport) -> str | None:
+        """A line for this pass's report when a later pass of the same run changes what this one measured (e.g. a
+        quality budget met on weights that a later pass then pruned), else None."""
+        return None
 
     def check_with_calibration(self, model: nn.Module, ctx: "PassContext") -> None:
         """Raise ConfigError if the arguments do not fit the run's calibration data (`ctx.calibration`); called

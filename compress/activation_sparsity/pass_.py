@@ -103,6 +103,16 @@ class ActivationSparsity(Pass):
                "(exact_gate: false), so gate_proj is never called")
         later.check_not_unused(model, {f"{name}.gate_proj": why for name in self._mlps(model)})
 
+    def note_on_later(self, model: nn.Module, later: Pass, later_report: PassReport) -> str | None:
+        """Its perplexity budget is met on the MLPs as they were; a later prune, quantize or recover changes them."""
+        mlps = list(self._mlps(model))
+        if later is self or not any(m.startswith(name + ".") or m == name for m in later_report.modules
+                                    for name in mlps):
+            return None
+        budget = 100 * self.config.target_ppl_increase
+        return (f"its perplexity budget (+{budget:g}%) was met before {later.name} changed these MLPs; the "
+                "evaluation after the recipe shows the combined cost")
+
     def check(self, model: nn.Module) -> None:
         super().check(model)
         adopted = next((n for n, m in self._mlps(model).items() if isinstance(m, ActivationSparseMLP)

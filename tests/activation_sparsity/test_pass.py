@@ -436,3 +436,18 @@ def test_pass_with_quantized_gate_budgets_against_the_original_and_reloads(tmp_p
     for names in (["re:.*layers\\.0\\.mlp\\.gate_proj"], ["re:.*layers\\.0\\.mlp$"]):
         with pytest.raises(compress.ConfigError, match="gate_proj is never called"):
             Recover(train_modules=names).checked(compress.load("builtin:tiny"), [sparse])
+
+
+def test_a_later_pass_over_the_mlps_is_noted_in_the_budget_report(reference_tokenizer):
+    """The budget is met on the MLPs as they were: a prune of them later in the same run says so in the report (and
+    `compress apply` prints it); a prune of the attention layers does not touch what was measured."""
+    notes = {}
+    for targets in (["re:.*mlp\\..*_proj"], ["re:.*self_attn\\..*_proj"]):
+        _, report = compress.apply(compress.load("builtin:tiny"),
+                                   [ActivationSparsity(**FAST), compress.passes.Prune(sparsity=0.5, targets=targets)],
+                                   calibration=CALIB, tokenizer=reference_tokenizer, progress=False)
+        notes[targets[0]] = report.passes[0].notes
+        assert report.passes[1].notes == [] and report.to_dict()["passes"][0]["notes"] == report.passes[0].notes
+    assert notes["re:.*mlp\\..*_proj"] == ["its perplexity budget (+1%) was met before prune changed these MLPs; the "
+                                           "evaluation after the recipe shows the combined cost"]
+    assert notes["re:.*self_attn\\..*_proj"] == []

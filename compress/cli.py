@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .cli_format import _bold, _console, _group_by_reason, _mb, _print_eval, _table, check_utf8_arguments
+from .cli_format import _bold, _console, _mb, _print_eval, _print_passes, _table, check_utf8_arguments
 from .checkpoint import folder_bytes  # noqa: F401 (also compress.cli.folder_bytes)
 from .errors import CompressError
 
@@ -197,22 +197,7 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
         click.echo(json.dumps(result, default=str))
         return
     con = _console()
-    stored = str(models.checkpoint_dtype(model)).removeprefix("torch.")
-    con.print(_table("passes", ["pass", "modules", "model before", "model after", "seconds"],
-                     [[p["name"], p["num_modules"], _mb(p.get("stored_bytes_before")),
-                       _mb(p.get("stored_bytes_after")), p["seconds"]] for p in result["passes"]],
-                     caption=(f"model = the tensors the checkpoint stores, at its dtype ({stored})"
-                              if export_format == "native" else f"model = the tensors a native checkpoint would "
-                              f"store, at its dtype ({stored}); the {export_format} checkpoint's size is below")))
-    for p in result["passes"]:
-        for reason, names in _group_by_reason(p.get("skipped") or {}).items():
-            con.print(f"{p['name']} skipped {len(names)} module(s), {reason}: {', '.join(names[:3])}"
-                      + (", ..." if len(names) > 3 else ""))
-        for note in p.get("notes") or ():
-            con.print(f"note: {p['name']}: {note}")
-        before, after = p.get("stored_bytes_before"), p.get("stored_bytes_after")
-        if before and after and after > 1.005 * before:  # e.g. int8 codes + scales replacing a packed sparse layer
-            con.print(f"note: {p['name']} made the stored model larger ({_mb(before)} -> {_mb(after)})")
+    _print_passes(con, result, str(models.checkpoint_dtype(model)).removeprefix("torch."), export_format)
     con.print(f"checkpoint: {output}  ({_mb(result['checkpoint_bytes'])} of weights, "
               f"original {_mb(result['original_checkpoint_bytes'])}, format {export_format})")
     if exported.get("stored_dense"):

@@ -77,6 +77,25 @@ def _print_eval(con, ev: dict) -> None:
                          caption=kv["protocol"]))
 
 
+def _print_passes(con, result: dict, stored: str, export_format: str) -> None:
+    """`compress apply`'s table of passes, then what each skipped, noted or made larger."""
+    con.print(_table("passes", ["pass", "modules", "model before", "model after", "seconds"],
+                     [[p["name"], p["num_modules"], _mb(p.get("stored_bytes_before")),
+                       _mb(p.get("stored_bytes_after")), p["seconds"]] for p in result["passes"]],
+                     caption=(f"model = the tensors the checkpoint stores, at its dtype ({stored})"
+                              if export_format == "native" else f"model = the tensors a native checkpoint would "
+                              f"store, at its dtype ({stored}); the {export_format} checkpoint's size is below")))
+    for p in result["passes"]:
+        for reason, names in _group_by_reason(p.get("skipped") or {}).items():
+            con.print(f"{p['name']} skipped {len(names)} module(s), {reason}: {', '.join(names[:3])}"
+                      + (", ..." if len(names) > 3 else ""))
+        for note in p.get("notes") or ():
+            con.print(f"note: {p['name']}: {note}")
+        before, after = p.get("stored_bytes_before"), p.get("stored_bytes_after")
+        if before and after and after > 1.005 * before:  # e.g. int8 codes + scales replacing a packed sparse layer
+            con.print(f"note: {p['name']} made the stored model larger ({_mb(before)} -> {_mb(after)})")
+
+
 class ArgumentError(click.ClickException):
     """A command line the CLI refuses before parsing it: `error: ...`, exit 2."""
 

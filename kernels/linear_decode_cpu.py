@@ -25,6 +25,7 @@ _SIGNATURES = (("linear_decode_step",
                 (_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I32, _I64, _I32, _I64, _I64, _I64, _I64, _PTR,
                  _F32, _PTR, _I32),
                 ctypes.c_int),
+               ("exp_vec_array", (_PTR, _I64, _PTR), None),
                ("gsa_decode_step",
                 (_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _I64, _PTR, _PTR, _I32), ctypes.c_int))
 
@@ -114,6 +115,14 @@ def mom_decode_step(q, k, v, beta_logit, router_logits, state, gate: str, top_k:
     if status != 0:
         raise MemoryError("mom_decode_step: could not allocate its per-head buffers")
     return out.permute(1, 2, 0, 3)
+
+
+def exp_vec(x: torch.Tensor) -> torch.Tensor:
+    """The C steps' vectorized exp (csrc/linear_decode.c `exp_vec`) on a float32 tensor: for tests."""
+    x = x.float().contiguous()
+    out = torch.empty_like(x)
+    _library().exp_vec_array(x.data_ptr(), x.numel(), out.data_ptr())
+    return out
 
 
 def gsa_decode_step(q, k, v, state, new_valid=None) -> torch.Tensor:

@@ -49,6 +49,12 @@ static inline float exp_vec(float x) {
     return x != x ? x : e;
 }
 
+/* y[i] = exp_vec(x[i]): exported so that tests compare it with a float64 exp over its whole range */
+void exp_vec_array(const float* x, int64_t n, float* y) {
+    #pragma omp simd
+    for (int64_t i = 0; i < n; ++i) y[i] = exp_vec(x[i]);
+}
+
 /* out[:n] (+)= w * x S for x [K] and S [K, n] (row stride `stride`): 8 registers of columns at a time, held over
    all K rows (a read-modify-write of out per row would wait on its own stores); the rest column by column. */
 static inline void vec_mat(const float* x, const float* s, int64_t k_dim, int64_t n, int64_t stride, float w,

@@ -70,6 +70,17 @@ def check_not_quantized_elsewhere(model: nn.Module) -> None:
                             "(or to the native checkpoint)")
 
 
+def _check_model(model) -> None:
+    """A transformers causal LM with real weights (a name or a bare module is a mistake said in one line)."""
+    if not isinstance(model, nn.Module) or not hasattr(model, "config"):
+        raise CompressError(f"apply() takes a model from compress.load(...) (a transformers causal LM), got "
+                            f"{type(model).__name__}")
+    if not getattr(model, "compress_offloaded_layers", None) and any(p.is_meta for p in model.parameters()):
+        # (an offloaded model's layers on disk are meta tensors behind accelerate's hooks: those are fine)
+        raise CompressError("the model is on the meta device (meta=True is for --dry-run's checks): load it without "
+                            "meta to compress it")
+
+
 def check_calibration(model: nn.Module, passes: Sequence[Pass], ctx: PassContext) -> None:
     """Passes that need calibration data have it, and it reads: unreadable, too short or foreign-vocabulary text
     fails before any work (`apply`, and `compress apply --dry-run` on a meta model: only its config is read)."""
@@ -95,6 +106,7 @@ def apply(
     progress: bool = True,
 ) -> tuple[nn.Module, ApplyReport]:
     """Apply a `Recipe` or a list of `Pass` instances to `model` in place; returns (model, report)."""
+    from .models import check_device
     from .recipe import Recipe
 
     recipe_text, base_dir = None, None
@@ -106,9 +118,22 @@ def apply(
     elif isinstance(recipe_or_passes, Pass):
         passes = [recipe_or_passes]
     else:
-        passes = list(recipe_or_passes)
-        if not all(isinstance(p, Pass) for p in passes):
-            raise CompressError("apply() takes a Recipe or a list of Pass instances (e.g. compress.passes.Prune(...))")
+        iterable = hasattr(recipe_or_passes, "__iter__") and not isinstance(recipe_or_passes, (str, bytes, dict, type))
+        passes = list(recipe_or_passes) if iterable else [None]
+        if not passes or not all(isinstance(p, Pass) for p in passes):
+            raise CompressError("apply() takes a Recipe or a list of Pass instances (e.g. compress.passes.Prune(...)), "
+                                f"got {recipe_or_passes!r:.80}")
+    _check_model(model)
+    check_device(device)
+    once = next((p.name for i, p in enumerate(passes) if p.once_per_model and
+                 any(q.name == p.name for q in passes[:i])), None)
+    if once:  # the second would find the first's modules (a half-applied model), or its setting would silently win
+        raise ConfigError(f"{once} appears twice: a model takes it once; keep one {once} pass")
+    if calibration is not None and not isinstance(calibration, (dict, CalibrationSpec)):
+        raise CompressError(f"calibration= takes a dict such as {{'source': 'builtin:calibration'}}, got "
+                            f"{calibration!r:.80}")
+    if tokenizer is not None and not callable(getattr(tokenizer, "encode", None)):
+        raise CompressError(f"tokenizer= takes a tokenizer (compress.load_tokenizer(...)), got {tokenizer!r:.80}")
     if isinstance(calibration, dict):
         try:
             calibration = CalibrationSpec(**calibration)

@@ -113,6 +113,14 @@ def save(
 ) -> Path:
     """Write a checkpoint atomically. The `compression` section comes from `model.config.compression` (set by
     `compress.apply`); a model never compressed is saved with an empty pass list."""
+    if not isinstance(overwrite, bool):  # "no" from a config file is truthy: never replace a folder on a guess
+        raise CompressError(f"overwrite must be True or False, got {overwrite!r}")
+    if not isinstance(model, nn.Module) or not hasattr(model, "config"):
+        raise CompressError(f"save() takes a model from compress.load / compress.apply, got {type(model).__name__}")
+    if tokenizer is not None and not callable(getattr(tokenizer, "save_pretrained", None)):
+        raise CompressError(f"tokenizer= takes a tokenizer (compress.load_tokenizer(...)), got {tokenizer!r:.80}")
+    if recipe_text is not None and not isinstance(recipe_text, str):
+        raise CompressError(f"recipe_text= takes the recipe's YAML text (a str), got {type(recipe_text).__name__}")
     return write_folder(folder, lambda tmp: _write(model, tmp, tokenizer, recipe_text, report, max_shard_bytes),
                         overwrite=overwrite, source=_source_folder(model))
 

@@ -134,14 +134,7 @@ def load(
     resolve_runtime(sparse_runtime, "cpu")  # an unknown runtime fails before anything loads
     if not isinstance(allow_pickle, bool):  # "false" from a config file is truthy: never unpickle on a guess
         raise CompressError(f"allow_pickle must be True or False, got {allow_pickle!r}")
-    try:
-        kind = torch.device(device).type
-    except (RuntimeError, TypeError):
-        kind = None
-    if kind not in ("cpu", "cuda"):
-        raise CompressError(f"device={device!r}: use 'cpu' or 'cuda' (or 'cuda:N')")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise CompressError(f"device={device!r}, but torch sees no CUDA GPU here; use device='cpu'")
+    check_device(device)
 
     path = resolve_model_path(source)
     config = read_config(path)
@@ -244,6 +237,18 @@ def check_token_ids(ids: torch.Tensor, config, what: str, fix: str = "") -> None
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def check_device(device) -> None:
+    """'cpu', 'cuda' or 'cuda:N' on a machine that has CUDA, else a one-line CompressError."""
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        raise CompressError(f"device={device!r}: use 'cpu' or 'cuda' (or 'cuda:N')")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise CompressError(f"device={device!r}, but torch sees no CUDA GPU here; use device='cpu'")
 
 
 def load_tokenizer(source: str | Path, strict: bool = True):

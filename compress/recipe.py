@@ -141,6 +141,9 @@ class Recipe:
 
     @classmethod
     def from_text(cls, text: str, source: str = "<recipe>", base_dir: Path | None = None) -> "Recipe":
+        if not isinstance(text, str):  # bytes too: the recipe's text is recorded (and hashed) in the checkpoint
+            raise RecipeError([f"{source}: Recipe.from_text takes the YAML text as a str, got {type(text).__name__} "
+                               "(decode bytes first, or use Recipe.from_yaml(path))"])
         if len(text) > MAX_RECIPE_BYTES:
             raise RecipeError([f"{source}: {len(text)} characters, larger than a recipe can be"])
         loader = None

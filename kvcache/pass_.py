@@ -76,6 +76,10 @@ class GearKV(Pass):
         install_compressed_cache(model, self.settings())
 
     def check(self, model: nn.Module) -> None:
+        existing = getattr(model, "kv_cache_settings", None)
+        if existing is not None:  # a second gear_kv (an earlier apply, or the checkpoint loaded) would replace it
+            raise ConfigError(f"gear_kv: the model already has a compressed KV cache ({existing.method}, "
+                              f"{existing.bits} bits); apply gear_kv to the model without one")
         GEARCache(model.config, self.settings())  # validates the settings against head_dim and the layer count
 
     def describe(self, model: nn.Module) -> list[str]:

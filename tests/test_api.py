@@ -110,3 +110,37 @@ def test_report_totals_stored_bytes_are_what_the_checkpoint_holds(tmp_path, refe
     assert d["stored_bytes_after"] == on_disk == report.passes[-1].stored_bytes_after
     assert d["stored_bytes_before"] == report.passes[0].stored_bytes_before > on_disk
     assert d["bytes_after"] > d["stored_bytes_after"]  # int64 row offsets of the packed layers live in memory only
+
+
+def test_api_mistakes_are_one_line_errors_before_any_work(tmp_path):
+    """What a careless call passes (a helper's audit): each is a CompressError saying what to pass, raised before any
+    pass touches the model (a bare TypeError / AttributeError from inside before, or a half-compressed model)."""
+    from compress import CompressError
+
+    P = compress.passes
+    model = compress.load("builtin:tiny")
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    cal = {"source": "builtin:calibration", "num_samples": 4, "seq_len": 32}
+    cases = [
+        (lambda: compress.apply(model, P.Prune), "takes a Recipe or a list of Pass instances"),
+        (lambda: compress.apply(model, None), "takes a Recipe or a list of Pass instances"),
+        (lambda: compress.apply("builtin:tiny", [P.Prune()]), "takes a model from compress.load"),
+        (lambda: compress.apply(model, [P.Prune(method="wanda")], calibration="builtin:calibration"),
+         "calibration= takes a dict"),
+        (lambda: compress.apply(model, [P.Prune()], device="gpu"), "use 'cpu' or 'cuda'"),
+        (lambda: compress.apply(compress.load("builtin:tiny", meta=True), [P.Prune()]), "on the meta device"),
+        (lambda: compress.apply(model, [P.VQLogits(num_codes=16), P.VQLogits(num_codes=16)], calibration=cal),
+         "vq_logits appears twice"),
+        (lambda: compress.apply(model, [P.GearKV(bits=4), P.GearKV(bits=2)]), "gear_kv appears twice"),
+        (lambda: compress.Recipe.from_text(b"passes: []"), "takes the YAML text as a str, got bytes"),
+        (lambda: compress.save(model, tmp_path / "o", overwrite="no"), "overwrite must be True or False"),
+        (lambda: compress.save(model, tmp_path / "o", tokenizer="builtin:tiny"), "tokenizer= takes a tokenizer"),
+    ]
+    for call, message in cases:
+        with pytest.raises(CompressError, match=message):
+            call()
+    assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items())
+    assert getattr(model.config, "compression", None) is None and not (tmp_path / "o").exists()
+    compress.apply(model, [P.GearKV(bits=4)], progress=False)  # a second apply may not replace the first's cache
+    with pytest.raises(CompressError, match="already has a compressed KV cache \\(gear, 4 bits\\)"):
+        compress.apply(model, [P.GearKV(bits=2)], progress=False)

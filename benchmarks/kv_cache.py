@@ -41,7 +41,7 @@ from compress.budget import kv_bytes_per_token
 from compress.intervals import format_interval
 from compress.kvcache.cache import dynamic_cache_bytes, quantized_cache_bytes
 from compress.kvcache.quality import compare_caches, copy_sequences, copy_accuracy, heldout_windows, kv_quality
-from compress.bench_args import check_device, positive_int, run_cli  # noqa: E402
+from compress.bench_args import check_device, output_file, positive_int, run_cli  # noqa: E402
 
 
 def config_pair(text: str) -> tuple[str, str]:
@@ -357,7 +357,7 @@ def main(argv=None) -> None:
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                     help="the model's dtype for the quality and speed columns")
     ap.add_argument("--json", action="store_true", help="print a JSON list (one object per configuration)")
-    ap.add_argument("--save-json", metavar="PATH", help="also write the JSON list to PATH (with the table on stdout)")
+    ap.add_argument("--save-json", metavar="PATH", type=output_file, help="also write the JSON list to PATH (with the table on stdout)")
     ap.add_argument("--quick", action="store_true", help="fewer configurations, windows and steps (smoke test)")
     ap.add_argument("--windows", type=positive_int, default=6)
     ap.add_argument("--window-len", type=positive_int, default=512)

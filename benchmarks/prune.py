@@ -43,7 +43,7 @@ from compress.evaluate import evaluate, heldout_windows
 from compress.pass_api import tensor_bytes
 from compress.prune import Prune, SparseLinear
 from compress.prune.masks import nm_mask, unstructured_mask
-from compress.bench_args import run_cli, positive_int  # noqa: E402
+from compress.bench_args import output_file, positive_int, run_cli  # noqa: E402
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 STRUCTURES = ("unstructured", "2:4", "4:8")
@@ -182,7 +182,7 @@ def main(argv=None) -> None:
     ap.add_argument("--json", action="store_true", help="print a JSON list on stdout (quality rows, or with "
                                                         "--kernels the speed rows)")
     ap.add_argument("--kernels", action="store_true", help="only the SparseLinear vs Linear speed table")
-    ap.add_argument("--save-json", metavar="PATH", help="also write {quality, kernels} rows to PATH (table mode)")
+    ap.add_argument("--save-json", metavar="PATH", type=output_file, help="also write {quality, kernels} rows to PATH (table mode)")
     ap.add_argument("--num-samples", type=positive_int, default=64, help="calibration windows of 256 tokens")
     ap.add_argument("--windows", type=positive_int, default=32, help="held-out windows of 256 tokens")
     ap.add_argument("--model", default="builtin:small", help="reference model (builtin:tiny for quick runs)")

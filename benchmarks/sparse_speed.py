@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from activation_sparse_rows import (calibrated_quality, cpu_activation_sparse, cpu_gather_crossover,  # noqa: E402
                                     cuda_activation_sparse, cuda_ms)
 from vq_logits import paired_median_seconds  # noqa: E402
-from compress.bench_args import run_cli, positive_int, fraction  # noqa: E402
+from compress.bench_args import fraction, output_file, positive_int, run_cli  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096)]  # (out, in)
 
@@ -234,7 +234,8 @@ def main(argv=None) -> None:
                     "this many tokens (the masked dense path; 0: none)")
     ap.add_argument("--eval-windows", type=positive_int, default=199, help="activation sparsity: held-out windows "
                     "of 256 tokens for the perplexity change and its 95%% interval")
-    ap.add_argument("--save-quality", type=Path, help="write the activation-sparsity calibration result (JSON) here")
+    ap.add_argument("--save-quality", type=lambda t: Path(output_file(t)),
+                    help="write the activation-sparsity calibration result (JSON) here")
     ap.add_argument("--quality", type=Path, help="reuse a --save-quality file instead of calibrating again (the "
                     "slow part: the speed rows then time this machine at that file's inactive shares)")
     args = ap.parse_args(argv)

@@ -32,7 +32,7 @@ from compress.calibration import CalibrationSpec, build_batches
 from compress.evaluate import MetricAccumulator, heldout_windows
 from compress.vq_logits import VQLogits, VQLogitsHead
 from compress.vq_logits.pass_ import build_vq_head
-from compress.bench_args import run_cli, positive_int  # noqa: E402
+from compress.bench_args import output_file, positive_int, run_cli  # noqa: E402
 
 KS = (256, 512, 1024, 2048)
 LLAMA3_8B = {"vocab": 128256, "hidden": 4096, "K": 2048}
@@ -200,7 +200,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=7, help="timed repeats per measurement (median)")
     ap.add_argument("--threads", type=positive_int, default=1, help="torch threads while timing the heads")
     ap.add_argument("--skip-llama", action="store_true")
-    ap.add_argument("--save", help="also write the JSON rows to this file")
+    ap.add_argument("--save", type=output_file, help="also write the JSON rows to this file")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     rows = reference_rows(args, progress=not args.json and sys.stderr.isatty())

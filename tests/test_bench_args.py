@@ -24,6 +24,11 @@ CASES = [
     ("prune.py", ["--model", "/nonexistent/model"], "error: model /nonexistent/model does not exist"),
     ("compose.py", ["--recipes", "/nonexistent.yaml"], "--recipes: no such file"),
     ("offload_memory.py", ["--max-memory", "bogus"], "cannot read memory size 'bogus'"),
+    # output files are checked before the run, not at its last line (they ended in a traceback after minutes)
+    ("kv_cache.py", ["--save-json", "/nonexistent/x.json"], "--save-json: /nonexistent/x.json: /nonexistent is not"),
+    ("sparse_speed.py", ["--save-quality", "/"], "--save-quality: / is a folder"),
+    ("vq_logits.py", ["--save", "/nonexistent/v.json"], "--save: /nonexistent/v.json"),
+    ("prune.py", ["--save-json", "/nonexistent/p.json"], "--save-json: /nonexistent/p.json"),
 ]
 IN_A_PROCESS = CASES[0]  # run as the user runs it (the `__main__` path end to end): a fresh process costs ~10 s
 

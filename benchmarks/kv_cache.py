@@ -41,7 +41,7 @@ from compress.budget import kv_bytes_per_token
 from compress.intervals import format_interval
 from compress.kvcache.cache import dynamic_cache_bytes, quantized_cache_bytes
 from compress.kvcache.quality import compare_caches, copy_sequences, copy_accuracy, heldout_windows, kv_quality
-from compress.bench_args import check_device, output_file, positive_int, run_cli  # noqa: E402
+from compress.bench_args import check_device, nonnegative_int, output_file, positive_int, run_cli  # noqa: E402
 
 
 def config_pair(text: str) -> tuple[str, str]:
@@ -365,7 +365,7 @@ def main(argv=None) -> None:
     ap.add_argument("--copy-len", type=positive_int, default=128)
     ap.add_argument("--steps", type=positive_int, default=12)
     ap.add_argument("--reps", type=positive_int, default=3)
-    ap.add_argument("--memory-context", type=int, default=16384)
+    ap.add_argument("--memory-context", type=nonnegative_int, default=16384)
     ap.add_argument("--device", default="cpu", type=check_device, choices=("cpu", "cuda"),
                     help="device of the --long check (cpu or cuda)")
     ap.add_argument("--only", nargs="*", help="only these configuration names (and the baseline); with --long: the "
@@ -373,7 +373,7 @@ def main(argv=None) -> None:
     ap.add_argument("--compare", nargs="+", default=[], metavar="A:B", type=config_pair,
                     help="pair two configurations window by window: A's KL and perplexity over B's, with 95%% "
                          "intervals (JSON: row A's vs_B)")
-    ap.add_argument("--long", type=int, default=0, help="only run the long-context check at this many tokens")
+    ap.add_argument("--long", type=nonnegative_int, default=0, help="only run the long-context check at this many tokens")
     ap.add_argument("--residual-spectrum", action="store_true",
                     help="only print the singular-value decay of the quantization residual per span length")
     ap.add_argument("--scale-error", action="store_true",

@@ -55,7 +55,7 @@ from compress.linearize import LinearizedCache, LinearizedLayer, LinearizeSettin
 from compress.linearize.convert import attention_modules
 from compress.pass_api import storage_bytes
 from compress.progress import progress_bar
-from compress.bench_args import run_cli, positive_int  # noqa: E402
+from compress.bench_args import int_at_least, positive_int, run_cli  # noqa: E402
 
 VARIANTS = {"liger-gla": LinearizeSettings(variant="gla"), "liger-hybrid": LinearizeSettings(variant="hybrid"),
             "liger-gsa": LinearizeSettings(variant="gla", gate="gsa", num_slots=8),
@@ -371,10 +371,10 @@ def main(argv=None) -> None:
                     help="the unconverted model recovered with NAME's recovery settings (a recipe with only the "
                          "recover pass): adds ppl_dense_recovered and recovered_vs_dense_recovered to NAME's row")
     ap.add_argument("--windows", type=positive_int, default=16, help="held-out windows for perplexity / KL")
-    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--seq-len", type=int_at_least(2), default=256)
     ap.add_argument("--copy-len", type=positive_int, default=64)
-    ap.add_argument("--probe-num", type=int, default=8)
-    ap.add_argument("--passkey-len", type=int, default=512)
+    ap.add_argument("--probe-num", type=positive_int, default=8)
+    ap.add_argument("--passkey-len", type=positive_int, default=512)
     ap.add_argument("--steps", type=positive_int, default=8, help="decode steps timed per repetition")
     ap.add_argument("--reps", type=positive_int, default=3)
     ap.add_argument("--skip-speed", action="store_true", help="no cache-bytes / decode / prefill speed columns")

@@ -62,8 +62,8 @@ def run(src: Path, out: Path, method: str, cap: str) -> dict:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=positive_int, default=16)
-    ap.add_argument("--hidden", type=int, default=1024)
-    ap.add_argument("--intermediate", type=int, default=2816)
+    ap.add_argument("--hidden", type=positive_int, default=1024)
+    ap.add_argument("--intermediate", type=positive_int, default=2816)
     ap.add_argument("--max-memory", default="200MB")
     ap.add_argument("--method", choices=["magnitude", "wanda"], default="wanda")
     ap.add_argument("--json", action="store_true")

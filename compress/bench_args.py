@@ -19,6 +19,27 @@ def positive_int(text: str) -> int:
     return value
 
 
+def nonnegative_int(text: str) -> int:
+    """A whole number >= 0 (0: an option's "off")."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
+    return value
+
+
+def int_at_least(low: int):
+    """An argparse type: a whole number >= `low` (e.g. 2 for a window that must hold a prediction)."""
+    def parse(text: str) -> int:
+        value = positive_int(text) if low >= 1 else nonnegative_int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} must be at least {low}")
+        return value
+    return parse
+
+
 def positive_float(text: str) -> float:
     try:
         value = float(text)

@@ -29,6 +29,11 @@ CASES = [
     ("sparse_speed.py", ["--save-quality", "/"], "--save-quality: / is a folder"),
     ("vq_logits.py", ["--save", "/nonexistent/v.json"], "--save: /nonexistent/v.json"),
     ("prune.py", ["--save-json", "/nonexistent/p.json"], "--save-json: /nonexistent/p.json"),
+    # counts that crashed deep in the run (UnboundLocalError, ZeroDivisionError, StatisticsError)
+    ("kv_cache.py", ["--long", "-5"], "argument --long: -5 must be 0 or more"),
+    ("linearize.py", ["--seq-len", "1"], "argument --seq-len: 1 must be at least 2"),
+    ("offload_memory.py", ["--hidden", "0"], "argument --hidden: 0 must be at least 1"),
+    ("vq_logits.py", ["--repeats", "0"], "argument --repeats: 0 must be at least 1"),
 ]
 IN_A_PROCESS = CASES[0]  # run as the user runs it (the `__main__` path end to end): a fresh process costs ~10 s
 

@@ -120,7 +120,7 @@ def apply(
     else:
         iterable = hasattr(recipe_or_passes, "__iter__") and not isinstance(recipe_or_passes, (str, bytes, dict, type))
         passes = list(recipe_or_passes) if iterable else [None]
-        if not passes or not all(isinstance(p, Pass) for p in passes):
+        if not all(isinstance(p, Pass) for p in passes):  # (an empty list: no passes, the model as it is)
             raise CompressError("apply() takes a Recipe or a list of Pass instances (e.g. compress.passes.Prune(...)), "
                                 f"got {recipe_or_passes!r:.80}")
     _check_model(model)

@@ -9,35 +9,22 @@ import sys
 from .errors import CompressError
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
-
-
-def nonnegative_int(text: str) -> int:
-    """A whole number >= 0 (0: an option's "off")."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
-    return value
-
-
 def int_at_least(low: int):
-    """An argparse type: a whole number >= `low` (e.g. 2 for a window that must hold a prediction)."""
+    """An argparse type: a whole number >= `low` (1: a count; 0: a length where 0 means "off"; 2: a window that
+    must hold a prediction)."""
     def parse(text: str) -> int:
-        value = positive_int(text) if low >= 1 else nonnegative_int(text)
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
         if value < low:
-            raise argparse.ArgumentTypeError(f"{value} must be at least {low}")
+            raise argparse.ArgumentTypeError(f"{value} must be {'0 or more' if low == 0 else f'at least {low}'}")
         return value
     return parse
+
+
+positive_int = int_at_least(1)
+nonnegative_int = int_at_least(0)
 
 
 def positive_float(text: str) -> float:

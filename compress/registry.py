@@ -105,6 +105,8 @@ def suggest(name: str, choices) -> str:
 
 
 def get_pass(name: str) -> type["Pass"]:
+    if not isinstance(name, str):  # a pass class, None, a number: said here, not as a TypeError from difflib
+        raise CompressError(f"get_pass() takes a pass name such as 'prune', got {name!r:.80}")
     _load(name)
     if name not in _PASSES:
         names = pass_names()

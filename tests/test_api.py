@@ -41,6 +41,9 @@ def test_bad_arguments_in_code_are_config_errors():
 def test_unknown_pass_suggests_close_names():
     with pytest.raises(CompressError, match="did you mean 'prune'"):
         compress.get_pass("prnue")
+    for wrong in (3, None, compress.passes.Prune):
+        with pytest.raises(CompressError, match="get_pass\\(\\) takes a pass name such as 'prune'"):
+            compress.get_pass(wrong)
 
 
 def test_third_party_pass_registers_through_entry_points(monkeypatch):

@@ -46,19 +46,15 @@ def fraction(text: str) -> float:
 
 
 def output_file(text: str) -> str:
-    """A file the script writes when it is done: checked at parse time (its folder exists and is writable, it is not
-    a folder), so that a run of minutes does not end in a traceback at its last line."""
-    import os
+    """A file the script writes when it is done: checked at parse time, so that a run of minutes does not end in a
+    traceback at its last line."""
     from pathlib import Path
 
-    path = Path(text).expanduser()
-    folder = path.parent
-    if path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text} is a folder; give a file name")
-    if not folder.is_dir():
-        raise argparse.ArgumentTypeError(f"{text}: {folder} is {'a file' if folder.exists() else 'not a folder here'}")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise argparse.ArgumentTypeError(f"{text}: no permission to write in {folder}")
+    from .output_folder import file_target_problem
+
+    problem = file_target_problem(Path(text).expanduser())
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
     return text
 
 

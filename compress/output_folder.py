@@ -107,6 +107,19 @@ def check_output(output: str | Path, *, overwrite: bool, source: Path | None = N
     return out
 
 
+def file_target_problem(path: Path) -> str | None:
+    """Why a single file (a plot, a JSON of results) cannot be written at `path`, or None: a folder there, its
+    folder missing or a file, or no permission. Checked before the work whose result it holds; no folder is made."""
+    folder = path.parent  # `x.json`: the current folder
+    if path.is_dir():
+        return f"{path} is a folder; give a file name"
+    if not folder.is_dir():
+        return f"{path}: {folder} is {'a file, not a folder' if folder.exists() else 'not there (no such folder)'}"
+    if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        return f"{path}: no permission to write there"
+    return None
+
+
 def _check_replaceable(out: Path, resolved: Path, overwrite: bool) -> None:
     if out.is_symlink():
         raise OutputError(f"output {out} is a symbolic link; give the real folder or a new name")

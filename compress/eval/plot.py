@@ -20,14 +20,11 @@ def check_plot_target(path: str | Path) -> Path:
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise CompressError(f"--plot {path}: give a file name ending in .png")
-    folder = path.parent  # `p.png`: the current folder
-    if path.is_dir():
-        raise CompressError(f"--plot {path}: is a folder; give a file name ending in .png")
-    if not folder.is_dir():
-        what = "is a file, not a folder" if folder.exists() else "no such folder"
-        raise CompressError(f"--plot {path}: {folder}: {what}; give a .png path in an existing folder")
-    if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise CompressError(f"--plot {path}: permission denied; give a .png path you can write")
+    from ..output_folder import file_target_problem
+
+    problem = file_target_problem(path)
+    if problem:
+        raise CompressError(f"--plot {problem}; give a .png path in an existing folder you can write")
     return path
 
 

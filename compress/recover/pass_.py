@@ -201,8 +201,6 @@ class Recover(Pass):
         windows = self._training_windows(ctx, max_steps * c.batch_size * world, seq_len)
         device = next(model.parameters()).device
         trainable_before = {n: p.requires_grad for n, p in model.named_parameters()}
-        full_ids = {id(p) for p in fully_trained}
-        fully_trained_named = {n: p for n, p in model.named_parameters() if id(p) in full_ids}
         lora_config = LoraConfig(r=c.r, lora_alpha=c.alpha, lora_dropout=c.dropout, target_modules=list(targets),
                                  bias="none")
         output_dir = Path(c.checkpoint_dir) if c.checkpoint_dir else Path(tempfile.mkdtemp(prefix="recover-"))
@@ -211,14 +209,14 @@ class Recover(Pass):
             wrap_for_lora(model, list(targets), lora_config)
             with quiet_rewrap():
                 peft_model = get_peft_model(model, lora_config)
-            for p in fully_trained:
+            for p in fully_trained.values():
                 p.requires_grad_(True)
             plan = TrainingPlan(windows=windows, max_steps=max_steps, tokens_per_step=c.batch_size * seq_len,
                                 batch_size=c.batch_size, lr=c.lr, max_seconds=c.max_minutes * 60,
                                 output_dir=output_dir, save_steps=c.save_steps if c.checkpoint_dir else None,
                                 resume_from=str(resume) if resume is not None else None, seed=c.seed,
                                 device=ctx.device, progress=ctx.progress, aux_weight=c.aux_weight,
-                                fully_trained=fully_trained_named)
+                                fully_trained=fully_trained)
             if c.checkpoint_dir:  # what the next run that finds these checkpoints compares (resume.py)
                 write_record(c.checkpoint_dir, self._planned(model, targets))
             runtimes = _decoded_for_training(model) if ctx.device == "cpu" else {}
@@ -240,21 +238,21 @@ class Recover(Pass):
         report.bytes_after = sum(tensor_bytes(model.get_submodule(n)) for n in targets)
         report.details = {**stats, "seq_len": seq_len, "batch_size": c.batch_size, "merged": c.merge,
                           "kl_weight": c.kl_weight, "aux_weight": c.aux_weight,
-                          "fully_trained_parameters": sum(p.numel() for p in fully_trained)}
+                          "fully_trained_parameters": sum(p.numel() for p in fully_trained.values())}
         if not c.merge:
             report.details["restore"] = {"adapter": ADAPTER_FOLDER, "modules": list(targets)}
         return report
 
-    def _fully_trained(self, model: nn.Module, targets: dict[str, nn.Module]) -> list[nn.Parameter]:
+    def _fully_trained(self, model: nn.Module, targets: dict[str, nn.Module]) -> dict[str, nn.Parameter]:
         """Parameters of `train_modules` (trained in full, not through LoRA); none may be a LoRA target's."""
         if not self.config.train_modules:
-            return []
+            return {}
         modules = self._train_modules(model)
         overlap = [n for n in modules if any(n == t or n.startswith(t + ".") or t.startswith(n + ".") for t in targets)]
         if overlap:
             raise ConfigError(f"recover: train_modules {overlap[:3]} overlap the LoRA targets; a module is trained "
                               "either through LoRA (targets) or in full (train_modules), not both")
-        return [p for m in modules.values() for p in m.parameters()]
+        return {f"{name}.{n}": p for name, m in modules.items() for n, p in m.named_parameters()}
 
     def _training_windows(self, ctx: PassContext, count: int, seq_len: int) -> torch.Tensor:
         """`count` windows of `seq_len` tokens from the recipe's calibration source (its own draw, not the

@@ -77,16 +77,6 @@ static inline void vec_mat(const float* x, const float* s, int64_t k_dim, int64_
     }
 }
 
-/* o[:n] += w * q S for one query row q [K] and a state S [K, n] (row stride n) */
-static inline void readout_add(const float* q, const float* s, int64_t k_dim, int64_t n, float w, float* o) {
-    for (int64_t d = 0; d < k_dim; ++d) {
-        float qd = w * q[d];
-        const float* row = s + d * n;
-        #pragma omp simd
-        for (int64_t c = 0; c < n; ++c) o[c] += qd * row[c];
-    }
-}
-
 static inline float dotf(const float* x, const float* y, int64_t n) {
     float acc = 0.f;
     #pragma omp simd reduction(+:acc)
@@ -181,8 +171,7 @@ int linear_decode_step(const float* q, const float* k, const float* v, float* st
         for (int64_t i = 0; i < groups; ++i) {
             int64_t qh = bh * groups + i;
             softmax_into(q + qh * k_dim, k_dim, pq);
-            for (int64_t c = 0; c < vs_dim; ++c) tmp[c] = 0.f;
-            readout_add(pq, s, k_dim, vs_dim, 1.f, tmp);
+            vec_mat(pq, s, k_dim, vs_dim, vs_dim, 1.f, 0, tmp);
             float* o = out + qh * v_dim;
             float inv = 1.f;
             if (normalize) inv = 1.f / fmaxf(tmp[v_dim], 1e-6f);

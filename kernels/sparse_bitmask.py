@@ -7,7 +7,8 @@ Layout:
 
 The Triton kernel decodes each [BLOCK_N, BLOCK_K] tile from the bitmask (a running per-row count plus an
 exclusive prefix sum of the tile's bits gives every kept weight's index in `values`) and multiplies it with x.
-`bitmask_linear` runs it on CUDA tensors and the torch reference elsewhere (see dispatch.py)."""
+`bitmask_linear` runs it on CUDA tensors, the C kernels of sparse_linear_cpu.py on the CPU, and the torch
+reference where neither applies (gradients, no compiler; see dispatch.py)."""
 from __future__ import annotations
 
 import torch
@@ -96,4 +97,8 @@ def bitmask_linear(x: torch.Tensor, values: torch.Tensor, bitmask: torch.Tensor,
     """x [..., in] @ W^T (+ bias) with W in the bitmask layout above."""
     if use_triton(x, values, bitmask):
         return bitmask_linear_triton(x, values, bitmask, row_offsets, in_features, bias)
+    from .sparse_linear_cpu import bitmask_linear_cpu, cpu_sparse_applies
+
+    if cpu_sparse_applies(x, values, bitmask):
+        return bitmask_linear_cpu(x, values, bitmask, row_offsets, in_features, bias)
     return bitmask_linear_reference(x, values, bitmask, row_offsets, in_features, bias)

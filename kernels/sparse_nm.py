@@ -5,7 +5,8 @@ Layout (one output row of W per row of each tensor):
 - indices [out, ceil(in * n / m * bits / 8)] uint8: each kept weight's position inside its group (0..m-1) as a
   `bits = ceil(log2 m)`-bit field, packed little-endian as one bit stream per row (2:4 -> 2 bits per kept value).
 
-`nm_linear` runs the Triton kernel for CUDA tensors and the torch reference elsewhere (see dispatch.py)."""
+`nm_linear` runs the Triton kernel for CUDA tensors, the C kernels of sparse_linear_cpu.py on the CPU, and the
+torch reference where neither applies (gradients, no compiler; see dispatch.py)."""
 from __future__ import annotations
 
 import math
@@ -135,4 +136,8 @@ def nm_linear(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, n: i
     """x [..., in] @ W^T (+ bias) with W in the packed N:M layout above."""
     if use_triton(x, values, indices):
         return nm_linear_triton(x, values, indices, n, m, in_features, bias)
+    from .sparse_linear_cpu import cpu_sparse_applies, nm_linear_cpu  # it imports index_bits from here
+
+    if cpu_sparse_applies(x, values, indices):
+        return nm_linear_cpu(x, values, indices, n, m, in_features, bias)
     return nm_linear_reference(x, values, indices, n, m, in_features, bias)

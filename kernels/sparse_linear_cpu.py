@@ -1,0 +1,144 @@
+"""SparseLinear's `packed` runtime on the CPU (csrc/sparse_linear.c). Decoding (<= MAX_TOKENS tokens): the kept
+values multiplied where their positions say, straight from the packed storage, so a step reads the packed bytes
+(2:4 or 50% in float32: ~0.53x of the dense weight's) instead of decoding the whole weight on every call. Prefill:
+ROW_BLOCK rows at a time decoded into one reused buffer (exactly the torch reference's weight) and multiplied by
+torch's GEMM. The torch reference (decode, then `F.linear`) stays the path for gradients, float16 / float64
+values, CUDA, and machines without a C compiler."""
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from .cpu_build import load_c_library
+from .sparse_nm import index_bits
+from ..environment import setting
+
+# Tokens up to which the C product runs; above, the blocked decode + torch GEMM (one thread, AVX2 EPYC, 2:4 against
+# the dense layer: the product 1.1-2.0x at 8 tokens, 0.6-1.2x at 16, where the blocked path is 1.0-1.4x).
+MAX_TOKENS = 8
+# Weight decoded at a time for the GEMM: ~BLOCK_BYTES, a cache-resident buffer (a whole new weight pays its
+# first-touch page faults, and a block past the last-level cache is read back from DRAM), but at least MIN_ROWS rows
+# (torch's GEMM slows down on narrower blocks). One thread, an AVX2 EPYC with 32 MB L3, 2:4 at 64 tokens:
+# 14336x4096 1.2-1.3x dense at 1-8 MB; 4096x14336 0.6x at 1 MB (73 rows), 0.9-1.0x at 4-8 MB.
+BLOCK_BYTES = 4 << 20
+MIN_ROWS = 128
+
+
+def _row_block(rows: int, in_features: int, element_size: int) -> int:
+    return max(1, min(rows, max(MIN_ROWS, BLOCK_BYTES // max(1, in_features * element_size))))
+VALUE_DTYPES = (torch.float32, torch.bfloat16)  # the C product's; the blocked decode copies any 2- or 4-byte dtype
+INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+_I64, _PTR, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+_SIGNATURES = (
+    ("nm_linear", (_PTR, _INT, _PTR, _I64, _INT, _INT, _INT, _I64, _I64, _PTR, _I64, _I64, _PTR, _I64, _INT), _INT),
+    ("bitmask_linear", (_PTR, _INT, _I64, _PTR, _I64, _PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _I64, _INT), None),
+    ("nm_decode", (_PTR, _INT, _PTR, _I64, _INT, _INT, _INT, _I64, _I64, _PTR, _INT), None),
+    ("bitmask_decode", (_PTR, _INT, _I64, _PTR, _I64, _PTR, _I64, _I64, _PTR, _INT), None),
+)
+
+
+def _library():
+    return load_c_library("sparse_linear", _SIGNATURES)
+
+
+def cpu_sparse_available(values_dtype: torch.dtype) -> bool:
+    """The C paths for a layer with values of this dtype (float32 / bf16: both; float16: the blocked decode), not
+    forced to torch, a compiler here (`compress inspect` asks this of a model on the meta device)."""
+    return (setting("COMPRESS_KERNELS") != "torch" and values_dtype in (*VALUE_DTYPES, torch.float16)
+            and _library() is not None)
+
+
+def cpu_sparse_applies(x: torch.Tensor, values: torch.Tensor, *packed: torch.Tensor) -> bool:
+    """A call the C paths take: CPU tensors, no gradient through x (a bias's gradient still flows: it is added by
+    torch), contiguous packed tensors of a dtype they read."""
+    if x.device.type != "cpu" or values.device.type != "cpu" or x.dim() == 0 or x.dtype not in INPUT_DTYPES:
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or values.requires_grad):
+        return False
+    return all(t.is_contiguous() for t in (values, *packed)) and cpu_sparse_available(values.dtype)
+
+
+def _runs_product(x: torch.Tensor, values: torch.Tensor) -> bool:
+    """Few tokens and values the C product reads (float16 ones take the blocked decode at any size)."""
+    return _tokens(x) <= MAX_TOKENS and values.dtype in VALUE_DTYPES
+
+
+def _tokens(x: torch.Tensor) -> int:
+    return x.numel() // max(1, x.shape[-1])
+
+
+def _product(run, x: torch.Tensor, rows: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., in] through `run(x2, out)` (float32 [t, in] -> [t, rows]), + bias, in x's dtype."""
+    lead, d = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, d).float().contiguous()
+    out = torch.empty(x2.shape[0], rows, dtype=torch.float32)
+    run(x2, out)
+    if bias is not None:  # autograd sees this add where the bias trains
+        out = out + bias.float()
+    return out.to(x.dtype).view(*lead, rows)
+
+
+def _blocked(decode_rows, x: torch.Tensor, rows: int, values_dtype: torch.dtype,
+             bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ W.T with W decoded a block of rows at a time (`decode_rows(r0, r1, buf)`) into one reused buffer."""
+    d = x.shape[-1]
+    x2 = x.reshape(-1, d)
+    out = torch.empty(x2.shape[0], rows, dtype=x.dtype)
+    if x2.shape[0] == 0:
+        return out.view(*x.shape[:-1], rows)
+    # a bias that trains (grad mode, the layer's own parameter) is added outside the GEMM, where autograd sees it
+    trained_bias = bias is not None and bias.requires_grad and torch.is_grad_enabled()
+    gemm_bias = None if trained_bias else bias
+    block = _row_block(rows, d, values_dtype.itemsize)
+    buf = torch.empty(block, d, dtype=values_dtype)
+    for r0 in range(0, rows, block):
+        r1 = min(r0 + block, rows)
+        w = decode_rows(r0, r1, buf[:r1 - r0])
+        w = w if w.dtype == x.dtype else w.to(x.dtype)
+        if gemm_bias is None:
+            torch.matmul(x2, w.t(), out=out[:, r0:r1])
+        else:  # the bias inside the GEMM, as F.linear does (one rounding in bf16, not two)
+            torch.addmm(gemm_bias[r0:r1].to(x.dtype), x2, w.t(), out=out[:, r0:r1])
+    if trained_bias:
+        out = out + bias.to(x.dtype)
+    return out.view(*x.shape[:-1], rows)
+
+
+def nm_linear_cpu(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, n: int, m: int, in_features: int,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., in] @ W^T (+ bias), W in the packed N:M layout; check `cpu_sparse_applies` first."""
+    lib, rows, bits = _library(), values.shape[0], index_bits(m)
+    if _runs_product(x, values):
+        def run(x2, out):
+            lib.nm_linear(values.data_ptr(), int(values.dtype == torch.bfloat16), indices.data_ptr(),
+                          indices.shape[1], n, m, bits, rows, in_features, x2.data_ptr(), x2.stride(0), x2.shape[0],
+                          out.data_ptr(), out.stride(0), torch.get_num_threads())
+        return _product(run, x, rows, bias)
+
+    def decode_rows(r0, r1, buf):
+        lib.nm_decode(values[r0].data_ptr(), values.element_size(), indices[r0].data_ptr(), indices.shape[1], n, m,
+                      bits, r1 - r0, in_features, buf.data_ptr(), torch.get_num_threads())
+        return buf
+    return _blocked(decode_rows, x, rows, values.dtype, bias)
+
+
+def bitmask_linear_cpu(x: torch.Tensor, values: torch.Tensor, bitmask: torch.Tensor, row_offsets: torch.Tensor,
+                       in_features: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., in] @ W^T (+ bias), W in the bitmask layout; check `cpu_sparse_applies` first."""
+    lib, rows = _library(), bitmask.shape[0]
+    offsets = row_offsets.to(torch.int64).contiguous()
+    if _runs_product(x, values):
+        def run(x2, out):
+            lib.bitmask_linear(values.data_ptr(), int(values.dtype == torch.bfloat16), values.numel(),
+                               bitmask.data_ptr(), bitmask.shape[1], offsets.data_ptr(), rows, in_features,
+                               x2.data_ptr(), x2.stride(0), x2.shape[0], out.data_ptr(), out.stride(0),
+                               torch.get_num_threads())
+        return _product(run, x, rows, bias)
+
+    def decode_rows(r0, r1, buf):
+        lib.bitmask_decode(values.data_ptr(), values.element_size(), values.numel(), bitmask[r0].data_ptr(),
+                           bitmask.shape[1], offsets[r0].data_ptr(), r1 - r0, in_features, buf.data_ptr(), torch.get_num_threads())
+        return buf
+    return _blocked(decode_rows, x, rows, values.dtype, bias)

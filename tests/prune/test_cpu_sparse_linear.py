@@ -1,0 +1,151 @@
+"""The packed runtime's C kernels on the CPU (kernels/csrc/sparse_linear.c): the product over the packed storage for
+few tokens and the blocked decode + GEMM above, against a float64 reference, at every x86 level this CPU runs."""
+import itertools
+
+import pytest
+import torch
+
+from compress.kernels import sparse_linear_cpu as cpu
+from compress.kernels.sparse_bitmask import bitmask_decode_reference, bitmask_linear
+from compress.kernels.sparse_nm import index_bits, nm_decode_reference, nm_linear
+from compress.prune import SparseLinear
+from compress.prune.packing import pack_bitmask, pack_nm
+
+pytestmark = pytest.mark.skipif(cpu._library() is None, reason="no C compiler")
+
+NM = [(2, 4), (1, 4), (4, 8), (3, 8), (1, 2), (2, 8)]  # 3:8 / 2:8 / 4:8: 3-bit fields that straddle bytes
+
+
+def nm_mask(rows, cols, n, m, gen):
+    scores = torch.rand(rows, cols // m, m, generator=gen)
+    keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, scores.topk(n, -1).indices, True)
+    return keep.view(rows, cols)
+
+
+def reference(x, weight64, bias):
+    out = x.double() @ weight64.t()
+    return out if bias is None else out + bias.double()
+
+
+def assert_close_to(y, ref, x_dtype):
+    scale = ref.abs().max().clamp_min(1e-30)
+    tol = 1e-5 if x_dtype == torch.float32 else 2e-2  # bf16/fp16 x: the output's rounding
+    assert y.dtype == x_dtype
+    assert float((y.double() - ref).abs().max() / scale) < tol
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 3, 5, 8, 9, 40])  # 1-8: the product (blocks of 4/2/1); 9, 40: blocked
+def test_nm_product_and_blocked_path(tokens, cpu_level):
+    gen = torch.Generator().manual_seed(tokens)
+    for (n, m), cols, value_dtype in itertools.product(NM, [16, 36, 72, 200], [torch.float32, torch.bfloat16]):
+        if cols % m:
+            continue
+        rows = 13
+        weight = torch.randn(rows, cols, generator=gen).to(value_dtype)
+        values, indices = pack_nm(weight, nm_mask(rows, cols, n, m, gen), n, m)
+        bias = torch.randn(rows, generator=gen)
+        x = torch.randn(2, tokens, cols, generator=gen) if tokens == 40 else torch.randn(tokens, cols, generator=gen)
+        assert cpu.cpu_sparse_applies(x, values, indices)
+        y = cpu.nm_linear_cpu(x, values, indices, n, m, cols, bias)
+        assert y.shape == (*x.shape[:-1], rows)
+        assert_close_to(y, reference(x, nm_decode_reference(values, indices, n, m, cols, torch.float64), bias),
+                        torch.float32)
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 4, 7, 9])
+@pytest.mark.parametrize("density", [0.0, 0.1, 0.5, 0.95, 1.0])
+def test_bitmask_product_and_blocked_path(tokens, density, cpu_level):
+    gen = torch.Generator().manual_seed(tokens)
+    for cols, value_dtype in itertools.product([8, 37, 64, 203], [torch.float32, torch.bfloat16]):
+        rows = 11
+        weight = torch.randn(rows, cols, generator=gen).to(value_dtype)
+        mask = torch.rand(rows, cols, generator=gen) < density
+        mask[-1] = False  # an empty last row: the rows before it read up to the buffer's very end
+        mask[0, :3] = True
+        values, bitmask, offsets = pack_bitmask(weight, mask)
+        values = values.clone()  # no slack after the values in their storage
+        x = torch.randn(tokens, cols, generator=gen)
+        y = cpu.bitmask_linear_cpu(x, values, bitmask, offsets, cols)
+        assert_close_to(y, reference(x, bitmask_decode_reference(values, bitmask, cols, torch.float64), None),
+                        torch.float32)
+
+
+@pytest.mark.parametrize("value_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_blocked_decode_is_the_reference_weight_bit_for_bit(value_dtype, cpu_level):
+    lib, gen = cpu._library(), torch.Generator().manual_seed(0)
+    bits_view = torch.int32 if value_dtype == torch.float32 else torch.int16
+    for (n, m), cols in itertools.product(NM, [8, 36, 72, 520]):
+        if cols % m:
+            continue
+        weight = torch.randn(9, cols, generator=gen).to(value_dtype)
+        values, indices = pack_nm(weight, nm_mask(9, cols, n, m, gen), n, m)
+        out = torch.empty(9, cols, dtype=value_dtype)
+        lib.nm_decode(values.data_ptr(), values.element_size(), indices.data_ptr(), indices.shape[1], n, m,
+                      index_bits(m), 9, cols, out.data_ptr(), 1)
+        assert torch.equal(out.view(bits_view), nm_decode_reference(values, indices, n, m, cols).view(bits_view))
+    for cols, density in itertools.product([8, 37, 520], [0.0, 0.3, 1.0]):
+        weight = torch.randn(9, cols, generator=gen).to(value_dtype)
+        values, bitmask, offsets = pack_bitmask(weight, torch.rand(9, cols, generator=gen) < density)
+        out = torch.empty(9, cols, dtype=value_dtype)
+        lib.bitmask_decode(values.data_ptr(), values.element_size(), values.numel(), bitmask.data_ptr(),
+                           bitmask.shape[1], offsets.data_ptr(), 9, cols, out.data_ptr(), 1)
+        assert torch.equal(out.view(bits_view), bitmask_decode_reference(values, bitmask, cols).view(bits_view))
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fmt", ["nm", "bitmask"])
+def test_sparse_linear_packed_runtime_equals_dense_runtime(fmt, x_dtype):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 40, bias=True)
+    scores = lin.weight.abs()
+    if fmt == "nm":
+        keep = torch.zeros(40, 24, 4, dtype=torch.bool).scatter_(-1, scores.view(40, 24, 4).topk(2, -1).indices, True)
+        layer = SparseLinear.from_linear(lin, keep.view(40, 96), (2, 4))
+    else:
+        layer = SparseLinear.from_linear(lin, scores > scores.median(), None)
+    for tokens in (1, 6, 33):
+        x = torch.randn(tokens, 96).to(x_dtype)
+        with torch.no_grad():
+            packed = layer(x)
+            layer.set_runtime("dense")
+            dense = layer(x)
+            layer.set_runtime("packed")
+        assert packed.dtype == dense.dtype == x_dtype
+        tol = 1e-5 if x_dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(packed.float(), dense.float(), rtol=tol, atol=tol)
+
+
+def test_gradients_take_the_torch_path(monkeypatch):
+    """Training through a packed layer (recover's LoRA beside it) needs autograd: the C paths never run there."""
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(8, 16, generator=gen)
+    values, indices = pack_nm(weight, nm_mask(8, 16, 2, 4, gen), 2, 4)
+    x = torch.randn(2, 16, generator=gen, requires_grad=True)
+    monkeypatch.setattr(cpu, "nm_linear_cpu", lambda *a, **k: pytest.fail("C path with a gradient"))
+    nm_linear(x, values, indices, 2, 4, 16).sum().backward()
+    torch.testing.assert_close(x.grad, nm_decode_reference(values, indices, 2, 4, 16).sum(0).expand(2, 16))
+
+
+def test_kernels_torch_setting_runs_the_reference(monkeypatch):
+    gen = torch.Generator().manual_seed(1)
+    weight = torch.randn(8, 16, generator=gen)
+    values, bitmask, offsets = pack_bitmask(weight, torch.rand(8, 16, generator=gen) < 0.5)
+    monkeypatch.setenv("COMPRESS_KERNELS", "torch")
+    monkeypatch.setattr(cpu, "bitmask_linear_cpu", lambda *a, **k: pytest.fail("C path under COMPRESS_KERNELS=torch"))
+    x = torch.randn(1, 16, generator=gen)
+    torch.testing.assert_close(bitmask_linear(x, values, bitmask, offsets, 16),
+                               x @ bitmask_decode_reference(values, bitmask, 16).t())
+
+
+def test_a_trained_bias_gets_its_gradient_through_the_c_paths():
+    """Grad mode with x constant (e.g. a pruned layer's bias under recover): the C paths run, the bias still learns."""
+    gen = torch.Generator().manual_seed(2)
+    weight = torch.randn(8, 16, generator=gen)
+    values, indices = pack_nm(weight, nm_mask(8, 16, 2, 4, gen), 2, 4)
+    for tokens in (1, 20):  # the product and the blocked path
+        bias = torch.randn(8, generator=gen, requires_grad=True)
+        x = torch.randn(tokens, 16, generator=gen)
+        y = nm_linear(x, values, indices, 2, 4, 16, bias)
+        (y * torch.arange(8.0)).sum().backward()
+        torch.testing.assert_close(bias.grad, torch.arange(8.0) * tokens)
+        torch.testing.assert_close(y, x @ nm_decode_reference(values, indices, 2, 4, 16).t() + bias)

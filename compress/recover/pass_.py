@@ -220,9 +220,14 @@ class Recover(Pass):
             if c.checkpoint_dir:  # what the next run that finds these checkpoints compares (resume.py)
                 write_record(c.checkpoint_dir, self._planned(model, targets))
             runtimes = _decoded_for_training(model) if ctx.device == "cpu" else {}
+            # transformers' Trainer sets config.use_cache to its own argument (False) and leaves it there: a saved
+            # checkpoint then generated with no cache at all (no linearized state, no gear_kv cache)
+            use_cache = getattr(model.config, "use_cache", None)
             try:
                 stats = train(peft_model, plan, teacher, c.kl_weight)
             finally:
+                if use_cache is not None:
+                    model.config.use_cache = use_cache
                 for layer, runtime in runtimes.items():
                     layer.set_runtime(runtime)
                 if not c.checkpoint_dir:

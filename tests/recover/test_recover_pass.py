@@ -2,6 +2,7 @@
 teacher, budgets stop training, Trainer checkpoints resume, and checkpoints round-trip with and without merging
 (after 2:4 pruning: still exactly 2:4 and packed)."""
 import copy
+import json
 
 import pytest
 import torch
@@ -91,7 +92,9 @@ def test_merge_after_2of4_stays_2of4_packed_and_reloads_exactly(tmp_path, pruned
     for m in packed.values():
         assert m.format == "nm" and is_nm(m.dense_weight() != 0, 2, 4)
     expected = logits(model, IDS)
+    assert model.config.use_cache  # the Trainer sets it False when training ends: a checkpoint then had no cache
     out = compress.save(model, tmp_path / "merged")
+    assert json.loads((out / "config.json").read_text())["use_cache"] is True
     section = compress.models.compression_section(out)
     assert [p["pass"] for p in section["passes"]] == ["prune", "recover"] and not (out / "adapter").exists()
     reloaded = compress.load(out)

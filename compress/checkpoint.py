@@ -109,7 +109,7 @@ def save(
     recipe_text: str | None = None,
     report: dict | None = None,
     overwrite: bool = False,
-    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    max_shard_bytes: int | str = DEFAULT_MAX_SHARD_BYTES,
 ) -> Path:
     """Write a checkpoint atomically. The `compression` section comes from `model.config.compression` (set by
     `compress.apply`); a model never compressed is saved with an empty pass list."""
@@ -121,6 +121,11 @@ def save(
         raise CompressError(f"tokenizer= takes a tokenizer (compress.load_tokenizer(...)), got {tokenizer!r:.80}")
     if recipe_text is not None and not isinstance(recipe_text, str):
         raise CompressError(f"recipe_text= takes the recipe's YAML text (a str), got {type(recipe_text).__name__}")
+    if not isinstance(folder, (str, os.PathLike)):
+        raise CompressError(f"save() takes the output folder as a path, got {folder!r:.80}")
+    from .offload import parse_bytes
+
+    max_shard_bytes = parse_bytes(max_shard_bytes, "max_shard_bytes")  # "2GB" too, as max_memory takes
     return write_folder(folder, lambda tmp: _write(model, tmp, tokenizer, recipe_text, report, max_shard_bytes),
                         overwrite=overwrite, source=_source_folder(model))
 
@@ -187,12 +192,26 @@ def _write(model, tmp: Path, tokenizer, recipe_text, report, max_shard_bytes) ->
     config["architectures"] = [type(model).__name__]
     mark_native(config, model)  # plain transformers must refuse what it cannot read (export/native_marker.py)
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
+    write_generation_config(model, tmp)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     if recipe_text is not None:
         (tmp / "recipe.yaml").write_text(recipe_text)
     if report is not None:
         (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str))
+
+
+def write_generation_config(model, folder: Path) -> None:
+    """generation_config.json, as `save_pretrained` writes it: the source model's end-of-sequence ids (Llama-3
+    Instruct stops at <|eot_id|> only through this file) and sampling defaults travel with the checkpoint."""
+    generation_config = getattr(model, "generation_config", None)
+    can_generate = getattr(model, "can_generate", None)
+    if generation_config is None or not (callable(can_generate) and can_generate()):
+        return
+    try:
+        generation_config.save_pretrained(folder)
+    except ValueError as exc:  # a generation config changed into an invalid one: transformers refuses to save it
+        raise CompressError(f"model.generation_config cannot be saved: {first_line(str(exc))}") from None
 
 
 def write_weights(state: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:

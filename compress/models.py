@@ -34,6 +34,8 @@ def resolve_model_path(source: str | Path) -> Path:
         recover(path.absolute())  # a save interrupted between its two renames left the old copy beside it
     if not path.exists():
         raise CheckpointError(f"model {s} does not exist; give a local Hugging Face folder or builtin:tiny (no hub downloads)")
+    if path.is_file():
+        raise CheckpointError(f"{s} is a file; give the model's folder ({path.parent} if this file is in it)")
     if not (path / "config.json").exists():
         raise CheckpointError(f"{s} has no config.json; give a Hugging Face model folder (config.json + *.safetensors)")
     return path
@@ -152,6 +154,7 @@ def load(
         model = load_checkpoint(path, config, section, dtype=dtype, meta=meta)
     else:
         model = load_hf_folder(path, config, dtype=dtype, allow_pickle=allow_pickle, meta=meta)
+    _read_generation_config(model, path)
     # the baseline `compress eval` finds for checkpoints made from it: absolute here, recorded relative to the
     # checkpoint folder when one is saved (checkpoint._portable_source)
     model.compress_source = str(source) if str(source).startswith("builtin:") else str(path.resolve())
@@ -161,6 +164,19 @@ def load(
         set_sparse_runtime(model, sparse_runtime)
     model.eval()
     return model
+
+
+def _read_generation_config(model: nn.Module, path: Path) -> None:
+    """The folder's generation_config.json (end-of-sequence ids, sampling defaults), as from_pretrained reads it:
+    models built from config.json alone (compressed checkpoints) would otherwise get defaults derived from it."""
+    from transformers import GenerationConfig
+
+    if not (path / "generation_config.json").is_file() or getattr(model, "generation_config", None) is None:
+        return
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:  # JSONDecodeError is a ValueError
+        raise CheckpointError(f"{path / 'generation_config.json'}: cannot be read ({first_line(exc)})") from None
 
 
 def checkpoint_dtype(model: nn.Module) -> torch.dtype:

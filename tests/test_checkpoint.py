@@ -1,6 +1,7 @@
 """Checkpoints: atomic safetensors writes, exact round trip, refused pickle, version and tensor checks."""
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -136,3 +137,43 @@ def test_plain_hf_folder_and_missing_paths(tmp_path, tiny_model, save_hf_folder)
         compress.load(tmp_path / "nope")
     with pytest.raises(CheckpointError, match="unknown built-in model"):
         compress.load("builtin:huge")
+    with pytest.raises(CheckpointError, match="config.json is a file; give the model's folder"):
+        compress.load(folder / "config.json")
+
+
+def test_generation_config_travels_with_the_checkpoint(tmp_path, reference_model):
+    """End-of-sequence ids and sampling defaults live in generation_config.json (Llama-3 Instruct stops at <|eot_id|>
+    only through it): a compressed checkpoint keeps the source's, and both compress.load and transformers read it."""
+    from transformers import AutoModelForCausalLM
+
+    model, _ = compress.apply(copy.deepcopy(reference_model), [compress.passes.Prune(structure="2:4")],
+                              progress=False)
+    model.generation_config.eos_token_id = [0, 13]
+    model.generation_config.do_sample, model.generation_config.temperature = True, 0.6
+    out = compress.save(model, tmp_path / "pruned")
+    for loaded in (compress.load(out), compress.load(compress.save(compress.load(out), tmp_path / "again"))):
+        config = loaded.generation_config
+        assert (config.eos_token_id, config.do_sample, config.temperature) == ([0, 13], True, 0.6)
+    dense = compress.save(copy.deepcopy(reference_model), tmp_path / "dense")
+    (dense / "generation_config.json").write_text(json.dumps({"eos_token_id": [0, 7], "bos_token_id": 0}))
+    assert AutoModelForCausalLM.from_pretrained(dense).generation_config.eos_token_id == [0, 7]
+    assert compress.load(dense).generation_config.eos_token_id == [0, 7]
+    (out / "generation_config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="generation_config.json: cannot be read"):
+        compress.load(out)
+
+
+@pytest.mark.parametrize("bad,message", [(0, "must be positive"), ("lots", "cannot read max_shard_bytes"),
+                                         (True, "cannot read max_shard_bytes")])
+def test_save_refuses_a_shard_size_it_cannot_use(tmp_path, tiny_model, bad, message):
+    with pytest.raises(compress.CompressError, match=message):
+        compress.save(tiny_model("llama"), tmp_path / "out", max_shard_bytes=bad)
+    assert not (tmp_path / "out").exists()
+
+
+def test_save_takes_a_shard_size_in_units(tmp_path, tiny_model):
+    model = tiny_model("llama")
+    out = compress.save(model, tmp_path / "out", max_shard_bytes="20KB")
+    assert len(list(out.glob("model-*.safetensors"))) > 1 and (out / "model.safetensors.index.json").is_file()
+    with pytest.raises(compress.CompressError, match="output folder as a path"):
+        compress.save(model, None)

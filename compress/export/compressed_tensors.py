@@ -214,7 +214,8 @@ def export(model: nn.Module, folder: str | Path, *, tokenizer=None, recipe_text:
            report: dict | None = None, overwrite: bool = False) -> ExportSummary:
     """Write `model` (compressed by prune and/or quantize) as a compressed-tensors checkpoint at `folder`,
     atomically. Fails with ExportError, writing nothing, on what compressed-tensors cannot express."""
-    from ..checkpoint import _portable_source, _source_folder, compression_record, write_folder, write_weights
+    from ..checkpoint import (_portable_source, _source_folder, compression_record, write_folder,
+                              write_generation_config, write_weights)
     from ..models import checkpoint_dtype
 
     _require_package()
@@ -238,6 +239,7 @@ def export(model: nn.Module, folder: str | Path, *, tokenizer=None, recipe_text:
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
         # `quantization_config` written by compressed-tensors itself, as llm-compressor's save does
         ModelCompressor(quantization_config=quantization).update_config(str(tmp))
+        write_generation_config(model, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if recipe_text is not None:

@@ -3,6 +3,7 @@ model's config (the checkpoint's `compression` section)."""
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -132,7 +133,8 @@ def apply(
     if calibration is not None and not isinstance(calibration, (dict, CalibrationSpec)):
         raise CompressError(f"calibration= takes a dict such as {{'source': 'builtin:calibration'}}, got "
                             f"{calibration!r:.80}")
-    if tokenizer is not None and not callable(getattr(tokenizer, "encode", None)):
+    if tokenizer is not None and (isinstance(tokenizer, (str, bytes, os.PathLike))
+                                  or not callable(getattr(tokenizer, "encode", None))):  # str has .encode too
         raise CompressError(f"tokenizer= takes a tokenizer (compress.load_tokenizer(...)), got {tokenizer!r:.80}")
     if isinstance(calibration, dict):
         try:

@@ -387,7 +387,7 @@ def eval_cmd(model_src, baseline, text_file, seq_len, max_windows, speed, activa
 @click.option("--prompt", required=True, callback=lambda ctx, param, value: _non_empty(value))
 @click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--sample", is_flag=True, help="Sample (with --temperature and --top-p) instead of greedy decoding.")
-@click.option("--temperature", default=0.8, show_default=True, type=click.FloatRange(min=0, min_open=True, max=100),
+@click.option("--temperature", default=0.8, show_default=True, type=click.FloatRange(min=1e-3, max=100),
               callback=lambda ctx, param, value: _finite(param, value), help="Sampling temperature (with --sample).")
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True, max=1),
               callback=lambda ctx, param, value: _finite(param, value), help="Nucleus sampling: keep the smallest set of tokens whose probability reaches this (with --sample).")

@@ -37,20 +37,20 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
-def parse_bytes(value: int | str) -> int:
-    """`8GB`, `512MiB`, `1.5e9` or an int -> bytes."""
+def parse_bytes(value: int | str, what: str = "max_memory") -> int:
+    """`8GB`, `512MiB`, `1.5e9` or an int -> bytes (`what`: the setting's name, for the error messages)."""
     if isinstance(value, int) and not isinstance(value, bool):
         if value <= 0:
-            raise CompressError(f"max_memory must be positive, got {value}")
+            raise CompressError(f"{what} must be positive, got {value}")
         return value
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*", str(value))
-    if not m or m.group(2).upper() not in _UNITS:
-        raise CompressError(f"cannot read memory size {value!r}; write e.g. 8GB, 512MiB or a number of bytes")
+    if isinstance(value, bool) or not m or m.group(2).upper() not in _UNITS:
+        raise CompressError(f"cannot read {what} {value!r}; write e.g. 8GB, 512MiB or a number of bytes")
     number = float(m.group(1)) * _UNITS[m.group(2).upper()]
-    if number <= 0:
-        raise CompressError(f"max_memory must be positive, got {value!r}")
+    if number < 1:
+        raise CompressError(f"{what} must be at least one byte, got {value!r}")
     if not math.isfinite(number) or number >= 2**63:
-        raise CompressError(f"max_memory {value!r} is more memory than any machine has; write e.g. 8GB")
+        raise CompressError(f"{what} {value!r} is more memory than any machine has; write e.g. 8GB")
     return int(number)
 
 

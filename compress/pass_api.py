@@ -132,12 +132,16 @@ class Pass:
     supports_offload: ClassVar[bool] = False
 
     def __init__(self, config: PassConfig | dict | None = None, **kwargs: Any):
+        name = type(self).__name__
         if config is not None and kwargs:
-            raise TypeError("pass either a config object/dict or keyword arguments, not both")
+            raise ConfigError(f"{name}: pass either a config (object or dict) or keyword arguments, not both")
         if isinstance(config, PassConfig):
             if not isinstance(config, self.Config):
-                raise TypeError(f"{type(self).__name__} takes a {self.Config.__name__}, got {type(config).__name__}")
+                raise ConfigError(f"{name} takes a {name}.Config, got {type(config).__qualname__}")
             self.config = config
+        elif config is not None and not isinstance(config, dict):
+            raise ConfigError(f"{name} takes keyword arguments or a dict of its settings, got {config!r:.60} "
+                              f"(e.g. {name}(setting=value, ...))")
         else:
             from pydantic import ValidationError
 

@@ -12,6 +12,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from ..errors import CompressError
 from ..kernels.kv_attention import compressed_decode_attention
 from .cache import ATTENTION_NAME
 
@@ -33,5 +34,7 @@ AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
 
 def use_compressed_attention(model: nn.Module) -> nn.Module:
     """Make the model's attention read a GEARCache's compressed storage directly (other caches: sdpa)."""
+    if not callable(getattr(model, "set_attn_implementation", None)):
+        raise CompressError(f"use_compressed_attention takes a transformers model, got {type(model).__name__}")
     model.set_attn_implementation(ATTENTION_NAME)
     return model

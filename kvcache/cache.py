@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
+from ..errors import CompressError
 from ..pass_api import storage_bytes
 from .config import KVCacheSettings
 from .kernel_api import KEY_AXIS, VALUE_AXIS
@@ -207,8 +208,16 @@ class GEARCache(Cache):
     `skip_layers` keep a plain DynamicLayer. Keyword arguments are `KVCacheSettings` fields."""
 
     def __init__(self, config, settings: KVCacheSettings | None = None, **kwargs: Any):
+        from transformers import PretrainedConfig
+
+        if not isinstance(config, PretrainedConfig):  # e.g. the model itself: model.config is what it reads
+            hint = " (pass model.config)" if isinstance(getattr(config, "config", None), PretrainedConfig) else ""
+            raise CompressError(f"GEARCache takes the model's config{hint}, got {type(config).__name__}")
         if settings is not None and kwargs:
-            raise TypeError("pass either settings or keyword arguments, not both")
+            raise CompressError("GEARCache: pass either settings or keyword arguments, not both")
+        if settings is not None and not isinstance(settings, KVCacheSettings):
+            raise CompressError(f"GEARCache: settings= takes KVCacheSettings (or pass keyword arguments: "
+                                f"GEARCache(config, bits=4, ...)), got {type(settings).__name__}")
         settings = settings or KVCacheSettings.build(**kwargs)
         text_config = config.get_text_config(decoder=True)
         num_layers = text_config.num_hidden_layers

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
+from ..errors import CompressError
 from ..pass_api import storage_bytes
 
 
@@ -139,6 +140,8 @@ class LinearizedCache(Cache):
     DynamicLayer (growing K/V) elsewhere."""
 
     def __init__(self, model):
+        if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+            raise CompressError(f"LinearizedCache takes the linearized model itself, got {type(model).__name__}")
         windows = linearized_windows(model)
         num_layers = model.config.get_text_config(decoder=True).num_hidden_layers
         super().__init__(layers=[LinearizedLayer(windows[i]) if i in windows else DynamicLayer()

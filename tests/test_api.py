@@ -138,6 +138,11 @@ def test_api_mistakes_are_one_line_errors_before_any_work(tmp_path):
         (lambda: compress.Recipe.from_text(b"passes: []"), "takes the YAML text as a str, got bytes"),
         (lambda: compress.save(model, tmp_path / "o", overwrite="no"), "overwrite must be True or False"),
         (lambda: compress.save(model, tmp_path / "o", tokenizer="builtin:tiny"), "tokenizer= takes a tokenizer"),
+        (lambda: compress.apply(model, [P.Prune(method="wanda")], tokenizer="builtin:tiny", calibration=cal),
+         "tokenizer= takes a tokenizer"),  # a str has .encode too: it passed, then failed inside calibration
+        (lambda: P.Prune("magnitude"), "Prune takes keyword arguments or a dict of its settings, got 'magnitude'"),
+        (lambda: P.Prune({"method": "magnitude"}, sparsity=0.3), "not both"),
+        (lambda: P.Prune(P.Quantize.Config()), "Prune takes a Prune.Config, got Quantize.Config"),
     ]
     for call, message in cases:
         with pytest.raises(CompressError, match=message):

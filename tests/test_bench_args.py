@@ -23,7 +23,7 @@ CASES = [
     ("kv_serving.py", ["--shapes", "foo"], "write batch,context,head_dim"),
     ("prune.py", ["--model", "/nonexistent/model"], "error: model /nonexistent/model does not exist"),
     ("compose.py", ["--recipes", "/nonexistent.yaml"], "--recipes: no such file"),
-    ("offload_memory.py", ["--max-memory", "bogus"], "cannot read memory size 'bogus'"),
+    ("offload_memory.py", ["--max-memory", "bogus"], "cannot read max_memory 'bogus'"),
     # output files are checked before the run, not at its last line (they ended in a traceback after minutes)
     ("kv_cache.py", ["--save-json", "/nonexistent/x.json"], "--save-json: /nonexistent/x.json: /nonexistent is not"),
     ("sparse_speed.py", ["--save-quality", "/"], "--save-quality: / is a folder"),

@@ -85,6 +85,7 @@ OPTIONS = [
     (["generate", "builtin:tiny", "--prompt", "hi", "--max-new-tokens", "100000"], "exceed the model's context of 1024"),
     (["generate", "builtin:tiny", "--prompt", "hi", "--sample", "--temperature", "0"], "'--temperature': 0.0 is not"),
     (["generate", "builtin:tiny", "--prompt", "hi", "--sample", "--temperature", "nan"], "'--temperature'"),
+    (["generate", "builtin:tiny", "--prompt", "hi", "--sample", "--temperature", "1e-300"], "'--temperature': 1e-300 is not"),
     (["generate", "builtin:tiny", "--prompt", "hi", "--sample", "--top-p", "1.5"], "'--top-p'"),
     (["eval", "builtin:tiny", "--seq-len", "1"], "'--seq-len': 1 is not in the range"),
     (["eval", "builtin:tiny", "--seq-len", "4096", "--no-speed"], "longer than the model's context (1024 tokens)"),

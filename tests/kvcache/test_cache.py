@@ -172,3 +172,18 @@ def test_bad_settings_are_config_errors(lm):
         GEARCache(lm.config, group_size=128, residual_length=128)
     with pytest.raises(ConfigError, match="kivi"):
         KVCacheSettings.build(method="kivi", key_rank=2)
+
+
+def test_cache_constructors_say_what_they_take(lm):
+    """Mistakes an API user makes (a helper's audit): the model for its config, a dict for settings, a config for the
+    model; one CompressError each instead of an AttributeError from inside."""
+    from compress import CompressError
+    from compress.linearize.cache import LinearizedCache
+
+    cases = [(lambda: GEARCache(lm), "takes the model's config \\(pass model.config\\)"),
+             (lambda: GEARCache(lm.config, {"bits": 4}), "settings= takes KVCacheSettings"),
+             (lambda: GEARCache(lm.config, KVCacheSettings.build(bits=4), bits=2), "not both"),
+             (lambda: LinearizedCache(lm.config), "takes the linearized model itself")]
+    for call, message in cases:
+        with pytest.raises(CompressError, match=message):
+            call()

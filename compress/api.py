@@ -41,7 +41,8 @@ def check_offload_support(passes: Sequence[Pass]) -> None:
     """Refuse passes that cannot run with decoder layers left on disk (max_memory)."""
     unable = [p.name for p in passes if not p.supports_offload]
     if unable:
-        raise CompressError(f"pass {', '.join(map(repr, unable))} cannot run with decoder layers left on disk "
+        raise CompressError(f"{'passes' if len(unable) > 1 else 'pass'} {', '.join(map(repr, unable))} cannot run "
+                            "with decoder layers left on disk "
                             "(max_memory): load the model without max_memory, or on a machine that holds it")
 
 
@@ -91,7 +92,7 @@ def check_calibration(model: nn.Module, passes: Sequence[Pass], ctx: PassContext
                                "`calibration:` section to the recipe (e.g. `calibration: {source: builtin:calibration}`), "
                                "or from Python pass calibration={'source': 'builtin:calibration'} to compress.apply")
     if needy:
-        check_token_ids(ctx.calibration_batches("calibration"), model.config, "calibration",
+        check_token_ids(ctx.calibration_batches(f"pass {needy[0].name!r}"), model.config, "calibration",
                         "lower calibration.seq_len")
     for p in passes:
         p.located(lambda: p.check_with_calibration(model, ctx))

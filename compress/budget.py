@@ -85,7 +85,8 @@ def kv_bytes_per_token(config, settings=None, tokens: int = KV_TOKENS, dtype: to
     for key, per_layer in (("compressed", sum(cycle) / len(cycle)), ("compressed_min", min(cycle)),
                            ("compressed_max", max(cycle))):
         out[key] = sum(per_layer_dense if i in skipped else per_layer for i in softmax)
-    out["tokens_cycle"] = [tokens, tokens + len(cycle) - 1]
+    if layer is not None:  # a compressed cache measured over its window's cycle (not for linearized layers alone)
+        out["tokens_cycle"] = [tokens, tokens + len(cycle) - 1]
     labels = [_cache_label(settings)] if settings is not None else []
     if linearized:
         labels.append(f"{len(linearized)} of {layers} layers linearized")

@@ -173,7 +173,12 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
     offload = {"max_memory": max_memory, "offload_folder": offload_folder} if max_memory else {}
     model = models.load(model_src, allow_pickle=allow_pickle, dtype=dtype, **offload)
     text = _read_text(eval_text) if do_eval and eval_text else None
-    windows = _eval_windows(tokenizer, text, EVAL_SEQ_LEN, eval_windows, model.config) if do_eval else None
+    eval_seq_len = EVAL_SEQ_LEN
+    context = getattr(models.text_config(model.config), "max_position_embeddings", None)
+    if do_eval and context is not None and context < EVAL_SEQ_LEN:  # apply has no --seq-len: fit the model
+        eval_seq_len = context
+        click.echo(f"note: the evaluation scores windows of {context} tokens, the model's context", err=True)
+    windows = _eval_windows(tokenizer, text, eval_seq_len, eval_windows, model.config) if do_eval else None
     if r.calibration is not None and r.calibration.source == "builtin:heldout" and do_eval and not eval_text:
         click.echo("note: the recipe calibrates on builtin:heldout, the text the evaluation scores: the held-out "
                    "numbers will flatter the result (use builtin:calibration)", err=True)
@@ -191,8 +196,8 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
     if do_eval:
         result["eval"] = _evaluate(models.load(output, dtype=dtype, allow_pickle=allow_pickle,
                                                max_memory=max_memory), model_src, tokenizer,
-                                   eval_windows, progress=not as_json, text=text, allow_pickle=allow_pickle,
-                                   dtype=dtype, prepared=windows, max_memory=max_memory)
+                                   eval_windows, progress=not as_json, seq_len=eval_seq_len, text=text,
+                                   allow_pickle=allow_pickle, dtype=dtype, prepared=windows, max_memory=max_memory)
     if as_json:
         click.echo(json.dumps(result, default=str))
         return
@@ -200,6 +205,8 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
     _print_passes(con, result, str(models.checkpoint_dtype(model)).removeprefix("torch."), export_format)
     con.print(f"checkpoint: {output}  ({_mb(result['checkpoint_bytes'])} of weights, "
               f"original {_mb(result['original_checkpoint_bytes'])}, format {export_format})")
+    if not Path(output).expanduser().is_absolute():  # a recipe's relative `output` is taken from the current folder
+        con.print(f"  at {Path(output).expanduser().resolve()}", soft_wrap=True)
     if exported.get("stored_dense"):
         con.print(f"stored dense in compressed-tensors: {', '.join(exported['stored_dense'])}")
     if do_eval:

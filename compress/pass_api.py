@@ -101,7 +101,8 @@ class PassContext:
                     "(e.g. `calibration: {source: builtin:calibration}`)"
                 )
             if self.tokenizer is None:
-                raise CompressError(f"{pass_name} needs calibration data, but the model has no tokenizer to encode it")
+                raise CompressError(f"{pass_name} needs calibration text, but the model has no tokenizer to encode it: "
+                                    "save the tokenizer's files with the model (or pass tokenizer= to apply)")
             from .calibration import build_batches
 
             self._batches = build_batches(self.calibration, self.tokenizer, self.base_dir)

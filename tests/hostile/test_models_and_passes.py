@@ -270,3 +270,18 @@ def test_eval_says_when_the_recorded_source_is_gone(tmp_path, small_model, token
     shutil.rmtree(moved / "src")
     gone = cli("eval", out, "--no-speed", "--max-windows", 1)
     assert gone.exit_code == 0 and "which is not here; no KL or top-1 agreement" in gone.output
+
+
+def test_apply_evaluates_a_model_with_a_context_shorter_than_its_windows(tmp_path, small_model, tokenizer, cli):
+    """apply scores windows of 256 tokens and has no --seq-len: a model with a shorter context is scored at its
+    context (it was refused, naming an option apply does not have)."""
+    src = tmp_path / "src"
+    small_model(max_position_embeddings=128).save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("passes:\n  - prune: {method: magnitude, sparsity: 0.5}\n")
+    result = cli("apply", recipe, "--model", src, "--output", tmp_path / "o", "--eval-windows", "2", "--json")
+    assert result.exit_code == 0, result.output
+    assert "windows of 128 tokens, the model's context" in result.output
+    report = json.loads(result.output.strip().splitlines()[-1])
+    assert report["eval"]["protocol"].startswith("2 non-overlapping windows of 128 tokens")

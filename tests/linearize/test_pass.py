@@ -126,6 +126,22 @@ def test_inspect_budget_counts_what_a_partly_linearized_cache_holds(tmp_path, re
     assert "recurrent state, any length" in table
 
 
+def test_inspect_of_a_linearized_model_without_a_kv_pass_has_no_cache_cycle(tmp_path, reference_tokenizer):
+    import json
+
+    from click.testing import CliRunner
+
+    from compress.cli import main
+
+    model, _ = compress.apply(compress.load("builtin:tiny", dtype="float32"),
+                              [compress.get_pass("linearize")(variant="hybrid")], progress=False)
+    out = compress.save(model, tmp_path / "out", tokenizer=reference_tokenizer)
+    kv = json.loads(CliRunner().invoke(main, ["inspect", str(out), "--json"]).output)["budget"]["kv_per_token"]
+    assert "tokens_cycle" not in kv and kv["recurrent_bytes"] > 0
+    table = CliRunner().invoke(main, ["inspect", str(out)], catch_exceptions=False).output
+    assert "mean over" not in table and "recurrent state, any length" in table
+
+
 def test_gear_kv_skips_mixture_of_memories_layers_too():
     passes = [compress.get_pass("linearize")(variant="mom", layers="every_2"),
               compress.get_pass("gear_kv")(method="kivi", bits=4)]

@@ -5,8 +5,11 @@
 
 CPU (one torch thread, fp32; speeds as ratios of paired medians):
 - runtime_dense: a 2:4 SparseLinear loaded with runtime `dense` vs the unpruned nn.Linear, Llama shapes, 1/8/64
-  tokens; e2e_prefill / e2e_decode: builtin:tiny pruned 2:4 (runtime dense) vs unpruned, prefill 256 tokens and
-  greedy decoding of 64 tokens.
+  tokens; runtime_packed: the packed runtime (C product over the packed values at <= 8 tokens, blocks of rows
+  decoded for torch's GEMM above), 2:4 and 50% unstructured, 1-512 tokens; e2e_prefill / e2e_decode: builtin:tiny
+  and builtin:small pruned 2:4 (magnitude) loaded with each runtime vs unpruned, prefill 256 tokens and greedy
+  decoding of 64, and a 2-layer model with Llama-3-8B's layer shapes (random weights), prefill 128 and 16 decoded.
+  `--only-runtimes`: these rows only (no activation-sparsity calibration).
 - activation_sparse_mlp: the `activation_sparsity` pass (neuron scaling unless `--no-neuron-scaling`) is calibrated
   on the reference model (`--model`, default builtin:small, fp32; `--ppl-budget` on its calibration windows);
   ppl_delta_pct is the held-out perplexity change at those thresholds (ppl_delta_pct_ci95: its 95% interval over
@@ -29,6 +32,7 @@ of 4096 tokens and 64 decoded tokens, tokens/s vs dense. Without CUDA only the C
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -76,27 +80,88 @@ def cpu_runtime_dense(tokens_list, repeats) -> list[dict]:
 
 
 @torch.no_grad()
-def cpu_e2e_tiny(repeats) -> list[dict]:
+def cpu_runtime_packed(tokens_list, repeats, shapes=SHAPES) -> list[dict]:
+    """The packed runtime (kernels/sparse_linear_cpu.py: the C product at few tokens, blocks of rows decoded for
+    torch's GEMM above) vs the unpruned nn.Linear, 2:4 and 50% unstructured (bitmask)."""
+    from compress.pass_api import tensor_bytes
+
+    rows = []
+    for out_f, in_f in shapes:
+        for structure in ("2:4", "unstructured"):
+            lin, sparse = pruned_pair(out_f, in_f, structure=structure)
+            for t in tokens_list:
+                x = torch.randn(t, in_f)
+                dense_s, ours_s = paired_median_seconds([lambda: lin(x), lambda: sparse(x)], repeats)
+                rows.append(dict(device="cpu", kind="runtime_packed", shape=f"{out_f}x{in_f}", tokens=t,
+                                 structure=structure, path=sparse.runtime_path(t), speedup_vs_dense=dense_s / ours_s,
+                                 dense_ms=dense_s * 1e3, ours_ms=ours_s * 1e3,
+                                 bytes_vs_dense=tensor_bytes(sparse) / tensor_bytes(lin)))
+            del lin, sparse
+    return rows
+
+
+def _e2e_rows(base, pruned_checkpoint, label: str, prefill_tokens: int, decode_tokens: int, repeats: int,
+              vocab: int) -> list[dict]:
+    """Prefill and greedy decoding of `base` vs the pruned checkpoint loaded with each runtime, one process."""
+    import compress
+
+    ids = torch.randint(0, vocab, (1, prefill_tokens), generator=torch.Generator().manual_seed(0))
+    gen = dict(max_new_tokens=decode_tokens, min_new_tokens=decode_tokens, do_sample=False, pad_token_id=0)
+    rows = []
+    for runtime in ("dense", "packed"):
+        ours = compress.load(pruned_checkpoint, sparse_runtime=runtime)
+        prefill = paired_median_seconds([lambda: base(input_ids=ids), lambda: ours(input_ids=ids)], repeats,
+                                        min_batch_seconds=0)
+        decode = paired_median_seconds([lambda: base.generate(ids[:, :16], **gen),
+                                        lambda: ours.generate(ids[:, :16], **gen)],
+                                       max(3, repeats // 2), min_batch_seconds=0)
+        shape = f"{label} 2:4 runtime={runtime}"
+        rows += [dict(device="cpu", kind="e2e_prefill", shape=shape, tokens=prefill_tokens,
+                      speedup_vs_dense=prefill[0] / prefill[1]),
+                 dict(device="cpu", kind="e2e_decode", shape=shape, tokens=decode_tokens,
+                      speedup_vs_dense=decode[0] / decode[1], dense_tokens_per_s=decode_tokens / decode[0])]
+        del ours
+    return rows
+
+
+@torch.no_grad()
+def cpu_e2e(repeats, model: str = "builtin:tiny") -> list[dict]:
+    """A reference model pruned 2:4 (magnitude) vs itself unpruned: prefill 256 tokens, 64 decoded tokens."""
     import tempfile
 
     import compress
     from compress.prune import Prune
 
-    base = compress.load("builtin:tiny")
-    pruned, _ = compress.apply(compress.load("builtin:tiny"), [Prune(method="magnitude", structure="2:4")],
-                               progress=False)
+    base = compress.load(model)
+    pruned, _ = compress.apply(compress.load(model), [Prune(method="magnitude", structure="2:4")], progress=False)
     with tempfile.TemporaryDirectory() as tmp:
-        ours = compress.load(compress.save(pruned, Path(tmp) / "p"))  # the default CPU runtime: dense
-    ids = torch.randint(0, 8192, (1, 256), generator=torch.Generator().manual_seed(0))
-    prefill = paired_median_seconds([lambda: base(input_ids=ids), lambda: ours(input_ids=ids)], repeats)
-    gen = dict(max_new_tokens=64, min_new_tokens=64, do_sample=False, pad_token_id=0)
-    decode = paired_median_seconds([lambda: base.generate(ids[:, :16], **gen),
-                                    lambda: ours.generate(ids[:, :16], **gen)],
-                                   max(3, repeats // 2), min_batch_seconds=0)
-    return [dict(device="cpu", kind="e2e_prefill", shape="builtin:tiny 2:4 runtime=dense", tokens=256,
-                 speedup_vs_dense=prefill[0] / prefill[1]),
-            dict(device="cpu", kind="e2e_decode", shape="builtin:tiny 2:4 runtime=dense", tokens=64,
-                 speedup_vs_dense=decode[0] / decode[1])]
+        checkpoint = compress.save(pruned, Path(tmp) / "p")
+        return _e2e_rows(base, checkpoint, model, 256, 64, repeats, base.config.vocab_size)
+
+
+@torch.no_grad()
+def cpu_e2e_llama3_shape(repeats, layers: int = 2, prefill_tokens: int = 128, decode_tokens: int = 16) -> list[dict]:
+    """A `layers`-layer model with Llama-3-8B's layer shapes (random weights; vocabulary 8192, so that the head does
+    not dominate), every decoder Linear pruned 2:4, vs the unpruned model, float32."""
+    import tempfile
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import compress
+    from compress.prune import Prune
+
+    config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=128, vocab_size=8192, max_position_embeddings=4096,
+                         tie_word_embeddings=False)
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(config).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        pruned, _ = compress.apply(copy.deepcopy(base), [Prune(method="magnitude", structure="2:4")],
+                                   progress=False)
+        checkpoint = compress.save(pruned, Path(tmp) / "p")
+        del pruned
+        return _e2e_rows(base, checkpoint, f"{layers} Llama-3-8B layers", prefill_tokens, decode_tokens, repeats,
+                         8192)
 
 
 # ------------------------------------------------------------------------------------------------ CUDA
@@ -182,8 +247,7 @@ def print_table(rows: list[dict]) -> None:
                 continue
             extra = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()
                      if k in ("dtype", "path", "gate", "sparsity", "candidate_share", "ppl_delta_pct", "rel_err",
-                              "weight_copies",
-                              "structure", "paths")}
+                              "weight_copies", "structure", "paths", "bytes_vs_dense")}
             print(f"{r['kind']:<22}{r['shape']:<36}{r['tokens']:>7}{r['speedup_vs_dense']:>8.2f}x  {extra or ''}")
 
 
@@ -226,6 +290,8 @@ def main(argv=None) -> None:
                     help="activation sparsity: threshold |act(gate)| x E|up_i| x ||W_down[:, i]|| (the pass's "
                     "neuron_scaling, its default); --no-neuron-scaling: |act(gate)| (CATS)")
     ap.add_argument("--only-activation-sparse", action="store_true", help="only the activation_sparse_mlp rows")
+    ap.add_argument("--only-runtimes", action="store_true", help="only the pruned layers' rows (runtime_dense, "
+                    "runtime_packed, e2e; CUDA: the dispatched paths): no activation-sparsity calibration")
     ap.add_argument("--gather-crossover", action="store_true", help="only the gather_crossover rows: the CPU row "
                     "gathers vs the dense MLP from builtin:tiny's MLP shape to Llama-3-8B's (50%% inactive, 1 token)")
     ap.add_argument("--weight-copies", type=int, default=0, help="activation-sparse MLP timing: copies of its "
@@ -256,7 +322,12 @@ def main(argv=None) -> None:
             torch.set_num_threads(saved)
         print(json.dumps(rows)) if args.json else print_table(rows)
         return
-    if args.quality is not None:
+    if args.only_runtimes and (args.only_activation_sparse or args.quality or args.save_quality):
+        ap.error("--only-runtimes skips activation sparsity: it takes no --only-activation-sparse, --quality or "
+                 "--save-quality")
+    if args.only_runtimes:
+        quality = None
+    elif args.quality is not None:
         if not args.quality.is_file():
             ap.error(f"--quality {args.quality}: no such file (write one with --save-quality)")
         quality = json.loads(args.quality.read_text())
@@ -271,15 +342,20 @@ def main(argv=None) -> None:
         saved = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            rows += cpu_activation_sparse(quality, repeats, args.weight_copies, prefill_tokens=args.prefill_tokens)
             from compress.models import native_dtype
 
-            if native_dtype(torch.bfloat16, "cpu"):  # what `dtype: auto` loads a bf16 checkpoint in on this CPU
+            if quality is not None:
+                rows += cpu_activation_sparse(quality, repeats, args.weight_copies,
+                                              prefill_tokens=args.prefill_tokens)
+            if quality is not None and native_dtype(torch.bfloat16, "cpu"):  # `dtype: auto`'s bf16 on this CPU
                 rows += cpu_activation_sparse(quality, repeats, args.weight_copies, torch.bfloat16,
                                               args.prefill_tokens)
             if not args.only_activation_sparse:
                 rows += cpu_runtime_dense([1, 8] if args.quick else [1, 8, 64], repeats)
-                rows += cpu_e2e_tiny(repeats)
+                rows += cpu_runtime_packed([1, 8] if args.quick else [1, 4, 8, 16, 64, 512], repeats)
+                rows += cpu_e2e(repeats)
+                if not args.quick:
+                    rows += cpu_e2e(repeats, "builtin:small") + cpu_e2e_llama3_shape(repeats)
         finally:
             torch.set_num_threads(saved)
     if torch.cuda.is_available() and not args.only_activation_sparse:
@@ -287,15 +363,15 @@ def main(argv=None) -> None:
         shapes = args.shapes or SHAPES
         rows += cuda_layers(tokens, shapes)
         try:  # one failing row must not cost the GPU run its other rows (device time is scarce)
-            rows += cuda_activation_sparse(quality)
+            rows += cuda_activation_sparse(quality) if quality is not None else []
         except Exception as exc:  # noqa: BLE001 - reported as a row, not hidden
             rows.append(dict(device="cuda", kind="activation_sparse_mlp", error=f"{type(exc).__name__}: {exc}"))
         rows += cuda_e2e()
     if args.json:
         print(json.dumps(rows))
     else:
-        print(f"torch {torch.__version__}; CPU rows at 1 thread; activation sparsity calibrated on {args.model}: "
-              f"{json.dumps(quality)}")
+        calibrated = f"; activation sparsity calibrated on {args.model}: {json.dumps(quality)}" if quality else ""
+        print(f"torch {torch.__version__}; CPU rows at 1 thread{calibrated}")
         print_table(rows)
 
 

@@ -305,7 +305,8 @@ def _evaluate(model, baseline_src, tokenizer, windows, progress, seq_len: int = 
 _SPARSE_RUNTIME = click.option(
     "--sparse-runtime", default="auto", show_default=True, type=click.Choice(["auto", "dense", "packed"]),
     help="How pruned layers run: dense = decoded once at load (dense speed, packed on disk), packed = smallest "
-         "memory, auto = dense on the CPU and packed kernels on CUDA.")
+         "memory (C kernels on the CPU, faster than dense when decoding large layers), auto = packed on CUDA and "
+         "for large float32 layers on the CPU, dense otherwise.")
 
 
 @main.command("eval")

@@ -124,8 +124,9 @@ def load(
     AVX512-BF16/AMX) and uses float32 on CPUs that emulate half precision (there bf16 matmuls are ~10x slower);
     "stored" always keeps the checkpoint's dtype (least memory); or float32 / bfloat16 / float16. The storage
     dtype is remembered so that `save` writes the same size back.
-    `sparse_runtime` is how pruned layers run (compress/prune/runtime.py): `auto` (dense on the CPU, packed
-    kernels on CUDA), `dense` (decoded once at load: dense speed) or `packed` (smallest memory).
+    `sparse_runtime` is how pruned layers run (compress/prune/runtime.py): `auto` (packed kernels on CUDA and for
+    large float32 layers on the CPU, dense for the others), `dense` (decoded once at load: dense speed) or `packed`
+    (smallest memory).
     `max_memory` (e.g. "8GB") caps the CPU memory the weights take: decoder layers that do not fit stay on disk and
     are read one at a time (compress/offload.py); `offload_folder` holds the compressed layers written meanwhile
     (a temporary folder by default)."""

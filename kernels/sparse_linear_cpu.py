@@ -18,15 +18,19 @@ from ..environment import setting
 # the dense layer: the product 1.1-2.0x at 8 tokens, 0.6-1.2x at 16, where the blocked path is 1.0-1.4x).
 MAX_TOKENS = 8
 # Weight decoded at a time for the GEMM: ~BLOCK_BYTES, a cache-resident buffer (a whole new weight pays its
-# first-touch page faults, and a block past the last-level cache is read back from DRAM), but at least MIN_ROWS rows
-# (torch's GEMM slows down on narrower blocks). One thread, an AVX2 EPYC with 32 MB L3, 2:4 at 64 tokens:
-# 14336x4096 1.2-1.3x dense at 1-8 MB; 4096x14336 0.6x at 1 MB (73 rows), 0.9-1.0x at 4-8 MB.
+# first-touch page faults, and a block past the last-level cache is read back from DRAM), at least MIN_ROWS rows
+# (torch's GEMM slows down on narrow blocks), and larger for many tokens, where the GEMM's own efficiency matters
+# more than the buffer's residency. One thread, AVX2 EPYC with 32 MB L3, 2:4 vs dense: 64 tokens, 4096x11008 0.98x
+# at 128-256 rows, 0.74x at 1024; 512 tokens, 0.92x at 128 rows, 1.02-1.04x at 512-1024.
 BLOCK_BYTES = 4 << 20
-MIN_ROWS = 128
+MIN_ROWS = 256
 
 
-def _row_block(rows: int, in_features: int, element_size: int) -> int:
-    return max(1, min(rows, max(MIN_ROWS, BLOCK_BYTES // max(1, in_features * element_size))))
+def _row_block(rows: int, tokens: int, in_features: int, element_size: int) -> int:
+    block_bytes = BLOCK_BYTES * min(8, max(1, tokens // 64))
+    return max(1, min(rows, max(MIN_ROWS, block_bytes // max(1, in_features * element_size))))
+
+
 VALUE_DTYPES = (torch.float32, torch.bfloat16)  # the C product's; the blocked decode copies any 2- or 4-byte dtype
 INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -91,7 +95,7 @@ def _blocked(decode_rows, x: torch.Tensor, rows: int, values_dtype: torch.dtype,
     # a bias that trains (grad mode, the layer's own parameter) is added outside the GEMM, where autograd sees it
     trained_bias = bias is not None and bias.requires_grad and torch.is_grad_enabled()
     gemm_bias = None if trained_bias else bias
-    block = _row_block(rows, d, values_dtype.itemsize)
+    block = _row_block(rows, x2.shape[0], d, values_dtype.itemsize)
     buf = torch.empty(block, d, dtype=values_dtype)
     for r0 in range(0, rows, block):
         r1 = min(r0 + block, rows)
@@ -112,9 +116,10 @@ def nm_linear_cpu(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, 
     lib, rows, bits = _library(), values.shape[0], index_bits(m)
     if _runs_product(x, values):
         def run(x2, out):
-            lib.nm_linear(values.data_ptr(), int(values.dtype == torch.bfloat16), indices.data_ptr(),
-                          indices.shape[1], n, m, bits, rows, in_features, x2.data_ptr(), x2.stride(0), x2.shape[0],
-                          out.data_ptr(), out.stride(0), torch.get_num_threads())
+            if not lib.nm_linear(values.data_ptr(), int(values.dtype == torch.bfloat16), indices.data_ptr(),
+                                 indices.shape[1], n, m, bits, rows, in_features, x2.data_ptr(), x2.stride(0),
+                                 x2.shape[0], out.data_ptr(), out.stride(0), torch.get_num_threads()):
+                raise MemoryError("nm_linear: could not allocate its reordered copy of x")
         return _product(run, x, rows, bias)
 
     def decode_rows(r0, r1, buf):
@@ -139,6 +144,7 @@ def bitmask_linear_cpu(x: torch.Tensor, values: torch.Tensor, bitmask: torch.Ten
 
     def decode_rows(r0, r1, buf):
         lib.bitmask_decode(values.data_ptr(), values.element_size(), values.numel(), bitmask[r0].data_ptr(),
-                           bitmask.shape[1], offsets[r0].data_ptr(), r1 - r0, in_features, buf.data_ptr(), torch.get_num_threads())
+                           bitmask.shape[1], offsets[r0].data_ptr(), r1 - r0, in_features, buf.data_ptr(),
+                           torch.get_num_threads())
         return buf
     return _blocked(decode_rows, x, rows, values.dtype, bias)

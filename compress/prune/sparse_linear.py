@@ -5,9 +5,10 @@ and bitmasks are uint8), so they are what the checkpoint stores and what memory 
 bitmask format also holds per-row offsets into `values` (int64, 8 bytes per output row), recomputed on load. `SparseLinear.empty` builds one with the right buffer shapes for `Prune.restore`.
 
 Runtime (chosen at load, `set_runtime`; see runtime.py for the model-wide choice):
-- `packed`: only the packed tensors are held. On the CPU each call decodes then multiplies (smallest memory, slow);
-  on CUDA the GPU dispatcher (gpu_dispatch.py) runs the packed GEMV for few tokens and, above, the fastest of
-  cuSPARSELt and expand-into-scratch + cuBLAS for that shape.
+- `packed`: only the packed tensors are held. On the CPU a C product reads them directly for a few tokens, and
+  blocks of rows are decoded for torch's GEMM above (kernels/sparse_linear_cpu.py; without a C compiler each call
+  decodes the whole weight, then multiplies: slow); on CUDA the GPU dispatcher (gpu_dispatch.py) runs the packed
+  GEMV for few tokens and, above, the fastest of cuSPARSELt and expand-into-scratch + cuBLAS for that shape.
 - `dense`: the weight is decoded once into `weight_dense` (not persistent) and the packed values are dropped; a
   state-dict hook gathers them back from `weight_dense`, so `save` still writes the packed format."""
 from __future__ import annotations
@@ -164,7 +165,7 @@ class SparseLinear(nn.Module):
             from .gpu_dispatch import describe_path
 
             return describe_path(self, tokens)
-        return "packed (decode per call)"
+        return cpu_packed_path(self.values.dtype, tokens)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias.to(x.dtype) if self.bias is not None else None
@@ -182,6 +183,21 @@ class SparseLinear(nn.Module):
         layout = f"{self.n}:{self.m}" if self.format == "nm" else f"bitmask, nnz={self.nnz()}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, {layout}, "
                 f"bias={self.bias is not None}, runtime={self.runtime}")
+
+
+def cpu_packed_path(values_dtype: torch.dtype, tokens: int | None = None) -> str:
+    """What the packed runtime runs on the CPU for `tokens` (None: every size), as `compress inspect` says it."""
+    from ..kernels.sparse_linear_cpu import MAX_TOKENS, VALUE_DTYPES, cpu_sparse_available
+
+    if not cpu_sparse_available(values_dtype):
+        return "packed (decode per call, torch)"
+    product = f"packed: C product over the packed values at <= {MAX_TOKENS} tokens"
+    blocked = "blocks of rows decoded for torch's GEMM"
+    if values_dtype not in VALUE_DTYPES:
+        return f"packed: {blocked} at every size"
+    if tokens is None:
+        return f"{product}, {blocked} above"
+    return product if tokens <= MAX_TOKENS else f"packed: {blocked}"
 
 
 def _packed_values_in_state(module: SparseLinear, state_dict, prefix, local_metadata) -> None:

@@ -26,7 +26,7 @@ def sparse_layers(model):
 
 def test_default_cpu_runtime_is_dense_and_matches_packed(pruned_checkpoint, tmp_path):
     packed = compress.load(pruned_checkpoint, sparse_runtime="packed")
-    dense = compress.load(pruned_checkpoint)  # auto: dense on the CPU
+    dense = compress.load(pruned_checkpoint)  # auto: dense on the CPU for builtin:tiny's small layers
     assert {m.runtime for m in sparse_layers(dense)} == {"dense"}
     assert {m.runtime for m in sparse_layers(packed)} == {"packed"}
     ids = torch.randint(0, 8192, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -68,4 +68,25 @@ def test_inspect_says_which_path_each_layer_runs(pruned_checkpoint):
     paths = json.loads(out.output)["runtime"]["paths"]
     assert len(paths) == 42 and set(paths.values()) == {"dense (decoded at load)"}
     out = runner.invoke(main, ["inspect", str(pruned_checkpoint), "--device", "cpu", "--sparse-runtime", "packed"])
-    assert out.exit_code == 0 and "packed (decode per call)" in out.output
+    assert out.exit_code == 0 and "packed: C product over the packed values" in out.output
+
+
+def test_auto_on_the_cpu_packs_large_float32_layers_only(monkeypatch):
+    """auto: packed where the C product beats the dense GEMV (float32 layers of >= PACKED_MIN_WEIGHTS weights, a
+    compiler here), dense for small layers, bf16 ones, and without the C kernels."""
+    from compress.prune.runtime import PACKED_MIN_WEIGHTS, set_sparse_runtime
+
+    def layer(out_f, in_f, dtype=torch.float32):
+        lin = torch.nn.Linear(in_f, out_f, bias=False, dtype=dtype)
+        keep = torch.zeros(out_f, in_f // 4, 4, dtype=torch.bool)
+        keep[..., :2] = True
+        return SparseLinear.from_linear(lin, keep.view(out_f, in_f), (2, 4))
+
+    big = PACKED_MIN_WEIGHTS // 1024
+    model = torch.nn.Sequential(layer(big, 1024), layer(256, 256), layer(big, 1024, torch.bfloat16))
+    paths = set_sparse_runtime(model)
+    assert [m.runtime for m in model] == ["packed", "dense", "dense"]
+    assert paths["0"].startswith("packed: C product") and paths["1"] == "dense (decoded at load)"
+    monkeypatch.setenv("COMPRESS_CPU_KERNELS", "off")
+    set_sparse_runtime(model)
+    assert [m.runtime for m in model] == ["dense", "dense", "dense"]

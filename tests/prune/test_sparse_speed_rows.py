@@ -1,0 +1,22 @@
+"""benchmarks/sparse_speed.py's pruned-layer rows (the interface issue 9's checks read), on small shapes."""
+import pytest
+
+
+@pytest.fixture
+def bench(script_module):
+    return script_module("benchmarks/sparse_speed.py")
+
+
+def test_runtime_packed_rows_say_path_bytes_and_ratio(bench):
+    rows = bench.cpu_runtime_packed([1, 20], 1, shapes=[(64, 128)])
+    assert [(r["structure"], r["tokens"]) for r in rows] == [("2:4", 1), ("2:4", 20), ("unstructured", 1),
+                                                            ("unstructured", 20)]
+    assert all(r["device"] == "cpu" and r["kind"] == "runtime_packed" and r["speedup_vs_dense"] > 0 for r in rows)
+    assert rows[0]["path"].startswith("packed: C product") and rows[1]["path"].endswith("GEMM")
+    assert all(0.45 < r["bytes_vs_dense"] < 0.7 for r in rows)  # values + positions (+ row offsets) vs fp32 dense
+
+
+def test_only_runtimes_takes_no_activation_sparsity_options(bench, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--only-runtimes", "--only-activation-sparse"])
+    assert exit_info.value.code == 2 and "--only-runtimes skips activation sparsity" in capsys.readouterr().err

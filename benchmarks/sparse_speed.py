@@ -96,7 +96,6 @@ def cpu_runtime_packed(tokens_list, repeats, shapes=SHAPES) -> list[dict]:
                                  structure=structure, path=sparse.runtime_path(t), speedup_vs_dense=dense_s / ours_s,
                                  dense_ms=dense_s * 1e3, ours_ms=ours_s * 1e3,
                                  bytes_vs_dense=tensor_bytes(sparse) / tensor_bytes(lin)))
-            del lin, sparse
     return rows
 
 
@@ -120,7 +119,6 @@ def _e2e_rows(base, pruned_checkpoint, label: str, prefill_tokens: int, decode_t
                       speedup_vs_dense=prefill[0] / prefill[1]),
                  dict(device="cpu", kind="e2e_decode", shape=shape, tokens=decode_tokens,
                       speedup_vs_dense=decode[0] / decode[1], dense_tokens_per_s=decode_tokens / decode[0])]
-        del ours
     return rows
 
 

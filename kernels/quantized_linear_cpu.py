@@ -11,6 +11,7 @@ import ctypes
 
 import torch
 
+from .cpu_blocked import blocked_linear
 from .cpu_build import load_c_library
 from ..environment import setting
 
@@ -86,6 +87,53 @@ def cpu_qgemv(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | No
     return out.view(*lead, n)
 
 
+_NM24_SIGNATURES = (("nm24_qgemv", (_PTR, _I64, _PTR, _I64, _PTR, _INT, _PTR, _INT, _I64, _I64, _I64, _PTR, _I64,
+                                     _I64, _PTR, _I64, _INT), _INT),
+                    ("nm24_dequantize", (_PTR, _I64, _PTR, _I64, _PTR, _INT, _PTR, _INT, _I64, _I64, _I64, _PTR, _INT,
+                                         _INT), None))
+
+
+def cpu_nm24_qgemv_applies(packed: torch.Tensor, indices: torch.Tensor, scale: torch.Tensor, n: int, m: int,
+                           x: torch.Tensor) -> bool:
+    """The C product of a layer pruned 2:4 then quantized (csrc/qsparse.c) handles this call: few tokens, the
+    checks of `cpu_qgemv_applies` on x and the scales, contiguous positions, a compiler here."""
+    if (n, m) != (2, 4) or not _decoding_input(x, x.shape[-1] if x.dim() else 0) or x.dtype not in INPUT_DTYPES:
+        return False
+    if not 0 < x.numel() <= max_tokens(x.dtype) * x.shape[-1] or not indices.is_contiguous():
+        return False
+    return _stored_as_c_reads(packed, scale) and cpu_nm24_qgemv_available(scale.dtype)
+
+
+def cpu_nm24_blocked_applies(packed: torch.Tensor, indices: torch.Tensor, scale: torch.Tensor, n: int, m: int,
+                             x: torch.Tensor) -> bool:
+    """`cpu_nm24_blocked_linear` handles this call (x float32 or bf16): any number of tokens."""
+    return ((n, m) == (2, 4) and _decoding_input(x, x.shape[-1] if x.dim() else 0)
+            and x.dtype in (torch.float32, torch.bfloat16) and indices.is_contiguous()
+            and _stored_as_c_reads(packed, scale) and cpu_nm24_qgemv_available(scale.dtype))
+
+
+def cpu_nm24_qgemv_available(scale_dtype: torch.dtype) -> bool:
+    return (setting("COMPRESS_KERNELS") != "torch" and scale_dtype in SCALE_DTYPES
+            and load_c_library("qsparse", _NM24_SIGNATURES) is not None)
+
+
+def cpu_nm24_qgemv(packed: torch.Tensor, indices: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                   bits: int, group: int, x: torch.Tensor) -> torch.Tensor:
+    """x [..., in] (any float dtype) -> [..., out] float32 over the kept codes of a 2:4-pruned quantized layer."""
+    lead, d = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, d).float().contiguous()
+    t, rows = x2.shape[0], packed.shape[0]
+    out = torch.empty(t, rows, dtype=torch.float32)
+    zero = None if zero is None else zero.contiguous()
+    ok = load_c_library("qsparse", _NM24_SIGNATURES).nm24_qgemv(
+        packed.data_ptr(), packed.stride(0), indices.data_ptr(), indices.stride(0), scale.data_ptr(),
+        int(scale.dtype == torch.bfloat16), None if zero is None else zero.data_ptr(), bits, rows, d, group,
+        x2.data_ptr(), x2.stride(0), t, out.data_ptr(), out.stride(0), torch.get_num_threads())
+    if not ok:
+        raise MemoryError("nm24_qgemv: could not allocate its reordered copy of x")
+    return out.view(*lead, rows)
+
+
 def cpu_dequantize_applies(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> bool:
     return dtype in (torch.float32, torch.bfloat16) and _stored_as_c_reads(packed, scale) \
         and cpu_dequantize_available(scale.dtype)
@@ -126,21 +174,24 @@ ROW_BLOCK = 512
 
 def cpu_blocked_linear(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int, group: int,
                        x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ W.T for prefill-sized x without the whole float weight: ROW_BLOCK rows at a time are dequantized into one
-    reused buffer (cache-resident; a whole new weight costs its first-touch page faults, ~100 ms at 14336 x 4096)
-    and multiplied by torch's GEMM. Check `cpu_blocked_applies` first; W is built in x's dtype."""
-    n, d = packed.shape[0], x.shape[-1]
-    x2 = x.reshape(-1, d)
-    out = torch.empty(x2.shape[0], n, dtype=x.dtype)
-    if x2.shape[0] == 0:
-        return out.view(*x.shape[:-1], n)
-    buf = torch.empty(min(ROW_BLOCK, n), d, dtype=x.dtype)
-    for r0 in range(0, n, ROW_BLOCK):
-        r1 = min(r0 + ROW_BLOCK, n)
-        w = _dequantize_into(packed[r0:r1], scale[r0:r1], None if zero is None else zero[r0:r1], bits, group,
-                             buf[:r1 - r0])
-        if bias is None:
-            torch.matmul(x2, w.t(), out=out[:, r0:r1])
-        else:  # the bias inside the GEMM, as F.linear does (one bf16 rounding, not two)
-            torch.addmm(bias[r0:r1], x2, w.t(), out=out[:, r0:r1])
-    return out.view(*x.shape[:-1], n)
+    """x @ W.T for prefill-sized x without the whole float weight: ROW_BLOCK rows at a time dequantized into one
+    reused buffer, in x's dtype, and multiplied by torch's GEMM (cpu_blocked.py). Check `cpu_blocked_applies` first."""
+    def decode_rows(r0, r1, buf):
+        return _dequantize_into(packed[r0:r1], scale[r0:r1], None if zero is None else zero[r0:r1], bits, group, buf)
+    return blocked_linear(decode_rows, x, packed.shape[0], x.dtype, ROW_BLOCK, bias)
+
+
+def cpu_nm24_blocked_linear(packed: torch.Tensor, indices: torch.Tensor, scale: torch.Tensor,
+                            zero: torch.Tensor | None, bits: int, group: int, x: torch.Tensor,
+                            bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The same for a 2:4-pruned quantized layer (csrc/qsparse.c nm24_dequantize; check
+    `cpu_nm24_blocked_applies` first)."""
+    lib, d = load_c_library("qsparse", _NM24_SIGNATURES), x.shape[-1]
+
+    def decode_rows(r0, r1, buf):
+        lib.nm24_dequantize(packed[r0].data_ptr(), packed.stride(0), indices[r0].data_ptr(), indices.stride(0),
+                            scale[r0].data_ptr(), int(scale.dtype == torch.bfloat16),
+                            None if zero is None else zero[r0].data_ptr(), bits, r1 - r0, d, group, buf.data_ptr(),
+                            int(buf.dtype == torch.bfloat16), torch.get_num_threads())
+        return buf
+    return blocked_linear(decode_rows, x, packed.shape[0], x.dtype, ROW_BLOCK, bias)

@@ -10,6 +10,7 @@ import ctypes
 
 import torch
 
+from .cpu_blocked import blocked_linear
 from .cpu_build import load_c_library
 from .sparse_nm import index_bits
 from ..environment import setting
@@ -84,32 +85,6 @@ def _product(run, x: torch.Tensor, rows: int, bias: torch.Tensor | None) -> torc
     return out.to(x.dtype).view(*lead, rows)
 
 
-def _blocked(decode_rows, x: torch.Tensor, rows: int, values_dtype: torch.dtype,
-             bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ W.T with W decoded a block of rows at a time (`decode_rows(r0, r1, buf)`) into one reused buffer."""
-    d = x.shape[-1]
-    x2 = x.reshape(-1, d)
-    out = torch.empty(x2.shape[0], rows, dtype=x.dtype)
-    if x2.shape[0] == 0:
-        return out.view(*x.shape[:-1], rows)
-    # a bias that trains (grad mode, the layer's own parameter) is added outside the GEMM, where autograd sees it
-    trained_bias = bias is not None and bias.requires_grad and torch.is_grad_enabled()
-    gemm_bias = None if trained_bias else bias
-    block = _row_block(rows, x2.shape[0], d, values_dtype.itemsize)
-    buf = torch.empty(block, d, dtype=values_dtype)
-    for r0 in range(0, rows, block):
-        r1 = min(r0 + block, rows)
-        w = decode_rows(r0, r1, buf[:r1 - r0])
-        w = w if w.dtype == x.dtype else w.to(x.dtype)
-        if gemm_bias is None:
-            torch.matmul(x2, w.t(), out=out[:, r0:r1])
-        else:  # the bias inside the GEMM, as F.linear does (one rounding in bf16, not two)
-            torch.addmm(gemm_bias[r0:r1].to(x.dtype), x2, w.t(), out=out[:, r0:r1])
-    if trained_bias:
-        out = out + bias.to(x.dtype)
-    return out.view(*x.shape[:-1], rows)
-
-
 def nm_linear_cpu(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, n: int, m: int, in_features: int,
                   bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., in] @ W^T (+ bias), W in the packed N:M layout; check `cpu_sparse_applies` first."""
@@ -126,7 +101,8 @@ def nm_linear_cpu(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, 
         lib.nm_decode(values[r0].data_ptr(), values.element_size(), indices[r0].data_ptr(), indices.shape[1], n, m,
                       bits, r1 - r0, in_features, buf.data_ptr(), torch.get_num_threads())
         return buf
-    return _blocked(decode_rows, x, rows, values.dtype, bias)
+    return blocked_linear(decode_rows, x, rows, values.dtype,
+                          _row_block(rows, _tokens(x), in_features, values.element_size()), bias)
 
 
 def bitmask_linear_cpu(x: torch.Tensor, values: torch.Tensor, bitmask: torch.Tensor, row_offsets: torch.Tensor,
@@ -147,4 +123,5 @@ def bitmask_linear_cpu(x: torch.Tensor, values: torch.Tensor, bitmask: torch.Ten
                            bitmask.shape[1], offsets[r0].data_ptr(), r1 - r0, in_features, buf.data_ptr(),
                            torch.get_num_threads())
         return buf
-    return _blocked(decode_rows, x, rows, values.dtype, bias)
+    return blocked_linear(decode_rows, x, rows, values.dtype,
+                          _row_block(rows, _tokens(x), in_features, values.element_size()), bias)

@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.quantized_linear_cpu import (cpu_blocked_applies, cpu_blocked_linear, cpu_dequantize, cpu_qgemv,
-                                             cpu_qgemv_applies)
+from ..kernels.quantized_linear_cpu import (cpu_blocked_applies, cpu_blocked_linear, cpu_dequantize,
+                                            cpu_nm24_blocked_applies, cpu_nm24_blocked_linear, cpu_nm24_qgemv,
+                                            cpu_nm24_qgemv_applies, cpu_qgemv, cpu_qgemv_applies)
 from ..kernels.sparse_bitmask import unpack_bitmask
 from ..kernels.sparse_nm import index_bits, nm_decode_reference
 from ..prune.packing import pack_bit_fields, pack_nm
@@ -90,6 +91,9 @@ class QuantizedLinear(nn.Module):
             stored = kept
         elif sparsity == "bitmask":
             layer.bitmask = pack_bit_fields(mask.to(torch.long), 1)
+            # pruned positions hold the code of zero, so the C paths of unpruned layers multiply these codes as is
+            zero = 0 if symmetric else expand_groups(zero_points.to(codes.dtype), layer.group_size, in_features)
+            stored = torch.where(mask.to(codes.device), codes, zero)
         layer.weight_packed = pack_codes(stored.round().to(torch.int16), bits, symmetric)
         layer.weight_scale = scales.to(dtype).clone()
         if not symmetric:
@@ -164,14 +168,41 @@ class QuantizedLinear(nn.Module):
             q = q - expand_groups(self.weight_zero_point.float(), self.group_size, self.in_features)
         return (q * scale).to(dtype or self.weight_scale.dtype)
 
+    def _dense_codes(self) -> bool:
+        """`weight_packed` holds every column's code, pruned ones at the code of zero, so the C paths of unpruned
+        layers give this layer's product: unpruned, or unstructured (a bitmask beside dense codes). Checked once per
+        layer: a checkpoint's pruned positions that held anything else would take the reference path."""
+        if self.sparsity is None:
+            return True
+        if self.sparsity != "bitmask":
+            return False
+        if getattr(self, "_zero_where_pruned", None) is None:
+            codes = self._stored_codes().to(torch.int16)
+            zero = 0 if self.symmetric else expand_groups(self.weight_zero_point.to(torch.int16), self.group_size,
+                                                          self.in_features)
+            self._zero_where_pruned = bool(((codes == zero) | self.sparsity_mask()).all())
+        return self._zero_where_pruned
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias.to(x.dtype) if self.bias is not None else None
-        if self.sparsity is None and cpu_qgemv_applies(self.weight_packed, self.weight_scale, self.bits,
-                                                       self.in_features, self.group_size, x):
+        if self.sparsity == "nm" and cpu_nm24_qgemv_applies(self.weight_packed, self.indices, self.weight_scale,
+                                                            self.n, self.m, x):
+            # decoding a 2:4-pruned layer on a CPU: its kept codes multiplied where they sit (kernels/csrc/qsparse.c)
+            y = cpu_nm24_qgemv(self.weight_packed, self.indices, self.weight_scale, self.weight_zero_point, self.bits,
+                               self.group_size, x)
+            return (y if self.bias is None else y + self.bias.float()).to(x.dtype)
+        if self.sparsity == "nm" and cpu_nm24_blocked_applies(self.weight_packed, self.indices, self.weight_scale,
+                                                              self.n, self.m, x):
+            # prefill: rows dequantized a block at a time into one reused buffer, then torch's GEMM
+            return cpu_nm24_blocked_linear(self.weight_packed, self.indices, self.weight_scale, self.weight_zero_point,
+                                           self.bits, self.group_size, x, bias)
+        dense_codes = x.device.type == "cpu" and self._dense_codes()
+        if dense_codes and cpu_qgemv_applies(self.weight_packed, self.weight_scale, self.bits, self.in_features,
+                                             self.group_size, x):
             # decoding on a CPU: the codes multiplied as they are, no float weight built (kernels/csrc/qgemv.c)
             y = cpu_qgemv(self.weight_packed, self.weight_scale, self.weight_zero_point, self.bits, self.group_size, x)
             return (y if self.bias is None else y + self.bias.float()).to(x.dtype)  # one rounding, at the end
-        if self.sparsity is None and cpu_blocked_applies(self.weight_packed, self.weight_scale, self.in_features, x):
+        if dense_codes and cpu_blocked_applies(self.weight_packed, self.weight_scale, self.in_features, x):
             # prefill on a CPU: rows dequantized a block at a time into one reused buffer, then torch's GEMM
             return cpu_blocked_linear(self.weight_packed, self.weight_scale, self.weight_zero_point, self.bits,
                                       self.group_size, x, bias)
@@ -180,11 +211,18 @@ class QuantizedLinear(nn.Module):
     def runtime_path(self, tokens: int = 1) -> str:
         """What forward runs for `tokens` tokens on this layer's device (`compress inspect`)."""
         probe = torch.empty(tokens, self.in_features, dtype=self.weight_scale.dtype, device=self.weight_packed.device)
-        if self.sparsity is None and cpu_qgemv_applies(self.weight_packed, self.weight_scale, self.bits,
-                                                       self.in_features, self.group_size, probe):
+        if self.sparsity == "nm" and cpu_nm24_qgemv_applies(self.weight_packed, self.indices, self.weight_scale,
+                                                            self.n, self.m, probe):
+            return f"kept int{self.bits} codes multiplied in C where their 2:4 positions say"
+        if self.sparsity == "nm" and cpu_nm24_blocked_applies(self.weight_packed, self.indices, self.weight_scale,
+                                                              self.n, self.m, probe):
+            return "dequantized in C a block of rows at a time, then torch's matmul"
+        dense_codes = probe.device.type == "cpu" and self.sparsity in (None, "bitmask")  # (checked per call)
+        if dense_codes and cpu_qgemv_applies(self.weight_packed, self.weight_scale, self.bits,
+                                             self.in_features, self.group_size, probe):
             return f"int{self.bits} codes multiplied in C"
         blocked = cpu_blocked_applies(self.weight_packed, self.weight_scale, self.in_features, probe)
-        if self.sparsity is None and blocked:
+        if dense_codes and blocked:
             return "dequantized in C a block of rows at a time, then torch's matmul"
         return "dequantized, then a dense matmul"
 

@@ -294,13 +294,6 @@ int qgemv(const uint8_t* packed, int64_t ldp, const void* scale, int scale_bf16,
    float32 product rounded to bfloat16 (to nearest even, as torch's .to(torch.bfloat16)): bit for bit what the torch
    reference (`QuantizedLinear.dequantized_weight`) computes, without its full-size int16 / float temporaries (which
    made it ~500 ms for a 14336 x 4096 layer). For prefill-sized inputs, which then run a dense matmul. Any group. */
-static inline uint16_t f32_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-    return (uint16_t)((u & 0x7FFFFFFFu) > 0x7F800000u ? (u >> 16) | 0x40u : rounded);  /* NaN stays a quiet NaN */
-}
-
 /* one row's float values; the loops are branch-free so they vectorize (4 bits: byte b -> columns 2b, 2b + 1) */
 static void dequantize_row(const uint8_t* q, const float* sc, int scale_bf16, const uint8_t* zero, int bits,
                            int64_t d, int64_t group, float* dst) {

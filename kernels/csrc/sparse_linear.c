@@ -10,6 +10,7 @@
 #endif
 
 #include "bf16.h"
+#include "nm24.h"
 
 /* SparseLinear's product on the CPU for a few tokens (decoding), read from its packed storage:
    out[j, r] = sum_c W[r, c] * x[j, c] over the kept weights only, W never built. Decoding a token is a pass over
@@ -54,12 +55,6 @@ static void rank_table(lane_table* t) {
     }
 }
 
-static inline float hsum256(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-
 ALWAYS_INLINE __m256 load8(const void* v, int64_t i, int bf16) {
     return bf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(
                       (const __m128i*)((const uint16_t*)v + i))), 16))
@@ -87,23 +82,7 @@ ALWAYS_INLINE __m256 bitmask_block(const void* v, int64_t i, int64_t n_values, i
 /* ---- N:M ---- */
 
 #ifdef SPARSE_AVX2
-/* 2:4, 16 columns (four groups, eight values) a step, x gathered to the values rather than values spread over the
-   columns: no zero lanes, and in-lane permutes only. xp is x with each 16 columns reordered [0-3, 8-11, 4-7, 12-15],
-   so that the eight values' lanes (groups 0 0 1 1 2 2 3 3) find their group's four x values in the same 128-bit
-   half: lanes 0,1,4,5 permute from xp[0:8] (groups 0 and 2), lanes 2,3,6,7 from xp[8:16] (groups 1 and 3); the
-   permute reads the low two bits of each lane's control, the value's 2-bit position shifted down. */
-ALWAYS_INLINE __m256 nm24_x(const float* xj, __m256i ctrl) {
-    return _mm256_blend_ps(_mm256_permutevar_ps(_mm256_loadu_ps(xj), ctrl),
-                           _mm256_permutevar_ps(_mm256_loadu_ps(xj + 8), ctrl), 0xCC);
-}
-
-ALWAYS_INLINE __m256i nm24_ctrl(const uint8_t* idx, int64_t k) {
-    const __m256i shifts = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
-    uint16_t u;
-    memcpy(&u, idx + 2 * k, 2);
-    return _mm256_srlv_epi32(_mm256_set1_epi32(u), shifts);
-}
-
+/* the float values of 2:4 rows against x reordered for nm24_x (nm24.h) */
 ALWAYS_INLINE void nm24_gather(const void* v, int bf16, const uint8_t* idx, int64_t blocks16, const float* xp,
                                int64_t ldxp, int nt, __m256* a) {
     int64_t k = 0;
@@ -124,14 +103,6 @@ ALWAYS_INLINE void nm24_gather(const void* v, int bf16, const uint8_t* idx, int6
 }
 #endif
 
-
-ALWAYS_INLINE int64_t field_at(const uint8_t* idx, int64_t i, int bits) {
-    int64_t bit = i * bits, byte = bit >> 3;
-    int shift = (int)(bit & 7);
-    uint32_t w = idx[byte];
-    if (shift + bits > 8) w |= (uint32_t)idx[byte + 1] << 8;  /* a field straddling two bytes (m not a power of 4) */
-    return (w >> shift) & ((1u << bits) - 1);
-}
 
 /* values [i0, kept) of one N:M row against nt tokens, the plain loop */
 ALWAYS_INLINE void nm_row_plain(const void* v, int bf16, const uint8_t* idx, int n, int m, int bits, int64_t i0,
@@ -177,16 +148,8 @@ int nm_linear(const void* values, int value_bf16, const uint8_t* indices, int64_
     int64_t ldxp = 16 * (d / 16);
 #ifdef SPARSE_AVX2
     if (n == 2 && m == 4 && ldxp > 0) {
-        xp = malloc(t * ldxp * sizeof(float));
+        xp = nm24_reordered_x(x, ldx, t, ldxp);
         if (!xp) return 0;
-        for (int64_t j = 0; j < t; ++j)
-            for (int64_t c = 0; c < ldxp; c += 16)
-                for (int q = 0; q < 4; ++q) {
-                    xp[j * ldxp + c + q] = x[j * ldx + c + q];
-                    xp[j * ldxp + c + 4 + q] = x[j * ldx + c + 8 + q];
-                    xp[j * ldxp + c + 8 + q] = x[j * ldx + c + 4 + q];
-                    xp[j * ldxp + c + 12 + q] = x[j * ldx + c + 12 + q];
-                }
     }
 #endif
     #pragma omp parallel for num_threads(nthreads) schedule(static)

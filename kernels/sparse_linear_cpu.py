@@ -10,7 +10,7 @@ import ctypes
 
 import torch
 
-from .cpu_blocked import blocked_linear
+from .cpu_blocked import blocked_linear, rows_per_block
 from .cpu_build import load_c_library
 from .sparse_nm import index_bits
 from ..environment import setting
@@ -18,20 +18,6 @@ from ..environment import setting
 # Tokens up to which the C product runs; above, the blocked decode + torch GEMM (one thread, AVX2 EPYC, 2:4 against
 # the dense layer: the product 1.1-2.0x at 8 tokens, 0.6-1.2x at 16, where the blocked path is 1.0-1.4x).
 MAX_TOKENS = 8
-# Weight decoded at a time for the GEMM: ~BLOCK_BYTES, a cache-resident buffer (a whole new weight pays its
-# first-touch page faults, and a block past the last-level cache is read back from DRAM), at least MIN_ROWS rows
-# (torch's GEMM slows down on narrow blocks), and larger for many tokens, where the GEMM's own efficiency matters
-# more than the buffer's residency. One thread, AVX2 EPYC with 32 MB L3, 2:4 vs dense: 64 tokens, 4096x11008 0.98x
-# at 128-256 rows, 0.74x at 1024; 512 tokens, 0.92x at 128 rows, 1.02-1.04x at 512-1024.
-BLOCK_BYTES = 4 << 20
-MIN_ROWS = 256
-
-
-def _row_block(rows: int, tokens: int, in_features: int, element_size: int) -> int:
-    block_bytes = BLOCK_BYTES * min(8, max(1, tokens // 64))
-    return max(1, min(rows, max(MIN_ROWS, block_bytes // max(1, in_features * element_size))))
-
-
 VALUE_DTYPES = (torch.float32, torch.bfloat16)  # the C product's; the blocked decode copies any 2- or 4-byte dtype
 INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -102,7 +88,7 @@ def nm_linear_cpu(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, 
                       bits, r1 - r0, in_features, buf.data_ptr(), torch.get_num_threads())
         return buf
     return blocked_linear(decode_rows, x, rows, values.dtype,
-                          _row_block(rows, _tokens(x), in_features, values.element_size()), bias)
+                          rows_per_block(rows, _tokens(x), in_features, values.element_size()), bias)
 
 
 def bitmask_linear_cpu(x: torch.Tensor, values: torch.Tensor, bitmask: torch.Tensor, row_offsets: torch.Tensor,
@@ -124,4 +110,4 @@ def bitmask_linear_cpu(x: torch.Tensor, values: torch.Tensor, bitmask: torch.Ten
                            torch.get_num_threads())
         return buf
     return blocked_linear(decode_rows, x, rows, values.dtype,
-                          _row_block(rows, _tokens(x), in_features, values.element_size()), bias)
+                          rows_per_block(rows, _tokens(x), in_features, values.element_size()), bias)

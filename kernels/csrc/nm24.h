@@ -6,6 +6,11 @@
 #include <string.h>
 #include "bf16.h"
 
+/* a permute control per byte value (2:4 positions, a bitmask's bits): 8 lanes each */
+typedef struct {
+    int32_t lane[256][8];
+} lane_table;
+
 /* the `bits`-bit field i of a little-endian bit stream (an N:M row's positions) */
 ALWAYS_INLINE int64_t field_at(const uint8_t* idx, int64_t i, int bits) {
     int64_t bit = i * bits, byte = bit >> 3;
@@ -41,6 +46,17 @@ ALWAYS_INLINE __m256i nm24_ctrl(const uint8_t* idx, int64_t k) {
     uint16_t u;
     memcpy(&u, idx + 2 * k, 2);
     return _mm256_srlv_epi32(_mm256_set1_epi32(u), shifts);
+}
+
+/* 2:4: lane L of a position byte's 8 columns takes value 0..3, or lane 4 (zero) where no kept value sits */
+static inline void nm24_spread_table(lane_table* t) {
+    for (int b = 0; b < 256; ++b)
+        for (int lane = 0; lane < 8; ++lane) {
+            int base = lane < 4 ? 0 : 2, col = lane & 3, v = 4;
+            if (((b >> (2 * base)) & 3) == col) v = base;
+            else if (((b >> (2 * base + 2)) & 3) == col) v = base + 1;
+            t->lane[b][lane] = v;
+        }
 }
 
 /* x [t, >= d16] -> a new [t, d16] copy reordered for nm24_x (NULL when it cannot be allocated) */

@@ -34,10 +34,6 @@
 #define PREFETCH_BYTES 2048
 #endif
 
-typedef struct {
-    int32_t lane[256][8];
-} lane_table;
-
 ALWAYS_INLINE float value_at(const void* v, int64_t i, int bf16) {
     return bf16 ? bf16_to_f32(((const uint16_t*)v)[i]) : ((const float*)v)[i];
 }
@@ -266,17 +262,6 @@ void bitmask_linear(const void* values, int value_bf16, int64_t n_values, const 
    values spread by a permute from a table whose zero lanes read lane 4, a zero; bitmask: as in bitmask_block). */
 
 #ifdef SPARSE_AVX2
-/* 2:4: lane L of a position byte's 8 columns takes value 0..3, or lane 4 (zero) where no kept value sits */
-static void nm24_spread_table(lane_table* t) {
-    for (int b = 0; b < 256; ++b)
-        for (int lane = 0; lane < 8; ++lane) {
-            int base = lane < 4 ? 0 : 2, col = lane & 3, v = 4;
-            if (((b >> (2 * base)) & 3) == col) v = base;
-            else if (((b >> (2 * base + 2)) & 3) == col) v = base + 1;
-            t->lane[b][lane] = v;
-        }
-}
-
 /* eight 32-bit lanes holding 16-bit values -> those eight 16-bit values stored at o */
 ALWAYS_INLINE void store8_u16(uint16_t* o, __m256i lanes) {
     __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(lanes, lanes), 0x08);

@@ -1,9 +1,9 @@
 """SparseLinear's `packed` runtime on the CPU (csrc/sparse_linear.c). Decoding (<= MAX_TOKENS tokens): the kept
 values multiplied where their positions say, straight from the packed storage, so a step reads the packed bytes
-(2:4 or 50% in float32: ~0.53x of the dense weight's) instead of decoding the whole weight on every call. Prefill:
-ROW_BLOCK rows at a time decoded into one reused buffer (exactly the torch reference's weight) and multiplied by
-torch's GEMM. The torch reference (decode, then `F.linear`) stays the path for gradients, float16 / float64
-values, CUDA, and machines without a C compiler."""
+(2:4 or 50% in float32: ~0.53x of the dense weight's) instead of decoding the whole weight on every call. Prefill
+(and float16 values at any size): blocks of rows decoded into one reused buffer (exactly the torch reference's
+weight) and multiplied by torch's GEMM (cpu_blocked.py). The torch reference (decode, then `F.linear`) stays the
+path for gradients, float64, CUDA, and machines without a C compiler."""
 from __future__ import annotations
 
 import ctypes

@@ -208,10 +208,9 @@ class GEARCache(Cache):
     `skip_layers` keep a plain DynamicLayer. Keyword arguments are `KVCacheSettings` fields."""
 
     def __init__(self, config, settings: KVCacheSettings | None = None, **kwargs: Any):
-        from transformers import PretrainedConfig
-
-        if not isinstance(config, PretrainedConfig):  # e.g. the model itself: model.config is what it reads
-            hint = " (pass model.config)" if isinstance(getattr(config, "config", None), PretrainedConfig) else ""
+        if not callable(getattr(config, "get_text_config", None)):  # e.g. the model itself: it reads model.config
+            hint = " (pass model.config)" if callable(getattr(getattr(config, "config", None), "get_text_config",
+                                                              None)) else ""
             raise CompressError(f"GEARCache takes the model's config{hint}, got {type(config).__name__}")
         if settings is not None and kwargs:
             raise CompressError("GEARCache: pass either settings or keyword arguments, not both")

@@ -22,9 +22,10 @@ def inspect_checkpoint(checkpoint: str, sparse_runtime: str, device: str | None)
     section = models.compression_section(path) or {}
     model = models.load(checkpoint, meta=True)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if _quantized_by_transformers(path, section):
-        # transformers builds these layers (its compressed-tensors or bitsandbytes integration), the meta model is
-        # the dense one: the files are checked for damage and counted from their headers
+    if section.get("export_format") or _quantized_by_transformers(path, section):
+        # transformers builds these layers (its compressed-tensors or bitsandbytes integration), or reads an export
+        # whose layers all stayed dense (no quantization_config): the meta model is the dense one at the storage
+        # dtype, so the files are checked for damage and counted from their headers
         from .checkpoint import weight_files
         from .checkpoint_validation import check_weight_files
         from .inspection import bytes_by_component_from_headers

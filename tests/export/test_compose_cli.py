@@ -98,3 +98,22 @@ def test_inexpressible_recipe_fails_before_any_work(tmp_path, how):
         assert f"{recipe}:4:5:" in result.output and "vq_logits" in result.output
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert not out.exists()
+
+
+def test_inspect_counts_an_export_whose_layers_stayed_dense_from_its_files(tmp_path, tiny_model):
+    """An export with nothing quantized has no quantization_config; inspect counted it from the dense meta model at
+    the checkpoint's dtype, while the layers it could not quantize are stored in float32 (an audit's find)."""
+    from compress.checkpoint_validation import header_nbytes, read_header
+
+    src = tmp_path / "src"
+    tiny_model("qwen2", hidden_size=72, intermediate_size=100, head_dim=18).to(torch.bfloat16).save_pretrained(src)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("passes:\n  - quantize: {method: rtn, bits: 8, group_size: 32}\n"
+                      "export: {format: compressed-tensors}\n")  # 32 divides no row of 72 / 100: nothing quantized
+    out = tmp_path / "ct"
+    result = run("apply", recipe, "--model", src, "--output", out, "--no-eval", "--json")
+    assert result.exit_code == 0, result.output
+    inspected = run("inspect", out, "--json")
+    assert inspected.exit_code == 0, inspected.output
+    counted = sum(v["dense"] + v["compressed"] for v in json.loads(inspected.output)["components"].values())
+    assert counted == sum(header_nbytes(*info) for f in out.glob("*.safetensors") for info in read_header(f).values())

@@ -96,7 +96,8 @@ def empty_model(config, dtype: torch.dtype | None = None, meta: bool = False) ->
 
 def storage_dtype(config) -> torch.dtype:
     """The dtype the checkpoint stores floating tensors in (config.dtype; bf16 when absent)."""
-    d = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    # an older config's own torch_dtype field, not transformers 5's deprecated alias (which warns on every read)
+    d = getattr(config, "dtype", None) or getattr(config, "__dict__", {}).get("torch_dtype")
     if isinstance(d, str):
         d = DTYPES.get(d)
     return d if isinstance(d, torch.dtype) else torch.bfloat16

@@ -97,10 +97,11 @@ _NM24_SIGNATURES = (("nm24_qgemv", (_PTR, _I64, _PTR, _I64, _PTR, _INT, _PTR, _I
 
 
 def cpu_nm24_qgemv_applies(packed: torch.Tensor, indices: torch.Tensor, scale: torch.Tensor, n: int, m: int,
-                           x: torch.Tensor) -> bool:
+                           in_features: int, x: torch.Tensor) -> bool:
     """The C product of a layer pruned 2:4 then quantized (csrc/qsparse.c) handles this call: few tokens, the
-    checks of `cpu_qgemv_applies` on x and the scales, contiguous positions, a compiler here."""
-    if (n, m) != (2, 4) or not _decoding_input(x, x.shape[-1] if x.dim() else 0) or x.dtype not in INPUT_DTYPES:
+    checks of `cpu_qgemv_applies` on x (its width the layer's: the kernel steps through the codes by it) and the
+    scales, contiguous positions, a compiler here."""
+    if (n, m) != (2, 4) or not _decoding_input(x, in_features) or x.dtype not in INPUT_DTYPES:
         return False
     if not 0 < x.numel() <= min(NM24_MAX_TOKENS, max_tokens(x.dtype)) * x.shape[-1] or not indices.is_contiguous():
         return False
@@ -108,9 +109,9 @@ def cpu_nm24_qgemv_applies(packed: torch.Tensor, indices: torch.Tensor, scale: t
 
 
 def cpu_nm24_blocked_applies(packed: torch.Tensor, indices: torch.Tensor, scale: torch.Tensor, n: int, m: int,
-                             x: torch.Tensor) -> bool:
-    """`cpu_nm24_blocked_linear` handles this call (x float32 or bf16): any number of tokens."""
-    return ((n, m) == (2, 4) and _decoding_input(x, x.shape[-1] if x.dim() else 0)
+                             in_features: int, x: torch.Tensor) -> bool:
+    """`cpu_nm24_blocked_linear` handles this call (x float32 or bf16, the layer's width): any number of tokens."""
+    return ((n, m) == (2, 4) and _decoding_input(x, in_features)
             and x.dtype in (torch.float32, torch.bfloat16) and indices.is_contiguous()
             and _stored_as_c_reads(packed, scale) and cpu_nm24_qgemv_available(scale.dtype))
 

@@ -99,6 +99,6 @@ def bitmask_linear(x: torch.Tensor, values: torch.Tensor, bitmask: torch.Tensor,
         return bitmask_linear_triton(x, values, bitmask, row_offsets, in_features, bias)
     from .sparse_linear_cpu import bitmask_linear_cpu, cpu_sparse_applies
 
-    if cpu_sparse_applies(x, values, bitmask):
+    if cpu_sparse_applies(x, in_features, values, bitmask):
         return bitmask_linear_cpu(x, values, bitmask, row_offsets, in_features, bias)
     return bitmask_linear_reference(x, values, bitmask, row_offsets, in_features, bias)

@@ -41,10 +41,13 @@ def cpu_sparse_available(values_dtype: torch.dtype) -> bool:
             and _library() is not None)
 
 
-def cpu_sparse_applies(x: torch.Tensor, values: torch.Tensor, *packed: torch.Tensor) -> bool:
-    """A call the C paths take: CPU tensors, no gradient through x (a bias's gradient still flows: it is added by
-    torch), contiguous packed tensors of a dtype they read."""
+def cpu_sparse_applies(x: torch.Tensor, in_features: int, values: torch.Tensor, *packed: torch.Tensor) -> bool:
+    """A call the C paths take: CPU tensors, x of the layer's width (the kernels step through it by in_features; a
+    wrong width goes to the reference, which raises F.linear's shape error), no gradient through x (a bias's
+    gradient still flows: it is added by torch), contiguous packed tensors of a dtype they read."""
     if x.device.type != "cpu" or values.device.type != "cpu" or x.dim() == 0 or x.dtype not in INPUT_DTYPES:
+        return False
+    if x.shape[-1] != in_features:
         return False
     if torch.is_grad_enabled() and (x.requires_grad or values.requires_grad):
         return False

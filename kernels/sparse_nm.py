@@ -138,6 +138,6 @@ def nm_linear(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, n: i
         return nm_linear_triton(x, values, indices, n, m, in_features, bias)
     from .sparse_linear_cpu import cpu_sparse_applies, nm_linear_cpu  # it imports index_bits from here
 
-    if cpu_sparse_applies(x, values, indices):
+    if cpu_sparse_applies(x, in_features, values, indices):
         return nm_linear_cpu(x, values, indices, n, m, in_features, bias)
     return nm_linear_reference(x, values, indices, n, m, in_features, bias)

@@ -62,8 +62,8 @@ def runtime_plan(model: nn.Module, runtime: str = "auto", device_type: str = "cp
     from ..activation_sparsity.mlp import ActivationSparseMLP
     from ..kernels.quantized_linear_cpu import max_tokens as qgemv_max_tokens
     from ..kernels.quantized_linear_cpu import ROW_BLOCK as QGEMV_ROW_BLOCK
-    from ..kernels.quantized_linear_cpu import (cpu_dequantize_available, cpu_nm24_qgemv_available,
-                                                cpu_qgemv_available)
+    from ..kernels.quantized_linear_cpu import (NM24_MAX_TOKENS, cpu_dequantize_available,
+                                                cpu_nm24_qgemv_available, cpu_qgemv_available)
     from ..quantize.bnb import Bnb4bitLinear, Bnb8bitLinear
     from ..quantize.quantized_linear import QuantizedLinear
     from ..vq_logits.head import VQLogitsHead
@@ -96,12 +96,13 @@ def runtime_plan(model: nn.Module, runtime: str = "auto", device_type: str = "cp
                      else ", zeros kept" if module.sparsity else "")
             dequantized = f"int{module.bits} codes, dequantized per call, then a dense product (torch{zeros})"
             blocks = f"dequantized in C {QGEMV_ROW_BLOCK} rows at a time, each block by torch's matmul"
+            nm24_blocks = "dequantized in C a block of rows at a time, each block by torch's matmul"
             scale_dtype = module.weight_scale.dtype
             dense_codes = module.sparsity in (None, "bitmask")  # pruned codes at the code of zero
             if device_type == "cpu" and module.sparsity == "nm" and (module.n, module.m) == (2, 4) and \
                     cpu_nm24_qgemv_available(scale_dtype):
                 plan[name] = (f"kept int{module.bits} codes multiplied in C where their 2:4 positions say at <= "
-                              f"{qgemv_max_tokens(scale_dtype)} tokens; above, {blocks}")
+                              f"{min(NM24_MAX_TOKENS, qgemv_max_tokens(scale_dtype))} tokens; above, {nm24_blocks}")
             elif device_type == "cpu" and dense_codes and \
                     cpu_qgemv_available(module.bits, module.in_features, module.group_size, scale_dtype):
                 plan[name] = (f"int{module.bits} codes multiplied in C at <= {qgemv_max_tokens(scale_dtype)} tokens; "

@@ -176,23 +176,27 @@ class QuantizedLinear(nn.Module):
             return True
         if self.sparsity != "bitmask":
             return False
-        if getattr(self, "_zero_where_pruned", None) is None:
+        # the answer holds for these tensors as they are: a load_state_dict or an in-place edit checks again
+        key = tuple((t.data_ptr(), t._version) for t in (self.weight_packed, self.bitmask, self.weight_zero_point)
+                    if t is not None)
+        cached = getattr(self, "_zero_where_pruned", None)
+        if cached is None or cached[0] != key:
             codes = self._stored_codes().to(torch.int16)
             zero = 0 if self.symmetric else expand_groups(self.weight_zero_point.to(torch.int16), self.group_size,
                                                           self.in_features)
-            self._zero_where_pruned = bool(((codes == zero) | self.sparsity_mask()).all())
-        return self._zero_where_pruned
+            cached = self._zero_where_pruned = (key, bool(((codes == zero) | self.sparsity_mask()).all()))
+        return cached[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         if self.sparsity == "nm" and cpu_nm24_qgemv_applies(self.weight_packed, self.indices, self.weight_scale,
-                                                            self.n, self.m, x):
+                                                            self.n, self.m, self.in_features, x):
             # decoding a 2:4-pruned layer on a CPU: its kept codes multiplied where they sit (kernels/csrc/qsparse.c)
             y = cpu_nm24_qgemv(self.weight_packed, self.indices, self.weight_scale, self.weight_zero_point, self.bits,
                                self.group_size, x)
             return (y if self.bias is None else y + self.bias.float()).to(x.dtype)
         if self.sparsity == "nm" and cpu_nm24_blocked_applies(self.weight_packed, self.indices, self.weight_scale,
-                                                              self.n, self.m, x):
+                                                              self.n, self.m, self.in_features, x):
             # prefill: rows dequantized a block at a time into one reused buffer, then torch's GEMM
             return cpu_nm24_blocked_linear(self.weight_packed, self.indices, self.weight_scale, self.weight_zero_point,
                                            self.bits, self.group_size, x, bias)
@@ -212,10 +216,10 @@ class QuantizedLinear(nn.Module):
         """What forward runs for `tokens` tokens on this layer's device (`compress inspect`)."""
         probe = torch.empty(tokens, self.in_features, dtype=self.weight_scale.dtype, device=self.weight_packed.device)
         if self.sparsity == "nm" and cpu_nm24_qgemv_applies(self.weight_packed, self.indices, self.weight_scale,
-                                                            self.n, self.m, probe):
+                                                            self.n, self.m, self.in_features, probe):
             return f"kept int{self.bits} codes multiplied in C where their 2:4 positions say"
         if self.sparsity == "nm" and cpu_nm24_blocked_applies(self.weight_packed, self.indices, self.weight_scale,
-                                                              self.n, self.m, probe):
+                                                              self.n, self.m, self.in_features, probe):
             return "dequantized in C a block of rows at a time, then torch's matmul"
         dense_codes = probe.device.type == "cpu" and self.sparsity in (None, "bitmask")  # (checked per call)
         if dense_codes and cpu_qgemv_applies(self.weight_packed, self.weight_scale, self.bits,

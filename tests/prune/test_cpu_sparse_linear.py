@@ -45,7 +45,7 @@ def test_nm_product_and_blocked_path(tokens, cpu_level):
         values, indices = pack_nm(weight, nm_mask(rows, cols, n, m, gen), n, m)
         bias = torch.randn(rows, generator=gen)
         x = torch.randn(2, tokens, cols, generator=gen) if tokens == 40 else torch.randn(tokens, cols, generator=gen)
-        assert cpu.cpu_sparse_applies(x, values, indices)
+        assert cpu.cpu_sparse_applies(x, cols, values, indices)
         y = cpu.nm_linear_cpu(x, values, indices, n, m, cols, bias)
         assert y.shape == (*x.shape[:-1], rows)
         assert_close_to(y, reference(x, nm_decode_reference(values, indices, n, m, cols, torch.float64), bias),
@@ -149,3 +149,16 @@ def test_a_trained_bias_gets_its_gradient_through_the_c_paths():
         (y * torch.arange(8.0)).sum().backward()
         torch.testing.assert_close(bias.grad, torch.arange(8.0) * tokens)
         torch.testing.assert_close(y, x @ nm_decode_reference(values, indices, 2, 4, 16).t() + bias)
+
+
+@pytest.mark.parametrize("fmt", ["nm", "bitmask"])
+def test_a_wrong_width_input_is_refused_as_f_linear_refuses_it(fmt):
+    """The kernels step through x by the layer's width: a wider or narrower x must not reach them (it read past x,
+    or used part of it: an audit's find); the reference raises torch's shape error."""
+    lin = torch.nn.Linear(64, 16)
+    keep = torch.zeros(16, 16, 4, dtype=torch.bool)
+    keep[..., :2] = True
+    layer = SparseLinear.from_linear(lin, keep.view(16, 64), (2, 4) if fmt == "nm" else None)
+    for width in (32, 63, 65, 4096):
+        with torch.no_grad(), pytest.raises(RuntimeError, match="shape|size"):
+            layer(torch.randn(1, width))

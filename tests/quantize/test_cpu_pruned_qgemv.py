@@ -44,7 +44,7 @@ def test_kept_codes_times_x_equals_the_dequantized_product(bits, symmetric, scal
         reference = layer.dequantized_weight(torch.float64)
         for tokens in (1, 2, 3, 4, 7):
             x = torch.randn(tokens, in_f, generator=torch.Generator().manual_seed(tokens))
-            assert cpu.cpu_nm24_qgemv_applies(layer.weight_packed, layer.indices, layer.weight_scale, 2, 4, x)
+            assert cpu.cpu_nm24_qgemv_applies(layer.weight_packed, layer.indices, layer.weight_scale, 2, 4, in_f, x)
             y = cpu.cpu_nm24_qgemv(layer.weight_packed, layer.indices, layer.weight_scale, layer.weight_zero_point,
                                    bits, layer.group_size, x)
             want = x.double() @ reference.t()
@@ -99,3 +99,22 @@ def test_prefill_dequantizes_2of4_rows_in_c_bit_for_bit(dtype, monkeypatch, cpu_
     with torch.no_grad():
         torch.testing.assert_close(layer(x), F.linear(x, reference_weight, layer.bias.to(dtype)))
 
+
+
+def test_a_wrong_width_input_never_reaches_the_c_paths():
+    layer = pruned_layer(16, 64, 4, 32, True, torch.float32, nm=True)
+    for width in (32, 4096):
+        for tokens in (1, 20):  # the product and the blocked dequantize
+            with torch.no_grad(), pytest.raises(RuntimeError, match="shape|size"):
+                layer(torch.randn(tokens, width))
+
+
+def test_the_zero_code_check_is_made_again_after_the_codes_change():
+    layer = pruned_layer(16, 64, 4, 32, True, torch.float32, nm=False)
+    x = torch.randn(1, 64)
+    with torch.no_grad():
+        layer(x)  # checked: the pruned codes are the code of zero
+        state = {k: v.clone() for k, v in layer.state_dict().items()}
+        state["weight_packed"] = torch.randint(0, 256, state["weight_packed"].shape, dtype=torch.uint8)
+        layer.load_state_dict(state)
+        torch.testing.assert_close(layer(x), x @ layer.dequantized_weight().t())

@@ -130,6 +130,11 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
         from .offload import parse_bytes
 
         parse_bytes(max_memory)  # a malformed size fails before any work
+        source = _local_source(model_src)
+        if offload_folder and source is not None and \
+                Path(offload_folder).expanduser().resolve().is_relative_to(Path(source).resolve()):
+            raise CompressError(f"--offload-folder {offload_folder} is inside the source model's folder: the layers "
+                                "spilled there would mix with its files; put it elsewhere")
         if models.layers_left_on_disk(model_src, max_memory=max_memory, dtype=dtype):
             api.check_offload_support(passes)  # passes that cannot run so fail before any layer is read
     # folders written while the run works (Trainer checkpoints, --offload-folder): the output's swap must not hold them
@@ -487,7 +492,8 @@ def list_passes(as_json):
         for fname, f in cls.Config.model_fields.items():
             default = f.get_default(call_default_factory=True)
             fields[fname] = {"type": _type_name(f.annotation), "default": default, "description": f.description}
-        out[name] = {"doc": (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else "", "arguments": fields}
+        summary = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())  # the first paragraph, unwrapped
+        out[name] = {"doc": summary, "arguments": fields}
     if as_json:
         click.echo(json.dumps(out, default=str))
         return

@@ -86,7 +86,8 @@ def wilson_interval(p: float, n: int) -> list[float]:
     z = 1.959964
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return [max(centre - half, 0.0), min(centre + half, 1.0)]
+    # at p = 0 (1) the bound is exactly 0 (1); rounding left it at 5.6e-17 in the JSON
+    return [0.0 if p <= 0 else max(centre - half, 0.0), 1.0 if p >= 1 else min(centre + half, 1.0)]
 
 
 def paired_proportion_difference(ours: list[bool], base: list[bool]) -> list[float]:

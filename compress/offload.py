@@ -21,6 +21,7 @@ import re
 import shutil
 import tempfile
 import uuid
+import weakref
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -100,6 +101,9 @@ class OffloadState:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.device = device
         self._spilled: dict[str, Path] = {}  # prefix -> its current spill file
+        # when the state goes away, and at interpreter exit for a model still alive then (__del__ does not run for
+        # those: a script that ended with its model in a variable left the spill files behind)
+        self._finalizer = weakref.finalize(self, _remove_spills, self.folder, self._own_folder, self._spilled)
 
     def spill(self, module: nn.Module, prefix: str) -> None:
         """Write `module` (compressed or not) to a spill file and leave it on meta, read back on demand; the layer's
@@ -115,23 +119,22 @@ class OffloadState:
     def cleanup(self) -> None:
         """Remove what this state wrote: its own temporary folder, or in a folder the user named only the spill
         files it wrote there (the folder and anything else in it stay)."""
-        if self._own_folder:
-            shutil.rmtree(self.folder, ignore_errors=True)
-            return
-        for path in self._spilled.values():
-            path.unlink(missing_ok=True)
-        self._spilled.clear()
+        _remove_spills(self.folder, self._own_folder, self._spilled)
 
     def __deepcopy__(self, memo):
         """A copy of the model reads the same spill files: it shares this state, so the files go with the last of
         them (a copy that cleaned up on its own would delete what the other still reads)."""
         return self
 
-    def __del__(self):  # the spill files of a model that goes away
-        try:
-            self.cleanup()
-        except Exception:
-            pass
+
+
+def _remove_spills(folder: Path, own_folder: bool, spilled: dict[str, Path]) -> None:
+    if own_folder:
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    for path in spilled.values():
+        path.unlink(missing_ok=True)
+    spilled.clear()
 
 
 @contextmanager

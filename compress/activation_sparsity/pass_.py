@@ -165,6 +165,10 @@ class ActivationSparsity(Pass):
                           "exact_gate": m.exact_gate}
                    for name, m in zip(targets, modules)}
         report.details = {**found, "restore": restore}
+        if not any(m.threshold > 0 for m in modules):  # every CETT tried cost more than the budget
+            report.notes.append(f"activation_sparsity found no threshold within its budget "
+                                f"(target_ppl_increase {c.target_ppl_increase}): nothing is skipped; raise outer_steps "
+                                f"/ inner_steps (the search's resolution) or the budget")
         return report
 
     def restore(self, model: nn.Module, entry: dict[str, Any]) -> None:

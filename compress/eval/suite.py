@@ -105,7 +105,8 @@ def run_suite(model, tokenizer, baseline=None, *, tasks_dir: Path = DATA_DIR, ta
                 ci[t.removeprefix(LM_EVAL_PREFIX)] = accuracy_interval(results[t])
             per_doc[id(m)] = {t.removeprefix(LM_EVAL_PREFIX): results[t].get("acc_per_doc") for t in lm_tasks}
         if "copy" in wanted:
-            out["copy"] = copy_probe(m, span_len=min(copy_span, max_length // 2), num=copy_num,
+            out["copy"] = copy_probe(m, span_len=min(copy_span, max_length // 2),
+                                     num=min(copy_num, limit) if limit else copy_num,
                                      vocab_size=min(len(tokenizer), m.config.vocab_size), seed=seed)
         return out, {t: c for t, c in ci.items() if c is not None}
 
@@ -122,7 +123,7 @@ def run_suite(model, tokenizer, baseline=None, *, tasks_dir: Path = DATA_DIR, ta
             baseline_scores, baseline_ci = scores_of(baseline)
             change_ci = paired_changes(per_doc.get(id(model), {}), per_doc.get(id(baseline), {}))
         if any(t in wanted for t in AGREEMENT_TASKS):
-            rows = read_rows(tasks_dir / "agreement.jsonl")
+            rows = read_rows(tasks_dir / "agreement.jsonl")[:limit]  # the limit caps every task's examples
             agreement = agreement_scores(model, baseline, tokenizer, rows, greedy_tokens, batch_size)
             model_scores.update({t: v for t, v in agreement.items() if t in wanted})
             baseline_scores.update({t: SELF_AGREEMENT[t] for t in agreement if t in wanted})

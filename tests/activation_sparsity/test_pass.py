@@ -451,3 +451,14 @@ def test_a_later_pass_over_the_mlps_is_noted_in_the_budget_report(reference_toke
     assert notes["re:.*mlp\\..*_proj"] == ["its perplexity budget (+1%) was met before prune changed these MLPs; the "
                                            "evaluation after the recipe shows the combined cost"]
     assert notes["re:.*self_attn\\..*_proj"] == []
+
+
+def test_a_search_that_finds_no_threshold_says_so():
+    """With too few search steps every CETT tried costs more than the budget: the pass ends with nothing skipped,
+    and says so in its report (it ended silently at 0% with a `cett` that was not in effect)."""
+    cal = {"source": "builtin:calibration", "num_samples": 4, "seq_len": 64}
+    _, report = compress.apply(compress.load("builtin:tiny"),
+                               [compress.passes.ActivationSparsity(outer_steps=1, inner_steps=1)], calibration=cal,
+                               progress=False)
+    entry = report.passes[0]
+    assert entry.details["sparsity"] == 0.0 and "found no threshold within its budget" in entry.notes[0]

@@ -148,3 +148,9 @@ def test_paired_proportion_difference_covers_95_percent():
         lo, hi = paired_proportion_difference(ours, base)
         covered += lo <= 0.05 <= hi
     assert 0.93 <= covered / 2000 <= 0.975
+
+
+def test_wilson_bounds_are_exact_at_zero_and_one():
+    from compress.intervals import wilson_interval
+
+    assert wilson_interval(0.0, 3)[0] == 0.0 and wilson_interval(1.0, 3)[1] == 1.0  # not 5.6e-17 / 1 - 1e-16

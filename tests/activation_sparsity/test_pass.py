@@ -446,8 +446,10 @@ def test_a_later_pass_over_the_mlps_is_noted_in_the_budget_report(reference_toke
         _, report = compress.apply(compress.load("builtin:tiny"),
                                    [ActivationSparsity(**FAST), compress.passes.Prune(sparsity=0.5, targets=targets)],
                                    calibration=CALIB, tokenizer=reference_tokenizer, progress=False)
-        notes[targets[0]] = report.passes[0].notes
-        assert report.passes[1].notes == [] and report.to_dict()["passes"][0]["notes"] == report.passes[0].notes
+        # (FAST's few search steps find no threshold on this model: that note is another test's subject)
+        notes[targets[0]] = [n for n in report.passes[0].notes if "found no threshold" not in n]
+        assert report.passes[1].notes == []
+        assert report.to_dict()["passes"][0]["notes"] == report.passes[0].notes
     assert notes["re:.*mlp\\..*_proj"] == ["its perplexity budget (+1%) was met before prune changed these MLPs; the "
                                            "evaluation after the recipe shows the combined cost"]
     assert notes["re:.*self_attn\\..*_proj"] == []

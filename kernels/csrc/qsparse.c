@@ -42,6 +42,21 @@ ALWAYS_INLINE float scale_at(const void* scale, int64_t g, int bf16) {
     return bf16 ? bf16_to_f32(((const uint16_t*)scale)[g]) : ((const float*)scale)[g];
 }
 
+/* row r of a layer: its codes, positions, scales and zero points (NULL when symmetric) */
+typedef struct {
+    const uint8_t* q;
+    const uint8_t* idx;
+    const void* scale;
+    const uint8_t* zero;
+} qrow;
+
+ALWAYS_INLINE qrow qrow_at(const uint8_t* packed, int64_t ldp, const uint8_t* indices, int64_t ldi, const void* scale,
+                           int scale_bf16, const uint8_t* zero, int64_t groups, int64_t r) {
+    qrow w = {packed + r * ldp, indices + r * ldi, (const char*)scale + r * groups * (scale_bf16 ? 2 : 4),
+              zero ? zero + r * groups : NULL};
+    return w;
+}
+
 ALWAYS_INLINE int code_at(const uint8_t* q, int64_t i, int bits) {
     return bits == 4 ? (q[i >> 1] >> ((i & 1) * 4)) & 15 : q[i];
 }
@@ -109,7 +124,6 @@ int nm24_qgemv(const uint8_t* packed, int64_t ldp, const uint8_t* indices, int64
                int64_t ldx, int64_t t, float* out, int64_t ldo, int nthreads) {
     if (t <= 0 || rows <= 0) return 1;
     int64_t groups = (d + group - 1) / group;
-    size_t scale_bytes = scale_bf16 ? 2 : 4;
     float* xp = NULL;
 #if defined(__AVX2__) && defined(__FMA__)
     if (d % 16 == 0 && group % 16 == 0) {
@@ -119,10 +133,9 @@ int nm24_qgemv(const uint8_t* packed, int64_t ldp, const uint8_t* indices, int64
 #endif
     #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
-        const uint8_t* q = packed + r * ldp;
-        const uint8_t* idx = indices + r * ldi;
-        const void* sr = (const char*)scale + r * groups * scale_bytes;
-        const uint8_t* zr = zero ? zero + r * groups : NULL;
+        qrow w = qrow_at(packed, ldp, indices, ldi, scale, scale_bf16, zero, groups, r);
+        const uint8_t *q = w.q, *idx = w.idx, *zr = w.zero;
+        const void* sr = w.scale;
         for (int64_t j = 0; j < t; j += 4) {
             int nt = t - j < 4 ? (int)(t - j) : 4;
 #if defined(__AVX2__) && defined(__FMA__)
@@ -146,7 +159,6 @@ void nm24_dequantize(const uint8_t* packed, int64_t ldp, const uint8_t* indices,
                      int scale_bf16, const uint8_t* zero, int bits, int64_t rows, int64_t d, int64_t group, void* out,
                      int out_bf16, int nthreads) {
     int64_t groups = (d + group - 1) / group;
-    size_t scale_bytes = scale_bf16 ? 2 : 4;
     float symmetric_offset = bits == 4 ? 8.f : 128.f;
 #if defined(__AVX2__) && defined(__FMA__)
     /* float32 out, whole 8-column steps per group: a step's four kept codes dequantized in lanes 0-3 and spread to
@@ -157,10 +169,9 @@ void nm24_dequantize(const uint8_t* packed, int64_t ldp, const uint8_t* indices,
 #endif
     #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
-        const uint8_t* q = packed + r * ldp;
-        const uint8_t* idx = indices + r * ldi;
-        const void* sr = (const char*)scale + r * groups * scale_bytes;
-        const uint8_t* zr = zero ? zero + r * groups : NULL;
+        qrow w = qrow_at(packed, ldp, indices, ldi, scale, scale_bf16, zero, groups, r);
+        const uint8_t *q = w.q, *idx = w.idx, *zr = w.zero;
+        const void* sr = w.scale;
 #if defined(__AVX2__) && defined(__FMA__)
         if (fast) {
             float* o = (float*)out + r * d;

@@ -187,48 +187,49 @@ class QuantizedLinear(nn.Module):
             cached = self._zero_where_pruned = (key, bool(((codes == zero) | self.sparsity_mask()).all()))
         return cached[1]
 
+    def _path(self, x: torch.Tensor) -> str:
+        """Which of forward's paths takes `x`: one decision for forward and for what `runtime_path` reports."""
+        if self.sparsity == "nm":
+            packed = (self.weight_packed, self.indices, self.weight_scale, self.n, self.m, self.in_features, x)
+            if cpu_nm24_qgemv_applies(*packed):
+                return "nm24_product"
+            if cpu_nm24_blocked_applies(*packed):
+                return "nm24_blocked"
+        elif x.device.type == "cpu" and self._dense_codes():
+            if cpu_qgemv_applies(self.weight_packed, self.weight_scale, self.bits, self.in_features, self.group_size,
+                                 x):
+                return "product"
+            if cpu_blocked_applies(self.weight_packed, self.weight_scale, self.in_features, x):
+                return "blocked"
+        return "reference"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias.to(x.dtype) if self.bias is not None else None
-        if self.sparsity == "nm" and cpu_nm24_qgemv_applies(self.weight_packed, self.indices, self.weight_scale,
-                                                            self.n, self.m, self.in_features, x):
-            # decoding a 2:4-pruned layer on a CPU: its kept codes multiplied where they sit (kernels/csrc/qsparse.c)
-            y = cpu_nm24_qgemv(self.weight_packed, self.indices, self.weight_scale, self.weight_zero_point, self.bits,
-                               self.group_size, x)
-            return (y if self.bias is None else y + self.bias.float()).to(x.dtype)
-        if self.sparsity == "nm" and cpu_nm24_blocked_applies(self.weight_packed, self.indices, self.weight_scale,
-                                                              self.n, self.m, self.in_features, x):
-            # prefill: rows dequantized a block at a time into one reused buffer, then torch's GEMM
-            return cpu_nm24_blocked_linear(self.weight_packed, self.indices, self.weight_scale, self.weight_zero_point,
-                                           self.bits, self.group_size, x, bias)
-        dense_codes = x.device.type == "cpu" and self._dense_codes()
-        if dense_codes and cpu_qgemv_applies(self.weight_packed, self.weight_scale, self.bits, self.in_features,
-                                             self.group_size, x):
-            # decoding on a CPU: the codes multiplied as they are, no float weight built (kernels/csrc/qgemv.c)
-            y = cpu_qgemv(self.weight_packed, self.weight_scale, self.weight_zero_point, self.bits, self.group_size, x)
+        path = self._path(x)
+        if path in ("product", "nm24_product"):
+            # decoding on a CPU: the codes multiplied as they are, no float weight built (kernels/csrc/qgemv.c; a
+            # 2:4-pruned layer's kept codes where their positions say, kernels/csrc/qsparse.c)
+            codes = (self.weight_packed,) if path == "product" else (self.weight_packed, self.indices)
+            product = cpu_qgemv if path == "product" else cpu_nm24_qgemv
+            y = product(*codes, self.weight_scale, self.weight_zero_point, self.bits, self.group_size, x)
             return (y if self.bias is None else y + self.bias.float()).to(x.dtype)  # one rounding, at the end
-        if dense_codes and cpu_blocked_applies(self.weight_packed, self.weight_scale, self.in_features, x):
+        if path == "blocked":
             # prefill on a CPU: rows dequantized a block at a time into one reused buffer, then torch's GEMM
             return cpu_blocked_linear(self.weight_packed, self.weight_scale, self.weight_zero_point, self.bits,
                                       self.group_size, x, bias)
+        if path == "nm24_blocked":
+            return cpu_nm24_blocked_linear(self.weight_packed, self.indices, self.weight_scale, self.weight_zero_point,
+                                           self.bits, self.group_size, x, bias)
         return F.linear(x, self.dequantized_weight(x.dtype), bias)
 
     def runtime_path(self, tokens: int = 1) -> str:
         """What forward runs for `tokens` tokens on this layer's device (`compress inspect`)."""
         probe = torch.empty(tokens, self.in_features, dtype=self.weight_scale.dtype, device=self.weight_packed.device)
-        if self.sparsity == "nm" and cpu_nm24_qgemv_applies(self.weight_packed, self.indices, self.weight_scale,
-                                                            self.n, self.m, self.in_features, probe):
-            return f"kept int{self.bits} codes multiplied in C where their 2:4 positions say"
-        if self.sparsity == "nm" and cpu_nm24_blocked_applies(self.weight_packed, self.indices, self.weight_scale,
-                                                              self.n, self.m, self.in_features, probe):
-            return "dequantized in C a block of rows at a time, then torch's matmul"
-        dense_codes = probe.device.type == "cpu" and self.sparsity in (None, "bitmask")  # (checked per call)
-        if dense_codes and cpu_qgemv_applies(self.weight_packed, self.weight_scale, self.bits,
-                                             self.in_features, self.group_size, probe):
-            return f"int{self.bits} codes multiplied in C"
-        blocked = cpu_blocked_applies(self.weight_packed, self.weight_scale, self.in_features, probe)
-        if dense_codes and blocked:
-            return "dequantized in C a block of rows at a time, then torch's matmul"
-        return "dequantized, then a dense matmul"
+        return {"nm24_product": f"kept int{self.bits} codes multiplied in C where their 2:4 positions say",
+                "product": f"int{self.bits} codes multiplied in C",
+                "nm24_blocked": "dequantized in C a block of rows at a time, then torch's matmul",
+                "blocked": "dequantized in C a block of rows at a time, then torch's matmul",
+                "reference": "dequantized, then a dense matmul"}[self._path(probe)]
 
     def extra_repr(self) -> str:
         sparse = f", {self.n}:{self.m} sparse" if self.sparsity == "nm" else (", sparse" if self.sparsity else "")

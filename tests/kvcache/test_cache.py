@@ -187,3 +187,15 @@ def test_cache_constructors_say_what_they_take(lm):
     for call, message in cases:
         with pytest.raises(CompressError, match=message):
             call()
+
+
+@pytest.mark.parametrize("change", [dict(num_hidden_layers=1), dict(head_dim=128)])
+def test_cache_built_for_another_model_says_so(lm, heldout_ids, attn, change):
+    """A GEARCache built from another model's config (fewer layers, another head size) failed with an IndexError
+    inside transformers, or deep in the store; one CompressError naming the mismatch."""
+    from compress import CompressError
+
+    attn("gear_kv")
+    config = lm.config.__class__.from_dict({**lm.config.to_dict(), **change})
+    with pytest.raises(CompressError, match="GEARCache was built for a model of .* build the cache from"):
+        lm(heldout_ids[:, :20], past_key_values=GEARCache(config, bits=4), use_cache=True)

@@ -1,0 +1,78 @@
+"""What `compress apply` and `compress eval` share to evaluate a model: its held-out windows, the model it was made
+from (the default baseline), the evaluation with the KV cache's own quality block."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .errors import CompressError
+
+EVAL_SEQ_LEN = 256
+
+
+def _recorded_source(model_src: str) -> str | None:
+    """The model a compressed checkpoint was made from, if its `compression` section names one that exists here."""
+    from . import models
+
+    folder = models.resolve_model_path(model_src)
+    source = (models.compression_section(folder) or {}).get("source_model")
+    if source and source.startswith("builtin:"):
+        return source
+    # recorded relative to the checkpoint folder; older checkpoints recorded it as typed (the current folder's)
+    for candidate in ((folder / source, Path(source)) if source else ()):
+        if candidate.exists():
+            return str(candidate.resolve())
+    if source:  # said, not silently dropped: without a baseline there is no KL / top-1 agreement
+        click.echo(f"note: {model_src} was made from {source}, which is not here; no KL or top-1 agreement "
+                   "(pass --baseline MODEL)", err=True)
+    return None
+
+
+def _read_text(path: str) -> str:
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise CompressError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); save it as UTF-8") from None
+
+
+def _eval_windows(tokenizer, text, seq_len: int, max_windows, config):
+    """The held-out windows, checked against the model's context before any work."""
+    from .evaluate import heldout_windows
+    from .models import check_token_ids
+
+    context = getattr(config, "max_position_embeddings", None)
+    if context is not None and seq_len > context:
+        raise CompressError(f"--seq-len {seq_len} is longer than the model's context ({context} tokens); "
+                            f"use at most {context}")
+    windows = heldout_windows(tokenizer, text=text, seq_len=seq_len, max_windows=max_windows)
+    check_token_ids(windows, config, "held-out text")
+    return windows
+
+
+def _evaluate(model, baseline_src, tokenizer, windows, progress, seq_len: int = EVAL_SEQ_LEN, text: str | None = None,
+              allow_pickle: bool = False, dtype: str = "auto", prepared=None, max_memory=None):
+    """Evaluate a loaded `model` against the model at `baseline_src` (if any) on held-out windows (`prepared`, or
+    cut here from `text`)."""
+    from . import models
+    from .evaluate import evaluate
+
+    w = prepared if prepared is not None else _eval_windows(tokenizer, text, seq_len, windows, model.config)
+    baseline = models.load(baseline_src, allow_pickle=allow_pickle, dtype=dtype, max_memory=max_memory) \
+        if baseline_src else None
+    vocab = [getattr(models.text_config(m.config), "vocab_size", None) for m in (model, baseline) if m is not None]
+    if len(set(vocab)) > 1:
+        raise CompressError(f"the baseline {baseline_src} has a vocabulary of {vocab[1]} tokens, the model {vocab[0]}: "
+                            "KL and top-1 agreement need the same vocabulary; pass the model it was made from")
+    out = evaluate(model, w, baseline, progress=progress)
+    n = w.shape[0]
+    out["protocol"] = (f"{n} non-overlapping window{'s' if n != 1 else ''} of {seq_len} tokens of "
+                       + ("the given text" if text is not None else "held-out text"))
+    settings = getattr(model, "kv_cache_settings", None)
+    if settings is not None:
+        from .kvcache.quality import cache_quality_summary
+
+        out["kv_cache"] = cache_quality_summary(model, tokenizer, settings, text, windows)
+    return out

@@ -360,8 +360,8 @@ def generate(model_src, prompt, max_new_tokens, sample, temperature, top_p, seed
     ids = tokenizer(prompt, return_tensors="pt", verbose=False).input_ids  # the length is checked below
     if ids.shape[1] == 0:
         raise CompressError(f"the prompt {prompt!r} gives no tokens; give some text to continue")
-    _check_context(model, ids.shape[1], max_new_tokens)  # the prompt's length, with the new tokens
-    models.check_token_ids(ids, model.config, "--prompt")
+    limited = _check_context(model, ids.shape[1], max_new_tokens)  # the prompt's length, with the new tokens
+    models.check_token_ids(ids, model.config, "--prompt", check_context=limited)
     kwargs = ({"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": None} if sample
               else {"do_sample": False})
     with torch.no_grad():
@@ -383,15 +383,17 @@ def _non_empty(prompt: str) -> str:
     return prompt
 
 
-def _check_context(model, prompt_tokens: int, new_tokens: int) -> None:
+def _check_context(model, prompt_tokens: int, new_tokens: int) -> bool:
+    """Whether the model has a context limit; if it has, the prompt and the new tokens must fit it."""
     from .linearize.cache import linearized_windows
 
     if len(linearized_windows(model)) == getattr(model.config, "num_hidden_layers", None):
-        return  # recurrent states (and RoPE windows of a few dozen tokens) have no context limit: linearizing's point
+        return False  # recurrent states and RoPE windows of a few dozen tokens: no context limit (linearizing's point)
     context = getattr(model.config, "max_position_embeddings", None)
     if context is not None and prompt_tokens + new_tokens > context:
         raise CompressError(f"the prompt ({prompt_tokens} tokens) plus --max-new-tokens {new_tokens} exceed the "
                             f"model's context of {context} tokens; shorten one of them")
+    return True
 
 
 @main.command()

@@ -241,11 +241,13 @@ def text_config(config):
     return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
 
 
-def check_token_ids(ids: torch.Tensor, config, what: str, fix: str = "") -> None:
-    """Token ids a tokenizer produced must index the model's embedding, and sequences fit its context: a tokenizer
-    from another model fails here, before any work, instead of as an IndexError deep in the forward pass."""
+def check_token_ids(ids: torch.Tensor, config, what: str, fix: str = "", *, check_context: bool = True) -> None:
+    """Token ids a tokenizer produced must index the model's embedding, and sequences fit its context (unless
+    `check_context` is False: a fully linearized model has no context limit): a tokenizer from another model fails
+    here, before any work, instead of as an IndexError deep in the forward pass."""
     text = text_config(config)
-    vocab, context = getattr(text, "vocab_size", None), getattr(text, "max_position_embeddings", None)
+    vocab = getattr(text, "vocab_size", None)
+    context = getattr(text, "max_position_embeddings", None) if check_context else None
     if vocab is not None and ids.numel() and int(ids.max()) >= vocab:
         raise CompressError(f"{what}: the tokenizer gives token id {int(ids.max())}, but the model's vocabulary has "
                             f"{vocab} entries: the tokenizer does not belong to this model")

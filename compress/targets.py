@@ -31,20 +31,29 @@ def _matcher(pattern: str):
     return lambda name, module: any(cls.__name__ == pattern for cls in type(module).__mro__)
 
 
+EXEMPT = "compress_exempt"  # attribute of a module no compression pass may take: its reason (a string)
+
+
 def match_modules(
-    model: nn.Module, targets: Iterable[str], ignore: Iterable[str] = (), *, require_all: bool = True
+    model: nn.Module, targets: Iterable[str], ignore: Iterable[str] = (), *, require_all: bool = True,
+    include_exempt: bool = False,
 ) -> dict[str, nn.Module]:
-    """Modules matched by any of `targets` and none of `ignore`, by dotted name, in model order.
+    """Modules matched by any of `targets` and none of `ignore`, by dotted name, in model order. Modules a pass
+    added for its own math (MoM's router: `EXEMPT`) are never matched unless `include_exempt` (recover's
+    train_modules): quantizing or pruning them would break the layer that reads their weight.
 
     With `require_all`, a target pattern that matches no module at all is an error naming the closest names."""
-    named = [(n, m) for n, m in model.named_modules() if n]
+    every = [(n, m) for n, m in model.named_modules() if n]
+    named = every if include_exempt else [(n, m) for n, m in every if not getattr(m, EXEMPT, None)]
     targets, ignore = list(targets), list(ignore)
     target_fns = [(p, _matcher(p)) for p in targets]
     ignore_fns = [_matcher(p) for p in ignore]
     if require_all:
         for pattern, fn in target_fns:
             if not any(fn(n, m) for n, m in named):
-                raise TargetError(f"target {pattern!r} matches no module{closest(pattern, model)}")
+                exempt = next((f"{n} ({getattr(m, EXEMPT)})" for n, m in every if fn(n, m)), None)
+                raise TargetError(f"target {pattern!r} matches no module"
+                                  + (f" passes may compress; it names {exempt}" if exempt else closest(pattern, model)))
     return {
         n: m
         for n, m in named

@@ -35,6 +35,8 @@ from ..kernels.delta_rule import gated_delta_rule
 from ..kernels.dispatch import use_triton
 from ..kernels.linear_decode_cpu import linear_decode_supported, mom_decode_step
 from ..kernels.linear_decode_triton import mom_decode_step_triton, mom_triton_supported
+from ..errors import UnsupportedModelError
+from ..targets import EXEMPT
 from .attention import LinearizedAttention, key_validity
 from .settings import LinearizeSettings
 
@@ -111,16 +113,27 @@ def routed_delta_rule(q, k, v, g, beta, routed, weights, state, chunk_size):
     return mixed, state.view(b, m, *state.shape[1:])
 
 
+def _float_tensor(module: nn.Module) -> torch.Tensor:
+    """A floating-point parameter (else buffer) of `module`: the device, dtype and trainability new modules beside
+    it take."""
+    tensors = [*module.parameters(), *module.buffers()]
+    found = next((t for t in tensors if t.is_floating_point()), None)
+    if found is None:
+        raise UnsupportedModelError(f"{type(module).__name__} holds no floating-point tensor to take a dtype from")
+    return found
+
+
 class MixtureOfMemoriesAttention(LinearizedAttention):
     def __init__(self, original: nn.Module, settings: LinearizeSettings, layer_idx: int):
         super().__init__(original, settings, layer_idx)
-        w = self.k_proj.weight
+        w = _float_tensor(self.k_proj)  # k_proj may be pruned (packed values) or quantized (codes and scales)
         hidden, kv_heads = self.k_proj.in_features, self.k_proj.out_features // self.head_dim
         self.router = nn.Linear(hidden, settings.num_memories, bias=False, device=w.device, dtype=w.dtype)
         self.beta_proj = nn.Linear(hidden, kv_heads, bias=True, device=w.device, dtype=w.dtype)
         self.aux_loss: torch.Tensor | None = None  # set by a training forward, read (and cleared) by recover
         for child in (self.router, self.beta_proj):  # trainable like the rest of the model (frozen after load)
             child.requires_grad_(w.requires_grad)
+            setattr(child, EXEMPT, "Mixture-of-Memories' routing, read in float32 every step; small")
         self._init_new_parameters()
 
     @torch.no_grad()

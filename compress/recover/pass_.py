@@ -166,7 +166,7 @@ class Recover(Pass):
 
     def _train_modules(self, model: nn.Module) -> dict[str, nn.Module]:
         try:
-            return match_modules(model, self.config.train_modules)
+            return match_modules(model, self.config.train_modules, include_exempt=True)
         except CompressError as exc:
             raise ConfigError(f"recover: train_modules: {exc}") from None
 

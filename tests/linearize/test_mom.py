@@ -223,3 +223,28 @@ def test_a_float64_model_keeps_its_prompt_in_float64():
         logits = model(ids, cache=cache).logits
     assert cache.layers[0].state.dtype == torch.float64
     torch.testing.assert_close(logits, model(ids).logits.detach(), rtol=1e-12, atol=1e-12)  # the grad path
+
+
+@pytest.mark.parametrize("first", ["prune", "quantize"])
+def test_mom_beside_pruned_or_quantized_projections(first):
+    """A helper's audit: MoM after prune/quantize crashed on `k_proj.weight` (packed or quantized layers have none);
+    MoM then quantize/prune took its router and beta map too (targets: Linear), and the saved checkpoint could not
+    run. The router is never a compression target now, and MoM takes its dtype from k_proj's float tensors."""
+    from compress.prune.sparse_linear import SparseLinear
+    from compress.quantize.quantized_linear import QuantizedLinear
+
+    compressing = {"prune": compress.get_pass("prune")(method="magnitude", structure="2:4", storage="packed"),
+                   "quantize": compress.get_pass("quantize")(method="rtn", bits=4, group_size=64)}[first]
+    mom = compress.get_pass("linearize")(variant="mom", layers="every_2")
+    ids = torch.randint(0, 1000, (1, 24))
+    for order in ([compressing, mom], [mom, compressing]):
+        model, _ = compress.apply(compress.load("builtin:tiny", dtype="float32"), order, progress=False)
+        attn = model.model.layers[0].self_attn
+        assert isinstance(attn, MixtureOfMemoriesAttention)
+        assert type(attn.router) is torch.nn.Linear and type(attn.beta_proj) is torch.nn.Linear
+        assert isinstance(attn.k_proj, (SparseLinear, QuantizedLinear))
+        with torch.no_grad():
+            assert torch.isfinite(model(ids).logits).all()
+    with pytest.raises(CompressError, match="passes may compress; it names model.layers.0.self_attn.router"):
+        compress.apply(model, [compress.get_pass("quantize")(method="rtn", targets=["model.layers.0.self_attn.router"])],
+                       progress=False)

@@ -344,3 +344,23 @@ def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
     """Put `new` at dotted `name` inside `root` (how passes swap in their compressed modules)."""
     parent, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, child, new)
+
+
+UNTIED_NOTE = ("the output head shared its weight with the input embedding (tie_word_embeddings): it was untied "
+               "first, the embedding kept as it was, so the model holds one more head than before")
+
+
+def untie_output_head(model: nn.Module, targets: dict[str, nn.Module]) -> bool:
+    """Give the output head its own weight when a pass is about to compress it while it shares that weight with the
+    input embedding: pruning in place would zero the embedding too, and a quantized head in a config that still says
+    tied is tied back over the embedding at load (an unloadable checkpoint). True when it untied."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(head, "weight", None)
+    if weight is None or embedding is None or not any(m is head for m in targets.values()) \
+            or weight.data_ptr() != embedding.weight.data_ptr():
+        return False
+    head.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+    for config in {id(c): c for c in (model.config, model.config.get_text_config(decoder=True))}.values():
+        config.tie_word_embeddings = False
+    return True

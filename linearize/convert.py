@@ -6,11 +6,11 @@ import re
 
 from torch import nn
 
-from ..errors import UnsupportedModelError
+from ..errors import ConfigError, UnsupportedModelError
 from ..pass_api import replace_module
 from .attention import LinearizedAttention
 from .mom import attention_class
-from .settings import LayerSpec, LinearizeSettings, resolve_layers
+from .settings import LayerSpec, LinearizeSettings, check_layer_spec, resolve_layers
 
 ATTENTION_NAME = re.compile(r"(.*\.)?layers\.(\d+)\.self_attn$")
 
@@ -30,6 +30,10 @@ def attention_modules(model: nn.Module) -> dict[int, tuple[str, nn.Module]]:
 
 def linearize_model(model: nn.Module, settings: LinearizeSettings, layers: LayerSpec = "all") -> list[str]:
     """Replace the chosen layers' attention in place; returns the names of the replaced modules."""
+    try:
+        check_layer_spec(layers)
+    except ValueError as exc:
+        raise ConfigError(f"linearize: {exc}") from None
     modules = attention_modules(model)
     chosen = resolve_layers(layers, len(modules))
     names = []

@@ -62,7 +62,13 @@ def check_layer_spec(spec: LayerSpec) -> LayerSpec:
         raise ValueError(f"layers must be 'all', a list of layer indices, or 'every_K' (keep softmax attention in "
                          f"every K-th layer), got {spec!r}")
     if isinstance(spec, str) and EVERY.match(spec) and int(EVERY.match(spec).group(1)) < 2:
-        raise ValueError("every_K needs K >= 2 (every_1 would keep every layer softmax)")
+        raise ValueError(f"every_K needs K >= 2 (got {spec!r}; every_1 would keep every layer softmax)")
+    if isinstance(spec, list):
+        if any(isinstance(i, bool) or not isinstance(i, int) for i in spec):
+            raise ValueError(f"layers lists layer indices (integers), got {spec!r}")
+        repeated = sorted({i for i in spec if spec.count(i) > 1})
+        if repeated:  # most likely a typo for another layer: said, not silently dropped
+            raise ValueError(f"layers lists {repeated} more than once")
     return spec
 
 
@@ -73,6 +79,9 @@ def resolve_layers(spec: LayerSpec, num_layers: int) -> list[int]:
         return list(range(num_layers))
     if isinstance(spec, str):
         k = int(EVERY.match(spec).group(1))
+        if k > num_layers:
+            raise ConfigError(f"linearize: layers {spec!r} keeps softmax attention in every {k}th layer, but the "
+                              f"model has {num_layers} layers, so none would keep it: use 'all' for that")
         return [i for i in range(num_layers) if (i + 1) % k]
     bad = [i for i in spec if not 0 <= i < num_layers]
     if bad:

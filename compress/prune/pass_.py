@@ -15,7 +15,8 @@ from torch import nn
 from ..errors import CheckpointError, ConfigError
 from ..hessian import input_hook as _input_hook
 from ..models import checkpoint_dtype
-from ..pass_api import Pass, PassConfig, PassContext, PassReport, left_by_earlier, replace_module, tensor_bytes, timed
+from ..pass_api import (UNTIED_NOTE, Pass, PassConfig, PassContext, PassReport, left_by_earlier, replace_module,
+                        tensor_bytes, timed, untie_output_head)
 from ..registry import register_pass
 from ..targets import match_modules
 from .masks import magnitude_scores, nm_mask, parse_structure, unstructured_mask
@@ -92,6 +93,7 @@ class Prune(Pass):
         layer_of = {name: _layer_index(name, prefix) for name in targets}
         state = _RunState(model=model, nm=nm, value_bytes=checkpoint_dtype(model).itemsize, layer_of=layer_of)
         label = f"prune ({self.config.method})"
+        untied = untie_output_head(model, targets)
         with timed(report), torch.no_grad():
             layer_sparsity = self._layer_sparsities(len(layers), layer_of, model, ctx, label)
             if self.config.method == "magnitude":
@@ -129,7 +131,10 @@ class Prune(Pass):
             **({"hessian": state.hessian_notes} if state.hessian_notes else {}),
             "restore": state.restore,
             "dense_pruned": state.dense_pruned,
+            **({"untied": True} if untied else {}),
         }
+        if untied:
+            report.notes.append(UNTIED_NOTE)
         return report
 
     def entry(self, report=None) -> dict[str, Any]:

@@ -20,7 +20,8 @@ from torch import nn
 from ..errors import CheckpointError, ConfigError
 from ..hessian import HessianAccumulator, input_hook
 from ..models import DTYPES, checkpoint_dtype
-from ..pass_api import Pass, PassConfig, PassContext, PassReport, left_by_earlier, replace_module, tensor_bytes, timed
+from ..pass_api import (UNTIED_NOTE, Pass, PassConfig, PassContext, PassReport, left_by_earlier, replace_module,
+                        tensor_bytes, timed, untie_output_head)
 from ..prune.sparse_linear import SparseLinear
 from ..registry import register_pass
 from ..targets import match_modules
@@ -129,6 +130,7 @@ class Quantize(Pass):
         restore: dict[str, dict] = {}
         notes: dict[str, str] = {}
         label = f"quantize ({c.method})"
+        untied = untie_output_head(model, targets)
         with timed(report), torch.no_grad():
             if c.method == "gptq":
                 prefix, _ = decoder_layers(model)
@@ -152,8 +154,11 @@ class Quantize(Pass):
                if c.method not in BNB_METHODS else {}),
             "pruned_layers_kept_sparse": sum(1 for s in restore.values() if s.get("sparsity")),
             **({"hessian": notes} if notes else {}),
+            **({"untied": True} if untied else {}),
             "restore": restore,
         }
+        if untied:
+            report.notes.append(UNTIED_NOTE)
         return report
 
     def _weight_and_mask(self, module: nn.Module):

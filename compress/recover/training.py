@@ -102,7 +102,8 @@ class WallClockBudget(TrainerCallback):
         self.start = time.monotonic()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if time.monotonic() - self.start >= self.seconds:
+        if time.monotonic() - self.start >= self.seconds and state.global_step < state.max_steps:  # (the last
+            # step reached the token budget too: that stopped it)
             self.hit = True
             control.should_training_stop = True
             control.should_save = args.save_strategy != "no"
@@ -180,7 +181,7 @@ def train(peft_model: nn.Module, plan: TrainingPlan, teacher: nn.Module | None, 
         learning_rate=plan.lr,
         max_steps=plan.max_steps,
         lr_scheduler_type="cosine",
-        warmup_steps=max(1, plan.max_steps // 20),
+        warmup_steps=plan.max_steps // 20,  # none under 20 steps: a first step at learning rate 0 is a step lost
         weight_decay=0.0,
         logging_steps=max(1, plan.max_steps // 20),
         logging_first_step=True,

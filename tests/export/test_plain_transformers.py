@@ -72,13 +72,15 @@ def folders(tmp_path_factory):
     ragged = copy.deepcopy(base)
     quantize_layers(ragged, bits=4, group_size=128, symmetric=True)  # down_proj: 704 = 5.5 groups
     variants["w4_g128"] = ragged
+    for name, passes in tied_variants().items():  # heads tied to the embedding (Qwen2-0.5B, Llama-3.2-1B, ...)
+        variants[name], _ = compress.apply(tied_model(), passes, progress=False)
     out = {"reference": {k: logits(v) for k, v in variants.items()}, "summary": {}, "root": root}
     jobs = []
     for name, model in variants.items():
         out["summary"][name] = export(model, root / f"ct_{name}")
         jobs.append({"folder": str(root / f"ct_{name}"), "out": str(root / f"plain_ct_{name}")})
     jobs.append({"folder": str(root / "ct_w4_24"), "out": str(root / "plain_ct_w4_24_dequantize"), "dequantize": True})
-    for name in ("sparse24", "bitmask"):
+    for name in ("sparse24", "bitmask", *tied_variants()):
         compress.save(variants[name], root / f"native_{name}")
         jobs.append({"folder": str(root / f"native_{name}"), "out": str(root / f"plain_native_{name}")})
     compress.save(base, root / "native_dense")
@@ -90,6 +92,21 @@ def folders(tmp_path_factory):
     assert proc.returncode == 0, proc.stderr[-3000:]
     out["variants"] = variants
     return out
+
+
+def tied_model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)
+    return LlamaForCausalLM(config).eval()
+
+
+def tied_variants() -> dict:
+    return {"tied_w4_head": [compress.get_pass("quantize")(method="rtn", bits=4, group_size=64, ignore=[])],
+            "tied_24_head": [compress.get_pass("prune")(method="magnitude", structure="2:4",
+                                                        ignore=["re:.*embed_tokens"])]}
 
 
 def layer_bytes(folder: Path) -> int:
@@ -107,6 +124,22 @@ def plain(folders, name: str) -> torch.Tensor:
 @pytest.mark.parametrize("variant", ["sparse24", "bitmask", "w4_24", "w8_asym", "w4_g128"])
 def test_compressed_tensors_export_matches_in_plain_transformers(folders, variant):
     torch.testing.assert_close(plain(folders, f"ct_{variant}"), folders["reference"][variant], **TOL)
+
+
+@pytest.mark.parametrize("variant", ["tied_w4_head", "tied_24_head"])
+def test_a_tied_head_is_untied_before_it_is_compressed(folders, variant):
+    """A helper's audit: a quantized head whose config still said tied could not be loaded (transformers and
+    compress.load tied the embedding back over it); pruning a tied head zeroed half the input embedding too, even
+    with the embedding in `ignore`. Now the head gets its own weight first: the embedding keeps the original's."""
+    model = folders["variants"][variant]
+    assert not model.config.tie_word_embeddings
+    original = tied_model().get_input_embeddings().weight.detach()  # apply rounds to the storage dtype (bf16 here)
+    assert torch.equal(model.get_input_embeddings().weight, original.bfloat16().float())
+    assert model.get_output_embeddings() is not None and not hasattr(model.get_output_embeddings(), "weight") \
+        or (model.get_output_embeddings().weight == 0).float().mean() == 0.5
+    torch.testing.assert_close(plain(folders, f"ct_{variant}"), folders["reference"][variant], **TOL)
+    torch.testing.assert_close(logits(compress.load(folders["root"] / f"native_{variant}", dtype="float32")),
+                               folders["reference"][variant], **TOL)
 
 
 def test_native_reload_matches_the_model_that_was_exported(folders):

@@ -63,6 +63,8 @@ def test_cli_generates_past_the_context_only_when_every_layer_is_linearized(tmp_
     (dict(layers="every_1"), "every_K needs K >= 2"),
     (dict(layers="some"), "layers must be"),
     (dict(layers=[]), "nothing would be linearized"),
+    (dict(layers=[1, 0, 1]), r"lists \[1\] more than once"),
+    (dict(layers="every_0"), "every_K needs K >= 2 \\(got 'every_0'"),
     (dict(variant="hybrid", alpha=-1.0), "greater than or equal to 0"),
     (dict(variant="hybrid", alpha=0.0, beta=0.0), "both 0"),
     (dict(window=1), "greater than or equal to 2"),
@@ -79,6 +81,18 @@ def test_layers_that_do_not_exist(tiny_model):
     model = tiny_model("llama")
     with pytest.raises(CompressError, match=r"layers \[7\] do not exist"):
         compress.apply(model, [compress.get_pass("linearize")(layers=[0, 7])], progress=False)
+    with pytest.raises(CompressError, match="every 7th layer, but the model has 3 layers, so none would keep it"):
+        compress.apply(model, [compress.get_pass("linearize")(layers="every_7")], progress=False)
+
+
+@pytest.mark.parametrize("layers,match", [("every_0", "K >= 2"), ("bogus", "layers must be"), ([], "empty list"),
+                                          ([True], "integers"), ([0, 0], "more than once")])
+def test_linearize_model_checks_its_layers_as_the_pass_does(tiny_model, layers, match):
+    """The public function skipped the pass's checks (a ZeroDivisionError, an AttributeError, silent no-ops)."""
+    from compress.linearize import LinearizeSettings, linearize_model
+
+    with pytest.raises(CompressError, match=match):
+        linearize_model(tiny_model("llama"), LinearizeSettings(), layers)
 
 
 @pytest.mark.parametrize("name", ["liger-gla", "liger-hybrid", "mom"])

@@ -138,6 +138,10 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
                                 "spilled there would mix with its files; put it elsewhere")
         if models.layers_left_on_disk(model_src, max_memory=max_memory, dtype=dtype):
             api.check_offload_support(passes)  # passes that cannot run so fail before any layer is read
+            if export_format == "compressed-tensors":
+                raise CompressError(f"--format compressed-tensors needs the whole model in memory, and --max-memory "
+                                    f"{max_memory} leaves layers on disk: save natively, then `compress export` it "
+                                    "on a machine where it fits")
     # folders written while the run works (Trainer checkpoints, --offload-folder): the output's swap must not hold them
     work_folders = tuple(f for p in passes for f in p.work_folders()) + ((Path(offload_folder),) if offload_folder
                                                                         and max_memory else ())
@@ -411,6 +415,43 @@ def inspect(checkpoint, sparse_runtime, device, as_json):
         click.echo(json.dumps(result, default=str))
         return
     print_inspection(result)
+
+
+@main.command("export")
+@click.argument("checkpoint", metavar="CHECKPOINT")
+@click.option("--output", "-o", required=True, help="Folder to write the exported checkpoint to.")
+@click.option("--format", "export_format", type=click.Choice(["compressed-tensors"]), default="compressed-tensors",
+              show_default=True, help="compressed-tensors: loads in transformers and vLLM without compress.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder this tool wrote.")
+@click.option("--json", "as_json", is_flag=True)
+def export_cmd(checkpoint, output, export_format, overwrite, as_json):
+    """Export a checkpoint `compress apply` saved natively, in a format other tools load (the same files as apply
+    --format compressed-tensors)."""
+    from . import models
+    from .export.compressed_tensors import check_passes, export
+
+    folder = models.resolve_model_path(checkpoint)
+    section = None if str(checkpoint).startswith("builtin:") else models.compression_section(folder)
+    if not section:
+        raise CompressError(f"{checkpoint} is not a checkpoint compress wrote (its config.json has no compression "
+                            "record): compress it with `compress apply RECIPE --format compressed-tensors`")
+    if section.get("export_format"):
+        raise CompressError(f"{checkpoint} is already a {section['export_format']} export")
+    check_passes([(e["pass"], e.get("args") or {}) for e in section.get("passes", [])])  # before loading weights
+    check_output(output, overwrite=overwrite, source=folder)
+    model = models.load(checkpoint)
+    extras = {name: folder / name for name in ("recipe.yaml", "report.json") if (folder / name).is_file()}
+    summary = export(model, output, tokenizer=models.load_tokenizer(checkpoint, strict=False), overwrite=overwrite,
+                     recipe_text=extras["recipe.yaml"].read_text() if "recipe.yaml" in extras else None,
+                     report=json.loads(extras["report.json"].read_text()) if "report.json" in extras else None)
+    result = {"checkpoint": str(checkpoint), "output": str(output), "format": export_format,
+              "export": summary.to_dict(), "checkpoint_bytes": folder_bytes(Path(output)),
+              "original_checkpoint_bytes": folder_bytes(folder)}
+    if as_json:
+        click.echo(json.dumps(result, default=str))
+        return
+    click.echo(f"exported: {output}  ({_mb(result['checkpoint_bytes'])} of weights, the native checkpoint "
+               f"{_mb(result['original_checkpoint_bytes'])}, format {export_format})")
 
 
 @main.command("passes")

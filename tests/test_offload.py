@@ -164,6 +164,12 @@ def test_cli_apply_with_max_memory(source, tmp_path):
                                         "--max-memory", "9MB", "--no-eval"])
     assert refused.exit_code == 2 and "cannot run with decoder layers left on disk" in refused.output
     assert "loading" not in refused.output.lower() and not (tmp_path / "bad").exists()
+    # so does a compressed-tensors export, which needs every layer in memory (it crashed after all the work)
+    recipe.write_text("model: builtin:tiny\npasses:\n  - prune: {method: magnitude, structure: '2:4'}\n")
+    refused = CliRunner().invoke(main, ["apply", str(recipe), "--model", str(src), "--output", str(tmp_path / "bad"),
+                                        "--max-memory", "9MB", "--no-eval", "--format", "compressed-tensors"])
+    assert refused.exit_code == 2 and "needs the whole model in memory" in refused.output, refused.output
+    assert not (tmp_path / "bad").exists()
 
 
 def test_capped_load_of_an_activation_sparse_checkpoint_keeps_its_thresholds(tmp_path, reference_tokenizer):

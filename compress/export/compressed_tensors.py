@@ -221,6 +221,9 @@ def export(model: nn.Module, folder: str | Path, *, tokenizer=None, recipe_text:
     _require_package()
     section = getattr(model.config, "compression", None) or compression_record([], recipe_text, None)
     check_passes([(e["pass"], e.get("args") or {}) for e in section.get("passes", [])])
+    if any(t.device.type == "meta" for t in model.state_dict().values()):
+        raise ExportError("compressed-tensors export needs every layer in memory; this model keeps layers on disk "
+                          "(max_memory): save it natively (compress.save), or load it without max_memory")
     dtype = checkpoint_dtype(model)
     summary = ExportSummary()
     state = _modules_state(model, dtype, summary)  # before any file is written: errors leave nothing behind

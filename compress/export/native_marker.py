@@ -16,10 +16,13 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 
-NATIVE_MODEL_TYPE = "compress-native (packed layers: load this checkpoint with compress.load, or export it with --format compressed-tensors)"
+NATIVE_MODEL_TYPE = ("compress-native (packed layers: load this checkpoint with compress.load, or export it: "
+                     "compress export CHECKPOINT -o OUT)")
 # what a checkpoint gets when one of its passes has no compressed-tensors form (a codebook head, linearized layers..)
 NATIVE_ONLY_MODEL_TYPE = "compress-native (layers only compress runs: load this checkpoint with compress.load)"
-MARKERS = (NATIVE_MODEL_TYPE, NATIVE_ONLY_MODEL_TYPE)
+MARKERS = (NATIVE_MODEL_TYPE, NATIVE_ONLY_MODEL_TYPE,  # and the first wording, in checkpoints written before
+           "compress-native (packed layers: load this checkpoint with compress.load, or export it with --format "
+           "compressed-tensors)")
 REAL_MODEL_TYPE_KEY = "compress_model_type"
 
 

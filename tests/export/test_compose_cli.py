@@ -79,9 +79,21 @@ def test_apply_format_compressed_tensors(tmp_path):
         assert refused.exit_code == 2 and "is a compressed-tensors export" in refused.output, refused.output
         assert not (tmp_path / "kv").exists()
     # an export for other tools is replaced by --overwrite like any checkpoint compress wrote
+    exported_weights = (out / "model.safetensors").read_bytes()
     again = run("apply", recipe, "--output", out, "--no-eval", "--json", "--format", "native", "--overwrite")
     assert again.exit_code == 0, again.output
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    # `compress export` of the native checkpoint writes the files apply --format compressed-tensors wrote
+    later = run("export", out, "-o", tmp_path / "ct2", "--json")
+    assert later.exit_code == 0, later.output
+    assert (tmp_path / "ct2" / "model.safetensors").read_bytes() == exported_weights
+    assert json.loads(later.output)["export"]["quantized_modules"] == 42
+    for args, message in [((tmp_path / "ct2", "-o", tmp_path / "x"), "is already a compressed-tensors export"),
+                          (("builtin:tiny", "-o", tmp_path / "x"), "is not a checkpoint compress wrote"),
+                          ((out, "-o", tmp_path / "ct2"), "already exists")]:
+        refused = run("export", *args)
+        assert refused.exit_code == 2 and message in refused.output, refused.output
+    assert not (tmp_path / "x").exists()
 
 
 @pytest.mark.parametrize("how", ["flag", "recipe"])

@@ -11,9 +11,13 @@ bytes_vs_fp16 = bytes held by the compressed stores + window / bytes of the fp16
 |exact| for the first batch row, exact = float64 attention over the original K/V. On the CPU fp16 matmuls are
 emulated (slow), so `speedup_vs_sdpa_fp32` (dense fp32 SDPA, the CPU's natural baseline) is given too.
 
-End-to-end row (`--e2e`): a 2-layer Llama with Llama-3-8B layer shapes (random weights; bf16 on CUDA, fp32 on the
-CPU where bf16 is emulated), a prompt then greedy decoding, DynamicCache vs GEARCache with the "gear_kv" attention:
-decode tokens/s, peak memory (CUDA allocator), cache bytes, and the largest batch whose cache fits a fixed budget.
+End-to-end rows (unless `--no-e2e`): a 2-layer Llama with Llama-3-8B layer shapes (random weights; bf16 on CUDA, fp32
+on the CPU where bf16 is emulated), a prompt then greedy decoding, DynamicCache vs GEARCache with the "gear_kv"
+attention: decode tokens/s, peak memory (CUDA allocator), cache bytes, and the largest batch whose cache fits a fixed
+budget (`max_batch_gain`: against a 16-bit DynamicCache, also on the CPU where the measured one is fp32). In these
+rows rel_err = |logits - DynamicCache's| / |DynamicCache's| after the prompt (the first token the cache decides), and
+speedup_vs_sdpa_fp16 = tokens/s over DynamicCache's where that cache is 16-bit (CUDA; its attention is SDPA), null on
+the CPU (fp32 baseline: see speedup_vs_dynamic).
 Outside baselines in the same table (`--baselines`, where installed: `pip install -e ".[bench]"`): transformers'
 QuantizedCache with the quanto (int2/int4) and HQQ backends, and its fp8 one.
 
@@ -36,7 +40,7 @@ from kv_kernels import time_us  # noqa: E402  (the interleaved best-of-blocks ti
 
 from compress.kernels.kv_attention import compressed_decode_attention, decode_attention_path  # noqa: E402
 from compress.kvcache.store import CompressedStore  # noqa: E402
-from compress.bench_args import check_device, positive_int, run_cli  # noqa: E402
+from compress.bench_args import check_device, nonnegative_float, positive_float, positive_int, run_cli  # noqa: E402
 
 FORMATS = {  # name: (bits, outlier_ratio, key_rank, value_rank, scale format); "-s8": one-byte scales
     "kivi-2": (2, 0.0, 0, 0, "fp16"), "kivi-4": (4, 0.0, 0, 0, "fp16"), "gear-2": (2, 0.02, 2, 2, "fp16"),
@@ -155,7 +159,7 @@ def e2e_rows(device, prompt, batch, new_tokens, budget_gib, baselines, deadline=
         for backend, nbits in (("quanto", 2), ("quanto", 4), ("hqq", 2), ("hqq", 4)):
             caches[f"hf-{backend}-int{nbits}"] = (lambda bk=backend, nb=nbits: QuantizedCache(bk, model.config,
                                                                                               nbits=nb))
-    rows, base = [], None
+    rows, base, first_token = [], None, None
     for name, make in caches.items():
         if time.time() > deadline:  # rows not started are named, so a cut table says what it lacks
             print(f"[skip] e2e {name}: past --max-seconds", file=sys.stderr)
@@ -171,12 +175,15 @@ def e2e_rows(device, prompt, batch, new_tokens, budget_gib, baselines, deadline=
             cache = make()
             for s in range(0, prompt, 4096):  # chunked prefill: bounded activations
                 logits = model(ids[:, s:s + 4096], cache=cache, use_cache=True, logits_to_keep=1).logits
-            nxt = logits[:, -1:].argmax(-1)
+            nxt = first_token = logits[:, -1:].argmax(-1) if first_token is None else first_token  # one input for all
             sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
             sync()
             t0 = time.perf_counter()
-            for _ in range(new_tokens):
-                nxt = model(nxt, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            for step in range(new_tokens):
+                logits = model(nxt, cache=cache, use_cache=True).logits[:, -1:]
+                if step == 0:  # the first step reading the whole prompt from the cache: its error
+                    first = logits[:, -1].float()
+                nxt = logits.argmax(-1)
             sync()
             seconds = time.perf_counter() - t0
         except Exception as exc:  # an outside backend that is not installed or fails: report, go on
@@ -193,10 +200,14 @@ def e2e_rows(device, prompt, batch, new_tokens, budget_gib, baselines, deadline=
                    max_batch_in_budget=int(budget_gib * 2**30 // per_seq), budget_gib=budget_gib)
         if device == "cuda":
             row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        base = base or row
-        row["bytes_vs_fp16"] = nbytes / (base["cache_bytes"] * (2 / torch.finfo(dtype).bits * 8))
+        if base is None:
+            base, base_logits = row, first
+        fp16_bytes = base["cache_bytes"] * 16 / torch.finfo(dtype).bits  # the dense cache, were it 16-bit
+        row["bytes_vs_fp16"] = nbytes / fp16_bytes
+        row["rel_err"] = float((first - base_logits).norm() / base_logits.norm())
         row["speedup_vs_dynamic"] = row["tokens_per_s"] / base["tokens_per_s"]
-        row["max_batch_gain"] = row["max_batch_in_budget"] / max(base["max_batch_in_budget"], 1)
+        row["speedup_vs_sdpa_fp16"] = row["speedup_vs_dynamic"] if torch.finfo(dtype).bits == 16 else None
+        row["max_batch_gain"] = row["max_batch_in_budget"] / max(int(budget_gib * 2**30 // (fp16_bytes / batch)), 1)
         rows.append(row)
         print(f"[e2e {name}] {row['tokens_per_s']:.1f} tok/s, {nbytes / 2**20:.0f} MiB", file=sys.stderr)
         del cache
@@ -223,12 +234,12 @@ def print_table(rows):
     if e2e:
         t = Table(title=f"end to end: 2-layer Llama-3-8B-shaped model, {e2e[0]['dtype']}, batch {e2e[0]['batch']}, "
                         f"{e2e[0]['new_tokens']} tokens after {e2e[0]['context']} ({e2e[0]['device']})")
-        for c in ("cache", "tokens/s", "vs dynamic", "cache MiB", "bytes vs fp16", "peak GiB",
-                  f"max batch in {e2e[0]['budget_gib']} GiB", "gain"):
+        for c in ("cache", "tokens/s", "vs dynamic", "logits rel err", "cache MiB", "bytes vs fp16", "peak GiB",
+                  f"max batch in {e2e[0]['budget_gib']} GiB", "gain vs fp16"):
             t.add_column(c, justify="right")
         for r in e2e:
             t.add_row(r["format"], f"{r['tokens_per_s']:.1f}", f"{r['speedup_vs_dynamic']:.2f}x",
-                      f"{r['cache_bytes'] / 2**20:.0f}", f"{r['bytes_vs_fp16']:.3f}",
+                      f"{r['rel_err']:.2e}", f"{r['cache_bytes'] / 2**20:.0f}", f"{r['bytes_vs_fp16']:.3f}",
                       f"{r['peak_gib']:.1f}" if "peak_gib" in r else "-", str(r["max_batch_in_budget"]),
                       f"{r['max_batch_gain']:.2f}x")
         Console(width=160).print(t)
@@ -242,6 +253,9 @@ def attention_shape(text: str) -> tuple[int, int, int]:
         shape = ()
     if len(shape) != 3:
         raise argparse.ArgumentTypeError(f"{text!r}: write batch,context,head_dim, e.g. 8,32768,128")
+    if shape[1] < WINDOW + CHUNK:  # nothing would be compressed: every token in the fp16 window
+        raise argparse.ArgumentTypeError(f"{text!r}: a context under {WINDOW + CHUNK} tokens stays in the "
+                                         "uncompressed window; use a longer one")
     return shape
 
 
@@ -249,14 +263,15 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", action="store_true", help="print the rows as a JSON list")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=check_device,
-                    choices=("cpu", "cuda"))
-    ap.add_argument("--min-run-time", type=float, default=None)
-    ap.add_argument("--no-e2e", action="store_true")
+                    choices=("cpu", "cuda"), help="where to run (default: cuda when torch sees a GPU)")
+    ap.add_argument("--min-run-time", type=positive_float, default=None,
+                    help="seconds each timed kernel runs for (default 0.1 on CUDA, 0.5 on the CPU)")
+    ap.add_argument("--no-e2e", action="store_true", help="attention rows only, no end-to-end rows")
     ap.add_argument("--baselines", action="store_true", help="add transformers' QuantizedCache quanto/HQQ rows")
     ap.add_argument("--shapes", nargs="+", metavar="B,CTX,D", type=attention_shape,
                     help="attention shapes batch,context,head_dim (32 query / 8 KV heads) instead of the device's "
                     "default list")
-    ap.add_argument("--max-seconds", type=float, default=math.inf,
+    ap.add_argument("--max-seconds", type=nonnegative_float, default=math.inf,
                     help="stop starting attention shapes after 60%% of this, and end-to-end rows after 85%% (they "
                     "run after the shapes)")
     args = ap.parse_args(argv)

@@ -37,6 +37,22 @@ def test_max_seconds_skips_shapes_and_end_to_end_rows_by_name(bench, capsys):
     assert all(f"[skip] e2e {name}: past --max-seconds" in out.err for name in ("dynamic", *bench.E2E_FORMATS))
 
 
+def test_end_to_end_rows_carry_the_interface_keys(bench):
+    """The e2e rows lacked rel_err and speedup_vs_sdpa_fp16 (a helper's check of the issue's interface), and their
+    max_batch_gain was taken against the CPU's fp32 cache (twice the gain a 16-bit cache leaves)."""
+    rows = {r["format"]: r for r in bench.e2e_rows("cpu", prompt=160, batch=1, new_tokens=2, budget_gib=1,
+                                                   baselines=False)}
+    assert set(rows) == {"dynamic", *bench.E2E_FORMATS}
+    for r in rows.values():
+        assert {"device", "format", "batch", "context", "head_dim", "bytes_vs_fp16", "rel_err",
+                "speedup_vs_sdpa_fp16"} <= set(r)
+        assert r["speedup_vs_sdpa_fp16"] is None  # the CPU's baseline is an fp32 cache
+    assert rows["dynamic"]["rel_err"] == 0 and rows["dynamic"]["bytes_vs_fp16"] == 2.0
+    assert rows["dynamic"]["max_batch_gain"] == pytest.approx(0.5, abs=0.01)
+    assert 0 < rows["kivi-4"]["rel_err"] < rows["kivi-2"]["rel_err"] < 1
+    assert rows["kivi-2"]["max_batch_gain"] == pytest.approx(1 / rows["kivi-2"]["bytes_vs_fp16"], rel=0.02)
+
+
 def test_scale_error_diagnostic_on_the_reference_model(script_module):
     """`kv_cache.py --scale-error`: one-byte scales' reconstruction error relative to fp16 min-max on the model's own
     keys and values (the BENCHMARKS figures), below 1 at 2 bits on both sides."""

@@ -23,6 +23,7 @@ other cache to sdpa).
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import resource
@@ -51,6 +52,16 @@ def config_pair(text: str) -> tuple[str, str]:
     return a, b
 
 
+@functools.lru_cache(maxsize=None)
+def _missing(module: str) -> bool:
+    """Whether an outside backend's package is missing (said once on stderr, however often the list is built)."""
+    if importlib.util.find_spec(module.split(".")[0]) is not None and importlib.util.find_spec(module) is not None:
+        return False
+    print(f"[skip] hf-{module.split('.')[-1]}-*: {module} is not installed (pip install -e \".[bench]\")",
+          file=sys.stderr)
+    return True
+
+
 def configurations(quick: bool) -> list[dict]:
     """name, method, cache kwargs. Lean GEAR (paged format v2): outliers cost 24 bits (fp16 value + uint8 offset)
     per kept entry, 2 of every group of 64 at outlier_ratio 0.02 (0.75 bit/element); a rank-r term costs 16 r / D
@@ -63,8 +74,7 @@ def configurations(quick: bool) -> list[dict]:
     # what a transformers user picks instead: QuantizedCache with its group-wise backends (per-token groups of 64
     # for keys and values, a 128-token full-precision residual), where installed (`pip install -e ".[bench]"`)
     for backend, module in (("quanto", "optimum.quanto"), ("hqq", "hqq")):
-        if importlib.util.find_spec(module.split(".")[0]) is None or importlib.util.find_spec(module) is None:
-            print(f"[skip] hf-{backend}-*: {module} is not installed (pip install -e \".[bench]\")", file=sys.stderr)
+        if _missing(module):
             continue
         rows += [dict(name=f"hf-{backend}-{b}", method="hf_quantized", backend=backend, bits=b) for b in (2, 4)]
     bits_list = (2, 4) if quick else (2, 3, 4)
@@ -351,6 +361,17 @@ def residual_spectrum(model_name: str = "builtin:small", spans=(64, 512, 2048), 
     return out
 
 
+PROTOCOL = {"windows": (6, 2), "window_len": (512, 192), "copy_num": (8, 2), "copy_len": (128, 96), "steps": (12, 4),
+            "reps": (3, 1), "memory_context": (16384, 0)}  # flag: (default, with --quick)
+PROTOCOL_FLAGS = (("--windows", positive_int, "held-out windows scored"),
+                  ("--window-len", positive_int, "tokens per window, fed in chunks of 64"),
+                  ("--copy-num", positive_int, "in-context copy examples"),
+                  ("--copy-len", positive_int, "tokens each copy example repeats"),
+                  ("--steps", positive_int, "decode steps timed per speed measurement"),
+                  ("--reps", positive_int, "repetitions of each speed measurement"),
+                  ("--memory-context", nonnegative_int, "context of the cache-bytes column (0: off)"))
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="builtin:small", help="reference model (builtin:tiny for quick runs)")
@@ -359,13 +380,9 @@ def main(argv=None) -> None:
     ap.add_argument("--json", action="store_true", help="print a JSON list (one object per configuration)")
     ap.add_argument("--save-json", metavar="PATH", type=output_file, help="also write the JSON list to PATH (with the table on stdout)")
     ap.add_argument("--quick", action="store_true", help="fewer configurations, windows and steps (smoke test)")
-    ap.add_argument("--windows", type=positive_int, default=6)
-    ap.add_argument("--window-len", type=positive_int, default=512)
-    ap.add_argument("--copy-num", type=positive_int, default=8)
-    ap.add_argument("--copy-len", type=positive_int, default=128)
-    ap.add_argument("--steps", type=positive_int, default=12)
-    ap.add_argument("--reps", type=positive_int, default=3)
-    ap.add_argument("--memory-context", type=nonnegative_int, default=16384)
+    for flag, kind, meaning in PROTOCOL_FLAGS:
+        full, quick = PROTOCOL[flag.strip("-").replace("-", "_")]
+        ap.add_argument(flag, type=kind, default=None, help=f"{meaning} (default {full}; {quick} with --quick)")
     ap.add_argument("--device", default="cpu", type=check_device, choices=("cpu", "cuda"),
                     help="device of the --long check (cpu or cuda)")
     ap.add_argument("--only", nargs="*", help="only these configuration names (and the baseline); with --long: the "
@@ -399,9 +416,9 @@ def main(argv=None) -> None:
             args.only += [x for x in (a, b) if x not in args.only]
         elif args.quick:
             ap.error("--compare with --quick needs --only (the quick list may not hold both sides)")
-    if args.quick:
-        args.windows, args.window_len, args.copy_num, args.copy_len = 2, 192, 2, 96
-        args.steps, args.reps, args.memory_context = 4, 1, 0
+    for key, (full, quick) in PROTOCOL.items():  # --quick shortens what was not given, never what was
+        if getattr(args, key) is None:
+            setattr(args, key, quick if args.quick else full)
     rows = run(args)
     if args.save_json:
         with open(args.save_json, "w") as f:

@@ -1,7 +1,8 @@
 """Linearization benchmark: the original model and its conversions (Liger GLA, Liger Attention hybrid, Liger GSA with
 8 slots, Mixture-of-Memories with 4 memories, top-2, plus a shared one), one run, one table.
 
-- quality, on a trained reference model (`--model`: builtin:tiny by default, builtin:small copies; float32, CPU):
+- quality, on a trained reference model (`--model`: builtin:small by default, the one that copies and finds pass
+  keys, so those columns mean something; builtin:tiny for quick runs, where the original scores 0 on both; float32):
   held-out perplexity right after conversion (`ppl_converted`) and after LoRA recovery (`ppl_recovered`, from a
   checkpoint written by the recipe, e.g. `compress apply recipes/liger-hybrid.yaml`, given as
   `--recovered liger-hybrid=DIR`; the recover pass's tokens and
@@ -364,7 +365,8 @@ def print_table(rows: list[dict], model: str) -> None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", action="store_true", help="print a JSON list of rows instead of the table")
-    ap.add_argument("--model", default="builtin:tiny")
+    ap.add_argument("--model", default="builtin:small", help="the reference model (builtin:tiny: quicker, but it "
+                    "cannot copy or find pass keys)")
     ap.add_argument("--recovered", nargs="*", default=[], metavar="NAME=DIR",
                     help="recovered checkpoints, e.g. liger-hybrid=out/liger-hybrid liger-gla=out/liger-gla")
     ap.add_argument("--dense-recovered", nargs="*", default=[], metavar="NAME=DIR",

@@ -38,6 +38,14 @@ print(json.dumps({"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 """
 
 
+def hidden_size(text: str) -> int:
+    """An argparse type: the attention layout (heads of 64, one KV head per 256) needs a multiple of 256."""
+    value = positive_int(text)
+    if value % 256:
+        raise argparse.ArgumentTypeError(f"{value} is not a multiple of 256 (heads of 64, a KV head per 256)")
+    return value
+
+
 def build(folder: Path, layers: int, hidden: int, intermediate: int) -> int:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -61,12 +69,13 @@ def run(src: Path, out: Path, method: str, cap: str) -> dict:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layers", type=positive_int, default=16)
-    ap.add_argument("--hidden", type=positive_int, default=1024)
-    ap.add_argument("--intermediate", type=positive_int, default=2816)
-    ap.add_argument("--max-memory", default="200MB")
-    ap.add_argument("--method", choices=["magnitude", "wanda"], default="wanda")
-    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--layers", type=positive_int, default=16, help="decoder layers of the random Llama")
+    ap.add_argument("--hidden", type=hidden_size, default=1024,
+                    help="hidden size, a multiple of 256 (heads of 64; a KV head per 256)")
+    ap.add_argument("--intermediate", type=positive_int, default=2816, help="MLP width")
+    ap.add_argument("--max-memory", default="200MB", help="the load's memory cap (layers past it stay on disk)")
+    ap.add_argument("--method", choices=["magnitude", "wanda"], default="wanda", help="the prune pass's method")
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
     if args.max_memory != "none":
         from compress.offload import parse_bytes

@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from activation_sparse_rows import (calibrated_quality, cpu_activation_sparse, cpu_gather_crossover,  # noqa: E402
                                     cuda_activation_sparse, cuda_ms)
 from vq_logits import paired_median_seconds  # noqa: E402
-from compress.bench_args import fraction, output_file, positive_int, run_cli  # noqa: E402
+from compress.bench_args import fraction, nonnegative_int, output_file, positive_int, run_cli  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096)]  # (out, in)
 
@@ -267,13 +267,14 @@ def main(argv=None) -> None:
                     help="CUDA layer rows at these Linear shapes only (e.g. 4096x4096 14336x4096)")
     ap.add_argument("--model", default="builtin:small", help="reference model the activation sparsity is calibrated "
                     "and its perplexity measured on (loaded in fp32)")
-    ap.add_argument("--greedy-rounds", type=int, default=0, help="activation sparsity: rounds of per-layer greedy "
-                    "threshold moves (0, the default: one CETT value for all layers; the greedy moves overfit the "
-                    "calibration text, BENCHMARKS.md)")
+    ap.add_argument("--greedy-rounds", type=nonnegative_int, default=None, help="activation sparsity: rounds of "
+                    "per-layer greedy threshold moves (0, the default: one CETT value for all layers; the greedy "
+                    "moves overfit the calibration text, BENCHMARKS.md)")
     ap.add_argument("--ppl-budget", type=float, default=0.007, help="activation sparsity: perplexity budget on the "
                     "calibration windows (the held-out change is what the rows report)")
-    ap.add_argument("--calibration-samples", type=int, default=48, help="activation sparsity: calibration windows "
-                    "of 256 tokens (more: slower search, less overfitting of the per-layer thresholds)")
+    ap.add_argument("--calibration-samples", type=positive_int, default=None, help="activation sparsity: calibration "
+                    "windows of 256 tokens (default 48, 8 with --quick; more: slower search, less overfitting of the "
+                    "per-layer thresholds)")
     ap.add_argument("--predictor-ratio", type=float, default=0.0, help="activation sparsity: a low-rank gate "
                     "predictor's rank as a share of the hidden size, with --predictor-bits 0 (0: none)")
     ap.add_argument("--predictor-bits", type=int, choices=(0, 4, 8), default=None, help="activation sparsity: the "
@@ -296,8 +297,8 @@ def main(argv=None) -> None:
                     "weights called in turn (0: enough to exceed 3x the largest CPU cache; 1 shows a warm cache)")
     ap.add_argument("--prefill-tokens", type=int, default=256, help="activation-sparse MLP: also time a prefill of "
                     "this many tokens (the masked dense path; 0: none)")
-    ap.add_argument("--eval-windows", type=positive_int, default=199, help="activation sparsity: held-out windows "
-                    "of 256 tokens for the perplexity change and its 95%% interval")
+    ap.add_argument("--eval-windows", type=positive_int, default=None, help="activation sparsity: held-out windows "
+                    "of 256 tokens for the perplexity change and its 95%% interval (default 199, 8 with --quick)")
     ap.add_argument("--save-quality", type=lambda t: Path(output_file(t)),
                     help="write the activation-sparsity calibration result (JSON) here")
     ap.add_argument("--quality", type=Path, help="reuse a --save-quality file instead of calibrating again (the "
@@ -330,8 +331,11 @@ def main(argv=None) -> None:
             ap.error(f"--quality {args.quality}: no such file (write one with --save-quality)")
         quality = json.loads(args.quality.read_text())
     else:
-        quality = calibrated_quality(args.model, 8 if args.quick else args.calibration_samples,
-                                     8 if args.quick else args.eval_windows, 0 if args.quick else args.greedy_rounds,
+        def given(value, full, quick):  # --quick shortens what was not given, never what was
+            return value if value is not None else quick if args.quick else full
+
+        quality = calibrated_quality(args.model, given(args.calibration_samples, 48, 8),
+                                     given(args.eval_windows, 199, 8), given(args.greedy_rounds, 0, 0),
                                      args.ppl_budget, args.predictor_ratio, args.recall, args.neuron_scaling,
                                      args.predictor_bits, not args.quantized_gate)
     if args.save_quality is not None:

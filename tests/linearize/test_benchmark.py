@@ -18,7 +18,8 @@ def test_dense_recovered_ratio(bench, tmp_path, capsys, reference_tokenizer):
                                   progress=False)
     lin = compress.save(converted, tmp_path / "lin", tokenizer=reference_tokenizer)
     dense = compress.save(compress.load("builtin:tiny"), tmp_path / "dense", tokenizer=reference_tokenizer)
-    bench.main(["--json", "--skip-speed", "--only", "liger-gla", "--windows", "2", "--seq-len", "64",
+    bench.main(["--json", "--skip-speed", "--model", "builtin:tiny", "--only", "liger-gla", "--windows", "2",
+                "--seq-len", "64",
                 "--probe-num", "1", "--copy-len", "8", "--passkey-len", "128",
                 "--recovered", f"liger-gla={lin}", "--dense-recovered", f"liger-gla={dense}"])
     original, row = json.loads(capsys.readouterr().out)

@@ -53,9 +53,15 @@ def print_inspection(result: dict) -> None:
     device, sparse_runtime = result["runtime"]["device"], result["runtime"]["sparse_runtime"]
     con = _console()
     passes = section.get("passes", [])
-    con.print(_bold(str(path), f"  format {section.get('format_version', '-')}, compress "
+    layout = (f"a {section['export_format']} export (transformers and vLLM load it), "
+              if section.get("export_format") else "")
+    con.print(_bold(str(path), f"  {layout}format {section.get('format_version', '-')}, compress "
                                f"{section.get('library_version', '-')}, "
                                f"calibration {section.get('calibration_hash') or '-'}"))
+    dense = list((section.get("export") or {}).get("stored_dense") or ())
+    if dense:
+        con.print(f"  stored dense (compressed-tensors needs whole groups): {', '.join(dense[:3])}"
+                  + (f" and {len(dense) - 3} more" if len(dense) > 3 else ""))
     for e in passes:
         con.print(f"  pass {e['pass']}: " + ", ".join(f"{k}={v}" for k, v in (e.get("args") or {}).items()))
     if not passes:

@@ -129,3 +129,6 @@ def test_inspect_counts_an_export_whose_layers_stayed_dense_from_its_files(tmp_p
     assert inspected.exit_code == 0, inspected.output
     counted = sum(v["dense"] + v["compressed"] for v in json.loads(inspected.output)["components"].values())
     assert counted == sum(header_nbytes(*info) for f in out.glob("*.safetensors") for info in read_header(f).values())
+    table = " ".join(run("inspect", out).output.split())  # says what the folder is, which layers stayed dense
+    assert "a compressed-tensors export (transformers and vLLM load it)" in table
+    assert "stored dense (compressed-tensors needs whole groups): model.layers.0" in table

@@ -68,14 +68,26 @@ class Quantize(Pass):
                                  f"got {value}")
             return value
 
+    def _foreign_options(self) -> tuple[set[str], set[str]]:
+        """(the options of this method, those of the other methods)."""
+        c = self.config
+        allowed = set(BNB_OPTIONS[c.method]) if c.method in BNB_METHODS else set(INT_OPTIONS) - (
+            set() if c.method == "gptq" else {"act_order", "blocksize", "dampening"})
+        return allowed, (set(INT_OPTIONS) | {o for v in BNB_OPTIONS.values() for o in v}) - allowed
+
+    def entry(self, report: PassReport | None = None) -> dict[str, Any]:
+        """The record without other methods' options (at their defaults, validate_config made sure): an nf4 run
+        listed bits=4, group_size=128, act_order ... in config.json and `inspect`."""
+        out = super().entry(report)
+        foreign = self._foreign_options()[1]
+        out["args"] = {k: v for k, v in out["args"].items() if k not in foreign}
+        return out
+
     def validate_config(self) -> None:
         c = self.config
-        bnb = c.method in BNB_METHODS
-        allowed = set(BNB_OPTIONS[c.method]) if bnb else set(INT_OPTIONS) - (
-            set() if c.method == "gptq" else {"act_order", "blocksize", "dampening"})
-        options = set(INT_OPTIONS) | {o for v in BNB_OPTIONS.values() for o in v}
-        # an option of another method, set to something else than its default (checkpoints record every field)
-        foreign = sorted(o for o in options - allowed if getattr(c, o) != type(c).model_fields[o].default)
+        allowed, others = self._foreign_options()
+        # an option of another method, set to something else than its default
+        foreign = sorted(o for o in others if getattr(c, o) != type(c).model_fields[o].default)
         if foreign:
             raise ConfigError(f"quantize method {c.method!r} does not take {', '.join(foreign)}; "
                               f"its options: {', '.join(sorted(allowed)) or 'none'}")

@@ -23,6 +23,20 @@ def test_bad_arguments_are_config_errors(args, message):
         quantize(**args)
 
 
+@pytest.mark.parametrize("method,kept,dropped", [
+    ("nf4", {"bnb_blocksize", "double_quant", "compute_dtype"}, {"bits", "group_size", "act_order", "threshold"}),
+    ("rtn", {"bits", "group_size", "symmetric"}, {"act_order", "bnb_blocksize", "threshold"}),
+    ("gptq", {"bits", "act_order", "dampening"}, {"bnb_blocksize", "compute_dtype", "threshold"}),
+])
+def test_the_record_names_only_the_methods_options(method, kept, dropped):
+    """An nf4 run recorded bits=4, group_size=128, act_order ... (every field) in config.json and inspect; the
+    record rebuilds the same pass."""
+    p = quantize(method=method)
+    args = p.entry()["args"]
+    assert kept <= set(args) and not dropped & set(args) and args["method"] == method
+    assert quantize(**args).config == p.config
+
+
 def test_gptq_outside_decoder_layers_and_non_linear_targets(tiny_model):
     model = tiny_model("llama", vocab_size=8192)  # the built-in tokenizer calibrates it
     with pytest.raises(ConfigError, match="outside the decoder layers"):

@@ -33,10 +33,9 @@ def original_bytes_by_component(config, storage_dtype: torch.dtype) -> dict[str,
 
 
 def _original_config(config, section: dict[str, Any] | None):
-    """The config of the model before the passes: a vq_logits pass unties a tied head (the config then says
-    untied), and the original stored that matrix once."""
-    untied = any(e.get("pass") == "vq_logits" and (e.get("restore") or {}).get("untied")
-                 for e in (section or {}).get("passes", []))
+    """The config of the model before the passes: vq_logits, prune and quantize untie a tied head they compress
+    (the config then says untied), and the original stored that matrix once."""
+    untied = any(e.get("untied") or (e.get("restore") or {}).get("untied") for e in (section or {}).get("passes", []))
     if not untied:
         return config
     original = copy.deepcopy(config)

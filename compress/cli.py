@@ -437,13 +437,18 @@ def export_cmd(checkpoint, output, export_format, overwrite, as_json):
                             "record): compress it with `compress apply RECIPE --format compressed-tensors`")
     if section.get("export_format"):
         raise CompressError(f"{checkpoint} is already a {section['export_format']} export")
+    if not section.get("passes"):
+        raise CompressError(f"{checkpoint} records no compression pass: its export would be the dense model")
     check_passes([(e["pass"], e.get("args") or {}) for e in section.get("passes", [])])  # before loading weights
     check_output(output, overwrite=overwrite, source=folder)
     model = models.load(checkpoint)
-    extras = {name: folder / name for name in ("recipe.yaml", "report.json") if (folder / name).is_file()}
+    recipe_file, report_file = folder / "recipe.yaml", folder / "report.json"
+    try:
+        report = json.loads(report_file.read_text()) if report_file.is_file() else None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CompressError(f"{report_file}: not readable JSON ({exc}); move it aside to export without it") from None
     summary = export(model, output, tokenizer=models.load_tokenizer(checkpoint, strict=False), overwrite=overwrite,
-                     recipe_text=extras["recipe.yaml"].read_text() if "recipe.yaml" in extras else None,
-                     report=json.loads(extras["report.json"].read_text()) if "report.json" in extras else None)
+                     recipe_text=recipe_file.read_text() if recipe_file.is_file() else None, report=report)
     result = {"checkpoint": str(checkpoint), "output": str(output), "format": export_format,
               "export": summary.to_dict(), "checkpoint_bytes": folder_bytes(Path(output)),
               "original_checkpoint_bytes": folder_bytes(folder)}

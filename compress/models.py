@@ -160,6 +160,7 @@ def load(
     # the baseline `compress eval` finds for checkpoints made from it: absolute here, recorded relative to the
     # checkpoint folder when one is saved (checkpoint._portable_source)
     model.compress_source = str(source) if str(source).startswith("builtin:") else str(path.resolve())
+    _absolute_recorded_source(model, path)
     model.compress_storage_dtype = stored_as
     if not meta and not offloaded:
         model.to(device)
@@ -239,6 +240,19 @@ def layers_left_on_disk(source: str | Path, *, max_memory, dtype: str | torch.dt
 
 def text_config(config):
     return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
+def _absolute_recorded_source(model: nn.Module, folder: Path) -> None:
+    """The model a checkpoint was made from is recorded relative to the checkpoint's folder (older ones: to the
+    working directory); in memory it is absolute, so that a checkpoint saved or exported from this model elsewhere
+    records it relative to its own folder (checkpoint._portable_source) instead of pointing at the wrong place."""
+    recorded = getattr(model.config, "compression", None)
+    source = recorded.get("source_model") if isinstance(recorded, dict) else None
+    if not isinstance(source, str) or source.startswith("builtin:") or Path(source).is_absolute():
+        return
+    found = next((c for c in (folder / source, Path(source)) if c.exists()), None)
+    if found is not None:
+        recorded["source_model"] = str(found.resolve())
 
 
 def check_token_ids(ids: torch.Tensor, config, what: str, fix: str = "", *, check_context: bool = True) -> None:

@@ -200,6 +200,8 @@ class Pass:
         out: dict[str, Any] = {"pass": self.name, "args": self.config.model_dump(mode="json")}
         if report is not None and report.details.get("restore"):
             out["restore"] = report.details["restore"]
+        if report is not None and report.details.get("untied"):  # the original stored the head once (budget)
+            out["untied"] = True
         return out
 
     def describe(self, model: nn.Module) -> list[str]:
@@ -350,17 +352,28 @@ UNTIED_NOTE = ("the output head shared its weight with the input embedding (tie_
                "first, the embedding kept as it was, so the model holds one more head than before")
 
 
+def head_shares_embedding(model: nn.Module) -> bool:
+    """Whether the output head's weight is the input embedding's (tie_word_embeddings), the same Parameter or the
+    same memory (meta tensors all sit at address 0: only the same Parameter counts there)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    a, b = getattr(head, "weight", None), getattr(embedding, "weight", None)
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+        return False
+    return a is b or (a.device.type != "meta" and a.data_ptr() == b.data_ptr() and a.shape == b.shape)
+
+
 def untie_output_head(model: nn.Module, targets: dict[str, nn.Module]) -> bool:
     """Give the output head its own weight when a pass is about to compress it while it shares that weight with the
     input embedding: pruning in place would zero the embedding too, and a quantized head in a config that still says
     tied is tied back over the embedding at load (an unloadable checkpoint). True when it untied."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    weight = getattr(head, "weight", None)
-    if weight is None or embedding is None or not any(m is head for m in targets.values()) \
-            or weight.data_ptr() != embedding.weight.data_ptr():
+    if head is None or not any(m is head for m in targets.values()) or not head_shares_embedding(model):
         return False
+    weight = head.weight
     head.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
-    for config in {id(c): c for c in (model.config, model.config.get_text_config(decoder=True))}.values():
+    from .models import text_config
+
+    for config in {id(c): c for c in (model.config, text_config(model.config))}.values():
         config.tie_word_embeddings = False
     return True

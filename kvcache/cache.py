@@ -231,15 +231,13 @@ class GEARCache(Cache):
         layers = [DynamicLayer() if i in settings.skip_layers else layer_cls(settings, reads_storage)
                   for i in range(num_layers)]
         super().__init__(layers=layers)
-        self._built_for = (num_layers, head_dim)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        num_layers, head_dim = self._built_for
-        if layer_idx >= len(self.layers) or key_states.shape[-1] != head_dim:  # transformers' IndexError otherwise
+        if layer_idx >= len(self.layers):  # transformers' IndexError otherwise (shapes it takes as they come)
             raise CompressError(
-                f"this GEARCache was built for a model of {num_layers} layers with head_dim {head_dim}; layer "
-                f"{layer_idx} of the model using it has head_dim {key_states.shape[-1]}: build the cache from that "
-                "model's config (GEARCache(model.config, ...))")
+                f"this GEARCache was built for a config of {len(self.layers)} decoder layer(s), and the model using "
+                f"it has more (layer {layer_idx}): build the cache from that model's config "
+                "(GEARCache(model.config, ...))")
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def nbytes(self) -> dict[str, int]:

@@ -131,9 +131,10 @@ class MixtureOfMemoriesAttention(LinearizedAttention):
         self.router = nn.Linear(hidden, settings.num_memories, bias=False, device=w.device, dtype=w.dtype)
         self.beta_proj = nn.Linear(hidden, kv_heads, bias=True, device=w.device, dtype=w.dtype)
         self.aux_loss: torch.Tensor | None = None  # set by a training forward, read (and cleared) by recover
-        for child in (self.router, self.beta_proj):  # trainable like the rest of the model (frozen after load)
-            child.requires_grad_(w.requires_grad)
-            setattr(child, EXEMPT, "Mixture-of-Memories' routing, read in float32 every step; small")
+        reasons = ("Mixture-of-Memories' router, read in float32 every step", "Mixture-of-Memories' write strengths")
+        for child, reason in zip((self.router, self.beta_proj), reasons):
+            child.requires_grad_(w.requires_grad)  # trainable like the rest of the model (frozen after load)
+            setattr(child, EXEMPT, f"{reason}; small, and recover's train_modules trains it")
         self._init_new_parameters()
 
     @torch.no_grad()

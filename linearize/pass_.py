@@ -50,7 +50,7 @@ class Linearize(Pass):
         return report
 
     def restore(self, model: nn.Module, entry: dict) -> None:
-        linearize_model(model, self.settings(), self.config.layers)
+        linearize_model(model, self.settings(), self.config.layers, strict=False)
 
     def describe(self, model: nn.Module) -> list[str]:
         modules = attention_modules(model)

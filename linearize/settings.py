@@ -63,30 +63,30 @@ def check_layer_spec(spec: LayerSpec) -> LayerSpec:
                          f"every K-th layer), got {spec!r}")
     if isinstance(spec, str) and EVERY.match(spec) and int(EVERY.match(spec).group(1)) < 2:
         raise ValueError(f"every_K needs K >= 2 (got {spec!r}; every_1 would keep every layer softmax)")
-    if isinstance(spec, list):
-        if any(isinstance(i, bool) or not isinstance(i, int) for i in spec):
-            raise ValueError(f"layers lists layer indices (integers), got {spec!r}")
-        repeated = sorted({i for i in spec if spec.count(i) > 1})
-        if repeated:  # most likely a typo for another layer: said, not silently dropped
-            raise ValueError(f"layers lists {repeated} more than once")
+    if isinstance(spec, list) and any(isinstance(i, bool) or not isinstance(i, int) for i in spec):
+        raise ValueError(f"layers lists layer indices (integers), got {spec!r}")
     return spec
 
 
-def resolve_layers(spec: LayerSpec, num_layers: int) -> list[int]:
+def resolve_layers(spec: LayerSpec, num_layers: int, strict: bool = True) -> list[int]:
     """Indices of the layers to linearize. `every_K` keeps softmax in layers K-1, 2K-1, ... (the last of each group
-    of K), linearizing the others."""
+    of K), linearizing the others. `strict` (a new run, not a checkpoint being loaded, whose record an older version
+    accepted) refuses a repeated index and an every_K that would keep no softmax layer."""
     if spec == "all":
         return list(range(num_layers))
     if isinstance(spec, str):
         k = int(EVERY.match(spec).group(1))
-        if k > num_layers:
-            raise ConfigError(f"linearize: layers {spec!r} keeps softmax attention in every {k}th layer, but the "
-                              f"model has {num_layers} layers, so none would keep it: use 'all' for that")
+        if k > num_layers and strict:
+            raise ConfigError(f"linearize: layers {spec!r} keeps softmax attention in one layer of every {k}, but "
+                              f"the model has {num_layers} layers, so none would keep it: use 'all' for that")
         return [i for i in range(num_layers) if (i + 1) % k]
     bad = [i for i in spec if not 0 <= i < num_layers]
     if bad:
         raise ConfigError(f"linearize: layers {bad} do not exist (the model has {num_layers} layers, "
                           f"0..{num_layers - 1})")
+    repeated = sorted({i for i in spec if spec.count(i) > 1})
+    if repeated and strict:  # most likely a typo for another layer: said, not silently dropped
+        raise ConfigError(f"linearize: layers lists {repeated} more than once")
     return sorted(set(spec))
 
 

@@ -93,6 +93,10 @@ class Prune(Pass):
         layer_of = {name: _layer_index(name, prefix) for name in targets}
         state = _RunState(model=model, nm=nm, value_bytes=checkpoint_dtype(model).itemsize, layer_of=layer_of)
         label = f"prune ({self.config.method})"
+        outside = [n for n, i in layer_of.items() if i is None]
+        if outside and self.config.method != "magnitude":  # before anything changes (the head untied below)
+            raise ConfigError(f"{label}: {', '.join(outside[:3])} is outside the decoder layers, so no "
+                              "calibration activations reach it; add it to `ignore` or use method: magnitude")
         untied = untie_output_head(model, targets)
         with timed(report), torch.no_grad():
             layer_sparsity = self._layer_sparsities(len(layers), layer_of, model, ctx, label)
@@ -111,10 +115,6 @@ class Prune(Pass):
                     magnitude(name, layer.get_submodule(name[len(lname) + 1:]))
                     for name in targets if layer_of[name] == i])
             else:
-                outside = [n for n, i in layer_of.items() if i is None]
-                if outside:
-                    raise ConfigError(f"{label}: {', '.join(outside[:3])} is outside the decoder layers, so no "
-                                      "calibration activations reach it; add it to `ignore` or use method: magnitude")
                 ctx.run_sequential(model, lambda step: self._prune_layer(step, targets, layer_sparsity, state, label),
                                    pass_name=label)
         report.bytes_after = sum(tensor_bytes(model.get_submodule(n)) for n in targets)

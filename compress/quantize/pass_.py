@@ -142,14 +142,15 @@ class Quantize(Pass):
         restore: dict[str, dict] = {}
         notes: dict[str, str] = {}
         label = f"quantize ({c.method})"
+        if c.method == "gptq":  # before anything changes (the head untied below)
+            prefix, _ = decoder_layers(model)
+            outside = [n for n in targets if not n.startswith(prefix + ".")]
+            if outside:
+                raise ConfigError(f"{label}: {', '.join(outside[:3])} is outside the decoder layers, so no "
+                                  "calibration activations reach it; add it to `ignore` or use method: rtn")
         untied = untie_output_head(model, targets)
         with timed(report), torch.no_grad():
             if c.method == "gptq":
-                prefix, _ = decoder_layers(model)
-                outside = [n for n in targets if not n.startswith(prefix + ".")]
-                if outside:
-                    raise ConfigError(f"{label}: {', '.join(outside[:3])} is outside the decoder layers, so no "
-                                      "calibration activations reach it; add it to `ignore` or use method: rtn")
                 ctx.run_sequential(model, lambda step: self._gptq_layer(step, model, targets, restore, notes, label),
                                    pass_name=label)
             else:

@@ -19,7 +19,8 @@ from torch import nn
 
 from ..environment import world_size
 from ..errors import CalibrationError, CheckpointError, CompressError, ConfigError
-from ..pass_api import Pass, PassConfig, PassContext, PassReport, left_by_earlier, tensor_bytes, timed
+from ..pass_api import (Pass, PassConfig, PassContext, PassReport, head_shares_embedding, left_by_earlier,
+                        tensor_bytes, timed)
 from ..prune.sparse_linear import SparseLinear
 from ..registry import register_pass
 from ..targets import match_modules
@@ -76,10 +77,8 @@ class Recover(Pass):
         targets = {n: m for n, m in matched.items() if isinstance(m, (nn.Linear, SparseLinear))}
         if not targets:
             raise ConfigError(f"recover: targets {self.config.targets} match no Linear (or packed sparse) layer")
-        head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
-        # a replaced head (a VQ-Logits codebook) has no weight to share
-        tied = getattr(head, "weight", None) is not None and embedding is not None and head.weight is embedding.weight
-        if self.config.merge and tied and any(m is head for m in targets.values()):
+        head = model.get_output_embeddings()
+        if self.config.merge and head_shares_embedding(model) and any(m is head for m in targets.values()):
             raise ConfigError("recover: the output head shares its weight with the input embedding "
                               "(tie_word_embeddings), so merging LoRA into it would change the embedding too: leave "
                               "lm_head out of the targets, or use merge: false")

@@ -12,7 +12,8 @@ from pydantic import Field
 from torch import nn
 
 from ..errors import CalibrationError, CheckpointError, ConfigError, UnsupportedModelError
-from ..pass_api import Pass, PassConfig, PassContext, PassReport, replace_module, tensor_bytes, timed
+from ..pass_api import (Pass, PassConfig, PassContext, PassReport, head_shares_embedding, replace_module,
+                        tensor_bytes, timed)
 from ..progress import progress_bar
 from ..registry import register_pass
 from .distill import distill_head, kl_dense_to_head
@@ -210,9 +211,7 @@ class VQLogits(Pass):
 
     @staticmethod
     def _is_tied(model: nn.Module, head: nn.Module) -> bool:
-        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-        shares = emb is not None and emb.weight.data_ptr() == head.weight.data_ptr()
-        return bool(shares or getattr(model.config, "tie_word_embeddings", False))
+        return head_shares_embedding(model) or bool(getattr(model.config, "tie_word_embeddings", False))
 
     # ------------------------------------------------------------------------------------------------ restore
     def restore(self, model: nn.Module, entry: dict) -> None:

@@ -132,3 +132,18 @@ def test_inspect_counts_an_export_whose_layers_stayed_dense_from_its_files(tmp_p
     table = " ".join(run("inspect", out).output.split())  # says what the folder is, which layers stayed dense
     assert "a compressed-tensors export (transformers and vLLM load it)" in table
     assert "stored dense (compressed-tensors needs whole groups): model.layers.0" in table
+
+
+def test_export_of_a_checkpoint_elsewhere_keeps_its_baseline(tmp_path):
+    """The model a checkpoint was made from is recorded relative to its folder; `compress export` into another folder
+    copied that relative path, so `compress eval` of the export looked for the baseline in the wrong place."""
+    from compress.cli_eval import _recorded_source
+
+    src = tmp_path / "src"
+    compress.save(compress.load("builtin:tiny"), src, tokenizer=compress.load_tokenizer("builtin:tiny"))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("passes:\n  - quantize: {method: rtn, bits: 4, group_size: 64}\n")
+    native = tmp_path / "deeper" / "native"
+    assert run("apply", recipe, "--model", src, "--output", native, "--no-eval").exit_code == 0
+    assert run("export", native, "-o", tmp_path / "ct").exit_code == 0
+    assert _recorded_source(str(native)) == _recorded_source(str(tmp_path / "ct")) == str(src.resolve())

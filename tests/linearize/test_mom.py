@@ -248,3 +248,17 @@ def test_mom_beside_pruned_or_quantized_projections(first):
     with pytest.raises(CompressError, match="passes may compress; it names model.layers.0.self_attn.router"):
         compress.apply(model, [compress.get_pass("quantize")(method="rtn", targets=["model.layers.0.self_attn.router"])],
                        progress=False)
+
+
+@pytest.mark.parametrize("method", ["nf4", "int8"])
+def test_mom_beside_bitsandbytes_projections_in_bf16(method):
+    """A bitsandbytes k_proj shows only float32 statistics: MoM built its router in float32 on a bf16 model and the
+    forward failed (mat1 and mat2 must have the same dtype); it takes the model's compute dtype."""
+    pytest.importorskip("bitsandbytes")
+    model, _ = compress.apply(compress.load("builtin:tiny", dtype="bfloat16"),
+                              [compress.get_pass("quantize")(method=method),
+                               compress.get_pass("linearize")(variant="mom", layers="every_2")], progress=False)
+    attn = model.model.layers[0].self_attn
+    assert attn.router.weight.dtype == attn.beta_proj.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randint(0, 1000, (1, 16))).logits).all()

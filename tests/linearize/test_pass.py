@@ -63,7 +63,6 @@ def test_cli_generates_past_the_context_only_when_every_layer_is_linearized(tmp_
     (dict(layers="every_1"), "every_K needs K >= 2"),
     (dict(layers="some"), "layers must be"),
     (dict(layers=[]), "nothing would be linearized"),
-    (dict(layers=[1, 0, 1]), r"lists \[1\] more than once"),
     (dict(layers="every_0"), "every_K needs K >= 2 \\(got 'every_0'"),
     (dict(variant="hybrid", alpha=-1.0), "greater than or equal to 0"),
     (dict(variant="hybrid", alpha=0.0, beta=0.0), "both 0"),
@@ -81,8 +80,26 @@ def test_layers_that_do_not_exist(tiny_model):
     model = tiny_model("llama")
     with pytest.raises(CompressError, match=r"layers \[7\] do not exist"):
         compress.apply(model, [compress.get_pass("linearize")(layers=[0, 7])], progress=False)
-    with pytest.raises(CompressError, match="every 7th layer, but the model has 3 layers, so none would keep it"):
+    with pytest.raises(CompressError, match="one layer of every 7, but the model has 3 layers, so none would keep"):
         compress.apply(model, [compress.get_pass("linearize")(layers="every_7")], progress=False)
+    with pytest.raises(CompressError, match=r"lists \[1\] more than once"):  # (older versions dropped one)
+        compress.apply(model, [compress.get_pass("linearize")(layers=[1, 0, 1])], progress=False)
+
+
+def test_a_checkpoint_an_older_version_wrote_with_lax_layers_still_loads(tmp_path):
+    """Checkpoints record the layers as given; older versions took [1, 0, 1] and every_K past the depth (all
+    layers), so loading one builds what they built instead of refusing its record."""
+    import json
+
+    model, _ = compress.apply(compress.load("builtin:tiny"), [compress.get_pass("linearize")(layers=[0, 1])],
+                              progress=False)
+    out = compress.save(model, tmp_path / "lin")
+    config = json.loads((out / "config.json").read_text())
+    config["compression"]["passes"][0]["args"]["layers"] = [1, 0, 1]
+    (out / "config.json").write_text(json.dumps(config))
+    loaded = compress.load(out)
+    assert [type(layer.self_attn).__name__ for layer in loaded.model.layers][:3] == \
+        [type(model.model.layers[i].self_attn).__name__ for i in range(3)]
 
 
 @pytest.mark.parametrize("layers,match", [("every_0", "K >= 2"), ("bogus", "layers must be"), ([], "empty list"),

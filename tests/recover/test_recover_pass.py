@@ -229,3 +229,19 @@ def test_unmerged_adapter_reloads_exactly_in_bf16(tmp_path, reference_tokenizer)
                        lr=1e-2, merge=False)
     reloaded = compress.load(compress.save(model, tmp_path / "bf16"), dtype="bfloat16")
     torch.testing.assert_close(logits(reloaded, IDS), logits(model, IDS), rtol=0, atol=0)
+
+
+def test_wall_clock_budget_names_what_stopped_the_run():
+    """A last step that reached the token budget as the wall clock ran out reported stopped_by: wall_clock."""
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl, TrainerState
+
+    from compress.recover.training import WallClockBudget
+
+    args = SimpleNamespace(save_strategy="no")
+    for step, max_steps, hit in ((5, 5, False), (3, 5, True)):
+        budget, control = WallClockBudget(seconds=0.0), TrainerControl()
+        budget.on_train_begin(args, TrainerState(), control)
+        budget.on_step_end(args, TrainerState(global_step=step, max_steps=max_steps), control)
+        assert budget.hit is hit and control.should_training_stop is hit

@@ -62,8 +62,29 @@ class Prune(Pass):
                 raise ValueError(f'got the number {value}: quote N:M in YAML, e.g. structure: "2:4"')
             return value
 
+    def _foreign_options(self) -> set[str]:
+        """Options that do nothing with these settings (OWL's without owl, SparseGPT's with another method)."""
+        c = self.config
+        return ({"owl_lambda", "owl_threshold"} if not c.owl else set()) | \
+            ({"blocksize", "dampening"} if c.method != "sparsegpt" else set())
+
+    def entry(self, report=None) -> dict[str, Any]:
+        """Also the layers pruned but stored dense (`dense_pruned`): their zeros are the mask (recover keeps them).
+        Options that did nothing (at their defaults: validate_config) are left out of the record."""
+        out = super().entry(report)
+        foreign = self._foreign_options()
+        out["args"] = {k: v for k, v in out["args"].items() if k not in foreign}
+        if report is not None and report.details.get("dense_pruned"):
+            out["dense_pruned"] = report.details["dense_pruned"]
+        return out
+
     def validate_config(self) -> None:
         c = self.config
+        set_here = sorted(o for o in self._foreign_options() if o in c.model_fields_set
+                          and getattr(c, o) != type(c).model_fields[o].default)
+        if set_here:
+            raise ConfigError(f"prune: {', '.join(set_here)} does nothing here (OWL's options need owl: true, "
+                              "blocksize and dampening method: sparsegpt); drop it")
         nm = parse_structure(c.structure)
         if nm is not None:
             implied = 1 - nm[0] / nm[1]
@@ -136,13 +157,6 @@ class Prune(Pass):
         if untied:
             report.notes.append(UNTIED_NOTE)
         return report
-
-    def entry(self, report=None) -> dict[str, Any]:
-        """Also the layers pruned but stored dense (`dense_pruned`): their zeros are the mask (recover keeps them)."""
-        out = super().entry(report)
-        if report is not None and report.details.get("dense_pruned"):
-            out["dense_pruned"] = report.details["dense_pruned"]
-        return out
 
     def _checked_targets(self, model: nn.Module) -> dict[str, nn.Linear]:
         matched = self.target_modules(model)

@@ -164,10 +164,21 @@ def test_qwen2_biases_round_trip(tmp_path, tiny_model):
     ({"structure": "2:4", "owl": True}, "unstructured pruning only"),
     ({"method": "obs"}, "method"),
     ({"sparsity": []}, "empty"),
+    ({"method": "wanda", "blocksize": 64}, "blocksize does nothing here"),
+    ({"owl_lambda": 0.1}, "owl_lambda does nothing here"),
 ])
 def test_config_errors(args, match):
     with pytest.raises(ConfigError, match=match):
         Prune(**args)
+
+
+@pytest.mark.parametrize("args,dropped", [({"method": "magnitude"}, {"owl_lambda", "blocksize", "dampening"}),
+                                          ({"method": "sparsegpt", "owl": True}, set())])
+def test_the_record_names_only_options_that_act(args, dropped):
+    p = Prune(**args)
+    record = p.entry()["args"]
+    assert not dropped & set(record) and {"method", "sparsity", "structure", "storage", "owl"} <= set(record)
+    assert Prune(**record).config == p.config
 
 
 def test_errors_found_while_applying(tiny_model, reference_tokenizer):

@@ -47,6 +47,9 @@ class Linearize(Pass):
             report.details = {"changes_weights": False, "new_parameters": new_parameters,
                               "layers_linearized": len(report.modules), "layers_softmax": total - len(report.modules),
                               "variant": self.config.variant, "gate": self.config.gate}
+        if getattr(model, "kv_cache_settings", None) is not None:  # an earlier gear_kv counted these layers
+            report.notes.append(f"{len(report.modules)} layer(s) the earlier gear_kv pass compresses are linearized "
+                                "now: their cache slots hold recurrent states (gear_kv's layer count is from before)")
         return report
 
     def restore(self, model: nn.Module, entry: dict) -> None:

@@ -173,6 +173,15 @@ def test_inspect_of_a_linearized_model_without_a_kv_pass_has_no_cache_cycle(tmp_
     assert "mean over" not in table and "recurrent state, any length" in table
 
 
+def test_linearizing_after_gear_kv_says_what_it_took():
+    passes = [compress.get_pass("gear_kv")(method="kivi", bits=4),
+              compress.get_pass("linearize")(variant="gla", layers="every_2")]
+    _, report = compress.apply(compress.load("builtin:tiny", dtype="float32"), passes, progress=False)
+    assert report.passes[0].details["layers_compressed"] == 6  # as gear_kv saw them
+    assert report.passes[1].notes == ["3 layer(s) the earlier gear_kv pass compresses are linearized now: their "
+                                      "cache slots hold recurrent states (gear_kv's layer count is from before)"]
+
+
 def test_gear_kv_skips_mixture_of_memories_layers_too():
     passes = [compress.get_pass("linearize")(variant="mom", layers="every_2"),
               compress.get_pass("gear_kv")(method="kivi", bits=4)]

@@ -441,7 +441,7 @@ def export_cmd(checkpoint, output, export_format, overwrite, as_json):
         raise CompressError(f"{checkpoint} records no compression pass: its export would be the dense model")
     check_passes([(e["pass"], e.get("args") or {}) for e in section.get("passes", [])])  # before loading weights
     check_output(output, overwrite=overwrite, source=folder)
-    model = models.load(checkpoint)
+    model = models.load(checkpoint, dtype="stored")  # the files' dtype: least memory, and what the export writes
     recipe_file, report_file = folder / "recipe.yaml", folder / "report.json"
     try:
         report = json.loads(report_file.read_text()) if report_file.is_file() else None

@@ -121,6 +121,13 @@ class ActivationSparsity(Pass):
             raise ConfigError(f"activation_sparsity: {adopted} already computes its gate from a quantized copy "
                               "(exact_gate: false) and its original gate weights are gone: apply the pass to the "
                               "original model")
+        rank = self.config.predictor_rank
+        for name, mlp in self._mlps(model).items():  # a rank past the gate's shape failed after the whole search
+            limit = min(mlp.gate_proj.weight.shape) if isinstance(mlp.gate_proj, nn.Linear) else None
+            if rank and limit is not None and rank > limit:
+                raise ConfigError(f"activation_sparsity: predictor_rank {rank} is larger than {name}.gate_proj's "
+                                  f"smaller side ({limit}); a rank-r predictor needs r <= {limit} (and reads less "
+                                  "than the gate itself only well below it)")
 
     def check_after(self, model: nn.Module, earlier) -> None:
         """A prune or quantize pass, or an unmerged LoRA adapter, before this one that touches these MLPs'

@@ -464,3 +464,13 @@ def test_a_search_that_finds_no_threshold_says_so():
                                progress=False)
     entry = report.passes[0]
     assert entry.details["sparsity"] == 0.0 and "found no threshold within its budget" in entry.notes[0]
+
+
+def test_a_predictor_rank_past_the_gate_is_refused_before_work(tiny_model):
+    """predictor_rank 300 on a 64-wide gate ran the whole threshold search, then failed in the SVD fit (a helper's
+    audit); refused before any work now, by the checks apply and --dry-run run."""
+    model = tiny_model("llama")  # hidden 64, MLP 128
+    with pytest.raises(compress.ConfigError, match=r"predictor_rank 300 is larger than .*gate_proj's smaller side "
+                                                   r"\(64\)"):
+        ActivationSparsity(predictor_rank=300).check(model)
+    ActivationSparsity(predictor_rank=64).check(model)  # the largest that fits

@@ -86,6 +86,9 @@ def _print_passes(con, result: dict, stored: str, export_format: str) -> None:
                               if export_format == "native" else f"model = the tensors a native checkpoint would "
                               f"store, at its dtype ({stored}); the {export_format} checkpoint's size is below")))
     for p in result["passes"]:
+        found = _found(p)
+        if found:
+            con.print(f"{p['name']}: {found}")
         for reason, names in _group_by_reason(p.get("skipped") or {}).items():
             con.print(f"{p['name']} skipped {len(names)} module(s), {reason}: {', '.join(names[:3])}"
                       + (", ..." if len(names) > 3 else ""))
@@ -94,6 +97,19 @@ def _print_passes(con, result: dict, stored: str, export_format: str) -> None:
         before, after = p.get("stored_bytes_before"), p.get("stored_bytes_after")
         if before and after and after > 1.005 * before:  # e.g. int8 codes + scales replacing a packed sparse layer
             con.print(f"note: {p['name']} made the stored model larger ({_mb(before)} -> {_mb(after)})")
+
+
+def _found(p: dict) -> str | None:
+    """A pass's own result figures, said under the table (they were in --json / report.json only)."""
+    d = p.get("details") or {}
+    if p["name"] == "activation_sparsity" and "sparsity" in d and "ppl_increase" in d:
+        return (f"{100 * d['sparsity']:.1f}% of the MLPs' neuron activations inactive on the calibration text, its "
+                f"perplexity +{100 * d['ppl_increase']:.2f}% (budget +{100 * d.get('target_ppl_increase', 0):.2g}%)")
+    kls = [(k.removeprefix("calibration_kl_").replace("_", "/"), d[k]) for k in
+           ("calibration_kl_copy", "calibration_kl_scale_bias", "calibration_kl_distill") if k in d]
+    if p["name"] == "vq_logits" and kls:
+        return "calibration KL to the dense head: " + " -> ".join(f"{v:.4g} ({k})" for k, v in kls)
+    return None
 
 
 class ArgumentError(click.ClickException):

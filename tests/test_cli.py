@@ -227,3 +227,16 @@ def test_a_pass_that_grows_the_stored_model_says_so(tmp_path):
     assert result.exit_code == 0, result.output
     notes = [line for line in result.output.splitlines() if line.startswith("note:")]
     assert len(notes) == 1 and notes[0].startswith("note: quantize made the stored model larger (13.37 MB -> ")
+
+
+def test_apply_says_what_activation_sparsity_and_vq_logits_found():
+    """Their figures were in --json / report.json only (an audit); apply prints them under the pass table."""
+    from compress.cli_format import _found
+
+    sparse = {"name": "activation_sparsity", "details": {"sparsity": 0.4237, "ppl_increase": 0.0098,
+                                                         "target_ppl_increase": 0.01}}
+    assert _found(sparse) == ("42.4% of the MLPs' neuron activations inactive on the calibration text, its "
+                              "perplexity +0.98% (budget +1%)")
+    vq = {"name": "vq_logits", "details": {"calibration_kl_copy": 0.7445, "calibration_kl_scale_bias": 0.4122}}
+    assert _found(vq) == "calibration KL to the dense head: 0.7445 (copy) -> 0.4122 (scale/bias)"
+    assert _found({"name": "prune", "details": {"sparsity": 0.5}}) is None

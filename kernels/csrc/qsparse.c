@@ -134,17 +134,17 @@ int nm24_qgemv(const uint8_t* packed, int64_t ldp, const uint8_t* indices, int64
     #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
         qrow w = qrow_at(packed, ldp, indices, ldi, scale, scale_bf16, zero, groups, r);
-        const uint8_t *q = w.q, *idx = w.idx, *zr = w.zero;
-        const void* sr = w.scale;
         for (int64_t j = 0; j < t; j += 4) {
             int nt = t - j < 4 ? (int)(t - j) : 4;
 #if defined(__AVX2__) && defined(__FMA__)
             if (xp) {
-                row_avx2(q, idx, sr, scale_bf16, zr, bits, d, group, xp + j * d, d, nt, out + j * ldo + r, ldo);
+                row_avx2(w.q, w.idx, w.scale, scale_bf16, w.zero, bits, d, group, xp + j * d, d, nt,
+                         out + j * ldo + r, ldo);
                 continue;
             }
 #endif
-            row_plain(q, idx, sr, scale_bf16, zr, bits, d, group, x + j * ldx, ldx, nt, out + j * ldo + r, ldo);
+            row_plain(w.q, w.idx, w.scale, scale_bf16, w.zero, bits, d, group, x + j * ldx, ldx, nt,
+                      out + j * ldo + r, ldo);
         }
     }
     free(xp);
@@ -169,15 +169,14 @@ void nm24_dequantize(const uint8_t* packed, int64_t ldp, const uint8_t* indices,
 #endif
     #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
-        qrow w = qrow_at(packed, ldp, indices, ldi, scale, scale_bf16, zero, groups, r);
-        const uint8_t *q = w.q, *idx = w.idx, *zr = w.zero;
-        const void* sr = w.scale;
+        qrow row = qrow_at(packed, ldp, indices, ldi, scale, scale_bf16, zero, groups, r);
+        const uint8_t *q = row.q, *idx = row.idx, *zr = row.zero;
 #if defined(__AVX2__) && defined(__FMA__)
         if (fast) {
             float* o = (float*)out + r * d;
             for (int64_t g = 0; g < groups; ++g) {
                 int64_t k0 = g * group / 8, k1 = ((g + 1) * group < d ? (g + 1) * group : d) / 8;
-                __m128 s = _mm_set1_ps(scale_at(sr, g, scale_bf16));
+                __m128 s = _mm_set1_ps(scale_at(row.scale, g, scale_bf16));
                 __m128 off = _mm_set1_ps(zr ? (float)zr[g] : symmetric_offset);
                 for (int64_t k = k0; k < k1; ++k) {  /* columns 8k..8k+7: kept values 4k..4k+3 */
                     __m128i u;
@@ -206,7 +205,7 @@ void nm24_dequantize(const uint8_t* packed, int64_t ldp, const uint8_t* indices,
         else memset(ob, 0, d * sizeof(uint16_t));
         for (int64_t g = 0; g < groups; ++g) {  /* group by group: its scale and zero read once */
             int64_t c0 = g * group, c1 = c0 + group < d ? c0 + group : d;
-            float s = scale_at(sr, g, scale_bf16), off = zr ? (float)zr[g] : symmetric_offset;
+            float s = scale_at(row.scale, g, scale_bf16), off = zr ? (float)zr[g] : symmetric_offset;
             /* the kept values whose columns lie in [c0, c1): groups of 4 columns hold 2 each */
             for (int64_t i = (c0 / 4) * 2; i < (c1 + 3) / 4 * 2; ++i) {
                 int64_t c = (i >> 1) * 4 + ((idx[i >> 2] >> ((i & 3) * 2)) & 3);

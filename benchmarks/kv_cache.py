@@ -42,7 +42,8 @@ from compress.budget import kv_bytes_per_token
 from compress.intervals import format_interval
 from compress.kvcache.cache import dynamic_cache_bytes, quantized_cache_bytes
 from compress.kvcache.quality import compare_caches, copy_sequences, copy_accuracy, heldout_windows, kv_quality
-from compress.bench_args import check_device, nonnegative_int, output_file, positive_int, run_cli  # noqa: E402
+from compress.bench_args import (check_device, fill_unset, nonnegative_int, output_file, positive_int,  # noqa: E402
+                                 run_cli)
 
 
 def config_pair(text: str) -> tuple[str, str]:
@@ -416,9 +417,7 @@ def main(argv=None) -> None:
             args.only += [x for x in (a, b) if x not in args.only]
         elif args.quick:
             ap.error("--compare with --quick needs --only (the quick list may not hold both sides)")
-    for key, (full, quick) in PROTOCOL.items():  # --quick shortens what was not given, never what was
-        if getattr(args, key) is None:
-            setattr(args, key, quick if args.quick else full)
+    fill_unset(args, PROTOCOL, args.quick)
     rows = run(args)
     if args.save_json:
         with open(args.save_json, "w") as f:

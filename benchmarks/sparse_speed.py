@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from activation_sparse_rows import (calibrated_quality, cpu_activation_sparse, cpu_gather_crossover,  # noqa: E402
                                     cuda_activation_sparse, cuda_ms)
 from vq_logits import paired_median_seconds  # noqa: E402
-from compress.bench_args import fraction, nonnegative_int, output_file, positive_int, run_cli  # noqa: E402
+from compress.bench_args import fill_unset, fraction, nonnegative_int, output_file, positive_int, run_cli  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096)]  # (out, in)
 
@@ -304,6 +304,7 @@ def main(argv=None) -> None:
     ap.add_argument("--quality", type=Path, help="reuse a --save-quality file instead of calibrating again (the "
                     "slow part: the speed rows then time this machine at that file's inactive shares)")
     args = ap.parse_args(argv)
+    fill_unset(args, {"calibration_samples": (48, 8), "eval_windows": (199, 8), "greedy_rounds": (0, 0)}, args.quick)
     if args.predictor_bits is None:
         args.predictor_bits = 8 if args.quantized_gate else 0
     if args.quantized_gate and not args.predictor_bits:
@@ -331,11 +332,7 @@ def main(argv=None) -> None:
             ap.error(f"--quality {args.quality}: no such file (write one with --save-quality)")
         quality = json.loads(args.quality.read_text())
     else:
-        def given(value, full, quick):  # --quick shortens what was not given, never what was
-            return value if value is not None else quick if args.quick else full
-
-        quality = calibrated_quality(args.model, given(args.calibration_samples, 48, 8),
-                                     given(args.eval_windows, 199, 8), given(args.greedy_rounds, 0, 0),
+        quality = calibrated_quality(args.model, args.calibration_samples, args.eval_windows, args.greedy_rounds,
                                      args.ppl_budget, args.predictor_ratio, args.recall, args.neuron_scaling,
                                      args.predictor_bits, not args.quantized_gate)
     if args.save_quality is not None:

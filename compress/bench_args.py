@@ -37,6 +37,14 @@ def positive_float(text: str) -> float:
     return value
 
 
+def fill_unset(args, defaults: dict[str, tuple], quick: bool) -> None:
+    """`defaults`: {argument: (its default, its default with --quick)} for arguments parsed with default None, so
+    that --quick shortens only what the command line did not give."""
+    for key, (full, short) in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, short if quick else full)
+
+
 def nonnegative_float(text: str) -> float:
     try:
         value = float(text)

@@ -19,10 +19,9 @@ def _recorded_source(model_src: str) -> str | None:
     source = (models.compression_section(folder) or {}).get("source_model")
     if source and source.startswith("builtin:"):
         return source
-    # recorded relative to the checkpoint folder; older checkpoints recorded it as typed (the current folder's)
-    for candidate in ((folder / source, Path(source)) if source else ()):
-        if candidate.exists():
-            return str(candidate.resolve())
+    found = models.recorded_source_path(folder, source) if source else None
+    if found is not None:
+        return str(found)
     if source:  # said, not silently dropped: without a baseline there is no KL / top-1 agreement
         click.echo(f"note: {model_src} was made from {source}, which is not here; no KL or top-1 agreement "
                    "(pass --baseline MODEL)", err=True)

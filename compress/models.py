@@ -242,17 +242,23 @@ def text_config(config):
     return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
 
 
+def recorded_source_path(folder: Path, source: str) -> Path | None:
+    """Where the model a checkpoint at `folder` was made from is, if it is here: recorded relative to the checkpoint's
+    folder (older checkpoints: to the working directory where they were made)."""
+    found = next((c for c in (folder / source, Path(source)) if c.exists()), None)
+    return None if found is None else found.resolve()
+
+
 def _absolute_recorded_source(model: nn.Module, folder: Path) -> None:
-    """The model a checkpoint was made from is recorded relative to the checkpoint's folder (older ones: to the
-    working directory); in memory it is absolute, so that a checkpoint saved or exported from this model elsewhere
+    """In memory the recorded source is absolute, so that a checkpoint saved or exported from this model elsewhere
     records it relative to its own folder (checkpoint._portable_source) instead of pointing at the wrong place."""
     recorded = getattr(model.config, "compression", None)
     source = recorded.get("source_model") if isinstance(recorded, dict) else None
     if not isinstance(source, str) or source.startswith("builtin:") or Path(source).is_absolute():
         return
-    found = next((c for c in (folder / source, Path(source)) if c.exists()), None)
+    found = recorded_source_path(folder, source)
     if found is not None:
-        recorded["source_model"] = str(found.resolve())
+        recorded["source_model"] = str(found)
 
 
 def check_token_ids(ids: torch.Tensor, config, what: str, fix: str = "", *, check_context: bool = True) -> None:

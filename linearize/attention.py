@@ -67,6 +67,38 @@ def rotate_half_rope(rotary, head_dim: int) -> bool:
     return got.shape == expected.shape and bool(torch.allclose(got, expected, rtol=1e-12, atol=1e-12))
 
 
+def record_as_attentions(module: nn.Module) -> None:
+    """transformers 5 collects `output_attentions` through forward hooks it installs, once per model, on the model's
+    own attention class; a module swapped in takes the same hook, so every layer keeps its entry, in layer order (an
+    older transformers collects what each layer returns, which needs nothing)."""
+    try:
+        from transformers.utils import output_capturing
+    except ImportError:
+        return
+    install = (getattr(output_capturing, "install_output_capturing_hook", None)
+               or getattr(output_capturing, "install_output_capuring_hook", None))  # (its name in 5.x)
+    if install is not None:
+        install(module, "attentions", 1)
+
+
+def check_weights_recoverable(module: nn.Module, layer) -> None:
+    """output_attentions: a linearized layer's weights exist over the tokens of this call only (the earlier ones are
+    folded into its state); refused rather than dropped, which would shift every later layer's entry."""
+    if layer is not None and layer.state is not None:
+        raise UnsupportedModelError(
+            f"output_attentions: layer {module.layer_idx} is linearized ({module.settings.variant}); the tokens "
+            "before this call are folded into its recurrent state, so it has no attention weights over them. Ask "
+            "for attentions on a forward pass without past tokens (no cache, or a fresh one)")
+
+
+def identity_values(v: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, H, T, T] identity values (padding's rows zero): a layer whose output is linear in its values returns its
+    attention weights (o_t = sum_s A[t, s] v_s) when given these instead."""
+    b, h, t, _ = v.shape
+    eye = torch.eye(t, dtype=v.dtype, device=v.device).expand(b, h, t, t)
+    return eye if valid is None else eye.masked_fill(~valid[:, None, :, None], 0.0)
+
+
 class LinearizedAttention(nn.Module):
     def __init__(self, original: nn.Module, settings: LinearizeSettings, layer_idx: int):
         super().__init__()
@@ -86,6 +118,7 @@ class LinearizedAttention(nn.Module):
         self.settings = settings
         self._rotary = rotary  # the model's own apply_rotary_pos_emb (window branch only)
         self._rope_is_rotate_half = rotate_half_rope(rotary, self.head_dim)
+        record_as_attentions(self)
 
     def extra_repr(self) -> str:
         s = self.settings
@@ -154,12 +187,31 @@ class LinearizedAttention(nn.Module):
         cache = cache if cache is not None else kwargs.get("past_key_values")
         b, t, _ = hidden_states.shape
         layer = self._cache_layer(cache)
+        want_weights = bool(kwargs.get("output_attentions"))
+        if want_weights:
+            check_weights_recoverable(self, layer)
         q, k, v = self.project(hidden_states)
         valid = key_validity(attention_mask, t)
-        fused = self._fused_decode_ready(layer) if t == 1 else None
+        fused = self._fused_decode_ready(layer) if t == 1 and not want_weights else None
         if fused:
             return self._fused_decode_step(fused, layer, q, k, v, valid, position_embeddings, hidden_states)
         phi_q, phi_k, log_gate = self.features(q, k)
+        window = self.settings.window_or_none()
+        state = layer.state if layer is not None else None
+        # (one token sees every slot of the ring buffer: their order does not matter)
+        past = layer.window_past(ordered=t > 1) if layer is not None and window is not None else None
+        out, state, window_kv = self._mix(phi_q, phi_k, v, log_gate, valid, q, k, position_embeddings, state, past)
+        if layer is not None:
+            layer.store(state, *window_kv, new_tokens=t)
+        weights = None
+        if want_weights:  # the output is linear in the values: with the identity as values it is the weights
+            weights = self._mix(phi_q, phi_k, identity_values(v), log_gate, valid, q, k, position_embeddings)[0]
+        out = out.transpose(1, 2).reshape(b, t, -1).to(hidden_states.dtype)
+        return self.o_proj(out), weights
+
+    def _mix(self, phi_q, phi_k, v, log_gate, valid, q, k, position_embeddings, state=None, past=None):
+        """(the layer's output per head [B, Hq, T, V], the recurrent state after it, the window's (keys, values,
+        valid) to store: empty without a window branch) from the features, values and what the cache held."""
         # normalize: a ones column rides along with the values, so the same recurrence also carries z_t = the
         # decayed sum of phi(k) (its output column is phi(q_t) . z_t), in every kernel and in the cached state
         v_state = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1) if self.settings.normalize else v
@@ -167,32 +219,27 @@ class LinearizedAttention(nn.Module):
             pad = ~valid[:, None, :, None]
             phi_k, log_gate = phi_k.masked_fill(pad, 0.0), log_gate.masked_fill(pad, 0.0)
             v, v_state = v.masked_fill(pad, 0.0), v_state.masked_fill(pad, 0.0)
-        state = layer.state if layer is not None else None
+            k = k.masked_fill(pad, 0.0)  # the window's masked keys must not be NaN either: a fused kernel's masked
+            # score can be NaN + -inf (a float64 model's all-padding rows are NaN after a softmax layer)
         recurrent = gated_slot_attention if self.settings.gate == "gsa" else gated_linear_attention
         out, state = recurrent(phi_q, phi_k, v_state, log_gate, state, self.settings.chunk_size)
         if self.settings.normalize:
             out = out[..., :-1] / out[..., -1:].clamp_min(1e-6)
         window = self.settings.window_or_none()
         if window is None:
-            if layer is not None:
-                layer.store(state, new_tokens=t)
+            return out, state, ()
+        b, _, t, _ = q.shape
+        cos, sin = position_embeddings
+        q_rot, k_rot = self._rotary(q, k, cos, sin)
+        new_valid = valid if valid is not None else torch.ones(b, t, dtype=torch.bool, device=q.device)
+        if past is None:
+            keys, values, key_valid = k_rot, v, new_valid
         else:
-            cos, sin = position_embeddings
-            q_rot, k_rot = self._rotary(q, k, cos, sin)
-            new_valid = valid if valid is not None else torch.ones(b, t, dtype=torch.bool, device=q.device)
-            past = layer.window_past(ordered=t > 1) if layer is not None else None  # one token sees all slots
-            if past is None:
-                keys, values, key_valid = k_rot, v, new_valid
-            else:
-                keys = torch.cat([past[0].to(k_rot.dtype), k_rot], dim=2)  # the ring buffer is float32
-                values = torch.cat([past[1].to(v.dtype), v], dim=2)
-                key_valid = torch.cat([past[2], new_valid], dim=1)
-            windowed = sliding_window_attention(q_rot, keys, values, key_valid, window, self.scaling)
-            out = self.settings.alpha * out + self.settings.beta * windowed
-            if layer is not None:
-                layer.store(state, keys, values, key_valid, new_tokens=t)
-        out = out.transpose(1, 2).reshape(b, t, -1).to(hidden_states.dtype)
-        return self.o_proj(out), None
+            keys = torch.cat([past[0].to(k_rot.dtype), k_rot], dim=2)  # the ring buffer is float32
+            values = torch.cat([past[1].to(v.dtype), v], dim=2)
+            key_valid = torch.cat([past[2], new_valid], dim=1)
+        windowed = sliding_window_attention(q_rot, keys, values, key_valid, window, self.scaling)
+        return self.settings.alpha * out + self.settings.beta * windowed, state, (keys, values, key_valid)
 
     # ---- one decoding step in one call: C on the CPU (kernels/linear_decode_cpu.py), Triton on CUDA
     # (kernels/linear_decode_triton.py); forward's torch path is their reference ----

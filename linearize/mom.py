@@ -37,7 +37,7 @@ from ..kernels.linear_decode_cpu import linear_decode_supported, mom_decode_step
 from ..kernels.linear_decode_triton import mom_decode_step_triton, mom_triton_supported
 from ..errors import UnsupportedModelError
 from ..targets import EXEMPT
-from .attention import LinearizedAttention, key_validity
+from .attention import LinearizedAttention, check_weights_recoverable, identity_values, key_validity
 from .settings import LinearizeSettings
 
 ROUTER_INIT_STD = 0.02
@@ -188,11 +188,14 @@ class MixtureOfMemoriesAttention(LinearizedAttention):
         cache = cache if cache is not None else kwargs.get("past_key_values")
         b, t, _ = hidden_states.shape
         layer = self._cache_layer(cache)
+        want_weights = bool(kwargs.get("output_attentions"))
+        if want_weights:
+            check_weights_recoverable(self, layer)
         q, k, v = self.project(hidden_states)
         valid = key_validity(attention_mask, t)
         beta_logit = self.beta_proj(hidden_states)  # [B, T, Hkv]
         logits = F.linear(hidden_states.float(), self.router.weight.float())  # routing in fp32: stable top-k
-        fused = self._fused_decode_ready(layer) if t == 1 else self._prompt_in_c(layer, q)
+        fused = None if want_weights else self._fused_decode_ready(layer) if t == 1 else self._prompt_in_c(layer, q)
         if fused:  # one C call / Triton launch: features, routing and the memories' steps
             self.aux_loss = None
             s = self.settings
@@ -217,6 +220,18 @@ class MixtureOfMemoriesAttention(LinearizedAttention):
         self.aux_loss = (load_balance_loss(logits, chosen, valid)
                          if self.training and torch.is_grad_enabled() else None)
         state = layer.state if layer is not None and layer.state is not None else None
+        out, state_after = self._memories(phi_q, phi_k, v, log_gate, beta, chosen, weights, state)
+        if layer is not None:
+            layer.store(state_after, new_tokens=t)
+        attention = None
+        if want_weights:  # the output is linear in the values: with the identity as values it is the weights
+            attention = self._memories(phi_q, phi_k, identity_values(v, valid), log_gate, beta, chosen,
+                                       weights)[0]
+        out = out.transpose(1, 2).reshape(b, t, -1).to(hidden_states.dtype)
+        return self.o_proj(out), attention
+
+    def _memories(self, phi_q, phi_k, v, log_gate, beta, chosen, weights, state=None):
+        """(the routed memories' output per head [B, Hq, T, V] (+ the shared memory's), the state after them)."""
         # (a padding token is routed as any other and reads its memories, as the decoding steps do; it writes nothing)
         out, state_after = routed_delta_rule(phi_q, phi_k, v, log_gate, beta, chosen, weights,
                                              None if state is None else state[:, -self.settings.num_memories:],
@@ -227,11 +242,7 @@ class MixtureOfMemoriesAttention(LinearizedAttention):
                                                         self.settings.chunk_size)
             out = out + shared_out
             state_after = torch.cat([shared_state.unsqueeze(1), state_after], 1)
-        out = out * self._mix_scale
-        if layer is not None:
-            layer.store(state_after, new_tokens=t)
-        out = out.transpose(1, 2).reshape(b, t, -1).to(hidden_states.dtype)
-        return self.o_proj(out), None
+        return out * self._mix_scale, state_after
 
 
 @torch.no_grad()

@@ -69,9 +69,14 @@ def round_to_storage(model: nn.Module, dtype: torch.dtype) -> None:
 
 
 def _unique_state_dict(model: nn.Module, storage_dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The state dict with tied tensors kept once and floating tensors cast to the storage dtype."""
-    out, seen = {}, {}
+    """The state dict with tied tensors kept once, derived ones left out (inspection.derived_tensor_names) and
+    floating tensors cast to the storage dtype."""
+    from .inspection import derived_tensor_names
+
+    out, seen, derived = {}, {}, derived_tensor_names(model)
     for name, t in model.state_dict().items():
+        if name in derived:
+            continue  # rebuilt on load from what the module stores
         if t.device.type == "meta":  # a layer left on disk (compress/offload.py): read when its shard is written
             from .offload import LazyTensor
 
@@ -280,6 +285,7 @@ def check_format_version(path: Path, section: dict) -> None:
 
 def load_checkpoint(path: Path, config, section: dict, *, dtype, meta: bool = False) -> nn.Module:
     from .checkpoint_validation import check_against_model, check_loaded_modules, check_weight_files
+    from .inspection import rebuild_derived
     from .models import empty_model
     from .registry import get_pass
 
@@ -306,6 +312,7 @@ def load_checkpoint(path: Path, config, section: dict, *, dtype, meta: bool = Fa
                                                          else "")) from None
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
+    rebuild_derived(model)
     check_loaded_modules(path, model)
     for entry in section.get("passes", []):
         get_pass(entry["pass"])(entry.get("args") or {}).read_files(model, entry, path)

@@ -178,8 +178,11 @@ def read_index(path: Path) -> dict[str, str]:
 def check_against_model(folder: Path, headers: dict[str, tuple[str, tuple[int, ...]]], model: nn.Module,
                         tied: set[str]) -> None:
     """Names, shapes and integer/floating kinds of the stored tensors against the model built from the config."""
+    from .inspection import derived_tensor_names
+
     expected = model.state_dict()
-    missing = [k for k in expected if k not in headers and k not in tied]
+    optional = tied | derived_tensor_names(model)  # stored once / rebuilt on load (older checkpoints store them)
+    missing = [k for k in expected if k not in headers and k not in optional]
     unexpected = [k for k in headers if k not in expected]
     wrong = [f"{k}: checkpoint {tuple(headers[k][1])} vs model {tuple(v.shape)}"
              for k, v in expected.items() if k in headers and tuple(headers[k][1]) != tuple(v.shape)]

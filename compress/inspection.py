@@ -39,15 +39,35 @@ def owner_module(modules: dict[str, nn.Module], tensor_name: str) -> nn.Module:
     return modules[name]
 
 
+def derived_tensor_names(model: nn.Module) -> set[str]:
+    """State-dict names a checkpoint leaves out because their module rebuilds them on load from tensors it does
+    store (a module's `derived_tensors()`: an activation-sparse MLP's gate weight, its int8/int4 codes expanded)."""
+    out = set()
+    for name, module in model.named_modules():
+        derived = getattr(module, "derived_tensors", None)
+        if callable(derived):
+            out.update(f"{name}.{t}" if name else t for t in derived())
+    return out
+
+
+def rebuild_derived(model: nn.Module) -> None:
+    """After a load: each module rebuilds the tensors its checkpoint left out (`derived_tensor_names`)."""
+    for module in model.modules():
+        if callable(getattr(module, "derived_tensors", None)) and module.derived_tensors():
+            module.rebuild_derived()
+
+
 def bytes_by_component(model: nn.Module, storage_dtype: torch.dtype | None = None) -> dict[str, dict[str, int]]:
     """{component: {"dense": bytes, "compressed": bytes}} over the tensors a checkpoint stores (the state dict:
-    non-persistent buffers such as rotary frequencies are rebuilt on load, not stored). A tensor counts as compressed
-    when its owning module is the project's own (e.g. a SparseLinear or a VQ head). With `storage_dtype`, floating
-    tensors are counted at that dtype's size (what the checkpoint holds)."""
+    non-persistent buffers such as rotary frequencies and `derived_tensor_names` are rebuilt on load, not stored).
+    A tensor counts as compressed when its owning module is the project's own (e.g. a SparseLinear or a VQ head).
+    With `storage_dtype`, floating tensors are counted at that dtype's size (what the checkpoint holds)."""
     out: dict[str, dict[str, int]] = defaultdict(lambda: {"dense": 0, "compressed": 0})
     modules = dict(model.named_modules())
-    seen = set()
+    seen = set(derived_tensor_names(model))  # rebuilt on load, not stored
     for name, t in model.state_dict(keep_vars=True).items():
+        if name in seen:
+            continue
         key = id(t) if t.device.type == "meta" else (t.untyped_storage().data_ptr(), t.storage_offset(), t.shape)
         if key in seen:
             continue  # a tied weight, stored once

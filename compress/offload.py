@@ -270,12 +270,13 @@ def load_offloaded(path: Path, files: list[Path], model: nn.Module, *, dtype: to
     behind offload hooks, everything else in RAM."""
     from accelerate.utils import OffloadedWeightsLoader
 
+    from .inspection import derived_tensor_names, rebuild_derived
     from .sequential import decoder_layers
 
     prefix, layers = decoder_layers(model)
     index = weight_index(files, dtype)
     state_names = set(model.state_dict())
-    missing = sorted(state_names - set(index) - _tied_names_meta(model))
+    missing = sorted(state_names - set(index) - _tied_names_meta(model) - derived_tensor_names(model))
     if missing:
         raise CompressError(f"{path} lacks tensors the model needs: {', '.join(missing[:5])}")
     model.compress_offload = OffloadState(offload_folder, device)
@@ -292,6 +293,7 @@ def load_offloaded(path: Path, files: list[Path], model: nn.Module, *, dtype: to
             _attach(layers[i], weights, layer_prefix, device)
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
+    rebuild_derived(model)  # in the layers held in memory (a layer on disk computes without them)
     model.compress_offloaded_layers = sorted(offloaded)
     return model
 

@@ -26,7 +26,8 @@ calibrated per-layer threshold are zeroed (CATS, Lee et al. 2024), and skipped w
   copy's integer products with x rounded to int8, so the function stays one; its rounding error is part of the
   perplexity the calibration budgets against the original model. Decoding then reads a quarter (int8) of the gate's
   fp32 bytes, plus the active neurons' up rows and down columns; gate_proj's weight holds the copy expanded, which
-  prefill multiplies in one GEMM (and which checkpoints store).
+  prefill multiplies in one GEMM (checkpoints store the codes only: the gate then costs a quarter / an eighth of
+  its 16-bit bytes on disk, and the weight is expanded from them on load).
 
 Its children keep the names and tensors of the MLP it replaces (gate_proj, up_proj, down_proj), so the checkpoint's
 tensors are those of the dense model (gate_proj's rounded to its copy's grid when that is the gate); the threshold is
@@ -140,14 +141,24 @@ class ActivationSparseMLP(nn.Module):
     def adopt_quantized_gate(self, expand: bool = True) -> None:
         """exact_gate=False, once the calibration accepted the copy as the gate (or a checkpoint that stores it is
         loaded: `expand=False`, the codes are not read yet): gate_proj's weight holds the copy expanded from now on
-        (`expanded_gate`). Its original values are not needed again, so no float copy is added, and checkpoints store
-        the gate every path computes (tools that ignore the compression section get it too). It is frozen: the gate
-        is its codes, which training would not change."""
+        (`expanded_gate`). Its original values are not needed again, so no float copy is added; checkpoints store
+        the codes only (`derived_tensors`). It is frozen: the gate is its codes, which training would not change."""
         self.gate_adopted = True
         self.gate_proj.weight.requires_grad_(False)
         self._expanded_key = None
         if expand:
             self.expanded_gate()
+
+    def derived_tensors(self) -> tuple[str, ...]:
+        """Tensors a checkpoint leaves out (inspection.derived_tensor_names): with the copy adopted as the gate,
+        gate_proj's weight is the codes expanded, rebuilt from them on load (`rebuild_derived`); storing it too
+        would add the gate's float bytes to its codes'."""
+        adopted = self.gate_adopted and not self.exact_gate and type(self.gate_proj) is nn.Linear
+        return ("gate_proj.weight",) if adopted else ()
+
+    def rebuild_derived(self) -> None:
+        self._expanded_key = None
+        self.expanded_gate()
 
     def unused_children(self) -> dict[str, str]:
         """{child: why} for children nothing calls (passes refuse to compress them: pass_api.unused_modules)."""

@@ -193,6 +193,6 @@ class ActivationSparsity(Pass):
                 predictor_threshold=float(spec.get("predictor_threshold", 0.0)),
                 neuron_scaling=bool(spec.get("neuron_scaling", False)),
                 exact_gate=bool(spec.get("exact_gate", True))).train(mlp.training)
-            if not module.exact_gate:  # the checkpoint stores the adopted copy; expanded from the codes when used
+            if not module.exact_gate:  # the adopted copy: its codes stored, gate_proj's weight rebuilt on load
                 module.adopt_quantized_gate(expand=False)
             replace_module(model, name, module)

@@ -1,5 +1,6 @@
 """The activation_sparsity pass: the sparse decode path computes the masked dense MLP exactly, thresholds meet the
 perplexity budget, the checkpoint reloads the thresholds, the recipe runs, mistakes are clear errors."""
+import shutil
 from pathlib import Path
 
 import pytest
@@ -405,6 +406,28 @@ def test_pass_with_quantized_gate_budgets_against_the_original_and_reloads(tmp_p
     with torch.inference_mode():  # inference tensors keep no version counter: the expansion is keyed without it
         loaded = compress.load(tmp_path / "asg", dtype="float32")
         torch.testing.assert_close(loaded(input_ids=ids).logits, reloaded(input_ids=ids).logits)
+    # the checkpoint stores the gate's codes, not their expansion (rebuilt on load): its bytes are counted so
+    from safetensors.torch import load_file, save_file
+    from compress.inspection import stored_bytes
+    stored = load_file(tmp_path / "asg" / "model.safetensors")
+    assert "model.layers.0.mlp.predictor_codes" in stored
+    assert not [k for k in stored if k.endswith("gate_proj.weight")]
+    dtype = stored["model.embed_tokens.weight"].dtype
+    assert stored_bytes(model, dtype) == sum(t.numel() * t.element_size() for t in stored.values())
+    # a checkpoint written before (the expanded gate stored too) loads the same; so does one left on disk
+    old = tmp_path / "asg_old"
+    shutil.copytree(tmp_path / "asg", old)
+    save_file({**stored, **{f"model.layers.{i}.mlp.gate_proj.weight": m.gate_proj.weight.to(dtype)
+                            for i, m in enumerate(mlps(model))}}, old / "model.safetensors")
+    offloaded = compress.load(tmp_path / "asg", dtype="float32", max_memory="1MB")
+    assert offloaded.compress_offloaded_layers
+    new = compress.load(tmp_path / "asg", dtype="float32")  # (`reloaded` decodes masked dense by now)
+    with torch.no_grad():
+        for other in (compress.load(old, dtype="float32"), offloaded):
+            for n in (20, 1):  # prefill, and one decoding token (a layer on disk expands its gate into a buffer)
+                tol = 1e-5 if other is offloaded else 0.0
+                torch.testing.assert_close(other(input_ids=ids[:, :n]).logits, new(input_ids=ids[:, :n]).logits,
+                                           rtol=tol, atol=tol)
     with pytest.raises(compress.ConfigError, match="predictor_bits"):
         ActivationSparsity(exact_gate=False)
     with pytest.raises(compress.ConfigError, match="already computes its gate from a quantized copy"):

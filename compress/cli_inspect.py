@@ -38,11 +38,13 @@ def inspect_checkpoint(checkpoint: str, sparse_runtime: str, device: str | None)
         paths = runtime_plan(model, sparse_runtime, device)
         comps.update(_extra_folder_components(path, section, model))
     recipe, recipe_problem = _stored_recipe(path)
+    findings, report_problem = _stored_findings(path)
     from .budget import budget
 
     return {"checkpoint": str(path), "compression": section, "components": comps,
             "budget": budget(model, section, model.compress_storage_dtype, comps),
             "checkpoint_bytes": folder_bytes(path), "recipe": recipe, "recipe_problem": recipe_problem,
+            "findings": findings, "report_problem": report_problem,
             "runtime": {"device": device, "sparse_runtime": sparse_runtime, "paths": paths}}
 
 
@@ -64,6 +66,10 @@ def print_inspection(result: dict) -> None:
                   + (f" and {len(dense) - 3} more" if len(dense) > 3 else ""))
     for e in passes:
         con.print(f"  pass {e['pass']}: " + ", ".join(f"{k}={v}" for k, v in (e.get("args") or {}).items()))
+    for name, text in result.get("findings") or []:
+        con.print(f"  {name} found: {text}")
+    if result.get("report_problem"):
+        con.print(f"  what the passes found: not shown: {result['report_problem']}")
     if not passes:
         con.print("  no compression passes (a dense model)")
     total = {k: sum(v[k] for v in comps.values()) for k in ("dense", "compressed")}
@@ -79,6 +85,23 @@ def print_inspection(result: dict) -> None:
         con.print("recipe:\n" + recipe)
     elif result.get("recipe_problem"):
         con.print(f"recipe: not shown: {result['recipe_problem']}")
+
+
+def _stored_findings(path: Path) -> tuple[list[tuple[str, str]], str | None]:
+    """([(pass, what it found)], None) from the report.json `compress apply` writes beside the weights (activation
+    sparsity's inactive share and calibration perplexity, VQ-Logits' calibration KLs: cli_format._found), or ([],
+    why it cannot be read). No report.json (a checkpoint saved from Python): ([], None)."""
+    from .cli_format import _found
+
+    f = path / "report.json"
+    if not f.exists():
+        return [], None
+    try:
+        passes = json.loads(f.read_text(encoding="utf-8")).get("passes") or []
+        found = [(p["name"], _found(p)) for p in passes]
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError, KeyError, TypeError) as exc:
+        return [], f"{f} cannot be read ({type(exc).__name__})"
+    return [(name, text) for name, text in found if text], None
 
 
 def _stored_recipe(path: Path) -> tuple[str | None, str | None]:

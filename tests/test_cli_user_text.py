@@ -96,3 +96,24 @@ def test_non_utf8_bytes_on_the_real_command_line(tmp_path):
     assert proc.returncode == 2 and b"Traceback" not in proc.stderr
     expected = b"error: the argument '\\xff\\xfe' is not UTF-8 text; give paths and text in UTF-8"
     assert proc.stderr.strip().splitlines() == [expected]
+
+
+def test_inspect_says_what_the_passes_found_from_the_stored_report(bracket_checkpoint, tmp_path, monkeypatch):
+    """The figures `apply` prints under its pass table (activation sparsity's inactive share, VQ-Logits' calibration
+    KLs) come back with `inspect` from the report.json beside the weights; a damaged report is said, not fatal."""
+    _, out, _ = bracket_checkpoint
+    shutil.copytree(out, tmp_path / "ck")
+    report = json.loads((tmp_path / "ck" / "report.json").read_text())
+    report["passes"].append({"name": "activation_sparsity", "details": {
+        "sparsity": 0.441, "ppl_increase": 0.0064, "target_ppl_increase": 0.007}})
+    (tmp_path / "ck" / "report.json").write_text(json.dumps(report))
+    monkeypatch.chdir(tmp_path)
+    result = run("inspect", "ck")
+    assert result.exit_code == 0, result.output
+    assert "activation_sparsity found: 44.1% of the MLPs' neuron activations inactive" in " ".join(
+        result.output.split())
+    data = json.loads(run("inspect", "ck", "--json").output)
+    assert [name for name, _ in data["findings"]] == ["activation_sparsity"] and data["report_problem"] is None
+    (tmp_path / "ck" / "report.json").write_text('{"passes": 3}')
+    result = run("inspect", "ck")
+    assert result.exit_code == 0 and "what the passes found: not shown: ck/report.json cannot be read" in result.output

@@ -93,16 +93,20 @@ static void row_avx2(const uint8_t* q, const uint8_t* idx, const void* scale, in
         __m256 off = _mm256_set1_ps(zero ? (float)zero[g] : symmetric_offset);
         __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
         int64_t k = k0;
-        if (nt == 1) {  /* two FMA chains: one chain's latency would bound the loop */
-            __m256 a1 = _mm256_setzero_ps();
-            for (; k + 2 <= k1; k += 2) {
+        if (nt == 1) {  /* four FMA chains: fewer leave the loop bound by their latency */
+            __m256 a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+            for (; k + 4 <= k1; k += 4) {
                 __builtin_prefetch(q + (k * bits) + PREFETCH_BYTES, 0, 0);
                 acc[0] = _mm256_fmadd_ps(_mm256_sub_ps(codes8(q, k, bits), off),
                                          nm24_x(xp + 16 * k, nm24_ctrl(idx, k)), acc[0]);
                 a1 = _mm256_fmadd_ps(_mm256_sub_ps(codes8(q, k + 1, bits), off),
                                      nm24_x(xp + 16 * k + 16, nm24_ctrl(idx, k + 1)), a1);
+                a2 = _mm256_fmadd_ps(_mm256_sub_ps(codes8(q, k + 2, bits), off),
+                                     nm24_x(xp + 16 * k + 32, nm24_ctrl(idx, k + 2)), a2);
+                a3 = _mm256_fmadd_ps(_mm256_sub_ps(codes8(q, k + 3, bits), off),
+                                     nm24_x(xp + 16 * k + 48, nm24_ctrl(idx, k + 3)), a3);
             }
-            acc[0] = _mm256_add_ps(acc[0], a1);
+            acc[0] = _mm256_add_ps(_mm256_add_ps(acc[0], a1), _mm256_add_ps(a2, a3));
         }
         for (; k < k1; ++k) {
             __m256i ctrl = nm24_ctrl(idx, k);

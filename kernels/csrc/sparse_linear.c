@@ -82,14 +82,18 @@ ALWAYS_INLINE __m256 bitmask_block(const void* v, int64_t i, int64_t n_values, i
 ALWAYS_INLINE void nm24_gather(const void* v, int bf16, const uint8_t* idx, int64_t blocks16, const float* xp,
                                int64_t ldxp, int nt, __m256* a) {
     int64_t k = 0;
-    if (nt == 1) {  /* two FMA chains: one chain's latency would bound the loop */
-        __m256 a1 = _mm256_setzero_ps();
-        for (; k + 2 <= blocks16; k += 2) {
-            __builtin_prefetch((const char*)v + (8 * k << (2 - bf16)) + PREFETCH_BYTES, 0, 0);
+    if (nt == 1) {  /* four FMA chains: fewer leave the loop bound by their latency */
+        __m256 a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+        for (; k + 4 <= blocks16; k += 4) {
+            const char* ahead = (const char*)v + (8 * k << (2 - bf16)) + PREFETCH_BYTES;
+            __builtin_prefetch(ahead, 0, 0);
+            __builtin_prefetch(ahead + 64, 0, 0);  /* 128 bytes of float32 values a step */
             a[0] = _mm256_fmadd_ps(load8(v, 8 * k, bf16), nm24_x(xp + 16 * k, nm24_ctrl(idx, k)), a[0]);
             a1 = _mm256_fmadd_ps(load8(v, 8 * k + 8, bf16), nm24_x(xp + 16 * k + 16, nm24_ctrl(idx, k + 1)), a1);
+            a2 = _mm256_fmadd_ps(load8(v, 8 * k + 16, bf16), nm24_x(xp + 16 * k + 32, nm24_ctrl(idx, k + 2)), a2);
+            a3 = _mm256_fmadd_ps(load8(v, 8 * k + 24, bf16), nm24_x(xp + 16 * k + 48, nm24_ctrl(idx, k + 3)), a3);
         }
-        a[0] = _mm256_add_ps(a[0], a1);
+        a[0] = _mm256_add_ps(_mm256_add_ps(a[0], a1), _mm256_add_ps(a2, a3));
     }
     for (; k < blocks16; ++k) {
         __m256i ctrl = nm24_ctrl(idx, k);
@@ -179,18 +183,25 @@ ALWAYS_INLINE void bitmask_row(const void* v, int bf16, int64_t start, int64_t n
     const lane_table* t = (const lane_table*)table;
     int64_t blocks = d / 8;
     __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    if (nt == 1) {
-        __m256 a1 = _mm256_setzero_ps();
+    if (nt == 1) {  /* 32 columns a step: four FMA chains (two left the loop bound by their latency), one mask load,
+                       no branches (a clear byte's block is zeros) */
+        __m256 a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
         int64_t k = 0;
-        for (; k + 2 <= blocks; k += 2) {
-            uint8_t b0 = mask[k], b1 = mask[k + 1];
+        for (; k + 4 <= blocks; k += 4) {
+            uint32_t b;
+            memcpy(&b, mask + k, 4);
             __builtin_prefetch((const char*)v + (i << (2 - bf16)) + PREFETCH_BYTES, 0, 0);
-            int64_t i1 = i + __builtin_popcount(b0);
-            if (b0) a[0] = _mm256_fmadd_ps(bitmask_block(v, i, n_values, guard, bf16, b0, t),
-                                           _mm256_loadu_ps(x + 8 * k), a[0]);
-            if (b1) a1 = _mm256_fmadd_ps(bitmask_block(v, i1, n_values, guard, bf16, b1, t),
-                                         _mm256_loadu_ps(x + 8 * k + 8), a1);
-            i = i1 + __builtin_popcount(b1);
+            int64_t i1 = i + __builtin_popcount(b & 0xffu), i2 = i + __builtin_popcount(b & 0xffffu);
+            int64_t i3 = i + __builtin_popcount(b & 0xffffffu);
+            a[0] = _mm256_fmadd_ps(bitmask_block(v, i, n_values, guard, bf16, (uint8_t)b, t),
+                                   _mm256_loadu_ps(x + 8 * k), a[0]);
+            a1 = _mm256_fmadd_ps(bitmask_block(v, i1, n_values, guard, bf16, (uint8_t)(b >> 8), t),
+                                 _mm256_loadu_ps(x + 8 * k + 8), a1);
+            a2 = _mm256_fmadd_ps(bitmask_block(v, i2, n_values, guard, bf16, (uint8_t)(b >> 16), t),
+                                 _mm256_loadu_ps(x + 8 * k + 16), a2);
+            a3 = _mm256_fmadd_ps(bitmask_block(v, i3, n_values, guard, bf16, (uint8_t)(b >> 24), t),
+                                 _mm256_loadu_ps(x + 8 * k + 24), a3);
+            i += __builtin_popcount(b);
         }
         for (; k < blocks; ++k) {
             uint8_t b = mask[k];
@@ -198,7 +209,7 @@ ALWAYS_INLINE void bitmask_row(const void* v, int bf16, int64_t start, int64_t n
                                           _mm256_loadu_ps(x + 8 * k), a[0]);
             i += __builtin_popcount(b);
         }
-        a[0] = _mm256_add_ps(a[0], a1);
+        a[0] = _mm256_add_ps(_mm256_add_ps(a[0], a1), _mm256_add_ps(a2, a3));
     } else {
         for (int64_t k = 0; k < blocks; ++k) {
             uint8_t b = mask[k];

@@ -35,9 +35,10 @@ def assert_close_to(y, ref, x_dtype):
 
 
 @pytest.mark.parametrize("tokens", [1, 2, 3, 5, 8, 9, 40])  # 1-8: the product (blocks of 4/2/1); 9, 40: blocked
+# (cols 120: 2:4 at one token runs four 16-column steps at a time, then three, then a plain tail of 8)
 def test_nm_product_and_blocked_path(tokens, cpu_level):
     gen = torch.Generator().manual_seed(tokens)
-    for (n, m), cols, value_dtype in itertools.product(NM, [16, 36, 72, 200], [torch.float32, torch.bfloat16]):
+    for (n, m), cols, value_dtype in itertools.product(NM, [16, 36, 72, 120, 200], [torch.float32, torch.bfloat16]):
         if cols % m:
             continue
         rows = 13

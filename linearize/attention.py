@@ -67,18 +67,18 @@ def rotate_half_rope(rotary, head_dim: int) -> bool:
     return got.shape == expected.shape and bool(torch.allclose(got, expected, rtol=1e-12, atol=1e-12))
 
 
-def record_as_attentions(module: nn.Module) -> None:
-    """transformers 5 collects `output_attentions` through forward hooks it installs, once per model, on the model's
-    own attention class; a module swapped in takes the same hook, so every layer keeps its entry, in layer order (an
-    older transformers collects what each layer returns, which needs nothing)."""
+def record_as_attentions(weights: torch.Tensor) -> None:
+    """transformers 5 collects `output_attentions` with forward hooks it installs on the model's own attention class
+    only, so a swapped-in module's weights would be dropped and every later layer's entry shifted: hand them to the
+    collector it runs for this call instead (what its hook does). No hook of ours: one would sit on every call, and
+    a closure would stop the model from pickling. An older transformers collects what each layer returns."""
     try:
-        from transformers.utils import output_capturing
+        from transformers.utils.output_capturing import _active_collector
     except ImportError:
         return
-    install = (getattr(output_capturing, "install_output_capturing_hook", None)
-               or getattr(output_capturing, "install_output_capuring_hook", None))  # (its name in 5.x)
-    if install is not None:
-        install(module, "attentions", 1)
+    collected = _active_collector.get()
+    if collected is not None and "attentions" in collected:
+        collected["attentions"].append(weights)
 
 
 def check_weights_recoverable(module: nn.Module, layer) -> None:
@@ -118,7 +118,6 @@ class LinearizedAttention(nn.Module):
         self.settings = settings
         self._rotary = rotary  # the model's own apply_rotary_pos_emb (window branch only)
         self._rope_is_rotate_half = rotate_half_rope(rotary, self.head_dim)
-        record_as_attentions(self)
 
     def extra_repr(self) -> str:
         s = self.settings
@@ -206,6 +205,7 @@ class LinearizedAttention(nn.Module):
         weights = None
         if want_weights:  # the output is linear in the values: with the identity as values it is the weights
             weights = self._mix(phi_q, phi_k, identity_values(v), log_gate, valid, q, k, position_embeddings)[0]
+            record_as_attentions(weights)
         out = out.transpose(1, 2).reshape(b, t, -1).to(hidden_states.dtype)
         return self.o_proj(out), weights
 

@@ -37,7 +37,8 @@ from ..kernels.linear_decode_cpu import linear_decode_supported, mom_decode_step
 from ..kernels.linear_decode_triton import mom_decode_step_triton, mom_triton_supported
 from ..errors import UnsupportedModelError
 from ..targets import EXEMPT
-from .attention import LinearizedAttention, check_weights_recoverable, identity_values, key_validity
+from .attention import (LinearizedAttention, check_weights_recoverable, identity_values, key_validity,
+                        record_as_attentions)
 from .settings import LinearizeSettings
 
 ROUTER_INIT_STD = 0.02
@@ -227,6 +228,7 @@ class MixtureOfMemoriesAttention(LinearizedAttention):
         if want_weights:  # the output is linear in the values: with the identity as values it is the weights
             attention = self._memories(phi_q, phi_k, identity_values(v, valid), log_gate, beta, chosen,
                                        weights)[0]
+            record_as_attentions(attention)
         out = out.transpose(1, 2).reshape(b, t, -1).to(hidden_states.dtype)
         return self.o_proj(out), attention
 

@@ -3,6 +3,8 @@ None entry, which would shift the later layers'), and a linearized layer's weigh
 linear in the values, o_t = sum_s A[t, s] v_s, which the test checks against what reaches o_proj."""
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
@@ -72,6 +74,8 @@ def test_weights_over_tokens_folded_into_the_state_are_refused():
     ids = torch.randint(0, 128, (1, 6))
     with torch.no_grad():
         cache = model(ids, use_cache=True).past_key_values
+    torch.save(model, io.BytesIO())  # no hook (a closure) of ours on the model: it pickles as the original does
+    with torch.no_grad():
         with pytest.raises(CompressError, match="layer 1 is linearized.*no attention weights over them"):
             model(ids[:, -1:], cache=cache, output_attentions=True)
         # a fresh cache has no past: the weights are there, every layer's

@@ -49,8 +49,12 @@ def check_passes(passes: list[tuple[str, dict]]) -> None:
             problems.append(f"pass {name!r}: {INEXPRESSIBLE[name]}")
         elif name == "quantize" and str((args or {}).get("method", "")).lower() in BNB_METHODS:
             problems.append(f"pass 'quantize' (method {args['method']}): bitsandbytes layers have their own layout")
-        elif name not in ("prune", "quantize"):
-            problems.append(f"pass {name!r}: compressed-tensors holds pruned and int-quantized weights only")
+        elif name == "recover" and (args or {}).get("merge", True) is False:
+            problems.append("pass 'recover' (merge: false): its LoRA adapter folder is not a weight format (merge: "
+                            "true merges it, a pruned layer keeping its zeros)")
+        elif name not in ("prune", "quantize", "recover"):  # a merged recover leaves dense or still-packed layers
+            problems.append(f"pass {name!r}: compressed-tensors holds pruned and int-quantized weights (and LoRA "
+                            "merged into them) only")
     if problems:
         raise ExportError(f"the {FORMAT} format cannot express " + "; ".join(problems)
                           + ": drop those passes or use the native format (the default)")

@@ -60,6 +60,11 @@ def folders(tmp_path_factory):
     variants = {}
     m24, _ = compress.apply(copy.deepcopy(base), [prune(method="magnitude", structure="2:4")], progress=False)
     variants["sparse24"] = m24
+    # 2:4, then LoRA recovery merged into the packed weights (masked: the layers stay 2:4)
+    variants["sparse24_recovered"], _ = compress.apply(
+        copy.deepcopy(m24), [compress.get_pass("recover")(max_tokens=256, batch_size=2, lr=1e-2)],
+        calibration={"source": "builtin:calibration", "num_samples": 4, "seq_len": 32},
+        tokenizer=compress.load_tokenizer("builtin:tiny"), progress=False)
     unstructured, _ = compress.apply(copy.deepcopy(base), [prune(method="magnitude", sparsity=0.6, storage="packed")],
                                      progress=False)
     variants["bitmask"] = unstructured
@@ -121,9 +126,17 @@ def plain(folders, name: str) -> torch.Tensor:
     return load_file(path)["logits"]
 
 
-@pytest.mark.parametrize("variant", ["sparse24", "bitmask", "w4_24", "w8_asym", "w4_g128"])
+@pytest.mark.parametrize("variant", ["sparse24", "sparse24_recovered", "bitmask", "w4_24", "w8_asym", "w4_g128"])
 def test_compressed_tensors_export_matches_in_plain_transformers(folders, variant):
     torch.testing.assert_close(plain(folders, f"ct_{variant}"), folders["reference"][variant], **TOL)
+
+
+def test_a_merged_recovery_exports_as_the_pruned_layers_it_changed(folders):
+    """recover (merge: true) after 2:4: the LoRA update is in the exported weights, which stay 2:4."""
+    recovered, pruned = folders["reference"]["sparse24_recovered"], folders["reference"]["sparse24"]
+    assert (recovered - pruned).abs().max() > 1e-3  # the recovery changed the model
+    summary = folders["summary"]["sparse24_recovered"]
+    assert summary.sparsity_structure == "2:4" and len(summary.sparse) == 42
 
 
 @pytest.mark.parametrize("variant", ["tied_w4_head", "tied_24_head"])
@@ -292,5 +305,14 @@ def test_inexpressible_pass_fails_before_writing(folders, tmp_path):
     model.config.compression = {**model.config.compression,
                                 "passes": model.config.compression["passes"] + [{"pass": "vq_logits", "args": {}}]}
     with pytest.raises(ExportError, match="vq_logits"):
+        export(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unmerged_recovery_is_refused_before_writing(folders, tmp_path):
+    model = copy.deepcopy(folders["variants"]["sparse24"])
+    model.config.compression = {**model.config.compression, "passes": model.config.compression["passes"]
+                                + [{"pass": "recover", "args": {"merge": False}}]}
+    with pytest.raises(ExportError, match=r"'recover' \(merge: false\): its LoRA adapter folder"):
         export(model, tmp_path / "out")
     assert not (tmp_path / "out").exists()

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .inspection import bytes_by_component
+from .pass_api import storage_bytes
 
 KV_TOKENS = 1024  # a multiple of every residual window the GEAR settings allow by default; fills whole chunks
 
@@ -47,10 +48,12 @@ def kv_bytes_per_token(config, settings=None, tokens: int = KV_TOKENS, dtype: to
                        linearized: dict[int, int] | None = None) -> dict:
     """{"uncompressed", "compressed"} bytes per token over all layers (compressed: None without `settings` or
     linearized layers). `linearized`: {layer index: bytes its recurrent cache holds at any length}; those layers
-    add nothing per token, and their sum is reported as `recurrent_bytes` (batch 1)."""
-    from transformers import DynamicCache
+    add nothing per token, and their sum is reported as `recurrent_bytes` (batch 1). A sliding-window layer
+    (Mistral's, Qwen2's) holds at most its window: uncompressed, transformers keeps window - 1 tokens; compressed,
+    whole pages past the window are dropped; both are measured at `tokens`."""
+    from transformers.cache_utils import DynamicLayer
 
-    from .kvcache.cache import GEARCache, dynamic_cache_bytes
+    from .kvcache.cache import GEARCache, sliding_windows
 
     text = config.get_text_config(decoder=True)
     layers = text.num_hidden_layers
@@ -58,40 +61,60 @@ def kv_bytes_per_token(config, settings=None, tokens: int = KV_TOKENS, dtype: to
     gen = torch.Generator().manual_seed(0)
     shape = (1, text.num_key_value_heads, tokens, head_dim)
     keys, values = (torch.randn(shape, generator=gen).to(dtype) for _ in range(2))
-    dense = DynamicCache(config=config)
-    dense.update(keys, values, 0)
-    per_layer_dense = dynamic_cache_bytes(dense)[0] / tokens
-    out = {"tokens_measured": tokens, "uncompressed": per_layer_dense * layers, "compressed": None}
+    full = DynamicLayer()
+    full.update(keys, values)
+    per_layer_dense = storage_bytes([full.keys, full.values]) / tokens
+    sliding = sliding_windows(config)
+
+    def dense(i: int) -> float:  # transformers' own cache for layer i
+        return per_layer_dense * (min(tokens, sliding[i] - 1) / tokens if i in sliding else 1.0)
+
+    out = {"tokens_measured": tokens, "uncompressed": sum(dense(i) for i in range(layers)), "compressed": None}
     linearized = linearized or {}
     if settings is None and not linearized:
         return out
     softmax = [i for i in range(layers) if i not in linearized]
     skipped = set(settings.skip_layers) if settings is not None else set(softmax)
-    layer = next((i for i in softmax if i not in skipped), None)
-    cycle = [0.0]
-    if layer is not None:
-        cache = GEARCache(config, settings)
-        cache.update(keys, values, layer)
-        cycle = [cache.nbytes()["total"] / tokens]
-        # then one token at a time (decode steps) until the uncompressed window is one short of full again
-        steps = (torch.randn((1, shape[1], settings.residual_length - 1, head_dim), generator=gen).to(dtype)
-                 for _ in range(2))
-        with warnings.catch_warnings():  # its advice on attention (read the packed store) is about decoding speed
-            warnings.simplefilter("ignore", UserWarning)
-            for j, (k, v) in enumerate(zip(*(s.split(1, dim=2) for s in steps)), start=1):
-                cache.update(k, v, layer)
-                cycle.append(cache.nbytes()["total"] / (tokens + j))
-    for key, per_layer in (("compressed", sum(cycle) / len(cycle)), ("compressed_min", min(cycle)),
-                           ("compressed_max", max(cycle))):
-        out[key] = sum(per_layer_dense if i in skipped else per_layer for i in softmax)
-    if layer is not None:  # a compressed cache measured over its window's cycle (not for linearized layers alone)
-        out["tokens_cycle"] = [tokens, tokens + len(cycle) - 1]
+    # every compressed layer of one kind (full, or sliding with one window) stores alike: one of each is measured
+    kinds: dict[int | None, int] = {}
+    for i in softmax:
+        if i not in skipped:
+            kinds.setdefault(sliding.get(i), i)
+    cycles = {kind: _compressed_cycle(GEARCache(config, settings), i, keys, values, settings, gen)
+              for kind, i in kinds.items()}
+    for key, pick in (("compressed", lambda c: sum(c) / len(c)), ("compressed_min", min), ("compressed_max", max)):
+        out[key] = sum(dense(i) if i in skipped else pick(cycles[sliding.get(i)]) for i in softmax)
+    if kinds:  # a compressed cache measured over its window's cycle (not for linearized layers alone)
+        out["tokens_cycle"] = [tokens, tokens + len(next(iter(cycles.values()))) - 1]
     labels = [_cache_label(settings)] if settings is not None else []
+    if sliding:
+        windows = sorted(set(sliding.values()))
+        labels.append(f"{len(sliding)} of {layers} layers with a sliding window of {'/'.join(map(str, windows))}")
     if linearized:
         labels.append(f"{len(linearized)} of {layers} layers linearized")
         out["recurrent_bytes"] = sum(linearized.values())
     out["cache"] = "; ".join(labels)
     return out
+
+
+def _compressed_cycle(cache, layer: int, keys, values, settings, gen) -> list[float]:
+    """Bytes per token layer `layer` of `cache` holds after the prompt, then after each decode step until its fp16
+    window is one short of full again (the cycle of a compressed cache's per-token bytes)."""
+    tokens, dtype = keys.shape[2], keys.dtype
+
+    def held(n: int) -> float:
+        return storage_bytes([t for ts in cache.layers[layer].tensors_by_item().values() for t in ts]) / n
+
+    cache.update(keys, values, layer)
+    cycle = [held(tokens)]
+    steps = (torch.randn((1, keys.shape[1], settings.residual_length - 1, keys.shape[3]), generator=gen).to(dtype)
+             for _ in range(2))
+    with warnings.catch_warnings():  # its advice on attention (read the packed store) is about decoding speed
+        warnings.simplefilter("ignore", UserWarning)
+        for j, (k, v) in enumerate(zip(*(s.split(1, dim=2) for s in steps)), start=1):
+            cache.update(k, v, layer)
+            cycle.append(held(tokens + j))
+    return cycle
 
 
 def budget(model: nn.Module, section: dict[str, Any] | None, storage_dtype: torch.dtype,

@@ -166,7 +166,8 @@ def _print_budget(con, b: dict) -> None:
     rows.append([f"KV cache per token ({kv.get('cache', 'uncompressed')})", f"{kv['uncompressed']:.0f} B",
                  f"{kv_stored:.0f} B", ratio(kv_stored, kv["uncompressed"])])
     if kv.get("recurrent_bytes"):
-        rows.append(["recurrent state, any length (batch 1)", "-", _mb(kv["recurrent_bytes"]), "-"])
+        n = kv["recurrent_bytes"]  # a small model's states are a few KB: MB would print 0.00
+        rows.append(["recurrent state, any length (batch 1)", "-", _mb(n) if n >= 1e6 else f"{n / 1e3:.1f} KB", "-"])
     measured = f"measured over {kv['tokens_measured']} tokens"
     if kv.get("tokens_cycle"):
         first, last = kv["tokens_cycle"]

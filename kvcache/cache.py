@@ -19,7 +19,7 @@ import warnings
 from typing import Any
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer
 
 from ..errors import CompressError
 from ..pass_api import storage_bytes
@@ -46,17 +46,23 @@ def _warn_dense_path() -> None:
 
 
 class GEARLayer(CacheLayerMixin):
-    """One attention layer's GEAR cache (quantized codes + sparse outliers + low-rank error + fp16 window)."""
+    """One attention layer's GEAR cache (quantized codes + sparse outliers + low-rank error + fp16 window).
 
-    is_sliding = False
+    `sliding_window` (a layer whose attention slides, e.g. Mistral's): whole pages that fall out of the window are
+    dropped, so the layer holds at most the window + one page + the fp16 window; `get_mask_sizes` reports what it
+    holds and the tokens dropped (the offset), from which transformers builds the sliding mask."""
+
     is_croppable = True  # crop into compressed chunks restores their reconstruction (see `crop`)
 
-    def __init__(self, settings: KVCacheSettings, reads_storage=lambda: False):
+    def __init__(self, settings: KVCacheSettings, reads_storage=lambda: False, sliding_window: int | None = None):
         super().__init__()
         self.settings = settings
         self.reads_storage = reads_storage  # whether attention reads the compressed storage (else: dense return)
+        self.sliding_window = sliding_window
+        self.is_sliding = sliding_window is not None
         self.key_store = self.value_store = None
         self.window_keys = self.window_values = None
+        self.evicted = 0  # tokens dropped from the front (sliding layers)
         self._prompt_seen = False
 
     # ---- transformers API -------------------------------------------------------------------------------------
@@ -106,22 +112,33 @@ class GEARLayer(CacheLayerMixin):
         # a copy, so the window never shares (and keeps alive) the storage of the tensors handed to attention
         self.window_keys = keys[:, :, full:].to(WINDOW_DTYPE, copy=True)
         self.window_values = values[:, :, full:].to(WINDOW_DTYPE, copy=True)
+        if self.sliding_window is not None:
+            # the next token sees the last sliding_window - 1 of those before it; older whole pages go
+            oldest_needed = self.get_seq_length() - (self.sliding_window - 1)
+            dropped = self.key_store.drop_pages_before(oldest_needed - self.evicted)
+            self.value_store.drop_pages_before(oldest_needed - self.evicted)
+            self.evicted += dropped
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.get_seq_length() + query_length, 0
-
-    def get_seq_length(self) -> int:
+    def held_length(self) -> int:
+        """Tokens the layer holds (compressed + fp16 window): all of them, less what a sliding window dropped."""
         if not self.is_initialized:
             return 0
         return self.key_store.num_tokens + self.window_keys.shape[-2]
 
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.held_length() + query_length, self.evicted
+
+    def get_seq_length(self) -> int:
+        return self.evicted + self.held_length()
+
     def get_max_length(self) -> int:
-        return -1
+        return -1 if self.sliding_window is None else self.sliding_window
 
     def reset(self) -> None:
         self.key_store = self.value_store = self.window_keys = self.window_values = None
         self.is_initialized = False
         self._prompt_seen = False
+        self.evicted = 0
 
     def offload(self):  # the compressed cache stays where it is
         pass
@@ -137,7 +154,10 @@ class GEARLayer(CacheLayerMixin):
         remove = -tokens_to_remove
         if remove == 0 or not self.is_initialized:
             return
-        keep = max(self.get_seq_length() - remove, 0)
+        if self.evicted and remove > self.held_length():
+            raise ValueError(f"crop: this sliding-window layer dropped its first {self.evicted} tokens; it cannot "
+                             f"remove {remove} of the {self.held_length()} it holds")
+        keep = max(self.held_length() - remove, 0)
         c, n_comp = self.settings.residual_length, self.key_store.num_tokens
         if keep < n_comp:
             pop = (n_comp - keep + c - 1) // c
@@ -191,16 +211,16 @@ class GEARLayer(CacheLayerMixin):
         if not self.is_initialized:
             return 0
         b, h, _, d = self.window_keys.shape
-        return 2 * b * h * d * self.get_seq_length()
+        return 2 * b * h * d * self.held_length()
 
 
 class KIVILayer(GEARLayer):
     """KIVI: the same streaming storage with quantization only (no outliers, no low-rank term)."""
 
-    def __init__(self, settings: KVCacheSettings, reads_storage=lambda: False):
+    def __init__(self, settings: KVCacheSettings, reads_storage=lambda: False, sliding_window: int | None = None):
         super().__init__(settings.model_copy(update=dict(method="kivi", outlier_ratio=0.0, key_rank=0, value_rank=0,
                                                          key_prefill_rank=None, value_prefill_rank=None)),
-                         reads_storage)
+                         reads_storage, sliding_window)
 
 
 class GEARCache(Cache):
@@ -228,9 +248,20 @@ class GEARCache(Cache):
             return getattr(text_config, "_attn_implementation", None) == ATTENTION_NAME
 
         layer_cls = KIVILayer if settings.method == "kivi" else GEARLayer
-        layers = [DynamicLayer() if i in settings.skip_layers else layer_cls(settings, reads_storage)
-                  for i in range(num_layers)]
-        super().__init__(layers=layers)
+        self.sliding_windows = sliding = sliding_windows(config)
+        skipped_sliding = set(settings.skip_layers) & set(sliding)
+        if skipped_sliding and skipped_sliding != set(sliding):
+            # transformers builds one sliding mask from the first sliding layer's sizes: a compressed sliding layer
+            # drops whole pages, transformers' own drops token by token, and one mask cannot fit both
+            raise CompressError(f"skip_layers {sorted(skipped_sliding)} are some of this model's sliding-window "
+                                f"layers {sorted(sliding)}: skip all of them or none")
+
+        def layer(i: int):
+            if i in settings.skip_layers:
+                return DynamicSlidingWindowLayer(sliding_window=sliding[i]) if i in sliding else DynamicLayer()
+            return layer_cls(settings, reads_storage, sliding.get(i))
+
+        super().__init__(layers=[layer(i) for i in range(num_layers)])
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         if layer_idx >= len(self.layers):  # transformers' IndexError otherwise (shapes it takes as they come)
@@ -275,6 +306,18 @@ class GEARCache(Cache):
         n = self.num_elements()
         held = self.nbytes()
         return 8 * (held["total"] - held["recurrent"]) / n if n else 0.0
+
+
+def sliding_windows(config) -> dict[int, int]:
+    """{layer index: window} of the layers whose attention slides (Mistral's `sliding_window`; Qwen2's
+    `use_sliding_window` / `layer_types`), as transformers' own DynamicCache builds them for this config."""
+    from transformers import DynamicCache
+
+    try:
+        layers = DynamicCache(config=config).layers
+    except (AttributeError, TypeError):  # not a transformers config (a bare namespace): no sliding layers it names
+        return {}
+    return {i: int(layer.sliding_window) for i, layer in enumerate(layers) if getattr(layer, "is_sliding", False)}
 
 
 def dynamic_cache_bytes(cache) -> tuple[int, int]:

@@ -123,6 +123,14 @@ class CompressedStore:
     def repeat_batch(self, repeats: int) -> None:
         self.pages = [p.map(lambda t: t.repeat_interleave(repeats, dim=0)) for p in self.pages]
 
+    def drop_pages_before(self, tokens: int) -> int:
+        """Drop the leading whole pages that end at or before token `tokens` (a sliding window's past); returns the
+        tokens dropped. Pages are never cut: each keeps its own low-rank basis."""
+        dropped = 0
+        while self.pages and dropped + self.pages[0].codes.shape[2] <= tokens:
+            dropped += self.pages.pop(0).codes.shape[2]
+        return dropped
+
     def pop_chunks(self, n: int) -> torch.Tensor:
         """Remove the last n chunks and return their reconstruction [B, H, n*C, D] (float32)."""
         c, g = self.chunk_len, self.group_size

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer
 
 from ..errors import CompressError
 from ..pass_api import storage_bytes
@@ -137,15 +137,22 @@ def linearized_windows(model) -> dict[int, int | None]:
 
 class LinearizedCache(Cache):
     """A transformers Cache for a (partly) linearized model: recurrent layers where the model is linearized, a
-    DynamicLayer (growing K/V) elsewhere."""
+    DynamicLayer (growing K/V) elsewhere, or transformers' sliding-window layer where the attention slides."""
 
     def __init__(self, model):
         if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
             raise CompressError(f"LinearizedCache takes the linearized model itself, got {type(model).__name__}")
-        windows = linearized_windows(model)
+        from ..kvcache.cache import sliding_windows
+
+        windows, sliding = linearized_windows(model), sliding_windows(model.config)
         num_layers = model.config.get_text_config(decoder=True).num_hidden_layers
-        super().__init__(layers=[LinearizedLayer(windows[i]) if i in windows else DynamicLayer()
-                                 for i in range(num_layers)])
+
+        def layer(i: int):  # a softmax layer whose attention slides keeps transformers' sliding-window layer
+            if i in windows:
+                return LinearizedLayer(windows[i])
+            return DynamicSlidingWindowLayer(sliding_window=sliding[i]) if i in sliding else DynamicLayer()
+
+        super().__init__(layers=[layer(i) for i in range(num_layers)])
 
     def nbytes(self) -> dict[str, int]:
         return cache_nbytes(self)

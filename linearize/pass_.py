@@ -47,10 +47,30 @@ class Linearize(Pass):
             report.details = {"changes_weights": False, "new_parameters": new_parameters,
                               "layers_linearized": len(report.modules), "layers_softmax": total - len(report.modules),
                               "variant": self.config.variant, "gate": self.config.gate}
+        reach = self._longer_than_the_sliding_window(model)
+        if reach:
+            report.notes.append(reach)
         if getattr(model, "kv_cache_settings", None) is not None:  # an earlier gear_kv counted these layers
             report.notes.append(f"{len(report.modules)} layer(s) the earlier gear_kv pass compresses are linearized "
                                 "now: their cache slots hold recurrent states (gear_kv's layer count is from before)")
         return report
+
+    def _longer_than_the_sliding_window(self, model: nn.Module) -> str | None:
+        """A note where the hybrid's window branch reaches further back than the sliding-window attention it replaces
+        (the recurrent branch reaches back without limit in every variant: that is the point)."""
+        from ..kvcache.cache import sliding_windows
+
+        if self.config.variant != "hybrid":
+            return None
+        sliding = sliding_windows(model.config)
+        modules = attention_modules(model)
+        longer = [i for i in resolve_layers(self.config.layers, len(modules), strict=False)
+                  if i in sliding and self.config.window > sliding[i]]
+        if not longer:
+            return None
+        smallest = min(sliding[i] for i in longer)
+        return (f"layer(s) {longer} attended through a sliding window of {smallest} tokens; the hybrid's window "
+                f"branch sees {self.config.window} (`window: {smallest}` keeps the original reach)")
 
     def restore(self, model: nn.Module, entry: dict) -> None:
         linearize_model(model, self.settings(), self.config.layers, strict=False)

@@ -152,11 +152,16 @@ def materialized(module: nn.Module, prefix: str, device, model: nn.Module) -> It
     from accelerate.hooks import remove_hook_from_submodules
     from accelerate.utils import set_module_tensor_to_device
 
+    from .inspection import derived_tensor_names, rebuild_derived
+
     weights = module._compress_weights
     remove_hook_from_submodules(module)
     module._compress_weights = None
-    for name in list(module.state_dict()):
-        set_module_tensor_to_device(module, name, device, value=weights[name])
+    derived = derived_tensor_names(module)  # not in the checkpoint: rebuilt from what is
+    for name, t in module.state_dict().items():
+        value = torch.empty(t.shape, dtype=t.dtype) if name in derived else weights[name]
+        set_module_tensor_to_device(module, name, device, value=value)
+    rebuild_derived(module)
     try:
         yield module
     finally:

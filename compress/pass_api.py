@@ -331,9 +331,11 @@ def tensor_bytes(module: nn.Module) -> int:
 def stored_parameters(module: nn.Module) -> int:
     """Numbers a model stores: floating tensors of its state dict, each storage once. A packed sparse layer counts
     its kept values (not the zeros, nor its integer indices); a codebook head counts codebook, scales and biases."""
-    seen, total = set(), 0
-    for t in module.state_dict().values():
-        if not t.is_floating_point():
+    from .inspection import derived_tensor_names
+
+    seen, total, derived = set(), 0, derived_tensor_names(module)
+    for name, t in module.state_dict().items():
+        if not t.is_floating_point() or name in derived:
             continue
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
         if key not in seen:

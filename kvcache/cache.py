@@ -63,6 +63,9 @@ class GEARLayer(CacheLayerMixin):
         self.key_store = self.value_store = None
         self.window_keys = self.window_values = None
         self.evicted = 0  # tokens dropped from the front (sliding layers)
+        # transformers sets this (activate_past_recording) before assisted decoding and resets it after: crop may
+        # then roll back tokens, so nothing is dropped until the crop that follows each verification
+        self.record_past = False
         self._prompt_seen = False
 
     # ---- transformers API -------------------------------------------------------------------------------------
@@ -112,12 +115,21 @@ class GEARLayer(CacheLayerMixin):
         # a copy, so the window never shares (and keeps alive) the storage of the tensors handed to attention
         self.window_keys = keys[:, :, full:].to(WINDOW_DTYPE, copy=True)
         self.window_values = values[:, :, full:].to(WINDOW_DTYPE, copy=True)
-        if self.sliding_window is not None:
-            # the next token sees the last sliding_window - 1 of those before it; older whole pages go
-            oldest_needed = self.get_seq_length() - (self.sliding_window - 1)
-            dropped = self.key_store.drop_pages_before(oldest_needed - self.evicted)
-            self.value_store.drop_pages_before(oldest_needed - self.evicted)
-            self.evicted += dropped
+        if not self.record_past:
+            self._drop_out_of_window()
+
+    def _drop_out_of_window(self) -> None:
+        """Sliding layers: the next token sees the last sliding_window - 1 of those before it; older whole pages go
+        (keys and values hold the same chunks in the same pages, so both drop alike)."""
+        if self.sliding_window is None or not self.is_initialized:
+            return
+        oldest_needed = self.get_seq_length() - (self.sliding_window - 1)
+        dropped = self.key_store.drop_pages_before(oldest_needed - self.evicted)
+        assert self.value_store.drop_pages_before(oldest_needed - self.evicted) == dropped
+        self.evicted += dropped
+
+    def activate_past_recording(self) -> None:
+        self.record_past = True
 
     def held_length(self) -> int:
         """Tokens the layer holds (compressed + fp16 window): all of them, less what a sliding window dropped."""
@@ -139,6 +151,7 @@ class GEARLayer(CacheLayerMixin):
         self.is_initialized = False
         self._prompt_seen = False
         self.evicted = 0
+        self.record_past = False
 
     def offload(self):  # the compressed cache stays where it is
         pass
@@ -152,11 +165,16 @@ class GEARLayer(CacheLayerMixin):
         if tokens_to_remove > 0:
             raise ValueError("crop takes a negative number: the count of tokens to remove from the end")
         remove = -tokens_to_remove
-        if remove == 0 or not self.is_initialized:
+        if not self.is_initialized:
             return
-        if self.evicted and remove > self.held_length():
-            raise ValueError(f"crop: this sliding-window layer dropped its first {self.evicted} tokens; it cannot "
-                             f"remove {remove} of the {self.held_length()} it holds")
+        if remove == 0:
+            self._drop_out_of_window()  # (transformers' sliding layer restricts itself to its window on crop(0) too)
+            return
+        needed_from = max(self.get_seq_length() - remove - (self.sliding_window or 0) + 1, 0)
+        if self.sliding_window is not None and self.evicted > needed_from:
+            raise ValueError(f"crop: this sliding-window layer dropped its first {self.evicted} tokens, and after "
+                             f"removing {remove} the next token needs those from {needed_from} on (call "
+                             "activate_past_recording() before the steps a crop may roll back)")
         keep = max(self.held_length() - remove, 0)
         c, n_comp = self.settings.residual_length, self.key_store.num_tokens
         if keep < n_comp:
@@ -168,6 +186,7 @@ class GEARLayer(CacheLayerMixin):
         start = self.key_store.num_tokens
         self.window_keys = self.window_keys[:, :, :keep - start].contiguous()
         self.window_values = self.window_values[:, :, :keep - start].contiguous()
+        self._drop_out_of_window()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.batch_select_indices(beam_idx)

@@ -67,16 +67,30 @@ def rotate_half_rope(rotary, head_dim: int) -> bool:
     return got.shape == expected.shape and bool(torch.allclose(got, expected, rtol=1e-12, atol=1e-12))
 
 
+def _attention_collector() -> dict | None:
+    """What transformers 5 collects for this forward (its output-capturing context), or None."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:
+        return None
+    return _active_collector.get()
+
+
+def attentions_requested(kwargs: dict) -> bool:
+    """output_attentions asked for this call: as an argument (older transformers pass it down), or in the config /
+    the model's call, which transformers 5 says through the outputs it collects."""
+    if kwargs.get("output_attentions"):
+        return True
+    collected = _attention_collector()
+    return collected is not None and "attentions" in collected
+
+
 def record_as_attentions(weights: torch.Tensor) -> None:
     """transformers 5 collects `output_attentions` with forward hooks it installs on the model's own attention class
     only, so a swapped-in module's weights would be dropped and every later layer's entry shifted: hand them to the
     collector it runs for this call instead (what its hook does). No hook of ours: one would sit on every call, and
     a closure would stop the model from pickling. An older transformers collects what each layer returns."""
-    try:
-        from transformers.utils.output_capturing import _active_collector
-    except ImportError:
-        return
-    collected = _active_collector.get()
+    collected = _attention_collector()
     if collected is not None and "attentions" in collected:
         collected["attentions"].append(weights)
 
@@ -186,7 +200,7 @@ class LinearizedAttention(nn.Module):
         cache = cache if cache is not None else kwargs.get("past_key_values")
         b, t, _ = hidden_states.shape
         layer = self._cache_layer(cache)
-        want_weights = bool(kwargs.get("output_attentions"))
+        want_weights = attentions_requested(kwargs)
         if want_weights:
             check_weights_recoverable(self, layer)
         q, k, v = self.project(hidden_states)

@@ -37,8 +37,8 @@ from ..kernels.linear_decode_cpu import linear_decode_supported, mom_decode_step
 from ..kernels.linear_decode_triton import mom_decode_step_triton, mom_triton_supported
 from ..errors import UnsupportedModelError
 from ..targets import EXEMPT
-from .attention import (LinearizedAttention, check_weights_recoverable, identity_values, key_validity,
-                        record_as_attentions)
+from .attention import (LinearizedAttention, attentions_requested, check_weights_recoverable, identity_values,
+                        key_validity, record_as_attentions)
 from .settings import LinearizeSettings
 
 ROUTER_INIT_STD = 0.02
@@ -189,7 +189,7 @@ class MixtureOfMemoriesAttention(LinearizedAttention):
         cache = cache if cache is not None else kwargs.get("past_key_values")
         b, t, _ = hidden_states.shape
         layer = self._cache_layer(cache)
-        want_weights = bool(kwargs.get("output_attentions"))
+        want_weights = attentions_requested(kwargs)
         if want_weights:
             check_weights_recoverable(self, layer)
         q, k, v = self.project(hidden_states)

@@ -421,6 +421,12 @@ def test_pass_with_quantized_gate_budgets_against_the_original_and_reloads(tmp_p
                             for i, m in enumerate(mlps(model))}}, old / "model.safetensors")
     offloaded = compress.load(tmp_path / "asg", dtype="float32", max_memory="1MB")
     assert offloaded.compress_offloaded_layers
+    # a later pass visits each layer on disk: the gate it left out is rebuilt there too
+    pruned, _ = compress.apply(compress.load(tmp_path / "asg", dtype="float32", max_memory="1MB"),
+                               [compress.passes.Prune(method="magnitude", sparsity=0.5, storage="dense",
+                                                      ignore=["re:.*lm_head", "re:.*embed_tokens", "re:.*gate_proj"])],
+                               calibration=CALIB, tokenizer=reference_tokenizer, progress=False)
+    assert pruned.compress_offloaded_layers
     new = compress.load(tmp_path / "asg", dtype="float32")  # (`reloaded` decodes masked dense by now)
     with torch.no_grad():
         for other in (compress.load(old, dtype="float32"), offloaded):

@@ -100,3 +100,29 @@ def test_linearized_cache_keeps_sliding_layers_sliding_and_the_hybrid_says_its_r
                                                              for i in range(20, 60)]
     torch.testing.assert_close(torch.cat(steps, 1), reference, rtol=1e-4, atol=1e-4)
     assert cache.layers[1].keys.shape[2] == 23  # the window, not every token
+
+
+def test_a_crop_after_assisted_steps_keeps_what_the_next_token_needs():
+    """transformers records the past (activate_past_recording) before assisted / prompt-lookup decoding, whose
+    verification steps a crop may roll back: a sliding layer drops no page until that crop; without the recording,
+    a crop that would need dropped tokens is refused rather than computing without them."""
+    model = model_of("mistral")
+    ids = torch.randint(0, 128, (1, 60), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reference = model(ids[:, :53]).logits[:, -1]
+        cache = GEARCache(model.config, **SMALL)
+        model(ids[:, :50], cache=cache)
+        cache.activate_past_recording()
+        model(ids[:, 50:55], cache=cache)  # five candidates verified...
+        cache.crop(-3)  # ...three rejected: 52 tokens, the next one needs those from 29 on
+        assert all(layer.evicted <= 29 for layer in cache.layers)
+        torch.testing.assert_close(model(ids[:, 52:53], cache=cache).logits[:, -1], reference, rtol=0, atol=3e-3)
+        unrecorded = GEARCache(model.config, **SMALL)
+        model(ids[:, :55], cache=unrecorded)
+        with pytest.raises(ValueError, match="needs those from 29 on"):
+            unrecorded.crop(-3)
+    base = torch.randint(1, 128, (1, 12), generator=torch.Generator().manual_seed(0))
+    prompt = base.repeat(1, 4)  # repeated text: prompt lookup proposes candidates, some rejected
+    gen = dict(max_new_tokens=60, do_sample=False, pad_token_id=0)
+    looked_up = model.generate(prompt, cache=GEARCache(model.config, **SMALL), prompt_lookup_num_tokens=6, **gen)
+    assert torch.equal(looked_up, model.generate(prompt, **gen))

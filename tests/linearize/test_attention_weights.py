@@ -62,6 +62,11 @@ def test_linearized_layers_return_the_weights_their_output_is_made_of(name, kv_h
     torch.testing.assert_close(rebuilt[1, 3:], seen["o_in"][1, 3:], rtol=1e-9, atol=1e-9)
     assert weights[1, :, 3:, :3].abs().max() == 0  # padding is never attended
     assert weights[0].triu(1).abs().max() == 0 and weights[1, :, 3:].triu(1 + 3).abs().max() == 0  # causal
+    # asked through the config instead of the call: the same entries
+    model.config.output_attentions = True
+    with torch.no_grad():
+        assert [a.shape for a in model(ids, attention_mask=mask).attentions] == [w.shape for w in out.attentions]
+    model.config.output_attentions = False
     # the logits are those of the same call without the weights
     with torch.no_grad():
         torch.testing.assert_close(model(ids, attention_mask=mask).logits, out.logits, rtol=1e-12, atol=1e-12,

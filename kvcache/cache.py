@@ -48,9 +48,10 @@ def _warn_dense_path() -> None:
 class GEARLayer(CacheLayerMixin):
     """One attention layer's GEAR cache (quantized codes + sparse outliers + low-rank error + fp16 window).
 
-    `sliding_window` (a layer whose attention slides, e.g. Mistral's): whole pages that fall out of the window are
-    dropped, so the layer holds at most the window + one page + the fp16 window; `get_mask_sizes` reports what it
-    holds and the tokens dropped (the offset), from which transformers builds the sliding mask."""
+    `sliding_window` (a layer whose attention slides, e.g. Mistral's): its pages span at most half the window, and
+    whole pages that fall out of the window are dropped, so the layer holds at most the window + one page + the fp16
+    window; `get_mask_sizes` reports what it holds and the tokens dropped (the offset), from which transformers
+    builds the sliding mask."""
 
     is_croppable = True  # crop into compressed chunks restores their reconstruction (see `crop`)
 
@@ -74,8 +75,12 @@ class GEARLayer(CacheLayerMixin):
         self.device, self.dtype = key_states.device, key_states.dtype
         head_dim = key_states.shape[-1]
         s.check_against_model(head_dim)
+        page_chunks = s.page_chunks
+        if self.sliding_window is not None:  # pages of at most half the window: a page leaves it whole, so the
+            # layer holds at most the window + a page + the fp16 window (1.5x the window and a chunk at worst)
+            page_chunks = max(1, min(page_chunks, self.sliding_window // (2 * s.residual_length)))
         common = dict(group_size=s.group_size, chunk_len=s.residual_length,
-                      outlier_ratio=s.outlier_ratio, power_iters=s.power_iters, page_chunks=s.page_chunks,
+                      outlier_ratio=s.outlier_ratio, power_iters=s.power_iters, page_chunks=page_chunks,
                       factor_dtype=getattr(torch, s.lowrank_dtype), scale_format=s.scale_format)
         self.key_store = CompressedStore(axis=KEY_AXIS, bits=s.bits_of("key"), **common)
         self.value_store = CompressedStore(axis=VALUE_AXIS, bits=s.bits_of("value"), **common)

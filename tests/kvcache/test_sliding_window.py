@@ -126,3 +126,20 @@ def test_a_crop_after_assisted_steps_keeps_what_the_next_token_needs():
     gen = dict(max_new_tokens=60, do_sample=False, pad_token_id=0)
     looked_up = model.generate(prompt, cache=GEARCache(model.config, **SMALL), prompt_lookup_num_tokens=6, **gen)
     assert torch.equal(looked_up, model.generate(prompt, **gen))
+
+
+def test_memory_benchmark_rows_stay_flat_on_the_sliding_model_and_grow_without_its_window():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[2] / "benchmarks" / "kv_sliding_memory.py"
+    spec = importlib.util.spec_from_file_location("kv_sliding_memory", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = {(r["attention"], r["cache"], r["tokens"]): r for r in bench.rows(1024, [2048, 4096], layers=1)}
+    for cache in bench.CACHES:
+        short, long = rows[("sliding", cache, 2048)], rows[("sliding", cache, 4096)]
+        assert long["ours_bytes"] == pytest.approx(short["ours_bytes"], rel=0.05) and long["ratio"] < 0.5
+        assert long["transformers_bytes"] == short["transformers_bytes"]  # window - 1 tokens
+        full_short, full_long = rows[("full", cache, 2048)], rows[("full", cache, 4096)]
+        assert full_long["ours_bytes"] == pytest.approx(2 * full_short["ours_bytes"], rel=0.05)

@@ -64,9 +64,9 @@ def bytes_by_component(model: nn.Module, storage_dtype: torch.dtype | None = Non
     With `storage_dtype`, floating tensors are counted at that dtype's size (what the checkpoint holds)."""
     out: dict[str, dict[str, int]] = defaultdict(lambda: {"dense": 0, "compressed": 0})
     modules = dict(model.named_modules())
-    seen = set(derived_tensor_names(model))  # rebuilt on load, not stored
+    seen, derived = set(), derived_tensor_names(model)  # derived: rebuilt on load, not stored
     for name, t in model.state_dict(keep_vars=True).items():
-        if name in seen:
+        if name in derived:
             continue
         key = id(t) if t.device.type == "meta" else (t.untyped_storage().data_ptr(), t.storage_offset(), t.shape)
         if key in seen:

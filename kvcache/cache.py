@@ -175,8 +175,8 @@ class GEARLayer(CacheLayerMixin):
         if remove == 0:
             self._drop_out_of_window()  # (transformers' sliding layer restricts itself to its window on crop(0) too)
             return
-        needed_from = max(self.get_seq_length() - remove - (self.sliding_window or 0) + 1, 0)
-        if self.sliding_window is not None and self.evicted > needed_from:
+        needed_from = max(self.get_seq_length() - remove - self.sliding_window + 1, 0) if self.evicted else 0
+        if self.evicted > needed_from:  # (only a sliding layer drops tokens)
             raise ValueError(f"crop: this sliding-window layer dropped its first {self.evicted} tokens, and after "
                              f"removing {remove} the next token needs those from {needed_from} on (call "
                              "activate_past_recording() before the steps a crop may roll back)")
@@ -282,7 +282,7 @@ class GEARCache(Cache):
 
         def layer(i: int):
             if i in settings.skip_layers:
-                return DynamicSlidingWindowLayer(sliding_window=sliding[i]) if i in sliding else DynamicLayer()
+                return uncompressed_layer(i, sliding)
             return layer_cls(settings, reads_storage, sliding.get(i))
 
         super().__init__(layers=[layer(i) for i in range(num_layers)])
@@ -342,6 +342,11 @@ def sliding_windows(config) -> dict[int, int]:
     except (AttributeError, TypeError):  # not a transformers config (a bare namespace): no sliding layers it names
         return {}
     return {i: int(layer.sliding_window) for i, layer in enumerate(layers) if getattr(layer, "is_sliding", False)}
+
+
+def uncompressed_layer(i: int, sliding: dict[int, int]) -> CacheLayerMixin:
+    """Layer i of transformers' own cache: a sliding-window layer where the attention slides (`sliding_windows`)."""
+    return DynamicSlidingWindowLayer(sliding_window=sliding[i]) if i in sliding else DynamicLayer()
 
 
 def dynamic_cache_bytes(cache) -> tuple[int, int]:

@@ -67,22 +67,26 @@ def rotate_half_rope(rotary, head_dim: int) -> bool:
     return got.shape == expected.shape and bool(torch.allclose(got, expected, rtol=1e-12, atol=1e-12))
 
 
+try:  # transformers 5's output-capturing context (what it collects for the running forward); resolved once: every
+    # call of a linearized layer, decoding steps included, asks it
+    from transformers.utils.output_capturing import _active_collector
+except ImportError:  # an older transformers collects what each layer returns
+    _active_collector = None
+
+
 def _attention_collector() -> dict | None:
-    """What transformers 5 collects for this forward (its output-capturing context), or None."""
-    try:
-        from transformers.utils.output_capturing import _active_collector
-    except ImportError:
-        return None
-    return _active_collector.get()
+    return None if _active_collector is None else _active_collector.get()
 
 
-def attentions_requested(kwargs: dict) -> bool:
+def weights_wanted(module: nn.Module, layer, kwargs: dict) -> bool:
     """output_attentions asked for this call: as an argument (older transformers pass it down), or in the config /
-    the model's call, which transformers 5 says through the outputs it collects."""
-    if kwargs.get("output_attentions"):
-        return True
+    the model's call, which transformers 5 says through the outputs it collects. Refused (check_weights_recoverable)
+    where the cache already folded earlier tokens into the state."""
     collected = _attention_collector()
-    return collected is not None and "attentions" in collected
+    wanted = bool(kwargs.get("output_attentions")) or (collected is not None and "attentions" in collected)
+    if wanted:
+        check_weights_recoverable(module, layer)
+    return wanted
 
 
 def record_as_attentions(weights: torch.Tensor) -> None:
@@ -200,9 +204,7 @@ class LinearizedAttention(nn.Module):
         cache = cache if cache is not None else kwargs.get("past_key_values")
         b, t, _ = hidden_states.shape
         layer = self._cache_layer(cache)
-        want_weights = attentions_requested(kwargs)
-        if want_weights:
-            check_weights_recoverable(self, layer)
+        want_weights = weights_wanted(self, layer, kwargs)
         q, k, v = self.project(hidden_states)
         valid = key_validity(attention_mask, t)
         fused = self._fused_decode_ready(layer) if t == 1 and not want_weights else None

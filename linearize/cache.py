@@ -7,7 +7,8 @@ length (the model's positions come from `cache.get_seq_length()`), and their sli
 validity (left padding inside the window). The mask sizes reported are those of a full-attention layer, so a model
 mixing linearized and softmax layers builds one consistent mask.
 
-`LinearizedCache(model)` holds a `LinearizedLayer` for each linearized layer and a `DynamicLayer` for the others.
+`LinearizedCache(model)` holds a `LinearizedLayer` for each linearized layer and transformers' own layer for the
+others (a DynamicLayer, or its sliding-window layer where the attention slides).
 Any other dynamic transformers cache works too (the default `DynamicCache` of `generate`, a GEARCache): a linearized
 layer swaps its own slot for a `LinearizedLayer` on first use (attention.py). A static cache is refused (its masks
 span max_cache_len, which the padding read-out and the softmax layers' lengths would disagree with)."""
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer
+from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..errors import CompressError
 from ..pass_api import storage_bytes
@@ -142,17 +143,12 @@ class LinearizedCache(Cache):
     def __init__(self, model):
         if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
             raise CompressError(f"LinearizedCache takes the linearized model itself, got {type(model).__name__}")
-        from ..kvcache.cache import sliding_windows
+        from ..kvcache.cache import sliding_windows, uncompressed_layer
 
         windows, sliding = linearized_windows(model), sliding_windows(model.config)
         num_layers = model.config.get_text_config(decoder=True).num_hidden_layers
-
-        def layer(i: int):  # a softmax layer whose attention slides keeps transformers' sliding-window layer
-            if i in windows:
-                return LinearizedLayer(windows[i])
-            return DynamicSlidingWindowLayer(sliding_window=sliding[i]) if i in sliding else DynamicLayer()
-
-        super().__init__(layers=[layer(i) for i in range(num_layers)])
+        super().__init__(layers=[LinearizedLayer(windows[i]) if i in windows else uncompressed_layer(i, sliding)
+                                 for i in range(num_layers)])
 
     def nbytes(self) -> dict[str, int]:
         return cache_nbytes(self)

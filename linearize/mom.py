@@ -37,8 +37,7 @@ from ..kernels.linear_decode_cpu import linear_decode_supported, mom_decode_step
 from ..kernels.linear_decode_triton import mom_decode_step_triton, mom_triton_supported
 from ..errors import UnsupportedModelError
 from ..targets import EXEMPT
-from .attention import (LinearizedAttention, attentions_requested, check_weights_recoverable, identity_values,
-                        key_validity, record_as_attentions)
+from .attention import LinearizedAttention, identity_values, key_validity, record_as_attentions, weights_wanted
 from .settings import LinearizeSettings
 
 ROUTER_INIT_STD = 0.02
@@ -189,9 +188,7 @@ class MixtureOfMemoriesAttention(LinearizedAttention):
         cache = cache if cache is not None else kwargs.get("past_key_values")
         b, t, _ = hidden_states.shape
         layer = self._cache_layer(cache)
-        want_weights = attentions_requested(kwargs)
-        if want_weights:
-            check_weights_recoverable(self, layer)
+        want_weights = weights_wanted(self, layer, kwargs)
         q, k, v = self.project(hidden_states)
         valid = key_validity(attention_mask, t)
         beta_logit = self.beta_proj(hidden_states)  # [B, T, Hkv]

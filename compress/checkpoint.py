@@ -16,7 +16,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .errors import CheckpointError, CompressError, first_line
+from .errors import CheckpointError, CompressError, disk_full, first_line
 
 FORMAT_VERSION = 1
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
@@ -141,28 +141,18 @@ def write_folder(folder: str | Path, write, *, overwrite: bool, source: Path | N
     from .output_folder import check_output, swap_into_place, temporary_folder
 
     folder = check_output(folder, overwrite=overwrite, source=source)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_folder(folder)
+    target = folder.resolve()  # `new/../ckpt` makes no `new/`
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_folder(target)
     try:
         write(tmp)
-        swap_into_place(tmp, folder)
+        swap_into_place(tmp, target, overwrite=overwrite)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if _disk_full(exc):  # the user's disk, not a bug: one line (errors.user_error) instead of a traceback
+        if disk_full(exc):  # the user's disk, not a bug: one line (errors.user_error) instead of a traceback
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder)) from None
         raise
     return folder
-
-
-def _disk_full(exc: BaseException) -> bool:
-    """A full disk (or quota) however the writer reports it: an OSError from Python, or the text of a Rust
-    io::Error from safetensors (SafetensorError) and tokenizers (a plain Exception)."""
-    if isinstance(exc, OSError):
-        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
-    text = str(exc)
-    marks = (f"os error {errno.ENOSPC}", f"code: {errno.ENOSPC},", "No space left on device",
-             f"os error {errno.EDQUOT}", "Disk quota exceeded")
-    return any(mark in text for mark in marks)
 
 
 def _source_folder(model: nn.Module) -> Path | None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .cli_eval import EVAL_SEQ_LEN, _eval_windows, _evaluate, _read_text, _recorded_source
+from .cli_eval import EVAL_SEQ_LEN, _check_kv_text, _eval_windows, _evaluate, _read_text, _recorded_source
 from .cli_format import _bold, _console, _mb, _print_eval, _print_passes, _table, check_utf8_arguments
 from .checkpoint import folder_bytes  # noqa: F401 (also compress.cli.folder_bytes)
 from .errors import CompressError
@@ -44,6 +44,9 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except click.UsageError as exc:  # `compress nosuch`, `compress apply --bogus`, a bad option value
             raise _one_line(exc) from None
+        except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM: the shell's codes (128 + signal), not 1 (a bug's)
+            click.echo("error: interrupted", err=True)
+            ctx.exit(143 if isinstance(exc, _Terminated) else 130)
         except (CompressError, OSError) as exc:
             from .errors import user_error
 
@@ -58,9 +61,24 @@ class _Group(click.Group):
 @click.version_option(package_name="compress")
 def main() -> None:
     """Make pretrained causal language models smaller and faster from one YAML recipe."""
+    import signal
+
     from .environment import check_environment
 
     check_environment()  # a misspelt COMPRESS_* value: one line, before any work
+    # SIGTERM (`kill`, `timeout`, a scheduler) unwinds like Ctrl-C: temporary folders and spill files are removed
+    try:
+        signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # called from another thread than the main one (an embedding application's): left alone
+        pass
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Python is when it arrives, so that it unwinds as Ctrl-C does."""
+
+
+def _terminate(signum, frame):
+    raise _Terminated
 
 
 @main.command()
@@ -128,9 +146,10 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
 
         check_passes([(p.name, p.args) for p in r.passes])  # what the format cannot express fails before any work
     if max_memory is not None:
-        from .offload import parse_bytes
+        from .offload import check_offload_folder, parse_bytes
 
         parse_bytes(max_memory)  # a malformed size fails before any work
+        check_offload_folder(offload_folder)
         source = _local_source(model_src)
         if offload_folder and source is not None and \
                 Path(offload_folder).expanduser().resolve().is_relative_to(Path(source).resolve()):
@@ -189,6 +208,9 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
         eval_seq_len = context
         click.echo(f"note: the evaluation scores windows of {context} tokens, the model's context", err=True)
     windows = _eval_windows(tokenizer, text, eval_seq_len, eval_windows, model.config) if do_eval else None
+    if do_eval:
+        _check_kv_text(tokenizer, text, any(p.name == "gear_kv" for p in passes)
+                       or getattr(model, "kv_cache_settings", None) is not None)
     if r.calibration is not None and r.calibration.source == "builtin:heldout" and do_eval and not eval_text:
         click.echo("note: the recipe calibrates on builtin:heldout, the text the evaluation scores: the held-out "
                    "numbers will flatter the result (use builtin:calibration)", err=True)
@@ -291,6 +313,7 @@ def eval_cmd(model_src, baseline, text_file, seq_len, max_windows, speed, activa
         raise CompressError(f"{model_src} has no tokenizer files; save the tokenizer with the model")
     text = _read_text(text_file) if text_file else None
     model = models.load(model_src, sparse_runtime=sparse_runtime, allow_pickle=allow_pickle, dtype=dtype)
+    _check_kv_text(tokenizer, text, getattr(model, "kv_cache_settings", None) is not None)
     result = _evaluate(model, baseline, tokenizer, max_windows, progress=not as_json, seq_len=seq_len, text=text,
                        allow_pickle=allow_pickle, dtype=dtype)
     result["baseline"] = baseline

@@ -51,6 +51,15 @@ def _eval_windows(tokenizer, text, seq_len: int, max_windows, config):
     return windows
 
 
+def _check_kv_text(tokenizer, text: str | None, compressed_cache: bool) -> None:
+    """A model with a compressed KV cache is also scored with it, on windows of 512 tokens: checked before any
+    work (it failed after the checkpoint was written)."""
+    if text is not None and compressed_cache:
+        from .kvcache.quality import check_summary_text
+
+        check_summary_text(tokenizer, text)
+
+
 def _evaluate(model, baseline_src, tokenizer, windows, progress, seq_len: int = EVAL_SEQ_LEN, text: str | None = None,
               allow_pickle: bool = False, dtype: str = "auto", prepared=None, max_memory=None):
     """Evaluate a loaded `model` against the model at `baseline_src` (if any) on held-out windows (`prepared`, or

@@ -53,6 +53,19 @@ def first_line(exc: BaseException, limit: int = 200) -> str:
     return text[:limit]
 
 
+def disk_full(exc: BaseException) -> bool:
+    """A full disk (or quota) however the writer reports it: an OSError from Python, or the text of a Rust
+    io::Error from safetensors (SafetensorError) and tokenizers (a plain Exception)."""
+    import errno
+
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(exc)
+    marks = (f"os error {errno.ENOSPC}", f"code: {errno.ENOSPC},", "No space left on device",
+             f"os error {errno.EDQUOT}", "Disk quota exceeded")
+    return any(mark in text for mark in marks)
+
+
 def user_error(exc: BaseException) -> CompressError | None:
     """The one-line user error for an OS failure that the user's paths or disk caused (the CLI prints it and exits
     2), or None for anything else (a bug: the CLI lets its traceback through)."""

@@ -29,9 +29,10 @@ def resolve_model_path(source: str | Path) -> Path:
         return path
     path = Path(s).expanduser()
     if not path.exists():
-        from .output_folder import recover
+        from .output_folder import recover, wait_for_swap
 
         recover(path.absolute())  # a save interrupted between its two renames left the old copy beside it
+        wait_for_swap(path.absolute())  # another process's save between its two renames
     if not path.exists():
         raise CheckpointError(f"model {s} does not exist; give a local Hugging Face folder or builtin:tiny (no hub downloads)")
     if path.is_file():
@@ -131,7 +132,6 @@ def load(
     `max_memory` (e.g. "8GB") caps the CPU memory the weights take: decoder layers that do not fit stay on disk and
     are read one at a time (compress/offload.py); `offload_folder` holds the compressed layers written meanwhile
     (a temporary folder by default)."""
-    from .checkpoint import load_checkpoint, load_hf_folder
     from .prune.runtime import resolve_runtime, set_sparse_runtime
 
     check_environment()
@@ -140,23 +140,24 @@ def load(
         raise CompressError(f"allow_pickle must be True or False, got {allow_pickle!r}")
     check_device(device)
 
-    path = resolve_model_path(source)
-    config = read_config(path)
-    stored_as = storage_dtype(config)  # before building: from_config/from_pretrained rewrite config.dtype
-    dtype = compute_dtype(dtype, stored_as, device)
-    section = compression_section(path)
+    # a folder saved over while it is read (each save renames a new folder into place) would give a model mixed
+    # from two saves, silently: the folder's identity before and after the read tells, and the read is repeated
+    # (an offloaded model reads its layers later too: a save over its folder then is not seen)
     offloaded = max_memory is not None and not meta
-    if offloaded:
-        from .offload import load_offloaded_folder
-
-        native = section if section is not None and not section.get("export_format") else None
-        model = load_offloaded_folder(path, config, native, dtype=dtype, max_memory=max_memory,
-                                      offload_folder=offload_folder, device=device)
-    elif section is not None and not section.get("export_format"):  # an export for other tools reads as HF
-        model = load_checkpoint(path, config, section, dtype=dtype, meta=meta)
+    for _ in range(3):
+        path = resolve_model_path(source)
+        before = _folder_identity(path)
+        try:
+            model, stored_as = _read_folder(path, dtype, device, allow_pickle, meta, max_memory, offload_folder)
+        except Exception:
+            if _folder_identity(path) == before:
+                raise
+            continue
+        if _folder_identity(path) == before:
+            break
     else:
-        model = load_hf_folder(path, config, dtype=dtype, allow_pickle=allow_pickle, meta=meta)
-    _read_generation_config(model, path)
+        raise CheckpointError(f"{source} was replaced while it was read, three times (another process is saving "
+                              "over it); load it once that save is done")
     # the baseline `compress eval` finds for checkpoints made from it: absolute here, recorded relative to the
     # checkpoint folder when one is saved (checkpoint._portable_source)
     model.compress_source = str(source) if str(source).startswith("builtin:") else str(path.resolve())
@@ -167,6 +168,36 @@ def load(
         set_sparse_runtime(model, sparse_runtime)
     model.eval()
     return model
+
+
+def _folder_identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _read_folder(path: Path, dtype, device, allow_pickle: bool, meta: bool, max_memory, offload_folder):
+    """(model, its storage dtype) from the folder `path`, as `load` describes."""
+    from .checkpoint import load_checkpoint, load_hf_folder
+
+    config = read_config(path)
+    stored_as = storage_dtype(config)  # before building: from_config/from_pretrained rewrite config.dtype
+    dtype = compute_dtype(dtype, stored_as, device)
+    section = compression_section(path)
+    if max_memory is not None and not meta:
+        from .offload import load_offloaded_folder
+
+        native = section if section is not None and not section.get("export_format") else None
+        model = load_offloaded_folder(path, config, native, dtype=dtype, max_memory=max_memory,
+                                      offload_folder=offload_folder, device=device)
+    elif section is not None and not section.get("export_format"):  # an export for other tools reads as HF
+        model = load_checkpoint(path, config, section, dtype=dtype, meta=meta)
+    else:
+        model = load_hf_folder(path, config, dtype=dtype, allow_pickle=allow_pickle, meta=meta)
+    _read_generation_config(model, path)
+    return model, stored_as
 
 
 def _read_generation_config(model: nn.Module, path: Path) -> None:

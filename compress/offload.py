@@ -16,7 +16,9 @@ activations. Disk: the spill files (about the compressed model's size) beside th
 """
 from __future__ import annotations
 
+import errno
 import math
+import os
 import re
 import shutil
 import tempfile
@@ -31,7 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .errors import CompressError
+from .errors import CompressError, disk_full
 from .progress import progress_bar
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -92,10 +94,19 @@ def _tensors(module: nn.Module):
     yield from module.named_buffers(recurse=True)
 
 
+def check_offload_folder(folder: str | Path | None) -> None:
+    """An offload folder that holds a model (a config.json) is refused: spill files left there by a killed run
+    would make it a folder of two models that neither loads."""
+    if folder is not None and (Path(folder).expanduser() / "config.json").exists():
+        raise CompressError(f"--offload-folder {folder} holds a model (config.json): the spilled layers would mix "
+                            "with its files; give an empty or new folder")
+
+
 class OffloadState:
     """Where the offloaded layers of one model live; kept on the model as `model.compress_offload`."""
 
     def __init__(self, folder: Path | None, device):
+        check_offload_folder(folder)
         self._own_folder = folder is None
         self.folder = Path(folder) if folder else Path(tempfile.mkdtemp(prefix="compress-offload-"))
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -110,7 +121,13 @@ class OffloadState:
         previous spill file (a pass before this one) is removed, so the folder holds one copy of each layer."""
         path = self.folder / f"{prefix}-{uuid.uuid4().hex[:8]}.safetensors"
         state = {f"{prefix}.{k}": v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
-        save_file(state, path)
+        try:
+            save_file(state, path)
+        except Exception as exc:
+            path.unlink(missing_ok=True)
+            if disk_full(exc):  # the user's disk: one line (errors.user_error), as a full disk at the save gets
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.folder)) from None
+            raise
         _attach(module, {k: {"safetensors_file": str(path), "weight_name": k} for k in state}, prefix, self.device)
         previous, self._spilled[prefix] = self._spilled.get(prefix), path
         if previous is not None:

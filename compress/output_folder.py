@@ -6,11 +6,14 @@ an existing target is replaced only with `overwrite` and only when it is a check
 config.json with a `compression` section, and nothing but checkpoint files).
 
 Writing (`temporary_folder` + `swap_into_place`): files go to `.NAME.tmp-PID-XXXX` beside the target, then
-renames put them in place. Replacing a checkpoint moves the old one to `.NAME.old-XXXX` first; a crash between the
-two renames leaves that copy, which `recover` (run by the next save and by `compress.load`) moves back. Stale
-temporaries of the same target whose process is gone are swept at the next save."""
+renames put them in place. What is at the target is checked again just before the swap (a folder made there while the
+checkpoint was written is the user's). Replacing a checkpoint moves the old one to `.NAME.old-PID-XXXX` first; a
+crash between the two renames leaves that copy, which `recover` (run by the next save and by `compress.load`) moves
+back, unless the process that moved it aside is still running (it is between its renames: a reader waits for it).
+Stale temporaries of the same target whose process is gone are swept at the next save."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -72,6 +75,8 @@ def check_output(output: str | Path, *, overwrite: bool, source: Path | None = N
     `source` is the model read; `protected` are other files the run reads (the recipe, the evaluation text); `work`
     folders a pass writes while it runs (Trainer checkpoints), which the checkpoint's swap would replace."""
     out = Path(output).expanduser()
+    if out.is_symlink():  # a dangling link too: writing through it would land wherever it points
+        raise OutputError(f"output {output} is a symbolic link; give the real folder or a new name")
     try:
         resolved = out.resolve()
     except (OSError, RuntimeError) as exc:
@@ -93,6 +98,9 @@ def check_output(output: str | Path, *, overwrite: bool, source: Path | None = N
             raise OutputError(f"output {output} contains {p}, where this run writes while it works (a pass's "
                               "checkpoint_dir or --offload-folder); put it outside the output folder")
     recover(resolved)
+    if os.path.ismount(resolved):
+        raise OutputError(f"output {output} is a mount point, which the checkpoint cannot be renamed onto; give a "
+                          "folder inside it")
     if resolved.exists() or resolved.is_symlink():
         _check_replaceable(out, resolved, overwrite)
     parent = resolved.parent
@@ -169,6 +177,30 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _writer_pid(path: Path, kind: str) -> int | None:
+    """The process id in `.NAME.tmp-PID-XXXX` / `.NAME.old-PID-XXXX` (None for names without one: older saves)."""
+    pid, dash, _ = path.name.rsplit(f".{kind}-", 1)[1].partition("-")
+    return int(pid) if dash and pid.isdigit() else None
+
+
+def _swapping(old: Path) -> bool:
+    """`old` was moved aside by another process that is still running, so it is between its two renames (this
+    process's own copies are from a swap that raised: a process swaps one checkpoint at a time)."""
+    pid = _writer_pid(old, "old")
+    return pid is not None and pid != os.getpid() and _pid_alive(pid)
+
+
+def wait_for_swap(target: Path, seconds: float = 5.0) -> None:
+    """Where another process is between the two renames of its save (its `.NAME.old-PID-*` beside a missing target),
+    wait until the target is back: the gap is a rename long, so a reader does not fail on it."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not target.exists() and time.monotonic() < deadline and any(
+            _swapping(o) for o in target.parent.glob(f".{target.name}.old-*")):
+        time.sleep(0.01)
+
+
 def recover(target: Path) -> Path | None:
     """Finish an interrupted save of `target`: put back a replaced copy if the target is missing, drop leftovers of
     a completed swap, sweep temporaries whose process is gone. Returns the restored folder, if any."""
@@ -177,15 +209,16 @@ def recover(target: Path) -> Path | None:
         return None
     restored = None
     try:
-        olds = sorted(parent.glob(f".{name}.old-*"), key=lambda p: p.stat().st_mtime, reverse=True)
+        olds = [o for o in parent.glob(f".{name}.old-*") if not _swapping(o)]  # a live save finishes its own swap
+        olds.sort(key=lambda p: p.stat().st_mtime, reverse=True)
         if olds and not target.exists():
             os.replace(olds[0], target)
             restored, olds = target, olds[1:]
         for old in olds:
             shutil.rmtree(old, ignore_errors=True)
         for tmp in parent.glob(f".{name}.tmp-*"):
-            pid = tmp.name.rsplit(".tmp-", 1)[1].split("-", 1)[0]
-            if not pid.isdigit() or not _pid_alive(int(pid)):
+            pid = _writer_pid(tmp, "tmp")
+            if pid is None or not _pid_alive(pid):
                 shutil.rmtree(tmp, ignore_errors=True)
     except OSError:
         return restored  # a read-only parent: nothing to clean, check_output reports it
@@ -222,15 +255,24 @@ def _plain_file_modes(folder: Path) -> None:
             f.chmod(0o666 & ~mask)
 
 
-def swap_into_place(tmp: Path, target: Path) -> None:
-    """Rename the finished `tmp` to `target`; an existing target is moved aside first and removed after."""
+def swap_into_place(tmp: Path, target: Path, *, overwrite: bool) -> None:
+    """Rename the finished `tmp` to `target`; an existing target is moved aside first and removed after. What is at
+    the target is checked again here, not only before the work: a folder made there meanwhile is not ours."""
     _plain_file_modes(tmp)
-    if target.is_dir() and not any(target.iterdir()):
-        target.rmdir()
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-        _rename(target, old)
-        _rename(tmp, target)  # a crash before this line leaves `old`, which recover() puts back
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        _rename(tmp, target)
+    if target.exists() or target.is_symlink():
+        _check_replaceable(target, target.resolve(), overwrite)
+    try:
+        if target.is_dir() and not any(target.iterdir()):
+            target.rmdir()
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            _rename(target, old)
+            _rename(tmp, target)  # a crash before this line leaves `old`, which recover() puts back
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            _rename(tmp, target)  # onto a folder made since the check above: refused (not empty), never merged
+    except OSError as exc:
+        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EBUSY, errno.EXDEV):
+            raise OutputError(f"{target} changed while the checkpoint was written, or cannot be renamed onto "
+                              f"({exc.strerror}); nothing was replaced: write it again") from None
+        raise

@@ -130,8 +130,19 @@ def copy_accuracy(model: nn.Module, seqs: torch.Tensor, make_cache: CacheFactory
     return (pred == seqs[:, length + 1:]).float().mean().item()
 
 
+SUMMARY_WINDOW_LEN = 512
+
+
+def check_summary_text(tokenizer, text: str) -> None:
+    """Before any work: `cache_quality_summary` scores windows of SUMMARY_WINDOW_LEN tokens of `text`."""
+    n = tokenizer(text, return_tensors="pt", verbose=False).input_ids.shape[1]
+    if n < SUMMARY_WINDOW_LEN:
+        raise CompressError(f"the evaluation text has {n} tokens, and the KV cache's quality block scores windows of "
+                            f"{SUMMARY_WINDOW_LEN}: give a text of at least {SUMMARY_WINDOW_LEN} tokens")
+
+
 def cache_quality_summary(model: nn.Module, tokenizer, settings, text: str | None, windows: int | None,
-                          window_len: int = 512) -> dict:
+                          window_len: int = SUMMARY_WINDOW_LEN) -> dict:
     """What `compress eval`/`apply` report for a model with a compressed KV cache (a plain forward does not use it):
     tokens scored chunk by chunk with the compressed past against the same chunked pass with an uncompressed cache,
     on at most 16 windows of `text` (default: the held-out text), without the per-window lists."""

@@ -1,0 +1,173 @@
+"""Runs that are interrupted, fail late, or meet another process at the same folder: nothing the user had is lost,
+no model is read half from one save and half from another, and the exit says what happened in one line."""
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import compress
+import compress.models as models
+import compress.output_folder as output_folder
+from compress.errors import OutputError
+
+@pytest.mark.parametrize("overwrite, refusal", [(False, "already exists"), (True, "written by compress")])
+def test_a_folder_made_at_the_output_during_the_save_is_kept(tmp_path, small_model, monkeypatch, overwrite, refusal):
+    """The output is checked before the work and again at the swap: what appeared meanwhile is not deleted."""
+    out = tmp_path / "ckpt"
+    real = output_folder._plain_file_modes
+
+    def meanwhile(tmp):  # runs at the swap, after the weights were written
+        out.mkdir()
+        (out / "MY_NOTES.txt").write_text("mine")
+        real(tmp)
+    monkeypatch.setattr(output_folder, "_plain_file_modes", meanwhile)
+    with pytest.raises(OutputError, match=refusal):
+        compress.save(small_model(), out, overwrite=overwrite)
+    assert (out / "MY_NOTES.txt").read_text() == "mine" and sorted(p.name for p in out.iterdir()) == ["MY_NOTES.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporary left
+
+
+def test_a_load_during_a_save_over_the_folder_reads_one_save(tmp_path, small_model, monkeypatch):
+    """A folder replaced while it is read is read again, whole: never weights of one save with another's config."""
+    first, second = small_model(seed=1), small_model(seed=2)
+    out = compress.save(first, tmp_path / "ckpt")
+    compress.apply(second, [compress.passes.Prune(method="magnitude", sparsity=0.5)], progress=False)
+    real, reads = models._read_folder, []
+
+    def read_while_saving(path, *args):
+        model = real(path, *args)
+        reads.append(path)
+        if len(reads) == 1:  # another process saves over the folder while this read is under way
+            compress.save(second, out, overwrite=True)
+        return model
+    monkeypatch.setattr(models, "_read_folder", read_while_saving)
+    loaded = compress.load(out)
+    assert len(reads) == 2 and torch.equal(loaded.lm_head.weight, second.lm_head.weight)
+    assert len(loaded.config.compression["passes"]) == 1  # the pruned save's record, with its weights
+
+    def broken_mid_read(path, *args):  # the read fails because the folder went away under it: read again
+        reads.append(path)
+        if len(reads) == 3:
+            compress.save(first, out, overwrite=True)
+            raise compress.errors.CheckpointError("truncated")
+        return real(path, *args)
+    monkeypatch.setattr(models, "_read_folder", broken_mid_read)
+    assert torch.equal(compress.load(out).lm_head.weight, first.lm_head.weight)
+
+
+@pytest.fixture
+def other_process():
+    """The pid of another live process (a writer between its two renames)."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    yield proc.pid
+    proc.kill()
+    proc.wait()
+
+
+def test_a_reader_leaves_a_live_savers_moved_aside_copy_alone(tmp_path, small_model, other_process):
+    """Between a live saver's two renames the target is missing and its old copy lies beside it: a reader must not put
+    that copy back (the saver's second rename would fail, after all its work); it waits for the target."""
+    import threading
+
+    model = small_model(seed=1)
+    out = compress.save(model, tmp_path / "ckpt")
+    aside = tmp_path / f".ckpt.old-{other_process}-abcd1234"
+    os.rename(out, aside)
+    assert output_folder.recover(out) is None and aside.exists() and not out.exists()
+    saver = threading.Timer(0.3, os.rename, (aside, out))  # the saver's second rename (here: the same folder back)
+    saver.start()
+    start = time.monotonic()
+    loaded = compress.load(out)  # waits for the target instead of failing or restoring the copy
+    saver.join()
+    assert time.monotonic() - start >= 0.25 and torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+    dead = tmp_path / ".ckpt.old-999999999-abcd1234"  # a saver that died between its renames: restored
+    os.rename(out, dead)
+    assert output_folder.recover(out) == out and not dead.exists()
+
+
+def test_a_full_disk_while_spilling_a_layer_is_one_line(tmp_path, small_model, monkeypatch, cli, user_error):
+    import compress.offload as offload
+
+    state = offload.OffloadState(tmp_path / "spill", "cpu")
+
+    def full(state, path):
+        path.write_bytes(b"x" * 10)  # what a writer leaves when the disk fills
+        raise Exception("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")  # safetensors' text
+    monkeypatch.setattr(offload, "save_file", full)
+    with pytest.raises(OSError) as raised:
+        state.spill(small_model().model.layers[0], "model.layers.0")
+    assert raised.value.errno == errno.ENOSPC and list((tmp_path / "spill").iterdir()) == []
+    assert compress.errors.user_error(raised.value) is not None  # the CLI's one line
+
+
+def test_an_offload_folder_holding_a_model_is_refused(tmp_path, small_model, cli, user_error):
+    ckpt = compress.save(small_model(), tmp_path / "ckpt")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: builtin:tiny\npasses:\n  - prune: {sparsity: 0.5}\n")
+    user_error(cli("apply", recipe, "--output", tmp_path / "out", "--max-memory", "1MB", "--offload-folder", ckpt,
+                   "--no-eval"), "holds a model")
+    assert not (tmp_path / "out").exists()
+
+
+def test_outputs_refused_before_work(tmp_path, small_model, monkeypatch):
+    link = tmp_path / "out"
+    link.symlink_to(tmp_path / "nowhere")  # dangling: the check used to look at the resolved path only
+    with pytest.raises(OutputError, match="symbolic link"):
+        compress.save(small_model(), link)
+    monkeypatch.setattr(output_folder.os.path, "ismount", lambda p: str(p).endswith("mnt"))
+    with pytest.raises(OutputError, match="mount point"):
+        compress.save(small_model(), tmp_path / "mnt", overwrite=True)
+    monkeypatch.undo()
+    compress.save(small_model(), tmp_path / "sub" / ".." / "ckpt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "out"]  # no `sub/` made on the way
+
+
+def test_an_eval_text_too_short_for_the_kv_block_is_refused_before_work(tmp_path, cli, user_error):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: builtin:tiny\npasses:\n  - gear_kv: {bits: 4}\n")
+    text = tmp_path / "short.txt"
+    text.write_text(" ".join(["The tutorial explains functions."] * 70))  # ~300 tokens: one 256 window, not 512
+    user_error(cli("apply", recipe, "--output", tmp_path / "out", "--eval-text", text), "at least 512 tokens")
+    assert not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_exits_130_in_one_line(tmp_path, monkeypatch, cli):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(compress.api, "apply", interrupted)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: builtin:tiny\npasses:\n  - prune: {sparsity: 0.5}\n")
+    result = cli("apply", recipe, "--output", tmp_path / "out", "--no-eval")
+    assert result.exit_code == 130 and result.output.strip() == "error: interrupted", result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]
+
+
+def test_sigterm_removes_spill_files_and_writes_nothing(tmp_path):
+    """`kill` / `timeout` during a layer-by-layer run: exit 143, the spill files and the output's temporary gone."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: builtin:tiny\ncalibration: {num_samples: 2, seq_len: 64}\n"
+                      "passes:\n  - prune: {method: wanda, sparsity: 0.5}\n")
+    spill = tmp_path / "spill"
+    run = ("import sys, time\nimport compress.offload as offload\nfrom compress.cli import main\n"
+           "spill = offload.OffloadState.spill\n"
+           "def spill_then_wait(*args):\n    spill(*args)\n    time.sleep(60)  # where the signal finds it\n"
+           "offload.OffloadState.spill = spill_then_wait\nmain(sys.argv[1:], prog_name='compress')\n")
+    proc = subprocess.Popen([sys.executable, "-c", run, "apply", str(recipe), "--output", str(tmp_path / "out"),
+                             "--max-memory", "1MB", "--offload-folder", str(spill), "--no-eval"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    deadline = time.monotonic() + 120
+    while not list(spill.glob("*.safetensors")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=60)[0].decode()
+    assert proc.returncode == 143 and "error: interrupted" in output and "Traceback" not in output, output
+    assert list(spill.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml", "spill"]
+    # (the child runs from tmp_path, so it imports the package this process imported, not a checkout's folder)

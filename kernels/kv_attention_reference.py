@@ -130,8 +130,9 @@ def _page_mix(p: torch.Tensor, values, page) -> torch.Tensor:
 
 def compressed_attention_reference(query: torch.Tensor, keys, values, window_keys: torch.Tensor,
                                    window_values: torch.Tensor, mask: torch.Tensor | None = None,
-                                   softmax_scale: float | None = None) -> torch.Tensor:
-    """Attention of query [B, Hq, L, D] over (compressed past ++ window [B, H, W, D]); see the module docstring."""
+                                   softmax_scale: float | None = None, return_weights: bool = False):
+    """Attention of query [B, Hq, L, D] over (compressed past ++ window [B, H, W, D]); see the module docstring.
+    `return_weights`: (output, the softmax weights [B, Hq, L, past + W] in float32), for output_attentions."""
     b, hq, l, d = query.shape
     h = window_keys.shape[1]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
@@ -153,4 +154,5 @@ def compressed_attention_reference(query: torch.Tensor, keys, values, window_key
         t = page.codes.shape[2]
         out += _page_mix(p[..., start:start + t], values, page)
         start += t
-    return out.view(b, hq, l, d).to(query.dtype)
+    out = out.view(b, hq, l, d).to(query.dtype)
+    return (out, p.view(b, hq, l, kv)) if return_weights else out

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import StaticLayer
 
+from ..attention_outputs import attentions_requested, record_as_attentions
 from ..errors import UnsupportedModelError
 from ..kernels.dispatch import use_triton
 from ..kernels.gla import gated_linear_attention
@@ -67,36 +68,13 @@ def rotate_half_rope(rotary, head_dim: int) -> bool:
     return got.shape == expected.shape and bool(torch.allclose(got, expected, rtol=1e-12, atol=1e-12))
 
 
-try:  # transformers 5's output-capturing context (what it collects for the running forward); resolved once: every
-    # call of a linearized layer, decoding steps included, asks it
-    from transformers.utils.output_capturing import _active_collector
-except ImportError:  # an older transformers collects what each layer returns
-    _active_collector = None
-
-
-def _attention_collector() -> dict | None:
-    return None if _active_collector is None else _active_collector.get()
-
-
 def weights_wanted(module: nn.Module, layer, kwargs: dict) -> bool:
-    """output_attentions asked for this call: as an argument (older transformers pass it down), or in the config /
-    the model's call, which transformers 5 says through the outputs it collects. Refused (check_weights_recoverable)
-    where the cache already folded earlier tokens into the state."""
-    collected = _attention_collector()
-    wanted = bool(kwargs.get("output_attentions")) or (collected is not None and "attentions" in collected)
+    """output_attentions asked for this call (compress.attention_outputs); refused (check_weights_recoverable) where
+    the cache already folded earlier tokens into the state."""
+    wanted = attentions_requested(kwargs)
     if wanted:
         check_weights_recoverable(module, layer)
     return wanted
-
-
-def record_as_attentions(weights: torch.Tensor) -> None:
-    """transformers 5 collects `output_attentions` with forward hooks it installs on the model's own attention class
-    only, so a swapped-in module's weights would be dropped and every later layer's entry shifted: hand them to the
-    collector it runs for this call instead (what its hook does). No hook of ours: one would sit on every call, and
-    a closure would stop the model from pickling. An older transformers collects what each layer returns."""
-    collected = _attention_collector()
-    if collected is not None and "attentions" in collected:
-        collected["attentions"].append(weights)
 
 
 def check_weights_recoverable(module: nn.Module, layer) -> None:

@@ -31,13 +31,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..attention_outputs import record_as_attentions
 from ..kernels.delta_rule import gated_delta_rule
 from ..kernels.dispatch import use_triton
 from ..kernels.linear_decode_cpu import linear_decode_supported, mom_decode_step
 from ..kernels.linear_decode_triton import mom_decode_step_triton, mom_triton_supported
 from ..errors import UnsupportedModelError
 from ..targets import EXEMPT
-from .attention import LinearizedAttention, identity_values, key_validity, record_as_attentions, weights_wanted
+from .attention import LinearizedAttention, identity_values, key_validity, weights_wanted
 from .settings import LinearizeSettings
 
 ROUTER_INIT_STD = 0.02

@@ -199,3 +199,17 @@ def test_cache_built_for_a_shallower_model_says_so(lm, heldout_ids, attn):
     with pytest.raises(CompressError, match=r"built for a config of 1 decoder layer\(s\), and the model using it "
                                             r"has more \(layer 1\)"):
         lm(heldout_ids[:, :20], past_key_values=GEARCache(config, bits=4), use_cache=True)
+
+
+def test_reset_starts_a_new_sequence(lm, heldout_ids, attn):
+    """One cache, two conversations: after reset() it holds nothing and reads like a new cache (continuing it
+    without a reset reads the old tokens as the new prompt's start, as transformers' own caches do)."""
+    attn("gear_kv")
+    cache = GEARCache(lm.config, bits=4)
+    with torch.no_grad():
+        lm(heldout_ids[:, :150], cache=cache, use_cache=True)
+        cache.reset()
+        assert cache.get_seq_length() == 0 and cache.nbytes()["total"] == 0
+        again = lm(heldout_ids[:, 300:440], cache=cache, use_cache=True).logits
+        fresh = lm(heldout_ids[:, 300:440], cache=GEARCache(lm.config, bits=4), use_cache=True).logits
+    assert torch.equal(again, fresh)

@@ -40,6 +40,14 @@ class _Group(click.Group):
             raise _one_line(exc) from None
 
     def invoke(self, ctx):
+        import signal
+
+        # SIGTERM (`kill`, `timeout`, a scheduler) unwinds like Ctrl-C: temporary folders and spill files are
+        # removed; the caller's handler is back afterwards (click's CliRunner, an application calling main())
+        try:
+            previous = signal.signal(signal.SIGTERM, _terminate)
+        except ValueError:  # not the main thread (an embedding application's): left alone
+            previous = None
         try:
             return super().invoke(ctx)
         except click.UsageError as exc:  # `compress nosuch`, `compress apply --bogus`, a bad option value
@@ -55,22 +63,18 @@ class _Group(click.Group):
                 raise  # not the user's doing: a bug, with its traceback
             click.echo(f"error: {mapped}", err=True)
             ctx.exit(2)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
 
 @click.group(cls=_Group)
 @click.version_option(package_name="compress")
 def main() -> None:
     """Make pretrained causal language models smaller and faster from one YAML recipe."""
-    import signal
-
     from .environment import check_environment
 
     check_environment()  # a misspelt COMPRESS_* value: one line, before any work
-    # SIGTERM (`kill`, `timeout`, a scheduler) unwinds like Ctrl-C: temporary folders and spill files are removed
-    try:
-        signal.signal(signal.SIGTERM, _terminate)
-    except ValueError:  # called from another thread than the main one (an embedding application's): left alone
-        pass
 
 
 class _Terminated(KeyboardInterrupt):

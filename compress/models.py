@@ -170,12 +170,14 @@ def load(
     return model
 
 
-def _folder_identity(path: Path) -> tuple[int, int] | None:
+def _folder_identity(path: Path) -> tuple[int, ...] | None:
+    """What changes when another folder is renamed into `path`: its inode, and its change time (a new folder may
+    get the freed inode of the one it replaced)."""
     try:
         st = path.stat()
     except OSError:
         return None
-    return st.st_dev, st.st_ino
+    return st.st_dev, st.st_ino, st.st_ctime_ns, st.st_mtime_ns
 
 
 def _read_folder(path: Path, dtype, device, allow_pickle: bool, meta: bool, max_memory, offload_folder):

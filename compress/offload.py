@@ -95,11 +95,12 @@ def _tensors(module: nn.Module):
 
 
 def check_offload_folder(folder: str | Path | None) -> None:
-    """An offload folder that holds a model (a config.json) is refused: spill files left there by a killed run
-    would make it a folder of two models that neither loads."""
-    if folder is not None and (Path(folder).expanduser() / "config.json").exists():
-        raise CompressError(f"--offload-folder {folder} holds a model (config.json): the spilled layers would mix "
-                            "with its files; give an empty or new folder")
+    """An offload folder that holds a model (config.json and safetensors files) is refused: spill files left there by
+    a killed run would make it a folder of two models that neither loads."""
+    where = Path(folder).expanduser() if folder is not None else None
+    if where is not None and (where / "config.json").exists() and any(where.glob("*.safetensors")):
+        raise CompressError(f"--offload-folder {folder} holds a model (config.json, *.safetensors): the spilled "
+                            "layers would mix with its files; give an empty or new folder")
 
 
 class OffloadState:
@@ -123,7 +124,7 @@ class OffloadState:
         state = {f"{prefix}.{k}": v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
         try:
             save_file(state, path)
-        except Exception as exc:
+        except BaseException as exc:  # Ctrl-C / SIGTERM too: the file is not in _spilled yet, so nothing else removes it
             path.unlink(missing_ok=True)
             if disk_full(exc):  # the user's disk: one line (errors.user_error), as a full disk at the save gets
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.folder)) from None

@@ -14,11 +14,13 @@ Stale temporaries of the same target whose process is gone are swept at the next
 from __future__ import annotations
 
 import errno
+import glob
 import json
 import os
 import re
 import shutil
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -183,40 +185,55 @@ def _writer_pid(path: Path, kind: str) -> int | None:
     return int(pid) if dash and pid.isdigit() else None
 
 
+_SWAPPING: set[Path] = set()  # moved-aside copies of this process's swaps now between their two renames
+SWAP_SECONDS = 10.0  # a swap's two renames take microseconds: an older moved-aside copy is a leftover
+
+
 def _swapping(old: Path) -> bool:
-    """`old` was moved aside by another process that is still running, so it is between its two renames (this
-    process's own copies are from a swap that raised: a process swaps one checkpoint at a time)."""
+    """`old` was moved aside by a save still between its two renames: one of this process's (another thread), or
+    another process's that is running and moved it seconds ago (a pid alone may have been reused, or be another
+    container's)."""
     pid = _writer_pid(old, "old")
-    return pid is not None and pid != os.getpid() and _pid_alive(pid)
+    if pid is None:
+        return False
+    if pid == os.getpid():
+        return old in _SWAPPING
+    try:
+        recent = time.time() - old.stat().st_ctime < SWAP_SECONDS  # a rename sets ctime
+    except OSError:
+        return False
+    return recent and _pid_alive(pid)
+
+
+def _leftovers(target: Path, kind: str) -> list[Path]:
+    return list(target.parent.glob(f".{glob.escape(target.name)}.{kind}-*"))  # `ck[1]` is no pattern
 
 
 def wait_for_swap(target: Path, seconds: float = 5.0) -> None:
-    """Where another process is between the two renames of its save (its `.NAME.old-PID-*` beside a missing target),
-    wait until the target is back: the gap is a rename long, so a reader does not fail on it."""
-    import time
-
+    """Where another save is between its two renames (its `.NAME.old-PID-*` beside a missing target), wait until the
+    target is back: the gap is a rename long, so a reader does not fail on it."""
     deadline = time.monotonic() + seconds
     while not target.exists() and time.monotonic() < deadline and any(
-            _swapping(o) for o in target.parent.glob(f".{target.name}.old-*")):
+            _swapping(o) for o in _leftovers(target, "old")):
         time.sleep(0.01)
 
 
 def recover(target: Path) -> Path | None:
     """Finish an interrupted save of `target`: put back a replaced copy if the target is missing, drop leftovers of
     a completed swap, sweep temporaries whose process is gone. Returns the restored folder, if any."""
-    parent, name = target.parent, target.name
+    parent = target.parent
     if not parent.is_dir():
         return None
     restored = None
     try:
-        olds = [o for o in parent.glob(f".{name}.old-*") if not _swapping(o)]  # a live save finishes its own swap
+        olds = [o for o in _leftovers(target, "old") if not _swapping(o)]  # a live save finishes its own swap
         olds.sort(key=lambda p: p.stat().st_mtime, reverse=True)
         if olds and not target.exists():
             os.replace(olds[0], target)
             restored, olds = target, olds[1:]
         for old in olds:
             shutil.rmtree(old, ignore_errors=True)
-        for tmp in parent.glob(f".{name}.tmp-*"):
+        for tmp in _leftovers(target, "tmp"):
             pid = _writer_pid(tmp, "tmp")
             if pid is None or not _pid_alive(pid):
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -266,8 +283,16 @@ def swap_into_place(tmp: Path, target: Path, *, overwrite: bool) -> None:
             target.rmdir()
         if target.exists():
             old = target.parent / f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            _rename(target, old)
-            _rename(tmp, target)  # a crash before this line leaves `old`, which recover() puts back
+            _SWAPPING.add(old)
+            try:
+                _rename(target, old)
+                try:
+                    _rename(tmp, target)  # a crash before this line leaves `old`, which recover() puts back
+                except OSError:
+                    os.replace(old, target)  # the new one could not go in: the old one goes back now
+                    raise
+            finally:
+                _SWAPPING.discard(old)
             shutil.rmtree(old, ignore_errors=True)
         else:
             _rename(tmp, target)  # onto a folder made since the check above: refused (not empty), never merged

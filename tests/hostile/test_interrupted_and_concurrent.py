@@ -108,7 +108,12 @@ def test_a_full_disk_while_spilling_a_layer_is_one_line(tmp_path, small_model, m
 
 
 def test_an_offload_folder_holding_a_model_is_refused(tmp_path, small_model, cli, user_error):
+    from compress.offload import check_offload_folder
+
     ckpt = compress.save(small_model(), tmp_path / "ckpt")
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "config.json").write_text("{}")  # a folder with a config.json alone is no model
+    check_offload_folder(tmp_path / "project")
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model: builtin:tiny\npasses:\n  - prune: {sparsity: 0.5}\n")
     user_error(cli("apply", recipe, "--output", tmp_path / "out", "--max-memory", "1MB", "--offload-folder", ckpt,
@@ -171,3 +176,79 @@ def test_sigterm_removes_spill_files_and_writes_nothing(tmp_path):
     assert proc.returncode == 143 and "error: interrupted" in output and "Traceback" not in output, output
     assert list(spill.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml", "spill"]
     # (the child runs from tmp_path, so it imports the package this process imported, not a checkout's folder)
+
+
+def test_a_moved_aside_copy_goes_back_when_it_is_no_save_in_progress(tmp_path, small_model, other_process,
+                                                                     monkeypatch):
+    """A live pid on an old moved-aside copy may be a reused one (or another container's pid 1): after the seconds a
+    swap takes, the copy is restored; a name like `ck[1]` matches no other target's leftovers."""
+    model = small_model(seed=1)
+    out = compress.save(model, tmp_path / "ckpt")
+    aside = tmp_path / f".ckpt.old-{other_process}-abcd1234"
+    os.rename(out, aside)
+    monkeypatch.setattr(output_folder, "SWAP_SECONDS", 0.0)
+    assert torch.equal(compress.load(out).lm_head.weight, model.lm_head.weight) and not aside.exists()
+    other = tmp_path / ".ck1.old-999999999-abcd1234"
+    other.mkdir()
+    assert output_folder.recover(tmp_path / "ck[1]") is None and other.exists()
+
+
+def test_a_failed_second_rename_puts_the_old_checkpoint_back(tmp_path, small_model, monkeypatch):
+    model = small_model(seed=1)
+    out = compress.save(model, tmp_path / "ckpt")
+    real, calls = output_folder._rename, []
+
+    def rename(src, dst):
+        calls.append(src)
+        if len(calls) == 2:
+            raise OSError(errno.ENOTEMPTY, "Directory not empty", str(dst))
+        real(src, dst)
+    monkeypatch.setattr(output_folder, "_rename", rename)
+    with pytest.raises(OutputError, match="nothing was replaced"):
+        compress.save(small_model(seed=2), out, overwrite=True)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # back in place at once, no copy left aside
+    assert torch.equal(compress.load(out).lm_head.weight, model.lm_head.weight)
+
+
+def test_a_reader_thread_leaves_this_process_s_swap_alone(tmp_path, small_model, monkeypatch):
+    """Between the two renames of a save in one thread, a load in another thread (here: called right there) must
+    not put the moved-aside copy back."""
+    out = compress.save(small_model(seed=1), tmp_path / "ckpt")
+    real, seen = output_folder._rename, []
+
+    def rename(src, dst):
+        if ".old-" in dst.name:
+            real(src, dst)
+            seen.append(output_folder.recover(out))  # what a reader thread would do now
+            return
+        real(src, dst)
+    monkeypatch.setattr(output_folder, "_rename", rename)
+    new = small_model(seed=2)
+    compress.save(new, out, overwrite=True)
+    assert seen == [None] and torch.equal(compress.load(out).lm_head.weight, new.lm_head.weight)
+
+
+def test_an_interrupted_spill_leaves_no_file(tmp_path, small_model, monkeypatch):
+    import compress.offload as offload
+
+    state = offload.OffloadState(tmp_path / "spill", "cpu")
+
+    def interrupted(state, path):
+        path.write_bytes(b"x" * 10)
+        raise KeyboardInterrupt  # SIGTERM arrives as one too (the CLI's handler)
+    monkeypatch.setattr(offload, "save_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        state.spill(small_model().model.layers[0], "model.layers.0")
+    assert list((tmp_path / "spill").iterdir()) == []
+
+
+def test_the_cli_gives_back_the_callers_sigterm_handler(cli):
+    def mine(signum, frame):
+        pass
+    previous = signal.signal(signal.SIGTERM, mine)
+    try:
+        cli("passes")
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, previous)

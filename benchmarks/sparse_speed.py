@@ -107,8 +107,9 @@ def _e2e_rows(base, pruned_checkpoint, label: str, prefill_tokens: int, decode_t
     ids = torch.randint(0, vocab, (1, prefill_tokens), generator=torch.Generator().manual_seed(0))
     gen = dict(max_new_tokens=decode_tokens, min_new_tokens=decode_tokens, do_sample=False, pad_token_id=0)
     rows = []
+    dtype = next(base.parameters()).dtype  # `auto` would load bf16 on an AVX512-BF16 CPU against a float32 base
     for runtime in ("dense", "packed"):
-        ours = compress.load(pruned_checkpoint, sparse_runtime=runtime)
+        ours = compress.load(pruned_checkpoint, sparse_runtime=runtime, dtype=dtype)
         prefill = paired_median_seconds([lambda: base(input_ids=ids), lambda: ours(input_ids=ids)], repeats,
                                         min_batch_seconds=0)
         decode = paired_median_seconds([lambda: base.generate(ids[:, :16], **gen),

@@ -296,11 +296,11 @@ def quantized_matvec(codes: torch.Tensor, scales: torch.Tensor, x: torch.Tensor,
         group = x.shape[1] // scales.shape[1]
         if group & (group - 1) == 0 and use_triton(codes, scales, x):  # tl.arange needs a power-of-two group
             return quantized_matvec_triton(codes, scales, x, bits)
-        if _cpu_fast(scales, x):
+        if cpu_reads(scales):  # a bf16 model's x widened (exactly): it fell to the reference's Python loop
             from .cpu_gather import cpu_quantized_matvec, qmatvec_library
 
             if qmatvec_library() is not None:
-                return cpu_quantized_matvec(codes, scales, x, bits)
+                return cpu_quantized_matvec(codes, scales, x.float(), bits)
         if x.shape[0] <= FEW_ROWS and expanded is None:  # the group products cost less than expanding W
             return quantized_matvec_reference(codes, scales, x, bits)
     return quantized_matmul(codes, scales, x, bits, expanded)

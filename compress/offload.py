@@ -124,7 +124,7 @@ class OffloadState:
         state = {f"{prefix}.{k}": v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
         try:
             save_file(state, path)
-        except BaseException as exc:  # Ctrl-C / SIGTERM too: the file is not in _spilled yet, so nothing else removes it
+        except BaseException as exc:  # Ctrl-C / SIGTERM too: not in _spilled yet, nothing else removes it
             path.unlink(missing_ok=True)
             if disk_full(exc):  # the user's disk: one line (errors.user_error), as a full disk at the save gets
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.folder)) from None

@@ -170,14 +170,20 @@ def load(
     return model
 
 
-def _folder_identity(path: Path) -> tuple[int, ...] | None:
-    """What changes when another folder is renamed into `path`: its inode, and its change time (a new folder may
-    get the freed inode of the one it replaced)."""
+def _folder_identity(path: Path) -> tuple | None:
+    """What changes when another save is renamed into `path` and not when a file is added beside the checkpoint: the
+    folder's inode and its config.json's inode and write time (every save writes a new one; a new folder may get
+    the freed inode of the one it replaced)."""
     try:
-        st = path.stat()
+        folder = path.stat()
     except OSError:
         return None
-    return st.st_dev, st.st_ino, st.st_ctime_ns, st.st_mtime_ns
+    try:
+        config = (path / "config.json").stat()
+        written = (config.st_ino, config.st_mtime_ns)
+    except OSError:
+        written = None
+    return folder.st_dev, folder.st_ino, written
 
 
 def _read_folder(path: Path, dtype, device, allow_pickle: bool, meta: bool, max_memory, offload_folder):

@@ -197,7 +197,7 @@ def _swapping(old: Path) -> bool:
     if pid is None:
         return False
     if pid == os.getpid():
-        return old in _SWAPPING
+        return old.resolve() in _SWAPPING  # a reader may name it through a symlinked parent
     try:
         recent = time.time() - old.stat().st_ctime < SWAP_SECONDS  # a rename sets ctime
     except OSError:
@@ -283,16 +283,19 @@ def swap_into_place(tmp: Path, target: Path, *, overwrite: bool) -> None:
             target.rmdir()
         if target.exists():
             old = target.parent / f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            _SWAPPING.add(old)
+            _SWAPPING.add(old.resolve())
             try:
                 _rename(target, old)
                 try:
                     _rename(tmp, target)  # a crash before this line leaves `old`, which recover() puts back
                 except OSError:
-                    os.replace(old, target)  # the new one could not go in: the old one goes back now
+                    try:
+                        os.replace(old, target)  # the new one could not go in: the old one goes back now
+                    except OSError:  # (already back, or something took its place): the first error is the one to say
+                        pass
                     raise
             finally:
-                _SWAPPING.discard(old)
+                _SWAPPING.discard(old.resolve())
             shutil.rmtree(old, ignore_errors=True)
         else:
             _rename(tmp, target)  # onto a folder made since the check above: refused (not empty), never merged

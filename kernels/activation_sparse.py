@@ -292,7 +292,8 @@ def quantized_matvec(codes: torch.Tensor, scales: torch.Tensor, x: torch.Tensor,
     Integer products, so the C kernel (VNNI where the CPU has it) and the reference agree to float rounding of the
     scaled sums; the C kernel reads the codes once (the reference expands them per call). Prefill-sized x:
     `quantized_matmul` (over `expanded`, the dequantized weight, where the caller holds it)."""
-    if x.shape[0] <= 16 and codes.is_contiguous():  # GEMV kernels: prefill-sized x runs faster as the reference's GEMMs
+    training = torch.is_grad_enabled() and x.requires_grad  # quantized_matmul's straight-through gradient
+    if x.shape[0] <= 16 and codes.is_contiguous() and not training:  # GEMV kernels (prefill-sized x: GEMMs)
         group = x.shape[1] // scales.shape[1]
         if group & (group - 1) == 0 and use_triton(codes, scales, x):  # tl.arange needs a power-of-two group
             return quantized_matvec_triton(codes, scales, x, bits)

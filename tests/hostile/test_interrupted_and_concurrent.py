@@ -61,6 +61,14 @@ def test_a_load_during_a_save_over_the_folder_reads_one_save(tmp_path, small_mod
     monkeypatch.setattr(models, "_read_folder", broken_mid_read)
     assert torch.equal(compress.load(out).lm_head.weight, first.lm_head.weight)
 
+    def a_file_added_beside(path, *args):  # another tool writing a file into the folder is no new save
+        reads.append(path)
+        (path / "results.json").write_text("{}")
+        return real(path, *args)
+    monkeypatch.setattr(models, "_read_folder", a_file_added_beside)
+    compress.load(out)
+    assert len(reads) == 5  # read once
+
 
 @pytest.fixture
 def other_process():
@@ -217,16 +225,20 @@ def test_a_reader_thread_leaves_this_process_s_swap_alone(tmp_path, small_model,
     out = compress.save(small_model(seed=1), tmp_path / "ckpt")
     real, seen = output_folder._rename, []
 
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path, target_is_directory=True)
+
     def rename(src, dst):
         if ".old-" in dst.name:
             real(src, dst)
             seen.append(output_folder.recover(out))  # what a reader thread would do now
+            seen.append(output_folder.recover(link / "ckpt"))  # one that names it through a symlink
             return
         real(src, dst)
     monkeypatch.setattr(output_folder, "_rename", rename)
     new = small_model(seed=2)
     compress.save(new, out, overwrite=True)
-    assert seen == [None] and torch.equal(compress.load(out).lm_head.weight, new.lm_head.weight)
+    assert seen == [None, None] and torch.equal(compress.load(out).lm_head.weight, new.lm_head.weight)
 
 
 def test_an_interrupted_spill_leaves_no_file(tmp_path, small_model, monkeypatch):

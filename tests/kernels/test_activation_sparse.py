@@ -119,6 +119,9 @@ def test_quantized_gate_copy(monkeypatch, bits, n, d, cpu_level):
     if qmatvec_library() is not None:
         assert not called
     monkeypatch.undo()
+    trained = xb.float().requires_grad_()  # training through the gate: quantized_matmul's straight-through gradient
+    ak.quantized_matvec(codes, scales, trained, bits).sum().backward()
+    assert trained.grad is not None and trained.grad.abs().sum() > 0
     x = torch.randn(4, d, generator=g)  # no planted ties or outliers: how close a predictor it is
     rows = [i for i in range(n) if i != 3]  # (the outlier's group is coarse by design)
     exact = x.double() @ w[rows].double().t()

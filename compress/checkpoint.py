@@ -3,7 +3,6 @@ and the report. Writes go to a temporary folder that is renamed into place, so a
 at the target. Loading never unpickles unless the caller passes `allow_pickle=True`."""
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -16,7 +15,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .errors import CheckpointError, CompressError, disk_full, first_line
+from .errors import CheckpointError, CompressError, disk_full_error, first_line
 
 FORMAT_VERSION = 1
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
@@ -149,8 +148,9 @@ def write_folder(folder: str | Path, write, *, overwrite: bool, source: Path | N
         swap_into_place(tmp, target, overwrite=overwrite)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if disk_full(exc):  # the user's disk, not a bug: one line (errors.user_error) instead of a traceback
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder)) from None
+        full = disk_full_error(exc, folder)
+        if full is not None:  # the user's disk, not a bug: one line (errors.user_error) instead of a traceback
+            raise full from None
         raise
     return folder
 

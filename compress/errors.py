@@ -53,17 +53,20 @@ def first_line(exc: BaseException, limit: int = 200) -> str:
     return text[:limit]
 
 
-def disk_full(exc: BaseException) -> bool:
-    """A full disk (or quota) however the writer reports it: an OSError from Python, or the text of a Rust
-    io::Error from safetensors (SafetensorError) and tokenizers (a plain Exception)."""
+def disk_full_error(exc: BaseException, where) -> OSError | None:
+    """A full disk (or quota) however the writer reports it (an OSError from Python, or the text of a Rust io::Error
+    from safetensors (SafetensorError) and tokenizers (a plain Exception)) as the OSError that `user_error` prints in
+    one line, naming `where`; None for anything else."""
     import errno
+    import os
 
     if isinstance(exc, OSError):
-        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
-    text = str(exc)
-    marks = (f"os error {errno.ENOSPC}", f"code: {errno.ENOSPC},", "No space left on device",
-             f"os error {errno.EDQUOT}", "Disk quota exceeded")
-    return any(mark in text for mark in marks)
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    else:
+        marks = (f"os error {errno.ENOSPC}", f"code: {errno.ENOSPC},", "No space left on device",
+                 f"os error {errno.EDQUOT}", "Disk quota exceeded")
+        full = any(mark in str(exc) for mark in marks)
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(where)) if full else None
 
 
 def user_error(exc: BaseException) -> CompressError | None:

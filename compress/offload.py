@@ -16,9 +16,7 @@ activations. Disk: the spill files (about the compressed model's size) beside th
 """
 from __future__ import annotations
 
-import errno
 import math
-import os
 import re
 import shutil
 import tempfile
@@ -33,7 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .errors import CompressError, disk_full
+from .errors import CompressError, disk_full_error
 from .progress import progress_bar
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -126,8 +124,9 @@ class OffloadState:
             save_file(state, path)
         except BaseException as exc:  # Ctrl-C / SIGTERM too: not in _spilled yet, nothing else removes it
             path.unlink(missing_ok=True)
-            if disk_full(exc):  # the user's disk: one line (errors.user_error), as a full disk at the save gets
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.folder)) from None
+            full = disk_full_error(exc, self.folder)
+            if full is not None:  # the user's disk: one line (errors.user_error), as a full disk at the save gets
+                raise full from None
             raise
         _attach(module, {k: {"safetensors_file": str(path), "weight_name": k} for k in state}, prefix, self.device)
         previous, self._spilled[prefix] = self._spilled.get(prefix), path

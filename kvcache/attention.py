@@ -27,7 +27,6 @@ def gear_attention_forward(module: nn.Module, query, key, value, attention_mask,
                            scaling: float | None = None, **kwargs):
     past_keys = getattr(key, "_gear_past", None)
     if attentions_requested(kwargs):  # sdpa returns none: transformers would drop every layer's entry
-        scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
         out, weights = compressed_attention_reference(query, past_keys, getattr(value, "_gear_past", None), key,
                                                       value, attention_mask, scaling, return_weights=True)
         return out.transpose(1, 2).contiguous(), weights.to(query.dtype)

@@ -50,7 +50,8 @@ def heldout_windows(tokenizer, text: str, num_windows: int, window_len: int) -> 
     """[num_windows, window_len] token ids, evenly spaced over the tokenized text (deterministic)."""
     ids = tokenizer(text, return_tensors="pt", verbose=False).input_ids[0]  # windows are cut below
     if ids.numel() < window_len:
-        raise CompressError(f"held-out text has {ids.numel()} tokens, fewer than one window of {window_len}")
+        raise CompressError(f"the evaluation text has {ids.numel()} tokens, fewer than one window of {window_len}: "
+                            f"give a text of at least {window_len} tokens")
     starts = torch.linspace(0, ids.numel() - window_len, num_windows).long()
     return torch.stack([ids[s:s + window_len] for s in starts.tolist()])
 
@@ -135,10 +136,7 @@ SUMMARY_WINDOW_LEN = 512
 
 def check_summary_text(tokenizer, text: str) -> None:
     """Before any work: `cache_quality_summary` scores windows of SUMMARY_WINDOW_LEN tokens of `text`."""
-    n = tokenizer(text, return_tensors="pt", verbose=False).input_ids.shape[1]
-    if n < SUMMARY_WINDOW_LEN:
-        raise CompressError(f"the evaluation text has {n} tokens, and the KV cache's quality block scores windows of "
-                            f"{SUMMARY_WINDOW_LEN}: give a text of at least {SUMMARY_WINDOW_LEN} tokens")
+    heldout_windows(tokenizer, text, 1, SUMMARY_WINDOW_LEN)
 
 
 def cache_quality_summary(model: nn.Module, tokenizer, settings, text: str | None, windows: int | None,

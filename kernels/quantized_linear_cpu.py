@@ -1,10 +1,10 @@
-"""QuantizedLinear on the CPU (csrc/qgemv.c). Decoding (<= MAX_TOKENS tokens): the packed int4 / int8 codes
-multiplied as they are, so a step reads the codes' bytes (an eighth / a quarter of float32's) instead of building the
-float weight on every call. Prefill: ROW_BLOCK rows at a time dequantized into one reused buffer (bit for bit the
-torch reference's weight) and multiplied by torch's GEMM (the same products as one GEMM over the whole weight, up to
-the summation order its blocking picks). The torch reference (`QuantizedLinear.dequantized_weight()`
-then a matmul) stays the path for gradients, pruned-then-quantized layers, float16 / float64, CUDA, and machines
-without a C compiler."""
+"""QuantizedLinear on the CPU (csrc/qgemv.c; bf16 x on CPUs with AVX512-BF16, csrc/qgemv_bf16.c). Decoding
+(<= MAX_TOKENS tokens): the packed int4 / int8 codes multiplied as they are, so a step reads the codes' bytes (an
+eighth / a quarter of float32's) instead of building the float weight on every call. Prefill: ROW_BLOCK rows at a
+time dequantized into one reused buffer (bit for bit the torch reference's weight) and multiplied by torch's GEMM
+(the same products as one GEMM over the whole weight, up to the summation order its blocking picks). The torch
+reference (`QuantizedLinear.dequantized_weight()` then a matmul) stays the path for gradients, pruned-then-quantized
+layers, float16 / float64, CUDA, and machines without a C compiler."""
 from __future__ import annotations
 
 import ctypes
@@ -17,13 +17,20 @@ from ..environment import setting
 
 # Tokens up to which the C product runs; above, the blocked dequantize + torch GEMM. Timed path against path
 # (14336x4096 int4, cache-cold, one thread, an AVX512-BF16 Xeon): in float32 the product leads through 16 tokens
-# (37 vs 46 ms at 16); in bf16 the blocked path (AMX GEMM) leads from 8 (28 vs 29 ms; 26 vs 53 at 16).
+# (37 vs 46 ms at 16). bf16 x on a CPU with AVX512-BF16 takes csrc/qgemv_bf16.c, which leads both the dense bf16
+# layer and the blocked path through 16 tokens at Llama-3-8B's MLP shapes (Zen 5: int4 1.3-1.5x dense at 16, int8
+# 1.0-1.2x; not re-timed on an AMX Xeon); elsewhere bf16 x goes through qgemv.c's float32 loop, which the blocked
+# path (AMX GEMM) leads from 8 tokens on that Xeon (28 vs 29 ms; 26 vs 53 at 16), hence MAX_TOKENS_BF16.
 MAX_TOKENS = 16
 MAX_TOKENS_BF16 = 6
 
 
-def max_tokens(dtype: torch.dtype) -> int:
-    return MAX_TOKENS_BF16 if dtype == torch.bfloat16 else MAX_TOKENS
+def max_tokens(dtype: torch.dtype, in_features: int | None = None, group: int | None = None) -> int:
+    """Tokens up to which x of this dtype takes the C product (a layer's width and group say whether bf16 x has the
+    bf16 dot-product kernel; without them, qgemv.c's limit)."""
+    if dtype != torch.bfloat16 or (group is not None and cpu_qgemv_bf16_applies(in_features, group, dtype)):
+        return MAX_TOKENS
+    return MAX_TOKENS_BF16
 SCALE_DTYPES = (torch.float32, torch.bfloat16)
 INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # float64 stays on the torch path (it computes in it)
 
@@ -49,7 +56,7 @@ def cpu_qgemv_applies(packed: torch.Tensor, scale: torch.Tensor, bits: int, in_f
     float32/bf16 scales, 4 bits with an even row and group (both nibbles of a byte in one group), a compiler here."""
     if not _decoding_input(x, in_features) or x.dtype not in INPUT_DTYPES:
         return False
-    if not 0 < x.numel() <= max_tokens(x.dtype) * in_features:
+    if not 0 < x.numel() <= max_tokens(x.dtype, in_features, group) * in_features:
         return False
     return _stored_as_c_reads(packed, scale) and cpu_qgemv_available(bits, in_features, group, scale.dtype)
 
@@ -71,10 +78,29 @@ def cpu_qgemv_available(bits: int, in_features: int, group: int, scale_dtype: to
     return not (bits == 4 and (in_features % 2 or group % 2)) and cpu_dequantize_available(scale_dtype)
 
 
+_BF16_SIGNATURES = (("qgemv_bf16", (_PTR, _I64, _PTR, _INT, _PTR, _INT, _I64, _I64, _I64, _PTR, _I64, _I64, _PTR,
+                                     _I64, _INT), _INT),
+                    ("qgemv_bf16_available", (), _INT))
+
+
+def _bf16_library():
+    """csrc/qgemv_bf16.c where this CPU has AVX512-BF16 (else None)."""
+    lib = load_c_library("qgemv_bf16", _BF16_SIGNATURES)
+    return lib if lib is not None and lib.qgemv_bf16_available() else None
+
+
+def cpu_qgemv_bf16_applies(in_features: int, group: int, x_dtype: torch.dtype) -> bool:
+    """bf16 x takes the bf16 dot-product kernel: AVX512-BF16 here, whole groups of a multiple of 32 columns."""
+    return (x_dtype == torch.bfloat16 and group % 32 == 0 and in_features % group == 0
+            and setting("COMPRESS_KERNELS") != "torch" and _bf16_library() is not None)
+
+
 def cpu_qgemv(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int, group: int,
               x: torch.Tensor) -> torch.Tensor:
     """x [..., in] (any float dtype) -> [..., out] float32: sum over groups of scale * sum (code - zero) * x."""
     lead, d = x.shape[:-1], x.shape[-1]
+    if cpu_qgemv_bf16_applies(d, group, x.dtype):
+        return _qgemv_bf16(packed, scale, zero, bits, group, x.reshape(-1, d).contiguous()).view(*lead, -1)
     x2 = x.reshape(-1, d).float().contiguous()
     t, n = x2.shape[0], packed.shape[0]
     out = torch.empty(t, n, dtype=torch.float32)
@@ -85,6 +111,18 @@ def cpu_qgemv(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | No
     if not ok:
         raise MemoryError("qgemv: could not allocate its split copy of x")
     return out.view(*lead, n)
+
+
+def _qgemv_bf16(packed, scale, zero, bits: int, group: int, x2: torch.Tensor) -> torch.Tensor:
+    """x2 [t, in] bf16 -> [t, out] float32: the rows of the reference's bf16 weight times x (csrc/qgemv_bf16.c)."""
+    t, n = x2.shape[0], packed.shape[0]
+    out = torch.empty(t, n, dtype=torch.float32)
+    zero = None if zero is None else zero.contiguous()
+    _bf16_library().qgemv_bf16(packed.data_ptr(), packed.stride(0), scale.data_ptr(),
+                               int(scale.dtype == torch.bfloat16), None if zero is None else zero.data_ptr(), bits,
+                               n, x2.shape[1], group, x2.data_ptr(), x2.stride(0), t, out.data_ptr(), out.stride(0),
+                               torch.get_num_threads())
+    return out
 
 
 # Tokens up to which a 2:4-pruned quantized layer runs the C product (one thread, AVX2 EPYC, int4 vs the dense float32

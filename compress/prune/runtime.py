@@ -105,7 +105,8 @@ def runtime_plan(model: nn.Module, runtime: str = "auto", device_type: str = "cp
                               f"{min(NM24_MAX_TOKENS, qgemv_max_tokens(scale_dtype))} tokens; above, {nm24_blocks}")
             elif device_type == "cpu" and dense_codes and \
                     cpu_qgemv_available(module.bits, module.in_features, module.group_size, scale_dtype):
-                plan[name] = (f"int{module.bits} codes multiplied in C at <= {qgemv_max_tokens(scale_dtype)} tokens; "
+                most = qgemv_max_tokens(scale_dtype, module.in_features, module.group_size)
+                plan[name] = (f"int{module.bits} codes multiplied in C at <= {most} tokens; "
                               f"above, {blocks}")
             elif device_type == "cpu" and dense_codes and cpu_dequantize_available(scale_dtype):
                 plan[name] = f"int{module.bits} codes {blocks}"  # e.g. an odd row: no C product, the blocks run

@@ -8,8 +8,8 @@ import torch
 
 from compress.kernels.cpu_build import load_c_library
 from compress.kernels.dispatch import forced_kernels
-from compress.kernels.quantized_linear_cpu import (MAX_TOKENS, MAX_TOKENS_BF16, cpu_dequantize, cpu_qgemv,
-                                                   cpu_qgemv_applies)
+from compress.kernels.quantized_linear_cpu import (MAX_TOKENS, cpu_dequantize, cpu_qgemv, cpu_qgemv_applies,
+                                                   cpu_qgemv_bf16_applies, max_tokens)
 from compress.quantize import QuantizedLinear
 from compress.quantize.int_quant import quantize_rtn
 
@@ -46,12 +46,39 @@ def test_codes_times_x_equals_the_dequantized_product(bits, symmetric, scale_dty
         assert float((got.double() - want).abs().max() / want.abs().max()) < 2e-6
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16])
+def test_bf16_x_is_multiplied_by_the_reference_bf16_weight(bits, symmetric, scale_dtype, cpu_level):
+    """bf16 x on a CPU with AVX512-BF16 (csrc/qgemv_bf16.c): the torch reference's bf16 weight, bf16((u - z) * s),
+    times x, summed in float32, for every tile the kernel runs (4 rows x t up to 4 tokens; 3 x 8 tiles and one
+    3 x (t % 8) above; the last n % 4 / n % 3 rows one at a time), groups of 32 / 64 / 128, up to MAX_TOKENS."""
+    if not cpu_qgemv_bf16_applies(256, 128, torch.bfloat16):
+        pytest.skip("no AVX512-BF16 at this build level: bf16 x takes qgemv.c (tested above)")
+    for out_f, in_f, group in [(37, 256, 128), (22, 192, 64), (7, 96, 32)]:
+        q = layer(out_f, in_f, bits, group, symmetric, scale_dtype, seed=out_f + bits)
+        with forced_kernels("torch"):
+            w = q.dequantized_weight(torch.bfloat16).double()
+        assert max_tokens(torch.bfloat16, in_f, group) == MAX_TOKENS
+        for tokens in (1, 2, 3, 4, 5, 8, 11, MAX_TOKENS):
+            x = torch.randn(tokens, 2 * in_f, generator=torch.Generator().manual_seed(tokens))[:, ::2]
+            x = x.to(torch.bfloat16)  # a strided view: the wrapper hands the kernel contiguous rows
+            assert cpu_qgemv_applies(q.weight_packed, q.weight_scale, bits, in_f, group, x)
+            got = cpu_qgemv(q.weight_packed, q.weight_scale, q.weight_zero_point, bits, group, x)
+            want = x.double() @ w.t()
+            assert got.dtype == torch.float32 and got.shape == (tokens, out_f)
+            assert float((got.double() - want).abs().max() / want.abs().max()) < 2e-6, (out_f, tokens)
+    # a group that is not a multiple of 32 columns keeps qgemv.c's loop and its token limit
+    assert not cpu_qgemv_bf16_applies(96, 48, torch.bfloat16)
+    assert max_tokens(torch.bfloat16, 96, 48) < MAX_TOKENS
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_layer_decodes_through_the_kernel_and_matches_its_torch_path(monkeypatch, dtype):
     monkeypatch.delenv("COMPRESS_KERNELS", raising=False)
     q = layer(48, 256, 4, 128, True, dtype, bias=True)
     x = torch.randn(2, 3, 256).to(dtype)  # 6 tokens: within MAX_TOKENS
-    most = MAX_TOKENS if dtype == torch.float32 else MAX_TOKENS_BF16  # bf16: AMX's GEMM wins sooner
+    most = max_tokens(dtype, 256, 128)  # bf16 without AVX512-BF16: fewer (AMX's GEMM wins sooner)
     assert q.runtime_path(most) == "int4 codes multiplied in C"
     assert q.runtime_path(most + 1) == "dequantized in C a block of rows at a time, then torch's matmul"
     with torch.no_grad():
@@ -110,7 +137,7 @@ def test_inspect_names_the_path_per_dtype():
     plan = runtime_plan(torch.nn.ModuleDict({"a": QuantizedLinear(256, 8, dtype=torch.bfloat16),
                                              "b": QuantizedLinear(256, 8, dtype=torch.float32),
                                              "c": QuantizedLinear(99, 8, bits=4, group_size=33)}))
-    assert plan["a"].startswith(f"int4 codes multiplied in C at <= {MAX_TOKENS_BF16} tokens")
+    assert plan["a"].startswith(f"int4 codes multiplied in C at <= {max_tokens(torch.bfloat16, 256, 128)} tokens")
     assert plan["b"].startswith(f"int4 codes multiplied in C at <= {MAX_TOKENS} tokens")
     assert plan["c"].startswith("int4 codes dequantized in C")  # an odd row: no C product, the row blocks run
     with forced_kernels("torch"):

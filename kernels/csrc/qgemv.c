@@ -12,6 +12,7 @@
 #endif
 
 #include "bf16.h"
+#include "bf16_weights.h"
 
 /* QuantizedLinear's product on the CPU for a few tokens (decoding): out[j, r] = sum_g s[r, g] * sum_{c in g}
    (u[r, c] - z[r, g]) * x[j, c], u the stored codes (4 bits: two per byte, even column in the low nibble; 8 bits:
@@ -344,6 +345,29 @@ static void dequantize_row(const uint8_t* q, const float* sc, int scale_bf16, co
     }
 }
 
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+/* a row's bf16 values straight from the codes (whole groups of a multiple of 32 columns), the same bits as
+   dequantize_row then rounding (bf16_weights.h): 14336 x 4096 int4 in 512-row blocks, one Zen 5 core, 6.6 ms
+   through the float row */
+static void dequantize_row_bf16(const uint8_t* q, const void* sc, int scale_bf16, const uint8_t* zero, int bits,
+                                int64_t d, int64_t group, uint16_t* dst) {
+    float symmetric_offset = bits == 4 ? 8.f : 128.f;
+    for (int64_t g = 0; g < d / group; ++g) {
+        float s = scale_bf16 ? bf16_to_f32(((const uint16_t*)sc)[g]) : ((const float*)sc)[g];
+        float off = zero ? (float)zero[g] : symmetric_offset;
+        if (bits == 4) {
+            __m512i table = nibble_table(s, off);
+            for (int64_t c = g * group; c < (g + 1) * group; c += 32)
+                _mm512_storeu_si512((void*)(dst + c), weights_int4(q + c / 2, table));
+        } else {
+            __m512 vs = _mm512_set1_ps(s), voff = _mm512_set1_ps(off);
+            for (int64_t c = g * group; c < (g + 1) * group; c += 32)
+                _mm512_storeu_si512((void*)(dst + c), weights_int8(q + c, vs, voff));
+        }
+    }
+}
+#endif
+
 /* Returns 0 (nothing written past the rows done) when a bf16 output's per-thread float row cannot be allocated. */
 int dequantize(const uint8_t* packed, int64_t ldp, const void* scale, int scale_bf16, const uint8_t* zero, int bits,
                int64_t n, int64_t d, int64_t group, void* out, int out_bf16, int nthreads) {
@@ -365,8 +389,14 @@ int dequantize(const uint8_t* packed, int64_t ldp, const void* scale, int scale_
                 dequantize_row(packed + r * ldp, sr, scale_bf16, zr, bits, d, group, (float*)out + r * d);
                 continue;
             }
-            if (!row) continue;
             uint16_t* o = (uint16_t*)out + r * d;
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+            if (d % group == 0 && group % 32 == 0) {
+                dequantize_row_bf16(packed + r * ldp, sr, scale_bf16, zr, bits, d, group, o);
+                continue;
+            }
+#endif
+            if (!row) continue;
             dequantize_row(packed + r * ldp, sr, scale_bf16, zr, bits, d, group, row);
             int64_t c = 0;
 #if defined(__AVX512BF16__)

@@ -8,6 +8,7 @@
 #endif
 
 #include "bf16.h"
+#include "bf16_weights.h"
 
 /* QuantizedLinear's product for bfloat16 x on CPUs with AVX512-BF16 (AMD Zen 4/5, Intel Cooper Lake and later):
    out[j, r] = sum_c W[r, c] * x[j, c] in float32, W the bf16 weight the torch reference builds
@@ -24,29 +25,6 @@
 #ifdef QGEMV_BF16_DOT
 #define NR 4            /* rows per tile, at most: each x load feeds nr dot products */
 #define MAX_NT 8        /* tokens per tile, at most: nr x nt <= 24 accumulators stay in registers (of 32) */
-
-/* 16 bf16 weights bf16((i - off) * s) for a nibble i, in the low 16 words (vpermw reads only indices < 16) */
-ALWAYS_INLINE __m512i nibble_table(float s, float off) {
-    const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    __m512 v = _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(off)), _mm512_set1_ps(s));
-    return _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(v));
-}
-
-/* 32 weights from 16 bytes of 4-bit codes: dword b = low nibble | high nibble << 16 (columns 2b, 2b + 1 in order) */
-ALWAYS_INLINE __m512i weights_int4(const uint8_t* q, __m512i table) {
-    __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)q));
-    __m512i idx = _mm512_ternarylogic_epi32(b, _mm512_slli_epi32(b, 12), _mm512_set1_epi32(0x000F000F), 0xA8);
-    return _mm512_permutexvar_epi16(idx, table);
-}
-
-/* 32 weights from 32 8-bit codes: (u - off) * s in float32, rounded to bf16 to nearest even */
-ALWAYS_INLINE __m512i weights_int8(const uint8_t* q, __m512 s, __m512 off) {
-    __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)q)));
-    __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(q + 16))));
-    lo = _mm512_mul_ps(_mm512_sub_ps(lo, off), s);
-    hi = _mm512_mul_ps(_mm512_sub_ps(hi, off), s);
-    return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
-}
 
 ALWAYS_INLINE float scale_at(const void* scale, int scale_bf16, int64_t i) {
     return scale_bf16 ? bf16_to_f32(((const uint16_t*)scale)[i]) : ((const float*)scale)[i];

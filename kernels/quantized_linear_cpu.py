@@ -1,7 +1,7 @@
 """QuantizedLinear on the CPU (csrc/qgemv.c; bf16 x on CPUs with AVX512-BF16, csrc/qgemv_bf16.c). Decoding
 (<= MAX_TOKENS tokens): the packed int4 / int8 codes multiplied as they are, so a step reads the codes' bytes (an
-eighth / a quarter of float32's) instead of building the float weight on every call. Prefill: ROW_BLOCK rows at a
-time dequantized into one reused buffer (bit for bit the torch reference's weight) and multiplied by torch's GEMM
+eighth / a quarter of float32's) instead of building the float weight on every call. Prefill: up to ROW_BLOCK rows at
+a time dequantized into one reused buffer (bit for bit the torch reference's weight) and multiplied by torch's GEMM
 (the same products as one GEMM over the whole weight, up to the summation order its blocking picks). The torch
 reference (`QuantizedLinear.dequantized_weight()` then a matmul) stays the path for gradients, pruned-then-quantized
 layers, float16 / float64, CUDA, and machines without a C compiler."""
@@ -209,18 +209,23 @@ def _dequantize_into(packed, scale, zero, bits: int, group: int, out: torch.Tens
     return out
 
 
-# rows dequantized at a time by `cpu_blocked_linear` (14336x4096 int4, 16 / 64 tokens, one thread: float32 best at
-# 256-512 rows, bf16 at 512-2048, both ~10-20% slower at 128 or below, where the GEMM calls get small)
+# rows dequantized at a time by `cpu_blocked_linear`, at most (14336x4096 int4, 16 / 64 tokens, one thread: float32
+# best at 256-512 rows, bf16 at 512-2048, both ~10-20% slower at 128 or below, where the GEMM calls get small); wide
+# rows take fewer (cpu_blocked.rows_per_block: ~4 MB a block, at least 256 rows): bf16 4096x14336 at 32-64 tokens,
+# one Zen 5 core, 0.80-0.92x dense at 512 rows, 0.98-1.07x at 256
 ROW_BLOCK = 512
 
 
 def cpu_blocked_linear(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int, group: int,
                        x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ W.T for prefill-sized x without the whole float weight: ROW_BLOCK rows at a time dequantized into one
-    reused buffer, in x's dtype, and multiplied by torch's GEMM (cpu_blocked.py). Check `cpu_blocked_applies` first."""
+    """x @ W.T for prefill-sized x without the whole float weight: up to ROW_BLOCK rows at a time dequantized into
+    one reused buffer, in x's dtype, and multiplied by torch's GEMM (cpu_blocked.py). Check `cpu_blocked_applies`
+    first."""
     def decode_rows(r0, r1, buf):
         return _dequantize_into(packed[r0:r1], scale[r0:r1], None if zero is None else zero[r0:r1], bits, group, buf)
-    return blocked_linear(decode_rows, x, packed.shape[0], x.dtype, ROW_BLOCK, bias)
+    rows, d = packed.shape[0], x.shape[-1]
+    block = min(ROW_BLOCK, rows_per_block(rows, x.numel() // max(1, d), d, x.element_size()))
+    return blocked_linear(decode_rows, x, rows, x.dtype, block, bias)
 
 
 def cpu_nm24_blocked_linear(packed: torch.Tensor, indices: torch.Tensor, scale: torch.Tensor,

@@ -5,8 +5,10 @@
   layer, `packed` for float32 layers of at least PACKED_MIN_WEIGHTS weights when the C kernels are here (the C
   product over the packed values reads ~0.53x the bytes: 1.4-1.7x dense at 1 token for 2:4 at Llama shapes, ~1x
   for the 50% bitmask, 1.5-3.6x at 4-8 tokens, 0.9-1.0x at 512), `dense` for smaller layers (cache-resident: the
-  dense GEMV's full-width FMAs beat the product's gathers), for bf16 / fp16 layers (not measured on a CPU that
-  computes them natively) and without a compiler.
+  dense GEMV's full-width FMAs beat the product's gathers), for fp16 layers, for bf16 layers unless the CPU has
+  AVX512-BF16 and VBMI2 (csrc/sparse_bf16.c: 2:4 1.9-2.4x the dense bf16 layer at 1 token, 1.3-1.4x at 8, the 50%
+  bitmask 1.5-2.1x / 1.0-1.3x, one Zen 5 core; elsewhere the float32 product over bf16 values lost to the dense bf16
+  layer from 2 tokens) and without a compiler.
 - `dense`: decode every pruned layer once at load and run plain matmuls: dense speed and dense memory, while the
   checkpoint on disk stays packed (saving gathers the packed values back).
 - `packed`: hold only the packed tensors: the smallest memory."""
@@ -35,10 +37,14 @@ def resolve_runtime(runtime: str, device_type: str, layer: nn.Module | None = No
 
 
 def _packed_pays_on_cpu(layer) -> bool:
-    from ..kernels.sparse_linear_cpu import cpu_sparse_available
+    from ..kernels.sparse_linear_cpu import cpu_sparse_available, cpu_sparse_bf16_available
 
-    return (layer.values.dtype == torch.float32 and layer.in_features * layer.out_features >= PACKED_MIN_WEIGHTS
-            and cpu_sparse_available(torch.float32))
+    if layer.in_features * layer.out_features < PACKED_MIN_WEIGHTS:
+        return False
+    if layer.values.dtype == torch.bfloat16:  # only where bf16's 32-lane dot products run on the packed values
+        return (cpu_sparse_available(torch.bfloat16)
+                and cpu_sparse_bf16_available(layer.format, layer.n, layer.m, layer.in_features))
+    return layer.values.dtype == torch.float32 and cpu_sparse_available(torch.float32)
 
 
 def set_sparse_runtime(model: nn.Module, runtime: str = "auto") -> dict[str, str]:
@@ -95,7 +101,7 @@ def runtime_plan(model: nn.Module, runtime: str = "auto", device_type: str = "cp
             zeros = (f", {module.n}:{module.m} zeros kept" if module.sparsity == "nm"
                      else ", zeros kept" if module.sparsity else "")
             dequantized = f"int{module.bits} codes, dequantized per call, then a dense product (torch{zeros})"
-            blocks = f"dequantized in C {QGEMV_ROW_BLOCK} rows at a time, each block by torch's matmul"
+            blocks = f"dequantized in C up to {QGEMV_ROW_BLOCK} rows at a time, each block by torch's matmul"
             nm24_blocks = "dequantized in C a block of rows at a time, each block by torch's matmul"
             scale_dtype = module.weight_scale.dtype
             dense_codes = module.sparsity in (None, "bitmask")  # pruned codes at the code of zero

@@ -9,6 +9,8 @@ CPU (one torch thread, fp32; speeds as ratios of paired medians):
   decoded for torch's GEMM above), 2:4 and 50% unstructured, 1-512 tokens; e2e_prefill / e2e_decode: builtin:tiny
   and builtin:small pruned 2:4 (magnitude) loaded with each runtime vs unpruned, prefill 256 tokens and greedy
   decoding of 64, and a 2-layer model with Llama-3-8B's layer shapes (random weights), prefill 128 and 16 decoded.
+  On a CPU that computes bf16 natively (what `dtype: auto` loads there) the runtime_packed rows and the 2-layer
+  model's rows again in bf16, against the dense bf16 layer / model (`dtype` in the rows).
   `--only-runtimes`: these rows only (no activation-sparsity calibration).
 - activation_sparse_mlp: the `activation_sparsity` pass (neuron scaling unless `--no-neuron-scaling`) is calibrated
   on the reference model (`--model`, default builtin:small, fp32; `--ppl-budget` on its calibration windows);
@@ -80,20 +82,22 @@ def cpu_runtime_dense(tokens_list, repeats) -> list[dict]:
 
 
 @torch.no_grad()
-def cpu_runtime_packed(tokens_list, repeats, shapes=SHAPES) -> list[dict]:
+def cpu_runtime_packed(tokens_list, repeats, shapes=SHAPES, dtype=torch.float32) -> list[dict]:
     """The packed runtime (kernels/sparse_linear_cpu.py: the C product at few tokens, blocks of rows decoded for
-    torch's GEMM above) vs the unpruned nn.Linear, 2:4 and 50% unstructured (bitmask)."""
+    torch's GEMM above) vs the unpruned nn.Linear of the same dtype, 2:4 and 50% unstructured (bitmask)."""
     from compress.pass_api import tensor_bytes
 
     rows = []
     for out_f, in_f in shapes:
         for structure in ("2:4", "unstructured"):
-            lin, sparse = pruned_pair(out_f, in_f, structure=structure)
+            lin, sparse = pruned_pair(out_f, in_f, dtype, structure=structure)
+            sparse.set_runtime("packed")
             for t in tokens_list:
-                x = torch.randn(t, in_f)
+                x = torch.randn(t, in_f).to(dtype)
                 dense_s, ours_s = paired_median_seconds([lambda: lin(x), lambda: sparse(x)], repeats)
                 rows.append(dict(device="cpu", kind="runtime_packed", shape=f"{out_f}x{in_f}", tokens=t,
-                                 structure=structure, path=sparse.runtime_path(t), speedup_vs_dense=dense_s / ours_s,
+                                 dtype=str(dtype).removeprefix("torch."), structure=structure,
+                                 path=sparse.runtime_path(t), speedup_vs_dense=dense_s / ours_s,
                                  dense_ms=dense_s * 1e3, ours_ms=ours_s * 1e3,
                                  bytes_vs_dense=tensor_bytes(sparse) / tensor_bytes(lin)))
     return rows
@@ -139,9 +143,10 @@ def cpu_e2e(repeats, model: str = "builtin:tiny") -> list[dict]:
 
 
 @torch.no_grad()
-def cpu_e2e_llama3_shape(repeats, layers: int = 2, prefill_tokens: int = 128, decode_tokens: int = 16) -> list[dict]:
+def cpu_e2e_llama3_shape(repeats, layers: int = 2, prefill_tokens: int = 128, decode_tokens: int = 16,
+                         dtype=torch.float32) -> list[dict]:
     """A `layers`-layer model with Llama-3-8B's layer shapes (random weights; vocabulary 8192, so that the head does
-    not dominate), every decoder Linear pruned 2:4, vs the unpruned model, float32."""
+    not dominate), every decoder Linear pruned 2:4, vs the unpruned model, both in `dtype`."""
     import tempfile
 
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -153,14 +158,14 @@ def cpu_e2e_llama3_shape(repeats, layers: int = 2, prefill_tokens: int = 128, de
                          num_key_value_heads=8, head_dim=128, vocab_size=8192, max_position_embeddings=4096,
                          tie_word_embeddings=False)
     torch.manual_seed(0)
-    base = LlamaForCausalLM(config).eval()
+    base = LlamaForCausalLM(config).to(dtype).eval()
     with tempfile.TemporaryDirectory() as tmp:
         pruned, _ = compress.apply(copy.deepcopy(base), [Prune(method="magnitude", structure="2:4")],
                                    progress=False)
         checkpoint = compress.save(pruned, Path(tmp) / "p")
         del pruned
-        return _e2e_rows(base, checkpoint, f"{layers} Llama-3-8B layers", prefill_tokens, decode_tokens, repeats,
-                         8192)
+        label = f"{layers} Llama-3-8B layers" + ("" if dtype == torch.float32 else f" {dtype}".replace("torch.", ""))
+        return _e2e_rows(base, checkpoint, label, prefill_tokens, decode_tokens, repeats, 8192)
 
 
 # ------------------------------------------------------------------------------------------------ CUDA
@@ -353,9 +358,14 @@ def main(argv=None) -> None:
             if not args.only_activation_sparse:
                 rows += cpu_runtime_dense([1, 8] if args.quick else [1, 8, 64], repeats)
                 rows += cpu_runtime_packed([1, 8] if args.quick else [1, 4, 8, 16, 64, 512], repeats)
+                if native_dtype(torch.bfloat16, "cpu"):  # bf16 layers against the dense bf16 ones `auto` runs here
+                    rows += cpu_runtime_packed([1, 8] if args.quick else [1, 4, 8, 16, 64, 512], repeats,
+                                               dtype=torch.bfloat16)
                 rows += cpu_e2e(repeats)
                 if not args.quick:
                     rows += cpu_e2e(repeats, "builtin:small") + cpu_e2e_llama3_shape(repeats)
+                    if native_dtype(torch.bfloat16, "cpu"):
+                        rows += cpu_e2e_llama3_shape(repeats, dtype=torch.bfloat16)
         finally:
             torch.set_num_threads(saved)
     if torch.cuda.is_available() and not args.only_activation_sparse:

@@ -34,6 +34,27 @@ def _library():
     return load_c_library("sparse_linear", _SIGNATURES)
 
 
+_BF16_SIGNATURES = (
+    ("nm24_linear_bf16", (_PTR, _I64, _PTR, _I64, _I64, _I64, _PTR, _I64, _I64, _PTR, _I64, _INT), _INT),
+    ("bitmask_linear_bf16", (_PTR, _PTR, _I64, _PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _I64, _INT), _INT),
+    ("sparse_bf16_available", (), _INT),
+)
+
+
+def _bf16_library():
+    """csrc/sparse_bf16.c where this CPU has AVX512-BF16 and VBMI/VBMI2 (else None)."""
+    lib = load_c_library("sparse_bf16", _BF16_SIGNATURES)
+    return lib if lib is not None and lib.sparse_bf16_available() else None
+
+
+def cpu_sparse_bf16_available(fmt: str, n: int, m: int, in_features: int) -> bool:
+    """bf16 values and x take csrc/sparse_bf16.c's 32-lane dot products: 2:4 with whole 64-column steps, or the
+    bitmask with whole 32-column steps, on a CPU that has the instructions (`compress inspect` asks this too)."""
+    step = 64 if fmt == "nm" and (n, m) == (2, 4) else 32 if fmt == "bitmask" else 0
+    return (step > 0 and in_features % step == 0 and setting("COMPRESS_KERNELS") != "torch"
+            and _bf16_library() is not None)
+
+
 def cpu_sparse_available(values_dtype: torch.dtype) -> bool:
     """The C paths for a layer with values of this dtype (float32 / bf16: both; float16: the blocked decode), not
     forced to torch, a compiler here (`compress inspect` asks this of a model on the meta device)."""
@@ -59,14 +80,19 @@ def _runs_product(x: torch.Tensor, values: torch.Tensor) -> bool:
     return _tokens(x) <= MAX_TOKENS and values.dtype in VALUE_DTYPES
 
 
+def _bf16_dot(x: torch.Tensor, values: torch.Tensor) -> bool:
+    return x.dtype == values.dtype == torch.bfloat16
+
+
 def _tokens(x: torch.Tensor) -> int:
     return x.numel() // max(1, x.shape[-1])
 
 
-def _product(run, x: torch.Tensor, rows: int, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [..., in] through `run(x2, out)` (float32 [t, in] -> [t, rows]), + bias, in x's dtype."""
+def _product(run, x: torch.Tensor, rows: int, bias: torch.Tensor | None, widen: bool = True) -> torch.Tensor:
+    """x [..., in] through `run(x2, out)` (x2 [t, in] float32, or x's bf16 where not `widen` -> [t, rows] float32),
+    + bias, in x's dtype."""
     lead, d = x.shape[:-1], x.shape[-1]
-    x2 = x.reshape(-1, d).float().contiguous()
+    x2 = (x.reshape(-1, d).float() if widen else x.reshape(-1, d)).contiguous()
     out = torch.empty(x2.shape[0], rows, dtype=torch.float32)
     run(x2, out)
     if bias is not None:  # autograd sees this add where the bias trains
@@ -78,6 +104,12 @@ def nm_linear_cpu(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, 
                   bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., in] @ W^T (+ bias), W in the packed N:M layout; check `cpu_sparse_applies` first."""
     lib, rows, bits = _library(), values.shape[0], index_bits(m)
+    if _runs_product(x, values) and _bf16_dot(x, values) and cpu_sparse_bf16_available("nm", n, m, in_features):
+        def run_bf16(x2, out):
+            _bf16_library().nm24_linear_bf16(values.data_ptr(), values.stride(0), indices.data_ptr(),
+                                             indices.stride(0), rows, in_features, x2.data_ptr(), x2.stride(0),
+                                             x2.shape[0], out.data_ptr(), out.stride(0), torch.get_num_threads())
+        return _product(run_bf16, x, rows, bias, widen=False)
     if _runs_product(x, values):
         def run(x2, out):
             if not lib.nm_linear(values.data_ptr(), int(values.dtype == torch.bfloat16), indices.data_ptr(),
@@ -99,6 +131,12 @@ def bitmask_linear_cpu(x: torch.Tensor, values: torch.Tensor, bitmask: torch.Ten
     """x [..., in] @ W^T (+ bias), W in the bitmask layout; check `cpu_sparse_applies` first."""
     lib, rows = _library(), bitmask.shape[0]
     offsets = row_offsets.to(torch.int64).contiguous()
+    if _runs_product(x, values) and _bf16_dot(x, values) and cpu_sparse_bf16_available("bitmask", 0, 0, in_features):
+        def run_bf16(x2, out):
+            _bf16_library().bitmask_linear_bf16(values.data_ptr(), bitmask.data_ptr(), bitmask.stride(0),
+                                                offsets.data_ptr(), rows, in_features, x2.data_ptr(), x2.stride(0),
+                                                x2.shape[0], out.data_ptr(), out.stride(0), torch.get_num_threads())
+        return _product(run_bf16, x, rows, bias, widen=False)
     if _runs_product(x, values):
         def run(x2, out):
             lib.bitmask_linear(values.data_ptr(), int(values.dtype == torch.bfloat16), values.numel(),

@@ -163,3 +163,41 @@ def test_a_wrong_width_input_is_refused_as_f_linear_refuses_it(fmt):
     for width in (32, 63, 65, 4096):
         with torch.no_grad(), pytest.raises(RuntimeError, match="shape|size"):
             layer(torch.randn(1, width))
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 4, 6, 9])  # tiles of 4 tokens and a remainder of 1-3
+def test_bf16_products_sum_the_kept_products_in_float32(tokens, cpu_level):
+    """bf16 values and x on a CPU with AVX512-BF16 + VBMI2 (csrc/sparse_bf16.c): 2:4 x gathered by its positions, the
+    bitmask's values expanded to their lanes; each against the float64 product of the reference weight, float32
+    output before its rounding to bf16, rows in tiles of 4 and a remainder, and through the layer's call."""
+    if cpu._bf16_library() is None:
+        pytest.skip("no AVX512-BF16 / VBMI2 at this build level: bf16 takes sparse_linear.c (tested above)")
+    lib, gen = cpu._bf16_library(), torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, 2 * 224, generator=gen).to(torch.bfloat16)[:, ::2].contiguous()
+    for rows, cols in [(13, 64), (8, 128), (6, 192)]:
+        weight = torch.randn(rows, cols, generator=gen).to(torch.bfloat16)
+        xc = x[:, :cols].contiguous()
+        values, indices = pack_nm(weight, nm_mask(rows, cols, 2, 4, gen), 2, 4)
+        out = torch.empty(tokens, rows)
+        assert cpu.cpu_sparse_bf16_available("nm", 2, 4, cols)
+        lib.nm24_linear_bf16(values.data_ptr(), values.stride(0), indices.data_ptr(), indices.stride(0), rows, cols,
+                             xc.data_ptr(), xc.stride(0), tokens, out.data_ptr(), out.stride(0), 1)
+        want = reference(xc, nm_decode_reference(values, indices, 2, 4, cols, torch.float64), None)
+        assert float((out.double() - want).abs().max() / want.abs().max()) < 2e-6
+        assert torch.equal(cpu.nm_linear_cpu(xc, values, indices, 2, 4, cols), out.to(torch.bfloat16))
+    for (rows, cols), density in itertools.product([(11, 32), (5, 96), (9, 224)], [0.0, 0.1, 0.5, 1.0]):
+        weight = torch.randn(rows, cols, generator=gen).to(torch.bfloat16)
+        mask = torch.rand(rows, cols, generator=gen) < density
+        mask[-1] = False  # an empty last row: the rows before it read up to the values' very end
+        mask[0, :3] = True
+        values, bitmask, offsets = pack_bitmask(weight, mask)
+        values, offsets = values.clone(), offsets.to(torch.int64)  # no slack after the values in their storage
+        xc, out = x[:, :cols].contiguous(), torch.empty(tokens, rows)
+        lib.bitmask_linear_bf16(values.data_ptr(), bitmask.data_ptr(), bitmask.stride(0), offsets.data_ptr(), rows,
+                                cols, xc.data_ptr(), xc.stride(0), tokens, out.data_ptr(), out.stride(0), 1)
+        want = reference(xc, bitmask_decode_reference(values, bitmask, cols, torch.float64), None)
+        assert float((out.double() - want).abs().max() / want.abs().max().clamp_min(1e-30)) < 2e-6
+        assert torch.equal(cpu.bitmask_linear_cpu(xc, values, bitmask, offsets, cols), out.to(torch.bfloat16))
+    # widths that are not whole steps, and float32 x, keep sparse_linear.c
+    assert not cpu.cpu_sparse_bf16_available("nm", 2, 4, 96) and not cpu.cpu_sparse_bf16_available("nm", 1, 4, 128)
+    assert not cpu.cpu_sparse_bf16_available("bitmask", 0, 0, 40)

@@ -71,9 +71,11 @@ def test_inspect_says_which_path_each_layer_runs(pruned_checkpoint):
     assert out.exit_code == 0 and "packed: C product over the packed values" in out.output
 
 
-def test_auto_on_the_cpu_packs_large_float32_layers_only(monkeypatch):
+def test_auto_on_the_cpu_packs_large_layers_where_the_product_pays(monkeypatch):
     """auto: packed where the C product beats the dense GEMV (float32 layers of >= PACKED_MIN_WEIGHTS weights, a
-    compiler here), dense for small layers, bf16 ones, and without the C kernels."""
+    compiler here; bf16 ones too where the CPU runs csrc/sparse_bf16.c's 32-lane dot products and the width is whole
+    64-column steps), dense for small layers, other bf16 ones, fp16 ones, and without the C kernels."""
+    from compress.kernels.sparse_linear_cpu import cpu_sparse_bf16_available
     from compress.prune.runtime import PACKED_MIN_WEIGHTS, set_sparse_runtime
 
     def layer(out_f, in_f, dtype=torch.float32):
@@ -83,10 +85,12 @@ def test_auto_on_the_cpu_packs_large_float32_layers_only(monkeypatch):
         return SparseLinear.from_linear(lin, keep.view(out_f, in_f), (2, 4))
 
     big = PACKED_MIN_WEIGHTS // 1024
-    model = torch.nn.Sequential(layer(big, 1024), layer(256, 256), layer(big, 1024, torch.bfloat16))
+    model = torch.nn.Sequential(layer(big, 1024), layer(256, 256), layer(big, 1024, torch.bfloat16),
+                                layer(big * 1024 // 1000 + 1, 1000, torch.bfloat16), layer(big, 1024, torch.float16))
     paths = set_sparse_runtime(model)
-    assert [m.runtime for m in model] == ["packed", "dense", "dense"]
+    bf16 = "packed" if cpu_sparse_bf16_available("nm", 2, 4, 1024) else "dense"
+    assert [m.runtime for m in model] == ["packed", "dense", bf16, "dense", "dense"]
     assert paths["0"].startswith("packed: C product") and paths["1"] == "dense (decoded at load)"
     monkeypatch.setenv("COMPRESS_CPU_KERNELS", "off")
     set_sparse_runtime(model)
-    assert [m.runtime for m in model] == ["dense", "dense", "dense"]
+    assert [m.runtime for m in model] == ["dense"] * 5

@@ -1,0 +1,155 @@
+#include <stdint.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VBMI__) && defined(__AVX512VBMI2__)
+#include <immintrin.h>
+#define SPARSE_BF16_DOT 1
+#endif
+
+#include "bf16.h"
+
+/* SparseLinear's product for bf16 values and bf16 x on CPUs with AVX512-BF16 and VBMI/VBMI2 (AMD Zen 4/5, Intel Ice
+   Lake server / Sapphire Rapids and later): out[j, r] = sum over kept c of W[r, c] * x[j, c], summed in float32 by
+   vdpbf16ps (32 products an instruction, as the dense bf16 layer's oneDNN kernel). sparse_linear.c widens bf16 to
+   float32 and multiplies 8 or 16 lanes at a time: a bf16 layer there ran at the dense float32 layer's cost, while
+   the dense bf16 layer it replaces runs the 32-lane instruction, so `auto` loaded bf16 pruned layers dense.
+   2:4 (values [rows, d / 2], 2-bit positions): 64 columns a step, x gathered to the 32 kept values: one vpermt2w
+   from x's 64 entries per token and row, controlled by the step's 64 bits of positions spread to words
+   (vpmultishiftqb) plus each group's base column; only the kept products are computed.
+   50% bitmask (values row-major, a bit per column): 32 columns a step, the step's kept values expanded to their
+   lanes from the mask bits (vpexpandw, zeros elsewhere), then multiplied with x as it is.
+   Tiles of NR rows x up to NT tokens share each x load across rows. The caller checks d % 64 (2:4) / d % 32
+   (bitmask) and keeps sparse_linear.c for the rest. */
+
+#ifdef SPARSE_BF16_DOT
+#define NR 4
+#define NT 4
+#define PREFETCH_STEPS 8  /* steps ahead (values of 8 steps: 512 bytes of a 2:4 row, ~512 of a bitmask row) */
+
+/* step's gather control: word k (kept value k of 64 columns) = 4 * (k / 2) + its 2-bit position */
+ALWAYS_INLINE __m512i nm24_control(const uint8_t* idx) {
+    const __m512i shifts = _mm512_set_epi8(0, 62, 0, 60, 0, 58, 0, 56, 0, 54, 0, 52, 0, 50, 0, 48, 0, 46, 0, 44, 0, 42,
+                                           0, 40, 0, 38, 0, 36, 0, 34, 0, 32, 0, 30, 0, 28, 0, 26, 0, 24, 0, 22, 0, 20,
+                                           0, 18, 0, 16, 0, 14, 0, 12, 0, 10, 0, 8, 0, 6, 0, 4, 0, 2, 0, 0);
+    const __m512i base = _mm512_set_epi16(60, 60, 56, 56, 52, 52, 48, 48, 44, 44, 40, 40, 36, 36, 32, 32, 28, 28, 24,
+                                          24, 20, 20, 16, 16, 12, 12, 8, 8, 4, 4, 0, 0);
+    uint64_t bits;
+    memcpy(&bits, idx, 8);
+    __m512i fields = _mm512_multishift_epi64_epi8(shifts, _mm512_set1_epi64((long long)bits));
+    return _mm512_add_epi16(_mm512_and_si512(fields, _mm512_set1_epi16(3)), base);
+}
+
+/* 2:4 rows [r0, r0 + nr) x tokens [j0, j0 + nt) */
+ALWAYS_INLINE void nm24_tile(const uint16_t* values, int64_t ldv, const uint8_t* indices, int64_t ldi, int64_t d,
+                             const uint16_t* x, int64_t ldx, int64_t r0, int nr, int64_t j0, int nt, float* out,
+                             int64_t ldo) {
+    __m512 acc[NR][NT];
+    for (int i = 0; i < nr; ++i)
+        for (int j = 0; j < nt; ++j) acc[i][j] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < d; c += 64) {
+        __m512i control[NR], vals[NR];
+        for (int i = 0; i < nr; ++i) {
+            const uint16_t* v = values + (r0 + i) * ldv + c / 2;
+            __builtin_prefetch(v + 32 * PREFETCH_STEPS, 0, 1);
+            vals[i] = _mm512_loadu_si512((const void*)v);
+            control[i] = nm24_control(indices + (r0 + i) * ldi + c / 8);
+        }
+        for (int j = 0; j < nt; ++j) {
+            const uint16_t* xj = x + (j0 + j) * ldx + c;
+            __m512i lo = _mm512_loadu_si512((const void*)xj), hi = _mm512_loadu_si512((const void*)(xj + 32));
+            for (int i = 0; i < nr; ++i)
+                acc[i][j] = _mm512_dpbf16_ps(acc[i][j], (__m512bh)vals[i],
+                                             (__m512bh)_mm512_permutex2var_epi16(lo, control[i], hi));
+        }
+    }
+    for (int i = 0; i < nr; ++i)
+        for (int j = 0; j < nt; ++j) out[(j0 + j) * ldo + r0 + i] = _mm512_reduce_add_ps(acc[i][j]);
+}
+
+/* bitmask rows [r0, r0 + nr) x tokens [j0, j0 + nt) */
+ALWAYS_INLINE void bitmask_tile(const uint16_t* values, const uint8_t* mask, int64_t ldm, const int64_t* offsets,
+                                int64_t d, const uint16_t* x, int64_t ldx, int64_t r0, int nr, int64_t j0, int nt,
+                                float* out, int64_t ldo) {
+    __m512 acc[NR][NT];
+    const uint16_t* v[NR];
+    for (int i = 0; i < nr; ++i) {
+        v[i] = values + offsets[r0 + i];
+        for (int j = 0; j < nt; ++j) acc[i][j] = _mm512_setzero_ps();
+    }
+    for (int64_t c = 0; c < d; c += 32) {
+        __m512i w[NR];
+        for (int i = 0; i < nr; ++i) {
+            uint32_t bits;
+            memcpy(&bits, mask + (r0 + i) * ldm + c / 8, 4);
+            __builtin_prefetch(v[i] + 32 * PREFETCH_STEPS, 0, 1);
+            w[i] = _mm512_maskz_expandloadu_epi16((__mmask32)bits, (const void*)v[i]);
+            v[i] += __builtin_popcount(bits);
+        }
+        for (int j = 0; j < nt; ++j) {
+            __m512bh xv = (__m512bh)_mm512_loadu_si512((const void*)(x + (j0 + j) * ldx + c));
+            for (int i = 0; i < nr; ++i) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], (__m512bh)w[i], xv);
+        }
+    }
+    for (int i = 0; i < nr; ++i)
+        for (int j = 0; j < nt; ++j) out[(j0 + j) * ldo + r0 + i] = _mm512_reduce_add_ps(acc[i][j]);
+}
+
+/* rows [r0, r0 + nr) against every token, NT at a time, the remainder as one tile (constant nr and nt per call) */
+#define REST(call, nr) switch (t - j) { case 3: call(nr, 3); break; case 2: call(nr, 2); break; \
+    case 1: call(nr, 1); break; default: break; }
+#define ALL_TOKENS(call, nr) { int64_t j = 0; for (; j + NT <= t; j += NT) call(nr, NT); REST(call, nr) }
+#define NM24(nr, nt) nm24_tile(values, ldv, indices, ldi, d, x, ldx, r0, nr, j, nt, out, ldo)
+#define BITMASK(nr, nt) bitmask_tile(values, mask, ldm, offsets, d, x, ldx, r0, nr, j, nt, out, ldo)
+#endif
+
+/* 1 where this build has the bf16 kernels (the caller runs sparse_linear.c otherwise) */
+int sparse_bf16_available(void) {
+#ifdef SPARSE_BF16_DOT
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* 2:4: values [rows, ldv] bf16 (d / 2 kept), indices [rows, ldi] (2-bit positions, little-endian), x [t, ldx]
+   bf16, out [t, ldo] float32; d % 64 == 0. Returns 0 where this build lacks the instructions (nothing written). */
+int nm24_linear_bf16(const uint16_t* values, int64_t ldv, const uint8_t* indices, int64_t ldi, int64_t rows,
+                     int64_t d, const uint16_t* x, int64_t ldx, int64_t t, float* out, int64_t ldo, int nthreads) {
+#ifdef SPARSE_BF16_DOT
+    if (t <= 0 || rows <= 0) return 1;
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t k = 0; k < rows / NR; ++k) {
+        int64_t r0 = k * NR;
+        ALL_TOKENS(NM24, NR)
+    }
+    for (int64_t r0 = rows / NR * NR; r0 < rows; ++r0) ALL_TOKENS(NM24, 1)
+    return 1;
+#else
+    (void)values, (void)ldv, (void)indices, (void)ldi, (void)rows, (void)d, (void)x, (void)ldx, (void)t, (void)out;
+    (void)ldo, (void)nthreads;
+    return 0;
+#endif
+}
+
+/* bitmask: values [nnz] bf16 row-major, mask [rows, ldm] (column c in bit c % 8 of byte c / 8), offsets [rows] into
+   values; x, out as above; d % 32 == 0. Returns 0 where this build lacks the instructions. */
+int bitmask_linear_bf16(const uint16_t* values, const uint8_t* mask, int64_t ldm, const int64_t* offsets,
+                        int64_t rows, int64_t d, const uint16_t* x, int64_t ldx, int64_t t, float* out, int64_t ldo,
+                        int nthreads) {
+#ifdef SPARSE_BF16_DOT
+    if (t <= 0 || rows <= 0) return 1;
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t k = 0; k < rows / NR; ++k) {
+        int64_t r0 = k * NR;
+        ALL_TOKENS(BITMASK, NR)
+    }
+    for (int64_t r0 = rows / NR * NR; r0 < rows; ++r0) ALL_TOKENS(BITMASK, 1)
+    return 1;
+#else
+    (void)values, (void)mask, (void)ldm, (void)offsets, (void)rows, (void)d, (void)x, (void)ldx, (void)t, (void)out;
+    (void)ldo, (void)nthreads;
+    return 0;
+#endif
+}

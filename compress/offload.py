@@ -120,16 +120,22 @@ class OffloadState:
         previous spill file (a pass before this one) is removed, so the folder holds one copy of each layer."""
         path = self.folder / f"{prefix}-{uuid.uuid4().hex[:8]}.safetensors"
         state = {f"{prefix}.{k}": v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
+        # held for cleanup from before the file exists until it is the layer's copy: a signal (Ctrl-C / SIGTERM)
+        # anywhere in between still finds it (one arriving between the write and the record left it behind)
+        writing = f"{prefix} (being written)"
+        self._spilled[writing] = path
         try:
             save_file(state, path)
-        except BaseException as exc:  # Ctrl-C / SIGTERM too: not in _spilled yet, nothing else removes it
+        except BaseException as exc:
             path.unlink(missing_ok=True)
+            del self._spilled[writing]
             full = disk_full_error(exc, self.folder)
             if full is not None:  # the user's disk: one line (errors.user_error), as a full disk at the save gets
                 raise full from None
             raise
         _attach(module, {k: {"safetensors_file": str(path), "weight_name": k} for k in state}, prefix, self.device)
         previous, self._spilled[prefix] = self._spilled.get(prefix), path
+        del self._spilled[writing]
         if previous is not None:
             previous.unlink(missing_ok=True)
 

@@ -255,6 +255,23 @@ def test_an_interrupted_spill_leaves_no_file(tmp_path, small_model, monkeypatch)
     assert list((tmp_path / "spill").iterdir()) == []
 
 
+def test_a_spill_interrupted_after_its_write_is_removed_at_cleanup(tmp_path, small_model, monkeypatch):
+    """A signal between the write and the layer's record of its file (the full suite's SIGTERM test caught one
+    there on a loaded machine): cleanup still removes the file."""
+    import compress.offload as offload
+
+    state = offload.OffloadState(tmp_path / "spill", "cpu")
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(offload, "_attach", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        state.spill(small_model().model.layers[0], "model.layers.0")
+    assert len(list((tmp_path / "spill").iterdir())) == 1  # written, then interrupted
+    state.cleanup()
+    assert list((tmp_path / "spill").iterdir()) == []
+
+
 def test_the_cli_gives_back_the_callers_sigterm_handler(cli):
     def mine(signum, frame):
         pass

@@ -255,7 +255,22 @@ class Pass:
         the recipe (`location`) when it came from one."""
         self.located(lambda: (self.check(model), self.check_after(model, earlier),
                               [p.check_later(model, self) for p in earlier],
-                              self.check_not_unused(model, unused_modules(model))))
+                              self.check_not_unused(model, unused_modules(model)),
+                              self._check_not_under_adapter(model)))
+
+    def _check_not_under_adapter(self, model: nn.Module) -> None:
+        """A checkpoint that keeps a LoRA adapter unmerged (recover, merge: false): no pass may replace a layer under
+        it (the new layer went under the wrapper, and the save failed after all the work); recover says its own."""
+        from .recover.lora import unmerged_adapter_layers
+
+        wrapped = unmerged_adapter_layers(model)
+        if not wrapped or self.name == "recover":
+            return
+        hit = next((n for n in self.touches(model) if any(n == w or n.startswith(w + ".") for w in wrapped)), None)
+        if hit is not None:
+            raise ConfigError(f"{self.name}: {hit} carries a LoRA adapter kept unmerged (recover with merge: false), "
+                              f"and a pass cannot change the layer under it: apply {self.name} to the checkpoint "
+                              "before that recover, or to one whose recover merged (merge: true)")
 
     def located(self, check) -> None:
         """Run `check()`; its ConfigError / UnsupportedModelError / TargetError names the pass's recipe line."""

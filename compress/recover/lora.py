@@ -152,3 +152,16 @@ def wrap_for_lora(model: nn.Module, names: list[str], lora_config) -> None:
 
 def wrapped_layers(model: nn.Module) -> dict[str, SparsityKeepingLoraLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, SparsityKeepingLoraLinear)}
+
+
+def unmerged_adapter_layers(model: nn.Module) -> list[str]:
+    """Layers that carry a LoRA adapter kept unmerged: the wrapped ones, or, on a model loaded on the meta device
+    (`--dry-run`, where the adapter is not read), those its checkpoint's recover entry names."""
+    wrapped = list(wrapped_layers(model))
+    if wrapped:
+        return wrapped
+    for entry in (getattr(model.config, "compression", None) or {}).get("passes", []):
+        restore = entry.get("restore") if isinstance(entry, dict) and entry.get("pass") == "recover" else None
+        if isinstance(restore, dict) and isinstance(restore.get("modules"), list):
+            return [str(m) for m in restore["modules"]]
+    return []

@@ -69,9 +69,9 @@ class Recover(Pass):
         return self.config.kl_weight > 0
 
     def _checked_targets(self, model: nn.Module) -> dict[str, nn.Module]:
-        from .lora import wrapped_layers
+        from .lora import unmerged_adapter_layers
         matched = self.target_modules(model)
-        if wrapped_layers(model):
+        if unmerged_adapter_layers(model):
             raise ConfigError("recover: this model already carries a LoRA adapter kept unmerged (merge: false); "
                               "only one unmerged adapter is supported: use merge: true on the earlier recover pass")
         targets = {n: m for n, m in matched.items() if isinstance(m, (nn.Linear, SparseLinear))}
@@ -111,11 +111,16 @@ class Recover(Pass):
         if c.resume_from is not None:
             check_resume_from(c.resume_from)
 
-    def _planned(self, model: nn.Module, modules=None) -> dict[str, Any]:
-        """What makes this run's Trainer checkpoints resumable by another (resume.py's RECORD)."""
+    def _planned(self, model: nn.Module, modules=None, ctx: PassContext | None = None) -> dict[str, Any]:
+        """What makes this run's Trainer checkpoints resumable by another (resume.py's RECORD): besides the LoRA
+        settings, what the adapter was trained on (the passes before it, the training text and its windows, the
+        loss and the seed): a rerun with another earlier pass resumed the old adapter, its budget spent, silently."""
         c = self.config
         planned = {"model": getattr(model, "compress_source", None), "r": c.r, "alpha": c.alpha,
-                   "targets": list(c.targets), "ignore": list(c.ignore), "train_modules": list(c.train_modules)}
+                   "targets": list(c.targets), "ignore": list(c.ignore), "train_modules": list(c.train_modules),
+                   "before": getattr(self, "_before", None), "kl_weight": c.kl_weight, "seed": c.seed}
+        if ctx is not None and ctx.calibration is not None:
+            planned["data"] = {**ctx.calibration.model_dump(mode="json"), "seq_len": self._seq_len(ctx)}
         if modules is not None:
             planned["modules"] = sorted(modules)
         return planned
@@ -130,12 +135,33 @@ class Recover(Pass):
                    and Path(p.config.checkpoint_dir).absolute() == mine for p in earlier):
                 raise ConfigError(f"recover: checkpoint_dir {c.checkpoint_dir} is also an earlier recover pass's "
                                   "checkpoint_dir; give each recover pass its own folder")
+        previous = (getattr(model.config, "compression", None) or {}).get("passes", [])
+        self._before = [{"pass": e.get("pass"), "args": e.get("args")} for e in previous if isinstance(e, dict)] + \
+                       [{"pass": p.name, "args": p.config.model_dump(mode="json")} for p in earlier]
         modules = None if earlier else list(self._checked_targets(model))
         check_same_run(self._planned(model, modules), c.checkpoint_dir, c.resume_from)
 
+    def check_later(self, model: nn.Module, later: Pass) -> None:
+        """An adapter kept unmerged stays on its layers: a later pass may not replace them (quantize or prune put
+        their layer under the LoRA wrapper, and the save failed with a traceback after all the work), nor add a
+        second unmerged adapter (it failed after training the first)."""
+        if self.config.merge:
+            return
+        if later.name == self.name:
+            raise ConfigError("recover: an earlier recover pass keeps its LoRA adapter unmerged (merge: false), and "
+                              "only one unmerged adapter is supported: use merge: true on the earlier one")
+        mine = list(self._checked_targets(model))
+        hit = next((n for n in later.touches(model) if any(n == t or n.startswith(t + ".") for t in mine)), None)
+        if hit is not None:
+            raise ConfigError(f"{later.name}: {hit} gets a LoRA adapter kept unmerged from an earlier recover pass "
+                              f"(merge: false), and a pass cannot change the layer under it: use merge: true there, "
+                              f"or run {later.name} before recover")
+
     def check_with_calibration(self, model: nn.Module, ctx: PassContext) -> None:
-        """The token budget holds at least one step (it trained a whole step past a smaller one)."""
+        """The token budget holds at least one step (it trained a whole step past a smaller one); the checkpoint it
+        would resume from was trained on the same text."""
         c, world = self.config, world_size()
+        check_same_run(self._planned(model, ctx=ctx), c.checkpoint_dir, c.resume_from)
         seq_len = self._seq_len(ctx)
         step = c.batch_size * seq_len * world
         if step > c.max_tokens:
@@ -161,7 +187,7 @@ class Recover(Pass):
         # MoM's linearize makes new modules (routers, beta maps) that train_modules may name
         if self.config.train_modules and not any(p.name == "linearize" and getattr(p.config, "variant", None) == "mom"
                                                  for p in earlier):
-            self._train_modules(model)
+            _refuse_overlap(self._train_modules(model), self._checked_targets(model))
 
     def _train_modules(self, model: nn.Module) -> dict[str, nn.Module]:
         try:
@@ -193,7 +219,7 @@ class Recover(Pass):
         # before any pass ran where the targets were known; what earlier passes left, here, before training)
         resume = resume_point(c.checkpoint_dir, c.resume_from)
         shapes = {n: (m.out_features, m.in_features) for n, m in targets.items()}
-        self.located(lambda: (check_same_run(self._planned(model, targets), c.checkpoint_dir, c.resume_from),
+        self.located(lambda: (check_same_run(self._planned(model, targets, ctx), c.checkpoint_dir, c.resume_from),
                               resume and check_adapter_shapes(resume, shapes, c.r, c.checkpoint_dir, c.resume_from)))
         seq_len = self._seq_len(ctx)  # the budget holds a step: check_with_calibration, before any work
         max_steps = steps_for_budget(c.max_tokens, c.batch_size, seq_len, world)
@@ -217,7 +243,7 @@ class Recover(Pass):
                                 device=ctx.device, progress=ctx.progress, aux_weight=c.aux_weight,
                                 fully_trained=fully_trained)
             if c.checkpoint_dir:  # what the next run that finds these checkpoints compares (resume.py)
-                write_record(c.checkpoint_dir, self._planned(model, targets))
+                write_record(c.checkpoint_dir, self._planned(model, targets, ctx))
             runtimes = _decoded_for_training(model) if ctx.device == "cpu" else {}
             # transformers' Trainer sets config.use_cache to its own argument (False) and leaves it there: a saved
             # checkpoint then generated with no cache at all (no linearized state, no gear_kv cache)
@@ -239,6 +265,12 @@ class Recover(Pass):
             model.requires_grad_(False)
             for name, p in model.named_parameters():
                 p.requires_grad_(trainable_before.get(name, False))
+        if stats["stopped_by"] == "wall_clock":  # the schedule never reached its decay: say so, with the fix
+            report.notes.append(
+                f"max_minutes stopped training after {stats['steps']} of {stats['max_steps']} steps, with the "
+                f"learning rate at {stats['lr_at_stop']:.0%} of lr: its schedule (5% warm-up, then cosine decay) is "
+                f"sized by max_tokens; set max_tokens to about what fits in max_minutes ({stats['tokens']} tokens "
+                "here) for the whole schedule")
         report.bytes_after = sum(tensor_bytes(model.get_submodule(n)) for n in targets)
         report.details = {**stats, "seq_len": seq_len, "batch_size": c.batch_size, "merged": c.merge,
                           "kl_weight": c.kl_weight, "aux_weight": c.aux_weight,
@@ -252,10 +284,7 @@ class Recover(Pass):
         if not self.config.train_modules:
             return {}
         modules = self._train_modules(model)
-        overlap = [n for n in modules if any(n == t or n.startswith(t + ".") or t.startswith(n + ".") for t in targets)]
-        if overlap:
-            raise ConfigError(f"recover: train_modules {overlap[:3]} overlap the LoRA targets; a module is trained "
-                              "either through LoRA (targets) or in full (train_modules), not both")
+        _refuse_overlap(modules, targets)
         return {f"{name}.{n}": p for name, m in modules.items() for n, p in m.named_parameters()}
 
     def _training_windows(self, ctx: PassContext, count: int, seq_len: int) -> torch.Tensor:
@@ -308,6 +337,18 @@ class Recover(Pass):
             raise CheckpointError(f"{folder} records an unmerged LoRA adapter in {names[0]}/, which is "
                                   "missing; copy the whole checkpoint folder")
         load_adapter(model, restore["modules"], self.lora_config(restore["modules"]), path)
+
+
+def _within(name: str, others) -> bool:
+    """`name` is one of `others`, inside one, or holds one (module paths)."""
+    return any(name == o or name.startswith(o + ".") or o.startswith(name + ".") for o in others)
+
+
+def _refuse_overlap(modules, targets) -> None:
+    overlap = [n for n in modules if _within(n, targets)]
+    if overlap:
+        raise ConfigError(f"recover: train_modules {overlap[:3]} overlap the LoRA targets; a module is trained "
+                          "either through LoRA (targets) or in full (train_modules), not both")
 
 
 def _decoded_for_training(model: nn.Module) -> dict[SparseLinear, str]:

@@ -4,7 +4,8 @@ must be a complete recover checkpoint of the same run. A rerun after changing th
 other targets, another model) used to resume from it and end in a "size mismatch ... lora_A" traceback.
 
 When training starts, the run writes what makes its checkpoints resumable (LoRA rank and alpha, targets, the
-modules trained in full, the model) to RECORD in `checkpoint_dir`; a later run compares its own settings with that
+modules trained in full, the model, the passes before it, the training text, the loss's kl_weight, the seed) to
+RECORD in `checkpoint_dir`; a later run compares its own settings with that
 record, and with the adapter_config.json PEFT writes into each checkpoint (checkpoints of an older run have no
 record). Settings that a resumed run may change (the token budget, the learning rate, the batch size) are not
 compared."""
@@ -27,7 +28,11 @@ _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")  # transformers.trainer_utils.ge
 
 # record key -> how a difference reads ("LoRA r 8, not 4"), in the order they are reported
 _LABELS = {"model": "model", "r": "LoRA r", "alpha": "LoRA alpha", "targets": "targets", "ignore": "ignore",
-           "train_modules": "train_modules"}
+           "train_modules": "train_modules", "kl_weight": "kl_weight", "seed": "seed"}
+# compared where both runs say them: "before" (the passes before recover, with their arguments) is known once the
+# recipe is read, "data" (the training text and its windows) once the calibration is; the model is unknown for a
+# model built in memory
+_IF_KNOWN = ("model", "before", "data")
 
 
 def check_checkpoint_dir(folder: str) -> None:
@@ -57,6 +62,11 @@ def check_resume_from(folder: str) -> None:
 def _check_complete(path: Path, what: str, fix: str) -> None:
     if not (path / TRAINER_STATE).is_file():
         raise ConfigError(f"recover: {what} (no {TRAINER_STATE}); {fix}")
+    try:  # written last, not atomically: a run killed while saving leaves it cut short (a traceback at resume)
+        json.loads((path / TRAINER_STATE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ConfigError(f"recover: {what} ({TRAINER_STATE} does not read: {type(exc).__name__}, e.g. a save cut "
+                          f"short); {fix}") from None
     if not any((path / name).is_file() for name in ADAPTER_WEIGHTS):
         raise ConfigError(f"recover: {what} of a recover run (no LoRA adapter, {ADAPTER_WEIGHTS[0]}); {fix}")
 
@@ -112,6 +122,25 @@ def _module_difference(stored: list[str], planned: list[str]) -> str | None:
     return f"LoRA on {len(old)} modules, not {len(new)}: {name} was a target there, not now"
 
 
+def _changed_args(old: dict, new: dict) -> str:
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    return ", ".join(f"{k} {_shown(old.get(k))}, not {_shown(new.get(k))}" for k in keys[:2])
+
+
+def _before_difference(old: list, new: list) -> str:
+    """How the passes before recover differ, e.g. "before it: prune with method wanda, not magnitude"."""
+    for i, (a, b) in enumerate(zip(old, new)):
+        if a.get("pass") != b.get("pass"):
+            return f"pass {i + 1} before it {a.get('pass')}, not {b.get('pass')}"
+        if a.get("args") != b.get("args"):
+            return f"before it: {a.get('pass')} with {_changed_args(a.get('args') or {}, b.get('args') or {})}"
+    return f"{len(old)} passes before it, not {len(new)}"
+
+
+def _data_difference(old: dict, new: dict) -> str:
+    return f"training text: {_changed_args(old, new)}"
+
+
 def differences(planned: dict[str, Any], record: dict[str, Any] | None,
                 adapter_config: dict[str, Any] | None) -> list[str]:
     """How the checkpoint's run (its RECORD, its PEFT adapter_config.json) differs from the planned one. `planned`
@@ -120,10 +149,14 @@ def differences(planned: dict[str, Any], record: dict[str, Any] | None,
     if record is not None:
         for key, label in _LABELS.items():
             old, new = record.get(key), planned.get(key)
-            if key == "model" and (old is None or new is None):  # a model built in memory has no source to compare
+            if key in _IF_KNOWN and (old is None or new is None):
                 continue
             if key in record and old != new:
                 out.append(f"{label} {_shown(old)}, not {_shown(new)}")
+        for key in ("before", "data"):
+            old, new = record.get(key), planned.get(key)
+            if old is not None and new is not None and old != new:
+                out.append(_before_difference(old, new) if key == "before" else _data_difference(old, new))
     if adapter_config is not None:
         for key, label in (("r", "LoRA r"), ("lora_alpha", "LoRA alpha")):
             old, new = adapter_config.get(key), planned.get("alpha" if key == "lora_alpha" else key)

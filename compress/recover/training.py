@@ -107,6 +107,7 @@ class WallClockBudget(TrainerCallback):
             self.hit = True
             control.should_training_stop = True
             control.should_save = args.save_strategy != "no"
+            control.should_log = True  # the loss at the stop (else last_loss was the last logged step's)
         return control
 
 
@@ -214,6 +215,7 @@ def train(peft_model: nn.Module, plan: TrainingPlan, teacher: nn.Module | None, 
     result = trainer.train(resume_from_checkpoint=resume)
     history = trainer.state.log_history
     losses = [h["loss"] for h in history if "loss" in h]
+    lr_now = trainer.lr_scheduler.get_last_lr()[0] if trainer.lr_scheduler is not None else plan.lr
     kls = [h["kl"] for h in history if "kl" in h]
     auxes = [h["aux"] for h in history if "aux" in h]
     return {
@@ -222,6 +224,8 @@ def train(peft_model: nn.Module, plan: TrainingPlan, teacher: nn.Module | None, 
         "tokens": trainer.state.global_step * plan.tokens_per_step * args.world_size,
         "seconds": round(time.perf_counter() - start, 2),
         "stopped_by": "wall_clock" if budget.hit else "token_budget",
+        # where the schedule (sized by max_tokens: warm-up, then cosine decay) stood at the end, as a share of lr
+        "lr_at_stop": round(lr_now / plan.lr, 4) if plan.lr else None,
         "resumed_from": resume,
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,

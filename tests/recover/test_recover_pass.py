@@ -175,9 +175,14 @@ def test_unmerged_adapter_on_a_dense_model_loads_with_plain_peft(tmp_path, refer
 def test_budgets_stop_training(pruned_2of4, reference_tokenizer):
     _, details = recover(copy.deepcopy(pruned_2of4), reference_tokenizer, max_tokens=3 * 128 + 5)
     assert (details["steps"], details["tokens"], details["stopped_by"]) == (3, 3 * 128, "token_budget")
-    _, details = recover(copy.deepcopy(pruned_2of4), reference_tokenizer, max_tokens=1000 * 128,
-                         max_minutes=1e-4)
+    _, report = compress.apply(copy.deepcopy(pruned_2of4), [Recover(**{**SMALL, "max_tokens": 1000 * 128,
+                                                                       "max_minutes": 1e-4})],
+                               calibration=CALIBRATION, tokenizer=reference_tokenizer, progress=False)
+    details, notes = report.passes[0].details, report.passes[0].notes
     assert details["steps"] == 1 and details["max_steps"] == 1000 and details["stopped_by"] == "wall_clock"
+    # still in the warm-up its schedule (sized by max_tokens) began with: said, with the fix
+    assert details["lr_at_stop"] < 0.05 and any("max_minutes stopped training after 1 of 1000 steps" in n
+                                                  and "set max_tokens to about" in n for n in notes), notes
 
 
 def test_training_resumes_from_trainer_checkpoints(tmp_path, pruned_2of4, reference_tokenizer):

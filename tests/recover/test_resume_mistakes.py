@@ -218,3 +218,84 @@ def test_parameters_trained_in_full_are_checkpointed_and_restored_on_resume(tmp_
     compress.linearize.linearize_model(initial, compress.linearize.LinearizeSettings(variant="mom"))
     name = next(iter(saved))
     assert not torch.equal(a.get_parameter(name).float(), initial.get_parameter(name).float())  # it did train
+
+
+# ---------------------------------------------------------------------------------------------- what came before
+def test_a_rerun_after_another_earlier_pass_or_text_does_not_resume_the_old_adapter(tmp_path, monkeypatch):
+    """The checkpoints of prune (magnitude) + recover, then the recipe with wanda, or with more calibration text:
+    refused before any pass runs (the rerun resumed the other run's adapter, its budget spent: it trained 0 steps
+    and merged it, silently); the same recipe still resumes."""
+    monkeypatch.chdir(tmp_path)
+    common = "max_tokens: 64, batch_size: 2, max_minutes: 1, checkpoint_dir: ckd, save_steps: 1"
+    prune = "  - prune: {method: magnitude, sparsity: 0.5}"
+    first = apply(recipe(tmp_path / "a.yaml", common, before=prune), "-o", "o_a", "--no-eval")
+    assert first.exit_code == 0, first.output
+    before = listing(tmp_path / "ckd")
+    trained = []
+    monkeypatch.setattr(training, "train", lambda *a, **k: trained.append(1))
+    wanda = recipe(tmp_path / "w.yaml", common, before=prune.replace("magnitude", "wanda"))
+    for extra in (["--no-eval"], ["--dry-run"]):
+        refused(apply(wanda, "-o", "o_w", *extra), "w.yaml:5:5: recover: checkpoint_dir ckd holds checkpoints of a "
+                "different run (before it: prune with method magnitude, not wanda)")
+    more_text = recipe(tmp_path / "t.yaml", common, before=prune)
+    more_text.write_text(more_text.read_text().replace("num_samples: 4", "num_samples: 6"))
+    refused(apply(more_text, "-o", "o_t", "--no-eval"), "different run (training text: num_samples 4, not 6)")
+    assert trained == [] and listing(tmp_path / "ckd") == before
+    assert not (tmp_path / "o_w").exists() and not (tmp_path / "o_t").exists()
+
+
+def test_a_truncated_trainer_state_is_refused_up_front(tmp_path, monkeypatch, no_training):
+    """transformers writes trainer_state.json last and not atomically: a run killed while saving leaves it cut
+    short, which failed with a JSONDecodeError traceback after the earlier passes ran."""
+    monkeypatch.chdir(tmp_path)
+    fake_checkpoint(tmp_path / "ckd" / "checkpoint-3", tiny_targets())
+    (tmp_path / "ckd" / "checkpoint-3" / "trainer_state.json").write_text("{")
+    rec = recipe(tmp_path / "j.yaml", "max_tokens: 128, batch_size: 2, checkpoint_dir: ckd",
+                 before="  - prune: {method: magnitude, sparsity: 0.5}")
+    refused(apply(rec, "-o", "o_j", "--no-eval"), "its newest checkpoint checkpoint-3 is incomplete",
+            "trainer_state.json does not read", "delete")
+
+
+# ---------------------------------------------------------------------------------------------- unmerged adapters
+@pytest.mark.parametrize("later,expected", [
+    ("  - quantize: {method: rtn, bits: 4}", "quantize: model.layers.0.self_attn."),
+    ("  - prune: {method: magnitude, sparsity: 0.5}", "prune: model.layers.0.self_attn."),
+    ("  - recover: {max_tokens: 128, batch_size: 2}", "recover: an earlier recover pass keeps its LoRA adapter"),
+])
+def test_a_pass_after_an_unmerged_adapter_on_its_layers_is_refused_before_any_work(tmp_path, monkeypatch,
+                                                                                   no_training, later, expected):
+    """It replaced the layer under the LoRA wrapper and the save failed with a traceback after all the work (a
+    second recover: after training the first)."""
+    rec = recipe(tmp_path / "u.yaml", "max_tokens: 128, batch_size: 2, merge: false")
+    rec.write_text(rec.read_text() + later + "\n")
+    for extra in (["--no-eval"], ["--dry-run"]):
+        refused(apply(rec, "-o", tmp_path / "o_u", *extra), "u.yaml:5:5: " + expected,
+                "only one unmerged adapter" if "recover" in later else "gets a LoRA adapter kept unmerged from an "
+                                                                      "earlier recover pass (merge: false)")
+    assert not (tmp_path / "o_u").exists()
+    mlp_only = recipe(tmp_path / "m.yaml", "max_tokens: 128, batch_size: 2, merge: false")
+    mlp_only.write_text(mlp_only.read_text() + "  - quantize: {method: rtn, bits: 4, targets: ['re:.*mlp.*']}\n")
+    assert apply(mlp_only, "-o", tmp_path / "o_m", "--dry-run").exit_code == 0  # layers the adapter is not on
+
+
+def test_train_modules_overlapping_the_targets_are_refused_before_any_pass(tmp_path, no_training):
+    rec = recipe(tmp_path / "o.yaml", "max_tokens: 128, batch_size: 2, train_modules: ['re:.*q_proj$']",
+                 before="  - prune: {method: magnitude, sparsity: 0.5}")
+    refused(apply(rec, "-o", tmp_path / "o_o", "--dry-run"), "o.yaml:5:5: recover: train_modules [",
+            "overlap the LoRA targets")
+
+
+def test_a_pass_on_the_layers_of_a_saved_unmerged_adapter_is_refused_before_any_work(tmp_path):
+    """A checkpoint saved with merge: false, then quantize over all its layers: one line (it failed at the save,
+    after the pass, with a traceback); a pass on other layers runs."""
+    first = apply(recipe(tmp_path / "r.yaml", "max_tokens: 64, batch_size: 2, merge: false"), "-o", tmp_path / "ck",
+                  "--no-eval")
+    assert first.exit_code == 0, first.output
+    rtn = tmp_path / "q.yaml"
+    rtn.write_text(f"model: {tmp_path / 'ck'}\npasses:\n  - quantize: {{method: rtn, bits: 4}}\n")
+    for extra in (["--no-eval"], ["--dry-run"]):
+        refused(apply(rtn, "-o", tmp_path / "q", *extra), "q.yaml:3:5: quantize: model.layers.0.self_attn.",
+                "carries a LoRA adapter kept unmerged (recover with merge: false)")
+    assert not (tmp_path / "q").exists()
+    rtn.write_text(rtn.read_text().replace("bits: 4}", "bits: 4, targets: ['re:.*mlp.*']}"))
+    assert apply(rtn, "-o", tmp_path / "q", "--no-eval").exit_code == 0

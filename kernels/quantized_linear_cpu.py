@@ -80,7 +80,10 @@ def cpu_qgemv_available(bits: int, in_features: int, group: int, scale_dtype: to
 
 _BF16_SIGNATURES = (("qgemv_bf16", (_PTR, _I64, _PTR, _INT, _PTR, _INT, _I64, _I64, _I64, _PTR, _I64, _I64, _PTR,
                                      _I64, _INT), _INT),
-                    ("qgemv_bf16_available", (), _INT))
+                    ("qgemv_bf16_available", (), _INT),
+                    ("nm24_qgemv_bf16", (_PTR, _I64, _PTR, _I64, _PTR, _INT, _PTR, _INT, _I64, _I64, _I64, _PTR, _I64,
+                                         _I64, _PTR, _I64, _INT), _INT),
+                    ("nm24_qgemv_bf16_available", (), _INT))
 
 
 def _bf16_library():
@@ -134,14 +137,31 @@ _NM24_SIGNATURES = (("nm24_qgemv", (_PTR, _I64, _PTR, _I64, _PTR, _INT, _PTR, _I
                                          _INT), None))
 
 
+def nm24_max_tokens(dtype: torch.dtype, in_features: int | None = None, group: int | None = None) -> int:
+    """Tokens up to which a 2:4-pruned quantized layer's x takes the C product (bf16 x with the bf16 kernel:
+    NM24_MAX_TOKENS; through the float32 loop, at most qgemv's bf16 limit)."""
+    if dtype == torch.bfloat16 and group is not None and cpu_nm24_qgemv_bf16_applies(in_features, group, dtype):
+        return NM24_MAX_TOKENS
+    return min(NM24_MAX_TOKENS, max_tokens(dtype))
+
+
+def cpu_nm24_qgemv_bf16_applies(in_features: int, group: int, x_dtype: torch.dtype) -> bool:
+    """bf16 x takes csrc/qgemv_bf16.c's 2:4 kernel: AVX512-BF16 and VBMI here, whole groups of 64-column steps."""
+    lib = _bf16_library() if x_dtype == torch.bfloat16 and setting("COMPRESS_KERNELS") != "torch" else None
+    return (lib is not None and group % 64 == 0 and in_features % group == 0
+            and bool(lib.nm24_qgemv_bf16_available()))
+
+
 def cpu_nm24_qgemv_applies(packed: torch.Tensor, indices: torch.Tensor, scale: torch.Tensor, n: int, m: int,
-                           in_features: int, x: torch.Tensor) -> bool:
-    """The C product of a layer pruned 2:4 then quantized (csrc/qsparse.c) handles this call: few tokens, the
-    checks of `cpu_qgemv_applies` on x (its width the layer's: the kernel steps through the codes by it) and the
-    scales, contiguous positions, a compiler here."""
+                           in_features: int, x: torch.Tensor, group: int | None = None) -> bool:
+    """The C product of a layer pruned 2:4 then quantized (csrc/qsparse.c; bf16 x on AVX512-BF16 + VBMI CPUs with
+    whole 64-column groups, csrc/qgemv_bf16.c) handles this call: few tokens, the checks of `cpu_qgemv_applies` on x
+    (its width the layer's: the kernel steps through the codes by it) and the scales, contiguous positions, a
+    compiler here."""
     if (n, m) != (2, 4) or not _decoding_input(x, in_features) or x.dtype not in INPUT_DTYPES:
         return False
-    if not 0 < x.numel() <= min(NM24_MAX_TOKENS, max_tokens(x.dtype)) * x.shape[-1] or not indices.is_contiguous():
+    most = nm24_max_tokens(x.dtype, in_features, group)
+    if not 0 < x.numel() <= most * x.shape[-1] or not indices.is_contiguous():
         return False
     return _stored_as_c_reads(packed, scale) and cpu_nm24_qgemv_available(scale.dtype)
 
@@ -163,6 +183,15 @@ def cpu_nm24_qgemv(packed: torch.Tensor, indices: torch.Tensor, scale: torch.Ten
                    bits: int, group: int, x: torch.Tensor) -> torch.Tensor:
     """x [..., in] (any float dtype) -> [..., out] float32 over the kept codes of a 2:4-pruned quantized layer."""
     lead, d = x.shape[:-1], x.shape[-1]
+    if cpu_nm24_qgemv_bf16_applies(d, group, x.dtype):
+        x2 = x.reshape(-1, d).contiguous()
+        out = torch.empty(x2.shape[0], packed.shape[0], dtype=torch.float32)
+        _bf16_library().nm24_qgemv_bf16(
+            packed.data_ptr(), packed.stride(0), indices.data_ptr(), indices.stride(0), scale.data_ptr(),
+            int(scale.dtype == torch.bfloat16), None if zero is None else zero.contiguous().data_ptr(), bits,
+            packed.shape[0], d, group, x2.data_ptr(), x2.stride(0), x2.shape[0], out.data_ptr(), out.stride(0),
+            torch.get_num_threads())
+        return out.view(*lead, -1)
     x2 = x.reshape(-1, d).float().contiguous()
     t, rows = x2.shape[0], packed.shape[0]
     out = torch.empty(t, rows, dtype=torch.float32)

@@ -68,8 +68,8 @@ def runtime_plan(model: nn.Module, runtime: str = "auto", device_type: str = "cp
     from ..activation_sparsity.mlp import ActivationSparseMLP
     from ..kernels.quantized_linear_cpu import max_tokens as qgemv_max_tokens
     from ..kernels.quantized_linear_cpu import ROW_BLOCK as QGEMV_ROW_BLOCK
-    from ..kernels.quantized_linear_cpu import (NM24_MAX_TOKENS, cpu_dequantize_available,
-                                                cpu_nm24_qgemv_available, cpu_qgemv_available)
+    from ..kernels.quantized_linear_cpu import (cpu_dequantize_available, cpu_nm24_qgemv_available,
+                                                cpu_qgemv_available, nm24_max_tokens)
     from ..quantize.bnb import Bnb4bitLinear, Bnb8bitLinear
     from ..quantize.quantized_linear import QuantizedLinear
     from ..vq_logits.head import VQLogitsHead
@@ -107,8 +107,9 @@ def runtime_plan(model: nn.Module, runtime: str = "auto", device_type: str = "cp
             dense_codes = module.sparsity in (None, "bitmask")  # pruned codes at the code of zero
             if device_type == "cpu" and module.sparsity == "nm" and (module.n, module.m) == (2, 4) and \
                     cpu_nm24_qgemv_available(scale_dtype):
+                most = nm24_max_tokens(scale_dtype, module.in_features, module.group_size)
                 plan[name] = (f"kept int{module.bits} codes multiplied in C where their 2:4 positions say at <= "
-                              f"{min(NM24_MAX_TOKENS, qgemv_max_tokens(scale_dtype))} tokens; above, {nm24_blocks}")
+                              f"{most} tokens; above, {nm24_blocks}")
             elif device_type == "cpu" and dense_codes and \
                     cpu_qgemv_available(module.bits, module.in_features, module.group_size, scale_dtype):
                 most = qgemv_max_tokens(scale_dtype, module.in_features, module.group_size)

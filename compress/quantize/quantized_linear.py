@@ -191,7 +191,7 @@ class QuantizedLinear(nn.Module):
         """Which of forward's paths takes `x`: one decision for forward and for what `runtime_path` reports."""
         if self.sparsity == "nm":
             packed = (self.weight_packed, self.indices, self.weight_scale, self.n, self.m, self.in_features, x)
-            if cpu_nm24_qgemv_applies(*packed):
+            if cpu_nm24_qgemv_applies(*packed, group=self.group_size):
                 return "nm24_product"
             if cpu_nm24_blocked_applies(*packed):
                 return "nm24_blocked"

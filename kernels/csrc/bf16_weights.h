@@ -1,10 +1,12 @@
 /* The bf16 weight QuantizedLinear's torch reference builds (bf16((u - z) * s), bit for bit), 32 columns at a time in
-   a vector, from 4-bit or 8-bit codes: what csrc/qgemv_bf16.c multiplies and csrc/qgemv.c's dequantize writes. */
+   a vector, from 4-bit or 8-bit codes: what csrc/qgemv_bf16.c multiplies and csrc/qgemv.c's dequantize writes; and
+   the 2:4 gather control of the bf16 sparse products. */
 #ifndef COMPRESS_BF16_WEIGHTS_H
 #define COMPRESS_BF16_WEIGHTS_H
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "bf16.h"
 
@@ -30,5 +32,22 @@ ALWAYS_INLINE __m512i weights_int8(const uint8_t* q, __m512 s, __m512 off) {
     hi = _mm512_mul_ps(_mm512_sub_ps(hi, off), s);
     return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
 }
+
+#if defined(__AVX512VBMI__)
+/* 2:4 layers (csrc/sparse_bf16.c, qgemv_bf16.c): a 64-column step's gather control for vpermt2w over x's 64
+   entries: word k (kept value k of the step) = 4 * (k / 2) + its 2-bit position, from the step's 8 bytes of the
+   little-endian position stream */
+ALWAYS_INLINE __m512i nm24_control(const uint8_t* idx) {
+    const __m512i shifts = _mm512_set_epi8(0, 62, 0, 60, 0, 58, 0, 56, 0, 54, 0, 52, 0, 50, 0, 48, 0, 46, 0, 44, 0, 42,
+                                           0, 40, 0, 38, 0, 36, 0, 34, 0, 32, 0, 30, 0, 28, 0, 26, 0, 24, 0, 22, 0, 20,
+                                           0, 18, 0, 16, 0, 14, 0, 12, 0, 10, 0, 8, 0, 6, 0, 4, 0, 2, 0, 0);
+    const __m512i base = _mm512_set_epi16(60, 60, 56, 56, 52, 52, 48, 48, 44, 44, 40, 40, 36, 36, 32, 32, 28, 28, 24,
+                                          24, 20, 20, 16, 16, 12, 12, 8, 8, 4, 4, 0, 0);
+    uint64_t bits;
+    memcpy(&bits, idx, 8);
+    __m512i fields = _mm512_multishift_epi64_epi8(shifts, _mm512_set1_epi64((long long)bits));
+    return _mm512_add_epi16(_mm512_and_si512(fields, _mm512_set1_epi16(3)), base);
+}
+#endif
 #endif
 #endif

@@ -136,3 +136,94 @@ int qgemv_bf16(const uint8_t* packed, int64_t ldp, const void* scale, int scale_
     return 0;
 #endif
 }
+
+/* ---- layers pruned 2:4, then quantized (csrc/qsparse.c's layout: the kept codes [rows, d / 2] in column order, 4
+   bits two per byte with the even kept value in the low nibble, 8 bits one per byte; their 2-bit positions;
+   scales / zero points over the original columns' groups). Per 64 columns, the 32 kept codes become their bf16
+   weights as above (the group's table) and x is gathered to them as in csrc/sparse_bf16.c (nm24_control): one
+   vpermt2w and one vdpbf16ps per token and row, 4-row x 4-token tiles. Groups must be whole multiples of 64. */
+#if defined(QGEMV_BF16_DOT) && defined(__AVX512VBMI__)
+#define NM24_BF16_DOT 1
+ALWAYS_INLINE void nm24_tile(const uint8_t* packed, int64_t ldp, const uint8_t* indices, int64_t ldi,
+                             const void* scale, int scale_bf16, const uint8_t* zero, int bits, int64_t group,
+                             int64_t groups, const uint16_t* x, int64_t ldx, int64_t r0, int nr, int64_t j0, int nt,
+                             float* out, int64_t ldo) {
+    __m512 acc[4][4];
+    for (int i = 0; i < nr; ++i)
+        for (int j = 0; j < nt; ++j) acc[i][j] = _mm512_setzero_ps();
+    const float symmetric_offset = bits == 4 ? 8.f : 128.f;
+    const size_t scale_bytes = scale_bf16 ? 2 : 4;
+    const int64_t ahead = nr * ldp;  /* each row prefetches its bytes in the next tile */
+    for (int64_t g = 0; g < groups; ++g) {
+        __m512i table[4];
+        __m512 s[4], off[4];
+        for (int i = 0; i < nr; ++i) {
+            const void* sr = (const char*)scale + (r0 + i) * groups * scale_bytes;
+            float o = zero ? (float)zero[(r0 + i) * groups + g] : symmetric_offset;
+            table[i] = _mm512_setzero_si512(), s[i] = off[i] = _mm512_setzero_ps();  /* one kind is read */
+            if (bits == 4) table[i] = nibble_table(scale_at(sr, scale_bf16, g), o);
+            else s[i] = _mm512_set1_ps(scale_at(sr, scale_bf16, g)), off[i] = _mm512_set1_ps(o);
+        }
+        for (int64_t c = g * group; c < (g + 1) * group; c += 64) {
+            __m512i w[4], control[4];
+            for (int i = 0; i < nr; ++i) {
+                const uint8_t* row = packed + (r0 + i) * ldp;
+                if (bits == 4) {
+                    __builtin_prefetch(row + ahead + c / 4, 0, 1);
+                    w[i] = weights_int4(row + c / 4, table[i]);
+                } else {
+                    __builtin_prefetch(row + ahead + c / 2, 0, 1);
+                    w[i] = weights_int8(row + c / 2, s[i], off[i]);
+                }
+                control[i] = nm24_control(indices + (r0 + i) * ldi + c / 8);
+            }
+            for (int j = 0; j < nt; ++j) {
+                const uint16_t* xj = x + (j0 + j) * ldx + c;
+                __m512i lo = _mm512_loadu_si512((const void*)xj), hi = _mm512_loadu_si512((const void*)(xj + 32));
+                for (int i = 0; i < nr; ++i)
+                    acc[i][j] = _mm512_dpbf16_ps(acc[i][j], (__m512bh)w[i],
+                                                 (__m512bh)_mm512_permutex2var_epi16(lo, control[i], hi));
+            }
+        }
+    }
+    for (int i = 0; i < nr; ++i)
+        for (int j = 0; j < nt; ++j) out[(j0 + j) * ldo + r0 + i] = _mm512_reduce_add_ps(acc[i][j]);
+}
+
+#define NM24(nr, nt) nm24_tile(packed, ldp, indices, ldi, scale, scale_bf16, zero, bits, group, groups, x, ldx, r0, \
+                               nr, j, nt, out, ldo)
+#define NM24_ROWS(nr) { int64_t j = 0; for (; j + 4 <= t; j += 4) NM24(nr, 4); \
+    switch (t - j) { case 3: NM24(nr, 3); break; case 2: NM24(nr, 2); break; case 1: NM24(nr, 1); break; } }
+#endif
+
+/* 1 where this build has the 2:4 kernel below (AVX512-BF16 and VBMI) */
+int nm24_qgemv_bf16_available(void) {
+#ifdef NM24_BF16_DOT
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* packed [rows, ldp] kept codes, indices [rows, ldi], scale [rows, groups], zero [rows, groups] or NULL; x [t, ldx]
+   bf16 (d columns); out [t, ldo] float32. group % 64 == 0 and d % group == 0 (the caller checks). Returns 0 where
+   this build lacks the instructions (nothing written). */
+int nm24_qgemv_bf16(const uint8_t* packed, int64_t ldp, const uint8_t* indices, int64_t ldi, const void* scale,
+                    int scale_bf16, const uint8_t* zero, int bits, int64_t rows, int64_t d, int64_t group,
+                    const uint16_t* x, int64_t ldx, int64_t t, float* out, int64_t ldo, int nthreads) {
+#ifdef NM24_BF16_DOT
+    if (t <= 0 || rows <= 0) return 1;
+    int64_t groups = d / group;
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t k = 0; k < rows / 4; ++k) {
+        int64_t r0 = 4 * k;
+        NM24_ROWS(4)
+    }
+    for (int64_t r0 = rows / 4 * 4; r0 < rows; ++r0) NM24_ROWS(1)
+    return 1;
+#else
+    (void)packed, (void)ldp, (void)indices, (void)ldi, (void)scale, (void)scale_bf16, (void)zero, (void)bits;
+    (void)rows, (void)d, (void)group, (void)x, (void)ldx, (void)t, (void)out, (void)ldo, (void)nthreads;
+    return 0;
+#endif
+}

@@ -9,6 +9,7 @@
 #endif
 
 #include "bf16.h"
+#include "bf16_weights.h"
 
 /* SparseLinear's product for bf16 values and bf16 x on CPUs with AVX512-BF16 and VBMI/VBMI2 (AMD Zen 4/5, Intel Ice
    Lake server / Sapphire Rapids and later): out[j, r] = sum over kept c of W[r, c] * x[j, c], summed in float32 by
@@ -17,7 +18,7 @@
    the dense bf16 layer it replaces runs the 32-lane instruction, so `auto` loaded bf16 pruned layers dense.
    2:4 (values [rows, d / 2], 2-bit positions): 64 columns a step, x gathered to the 32 kept values: one vpermt2w
    from x's 64 entries per token and row, controlled by the step's 64 bits of positions spread to words
-   (vpmultishiftqb) plus each group's base column; only the kept products are computed.
+   (nm24_control in bf16_weights.h: vpmultishiftqb) plus each group's base column; only the kept products are computed.
    50% bitmask (values row-major, a bit per column): 32 columns a step, the step's kept values expanded to their
    lanes from the mask bits (vpexpandw, zeros elsewhere), then multiplied with x as it is.
    Tiles of NR rows x up to NT tokens share each x load across rows. The caller checks d % 64 (2:4) / d % 32
@@ -27,19 +28,6 @@
 #define NR 4
 #define NT 4
 #define PREFETCH_STEPS 8  /* steps ahead (values of 8 steps: 512 bytes of a 2:4 row, ~512 of a bitmask row) */
-
-/* step's gather control: word k (kept value k of 64 columns) = 4 * (k / 2) + its 2-bit position */
-ALWAYS_INLINE __m512i nm24_control(const uint8_t* idx) {
-    const __m512i shifts = _mm512_set_epi8(0, 62, 0, 60, 0, 58, 0, 56, 0, 54, 0, 52, 0, 50, 0, 48, 0, 46, 0, 44, 0, 42,
-                                           0, 40, 0, 38, 0, 36, 0, 34, 0, 32, 0, 30, 0, 28, 0, 26, 0, 24, 0, 22, 0, 20,
-                                           0, 18, 0, 16, 0, 14, 0, 12, 0, 10, 0, 8, 0, 6, 0, 4, 0, 2, 0, 0);
-    const __m512i base = _mm512_set_epi16(60, 60, 56, 56, 52, 52, 48, 48, 44, 44, 40, 40, 36, 36, 32, 32, 28, 28, 24,
-                                          24, 20, 20, 16, 16, 12, 12, 8, 8, 4, 4, 0, 0);
-    uint64_t bits;
-    memcpy(&bits, idx, 8);
-    __m512i fields = _mm512_multishift_epi64_epi8(shifts, _mm512_set1_epi64((long long)bits));
-    return _mm512_add_epi16(_mm512_and_si512(fields, _mm512_set1_epi16(3)), base);
-}
 
 /* 2:4 rows [r0, r0 + nr) x tokens [j0, j0 + nt) */
 ALWAYS_INLINE void nm24_tile(const uint16_t* values, int64_t ldv, const uint8_t* indices, int64_t ldi, int64_t d,

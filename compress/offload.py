@@ -134,10 +134,14 @@ class OffloadState:
                 raise full from None
             raise
         _attach(module, {k: {"safetensors_file": str(path), "weight_name": k} for k in state}, prefix, self.device)
-        previous, self._spilled[prefix] = self._spilled.get(prefix), path
+        previous = self._spilled.get(prefix)
+        if previous is not None:  # still held until it is gone (a signal between the two would leave it)
+            self._spilled[f"{prefix} (previous)"] = previous
+        self._spilled[prefix] = path
         del self._spilled[writing]
         if previous is not None:
             previous.unlink(missing_ok=True)
+            del self._spilled[f"{prefix} (previous)"]
 
     def cleanup(self) -> None:
         """Remove what this state wrote: its own temporary folder, or in a folder the user named only the spill

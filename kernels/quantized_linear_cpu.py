@@ -183,19 +183,19 @@ def cpu_nm24_qgemv(packed: torch.Tensor, indices: torch.Tensor, scale: torch.Ten
                    bits: int, group: int, x: torch.Tensor) -> torch.Tensor:
     """x [..., in] (any float dtype) -> [..., out] float32 over the kept codes of a 2:4-pruned quantized layer."""
     lead, d = x.shape[:-1], x.shape[-1]
+    zero = None if zero is None else zero.contiguous()  # held here: a temporary copy would be freed before the call
     if cpu_nm24_qgemv_bf16_applies(d, group, x.dtype):
         x2 = x.reshape(-1, d).contiguous()
         out = torch.empty(x2.shape[0], packed.shape[0], dtype=torch.float32)
         _bf16_library().nm24_qgemv_bf16(
             packed.data_ptr(), packed.stride(0), indices.data_ptr(), indices.stride(0), scale.data_ptr(),
-            int(scale.dtype == torch.bfloat16), None if zero is None else zero.contiguous().data_ptr(), bits,
+            int(scale.dtype == torch.bfloat16), None if zero is None else zero.data_ptr(), bits,
             packed.shape[0], d, group, x2.data_ptr(), x2.stride(0), x2.shape[0], out.data_ptr(), out.stride(0),
             torch.get_num_threads())
         return out.view(*lead, -1)
     x2 = x.reshape(-1, d).float().contiguous()
     t, rows = x2.shape[0], packed.shape[0]
     out = torch.empty(t, rows, dtype=torch.float32)
-    zero = None if zero is None else zero.contiguous()
     ok = load_c_library("qsparse", _NM24_SIGNATURES).nm24_qgemv(
         packed.data_ptr(), packed.stride(0), indices.data_ptr(), indices.stride(0), scale.data_ptr(),
         int(scale.dtype == torch.bfloat16), None if zero is None else zero.data_ptr(), bits, rows, d, group,

@@ -120,7 +120,10 @@ class Recover(Pass):
                    "targets": list(c.targets), "ignore": list(c.ignore), "train_modules": list(c.train_modules),
                    "before": getattr(self, "_before", None), "kl_weight": c.kl_weight, "seed": c.seed}
         if ctx is not None and ctx.calibration is not None:
-            planned["data"] = {**ctx.calibration.model_dump(mode="json"), "seq_len": self._seq_len(ctx)}
+            data = {**ctx.calibration.model_dump(mode="json"), "seq_len": self._seq_len(ctx)}
+            if not getattr(self, "_calibrated_before", True):
+                data.pop("num_samples", None)
+            planned["data"] = data
         if modules is not None:
             planned["modules"] = sorted(modules)
         return planned
@@ -135,9 +138,14 @@ class Recover(Pass):
                    and Path(p.config.checkpoint_dir).absolute() == mine for p in earlier):
                 raise ConfigError(f"recover: checkpoint_dir {c.checkpoint_dir} is also an earlier recover pass's "
                                   "checkpoint_dir; give each recover pass its own folder")
+        # as the checkpoint records them (`entry()`: a pass leaves out the options its method does not use), so a
+        # run in one recipe and one on the checkpoint of its first passes record the same
         previous = (getattr(model.config, "compression", None) or {}).get("passes", [])
         self._before = [{"pass": e.get("pass"), "args": e.get("args")} for e in previous if isinstance(e, dict)] + \
-                       [{"pass": p.name, "args": p.config.model_dump(mode="json")} for p in earlier]
+                       [{"pass": p.name, "args": p.entry()["args"]} for p in earlier]
+        # the calibration batches' count matters where an earlier pass of the recipe reads them (wanda, GPTQ, ...);
+        # recover's own windows take their count from max_tokens
+        self._calibrated_before = any(p.needs_calibration_for() for p in earlier)
         modules = None if earlier else list(self._checked_targets(model))
         check_same_run(self._planned(model, modules), c.checkpoint_dir, c.resume_from)
 

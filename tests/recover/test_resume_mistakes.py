@@ -222,7 +222,7 @@ def test_parameters_trained_in_full_are_checkpointed_and_restored_on_resume(tmp_
 
 # ---------------------------------------------------------------------------------------------- what came before
 def test_a_rerun_after_another_earlier_pass_or_text_does_not_resume_the_old_adapter(tmp_path, monkeypatch):
-    """The checkpoints of prune (magnitude) + recover, then the recipe with wanda, or with more calibration text:
+    """The checkpoints of prune (magnitude) + recover, then the recipe with wanda, or with longer training windows:
     refused before any pass runs (the rerun resumed the other run's adapter, its budget spent: it trained 0 steps
     and merged it, silently); the same recipe still resumes."""
     monkeypatch.chdir(tmp_path)
@@ -237,11 +237,15 @@ def test_a_rerun_after_another_earlier_pass_or_text_does_not_resume_the_old_adap
     for extra in (["--no-eval"], ["--dry-run"]):
         refused(apply(wanda, "-o", "o_w", *extra), "w.yaml:5:5: recover: checkpoint_dir ckd holds checkpoints of a "
                 "different run (before it: prune with method magnitude, not wanda)")
-    more_text = recipe(tmp_path / "t.yaml", common, before=prune)
-    more_text.write_text(more_text.read_text().replace("num_samples: 4", "num_samples: 6"))
-    refused(apply(more_text, "-o", "o_t", "--no-eval"), "different run (training text: num_samples 4, not 6)")
+    longer = recipe(tmp_path / "t.yaml", common, before=prune)
+    longer.write_text(longer.read_text().replace("seq_len: 32", "seq_len: 48"))
+    refused(apply(longer, "-o", "o_t", "--no-eval"), "different run (training text: seq_len 32, not 48)")
     assert trained == [] and listing(tmp_path / "ckd") == before
     assert not (tmp_path / "o_w").exists() and not (tmp_path / "o_t").exists()
+    # more calibration samples, no calibrated pass before recover (its windows' count comes from max_tokens): resumes
+    more = recipe(tmp_path / "m.yaml", common, before=prune)
+    more.write_text(more.read_text().replace("num_samples: 4", "num_samples: 6"))
+    assert apply(more, "-o", "o_m", "--dry-run").exit_code == 0
 
 
 def test_a_truncated_trainer_state_is_refused_up_front(tmp_path, monkeypatch, no_training):
@@ -299,3 +303,19 @@ def test_a_pass_on_the_layers_of_a_saved_unmerged_adapter_is_refused_before_any_
     assert not (tmp_path / "q").exists()
     rtn.write_text(rtn.read_text().replace("bits: 4}", "bits: 4, targets: ['re:.*mlp.*']}"))
     assert apply(rtn, "-o", tmp_path / "q", "--no-eval").exit_code == 0
+
+
+def test_passes_before_recover_read_the_same_in_one_recipe_and_from_a_checkpoint():
+    """prune then recover in one call, or recover on the model prune left (its checkpoint record): the same record
+    of what came before, so either run resumes the other's checkpoints (a review's find: the in-recipe form held
+    every option, the checkpoint's only the method's)."""
+    from compress.passes import Prune
+    from compress.recover import Recover
+
+    prune = Prune(method="magnitude", sparsity=0.5)
+    in_recipe = Recover(max_tokens=128)
+    in_recipe.check_after(compress.load("builtin:tiny"), [prune])
+    pruned, _ = compress.apply(compress.load("builtin:tiny"), [prune], progress=False)
+    afterwards = Recover(max_tokens=128)
+    afterwards.check_after(pruned, [])
+    assert in_recipe._before == afterwards._before and in_recipe._before[0]["pass"] == "prune"

@@ -138,7 +138,10 @@ def test_bf16_x_multiplies_the_kept_codes_bf16_weights(bits, symmetric, scale_dt
             x = torch.randn(tokens, in_f, generator=torch.Generator().manual_seed(tokens)).to(torch.bfloat16)
             packed = (layer.weight_packed, layer.indices, layer.weight_scale)
             assert cpu.cpu_nm24_qgemv_applies(*packed, 2, 4, in_f, x, group=group)
-            y = cpu.cpu_nm24_qgemv(*packed, layer.weight_zero_point, bits, group, x)
+            zero = layer.weight_zero_point
+            if zero is not None:  # stored column-major: the wrapper's contiguous copy must outlive the call
+                zero = zero.t().contiguous().t()
+            y = cpu.cpu_nm24_qgemv(*packed, zero, bits, group, x)
             want = x.double() @ w.t()
             assert float((y.double() - want).abs().max() / want.abs().max()) < 2e-6, (out_f, tokens)
     assert not cpu.cpu_nm24_qgemv_bf16_applies(96, 32, torch.bfloat16)  # groups of 32 keep qsparse.c's loop

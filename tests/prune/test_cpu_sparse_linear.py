@@ -165,7 +165,7 @@ def test_a_wrong_width_input_is_refused_as_f_linear_refuses_it(fmt):
             layer(torch.randn(1, width))
 
 
-@pytest.mark.parametrize("tokens", [1, 3, 4, 6, 9])  # tiles of 4 tokens and a remainder of 1-3
+@pytest.mark.parametrize("tokens", [1, 3, 4, 6, 9, 16])  # tiles of 4 tokens and a remainder of 1-3
 def test_bf16_products_sum_the_kept_products_in_float32(tokens, cpu_level):
     """bf16 values and x on a CPU with AVX512-BF16 + VBMI2 (csrc/sparse_bf16.c): 2:4 x gathered by its positions, the
     bitmask's values expanded to their lanes; each against the float64 product of the reference weight, float32
@@ -198,6 +198,16 @@ def test_bf16_products_sum_the_kept_products_in_float32(tokens, cpu_level):
         want = reference(xc, bitmask_decode_reference(values, bitmask, cols, torch.float64), None)
         assert float((out.double() - want).abs().max() / want.abs().max().clamp_min(1e-30)) < 2e-6
         assert torch.equal(cpu.bitmask_linear_cpu(xc, values, bitmask, offsets, cols), out.to(torch.bfloat16))
+    # past BF16_MAX_TOKENS: blocks of rows decoded for torch's bf16 GEMM, through the layer's call
+    for rows, cols in [(13, 64), (6, 192)]:
+        weight = torch.randn(rows, cols, generator=gen).to(torch.bfloat16)
+        values, indices = pack_nm(weight, nm_mask(rows, cols, 2, 4, gen), 2, 4)
+        xs = torch.randn(2, cpu.BF16_MAX_TOKENS // 2 + 1, cols, generator=gen).to(torch.bfloat16)
+        want = reference(xs, nm_decode_reference(values, indices, 2, 4, cols, torch.float64), None)
+        assert_close_to(cpu.nm_linear_cpu(xs, values, indices, 2, 4, cols), want, torch.bfloat16)
+        values, bitmask, offsets = pack_bitmask(weight, torch.rand(rows, cols, generator=gen) < 0.4)
+        want = reference(xs, bitmask_decode_reference(values, bitmask, cols, torch.float64), None)
+        assert_close_to(cpu.bitmask_linear_cpu(xs, values, bitmask, offsets, cols), want, torch.bfloat16)
     # widths that are not whole steps, and float32 x, keep sparse_linear.c
     assert not cpu.cpu_sparse_bf16_available("nm", 2, 4, 96) and not cpu.cpu_sparse_bf16_available("nm", 1, 4, 128)
     assert not cpu.cpu_sparse_bf16_available("bitmask", 0, 0, 40)

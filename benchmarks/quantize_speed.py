@@ -12,8 +12,9 @@ Rows (`kind`):
   product against the float64 product of the dequantized weight. float32 rows, and bfloat16 rows where the CPU
   computes bf16 natively (what `dtype: auto` loads a bf16 checkpoint in there).
 - pruned_quantized_linear: the same shapes pruned 2:4 then quantized to int4 (recipes/2of4-w4.yaml's layout: the
-  kept codes and their positions) vs the dense float32 layer; `path`: the C product of the kept codes
-  (kernels/csrc/qsparse.c) up to 16 tokens, blocks of rows dequantized in C for torch's GEMM above;
+  kept codes and their positions) vs the dense layer of the same dtype (float32, and bf16 where the CPU computes it
+  natively); `path`: the C product of the kept codes (kernels/csrc/qsparse.c; bf16 x with AVX512-BF16,
+  csrc/qgemv_bf16.c) up to 8 tokens, blocks of rows dequantized in C for torch's GEMM above;
   `torch_path_*` at 1 token: what every call ran before (the float weight rebuilt through temporaries).
 - e2e_decode: builtin:tiny through recipes' round-to-nearest int4 / int8 pass (and 2:4 magnitude pruning then
   int4) vs the unquantized model, greedy decoding of 32 tokens after 256, tokens/s.
@@ -101,47 +102,50 @@ def layer_rows(dtypes, tokens_list, repeats: int) -> list[dict]:
 
 
 @torch.no_grad()
-def pruned_rows(tokens_list, repeats: int, bits: int = 4) -> list[dict]:
+def pruned_rows(tokens_list, repeats: int, bits: int = 4, dtype=torch.float32) -> list[dict]:
     """A layer pruned 2:4 then quantized (recipes/2of4-w4.yaml's layout: kept codes + 2-bit positions) vs the dense
-    float32 layer: the C product of the kept codes (kernels/csrc/qsparse.c) up to 16 tokens, blocks of rows
-    dequantized in C for torch's GEMM above; `torch_path_*`: what every call ran before (the float weight rebuilt)."""
+    layer of the same dtype: the C product of the kept codes (kernels/csrc/qsparse.c; bf16 x on AVX512-BF16 CPUs
+    csrc/qgemv_bf16.c) up to 8 tokens, blocks of rows dequantized in C for torch's GEMM above; `torch_path_*`: what
+    every call ran before (the float weight rebuilt)."""
     rows = []
     for out_f, in_f in SHAPES:
         g = torch.Generator().manual_seed(0)
-        dense = nn.Linear(in_f, out_f, bias=False)
+        dense = nn.Linear(in_f, out_f, bias=False, dtype=dtype)
         with torch.no_grad():
             dense.weight.copy_(torch.randn(out_f, in_f, generator=g) * 0.02)
         scores = torch.rand(out_f, in_f // 4, 4, generator=g)
         mask = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, scores.topk(2, -1).indices, True)
         mask = mask.view(out_f, in_f)
-        codes, scales, zeros = quantize_rtn(dense.weight * mask, bits, GROUP, True, torch.float32)
-        q = QuantizedLinear.from_codes(codes, scales, zeros, bits=bits, group_size=GROUP, mask=mask, nm=(2, 4))
+        codes, scales, zeros = quantize_rtn(dense.weight * mask, bits, GROUP, True, dtype)
+        q = QuantizedLinear.from_codes(codes, scales, zeros, bits=bits, group_size=GROUP, mask=mask, nm=(2, 4),
+                                       dtype=dtype)
         copies = math.ceil(3 * largest_cache_bytes() / (out_f * in_f * (bits / 16 + 0.125)))
         layers = [q] + [_random_pruned_copy(q) for _ in range(copies - 1)]
-        dense_copies = [dense] + [nn.Linear(in_f, out_f, bias=False) for _ in range(
-            math.ceil(3 * largest_cache_bytes() / (out_f * in_f * 4)) - 1)]
+        dense_copies = [dense] + [nn.Linear(in_f, out_f, bias=False, dtype=dtype) for _ in range(
+            math.ceil(3 * largest_cache_bytes() / (out_f * in_f * dtype.itemsize)) - 1)]
         for t in tokens_list:
-            x = torch.randn(t, in_f)
+            x = torch.randn(t, in_f).to(dtype)
             exact = x.double() @ q.dequantized_weight(torch.float64).t()
             err = float((q(x).double() - exact).abs().max() / exact.abs().max())
             d, s = paired_median_seconds([cycling([lambda f=f: f(x) for f in dense_copies]),
                                           cycling([lambda f=f: f(x) for f in layers])], repeats if t <= 16 else 3)
             row = dict(device="cpu", kind="pruned_quantized_linear", shape=f"{out_f}x{in_f}", bits=bits,
-                       dtype="float32", sparsity="2:4", tokens=t, dense_ms=d * 1e3, ours_ms=s * 1e3,
-                       speedup_vs_dense=d / s, path=q.runtime_path(t), rel_err=err, weight_copies=copies)
+                       dtype=str(dtype).removeprefix("torch."), sparsity="2:4", tokens=t, dense_ms=d * 1e3,
+                       ours_ms=s * 1e3, speedup_vs_dense=d / s, path=q.runtime_path(t), rel_err=err,
+                       weight_copies=copies)
             if t == 1:
                 with forced_kernels("torch"):
                     slow = timed(lambda: q(x))
                 row["torch_path_ms"], row["torch_path_speedup_vs_dense"] = slow * 1e3, d / slow
             rows.append(row)
-            print(f"[2:4 int{bits} {row['shape']} x{t}] {d * 1e3:.1f} / {s * 1e3:.1f} ms = {d / s:.2f}x",
-                  file=sys.stderr)
+            print(f"[2:4 int{bits} {row['dtype']} {row['shape']} x{t}] {d * 1e3:.1f} / {s * 1e3:.1f} ms = "
+                  f"{d / s:.2f}x", file=sys.stderr)
     return rows
 
 
 def _random_pruned_copy(q: QuantizedLinear) -> QuantizedLinear:
     other = QuantizedLinear(q.in_features, q.out_features, bits=q.bits, group_size=q.group_size, sparsity="nm", n=2,
-                            m=4)
+                            m=4, dtype=q.weight_scale.dtype)
     other.weight_packed.random_(0, 256)
     other.indices.copy_(q.indices)  # positions: any valid 2:4 pattern reads the same bytes
     other.weight_scale.uniform_(1e-3, 2e-3)
@@ -191,7 +195,8 @@ def main() -> None:
     torch.set_num_threads(1)
     dtypes = [torch.float32] + ([torch.bfloat16] if native_dtype(torch.bfloat16, "cpu") else [])
     rows = layer_rows(dtypes, [1] if args.quick else [1, 4, 16, 64], 3 if args.quick else 7)
-    rows += pruned_rows([1] if args.quick else [1, 4, 16, 64], 3 if args.quick else 7)
+    for dtype in dtypes:
+        rows += pruned_rows([1] if args.quick else [1, 4, 16, 64], 3 if args.quick else 7, dtype=dtype)
     rows += e2e_rows(dtypes)
     if args.json:
         print(json.dumps(rows))

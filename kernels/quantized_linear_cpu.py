@@ -83,7 +83,9 @@ _BF16_SIGNATURES = (("qgemv_bf16", (_PTR, _I64, _PTR, _INT, _PTR, _INT, _I64, _I
                     ("qgemv_bf16_available", (), _INT),
                     ("nm24_qgemv_bf16", (_PTR, _I64, _PTR, _I64, _PTR, _INT, _PTR, _INT, _I64, _I64, _I64, _PTR, _I64,
                                          _I64, _PTR, _I64, _INT), _INT),
-                    ("nm24_qgemv_bf16_available", (), _INT))
+                    ("nm24_qgemv_bf16_available", (), _INT),
+                    ("nm24_dequantize_bf16", (_PTR, _I64, _PTR, _I64, _PTR, _INT, _PTR, _INT, _I64, _I64, _I64, _PTR,
+                                              _INT), _INT))
 
 
 def _bf16_library():
@@ -131,6 +133,9 @@ def _qgemv_bf16(packed, scale, zero, bits: int, group: int, x2: torch.Tensor) ->
 # Tokens up to which a 2:4-pruned quantized layer runs the C product (one thread, AVX2 EPYC, int4 vs the dense float32
 # layer: 1.5-2.0x at 8 tokens, 0.8-1.1x at 16, where the blocked dequantize is about as fast)
 NM24_MAX_TOKENS = 8
+# bf16 x with csrc/qgemv_bf16.c's 2:4 kernel (Zen 5, one core, int4 g128 at Llama-3-8B's MLP shapes, 16 tokens: the
+# product 0.9-1.0x the dense bf16 layer, the blocked dequantize + GEMM 0.73-0.77x)
+NM24_BF16_MAX_TOKENS = 16
 _NM24_SIGNATURES = (("nm24_qgemv", (_PTR, _I64, _PTR, _I64, _PTR, _INT, _PTR, _INT, _I64, _I64, _I64, _PTR, _I64,
                                      _I64, _PTR, _I64, _INT), _INT),
                     ("nm24_dequantize", (_PTR, _I64, _PTR, _I64, _PTR, _INT, _PTR, _INT, _I64, _I64, _I64, _PTR, _INT,
@@ -141,7 +146,7 @@ def nm24_max_tokens(dtype: torch.dtype, in_features: int | None = None, group: i
     """Tokens up to which a 2:4-pruned quantized layer's x takes the C product (bf16 x with the bf16 kernel:
     NM24_MAX_TOKENS; through the float32 loop, at most qgemv's bf16 limit)."""
     if dtype == torch.bfloat16 and group is not None and cpu_nm24_qgemv_bf16_applies(in_features, group, dtype):
-        return NM24_MAX_TOKENS
+        return NM24_BF16_MAX_TOKENS
     return min(NM24_MAX_TOKENS, max_tokens(dtype))
 
 
@@ -263,8 +268,15 @@ def cpu_nm24_blocked_linear(packed: torch.Tensor, indices: torch.Tensor, scale: 
     """The same for a 2:4-pruned quantized layer (csrc/qsparse.c nm24_dequantize; check
     `cpu_nm24_blocked_applies` first)."""
     lib, d = load_c_library("qsparse", _NM24_SIGNATURES), x.shape[-1]
+    bf16 = x.dtype == torch.bfloat16 and cpu_nm24_qgemv_bf16_applies(d, group, x.dtype)
+    zero = None if zero is None else zero.contiguous()
 
     def decode_rows(r0, r1, buf):
+        if bf16 and _bf16_library().nm24_dequantize_bf16(
+                packed[r0].data_ptr(), packed.stride(0), indices[r0].data_ptr(), indices.stride(0),
+                scale[r0].data_ptr(), int(scale.dtype == torch.bfloat16), None if zero is None else zero[r0].data_ptr(),
+                bits, r1 - r0, d, group, buf.data_ptr(), torch.get_num_threads()):
+            return buf  # (0: positions packing never writes; the float32 loop below decodes the block again)
         lib.nm24_dequantize(packed[r0].data_ptr(), packed.stride(0), indices[r0].data_ptr(), indices.stride(0),
                             scale[r0].data_ptr(), int(scale.dtype == torch.bfloat16),
                             None if zero is None else zero[r0].data_ptr(), bits, r1 - r0, d, group, buf.data_ptr(),

@@ -196,6 +196,81 @@ ALWAYS_INLINE void nm24_tile(const uint8_t* packed, int64_t ldp, const uint8_t* 
     switch (t - j) { case 3: NM24(nr, 3); break; case 2: NM24(nr, 2); break; case 1: NM24(nr, 1); break; } }
 #endif
 
+/* The bf16 weight of such a layer, rows [rows, d] written dense for prefill's GEMM (bit for bit qsparse.c's
+   nm24_dequantize, whose bf16 output went value by value through float32: 14336 x 4096 int4 took ~50 ms in 512-row
+   blocks, the layer 0.14-0.30x the dense bf16 one at 16-64 tokens). Per 32 columns the 16 kept values' bf16
+   weights (as above) spread to their columns by vpexpandw under the mask their positions make. */
+#ifdef NM24_BF16_DOT
+/* a byte of positions (two groups of four columns, two 2-bit positions each) -> the 8 columns' mask, bit 8 set where
+   both groups' positions ascend (computing it per byte took ~4x longer than the decode's stores) */
+static const uint16_t NM24_BYTE_MASK[256] = {
+    0x011, 0x013, 0x015, 0x019, 0x013, 0x012, 0x016, 0x01a, 0x015, 0x016, 0x014, 0x01c, 0x019, 0x01a, 0x01c, 0x018,
+    0x031, 0x033, 0x035, 0x039, 0x033, 0x032, 0x036, 0x03a, 0x035, 0x036, 0x034, 0x03c, 0x039, 0x03a, 0x03c, 0x038,
+    0x051, 0x053, 0x055, 0x059, 0x053, 0x052, 0x056, 0x05a, 0x055, 0x056, 0x054, 0x05c, 0x059, 0x05a, 0x05c, 0x058,
+    0x091, 0x093, 0x095, 0x099, 0x093, 0x092, 0x096, 0x09a, 0x095, 0x096, 0x094, 0x09c, 0x099, 0x09a, 0x09c, 0x098,
+    0x031, 0x033, 0x035, 0x039, 0x133, 0x032, 0x036, 0x03a, 0x135, 0x136, 0x034, 0x03c, 0x139, 0x13a, 0x13c, 0x038,
+    0x021, 0x023, 0x025, 0x029, 0x023, 0x022, 0x026, 0x02a, 0x025, 0x026, 0x024, 0x02c, 0x029, 0x02a, 0x02c, 0x028,
+    0x061, 0x063, 0x065, 0x069, 0x063, 0x062, 0x066, 0x06a, 0x065, 0x066, 0x064, 0x06c, 0x069, 0x06a, 0x06c, 0x068,
+    0x0a1, 0x0a3, 0x0a5, 0x0a9, 0x0a3, 0x0a2, 0x0a6, 0x0aa, 0x0a5, 0x0a6, 0x0a4, 0x0ac, 0x0a9, 0x0aa, 0x0ac, 0x0a8,
+    0x051, 0x053, 0x055, 0x059, 0x153, 0x052, 0x056, 0x05a, 0x155, 0x156, 0x054, 0x05c, 0x159, 0x15a, 0x15c, 0x058,
+    0x061, 0x063, 0x065, 0x069, 0x163, 0x062, 0x066, 0x06a, 0x165, 0x166, 0x064, 0x06c, 0x169, 0x16a, 0x16c, 0x068,
+    0x041, 0x043, 0x045, 0x049, 0x043, 0x042, 0x046, 0x04a, 0x045, 0x046, 0x044, 0x04c, 0x049, 0x04a, 0x04c, 0x048,
+    0x0c1, 0x0c3, 0x0c5, 0x0c9, 0x0c3, 0x0c2, 0x0c6, 0x0ca, 0x0c5, 0x0c6, 0x0c4, 0x0cc, 0x0c9, 0x0ca, 0x0cc, 0x0c8,
+    0x091, 0x093, 0x095, 0x099, 0x193, 0x092, 0x096, 0x09a, 0x195, 0x196, 0x094, 0x09c, 0x199, 0x19a, 0x19c, 0x098,
+    0x0a1, 0x0a3, 0x0a5, 0x0a9, 0x1a3, 0x0a2, 0x0a6, 0x0aa, 0x1a5, 0x1a6, 0x0a4, 0x0ac, 0x1a9, 0x1aa, 0x1ac, 0x0a8,
+    0x0c1, 0x0c3, 0x0c5, 0x0c9, 0x1c3, 0x0c2, 0x0c6, 0x0ca, 0x1c5, 0x1c6, 0x0c4, 0x0cc, 0x1c9, 0x1ca, 0x1cc, 0x0c8,
+    0x081, 0x083, 0x085, 0x089, 0x083, 0x082, 0x086, 0x08a, 0x085, 0x086, 0x084, 0x08c, 0x089, 0x08a, 0x08c, 0x088,
+};
+
+ALWAYS_INLINE uint32_t nm24_mask32(const uint8_t* idx, uint32_t* ascending) {
+    uint32_t m0 = NM24_BYTE_MASK[idx[0]], m1 = NM24_BYTE_MASK[idx[1]], m2 = NM24_BYTE_MASK[idx[2]];
+    uint32_t m3 = NM24_BYTE_MASK[idx[3]];
+    *ascending &= m0 & m1 & m2 & m3 & 256 ? 1u : 0u;
+    return (m0 & 255) | (m1 & 255) << 8 | (m2 & 255) << 16 | (m3 & 255) << 24;
+}
+#endif
+
+/* Returns 0 where this build lacks the instructions or a row's positions are not ascending pairs (what packing
+   writes): the caller then runs nm24_dequantize over the whole block. group % 64 == 0, d % group == 0. */
+int nm24_dequantize_bf16(const uint8_t* packed, int64_t ldp, const uint8_t* indices, int64_t ldi, const void* scale,
+                         int scale_bf16, const uint8_t* zero, int bits, int64_t rows, int64_t d, int64_t group,
+                         uint16_t* out, int nthreads) {
+#ifdef NM24_BF16_DOT
+    int64_t groups = d / group;
+    const float symmetric_offset = bits == 4 ? 8.f : 128.f;
+    const size_t scale_bytes = scale_bf16 ? 2 : 4;
+    uint32_t ok = 1;
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+        const uint8_t *row = packed + r * ldp, *idx = indices + r * ldi;
+        const void* sr = (const char*)scale + r * groups * scale_bytes;
+        uint16_t* o = out + r * d;
+        uint32_t ascending = 1;
+        for (int64_t g = 0; g < groups; ++g) {
+            float sg = scale_at(sr, scale_bf16, g), og = zero ? (float)zero[r * groups + g] : symmetric_offset;
+            __m512i table = nibble_table(sg, og);
+            __m512 s = _mm512_set1_ps(sg), off = _mm512_set1_ps(og);
+            for (int64_t c = g * group; c < (g + 1) * group; c += 64) {  /* 64 columns: 32 kept values */
+                __m512i w = bits == 4 ? weights_int4(row + c / 4, table) : weights_int8(row + c / 2, s, off);
+                uint32_t lo = nm24_mask32(idx + c / 8, &ascending), hi = nm24_mask32(idx + c / 8 + 4, &ascending);
+                _mm512_storeu_si512((void*)(o + c), _mm512_maskz_expand_epi16((__mmask32)lo, w));
+                _mm512_storeu_si512((void*)(o + c + 32), _mm512_maskz_expand_epi16(
+                    (__mmask32)hi, _mm512_castsi256_si512(_mm512_extracti64x4_epi64(w, 1))));
+            }
+        }
+        if (!ascending) {
+            #pragma omp atomic write
+            ok = 0;
+        }
+    }
+    return (int)ok;
+#else
+    (void)packed, (void)ldp, (void)indices, (void)ldi, (void)scale, (void)scale_bf16, (void)zero, (void)bits;
+    (void)rows, (void)d, (void)group, (void)out, (void)nthreads;
+    return 0;
+#endif
+}
+
 /* 1 where this build has the 2:4 kernel below (AVX512-BF16 and VBMI) */
 int nm24_qgemv_bf16_available(void) {
 #ifdef NM24_BF16_DOT

@@ -144,4 +144,18 @@ def test_bf16_x_multiplies_the_kept_codes_bf16_weights(bits, symmetric, scale_dt
             y = cpu.cpu_nm24_qgemv(*packed, zero, bits, group, x)
             want = x.double() @ w.t()
             assert float((y.double() - want).abs().max() / want.abs().max()) < 2e-6, (out_f, tokens)
+        # prefill's blocks: the same bf16 weight written dense, bit for bit (nm24_dequantize_bf16)
+        buf = torch.empty(out_f, in_f, dtype=torch.bfloat16)
+        zero = layer.weight_zero_point
+        args = (layer.weight_packed.data_ptr(), layer.weight_packed.stride(0), layer.indices.data_ptr(),
+                layer.indices.stride(0), layer.weight_scale.data_ptr(), int(scale_dtype == torch.bfloat16),
+                None if zero is None else zero.data_ptr(), bits, out_f, in_f, group, buf.data_ptr(), 1)
+        assert cpu._bf16_library().nm24_dequantize_bf16(*args)
+        assert torch.equal(buf.view(torch.int16), w.to(torch.bfloat16).view(torch.int16))
+        swapped = layer.indices.clone()
+        swapped[-1, -1] = ((swapped[-1, -1] & 3) << 2) | ((swapped[-1, -1] >> 2) & 3) | (swapped[-1, -1] & 0xF0)
+        assert not cpu._bf16_library().nm24_dequantize_bf16(*args[:2], swapped.data_ptr(), *args[3:])
+        xs = torch.randn(2, 11, in_f).to(torch.bfloat16)  # 22 tokens: the blocked path, through the layer
+        with torch.no_grad():
+            torch.testing.assert_close(layer(xs), F.linear(xs, w.to(torch.bfloat16)))
     assert not cpu.cpu_nm24_qgemv_bf16_applies(96, 32, torch.bfloat16)  # groups of 32 keep qsparse.c's loop

@@ -126,15 +126,15 @@ def test_the_zero_code_check_is_made_again_after_the_codes_change():
 def test_bf16_x_multiplies_the_kept_codes_bf16_weights(bits, symmetric, scale_dtype, cpu_level):
     """bf16 x on a CPU with AVX512-BF16 and VBMI (csrc/qgemv_bf16.c's 2:4 kernel): the reference's bf16 weight at the
     kept positions times x gathered to them, summed in float32; 4-row tiles and a remainder, 4-token tiles and a
-    remainder, groups of 64 / 128, up to NM24_MAX_TOKENS."""
+    remainder, groups of 64 / 128, up to NM24_BF16_MAX_TOKENS."""
     if not cpu.cpu_nm24_qgemv_bf16_applies(256, 128, torch.bfloat16):
         pytest.skip("no AVX512-BF16 / VBMI at this build level: bf16 x takes qsparse.c (tested above)")
     for out_f, in_f, group in [(13, 256, 128), (6, 128, 64), (9, 192, 64)]:
         layer = pruned_layer(out_f, in_f, bits, group, symmetric, scale_dtype, nm=True, seed=in_f + bits)
         with forced_kernels("torch"):
             w = layer.dequantized_weight(torch.bfloat16).double()
-        assert cpu.nm24_max_tokens(torch.bfloat16, in_f, group) == cpu.NM24_MAX_TOKENS
-        for tokens in (1, 3, 4, 6, cpu.NM24_MAX_TOKENS):
+        assert cpu.nm24_max_tokens(torch.bfloat16, in_f, group) == cpu.NM24_BF16_MAX_TOKENS
+        for tokens in (1, 3, 4, 6, 9, cpu.NM24_BF16_MAX_TOKENS):
             x = torch.randn(tokens, in_f, generator=torch.Generator().manual_seed(tokens)).to(torch.bfloat16)
             packed = (layer.weight_packed, layer.indices, layer.weight_scale)
             assert cpu.cpu_nm24_qgemv_applies(*packed, 2, 4, in_f, x, group=group)
@@ -155,7 +155,7 @@ def test_bf16_x_multiplies_the_kept_codes_bf16_weights(bits, symmetric, scale_dt
         swapped = layer.indices.clone()
         swapped[-1, -1] = ((swapped[-1, -1] & 3) << 2) | ((swapped[-1, -1] >> 2) & 3) | (swapped[-1, -1] & 0xF0)
         assert not cpu._bf16_library().nm24_dequantize_bf16(*args[:2], swapped.data_ptr(), *args[3:])
-        xs = torch.randn(2, 11, in_f).to(torch.bfloat16)  # 22 tokens: the blocked path, through the layer
+        xs = torch.randn(2, 9, in_f).to(torch.bfloat16)  # 18 tokens: the blocked path, through the layer
         with torch.no_grad():
             torch.testing.assert_close(layer(xs), F.linear(xs, w.to(torch.bfloat16)))
     assert not cpu.cpu_nm24_qgemv_bf16_applies(96, 32, torch.bfloat16)  # groups of 32 keep qsparse.c's loop

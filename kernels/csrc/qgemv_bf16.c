@@ -30,6 +30,21 @@ ALWAYS_INLINE float scale_at(const void* scale, int scale_bf16, int64_t i) {
     return scale_bf16 ? bf16_to_f32(((const uint16_t*)scale)[i]) : ((const float*)scale)[i];
 }
 
+/* group g's decoding state for rows [r0, r0 + nr): int4 the nibble table, int8 the scale and offset (one kind is
+   read; the other zeroed) */
+ALWAYS_INLINE void group_state(const void* scale, int scale_bf16, const uint8_t* zero, int bits, int64_t groups,
+                               int64_t r0, int nr, int64_t g, __m512i* table, __m512* s, __m512* off) {
+    const float symmetric_offset = bits == 4 ? 8.f : 128.f;
+    const size_t scale_bytes = scale_bf16 ? 2 : 4;
+    for (int i = 0; i < nr; ++i) {
+        const void* sr = (const char*)scale + (r0 + i) * groups * scale_bytes;
+        float o = zero ? (float)zero[(r0 + i) * groups + g] : symmetric_offset;
+        table[i] = _mm512_setzero_si512(), s[i] = off[i] = _mm512_setzero_ps();
+        if (bits == 4) table[i] = nibble_table(scale_at(sr, scale_bf16, g), o);
+        else s[i] = _mm512_set1_ps(scale_at(sr, scale_bf16, g)), off[i] = _mm512_set1_ps(o);
+    }
+}
+
 /* rows [r0, r0 + nr) x tokens [j0, j0 + nt): nr <= NR, nt <= MAX_NT, constants where it is called (unrolled) */
 ALWAYS_INLINE void tile(const uint8_t* packed, int64_t ldp, const void* scale, int scale_bf16, const uint8_t* zero,
                         int bits, int64_t group, int64_t groups, const uint16_t* x, int64_t ldx, int64_t r0, int nr,
@@ -37,21 +52,13 @@ ALWAYS_INLINE void tile(const uint8_t* packed, int64_t ldp, const void* scale, i
     __m512 acc[NR][MAX_NT];
     for (int i = 0; i < nr; ++i)
         for (int j = 0; j < nt; ++j) acc[i][j] = _mm512_setzero_ps();
-    const float symmetric_offset = bits == 4 ? 8.f : 128.f;
-    const size_t scale_bytes = scale_bf16 ? 2 : 4;
     /* each row prefetches its own bytes in the next tile (a fixed distance inside the row gave short rows no
        lookahead: int8 4096-wide rows ran at half the speed of 14336-wide ones at one token) */
     const int64_t ahead = nr * ldp;
     for (int64_t g = 0; g < groups; ++g) {
         __m512i table[NR];
         __m512 s[NR], off[NR];
-        for (int i = 0; i < nr; ++i) {
-            const void* sr = (const char*)scale + (r0 + i) * groups * scale_bytes;
-            float o = zero ? (float)zero[(r0 + i) * groups + g] : symmetric_offset;
-            table[i] = _mm512_setzero_si512(), s[i] = off[i] = _mm512_setzero_ps();  /* one kind is read */
-            if (bits == 4) table[i] = nibble_table(scale_at(sr, scale_bf16, g), o);
-            else s[i] = _mm512_set1_ps(scale_at(sr, scale_bf16, g)), off[i] = _mm512_set1_ps(o);
-        }
+        group_state(scale, scale_bf16, zero, bits, groups, r0, nr, g, table, s, off);
         for (int64_t c = g * group; c < (g + 1) * group; c += 32) {
             __m512i w[NR];
             for (int i = 0; i < nr; ++i) {
@@ -151,19 +158,11 @@ ALWAYS_INLINE void nm24_tile(const uint8_t* packed, int64_t ldp, const uint8_t* 
     __m512 acc[4][4];
     for (int i = 0; i < nr; ++i)
         for (int j = 0; j < nt; ++j) acc[i][j] = _mm512_setzero_ps();
-    const float symmetric_offset = bits == 4 ? 8.f : 128.f;
-    const size_t scale_bytes = scale_bf16 ? 2 : 4;
     const int64_t ahead = nr * ldp;  /* each row prefetches its bytes in the next tile */
     for (int64_t g = 0; g < groups; ++g) {
         __m512i table[4];
         __m512 s[4], off[4];
-        for (int i = 0; i < nr; ++i) {
-            const void* sr = (const char*)scale + (r0 + i) * groups * scale_bytes;
-            float o = zero ? (float)zero[(r0 + i) * groups + g] : symmetric_offset;
-            table[i] = _mm512_setzero_si512(), s[i] = off[i] = _mm512_setzero_ps();  /* one kind is read */
-            if (bits == 4) table[i] = nibble_table(scale_at(sr, scale_bf16, g), o);
-            else s[i] = _mm512_set1_ps(scale_at(sr, scale_bf16, g)), off[i] = _mm512_set1_ps(o);
-        }
+        group_state(scale, scale_bf16, zero, bits, groups, r0, nr, g, table, s, off);
         for (int64_t c = g * group; c < (g + 1) * group; c += 64) {
             __m512i w[4], control[4];
             for (int i = 0; i < nr; ++i) {

@@ -76,6 +76,15 @@ class Recover(Pass):
                               "only one unmerged adapter is supported: use merge: true on the earlier recover pass")
         targets = {n: m for n, m in matched.items() if isinstance(m, (nn.Linear, SparseLinear))}
         if not targets:
+            try:  # matched only what `ignore` leaves out (by default lm_head and embed_tokens): say so
+                ignored = [n for n, m in match_modules(model, self.config.targets, []).items()
+                           if isinstance(m, (nn.Linear, SparseLinear))]
+            except CompressError:
+                ignored = []
+            if ignored:
+                raise ConfigError(f"recover: targets {self.config.targets} match only layers that ignore "
+                                  f"{self.config.ignore} leaves out ({ignored[0]}); set ignore (e.g. ignore: []) to "
+                                  "train them")
             raise ConfigError(f"recover: targets {self.config.targets} match no Linear (or packed sparse) layer")
         head = model.get_output_embeddings()
         if self.config.merge and head_shares_embedding(model) and any(m is head for m in targets.values()):
@@ -199,9 +208,14 @@ class Recover(Pass):
 
     def _train_modules(self, model: nn.Module) -> dict[str, nn.Module]:
         try:
-            return match_modules(model, self.config.train_modules, include_exempt=True)
+            modules = match_modules(model, self.config.train_modules, include_exempt=True)
         except CompressError as exc:
             raise ConfigError(f"recover: train_modules: {exc}") from None
+        empty = [n for n, m in modules.items() if next(m.parameters(), None) is None]
+        if empty:  # it trained nothing in full, silently (fully_trained_parameters: 0)
+            raise ConfigError(f"recover: train_modules {empty[:3]} hold no parameters to train (e.g. a rotary "
+                              "embedding); name modules with weights")
+        return modules
 
     # ---------------------------------------------------------------------------------------------- apply
     def apply(self, model: nn.Module, ctx: PassContext) -> PassReport:

@@ -42,6 +42,10 @@ CALIBRATION = "calibration: {source: builtin:calibration, num_samples: 2, seq_le
      "recover: max_tokens 200 is less than one step .*seq_len from the calibration 32"),
     ("  - linearize: {variant: gla}\n  - recover: {max_tokens: 256, train_modules: ['re:.*router$']}\n",
      "train_modules: target 're:.*router\\$' matches no module"),
+    ("  - prune: {method: magnitude}\n  - recover: {max_tokens: 256, targets: [lm_head]}\n",
+     "match only layers that ignore .* leaves out \\(lm_head\\); set ignore"),
+    ("  - prune: {method: magnitude}\n  - recover: {max_tokens: 256, train_modules: ['re:.*rotary_emb$']}\n",
+     "train_modules \\['model.rotary_emb'\\] hold no parameters to train"),
 ])
 def test_recover_mistakes_are_found_before_any_pass_runs(tmp_path, passes, match, monkeypatch):
     """What used to fail only after the earlier passes ran (or trained past its budget) fails at their line, before

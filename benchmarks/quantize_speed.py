@@ -14,7 +14,7 @@ Rows (`kind`):
 - pruned_quantized_linear: the same shapes pruned 2:4 then quantized to int4 (recipes/2of4-w4.yaml's layout: the
   kept codes and their positions) vs the dense layer of the same dtype (float32, and bf16 where the CPU computes it
   natively); `path`: the C product of the kept codes (kernels/csrc/qsparse.c; bf16 x with AVX512-BF16,
-  csrc/qgemv_bf16.c) up to 8 tokens, blocks of rows dequantized in C for torch's GEMM above;
+  csrc/qgemv_bf16.c) up to 8 tokens (bf16: 16), blocks of rows dequantized in C for torch's GEMM above;
   `torch_path_*` at 1 token: what every call ran before (the float weight rebuilt through temporaries).
 - e2e_decode: builtin:tiny through recipes' round-to-nearest int4 / int8 pass (and 2:4 magnitude pruning then
   int4) vs the unquantized model, greedy decoding of 32 tokens after 256, tokens/s.
@@ -105,8 +105,8 @@ def layer_rows(dtypes, tokens_list, repeats: int) -> list[dict]:
 def pruned_rows(tokens_list, repeats: int, bits: int = 4, dtype=torch.float32) -> list[dict]:
     """A layer pruned 2:4 then quantized (recipes/2of4-w4.yaml's layout: kept codes + 2-bit positions) vs the dense
     layer of the same dtype: the C product of the kept codes (kernels/csrc/qsparse.c; bf16 x on AVX512-BF16 CPUs
-    csrc/qgemv_bf16.c) up to 8 tokens, blocks of rows dequantized in C for torch's GEMM above; `torch_path_*`: what
-    every call ran before (the float weight rebuilt)."""
+    csrc/qgemv_bf16.c) up to 8 tokens (bf16: 16), blocks of rows dequantized in C for torch's GEMM above;
+    `torch_path_*`: what every call ran before (the float weight rebuilt)."""
     rows = []
     for out_f, in_f in SHAPES:
         g = torch.Generator().manual_seed(0)

@@ -144,7 +144,7 @@ _NM24_SIGNATURES = (("nm24_qgemv", (_PTR, _I64, _PTR, _I64, _PTR, _INT, _PTR, _I
 
 def nm24_max_tokens(dtype: torch.dtype, in_features: int | None = None, group: int | None = None) -> int:
     """Tokens up to which a 2:4-pruned quantized layer's x takes the C product (bf16 x with the bf16 kernel:
-    NM24_MAX_TOKENS; through the float32 loop, at most qgemv's bf16 limit)."""
+    NM24_BF16_MAX_TOKENS; otherwise NM24_MAX_TOKENS, for bf16 x at most qgemv's bf16 limit)."""
     if dtype == torch.bfloat16 and group is not None and cpu_nm24_qgemv_bf16_applies(in_features, group, dtype):
         return NM24_BF16_MAX_TOKENS
     return min(NM24_MAX_TOKENS, max_tokens(dtype))

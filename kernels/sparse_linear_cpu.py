@@ -1,4 +1,5 @@
-"""SparseLinear's `packed` runtime on the CPU (csrc/sparse_linear.c). Decoding (<= MAX_TOKENS tokens): the kept
+"""SparseLinear's `packed` runtime on the CPU (csrc/sparse_linear.c; bf16 values and x on CPUs with AVX512-BF16 and
+VBMI/VBMI2, csrc/sparse_bf16.c, up to BF16_MAX_TOKENS). Decoding (<= MAX_TOKENS tokens): the kept
 values multiplied where their positions say, straight from the packed storage, so a step reads the packed bytes
 (2:4 or 50% in float32: ~0.53x of the dense weight's) instead of decoding the whole weight on every call. Prefill
 (and float16 values at any size): blocks of rows decoded into one reused buffer (exactly the torch reference's

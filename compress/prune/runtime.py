@@ -96,7 +96,7 @@ def runtime_plan(model: nn.Module, runtime: str = "auto", device_type: str = "cp
 
                 plan[name] = describe_path(module, None)
             else:
-                plan[name] = cpu_packed_path(module.values.dtype)
+                plan[name] = cpu_packed_path(module.values.dtype, layer=module)
         elif isinstance(module, QuantizedLinear):
             zeros = (f", {module.n}:{module.m} zeros kept" if module.sparsity == "nm"
                      else ", zeros kept" if module.sparsity else "")

@@ -165,7 +165,7 @@ class SparseLinear(nn.Module):
             from .gpu_dispatch import describe_path
 
             return describe_path(self, tokens)
-        return cpu_packed_path(self.values.dtype, tokens)
+        return cpu_packed_path(self.values.dtype, tokens, self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias.to(x.dtype) if self.bias is not None else None
@@ -185,19 +185,24 @@ class SparseLinear(nn.Module):
                 f"bias={self.bias is not None}, runtime={self.runtime}")
 
 
-def cpu_packed_path(values_dtype: torch.dtype, tokens: int | None = None) -> str:
-    """What the packed runtime runs on the CPU for `tokens` (None: every size), as `compress inspect` says it."""
-    from ..kernels.sparse_linear_cpu import MAX_TOKENS, VALUE_DTYPES, cpu_sparse_available
+def cpu_packed_path(values_dtype: torch.dtype, tokens: int | None = None, layer: "SparseLinear | None" = None) -> str:
+    """What the packed runtime runs on the CPU for `tokens` (None: every size), as `compress inspect` says it (bf16
+    values of a `layer` csrc/sparse_bf16.c takes: its longer token limit)."""
+    from ..kernels.sparse_linear_cpu import (BF16_MAX_TOKENS, MAX_TOKENS, VALUE_DTYPES, cpu_sparse_available,
+                                             cpu_sparse_bf16_available)
 
     if not cpu_sparse_available(values_dtype):
         return "packed (decode per call, torch)"
-    product = f"packed: C product over the packed values at <= {MAX_TOKENS} tokens"
+    bf16 = (values_dtype == torch.bfloat16 and layer is not None
+            and cpu_sparse_bf16_available(layer.format, layer.n, layer.m, layer.in_features))
+    most = BF16_MAX_TOKENS if bf16 else MAX_TOKENS
+    product = f"packed: C product over the packed values at <= {most} tokens"
     blocked = "blocks of rows decoded for torch's GEMM"
     if values_dtype not in VALUE_DTYPES:
         return f"packed: {blocked} at every size"
     if tokens is None:
         return f"{product}, {blocked} above"
-    return product if tokens <= MAX_TOKENS else f"packed: {blocked}"
+    return product if tokens <= most else f"packed: {blocked}"
 
 
 def _packed_values_in_state(module: SparseLinear, state_dict, prefix, local_metadata) -> None:

@@ -211,10 +211,10 @@ class Recover(Pass):
             modules = match_modules(model, self.config.train_modules, include_exempt=True)
         except CompressError as exc:
             raise ConfigError(f"recover: train_modules: {exc}") from None
-        empty = [n for n, m in modules.items() if next(m.parameters(), None) is None]
-        if empty:  # it trained nothing in full, silently (fully_trained_parameters: 0)
-            raise ConfigError(f"recover: train_modules {empty[:3]} hold no parameters to train (e.g. a rotary "
-                              "embedding); name modules with weights")
+        if not any(next(m.parameters(), None) is not None for m in modules.values()):
+            # it trained nothing in full, silently (fully_trained_parameters: 0)
+            raise ConfigError(f"recover: train_modules match only modules without parameters ({list(modules)[:3]}, "
+                              "e.g. a rotary embedding): nothing would train in full; name modules with parameters")
         return modules
 
     # ---------------------------------------------------------------------------------------------- apply

@@ -208,6 +208,12 @@ def test_bf16_products_sum_the_kept_products_in_float32(tokens, cpu_level):
         values, bitmask, offsets = pack_bitmask(weight, torch.rand(rows, cols, generator=gen) < 0.4)
         want = reference(xs, bitmask_decode_reference(values, bitmask, cols, torch.float64), None)
         assert_close_to(cpu.bitmask_linear_cpu(xs, values, bitmask, offsets, cols), want, torch.bfloat16)
+    # what inspect says follows the same limit (it said 8 for bf16 layers that run the product to 16)
+    lin = torch.nn.Linear(128, 8, bias=False, dtype=torch.bfloat16)
+    layer = SparseLinear.from_linear(lin, nm_mask(8, 128, 2, 4, gen), (2, 4))
+    assert layer.runtime_path(cpu.BF16_MAX_TOKENS).startswith(
+        f"packed: C product over the packed values at <= {cpu.BF16_MAX_TOKENS} tokens")
+    assert layer.runtime_path(cpu.BF16_MAX_TOKENS + 1) == "packed: blocks of rows decoded for torch's GEMM"
     # widths that are not whole steps, and float32 x, keep sparse_linear.c
     assert not cpu.cpu_sparse_bf16_available("nm", 2, 4, 96) and not cpu.cpu_sparse_bf16_available("nm", 1, 4, 128)
     assert not cpu.cpu_sparse_bf16_available("bitmask", 0, 0, 40)

@@ -155,6 +155,15 @@ def test_bf16_x_multiplies_the_kept_codes_bf16_weights(bits, symmetric, scale_dt
         swapped = layer.indices.clone()
         swapped[-1, -1] = ((swapped[-1, -1] & 3) << 2) | ((swapped[-1, -1] >> 2) & 3) | (swapped[-1, -1] & 0xF0)
         assert not cpu._bf16_library().nm24_dequantize_bf16(*args[:2], swapped.data_ptr(), *args[3:])
+        # ... and the layer then decodes those blocks with qsparse.c's loop: the product of what the positions say
+        odd = pruned_layer(out_f, in_f, bits, group, symmetric, scale_dtype, nm=True, seed=in_f + bits)
+        odd.indices.copy_(swapped)
+        with forced_kernels("torch"):
+            odd_w = odd.dequantized_weight(torch.bfloat16).double()
+        ys = torch.randn(18, in_f, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+        with torch.no_grad():
+            got, exact = odd(ys).double(), ys.double() @ odd_w.t()
+        assert float((got - exact).abs().max() / exact.abs().max()) < 2 ** -7
         # 18 tokens: the blocked path, through the layer (bf16 GEMM and output: within bf16 of the exact product)
         xs = torch.randn(2, 9, in_f, generator=torch.Generator().manual_seed(in_f)).to(torch.bfloat16)
         with torch.no_grad():

@@ -45,7 +45,7 @@ CALIBRATION = "calibration: {source: builtin:calibration, num_samples: 2, seq_le
     ("  - prune: {method: magnitude}\n  - recover: {max_tokens: 256, targets: [lm_head]}\n",
      "match only layers that ignore .* leaves out \\(lm_head\\); set ignore"),
     ("  - prune: {method: magnitude}\n  - recover: {max_tokens: 256, train_modules: ['re:.*rotary_emb$']}\n",
-     "train_modules \\['model.rotary_emb'\\] hold no parameters to train"),
+     "train_modules match only modules without parameters \\(\\['model.rotary_emb'\\]"),
 ])
 def test_recover_mistakes_are_found_before_any_pass_runs(tmp_path, passes, match, monkeypatch):
     """What used to fail only after the earlier passes ran (or trained past its budget) fails at their line, before

@@ -69,3 +69,12 @@ def test_recover_names_the_layers_it_leaves_out(reference_tokenizer):
     recover = report.passes[1]
     assert len(recover.modules) == 24 and len(recover.skipped) == 18
     assert all("QuantizedLinear" in why for why in recover.skipped.values())
+
+
+def test_train_modules_that_also_match_modules_without_parameters_are_kept():
+    """A broad pattern catching embed_tokens and rotary_emb trains embed_tokens (only a match of nothing with
+    parameters is refused: a review's find)."""
+    from compress.recover import Recover
+
+    modules = Recover(max_tokens=256, train_modules=["re:.*emb.*"])._train_modules(compress.load("builtin:tiny"))
+    assert {"model.embed_tokens", "model.rotary_emb"} <= set(modules)

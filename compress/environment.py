@@ -69,6 +69,16 @@ def world_size() -> int:
     return int(value)
 
 
+def check_launcher() -> None:
+    """WORLD_SIZE above 1 needs the launcher's rendezvous (RANK and MASTER_ADDR, which torchrun / accelerate launch
+    set): without it accelerate stopped training with a ValueError traceback, after the earlier passes had run."""
+    n = world_size()
+    missing = [name for name in ("RANK", "MASTER_ADDR") if not os.environ.get(name)]
+    if n > 1 and missing:
+        raise CompressError(f"WORLD_SIZE={n} but {' and '.join(missing)} unset: start the run with `accelerate launch "
+                            "-m compress.cli apply ...` (or torchrun), or unset WORLD_SIZE to train in one process")
+
+
 def sparse_path() -> str | None:
     """COMPRESS_SPARSE_PATH: the GPU path every pruned layer takes (compress/prune/gpu_dispatch.py), or None."""
     value = os.environ.get("COMPRESS_SPARSE_PATH", "").strip().lower()

@@ -17,7 +17,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from ..environment import world_size
+from ..environment import check_launcher, world_size
 from ..errors import CalibrationError, CheckpointError, CompressError, ConfigError
 from ..pass_api import (Pass, PassConfig, PassContext, PassReport, head_shares_embedding, left_by_earlier,
                         tensor_bytes, timed)
@@ -115,6 +115,7 @@ class Recover(Pass):
             raise ConfigError(f"recover: seq_len {c.seq_len} is longer than the model's context ({context} tokens); "
                               "lower it")
         world_size()  # WORLD_SIZE=0 or abc: one line here, not a ZeroDivisionError in apply
+        check_launcher()  # WORLD_SIZE=2 without torchrun / accelerate launch: here, not accelerate's traceback
         if c.checkpoint_dir is not None:
             check_checkpoint_dir(c.checkpoint_dir)
         if c.resume_from is not None:

@@ -60,6 +60,16 @@ def test_world_size_must_be_a_positive_integer(tmp_path, value):
     refused(result, f"WORLD_SIZE={value!r} must be a positive integer")
 
 
+def test_world_size_above_one_without_a_launcher_is_refused_before_any_work(tmp_path):
+    """It ended in accelerate's ValueError (MASTER_ADDR) traceback after the earlier passes ran."""
+    rec = recipe(tmp_path / "w.yaml", "max_tokens: 128, batch_size: 2",
+                 before="  - prune: {method: magnitude, sparsity: 0.5}")
+    for extra in (["--dry-run"], ["--no-eval"]):
+        refused(apply(rec, "-o", tmp_path / "x", *extra, env={"WORLD_SIZE": "2", "RANK": "", "MASTER_ADDR": ""}),
+                "error: WORLD_SIZE=2 but RANK and MASTER_ADDR unset", "accelerate launch")
+    assert not (tmp_path / "x").exists()
+
+
 def test_world_size_reads_unset_as_one(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert world_size() == 1

@@ -128,6 +128,13 @@ def _read_dataset_folder(path: Path, spec: CalibrationSpec) -> list[str]:
 
 def build_batches(spec: CalibrationSpec, tokenizer, base_dir: Path | None = None) -> torch.Tensor:
     """`num_samples` windows of `seq_len` tokens, drawn at seeded random offsets from the concatenated documents."""
+    ids, offsets = window_offsets(spec, tokenizer, base_dir)
+    return torch.stack([ids[o : o + spec.seq_len] for o in offsets.tolist()])
+
+
+def window_offsets(spec: CalibrationSpec, tokenizer, base_dir: Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the concatenated documents' token ids, the `num_samples` seeded window starts in them): `build_batches`'s
+    windows without building them, for a training set of millions of windows (8 bytes each, not 8 x seq_len)."""
     texts = read_texts(spec, base_dir)
     eos = tokenizer.eos_token_id
     ids: list[int] = []
@@ -150,8 +157,7 @@ def build_batches(spec: CalibrationSpec, tokenizer, base_dir: Path | None = None
         )
     all_ids = torch.tensor(ids, dtype=torch.long)
     gen = torch.Generator().manual_seed(spec.seed)
-    offsets = torch.randint(0, all_ids.numel() - spec.seq_len + 1, (spec.num_samples,), generator=gen)
-    return torch.stack([all_ids[o : o + spec.seq_len] for o in offsets.tolist()])
+    return all_ids, torch.randint(0, all_ids.numel() - spec.seq_len + 1, (spec.num_samples,), generator=gen)
 
 
 def batches_hash(batches: torch.Tensor) -> str:

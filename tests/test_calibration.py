@@ -58,3 +58,19 @@ def test_bad_sources(tmp_path, reference_tokenizer, setup, message):
     spec = CalibrationSpec(source=setup(tmp_path), num_samples=2, seq_len=64)
     with pytest.raises(CalibrationError, match=message):
         build_batches(spec, reference_tokenizer)
+
+
+def test_recover_cuts_its_windows_on_demand(reference_tokenizer):
+    """recover's training set is the calibration draw `build_batches` makes, held as window starts in the token
+    stream and cut when asked for: a budget of millions of windows costs 8 bytes a window up front (stacking them
+    took 4.4 GB and half a minute for 300M tokens before a run that max_minutes then stopped after one step)."""
+    from compress.calibration import window_offsets
+    from compress.recover.training import WindowDataset
+
+    spec = CalibrationSpec(num_samples=6, seq_len=32, seed=2)
+    data = WindowDataset(*window_offsets(spec, reference_tokenizer), 32)
+    windows = torch.stack([data[i]["input_ids"] for i in range(len(data))])
+    assert torch.equal(windows, build_batches(spec, reference_tokenizer))
+    assert torch.equal(data[0]["labels"], data[0]["input_ids"])
+    ids, offsets = window_offsets(spec.model_copy(update={"num_samples": 2_000_000}), reference_tokenizer)
+    assert offsets.numel() == 2_000_000 and ids.numel() < 2_000_000 * 32 // 4  # the text, not 64M tokens of windows

@@ -310,17 +310,18 @@ class Recover(Pass):
         _refuse_overlap(modules, targets)
         return {f"{name}.{n}": p for name, m in modules.items() for n, p in m.named_parameters()}
 
-    def _training_windows(self, ctx: PassContext, count: int, seq_len: int) -> torch.Tensor:
+    def _training_windows(self, ctx: PassContext, count: int, seq_len: int):
         """`count` windows of `seq_len` tokens from the recipe's calibration source (its own draw, not the
-        calibration batches other passes share: the token budget sets how many)."""
-        from ..calibration import build_batches
+        calibration batches other passes share: the token budget sets how many), cut as training asks for them."""
+        from ..calibration import window_offsets
+        from .training import WindowDataset
 
         if ctx.calibration is None:
             raise CalibrationError("recover trains on calibration text: add `calibration: {source: builtin:calibration}`")
         if ctx.tokenizer is None:
             raise CompressError("recover needs a tokenizer to encode the calibration text; save it with the model")
         spec = ctx.calibration.model_copy(update={"num_samples": count, "seq_len": seq_len})
-        return build_batches(spec, ctx.tokenizer, ctx.base_dir)
+        return WindowDataset(*window_offsets(spec, ctx.tokenizer, ctx.base_dir), seq_len)
 
     # ---------------------------------------------------------------------------------------------- checkpoint
     def lora_config(self, modules: list[str]):

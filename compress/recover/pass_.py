@@ -291,7 +291,7 @@ class Recover(Pass):
         if stats["stopped_by"] == "wall_clock":  # the schedule never reached its decay: say so, with the fix
             report.notes.append(
                 f"max_minutes stopped training after {stats['steps']} of {stats['max_steps']} steps, with the "
-                f"learning rate at {stats['lr_at_stop']:.0%} of lr: its schedule (5% warm-up, then cosine decay) is "
+                f"learning rate at {100 * stats['lr_at_stop']:.2g}% of lr: its schedule (5% warm-up, then cosine decay) is "
                 f"sized by max_tokens; set max_tokens to about what fits in max_minutes ({stats['tokens']} tokens "
                 "here) for the whole schedule")
         report.bytes_after = sum(tensor_bytes(model.get_submodule(n)) for n in targets)

@@ -262,11 +262,12 @@ class Pass:
         """A checkpoint that keeps a LoRA adapter unmerged (recover, merge: false): no pass may replace a layer under
         it (the new layer went under the wrapper, and the save failed after all the work); recover says its own."""
         from .recover.lora import unmerged_adapter_layers
+        from .targets import within
 
         wrapped = unmerged_adapter_layers(model)
         if not wrapped or self.name == "recover":
             return
-        hit = next((n for n in self.touches(model) if any(n == w or n.startswith(w + ".") for w in wrapped)), None)
+        hit = next((n for n in self.touches(model) if any(within(n, w) for w in wrapped)), None)
         if hit is not None:
             raise ConfigError(f"{self.name}: {hit} carries a LoRA adapter kept unmerged (recover with merge: false), "
                               f"and a pass cannot change the layer under it: apply {self.name} to the checkpoint "

@@ -61,6 +61,11 @@ def match_modules(
     }
 
 
+def within(name: str, module: str) -> bool:
+    """Module path `name` is `module` or a module inside it."""
+    return name == module or name.startswith(module + ".")
+
+
 def closest(pattern: str, model: nn.Module) -> str:
     names = [n for n, _ in model.named_modules() if n]
     classes = sorted({type(m).__name__ for _, m in model.named_modules()})

@@ -91,15 +91,16 @@ def cpu_kernels_enabled() -> bool:
     return setting("COMPRESS_CPU_KERNELS") != "off"
 
 
-def load_c_library(name: str, signatures: tuple = ()):
+def load_c_library(name: str, signatures: tuple = (), requires: str | None = None):
     """The compiled csrc/<name>.c (ctypes CDLL) with `signatures` ((function, argtypes, restype), ...) applied, or
-    None where it cannot be built or CPU kernels are turned off (checked per call, so tests and users can switch them
-    at run time)."""
-    return _load(name, signatures, _MARCH[-1]) if cpu_kernels_enabled() else None
+    None where it cannot be built, CPU kernels are turned off (checked per call, so tests and users can switch them
+    at run time), or the library's function `requires` returns 0 (a kernel this build's instruction set lacks; asked
+    once per build, not per call)."""
+    return _load(name, signatures, _MARCH[-1], requires) if cpu_kernels_enabled() else None
 
 
 @functools.lru_cache(maxsize=None)
-def _load(name: str, signatures: tuple, march: str):
+def _load(name: str, signatures: tuple, march: str, requires: str | None = None):
     source = (SOURCES / f"{name}.c").read_text()
     headers = "".join(h.read_text() for h in sorted(SOURCES.glob("*.h")))  # an edited header rebuilds too
     digest = hashlib.sha256((source + headers + _host_tag(march)).encode()).hexdigest()[:12]
@@ -113,4 +114,4 @@ def _load(name: str, signatures: tuple, march: str):
     for function, argtypes, restype in signatures:
         getattr(lib, function).argtypes = list(argtypes)
         getattr(lib, function).restype = restype
-    return lib
+    return lib if requires is None or getattr(lib, requires)() else None

@@ -90,8 +90,7 @@ _BF16_SIGNATURES = (("qgemv_bf16", (_PTR, _I64, _PTR, _INT, _PTR, _INT, _I64, _I
 
 def _bf16_library():
     """csrc/qgemv_bf16.c where this CPU has AVX512-BF16 (else None)."""
-    lib = load_c_library("qgemv_bf16", _BF16_SIGNATURES)
-    return lib if lib is not None and lib.qgemv_bf16_available() else None
+    return load_c_library("qgemv_bf16", _BF16_SIGNATURES, requires="qgemv_bf16_available")
 
 
 def cpu_qgemv_bf16_applies(in_features: int, group: int, x_dtype: torch.dtype) -> bool:
@@ -152,9 +151,9 @@ def nm24_max_tokens(dtype: torch.dtype, in_features: int | None = None, group: i
 
 def cpu_nm24_qgemv_bf16_applies(in_features: int, group: int, x_dtype: torch.dtype) -> bool:
     """bf16 x takes csrc/qgemv_bf16.c's 2:4 kernel: AVX512-BF16 and VBMI here, whole groups of 64-column steps."""
-    lib = _bf16_library() if x_dtype == torch.bfloat16 and setting("COMPRESS_KERNELS") != "torch" else None
-    return (lib is not None and group % 64 == 0 and in_features % group == 0
-            and bool(lib.nm24_qgemv_bf16_available()))
+    return (x_dtype == torch.bfloat16 and group % 64 == 0 and in_features % group == 0
+            and setting("COMPRESS_KERNELS") != "torch"
+            and load_c_library("qgemv_bf16", _BF16_SIGNATURES, requires="nm24_qgemv_bf16_available") is not None)
 
 
 def cpu_nm24_qgemv_applies(packed: torch.Tensor, indices: torch.Tensor, scale: torch.Tensor, n: int, m: int,
@@ -268,7 +267,7 @@ def cpu_nm24_blocked_linear(packed: torch.Tensor, indices: torch.Tensor, scale: 
     """The same for a 2:4-pruned quantized layer (csrc/qsparse.c nm24_dequantize; check
     `cpu_nm24_blocked_applies` first)."""
     lib, d = load_c_library("qsparse", _NM24_SIGNATURES), x.shape[-1]
-    bf16 = x.dtype == torch.bfloat16 and cpu_nm24_qgemv_bf16_applies(d, group, x.dtype)
+    bf16 = cpu_nm24_qgemv_bf16_applies(d, group, x.dtype)
     zero = None if zero is None else zero.contiguous()
 
     def decode_rows(r0, r1, buf):

@@ -41,14 +41,13 @@ _BF16_SIGNATURES = (
     ("sparse_bf16_available", (), _INT),
 )
 # bf16 x and values with csrc/sparse_bf16.c: its product leads the blocked path through 16 tokens (Zen 5, one core,
-# Llama-3-8B shapes at 16 tokens: 0.90-1.07x dense against 0.66-0.88x)
+# Llama-3-8B shapes at 16 tokens, sparse_speed.py: 0.80-1.12x dense, against the blocked path's 0.53-0.79x)
 BF16_MAX_TOKENS = 16
 
 
 def _bf16_library():
     """csrc/sparse_bf16.c where this CPU has AVX512-BF16 and VBMI/VBMI2 (else None)."""
-    lib = load_c_library("sparse_bf16", _BF16_SIGNATURES)
-    return lib if lib is not None and lib.sparse_bf16_available() else None
+    return load_c_library("sparse_bf16", _BF16_SIGNATURES, requires="sparse_bf16_available")
 
 
 def cpu_sparse_bf16_available(fmt: str, n: int, m: int, in_features: int) -> bool:
@@ -108,8 +107,8 @@ def nm_linear_cpu(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, 
                   bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., in] @ W^T (+ bias), W in the packed N:M layout; check `cpu_sparse_applies` first."""
     lib, rows, bits = _library(), values.shape[0], index_bits(m)
-    bf16 = _bf16_dot(x, values) and cpu_sparse_bf16_available("nm", n, m, in_features)
-    if bf16 and _runs_product(x, values, BF16_MAX_TOKENS):
+    if _bf16_dot(x, values) and _runs_product(x, values, BF16_MAX_TOKENS) and \
+            cpu_sparse_bf16_available("nm", n, m, in_features):
         def run_bf16(x2, out):
             _bf16_library().nm24_linear_bf16(values.data_ptr(), values.stride(0), indices.data_ptr(),
                                              indices.stride(0), rows, in_features, x2.data_ptr(), x2.stride(0),
@@ -136,8 +135,8 @@ def bitmask_linear_cpu(x: torch.Tensor, values: torch.Tensor, bitmask: torch.Ten
     """x [..., in] @ W^T (+ bias), W in the bitmask layout; check `cpu_sparse_applies` first."""
     lib, rows = _library(), bitmask.shape[0]
     offsets = row_offsets.to(torch.int64).contiguous()
-    bf16 = _bf16_dot(x, values) and cpu_sparse_bf16_available("bitmask", 0, 0, in_features)
-    if bf16 and _runs_product(x, values, BF16_MAX_TOKENS):
+    if _bf16_dot(x, values) and _runs_product(x, values, BF16_MAX_TOKENS) and \
+            cpu_sparse_bf16_available("bitmask", 0, 0, in_features):
         def run_bf16(x2, out):
             _bf16_library().bitmask_linear_bf16(values.data_ptr(), bitmask.data_ptr(), bitmask.stride(0),
                                                 offsets.data_ptr(), rows, in_features, x2.data_ptr(), x2.stride(0),

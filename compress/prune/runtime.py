@@ -6,9 +6,9 @@
   product over the packed values reads ~0.53x the bytes: 1.4-1.7x dense at 1 token for 2:4 at Llama shapes, ~1x
   for the 50% bitmask, 1.5-3.6x at 4-8 tokens, 0.9-1.0x at 512), `dense` for smaller layers (cache-resident: the
   dense GEMV's full-width FMAs beat the product's gathers), for fp16 layers, for bf16 layers unless the CPU has
-  AVX512-BF16 and VBMI2 (csrc/sparse_bf16.c: 2:4 1.9-2.4x the dense bf16 layer at 1 token, 1.3-1.4x at 8, the 50%
-  bitmask 1.5-2.1x / 1.0-1.3x, one Zen 5 core; elsewhere the float32 product over bf16 values lost to the dense bf16
-  layer from 2 tokens) and without a compiler.
+  AVX512-BF16 and VBMI2 (csrc/sparse_bf16.c, sparse_speed.py on one Zen 5 core: 2:4 1.7-2.2x the dense bf16 layer
+  at 1 token, 1.1-1.4x at 8, the 50% bitmask 1.5-2.1x / 1.0-1.4x; elsewhere the float32 product over bf16 values
+  lost to the dense bf16 layer from 2 tokens) and without a compiler.
 - `dense`: decode every pruned layer once at load and run plain matmuls: dense speed and dense memory, while the
   checkpoint on disk stays packed (saving gathers the packed values back).
 - `packed`: hold only the packed tensors: the smallest memory."""
@@ -96,7 +96,7 @@ def runtime_plan(model: nn.Module, runtime: str = "auto", device_type: str = "cp
 
                 plan[name] = describe_path(module, None)
             else:
-                plan[name] = cpu_packed_path(module.values.dtype, layer=module)
+                plan[name] = cpu_packed_path(module)
         elif isinstance(module, QuantizedLinear):
             zeros = (f", {module.n}:{module.m} zeros kept" if module.sparsity == "nm"
                      else ", zeros kept" if module.sparsity else "")

@@ -165,7 +165,7 @@ class SparseLinear(nn.Module):
             from .gpu_dispatch import describe_path
 
             return describe_path(self, tokens)
-        return cpu_packed_path(self.values.dtype, tokens, self)
+        return cpu_packed_path(self, tokens)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias.to(x.dtype) if self.bias is not None else None
@@ -185,16 +185,17 @@ class SparseLinear(nn.Module):
                 f"bias={self.bias is not None}, runtime={self.runtime}")
 
 
-def cpu_packed_path(values_dtype: torch.dtype, tokens: int | None = None, layer: "SparseLinear | None" = None) -> str:
+def cpu_packed_path(layer: SparseLinear, tokens: int | None = None) -> str:
     """What the packed runtime runs on the CPU for `tokens` (None: every size), as `compress inspect` says it (bf16
-    values of a `layer` csrc/sparse_bf16.c takes: its longer token limit)."""
+    values that csrc/sparse_bf16.c takes: its longer token limit)."""
     from ..kernels.sparse_linear_cpu import (BF16_MAX_TOKENS, MAX_TOKENS, VALUE_DTYPES, cpu_sparse_available,
                                              cpu_sparse_bf16_available)
 
+    values_dtype = layer.values.dtype
     if not cpu_sparse_available(values_dtype):
         return "packed (decode per call, torch)"
-    bf16 = (values_dtype == torch.bfloat16 and layer is not None
-            and cpu_sparse_bf16_available(layer.format, layer.n, layer.m, layer.in_features))
+    bf16 = values_dtype == torch.bfloat16 and cpu_sparse_bf16_available(layer.format, layer.n, layer.m,
+                                                                         layer.in_features)
     most = BF16_MAX_TOKENS if bf16 else MAX_TOKENS
     product = f"packed: C product over the packed values at <= {most} tokens"
     blocked = "blocks of rows decoded for torch's GEMM"

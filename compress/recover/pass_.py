@@ -23,7 +23,7 @@ from ..pass_api import (Pass, PassConfig, PassContext, PassReport, head_shares_e
                         tensor_bytes, timed)
 from ..prune.sparse_linear import SparseLinear
 from ..registry import register_pass
-from ..targets import match_modules
+from ..targets import match_modules, within
 from .resume import (check_adapter_shapes, check_checkpoint_dir, check_resume_from, check_same_run, resume_point,
                      write_record)
 
@@ -169,7 +169,7 @@ class Recover(Pass):
             raise ConfigError("recover: an earlier recover pass keeps its LoRA adapter unmerged (merge: false), and "
                               "only one unmerged adapter is supported: use merge: true on the earlier one")
         mine = list(self._checked_targets(model))
-        hit = next((n for n in later.touches(model) if any(n == t or n.startswith(t + ".") for t in mine)), None)
+        hit = next((n for n in later.touches(model) if any(within(n, t) for t in mine)), None)
         if hit is not None:
             raise ConfigError(f"{later.name}: {hit} gets a LoRA adapter kept unmerged from an earlier recover pass "
                               f"(merge: false), and a pass cannot change the layer under it: use merge: true there, "
@@ -291,9 +291,9 @@ class Recover(Pass):
         if stats["stopped_by"] == "wall_clock":  # the schedule never reached its decay: say so, with the fix
             report.notes.append(
                 f"max_minutes stopped training after {stats['steps']} of {stats['max_steps']} steps, with the "
-                f"learning rate at {100 * stats['lr_at_stop']:.2g}% of lr: its schedule (5% warm-up, then cosine decay) is "
-                f"sized by max_tokens; set max_tokens to about what fits in max_minutes ({stats['tokens']} tokens "
-                "here) for the whole schedule")
+                f"learning rate at {100 * stats['lr_at_stop']:.2g}% of lr: its schedule (5% warm-up, then cosine "
+                f"decay) is sized by max_tokens; set max_tokens to about what fits in max_minutes "
+                f"({stats['tokens']} tokens here) for the whole schedule")
         report.bytes_after = sum(tensor_bytes(model.get_submodule(n)) for n in targets)
         report.details = {**stats, "seq_len": seq_len, "batch_size": c.batch_size, "merged": c.merge,
                           "kl_weight": c.kl_weight, "aux_weight": c.aux_weight,
@@ -365,7 +365,7 @@ class Recover(Pass):
 
 def _within(name: str, others) -> bool:
     """`name` is one of `others`, inside one, or holds one (module paths)."""
-    return any(name == o or name.startswith(o + ".") or o.startswith(name + ".") for o in others)
+    return any(within(name, o) or within(o, name) for o in others)
 
 
 def _refuse_overlap(modules, targets) -> None:

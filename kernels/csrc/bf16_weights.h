@@ -48,6 +48,19 @@ ALWAYS_INLINE __m512i nm24_control(const uint8_t* idx) {
     __m512i fields = _mm512_multishift_epi64_epi8(shifts, _mm512_set1_epi64((long long)bits));
     return _mm512_add_epi16(_mm512_and_si512(fields, _mm512_set1_epi16(3)), base);
 }
+
+/* one 64-column 2:4 step of a tile: acc[i][j] += w[i] . (token j's 64 entries of x at `x` gathered by control[i]),
+   rows i < nr, tokens j < nt (x: the step's first column of the tile's first token, rows ldx apart) */
+ALWAYS_INLINE void nm24_step(__m512 acc[][4], const __m512i* w, const __m512i* control, int nr, const uint16_t* x,
+                             int64_t ldx, int nt) {
+    for (int j = 0; j < nt; ++j) {
+        const uint16_t* xj = x + j * ldx;
+        __m512i lo = _mm512_loadu_si512((const void*)xj), hi = _mm512_loadu_si512((const void*)(xj + 32));
+        for (int i = 0; i < nr; ++i)
+            acc[i][j] = _mm512_dpbf16_ps(acc[i][j], (__m512bh)w[i],
+                                         (__m512bh)_mm512_permutex2var_epi16(lo, control[i], hi));
+    }
+}
 #endif
 #endif
 #endif

@@ -176,13 +176,7 @@ ALWAYS_INLINE void nm24_tile(const uint8_t* packed, int64_t ldp, const uint8_t* 
                 }
                 control[i] = nm24_control(indices + (r0 + i) * ldi + c / 8);
             }
-            for (int j = 0; j < nt; ++j) {
-                const uint16_t* xj = x + (j0 + j) * ldx + c;
-                __m512i lo = _mm512_loadu_si512((const void*)xj), hi = _mm512_loadu_si512((const void*)(xj + 32));
-                for (int i = 0; i < nr; ++i)
-                    acc[i][j] = _mm512_dpbf16_ps(acc[i][j], (__m512bh)w[i],
-                                                 (__m512bh)_mm512_permutex2var_epi16(lo, control[i], hi));
-            }
+            nm24_step(acc, w, control, nr, x + j0 * ldx + c, ldx, nt);
         }
     }
     for (int i = 0; i < nr; ++i)

@@ -33,7 +33,7 @@
 ALWAYS_INLINE void nm24_tile(const uint16_t* values, int64_t ldv, const uint8_t* indices, int64_t ldi, int64_t d,
                              const uint16_t* x, int64_t ldx, int64_t r0, int nr, int64_t j0, int nt, float* out,
                              int64_t ldo) {
-    __m512 acc[NR][NT];
+    __m512 acc[NR][4];  /* nm24_step's shape (NT is 4) */
     for (int i = 0; i < nr; ++i)
         for (int j = 0; j < nt; ++j) acc[i][j] = _mm512_setzero_ps();
     for (int64_t c = 0; c < d; c += 64) {
@@ -44,13 +44,7 @@ ALWAYS_INLINE void nm24_tile(const uint16_t* values, int64_t ldv, const uint8_t*
             vals[i] = _mm512_loadu_si512((const void*)v);
             control[i] = nm24_control(indices + (r0 + i) * ldi + c / 8);
         }
-        for (int j = 0; j < nt; ++j) {
-            const uint16_t* xj = x + (j0 + j) * ldx + c;
-            __m512i lo = _mm512_loadu_si512((const void*)xj), hi = _mm512_loadu_si512((const void*)(xj + 32));
-            for (int i = 0; i < nr; ++i)
-                acc[i][j] = _mm512_dpbf16_ps(acc[i][j], (__m512bh)vals[i],
-                                             (__m512bh)_mm512_permutex2var_epi16(lo, control[i], hi));
-        }
+        nm24_step(acc, vals, control, nr, x + j0 * ldx + c, ldx, nt);
     }
     for (int i = 0; i < nr; ++i)
         for (int j = 0; j < nt; ++j) out[(j0 + j) * ldo + r0 + i] = _mm512_reduce_add_ps(acc[i][j]);

@@ -293,7 +293,7 @@ class Recover(Pass):
                 f"max_minutes stopped training after {stats['steps']} of {stats['max_steps']} steps, with the "
                 f"learning rate at {100 * stats['lr_at_stop']:.2g}% of lr: its schedule (5% warm-up, then cosine "
                 f"decay) is sized by max_tokens; set max_tokens to about what fits in max_minutes "
-                f"({stats['tokens']} tokens here) for the whole schedule")
+                f"({stats['tokens_this_run']} tokens here) for the whole schedule")
         report.bytes_after = sum(tensor_bytes(model.get_submodule(n)) for n in targets)
         report.details = {**stats, "seq_len": seq_len, "batch_size": c.batch_size, "merged": c.merge,
                           "kl_weight": c.kl_weight, "aux_weight": c.aux_weight,

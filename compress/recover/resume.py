@@ -69,6 +69,11 @@ def _check_complete(path: Path, what: str, fix: str) -> None:
                           f"short); {fix}") from None
     if not any((path / name).is_file() for name in ADAPTER_WEIGHTS):
         raise ConfigError(f"recover: {what} of a recover run (no LoRA adapter, {ADAPTER_WEIGHTS[0]}); {fix}")
+    # the Trainer resumes without the optimizer's state when its file is missing, restarting Adam's moments in
+    # silence (a folder copied in part); its names vary with the launcher (optimizer.pt, rank0-of-2-optimizer.pt, ...)
+    if not any(child.is_file() and "optimizer" in child.name for child in path.iterdir()):
+        raise ConfigError(f"recover: {what} of a recover run in full (no optimizer state, optimizer.pt: "
+                          f"copied in part?); {fix}")
 
 
 def latest_checkpoint(folder: str | None) -> Path | None:

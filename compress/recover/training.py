@@ -5,6 +5,7 @@ with an `aux_loss` tensor set by its training forward, e.g. MoM's router load ba
 over devices with no code here."""
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -213,8 +214,10 @@ def train(peft_model: nn.Module, plan: TrainingPlan, teacher: nn.Module | None, 
     resume = plan.resume_from
     if resume is None and plan.save_steps and plan.output_dir.is_dir():
         resume = get_last_checkpoint(str(plan.output_dir))
+    resumed_at = 0
     if resume is not None:
         full.restore(resume)
+        resumed_at = json.loads((Path(resume) / "trainer_state.json").read_text(encoding="utf-8")).get("global_step", 0)
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
     history = trainer.state.log_history
@@ -225,7 +228,10 @@ def train(peft_model: nn.Module, plan: TrainingPlan, teacher: nn.Module | None, 
     return {
         "steps": trainer.state.global_step,
         "max_steps": plan.max_steps,
-        "tokens": trainer.state.global_step * plan.tokens_per_step * args.world_size,
+        "tokens": trainer.state.global_step * plan.tokens_per_step * args.world_size,  # both runs when resumed
+        # what this run trained, in the time `seconds` measures (the same as steps/tokens unless it resumed)
+        "steps_this_run": trainer.state.global_step - resumed_at,
+        "tokens_this_run": (trainer.state.global_step - resumed_at) * plan.tokens_per_step * args.world_size,
         "seconds": round(time.perf_counter() - start, 2),
         "stopped_by": "wall_clock" if budget.hit else "token_budget",
         # where the schedule (sized by max_tokens: warm-up, then cosine decay) stood at the end, as a share of lr

@@ -194,10 +194,12 @@ def test_training_resumes_from_trainer_checkpoints(tmp_path, pruned_2of4, refere
     _, resumed = recover(copy.deepcopy(pruned_2of4), reference_tokenizer, max_tokens=4 * 128,
                          checkpoint_dir=str(folder), save_steps=2)
     assert resumed["resumed_from"].endswith("checkpoint-2") and resumed["steps"] == 4
+    # steps and tokens count both runs (the schedule's position); the *_this_run ones what `seconds` timed
+    assert (resumed["steps_this_run"], resumed["tokens_this_run"], resumed["tokens"]) == (2, 2 * 128, 4 * 128)
     assert (folder / "checkpoint-4").is_dir()
     _, explicit = recover(copy.deepcopy(pruned_2of4), reference_tokenizer, max_tokens=5 * 128,
                           resume_from=str(folder / "checkpoint-4"))
-    assert explicit["resumed_from"].endswith("checkpoint-4") and explicit["steps"] == 5
+    assert explicit["resumed_from"].endswith("checkpoint-4") and explicit["steps"] == 5 and explicit["steps_this_run"] == 1
     with pytest.raises(compress.ConfigError, match="resume_from"):
         recover(copy.deepcopy(pruned_2of4), reference_tokenizer, resume_from=str(tmp_path / "nope"))
 

@@ -133,6 +133,7 @@ def fake_checkpoint(folder: Path, shapes: dict[str, tuple[int, int]], r: int = 8
     save_file(tensors, str(folder / "adapter_model.safetensors"))
     if state:
         (folder / "trainer_state.json").write_text("{}")
+    (folder / "optimizer.pt").write_bytes(b"")  # only its presence is checked: nothing here is ever unpickled
     return folder
 
 
@@ -189,7 +190,7 @@ def test_resume_from_a_checkpoint_of_another_run_is_refused(tmp_path, monkeypatc
                  "checkpoint_dir: ckd")
     refused(apply(rec, "-o", "o_g", "--dry-run"), "checkpoint_dir ckd holds checkpoints of a different run "
             "(LoRA r 8, not 4): empty it or choose another folder")
-    assert not (tmp_path / "o_g").exists() and len(listing(tmp_path / "ckd")) == 3
+    assert not (tmp_path / "o_g").exists() and len(listing(tmp_path / "ckd")) == 4
 
 
 def test_two_recover_passes_with_one_checkpoint_dir_are_refused(tmp_path, monkeypatch, no_training):
@@ -268,6 +269,21 @@ def test_a_truncated_trainer_state_is_refused_up_front(tmp_path, monkeypatch, no
                  before="  - prune: {method: magnitude, sparsity: 0.5}")
     refused(apply(rec, "-o", "o_j", "--no-eval"), "its newest checkpoint checkpoint-3 is incomplete",
             "trainer_state.json does not read", "delete")
+
+
+def test_a_checkpoint_without_its_optimizer_state_is_refused_up_front(tmp_path, monkeypatch, no_training):
+    """The Trainer resumes from a checkpoint that lost optimizer.pt (copied in part) with Adam's moments restarted,
+    saying nothing."""
+    monkeypatch.chdir(tmp_path)
+    fake_checkpoint(tmp_path / "ckd" / "checkpoint-3", tiny_targets())
+    (tmp_path / "ckd" / "checkpoint-3" / "optimizer.pt").unlink()
+    rec = recipe(tmp_path / "k.yaml", "max_tokens: 128, batch_size: 2, checkpoint_dir: ckd")
+    refused(apply(rec, "-o", "o_k", "--no-eval"), "its newest checkpoint checkpoint-3 is incomplete",
+            "no optimizer state, optimizer.pt")
+    refused(apply(recipe(tmp_path / "l.yaml", "max_tokens: 128, batch_size: 2, resume_from: ckd/checkpoint-3"),
+                  "-o", "o_l", "--no-eval"), "resume_from ckd/checkpoint-3 is not a Trainer checkpoint",
+            "no optimizer state")
+    assert not (tmp_path / "o_k").exists() and not (tmp_path / "o_l").exists()
 
 
 # ---------------------------------------------------------------------------------------------- unmerged adapters

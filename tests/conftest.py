@@ -113,15 +113,19 @@ def gathers_at_every_size(monkeypatch):
     monkeypatch.setattr(ActivationSparseMLP, "MIN_GATHER_WEIGHTS", 0)
 
 
-# x86 levels below this CPU's own whose C paths the kernel tests also run (kernels/cpu_build.build_target): the AVX2
+# x86 levels below this CPU's own whose C paths the kernel tests also run (kernels/cpu_build.build_target): the
+# AVX-512 float32 loops on a CPU with AVX512-BF16 (whose bf16 inputs take the bf16 dot products natively), the AVX2
 # loops on an AVX-512 machine, the plain C loops everywhere. CI machines differ (an AMD EPYC with AVX2 only ran
 # code the AVX-512 Xeon never had), so each runs every path its CPU can execute.
-CPU_LEVELS = {"x86-64-v3": {"avx2", "fma", "f16c", "bmi2"}, "x86-64": set()}
+AVX512 = {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
+CPU_LEVELS = {"x86-64-v4": AVX512, "x86-64-v3": {"avx2", "fma", "f16c", "bmi2"}, "x86-64": set()}
+# what the native build has beyond each level; a level whose CPUs lack none of it is the native build again
+_BEYOND = {"x86-64-v4": {"avx512_bf16", "avx512vbmi", "avx512_vbmi2"}, "x86-64-v3": AVX512, "x86-64": {"avx2"}}
 
 
 def _levels_to_test() -> list[str]:
-    """This CPU's own level, then each lower one it can execute and that differs from its own (no AVX-512: x86-64-v3
-    is its own level); only native off x86 or without a compiler."""
+    """This CPU's own level, then each lower one it can execute and that differs from its own; only native off x86
+    or without a compiler."""
     import platform
 
     from compress.kernels import cpu_build
@@ -129,8 +133,7 @@ def _levels_to_test() -> list[str]:
     flags = cpu_build.cpu_flags()
     if platform.machine() not in ("x86_64", "AMD64") or not cpu_build._compilers():
         return ["native"]
-    return ["native", *(level for level, needs in CPU_LEVELS.items()
-                        if needs <= flags and not (level == "x86-64-v3" and "avx512f" not in flags))]
+    return ["native", *(level for level, needs in CPU_LEVELS.items() if needs <= flags and _BEYOND[level] & flags)]
 
 
 @pytest.fixture(params=_levels_to_test())

@@ -22,6 +22,7 @@ import shutil
 import tempfile
 import uuid
 import weakref
+from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -31,7 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .errors import CompressError, disk_full_error
+from .errors import CheckpointError, CompressError, disk_full_error
 from .progress import progress_bar
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -55,18 +56,54 @@ def parse_bytes(value: int | str, what: str = "max_memory") -> int:
     return int(number)
 
 
+def _signature(path: Path) -> tuple[int, int, int]:
+    st = path.stat()
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def weight_index(files: list[Path], dtype: torch.dtype) -> dict[str, dict]:
     """accelerate's OffloadedWeightsLoader index: tensor name -> where it lives, read in place and cast to `dtype`
-    (floating tensors only; integer codes and indices keep their type)."""
+    (floating tensors only; integer codes and indices keep their type), with the file's signature as loaded."""
     index = {}
     for f in files:
+        signature = _signature(f)
         with safe_open(f, framework="pt") as sf:
             for key in sf.keys():
-                entry = {"safetensors_file": str(f), "weight_name": key}
+                entry = {"safetensors_file": str(f), "weight_name": key, "signature": signature}
                 if sf.get_slice(key).get_dtype() in ("F16", "BF16", "F32", "F64"):
                     entry["dtype"] = str(dtype).removeprefix("torch.")
                 index[key] = entry
     return index
+
+
+class CheckedWeights(Mapping):
+    """accelerate's OffloadedWeightsLoader over `index`, refusing to read a file that changed since it was indexed: a
+    layer left on disk is read at each forward, and a save over the folder meanwhile (a new file under the same
+    name) would have mixed another model's layers into this one, silently."""
+
+    def __init__(self, index: dict[str, dict]):
+        from accelerate.utils import OffloadedWeightsLoader
+
+        self.loader = OffloadedWeightsLoader(index=index)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        info = self.loader.index.get(key, {})
+        if "signature" in info:
+            path = Path(info["safetensors_file"])
+            try:
+                same = _signature(path) == tuple(info["signature"])
+            except OSError:
+                same = False
+            if not same:
+                raise CheckpointError(f"{path} changed on disk after this model was loaded from it (saved over, or "
+                                      "removed): its layers left on disk can no longer be read; load it again")
+        return self.loader[key]
+
+    def __iter__(self):
+        return iter(self.loader)
+
+    def __len__(self) -> int:
+        return len(self.loader)
 
 
 def is_offloaded(module: nn.Module) -> bool:
@@ -78,11 +115,11 @@ def _attach(module: nn.Module, weights: dict[str, dict], prefix: str, device) ->
     forward. One hook per submodule that holds tensors (accelerate's attach_align_device_hook), so each hook
     knows its own non-persistent buffers; those (derived, e.g. row offsets) stay resident."""
     from accelerate.hooks import attach_align_device_hook
-    from accelerate.utils import OffloadedWeightsLoader, PrefixedDataset, set_module_tensor_to_device
+    from accelerate.utils import PrefixedDataset, set_module_tensor_to_device
 
     for name in module.state_dict():
         set_module_tensor_to_device(module, name, "meta")
-    module._compress_weights = PrefixedDataset(OffloadedWeightsLoader(index=weights), prefix + ".")
+    module._compress_weights = PrefixedDataset(CheckedWeights(weights), prefix + ".")
     attach_align_device_hook(module, execution_device=device, offload=True, offload_buffers=True,
                              weights_map=module._compress_weights)
 
@@ -133,7 +170,9 @@ class OffloadState:
             if full is not None:  # the user's disk: one line (errors.user_error), as a full disk at the save gets
                 raise full from None
             raise
-        _attach(module, {k: {"safetensors_file": str(path), "weight_name": k} for k in state}, prefix, self.device)
+        signature = _signature(path)
+        _attach(module, {k: {"safetensors_file": str(path), "weight_name": k, "signature": signature} for k in state},
+                prefix, self.device)
         previous = self._spilled.get(prefix)
         if previous is not None:  # still held until it is gone (a signal between the two would leave it)
             self._spilled[f"{prefix} (previous)"] = previous
@@ -300,8 +339,6 @@ def load_offloaded(path: Path, files: list[Path], model: nn.Module, *, dtype: to
                    offload_folder=None, device="cpu") -> nn.Module:
     """Fill a meta-device `model` from `files`: the decoder layers in `offloaded` (`offload_plan`) left on disk
     behind offload hooks, everything else in RAM."""
-    from accelerate.utils import OffloadedWeightsLoader
-
     from .inspection import derived_tensor_names, rebuild_derived
     from .sequential import decoder_layers
 
@@ -312,7 +349,7 @@ def load_offloaded(path: Path, files: list[Path], model: nn.Module, *, dtype: to
     if missing:
         raise CompressError(f"{path} lacks tensors the model needs: {', '.join(missing[:5])}")
     model.compress_offload = OffloadState(offload_folder, device)
-    loader = OffloadedWeightsLoader(index=index)
+    loader = CheckedWeights(index)
     _fill(model, {k: loader[k] for k in index if k in state_names and not k.startswith(prefix + ".")},
           skip=prefix + ".")
     for i in progress_bar(range(len(layers)), description="loading layers", enabled=len(offloaded) > 0):

@@ -219,3 +219,21 @@ def test_an_offload_folder_inside_the_source_model_is_refused(source, tmp_path):
                                     "--max-memory", "9MB", "--offload-folder", str(source / "spill"), "--no-eval"])
     assert run.exit_code == 2 and "is inside the source model's folder" in run.output, run.output
     assert sorted(p.name for p in source.iterdir()) == before and not (tmp_path / "out").exists()
+
+
+def test_a_save_over_the_folder_after_loading_is_refused_not_mixed_in(source, tmp_path):
+    """Layers left on disk are read at each forward: a model saved over the folder meanwhile would have lent them
+    its weights, silently (an audit's find); the read refuses instead, naming the file."""
+    folder = tmp_path / "m"
+    shutil.copytree(source, folder)
+    model = compress.load(folder, max_memory="9MB")
+    ids = torch.randint(0, 8192, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        torch.testing.assert_close(model(input_ids=ids).logits, before)  # unchanged files read again: no refusal
+    other = compress.load(source)
+    for p in other.parameters():
+        p.data.mul_(1.5)
+    other.save_pretrained(folder)  # new files under the same names
+    with torch.no_grad(), pytest.raises(compress.CheckpointError, match="changed on disk after this model was loaded"):
+        model(input_ids=ids)

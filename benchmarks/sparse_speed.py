@@ -11,6 +11,9 @@ CPU (one torch thread, fp32; speeds as ratios of paired medians):
   decoding of 64, and a 2-layer model with Llama-3-8B's layer shapes (random weights), prefill 128 and 16 decoded.
   On a CPU that computes bf16 natively (what `dtype: auto` loads there) the runtime_packed rows and the 2-layer
   model's rows again in bf16, against the dense bf16 layer / model (`dtype` in the rows).
+  unmerged_adapter: a 2:4 layer carrying an unmerged LoRA adapter (recover's `merge: false`) vs the dense layer
+  (`vs_packed`: vs the packed layer alone), 1/16/128 tokens, the merged copy that calls without gradients run, and
+  at 1 token the training call (the masked update built per call).
   `--only-runtimes`: these rows only (no activation-sparsity calibration).
 - activation_sparse_mlp: the `activation_sparsity` pass (neuron scaling unless `--no-neuron-scaling`) is calibrated
   on the reference model (`--model`, default builtin:small, fp32; `--ppl-budget` on its calibration windows);
@@ -238,6 +241,41 @@ def cuda_e2e(prefill_tokens: int = 4096, decode_tokens: int = 64) -> list[dict]:
             dict(device="cuda", kind="e2e_decode", shape=shape, tokens=decode_tokens, speedup_vs_dense=dec_d / dec_s)]
 
 
+def cpu_unmerged_adapter(tokens_list, repeats, shapes=((4096, 4096), (14336, 4096))) -> list[dict]:
+    """A 2:4 packed layer carrying an unmerged LoRA adapter (recover's `merge: false`, r=8) vs the dense layer and
+    the packed layer alone: calls that train nothing run a merged copy (compress/recover/lora.py), training calls
+    build the masked update M * B A each time (timed at 1 token; `path` says which)."""
+    from peft import LoraConfig
+
+    from compress.pass_api import tensor_bytes
+    from compress.recover.lora import ADAPTER, SparsityKeepingLoraLinear
+
+    rows = []
+    for out_f, in_f in shapes:
+        lin, sparse = pruned_pair(out_f, in_f)
+        adapted = SparsityKeepingLoraLinear(copy.deepcopy(sparse), ADAPTER, config=LoraConfig(r=8, lora_alpha=16),
+                                            r=8, lora_alpha=16)
+        with torch.no_grad():
+            adapted.lora_B[ADAPTER].weight.normal_(0, 0.01)
+        for t in tokens_list:
+            x = torch.randn(t, in_f)
+            with torch.no_grad():
+                dense_s, packed_s, ours_s = paired_median_seconds([lambda: lin(x), lambda: sparse(x),
+                                                                   lambda: adapted(x)], repeats)
+            copy_bytes = tensor_bytes(adapted.__dict__["_merged_cache"][1])
+            rows.append(dict(device="cpu", kind="unmerged_adapter", shape=f"{out_f}x{in_f}", tokens=t,
+                             path="merged copy (no grad)", speedup_vs_dense=dense_s / ours_s,
+                             vs_packed=packed_s / ours_s, dense_ms=dense_s * 1e3, ours_ms=ours_s * 1e3,
+                             extra_bytes_vs_packed=copy_bytes / tensor_bytes(sparse)))
+            if t == 1:  # the training call, with its graph (slow: a few repeats), against the times above
+                train_s = paired_median_seconds([lambda: adapted(x)], 3)[0]
+                rows.append(dict(device="cpu", kind="unmerged_adapter", shape=f"{out_f}x{in_f}", tokens=t,
+                                 path="per-call update (training)", speedup_vs_dense=dense_s / train_s,
+                                 vs_packed=packed_s / train_s, dense_ms=dense_s * 1e3, ours_ms=train_s * 1e3))
+        del lin, sparse, adapted
+    return rows
+
+
 def print_table(rows: list[dict]) -> None:
     for device in ("cpu", "cuda"):
         sub = [r for r in rows if r["device"] == device]
@@ -251,7 +289,8 @@ def print_table(rows: list[dict]) -> None:
                 continue
             extra = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()
                      if k in ("dtype", "path", "gate", "sparsity", "candidate_share", "ppl_delta_pct", "rel_err",
-                              "weight_copies", "structure", "paths", "bytes_vs_dense")}
+                              "weight_copies", "structure", "paths", "bytes_vs_dense", "vs_packed",
+                              "extra_bytes_vs_packed")}
             print(f"{r['kind']:<22}{r['shape']:<36}{r['tokens']:>7}{r['speedup_vs_dense']:>8.2f}x  {extra or ''}")
 
 
@@ -361,6 +400,8 @@ def main(argv=None) -> None:
                 if native_dtype(torch.bfloat16, "cpu"):  # bf16 layers against the dense bf16 ones `auto` runs here
                     rows += cpu_runtime_packed([1, 8] if args.quick else [1, 4, 8, 16, 64, 512], repeats,
                                                dtype=torch.bfloat16)
+                rows += cpu_unmerged_adapter([1] if args.quick else [1, 16, 128], repeats,
+                                             ((4096, 4096),) if args.quick else ((4096, 4096), (14336, 4096)))
                 rows += cpu_e2e(repeats)
                 if not args.quick:
                     rows += cpu_e2e(repeats, "builtin:small") + cpu_e2e_llama3_shape(repeats)

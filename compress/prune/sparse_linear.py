@@ -63,18 +63,26 @@ class SparseLinear(nn.Module):
     @torch.no_grad()
     def from_linear(cls, linear: nn.Linear, mask: torch.Tensor, nm: tuple[int, int] | None) -> "SparseLinear":
         """Pack `linear.weight` where `mask` is True (N:M layout when `nm` is given, else the bitmask layout)."""
-        w = linear.weight.detach()
+        return cls.from_weight(linear.weight, mask, nm, linear.bias)
+
+    @classmethod
+    @torch.no_grad()
+    def from_weight(cls, weight: torch.Tensor, mask: torch.Tensor, nm: tuple[int, int] | None,
+                    bias: torch.Tensor | None = None) -> "SparseLinear":
+        """Pack the [out, in] `weight` where `mask` is True (N:M layout when `nm` is given, else the bitmask one)."""
+        w = weight.detach()
         mask = mask.to(w.device)
+        out_features, in_features = w.shape
         if nm is not None:
-            out = cls(linear.in_features, linear.out_features, "nm", n=nm[0], m=nm[1], bias=linear.bias is not None,
-                      dtype=w.dtype, device=w.device)
+            out = cls(in_features, out_features, "nm", n=nm[0], m=nm[1], bias=bias is not None, dtype=w.dtype,
+                      device=w.device)
             out.values, out.indices = pack_nm(w, mask, *nm)
         else:
-            out = cls(linear.in_features, linear.out_features, "bitmask", nnz=int(mask.sum()),
-                      bias=linear.bias is not None, dtype=w.dtype, device=w.device)
+            out = cls(in_features, out_features, "bitmask", nnz=int(mask.sum()), bias=bias is not None,
+                      dtype=w.dtype, device=w.device)
             out.values, out.bitmask, out.row_offsets = pack_bitmask(w, mask)
-        if linear.bias is not None:
-            out.bias.copy_(linear.bias.detach())
+        if bias is not None:
+            out.bias.copy_(bias.detach())
         return out
 
     @torch.no_grad()

@@ -16,6 +16,14 @@ def test_runtime_packed_rows_say_path_bytes_and_ratio(bench):
     assert all(0.45 < r["bytes_vs_dense"] < 0.7 for r in rows)  # values + positions (+ row offsets) vs fp32 dense
 
 
+def test_unmerged_adapter_rows_time_the_merged_copy_and_the_training_call(bench):
+    rows = bench.cpu_unmerged_adapter([1, 20], 1, shapes=[(64, 128)])
+    assert [(r["tokens"], r["path"]) for r in rows] == [(1, "merged copy (no grad)"), (1, "per-call update (training)"),
+                                                        (20, "merged copy (no grad)")]
+    assert all(r["kind"] == "unmerged_adapter" and r["speedup_vs_dense"] > 0 and r["vs_packed"] > 0 for r in rows)
+    assert rows[0]["extra_bytes_vs_packed"] == 1.0  # the merged copy: the packed layer's bytes once more
+
+
 def test_only_runtimes_takes_no_activation_sparsity_options(bench, capsys):
     with pytest.raises(SystemExit) as exit_info:
         bench.main(["--only-runtimes", "--only-activation-sparse"])

@@ -115,3 +115,40 @@ def test_only_the_adapter_trains_and_gradients_respect_the_mask():
     a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
     assert a.grad is not None and b.grad is not None
     assert all(t.grad is None for t in base.buffers())
+
+
+@pytest.mark.parametrize("kind", ["nm", "bitmask", "dense_pruned"])
+def test_calls_that_train_nothing_use_a_merged_copy_that_follows_the_adapter(kind):
+    """Without gradients a merged copy of the layer computes the call (built once, packed like the base), the same
+    numbers as the update built every call for training; a changed adapter (an optimizer step) rebuilds it."""
+    torch.manual_seed(0)
+    linear = nn.Linear(128, 48, bias=True)
+    mask = nm_mask(linear.weight.abs(), 2, 4) if kind == "nm" else unstructured_mask(linear.weight.abs(), 0.6)
+    with torch.no_grad():
+        linear.weight.mul_(mask)
+    nm = (2, 4) if kind == "nm" else None
+    base = linear if kind == "dense_pruned" else SparseLinear.from_linear(linear, mask, nm)
+    layer = wrapped(base)
+    optimizer = torch.optim.SGD([p for p in layer.parameters() if p.requires_grad], lr=0.1)
+    for tokens in (1, 3, 20):
+        x = torch.randn(2, tokens, 128)
+        training = layer(x)  # adapters require grad: the per-call update, with its graph
+        with torch.no_grad():
+            packed = layer(x)
+        assert training.requires_grad and not packed.requires_grad
+        assert type(layer.__dict__["_merged_cache"][1]) is type(base)  # the merged copy ran
+        torch.testing.assert_close(packed, training.detach(), rtol=1e-5, atol=1e-5)
+        training.square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        with torch.no_grad():  # after the step: the new adapter, not the packed copy of the old one
+            torch.testing.assert_close(layer(x), layer.base_layer(x) + _masked_update(layer, x), rtol=1e-5,
+                                       atol=1e-5)
+    layer.requires_grad_(False)  # frozen adapter, gradients on: no graph needed, the packed path too
+    x = torch.randn(1, 1, 128)
+    torch.testing.assert_close(layer(x), layer.base_layer(x) + _masked_update(layer, x), rtol=1e-5, atol=1e-5)
+
+
+def _masked_update(layer: SparsityKeepingLoraLinear, x: torch.Tensor) -> torch.Tensor:
+    a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+    return x @ ((b @ a) * layer.keep_mask * layer.scaling[ADAPTER]).T

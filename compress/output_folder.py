@@ -179,10 +179,12 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _writer_pid(path: Path, kind: str) -> int | None:
-    """The process id in `.NAME.tmp-PID-XXXX` / `.NAME.old-PID-XXXX` (None for names without one: older saves)."""
-    pid, dash, _ = path.name.rsplit(f".{kind}-", 1)[1].partition("-")
-    return int(pid) if dash and pid.isdigit() else None
+_SUFFIX = re.compile(r"-(\d+)-[0-9a-f]{8}")  # what temporary_folder / swap_into_place put after `.NAME.tmp` / `.old`
+
+
+def _writer_pid(path: Path, kind: str) -> int:
+    """The process id in `.NAME.tmp-PID-XXXXXXXX` / `.NAME.old-PID-XXXXXXXX` (a name `_leftovers` matched)."""
+    return int(_SUFFIX.fullmatch(path.name.rsplit(f".{kind}", 1)[1]).group(1))
 
 
 _SWAPPING: set[Path] = set()  # moved-aside copies of this process's swaps now between their two renames
@@ -194,8 +196,6 @@ def _swapping(old: Path) -> bool:
     another process's that is running and moved it seconds ago (a pid alone may have been reused, or be another
     container's)."""
     pid = _writer_pid(old, "old")
-    if pid is None:
-        return False
     if pid == os.getpid():
         return old.resolve() in _SWAPPING  # a reader may name it through a symlinked parent
     try:
@@ -206,7 +206,11 @@ def _swapping(old: Path) -> bool:
 
 
 def _leftovers(target: Path, kind: str) -> list[Path]:
-    return list(target.parent.glob(f".{glob.escape(target.name)}.{kind}-*"))  # `ck[1]` is no pattern
+    """This tool's temporaries (`tmp`) or moved-aside copies (`old`) of `target`: only names it writes itself, with a
+    process id and 8 hex digits (a user's `.ck.old-backup` beside `ck` was restored over or deleted)."""
+    prefix = f".{target.name}.{kind}"
+    return [p for p in target.parent.glob(f"{glob.escape(prefix)}-*")  # `ck[1]` is no pattern
+            if _SUFFIX.fullmatch(p.name[len(prefix):]) and p.is_dir() and not p.is_symlink()]
 
 
 def wait_for_swap(target: Path, seconds: float = 5.0) -> None:
@@ -234,8 +238,7 @@ def recover(target: Path) -> Path | None:
         for old in olds:
             shutil.rmtree(old, ignore_errors=True)
         for tmp in _leftovers(target, "tmp"):
-            pid = _writer_pid(tmp, "tmp")
-            if pid is None or not _pid_alive(pid):
+            if not _pid_alive(_writer_pid(tmp, "tmp")):
                 shutil.rmtree(tmp, ignore_errors=True)
     except OSError:
         return restored  # a read-only parent: nothing to clean, check_output reports it

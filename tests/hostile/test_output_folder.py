@@ -201,14 +201,37 @@ def test_api_save_refuses_foreign_folders(tmp_path, small_model):
 
 
 def test_stale_temporaries_of_the_target_are_swept(tmp_path, small_model):
-    dead = tmp_path / ".ckpt.tmp-999999999-abcd"  # no such process
-    alive = tmp_path / f".ckpt.tmp-{os.getpid()}-abcd"  # a save in progress in this process
-    other = tmp_path / ".other.tmp-999999999-abcd"  # another target's
+    dead = tmp_path / ".ckpt.tmp-999999999-abcd0123"  # no such process
+    alive = tmp_path / f".ckpt.tmp-{os.getpid()}-abcd0123"  # a save in progress in this process
+    other = tmp_path / ".other.tmp-999999999-abcd0123"  # another target's
     for d in (dead, alive, other):
         d.mkdir()
         (d / "model.safetensors").write_bytes(b"x" * 1000)
     compress.save(small_model(), tmp_path / "ckpt")
     assert not dead.exists() and alive.exists() and other.exists()
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_user_folders_named_like_leftovers_are_never_touched(tmp_path, small_model, overwrite):
+    """Only names this tool writes (`.NAME.tmp-PID-8hex`, `.NAME.old-PID-8hex`) are its leftovers: a user's
+    `.ckpt.old-backup` was restored over a missing target, or deleted beside an existing one, by a refused save
+    (an audit's find)."""
+    import torch
+
+    user = {name: tmp_path / name for name in (".ckpt.old-mybackup", ".ckpt.tmp-scratch", ".ckpt.old-12-notours",
+                                               ".new.old-mine")}
+    for folder in user.values():
+        folder.mkdir()
+        (folder / "notes.txt").write_text("precious")
+    out = compress.save(small_model(seed=1), tmp_path / "ckpt")
+    if overwrite:
+        compress.save(small_model(seed=2), out, overwrite=True)
+    else:
+        with pytest.raises(OutputError, match="already exists"):
+            compress.save(small_model(seed=2), out)
+    new = compress.save(small_model(seed=3), tmp_path / "new")  # a missing target: nothing put in its place first
+    assert torch.equal(compress.load(new).lm_head.weight, small_model(seed=3).lm_head.weight)
+    assert all((folder / "notes.txt").read_text() == "precious" for folder in user.values())
 
 
 def _crash_between_renames(monkeypatch):

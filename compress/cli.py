@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from .cli_eval import EVAL_SEQ_LEN, _check_kv_text, _eval_windows, _evaluate, _read_text, _recorded_source
+from .cli_eval import (EVAL_SEQ_LEN, _check_kv_text, _eval_windows, _evaluate, _read_text, _recorded_source,
+                       _residual_length)
 from .cli_format import _bold, _console, _mb, _print_eval, _print_passes, _table, check_utf8_arguments
 from .checkpoint import folder_bytes  # noqa: F401 (also compress.cli.folder_bytes)
 from .errors import CompressError
@@ -213,8 +214,7 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
         click.echo(f"note: the evaluation scores windows of {context} tokens, the model's context", err=True)
     windows = _eval_windows(tokenizer, text, eval_seq_len, eval_windows, model.config) if do_eval else None
     if do_eval:
-        _check_kv_text(tokenizer, text, any(p.name == "gear_kv" for p in passes)
-                       or getattr(model, "kv_cache_settings", None) is not None)
+        _check_kv_text(tokenizer, text, _residual_length(model, passes), model.config)
     if r.calibration is not None and r.calibration.source == "builtin:heldout" and do_eval and not eval_text:
         click.echo("note: the recipe calibrates on builtin:heldout, the text the evaluation scores: the held-out "
                    "numbers will flatter the result (use builtin:calibration)", err=True)
@@ -317,7 +317,7 @@ def eval_cmd(model_src, baseline, text_file, seq_len, max_windows, speed, activa
         raise CompressError(f"{model_src} has no tokenizer files; save the tokenizer with the model")
     text = _read_text(text_file) if text_file else None
     model = models.load(model_src, sparse_runtime=sparse_runtime, allow_pickle=allow_pickle, dtype=dtype)
-    _check_kv_text(tokenizer, text, getattr(model, "kv_cache_settings", None) is not None)
+    _check_kv_text(tokenizer, text, _residual_length(model, []), model.config)
     result = _evaluate(model, baseline, tokenizer, max_windows, progress=not as_json, seq_len=seq_len, text=text,
                        allow_pickle=allow_pickle, dtype=dtype)
     result["baseline"] = baseline

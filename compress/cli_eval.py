@@ -51,13 +51,22 @@ def _eval_windows(tokenizer, text, seq_len: int, max_windows, config):
     return windows
 
 
-def _check_kv_text(tokenizer, text: str | None, compressed_cache: bool) -> None:
-    """A model with a compressed KV cache is also scored with it, on windows of 512 tokens: checked before any
-    work (it failed after the checkpoint was written)."""
-    if text is not None and compressed_cache:
+def _residual_length(model, passes) -> int | None:
+    """The full-precision window of the compressed KV cache the model has, or one of `passes` installs (None: none)."""
+    settings = getattr(model, "kv_cache_settings", None)
+    if settings is not None:
+        return settings.residual_length
+    return next((p.config.residual_length for p in passes if p.name == "gear_kv"), None)
+
+
+def _check_kv_text(tokenizer, text: str | None, residual_length: int | None, config) -> None:
+    """A model with a compressed KV cache (`residual_length`: its full-precision window; None: no such cache) is also
+    scored with it, on windows longer than that window: checked before any work (it failed after the checkpoint
+    was written)."""
+    if residual_length is not None:
         from .kvcache.quality import check_summary_text
 
-        check_summary_text(tokenizer, text)
+        check_summary_text(tokenizer, text, residual_length, config)
 
 
 def _evaluate(model, baseline_src, tokenizer, windows, progress, seq_len: int = EVAL_SEQ_LEN, text: str | None = None,

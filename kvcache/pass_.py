@@ -11,6 +11,7 @@ from pydantic import Field
 from torch import nn
 
 from ..errors import ConfigError, UnsupportedModelError
+from .quality import residual_beyond_context
 from ..kernels.kv_pages import FORMAT_VERSION as KV_FORMAT_VERSION
 from ..pass_api import Pass, PassConfig, PassContext, PassReport, left_by_earlier, tensor_bytes, timed
 from ..registry import register_pass
@@ -81,6 +82,9 @@ class GearKV(Pass):
             raise ConfigError(f"gear_kv: the model already has a compressed KV cache ({existing.method}, "
                               f"{existing.bits} bits); apply gear_kv to the model without one")
         GEARCache(model.config, self.settings())  # validates the settings against head_dim and the layer count
+        problem = residual_beyond_context(self.config.residual_length, model.config)
+        if problem:
+            raise ConfigError(problem)
 
     def describe(self, model: nn.Module) -> list[str]:
         skipped = set(self.config.skip_layers)

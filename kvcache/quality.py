@@ -132,15 +132,47 @@ def copy_accuracy(model: nn.Module, seqs: torch.Tensor, make_cache: CacheFactory
 
 
 SUMMARY_WINDOW_LEN = 512
+SUMMARY_SCORED = 256  # tokens at least scored per window after the full-precision first chunk, where the context allows
 
 
-def check_summary_text(tokenizer, text: str) -> None:
-    """Before any work: `cache_quality_summary` scores windows of SUMMARY_WINDOW_LEN tokens of `text`."""
-    heldout_windows(tokenizer, text, 1, SUMMARY_WINDOW_LEN)
+def summary_window_len(residual_length: int, context: int | None) -> int:
+    """Windows of SUMMARY_WINDOW_LEN tokens, longer where the first chunk (`residual_length`, fed in full precision)
+    would leave fewer than SUMMARY_SCORED to score, at most the model's context: a 512-token residual window left
+    nothing to score in 512-token windows, an error raised after the checkpoint was written."""
+    length = max(SUMMARY_WINDOW_LEN, residual_length + SUMMARY_SCORED)
+    return min(length, context) if context else length
+
+
+def _context(config) -> int | None:
+    from ..models import text_config
+
+    return getattr(text_config(config), "max_position_embeddings", None)
+
+
+def residual_beyond_context(residual_length: int, config) -> str | None:
+    """What is wrong with a full-precision window as long as the model's context (None: nothing)."""
+    context = _context(config)
+    if context is not None and residual_length >= context:
+        return (f"gear_kv: residual_length {residual_length} is at least the model's context ({context} tokens): "
+                f"the cache would keep every token in full precision and compress nothing; use a residual_length "
+                f"well below {context} (KIVI: 32-128)")
+    return None
+
+
+def check_summary_text(tokenizer, text: str | None, residual_length: int, config) -> None:
+    """Before any work: `cache_quality_summary` can score windows of `text` (default: the held-out text) with this
+    residual window in this model's context."""
+    from ..calibration import builtin_text
+
+    problem = residual_beyond_context(residual_length, config)
+    if problem:
+        raise CompressError(problem)
+    length = summary_window_len(residual_length, _context(config))
+    heldout_windows(tokenizer, text if text is not None else builtin_text("builtin:heldout"), 1, length)
 
 
 def cache_quality_summary(model: nn.Module, tokenizer, settings, text: str | None, windows: int | None,
-                          window_len: int = SUMMARY_WINDOW_LEN) -> dict:
+                          window_len: int | None = None) -> dict:
     """What `compress eval`/`apply` report for a model with a compressed KV cache (a plain forward does not use it):
     tokens scored chunk by chunk with the compressed past against the same chunked pass with an uncompressed cache,
     on at most 16 windows of `text` (default: the held-out text), without the per-window lists."""
@@ -148,8 +180,10 @@ def cache_quality_summary(model: nn.Module, tokenizer, settings, text: str | Non
     from .cache import GEARCache
 
     n = min(windows or 16, 16)
+    if window_len is None:
+        window_len = summary_window_len(settings.residual_length, _context(model.config))
     w = heldout_windows(tokenizer, text if text is not None else builtin_text("builtin:heldout"), n, window_len)
     result, _ = kv_quality(model, w, lambda: GEARCache(model.config, settings), settings.residual_length)
     summary = result.to_dict(windows=False)
-    return {**summary, "protocol": f"{n} windows of {window_len} tokens fed in chunks of "
+    return {**summary, "protocol": f"{n} window{'s' if n != 1 else ''} of {window_len} tokens fed in chunks of "
                                    f"{settings.residual_length}; tokens after the first chunk scored"}

@@ -56,7 +56,8 @@ def test_bad_arguments(args, match):
 
 
 @pytest.mark.parametrize("args,match", [(dict(key_rank=65), "exceeds"), (dict(skip_layers=[6]), "out of range"),
-                                        (dict(skip_layers=[0, 1, 2, 3, 4, 5]), "leaves no attention layer")])
+                                        (dict(skip_layers=[0, 1, 2, 3, 4, 5]), "leaves no attention layer"),
+                                        (dict(residual_length=1024), "at least the model's context \\(1024 tokens\\)")])
 def test_arguments_impossible_for_the_model(args, match):
     with pytest.raises(CompressError, match=match):
         compress.apply(compress.load("builtin:tiny"), [compress.get_pass("gear_kv")(**args)], progress=False)
@@ -123,3 +124,29 @@ def test_entry_written_before_the_paged_format_restores(heldout_ids):
         out = model.generate(heldout_ids[:, :140], max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
     store = out.cache.layers[0].key_store
     assert out.cache.settings.page_chunks == 32 and len(store.pages) == 1 and store.pages[0].rank == 1
+
+
+def test_apply_scores_a_long_residual_window_on_longer_windows_before_writing(tmp_path):
+    """A residual window of 512 tokens left nothing to score in the summary's 512-token windows: the error came after
+    the checkpoint was written (an audit's find). The windows now grow with it (up to the model's context); a
+    window as long as the context is refused before any work."""
+    import json
+
+    from click.testing import CliRunner
+
+    from compress.cli import main
+
+    def run(residual: int, out: str):
+        recipe = tmp_path / f"r{residual}.yaml"
+        recipe.write_text(f"model: builtin:tiny\npasses:\n  - gear_kv: {{method: kivi, bits: 4, residual_length: "
+                          f"{residual}}}\n")
+        return CliRunner().invoke(main, ["apply", str(recipe), "--output", str(tmp_path / out), "--eval-windows", "1",
+                                         "--json"])
+
+    done = run(512, "ok")
+    assert done.exit_code == 0, done.output
+    summary = json.loads(done.stdout)["eval"]["kv_cache"]
+    assert summary["protocol"].startswith("1 window of 768 tokens fed in chunks of 512") and summary["tokens_scored"] == 255
+    refused = run(1024, "no")
+    assert refused.exit_code == 2 and "at least the model's context (1024 tokens)" in refused.stderr
+    assert "Traceback" not in refused.output and not (tmp_path / "no").exists()

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import click
 
+from .cli_export import export_cmd
 from .cli_eval import (EVAL_SEQ_LEN, _check_kv_text, _eval_windows, _evaluate, _read_text, _recorded_source,
                        _residual_length)
-from .cli_format import _bold, _console, _mb, _print_eval, _print_passes, _table, check_utf8_arguments
+from .cli_format import (_bold, _console, _mb, _print_eval, _print_passes, _table, check_utf8_arguments,
+                         stored_dense_line)
 from .checkpoint import folder_bytes  # noqa: F401 (also compress.cli.folder_bytes)
 from .errors import CompressError
 
@@ -147,7 +149,7 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
     output = output or r.output
     export_format = export_format or r.export_format or "native"
     if export_format == "compressed-tensors":
-        from .export.compressed_tensors import check_passes, export
+        from .export.compressed_tensors import check_passes, export, group_fallback
 
         check_passes([(p.name, p.args) for p in r.passes])  # what the format cannot express fails before any work
     if max_memory is not None:
@@ -213,6 +215,10 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
         eval_seq_len = context
         click.echo(f"note: the evaluation scores windows of {context} tokens, the model's context", err=True)
     windows = _eval_windows(tokenizer, text, eval_seq_len, eval_windows, model.config) if do_eval else None
+    if export_format == "compressed-tensors":  # layers it will store dense: said before the work, all refused
+        line = stored_dense_line(group_fallback(model, passes))
+        if line:
+            click.echo(f"note: {line}", err=True)
     if do_eval:
         _check_kv_text(tokenizer, text, _residual_length(model, passes), model.config)
     if r.calibration is not None and r.calibration.source == "builtin:heldout" and do_eval and not eval_text:
@@ -244,7 +250,7 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
     if not Path(output).expanduser().is_absolute():  # a recipe's relative `output` is taken from the current folder
         con.print(f"  at {Path(output).expanduser().resolve()}", soft_wrap=True)
     if exported.get("stored_dense"):
-        con.print(f"stored dense in compressed-tensors: {', '.join(exported['stored_dense'])}")
+        con.print(stored_dense_line(exported["stored_dense"]), soft_wrap=True)
     if do_eval:
         _print_eval(con, result["eval"])
 
@@ -444,46 +450,7 @@ def inspect(checkpoint, sparse_runtime, device, as_json):
     print_inspection(result)
 
 
-@main.command("export")
-@click.argument("checkpoint", metavar="CHECKPOINT")
-@click.option("--output", "-o", required=True, help="Folder to write the exported checkpoint to.")
-@click.option("--format", "export_format", type=click.Choice(["compressed-tensors"]), default="compressed-tensors",
-              show_default=True, help="compressed-tensors: loads in transformers and vLLM without compress.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output folder this tool wrote.")
-@click.option("--json", "as_json", is_flag=True)
-def export_cmd(checkpoint, output, export_format, overwrite, as_json):
-    """Export a checkpoint `compress apply` saved natively, in a format other tools load (the same files as apply
-    --format compressed-tensors)."""
-    from . import models
-    from .export.compressed_tensors import check_passes, export
-
-    folder = models.resolve_model_path(checkpoint)
-    section = None if str(checkpoint).startswith("builtin:") else models.compression_section(folder)
-    if not section:
-        raise CompressError(f"{checkpoint} is not a checkpoint compress wrote (its config.json has no compression "
-                            "record): compress it with `compress apply RECIPE --format compressed-tensors`")
-    if section.get("export_format"):
-        raise CompressError(f"{checkpoint} is already a {section['export_format']} export")
-    if not section.get("passes"):
-        raise CompressError(f"{checkpoint} records no compression pass: its export would be the dense model")
-    check_passes([(e["pass"], e.get("args") or {}) for e in section.get("passes", [])])  # before loading weights
-    check_output(output, overwrite=overwrite, source=folder)
-    model = models.load(checkpoint, dtype="stored")  # the files' dtype: least memory, and what the export writes
-    recipe_file, report_file = folder / "recipe.yaml", folder / "report.json"
-    try:
-        report = json.loads(report_file.read_text()) if report_file.is_file() else None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CompressError(f"{report_file}: not readable JSON ({exc}); move it aside to export without it") from None
-    summary = export(model, output, tokenizer=models.load_tokenizer(checkpoint, strict=False), overwrite=overwrite,
-                     recipe_text=recipe_file.read_text() if recipe_file.is_file() else None, report=report)
-    result = {"checkpoint": str(checkpoint), "output": str(output), "format": export_format,
-              "export": summary.to_dict(), "checkpoint_bytes": folder_bytes(Path(output)),
-              "original_checkpoint_bytes": folder_bytes(folder)}
-    if as_json:
-        click.echo(json.dumps(result, default=str))
-        return
-    click.echo(f"exported: {output}  ({_mb(result['checkpoint_bytes'])} of weights, the native checkpoint "
-               f"{_mb(result['original_checkpoint_bytes'])}, format {export_format})")
+main.add_command(export_cmd)
 
 
 @main.command("passes")

@@ -41,6 +41,15 @@ def _group_by_reason(skipped: dict[str, str]) -> dict[str, list[str]]:
     return out
 
 
+def stored_dense_line(stored: dict[str, str]) -> str | None:
+    """What a compressed-tensors export stored dense ({module: why}), grouped by the reason; None when nothing."""
+    if not stored:
+        return None
+    parts = [f"{len(names)} layer{'s' if len(names) != 1 else ''} ({why}): {', '.join(names)}"
+             for why, names in _group_by_reason(stored).items()]
+    return "stored dense in compressed-tensors, " + "; ".join(parts)
+
+
 def _mb(n: int | None) -> str:
     return "-" if n is None else f"{n / 1e6:.2f} MB"
 

@@ -60,6 +60,35 @@ def check_passes(passes: list[tuple[str, dict]]) -> None:
                           + ": drop those passes or use the native format (the default)")
 
 
+def group_fallback(model: nn.Module, passes) -> dict[str, str]:
+    """Before any work: the layers the int quantize `passes` will quantize that compressed-tensors stores dense
+    (float32, exact), because their width is no multiple of the group (its groups are whole); ExportError when that
+    is every one of them (the export would be the dense model, larger than the original)."""
+    fallback, total = {}, 0
+    for p in passes:
+        if p.name != "quantize" or p.config.method in BNB_METHODS:
+            continue
+        group = p.config.group_size
+        for name in p.describe(model):
+            width = model.get_submodule(name).in_features
+            total += 1
+            if group != -1 and width > group and width % group:
+                fallback[name] = _fallback_reason(width, group)
+    if total and len(fallback) == total:
+        raise ExportError(_all_dense(fallback))
+    return fallback
+
+
+def _fallback_reason(width: int, group: int) -> str:
+    return f"in_features {width} is not a multiple of group_size {group}: stored as float32 (exact)"
+
+
+def _all_dense(fallback: dict[str, str]) -> str:
+    return (f"--format {FORMAT} would store every quantized layer dense ({len(fallback)}: "
+            f"{next(iter(fallback.values()))}), larger than the unquantized model: quantize with a group_size that "
+            "divides the layers' widths, or keep the native format")
+
+
 def _require_package():
     try:
         import compressed_tensors  # noqa: F401
@@ -154,8 +183,7 @@ def _modules_state(model: nn.Module, storage_dtype: torch.dtype, summary: Export
         elif _is_quantized(module):
             mask, nm = module.sparsity_mask(), module.sparsity_structure
             if module.in_features % module.group_size:
-                summary.dense_fallback[name] = (f"in_features {module.in_features} is not a multiple of group_size "
-                                                f"{module.group_size}: stored as float32 (exact)")
+                summary.dense_fallback[name] = _fallback_reason(module.in_features, module.group_size)
                 # float32: code x scale needs more mantissa than bf16 has; transformers casts it on load
                 state[f"{name}.weight"] = module.dequantized_weight(torch.float32)
                 if module.bias is not None:
@@ -231,6 +259,8 @@ def export(model: nn.Module, folder: str | Path, *, tokenizer=None, recipe_text:
     dtype = checkpoint_dtype(model)
     summary = ExportSummary()
     state = _modules_state(model, dtype, summary)  # before any file is written: errors leave nothing behind
+    if summary.dense_fallback and not summary.quantized and not summary.sparse:
+        raise ExportError(_all_dense(summary.dense_fallback))
     quantization = _quantization_config(model, summary)
 
     def write(tmp: Path) -> None:

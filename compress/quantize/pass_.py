@@ -123,11 +123,17 @@ class Quantize(Pass):
         return list(self._targets(model)[0])
 
     def check_after(self, model: nn.Module, earlier) -> None:
-        """Layers an earlier quantize pass replaces are skipped here: when that leaves no layer, the run would stop
-        only after the earlier passes ran. Said here, before any work (and by --dry-run)."""
+        """Layers an earlier quantize pass replaces are skipped here, and bitsandbytes skips those an earlier prune
+        packs: when that leaves no layer, the run would stop only after the earlier passes ran. Said here, before
+        any work (and by --dry-run)."""
         if not left_by_earlier(model, self.describe(model), earlier, lambda p: p.name == "quantize"):
             raise ConfigError("quantize: every layer the targets match is quantized by an earlier quantize pass: "
                               "quantize each layer once")
+        if self.config.method in BNB_METHODS and not left_by_earlier(
+                model, self.describe(model), earlier, lambda p: p.name == "prune" and p.stores_packed(model)):
+            raise ConfigError(f"quantize (method {self.config.method}): every layer the targets match is stored "
+                              "packed by an earlier prune pass, and bitsandbytes stores dense weights only: use method "
+                              "gptq or rtn after prune (they keep the zeros), or prune with storage: dense")
 
     # ---------------------------------------------------------------------------------------------- apply
     def apply(self, model: nn.Module, ctx: PassContext) -> PassReport:

@@ -113,25 +113,50 @@ def test_inexpressible_recipe_fails_before_any_work(tmp_path, how):
 
 
 def test_inspect_counts_an_export_whose_layers_stayed_dense_from_its_files(tmp_path, tiny_model):
-    """An export with nothing quantized has no quantization_config; inspect counted it from the dense meta model at
-    the checkpoint's dtype, while the layers it could not quantize are stored in float32 (an audit's find)."""
+    """inspect counted an export from the dense meta model at the checkpoint's dtype, while the layers it could not
+    quantize are stored in float32 (an audit's find)."""
     from compress.checkpoint_validation import header_nbytes, read_header
 
     src = tmp_path / "src"
     tiny_model("qwen2", hidden_size=72, intermediate_size=100, head_dim=18).to(torch.bfloat16).save_pretrained(src)
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("passes:\n  - quantize: {method: rtn, bits: 8, group_size: 32}\n"
-                      "export: {format: compressed-tensors}\n")  # 32 divides no row of 72 / 100: nothing quantized
+    recipe.write_text("passes:\n  - quantize: {method: rtn, bits: 8, group_size: 36}\n"
+                      "export: {format: compressed-tensors}\n")  # 36 divides rows of 72, not of 100 (down_proj)
     out = tmp_path / "ct"
     result = run("apply", recipe, "--model", src, "--output", out, "--no-eval", "--json")
     assert result.exit_code == 0, result.output
+    # said before the work, and after it
+    assert "note: stored dense in compressed-tensors, 3 layers (in_features 100 is not a multiple of group_size 36" \
+        in result.stderr and json.loads(result.stdout)["export"]["stored_dense"]
     inspected = run("inspect", out, "--json")
     assert inspected.exit_code == 0, inspected.output
     counted = sum(v["dense"] + v["compressed"] for v in json.loads(inspected.output)["components"].values())
     assert counted == sum(header_nbytes(*info) for f in out.glob("*.safetensors") for info in read_header(f).values())
     table = " ".join(run("inspect", out).output.split())  # says what the folder is, which layers stayed dense
     assert "a compressed-tensors export (transformers and vLLM load it)" in table
-    assert "stored dense (compressed-tensors needs whole groups): model.layers.0" in table
+    assert "stored dense (compressed-tensors needs whole groups): model.layers.0.mlp.down_proj" in table
+
+
+def test_an_export_that_would_quantize_nothing_is_refused(tmp_path, tiny_model):
+    """A group_size that divides no layer's width left every quantized layer dense float32: an 'export' larger than
+    the unquantized model, exit 0, nothing said (an audit's find). Refused before any work by apply, and by export
+    before writing; a native checkpoint's export says which layers stay dense."""
+    src = tmp_path / "src"
+    tiny_model("qwen2", hidden_size=72, intermediate_size=100, head_dim=18).to(torch.bfloat16).save_pretrained(src)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("passes:\n  - quantize: {method: rtn, bits: 8, group_size: 32}\n")  # 32 divides no width
+    refused = run("apply", recipe, "--model", src, "--output", tmp_path / "ct", "--no-eval", "--format",
+                  "compressed-tensors")
+    assert refused.exit_code == 2 and "would store every quantized layer dense" in refused.stderr
+    assert "Traceback" not in refused.output and not (tmp_path / "ct").exists()
+    assert run("apply", recipe, "--model", src, "--output", tmp_path / "native", "--no-eval").exit_code == 0
+    refused = run("export", tmp_path / "native", "-o", tmp_path / "ct")
+    assert refused.exit_code == 2 and "would store every quantized layer dense" in refused.stderr
+    assert not (tmp_path / "ct").exists()
+    recipe.write_text("passes:\n  - quantize: {method: rtn, bits: 8, group_size: 36}\n")
+    assert run("apply", recipe, "--model", src, "--output", tmp_path / "some", "--no-eval").exit_code == 0
+    done = run("export", tmp_path / "some", "-o", tmp_path / "ct")
+    assert done.exit_code == 0 and "stored dense in compressed-tensors, 3 layers (in_features 100" in done.output
 
 
 def test_export_of_a_checkpoint_elsewhere_keeps_its_baseline(tmp_path):

@@ -153,6 +153,12 @@ APPLY_MISTAKES = {
         [":3:5: the linearize pass before this one converts model.layers.1.self_attn too", "disjoint `layers`"]),
     "quantize twice": ("passes:\n  - quantize: {{method: rtn}}\n  - quantize: {{method: rtn, bits: 8}}\n",
                        [":3:5: quantize: every layer the targets match is quantized by an earlier quantize pass"]),
+    "bitsandbytes after a packing prune": ("passes:\n  - prune: {{structure: '2:4'}}\n  - quantize: {{method: nf4}}\n",
+                                           [":3:5: quantize (method nf4): every layer the targets match is stored "
+                                            "packed by an earlier prune pass", "use method gptq or rtn"]),
+    "a residual window as long as the context": (
+        "passes:\n  - gear_kv: {{residual_length: 1024}}\n",
+        [":2:5: gear_kv: residual_length 1024 is at least the model's context (1024 tokens)"]),
     "activation sparsity after quantize": (
         "calibration: {{source: builtin:calibration, num_samples: 2, seq_len: 32}}\n"
         "passes:\n  - quantize: {{method: rtn}}\n  - activation_sparsity: {{}}\n",

@@ -1,0 +1,56 @@
+"""`compress export`: a checkpoint `compress apply` saved natively, written in a format other tools load."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from .checkpoint import folder_bytes
+from .cli_format import _mb, stored_dense_line
+from .errors import CompressError
+from .output_folder import check_output
+
+
+@click.command("export")
+@click.argument("checkpoint", metavar="CHECKPOINT")
+@click.option("--output", "-o", required=True, help="Folder to write the exported checkpoint to.")
+@click.option("--format", "export_format", type=click.Choice(["compressed-tensors"]), default="compressed-tensors",
+              show_default=True, help="compressed-tensors: loads in transformers and vLLM without compress.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder this tool wrote.")
+@click.option("--json", "as_json", is_flag=True)
+def export_cmd(checkpoint, output, export_format, overwrite, as_json):
+    """Export a checkpoint `compress apply` saved natively, in a format other tools load (the same files as apply
+    --format compressed-tensors)."""
+    from . import models
+    from .export.compressed_tensors import check_passes, export
+
+    folder = models.resolve_model_path(checkpoint)
+    section = None if str(checkpoint).startswith("builtin:") else models.compression_section(folder)
+    if not section:
+        raise CompressError(f"{checkpoint} is not a checkpoint compress wrote (its config.json has no compression "
+                            "record): compress it with `compress apply RECIPE --format compressed-tensors`")
+    if section.get("export_format"):
+        raise CompressError(f"{checkpoint} is already a {section['export_format']} export")
+    if not section.get("passes"):
+        raise CompressError(f"{checkpoint} records no compression pass: its export would be the dense model")
+    check_passes([(e["pass"], e.get("args") or {}) for e in section.get("passes", [])])  # before loading weights
+    check_output(output, overwrite=overwrite, source=folder)
+    model = models.load(checkpoint, dtype="stored")  # the files' dtype: least memory, and what the export writes
+    recipe_file, report_file = folder / "recipe.yaml", folder / "report.json"
+    try:
+        report = json.loads(report_file.read_text()) if report_file.is_file() else None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CompressError(f"{report_file}: not readable JSON ({exc}); move it aside to export without it") from None
+    summary = export(model, output, tokenizer=models.load_tokenizer(checkpoint, strict=False), overwrite=overwrite,
+                     recipe_text=recipe_file.read_text() if recipe_file.is_file() else None, report=report)
+    result = {"checkpoint": str(checkpoint), "output": str(output), "format": export_format,
+              "export": summary.to_dict(), "checkpoint_bytes": folder_bytes(Path(output)),
+              "original_checkpoint_bytes": folder_bytes(folder)}
+    if as_json:
+        click.echo(json.dumps(result, default=str))
+        return
+    click.echo(f"exported: {output}  ({_mb(result['checkpoint_bytes'])} of weights, the native checkpoint "
+               f"{_mb(result['original_checkpoint_bytes'])}, format {export_format})")
+    if summary.dense_fallback:  # as apply --format compressed-tensors says it
+        click.echo(stored_dense_line(summary.dense_fallback))

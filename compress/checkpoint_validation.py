@@ -202,6 +202,41 @@ def check_against_model(folder: Path, headers: dict[str, tuple[str, tuple[int, .
         raise CheckpointError(f"{folder} does not match its config: " + " | ".join(problems))
 
 
+def check_export_quantization(folder: Path, quantization: dict, headers: dict[str, tuple[str, tuple[int, ...]]],
+                              model: nn.Module) -> None:
+    """A compressed-tensors export's quantized tensors against its quantization_config (one scheme for every
+    group, as compress writes it; other exports are left to the loader): scale columns per group and packed columns
+    per bit width. A hand-edited group_size loaded with an error in transformers while inspect reported it whole."""
+    schemes = {json.dumps((g or {}).get("weights"), sort_keys=True)
+               for g in (quantization.get("config_groups") or {}).values()}
+    weights = json.loads(schemes.pop()) if len(schemes) == 1 else None
+    if not isinstance(weights, dict):
+        return
+    bits, group, strategy = weights.get("num_bits"), weights.get("group_size"), weights.get("strategy")
+    problems = []
+    for key, (_, shape) in headers.items():
+        if not key.endswith(".weight_scale"):
+            continue
+        name = key.removesuffix(".weight_scale")
+        try:
+            width = model.get_submodule(name).in_features
+        except AttributeError:  # not a module of the model: check_weight_files' business
+            continue
+        columns = shape[-1] if shape else 1
+        want = 1 if strategy == "channel" else -(-width // group) if strategy == "group" and group else None
+        if want is not None and columns != want:
+            problems.append(f"{key} holds {columns} scale column(s) for {width} inputs, not the {want} its "
+                            f"{strategy} scheme (group_size {group}) gives")
+        packed = headers.get(f"{name}.weight_packed")
+        if packed is not None and bits and packed[1][-1] * 32 != width * bits:
+            problems.append(f"{name}.weight_packed holds {packed[1][-1] * 32 // width} bits a weight, not num_bits "
+                            f"{bits}")
+    if problems:
+        raise CheckpointError(f"{folder}: its quantization_config does not match its tensors (edited or damaged): "
+                              + problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+                              + "; export the checkpoint again")
+
+
 # ------------------------------------------------------------------------------------------------- packed modules
 def check_loaded_modules(folder: Path, model: nn.Module) -> None:
     """Every packed module's tensors against the metadata that describes it (after the state dict loaded)."""

@@ -27,10 +27,14 @@ def inspect_checkpoint(checkpoint: str, sparse_runtime: str, device: str | None)
         # whose layers all stayed dense (no quantization_config): the meta model is the dense one at the storage
         # dtype, so the files are checked for damage and counted from their headers
         from .checkpoint import weight_files
-        from .checkpoint_validation import check_weight_files
+        from .checkpoint_validation import check_export_quantization, check_weight_files, read_config_json
         from .inspection import bytes_by_component_from_headers
 
-        comps = bytes_by_component_from_headers(check_weight_files(path, weight_files(path)))
+        headers = check_weight_files(path, weight_files(path))
+        quantization = read_config_json(path).get("quantization_config")
+        if section.get("export_format") and isinstance(quantization, dict):
+            check_export_quantization(path, quantization, headers, model)
+        comps = bytes_by_component_from_headers(headers)
         paths = {}
     else:
         verify_files(path, model)  # a damaged weight file is an error here too, without reading the tensors

@@ -172,3 +172,24 @@ def test_export_of_a_checkpoint_elsewhere_keeps_its_baseline(tmp_path):
     assert run("apply", recipe, "--model", src, "--output", native, "--no-eval").exit_code == 0
     assert run("export", native, "-o", tmp_path / "ct").exit_code == 0
     assert _recorded_source(str(native)) == _recorded_source(str(tmp_path / "ct")) == str(src.resolve())
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("group_size", 64, "weight_scale holds 2 scale column(s) for 256 inputs, not the 4 its group scheme (group_size "
+                       "64) gives"),
+    ("num_bits", 8, "weight_packed holds 4 bits a weight, not num_bits 8")])
+def test_inspect_finds_an_export_whose_quantization_config_was_edited(tmp_path, field, value, message):
+    """generate and eval failed on it with one line (transformers' load), inspect reported it whole (an audit's
+    find)."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("passes:\n  - quantize: {method: rtn, bits: 4, group_size: 128}\n")
+    out = tmp_path / "ct"
+    assert run("apply", recipe, "--model", "builtin:tiny", "--output", out, "--no-eval", "--format",
+               "compressed-tensors").exit_code == 0
+    assert run("inspect", out).exit_code == 0
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"]["config_groups"]["group_0"]["weights"][field] = value
+    (out / "config.json").write_text(json.dumps(config))
+    result = CliRunner().invoke(main, ["inspect", str(out)])
+    assert result.exit_code == 2 and message in result.stderr and "Traceback" not in result.output, result.output
+    assert "quantization_config does not match its tensors" in result.stderr

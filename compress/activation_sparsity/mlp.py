@@ -233,12 +233,19 @@ class ActivationSparseMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
-        if x2.shape[0] <= self.max_sparse_tokens and not self.training and self._gatherable():
+        if x2.shape[0] <= self.max_sparse_tokens and not self.training and self._gatherable() \
+                and not self._needs_grad(x2):
             y = self._sparse(x2)
         else:
             g, keep = self.gate(x2)
             y = self.down_proj(g * self.up_proj(x2) * keep)
         return y.view(*lead, y.shape[-1])
+
+    def _needs_grad(self, x: torch.Tensor) -> bool:
+        """A call whose output gradients are asked for (attribution, an adapter trained in eval mode): the masked
+        dense path, which autograd follows; the C and Triton gathers return a tensor without a graph, which cut it
+        silently."""
+        return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
 
     def small_for_gathers(self) -> bool:
         """A CPU MLP below MIN_GATHER_WEIGHTS, which decodes through the masked dense path (works on meta too)."""

@@ -230,3 +230,29 @@ def test_quantized_copy_as_the_gate_paths_agree(tiny_model, monkeypatch, kernels
     assert cosine > (0.999 if bits == 8 else 0.98), cosine  # without the straight-through pass: ~0.03
     with pytest.raises(ValueError, match="predictor_bits"):
         ActivationSparseMLP(mlp, exact_gate=False)
+
+
+@pytest.mark.parametrize("kernels", ["torch", "default"])
+def test_calls_that_need_gradients_take_the_masked_dense_path(tiny_model, monkeypatch, kernels):
+    """In eval mode with gradients on, the C gathers returned an output without a graph: an input's or a trained
+    layer's gradient came back None or wrong, silently (an audit's find). Such calls take the masked dense path,
+    with the same mask and so the same output."""
+    mlp = first_mlp(tiny_model, monkeypatch, kernels)
+    x = torch.randn(3, 64, requires_grad=True)
+    with torch.no_grad():
+        g = mlp.act_fn(mlp.gate_proj(x))
+    sparse = ActivationSparseMLP(mlp, threshold=gap_threshold(g.abs()), max_sparse_tokens=4).eval()
+    gathered = []
+    gathers = sparse._sparse
+    monkeypatch.setattr(sparse, "_sparse", lambda x2: gathered.append(1) or gathers(x2))
+    y = sparse(x)  # the weights require grad here (a tiny_model's do)
+    assert y.requires_grad and not gathered
+    y.square().sum().backward()
+    keep = g.abs() >= sparse.threshold
+    x_ref = x.detach().clone().requires_grad_(True)
+    mlp.zero_grad()
+    mlp.down_proj(mlp.act_fn(mlp.gate_proj(x_ref)) * mlp.up_proj(x_ref) * keep).square().sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # and without gradients, the gathers
+        torch.testing.assert_close(sparse(x), y.detach(), rtol=1e-5, atol=1e-6)
+    assert gathered

@@ -10,7 +10,7 @@ from pydantic import Field
 from torch import nn
 
 from ..errors import ConfigError, UnsupportedModelError
-from ..models import checkpoint_dtype
+from ..models import checkpoint_dtype, text_config
 from ..pass_api import Pass, PassConfig, PassContext, PassReport, tensor_bytes, timed
 from ..registry import register_pass
 from .attention import LinearizedAttention
@@ -80,11 +80,20 @@ class Linearize(Pass):
         return [modules[i][0] for i in resolve_layers(self.config.layers, len(modules))]
 
     def check(self, model: nn.Module) -> None:
-        """A model that is linearized already (a linearized checkpoint as the input) at the chosen layers."""
+        """A model that is linearized already (a linearized checkpoint as the input) at the chosen layers; a hybrid
+        window longer than the model's context."""
         done = [name for name in self.describe(model) if isinstance(model.get_submodule(name), LinearizedAttention)]
         if done:
             raise UnsupportedModelError(f"{done[0]} is already linearized (the input model is a linearized "
                                         "checkpoint); choose other `layers` or start from the original model")
+        context = getattr(text_config(model.config), "max_position_embeddings", None)
+        window = self.config.window_or_none()
+        if window is not None and context is not None and window > context:
+            # the window's ring buffer is sized for `window` tokens at the first call (615 MB for 100,000 on the
+            # tiny model) while no sequence reaches past the context
+            raise ConfigError(f"linearize: window {window} is longer than the model's context ({context} tokens): "
+                              f"the softmax branch would hold a buffer for tokens no input reaches; use at most "
+                              f"{context} (Liger: 64)")
 
     def check_after(self, model: nn.Module, earlier) -> None:
         """Two linearize passes may convert different layers (e.g. GLA here, the hybrid there), not the same."""

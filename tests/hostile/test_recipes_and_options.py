@@ -159,6 +159,9 @@ APPLY_MISTAKES = {
     "a residual window as long as the context": (
         "passes:\n  - gear_kv: {{residual_length: 1024}}\n",
         [":2:5: gear_kv: residual_length 1024 is at least the model's context (1024 tokens)"]),
+    "a hybrid window longer than the context": (
+        "passes:\n  - linearize: {{variant: hybrid, window: 100000}}\n",
+        [":2:5: linearize: window 100000 is longer than the model's context (1024 tokens)"]),
     "activation sparsity after quantize": (
         "calibration: {{source: builtin:calibration, num_samples: 2, seq_len: 32}}\n"
         "passes:\n  - quantize: {{method: rtn}}\n  - activation_sparsity: {{}}\n",

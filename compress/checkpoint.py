@@ -305,7 +305,7 @@ def load_checkpoint(path: Path, config, section: dict, *, dtype, meta: bool = Fa
     rebuild_derived(model)
     check_loaded_modules(path, model)
     for entry in section.get("passes", []):
-        get_pass(entry["pass"])(entry.get("args") or {}).read_files(model, entry, path)
+        get_pass(entry["pass"]).from_record(entry.get("args") or {}).read_files(model, entry, path)
     return model
 
 
@@ -314,7 +314,7 @@ def _recorded_passes(model: nn.Module):
     from .registry import get_pass
 
     for entry in (getattr(model.config, "compression", None) or {}).get("passes", []):
-        yield entry, get_pass(entry["pass"])(entry.get("args") or {})
+        yield entry, get_pass(entry["pass"]).from_record(entry.get("args") or {})
 
 
 def restore_pass(path: Path, index: int, entry: dict, model: nn.Module) -> None:
@@ -324,7 +324,7 @@ def restore_pass(path: Path, index: int, entry: dict, model: nn.Module) -> None:
 
     name = entry["pass"]
     try:
-        get_pass(name)(entry.get("args") or {}).restore(model, entry)
+        get_pass(name).from_record(entry.get("args") or {}).restore(model, entry)
     except CheckpointError:
         raise
     except CompressError as exc:
@@ -361,7 +361,7 @@ def extra_folder_files(path: Path, section: dict | None) -> dict[Path, tuple[str
     out = {}
     for entry in (section or {}).get("passes", []):
         try:
-            p = get_pass(entry["pass"])(entry.get("args") or {})
+            p = get_pass(entry["pass"]).from_record(entry.get("args") or {})
         except CompressError:  # an entry this version cannot read: load reports it
             continue
         for name in p.extra_folders(entry):  # a malformed record: CheckpointError

@@ -380,7 +380,7 @@ def empty_structure(config, section: dict | None, dtype: torch.dtype) -> nn.Modu
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     with init_empty_weights(include_buffers=True):
         for entry in (section or {}).get("passes", []):
-            get_pass(entry["pass"])(entry.get("args", {})).restore(model, entry)
+            get_pass(entry["pass"]).from_record(entry.get("args", {})).restore(model, entry)
     return model
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
@@ -18,6 +19,14 @@ from torch import nn
 from .errors import CalibrationError, CompressError, ConfigError, TargetError, UnsupportedModelError
 from .strict_config import StrictConfig
 from .targets import check_patterns, match_modules
+
+
+_RESTORING: ContextVar[bool] = ContextVar("compress_restoring", default=False)
+
+
+def restoring() -> bool:
+    """Whether the pass being built restores a checkpoint's record (Pass.from_record), not a new run's recipe."""
+    return _RESTORING.get()
 
 
 class PassConfig(StrictConfig):
@@ -155,6 +164,16 @@ class Pass:
 
     def validate_config(self) -> None:
         """Cross-field checks that pydantic field constraints cannot express; raise ConfigError."""
+
+    @classmethod
+    def from_record(cls, args: dict[str, Any]) -> "Pass":
+        """The pass a checkpoint's entry recorded, to restore its modules: checks added since that checkpoint was
+        written and that concern only new runs (`restoring()` in validate_config) are skipped, so it still loads."""
+        token = _RESTORING.set(True)
+        try:
+            return cls(args)
+        finally:
+            _RESTORING.reset(token)
 
     def needs_calibration_for(self) -> bool:
         """Whether this configured instance needs calibration data (some methods of a pass do, others not)."""

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..errors import ConfigError, UnsupportedModelError
 from ..models import checkpoint_dtype, text_config
-from ..pass_api import Pass, PassConfig, PassContext, PassReport, tensor_bytes, timed
+from ..pass_api import Pass, PassConfig, PassContext, PassReport, restoring, tensor_bytes, timed
 from ..registry import register_pass
 from .attention import LinearizedAttention
 from .convert import attention_modules, linearize_model
@@ -30,6 +30,11 @@ class Linearize(Pass):
         # `layers` picks the layers (all | [indices] | every_K); `targets`/`ignore` are not used to select
         targets: list[str] = Field(default_factory=lambda: ["re:.*self_attn"])
         ignore: list[str] = Field(default_factory=list)
+
+    def validate_config(self) -> None:
+        problem = None if restoring() else self.settings().foreign_options()  # a checkpoint an older version wrote
+        if problem:
+            raise ConfigError(problem)
 
     def settings(self) -> LinearizeSettings:
         return LinearizeSettings(**self.config.model_dump(include=set(SETTINGS_FIELDS)))

@@ -50,6 +50,20 @@ class LinearizeSettings(StrictConfig):
     def window_or_none(self) -> int | None:
         return self.window if self.variant == "hybrid" else None
 
+    def foreign_options(self) -> str | None:
+        """What is wrong with an option of another variant (or gate) set to something else than its default: it
+        does nothing here, and is said, not ignored (None: nothing)."""
+        owners = {("window", "alpha", "beta"): ("variant", "hybrid", self.variant == "hybrid"),
+                  ("num_memories", "top_k", "shared_memory"): ("variant", "mom", self.variant == "mom"),
+                  ("num_slots",): ("gate", "gsa", self.gate == "gsa")}
+        for names, (key, value, applies) in owners.items():
+            unused = [n for n in names if not applies and getattr(self, n) != LinearizeSettings.model_fields[n].default]
+            if unused:
+                return (f"{', '.join(unused)} appl{'ies' if len(unused) == 1 else 'y'} to {key} {value} "
+                        f"only (this is {key} {getattr(self, key)}): drop {'it' if len(unused) == 1 else 'them'} or "
+                        f"set {key}: {value}")
+        return None
+
 
 EVERY = re.compile(r"every_(\d+)$")
 

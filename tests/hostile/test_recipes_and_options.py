@@ -162,6 +162,9 @@ APPLY_MISTAKES = {
     "a hybrid window longer than the context": (
         "passes:\n  - linearize: {{variant: hybrid, window: 100000}}\n",
         [":2:5: linearize: window 100000 is longer than the model's context (1024 tokens)"]),
+    "an option of another linearize variant": (
+        "passes:\n  - linearize: {{variant: gla, window: 32, alpha: 0.3}}\n",
+        ["window, alpha apply to variant hybrid only (this is variant gla): drop them or set variant: hybrid"]),
     "activation sparsity after quantize": (
         "calibration: {{source: builtin:calibration, num_samples: 2, seq_len: 32}}\n"
         "passes:\n  - quantize: {{method: rtn}}\n  - activation_sparsity: {{}}\n",

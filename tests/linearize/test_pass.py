@@ -70,6 +70,9 @@ def test_cli_generates_past_the_context_only_when_every_layer_is_linearized(tmp_
     (dict(variant="ssm"), "variant"),
     (dict(gate="gsa", normalize=True), "normalize applies to"),
     (dict(variant="mom", normalize=True), "normalize applies to"),
+    (dict(variant="gla", window=32), "window applies to variant hybrid only \\(this is variant gla\\)"),
+    (dict(variant="hybrid", num_memories=2, top_k=1), "num_memories, top_k apply to variant mom only"),
+    (dict(gate="hgrn2", num_slots=4), "num_slots applies to gate gsa only"),
 ])
 def test_bad_arguments(args, match):
     with pytest.raises(CompressError, match=match):
@@ -96,6 +99,7 @@ def test_a_checkpoint_an_older_version_wrote_with_lax_layers_still_loads(tmp_pat
     out = compress.save(model, tmp_path / "lin")
     config = json.loads((out / "config.json").read_text())
     config["compression"]["passes"][0]["args"]["layers"] = [1, 0, 1]
+    config["compression"]["passes"][0]["args"]["window"] = 32  # a gla run with the hybrid's window, taken then
     (out / "config.json").write_text(json.dumps(config))
     loaded = compress.load(out)
     assert [type(layer.self_attn).__name__ for layer in loaded.model.layers][:3] == \

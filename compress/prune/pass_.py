@@ -16,7 +16,7 @@ from ..errors import CheckpointError, ConfigError
 from ..hessian import input_hook as _input_hook
 from ..models import checkpoint_dtype
 from ..pass_api import (UNTIED_NOTE, Pass, PassConfig, PassContext, PassReport, left_by_earlier, replace_module,
-                        tensor_bytes, timed, untie_output_head)
+                        restoring, tensor_bytes, timed, untie_output_head)
 from ..registry import register_pass
 from ..targets import match_modules
 from .masks import magnitude_scores, nm_mask, parse_structure, unstructured_mask
@@ -98,6 +98,9 @@ class Prune(Pass):
                                   "drop `owl` or use structure: unstructured")
         if isinstance(c.sparsity, list) and not c.sparsity:
             raise ConfigError("sparsity list is empty: give one number, or one per decoder layer")
+        if not restoring() and (c.sparsity == 0 or isinstance(c.sparsity, list) and not any(c.sparsity)):
+            raise ConfigError("sparsity 0 prunes nothing (every layer would be stored as it is, or packed larger): "
+                              "give the fraction of weights to zero, e.g. 0.5")
 
     def needs_calibration_for(self) -> bool:
         return self.config.method != "magnitude" or self.config.owl

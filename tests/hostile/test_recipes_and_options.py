@@ -165,6 +165,7 @@ APPLY_MISTAKES = {
     "an option of another linearize variant": (
         "passes:\n  - linearize: {{variant: gla, window: 32, alpha: 0.3}}\n",
         ["window, alpha apply to variant hybrid only (this is variant gla): drop them or set variant: hybrid"]),
+    "prune with sparsity 0": ("passes:\n  - prune: {{sparsity: 0.0}}\n", ["sparsity 0 prunes nothing"]),
     "activation sparsity after quantize": (
         "calibration: {{source: builtin:calibration, num_samples: 2, seq_len: 32}}\n"
         "passes:\n  - quantize: {{method: rtn}}\n  - activation_sparsity: {{}}\n",
@@ -278,8 +279,8 @@ def test_a_misspelt_setting_name_is_refused(cli, user_error, monkeypatch):
 def test_python_api_takes_tuples_and_ints_for_floats():
     """Strict types are for what a recipe writes; the API's natural spellings still work: a tuple of patterns, an
     integer where a float goes."""
-    p = compress.passes.Prune(targets=("re:.*mlp.*",), sparsity=0)
-    assert p.config.targets == ["re:.*mlp.*"] and p.config.sparsity == 0.0
+    p = compress.passes.Prune(targets=("re:.*mlp.*",), sparsity=[0, 1 / 2])
+    assert p.config.targets == ["re:.*mlp.*"] and p.config.sparsity == [0.0, 0.5]
     with pytest.raises(compress.CompressError, match="bits: Input should be a whole number"):
         compress.passes.Quantize(method="rtn", bits=8.0)
 

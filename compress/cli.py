@@ -56,7 +56,7 @@ class _Group(click.Group):
         except click.UsageError as exc:  # `compress nosuch`, `compress apply --bogus`, a bad option value
             raise _one_line(exc) from None
         except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM: the shell's codes (128 + signal), not 1 (a bug's)
-            click.echo("error: interrupted", err=True)
+            click.echo(f"error: interrupted{_written(ctx)}", err=True)
             ctx.exit(143 if isinstance(exc, _Terminated) else 130)
         except (CompressError, OSError) as exc:
             from .errors import user_error
@@ -64,7 +64,7 @@ class _Group(click.Group):
             mapped = user_error(exc)
             if mapped is None:
                 raise  # not the user's doing: a bug, with its traceback
-            click.echo(f"error: {mapped}", err=True)
+            click.echo(f"error: {mapped}{_written(ctx)}", err=True)
             ctx.exit(2)
         finally:
             if previous is not None:
@@ -78,6 +78,14 @@ def main() -> None:
     from .environment import check_environment
 
     check_environment()  # a misspelt COMPRESS_* value: one line, before any work
+
+
+WRITTEN = "compress_written"  # ctx.meta: the checkpoint a command wrote before what failed or was interrupted
+
+
+def _written(ctx) -> str:
+    written = ctx.meta.get(WRITTEN)
+    return f" (after the checkpoint at {written} was written: it is complete)" if written else ""
 
 
 class _Terminated(KeyboardInterrupt):
@@ -232,6 +240,7 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
         checkpoint.save(model, output, tokenizer=tokenizer, recipe_text=r.text, report=report.to_dict(),
                         overwrite=overwrite)
         exported = {"format": "native"}
+    click.get_current_context().meta[WRITTEN] = str(output)  # an error or Ctrl-C in the evaluation says so
     result = {"model": model_src, "output": str(output), **report.to_dict(), "export": exported}
     result["checkpoint_bytes"] = folder_bytes(Path(output))
     result["original_checkpoint_bytes"] = folder_bytes(source_path)

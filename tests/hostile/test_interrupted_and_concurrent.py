@@ -162,6 +162,21 @@ def test_ctrl_c_exits_130_in_one_line(tmp_path, monkeypatch, cli):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]
 
 
+def test_ctrl_c_in_the_evaluation_says_the_checkpoint_is_complete(tmp_path, monkeypatch, cli):
+    """The checkpoint is written before the evaluation: a Ctrl-C there left it complete, said only by the README."""
+    import compress.cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(compress.cli, "_evaluate", interrupted)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: builtin:tiny\npasses:\n  - prune: {sparsity: 0.5}\n")
+    result = cli("apply", recipe, "--output", tmp_path / "out", "--eval-windows", "1")
+    assert result.exit_code == 130 and result.output.strip().endswith(
+        f"error: interrupted (after the checkpoint at {tmp_path / 'out'} was written: it is complete)"), result.output
+    assert compress.load(tmp_path / "out") is not None
+
+
 def test_sigterm_removes_spill_files_and_writes_nothing(tmp_path):
     """`kill` / `timeout` during a layer-by-layer run: exit 143, the spill files and the output's temporary gone."""
     recipe = tmp_path / "r.yaml"

@@ -228,7 +228,7 @@ def check_export_quantization(folder: Path, quantization: dict, headers: dict[st
             problems.append(f"{key} holds {columns} scale column(s) for {width} inputs, not the {want} its "
                             f"{strategy} scheme (group_size {group}) gives")
         packed = headers.get(f"{name}.weight_packed")
-        if packed is not None and bits and packed[1][-1] * 32 != width * bits:
+        if packed is not None and bits and packed[1][-1] != -(-width * bits // 32):  # rows padded to whole words
             problems.append(f"{name}.weight_packed holds {packed[1][-1] * 32 // width} bits a weight, not num_bits "
                             f"{bits}")
     if problems:

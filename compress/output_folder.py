@@ -179,12 +179,15 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-_SUFFIX = re.compile(r"-(\d+)-[0-9a-f]{8}")  # what temporary_folder / swap_into_place put after `.NAME.tmp` / `.old`
+# what temporary_folder / swap_into_place put after `.NAME.tmp` / `.NAME.old` (the first version wrote no pid)
+_SUFFIX = re.compile(r"(?:-(\d+))?-[0-9a-f]{8}")
 
 
-def _writer_pid(path: Path, kind: str) -> int:
-    """The process id in `.NAME.tmp-PID-XXXXXXXX` / `.NAME.old-PID-XXXXXXXX` (a name `_leftovers` matched)."""
-    return int(_SUFFIX.fullmatch(path.name.rsplit(f".{kind}", 1)[1]).group(1))
+def _writer_pid(path: Path, kind: str) -> int | None:
+    """The process id in `.NAME.tmp-PID-XXXXXXXX` / `.NAME.old-PID-XXXXXXXX` (a name `_leftovers` matched; None
+    for the first version's `.NAME.old-XXXXXXXX`)."""
+    pid = _SUFFIX.fullmatch(path.name.rsplit(f".{kind}", 1)[1]).group(1)
+    return int(pid) if pid else None
 
 
 _SWAPPING: set[Path] = set()  # moved-aside copies of this process's swaps now between their two renames
@@ -196,6 +199,8 @@ def _swapping(old: Path) -> bool:
     another process's that is running and moved it seconds ago (a pid alone may have been reused, or be another
     container's)."""
     pid = _writer_pid(old, "old")
+    if pid is None:
+        return False
     if pid == os.getpid():
         return old.resolve() in _SWAPPING  # a reader may name it through a symlinked parent
     try:
@@ -238,7 +243,8 @@ def recover(target: Path) -> Path | None:
         for old in olds:
             shutil.rmtree(old, ignore_errors=True)
         for tmp in _leftovers(target, "tmp"):
-            if not _pid_alive(_writer_pid(tmp, "tmp")):
+            pid = _writer_pid(tmp, "tmp")
+            if pid is None or not _pid_alive(pid):
                 shutil.rmtree(tmp, ignore_errors=True)
     except OSError:
         return restored  # a read-only parent: nothing to clean, check_output reports it

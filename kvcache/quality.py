@@ -152,10 +152,11 @@ def _context(config) -> int | None:
 def residual_beyond_context(residual_length: int, config) -> str | None:
     """What is wrong with a full-precision window as long as the model's context (None: nothing)."""
     context = _context(config)
-    if context is not None and residual_length >= context:
-        return (f"gear_kv: residual_length {residual_length} is at least the model's context ({context} tokens): "
-                f"the cache would keep every token in full precision and compress nothing; use a residual_length "
-                f"well below {context} (KIVI: 32-128)")
+    # + 2: a token compressed and one after it to score (cache_quality_summary's windows end at the context)
+    if context is not None and residual_length + 2 > context:
+        return (f"gear_kv: residual_length {residual_length} leaves no room in the model's context ({context} "
+                f"tokens): the cache would keep every token in full precision and compress nothing; use a "
+                f"residual_length well below {context} (KIVI: 32-128)")
     return None
 
 

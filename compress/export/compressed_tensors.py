@@ -259,7 +259,7 @@ def export(model: nn.Module, folder: str | Path, *, tokenizer=None, recipe_text:
     dtype = checkpoint_dtype(model)
     summary = ExportSummary()
     state = _modules_state(model, dtype, summary)  # before any file is written: errors leave nothing behind
-    if summary.dense_fallback and not summary.quantized and not summary.sparse:
+    if summary.dense_fallback and not summary.quantized:  # (pruned ones too: dense float32 with zeros)
         raise ExportError(_all_dense(summary.dense_fallback))
     quantization = _quantization_config(model, summary)
 

@@ -106,12 +106,14 @@ class SparsityKeepingLoraLinear(PeftLoraLinear):
         base = self.get_base_layer()
         packed = isinstance(base, SparseLinear)
         stored = (base.weight_dense if base.runtime == "dense" else base.values) if packed else base.weight
+        bias = base.bias if base.bias is not None else stored  # (a stand-in: no bias to change)
         key = (tuple((name, self.scaling[name], *((w.data_ptr(), w._version) for w in
                       (self.lora_A[name].weight, self.lora_B[name].weight))) for name in names),
-               stored.data_ptr(), stored._version, stored.device, stored.dtype)
+               stored.data_ptr(), stored._version, bias.data_ptr(), bias._version, stored.device, stored.dtype)
         cached = self.__dict__.get("_merged_cache")
         if cached is None or cached[0] != key:
-            self.__dict__.pop("_merged_cache", None)  # the old copy goes before the new one is built
+            cached = None
+            self.forget_merged_copy()  # the old copy goes before the new one is built
             # a copy: .float() and dense_weight() return the layer's own tensor when it is float32 already
             weight = (base.dense_weight(torch.float32) if packed else base.weight.float()).clone()
             for name in names:
@@ -130,8 +132,15 @@ class SparsityKeepingLoraLinear(PeftLoraLinear):
             self.__dict__["_merged_cache"] = cached
         return cached[1]
 
+    def forget_merged_copy(self) -> None:
+        """Drop the merged copy calls without gradients run: it is rebuilt on the next one. Changes to the adapter or
+        the layer made in place or by replacing a tensor are seen (their version counters); edits through `.data`
+        are not: call this after them."""
+        self.__dict__.pop("_merged_cache", None)
+
     # ------------------------------------------------------------------------------------- merge / unmerge
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        self.forget_merged_copy()  # PEFT's dense merge edits the base weight through .data
         if not isinstance(self.get_base_layer(), SparseLinear):
             return super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
         for name in adapter_names or self.active_adapters:
@@ -140,6 +149,7 @@ class SparsityKeepingLoraLinear(PeftLoraLinear):
                 self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
+        self.forget_merged_copy()
         if not isinstance(self.get_base_layer(), SparseLinear):
             return super().unmerge()
         while self.merged_adapters:

@@ -153,6 +153,10 @@ def test_an_export_that_would_quantize_nothing_is_refused(tmp_path, tiny_model):
     refused = run("export", tmp_path / "native", "-o", tmp_path / "ct")
     assert refused.exit_code == 2 and "would store every quantized layer dense" in refused.stderr
     assert not (tmp_path / "ct").exists()
+    recipe.write_text("passes:\n  - prune: {structure: '2:4'}\n  - quantize: {method: rtn, bits: 8, group_size: 32}\n")
+    assert run("apply", recipe, "--model", src, "--output", tmp_path / "pruned", "--no-eval").exit_code == 0
+    refused = run("export", tmp_path / "pruned", "-o", tmp_path / "ct")  # pruned, so 'sparse': still nothing quantized
+    assert refused.exit_code == 2 and "would store every quantized layer dense" in refused.stderr
     recipe.write_text("passes:\n  - quantize: {method: rtn, bits: 8, group_size: 36}\n")
     assert run("apply", recipe, "--model", src, "--output", tmp_path / "some", "--no-eval").exit_code == 0
     done = run("export", tmp_path / "some", "-o", tmp_path / "ct")

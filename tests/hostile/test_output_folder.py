@@ -219,7 +219,7 @@ def test_user_folders_named_like_leftovers_are_never_touched(tmp_path, small_mod
     import torch
 
     user = {name: tmp_path / name for name in (".ckpt.old-mybackup", ".ckpt.tmp-scratch", ".ckpt.old-12-notours",
-                                               ".new.old-mine")}
+                                               ".new.old-mine", ".ckpt.old-1234567")}
     for folder in user.values():
         folder.mkdir()
         (folder / "notes.txt").write_text("precious")
@@ -257,6 +257,18 @@ def test_interrupted_swap_is_restored_by_load(tmp_path, small_model, monkeypatch
     assert not out.exists() and list(tmp_path.glob(".ckpt.old-*"))
     restored = compress.load(out)  # finds the moved-aside copy and puts it back
     assert torch.equal(restored.lm_head.weight, old_model.lm_head.weight)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_the_first_versions_moved_aside_copy_is_restored_too(tmp_path, small_model):
+    """The first version named its moved-aside copy `.NAME.old-XXXXXXXX` (no pid): a crash between its two renames
+    is still finished by the next load."""
+    import torch
+
+    model = small_model(seed=1)
+    out = compress.save(model, tmp_path / "ckpt")
+    out.rename(tmp_path / ".ckpt.old-0a1b2c3d")
+    assert torch.equal(compress.load(out).lm_head.weight, model.lm_head.weight)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 

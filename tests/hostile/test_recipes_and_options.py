@@ -158,7 +158,7 @@ APPLY_MISTAKES = {
                                             "packed by an earlier prune pass", "use method gptq or rtn"]),
     "a residual window as long as the context": (
         "passes:\n  - gear_kv: {{residual_length: 1024}}\n",
-        [":2:5: gear_kv: residual_length 1024 is at least the model's context (1024 tokens)"]),
+        [":2:5: gear_kv: residual_length 1024 leaves no room in the model's context (1024 tokens)"]),
     "a hybrid window longer than the context": (
         "passes:\n  - linearize: {{variant: hybrid, window: 100000}}\n",
         [":2:5: linearize: window 100000 is longer than the model's context (1024 tokens)"]),

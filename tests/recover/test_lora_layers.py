@@ -147,6 +147,12 @@ def test_calls_that_train_nothing_use_a_merged_copy_that_follows_the_adapter(kin
     layer.requires_grad_(False)  # frozen adapter, gradients on: no graph needed, the packed path too
     x = torch.randn(1, 1, 128)
     torch.testing.assert_close(layer(x), layer.base_layer(x) + _masked_update(layer, x), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        layer.base_layer.bias.add_(1.0)  # the layer's own tensors changed in place: rebuilt too
+        torch.testing.assert_close(layer(x), layer.base_layer(x) + _masked_update(layer, x), rtol=1e-5, atol=1e-5)
+        layer.lora_B[ADAPTER].weight.data.mul_(2.0)  # .data bumps no version: forget_merged_copy says so
+        layer.forget_merged_copy()
+        torch.testing.assert_close(layer(x), layer.base_layer(x) + _masked_update(layer, x), rtol=1e-5, atol=1e-5)
 
 
 def _masked_update(layer: SparsityKeepingLoraLinear, x: torch.Tensor) -> torch.Tensor:

@@ -151,30 +151,26 @@ def test_an_eval_text_too_short_for_the_kv_block_is_refused_before_work(tmp_path
     assert not (tmp_path / "out").exists()
 
 
-def test_ctrl_c_exits_130_in_one_line(tmp_path, monkeypatch, cli):
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
-    monkeypatch.setattr(compress.api, "apply", interrupted)
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text("model: builtin:tiny\npasses:\n  - prune: {sparsity: 0.5}\n")
-    result = cli("apply", recipe, "--output", tmp_path / "out", "--no-eval")
-    assert result.exit_code == 130 and result.output.strip() == "error: interrupted", result.output
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]
-
-
-def test_ctrl_c_in_the_evaluation_says_the_checkpoint_is_complete(tmp_path, monkeypatch, cli):
-    """The checkpoint is written before the evaluation: a Ctrl-C there left it complete, said only by the README."""
+@pytest.mark.parametrize("where", ["passes", "evaluation"])
+def test_ctrl_c_exits_130_in_one_line(tmp_path, monkeypatch, cli, where):
+    """In the passes: nothing written. In the evaluation, after the checkpoint was written: said that it is complete
+    (only the README said so)."""
     import compress.cli
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
-    monkeypatch.setattr(compress.cli, "_evaluate", interrupted)
+    monkeypatch.setattr(*((compress.api, "apply") if where == "passes" else (compress.cli, "_evaluate")), interrupted)
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model: builtin:tiny\npasses:\n  - prune: {sparsity: 0.5}\n")
     result = cli("apply", recipe, "--output", tmp_path / "out", "--eval-windows", "1")
-    assert result.exit_code == 130 and result.output.strip().endswith(
-        f"error: interrupted (after the checkpoint at {tmp_path / 'out'} was written: it is complete)"), result.output
-    assert compress.load(tmp_path / "out") is not None
+    assert result.exit_code == 130, result.output
+    if where == "passes":
+        assert result.output.strip() == "error: interrupted", result.output
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]
+    else:
+        assert result.output.strip().endswith(f"error: interrupted (after the checkpoint at {tmp_path / 'out'} was "
+                                              "written: it is complete)"), result.output
+        assert compress.load(tmp_path / "out") is not None
 
 
 def test_sigterm_removes_spill_files_and_writes_nothing(tmp_path):

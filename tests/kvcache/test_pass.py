@@ -57,7 +57,8 @@ def test_bad_arguments(args, match):
 
 @pytest.mark.parametrize("args,match", [(dict(key_rank=65), "exceeds"), (dict(skip_layers=[6]), "out of range"),
                                         (dict(skip_layers=[0, 1, 2, 3, 4, 5]), "leaves no attention layer"),
-                                        (dict(residual_length=1024), "leaves no room in the model's context \\(1024 tokens\\)"),
+                                        (dict(residual_length=1024),
+                                         "leaves no room in the model's context \\(1024 tokens\\)"),
                                         (dict(method="kivi", group_size=1, residual_length=1023), "leaves no room")])
 def test_arguments_impossible_for_the_model(args, match):
     with pytest.raises(CompressError, match=match):
@@ -147,7 +148,8 @@ def test_apply_scores_a_long_residual_window_on_longer_windows_before_writing(tm
     done = run(512, "ok")
     assert done.exit_code == 0, done.output
     summary = json.loads(done.stdout)["eval"]["kv_cache"]
-    assert summary["protocol"].startswith("1 window of 768 tokens fed in chunks of 512") and summary["tokens_scored"] == 255
+    assert summary["protocol"].startswith("1 window of 768 tokens fed in chunks of 512")
+    assert summary["tokens_scored"] == 255
     refused = run(1024, "no")
     assert refused.exit_code == 2 and "leaves no room in the model's context (1024 tokens)" in refused.stderr
     assert "Traceback" not in refused.output and not (tmp_path / "no").exists()

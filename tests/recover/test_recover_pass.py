@@ -199,7 +199,8 @@ def test_training_resumes_from_trainer_checkpoints(tmp_path, pruned_2of4, refere
     assert (folder / "checkpoint-4").is_dir()
     _, explicit = recover(copy.deepcopy(pruned_2of4), reference_tokenizer, max_tokens=5 * 128,
                           resume_from=str(folder / "checkpoint-4"))
-    assert explicit["resumed_from"].endswith("checkpoint-4") and explicit["steps"] == 5 and explicit["steps_this_run"] == 1
+    assert explicit["resumed_from"].endswith("checkpoint-4") and explicit["steps"] == 5
+    assert explicit["steps_this_run"] == 1
     with pytest.raises(compress.ConfigError, match="resume_from"):
         recover(copy.deepcopy(pruned_2of4), reference_tokenizer, resume_from=str(tmp_path / "nope"))
 

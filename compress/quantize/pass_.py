@@ -277,6 +277,12 @@ class Quantize(Pass):
                 new = Bnb8bitLinear(module.in_features, module.out_features, threshold=c.threshold, bias=bias,
                                     dtype=ref.dtype, device=ref.device)
             else:
+                group = module.in_features if c.group_size == -1 else min(c.group_size, module.in_features)
+                recorded = (spec.get("bits"), spec.get("group_size"), spec.get("symmetric"))
+                if recorded != (c.bits, group, c.symmetric):  # what inspect prints vs what the layer holds
+                    raise CheckpointError(f"the quantize entry says bits {c.bits}, group_size {group}, symmetric "
+                                          f"{c.symmetric} for {name}, but its layer record says bits {recorded[0]}, "
+                                          f"group_size {recorded[1]}, symmetric {recorded[2]} (edited?)")
                 new = QuantizedLinear.empty(module, spec)
             replace_module(model, name, new)
 

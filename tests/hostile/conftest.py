@@ -67,13 +67,14 @@ def tokenizer():
 
 @pytest.fixture(scope="session")
 def packed_checkpoints(tmp_path_factory, tokenizer):
-    """{"bitmask" | "nm" | "vq": folder}: checkpoints with packed modules, written by compress.save."""
+    """{"bitmask" | "nm" | "vq" | "int4": folder}: checkpoints with packed modules, written by compress.save."""
     root = tmp_path_factory.mktemp("packed")
     out = {}
     for name, passes in {
         "bitmask": [compress.passes.Prune(method="magnitude", sparsity=0.5, storage="packed")],
         "nm": [compress.passes.Prune(method="magnitude", structure="2:4", storage="packed")],
         "vq": [compress.get_pass("vq_logits")(num_codes=16, scale_bias=False, weighting="uniform")],
+        "int4": [compress.passes.Quantize(method="rtn", bits=4, group_size=32)],
     }.items():
         model = small_model()
         compress.apply(model, passes, progress=False)

@@ -224,6 +224,16 @@ EDITED_CONFIGS = {
 }
 
 
+def test_quantize_arguments_edited_against_the_layers_exit_2(packed_checkpoints, copy_of, cli, user_error):
+    """The layers load from their own records; inspect printed the entry's edited `bits` as if it were stored (an
+    audit's find): the two disagreeing is a damaged checkpoint."""
+    folder = copy_of(packed_checkpoints["int4"])
+    _config(folder, lambda c: c["compression"]["passes"][0]["args"].update(bits=8))
+    message = "the quantize entry says bits 8, group_size 32, symmetric True for model.layers.0"
+    user_error(cli("inspect", folder), message, "its layer record says bits 4")
+    user_error(cli("generate", folder, "--prompt", "hi", "--max-new-tokens", 1), message)
+
+
 @pytest.mark.parametrize("name", list(EDITED_CONFIGS))
 def test_edited_config_exits_2(name, packed_checkpoints, copy_of, cli, user_error):
     edit, message = EDITED_CONFIGS[name]

@@ -29,7 +29,7 @@ from ..errors import UnsupportedModelError
 from ..kernels.dispatch import use_triton
 from ..kernels.gla import gated_linear_attention
 from ..kernels.gsa import gated_slot_attention
-from ..kernels.linear_decode_cpu import gsa_decode_step, linear_decode_step, linear_decode_supported
+from ..kernels.linear_decode_cpu import _library, gsa_decode_step, linear_decode_step, linear_decode_supported
 from ..kernels.linear_decode_triton import (gsa_decode_step_triton, gsa_triton_supported, linear_decode_step_triton,
                                             linear_decode_triton_supported)
 from ..kernels.window_attention import sliding_window_attention
@@ -120,6 +120,24 @@ class LinearizedAttention(nn.Module):
         extra = f", window={s.window}, alpha={s.alpha}, beta={s.beta}" if s.variant == "hybrid" else ""
         extra += f", num_slots={s.num_slots}" if s.gate == "gsa" else ""
         return f"layer_idx={self.layer_idx}, variant={s.variant}, gate={s.gate}{extra}"
+
+    def runtime_path(self, device_type: str = "cpu") -> str:
+        """What a decoding step and a prompt run on a device of this type (what `compress inspect` prints)."""
+        s = self.settings
+        label = {"gla": "GLA", "hybrid": "Liger Attention (GLA + window)", "mom": "Mixture-of-Memories"}[s.variant]
+        label += f", gate {s.gate}" if s.gate != "gla" else ""
+        if s.gate == "gsa" and s.variant == "hybrid" and device_type != "cuda":
+            step = "the torch recurrence a token (the window branch is fused for the GLA gates only)"
+        elif device_type == "cuda":
+            step = "one Triton step a token"
+        elif _library() is not None:
+            step = "one C call a token (csrc/linear_decode.c; the torch recurrence where gradients are on)"
+        else:
+            step = "the torch recurrence a token (no C kernels: COMPRESS_CPU_KERNELS=off or no compiler)"
+        return f"linearized, {label}: decoding {step}; prompts {self._prompt_path(device_type)}"
+
+    def _prompt_path(self, device_type: str) -> str:
+        return "the chunked torch path"
 
     def _cache_layer(self, cache) -> LinearizedLayer | None:
         if cache is None:

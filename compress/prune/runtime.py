@@ -66,6 +66,7 @@ def runtime_plan(model: nn.Module, runtime: str = "auto", device_type: str = "cp
     from .sparse_linear import SparseLinear, cpu_packed_path
 
     from ..activation_sparsity.mlp import ActivationSparseMLP
+    from ..linearize.attention import LinearizedAttention
     from ..kernels.quantized_linear_cpu import max_tokens as qgemv_max_tokens
     from ..kernels.quantized_linear_cpu import ROW_BLOCK as QGEMV_ROW_BLOCK
     from ..kernels.quantized_linear_cpu import (cpu_dequantize_available, cpu_nm24_qgemv_available,
@@ -123,6 +124,8 @@ def runtime_plan(model: nn.Module, runtime: str = "auto", device_type: str = "cp
             plan[name] = f"bitsandbytes {module.quant_type.upper()} kernels"
         elif isinstance(module, Bnb8bitLinear):
             plan[name] = "bitsandbytes LLM.int8 kernels"
+        elif isinstance(module, LinearizedAttention):
+            plan[name] = module.runtime_path(device_type)
         elif isinstance(module, VQLogitsHead):
             plan[name] = "codebook logits (" + ("Triton)" if device_type == "cuda" else "torch reference)")
     return plan

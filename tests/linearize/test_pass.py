@@ -202,3 +202,26 @@ def test_gear_kv_after_linearizing_every_layer_is_refused_before_work(tmp_path):
     linearized = compress.load(compress.save(model, tmp_path / "gla"))
     with pytest.raises(CompressError, match="every attention layer is linearized"):
         compress.apply(linearized, passes[1:], progress=False)
+
+
+def test_inspect_says_what_linearized_layers_run(tmp_path, monkeypatch):
+    """inspect printed no runtime path for linearized layers (an audit's find): each says its decoding step and its
+    prompt path, and which one runs without the C kernels."""
+    from compress.cli_inspect import inspect_checkpoint
+
+    model, _ = compress.apply(compress.load("builtin:tiny"), [compress.get_pass("linearize")(layers=[0, 1]),
+                                                              compress.get_pass("linearize")(variant="mom", layers=[2])],
+                              progress=False)
+    out = compress.save(model, tmp_path / "lin")
+    paths = inspect_checkpoint(str(out), "auto", "cpu")["runtime"]["paths"]
+    assert paths["model.layers.0.self_attn"] == ("linearized, GLA: decoding one C call a token (csrc/linear_decode.c; "
+                                                 "the torch recurrence where gradients are on); prompts the chunked "
+                                                 "torch path")
+    assert "Mixture-of-Memories" in paths["model.layers.2.self_attn"] and "prompts the C step token after token" \
+        in paths["model.layers.2.self_attn"] and "model.layers.3.self_attn" not in paths
+    monkeypatch.setenv("COMPRESS_CPU_KERNELS", "off")
+    paths = inspect_checkpoint(str(out), "auto", "cpu")["runtime"]["paths"]
+    assert "decoding the torch recurrence a token (no C kernels" in paths["model.layers.0.self_attn"]
+    assert paths["model.layers.2.self_attn"].endswith("prompts the chunked torch path")
+    assert "one Triton step a token" in inspect_checkpoint(str(out), "auto", "cuda")["runtime"]["paths"][
+        "model.layers.1.self_attn"]

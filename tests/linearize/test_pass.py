@@ -209,9 +209,8 @@ def test_inspect_says_what_linearized_layers_run(tmp_path, monkeypatch):
     prompt path, and which one runs without the C kernels."""
     from compress.cli_inspect import inspect_checkpoint
 
-    model, _ = compress.apply(compress.load("builtin:tiny"), [compress.get_pass("linearize")(layers=[0, 1]),
-                                                              compress.get_pass("linearize")(variant="mom", layers=[2])],
-                              progress=False)
+    passes = [compress.get_pass("linearize")(layers=[0, 1]), compress.get_pass("linearize")(variant="mom", layers=[2])]
+    model, _ = compress.apply(compress.load("builtin:tiny"), passes, progress=False)
     out = compress.save(model, tmp_path / "lin")
     paths = inspect_checkpoint(str(out), "auto", "cpu")["runtime"]["paths"]
     assert paths["model.layers.0.self_attn"] == ("linearized, GLA: decoding one C call a token (csrc/linear_decode.c; "

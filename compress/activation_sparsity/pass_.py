@@ -172,6 +172,11 @@ class ActivationSparsity(Pass):
                           "exact_gate": m.exact_gate}
                    for name, m in zip(targets, modules)}
         report.details = {**found, "restore": restore}
+        available = windows.numel()
+        if c.search_tokens > available:  # the search took what there was: said, not silent
+            report.notes.append(f"activation_sparsity: search_tokens {c.search_tokens} is more than the calibration's "
+                                f"{available} tokens; the thresholds were set on {available} (raise the calibration's "
+                                f"num_samples or seq_len for more)")
         if not any(m.threshold > 0 for m in modules):  # every CETT tried cost more than the budget
             report.notes.append(f"activation_sparsity found no threshold within its budget "
                                 f"(target_ppl_increase {c.target_ppl_increase}): nothing is skipped; raise outer_steps "

@@ -113,7 +113,7 @@ def _found(p: dict) -> str | None:
     d = p.get("details") or {}
     if p["name"] == "activation_sparsity" and "sparsity" in d and "ppl_increase" in d:
         return (f"{100 * d['sparsity']:.1f}% of the MLPs' neuron activations inactive on the calibration text, its "
-                f"perplexity +{100 * d['ppl_increase']:.2f}% (budget +{100 * d.get('target_ppl_increase', 0):.2g}%)")
+                f"perplexity {100 * d['ppl_increase']:+.2f}% (budget +{100 * d.get('target_ppl_increase', 0):.2g}%)")
     kls = [(k.removeprefix("calibration_kl_").replace("_", "/"), d[k]) for k in
            ("calibration_kl_copy", "calibration_kl_scale_bias", "calibration_kl_distill") if k in d]
     if p["name"] == "vq_logits" and kls:

@@ -333,6 +333,10 @@ def eval_cmd(model_src, baseline, text_file, seq_len, max_windows, speed, activa
     text = _read_text(text_file) if text_file else None
     model = models.load(model_src, sparse_runtime=sparse_runtime, allow_pickle=allow_pickle, dtype=dtype)
     _check_kv_text(tokenizer, text, _residual_length(model, []), model.config)
+    if activation_sparsity:  # before the evaluation, not after it
+        from .prune.activation_sparsity import check_down_weights
+
+        check_down_weights(model)
     result = _evaluate(model, baseline, tokenizer, max_windows, progress=not as_json, seq_len=seq_len, text=text,
                        allow_pickle=allow_pickle, dtype=dtype)
     result["baseline"] = baseline

@@ -130,6 +130,17 @@ def test_eval_activation_sparsity_stays_within_one_percent():
     assert 0 < a["sparsity"] < 1 and a["ppl_increase"] <= 0.01 + 1e-9
 
 
+def test_eval_activation_sparsity_reads_quantized_down_projections(tmp_path):
+    """An int4 checkpoint's eval --activation-sparsity ended, after the whole evaluation, in an AttributeError
+    traceback (QuantizedLinear has no `weight`; an audit's find): it reads the dequantized weight."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("passes:\n  - quantize: {method: rtn, bits: 4, group_size: 64}\n")
+    assert run("apply", recipe, "--model", "builtin:tiny", "--output", tmp_path / "w4", "--no-eval").exit_code == 0
+    result = run("eval", tmp_path / "w4", "--max-windows", 2, "--no-speed", "--activation-sparsity", "--json")
+    assert result.exit_code == 0, result.output
+    assert 0 < json.loads(result.output)["activation_sparsity"]["sparsity"] < 1
+
+
 def test_apply_kv_cache_recipe_reports_the_chunked_cache_protocol(tmp_path):
     result = run("apply", RECIPES / "gear-kv4.yaml", "--output", tmp_path / "g", "--eval-windows", 2, "--json")
     assert result.exit_code == 0, result.output

@@ -32,7 +32,23 @@ def ffn_down_projections(model: nn.Module) -> list[nn.Module]:
 
 
 def down_weight(module: nn.Module) -> torch.Tensor:
-    return module.dense_weight(torch.float32) if hasattr(module, "dense_weight") else module.weight.detach().float()
+    """The float32 [out, in] weight a down projection computes with: dense, pruned (packed), or quantized (its
+    dequantized weight: an int4 checkpoint's `eval --activation-sparsity` ended in an AttributeError traceback)."""
+    if hasattr(module, "dense_weight"):
+        return module.dense_weight(torch.float32)
+    if hasattr(module, "dequantized_weight"):
+        return module.dequantized_weight().detach().float()
+    return module.weight.detach().float()
+
+
+def check_down_weights(model: nn.Module) -> None:
+    """Before any work: every down projection's weight can be read (`down_weight`)."""
+    for down in ffn_down_projections(model):
+        weight = getattr(down, "weight", None)
+        if not (hasattr(down, "dense_weight") or hasattr(down, "dequantized_weight")
+                or isinstance(weight, torch.Tensor) and weight.is_floating_point()):
+            raise UnsupportedModelError(f"activation sparsity reads the MLPs' down_proj weights, and a "
+                                        f"{type(down).__name__} has none it can read")
 
 
 class LayerActivations:

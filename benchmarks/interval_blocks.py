@@ -13,7 +13,7 @@ import math
 import torch
 
 import compress
-from compress.bench_args import positive_int, run_cli
+from compress.bench_args import int_at_least, run_cli
 from compress.evaluate import heldout_windows, score_windows
 from compress.intervals import paired_log_ratio, t_quantile_975
 
@@ -45,7 +45,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model")
     ap.add_argument("baseline")
-    ap.add_argument("--windows", type=positive_int, default=199, help="held-out windows of 256 tokens")
+    ap.add_argument("--windows", type=int_at_least(2), default=199, help="held-out windows of 256 tokens (at "
+                    "least 2: an interval needs two samples)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     model, baseline = (compress.load(m, dtype="float32") for m in (args.model, args.baseline))

@@ -8,8 +8,8 @@ from pathlib import Path
 import click
 
 from .cli_export import export_cmd
-from .cli_eval import (EVAL_SEQ_LEN, _check_kv_text, _eval_windows, _evaluate, _read_text, _recorded_source,
-                       _residual_length)
+from .cli_eval import (EVAL_SEQ_LEN, _check_baseline, _check_kv_text, _eval_windows, _evaluate, _read_text,
+                       _recorded_source, _residual_length)
 from .cli_format import (_bold, _console, _mb, _print_eval, _print_passes, _table, check_utf8_arguments,
                          stored_dense_line)
 from .checkpoint import folder_bytes  # noqa: F401 (also compress.cli.folder_bytes)
@@ -327,6 +327,8 @@ def eval_cmd(model_src, baseline, text_file, seq_len, max_windows, speed, activa
         check_suite_options(suite, suite_dir, plot_file, suite_limit)
     if baseline is None:
         baseline = _recorded_source(model_src)
+    else:
+        _check_baseline(baseline)
     tokenizer = models.load_tokenizer(model_src) or (models.load_tokenizer(baseline) if baseline else None)
     if tokenizer is None:
         raise CompressError(f"{model_src} has no tokenizer files; save the tokenizer with the model")
@@ -396,7 +398,7 @@ def generate(model_src, prompt, max_new_tokens, sample, temperature, top_p, seed
 
     from . import models
 
-    given = [f"--{name.replace('_', '-')}" for name in ("temperature", "top_p")
+    given = [f"--{name.replace('_', '-')}" for name in ("temperature", "top_p", "seed")
              if click.get_current_context().get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE]
     if given and not sample:
         verb, them = ("only applies", "it") if len(given) == 1 else ("only apply", "them")

@@ -51,6 +51,18 @@ def _eval_windows(tokenizer, text, seq_len: int, max_windows, config):
     return windows
 
 
+def _check_baseline(baseline: str) -> None:
+    """A --baseline that is not there, said as the baseline's problem before any work ("model X does not exist"
+    named no option)."""
+    from .models import resolve_model_path
+
+    if not str(baseline).startswith("builtin:"):
+        try:
+            resolve_model_path(baseline)
+        except CompressError as exc:
+            raise CompressError(f"--baseline: {exc}") from None
+
+
 def _residual_length(model, passes) -> int | None:
     """The full-precision window of the compressed KV cache the model has, or one of `passes` installs (None: none)."""
     settings = getattr(model, "kv_cache_settings", None)

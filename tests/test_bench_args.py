@@ -35,6 +35,8 @@ CASES = [
     ("offload_memory.py", ["--hidden", "0"], "argument --hidden: 0 must be at least 1"),
     ("vq_logits.py", ["--repeats", "0"], "argument --repeats: 0 must be at least 1"),
     ("kv_sliding_memory.py", ["--tokens", "0"], "argument --tokens: 0 must be at least 1"),
+    ("interval_blocks.py", ["builtin:tiny", "builtin:tiny", "--windows", "1"],
+     "argument --windows: 1 must be at least 2"),
 ]
 IN_A_PROCESS = CASES[0]  # run as the user runs it (the `__main__` path end to end): a fresh process costs ~10 s
 

@@ -334,6 +334,7 @@ def main(argv=None) -> None:
                     help="activation sparsity: threshold |act(gate)| x E|up_i| x ||W_down[:, i]|| (the pass's "
                     "neuron_scaling, its default); --no-neuron-scaling: |act(gate)| (CATS)")
     ap.add_argument("--only-activation-sparse", action="store_true", help="only the activation_sparse_mlp rows")
+    ap.add_argument("--only-unmerged-adapter", action="store_true", help="only the unmerged_adapter rows (CPU)")
     ap.add_argument("--only-runtimes", action="store_true", help="only the pruned layers' rows (runtime_dense, "
                     "runtime_packed, e2e; CUDA: the dispatched paths): no activation-sparsity calibration")
     ap.add_argument("--gather-crossover", action="store_true", help="only the gather_crossover rows: the CPU row "
@@ -363,6 +364,15 @@ def main(argv=None) -> None:
         torch.set_num_threads(1)
         try:
             rows = cpu_gather_crossover(repeats, args.weight_copies)
+        finally:
+            torch.set_num_threads(saved)
+        print(json.dumps(rows)) if args.json else print_table(rows)
+        return
+    if args.only_unmerged_adapter:
+        saved = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            rows = cpu_unmerged_adapter([1] if args.quick else [1, 16, 128], repeats)
         finally:
             torch.set_num_threads(saved)
         print(json.dumps(rows)) if args.json else print_table(rows)

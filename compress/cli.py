@@ -10,8 +10,8 @@ import click
 from .cli_export import export_cmd
 from .cli_eval import (EVAL_SEQ_LEN, _check_baseline, _check_kv_text, _eval_windows, _evaluate, _read_text,
                        _recorded_source, _residual_length)
-from .cli_format import (_bold, _console, _mb, _print_eval, _print_passes, _table, check_utf8_arguments,
-                         stored_dense_line)
+from .cli_format import (_bold, _console, _finite, _mb, _non_empty, _print_eval, _print_passes, _table,
+                         check_utf8_arguments, stored_dense_line)
 from .checkpoint import folder_bytes  # noqa: F401 (also compress.cli.folder_bytes)
 from .errors import CompressError
 
@@ -373,7 +373,7 @@ def eval_cmd(model_src, baseline, text_file, seq_len, max_windows, speed, activa
         rows = [[f"layer {i}", f"{x:.3f}"] for i, x in enumerate(a["layer_sparsity"])]
         rows.append(["total", f"{a['sparsity']:.3f}"])
         con.print(_table(f"FFN activation sparsity at CETT {a['cett']:.4f} (ppl {a['perplexity_dense']:.3f} -> "
-                         f"{a['perplexity']:.3f}, +{100 * a['ppl_increase']:.2f}%)", ["layer", "sparsity"], rows))
+                         f"{a['perplexity']:.3f}, {100 * a['ppl_increase']:+.2f}%)", ["layer", "sparsity"], rows))
     con.print(f"stored floats {result['parameters']:,}  checkpoint {_mb(result['bytes'])}  resident {_mb(result['resident_bytes'])}"
               + (f"  {result['tokens_per_second']:.1f} tokens/s" if speed else ""))
 
@@ -402,7 +402,8 @@ def generate(model_src, prompt, max_new_tokens, sample, temperature, top_p, seed
              if click.get_current_context().get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE]
     if given and not sample:
         verb, them = ("only applies", "it") if len(given) == 1 else ("only apply", "them")
-        raise CompressError(f"{' and '.join(given)} {verb} to sampling; add --sample (greedy decoding ignores {them})")
+        named = given[0] if len(given) == 1 else f"{', '.join(given[:-1])} and {given[-1]}"
+        raise CompressError(f"{named} {verb} to sampling; add --sample (greedy decoding ignores {them})")
 
     torch.manual_seed(seed)
     model = models.load(model_src, sparse_runtime=sparse_runtime, allow_pickle=allow_pickle, dtype=dtype)
@@ -419,20 +420,6 @@ def generate(model_src, prompt, max_new_tokens, sample, temperature, top_p, seed
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.eos_token_id, **kwargs)
     click.echo(tokenizer.decode(out[0], skip_special_tokens=True))
-
-
-def _finite(param, value: float) -> float:
-    import math
-
-    if not math.isfinite(value):  # click's ranges let NaN through
-        raise click.BadParameter(f"{value} is not a number in the allowed range", param=param)
-    return value
-
-
-def _non_empty(prompt: str) -> str:
-    if not prompt:  # whitespace is a prompt ("\n": start a paragraph); nothing at all is not
-        raise click.BadParameter("the prompt is empty; give some text to continue")
-    return prompt
 
 
 def _check_context(model, prompt_tokens: int, new_tokens: int) -> bool:

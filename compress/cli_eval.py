@@ -56,11 +56,10 @@ def _check_baseline(baseline: str) -> None:
     named no option)."""
     from .models import resolve_model_path
 
-    if not str(baseline).startswith("builtin:"):
-        try:
-            resolve_model_path(baseline)
-        except CompressError as exc:
-            raise CompressError(f"--baseline: {exc}") from None
+    try:
+        resolve_model_path(baseline)
+    except CompressError as exc:
+        raise CompressError(f"--baseline: {exc}") from None
 
 
 def _residual_length(model, passes) -> int | None:

@@ -1,4 +1,5 @@
-"""How the command line prints: rich tables on a terminal, sizes and numbers formatted one way everywhere."""
+"""How the command line prints (rich tables on a terminal, sizes and numbers formatted one way everywhere), and the
+checks of its arguments' text and values."""
 from __future__ import annotations
 
 import click
@@ -153,3 +154,17 @@ def non_utf8_argument(args) -> str | None:
             shown = raw.decode("utf-8", "backslashreplace")
             return shown if len(shown) <= 120 else shown[:60] + "..." + shown[-40:]
     return None
+
+
+def _finite(param, value: float) -> float:
+    import math
+
+    if not math.isfinite(value):  # click's ranges let NaN through
+        raise click.BadParameter(f"{value} is not a number in the allowed range", param=param)
+    return value
+
+
+def _non_empty(prompt: str) -> str:
+    if not prompt:  # whitespace is a prompt ("\n": start a paragraph); nothing at all is not
+        raise click.BadParameter("the prompt is empty; give some text to continue")
+    return prompt

@@ -124,12 +124,16 @@ class LinearizedAttention(nn.Module):
     def runtime_path(self, device_type: str = "cpu") -> str:
         """What a decoding step and a prompt run on a device of this type (what `compress inspect` prints)."""
         s = self.settings
-        label = {"gla": "GLA", "hybrid": "Liger Attention (GLA + window)", "mom": "Mixture-of-Memories"}[s.variant]
+        label = {"gla": "GLA", "hybrid": "Liger Attention (recurrence + window)", "mom": "Mixture-of-Memories"}[
+            s.variant]
         label += f", gate {s.gate}" if s.gate != "gla" else ""
-        if s.gate == "gsa" and s.variant == "hybrid" and device_type != "cuda":
+        if s.gate == "gsa" and s.variant == "hybrid":
             step = "the torch recurrence a token (the window branch is fused for the GLA gates only)"
+        elif self._float64():
+            step = "the torch recurrence a token (the fused steps compute in float32)"
         elif device_type == "cuda":
-            step = "one Triton step a token"
+            step = ("one Triton step a token where Triton is installed and the head and value sizes are powers of "
+                    "two of at least 16 (the torch recurrence otherwise)")
         elif _library() is not None:
             step = "one C call a token (csrc/linear_decode.c; the torch recurrence where gradients are on)"
         else:
@@ -138,6 +142,10 @@ class LinearizedAttention(nn.Module):
 
     def _prompt_path(self, device_type: str) -> str:
         return "the chunked torch path"
+
+    def _float64(self) -> bool:
+        """A float64 model: its states are float64, which the fused (float32) steps do not take."""
+        return any(p.dtype == torch.float64 for p in self.parameters())
 
     def _cache_layer(self, cache) -> LinearizedLayer | None:
         if cache is None:

@@ -172,7 +172,7 @@ class MixtureOfMemoriesAttention(LinearizedAttention):
         return "cpu" if linear_decode_supported(layer.state) else None
 
     def _prompt_path(self, device_type: str) -> str:
-        return "the chunked torch path" if device_type == "cuda" or _library() is None else \
+        return "the chunked torch path" if device_type == "cuda" or _library() is None or self._float64() else \
             "the C step token after token (the chunked torch path where gradients are on)"
 
     def _prompt_in_c(self, layer, q) -> str | None:

@@ -251,3 +251,12 @@ def test_apply_says_what_activation_sparsity_and_vq_logits_found():
     vq = {"name": "vq_logits", "details": {"calibration_kl_copy": 0.7445, "calibration_kl_scale_bias": 0.4122}}
     assert _found(vq) == "calibration KL to the dense head: 0.7445 (copy) -> 0.4122 (scale/bias)"
     assert _found({"name": "prune", "details": {"sparsity": 0.5}}) is None
+
+
+def test_a_perplexity_that_falls_reads_with_its_sign():
+    """The activation-sparsity summary printed "+-0.04%" for a fall (an audit's find)."""
+    from compress.cli_format import _found
+
+    line = _found({"name": "activation_sparsity",
+                   "details": {"sparsity": 0.5, "ppl_increase": -0.0004, "target_ppl_increase": 0.02}})
+    assert "its perplexity -0.04% (budget +2%)" in line and "+-" not in line

@@ -224,3 +224,17 @@ def test_inspect_says_what_linearized_layers_run(tmp_path, monkeypatch):
     assert paths["model.layers.2.self_attn"].endswith("prompts the chunked torch path")
     assert "one Triton step a token" in inspect_checkpoint(str(out), "auto", "cuda")["runtime"]["paths"][
         "model.layers.1.self_attn"]
+    # what the fused steps do not take says so, on either device (a review's find)
+    hybrid_gsa = compress.get_pass("linearize")(variant="hybrid", gate="gsa", layers=[0]).settings()
+    from compress.linearize.convert import linearize_model
+
+    lin = compress.load("builtin:tiny")
+    linearize_model(lin, hybrid_gsa, [0])
+    for device in ("cpu", "cuda"):
+        assert "the torch recurrence a token (the window branch is fused for the GLA gates only)" in \
+            lin.model.layers[0].self_attn.runtime_path(device)
+    gla = compress.load("builtin:tiny", dtype="float32").double()
+    linearize_model(gla, compress.get_pass("linearize")(layers=[0]).settings(), [0])
+    for device in ("cpu", "cuda"):
+        assert "the torch recurrence a token (the fused steps compute in float32)" in \
+            gla.model.layers[0].self_attn.runtime_path(device)

@@ -280,9 +280,10 @@ class Quantize(Pass):
                 group = module.in_features if c.group_size == -1 else min(c.group_size, module.in_features)
                 recorded = (spec.get("bits"), spec.get("group_size"), spec.get("symmetric"))
                 if recorded != (c.bits, group, c.symmetric):  # what inspect prints vs what the layer holds
-                    raise CheckpointError(f"the quantize entry says bits {c.bits}, group_size {group}, symmetric "
-                                          f"{c.symmetric} for {name}, but its layer record says bits {recorded[0]}, "
-                                          f"group_size {recorded[1]}, symmetric {recorded[2]} (edited?)")
+                    raise CheckpointError(f"the quantize entry (bits {c.bits}, group_size {c.group_size}, symmetric "
+                                          f"{c.symmetric}) disagrees with {name}'s record (bits {recorded[0]}, "
+                                          f"group_size {recorded[1]}, symmetric {recorded[2]}): the checkpoint was "
+                                          "edited or damaged; write it again")
                 new = QuantizedLinear.empty(module, spec)
             replace_module(model, name, new)
 

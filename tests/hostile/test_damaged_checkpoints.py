@@ -229,8 +229,8 @@ def test_quantize_arguments_edited_against_the_layers_exit_2(packed_checkpoints,
     audit's find): the two disagreeing is a damaged checkpoint."""
     folder = copy_of(packed_checkpoints["int4"])
     _config(folder, lambda c: c["compression"]["passes"][0]["args"].update(bits=8))
-    message = "the quantize entry says bits 8, group_size 32, symmetric True for model.layers.0"
-    user_error(cli("inspect", folder), message, "its layer record says bits 4")
+    message = "the quantize entry (bits 8, group_size 32, symmetric True) disagrees with model.layers.0"
+    user_error(cli("inspect", folder), message, "record (bits 4, group_size 32, symmetric True)")
     user_error(cli("generate", folder, "--prompt", "hi", "--max-new-tokens", 1), message)
 
 

@@ -318,7 +318,7 @@ def eval_cmd(model_src, baseline, text_file, seq_len, max_windows, speed, activa
              allow_pickle, dtype, as_json, suite=None, suite_dir=None, suite_limit=None, plot_file=None):
     """Perplexity, KL and top-1 agreement vs a baseline on held-out text; parameters, bytes, tokens/s."""
     from . import models
-    from .evaluate import generation_speed
+    from .evaluate import generation_speed, paired_generation_speed
     from .pass_api import stored_parameters, tensor_bytes
 
     if suite or suite_dir or plot_file or suite_limit is not None:
@@ -345,7 +345,13 @@ def eval_cmd(model_src, baseline, text_file, seq_len, max_windows, speed, activa
     result["parameters"] = stored_parameters(model)
     result["bytes"] = folder_bytes(models.resolve_model_path(model_src))
     result["resident_bytes"] = tensor_bytes(model)
-    if speed:
+    if speed and baseline:  # timed in turn with the baseline: a ratio within one run (tokens/s alone moves)
+        base = models.load(baseline, allow_pickle=allow_pickle, dtype=dtype)
+        result["tokens_per_second"], result["baseline_tokens_per_second"] = paired_generation_speed(model, base,
+                                                                                                    tokenizer)
+        result["speedup_vs_baseline"] = result["tokens_per_second"] / result["baseline_tokens_per_second"]
+        del base
+    elif speed:
         result["tokens_per_second"] = generation_speed(model, tokenizer)
     if activation_sparsity:
         from .evaluate import heldout_windows
@@ -375,7 +381,9 @@ def eval_cmd(model_src, baseline, text_file, seq_len, max_windows, speed, activa
         con.print(_table(f"FFN activation sparsity at CETT {a['cett']:.4f} (ppl {a['perplexity_dense']:.3f} -> "
                          f"{a['perplexity']:.3f}, {100 * a['ppl_increase']:+.2f}%)", ["layer", "sparsity"], rows))
     con.print(f"stored floats {result['parameters']:,}  checkpoint {_mb(result['bytes'])}  resident {_mb(result['resident_bytes'])}"
-              + (f"  {result['tokens_per_second']:.1f} tokens/s" if speed else ""))
+              + (f"  {result['tokens_per_second']:.1f} tokens/s" if speed else "")
+              + (f" ({result['speedup_vs_baseline']:.2f}x the baseline's {result['baseline_tokens_per_second']:.1f}, "
+                 "timed in turn)" if "speedup_vs_baseline" in result else ""))
 
 
 @main.command()

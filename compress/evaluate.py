@@ -130,6 +130,19 @@ def evaluate(
 
 
 @torch.no_grad()
+def paired_generation_speed(model: nn.Module, baseline: nn.Module, tokenizer, rounds: int = 3) -> tuple[float, float]:
+    """Greedy decoding tokens/s of `model` and of `baseline`, timed in turn (A, B, A, B, ...) so that both see the
+    same machine load: the medians over `rounds`. Their ratio is the speed figure to read; either alone moves with
+    the machine."""
+    import statistics
+
+    ours, base = [], []
+    for _ in range(rounds):
+        ours.append(generation_speed(model, tokenizer))
+        base.append(generation_speed(baseline, tokenizer))
+    return statistics.median(ours), statistics.median(base)
+
+
 def generation_speed(model: nn.Module, tokenizer, prompt: str = "The Python", new_tokens: int = 64, **generate_kwargs) -> float:
     """Greedy decoding tokens per second (wall clock; compare as ratios within one run only)."""
     device = next(model.parameters()).device

@@ -260,3 +260,16 @@ def test_a_perplexity_that_falls_reads_with_its_sign():
     line = _found({"name": "activation_sparsity",
                    "details": {"sparsity": 0.5, "ppl_increase": -0.0004, "target_ppl_increase": 0.02}})
     assert "its perplexity -0.04% (budget +2%)" in line and "+-" not in line
+
+
+def test_eval_speed_is_a_ratio_to_the_baseline_timed_in_turn(tmp_path):
+    """tokens/s alone moves with the machine's load (the standard: ratios within one run); with a baseline, eval
+    times both in turn (an audit's find)."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("passes:\n  - quantize: {method: rtn, bits: 4, group_size: 64}\n")
+    assert run("apply", recipe, "--model", "builtin:tiny", "--output", tmp_path / "w4", "--no-eval").exit_code == 0
+    out = json.loads(run("eval", tmp_path / "w4", "--max-windows", 1, "--json").output)
+    assert out["baseline"] == "builtin:tiny" and out["tokens_per_second"] > 0 and out["baseline_tokens_per_second"] > 0
+    assert out["speedup_vs_baseline"] == pytest.approx(out["tokens_per_second"] / out["baseline_tokens_per_second"])
+    alone = json.loads(run("eval", "builtin:tiny", "--max-windows", 1, "--json").output)
+    assert alone["tokens_per_second"] > 0 and "speedup_vs_baseline" not in alone

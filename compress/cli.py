@@ -218,7 +218,7 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
     model = models.load(model_src, allow_pickle=allow_pickle, dtype=dtype, **offload)
     text = _read_text(eval_text) if do_eval and eval_text else None
     eval_seq_len = EVAL_SEQ_LEN
-    context = getattr(models.text_config(model.config), "max_position_embeddings", None)
+    context = models.context_length(model.config)
     if do_eval and context is not None and context < EVAL_SEQ_LEN:  # apply has no --seq-len: fit the model
         eval_seq_len = context
         click.echo(f"note: the evaluation scores windows of {context} tokens, the model's context", err=True)
@@ -339,18 +339,18 @@ def eval_cmd(model_src, baseline, text_file, seq_len, max_windows, speed, activa
         from .prune.activation_sparsity import check_down_weights
 
         check_down_weights(model)
+    # the baseline is loaded once: the evaluation and the suite compare against it, the speed is timed with it
+    base = models.load(baseline, allow_pickle=allow_pickle, dtype=dtype) if baseline else None
     result = _evaluate(model, baseline, tokenizer, max_windows, progress=not as_json, seq_len=seq_len, text=text,
-                       allow_pickle=allow_pickle, dtype=dtype)
+                       allow_pickle=allow_pickle, dtype=dtype, baseline_model=base)
     result["baseline"] = baseline
     result["parameters"] = stored_parameters(model)
     result["bytes"] = folder_bytes(models.resolve_model_path(model_src))
     result["resident_bytes"] = tensor_bytes(model)
-    if speed and baseline:  # timed in turn with the baseline: a ratio within one run (tokens/s alone moves)
-        base = models.load(baseline, allow_pickle=allow_pickle, dtype=dtype)
+    if speed and base is not None:  # timed in turn with the baseline: a ratio within one run (tokens/s alone moves)
         result["tokens_per_second"], result["baseline_tokens_per_second"] = paired_generation_speed(model, base,
                                                                                                     tokenizer)
         result["speedup_vs_baseline"] = result["tokens_per_second"] / result["baseline_tokens_per_second"]
-        del base
     elif speed:
         result["tokens_per_second"] = generation_speed(model, tokenizer)
     if activation_sparsity:
@@ -362,8 +362,7 @@ def eval_cmd(model_src, baseline, text_file, seq_len, max_windows, speed, activa
     if suite or suite_dir:
         from .eval.report import suite_result
 
-        base_model = models.load(baseline, allow_pickle=allow_pickle, dtype=dtype) if baseline else None
-        result.update(suite_result(model, tokenizer, base_model, suite, suite_dir, suite_limit, plot_file,
+        result.update(suite_result(model, tokenizer, base, suite, suite_dir, suite_limit, plot_file,
                                    model_src, baseline))
     if as_json:
         click.echo(json.dumps(result))

@@ -42,7 +42,9 @@ def _eval_windows(tokenizer, text, seq_len: int, max_windows, config):
     from .evaluate import heldout_windows
     from .models import check_token_ids
 
-    context = getattr(config, "max_position_embeddings", None)
+    from .models import context_length
+
+    context = context_length(config)
     if context is not None and seq_len > context:
         raise CompressError(f"--seq-len {seq_len} is longer than the model's context ({context} tokens); "
                             f"use at most {context}")
@@ -81,15 +83,15 @@ def _check_kv_text(tokenizer, text: str | None, residual_length: int | None, con
 
 
 def _evaluate(model, baseline_src, tokenizer, windows, progress, seq_len: int = EVAL_SEQ_LEN, text: str | None = None,
-              allow_pickle: bool = False, dtype: str = "auto", prepared=None, max_memory=None):
-    """Evaluate a loaded `model` against the model at `baseline_src` (if any) on held-out windows (`prepared`, or
-    cut here from `text`)."""
+              allow_pickle: bool = False, dtype: str = "auto", prepared=None, max_memory=None, baseline_model=None):
+    """Evaluate a loaded `model` against the model at `baseline_src` (if any; `baseline_model`: it, loaded already)
+    on held-out windows (`prepared`, or cut here from `text`)."""
     from . import models
     from .evaluate import evaluate
 
     w = prepared if prepared is not None else _eval_windows(tokenizer, text, seq_len, windows, model.config)
-    baseline = models.load(baseline_src, allow_pickle=allow_pickle, dtype=dtype, max_memory=max_memory) \
-        if baseline_src else None
+    baseline = baseline_model if baseline_model is not None else models.load(
+        baseline_src, allow_pickle=allow_pickle, dtype=dtype, max_memory=max_memory) if baseline_src else None
     vocab = [getattr(models.text_config(m.config), "vocab_size", None) for m in (model, baseline) if m is not None]
     if len(set(vocab)) > 1:
         raise CompressError(f"the baseline {baseline_src} has a vocabulary of {vocab[1]} tokens, the model {vocab[0]}: "

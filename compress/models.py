@@ -281,6 +281,11 @@ def text_config(config):
     return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
 
 
+def context_length(config) -> int | None:
+    """The model's context in tokens (max_position_embeddings of its text config), None where it says none."""
+    return getattr(text_config(config), "max_position_embeddings", None)
+
+
 def recorded_source_path(folder: Path, source: str) -> Path | None:
     """Where the model a checkpoint at `folder` was made from is, if it is here: recorded relative to the checkpoint's
     folder (older checkpoints: to the working directory where they were made)."""

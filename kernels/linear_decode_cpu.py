@@ -34,6 +34,11 @@ def _library():
     return load_c_library("linear_decode", _SIGNATURES)
 
 
+def linear_decode_available() -> bool:
+    """The C steps are built here (a compiler, COMPRESS_CPU_KERNELS not off): what `compress inspect` reports."""
+    return _library() is not None
+
+
 def _ready(*tensors) -> bool:
     return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
 

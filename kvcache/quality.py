@@ -21,6 +21,7 @@ from transformers import DynamicCache
 from ..errors import CompressError
 from ..evaluate import MetricAccumulator, paired_change
 from ..intervals import paired_figures
+from ..models import context_length
 
 CacheFactory = Callable[[], object]
 
@@ -143,15 +144,9 @@ def summary_window_len(residual_length: int, context: int | None) -> int:
     return min(length, context) if context else length
 
 
-def _context(config) -> int | None:
-    from ..models import text_config
-
-    return getattr(text_config(config), "max_position_embeddings", None)
-
-
 def residual_beyond_context(residual_length: int, config) -> str | None:
     """What is wrong with a full-precision window as long as the model's context (None: nothing)."""
-    context = _context(config)
+    context = context_length(config)
     # + 2: a token compressed and one after it to score (cache_quality_summary's windows end at the context)
     if context is not None and residual_length + 2 > context:
         return (f"gear_kv: residual_length {residual_length} leaves no room in the model's context ({context} "
@@ -168,7 +163,7 @@ def check_summary_text(tokenizer, text: str | None, residual_length: int, config
     problem = residual_beyond_context(residual_length, config)
     if problem:
         raise CompressError(problem)
-    length = summary_window_len(residual_length, _context(config))
+    length = summary_window_len(residual_length, context_length(config))
     heldout_windows(tokenizer, text if text is not None else builtin_text("builtin:heldout"), 1, length)
 
 
@@ -182,7 +177,7 @@ def cache_quality_summary(model: nn.Module, tokenizer, settings, text: str | Non
 
     n = min(windows or 16, 16)
     if window_len is None:
-        window_len = summary_window_len(settings.residual_length, _context(model.config))
+        window_len = summary_window_len(settings.residual_length, context_length(model.config))
     w = heldout_windows(tokenizer, text if text is not None else builtin_text("builtin:heldout"), n, window_len)
     result, _ = kv_quality(model, w, lambda: GEARCache(model.config, settings), settings.residual_length)
     summary = result.to_dict(windows=False)

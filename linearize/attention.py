@@ -29,7 +29,8 @@ from ..errors import UnsupportedModelError
 from ..kernels.dispatch import use_triton
 from ..kernels.gla import gated_linear_attention
 from ..kernels.gsa import gated_slot_attention
-from ..kernels.linear_decode_cpu import _library, gsa_decode_step, linear_decode_step, linear_decode_supported
+from ..kernels.linear_decode_cpu import (gsa_decode_step, linear_decode_available, linear_decode_step,
+                                         linear_decode_supported)
 from ..kernels.linear_decode_triton import (gsa_decode_step_triton, gsa_triton_supported, linear_decode_step_triton,
                                             linear_decode_triton_supported)
 from ..kernels.window_attention import sliding_window_attention
@@ -134,7 +135,7 @@ class LinearizedAttention(nn.Module):
         elif device_type == "cuda":
             step = ("one Triton step a token where Triton is installed and the head and value sizes are powers of "
                     "two of at least 16 (the torch recurrence otherwise)")
-        elif _library() is not None:
+        elif linear_decode_available():
             step = "one C call a token (csrc/linear_decode.c; the torch recurrence where gradients are on)"
         else:
             step = "the torch recurrence a token (no C kernels: COMPRESS_CPU_KERNELS=off or no compiler)"

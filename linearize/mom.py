@@ -34,7 +34,7 @@ from torch import nn
 from ..attention_outputs import record_as_attentions
 from ..kernels.delta_rule import gated_delta_rule
 from ..kernels.dispatch import use_triton
-from ..kernels.linear_decode_cpu import _library, linear_decode_supported, mom_decode_step
+from ..kernels.linear_decode_cpu import linear_decode_available, linear_decode_supported, mom_decode_step
 from ..kernels.linear_decode_triton import mom_decode_step_triton, mom_triton_supported
 from ..errors import UnsupportedModelError
 from ..targets import EXEMPT
@@ -172,8 +172,9 @@ class MixtureOfMemoriesAttention(LinearizedAttention):
         return "cpu" if linear_decode_supported(layer.state) else None
 
     def _prompt_path(self, device_type: str) -> str:
-        return "the chunked torch path" if device_type == "cuda" or _library() is None or self._float64() else \
-            "the C step token after token (the chunked torch path where gradients are on)"
+        if device_type == "cuda" or not linear_decode_available() or self._float64():
+            return "the chunked torch path"
+        return "the C step token after token (the chunked torch path where gradients are on)"
 
     def _prompt_in_c(self, layer, q) -> str | None:
         """"cpu" where a prompt (gradients off, CPU) goes through the C step token after token: one pass over the

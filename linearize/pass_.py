@@ -10,7 +10,7 @@ from pydantic import Field
 from torch import nn
 
 from ..errors import ConfigError, UnsupportedModelError
-from ..models import checkpoint_dtype, text_config
+from ..models import checkpoint_dtype, context_length
 from ..pass_api import Pass, PassConfig, PassContext, PassReport, restoring, tensor_bytes, timed
 from ..registry import register_pass
 from .attention import LinearizedAttention
@@ -91,7 +91,7 @@ class Linearize(Pass):
         if done:
             raise UnsupportedModelError(f"{done[0]} is already linearized (the input model is a linearized "
                                         "checkpoint); choose other `layers` or start from the original model")
-        context = getattr(text_config(model.config), "max_position_embeddings", None)
+        context = context_length(model.config)
         window = self.config.window_or_none()
         if window is not None and context is not None and window > context:
             # the window's ring buffer is sized for `window` tokens at the first call (615 MB for 100,000 on the

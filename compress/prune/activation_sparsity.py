@@ -31,24 +31,37 @@ def ffn_down_projections(model: nn.Module) -> list[nn.Module]:
     return downs
 
 
-def down_weight(module: nn.Module) -> torch.Tensor:
-    """The float32 [out, in] weight a down projection computes with: dense, pruned (packed), or quantized (its
-    dequantized weight: an int4 checkpoint's `eval --activation-sparsity` ended in an AttributeError traceback)."""
+def _weight_reader(module: nn.Module):
+    """A function giving the float32 [out, in] weight a down projection computes with: dense, pruned (packed), or
+    quantized (its dequantized weight: an int4 checkpoint's `eval --activation-sparsity` ended in an AttributeError
+    traceback); None where it has none to read."""
     if hasattr(module, "dense_weight"):
-        return module.dense_weight(torch.float32)
+        return lambda: module.dense_weight(torch.float32)
     if hasattr(module, "dequantized_weight"):
-        return module.dequantized_weight().detach().float()
-    return module.weight.detach().float()
+        return lambda: module.dequantized_weight().detach().float()
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.is_floating_point():
+        return lambda: weight.detach().float()
+    return None
+
+
+def down_weight(module: nn.Module) -> torch.Tensor:
+    reader = _weight_reader(module)
+    if reader is None:
+        raise _unreadable(module)
+    return reader()
 
 
 def check_down_weights(model: nn.Module) -> None:
     """Before any work: every down projection's weight can be read (`down_weight`)."""
-    for down in ffn_down_projections(model):
-        weight = getattr(down, "weight", None)
-        if not (hasattr(down, "dense_weight") or hasattr(down, "dequantized_weight")
-                or isinstance(weight, torch.Tensor) and weight.is_floating_point()):
-            raise UnsupportedModelError(f"activation sparsity reads the MLPs' down_proj weights, and a "
-                                        f"{type(down).__name__} has none it can read")
+    unreadable = next((d for d in ffn_down_projections(model) if _weight_reader(d) is None), None)
+    if unreadable is not None:
+        raise _unreadable(unreadable)
+
+
+def _unreadable(module: nn.Module) -> UnsupportedModelError:
+    return UnsupportedModelError(f"activation sparsity reads the MLPs' down_proj weights, and a "
+                                 f"{type(module).__name__} has none it can read")
 
 
 class LayerActivations:

@@ -106,11 +106,11 @@ class Recover(Pass):
 
     def check(self, model: nn.Module) -> None:
         """Targets, and what the arguments say of this model and this machine, before any pass runs."""
-        from ..models import text_config
+        from ..models import context_length
 
         super().check(model)
         c = self.config
-        context = getattr(text_config(model.config), "max_position_embeddings", None)
+        context = context_length(model.config)
         if c.seq_len is not None and context is not None and c.seq_len > context:
             raise ConfigError(f"recover: seq_len {c.seq_len} is longer than the model's context ({context} tokens); "
                               "lower it")

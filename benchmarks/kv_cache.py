@@ -71,7 +71,7 @@ def configurations(quick: bool) -> list[dict]:
     e4m3 (half their cost), "s8" = one-byte scales (scale_format log8: 0.125 bit/element less), "k4v2" = keys at 4
     bits, values at 2 (value_bits)."""
     # the uncompressed baseline: transformers' DynamicCache in the model's dtype (float32 on the CPU)
-    rows = [dict(name="dynamic-fp32", method="fp16", bits=32), dict(name="hf-fp8", method="hf_quantized_fp8", bits=8)]
+    rows = [dict(name="dynamic-fp32", method="dynamic", bits=32), dict(name="hf-fp8", method="hf_quantized_fp8", bits=8)]
     # what a transformers user picks instead: QuantizedCache with its group-wise backends (per-token groups of 64
     # for keys and values, a 128-token full-precision residual), where installed (`pip install -e ".[bench]"`)
     for backend, module in (("quanto", "optimum.quanto"), ("hqq", "hqq")):
@@ -108,7 +108,7 @@ def configurations(quick: bool) -> list[dict]:
 
 
 def make_factory(model, row):
-    if row["method"] == "fp16":
+    if row["method"] == "dynamic":  # transformers' DynamicCache in the model's dtype: the baseline
         return lambda: DynamicCache(config=model.config)
     if row["method"] == "hf_quantized_fp8":
         return lambda: QuantizedCache("fp8", model.config)
@@ -181,7 +181,7 @@ def run(args) -> list[dict]:
         unknown = [n for n in args.only if n not in known]
         if unknown:  # a row the installed extras lack (hf-quanto-*, hf-hqq-*) was named by the skip line above
             raise CompressError(f"--only {' '.join(unknown)}: no such configuration; known: {', '.join(sorted(known))}")
-        rows = [r for r in rows if r["name"] in args.only or r["method"] == "fp16"]
+        rows = [r for r in rows if r["name"] in args.only or r["method"] == "dynamic"]
     torch.manual_seed(0)
     model = compress.load(args.model, dtype=args.dtype)
     model.set_attn_implementation("gear_kv")

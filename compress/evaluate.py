@@ -100,7 +100,9 @@ def score_windows(model: nn.Module, windows: torch.Tensor, baseline: nn.Module |
     """`model`'s metrics on `windows` (against `baseline` where given) and the baseline's own, window by window."""
     acc, base_acc = MetricAccumulator(), MetricAccumulator()
     batches = range(0, windows.shape[0], batch_size)
-    for i in progress_bar(batches, description="evaluating", enabled=progress):
+    # the bar counts batches: say so, or "3/25" reads as windows
+    description = f"evaluating {windows.shape[0]} windows, batches of {batch_size}"
+    for i in progress_bar(batches, description=description, enabled=progress):
         x = windows[i : i + batch_size]
         logits = logits_of(model, x)[:, :-1]
         base = logits_of(baseline, x)[:, :-1] if baseline is not None else None

@@ -51,7 +51,17 @@ sys.path.insert(0, str(Path(__file__).parent))
 from activation_sparse_rows import (calibrated_quality, cpu_activation_sparse, cpu_gather_crossover,  # noqa: E402
                                     cuda_activation_sparse, cuda_ms)
 from vq_logits import paired_median_seconds  # noqa: E402
-from compress.bench_args import fill_unset, fraction, nonnegative_int, output_file, positive_int, run_cli  # noqa: E402
+from compress.bench_args import (fill_unset, fraction, nonnegative_int, output_file, positive_float,  # noqa: E402
+                                 positive_int, run_cli)
+
+
+def perplexity_budget(text: str) -> float:
+    """A relative perplexity increase, as the pass takes it: 0.007 is 0.7%."""
+    value = positive_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"{value} is a fraction (0.007 = +0.7% perplexity): must be below 1")
+    return value
+
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096)]  # (out, in)
 
@@ -315,7 +325,7 @@ def main(argv=None) -> None:
     ap.add_argument("--greedy-rounds", type=nonnegative_int, default=None, help="activation sparsity: rounds of "
                     "per-layer greedy threshold moves (0, the default: one CETT value for all layers; the greedy "
                     "moves overfit the calibration text, BENCHMARKS.md)")
-    ap.add_argument("--ppl-budget", type=float, default=0.007, help="activation sparsity: perplexity budget on the "
+    ap.add_argument("--ppl-budget", type=perplexity_budget, default=0.007, help="activation sparsity: perplexity budget on the "
                     "calibration windows (the held-out change is what the rows report)")
     ap.add_argument("--calibration-samples", type=positive_int, default=None, help="activation sparsity: calibration "
                     "windows of 256 tokens (default 48, 8 with --quick; more: slower search, less overfitting of the "

@@ -27,6 +27,7 @@ CASES = [
     # output files are checked before the run, not at its last line (they ended in a traceback after minutes)
     ("kv_cache.py", ["--save-json", "/nonexistent/x.json"], "--save-json: /nonexistent/x.json: /nonexistent is not"),
     ("sparse_speed.py", ["--save-quality", "/"], "--save-quality: / is a folder"),
+    ("sparse_speed.py", ["--ppl-budget", "2"], "argument --ppl-budget: 2.0 is a fraction (0.007 = +0.7% perplexity)"),
     ("vq_logits.py", ["--save", "/nonexistent/v.json"], "--save: /nonexistent/v.json"),
     ("prune.py", ["--save-json", "/nonexistent/p.json"], "--save-json: /nonexistent/p.json"),
     # counts that crashed deep in the run (UnboundLocalError, ZeroDivisionError, StatisticsError)

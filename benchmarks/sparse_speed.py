@@ -325,8 +325,8 @@ def main(argv=None) -> None:
     ap.add_argument("--greedy-rounds", type=nonnegative_int, default=None, help="activation sparsity: rounds of "
                     "per-layer greedy threshold moves (0, the default: one CETT value for all layers; the greedy "
                     "moves overfit the calibration text, BENCHMARKS.md)")
-    ap.add_argument("--ppl-budget", type=perplexity_budget, default=0.007, help="activation sparsity: perplexity budget on the "
-                    "calibration windows (the held-out change is what the rows report)")
+    ap.add_argument("--ppl-budget", type=perplexity_budget, default=0.007, help="activation sparsity: perplexity "
+                    "budget on the calibration windows, a fraction (the held-out change is what the rows report)")
     ap.add_argument("--calibration-samples", type=positive_int, default=None, help="activation sparsity: calibration "
                     "windows of 256 tokens (default 48, 8 with --quick; more: slower search, less overfitting of the "
                     "per-layer thresholds)")

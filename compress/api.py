@@ -164,7 +164,8 @@ def apply(
     storage = checkpoint_dtype(model)
     stored = report.stored_bytes_before = stored_bytes(model, storage)
     for p in passes:
-        r = p.apply(model, ctx)
+        # a mistake only the earlier passes' result shows (e.g. MoM's new modules) also names its recipe line
+        r = p.located(lambda: p.apply(model, ctx))
         r.stored_bytes_before, stored = stored, stored_bytes(model, storage)
         r.stored_bytes_after = stored
         for earlier, earlier_report in zip(passes, report.passes):

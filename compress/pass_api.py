@@ -292,10 +292,10 @@ class Pass:
                               f"and a pass cannot change the layer under it: apply {self.name} to the checkpoint "
                               "before that recover, or to one whose recover merged (merge: true)")
 
-    def located(self, check) -> None:
-        """Run `check()`; its ConfigError / UnsupportedModelError / TargetError names the pass's recipe line."""
+    def located(self, check):
+        """`check()`'s result; its ConfigError / UnsupportedModelError / TargetError names the pass's recipe line."""
         try:
-            check()
+            return check()
         except (ConfigError, UnsupportedModelError, TargetError) as exc:
             if not self.location:
                 raise

@@ -60,6 +60,16 @@ def test_recover_mistakes_are_found_before_any_pass_runs(tmp_path, passes, match
     assert ran == []
 
 
+def test_a_mistake_found_after_the_earlier_passes_names_its_recipe_line():
+    """MoM's routers exist only once linearize ran, so train_modules naming none of them fails then: at its line."""
+    recipe = compress.Recipe.from_text(
+        "model: builtin:tiny\n" + CALIBRATION + "passes:\n"
+        "  - linearize: {variant: mom, layers: [0]}\n"
+        "  - recover: {max_tokens: 256, train_modules: ['re:.*routr$']}\n", source="r.yaml")
+    with pytest.raises(CompressError, match="^r.yaml:5:5: recover: train_modules: target 're:.*routr\\$' matches no"):
+        compress.apply(compress.load("builtin:tiny"), recipe, progress=False)
+
+
 def test_recover_names_the_layers_it_leaves_out(reference_tokenizer):
     recipe = compress.Recipe.from_text(
         "model: builtin:tiny\n" + CALIBRATION + "passes:\n"

@@ -34,7 +34,15 @@ def ffn_down_projections(model: nn.Module) -> list[nn.Module]:
 def _weight_reader(module: nn.Module):
     """A function giving the float32 [out, in] weight a down projection computes with: dense, pruned (packed), or
     quantized (its dequantized weight: an int4 checkpoint's `eval --activation-sparsity` ended in an AttributeError
-    traceback); None where it has none to read."""
+    traceback); None where it has none to read. A LoRA adapter kept unmerged (recover, merge: false) counts: its
+    wrapper's `weight` is the base layer's alone."""
+    base = getattr(module, "base_layer", None)
+    if base is not None and hasattr(module, "get_delta_weight"):
+        read = _weight_reader(base)
+        if read is None or module.merged or module.disable_adapters:
+            return read
+        names = [name for name in module.active_adapters if name in module.lora_A]
+        return lambda: read() + sum(module.get_delta_weight(name).detach().float() for name in names)
     if hasattr(module, "dense_weight"):
         return lambda: module.dense_weight(torch.float32)
     if hasattr(module, "dequantized_weight"):

@@ -158,3 +158,18 @@ def test_calls_that_train_nothing_use_a_merged_copy_that_follows_the_adapter(kin
 def _masked_update(layer: SparsityKeepingLoraLinear, x: torch.Tensor) -> torch.Tensor:
     a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
     return x @ ((b @ a) * layer.keep_mask * layer.scaling[ADAPTER]).T
+
+
+@pytest.mark.parametrize("kind", ["nm", "dense_pruned", "dense"])
+def test_activation_sparsity_reads_the_weight_an_unmerged_adapter_computes_with(kind):
+    """`eval --activation-sparsity` / the pass weigh neurons by the down projection's columns: beside an unmerged
+    adapter that is base + update (the wrapper's `weight` is the base layer's alone)."""
+    from compress.prune.activation_sparsity import down_weight
+
+    layer = wrapped(pruned_linear(kind))
+    x = torch.randn(4, 32)
+    with torch.no_grad():
+        expected = layer(x) - layer.get_base_layer().bias
+        torch.testing.assert_close(x @ down_weight(layer).t(), expected, rtol=1e-5, atol=1e-5)
+        layer.merge()  # merged: the base layer holds the update; counted once
+        torch.testing.assert_close(x @ down_weight(layer).t(), expected, rtol=1e-5, atol=1e-5)

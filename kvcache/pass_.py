@@ -11,6 +11,7 @@ from pydantic import Field
 from torch import nn
 
 from ..errors import ConfigError, UnsupportedModelError
+from ..models import text_config
 from .quality import residual_beyond_context
 from ..kernels.kv_pages import FORMAT_VERSION as KV_FORMAT_VERSION
 from ..pass_api import Pass, PassConfig, PassContext, PassReport, left_by_earlier, tensor_bytes, timed
@@ -31,13 +32,30 @@ class GearKV(Pass):
     supports_offload = True  # records cache settings, touches no weights (see Pass.supports_offload)
 
     class Config(PassConfig, KVCacheSettings):
-        # `targets`/`ignore` only name the attention modules shown by --dry-run; `skip_layers` picks the layers.
+        # the layers whose attention modules `targets`/`ignore` leave out keep an uncompressed cache, as do
+        # `skip_layers` (the two ways of picking layers add up)
         targets: list[str] = Field(default_factory=lambda: ["re:.*self_attn"],
-                                   description="attention modules listed by --dry-run (skip_layers picks layers)")
-        ignore: list[str] = Field(default_factory=list, description="attention modules left out of the listing")
+                                   description="attention modules whose layers get the compressed cache")
+        ignore: list[str] = Field(default_factory=list, description="attention modules whose layers keep an "
+                                  "uncompressed cache (like skip_layers)")
 
-    def settings(self) -> KVCacheSettings:
-        return KVCacheSettings(**self.config.model_dump(include=set(SETTINGS_FIELDS)))
+    def settings(self, model: nn.Module | None = None) -> KVCacheSettings:
+        """The cache settings; given the model, the layers `targets`/`ignore` leave out are skipped too (they
+        only named modules once, and the cache compressed every layer whatever they said)."""
+        fields = self.config.model_dump(include=set(SETTINGS_FIELDS))
+        if model is not None:
+            fields["skip_layers"] = sorted(set(fields["skip_layers"]) | self.layers_left_out(model))
+        return KVCacheSettings(**fields)
+
+    def layers_left_out(self, model: nn.Module) -> set[int]:
+        """Layer indices whose attention module `targets`/`ignore` do not select."""
+        chosen = self.target_modules(model)
+        stray = [n for n, m in chosen.items() if not isinstance(getattr(m, "layer_idx", None), int)]
+        if stray:
+            raise ConfigError(f"gear_kv: targets match {stray[:3]}, which are not attention layers: the cache "
+                              "compresses an attention layer's keys and values, so target the self_attn modules")
+        layers = text_config(model.config).num_hidden_layers
+        return set(range(layers)) - {m.layer_idx for m in chosen.values()}
 
     def check_after(self, model: nn.Module, earlier) -> None:
         """When earlier linearize passes convert every attention layer, no KV cache is left to compress: said
@@ -45,9 +63,9 @@ class GearKV(Pass):
         from ..linearize import LinearizedAttention
 
         described = self.describe(model)
-        if not described and self.config.skip_layers and self.target_modules(model):
-            raise ConfigError(f"gear_kv: skip_layers {sorted(self.config.skip_layers)} leaves no attention layer to "
-                              "compress; skip fewer layers, or drop gear_kv")
+        if not described and self.target_modules(model):
+            raise ConfigError(f"gear_kv: skip_layers {sorted(self.config.skip_layers)} with targets/ignore leave no "
+                              "attention layer to compress; select more layers, or drop gear_kv")
         listed = {n for n in described  # a model loaded linearized counts as well
                   if not isinstance(model.get_submodule(n), LinearizedAttention)}
         if not left_by_earlier(model, listed, earlier, lambda p: p.name == "linearize"):
@@ -58,7 +76,7 @@ class GearKV(Pass):
     def apply(self, model: nn.Module, ctx: PassContext) -> PassReport:
         report = PassReport(name=self.name)
         with timed(report):
-            settings = self.settings()
+            settings = self.settings(model)
             cache = install_compressed_cache(model, settings)  # validates against the model's shapes
             listed = self.describe(model)
             # a linearized layer keeps a recurrent state, no key/value cache: nothing of it is compressed
@@ -74,14 +92,14 @@ class GearKV(Pass):
         return report
 
     def restore(self, model: nn.Module, entry: dict) -> None:
-        install_compressed_cache(model, self.settings())
+        install_compressed_cache(model, self.settings(model))
 
     def check(self, model: nn.Module) -> None:
         existing = getattr(model, "kv_cache_settings", None)
         if existing is not None:  # a second gear_kv (an earlier apply, or the checkpoint loaded) would replace it
             raise ConfigError(f"gear_kv: the model already has a compressed KV cache ({existing.method}, "
                               f"{existing.bits} bits); apply gear_kv to the model without one")
-        GEARCache(model.config, self.settings())  # validates the settings against head_dim and the layer count
+        GEARCache(model.config, self.settings(model))  # validates the settings against head_dim and the layer count
         problem = residual_beyond_context(self.config.residual_length, model.config)
         if problem:
             raise ConfigError(problem)

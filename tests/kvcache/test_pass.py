@@ -56,13 +56,32 @@ def test_bad_arguments(args, match):
 
 
 @pytest.mark.parametrize("args,match", [(dict(key_rank=65), "exceeds"), (dict(skip_layers=[6]), "out of range"),
-                                        (dict(skip_layers=[0, 1, 2, 3, 4, 5]), "leaves no attention layer"),
+                                        (dict(skip_layers=[0, 1, 2, 3, 4, 5]), "leave no attention layer"),
+                                        (dict(targets=["model.layers.1.self_attn"], skip_layers=[1]),
+                                         "leave no attention layer"),
+                                        (dict(targets=["re:.*q_proj"]), "which are not attention layers"),
                                         (dict(residual_length=1024),
                                          "leaves no room in the model's context \\(1024 tokens\\)"),
                                         (dict(method="kivi", group_size=1, residual_length=1023), "leaves no room")])
 def test_arguments_impossible_for_the_model(args, match):
     with pytest.raises(CompressError, match=match):
         compress.apply(compress.load("builtin:tiny"), [compress.get_pass("gear_kv")(**args)], progress=False)
+
+
+@pytest.mark.parametrize("args,compressed", [(dict(targets=["model.layers.1.self_attn"]), [1]),
+                                             (dict(ignore=["re:model\\.layers\\.0\\..*"]), [1, 2, 3, 4, 5]),
+                                             (dict(ignore=["model.layers.0.self_attn"], skip_layers=[5]), [1, 2, 3, 4])])
+def test_targets_and_ignore_pick_the_compressed_layers(args, compressed, tmp_path, heldout_ids):
+    """targets/ignore were only a listing: the report said 1 layer, the cache compressed all 6 (an audit's find)."""
+    model, report = compress.apply(compress.load("builtin:tiny"), [compress.get_pass("gear_kv")(bits=4, **args)],
+                                   progress=False)
+    assert report.passes[0].details["layers_compressed"] == len(compressed)
+    assert report.passes[0].modules == [f"model.layers.{i}.self_attn" for i in compressed]
+    for m in (model, compress.load(compress.save(model, tmp_path / "out"))):
+        cache = GEARCache(m.config, m.kv_cache_settings)
+        with torch.no_grad():
+            m(heldout_ids[:, :200], cache=cache)
+        assert [i for i, layer in enumerate(cache.layers) if hasattr(layer, "key_store")] == compressed
 
 
 @pytest.mark.parametrize("name,method", [("gear-kv4.yaml", "gear"), ("kivi-2.yaml", "kivi")])

@@ -39,6 +39,17 @@ class PassConfig(StrictConfig):
     ignore: list[str] = Field(default_factory=lambda: ["re:.*lm_head", "re:.*embed_tokens"],
                               description="modules to leave alone (same forms as targets; ignore wins)")
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        """`pass.config.field = value` is checked as the constructor checks it, and fails as a ConfigError."""
+        from pydantic import ValidationError
+
+        try:
+            super().__setattr__(name, value)
+        except ValidationError as exc:
+            owner = type(self).__qualname__.removesuffix(".Config")  # e.g. "Prune": the pass the config is of
+            raise ConfigError("\n".join(f"{owner}: {name} = {value!r}: {e['msg'].removeprefix('Value error, ')}"
+                                         for e in exc.errors())) from exc
+
     @field_validator("targets", "ignore", "train_modules", mode="before", check_fields=False)
     @classmethod
     def _one_pattern(cls, patterns):
@@ -165,6 +176,17 @@ class Pass:
     def validate_config(self) -> None:
         """Cross-field checks that pydantic field constraints cannot express; raise ConfigError."""
 
+    def revalidated(self) -> None:
+        """The config checked whole again: fields assigned one by one since the constructor (`p.config.sparsity =
+        0.7` after `structure="2:4"`) passed only their own checks, and the run failed at the save, after the work."""
+        from pydantic import ValidationError
+
+        try:
+            self.Config.model_validate(self.config.model_dump())
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(self.name, exc)) from exc
+        self.validate_config()
+
     @classmethod
     def from_record(cls, args: dict[str, Any]) -> "Pass":
         """The pass a checkpoint's entry recorded, to restore its modules: checks added since that checkpoint was
@@ -272,7 +294,7 @@ class Pass:
         """`check`, `check_after`, the earlier passes' `check_later` and `check_not_unused` against the modules the
         model already leaves unused (`unused_children()` of its modules), an error prefixed with the pass's place in
         the recipe (`location`) when it came from one."""
-        self.located(lambda: (self.check(model), self.check_after(model, earlier),
+        self.located(lambda: (self.revalidated(), self.check(model), self.check_after(model, earlier),
                               [p.check_later(model, self) for p in earlier],
                               self.check_not_unused(model, unused_modules(model)),
                               self._check_not_under_adapter(model)))

@@ -152,3 +152,18 @@ def test_api_mistakes_are_one_line_errors_before_any_work(tmp_path):
     compress.apply(model, [P.GearKV(bits=4)], progress=False)  # a second apply may not replace the first's cache
     with pytest.raises(CompressError, match="already has a compressed KV cache \\(gear, 4 bits\\)"):
         compress.apply(model, [P.GearKV(bits=2)], progress=False)
+
+
+def test_config_fields_assigned_after_construction_are_checked_whole_before_any_work(monkeypatch):
+    """`p.config.sparsity = 0.7` after `structure="2:4"` passed its field's own check; apply pruned 2:4, recorded 0.7,
+    and the save refused the record after all the work (an audit's find)."""
+    p = compress.passes.Prune(structure="2:4")
+    p.config.sparsity = 0.7
+    ran = []
+    monkeypatch.setattr(type(p), "apply", lambda *a, **k: ran.append(1))
+    with pytest.raises(ConfigError, match="structure 2:4 fixes sparsity at 0.5"):
+        compress.apply(compress.load("builtin:tiny"), [p], progress=False)
+    assert ran == []
+    g = compress.passes.GearKV(method="kivi", key_rank=0, value_rank=0, outlier_ratio=0.0)
+    with pytest.raises(ConfigError, match="method 'kivi' has no outliers and no low-rank term"):  # not pydantic's
+        g.config.key_rank = 4

@@ -163,6 +163,9 @@ class Pass:
         elif config is not None and not isinstance(config, dict):
             raise ConfigError(f"{name} takes keyword arguments or a dict of its settings, got {config!r:.60} "
                               f"(e.g. {name}(setting=value, ...))")
+        elif config is not None and any(not isinstance(key, str) for key in config):
+            odd = next(key for key in config if not isinstance(key, str))
+            raise ConfigError(f"{name}: the keys of its settings are names, got {odd!r:.40}")
         else:
             from pydantic import ValidationError
 

@@ -99,18 +99,40 @@ def _to_python(node: yaml.Node, path: tuple, marks: Marks, loader: yaml.SafeLoad
                            "are expanded; write the recipe out without aliases"])
     marks[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
     if isinstance(node, yaml.MappingNode):
-        out = {}
+        out, merged = {}, {}
         for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: YAML's merge key, as PyYAML reads it
+                merged.update({k: v for k, v in _merged(value_node, path, marks, loader).items() if k not in merged})
+                continue
             key = loader.construct_object(key_node, deep=True)
+            if not isinstance(key, str):
+                raise RecipeError([f"{{file}}:{key_node.start_mark.line + 1}:{key_node.start_mark.column + 1}: "
+                                   f"key {key!r:.40} is not a name: a recipe's keys are names (quote it if it is one)"])
             if key in out:
                 raise RecipeError([f"{{file}}:{key_node.start_mark.line + 1}:{key_node.start_mark.column + 1}: "
                                    f"duplicate key {key!r}"])
             marks[path + (key, "__key__")] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
             out[key] = _to_python(value_node, path + (key,), marks, loader)
-        return out
+        return {**merged, **out}  # the keys written out win over the merged ones
     if isinstance(node, yaml.SequenceNode):
         return [_to_python(n, path + (i,), marks, loader) for i, n in enumerate(node.value)]
     return loader.construct_object(node, deep=True)
+
+
+def _merged(node: yaml.Node, path: tuple, marks: Marks, loader: yaml.SafeLoader) -> dict:
+    """The mapping(s) a merge key names (`<<: *a` or `<<: [*a, *b]`: the earlier one wins), their values' errors
+    reported where they are written."""
+    sources = node.value if isinstance(node, yaml.SequenceNode) else [node]
+    out: dict = {}
+    for source in sources:
+        if not isinstance(source, yaml.MappingNode):
+            raise RecipeError([f"{{file}}:{source.start_mark.line + 1}:{source.start_mark.column + 1}: `<<` merges "
+                               "mappings (`<<: *name` of an anchored mapping)"])
+        own = marks.get(path)
+        value = _to_python(source, path, marks, loader)
+        marks[path] = own  # the mapping is where it is written, not where the merged one is
+        out.update({k: v for k, v in value.items() if k not in out})
+    return out
 
 
 @dataclass

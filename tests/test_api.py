@@ -34,6 +34,8 @@ def test_bad_arguments_in_code_are_config_errors():
         compress.passes.Prune(sparsity=1.0)
     with pytest.raises(ConfigError, match="unexpected|Extra inputs"):
         compress.passes.Prune(sparsity=0.5, bogus=1)
+    with pytest.raises(ConfigError, match="Prune: the keys of its settings are names, got 1"):  # was a TypeError
+        compress.passes.Prune({1: 2})
     with pytest.raises(CompressError, match="apply\\(\\) takes a Recipe or a list of Pass"):
         compress.apply(torch.nn.Linear(2, 2), ["prune"])
 

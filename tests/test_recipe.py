@@ -40,7 +40,25 @@ BAD_RECIPES = [
     ("model: builtin:tiny\npasses:\n  - prune: {ignore: ['re:(x']}\n", 3, "ignore: target 're:(x' is not a valid regex"),
     ("model: builtin:tiny\ncalibration: {source: builtin:calibration}\npasses:\n  - recover: {train_modules: ['re:(']}\n",
      4, "train_modules: target 're:(' is not a valid regex"),
+    # keys that are not names, and merge keys (`<<`) naming no mapping, ended in a traceback
+    ("model: builtin:tiny\npasses:\n  - prune: {1: 2}\n", 3, "key 1 is not a name"),
+    ("model: builtin:tiny\npasses:\n  - prune: {? [a, b] : 1}\n", 3, "key ['a', 'b'] is not a name"),
+    ("model: builtin:tiny\npasses:\n  - prune: {<<: 3}\n", 3, "`<<` merges mappings"),
+    # a merged value's mistake is reported where that value is written (the anchor's line)
+    ("model: builtin:tiny\npasses:\n  - prune: &p {method: magnitude, sparsity: 0.5}\n  - quantize: {<<: *p}\n", 3,
+     "pass 'quantize': unknown key 'sparsity'"),
 ]
+
+
+def test_merge_keys_share_arguments_and_the_keys_written_out_win():
+    recipe = Recipe.from_text(textwrap.dedent("""\
+        model: builtin:tiny
+        passes:
+          - prune: &attention {method: magnitude, sparsity: 0.5, targets: ['re:.*self_attn.*']}
+          - prune: {<<: [*attention, {storage: dense}], sparsity: 0.3, targets: ['re:.*mlp.*']}
+        """))
+    assert recipe.passes[1].args == {"method": "magnitude", "storage": "dense", "sparsity": 0.3,
+                                     "targets": ["re:.*mlp.*"]}
 
 
 @pytest.mark.parametrize("text,line,fragment", BAD_RECIPES)

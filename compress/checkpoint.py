@@ -111,7 +111,7 @@ def save(
     *,
     tokenizer=None,
     recipe_text: str | None = None,
-    report: dict | None = None,
+    report=None,
     overwrite: bool = False,
     max_shard_bytes: int | str = DEFAULT_MAX_SHARD_BYTES,
 ) -> Path:
@@ -127,6 +127,10 @@ def save(
         raise CompressError(f"recipe_text= takes the recipe's YAML text (a str), got {type(recipe_text).__name__}")
     if not isinstance(folder, (str, os.PathLike)):
         raise CompressError(f"save() takes the output folder as a path, got {folder!r:.80}")
+    if hasattr(report, "to_dict"):  # the ApplyReport compress.apply returns (its repr went into report.json)
+        report = report.to_dict()
+    if report is not None and not isinstance(report, dict):
+        raise CompressError(f"report= takes the report compress.apply returns (or a dict), got {type(report).__name__}")
     from .offload import parse_bytes
 
     max_shard_bytes = parse_bytes(max_shard_bytes, "max_shard_bytes")  # "2GB" too, as max_memory takes

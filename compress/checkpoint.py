@@ -177,6 +177,7 @@ def _portable_source(section: dict, tmp: Path) -> dict:
 
 def _write(model, tmp: Path, tokenizer, recipe_text, report, max_shard_bytes) -> None:
     from .export.native_marker import mark_native
+    from .output_folder import write_manifest
     from .models import checkpoint_dtype
 
     dtype = checkpoint_dtype(model)
@@ -198,6 +199,7 @@ def _write(model, tmp: Path, tokenizer, recipe_text, report, max_shard_bytes) ->
         (tmp / "recipe.yaml").write_text(recipe_text)
     if report is not None:
         (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    write_manifest(tmp)  # last: the files --overwrite may replace are exactly these
 
 
 def write_generation_config(model, folder: Path) -> None:

@@ -3,7 +3,7 @@
 Checked before any work (`check_output`): the target is not a plain file, not the current folder, not the source
 model's folder nor inside or around it, not around the recipe; its nearest existing parent is a writable folder;
 an existing target is replaced only with `overwrite` and only when it is a checkpoint this tool wrote (a
-config.json with a `compression` section, and nothing but checkpoint files).
+config.json with a `compression` section, and nothing but the files its manifest `compress-files.json` lists).
 
 Writing (`temporary_folder` + `swap_into_place`): files go to `.NAME.tmp-PID-XXXX` beside the target, then
 renames put them in place. What is at the target is checked again just before the swap (a folder made there while the
@@ -31,6 +31,39 @@ CHECKPOINT_FILES = ("config.json", "generation_config.json", "recipe.yaml", "rep
                     "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "chat_template.json",
                     "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json", "model.safetensors.index.json")
 WEIGHT_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")  # write_weights' shard names
+# the names of the files `compress.save` wrote into a checkpoint: what `--overwrite` may replace (by name alone, a
+# user's vocab.json or model-00007-of-00009.safetensors put there counted as ours and went with the old checkpoint)
+MANIFEST = "compress-files.json"
+
+
+def written_files(folder: Path) -> set[str] | None:
+    """The file names the manifest of a checkpoint folder lists (itself included); None without a readable one
+    (a checkpoint written before the manifest, or not by `compress.save`)."""
+    try:
+        names = json.loads((folder / MANIFEST).read_text(encoding="utf-8")).get("files")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(names, list) or not all(isinstance(n, str) and "/" not in n for n in names):
+        return None
+    return {*names, MANIFEST}
+
+
+def write_manifest(folder: Path) -> None:
+    """Called last by the writer: every file now in `folder` is the checkpoint's."""
+    names = sorted(p.name for p in folder.iterdir() if p.is_file())
+    (folder / MANIFEST).write_text(json.dumps({"files": names}, indent=1))
+
+
+def _legacy_files(folder: Path) -> set[str]:
+    """A checkpoint without a manifest: its fixed names, and the weights its index lists (or model.safetensors)."""
+    index = folder / "model.safetensors.index.json"
+    if not index.exists():
+        return {*CHECKPOINT_FILES, "model.safetensors"}
+    try:
+        shards = list(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return set(CHECKPOINT_FILES)  # a damaged index: the shards count as the user's (nothing deleted on a guess)
+    return {*CHECKPOINT_FILES, *(n for n in shards if isinstance(n, str) and WEIGHT_SHARD.fullmatch(n))}
 
 
 def _written_by_us(folder: Path) -> tuple[set[str], set[str], list[str]]:
@@ -39,7 +72,7 @@ def _written_by_us(folder: Path) -> tuple[set[str], set[str], list[str]]:
     the files their pass writes there, and what a user added inside such a subfolder (`adapter/NOTES.md`, which
     keeps that subfolder from being ours). Any other entry, a *.safetensors of the user's included, is not ours to
     delete."""
-    files = {*CHECKPOINT_FILES, "model.safetensors"} | {p.name for p in folder.iterdir() if WEIGHT_SHARD.fullmatch(p.name)}
+    files = written_files(folder) or _legacy_files(folder)
     folders: set[str] = set()
     foreign: list[str] = []
     try:

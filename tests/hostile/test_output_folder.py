@@ -93,6 +93,27 @@ def test_overwrite_refuses_user_files_that_look_like_weights(tmp_path, small_mod
     assert target.exists()
 
 
+@pytest.mark.parametrize("manifest", [True, False])
+def test_overwrite_refuses_user_files_named_like_checkpoint_files(tmp_path, small_model, manifest):
+    """A vocab.json or a shard the checkpoint did not write (it wrote one model.safetensors and no vocab.json) is
+    the user's: --overwrite deleted both silently (an audit's find). The manifest lists what save wrote; a checkpoint
+    from before it is judged by its index (shards) and the fixed names (vocab.json then still counts as ours)."""
+    from compress.output_folder import MANIFEST, check_output
+
+    out = compress.save(small_model(), tmp_path / "ckpt")
+    assert "model.safetensors" in json.loads((out / MANIFEST).read_text())["files"]
+    if not manifest:
+        (out / MANIFEST).unlink()
+    (out / "model-00007-of-00009.safetensors").write_bytes(b"mine")
+    (out / "vocab.json").write_text("{}")
+    expected = "model-00007-of-00009.safetensors, vocab.json" if manifest else "model-00007-of-00009.safetensors"
+    with pytest.raises(compress.errors.OutputError, match=f"would delete {expected} in"):
+        check_output(out, overwrite=True)
+    (out / "model-00007-of-00009.safetensors").unlink()
+    (out / "vocab.json").unlink()
+    assert check_output(out, overwrite=True) == out
+
+
 def test_overwrite_accepts_what_the_checkpoint_records_writing(tmp_path, small_model):
     """Shards named by the index, and a pass's recorded folder (recover with merge: false writes `adapter/`)."""
     from compress.output_folder import check_output

@@ -8,8 +8,8 @@ from pathlib import Path
 import click
 
 from .cli_export import export_cmd
-from .cli_eval import (EVAL_SEQ_LEN, _check_baseline, _check_kv_text, _eval_windows, _evaluate, _read_text,
-                       _recorded_source, _residual_length)
+from .cli_eval import (EVAL_SEQ_LEN, _check_baseline, _check_baseline_tokenizer, _check_kv_text, _eval_windows,
+                       _evaluate, _read_text, _recorded_source, _residual_length)
 from .cli_format import (_bold, _console, _finite, _mb, _non_empty, _print_eval, _print_passes, _table,
                          check_utf8_arguments, stored_dense_line)
 from .checkpoint import folder_bytes  # noqa: F401 (also compress.cli.folder_bytes)
@@ -329,7 +329,10 @@ def eval_cmd(model_src, baseline, text_file, seq_len, max_windows, speed, activa
         baseline = _recorded_source(model_src)
     else:
         _check_baseline(baseline)
-    tokenizer = models.load_tokenizer(model_src) or (models.load_tokenizer(baseline) if baseline else None)
+    tokenizer = models.load_tokenizer(model_src)
+    if tokenizer is not None and baseline:  # (without its own, the model is scored with the baseline's)
+        _check_baseline_tokenizer(baseline, tokenizer)
+    tokenizer = tokenizer or (models.load_tokenizer(baseline) if baseline else None)
     if tokenizer is None:
         raise CompressError(f"{model_src} has no tokenizer files; save the tokenizer with the model")
     text = _read_text(text_file) if text_file else None

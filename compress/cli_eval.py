@@ -64,6 +64,24 @@ def _check_baseline(baseline: str) -> None:
         raise CompressError(f"--baseline: {exc}") from None
 
 
+def _check_baseline_tokenizer(baseline: str, tokenizer) -> None:
+    """The baseline is scored on the ids the model's `tokenizer` cuts: its own tokenizer must read them as the same
+    tokens (a tokenizer of the same size with its ids in another order gave a KL of 6 and exit 0), checked before
+    any model loads. A baseline saved without tokenizer files is taken to read the model's ids: there is nothing
+    to compare, its vocabulary size is still checked against the model's, and a weights-only copy of the model a
+    checkpoint was made from is the usual such baseline (refusing it would leave no way to evaluate against it)."""
+    from .models import load_tokenizer, tokenizer_difference
+
+    try:
+        theirs = load_tokenizer(baseline)
+    except CompressError as exc:  # damaged files are said, not taken for none
+        raise CompressError(f"the baseline's tokenizer: {exc}") from None
+    difference = None if theirs is None else tokenizer_difference(tokenizer, theirs)
+    if difference:
+        raise CompressError(f"the baseline {baseline} has another tokenizer than the model: {difference}; KL and "
+                            "top-1 agreement need the same token ids: pass the model it was made from")
+
+
 def _residual_length(model, passes) -> int | None:
     """The full-precision window of the compressed KV cache the model has, or one of `passes` installs (None: none)."""
     settings = getattr(model, "kv_cache_settings", None)

@@ -42,15 +42,20 @@ def _eval_windows(tokenizer, text, seq_len: int, max_windows, config):
     from .evaluate import heldout_windows
     from .models import check_token_ids
 
+    _check_context(seq_len, config, "model's")
+    windows = heldout_windows(tokenizer, text=text, seq_len=seq_len, max_windows=max_windows)
+    check_token_ids(windows, config, "held-out text")
+    return windows
+
+
+def _check_context(seq_len: int, config, whose: str) -> None:
+    """Windows of `seq_len` tokens must fit the context of the model (`whose`: "model's", "baseline's") scoring them."""
     from .models import context_length
 
     context = context_length(config)
     if context is not None and seq_len > context:
-        raise CompressError(f"--seq-len {seq_len} is longer than the model's context ({context} tokens); "
+        raise CompressError(f"--seq-len {seq_len} is longer than the {whose} context ({context} tokens); "
                             f"use at most {context}")
-    windows = heldout_windows(tokenizer, text=text, seq_len=seq_len, max_windows=max_windows)
-    check_token_ids(windows, config, "held-out text")
-    return windows
 
 
 def _check_baseline(baseline: str) -> None:
@@ -114,6 +119,8 @@ def _evaluate(model, baseline_src, tokenizer, windows, progress, seq_len: int = 
     if len(set(vocab)) > 1:
         raise CompressError(f"the baseline {baseline_src} has a vocabulary of {vocab[1]} tokens, the model {vocab[0]}: "
                             "KL and top-1 agreement need the same vocabulary; pass the model it was made from")
+    if baseline is not None:  # it scores the same windows, which must fit its context too
+        _check_context(w.shape[1], baseline.config, "baseline's")
     out = evaluate(model, w, baseline, progress=progress)
     n = w.shape[0]
     out["protocol"] = (f"{n} non-overlapping window{'s' if n != 1 else ''} of {seq_len} tokens of "

@@ -72,6 +72,7 @@ def run_suite(model, tokenizer, baseline=None, *, tasks_dir: Path = DATA_DIR, ta
     (the baseline's own "model" scores from an earlier run) saves scoring the baseline again. Both models are
     scored on the ids `tokenizer` cuts: the baseline's own tokenizer (`baseline_tokenizer`, by default the one saved
     where compress.load read the baseline from) must read them as the same tokens (`check_baseline_tokenizer`)."""
+    from ..models import context_length
     from .probes import copy_probe
 
     start = time.perf_counter()
@@ -84,14 +85,21 @@ def run_suite(model, tokenizer, baseline=None, *, tasks_dir: Path = DATA_DIR, ta
         raise CompressError(f"unknown suite task(s) {', '.join(unknown)}; available: {', '.join(available)}")
     if baseline is not None:
         check_baseline_tokenizer(tokenizer, baseline, baseline_tokenizer)
-    max_length = getattr(model.config, "max_position_embeddings", None) or 2048
+    # both models are scored on the same prompts: a task longer than either's context is skipped, and the copy
+    # probe and lm-eval's window are sized to the shorter one
+    contexts = {"model's": context_length(model.config) or 2048}
+    if baseline is not None and (context_length(baseline.config) or 2048) < contexts["model's"]:
+        contexts["baseline's"] = context_length(baseline.config) or 2048
+    max_length = min(contexts.values())
     skipped: dict[str, str] = {}
     lm_tasks = []
     for name in wanted:
         if name == "copy" or name in AGREEMENT_TASKS:
             continue
-        if too_long(tasks_dir, name, tokenizer, max_length, limit):
-            skipped[name] = f"prompts longer than the model's context ({max_length} tokens)"
+        short = next((f"{whose} context ({n} tokens)" for whose, n in contexts.items()
+                      if too_long(tasks_dir, name, tokenizer, n, limit)), None)
+        if short:
+            skipped[name] = f"prompts longer than the {short}"
         else:
             lm_tasks.append(LM_EVAL_PREFIX + name)
     if baseline is None:

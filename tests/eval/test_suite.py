@@ -141,6 +141,18 @@ def test_a_baseline_whose_tokenizer_gives_other_ids_is_refused(reference_model, 
     assert set(out["baseline"]) == {"copy"}
 
 
+def test_tasks_longer_than_the_baseline_context_are_skipped(reference_model, reference_tokenizer, tiny_model):
+    """Both models score the same prompts: a task longer than the baseline's context is skipped, and said so, as
+    one longer than the model's is (a 512-token baseline was scored on passkey_1000 without a note: an audit's
+    find)."""
+    baseline = tiny_model("llama", vocab_size=8192, max_position_embeddings=512)
+    out = run_suite(reference_model, reference_tokenizer, baseline, tasks=["passkey_1000", "copy"], limit=1)
+    assert out["skipped"] == {"passkey_1000": "prompts longer than the baseline's context (512 tokens)"}
+    assert set(out["model"]) == set(out["baseline"]) == {"copy"}
+    out = run_suite(baseline, reference_tokenizer, reference_model, tasks=["passkey_1000", "copy"], limit=1)
+    assert out["skipped"] == {"passkey_1000": "prompts longer than the model's context (512 tokens)"}
+
+
 def test_pruning_hurts_generation_more_than_perplexity_says(reference_model, reference_tokenizer, pruned_70):
     """LLM-KICK: perplexity moves little while what the model generates changes a lot. builtin:tiny cannot copy or
     retrieve (its pass-key, copy and open-book scores are ~0 before pruning), so the exact-match task here is the

@@ -274,6 +274,17 @@ def test_baseline_whose_tokenizer_gives_other_ids(tmp_path, small_model, tokeniz
     assert done.exit_code == 0 and json.loads(done.output)["kl"] > 0, done.output
 
 
+def test_baseline_of_a_shorter_context(tmp_path, small_model, tokenizer, cli, user_error):
+    """The baseline scores the same windows as the model: they must fit its context too (windows past a 200-token
+    baseline's context were scored, exit 0: an audit's find), said like the model's own limit."""
+    model = compress.save(small_model(), tmp_path / "m", tokenizer=tokenizer)
+    short = compress.save(small_model(max_position_embeddings=200), tmp_path / "b", tokenizer=tokenizer)
+    user_error(cli("eval", model, "--baseline", short, "--no-speed", "--max-windows", 1),
+               "--seq-len 256 is longer than the baseline's context (200 tokens); use at most 200")
+    done = cli("eval", model, "--baseline", short, "--no-speed", "--max-windows", 1, "--seq-len", 200, "--json")
+    assert done.exit_code == 0 and "of 200 tokens" in json.loads(done.output)["protocol"], done.output
+
+
 def test_eval_says_when_the_recorded_source_is_gone(tmp_path, small_model, tokenizer, cli, monkeypatch):
     """The source is recorded relative to the checkpoint (found from any folder, and after both move together);
     when it is gone, eval says so."""

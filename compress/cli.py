@@ -165,9 +165,8 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
 
         parse_bytes(max_memory)  # a malformed size fails before any work
         check_offload_folder(offload_folder)
-        source = _local_source(model_src)
-        if offload_folder and source is not None and \
-                Path(offload_folder).expanduser().resolve().is_relative_to(Path(source).resolve()):
+        source = _source_folder(model_src)
+        if offload_folder and Path(offload_folder).expanduser().resolve().is_relative_to(source.resolve()):
             raise CompressError(f"--offload-folder {offload_folder} is inside the source model's folder: the layers "
                                 "spilled there would mix with its files; put it elsewhere")
         if models.layers_left_on_disk(model_src, max_memory=max_memory, dtype=dtype):
@@ -191,7 +190,7 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
                 calibration=r.calibration, tokenizer=models.load_tokenizer(model_src, strict=True),
                 base_dir=r.base_dir))
         if output:
-            check_output(output, overwrite=overwrite, source=_local_source(model_src), protected=(Path(recipe),),
+            check_output(output, overwrite=overwrite, source=_source_folder(model_src), protected=(Path(recipe),),
                          work=work_folders)
         plan = [(p.name, p.describe(model)) for p in passes]
         if as_json:
@@ -206,7 +205,7 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
         raise CompressError(f"{recipe}: no output folder: add `output: out/NAME` to the recipe or pass --output")
     source_path = models.resolve_model_path(model_src)
     protected = (Path(recipe),) + ((Path(eval_text),) if eval_text else ())
-    check_output(output, overwrite=overwrite, source=_local_source(model_src), protected=protected,
+    check_output(output, overwrite=overwrite, source=_source_folder(model_src), protected=protected,
                  work=work_folders)
     _check_device(device)
     needs_text = do_eval or any(p.needs_calibration_for() for p in passes)
@@ -264,10 +263,12 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
         _print_eval(con, result["eval"])
 
 
-def _local_source(model_src: str) -> Path | None:
+def _source_folder(model_src: str) -> Path:
+    """The folder the source model is read from, a built-in model's packaged one included: neither the output nor
+    --offload-folder may go inside it (spill files were written into the package's data folder)."""
     from . import models
 
-    return None if str(model_src).startswith("builtin:") else models.resolve_model_path(model_src)
+    return models.resolve_model_path(model_src)
 
 
 def check_output(output, **kwargs):

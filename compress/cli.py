@@ -8,8 +8,8 @@ from pathlib import Path
 import click
 
 from .cli_export import export_cmd
-from .cli_eval import (EVAL_SEQ_LEN, _check_baseline, _check_kv_text, _eval_windows, _evaluate, _read_text,
-                       _recorded_source, _residual_length)
+from .cli_eval import (EVAL_SEQ_LEN, _check_baseline, _check_baseline_tokenizer, _check_kv_text, _eval_windows,
+                       _evaluate, _read_text, _recorded_source, _residual_length)
 from .cli_format import (_bold, _console, _finite, _mb, _non_empty, _print_eval, _print_passes, _table,
                          check_utf8_arguments, stored_dense_line)
 from .checkpoint import folder_bytes  # noqa: F401 (also compress.cli.folder_bytes)
@@ -165,9 +165,8 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
 
         parse_bytes(max_memory)  # a malformed size fails before any work
         check_offload_folder(offload_folder)
-        source = _local_source(model_src)
-        if offload_folder and source is not None and \
-                Path(offload_folder).expanduser().resolve().is_relative_to(Path(source).resolve()):
+        source = _source_folder(model_src)
+        if offload_folder and Path(offload_folder).expanduser().resolve().is_relative_to(source.resolve()):
             raise CompressError(f"--offload-folder {offload_folder} is inside the source model's folder: the layers "
                                 "spilled there would mix with its files; put it elsewhere")
         if models.layers_left_on_disk(model_src, max_memory=max_memory, dtype=dtype):
@@ -191,7 +190,7 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
                 calibration=r.calibration, tokenizer=models.load_tokenizer(model_src, strict=True),
                 base_dir=r.base_dir))
         if output:
-            check_output(output, overwrite=overwrite, source=_local_source(model_src), protected=(Path(recipe),),
+            check_output(output, overwrite=overwrite, source=_source_folder(model_src), protected=(Path(recipe),),
                          work=work_folders)
         plan = [(p.name, p.describe(model)) for p in passes]
         if as_json:
@@ -206,7 +205,7 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
         raise CompressError(f"{recipe}: no output folder: add `output: out/NAME` to the recipe or pass --output")
     source_path = models.resolve_model_path(model_src)
     protected = (Path(recipe),) + ((Path(eval_text),) if eval_text else ())
-    check_output(output, overwrite=overwrite, source=_local_source(model_src), protected=protected,
+    check_output(output, overwrite=overwrite, source=_source_folder(model_src), protected=protected,
                  work=work_folders)
     _check_device(device)
     needs_text = do_eval or any(p.needs_calibration_for() for p in passes)
@@ -264,10 +263,12 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
         _print_eval(con, result["eval"])
 
 
-def _local_source(model_src: str) -> Path | None:
+def _source_folder(model_src: str) -> Path:
+    """The folder the source model is read from, a built-in model's packaged one included: neither the output nor
+    --offload-folder may go inside it (spill files were written into the package's data folder)."""
     from . import models
 
-    return None if str(model_src).startswith("builtin:") else models.resolve_model_path(model_src)
+    return models.resolve_model_path(model_src)
 
 
 def check_output(output, **kwargs):
@@ -329,7 +330,10 @@ def eval_cmd(model_src, baseline, text_file, seq_len, max_windows, speed, activa
         baseline = _recorded_source(model_src)
     else:
         _check_baseline(baseline)
-    tokenizer = models.load_tokenizer(model_src) or (models.load_tokenizer(baseline) if baseline else None)
+    tokenizer = models.load_tokenizer(model_src)
+    if tokenizer is not None and baseline:  # (without its own, the model is scored with the baseline's)
+        _check_baseline_tokenizer(baseline, tokenizer)
+    tokenizer = tokenizer or (models.load_tokenizer(baseline) if baseline else None)
     if tokenizer is None:
         raise CompressError(f"{model_src} has no tokenizer files; save the tokenizer with the model")
     text = _read_text(text_file) if text_file else None

@@ -42,15 +42,20 @@ def _eval_windows(tokenizer, text, seq_len: int, max_windows, config):
     from .evaluate import heldout_windows
     from .models import check_token_ids
 
+    _check_context(seq_len, config, "model's")
+    windows = heldout_windows(tokenizer, text=text, seq_len=seq_len, max_windows=max_windows)
+    check_token_ids(windows, config, "held-out text")
+    return windows
+
+
+def _check_context(seq_len: int, config, whose: str) -> None:
+    """Windows of `seq_len` tokens must fit the context of the model (`whose`: "model's", "baseline's") scoring them."""
     from .models import context_length
 
     context = context_length(config)
     if context is not None and seq_len > context:
-        raise CompressError(f"--seq-len {seq_len} is longer than the model's context ({context} tokens); "
+        raise CompressError(f"--seq-len {seq_len} is longer than the {whose} context ({context} tokens); "
                             f"use at most {context}")
-    windows = heldout_windows(tokenizer, text=text, seq_len=seq_len, max_windows=max_windows)
-    check_token_ids(windows, config, "held-out text")
-    return windows
 
 
 def _check_baseline(baseline: str) -> None:
@@ -62,6 +67,24 @@ def _check_baseline(baseline: str) -> None:
         resolve_model_path(baseline)
     except CompressError as exc:
         raise CompressError(f"--baseline: {exc}") from None
+
+
+def _check_baseline_tokenizer(baseline: str, tokenizer) -> None:
+    """The baseline is scored on the ids the model's `tokenizer` cuts: its own tokenizer must read them as the same
+    tokens (a tokenizer of the same size with its ids in another order gave a KL of 6 and exit 0), checked before
+    any model loads. A baseline saved without tokenizer files is taken to read the model's ids: there is nothing
+    to compare, its vocabulary size is still checked against the model's, and a weights-only copy of the model a
+    checkpoint was made from is the usual such baseline (refusing it would leave no way to evaluate against it)."""
+    from .models import load_tokenizer, tokenizer_difference
+
+    try:
+        theirs = load_tokenizer(baseline)
+    except CompressError as exc:  # damaged files are said, not taken for none
+        raise CompressError(f"the baseline's tokenizer: {exc}") from None
+    difference = None if theirs is None else tokenizer_difference(tokenizer, theirs)
+    if difference:
+        raise CompressError(f"the baseline {baseline} has another tokenizer than the model: {difference}; KL and "
+                            "top-1 agreement need the same token ids: pass the model it was made from")
 
 
 def _residual_length(model, passes) -> int | None:
@@ -96,6 +119,8 @@ def _evaluate(model, baseline_src, tokenizer, windows, progress, seq_len: int = 
     if len(set(vocab)) > 1:
         raise CompressError(f"the baseline {baseline_src} has a vocabulary of {vocab[1]} tokens, the model {vocab[0]}: "
                             "KL and top-1 agreement need the same vocabulary; pass the model it was made from")
+    if baseline is not None:  # it scores the same windows, which must fit its context too
+        _check_context(w.shape[1], baseline.config, "baseline's")
     out = evaluate(model, w, baseline, progress=progress)
     n = w.shape[0]
     out["protocol"] = (f"{n} non-overlapping window{'s' if n != 1 else ''} of {seq_len} tokens of "

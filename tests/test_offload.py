@@ -221,6 +221,34 @@ def test_an_offload_folder_inside_the_source_model_is_refused(source, tmp_path):
     assert sorted(p.name for p in source.iterdir()) == before and not (tmp_path / "out").exists()
 
 
+def test_a_builtin_model_folder_is_the_source_folder_too(tmp_path):
+    """A builtin: model's packaged folder was not taken for the source's: spill files went into the package's data
+    folder (an audit's find), and a checkpoint could be written inside it. Both refused, nothing written there."""
+    from click.testing import CliRunner
+
+    from compress.cli import main
+    from compress.models import resolve_model_path
+
+    folder = resolve_model_path("builtin:tiny")
+    spill, out = folder / "spill-of-a-test", folder / "out-of-a-test"
+    before = sorted(p.name for p in folder.iterdir())
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("passes:\n  - prune: {method: magnitude, sparsity: 0.5}\n")
+    try:
+        run = CliRunner().invoke(main, ["apply", str(recipe), "--model", "builtin:tiny", "--output",
+                                        str(tmp_path / "out"), "--max-memory", "9MB", "--offload-folder", str(spill),
+                                        "--no-eval"])
+        assert run.exit_code == 2 and "is inside the source model's folder" in run.output, run.output
+        assert not (tmp_path / "out").exists()
+        run = CliRunner().invoke(main, ["apply", str(recipe), "--model", "builtin:tiny", "--output", str(out),
+                                        "--dry-run"])
+        assert run.exit_code == 2 and "is inside the source model's folder" in run.output, run.output
+        assert sorted(p.name for p in folder.iterdir()) == before
+    finally:  # what a run that accepted them wrote into the package
+        for p in (spill, out):
+            shutil.rmtree(p, ignore_errors=True)
+
+
 def test_a_save_over_the_folder_after_loading_is_refused_not_mixed_in(source, tmp_path):
     """Layers left on disk are read at each forward: a model saved over the folder meanwhile would have lent them
     its weights, silently (an audit's find); the read refuses instead, naming the file."""

@@ -61,7 +61,7 @@ def too_long(tasks_dir: Path, task: str, tokenizer, max_length: int, limit: int 
 def run_suite(model, tokenizer, baseline=None, *, tasks_dir: Path = DATA_DIR, tasks: list[str] | None = None,
               limit: int | None = None, batch_size: int = 8, greedy_tokens: int = 16, copy_span: int = 64,
               copy_num: int = 8, seed: int = 0, baseline_scores: dict[str, float] | None = None,
-              baseline_per_doc: dict[str, dict | None] | None = None) -> dict:
+              baseline_per_doc: dict[str, dict | None] | None = None, baseline_tokenizer=None) -> dict:
     """Score `model` (and `baseline`, if given) on the suite. Returns {"model": {task: score}, "baseline":
     {task: score} | None, "model_ci95" / "baseline_ci95": {task: [lo, hi]} (lm-eval tasks; None when the baseline's
     scores were given), "change_ci95": {task: [lo, hi]} of model minus baseline accuracy, paired over the same
@@ -69,7 +69,10 @@ def run_suite(model, tokenizer, baseline=None, *, tasks_dir: Path = DATA_DIR, ta
     {doc_id: acc}} (lm-eval tasks: what a later run pairs with as `baseline_per_doc`), "skipped": {task: reason},
     "seconds": float}. `tasks` selects by short name (`mc`,
     `passkey_512`, `copy`, `agreement_top1`, ...); `limit` caps the examples per lm-eval task; `baseline_scores`
-    (the baseline's own "model" scores from an earlier run) saves scoring the baseline again."""
+    (the baseline's own "model" scores from an earlier run) saves scoring the baseline again. Both models are
+    scored on the ids `tokenizer` cuts: the baseline's own tokenizer (`baseline_tokenizer`, by default the one saved
+    where compress.load read the baseline from) must read them as the same tokens (`check_baseline_tokenizer`)."""
+    from ..models import context_length
     from .probes import copy_probe
 
     start = time.perf_counter()
@@ -80,14 +83,23 @@ def run_suite(model, tokenizer, baseline=None, *, tasks_dir: Path = DATA_DIR, ta
     unknown = sorted(set(wanted) - set(available))
     if unknown:
         raise CompressError(f"unknown suite task(s) {', '.join(unknown)}; available: {', '.join(available)}")
-    max_length = getattr(model.config, "max_position_embeddings", None) or 2048
+    if baseline is not None:
+        check_baseline_tokenizer(tokenizer, baseline, baseline_tokenizer)
+    # both models are scored on the same prompts: a task longer than either's context is skipped, and the copy
+    # probe and lm-eval's window are sized to the shorter one
+    contexts = {"model's": context_length(model.config) or 2048}
+    if baseline is not None and (context_length(baseline.config) or 2048) < contexts["model's"]:
+        contexts["baseline's"] = context_length(baseline.config) or 2048
+    max_length = min(contexts.values())
     skipped: dict[str, str] = {}
     lm_tasks = []
     for name in wanted:
         if name == "copy" or name in AGREEMENT_TASKS:
             continue
-        if too_long(tasks_dir, name, tokenizer, max_length, limit):
-            skipped[name] = f"prompts longer than the model's context ({max_length} tokens)"
+        short = next((f"{whose} context ({n} tokens)" for whose, n in contexts.items()
+                      if too_long(tasks_dir, name, tokenizer, n, limit)), None)
+        if short:
+            skipped[name] = f"prompts longer than the {short}"
         else:
             lm_tasks.append(LM_EVAL_PREFIX + name)
     if baseline is None:
@@ -133,6 +145,31 @@ def run_suite(model, tokenizer, baseline=None, *, tasks_dir: Path = DATA_DIR, ta
             "model_ci95": model_ci, "baseline_ci95": baseline_ci, "change_ci95": change_ci,
             "model_per_doc": per_doc.get(id(model), {}), "skipped": skipped,
             "seconds": time.perf_counter() - start}
+
+
+def check_baseline_tokenizer(tokenizer, baseline, baseline_tokenizer=None) -> None:
+    """A CompressError unless the baseline's tokenizer (`baseline_tokenizer`, or the one in the folder compress.load
+    read `baseline` from) gives the tokens `tokenizer` cuts the same ids (compress.models.tokenizer_difference): the
+    suite feeds both models one tokenization, and a reordered vocabulary of the same size would be scored silently
+    on the wrong ids. A baseline without tokenizer files (or not loaded by compress.load, and none given) is taken to
+    read the model's ids, as `compress eval` takes it: there is nothing to compare."""
+    from ..models import load_tokenizer, resolve_model_path, tokenizer_difference
+
+    source = getattr(baseline, "compress_source", None) if baseline_tokenizer is None else None
+    if source:
+        try:
+            resolve_model_path(source)
+        except CompressError:  # the folder is gone since the load: nothing to compare
+            source = None
+    if source:
+        try:
+            baseline_tokenizer = load_tokenizer(source)
+        except CompressError as exc:  # damaged files are said, not taken for none
+            raise CompressError(f"the baseline's tokenizer: {exc}") from None
+    difference = None if baseline_tokenizer is None else tokenizer_difference(tokenizer, baseline_tokenizer)
+    if difference:
+        raise CompressError(f"the baseline has another tokenizer than the model: {difference}; the suite scores both "
+                            "on the same token ids: compare against the model it was made from")
 
 
 def paired_changes(ours: dict[str, dict | None], base: dict[str, dict | None]) -> dict[str, list[float]]:

@@ -115,6 +115,44 @@ def test_paired_change_against_the_baseline_by_hand(pruned_70, reference_model, 
     assert run_suite(pruned_70, reference_tokenizer, reference_model, tasks=["copy"])["change_ci95"] == {}  # no lm-eval
 
 
+def test_a_baseline_whose_tokenizer_gives_other_ids_is_refused(reference_model, reference_tokenizer, tiny_model,
+                                                              tmp_path):
+    """The suite scores both models on the ids the model's tokenizer cuts: a baseline whose tokenizer has the same
+    size but its tokens in another order was scored on the wrong ids (an audit's find). Refused before any work,
+    whether its tokenizer is given or found where compress.load read the baseline; one without tokenizer files has
+    nothing to compare."""
+    from transformers import AutoTokenizer
+
+    from compress.errors import CompressError
+
+    folder = compress.save(tiny_model("llama", vocab_size=8192), tmp_path / "b", tokenizer=reference_tokenizer)
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    a, b = (next(t for t, i in vocab.items() if i == n) for n in (300, 301))
+    vocab[a], vocab[b] = 301, 300
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    baseline = compress.load(folder)
+    for given in (None, AutoTokenizer.from_pretrained(folder)):
+        with pytest.raises(CompressError, match="another tokenizer than the model: 2 of the 8192 tokens"):
+            run_suite(reference_model, reference_tokenizer, baseline, tasks=["copy"], limit=1,
+                      baseline_tokenizer=given)
+    bare = compress.load(compress.save(tiny_model("llama", vocab_size=8192), tmp_path / "bare"))
+    out = run_suite(reference_model, reference_tokenizer, bare, tasks=["copy"], limit=1)
+    assert set(out["baseline"]) == {"copy"}
+
+
+def test_tasks_longer_than_the_baseline_context_are_skipped(reference_model, reference_tokenizer, tiny_model):
+    """Both models score the same prompts: a task longer than the baseline's context is skipped, and said so, as
+    one longer than the model's is (a 512-token baseline was scored on passkey_1000 without a note: an audit's
+    find)."""
+    baseline = tiny_model("llama", vocab_size=8192, max_position_embeddings=512)
+    out = run_suite(reference_model, reference_tokenizer, baseline, tasks=["passkey_1000", "copy"], limit=1)
+    assert out["skipped"] == {"passkey_1000": "prompts longer than the baseline's context (512 tokens)"}
+    assert set(out["model"]) == set(out["baseline"]) == {"copy"}
+    out = run_suite(baseline, reference_tokenizer, reference_model, tasks=["passkey_1000", "copy"], limit=1)
+    assert out["skipped"] == {"passkey_1000": "prompts longer than the model's context (512 tokens)"}
+
+
 def test_pruning_hurts_generation_more_than_perplexity_says(reference_model, reference_tokenizer, pruned_70):
     """LLM-KICK: perplexity moves little while what the model generates changes a lot. builtin:tiny cannot copy or
     retrieve (its pass-key, copy and open-book scores are ~0 before pruning), so the exact-match task here is the

@@ -3,6 +3,7 @@ shape problems found before any work, --allow-pickle on every command that loads
 every gear_kv/prune/vq_logits argument described, thread-independent SparseGPT, progress lines off a terminal."""
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import sys
@@ -245,6 +246,43 @@ def test_baseline_of_another_vocabulary(tmp_path, small_model, tokenizer, cli, u
     baseline = compress.save(small_model(vocab_size=9000), tmp_path / "b", tokenizer=tokenizer)
     user_error(cli("eval", model, "--baseline", baseline, "--no-speed", "--max-windows", 1),
                "has a vocabulary of 9000 tokens, the model 8192")
+
+
+def swap_token_ids(folder, first: int = 300, second: int = 301):
+    """The tokenizer saved in `folder` with the ids of two ordinary tokens swapped: the same vocabulary size."""
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    a, b = (next(t for t, i in vocab.items() if i == n) for n in (first, second))
+    vocab[a], vocab[b] = second, first
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    return folder
+
+
+def test_baseline_whose_tokenizer_gives_other_ids(tmp_path, small_model, tokenizer, cli, user_error):
+    """A baseline of the same vocabulary size with its tokens in another order was scored on the model's ids (an
+    audit's find: baseline perplexity 89242, KL 6.19, exit 0): refused before any model loads, with --suite too.
+    A baseline saved without tokenizer files has nothing to compare: it is taken to read the model's ids."""
+    model = compress.save(small_model(), tmp_path / "m", tokenizer=tokenizer)
+    other = swap_token_ids(compress.save(small_model(seed=1), tmp_path / "b", tokenizer=tokenizer))
+    for extra in ([], ["--suite", "kick"]) if importlib.util.find_spec("lm_eval") else ([],):
+        user_error(cli("eval", model, "--baseline", other, "--no-speed", "--max-windows", 1, *extra),
+                   "has another tokenizer than the model", "2 of the 8192 tokens")
+    user_error(cli("eval", other, "--baseline", model, "--no-speed", "--max-windows", 1), "2 of the 8192 tokens")
+    bare = compress.save(small_model(seed=1), tmp_path / "bare")
+    assert not (bare / "tokenizer.json").exists()
+    done = cli("eval", model, "--baseline", bare, "--no-speed", "--max-windows", 1, "--json")
+    assert done.exit_code == 0 and json.loads(done.output)["kl"] > 0, done.output
+
+
+def test_baseline_of_a_shorter_context(tmp_path, small_model, tokenizer, cli, user_error):
+    """The baseline scores the same windows as the model: they must fit its context too (windows past a 200-token
+    baseline's context were scored, exit 0: an audit's find), said like the model's own limit."""
+    model = compress.save(small_model(), tmp_path / "m", tokenizer=tokenizer)
+    short = compress.save(small_model(max_position_embeddings=200), tmp_path / "b", tokenizer=tokenizer)
+    user_error(cli("eval", model, "--baseline", short, "--no-speed", "--max-windows", 1),
+               "--seq-len 256 is longer than the baseline's context (200 tokens); use at most 200")
+    done = cli("eval", model, "--baseline", short, "--no-speed", "--max-windows", 1, "--seq-len", 200, "--json")
+    assert done.exit_code == 0 and "of 200 tokens" in json.loads(done.output)["protocol"], done.output
 
 
 def test_eval_says_when_the_recorded_source_is_gone(tmp_path, small_model, tokenizer, cli, monkeypatch):

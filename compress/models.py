@@ -1,6 +1,7 @@
 """Loading models: the built-in reference model, a local Hugging Face folder, or a compressed checkpoint."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -95,13 +96,33 @@ def empty_model(config, dtype: torch.dtype | None = None, meta: bool = False) ->
                               f"from it ({type(exc).__name__}: {detail}); the config is damaged or edited") from None
 
 
-def storage_dtype(config) -> torch.dtype:
-    """The dtype the checkpoint stores floating tensors in (config.dtype; bf16 when absent)."""
+def storage_dtype(config, folder: Path | None = None) -> torch.dtype:
+    """The dtype the checkpoint stores floating tensors in: config.dtype; where the config names none, the dtype of
+    most floating elements in the folder's safetensors headers (as transformers reads such a folder: a float32 one
+    was loaded, and saved, in bf16 silently); bf16 when neither says."""
     # an older config's own torch_dtype field, not transformers 5's deprecated alias (which warns on every read)
     d = getattr(config, "dtype", None) or getattr(config, "__dict__", {}).get("torch_dtype")
     if isinstance(d, str):
         d = DTYPES.get(d)
-    return d if isinstance(d, torch.dtype) else torch.bfloat16
+    if isinstance(d, torch.dtype):
+        return d
+    return (_headers_float_dtype(folder) if folder is not None else None) or torch.bfloat16
+
+
+def _headers_float_dtype(folder: Path) -> torch.dtype | None:
+    from .checkpoint import weight_files
+    from .checkpoint_validation import read_header
+
+    names = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+    elements: dict[torch.dtype, int] = {}
+    try:
+        for file in weight_files(folder):
+            for dtype, shape in read_header(file).values():
+                if dtype in names:
+                    elements[names[dtype]] = elements.get(names[dtype], 0) + math.prod(shape)
+    except CompressError:  # a damaged file: reading the weights reports it
+        return None
+    return max(elements, key=elements.get) if elements else None
 
 
 def load(
@@ -191,7 +212,7 @@ def _read_folder(path: Path, dtype, device, allow_pickle: bool, meta: bool, max_
     from .checkpoint import load_checkpoint, load_hf_folder
 
     config = read_config(path)
-    stored_as = storage_dtype(config)  # before building: from_config/from_pretrained rewrite config.dtype
+    stored_as = storage_dtype(config, path)  # before building: from_config/from_pretrained rewrite config.dtype
     dtype = compute_dtype(dtype, stored_as, device)
     section = compression_section(path)
     if max_memory is not None and not meta:
@@ -271,7 +292,7 @@ def layers_left_on_disk(source: str | Path, *, max_memory, dtype: str | torch.dt
 
     path = resolve_model_path(source)
     config = read_config(path)
-    dtype = compute_dtype(dtype, storage_dtype(config), device)
+    dtype = compute_dtype(dtype, storage_dtype(config, path), device)
     section = compression_section(path)
     native = section if section is not None and not section.get("export_format") else None
     return offload_plan(empty_structure(config, native, dtype), dtype, max_memory)

@@ -141,6 +141,20 @@ def test_plain_hf_folder_and_missing_paths(tmp_path, tiny_model, save_hf_folder)
         compress.load(folder / "config.json")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_a_config_without_dtype_reads_the_weights_dtype(tmp_path, tiny_model, save_hf_folder, dtype):
+    """config.json naming no dtype: the stored tensors say it, as transformers reads them (a float32 folder was loaded
+    and saved in bf16, silently, and apply counted the halving as compression: an audit's find)."""
+    folder = save_hf_folder(tiny_model("llama").to(dtype), tmp_path / "hf")
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("dtype", None), config.pop("torch_dtype", None)
+    (folder / "config.json").write_text(json.dumps(config))
+    model = compress.load(folder, dtype="stored")
+    assert model.model.layers[0].mlp.up_proj.weight.dtype == dtype
+    saved = compress.save(model, tmp_path / "out")
+    assert json.loads((saved / "config.json").read_text())["dtype"] == str(dtype).removeprefix("torch.")
+
+
 def test_generation_config_travels_with_the_checkpoint(tmp_path, reference_model):
     """End-of-sequence ids and sampling defaults live in generation_config.json (Llama-3 Instruct stops at <|eot_id|>
     only through it): a compressed checkpoint keeps the source's, and both compress.load and transformers read it."""

@@ -232,11 +232,12 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
         click.echo("note: the recipe calibrates on builtin:heldout, the text the evaluation scores: the held-out "
                    "numbers will flatter the result (use builtin:calibration)", err=True)
     model, report = api.apply(model, r, tokenizer=tokenizer, device=device, progress=not as_json)
+    recipe_text = _recipe_as_run(r, model_src, output)
     if export_format == "compressed-tensors":
-        exported = export(model, output, tokenizer=tokenizer, recipe_text=r.text, report=report.to_dict(),
+        exported = export(model, output, tokenizer=tokenizer, recipe_text=recipe_text, report=report.to_dict(),
                           overwrite=overwrite).to_dict()
     else:
-        checkpoint.save(model, output, tokenizer=tokenizer, recipe_text=r.text, report=report.to_dict(),
+        checkpoint.save(model, output, tokenizer=tokenizer, recipe_text=recipe_text, report=report.to_dict(),
                         overwrite=overwrite)
         exported = {"format": "native"}
     click.get_current_context().meta[WRITTEN] = str(output)  # an error or Ctrl-C in the evaluation says so
@@ -269,6 +270,17 @@ def _source_folder(model_src: str) -> Path:
     from . import models
 
     return models.resolve_model_path(model_src)
+
+
+def _recipe_as_run(r, model_src: str, output) -> str:
+    """The recipe text the checkpoint stores, headed by the command-line overrides of its `model:` / `output:`
+    (it read `model: builtin:tiny` over a run on another model, and running it again compressed that one)."""
+    notes = [f"--model {model_src} (the recipe's model: {r.model or '-'})" if model_src != r.model else None,
+             f"--output {output} (the recipe's output: {r.output or '-'})" if str(output) != str(r.output) else None]
+    notes = [n for n in notes if n]
+    if not notes:
+        return r.text
+    return "".join(f"# compress apply ran this recipe with {n}\n" for n in notes) + r.text
 
 
 def check_output(output, **kwargs):

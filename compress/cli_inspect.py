@@ -64,6 +64,8 @@ def print_inspection(result: dict) -> None:
     con.print(_bold(str(path), f"  {layout}format {section.get('format_version', '-')}, compress "
                                f"{section.get('library_version', '-')}, "
                                f"calibration {section.get('calibration_hash') or '-'}"))
+    if section.get("source_model"):  # the model first compressed (a recipe's `model:` may have been overridden)
+        con.print(f"  original model: {section['source_model']}")
     dense = list((section.get("export") or {}).get("stored_dense") or ())
     if dense:
         con.print(f"  stored dense (compressed-tensors needs whole groups): {', '.join(dense[:3])}"

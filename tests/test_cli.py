@@ -89,6 +89,19 @@ def test_inspect_generate_and_passes(magnitude_checkpoint):
     assert listing["prune"]["arguments"]["sparsity"]["default"] == 0.5
 
 
+def test_the_stored_recipe_says_what_the_command_line_overrode(tmp_path, magnitude_checkpoint):
+    """It read `model: builtin:tiny` over a run on another model: running it again compressed that one."""
+    out, _ = magnitude_checkpoint
+    assert (out / "recipe.yaml").read_text() == "# compress apply ran this recipe with --output " + str(out) + \
+        " (the recipe's output: out/magnitude-50)\n" + (RECIPES / "magnitude-50.yaml").read_text()
+    result = run("apply", RECIPES / "w4-rtn.yaml", "--model", out, "-o", tmp_path / "again", "--no-eval")
+    assert result.exit_code == 0, result.output
+    stored = (tmp_path / "again" / "recipe.yaml").read_text()
+    assert stored.startswith(f"# compress apply ran this recipe with --model {out} (the recipe's model: builtin:tiny)")
+    compress.Recipe.from_text(stored)  # still a recipe
+    assert "original model: builtin:tiny" in run("inspect", tmp_path / "again").output  # the first pass's source
+
+
 def test_dry_run_lists_modules_without_writing(tmp_path):
     result = run("apply", RECIPES / "magnitude-50.yaml", "--dry-run", "--output", tmp_path / "never")
     assert result.exit_code == 0, result.output

@@ -222,6 +222,7 @@ def materialized(module: nn.Module, prefix: str, device, model: nn.Module) -> It
 
     weights = module._compress_weights
     remove_hook_from_submodules(module)
+    _drop_bound_forward(module)
     module._compress_weights = None
     derived = derived_tensor_names(module)  # not in the checkpoint: rebuilt from what is
     for name, t in module.state_dict().items():
@@ -232,6 +233,18 @@ def materialized(module: nn.Module, prefix: str, device, model: nn.Module) -> It
         yield module
     finally:
         model.compress_offload.spill(module, prefix)
+
+
+def _drop_bound_forward(module: nn.Module) -> None:
+    """Undo what accelerate's hook removal leaves behind: it puts the original `forward` back as a bound method in
+    each submodule's own __dict__, a module -> method -> module cycle that only the cyclic garbage collector frees. A
+    dense Linear the pass then replaces (by a SparseLinear, a QuantizedLinear) would stay in memory, with its weights
+    read from disk, until a collection ran: layer after layer of them. Without the attribute the class's forward
+    applies again, the same method, and the replaced module goes as soon as nothing refers to it."""
+    for m in module.modules():
+        forward = m.__dict__.get("forward")
+        if getattr(forward, "__self__", None) is m and getattr(forward, "__func__", None) is type(m).forward:
+            del m.__dict__["forward"]
 
 
 def resident_bytes(model: nn.Module) -> int:

@@ -122,6 +122,11 @@ class Prune(Pass):
             raise ConfigError(f"{label}: {', '.join(outside[:3])} is outside the decoder layers, so no "
                               "calibration activations reach it; add it to `ignore` or use method: magnitude")
         untied = untie_output_head(model, targets)
+        # names from here on, each module looked up when its layer is reached: a dict of the modules kept
+        # through the pass held every Linear it replaces until the end, beside its compressed replacement
+        # (a dense model's worth), and with layers left on disk (max_memory) grew memory by a layer per layer
+        names = list(targets)
+        del targets
         with timed(report), torch.no_grad():
             layer_sparsity = self._layer_sparsities(len(layers), layer_of, model, ctx, label)
             if self.config.method == "magnitude":
@@ -131,17 +136,16 @@ class Prune(Pass):
                         unstructured_mask(magnitude_scores(module.weight), s)
                     self._finish(state, name, module, module.weight.detach(), mask)
 
-                for name, module in targets.items():
+                for name in names:
                     if layer_of[name] is None:
-                        magnitude(name, module)
+                        magnitude(name, model.get_submodule(name))
                 # layer by layer, so that layers left on disk (compress.load(max_memory=...)) are read in turn
                 for_each_layer(model, lambda i, lname, layer: [
-                    magnitude(name, layer.get_submodule(name[len(lname) + 1:]))
-                    for name in targets if layer_of[name] == i])
+                    magnitude(name, module) for name, module in _in_layer(names, lname, layer).items()])
             else:
-                ctx.run_sequential(model, lambda step: self._prune_layer(step, targets, layer_sparsity, state, label),
+                ctx.run_sequential(model, lambda step: self._prune_layer(step, names, layer_sparsity, state, label),
                                    pass_name=label)
-        report.bytes_after = sum(tensor_bytes(model.get_submodule(n)) for n in targets)
+        report.bytes_after = sum(tensor_bytes(model.get_submodule(n)) for n in names)
         report.details = {
             "method": self.config.method,
             "structure": self.config.structure,
@@ -151,7 +155,7 @@ class Prune(Pass):
                                 (state.layer_zeros.get(i, (0, 0)) for i in range(len(layer_sparsity)))]
                                if layer_sparsity else None),
             "layer_sparsity_target": [round(s, 4) for s in layer_sparsity] if layer_sparsity else None,
-            "storage": {"packed": len(state.restore), "dense": len(targets) - len(state.restore)},
+            "storage": {"packed": len(state.restore), "dense": len(names) - len(state.restore)},
             **({"hessian": state.hessian_notes} if state.hessian_notes else {}),
             "restore": state.restore,
             "dense_pruned": state.dense_pruned,
@@ -275,8 +279,8 @@ class Prune(Pass):
             return float(s) if not isinstance(s, list) else float(sum(s) / len(s))
         return layer_sparsity[layer]
 
-    def _prune_layer(self, step, targets, layer_sparsity, state: "_RunState", label: str) -> None:
-        mods = {n: m for n, m in targets.items() if n.startswith(step.name + ".")}
+    def _prune_layer(self, step, names: list[str], layer_sparsity, state: "_RunState", label: str) -> None:
+        mods = _in_layer(names, step.name, step.layer)
         if not mods:
             return
         sparse_gpt = self.config.method == "sparsegpt"
@@ -352,6 +356,11 @@ class _RunState:
         self.hessian_notes: dict[str, str] = {}
 
 
+
+
+def _in_layer(names: list[str], layer_name: str, layer: nn.Module) -> dict[str, nn.Module]:
+    """The modules among `names` (dotted, from the model's root) inside decoder layer `layer_name`, by name."""
+    return {n: layer.get_submodule(n[len(layer_name) + 1:]) for n in names if n.startswith(layer_name + ".")}
 
 
 def _layer_index(name: str, prefix: str) -> int | None:

@@ -155,18 +155,23 @@ class Quantize(Pass):
                 raise ConfigError(f"{label}: {', '.join(outside[:3])} is outside the decoder layers, so no "
                                   "calibration activations reach it; add it to `ignore` or use method: rtn")
         untied = untie_output_head(model, targets)
+        # names from here on, each module looked up when it is quantized: a dict of the modules kept
+        # through the pass held every Linear it replaces until the end, beside its compressed replacement
+        # (a dense model's worth), and with layers left on disk (max_memory) grew memory by a layer per layer
+        names = list(targets)
+        del targets
         with timed(report), torch.no_grad():
             if c.method == "gptq":
-                ctx.run_sequential(model, lambda step: self._gptq_layer(step, model, targets, restore, notes, label),
+                ctx.run_sequential(model, lambda step: self._gptq_layer(step, model, names, restore, notes, label),
                                    pass_name=label)
             else:
-                for name, module in targets.items():
-                    new = self._quantize_module(model, module)
+                for name in names:
+                    new = self._quantize_module(model, model.get_submodule(name))
                     replace_module(model, name, new)
                     restore[name] = new.restore_spec()
             if c.method in BNB_METHODS:
-                model.config.quantization_config = self.bnb_config(model, set(targets))
-        report.bytes_after = sum(tensor_bytes(model.get_submodule(n)) for n in targets)
+                model.config.quantization_config = self.bnb_config(model, set(names))
+        report.bytes_after = sum(tensor_bytes(model.get_submodule(n)) for n in names)
         report.details = {
             "method": c.method,
             **({"bits": c.bits, "group_size": c.group_size, "symmetric": c.symmetric}
@@ -216,8 +221,8 @@ class Quantize(Pass):
         return QuantizedLinear.from_codes(codes, scales, zeros, bits=c.bits, group_size=group,
                                           bias=getattr(module, "bias", None), mask=mask, nm=nm, dtype=ref.dtype)
 
-    def _gptq_layer(self, step, model, targets, restore, notes, label) -> None:
-        mods = {n: m for n, m in targets.items() if n.startswith(step.name + ".")}
+    def _gptq_layer(self, step, model, names: list[str], restore, notes, label) -> None:
+        mods = {n: step.layer.get_submodule(n[len(step.name) + 1:]) for n in names if n.startswith(step.name + ".")}
         if not mods:
             return
         accs = {n: HessianAccumulator(m.in_features, step.inputs[0].device) for n, m in mods.items()}

@@ -100,8 +100,9 @@ class Quantize(Pass):
         """(modules to quantize, {module: why skipped}). The class name `Linear` also selects pruned Linear layers."""
         c = self.config
         matched = self.target_modules(model)
-        if "Linear" in c.targets:
-            matched.update(match_modules(model, ["SparseLinear"], c.ignore, require_all=False))
+        if "Linear" in c.targets:  # and the quantized ones, to say they are skipped (they were left out silently)
+            matched.update(match_modules(model, ["SparseLinear", "QuantizedLinear", "Bnb4bitLinear", "Bnb8bitLinear"],
+                                         c.ignore, require_all=False))
             matched = {n: m for n, m in model.named_modules() if n in matched}  # model order
         targets, skipped = {}, {}
         for name, module in matched.items():

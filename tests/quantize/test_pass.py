@@ -60,6 +60,18 @@ def test_rtn_composes_with_pruning_and_skips_what_is_quantized(tiny_model):
         compress.apply(model, [quantize(method="rtn", targets=["QuantizedLinear"])], progress=False)
 
 
+def test_a_second_quantize_names_the_layers_an_earlier_one_quantized(tiny_model):
+    """8-bit attention, then 4-bit with the default targets: the second skipped the attention layers silently (its
+    `Linear` target never matched a QuantizedLinear), where the README promises a line per skip reason."""
+    model, report = compress.apply(tiny_model("llama"), [
+        quantize(method="rtn", bits=8, group_size=32, targets=["re:.*self_attn\\..*_proj"]),
+        quantize(method="rtn", bits=4, group_size=32)], progress=False)
+    second = report.passes[1]
+    assert len(second.modules) == 9 and len(second.skipped) == 12
+    assert set(second.skipped.values()) == {"already quantized"}
+    assert model.model.layers[0].self_attn.q_proj.bits == 8
+
+
 def test_prune_after_quantize_skips_the_quantized_layers_and_reports_them(tiny_model):
     model = tiny_model("llama")
     compress.apply(model, [quantize(method="rtn", group_size=32, targets=["re:.*mlp\\..*"])], progress=False)

@@ -11,6 +11,7 @@ from the YAML node marks: unknown keys, unknown passes (with a suggestion), wron
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,6 +118,14 @@ def _to_python(node: yaml.Node, path: tuple, marks: Marks, loader: yaml.SafeLoad
     if isinstance(node, yaml.SequenceNode):
         return [_to_python(n, path + (i,), marks, loader) for i, n in enumerate(node.value)]
     return loader.construct_object(node, deep=True)
+
+
+def _yaml_hint(value: Any) -> str:
+    """YAML 1.1 (PyYAML) reads `1e-4` as text: a float's mantissa needs a dot (1.0e-4). Said where it bites."""
+    match = re.fullmatch(r"([-+]?\d+)([eE][-+]?\d+)", value) if isinstance(value, str) else None
+    if match is None:
+        return ""
+    return f"; YAML reads {value} as text: write {match[1]}.0{match[2]} (a dot in the mantissa)"
 
 
 def _merged(node: yaml.Node, path: tuple, marks: Marks, loader: yaml.SafeLoader) -> dict:
@@ -243,7 +252,7 @@ class _Validator:
                     self.error(base, f"{what}: {msg}")
                     continue
                 got = f" (got {err.get('input')!r})" if repr(err.get("input")) not in msg else ""
-                self.error(base + loc, f"{what}: {'.'.join(map(str, loc))}: {msg}{got}")
+                self.error(base + loc, f"{what}: {'.'.join(map(str, loc))}: {msg}{got}{_yaml_hint(err.get('input'))}")
 
     def validate(self, data: Any, text: str, base_dir: Path | None) -> Recipe:
         if not isinstance(data, dict):

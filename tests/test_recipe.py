@@ -40,6 +40,8 @@ BAD_RECIPES = [
     ("model: builtin:tiny\npasses:\n  - prune: {ignore: ['re:(x']}\n", 3, "ignore: target 're:(x' is not a valid regex"),
     ("model: builtin:tiny\ncalibration: {source: builtin:calibration}\npasses:\n  - recover: {train_modules: ['re:(']}\n",
      4, "train_modules: target 're:(' is not a valid regex"),
+    ("model: builtin:tiny\ncalibration: {source: builtin:calibration}\npasses:\n  - recover: {lr: 1e-4}\n", 4,
+     "lr: Input should be a valid number (got '1e-4'); YAML reads 1e-4 as text: write 1.0e-4"),
     # keys that are not names, and merge keys (`<<`) naming no mapping, ended in a traceback
     ("model: builtin:tiny\npasses:\n  - prune: {1: 2}\n", 3, "key 1 is not a name"),
     ("model: builtin:tiny\npasses:\n  - prune: {? [a, b] : 1}\n", 3, "key ['a', 'b'] is not a name"),

@@ -256,3 +256,24 @@ def test_calls_that_need_gradients_take_the_masked_dense_path(tiny_model, monkey
     with torch.no_grad():  # and without gradients, the gathers
         torch.testing.assert_close(sparse(x), y.detach(), rtol=1e-5, atol=1e-6)
     assert gathered
+
+
+def test_bf16_scores_meet_the_float32_threshold_on_every_path(tiny_model, monkeypatch):
+    """The masked dense path rounded the threshold to bf16 before comparing, the C gathers compare in float32: a
+    score between the two kept its neuron on one path and dropped it on the other."""
+    mlp = tiny_model("llama").model.layers[0].mlp.to(torch.bfloat16)
+    x = torch.randn(2, 64, dtype=torch.bfloat16)
+    sparse = ActivationSparseMLP(mlp, max_sparse_tokens=4).eval()
+    with torch.no_grad():
+        g = mlp.act_fn(mlp.gate_proj(x))
+        score = g.abs().flatten().float().sort().values[g.numel() // 2]
+        # just above a bf16 score: the threshold rounded to bf16 is that score (kept), the float32 one is above it
+        sparse.threshold.fill_(float(score) * (1 + 2 ** -10))
+        assert torch.tensor(float(sparse.threshold)).to(torch.bfloat16).float() == score
+        _, keep = sparse.gate(x)
+        expected = g.abs().float() >= sparse.threshold
+        assert torch.equal(keep, expected) and not keep.flatten()[(g.abs().float() == score).flatten()].any()
+        fast = sparse(x)
+        sparse.max_sparse_tokens = 0
+        masked = sparse(x)
+    torch.testing.assert_close(fast, masked, rtol=2e-2, atol=2e-2)

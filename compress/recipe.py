@@ -19,8 +19,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from .calibration import CalibrationSpec, source_path
-from .errors import CalibrationError, ConfigError, RecipeError
+from .calibration import BUILTIN_TEXTS, CalibrationSpec, source_path
+from .errors import CalibrationError, CompressError, ConfigError, RecipeError
 from .registry import get_pass, pass_names, suggest
 
 TOP_LEVEL_KEYS = ("model", "calibration", "passes", "output", "export")
@@ -264,6 +264,13 @@ class _Validator:
         model = data.get("model")
         if model is not None and not isinstance(model, str):
             self.error(("model",), f"model must be a local folder path or builtin:NAME (got {model!r})")
+        elif isinstance(model, str) and model.startswith("builtin:"):  # known without loading anything
+            from .models import resolve_model_path
+
+            try:
+                resolve_model_path(model)
+            except CompressError as exc:
+                self.error(("model",), str(exc))
         output = data.get("output")
         if output is not None and not isinstance(output, str):
             self.error(("output",), f"output must be a folder path (got {output!r})")
@@ -336,8 +343,13 @@ class _Validator:
         except ValidationError as exc:
             self.pydantic_errors(("calibration",), exc, "calibration")
             return None
-        if spec.source.startswith("builtin:") or any("calibration source:" in p for p in self.problems):
-            return spec  # a built-in corpus (read_texts checks its name), or a path check_path already refused
+        if spec.source.startswith("builtin:"):
+            if spec.source not in BUILTIN_TEXTS:
+                self.error(("calibration", "source"), f"unknown built-in corpus {spec.source!r}; use one of "
+                                                      f"{', '.join(BUILTIN_TEXTS)}")
+            return spec
+        if any("calibration source:" in p for p in self.problems):
+            return spec  # a path check_path already refused
         try:
             source_path(spec.source, self.base_dir)
         except CalibrationError as exc:

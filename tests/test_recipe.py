@@ -42,6 +42,10 @@ BAD_RECIPES = [
      4, "train_modules: target 're:(' is not a valid regex"),
     ("model: builtin:tiny\ncalibration: {source: builtin:calibration}\npasses:\n  - recover: {lr: 1e-4}\n", 4,
      "lr: Input should be a valid number (got '1e-4'); YAML reads 1e-4 as text: write 1.0e-4"),
+    # built-in names are known without a model: `compress validate` finds a typo (it passed, apply failed later)
+    ("model: builtin:tiy\npasses:\n  - prune: {}\n", 1, "unknown built-in model 'builtin:tiy'; available: "),
+    ("model: builtin:tiny\ncalibration: {source: builtin:calibraton}\npasses:\n  - prune: {method: wanda}\n", 2,
+     "unknown built-in corpus 'builtin:calibraton'; use one of builtin:calibration, builtin:heldout"),
     # keys that are not names, and merge keys (`<<`) naming no mapping, ended in a traceback
     ("model: builtin:tiny\npasses:\n  - prune: {1: 2}\n", 3, "key 1 is not a name"),
     ("model: builtin:tiny\npasses:\n  - prune: {? [a, b] : 1}\n", 3, "key ['a', 'b'] is not a name"),

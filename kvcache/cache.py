@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer
 
-from ..errors import CompressError
+from ..errors import CompressError, ConfigError
 from ..pass_api import storage_bytes
 from .config import KVCacheSettings
 from .kernel_api import KEY_AXIS, VALUE_AXIS
@@ -277,7 +277,7 @@ class GEARCache(Cache):
         if skipped_sliding and skipped_sliding != set(sliding):
             # transformers builds one sliding mask from the first sliding layer's sizes: a compressed sliding layer
             # drops whole pages, transformers' own drops token by token, and one mask cannot fit both
-            raise CompressError(f"skip_layers {sorted(skipped_sliding)} are some of this model's sliding-window "
+            raise ConfigError(f"skip_layers {sorted(skipped_sliding)} are some of this model's sliding-window "
                                 f"layers {sorted(sliding)}: skip all of them or none")
 
         def layer(i: int):

@@ -70,6 +70,11 @@ def test_skip_layers_take_all_sliding_layers_or_none():
         GEARCache(model.config, skip_layers=[0], **SMALL)
     cache = GEARCache(model.config, skip_layers=[0, 1], **SMALL)
     assert all(type(layer) is DynamicSlidingWindowLayer for layer in cache.layers)
+    # in a recipe: at the pass's line, like the other settings the model cannot take
+    recipe = compress.Recipe.from_text(
+        "passes:\n  - gear_kv: {bits: 4, group_size: 8, residual_length: 8, skip_layers: [0]}\n", source="r.yaml")
+    with pytest.raises(CompressError, match=r"^r.yaml:2:5: skip_layers \[0\] are some"):
+        compress.apply(model, recipe, progress=False)
 
 
 def test_budget_counts_what_each_cache_holds_at_that_length():

@@ -173,9 +173,7 @@ class Prune(Pass):
                 raise ConfigError(f"prune targets Linear layers; {name} is a {type(module).__name__}: "
                                   "name its Linear layers or use a pattern like 're:.*mlp\\..*'")
         # a pattern such as re:.*mlp.* also matches the MLP container: keep the Linear layers it holds
-        # (a layer an earlier prune left dense, `compress_pruned`, is pruned already: a second prune scored its zeros
-        # and reported its own sparsity over a layer already sparser)
-        targets = {n: m for n, m in matched.items() if isinstance(m, nn.Linear) and not _pruned_dense(m)}
+        targets = {n: m for n, m in matched.items() if isinstance(m, nn.Linear)}
         if not targets:
             done = self._skipped(model)
             if done:  # the targets match, but an earlier pass replaced those layers
@@ -202,9 +200,7 @@ class Prune(Pass):
                        if "Linear" in self.config.targets else {})
         why = {SparseLinear: "already pruned (packed)", QuantizedLinear: "already quantized",
                Bnb4bitLinear: "already quantized", Bnb8bitLinear: "already quantized"}
-        out = {n: why[type(m)] for n, m in model.named_modules() if n in matched and type(m) in why}
-        out.update({n: "already pruned (stored dense)" for n, m in matched.items() if _pruned_dense(m)})
-        return out
+        return {n: why[type(m)] for n, m in model.named_modules() if n in matched and type(m) in why}
 
     def describe(self, model: nn.Module) -> list[str]:
         return list(self._checked_targets(model))
@@ -225,9 +221,9 @@ class Prune(Pass):
         values to score; the run skips it): when that leaves this pass no layer, the run would stop only after those
         passes ran. Said here, before any work (and by --dry-run)."""
         if not left_by_earlier(model, self._checked_targets(model), earlier,
-                               lambda p: p.name in ("quantize", "prune")):
-            raise ConfigError("prune: every layer the targets match is quantized or pruned by an earlier pass: put "
-                              "prune before quantize, and prune each layer once")
+                               lambda p: p.name == "quantize" or (p.name == "prune" and p.stores_packed(model))):
+            raise ConfigError("prune: every layer the targets match is quantized or pruned (packed) by an earlier "
+                              "pass: put prune before quantize, and prune each layer once")
 
     def stores_packed(self, model: nn.Module) -> bool:
         """Whether this pass leaves its layers as packed SparseLinear modules, judged before it runs: `storage`, or
@@ -373,6 +369,5 @@ def _layer_index(name: str, prefix: str) -> int | None:
     return int(name[len(prefix) + 1:].split(".", 1)[0])
 
 
-def _pruned_dense(module: nn.Module) -> bool:
-    """A Linear an earlier prune pass left dense-stored (marked at the prune and again on reload)."""
-    return isinstance(module, nn.Linear) and getattr(module, "compress_pruned", False)
+
+

@@ -108,25 +108,6 @@ def test_low_sparsity_stays_dense_when_dense_is_smaller(reference_tokenizer, tmp
     assert len(sparse_modules(forced)) == 42
 
 
-def test_a_layer_pruned_and_stored_dense_is_not_pruned_again(tmp_path):
-    """A second prune scored the zeros of a dense-stored pruned layer (60% zeros) and reported 30%, packing zeros as
-    values (an audit's find): it is skipped as pruned, and a prune left nothing to do is refused before any work."""
-    from compress.errors import ConfigError
-
-    P = compress.passes
-    first, _ = compress.apply(compress.load("builtin:tiny"), [P.Prune(sparsity=0.6, storage="dense",
-                                                                      targets=["re:.*mlp.*"])], progress=False)
-    for model in (first, compress.load(compress.save(first, tmp_path / "p"))):
-        with pytest.raises(ConfigError, match="every layer the targets match is already pruned \\(stored dense\\)"):
-            compress.apply(model, [P.Prune(sparsity=0.3, targets=["re:.*mlp.*"])], progress=False)
-        _, report = compress.apply(model, [P.Prune(sparsity=0.3)], progress=False)
-        assert len(report.passes[0].modules) == 24 and len(report.passes[0].skipped) == 18
-        assert set(report.passes[0].skipped.values()) == {"already pruned (stored dense)"}
-    with pytest.raises(ConfigError, match="pruned by an earlier pass"):  # in one recipe: before any work
-        compress.apply(compress.load("builtin:tiny"), [P.Prune(sparsity=0.6, storage="dense"), P.Prune(sparsity=0.3)],
-                       progress=False)
-
-
 def test_per_layer_sparsity_and_owl(reference_tokenizer):
     per_layer = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7]
     model, report = pruned("wanda", reference_tokenizer, sparsity=per_layer)

@@ -145,7 +145,7 @@ APPLY_MISTAKES = {
         "passes:\n  - prune: {{method: wanda}}\n",
         ["calibration: sequences of 2048 tokens are longer than the model's context (1024 tokens)"]),
     "prune after quantize": ("passes:\n  - quantize: {{method: rtn}}\n  - prune: {{}}\n",
-                             [":3:5: prune: every layer the targets match is quantized or pruned by an "
+                             [":3:5: prune: every layer the targets match is quantized or pruned (packed) by an "
                               "earlier pass", "put prune before quantize"]),
     "prune twice (packed)": ("passes:\n  - prune: {{}}\n  - prune: {{structure: '2:4'}}\n",
                              [":3:5: prune: every layer", "prune each layer once"]),

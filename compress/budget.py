@@ -133,7 +133,7 @@ def budget(model: nn.Module, section: dict[str, Any] | None, storage_dtype: torc
         if entry.get("pass") == "gear_kv":
             from .registry import get_pass
 
-            settings = get_pass("gear_kv").from_record(entry.get("args") or {}).settings(model)
+            settings = get_pass("gear_kv").from_record(entry.get("args") or {}).settings()
     from .linearize import LinearizedAttention
 
     linearized = {m.layer_idx: m.cache_bytes() for m in model.modules() if isinstance(m, LinearizedAttention)}

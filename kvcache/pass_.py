@@ -40,8 +40,10 @@ class GearKV(Pass):
                                   "uncompressed cache (like skip_layers)")
 
     def settings(self, model: nn.Module | None = None) -> KVCacheSettings:
-        """The cache settings; given the model, the layers `targets`/`ignore` leave out are skipped too (they
-        only named modules once, and the cache compressed every layer whatever they said)."""
+        """The cache settings; given the model (a new run), the layers `targets`/`ignore` leave out are skipped too.
+        They only named modules once, and the cache compressed every layer whatever they said: the record keeps
+        the layers skipped as `skip_layers` (`entry`), so a checkpoint restores with `settings()` alone, an older
+        one as it was measured."""
         fields = self.config.model_dump(include=set(SETTINGS_FIELDS))
         if model is not None:
             fields["skip_layers"] = sorted(set(fields["skip_layers"]) | self.layers_left_out(model))
@@ -52,8 +54,9 @@ class GearKV(Pass):
         chosen = self.target_modules(model)
         stray = [n for n, m in chosen.items() if not isinstance(getattr(m, "layer_idx", None), int)]
         if stray:
-            raise ConfigError(f"gear_kv: targets match {stray[:3]}, which are not attention layers: the cache "
-                              "compresses an attention layer's keys and values, so target the self_attn modules")
+            raise ConfigError(f"gear_kv: targets match {stray[:3]}, which have no layer_idx (not a decoder layer's "
+                              "attention): the cache compresses attention layers' keys and values, so target the "
+                              "self_attn modules")
         layers = text_config(model.config).num_hidden_layers
         return set(range(layers)) - {m.layer_idx for m in chosen.values()}
 
@@ -92,14 +95,28 @@ class GearKV(Pass):
         return report
 
     def restore(self, model: nn.Module, entry: dict) -> None:
-        install_compressed_cache(model, self.settings(model))
+        install_compressed_cache(model, self.settings())  # the record's skip_layers hold what targets left out
+
+    def entry(self, report: PassReport | None = None) -> dict:
+        out = super().entry(report)
+        if report is not None and "layers_skipped" in report.details:
+            out["args"]["skip_layers"] = report.details["layers_skipped"]
+        return out
 
     def check(self, model: nn.Module) -> None:
         existing = getattr(model, "kv_cache_settings", None)
         if existing is not None:  # a second gear_kv (an earlier apply, or the checkpoint loaded) would replace it
             raise ConfigError(f"gear_kv: the model already has a compressed KV cache ({existing.method}, "
                               f"{existing.bits} bits); apply gear_kv to the model without one")
-        GEARCache(model.config, self.settings(model))  # validates the settings against head_dim and the layer count
+        settings = self.settings(model)
+        try:
+            GEARCache(model.config, settings)  # validates the settings against head_dim and the layer count
+        except ConfigError as exc:
+            left_out = sorted(set(settings.skip_layers) - set(self.config.skip_layers))
+            if left_out and "skip_layers" in str(exc):  # the user wrote targets/ignore, not those skip_layers
+                raise ConfigError(f"gear_kv: targets/ignore leave layers {left_out} uncompressed (as skip_layers "
+                                  f"would), and then: {exc}") from None
+            raise
         problem = residual_beyond_context(self.config.residual_length, model.config)
         if problem:
             raise ConfigError(problem)

@@ -59,7 +59,7 @@ def test_bad_arguments(args, match):
                                         (dict(skip_layers=[0, 1, 2, 3, 4, 5]), "leave no attention layer"),
                                         (dict(targets=["model.layers.1.self_attn"], skip_layers=[1]),
                                          "leave no attention layer"),
-                                        (dict(targets=["re:.*q_proj"]), "which are not attention layers"),
+                                        (dict(targets=["re:.*q_proj"]), "which have no layer_idx"),
                                         (dict(residual_length=1024),
                                          "leaves no room in the model's context \\(1024 tokens\\)"),
                                         (dict(method="kivi", group_size=1, residual_length=1023), "leaves no room")])
@@ -82,6 +82,22 @@ def test_targets_and_ignore_pick_the_compressed_layers(args, compressed, tmp_pat
         with torch.no_grad():
             m(heldout_ids[:, :200], cache=cache)
         assert [i for i, layer in enumerate(cache.layers) if hasattr(layer, "key_store")] == compressed
+
+
+def test_a_record_from_before_targets_picked_layers_restores_as_it_was_measured(tmp_path):
+    """Before, targets/ignore only named modules (any pattern passed, every layer compressed): such a record restores
+    with every layer compressed, not refused or narrowed; a new record keeps the layers skipped as skip_layers."""
+    import json
+
+    model, _ = compress.apply(compress.load("builtin:tiny"), [compress.get_pass("gear_kv")(bits=4)], progress=False)
+    folder = compress.save(model, tmp_path / "old")
+    config = json.loads((folder / "config.json").read_text())
+    config["compression"]["passes"][0]["args"].update(targets=["re:.*self_attn.*"], ignore=["model.layers.0.self_attn"])
+    (folder / "config.json").write_text(json.dumps(config))
+    assert compress.load(folder).kv_cache_settings.skip_layers == []
+    new, _ = compress.apply(compress.load("builtin:tiny"), [compress.get_pass("gear_kv")(
+        bits=4, ignore=["model.layers.0.self_attn"])], progress=False)
+    assert new.config.compression["passes"][0]["args"]["skip_layers"] == [0]
 
 
 @pytest.mark.parametrize("name,method", [("gear-kv4.yaml", "gear"), ("kivi-2.yaml", "kivi")])

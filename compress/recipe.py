@@ -101,9 +101,15 @@ def _to_python(node: yaml.Node, path: tuple, marks: Marks, loader: yaml.SafeLoad
     marks[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
     if isinstance(node, yaml.MappingNode):
         out, merged = {}, {}
+        merges = [(k, v) for k, v in node.value if k.tag == "tag:yaml.org,2002:merge"]  # `<<: *defaults`
+        if len(merges) > 1:
+            mark = merges[1][0].start_mark
+            raise RecipeError([f"{{file}}:{mark.line + 1}:{mark.column + 1}: duplicate key '<<' (merge several "
+                               "mappings with `<<: [*a, *b]`)"])
+        if merges:  # first: the marks of the keys written out (below) win over those of the merged ones
+            merged = _merged(merges[0][1], path, marks, loader)
         for key_node, value_node in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: YAML's merge key, as PyYAML reads it
-                merged.update({k: v for k, v in _merged(value_node, path, marks, loader).items() if k not in merged})
+            if (key_node, value_node) in merges:
                 continue
             key = loader.construct_object(key_node, deep=True)
             if not isinstance(key, str):
@@ -121,11 +127,14 @@ def _to_python(node: yaml.Node, path: tuple, marks: Marks, loader: yaml.SafeLoad
 
 
 def _yaml_hint(value: Any) -> str:
-    """YAML 1.1 (PyYAML) reads `1e-4` as text: a float's mantissa needs a dot (1.0e-4). Said where it bites."""
-    match = re.fullmatch(r"([-+]?\d+)([eE][-+]?\d+)", value) if isinstance(value, str) else None
+    """YAML 1.1 (PyYAML) reads `1e-4` as text: a float needs a dot in its mantissa and a sign in its exponent
+    (1.0e-4, 1.0e+6). Said where it bites."""
+    match = re.fullmatch(r"([-+]?\d+)(\.\d*)?[eE]([-+]?)(\d+)", value) if isinstance(value, str) else None
     if match is None:
         return ""
-    return f"; YAML reads {value} as text: write {match[1]}.0{match[2]} (a dot in the mantissa)"
+    mantissa, sign, exponent = match[1] + (match[2] if match[2] not in (None, ".") else ".0"), match[3] or "+", match[4]
+    whole = f" or {int(float(value))}" if sign == "+" and float(value).is_integer() else ""
+    return f"; YAML reads {value} as text: write {mantissa}e{sign}{exponent}{whole}"
 
 
 def _merged(node: yaml.Node, path: tuple, marks: Marks, loader: yaml.SafeLoader) -> dict:

@@ -42,6 +42,8 @@ BAD_RECIPES = [
      4, "train_modules: target 're:(' is not a valid regex"),
     ("model: builtin:tiny\ncalibration: {source: builtin:calibration}\npasses:\n  - recover: {lr: 1e-4}\n", 4,
      "lr: Input should be a valid number (got '1e-4'); YAML reads 1e-4 as text: write 1.0e-4"),
+    ("model: builtin:tiny\ncalibration: {source: builtin:calibration}\npasses:\n  - recover: {max_tokens: 2.5e3}\n",
+     4, "(got '2.5e3'); YAML reads 2.5e3 as text: write 2.5e+3 or 2500"),  # (1.0e3: text too, it needs the sign)
     # built-in names are known without a model: `compress validate` finds a typo (it passed, apply failed later)
     ("model: builtin:tiy\npasses:\n  - prune: {}\n", 1, "unknown built-in model 'builtin:tiy'; available: "),
     ("model: builtin:tiny\ncalibration: {source: builtin:calibraton}\npasses:\n  - prune: {method: wanda}\n", 2,
@@ -50,6 +52,10 @@ BAD_RECIPES = [
     ("model: builtin:tiny\npasses:\n  - prune: {1: 2}\n", 3, "key 1 is not a name"),
     ("model: builtin:tiny\npasses:\n  - prune: {? [a, b] : 1}\n", 3, "key ['a', 'b'] is not a name"),
     ("model: builtin:tiny\npasses:\n  - prune: {<<: 3}\n", 3, "`<<` merges mappings"),
+    ("model: builtin:tiny\nx: &a {sparsity: 0.5}\npasses:\n  - prune: {<<: *a, <<: *a}\n", 4, "duplicate key '<<'"),
+    # a key written out is reported at its own line, written before `<<` too (the merged one's line was given)
+    ("model: builtin:tiny\npasses:\n  - prune: &p {method: magnitude}\n  - prune: {sparsity: 2.0,\n     <<: *p}\n", 4,
+     "sparsity: sparsity is the fraction"),
     # a merged value's mistake is reported where that value is written (the anchor's line)
     ("model: builtin:tiny\npasses:\n  - prune: &p {method: magnitude, sparsity: 0.5}\n  - quantize: {<<: *p}\n", 3,
      "pass 'quantize': unknown key 'sparsity'"),

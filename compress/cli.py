@@ -147,6 +147,7 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
     from .recipe import Recipe
 
     r = Recipe.from_yaml(recipe)
+    overrides = {"model": model_src, "output": output}  # as given on the command line (None: the recipe's)
     model_src = model_src or r.resolved_model()
     if not model_src:
         raise CompressError(f"{recipe}: no model: add `model: builtin:tiny` (or a local folder) or pass --model")
@@ -232,7 +233,7 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
         click.echo("note: the recipe calibrates on builtin:heldout, the text the evaluation scores: the held-out "
                    "numbers will flatter the result (use builtin:calibration)", err=True)
     model, report = api.apply(model, r, tokenizer=tokenizer, device=device, progress=not as_json)
-    recipe_text = _recipe_as_run(r, model_src, output)
+    recipe_text = _recipe_as_run(r, overrides)
     if export_format == "compressed-tensors":
         exported = export(model, output, tokenizer=tokenizer, recipe_text=recipe_text, report=report.to_dict(),
                           overwrite=overwrite).to_dict()
@@ -272,15 +273,12 @@ def _source_folder(model_src: str) -> Path:
     return models.resolve_model_path(model_src)
 
 
-def _recipe_as_run(r, model_src: str, output) -> str:
-    """The recipe text the checkpoint stores, headed by the command-line overrides of its `model:` / `output:`
-    (it read `model: builtin:tiny` over a run on another model, and running it again compressed that one)."""
-    notes = [f"--model {model_src} (the recipe's model: {r.model or '-'})" if model_src != r.model else None,
-             f"--output {output} (the recipe's output: {r.output or '-'})" if str(output) != str(r.output) else None]
-    notes = [n for n in notes if n]
-    if not notes:
-        return r.text
-    return "".join(f"# compress apply ran this recipe with {n}\n" for n in notes) + r.text
+def _recipe_as_run(r, overrides: dict) -> str:
+    """The recipe text the checkpoint stores, headed by the command-line options that overrode its `model:` /
+    `output:` (it read `model: builtin:tiny` over a run on another model, and running it again compressed that)."""
+    notes = [f"# compress apply ran this recipe with --{key} {value} (the recipe's {key}: {getattr(r, key) or '-'})\n"
+             for key, value in overrides.items() if value is not None and str(value) != str(getattr(r, key))]
+    return "".join(notes) + r.text
 
 
 def check_output(output, **kwargs):

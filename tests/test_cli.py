@@ -99,6 +99,9 @@ def test_the_stored_recipe_says_what_the_command_line_overrode(tmp_path, magnitu
     stored = (tmp_path / "again" / "recipe.yaml").read_text()
     assert stored.startswith(f"# compress apply ran this recipe with --model {out} (the recipe's model: builtin:tiny)")
     compress.Recipe.from_text(stored)  # still a recipe
+    from compress.cli import _recipe_as_run  # no option given: the recipe as written (a relative model: resolved
+    recipe = compress.Recipe.from_yaml(RECIPES / "magnitude-50.yaml")  # against its folder is not an override)
+    assert _recipe_as_run(recipe, {"model": None, "output": None}) == recipe.text
     assert "original model: builtin:tiny" in run("inspect", tmp_path / "again").output  # the first pass's source
 
 

@@ -141,7 +141,7 @@ def save(
 def write_folder(folder: str | Path, write, *, overwrite: bool, source: Path | None) -> Path:
     """Check the output, run `write(tmp)` on a temporary folder beside it, then swap that into place: an
     interrupted write leaves nothing at `folder` (every export format goes through here)."""
-    from .output_folder import check_output, swap_into_place, temporary_folder
+    from .output_folder import check_output, swap_into_place, temporary_folder, write_manifest
 
     folder = check_output(folder, overwrite=overwrite, source=source)
     target = folder.resolve()  # `new/../ckpt` makes no `new/`
@@ -149,6 +149,7 @@ def write_folder(folder: str | Path, write, *, overwrite: bool, source: Path | N
     tmp = temporary_folder(target)
     try:
         write(tmp)
+        write_manifest(tmp)  # last: the files --overwrite may replace are exactly these (every format)
         swap_into_place(tmp, target, overwrite=overwrite)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -177,7 +178,6 @@ def _portable_source(section: dict, tmp: Path) -> dict:
 
 def _write(model, tmp: Path, tokenizer, recipe_text, report, max_shard_bytes) -> None:
     from .export.native_marker import mark_native
-    from .output_folder import write_manifest
     from .models import checkpoint_dtype
 
     dtype = checkpoint_dtype(model)
@@ -199,7 +199,6 @@ def _write(model, tmp: Path, tokenizer, recipe_text, report, max_shard_bytes) ->
         (tmp / "recipe.yaml").write_text(recipe_text)
     if report is not None:
         (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str))
-    write_manifest(tmp)  # last: the files --overwrite may replace are exactly these
 
 
 def write_generation_config(model, folder: Path) -> None:

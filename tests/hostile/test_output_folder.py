@@ -114,6 +114,20 @@ def test_overwrite_refuses_user_files_named_like_checkpoint_files(tmp_path, smal
     assert check_output(out, overwrite=True) == out
 
 
+def test_a_compressed_tensors_export_lists_its_files_too(tmp_path):
+    pytest.importorskip("compressed_tensors")
+    from compress.export.compressed_tensors import export
+    from compress.output_folder import MANIFEST, check_output
+
+    model, _ = compress.apply(compress.load("builtin:tiny"), [compress.passes.Quantize(method="rtn", group_size=64)],
+                              progress=False)
+    export(model, out := tmp_path / "ct")
+    assert "config.json" in json.loads((out / MANIFEST).read_text())["files"]
+    (out / "vocab.json").write_text("{}")
+    with pytest.raises(compress.errors.OutputError, match="would delete vocab.json"):
+        check_output(out, overwrite=True)
+
+
 def test_overwrite_accepts_what_the_checkpoint_records_writing(tmp_path, small_model):
     """Shards named by the index, and a pass's recorded folder (recover with merge: false writes `adapter/`)."""
     from compress.output_folder import check_output

@@ -383,9 +383,10 @@ def load_tokenizer(source: str | Path, strict: bool = True):
 
 def tokenizer_difference(ours, theirs, names: tuple[str, str] = ("the model's", "the baseline's")) -> str | None:
     """How tokenizer `theirs` reads the ids `ours` writes otherwise (None: the same). Every token of `ours` must have
-    the same id in `theirs` (tokens only `theirs` has are never written by `ours`), and the beginning / end-of-
-    sequence ids must agree (a model trained with another BOS scores text without its own). The vocabulary size
-    alone, what the models' shapes show, misses a tokenizer of the same size with its ids in another order."""
+    the same id in `theirs` (tokens only `theirs` has are never written by `ours`). Which token is BOS / EOS may
+    differ (a base model and its instruct tune): the evaluation feeds both models the same ids, and the same ids
+    mean the same tokens. The vocabulary size alone, what the models' shapes show, misses a tokenizer of the same
+    size with its ids in another order."""
     a, b = ours.get_vocab(), theirs.get_vocab()
     moved = [t for t, i in a.items() if b.get(t) != i]
     if moved:
@@ -393,8 +394,4 @@ def tokenizer_difference(ours, theirs, names: tuple[str, str] = ("the model's", 
         other = f"{b[t]} in {names[1]}" if t in b else f"not in {names[1]}"
         return (f"{len(moved)} of the {len(a)} tokens of {names[0]} tokenizer have other ids in {names[1]} "
                 f"(e.g. {t!r}: id {a[t]} in {names[0]}, {other})")
-    for attr, what in (("bos_token_id", "beginning-of-sequence"), ("eos_token_id", "end-of-sequence")):
-        x, y = getattr(ours, attr, None), getattr(theirs, attr, None)
-        if x != y:
-            return f"the {what} token is id {x} in {names[0]} tokenizer, {y} in {names[1]}"
     return None

@@ -130,13 +130,22 @@ class ActivationSparseMLP(nn.Module):
 
     def scores(self, g: torch.Tensor, neurons: torch.Tensor | None = None) -> torch.Tensor:
         """What `threshold` compares: |g|, times each neuron's scale with neuron scaling (`neurons`: the indices of
-        g's columns when g holds only some neurons). In float32, compared with the float32 threshold as the C gathers
-        compare: rounded to bf16, the threshold moved and bf16 models kept other neurons on the torch path."""
-        s = g.abs().float()
+        g's columns when g holds only some neurons). Scaled in float32, as the C gathers scale."""
+        s = g.abs()
         if not self.neuron_scaling:
             return s
         scale = self.neuron_scale if neurons is None else self.neuron_scale[neurons]
-        return s * scale.float()
+        return s.float() * scale.float()
+
+    @staticmethod
+    def at_least(scores: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+        """scores >= the float32 threshold, decided as the C gathers decide in float32: in a bf16/fp16 model against
+        the threshold rounded up to that dtype, the same decisions without a float32 copy of the scores (rounded to
+        nearest, the threshold moved, and the torch path kept other neurons than the C one)."""
+        t = threshold.to(scores.dtype)
+        if t.float() < threshold.float():
+            t = torch.nextafter(t, torch.full_like(t, float("inf")))
+        return scores >= t
 
     @torch.no_grad()
     def adopt_quantized_gate(self, expand: bool = True) -> None:
@@ -209,7 +218,7 @@ class ActivationSparseMLP(nn.Module):
         return self.scores(self.act_fn(self.predicted_gate(x)))
 
     def candidates(self, x: torch.Tensor) -> torch.Tensor:
-        return self.predicted_scores(x) >= self.predictor_threshold.float()
+        return self.at_least(self.predicted_scores(x), self.predictor_threshold)
 
     def _count(self, keep: torch.Tensor, seen: int | None = None) -> None:
         """Add kept (token, neuron) pairs and, of all `seen` (default: keep's size), to `counts` when recording."""
@@ -225,7 +234,7 @@ class ActivationSparseMLP(nn.Module):
         """(act(gate(x)), keep mask: scores(act(gate(x))) >= threshold, and a predicted candidate with a predictor
         that only picks candidates)."""
         g = self.act_fn(self.gate_pre(x))
-        keep = self.scores(g) >= self.threshold.float()
+        keep = self.at_least(self.scores(g), self.threshold)
         if self.has_predictor and self.exact_gate:
             keep &= self.candidates(x)
         self._count(keep)
@@ -303,7 +312,7 @@ class ActivationSparseMLP(nn.Module):
         if self.gate_proj.bias is not None:
             pre = pre + self.gate_proj.bias[idx]
         g = self.act_fn(pre)
-        keep = (self.scores(g, idx) >= self.threshold.float()) & cand[:, idx]
+        keep = self.at_least(self.scores(g, idx), self.threshold) & cand[:, idx]
         self._count(keep, cand.numel())  # every neuron was seen, only the candidates' gates computed
         used = keep.any(0)
         return (g * keep)[:, used], idx[used]

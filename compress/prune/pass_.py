@@ -110,6 +110,7 @@ class Prune(Pass):
         from ..sequential import decoder_layers, for_each_layer
 
         targets = self._checked_targets(model)
+        self._check_sparser_than_before(targets)  # (the earlier passes of a recipe ran since `check`)
         report = PassReport(name=self.name, modules=list(targets), skipped=self._skipped(model))
         report.bytes_before = sum(tensor_bytes(m) for m in targets.values())
         nm = parse_structure(self.config.structure)
@@ -211,10 +212,27 @@ class Prune(Pass):
         from ..sequential import decoder_layers
 
         targets = self._checked_targets(model)
+        self._check_sparser_than_before(targets)
         s = self.config.sparsity
         if isinstance(s, list) and parse_structure(self.config.structure) is None:
             prefix, layers = decoder_layers(model)
             self._layer_sparsities(len(layers), {n: _layer_index(n, prefix) for n in targets}, model, None, "")
+
+    def _check_sparser_than_before(self, targets: dict[str, nn.Module]) -> None:
+        """A layer an earlier prune left dense-stored may be pruned again (gradually: its zeros score lowest and go
+        first), but only to more sparsity than it has: asked for less, the pass changed nothing, reported its own
+        figure over a sparser layer and stored zeros as kept values. Checked for one sparsity for all layers."""
+        nm = parse_structure(self.config.structure)
+        wanted = 1 - nm[0] / nm[1] if nm else self.config.sparsity
+        if isinstance(wanted, list):
+            return
+        for name, module in targets.items():
+            if getattr(module, "compress_pruned", False) and not module.weight.is_meta:
+                zeros = float((module.weight == 0).float().mean())
+                if zeros >= wanted - 1e-6:
+                    raise ConfigError(f"prune: {name} is already {zeros:.1%} sparse (an earlier prune, stored dense): "
+                                      f"pruning it to {wanted:.1%} would change nothing; ask for more sparsity, or "
+                                      "leave it out (ignore)")
 
     def check_after(self, model: nn.Module, earlier) -> None:
         """A layer an earlier quantize pass replaces, or an earlier prune stores packed, cannot be pruned (no dense

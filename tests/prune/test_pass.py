@@ -108,6 +108,25 @@ def test_low_sparsity_stays_dense_when_dense_is_smaller(reference_tokenizer, tmp
     assert len(sparse_modules(forced)) == 42
 
 
+def test_a_dense_stored_pruned_layer_is_pruned_again_only_to_more_sparsity(tmp_path):
+    """Gradual pruning (25% then 50%) works; asked for less than the layer has (60% then 30%), the second prune
+    changed nothing, reported 30% and packed zeros as values (an audit's find): refused before any work."""
+    from compress.errors import ConfigError
+
+    P = compress.passes
+    first, _ = compress.apply(compress.load("builtin:tiny"), [P.Prune(sparsity=0.6, storage="dense")], progress=False)
+    for model in (first, compress.load(compress.save(first, tmp_path / "p"))):
+        with pytest.raises(ConfigError, match="model.layers.0.self_attn.q_proj is already 60.0% sparse .* pruning it "
+                                              "to 30.0% would change nothing"):
+            compress.apply(model, [P.Prune(sparsity=0.3)], progress=False)
+        with pytest.raises(ConfigError, match="to 50.0% would change nothing"):
+            compress.apply(model, [P.Prune(structure="2:4")], progress=False)
+    with pytest.raises(ConfigError, match="^r.yaml:3:5: prune: .* is already 60.0% sparse"):  # in one recipe
+        compress.apply(compress.load("builtin:tiny"), compress.Recipe.from_text(
+            "passes:\n  - prune: {sparsity: 0.6, storage: dense}\n  - prune: {sparsity: 0.3}\n", source="r.yaml"),
+            progress=False)
+
+
 def test_per_layer_sparsity_and_owl(reference_tokenizer):
     per_layer = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7]
     model, report = pruned("wanda", reference_tokenizer, sparsity=per_layer)

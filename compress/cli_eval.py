@@ -75,13 +75,9 @@ def _check_baseline_tokenizer(baseline: str, tokenizer) -> None:
     any model loads. A baseline saved without tokenizer files is taken to read the model's ids: there is nothing
     to compare, its vocabulary size is still checked against the model's, and a weights-only copy of the model a
     checkpoint was made from is the usual such baseline (refusing it would leave no way to evaluate against it)."""
-    from .models import load_tokenizer, tokenizer_difference
+    from .models import saved_tokenizer_difference
 
-    try:
-        theirs = load_tokenizer(baseline)
-    except CompressError as exc:  # damaged files are said, not taken for none
-        raise CompressError(f"the baseline's tokenizer: {exc}") from None
-    difference = None if theirs is None else tokenizer_difference(tokenizer, theirs)
+    difference = saved_tokenizer_difference(tokenizer, baseline)
     if difference:
         raise CompressError(f"the baseline {baseline} has another tokenizer than the model: {difference}; KL and "
                             "top-1 agreement need the same token ids: pass the model it was made from")

@@ -381,6 +381,16 @@ def load_tokenizer(source: str | Path, strict: bool = True):
         raise CheckpointError(f"{path}: its tokenizer files cannot be read ({first_line(exc)})") from None
 
 
+def saved_tokenizer_difference(ours, source: str | Path) -> str | None:
+    """`tokenizer_difference` against the tokenizer saved with the model at `source`; None where it saved none
+    (nothing to compare). Damaged tokenizer files are an error, not taken for none."""
+    try:
+        theirs = load_tokenizer(source)
+    except CompressError as exc:
+        raise CompressError(f"the baseline's tokenizer: {exc}") from None
+    return None if theirs is None else tokenizer_difference(ours, theirs)
+
+
 def tokenizer_difference(ours, theirs, names: tuple[str, str] = ("the model's", "the baseline's")) -> str | None:
     """How tokenizer `theirs` reads the ids `ours` writes otherwise (None: the same). Every token of `ours` must have
     the same id in `theirs` (tokens only `theirs` has are never written by `ours`). Which token is BOS / EOS may

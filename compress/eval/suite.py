@@ -153,7 +153,7 @@ def check_baseline_tokenizer(tokenizer, baseline, baseline_tokenizer=None) -> No
     suite feeds both models one tokenization, and a reordered vocabulary of the same size would be scored silently
     on the wrong ids. A baseline without tokenizer files (or not loaded by compress.load, and none given) is taken to
     read the model's ids, as `compress eval` takes it: there is nothing to compare."""
-    from ..models import load_tokenizer, resolve_model_path, tokenizer_difference
+    from ..models import resolve_model_path, saved_tokenizer_difference, tokenizer_difference
 
     source = getattr(baseline, "compress_source", None) if baseline_tokenizer is None else None
     if source:
@@ -161,12 +161,10 @@ def check_baseline_tokenizer(tokenizer, baseline, baseline_tokenizer=None) -> No
             resolve_model_path(source)
         except CompressError:  # the folder is gone since the load: nothing to compare
             source = None
-    if source:
-        try:
-            baseline_tokenizer = load_tokenizer(source)
-        except CompressError as exc:  # damaged files are said, not taken for none
-            raise CompressError(f"the baseline's tokenizer: {exc}") from None
-    difference = None if baseline_tokenizer is None else tokenizer_difference(tokenizer, baseline_tokenizer)
+    if baseline_tokenizer is not None:
+        difference = tokenizer_difference(tokenizer, baseline_tokenizer)
+    else:
+        difference = saved_tokenizer_difference(tokenizer, source) if source else None
     if difference:
         raise CompressError(f"the baseline has another tokenizer than the model: {difference}; the suite scores both "
                             "on the same token ids: compare against the model it was made from")

@@ -142,9 +142,8 @@ class ActivationSparseMLP(nn.Module):
         """scores >= the float32 threshold, decided as the C gathers decide in float32: in a bf16/fp16 model against
         the threshold rounded up to that dtype, the same decisions without a float32 copy of the scores (rounded to
         nearest, the threshold moved, and the torch path kept other neurons than the C one)."""
-        t = threshold.to(scores.dtype)
-        if t.float() < threshold.float():
-            t = torch.nextafter(t, torch.full_like(t, float("inf")))
+        t = threshold.to(scores.dtype)  # (torch.where: no GPU-to-CPU sync, as an `if` on a tensor would make)
+        t = torch.where(t.float() < threshold.float(), torch.nextafter(t, torch.full_like(t, float("inf"))), t)
         return scores >= t
 
     @torch.no_grad()

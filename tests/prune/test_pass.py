@@ -119,8 +119,10 @@ def test_a_dense_stored_pruned_layer_is_pruned_again_only_to_more_sparsity(tmp_p
         with pytest.raises(ConfigError, match="model.layers.0.self_attn.q_proj is already 60.0% sparse .* pruning it "
                                               "to 30.0% would change nothing"):
             compress.apply(model, [P.Prune(sparsity=0.3)], progress=False)
-        with pytest.raises(ConfigError, match="to 50.0% would change nothing"):
-            compress.apply(model, [P.Prune(structure="2:4")], progress=False)
+        with pytest.raises(ConfigError, match="to 60.0% would change nothing"):  # the same: nothing either
+            compress.apply(model, [P.Prune(sparsity=0.6)], progress=False)
+    _, report = compress.apply(first, [P.Prune(structure="2:4")], progress=False)  # N:M still changes such layers
+    assert report.passes[0].details["structure"] == "2:4"
     with pytest.raises(ConfigError, match="^r.yaml:3:5: prune: .* is already 60.0% sparse"):  # in one recipe
         compress.apply(compress.load("builtin:tiny"), compress.Recipe.from_text(
             "passes:\n  - prune: {sparsity: 0.6, storage: dense}\n  - prune: {sparsity: 0.3}\n", source="r.yaml"),

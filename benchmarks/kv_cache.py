@@ -71,7 +71,8 @@ def configurations(quick: bool) -> list[dict]:
     e4m3 (half their cost), "s8" = one-byte scales (scale_format log8: 0.125 bit/element less), "k4v2" = keys at 4
     bits, values at 2 (value_bits)."""
     # the uncompressed baseline: transformers' DynamicCache in the model's dtype (float32 on the CPU)
-    rows = [dict(name="dynamic-fp32", method="dynamic", bits=32), dict(name="hf-fp8", method="hf_quantized_fp8", bits=8)]
+    rows = [dict(name="dynamic-fp32", method="dynamic", bits=32),
+            dict(name="hf-fp8", method="hf_quantized_fp8", bits=8)]
     # what a transformers user picks instead: QuantizedCache with its group-wise backends (per-token groups of 64
     # for keys and values, a 128-token full-precision residual), where installed (`pip install -e ".[bench]"`)
     for backend, module in (("quanto", "optimum.quanto"), ("hqq", "hqq")):

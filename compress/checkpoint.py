@@ -111,7 +111,7 @@ def save(
     *,
     tokenizer=None,
     recipe_text: str | None = None,
-    report=None,
+    report: dict | Any | None = None,  # a dict, or the ApplyReport compress.apply returns
     overwrite: bool = False,
     max_shard_bytes: int | str = DEFAULT_MAX_SHARD_BYTES,
 ) -> Path:

@@ -70,7 +70,8 @@ def test_arguments_impossible_for_the_model(args, match):
 
 @pytest.mark.parametrize("args,compressed", [(dict(targets=["model.layers.1.self_attn"]), [1]),
                                              (dict(ignore=["re:model\\.layers\\.0\\..*"]), [1, 2, 3, 4, 5]),
-                                             (dict(ignore=["model.layers.0.self_attn"], skip_layers=[5]), [1, 2, 3, 4])])
+                                             (dict(ignore=["model.layers.0.self_attn"], skip_layers=[5]),
+                                              [1, 2, 3, 4])])
 def test_targets_and_ignore_pick_the_compressed_layers(args, compressed, tmp_path, heldout_ids):
     """targets/ignore were only a listing: the report said 1 layer, the cache compressed all 6 (an audit's find)."""
     model, report = compress.apply(compress.load("builtin:tiny"), [compress.get_pass("gear_kv")(bits=4, **args)],

@@ -1,6 +1,5 @@
 """The quantize pass's arguments, targets and skips, and its user errors."""
 import pytest
-import torch
 
 import compress
 from compress.errors import ConfigError

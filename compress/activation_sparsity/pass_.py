@@ -136,11 +136,14 @@ class ActivationSparsity(Pass):
         for p in earlier:
             if p.name not in ("prune", "quantize") and not (p.name == "recover" and not p.config.merge):
                 continue
+            if p.name == "prune" and p.config.storage == "dense":  # plain Linears holding zeros: dense weights
+                continue
             hit = next((m for m in p.describe(model) if any(m.startswith(name + ".") for name in mlps)), None)
             if hit is not None:
                 raise ConfigError(f"activation_sparsity needs the MLPs' dense weights, but the {p.name} pass before it "
                                   f"replaces {hit}: put activation_sparsity first (prune, quantize and recover "
-                                  "compose after it; with exact_gate: false, ignoring gate_proj)")
+                                  "compose after it; with exact_gate: false, ignoring gate_proj)"
+                                  + ("; or give prune `storage: dense`" if p.name == "prune" else ""))
 
     def apply(self, model: nn.Module, ctx: PassContext) -> PassReport:
         targets = self._mlps(model)

@@ -172,6 +172,25 @@ def test_sparsegpt_after_activation_sparsity(reference_tokenizer):
     assert abs(float((w == 0).float().mean()) - 0.5) < 0.01
 
 
+def test_after_a_prune_stored_dense(tmp_path, reference_tokenizer):
+    """`prune {storage: dense}` leaves plain Linears holding zeros, which the MLP gathers like any dense weight (it
+    was refused as "replaces gate_proj"); the zeros and the thresholds survive a reload. A packing prune stays
+    refused, with the way out named."""
+    prune = compress.passes.Prune(sparsity=0.5, storage="dense")
+    spec = ActivationSparsity(**FAST)
+    model, report = compress.apply(compress.load("builtin:tiny"), [prune, spec], calibration=CALIB,
+                                   tokenizer=reference_tokenizer, progress=False)
+    assert len(mlps(model)) == 6 and report.passes[1].details["sparsity"] > 0
+    up = mlps(model)[0].up_proj.weight
+    assert abs(float((up == 0).float().mean()) - 0.5) < 0.01
+    reloaded = compress.load(compress.save(model, tmp_path / "ps"))
+    assert torch.equal(mlps(reloaded)[0].up_proj.weight, up)
+    assert_reloaded_decodes_like(model, reloaded)
+    with pytest.raises(compress.ConfigError, match="or give prune `storage: dense`"):
+        compress.apply(compress.load("builtin:tiny"), [compress.passes.Prune(sparsity=0.5), ActivationSparsity(**FAST)],
+                       calibration=CALIB, tokenizer=reference_tokenizer, progress=False)
+
+
 def test_pass_with_quantized_gate_budgets_against_the_original_and_reloads(tmp_path, reference_tokenizer):
     """The budget counts the quantized gate's own cost: the calibration perplexity is measured against the original
     model (the gate computed exactly), and the checkpoint reloads the gate as its copy."""

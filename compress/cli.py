@@ -193,14 +193,18 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
         if output:
             check_output(output, overwrite=overwrite, source=_source_folder(model_src), protected=(Path(recipe),),
                          work=work_folders)
-        plan = [(p.name, p.describe(model)) for p in passes]
+        # each pass against the model the passes before it leave (the meta model is the original one)
+        plan = [(p.name, *p.planned(model, passes[:i])) for i, p in enumerate(passes)]
         if as_json:
-            click.echo(json.dumps({"model": model_src, "passes": [{"pass": k, "modules": v} for k, v in plan]}))
+            click.echo(json.dumps({"model": model_src, "passes": [{"pass": k, "modules": v, "skipped": s}
+                                                                  for k, v, s in plan]}))
         else:
-            for i, (name, mods) in enumerate(plan, 1):
+            for i, (name, mods, skipped) in enumerate(plan, 1):
                 click.echo(f"{i}. {name}: {len(mods)} module(s)")
                 for m in mods:
                     click.echo(f"     {m}")
+                for m, why in skipped.items():
+                    click.echo(f"     (skipped: {m}: {why})")
         return
     if not output:
         raise CompressError(f"{recipe}: no output folder: add `output: out/NAME` to the recipe or pass --output")

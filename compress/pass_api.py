@@ -252,6 +252,22 @@ class Pass:
         """Module names this pass would touch (for `--dry-run`)."""
         return list(self.target_modules(model))
 
+    def taken_by(self, earlier: "Pass", model: nn.Module) -> str | None:
+        """Why this pass leaves out the modules that `earlier` (a pass before it in the run) replaces, or None when it
+        works on them as well (e.g. gear_kv: a layer an earlier linearize converts keeps no KV cache)."""
+        return None
+
+    def planned(self, model: nn.Module, earlier: Sequence["Pass"]) -> tuple[list[str], dict[str, str]]:
+        """(the modules this pass will touch once `earlier` ran, {module: why left out}), judged on the model before
+        any of them runs: what `--dry-run` lists (`describe` alone lists them against the original model)."""
+        listed = self.describe(model)
+        skipped: dict[str, str] = {}
+        for p in earlier:
+            why = self.taken_by(p, model)
+            if why:
+                skipped.update({n: why for n in p.describe(model) if n in listed and n not in skipped})
+        return [n for n in listed if n not in skipped], skipped
+
     def touches(self, model: nn.Module) -> list[str]:
         """Module names whose weights this pass changes (`describe`, plus e.g. what it trains in full)."""
         return self.describe(model)

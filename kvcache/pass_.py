@@ -21,6 +21,7 @@ from .cache import GEARCache
 from .config import KVCacheSettings
 
 SETTINGS_FIELDS = tuple(KVCacheSettings.model_fields)
+_LINEARIZED = "linearized: a recurrent state, no KV cache"  # why a layer is left out (report, --dry-run)
 
 
 @register_pass("gear_kv")
@@ -60,6 +61,9 @@ class GearKV(Pass):
         layers = text_config(model.config).num_hidden_layers
         return set(range(layers)) - {m.layer_idx for m in chosen.values()}
 
+    def taken_by(self, earlier: Pass, model: nn.Module) -> str | None:
+        return _LINEARIZED if earlier.name == "linearize" else None
+
     def check_after(self, model: nn.Module, earlier) -> None:
         """When earlier linearize passes convert every attention layer, no KV cache is left to compress: said
         before any work instead of a report of layers 'compressed' that hold no cache."""
@@ -71,7 +75,7 @@ class GearKV(Pass):
                               "attention layer to compress; select more layers, or drop gear_kv")
         listed = {n for n in described  # a model loaded linearized counts as well
                   if not isinstance(model.get_submodule(n), LinearizedAttention)}
-        if not left_by_earlier(model, listed, earlier, lambda p: p.name == "linearize"):
+        if not left_by_earlier(model, listed, earlier, lambda p: self.taken_by(p, model)):
             raise ConfigError("gear_kv: every attention layer is linearized (by an earlier pass or in the model "
                               "loaded), so no layer keeps a KV cache to compress: drop gear_kv, or linearize only "
                               "some layers (layers: every_K)")
@@ -85,7 +89,7 @@ class GearKV(Pass):
             # a linearized layer keeps a recurrent state, no key/value cache: nothing of it is compressed
             from ..linearize import LinearizedAttention
 
-            report.skipped = {n: "linearized: a recurrent state, no KV cache" for n in listed
+            report.skipped = {n: _LINEARIZED for n in listed
                               if isinstance(model.get_submodule(n), LinearizedAttention)}
             report.modules = [n for n in listed if n not in report.skipped]
             report.bytes_before = report.bytes_after = tensor_bytes(model)

@@ -197,6 +197,26 @@ def test_dry_run_lists_every_pass_even_with_the_same_name(tmp_path):
     assert all(m.endswith("_proj") for p in plans for m in p["modules"])
 
 
+@pytest.mark.parametrize("passes,skipped", [
+    ("  - linearize: {layers: every_2}\n  - gear_kv: {}\n", "linearized: a recurrent state"),
+    ("  - quantize: {method: rtn, targets: ['re:.*mlp.*']}\n  - quantize: {method: rtn, bits: 8}\n",
+     "already quantized"),
+])
+def test_dry_run_lists_what_each_pass_touches_after_the_passes_before_it(passes, skipped, tmp_path):
+    """The dry run checks on the original model; it listed a later pass's modules against it too (linearize every_2
+    then gear_kv: 6 layers listed, 3 compressed). It lists what the run then reports, and the rest as skipped."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: builtin:tiny\npasses:\n" + passes)
+    dry = run("apply", recipe, "--dry-run", "--json")
+    assert dry.exit_code == 0, dry.output
+    plans = json.loads(dry.output)["passes"]
+    result = run("apply", recipe, "--output", tmp_path / "o", "--no-eval", "--json")
+    assert result.exit_code == 0, result.output
+    ran = json.loads(result.output)["passes"]
+    assert [p["modules"] for p in plans] == [p["modules"] for p in ran]
+    assert plans[1]["skipped"] == ran[1]["skipped"] and all(why.startswith(skipped) for why in plans[1]["skipped"].values())
+
+
 def test_relative_calibration_source_resolves_from_the_recipe_folder(tmp_path, reference_tokenizer):
     from compress.calibration import builtin_text
 

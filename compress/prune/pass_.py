@@ -235,12 +235,16 @@ class Prune(Pass):
                                       f"pruning it to {wanted:.1%} would change nothing; ask for more sparsity, or "
                                       "leave it out (ignore)")
 
+    def taken_by(self, earlier: Pass, model: nn.Module) -> str | None:
+        if earlier.name == "quantize":
+            return "quantized by an earlier pass"
+        return "pruned (packed) by an earlier pass" if earlier.name == "prune" and earlier.stores_packed(model) else None
+
     def check_after(self, model: nn.Module, earlier) -> None:
         """A layer an earlier quantize pass replaces, or an earlier prune stores packed, cannot be pruned (no dense
         values to score; the run skips it): when that leaves this pass no layer, the run would stop only after those
         passes ran. Said here, before any work (and by --dry-run)."""
-        if not left_by_earlier(model, self._checked_targets(model), earlier,
-                               lambda p: p.name == "quantize" or (p.name == "prune" and p.stores_packed(model))):
+        if not left_by_earlier(model, self._checked_targets(model), earlier, lambda p: self.taken_by(p, model)):
             raise ConfigError("prune: every layer the targets match is quantized or pruned (packed) by an earlier "
                               "pass: put prune before quantize, and prune each layer once")
 

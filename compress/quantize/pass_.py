@@ -36,6 +36,10 @@ BNB_OPTIONS = {"nf4": ("bnb_blocksize", "double_quant", "compute_dtype"), "int8"
 BNB_OPTIONS["fp4"] = BNB_OPTIONS["nf4"]
 
 
+# why a layer the targets match is skipped (the run's report, and --dry-run's plan before it runs)
+_ALREADY_QUANTIZED = "already quantized"
+_PACKED_FOR_BNB = "pruned (bitsandbytes stores dense weights only; use method gptq or rtn)"
+
 @register_pass("quantize")
 class Quantize(Pass):
     """Quantize Linear weights: GPTQ / round-to-nearest int4/int8 with group scales, or bitsandbytes NF4/FP4/int8."""
@@ -109,9 +113,9 @@ class Quantize(Pass):
             if isinstance(module, nn.Linear) or (isinstance(module, SparseLinear) and c.method not in BNB_METHODS):
                 targets[name] = module
             elif isinstance(module, SparseLinear):
-                skipped[name] = "pruned (bitsandbytes stores dense weights only; use method gptq or rtn)"
+                skipped[name] = _PACKED_FOR_BNB
             elif isinstance(module, (QuantizedLinear, Bnb4bitLinear, Bnb8bitLinear)):
-                skipped[name] = "already quantized"
+                skipped[name] = _ALREADY_QUANTIZED
             elif name in c.targets:
                 raise ConfigError(f"quantize targets Linear layers; {name} is a {type(module).__name__}: name its "
                                   "Linear layers or use a pattern like 're:.*mlp\\..*'")
@@ -122,6 +126,13 @@ class Quantize(Pass):
 
     def describe(self, model: nn.Module) -> list[str]:
         return list(self._targets(model)[0])
+
+    def taken_by(self, earlier: Pass, model: nn.Module) -> str | None:
+        if earlier.name == "quantize":
+            return _ALREADY_QUANTIZED
+        if self.config.method in BNB_METHODS and earlier.name == "prune" and earlier.stores_packed(model):
+            return _PACKED_FOR_BNB
+        return None
 
     def check_after(self, model: nn.Module, earlier) -> None:
         """Layers an earlier quantize pass replaces are skipped here, and bitsandbytes skips those an earlier prune

@@ -193,12 +193,16 @@ class Recover(Pass):
         """Training windows' length: the argument, else the calibration's."""
         return self.config.seq_len or (ctx.calibration.seq_len if ctx.calibration is not None else 256)
 
+    def taken_by(self, earlier: Pass, model: nn.Module) -> str | None:
+        return "quantized by an earlier pass (LoRA attaches to Linear or packed sparse layers)" \
+            if earlier.name == "quantize" else None
+
     def check_after(self, model: nn.Module, earlier) -> None:
         """LoRA attaches to Linear (or packed sparse) layers: layers an earlier quantize pass replaces are left out,
         and when that leaves none the run would stop only after those passes ran. train_modules must name modules
         of the model unless an earlier MoM linearize pass makes new ones (its routers)."""
         self._check_resumable(model, earlier)
-        if not left_by_earlier(model, self._checked_targets(model), earlier, lambda p: p.name == "quantize"):
+        if not left_by_earlier(model, self._checked_targets(model), earlier, lambda p: self.taken_by(p, model)):
             raise ConfigError("recover: every layer the targets match is quantized by an earlier pass, and LoRA "
                               "attaches to Linear or packed sparse layers only: recover before quantize, or target "
                               "layers quantize leaves alone")

@@ -201,6 +201,7 @@ def test_dry_run_lists_every_pass_even_with_the_same_name(tmp_path):
     ("  - linearize: {layers: every_2}\n  - gear_kv: {}\n", "linearized: a recurrent state"),
     ("  - quantize: {method: rtn, targets: ['re:.*mlp.*']}\n  - quantize: {method: rtn, bits: 8}\n",
      "already quantized"),
+    ("  - prune: {structure: '2:4', targets: ['re:.*mlp.*']}\n  - prune: {sparsity: 0.5}\n", "already pruned"),
 ])
 def test_dry_run_lists_what_each_pass_touches_after_the_passes_before_it(passes, skipped, tmp_path):
     """The dry run checks on the original model; it listed a later pass's modules against it too (linearize every_2
@@ -214,7 +215,8 @@ def test_dry_run_lists_what_each_pass_touches_after_the_passes_before_it(passes,
     assert result.exit_code == 0, result.output
     ran = json.loads(result.output)["passes"]
     assert [p["modules"] for p in plans] == [p["modules"] for p in ran]
-    assert plans[1]["skipped"] == ran[1]["skipped"] and all(why.startswith(skipped) for why in plans[1]["skipped"].values())
+    assert plans[1]["skipped"] == ran[1]["skipped"]
+    assert all(why.startswith(skipped) for why in plans[1]["skipped"].values())
 
 
 def test_relative_calibration_source_resolves_from_the_recipe_folder(tmp_path, reference_tokenizer):

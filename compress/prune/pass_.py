@@ -237,8 +237,8 @@ class Prune(Pass):
 
     def taken_by(self, earlier: Pass, model: nn.Module) -> str | None:
         if earlier.name == "quantize":
-            return "quantized by an earlier pass"
-        return "pruned (packed) by an earlier pass" if earlier.name == "prune" and earlier.stores_packed(model) else None
+            return "already quantized"  # the run's reasons (_skipped)
+        return "already pruned (packed)" if earlier.name == "prune" and earlier.stores_packed(model) else None
 
     def check_after(self, model: nn.Module, earlier) -> None:
         """A layer an earlier quantize pass replaces, or an earlier prune stores packed, cannot be pruned (no dense

@@ -92,10 +92,26 @@ def check_calibration(model: nn.Module, passes: Sequence[Pass], ctx: PassContext
                                "`calibration:` section to the recipe (e.g. `calibration: {source: builtin:calibration}`), "
                                "or from Python pass calibration={'source': 'builtin:calibration'} to compress.apply")
     if needy:
+        check_calibration_memory(model, needy, ctx)  # before the text is read: a huge num_samples took hours there
         check_token_ids(ctx.calibration_batches(f"pass {needy[0].name!r}"), model.config, "calibration",
                         "lower calibration.seq_len")
     for p in passes:
         p.located(lambda: p.check_with_calibration(model, ctx))
+
+
+def check_calibration_memory(model: nn.Module, passes: Sequence[Pass], ctx: PassContext) -> None:
+    """A CalibrationError when a pass's calibration (`Pass.calibration_bytes`: layer-by-layer passes hold every
+    window's hidden states) would not fit in the compute device's free memory: it swapped or was killed hours in."""
+    from .sequential import free_bytes
+
+    need, name = max(((p.calibration_bytes(model, ctx.calibration), p.name) for p in passes), key=lambda t: t[0])
+    free = free_bytes(ctx.device) if need else None
+    if free is not None and need > free:
+        spec = ctx.calibration
+        raise CalibrationError(f"calibration: pass {name!r} would hold {need / 1e9:.2f} GB at num_samples "
+                               f"{spec.num_samples} x seq_len {spec.seq_len} (every window's hidden states in and out "
+                               f"of a layer), more than the {free / 1e9:.2f} GB free on {ctx.device}: lower "
+                               "num_samples or seq_len (e.g. 128 x 2048, the papers' setting)")
 
 
 def apply(

@@ -189,7 +189,7 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
 
             api.check_calibration(model, passes, PassContext(
                 calibration=r.calibration, tokenizer=models.load_tokenizer(model_src, strict=True),
-                base_dir=r.base_dir))
+                base_dir=r.base_dir, device=device))
         if output:
             check_output(output, overwrite=overwrite, source=_source_folder(model_src), protected=(Path(recipe),),
                          work=work_folders)

@@ -200,6 +200,11 @@ class Pass:
         finally:
             _RESTORING.reset(token)
 
+    def calibration_bytes(self, model: nn.Module, calibration) -> int:
+        """Memory the pass holds for its calibration at once (`CalibrationSpec` sizes), judged from shapes before
+        any work; 0 when small or not estimated. `compress.api.check_calibration` refuses a run it would not fit."""
+        return 0
+
     def needs_calibration_for(self) -> bool:
         """Whether this configured instance needs calibration data (some methods of a pass do, others not)."""
         return self.needs_calibration

@@ -130,3 +130,40 @@ def for_each_layer(model: nn.Module, fn: Callable[[int, str, nn.Module], None], 
     for i in range(len(layers)):
         with materialized(layers[i], f"{prefix}.{i}", device, model) as layer:
             fn(i, f"{prefix}.{i}", layer)
+
+
+def calibration_bytes(model: nn.Module, num_samples: int, seq_len: int, layer_targets: dict[str, nn.Module],
+                      hessians: bool, batch_size: int = 8) -> int:
+    """What `run_sequential` holds at once, from shapes alone (a meta model will do): every window's hidden states
+    into and out of the current layer, the per-batch keyword arguments (rotary cos/sin, position ids), the token
+    ids, and for an OBS pass (`hessians`) one float32 in x in Hessian per Linear of the layer (`layer_targets`: the
+    pass's Linears in one decoder layer)."""
+    from .models import text_config
+
+    cfg = text_config(model.config)
+    item = next(model.parameters()).element_size()
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    batches = -(-num_samples // batch_size)
+    held = 2 * num_samples * seq_len * cfg.hidden_size * item + batches * seq_len * (2 * head_dim * item + 8)
+    held += num_samples * seq_len * 8  # the calibration token ids (int64)
+    if hessians:
+        held += sum(4 * m.in_features ** 2 for m in layer_targets.values())
+    return held
+
+
+def free_bytes(device: str) -> int | None:
+    """Memory a run can still take on `device`: the GPU's free memory, or the kernel's MemAvailable (Linux); None
+    where neither can be read (the check is skipped)."""
+    if str(device).startswith("cuda"):
+        try:
+            return torch.cuda.mem_get_info(torch.device(device))[0]
+        except (RuntimeError, AssertionError):
+            return None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

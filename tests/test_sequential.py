@@ -61,3 +61,27 @@ def test_hooks_see_every_calibration_token(tiny_model):
 
     run_sequential(model, ids, on_layer, batch_size=2, progress=False)
     assert counts == [30, 30, 30]
+
+
+def test_calibration_bytes_count_what_the_runner_holds(tiny_model):
+    model = tiny_model("qwen3", head_dim=32)  # a head_dim of its own (4 heads x 32 beside hidden 64)
+    """The estimate that refuses a calibration too big for memory (before the text is even read) equals the bytes
+    the runner holds at a layer: every window's hidden states in and out, the per-batch keyword tensors and the
+    token ids (a Hessian per Linear on top for the OBS passes)."""
+    from compress.sequential import calibration_bytes
+
+    batches = torch.randint(0, 100, (11, 24))  # 2 batches of 8, the last one short
+    held = []
+
+    def on_layer(step):
+        kw = [t for kw in step.kwargs for v in kw.values()
+              for t in (v if isinstance(v, tuple) else (v,)) if isinstance(t, torch.Tensor)]
+        held.append(2 * sum(x.nbytes for x in step.inputs) + sum(t.nbytes for t in kw) + batches.nbytes)
+
+    run_sequential(model, batches, on_layer, progress=False)
+    assert set(held) == {calibration_bytes(model, 11, 24, {}, hessians=False)}
+    layer = decoder_layers(model)[1][0]
+    linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert calibration_bytes(model, 11, 24, linears, hessians=True) == held[0] + sum(
+        4 * m.in_features ** 2 for m in linears.values())
+

@@ -105,6 +105,16 @@ class Prune(Pass):
     def needs_calibration_for(self) -> bool:
         return self.config.method != "magnitude" or self.config.owl
 
+    def calibration_bytes(self, model: nn.Module, calibration) -> int:
+        from ..sequential import calibration_bytes, decoder_layers
+
+        if not self.needs_calibration_for():
+            return 0
+        prefix = decoder_layers(model)[0] + ".0."
+        first = {n: m for n, m in self._checked_targets(model).items() if n.startswith(prefix)}
+        return calibration_bytes(model, calibration.num_samples, calibration.seq_len, first,
+                                 hessians=self.config.method == "sparsegpt")
+
     # ---------------------------------------------------------------------------------------------- apply
     def apply(self, model: nn.Module, ctx: PassContext) -> PassReport:
         from ..sequential import decoder_layers, for_each_layer

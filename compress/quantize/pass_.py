@@ -99,6 +99,15 @@ class Quantize(Pass):
     def needs_calibration_for(self) -> bool:
         return self.config.method == "gptq"
 
+    def calibration_bytes(self, model: nn.Module, calibration) -> int:
+        from ..sequential import calibration_bytes, decoder_layers
+
+        if not self.needs_calibration_for():
+            return 0
+        prefix = decoder_layers(model)[0] + ".0."
+        first = {n: m for n, m in self._targets(model)[0].items() if n.startswith(prefix)}
+        return calibration_bytes(model, calibration.num_samples, calibration.seq_len, first, hessians=True)
+
     # ---------------------------------------------------------------------------------------------- targets
     def _targets(self, model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, str]]:
         """(modules to quantize, {module: why skipped}). The class name `Linear` also selects pruned Linear layers."""

@@ -369,3 +369,23 @@ def test_a_broken_plugin_is_one_line_naming_it(name, tmp_path, cli, user_error, 
     recipe.write_text(f"passes:\n  - {used}: {{}}\n")
     user_error(cli("validate", recipe), *fragments)
     user_error(cli("passes"), *fragments)
+
+
+def test_a_calibration_too_big_for_memory_is_refused_before_any_work(tmp_path, monkeypatch, cli, user_error):
+    """num_samples 100000 x seq_len 1024 for SparseGPT on builtin:tiny holds ~109 GB of hidden states: it churned
+    until killed. Refused at the start of apply and by --dry-run, with the size and the free memory."""
+    import compress
+    from compress import sequential
+
+    monkeypatch.setattr(sequential, "free_bytes", lambda device: 10**9)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("calibration: {source: builtin:calibration, num_samples: 20000, seq_len: 256}\n"
+                      "passes:\n  - quantize: {method: gptq}\n")
+    message = ("calibration: pass 'quantize' would hold", "at num_samples 20000 x seq_len 256",
+               "more than the 1.00 GB free on cpu: lower num_samples or seq_len")
+    for extra in (["--dry-run"], ["--no-eval"]):
+        user_error(cli("apply", recipe, "--model", "builtin:tiny", "--output", tmp_path / "o", *extra), *message)
+    assert not (tmp_path / "o").exists()
+    small = compress.Recipe.from_text(recipe.read_text().replace("20000", "4").replace("256", "32"))
+    compress.apply(compress.load("builtin:tiny"), small, progress=False,
+                   tokenizer=compress.load_tokenizer("builtin:tiny"))  # a few MB: runs

@@ -45,12 +45,14 @@ def _original_config(config, section: dict[str, Any] | None):
 
 
 def kv_bytes_per_token(config, settings=None, tokens: int = KV_TOKENS, dtype: torch.dtype = torch.float16,
-                       linearized: dict[int, int] | None = None) -> dict:
+                       linearized: dict[int, int] | None = None, total_at: int | None = None) -> dict:
     """{"uncompressed", "compressed"} bytes per token over all layers (compressed: None without `settings` or
     linearized layers). `linearized`: {layer index: bytes its recurrent cache holds at any length}; those layers
     add nothing per token, and their sum is reported as `recurrent_bytes` (batch 1). A sliding-window layer
     (Mistral's, Qwen2's) holds at most its window: uncompressed, transformers keeps window - 1 tokens; compressed,
-    whole pages past the window are dropped; both are measured at `tokens`."""
+    whole pages past the window are dropped; both are measured at `tokens`. `total_at`: also "total_at": {"tokens",
+    "uncompressed", "compressed"}, the whole cache (and states) at that length, batch 1: per-token figures hide that
+    a linearized model's constant state can outweigh a sliding-window model's capped cache."""
     from transformers.cache_utils import DynamicLayer
 
     from .kvcache.cache import GEARCache, sliding_windows
@@ -69,7 +71,15 @@ def kv_bytes_per_token(config, settings=None, tokens: int = KV_TOKENS, dtype: to
     def dense(i: int) -> float:  # transformers' own cache for layer i
         return per_layer_dense * (min(tokens, sliding[i] - 1) / tokens if i in sliding else 1.0)
 
+    def scaled(i: int, per_token: float, n: int, cap_less: int) -> float:
+        """Layer i's bytes at n tokens from its per-token figure at `tokens` (capped at its window, less `cap_less`)."""
+        cap = sliding[i] - cap_less if i in sliding else n
+        return per_token * tokens * min(n, cap) / min(tokens, cap)
+
     out = {"tokens_measured": tokens, "uncompressed": sum(dense(i) for i in range(layers)), "compressed": None}
+    if total_at:
+        out["total_at"] = {"tokens": total_at, "uncompressed": sum(scaled(i, dense(i), total_at, 1)
+                                                                    for i in range(layers)), "compressed": None}
     linearized = linearized or {}
     if settings is None and not linearized:
         return out
@@ -84,6 +94,11 @@ def kv_bytes_per_token(config, settings=None, tokens: int = KV_TOKENS, dtype: to
               for kind, i in kinds.items()}
     for key, pick in (("compressed", lambda c: sum(c) / len(c)), ("compressed_min", min), ("compressed_max", max)):
         out[key] = sum(dense(i) if i in skipped else pick(cycles[sliding.get(i)]) for i in softmax)
+    if total_at:  # (a compressed sliding layer keeps whole pages: up to its window and a page, ~ its window)
+        mean = {kind: sum(c) / len(c) for kind, c in cycles.items()}
+        out["total_at"]["compressed"] = sum(linearized.values()) + sum(
+            scaled(i, dense(i), total_at, 1) if i in skipped else scaled(i, mean[sliding.get(i)], total_at, 0)
+            for i in softmax)
     if kinds:  # a compressed cache measured over its window's cycle (not for linearized layers alone)
         out["tokens_cycle"] = [tokens, tokens + len(next(iter(cycles.values()))) - 1]
     labels = [_cache_label(settings)] if settings is not None else []
@@ -135,10 +150,12 @@ def budget(model: nn.Module, section: dict[str, Any] | None, storage_dtype: torc
 
             settings = get_pass("gear_kv").from_record(entry.get("args") or {}).settings()
     from .linearize import LinearizedAttention
+    from .models import context_length
 
     linearized = {m.layer_idx: m.cache_bytes() for m in model.modules() if isinstance(m, LinearizedAttention)}
     return {"weights": weights, "weights_total": total,
-            "kv_per_token": kv_bytes_per_token(model.config, settings, linearized=linearized)}
+            "kv_per_token": kv_bytes_per_token(model.config, settings, linearized=linearized,
+                                               total_at=context_length(model.config) or 32768)}
 
 
 def _cache_label(settings) -> str:

@@ -171,9 +171,13 @@ def _print_budget(con, b: dict) -> None:
     kv_stored = kv["compressed"] if kv["compressed"] is not None else kv["uncompressed"]
     rows.append([f"KV cache per token ({kv.get('cache', 'uncompressed')})", f"{kv['uncompressed']:.0f} B",
                  f"{kv_stored:.0f} B", ratio(kv_stored, kv["uncompressed"])])
+    small = lambda n: _mb(n) if n >= 1e6 else f"{n / 1e3:.1f} KB"  # noqa: E731 (a tiny model's state: a few KB)
     if kv.get("recurrent_bytes"):
-        n = kv["recurrent_bytes"]  # a small model's states are a few KB: MB would print 0.00
-        rows.append(["recurrent state, any length (batch 1)", "-", _mb(n) if n >= 1e6 else f"{n / 1e3:.1f} KB", "-"])
+        rows.append(["recurrent state, any length (batch 1)", "-", small(kv["recurrent_bytes"]), "-"])
+    at = kv.get("total_at")
+    if at and at["compressed"] is not None:  # a constant state can outweigh a sliding window's capped cache
+        rows.append([f"KV cache + states at {at['tokens']} tokens (batch 1)", small(at["uncompressed"]),
+                     small(at["compressed"]), ratio(at["compressed"], at["uncompressed"])])
     measured = f"measured over {kv['tokens_measured']} tokens"
     if kv.get("tokens_cycle"):
         first, last = kv["tokens_cycle"]

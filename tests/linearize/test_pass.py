@@ -157,8 +157,39 @@ def test_inspect_budget_counts_what_a_partly_linearized_cache_holds(tmp_path, re
     assert kv["compressed_min"] < kv["compressed"] < kv["compressed_max"] and kv["tokens_cycle"] == [1024, 1087]
     assert kv["compressed"] < kv["uncompressed"] / 2  # three of six layers, each at ~8 bits of 16
     assert kv["cache"] == "kivi 8-bit; 3 of 6 layers linearized"
+    # the whole cache at the model's context (1024 tokens): the cycle's mean per token, plus the states
+    at = kv["total_at"]
+    assert at["tokens"] == 1024 and at["compressed"] == pytest.approx(kv["compressed"] * 1024 + kv["recurrent_bytes"])
+    assert kv["compressed_min"] * 1024 + kv["recurrent_bytes"] == held[1024]["total"]  # at a whole chunk: the least
+    assert at["uncompressed"] == kv["uncompressed"] * 1024
     table = CliRunner().invoke(main, ["inspect", str(out)], catch_exceptions=False).output
-    assert "recurrent state, any length" in table
+    assert "recurrent state, any length" in table and "KV cache + states at 1024 tokens (batch 1)" in table
+
+
+def test_inspect_totals_show_a_state_larger_than_a_sliding_window_cache(tmp_path, tiny_model):
+    """A Mistral with a 16-token sliding window, linearized: per token the cache went 'from 1024 B to 0 B', while
+    the recurrent states it holds at any length outweigh the window-capped cache they replace. The totals at the
+    context length say so, and match a real DynamicCache of the original and the linearized cache's bytes."""
+    import json
+
+    from click.testing import CliRunner
+
+    from compress.cli import main
+    from compress.linearize.cache import LinearizedCache
+
+    original = tiny_model("mistral", sliding_window=16)
+    ids = torch.randint(0, 128, (1, 256), generator=torch.Generator().manual_seed(0))  # the context: 256 tokens
+    with torch.no_grad():
+        dense = original(ids, use_cache=True).past_key_values
+    fp16_bytes = sum(2 * (layer.keys.numel() + layer.values.numel()) for layer in dense.layers)  # (KV at fp16)
+    model, _ = compress.apply(original, [compress.get_pass("linearize")(variant="gla")], progress=False)
+    out = compress.save(model, tmp_path / "gla")
+    kv = json.loads(CliRunner().invoke(main, ["inspect", str(out), "--json"]).output)["budget"]["kv_per_token"]
+    cache = LinearizedCache(model)
+    with torch.no_grad():
+        model(ids, cache=cache, use_cache=True)
+    assert kv["total_at"] == {"tokens": 256, "uncompressed": fp16_bytes, "compressed": cache.nbytes()["total"]}
+    assert kv["compressed"] == 0 and cache.nbytes()["total"] > fp16_bytes
 
 
 def test_inspect_of_a_linearized_model_without_a_kv_pass_has_no_cache_cycle(tmp_path, reference_tokenizer):

@@ -137,9 +137,12 @@ metric_list:
   - metric: acc
     aggregation: mean
     higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
 metadata:
   version: 1.0
-  description: "true continuation of a held-out paragraph among 4 (3 from other paragraphs), by log-likelihood"
+  description: "true continuation of a paragraph among 4 (3 from others); log-likelihood summed (acc), per character (acc_norm)"
 """
 
 

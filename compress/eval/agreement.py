@@ -1,7 +1,8 @@
 """Next-token agreement with the uncompressed model, on the continuation only.
 
 Each fixture row is a held-out prefix and its true continuation. Prefixes (cut from the left) and continuations
-(cut from the right) are trimmed to the shortest row in tokens, so every batch is one rectangular tensor, with no
+(cut from the right) are trimmed to the fixture's shortest row in tokens (all its rows, however many are scored:
+a row scores the same tokens whatever the limit), so every batch is one rectangular tensor, with no
 padding to perturb either model. Scored positions are the continuation's tokens only:
 - KL(baseline || model) and top-1 agreement of the next-token distributions (teacher-forced on the true text);
 - greedy match: both models generate `greedy_tokens` tokens greedily from the prefix (each with its own default
@@ -14,13 +15,15 @@ import torch
 from ..evaluate import MetricAccumulator, logits_of
 
 
-def rectangular(tokenizer, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(prefixes [n, P], continuations [n, C]) as token ids, trimmed to the shortest row."""
+def rectangular(tokenizer, rows: list[dict], limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prefixes [n, P], continuations [n, C]) as token ids of the first `limit` rows (all: None), trimmed to the
+    shortest of all `rows`."""
     enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
     prefixes = [enc(r["context"]) for r in rows]
     continuations = [enc(r["continuation"]) for r in rows]
     p, c = min(map(len, prefixes)), min(map(len, continuations))
-    return (torch.tensor([x[len(x) - p:] for x in prefixes]), torch.tensor([x[:c] for x in continuations]))
+    return (torch.tensor([x[len(x) - p:] for x in prefixes[:limit]]),
+            torch.tensor([x[:c] for x in continuations[:limit]]))
 
 
 @torch.no_grad()
@@ -40,8 +43,9 @@ def common_prefix_fraction(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @torch.no_grad()
 def agreement_scores(model, baseline, tokenizer, rows: list[dict], greedy_tokens: int = 16,
-                     batch_size: int = 8) -> dict[str, float]:
-    prefixes, continuations = rectangular(tokenizer, rows)
+                     batch_size: int = 8, limit: int | None = None) -> dict[str, float]:
+    """Scores over the first `limit` rows (all: None), each trimmed as among all `rows`."""
+    prefixes, continuations = rectangular(tokenizer, rows, limit)
     ids = torch.cat([prefixes, continuations], dim=1)
     p = prefixes.shape[1]
     acc = MetricAccumulator()

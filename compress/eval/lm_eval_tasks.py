@@ -34,13 +34,14 @@ def load_fixture(fixture: str, fixtures_dir: str | None = None, **_):
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
 
 
-def suite_task_names(tasks_dir: Path) -> list[str]:
-    """The lm-eval task names defined by the YAML files of a suite folder."""
+def suite_task_names(tasks_dir: Path, metric: str | None = None) -> list[str]:
+    """The lm-eval task names defined by the YAML files of a suite folder (those whose metric_list names `metric`,
+    if given)."""
     names = []
     for path in sorted(Path(tasks_dir).glob("*.yaml")):
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if line.startswith("task:"):
-                names.append(line.split(":", 1)[1].strip())
+        lines = path.read_text(encoding="utf-8").splitlines()
+        if metric is None or any(line.strip() == f"- metric: {metric}" for line in lines):
+            names += [line.split(":", 1)[1].strip() for line in lines if line.startswith("task:")]
     return names
 
 
@@ -56,7 +57,8 @@ def wrap_model(model, tokenizer, batch_size: int = 8, max_length: int | None = N
 def lm_eval_results(lm, tasks: list[str], tasks_dir: Path | None = DATA_DIR, limit: int | None = None,
                     seed: int = 0) -> dict[str, dict]:
     """Run lm-eval `tasks` on a wrapped model; {task: {metric: value}} (lm-eval's `results` section), each task's
-    with "acc_per_doc": {doc_id: acc} where its samples score acc (what paired comparisons of two models use).
+    with "acc_per_doc": {doc_id: acc} where its samples score acc (what paired comparisons of two models use), and
+    "acc_norm_per_doc" likewise where they score acc_norm.
     `tasks_dir=None` uses lm-eval's own task registry (standard benchmarks; they download their data)."""
     require_lm_eval()
     import lm_eval
@@ -75,8 +77,9 @@ def lm_eval_results(lm, tasks: list[str], tasks_dir: Path | None = DATA_DIR, lim
                                       bootstrap_iters=0, log_samples=True, verbosity="ERROR")
     results = out["results"]
     for task, samples in (out.get("samples") or {}).items():
-        if task in results and samples and all("acc" in s for s in samples):
-            results[task]["acc_per_doc"] = {s["doc_id"]: float(s["acc"]) for s in samples}
+        for metric in ("acc", "acc_norm"):
+            if task in results and samples and all(metric in s for s in samples):
+                results[task][f"{metric}_per_doc"] = {s["doc_id"]: float(s[metric]) for s in samples}
     return results
 
 

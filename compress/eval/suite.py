@@ -8,7 +8,8 @@ unless named in LOWER_IS_BETTER):
 - copy: compress.eval.probes.copy_probe (seeded random tokens, repeated; greedy accuracy on the repeat);
 - cloze_open / cloze_closed: a 3-word span of a held-out paragraph, with the paragraph in context or not (lm-eval,
   greedy span exact); the gap between them is in-context retrieval;
-- mc: the true continuation of a held-out paragraph among 4, by log-likelihood (lm-eval).
+- mc / mc_norm: the true continuation of a held-out paragraph among 4, by log-likelihood (lm-eval's acc), and by
+  log-likelihood per byte of each choice (acc_norm: summed log-likelihood favours the shortest choice).
 lm-eval cannot compare two models, so agreement runs on our side over the same kind of fixture."""
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ AGREEMENT_TASKS = ("agreement_kl", "agreement_top1", "agreement_greedy")
 LOWER_IS_BETTER = {"agreement_kl"}
 SELF_AGREEMENT = {"agreement_kl": 0.0, "agreement_top1": 1.0, "agreement_greedy": 1.0}
 LM_EVAL_PREFIX = "kick_"
+NORMALISED = "_norm"  # a task whose config lists acc_norm reports it as `<task>_norm` (e.g. mc_norm)
 
 
 def sorted_tasks(names: list[str]) -> list[str]:
@@ -77,8 +79,10 @@ def run_suite(model, tokenizer, baseline=None, *, tasks_dir: Path = DATA_DIR, ta
 
     start = time.perf_counter()
     lm_names = sorted_tasks([n.removeprefix(LM_EVAL_PREFIX) for n in suite_task_names(tasks_dir)])
+    normalised = {n.removeprefix(LM_EVAL_PREFIX) for n in suite_task_names(tasks_dir, "acc_norm")}
     passkeys = [n for n in lm_names if n.startswith("passkey_")]
-    available = [*AGREEMENT_TASKS, *passkeys, "copy", *[n for n in lm_names if n not in passkeys]]
+    available = [*AGREEMENT_TASKS, *passkeys, "copy",
+                 *[s for n in lm_names if n not in passkeys for s in ([n, n + NORMALISED] if n in normalised else [n])]]
     wanted = tasks or available
     unknown = sorted(set(wanted) - set(available))
     if unknown:
@@ -93,7 +97,8 @@ def run_suite(model, tokenizer, baseline=None, *, tasks_dir: Path = DATA_DIR, ta
     max_length = min(contexts.values())
     skipped: dict[str, str] = {}
     lm_tasks = []
-    for name in wanted:
+    for name in dict.fromkeys(n.removesuffix(NORMALISED) if n.removesuffix(NORMALISED) in normalised else n
+                              for n in wanted):  # mc_norm is scored by running mc
         if name == "copy" or name in AGREEMENT_TASKS:
             continue
         short = next((f"{whose} context ({n} tokens)" for whose, n in contexts.items()
@@ -112,10 +117,14 @@ def run_suite(model, tokenizer, baseline=None, *, tasks_dir: Path = DATA_DIR, ta
         if lm_tasks:
             results = lm_eval_results(wrap_model(m, tokenizer, batch_size, max_length), lm_tasks, tasks_dir, limit,
                                       seed)
+            docs = per_doc.setdefault(id(m), {})
             for t in lm_tasks:
-                out[t.removeprefix(LM_EVAL_PREFIX)] = results[t]["acc,none"]
-                ci[t.removeprefix(LM_EVAL_PREFIX)] = accuracy_interval(results[t])
-            per_doc[id(m)] = {t.removeprefix(LM_EVAL_PREFIX): results[t].get("acc_per_doc") for t in lm_tasks}
+                for metric, name in (("acc", t.removeprefix(LM_EVAL_PREFIX)),
+                                     ("acc_norm", t.removeprefix(LM_EVAL_PREFIX) + NORMALISED)):
+                    if f"{metric},none" in results[t] and name in wanted:
+                        out[name] = results[t][f"{metric},none"]
+                        ci[name] = accuracy_interval(results[t], metric)
+                        docs[name] = results[t].get(f"{metric}_per_doc")
         if "copy" in wanted:
             out["copy"] = copy_probe(m, span_len=min(copy_span, max_length // 2),
                                      num=min(copy_num, limit) if limit else copy_num,
@@ -135,8 +144,8 @@ def run_suite(model, tokenizer, baseline=None, *, tasks_dir: Path = DATA_DIR, ta
             baseline_scores, baseline_ci = scores_of(baseline)
             change_ci = paired_changes(per_doc.get(id(model), {}), per_doc.get(id(baseline), {}))
         if any(t in wanted for t in AGREEMENT_TASKS):
-            rows = read_rows(tasks_dir / "agreement.jsonl")[:limit]  # the limit caps every task's examples
-            agreement = agreement_scores(model, baseline, tokenizer, rows, greedy_tokens, batch_size)
+            rows = read_rows(tasks_dir / "agreement.jsonl")  # the limit caps every task's examples
+            agreement = agreement_scores(model, baseline, tokenizer, rows, greedy_tokens, batch_size, limit)
             model_scores.update({t: v for t, v in agreement.items() if t in wanted})
             baseline_scores.update({t: SELF_AGREEMENT[t] for t in agreement if t in wanted})
     order = {t: i for i, t in enumerate(available)}
@@ -184,12 +193,13 @@ def paired_changes(ours: dict[str, dict | None], base: dict[str, dict | None]) -
     return out
 
 
-def accuracy_interval(result: dict) -> list[float] | None:
-    """A 95% Wilson score interval for an lm-eval task's accuracy over its n examples (compress.intervals): from acc
-    and n alone, and not zero-width at 0 or 1 (0 of 20 is consistent with up to ~16%)."""
+def accuracy_interval(result: dict, metric: str = "acc") -> list[float] | None:
+    """A 95% Wilson score interval for an lm-eval task's accuracy (`metric`: acc or acc_norm) over its n examples
+    (compress.intervals): from the accuracy and n alone, and not zero-width at 0 or 1 (0 of 20 is consistent with up
+    to ~16%)."""
     from ..intervals import wilson_interval
 
-    acc, n = result.get("acc,none"), result.get("sample_len", result.get("samples"))
+    acc, n = result.get(f"{metric},none"), result.get("sample_len", result.get("samples"))
     if not isinstance(acc, (int, float)) or not isinstance(n, int) or n < 1:
         return None
     return wilson_interval(acc, n)

@@ -43,13 +43,15 @@ def test_uncompressed_model_scores_perfectly_against_itself(reference_model, ref
     assert hi - lo > 0.2  # 4 examples say little, whatever the score (not zero-width at 0 or 1)
 
 
-def direct_multiple_choice(model, tokenizer, rows) -> float:
-    """Accuracy by summed log-likelihood of each option after the context, computed here without lm-eval."""
-    return sum(direct_choices(model, tokenizer, rows)) / len(rows)
+def direct_multiple_choice(model, tokenizer, rows, per_char: bool = False) -> float:
+    """Accuracy by summed log-likelihood of each option after the context (divided by the option's length in
+    characters: `per_char`), computed here without lm-eval."""
+    return sum(direct_choices(model, tokenizer, rows, per_char)) / len(rows)
 
 
-def direct_choices(model, tokenizer, rows) -> list[bool]:
-    """Per row: the option of highest summed log-likelihood after the context is the label."""
+def direct_choices(model, tokenizer, rows, per_char: bool = False) -> list[bool]:
+    """Per row: the option of highest summed (per character: `per_char`) log-likelihood after the context is the
+    label."""
     hits = []
     for row in rows:
         ctx = tokenizer(row["context"], add_special_tokens=False)["input_ids"]
@@ -59,7 +61,8 @@ def direct_choices(model, tokenizer, rows) -> list[bool]:
             with torch.no_grad():
                 logp = F.log_softmax(model(torch.tensor([whole])).logits[0].double(), -1)
             cont = torch.tensor(whole[len(ctx):])
-            scores.append(logp[len(ctx) - 1:-1].gather(-1, cont[:, None]).sum().item())
+            scores.append(logp[len(ctx) - 1:-1].gather(-1, cont[:, None]).sum().item() / (len(choice) if per_char
+                                                                                          else 1))
         hits.append(max(range(len(scores)), key=scores.__getitem__) == row["label"])
     return hits
 
@@ -77,10 +80,12 @@ def direct_greedy_span(model, tokenizer, rows) -> float:
 
 
 def test_lm_eval_scores_match_a_direct_computation(pruned_70, reference_tokenizer):
-    out = run_suite(pruned_70, reference_tokenizer, limit=LIMIT, tasks=["mc", "cloze_closed"])
+    out = run_suite(pruned_70, reference_tokenizer, limit=LIMIT, tasks=["mc", "mc_norm", "cloze_closed"])
     assert out["baseline"] is None
     assert out["model"]["mc"] == direct_multiple_choice(pruned_70, reference_tokenizer,
                                                         read_rows(DATA_DIR / "mc.jsonl")[:LIMIT])
+    assert out["model"]["mc_norm"] == direct_multiple_choice(pruned_70, reference_tokenizer,
+                                                             read_rows(DATA_DIR / "mc.jsonl")[:LIMIT], per_char=True)
     assert out["model"]["cloze_closed"] == direct_greedy_span(pruned_70, reference_tokenizer,
                                                               read_rows(DATA_DIR / "cloze_closed.jsonl")[:LIMIT])
 
@@ -164,6 +169,42 @@ def test_pruning_hurts_generation_more_than_perplexity_says(reference_model, ref
     assert 0.6 < ppl_retained < 1.0, quality  # a modest perplexity increase ...
     assert agreement["agreement_greedy"] < 0.5 * ppl_retained, (agreement, quality)  # ... and greedy text diverges
     assert agreement["agreement_top1"] < 1.0 and agreement["agreement_kl"] > 0.01
+
+
+def test_length_normalised_choice_is_its_own_score(reference_model, reference_tokenizer):
+    """Summed log-likelihood favours the shortest option (builtin:tiny picks it 13 times in 24 by it); mc_norm
+    (lm-eval's acc_norm: per character of the option) is reported beside mc, asked for alone runs mc once, and pairs
+    with a baseline over its own per-document outcomes."""
+    from compress.intervals import paired_proportion_difference
+
+    rows = read_rows(DATA_DIR / "mc.jsonl")
+    both = run_suite(reference_model, reference_tokenizer, tasks=["mc", "mc_norm"])
+    assert both["model"]["mc"] == direct_multiple_choice(reference_model, reference_tokenizer, rows)
+    assert both["model"]["mc_norm"] == direct_multiple_choice(reference_model, reference_tokenizer, rows, True)
+    assert both["model"]["mc_norm"] != both["model"]["mc"]
+    alone = run_suite(reference_model, reference_tokenizer, tasks=["mc_norm"], limit=8)
+    assert list(alone["model"]) == ["mc_norm"] and list(alone["model_per_doc"]) == ["mc_norm"]
+    model = compress.load("builtin:tiny")
+    model, _ = compress.apply(model, [compress.passes.Prune(method="magnitude", sparsity=0.7)], progress=False)
+    paired = run_suite(model, reference_tokenizer, reference_model, tasks=["mc_norm"], limit=12)
+    ours, base = (direct_choices(m, reference_tokenizer, rows[:12], True) for m in (model, reference_model))
+    assert paired["change_ci95"]["mc_norm"] == pytest.approx(paired_proportion_difference(ours, base), abs=1e-12)
+
+
+def test_agreement_rows_score_the_same_tokens_whatever_the_limit(reference_tokenizer):
+    """Rows were trimmed to the shortest row among those scored, so `--suite-limit` changed every row's tokens
+    (the shipped rows are all one length in builtin:tiny's tokens; another model's tokenizer cuts them unevenly)."""
+    from compress.eval.agreement import rectangular
+
+    row = read_rows(DATA_DIR / "agreement.jsonl")[0]
+    words = (row["context"] + " " + row["continuation"]).split()
+    rows = [{"context": " ".join(words[:n]), "continuation": " ".join(words[n:2 * n])} for n in (30, 20, 10)]
+    whole = rectangular(reference_tokenizer, rows)
+    for limit in (1, 2):
+        part = rectangular(reference_tokenizer, rows, limit)
+        assert torch.equal(part[0], whole[0][:limit]) and torch.equal(part[1], whole[1][:limit])
+    alone = rectangular(reference_tokenizer, rows[:1])  # what --suite-limit 1 scored before
+    assert alone[0].shape[1] > whole[0].shape[1] and alone[1].shape[1] > whole[1].shape[1]
 
 
 def test_fixture_script_rebuilds_the_shipped_files(tmp_path, script_module):

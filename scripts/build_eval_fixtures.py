@@ -142,7 +142,7 @@ metric_list:
     higher_is_better: true
 metadata:
   version: 1.0
-  description: "true continuation of a paragraph among 4 (3 from others); log-likelihood summed (acc), per character (acc_norm)"
+  description: "true continuation of a paragraph among 4: log-likelihood summed (acc), per character (acc_norm)"
 """
 
 

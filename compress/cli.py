@@ -220,6 +220,7 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
                             "with the model, or pass --no-eval")
     offload = {"max_memory": max_memory, "offload_folder": offload_folder} if max_memory else {}
     model = models.load(model_src, allow_pickle=allow_pickle, dtype=dtype, **offload)
+    _say_offloaded(model, max_memory, "read, compressed and written back one at a time")
     text = _read_text(eval_text) if do_eval and eval_text else None
     eval_seq_len = EVAL_SEQ_LEN
     context = models.context_length(model.config)
@@ -305,6 +306,38 @@ _SPARSE_RUNTIME = click.option(
          "for large float32 layers on the CPU, dense otherwise.")
 
 
+_MAX_MEMORY_READ = click.option(
+    "--max-memory", default=None,
+    help="Cap the CPU memory the weights take (e.g. 8GB): decoder layers that do not fit are read from the "
+         "checkpoint's files for each forward (slow, for models larger than memory).")
+
+
+def _say_offloaded(model, max_memory: str | None, how: str = "read for each forward") -> None:
+    """One line (stderr) on what --max-memory left on disk and what stays in memory: a cap below the embeddings and
+    head is not an error, but the user should know it was not met."""
+    from .offload import parse_bytes, resident_bytes
+    from .sequential import decoder_layers
+
+    on_disk = getattr(model, "compress_offloaded_layers", None)
+    if not max_memory or not on_disk:
+        return
+    resident = resident_bytes(model)
+    over = resident > parse_bytes(max_memory)
+    click.echo(f"--max-memory {max_memory}: {len(on_disk)} of {len(decoder_layers(model)[1])} decoder layers stay on "
+               f"disk, {how}; {_mb(resident)} stay in memory"
+               + (" (more than the cap: the embeddings, head and norms always do)" if over else ""), err=True)
+
+
+def _read_offload(max_memory: str | None) -> dict:
+    """load()'s keywords for --max-memory (a malformed size fails here, before anything is read)."""
+    if max_memory is None:
+        return {}
+    from .offload import parse_bytes
+
+    parse_bytes(max_memory)
+    return {"max_memory": max_memory}
+
+
 @main.command("eval")
 @click.argument("model_src", metavar="MODEL")
 @click.option("--baseline", help="Model to compare against (KL divergence, top-1 agreement); default: the model a "
@@ -328,18 +361,22 @@ _SPARSE_RUNTIME = click.option(
 @_SPARSE_RUNTIME
 @click.option("--allow-pickle", is_flag=True, help="Allow loading a model stored as pickled .bin (trusted files only).")
 @_DTYPE
+@_MAX_MEMORY_READ
 @click.option("--json", "as_json", is_flag=True)
 def eval_cmd(model_src, baseline, text_file, seq_len, max_windows, speed, activation_sparsity, sparse_runtime,
-             allow_pickle, dtype, as_json, suite=None, suite_dir=None, suite_limit=None, plot_file=None):
+             allow_pickle, dtype, as_json, suite=None, suite_dir=None, suite_limit=None, plot_file=None,
+             max_memory=None):
     """Perplexity, KL and top-1 agreement vs a baseline on held-out text; parameters, bytes, tokens/s."""
     from . import models
     from .evaluate import generation_speed, paired_generation_speed
-    from .pass_api import stored_parameters, tensor_bytes
+    from .offload import resident_bytes
+    from .pass_api import stored_parameters
 
     if suite or suite_dir or plot_file or suite_limit is not None:
         from .eval.report import check_suite_options
 
         check_suite_options(suite, suite_dir, plot_file, suite_limit)
+    offload = _read_offload(max_memory)
     if baseline is None:
         baseline = _recorded_source(model_src)
     else:
@@ -351,20 +388,21 @@ def eval_cmd(model_src, baseline, text_file, seq_len, max_windows, speed, activa
     if tokenizer is None:
         raise CompressError(f"{model_src} has no tokenizer files; save the tokenizer with the model")
     text = _read_text(text_file) if text_file else None
-    model = models.load(model_src, sparse_runtime=sparse_runtime, allow_pickle=allow_pickle, dtype=dtype)
+    model = models.load(model_src, sparse_runtime=sparse_runtime, allow_pickle=allow_pickle, dtype=dtype, **offload)
+    _say_offloaded(model, max_memory)
     _check_kv_text(tokenizer, text, _residual_length(model, []), model.config)
     if activation_sparsity:  # before the evaluation, not after it
         from .prune.activation_sparsity import check_down_weights
 
         check_down_weights(model)
     # the baseline is loaded once: the evaluation and the suite compare against it, the speed is timed with it
-    base = models.load(baseline, allow_pickle=allow_pickle, dtype=dtype) if baseline else None
+    base = models.load(baseline, allow_pickle=allow_pickle, dtype=dtype, **offload) if baseline else None
     result = _evaluate(model, baseline, tokenizer, max_windows, progress=not as_json, seq_len=seq_len, text=text,
                        allow_pickle=allow_pickle, dtype=dtype, baseline_model=base)
     result["baseline"] = baseline
     result["parameters"] = stored_parameters(model)
     result["bytes"] = folder_bytes(models.resolve_model_path(model_src))
-    result["resident_bytes"] = tensor_bytes(model)
+    result["resident_bytes"] = resident_bytes(model)  # (not the layers --max-memory leaves on disk)
     if speed and base is not None:  # timed in turn with the baseline: a ratio within one run (tokens/s alone moves)
         result["tokens_per_second"], result["baseline_tokens_per_second"] = paired_generation_speed(model, base,
                                                                                                     tokenizer)
@@ -416,8 +454,9 @@ def eval_cmd(model_src, baseline, text_file, seq_len, max_windows, speed, activa
 @click.option("--allow-pickle", is_flag=True, help="Allow loading a model stored as pickled .bin (trusted files only).")
 @_DTYPE
 @_SPARSE_RUNTIME
+@_MAX_MEMORY_READ
 def generate(model_src, prompt, max_new_tokens, sample, temperature, top_p, seed, allow_pickle, dtype,
-             sparse_runtime):
+             sparse_runtime, max_memory=None):
     """Generate text with a (compressed) model, as it will be used."""
     import torch
 
@@ -430,8 +469,10 @@ def generate(model_src, prompt, max_new_tokens, sample, temperature, top_p, seed
         named = given[0] if len(given) == 1 else f"{', '.join(given[:-1])} and {given[-1]}"
         raise CompressError(f"{named} {verb} to sampling; add --sample (greedy decoding ignores {them})")
 
+    offload = _read_offload(max_memory)
     torch.manual_seed(seed)
-    model = models.load(model_src, sparse_runtime=sparse_runtime, allow_pickle=allow_pickle, dtype=dtype)
+    model = models.load(model_src, sparse_runtime=sparse_runtime, allow_pickle=allow_pickle, dtype=dtype, **offload)
+    _say_offloaded(model, max_memory)
     tokenizer = models.load_tokenizer(model_src)
     if tokenizer is None:
         raise CompressError(f"{model_src} has no tokenizer files; save the tokenizer with the model")

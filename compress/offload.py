@@ -248,14 +248,11 @@ def _drop_bound_forward(module: nn.Module) -> None:
 
 
 def resident_bytes(model: nn.Module) -> int:
-    """Bytes of tensors the model holds in memory (meta tensors of offloaded layers excluded)."""
-    seen, total = set(), 0
-    for _, t in _tensors(model):
-        if t.device.type == "meta" or t.data_ptr() in seen:
-            continue
-        seen.add(t.data_ptr())
-        total += t.numel() * t.element_size()
-    return total
+    """Bytes of tensors the model holds in memory (meta tensors of offloaded layers excluded), each storage once
+    (pass_api.storage_bytes, which `tensor_bytes` counts by too)."""
+    from .pass_api import storage_bytes
+
+    return storage_bytes([t for _, t in _tensors(model) if t.device.type != "meta"])
 
 
 class LazyTensor:

@@ -190,6 +190,7 @@ def test_cli_apply_with_max_memory(source, tmp_path):
     run = CliRunner().invoke(main, ["apply", str(recipe), "--model", str(src), "--output", str(tmp_path / "out"),
                                     "--max-memory", "9MB", "--no-eval", "--json"])
     assert run.exit_code == 0, run.output
+    assert "--max-memory 9MB: 12 of 12 decoder layers stay on disk, read, compressed and written back" in run.stderr
     ref = compress.apply(compress.load(src), [compress.passes.Prune(method="magnitude", sparsity=0.5)],
                          progress=False)[0]
     ids = torch.randint(0, 8192, (1, 16))
@@ -210,6 +211,34 @@ def test_cli_apply_with_max_memory(source, tmp_path):
                                         "--max-memory", "9MB", "--no-eval", "--format", "compressed-tensors"])
     assert refused.exit_code == 2 and "needs the whole model in memory" in refused.output, refused.output
     assert not (tmp_path / "bad").exists()
+
+
+def test_eval_and_generate_with_max_memory(source, tmp_path):
+    """eval and generate had no --max-memory (a model larger than memory could be compressed but not evaluated or
+    run from the command line): with it, the same numbers and text, and a line on what stayed on disk."""
+    import json
+
+    from click.testing import CliRunner
+
+    from compress.cli import main
+
+    src = tmp_path / "src"
+    shutil.copytree(source, src)
+    compress.load_tokenizer("builtin:tiny").save_pretrained(src)
+    runs = {}
+    for cap in ([], ["--max-memory", "5MB"]):
+        ev = CliRunner().invoke(main, ["eval", str(src), "--baseline", str(src), "--max-windows", "2",
+                                       "--seq-len", "64", "--no-speed", "--json", *cap])
+        gen = CliRunner().invoke(main, ["generate", str(src), "--prompt", "The cache", "--max-new-tokens", "6", *cap])
+        assert ev.exit_code == 0 and gen.exit_code == 0, ev.output + gen.output
+        runs[bool(cap)] = (json.loads(ev.stdout), gen.stdout, ev.stderr + gen.stderr)
+    (plain, text, _), (capped, capped_text, said) = runs[False], runs[True]
+    assert capped["perplexity"] == pytest.approx(plain["perplexity"], rel=1e-6) and capped_text == text
+    assert capped["resident_bytes"] < plain["resident_bytes"] / 2  # (it counted the layers on disk too)
+    assert said.count("--max-memory 5MB: 12 of 12 decoder layers stay on disk, read for each forward") == 2
+    assert "more than the cap: the embeddings, head and norms always do" in said
+    bad = CliRunner().invoke(main, ["generate", str(src), "--prompt", "x", "--max-memory", "lots"])
+    assert bad.exit_code == 2 and "cannot read max_memory 'lots'" in bad.output
 
 
 def test_capped_load_of_an_activation_sparse_checkpoint_keeps_its_thresholds(tmp_path, reference_tokenizer):

@@ -46,7 +46,11 @@ class PassConfig(StrictConfig):
         try:
             super().__setattr__(name, value)
         except ValidationError as exc:
-            owner = type(self).__qualname__.removesuffix(".Config")  # e.g. "Prune": the pass the config is of
+            from .registry import _PASSES
+
+            # the pass as recipes and other errors name it ("pass 'gear_kv'"), not its class ("GearKV")
+            owner = next((f"pass {n!r}" for n, cls in _PASSES.items() if getattr(cls, "Config", None) is type(self)),
+                         type(self).__qualname__.removesuffix(".Config"))
             raise ConfigError("\n".join(f"{owner}: {name} = {value!r}: {e['msg'].removeprefix('Value error, ')}"
                                          for e in exc.errors())) from exc
 

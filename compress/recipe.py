@@ -123,18 +123,23 @@ def _to_python(node: yaml.Node, path: tuple, marks: Marks, loader: yaml.SafeLoad
         return {**merged, **out}  # the keys written out win over the merged ones
     if isinstance(node, yaml.SequenceNode):
         return [_to_python(n, path + (i,), marks, loader) for i, n in enumerate(node.value)]
+    if node.style in ("'", '"'):  # quoted: text by the writer's choice (the number hint says to unquote it)
+        marks[path + ("__quoted__",)] = marks[path]
     return loader.construct_object(node, deep=True)
 
 
-def _yaml_hint(value: Any) -> str:
+def _yaml_hint(value: Any, quoted: bool = False) -> str:
     """YAML 1.1 (PyYAML) reads `1e-4` as text: a float needs a dot in its mantissa and a sign in its exponent
-    (1.0e-4, 1.0e+6). Said where it bites."""
+    (1.0e-4, 1.0e+6). Said where it bites; a quoted number is text by the quotes."""
     match = re.fullmatch(r"([-+]?\d+)(\.\d*)?[eE]([-+]?)(\d+)", value) if isinstance(value, str) else None
     if match is None:
         return ""
     mantissa, sign, exponent = match[1] + (match[2] if match[2] not in (None, ".") else ".0"), match[3] or "+", match[4]
-    whole = f" or {int(float(value))}" if sign == "+" and float(value).is_integer() else ""
-    return f"; YAML reads {value} as text: write {mantissa}e{sign}{exponent}{whole}"
+    written = f"{mantissa}e{sign}{exponent}"
+    if quoted:
+        return f"; the quotes make {value!r} text: write {written} without them"
+    whole = f" or {int(float(value))}" if sign == "+" and float(value).is_integer() and len(match[4]) < 2 else ""
+    return f"; YAML reads {value} as text: write {written}{whole}"
 
 
 def _merged(node: yaml.Node, path: tuple, marks: Marks, loader: yaml.SafeLoader) -> dict:
@@ -261,7 +266,8 @@ class _Validator:
                     self.error(base, f"{what}: {msg}")
                     continue
                 got = f" (got {err.get('input')!r})" if repr(err.get("input")) not in msg else ""
-                self.error(base + loc, f"{what}: {'.'.join(map(str, loc))}: {msg}{got}{_yaml_hint(err.get('input'))}")
+                self.error(base + loc, f"{what}: {'.'.join(map(str, loc))}: {msg}{got}"
+                           f"{_yaml_hint(err.get('input'), base + loc + ('__quoted__',) in self.marks)}")
 
     def validate(self, data: Any, text: str, base_dir: Path | None) -> Recipe:
         if not isinstance(data, dict):

@@ -44,6 +44,11 @@ BAD_RECIPES = [
      "lr: Input should be a valid number (got '1e-4'); YAML reads 1e-4 as text: write 1.0e-4"),
     ("model: builtin:tiny\ncalibration: {source: builtin:calibration}\npasses:\n  - recover: {max_tokens: 2.5e3}\n",
      4, "(got '2.5e3'); YAML reads 2.5e3 as text: write 2.5e+3 or 2500"),  # (1.0e3: text too, it needs the sign)
+    # quoted, a number is text by the quotes: the hint said to write what was written ("1.0e-4")
+    ("model: builtin:tiny\ncalibration: {source: builtin:calibration}\npasses:\n  - recover: {lr: \"1.0e-4\"}\n",
+     4, "(got '1.0e-4'); the quotes make '1.0e-4' text: write 1.0e-4 without them"),
+    ("model: builtin:tiny\ncalibration: {source: builtin:calibration}\npasses:\n  - recover: {max_tokens: 1e23}\n",
+     4, "YAML reads 1e23 as text: write 1.0e+23"),
     # built-in names are known without a model: `compress validate` finds a typo (it passed, apply failed later)
     ("model: builtin:tiy\npasses:\n  - prune: {}\n", 1, "unknown built-in model 'builtin:tiy'; available: "),
     ("model: builtin:tiny\ncalibration: {source: builtin:calibraton}\npasses:\n  - prune: {method: wanda}\n", 2,
@@ -80,6 +85,15 @@ def test_bad_recipe_reports_line_and_message(text, line, fragment):
     message = str(err.value)
     assert f"bad.yaml:{line}:" in message, message
     assert fragment in message, message
+
+
+def test_number_hints():
+    from compress.recipe import _yaml_hint
+
+    assert _yaml_hint("1e6") == "; YAML reads 1e6 as text: write 1.0e+6 or 1000000"
+    assert _yaml_hint("1e23") == "; YAML reads 1e23 as text: write 1.0e+23"  # not a 24-digit integer
+    assert _yaml_hint("1.0e-4", quoted=True) == "; the quotes make '1.0e-4' text: write 1.0e-4 without them"
+    assert _yaml_hint("fast") == _yaml_hint(3) == ""
 
 
 def test_every_problem_is_reported_at_once():

@@ -44,6 +44,23 @@ def logits_of(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=input_ids.to(device), use_cache=False).logits.float().cpu()
 
 
+@torch.no_grad()
+def logits_as_served(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """`logits_of`, but read through the model's compressed KV cache when it has one (gear_kv): a plain forward
+    never reads the cache, so a suite scored that way measured the weights alone. The ids go in chunks of the
+    cache's residual_length (as `compress eval`'s cache rows feed them): every token after the first chunk attends
+    to the compressed past, as when generating. Float32 logits on the model's device."""
+    settings = getattr(model, "kv_cache_settings", None)
+    device = next(model.parameters()).device
+    if settings is None:
+        return model(input_ids=input_ids.to(device), use_cache=False).logits.float()
+    from .kvcache.cache import GEARCache
+    from .kvcache.quality import chunked_logits
+
+    return chunked_logits(model, input_ids.to(device), lambda: GEARCache(model.config, settings),
+                          settings.residual_length)
+
+
 class MetricAccumulator:
     """Sums NLL, KL and top-1 agreement over positions, batch by batch, so memory stays at one batch of logits;
     per window too (each row of a batch), for the intervals of `paired_change`."""

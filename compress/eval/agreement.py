@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..evaluate import MetricAccumulator, logits_of
+from ..evaluate import MetricAccumulator, logits_as_served
 
 
 def rectangular(tokenizer, rows: list[dict], limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,7 +52,9 @@ def agreement_scores(model, baseline, tokenizer, rows: list[dict], greedy_tokens
     for i in range(0, ids.shape[0], batch_size):
         x = ids[i:i + batch_size]
         # position t predicts token t+1: the continuation's tokens are predicted from positions p-1 .. end-1
-        acc.add(logits_of(model, x)[:, p - 1:-1], x[:, p:], logits_of(baseline, x)[:, p - 1:-1])
+        # (a model with a compressed KV cache is scored reading it, as served)
+        ours, base = (logits_as_served(m, x).cpu()[:, p - 1:-1] for m in (model, baseline))
+        acc.add(ours, x[:, p:], base)
     result = acc.result(with_baseline=True)
     match = common_prefix_fraction(greedy(model, prefixes, greedy_tokens), greedy(baseline, prefixes, greedy_tokens))
     return {"agreement_kl": result["kl"], "agreement_top1": result["top1_agreement"], "agreement_greedy": match}

@@ -51,7 +51,19 @@ def wrap_model(model, tokenizer, batch_size: int = 8, max_length: int | None = N
     from lm_eval.models.huggingface import HFLM
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # it warns about being handed a model object
-    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+    if getattr(model, "kv_cache_settings", None) is None:
+        return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+
+    class ThroughCompressedCache(HFLM):
+        """lm-eval's log-likelihoods read through the model's compressed KV cache (a plain forward never reads it):
+        its rows are right-padded, so a token's compressed past holds no padding."""
+
+        def _model_call(self, inps, attn_mask=None, labels=None):
+            from ..evaluate import logits_as_served
+
+            return logits_as_served(self.model, inps)
+
+    return ThroughCompressedCache(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
 
 
 def lm_eval_results(lm, tasks: list[str], tasks_dir: Path | None = DATA_DIR, limit: int | None = None,

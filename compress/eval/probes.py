@@ -2,7 +2,7 @@
 
 Copy: a random token string (ids in [100, vocab)) followed by itself; greedy next-token accuracy over the second
 copy from its second token on (the first token of the repeat cannot be known). This is the KV-cache benchmark's
-copy probe, run as one forward pass.
+copy probe, run as one forward pass (a model with a compressed KV cache: in chunks through it, `logits_as_served`).
 
 Pass key: a sentence stating a 5-digit key, buried at a seeded depth in held-out text, then a question; the model's
 greedy continuation must reproduce the key's digits exactly. `builtin:small` saw this wording (with other keys and
@@ -14,6 +14,8 @@ import random
 
 import torch
 from torch import nn
+
+from ..evaluate import logits_as_served
 
 
 def passkey_parts(key: int) -> tuple[str, str, str]:
@@ -30,7 +32,7 @@ def copy_probe(model: nn.Module, span_len: int = 128, num: int = 16, vocab_size:
     gen = torch.Generator().manual_seed(seed)
     span = torch.randint(100, vocab_size, (num, span_len), generator=gen)
     ids = torch.cat([span, span], dim=1).to(next(model.parameters()).device)
-    pred = model(ids).logits[:, span_len:-1].argmax(-1)
+    pred = logits_as_served(model, ids)[:, span_len:-1].argmax(-1)  # (through a compressed KV cache: as served)
     return (pred == ids[:, span_len + 1:]).float().mean().item()
 
 

@@ -205,6 +205,9 @@ def accuracy_interval(result: dict, metric: str = "acc") -> list[float] | None:
     return wilson_interval(acc, n)
 
 
-def suite_protocol(tasks_dir: Path, limit: int | None) -> str:
+def suite_protocol(tasks_dir: Path, limit: int | None, models=()) -> str:
+    cached = [m.kv_cache_settings.residual_length for m in models if getattr(m, "kv_cache_settings", None)]
     return (f"suite {tasks_dir.name if tasks_dir != DATA_DIR else 'kick'}: fixtures in {tasks_dir}"
-            + (f", at most {limit} examples per task" if limit else "") + "; scored on the continuation only")
+            + (f", at most {limit} examples per task" if limit else "") + "; scored on the continuation only"
+            + (f"; a compressed KV cache read as served (text fed through it in chunks of {cached[0]})"
+               if cached else ""))

@@ -218,3 +218,39 @@ def test_fixture_script_rebuilds_the_shipped_files(tmp_path, script_module):
     assert f"The pass key is {passkey['answer']}." in passkey["context"]  # the probe's wording, the key in context
     assert all(json.loads(line)["label"] in range(4) for line in (DATA_DIR / "mc.jsonl").read_text().splitlines())
     assert len(read_rows(DATA_DIR / "cloze_open.jsonl")) == len(read_rows(DATA_DIR / "cloze_closed.jsonl")) == 24
+
+
+def test_a_compressed_kv_cache_is_read_as_served(reference_model, reference_tokenizer):
+    """lm-eval's log-likelihoods, the copy probe and the agreement scores ran one plain forward, which never reads a
+    gear_kv cache: a KIVI-2 model scored against its own original agreed perfectly (KL 0). They read the cache now
+    (text in chunks of residual_length through it), and lm-eval's scores are those of a direct computation that
+    does the same."""
+    import copy
+
+    from compress.eval.suite import suite_protocol
+    from compress.evaluate import logits_as_served
+    from compress.kvcache.cache import GEARCache
+    from compress.kvcache.quality import chunked_logits
+
+    model = copy.deepcopy(reference_model)
+    compress.apply(model, [compress.get_pass("gear_kv")(method="kivi", bits=2, group_size=32, residual_length=32)],
+                   progress=False)
+    ids = torch.randint(100, 8000, (2, 96), generator=torch.Generator().manual_seed(0))
+    served = logits_as_served(model, ids)
+    assert torch.equal(served, chunked_logits(model, ids, lambda: GEARCache(model.config, model.kv_cache_settings), 32))
+    assert not torch.allclose(served, logits_as_served(reference_model, ids), atol=1e-3)
+    out = run_suite(model, reference_tokenizer, reference_model, limit=LIMIT, tasks=["agreement_kl", "copy", "mc"])
+    assert out["model"]["agreement_kl"] > 1e-4  # the same weights: all of it is the cache's
+    rows = read_rows(DATA_DIR / "mc.jsonl")[:LIMIT]
+    hits = []
+    for row in rows:  # each option's summed log-likelihood, read through the cache
+        ctx = len(reference_tokenizer(row["context"], add_special_tokens=False)["input_ids"])
+        scores = []
+        for choice in row["choices"]:
+            whole = reference_tokenizer(row["context"] + " " + choice, add_special_tokens=False)["input_ids"]
+            logp = F.log_softmax(logits_as_served(model, torch.tensor([whole]))[0].double(), -1)
+            scores.append(logp[ctx - 1:-1].gather(-1, torch.tensor(whole[ctx:])[:, None]).sum().item())
+        hits.append(max(range(4), key=scores.__getitem__) == row["label"])
+    assert out["model_per_doc"]["mc"] == {i: float(h) for i, h in enumerate(hits)}
+    assert "a compressed KV cache read as served (text fed through it in chunks of 32)" in suite_protocol(
+        DATA_DIR, LIMIT, (model, reference_model))

@@ -15,6 +15,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from . import json_out
 from .errors import CheckpointError, CompressError, disk_full_error, first_line
 
 FORMAT_VERSION = 1
@@ -198,7 +199,7 @@ def _write(model, tmp: Path, tokenizer, recipe_text, report, max_shard_bytes) ->
     if recipe_text is not None:
         (tmp / "recipe.yaml").write_text(recipe_text)
     if report is not None:
-        (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str))
+        (tmp / "report.json").write_text(json_out.dumps(report, indent=2))
 
 
 def write_generation_config(model, folder: Path) -> None:

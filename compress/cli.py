@@ -1,7 +1,6 @@
 """The `compress` command line. Exit codes: 0 ok, 2 user error (one or two lines, no traceback), 1 internal error."""
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from .cli_eval import (EVAL_SEQ_LEN, _check_baseline, _check_baseline_tokenizer,
                        _evaluate, _read_text, _recorded_source, _residual_length)
 from .cli_format import (_bold, _console, _finite, _mb, _non_empty, _print_eval, _print_passes, _table,
                          check_utf8_arguments, stored_dense_line)
+from . import json_out
 from .checkpoint import folder_bytes  # noqa: F401 (also compress.cli.folder_bytes)
 from .errors import CompressError
 
@@ -196,7 +196,7 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
         # each pass against the model the passes before it leave (the meta model is the original one)
         plan = [(p.name, *p.planned(model, passes[:i])) for i, p in enumerate(passes)]
         if as_json:
-            click.echo(json.dumps({"model": model_src, "passes": [{"pass": k, "modules": v, "skipped": s}
+            click.echo(json_out.dumps({"model": model_src, "passes": [{"pass": k, "modules": v, "skipped": s}
                                                                   for k, v, s in plan]}))
         else:
             for i, (name, mods, skipped) in enumerate(plan, 1):
@@ -256,7 +256,7 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
                                    eval_windows, progress=not as_json, seq_len=eval_seq_len, text=text,
                                    allow_pickle=allow_pickle, dtype=dtype, prepared=windows, max_memory=max_memory)
     if as_json:
-        click.echo(json.dumps(result, default=str))
+        click.echo(json_out.dumps(result))
         return
     con = _console()
     _print_passes(con, result, str(models.checkpoint_dtype(model)).removeprefix("torch."), export_format)
@@ -421,7 +421,7 @@ def eval_cmd(model_src, baseline, text_file, seq_len, max_windows, speed, activa
         result.update(suite_result(model, tokenizer, base, suite, suite_dir, suite_limit, plot_file,
                                    model_src, baseline))
     if as_json:
-        click.echo(json.dumps(result))
+        click.echo(json_out.dumps(result))
         return
     con = _console()
     _print_eval(con, result)
@@ -513,7 +513,7 @@ def inspect(checkpoint, sparse_runtime, device, as_json):
 
     result = inspect_checkpoint(checkpoint, sparse_runtime, device)
     if as_json:
-        click.echo(json.dumps(result, default=str))
+        click.echo(json_out.dumps(result))
         return
     print_inspection(result)
 
@@ -536,7 +536,7 @@ def list_passes(as_json):
         summary = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())  # the first paragraph, unwrapped
         out[name] = {"doc": summary, "arguments": fields}
     if as_json:
-        click.echo(json.dumps(out, default=str))
+        click.echo(json_out.dumps(out))
         return
     con = _console()
     for name, info in out.items():

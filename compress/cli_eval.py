@@ -2,6 +2,7 @@
 from (the default baseline), the evaluation with the KV cache's own quality block."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import click
@@ -118,6 +119,10 @@ def _evaluate(model, baseline_src, tokenizer, windows, progress, seq_len: int = 
     if baseline is not None:  # it scores the same windows, which must fit its context too
         _check_context(w.shape[1], baseline.config, "baseline's")
     out = evaluate(model, w, baseline, progress=progress)
+    if not math.isfinite(out["perplexity"]):  # (--json writes null for it: NaN is not JSON)
+        out["warning"] = ("the model's logits hold NaN or inf on this text, so its perplexity, KL and agreement are "
+                          "not numbers: a damaged weight, or an overflow in its dtype (try --dtype float32)")
+        click.echo(f"warning: {out['warning']}", err=True)
     n = w.shape[0]
     out["protocol"] = (f"{n} non-overlapping window{'s' if n != 1 else ''} of {seq_len} tokens of "
                        + ("the given text" if text is not None else "held-out text"))

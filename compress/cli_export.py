@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from . import json_out
 from .checkpoint import folder_bytes
 from .cli_format import _mb, stored_dense_line
 from .errors import CompressError
@@ -48,7 +49,7 @@ def export_cmd(checkpoint, output, export_format, overwrite, as_json):
               "export": summary.to_dict(), "checkpoint_bytes": folder_bytes(Path(output)),
               "original_checkpoint_bytes": folder_bytes(folder)}
     if as_json:
-        click.echo(json.dumps(result, default=str))
+        click.echo(json_out.dumps(result))
         return
     click.echo(f"exported: {output}  ({_mb(result['checkpoint_bytes'])} of weights, the native checkpoint "
                f"{_mb(result['original_checkpoint_bytes'])}, format {export_format})")

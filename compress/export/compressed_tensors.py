@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import json_out
 from ..errors import ExportError
 from ..prune.sparse_linear import SparseLinear
 
@@ -282,8 +283,7 @@ def export(model: nn.Module, folder: str | Path, *, tokenizer=None, recipe_text:
         if recipe_text is not None:
             (tmp / "recipe.yaml").write_text(recipe_text)
         if report is not None:
-            (tmp / "report.json").write_text(json.dumps({**report, "export": summary.to_dict()}, indent=2,
-                                                        default=str))
+            (tmp / "report.json").write_text(json_out.dumps({**report, "export": summary.to_dict()}, indent=2))
 
     write_folder(folder, write, overwrite=overwrite, source=_source_folder(model))
     return summary

@@ -307,3 +307,20 @@ def test_plain_folder_that_contradicts_its_config_is_refused(case, small_model, 
     recipe.write_text("passes:\n  - prune: {sparsity: 0.5}\n")
     user_error(cli("apply", recipe, "--model", folder, "--output", tmp_path / "out", "--no-eval"), message)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_model_with_nan_weights_gives_strict_json_and_a_warning(tmp_path, small_model, tokenizer, cli):
+    """`eval --json` printed bare NaN (not JSON: strict parsers reject it) with exit 0, and the table 'nan' with no
+    word of why. Non-finite numbers are null now, and a warning says what the NaN means."""
+    import json
+
+    model = small_model()
+    with torch.no_grad():
+        model.lm_head.weight[5] = float("nan")
+    model.save_pretrained(tmp_path / "nan")
+    tokenizer.save_pretrained(tmp_path / "nan")
+    result = cli("eval", tmp_path / "nan", "--max-windows", "2", "--seq-len", "64", "--no-speed", "--json")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout, parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))
+    assert out["perplexity"] is None and "logits hold NaN or inf" in out["warning"]
+    assert "warning: the model's logits hold NaN or inf" in result.stderr

@@ -333,7 +333,7 @@ def print_table(rows: list[dict], model: str) -> None:
 
     columns = ("variant", "ppl", "ppl converted", "ppl recovered", "x original (95% CI)", "vs dense recovered",
                "recovery", "KL", "top-1", "copy", "passkey",
-               *(f"cache MB {c // 1024}k" for c in CONTEXTS), *(f"decode x {c // 1024}k" for c in CONTEXTS),
+               *(f"cache MiB {c // 1024}k" for c in CONTEXTS), *(f"decode x {c // 1024}k" for c in CONTEXTS),
                *(f"prefill x {c // 1024}k" for c in PREFILL_CONTEXTS))
     cells = []
     for r in rows:

@@ -70,7 +70,8 @@ def main() -> None:
         for name, code in LOADERS.items():
             out = subprocess.run([sys.executable, "-c", PROBE.format(code=code), str(folder)], capture_output=True,
                                  text=True, check=True).stdout.split()
-            rows[name] = {"peak_mb": int(out[0]) / 1024, "held_mb": int(out[1]) / 1024, "dtype": out[2]}
+            # ru_maxrss and VmRSS are in KiB: MB here are 10^6 bytes, as on the disk line and everywhere in compress
+            rows[name] = {"peak_mb": int(out[0]) * 1024 / 1e6, "held_mb": int(out[1]) * 1024 / 1e6, "dtype": out[2]}
     result = {"parameters": params, "disk_mb": disk / 1e6, "loads": rows}
     if args.json:
         print(json.dumps(result))

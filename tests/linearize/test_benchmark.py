@@ -86,6 +86,6 @@ def test_table_shows_the_measured_columns_and_the_ratio_spread(bench, capsys):
                                                                                       "4096": [1.8, 1.9]}}
     bench.print_table([{"variant": "liger-gla", **speed}], "builtin:small")
     out = capsys.readouterr().out
-    assert "3.12 (3.01-3.63)" in out and "11.54 (10.72-11.97)" in out and "cache MB 32k" in out
+    assert "3.12 (3.01-3.63)" in out and "11.54 (10.72-11.97)" in out and "cache MiB 32k" in out
     assert "prefill x 4k" in out and "1.87 (1.80-1.90)" in out
     assert "ppl converted" not in out and "passkey" not in out

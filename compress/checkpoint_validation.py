@@ -48,10 +48,19 @@ def read_config_json(folder: Path) -> dict[str, Any]:
         raise _damaged(path, f"not UTF-8 text (byte {exc.start})") from None
     except json.JSONDecodeError as exc:
         raise _damaged(path, f"not valid JSON at line {exc.lineno}, column {exc.colno} ({exc.msg})") from None
+    except RecursionError:  # (thousands of nested brackets: Python's parser gives up)
+        raise _damaged(path, "nested too deeply to read") from None
     if not isinstance(config, dict):
         raise _damaged(path, f"holds a JSON {type(config).__name__}, not an object")
     if not isinstance(config.get("model_type", ""), str):
         raise _damaged(path, "`model_type` is not a string")
+    from .export.native_marker import MARKERS, REAL_MODEL_TYPE_KEY
+
+    # marked for transformers to refuse: without the record of its passes nothing can rebuild the layers (another
+    # type of `compression` is named by check_compression_section)
+    missing = [k for k in ("compression", REAL_MODEL_TYPE_KEY) if config.get(k) is None]
+    if config.get("model_type") in MARKERS and missing:
+        raise _damaged(path, f"a compress checkpoint whose `{missing[0]}` entry is missing (edited?)")
     return config
 
 

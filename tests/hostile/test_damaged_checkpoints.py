@@ -221,6 +221,11 @@ EDITED_CONFIGS = {
     # said "written by format version 1; this library reads up to version 1: upgrade compress"
     "format version as a string": (lambda c: c["compression"].update(format_version="1"),
                                    "compression.format_version is '1', not an integer"),
+    # transformers' traceback about the marked model type (an audit's find); inspect blamed the tensors
+    "no compression section": (lambda c: c.pop("compression"),
+                               "a compress checkpoint whose `compression` entry is missing (edited?)"),
+    "a null compression section": (lambda c: c.update(compression=None), "`compression` entry is missing"),
+    "no real model type": (lambda c: c.pop("compress_model_type"), "`compress_model_type` entry is missing"),
 }
 
 
@@ -307,6 +312,13 @@ def test_plain_folder_that_contradicts_its_config_is_refused(case, small_model, 
     recipe.write_text("passes:\n  - prune: {sparsity: 0.5}\n")
     user_error(cli("apply", recipe, "--model", folder, "--output", tmp_path / "out", "--no-eval"), message)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_config_nested_too_deeply_is_one_line(packed_checkpoints, copy_of, cli, user_error):
+    folder = copy_of(packed_checkpoints["bitmask"])
+    (folder / "config.json").write_text('{"a": ' * 100_000 + "1" + "}" * 100_000)
+    for command in (("inspect", folder), ("eval", folder, "--no-speed")):
+        user_error(cli(*command), "config.json: nested too deeply to read")
 
 
 def test_a_model_with_nan_weights_gives_strict_json_and_a_warning(tmp_path, small_model, tokenizer, cli):

@@ -51,6 +51,9 @@ class _Group(click.Group):
             previous = signal.signal(signal.SIGTERM, _terminate)
         except ValueError:  # not the main thread (an embedding application's): left alone
             previous = None
+        from .output_folder import COMPLETED
+
+        ctx.meta[_COMPLETED_BEFORE] = len(COMPLETED)  # a save this command finishes counts as written (_written)
         try:
             return super().invoke(ctx)
         except click.UsageError as exc:  # `compress nosuch`, `compress apply --bogus`, a bad option value
@@ -81,10 +84,14 @@ def main() -> None:
 
 
 WRITTEN = "compress_written"  # ctx.meta: the checkpoint a command wrote before what failed or was interrupted
+_COMPLETED_BEFORE = "compress_completed_before"  # ctx.meta: how many swaps this process had finished before it
 
 
 def _written(ctx) -> str:
-    written = ctx.meta.get(WRITTEN)
+    from .output_folder import COMPLETED
+
+    written = ctx.meta.get(WRITTEN) or (str(COMPLETED[-1]) if len(COMPLETED) > ctx.meta.get(_COMPLETED_BEFORE, 0)
+                                        else None)
     return f" (after the checkpoint at {written} was written: it is complete)" if written else ""
 
 

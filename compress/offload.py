@@ -17,6 +17,7 @@ activations. Disk: the spill files (about the compressed model's size) beside th
 from __future__ import annotations
 
 import math
+import os
 import re
 import shutil
 import tempfile
@@ -138,13 +139,30 @@ def check_offload_folder(folder: str | Path | None) -> None:
                             "layers would mix with its files; give an empty or new folder")
 
 
+SPILL_PREFIX = "compress-offload-"  # + PID + "-" + mkdtemp's suffix: a temporary spill folder
+
+
+def _sweep_stale_spill_folders(tmp: Path) -> None:
+    """Remove temporary spill folders whose process is gone: a run killed by SIGKILL or the OOM killer (what a
+    --max-memory run risks) cannot remove its own, and a model's worth of layers stayed in /tmp for good."""
+    from .output_folder import pid_alive
+
+    for folder in tmp.glob(f"{SPILL_PREFIX}*"):
+        pid = re.fullmatch(rf"{SPILL_PREFIX}(\d+)-\w+", folder.name)
+        if pid and int(pid[1]) != os.getpid() and not pid_alive(int(pid[1])) and folder.is_dir() \
+                and not folder.is_symlink():
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 class OffloadState:
     """Where the offloaded layers of one model live; kept on the model as `model.compress_offload`."""
 
     def __init__(self, folder: Path | None, device):
         check_offload_folder(folder)
         self._own_folder = folder is None
-        self.folder = Path(folder) if folder else Path(tempfile.mkdtemp(prefix="compress-offload-"))
+        if folder is None:
+            _sweep_stale_spill_folders(Path(tempfile.gettempdir()))
+        self.folder = Path(folder) if folder else Path(tempfile.mkdtemp(prefix=f"{SPILL_PREFIX}{os.getpid()}-"))
         self.folder.mkdir(parents=True, exist_ok=True)
         self.device = device
         self._spilled: dict[str, Path] = {}  # prefix -> its current spill file

@@ -13,13 +13,16 @@ back, unless the process that moved it aside is still running (it is between its
 Stale temporaries of the same target whose process is gone are swept at the next save."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import glob
 import json
 import os
 import re
 import shutil
+import signal
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -101,7 +104,19 @@ def written_by_compress(folder: Path) -> bool:
 
 
 def _contains(outer: Path, inner: Path) -> bool:
-    return inner == outer or outer in inner.parents
+    """Whether `inner` is `outer` or inside it: by path, or by identity (device and inode) of `inner` or a parent
+    that exists (a bind mount, an NFS alias: another path to the same folder, which resolve() cannot see)."""
+    if inner == outer or outer in inner.parents:
+        return True
+    try:
+        target = outer.stat()
+    except OSError:
+        return False
+    for p in (inner, *inner.parents):
+        with contextlib.suppress(OSError):
+            if os.path.samestat(p.stat(), target):
+                return True
+    return False
 
 
 def check_output(output: str | Path, *, overwrite: bool, source: Path | None = None,
@@ -118,10 +133,16 @@ def check_output(output: str | Path, *, overwrite: bool, source: Path | None = N
         raise OutputError(f"output {output}: {exc.strerror if isinstance(exc, OSError) else exc}") from None
     if resolved == Path.cwd().resolve() or resolved == Path(resolved.anchor):
         raise OutputError(f"--output {output} is the current folder (or the root); name a new folder, e.g. out/NAME")
+    longest = len(os.fsencode(temporary_name(resolved)))  # what the save writes beside it, found after all the work
+    if longest > NAME_MAX:
+        raise OutputError(f"output {output}: its name is too long ({len(os.fsencode(resolved.name))} bytes; at most "
+                          f"{NAME_MAX - longest + len(os.fsencode(resolved.name))} leaves room for the temporary "
+                          "name the save writes beside it)")
     if source is not None:
         src = Path(source).resolve()
         if _contains(resolved, src):
-            raise OutputError(f"output {output} {'is' if resolved == src else 'contains'} the source model "
+            same = resolved == src or (resolved.exists() and os.path.samefile(resolved, src))
+            raise OutputError(f"output {output} {'is' if same else 'contains'} the source model "
                               f"({source}); write the checkpoint somewhere else")
         if _contains(src, resolved):
             raise OutputError(f"output {output} is inside the source model's folder ({source}); write it elsewhere")
@@ -202,7 +223,7 @@ def _rename(src: Path, dst: Path) -> None:
     os.replace(src, dst)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -240,7 +261,7 @@ def _swapping(old: Path) -> bool:
         recent = time.time() - old.stat().st_ctime < SWAP_SECONDS  # a rename sets ctime
     except OSError:
         return False
-    return recent and _pid_alive(pid)
+    return recent and pid_alive(pid)
 
 
 def _leftovers(target: Path, kind: str) -> list[Path]:
@@ -277,17 +298,42 @@ def recover(target: Path) -> Path | None:
             shutil.rmtree(old, ignore_errors=True)
         for tmp in _leftovers(target, "tmp"):
             pid = _writer_pid(tmp, "tmp")
-            if pid is None or not _pid_alive(pid):
+            if pid is None or not pid_alive(pid):
                 shutil.rmtree(tmp, ignore_errors=True)
     except OSError:
         return restored  # a read-only parent: nothing to clean, check_output reports it
     return restored
 
 
+NAME_MAX = 255  # bytes in one file name on Linux, macOS and Windows file systems
+
+
+def temporary_name(target: Path, kind: str = "tmp") -> str:
+    """`.NAME.tmp-PID-XXXXXXXX` (or `.old`): where a save writes beside `target` (the two are as long)."""
+    return f".{target.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
 def temporary_folder(target: Path) -> Path:
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = target.parent / temporary_name(target)
     tmp.mkdir()
     return tmp
+
+
+COMPLETED: list[Path] = []  # targets this process's swaps finished (the CLI says so when interrupted after one)
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Ctrl-C / SIGTERM wait until the block ends (the two renames of a swap: between them the old checkpoint sat
+    hidden until a later command put it back). Main thread only, where POSIX signal masks exist."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # a signal that came meanwhile is delivered here
 
 
 def _umask() -> int:
@@ -324,23 +370,27 @@ def swap_into_place(tmp: Path, target: Path, *, overwrite: bool) -> None:
         if target.is_dir() and not any(target.iterdir()):
             target.rmdir()
         if target.exists():
-            old = target.parent / f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            old = target.parent / temporary_name(target, "old")
             _SWAPPING.add(old.resolve())
             try:
-                _rename(target, old)
-                try:
-                    _rename(tmp, target)  # a crash before this line leaves `old`, which recover() puts back
-                except OSError:
+                with _signals_held():
+                    _rename(target, old)
                     try:
-                        os.replace(old, target)  # the new one could not go in: the old one goes back now
-                    except OSError:  # (already back, or something took its place): the first error is the one to say
-                        pass
-                    raise
+                        _rename(tmp, target)  # a crash before this line leaves `old`, which recover() puts back
+                    except OSError:
+                        try:
+                            os.replace(old, target)  # the new one could not go in: the old one goes back now
+                        except OSError:  # (already back, or something took its place): the first error is said
+                            pass
+                        raise
+                    COMPLETED.append(target)
             finally:
                 _SWAPPING.discard(old.resolve())
             shutil.rmtree(old, ignore_errors=True)
         else:
-            _rename(tmp, target)  # onto a folder made since the check above: refused (not empty), never merged
+            with _signals_held():
+                _rename(tmp, target)  # onto a folder made since the check above: refused (not empty), never merged
+                COMPLETED.append(target)
     except OSError as exc:
         if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EBUSY, errno.EXDEV):
             raise OutputError(f"{target} changed while the checkpoint was written, or cannot be renamed onto "

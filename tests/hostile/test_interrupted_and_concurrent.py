@@ -292,3 +292,65 @@ def test_the_cli_gives_back_the_callers_sigterm_handler(cli):
         assert signal.getsignal(signal.SIGTERM) is mine
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_ctrl_c_between_the_swap_s_renames_waits_until_both_are_done(tmp_path, small_model, monkeypatch):
+    """A Ctrl-C right after the old checkpoint was moved aside left no checkpoint at the target (the old one hidden
+    as `.NAME.old-*` until a later command put it back; an audit widened the gap to see it). Signals now wait for
+    the second rename: the new checkpoint is in place, nothing is left aside, and the interrupt still arrives."""
+    out = compress.save(small_model(seed=1), tmp_path / "ckpt")
+    real, calls = output_folder._rename, []
+
+    def rename(src, dst):
+        real(src, dst)
+        calls.append(src)
+        if len(calls) == 1:  # between the two renames
+            os.kill(os.getpid(), signal.SIGINT)
+    monkeypatch.setattr(output_folder, "_rename", rename)
+    new = small_model(seed=2)
+    with pytest.raises(KeyboardInterrupt):
+        compress.save(new, out, overwrite=True)
+    monkeypatch.undo()
+    assert len(calls) == 2 and output_folder.COMPLETED[-1] == out
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".ckpt.old")) == ["ckpt"]
+    assert torch.equal(compress.load(out).lm_head.weight, new.lm_head.weight)
+
+
+def test_an_interrupt_after_the_swap_says_the_checkpoint_is_complete(tmp_path, monkeypatch, cli):
+    """export (and apply, before its own note) said only "interrupted" when Ctrl-C came after the new checkpoint had
+    replaced the old one (an audit's find): it says the checkpoint is complete."""
+    import compress.cli_export
+
+    model, _ = compress.apply(compress.load("builtin:tiny"), [compress.passes.Prune(sparsity=0.5)], progress=False)
+    compress.save(model, tmp_path / "ck")
+    real = output_folder.swap_into_place
+
+    def swap_then_interrupt(*args, **kwargs):
+        real(*args, **kwargs)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(output_folder, "swap_into_place", swap_then_interrupt)
+    result = cli("export", tmp_path / "ck", "-o", tmp_path / "ex")
+    assert result.exit_code == 130
+    assert result.output.strip().endswith(f"error: interrupted (after the checkpoint at {tmp_path / 'ex'} was "
+                                          "written: it is complete)"), result.output
+    assert compress.load(tmp_path / "ex") is not None
+
+
+def test_spill_folders_of_killed_runs_are_swept(tmp_path, monkeypatch):
+    """A run killed by SIGKILL or the OOM killer (what --max-memory risks) left its temporary spill folder, a model's
+    worth of layers, for good: the next offloaded load removes those whose process is gone."""
+    import tempfile
+
+    import compress.offload as offload
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    stale, alive, other = (tmp_path / f"compress-offload-{dead}-abc", tmp_path / f"compress-offload-{os.getppid()}-x",
+                           tmp_path / "compress-offload-mine")
+    for folder in (stale, alive, other):
+        folder.mkdir()
+        (folder / "layer.safetensors").write_bytes(b"x")
+    state = offload.OffloadState(None, "cpu")
+    assert not stale.exists() and alive.exists() and other.exists()  # (a live process's, a name without a pid: kept)
+    assert state.folder.name.startswith(f"compress-offload-{os.getpid()}-")

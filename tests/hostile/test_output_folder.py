@@ -340,3 +340,31 @@ def test_a_full_disk_while_writing_is_one_line_and_keeps_the_old_checkpoint(tmp_
                "no space left on the device")
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "recipe.yaml"]
+
+
+def test_an_output_that_is_the_source_by_another_path_is_refused(source, tmp_path, recipe, cli, user_error, no_work):
+    """`--overwrite` replaced the source model when the output named its folder through a bind mount (an audit's
+    find: paths differ, resolve() cannot see it). Compared by device and inode too."""
+    import subprocess
+
+    alias = tmp_path / "alias"
+    alias.mkdir()
+    if subprocess.run(["mount", "--bind", str(source.parent), str(alias)], capture_output=True).returncode:
+        pytest.skip("no bind mounts here (needs root)")
+    try:
+        before = _files(source)
+        for output, message in ((alias / "src", "is the source model"), (alias / "src" / "o", "is inside the source"),
+                                (alias, "contains the source model")):
+            user_error(cli("apply", recipe, "--model", source, "--output", output, "--overwrite", "--no-eval"),
+                       message)
+        assert _files(source) == before
+    finally:
+        subprocess.run(["umount", str(alias)], check=True)
+
+
+def test_an_output_name_too_long_for_the_save_s_temporary_is_refused_before_work(tmp_path, recipe, cli, user_error,
+                                                                                  no_work):
+    """A 250-byte name passed every check, ran every pass and failed at the save: the temporary beside it
+    (`.NAME.tmp-PID-XXXXXXXX`) is longer than a file name may be."""
+    user_error(cli("apply", recipe, "--model", "builtin:tiny", "--output", tmp_path / ("n" * 250), "--no-eval"),
+               "its name is too long (250 bytes; at most")

@@ -127,6 +127,10 @@ def check_output(output: str | Path, *, overwrite: bool, source: Path | None = N
     out = Path(output).expanduser()
     if out.is_symlink():  # a dangling link too: writing through it would land wherever it points
         raise OutputError(f"output {output} is a symbolic link; give the real folder or a new name")
+    dangling = next((p for p in out.absolute().parents if p.is_symlink() and not p.exists()), None)
+    if dangling is not None:  # the save would make the folders it points to, wherever that is (mkdir -p refuses)
+        raise OutputError(f"output {output}: {dangling} is a symbolic link to {os.readlink(dangling)}, which does "
+                          "not exist; make that folder or give another output path")
     try:
         resolved = out.resolve()
     except (OSError, RuntimeError) as exc:

@@ -368,3 +368,11 @@ def test_an_output_name_too_long_for_the_save_s_temporary_is_refused_before_work
     (`.NAME.tmp-PID-XXXXXXXX`) is longer than a file name may be."""
     user_error(cli("apply", recipe, "--model", "builtin:tiny", "--output", tmp_path / ("n" * 250), "--no-eval"),
                "its name is too long (250 bytes; at most")
+
+
+def test_an_output_under_a_dangling_symlink_is_refused(tmp_path, recipe, cli, user_error, no_work):
+    """It made the folders the link points to (here /nonexistent-...), wherever they were (an audit's find)."""
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere" / "deeper")
+    user_error(cli("apply", recipe, "--model", "builtin:tiny", "--output", tmp_path / "dangling" / "ck", "--no-eval"),
+               "dangling is a symbolic link to", "which does not exist")
+    assert not (tmp_path / "nowhere").exists()

@@ -44,6 +44,26 @@ def _quant_state_problem(blob: torch.Tensor, quant_type: str, shape: tuple[int, 
     return None
 
 
+def _apply_keeping_float32(module: nn.Module, apply, fn, recurse: bool, names: tuple[str, ...]) -> nn.Module:
+    """`module._apply(fn)` (what .to(), .half(), .cuda() run) with the float32 buffers `names` moved but never cast:
+    bitsandbytes keeps its quantization state in float32 and its kernels read it so (after `.to(torch.bfloat16)` a
+    bf16 nested absmax dequantized NF4 weights to 1e30 and the logits to NaN, silently; LLM.int8 refused bf16 row
+    scales). `compress.load(dtype=...)` already kept them float32."""
+    kept = {n: module._buffers[n] for n in names if module._buffers.get(n) is not None
+            and module._buffers[n].dtype == torch.float32}
+    for n in kept:
+        module._buffers[n] = None  # out of the cast
+    try:
+        apply(fn, recurse)
+    finally:
+        for n, t in kept.items():
+            module._buffers[n] = t
+    for n, t in kept.items():
+        moved = fn(t)  # its device (and pinning...), not its dtype
+        module._buffers[n] = moved if moved.dtype == t.dtype else t.to(moved.device)
+    return module
+
+
 class Bnb4bitLinear(nn.Module):
     """A Linear layer quantized by bitsandbytes to NF4 or FP4 (blockwise absmax, optional double quantization)."""
 
@@ -133,7 +153,7 @@ class Bnb4bitLinear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         self._cached_state = None
-        return super()._apply(fn, recurse)
+        return _apply_keeping_float32(self, super()._apply, fn, recurse, BNB_4BIT_STATE)
 
     def after_storage_rounding(self) -> None:
         """`round_to_storage` may have rounded the quant-state tensors: build the QuantState from them again."""
@@ -211,6 +231,9 @@ class Bnb8bitLinear(nn.Module):
         state.CB, state.SCB = self.weight, self.SCB
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return bnb.matmul(x, self.weight, bias=bias, state=state)
+
+    def _apply(self, fn, recurse=True):
+        return _apply_keeping_float32(self, super()._apply, fn, recurse, ("SCB",))
 
     def restore_spec(self) -> dict:
         return {"kind": "int8"}

@@ -13,6 +13,7 @@ from torch import nn
 from .calibration import CalibrationSpec, batches_hash
 from .checkpoint import compression_record, round_to_storage
 from .errors import CalibrationError, CompressError, ConfigError
+from .save_pretrained import route_save_pretrained
 from .inspection import stored_bytes
 from .models import check_token_ids, checkpoint_dtype
 from .pass_api import Pass, PassContext, PassReport, format_validation_error, tensor_bytes
@@ -195,4 +196,5 @@ def apply(
     report.calibration_hash = batches_hash(ctx._batches) if ctx._batches is not None else previous.get("calibration_hash")
     source = previous.get("source_model") or getattr(model, "compress_source", None)
     model.config.compression = compression_record(entries, recipe_text, report.calibration_hash, source)
+    route_save_pretrained(model)  # transformers' own wrote a folder plain transformers loaded silently wrong
     return model, report

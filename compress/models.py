@@ -184,6 +184,11 @@ def load(
     model.compress_source = str(source) if str(source).startswith("builtin:") else str(path.resolve())
     _absolute_recorded_source(model, path)
     model.compress_storage_dtype = stored_as
+    section = getattr(model.config, "compression", None)
+    if isinstance(section, dict) and not section.get("export_format"):  # (an export loads as transformers' model)
+        from .save_pretrained import route_save_pretrained
+
+        route_save_pretrained(model)
     if not meta and not offloaded:
         model.to(device)
         set_sparse_runtime(model, sparse_runtime)

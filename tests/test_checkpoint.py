@@ -191,3 +191,46 @@ def test_save_takes_a_shard_size_in_units(tmp_path, tiny_model):
     assert len(list(out.glob("model-*.safetensors"))) > 1 and (out / "model.safetensors.index.json").is_file()
     with pytest.raises(compress.CompressError, match="output folder as a path"):
         compress.save(model, None)
+
+
+@pytest.mark.parametrize("passes", [
+    lambda: [compress.passes.Prune(sparsity=0.5)],
+    lambda: [compress.get_pass("linearize")(variant="hybrid", layers="every_2")],
+    lambda: [compress.get_pass("recover")(merge=False, max_tokens=256, seq_len=32)],
+], ids=["prune", "linearize", "recover-unmerged"])
+def test_save_pretrained_of_a_compressed_model_writes_a_compress_checkpoint(passes, tmp_path, reference_tokenizer):
+    """transformers' own save_pretrained wrote a folder plain transformers loaded without an error and with random
+    layers (prune), softmax attention (linearize), or that compress.load refused (an unmerged adapter's PEFT names):
+    an audit's finds. It writes what compress.save writes, for the model apply returned and one loaded."""
+    import copy
+    import gc
+    import weakref
+
+    from transformers import AutoModelForCausalLM
+
+    model, _ = compress.apply(compress.load("builtin:tiny"), passes(), progress=False, tokenizer=reference_tokenizer,
+                              calibration={"source": "builtin:calibration", "num_samples": 4, "seq_len": 32})
+    ids = torch.randint(0, 8000, (1, 12), generator=torch.Generator().manual_seed(0))
+    model.save_pretrained(tmp_path / "a")
+    assert (tmp_path / "a" / "compress-files.json").exists()
+    if (tmp_path / "a" / "adapter").exists():  # the base under its usual names, the adapter in PEFT's layout
+        assert (tmp_path / "a" / "adapter" / "adapter_config.json").exists()
+    else:
+        with pytest.raises(ValueError, match="load this checkpoint with compress.load"):
+            AutoModelForCausalLM.from_pretrained(tmp_path / "a")
+    loaded = compress.load(tmp_path / "a")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+    loaded.save_pretrained(tmp_path / "b", max_shard_size="1MB")  # a loaded one too, sharded as asked
+    assert len(list((tmp_path / "b").glob("model-*.safetensors"))) > 1
+    twin = copy.deepcopy(model)
+    assert twin.save_pretrained._model() is twin  # a copy saves the copy
+    with pytest.raises(compress.CompressError, match="takes no push_to_hub: call compress.save"):
+        model.save_pretrained(tmp_path / "c", push_to_hub=True)
+    alive = weakref.ref(model)
+    del model, twin
+    gc.disable()  # no reference cycle: freed as soon as it is dropped
+    try:
+        assert alive() is None
+    finally:
+        gc.enable()

@@ -202,7 +202,10 @@ def check_against_model(folder: Path, headers: dict[str, tuple[str, tuple[int, .
     if missing:
         problems.append(f"missing tensors: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
     if unexpected:
-        problems.append(f"unexpected tensors: {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
+        problems.append(f"unexpected tensors: {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}"
+                        + (" (a LoRA adapter saved among the weights by transformers' save_pretrained: save the model "
+                           "with compress.save, which writes it as adapter/)" if any(".lora_" in k for k in unexpected)
+                           else ""))
     if wrong:
         problems.append(f"wrong shapes: {'; '.join(wrong[:3])}")
     if kinds:

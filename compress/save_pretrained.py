@@ -1,54 +1,67 @@
-"""`model.save_pretrained(folder)` on a compressed model writes what `compress.save` writes.
+"""`model.save_pretrained(folder)` on a compressed model: transformers' own save, then its config.json marked as
+`compress.save` marks a checkpoint plain transformers cannot read.
 
-transformers' own save_pretrained wrote the packed tensors and the compression record under the original model
-type: a folder plain transformers then loaded silently wrong (random layers where packed ones were, softmax
-attention where linearized ones were; an audit's find). `compress.save` marks such a folder so that transformers
-refuses it with a message naming compress.load (export/native_marker.py). Models that compress.apply or
-compress.load return carry this on the instance (`route_save_pretrained`): the class is untouched, and a model
-transformers loaded itself keeps transformers' method."""
+transformers' save_pretrained wrote the packed tensors and the compression record under the original model type: a
+folder plain transformers then loaded without an error and with random layers where packed ones were, or softmax
+attention where linearized ones were (an audit's find). The files and the semantics stay transformers' (a Trainer's
+checkpoints and resumes, `state_dict=`, `save_function=`, saving into a folder that holds other files: all as
+before); only config.json gets the model type that makes transformers refuse it with a message naming
+compress.load (export/native_marker.py), which reads such a folder. Models that compress.apply or compress.load
+return carry this on the instance (`route_save_pretrained`): the class is untouched."""
 from __future__ import annotations
 
+import json
+import os
 import weakref
+from pathlib import Path
 
 from torch import nn
 
 from .errors import CompressError
 
-# save_pretrained's arguments that change nothing compress.save writes (`token` is for push_to_hub, refused below)
-_NO_EFFECT = {"save_peft_format", "save_original_format", "safe_serialization", "token"}
 
-
-class SavesThroughCompress:
-    """A model's `save_pretrained`: `compress.save(model, folder, overwrite=True)` (a folder compress did not write
-    is still refused), with save_pretrained's `max_shard_size`; its other options are refused by name."""
+class MarksSavedConfig:
+    """A compressed model's `save_pretrained` (see the module docstring); `push_to_hub` is refused (the upload would
+    happen before the mark)."""
 
     def __init__(self, model: nn.Module) -> None:
         self._model = weakref.ref(model)  # no reference cycle: the model is freed as it would be without this
 
-    def __call__(self, save_directory, is_main_process: bool = True, state_dict=None, push_to_hub: bool = False,
-                 max_shard_size=None, variant=None, distributed_checkpoint: bool = False, **kwargs):
-        from .checkpoint import save
-
-        if not is_main_process:  # (transformers: only the main process writes)
-            return None
-        given = [name for name, value in (("state_dict", state_dict), ("push_to_hub", push_to_hub),
-                                          ("variant", variant), ("distributed_checkpoint", distributed_checkpoint))
-                 if value] + sorted(k for k in kwargs if k not in _NO_EFFECT)
-        if kwargs.get("safe_serialization") is False:
-            given.append("safe_serialization=False")
-        if given:
-            raise CompressError(f"save_pretrained of a compressed model writes what compress.save writes, which "
-                                f"takes no {', '.join(given)}: call compress.save(model, folder) (and upload the "
-                                "folder yourself)")
-        save(self._model(), save_directory, overwrite=True,
-             **({"max_shard_bytes": max_shard_size} if max_shard_size is not None else {}))
-        return None
+    def __call__(self, save_directory, *args, **kwargs):
+        model = self._model()
+        if kwargs.get("push_to_hub") or (len(args) > 2 and args[2]):
+            raise CompressError("save_pretrained(push_to_hub=True) of a compressed model would upload a folder plain "
+                                "transformers loads wrongly: save it (compress.save or save_pretrained), then upload "
+                                "the folder")
+        out = type(model).save_pretrained(model, save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", args[0] if args else True):
+            mark_saved_config(Path(save_directory), model)
+        return out
 
     def __deepcopy__(self, memo):  # a copy of the model saves the copy
         original = self._model()
-        return SavesThroughCompress(memo.get(id(original), original))
+        return MarksSavedConfig(memo.get(id(original), original))
+
+    def __reduce__(self):  # pickled with its model (already in pickle's memo: no recursion)
+        return MarksSavedConfig, (self._model(),)
+
+
+def mark_saved_config(folder: Path, model: nn.Module) -> None:
+    """Mark `folder`/config.json (written by transformers for `model`) as compress.save would, in place."""
+    from .export.native_marker import MARKERS, mark_native
+
+    path = folder / "config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if config.get("model_type") in MARKERS:
+        return
+    marked = dict(config)
+    mark_native(marked, model)
+    if marked != config:
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(marked, indent=2, sort_keys=True), encoding="utf-8")
+        os.replace(tmp, path)
 
 
 def route_save_pretrained(model: nn.Module) -> None:
-    """Make `model.save_pretrained` write a compress checkpoint (see the module docstring)."""
-    model.save_pretrained = SavesThroughCompress(model)
+    """Make `model.save_pretrained` mark what it writes (see the module docstring)."""
+    model.save_pretrained = MarksSavedConfig(model)

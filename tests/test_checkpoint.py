@@ -196,36 +196,38 @@ def test_save_takes_a_shard_size_in_units(tmp_path, tiny_model):
 @pytest.mark.parametrize("passes", [
     lambda: [compress.passes.Prune(sparsity=0.5)],
     lambda: [compress.get_pass("linearize")(variant="hybrid", layers="every_2")],
-    lambda: [compress.get_pass("recover")(merge=False, max_tokens=256, seq_len=32)],
-], ids=["prune", "linearize", "recover-unmerged"])
-def test_save_pretrained_of_a_compressed_model_writes_a_compress_checkpoint(passes, tmp_path, reference_tokenizer):
+], ids=["prune", "linearize"])
+def test_save_pretrained_of_a_compressed_model_is_refused_by_plain_transformers(passes, tmp_path):
     """transformers' own save_pretrained wrote a folder plain transformers loaded without an error and with random
-    layers (prune), softmax attention (linearize), or that compress.load refused (an unmerged adapter's PEFT names):
-    an audit's finds. It writes what compress.save writes, for the model apply returned and one loaded."""
+    layers (prune) or softmax attention (linearize): an audit's find. Its config.json is marked as compress.save
+    marks it, for the model apply returned and one loaded; the rest is transformers' save as it was (into a folder
+    holding other files, with state_dict=: a Trainer's checkpoints), and compress.load reads the folder."""
     import copy
     import gc
+    import pickle
     import weakref
 
     from transformers import AutoModelForCausalLM
 
-    model, _ = compress.apply(compress.load("builtin:tiny"), passes(), progress=False, tokenizer=reference_tokenizer,
-                              calibration={"source": "builtin:calibration", "num_samples": 4, "seq_len": 32})
+    model, _ = compress.apply(compress.load("builtin:tiny"), passes(), progress=False)
     ids = torch.randint(0, 8000, (1, 12), generator=torch.Generator().manual_seed(0))
-    model.save_pretrained(tmp_path / "a")
-    assert (tmp_path / "a" / "compress-files.json").exists()
-    if (tmp_path / "a" / "adapter").exists():  # the base under its usual names, the adapter in PEFT's layout
-        assert (tmp_path / "a" / "adapter" / "adapter_config.json").exists()
-    else:
-        with pytest.raises(ValueError, match="load this checkpoint with compress.load"):
-            AutoModelForCausalLM.from_pretrained(tmp_path / "a")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "trainer_state.json").write_text("{}")  # another tool's file beside it: kept, as before
+    model.save_pretrained(tmp_path / "a", state_dict=model.state_dict())
+    assert (tmp_path / "a" / "trainer_state.json").exists()
+    with pytest.raises(ValueError, match="load this checkpoint with compress.load"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "a")
     loaded = compress.load(tmp_path / "a")
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
-    loaded.save_pretrained(tmp_path / "b", max_shard_size="1MB")  # a loaded one too, sharded as asked
-    assert len(list((tmp_path / "b").glob("model-*.safetensors"))) > 1
+    loaded.save_pretrained(tmp_path / "b")
+    with pytest.raises(ValueError, match="load this checkpoint with compress.load"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "b")
     twin = copy.deepcopy(model)
     assert twin.save_pretrained._model() is twin  # a copy saves the copy
-    with pytest.raises(compress.CompressError, match="takes no push_to_hub: call compress.save"):
+    unpickled = pickle.loads(pickle.dumps(loaded)) if passes()[0].name == "linearize" else None
+    assert unpickled is None or unpickled.save_pretrained._model() is unpickled  # (packed layers do not pickle)
+    with pytest.raises(compress.CompressError, match="push_to_hub=True"):
         model.save_pretrained(tmp_path / "c", push_to_hub=True)
     alive = weakref.ref(model)
     del model, twin
@@ -234,3 +236,17 @@ def test_save_pretrained_of_a_compressed_model_writes_a_compress_checkpoint(pass
         assert alive() is None
     finally:
         gc.enable()
+
+
+def test_an_adapter_saved_among_the_weights_is_named_at_load(tmp_path, reference_tokenizer):
+    """save_pretrained of a model with an unmerged adapter writes the LoRA tensors among the weights, which
+    compress.load refuses: the refusal says what they are and what writes them as adapter/."""
+    recover = compress.get_pass("recover")(merge=False, max_tokens=256, seq_len=32)
+    model, _ = compress.apply(compress.load("builtin:tiny"), [recover], progress=False, tokenizer=reference_tokenizer,
+                              calibration={"source": "builtin:calibration", "num_samples": 4, "seq_len": 32})
+    model.save_pretrained(tmp_path / "a")
+    with pytest.raises(compress.CompressError, match="a LoRA adapter saved among the weights by transformers' "
+                                                     "save_pretrained: save the model with compress.save"):
+        compress.load(tmp_path / "a")
+    compress.save(model, tmp_path / "b")
+    assert compress.load(tmp_path / "b") is not None

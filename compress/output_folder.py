@@ -329,15 +329,27 @@ COMPLETED: list[Path] = []  # targets this process's swaps finished (the CLI say
 @contextlib.contextmanager
 def _signals_held():
     """Ctrl-C / SIGTERM wait until the block ends (the two renames of a swap: between them the old checkpoint sat
-    hidden until a later command put it back). Main thread only, where POSIX signal masks exist."""
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+    hidden until a later command put it back). Python runs signal handlers in the main thread whichever thread the
+    kernel handed the signal to (a signal mask would hold it for one thread only: torch's and the tokenizers' pools
+    would take it), so the handlers are swapped for ones that note the signal, which the previous handlers get after
+    the block. Only from the main thread, where handlers can be set."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    caught: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # a signal that came meanwhile is delivered here
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        for s in dict.fromkeys(caught):  # each as it would have been handled, now
+            handler = previous[s]
+            if callable(handler):
+                handler(s, None)  # Python's default for SIGINT raises KeyboardInterrupt; the CLI's SIGTERM too
+            elif handler != signal.SIG_IGN:
+                os.kill(os.getpid(), s)  # the default action (or a handler set outside Python)
 
 
 def _umask() -> int:
@@ -388,9 +400,9 @@ def swap_into_place(tmp: Path, target: Path, *, overwrite: bool) -> None:
                             pass
                         raise
                     COMPLETED.append(target)
+                    shutil.rmtree(old, ignore_errors=True)  # (an interrupt waits for it too: no copy left aside)
             finally:
                 _SWAPPING.discard(old.resolve())
-            shutil.rmtree(old, ignore_errors=True)
         else:
             with _signals_held():
                 _rename(tmp, target)  # onto a folder made since the check above: refused (not empty), never merged

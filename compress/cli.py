@@ -186,8 +186,8 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
     # folders written while the run works (Trainer checkpoints, --offload-folder): the output's swap must not hold them
     work_folders = tuple(f for p in passes for f in p.work_folders()) + ((Path(offload_folder),) if offload_folder
                                                                         and max_memory else ())
-    if dry_run:
-        model = models.load(model_src, meta=True, allow_pickle=allow_pickle)
+    if dry_run:  # (in --dtype: what the checks size by, the calibration's memory among them)
+        model = models.load(model_src, meta=True, allow_pickle=allow_pickle, dtype=dtype)
         api.check_not_quantized_elsewhere(model)
         for i, p in enumerate(passes):
             p.checked(model, passes[:i])  # shapes a pass cannot take fail here, before any work, at their line

@@ -18,6 +18,8 @@ CHOICES = {
     "COMPRESS_CPU_KERNELS": _AUTO_OFF,
     # off: `dtype: auto` computes in float32 on every CPU (models.native_dtype)
     "COMPRESS_CPU_HALF_PRECISION": _AUTO_OFF,
+    # off: no refusal of a calibration estimated larger than free memory (api.check_calibration_memory)
+    "COMPRESS_MEMORY_CHECK": _AUTO_OFF,
 }
 KNOWN = (*CHOICES, "COMPRESS_SPARSE_PATH")
 TRITON_MISSING = "COMPRESS_KERNELS=triton but triton is not installed: pip install 'compress[triton]'"

@@ -156,7 +156,10 @@ def free_bytes(device: str) -> int | None:
     where neither can be read (the check is skipped)."""
     if str(device).startswith("cuda"):
         try:
-            return torch.cuda.mem_get_info(torch.device(device))[0]
+            where = torch.device(device)
+            # what the driver has free, and what torch's allocator holds cached but unused (the driver counts it used)
+            return torch.cuda.mem_get_info(where)[0] + torch.cuda.memory_reserved(where) - torch.cuda.memory_allocated(
+                where)
         except (RuntimeError, AssertionError):
             return None
     try:

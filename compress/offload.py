@@ -16,10 +16,12 @@ activations. Disk: the spill files (about the compressed model's size) beside th
 """
 from __future__ import annotations
 
+import glob
 import math
 import os
 import re
 import shutil
+import socket
 import tempfile
 import uuid
 import weakref
@@ -139,16 +141,23 @@ def check_offload_folder(folder: str | Path | None) -> None:
                             "layers would mix with its files; give an empty or new folder")
 
 
-SPILL_PREFIX = "compress-offload-"  # + PID + "-" + mkdtemp's suffix: a temporary spill folder
+SPILL_PREFIX = "compress-offload-"  # + host + "-" + PID + "-" + mkdtemp's suffix: a temporary spill folder
+
+
+def _spill_prefix() -> str:
+    """This machine's spill-folder prefix: a pid means something only on the host (container) that ran it, and
+    containers sharing a /tmp have their own pids."""
+    return f"{SPILL_PREFIX}{re.sub(r'[^A-Za-z0-9.]', '_', socket.gethostname())}-"
 
 
 def _sweep_stale_spill_folders(tmp: Path) -> None:
-    """Remove temporary spill folders whose process is gone: a run killed by SIGKILL or the OOM killer (what a
-    --max-memory run risks) cannot remove its own, and a model's worth of layers stayed in /tmp for good."""
+    """Remove this host's temporary spill folders whose process is gone: a run killed by SIGKILL or the OOM killer
+    (what a --max-memory run risks) cannot remove its own, and a model's worth of layers stayed in /tmp for good."""
     from .output_folder import pid_alive
 
-    for folder in tmp.glob(f"{SPILL_PREFIX}*"):
-        pid = re.fullmatch(rf"{SPILL_PREFIX}(\d+)-\w+", folder.name)
+    prefix = _spill_prefix()
+    for folder in tmp.glob(f"{glob.escape(prefix)}*"):
+        pid = re.fullmatch(r"(\d+)-\w+", folder.name[len(prefix):])
         if pid and int(pid[1]) != os.getpid() and not pid_alive(int(pid[1])) and folder.is_dir() \
                 and not folder.is_symlink():
             shutil.rmtree(folder, ignore_errors=True)
@@ -162,7 +171,7 @@ class OffloadState:
         self._own_folder = folder is None
         if folder is None:
             _sweep_stale_spill_folders(Path(tempfile.gettempdir()))
-        self.folder = Path(folder) if folder else Path(tempfile.mkdtemp(prefix=f"{SPILL_PREFIX}{os.getpid()}-"))
+        self.folder = Path(folder) if folder else Path(tempfile.mkdtemp(prefix=f"{_spill_prefix()}{os.getpid()}-"))
         self.folder.mkdir(parents=True, exist_ok=True)
         self.device = device
         self._spilled: dict[str, Path] = {}  # prefix -> its current spill file

@@ -355,11 +355,13 @@ def test_spill_folders_of_killed_runs_are_swept(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True).stdout.strip()
-    stale, alive, other = (tmp_path / f"compress-offload-{dead}-abc", tmp_path / f"compress-offload-{os.getppid()}-x",
-                           tmp_path / "compress-offload-mine")
-    for folder in (stale, alive, other):
+    here = offload._spill_prefix()
+    stale, alive, other, elsewhere = (tmp_path / f"{here}{dead}-abc", tmp_path / f"{here}{os.getppid()}-x",
+                                      tmp_path / "compress-offload-mine", tmp_path / f"compress-offload-host2-{dead}-a")
+    for folder in (stale, alive, other, elsewhere):
         folder.mkdir()
         (folder / "layer.safetensors").write_bytes(b"x")
     state = offload.OffloadState(None, "cpu")
-    assert not stale.exists() and alive.exists() and other.exists()  # (a live process's, a name without a pid: kept)
-    assert state.folder.name.startswith(f"compress-offload-{os.getpid()}-")
+    # kept: a live process's, a name without a pid, another host's (a container sharing /tmp: its pids are not ours)
+    assert not stale.exists() and alive.exists() and other.exists() and elsewhere.exists()
+    assert state.folder.name.startswith(f"{here}{os.getpid()}-")

@@ -316,7 +316,7 @@ _SPARSE_RUNTIME = click.option(
 _MAX_MEMORY_READ = click.option(
     "--max-memory", default=None,
     help="Cap the CPU memory the weights take (e.g. 8GB): decoder layers that do not fit are read from the "
-         "checkpoint's files for each forward (slow, for models larger than memory).")
+         "checkpoint's files for each forward (slow, for models larger than memory); a baseline gets its own cap.")
 
 
 def _say_offloaded(model, max_memory: str | None, how: str = "read for each forward") -> None:

@@ -119,8 +119,9 @@ def _evaluate(model, baseline_src, tokenizer, windows, progress, seq_len: int = 
     if baseline is not None:  # it scores the same windows, which must fit its context too
         _check_context(w.shape[1], baseline.config, "baseline's")
     out = evaluate(model, w, baseline, progress=progress)
-    if not math.isfinite(out["perplexity"]):  # (--json writes null for it: NaN is not JSON)
-        out["warning"] = ("the model's logits hold NaN or inf on this text, so its perplexity, KL and agreement are "
+    if not all(math.isfinite(out[k]) for k in ("perplexity", "kl") if k in out):  # (--json: null; NaN is not JSON)
+        whose = "model's" if not math.isfinite(out["perplexity"]) else "model's or the baseline's"
+        out["warning"] = (f"the {whose} logits hold NaN or inf on this text, so its perplexity, KL or agreement are "
                           "not numbers: a damaged weight, or an overflow in its dtype (try --dtype float32)")
         click.echo(f"warning: {out['warning']}", err=True)
     n = w.shape[0]

@@ -64,11 +64,12 @@ def test_hooks_see_every_calibration_token(tiny_model):
 
 
 def test_calibration_bytes_count_what_the_runner_holds(tiny_model):
-    model = tiny_model("qwen3", head_dim=32)  # a head_dim of its own (4 heads x 32 beside hidden 64)
     """The estimate that refuses a calibration too big for memory (before the text is even read) equals the bytes
     the runner holds at a layer: every window's hidden states in and out, the per-batch keyword tensors and the
     token ids (a Hessian per Linear on top for the OBS passes)."""
     from compress.sequential import calibration_bytes
+
+    model = tiny_model("qwen3", head_dim=32)  # a head_dim of its own (4 heads x 32 beside hidden 64)
 
     batches = torch.randint(0, 100, (11, 24))  # 2 batches of 8, the last one short
     held = []

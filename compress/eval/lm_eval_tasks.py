@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import subprocess
 from pathlib import Path
 
@@ -38,9 +39,11 @@ def suite_task_names(tasks_dir: Path, metric: str | None = None) -> list[str]:
     """The lm-eval task names defined by the YAML files of a suite folder (those whose metric_list names `metric`,
     if given)."""
     names = []
+    # (a block list item `- metric: NAME`, its value quoted or not)
+    listed = re.compile(rf"""\s*-\s*metric:\s*(["']?){re.escape(metric or '')}\1\s*(#.*)?""")
     for path in sorted(Path(tasks_dir).glob("*.yaml")):
         lines = path.read_text(encoding="utf-8").splitlines()
-        if metric is None or any(line.strip() == f"- metric: {metric}" for line in lines):
+        if metric is None or any(listed.fullmatch(line) for line in lines):
             names += [line.split(":", 1)[1].strip() for line in lines if line.startswith("task:")]
     return names
 

@@ -254,3 +254,21 @@ def test_a_compressed_kv_cache_is_read_as_served(reference_model, reference_toke
     assert out["model_per_doc"]["mc"] == {i: float(h) for i, h in enumerate(hits)}
     assert "a compressed KV cache read as served (text fed through it in chunks of 32)" in suite_protocol(
         DATA_DIR, LIMIT, (model, reference_model))
+
+
+def test_mc_norm_is_found_and_skipped_under_its_own_name(reference_model, reference_tokenizer, tmp_path):
+    """A suite folder's config that quotes `acc_norm` still gives `<task>_norm`; a skip is filed under the name asked
+    for (mc_norm alone was skipped as `mc`). A reviewer's finds."""
+    import copy
+    import shutil
+
+    from compress.eval.lm_eval_tasks import suite_task_names
+
+    shutil.copytree(DATA_DIR, tmp_path / "suite")
+    config = tmp_path / "suite" / "mc.yaml"
+    config.write_text(config.read_text().replace("- metric: acc_norm", '-   metric: "acc_norm"  # quoted'))
+    assert suite_task_names(tmp_path / "suite", "acc_norm") == ["kick_mc"]
+    short = copy.deepcopy(reference_model)
+    short.config.max_position_embeddings = 16  # shorter than any mc prompt
+    out = run_suite(short, reference_tokenizer, tasks=["mc_norm"], limit=2)
+    assert list(out["skipped"]) == ["mc_norm"] and out["model"] == {}

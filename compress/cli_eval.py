@@ -121,8 +121,9 @@ def _evaluate(model, baseline_src, tokenizer, windows, progress, seq_len: int = 
     out = evaluate(model, w, baseline, progress=progress)
     if not all(math.isfinite(out[k]) for k in ("perplexity", "kl") if k in out):  # (--json: null; NaN is not JSON)
         whose = "model's" if not math.isfinite(out["perplexity"]) else "model's or the baseline's"
-        out["warning"] = (f"the {whose} logits hold NaN or inf on this text, so its perplexity, KL or agreement are "
-                          "not numbers: a damaged weight, or an overflow in its dtype (try --dtype float32)")
+        out["warning"] = (f"the {whose} logits hold NaN or inf on this text, or its perplexity overflows: the "
+                          "perplexity, KL or agreement are not numbers (a damaged weight, or an overflow in the "
+                          "dtype: try --dtype float32)")
         click.echo(f"warning: {out['warning']}", err=True)
     n = w.shape[0]
     out["protocol"] = (f"{n} non-overlapping window{'s' if n != 1 else ''} of {seq_len} tokens of "

@@ -61,6 +61,11 @@ def logits_as_served(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
                           settings.residual_length)
 
 
+def exp_or_inf(x: float) -> float:
+    """e**x, inf where it overflows a float (a damaged model's mean NLL above ~709 raised OverflowError)."""
+    return math.exp(x) if x < 709.78 else math.inf
+
+
 class MetricAccumulator:
     """Sums NLL, KL and top-1 agreement over positions, batch by batch, so memory stays at one batch of logits;
     per window too (each row of a batch), for the intervals of `paired_change`."""
@@ -90,7 +95,7 @@ class MetricAccumulator:
             self.agree += (logits.argmax(-1) == base_logits.argmax(-1)).sum().item()
 
     def result(self, with_baseline: bool) -> dict[str, float]:
-        out = {"perplexity": math.exp(self.nll / self.positions), "tokens": self.positions}
+        out = {"perplexity": exp_or_inf(self.nll / self.positions), "tokens": self.positions}
         if with_baseline:
             out["kl"] = self.kl / self.positions
             out["top1_agreement"] = self.agree / self.positions

@@ -63,8 +63,10 @@ def mapped(interval: Interval, fn) -> tuple[float, list[float] | None]:
 
 def perplexity_change(interval: Interval) -> dict:
     """A paired log ratio as ppl_delta_pct / ppl_ratio, each with its 95% interval."""
-    pct, pct_ci = mapped(interval, lambda x: 100.0 * math.expm1(x))
-    ratio, ratio_ci = mapped(interval, math.exp)
+    from .evaluate import exp_or_inf
+
+    pct, pct_ci = mapped(interval, lambda x: 100.0 * (exp_or_inf(x) - 1) if x > 1 else 100.0 * math.expm1(x))
+    ratio, ratio_ci = mapped(interval, exp_or_inf)
     return {"ppl_delta_pct": pct, "ppl_delta_pct_ci95": pct_ci, "ppl_ratio": ratio, "ppl_ratio_ci95": ratio_ci}
 
 

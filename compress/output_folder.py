@@ -337,19 +337,29 @@ def _signals_held():
         yield
         return
     caught: list[int] = []
-    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum))
-                for s in (signal.SIGINT, signal.SIGTERM)}
+    previous: dict[int, object] = {}
     try:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            previous[s] = signal.signal(s, lambda signum, frame: caught.append(signum))
         yield
     finally:
+        raised = []
         for s, handler in previous.items():
-            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
-        for s in dict.fromkeys(caught):  # each as it would have been handled, now
+            while True:  # setting a handler first runs those of signals pending: a restored one may raise
+                try:
+                    signal.signal(s, handler if handler is not None else signal.SIG_DFL)  # (None: set outside
+                    break                                                                 # Python; not restorable)
+                except BaseException as exc:  # noqa: BLE001 - handed on below, after every handler is back
+                    raised.append(exc)
+        # each as it would have been handled, now (SIGTERM first: its exit code is the one a scheduler reads)
+        for s in sorted(dict.fromkeys(caught), key=lambda s: s != signal.SIGTERM):
             handler = previous[s]
             if callable(handler):
                 handler(s, None)  # Python's default for SIGINT raises KeyboardInterrupt; the CLI's SIGTERM too
             elif handler != signal.SIG_IGN:
                 os.kill(os.getpid(), s)  # the default action (or a handler set outside Python)
+        if raised:
+            raise raised[0]
 
 
 def _umask() -> int:

@@ -33,8 +33,13 @@ class MarksSavedConfig:
             raise CompressError("save_pretrained(push_to_hub=True) of a compressed model would upload a folder plain "
                                 "transformers loads wrongly: save it (compress.save or save_pretrained), then upload "
                                 "the folder")
+        config = Path(save_directory) / "config.json"
+        before = _identity(config)
         out = type(model).save_pretrained(model, save_directory, *args, **kwargs)
-        if kwargs.get("is_main_process", args[0] if args else True):
+        # only a config.json this call wrote: other ranks write none (transformers: is_main_process and global rank
+        # 0), nor does an adapter-only save; a file already there is not this model's
+        main = kwargs.get("is_main_process", args[0] if args else True)
+        if model.should_save_on_this_rank(main) and _identity(config) not in (None, before):
             mark_saved_config(Path(save_directory), model)
         return out
 
@@ -44,6 +49,15 @@ class MarksSavedConfig:
 
     def __reduce__(self):  # pickled with its model (already in pickle's memo: no recursion)
         return MarksSavedConfig, (self._model(),)
+
+
+def _identity(path: Path) -> tuple | None:
+    """What a new write of `path` changes (None: no such file)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 def mark_saved_config(folder: Path, model: nn.Module) -> None:

@@ -44,7 +44,8 @@ def suite_task_names(tasks_dir: Path, metric: str | None = None) -> list[str]:
     for path in sorted(Path(tasks_dir).glob("*.yaml")):
         lines = path.read_text(encoding="utf-8").splitlines()
         if metric is None or any(listed.fullmatch(line) for line in lines):
-            names += [line.split(":", 1)[1].strip() for line in lines if line.startswith("task:")]
+            names += [line.split(":", 1)[1].split(" #")[0].strip().strip("\"'") for line in lines
+                      if line.startswith("task:")]  # (quoted, or with a comment after it)
     return names
 
 

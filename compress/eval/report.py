@@ -32,7 +32,8 @@ def suite_result(model, tokenizer, baseline, suite: str | None, suite_dir: str |
     out = {"suite": scores["model"], "suite_baseline": scores["baseline"], "suite_ci95": scores["model_ci95"],
            "suite_baseline_ci95": scores["baseline_ci95"],
            "suite_change_ci95": scores["change_ci95"], "suite_skipped": scores["skipped"],
-           "suite_protocol": suite_protocol(tasks_dir, limit, (model, baseline)), "suite_seconds": round(scores["seconds"], 1)}
+           "suite_protocol": suite_protocol(tasks_dir, limit, (model, baseline)),
+           "suite_seconds": round(scores["seconds"], 1)}
     if plot_file:
         from .plot import plot_suite
 

@@ -336,3 +336,10 @@ def test_a_model_with_nan_weights_gives_strict_json_and_a_warning(tmp_path, smal
     out = json.loads(result.stdout, parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))
     assert out["perplexity"] is None and "logits hold NaN or inf" in out["warning"]
     assert "warning: the model's logits hold NaN or inf" in result.stderr
+    with torch.no_grad():  # finite logits, a mean NLL past e**709: the perplexity overflowed (OverflowError)
+        model.lm_head.weight.copy_(torch.randn_like(model.lm_head.weight) * 1e4)
+    model.save_pretrained(tmp_path / "huge")
+    tokenizer.save_pretrained(tmp_path / "huge")
+    result = cli("eval", tmp_path / "huge", "--max-windows", "2", "--seq-len", "64", "--no-speed", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["perplexity"] is None and "perplexity overflows" in result.stderr

@@ -365,3 +365,31 @@ def test_spill_folders_of_killed_runs_are_swept(tmp_path, monkeypatch):
     # kept: a live process's, a name without a pid, another host's (a container sharing /tmp: its pids are not ours)
     assert not stale.exists() and alive.exists() and other.exists() and elsewhere.exists()
     assert state.folder.name.startswith(f"{here}{os.getpid()}-")
+
+
+def test_signals_held_during_a_swap_are_handed_on_sigterm_first_with_every_handler_back():
+    """Both signals during the swap: SIGTERM's handler runs first (a scheduler reads its exit code: 143, not 130),
+    and both handlers are back afterwards (one left noting signals would swallow every later Ctrl-C)."""
+    import threading
+
+    class Terminated(KeyboardInterrupt):
+        pass
+
+    def terminate(signum, frame):
+        raise Terminated
+
+    before = signal.signal(signal.SIGTERM, terminate)
+    done = threading.Event()
+    other = threading.Thread(target=done.wait, daemon=True)
+    other.start()
+    try:
+        with pytest.raises(Terminated):
+            with output_folder._signals_held():
+                for s in (signal.SIGINT, signal.SIGTERM):
+                    signal.pthread_kill(other.ident, s)
+                time.sleep(0.05)  # (both noted here, nothing raised)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert signal.getsignal(signal.SIGTERM) is terminate
+    finally:
+        done.set()
+        signal.signal(signal.SIGTERM, before)

@@ -229,6 +229,13 @@ def test_save_pretrained_of_a_compressed_model_is_refused_by_plain_transformers(
     assert unpickled is None or unpickled.save_pretrained._model() is unpickled  # (packed layers do not pickle)
     with pytest.raises(compress.CompressError, match="push_to_hub=True"):
         model.save_pretrained(tmp_path / "c", push_to_hub=True)
+    # a rank that writes nothing (another process's config.json there, or none) marks nothing and does not fail
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "config.json").write_text('{"model_type": "llama"}')
+    model.save_pretrained(tmp_path / "d", is_main_process=False)
+    model.save_pretrained(tmp_path / "e", False)
+    assert (tmp_path / "d" / "config.json").read_text() == '{"model_type": "llama"}'
+    assert not (tmp_path / "e" / "config.json").exists()
     alive = weakref.ref(model)
     del model, twin
     gc.disable()  # no reference cycle: freed as soon as it is dropped

@@ -13,10 +13,10 @@ from torch import nn
 from .calibration import CalibrationSpec, batches_hash
 from .checkpoint import compression_record, round_to_storage
 from .errors import CalibrationError, CompressError, ConfigError
-from .save_pretrained import route_save_pretrained
 from .inspection import stored_bytes
 from .models import check_token_ids, checkpoint_dtype
 from .pass_api import Pass, PassContext, PassReport, format_validation_error, tensor_bytes
+from .save_pretrained import route_save_pretrained
 
 
 @dataclass

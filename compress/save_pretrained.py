@@ -39,7 +39,8 @@ class MarksSavedConfig:
         # only a config.json this call wrote: other ranks write none (transformers: is_main_process and global rank
         # 0), nor does an adapter-only save; a file already there is not this model's
         main = kwargs.get("is_main_process", args[0] if args else True)
-        if model.should_save_on_this_rank(main) and _identity(config) not in (None, before):
+        on_this_rank = getattr(model, "should_save_on_this_rank", lambda main: main)(main)  # (transformers < 5.x)
+        if on_this_rank and _identity(config) not in (None, before):
             mark_saved_config(Path(save_directory), model)
         return out
 

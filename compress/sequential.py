@@ -132,12 +132,18 @@ def for_each_layer(model: nn.Module, fn: Callable[[int, str, nn.Module], None], 
             fn(i, f"{prefix}.{i}", layer)
 
 
-def calibration_bytes(model: nn.Module, num_samples: int, seq_len: int, layer_targets: dict[str, nn.Module],
+def modules_in_layer(names: list[str], layer_name: str, layer: nn.Module) -> dict[str, nn.Module]:
+    """The modules among `names` (dotted, from the model's root) inside decoder layer `layer_name`, by name: what a
+    pass working layer by layer looks up when the layer is reached (it keeps names, not modules it replaces)."""
+    return {n: layer.get_submodule(n[len(layer_name) + 1:]) for n in names if n.startswith(layer_name + ".")}
+
+
+def calibration_bytes(model: nn.Module, num_samples: int, seq_len: int, targets: dict[str, nn.Module],
                       hessians: bool, batch_size: int = 8) -> int:
     """What `run_sequential` holds at once, from shapes alone (a meta model will do): every window's hidden states
     into and out of the current layer, the per-batch keyword arguments (rotary cos/sin, position ids), the token
-    ids, and for an OBS pass (`hessians`) one float32 in x in Hessian per Linear of the layer (`layer_targets`: the
-    pass's Linears in one decoder layer)."""
+    ids, and for an OBS pass (`hessians`) one float32 in x in Hessian per target Linear of the decoder layer that
+    has the most (`targets`: the pass's Linears, named from the model's root)."""
     from .models import text_config
 
     cfg = text_config(model.config)
@@ -147,7 +153,12 @@ def calibration_bytes(model: nn.Module, num_samples: int, seq_len: int, layer_ta
     held = 2 * num_samples * seq_len * cfg.hidden_size * item + batches * seq_len * (2 * head_dim * item + 8)
     held += num_samples * seq_len * 8  # the calibration token ids (int64)
     if hessians:
-        held += sum(4 * m.in_features ** 2 for m in layer_targets.values())
+        prefix = decoder_layers(model)[0] + "."
+        per_layer: dict[str, int] = {}
+        for name, module in targets.items():
+            layer = name[len(prefix):].split(".", 1)[0] if name.startswith(prefix) else name
+            per_layer[layer] = per_layer.get(layer, 0) + 4 * module.in_features ** 2
+        held += max(per_layer.values(), default=0)
     return held
 
 

@@ -81,8 +81,8 @@ def test_calibration_bytes_count_what_the_runner_holds(tiny_model):
 
     run_sequential(model, batches, on_layer, progress=False)
     assert set(held) == {calibration_bytes(model, 11, 24, {}, hessians=False)}
-    layer = decoder_layers(model)[1][0]
-    linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+    prefix, layers = decoder_layers(model)
+    linears = {f"{prefix}.0.{n}": m for n, m in layers[0].named_modules() if isinstance(m, torch.nn.Linear)}
     assert calibration_bytes(model, 11, 24, linears, hessians=True) == held[0] + sum(
         4 * m.in_features ** 2 for m in linears.values())
 

@@ -9,7 +9,7 @@ unless named in LOWER_IS_BETTER):
 - cloze_open / cloze_closed: a 3-word span of a held-out paragraph, with the paragraph in context or not (lm-eval,
   greedy span exact); the gap between them is in-context retrieval;
 - mc / mc_norm: the true continuation of a held-out paragraph among 4, by log-likelihood (lm-eval's acc), and by
-  log-likelihood per byte of each choice (acc_norm: summed log-likelihood favours the shortest choice).
+  log-likelihood per character of each choice (acc_norm: summed log-likelihood favours the shortest choice).
 lm-eval cannot compare two models, so agreement runs on our side over the same kind of fixture."""
 from __future__ import annotations
 

@@ -18,6 +18,7 @@ from ..models import checkpoint_dtype
 from ..pass_api import (UNTIED_NOTE, Pass, PassConfig, PassContext, PassReport, left_by_earlier, replace_module,
                         restoring, tensor_bytes, timed, untie_output_head)
 from ..registry import register_pass
+from ..sequential import modules_in_layer
 from ..targets import match_modules
 from .masks import magnitude_scores, nm_mask, parse_structure, unstructured_mask
 from .owl import outlier_ratio, owl_sparsities
@@ -106,14 +107,10 @@ class Prune(Pass):
         return self.config.method != "magnitude" or self.config.owl
 
     def calibration_bytes(self, model: nn.Module, calibration) -> int:
-        from ..sequential import calibration_bytes, decoder_layers
+        from ..sequential import calibration_bytes
 
-        if not self.needs_calibration_for():
-            return 0
-        prefix = decoder_layers(model)[0] + ".0."
-        first = {n: m for n, m in self._checked_targets(model).items() if n.startswith(prefix)}
-        return calibration_bytes(model, calibration.num_samples, calibration.seq_len, first,
-                                 hessians=self.config.method == "sparsegpt")
+        return calibration_bytes(model, calibration.num_samples, calibration.seq_len, self._checked_targets(model),
+                                 hessians=self.config.method == "sparsegpt") if self.needs_calibration_for() else 0
 
     # ---------------------------------------------------------------------------------------------- apply
     def apply(self, model: nn.Module, ctx: PassContext) -> PassReport:
@@ -152,7 +149,7 @@ class Prune(Pass):
                         magnitude(name, model.get_submodule(name))
                 # layer by layer, so that layers left on disk (compress.load(max_memory=...)) are read in turn
                 for_each_layer(model, lambda i, lname, layer: [
-                    magnitude(name, module) for name, module in _in_layer(names, lname, layer).items()])
+                    magnitude(name, module) for name, module in modules_in_layer(names, lname, layer).items()])
             else:
                 ctx.run_sequential(model, lambda step: self._prune_layer(step, names, layer_sparsity, state, label),
                                    pass_name=label)
@@ -313,7 +310,7 @@ class Prune(Pass):
         return layer_sparsity[layer]
 
     def _prune_layer(self, step, names: list[str], layer_sparsity, state: "_RunState", label: str) -> None:
-        mods = _in_layer(names, step.name, step.layer)
+        mods = modules_in_layer(names, step.name, step.layer)
         if not mods:
             return
         sparse_gpt = self.config.method == "sparsegpt"
@@ -389,11 +386,6 @@ class _RunState:
         self.hessian_notes: dict[str, str] = {}
 
 
-
-
-def _in_layer(names: list[str], layer_name: str, layer: nn.Module) -> dict[str, nn.Module]:
-    """The modules among `names` (dotted, from the model's root) inside decoder layer `layer_name`, by name."""
-    return {n: layer.get_submodule(n[len(layer_name) + 1:]) for n in names if n.startswith(layer_name + ".")}
 
 
 def _layer_index(name: str, prefix: str) -> int | None:

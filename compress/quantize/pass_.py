@@ -24,6 +24,7 @@ from ..pass_api import (UNTIED_NOTE, Pass, PassConfig, PassContext, PassReport, 
                         tensor_bytes, timed, untie_output_head)
 from ..prune.sparse_linear import SparseLinear
 from ..registry import register_pass
+from ..sequential import modules_in_layer
 from ..targets import match_modules
 from .bnb import Bnb4bitLinear, Bnb8bitLinear, require_bitsandbytes
 from .gptq import gptq_quantize
@@ -100,13 +101,10 @@ class Quantize(Pass):
         return self.config.method == "gptq"
 
     def calibration_bytes(self, model: nn.Module, calibration) -> int:
-        from ..sequential import calibration_bytes, decoder_layers
+        from ..sequential import calibration_bytes
 
-        if not self.needs_calibration_for():
-            return 0
-        prefix = decoder_layers(model)[0] + ".0."
-        first = {n: m for n, m in self._targets(model)[0].items() if n.startswith(prefix)}
-        return calibration_bytes(model, calibration.num_samples, calibration.seq_len, first, hessians=True)
+        return calibration_bytes(model, calibration.num_samples, calibration.seq_len, self._targets(model)[0],
+                                 hessians=True) if self.needs_calibration_for() else 0
 
     # ---------------------------------------------------------------------------------------------- targets
     def _targets(self, model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, str]]:
@@ -243,7 +241,7 @@ class Quantize(Pass):
                                           bias=getattr(module, "bias", None), mask=mask, nm=nm, dtype=ref.dtype)
 
     def _gptq_layer(self, step, model, names: list[str], restore, notes, label) -> None:
-        mods = {n: step.layer.get_submodule(n[len(step.name) + 1:]) for n in names if n.startswith(step.name + ".")}
+        mods = modules_in_layer(names, step.name, step.layer)
         if not mods:
             return
         accs = {n: HessianAccumulator(m.in_features, step.inputs[0].device) for n, m in mods.items()}

@@ -332,16 +332,16 @@ def _signals_held():
     hidden until a later command put it back). Python runs signal handlers in the main thread whichever thread the
     kernel handed the signal to (a signal mask would hold it for one thread only: torch's and the tokenizers' pools
     would take it), so the handlers are swapped for ones that note the signal, which the previous handlers get after
-    the block. Only from the main thread, where handlers can be set."""
+    the block. Only from the main thread, where handlers can be set. Yields the list of signals noted so far."""
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield []
         return
     caught: list[int] = []
     previous: dict[int, object] = {}
     try:
         for s in (signal.SIGINT, signal.SIGTERM):
             previous[s] = signal.signal(s, lambda signum, frame: caught.append(signum))
-        yield
+        yield caught
     finally:
         raised = []
         for s, handler in previous.items():

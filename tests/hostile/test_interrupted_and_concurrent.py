@@ -297,28 +297,22 @@ def test_the_cli_gives_back_the_callers_sigterm_handler(cli):
 def test_ctrl_c_between_the_swap_s_renames_waits_until_both_are_done(tmp_path, small_model, monkeypatch):
     """A Ctrl-C right after the old checkpoint was moved aside left no checkpoint at the target (the old one hidden
     as `.NAME.old-*` until a later command put it back; an audit widened the gap to see it). Signals now wait for
-    the second rename: the new checkpoint is in place, nothing is left aside, and the interrupt still arrives. The
-    signal goes to another thread, as the kernel may hand it to torch's or the tokenizers' pools (a reviewer's find:
-    a signal mask held it for the main thread only)."""
+    the second rename: the new checkpoint is in place, nothing is left aside, and the interrupt still arrives. (The
+    signal goes to this thread, where it is handled at once; another thread's is the next test's.)"""
     import threading
 
     out = compress.save(small_model(seed=1), tmp_path / "ckpt")
-    real, calls, done = output_folder._rename, [], threading.Event()
-    other = threading.Thread(target=done.wait, daemon=True)
-    other.start()
+    real, calls = output_folder._rename, []
 
     def rename(src, dst):
         real(src, dst)
         calls.append(src)
         if len(calls) == 1:  # between the two renames
-            signal.pthread_kill(other.ident, signal.SIGINT)
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
     monkeypatch.setattr(output_folder, "_rename", rename)
     new = small_model(seed=2)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            compress.save(new, out, overwrite=True)
-    finally:
-        done.set()
+    with pytest.raises(KeyboardInterrupt):
+        compress.save(new, out, overwrite=True)
     monkeypatch.undo()
     assert len(calls) == 2 and output_folder.COMPLETED[-1] == out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
@@ -368,8 +362,10 @@ def test_spill_folders_of_killed_runs_are_swept(tmp_path, monkeypatch):
 
 
 def test_signals_held_during_a_swap_are_handed_on_sigterm_first_with_every_handler_back():
-    """Both signals during the swap: SIGTERM's handler runs first (a scheduler reads its exit code: 143, not 130),
-    and both handlers are back afterwards (one left noting signals would swallow every later Ctrl-C)."""
+    """Both signals during the swap, sent to another thread (the kernel may hand them to torch's or the tokenizers'
+    pools: a signal mask held them for the main thread only, a reviewer's find): noted, then SIGTERM's handler runs
+    first (a scheduler reads its exit code: 143, not 130), and both handlers are back afterwards (one left noting
+    signals would swallow every later Ctrl-C)."""
     import threading
 
     class Terminated(KeyboardInterrupt):
@@ -384,10 +380,13 @@ def test_signals_held_during_a_swap_are_handed_on_sigterm_first_with_every_handl
     other.start()
     try:
         with pytest.raises(Terminated):
-            with output_folder._signals_held():
+            with output_folder._signals_held() as caught:
                 for s in (signal.SIGINT, signal.SIGTERM):
                     signal.pthread_kill(other.ident, s)
-                time.sleep(0.05)  # (both noted here, nothing raised)
+                deadline = time.monotonic() + 30  # until the other thread has run and the main one has noted them
+                while len(caught) < 2 and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                assert sorted(caught) == sorted([signal.SIGINT, signal.SIGTERM])  # noted, nothing raised
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
         assert signal.getsignal(signal.SIGTERM) is terminate
     finally:

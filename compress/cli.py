@@ -151,9 +151,13 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
           dtype, export_format, max_memory, offload_folder, as_json):
     """Run a recipe's passes on a model and export a compressed checkpoint."""
     from . import api, checkpoint, models
+    from .environment import is_main_process, use_local_gpu
     from .recipe import Recipe
 
     r = Recipe.from_yaml(recipe)
+    # under torchrun / accelerate launch every process runs the passes (recover trains data-parallel); the main one
+    # alone checks and writes the output, evaluates and prints
+    main = is_main_process()
     overrides = {"model": model_src, "output": output}  # as given on the command line (None: the recipe's)
     model_src = model_src or r.resolved_model()
     if not model_src:
@@ -197,11 +201,13 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
             api.check_calibration(model, passes, PassContext(
                 calibration=r.calibration, tokenizer=models.load_tokenizer(model_src, strict=True),
                 base_dir=r.base_dir, device=device))
-        if output:
+        if output and main:
             check_output(output, overwrite=overwrite, source=_source_folder(model_src), protected=(Path(recipe),),
                          work=work_folders)
         # each pass against the model the passes before it leave (the meta model is the original one)
         plan = [(p.name, *p.planned(model, passes[:i])) for i, p in enumerate(passes)]
+        if not main:
+            return
         if as_json:
             click.echo(json_out.dumps({"model": model_src, "passes": [{"pass": k, "modules": v, "skipped": s}
                                                                   for k, v, s in plan]}))
@@ -217,9 +223,12 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
         raise CompressError(f"{recipe}: no output folder: add `output: out/NAME` to the recipe or pass --output")
     source_path = models.resolve_model_path(model_src)
     protected = (Path(recipe),) + ((Path(eval_text),) if eval_text else ())
-    check_output(output, overwrite=overwrite, source=_source_folder(model_src), protected=protected,
-                 work=work_folders)
+    if main:  # (another process checking it could find the main one's finished checkpoint there)
+        check_output(output, overwrite=overwrite, source=_source_folder(model_src), protected=protected,
+                     work=work_folders)
     _check_device(device)
+    use_local_gpu(device)
+    do_eval = do_eval and main
     needs_text = do_eval or any(p.needs_calibration_for() for p in passes)
     tokenizer = models.load_tokenizer(model_src, strict=needs_text)
     if do_eval and tokenizer is None:
@@ -244,7 +253,9 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
     if r.calibration is not None and r.calibration.source == "builtin:heldout" and do_eval and not eval_text:
         click.echo("note: the recipe calibrates on builtin:heldout, the text the evaluation scores: the held-out "
                    "numbers will flatter the result (use builtin:calibration)", err=True)
-    model, report = api.apply(model, r, tokenizer=tokenizer, device=device, progress=not as_json)
+    model, report = api.apply(model, r, tokenizer=tokenizer, device=device, progress=not as_json and main)
+    if not main:  # the main process writes the checkpoint (every process holds the same trained model)
+        return
     recipe_text = _recipe_as_run(r, overrides)
     if export_format == "compressed-tensors":
         exported = export(model, output, tokenizer=tokenizer, recipe_text=recipe_text, report=report.to_dict(),

@@ -71,6 +71,30 @@ def world_size() -> int:
     return int(value)
 
 
+def process_rank() -> int:
+    """RANK: this process's place among the launcher's processes (0 when unset, or when RANK is not a number: the
+    launcher sets it, and check_launcher refuses WORLD_SIZE above 1 without it)."""
+    raw = os.environ.get("RANK", "").strip()
+    return int(raw) if raw.isascii() and raw.isdigit() else 0
+
+
+def is_main_process() -> bool:
+    """The process that writes the run's outputs (the checkpoint, the evaluation, the printed tables): the only one
+    in a single-process run, global rank 0 under torchrun / accelerate launch, where every process runs the passes
+    (data-parallel training needs the whole model in each) and two writing one folder collided."""
+    return world_size() == 1 or process_rank() == 0
+
+
+def use_local_gpu(device: str) -> None:
+    """Under a launcher, `cuda` means this process's GPU (LOCAL_RANK), as it does for the Trainer: every process
+    calibrated on GPU 0 before."""
+    raw = os.environ.get("LOCAL_RANK", "").strip()
+    if device == "cuda" and world_size() > 1 and raw.isdigit():
+        import torch
+
+        torch.cuda.set_device(int(raw))
+
+
 def check_launcher() -> None:
     """WORLD_SIZE above 1 needs the launcher's rendezvous (RANK and MASTER_ADDR, which torchrun / accelerate launch
     set): without it accelerate stopped training with a ValueError traceback, after the earlier passes had run."""

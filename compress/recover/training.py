@@ -107,13 +107,28 @@ class WallClockBudget(TrainerCallback):
         self.start = time.monotonic()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if time.monotonic() - self.start >= self.seconds and state.global_step < state.max_steps:  # (the last
-            # step reached the token budget too: that stopped it)
+        over = time.monotonic() - self.start >= self.seconds
+        if args.world_size > 1:  # every process stops at the same step, or the others wait in the next all-reduce
+            over = any_process(over, args.device)
+        if over and state.global_step < state.max_steps:  # (the last step reached the token budget too: that
+            # stopped it)
             self.hit = True
             control.should_training_stop = True
             control.should_save = args.save_strategy != "no"
             control.should_log = True  # the loss at the stop (else last_loss was the last logged step's)
         return control
+
+
+def any_process(flag: bool, device: torch.device) -> bool:
+    """True on every process of a data-parallel run when `flag` is True on any of them (its own clock can cross a
+    time budget a step before another's)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    value = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
 
 
 FULLY_TRAINED_FILE = "compress-fully-trained.safetensors"
@@ -131,7 +146,7 @@ class FullyTrainedParameters(TrainerCallback):
         from safetensors.torch import save_file
 
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if self.params and folder.is_dir():
+        if self.params and state.is_world_process_zero and folder.is_dir():  # (one writer of the file)
             save_file({n: p.detach().cpu().contiguous() for n, p in self.params.items()}, folder / FULLY_TRAINED_FILE)
         return control
 

@@ -225,7 +225,7 @@ class Recover(Pass):
     # ---------------------------------------------------------------------------------------------- apply
     def apply(self, model: nn.Module, ctx: PassContext) -> PassReport:
         from .lora import quiet_rewrap, wrap_for_lora
-        from .training import TrainingPlan, steps_for_budget, train
+        from .training import TrainingPlan, checkpoint_progress, steps_for_budget, train
         from peft import LoraConfig, get_peft_model
 
         c = self.config
@@ -249,7 +249,8 @@ class Recover(Pass):
         self.located(lambda: (check_same_run(self._planned(model, targets, ctx), c.checkpoint_dir, c.resume_from),
                               resume and check_adapter_shapes(resume, shapes, c.r, c.checkpoint_dir, c.resume_from)))
         seq_len = self._seq_len(ctx)  # the budget holds a step: check_with_calibration, before any work
-        max_steps = steps_for_budget(c.max_tokens, c.batch_size, seq_len, world)
+        done = checkpoint_progress(resume, c.batch_size * seq_len * world) if resume is not None else (0, 0)
+        max_steps = steps_for_budget(c.max_tokens, c.batch_size, seq_len, world, done)
         windows = self._training_windows(ctx, max_steps * c.batch_size * world, seq_len)
         device = next(model.parameters()).device
         trainable_before = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -268,7 +269,7 @@ class Recover(Pass):
                                 output_dir=output_dir, save_steps=c.save_steps if c.checkpoint_dir else None,
                                 resume_from=str(resume) if resume is not None else None, seed=c.seed,
                                 device=ctx.device, progress=ctx.progress, aux_weight=c.aux_weight,
-                                fully_trained=fully_trained)
+                                fully_trained=fully_trained, done=done)
             if c.checkpoint_dir:  # what the next run that finds these checkpoints compares (resume.py)
                 write_record(c.checkpoint_dir, self._planned(model, targets, ctx))
             runtimes = _decoded_for_training(model) if ctx.device == "cpu" else {}

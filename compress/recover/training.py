@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
-from transformers.trainer_utils import get_last_checkpoint
 
 
 class WindowDataset(torch.utils.data.Dataset):
@@ -188,10 +187,40 @@ class TrainingPlan:
     progress: bool
     aux_weight: float = 0.0         # weight of the modules' auxiliary losses (MoM load balance)
     fully_trained: dict[str, nn.Parameter] | None = None  # trained in full beside LoRA: kept in each checkpoint
+    done: tuple[int, int] = (0, 0)  # (steps, tokens) the checkpoint it resumes from had trained
 
 
-def steps_for_budget(max_tokens: int, batch_size: int, seq_len: int, world_size: int = 1) -> int:
-    return max(1, max_tokens // (batch_size * seq_len * world_size))
+def steps_for_budget(max_tokens: int, batch_size: int, seq_len: int, world_size: int = 1,
+                     done: tuple[int, int] = (0, 0)) -> int:
+    """The Trainer's max_steps: the steps a resumed checkpoint took (`done` = its steps, tokens) plus the steps of
+    this run's size that fit the tokens left. A resumed run at another batch_size or number of processes counted its
+    budget in its own steps: twice the batch stopped at half the tokens while reporting them all."""
+    steps_done, tokens_done = done
+    left = max(0, max_tokens - tokens_done) // (batch_size * seq_len * world_size)
+    return steps_done + left if steps_done else max(1, left)
+
+
+def checkpoint_progress(checkpoint: str | Path, tokens_per_step: int) -> tuple[int, int]:
+    """(steps, tokens) a Trainer checkpoint of a recover run had trained. Tokens are counted into the Trainer's
+    state (TokenCount); a checkpoint written before that has none and is taken to have run at this run's
+    `tokens_per_step` (all processes together)."""
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
+    steps = int(state.get("global_step", 0))
+    return steps, int(state.get("num_input_tokens_seen") or steps * tokens_per_step)
+
+
+class TokenCount(TrainerCallback):
+    """The tokens trained, in the Trainer's state (saved with each checkpoint, read back on resume): every step
+    takes `tokens_per_step` (all processes together; the windows have one length)."""
+
+    def __init__(self, tokens_per_step: int, tokens_before: int):
+        self.tokens_per_step, self.tokens_before = tokens_per_step, tokens_before
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        state.num_input_tokens_seen = self.tokens_before  # (also for a checkpoint that did not count them)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        state.num_input_tokens_seen += self.tokens_per_step
 
 
 def train(peft_model: nn.Module, plan: TrainingPlan, teacher: nn.Module | None, kl_weight: float) -> dict:
@@ -220,19 +249,18 @@ def train(peft_model: nn.Module, plan: TrainingPlan, teacher: nn.Module | None, 
     )
     budget = WallClockBudget(plan.max_seconds)
     full = FullyTrainedParameters(plan.fully_trained or {})
+    per_step = plan.tokens_per_step * args.world_size
     trainer = RecoveryTrainer(model=peft_model, args=args, train_dataset=plan.windows,
-                              callbacks=[budget, full], teacher=teacher, kl_weight=kl_weight,
+                              callbacks=[budget, full, TokenCount(per_step, plan.done[1])], teacher=teacher,
+                              kl_weight=kl_weight,
                               aux_weight=plan.aux_weight)
     if not plan.progress:  # no bar, and no log lines on stdout (the CLI's --json owns it)
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(ProgressCallback)
     resume = plan.resume_from
-    if resume is None and plan.save_steps and plan.output_dir.is_dir():
-        resume = get_last_checkpoint(str(plan.output_dir))
-    resumed_at = 0
     if resume is not None:
         full.restore(resume)
-        resumed_at = json.loads((Path(resume) / "trainer_state.json").read_text(encoding="utf-8")).get("global_step", 0)
+    resumed_at = plan.done[0]
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
     history = trainer.state.log_history
@@ -243,10 +271,10 @@ def train(peft_model: nn.Module, plan: TrainingPlan, teacher: nn.Module | None, 
     return {
         "steps": trainer.state.global_step,
         "max_steps": plan.max_steps,
-        "tokens": trainer.state.global_step * plan.tokens_per_step * args.world_size,  # both runs when resumed
+        "tokens": trainer.state.num_input_tokens_seen,  # both runs when resumed (TokenCount)
         # what this run trained, in the time `seconds` measures (the same as steps/tokens unless it resumed)
         "steps_this_run": trainer.state.global_step - resumed_at,
-        "tokens_this_run": (trainer.state.global_step - resumed_at) * plan.tokens_per_step * args.world_size,
+        "tokens_this_run": trainer.state.num_input_tokens_seen - plan.done[1],
         "seconds": round(time.perf_counter() - start, 2),
         "stopped_by": "wall_clock" if budget.hit else "token_budget",
         # where the schedule (sized by max_tokens: warm-up, then cosine decay) stood at the end, as a share of lr

@@ -205,6 +205,39 @@ def test_training_resumes_from_trainer_checkpoints(tmp_path, pruned_2of4, refere
         recover(copy.deepcopy(pruned_2of4), reference_tokenizer, resume_from=str(tmp_path / "nope"))
 
 
+def test_a_resumed_run_at_another_batch_size_trains_the_tokens_left(tmp_path, pruned_2of4, reference_tokenizer):
+    """The budget was counted in the resumed run's own steps: at twice the batch it stopped at half the tokens asked
+    for and reported them all (steps x this run's batch)."""
+    folder = tmp_path / "trainer"
+    batch = SMALL["batch_size"]
+    _, first = recover(copy.deepcopy(pruned_2of4), reference_tokenizer, max_tokens=4 * 128, checkpoint_dir=str(folder),
+                       save_steps=2)
+    assert (first["steps"], first["tokens"]) == (4, 4 * 128)
+    _, resumed = recover(copy.deepcopy(pruned_2of4), reference_tokenizer, max_tokens=12 * 128, batch_size=2 * batch,
+                         checkpoint_dir=str(folder), save_steps=2)
+    # 8 x 128 tokens left, 256 a step now: 4 more steps
+    assert resumed["resumed_from"].endswith("checkpoint-4") and resumed["steps"] == 8
+    assert (resumed["tokens_this_run"], resumed["tokens"]) == (8 * 128, 12 * 128)
+    state = json.loads((folder / "checkpoint-8" / "trainer_state.json").read_text())
+    assert state["num_input_tokens_seen"] == 12 * 128  # what the next resume reads
+    # a budget already spent trains nothing more
+    _, spent = recover(copy.deepcopy(pruned_2of4), reference_tokenizer, max_tokens=10 * 128,
+                       checkpoint_dir=str(folder), save_steps=2)
+    assert (spent["steps_this_run"], spent["tokens_this_run"], spent["tokens"]) == (0, 0, 12 * 128)
+
+
+def test_checkpoint_progress_of_a_checkpoint_that_counted_no_tokens(tmp_path):
+    """Checkpoints written before the count: taken at this run's tokens per step."""
+    from compress.recover.training import checkpoint_progress, steps_for_budget
+
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"global_step": 6}))
+    assert checkpoint_progress(tmp_path, 100) == (6, 600)
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"global_step": 6, "num_input_tokens_seen": 300}))
+    assert checkpoint_progress(tmp_path, 100) == (6, 300)
+    assert steps_for_budget(1000, 2, 25, 2, done=(6, 300)) == 6 + 7
+    assert steps_for_budget(1000, 2, 25, 2) == 10 and steps_for_budget(10, 2, 25) == 1
+
+
 def test_recipe_without_calibration_is_refused():
     with pytest.raises(compress.RecipeError, match="needs calibration data"):
         compress.Recipe.from_text("model: builtin:tiny\npasses:\n  - recover: {max_tokens: 1000}\n")
@@ -247,7 +280,7 @@ def test_wall_clock_budget_names_what_stopped_the_run():
 
     from compress.recover.training import WallClockBudget
 
-    args = SimpleNamespace(save_strategy="no")
+    args = SimpleNamespace(save_strategy="no", world_size=1, device=torch.device("cpu"))
     for step, max_steps, hit in ((5, 5, False), (3, 5, True)):
         budget, control = WallClockBudget(seconds=0.0), TrainerControl()
         budget.on_train_begin(args, TrainerState(), control)

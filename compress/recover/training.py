@@ -86,11 +86,14 @@ class RecoveryTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        # the two loss terms, averaged since the last log line, beside the Trainer's total
-        for key, values in self._parts.items():
-            if values and "loss" in logs:
-                logs[key] = round(sum(values) / len(values), 4)
+        # the loss terms, averaged since the last log line and over the processes, as the Trainer's total is (one
+        # process's terms beside all processes' total did not add up)
+        if "loss" in logs:
+            means = {key: sum(values) / len(values) for key, values in self._parts.items() if values}
+            for values in self._parts.values():
                 values.clear()
+            for key, value in mean_over_processes(means, self.args.device).items():
+                logs[key] = round(value, 4)
         super().log(logs, *args, **kwargs)
 
 
@@ -128,6 +131,19 @@ def any_process(flag: bool, device: torch.device) -> bool:
     value = torch.tensor([int(flag)], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
+
+
+def mean_over_processes(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Each value averaged over the processes of a data-parallel run (every process logs the same keys at the same
+    steps); the values themselves in one process."""
+    import torch.distributed as dist
+
+    if not values or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    keys = sorted(values)
+    summed = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(summed)
+    return {k: float(v) / dist.get_world_size() for k, v in zip(keys, summed.tolist())}
 
 
 FULLY_TRAINED_FILE = "compress-fully-trained.safetensors"

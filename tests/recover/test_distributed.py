@@ -63,7 +63,7 @@ import json, sys
 from types import SimpleNamespace
 import torch, torch.distributed as dist
 from transformers import TrainerControl
-from compress.recover.training import WallClockBudget
+from compress.recover.training import WallClockBudget, mean_over_processes
 
 dist.init_process_group("gloo")
 rank = dist.get_rank()
@@ -72,24 +72,26 @@ budget.on_train_begin(None, None, None)
 args = SimpleNamespace(world_size=2, device=torch.device("cpu"), save_strategy="no")
 control = budget.on_step_end(args, SimpleNamespace(global_step=3, max_steps=10), TrainerControl())
 with open(sys.argv[1] + f".{rank}", "w") as f:
-    json.dump({"stop": control.should_training_stop, "hit": budget.hit}, f)
+    json.dump({"stop": control.should_training_stop, "hit": budget.hit,
+               "mean": mean_over_processes({"nll": 1.0 + 2 * rank, "kl": 0.5 * rank}, torch.device("cpu"))}, f)
 dist.destroy_process_group()
 """
 
 
 def test_a_wall_clock_stop_on_one_process_stops_every_process(tmp_path):
     """Each process read its own clock: one stopped at step 3 while the other went on into step 4's all-reduce and
-    waited there for good."""
+    waited there for good. The logged loss terms are means over the processes, as the Trainer's loss is."""
     script = tmp_path / "wall_clock.py"
     script.write_text(WALL_CLOCK)
     run = launch(script, tmp_path / "decided", cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     decided = [json.loads((tmp_path / f"decided.{rank}").read_text()) for rank in (0, 1)]
-    assert decided == [{"stop": True, "hit": True}] * 2
+    assert decided == [{"stop": True, "hit": True, "mean": {"kl": 0.25, "nll": 2.0}}] * 2
 
 
-def test_any_process_without_a_process_group_is_the_flag_itself():
-    from compress.recover.training import any_process
+def test_without_a_process_group_each_process_keeps_its_own_values():
+    from compress.recover.training import any_process, mean_over_processes
 
     assert any_process(True, torch.device("cpu")) is True
     assert any_process(False, torch.device("cpu")) is False
+    assert mean_over_processes({"nll": 3.0}, torch.device("cpu")) == {"nll": 3.0}

@@ -3,9 +3,32 @@ quantization): H = 2/n sum_t x_t x_t^T accumulated over calibration tokens, the 
 and the treatment of input features that never fire."""
 from __future__ import annotations
 
+import functools
 import math
+import threading
 
 import torch
+
+# torch's thread count is one setting for the whole process: a pinned section in one Python thread changed it under
+# another's (two applies at once), and a restore could leave the other's pin in place
+_PINNED = threading.RLock()
+
+
+def thread_independent(fn):
+    """Run `fn` on one CPU thread: torch's CPU Cholesky and matrix products split their sums by thread count, so the
+    OBS updates (SparseGPT's weights and masks at near ties, GPTQ's codes: 4.5% of int4 codes by the sixth layer of
+    builtin:tiny) would otherwise change with torch.get_num_threads(). The calibration forwards keep every thread;
+    pinned sections of concurrent calls run one at a time."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with _PINNED:
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                torch.set_num_threads(threads)
+    return wrapper
 
 
 class HessianAccumulator:

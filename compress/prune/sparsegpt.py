@@ -7,12 +7,12 @@ over the not-yet-processed columns of its row (the OBS update), and the block's 
 the remaining columns at once (lazy batch update)."""
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 
 import torch
 
-from ..hessian import HessianAccumulator, drop_dead_inputs, inverse_hessian_factor  # noqa: F401 (re-exported)
+from ..hessian import (HessianAccumulator, drop_dead_inputs, inverse_hessian_factor,  # noqa: F401 (re-exported)
+                       thread_independent)
 
 
 @dataclass
@@ -23,21 +23,6 @@ class SparseGPTResult:
     retries: int = 0               # how many times dampening was increased
     fallback: str | None = None    # why the OBS update was skipped, if it was
     notes: list[str] = field(default_factory=list)
-
-
-def thread_independent(fn):
-    """Run `fn` on one CPU thread: torch's CPU Cholesky and matrix products split their sums by thread count, so the
-    OBS update (and the mask, at near ties) would otherwise change with torch.get_num_threads(). The cost is small:
-    the per-layer OBS math is a fraction of a pass, and calibration forwards keep every thread."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            torch.set_num_threads(threads)
-    return wrapper
 
 
 @thread_independent

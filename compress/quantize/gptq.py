@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..hessian import drop_dead_inputs, inverse_hessian_factor
+from ..hessian import drop_dead_inputs, inverse_hessian_factor, thread_independent
 from .int_quant import group_params, quantize_codes, quantize_rtn
 
 
@@ -31,6 +31,7 @@ class GPTQResult:
     notes: list[str] = field(default_factory=list)
 
 
+@thread_independent
 @torch.no_grad()
 def gptq_quantize(
     weight: torch.Tensor,

@@ -2,12 +2,14 @@
 model's config (the checkpoint's `compression` section)."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from pydantic import ValidationError
+import torch
 from torch import nn
 
 from .calibration import CalibrationSpec, batches_hash
@@ -128,9 +130,13 @@ def apply(
     device: str = "cpu",
     progress: bool = True,
 ) -> tuple[nn.Module, ApplyReport]:
-    """Apply a `Recipe` or a list of `Pass` instances to `model` in place; returns (model, report)."""
-    from .models import check_device
+    """Apply a `Recipe` or a list of `Pass` instances to `model` in place; returns (model, report). The caller's
+    random state (torch, CUDA, `random`, numpy) is as it was: passes seed their own work (recover's Trainer reseeded
+    all of them)."""
+    from .models import check_device, unwrapped
     from .recipe import Recipe
+
+    given, model = model, unwrapped(model, "apply()")  # (a torch.compile'd model: the compiled forward follows)
 
     recipe_text, base_dir = None, None
     if isinstance(recipe_or_passes, Recipe):
@@ -186,7 +192,11 @@ def apply(
     stored = report.stored_bytes_before = stored_bytes(model, storage)
     for p in passes:
         # a mistake only the earlier passes' result shows (e.g. MoM's new modules) also names its recipe line
-        r = p.located(lambda: p.apply(model, ctx))
+        with caller_random_state():
+            r = p.located(lambda: p.apply(model, ctx))
+        if not isinstance(r, PassReport):
+            raise CompressError(f"pass {p.name!r}: apply() returned {type(r).__name__}, not a PassReport (return "
+                                "compress.PassReport(name=self.name, modules=[...]) naming what it changed)")
         r.stored_bytes_before, stored = stored, stored_bytes(model, storage)
         r.stored_bytes_after = stored
         for earlier, earlier_report in zip(passes, report.passes):
@@ -201,4 +211,21 @@ def apply(
     source = previous.get("source_model") or getattr(model, "compress_source", None)
     model.config.compression = compression_record(entries, recipe_text, report.calibration_hash, source)
     route_save_pretrained(model)  # transformers' own wrote a folder plain transformers loaded silently wrong
-    return model, report
+    return given, report
+
+
+@contextlib.contextmanager
+def caller_random_state():
+    """Restore torch's (CPU and initialized CUDA devices'), `random`'s and numpy's random state on the way out."""
+    import random
+
+    import numpy as np
+
+    py, np_state = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(np_state)

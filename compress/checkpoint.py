@@ -118,8 +118,11 @@ def save(
 ) -> Path:
     """Write a checkpoint atomically. The `compression` section comes from `model.config.compression` (set by
     `compress.apply`); a model never compressed is saved with an empty pass list."""
+    from .models import unwrapped
+
     if not isinstance(overwrite, bool):  # "no" from a config file is truthy: never replace a folder on a guess
         raise CompressError(f"overwrite must be True or False, got {overwrite!r}")
+    model = unwrapped(model, "save()")
     if not isinstance(model, nn.Module) or not hasattr(model, "config"):
         raise CompressError(f"save() takes a model from compress.load / compress.apply, got {type(model).__name__}")
     if tokenizer is not None and not callable(getattr(tokenizer, "save_pretrained", None)):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -169,7 +170,8 @@ def load(
         path = resolve_model_path(source)
         before = _folder_identity(path)
         try:
-            model, stored_as = _read_folder(path, dtype, device, allow_pickle, meta, max_memory, offload_folder)
+            with _BUILDING:
+                model, stored_as = _read_folder(path, dtype, device, allow_pickle, meta, max_memory, offload_folder)
         except Exception:
             if _folder_identity(path) == before:
                 raise
@@ -193,6 +195,25 @@ def load(
         model.to(device)
         set_sparse_runtime(model, sparse_runtime)
     model.eval()
+    return model
+
+
+# transformers builds a model under torch's default dtype, one setting for the whole process: two loads at once in
+# two threads built models of mixed dtypes (float32 tensors among bfloat16 ones) and left the default at bfloat16
+_BUILDING = threading.RLock()
+
+
+def unwrapped(model, caller: str):
+    """The transformers model under `torch.compile`'s wrapper (its module names carry `_orig_mod.`, which a checkpoint
+    then held and no load found); PEFT's wrapper refused in one line (its LoRA matrices were quantized as layers and
+    the checkpoint did not load)."""
+    inner = getattr(model, "_orig_mod", None)
+    if isinstance(model, nn.Module) and isinstance(inner, nn.Module) and type(model).__name__ == "OptimizedModule":
+        model = inner
+    if type(model).__module__.split(".")[0] == "peft":
+        raise CompressError(f"{caller} takes the transformers model, not PEFT's {type(model).__name__}: merge the "
+                            "adapter first (model = model.merge_and_unload()); to train LoRA after compressing, "
+                            "add a recover pass")
     return model
 
 

@@ -7,7 +7,7 @@ import importlib
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING
 
-from .errors import CompressError
+from .errors import CompressError, ConfigError
 
 if TYPE_CHECKING:
     from .pass_api import Pass
@@ -28,11 +28,16 @@ def register_pass(name: str):
 
     def decorate(cls: type["Pass"]) -> type["Pass"]:
         existing = _PASSES.get(name)
-        if existing is not None and existing is not cls:
-            raise ValueError(f"pass name {name!r} is already registered by {existing.__module__}.{existing.__qualname__}")
+        # the same class defined again (a notebook cell run twice) takes the name over; another class may not
+        redefined = existing is not None and (existing.__module__, existing.__qualname__) == (cls.__module__,
+                                                                                              cls.__qualname__)
+        if existing is not None and existing is not cls and not redefined:
+            raise ConfigError(f"pass name {name!r} is already registered by {existing.__module__}."
+                              f"{existing.__qualname__}; register {cls.__name__} under another name")
         home = BUILTIN.get(name, ":").split(":")[0]
         if home and cls.__module__ != home and not cls.__module__.startswith(home + "."):  # even before it loads
-            raise ValueError(f"pass name {name!r} is already registered: built in ({BUILTIN[name]})")
+            raise ConfigError(f"pass name {name!r} is already registered: built in ({BUILTIN[name]}); register "
+                              f"{cls.__name__} under another name")
         cls.name = name
         _PASSES[name] = cls
         return cls

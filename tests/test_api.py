@@ -79,10 +79,130 @@ def test_third_party_pass_registers_through_entry_points(monkeypatch):
 
 
 def test_duplicate_registration_is_refused():
-    with pytest.raises(ValueError, match="already registered"):
+    with pytest.raises(ConfigError, match="already registered"):  # (a plain ValueError before)
         @compress.register_pass("prune")
         class Other(compress.Pass):
             pass
+
+
+def test_a_pass_class_defined_again_takes_its_name_over(monkeypatch):
+    """A notebook cell run twice defines the class again: that was refused as another class's name."""
+    monkeypatch.setattr(registry, "_PASSES", dict(registry._PASSES))
+
+    def define():
+        @compress.register_pass("cell_pass")
+        class CellPass(compress.Pass):
+            pass
+        return CellPass
+
+    first, second = define(), define()
+    assert first is not second and compress.get_pass("cell_pass") is second
+    with pytest.raises(ConfigError, match="already registered by .*CellPass; register Another under another name"):
+        @compress.register_pass("cell_pass")
+        class Another(compress.Pass):
+            pass
+
+
+class Reseeding(compress.Pass):
+    """Draws from (and reseeds) every global generator, as transformers' Trainer does in recover."""
+
+    name = "reseeding"
+
+    def apply(self, model, ctx):
+        import random
+
+        import numpy as np
+
+        torch.manual_seed(1), random.seed(1), np.random.seed(1)
+        torch.rand(3), random.random(), np.random.rand()
+        return compress.PassReport(name=self.name, modules=[])
+
+
+class Forgetful(Reseeding):
+    def apply(self, model, ctx):
+        super().apply(model, ctx)  # and returns nothing
+
+
+def test_apply_leaves_the_callers_random_state_alone(tiny_model):
+    import random
+
+    import numpy as np
+
+    def draws():
+        return torch.rand(2).tolist(), random.random(), float(np.random.rand())
+
+    model = tiny_model("llama")  # (seeds torch)
+    torch.manual_seed(7), random.seed(7), np.random.seed(7)
+    expected = draws()
+    torch.manual_seed(7), random.seed(7), np.random.seed(7)
+    compress.apply(model, [Reseeding()], progress=False)
+    assert draws() == expected
+
+
+def test_a_pass_that_returns_no_report_is_named(tiny_model):
+    """It was an AttributeError on NoneType inside apply (the README's stub pass has a `...` body)."""
+    with pytest.raises(CompressError, match="pass 'reseeding': apply\(\) returned NoneType, not a PassReport"):
+        compress.apply(tiny_model("llama"), [Forgetful()], progress=False)
+
+
+def test_loads_in_two_threads_build_one_model_at_a_time(monkeypatch):
+    """transformers builds under torch's process-wide default dtype: two loads at once gave a model with float32
+    tensors among bfloat16 ones, and left the default at bfloat16."""
+    import threading
+    import time
+
+    from compress import models
+
+    inside, most, read = [0], [0], models._read_folder
+    counting = threading.Lock()
+
+    def slow_read(*args, **kwargs):
+        with counting:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        time.sleep(0.3)  # long enough for the other thread to arrive
+        try:
+            return read(*args, **kwargs)
+        finally:
+            with counting:
+                inside[0] -= 1
+
+    monkeypatch.setattr(models, "_read_folder", slow_read)
+    loaded = []
+    threads = [threading.Thread(target=lambda: loaded.append(compress.load("builtin:tiny"))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert most[0] == 1 and len(loaded) == 2 and torch.get_default_dtype() == torch.float32
+    assert {p.dtype for m in loaded for p in m.parameters()} == {next(loaded[0].parameters()).dtype}
+
+
+def test_a_peft_wrapped_model_is_refused_in_one_line(tiny_model, tmp_path):
+    """apply quantized LoRA's own matrices as layers, and the checkpoint it saved did not load."""
+    from peft import LoraConfig, get_peft_model
+
+    wrapped = get_peft_model(tiny_model("llama"), LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(CompressError, match="apply\(\) takes the transformers model, not PEFT's PeftModel"
+                                            ".*merge_and_unload"):
+        compress.apply(wrapped, [compress.passes.Quantize(method="rtn", bits=4, group_size=32)], progress=False)
+    with pytest.raises(CompressError, match="save\(\) takes the transformers model, not PEFT's"):
+        compress.save(wrapped, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_compiled_model_is_compressed_and_saved_as_its_module(tiny_model, tmp_path):
+    """The checkpoint held `_orig_mod.`-prefixed names, and compress.load refused it."""
+    model = tiny_model("llama")
+    compiled = torch.compile(model)
+    same, report = compress.apply(compiled, [compress.passes.Quantize(method="rtn", bits=4, group_size=32)],
+                                  progress=False)
+    assert same is compiled and not any(m.startswith("_orig_mod") for m in report.passes[0].modules)
+    compress.save(compiled, tmp_path / "x")
+    ids = torch.arange(3, 20).unsqueeze(0)
+    with torch.no_grad():
+        assert torch.allclose(compress.load(tmp_path / "x", dtype="float32")(ids).logits, model(ids).logits,
+                              atol=1e-5)
 
 
 def test_bitsandbytes_cpu_kernel_warning_is_filtered():

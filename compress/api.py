@@ -138,8 +138,9 @@ def apply(
 
     given, model = model, unwrapped(model, "apply()")  # (a torch.compile'd model: the compiled forward follows)
 
-    recipe_text, base_dir = None, None
+    recipe_text, base_dir, export_format = None, None, None
     if isinstance(recipe_or_passes, Recipe):
+        export_format = recipe_or_passes.export_format
         passes: Sequence[Pass] = recipe_or_passes.build_passes()
         calibration = calibration or recipe_or_passes.calibration
         recipe_text = recipe_or_passes.text
@@ -211,6 +212,8 @@ def apply(
     source = previous.get("source_model") or getattr(model, "compress_source", None)
     model.config.compression = compression_record(entries, recipe_text, report.calibration_hash, source)
     route_save_pretrained(model)  # transformers' own wrote a folder plain transformers loaded silently wrong
+    if export_format:  # the recipe's `export: {format: ...}`, which compress.save writes by default
+        model.compress_export_format = export_format
     return given, report
 
 

@@ -115,9 +115,12 @@ def save(
     report: dict | Any | None = None,  # a dict, or the ApplyReport compress.apply returns
     overwrite: bool = False,
     max_shard_bytes: int | str = DEFAULT_MAX_SHARD_BYTES,
+    format: str | None = None,
 ) -> Path:
     """Write a checkpoint atomically. The `compression` section comes from `model.config.compression` (set by
-    `compress.apply`); a model never compressed is saved with an empty pass list."""
+    `compress.apply`); a model never compressed is saved with an empty pass list. `format`: "native" (compress.load
+    reads it) or "compressed-tensors" (transformers and vLLM read it; what compress export writes); by default the
+    format of the recipe compress.apply ran (`export: {format: ...}`, which was dropped here), else native."""
     from .models import unwrapped
 
     if not isinstance(overwrite, bool):  # "no" from a config file is truthy: never replace a folder on a guess
@@ -138,6 +141,14 @@ def save(
     from .offload import parse_bytes
 
     max_shard_bytes = parse_bytes(max_shard_bytes, "max_shard_bytes")  # "2GB" too, as max_memory takes
+    format = format if format is not None else getattr(model, "compress_export_format", None) or "native"
+    if format == "compressed-tensors":
+        from .export.compressed_tensors import export
+
+        export(model, folder, tokenizer=tokenizer, recipe_text=recipe_text, report=report, overwrite=overwrite)
+        return Path(folder)
+    if format != "native":
+        raise CompressError(f"format= takes 'native' or 'compressed-tensors', got {format!r:.80}")
     return write_folder(folder, lambda tmp: _write(model, tmp, tokenizer, recipe_text, report, max_shard_bytes),
                         overwrite=overwrite, source=_source_folder(model))
 

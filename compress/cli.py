@@ -262,7 +262,7 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
                           overwrite=overwrite).to_dict()
     else:
         checkpoint.save(model, output, tokenizer=tokenizer, recipe_text=recipe_text, report=report.to_dict(),
-                        overwrite=overwrite)
+                        overwrite=overwrite, format="native")  # (--format native over the recipe's export)
         exported = {"format": "native"}
     click.get_current_context().meta[WRITTEN] = str(output)  # an error or Ctrl-C in the evaluation says so
     result = {"model": model_src, "output": str(output), **report.to_dict(), "export": exported}

@@ -57,6 +57,26 @@ def test_compose_all_runs_end_to_end_and_inspect_shows_one_budget(tmp_path):
     assert "KV cache per token (gear 4-bit)" in table.output and "budget" in table.output
 
 
+def test_python_save_writes_the_format_of_the_recipe_apply_ran(tmp_path):
+    """compress.apply(model, recipe) then compress.save wrote native whatever the recipe's `export:` said."""
+    recipe = compress.Recipe.from_text("model: builtin:tiny\npasses:\n  - quantize: {method: rtn, bits: 4, "
+                                       "group_size: 64}\nexport: {format: compressed-tensors}\n")
+    model, _ = compress.apply(compress.load("builtin:tiny"), recipe, progress=False)
+    compress.save(model, tmp_path / "ct")
+    config = json.loads((tmp_path / "ct" / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+    compress.save(model, tmp_path / "native", format="native")
+    assert "quantization_config" not in json.loads((tmp_path / "native" / "config.json").read_text())
+    with pytest.raises(compress.CompressError, match="format= takes 'native' or 'compressed-tensors', got 'gguf'"):
+        compress.save(model, tmp_path / "x", format="gguf")
+    assert not (tmp_path / "x").exists()
+    # on the command line --format native still wins over the recipe's export
+    (tmp_path / "ct.yaml").write_text(recipe.text)
+    result = run("apply", tmp_path / "ct.yaml", "--output", tmp_path / "cli", "--no-eval", "--format", "native")
+    assert result.exit_code == 0, result.output
+    assert "quantization_config" not in json.loads((tmp_path / "cli" / "config.json").read_text())
+
+
 def test_apply_format_compressed_tensors(tmp_path):
     recipe = tmp_path / "w4.yaml"
     recipe.write_text("model: builtin:tiny\npasses:\n  - prune: {method: magnitude, structure: \"2:4\"}\n"

@@ -5,6 +5,7 @@ A pass is a class registered under a name (`@register_pass`), with a pydantic `C
 compressed module structure from a checkpoint's `compression` entry before the state dict loads."""
 from __future__ import annotations
 
+import inspect
 import time
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -142,6 +143,16 @@ class PassContext:
         )
 
 
+def _signature(config: type[PassConfig]) -> inspect.Signature:
+    """`Name(config=None, *, setting=default, ...)`, a pass's settings as keyword arguments."""
+    settings = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=field.annotation,
+                                  default=inspect.Parameter.empty if field.is_required()
+                                  else field.get_default(call_default_factory=True))
+                for name, field in config.model_fields.items()]
+    return inspect.Signature([inspect.Parameter("config", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None),
+                              *settings])
+
+
 class Pass:
     """Base class of compression passes. Subclasses set `Config`, and may set `needs_calibration`."""
 
@@ -155,6 +166,10 @@ class Pass:
     # True when the pass reaches decoder layers only through ctx.run_sequential / sequential.for_each_layer, so it
     # runs on a model whose layers are left on disk (compress.load(max_memory=...))
     supports_offload: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any):
+        super().__init_subclass__(**kwargs)
+        cls.__signature__ = _signature(cls.Config)  # help(Prune) showed (config=None, **kwargs), not the settings
 
     def __init__(self, config: PassConfig | dict | None = None, **kwargs: Any):
         name = type(self).__name__

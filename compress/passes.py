@@ -14,3 +14,7 @@ def __getattr__(name: str):
     if name in _CLASSES:
         return getattr(importlib.import_module(_CLASSES[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:  # tab completion lists the pass classes (imported on first use)
+    return sorted({*globals(), *_CLASSES})

@@ -181,11 +181,14 @@ class Recipe:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "Recipe":
+        """Read and validate a recipe file (model, calibration, passes, output, export): every mistake is a
+        RecipeError naming its file:line:column; a calibration `source` path is taken from the file's folder."""
         path = Path(path)
         return cls.from_text(read_recipe_text(path), source=str(path), base_dir=path.parent)
 
     @classmethod
     def from_text(cls, text: str, source: str = "<recipe>", base_dir: Path | None = None) -> "Recipe":
+        """A recipe from its YAML text; `source` names it in errors, `base_dir` is where relative paths start."""
         if not isinstance(text, str):  # bytes too: the recipe's text is recorded (and hashed) in the checkpoint
             raise RecipeError([f"{source}: Recipe.from_text takes the YAML text as a str, got {type(text).__name__} "
                                "(decode bytes first, or use Recipe.from_yaml(path))"])

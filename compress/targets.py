@@ -69,7 +69,11 @@ def within(name: str, module: str) -> bool:
 def closest(pattern: str, model: nn.Module) -> str:
     names = [n for n, _ in model.named_modules() if n]
     classes = sorted({type(m).__name__ for _, m in model.named_modules()})
-    key = pattern[3:] if pattern.startswith("re:") else pattern
+    key = pattern
+    if pattern.startswith("re:"):  # the regex's longest literal word against the modules' own names ("re:.*q_prj$"
+        # was compared whole to full paths and suggested ModuleList)
+        key = max(re.findall(r"[A-Za-z0-9_]+", pattern[3:]) or [""], key=len)
+        names = sorted({n.rsplit(".", 1)[-1] for n in names if not n.rsplit(".", 1)[-1].isdigit()})
     close = difflib.get_close_matches(key, names + classes, n=3, cutoff=0.4)
     if close:
         return f"; closest module names: {', '.join(close)}"

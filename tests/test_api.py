@@ -40,6 +40,15 @@ def test_bad_arguments_in_code_are_config_errors():
         compress.apply(torch.nn.Linear(2, 2), ["prune"])
 
 
+def test_pass_classes_show_their_settings():
+    """help(compress.passes.Prune) showed (config=None, **kwargs); dir(compress.passes) listed no pass class."""
+    import inspect
+
+    signature = inspect.signature(compress.passes.Prune)
+    assert signature.parameters["sparsity"].default == 0.5 and signature.parameters["targets"].default == ["Linear"]
+    assert list(signature.parameters)[0] == "config" and "Quantize" in dir(compress.passes)
+
+
 def test_unknown_pass_suggests_close_names():
     with pytest.raises(CompressError, match="did you mean 'prune'"):
         compress.get_pass("prnue")

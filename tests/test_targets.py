@@ -31,6 +31,9 @@ def test_target_matching_nothing_names_the_closest(tiny_model):
         match_modules(model, ["model.layers.1.self_attn.qproj"])
     with pytest.raises(TargetError, match="matches no module.*Linear"):
         match_modules(model, ["Linaer"])
+    # a regex: its literal word against the modules' own names (it suggested ModuleList)
+    with pytest.raises(TargetError, match="closest module names: q_proj"):
+        match_modules(model, ["re:.*q_prj$"])
 
 
 def test_bad_regex_is_a_clear_error(tiny_model):

@@ -508,11 +508,12 @@ def generate(model_src, prompt, max_new_tokens, sample, temperature, top_p, seed
 
 def _check_context(model, prompt_tokens: int, new_tokens: int) -> bool:
     """Whether the model has a context limit; if it has, the prompt and the new tokens must fit it."""
+    from . import models
     from .linearize.cache import linearized_windows
 
     if len(linearized_windows(model)) == getattr(model.config, "num_hidden_layers", None):
         return False  # recurrent states and RoPE windows of a few dozen tokens: no context limit (linearizing's point)
-    context = getattr(model.config, "max_position_embeddings", None)
+    context = models.context_length(model.config)
     if context is not None and prompt_tokens + new_tokens > context:
         raise CompressError(f"the prompt ({prompt_tokens} tokens) plus --max-new-tokens {new_tokens} exceed the "
                             f"model's context of {context} tokens; shorten one of them")

@@ -329,8 +329,20 @@ def text_config(config):
 
 
 def context_length(config) -> int | None:
-    """The model's context in tokens (max_position_embeddings of its text config), None where it says none."""
-    return getattr(text_config(config), "max_position_embeddings", None)
+    """The model's context in tokens, None where it says none: max_position_embeddings of its text config, or what
+    a yarn / dynamic-NTK / linear rope scaling reaches from it (factor x the original context: Qwen2.5 keeps 32768
+    and adds yarn factor 4, and 128k-token text was refused as longer than 32768)."""
+    text = text_config(config)
+    most = getattr(text, "max_position_embeddings", None)
+    rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None)
+    if not isinstance(most, int) or not isinstance(rope, dict):
+        return most
+    factor = rope.get("factor")
+    if (rope.get("rope_type") or rope.get("type")) in ("yarn", "dynamic", "linear") and \
+            isinstance(factor, (int, float)) and factor > 1:
+        original = rope.get("original_max_position_embeddings")
+        return max(most, int(factor * (original if isinstance(original, int) else most)))
+    return most
 
 
 def recorded_source_path(folder: Path, source: str) -> Path | None:
@@ -358,7 +370,7 @@ def check_token_ids(ids: torch.Tensor, config, what: str, fix: str = "", *, chec
     here, before any work, instead of as an IndexError deep in the forward pass."""
     text = text_config(config)
     vocab = getattr(text, "vocab_size", None)
-    context = getattr(text, "max_position_embeddings", None) if check_context else None
+    context = context_length(config) if check_context else None
     if vocab is not None and ids.numel() and int(ids.max()) >= vocab:
         raise CompressError(f"{what}: the tokenizer gives token id {int(ids.max())}, but the model's vocabulary has "
                             f"{vocab} entries: the tokenizer does not belong to this model")

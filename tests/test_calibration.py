@@ -74,3 +74,21 @@ def test_recover_cuts_its_windows_on_demand(reference_tokenizer):
     assert torch.equal(data[0]["labels"], data[0]["input_ids"])
     ids, offsets = window_offsets(spec.model_copy(update={"num_samples": 2_000_000}), reference_tokenizer)
     assert offsets.numel() == 2_000_000 and ids.numel() < 2_000_000 * 32 // 4  # the text, not 64M tokens of windows
+
+
+def test_context_of_a_rope_scaled_model_is_what_its_scaling_reaches():
+    """Calibration and evaluation text longer than max_position_embeddings was refused for yarn / dynamic-NTK models
+    (Qwen2.5 keeps 32768 and adds yarn factor 4)."""
+    from transformers import LlamaConfig
+
+    from compress.models import context_length
+
+    def config(rope):
+        return LlamaConfig(max_position_embeddings=64, rope_parameters={"rope_theta": 10000.0, **rope})
+
+    assert context_length(config({"rope_type": "default"})) == 64
+    assert context_length(config({"rope_type": "dynamic", "factor": 2.0})) == 128
+    assert context_length(config({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32})) == 128
+    # llama3's max_position_embeddings is already the extended context (8192 x 32 would overstate Llama 3.2's 131072)
+    assert context_length(config({"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8})) == 64

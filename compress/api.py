@@ -86,6 +86,19 @@ def _check_model(model) -> None:
                             "meta to compress it")
 
 
+def _check_no_foreign_lora(model: nn.Module) -> None:
+    """LoRA layers injected by PEFT outside a recover pass (inject_adapter_in_model, transformers' add_adapter):
+    their lora_A / lora_B were quantized as layers of the model. A recover pass's unmerged adapter has its own
+    refusals (Pass.check_after), naming the recipe's fix."""
+    from .recover.lora import unmerged_adapter_layers
+
+    foreign = next((n for n, m in model.named_modules() if type(m).__module__.startswith("peft.")), None)
+    if foreign is not None and not unmerged_adapter_layers(model):
+        raise CompressError(f"the model holds PEFT LoRA layers ({foreign}): merge them into the weights first "
+                            "(merge_and_unload(), or unload them); to train LoRA after compressing, add a recover "
+                            "pass")
+
+
 def check_calibration(model: nn.Module, passes: Sequence[Pass], ctx: PassContext) -> None:
     """Passes that need calibration data have it, and it reads: unreadable, too short or foreign-vocabulary text
     fails before any work (`apply`, and `compress apply --dry-run` on a meta model: only its config is read)."""
@@ -154,6 +167,7 @@ def apply(
             raise CompressError("apply() takes a Recipe or a list of Pass instances (e.g. compress.passes.Prune(...)), "
                                 f"got {recipe_or_passes!r:.80}")
     _check_model(model)
+    _check_no_foreign_lora(model)
     check_device(device)
     once = next((p.name for i, p in enumerate(passes) if p.once_per_model and
                  any(q.name == p.name for q in passes[:i])), None)
@@ -212,8 +226,9 @@ def apply(
     source = previous.get("source_model") or getattr(model, "compress_source", None)
     model.config.compression = compression_record(entries, recipe_text, report.calibration_hash, source)
     route_save_pretrained(model)  # transformers' own wrote a folder plain transformers loaded silently wrong
-    if export_format:  # the recipe's `export: {format: ...}`, which compress.save writes by default
-        model.compress_export_format = export_format
+    # the recipe's `export: {format: ...}`, which compress.save writes by default: the last apply's request (a
+    # later recipe without one, or passes in code, clear an earlier one)
+    model.compress_export_format = export_format
     return given, report
 
 

@@ -82,7 +82,10 @@ def is_main_process() -> bool:
     """The process that writes the run's outputs (the checkpoint, the evaluation, the printed tables): the only one
     in a single-process run, global rank 0 under torchrun / accelerate launch, where every process runs the passes
     (data-parallel training needs the whole model in each) and two writing one folder collided."""
-    return world_size() == 1 or process_rank() == 0
+    try:
+        return world_size() == 1 or process_rank() == 0
+    except CompressError:  # a malformed WORLD_SIZE matters only to passes that train (recover refuses it there)
+        return True
 
 
 def use_local_gpu(device: str) -> None:

@@ -35,6 +35,10 @@ class ConfigError(CompressError):
     """Pass arguments that are individually valid but impossible together or for this model."""
 
 
+class RegistrationError(ConfigError, ValueError):
+    """A pass name another class holds (a ValueError too, as it was before it became a CompressError)."""
+
+
 class ExportError(CompressError):
     """A model that the chosen export format cannot express (e.g. a VQ head in compressed-tensors): names the pass."""
 

@@ -330,18 +330,20 @@ def text_config(config):
 
 def context_length(config) -> int | None:
     """The model's context in tokens, None where it says none: max_position_embeddings of its text config, or what
-    a yarn / dynamic-NTK / linear rope scaling reaches from it (factor x the original context: Qwen2.5 keeps 32768
-    and adds yarn factor 4, and 128k-token text was refused as longer than 32768)."""
+    a yarn / dynamic-NTK rope scaling reaches from it (factor x the original context, which is what transformers
+    scales from: Qwen2.5 keeps 32768 and adds yarn factor 4, and 128k-token text was refused as longer than 32768).
+    Linear scaling is left alone: its checkpoints usually store the extended length already."""
     text = text_config(config)
     most = getattr(text, "max_position_embeddings", None)
     rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None)
     if not isinstance(most, int) or not isinstance(rope, dict):
         return most
     factor = rope.get("factor")
-    if (rope.get("rope_type") or rope.get("type")) in ("yarn", "dynamic", "linear") and \
-            isinstance(factor, (int, float)) and factor > 1:
+    if (rope.get("rope_type") or rope.get("type")) in ("yarn", "dynamic") and isinstance(factor, (int, float)) \
+            and math.isfinite(factor) and factor > 1:
         original = rope.get("original_max_position_embeddings")
-        return max(most, int(factor * (original if isinstance(original, int) else most)))
+        original = int(original) if isinstance(original, (int, float)) and math.isfinite(original) else most
+        return max(most, int(factor * original))
     return most
 
 

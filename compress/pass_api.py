@@ -143,14 +143,40 @@ class PassContext:
         )
 
 
-def _signature(config: type[PassConfig]) -> inspect.Signature:
-    """`Name(config=None, *, setting=default, ...)`, a pass's settings as keyword arguments."""
-    settings = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=field.annotation,
-                                  default=inspect.Parameter.empty if field.is_required()
-                                  else field.get_default(call_default_factory=True))
-                for name, field in config.model_fields.items()]
-    return inspect.Signature([inspect.Parameter("config", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None),
-                              *settings])
+class _Computed:
+    def __repr__(self) -> str:
+        return "<computed>"
+
+
+_COMPUTED = _Computed()
+
+
+def _signature(config: Any) -> inspect.Signature | None:
+    """`Name(config=None, *, setting=default, ...)`, a pass's settings as keyword arguments; None (the plain
+    signature) where they do not make one (a Config that is not pydantic's, a setting named `config`)."""
+    fields = getattr(config, "model_fields", None)
+    if not isinstance(fields, dict) or "config" in fields:
+        return None
+
+    def default(field):
+        if field.is_required():
+            return inspect.Parameter.empty
+        if field.default_factory is None:
+            return field.default
+        if not getattr(field, "default_factory_takes_data", False):
+            try:
+                return field.default_factory()
+            except Exception:  # (a plugin's factory: whatever it raises, the signature shows it as computed)
+                pass
+        return _COMPUTED
+
+    try:
+        settings = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=field.annotation,
+                                      default=default(field)) for name, field in fields.items()]
+        return inspect.Signature([inspect.Parameter("config", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None),
+                                  *settings])
+    except (TypeError, ValueError):  # a name that is not an identifier
+        return None
 
 
 class Pass:
@@ -169,7 +195,9 @@ class Pass:
 
     def __init_subclass__(cls, **kwargs: Any):
         super().__init_subclass__(**kwargs)
-        cls.__signature__ = _signature(cls.Config)  # help(Prune) showed (config=None, **kwargs), not the settings
+        signature = _signature(cls.Config)  # help(Prune) showed (config=None, **kwargs), not the settings
+        if signature is not None:
+            cls.__signature__ = signature
 
     def __init__(self, config: PassConfig | dict | None = None, **kwargs: Any):
         name = type(self).__name__

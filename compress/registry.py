@@ -7,7 +7,7 @@ import importlib
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING
 
-from .errors import CompressError, ConfigError
+from .errors import CompressError, RegistrationError
 
 if TYPE_CHECKING:
     from .pass_api import Pass
@@ -32,11 +32,11 @@ def register_pass(name: str):
         redefined = existing is not None and (existing.__module__, existing.__qualname__) == (cls.__module__,
                                                                                               cls.__qualname__)
         if existing is not None and existing is not cls and not redefined:
-            raise ConfigError(f"pass name {name!r} is already registered by {existing.__module__}."
+            raise RegistrationError(f"pass name {name!r} is already registered by {existing.__module__}."
                               f"{existing.__qualname__}; register {cls.__name__} under another name")
         home = BUILTIN.get(name, ":").split(":")[0]
         if home and cls.__module__ != home and not cls.__module__.startswith(home + "."):  # even before it loads
-            raise ConfigError(f"pass name {name!r} is already registered: built in ({BUILTIN[name]}); register "
+            raise RegistrationError(f"pass name {name!r} is already registered: built in ({BUILTIN[name]}); register "
                               f"{cls.__name__} under another name")
         cls.name = name
         _PASSES[name] = cls

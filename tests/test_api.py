@@ -49,6 +49,37 @@ def test_pass_classes_show_their_settings():
     assert list(signature.parameters)[0] == "config" and "Quantize" in dir(compress.passes)
 
 
+def test_pass_classes_whose_settings_make_no_signature_still_define():
+    """A setting named `config`, a default computed from the other settings, a Config that is not pydantic's: the
+    class failed to define (a plugin failed to import)."""
+    from pydantic import Field
+
+    class Named(compress.Pass):
+        class Config(compress.PassConfig):
+            config: int = 1
+
+    class Computed(compress.Pass):
+        class Config(compress.PassConfig):
+            width: int = 4
+            height: int = Field(default_factory=lambda data: data["width"] * 2)
+
+    class Plain(compress.Pass):
+        Config = None
+
+    assert Computed().config.height == 8 and Named(config=None).config.config == 1
+    assert "height" in str(__import__("inspect").signature(Computed)) and Plain.Config is None
+
+
+def test_injected_peft_lora_layers_are_refused(tiny_model):
+    """LoRA injected into the model itself (peft.inject_adapter_in_model, transformers' add_adapter): its lora_A /
+    lora_B were quantized as layers."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    model = inject_adapter_in_model(LoraConfig(r=2, target_modules=["q_proj"]), tiny_model("llama"))
+    with pytest.raises(CompressError, match="holds PEFT LoRA layers .*merge them into the weights first"):
+        compress.apply(model, [compress.passes.Quantize(method="rtn", bits=4, group_size=32)], progress=False)
+
+
 def test_unknown_pass_suggests_close_names():
     with pytest.raises(CompressError, match="did you mean 'prune'"):
         compress.get_pass("prnue")
@@ -88,9 +119,13 @@ def test_third_party_pass_registers_through_entry_points(monkeypatch):
 
 
 def test_duplicate_registration_is_refused():
-    with pytest.raises(ConfigError, match="already registered"):  # (a plain ValueError before)
+    with pytest.raises(ConfigError, match="already registered"):  # (and still a ValueError)
         @compress.register_pass("prune")
         class Other(compress.Pass):
+            pass
+    with pytest.raises(ValueError, match="already registered"):
+        @compress.register_pass("prune")
+        class Another(compress.Pass):
             pass
 
 

@@ -92,3 +92,7 @@ def test_context_of_a_rope_scaled_model_is_what_its_scaling_reaches():
     # llama3's max_position_embeddings is already the extended context (8192 x 32 would overstate Llama 3.2's 131072)
     assert context_length(config({"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8})) == 64
+    # linear scaling's checkpoints store the extended length already; odd values fall back to the field
+    assert context_length(config({"rope_type": "linear", "factor": 8.0})) == 64
+    assert context_length(config({"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 48.0})) == 96
+    assert context_length(config({"rope_type": "dynamic", "factor": float("inf")})) == 64

@@ -67,6 +67,10 @@ def test_python_save_writes_the_format_of_the_recipe_apply_ran(tmp_path):
     assert config["quantization_config"]["quant_method"] == "compressed-tensors"
     compress.save(model, tmp_path / "native", format="native")
     assert "quantization_config" not in json.loads((tmp_path / "native" / "config.json").read_text())
+    # a later apply without an export request clears it (a stale one wrote, or failed on, the old format)
+    compress.apply(model, [], progress=False)
+    compress.save(model, tmp_path / "later")
+    assert "quantization_config" not in json.loads((tmp_path / "later" / "config.json").read_text())
     with pytest.raises(compress.CompressError, match="format= takes 'native' or 'compressed-tensors', got 'gguf'"):
         compress.save(model, tmp_path / "x", format="gguf")
     assert not (tmp_path / "x").exists()

@@ -348,7 +348,7 @@ PLUGIN_MISTAKES = {
     "claims a built-in name": ("prune", _registers("prune"), "prune",
                                ("pass 'prune' is built in, and the installed plugin scalepkg",)),
     "registers a built-in name": ("my_prune", _registers("quantize"), "my_prune",
-                                  ("failed to import: ConfigError: pass name 'quantize' is already registered",)),
+                                  ("failed to import: RegistrationError: pass name 'quantize' is already registered",)),
 }
 
 

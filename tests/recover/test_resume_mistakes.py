@@ -70,6 +70,15 @@ def test_world_size_above_one_without_a_launcher_is_refused_before_any_work(tmp_
     assert not (tmp_path / "x").exists()
 
 
+def test_a_malformed_world_size_does_not_stop_a_recipe_that_does_not_train(tmp_path):
+    """Only recover reads WORLD_SIZE; the check for the main process made every apply refuse it."""
+    rec = tmp_path / "p.yaml"
+    rec.write_text("model: builtin:tiny\npasses:\n  - prune: {method: magnitude, sparsity: 0.5}\n")
+    result = apply(rec, "-o", tmp_path / "x", "--no-eval", env={"WORLD_SIZE": "abc"})
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "x" / "config.json").is_file()
+
+
 def test_world_size_reads_unset_as_one(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert world_size() == 1

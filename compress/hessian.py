@@ -9,8 +9,8 @@ import threading
 
 import torch
 
-# torch's thread count is one setting for the whole process: a pinned section in one Python thread changed it under
-# another's (two applies at once), and a restore could leave the other's pin in place
+# torch's thread count is shared beyond one Python thread (its intra-op pool, MKL's): a pinned section in one thread
+# could change it under another's (two applies at once), and a restore leave the other's pin in place
 _PINNED = threading.RLock()
 
 

@@ -207,7 +207,7 @@ def apply(
     stored = report.stored_bytes_before = stored_bytes(model, storage)
     for p in passes:
         # a mistake only the earlier passes' result shows (e.g. MoM's new modules) also names its recipe line
-        with caller_random_state():
+        with caller_random_state(device):
             r = p.located(lambda: p.apply(model, ctx))
         if not isinstance(r, PassReport):
             raise CompressError(f"pass {p.name!r}: apply() returned {type(r).__name__}, not a PassReport (return "
@@ -233,14 +233,16 @@ def apply(
 
 
 @contextlib.contextmanager
-def caller_random_state():
-    """Restore torch's (CPU and initialized CUDA devices'), `random`'s and numpy's random state on the way out."""
+def caller_random_state(device: str = "cpu"):
+    """Restore torch's (CPU and CUDA devices': those initialized, or all when the passes compute on CUDA, which seeds
+    them), `random`'s and numpy's random state on the way out."""
     import random
 
     import numpy as np
 
     py, np_state = random.getstate(), np.random.get_state()
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    cuda = torch.cuda.is_initialized() or (str(device).startswith("cuda") and torch.cuda.is_available())
+    devices = list(range(torch.cuda.device_count())) if cuda else []
     try:
         with torch.random.fork_rng(devices=devices):
             yield

@@ -89,11 +89,10 @@ class RecoveryTrainer(Trainer):
         # the loss terms, averaged since the last log line and over the processes, as the Trainer's total is (one
         # process's terms beside all processes' total did not add up)
         if "loss" in logs:
-            means = {key: sum(values) / len(values) for key, values in self._parts.items() if values}
+            for key, value in mean_over_processes(self._parts, self.args.device).items():
+                logs[key] = round(value, 4)
             for values in self._parts.values():
                 values.clear()
-            for key, value in mean_over_processes(means, self.args.device).items():
-                logs[key] = round(value, 4)
         super().log(logs, *args, **kwargs)
 
 
@@ -133,17 +132,17 @@ def any_process(flag: bool, device: torch.device) -> bool:
     return bool(value.item())
 
 
-def mean_over_processes(values: dict[str, float], device: torch.device) -> dict[str, float]:
-    """Each value averaged over the processes of a data-parallel run (every process logs the same keys at the same
-    steps); the values themselves in one process."""
+def mean_over_processes(parts: dict[str, list[float]], device: torch.device) -> dict[str, float]:
+    """Each key's mean over its values on every process of a data-parallel run (one process: its own), leaving out
+    keys with none anywhere. Every process passes the same keys (one all-reduce of a fixed size), whichever of them
+    got values (an auxiliary loss may come on some steps only)."""
     import torch.distributed as dist
 
-    if not values or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return values
-    keys = sorted(values)
-    summed = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(summed)
-    return {k: float(v) / dist.get_world_size() for k, v in zip(keys, summed.tolist())}
+    keys = sorted(parts)
+    totals = torch.tensor([[sum(parts[k]), len(parts[k])] for k in keys], dtype=torch.float64, device=device)
+    if keys and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(totals)
+    return {k: total / count for k, (total, count) in zip(keys, totals.tolist()) if count}
 
 
 FULLY_TRAINED_FILE = "compress-fully-trained.safetensors"

@@ -82,7 +82,8 @@ args = SimpleNamespace(world_size=2, device=torch.device("cpu"), save_strategy="
 control = budget.on_step_end(args, SimpleNamespace(global_step=3, max_steps=10), TrainerControl())
 with open(sys.argv[1] + f".{rank}", "w") as f:
     json.dump({"stop": control.should_training_stop, "hit": budget.hit,
-               "mean": mean_over_processes({"nll": 1.0 + 2 * rank, "kl": 0.5 * rank}, torch.device("cpu"))}, f)
+               "mean": mean_over_processes({"nll": [1.0 + 2 * rank], "kl": [0.5 * rank], "aux": [4.0] * rank},
+                                           torch.device("cpu"))}, f)
 dist.destroy_process_group()
 """
 
@@ -95,7 +96,7 @@ def test_a_wall_clock_stop_on_one_process_stops_every_process(tmp_path):
     run = launch(script, tmp_path / "decided", cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     decided = [json.loads((tmp_path / f"decided.{rank}").read_text()) for rank in (0, 1)]
-    assert decided == [{"stop": True, "hit": True, "mean": {"kl": 0.25, "nll": 2.0}}] * 2
+    assert decided == [{"stop": True, "hit": True, "mean": {"aux": 4.0, "kl": 0.25, "nll": 2.0}}] * 2
 
 
 def test_without_a_process_group_each_process_keeps_its_own_values():
@@ -103,4 +104,4 @@ def test_without_a_process_group_each_process_keeps_its_own_values():
 
     assert any_process(True, torch.device("cpu")) is True
     assert any_process(False, torch.device("cpu")) is False
-    assert mean_over_processes({"nll": 3.0}, torch.device("cpu")) == {"nll": 3.0}
+    assert mean_over_processes({"nll": [3.0, 5.0], "aux": []}, torch.device("cpu")) == {"nll": 4.0}

@@ -253,7 +253,7 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
     if r.calibration is not None and r.calibration.source == "builtin:heldout" and do_eval and not eval_text:
         click.echo("note: the recipe calibrates on builtin:heldout, the text the evaluation scores: the held-out "
                    "numbers will flatter the result (use builtin:calibration)", err=True)
-    model, report = api.apply(model, r, tokenizer=tokenizer, device=device, progress=not as_json and main)
+    model, report = api.apply(model, r, tokenizer=tokenizer, device=device, progress=main)  # (on stderr: --json owns stdout only)
     if not main:  # the main process writes the checkpoint (every process holds the same trained model)
         return
     recipe_text = _recipe_as_run(r, overrides)
@@ -271,7 +271,7 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
     if do_eval:
         result["eval"] = _evaluate(models.load(output, dtype=dtype, allow_pickle=allow_pickle,
                                                max_memory=max_memory), model_src, tokenizer,
-                                   eval_windows, progress=not as_json, seq_len=eval_seq_len, text=text,
+                                   eval_windows, progress=True, seq_len=eval_seq_len, text=text,
                                    allow_pickle=allow_pickle, dtype=dtype, prepared=windows, max_memory=max_memory)
     if as_json:
         click.echo(json_out.dumps(result))
@@ -415,7 +415,7 @@ def eval_cmd(model_src, baseline, text_file, seq_len, max_windows, speed, activa
         check_down_weights(model)
     # the baseline is loaded once: the evaluation and the suite compare against it, the speed is timed with it
     base = models.load(baseline, allow_pickle=allow_pickle, dtype=dtype, **offload) if baseline else None
-    result = _evaluate(model, baseline, tokenizer, max_windows, progress=not as_json, seq_len=seq_len, text=text,
+    result = _evaluate(model, baseline, tokenizer, max_windows, progress=True, seq_len=seq_len, text=text,
                        allow_pickle=allow_pickle, dtype=dtype, baseline_model=base)
     result["baseline"] = baseline
     result["parameters"] = stored_parameters(model)
@@ -432,7 +432,7 @@ def eval_cmd(model_src, baseline, text_file, seq_len, max_windows, speed, activa
         from .prune.activation_sparsity import activation_sparsity as cett_search
 
         windows = heldout_windows(tokenizer, text=text, seq_len=seq_len, max_windows=max_windows)
-        result["activation_sparsity"] = cett_search(model, windows, 0.01, progress=not as_json)
+        result["activation_sparsity"] = cett_search(model, windows, 0.01, progress=True)
     if suite or suite_dir:
         from .eval.report import suite_result
 

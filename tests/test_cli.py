@@ -28,7 +28,7 @@ def magnitude_checkpoint(tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "mag50"
     result = run("apply", RECIPES / "magnitude-50.yaml", "--output", out, "--eval-windows", 8, "--json")
     assert result.exit_code == 0, result.output
-    return out, json.loads(result.output)
+    return out, json.loads(result.stdout)
 
 
 def test_apply_exports_a_sparse_checkpoint_that_reloads(magnitude_checkpoint, reference_model):
@@ -66,7 +66,7 @@ def test_eval_json_interface(magnitude_checkpoint):
     out, _ = magnitude_checkpoint
     result = run("eval", out, "--baseline", "builtin:tiny", "--max-windows", 4, "--no-speed", "--json")
     assert result.exit_code == 0, result.output
-    data = json.loads(result.output)
+    data = json.loads(result.stdout)
     for key in ("perplexity", "kl", "top1_agreement", "parameters", "bytes"):
         assert key in data
     dense = compress.load("builtin:tiny")
@@ -79,13 +79,13 @@ def test_inspect_generate_and_passes(magnitude_checkpoint):
     out, _ = magnitude_checkpoint
     result = run("inspect", out, "--json")
     assert result.exit_code == 0, result.output
-    data = json.loads(result.output)
+    data = json.loads(result.stdout)
     assert data["compression"]["passes"][0]["pass"] == "prune"
     assert set(data["components"]) >= {"embeddings", "attention", "mlp", "head"}
     assert data["components"]["head"]["dense"] == 8192 * 256 * 2  # bf16 storage
     gen = run("generate", out, "--prompt", "The list type", "--max-new-tokens", 8)
     assert gen.exit_code == 0 and gen.output.startswith("The list type")
-    listing = json.loads(run("passes", "--json").output)
+    listing = json.loads(run("passes", "--json").stdout)
     assert listing["prune"]["arguments"]["sparsity"]["default"] == 0.5
 
 
@@ -141,7 +141,7 @@ def test_console_script_exit_code(tmp_path):
 def test_eval_activation_sparsity_stays_within_one_percent():
     result = run("eval", "builtin:tiny", "--max-windows", 4, "--no-speed", "--activation-sparsity", "--json")
     assert result.exit_code == 0, result.output
-    a = json.loads(result.output)["activation_sparsity"]
+    a = json.loads(result.stdout)["activation_sparsity"]
     assert len(a["layer_sparsity"]) == 6
     assert 0 < a["sparsity"] < 1 and a["ppl_increase"] <= 0.01 + 1e-9
 
@@ -154,13 +154,13 @@ def test_eval_activation_sparsity_reads_quantized_down_projections(tmp_path):
     assert run("apply", recipe, "--model", "builtin:tiny", "--output", tmp_path / "w4", "--no-eval").exit_code == 0
     result = run("eval", tmp_path / "w4", "--max-windows", 2, "--no-speed", "--activation-sparsity", "--json")
     assert result.exit_code == 0, result.output
-    assert 0 < json.loads(result.output)["activation_sparsity"]["sparsity"] < 1
+    assert 0 < json.loads(result.stdout)["activation_sparsity"]["sparsity"] < 1
 
 
 def test_apply_kv_cache_recipe_reports_the_chunked_cache_protocol(tmp_path):
     result = run("apply", RECIPES / "gear-kv4.yaml", "--output", tmp_path / "g", "--eval-windows", 2, "--json")
     assert result.exit_code == 0, result.output
-    ev = json.loads(result.output)["eval"]
+    ev = json.loads(result.stdout)["eval"]
     # the weights are unchanged, so a plain forward matches the baseline exactly...
     assert ev["kl"] == pytest.approx(0.0, abs=1e-12) and ev["top1_agreement"] == 1.0
     # ...and the compressed cache's effect shows in the chunked protocol: small but real
@@ -172,7 +172,7 @@ def test_inspect_components_add_up_to_the_stored_tensors(magnitude_checkpoint):
     from safetensors import safe_open
 
     out, _ = magnitude_checkpoint
-    data = json.loads(run("inspect", out, "--json").output)
+    data = json.loads(run("inspect", out, "--json").stdout)
     counted = sum(v["dense"] + v["compressed"] for v in data["components"].values())
     with safe_open(out / "model.safetensors", framework="pt") as f:
         stored = sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys())
@@ -182,7 +182,7 @@ def test_inspect_components_add_up_to_the_stored_tensors(magnitude_checkpoint):
 
 def test_eval_defaults_to_the_recorded_source_model(magnitude_checkpoint):
     out, _ = magnitude_checkpoint
-    data = json.loads(run("eval", out, "--max-windows", 2, "--no-speed", "--json").output)
+    data = json.loads(run("eval", out, "--max-windows", 2, "--no-speed", "--json").stdout)
     assert data["baseline"] == "builtin:tiny" and data["kl"] > 0
 
 
@@ -192,7 +192,7 @@ def test_dry_run_lists_every_pass_even_with_the_same_name(tmp_path):
                       "  - prune: {targets: ['re:.*self_attn.*'], structure: '2:4'}\n")
     result = run("apply", recipe, "--dry-run", "--json")
     assert result.exit_code == 0, result.output
-    plans = json.loads(result.output)["passes"]
+    plans = json.loads(result.stdout)["passes"]
     assert [len(p["modules"]) for p in plans] == [18, 24]  # the Linear layers inside the matched containers
     assert all(m.endswith("_proj") for p in plans for m in p["modules"])
 
@@ -210,10 +210,10 @@ def test_dry_run_lists_what_each_pass_touches_after_the_passes_before_it(passes,
     recipe.write_text("model: builtin:tiny\npasses:\n" + passes)
     dry = run("apply", recipe, "--dry-run", "--json")
     assert dry.exit_code == 0, dry.output
-    plans = json.loads(dry.output)["passes"]
+    plans = json.loads(dry.stdout)["passes"]
     result = run("apply", recipe, "--output", tmp_path / "o", "--no-eval", "--json")
     assert result.exit_code == 0, result.output
-    ran = json.loads(result.output)["passes"]
+    ran = json.loads(result.stdout)["passes"]
     assert [p["modules"] for p in plans] == [p["modules"] for p in ran]
     assert plans[1]["skipped"] == ran[1]["skipped"]
     assert all(why.startswith(skipped) for why in plans[1]["skipped"].values())
@@ -253,7 +253,7 @@ def test_one_recipe_chains_every_pass(tmp_path):
     out = tmp_path / "all"
     result = run("apply", tmp_path / "all.yaml", "--output", out, "--eval-windows", 4, "--json")
     assert result.exit_code == 0, result.output
-    summary = json.loads(result.output)
+    summary = json.loads(result.stdout)
     assert [p["name"] for p in summary["passes"]] == ["prune", "vq_logits", "gear_kv"]
     # packed 2:4 layers + a codebook head: the whole checkpoint shrinks below 0.6x of the dense one
     assert summary["checkpoint_bytes"] < 0.6 * summary["original_checkpoint_bytes"]
@@ -306,8 +306,8 @@ def test_eval_speed_is_a_ratio_to_the_baseline_timed_in_turn(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("passes:\n  - quantize: {method: rtn, bits: 4, group_size: 64}\n")
     assert run("apply", recipe, "--model", "builtin:tiny", "--output", tmp_path / "w4", "--no-eval").exit_code == 0
-    out = json.loads(run("eval", tmp_path / "w4", "--max-windows", 1, "--json").output)
+    out = json.loads(run("eval", tmp_path / "w4", "--max-windows", 1, "--json").stdout)
     assert out["baseline"] == "builtin:tiny" and out["tokens_per_second"] > 0 and out["baseline_tokens_per_second"] > 0
     assert out["speedup_vs_baseline"] == pytest.approx(out["tokens_per_second"] / out["baseline_tokens_per_second"])
-    alone = json.loads(run("eval", "builtin:tiny", "--max-windows", 1, "--json").output)
+    alone = json.loads(run("eval", "builtin:tiny", "--max-windows", 1, "--json").stdout)
     assert alone["tokens_per_second"] > 0 and "speedup_vs_baseline" not in alone

@@ -76,7 +76,7 @@ def test_inspect_with_a_recipe_that_is_not_utf8(bracket_checkpoint, tmp_path, mo
     result = run("inspect", "ck")
     assert result.exit_code == 0, result.output
     assert "recipe: not shown: ck/recipe.yaml:2: not UTF-8 text (byte 0xff)" in result.output
-    data = json.loads(run("inspect", "ck", "--json").output)
+    data = json.loads(run("inspect", "ck", "--json").stdout)
     assert data["recipe"] is None and "not UTF-8" in data["recipe_problem"]
 
 
@@ -112,7 +112,7 @@ def test_inspect_says_what_the_passes_found_from_the_stored_report(bracket_check
     assert result.exit_code == 0, result.output
     assert "activation_sparsity found: 44.1% of the MLPs' neuron activations inactive" in " ".join(
         result.output.split())
-    data = json.loads(run("inspect", "ck", "--json").output)
+    data = json.loads(run("inspect", "ck", "--json").stdout)
     assert [name for name, _ in data["findings"]] == ["activation_sparsity"] and data["report_problem"] is None
     (tmp_path / "ck" / "report.json").write_text('{"passes": 3}')
     result = run("inspect", "ck")

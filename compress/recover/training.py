@@ -145,6 +145,45 @@ def mean_over_processes(parts: dict[str, list[float]], device: torch.device) -> 
     return {k: total / count for k, (total, count) in zip(keys, totals.tolist()) if count}
 
 
+class TrainingProgress(TrainerCallback):
+    """Training steps as the rest of a run shows its progress (compress.progress: a bar on a terminal, lines when
+    stderr is a file), with each log line (loss, its terms, the learning rate) on stderr, on the main process."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.ticker = enabled, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.enabled and state.is_world_process_zero:
+            from ..progress import Ticker
+
+            self.ticker = Ticker("recover: training steps", total=state.max_steps, done=state.global_step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.ticker is not None:
+            self.ticker.advance()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.ticker is not None and logs and "loss" in logs:
+            shown = ", ".join(f"{key} {_short(logs[key])}" for key in ("loss", "nll", "kl", "aux", "learning_rate")
+                              if key in logs)
+            self.ticker.note(f"recover: step {state.global_step}/{state.max_steps}: {shown}")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.close()
+
+    def close(self) -> None:  # (also when training raises: a terminal's bar is stopped)
+        if self.ticker is not None:
+            self.ticker.close()
+            self.ticker = None
+
+
+def _short(value) -> str:
+    try:
+        return f"{float(value):.4g}"
+    except (TypeError, ValueError):
+        return str(value)
+
+
 FULLY_TRAINED_FILE = "compress-fully-trained.safetensors"
 
 
@@ -254,7 +293,7 @@ def train(peft_model: nn.Module, plan: TrainingPlan, teacher: nn.Module | None, 
         save_steps=plan.save_steps or 500,
         save_total_limit=2,
         report_to="none",
-        disable_tqdm=not plan.progress,
+        disable_tqdm=True,  # TrainingProgress reports on stderr (the Trainer's bar and log dicts went to stdout)
         seed=plan.seed,
         data_seed=plan.seed,
         use_cpu=plan.device == "cpu",
@@ -265,19 +304,22 @@ def train(peft_model: nn.Module, plan: TrainingPlan, teacher: nn.Module | None, 
     budget = WallClockBudget(plan.max_seconds)
     full = FullyTrainedParameters(plan.fully_trained or {})
     per_step = plan.tokens_per_step * args.world_size
+    shown = TrainingProgress(plan.progress)
     trainer = RecoveryTrainer(model=peft_model, args=args, train_dataset=plan.windows,
-                              callbacks=[budget, full, TokenCount(per_step, plan.done[1])], teacher=teacher,
-                              kl_weight=kl_weight,
-                              aux_weight=plan.aux_weight)
-    if not plan.progress:  # no bar, and no log lines on stdout (the CLI's --json owns it)
-        trainer.remove_callback(PrinterCallback)
-        trainer.remove_callback(ProgressCallback)
+                              callbacks=[budget, full, TokenCount(per_step, plan.done[1]),
+                                         shown],
+                              teacher=teacher, kl_weight=kl_weight, aux_weight=plan.aux_weight)
+    trainer.remove_callback(PrinterCallback)  # print()s each log dict to stdout, which --json owns
+    trainer.remove_callback(ProgressCallback)
     resume = plan.resume_from
     if resume is not None:
         full.restore(resume)
     resumed_at = plan.done[0]
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume)
+    try:
+        result = trainer.train(resume_from_checkpoint=resume)
+    finally:
+        shown.close()
     history = trainer.state.log_history
     losses = [h["loss"] for h in history if "loss" in h]
     lr_now = trainer.lr_scheduler.get_last_lr()[0] if trainer.lr_scheduler is not None else plan.lr

@@ -31,7 +31,7 @@ def test_compose_all_runs_end_to_end_and_inspect_shows_one_budget(tmp_path):
     out = tmp_path / "all"
     result = run("apply", tmp_path / "compose.yaml", "--output", out, "--eval-windows", 2, "--json")
     assert result.exit_code == 0, result.output
-    summary = json.loads(result.output)
+    summary = json.loads(result.stdout)
     assert [p["name"] for p in summary["passes"]] == ["prune", "quantize", "vq_logits", "gear_kv"]
     assert summary["passes"][1]["details"]["pruned_layers_kept_sparse"] == 42  # quantize composed with 2:4
     model = compress.load(out)
@@ -45,7 +45,7 @@ def test_compose_all_runs_end_to_end_and_inspect_shows_one_budget(tmp_path):
 
     inspected = run("inspect", out, "--json")
     assert inspected.exit_code == 0, inspected.output
-    budget = json.loads(inspected.output)["budget"]
+    budget = json.loads(inspected.stdout)["budget"]
     w = budget["weights"]
     assert w["mlp"]["stored"] < 0.35 * w["mlp"]["original"]  # 2:4 + 4-bit codes: ~0.3x of bf16
     assert w["head"]["stored"] < 0.5 * w["head"]["original"]  # 1024-entry codebook + codes + scale/bias
@@ -88,7 +88,7 @@ def test_apply_format_compressed_tensors(tmp_path):
     out = tmp_path / "ct"
     result = run("apply", recipe, "--output", out, "--no-eval", "--json")
     assert result.exit_code == 0, result.output
-    summary = json.loads(result.output)
+    summary = json.loads(result.stdout)
     assert summary["export"]["quantization_format"] == "pack-quantized"
     assert summary["export"]["quantized_modules"] == 42 and summary["export"]["sparsity_structure"] == "2:4"
     config = json.loads((out / "config.json").read_text())
@@ -111,7 +111,7 @@ def test_apply_format_compressed_tensors(tmp_path):
     later = run("export", out, "-o", tmp_path / "ct2", "--json")
     assert later.exit_code == 0, later.output
     assert (tmp_path / "ct2" / "model.safetensors").read_bytes() == exported_weights
-    assert json.loads(later.output)["export"]["quantized_modules"] == 42
+    assert json.loads(later.stdout)["export"]["quantized_modules"] == 42
     for args, message in [((tmp_path / "ct2", "-o", tmp_path / "x"), "is already a compressed-tensors export"),
                           (("builtin:tiny", "-o", tmp_path / "x"), "is not a checkpoint compress wrote"),
                           ((out, "-o", tmp_path / "ct2"), "already exists")]:
@@ -154,7 +154,7 @@ def test_inspect_counts_an_export_whose_layers_stayed_dense_from_its_files(tmp_p
         in result.stderr and json.loads(result.stdout)["export"]["stored_dense"]
     inspected = run("inspect", out, "--json")
     assert inspected.exit_code == 0, inspected.output
-    counted = sum(v["dense"] + v["compressed"] for v in json.loads(inspected.output)["components"].values())
+    counted = sum(v["dense"] + v["compressed"] for v in json.loads(inspected.stdout)["components"].values())
     assert counted == sum(header_nbytes(*info) for f in out.glob("*.safetensors") for info in read_header(f).values())
     table = " ".join(run("inspect", out).output.split())  # says what the folder is, which layers stayed dense
     assert "a compressed-tensors export (transformers and vLLM load it)" in table

@@ -247,7 +247,7 @@ def test_inspect_reads_a_compressed_tensors_export(folders, name):
     folder = folders["root"] / name
     result = CliRunner().invoke(main, ["inspect", str(folder), "--json"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    out = json.loads(result.output)
+    out = json.loads(result.stdout)
     on_disk = sum(t.numel() * t.element_size() for f in folder.glob("*.safetensors") for t in load_file(f).values())
     assert out["budget"]["weights_total"]["stored"] == on_disk
     if name == "ct_w4_24":  # quantized: packed codes (the sparse-only export stores dense values)

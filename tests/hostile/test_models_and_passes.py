@@ -99,7 +99,7 @@ def test_cpu_half_precision_switch(monkeypatch):
 def test_cli_dtype_option(bf16_checkpoint, cli):
     result = cli("eval", bf16_checkpoint, "--dtype", "stored", "--no-speed", "--max-windows", 1, "--json")
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output)["resident_bytes"] < 2.1 * 8192 * 64 * 2 + 200_000  # bf16: 2 bytes a number
+    assert json.loads(result.stdout)["resident_bytes"] < 2.1 * 8192 * 64 * 2 + 200_000  # bf16: 2 bytes a number
 
 
 @pytest.mark.parametrize("passes,message", [
@@ -157,7 +157,7 @@ def test_allow_pickle_reaches_every_load(tmp_path, small_model, tokenizer, cli, 
     result = cli("apply", recipe, "--model", folder, "--output", tmp_path / "o", "--allow-pickle", "--eval-windows", 1,
                  "--json")
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output)["eval"]["kl"] > 0
+    assert json.loads(result.stdout)["eval"]["kl"] > 0
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -185,7 +185,7 @@ def test_load_leaves_transformers_warnings_on(bf16_checkpoint):
 
 
 def test_pass_arguments_are_described(cli):
-    listing = json.loads(cli("passes", "--json").output)
+    listing = json.loads(cli("passes", "--json").stdout)
     for name in ("gear_kv", "prune", "vq_logits"):
         undescribed = [k for k, v in listing[name]["arguments"].items() if not v["description"]]
         assert not undescribed, (name, undescribed)
@@ -222,7 +222,7 @@ def test_progress_is_logged_line_by_line_off_a_terminal(monkeypatch):
 def test_pass_table_reports_stored_sizes(tmp_path, cli):
     result = cli("apply", "recipes/magnitude-50.yaml", "--output", tmp_path / "o", "--no-eval", "--json")
     assert result.exit_code == 0, result.output
-    summary = json.loads(result.output[result.output.index("{"):])
+    summary = json.loads(result.stdout)
     stored_after = summary["passes"][-1]["stored_bytes_after"]
     assert abs(stored_after - summary["checkpoint_bytes"]) / summary["checkpoint_bytes"] < 0.01
     assert summary["passes"][0]["stored_bytes_before"] == pytest.approx(summary["original_checkpoint_bytes"], rel=0.01)
@@ -274,7 +274,7 @@ def test_baseline_whose_tokenizer_gives_other_ids(tmp_path, small_model, tokeniz
     bare = compress.save(small_model(seed=1), tmp_path / "bare")
     assert not (bare / "tokenizer.json").exists()
     done = cli("eval", model, "--baseline", bare, "--no-speed", "--max-windows", 1, "--json")
-    assert done.exit_code == 0 and json.loads(done.output)["kl"] > 0, done.output
+    assert done.exit_code == 0 and json.loads(done.stdout)["kl"] > 0, done.output
 
 
 def test_baseline_of_a_shorter_context(tmp_path, small_model, tokenizer, cli, user_error):
@@ -285,7 +285,7 @@ def test_baseline_of_a_shorter_context(tmp_path, small_model, tokenizer, cli, us
     user_error(cli("eval", model, "--baseline", short, "--no-speed", "--max-windows", 1),
                "--seq-len 256 is longer than the baseline's context (200 tokens); use at most 200")
     done = cli("eval", model, "--baseline", short, "--no-speed", "--max-windows", 1, "--seq-len", 200, "--json")
-    assert done.exit_code == 0 and "of 200 tokens" in json.loads(done.output)["protocol"], done.output
+    assert done.exit_code == 0 and "of 200 tokens" in json.loads(done.stdout)["protocol"], done.output
 
 
 def test_eval_says_when_the_recorded_source_is_gone(tmp_path, small_model, tokenizer, cli, monkeypatch):
@@ -300,13 +300,13 @@ def test_eval_says_when_the_recorded_source_is_gone(tmp_path, small_model, token
     assert json.loads((out / "config.json").read_text())["compression"]["source_model"] == "../src"
     monkeypatch.chdir(tmp_path.parent)
     found = cli("eval", out, "--no-speed", "--max-windows", 1, "--json")
-    assert found.exit_code == 0 and json.loads(found.output)["baseline"] == str(source.resolve()), found.output
+    assert found.exit_code == 0 and json.loads(found.stdout)["baseline"] == str(source.resolve()), found.output
     moved = tmp_path / "moved"
     moved.mkdir()
     for name in ("src", "pruned"):  # both folders moved together: still found
         shutil.move(tmp_path / name, moved / name)
     found = cli("eval", moved / "pruned", "--no-speed", "--max-windows", 1, "--json")
-    assert json.loads(found.output)["baseline"] == str((moved / "src").resolve()), found.output
+    assert json.loads(found.stdout)["baseline"] == str((moved / "src").resolve()), found.output
     out = moved / "pruned"
     shutil.rmtree(moved / "src")
     gone = cli("eval", out, "--no-speed", "--max-windows", 1)
@@ -324,5 +324,5 @@ def test_apply_evaluates_a_model_with_a_context_shorter_than_its_windows(tmp_pat
     result = cli("apply", recipe, "--model", src, "--output", tmp_path / "o", "--eval-windows", "2", "--json")
     assert result.exit_code == 0, result.output
     assert "windows of 128 tokens, the model's context" in result.output
-    report = json.loads(result.output.strip().splitlines()[-1])
+    report = json.loads(result.stdout)
     assert report["eval"]["protocol"].startswith("2 non-overlapping windows of 128 tokens")

@@ -143,7 +143,7 @@ def test_inspect_budget_counts_what_a_partly_linearized_cache_holds(tmp_path, re
     out = compress.save(model, tmp_path / "out", tokenizer=reference_tokenizer)
     result = CliRunner().invoke(main, ["inspect", str(out), "--json"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    kv = json.loads(result.output)["budget"]["kv_per_token"]
+    kv = json.loads(result.stdout)["budget"]["kv_per_token"]
     held = {}
     for tokens in (512, 1024):
         cache = GEARCache(model.config, method="kivi", bits=8)
@@ -184,7 +184,7 @@ def test_inspect_totals_show_a_state_larger_than_a_sliding_window_cache(tmp_path
     fp16_bytes = sum(2 * (layer.keys.numel() + layer.values.numel()) for layer in dense.layers)  # (KV at fp16)
     model, _ = compress.apply(original, [compress.get_pass("linearize")(variant="gla")], progress=False)
     out = compress.save(model, tmp_path / "gla")
-    kv = json.loads(CliRunner().invoke(main, ["inspect", str(out), "--json"]).output)["budget"]["kv_per_token"]
+    kv = json.loads(CliRunner().invoke(main, ["inspect", str(out), "--json"]).stdout)["budget"]["kv_per_token"]
     cache = LinearizedCache(model)
     with torch.no_grad():
         model(ids, cache=cache, use_cache=True)
@@ -202,7 +202,7 @@ def test_inspect_of_a_linearized_model_without_a_kv_pass_has_no_cache_cycle(tmp_
     model, _ = compress.apply(compress.load("builtin:tiny", dtype="float32"),
                               [compress.get_pass("linearize")(variant="hybrid")], progress=False)
     out = compress.save(model, tmp_path / "out", tokenizer=reference_tokenizer)
-    kv = json.loads(CliRunner().invoke(main, ["inspect", str(out), "--json"]).output)["budget"]["kv_per_token"]
+    kv = json.loads(CliRunner().invoke(main, ["inspect", str(out), "--json"]).stdout)["budget"]["kv_per_token"]
     assert "tokens_cycle" not in kv and kv["recurrent_bytes"] > 0
     table = CliRunner().invoke(main, ["inspect", str(out)], catch_exceptions=False).output
     assert "mean over" not in table and "recurrent state, any length" in table

@@ -65,7 +65,7 @@ def test_inspect_says_which_path_each_layer_runs(pruned_checkpoint):
     runner = CliRunner()
     out = runner.invoke(main, ["inspect", str(pruned_checkpoint), "--device", "cpu", "--json"])
     assert out.exit_code == 0, out.output
-    paths = json.loads(out.output)["runtime"]["paths"]
+    paths = json.loads(out.stdout)["runtime"]["paths"]
     assert len(paths) == 42 and set(paths.values()) == {"dense (decoded at load)"}
     out = runner.invoke(main, ["inspect", str(pruned_checkpoint), "--device", "cpu", "--sparse-runtime", "packed"])
     assert out.exit_code == 0 and "packed: C product over the packed values" in out.output

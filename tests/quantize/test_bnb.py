@@ -141,7 +141,7 @@ def test_a_folder_quantized_by_transformers_is_refused_as_a_recipes_model(tmp_pa
 
     shown = CliRunner().invoke(main, ["inspect", str(tmp_path / "hf"), "--json"])
     assert shown.exit_code == 0, shown.output
-    assert 0 < json.loads(shown.output)["budget"]["weights_total"]["stored"] < 14e6  # 4-bit layers, bf16 the rest
+    assert 0 < json.loads(shown.stdout)["budget"]["weights_total"]["stored"] < 14e6  # 4-bit layers, bf16 the rest
     ours = compress.load("builtin:tiny")
     compress.apply(ours, [compress.get_pass("quantize")(method="nf4")], progress=False)
     reloaded = compress.load(compress.save(ours, tmp_path / "ours"))

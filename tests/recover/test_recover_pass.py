@@ -142,7 +142,7 @@ def test_unmerged_adapter_is_a_peft_folder_that_reloads(tmp_path, pruned_2of4, r
     from compress.inspection import stored_bytes
 
     tensors = sum(t.numel() * t.element_size() for f in out.rglob("*.safetensors") for t in load_file(f).values())
-    shown = json.loads(CliRunner().invoke(main, ["inspect", str(out), "--json"], catch_exceptions=False).output)
+    shown = json.loads(CliRunner().invoke(main, ["inspect", str(out), "--json"], catch_exceptions=False).stdout)
     assert shown["budget"]["weights_total"]["stored"] == tensors
     assert stored_bytes(model, reloaded.compress_storage_dtype) == tensors
 

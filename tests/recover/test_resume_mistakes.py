@@ -354,3 +354,17 @@ def test_passes_before_recover_read_the_same_in_one_recipe_and_from_a_checkpoint
     afterwards = Recover(max_tokens=128)
     afterwards.check_after(pruned, [])
     assert in_recipe._before == afterwards._before and in_recipe._before[0]["pass"] == "prune"
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_training_progress_goes_to_stderr_and_stdout_stays_the_result(tmp_path, as_json):
+    """The Trainer print()ed its log dicts to stdout ahead of the tables, and under --json the run was silent."""
+    rec = recipe(tmp_path / "p.yaml", "max_tokens: 256, batch_size: 2, seq_len: 32")
+    result = apply(rec, "-o", tmp_path / "x", "--no-eval", *(["--json"] if as_json else []))
+    assert result.exit_code == 0, result.output
+    assert "'loss'" not in result.stdout and "recover: step" not in result.stdout
+    if as_json:
+        assert json.loads(result.stdout)["passes"][0]["details"]["steps"] == 4
+    else:
+        assert "recover" in result.stdout  # the passes table
+    assert "recover: training steps: 0/4" in result.stderr and "recover: step 1/4: loss " in result.stderr

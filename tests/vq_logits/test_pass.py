@@ -180,7 +180,7 @@ def test_recipe_through_the_cli(tmp_path, reference_model, reference_tokenizer):
     result = CliRunner().invoke(main, ["apply", str(small), "--output", str(out), "--eval-windows", "2", "--json"],
                                 catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    summary = json.loads(result.output)
+    summary = json.loads(result.stdout)
     loaded = compress.load(out)
     assert isinstance(loaded.lm_head, VQLogitsHead) and loaded.lm_head.num_codes == 256
     windows = heldout_windows(reference_tokenizer, seq_len=256, max_windows=2)

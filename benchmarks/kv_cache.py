@@ -170,7 +170,7 @@ def speed_ratio(model, factory, kv, first, steps: int, reps: int) -> tuple[float
 
 
 def context_ids(tok, n: int) -> torch.Tensor:
-    ids = tok(builtin_text("builtin:heldout"), return_tensors="pt").input_ids
+    ids = tok(builtin_text("builtin:heldout"), return_tensors="pt", verbose=False).input_ids
     return ids.repeat(1, n // ids.shape[1] + 1)[:, :n]
 
 

@@ -18,7 +18,7 @@ from ..evaluate import MetricAccumulator, logits_as_served
 def rectangular(tokenizer, rows: list[dict], limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(prefixes [n, P], continuations [n, C]) as token ids of the first `limit` rows (all: None), trimmed to the
     shortest of all `rows`."""
-    enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    enc = lambda s: tokenizer(s, add_special_tokens=False, verbose=False)["input_ids"]  # noqa: E731
     prefixes = [enc(r["context"]) for r in rows]
     continuations = [enc(r["continuation"]) for r in rows]
     p, c = min(map(len, prefixes)), min(map(len, continuations))

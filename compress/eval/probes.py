@@ -39,11 +39,12 @@ def copy_probe(model: nn.Module, span_len: int = 128, num: int = 16, vocab_size:
 def passkey_prompts(tokenizer, filler_text: str, context_len: int, num: int, seed: int = 0):
     """[(prompt ids, answer ids)]: each prompt ~context_len tokens, the needle at a seeded depth in the filler."""
     rng = random.Random(seed)
-    filler = tokenizer(filler_text, add_special_tokens=False)["input_ids"]
+    filler = tokenizer(filler_text, add_special_tokens=False, verbose=False)["input_ids"]
     out = []
     for _ in range(num):
         key = rng.randrange(10_000, 100_000)
-        needle, question, answer = (tokenizer(p, add_special_tokens=False)["input_ids"] for p in passkey_parts(key))
+        needle, question, answer = (tokenizer(p, add_special_tokens=False, verbose=False)["input_ids"]
+                                    for p in passkey_parts(key))
         budget = context_len - len(needle) - len(question)
         start = rng.randrange(0, max(1, len(filler) - budget))
         text = filler[start:start + budget]

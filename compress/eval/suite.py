@@ -56,7 +56,8 @@ def too_long(tasks_dir: Path, task: str, tokenizer, max_length: int, limit: int 
     of the prompt, silently dropping a pass key buried early)."""
     rows = read_rows(tasks_dir / f"{task.removeprefix(LM_EVAL_PREFIX)}.jsonl")[:limit]
     answers = [r["answer"] if "answer" in r else max(r["choices"], key=len) for r in rows]
-    return any(len(tokenizer(r["context"] + " " + a, add_special_tokens=False)["input_ids"]) > max_length
+    return any(len(tokenizer(r["context"] + " " + a, add_special_tokens=False, verbose=False)["input_ids"])
+               > max_length
                for r, a in zip(rows, answers))
 
 

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..progress import progress_bar
+
 
 @dataclass
 class KMeansResult:
@@ -30,7 +32,7 @@ def _assign(x: torch.Tensor, centroids: torch.Tensor, chunk: int) -> tuple[torch
 
 
 def spherical_kmeans(rows: torch.Tensor, k: int, weights: torch.Tensor | None = None, *, iterations: int = 25,
-                     seed: int = 0, chunk: int = 8192) -> KMeansResult:
+                     seed: int = 0, chunk: int = 8192, progress: bool = False) -> KMeansResult:
     """Weighted spherical k-means of `rows` [n, d] into `k` clusters; deterministic given `seed`.
 
     Init: k distinct rows drawn with probability proportional to weight. Empty clusters are re-seeded with the rows
@@ -46,7 +48,7 @@ def spherical_kmeans(rows: torch.Tensor, k: int, weights: torch.Tensor | None = 
     centroids = x[torch.multinomial(w, k, replacement=False, generator=gen)].clone()
     assign, sims = _assign(x, centroids, chunk)
     it = 0
-    for it in range(1, iterations + 1):
+    for it in progress_bar(range(1, iterations + 1), description="vq_logits: k-means iterations", enabled=progress):
         sums = torch.zeros(k, x.shape[1]).index_add_(0, assign, x * w[:, None])
         counts = torch.bincount(assign, minlength=k)
         empty = (counts == 0).nonzero().flatten()

@@ -5,6 +5,7 @@ clusters the head's rows into a codebook, fits per-token scale/bias, optionally 
 `VQLogitsHead`. Tied input/output embeddings are untied: the input embedding is kept as it is."""
 from __future__ import annotations
 
+import sys
 from typing import Literal
 
 import torch
@@ -44,7 +45,7 @@ def build_vq_head(weight: torch.Tensor, hidden: torch.Tensor | None, counts: tor
                           f"{c.num_codes} codes; lower num_codes or shortlist")
     w_cpu = weight.detach().float().cpu()
     km = spherical_kmeans(w_cpu[rest_ids], c.num_codes, row_weights[rest_ids], iterations=c.kmeans_iterations,
-                          seed=c.seed)
+                          seed=c.seed, progress=progress)
     codes = torch.zeros(vocab, dtype=torch.long)
     codes[rest_ids] = km.assignments
     codebook = cluster_means(w_cpu[rest_ids], km.assignments, c.num_codes, row_weights[rest_ids])
@@ -59,6 +60,8 @@ def build_vq_head(weight: torch.Tensor, hidden: torch.Tensor | None, counts: tor
     if c.scale_bias:
         vq = copy.deepcopy(vq) if keep_stages else vq
         table = torch.cat([vq.codebook.detach(), vq.shortlist_weight.detach()])
+        if progress:  # (seconds with no loop to count: said before it starts)
+            print("vq_logits: fitting each token's scale and bias", file=sys.stderr, flush=True)
         scales, biases = fit_scale_bias(hidden, weight, table, vq.codes, weighting=c.fit_weighting,
                                         share=c.fit_probability_share)
         with torch.no_grad():

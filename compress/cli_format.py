@@ -28,8 +28,8 @@ def _table(title: str, columns: list[str], rows: list[list], caption: str | None
     from rich.table import Table
 
     t = Table(title=title, caption=caption)
-    for c in columns:
-        t.add_column(c, justify="right" if c != columns[0] else "left")
+    for c in columns:  # fold, never cut: a narrow terminal showed task names as "agreem…" and intervals as "[-0.5…"
+        t.add_column(c, justify="right" if c != columns[0] else "left", overflow="fold")
     for r in rows:
         t.add_row(*[str(x) for x in r])
     return t

@@ -253,7 +253,8 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
     if r.calibration is not None and r.calibration.source == "builtin:heldout" and do_eval and not eval_text:
         click.echo("note: the recipe calibrates on builtin:heldout, the text the evaluation scores: the held-out "
                    "numbers will flatter the result (use builtin:calibration)", err=True)
-    model, report = api.apply(model, r, tokenizer=tokenizer, device=device, progress=main)  # (on stderr: --json owns stdout only)
+    # progress is on stderr, --json included (stdout holds the result alone)
+    model, report = api.apply(model, r, tokenizer=tokenizer, device=device, progress=main)
     if not main:  # the main process writes the checkpoint (every process holds the same trained model)
         return
     recipe_text = _recipe_as_run(r, overrides)

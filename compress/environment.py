@@ -82,9 +82,14 @@ def is_main_process() -> bool:
     """The process that writes the run's outputs (the checkpoint, the evaluation, the printed tables): the only one
     in a single-process run, global rank 0 under torchrun / accelerate launch, where every process runs the passes
     (data-parallel training needs the whole model in each) and two writing one folder collided."""
+    return single_process() or process_rank() == 0
+
+
+def single_process() -> bool:
+    """No launcher's other processes (WORLD_SIZE unset, 1, or malformed: recover refuses the last)."""
     try:
-        return world_size() == 1 or process_rank() == 0
-    except CompressError:  # a malformed WORLD_SIZE matters only to passes that train (recover refuses it there)
+        return world_size() == 1
+    except CompressError:
         return True
 
 
@@ -92,7 +97,7 @@ def use_local_gpu(device: str) -> None:
     """Under a launcher, `cuda` means this process's GPU (LOCAL_RANK), as it does for the Trainer: every process
     calibrated on GPU 0 before."""
     raw = os.environ.get("LOCAL_RANK", "").strip()
-    if device == "cuda" and world_size() > 1 and raw.isdigit():
+    if device == "cuda" and not single_process() and raw.isdigit():
         import torch
 
         torch.cuda.set_device(int(raw))

@@ -306,8 +306,7 @@ def train(peft_model: nn.Module, plan: TrainingPlan, teacher: nn.Module | None, 
     per_step = plan.tokens_per_step * args.world_size
     shown = TrainingProgress(plan.progress)
     trainer = RecoveryTrainer(model=peft_model, args=args, train_dataset=plan.windows,
-                              callbacks=[budget, full, TokenCount(per_step, plan.done[1]),
-                                         shown],
+                              callbacks=[budget, full, TokenCount(per_step, plan.done[1]), shown],
                               teacher=teacher, kl_weight=kl_weight, aux_weight=plan.aux_weight)
     trainer.remove_callback(PrinterCallback)  # print()s each log dict to stdout, which --json owns
     trainer.remove_callback(ProgressCallback)

@@ -101,11 +101,14 @@ def lm_eval_results(lm, tasks: list[str], tasks_dir: Path | None = DATA_DIR, lim
 
 @contextlib.contextmanager
 def _lean_run_metadata():
-    """Two things lm-eval does for its own run record, which the suite does not report:
+    """Three things lm-eval does for its own run record or display, which the suite does not need:
     - it records the current folder's git commit by running `git describe`, whose stderr reaches the user as
       'fatal: not a git repository' outside a repository: the same query, its stderr dropped;
     - `add_env_info` runs torch's collect_env (`pip list` and ten other subprocesses): 1.7 s of every 2.6 s
-      suite call on a 12-question task here. Skipped: the suite's own protocol line says what ran."""
+      suite call on a 12-question task here. Skipped: the suite's own protocol line says what ran;
+    - a progress bar per task while it builds the task's requests (a dozen, each done at once, on stderr): dropped;
+      the bar of the requests themselves (the suite's long step) stays."""
+    import lm_eval.api.task as task_module
     import lm_eval.evaluator as evaluator
 
     def commit_hash():
@@ -119,8 +122,13 @@ def _lean_run_metadata():
     saved = {name: getattr(evaluator, name) for name in replacements if hasattr(evaluator, name)}
     for name in saved:
         setattr(evaluator, name, replacements[name])
+    bar = getattr(task_module, "tqdm", None)
+    if bar is not None:
+        task_module.tqdm = lambda items, *args, **kwargs: items
     try:
         yield
     finally:
+        if bar is not None:
+            task_module.tqdm = bar
         for name, value in saved.items():
             setattr(evaluator, name, value)

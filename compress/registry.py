@@ -28,16 +28,14 @@ def register_pass(name: str):
 
     def decorate(cls: type["Pass"]) -> type["Pass"]:
         existing = _PASSES.get(name)
-        # the same class defined again (a notebook cell run twice) takes the name over; another class may not
-        redefined = existing is not None and (existing.__module__, existing.__qualname__) == (cls.__module__,
-                                                                                              cls.__qualname__)
-        if existing is not None and existing is not cls and not redefined:
+        # the same class, or the same class defined again (a notebook cell run twice), takes the name (over)
+        if existing is not None and (existing.__module__, existing.__qualname__) != (cls.__module__, cls.__qualname__):
             raise RegistrationError(f"pass name {name!r} is already registered by {existing.__module__}."
-                              f"{existing.__qualname__}; register {cls.__name__} under another name")
+                                    f"{existing.__qualname__}; register {cls.__name__} under another name")
         home = BUILTIN.get(name, ":").split(":")[0]
         if home and cls.__module__ != home and not cls.__module__.startswith(home + "."):  # even before it loads
-            raise RegistrationError(f"pass name {name!r} is already registered: built in ({BUILTIN[name]}); register "
-                              f"{cls.__name__} under another name")
+            raise RegistrationError(f"pass name {name!r} is already registered: built in ({BUILTIN[name]}); "
+                                    f"register {cls.__name__} under another name")
         cls.name = name
         _PASSES[name] = cls
         return cls

@@ -145,7 +145,8 @@ def save(
     if format == "compressed-tensors":
         from .export.compressed_tensors import export
 
-        export(model, folder, tokenizer=tokenizer, recipe_text=recipe_text, report=report, overwrite=overwrite)
+        export(model, folder, tokenizer=tokenizer, recipe_text=recipe_text, report=report, overwrite=overwrite,
+               max_shard_bytes=max_shard_bytes)
         return Path(folder)
     if format != "native":
         raise CompressError(f"format= takes 'native' or 'compressed-tensors', got {format!r:.80}")

@@ -244,13 +244,18 @@ def _quantization_config(model: nn.Module, summary: ExportSummary):
 
 
 def export(model: nn.Module, folder: str | Path, *, tokenizer=None, recipe_text: str | None = None,
-           report: dict | None = None, overwrite: bool = False) -> ExportSummary:
+           report: dict | None = None, overwrite: bool = False,
+           max_shard_bytes: int | str | None = None) -> ExportSummary:
     """Write `model` (compressed by prune and/or quantize) as a compressed-tensors checkpoint at `folder`,
-    atomically. Fails with ExportError, writing nothing, on what compressed-tensors cannot express."""
-    from ..checkpoint import (_portable_source, _source_folder, compression_record, write_folder,
-                              write_generation_config, write_weights)
+    atomically, sharded above `max_shard_bytes` as a native checkpoint is. Fails with ExportError, writing nothing,
+    on what compressed-tensors cannot express."""
+    from ..checkpoint import (DEFAULT_MAX_SHARD_BYTES, _portable_source, _source_folder, compression_record,
+                              write_folder, write_generation_config, write_weights)
     from ..models import checkpoint_dtype
 
+    from ..offload import parse_bytes
+
+    shard_bytes = DEFAULT_MAX_SHARD_BYTES if max_shard_bytes is None else parse_bytes(max_shard_bytes, "max_shard_bytes")
     _require_package()
     section = getattr(model.config, "compression", None) or compression_record([], recipe_text, None)
     check_passes([(e["pass"], e.get("args") or {}) for e in section.get("passes", [])])
@@ -267,7 +272,7 @@ def export(model: nn.Module, folder: str | Path, *, tokenizer=None, recipe_text:
     def write(tmp: Path) -> None:
         from compressed_tensors.compressors import ModelCompressor
 
-        write_weights(state, tmp)
+        write_weights(state, tmp, shard_bytes)
         config = model.config.to_dict()
         config["dtype"] = str(dtype).removeprefix("torch.")
         config["architectures"] = [type(model).__name__]

@@ -85,6 +85,8 @@ def folders(tmp_path_factory):
         out["summary"][name] = export(model, root / f"ct_{name}")
         jobs.append({"folder": str(root / f"ct_{name}"), "out": str(root / f"plain_ct_{name}")})
     jobs.append({"folder": str(root / "ct_w4_24"), "out": str(root / "plain_ct_w4_24_dequantize"), "dequantize": True})
+    compress.save(variants["w4_24"], root / "ct_w4_24_sharded", format="compressed-tensors", max_shard_bytes="64KB")
+    jobs.append({"folder": str(root / "ct_w4_24_sharded"), "out": str(root / "plain_ct_w4_24_sharded")})
     for name in ("sparse24", "bitmask", *tied_variants()):
         compress.save(variants[name], root / f"native_{name}")
         jobs.append({"folder": str(root / f"native_{name}"), "out": str(root / f"plain_native_{name}")})
@@ -159,6 +161,14 @@ def test_a_tied_head_is_untied_before_it_is_compressed(folders, variant):
     once = sum(t.numel() * t.element_size() for t in {id(p): p for p in original.parameters()}.values())
     budget = inspect_checkpoint(str(folders["root"] / f"native_{variant}"), "auto", "cpu")["budget"]
     assert budget["weights_total"]["original"] == once
+
+
+def test_a_sharded_export_loads_in_plain_transformers(folders):
+    """compress.save(format="compressed-tensors", max_shard_bytes=...) shards as a native save does, and
+    transformers reads the shards and their index."""
+    folder = folders["root"] / "ct_w4_24_sharded"
+    assert (folder / "model.safetensors.index.json").exists() and len(list(folder.glob("model-*.safetensors"))) > 2
+    torch.testing.assert_close(plain(folders, "ct_w4_24_sharded"), folders["reference"]["w4_24"], **TOL)
 
 
 def test_native_reload_matches_the_model_that_was_exported(folders):

@@ -9,7 +9,7 @@ import click
 from .cli_export import export_cmd
 from .cli_eval import (EVAL_SEQ_LEN, _check_baseline, _check_baseline_tokenizer, _check_kv_text, _eval_windows,
                        _evaluate, _read_text, _recorded_source, _residual_length)
-from .cli_format import (_bold, _console, _finite, _mb, _non_empty, _print_eval, _print_passes, _table,
+from .cli_format import (_console, _finite, _mb, _non_empty, _print_eval, _print_passes, _print_wrapped, _table,
                          check_utf8_arguments, stored_dense_line)
 from . import json_out
 from .checkpoint import folder_bytes  # noqa: F401 (also compress.cli.folder_bytes)
@@ -560,9 +560,10 @@ def list_passes(as_json):
         return
     con = _console()
     for name, info in out.items():
-        con.print(_bold(name, f": {info['doc']}"))
+        _print_wrapped(con, f"{name}: {info['doc']}", indent=0, hang=2, bold=name)
         for fname, f in info["arguments"].items():
-            con.print(f"    {fname}: {f['type']} = {f['default']!r}" + (f"  # {f['description']}" if f["description"] else ""))
+            line = f"{fname}: {f['type']} = {f['default']!r}" + (f"  # {f['description']}" if f["description"] else "")
+            _print_wrapped(con, line, indent=4, hang=4)
 
 
 def _type_name(annotation) -> str:

@@ -17,6 +17,18 @@ def _console():
                    emoji=False)
 
 
+def _print_wrapped(con, text: str, indent: int, hang: int, bold: str = "") -> None:
+    """`text` wrapped to the console's width with a hanging indent (rich would continue a long line at column 0,
+    where the next item's name is looked for); `bold`: a prefix of `text` printed in bold. Words are never split
+    (a path or a value stays whole)."""
+    import textwrap
+
+    lines = textwrap.fill(text, width=max(con.width, 60), initial_indent=" " * indent,
+                          subsequent_indent=" " * (indent + hang), break_long_words=False, break_on_hyphens=False)
+    head = " " * indent + bold
+    con.print(_bold(head, lines[len(head):]) if bold else lines, soft_wrap=True)
+
+
 def _bold(head: str, rest: str = ""):
     """`head` in bold, then `rest`, both as plain text (no markup is read from either)."""
     from rich.text import Text

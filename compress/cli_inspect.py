@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .cli_format import _bold, _console, _mb, _table
+from .cli_format import _console, _mb, _print_wrapped, _table
 
 
 def inspect_checkpoint(checkpoint: str, sparse_runtime: str, device: str | None) -> dict:
@@ -61,27 +61,29 @@ def print_inspection(result: dict) -> None:
     passes = section.get("passes", [])
     layout = (f"a {section['export_format']} export (transformers and vLLM load it), "
               if section.get("export_format") else "")
-    con.print(_bold(str(path), f"  {layout}format {section.get('format_version', '-')}, compress "
-                               f"{section.get('library_version', '-')}, "
-                               f"calibration {section.get('calibration_hash') or '-'}"))
+    _print_wrapped(con, f"{path}  {layout}format {section.get('format_version', '-')}, compress "
+                        f"{section.get('library_version', '-')}, calibration {section.get('calibration_hash') or '-'}",
+                   indent=0, hang=2, bold=str(path))
     if section.get("source_model"):  # the model first compressed (a recipe's `model:` may have been overridden)
-        con.print(f"  original model: {section['source_model']}")
+        _print_wrapped(con, f"original model: {section['source_model']}", indent=2, hang=4)
     dense = list((section.get("export") or {}).get("stored_dense") or ())
     if dense:
-        con.print(f"  stored dense (compressed-tensors needs whole groups): {', '.join(dense[:3])}"
-                  + (f" and {len(dense) - 3} more" if len(dense) > 3 else ""))
+        _print_wrapped(con, f"stored dense (compressed-tensors needs whole groups): {', '.join(dense[:3])}"
+                       + (f" and {len(dense) - 3} more" if len(dense) > 3 else ""), indent=2, hang=4)
     for e in passes:
-        con.print(f"  pass {e['pass']}: " + ", ".join(f"{k}={v}" for k, v in (e.get("args") or {}).items()))
+        _print_wrapped(con, f"pass {e['pass']}: " + ", ".join(f"{k}={v}" for k, v in (e.get("args") or {}).items()),
+                       indent=2, hang=4)
     for name, text in result.get("findings") or []:
-        con.print(f"  {name} found: {text}")
+        _print_wrapped(con, f"{name} found: {text}", indent=2, hang=4)
     if result.get("report_problem"):
-        con.print(f"  what the passes found: not shown: {result['report_problem']}")
+        _print_wrapped(con, f"what the passes found: not shown: {result['report_problem']}", indent=2, hang=4)
     if not passes:
         con.print("  no compression passes (a dense model)")
     total = {k: sum(v[k] for v in comps.values()) for k in ("dense", "compressed")}
     rows = [[c, _mb(v["dense"]), _mb(v["compressed"])] for c, v in sorted(comps.items())]
     rows.append(["total", _mb(total["dense"]), _mb(total["compressed"])])
-    con.print(_table("bytes per component (at storage dtype)", ["component", "dense", "compressed"], rows))
+    con.print(_table("bytes per component", ["component", "dense", "compressed"], rows,
+                     caption="at the storage dtype"))
     _print_budget(con, result["budget"])
     con.print(f"safetensors on disk: {_mb(result['checkpoint_bytes'])}")
     if paths:

@@ -89,6 +89,19 @@ def test_inspect_generate_and_passes(magnitude_checkpoint):
     assert listing["prune"]["arguments"]["sparsity"]["default"] == 0.5
 
 
+def test_passes_listing_wraps_with_a_hanging_indent():
+    """Piped (120 columns): a long description continues indented under its argument, never at column 0 where the
+    next pass's name stands, and every argument of every pass is listed."""
+    from compress.registry import available_passes
+
+    lines = run("passes").stdout.splitlines()
+    assert max(map(len, lines)) <= 120
+    heads = [line.split(":")[0] for line in lines if not line.startswith(" ")]
+    assert heads == list(available_passes())
+    arguments = [line.split(":")[0].strip() for line in lines if line.startswith("    ") and line[4] != " "]
+    assert len(arguments) == sum(len(cls.Config.model_fields) for cls in available_passes().values())
+
+
 def test_the_stored_recipe_says_what_the_command_line_overrode(tmp_path, magnitude_checkpoint):
     """It read `model: builtin:tiny` over a run on another model: running it again compressed that one."""
     out, _ = magnitude_checkpoint

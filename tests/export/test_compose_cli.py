@@ -55,6 +55,12 @@ def test_compose_all_runs_end_to_end_and_inspect_shows_one_budget(tmp_path):
     assert kv["compressed"] < 0.5 * kv["uncompressed"] and kv["cache"] == "gear 4-bit"
     table = run("inspect", out)
     assert "KV cache per token (gear 4-bit)" in table.output and "budget" in table.output
+    # piped (120 columns): each pass's long argument list continues indented under its own line
+    lines = table.stdout.splitlines()
+    passes = [i for i, line in enumerate(lines) if line.startswith("  pass ")]
+    assert [lines[i].split(":")[0] for i in passes] == ["  pass prune", "  pass quantize", "  pass vq_logits",
+                                                        "  pass gear_kv"]
+    assert all(lines[i + 1].startswith(("      ", "  pass ")) for i in passes[:-1]) and max(map(len, lines)) <= 120
 
 
 def test_python_save_writes_the_format_of_the_recipe_apply_ran(tmp_path):

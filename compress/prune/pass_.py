@@ -335,7 +335,10 @@ class Prune(Pass):
 
     def _finish(self, state: "_RunState", name: str, module: nn.Linear, weight: torch.Tensor, mask: torch.Tensor) -> None:
         """Write the pruned weight, and swap in a packed SparseLinear when that is smaller (or asked for)."""
-        module.weight.copy_(weight.to(module.weight.dtype) * mask.to(module.weight.dtype))
+        # a new tensor, not copy_ into the old one: a loaded weight is a view of the checkpoint's file mapping, and
+        # writing into it copies each page it touches into anonymous memory that lives as long as the mapping does
+        # (every layer's, for the whole run: +130 MB a layer on a 0.4B bf16 model, packed layers included)
+        pruned_weight = weight.detach().to(module.weight.dtype) * mask.to(module.weight.dtype)
         pruned = int((~mask).sum())
         state.zeros += pruned
         state.total += mask.numel()
@@ -346,10 +349,11 @@ class Prune(Pass):
         packed = nm_nbytes(rows, cols, *state.nm, state.value_bytes) if state.nm else \
             bitmask_nbytes(rows, cols, int(mask.sum()), state.value_bytes)
         if self.config.storage == "packed" or (self.config.storage == "auto" and packed < dense):
-            sparse = SparseLinear.from_linear(module, mask, state.nm)
+            sparse = SparseLinear.from_weight(pruned_weight, mask, state.nm, module.bias)
             replace_module(state.model, name, sparse)
             state.restore[name] = sparse.restore_spec()
         else:  # its exact zeros are the mask: marked, so that recover keeps them however few they are
+            module.weight.data = pruned_weight
             module.compress_pruned = True
             state.dense_pruned.append(name)
 

@@ -62,8 +62,23 @@ def logits_as_served(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 def exp_or_inf(x: float) -> float:
-    """e**x, inf where it overflows a float (a damaged model's mean NLL above ~709 raised OverflowError)."""
+    """e**x, inf where it overflows a float (a damaged model's mean NLL above ~709 raised OverflowError); NaN stays
+    NaN (logits holding NaN are not an infinitely bad model, and callers tell the two apart)."""
+    if math.isnan(x):
+        return math.nan
     return math.exp(x) if x < 709.78 else math.inf
+
+
+def budget_base_perplexity(ppl: float, what: str) -> float:
+    """`ppl`, the dense perplexity that a relative budget (`ppl * (1 + increase)`) is set from; a CalibrationError
+    where it is NaN or inf, under which every candidate would pass (NaN compares false, inf * 1.01 is inf)."""
+    if not math.isfinite(ppl):
+        from .errors import CalibrationError
+
+        raise CalibrationError(f"{what}: the uncompressed model's perplexity on the calibration text is {ppl}, so no "
+                               "perplexity budget can be set from it (a damaged weight, or an overflow in the dtype: "
+                               "try --dtype float32)")
+    return ppl
 
 
 class MetricAccumulator:

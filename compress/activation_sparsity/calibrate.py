@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..errors import CalibrationError
-from ..evaluate import evaluate
+from ..evaluate import budget_base_perplexity, evaluate
 from ..prune.activation_sparsity import LayerActivations, down_weight
 from ..progress import progress_bar
 from .mlp import ActivationSparseMLP
@@ -73,6 +73,7 @@ def calibrate_thresholds(model, mlps: list[ActivationSparseMLP], windows: torch.
     finally:
         for m in quantized_gate:
             m.exact_gate = False
+    dense_ppl = budget_base_perplexity(dense_ppl, "activation_sparsity")
     for m in quantized_gate:  # the gate itself: fitted before its activations are captured (gate_proj's weight
         m.fit_predictor(storage_dtype)  # keeps the original values until the copy is adopted, at the end)
     captured = []

@@ -152,7 +152,7 @@ def activation_sparsity(
 
     Thresholds are searched on the activations of the first `search_tokens` tokens of `windows`; perplexity and
     the reported sparsity are measured on all of `windows` with the thresholds applied."""
-    from ..evaluate import evaluate
+    from ..evaluate import budget_base_perplexity, evaluate
 
     if not 0 < target_ppl_increase < 1:
         raise ConfigError(f"target_ppl_increase is a fraction like 0.01 (1%), got {target_ppl_increase}")
@@ -169,6 +169,7 @@ def activation_sparsity(
                   for c, w in zip(trunc.captured, weights)]
         trunc.captured = None
         dense_ppl = evaluate(model, windows, batch_size=batch_size, progress=progress)["perplexity"]
+        dense_ppl = budget_base_perplexity(dense_ppl, "activation sparsity")
         limit = dense_ppl * (1 + target_ppl_increase)
 
         def trial(cett: float):

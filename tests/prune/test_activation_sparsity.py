@@ -1,10 +1,13 @@
 """Activation sparsity (CETT-PPL): the inner threshold search meets its CETT, and the outer search's answer is
 checked by re-running the model with the returned thresholds (perplexity within the budget, same sparsity)."""
+import copy
+import math
+
 import pytest
 import torch
 
-from compress.errors import ConfigError
-from compress.evaluate import evaluate, heldout_windows
+from compress.errors import CalibrationError, ConfigError
+from compress.evaluate import evaluate, exp_or_inf, heldout_windows
 from compress.prune.activation_sparsity import LayerActivations, activation_sparsity, ffn_down_projections
 
 
@@ -67,3 +70,12 @@ def test_reported_sparsity_holds_within_the_perplexity_budget(reference_model, s
 def test_bad_target_is_a_config_error(reference_model, small_windows):
     with pytest.raises(ConfigError, match="fraction"):
         activation_sparsity(reference_model, small_windows, target_ppl_increase=1.5)
+
+
+def test_a_non_finite_dense_perplexity_is_refused(reference_model, small_windows):
+    assert math.isnan(exp_or_inf(float("nan"))) and exp_or_inf(800.0) == math.inf
+    damaged = copy.deepcopy(reference_model)
+    with torch.no_grad():
+        damaged.model.layers[1].mlp.down_proj.weight[3, 4] = float("inf")
+    with pytest.raises(CalibrationError, match="perplexity on the calibration text is (nan|inf)"):
+        activation_sparsity(damaged, small_windows, search_tokens=128, outer_steps=2, inner_steps=4)

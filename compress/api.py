@@ -86,6 +86,17 @@ def _check_model(model) -> None:
                             "meta to compress it")
 
 
+def _check_finite_weights(model: nn.Module) -> None:
+    """NaN or inf weights went through every pass unseen: quantization scales of NaN mapped to 1 (groups silently
+    zero), Hessians and masks of NaN; the checkpoint written looked like any other."""
+    from .models import describe_nonfinite, nonfinite_weights
+
+    bad = nonfinite_weights(model)
+    if bad:
+        raise CompressError(f"the model holds {describe_nonfinite(bad)}: the checkpoint is damaged (or a float16 "
+                            "cast overflowed); a compressed copy would carry them silently")
+
+
 def _check_no_foreign_lora(model: nn.Module) -> None:
     """LoRA layers injected by PEFT outside a recover pass (inject_adapter_in_model, transformers' add_adapter):
     their lora_A / lora_B were quantized as layers of the model. A recover pass's unmerged adapter has its own
@@ -191,6 +202,7 @@ def apply(
     ctx = PassContext(calibration=calibration, tokenizer=tokenizer, device=device, progress=progress,
                       base_dir=base_dir)
     check_not_quantized_elsewhere(model)
+    _check_finite_weights(model)
     if getattr(model, "compress_offloaded_layers", None):
         check_offload_support(passes)
     for i, p in enumerate(passes):

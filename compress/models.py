@@ -251,8 +251,38 @@ def _read_folder(path: Path, dtype, device, allow_pickle: bool, meta: bool, max_
         model = load_checkpoint(path, config, section, dtype=dtype, meta=meta)
     else:
         model = load_hf_folder(path, config, dtype=dtype, allow_pickle=allow_pickle, meta=meta)
+    if not meta and dtype == torch.float16 and stored_as != torch.float16:
+        # our cast, so our error: bfloat16/float32 values past float16's +-65504 became inf (and were saved back)
+        bad = nonfinite_weights(model)
+        if bad:
+            raise CheckpointError(f"{path.name}: loading its {str(stored_as).removeprefix('torch.')} weights as "
+                                  f"float16 leaves {describe_nonfinite(bad)} (values past float16's +-65504 "
+                                  "overflow); load it as bfloat16 or float32 (--dtype)")
     _read_generation_config(model, path)
     return model, stored_as
+
+
+def nonfinite_weights(model: nn.Module) -> list[tuple[str, int]]:
+    """(name, how many of its values are NaN or inf) for each floating parameter or saved buffer holding any; the
+    meta tensors of layers left on disk are skipped."""
+    bad, seen = [], set()
+    for prefix, module in model.named_modules():
+        tensors = list(module._parameters.items()) + [
+            (k, b) for k, b in module._buffers.items() if k not in module._non_persistent_buffers_set]
+        for key, t in tensors:
+            if t is None or id(t) in seen or not t.is_floating_point() or t.is_meta:
+                continue
+            seen.add(id(t))
+            finite = torch.isfinite(t)
+            if not bool(finite.all()):
+                bad.append((f"{prefix}.{key}" if prefix else key, int((~finite).sum())))
+    return bad
+
+
+def describe_nonfinite(bad: list[tuple[str, int]]) -> str:
+    name, count = bad[0]
+    more = f", and {len(bad) - 1} more tensor{'s' if len(bad) > 2 else ''}" if len(bad) > 1 else ""
+    return f"{count} NaN or inf value{'s' if count != 1 else ''} in {name}{more}"
 
 
 def _read_generation_config(model: nn.Module, path: Path) -> None:

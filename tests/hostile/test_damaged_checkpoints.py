@@ -343,3 +343,32 @@ def test_a_model_with_nan_weights_gives_strict_json_and_a_warning(tmp_path, smal
     result = cli("eval", tmp_path / "huge", "--max-windows", "2", "--seq-len", "64", "--no-speed", "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["perplexity"] is None and "perplexity overflows" in result.stderr
+
+
+def test_nan_weights_are_refused_before_any_pass(tmp_path, small_model, tokenizer, cli, user_error):
+    """A NaN weight went through every pass unseen (RTN mapped a NaN scale to 1 and zeroed the group; GPTQ zeroed
+    rows) and the checkpoint written looked like any other; now apply names the tensor, and writes nothing."""
+    model = small_model()
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[3, :2] = float("nan")
+    model.save_pretrained(tmp_path / "nan")
+    tokenizer.save_pretrained(tmp_path / "nan")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("passes:\n  - quantize: {method: rtn, bits: 4, group_size: 32}\n")
+    user_error(cli("apply", recipe, "--model", tmp_path / "nan", "--output", tmp_path / "out", "--no-eval"),
+               "2 NaN or inf values in model.layers.1.mlp.up_proj.weight", "damaged")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(compress.CompressError, match="NaN or inf values in model.layers.1.mlp.up_proj.weight"):
+        compress.apply(model, [compress.passes.Prune(method="magnitude", sparsity=0.5)], progress=False)
+
+
+def test_a_bfloat16_checkpoint_loaded_as_float16_is_refused_where_it_overflows(tmp_path, small_model, tokenizer):
+    """bfloat16 reaches 3e38, float16 65504: the cast turned large values into inf, which were then saved back."""
+    model = small_model().to(torch.bfloat16)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.o_proj.weight[0, 0] = 1e5
+    model.save_pretrained(tmp_path / "bf16")
+    with pytest.raises(CheckpointError, match="bfloat16 weights as float16 leaves 1 NaN or inf value in "
+                                              r"model.layers.0.self_attn.o_proj.weight .*--dtype"):
+        compress.load(tmp_path / "bf16", dtype="float16")
+    assert compress.load(tmp_path / "bf16", dtype="bfloat16").model.layers[0].self_attn.o_proj.weight[0, 0] == 1e5

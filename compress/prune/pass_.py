@@ -13,6 +13,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
+from ..hessian import check_calibration_inputs
 from ..hessian import input_hook as _input_hook
 from ..models import checkpoint_dtype
 from ..pass_api import (UNTIED_NOTE, Pass, PassConfig, PassContext, PassReport, left_by_earlier, replace_module,
@@ -296,6 +297,7 @@ class Prune(Pass):
             mods = {n: m for n, m in targets.items() if layer_of[n] == step.index}
             accs = {n: InputNormAccumulator(m.in_features, m.weight.device) for n, m in mods.items()}
             step.run({m: _input_hook(accs[n]) for n, m in mods.items()})
+            check_calibration_inputs(accs, label, without_data="magnitude")
             if mods:
                 ratios[step.index] = outlier_ratio([wanda_scores(m.weight, accs[n].norms()) for n, m in mods.items()],
                                                    self.config.owl_threshold)
@@ -317,16 +319,14 @@ class Prune(Pass):
         acc_type = HessianAccumulator if sparse_gpt else InputNormAccumulator
         accs = {n: acc_type(m.in_features, m.weight.device) for n, m in mods.items()}
         step.run({m: _input_hook(accs[n]) for n, m in mods.items()})
+        check_calibration_inputs(accs, label, without_data="magnitude")
         s = self._sparsity_of(step.index, layer_sparsity)
         for name, module in mods.items():
-            if accs[name].tokens == 0:
-                raise ConfigError(f"{label}: {name} saw no calibration inputs (it is not called in the forward "
-                                  "pass); add it to `ignore` or use method: magnitude")
             if sparse_gpt:
                 result = sparsegpt_prune(module.weight, accs[name].hessian, s, state.nm,
                                          blocksize=self.config.blocksize, dampening=self.config.dampening)
-                if result.fallback or result.retries:
-                    state.hessian_notes[name] = result.fallback or result.notes[-1]
+                if result.fallback or result.notes:
+                    state.hessian_notes[name] = result.fallback or "; ".join(result.notes)
                 weight, mask = result.weight, result.mask
             else:
                 weight = module.weight.detach()

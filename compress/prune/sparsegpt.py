@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..hessian import (HessianAccumulator, drop_dead_inputs, inverse_hessian_factor,  # noqa: F401 (re-exported)
+from ..hessian import (HessianAccumulator, inverse_hessian_factor, mark_dead_inputs,  # noqa: F401 (re-exported)
                        thread_independent)
 
 
@@ -43,7 +43,7 @@ def sparsegpt_prune(
     rows, cols = w.shape
     h = hessian.detach().float().clone()
     notes = []
-    dead_note = drop_dead_inputs(w, h)
+    dead_note = mark_dead_inputs(h)
     if dead_note:
         notes.append(dead_note)
     factor, damp, retries = inverse_hessian_factor(h, dampening, max_retries)

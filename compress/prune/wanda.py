@@ -24,6 +24,9 @@ class InputNormAccumulator:
     def norms(self) -> torch.Tensor:
         return self.sq_sum.sqrt().float()
 
+    def finite(self) -> bool:
+        return bool(torch.isfinite(self.sq_sum).all())
+
 
 def wanda_scores(weight: torch.Tensor, input_norms: torch.Tensor) -> torch.Tensor:
     return weight.detach().abs().float() * input_norms.to(weight.device).float().unsqueeze(0)

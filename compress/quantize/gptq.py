@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..hessian import drop_dead_inputs, inverse_hessian_factor, thread_independent
+from ..hessian import inverse_hessian_factor, mark_dead_inputs, thread_independent
 from .int_quant import group_params, quantize_codes, quantize_rtn
 
 
@@ -53,7 +53,7 @@ def gptq_quantize(
     keep = mask.to(w.device).bool() if mask is not None else None
     if keep is not None:
         w = w * keep
-    notes = [n for n in [drop_dead_inputs(w, h)] if n]
+    notes = [n for n in [mark_dead_inputs(h)] if n]
     factor, damp, retries = inverse_hessian_factor(h, dampening)
     if factor is None:
         codes, scales, zeros = quantize_rtn(w, bits, group_size, symmetric, scale_dtype, keep)

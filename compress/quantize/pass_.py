@@ -18,7 +18,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
-from ..hessian import HessianAccumulator, input_hook
+from ..hessian import HessianAccumulator, check_calibration_inputs, input_hook
 from ..models import DTYPES, checkpoint_dtype
 from ..pass_api import (UNTIED_NOTE, Pass, PassConfig, PassContext, PassReport, left_by_earlier, replace_module,
                         tensor_bytes, timed, untie_output_head)
@@ -233,7 +233,7 @@ class Quantize(Pass):
             result = gptq_quantize(weight, hessian, c.bits, group, c.symmetric, act_order=c.act_order, mask=mask,
                                    blocksize=c.blocksize, dampening=c.dampening, scale_dtype=scale_dtype)
             if result.fallback or result.notes:
-                notes[name] = result.fallback or result.notes[-1]
+                notes[name] = result.fallback or "; ".join(result.notes)
             codes, scales, zeros = result.codes, result.scales, result.zeros
         ref = next(t for t in module.buffers() if t.is_floating_point()) if isinstance(module, SparseLinear) \
             else module.weight
@@ -246,10 +246,8 @@ class Quantize(Pass):
             return
         accs = {n: HessianAccumulator(m.in_features, step.inputs[0].device) for n, m in mods.items()}
         step.run({m: input_hook(accs[n]) for n, m in mods.items()})
+        check_calibration_inputs(accs, label, without_data="rtn")
         for name, module in mods.items():
-            if accs[name].tokens == 0:
-                raise ConfigError(f"{label}: {name} saw no calibration inputs (it is not called in the forward "
-                                  "pass); add it to `ignore` or use method: rtn")
             new = self._quantize_module(model, module, accs[name].hessian, notes, name)
             replace_module(model, name, new)
             restore[name] = new.restore_spec()

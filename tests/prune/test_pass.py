@@ -153,7 +153,7 @@ def test_non_pd_hessian_in_the_pass_is_reported(monkeypatch, reference_tokenizer
     class Broken(HessianAccumulator):
         def add(self, x):
             super().add(x)
-            self.hessian.fill_(float("nan"))
+            self.hessian.neg_()  # finite, not positive definite (NaN statistics are refused before they are used)
 
     monkeypatch.setattr(glue, "HessianAccumulator", Broken)
     model, report = pruned("sparsegpt", reference_tokenizer, targets=["re:.*mlp.down_proj"])
@@ -246,3 +246,19 @@ def test_pruning_writes_new_tensors_not_into_the_loaded_ones(reference_tokenizer
     assert int((pruned_weight == 0).sum()) == before.numel() // 2
     kept = pruned_weight != 0
     assert before.abs()[~kept].max() <= before.abs()[kept].min() and torch.equal(pruned_weight[kept], before[kept])
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt", "gptq", "owl"])
+def test_calibration_inputs_overflowing_to_inf_are_refused(reference_tokenizer, method):
+    # finite weights whose activations overflow (float16 past 65504 in practice; float32 here): Wanda's masks came
+    # from NaN scores, and GPTQ fell back to rounding with a note blaming the Hessian's factorization
+    from compress.errors import CalibrationError
+    from compress.quantize.pass_ import Quantize
+
+    model = compress.load("builtin:tiny")
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.mul_(1e37)
+    passes = {"wanda": Prune(method="wanda"), "sparsegpt": Prune(method="sparsegpt"),
+              "owl": Prune(method="wanda", owl=True), "gptq": Quantize(method="gptq", bits=4, group_size=32)}
+    with pytest.raises(CalibrationError, match="down_proj's calibration inputs hold NaN or inf.*--dtype"):
+        compress.apply(model, [passes[method]], calibration=CALIB, tokenizer=reference_tokenizer, progress=False)

@@ -132,3 +132,21 @@ def test_gptq_on_a_2of4_layer_keeps_the_pattern_and_beats_rtn(reference_model, c
         assert (layer(x) - ref).pow(2).mean() < (rtn(x) - ref).pow(2).mean()
     # packed: kept codes only (2 of 4, two per byte) + 2-bit positions
     assert layer.weight_packed.shape == (w.shape[0], w.shape[1] // 4)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_rounds_inputs_dead_in_calibration_instead_of_zeroing_them(act_order):
+    # the reference code zeroes the weights of inputs that were always zero in calibration: on a ReLU MLP whose
+    # units fire on other text that was 600x further (KL) from the original than rounding to nearest
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 64, generator=g)
+    x[:, [3, 40]] = 0
+    acc = HessianAccumulator(64, "cpu")
+    acc.add(x)
+    w = torch.randn(16, 64, generator=g)
+    result = gptq_quantize(w, acc.hessian, 4, 32, True, act_order=act_order)
+    assert any("always zero" in n for n in result.notes)
+    deq = (result.codes * expand_groups(result.scales, 32, 64)).float()
+    step = expand_groups(result.scales, 32, 64).float()
+    for col in (3, 40):  # rounded: within half a step of the original (zeroed, most were several steps away)
+        assert ((deq[:, col] - w[:, col]).abs() <= step[:, col] / 2 + 1e-6).all(), col

@@ -23,21 +23,21 @@ def parse_structure(structure: str) -> tuple[int, int] | None:
 
 
 def unstructured_mask(scores: torch.Tensor, sparsity: float, per_row: bool = False) -> torch.Tensor:
-    """Keep the largest scores: exactly round(sparsity * count) pruned, over the whole matrix or per output row."""
+    """Keep the largest scores: exactly round(sparsity * count) pruned, over the whole matrix or per output row. At
+    ties the lowest indices are pruned first: the result of the reference code's stable ascending sort, found
+    with a selection (kthvalue) instead of a sort (4-8x faster at 4096 x 14336)."""
     if sparsity <= 0:
         return torch.ones_like(scores, dtype=torch.bool)
-    if per_row:
-        k = int(round(scores.shape[1] * sparsity))
-        idx = torch.argsort(scores, dim=1, stable=True)[:, :k]
-        mask = torch.ones_like(scores, dtype=torch.bool)
-        mask.scatter_(1, idx, False)
-        return mask
-    flat = scores.flatten()
-    k = int(round(flat.numel() * sparsity))
-    idx = torch.argsort(flat, stable=True)[:k]
-    mask = torch.ones_like(flat, dtype=torch.bool)
-    mask[idx] = False
-    return mask.view_as(scores)
+    flat = scores if per_row else scores.reshape(1, -1)
+    k = int(round(flat.shape[1] * sparsity))
+    if k == 0:
+        return torch.ones_like(scores, dtype=torch.bool)
+    kth = flat.kthvalue(k, dim=1, keepdim=True).values
+    pruned = flat < kth
+    ties = flat == kth  # pruned in index order until each row has k
+    room = k - pruned.sum(1, keepdim=True, dtype=torch.int32)
+    pruned |= ties & (ties.cumsum(1, dtype=torch.int32) <= room)
+    return (~pruned).view_as(scores)
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:

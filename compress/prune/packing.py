@@ -14,6 +14,9 @@ from ..kernels.sparse_nm import index_bits
 def pack_bit_fields(fields: torch.Tensor, bits: int) -> torch.Tensor:
     """[rows, count] ints < 2**bits -> [rows, ceil(count*bits/8)] uint8, little-endian bit stream per row."""
     rows, count = fields.shape
+    if bits == 1:  # a bitmask: bytes throughout (the general path below holds 16 bytes per field)
+        stream = torch.nn.functional.pad(fields.to(torch.uint8), (0, (-count) % 8)).view(rows, -1, 8)
+        return (stream << torch.arange(8, device=fields.device, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)
     stream = (fields.long().unsqueeze(-1) >> torch.arange(bits, device=fields.device)) & 1  # [rows, count, bits]
     stream = stream.reshape(rows, count * bits)
     pad = (-stream.shape[1]) % 8
@@ -39,7 +42,7 @@ def pack_nm(weight: torch.Tensor, mask: torch.Tensor, n: int, m: int) -> tuple[t
 
 def pack_bitmask(weight: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(values [nnz], bitmask [out, ceil(in/8)] uint8, row_offsets [out] int64)."""
-    bitmask = pack_bit_fields(mask.to(torch.long), 1)
+    bitmask = pack_bit_fields(mask, 1)
     values = weight[mask].contiguous()
     counts = mask.sum(1)
     row_offsets = torch.cumsum(counts, 0) - counts

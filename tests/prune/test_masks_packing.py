@@ -6,7 +6,7 @@ from torch import nn
 from compress.errors import ConfigError
 from compress.prune.masks import is_nm, nm_mask, parse_structure, unstructured_mask
 from compress.prune.owl import owl_sparsities
-from compress.prune.packing import bitmask_nbytes, nm_nbytes, pack_bitmask, pack_nm
+from compress.prune.packing import bitmask_nbytes, nm_nbytes, pack_bit_fields, pack_bitmask, pack_nm
 from compress.prune.sparse_linear import SparseLinear
 from compress.prune.wanda import wanda_mask
 
@@ -24,6 +24,29 @@ def test_unstructured_mask_prunes_exactly_and_the_smallest(sparsity):
         assert s[~mask].max() <= s[mask].min()
     per_row = unstructured_mask(s, sparsity, per_row=True)
     assert ((~per_row).sum(1) == round(64 * sparsity)).all()
+
+
+@pytest.mark.parametrize("per_row", [True, False])
+@pytest.mark.parametrize("sparsity", [0.01, 0.5, 0.9, 1.0])
+def test_unstructured_mask_prunes_ties_as_the_reference_stable_sort_does(per_row, sparsity):
+    # the reference code (Wanda's) sorts ascending, stably, and prunes the first k: at ties the lowest indices
+    g = torch.Generator().manual_seed(1)
+    scores = torch.randint(0, 5, (7, 37), generator=g).float()  # few distinct values: ties everywhere
+    flat = scores if per_row else scores.reshape(1, -1)
+    k = int(round(flat.shape[1] * sparsity))
+    expected = torch.ones_like(flat, dtype=torch.bool)
+    expected.scatter_(1, torch.argsort(flat, dim=1, stable=True)[:, :k], False)
+    assert torch.equal(unstructured_mask(scores, sparsity, per_row=per_row), expected.view_as(scores))
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3])
+def test_bit_fields_pack_little_endian(bits):
+    g = torch.Generator().manual_seed(0)
+    fields = torch.randint(0, 2 ** bits, (5, 29), generator=g)
+    packed = pack_bit_fields(fields.bool() if bits == 1 else fields, bits)
+    stream = ((fields.unsqueeze(-1) >> torch.arange(bits)) & 1).reshape(5, -1)  # bit i of byte j: stream[8j + i]
+    stream = torch.nn.functional.pad(stream, (0, (-stream.shape[1]) % 8)).view(5, -1, 8)
+    assert packed.dtype == torch.uint8 and torch.equal(packed.long(), (stream << torch.arange(8)).sum(-1))
 
 
 @pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (1, 4)])

@@ -15,7 +15,7 @@ import torch
 
 from ..errors import CalibrationError
 from ..evaluate import budget_base_perplexity, evaluate
-from ..prune.activation_sparsity import LayerActivations, down_weight
+from ..prune.activation_sparsity import LayerActivations, down_weight_reader
 from ..progress import progress_bar
 from .mlp import ActivationSparseMLP
 
@@ -40,20 +40,20 @@ def _capture(mlps: list[ActivationSparseMLP], model, windows: torch.Tensor, sear
     def flat(t: torch.Tensor) -> torch.Tensor:
         return t.detach().reshape(-1, t.shape[-1])
 
-    def rows(t: torch.Tensor) -> torch.Tensor:
-        return flat(t).float()
-
     handles = []
     for i, mlp in enumerate(mlps):
-        handles.append(mlp.down_proj.register_forward_pre_hook(lambda mod, args, i=i: acts[i].append(rows(args[0]))))
+        handles.append(mlp.down_proj.register_forward_pre_hook(lambda mod, args, i=i: acts[i].append(flat(args[0]))))
         # the gate as the module computes it (gate_proj, or its quantized copy when that is the gate)
         handles.append(mlp.register_forward_pre_hook(
-            lambda mod, args, i=i: gates[i].append(rows(mod.act_fn(mod.gate_pre(flat(args[0])))).abs())))
+            lambda mod, args, i=i: gates[i].append(mod.act_fn(mod.gate_pre(flat(args[0]))).abs())))
         if mlp.neuron_scaling:
-            handles.append(mlp.up_proj.register_forward_hook(lambda mod, args, out, i=i: ups[i].append(rows(out))))
+            handles.append(mlp.up_proj.register_forward_hook(lambda mod, args, out, i=i: ups[i].append(flat(out))))
     _forward_with_hooks(model, windows, search_tokens, batch_size, handles)
-    return [(torch.cat(a)[:search_tokens], torch.cat(g)[:search_tokens], torch.cat(u)[:search_tokens] if u else None)
-            for a, g, u in zip(acts, gates, ups)]
+    out = []
+    for a, g, u in zip(acts, gates, ups):  # each layer's batches go once joined: not all layers' twice over
+        out.append(tuple(torch.cat(t)[:search_tokens] if t else None for t in (a, g, u)))
+        a.clear(), g.clear(), u.clear()
+    return out
 
 
 @torch.no_grad()
@@ -76,12 +76,13 @@ def calibrate_thresholds(model, mlps: list[ActivationSparseMLP], windows: torch.
     dense_ppl = budget_base_perplexity(dense_ppl, "activation_sparsity")
     for m in quantized_gate:  # the gate itself: fitted before its activations are captured (gate_proj's weight
         m.fit_predictor(storage_dtype)  # keeps the original values until the copy is adopted, at the end)
-    captured = []
-    for m, (acts, gates, ups) in zip(mlps, _capture(mlps, model, windows, search_tokens, batch_size)):
+    captured, layers = _capture(mlps, model, windows, search_tokens, batch_size), []
+    for i, m in enumerate(mlps):
+        (acts, gates, ups), captured[i] = captured[i], None  # each layer's gates go once scored
         if m.neuron_scaling:  # before the scores: they include the scales
-            m.fit_neuron_scale(ups.abs().mean(0), storage_dtype)
-        captured.append((acts, m.scores(gates)))
-    layers = [LayerActivations(a, down_weight(m.down_proj), scores=s) for m, (a, s) in zip(mlps, captured)]
+            m.fit_neuron_scale(ups.float().abs().mean(0), storage_dtype)
+        layers.append(LayerActivations(acts, down_weight_reader(m.down_proj), scores=m.scores(gates)))
+        del acts, gates, ups
     limit = dense_ppl * (1 + target_ppl_increase)
 
     def trial(cett: float, taus: list[float] | None = None):
@@ -116,7 +117,7 @@ def calibrate_thresholds(model, mlps: list[ActivationSparseMLP], windows: torch.
         else:
             hi = mid
     if greedy_rounds:
-        best = _greedy_layers(trial, [sc for _, sc in captured], best, limit, greedy_rounds, greedy_step, progress)
+        best = _greedy_layers(trial, [layer.scores for layer in layers], best, limit, greedy_rounds, greedy_step, progress)
     for m, tau in zip(mlps, best["thresholds"]):
         m.threshold.fill_(tau)
     predicting = [m for m in mlps if m.has_predictor and m.exact_gate]
@@ -169,7 +170,7 @@ def _greedy_layers(trial, scores: list[torch.Tensor], best: dict, limit: float, 
     the calibration perplexity least, while it stays within the budget; a round where nothing fits halves the step.
     Layers differ in how much truncation they tolerate, which one CETT value for all cannot exploit (builtin:tiny,
     +1% budget: 40% inactive with one CETT value, 53% this way). Costs `rounds` x layers evaluations."""
-    samples = [s.flatten()[:: max(1, s.numel() // 1_000_000)] for s in scores]  # torch.quantile's size limit
+    samples = [s.flatten()[:: max(1, s.numel() // 1_000_000)].float() for s in scores]  # torch.quantile's size limit
     target = list(best["layer_sparsity"])
     for _ in progress_bar(range(rounds), description="activation sparsity: per-layer greedy", enabled=progress):
         tried = []

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, UnsupportedModelError
@@ -31,14 +32,14 @@ def ffn_down_projections(model: nn.Module) -> list[nn.Module]:
     return downs
 
 
-def _weight_reader(module: nn.Module):
+def down_weight_reader(module: nn.Module):
     """A function giving the float32 [out, in] weight a down projection computes with: dense, pruned (packed), or
     quantized (its dequantized weight: an int4 checkpoint's `eval --activation-sparsity` ended in an AttributeError
     traceback); None where it has none to read. A LoRA adapter kept unmerged (recover, merge: false) counts: its
     wrapper's `weight` is the base layer's alone."""
     base = getattr(module, "base_layer", None)
     if base is not None and hasattr(module, "get_delta_weight"):
-        read = _weight_reader(base)
+        read = down_weight_reader(base)
         if read is None or module.merged or module.disable_adapters:
             return read
         names = [name for name in module.active_adapters if name in module.lora_A]
@@ -54,7 +55,7 @@ def _weight_reader(module: nn.Module):
 
 
 def down_weight(module: nn.Module) -> torch.Tensor:
-    reader = _weight_reader(module)
+    reader = down_weight_reader(module)
     if reader is None:
         raise _unreadable(module)
     return reader()
@@ -62,7 +63,7 @@ def down_weight(module: nn.Module) -> torch.Tensor:
 
 def check_down_weights(model: nn.Module) -> None:
     """Before any work: every down projection's weight can be read (`down_weight`)."""
-    unreadable = next((d for d in ffn_down_projections(model) if _weight_reader(d) is None), None)
+    unreadable = next((d for d in ffn_down_projections(model) if down_weight_reader(d) is None), None)
     if unreadable is not None:
         raise _unreadable(unreadable)
 
@@ -73,29 +74,46 @@ def _unreadable(module: nn.Module) -> UnsupportedModelError:
 
 
 class LayerActivations:
-    """One layer's captured activations with what every CETT evaluation reuses: neuron output norms |a_i| ||d_i||
-    and the full output norms ||y||. `scores` replaces the neuron output norms as what the threshold compares (the
-    activation_sparsity pass thresholds the gate activation |act(gate(x))|, known before up_proj runs)."""
+    """One layer's captured activations with what every CETT evaluation reuses: the full output norms ||y||.
+    The neuron output norms |a_i| ||d_i|| are what the threshold compares, or `scores` instead (the
+    activation_sparsity pass thresholds the gate activation |act(gate(x))|, known before up_proj runs).
 
-    def __init__(self, acts: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor | None = None):
-        self.acts, self.weight_t = acts, weight.t().contiguous()
-        self.magnitude = acts.abs() * weight.norm(dim=0) if scores is None else scores
-        self.full = (acts @ self.weight_t).norm(dim=-1).clamp_min(1e-12)
+    Held between searches: the activations and scores in the dtype they were computed in (a bf16 model's are exact
+    in bf16) and the down weight as a tensor or a function reading it. The float32 working copies (activations,
+    weight, magnitudes) exist only during one `threshold_for_cett`: kept for every layer through the whole search,
+    they were ~0.47 GB a layer at 7B (15 GB for 32 layers)."""
+
+    def __init__(self, acts: torch.Tensor, weight, scores: torch.Tensor | None = None):
+        self.acts, self.weight, self.scores = acts, weight, scores
+        acts32, w, magnitude = self._working()
+        self.full = F.linear(acts32, w).norm(dim=-1).clamp_min(1e-12)
+        self.max_magnitude = float(magnitude.max())
         self._cache: dict[float, float] = {}  # the outer search's bisections share their first midpoints
 
-    def mean_cett(self, tau: float) -> float:
+    def _working(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(float32 activations [tokens, in], weight [out, in], magnitudes [tokens, in]) for one search."""
+        acts = self.acts.float()
+        w = (self.weight() if callable(self.weight) else self.weight).to(acts.device, torch.float32)
+        magnitude = acts.abs() * w.norm(dim=0) if self.scores is None else self.scores.float()
+        return acts, w, magnitude
+
+    def mean_cett(self, tau: float, working: tuple | None = None) -> float:
         """Mean over tokens of ||truncated output|| / ||full output|| when neurons with |a| ||d|| < tau are dropped."""
         if tau not in self._cache:
-            dropped = self.acts * (self.magnitude < tau)
-            self._cache[tau] = float(((dropped @ self.weight_t).norm(dim=-1) / self.full).mean())
+            acts, w, magnitude = working or self._working()
+            dropped = acts * (magnitude < tau)
+            self._cache[tau] = float((F.linear(dropped, w).norm(dim=-1) / self.full).mean())
         return self._cache[tau]
 
     def threshold_for_cett(self, cett: float, steps: int = 20) -> float:
         """Inner search: the largest tau with mean CETT <= cett (CETT grows with tau)."""
-        lo, hi = 0.0, float(self.magnitude.max()) * 1.0001
+        working = None
+        lo, hi = 0.0, self.max_magnitude * 1.0001
         for _ in range(steps):
             mid = (lo + hi) / 2
-            if self.mean_cett(mid) <= cett:
+            if mid not in self._cache and working is None:
+                working = self._working()
+            if self.mean_cett(mid, working) <= cett:
                 lo = mid
             else:
                 hi = mid
@@ -117,7 +135,7 @@ class _Truncation:
         def hook(module, args):
             a = args[0]
             if self.captured is not None:
-                self.captured[i].append(a.detach().reshape(-1, a.shape[-1]).float())
+                self.captured[i].append(a.detach().reshape(-1, a.shape[-1]))  # (in its dtype: exact)
             if self.taus is None:
                 return None
             drop = (a.abs() * self.norms[i].to(a.device, a.dtype)) < self.taus[i]
@@ -157,16 +175,17 @@ def activation_sparsity(
     if not 0 < target_ppl_increase < 1:
         raise ConfigError(f"target_ppl_increase is a fraction like 0.01 (1%), got {target_ppl_increase}")
     downs = ffn_down_projections(model)
-    weights = [down_weight(d) for d in downs]
-    norms = [w.norm(dim=0) for w in weights]
+    norms = [down_weight(d).norm(dim=0) for d in downs]
     trunc = _Truncation(downs, norms)
     try:
         trunc.captured = [[] for _ in downs]
         per_window = windows.shape[1]
         search_windows = windows[: max(1, -(-search_tokens // per_window))]
         evaluate(model, search_windows, batch_size=batch_size, progress=False)
-        layers = [LayerActivations(torch.cat(c)[:search_tokens], w.to(c[0].device))
-                  for c, w in zip(trunc.captured, weights)]
+        layers = []
+        for c, d in zip(trunc.captured, downs):  # each layer's batches go once joined
+            layers.append(LayerActivations(torch.cat(c)[:search_tokens], down_weight_reader(d)))
+            c.clear()
         trunc.captured = None
         dense_ppl = evaluate(model, windows, batch_size=batch_size, progress=progress)["perplexity"]
         dense_ppl = budget_base_perplexity(dense_ppl, "activation sparsity")

@@ -117,7 +117,8 @@ def calibrate_thresholds(model, mlps: list[ActivationSparseMLP], windows: torch.
         else:
             hi = mid
     if greedy_rounds:
-        best = _greedy_layers(trial, [layer.scores for layer in layers], best, limit, greedy_rounds, greedy_step, progress)
+        scores = [layer.scores for layer in layers]
+        best = _greedy_layers(trial, scores, best, limit, greedy_rounds, greedy_step, progress)
     for m, tau in zip(mlps, best["thresholds"]):
         m.threshold.fill_(tau)
     predicting = [m for m in mlps if m.has_predictor and m.exact_gate]

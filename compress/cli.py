@@ -14,6 +14,7 @@ from .cli_format import (_console, _finite, _mb, _non_empty, _print_eval, _print
 from . import json_out
 from .checkpoint import folder_bytes  # noqa: F401 (also compress.cli.folder_bytes)
 from .errors import CompressError
+from .progress import phase
 
 
 class _OneLineUsageError(click.UsageError):
@@ -235,7 +236,8 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
         raise CompressError(f"{model_src} has no tokenizer files, which the evaluation needs: save the tokenizer "
                             "with the model, or pass --no-eval")
     offload = {"max_memory": max_memory, "offload_folder": offload_folder} if max_memory else {}
-    model = models.load(model_src, allow_pickle=allow_pickle, dtype=dtype, **offload)
+    with phase(f"loading {model_src}", enabled=not max_memory):  # (layers on disk have a bar of their own)
+        model = models.load(model_src, allow_pickle=allow_pickle, dtype=dtype, **offload)
     _say_offloaded(model, max_memory, "read, compressed and written back one at a time")
     text = _read_text(eval_text) if do_eval and eval_text else None
     eval_seq_len = EVAL_SEQ_LEN
@@ -258,22 +260,24 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
     if not main:  # the main process writes the checkpoint (every process holds the same trained model)
         return
     recipe_text = _recipe_as_run(r, overrides)
-    if export_format == "compressed-tensors":
-        exported = export(model, output, tokenizer=tokenizer, recipe_text=recipe_text, report=report.to_dict(),
-                          overwrite=overwrite).to_dict()
-    else:
-        checkpoint.save(model, output, tokenizer=tokenizer, recipe_text=recipe_text, report=report.to_dict(),
-                        overwrite=overwrite, format="native")  # (--format native over the recipe's export)
-        exported = {"format": "native"}
+    with phase(f"writing {output}"):
+        if export_format == "compressed-tensors":
+            exported = export(model, output, tokenizer=tokenizer, recipe_text=recipe_text, report=report.to_dict(),
+                              overwrite=overwrite).to_dict()
+        else:
+            checkpoint.save(model, output, tokenizer=tokenizer, recipe_text=recipe_text, report=report.to_dict(),
+                            overwrite=overwrite, format="native")  # (--format native over the recipe's export)
+            exported = {"format": "native"}
     click.get_current_context().meta[WRITTEN] = str(output)  # an error or Ctrl-C in the evaluation says so
     result = {"model": model_src, "output": str(output), **report.to_dict(), "export": exported}
     result["checkpoint_bytes"] = folder_bytes(Path(output))
     result["original_checkpoint_bytes"] = folder_bytes(source_path)
     if do_eval:
-        result["eval"] = _evaluate(models.load(output, dtype=dtype, allow_pickle=allow_pickle,
-                                               max_memory=max_memory), model_src, tokenizer,
-                                   eval_windows, progress=True, seq_len=eval_seq_len, text=text,
-                                   allow_pickle=allow_pickle, dtype=dtype, prepared=windows, max_memory=max_memory)
+        with phase(f"loading {output} back", enabled=not max_memory):
+            written = models.load(output, dtype=dtype, allow_pickle=allow_pickle, max_memory=max_memory)
+        result["eval"] = _evaluate(written, model_src, tokenizer, eval_windows, progress=True, seq_len=eval_seq_len,
+                                   text=text, allow_pickle=allow_pickle, dtype=dtype, prepared=windows,
+                                   max_memory=max_memory)
     if as_json:
         click.echo(json_out.dumps(result))
         return
@@ -407,7 +411,9 @@ def eval_cmd(model_src, baseline, text_file, seq_len, max_windows, speed, activa
     if tokenizer is None:
         raise CompressError(f"{model_src} has no tokenizer files; save the tokenizer with the model")
     text = _read_text(text_file) if text_file else None
-    model = models.load(model_src, sparse_runtime=sparse_runtime, allow_pickle=allow_pickle, dtype=dtype, **offload)
+    with phase(f"loading {model_src}", enabled=not max_memory):
+        model = models.load(model_src, sparse_runtime=sparse_runtime, allow_pickle=allow_pickle, dtype=dtype,
+                            **offload)
     _say_offloaded(model, max_memory)
     _check_kv_text(tokenizer, text, _residual_length(model, []), model.config)
     if activation_sparsity:  # before the evaluation, not after it
@@ -415,7 +421,8 @@ def eval_cmd(model_src, baseline, text_file, seq_len, max_windows, speed, activa
 
         check_down_weights(model)
     # the baseline is loaded once: the evaluation and the suite compare against it, the speed is timed with it
-    base = models.load(baseline, allow_pickle=allow_pickle, dtype=dtype, **offload) if baseline else None
+    with phase(f"loading the baseline {baseline}", enabled=bool(baseline) and not max_memory):
+        base = models.load(baseline, allow_pickle=allow_pickle, dtype=dtype, **offload) if baseline else None
     result = _evaluate(model, baseline, tokenizer, max_windows, progress=True, seq_len=seq_len, text=text,
                        allow_pickle=allow_pickle, dtype=dtype, baseline_model=base)
     result["baseline"] = baseline
@@ -423,11 +430,13 @@ def eval_cmd(model_src, baseline, text_file, seq_len, max_windows, speed, activa
     result["bytes"] = folder_bytes(models.resolve_model_path(model_src))
     result["resident_bytes"] = resident_bytes(model)  # (not the layers --max-memory leaves on disk)
     if speed and base is not None:  # timed in turn with the baseline: a ratio within one run (tokens/s alone moves)
-        result["tokens_per_second"], result["baseline_tokens_per_second"] = paired_generation_speed(model, base,
-                                                                                                    tokenizer)
+        with phase("timing generation (the model and the baseline in turn, 3 rounds)"):
+            result["tokens_per_second"], result["baseline_tokens_per_second"] = paired_generation_speed(
+                model, base, tokenizer)
         result["speedup_vs_baseline"] = result["tokens_per_second"] / result["baseline_tokens_per_second"]
     elif speed:
-        result["tokens_per_second"] = generation_speed(model, tokenizer)
+        with phase("timing generation"):
+            result["tokens_per_second"] = generation_speed(model, tokenizer)
     if activation_sparsity:
         from .evaluate import heldout_windows
         from .prune.activation_sparsity import activation_sparsity as cett_search
@@ -490,11 +499,13 @@ def generate(model_src, prompt, max_new_tokens, sample, temperature, top_p, seed
 
     offload = _read_offload(max_memory)
     torch.manual_seed(seed)
-    model = models.load(model_src, sparse_runtime=sparse_runtime, allow_pickle=allow_pickle, dtype=dtype, **offload)
-    _say_offloaded(model, max_memory)
-    tokenizer = models.load_tokenizer(model_src)
+    tokenizer = models.load_tokenizer(model_src)  # before the model: a mistake found without the wait
     if tokenizer is None:
         raise CompressError(f"{model_src} has no tokenizer files; save the tokenizer with the model")
+    with phase(f"loading {model_src}", enabled=not max_memory):
+        model = models.load(model_src, sparse_runtime=sparse_runtime, allow_pickle=allow_pickle, dtype=dtype,
+                            **offload)
+    _say_offloaded(model, max_memory)
     ids = tokenizer(prompt, return_tensors="pt", verbose=False).input_ids  # the length is checked below
     if ids.shape[1] == 0:
         raise CompressError(f"the prompt {prompt!r} gives no tokens; give some text to continue")

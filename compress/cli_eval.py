@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from .errors import CompressError
+from .progress import phase
 
 EVAL_SEQ_LEN = 256
 
@@ -110,8 +111,10 @@ def _evaluate(model, baseline_src, tokenizer, windows, progress, seq_len: int = 
     from .evaluate import evaluate
 
     w = prepared if prepared is not None else _eval_windows(tokenizer, text, seq_len, windows, model.config)
-    baseline = baseline_model if baseline_model is not None else models.load(
-        baseline_src, allow_pickle=allow_pickle, dtype=dtype, max_memory=max_memory) if baseline_src else None
+    baseline = baseline_model
+    if baseline is None and baseline_src:
+        with phase(f"loading the baseline {baseline_src}", enabled=progress and not max_memory):
+            baseline = models.load(baseline_src, allow_pickle=allow_pickle, dtype=dtype, max_memory=max_memory)
     vocab = [getattr(models.text_config(m.config), "vocab_size", None) for m in (model, baseline) if m is not None]
     if len(set(vocab)) > 1:
         raise CompressError(f"the baseline {baseline_src} has a vocabulary of {vocab[1]} tokens, the model {vocab[0]}: "
@@ -132,5 +135,5 @@ def _evaluate(model, baseline_src, tokenizer, windows, progress, seq_len: int = 
     if settings is not None:
         from .kvcache.quality import cache_quality_summary
 
-        out["kv_cache"] = cache_quality_summary(model, tokenizer, settings, text, windows)
+        out["kv_cache"] = cache_quality_summary(model, tokenizer, settings, text, windows, progress=progress)
     return out

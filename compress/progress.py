@@ -4,7 +4,9 @@ CI or under nohup shows it is alive."""
 from __future__ import annotations
 
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from typing import Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
@@ -27,17 +29,60 @@ def log_lines(items: Iterable[T], description: str, total: int | None = None,
     """Yield `items`, printing `description: i/total (s)` lines to stderr."""
     if total is None and hasattr(items, "__len__"):
         total = len(items)  # type: ignore[arg-type]
-    of = f"/{total}" if total is not None else ""
     start = last = time.monotonic()
-    print(f"{description}: 0{of}", file=sys.stderr, flush=True)
+    print(status_line(description, 0, total, start), file=sys.stderr, flush=True)
     done = 0
     for item in items:
         yield item
         done += 1
         now = time.monotonic()
         if now - last >= every or done == total:
-            print(f"{description}: {done}{of} ({now - start:.0f} s)", file=sys.stderr, flush=True)
+            print(status_line(description, done, total, start, now=now), file=sys.stderr, flush=True)
             last = now
+
+
+def status_line(description: str, done: int, total: int | None, start: float, first: int = 0,
+                now: float | None = None) -> str:
+    """`description: done/total (elapsed s, ~left s left)`; the estimate from the pace since `first` (a resumed
+    count starts above zero)."""
+    of = f"/{total}" if total is not None else ""
+    if done <= first:
+        return f"{description}: {done}{of}"
+    elapsed = (time.monotonic() if now is None else now) - start
+    left = f", ~{elapsed / (done - first) * (total - done):.0f} s left" if total is not None and done < total else ""
+    return f"{description}: {done}{of} ({elapsed:.0f} s{left})"
+
+
+@contextmanager
+def phase(description: str, enabled: bool = True, after: float = 2.0):
+    """A step with nothing to count (loading a model, timing generation, writing a checkpoint): a spinner on a
+    terminal; elsewhere a line once it has taken `after` seconds and one when it ends (quick steps print nothing).
+    Nothing inside may show a progress bar of its own (one live display at a time)."""
+    if not enabled:
+        yield
+        return
+    if sys.stderr.isatty():
+        from rich.console import Console
+
+        with Console(stderr=True).status(description):
+            yield
+        return
+    start, said = time.monotonic(), threading.Event()
+
+    def say() -> None:
+        said.set()
+        print(f"{description} ...", file=sys.stderr, flush=True)
+
+    timer = threading.Timer(after, say)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        timer.join()
+        if said.is_set():
+            print(f"{description}: done ({time.monotonic() - start:.0f} s)", file=sys.stderr, flush=True)
 
 
 class Ticker:
@@ -46,6 +91,7 @@ class Ticker:
 
     def __init__(self, description: str, total: int | None = None, done: int = 0, every: float = LOG_EVERY_SECONDS):
         self.description, self.total, self.done, self.every = description, total, done, every
+        self.first = done
         self.start = self.last = time.monotonic()
         self._bar = None
         if sys.stderr.isatty():
@@ -58,10 +104,9 @@ class Ticker:
         else:
             self._line()
 
-    def _line(self) -> None:
-        of = f"/{self.total}" if self.total is not None else ""
-        took = f" ({time.monotonic() - self.start:.0f} s)" if self.done else ""
-        print(f"{self.description}: {self.done}{of}{took}", file=sys.stderr, flush=True)
+    def _line(self, now: float | None = None) -> None:
+        print(status_line(self.description, self.done, self.total, self.start, self.first, now), file=sys.stderr,
+              flush=True)
 
     def advance(self, steps: int = 1) -> None:
         self.done += steps
@@ -70,7 +115,7 @@ class Ticker:
             return
         now = time.monotonic()
         if now - self.last >= self.every or self.done == self.total:
-            self._line()
+            self._line(now)
             self.last = now
 
     def note(self, text: str) -> None:

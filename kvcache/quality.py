@@ -22,6 +22,7 @@ from ..errors import CompressError
 from ..evaluate import MetricAccumulator, paired_change
 from ..intervals import paired_figures
 from ..models import context_length
+from ..progress import progress_bar
 
 CacheFactory = Callable[[], object]
 
@@ -101,16 +102,20 @@ def compare_caches(a: QualityResult, b: QualityResult) -> dict:
 
 @torch.no_grad()
 def kv_quality(model: nn.Module, windows: torch.Tensor, make_cache: CacheFactory, chunk_len: int,
-               reference: torch.Tensor | None = None) -> tuple[QualityResult, torch.Tensor]:
+               reference: torch.Tensor | None = None, progress: bool = False) -> tuple[QualityResult, torch.Tensor]:
     """Score `windows` [W, T] with the compressed cache against the uncompressed chunked reference.
     Returns the result and the reference logits (pass them back in to reuse them across configurations)."""
     if windows.shape[1] <= chunk_len:
         raise CompressError(f"windows of {windows.shape[1]} tokens leave nothing to score after the first chunk "
                             f"of {chunk_len}: use longer windows")
-    if reference is None:
-        reference = torch.cat([chunked_logits(model, w[None], lambda: DynamicCache(config=model.config), chunk_len)
-                               for w in windows])
-    ours = torch.cat([chunked_logits(model, w[None], make_cache, chunk_len) for w in windows])
+    rows = progress_bar(range(len(windows)), enabled=progress,
+                        description=f"KV cache quality: {len(windows)} windows, uncompressed and compressed")
+    refs, ours = [], []
+    for i in rows:
+        if reference is None:
+            refs.append(chunked_logits(model, windows[i:i + 1], lambda: DynamicCache(config=model.config), chunk_len))
+        ours.append(chunked_logits(model, windows[i:i + 1], make_cache, chunk_len))
+    reference, ours = torch.cat(refs) if reference is None else reference, torch.cat(ours)
     scored = slice(chunk_len, windows.shape[1] - 1)  # positions after the first chunk that have a next token
     targets = windows[:, scored.start + 1:scored.stop + 1]
     return compare_logits(reference[:, scored], ours[:, scored], targets), reference
@@ -168,7 +173,7 @@ def check_summary_text(tokenizer, text: str | None, residual_length: int, config
 
 
 def cache_quality_summary(model: nn.Module, tokenizer, settings, text: str | None, windows: int | None,
-                          window_len: int | None = None) -> dict:
+                          window_len: int | None = None, progress: bool = False) -> dict:
     """What `compress eval`/`apply` report for a model with a compressed KV cache (a plain forward does not use it):
     tokens scored chunk by chunk with the compressed past against the same chunked pass with an uncompressed cache,
     on at most 16 windows of `text` (default: the held-out text), without the per-window lists."""
@@ -179,7 +184,8 @@ def cache_quality_summary(model: nn.Module, tokenizer, settings, text: str | Non
     if window_len is None:
         window_len = summary_window_len(settings.residual_length, context_length(model.config))
     w = heldout_windows(tokenizer, text if text is not None else builtin_text("builtin:heldout"), n, window_len)
-    result, _ = kv_quality(model, w, lambda: GEARCache(model.config, settings), settings.residual_length)
+    result, _ = kv_quality(model, w, lambda: GEARCache(model.config, settings), settings.residual_length,
+                           progress=progress)
     summary = result.to_dict(windows=False)
     return {**summary, "protocol": f"{n} window{'s' if n != 1 else ''} of {window_len} tokens fed in chunks of "
                                    f"{settings.residual_length}; tokens after the first chunk scored"}

@@ -16,7 +16,7 @@ import torch
 from ..errors import CalibrationError
 from ..evaluate import budget_base_perplexity, evaluate
 from ..prune.activation_sparsity import LayerActivations, down_weight_reader
-from ..progress import progress_bar
+from ..progress import phase, progress_bar
 from .mlp import ActivationSparseMLP
 
 
@@ -69,14 +69,15 @@ def calibrate_thresholds(model, mlps: list[ActivationSparseMLP], windows: torch.
     for m in quantized_gate:  # the original model's perplexity: the budget includes the quantized gate's own cost
         m.exact_gate = True
     try:
-        dense_ppl = evaluate(model, windows, batch_size=batch_size, progress=False)["perplexity"]
+        dense_ppl = evaluate(model, windows, batch_size=batch_size, progress=progress)["perplexity"]
     finally:
         for m in quantized_gate:
             m.exact_gate = False
     dense_ppl = budget_base_perplexity(dense_ppl, "activation_sparsity")
     for m in quantized_gate:  # the gate itself: fitted before its activations are captured (gate_proj's weight
         m.fit_predictor(storage_dtype)  # keeps the original values until the copy is adopted, at the end)
-    captured, layers = _capture(mlps, model, windows, search_tokens, batch_size), []
+    with phase(f"activation sparsity: capturing {search_tokens} tokens' activations", enabled=progress):
+        captured, layers = _capture(mlps, model, windows, search_tokens, batch_size), []
     for i, m in enumerate(mlps):
         (acts, gates, ups), captured[i] = captured[i], None  # each layer's gates go once scored
         if m.neuron_scaling:  # before the scores: they include the scales

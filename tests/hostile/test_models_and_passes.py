@@ -219,6 +219,36 @@ def test_progress_is_logged_line_by_line_off_a_terminal(monkeypatch):
     assert err.getvalue().splitlines()[0] == "calibrating: 0/3" and "calibrating: 3/3" in err.getvalue()
 
 
+def test_log_lines_estimate_the_time_left_and_steps_without_a_count_say_they_are_alive(monkeypatch):
+    """A 20-minute step printed 'i/n (s)' with no estimate; loading, timing and writing printed nothing at all."""
+    import time
+
+    from compress.progress import Ticker, log_lines, phase
+
+    err = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    clock = iter(range(0, 1000, 10))
+    monkeypatch.setattr(time, "monotonic", lambda: float(next(clock)))
+    list(log_lines(range(4), "steps", every=0))
+    assert err.getvalue().splitlines() == ["steps: 0/4", "steps: 1/4 (10 s, ~30 s left)",
+                                           "steps: 2/4 (20 s, ~20 s left)", "steps: 3/4 (30 s, ~10 s left)",
+                                           "steps: 4/4 (40 s)"]
+    err.truncate(0), err.seek(0)
+    ticker = Ticker("training", total=10, done=6, every=0)  # resumed at 6: the pace counts from there
+    ticker.advance(2)
+    assert err.getvalue().splitlines() == ["training: 6/10", "training: 8/10 (10 s, ~10 s left)"]
+    monkeypatch.undo()
+    err = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    with phase("loading quickly"):
+        pass
+    assert err.getvalue() == ""
+    with phase("loading slowly", after=0.05):
+        time.sleep(0.3)
+    lines = err.getvalue().splitlines()
+    assert lines[0] == "loading slowly ..." and lines[1].startswith("loading slowly: done (") and len(lines) == 2
+
+
 def test_pass_table_reports_stored_sizes(tmp_path, cli):
     result = cli("apply", "recipes/magnitude-50.yaml", "--output", tmp_path / "o", "--no-eval", "--json")
     assert result.exit_code == 0, result.output

@@ -18,6 +18,7 @@ from .errors import CalibrationError, CompressError, ConfigError
 from .inspection import stored_bytes
 from .models import check_token_ids, checkpoint_dtype
 from .pass_api import Pass, PassContext, PassReport, format_validation_error, tensor_bytes
+from .progress import phase
 from .save_pretrained import route_save_pretrained
 
 
@@ -202,7 +203,8 @@ def apply(
     ctx = PassContext(calibration=calibration, tokenizer=tokenizer, device=device, progress=progress,
                       base_dir=base_dir)
     check_not_quantized_elsewhere(model)
-    _check_finite_weights(model)
+    with phase("checking that the weights are finite", enabled=progress):
+        _check_finite_weights(model)
     if getattr(model, "compress_offloaded_layers", None):
         check_offload_support(passes)
     for i, p in enumerate(passes):

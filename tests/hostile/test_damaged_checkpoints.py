@@ -372,3 +372,15 @@ def test_a_bfloat16_checkpoint_loaded_as_float16_is_refused_where_it_overflows(t
                                               r"model.layers.0.self_attn.o_proj.weight .*--dtype"):
         compress.load(tmp_path / "bf16", dtype="float16")
     assert compress.load(tmp_path / "bf16", dtype="bfloat16").model.layers[0].self_attn.o_proj.weight[0, 0] == 1e5
+
+
+def test_the_finiteness_scan_counts_exactly_and_is_not_fooled_by_an_overflowing_sum(small_model):
+    from compress.models import nonfinite_weights
+
+    model = small_model()
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(1e37)  # finite weights whose float32 sum overflows
+        model.model.layers[1].self_attn.q_proj.weight[2, :5] = float("-inf")
+        model.model.layers[1].self_attn.q_proj.weight[3, 0] = float("nan")
+    assert nonfinite_weights(model) == [("model.layers.1.self_attn.q_proj.weight", 6)]
+    assert nonfinite_weights(model.to(torch.bfloat16)) == [("model.layers.1.self_attn.q_proj.weight", 6)]

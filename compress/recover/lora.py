@@ -11,6 +11,7 @@ buffers), so `wrap_for_lora` builds these layers through PEFT's own `lora.Linear
 finds them already wrapped and (re)initializes their adapter the PEFT way."""
 from __future__ import annotations
 
+import functools
 import warnings
 from contextlib import contextmanager
 from typing import Any
@@ -50,21 +51,23 @@ def keep_mask(layer: nn.Module) -> torch.Tensor | None:
 
 
 class MaskedLowRankLinear(torch.autograd.Function):
-    """x (s * M * B A)^T, whose backward rebuilds the [out, in] update instead of keeping it. Autograd kept the update
-    and M as a float for every adapted layer until backward: two [out, in] float32 matrices a layer, 7 GB held
-    for a 0.79 GB bf16 model (scaling audit); here the update lives one layer at a time, and only x, A, B and the
-    bool mask are saved. Gradients: dL/dx = g (s M BA); with G = s M * (g^T x), dL/dB = G A^T, dL/dA = B^T G."""
+    """x (s * M * B A)^T, whose backward rebuilds the [out, in] update and the mask M (from `mask_of`, a function)
+    instead of keeping them. Autograd kept the update and M as a float for every adapted layer until backward: two
+    [out, in] float32 matrices a layer, 7 GB held for a 0.79 GB bf16 model (scaling audit); here they live one
+    layer at a time, and only x, A and B are saved. Gradients: dL/dx = g (s M BA); with G = s M * (g^T x),
+    dL/dB = G A^T, dL/dA = B^T G."""
 
     @staticmethod
-    def forward(ctx, x, a, b, mask, scaling: float):
-        ctx.save_for_backward(x, a, b, mask)
-        ctx.scaling = scaling
-        return F.linear(x, _masked_update(a, b, mask, scaling))
+    def forward(ctx, x, a, b, mask_of, scaling: float):
+        ctx.save_for_backward(x, a, b)
+        ctx.mask_of, ctx.scaling = mask_of, scaling
+        return F.linear(x, _masked_update(a, b, mask_of(), scaling))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        x, a, b, mask = ctx.saved_tensors
+        x, a, b = ctx.saved_tensors
+        mask = ctx.mask_of()
         grad_x = grad_a = grad_b = None
         grad = grad.to(a.dtype)
         if ctx.needs_input_grad[0]:
@@ -91,11 +94,15 @@ class SparsityKeepingLoraLinear(PeftLoraLinear):
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, **kwargs: Any) -> None:
         super().__init__(base_layer, adapter_name, **kwargs)
-        mask = keep_mask(base_layer)
-        # derived from the base layer: not saved with the adapter, recomputed whenever the layer is wrapped
-        self.register_buffer("keep_mask", mask, persistent=False)
         # a masked update (M * BA) x is not what plain PEFT computes: such a checkpoint must not load there silently
-        self.transformers_reads = mask is None
+        self.transformers_reads = keep_mask(base_layer) is None
+
+    @property
+    def keep_mask(self) -> torch.Tensor | None:
+        """The base layer's kept weights (the module's `keep_mask` function), derived on each use from its bitmask,
+        N:M positions or zeros (a frozen base: the same every time): held as a bool tensor for every adapted layer,
+        the masks took a byte per weight, half a bf16 model, for the whole run."""
+        return keep_mask(self.get_base_layer())
 
     # PEFT reads in/out features, device and dtype from `weight`; a packed layer has `values` instead
     def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
@@ -108,10 +115,11 @@ class SparsityKeepingLoraLinear(PeftLoraLinear):
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         delta = super().get_delta_weight(adapter)
-        return delta if self.keep_mask is None else delta * self.keep_mask.to(delta.dtype)
+        mask = self.keep_mask
+        return delta if mask is None else delta * mask.to(delta.dtype)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.keep_mask is None or self.disable_adapters or self.merged or kwargs.get("adapter_names"):
+        if self.transformers_reads or self.disable_adapters or self.merged or kwargs.get("adapter_names"):
             return super().forward(x, *args, **kwargs)
         names = [name for name in self.active_adapters if name in self.lora_A]
         if not any(self._trains(name, x) for name in names):
@@ -120,7 +128,7 @@ class SparsityKeepingLoraLinear(PeftLoraLinear):
         for name in names:
             a = self.lora_A[name].weight
             update = MaskedLowRankLinear.apply(self.lora_dropout[name](x.to(a.dtype)), a, self.lora_B[name].weight,
-                                               self.keep_mask, self.scaling[name])
+                                               functools.partial(keep_mask, self.get_base_layer()), self.scaling[name])
             result = result + update.to(result.dtype)
         return result
 

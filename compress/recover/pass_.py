@@ -47,6 +47,12 @@ class Recover(Pass):
         max_minutes: float = Field(20.0, gt=0.0, description="wall-clock budget of the training loop")
         seq_len: int | None = Field(None, ge=8, description="training window length (default: the calibration's)")
         batch_size: int = Field(8, ge=1, description="windows per step and device")
+        micro_batch_size: int | None = Field(None, ge=1, description=(
+            "windows per forward and backward (divides batch_size): the step accumulates batch_size / "
+            "micro_batch_size of them, the same update with that much less activation memory"))
+        gradient_checkpointing: bool = Field(False, description=(
+            "recompute each decoder layer's activations in backward: activation memory of about one layer "
+            "instead of every layer's, for about a third more compute"))
         kl_weight: float = Field(0.0, ge=0.0, description="0: next-token loss only; > 0 adds this x KL(original || model)")
         train_modules: list[str] = Field(default_factory=list, description=(
             "modules trained in full beside LoRA (e.g. MoM's new router and beta map); pattern syntax of targets"))
@@ -61,6 +67,12 @@ class Recover(Pass):
         seed: int = 0
 
     needs_calibration = True
+
+    def validate_config(self) -> None:
+        c = self.config
+        if c.micro_batch_size is not None and c.batch_size % c.micro_batch_size:
+            raise ConfigError(f"recover: micro_batch_size {c.micro_batch_size} does not divide batch_size "
+                              f"{c.batch_size}: each step accumulates whole micro-batches")
 
     def work_folders(self) -> list[Path]:
         return [Path(self.config.checkpoint_dir)] if self.config.checkpoint_dir else []
@@ -265,7 +277,9 @@ class Recover(Pass):
             for p in fully_trained.values():
                 p.requires_grad_(True)
             plan = TrainingPlan(windows=windows, max_steps=max_steps, tokens_per_step=c.batch_size * seq_len,
-                                batch_size=c.batch_size, lr=c.lr, max_seconds=c.max_minutes * 60,
+                                batch_size=c.batch_size, micro_batch_size=c.micro_batch_size or c.batch_size,
+                                gradient_checkpointing=c.gradient_checkpointing, lr=c.lr,
+                                max_seconds=c.max_minutes * 60,
                                 output_dir=output_dir, save_steps=c.save_steps if c.checkpoint_dir else None,
                                 resume_from=str(resume) if resume is not None else None, seed=c.seed,
                                 device=ctx.device, progress=ctx.progress, aux_weight=c.aux_weight,

@@ -61,6 +61,10 @@ class RecoveryTrainer(Trainer):
     def __init__(self, *args, teacher: nn.Module | None = None, kl_weight: float = 0.0, aux_weight: float = 0.0,
                  **kwargs):
         super().__init__(*args, **kwargs)
+        # compute_loss returns each micro-batch's mean: the Trainer divides by the accumulation steps (with the
+        # model's loss kwargs it took the loss to be normalized already, and the accumulated step summed them)
+        self.model_accepts_loss_kwargs = False
+        self.loss_is_scaled_for_ga = False
         self.kl_weight = kl_weight
         self.aux_weight = aux_weight
         self.teacher = teacher
@@ -231,6 +235,8 @@ class TrainingPlan:
     max_steps: int
     tokens_per_step: int
     batch_size: int
+    micro_batch_size: int            # windows per forward/backward: batch_size / this accumulate into one step
+    gradient_checkpointing: bool
     lr: float
     max_seconds: float
     output_dir: Path
@@ -277,11 +283,21 @@ class TokenCount(TrainerCallback):
         state.num_input_tokens_seen += self.tokens_per_step
 
 
+def _checkpointing_arguments(enabled: bool) -> dict:
+    """TrainingArguments' activation checkpointing, under the name this transformers knows (5.x renamed
+    gradient_checkpointing); not the reentrant form, which needs the layers' inputs to require grads."""
+    fields = TrainingArguments.__dataclass_fields__
+    name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    return {name: enabled, f"{name}_kwargs": {"use_reentrant": False}} if enabled else {}
+
+
 def train(peft_model: nn.Module, plan: TrainingPlan, teacher: nn.Module | None, kl_weight: float) -> dict:
     """Train the adapter of `peft_model` in place; returns what happened (steps, tokens, seconds, losses)."""
     args = TrainingArguments(
         output_dir=str(plan.output_dir),
-        per_device_train_batch_size=plan.batch_size,
+        per_device_train_batch_size=plan.micro_batch_size,
+        gradient_accumulation_steps=plan.batch_size // plan.micro_batch_size,
+        **_checkpointing_arguments(plan.gradient_checkpointing),
         learning_rate=plan.lr,
         max_steps=plan.max_steps,
         lr_scheduler_type="cosine",
@@ -319,6 +335,9 @@ def train(peft_model: nn.Module, plan: TrainingPlan, teacher: nn.Module | None, 
         result = trainer.train(resume_from_checkpoint=resume)
     finally:
         shown.close()
+        if plan.gradient_checkpointing:  # the model goes on to inference and to later passes as it came
+            disable = getattr(peft_model, "activation_checkpointing_disable", None)
+            (disable or peft_model.gradient_checkpointing_disable)()
     history = trainer.state.log_history
     losses = [h["loss"] for h in history if "loss" in h]
     lr_now = trainer.lr_scheduler.get_last_lr()[0] if trainer.lr_scheduler is not None else plan.lr

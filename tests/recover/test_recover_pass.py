@@ -286,3 +286,23 @@ def test_wall_clock_budget_names_what_stopped_the_run():
         budget.on_train_begin(args, TrainerState(), control)
         budget.on_step_end(args, TrainerState(global_step=step, max_steps=max_steps), control)
         assert budget.hit is hit and control.should_training_stop is hit
+
+
+def test_micro_batches_and_gradient_checkpointing_train_the_same_adapter(reference_tokenizer):
+    # the memory options must not change the optimization: the same windows in each step, the same mean loss
+    # (float32: in bf16 the sums' order alone moves logits by an ulp)
+    base, _ = compress.apply(compress.load("builtin:tiny", dtype="float32"), [compress.passes.Prune(structure="2:4")],
+                             progress=False)
+    runs = {}
+    for name, options in {"plain": {}, "micro 2": {"micro_batch_size": 2}, "micro 1": {"micro_batch_size": 1},
+                          "checkpointed": {"gradient_checkpointing": True}}.items():
+        model, details = recover(copy.deepcopy(base), reference_tokenizer, targets=ALL_LINEAR, max_tokens=4 * 128,
+                                 lr=3e-3, **options)
+        assert details["steps"] == 4
+        assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())  # off again
+        runs[name] = logits(model, IDS)
+    assert (runs["plain"] - logits(base, IDS)).abs().max() > 0.5  # training moved the logits this much
+    for name in ("micro 2", "micro 1", "checkpointed"):  # a step of 4 windows in 1 or 2 or 4 parts: ~1e-4 apart
+        assert (runs[name] - runs["plain"]).abs().max() < 2e-3, name
+    with pytest.raises(compress.ConfigError, match="micro_batch_size 3 does not divide batch_size 4"):
+        Recover(batch_size=4, micro_batch_size=3)

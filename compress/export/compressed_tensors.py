@@ -255,7 +255,8 @@ def export(model: nn.Module, folder: str | Path, *, tokenizer=None, recipe_text:
 
     from ..offload import parse_bytes
 
-    shard_bytes = DEFAULT_MAX_SHARD_BYTES if max_shard_bytes is None else parse_bytes(max_shard_bytes, "max_shard_bytes")
+    shard_bytes = (DEFAULT_MAX_SHARD_BYTES if max_shard_bytes is None
+                   else parse_bytes(max_shard_bytes, "max_shard_bytes"))
     _require_package()
     section = getattr(model.config, "compression", None) or compression_record([], recipe_text, None)
     check_passes([(e["pass"], e.get("args") or {}) for e in section.get("passes", [])])

@@ -26,7 +26,8 @@ def _print_wrapped(con, text: str, indent: int, hang: int, bold: str = "") -> No
     lines = textwrap.fill(text, width=max(con.width, 60), initial_indent=" " * indent,
                           subsequent_indent=" " * (indent + hang), break_long_words=False, break_on_hyphens=False)
     head = " " * indent + bold
-    con.print(_bold(head, lines[len(head):]) if bold else lines, soft_wrap=True)
+    bolded = bold and lines.startswith(head)  # (a head that itself wraps stays plain rather than garbled)
+    con.print(_bold(head, lines[len(head):]) if bolded else lines, soft_wrap=True)
 
 
 def _bold(head: str, rest: str = ""):

@@ -59,7 +59,7 @@ def check_calibration_inputs(accs: dict, label: str, without_data: str) -> None:
     for name, acc in accs.items():
         if acc.tokens == 0:
             raise ConfigError(f"{label}: {name} saw no calibration inputs (it is not called in the forward pass); "
-                              f"add it to `ignore` or use method: {without_data}")
+                              f"add it to `ignore` or use {without_data}")
         if not acc.finite():
             raise CalibrationError(f"{label}: {name}'s calibration inputs hold NaN or inf (activations overflowing "
                                    "the model's dtype, float16 most often): load the model as float32 or bfloat16 "

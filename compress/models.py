@@ -252,8 +252,9 @@ def _read_folder(path: Path, dtype, device, allow_pickle: bool, meta: bool, max_
     else:
         model = load_hf_folder(path, config, dtype=dtype, allow_pickle=allow_pickle, meta=meta)
     if not meta and dtype == torch.float16 and stored_as != torch.float16:
-        # our cast, so our error: bfloat16/float32 values past float16's +-65504 became inf (and were saved back)
-        bad = nonfinite_weights(model)
+        # our cast, so our error: bfloat16/float32 values past float16's +-65504 became inf (and were saved back);
+        # NaN is the checkpoint's own (apply and eval say so)
+        bad = [(name, count, nans) for name, count, nans in nonfinite_weights(model) if count > nans]
         if bad:
             raise CheckpointError(f"{path.name}: loading its {str(stored_as).removeprefix('torch.')} weights as "
                                   f"float16 leaves {describe_nonfinite(bad)} (values past float16's +-65504 "
@@ -262,9 +263,9 @@ def _read_folder(path: Path, dtype, device, allow_pickle: bool, meta: bool, max_
     return model, stored_as
 
 
-def nonfinite_weights(model: nn.Module) -> list[tuple[str, int]]:
-    """(name, how many of its values are NaN or inf) for each floating parameter or saved buffer holding any; the
-    meta tensors of layers left on disk are skipped."""
+def nonfinite_weights(model: nn.Module) -> list[tuple[str, int, int]]:
+    """(name, how many of its values are NaN or inf, how many NaN) for each floating parameter or saved buffer
+    holding any; the meta tensors of layers left on disk are skipped."""
     bad, seen = [], set()
     for prefix, module in model.named_modules():
         tensors = list(module._parameters.items()) + [
@@ -280,12 +281,12 @@ def nonfinite_weights(model: nn.Module) -> list[tuple[str, int]]:
                 continue
             finite = torch.isfinite(t)
             if not bool(finite.all()):
-                bad.append((f"{prefix}.{key}" if prefix else key, int((~finite).sum())))
+                bad.append((f"{prefix}.{key}" if prefix else key, int((~finite).sum()), int(t.isnan().sum())))
     return bad
 
 
-def describe_nonfinite(bad: list[tuple[str, int]]) -> str:
-    name, count = bad[0]
+def describe_nonfinite(bad: list[tuple[str, int, int]]) -> str:
+    name, count, _ = bad[0]
     more = f", and {len(bad) - 1} more tensor{'s' if len(bad) > 2 else ''}" if len(bad) > 1 else ""
     return f"{count} NaN or inf value{'s' if count != 1 else ''} in {name}{more}"
 

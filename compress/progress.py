@@ -76,13 +76,15 @@ def phase(description: str, enabled: bool = True, after: float = 2.0):
     timer = threading.Timer(after, say)
     timer.daemon = True
     timer.start()
+    ended = "stopped"  # (an error follows, or an interrupt: not "done")
     try:
         yield
+        ended = "done"
     finally:
         timer.cancel()
         timer.join()
         if said.is_set():
-            print(f"{description}: done ({time.monotonic() - start:.0f} s)", file=sys.stderr, flush=True)
+            print(f"{description}: {ended} ({time.monotonic() - start:.0f} s)", file=sys.stderr, flush=True)
 
 
 class Ticker:

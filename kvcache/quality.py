@@ -108,8 +108,9 @@ def kv_quality(model: nn.Module, windows: torch.Tensor, make_cache: CacheFactory
     if windows.shape[1] <= chunk_len:
         raise CompressError(f"windows of {windows.shape[1]} tokens leave nothing to score after the first chunk "
                             f"of {chunk_len}: use longer windows")
+    passes = "uncompressed and compressed" if reference is None else "compressed"
     rows = progress_bar(range(len(windows)), enabled=progress,
-                        description=f"KV cache quality: {len(windows)} windows, uncompressed and compressed")
+                        description=f"KV cache quality: {len(windows)} windows, {passes}")
     refs, ours = [], []
     for i in rows:
         if reference is None:

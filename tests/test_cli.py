@@ -324,3 +324,19 @@ def test_eval_speed_is_a_ratio_to_the_baseline_timed_in_turn(tmp_path):
     assert out["speedup_vs_baseline"] == pytest.approx(out["tokens_per_second"] / out["baseline_tokens_per_second"])
     alone = json.loads(run("eval", "builtin:tiny", "--max-windows", 1, "--json").stdout)
     assert alone["tokens_per_second"] > 0 and "speedup_vs_baseline" not in alone
+
+
+def test_a_bold_head_that_itself_wraps_prints_plain_not_garbled():
+    import io
+    import textwrap
+
+    from rich.console import Console
+
+    from compress.cli_format import _print_wrapped
+
+    head = "/tmp/some folder with spaces/and a rather long directory name/model-out"
+    text = head + "  format 3 passes, 12 layers stored packed"
+    out = io.StringIO()
+    _print_wrapped(Console(file=out, width=60, force_terminal=False), text, 2, 4, bold=head)
+    assert out.getvalue().rstrip("\n") == textwrap.fill(text, width=60, initial_indent="  ", subsequent_indent="      ",
+                                                        break_long_words=False, break_on_hyphens=False)

@@ -101,7 +101,7 @@ def calibrate_thresholds(model, mlps: list[ActivationSparseMLP], windows: torch.
     if quantized_gate:  # what the quantized gate alone costs (every neuron kept)
         best["perplexity"], _, best["layer_sparsity"] = trial(0.0, best["thresholds"])
         extra["quantized_gate_ppl_increase"] = cost = best["perplexity"] / dense_ppl - 1
-        if cost > target_ppl_increase:
+        if not cost <= target_ppl_increase:  # (NaN too: a gate that breaks the model is over any budget)
             bits = quantized_gate[0].predictor_bits
             options = ("predictor_bits: 8, " if bits != 8 else "") + "exact_gate: true, or a larger target_ppl_increase"
             raise CalibrationError(f"activation_sparsity: the int{bits} gate alone (every neuron kept) raises the "
@@ -127,7 +127,7 @@ def calibrate_thresholds(model, mlps: list[ActivationSparseMLP], windows: torch.
         best["candidate_share"] = _fit_predictors(model, predicting, windows, search_tokens, batch_size,
                                                   predictor_recall, storage_dtype)
         best["perplexity"], _, best["layer_sparsity"] = trial(0.0, best["thresholds"])
-        if best["perplexity"] > limit:
+        if not best["perplexity"] <= limit:  # (NaN too)
             best.update(_within_budget(predicting, trial, best["thresholds"], limit, outer_steps))
         best["predictor_thresholds"] = [float(m.predictor_threshold) for m in predicting]
     for m in quantized_gate:  # accepted: gate_proj's weight holds the copy from now on

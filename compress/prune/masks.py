@@ -32,6 +32,10 @@ def unstructured_mask(scores: torch.Tensor, sparsity: float, per_row: bool = Fal
     k = int(round(flat.shape[1] * sparsity))
     if k == 0:
         return torch.ones_like(scores, dtype=torch.bool)
+    if flat.is_cuda and flat.shape[0] == 1:  # CUDA selects within one block per row: one SM for a whole matrix
+        mask = torch.ones_like(flat, dtype=torch.bool)
+        mask[0, torch.argsort(flat[0], stable=True)[:k]] = False
+        return mask.view_as(scores)
     kth = flat.kthvalue(k, dim=1, keepdim=True).values
     pruned = flat < kth
     ties = flat == kth  # pruned in index order until each row has k

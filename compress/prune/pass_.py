@@ -297,7 +297,8 @@ class Prune(Pass):
             mods = {n: m for n, m in targets.items() if layer_of[n] == step.index}
             accs = {n: InputNormAccumulator(m.in_features, m.weight.device) for n, m in mods.items()}
             step.run({m: _input_hook(accs[n]) for n, m in mods.items()})
-            check_calibration_inputs(accs, label, without_data="magnitude")
+            check_calibration_inputs(accs, label, without_data="owl: false" if self.config.method == "magnitude"
+                                     else "method: magnitude")
             if mods:
                 ratios[step.index] = outlier_ratio([wanda_scores(m.weight, accs[n].norms()) for n, m in mods.items()],
                                                    self.config.owl_threshold)
@@ -319,7 +320,7 @@ class Prune(Pass):
         acc_type = HessianAccumulator if sparse_gpt else InputNormAccumulator
         accs = {n: acc_type(m.in_features, m.weight.device) for n, m in mods.items()}
         step.run({m: _input_hook(accs[n]) for n, m in mods.items()})
-        check_calibration_inputs(accs, label, without_data="magnitude")
+        check_calibration_inputs(accs, label, without_data="method: magnitude")
         s = self._sparsity_of(step.index, layer_sparsity)
         for name, module in mods.items():
             if sparse_gpt:

@@ -246,7 +246,7 @@ class Quantize(Pass):
             return
         accs = {n: HessianAccumulator(m.in_features, step.inputs[0].device) for n, m in mods.items()}
         step.run({m: input_hook(accs[n]) for n, m in mods.items()})
-        check_calibration_inputs(accs, label, without_data="rtn")
+        check_calibration_inputs(accs, label, without_data="method: rtn")
         for name, module in mods.items():
             new = self._quantize_module(model, module, accs[name].hessian, notes, name)
             replace_module(model, name, new)

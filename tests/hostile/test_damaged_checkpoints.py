@@ -372,6 +372,12 @@ def test_a_bfloat16_checkpoint_loaded_as_float16_is_refused_where_it_overflows(t
                                               r"model.layers.0.self_attn.o_proj.weight .*--dtype"):
         compress.load(tmp_path / "bf16", dtype="float16")
     assert compress.load(tmp_path / "bf16", dtype="bfloat16").model.layers[0].self_attn.o_proj.weight[0, 0] == 1e5
+    with torch.no_grad():  # a NaN is the checkpoint's own, not the cast's: loaded, and refused by apply as damage
+        model.model.layers[0].self_attn.o_proj.weight[0, 0] = float("nan")
+    model.save_pretrained(tmp_path / "nan")
+    loaded = compress.load(tmp_path / "nan", dtype="float16")
+    with pytest.raises(compress.CompressError, match="1 NaN or inf value in .*o_proj.weight: the checkpoint is damaged"):
+        compress.apply(loaded, [compress.passes.Prune(method="magnitude", sparsity=0.5)], progress=False)
 
 
 def test_the_finiteness_scan_counts_exactly_and_is_not_fooled_by_an_overflowing_sum(small_model):
@@ -382,5 +388,5 @@ def test_the_finiteness_scan_counts_exactly_and_is_not_fooled_by_an_overflowing_
         model.model.layers[0].mlp.down_proj.weight.mul_(1e37)  # finite weights whose float32 sum overflows
         model.model.layers[1].self_attn.q_proj.weight[2, :5] = float("-inf")
         model.model.layers[1].self_attn.q_proj.weight[3, 0] = float("nan")
-    assert nonfinite_weights(model) == [("model.layers.1.self_attn.q_proj.weight", 6)]
-    assert nonfinite_weights(model.to(torch.bfloat16)) == [("model.layers.1.self_attn.q_proj.weight", 6)]
+    assert nonfinite_weights(model) == [("model.layers.1.self_attn.q_proj.weight", 6, 1)]
+    assert nonfinite_weights(model.to(torch.bfloat16)) == [("model.layers.1.self_attn.q_proj.weight", 6, 1)]

@@ -247,6 +247,10 @@ def test_log_lines_estimate_the_time_left_and_steps_without_a_count_say_they_are
         time.sleep(0.3)
     lines = err.getvalue().splitlines()
     assert lines[0] == "loading slowly ..." and lines[1].startswith("loading slowly: done (") and len(lines) == 2
+    with pytest.raises(KeyError), phase("failing slowly", after=0.05):
+        time.sleep(0.3)
+        raise KeyError("x")
+    assert err.getvalue().splitlines()[-1].startswith("failing slowly: stopped (")
 
 
 def test_pass_table_reports_stored_sizes(tmp_path, cli):

@@ -1,6 +1,7 @@
 """The `compress` command line. Exit codes: 0 ok, 2 user error (one or two lines, no traceback), 1 internal error."""
 from __future__ import annotations
 
+import gc
 import sys
 from pathlib import Path
 
@@ -272,7 +273,11 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
     result = {"model": model_src, "output": str(output), **report.to_dict(), "export": exported}
     result["checkpoint_bytes"] = folder_bytes(Path(output))
     result["original_checkpoint_bytes"] = folder_bytes(source_path)
+    stored_dtype = str(models.checkpoint_dtype(model)).removeprefix("torch.")
     if do_eval:
+        # the model in memory goes first: with the checkpoint read back and the baseline it made three models at once
+        del model
+        gc.collect()
         with phase(f"loading {output} back", enabled=not max_memory):
             written = models.load(output, dtype=dtype, allow_pickle=allow_pickle, max_memory=max_memory)
         result["eval"] = _evaluate(written, model_src, tokenizer, eval_windows, progress=True, seq_len=eval_seq_len,
@@ -282,7 +287,7 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
         click.echo(json_out.dumps(result))
         return
     con = _console()
-    _print_passes(con, result, str(models.checkpoint_dtype(model)).removeprefix("torch."), export_format)
+    _print_passes(con, result, stored_dtype, export_format)
     con.print(f"checkpoint: {output}  ({_mb(result['checkpoint_bytes'])} of weights, "
               f"original {_mb(result['original_checkpoint_bytes'])}, format {export_format})")
     if not Path(output).expanduser().is_absolute():  # a recipe's relative `output` is taken from the current folder

@@ -76,10 +76,14 @@ def compare_logits(ref: torch.Tensor, ours: torch.Tensor, targets: torch.Tensor)
     ours_acc, ref_acc = MetricAccumulator(), MetricAccumulator()
     ours_acc.add(ours, targets, ref)
     ref_acc.add(ref, targets)
+    return _quality_result(ours_acc, ref_acc, int(targets.numel()))
+
+
+def _quality_result(ours_acc: MetricAccumulator, ref_acc: MetricAccumulator, positions: int) -> QualityResult:
     got, want = ours_acc.result(with_baseline=True), ref_acc.result(with_baseline=False)
     change = paired_change(ours_acc, ref_acc)
     return QualityResult(got["perplexity"], want["perplexity"], change["ppl_delta_pct"], max(got["kl"], 0.0),
-                         got["top1_agreement"], int(targets.numel()), change["ppl_delta_pct_ci95"],
+                         got["top1_agreement"], positions, change["ppl_delta_pct_ci95"],
                          change["kl_ci95"], change["windows"], torch.cat(ours_acc.window_nll).tolist(),
                          torch.cat(ours_acc.window_kl).tolist(), torch.cat(ours_acc.window_positions).tolist())
 
@@ -102,24 +106,33 @@ def compare_caches(a: QualityResult, b: QualityResult) -> dict:
 
 @torch.no_grad()
 def kv_quality(model: nn.Module, windows: torch.Tensor, make_cache: CacheFactory, chunk_len: int,
-               reference: torch.Tensor | None = None, progress: bool = False) -> tuple[QualityResult, torch.Tensor]:
+               reference: torch.Tensor | None = None, progress: bool = False,
+               keep_reference: bool = True) -> tuple[QualityResult, torch.Tensor | None]:
     """Score `windows` [W, T] with the compressed cache against the uncompressed chunked reference.
-    Returns the result and the reference logits (pass them back in to reuse them across configurations)."""
+    Returns the result and the reference logits (pass them back in to reuse them across configurations; None with
+    keep_reference=False, which holds one window's logits at a time)."""
     if windows.shape[1] <= chunk_len:
         raise CompressError(f"windows of {windows.shape[1]} tokens leave nothing to score after the first chunk "
                             f"of {chunk_len}: use longer windows")
     passes = "uncompressed and compressed" if reference is None else "compressed"
     rows = progress_bar(range(len(windows)), enabled=progress,
                         description=f"KV cache quality: {len(windows)} windows, {passes}")
-    refs, ours = [], []
-    for i in rows:
-        if reference is None:
-            refs.append(chunked_logits(model, windows[i:i + 1], lambda: DynamicCache(config=model.config), chunk_len))
-        ours.append(chunked_logits(model, windows[i:i + 1], make_cache, chunk_len))
-    reference, ours = torch.cat(refs) if reference is None else reference, torch.cat(ours)
     scored = slice(chunk_len, windows.shape[1] - 1)  # positions after the first chunk that have a next token
     targets = windows[:, scored.start + 1:scored.stop + 1]
-    return compare_logits(reference[:, scored], ours[:, scored], targets), reference
+    ours_acc, ref_acc, refs = MetricAccumulator(), MetricAccumulator(), []
+    for i in rows:  # scored window by window: all windows' logits at once were W x T x V floats, twice
+        if reference is None:
+            ref = chunked_logits(model, windows[i:i + 1], lambda: DynamicCache(config=model.config), chunk_len)
+            if keep_reference:
+                refs.append(ref)
+        else:
+            ref = reference[i:i + 1]
+        ours = chunked_logits(model, windows[i:i + 1], make_cache, chunk_len)
+        ours_acc.add(ours[:, scored], targets[i:i + 1], ref[:, scored])
+        ref_acc.add(ref[:, scored], targets[i:i + 1])
+    if reference is None and keep_reference:
+        reference = torch.cat(refs)
+    return _quality_result(ours_acc, ref_acc, int(targets.numel())), reference
 
 
 def copy_sequences(num: int, length: int, vocab_size: int, seed: int = 0, low: int = 100) -> torch.Tensor:
@@ -186,7 +199,7 @@ def cache_quality_summary(model: nn.Module, tokenizer, settings, text: str | Non
         window_len = summary_window_len(settings.residual_length, context_length(model.config))
     w = heldout_windows(tokenizer, text if text is not None else builtin_text("builtin:heldout"), n, window_len)
     result, _ = kv_quality(model, w, lambda: GEARCache(model.config, settings), settings.residual_length,
-                           progress=progress)
+                           progress=progress, keep_reference=False)
     summary = result.to_dict(windows=False)
     return {**summary, "protocol": f"{n} window{'s' if n != 1 else ''} of {window_len} tokens fed in chunks of "
                                    f"{settings.residual_length}; tokens after the first chunk scored"}

@@ -28,6 +28,10 @@ def test_protocol_orders_configurations(lm, reference_tokenizer, attn):
     assert paired["ppl_ratio"] == pytest.approx(q8.ppl / q2.ppl, rel=1e-9)
     assert paired["ppl_ratio_ci95"][0] < paired["ppl_ratio"] < paired["ppl_ratio_ci95"][1]
     assert compare_caches(q2, q2)["ppl_ratio_ci95"] == pytest.approx([1.0, 1.0])
+    # scored window by window with nothing kept (what `compress eval` does): the same result, no reference held
+    lean, none = kv_quality(lm, windows, lambda: GEARCache(lm.config, method="kivi", bits=2), 64, keep_reference=False)
+    assert none is None and lean.window_nll == pytest.approx(q2.window_nll, rel=1e-9)
+    assert lean.kl == pytest.approx(q2.kl, rel=1e-9) and lean.top1_agreement == q2.top1_agreement
     with pytest.raises(CompressError, match="no KL to the reference"):  # a ratio to the reference is undefined
         compare_caches(q8, same)
 

@@ -86,10 +86,14 @@ def _unique_state_dict(model: nn.Module, storage_dtype: torch.dtype) -> dict[str
         if key in seen and t.numel() > 0:
             continue  # a tied weight (e.g. lm_head = embed_tokens); re-tied on load
         seen[key] = name
-        t = t.detach().to("cpu")
-        if t.is_floating_point():
-            t = t.to(storage_dtype)
-        out[name] = t.contiguous()
+        t = t.detach()
+        dtype = storage_dtype if t.is_floating_point() else t.dtype
+        if t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous():
+            out[name] = t  # written as it is
+        else:  # converted when its shard is written: converted here, a float32 model held a bf16 copy of itself
+            from .offload import LazyTensor
+
+            out[name] = LazyTensor(t.shape, dtype, lambda t=t, dtype=dtype: t.to("cpu", dtype).contiguous())
     return out
 
 

@@ -259,3 +259,19 @@ def test_an_adapter_saved_among_the_weights_is_named_at_load(tmp_path, reference
         compress.load(tmp_path / "a")
     compress.save(model, tmp_path / "b")
     assert compress.load(tmp_path / "b") is not None
+
+
+def test_saving_converts_each_tensor_when_its_shard_is_written(tmp_path):
+    # converted up front, a float32 model saved in bf16 held a bf16 copy of itself (+14 GB at 7B) before the first
+    # byte was written; now a shard's worth at most
+    from compress.checkpoint import _unique_state_dict
+    from compress.offload import LazyTensor
+
+    model = compress.load("builtin:tiny", dtype="float32")
+    state = _unique_state_dict(model, torch.bfloat16)
+    floating = {k: v for k, v in state.items() if v.is_floating_point()}
+    assert floating and all(isinstance(v, LazyTensor) and v.dtype == torch.bfloat16 for v in floating.values())
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert torch.equal(state[name].load(), model.get_submodule(name[:-len(".weight")]).weight.bfloat16())
+    same = _unique_state_dict(model, torch.float32)  # nothing to convert: the tensors themselves, no copy
+    assert same[name].data_ptr() == model.get_submodule(name[:-len(".weight")]).weight.data_ptr()

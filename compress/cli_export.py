@@ -11,6 +11,7 @@ from .checkpoint import folder_bytes
 from .cli_format import _mb, stored_dense_line
 from .errors import CompressError
 from .output_folder import check_output
+from .progress import phase
 
 
 @click.command("export")
@@ -37,14 +38,17 @@ def export_cmd(checkpoint, output, export_format, overwrite, as_json):
         raise CompressError(f"{checkpoint} records no compression pass: its export would be the dense model")
     check_passes([(e["pass"], e.get("args") or {}) for e in section.get("passes", [])])  # before loading weights
     check_output(output, overwrite=overwrite, source=folder)
-    model = models.load(checkpoint, dtype="stored")  # the files' dtype: least memory, and what the export writes
+    with phase(f"loading {checkpoint}"):
+        model = models.load(checkpoint, dtype="stored")  # the files' dtype: least memory, and what the export writes
     recipe_file, report_file = folder / "recipe.yaml", folder / "report.json"
     try:
         report = json.loads(report_file.read_text()) if report_file.is_file() else None
     except (ValueError, UnicodeDecodeError) as exc:
         raise CompressError(f"{report_file}: not readable JSON ({exc}); move it aside to export without it") from None
-    summary = export(model, output, tokenizer=models.load_tokenizer(checkpoint, strict=False), overwrite=overwrite,
-                     recipe_text=recipe_file.read_text() if recipe_file.is_file() else None, report=report)
+    with phase(f"exporting to {output}"):  # (minutes at 7B: every layer is checked against its decompression)
+        summary = export(model, output, tokenizer=models.load_tokenizer(checkpoint, strict=False),
+                         overwrite=overwrite, recipe_text=recipe_file.read_text() if recipe_file.is_file() else None,
+                         report=report)
     result = {"checkpoint": str(checkpoint), "output": str(output), "format": export_format,
               "export": summary.to_dict(), "checkpoint_bytes": folder_bytes(Path(output)),
               "original_checkpoint_bytes": folder_bytes(folder)}

@@ -78,9 +78,9 @@ def mark_dead_inputs(h: torch.Tensor) -> str | None:
     diagonal, so H becomes factorizable; returns a note when there were any.
 
     Their weights are kept. The reference GPTQ/SparseGPT code zeroes them (they never mattered on the calibration
-    text), but a ReLU-style input dead on 128 calibration samples fires on other text: zeroed, GPTQ-8 on such an
-    MLP was 600x further (KL) from the original than rounding to nearest, and SparseGPT's extra zeros went
-    unreported (18.6% zeros at sparsity 0.1). With no off-diagonal terms such a column is rounded (or pruned by
+    text), but a ReLU-style input dead on the calibration text fires on other text: a layer with 64 of 512 inputs
+    dead, GPTQ-8 output MSE on other text 1.3e-2 with them zeroed, 3.5e-6 kept (rounding to nearest: 4.3e-6),
+    and SparseGPT's extra zeros went unreported. With no off-diagonal terms such a column is rounded (or pruned by
     magnitude, weighted like an average input) and passes no error on."""
     diag = torch.diagonal(h)
     dead = diag == 0

@@ -275,8 +275,8 @@ def nonfinite_weights(model: nn.Module) -> list[tuple[str, int, int]]:
                 continue
             seen.add(id(t))
             t = t.detach() if t.element_size() > 1 else t.detach().float()  # (float8: few ops take it)
-            # a sum is finite only when every term is (twice isfinite's speed: 9 s for 7B on two cores); where it
-            # is not, count exactly (a float32 sum can also overflow on finite weights)
+            # a sum is finite only when every term is (0.82 vs isfinite's 0.43 Gelem/s on two cores, ~9 s for 7B);
+            # where it is not, count exactly (a float32 sum can also overflow on finite weights)
             if math.isfinite(float(t.sum(dtype=torch.float32 if t.element_size() < 4 else None))):
                 continue
             finite = torch.isfinite(t)

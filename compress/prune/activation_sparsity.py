@@ -81,7 +81,7 @@ class LayerActivations:
     Held between searches: the activations and scores in the dtype they were computed in (a bf16 model's are exact
     in bf16) and the down weight as a tensor or a function reading it. The float32 working copies (activations,
     weight, magnitudes) exist only during one `threshold_for_cett`: kept for every layer through the whole search,
-    they were ~0.47 GB a layer at 7B (15 GB for 32 layers)."""
+    at 7B shapes that is ~0.47 GB a layer by arithmetic (2048 tokens x 14336 x 4 B twice, plus the weight)."""
 
     def __init__(self, acts: torch.Tensor, weight, scores: torch.Tensor | None = None):
         self.acts, self.weight, self.scores = acts, weight, scores

@@ -25,7 +25,8 @@ def parse_structure(structure: str) -> tuple[int, int] | None:
 def unstructured_mask(scores: torch.Tensor, sparsity: float, per_row: bool = False) -> torch.Tensor:
     """Keep the largest scores: exactly round(sparsity * count) pruned, over the whole matrix or per output row. At
     ties the lowest indices are pruned first: the result of the reference code's stable ascending sort, found
-    with a selection (kthvalue) instead of a sort (4-8x faster at 4096 x 14336)."""
+    with a selection (kthvalue) instead of a sort (4096 x 14336 on 2 CPU cores: 1.9 -> 0.7 s per row, 7.3 -> 1.2 s
+    over the matrix)."""
     if sparsity <= 0:
         return torch.ones_like(scores, dtype=torch.bool)
     flat = scores if per_row else scores.reshape(1, -1)

@@ -338,7 +338,8 @@ class Prune(Pass):
         """Write the pruned weight, and swap in a packed SparseLinear when that is smaller (or asked for)."""
         # a new tensor, not copy_ into the old one: a loaded weight is a view of the checkpoint's file mapping, and
         # writing into it copies each page it touches into anonymous memory that lives as long as the mapping does
-        # (every layer's, for the whole run: +130 MB a layer on a 0.4B bf16 model, packed layers included)
+        # (every layer's, for the whole run: 722 -> 489 MB anonymous after packing an 8-layer 0.12B bf16 model,
+        # the memory it left behind)
         pruned_weight = weight.detach().to(module.weight.dtype) * mask.to(module.weight.dtype)
         pruned = int((~mask).sum())
         state.zeros += pruned

@@ -28,7 +28,7 @@ def test_inner_search_finds_the_largest_threshold_within_the_cett():
 
 def test_bf16_activations_are_held_as_captured_and_searched_as_their_float32_copies():
     # float32 copies of every layer's activations, magnitudes and transposed down weight were held through the
-    # whole search (~0.47 GB a layer at 7B); a bf16 model's activations are exact in bf16 and the float32 working
+    # whole search; a bf16 model's activations are exact in bf16 and the float32 working
     # set now lives for one inner search
     g = torch.Generator().manual_seed(1)
     acts = (torch.randn(300, 96, generator=g) * torch.rand(96, generator=g)).bfloat16()

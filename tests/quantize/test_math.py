@@ -137,7 +137,7 @@ def test_gptq_on_a_2of4_layer_keeps_the_pattern_and_beats_rtn(reference_model, c
 @pytest.mark.parametrize("act_order", [False, True])
 def test_gptq_rounds_inputs_dead_in_calibration_instead_of_zeroing_them(act_order):
     # the reference code zeroes the weights of inputs that were always zero in calibration: on a ReLU MLP whose
-    # units fire on other text that was 600x further (KL) from the original than rounding to nearest
+    # units fire on other text that was far worse than rounding to nearest (output MSE 1.3e-2 vs 4.3e-6)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(256, 64, generator=g)
     x[:, [3, 40]] = 0

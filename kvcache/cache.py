@@ -133,7 +133,8 @@ class GEARLayer(CacheLayerMixin):
         assert self.value_store.drop_pages_before(oldest_needed - self.evicted) == dropped
         self.evicted += dropped
 
-    def activate_past_recording(self) -> None:
+    def activate_past_recording(self, **kwargs) -> None:
+        # (transformers >= 5.25 passes recurrent_states_to_keep, which concerns linear-attention layers only)
         self.record_past = True
 
     def held_length(self) -> int:

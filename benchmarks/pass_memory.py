@@ -2,7 +2,8 @@
 
 Builds random-init Llamas (hidden 1024, MLP 4096, 8192-token vocabulary; random weights: only memory and time are
 measured) of 4 and 8 decoder layers, stored in bf16, and runs each pass on each in a fresh subprocess. Reported per
-pass: the peak resident memory during `compress.apply` above the resident memory once the model was loaded (the
+pass: the peak resident memory during `compress.apply` (or, for the export rows, during the export of the
+compressed model) above the resident memory once the model was loaded (the
 kernel's high-water mark, VmHWM, reset after the load through /proc/self/clear_refs), the anonymous memory still
 held after it, and the growth of that peak per decoder layer between the two depths, as a multiple of one layer's
 own bytes at the compute dtype. A pass that works one layer at a time grows by about its output per layer; one that
@@ -39,6 +40,15 @@ PASSES.update({
     "  the same, micro_batch_size 1": RECOVER.format(", micro_batch_size=1"),
     "  the same, gradient_checkpointing": RECOVER.format(", gradient_checkpointing=True"),
 })
+# steps measured after unmeasured set-up passes: the compressed-tensors export of a compressed model (50 MB shards, so
+# that a shard is a fraction of the model at these sizes as a 5 GB shard is at 7B)
+EXPORT = ("export(model, sys.argv[2] + '/out', max_shard_bytes='50MB')", "from compress.export.compressed_tensors "
+          "import export; compress.apply(model, {}, calibration={}, tokenizer=tokenizer, progress=False)")
+STEPS = {
+    "export compressed-tensors (of rtn int4 g128)": "[get_pass('quantize')(method='rtn', bits=4, group_size=128)]",
+    "export compressed-tensors (of magnitude 2:4 packed)": "[Prune(method='magnitude', structure='2:4', "
+                                                           "storage='packed')]",
+}
 PROBE = """
 import gc, json, sys, time
 import compress
@@ -52,11 +62,12 @@ def kb(field):
 
 model = compress.load(sys.argv[1])
 tokenizer = compress.load_tokenizer("builtin:tiny")
+{setup}
 gc.collect()
 open("/proc/self/clear_refs", "w").write("5")  # VmHWM from here on: what apply adds
 rss, anon = kb("VmRSS"), kb("RssAnon")
 start = time.perf_counter()
-compress.apply(model, {passes}, calibration={calibration}, tokenizer=tokenizer, progress=False)
+{step}
 seconds = time.perf_counter() - start
 gc.collect()
 print(json.dumps({{"peak_kb": kb("VmHWM") - rss, "anon_kb": kb("RssAnon") - anon, "seconds": seconds,
@@ -78,13 +89,20 @@ def build(folder: Path, layers: int) -> int:
     return sum(p.numel() for p in model.model.layers[0].parameters())
 
 
-def measure(folder: Path, passes: str) -> dict:
-    code = PROBE.format(passes=passes, calibration=CALIBRATION)
+def measure(folder: Path, name: str) -> dict:
+    if name in PASSES:
+        step, setup = f"compress.apply(model, {PASSES[name]}, calibration={CALIBRATION}, tokenizer=tokenizer, " \
+                      "progress=False)", ""
+    else:
+        step, setup = EXPORT[0], EXPORT[1].format(STEPS[name], CALIBRATION)
+    code = PROBE.format(step=step, setup=setup)
     # glibc returns a freed block to the system only above its mmap threshold, which rises to 32 MB as blocks are
     # freed: at these shapes most temporaries fall under it and freed heap stays resident, at 7B shapes most are
     # above it. Held at 1 MB, the small model's figures are live memory, as the large model's would be
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
-    proc = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, env=env)
+    with tempfile.TemporaryDirectory() as out:
+        proc = subprocess.run([sys.executable, "-c", code, str(folder), out], capture_output=True, text=True,
+                              env=env)
     if proc.returncode:
         raise SystemExit(f"error: the probe failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -93,7 +111,8 @@ def measure(folder: Path, passes: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, nargs=2, default=[4, 8], metavar=("FEW", "MORE"))
-    parser.add_argument("--passes", nargs="+", choices=sorted(PASSES), default=list(PASSES), metavar="NAME")
+    parser.add_argument("--passes", nargs="+", choices=sorted({**PASSES, **STEPS}), default=[*PASSES, *STEPS],
+                        metavar="NAME")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     few, more = args.layers
@@ -110,7 +129,7 @@ def main() -> None:
                   f"and {more} layers; 'in layers': the growth per layer over one layer's own bytes", flush=True)
             print(header, flush=True)
         for name in args.passes:
-            runs = {n: measure(folder, PASSES[name]) for n, folder in folders.items()}
+            runs = {n: measure(folder, name) for n, folder in folders.items()}
             dtype = runs[more]["dtype"]
             layer_mb = layer_params * (4 if dtype == "float32" else 2) / 1e6
             # VmHWM and RssAnon are in KiB: MB here are 10^6 bytes, as everywhere in compress

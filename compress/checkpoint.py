@@ -8,7 +8,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -95,19 +95,6 @@ def _unique_state_dict(model: nn.Module, storage_dtype: torch.dtype) -> dict[str
 
             out[name] = LazyTensor(t.shape, dtype, lambda t=t, dtype=dtype: t.to("cpu", dtype).contiguous())
     return out
-
-
-def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
-    shards, current, size = [], {}, 0
-    for name, t in state.items():
-        nbytes = t.numel() * t.element_size()
-        if current and size + nbytes > max_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[name] = t
-        size += nbytes
-    shards.append(current)
-    return shards
 
 
 def save(
@@ -234,21 +221,42 @@ def write_generation_config(model, folder: Path) -> None:
         raise CompressError(f"model.generation_config cannot be saved: {first_line(str(exc))}") from None
 
 
-def write_weights(state: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
-    """model.safetensors, or shards and their index above `max_shard_bytes` (the layout transformers reads)."""
-    from .offload import materialize
+def write_weights(state, folder: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+    """model.safetensors, or shards and their index above `max_shard_bytes` (the layout transformers reads).
+    `state`: a dict, or (name, tensor) pairs made as they are consumed (an export computes a layer's tensors when
+    its shard is reached). Either way one shard is in memory at a time: LazyTensors are read as they are added, and a
+    shard is written once the next tensor would take it past the limit (under a temporary name, renamed once the
+    number of shards is known)."""
+    from .offload import LazyTensor
 
-    shards = _shards(state, max_shard_bytes)
-    if len(shards) == 1:
-        save_file(materialize(shards[0]), folder / WEIGHTS_NAME, metadata={"format": "pt"})
+    items = state.items() if isinstance(state, Mapping) else state
+    parts: list[tuple[Path, list[str]]] = []
+    current: dict[str, torch.Tensor] = {}
+    size = total = 0
+
+    def flush() -> None:
+        part = folder / f"shard-{len(parts) + 1:05d}.partial"
+        save_file(current, part, metadata={"format": "pt"})
+        parts.append((part, list(current)))
+
+    for name, t in items:
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            flush()
+            current, size = {}, 0
+        current[name] = t.load() if isinstance(t, LazyTensor) else t
+        size, total = size + nbytes, total + nbytes
+    if not parts:
+        save_file(current, folder / WEIGHTS_NAME, metadata={"format": "pt"})
         return
+    flush()
     weight_map = {}
-    for i, shard in enumerate(shards, 1):
-        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(materialize(shard), folder / name, metadata={"format": "pt"})  # one shard in memory at a time
-        weight_map.update({k: name for k in shard})
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    (folder / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    for i, (part, names) in enumerate(parts, 1):
+        shard = f"model-{i:05d}-of-{len(parts):05d}.safetensors"
+        part.rename(folder / shard)
+        weight_map.update(dict.fromkeys(names, shard))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / INDEX_NAME).write_text(json.dumps(index, indent=2))
 
 
 def weight_files(path: Path) -> list[Path]:

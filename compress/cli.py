@@ -261,14 +261,14 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
     if not main:  # the main process writes the checkpoint (every process holds the same trained model)
         return
     recipe_text = _recipe_as_run(r, overrides)
-    with phase(f"writing {output}"):
-        if export_format == "compressed-tensors":
-            exported = export(model, output, tokenizer=tokenizer, recipe_text=recipe_text, report=report.to_dict(),
-                              overwrite=overwrite).to_dict()
-        else:
+    if export_format == "compressed-tensors":  # (a progress bar over the layers it converts and checks)
+        exported = export(model, output, tokenizer=tokenizer, recipe_text=recipe_text, report=report.to_dict(),
+                          overwrite=overwrite, progress=True).to_dict()
+    else:
+        with phase(f"writing {output}"):
             checkpoint.save(model, output, tokenizer=tokenizer, recipe_text=recipe_text, report=report.to_dict(),
                             overwrite=overwrite, format="native")  # (--format native over the recipe's export)
-            exported = {"format": "native"}
+        exported = {"format": "native"}
     click.get_current_context().meta[WRITTEN] = str(output)  # an error or Ctrl-C in the evaluation says so
     result = {"model": model_src, "output": str(output), **report.to_dict(), "export": exported}
     result["checkpoint_bytes"] = folder_bytes(Path(output))

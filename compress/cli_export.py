@@ -45,10 +45,10 @@ def export_cmd(checkpoint, output, export_format, overwrite, as_json):
         report = json.loads(report_file.read_text()) if report_file.is_file() else None
     except (ValueError, UnicodeDecodeError) as exc:
         raise CompressError(f"{report_file}: not readable JSON ({exc}); move it aside to export without it") from None
-    with phase(f"exporting to {output}"):  # (minutes at 7B: every layer is checked against its decompression)
-        summary = export(model, output, tokenizer=models.load_tokenizer(checkpoint, strict=False),
-                         overwrite=overwrite, recipe_text=recipe_file.read_text() if recipe_file.is_file() else None,
-                         report=report)
+    # a progress bar over the layers (minutes at 7B: each is checked against compressed-tensors' decompression)
+    summary = export(model, output, tokenizer=models.load_tokenizer(checkpoint, strict=False), overwrite=overwrite,
+                     recipe_text=recipe_file.read_text() if recipe_file.is_file() else None, report=report,
+                     progress=True)
     result = {"checkpoint": str(checkpoint), "output": str(output), "format": export_format,
               "export": summary.to_dict(), "checkpoint_bytes": folder_bytes(Path(output)),
               "original_checkpoint_bytes": folder_bytes(folder)}

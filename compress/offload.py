@@ -308,10 +308,6 @@ class LazyTensor:
         return self._load()
 
 
-def materialize(state: dict) -> dict[str, torch.Tensor]:
-    return {k: v.load() if isinstance(v, LazyTensor) else v for k, v in state.items()}
-
-
 def tensor_source(model: nn.Module, name: str):
     """A zero-argument function that reads the offloaded tensor `name` (a state-dict key) from disk."""
     parts = name.split(".")

@@ -162,47 +162,85 @@ def quantized_tensors(name: str, module, storage_dtype: torch.dtype) -> dict[str
     return out
 
 
-def _modules_state(model: nn.Module, storage_dtype: torch.dtype, summary: ExportSummary) -> dict[str, torch.Tensor]:
-    from ..checkpoint import _unique_state_dict
+def _plan(model: nn.Module, summary: ExportSummary) -> dict[str, nn.Module]:
+    """The compressed modules by name, what each will be stored as noted in `summary` (quantized, or dense for a
+    width that is not whole groups); ExportError, before any work, on a module compressed-tensors cannot express."""
     from ..inspection import _is_compressed
 
-    state = _unique_state_dict(model, storage_dtype)
-    structures, zeros, total = set(), 0, 0
+    compressed = {}
     for name, module in model.named_modules():
-        own = [k for k in state if k.rpartition(".")[0] == name]
-        if not own or not _is_compressed(module):
+        if not _is_compressed(module):
             continue
-        for k in own:
-            del state[k]
-        mask = None
-        if isinstance(module, SparseLinear):
-            weight = module.dense_weight(storage_dtype)
-            state[f"{name}.weight"] = weight
-            if module.bias is not None:
-                state[f"{name}.bias"] = module.bias.detach().to(storage_dtype)
-            mask, nm = weight != 0, (module.n, module.m) if module.format == "nm" else None
-        elif _is_quantized(module):
-            mask, nm = module.sparsity_mask(), module.sparsity_structure
+        if _is_quantized(module):
             if module.in_features % module.group_size:
                 summary.dense_fallback[name] = _fallback_reason(module.in_features, module.group_size)
-                # float32: code x scale needs more mantissa than bf16 has; transformers casts it on load
-                state[f"{name}.weight"] = module.dequantized_weight(torch.float32)
-                if module.bias is not None:
-                    state[f"{name}.bias"] = module.bias.detach().to(storage_dtype)
             else:
-                state.update({f"{name}.{k}": v for k, v in quantized_tensors(name, module, storage_dtype).items()})
                 summary.quantized.append(name)
-        else:
+        elif not isinstance(module, SparseLinear):
             raise ExportError(f"{name} is a {type(module).__name__}, which --format {FORMAT} cannot express; "
                               "use the native format (the default)")
-        if mask is not None:
-            summary.sparse.append(name)
-            structures.add(f"{nm[0]}:{nm[1]}" if nm else "unstructured")
-            zeros, total = zeros + int((~mask).sum()), total + mask.numel()
+        compressed[name] = module
+    return compressed
+
+
+def _module_tensors(name: str, module, storage_dtype: torch.dtype, summary: ExportSummary, sparsity: list[int],
+                    structures: set[str]) -> dict[str, torch.Tensor]:
+    """One compressed module's exported tensors (local names); its sparsity counted into `sparsity` ([zeros,
+    total]) and `structures`."""
+    if isinstance(module, SparseLinear):
+        out = {"weight": module.dense_weight(storage_dtype)}
+        mask, nm = out["weight"] != 0, (module.n, module.m) if module.format == "nm" else None
+    else:
+        mask, nm = module.sparsity_mask(), module.sparsity_structure
+        if name in summary.dense_fallback:
+            # float32: code x scale needs more mantissa than bf16 has; transformers casts it on load
+            out = {"weight": module.dequantized_weight(torch.float32)}
+        else:
+            return _counted(quantized_tensors(name, module, storage_dtype), name, mask, nm, summary, sparsity,
+                            structures)
+    if module.bias is not None:
+        out["bias"] = module.bias.detach().to(storage_dtype)
+    return _counted(out, name, mask, nm, summary, sparsity, structures)
+
+
+def _counted(out, name, mask, nm, summary, sparsity, structures):
+    if mask is not None:
+        summary.sparse.append(name)
+        structures.add(f"{nm[0]}:{nm[1]}" if nm else "unstructured")
+        sparsity[0] += int((~mask).sum())
+        sparsity[1] += mask.numel()
+    return out
+
+
+def _stream_state(model: nn.Module, storage_dtype: torch.dtype, summary: ExportSummary,
+                  compressed: dict[str, nn.Module], progress: bool):
+    """(name, tensor) pairs of the export in the model's order, each compressed module's tensors made when the
+    writer reaches it (so an export holds one shard, not a second copy of the model); the sparsity statistics land in
+    `summary` once the last pair is taken."""
+    from ..checkpoint import _unique_state_dict
+    from ..progress import Ticker
+
+    state = _unique_state_dict(model, storage_dtype)
+    owners = {k: k.rpartition(".")[0] for k in state}
+    structures, sparsity, done = set(), [0, 0], set()
+    ticker = Ticker(f"exporting {len(compressed)} compressed layers", total=len(compressed)) if progress else None
+    try:
+        for key, t in state.items():
+            owner = owners[key]
+            if owner not in compressed:
+                yield key, t
+            elif owner not in done:
+                done.add(owner)
+                tensors = _module_tensors(owner, compressed[owner], storage_dtype, summary, sparsity, structures)
+                yield from ((f"{owner}.{k}", v) for k, v in tensors.items())
+                if ticker is not None:
+                    ticker.advance()
+    finally:
+        if ticker is not None:
+            ticker.close()
     if structures:
         summary.sparsity_structure = structures.pop() if len(structures) == 1 else "unstructured"
-    summary.global_sparsity = zeros / max(total, 1)
-    return state
+    summary.global_sparsity = sparsity[0] / max(sparsity[1], 1)
 
 
 def _sparsity_metadata(model: nn.Module, summary: ExportSummary) -> dict | None:
@@ -245,10 +283,11 @@ def _quantization_config(model: nn.Module, summary: ExportSummary):
 
 def export(model: nn.Module, folder: str | Path, *, tokenizer=None, recipe_text: str | None = None,
            report: dict | None = None, overwrite: bool = False,
-           max_shard_bytes: int | str | None = None) -> ExportSummary:
+           max_shard_bytes: int | str | None = None, progress: bool = False) -> ExportSummary:
     """Write `model` (compressed by prune and/or quantize) as a compressed-tensors checkpoint at `folder`,
-    atomically, sharded above `max_shard_bytes` as a native checkpoint is. Fails with ExportError, writing nothing,
-    on what compressed-tensors cannot express."""
+    atomically, sharded above `max_shard_bytes` as a native checkpoint is; each layer is converted (and checked
+    against compressed-tensors' decompression) as its shard is written, with a progress bar when `progress`. Fails
+    with ExportError, leaving nothing at `folder`, on what compressed-tensors cannot express."""
     from ..checkpoint import (DEFAULT_MAX_SHARD_BYTES, _portable_source, _source_folder, compression_record,
                               write_folder, write_generation_config, write_weights)
     from ..models import checkpoint_dtype
@@ -265,7 +304,8 @@ def export(model: nn.Module, folder: str | Path, *, tokenizer=None, recipe_text:
                           "(max_memory): save it natively (compress.save), or load it without max_memory")
     dtype = checkpoint_dtype(model)
     summary = ExportSummary()
-    state = _modules_state(model, dtype, summary)  # before any file is written: errors leave nothing behind
+    # before any work; a later error (a layer that would not round-trip) removes the temporary folder (write_folder)
+    compressed = _plan(model, summary)
     if summary.dense_fallback and not summary.quantized:  # (pruned ones too: dense float32 with zeros)
         raise ExportError(_all_dense(summary.dense_fallback))
     quantization = _quantization_config(model, summary)
@@ -273,7 +313,7 @@ def export(model: nn.Module, folder: str | Path, *, tokenizer=None, recipe_text:
     def write(tmp: Path) -> None:
         from compressed_tensors.compressors import ModelCompressor
 
-        write_weights(state, tmp, shard_bytes)
+        write_weights(_stream_state(model, dtype, summary, compressed, progress), tmp, shard_bytes)
         config = model.config.to_dict()
         config["dtype"] = str(dtype).removeprefix("torch.")
         config["architectures"] = [type(model).__name__]

@@ -30,6 +30,7 @@ PASSES = {
     "prune wanda 50% packed": "[Prune(method='wanda', sparsity=0.5, storage='packed')]",
     "prune wanda 50% dense-stored": "[Prune(method='wanda', sparsity=0.5, storage='dense')]",
     "quantize gptq int4 g128": "[get_pass('quantize')(method='gptq', bits=4, group_size=128)]",
+    "vq_logits (1024 codes, scale/bias)": "[get_pass('vq_logits')(num_codes=1024, kmeans_iterations=4)]",
     "activation_sparsity (2 outer steps)": "[get_pass('activation_sparsity')(target_ppl_increase=0.05, outer_steps=2, "
                                            "inner_steps=8, search_tokens=2048)]",
 }

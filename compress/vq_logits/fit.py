@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from ..progress import progress_bar
+
 
 def _column_sums(x: torch.Tensor, block: int = 32) -> torch.Tensor:
     """x [n, V] summed over n in float64: float32 sums over blocks of `block` rows, then float64 across blocks.
@@ -29,7 +31,7 @@ def _column_sums(x: torch.Tensor, block: int = 32) -> torch.Tensor:
 @torch.no_grad()
 def fit_scale_bias(hidden: torch.Tensor, dense_weight: torch.Tensor, table: torch.Tensor, codes: torch.Tensor, *,
                    weighting: str = "probability", share: float = 0.2, chunk: int = 1024,
-                   ridge: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+                   ridge: float = 1e-6, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Weighted least-squares (scales [V], biases [V]) for hidden [N, d], dense rows [V, d], code table [K', d]
     and codes [V]. `ridge` (relative to the weighted sum of g^2) keeps the 2x2 solve stable for a token whose code
     logit barely varies."""
@@ -45,11 +47,11 @@ def fit_scale_bias(hidden: torch.Tensor, dense_weight: torch.Tensor, table: torc
     if weighting == "probability" and share > 0:
         # first pass: each token's total probability over the calibration positions
         prob_mass = torch.zeros(v, dtype=torch.float64, device=hidden.device)
-        for i in range(0, n_total, chunk):
+        for i in progress_bar(range(0, n_total, chunk), "vq_logits: each token's probability mass", enabled=progress):
             prob_mass += _column_sums(torch.softmax(hidden[i:i + chunk].float() @ w.t(), dim=-1))
         prob_scale = (share / prob_mass.clamp_min(1e-300)).float()
     sw, sg, sgg, sz, sgz = (torch.zeros(v, dtype=torch.float64, device=hidden.device) for _ in range(5))
-    for i in range(0, n_total, chunk):
+    for i in progress_bar(range(0, n_total, chunk), "vq_logits: fitting each token's scale and bias", enabled=progress):
         h = hidden[i:i + chunk].float()
         z = h @ w.t()                             # [n, V] dense logits
         g = (h @ t.t()).index_select(1, codes)    # [n, V] code logit of each token

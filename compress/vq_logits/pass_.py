@@ -1,11 +1,10 @@
 """The `vq_logits` pass: glue between recipes and the math in kmeans.py, fit.py and distill.py.
 
-Finds the output head, gathers calibration hidden states (a forward hook on the head's input) and token counts,
+Finds the output head, gathers calibration hidden states (calibration.py: the head's input) and token counts,
 clusters the head's rows into a codebook, fits per-token scale/bias, optionally distills, and swaps in a
 `VQLogitsHead`. Tied input/output embeddings are untied: the input embedding is kept as it is."""
 from __future__ import annotations
 
-import sys
 from typing import Literal
 
 import torch
@@ -15,8 +14,8 @@ from torch import nn
 from ..errors import CalibrationError, CheckpointError, ConfigError, UnsupportedModelError
 from ..pass_api import (Pass, PassConfig, PassContext, PassReport, head_shares_embedding, replace_module,
                         tensor_bytes, timed)
-from ..progress import progress_bar
 from ..registry import register_pass
+from .calibration import head_inputs
 from .distill import distill_head, kl_dense_to_head
 from .fit import fit_scale_bias
 from .head import VQLogitsHead, smallest_int_dtype
@@ -60,10 +59,8 @@ def build_vq_head(weight: torch.Tensor, hidden: torch.Tensor | None, counts: tor
     if c.scale_bias:
         vq = copy.deepcopy(vq) if keep_stages else vq
         table = torch.cat([vq.codebook.detach(), vq.shortlist_weight.detach()])
-        if progress:  # (seconds with no loop to count: said before it starts)
-            print("vq_logits: fitting each token's scale and bias", file=sys.stderr, flush=True)
         scales, biases = fit_scale_bias(hidden, weight, table, vq.codes, weighting=c.fit_weighting,
-                                        share=c.fit_probability_share)
+                                        share=c.fit_probability_share, progress=progress)
         with torch.no_grad():
             vq.scales.copy_(scales)
             vq.biases.copy_(biases)
@@ -146,19 +143,8 @@ class VQLogits(Pass):
         batches = ctx.calibration_batches(self.name)
         vocab = head.weight.shape[0]
         counts = torch.bincount(batches.flatten().clamp(0, vocab - 1), minlength=vocab).float()
-        captured: list[torch.Tensor] = []
-        hook = head.register_forward_hook(lambda m, inp, out: captured.append(inp[0].detach().reshape(-1, inp[0].shape[-1]).float()))
-        device = head.weight.device
-        try:
-            for i in progress_bar(range(0, batches.shape[0], 8), description="vq_logits: hidden states",
-                                  enabled=ctx.progress):
-                model(input_ids=batches[i:i + 8].to(device), use_cache=False)
-        finally:
-            hook.remove()
-        hidden = torch.cat(captured)
-        if hidden.shape[0] > self.config.max_fit_tokens:
-            gen = torch.Generator().manual_seed(self.config.seed)
-            hidden = hidden[torch.randperm(hidden.shape[0], generator=gen)[: self.config.max_fit_tokens].to(hidden.device)]
+        hidden = head_inputs(model, head, batches, keep=self.config.max_fit_tokens, seed=self.config.seed,
+                             progress=ctx.progress)
         return hidden, counts
 
     # ------------------------------------------------------------------------------------------------ apply

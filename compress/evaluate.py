@@ -49,16 +49,21 @@ def logits_as_served(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     """`logits_of`, but read through the model's compressed KV cache when it has one (gear_kv): a plain forward
     never reads the cache, so a suite scored that way measured the weights alone. The ids go in chunks of the
     cache's residual_length (as `compress eval`'s cache rows feed them): every token after the first chunk attends
-    to the compressed past, as when generating. Float32 logits on the model's device."""
+    to the compressed past, as when generating; computed in one forward that gives the same logits where it can
+    (kvcache/served.py). Float32 logits on the model's device."""
     settings = getattr(model, "kv_cache_settings", None)
     device = next(model.parameters()).device
     if settings is None:
         return model(input_ids=input_ids.to(device), use_cache=False).logits.float()
     from .kvcache.cache import GEARCache
     from .kvcache.quality import chunked_logits
+    from .kvcache.served import served_logits
 
-    return chunked_logits(model, input_ids.to(device), lambda: GEARCache(model.config, settings),
-                          settings.residual_length)
+    ids = input_ids.to(device)
+    one_pass = served_logits(model, ids, settings)  # the same logits from one forward, where it applies
+    if one_pass is not None:
+        return one_pass
+    return chunked_logits(model, ids, lambda: GEARCache(model.config, settings), settings.residual_length)
 
 
 def exp_or_inf(x: float) -> float:

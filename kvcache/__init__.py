@@ -8,7 +8,8 @@ streaming (an fp16 window of `residual_length` tokens, then append-only compress
 
 or as a pass (`gear_kv` in a recipe), which makes a saved and reloaded model generate with this cache by default.
 Layout: config.py (settings), gear_math.py (compression of a chunk), store.py (append-only storage), cache.py
-(CacheLayerMixin layers + Cache), attention.py (the "gear_kv" attention implementation), pass_.py, quality.py."""
+(CacheLayerMixin layers + Cache), attention.py (the "gear_kv" attention implementation), pass_.py, quality.py,
+served.py (a text scored as the cache serves it, in one forward)."""
 from .attention import gear_attention_forward, use_compressed_attention
 from .cache import GEARCache, GEARLayer, KIVILayer
 from .config import KVCacheSettings

@@ -1,0 +1,92 @@
+"""kvcache/served.py: the logits of a text read through a GEARCache fed in chunks of residual_length, from one
+forward. The reference is the chunked path itself (`quality.chunked_logits`), in float64 so that round-off cannot
+move a value across a quantization step (in float32 a flipped code here and there is the whole difference)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compress.evaluate import logits_as_served
+from compress.kvcache import GEARCache, KVCacheSettings
+from compress.kvcache.quality import chunked_logits
+from compress.kvcache.served import served_logits
+
+SETTINGS = {
+    "kivi-2": dict(method="kivi", bits=2),
+    "gear-4 pages of 2 chunks": dict(method="gear", bits=4, key_rank=2, value_rank=1, outlier_ratio=0.1,
+                                     page_chunks=2, key_prefill_rank=3),
+    "gear-3 skip layer 1": dict(method="gear", bits=3, skip_layers=[1], value_bits=4),
+}
+
+
+def chunked(model, ids, settings):
+    with torch.no_grad():
+        return chunked_logits(model, ids, lambda: GEARCache(model.config, settings), settings.residual_length)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("name", list(SETTINGS))
+@pytest.mark.parametrize("impl", ["sdpa", "gear_kv"])
+def test_one_forward_gives_the_chunked_logits(tiny_model, arch, name, impl):
+    model = tiny_model(arch).double()
+    model.set_attn_implementation(impl)
+    settings = KVCacheSettings.build(group_size=16, residual_length=16, **SETTINGS[name])
+    ids = torch.randint(0, 128, (2, 90), generator=torch.Generator().manual_seed(0))  # 5 chunks and 10 tokens
+    want = chunked(model, ids, settings)
+    got = served_logits(model, ids, settings)
+    effect = (want - model(ids).logits).abs()
+    assert effect.max() > 1e-3  # (the cache changes the logits: the test can fail)
+    if impl == "sdpa":
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+    else:  # gear_kv's chunked path reads the past in float32 (its torch reference kernel): float32 round-off, and
+        # with it a code flipped here and there in the next layers
+        assert (got - want).abs().mean() < 1e-3 * effect.mean()
+    assert model.config._attn_implementation == impl  # put back
+
+
+def test_text_within_one_chunk_and_the_chunk_boundaries(tiny_model):
+    model = tiny_model("llama").double()
+    settings = KVCacheSettings.build(method="kivi", bits=2, group_size=16, residual_length=16)
+    for length in (1, 15, 16, 17, 32, 33):
+        ids = torch.randint(0, 128, (1, length), generator=torch.Generator().manual_seed(length))
+        torch.testing.assert_close(served_logits(model, ids, settings), chunked(model, ids, settings), rtol=0,
+                                   atol=1e-10)
+
+
+def test_float32_differs_by_round_off_only(tiny_model):
+    model = tiny_model("llama")
+    settings = KVCacheSettings.build(method="gear", bits=4, group_size=16, residual_length=16)
+    ids = torch.randint(0, 128, (2, 90), generator=torch.Generator().manual_seed(0))
+    got, want = served_logits(model, ids, settings), chunked(model, ids, settings)
+    effect = (want - model(ids).logits).abs().mean()
+    assert (got - want).abs().mean() < 1e-2 * effect
+
+
+def test_sliding_window_models_take_the_chunked_path(tiny_model, monkeypatch):
+    model = tiny_model("mistral", sliding_window=32)
+    settings = KVCacheSettings.build(method="kivi", bits=4, group_size=16, residual_length=16)
+    ids = torch.randint(0, 128, (1, 70), generator=torch.Generator().manual_seed(0))
+    assert served_logits(model, ids, settings) is None
+    model.kv_cache_settings = settings
+    torch.testing.assert_close(logits_as_served(model, ids), chunked(model, ids, settings), rtol=0, atol=0)
+
+
+def test_logits_as_served_uses_one_forward(tiny_model, monkeypatch):
+    import compress.kvcache.quality as quality
+
+    model = tiny_model("llama")
+    model.kv_cache_settings = KVCacheSettings.build(method="kivi", bits=4, group_size=16, residual_length=16)
+    monkeypatch.setattr(quality, "chunked_logits", lambda *a, **k: pytest.fail("the chunked path ran"))
+    calls = []
+    model.register_forward_pre_hook(lambda *a: calls.append(1))
+    logits_as_served(model, torch.randint(0, 128, (2, 50)))
+    assert calls == [1]
+
+
+def test_an_error_in_the_forward_restores_the_attention(tiny_model):
+    model = tiny_model("llama")
+    model.set_attn_implementation("sdpa")
+    settings = KVCacheSettings.build(method="kivi", bits=4, group_size=16, residual_length=16)
+    with pytest.raises(IndexError):
+        served_logits(model, torch.full((1, 40), 10_000), settings)  # an id outside the vocabulary
+    assert model.config._attn_implementation == "sdpa"

@@ -29,6 +29,7 @@ from .store import CompressedStore
 
 ATTENTION_NAME = "gear_kv"
 WINDOW_DTYPE = torch.float16
+FP16_MAX = torch.finfo(torch.float16).max
 ITEMS = ("codes", "scales_zeros", "lowrank", "outlier_values", "outlier_indices", "window")
 
 
@@ -43,6 +44,16 @@ def _warn_dense_path() -> None:
     warnings.warn("GEARCache: the model's attention is not 'gear_kv', so each step dequantizes the whole compressed "
                   "past; call compress.kvcache.use_compressed_attention(model) to read the packed storage directly",
                   stacklevel=3)
+
+
+def _check_fp16_range(keys: torch.Tensor, values: torch.Tensor) -> None:
+    """The window, scales, zero points and outliers are float16: keys or values beyond its range (65504) would be
+    stored as inf and every later attention score NaN. A clear error instead, on the prompt."""
+    largest = max(float(keys.abs().amax()), float(values.abs().amax())) if keys.numel() else 0.0
+    if not largest <= FP16_MAX:  # (NaN too)
+        raise CompressError(f"gear_kv: this model's attention keys/values reach {largest:.4g}, beyond float16's range "
+                            f"({FP16_MAX:.0f}) in which the cache stores its window and scales; keep the layers where "
+                            "they do uncompressed (skip_layers) or use another cache")
 
 
 class GEARLayer(CacheLayerMixin):
@@ -112,6 +123,8 @@ class GEARLayer(CacheLayerMixin):
         """Append the window + new tokens: whole chunks are compressed, the remainder stays in the fp16 window."""
         c = self.settings.residual_length
         full = (keys.shape[-2] // c) * c
+        if not self._prompt_seen:  # the prompt: one check (a sync) per layer, none per decoded token
+            _check_fp16_range(keys, values)
         if full:
             prefill = not self._prompt_seen
             self.key_store.append(keys[:, :, :full], self.settings.rank("key", prefill))

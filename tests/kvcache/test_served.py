@@ -90,3 +90,14 @@ def test_an_error_in_the_forward_restores_the_attention(tiny_model):
     with pytest.raises(IndexError):
         served_logits(model, torch.full((1, 40), 10_000), settings)  # an id outside the vocabulary
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_keys_beyond_float16_are_refused_on_the_prompt(tiny_model):
+    from compress.errors import CompressError
+
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[1].self_attn.k_proj.weight.mul_(1e6)  # bf16/float32 hold it, float16 does not
+    cache = GEARCache(model.config, method="kivi", bits=4, group_size=16, residual_length=16)
+    with pytest.raises(CompressError, match="beyond float16's range"):
+        model(torch.randint(0, 128, (1, 40)), cache=cache, use_cache=True)

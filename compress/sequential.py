@@ -122,12 +122,13 @@ def run_sequential(
             inputs = step.run()
 
 
-def for_each_layer(model: nn.Module, fn: Callable[[int, str, nn.Module], None], device: str = "cpu") -> None:
+def for_each_layer(model: nn.Module, fn: Callable[[int, str, nn.Module], None], device: str = "cpu", *,
+                   progress: bool = False, description: str = "layers") -> None:
     """Call `fn(index, name, layer)` on every decoder layer with real weights (no calibration): a layer left on
     disk is read in for the call and written back afterwards, so passes that need no activations still work on
-    models larger than memory."""
+    models larger than memory. A progress bar over the layers with `progress`."""
     prefix, layers = decoder_layers(model)
-    for i in range(len(layers)):
+    for i in progress_bar(range(len(layers)), description=description, enabled=progress):
         with materialized(layers[i], f"{prefix}.{i}", device, model) as layer:
             fn(i, f"{prefix}.{i}", layer)
 

@@ -150,7 +150,8 @@ class Prune(Pass):
                         magnitude(name, model.get_submodule(name))
                 # layer by layer, so that layers left on disk (compress.load(max_memory=...)) are read in turn
                 for_each_layer(model, lambda i, lname, layer: [
-                    magnitude(name, module) for name, module in modules_in_layer(names, lname, layer).items()])
+                    magnitude(name, module) for name, module in modules_in_layer(names, lname, layer).items()],
+                    progress=ctx.progress, description=label)
             else:
                 ctx.run_sequential(model, lambda step: self._prune_layer(step, names, layer_sparsity, state, label),
                                    pass_name=label)

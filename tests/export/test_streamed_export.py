@@ -71,3 +71,14 @@ def test_pairs_and_a_dict_write_the_same_shards(tmp_path):
     (tmp_path / "c").mkdir()
     checkpoint.write_weights(iter(state.items()), tmp_path / "c", 10**6)  # under the limit: one file, no index
     assert [f.name for f in (tmp_path / "c").iterdir()] == ["model.safetensors"]
+
+
+def test_the_export_counts_the_layers_it_converts(tmp_path, monkeypatch):
+    import io
+    import sys
+
+    err = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    ct.export(pruned_model(), tmp_path / "out", progress=True)
+    assert "exporting 14 compressed layers: 0/14" in err.getvalue()
+    assert "exporting 14 compressed layers: 14/14" in err.getvalue()

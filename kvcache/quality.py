@@ -107,10 +107,16 @@ def compare_caches(a: QualityResult, b: QualityResult) -> dict:
 @torch.no_grad()
 def kv_quality(model: nn.Module, windows: torch.Tensor, make_cache: CacheFactory, chunk_len: int,
                reference: torch.Tensor | None = None, progress: bool = False,
-               keep_reference: bool = True) -> tuple[QualityResult, torch.Tensor | None]:
+               keep_reference: bool = True, settings=None) -> tuple[QualityResult, torch.Tensor | None]:
     """Score `windows` [W, T] with the compressed cache against the uncompressed chunked reference.
     Returns the result and the reference logits (pass them back in to reuse them across configurations; None with
-    keep_reference=False, which holds one window's logits at a time)."""
+    keep_reference=False, which holds one window's logits at a time). With `settings` (the KVCacheSettings that
+    `make_cache` builds a GEARCache of), both sides come from one forward where served.py covers the model: the
+    same logits as the chunked passes, the uncompressed one a plain forward (a DynamicCache fed in chunks is
+    exact attention)."""
+    from .served import served_in_one_pass, served_logits
+
+    one_pass = settings is not None and served_in_one_pass(model)
     if windows.shape[1] <= chunk_len:
         raise CompressError(f"windows of {windows.shape[1]} tokens leave nothing to score after the first chunk "
                             f"of {chunk_len}: use longer windows")
@@ -121,13 +127,16 @@ def kv_quality(model: nn.Module, windows: torch.Tensor, make_cache: CacheFactory
     targets = windows[:, scored.start + 1:scored.stop + 1]
     ours_acc, ref_acc, refs = MetricAccumulator(), MetricAccumulator(), []
     for i in rows:  # scored window by window: all windows' logits at once were W x T x V floats, twice
+        window = windows[i:i + 1]
         if reference is None:
-            ref = chunked_logits(model, windows[i:i + 1], lambda: DynamicCache(config=model.config), chunk_len)
+            ref = (model(input_ids=window, use_cache=False).logits.float() if one_pass else
+                   chunked_logits(model, window, lambda: DynamicCache(config=model.config), chunk_len))
             if keep_reference:
                 refs.append(ref)
         else:
             ref = reference[i:i + 1]
-        ours = chunked_logits(model, windows[i:i + 1], make_cache, chunk_len)
+        ours = served_logits(model, window, settings) if one_pass else chunked_logits(model, window, make_cache,
+                                                                                         chunk_len)
         ours_acc.add(ours[:, scored], targets[i:i + 1], ref[:, scored])
         ref_acc.add(ref[:, scored], targets[i:i + 1])
     if reference is None and keep_reference:
@@ -199,7 +208,7 @@ def cache_quality_summary(model: nn.Module, tokenizer, settings, text: str | Non
         window_len = summary_window_len(settings.residual_length, context_length(model.config))
     w = heldout_windows(tokenizer, text if text is not None else builtin_text("builtin:heldout"), n, window_len)
     result, _ = kv_quality(model, w, lambda: GEARCache(model.config, settings), settings.residual_length,
-                           progress=progress, keep_reference=False)
+                           progress=progress, keep_reference=False, settings=settings)
     summary = result.to_dict(windows=False)
     return {**summary, "protocol": f"{n} window{'s' if n != 1 else ''} of {window_len} tokens fed in chunks of "
                                    f"{settings.residual_length}; tokens after the first chunk scored"}

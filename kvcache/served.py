@@ -86,7 +86,8 @@ AttentionInterface.register(SERVED_ATTENTION, _served_attention_forward)
 AttentionMaskInterface.register(SERVED_ATTENTION, sdpa_mask)
 
 
-def _served_in_one_pass(model: nn.Module) -> bool:
+def served_in_one_pass(model: nn.Module) -> bool:
+    """Whether `served_logits` covers this model (see the module docstring)."""
     config = model.config
     if sliding_windows(config) or not callable(getattr(model, "set_attn_implementation", None)):
         return False
@@ -108,7 +109,7 @@ def _attention_implementation(model: nn.Module, name: str):
 def served_logits(model: nn.Module, ids: torch.Tensor, settings: KVCacheSettings) -> torch.Tensor | None:
     """Logits [B, T, V] (float32) of unpadded ids [B, T] as `quality.chunked_logits` with a GEARCache of `settings`
     gives them, from one forward; None where the model is not one this covers (see the module docstring)."""
-    if not _served_in_one_pass(model):
+    if not served_in_one_pass(model):
         return None
     cache = GEARCache(model.config, settings)  # fresh layers, used for their storage only
     _active.layers = cache.layers

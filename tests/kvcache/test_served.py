@@ -101,3 +101,19 @@ def test_keys_beyond_float16_are_refused_on_the_prompt(tiny_model):
     cache = GEARCache(model.config, method="kivi", bits=4, group_size=16, residual_length=16)
     with pytest.raises(CompressError, match="beyond float16's range"):
         model(torch.randint(0, 128, (1, 40)), cache=cache, use_cache=True)
+
+
+def test_the_quality_summary_scores_the_same_in_one_forward(tiny_model):
+    """compress eval / apply's KV rows (cache_quality_summary -> kv_quality with settings): the same figures as the
+    chunked passes."""
+    from compress.kvcache.quality import kv_quality
+
+    model = tiny_model("llama").double()
+    settings = KVCacheSettings.build(method="gear", bits=2, group_size=16, residual_length=16)
+    windows = torch.randint(0, 128, (3, 70), generator=torch.Generator().manual_seed(0))
+    make = lambda: GEARCache(model.config, settings)  # noqa: E731
+    fast, _ = kv_quality(model, windows, make, 16, settings=settings)
+    slow, _ = kv_quality(model, windows, make, 16)
+    assert fast.kl > 1e-6
+    for field in ("ppl", "ppl_reference", "kl", "top1_agreement"):
+        assert getattr(fast, field) == pytest.approx(getattr(slow, field), rel=1e-9, abs=1e-12), field

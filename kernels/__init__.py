@@ -8,8 +8,9 @@ if __name__ == "kernels":
     import os
     import sys
 
-    _here = os.path.realpath(os.path.dirname(os.path.dirname(__file__)))
-    _path = [p for p in sys.path if os.path.realpath(p or os.getcwd()) != _here]
+    # every sys.path entry holding a checkout of this repository left out (two worktrees on the path would
+    # otherwise hand the import to each other forever)
+    _path = [p for p in sys.path if not os.path.isfile(os.path.join(p or os.getcwd(), "kernels", "kv_pages.py"))]
     _spec = importlib.machinery.PathFinder.find_spec("kernels", _path)
     if _spec is None or _spec.loader is None:
         raise ModuleNotFoundError("No module named 'kernels'", name="kernels")

@@ -49,7 +49,10 @@ def _warn_dense_path() -> None:
 def _check_fp16_range(keys: torch.Tensor, values: torch.Tensor) -> None:
     """The window, scales, zero points and outliers are float16: keys or values beyond its range (65504) would be
     stored as inf and every later attention score NaN. A clear error instead, on the prompt."""
-    largest = max(float(keys.abs().amax()), float(values.abs().amax())) if keys.numel() else 0.0
+    if not keys.numel():
+        return
+    largest = torch.stack([keys.abs().amax(), values.abs().amax()]).float()
+    largest = float(largest.max()) if not largest.isnan().any() else float("nan")  # (max() of NaN and 1 is 1)
     if not largest <= FP16_MAX:  # (NaN too)
         raise CompressError(f"gear_kv: this model's attention keys/values reach {largest:.4g}, beyond float16's range "
                             f"({FP16_MAX:.0f}) in which the cache stores its window and scales; keep the layers where "

@@ -70,6 +70,7 @@ def attention_as_served(query, keys, values, k_hat, v_hat, chunk_len: int, scali
 def _served_attention_forward(module: nn.Module, query, key, value, attention_mask, dropout: float = 0.0,
                               scaling: float | None = None, **kwargs):
     layer = _active.layers[module.layer_idx]
+    _active.served.add(module.layer_idx)
     # the last chunk is read by no one: compressed are the chunks before it
     chunks = (query.shape[2] - 1) // layer.settings.residual_length if hasattr(layer, "key_store") else 0
     if not chunks:  # a layer the cache keeps uncompressed (skip_layers), or text within one chunk
@@ -91,6 +92,8 @@ def served_in_one_pass(model: nn.Module) -> bool:
     config = model.config
     if sliding_windows(config) or not callable(getattr(model, "set_attn_implementation", None)):
         return False
+    if config.get_text_config(decoder=True) is not config:  # a composite model (vision-language): sub-configs
+        return False  # with attention settings of their own, which one switch and its restore would not keep
     attention = [m for n, m in model.named_modules() if n.endswith("self_attn")]
     return bool(attention) and all(isinstance(getattr(m, "layer_idx", None), int) for m in attention)
 
@@ -112,9 +115,12 @@ def served_logits(model: nn.Module, ids: torch.Tensor, settings: KVCacheSettings
     if not served_in_one_pass(model):
         return None
     cache = GEARCache(model.config, settings)  # fresh layers, used for their storage only
-    _active.layers = cache.layers
+    _active.layers, _active.served = cache.layers, set()
     try:
         with _attention_implementation(model, SERVED_ATTENTION):
-            return model(input_ids=ids, use_cache=False).logits.float()
+            logits = model(input_ids=ids, use_cache=False).logits.float()
+        # a model on transformers' older attention code ignores the switch (a warning, nothing else): its layers
+        # never came here, and its logits never read the cache
+        return logits if _active.served == set(range(len(cache.layers))) else None
     finally:
-        _active.layers = None
+        _active.layers = _active.served = None

@@ -313,7 +313,11 @@ def export(model: nn.Module, folder: str | Path, *, tokenizer=None, recipe_text:
     def write(tmp: Path) -> None:
         from compressed_tensors.compressors import ModelCompressor
 
-        write_weights(_stream_state(model, dtype, summary, compressed, progress), tmp, shard_bytes)
+        stream = _stream_state(model, dtype, summary, compressed, progress)
+        try:
+            write_weights(stream, tmp, shard_bytes)
+        finally:  # an error in the writer: the progress bar closes now, not when the traceback is freed
+            stream.close()
         config = model.config.to_dict()
         config["dtype"] = str(dtype).removeprefix("torch.")
         config["architectures"] = [type(model).__name__]

@@ -38,6 +38,9 @@ def head_inputs(model: nn.Module, head: nn.Module, batches: torch.Tensor, *, kee
             else:
                 raise CompressError("vq_logits: the model's forward never called its output head")
             hidden = hidden.reshape(-1, hidden.shape[-1])
+            if hidden.shape[0] != batches[i:i + batch_size].numel():  # (the sampled positions index the tokens)
+                raise CompressError(f"vq_logits: the output head received {hidden.shape[0]} positions for "
+                                    f"{batches[i:i + batch_size].numel()} tokens; it needs one per token")
             if out is None:
                 out = torch.empty(min(total, keep), hidden.shape[-1], dtype=torch.float32, device=hidden.device)
             rows = hidden.shape[0]

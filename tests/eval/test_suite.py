@@ -236,9 +236,11 @@ def test_a_compressed_kv_cache_is_read_as_served(reference_model, reference_toke
     compress.apply(model, [compress.get_pass("gear_kv")(method="kivi", bits=2, group_size=32, residual_length=32)],
                    progress=False)
     ids = torch.randint(100, 8000, (2, 96), generator=torch.Generator().manual_seed(0))
-    served = logits_as_served(model, ids)
-    assert torch.equal(served, chunked_logits(model, ids, lambda: GEARCache(model.config, model.kv_cache_settings), 32))
-    assert not torch.allclose(served, logits_as_served(reference_model, ids), atol=1e-3)
+    served = logits_as_served(model, ids)  # one forward (kvcache/served.py): the chunked logits up to round-off
+    chunked = chunked_logits(model, ids, lambda: GEARCache(model.config, model.kv_cache_settings), 32)
+    plain = logits_as_served(reference_model, ids)
+    assert (served - chunked).abs().mean() < 1e-2 * (chunked - plain).abs().mean()
+    assert not torch.allclose(served, plain, atol=1e-3)
     out = run_suite(model, reference_tokenizer, reference_model, limit=LIMIT, tasks=["agreement_kl", "copy", "mc"])
     assert out["model"]["agreement_kl"] > 1e-4  # the same weights: all of it is the cache's
     rows = read_rows(DATA_DIR / "mc.jsonl")[:LIMIT]

@@ -31,3 +31,16 @@ def test_transformers_and_compress_kernels_import_from_the_root():
                  "import compress.kernels.kv_attention_reference as k; print(k.__name__)")
     assert probe.returncode == 0, probe.stderr
     assert probe.stdout.strip() == "compress.kernels.kv_attention_reference"
+
+
+def test_two_checkouts_on_the_path_do_not_hand_the_import_back_and_forth(tmp_path):
+    for name in ("a", "b"):
+        (tmp_path / name / "kernels").mkdir(parents=True)
+        (tmp_path / name / "kernels" / "__init__.py").write_text((ROOT / "kernels" / "__init__.py").read_text())
+        (tmp_path / name / "kernels" / "kv_pages.py").write_text("")
+    probe = subprocess.run([sys.executable, "-c", "import kernels; print(kernels.__file__)"], cwd=tmp_path,
+                           env={**__import__("os").environ, "PYTHONPATH": f"{tmp_path / 'a'}:{tmp_path / 'b'}"},
+                           capture_output=True, text=True, timeout=300)
+    assert "RecursionError" not in probe.stderr
+    assert probe.returncode == 0 or "No module named 'kernels'" in probe.stderr
+    assert str(tmp_path) not in probe.stdout

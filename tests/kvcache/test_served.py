@@ -117,3 +117,26 @@ def test_the_quality_summary_scores_the_same_in_one_forward(tiny_model):
     assert fast.kl > 1e-6
     for field in ("ppl", "ppl_reference", "kl", "top1_agreement"):
         assert getattr(fast, field) == pytest.approx(getattr(slow, field), rel=1e-9, abs=1e-12), field
+
+
+def test_a_model_that_ignores_the_attention_switch_takes_the_chunked_path(tiny_model):
+    """transformers' older attention code only warns on set_attn_implementation: its forward would give the plain
+    logits, as if no cache were read."""
+    model = tiny_model("llama")
+    model.set_attn_implementation = lambda name: None
+    settings = KVCacheSettings.build(method="kivi", bits=2, group_size=16, residual_length=16)
+    ids = torch.randint(0, 128, (1, 50), generator=torch.Generator().manual_seed(0))
+    assert served_logits(model, ids, settings) is None
+    model.kv_cache_settings = settings
+    torch.testing.assert_close(logits_as_served(model, ids), chunked(model, ids, settings), rtol=0, atol=0)
+
+
+def test_nan_values_are_refused_with_finite_keys(tiny_model):
+    from compress.errors import CompressError
+    from compress.kvcache.cache import _check_fp16_range
+
+    keys, values = torch.ones(1, 2, 4, 16), torch.ones(1, 2, 4, 16)
+    values[0, 1, 2, 3] = float("nan")
+    with pytest.raises(CompressError, match="reach nan"):
+        _check_fp16_range(keys, values)
+    _check_fp16_range(keys, torch.ones(1, 2, 4, 16))

@@ -4,6 +4,7 @@ A rerun with the same recipe still resumes from the checkpoints it finds."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -30,10 +31,14 @@ def apply(*args, env=None):
     return CliRunner().invoke(main, ["apply", *map(str, args)], env=env)
 
 
+PROGRESS = re.compile(r"[^:]+: \d+/\d+( \(.*\))?")  # progress.status_line, off a terminal
+
+
 def refused(result, *expected: str) -> None:
-    """Exit 2, one or two lines on stderr naming what to fix, no traceback."""
+    """Exit 2, one or two lines on stderr naming what to fix (after the progress lines of the passes that ran
+    before the mistake was found), no traceback."""
     assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    lines = result.stderr.strip().splitlines()
+    lines = [line for line in result.stderr.strip().splitlines() if not PROGRESS.fullmatch(line)]
     assert 1 <= len(lines) <= 2 and lines[0].startswith("error: ") and "Traceback" not in result.output, lines
     for text in expected:
         assert text in result.stderr, (text, result.stderr)

@@ -46,3 +46,18 @@ def test_the_sampled_rows_are_those_of_the_whole_concatenation(model, keep):
     want = reference(model, batches, keep, seed=3, batch_size=4)
     assert got.shape == (min(keep, 220), 32) and got.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_a_head_that_sees_fewer_positions_than_tokens_is_an_error(model):
+    from compress.errors import CompressError
+
+    class LastPositionOnly(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.lm_head = inner, inner.lm_head
+
+        def forward(self, input_ids, **kwargs):
+            return self.lm_head(self.inner.model(input_ids).last_hidden_state[:, -1:])
+
+    with pytest.raises(CompressError, match="received 4 positions for 80 tokens"):
+        head_inputs(LastPositionOnly(model), model.lm_head, torch.zeros(4, 20, dtype=torch.long), keep=10, seed=0)

@@ -435,9 +435,8 @@ def eval_cmd(model_src, baseline, text_file, seq_len, max_windows, speed, activa
     result["bytes"] = folder_bytes(models.resolve_model_path(model_src))
     result["resident_bytes"] = resident_bytes(model)  # (not the layers --max-memory leaves on disk)
     if speed and base is not None:  # timed in turn with the baseline: a ratio within one run (tokens/s alone moves)
-        with phase("timing generation (the model and the baseline in turn, 3 rounds)"):
-            result["tokens_per_second"], result["baseline_tokens_per_second"] = paired_generation_speed(
-                model, base, tokenizer)
+        result["tokens_per_second"], result["baseline_tokens_per_second"] = paired_generation_speed(
+            model, base, tokenizer, progress=True)
         result["speedup_vs_baseline"] = result["tokens_per_second"] / result["baseline_tokens_per_second"]
     elif speed:
         with phase("timing generation"):

@@ -185,17 +185,21 @@ def evaluate(
 
 
 @torch.no_grad()
-def paired_generation_speed(model: nn.Module, baseline: nn.Module, tokenizer, rounds: int = 3) -> tuple[float, float]:
+def paired_generation_speed(model: nn.Module, baseline: nn.Module, tokenizer, rounds: int = 3,
+                            progress: bool = False) -> tuple[float, float]:
     """Greedy decoding tokens/s of `model` and of `baseline`, timed in turn (A, B, A, B, ...) so that both see the
     same machine load: the medians over `rounds`. Their ratio is the speed figure to read; either alone moves with
-    the machine."""
+    the machine. `progress`: a bar over the 2 x rounds timed runs."""
     import statistics
 
-    ours, base = [], []
-    for _ in range(rounds):
-        ours.append(generation_speed(model, tokenizer))
-        base.append(generation_speed(baseline, tokenizer))
-    return statistics.median(ours), statistics.median(base)
+    from .progress import progress_bar
+
+    times: dict[int, list[float]] = {0: [], 1: []}
+    runs = [(which, m) for _ in range(rounds) for which, m in enumerate((model, baseline))]
+    for which, m in progress_bar(runs, description="timing generation (the model and the baseline in turn)",
+                                 enabled=progress):
+        times[which].append(generation_speed(m, tokenizer))
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def generation_speed(model: nn.Module, tokenizer, prompt: str = "The Python", new_tokens: int = 64, **generate_kwargs) -> float:

@@ -371,3 +371,15 @@ def test_passes_without_calibration_show_their_layers(monkeypatch, tiny_model):
     compress.apply(tiny_model("llama"), [compress.get_pass("prune")(method="magnitude", structure="2:4")],
                    progress=True)
     assert "prune (magnitude): 0/3" in err.getvalue() and "prune (magnitude): 3/3" in err.getvalue()
+
+
+def test_timing_generation_counts_its_runs(monkeypatch):
+    """The paired speed timing (6 generations: minutes for a 7B model on a CPU) showed one spinner, no count."""
+    import compress.evaluate as evaluate
+
+    err = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    speeds = iter([10.0, 20.0, 12.0, 18.0, 11.0, 30.0])
+    monkeypatch.setattr(evaluate, "generation_speed", lambda model, tokenizer: next(speeds))
+    assert evaluate.paired_generation_speed("model", "baseline", None, progress=True) == (11.0, 20.0)
+    assert "in turn): 0/6" in err.getvalue() and "in turn): 6/6" in err.getvalue()

@@ -22,7 +22,7 @@ from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from torch import nn
 
 from ..kernels.sparse_bitmask import unpack_bitmask
-from ..kernels.sparse_nm import nm_decode_reference
+from ..kernels.sparse_nm import nm_keep_mask
 from ..pass_api import replace_module
 from ..prune.packing import pack_bitmask, pack_nm
 from ..prune.sparse_linear import SparseLinear
@@ -43,8 +43,7 @@ def keep_mask(layer: nn.Module) -> torch.Tensor | None:
     if isinstance(layer, SparseLinear):
         if layer.format == "bitmask":
             return unpack_bitmask(layer.bitmask, layer.in_features).bool()
-        ones = torch.ones(layer.out_features, layer.in_features // layer.m * layer.n, device=layer.indices.device)
-        return nm_decode_reference(ones, layer.indices, layer.n, layer.m, layer.in_features) != 0
+        return nm_keep_mask(layer.indices, layer.n, layer.m, layer.in_features)
     zeros = layer.weight == 0
     pruned = getattr(layer, "compress_pruned", False) or int(zeros.sum()) >= PRUNED_ZERO_FRACTION * zeros.numel()
     return ~zeros if pruned else None

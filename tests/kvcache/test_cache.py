@@ -198,7 +198,7 @@ def test_cache_built_for_a_shallower_model_says_so(lm, heldout_ids, attn):
     config = lm.config.__class__.from_dict({**lm.config.to_dict(), "num_hidden_layers": 1})
     with pytest.raises(CompressError, match=r"built for a config of 1 decoder layer\(s\), and the model using it "
                                             r"has more \(layer 1\)"):
-        lm(heldout_ids[:, :20], past_key_values=GEARCache(config, bits=4), use_cache=True)
+        lm(heldout_ids[:, :20], cache=GEARCache(config, bits=4), use_cache=True)
 
 
 def test_reset_starts_a_new_sequence(lm, heldout_ids, attn):

@@ -67,6 +67,21 @@ def test_least_squares_recovers_planted_scale_and_bias():
     assert biases.abs().max() < 1e-4
 
 
+def test_blocks_sized_by_the_vocabulary_give_the_same_fit(monkeypatch):
+    """At a 128k vocabulary 1024 positions a block held 2.7 GB of temporaries; the block now shrinks with the
+    vocabulary (BLOCK_BYTES a temporary), in whole 32-row sums: the same figures up to float64 association."""
+    import compress.vq_logits.fit as fit
+
+    g = torch.Generator().manual_seed(2)
+    dense, codebook = torch.randn(300, 8, generator=g), torch.randn(6, 8, generator=g)
+    codes, hidden = torch.randint(0, 6, (300,), generator=g), torch.randn(700, 8, generator=g)
+    whole = fit_scale_bias(hidden, dense, codebook, codes)  # one block of 700
+    monkeypatch.setattr(fit, "BLOCK_BYTES", 64 * 4 * 300)  # 64 positions a block: 11 blocks
+    sized = fit.fit_scale_bias(hidden, dense, codebook, codes)
+    for a, b in zip(whole, sized):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("weighting", ["uniform", "probability"])
 def test_least_squares_is_optimal(weighting):
     # against torch.linalg.lstsq (rows scaled by sqrt(weight)), token by token, on unstructured rows

@@ -9,16 +9,21 @@ import torch
 import torch.nn.functional as F
 
 from ..progress import progress_bar
+from .fit import positions_per_block
 from .head import VQLogitsHead
 
 
-def kl_dense_to_head(hidden: torch.Tensor, dense_weight: torch.Tensor, head: VQLogitsHead, chunk: int = 1024) -> float:
-    """Mean over positions of KL(softmax(h W^T) || softmax(head(h))), without gradients."""
+def kl_dense_to_head(hidden: torch.Tensor, dense_weight: torch.Tensor, head: VQLogitsHead,
+                     chunk: int | None = None) -> float:
+    """Mean over positions of KL(softmax(h W^T) || softmax(head(h))), without gradients; blocks of positions sized
+    by the vocabulary (fit.positions_per_block), the float32 head made once (it was made again for every block)."""
     total = 0.0
+    chunk = chunk or positions_per_block(dense_weight.shape[0])
     with torch.no_grad():
+        w = dense_weight.float()
         for i in range(0, hidden.shape[0], chunk):
             h = hidden[i:i + chunk].float()
-            t = F.log_softmax(h @ dense_weight.float().t(), dim=-1)
+            t = F.log_softmax(h @ w.t(), dim=-1)
             s = F.log_softmax(head.reference_logits(h).float(), dim=-1)
             total += float(F.kl_div(s, t, log_target=True, reduction="sum"))
     return total / hidden.shape[0]

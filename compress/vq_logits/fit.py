@@ -22,6 +22,13 @@ from ..progress import progress_bar
 BLOCK_BYTES = 128 << 20
 
 
+def positions_per_block(vocab: int) -> int:
+    """Positions a block when [positions, vocab] float32 logits are made: each temporary at most BLOCK_BYTES (1024
+    positions at a 128k vocabulary held 2.7 GB at once in the fit; 256 hold 0.7 GB in about the same time), in
+    whole 32-row sums (`_column_sums`)."""
+    return max(32, min(1024, BLOCK_BYTES // (4 * vocab) // 32 * 32))
+
+
 def _column_sums(x: torch.Tensor, block: int = 32) -> torch.Tensor:
     """x [n, V] summed over n in float64: float32 sums over blocks of `block` rows, then float64 across blocks.
     Each term already carries float32 rounding (a product of float32 values), which a 32-term float32 sum adds
@@ -44,9 +51,7 @@ def fit_scale_bias(hidden: torch.Tensor, dense_weight: torch.Tensor, table: torc
         raise ValueError(f"share must be in [0, 1] (got {share})")
     codes = codes.long()
     n_total, v = hidden.shape[0], dense_weight.shape[0]
-    if chunk is None:  # positions a block: each [chunk, V] float32 temporary at most BLOCK_BYTES (1024 positions at a
-        # 128k vocabulary held 2.7 GB at once; 256 hold 0.7 GB in about the same time), whole 32-row sums
-        chunk = max(32, min(1024, BLOCK_BYTES // (4 * v) // 32 * 32))
+    chunk = chunk or positions_per_block(v)
     w, t = dense_weight.float().to(hidden.device), table.float().to(hidden.device)
     codes = codes.to(hidden.device)
     prob_mass = None

@@ -17,6 +17,18 @@ def packed_case(rows, cols, density, seed=0, dtype=torch.float32):
     return (w.to(dtype).float() * mask).double(), values, bitmask, offsets
 
 
+@pytest.mark.parametrize("cols", [64, 45, 1, 8])
+def test_unpack_gives_the_packed_mask(cols):
+    """Bit c % 8 of byte c // 8 is column c (the byte lookup against a bit-by-bit reading)."""
+    g = torch.Generator().manual_seed(cols)
+    mask = torch.rand(9, cols, generator=g) < 0.5
+    _, bitmask, _ = pack_bitmask(torch.randn(9, cols, generator=g), mask)
+    by_bit = torch.tensor([[bool(int(bitmask[r, c // 8]) >> (c % 8) & 1) for c in range(cols)] for r in range(9)])
+    assert torch.equal(by_bit, mask)
+    assert torch.equal(sparse_bitmask.unpack_bitmask(bitmask, cols), mask)
+    assert sparse_bitmask.unpack_bitmask(bitmask[:0], cols).shape == (0, cols)
+
+
 @pytest.mark.parametrize("cols", [64, 45])
 def test_decode_reference_is_exact(cols):
     dense, values, bitmask, offsets = packed_case(10, cols, 0.4)

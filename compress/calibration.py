@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import torch
-from pydantic import Field
+from pydantic import Field, PrivateAttr
 
 from .errors import CalibrationError
 from .strict_config import StrictConfig
@@ -26,6 +26,8 @@ class CalibrationSpec(StrictConfig):
     num_samples: int = Field(64, ge=1, le=100_000)
     seq_len: int = Field(256, ge=8, le=131_072)
     seed: int = Field(0, ge=-(2**63), le=2**64 - 1)  # the range torch generators take
+    # "recipe.yaml:LINE:COL" of seq_len (or of the section) in a recipe: errors found once the model is known
+    _location: str = PrivateAttr("")
 
 
 def builtin_text(name: str, model: str = "tiny") -> str:

@@ -361,6 +361,8 @@ class _Validator:
         except ValidationError as exc:
             self.pydantic_errors(("calibration",), exc, "calibration")
             return None
+        spec._location = self.where(("calibration", "seq_len") if "seq_len" in raw else ("calibration",),
+                                    key="seq_len" in raw)
         if spec.source.startswith("builtin:"):
             if spec.source not in BUILTIN_TEXTS:
                 self.error(("calibration", "source"), f"unknown built-in corpus {spec.source!r}; use one of "

@@ -143,7 +143,7 @@ APPLY_MISTAKES = {
     "calibration longer than the context": (
         "calibration: {{source: builtin:calibration, num_samples: 1, seq_len: 2048}}\n"
         "passes:\n  - prune: {{method: wanda}}\n",
-        ["calibration: sequences of 2048 tokens are longer than the model's context (1024 tokens)"]),
+        ["r.yaml:1:60: calibration: sequences of 2048 tokens are longer than the model's context (1024 tokens)"]),
     "prune after quantize": ("passes:\n  - quantize: {{method: rtn}}\n  - prune: {{}}\n",
                              [":3:5: prune: every layer the targets match is quantized or pruned (packed) by an "
                               "earlier pass", "put prune before quantize"]),

@@ -164,12 +164,30 @@ SUMMARY_WINDOW_LEN = 512
 SUMMARY_SCORED = 256  # tokens at least scored per window after the full-precision first chunk, where the context allows
 
 
-def summary_window_len(residual_length: int, context: int | None) -> int:
+SUMMARY_MIN_SCORED = 32  # a text shorter than the windows: one window of all of it, if it leaves this many
+
+
+def summary_window_len(residual_length: int, context: int | None, text_tokens: int | None = None) -> int:
     """Windows of SUMMARY_WINDOW_LEN tokens, longer where the first chunk (`residual_length`, fed in full precision)
     would leave fewer than SUMMARY_SCORED to score, at most the model's context: a 512-token residual window left
-    nothing to score in 512-token windows, an error raised after the checkpoint was written."""
+    nothing to score in 512-token windows, an error raised after the checkpoint was written. A text of fewer tokens
+    (`text_tokens`) is one window of all of it, where that leaves SUMMARY_MIN_SCORED to score after the first chunk
+    (a CompressError naming the check otherwise: `compress eval --text` of a few hundred tokens was refused for
+    "fewer than one window of 512", a length the user never asked for)."""
     length = max(SUMMARY_WINDOW_LEN, residual_length + SUMMARY_SCORED)
-    return min(length, context) if context else length
+    length = min(length, context) if context else length
+    if text_tokens is not None and text_tokens < length:
+        if text_tokens < residual_length + SUMMARY_MIN_SCORED + 1:
+            raise CompressError(
+                f"the KV-cache check scores the tokens after the first {residual_length} (the cache's full-precision "
+                f"window), and the evaluation text has {text_tokens}: give a text of at least "
+                f"{residual_length + SUMMARY_MIN_SCORED + 1} tokens")
+        length = text_tokens
+    return length
+
+
+def _text_tokens(tokenizer, text: str) -> int:
+    return tokenizer(text, return_tensors="pt", verbose=False).input_ids.shape[1]
 
 
 def residual_beyond_context(residual_length: int, config) -> str | None:
@@ -191,8 +209,9 @@ def check_summary_text(tokenizer, text: str | None, residual_length: int, config
     problem = residual_beyond_context(residual_length, config)
     if problem:
         raise CompressError(problem)
-    length = summary_window_len(residual_length, context_length(config))
-    heldout_windows(tokenizer, text if text is not None else builtin_text("builtin:heldout"), 1, length)
+    text = text if text is not None else builtin_text("builtin:heldout")
+    length = summary_window_len(residual_length, context_length(config), _text_tokens(tokenizer, text))
+    heldout_windows(tokenizer, text, 1, length)
 
 
 def cache_quality_summary(model: nn.Module, tokenizer, settings, text: str | None, windows: int | None,
@@ -204,9 +223,12 @@ def cache_quality_summary(model: nn.Module, tokenizer, settings, text: str | Non
     from .cache import GEARCache
 
     n = min(windows or 16, 16)
+    text = text if text is not None else builtin_text("builtin:heldout")
     if window_len is None:
-        window_len = summary_window_len(settings.residual_length, context_length(model.config))
-    w = heldout_windows(tokenizer, text if text is not None else builtin_text("builtin:heldout"), n, window_len)
+        tokens = _text_tokens(tokenizer, text)
+        window_len = summary_window_len(settings.residual_length, context_length(model.config), tokens)
+        n = 1 if window_len == tokens else n  # (the whole text: 16 copies of one window would fake an interval)
+    w = heldout_windows(tokenizer, text, n, window_len)
     result, _ = kv_quality(model, w, lambda: GEARCache(model.config, settings), settings.residual_length,
                            progress=progress, keep_reference=False, settings=settings)
     summary = result.to_dict(windows=False)

@@ -46,3 +46,22 @@ def test_copy_probe(lm, attn):
                     "caches apart on it")
     ours = copy_accuracy(lm, seqs, lambda: GEARCache(lm.config, method="kivi", bits=8), 64)
     assert 0.0 <= ref <= 1.0 and abs(ours - ref) <= 1 / 79 + 1e-6
+
+
+def test_a_text_shorter_than_the_summary_windows_is_one_window(lm, reference_tokenizer):
+    """`compress eval --text` of 360 tokens on a gear_kv model was refused ("fewer than one window of 512", a
+    length the user never chose); it is scored as one window, and a text too short for the check says why."""
+    from compress.calibration import builtin_text
+    from compress.kvcache import KVCacheSettings
+    from compress.kvcache.quality import cache_quality_summary, check_summary_text
+
+    ids = reference_tokenizer(builtin_text("builtin:heldout"), verbose=False).input_ids
+    short, tiny = reference_tokenizer.decode(ids[1:361]), reference_tokenizer.decode(ids[1:81])
+    tokens = len(reference_tokenizer(short, verbose=False).input_ids)
+    settings = KVCacheSettings.build(method="kivi", bits=4)
+    check_summary_text(reference_tokenizer, short, 64, lm.config)
+    summary = cache_quality_summary(lm, reference_tokenizer, settings, short, None)
+    assert summary["windows"] == 1 and summary["tokens_scored"] == tokens - 64 - 1
+    assert summary["protocol"].startswith(f"1 window of {tokens} tokens")
+    with pytest.raises(CompressError, match="the KV-cache check scores the tokens after the first 64 .* at least 97"):
+        check_summary_text(reference_tokenizer, tiny, 64, lm.config)

@@ -268,7 +268,10 @@ class _Validator:
                 if not loc:  # a check across keys (a model validator): the input is the whole mapping
                     self.error(base, f"{what}: {msg}")
                     continue
-                got = f" (got {err.get('input')!r})" if repr(err.get("input")) not in msg else ""
+                # the value, unless our own check's message quotes it already ("greater than 0" shows the bound,
+                # not a user's 0: a substring test left that input out)
+                quoted = err["type"] == "value_error" and repr(err.get("input")) in msg
+                got = "" if quoted else f" (got {err.get('input')!r})"
                 self.error(base + loc, f"{what}: {'.'.join(map(str, loc))}: {msg}{got}"
                            f"{_yaml_hint(err.get('input'), base + loc + ('__quoted__',) in self.marks)}")
 

@@ -49,6 +49,9 @@ BAD_RECIPES = [
      4, "(got '1.0e-4'); the quotes make '1.0e-4' text: write 1.0e-4 without them"),
     ("model: builtin:tiny\ncalibration: {source: builtin:calibration}\npasses:\n  - recover: {max_tokens: 1e23}\n",
      4, "YAML reads 1e23 as text: write 1.0e+23"),
+    # a bound equal to the input: the message named the bound and the input was left out ("0" was "in" it)
+    ("model: builtin:tiny\ncalibration: {source: builtin:calibration}\npasses:\n  - vq_logits: {distill_lr: 0}\n",
+     4, "distill_lr: Input should be greater than 0 (got 0)"),
     # built-in names are known without a model: `compress validate` finds a typo (it passed, apply failed later)
     ("model: builtin:tiy\npasses:\n  - prune: {}\n", 1, "unknown built-in model 'builtin:tiy'; available: "),
     ("model: builtin:tiny\ncalibration: {source: builtin:calibraton}\npasses:\n  - prune: {method: wanda}\n", 2,

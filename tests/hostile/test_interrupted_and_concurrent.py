@@ -144,10 +144,13 @@ def test_outputs_refused_before_work(tmp_path, small_model, monkeypatch):
 
 def test_an_eval_text_too_short_for_the_kv_block_is_refused_before_work(tmp_path, cli, user_error):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("model: builtin:tiny\npasses:\n  - gear_kv: {bits: 4}\n")
+    # ~300 tokens: a window of 256 for the plain evaluation, but the KV block scores the tokens after the cache's
+    # full-precision window of 512 (a shorter text is one window of all of it, where it leaves 32 to score)
+    recipe.write_text("model: builtin:tiny\npasses:\n  - gear_kv: {bits: 4, residual_length: 512}\n")
     text = tmp_path / "short.txt"
-    text.write_text(" ".join(["The tutorial explains functions."] * 70))  # ~300 tokens: one 256 window, not 512
-    user_error(cli("apply", recipe, "--output", tmp_path / "out", "--eval-text", text), "at least 512 tokens")
+    text.write_text(" ".join(["The tutorial explains functions."] * 70))
+    user_error(cli("apply", recipe, "--output", tmp_path / "out", "--eval-text", text),
+               "the KV-cache check scores the tokens after the first 512", "at least 545 tokens")
     assert not (tmp_path / "out").exists()
 
 

@@ -121,9 +121,8 @@ def check_calibration(model: nn.Module, passes: Sequence[Pass], ctx: PassContext
                                "or from Python pass calibration={'source': 'builtin:calibration'} to compress.apply")
     if needy:
         check_calibration_memory(model, needy, ctx)  # before the text is read: a huge num_samples took hours there
-        where = getattr(ctx.calibration, "_location", "")  # a recipe's line, where the spec came from one
-        check_token_ids(ctx.calibration_batches(f"pass {needy[0].name!r}"), model.config,
-                        f"{where}: calibration" if where else "calibration", "lower calibration.seq_len")
+        check_token_ids(ctx.calibration_batches(f"pass {needy[0].name!r}"), model.config, "calibration",
+                        "lower calibration.seq_len", where=getattr(ctx.calibration, "_location", ""))
     for p in passes:
         p.located(lambda: p.check_with_calibration(model, ctx))
 

@@ -402,18 +402,21 @@ def _absolute_recorded_source(model: nn.Module, folder: Path) -> None:
         recorded["source_model"] = str(found)
 
 
-def check_token_ids(ids: torch.Tensor, config, what: str, fix: str = "", *, check_context: bool = True) -> None:
+def check_token_ids(ids: torch.Tensor, config, what: str, fix: str = "", *, check_context: bool = True,
+                    where: str = "") -> None:
     """Token ids a tokenizer produced must index the model's embedding, and sequences fit its context (unless
     `check_context` is False: a fully linearized model has no context limit): a tokenizer from another model fails
-    here, before any work, instead of as an IndexError deep in the forward pass."""
+    here, before any work, instead of as an IndexError deep in the forward pass. `where`: the recipe line that set
+    the length, named in the context error."""
     text = text_config(config)
     vocab = getattr(text, "vocab_size", None)
     context = context_length(config) if check_context else None
     if vocab is not None and ids.numel() and int(ids.max()) >= vocab:
         raise CompressError(f"{what}: the tokenizer gives token id {int(ids.max())}, but the model's vocabulary has "
                             f"{vocab} entries: the tokenizer does not belong to this model")
-    if context is not None and ids.dim() == 2 and ids.shape[1] > context:
-        raise CompressError(f"{what}: sequences of {ids.shape[1]} tokens are longer than the model's context "
+    if context is not None and ids.dim() == 2 and ids.shape[1] > context:  # `where`: the recipe line of the length
+        raise CompressError(f"{where + ': ' if where else ''}{what}: sequences of {ids.shape[1]} tokens are longer "
+                            "than the model's context "
                             f"({context} tokens)" + (f"; {fix}" if fix else ""))
 
 

@@ -30,7 +30,7 @@ def _byte_to_bools(device: torch.device) -> torch.Tensor:
 def unpack_bitmask(bitmask: torch.Tensor, in_features: int) -> torch.Tensor:
     """[out, ceil(in/8)] uint8 -> [out, in] bool: one 8-byte lookup per byte (4096 x 14336 on 2 idle cores: 41-49
     ms; the eight shifted byte planes it replaced 60-74 ms)."""
-    bools = _byte_to_bools(bitmask.device)[bitmask.long()].view(torch.bool)
+    bools = _byte_to_bools(bitmask.device)[bitmask.contiguous().long()].view(torch.bool)
     return bools.view(bitmask.shape[0], bitmask.shape[1] * 8)[:, :in_features]
 
 

@@ -177,11 +177,11 @@ def summary_window_len(residual_length: int, context: int | None, text_tokens: i
     length = max(SUMMARY_WINDOW_LEN, residual_length + SUMMARY_SCORED)
     length = min(length, context) if context else length
     if text_tokens is not None and text_tokens < length:
-        if text_tokens < residual_length + SUMMARY_MIN_SCORED + 1:
+        need = min(residual_length + SUMMARY_MIN_SCORED + 1, length)  # (a short context: its own windows' length)
+        if text_tokens < need:
             raise CompressError(
                 f"the KV-cache check scores the tokens after the first {residual_length} (the cache's full-precision "
-                f"window), and the evaluation text has {text_tokens}: give a text of at least "
-                f"{residual_length + SUMMARY_MIN_SCORED + 1} tokens")
+                f"window), and the evaluation text has {text_tokens}: give a text of at least {need} tokens")
         length = text_tokens
     return length
 

@@ -27,6 +27,8 @@ def test_unpack_gives_the_packed_mask(cols):
     assert torch.equal(by_bit, mask)
     assert torch.equal(sparse_bitmask.unpack_bitmask(bitmask, cols), mask)
     assert sparse_bitmask.unpack_bitmask(bitmask[:0], cols).shape == (0, cols)
+    transposed = bitmask.t().contiguous().t()  # the same values in another memory layout
+    assert torch.equal(sparse_bitmask.unpack_bitmask(transposed, cols), mask)
 
 
 @pytest.mark.parametrize("cols", [64, 45])

@@ -26,12 +26,12 @@ def test_decode_reference_is_exact(n, m):
     assert torch.equal(decoded.double(), dense)
 
 
-@pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (1, 2), (3, 8)])
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (1, 2), (3, 8), (8, 16), (5, 32)])
 def test_keep_mask_is_the_packed_positions(n, m):
     g = torch.Generator().manual_seed(1)
-    mask = nm_mask(torch.rand(12, 48, generator=g), n, m)
-    _, indices = pack_nm(torch.randn(12, 48, generator=g), mask, n, m)
-    assert torch.equal(sparse_nm.nm_keep_mask(indices, n, m, 48), mask)
+    mask = nm_mask(torch.rand(12, 96, generator=g), n, m)
+    _, indices = pack_nm(torch.randn(12, 96, generator=g), mask, n, m)
+    assert torch.equal(sparse_nm.nm_keep_mask(indices, n, m, 96), mask)
 
 
 def test_two_of_four_packs_two_bits_per_kept_value():

@@ -65,3 +65,15 @@ def test_a_text_shorter_than_the_summary_windows_is_one_window(lm, reference_tok
     assert summary["protocol"].startswith(f"1 window of {tokens} tokens")
     with pytest.raises(CompressError, match="the KV-cache check scores the tokens after the first 64 .* at least 97"):
         check_summary_text(reference_tokenizer, tiny, 64, lm.config)
+
+
+def test_a_short_context_asks_for_a_text_it_can_take():
+    """Residual 40 in a 64-token context: windows are 64 tokens (the context), so that is what a text needs, not
+    40 + 33 = 73 tokens, more than the context holds."""
+    from compress.kvcache.quality import summary_window_len
+
+    assert summary_window_len(40, 64, 64) == 64
+    with pytest.raises(CompressError, match="give a text of at least 64 tokens"):
+        summary_window_len(40, 64, 60)
+    assert summary_window_len(64, 1024, 300) == 300  # one window of the whole text
+    assert summary_window_len(64, 1024, None) == 512

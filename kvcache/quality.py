@@ -222,12 +222,13 @@ def cache_quality_summary(model: nn.Module, tokenizer, settings, text: str | Non
     from ..calibration import builtin_text
     from .cache import GEARCache
 
-    n = min(windows or 16, 16)
     text = text if text is not None else builtin_text("builtin:heldout")
+    tokens = _text_tokens(tokenizer, text)
     if window_len is None:
-        tokens = _text_tokens(tokenizer, text)
         window_len = summary_window_len(settings.residual_length, context_length(model.config), tokens)
-        n = 1 if window_len == tokens else n  # (the whole text: 16 copies of one window would fake an interval)
+    # at most the windows the text holds without overlap: 16 windows spread over a text of 520 tokens were 16 near
+    # copies of one, and their interval an artefact (the whole text as one window: 1)
+    n = max(1, min(windows or 16, 16, tokens // window_len))
     w = heldout_windows(tokenizer, text, n, window_len)
     result, _ = kv_quality(model, w, lambda: GEARCache(model.config, settings), settings.residual_length,
                            progress=progress, keep_reference=False, settings=settings)

@@ -62,6 +62,10 @@ def test_a_text_shorter_than_the_summary_windows_is_one_window(lm, reference_tok
     check_summary_text(reference_tokenizer, short, 64, lm.config)
     summary = cache_quality_summary(lm, reference_tokenizer, settings, short, None)
     assert summary["windows"] == 1 and summary["tokens_scored"] == tokens - 64 - 1
+    # a text of two and a half windows: 2 windows, not 16 near copies of one
+    longer = reference_tokenizer.decode(ids[1:1300])
+    two = cache_quality_summary(lm, reference_tokenizer, settings, longer, None)
+    assert two["windows"] == 2 and two["protocol"].startswith("2 windows of 512 tokens")
     assert summary["protocol"].startswith(f"1 window of {tokens} tokens")
     with pytest.raises(CompressError, match="the KV-cache check scores the tokens after the first 64 .* at least 97"):
         check_summary_text(reference_tokenizer, tiny, 64, lm.config)

@@ -8,6 +8,9 @@ import torch
 from ..errors import ConfigError
 
 
+MAX_M = 256
+
+
 def parse_structure(structure: str) -> tuple[int, int] | None:
     """"unstructured" -> None; "N:M" -> (N, M): N weights KEPT in every block of M consecutive input columns.
 
@@ -19,6 +22,9 @@ def parse_structure(structure: str) -> tuple[int, int] | None:
     n, m = (int(p) for p in structure.split(":"))
     if not 0 < n < m:
         raise ConfigError(f"structure {structure!r}: N (kept) must be at least 1 and smaller than M")
+    if m > MAX_M:  # a kept weight's position inside its block is stored in a byte (kernels/sparse_nm.py)
+        raise ConfigError(f"structure {structure!r}: M is at most {MAX_M} (blocks of M columns; 2:4, 4:8, 8:16 "
+                          "are the usual ones); for sparsity without a block structure use unstructured")
     return n, m
 
 

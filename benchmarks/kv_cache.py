@@ -204,7 +204,10 @@ def run(args) -> list[dict]:
     for row in rows:
         t0 = time.perf_counter()
         factory = make_factory(model, row)
-        q, reference = kv_quality(model, windows, factory, chunk, reference)
+        # our caches' windows in one forward (kvcache/served.py: the chunked feed's logits; --chunked: the feed)
+        one_pass = "kw" in row and not args.chunked
+        q, reference = kv_quality(model, windows, factory, chunk, reference,
+                                  settings=KVCacheSettings.build(**row["kw"]) if one_pass else None)
         results[row["name"]] = q
         res = {k: v for k, v in row.items() if k != "kw"}
         kw = row.get("kw", {})
@@ -382,6 +385,8 @@ def main(argv=None) -> None:
     ap.add_argument("--json", action="store_true", help="print a JSON list (one object per configuration)")
     ap.add_argument("--save-json", metavar="PATH", type=output_file, help="also write the JSON list to PATH (with the table on stdout)")
     ap.add_argument("--quick", action="store_true", help="fewer configurations, windows and steps (smoke test)")
+    ap.add_argument("--chunked", action="store_true", help="score our caches by feeding each window through them in "
+                    "chunks (the definition) instead of the one forward that gives the same logits (1.4-2x faster)")
     for flag, kind, meaning in PROTOCOL_FLAGS:
         full, quick = PROTOCOL[flag.strip("-").replace("-", "_")]
         ap.add_argument(flag, type=kind, default=None, help=f"{meaning} (default {full}; {quick} with --quick)")

@@ -116,6 +116,9 @@ def kv_quality(model: nn.Module, windows: torch.Tensor, make_cache: CacheFactory
     exact attention)."""
     from .served import served_in_one_pass, served_logits
 
+    if settings is not None and settings.residual_length != chunk_len:  # (the one pass feeds residual_length)
+        raise ValueError(f"kv_quality: settings.residual_length {settings.residual_length} is not chunk_len "
+                         f"{chunk_len}; the one-forward path feeds chunks of residual_length")
     one_pass = settings is not None and served_in_one_pass(model)
     if windows.shape[1] <= chunk_len:
         raise CompressError(f"windows of {windows.shape[1]} tokens leave nothing to score after the first chunk "

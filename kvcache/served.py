@@ -37,8 +37,13 @@ def stored_reconstruction(layer, keys: torch.Tensor, values: torch.Tensor, chunk
     `layer` (a fresh GEARLayer) stores them when they arrive one chunk per forward."""
     c = layer.settings.residual_length
     layer.lazy_initialization(keys, values)
-    for j in range(chunks):
-        layer._store(keys[:, :, j * c:(j + 1) * c], values[:, :, j * c:(j + 1) * c])
+    per_page, j = layer.key_store.page_chunks, 0
+    while j < chunks:
+        # a page's first chunk alone (its low-rank basis comes from the chunks of the append that opens it), then
+        # the rest of that page in one append: projected onto that basis chunk by chunk, as one chunk per forward
+        take = 1 if j % per_page == 0 else min(chunks - j, per_page - j % per_page)
+        layer._store(keys[:, :, j * c:(j + take) * c], values[:, :, j * c:(j + take) * c])
+        j += take
     return layer.key_store.dequantize(), layer.value_store.dequantize()
 
 

@@ -51,9 +51,10 @@ def _check_fp16_range(keys: torch.Tensor, values: torch.Tensor) -> None:
     stored as inf and every later attention score NaN. A clear error instead, on the prompt."""
     if not keys.numel():
         return
-    largest = torch.stack([keys.detach().abs().amax(), values.detach().abs().amax()]).float()
-    largest = float(largest.max()) if not largest.isnan().any() else float("nan")  # (max() of NaN and 1 is 1)
-    if not largest <= FP16_MAX:  # (NaN too)
+    for x in (keys, values):
+        largest = float(x.detach().abs().amax())
+        if largest <= FP16_MAX:
+            continue  # (NaN compares false: refused too)
         raise CompressError(f"gear_kv: this model's attention keys/values reach {largest:.4g}, beyond float16's range "
                             f"({FP16_MAX:.0f}) in which the cache stores its window and scales; keep the layers where "
                             "they do uncompressed (skip_layers) or use another cache")

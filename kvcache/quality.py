@@ -50,7 +50,14 @@ class QualityResult:
 
 def heldout_windows(tokenizer, text: str, num_windows: int, window_len: int) -> torch.Tensor:
     """[num_windows, window_len] token ids, evenly spaced over the tokenized text (deterministic)."""
-    ids = tokenizer(text, return_tensors="pt", verbose=False).input_ids[0]  # windows are cut below
+    return _windows(_token_ids(tokenizer, text), num_windows, window_len)
+
+
+def _token_ids(tokenizer, text: str) -> torch.Tensor:
+    return tokenizer(text, return_tensors="pt", verbose=False).input_ids[0]  # windows are cut from these
+
+
+def _windows(ids: torch.Tensor, num_windows: int, window_len: int) -> torch.Tensor:
     if ids.numel() < window_len:
         raise CompressError(f"the evaluation text has {ids.numel()} tokens, fewer than one window of {window_len}: "
                             f"give a text of at least {window_len} tokens")
@@ -72,7 +79,8 @@ def chunked_logits(model: nn.Module, ids: torch.Tensor, make_cache: CacheFactory
 def compare_logits(ref: torch.Tensor, ours: torch.Tensor, targets: torch.Tensor) -> QualityResult:
     """ref/ours [W, P, V] logits at the scored positions of W windows; targets [W, P] the true next tokens."""
     if ours.dim() != 3 or targets.dim() != 2:  # flat [N, V] would count as one window (no interval)
-        raise ValueError("compare_logits takes [windows, positions, vocabulary] logits and [windows, positions] targets")
+        raise ValueError("compare_logits takes [windows, positions, vocabulary] logits and [windows, positions] "
+                         "targets")
     ours_acc, ref_acc = MetricAccumulator(), MetricAccumulator()
     ours_acc.add(ours, targets, ref)
     ref_acc.add(ref, targets)
@@ -119,7 +127,7 @@ def kv_quality(model: nn.Module, windows: torch.Tensor, make_cache: CacheFactory
     if settings is not None and settings.residual_length != chunk_len:  # (the one pass feeds residual_length)
         raise ValueError(f"kv_quality: settings.residual_length {settings.residual_length} is not chunk_len "
                          f"{chunk_len}; the one-forward path feeds chunks of residual_length")
-    one_pass = settings is not None and served_in_one_pass(model)
+    one_pass = settings is not None and served_in_one_pass(model)  # (a plain forward is the exact reference)
     if windows.shape[1] <= chunk_len:
         raise CompressError(f"windows of {windows.shape[1]} tokens leave nothing to score after the first chunk "
                             f"of {chunk_len}: use longer windows")
@@ -138,8 +146,9 @@ def kv_quality(model: nn.Module, windows: torch.Tensor, make_cache: CacheFactory
                 refs.append(ref)
         else:
             ref = reference[i:i + 1]
-        ours = served_logits(model, window, settings) if one_pass else chunked_logits(model, window, make_cache,
-                                                                                         chunk_len)
+        ours = served_logits(model, window, settings) if one_pass else None
+        if ours is None:  # (not covered, or a model whose attention ignored the switch: served_logits says None)
+            ours = chunked_logits(model, window, make_cache, chunk_len)
         ours_acc.add(ours[:, scored], targets[i:i + 1], ref[:, scored])
         ref_acc.add(ref[:, scored], targets[i:i + 1])
     if reference is None and keep_reference:
@@ -189,9 +198,6 @@ def summary_window_len(residual_length: int, context: int | None, text_tokens: i
     return length
 
 
-def _text_tokens(tokenizer, text: str) -> int:
-    return tokenizer(text, return_tensors="pt", verbose=False).input_ids.shape[1]
-
 
 def residual_beyond_context(residual_length: int, config) -> str | None:
     """What is wrong with a full-precision window as long as the model's context (None: nothing)."""
@@ -213,8 +219,7 @@ def check_summary_text(tokenizer, text: str | None, residual_length: int, config
     if problem:
         raise CompressError(problem)
     text = text if text is not None else builtin_text("builtin:heldout")
-    length = summary_window_len(residual_length, context_length(config), _text_tokens(tokenizer, text))
-    heldout_windows(tokenizer, text, 1, length)
+    summary_window_len(residual_length, context_length(config), _token_ids(tokenizer, text).numel())
 
 
 def cache_quality_summary(model: nn.Module, tokenizer, settings, text: str | None, windows: int | None,
@@ -225,14 +230,13 @@ def cache_quality_summary(model: nn.Module, tokenizer, settings, text: str | Non
     from ..calibration import builtin_text
     from .cache import GEARCache
 
-    text = text if text is not None else builtin_text("builtin:heldout")
-    tokens = _text_tokens(tokenizer, text)
+    ids = _token_ids(tokenizer, text if text is not None else builtin_text("builtin:heldout"))
     if window_len is None:
-        window_len = summary_window_len(settings.residual_length, context_length(model.config), tokens)
+        window_len = summary_window_len(settings.residual_length, context_length(model.config), ids.numel())
     # at most the windows the text holds without overlap: 16 windows spread over a text of 520 tokens were 16 near
     # copies of one, and their interval an artefact (the whole text as one window: 1)
-    n = max(1, min(windows or 16, 16, tokens // window_len))
-    w = heldout_windows(tokenizer, text, n, window_len)
+    n = max(1, min(windows or 16, 16, ids.numel() // window_len))
+    w = _windows(ids, n, window_len)
     result, _ = kv_quality(model, w, lambda: GEARCache(model.config, settings), settings.residual_length,
                            progress=progress, keep_reference=False, settings=settings)
     summary = result.to_dict(windows=False)

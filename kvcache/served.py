@@ -76,12 +76,11 @@ def _served_attention_forward(module: nn.Module, query, key, value, attention_ma
                               scaling: float | None = None, **kwargs):
     layer = _active.layers[module.layer_idx]
     _active.served.add(module.layer_idx)
-    # the last chunk is read by no one: compressed are the chunks before it
-    chunks = (query.shape[2] - 1) // layer.settings.residual_length if hasattr(layer, "key_store") else 0
-    if not chunks:  # a layer the cache keeps uncompressed (skip_layers), or text within one chunk
+    c = layer.settings.residual_length if hasattr(layer, "key_store") else None  # (skip_layers: a DynamicLayer)
+    chunks = (query.shape[2] - 1) // c if c else 0  # the last chunk is read by no one: the chunks before it
+    if not chunks:  # a layer the cache keeps uncompressed, or text within one chunk
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    c = layer.settings.residual_length
     k_hat, v_hat = stored_reconstruction(layer, key, value, chunks)
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     out = attention_as_served(query, key, value, k_hat, v_hat, c, scaling).to(query.dtype)

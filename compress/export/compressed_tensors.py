@@ -183,33 +183,20 @@ def _plan(model: nn.Module, summary: ExportSummary) -> dict[str, nn.Module]:
     return compressed
 
 
-def _module_tensors(name: str, module, storage_dtype: torch.dtype, summary: ExportSummary, sparsity: list[int],
-                    structures: set[str]) -> dict[str, torch.Tensor]:
-    """One compressed module's exported tensors (local names); its sparsity counted into `sparsity` ([zeros,
-    total]) and `structures`."""
+def _module_tensors(name: str, module, storage_dtype: torch.dtype, summary: ExportSummary):
+    """(one compressed module's exported tensors by local name, its keep mask or None, its (N, M) or None)."""
     if isinstance(module, SparseLinear):
         out = {"weight": module.dense_weight(storage_dtype)}
         mask, nm = out["weight"] != 0, (module.n, module.m) if module.format == "nm" else None
     else:
         mask, nm = module.sparsity_mask(), module.sparsity_structure
-        if name in summary.dense_fallback:
-            # float32: code x scale needs more mantissa than bf16 has; transformers casts it on load
-            out = {"weight": module.dequantized_weight(torch.float32)}
-        else:
-            return _counted(quantized_tensors(name, module, storage_dtype), name, mask, nm, summary, sparsity,
-                            structures)
+        if name not in summary.dense_fallback:
+            return quantized_tensors(name, module, storage_dtype), mask, nm
+        # float32: code x scale needs more mantissa than bf16 has; transformers casts it on load
+        out = {"weight": module.dequantized_weight(torch.float32)}
     if module.bias is not None:
         out["bias"] = module.bias.detach().to(storage_dtype)
-    return _counted(out, name, mask, nm, summary, sparsity, structures)
-
-
-def _counted(out, name, mask, nm, summary, sparsity, structures):
-    if mask is not None:
-        summary.sparse.append(name)
-        structures.add(f"{nm[0]}:{nm[1]}" if nm else "unstructured")
-        sparsity[0] += int((~mask).sum())
-        sparsity[1] += mask.numel()
-    return out
+    return out, mask, nm
 
 
 def _stream_state(model: nn.Module, storage_dtype: torch.dtype, summary: ExportSummary,
@@ -220,18 +207,21 @@ def _stream_state(model: nn.Module, storage_dtype: torch.dtype, summary: ExportS
     from ..checkpoint import _unique_state_dict
     from ..progress import Ticker
 
-    state = _unique_state_dict(model, storage_dtype)
-    owners = {k: k.rpartition(".")[0] for k in state}
-    structures, sparsity, done = set(), [0, 0], set()
+    structures, zeros, total, done = set(), 0, 0, set()
     ticker = Ticker(f"exporting {len(compressed)} compressed layers", total=len(compressed)) if progress else None
     try:
-        for key, t in state.items():
-            owner = owners[key]
+        for key, t in _unique_state_dict(model, storage_dtype).items():
+            owner = key.rpartition(".")[0]
             if owner not in compressed:
                 yield key, t
             elif owner not in done:
                 done.add(owner)
-                tensors = _module_tensors(owner, compressed[owner], storage_dtype, summary, sparsity, structures)
+                tensors, mask, nm = _module_tensors(owner, compressed[owner], storage_dtype, summary)
+                if mask is not None:
+                    summary.sparse.append(owner)
+                    structures.add(f"{nm[0]}:{nm[1]}" if nm else "unstructured")
+                    zeros, total = zeros + int((~mask).sum()), total + mask.numel()
+                del mask
                 yield from ((f"{owner}.{k}", v) for k, v in tensors.items())
                 if ticker is not None:
                     ticker.advance()
@@ -240,7 +230,7 @@ def _stream_state(model: nn.Module, storage_dtype: torch.dtype, summary: ExportS
             ticker.close()
     if structures:
         summary.sparsity_structure = structures.pop() if len(structures) == 1 else "unstructured"
-    summary.global_sparsity = sparsity[0] / max(sparsity[1], 1)
+    summary.global_sparsity = zeros / max(total, 1)
 
 
 def _sparsity_metadata(model: nn.Module, summary: ExportSummary) -> dict | None:

@@ -42,11 +42,22 @@ def keep_mask(layer: nn.Module) -> torch.Tensor | None:
     least PRUNED_ZERO_FRACTION of its weights are exact zeros."""
     if isinstance(layer, SparseLinear):
         if layer.format == "bitmask":
-            return unpack_bitmask(layer.bitmask, layer.in_features).bool()
+            return unpack_bitmask(layer.bitmask, layer.in_features)
         return nm_keep_mask(layer.indices, layer.n, layer.m, layer.in_features)
     zeros = layer.weight == 0
-    pruned = getattr(layer, "compress_pruned", False) or int(zeros.sum()) >= PRUNED_ZERO_FRACTION * zeros.numel()
-    return ~zeros if pruned else None
+    return ~zeros if _dense_pruned(layer, zeros) else None
+
+
+def is_pruned(layer: nn.Module) -> bool:
+    """Whether `keep_mask` gives a mask, without unpacking one."""
+    return isinstance(layer, SparseLinear) or _dense_pruned(layer)
+
+
+def _dense_pruned(layer: nn.Module, zeros: torch.Tensor | None = None) -> bool:
+    if getattr(layer, "compress_pruned", False):
+        return True
+    zeros = layer.weight == 0 if zeros is None else zeros
+    return int(zeros.sum()) >= PRUNED_ZERO_FRACTION * zeros.numel()
 
 
 class MaskedLowRankLinear(torch.autograd.Function):
@@ -94,7 +105,7 @@ class SparsityKeepingLoraLinear(PeftLoraLinear):
     def __init__(self, base_layer: nn.Module, adapter_name: str, **kwargs: Any) -> None:
         super().__init__(base_layer, adapter_name, **kwargs)
         # a masked update (M * BA) x is not what plain PEFT computes: such a checkpoint must not load there silently
-        self.transformers_reads = keep_mask(base_layer) is None
+        self.transformers_reads = not is_pruned(base_layer)
 
     @property
     def keep_mask(self) -> torch.Tensor | None:

@@ -140,3 +140,18 @@ def test_nan_values_are_refused_with_finite_keys(tiny_model):
     with pytest.raises(CompressError, match="reach nan"):
         _check_fp16_range(keys, values)
     _check_fp16_range(keys, torch.ones(1, 2, 4, 16))
+
+
+def test_the_quality_block_takes_the_feed_where_the_switch_is_ignored(tiny_model):
+    """served_logits says None for a model whose attention ignores the switch; kv_quality then fed the chunks
+    itself (it indexed None)."""
+    from compress.kvcache.quality import kv_quality
+
+    model = tiny_model("llama").double()
+    model.set_attn_implementation = lambda name: None
+    settings = KVCacheSettings.build(method="kivi", bits=2, group_size=16, residual_length=16)
+    windows = torch.randint(0, 128, (2, 50), generator=torch.Generator().manual_seed(0))
+    make = lambda: GEARCache(model.config, settings)  # noqa: E731
+    got, _ = kv_quality(model, windows, make, 16, settings=settings)
+    want, _ = kv_quality(model, windows, make, 16)
+    assert got.kl > 1e-6 and got.kl == pytest.approx(want.kl, rel=1e-9)

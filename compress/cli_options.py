@@ -1,0 +1,52 @@
+"""Options and helpers that several `compress` commands share."""
+from __future__ import annotations
+
+import click
+
+from .cli_format import _mb
+
+
+_DTYPE = click.option(
+    "--dtype", default="auto", show_default=True,
+    type=click.Choice(["auto", "stored", "float32", "bfloat16", "float16"]),
+    help="Compute dtype: auto = the checkpoint's dtype where the device computes it natively, float32 on CPUs without "
+         "native bf16/fp16; stored = always the checkpoint's dtype (least memory). Checkpoints keep their dtype.")
+
+
+_SPARSE_RUNTIME = click.option(
+    "--sparse-runtime", default="auto", show_default=True, type=click.Choice(["auto", "dense", "packed"]),
+    help="How pruned layers run: dense = decoded once at load (dense speed, packed on disk), packed = smallest "
+         "memory (C kernels on the CPU, faster than dense when decoding large layers), auto = packed on CUDA and "
+         "for large float32 layers on the CPU, dense otherwise.")
+
+
+_MAX_MEMORY_READ = click.option(
+    "--max-memory", default=None,
+    help="Cap the CPU memory the weights take (e.g. 8GB): decoder layers that do not fit are read from the "
+         "checkpoint's files for each forward (slow, for models larger than memory); a baseline gets its own cap.")
+
+
+def _say_offloaded(model, max_memory: str | None, how: str = "read for each forward") -> None:
+    """One line (stderr) on what --max-memory left on disk and what stays in memory: a cap below the embeddings and
+    head is not an error, but the user should know it was not met."""
+    from .offload import parse_bytes, resident_bytes
+    from .sequential import decoder_layers
+
+    on_disk = getattr(model, "compress_offloaded_layers", None)
+    if not max_memory or not on_disk:
+        return
+    resident = resident_bytes(model)
+    over = resident > parse_bytes(max_memory)
+    click.echo(f"--max-memory {max_memory}: {len(on_disk)} of {len(decoder_layers(model)[1])} decoder layers stay on "
+               f"disk, {how}; {_mb(resident)} stay in memory"
+               + (" (more than the cap: the embeddings, head and norms always do)" if over else ""), err=True)
+
+
+def _read_offload(max_memory: str | None) -> dict:
+    """load()'s keywords for --max-memory (a malformed size fails here, before anything is read)."""
+    if max_memory is None:
+        return {}
+    from .offload import parse_bytes
+
+    parse_bytes(max_memory)
+    return {"max_memory": max_memory}

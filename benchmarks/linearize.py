@@ -43,6 +43,7 @@ import json
 import statistics
 import sys
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -83,7 +84,8 @@ def quality(model, original, windows, tokenizer, args) -> dict:
     ev = evaluate(model, windows, original, progress=False)
     # the perplexity ratio to the original with its 95% interval over the windows (each window paired with the
     # original's NLL on it)
-    return {"perplexity": ev["perplexity"], "ppl_ratio_ci95": ev["ppl_ratio_ci95"], "kl": ev["kl"], "top1": ev["top1_agreement"],
+    return {"perplexity": ev["perplexity"], "ppl_ratio_ci95": ev["ppl_ratio_ci95"], "kl": ev["kl"],
+            "top1": ev["top1_agreement"],
             "copy": copy_probe(model, span_len=args.copy_len, num=args.probe_num),
             "passkey": passkey_probe(model, tokenizer, heldout_text(), context_len=args.passkey_len,
                                      num=args.probe_num)}
@@ -98,11 +100,10 @@ def recovered_info(folder: Path) -> dict:
     return {"tokens": None, "minutes": None}
 
 
-def serving_model(device: str, layers: int = 2):
-    """A random-init Llama with Llama-3-8B layer shapes, bf16 on CUDA (fp32 on a CPU), for contexts up to 32k."""
+def serving_model(device: str, dtype: torch.dtype, layers: int = 2):
+    """A random-init Llama with Llama-3-8B layer shapes, for contexts up to 32k."""
     from transformers import LlamaConfig
 
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     cfg = LlamaConfig(**SERVING_LAYER, num_hidden_layers=layers, max_position_embeddings=max(CONTEXTS),
                       tie_word_embeddings=False)
     torch.manual_seed(0)
@@ -157,14 +158,41 @@ def selected(args) -> dict[str, LinearizeSettings]:
     return {name: s for name, s in VARIANTS.items() if not args.only or name in args.only}
 
 
+BOUND = "bound (projections only)"
+
+
+def _projections_only(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
+    """An attention layer that runs its q/k/v/o projections and nothing between them (its output is meaningless):
+    the decoding speed no replacement of softmax attention that keeps these projections can exceed, since the rest
+    of the model (MLP, norms, head) costs both models the same."""
+    b, t, _ = hidden_states.shape
+    q, k, v = self.project(hidden_states)
+    out = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)  # [B, Hq, T, V]: the shape o_proj reads
+    return self.o_proj(out.transpose(1, 2).reshape(b, t, -1)), None
+
+
+def bound_model(reference):
+    """A copy of `reference` whose attention layers run `_projections_only` (state in a LinearizedCache: unused)."""
+    model = copy.deepcopy(reference)
+    linearize_model(model, LinearizeSettings(variant="gla"))
+    for _, module in attention_modules(model).values():
+        module.forward = types.MethodType(_projections_only, module)
+    return model
+
+
 def models_for(reference, models: dict, ctx: int, args) -> tuple:
-    """(base model, {"original": base, variant: converted}) able to run `ctx` tokens: beyond the reference model's
-    positions a random-init model of its shapes (speed does not depend on the weights); built once per base."""
+    """(base model, {"original": base, variant: converted}) able to run `ctx` tokens, in `args.speed_dtype`: beyond
+    the reference model's positions a random-init model of its shapes (speed does not depend on the weights); built
+    once per base. `args.bound` adds the BOUND row (bound_model)."""
+    dtype = getattr(args, "speed_dtype", None) or next(reference.parameters()).dtype
     if ctx > reference.config.max_position_embeddings:
         cfg = copy.deepcopy(reference.config)
         cfg.max_position_embeddings = ctx
         torch.manual_seed(0)
-        reference = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+        reference = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
+        models = {}
+    elif next(reference.parameters()).dtype != dtype:  # (a copy: the quality rows keep the float32 model)
+        reference = copy.deepcopy(reference).to(dtype)
         models = {}
     if not models:
         p = next(reference.parameters())
@@ -173,6 +201,8 @@ def models_for(reference, models: dict, ctx: int, args) -> tuple:
             models[name] = copy.deepcopy(reference)
             linearize_model(models[name], settings)
             models[name].to(device=p.device, dtype=p.dtype)  # new parameters (router, beta map) follow
+        if getattr(args, "bound", False):
+            models[BOUND] = bound_model(reference)
     return reference, models
 
 
@@ -222,7 +252,8 @@ def prefill_speed(reference, args) -> dict[str, dict]:
 def speed_and_bytes(reference, args) -> dict[str, dict]:
     """{variant: {"cache_bytes": {ctx: bytes}, "decode_speedup": {ctx: ratio}, "prefill_speedup": ...}} plus the
     original's bytes."""
-    out = {name: {"cache_bytes": {}, "decode_speedup": {}} for name in ["original", *selected(args)]}
+    out = {name: {"cache_bytes": {}, "decode_speedup": {}}
+           for name in ["original", *selected(args), *([BOUND] if args.bound else [])]}
     if not args.skip_prefill:
         for name, values in prefill_speed(reference, args).items():
             out[name].update(values)
@@ -256,10 +287,11 @@ def speed_and_bytes(reference, args) -> dict[str, dict]:
 def run(args) -> list[dict]:
     torch.manual_seed(0)
     if args.serving_shape:  # speed and bytes only, at Llama-3-8B layer shapes
-        perf = speed_and_bytes(serving_model(args.device), args)
+        perf = speed_and_bytes(serving_model(args.device, args.speed_dtype), args)
         shape = "2 layers of Llama-3-8B (hidden 4096, 32/8 heads x 128, MLP 14336), random weights"
-        return [{"variant": name, "device": args.device, "batch": args.batch, "shape": shape, **values}
-                for name, values in perf.items()]
+        dtype = str(args.speed_dtype).removeprefix("torch.")
+        return [{"variant": name, "device": args.device, "batch": args.batch, "shape": shape, "speed_dtype": dtype,
+                 **values} for name, values in perf.items()]
     original = compress.load(args.model, dtype="float32")  # builtin:small is stored in bf16
     tokenizer = compress.load_tokenizer(args.model)
     windows = heldout_windows(tokenizer, seq_len=args.seq_len, max_windows=args.windows)
@@ -267,7 +299,8 @@ def run(args) -> list[dict]:
     dense_recovered = dict(item.split("=", 1) for item in args.dense_recovered)
     if args.skip_quality:
         perf = speed_and_bytes(original, args)
-        return [{"variant": name, **values} for name, values in perf.items()]
+        return [{"variant": name, "speed_dtype": str(args.speed_dtype).removeprefix("torch."), **values}
+                for name, values in perf.items()]
     rows = []
     ev = evaluate(original, windows, None, progress=False)
     rows.append({"variant": "original", "perplexity": ev["perplexity"], "kl": 0.0, "top1": 1.0,
@@ -305,7 +338,9 @@ def run(args) -> list[dict]:
     if not args.skip_speed:
         perf = speed_and_bytes(original, args)
         for row in rows:
-            row.update(perf[row["variant"]])
+            row.update(perf[row["variant"]], speed_dtype=str(args.speed_dtype).removeprefix("torch."))
+        if args.bound:
+            rows.append({"variant": BOUND, **perf[BOUND]})
     for row in rows:
         row["protocol"] = (f"{windows.shape[0]} held-out windows of {args.seq_len} tokens; copy {args.probe_num}x"
                            f"{args.copy_len}; passkey {args.probe_num} prompts of {args.passkey_len} tokens; decode "
@@ -387,7 +422,14 @@ def main(argv=None) -> None:
                     help="decode speed and cache bytes only, on 2 random layers of Llama-3-8B's shapes")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="with --serving-shape")
     ap.add_argument("--batch", type=positive_int, default=1, help="rows decoded at once (with --serving-shape)")
+    ap.add_argument("--speed-dtype", choices=("float32", "bfloat16"), default=None,
+                    help="the models' dtype in the speed columns (default: float32 on a CPU, bfloat16 on CUDA; the "
+                         "quality columns are always float32)")
+    ap.add_argument("--bound", action="store_true",
+                    help=f"add the row '{BOUND}': attention layers that run only their q/k/v/o projections, the "
+                         "decode speedup no attention replacement keeping them can exceed")
     args = ap.parse_args(argv)
+    args.speed_dtype = getattr(torch, args.speed_dtype or ("bfloat16" if args.device == "cuda" else "float32"))
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device here")
     if (args.device != "cpu" or args.batch != 1) and not args.serving_shape:
@@ -407,8 +449,9 @@ def main(argv=None) -> None:
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
-        print_table(rows, f"Llama-3-8B layer shapes, {args.device}, batch {args.batch}" if args.serving_shape
-                    else f"{args.model}, CPU fp32")
+        dtype = str(args.speed_dtype).removeprefix("torch.")
+        print_table(rows, f"Llama-3-8B layer shapes, {args.device} {dtype}, batch {args.batch}" if args.serving_shape
+                    else f"{args.model}, CPU; quality float32, speed {dtype}")
 
 
 if __name__ == "__main__":

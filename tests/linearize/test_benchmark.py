@@ -70,6 +70,40 @@ def test_serving_shape_rows(bench, capsys, monkeypatch):
             assert sizes["256"] == sizes["64"] > 0
 
 
+def test_speed_dtype_and_bound_rows(bench, capsys, monkeypatch):
+    """--speed-dtype bfloat16 times bf16 models (the original's K/V: 2 bytes a value); --bound adds the row whose
+    attention runs only its projections, with a constant cache like the linearized rows'."""
+    monkeypatch.setattr(bench, "SERVING_LAYER", dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                                     head_dim=16, intermediate_size=128, vocab_size=256))
+    monkeypatch.setattr(bench, "CONTEXTS", (64, 256))
+    bench.main(["--json", "--serving-shape", "--reps", "1", "--steps", "1", "--skip-prefill", "--only", "liger-gla",
+                "--speed-dtype", "bfloat16", "--bound"])
+    rows = {r["variant"]: r for r in json.loads(capsys.readouterr().out)}
+    assert set(rows) == {"original", "liger-gla", bench.BOUND}
+    assert all(r["speed_dtype"] == "bfloat16" for r in rows.values())
+    sizes = rows["original"]["cache_bytes"]  # 2 layers x K and V x 2 KV heads x 16 values per token, bf16
+    assert sizes["256"] - sizes["64"] == (256 - 64) * 2 * 2 * 2 * 16 * 2
+    bound = rows[bench.BOUND]
+    assert bound["cache_bytes"]["256"] == bound["cache_bytes"]["64"] and bound["decode_speedup"]["256"] > 0
+
+
+def test_bound_model_runs_only_the_projections(bench, monkeypatch):
+    """The bound model's attention output is o_proj of the values repeated over the query heads: the four
+    projections, nothing of the recurrence (its speed is what the rest of the model leaves to gain)."""
+    import torch
+
+    monkeypatch.setattr(bench, "SERVING_LAYER", dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                                     head_dim=16, intermediate_size=128, vocab_size=256))
+    bound = bench.bound_model(bench.serving_model("cpu", torch.float32))
+    attn = bench.attention_modules(bound)[0][1]
+    x = torch.randn(2, 3, 64)
+    with torch.no_grad():
+        out, weights = attn(x)
+        v = attn.v_proj(x).view(2, 3, 2, 16)
+        expected = attn.o_proj(v.repeat_interleave(2, dim=2).reshape(2, 3, -1))
+    assert weights is None and torch.allclose(out, expected, atol=1e-5)
+
+
 def test_serving_options_refused_without_serving_shape(bench):
     with pytest.raises(SystemExit) as exit_info:
         bench.main(["--batch", "4"])

@@ -169,7 +169,7 @@ if triton is not None:
                 tl.store(out + row * V + cc, tl.load(out + row * V + cc) + beta * w)
             # every thread has read the slot before it is overwritten with the new token (zeros if padding)
             tl.debug_barrier()
-            tl.store(ring_k + (bh * S + slot) * D + dd, kn)
+            tl.store(ring_k + (bh * S + slot) * D + dd, tl.where(valid != 0, kn, 0.0))
             tl.store(ring_v + (bh * S + slot) * V + cc, tl.where(valid != 0, vn, 0.0))
 
     @triton.jit(do_not_specialize=["H", "M"])

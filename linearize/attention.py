@@ -177,13 +177,15 @@ class LinearizedAttention(nn.Module):
         return batch, kv_heads, self.head_dim, self.head_dim + int(self.settings.normalize)
 
     def cache_bytes(self, batch: int = 1) -> int:
-        """Bytes this layer's cache holds at any context length: the float32 state (the kernels' accumulation
-        dtype) plus, for the hybrid, the ring buffer of `window - 1` float32 keys and values and their validity."""
-        n = 4 * math.prod(self.state_shape(batch))
+        """Bytes this layer's cache holds at any context length: the state, float32 (the kernels' accumulation
+        dtype) or wider (a float64 model's), plus, for the hybrid, the ring buffer of `window - 1` keys and values in
+        that dtype and their validity."""
+        item = 8 if self._float64() else 4  # (LinearizedLayer.store: float32 or wider)
+        n = item * math.prod(self.state_shape(batch))
         window = self.settings.window_or_none()
         if window:
             kv_heads = self.k_proj.out_features // self.head_dim
-            n += batch * (window - 1) * (2 * 4 * kv_heads * self.head_dim + 1)
+            n += batch * (window - 1) * (2 * item * kv_heads * self.head_dim + 1)
         return n
 
     def project(self, hidden_states):

@@ -62,6 +62,11 @@ class LinearizedLayer(CacheLayerMixin):
                 self.window_valid = valid.new_zeros(b, slots)
             end = self.cumulative_length + new_tokens
             if new_tokens == 1:  # decoding: overwrite the oldest slot in place
+                if self.window_keys.is_inference() and not torch.is_inference_mode_enabled():
+                    # (a prompt run under torch.inference_mode(), decoded outside it: such tensors refuse in-place
+                    # writes there; the C step writes their memory directly and needs no copy)
+                    self.window_keys, self.window_values, self.window_valid = (
+                        t.clone() for t in (self.window_keys, self.window_values, self.window_valid))
                 i = self.cumulative_length % slots
                 self.window_keys[:, :, i] = keys[:, :, -1].detach()
                 self.window_values[:, :, i] = values[:, :, -1].detach()

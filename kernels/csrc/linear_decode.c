@@ -213,7 +213,8 @@ int linear_decode_step(const float* q, const float* k, const float* v, float* st
             float* dk = ring_k + (bh * slots + slot) * d_rot;
             float* dv = ring_v + (bh * slots + slot) * v_dim;
             const float* sv = v + bh * v_dim;
-            for (int64_t c = 0; c < d_rot; ++c) dk[c] = k_new[c];
+            for (int64_t c = 0; c < d_rot; ++c) dk[c] = valid ? k_new[c] : 0.f;  /* (as the torch path: a NaN in a
+               padding row's key never reaches a later blocked attention, where a masked NaN still poisons) */
             for (int64_t c = 0; c < v_dim; ++c) dv[c] = valid ? sv[c] : 0.f;
         }
         free(tmp);

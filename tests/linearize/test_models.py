@@ -128,6 +128,35 @@ def test_cache_bytes_constant_in_context_length(tiny_model, variant):
     assert sizes[0] == state + window
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("variant", ["gla", "hybrid", "mom", "gsa"])
+def test_cache_bytes_predicted_is_what_the_cache_holds(tiny_model, variant, dtype):
+    """LinearizedAttention.cache_bytes (what a user sizes a batch by) equals the bytes held, batch 3, float64 too
+    (its states and window are float64: it said half)."""
+    model = converted(tiny_model, "llama", variant).to(dtype)
+    cache = LinearizedCache(model)
+    with torch.no_grad():
+        model(torch.randint(1, 128, (3, 11)), cache=cache)
+    predicted = sum(m.cache_bytes(3) for m in model.modules() if hasattr(m, "cache_bytes") and hasattr(m, "settings"))
+    assert predicted == cache_nbytes(cache)["total"] > 0
+
+
+def test_prompt_under_inference_mode_then_decoding_under_no_grad(tiny_model, monkeypatch):
+    """The torch decoding step (no C kernels) writes the window's ring buffer in place; filled under
+    torch.inference_mode() it refused that outside it (DynamicCache and the C step decode on)."""
+    monkeypatch.setenv("COMPRESS_CPU_KERNELS", "off")
+    model = converted(tiny_model, "llama", "hybrid")
+    ids = torch.randint(1, 128, (2, 12))
+    with torch.no_grad():
+        expected = model(ids).logits[:, -3:]
+    cache = LinearizedCache(model)
+    with torch.inference_mode():
+        model(ids[:, :9], cache=cache)
+    with torch.no_grad():
+        got = torch.cat([model(ids[:, i:i + 1], cache=cache).logits for i in range(9, 12)], dim=1)
+    torch.testing.assert_close(got, expected, **TOL)
+
+
 def test_normalized_recurrence_is_a_weighted_mean_of_values(tiny_model):
     """normalize: o_t = sum_s w_ts v_s / sum_s w_ts with w_ts = sum_d phi(q_t)_d phi(k_s)_d prod_{r=s+1..t} gate_r,d,
     computed here in float64 from the module's own projections, without the GLA kernels."""
@@ -192,6 +221,32 @@ def test_fused_cpu_decode_step_matches_the_torch_step(tiny_model, arch, variant,
         pytest.skip("no C compiler: the fused CPU step is not built")
     assert_fused_step_matches_torch(converted(tiny_model, arch, variant), variant, monkeypatch, "",
                                     ("COMPRESS_CPU_KERNELS", "off", "on"))
+
+
+@pytest.mark.parametrize("kind", ["c", "triton"])
+def test_fused_steps_store_a_padding_tokens_key_as_zeros(kind):
+    """A padding token's slot: key and value zeros and invalid, as the torch path stores it (a NaN key kept there
+    would poison a later prompt's blocked window attention, where a masked NaN still gives NaN)."""
+    from compress.kernels import linear_decode_cpu, linear_decode_triton
+    from compress.kernels.dispatch import triton_available
+
+    if kind == "c" and linear_decode_cpu._library() is None:
+        pytest.skip("no C compiler: the fused CPU step is not built")
+    if kind == "triton" and not triton_available():
+        pytest.skip("no Triton")
+    step = linear_decode_cpu.linear_decode_step if kind == "c" else linear_decode_triton.linear_decode_step_triton
+    b, h, d, slots = 2, 2, 16, 5
+    q, k, v = torch.randn(b, 2 * h, 1, d), torch.randn(b, h, 1, d), torch.randn(b, h, 1, d)
+    k[1] = float("nan")  # the padding row's key
+    ring_k, ring_v = torch.randn(b, h, slots, d), torch.randn(b, h, slots, d)
+    ring_valid = torch.ones(b, slots, dtype=torch.bool)
+    rope = tuple(torch.randn(b, 1, d) for _ in range(2))
+    with torch.no_grad():
+        step(q, k, v, torch.randn(b, h, d, d), "gla", False, (None, None, v, ring_k, ring_v, ring_valid, 3),
+             torch.tensor([True, False]), 0.5, 0.5, 0.25, rope=rope)
+    assert ring_valid[:, 3].tolist() == [True, False]
+    assert (ring_k[1, :, 3] == 0).all() and (ring_v[1, :, 3] == 0).all()
+    assert ring_k[0, :, 3].abs().sum() > 0 and torch.equal(ring_v[0, :, 3], v[0, :, 0])
 
 
 def test_fused_cpu_step_takes_the_models_own_rotation_where_it_is_not_rotate_half(tiny_model, monkeypatch):

@@ -34,6 +34,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from compress.calibration import builtin_text
+
 
 def layer_inputs(model, layers: list[int], ids: torch.Tensor) -> dict[int, torch.Tensor]:
     """The normalized input of each layer's v_proj at every position of `ids`, [N, hidden]."""
@@ -81,7 +83,7 @@ def main() -> None:
         ids[row] = torch.tensor(tok(" " + numbers, add_special_tokens=False)["input_ids"][:256])
     ids = ids[torch.randperm(len(ids))]  # the held-out tenth gets both kinds
     feats = layer_inputs(model, sorted({layer for layer, _ in heads}), ids)
-    text = (args.init_from / "calibration.txt").read_text(encoding="utf-8")
+    text = builtin_text("builtin:calibration")  # (tiny's file: builtin:small keeps no copy)
     nat = tok(text)["input_ids"]
     nat = torch.tensor(nat[:len(nat) // 256 * 256]).view(-1, 256)
     with torch.no_grad():
@@ -136,7 +138,7 @@ def main() -> None:
     print(f"scale {args.scale}: greedy accuracy on the second copy {acc:.3f}", flush=True)
     model.to(torch.bfloat16).save_pretrained(args.out, max_shard_size="15MB")
     tok.save_pretrained(args.out)
-    for name in ("generation_config.json", "calibration.txt", "heldout.txt"):
+    for name in ("generation_config.json",):
         if (args.init_from / name).exists():
             shutil.copy(args.init_from / name, args.out / name)
     record = {"phase": "scripts/fit_copy_heads.py",

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # One run on a lent GPU machine (the device tool runs it in the repository root, $OUT comes back):
 # every Triton kernel against its torch reference compiled for real (the kernel tests), then the GPU benchmarks.
-# The machine cannot download: pydantic and fla-core (which its image lacks) and transformers 5.24 (its image has
-# 5.17, from before `cache=`) travel in .gearwheels/ (ignored; `bash scripts/make_gearwheels.sh` fills it, ~5 MB) and
-# the call carries that folder. A call sends the tracked tree (~58 MiB) plus what it carries, 64 MiB at most: carry nothing else.
+# The machine cannot download: pydantic (which its image lacks) and transformers 5.24 (its image has 5.17, from
+# before `cache=`; 5.25 would not import there) travel in .gearwheels/ (ignored; `bash scripts/make_gearwheels.sh`
+# fills it, ~3.9 MB) and every call carries that folder; fla-core in .gearwheels-fla/ (1.1 MB) only where the total
+# fits. A call sends the tracked tree (~59 MiB) plus what it carries, 64 MiB at most: make_gearwheels.sh prints both
+# totals; carry nothing else.
 # Two halves, each within one device call (600 s): `bash scripts/gpu_check.sh kv` (kernel tests + KV serving,
 # ~520 s at most) and `bash scripts/gpu_check.sh sparse` (GPU kernels + sparse dispatch + sparse speed, ~500 s at
 # most); no argument runs both (only where a call may run ~1,020 s). `bash scripts/gpu_check.sh lin` (~440 s at most):
@@ -21,8 +23,8 @@ nvidia-smi -L | tee "$OUT/device.txt"
 if [ ! -d .gearwheels ]; then echo "no .gearwheels/ here: run bash scripts/make_gearwheels.sh and carry it" >&2; exit 2; fi
 # beside the image's packages, not into them (as the device notes advise)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gearwheels/*.whl \
-  2>&1 | tail -n 3
-tar -xzf .gearwheels/transformers-*-trimmed.tgz -C /tmp/site  # 5.24 (`cache=`), ahead of the image's on PYTHONPATH
+  $(ls .gearwheels-fla/*.whl 2>/dev/null) 2>&1 | tail -n 3  # (fla-core where the call carried it)
+tar -xJf .gearwheels/transformers-*-trimmed.txz -C /tmp/site  # 5.24 (`cache=`), ahead of the image's on PYTHONPATH
 # the image's pip cannot build the editable install offline: lay the package out as setup.py maps it instead
 rm -rf /tmp/pkg && mkdir -p /tmp/pkg && cp -r compress /tmp/pkg/ && cp -r kvcache kernels linearize /tmp/pkg/compress/
 export PYTHONPATH=/tmp/pkg:/tmp/site PYTHONUNBUFFERED=1

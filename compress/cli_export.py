@@ -25,7 +25,7 @@ def export_cmd(checkpoint, output, export_format, overwrite, as_json):
     """Export a checkpoint `compress apply` saved natively, in a format other tools load (the same files as apply
     --format compressed-tensors)."""
     from . import models
-    from .export.compressed_tensors import check_passes, export
+    from .export.compressed_tensors import ALREADY_NATIVE_ADVICE, check_passes, export
 
     folder = models.resolve_model_path(checkpoint)
     section = None if str(checkpoint).startswith("builtin:") else models.compression_section(folder)
@@ -36,7 +36,8 @@ def export_cmd(checkpoint, output, export_format, overwrite, as_json):
         raise CompressError(f"{checkpoint} is already a {section['export_format']} export")
     if not section.get("passes"):
         raise CompressError(f"{checkpoint} records no compression pass: its export would be the dense model")
-    check_passes([(e["pass"], e.get("args") or {}) for e in section.get("passes", [])])  # before loading weights
+    check_passes([(e["pass"], e.get("args") or {}) for e in section.get("passes", [])],  # before loading weights
+                 advice=ALREADY_NATIVE_ADVICE)
     check_output(output, overwrite=overwrite, source=folder)
     with phase(f"loading {checkpoint}"):
         model = models.load(checkpoint, dtype="stored")  # the files' dtype: least memory, and what the export writes

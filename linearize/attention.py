@@ -114,7 +114,9 @@ class LinearizedAttention(nn.Module):
         self.scaling = original.scaling
         self.settings = settings
         self._rotary = rotary  # the model's own apply_rotary_pos_emb (window branch only)
-        self._rope_is_rotate_half = rotate_half_rope(rotary, self.head_dim)
+        # rotate_half_rope(rotary, head_dim) on first use: built under accelerate's empty-weights context (a
+        # checkpoint loaded with --max-memory) its probe tensors would be meta tensors, which cannot be compared
+        self._rope_is_rotate_half: bool | None = None
 
     def extra_repr(self) -> str:
         s = self.settings
@@ -300,6 +302,8 @@ class LinearizedAttention(nn.Module):
         if self.settings.window_or_none() is not None:
             cos, sin = position_embeddings
             slot = layer.cumulative_length % layer.window_keys.shape[2]
+            if self._rope_is_rotate_half is None:
+                self._rope_is_rotate_half = rotate_half_rope(self._rotary, self.head_dim)
             if self._rope_is_rotate_half and cos.shape[-1] == self.head_dim:
                 q_rot = k_rot = None  # the step rotates q and k itself
                 rope = tuple(t.expand(q.shape[0], 1, -1) for t in (cos, sin))

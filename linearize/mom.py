@@ -124,12 +124,22 @@ def _float_tensor(module: nn.Module) -> torch.Tensor:
     return found
 
 
+class Float32Router(nn.Linear):
+    """The router: a Linear (same tensors, so checkpoints and `targets` see a Linear) whose logits are computed in
+    float32 (a stable top-k). Called as a module, never through its `.weight` from the attention's forward: layers
+    left on disk (--max-memory) load a submodule's tensors only when that submodule is called, and a weight read
+    directly was a meta tensor there (the routing read garbage)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.float(), self.weight.float())
+
+
 class MixtureOfMemoriesAttention(LinearizedAttention):
     def __init__(self, original: nn.Module, settings: LinearizeSettings, layer_idx: int):
         super().__init__(original, settings, layer_idx)
         w = _float_tensor(self.k_proj)  # k_proj may be pruned (packed values) or quantized (codes and scales)
         hidden, kv_heads = self.k_proj.in_features, self.k_proj.out_features // self.head_dim
-        self.router = nn.Linear(hidden, settings.num_memories, bias=False, device=w.device, dtype=w.dtype)
+        self.router = Float32Router(hidden, settings.num_memories, bias=False, device=w.device, dtype=w.dtype)
         self.beta_proj = nn.Linear(hidden, kv_heads, bias=True, device=w.device, dtype=w.dtype)
         self.aux_loss: torch.Tensor | None = None  # set by a training forward, read (and cleared) by recover
         reasons = ("Mixture-of-Memories' router, read in float32 every step", "Mixture-of-Memories' write strengths")
@@ -198,7 +208,7 @@ class MixtureOfMemoriesAttention(LinearizedAttention):
         q, k, v = self.project(hidden_states)
         valid = key_validity(attention_mask, t)
         beta_logit = self.beta_proj(hidden_states)  # [B, T, Hkv]
-        logits = F.linear(hidden_states.float(), self.router.weight.float())  # routing in fp32: stable top-k
+        logits = self.router(hidden_states)  # float32 [B, T, M]
         fused = None if want_weights else self._fused_decode_ready(layer) if t == 1 else self._prompt_in_c(layer, q)
         if fused:  # one C call / Triton launch: features, routing and the memories' steps
             self.aux_loss = None

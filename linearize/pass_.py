@@ -32,7 +32,13 @@ class Linearize(Pass):
         ignore: list[str] = Field(default_factory=list)
 
     def validate_config(self) -> None:
-        problem = None if restoring() else self.settings().foreign_options()  # a checkpoint an older version wrote
+        if restoring():  # a checkpoint an older version wrote: its record as it was
+            return
+        problem = self.settings().foreign_options()
+        chosen = sorted({"targets", "ignore"} & self.config.model_fields_set)
+        if chosen and not problem:  # said, not ignored: every layer was linearized whatever they named
+            problem = (f"linearize picks its layers with `layers:` (all, a list of indices, or every_K), not with "
+                       f"`{'`/`'.join(chosen)}`: remove {'them' if len(chosen) > 1 else 'it'} and use `layers`")
         if problem:
             raise ConfigError(problem)
 
@@ -91,6 +97,12 @@ class Linearize(Pass):
         if done:
             raise UnsupportedModelError(f"{done[0]} is already linearized (the input model is a linearized "
                                         "checkpoint); choose other `layers` or start from the original model")
+        head_dim = next(iter(attention_modules(model).values()))[1].head_dim
+        if self.config.gate == "gsa" and self.config.num_slots > head_dim:
+            # the slots pool the head dimension's gates into groups: beyond one dimension a slot, slots repeat
+            # others (the same outputs for more state)
+            raise ConfigError(f"linearize: num_slots {self.config.num_slots} is more than the head dimension "
+                              f"({head_dim}): each slot pools at least one dimension's gate; use at most {head_dim}")
         context = context_length(model.config)
         window = self.config.window_or_none()
         if window is not None and context is not None and window > context:

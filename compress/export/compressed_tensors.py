@@ -42,7 +42,12 @@ INEXPRESSIBLE = {
 BNB_METHODS = ("nf4", "fp4", "int8", "bnb_nf4", "bnb_fp4", "bnb_int8", "llm_int8")
 
 
-def check_passes(passes: list[tuple[str, dict]]) -> None:
+NATIVE_ADVICE = ": drop those passes or use the native format (the default)"
+# (`compress export` starts from a native checkpoint: there is nothing to switch to)
+ALREADY_NATIVE_ADVICE = "; the checkpoint stays in the native format, which compress.load reads"
+
+
+def check_passes(passes: list[tuple[str, dict]], advice: str = NATIVE_ADVICE) -> None:
     """Raise ExportError (before any work) when a pass makes something compressed-tensors cannot express."""
     problems = []
     for name, args in passes:
@@ -57,8 +62,7 @@ def check_passes(passes: list[tuple[str, dict]]) -> None:
             problems.append(f"pass {name!r}: compressed-tensors holds pruned and int-quantized weights (and LoRA "
                             "merged into them) only")
     if problems:
-        raise ExportError(f"the {FORMAT} format cannot express " + "; ".join(problems)
-                          + ": drop those passes or use the native format (the default)")
+        raise ExportError(f"the {FORMAT} format cannot express " + "; ".join(problems) + advice)
 
 
 def group_fallback(model: nn.Module, passes) -> dict[str, str]:

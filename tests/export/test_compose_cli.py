@@ -142,6 +142,18 @@ def test_inexpressible_recipe_fails_before_any_work(tmp_path, how):
     assert not out.exists()
 
 
+def test_export_of_an_inexpressible_native_checkpoint_gives_advice_it_can_follow(tmp_path, reference_tokenizer):
+    """`compress export` of a linearized checkpoint: refused before any weight is read, without telling the user to
+    "use the native format" (export has no other format: the checkpoint already is native)."""
+    model, _ = compress.apply(compress.load("builtin:tiny"), [compress.get_pass("linearize")(variant="gla")],
+                              progress=False)
+    native = compress.save(model, tmp_path / "lin", tokenizer=reference_tokenizer)
+    refused = run("export", native, "-o", tmp_path / "ct")
+    assert refused.exit_code == 2 and "pass 'linearize'" in refused.output, refused.output
+    assert "stays in the native format, which compress.load reads" in refused.output
+    assert "use the native format" not in refused.output and not (tmp_path / "ct").exists()
+
+
 def test_inspect_counts_an_export_whose_layers_stayed_dense_from_its_files(tmp_path, tiny_model):
     """inspect counted an export from the dense meta model at the checkpoint's dtype, while the layers it could not
     quantize are stored in float32 (an audit's find)."""

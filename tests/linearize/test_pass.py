@@ -73,6 +73,9 @@ def test_cli_generates_past_the_context_only_when_every_layer_is_linearized(tmp_
     (dict(variant="gla", window=32), "window applies to variant hybrid only \\(this is variant gla\\)"),
     (dict(variant="hybrid", num_memories=2, top_k=1), "num_memories, top_k apply to variant mom only"),
     (dict(gate="hgrn2", num_slots=4), "num_slots applies to gate gsa only"),
+    # `layers` selects; these were accepted and every layer was linearized anyway
+    (dict(targets=["model.layers.3.self_attn"]), "picks its layers with `layers:`.*not with `targets`"),
+    (dict(ignore=["re:.*layers\\.0\\..*"]), "not with `ignore`: remove it"),
 ])
 def test_bad_arguments(args, match):
     with pytest.raises(CompressError, match=match):
@@ -87,6 +90,35 @@ def test_layers_that_do_not_exist(tiny_model):
         compress.apply(model, [compress.get_pass("linearize")(layers="every_7")], progress=False)
     with pytest.raises(CompressError, match=r"lists \[1\] more than once"):  # (older versions dropped one)
         compress.apply(model, [compress.get_pass("linearize")(layers=[1, 0, 1])], progress=False)
+
+
+def test_more_slots_than_the_head_dimension_is_refused(tiny_model):
+    """Slots pool the head dimension's gates: past one dimension a slot they repeat each other (the same outputs
+    for 4x the state at 256 slots on a 64-wide head), so the model's head size bounds them."""
+    model = tiny_model("llama")  # head_dim 16
+    with pytest.raises(CompressError, match="num_slots 17 is more than the head dimension \\(16\\)"):
+        compress.apply(model, [compress.get_pass("linearize")(gate="gsa", num_slots=17)], progress=False)
+    compress.apply(model, [compress.get_pass("linearize")(gate="gsa", num_slots=16)], progress=False)
+
+
+@pytest.mark.parametrize("variant", ["hybrid", "mom"])
+def test_linearized_checkpoint_loads_with_max_memory(tmp_path, reference_tokenizer, variant):
+    """--max-memory builds the model under accelerate's empty weights: the RoPE probe ran there on meta tensors and
+    every linearized checkpoint failed to load (a traceback); then MoM's routing read its router's weight directly,
+    which a layer left on disk holds on meta (garbage logits). Offloaded, each computes what it computed."""
+    model = compress.load("builtin:tiny")
+    lin = compress.get_pass("linearize")(**({"variant": "hybrid", "window": 8} if variant == "hybrid" else
+                                            {"variant": "mom", "num_memories": 3, "top_k": 1}))
+    model, _ = compress.apply(model, [lin], progress=False)
+    out = compress.save(model, tmp_path / "out", tokenizer=reference_tokenizer)
+    ids = torch.tensor([reference_tokenizer("The Python tutorial explains")["input_ids"]])
+    offloaded = compress.load(out, max_memory="6MB")
+    assert len(offloaded.compress_offloaded_layers) >= 4  # most layers stay on disk
+    with torch.no_grad():
+        torch.testing.assert_close(offloaded(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+        a = offloaded.generate(ids, max_new_tokens=6, do_sample=False)
+        b = model.generate(ids, max_new_tokens=6, do_sample=False)
+    assert torch.equal(a, b)
 
 
 def test_a_checkpoint_an_older_version_wrote_with_lax_layers_still_loads(tmp_path):

@@ -230,6 +230,7 @@ def test_mom_beside_pruned_or_quantized_projections(first):
     """A helper's audit: MoM after prune/quantize crashed on `k_proj.weight` (packed or quantized layers have none);
     MoM then quantize/prune took its router and beta map too (targets: Linear), and the saved checkpoint could not
     run. The router is never a compression target now, and MoM takes its dtype from k_proj's float tensors."""
+    from compress.linearize.mom import Float32Router
     from compress.prune.sparse_linear import SparseLinear
     from compress.quantize.quantized_linear import QuantizedLinear
 
@@ -241,7 +242,7 @@ def test_mom_beside_pruned_or_quantized_projections(first):
         model, _ = compress.apply(compress.load("builtin:tiny", dtype="float32"), order, progress=False)
         attn = model.model.layers[0].self_attn
         assert isinstance(attn, MixtureOfMemoriesAttention)
-        assert type(attn.router) is torch.nn.Linear and type(attn.beta_proj) is torch.nn.Linear
+        assert type(attn.router) is Float32Router and type(attn.beta_proj) is torch.nn.Linear  # not compressed
         assert isinstance(attn.k_proj, (SparseLinear, QuantizedLinear))
         with torch.no_grad():
             assert torch.isfinite(model(ids).logits).all()

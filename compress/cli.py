@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gc
+import signal
 import sys
 from pathlib import Path
 
@@ -45,14 +46,15 @@ class _Group(click.Group):
             raise _one_line(exc) from None
 
     def invoke(self, ctx):
-        import signal
-
-        # SIGTERM (`kill`, `timeout`, a scheduler) unwinds like Ctrl-C: temporary folders and spill files are
-        # removed; the caller's handler is back afterwards (click's CliRunner, an application calling main())
+        # SIGTERM (`kill`, `timeout`, a scheduler) and SIGHUP (the terminal or SSH session closing) unwind like
+        # Ctrl-C: temporary folders and spill files are removed; the caller's handlers are back afterwards (click's
+        # CliRunner, an application calling main())
+        previous = {}
         try:
-            previous = signal.signal(signal.SIGTERM, _terminate)
+            for s in UNWINDING_SIGNALS:
+                previous[s] = signal.signal(s, _terminate)
         except ValueError:  # not the main thread (an embedding application's): left alone
-            previous = None
+            pass
         from .output_folder import COMPLETED
 
         ctx.meta[_COMPLETED_BEFORE] = len(COMPLETED)  # a save this command finishes counts as written (_written)
@@ -60,9 +62,9 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except click.UsageError as exc:  # `compress nosuch`, `compress apply --bogus`, a bad option value
             raise _one_line(exc) from None
-        except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM: the shell's codes (128 + signal), not 1 (a bug's)
+        except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM, SIGHUP: the shell's codes (128 + signal), not 1 (a bug's)
             click.echo(f"error: interrupted{_written(ctx)}", err=True)
-            ctx.exit(143 if isinstance(exc, _Terminated) else 130)
+            ctx.exit(128 + (exc.signum if isinstance(exc, _Terminated) else signal.SIGINT))
         except (CompressError, OSError) as exc:
             from .errors import user_error
 
@@ -72,8 +74,8 @@ class _Group(click.Group):
             click.echo(f"error: {mapped}{_written(ctx)}", err=True)
             ctx.exit(2)
         finally:
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
+            for s, handler in previous.items():
+                signal.signal(s, handler)
 
 
 @click.group(cls=_Group)
@@ -85,6 +87,8 @@ def main() -> None:
     check_environment()  # a misspelt COMPRESS_* value: one line, before any work
 
 
+# (SIGHUP does not exist on Windows)
+UNWINDING_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
 WRITTEN = "compress_written"  # ctx.meta: the checkpoint a command wrote before what failed or was interrupted
 _COMPLETED_BEFORE = "compress_completed_before"  # ctx.meta: how many swaps this process had finished before it
 
@@ -98,11 +102,15 @@ def _written(ctx) -> str:
 
 
 class _Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where Python is when it arrives, so that it unwinds as Ctrl-C does."""
+    """SIGTERM or SIGHUP, raised where Python is when it arrives, so that it unwinds as Ctrl-C does."""
+
+    def __init__(self, signum: int):
+        super().__init__()
+        self.signum = int(signum)
 
 
 def _terminate(signum, frame):
-    raise _Terminated
+    raise _Terminated(signum)
 
 
 @main.command()

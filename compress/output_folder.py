@@ -328,8 +328,8 @@ COMPLETED: list[Path] = []  # targets this process's swaps finished (the CLI say
 
 @contextlib.contextmanager
 def _signals_held():
-    """Ctrl-C / SIGTERM wait until the block ends (the two renames of a swap: between them the old checkpoint sat
-    hidden until a later command put it back). Python runs signal handlers in the main thread whichever thread the
+    """Ctrl-C / SIGTERM / SIGHUP wait until the block ends (the two renames of a swap: between them the old
+    checkpoint sat hidden until a later command put it back). Python runs signal handlers in the main thread whichever thread the
     kernel handed the signal to (a signal mask would hold it for one thread only: torch's and the tokenizers' pools
     would take it), so the handlers are swapped for ones that note the signal, which the previous handlers get after
     the block. Only from the main thread, where handlers can be set. Yields the list of signals noted so far."""
@@ -339,7 +339,7 @@ def _signals_held():
     caught: list[int] = []
     previous: dict[int, object] = {}
     try:
-        for s in (signal.SIGINT, signal.SIGTERM):
+        for s in (signal.SIGINT, signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])):
             previous[s] = signal.signal(s, lambda signum, frame: caught.append(signum))
         yield caught
     finally:

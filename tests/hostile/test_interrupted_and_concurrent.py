@@ -176,8 +176,10 @@ def test_ctrl_c_exits_130_in_one_line(tmp_path, monkeypatch, cli, where):
         assert compress.load(tmp_path / "out") is not None
 
 
-def test_sigterm_removes_spill_files_and_writes_nothing(tmp_path):
-    """`kill` / `timeout` during a layer-by-layer run: exit 143, the spill files and the output's temporary gone."""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_sigterm_removes_spill_files_and_writes_nothing(tmp_path, signum):
+    """`kill` / `timeout` during a layer-by-layer run: exit 143, the spill files and the output's temporary gone;
+    the same for SIGHUP (a terminal or SSH session closing: exit 129), which left the spill files behind."""
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model: builtin:tiny\ncalibration: {num_samples: 2, seq_len: 64}\n"
                       "passes:\n  - prune: {method: wanda, sparsity: 0.5}\n")
@@ -193,9 +195,9 @@ def test_sigterm_removes_spill_files_and_writes_nothing(tmp_path):
     deadline = time.monotonic() + 120
     while not list(spill.glob("*.safetensors")) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     output = proc.communicate(timeout=60)[0].decode()
-    assert proc.returncode == 143 and "error: interrupted" in output and "Traceback" not in output, output
+    assert proc.returncode == 128 + signum and "error: interrupted" in output and "Traceback" not in output, output
     assert list(spill.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml", "spill"]
     # (the child runs from tmp_path, so it imports the package this process imported, not a checkout's folder)
 

@@ -173,6 +173,7 @@ class Quantize(Pass):
             if outside:
                 raise ConfigError(f"{label}: {', '.join(outside[:3])} is outside the decoder layers, so no "
                                   "calibration activations reach it; add it to `ignore` or use method: rtn")
+        uneven = self._uneven_bnb_blocks(targets)
         untied = untie_output_head(model, targets)
         # names from here on, each module looked up when it is quantized: a dict of the modules kept
         # through the pass held every Linear it replaces until the end, beside its compressed replacement
@@ -202,7 +203,26 @@ class Quantize(Pass):
         }
         if untied:
             report.notes.append(UNTIED_NOTE)
+        if uneven:
+            report.notes.append(uneven)
         return report
+
+    def _uneven_bnb_blocks(self, targets: dict[str, nn.Module]) -> str | None:
+        """nf4/fp4: a note where a layer's input width is no multiple of bnb_blocksize. bitsandbytes' CPU path (what
+        plain transformers runs on a CPU with AVX512-BF16) reshapes the absmax blocks per row and fails on such a
+        layer at its first forward; compress.load and GPUs run it."""
+        c = self.config
+        if c.method not in ("nf4", "fp4"):
+            return None
+        widths = {name: m.in_features for name, m in targets.items() if m.in_features % c.bnb_blocksize}
+        if not widths:
+            return None
+        fits = [b for b in (2048, 1024, 512, 256, 128, 64, 32) if all(m.in_features % b == 0 for m in targets.values())]
+        name, width = next(iter(widths.items()))
+        return (f"bnb_blocksize {c.bnb_blocksize} does not divide the input width of {len(widths)} layer(s) ({name}: "
+                f"{width}): bitsandbytes' CPU kernels, which plain transformers runs on a CPU, fail on them at the "
+                f"first forward (compress.load and GPUs run them)"
+                + (f"; bnb_blocksize {fits[0]} divides every width" if fits else ""))
 
     def _weight_and_mask(self, module: nn.Module):
         """(dense float weight, kept-mask or None, (n, m) or None) of a Linear or a pruned SparseLinear."""

@@ -121,6 +121,21 @@ def test_checkpoint_loads_in_plain_transformers_with_the_same_logits(tmp_path):
         assert (torch.tensor(got[folder]["bf16"]) - expected[folder]).abs().max() < 0.25
 
 
+def test_a_blocksize_that_does_not_divide_a_width_is_said(tiny_model):
+    """bnb_blocksize 128 on builtin:tiny's down_proj (704 wide): plain transformers' bitsandbytes CPU kernels fail
+    on such a layer at its first forward (a helper's run), so the report says so and names a size that fits."""
+    pytest.importorskip("bitsandbytes")
+    model = compress.load("builtin:tiny")
+    _, report = compress.apply(model, [compress.get_pass("quantize")(method="nf4", bnb_blocksize=128)],
+                               progress=False)
+    note = " ".join(report.passes[0].notes)
+    assert "bnb_blocksize 128 does not divide the input width of 6 layer(s) (model.layers.0.mlp.down_proj: 704)" \
+        in note and "bnb_blocksize 64 divides every width" in note
+    _, report = compress.apply(compress.load("builtin:tiny"), [compress.get_pass("quantize")(method="nf4")],
+                               progress=False)
+    assert not report.passes[0].notes
+
+
 def test_a_folder_quantized_by_transformers_is_refused_as_a_recipes_model(tmp_path):
     """transformers' own bitsandbytes layers (not compress's): a recipe on them wrote a checkpoint whose tensors did
     not match its config; refused with one line. compress's own 4-bit checkpoint takes a recipe (gear_kv)."""

@@ -208,6 +208,10 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
         if output and main:
             check_output(output, overwrite=overwrite, source=_source_folder(model_src), protected=(Path(recipe),),
                          work=work_folders)
+        if export_format == "compressed-tensors":  # the layers it would store dense, or its refusal, as the run's
+            line = stored_dense_line(group_fallback(model, passes))
+            if line and main:
+                click.echo(f"note: {line}", err=True)
         # each pass against the model the passes before it leave (the meta model is the original one)
         plan = [(p.name, *p.planned(model, passes[:i])) for i, p in enumerate(passes)]
         if not main:

@@ -25,7 +25,7 @@ def export_cmd(checkpoint, output, export_format, overwrite, as_json):
     """Export a checkpoint `compress apply` saved natively, in a format other tools load (the same files as apply
     --format compressed-tensors)."""
     from . import models
-    from .export.compressed_tensors import ALREADY_NATIVE_ADVICE, check_passes, export
+    from .export.compressed_tensors import ALREADY_NATIVE_ADVICE, check_passes, check_plan, export
 
     folder = models.resolve_model_path(checkpoint)
     section = None if str(checkpoint).startswith("builtin:") else models.compression_section(folder)
@@ -39,6 +39,7 @@ def export_cmd(checkpoint, output, export_format, overwrite, as_json):
     check_passes([(e["pass"], e.get("args") or {}) for e in section.get("passes", [])],  # before loading weights
                  advice=ALREADY_NATIVE_ADVICE)
     check_output(output, overwrite=overwrite, source=folder)
+    check_plan(models.load(checkpoint, meta=True))  # layers it cannot express or would store all dense: no wait
     with phase(f"loading {checkpoint}"):
         model = models.load(checkpoint, dtype="stored")  # the files' dtype: least memory, and what the export writes
     recipe_file, report_file = folder / "recipe.yaml", folder / "report.json"

@@ -166,6 +166,16 @@ def quantized_tensors(name: str, module, storage_dtype: torch.dtype) -> dict[str
     return out
 
 
+def check_plan(model: nn.Module, summary: ExportSummary | None = None) -> dict[str, nn.Module]:
+    """`_plan`, refusing an export whose every quantized layer would be stored dense. Works on a meta model (the
+    layers' shapes and group sizes only): `compress export` asks it before reading any weight."""
+    summary = summary if summary is not None else ExportSummary()
+    compressed = _plan(model, summary)
+    if summary.dense_fallback and not summary.quantized:  # (pruned ones too: dense float32 with zeros)
+        raise ExportError(_all_dense(summary.dense_fallback))
+    return compressed
+
+
 def _plan(model: nn.Module, summary: ExportSummary) -> dict[str, nn.Module]:
     """The compressed modules by name, what each will be stored as noted in `summary` (quantized, or dense for a
     width that is not whole groups); ExportError, before any work, on a module compressed-tensors cannot express."""
@@ -299,9 +309,7 @@ def export(model: nn.Module, folder: str | Path, *, tokenizer=None, recipe_text:
     dtype = checkpoint_dtype(model)
     summary = ExportSummary()
     # before any work; a later error (a layer that would not round-trip) removes the temporary folder (write_folder)
-    compressed = _plan(model, summary)
-    if summary.dense_fallback and not summary.quantized:  # (pruned ones too: dense float32 with zeros)
-        raise ExportError(_all_dense(summary.dense_fallback))
+    compressed = check_plan(model, summary)
     quantization = _quantization_config(model, summary)
 
     def write(tmp: Path) -> None:

@@ -142,6 +142,37 @@ def test_inexpressible_recipe_fails_before_any_work(tmp_path, how):
     assert not out.exists()
 
 
+def test_dry_run_says_what_compressed_tensors_would_store_dense_or_refuse(tmp_path):
+    """--dry-run --format compressed-tensors passed a run the real one refused (every layer dense) and never named
+    the layers a run would store dense; it says both now, as the run would, before any weight is read."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: builtin:tiny\npasses:\n  - quantize: {method: rtn, group_size: 100}\n")
+    refused = CliRunner().invoke(main, ["apply", str(recipe), "--dry-run", "--format", "compressed-tensors",
+                                        "-o", str(tmp_path / "out")])
+    assert refused.exit_code == 2 and "would store every quantized layer dense (42" in refused.output, refused.output
+    recipe.write_text("model: builtin:tiny\npasses:\n  - quantize: {method: rtn, group_size: 128}\n")
+    planned = CliRunner().invoke(main, ["apply", str(recipe), "--dry-run", "--format", "compressed-tensors",
+                                        "-o", str(tmp_path / "out")])
+    assert planned.exit_code == 0 and "note:" in planned.output and "down_proj" in planned.output, planned.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_that_would_store_every_layer_dense_is_refused_before_loading(tmp_path, reference_tokenizer,
+                                                                           monkeypatch):
+    """The group sizes and widths are in the checkpoint's structure: refused before its weights are read (at 7B the
+    load took minutes first)."""
+    from compress import models
+
+    model, _ = compress.apply(compress.load("builtin:tiny"),
+                              [compress.get_pass("quantize")(method="rtn", group_size=100)], progress=False)
+    native = compress.save(model, tmp_path / "g100", tokenizer=reference_tokenizer)
+    loads, load = [], models.load
+    monkeypatch.setattr(models, "load", lambda *a, **k: (loads.append(k.get("meta", False)), load(*a, **k))[1])
+    refused = run("export", native, "-o", tmp_path / "ct")
+    assert refused.exit_code == 2 and "would store every quantized layer dense (42" in refused.output
+    assert loads == [True] and not (tmp_path / "ct").exists(), (loads, refused.output)  # the structure only
+
+
 def test_export_of_an_inexpressible_native_checkpoint_gives_advice_it_can_follow(tmp_path, reference_tokenizer):
     """`compress export` of a linearized checkpoint: refused before any weight is read, without telling the user to
     "use the native format" (export has no other format: the checkpoint already is native)."""

@@ -43,9 +43,10 @@ class ApplyReport:
 
 def check_offload_support(passes: Sequence[Pass]) -> None:
     """Refuse passes that cannot run with decoder layers left on disk (max_memory)."""
-    unable = [p.name for p in passes if not p.supports_offload]
+    unable = [repr(p.name) + (f" (method {p.config.method}: of its methods only gptq runs layer by layer)"
+                        if p.name == "quantize" else "") for p in passes if not p.supports_offload]
     if unable:
-        raise CompressError(f"{'passes' if len(unable) > 1 else 'pass'} {', '.join(map(repr, unable))} cannot run "
+        raise CompressError(f"{'passes' if len(unable) > 1 else 'pass'} {', '.join(unable)} cannot run "
                             "with decoder layers left on disk "
                             "(max_memory): load the model without max_memory, or on a machine that holds it")
 

@@ -244,8 +244,11 @@ def _read_folder(path: Path, dtype, device, allow_pickle: bool, meta: bool, max_
     if max_memory is not None and not meta:
         from .offload import load_offloaded_folder
 
-        native = section if section is not None and not section.get("export_format") else None
-        model = load_offloaded_folder(path, config, native, dtype=dtype, max_memory=max_memory,
+        if section is not None and section.get("export_format"):  # its tensors are the format's (weight_packed)
+            raise CheckpointError(f"{path} is a {section['export_format']} export, which max_memory loading does "
+                                  "not read: load it without max_memory, or load the native checkpoint it came "
+                                  "from with max_memory")
+        model = load_offloaded_folder(path, config, section, dtype=dtype, max_memory=max_memory,
                                       offload_folder=offload_folder, device=device)
     elif section is not None and not section.get("export_format"):  # an export for other tools reads as HF
         model = load_checkpoint(path, config, section, dtype=dtype, meta=meta)

@@ -153,7 +153,8 @@ def test_spill_folder_holds_one_copy_of_each_layer(source, tmp_path):
 
 def test_offload_refuses_passes_that_need_whole_layers(source, tmp_path):
     capped = compress.load(source, max_memory=int(weight_bytes(compress.load(source)) * 0.55))
-    with pytest.raises(CompressError, match="left on disk"):
+    with pytest.raises(CompressError, match="pass 'quantize' \\(method rtn: of its methods only gptq runs layer by "
+                                            "layer\\) cannot run with decoder layers left on disk"):
         compress.apply(capped, [compress.passes.Quantize(method="rtn")])
 
     class Whole(compress.Pass):
@@ -260,6 +261,20 @@ def test_capped_load_of_an_activation_sparse_checkpoint_keeps_its_thresholds(tmp
     ids = torch.randint(0, 8192, (1, 3), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(capped(ids).logits, whole(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_a_compressed_tensors_export_with_max_memory_is_refused_clearly(tmp_path, reference_tokenizer):
+    """Its tensors are the format's (weight_packed, ...): the capped load called a valid export broken ("lacks
+    tensors the model needs"). It says what it does not read, and what to load instead."""
+    pytest.importorskip("compressed_tensors")
+    from compress.errors import CompressError
+    from compress.export.compressed_tensors import export
+
+    model, _ = compress.apply(compress.load("builtin:tiny"),
+                              [compress.get_pass("quantize")(method="rtn", group_size=64)], progress=False)
+    export(model, tmp_path / "ct", tokenizer=reference_tokenizer)
+    with pytest.raises(CompressError, match="is a compressed-tensors export, which max_memory loading does not read"):
+        compress.load(tmp_path / "ct", max_memory="1GB")
 
 
 def test_spill_files_go_when_a_script_ends_with_its_model_alive(tmp_path):

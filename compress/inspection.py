@@ -74,10 +74,12 @@ def bytes_by_component(model: nn.Module, storage_dtype: torch.dtype | None = Non
         seen.add(key)
         owner = owner_module(modules, name)
         kind = "compressed" if _is_compressed(owner) else "dense"
-        # an unmerged LoRA adapter is saved in its own dtype (recover/adapter.py), not the checkpoint's
-        adapter = ".lora_A." in name or ".lora_B." in name
+        # an unmerged LoRA adapter is saved in its own dtype (recover/adapter.py), not the checkpoint's, and so is
+        # a module's state it keeps float32 (bitsandbytes' scales: `kept_float32`)
+        own_dtype = (".lora_A." in name or ".lora_B." in name
+                     or name.rpartition(".")[2] in getattr(owner, "kept_float32", ()))
         itemsize = (torch.empty((), dtype=storage_dtype).element_size()
-                    if storage_dtype is not None and t.is_floating_point() and not adapter else t.element_size())
+                    if storage_dtype is not None and t.is_floating_point() and not own_dtype else t.element_size())
         out[component_of(name)][kind] += t.numel() * itemsize
     return dict(out)
 

@@ -68,6 +68,7 @@ class Bnb4bitLinear(nn.Module):
     """A Linear layer quantized by bitsandbytes to NF4 or FP4 (blockwise absmax, optional double quantization)."""
 
     transformers_reads = True  # its state dict is transformers' bitsandbytes layout
+    kept_float32 = BNB_4BIT_STATE  # stored float32 whatever the checkpoint's dtype (inspection counts them so)
 
     def __init__(self, in_features: int, out_features: int, *, quant_type: str, blocksize: int, double_quant: bool,
                  compute_dtype: torch.dtype | None, state_bytes: int, bias: bool, dtype: torch.dtype = torch.float32,
@@ -153,7 +154,7 @@ class Bnb4bitLinear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         self._cached_state = None
-        return _apply_keeping_float32(self, super()._apply, fn, recurse, BNB_4BIT_STATE)
+        return _apply_keeping_float32(self, super()._apply, fn, recurse, self.kept_float32)
 
     def after_storage_rounding(self) -> None:
         """`round_to_storage` may have rounded the quant-state tensors: build the QuantState from them again."""
@@ -195,6 +196,7 @@ class Bnb8bitLinear(nn.Module):
     an entry above `threshold` are multiplied in 16-bit (the outlier decomposition), the rest in int8."""
 
     transformers_reads = True
+    kept_float32 = ("SCB",)  # stored float32 whatever the checkpoint's dtype (inspection counts them so)
 
     def __init__(self, in_features: int, out_features: int, *, threshold: float, bias: bool,
                  dtype: torch.dtype = torch.float32, device=None):
@@ -233,7 +235,7 @@ class Bnb8bitLinear(nn.Module):
         return bnb.matmul(x, self.weight, bias=bias, state=state)
 
     def _apply(self, fn, recurse=True):
-        return _apply_keeping_float32(self, super()._apply, fn, recurse, ("SCB",))
+        return _apply_keeping_float32(self, super()._apply, fn, recurse, self.kept_float32)
 
     def restore_spec(self) -> dict:
         return {"kind": "int8"}

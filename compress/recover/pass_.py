@@ -18,7 +18,7 @@ from pydantic import Field
 from torch import nn
 
 from ..environment import check_launcher, world_size
-from ..errors import CalibrationError, CheckpointError, CompressError, ConfigError
+from ..errors import CalibrationError, CheckpointError, CompressError, ConfigError, TargetError
 from ..pass_api import (Pass, PassConfig, PassContext, PassReport, head_shares_embedding, left_by_earlier,
                         tensor_bytes, timed)
 from ..prune.sparse_linear import SparseLinear
@@ -81,8 +81,18 @@ class Recover(Pass):
         return self.config.kl_weight > 0
 
     def _checked_targets(self, model: nn.Module) -> dict[str, nn.Module]:
+        from ..linearize.mom import NEW_MODULES
         from .lora import unmerged_adapter_layers
-        matched = self.target_modules(model)
+        try:
+            matched = self.target_modules(model)
+        except TargetError as exc:  # a LoRA target on MoM's router / beta map (they train in full, and before the
+            # linearize pass runs they do not exist: "matches no module" alone sent users looking for a typo)
+            named = [m for m in NEW_MODULES if any(m in t for t in self.config.targets)]
+            if not named:
+                raise
+            raise ConfigError(f"recover: {exc}; {' and '.join(named)} {'is one of' if len(named) == 1 else 'are'} "
+                              "Mixture-of-Memories' new modules (a linearize pass with variant mom makes them), "
+                              "which train in full, not with LoRA: name them in train_modules instead") from None
         if unmerged_adapter_layers(model):
             raise ConfigError("recover: this model already carries a LoRA adapter kept unmerged (merge: false); "
                               "only one unmerged adapter is supported: use merge: true on the earlier recover pass")

@@ -263,3 +263,12 @@ def test_mom_beside_bitsandbytes_projections_in_bf16(method):
     assert attn.router.weight.dtype == attn.beta_proj.weight.dtype == torch.bfloat16
     with torch.no_grad():
         assert torch.isfinite(model(torch.randint(0, 1000, (1, 16))).logits).all()
+
+
+def test_a_lora_target_on_moms_router_says_to_train_it_in_full():
+    """The router does not exist before linearize runs and never takes LoRA: "matches no module" alone sent a user
+    looking for a typo (a helper's hostile run)."""
+    passes = [compress.get_pass("linearize")(variant="mom"), compress.get_pass("recover")(targets=["re:.*router$"])]
+    with pytest.raises(CompressError, match="router is one of Mixture-of-Memories' new modules .* name them in "
+                                            "train_modules instead"):
+        compress.apply(compress.load("builtin:tiny"), passes, progress=False)

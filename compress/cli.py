@@ -52,7 +52,8 @@ class _Group(click.Group):
         previous = {}
         try:
             for s in UNWINDING_SIGNALS:
-                previous[s] = signal.signal(s, _terminate)
+                if signal.getsignal(s) is not signal.SIG_IGN:  # (`nohup compress ...` keeps running on SIGHUP)
+                    previous[s] = signal.signal(s, _terminate)
         except ValueError:  # not the main thread (an embedding application's): left alone
             pass
         from .output_folder import COMPLETED

@@ -244,12 +244,15 @@ def _read_folder(path: Path, dtype, device, allow_pickle: bool, meta: bool, max_
     if max_memory is not None and not meta:
         from .offload import load_offloaded_folder
 
-        if section is not None and section.get("export_format"):  # its tensors are the format's (weight_packed)
-            raise CheckpointError(f"{path} is a {section['export_format']} export, which max_memory loading does "
-                                  "not read: load it without max_memory, or load the native checkpoint it came "
-                                  "from with max_memory")
-        model = load_offloaded_folder(path, config, section, dtype=dtype, max_memory=max_memory,
-                                      offload_folder=offload_folder, device=device)
+        exported = section is not None and section.get("export_format")
+        # a quantized export's tensors are the format's (weight_packed, ...); a pruned-only export holds plain dense
+        # weights and reads as any Hugging Face folder
+        if exported and getattr(config, "quantization_config", None):
+            raise CheckpointError(f"{path} is a {section['export_format']} export of quantized layers, which "
+                                  "max_memory loading does not read: load it without max_memory, or load the native "
+                                  "checkpoint it came from with max_memory")
+        model = load_offloaded_folder(path, config, None if exported else section, dtype=dtype,
+                                      max_memory=max_memory, offload_folder=offload_folder, device=device)
     elif section is not None and not section.get("export_format"):  # an export for other tools reads as HF
         model = load_checkpoint(path, config, section, dtype=dtype, meta=meta)
     else:

@@ -24,7 +24,8 @@ if [ ! -d .gearwheels ]; then echo "no .gearwheels/ here: run bash scripts/make_
 # beside the image's packages, not into them (as the device notes advise)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gearwheels/*.whl \
   $(ls .gearwheels-fla/*.whl 2>/dev/null) 2>&1 | tail -n 3  # (fla-core where the call carried it)
-tar -xJf .gearwheels/transformers-*-trimmed.txz -C /tmp/site  # 5.24 (`cache=`), ahead of the image's on PYTHONPATH
+# 5.24 (`cache=`), ahead of the image's on PYTHONPATH; unpacked by Python's tarfile (its lzma: no xz binary needed)
+python3 -m tarfile -e .gearwheels/transformers-*-trimmed.txz /tmp/site
 # the image's pip cannot build the editable install offline: lay the package out as setup.py maps it instead
 rm -rf /tmp/pkg && mkdir -p /tmp/pkg && cp -r compress /tmp/pkg/ && cp -r kvcache kernels linearize /tmp/pkg/compress/
 export PYTHONPATH=/tmp/pkg:/tmp/site PYTHONUNBUFFERED=1

@@ -33,7 +33,8 @@ find "$tmp/site/transformers/models" -mindepth 1 -maxdepth 1 -type d \
   ! -name auto ! -name encoder_decoder ! -name bloom ! -name gpt2 ! -name llama ! -name mistral ! -name qwen2 ! -name qwen3 -exec rm -rf {} +
 rm -rf "$tmp"/site/transformers/{pipelines,exporters,cli}  # imported lazily, never here
 tar -cJf ".gearwheels/$(basename "$tmp"/transformers-*.whl .whl)-trimmed.txz" -C "$tmp/site" .  # (xz: 0.5 MB < gz)
-tree=$(git ls-files -z | xargs -0 du -cb | tail -n 1 | cut -f1)
+# what a call sends besides what it carries: tracked files and untracked ones git does not ignore
+tree=$( (git ls-files -z; git ls-files -z --others --exclude-standard) | xargs -0 du -cb | tail -n 1 | cut -f1)
 core=$(du -sb .gearwheels | cut -f1)
 fla=$(du -sb .gearwheels-fla | cut -f1)
 limit=$(( 64 * 1048576 ))

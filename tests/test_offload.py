@@ -273,8 +273,18 @@ def test_a_compressed_tensors_export_with_max_memory_is_refused_clearly(tmp_path
     model, _ = compress.apply(compress.load("builtin:tiny"),
                               [compress.get_pass("quantize")(method="rtn", group_size=64)], progress=False)
     export(model, tmp_path / "ct", tokenizer=reference_tokenizer)
-    with pytest.raises(CompressError, match="is a compressed-tensors export, which max_memory loading does not read"):
+    with pytest.raises(CompressError, match="is a compressed-tensors export of quantized layers, which max_memory "
+                                            "loading does not read"):
         compress.load(tmp_path / "ct", max_memory="1GB")
+    # a pruned-only export holds dense weights: it loads capped as before (a reviewer's find)
+    pruned, _ = compress.apply(compress.load("builtin:tiny"), [compress.get_pass("prune")(sparsity=0.5)],
+                               progress=False)
+    export(pruned, tmp_path / "ct_pruned", tokenizer=reference_tokenizer)
+    whole, capped = compress.load(tmp_path / "ct_pruned"), compress.load(tmp_path / "ct_pruned", max_memory="6MB")
+    assert capped.compress_offloaded_layers
+    ids = torch.arange(3, 40).unsqueeze(0)
+    with torch.no_grad():
+        torch.testing.assert_close(capped(ids).logits, whole(ids).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_spill_files_go_when_a_script_ends_with_its_model_alive(tmp_path):

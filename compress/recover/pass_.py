@@ -87,7 +87,7 @@ class Recover(Pass):
             matched = self.target_modules(model)
         except TargetError as exc:  # a LoRA target on MoM's router / beta map (they train in full, and before the
             # linearize pass runs they do not exist: "matches no module" alone sent users looking for a typo)
-            named = [m for m in NEW_MODULES if any(m in t for t in self.config.targets)]
+            named = [m for m in NEW_MODULES if any(t.rstrip("$").endswith(m) for t in self.config.targets)]
             if not named:
                 raise
             raise ConfigError(f"recover: {exc}; {' and '.join(named)} {'is one of' if len(named) == 1 else 'are'} "

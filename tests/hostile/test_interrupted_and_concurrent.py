@@ -191,7 +191,9 @@ def test_sigterm_removes_spill_files_and_writes_nothing(tmp_path, signum):
     proc = subprocess.Popen([sys.executable, "-c", run, "apply", str(recipe), "--output", str(tmp_path / "out"),
                              "--max-memory", "1MB", "--offload-folder", str(spill), "--no-eval"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path,
-                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+                            # (the default action in the child, also when pytest itself runs under nohup)
+                            preexec_fn=lambda: signal.signal(signum, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not list(spill.glob("*.safetensors")) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -200,6 +202,31 @@ def test_sigterm_removes_spill_files_and_writes_nothing(tmp_path, signum):
     assert proc.returncode == 128 + signum and "error: interrupted" in output and "Traceback" not in output, output
     assert list(spill.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml", "spill"]
     # (the child runs from tmp_path, so it imports the package this process imported, not a checkout's folder)
+
+
+def test_an_ignored_sighup_stays_ignored(tmp_path, cli, monkeypatch):
+    """`nohup compress apply ...` ignores SIGHUP: the CLI must not install its unwinding handler over that (a
+    reviewer's find: the run was interrupted when the terminal closed, as if nohup were not there)."""
+    import compress.recipe
+
+    seen, from_yaml = [], compress.recipe.Recipe.from_yaml
+    def spy(*args, **kwargs):
+        seen.append(signal.getsignal(signal.SIGHUP))
+        return from_yaml(*args, **kwargs)
+
+    monkeypatch.setattr(compress.recipe.Recipe, "from_yaml", staticmethod(spy))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: builtin:tiny\npasses:\n  - prune: {sparsity: 0.5}\n")
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        assert cli("validate", recipe).exit_code == 0
+        assert seen == [signal.SIG_IGN]
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        assert cli("validate", recipe).exit_code == 0
+        assert seen[1] is not signal.SIG_DFL and callable(seen[1])  # the CLI's own, during the command
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL  # and the caller's back afterwards
+    finally:
+        signal.signal(signal.SIGHUP, previous)
 
 
 def test_a_moved_aside_copy_goes_back_when_it_is_no_save_in_progress(tmp_path, small_model, other_process,

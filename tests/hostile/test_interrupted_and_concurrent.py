@@ -326,7 +326,17 @@ def test_the_cli_gives_back_the_callers_sigterm_handler(cli):
         signal.signal(signal.SIGTERM, previous)
 
 
-def test_ctrl_c_between_the_swap_s_renames_waits_until_both_are_done(tmp_path, small_model, monkeypatch):
+@pytest.fixture
+def python_sigint():
+    """Python's own SIGINT handler for the test: a process started in the background by a shell without job control
+    (`(cmd &)`) inherits SIGINT ignored, and Python then keeps it so (the suite run that way failed these tests)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_between_the_swap_s_renames_waits_until_both_are_done(tmp_path, small_model, monkeypatch,
+                                                                     python_sigint):
     """A Ctrl-C right after the old checkpoint was moved aside left no checkpoint at the target (the old one hidden
     as `.NAME.old-*` until a later command put it back; an audit widened the gap to see it). Signals now wait for
     the second rename: the new checkpoint is in place, nothing is left aside, and the interrupt still arrives. (The
@@ -393,7 +403,7 @@ def test_spill_folders_of_killed_runs_are_swept(tmp_path, monkeypatch):
     assert state.folder.name.startswith(f"{here}{os.getpid()}-")
 
 
-def test_signals_held_during_a_swap_are_handed_on_sigterm_first_with_every_handler_back():
+def test_signals_held_during_a_swap_are_handed_on_sigterm_first_with_every_handler_back(python_sigint):
     """Both signals during the swap, sent to another thread (the kernel may hand them to torch's or the tokenizers'
     pools: a signal mask held them for the main thread only, a reviewer's find): noted, then SIGTERM's handler runs
     first (a scheduler reads its exit code: 143, not 130), and both handlers are back afterwards (one left noting

@@ -329,10 +329,11 @@ COMPLETED: list[Path] = []  # targets this process's swaps finished (the CLI say
 @contextlib.contextmanager
 def _signals_held():
     """Ctrl-C / SIGTERM / SIGHUP wait until the block ends (the two renames of a swap: between them the old
-    checkpoint sat hidden until a later command put it back). Python runs signal handlers in the main thread whichever thread the
-    kernel handed the signal to (a signal mask would hold it for one thread only: torch's and the tokenizers' pools
-    would take it), so the handlers are swapped for ones that note the signal, which the previous handlers get after
-    the block. Only from the main thread, where handlers can be set. Yields the list of signals noted so far."""
+    checkpoint sat hidden until a later command put it back). Python runs signal handlers in the main thread
+    whichever thread the kernel handed the signal to (a signal mask would hold it for one thread only: torch's and
+    the tokenizers' pools would take it), so the handlers are swapped for ones that note the signal, which the
+    previous handlers get after the block. Only from the main thread, where handlers can be set. Yields the list of
+    signals noted so far."""
     if threading.current_thread() is not threading.main_thread():
         yield []
         return

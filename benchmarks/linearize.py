@@ -184,7 +184,7 @@ def models_for(reference, models: dict, ctx: int, args) -> tuple:
     """(base model, {"original": base, variant: converted}) able to run `ctx` tokens, in `args.speed_dtype`: beyond
     the reference model's positions a random-init model of its shapes (speed does not depend on the weights); built
     once per base. `args.bound` adds the BOUND row (bound_model)."""
-    dtype = getattr(args, "speed_dtype", None) or next(reference.parameters()).dtype
+    dtype = args.speed_dtype
     if ctx > reference.config.max_position_embeddings:
         cfg = copy.deepcopy(reference.config)
         cfg.max_position_embeddings = ctx
@@ -201,7 +201,7 @@ def models_for(reference, models: dict, ctx: int, args) -> tuple:
             models[name] = copy.deepcopy(reference)
             linearize_model(models[name], settings)
             models[name].to(device=p.device, dtype=p.dtype)  # new parameters (router, beta map) follow
-        if getattr(args, "bound", False):
+        if args.bound:
             models[BOUND] = bound_model(reference)
     return reference, models
 
@@ -289,9 +289,8 @@ def run(args) -> list[dict]:
     if args.serving_shape:  # speed and bytes only, at Llama-3-8B layer shapes
         perf = speed_and_bytes(serving_model(args.device, args.speed_dtype), args)
         shape = "2 layers of Llama-3-8B (hidden 4096, 32/8 heads x 128, MLP 14336), random weights"
-        dtype = str(args.speed_dtype).removeprefix("torch.")
-        return [{"variant": name, "device": args.device, "batch": args.batch, "shape": shape, "speed_dtype": dtype,
-                 **values} for name, values in perf.items()]
+        return [{"variant": name, "device": args.device, "batch": args.batch, "shape": shape,
+                 "speed_dtype": args.speed_dtype_name, **values} for name, values in perf.items()]
     original = compress.load(args.model, dtype="float32")  # builtin:small is stored in bf16
     tokenizer = compress.load_tokenizer(args.model)
     windows = heldout_windows(tokenizer, seq_len=args.seq_len, max_windows=args.windows)
@@ -299,8 +298,7 @@ def run(args) -> list[dict]:
     dense_recovered = dict(item.split("=", 1) for item in args.dense_recovered)
     if args.skip_quality:
         perf = speed_and_bytes(original, args)
-        return [{"variant": name, "speed_dtype": str(args.speed_dtype).removeprefix("torch."), **values}
-                for name, values in perf.items()]
+        return [{"variant": name, "speed_dtype": args.speed_dtype_name, **values} for name, values in perf.items()]
     rows = []
     ev = evaluate(original, windows, None, progress=False)
     rows.append({"variant": "original", "perplexity": ev["perplexity"], "kl": 0.0, "top1": 1.0,
@@ -338,7 +336,7 @@ def run(args) -> list[dict]:
     if not args.skip_speed:
         perf = speed_and_bytes(original, args)
         for row in rows:
-            row.update(perf[row["variant"]], speed_dtype=str(args.speed_dtype).removeprefix("torch."))
+            row.update(perf[row["variant"]], speed_dtype=args.speed_dtype_name)
         if args.bound:
             rows.append({"variant": BOUND, **perf[BOUND]})
     for row in rows:
@@ -429,7 +427,8 @@ def main(argv=None) -> None:
                     help=f"add the row '{BOUND}': attention layers that run only their q/k/v/o projections, the "
                          "decode speedup no attention replacement keeping them can exceed")
     args = ap.parse_args(argv)
-    args.speed_dtype = getattr(torch, args.speed_dtype or ("bfloat16" if args.device == "cuda" else "float32"))
+    args.speed_dtype_name = args.speed_dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    args.speed_dtype = getattr(torch, args.speed_dtype_name)
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device here")
     if (args.device != "cpu" or args.batch != 1) and not args.serving_shape:
@@ -449,7 +448,7 @@ def main(argv=None) -> None:
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
-        dtype = str(args.speed_dtype).removeprefix("torch.")
+        dtype = args.speed_dtype_name
         print_table(rows, f"Llama-3-8B layer shapes, {args.device} {dtype}, batch {args.batch}" if args.serving_shape
                     else f"{args.model}, CPU; quality float32, speed {dtype}")
 

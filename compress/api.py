@@ -43,8 +43,8 @@ class ApplyReport:
 
 def check_offload_support(passes: Sequence[Pass]) -> None:
     """Refuse passes that cannot run with decoder layers left on disk (max_memory)."""
-    unable = [repr(p.name) + (f" (method {p.config.method}: of its methods only gptq runs layer by layer)"
-                        if p.name == "quantize" else "") for p in passes if not p.supports_offload]
+    unable = [repr(p.name) + (f" ({p.offload_hint})" if p.offload_hint else "") for p in passes
+              if not p.supports_offload]
     if unable:
         raise CompressError(f"{'passes' if len(unable) > 1 else 'pass'} {', '.join(unable)} cannot run "
                             "with decoder layers left on disk "

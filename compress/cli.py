@@ -16,6 +16,7 @@ from .cli_read import eval_cmd, generate, inspect, list_passes
 from . import json_out
 from .checkpoint import folder_bytes  # noqa: F401 (also compress.cli.folder_bytes)
 from .errors import CompressError
+from .output_folder import UNWINDING_SIGNALS
 from .progress import phase
 
 
@@ -88,8 +89,6 @@ def main() -> None:
     check_environment()  # a misspelt COMPRESS_* value: one line, before any work
 
 
-# (SIGHUP does not exist on Windows)
-UNWINDING_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
 WRITTEN = "compress_written"  # ctx.meta: the checkpoint a command wrote before what failed or was interrupted
 _COMPLETED_BEFORE = "compress_completed_before"  # ctx.meta: how many swaps this process had finished before it
 

@@ -326,6 +326,10 @@ def temporary_folder(target: Path) -> Path:
 COMPLETED: list[Path] = []  # targets this process's swaps finished (the CLI says so when interrupted after one)
 
 
+# what the CLI unwinds on besides Ctrl-C: `kill` / `timeout` / a scheduler, and a closed terminal (no SIGHUP on Windows)
+UNWINDING_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+
 @contextlib.contextmanager
 def _signals_held():
     """Ctrl-C / SIGTERM / SIGHUP wait until the block ends (the two renames of a swap: between them the old
@@ -340,7 +344,7 @@ def _signals_held():
     caught: list[int] = []
     previous: dict[int, object] = {}
     try:
-        for s in (signal.SIGINT, signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])):
+        for s in (signal.SIGINT, *UNWINDING_SIGNALS):
             previous[s] = signal.signal(s, lambda signum, frame: caught.append(signum))
         yield caught
     finally:

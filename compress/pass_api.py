@@ -192,6 +192,8 @@ class Pass:
     # True when the pass reaches decoder layers only through ctx.run_sequential / sequential.for_each_layer, so it
     # runs on a model whose layers are left on disk (compress.load(max_memory=...))
     supports_offload: ClassVar[bool] = False
+    # what the refusal adds where supports_offload depends on the settings (e.g. quantize's method)
+    offload_hint: ClassVar[str] = ""
 
     def __init_subclass__(cls, **kwargs: Any):
         super().__init_subclass__(**kwargs)

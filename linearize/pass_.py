@@ -97,8 +97,8 @@ class Linearize(Pass):
         if done:
             raise UnsupportedModelError(f"{done[0]} is already linearized (the input model is a linearized "
                                         "checkpoint); choose other `layers` or start from the original model")
-        head_dim = next(iter(attention_modules(model).values()))[1].head_dim
-        if self.config.gate == "gsa" and self.config.num_slots > head_dim:
+        head_dim = next(iter(attention_modules(model).values()))[1].head_dim if self.config.gate == "gsa" else None
+        if head_dim is not None and self.config.num_slots > head_dim:
             # the slots pool the head dimension's gates into groups: beyond one dimension a slot, slots repeat
             # others (the same outputs for more state)
             raise ConfigError(f"linearize: num_slots {self.config.num_slots} is more than the head dimension "

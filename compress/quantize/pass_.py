@@ -11,7 +11,7 @@
   Pruned layers are skipped (bitsandbytes has no sparse layout) and reported."""
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from pydantic import Field, field_validator
@@ -48,6 +48,10 @@ class Quantize(Pass):
     @property
     def supports_offload(self) -> bool:  # GPTQ reaches the layers only through the sequential runner
         return self.config.method == "gptq"
+
+    @property
+    def offload_hint(self) -> str:
+        return f"method {self.config.method}: of its methods only gptq runs layer by layer"
 
     class Config(PassConfig):
         method: Literal["gptq", "rtn", "nf4", "fp4", "int8"] = "gptq"
@@ -217,7 +221,8 @@ class Quantize(Pass):
         widths = {name: m.in_features for name, m in targets.items() if m.in_features % c.bnb_blocksize}
         if not widths:
             return None
-        fits = [b for b in (2048, 1024, 512, 256, 128, 64, 32) if all(m.in_features % b == 0 for m in targets.values())]
+        sizes = sorted(get_args(type(c).model_fields["bnb_blocksize"].annotation), reverse=True)
+        fits = [b for b in sizes if all(m.in_features % b == 0 for m in targets.values())]
         name, width = next(iter(widths.items()))
         return (f"bnb_blocksize {c.bnb_blocksize} does not divide the input width of {len(widths)} layer(s) ({name}: "
                 f"{width}): bitsandbytes' CPU kernels, which plain transformers runs on a CPU, fail on them at the "

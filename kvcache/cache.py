@@ -48,7 +48,7 @@ def _warn_dense_path() -> None:
 
 def _check_fp16_range(keys: torch.Tensor, values: torch.Tensor) -> None:
     """The window, scales, zero points and outliers are float16: keys or values beyond its range (65504) would be
-    stored as inf and every later attention score NaN. A clear error instead, on the prompt."""
+    stored as inf and every later attention score NaN. A clear error instead."""
     if not keys.numel():
         return
     for x in (keys, values):
@@ -58,6 +58,11 @@ def _check_fp16_range(keys: torch.Tensor, values: torch.Tensor) -> None:
         raise CompressError(f"gear_kv: this model's attention keys/values reach {largest:.4g}, beyond float16's range "
                             f"({FP16_MAX:.0f}) in which the cache stores its window and scales; keep the layers where "
                             "they do uncompressed (skip_layers) or use another cache")
+
+
+def _checks_every_call(device: torch.device) -> bool:
+    """Whether every call's keys/values are checked against float16's range (where a check costs no sync)."""
+    return device.type == "cpu"
 
 
 class GEARLayer(CacheLayerMixin):
@@ -127,8 +132,11 @@ class GEARLayer(CacheLayerMixin):
         """Append the window + new tokens: whole chunks are compressed, the remainder stays in the fp16 window."""
         c = self.settings.residual_length
         full = (keys.shape[-2] // c) * c
-        if not self._prompt_seen:  # the prompt: one check (a sync) per layer, none per decoded token
+        if not self._prompt_seen or _checks_every_call(keys.device):
             _check_fp16_range(keys, values)
+        elif full:  # on an accelerator a check is a sync: once per compressed chunk, not per decoded token, so a
+            # token past float16's range is reported at the latest when it leaves the window (its chunk is checked)
+            _check_fp16_range(keys[:, :, :full], values[:, :, :full])
         if full:
             prefill = not self._prompt_seen
             self.key_store.append(keys[:, :, :full], self.settings.rank("key", prefill))

@@ -103,6 +103,64 @@ def test_keys_beyond_float16_are_refused_on_the_prompt(tiny_model):
         model(torch.randint(0, 128, (1, 40)), cache=cache, use_cache=True)
 
 
+def _keys_blow_up_from(model, position: int):
+    """A hook on the last layer's k_proj: keys past float16's range from `position` on (bf16/float32 hold them).
+    The last layer: a NaN it causes reaches no later layer's check on the prompt."""
+    seen = [0]
+
+    def hook(module, args, out):
+        start, seen[0] = seen[0], seen[0] + out.shape[1]
+        out = out.clone()
+        out[:, max(0, position - start):] *= 1e6
+        return out
+
+    return model.model.layers[-1].self_attn.k_proj.register_forward_hook(hook)
+
+
+@pytest.mark.parametrize("every_call", [True, False], ids=["cpu: every call", "accelerator: each chunk"])
+def test_keys_beyond_float16_in_decoding_are_refused(tiny_model, monkeypatch, every_call):
+    """Past the prompt: on the CPU at the token itself; where a check is a sync, once per compressed chunk, so at
+    the latest when the token leaves the fp16 window (here the window holds 16 tokens: the prompt leaves 8)."""
+    from compress.errors import CompressError
+    from compress.kvcache import cache as cache_module
+
+    monkeypatch.setattr(cache_module, "_checks_every_call", lambda device: every_call)
+    model = tiny_model("llama")
+    hook = _keys_blow_up_from(model, 40)  # the prompt is 40 tokens: the first decoded token overflows
+    cache = GEARCache(model.config, method="kivi", bits=4, group_size=16, residual_length=16)
+    ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(0))
+    refused_at = None
+    with torch.no_grad():
+        model(ids, cache=cache, use_cache=True)
+        for step in range(16):
+            try:
+                model(torch.tensor([[5]]), cache=cache, use_cache=True)
+            except CompressError as e:
+                assert "beyond float16's range" in str(e)
+                refused_at = step
+                break
+    hook.remove()
+    assert refused_at == (0 if every_call else 7)  # 8 tokens in the window + 8 decoded fill its 16: one chunk
+
+
+@pytest.mark.parametrize("every_call", [True, False], ids=["cpu", "accelerator"])
+def test_keys_beyond_float16_after_the_first_chunk_are_refused_in_one_forward(tiny_model, monkeypatch, every_call):
+    """The one-pass scoring stores a text chunk by chunk: a chunk past the first is checked too."""
+    from compress.errors import CompressError
+    from compress.kvcache import cache as cache_module
+
+    monkeypatch.setattr(cache_module, "_checks_every_call", lambda device: every_call)
+    model = tiny_model("llama")
+    settings = KVCacheSettings.build(method="kivi", bits=4, group_size=16, residual_length=16)
+    ids = torch.randint(0, 128, (1, 70), generator=torch.Generator().manual_seed(0))
+    hook = _keys_blow_up_from(model, 40)
+    try:
+        with pytest.raises(CompressError, match="beyond float16's range"):
+            served_logits(model, ids, settings)
+    finally:
+        hook.remove()
+
+
 def test_the_quality_summary_scores_the_same_in_one_forward(tiny_model):
     """compress eval / apply's KV rows (cache_quality_summary -> kv_quality with settings): the same figures as the
     chunked passes."""

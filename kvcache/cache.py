@@ -46,7 +46,7 @@ def _warn_dense_path() -> None:
                   stacklevel=3)
 
 
-def _check_fp16_range(keys: torch.Tensor, values: torch.Tensor) -> None:
+def _check_fp16_range(keys: torch.Tensor, values: torch.Tensor, layer_idx: int | None = None) -> None:
     """The window, scales, zero points and outliers are float16: keys or values beyond its range (65504) would be
     stored as inf and every later attention score NaN. A clear error instead."""
     if not keys.numel():
@@ -55,9 +55,11 @@ def _check_fp16_range(keys: torch.Tensor, values: torch.Tensor) -> None:
         largest = float(x.detach().abs().amax())
         if largest <= FP16_MAX:
             continue  # (NaN compares false: refused too)
-        raise CompressError(f"gear_kv: this model's attention keys/values reach {largest:.4g}, beyond float16's range "
-                            f"({FP16_MAX:.0f}) in which the cache stores its window and scales; keep the layers where "
-                            "they do uncompressed (skip_layers) or use another cache")
+        where = "this model's attention" if layer_idx is None else f"layer {layer_idx}'s attention"
+        fix = "those layers" if layer_idx is None else f"layer {layer_idx} (and any other that does)"
+        raise CompressError(f"gear_kv: {where} keys/values reach {largest:.4g}, beyond float16's range "
+                            f"({FP16_MAX:.0f}) in which the cache stores its window and scales; keep {fix} "
+                            "uncompressed (skip_layers) or use another cache")
 
 
 def _checks_every_call(device: torch.device) -> bool:
@@ -81,6 +83,7 @@ class GEARLayer(CacheLayerMixin):
         self.reads_storage = reads_storage  # whether attention reads the compressed storage (else: dense return)
         self.sliding_window = sliding_window
         self.is_sliding = sliding_window is not None
+        self.layer_idx = None  # set by GEARCache: named in errors
         self.key_store = self.value_store = None
         self.window_keys = self.window_values = None
         self.evicted = 0  # tokens dropped from the front (sliding layers)
@@ -133,10 +136,10 @@ class GEARLayer(CacheLayerMixin):
         c = self.settings.residual_length
         full = (keys.shape[-2] // c) * c
         if not self._prompt_seen or _checks_every_call(keys.device):
-            _check_fp16_range(keys, values)
+            _check_fp16_range(keys, values, self.layer_idx)
         elif full:  # on an accelerator a check is a sync: once per compressed chunk, not per decoded token, so a
             # token past float16's range is reported at the latest when it leaves the window (its chunk is checked)
-            _check_fp16_range(keys[:, :, :full], values[:, :, :full])
+            _check_fp16_range(keys[:, :, :full], values[:, :, :full], self.layer_idx)
         if full:
             prefill = not self._prompt_seen
             self.key_store.append(keys[:, :, :full], self.settings.rank("key", prefill))
@@ -309,7 +312,9 @@ class GEARCache(Cache):
         def layer(i: int):
             if i in settings.skip_layers:
                 return uncompressed_layer(i, sliding)
-            return layer_cls(settings, reads_storage, sliding.get(i))
+            compressed = layer_cls(settings, reads_storage, sliding.get(i))
+            compressed.layer_idx = i
+            return compressed
 
         super().__init__(layers=[layer(i) for i in range(num_layers)])
 

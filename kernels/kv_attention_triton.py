@@ -165,7 +165,7 @@ if triton is not None:
             PK: tl.constexpr, PV: tl.constexpr, K_LR: tl.constexpr, V_LR: tl.constexpr, HAS_BIAS: tl.constexpr,
             ROWS: tl.constexpr, RB: tl.constexpr, BLOCK_W: tl.constexpr, DOT16: tl.constexpr,
             A_FP8: tl.constexpr, ALIGN16: tl.constexpr, SCALE8: tl.constexpr, BITS_V: tl.constexpr):
-        bh = tl.program_id(0)
+        bh = tl.program_id(0).to(tl.int64)  # offsets in 64 bits: a page's codes may pass 2 GiB (large page_chunks)
         rows = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
         split = tl.program_id(2)
         n_splits = tl.num_programs(2)

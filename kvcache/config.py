@@ -111,6 +111,10 @@ class KVCacheSettings(StrictConfig):
         if 2 * outliers_per_side(self.outlier_ratio, self.group_size) >= self.group_size:
             raise ConfigError(f"outlier_ratio {self.outlier_ratio} would set aside every entry of a group of "
                               f"{self.group_size}: use a smaller outlier_ratio")
+        if self.group_size > 256 and outliers_per_side(self.outlier_ratio, self.group_size):
+            # an outlier's place in its group is stored in one byte (kv_pages.py): past 256 it would wrap
+            raise ConfigError(f"group_size {self.group_size} with outliers: an outlier's offset in its group is stored "
+                              "in one byte, so with outlier_ratio > 0 group_size can be at most 256")
         if head_dim % self.group_size:
             raise ConfigError(f"group_size {self.group_size} must divide head_dim {head_dim} (values are quantized "
                               f"per token in groups of group_size channels); try group_size {head_dim} or a divisor")

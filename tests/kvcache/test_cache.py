@@ -174,6 +174,26 @@ def test_bad_settings_are_config_errors(lm):
         KVCacheSettings.build(method="kivi", key_rank=2)
 
 
+def test_outlier_offsets_fit_their_byte():
+    """An outlier's offset in its group is one byte: groups past 256 with outliers are refused (they wrapped: a
+    planted outlier at channel 400 of a 512-group was corrected at channel 144), and 256 holds offset 255."""
+    from compress.kvcache.store import CompressedStore
+
+    wide = KVCacheSettings.build(method="gear", group_size=512, residual_length=512, outlier_ratio=0.01)
+    with pytest.raises(ConfigError, match="at most 256"):
+        wide.check_against_model(512)
+    KVCacheSettings.build(method="gear", group_size=512, residual_length=512, outlier_ratio=0.0).check_against_model(512)
+    for axis, where in (("channel", (3, 255)), ("token", (255, 3))):
+        store = CompressedStore(axis=axis, bits=4, group_size=256, chunk_len=256, outlier_ratio=0.01, power_iters=1,
+                                page_chunks=1)
+        x = torch.randn(1, 1, 256, 256, generator=torch.Generator().manual_seed(0))
+        x[0, 0, where[0], where[1]] = 50.0
+        store.append(x, 0)
+        err = (store.dequantize() - x).abs()
+        assert err[0, 0, where[0], where[1]] < 0.1, axis  # the outlier is corrected where it is (was: 47)
+        assert err.max() < 1.0, axis
+
+
 def test_cache_constructors_say_what_they_take(lm):
     """Mistakes an API user makes (a helper's audit): the model for its config, a dict for settings, a config for the
     model; one CompressError each instead of an AttributeError from inside."""

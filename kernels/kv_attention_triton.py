@@ -235,7 +235,8 @@ def _combine_splits(acc: torch.Tensor, m: torch.Tensor, l: torch.Tensor) -> torc
 
 def triton_supports(keys, values, d: int) -> bool:
     """Shapes the kernel tiles: power-of-two head_dim >= 16, chunk >= 16 and group sizes dividing them, the same
-    page structure and scale format for keys and values (their bits may differ), ranks <= RANK_BLOCK."""
+    page structure and scale format for keys and values (their bits may differ), every page but the last full,
+    ranks <= RANK_BLOCK."""
     if not (_pow2(d) and d >= 16):
         return False
     if num_tokens(keys) == 0:
@@ -245,6 +246,8 @@ def triton_supports(keys, values, d: int) -> bool:
             and keys.page_chunks == values.page_chunks and _pow2(keys.group_size) and keys.group_size <= c
             and _pow2(values.group_size) and values.group_size <= d and len(keys.pages) == len(values.pages)
             and all(k.codes.shape[2] == v.codes.shape[2] for k, v in zip(keys.pages, values.pages))
+            # the kernel finds a chunk's page by arithmetic: every page but the last full (the cache's are)
+            and all(p.codes.shape[2] == keys.page_chunks * c for p in keys.pages[:-1])
             and max([p.rank for p in keys.pages + values.pages] + [0]) <= RANK_BLOCK
             and len({p.a.dtype for p in keys.pages + values.pages if p.a is not None}) <= 1
             and len({p.scale.dtype for p in keys.pages + values.pages}) == 1)

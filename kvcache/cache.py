@@ -2,7 +2,8 @@
 
 Each attention layer keeps the most recent tokens (fewer than `residual_length`) in an fp16 window; when the window
 fills, those `residual_length` tokens are compressed as one chunk and appended to an append-only store (store.py),
-so the work per token is constant and old chunks never drift.
+so the work per token is constant and old chunks never drift. The window is float16 whatever the model's dtype: a
+float32 model's recent tokens are rounded to float16 too (part of what the cache costs against a DynamicCache).
 
 What `update` hands to attention: the tokens of the current call are always seen exactly; earlier tokens are seen as
 stored (compressed chunks + fp16 window). How:

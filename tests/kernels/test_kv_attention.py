@@ -133,6 +133,20 @@ def test_keys_and_values_at_different_widths(bits, value_bits):
                                    rtol=1e-4, atol=1e-5)
 
 
+def test_triton_refuses_pages_it_would_misread():
+    """The Triton kernel finds a chunk's page by arithmetic (every page but the last holds page_chunks chunks);
+    stores whose pages say otherwise go to the C kernel / reference, which read each page's own length."""
+    import copy
+
+    q, keys, values, *_ = make_case(**GEAR)
+    chunks = [p.codes.shape[2] // keys.chunk_len for p in keys.pages]
+    assert len(chunks) > 2 and chunks[:-1] == [keys.page_chunks] * (len(chunks) - 1)
+    assert AT.triton_supports(keys, values, q.shape[-1])
+    claimed_k, claimed_v = copy.copy(keys), copy.copy(values)
+    claimed_k.page_chunks = claimed_v.page_chunks = keys.page_chunks + 1
+    assert not AT.triton_supports(claimed_k, claimed_v, q.shape[-1])
+
+
 @pytest.mark.parametrize("bits, group", [(4, 64), (3, 4), (2, 16)])
 def test_reference_group_layouts(bits, group):
     q, keys, values, wk, wv, k_all, v_all = make_case(bits=bits, group=group, chunk=64, key_ranks=((2, 2),),

@@ -137,7 +137,8 @@ class GEARLayer(CacheLayerMixin):
         c = self.settings.residual_length
         full = (keys.shape[-2] // c) * c
         if not self._prompt_seen or _checks_every_call(keys.device):
-            _check_fp16_range(keys, values, self.layer_idx)
+            held = self.window_keys.shape[-2]  # `keys` starts with the window, whose tokens were checked on arrival
+            _check_fp16_range(keys[:, :, held:], values[:, :, held:], self.layer_idx)
         elif full:  # on an accelerator a check is a sync: once per compressed chunk, not per decoded token, so a
             # token past float16's range is reported at the latest when it leaves the window (its chunk is checked)
             _check_fp16_range(keys[:, :, :full], values[:, :, :full], self.layer_idx)

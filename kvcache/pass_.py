@@ -7,6 +7,9 @@ cache of their own. `restore` installs it again on a reloaded model, so `compres
 `compress generate` use the compressed cache by default."""
 from __future__ import annotations
 
+import functools
+import warnings
+
 from pydantic import Field
 from torch import nn
 
@@ -145,7 +148,8 @@ def install_compressed_cache(model: nn.Module, settings: KVCacheSettings) -> GEA
 
 class GenerateWithCompressedCache:
     """`model.generate` that builds a GEARCache with `model.kv_cache_settings` unless the caller (or the generation
-    config) asks for no cache, passes its own, or names a cache implementation.
+    config) asks for no cache, or the caller passes its own or names a cache implementation (one named by the
+    model's own generation_config is replaced, with a warning).
 
     An object holding the model, not a closure (deepcopy would keep generating with the original) nor a bound method
     (pickle stores that as getattr(model, "..."), which fails when loading, before the model's state exists):
@@ -162,7 +166,21 @@ class GenerateWithCompressedCache:
         gen_config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
         wants_cache = kwargs.get("use_cache", getattr(gen_config, "use_cache", True)) is not False
         own = kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None
-        implementation = kwargs.get("cache_implementation", getattr(gen_config, "cache_implementation", None))
+        implementation = kwargs.get("cache_implementation",
+                                    getattr(kwargs.get("generation_config"), "cache_implementation", None))
+        own_config = getattr(getattr(model, "generation_config", None), "cache_implementation", None)
+        if implementation is None and own_config is not None and "cache_implementation" not in kwargs:
+            # named by the checkpoint's generation_config.json (e.g. a source model's "static"), not by the caller:
+            # the gear_kv pass chose this model's cache, so it stays (transformers fills a None from the model's
+            # config and refuses a cache and an implementation at once; a keyword overrides both)
+            _warn_cache_implementation_replaced(own_config)
+            kwargs["cache_implementation"] = None
         if wants_cache and not own and implementation is None:
             kwargs["cache"] = GEARCache(model.config, model.kv_cache_settings)
         return type(model).generate(model, *args, **kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_cache_implementation_replaced(implementation: str) -> None:
+    warnings.warn(f"this model's generation_config names cache_implementation={implementation!r}; its gear_kv cache "
+                  "is used instead (pass cache_implementation= to generate to choose another)", stacklevel=3)

@@ -134,6 +134,29 @@ def test_default_cache_respects_the_generation_config_and_survives_deepcopy(held
     assert mine[0, n].item() != 0
 
 
+def test_a_cache_implementation_in_the_checkpoint_does_not_replace_the_compressed_cache(heldout_ids):
+    """A source model's generation_config.json may name a cache (e.g. "static"); it used to win silently, so a gear_kv
+    checkpoint generated with an uncompressed cache while inspect and eval reported the compressed one."""
+
+    model = compress.load("builtin:tiny")
+    compress.apply(model, [compress.get_pass("gear_kv")(bits=4)], progress=False)
+    model.generation_config.cache_implementation = "dynamic"
+    ids = heldout_ids[:, :80]
+    with torch.no_grad(), pytest.warns(UserWarning, match="cache_implementation='dynamic'; its gear_kv cache"):
+        out = model.generate(ids, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    assert isinstance(out.cache, GEARCache) and model.generation_config.cache_implementation == "dynamic"
+    from transformers import GenerationConfig  # a caller's config that names no cache: transformers fills it in
+
+    with torch.no_grad():
+        out = model.generate(ids, generation_config=GenerationConfig(max_new_tokens=3, do_sample=False,
+                                                                     return_dict_in_generate=True))
+    assert isinstance(out.cache, GEARCache)
+    with torch.no_grad():  # the caller's own choice still opts out
+        out = model.generate(ids, max_new_tokens=3, do_sample=False, return_dict_in_generate=True,
+                             cache_implementation="dynamic")
+    assert isinstance(out.cache, DynamicCache) and not isinstance(out.cache, GEARCache)
+
+
 def test_generate_pickles_as_an_object_holding_the_model():
     """generate was a bound method, which pickle stores as getattr(model, name): dumps worked, loading failed before
     the model's state existed. Checked on what pickle writes, without unpickling anything (the project never

@@ -380,6 +380,7 @@ def test_timing_generation_counts_its_runs(monkeypatch):
     err = io.StringIO()
     monkeypatch.setattr(sys, "stderr", err)
     speeds = iter([10.0, 20.0, 12.0, 18.0, 11.0, 30.0])
-    monkeypatch.setattr(evaluate, "generation_speed", lambda model, tokenizer: next(speeds))
+    monkeypatch.setattr(evaluate, "generation_speed", lambda model, tokenizer, prompt: next(speeds))
+    monkeypatch.setattr(evaluate, "speed_prompt", lambda model, tokenizer: None)
     assert evaluate.paired_generation_speed("model", "baseline", None, progress=True) == (11.0, 20.0)
     assert "in turn): 0/6" in err.getvalue() and "in turn): 6/6" in err.getvalue()

@@ -157,6 +157,33 @@ def test_a_cache_implementation_in_the_checkpoint_does_not_replace_the_compresse
     assert isinstance(out.cache, DynamicCache) and not isinstance(out.cache, GEARCache)
 
 
+def test_the_timed_decoding_reads_the_compressed_past(monkeypatch, reference_tokenizer):
+    """`compress eval`'s tokens/s: its prompt was 2 tokens, so with residual_length 64 one timed step of 64 read the
+    compressed past (a helper's count: 6 of 408 layer calls); now 4 chunks of the window, every step."""
+    from compress.evaluate import generation_speed, speed_prompt
+    from compress.kvcache import cache as cache_module
+
+    model = compress.load("builtin:tiny")
+    assert speed_prompt(model, reference_tokenizer).shape == (1, 128)
+    compress.apply(model, [compress.get_pass("gear_kv")(bits=4, residual_length=64, group_size=32)], progress=False)
+    prompt = speed_prompt(model, reference_tokenizer)
+    assert prompt.shape == (1, 256)
+    calls, read_past = [0], [0]
+    update = cache_module.GEARLayer.update
+
+    def counting(self, keys, values, *args, **kwargs):
+        calls[0] += 1
+        read_past[0] += bool(self.is_initialized and self.key_store.num_tokens)
+        return update(self, keys, values, *args, **kwargs)
+
+    monkeypatch.setattr(cache_module.GEARLayer, "update", counting)
+    assert generation_speed(model, reference_tokenizer, prompt, new_tokens=8) > 0
+    per_generate = [4, 1, 8]  # warm-up, the prompt's first token, the timed tokens: each a prefill then steps
+    layers = model.config.num_hidden_layers
+    assert calls[0] == sum(per_generate) * layers
+    assert read_past[0] == sum(n - 1 for n in per_generate) * layers  # every decoding step
+
+
 def test_generate_pickles_as_an_object_holding_the_model():
     """generate was a bound method, which pickle stores as getattr(model, name): dumps worked, loading failed before
     the model's state existed. Checked on what pickle writes, without unpickling anything (the project never

@@ -123,7 +123,8 @@ class VQLogits(Pass):
         found = self.target_modules(model)
         if len(found) != 1:
             raise ConfigError(f"vq_logits: targets {self.config.targets} must match exactly one output head module, "
-                              f"matched {len(found)}: {', '.join(found) or 'none'}")
+                              f"matched {len(found)}: {', '.join(list(found)[:3]) or 'none'}"
+                              + (f" and {len(found) - 3} more" if len(found) > 3 else ""))
         name, module = next(iter(found.items()))
         output_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         if output_head is not None and module is not output_head:

@@ -132,6 +132,8 @@ def test_user_mistakes(reference_model, reference_tokenizer):
         VQLogits(weighting="zipf")
     with pytest.raises(ConfigError, match="down_proj, which is not the model's output head \\(lm_head\\)"):
         VQLogits(num_codes=16, targets=["model.layers.0.mlp.down_proj"]).check(model)
+    with pytest.raises(ConfigError, match=r"matched \d+: model, model.embed_tokens, model.layers and \d+ more$"):
+        VQLogits(num_codes=16, targets=["re:.*"]).check(model)  # (it listed all 84 names on one line)
     assert isinstance(model.lm_head, torch.nn.Linear)  # nothing half done
 
 

@@ -67,8 +67,12 @@ def check_not_quantized_elsewhere(model: nn.Module) -> None:
     foreign = sorted({type(m).__module__.split(".")[0] for m in model.modules()
                       if type(m).__module__.startswith(_FOREIGN_QUANTIZED)})
     source = getattr(model, "compress_source", None) or "the model"
-    if method == "compressed-tensors":
-        raise CompressError(f"{source} is a compressed-tensors export (for vLLM/transformers): compress's passes start "
+    section = getattr(model.config, "compression", None)
+    exported = section.get("export_format") if isinstance(section, dict) else None
+    if method == "compressed-tensors" or exported:
+        # (a pruned-only export loads as plain dense layers, yet its record names packed tensors: a checkpoint
+        # written on top of it matched neither)
+        raise CompressError(f"{source} is a {exported or method} export (for vLLM/transformers): compress's passes start "
                             "from unquantized weights or its own checkpoints; apply the recipe to the original model "
                             "(or to the native checkpoint)")
     if foreign:

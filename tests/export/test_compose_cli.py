@@ -270,3 +270,19 @@ def test_inspect_finds_an_export_whose_quantization_config_was_edited(tmp_path, 
     result = CliRunner().invoke(main, ["inspect", str(out)])
     assert result.exit_code == 2 and message in result.stderr and "Traceback" not in result.output, result.output
     assert "quantization_config does not match its tensors" in result.stderr
+
+
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_apply_to_a_pruned_only_export_is_refused_before_any_work(tmp_path, dry_run):
+    """A pruned-only export loads as plain dense layers while its record names packed tensors: apply on it wrote a
+    checkpoint nothing could load (a helper's run), and said so only when evaluating it."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("passes:\n  - prune: {method: magnitude, sparsity: 0.5}\n")
+    assert run("apply", recipe, "--model", "builtin:tiny", "--output", tmp_path / "native", "--no-eval").exit_code == 0
+    assert run("export", tmp_path / "native", "-o", tmp_path / "ct").exit_code == 0
+    again = tmp_path / "again.yaml"
+    again.write_text("passes:\n  - prune: {method: magnitude, sparsity: 0.7}\n")
+    result = CliRunner().invoke(main, ["apply", str(again), "--model", str(tmp_path / "ct"), "--output",
+                                       str(tmp_path / "out"), "--no-eval"] + (["--dry-run"] if dry_run else []))
+    assert result.exit_code == 2 and "is a compressed-tensors export (for vLLM/transformers)" in result.output
+    assert "native checkpoint" in result.output and not (tmp_path / "out").exists()

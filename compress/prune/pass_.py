@@ -173,6 +173,14 @@ class Prune(Pass):
         }
         if untied:
             report.notes.append(UNTIED_NOTE)
+        if state.kept_zeros:  # `sparsity` is what the mask prunes (the structure); the weights hold more zeros
+            report.details["zeros"] = (state.zeros + state.kept_zeros) / max(state.total, 1)
+            kept = state.kept_zeros / max(state.total, 1)
+            if kept >= 0.0005:  # (not a trained model's own few exact zeros)
+                report.notes.append(f"{kept:.1%} of the weights are zeros in places the mask keeps (an earlier "
+                                    f"prune's, e.g. N:M groups it left sparser): stored as values, so "
+                                    f"{report.details['zeros']:.1%} of the weights are zero; a later recover trains "
+                                    "them as kept weights")
         return report
 
     def _checked_targets(self, model: nn.Module) -> dict[str, nn.Linear]:
@@ -344,6 +352,8 @@ class Prune(Pass):
         pruned_weight = weight.detach().to(module.weight.dtype) * mask.to(module.weight.dtype)
         pruned = int((~mask).sum())
         state.zeros += pruned
+        # zeros in kept places (an N:M mask over a layer an earlier prune left sparser keeps some of its zeros)
+        state.kept_zeros += mask.numel() - pruned - int(torch.count_nonzero(pruned_weight))
         state.total += mask.numel()
         counts = state.layer_zeros.setdefault(state.layer_of.get(name), [0, 0])
         counts[0], counts[1] = counts[0] + pruned, counts[1] + mask.numel()
@@ -386,7 +396,7 @@ class Prune(Pass):
 class _RunState:
     def __init__(self, model: nn.Module, nm, value_bytes: int, layer_of: dict[str, int | None]):
         self.model, self.nm, self.value_bytes, self.layer_of = model, nm, value_bytes, layer_of
-        self.zeros = self.total = 0
+        self.zeros = self.total = self.kept_zeros = 0
         self.layer_zeros: dict[int | None, list[int]] = {}  # decoder layer -> [pruned, total] weights
         self.restore: dict[str, dict] = {}
         self.dense_pruned: list[str] = []

@@ -129,6 +129,23 @@ def test_a_dense_stored_pruned_layer_is_pruned_again_only_to_more_sparsity(tmp_p
             progress=False)
 
 
+def test_n_m_over_a_sparser_layer_says_how_many_weights_are_zero():
+    """30% unstructured then 2:4: groups with 3-4 zeros keep zeros as packed values. `sparsity` stays what the mask
+    prunes (0.5, the structure); `zeros` and a note give what the file holds (it said 0.5 of 52.4%: a helper's run)."""
+    P = compress.passes
+    model, report = compress.apply(compress.load("builtin:tiny"), [P.Prune(sparsity=0.3, storage="dense"),
+                                                                   P.Prune(structure="2:4")], progress=False)
+    second = report.passes[1]
+    layers = [m for m in model.modules() if isinstance(m, SparseLinear)]
+    real = sum(int((m.dense_weight(torch.float32) == 0).sum()) for m in layers) / sum(
+        m.in_features * m.out_features for m in layers)
+    assert second.details["sparsity"] == 0.5 and real > 0.51
+    assert second.details["zeros"] == pytest.approx(real, abs=1e-12)
+    assert any(f"so {real:.1%} of the weights are zero" in note for note in second.notes)
+    _, alone = compress.apply(compress.load("builtin:tiny"), [P.Prune(structure="2:4")], progress=False)
+    assert "zeros" not in alone.passes[0].details and not alone.passes[0].notes
+
+
 def test_per_layer_sparsity_and_owl(reference_tokenizer):
     per_layer = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7]
     model, report = pruned("wanda", reference_tokenizer, sparsity=per_layer)

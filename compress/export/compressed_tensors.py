@@ -28,6 +28,7 @@ from torch import nn
 
 from .. import json_out
 from ..errors import ExportError
+from ..prune.masks import is_nm
 from ..prune.sparse_linear import SparseLinear
 
 FORMAT = "compressed-tensors"
@@ -227,6 +228,12 @@ def _stream_state(model: nn.Module, storage_dtype: torch.dtype, summary: ExportS
         for key, t in _unique_state_dict(model, storage_dtype).items():
             owner = key.rpartition(".")[0]
             if owner not in compressed:
+                if key.endswith(".weight") and getattr(model.get_submodule(owner), "compress_pruned", False):
+                    # pruned, stored dense (storage: dense, or auto at low sparsity): its zeros are the mask
+                    mask = t != 0
+                    summary.sparse.append(owner)
+                    structures.add("2:4" if is_nm(mask, 2, 4) else "unstructured")
+                    zeros, total = zeros + int((~mask).sum()), total + mask.numel()
                 yield key, t
             elif owner not in done:
                 done.add(owner)

@@ -286,3 +286,16 @@ def test_apply_to_a_pruned_only_export_is_refused_before_any_work(tmp_path, dry_
                                        str(tmp_path / "out"), "--no-eval"] + (["--dry-run"] if dry_run else []))
     assert result.exit_code == 2 and "is a compressed-tensors export (for vLLM/transformers)" in result.output
     assert "native checkpoint" in result.output and not (tmp_path / "out").exists()
+
+
+def test_an_export_describes_layers_pruned_but_stored_dense(tmp_path):
+    """storage: dense (or auto at low sparsity) keeps a pruned layer's zeros in a plain weight; the export said
+    'sparse_modules 0, global_sparsity 0.0' and wrote no sparsity description for them (a helper's run)."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("passes:\n  - prune: {method: magnitude, sparsity: 0.3, storage: dense}\n")
+    assert run("apply", recipe, "--model", "builtin:tiny", "--output", tmp_path / "native", "--no-eval").exit_code == 0
+    summary = json.loads(run("export", tmp_path / "native", "-o", tmp_path / "ct", "--json").stdout)["export"]
+    assert summary["sparse_modules"] == 42 and summary["sparsity_structure"] == "unstructured"
+    assert summary["global_sparsity"] == pytest.approx(0.3, abs=1e-3)
+    sparsity = json.loads((tmp_path / "ct" / "config.json").read_text())["compression"]["sparsity"]
+    assert sparsity["format"] == "dense" and len(sparsity["targets"]) == 42

@@ -24,6 +24,8 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 ITEM_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
               "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 FLOATING = {"F8_E5M2", "F8_E4M3", "F16", "BF16", "F32", "F64"}
+INTEGER_NAMES = {torch.int8: "I8", torch.uint8: "U8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64",
+                 torch.bool: "BOOL", torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64"}
 
 
 def header_nbytes(dtype: str, shape) -> int:
@@ -195,9 +197,11 @@ def check_against_model(folder: Path, headers: dict[str, tuple[str, tuple[int, .
     unexpected = [k for k in headers if k not in expected]
     wrong = [f"{k}: checkpoint {tuple(headers[k][1])} vs model {tuple(v.shape)}"
              for k, v in expected.items() if k in headers and tuple(headers[k][1]) != tuple(v.shape)]
+    # integers exactly: loading casts, so codes or positions stored wider would wrap into range past the checks
     kinds = [f"{k}: checkpoint {headers[k][0]} vs model {str(v.dtype).removeprefix('torch.')}"
              for k, v in expected.items()
-             if k in headers and (headers[k][0] in FLOATING) != v.is_floating_point()]
+             if k in headers and ((headers[k][0] in FLOATING) != v.is_floating_point()
+                                  or (not v.is_floating_point() and headers[k][0] != INTEGER_NAMES.get(v.dtype)))]
     problems = []
     if missing:
         problems.append(f"missing tensors: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")

@@ -129,6 +129,23 @@ def test_tensor_mismatches_are_clear_errors(tmp_path, damage, message, tiny_mode
         compress.load(out)
 
 
+def test_integers_stored_wider_than_the_module_takes_are_refused(tmp_path, tiny_model):
+    """Loading casts: a bitmask stored as int16 with 256 + its byte would wrap back into range past the packed-module
+    checks (a helper's find, also for VQ codes, N:M positions and int4 codes)."""
+    from safetensors.torch import load_file, save_file
+
+    model, _ = compress.apply(tiny_model("llama"), [compress.passes.Prune(sparsity=0.5, storage="packed")],
+                              progress=False)
+    out = compress.save(model, tmp_path / "c")
+    state = load_file(out / ckpt.WEIGHTS_NAME)
+    key = "model.layers.0.mlp.up_proj.bitmask"
+    assert state[key].dtype == torch.uint8
+    state[key] = state[key].to(torch.int16) + 256
+    save_file(state, out / ckpt.WEIGHTS_NAME)
+    with pytest.raises(CheckpointError, match=f"wrong dtypes: {key}: checkpoint I16 vs model uint8"):
+        compress.load(out)
+
+
 def test_plain_hf_folder_and_missing_paths(tmp_path, tiny_model, save_hf_folder):
     folder = save_hf_folder(tiny_model("mistral"), tmp_path / "hf")
     model = compress.load(folder)

@@ -238,6 +238,7 @@ def _read_folder(path: Path, dtype, device, allow_pickle: bool, meta: bool, max_
     from .checkpoint import load_checkpoint, load_hf_folder
 
     config = read_config(path)
+    generation = read_generation_config(path)  # before building: from_pretrained reads it too, with tracebacks
     stored_as = storage_dtype(config, path)  # before building: from_config/from_pretrained rewrite config.dtype
     dtype = compute_dtype(dtype, stored_as, device)
     section = compression_section(path)
@@ -265,7 +266,9 @@ def _read_folder(path: Path, dtype, device, allow_pickle: bool, meta: bool, max_
             raise CheckpointError(f"{path.name}: loading its {str(stored_as).removeprefix('torch.')} weights as "
                                   f"float16 leaves {describe_nonfinite(bad)} (values past float16's +-65504 "
                                   "overflow); load it as bfloat16 or float32 (--dtype)")
-    _read_generation_config(model, path)
+    if generation is not None and getattr(model, "generation_config", None) is not None:
+        # (models built from config.json alone, compressed checkpoints, would get defaults derived from it)
+        model.generation_config = generation
     return model, stored_as
 
 
@@ -297,17 +300,44 @@ def describe_nonfinite(bad: list[tuple[str, int, int]]) -> str:
     return f"{count} NaN or inf value{'s' if count != 1 else ''} in {name}{more}"
 
 
-def _read_generation_config(model: nn.Module, path: Path) -> None:
-    """The folder's generation_config.json (end-of-sequence ids, sampling defaults), as from_pretrained reads it:
-    models built from config.json alone (compressed checkpoints) would otherwise get defaults derived from it."""
+def read_generation_config(path: Path):
+    """The folder's generation_config.json (end-of-sequence ids, sampling defaults) as from_pretrained reads it, or
+    None without one; a file generate could not use is a CheckpointError."""
     from transformers import GenerationConfig
 
-    if not (path / "generation_config.json").is_file() or getattr(model, "generation_config", None) is None:
-        return
+    if not (path / "generation_config.json").is_file():
+        return None
     try:
-        model.generation_config = GenerationConfig.from_pretrained(path)
-    except (OSError, ValueError) as exc:  # JSONDecodeError is a ValueError
+        config = GenerationConfig.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as exc:  # JSONDecodeError is a ValueError; a list/string: TypeError
         raise CheckpointError(f"{path / 'generation_config.json'}: cannot be read ({first_line(exc)})") from None
+    problem = _generation_config_problem(config)
+    if problem:  # (generate failed on it with a traceback)
+        raise CheckpointError(f"{path / 'generation_config.json'}: {problem}; fix or remove the file")
+    return config
+
+
+def _generation_config_problem(config) -> str | None:
+    """What generate cannot take in a (hand-edited) generation config: token ids that are not integers, counts that
+    are not non-negative integers, sampling settings that are not numbers."""
+    def whole(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    for field in ("eos_token_id", "pad_token_id", "bos_token_id", "decoder_start_token_id"):
+        v = getattr(config, field, None)  # (any integer: some published configs say -1 for none)
+        if v is not None and not all(isinstance(i, int) and not isinstance(i, bool)
+                                     for i in (v if isinstance(v, list) else [v])):
+            return f"{field} is {v!r}, not a token id (an integer, or a list of them for eos_token_id)"
+    for field in ("max_new_tokens", "max_length", "min_new_tokens", "min_length", "top_k", "num_beams",
+                  "num_return_sequences"):
+        v = getattr(config, field, None)
+        if v is not None and not whole(v):
+            return f"{field} is {v!r}, not a non-negative integer"
+    for field in ("temperature", "top_p", "repetition_penalty"):
+        v = getattr(config, field, None)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            return f"{field} is {v!r}, not a number"
+    return None
 
 
 def checkpoint_dtype(model: nn.Module) -> torch.dtype:

@@ -194,6 +194,21 @@ def test_generation_config_travels_with_the_checkpoint(tmp_path, reference_model
         compress.load(out)
 
 
+@pytest.mark.parametrize("content,message", [
+    ([], "cannot be read"), ({"eos_token_id": "x"}, "eos_token_id is 'x', not a token id"),
+    ({"max_new_tokens": "a"}, "cannot be read"), ({"top_k": -3}, "top_k is -3, not a non-negative integer"),
+    ({"temperature": "hot"}, "cannot be read|temperature is 'hot', not a number")])
+def test_a_generation_config_generate_cannot_use_is_refused_on_load(tmp_path, tiny_model, save_hf_folder, content,
+                                                                     message):
+    """Hand-edited generation_config.json gave tracebacks in from_pretrained or later in generate (helper's find);
+    a plain Hugging Face folder and a compressed checkpoint alike."""
+    for folder in (save_hf_folder(tiny_model("llama"), tmp_path / "hf"), compress.save(tiny_model("llama"),
+                                                                                         tmp_path / "c")):
+        (folder / "generation_config.json").write_text(json.dumps(content))
+        with pytest.raises(CheckpointError, match=f"generation_config.json: ({message})"):
+            compress.load(folder)
+
+
 @pytest.mark.parametrize("bad,message", [(0, "must be positive"), ("lots", "cannot read max_shard_bytes"),
                                          (True, "cannot read max_shard_bytes")])
 def test_save_refuses_a_shard_size_it_cannot_use(tmp_path, tiny_model, bad, message):

@@ -40,17 +40,23 @@ def export_cmd(checkpoint, output, export_format, overwrite, as_json):
                  advice=ALREADY_NATIVE_ADVICE)
     check_output(output, overwrite=overwrite, source=folder)
     check_plan(models.load(checkpoint, meta=True))  # layers it cannot express or would store all dense: no wait
-    with phase(f"loading {checkpoint}"):
-        model = models.load(checkpoint, dtype="stored")  # the files' dtype: least memory, and what the export writes
+    # the files the export copies, read before the model: an edited one failed after all the work
     recipe_file, report_file = folder / "recipe.yaml", folder / "report.json"
     try:
-        report = json.loads(report_file.read_text()) if report_file.is_file() else None
+        report = json.loads(report_file.read_text(encoding="utf-8")) if report_file.is_file() else None
+        if report is not None and not isinstance(report, dict):
+            raise ValueError(f"a JSON {type(report).__name__}, not an object")
     except (ValueError, UnicodeDecodeError) as exc:
         raise CompressError(f"{report_file}: not readable JSON ({exc}); move it aside to export without it") from None
+    try:
+        recipe_text = recipe_file.read_text(encoding="utf-8") if recipe_file.is_file() else None
+    except UnicodeDecodeError as exc:
+        raise CompressError(f"{recipe_file}: not UTF-8 text ({exc}); move it aside to export without it") from None
+    with phase(f"loading {checkpoint}"):
+        model = models.load(checkpoint, dtype="stored")  # the files' dtype: least memory, and what the export writes
     # a progress bar over the layers (minutes at 7B: each is checked against compressed-tensors' decompression)
     summary = export(model, output, tokenizer=models.load_tokenizer(checkpoint, strict=False), overwrite=overwrite,
-                     recipe_text=recipe_file.read_text() if recipe_file.is_file() else None, report=report,
-                     progress=True)
+                     recipe_text=recipe_text, report=report, progress=True)
     result = {"checkpoint": str(checkpoint), "output": str(output), "format": export_format,
               "export": summary.to_dict(), "checkpoint_bytes": folder_bytes(Path(output)),
               "original_checkpoint_bytes": folder_bytes(folder)}

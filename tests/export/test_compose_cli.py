@@ -299,3 +299,24 @@ def test_an_export_describes_layers_pruned_but_stored_dense(tmp_path):
     assert summary["global_sparsity"] == pytest.approx(0.3, abs=1e-3)
     sparsity = json.loads((tmp_path / "ct" / "config.json").read_text())["compression"]["sparsity"]
     assert sparsity["format"] == "dense" and len(sparsity["targets"]) == 42
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("report.json", b"[1, 2]", "report.json: not readable JSON (a JSON list, not an object)"),
+    ("recipe.yaml", b"model: \xff\xfe\n", "recipe.yaml: not UTF-8 text"),
+])
+def test_export_refuses_edited_companion_files_before_loading(tmp_path, monkeypatch, name, content, message):
+    """An edited report.json / recipe.yaml crashed the export with a traceback after all the work (helper's find)."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("passes:\n  - quantize: {method: rtn, bits: 4, group_size: 64}\n")
+    native = tmp_path / "native"
+    assert run("apply", recipe, "--model", "builtin:tiny", "--output", native, "--no-eval").exit_code == 0
+    (native / name).write_bytes(content)
+    from compress import models
+
+    loads = []
+    real_load = models.load
+    monkeypatch.setattr(models, "load", lambda *a, **k: loads.append(k.get("meta")) or real_load(*a, **k))
+    result = CliRunner().invoke(main, ["export", str(native), "-o", str(tmp_path / "ct")])
+    assert result.exit_code == 2 and message in result.output and not (tmp_path / "ct").exists()
+    assert loads == [True]  # the structure only: no weights read

@@ -257,6 +257,7 @@ def check_export_quantization(folder: Path, quantization: dict, headers: dict[st
 def check_loaded_modules(folder: Path, model: nn.Module) -> None:
     """Every packed module's tensors against the metadata that describes it (after the state dict loaded)."""
     from .prune.sparse_linear import SparseLinear
+    from .quantize.quantized_linear import QuantizedLinear
     from .vq_logits.head import VQLogitsHead
 
     for name, module in model.named_modules():
@@ -264,6 +265,8 @@ def check_loaded_modules(folder: Path, model: nn.Module) -> None:
             problem = _sparse_problem(module)
         elif isinstance(module, VQLogitsHead):
             problem = _vq_problem(module)
+        elif isinstance(module, QuantizedLinear):
+            problem = _quantized_problem(module)
         else:
             continue
         if problem:
@@ -275,24 +278,43 @@ def _sparse_problem(m) -> str | None:
     if m.format == "bitmask":
         from .kernels.sparse_bitmask import unpack_bitmask
 
-        full = torch.stack([(m.bitmask >> b) & 1 for b in range(8)], dim=-1).view(m.bitmask.shape[0], -1)
-        if bool(full[:, m.in_features:].any()):
-            return "its bitmask sets bits past the layer's input width"
+        problem = _bitmask_width_problem(m.bitmask, m.in_features)
+        if problem:
+            return problem
         kept = int(unpack_bitmask(m.bitmask, m.in_features).sum())
         if kept != m.values.numel():
             return f"its bitmask keeps {kept} weights but {m.values.numel()} values are stored"
         return None
+    return _nm_problem(m.indices, m.n, m.m, m.in_features)
+
+
+def _nm_problem(indices: torch.Tensor, n: int, m: int, in_features: int) -> str | None:
+    """N:M positions (packed bit fields, `n` kept of each `m` inputs) that the kernels would misread."""
     from .kernels.sparse_nm import nm_positions
 
-    if not (0 < m.n <= m.m) or m.in_features % m.m:
-        return f"N:M = {m.n}:{m.m} does not fit input width {m.in_features}"
-    kept = m.values.shape[1]
-    pos = nm_positions(m.indices, kept, m.m).long()
-    if bool((pos >= m.m).any()):
-        return f"an N:M position is >= M={m.m}"
-    groups = pos.view(pos.shape[0], -1, m.n)
-    if m.n > 1 and bool((groups[..., 1:] <= groups[..., :-1]).any()):
-        return f"its {m.n}:{m.m} positions repeat (or are out of order) inside a group"
+    if not (0 < n <= m) or in_features % m:
+        return f"N:M = {n}:{m} does not fit input width {in_features}"
+    pos = nm_positions(indices, in_features // m * n, m).long()
+    if bool((pos >= m).any()):
+        return f"an N:M position is >= M={m}"
+    groups = pos.view(pos.shape[0], -1, n)
+    if n > 1 and bool((groups[..., 1:] <= groups[..., :-1]).any()):
+        return f"its {n}:{m} positions repeat (or are out of order) inside a group"
+    return None
+
+
+def _bitmask_width_problem(bitmask: torch.Tensor, in_features: int) -> str | None:
+    full = torch.stack([(bitmask >> b) & 1 for b in range(8)], dim=-1).view(bitmask.shape[0], -1)
+    return "its bitmask sets bits past the layer's input width" if bool(full[:, in_features:].any()) else None
+
+
+@torch.no_grad()
+def _quantized_problem(q) -> str | None:
+    """A quantized layer pruned first: its N:M positions / bitmask (its codes' checks are the loader's shapes)."""
+    if q.sparsity == "nm":
+        return _nm_problem(q.indices, q.n, q.m, q.in_features)
+    if q.sparsity == "bitmask":
+        return _bitmask_width_problem(q.bitmask, q.in_features)
     return None
 
 

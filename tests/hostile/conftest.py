@@ -67,7 +67,8 @@ def tokenizer():
 
 @pytest.fixture(scope="session")
 def packed_checkpoints(tmp_path_factory, tokenizer):
-    """{"bitmask" | "nm" | "vq" | "int4": folder}: checkpoints with packed modules, written by compress.save."""
+    """{"bitmask" | "nm" | "vq" | "int4" | "nm_int4": folder}: checkpoints with packed modules, written by
+    compress.save."""
     root = tmp_path_factory.mktemp("packed")
     out = {}
     for name, passes in {
@@ -75,6 +76,8 @@ def packed_checkpoints(tmp_path_factory, tokenizer):
         "nm": [compress.passes.Prune(method="magnitude", structure="2:4", storage="packed")],
         "vq": [compress.get_pass("vq_logits")(num_codes=16, scale_bias=False, weighting="uniform")],
         "int4": [compress.passes.Quantize(method="rtn", bits=4, group_size=32)],
+        "nm_int4": [compress.passes.Prune(method="magnitude", structure="2:4", storage="packed"),
+                     compress.passes.Quantize(method="rtn", bits=4, group_size=32)],
     }.items():
         model = small_model()
         compress.apply(model, passes, progress=False)

@@ -137,6 +137,8 @@ CASES = {
     "bitmask keeps more than stored": ("bitmask", _extra_bitmask_bit, "its bitmask keeps"),
     "bitmask stored as floats": ("bitmask", _float_bitmask, "wrong dtypes"),
     "N:M positions repeat": ("nm", _repeated_nm_position, "positions repeat"),
+    # a quantized layer pruned first keeps its positions too (they were not checked: generate printed garbage)
+    "quantized N:M positions repeat": ("nm_int4", _repeated_nm_position, "positions repeat"),
     "VQ code out of range": ("vq", _vq_code_out_of_range, "code is outside the 16 codebook rows"),
     # transformers' reason is on the second line of its message: kept (the first only announces it)
     "source_model is a number": ("bitmask", lambda f: _config(f, lambda c: c["compression"].update(source_model=5)),
@@ -148,7 +150,8 @@ CASES = {
                                   "is in both model.backup.safetensors and model.safetensors"),
 }
 # damage that only the tensors' contents show: inspect reads headers only, so it cannot see these
-CONTENT_ONLY = {"bitmask keeps more than stored", "N:M positions repeat", "VQ code out of range"}
+CONTENT_ONLY = {"bitmask keeps more than stored", "N:M positions repeat", "VQ code out of range",
+                "quantized N:M positions repeat"}
 
 
 @pytest.fixture(params=list(CASES), name="damaged")

@@ -254,13 +254,16 @@ def check_export_quantization(folder: Path, quantization: dict, headers: dict[st
 
 
 # ------------------------------------------------------------------------------------------------- packed modules
-def check_loaded_modules(folder: Path, model: nn.Module) -> None:
-    """Every packed module's tensors against the metadata that describes it (after the state dict loaded)."""
+def check_loaded_modules(folder: Path, model: nn.Module, prefix: str = "", skip: str | None = None) -> None:
+    """Every packed module's tensors against the metadata that describes it (after the state dict loaded).
+    `prefix`: `model` is the submodule of that name; `skip`: names under it are not checked (not loaded yet)."""
     from .prune.sparse_linear import SparseLinear
     from .quantize.quantized_linear import QuantizedLinear
     from .vq_logits.head import VQLogitsHead
 
-    for name, module in model.named_modules():
+    for name, module in model.named_modules(prefix=prefix):
+        if skip and name.startswith(skip):
+            continue
         if isinstance(module, SparseLinear):
             problem = _sparse_problem(module)
         elif isinstance(module, VQLogitsHead):

@@ -324,6 +324,7 @@ def load_offloaded_folder(path: Path, config, section: dict | None, *, dtype: to
     """`compress.load(..., max_memory=...)`: a Hugging Face folder or a compressed checkpoint, layers that do not
     fit left on disk."""
     from .checkpoint import check_format_version, extra_folders, weight_files
+    from .checkpoint_validation import check_against_model, check_weight_files
     from .errors import CheckpointError
 
     if section is not None:
@@ -339,7 +340,12 @@ def load_offloaded_folder(path: Path, config, section: dict | None, *, dtype: to
     from .quantize.bnb import Bnb4bitLinear
     from .sequential import decoder_layers
 
-    model = empty_structure(config, section, dtype)
+    model = empty_structure(config, section, dtype, path)
+    # the checks of an in-memory load, on headers (they were skipped: damaged files gave tracebacks or ran); a
+    # Hugging Face folder's names are transformers' business (older ones store e.g. rotary inv_freq)
+    headers = check_weight_files(path, files)
+    if section is not None:
+        check_against_model(path, headers, model, _tied_names_meta(model))
     layers = decoder_layers(model)[1]
     offloaded = offload_plan(model, dtype, max_memory)
     # a 4-bit layer's quant state is no plain tensor, which accelerate's offload hooks need
@@ -372,6 +378,7 @@ def load_offloaded(path: Path, files: list[Path], model: nn.Module, *, dtype: to
                    offload_folder=None, device="cpu") -> nn.Module:
     """Fill a meta-device `model` from `files`: the decoder layers in `offloaded` (`offload_plan`) left on disk
     behind offload hooks, everything else in RAM."""
+    from .checkpoint_validation import check_loaded_modules
     from .inspection import derived_tensor_names, rebuild_derived
     from .sequential import decoder_layers
 
@@ -391,29 +398,35 @@ def load_offloaded(path: Path, files: list[Path], model: nn.Module, *, dtype: to
         # read each layer once so that buffers its modules derive on load (row offsets, ...) are computed, then
         # leave the layers that do not fit on disk
         _fill(layers[i], {k[len(layer_prefix) + 1:]: loader[k] for k in weights})
+        check_loaded_modules(path, layers[i], prefix=layer_prefix)  # while it is in memory
         if i in offloaded:
             _attach(layers[i], weights, layer_prefix, device)
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
     rebuild_derived(model)  # in the layers held in memory (a layer on disk computes without them)
+    check_loaded_modules(path, model, skip=prefix + ".")  # the rest (e.g. a VQ head); the layers were checked
     model.compress_offloaded_layers = sorted(offloaded)
     return model
 
 
-def empty_structure(config, section: dict | None, dtype: torch.dtype) -> nn.Module:
+def empty_structure(config, section: dict | None, dtype: torch.dtype, path: Path | None = None) -> nn.Module:
     """The model with its compressed modules rebuilt, parameters on meta. Buffers that the constructor computes
-    (rotary frequencies) stay real; whatever the passes' `restore` creates stays meta until filled."""
+    (rotary frequencies) stay real; whatever the passes' `restore` creates stays meta until filled. `path`: the
+    checkpoint's folder, named in the error a damaged restore record gives."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    from .checkpoint import _no_init
+    from .checkpoint import _no_init, restore_pass
     from .registry import get_pass
 
     with init_empty_weights(include_buffers=False), _no_init():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     with init_empty_weights(include_buffers=True):
-        for entry in (section or {}).get("passes", []):
-            get_pass(entry["pass"]).from_record(entry.get("args", {})).restore(model, entry)
+        for i, entry in enumerate((section or {}).get("passes", [])):
+            if path is not None:
+                restore_pass(path, i, entry, model)
+            else:
+                get_pass(entry["pass"]).from_record(entry.get("args", {})).restore(model, entry)
     return model
 
 

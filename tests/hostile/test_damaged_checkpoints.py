@@ -169,6 +169,14 @@ def test_compress_load_raises_one_line(damaged):
     assert message in str(info.value) and len(str(info.value).splitlines()) == 1
 
 
+def test_compress_load_with_layers_left_on_disk_raises_the_same_line(damaged):
+    """max_memory loading skipped the checks (a helper's find): tracebacks, or a damaged model that ran."""
+    _, folder, message = damaged
+    with pytest.raises(CheckpointError, match=None) as info:
+        compress.load(folder, max_memory="1MB")
+    assert message in str(info.value) and len(str(info.value).splitlines()) == 1
+
+
 def test_every_command_exits_2(damaged, cli, user_error, tmp_path):
     name, folder, message = damaged
     user_error(cli("eval", folder, "--no-speed", "--max-windows", 1), message)

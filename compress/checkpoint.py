@@ -429,10 +429,11 @@ def load_hf_folder(path: Path, config, *, dtype, allow_pickle: bool, meta: bool)
     if meta:
         return empty_model(config, dtype=dtype, meta=True)
     has_safetensors = bool(list(path.glob("*.safetensors")))
+    headers = {}
     if has_safetensors:
         from .checkpoint_validation import check_weight_files
 
-        check_weight_files(path, weight_files(path))
+        headers = check_weight_files(path, weight_files(path))
     else:
         if not list(path.glob("*.bin")):
             raise CheckpointError(f"{path} has no weights (*.safetensors)")
@@ -465,6 +466,14 @@ def load_hf_folder(path: Path, config, *, dtype, allow_pickle: bool, meta: bool)
         names = sorted(str(k) for k in info.get(key) or ())
         if names:
             problems.append(f"{what}: {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}")
+    # integer tensors where the model has floats (or the reverse): loading casts them without a word
+    from .checkpoint_validation import FLOATING
+
+    kinds = [f"{k}: stored {headers[k][0]} vs model {str(v.dtype).removeprefix('torch.')}"
+             for k, v in model.state_dict().items()
+             if k in headers and (headers[k][0] in FLOATING) != v.is_floating_point()]
+    if kinds:
+        problems.append(f"wrong dtypes: {'; '.join(kinds[:3])}")
     if problems:
         raise CheckpointError(f"{path} does not match its config.json: " + " | ".join(problems))
     return model

@@ -125,6 +125,8 @@ def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     out, spans = {}, []
     for name, info in header.items():
         if name == "__metadata__":
+            if not (isinstance(info, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in info.items())):
+                raise _damaged(path, "has a __metadata__ entry that is not a mapping of strings")
             continue
         try:
             dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
@@ -145,6 +147,9 @@ def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
         if begin < end:  # two tensors would read the same bytes (safetensors raises its own error class)
             raise _damaged(path, f"tensors {first!r} and {second!r} overlap in the data section")
+    covered = sum(end - begin for begin, end, _ in spans)
+    if covered != data_size:  # gaps or trailing bytes: the safetensors reader refuses such a file
+        raise _damaged(path, f"holds {data_size - covered} bytes that no tensor covers (gaps or trailing data)")
     return out
 
 

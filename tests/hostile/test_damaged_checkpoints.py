@@ -98,6 +98,27 @@ def _float_bitmask(folder):
     _rewrite(folder, damage)
 
 
+def _edit_header(folder, fn):
+    """Edit the header's JSON in place (padded to the same length: the data section stays where it was)."""
+    data = (folder / WEIGHTS).read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + length])
+    fn(header)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    assert len(text) <= length
+    (folder / WEIGHTS).write_bytes(data[:8] + text + b" " * (length - len(text)) + data[8 + length:])
+
+
+def test_a_plain_folder_with_integers_for_floats_is_refused(tmp_path, tiny_model, save_hf_folder):
+    """transformers casts an int16 norm weight to the model's dtype without a word (a helper's find)."""
+    folder = save_hf_folder(tiny_model("llama"), tmp_path / "hf")
+    state = load_file(folder / WEIGHTS)
+    state["model.norm.weight"] = state["model.norm.weight"].to(torch.int16)
+    save_file(state, folder / WEIGHTS, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="wrong dtypes: model.norm.weight: stored I16 vs model float32"):
+        compress.load(folder)
+
+
 def _overlapping_tensors(folder):
     """Two tensors' data offsets point at the same bytes (each entry's size still matches its shape)."""
     data = (folder / WEIGHTS).read_bytes()
@@ -122,6 +143,11 @@ CASES = {
     "header lies about a dtype": ("bitmask", _lying_dtype, "bytes stored for shape"),
     "empty weights": ("bitmask", _empty, "is empty (0 bytes)"),
     "overlapping tensors": ("bitmask", _overlapping_tensors, "overlap in the data section"),
+    # the safetensors reader refuses both with its own error class (a traceback from a plain folder)
+    "trailing bytes": ("bitmask", lambda f: open(f / WEIGHTS, "ab").write(b"\0" * 64),
+                       "holds 64 bytes that no tensor covers"),
+    "__metadata__ not strings": ("bitmask", lambda f: _edit_header(f, lambda h: h.update(__metadata__={"format": 1})),
+                                 "__metadata__ entry that is not a mapping of strings"),
     "truncated config.json": ("bitmask", _truncated_config, "config.json: not valid JSON at line"),
     "compression is a string": ("bitmask", lambda f: _config(f, lambda c: c.update(compression="yes")),
                                 "the `compression` section is a str, not a mapping"),

@@ -313,17 +313,25 @@ def load_checkpoint(path: Path, config, section: dict, *, dtype, meta: bool = Fa
     from .registry import get_pass
 
     check_format_version(path, section)
-    with _no_init():
-        model = empty_model(config, dtype=dtype, meta=meta)
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()  # from_config under no_init leaves the head untied; the checkpoint stores it once
-    for i, entry in enumerate(section.get("passes", [])):
-        restore_pass(path, i, entry, model)
-    if meta:
+
+    def structure(on_meta: bool) -> nn.Module:
+        with _no_init():
+            model = empty_model(config, dtype=dtype, meta=on_meta)
+        if getattr(config, "tie_word_embeddings", False):
+            model.tie_weights()  # from_config under no_init leaves the head untied; the checkpoint stores it once
+        for i, entry in enumerate(section.get("passes", [])):
+            restore_pass(path, i, entry, model)
         return model
+
+    if meta:
+        return structure(True)
+    # the files against the structure on meta first: a hand-edited record's sizes would be allocated otherwise
     files = weight_files(path)
     headers = check_weight_files(path, files)
-    check_against_model(path, headers, model, _tied_names(model))
+    probe = structure(True)
+    check_against_model(path, headers, probe, _tied_names(probe))
+    del probe
+    model = structure(False)
     state = read_state(path)
     try:
         model.load_state_dict(state, strict=False)

@@ -296,9 +296,9 @@ def _no_init():
 
 def check_format_version(path: Path, section: dict) -> None:
     version = section.get("format_version", 0)
-    if not isinstance(version, int) or isinstance(version, bool):
-        raise CheckpointError(f"{path}: config.json's compression.format_version is {version!r}, not an integer: the "
-                              "file was edited or damaged")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        raise CheckpointError(f"{path}: config.json's compression.format_version is {version!r}, not an integer "
+                              ">= 0: the file was edited or damaged")
     if version > FORMAT_VERSION:
         raise CheckpointError(
             f"{path} was written by compress format version {version} (library {section.get('library_version')}); "

@@ -262,6 +262,8 @@ EDITED_CONFIGS = {
     # said "written by format version 1; this library reads up to version 1: upgrade compress"
     "format version as a string": (lambda c: c["compression"].update(format_version="1"),
                                    "compression.format_version is '1', not an integer"),
+    "a negative format version": (lambda c: c["compression"].update(format_version=-1),
+                                  "compression.format_version is -1, not an integer >= 0"),
     # transformers' traceback about the marked model type (an audit's find); inspect blamed the tensors
     "no compression section": (lambda c: c.pop("compression"),
                                "a compress checkpoint whose `compression` entry is missing (edited?)"),

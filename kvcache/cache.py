@@ -326,6 +326,11 @@ class GEARCache(Cache):
                 f"this GEARCache was built for a config of {len(self.layers)} decoder layer(s), and the model using "
                 f"it has more (layer {layer_idx}): build the cache from that model's config "
                 "(GEARCache(model.config, ...))")
+        layer = self.layers[layer_idx]
+        held = getattr(layer, "window_keys", None) if layer.is_initialized else None
+        if held is not None and held.shape[0] != key_states.shape[0]:  # (a reshape error deep in attention else)
+            raise CompressError(f"this GEARCache holds {held.shape[0]} sequence(s) and was given {key_states.shape[0]}:"
+                                " a cache serves one batch; call cache.reset() (or build a new one) before another")
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def nbytes(self) -> dict[str, int]:

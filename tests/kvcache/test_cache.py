@@ -221,6 +221,19 @@ def test_cache_built_for_a_shallower_model_says_so(lm, heldout_ids, attn):
         lm(heldout_ids[:, :20], cache=GEARCache(config, bits=4), use_cache=True)
 
 
+def test_a_cache_given_another_batch_says_to_reset(lm):
+    """A used cache given a batch of another size failed in torch.cat ("Sizes of tensors must match")."""
+    from compress import CompressError
+
+    cache = GEARCache(lm.config, bits=4)
+    with torch.no_grad():
+        lm(torch.randint(0, 100, (2, 5)), cache=cache, use_cache=True)
+        with pytest.raises(CompressError, match="holds 2 sequence.* given 1.*cache.reset()"):
+            lm(torch.randint(0, 100, (1, 20)), cache=cache, use_cache=True)
+        cache.reset()
+        lm(torch.randint(0, 100, (1, 20)), cache=cache, use_cache=True)
+
+
 def test_reset_starts_a_new_sequence(lm, heldout_ids, attn):
     """One cache, two conversations: after reset() it holds nothing and reads like a new cache (continuing it
     without a reset reads the old tokens as the new prompt's start, as transformers' own caches do)."""

@@ -72,9 +72,9 @@ def check_not_quantized_elsewhere(model: nn.Module) -> None:
     if method == "compressed-tensors" or exported:
         # (a pruned-only export loads as plain dense layers, yet its record names packed tensors: a checkpoint
         # written on top of it matched neither)
-        raise CompressError(f"{source} is a {exported or method} export (for vLLM/transformers): compress's passes start "
-                            "from unquantized weights or its own checkpoints; apply the recipe to the original model "
-                            "(or to the native checkpoint)")
+        raise CompressError(f"{source} is a {exported or method} export (for vLLM/transformers): compress's passes "
+                            "start from unquantized weights or its own checkpoints; apply the recipe to the original "
+                            "model (or to the native checkpoint)")
     if foreign:
         raise CompressError(f"{source} holds layers quantized by {', '.join(foreign)}: compress's passes start from "
                             "unquantized weights or its own checkpoints; apply the recipe to the original model "

@@ -64,7 +64,7 @@ if triton is not None:
     ):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
-        # offsets in 64 bits: rows x stride passes 2^31 at long prompts (32k tokens x 14336 outputs)
+        # offsets in 64 bits: rows x stride passes 2^31 in batched long prompts (8 x 32k tokens x 14336 outputs)
         rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         count = tl.load(off_ptr + rn, mask=rn < N, other=0)  # index of the next kept value of each row

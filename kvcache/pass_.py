@@ -7,7 +7,6 @@ cache of their own. `restore` installs it again on a reloaded model, so `compres
 `compress generate` use the compressed cache by default."""
 from __future__ import annotations
 
-import functools
 import warnings
 
 from pydantic import Field
@@ -173,14 +172,11 @@ class GenerateWithCompressedCache:
             # named by the checkpoint's generation_config.json (e.g. a source model's "static"), not by the caller:
             # the gear_kv pass chose this model's cache, so it stays (transformers fills a None from the model's
             # config and refuses a cache and an implementation at once; a keyword overrides both)
-            _warn_cache_implementation_replaced(own_config)
             kwargs["cache_implementation"] = None
+            if wants_cache and not own:
+                warnings.warn(f"this model's generation_config names cache_implementation={own_config!r}; its "
+                              "gear_kv cache is used instead (pass cache_implementation= to generate to choose "
+                              "another)", stacklevel=2)
         if wants_cache and not own and implementation is None:
             kwargs["cache"] = GEARCache(model.config, model.kv_cache_settings)
         return type(model).generate(model, *args, **kwargs)
-
-
-@functools.lru_cache(maxsize=None)
-def _warn_cache_implementation_replaced(implementation: str) -> None:
-    warnings.warn(f"this model's generation_config names cache_implementation={implementation!r}; its gear_kv cache "
-                  "is used instead (pass cache_implementation= to generate to choose another)", stacklevel=3)

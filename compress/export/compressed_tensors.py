@@ -28,7 +28,6 @@ from torch import nn
 
 from .. import json_out
 from ..errors import ExportError
-from ..prune.masks import is_nm
 from ..prune.sparse_linear import SparseLinear
 
 FORMAT = "compressed-tensors"
@@ -232,7 +231,7 @@ def _stream_state(model: nn.Module, storage_dtype: torch.dtype, summary: ExportS
                     # pruned, stored dense (storage: dense, or auto at low sparsity): its zeros are the mask
                     mask = t != 0
                     summary.sparse.append(owner)
-                    structures.add("2:4" if is_nm(mask, 2, 4) else "unstructured")
+                    structures.add(_nm_label(mask))
                     zeros, total = zeros + int((~mask).sum()), total + mask.numel()
                 yield key, t
             elif owner not in done:
@@ -252,6 +251,16 @@ def _stream_state(model: nn.Module, storage_dtype: torch.dtype, summary: ExportS
     if structures:
         summary.sparsity_structure = structures.pop() if len(structures) == 1 else "unstructured"
     summary.global_sparsity = zeros / max(total, 1)
+
+
+def _nm_label(mask: torch.Tensor) -> str:
+    """"2:4" or "4:8" where every group keeps at most that many (a group may keep fewer: zeros of an earlier prune),
+    else "unstructured": the structure of a pruned layer stored dense, read from its zeros."""
+    rows, cols = mask.shape
+    for n, m in ((2, 4), (4, 8)):
+        if cols % m == 0 and bool((mask.reshape(rows, cols // m, m).sum(-1) <= n).all()):
+            return f"{n}:{m}"
+    return "unstructured"
 
 
 def _sparsity_metadata(model: nn.Module, summary: ExportSummary) -> dict | None:

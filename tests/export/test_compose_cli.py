@@ -288,15 +288,21 @@ def test_apply_to_a_pruned_only_export_is_refused_before_any_work(tmp_path, dry_
     assert "native checkpoint" in result.output and not (tmp_path / "out").exists()
 
 
-def test_an_export_describes_layers_pruned_but_stored_dense(tmp_path):
+@pytest.mark.parametrize("passes,structure,sparsity", [
+    ("  - prune: {method: magnitude, sparsity: 0.3, storage: dense}\n", "unstructured", 0.3),
+    # 2:4 over a sparser layer: some groups keep fewer than 2 (still 2:4; is_nm's "exactly 2" called it unstructured)
+    ("  - prune: {method: magnitude, sparsity: 0.3, storage: dense}\n"
+     "  - prune: {method: magnitude, structure: '2:4', storage: dense}\n", "2:4", 0.524),
+])
+def test_an_export_describes_layers_pruned_but_stored_dense(tmp_path, passes, structure, sparsity):
     """storage: dense (or auto at low sparsity) keeps a pruned layer's zeros in a plain weight; the export said
     'sparse_modules 0, global_sparsity 0.0' and wrote no sparsity description for them (a helper's run)."""
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("passes:\n  - prune: {method: magnitude, sparsity: 0.3, storage: dense}\n")
+    recipe.write_text("passes:\n" + passes)
     assert run("apply", recipe, "--model", "builtin:tiny", "--output", tmp_path / "native", "--no-eval").exit_code == 0
     summary = json.loads(run("export", tmp_path / "native", "-o", tmp_path / "ct", "--json").stdout)["export"]
-    assert summary["sparse_modules"] == 42 and summary["sparsity_structure"] == "unstructured"
-    assert summary["global_sparsity"] == pytest.approx(0.3, abs=1e-3)
+    assert summary["sparse_modules"] == 42 and summary["sparsity_structure"] == structure
+    assert summary["global_sparsity"] == pytest.approx(sparsity, abs=1e-3)
     sparsity = json.loads((tmp_path / "ct" / "config.json").read_text())["compression"]["sparsity"]
     assert sparsity["format"] == "dense" and len(sparsity["targets"]) == 42
 

@@ -1,5 +1,6 @@
 """The gear_kv pass: recipe arguments validated, recorded in the checkpoint, and a reloaded model generates with
 the compressed cache by default."""
+import warnings
 from pathlib import Path
 
 import pytest
@@ -155,6 +156,13 @@ def test_a_cache_implementation_in_the_checkpoint_does_not_replace_the_compresse
         out = model.generate(ids, max_new_tokens=3, do_sample=False, return_dict_in_generate=True,
                              cache_implementation="dynamic")
     assert isinstance(out.cache, DynamicCache) and not isinstance(out.cache, GEARCache)
+    with warnings.catch_warnings():  # no cache, or the caller's own: nothing to say (and transformers takes them)
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            model.generate(ids, max_new_tokens=2, do_sample=False, use_cache=False)
+            out = model.generate(ids, max_new_tokens=2, do_sample=False, cache=DynamicCache(),
+                                 return_dict_in_generate=True)
+    assert not isinstance(out.cache, GEARCache)
 
 
 def test_the_timed_decoding_reads_the_compressed_past(monkeypatch, reference_tokenizer):

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import CompressError
 from .intervals import paired_figures
 from .progress import progress_bar
 
@@ -224,17 +225,32 @@ def speed_prompt(model: nn.Module, tokenizer, new_tokens: int = SPEED_NEW_TOKENS
 
 def generation_speed(model: nn.Module, tokenizer, prompt: torch.Tensor | None = None,
                      new_tokens: int = SPEED_NEW_TOKENS, **generate_kwargs) -> float:
-    """Greedy decoding tokens per second after `prompt` (default `speed_prompt`): the time of `new_tokens` less that
-    of the prompt's forward and first token, timed alone (wall clock; compare as ratios within one run only)."""
+    """Greedy decoding tokens per second after `prompt` (default `speed_prompt`), from the first new token to the
+    last within one generate call: the prompt's forward is not counted (wall clock; compare as ratios within one run
+    only)."""
     device = next(model.parameters()).device
     ids = (speed_prompt(model, tokenizer, new_tokens) if prompt is None else prompt).to(device)
+    model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, **generate_kwargs)  # warm-up
+    clock = _TokenClock()
+    model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, streamer=clock,
+                   **generate_kwargs)
+    return clock.tokens_per_second()
 
-    def timed(n: int) -> float:
-        t0 = time.perf_counter()
-        model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, **generate_kwargs)
-        return time.perf_counter() - t0
 
-    timed(4)  # warm-up
-    first, whole = timed(1), timed(new_tokens)
-    decoding = whole - first if whole > first else whole  # (a machine busy enough to invert them: the whole call)
-    return (new_tokens - 1) / decoding
+class _TokenClock:
+    """A generate streamer that only notes when each put arrives: the prompt's, then one per new token (greedy
+    decoding puts each token after its step; generate waits for the step's result anyway, so no sync is added)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+    def tokens_per_second(self) -> float:
+        if len(self.times) < 3:  # (a generation stopped before two new tokens)
+            raise CompressError("timing generation: the model produced fewer than two tokens")
+        return (len(self.times) - 2) / (self.times[-1] - self.times[1])

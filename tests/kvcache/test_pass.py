@@ -186,10 +186,22 @@ def test_the_timed_decoding_reads_the_compressed_past(monkeypatch, reference_tok
 
     monkeypatch.setattr(cache_module.GEARLayer, "update", counting)
     assert generation_speed(model, reference_tokenizer, prompt, new_tokens=8) > 0
-    per_generate = [4, 1, 8]  # warm-up, the prompt's first token, the timed tokens: each a prefill then steps
+    per_generate = [4, 8]  # warm-up, the timed tokens: each a prefill then steps
     layers = model.config.num_hidden_layers
     assert calls[0] == sum(per_generate) * layers
     assert read_past[0] == sum(n - 1 for n in per_generate) * layers  # every decoding step
+
+
+def test_the_token_clock_times_from_the_first_new_token():
+    """The prompt's put and the first token's (the prompt's forward) are not in the rate."""
+    from compress.evaluate import _TokenClock
+
+    clock = _TokenClock()
+    clock.times = [0.0, 5.0, 5.5, 6.0, 6.5]  # prompt, token 1 (after the forward), tokens 2-4 every 0.5 s
+    assert clock.tokens_per_second() == pytest.approx(2.0)
+    clock.times = [0.0, 5.0]
+    with pytest.raises(CompressError, match="fewer than two tokens"):
+        clock.tokens_per_second()
 
 
 def test_generate_pickles_as_an_object_holding_the_model():

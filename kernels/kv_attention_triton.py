@@ -165,7 +165,7 @@ if triton is not None:
             PK: tl.constexpr, PV: tl.constexpr, K_LR: tl.constexpr, V_LR: tl.constexpr, HAS_BIAS: tl.constexpr,
             ROWS: tl.constexpr, RB: tl.constexpr, BLOCK_W: tl.constexpr, DOT16: tl.constexpr,
             A_FP8: tl.constexpr, ALIGN16: tl.constexpr, SCALE8: tl.constexpr, BITS_V: tl.constexpr):
-        bh = tl.program_id(0).to(tl.int64)  # offsets in 64 bits: a page's codes may pass 2 GiB (large page_chunks)
+        bh = tl.program_id(0)  # (32-bit offsets: triton_supports sends pages of 2^31 elements or more elsewhere)
         rows = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
         split = tl.program_id(2)
         n_splits = tl.num_programs(2)
@@ -235,8 +235,8 @@ def _combine_splits(acc: torch.Tensor, m: torch.Tensor, l: torch.Tensor) -> torc
 
 def triton_supports(keys, values, d: int) -> bool:
     """Shapes the kernel tiles: power-of-two head_dim >= 16, chunk >= 16 and group sizes dividing them, the same
-    page structure and scale format for keys and values (their bits may differ), every page but the last full,
-    ranks <= RANK_BLOCK."""
+    page structure and scale format for keys and values (their bits may differ), every page but the last full and
+    under 2^31 elements a tensor, ranks <= RANK_BLOCK."""
     if not (_pow2(d) and d >= 16):
         return False
     if num_tokens(keys) == 0:
@@ -248,6 +248,9 @@ def triton_supports(keys, values, d: int) -> bool:
             and all(k.codes.shape[2] == v.codes.shape[2] for k, v in zip(keys.pages, values.pages))
             # the kernel finds a chunk's page by arithmetic: every page but the last full (the cache's are)
             and all(p.codes.shape[2] == keys.page_chunks * c for p in keys.pages[:-1])
+            # its offsets are 32-bit (64-bit ones spill registers at head_dim 256): a page past 2^31 elements, e.g.
+            # page_chunks 1024 x 128 tokens at batch 8 x 32 heads, goes to the C kernel / reference
+            and all(t.numel() < 2 ** 31 for p in keys.pages + values.pages for t in p.tensors())
             and max([p.rank for p in keys.pages + values.pages] + [0]) <= RANK_BLOCK
             and len({p.a.dtype for p in keys.pages + values.pages if p.a is not None}) <= 1
             and len({p.scale.dtype for p in keys.pages + values.pages}) == 1)

@@ -134,8 +134,9 @@ def test_keys_and_values_at_different_widths(bits, value_bits):
 
 
 def test_triton_refuses_pages_it_would_misread():
-    """The Triton kernel finds a chunk's page by arithmetic (every page but the last holds page_chunks chunks);
-    stores whose pages say otherwise go to the C kernel / reference, which read each page's own length."""
+    """The Triton kernel finds a chunk's page by arithmetic (every page but the last holds page_chunks chunks) and
+    offsets in 32 bits: stores whose pages say otherwise, or hold a tensor of 2^31 elements, go to the C kernel /
+    reference, which read each page's own length in 64-bit offsets."""
     import copy
 
     q, keys, values, *_ = make_case(**GEAR)
@@ -145,6 +146,15 @@ def test_triton_refuses_pages_it_would_misread():
     claimed_k, claimed_v = copy.copy(keys), copy.copy(values)
     claimed_k.page_chunks = claimed_v.page_chunks = keys.page_chunks + 1
     assert not AT.triton_supports(claimed_k, claimed_v, q.shape[-1])
+    # a page tensor of 2^31 elements or more: the kernel's 32-bit offsets would wrap (shape only: an expanded view)
+    huge_k, huge_v = copy.copy(keys), copy.copy(values)
+    huge_k.pages = list(keys.pages)
+    page = copy.copy(keys.pages[0])
+    tokens = page.codes.shape[2]  # (kept: the page stays full)
+    page.codes = page.codes[:1, :1, :1, :1].expand(2 ** 16, 2 ** 31 // (2 ** 16 * tokens), tokens, 1)  # one byte held
+    assert page.codes.numel() == 2 ** 31
+    huge_k.pages[0] = page
+    assert not AT.triton_supports(huge_k, huge_v, q.shape[-1])
 
 
 @pytest.mark.parametrize("bits, group", [(4, 64), (3, 4), (2, 16)])

@@ -33,6 +33,9 @@ from .resume import (check_adapter_shapes, check_checkpoint_dir, check_resume_fr
 ADAPTER_FOLDER = "adapter"
 
 
+MAX_WINDOWS = 1 << 24  # training windows drawn up front (an int64 offset each: 128 MiB)
+
+
 @register_pass("recover")
 class Recover(Pass):
     """Train LoRA adapters on calibration text to recover quality after compression; merge them or keep them."""
@@ -210,6 +213,11 @@ class Recover(Pass):
             raise ConfigError(f"recover: max_tokens {c.max_tokens} is less than one step (batch_size {c.batch_size} "
                               f"x {where} {seq_len}{devices} = {step} tokens); raise max_tokens or lower batch_size "
                               "/ seq_len")
+        if c.max_tokens // seq_len > MAX_WINDOWS:  # (it allocated an offset per window: a traceback past memory)
+            raise ConfigError(f"recover: max_tokens {c.max_tokens} is {c.max_tokens // seq_len:,} windows of {seq_len} "
+                              f"tokens, more than the {MAX_WINDOWS:,} it draws; the learning-rate schedule spans "
+                              "max_tokens too (a budget max_minutes cannot reach keeps the rate near its warm-up's "
+                              "0), so give about what fits in max_minutes")
 
     def _seq_len(self, ctx: PassContext) -> int:
         """Training windows' length: the argument, else the calibration's."""

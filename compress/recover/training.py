@@ -359,5 +359,7 @@ def train(peft_model: nn.Module, plan: TrainingPlan, teacher: nn.Module | None, 
         "last_loss": losses[-1] if losses else None,
         **({"first_kl": kls[0], "last_kl": kls[-1]} if kls else {}),
         **({"first_aux": auxes[0], "last_aux": auxes[-1]} if auxes else {}),
-        "train_loss": round(float(result.training_loss), 4) if not math.isnan(result.training_loss) else None,
+        # (a resumed run that had nothing left to train: the Trainer's 0.0 is no loss)
+        "train_loss": round(float(result.training_loss), 4)
+        if trainer.state.global_step > resumed_at and not math.isnan(result.training_loss) else None,
     }

@@ -38,6 +38,9 @@ CALIBRATION = "calibration: {source: builtin:calibration, num_samples: 2, seq_le
      "resume_from /nonexistent/ckpt is not a folder"),
     ("  - recover: {max_tokens: 100000, seq_len: 4096}\n", "seq_len 4096 is longer than the model's context"),
     ("  - recover: {max_tokens: 512, seq_len: 512, batch_size: 2}\n", "max_tokens 512 is less than one step"),
+    # an offset per window was allocated: an out-of-memory traceback after the earlier passes (a helper's find)
+    ("  - prune: {method: magnitude}\n  - recover: {max_tokens: 100000000000000, seq_len: 64}\n",
+     "max_tokens 100000000000000 is 1,562,500,000,000 windows of 64 tokens, more than the 16,777,216 it draws"),
     ("  - prune: {method: magnitude}\n  - recover: {max_tokens: 200}\n",  # 8 windows of the calibration's 32
      "recover: max_tokens 200 is less than one step .*seq_len from the calibration 32"),
     ("  - linearize: {variant: gla}\n  - recover: {max_tokens: 256, train_modules: ['re:.*router$']}\n",

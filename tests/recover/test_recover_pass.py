@@ -224,6 +224,7 @@ def test_a_resumed_run_at_another_batch_size_trains_the_tokens_left(tmp_path, pr
     _, spent = recover(copy.deepcopy(pruned_2of4), reference_tokenizer, max_tokens=10 * 128,
                        checkpoint_dir=str(folder), save_steps=2)
     assert (spent["steps_this_run"], spent["tokens_this_run"], spent["tokens"]) == (0, 0, 12 * 128)
+    assert spent["train_loss"] is None  # (the Trainer's 0.0 for no step: a helper's find)
 
 
 def test_checkpoint_progress_of_a_checkpoint_that_counted_no_tokens(tmp_path):

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import CheckpointError
+from .errors import CheckpointError, first_line
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 ITEM_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
@@ -334,4 +334,45 @@ def _vq_problem(h) -> str | None:
     if h.shortlist_size and (int(h.shortlist_ids.long().min()) < 0
                              or int(h.shortlist_ids.long().max()) >= h.out_features):
         return "a shortlist token id is outside the vocabulary"
+    return None
+
+
+# ------------------------------------------------------------------------------------------- generation config
+def read_generation_config(path: Path):
+    """The folder's generation_config.json (end-of-sequence ids, sampling defaults) as from_pretrained reads it, or
+    None without one; a file generate could not use is a CheckpointError."""
+    from transformers import GenerationConfig
+
+    if not (path / "generation_config.json").is_file():
+        return None
+    try:
+        config = GenerationConfig.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as exc:  # JSONDecodeError is a ValueError; a list/string: TypeError
+        raise CheckpointError(f"{path / 'generation_config.json'}: cannot be read ({first_line(exc)})") from None
+    problem = _generation_config_problem(config)
+    if problem:  # (generate failed on it with a traceback)
+        raise CheckpointError(f"{path / 'generation_config.json'}: {problem}; fix or remove the file")
+    return config
+
+
+def _generation_config_problem(config) -> str | None:
+    """What generate cannot take in a (hand-edited) generation config: token ids that are not integers, counts that
+    are not non-negative integers, sampling settings that are not numbers."""
+    def whole(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    for field in ("eos_token_id", "pad_token_id", "bos_token_id", "decoder_start_token_id"):
+        v = getattr(config, field, None)  # (any integer: some published configs say -1 for none)
+        if v is not None and not all(isinstance(i, int) and not isinstance(i, bool)
+                                     for i in (v if isinstance(v, list) else [v])):
+            return f"{field} is {v!r}, not a token id (an integer, or a list of them for eos_token_id)"
+    for field in ("max_new_tokens", "max_length", "min_new_tokens", "min_length", "top_k", "num_beams",
+                  "num_return_sequences"):
+        v = getattr(config, field, None)
+        if v is not None and not whole(v):
+            return f"{field} is {v!r}, not a non-negative integer"
+    for field in ("temperature", "top_p", "repetition_penalty"):
+        v = getattr(config, field, None)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            return f"{field} is {v!r}, not a number"
     return None

@@ -236,6 +236,7 @@ def _folder_identity(path: Path) -> tuple | None:
 def _read_folder(path: Path, dtype, device, allow_pickle: bool, meta: bool, max_memory, offload_folder):
     """(model, its storage dtype) from the folder `path`, as `load` describes."""
     from .checkpoint import load_checkpoint, load_hf_folder
+    from .checkpoint_validation import read_generation_config
 
     config = read_config(path)
     generation = read_generation_config(path)  # before building: from_pretrained reads it too, with tracebacks
@@ -298,46 +299,6 @@ def describe_nonfinite(bad: list[tuple[str, int, int]]) -> str:
     name, count, _ = bad[0]
     more = f", and {len(bad) - 1} more tensor{'s' if len(bad) > 2 else ''}" if len(bad) > 1 else ""
     return f"{count} NaN or inf value{'s' if count != 1 else ''} in {name}{more}"
-
-
-def read_generation_config(path: Path):
-    """The folder's generation_config.json (end-of-sequence ids, sampling defaults) as from_pretrained reads it, or
-    None without one; a file generate could not use is a CheckpointError."""
-    from transformers import GenerationConfig
-
-    if not (path / "generation_config.json").is_file():
-        return None
-    try:
-        config = GenerationConfig.from_pretrained(path)
-    except (OSError, ValueError, TypeError) as exc:  # JSONDecodeError is a ValueError; a list/string: TypeError
-        raise CheckpointError(f"{path / 'generation_config.json'}: cannot be read ({first_line(exc)})") from None
-    problem = _generation_config_problem(config)
-    if problem:  # (generate failed on it with a traceback)
-        raise CheckpointError(f"{path / 'generation_config.json'}: {problem}; fix or remove the file")
-    return config
-
-
-def _generation_config_problem(config) -> str | None:
-    """What generate cannot take in a (hand-edited) generation config: token ids that are not integers, counts that
-    are not non-negative integers, sampling settings that are not numbers."""
-    def whole(v) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
-
-    for field in ("eos_token_id", "pad_token_id", "bos_token_id", "decoder_start_token_id"):
-        v = getattr(config, field, None)  # (any integer: some published configs say -1 for none)
-        if v is not None and not all(isinstance(i, int) and not isinstance(i, bool)
-                                     for i in (v if isinstance(v, list) else [v])):
-            return f"{field} is {v!r}, not a token id (an integer, or a list of them for eos_token_id)"
-    for field in ("max_new_tokens", "max_length", "min_new_tokens", "min_length", "top_k", "num_beams",
-                  "num_return_sequences"):
-        v = getattr(config, field, None)
-        if v is not None and not whole(v):
-            return f"{field} is {v!r}, not a non-negative integer"
-    for field in ("temperature", "top_p", "repetition_penalty"):
-        v = getattr(config, field, None)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
-            return f"{field} is {v!r}, not a number"
-    return None
 
 
 def checkpoint_dtype(model: nn.Module) -> torch.dtype:

@@ -474,12 +474,10 @@ def load_hf_folder(path: Path, config, *, dtype, allow_pickle: bool, meta: bool)
         names = sorted(str(k) for k in info.get(key) or ())
         if names:
             problems.append(f"{what}: {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}")
-    # integer tensors where the model has floats (or the reverse): loading casts them without a word
-    from .checkpoint_validation import FLOATING
+    # integers for floats (or the reverse) cast silently; a Hugging Face folder's integer widths are its loader's
+    from .checkpoint_validation import dtype_mismatches
 
-    kinds = [f"{k}: stored {headers[k][0]} vs model {str(v.dtype).removeprefix('torch.')}"
-             for k, v in model.state_dict().items()
-             if k in headers and (headers[k][0] in FLOATING) != v.is_floating_point()]
+    kinds = dtype_mismatches(headers, model.state_dict(), exact_integers=False, stored="stored")
     if kinds:
         problems.append(f"wrong dtypes: {'; '.join(kinds[:3])}")
     if problems:

@@ -203,10 +203,7 @@ def check_against_model(folder: Path, headers: dict[str, tuple[str, tuple[int, .
     wrong = [f"{k}: checkpoint {tuple(headers[k][1])} vs model {tuple(v.shape)}"
              for k, v in expected.items() if k in headers and tuple(headers[k][1]) != tuple(v.shape)]
     # integers exactly: loading casts, so codes or positions stored wider would wrap into range past the checks
-    kinds = [f"{k}: checkpoint {headers[k][0]} vs model {str(v.dtype).removeprefix('torch.')}"
-             for k, v in expected.items()
-             if k in headers and ((headers[k][0] in FLOATING) != v.is_floating_point()
-                                  or (not v.is_floating_point() and headers[k][0] != INTEGER_NAMES.get(v.dtype)))]
+    kinds = dtype_mismatches(headers, expected, exact_integers=True)
     problems = []
     if missing:
         problems.append(f"missing tensors: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
@@ -221,6 +218,17 @@ def check_against_model(folder: Path, headers: dict[str, tuple[str, tuple[int, .
         problems.append(f"wrong dtypes: {'; '.join(kinds[:3])}")
     if problems:
         raise CheckpointError(f"{folder} does not match its config: " + " | ".join(problems))
+
+
+def dtype_mismatches(headers: dict[str, tuple[str, tuple[int, ...]]], expected: dict[str, torch.Tensor], *,
+                     exact_integers: bool, stored: str = "checkpoint") -> list[str]:
+    """"name: checkpoint DTYPE vs model dtype" for stored tensors of the other kind (integer for floating or the
+    reverse: loading casts them without a word), and with `exact_integers` integers of another width."""
+    return [f"{k}: {stored} {headers[k][0]} vs model {str(v.dtype).removeprefix('torch.')}"
+            for k, v in expected.items()
+            if k in headers and ((headers[k][0] in FLOATING) != v.is_floating_point()
+                                 or (exact_integers and not v.is_floating_point()
+                                     and headers[k][0] != INTEGER_NAMES.get(v.dtype)))]
 
 
 def check_export_quantization(folder: Path, quantization: dict, headers: dict[str, tuple[str, tuple[int, ...]]],

@@ -116,8 +116,9 @@ def eval_cmd(model_src, baseline, text_file, seq_len, max_windows, speed, activa
         rows.append(["total", f"{a['sparsity']:.3f}"])
         con.print(_table(f"FFN activation sparsity at CETT {a['cett']:.4f} (ppl {a['perplexity_dense']:.3f} -> "
                          f"{a['perplexity']:.3f}, {100 * a['ppl_increase']:+.2f}%)", ["layer", "sparsity"], rows))
-        passes = (getattr(model.config, "compression", None) or {}).get("passes") or []
-        if any(isinstance(e, dict) and e.get("pass") == "activation_sparsity" for e in passes):
+        from .activation_sparsity.mlp import ActivationSparseMLP
+
+        if any(isinstance(m, ActivationSparseMLP) for m in model.modules()):
             # its own skipped neurons count as inactive, and the +1% is over this model, not the original
             con.print("note: this model is already activation-sparse (an activation_sparsity pass): the figures are "
                       "measured on top of it, against its own perplexity, not the original's")

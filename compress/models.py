@@ -354,7 +354,7 @@ def layers_left_on_disk(source: str | Path, *, max_memory, dtype: str | torch.dt
     dtype = compute_dtype(dtype, storage_dtype(config, path), device)
     section = compression_section(path)
     native = section if section is not None and not section.get("export_format") else None
-    return offload_plan(empty_structure(config, native, dtype), dtype, max_memory)
+    return offload_plan(empty_structure(config, native, dtype, path), dtype, max_memory)
 
 
 def text_config(config):

@@ -409,7 +409,7 @@ def load_offloaded(path: Path, files: list[Path], model: nn.Module, *, dtype: to
     return model
 
 
-def empty_structure(config, section: dict | None, dtype: torch.dtype, path: Path | None = None) -> nn.Module:
+def empty_structure(config, section: dict | None, dtype: torch.dtype, path: Path) -> nn.Module:
     """The model with its compressed modules rebuilt, parameters on meta. Buffers that the constructor computes
     (rotary frequencies) stay real; whatever the passes' `restore` creates stays meta until filled. `path`: the
     checkpoint's folder, named in the error a damaged restore record gives."""
@@ -417,16 +417,12 @@ def empty_structure(config, section: dict | None, dtype: torch.dtype, path: Path
     from transformers import AutoModelForCausalLM
 
     from .checkpoint import _no_init, restore_pass
-    from .registry import get_pass
 
     with init_empty_weights(include_buffers=False), _no_init():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     with init_empty_weights(include_buffers=True):
         for i, entry in enumerate((section or {}).get("passes", [])):
-            if path is not None:
-                restore_pass(path, i, entry, model)
-            else:
-                get_pass(entry["pass"]).from_record(entry.get("args", {})).restore(model, entry)
+            restore_pass(path, i, entry, model)
     return model
 
 

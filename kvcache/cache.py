@@ -78,13 +78,14 @@ class GEARLayer(CacheLayerMixin):
 
     is_croppable = True  # crop into compressed chunks restores their reconstruction (see `crop`)
 
-    def __init__(self, settings: KVCacheSettings, reads_storage=lambda: False, sliding_window: int | None = None):
+    def __init__(self, settings: KVCacheSettings, reads_storage=lambda: False, sliding_window: int | None = None,
+                 layer_idx: int | None = None):
         super().__init__()
         self.settings = settings
         self.reads_storage = reads_storage  # whether attention reads the compressed storage (else: dense return)
         self.sliding_window = sliding_window
         self.is_sliding = sliding_window is not None
-        self.layer_idx = None  # set by GEARCache: named in errors
+        self.layer_idx = layer_idx  # named in errors
         self.key_store = self.value_store = None
         self.window_keys = self.window_values = None
         self.evicted = 0  # tokens dropped from the front (sliding layers)
@@ -272,10 +273,11 @@ class GEARLayer(CacheLayerMixin):
 class KIVILayer(GEARLayer):
     """KIVI: the same streaming storage with quantization only (no outliers, no low-rank term)."""
 
-    def __init__(self, settings: KVCacheSettings, reads_storage=lambda: False, sliding_window: int | None = None):
+    def __init__(self, settings: KVCacheSettings, reads_storage=lambda: False, sliding_window: int | None = None,
+                 layer_idx: int | None = None):
         super().__init__(settings.model_copy(update=dict(method="kivi", outlier_ratio=0.0, key_rank=0, value_rank=0,
                                                          key_prefill_rank=None, value_prefill_rank=None)),
-                         reads_storage, sliding_window)
+                         reads_storage, sliding_window, layer_idx)
 
 
 class GEARCache(Cache):
@@ -314,9 +316,7 @@ class GEARCache(Cache):
         def layer(i: int):
             if i in settings.skip_layers:
                 return uncompressed_layer(i, sliding)
-            compressed = layer_cls(settings, reads_storage, sliding.get(i))
-            compressed.layer_idx = i
-            return compressed
+            return layer_cls(settings, reads_storage, sliding.get(i), layer_idx=i)
 
         super().__init__(layers=[layer(i) for i in range(num_layers)])
 

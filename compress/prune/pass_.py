@@ -98,6 +98,9 @@ class Prune(Pass):
             if c.owl:
                 raise ConfigError("owl (non-uniform layer sparsity) works with unstructured pruning only; "
                                   "drop `owl` or use structure: unstructured")
+        if c.owl and isinstance(c.sparsity, list):
+            raise ConfigError("owl sets each layer's sparsity from its outliers, around one mean: give one sparsity, "
+                              "or drop owl to use the per-layer list")
         if isinstance(c.sparsity, list) and not c.sparsity:
             raise ConfigError("sparsity list is empty: give one number, or one per decoder layer")
         if not restoring() and (c.sparsity == 0 or isinstance(c.sparsity, list) and not any(c.sparsity)):
@@ -164,7 +167,8 @@ class Prune(Pass):
             "layer_sparsity": ([round(z / t, 4) if t else None for z, t in
                                 (state.layer_zeros.get(i, (0, 0)) for i in range(len(layer_sparsity)))]
                                if layer_sparsity else None),
-            "layer_sparsity_target": [round(s, 4) for s in layer_sparsity] if layer_sparsity else None,
+            "layer_sparsity_target": ([None if s is None else round(s, 4) for s in layer_sparsity]
+                                      if layer_sparsity else None),
             "storage": {"packed": len(state.restore), "dense": len(names) - len(state.restore)},
             **({"hessian": state.hessian_notes} if state.hessian_notes else {}),
             "restore": state.restore,
@@ -299,21 +303,27 @@ class Prune(Pass):
             return list(s)
         if not self.config.owl:
             return None
-        ratios = [0.0] * num_layers
-        targets = self.target_modules(model)
+        names = list(layer_of)  # the Linear targets (a pattern may also match their containers)
+        ratios: dict[int, float] = {}
 
         def measure(step):
-            mods = {n: m for n, m in targets.items() if layer_of[n] == step.index}
+            mods = modules_in_layer(names, step.name, step.layer)
+            if not mods:
+                return
             accs = {n: InputNormAccumulator(m.in_features, m.weight.device) for n, m in mods.items()}
             step.run({m: _input_hook(accs[n]) for n, m in mods.items()})
             check_calibration_inputs(accs, label, without_data="owl: false" if self.config.method == "magnitude"
                                      else "method: magnitude")
-            if mods:
-                ratios[step.index] = outlier_ratio([wanda_scores(m.weight, accs[n].norms()) for n, m in mods.items()],
-                                                   self.config.owl_threshold)
+            ratios[step.index] = outlier_ratio([wanda_scores(m.weight, accs[n].norms()) for n, m in mods.items()],
+                                               self.config.owl_threshold)
 
         ctx.run_sequential(model, measure, pass_name=f"{label}: OWL outlier ratios")
-        return owl_sparsities(ratios, s, self.config.owl_lambda)
+        # spread over the layers that have targets only: a layer with none (e.g. ignored) took a share of the mean
+        # it never pruned and set the low end of the min-max scaling (0.475 pruned for 0.5 asked, layer 0 ignored)
+        pruned = sorted(ratios)
+        spread = owl_sparsities([ratios[i] for i in pruned], s, self.config.owl_lambda)
+        by_layer = dict(zip(pruned, spread))
+        return [by_layer.get(i) for i in range(num_layers)]
 
     def _sparsity_of(self, layer: int | None, layer_sparsity: list[float] | None) -> float:
         if layer_sparsity is None or layer is None:

@@ -163,6 +163,19 @@ def test_per_layer_sparsity_and_owl(reference_tokenizer):
     assert report.details["sparsity"] == pytest.approx(0.5, abs=0.01)
 
 
+def test_owl_spreads_over_the_pruned_layers_only(reference_tokenizer):
+    """An ignored decoder layer took a share of OWL's mean and set the low end of its scaling: the pruned layers
+    averaged 0.475 for 0.5 asked. A pattern matching the MLP containers (not only their Linears) raised KeyError."""
+    model, report = pruned("wanda", reference_tokenizer, sparsity=0.5, owl=True, owl_lambda=0.1,
+                           targets=[r"re:.*mlp.*"], ignore=[r"re:model\.layers\.0\..*"])
+    layer_s = report.details["layer_sparsity_target"]
+    assert layer_s[0] is None and report.details["layer_sparsity"][0] is None
+    assert sum(layer_s[1:]) / 5 == pytest.approx(0.5, abs=1e-4)
+    assert max(layer_s[1:]) - min(layer_s[1:]) == pytest.approx(0.2, abs=1e-3)
+    assert report.details["sparsity"] == pytest.approx(0.5, abs=2e-3)
+    assert not any(isinstance(m, SparseLinear) for m in decoder_layers(model)[1][0].modules())
+
+
 def test_non_pd_hessian_in_the_pass_is_reported(monkeypatch, reference_tokenizer):
     from compress.prune import pass_ as glue
     from compress.prune.sparsegpt import HessianAccumulator
@@ -205,6 +218,7 @@ def test_qwen2_biases_round_trip(tmp_path, tiny_model):
     ({"sparsity": []}, "empty"),
     ({"method": "wanda", "blocksize": 64}, "blocksize does nothing here"),
     ({"owl_lambda": 0.1}, "owl_lambda does nothing here"),
+    ({"owl": True, "sparsity": [0.5] * 6}, "owl sets each layer's sparsity"),  # the list was used, OWL ignored
 ])
 def test_config_errors(args, match):
     with pytest.raises(ConfigError, match=match):

@@ -54,30 +54,31 @@ def gptq_quantize(
     if keep is not None:
         w = w * keep
     notes = [n for n in [mark_dead_inputs(h)] if n]
-    factor, damp, retries = inverse_hessian_factor(h, dampening)
-    if factor is None:
-        codes, scales, zeros = quantize_rtn(w, bits, group_size, symmetric, scale_dtype, keep)
-        return GPTQResult(codes, scales, zeros, float("nan"),
-                          fallback="Hessian not factorizable even with large dampening; rounded to nearest", notes=notes)
-    if retries:
-        notes.append(f"Hessian not positive definite at dampening {dampening:g}; used {damp:g} x mean diagonal")
-
     groups = -(-cols // group_size)
     scales = torch.zeros(rows, groups, device=w.device)
     zeros = None if symmetric else torch.zeros(rows, groups, device=w.device)
+    unpermuted, unpermuted_keep = w, keep
     if act_order:
         for g in range(groups):  # static groups from the original weights
             s, z = group_params(w[:, g * group_size:(g + 1) * group_size], bits, symmetric, scale_dtype)
             scales[:, g] = s
             if zeros is not None:
                 zeros[:, g] = z
+        # one factorization, of the permuted Hessian: factorizing the original first and the permuted one after
+        # without retries failed in float32 on some near-singular Hessians (a TypeError on None)
         perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
         w, h = w[:, perm], h[perm][:, perm]
         keep = keep[:, perm] if keep is not None else None
-        factor, _, _ = inverse_hessian_factor(h, damp, max_retries=0)
     else:
         perm = torch.arange(cols, device=w.device)
         blocksize = max(group_size, blocksize // group_size * group_size)  # a group never straddles two blocks
+    factor, damp, retries = inverse_hessian_factor(h, dampening)
+    if factor is None:
+        codes, scales, zeros = quantize_rtn(unpermuted, bits, group_size, symmetric, scale_dtype, unpermuted_keep)
+        return GPTQResult(codes, scales, zeros, float("nan"),
+                          fallback="Hessian not factorizable even with large dampening; rounded to nearest", notes=notes)
+    if retries:
+        notes.append(f"Hessian not positive definite at dampening {dampening:g}; used {damp:g} x mean diagonal")
     group_of = perm // group_size  # group of the column at each scan position
     codes = torch.zeros_like(w)
     for i1 in range(0, cols, blocksize):

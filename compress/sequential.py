@@ -65,8 +65,19 @@ class LayerStep:
                 h.remove()
 
 
+def mixed_layer_types(model: nn.Module) -> list[str] | None:
+    """The attention type of each decoder layer where they differ (Qwen2/Qwen3 with `use_sliding_window`, Gemma-like
+    configs: sliding and full attention), else None. The model passes each layer the mask of its own type."""
+    from .models import text_config
+
+    types = getattr(text_config(model.config), "layer_types", None)
+    return list(types) if types and len(set(types)) > 1 else None
+
+
 @torch.no_grad()
 def capture_layer0_inputs(model: nn.Module, batches: torch.Tensor, batch_size: int, device: str):
+    """Layer 0's inputs per batch and the keyword arguments the model passes it; with mixed attention types, the
+    keyword arguments per type: {type: [kwargs per batch]} (the mask differs, the rest is shared)."""
     _, layers = decoder_layers(model)
     inputs, kwargs = [], []
 
@@ -77,16 +88,40 @@ def capture_layer0_inputs(model: nn.Module, batches: torch.Tensor, batch_size: i
         kwargs.append(kw)
         raise _StopForward
 
-    handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    def capture():
+        handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            for i in range(0, batches.shape[0], batch_size):
+                try:
+                    model(input_ids=batches[i : i + batch_size].to(device), use_cache=False)
+                except _StopForward:
+                    pass
+        finally:
+            handle.remove()
+
+    capture()
+    types = mixed_layer_types(model)
+    if types is None:
+        return inputs, kwargs
+    # the model picks each layer's mask by config.layer_types[i]: give layer 0 each other type in turn, and keep
+    # only the mask of that run (layer 0's mask for every layer calibrated sliding layers with full attention)
+    from .models import text_config
+
+    cfg = text_config(model.config)
+    by_type = {types[0]: kwargs}
+    first_inputs = inputs
     try:
-        for i in range(0, batches.shape[0], batch_size):
-            try:
-                model(input_ids=batches[i : i + batch_size].to(device), use_cache=False)
-            except _StopForward:
-                pass
+        for t in dict.fromkeys(types[1:]):
+            if t in by_type:
+                continue
+            inputs, kwargs = [], []
+            cfg.layer_types = [t] + types[1:]
+            capture()
+            by_type[t] = [{**kw, "attention_mask": other["attention_mask"]}
+                          for kw, other in zip(by_type[types[0]], kwargs)]
     finally:
-        handle.remove()
-    return inputs, kwargs
+        cfg.layer_types = types
+    return first_inputs, by_type
 
 
 @torch.no_grad()
@@ -110,6 +145,7 @@ def run_sequential(
         m.to(device)
     try:
         inputs, kwargs = capture_layer0_inputs(model, batches, batch_size, device)
+        types = mixed_layer_types(model)
     finally:
         for m in pre_layer:
             m.to(offload)
@@ -117,7 +153,8 @@ def run_sequential(
         # on the compute device for its step; a layer on disk (compress.load(max_memory=...)) is read in and
         # written back compressed
         with materialized(layers[i], f"{prefix}.{i}", device, model) as layer:
-            step = LayerStep(index=i, name=f"{prefix}.{i}", layer=layer, inputs=inputs, kwargs=kwargs)
+            step = LayerStep(index=i, name=f"{prefix}.{i}", layer=layer, inputs=inputs,
+                             kwargs=kwargs[types[i]] if types else kwargs)
             on_layer(step)
             inputs = step.run()
 
@@ -143,7 +180,7 @@ def calibration_bytes(model: nn.Module, num_samples: int, seq_len: int, targets:
                       hessians: bool, batch_size: int = 8) -> int:
     """What `run_sequential` holds at once, from shapes alone (a meta model will do): every window's hidden states
     into and out of the current layer, the per-batch keyword arguments (rotary cos/sin, position ids), the token
-    ids, and for an OBS pass (`hessians`) one float32 in x in Hessian per target Linear of the decoder layer that
+    ids, the masks of further attention types (sliding beside full), and for an OBS pass (`hessians`) one float32 in x in Hessian per target Linear of the decoder layer that
     has the most (`targets`: the pass's Linears, named from the model's root)."""
     from .models import text_config
 
@@ -153,6 +190,9 @@ def calibration_bytes(model: nn.Module, num_samples: int, seq_len: int, targets:
     batches = -(-num_samples // batch_size)
     held = 2 * num_samples * seq_len * cfg.hidden_size * item + batches * seq_len * (2 * head_dim * item + 8)
     held += num_samples * seq_len * 8  # the calibration token ids (int64)
+    types = mixed_layer_types(model)
+    if types:  # a mask per further attention type (bool under SDPA, the model's dtype under eager: counted so)
+        held += (len(set(types)) - 1) * num_samples * seq_len * seq_len * item
     if hessians:
         prefix = decoder_layers(model)[0] + "."
         per_layer: dict[str, int] = {}

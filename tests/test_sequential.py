@@ -32,6 +32,21 @@ def test_propagation_matches_full_forward_when_nothing_changes(arch, tiny_model)
     torch.testing.assert_close(final, expected[-1], rtol=1e-5, atol=1e-5)
 
 
+def test_sliding_and_full_layers_each_get_their_own_mask(tiny_model):
+    """Qwen with `use_sliding_window` mixes full and sliding layers, and the model passes each its own mask: the
+    runner gave every layer layer 0's (full) mask, so sliding layers were calibrated on full attention."""
+    model = tiny_model("qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=1)
+    types = list(model.config.layer_types)
+    assert types[0] == "full_attention" and "sliding_attention" in types[1:]
+    ids = torch.randint(0, 128, (3, 24), generator=torch.Generator().manual_seed(1))  # longer than the window
+    expected = _final_hidden(model, ids)
+    seen = []
+    run_sequential(model, ids, lambda step: seen.append(torch.cat(step.inputs)), batch_size=2, progress=False)
+    for i in range(len(types)):
+        torch.testing.assert_close(seen[i], expected[i], rtol=1e-5, atol=1e-5)
+    assert list(model.config.layer_types) == types  # restored after the capture
+
+
 def test_changes_to_a_layer_reach_the_next_layers(tiny_model):
     model = tiny_model("llama")
     ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(2))

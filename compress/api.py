@@ -206,7 +206,8 @@ def apply(
 
         tokenizer = load_tokenizer(model.compress_source, strict=False)  # needed only by calibration
     ctx = PassContext(calibration=calibration, tokenizer=tokenizer, device=device, progress=progress,
-                      base_dir=base_dir)
+                      base_dir=base_dir,
+                      calibration_sketch=(getattr(model.config, "compression", None) or {}).get("calibration_sketch"))
     check_not_quantized_elsewhere(model)
     with phase("checking that the weights are finite", enabled=progress):
         _check_finite_weights(model)
@@ -243,7 +244,8 @@ def apply(
     report.bytes_after, report.stored_bytes_after = tensor_bytes(model), stored
     report.calibration_hash = batches_hash(ctx._batches) if ctx._batches is not None else previous.get("calibration_hash")
     source = previous.get("source_model") or getattr(model, "compress_source", None)
-    model.config.compression = compression_record(entries, recipe_text, report.calibration_hash, source)
+    model.config.compression = compression_record(entries, recipe_text, report.calibration_hash, source,
+                                                  calibration_sketch=ctx.calibration_sketch)
     route_save_pretrained(model)  # transformers' own wrote a folder plain transformers loaded silently wrong
     # the recipe's `export: {format: ...}`, which compress.save writes by default: the last apply's request (a
     # later recipe without one, or passes in code, clear an earlier one)

@@ -164,3 +164,60 @@ def window_offsets(spec: CalibrationSpec, tokenizer, base_dir: Path | None = Non
 
 def batches_hash(batches: torch.Tensor) -> str:
     return hashlib.sha256(batches.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
+
+
+# A sketch of the text a run calibrated or trained on, kept in the checkpoint so that an evaluation can say when the
+# text it scores is that text (which flatters every number): the token n-grams whose hash is 0 modulo `modulus`
+# (chosen by content, so the same n-grams are picked in any text, wherever its windows start), the modulus doubling
+# until at most SKETCH_MAX remain. An evaluation picks its own n-grams by the same rule: the share of them found in
+# the sketch is the share of the scored text the calibration drew from.
+SKETCH_NGRAM, SKETCH_MAX, _FIRST_MODULUS = 16, 256, 64
+_HASH_MULTIPLIERS = (torch.randint(1, 2**62, (SKETCH_NGRAM,), generator=torch.Generator().manual_seed(0)) | 1).tolist()
+
+
+def ngram_hashes(ids: torch.Tensor) -> torch.Tensor:
+    """64-bit hashes of every run of SKETCH_NGRAM consecutive tokens in each row of `ids` (1-D: one row),
+    flattened. Integer products wrap modulo 2^64, which is the hash's arithmetic."""
+    ids = ids.to(torch.int64).reshape(-1, ids.shape[-1]) if ids.dim() > 1 else ids.to(torch.int64).reshape(1, -1)
+    n = ids.shape[1] - SKETCH_NGRAM + 1
+    if n <= 0:
+        return torch.empty(0, dtype=torch.int64)
+    h = torch.zeros(ids.shape[0], n, dtype=torch.int64)
+    for j, m in enumerate(_HASH_MULTIPLIERS):
+        h += ids[:, j:j + n] * m
+    h ^= h >> 29
+    return (h * 0x2545F4914F6CDD1D).flatten()
+
+
+def _ids(hashes: torch.Tensor) -> torch.Tensor:
+    """The upper 32 bits of n-gram hashes: what a sketch stores, and what its rule tests (id % modulus == 0), so a
+    stored sketch can be thinned further when it is merged with another."""
+    return (hashes >> 32) & 0xFFFFFFFF
+
+
+def text_sketch(ids: torch.Tensor, previous: dict | None = None) -> dict:
+    """The sketch of token ids `ids` (rows of windows, or one long row), merged with an earlier one (`previous`)."""
+    modulus = max(_FIRST_MODULUS, int((previous or {}).get("modulus", _FIRST_MODULUS)))
+    kept = torch.tensor([int(x, 16) for x in (previous or {}).get("hashes", [])], dtype=torch.int64)
+    rows = ids.to(torch.int64).reshape(-1, ids.shape[-1]) if ids.dim() > 1 else ids.to(torch.int64).reshape(1, -1)
+    for row in rows:  # a training set of millions of tokens is one long row: hashed in pieces
+        for at in range(0, row.numel(), 1 << 20):
+            piece = _ids(ngram_hashes(row[at:at + (1 << 20) + SKETCH_NGRAM - 1]))
+            kept = torch.unique(torch.cat([kept, piece[piece % modulus == 0]]))
+            while kept.numel() > SKETCH_MAX:
+                modulus *= 2
+                kept = kept[kept % modulus == 0]
+    return {"ngram": SKETCH_NGRAM, "modulus": modulus, "hashes": [f"{int(h):08x}" for h in kept]}
+
+
+def sketch_overlap(sketch: dict | None, windows: torch.Tensor) -> tuple[float, int] | None:
+    """(share of `windows`' picked n-grams found in a calibration `sketch`, how many were picked), or None when the
+    sketch is of another kind or the windows pick none."""
+    if not isinstance(sketch, dict) or sketch.get("ngram") != SKETCH_NGRAM or not sketch.get("hashes"):
+        return None
+    picked = torch.unique(_ids(ngram_hashes(windows)))
+    picked = picked[picked % int(sketch["modulus"]) == 0]
+    if not picked.numel():
+        return None
+    found = torch.isin(picked, torch.tensor([int(x, 16) for x in sketch["hashes"]], dtype=torch.int64))
+    return float(found.float().mean()), int(picked.numel())

@@ -31,7 +31,7 @@ def library_version() -> str:
 
 
 def compression_record(passes: list[dict[str, Any]], recipe_text: str | None, calibration_hash: str | None,
-                       source_model: str | None = None) -> dict:
+                       source_model: str | None = None, calibration_sketch: dict | None = None) -> dict:
     return {
         "source_model": source_model,
         "format_version": FORMAT_VERSION,
@@ -39,6 +39,7 @@ def compression_record(passes: list[dict[str, Any]], recipe_text: str | None, ca
         "passes": passes,
         "recipe_hash": hashlib.sha256(recipe_text.encode()).hexdigest()[:16] if recipe_text else None,
         "calibration_hash": calibration_hash,
+        **({"calibration_sketch": calibration_sketch} if calibration_sketch else {}),
     }
 
 

@@ -92,7 +92,21 @@ def check_compression_section(folder: Path, section: Any) -> dict | None:
     for key in ("source_model", "calibration_hash", "recipe_hash"):  # read as text by eval, apply and inspect
         if section.get(key) is not None and not isinstance(section[key], str):
             raise _damaged(where, f"`compression.{key}` is {_a(section[key])}, not a string")
+    sketch = section.get("calibration_sketch")
+    if sketch is not None and not _valid_sketch(sketch):  # (read by eval and by a later apply, which merges it)
+        raise _damaged(where, "`compression.calibration_sketch` is not {ngram, modulus (a power of 2 >= 64), "
+                              "hashes (8-digit hex strings)}")
     return section
+
+
+def _valid_sketch(sketch) -> bool:
+    if not isinstance(sketch, dict) or not isinstance(sketch.get("hashes"), list):
+        return False
+    modulus, ngram = sketch.get("modulus"), sketch.get("ngram")
+    if type(modulus) is not int or modulus < 64 or modulus & (modulus - 1) or type(ngram) is not int or ngram < 1:
+        return False
+    return all(isinstance(h, str) and len(h) == 8 and all(c in "0123456789abcdef" for c in h)
+               for h in sketch["hashes"])
 
 
 # ------------------------------------------------------------------------------------------------- safetensors

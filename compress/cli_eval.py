@@ -103,6 +103,18 @@ def _check_kv_text(tokenizer, text: str | None, residual_length: int | None, con
         check_summary_text(tokenizer, text, residual_length, config)
 
 
+def _calibration_overlap(model, windows) -> float | None:
+    """The share of `windows` that the model's calibration or training text held (from the sketch its checkpoint
+    keeps), when it is more than the odd shared phrase; None otherwise, or with no sketch (older checkpoints)."""
+    from .calibration import sketch_overlap
+
+    found = sketch_overlap((getattr(model.config, "compression", None) or {}).get("calibration_sketch"), windows)
+    if found is None:
+        return None
+    share, picked = found
+    return share if share >= 0.02 and round(share * picked) >= 2 else None
+
+
 def _evaluate(model, baseline_src, tokenizer, windows, progress, seq_len: int = EVAL_SEQ_LEN, text: str | None = None,
               allow_pickle: bool = False, dtype: str = "auto", prepared=None, max_memory=None, baseline_model=None):
     """Evaluate a loaded `model` against the model at `baseline_src` (if any; `baseline_model`: it, loaded already)
@@ -131,6 +143,13 @@ def _evaluate(model, baseline_src, tokenizer, windows, progress, seq_len: int = 
     n = w.shape[0]
     out["protocol"] = (f"{n} non-overlapping window{'s' if n != 1 else ''} of {seq_len} tokens of "
                        + ("the given text" if text is not None else "held-out text"))
+    shared = _calibration_overlap(model, w)
+    if shared is not None:
+        out["calibration_overlap"] = round(shared, 3)
+        out["protocol"] += f", about {shared:.0%} of it text the model was calibrated or trained on"
+        click.echo(f"note: about {shared:.0%} of the scored text is text the model was calibrated or trained on (its "
+                   "checkpoint's sketch of that text): these numbers flatter it; score other text (--text), or "
+                   "calibrate on other text", err=True)
     settings = getattr(model, "kv_cache_settings", None)
     if settings is not None:
         from .kvcache.quality import cache_quality_summary

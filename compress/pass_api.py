@@ -116,6 +116,15 @@ class PassContext:
     # loss); `compress.apply` makes it only when some pass's `needs_original_model_for()` says so
     original_model: nn.Module | None = None
     _batches: torch.Tensor | None = None
+    # a sketch of every text the passes calibrate or train on (compress.calibration.text_sketch), with the earlier
+    # applies' (the checkpoint keeps it: an evaluation on that text is told its numbers are flattered)
+    calibration_sketch: dict | None = None
+
+    def saw_text(self, ids: torch.Tensor) -> None:
+        """Add token ids a pass calibrates or trains on to the run's sketch."""
+        from .calibration import text_sketch
+
+        self.calibration_sketch = text_sketch(ids, self.calibration_sketch)
 
     def calibration_batches(self, pass_name: str = "this pass") -> torch.Tensor:
         """Token ids [num_samples, seq_len] (LongTensor), deterministic by the calibration seed."""
@@ -131,6 +140,7 @@ class PassContext:
             from .calibration import build_batches
 
             self._batches = build_batches(self.calibration, self.tokenizer, self.base_dir)
+            self.saw_text(self._batches)
         return self._batches
 
     def run_sequential(self, model: nn.Module, on_layer, pass_name: str = "this pass", batch_size: int = 8) -> None:

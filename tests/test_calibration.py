@@ -96,3 +96,34 @@ def test_context_of_a_rope_scaled_model_is_what_its_scaling_reaches():
     assert context_length(config({"rope_type": "linear", "factor": 8.0})) == 64
     assert context_length(config({"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 48.0})) == 96
     assert context_length(config({"rope_type": "dynamic", "factor": float("inf")})) == 64
+
+
+def test_calibration_sketch_measures_how_much_of_a_text_the_calibration_drew_from(reference_tokenizer):
+    """The checkpoint's sketch of its calibration text: an evaluation on that text is told so (it flatters the
+    numbers), on other text it says nothing; the share matches the windows' real coverage."""
+    from compress.calibration import (SKETCH_MAX, CalibrationSpec, build_batches, sketch_overlap, text_sketch)
+    from compress.evaluate import heldout_windows
+
+    scored = heldout_windows(reference_tokenizer, text=None, seq_len=256, max_windows=None)
+    on_heldout = build_batches(CalibrationSpec(source="builtin:heldout"), reference_tokenizer)
+    elsewhere = build_batches(CalibrationSpec(source="builtin:calibration"), reference_tokenizer)
+    sketch = text_sketch(on_heldout)
+    assert len(sketch["hashes"]) <= SKETCH_MAX and sketch == text_sketch(on_heldout)  # deterministic
+    # the share of the scored windows' tokens the calibration windows cover, counted exactly
+    covered = torch.zeros(scored.numel(), dtype=torch.bool)
+    flat = scored.flatten().tolist()
+    starts = {tuple(flat[i:i + 16]): i for i in range(len(flat) - 15)}
+    for row in on_heldout.tolist():
+        for j in range(len(row) - 15):
+            at = starts.get(tuple(row[j:j + 16]))
+            if at is not None:
+                covered[at:at + 16] = True
+    share, picked = sketch_overlap(sketch, scored)
+    assert picked > 300 and abs(share - covered.float().mean().item()) < 0.06, (share, covered.float().mean())
+    assert sketch_overlap(text_sketch(elsewhere), scored)[0] < 0.02
+    # merged over applies and thinned past SKETCH_MAX: a power-of-2 modulus, the earlier text still found
+    big = build_batches(CalibrationSpec(source="builtin:calibration", num_samples=512, seq_len=512), reference_tokenizer)
+    merged = text_sketch(big, previous=sketch)
+    assert len(merged["hashes"]) <= SKETCH_MAX and merged["modulus"] > sketch["modulus"]
+    assert merged["modulus"] & (merged["modulus"] - 1) == 0
+    assert abs(sketch_overlap(merged, scored)[0] - share) < 0.1

@@ -354,3 +354,25 @@ def test_a_bold_head_that_itself_wraps_prints_plain_not_garbled():
     _print_wrapped(Console(file=out, width=60, force_terminal=False), text, 2, 4, bold=head)
     assert out.getvalue().rstrip("\n") == textwrap.fill(text, width=60, initial_indent="  ", subsequent_indent="      ",
                                                         break_long_words=False, break_on_hyphens=False)
+
+
+def test_scoring_the_calibration_text_is_said(tmp_path):
+    """A model calibrated on the text it is then scored on gets flattering numbers: apply and eval say so (from the
+    checkpoint's sketch of its calibration text, whatever file held it), and say nothing on other text."""
+    from compress.calibration import builtin_text
+
+    text = tmp_path / "mine.txt"
+    text.write_text(builtin_text("builtin:heldout")[:60_000])
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: builtin:tiny\ncalibration: {{source: {text}, num_samples: 32, seq_len: 128}}\n"
+                      "passes:\n  - prune: {method: wanda, structure: \"2:4\"}\n")
+    out = tmp_path / "out"
+    result = run("apply", recipe, "--output", out, "--eval-text", text, "--eval-windows", 8, "--json")
+    assert result.exit_code == 0, result.output
+    assert "calibrated or trained on" in result.stderr and json.loads(result.stdout)["eval"]["calibration_overlap"] > 0.05
+    flattered = run("eval", out, "--text", text, "--max-windows", 8, "--no-speed", "--json")
+    assert json.loads(flattered.stdout)["calibration_overlap"] > 0.05 and "calibrated or trained on" in flattered.stderr
+    unrelated = tmp_path / "other.txt"
+    unrelated.write_text(builtin_text("builtin:calibration")[-60_000:])
+    other = run("eval", out, "--text", unrelated, "--max-windows", 8, "--no-speed", "--json")
+    assert "calibration_overlap" not in json.loads(other.stdout) and "calibrated or trained on" not in other.stderr

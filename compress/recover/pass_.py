@@ -358,7 +358,9 @@ class Recover(Pass):
         if ctx.tokenizer is None:
             raise CompressError("recover needs a tokenizer to encode the calibration text; save it with the model")
         spec = ctx.calibration.model_copy(update={"num_samples": count, "seq_len": seq_len})
-        return WindowDataset(*window_offsets(spec, ctx.tokenizer, ctx.base_dir), seq_len)
+        ids, offsets = window_offsets(spec, ctx.tokenizer, ctx.base_dir)
+        ctx.saw_text(ids)
+        return WindowDataset(ids, offsets, seq_len)
 
     # ---------------------------------------------------------------------------------------------- checkpoint
     def lora_config(self, modules: list[str]):

@@ -169,6 +169,8 @@ CASES = {
     # transformers' reason is on the second line of its message: kept (the first only announces it)
     "source_model is a number": ("bitmask", lambda f: _config(f, lambda c: c["compression"].update(source_model=5)),
                                  "`compression.source_model` is an int, not a string"),
+    "calibration sketch edited": ("bitmask", lambda f: _config(f, lambda c: c["compression"].update(
+        calibration_sketch={"ngram": 16, "modulus": 100, "hashes": ["zz"]})), "`compression.calibration_sketch`"),
     "heads do not divide the width": ("bitmask", lambda f: _config(f, lambda c: c.update(num_attention_heads=3)),
                                       "is not a multiple of the number of attention heads (3)"),
     # a copy kept beside the weights: the message names both files (it blamed the weights as "damaged")

@@ -31,6 +31,11 @@ def _recorded_source(model_src: str) -> str | None:
 
 
 def _read_text(path: str) -> str:
+    import stat
+
+    mode = Path(path).stat().st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):  # /dev/zero was read until memory ran out
+        raise CompressError(f"{path} is not a regular file (a device?); give a text file")
     raw = Path(path).read_bytes()
     try:
         return raw.decode("utf-8")
@@ -140,6 +145,8 @@ def _evaluate(model, baseline_src, tokenizer, windows, progress, seq_len: int = 
                           "perplexity, KL or agreement are not numbers (a damaged weight, or an overflow in the "
                           "dtype: try --dtype float32)")
         click.echo(f"warning: {out['warning']}", err=True)
+        if "kl" in out and not math.isfinite(out["kl"]):  # non-finite logits: their argmax agreement means nothing
+            out["top1_agreement"] = None
     n = w.shape[0]
     out["protocol"] = (f"{n} non-overlapping window{'s' if n != 1 else ''} of {seq_len} tokens of "
                        + ("the given text" if text is not None else "held-out text"))

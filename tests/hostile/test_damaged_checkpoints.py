@@ -372,14 +372,18 @@ def test_a_model_with_nan_weights_gives_strict_json_and_a_warning(tmp_path, smal
     import json
 
     model = small_model()
+    model.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
     with torch.no_grad():
         model.lm_head.weight[5] = float("nan")
     model.save_pretrained(tmp_path / "nan")
     tokenizer.save_pretrained(tmp_path / "nan")
-    result = cli("eval", tmp_path / "nan", "--max-windows", "2", "--seq-len", "64", "--no-speed", "--json")
+    result = cli("eval", tmp_path / "nan", "--max-windows", "2", "--seq-len", "64", "--no-speed", "--json",
+                 "--baseline", tmp_path / "base")
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout, parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))
     assert out["perplexity"] is None and "logits hold NaN or inf" in out["warning"]
+    assert out["kl"] is None and out["top1_agreement"] is None  # (it said 0.0: argmax of NaN logits)
     assert "warning: the model's logits hold NaN or inf" in result.stderr
     with torch.no_grad():  # finite logits, a mean NLL past e**709: the perplexity overflowed (OverflowError)
         model.lm_head.weight.copy_(torch.randn_like(model.lm_head.weight) * 1e4)

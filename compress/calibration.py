@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 from pydantic import Field, PrivateAttr
 
-from .errors import CalibrationError
+from .errors import CalibrationError, CompressError
+from .paths import user_path
 from .strict_config import StrictConfig
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
@@ -37,12 +38,18 @@ def builtin_text(name: str, model: str = "tiny") -> str:
 def source_path(source: str, base_dir: Path | None = None) -> Path:
     """A local calibration source: as given, else relative to the recipe's folder (`base_dir`); CalibrationError
     when neither exists."""
-    path = Path(source).expanduser()
+    try:
+        path = user_path(source)
+    except CompressError as exc:  # (said at the recipe's line)
+        raise CalibrationError(f"calibration source {exc}") from None
     if not path.is_absolute() and base_dir is not None and not path.exists():
         path = base_dir / path
     if not path.exists():
         raise CalibrationError(f"calibration source {source} does not exist; give a text file, a .jsonl file, "
                                "a local datasets folder, or builtin:calibration")
+    if not (path.is_file() or path.is_dir()):  # a pipe blocked the run forever, /dev/zero filled the memory
+        raise CalibrationError(f"calibration source {source} is not a regular file (a device or pipe); give a text "
+                               "file, a .jsonl file or a local datasets folder")
     return path
 
 
@@ -55,13 +62,15 @@ def read_texts(spec: CalibrationSpec, base_dir: Path | None = None) -> list[str]
     path = source_path(spec.source, base_dir)
     if path.is_dir():
         return _read_dataset_folder(path, spec)
-    if path.suffix == ".json":
+    suffix = path.suffix.lower()  # (DATA.JSONL was read as plain text: calibrated on the JSON syntax)
+    if suffix == ".json":
         whole = _whole_json(path, spec.text_field)
         if whole is not None:
             return whole
-    if path.suffix in (".jsonl", ".json"):
+    if suffix in (".jsonl", ".json", ".ndjson"):
         texts = []
-        with path.open(encoding="utf-8", errors="replace") as f:  # a stray byte is replaced, like in .txt
+        # utf-8-sig: a leading byte-order mark, as editors write it (refused as invalid JSON before)
+        with path.open(encoding="utf-8-sig", errors="replace") as f:  # a stray byte is replaced, like in .txt
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -69,18 +78,30 @@ def read_texts(spec: CalibrationSpec, base_dir: Path | None = None) -> list[str]
                     row = json.loads(line)
                 except json.JSONDecodeError as exc:
                     raise CalibrationError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+                if isinstance(row, str):  # a line that is a JSON string: the text itself
+                    texts.append(row)
+                    continue
                 if not isinstance(row, dict) or spec.text_field not in row:
                     raise CalibrationError(f"{path}:{lineno}: no {spec.text_field!r} field; set calibration.text_field")
-                texts.append(str(row[spec.text_field]))
+                texts.append(_text_value(row[spec.text_field], f"{path}:{lineno}", spec.text_field))
         return texts
     return [_read_text_file(path)]
+
+
+def _text_value(value, where: str, field: str) -> str:
+    """A record's text field, which must be a string: null, a list or a mapping was calibrated on as its Python
+    spelling ("None<|endoftext|>None...")."""
+    if not isinstance(value, str):
+        raise CalibrationError(f"{where}: {field!r} is {'null' if value is None else type(value).__name__}, not a "
+                               "string")
+    return value
 
 
 def _whole_json(path: Path, field: str) -> list[str] | None:
     """A .json file that is one JSON document: a list of records with `field` (or of strings), or one record;
     None when it is not one document (then it is read as JSON lines, one record per line)."""
     try:
-        doc = json.loads(path.read_text(encoding="utf-8", errors="replace"))
+        doc = json.loads(path.read_text(encoding="utf-8-sig", errors="replace"))
     except json.JSONDecodeError:
         return None
     rows = doc if isinstance(doc, list) else [doc]
@@ -89,7 +110,7 @@ def _whole_json(path: Path, field: str) -> list[str] | None:
         if isinstance(row, str):
             texts.append(row)
         elif isinstance(row, dict) and field in row:
-            texts.append(str(row[field]))
+            texts.append(_text_value(row[field], f"{path}: record {i}" if isinstance(doc, list) else str(path), field))
         else:
             where = f"record {i}" if isinstance(doc, list) else "its record"
             raise CalibrationError(f"{path}: {where} has no {field!r} field; set calibration.text_field")
@@ -125,7 +146,7 @@ def _read_dataset_folder(path: Path, spec: CalibrationSpec) -> list[str]:
         ds = ds[spec.split]
     if spec.text_field not in ds.column_names:
         raise CalibrationError(f"{path} has columns {ds.column_names}; set calibration.text_field to the text column")
-    return [str(t) for t in ds[spec.text_field]]
+    return [_text_value(t, f"{path}: row {i}", spec.text_field) for i, t in enumerate(ds[spec.text_field])]
 
 
 def build_batches(spec: CalibrationSpec, tokenizer, base_dir: Path | None = None) -> torch.Tensor:

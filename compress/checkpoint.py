@@ -17,6 +17,7 @@ from torch import nn
 
 from . import json_out
 from .errors import CheckpointError, CompressError, disk_full_error, first_line
+from .paths import user_path
 
 FORMAT_VERSION = 1
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
@@ -172,7 +173,7 @@ def _source_folder(model: nn.Module) -> Path | None:
     source = getattr(model, "compress_source", None)
     if not source or str(source).startswith("builtin:"):
         return None
-    return Path(source).expanduser()
+    return user_path(source)
 
 
 def _portable_source(section: dict, tmp: Path) -> dict:

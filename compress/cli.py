@@ -17,6 +17,7 @@ from . import json_out
 from .checkpoint import folder_bytes  # noqa: F401 (also compress.cli.folder_bytes)
 from .errors import CompressError
 from .output_folder import UNWINDING_SIGNALS
+from .paths import user_path
 from .progress import phase
 
 
@@ -158,6 +159,9 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
     from .environment import is_main_process, use_local_gpu
     from .recipe import Recipe
 
+    for option, value in (("--model", model_src), ("--output", output)):
+        if value is not None and not value.strip():  # ("" fell back to the recipe's, silently)
+            raise CompressError(f"{option} is empty; give a path, or leave the option out to use the recipe's")
     r = Recipe.from_yaml(recipe)
     # under torchrun / accelerate launch every process runs the passes (recover trains data-parallel); the main one
     # alone checks and writes the output, evaluates and prints
@@ -182,7 +186,7 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
         parse_bytes(max_memory)  # a malformed size fails before any work
         check_offload_folder(offload_folder)
         source = _source_folder(model_src)
-        if offload_folder and Path(offload_folder).expanduser().resolve().is_relative_to(source.resolve()):
+        if offload_folder and user_path(offload_folder).resolve().is_relative_to(source.resolve()):
             raise CompressError(f"--offload-folder {offload_folder} is inside the source model's folder: the layers "
                                 "spilled there would mix with its files; put it elsewhere")
         if models.layers_left_on_disk(model_src, max_memory=max_memory, dtype=dtype):
@@ -296,8 +300,8 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
     _print_passes(con, result, stored_dtype, export_format)
     con.print(f"checkpoint: {output}  ({_mb(result['checkpoint_bytes'])} of weights, "
               f"original {_mb(result['original_checkpoint_bytes'])}, format {export_format})")
-    if not Path(output).expanduser().is_absolute():  # a recipe's relative `output` is taken from the current folder
-        con.print(f"  at {Path(output).expanduser().resolve()}", soft_wrap=True)
+    if not user_path(output).is_absolute():  # a recipe's relative `output` is taken from the current folder
+        con.print(f"  at {user_path(output).resolve()}", soft_wrap=True)
     if exported.get("stored_dense"):
         con.print(stored_dense_line(exported["stored_dense"]), soft_wrap=True)
     if do_eval:

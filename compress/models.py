@@ -11,6 +11,7 @@ from torch import nn
 
 from .environment import check_environment, setting
 from .errors import CheckpointError, CompressError, UnsupportedModelError, first_line
+from .paths import user_path
 
 BUILTIN_ROOT = Path(__file__).parent / "builtin"
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -29,7 +30,7 @@ def resolve_model_path(source: str | Path) -> Path:
             known = sorted(p.name for p in BUILTIN_ROOT.iterdir() if (p / "config.json").exists()) if BUILTIN_ROOT.exists() else []
             raise CheckpointError(f"unknown built-in model {s!r}; available: {', '.join('builtin:' + k for k in known) or 'none'}")
         return path
-    path = Path(s).expanduser()
+    path = user_path(s)
     if not path.exists():
         from .output_folder import recover, wait_for_swap
 

@@ -36,6 +36,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .errors import CheckpointError, CompressError, disk_full_error
+from .paths import user_path
 from .progress import progress_bar
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -135,7 +136,7 @@ def _tensors(module: nn.Module):
 def check_offload_folder(folder: str | Path | None) -> None:
     """An offload folder that holds a model (config.json and safetensors files) is refused: spill files left there by
     a killed run would make it a folder of two models that neither loads."""
-    where = Path(folder).expanduser() if folder is not None else None
+    where = user_path(folder) if folder is not None else None
     if where is not None and (where / "config.json").exists() and any(where.glob("*.safetensors")):
         raise CompressError(f"--offload-folder {folder} holds a model (config.json, *.safetensors): the spilled "
                             "layers would mix with its files; give an empty or new folder")

@@ -28,6 +28,7 @@ import uuid
 from pathlib import Path
 
 from .errors import OutputError
+from .paths import user_path
 
 # files a checkpoint written by `compress.save` may hold (tokenizer files vary by tokenizer class)
 CHECKPOINT_FILES = ("config.json", "generation_config.json", "recipe.yaml", "report.json", "tokenizer.json",
@@ -124,7 +125,7 @@ def check_output(output: str | Path, *, overwrite: bool, source: Path | None = N
     """Raise OutputError unless a checkpoint can be written at `output` (see the module docstring).
     `source` is the model read; `protected` are other files the run reads (the recipe, the evaluation text); `work`
     folders a pass writes while it runs (Trainer checkpoints), which the checkpoint's swap would replace."""
-    out = Path(output).expanduser()
+    out = user_path(output)
     if out.is_symlink():  # a dangling link too: writing through it would land wherever it points
         raise OutputError(f"output {output} is a symbolic link; give the real folder or a new name")
     dangling = next((p for p in out.absolute().parents if p.is_symlink() and not p.exists()), None)
@@ -154,7 +155,7 @@ def check_output(output: str | Path, *, overwrite: bool, source: Path | None = N
         if _contains(resolved, Path(p).resolve()):
             raise OutputError(f"output {output} contains {p}, which this run reads; choose another output folder")
     for p in work:
-        if _contains(resolved, Path(p).expanduser().resolve()):
+        if _contains(resolved, user_path(p).resolve()):
             raise OutputError(f"output {output} contains {p}, where this run writes while it works (a pass's "
                               "checkpoint_dir or --offload-folder); put it outside the output folder")
     recover(resolved)

@@ -285,6 +285,8 @@ class _Validator:
         model = data.get("model")
         if model is not None and not isinstance(model, str):
             self.error(("model",), f"model must be a local folder path or builtin:NAME (got {model!r})")
+        elif isinstance(model, str) and not model.strip():
+            self.error(("model",), "model is empty; give a local folder path or builtin:NAME")
         elif isinstance(model, str) and model.startswith("builtin:"):  # known without loading anything
             from .models import resolve_model_path
 
@@ -295,6 +297,11 @@ class _Validator:
         output = data.get("output")
         if output is not None and not isinstance(output, str):
             self.error(("output",), f"output must be a folder path (got {output!r})")
+        elif isinstance(output, str) and not output.strip():
+            self.error(("output",), "output is empty; give a folder path, e.g. out/NAME")
+        if "calibration" in data and data["calibration"] is None:  # (passed, then apply said to add the section)
+            self.error(("calibration",), "calibration is empty; give e.g. `{source: builtin:calibration}`, or "
+                                         "remove the key")
         for key in ("model", "output"):
             self.check_path((key,), data.get(key), key)
         if isinstance(data.get("calibration"), dict):
@@ -370,14 +377,27 @@ class _Validator:
             if spec.source not in BUILTIN_TEXTS:
                 self.error(("calibration", "source"), f"unknown built-in corpus {spec.source!r}; use one of "
                                                       f"{', '.join(BUILTIN_TEXTS)}")
+            self.unused_calibration_keys(raw, spec, None)
             return spec
         if any("calibration source:" in p for p in self.problems):
             return spec  # a path check_path already refused
         try:
-            source_path(spec.source, self.base_dir)
+            path = source_path(spec.source, self.base_dir)
         except CalibrationError as exc:
             self.error(("calibration", "source"), str(exc))
+            return spec
+        self.unused_calibration_keys(raw, spec, path)
         return spec
+
+    def unused_calibration_keys(self, raw: dict, spec: CalibrationSpec, path: Path | None) -> None:
+        """`text_field` is read from JSON and datasets sources, `split` from datasets folders: set for another
+        source they did nothing, silently."""
+        json_like = path is not None and (path.is_dir() or path.suffix.lower() in (".json", ".jsonl", ".ndjson"))
+        for key, used in (("text_field", json_like), ("split", path is not None and path.is_dir())):
+            if key in raw and not used:
+                self.error(("calibration", key), f"calibration.{key} does nothing for {spec.source} (it is read "
+                                                 f"from {'JSON and ' if key == 'text_field' else ''}datasets-folder "
+                                                 "sources); remove it")
 
     def passes(self, raw: Any) -> list[PassSpec]:
         self._instances = []

@@ -53,6 +53,11 @@ def test_text_and_jsonl_sources(tmp_path, reference_tokenizer):
      str(p / "model.safetensors"), "is not a text file \\(a NUL byte\\)"),
     (lambda p: (p / "latin1.txt").write_bytes("caf\xe9 ".encode("latin-1") * 500) and str(p / "latin1.txt"),
      "is not a text file \\(500 of its"),
+    # a value that is not text was calibrated on as its Python spelling ("None<|endoftext|>None...")
+    (lambda p: (p / "n.jsonl").write_text('{"text": null}\n' * 50) and str(p / "n.jsonl"), "n.jsonl:1: 'text' is null"),
+    (lambda p: (p / "l.json").write_text('[{"text": [1, 2]}]') and str(p / "l.json"), "record 0: 'text' is list"),
+    # a pipe blocked forever, /dev/zero filled the memory
+    (lambda p: "/dev/zero", "is not a regular file"),
 ])
 def test_bad_sources(tmp_path, reference_tokenizer, setup, message):
     spec = CalibrationSpec(source=setup(tmp_path), num_samples=2, seq_len=64)
@@ -127,3 +132,14 @@ def test_calibration_sketch_measures_how_much_of_a_text_the_calibration_drew_fro
     assert len(merged["hashes"]) <= SKETCH_MAX and merged["modulus"] > sketch["modulus"]
     assert merged["modulus"] & (merged["modulus"] - 1) == 0
     assert abs(sketch_overlap(merged, scored)[0] - share) < 0.1
+
+
+def test_json_sources_read_as_their_editors_write_them(tmp_path, reference_tokenizer):
+    """An upper-case suffix was read as plain text (calibrated on the JSON syntax); a byte-order mark was invalid
+    JSON; lines that are JSON strings asked for a text_field."""
+    from compress.calibration import read_texts
+
+    (tmp_path / "UP.JSONL").write_text('{"text": "alpha"}\n{"text": "beta"}\n')
+    assert read_texts(CalibrationSpec(source=str(tmp_path / "UP.JSONL"))) == ["alpha", "beta"]
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + b'{"text": "gamma"}\n"delta"\n')
+    assert read_texts(CalibrationSpec(source=str(tmp_path / "bom.jsonl"))) == ["gamma", "delta"]

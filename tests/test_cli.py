@@ -139,6 +139,12 @@ def test_user_mistakes_exit_2_with_one_line(tmp_path):
     (tmp_path / "exists").mkdir()
     result = CliRunner().invoke(main, ["apply", str(RECIPES / "magnitude-50.yaml"), "--output", str(tmp_path / "exists")])
     assert result.exit_code == 2 and "already exists" in result.output
+    # "" fell back to the recipe's output silently; an unknown ~user was pathlib's RuntimeError (a traceback)
+    for args, said in ((["--output", ""], "--output is empty"), (["--model", " "], "--model is empty"),
+                       (["--output", "~no-such-user-here/o"], "cannot expand '~no-such-user-here'"),
+                       (["--model", "~no-such-user-here/m"], "cannot expand '~no-such-user-here'")):
+        result = CliRunner().invoke(main, ["apply", str(RECIPES / "magnitude-50.yaml"), "--dry-run", *args])
+        assert result.exit_code == 2 and said in result.output and "Traceback" not in result.output, result.output
 
 
 @pytest.mark.skipif(shutil.which("compress") is None, reason="console script not installed")

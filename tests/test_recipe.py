@@ -67,6 +67,22 @@ BAD_RECIPES = [
     # a merged value's mistake is reported where that value is written (the anchor's line)
     ("model: builtin:tiny\npasses:\n  - prune: &p {method: magnitude, sparsity: 0.5}\n  - quantize: {<<: *p}\n", 3,
      "pass 'quantize': unknown key 'sparsity'"),
+    # an empty section or value was taken as absent: validate passed, apply then asked for what was there
+    ("model: builtin:tiny\ncalibration:\npasses:\n  - prune: {method: wanda}\n", 2, "calibration is empty"),
+    ("model: builtin:tiny\noutput: ''\npasses:\n  - prune: {}\n", 2, "output is empty"),
+    ("model: ' '\npasses:\n  - prune: {}\n", 1, "model is empty"),
+    # read only from JSON / datasets sources: elsewhere they did nothing, silently
+    ("model: builtin:tiny\ncalibration: {source: builtin:calibration, text_field: body}\npasses:\n  - prune: {}\n", 2,
+     "calibration.text_field does nothing for builtin:calibration"),
+    ("model: builtin:tiny\ncalibration: {source: builtin:calibration, split: test}\npasses:\n  - prune: {}\n", 2,
+     "calibration.split does nothing"),
+    ("model: builtin:tiny\ncalibration: {source: '~no-such-user-here/x.txt'}\npasses:\n  - prune: {}\n", 2,
+     "cannot expand '~no-such-user-here'"),  # (pathlib's RuntimeError: a traceback)
+    # seeds past what numpy / torch generators take failed after the earlier passes' work
+    ("model: builtin:tiny\ncalibration: {source: builtin:calibration}\npasses:\n  - recover: {seed: 4294967296}\n", 4,
+     "seed: Input should be less than or equal to 4294967295"),
+    ("model: builtin:tiny\ncalibration: {source: builtin:calibration}\npasses:\n  - vq_logits: {seed: -1}\n", 4,
+     "seed: Input should be greater than or equal to 0"),
 ]
 
 

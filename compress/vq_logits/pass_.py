@@ -152,6 +152,25 @@ class VQLogits(Pass):
     def check(self, model: nn.Module) -> None:
         self._checked_head(model)
 
+    def check_after(self, model: nn.Module, earlier) -> None:
+        """An earlier quantize (or prune storing packed) replaces the head this pass needs dense: said before any
+        work (the run stopped here after the earlier passes' work, and --dry-run listed both)."""
+        name = self._head(model)[0]
+        for p in earlier:
+            if name in p.describe(model) and (p.name == "quantize" or p.name == "prune" and p.stores_packed(model)):
+                raise ConfigError(f"vq_logits needs the dense output head, and the earlier {p.name} pass replaces "
+                                  f"{name}: put vq_logits before it, or leave the head out of it (ignore: "
+                                  "['re:.*lm_head'])")
+
+    def check_later(self, model: nn.Module, later) -> None:
+        """A later pass targeting the head finds the codebook head this pass leaves (prune refused it after the
+        k-means work; quantize left it out without a word)."""
+        name = self._head(model)[0]
+        if later.name != self.name and name in later.describe(model):
+            ignore = [*getattr(later.config, "ignore", []), "re:.*lm_head"]
+            raise ConfigError(f"{later.name} targets {name}, which the earlier vq_logits pass replaces by its "
+                              f"codebook head: set {later.name}'s ignore to {ignore}")
+
     def _checked_head(self, model: nn.Module) -> tuple[str, nn.Linear]:
         c = self.config
         name, head = self._head(model)

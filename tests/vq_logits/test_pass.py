@@ -137,6 +137,24 @@ def test_user_mistakes(reference_model, reference_tokenizer):
     assert isinstance(model.lm_head, torch.nn.Linear)  # nothing half done
 
 
+@pytest.mark.parametrize("passes,said", [
+    # the run stopped at vq_logits after the prune / quantize had run (and --dry-run listed both)
+    (lambda P, V: [P.Prune(method="magnitude", targets=["lm_head"], ignore=[]), V], "earlier prune pass replaces"),
+    (lambda P, V: [P.Quantize(method="rtn", targets=["lm_head"], ignore=[]), V], "earlier quantize pass replaces"),
+    # prune refused the codebook head after the k-means; quantize left it out without a word
+    (lambda P, V: [V, P.Prune(method="magnitude", targets=["lm_head"], ignore=[])], "prune targets lm_head"),
+    (lambda P, V: [V, P.Quantize(method="rtn", targets=["re:.*"], ignore=[])], "quantize targets lm_head"),
+])
+def test_passes_around_the_codebook_head_are_refused_before_any_work(reference_model, passes, said):
+    import compress.passes as P
+
+    model = copy.deepcopy(reference_model)
+    run = passes(P, VQLogits(num_codes=16, scale_bias=False, distill=False, weighting="uniform"))
+    with pytest.raises(ConfigError, match=said):
+        compress.apply(model, run, progress=False)
+    assert isinstance(model.lm_head, torch.nn.Linear) and not model.lm_head.weight.eq(0).any()  # nothing ran
+
+
 def test_plain_copy_needs_no_calibration_and_tied_heads_are_untied(tiny_model, arch, tmp_path):
     model = tiny_model(arch, tie_word_embeddings=True)
     emb = model.get_input_embeddings().weight.detach().clone()

@@ -54,6 +54,15 @@ def match_modules(
                 exempt = next((f"{n} ({getattr(m, EXEMPT)})" for n, m in every if fn(n, m)), None)
                 raise TargetError(f"target {pattern!r} matches no module"
                                   + (f" passes may compress; it names {exempt}" if exempt else closest(pattern, model)))
+            hit = [(n, m) for n, m in named if fn(n, m)]
+            ignoring = next((p for p, ig in zip(ignore, ignore_fns) if all(ig(n, m) for n, m in hit)), None)
+            if ignoring is not None:  # (said "matches no Linear layer" of an lm_head the default ignore left out)
+                raise TargetError(f"target {pattern!r} names only modules ignore {ignoring!r} leaves out (the default "
+                                  "ignore keeps the head and the embeddings as they are): set the pass's ignore "
+                                  "without it, e.g. ignore: []")
+        for pattern, fn in zip(ignore, ignore_fns):  # a typo left out nothing, silently
+            if not any(fn(n, m) for n, m in every):
+                raise TargetError(f"ignore {pattern!r} matches no module{closest(pattern, model)}")
     return {
         n: m
         for n, m in named
@@ -74,6 +83,9 @@ def closest(pattern: str, model: nn.Module) -> str:
         # was compared whole to full paths and suggested ModuleList)
         key = max(re.findall(r"[A-Za-z0-9_]+", pattern[3:]) or [""], key=len)
         names = sorted({n.rsplit(".", 1)[-1] for n in names if not n.rsplit(".", 1)[-1].isdigit()})
+    if pattern.startswith("re:") and not pattern.startswith("re:.*") and key in names:
+        # a leaf name written as the regex: it is matched against the whole dotted name
+        return f"; re: patterns match the whole dotted name: write 're:.*{pattern[3:]}'"
     close = difflib.get_close_matches(key, names + classes, n=3, cutoff=0.4)
     if close:
         return f"; closest module names: {', '.join(close)}"

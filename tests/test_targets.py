@@ -39,3 +39,19 @@ def test_target_matching_nothing_names_the_closest(tiny_model):
 def test_bad_regex_is_a_clear_error(tiny_model):
     with pytest.raises(TargetError, match="not a valid regex"):
         match_modules(tiny_model("llama"), ["re:(unclosed"])
+
+
+def test_ignore_matching_nothing_and_a_leaf_name_regex_are_said(tiny_model):
+    """An ignore with a typo (or a layer the model does not have) left out nothing, silently; a regex written as a
+    leaf name matches nothing, since regexes match the whole dotted name."""
+    model = tiny_model("llama")
+    with pytest.raises(TargetError, match="ignore 'model.layers.9.mlp.down_proj' matches no module; closest"):
+        match_modules(model, ["Linear"], ["model.layers.9.mlp.down_proj"])
+    with pytest.raises(TargetError, match=r"ignore 're:.\*q_prj' matches no module"):
+        match_modules(model, ["Linear"], ["re:.*q_prj"])
+    with pytest.raises(TargetError, match=r"match the whole dotted name: write 're:.\*q_proj'"):
+        match_modules(model, ["re:q_proj"])
+    assert "model.layers.0.mlp.down_proj" not in match_modules(model, ["Linear"], ["re:.*down_proj"])
+    # the default ignore left the named head out, and prune said it "matches no Linear layer"
+    with pytest.raises(TargetError, match="target 'lm_head' names only modules ignore 're:.\\*lm_head' leaves out"):
+        match_modules(model, ["lm_head"], ["re:.*lm_head", "re:.*embed_tokens"])

@@ -19,6 +19,10 @@ def check_patterns(patterns: list[str]) -> list[str]:
     return patterns
 
 
+def _is_class_pattern(pattern: str) -> bool:
+    return not pattern.startswith("re:") and "." not in pattern and pattern[:1].isupper()
+
+
 def _matcher(pattern: str):
     if pattern.startswith("re:"):
         try:
@@ -26,7 +30,7 @@ def _matcher(pattern: str):
         except re.error as exc:
             raise TargetError(f"target {pattern!r} is not a valid regex ({exc}); write e.g. 're:.*mlp.*'") from None
         return lambda name, module: rx.fullmatch(name) is not None
-    if "." in pattern or not pattern[:1].isupper():
+    if not _is_class_pattern(pattern):
         return lambda name, module: name == pattern
     return lambda name, module: any(cls.__name__ == pattern for cls in type(module).__mro__)
 
@@ -54,6 +58,8 @@ def match_modules(
                 exempt = next((f"{n} ({getattr(m, EXEMPT)})" for n, m in every if fn(n, m)), None)
                 raise TargetError(f"target {pattern!r} matches no module"
                                   + (f" passes may compress; it names {exempt}" if exempt else closest(pattern, model)))
+            if _is_class_pattern(pattern):  # ("Linear" once earlier passes replaced all but the ignored head)
+                continue
             hit = [(n, m) for n, m in named if fn(n, m)]
             ignoring = next((p for p, ig in zip(ignore, ignore_fns) if all(ig(n, m) for n, m in hit)), None)
             if ignoring is not None:  # (said "matches no Linear layer" of an lm_head the default ignore left out)

@@ -19,7 +19,7 @@ from torch import nn
 
 from .errors import CalibrationError, CompressError, ConfigError, TargetError, UnsupportedModelError
 from .strict_config import StrictConfig
-from .targets import check_patterns, match_modules
+from .targets import DEFAULT_IGNORE, check_patterns, match_modules
 
 
 _RESTORING: ContextVar[bool] = ContextVar("compress_restoring", default=False)
@@ -37,7 +37,7 @@ class PassConfig(StrictConfig):
 
     targets: list[str] = Field(default_factory=lambda: ["Linear"], description="modules to compress: a class name "
                                "(Linear), a regex (re:.*mlp.*) or a dotted module name")
-    ignore: list[str] = Field(default_factory=lambda: ["re:.*lm_head", "re:.*embed_tokens"],
+    ignore: list[str] = Field(default_factory=lambda: list(DEFAULT_IGNORE),
                               description="modules to leave alone (same forms as targets; ignore wins)")
 
     def __setattr__(self, name: str, value: Any) -> None:

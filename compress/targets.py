@@ -35,6 +35,8 @@ def _matcher(pattern: str):
     return lambda name, module: any(cls.__name__ == pattern for cls in type(module).__mro__)
 
 
+# what passes leave out unless told otherwise (a model without such modules is fine: not a typo of the user's)
+DEFAULT_IGNORE = ("re:.*lm_head", "re:.*embed_tokens")
 EXEMPT = "compress_exempt"  # attribute of a module no compression pass may take: its reason (a string)
 
 
@@ -67,7 +69,7 @@ def match_modules(
                                   "ignore keeps the head and the embeddings as they are): set the pass's ignore "
                                   "without it, e.g. ignore: []")
         for pattern, fn in zip(ignore, ignore_fns):  # a typo left out nothing, silently
-            if not any(fn(n, m) for n, m in every):
+            if pattern not in DEFAULT_IGNORE and not any(fn(n, m) for n, m in every):
                 raise TargetError(f"ignore {pattern!r} matches no module{closest(pattern, model)}")
     return {
         n: m

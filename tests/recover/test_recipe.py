@@ -46,7 +46,7 @@ CALIBRATION = "calibration: {source: builtin:calibration, num_samples: 2, seq_le
     ("  - linearize: {variant: gla}\n  - recover: {max_tokens: 256, train_modules: ['re:.*router$']}\n",
      "train_modules: target 're:.*router\\$' matches no module"),
     ("  - prune: {method: magnitude}\n  - recover: {max_tokens: 256, targets: [lm_head]}\n",
-     "match only layers that ignore .* leaves out \\(lm_head\\); set ignore"),
+     "target 'lm_head' names only modules ignore 're:.\\*lm_head' leaves out"),
     ("  - prune: {method: magnitude}\n  - recover: {max_tokens: 256, train_modules: ['re:.*rotary_emb$']}\n",
      "train_modules match only modules without parameters \\(\\['model.rotary_emb'\\]"),
 ])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import CompressError
 from ..evaluate import MetricAccumulator, logits_as_served
 
 
@@ -21,7 +22,10 @@ def rectangular(tokenizer, rows: list[dict], limit: int | None = None) -> tuple[
     enc = lambda s: tokenizer(s, add_special_tokens=False, verbose=False)["input_ids"]  # noqa: E731
     prefixes = [enc(r["context"]) for r in rows]
     continuations = [enc(r["continuation"]) for r in rows]
-    p, c = min(map(len, prefixes)), min(map(len, continuations))
+    p, c = min(map(len, prefixes), default=0), min(map(len, continuations), default=0)
+    if not p or not c:  # (suite.check_suite_folder refuses empty texts; a tokenizer may still cut one to nothing)
+        raise CompressError("the agreement rows need a context and a continuation of at least one token each: "
+                            f"{'no rows' if not rows else 'one of them is no tokens in this tokenizer'}")
     return (torch.tensor([x[len(x) - p:] for x in prefixes[:limit]]),
             torch.tensor([x[:c] for x in continuations[:limit]]))
 

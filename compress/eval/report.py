@@ -9,14 +9,14 @@ def check_suite_options(suite: str | None, suite_dir: str | None, plot_file: str
     """Everything that can fail before any model loads."""
     from .lm_eval_tasks import require_lm_eval
     from .plot import check_plot_target
-    from .suite import suite_dir as resolve
+    from .suite import check_suite_folder, suite_dir as resolve
 
     if plot_file and not (suite or suite_dir):
         raise CompressError("--plot draws the suite's scores: add --suite kick")
     if suite_limit is not None and not (suite or suite_dir):
         raise CompressError("--suite-limit limits the suite's examples: add --suite kick")
     if suite or suite_dir:
-        resolve(suite, suite_dir)
+        check_suite_folder(resolve(suite, suite_dir))  # every task file and row read now, not after the models load
         require_lm_eval()
     if plot_file:
         check_plot_target(plot_file)

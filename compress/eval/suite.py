@@ -19,13 +19,12 @@ import time
 from pathlib import Path
 
 from ..errors import CompressError
-from .lm_eval_tasks import DATA_DIR, lm_eval_results, suite_task_names, wrap_model
+from .lm_eval_tasks import DATA_DIR, LM_EVAL_PREFIX, lm_eval_results, suite_task_names, task_configs, wrap_model
 
 SUITES = {"kick": DATA_DIR}
 AGREEMENT_TASKS = ("agreement_kl", "agreement_top1", "agreement_greedy")
 LOWER_IS_BETTER = {"agreement_kl"}
 SELF_AGREEMENT = {"agreement_kl": 0.0, "agreement_top1": 1.0, "agreement_greedy": 1.0}
-LM_EVAL_PREFIX = "kick_"
 NORMALISED = "_norm"  # a task whose config lists acc_norm reports it as `<task>_norm` (e.g. mc_norm)
 
 
@@ -48,13 +47,78 @@ def suite_dir(suite: str | None, directory: str | Path | None) -> Path:
 
 
 def read_rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [row for _, row in numbered_rows(path)]
 
 
-def too_long(tasks_dir: Path, task: str, tokenizer, max_length: int, limit: int | None) -> bool:
+def numbered_rows(path: Path) -> list[tuple[int, dict]]:
+    """A JSON-lines fixture's (line number, row), blank lines skipped; a CompressError names a bad line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CompressError(f"{path}: cannot be read as UTF-8 JSON lines ({exc})") from None
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise CompressError(f"{path}:{number}: not valid JSON ({exc.msg}, column {exc.colno})") from None
+            if not isinstance(row, dict):
+                raise CompressError(f"{path}:{number}: a row is a JSON object, not {type(row).__name__}")
+            rows.append((number, row))
+    return rows
+
+
+TEMPLATE_FIELD = re.compile(r"\{\{\s*(\w+)")
+
+
+def check_suite_folder(tasks_dir: Path) -> dict[str, Path]:
+    """{short task name: its fixture file} of a suite folder, every YAML and JSON-lines file checked first (before
+    any model loads): the keys this module, agreement.py and the YAML's templates read are in every row, of their
+    type (lm-eval renders a missing key as empty text, and fails deep in a run on others)."""
+    fixtures = {}
+    for task, (yaml_path, config) in task_configs(tasks_dir).items():
+        path = Path(tasks_dir) / config["dataset_kwargs"]["fixture"]
+        if config.get("output_type") == "multiple_choice":
+            required = {"context": str, "choices": list, "label": int}
+        else:
+            required = {"context": str, "answer": str}
+        templates = [config.get(k) for k in ("doc_to_text", "doc_to_target", "doc_to_choice")]
+        for field in {f for t in templates if isinstance(t, str) for f in TEMPLATE_FIELD.findall(t)} | {
+                t for t in templates if isinstance(t, str) and t.isidentifier()}:
+            required.setdefault(field, object)
+        fixtures[task.removeprefix(LM_EVAL_PREFIX)] = check_rows(path, required, f" (task {task}, {yaml_path.name})")
+    check_rows(Path(tasks_dir) / "agreement.jsonl", {"context": str, "continuation": str})
+    return fixtures
+
+
+def check_rows(path: Path, required: dict[str, type], what: str = "") -> Path:
+    """`path`, once it has rows and each has the `required` keys, of their type (`object`: any), not empty."""
+    rows = numbered_rows(path)
+    if not rows:
+        raise CompressError(f"{path}{what}: no rows; each line is a JSON object")
+    for number, row in rows:
+        for key, kind in required.items():
+            value = row.get(key)
+            bad = (key not in row or not isinstance(value, kind) or isinstance(value, bool) and kind is not object
+                   or kind in (str, list) and not value
+                   or key == "choices" and not all(isinstance(c, str) and c for c in value)
+                   or key == "label" and isinstance(row.get("choices"), list) and not 0 <= value < len(row["choices"]))
+            if bad:
+                problem = "missing" if key not in row else f"{json.dumps(value)[:40]} is not {EXPECTED[key, kind]}"
+                raise CompressError(f"{path}:{number}{what}: {key!r} {problem}")
+    return path
+
+
+EXPECTED = {("context", str): "non-empty text", ("answer", str): "non-empty text",
+            ("continuation", str): "non-empty text", ("choices", list): "a non-empty list of non-empty texts",
+            ("label", int): "the index of the true choice"}
+
+
+def too_long(fixture: Path, tokenizer, max_length: int, limit: int | None) -> bool:
     """Whether any prompt (+ answer) of a task's fixture exceeds the model's context (lm-eval would cut the left
     of the prompt, silently dropping a pass key buried early)."""
-    rows = read_rows(tasks_dir / f"{task.removeprefix(LM_EVAL_PREFIX)}.jsonl")[:limit]
+    rows = read_rows(fixture)[:limit]
     answers = [r["answer"] if "answer" in r else max(r["choices"], key=len) for r in rows]
     return any(len(tokenizer(r["context"] + " " + a, add_special_tokens=False, verbose=False)["input_ids"])
                > max_length
@@ -79,7 +143,8 @@ def run_suite(model, tokenizer, baseline=None, *, tasks_dir: Path = DATA_DIR, ta
     from .probes import copy_probe
 
     start = time.perf_counter()
-    lm_names = sorted_tasks([n.removeprefix(LM_EVAL_PREFIX) for n in suite_task_names(tasks_dir)])
+    fixtures = check_suite_folder(tasks_dir)  # a malformed folder fails here, not inside lm-eval
+    lm_names = sorted_tasks(list(fixtures))
     normalised = {n.removeprefix(LM_EVAL_PREFIX) for n in suite_task_names(tasks_dir, "acc_norm")}
     passkeys = [n for n in lm_names if n.startswith("passkey_")]
     available = [*AGREEMENT_TASKS, *passkeys, "copy",
@@ -103,13 +168,21 @@ def run_suite(model, tokenizer, baseline=None, *, tasks_dir: Path = DATA_DIR, ta
         if name == "copy" or name in AGREEMENT_TASKS:
             continue
         short = next((f"{whose} context ({n} tokens)" for whose, n in contexts.items()
-                      if too_long(tasks_dir, name, tokenizer, n, limit)), None)
+                      if too_long(fixtures[name], tokenizer, n, limit)), None)
         if short:  # under the names asked for (mc_norm alone: not under mc)
             skipped.update({n: f"prompts longer than the {short}" for n in (name, name + NORMALISED) if n in wanted})
         else:
             lm_tasks.append(LM_EVAL_PREFIX + name)
     if baseline is None:
         skipped.update({t: "no baseline" for t in AGREEMENT_TASKS if t in wanted})
+    elif any(t in wanted for t in AGREEMENT_TASKS):  # rows are trimmed (agreement.py), then scored and continued
+        from .agreement import rectangular
+
+        prefixes, continuations = rectangular(tokenizer, read_rows(tasks_dir / "agreement.jsonl"), limit)
+        needed = prefixes.shape[1] + max(continuations.shape[1], greedy_tokens)
+        short = next((f"{whose} context ({n} tokens)" for whose, n in contexts.items() if needed > n), None)
+        if short:
+            skipped.update({t: f"prompts longer than the {short}" for t in AGREEMENT_TASKS if t in wanted})
 
     per_doc: dict[int, dict[str, dict]] = {}  # id(model) -> {task: {doc_id: acc}}
 
@@ -144,7 +217,7 @@ def run_suite(model, tokenizer, baseline=None, *, tasks_dir: Path = DATA_DIR, ta
         else:
             baseline_scores, baseline_ci = scores_of(baseline)
             change_ci = paired_changes(per_doc.get(id(model), {}), per_doc.get(id(baseline), {}))
-        if any(t in wanted for t in AGREEMENT_TASKS):
+        if any(t in wanted and t not in skipped for t in AGREEMENT_TASKS):
             rows = read_rows(tasks_dir / "agreement.jsonl")  # the limit caps every task's examples
             agreement = agreement_scores(model, baseline, tokenizer, rows, greedy_tokens, batch_size, limit)
             model_scores.update({t: v for t, v in agreement.items() if t in wanted})

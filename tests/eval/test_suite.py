@@ -268,7 +268,7 @@ def test_mc_norm_is_found_and_skipped_under_its_own_name(reference_model, refere
 
     shutil.copytree(DATA_DIR, tmp_path / "suite")
     config = tmp_path / "suite" / "mc.yaml"
-    config.write_text(config.read_text().replace("- metric: acc_norm", '-   metric: "acc_norm"  # quoted')
+    config.write_text(config.read_text().replace("- metric: acc_norm", '- metric: "acc_norm"  # quoted')
                       .replace("task: kick_mc", 'task: "kick_mc"  # quoted too'))
     assert suite_task_names(tmp_path / "suite", "acc_norm") == ["kick_mc"]
     short = copy.deepcopy(reference_model)

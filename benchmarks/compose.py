@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -26,8 +27,10 @@ RECIPES = ROOT / "recipes"
 
 
 def run_json(args: list[str]) -> dict:
+    # in the user's folder, as `compress apply` run by hand: a recipe's relative paths mean the same here
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run([sys.executable, "-m", "compress.cli", *args, "--json"], capture_output=True, text=True,
-                          cwd=ROOT)
+                          env=env)
     if proc.returncode:
         lines = (proc.stderr or proc.stdout).strip().splitlines()
         return {"error": lines[-1] if lines else f"exit code {proc.returncode}"}
@@ -121,7 +124,10 @@ def main(argv=None) -> int | None:
     if args.model is not None:
         from compress.models import resolve_model_path
 
-        resolve_model_path(args.model)  # a missing model: one line, exit 2, before 22 failing runs
+        path = resolve_model_path(args.model)  # a missing model: one line, exit 2, before 22 failing runs
+        if not args.model.startswith("builtin:"):
+            args.model = str(path.resolve())  # absolute: each run gets it as given, whatever its folder
+    recipes = [r.resolve() for r in recipes]
     rows = []
     with tempfile.TemporaryDirectory(prefix="compose-bench-") as tmp:
         for i, recipe in enumerate(recipes, 1):

@@ -56,11 +56,12 @@ def main(argv=None) -> None:
         print(json.dumps(rows))
         return
     print(f"{args.model} vs {args.baseline}, {windows.shape[0]} windows of {windows.shape[1]} tokens")
+    times = lambda x: "-" if x is None else f"{x:.2f}x"  # noqa: E731 (None: models alike, a zero-width interval)
     for r in rows:
         lo, hi = r["ppl_ratio_ci95"]
         print(f"runs of {r['block']:2d} windows ({r['samples']:3d} samples): ratio {r['ppl_ratio']:.4f} "
-              f"[{lo:.4f}, {hi:.4f}], half-width {r['half_width']:.4f} ({r['widening']:.2f}x; standard error "
-              f"{r['se_widening']:.2f}x)")
+              f"[{lo:.4f}, {hi:.4f}], half-width {r['half_width']:.4f} ({times(r['widening'])}; standard error "
+              f"{times(r['se_widening'])})")
 
 
 if __name__ == "__main__":

@@ -409,10 +409,13 @@ def main(argv=None) -> None:
     if args.residual_spectrum:
         print(json.dumps(residual_spectrum(args.model), indent=1))
         return
+    known = {r["name"] for r in configurations(False)}
+    unknown = [n for n in args.only or () if n not in known]
+    if unknown:  # before any work (--long ran its baseline first); hf-quanto-*/hf-hqq-* need their extras
+        ap.error(f"--only {' '.join(unknown)}: no such configuration; known: {', '.join(sorted(known))}")
     if args.long:
         print(json.dumps(long_context(args.long, args.device, args.only or ["gear-4-r2"], args.model), indent=2))
         return
-    known = {r["name"] for r in configurations(False)}
     for a, b in args.compare:
         if {a, b} - known:
             ap.error(f"--compare {a}:{b}: unknown configuration {sorted({a, b} - known)[0]!r}")

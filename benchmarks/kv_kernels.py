@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from compress.kernels.kv_attention import compressed_decode_attention
 from compress.kernels.dispatch import use_triton
-from compress.bench_args import positive_float, positive_int, run_cli  # noqa: E402
+from compress.bench_args import int_at_least, positive_float, run_cli  # noqa: E402
 
 FORMATS = {  # name: (bits, outlier_ratio, rank)
     "kivi-4": (4, 0.0, 0), "kivi-2": (2, 0.0, 0), "gear-4": (4, 0.02, 2), "gear-2": (2, 0.02, 4),
@@ -186,7 +186,9 @@ def print_table(rows, title):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--contexts", type=positive_int, nargs="+", default=[1024, 4096, 16384])
+    # a shorter context has no whole chunk past the fp16 window: nothing to compress
+    parser.add_argument("--contexts", type=int_at_least(WINDOW + CHUNK), nargs="+", default=[1024, 4096, 16384],
+                        help=f"context lengths, each at least {WINDOW + CHUNK} (the fp16 window and one chunk)")
     parser.add_argument("--layer", type=int, default=2)
     parser.add_argument("--min-run-time", type=positive_float, default=0.2, help="seconds per function per round")
     parser.add_argument("--json", action="store_true", help="print the rows as a JSON list")

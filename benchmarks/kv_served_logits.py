@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from compress.bench_args import positive_int, run_cli
+from compress.bench_args import int_at_least, positive_int, run_cli
 
 SETTINGS = {
     "KIVI-2": dict(method="kivi", bits=2),
@@ -40,17 +40,22 @@ def nll(logits: torch.Tensor, ids: torch.Tensor) -> float:
     return float(torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()))
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    from compress.kvcache import GEARCache, KVCacheSettings, use_compressed_attention
+
+    # shorter texts stay (nearly) whole in the uncompressed window: every row would show no compression
+    least = max(KVCacheSettings.build(**kw).residual_length + KVCacheSettings.build(**kw).group_size
+                for kw in SETTINGS.values())
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="builtin:small")
     parser.add_argument("--batch", type=positive_int, default=4)
-    parser.add_argument("--tokens", type=positive_int, default=1024)
+    parser.add_argument("--tokens", type=int_at_least(least), default=1024,
+                        help=f"tokens per row, at least {least} (the uncompressed window and one compressed chunk)")
     parser.add_argument("--repeats", type=positive_int, default=2)
     parser.add_argument("--dtype", default="auto", help="compute dtype (compress.load's dtype=)")
     parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     import compress
-    from compress.kvcache import GEARCache, KVCacheSettings, use_compressed_attention
     from compress.kvcache.quality import chunked_logits
     from compress.kvcache.served import served_logits
 
@@ -61,7 +66,8 @@ def main() -> None:
     ids = tokenizer(builtin_text("builtin:heldout"), return_tensors="pt", verbose=False).input_ids
     ids = ids[:, : args.batch * args.tokens]
     if ids.shape[1] < args.batch * args.tokens:
-        raise SystemExit(f"error: the held-out text has {ids.shape[1]} tokens, fewer than --batch x --tokens")
+        parser.error(f"the held-out text has {ids.shape[1]} tokens, fewer than --batch x --tokens "
+                     f"({args.batch * args.tokens})")
     ids = ids.view(args.batch, args.tokens)
     rows = []
     with torch.no_grad():

@@ -444,6 +444,18 @@ def main(argv=None) -> None:
     missing = {i.split("=", 1)[0] for i in args.dense_recovered} - {i.split("=", 1)[0] for i in args.recovered}
     if missing:
         ap.error(f"--dense-recovered {', '.join(sorted(missing))}: give that variant's --recovered checkpoint too")
+    if args.skip_speed and (args.skip_quality or args.serving_shape):
+        ap.error("--skip-speed with " + ("--serving-shape" if args.serving_shape else "--skip-quality")
+                 + " leaves nothing to measure; drop one of them")
+    if not (args.skip_quality or args.serving_shape):
+        from compress.models import context_length
+
+        context = context_length(compress.load(args.model, meta=True).config)  # as `compress eval` refuses
+        for option, value, tokens in (("--seq-len", args.seq_len, args.seq_len),
+                                      ("--passkey-len", args.passkey_len, args.passkey_len),
+                                      ("--copy-len", args.copy_len, 2 * args.copy_len)):  # (the span, then again)
+            if context is not None and tokens > context:
+                ap.error(f"{option} {value}: {tokens} tokens, longer than {args.model}'s context ({context} tokens)")
     rows = run(args)
     if args.json:
         print(json.dumps(rows, indent=2))

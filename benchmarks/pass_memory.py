@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from compress.bench_args import run_cli
+from compress.bench_args import positive_int, run_cli
 
 CALIBRATION = '{"source": "builtin:calibration", "num_samples": 8, "seq_len": 256}'
 PASSES = {
@@ -109,16 +109,17 @@ def measure(folder: Path, name: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, nargs=2, default=[4, 8], metavar=("FEW", "MORE"))
+    parser.add_argument("--layers", type=positive_int, nargs=2, default=[4, 8], metavar=("FEW", "MORE"),
+                        help="two model depths, the first smaller: the growth per layer is their difference")
     parser.add_argument("--passes", nargs="+", choices=sorted({**PASSES, **STEPS}), default=[*PASSES, *STEPS],
                         metavar="NAME")
     parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     few, more = args.layers
-    if not 0 < few < more:
-        raise SystemExit("error: --layers takes two depths, the first smaller")
+    if few >= more:
+        parser.error(f"--layers {few} {more}: the first depth must be smaller than the second")
     rows = []
     header = f"{'pass':48s} {'peak ' + str(few):>8s} {'peak ' + str(more):>8s} {'per layer':>9s} {'in layers':>9s} " \
              f"{'held':>6s} {'s at ' + str(more):>7s}"

@@ -100,7 +100,7 @@ def quality_rows(num_samples: int, windows_n: int, progress: bool, model_name: s
                 pruned = report.passes[0].modules
                 out = compress.save(model, Path(tmp) / f"{method}-{structure.replace(':', 'of')}")
                 del model
-                reloaded = compress.load(out)
+                reloaded = compress.load(out, dtype="float32")  # as the dense model: "auto" is bf16 on some CPUs
                 packed = sum(isinstance(m, SparseLinear) for m in reloaded.modules())
                 tensors = checkpoint_tensor_bytes(out)
                 ev = evaluate(reloaded, windows, dense, progress=False)

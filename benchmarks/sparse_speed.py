@@ -312,6 +312,39 @@ def linear_shape(text: str) -> tuple[int, int]:
     return out_f, in_f
 
 
+QUALITY_KEYS = ("model", "sparsity", "ppl_delta_pct", "kl", "calibration_ppl_delta_pct")
+
+
+def read_quality(path: Path) -> tuple[dict | None, str | None]:
+    """(a --save-quality file's contents, None), or (None, why the rows cannot use it): the keys they read."""
+    try:
+        quality = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        return None, f"cannot be read ({exc.strerror})"
+    except UnicodeDecodeError:
+        return None, "not a JSON file (not UTF-8 text)"
+    except json.JSONDecodeError as exc:
+        return None, f"not a JSON file ({exc.msg}, line {exc.lineno})"
+    if not isinstance(quality, dict):
+        return None, "not a JSON object"
+    need = list(QUALITY_KEYS)
+    if not quality.get("exact_gate", True):
+        need.append("quantized_gate_alone")
+    elif quality.get("predictor_rank") or quality.get("predictor_bits"):
+        need += ["candidate_share"] + (["predictor_ratio"] if quality.get("predictor_rank") else [])
+    missing = [k for k in need if k not in quality]
+    alone = quality.get("quantized_gate_alone")
+    if not missing and "quantized_gate_alone" in need and not (isinstance(alone, dict)
+                                                                and {"ppl_delta_pct", "kl"} <= alone.keys()):
+        missing = ["quantized_gate_alone.ppl_delta_pct / .kl"]
+    if missing:
+        return None, f"no {', '.join(missing)} (the keys the rows read)"
+    sparsity = quality["sparsity"]
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
+        return None, f"sparsity {sparsity!r} is not a share in [0, 1)"
+    return quality, None
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="print the rows as one JSON list")
@@ -395,7 +428,9 @@ def main(argv=None) -> None:
     elif args.quality is not None:
         if not args.quality.is_file():
             ap.error(f"--quality {args.quality}: no such file (write one with --save-quality)")
-        quality = json.loads(args.quality.read_text())
+        quality, problem = read_quality(args.quality)
+        if problem:  # found now, not as a traceback after minutes of timing
+            ap.error(f"--quality {args.quality}: {problem} (write one with --save-quality)")
     else:
         quality = calibrated_quality(args.model, args.calibration_samples, args.eval_windows, args.greedy_rounds,
                                      args.ppl_budget, args.predictor_ratio, args.recall, args.neuron_scaling,

@@ -32,7 +32,7 @@ from compress.calibration import CalibrationSpec, build_batches
 from compress.evaluate import MetricAccumulator, heldout_windows
 from compress.vq_logits import VQLogits, VQLogitsHead
 from compress.vq_logits.pass_ import build_vq_head
-from compress.bench_args import output_file, positive_int, run_cli  # noqa: E402
+from compress.bench_args import nonnegative_int, output_file, positive_float, positive_int, run_cli  # noqa: E402
 
 KS = (256, 512, 1024, 2048)
 LLAMA3_8B = {"vocab": 128256, "hidden": 4096, "K": 2048}
@@ -192,11 +192,12 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true", help="print the rows as a JSON list instead of a table")
     ap.add_argument("--max-windows", type=positive_int, default=64, help="held-out windows of 256 tokens to score")
     ap.add_argument("--calib-samples", type=positive_int, default=128, help="calibration windows of 256 tokens")
-    ap.add_argument("--shortlist", type=int, default=0)
+    # VQLogits.Config's bounds, checked here: not in a traceback after the model loads
+    ap.add_argument("--shortlist", type=nonnegative_int, default=0)
     ap.add_argument("--distill-steps", type=positive_int, default=100)
-    ap.add_argument("--distill-seconds", type=float, default=45.0)
-    ap.add_argument("--distill-batch-size", type=int, default=256)
-    ap.add_argument("--distill-lr", type=float, default=3e-3)
+    ap.add_argument("--distill-seconds", type=positive_float, default=45.0)
+    ap.add_argument("--distill-batch-size", type=positive_int, default=256)
+    ap.add_argument("--distill-lr", type=positive_float, default=3e-3)
     ap.add_argument("--repeats", type=positive_int, default=7, help="timed repeats per measurement (median)")
     ap.add_argument("--threads", type=positive_int, default=1, help="torch threads while timing the heads")
     ap.add_argument("--skip-llama", action="store_true")

@@ -27,6 +27,42 @@ positive_int = int_at_least(1)
 nonnegative_int = int_at_least(0)
 
 
+def int_list(low: int):
+    """An argparse type: comma-separated whole numbers, each >= `low` (e.g. "256,512,1000")."""
+    item = int_at_least(low)
+
+    def parse(text: str) -> tuple[int, ...]:
+        parts = [p.strip() for p in text.split(",")]
+        if not all(parts):
+            raise argparse.ArgumentTypeError(f"{text!r}: write comma-separated whole numbers, e.g. 256,512")
+        return tuple(item(p) for p in parts)
+    return parse
+
+
+def head_pairs(text: str) -> list[tuple[int, int]]:
+    """An argparse type: attention heads as comma-separated layer:head pairs ("5:0,6:4"), both from 0."""
+    pairs = []
+    for item in text.split(","):
+        layer, sep, head = item.strip().partition(":")
+        try:
+            pair = (int(layer), int(head)) if sep else None
+        except ValueError:
+            pair = None
+        if pair is None or min(pair) < 0:
+            raise argparse.ArgumentTypeError(f"{text!r}: write layer:head pairs counted from 0, e.g. 5:0,6:4")
+        pairs.append(pair)
+    return pairs
+
+
+def heads_problem(pairs: list[tuple[int, int]], config) -> str | None:
+    """Why `pairs` (head_pairs) name no heads of a model of `config`, or None."""
+    layers, heads = config.num_hidden_layers, config.num_attention_heads
+    outside = [f"{layer}:{head}" for layer, head in pairs if layer >= layers or head >= heads]
+    if outside:
+        return (f"{', '.join(outside)}: the model has layers 0 .. {layers - 1} and heads 0 .. {heads - 1} in each")
+    return None
+
+
 def positive_float(text: str) -> float:
     try:
         value = float(text)

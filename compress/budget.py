@@ -25,12 +25,14 @@ from .pass_api import storage_bytes
 KV_TOKENS = 1024  # a multiple of every residual window the GEAR settings allow by default; fills whole chunks
 
 
-def original_bytes_by_component(config, storage_dtype: torch.dtype) -> dict[str, int]:
-    """What the uncompressed model of `config` stores per component at `storage_dtype`."""
+def original_bytes_by_component(config, storage_dtype: torch.dtype,
+                                headers: dict[str, tuple[str, tuple[int, ...]]] | None = None) -> dict[str, int]:
+    """What the uncompressed model of `config` stores per component at `storage_dtype`; with the checkpoint's
+    `headers`, a tensor it stores under the same name at its dtype there (a head kept float32 was float32 before)."""
     from .models import empty_model
 
     plain = empty_model(config, dtype=storage_dtype, meta=True)
-    return {k: v["dense"] + v["compressed"] for k, v in bytes_by_component(plain, storage_dtype).items()}
+    return {k: v["dense"] + v["compressed"] for k, v in bytes_by_component(plain, storage_dtype, headers).items()}
 
 
 def _original_config(config, section: dict[str, Any] | None):
@@ -133,13 +135,15 @@ def _compressed_cycle(cache, layer: int, keys, values, settings, gen) -> list[fl
 
 
 def budget(model: nn.Module, section: dict[str, Any] | None, storage_dtype: torch.dtype,
-           components: dict[str, dict[str, int]] | None = None) -> dict[str, Any]:
+           components: dict[str, dict[str, int]] | None = None,
+           headers: dict[str, tuple[str, tuple[int, ...]]] | None = None) -> dict[str, Any]:
     """{"weights": {component: {"original", "stored"}}, "weights_total": {...}, "kv_per_token": {...}}.
     `components`: the stored bytes per component when the model cannot show them (a compressed-tensors folder,
-    counted from its files)."""
-    components = components if components is not None else bytes_by_component(model, storage_dtype)
+    counted from its files). `headers`: the checkpoint's safetensors headers, so that both sides count each tensor
+    at the dtype the files hold (pass the headers' main floating dtype as `storage_dtype`), not config.json's."""
+    components = components if components is not None else bytes_by_component(model, storage_dtype, headers)
     stored = {k: v["dense"] + v["compressed"] for k, v in components.items()}
-    original = original_bytes_by_component(_original_config(model.config, section), storage_dtype)
+    original = original_bytes_by_component(_original_config(model.config, section), storage_dtype, headers)
     weights = {c: {"original": original.get(c, 0), "stored": stored.get(c, 0)}
                for c in sorted(set(stored) | set(original))}
     total = {k: sum(v[k] for v in weights.values()) for k in ("original", "stored")}

@@ -22,15 +22,19 @@ def inspect_checkpoint(checkpoint: str, sparse_runtime: str, device: str | None)
     section = models.compression_section(path) or {}
     model = models.load(checkpoint, meta=True)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from .checkpoint import weight_files
+    from .checkpoint_validation import check_weight_files
+    from .inspection import headers_float_dtype
+
     if section.get("export_format") or _quantized_by_transformers(path, section):
         # transformers builds these layers (its compressed-tensors or bitsandbytes integration), or reads an export
         # whose layers all stayed dense (no quantization_config): the meta model is the dense one at the storage
         # dtype, so the files are checked for damage and counted from their headers
-        from .checkpoint import weight_files
-        from .checkpoint_validation import check_export_quantization, check_weight_files, read_config_json
+        from .checkpoint_validation import check_export_quantization, read_config_json
         from .inspection import bytes_by_component_from_headers
 
         headers = check_weight_files(path, weight_files(path))
+        stored_as = headers_float_dtype(headers) or model.compress_storage_dtype
         quantization = read_config_json(path).get("quantization_config")
         if section.get("export_format") and isinstance(quantization, dict):
             check_export_quantization(path, quantization, headers, model)
@@ -38,7 +42,10 @@ def inspect_checkpoint(checkpoint: str, sparse_runtime: str, device: str | None)
         paths = {}
     else:
         verify_files(path, model)  # a damaged weight file is an error here too, without reading the tensors
-        comps = bytes_by_component(model, storage_dtype=model.compress_storage_dtype)
+        headers = check_weight_files(path, weight_files(path))
+        # each tensor at the dtype its file holds: config.json's dtype may differ, one file may hold several
+        stored_as = headers_float_dtype(headers) or model.compress_storage_dtype
+        comps = bytes_by_component(model, storage_dtype=stored_as, headers=headers)
         paths = runtime_plan(model, sparse_runtime, device)
         comps.update(_extra_folder_components(path, section, model))
     recipe, recipe_problem = _stored_recipe(path)
@@ -46,7 +53,7 @@ def inspect_checkpoint(checkpoint: str, sparse_runtime: str, device: str | None)
     from .budget import budget
 
     return {"checkpoint": str(path), "compression": section, "components": comps,
-            "budget": budget(model, section, model.compress_storage_dtype, comps),
+            "budget": budget(model, section, stored_as, comps, headers),
             "checkpoint_bytes": folder_bytes(path), "recipe": recipe, "recipe_problem": recipe_problem,
             "findings": findings, "report_problem": report_problem,
             "runtime": {"device": device, "sparse_runtime": sparse_runtime, "paths": paths}}
@@ -83,7 +90,7 @@ def print_inspection(result: dict) -> None:
     rows = [[c, _mb(v["dense"]), _mb(v["compressed"])] for c, v in sorted(comps.items())]
     rows.append(["total", _mb(total["dense"]), _mb(total["compressed"])])
     con.print(_table("bytes per component", ["component", "dense", "compressed"], rows,
-                     caption="at the storage dtype"))
+                     caption="at the dtypes the files hold"))
     _print_budget(con, result["budget"])
     con.print(f"safetensors on disk: {_mb(result['checkpoint_bytes'])}")
     if paths:
@@ -186,4 +193,4 @@ def _print_budget(con, b: dict) -> None:
         measured = (f"compressed: mean over {first}-{last} tokens (the uncompressed window of recent tokens in every "
                     f"state it takes), {kv['compressed_min']:.0f}-{kv['compressed_max']:.0f} B")
     con.print(_table("budget", ["", "original", "compressed", "ratio"], rows,
-                     caption=f"weights at the storage dtype; KV at fp16, {measured}"))
+                     caption=f"weights at the dtypes the files hold; KV at fp16, {measured}"))

@@ -4,6 +4,7 @@ Counts bytes actually held by tensors (each storage once), so a packed module co
 the dense matrix it stands for."""
 from __future__ import annotations
 
+import math
 import re
 from collections import defaultdict
 
@@ -57,31 +58,54 @@ def rebuild_derived(model: nn.Module) -> None:
             module.rebuild_derived()
 
 
-def bytes_by_component(model: nn.Module, storage_dtype: torch.dtype | None = None) -> dict[str, dict[str, int]]:
+def bytes_by_component(model: nn.Module, storage_dtype: torch.dtype | None = None,
+                       headers: dict[str, tuple[str, tuple[int, ...]]] | None = None) -> dict[str, dict[str, int]]:
     """{component: {"dense": bytes, "compressed": bytes}} over the tensors a checkpoint stores (the state dict:
     non-persistent buffers such as rotary frequencies and `derived_tensor_names` are rebuilt on load, not stored).
     A tensor counts as compressed when its owning module is the project's own (e.g. a SparseLinear or a VQ head).
-    With `storage_dtype`, floating tensors are counted at that dtype's size (what the checkpoint holds)."""
+    With `storage_dtype`, floating tensors are counted at that dtype's size (what the checkpoint holds).
+    `headers` ({name: (safetensors dtype, shape)}, a checkpoint's): a tensor found there counts at its stored
+    dtype instead (a folder need not hold the dtype its config names, nor one dtype for all its tensors); with the
+    shape the model gives it, so a plain model of the same architecture counts as that file would store it."""
+    from .checkpoint_validation import FLOATING, ITEM_SIZES
+
     out: dict[str, dict[str, int]] = defaultdict(lambda: {"dense": 0, "compressed": 0})
     modules = dict(model.named_modules())
-    seen, derived = set(), derived_tensor_names(model)  # derived: rebuilt on load, not stored
+    groups: dict[object, list[str]] = {}  # tied weights: stored once, under one of their names
+    tensors, derived = {}, derived_tensor_names(model)  # derived: rebuilt on load, not stored
     for name, t in model.state_dict(keep_vars=True).items():
         if name in derived:
             continue
         key = id(t) if t.device.type == "meta" else (t.untyped_storage().data_ptr(), t.storage_offset(), t.shape)
-        if key in seen:
-            continue  # a tied weight, stored once
-        seen.add(key)
+        groups.setdefault(key, []).append(name)
+        tensors.setdefault(key, t)
+    for key, names in groups.items():
+        name, t = names[0], tensors[key]
         owner = owner_module(modules, name)
         kind = "compressed" if _is_compressed(owner) else "dense"
-        # an unmerged LoRA adapter is saved in its own dtype (recover/adapter.py), not the checkpoint's, and so is
-        # a module's state it keeps float32 (bitsandbytes' scales: `kept_float32`)
-        own_dtype = (".lora_A." in name or ".lora_B." in name
-                     or name.rpartition(".")[2] in getattr(owner, "kept_float32", ()))
-        itemsize = (torch.empty((), dtype=storage_dtype).element_size()
-                    if storage_dtype is not None and t.is_floating_point() and not own_dtype else t.element_size())
+        stored = next((headers[n][0] for n in names if n in headers), None) if headers else None
+        if stored is not None and (stored in FLOATING) == t.is_floating_point():
+            itemsize = ITEM_SIZES[stored]
+        else:
+            # an unmerged LoRA adapter is saved in its own dtype (recover/adapter.py), not the checkpoint's, and
+            # so is a module's state it keeps float32 (bitsandbytes' scales: `kept_float32`)
+            own_dtype = (".lora_A." in name or ".lora_B." in name
+                         or name.rpartition(".")[2] in getattr(owner, "kept_float32", ()))
+            itemsize = (torch.empty((), dtype=storage_dtype).element_size()
+                        if storage_dtype is not None and t.is_floating_point() and not own_dtype
+                        else t.element_size())
         out[component_of(name)][kind] += t.numel() * itemsize
     return dict(out)
+
+
+def headers_float_dtype(headers: dict[str, tuple[str, tuple[int, ...]]]) -> torch.dtype | None:
+    """The floating dtype most of a checkpoint's floating elements are stored in (None: no floating tensor)."""
+    names = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+    elements: dict[torch.dtype, int] = defaultdict(int)
+    for dtype, shape in headers.values():
+        if dtype in names:
+            elements[names[dtype]] += math.prod(shape)
+    return max(elements, key=elements.get) if elements else None
 
 
 def stored_bytes(model: nn.Module, storage_dtype: torch.dtype | None = None) -> int:

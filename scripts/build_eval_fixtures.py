@@ -20,7 +20,6 @@ import argparse
 import json
 import random
 import re
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,7 +93,13 @@ def passkey_rows(tokenizer, text: str, length: int, num: int) -> list[dict]:
 def agreement_rows(tokenizer, text: str, num: int, rng: random.Random) -> list[dict]:
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     span = AGREEMENT_PREFIX + AGREEMENT_CONTINUATION
-    starts = sorted(rng.sample(range(0, len(ids) - span, span), num))
+    candidates = range(0, len(ids) - span, span)
+    if num > len(candidates):
+        from compress.errors import CompressError
+
+        raise CompressError(f"--agreement-num {num}: the held-out text holds {len(candidates)} spans of {span} "
+                            f"tokens; use at most {len(candidates)}")
+    starts = sorted(rng.sample(candidates, num))
     decode = lambda t: tokenizer.decode(t, clean_up_tokenization_spaces=False)  # noqa: E731
     return [{"context": decode(ids[s:s + AGREEMENT_PREFIX]), "continuation": decode(ids[s + AGREEMENT_PREFIX:s + span])}
             for s in starts]
@@ -158,6 +163,7 @@ def build(out: Path, num: int = 24, passkey_lengths: tuple[int, ...] = (256, 512
     tokenizer = AutoTokenizer.from_pretrained(HELDOUT.parent)
     text = HELDOUT.read_text(encoding="utf-8")
     paragraphs = prose_paragraphs(text)
+    agreement = agreement_rows(tokenizer, text, agreement_num, random.Random(SEED + 2))  # (refused before writing)
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, tuple[list[dict], str]] = {}
     for length in passkey_lengths:
@@ -173,23 +179,33 @@ def build(out: Path, num: int = 24, passkey_lengths: tuple[int, ...] = (256, 512
         (out / f"{name}.yaml").write_text(LOGLIKELIHOOD_YAML.format(name=name, description=description))
     write_jsonl(out / "mc.jsonl", mc_rows(paragraphs, num, random.Random(SEED + 1)))
     (out / "mc.yaml").write_text(MC_YAML)
-    write_jsonl(out / "agreement.jsonl", agreement_rows(tokenizer, text, agreement_num, random.Random(SEED + 2)))
+    write_jsonl(out / "agreement.jsonl", agreement)
     return [f"kick_{n}" for n in files] + ["kick_mc"]
 
 
+MIN_PASSKEY_LENGTH = 64  # the needle and the question take ~35 tokens; the rest is filler
+
+
 def main(argv: list[str] | None = None) -> int:
+    from compress.bench_args import int_list, positive_int
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: the shipped fixtures)")
-    ap.add_argument("--num", type=int, default=24, help="examples per cloze / multiple-choice task")
-    ap.add_argument("--passkey-lengths", default="256,512,1000,2000", help="comma-separated prompt lengths in tokens")
-    ap.add_argument("--passkey-num", type=int, default=16, help="prompts per pass-key length")
-    ap.add_argument("--agreement-num", type=int, default=16, help="prefixes for the agreement metrics")
+    ap.add_argument("--num", type=positive_int, default=24, help="examples per cloze / multiple-choice task")
+    ap.add_argument("--passkey-lengths", type=int_list(MIN_PASSKEY_LENGTH), default=(256, 512, 1000, 2000),
+                    help=f"comma-separated prompt lengths in tokens, each at least {MIN_PASSKEY_LENGTH}")
+    ap.add_argument("--passkey-num", type=positive_int, default=16, help="prompts per pass-key length")
+    ap.add_argument("--agreement-num", type=positive_int, default=16, help="prefixes for the agreement metrics")
     args = ap.parse_args(argv)
-    lengths = tuple(int(x) for x in args.passkey_lengths.split(","))
-    tasks = build(args.out, args.num, lengths, args.passkey_num, args.agreement_num)
+    folder = next((f for f in (args.out, *args.out.parents) if f.exists()), None)
+    if folder is not None and not folder.is_dir():
+        ap.error(f"--out {args.out}: {folder} is a file, not a folder")
+    tasks = build(args.out, args.num, args.passkey_lengths, args.passkey_num, args.agreement_num)
     print(f"wrote {len(tasks)} tasks + agreement.jsonl to {args.out}: {', '.join(tasks)}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from compress.bench_args import run_cli
+
+    run_cli(main)

@@ -12,19 +12,25 @@ import argparse
 
 import torch
 
+from compress.bench_args import head_pairs, heads_problem, positive_int, run_cli
+
 
 @torch.no_grad()
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", nargs="?", default="builtin:small")
-    ap.add_argument("--heads", default="5:0,6:4")
-    ap.add_argument("--spans", type=int, default=8)
-    args = ap.parse_args()
+    ap.add_argument("--heads", type=head_pairs, default=head_pairs("5:0,6:4"), help="layer:head pairs, e.g. 5:0,6:4")
+    ap.add_argument("--spans", type=positive_int, default=8)
+    args = ap.parse_args(argv)
     import compress
 
+    config = compress.load(args.model, meta=True).config  # the heads are checked before the weights load
+    problem = heads_problem(args.heads, config)
+    if problem:
+        ap.error(f"--heads {problem}")
     model = compress.load(args.model, dtype="float32")
     model.set_attn_implementation("eager")  # attention probabilities are read below
-    heads = [tuple(int(x) for x in pair.split(":")) for pair in args.heads.split(",") if pair]
+    heads = args.heads
     captured = {}
     for layer in {l for l, _ in heads}:
         model.model.layers[layer].self_attn.o_proj.register_forward_hook(
@@ -50,4 +56,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

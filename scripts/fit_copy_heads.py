@@ -34,7 +34,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from compress.bench_args import (head_pairs, heads_problem, nonnegative_float, nonnegative_int, positive_float,
+                                 positive_int, run_cli)
 from compress.calibration import builtin_text
+
+
+def share(text: str) -> float:
+    """An argparse type: a share in [0, 1]."""
+    value = nonnegative_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at most 1")
+    return value
 
 
 def layer_inputs(model, layers: list[int], ids: torch.Tensor) -> dict[int, torch.Tensor]:
@@ -52,29 +62,54 @@ def layer_inputs(model, layers: list[int], ids: torch.Tensor) -> dict[int, torch
     return {layer: torch.cat(v).reshape(-1, model.config.hidden_size) for layer, v in cap.items()}
 
 
-def main() -> None:
+def arguments_problem(args) -> str | None:
+    """What makes the run fail, found before ~20 minutes of fitting: --init-from must be a model folder with the
+    training.json copied at the end; --out gets the model's files written over its own, so it must be new, empty,
+    or a model folder this script or train_small.py wrote (its training.json)."""
+    src = args.init_from
+    if not (src / "config.json").is_file():
+        return f"--init-from {src}: {'no such folder' if not src.exists() else 'not a model folder (no config.json)'}"
+    if not (src / "training.json").is_file():
+        return f"--init-from {src}: no training.json (a folder written by scripts/train_small.py)"
+    out = args.out
+    folder = next((f for f in (out, *out.parents) if f.exists()), None)
+    if folder is not None and not folder.is_dir():
+        return f"--out {out}: {folder} is a file, not a folder"
+    if out.is_dir() and any(out.iterdir()) and not (out / "training.json").is_file():
+        return f"--out {out}: a folder holding files this script did not write (no training.json); choose another"
+    return None
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--init-from", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--heads", default="5:0,6:4")
-    ap.add_argument("--sequences", type=int, default=512, help="random 256-token sequences of features")
-    ap.add_argument("--steps", type=int, default=800)
-    ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--scale", type=float, default=12.0)
-    ap.add_argument("--numbers", type=float, default=0.0,
+    ap.add_argument("--heads", type=head_pairs, default=head_pairs("5:0,6:4"), help="layer:head pairs, e.g. 5:0,6:4")
+    ap.add_argument("--sequences", type=positive_int, default=512, help="random 256-token sequences of features")
+    ap.add_argument("--steps", type=nonnegative_int, default=800)
+    ap.add_argument("--lr", type=positive_float, default=3e-3)
+    ap.add_argument("--scale", type=positive_float, default=12.0)
+    ap.add_argument("--numbers", type=share, default=0.0,
                     help="share of the feature sequences that are lists of random numbers instead of random ids: "
                          "a pass key's digit tokens (ids 16-25 and their merges) are below the random ids' range")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args()
-    from transformers import AutoTokenizer, LlamaForCausalLM
+    ap.add_argument("--threads", type=positive_int, default=1)
+    args = ap.parse_args(argv)
+    problem = arguments_problem(args)
+    if problem:
+        ap.error(problem)
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+
+    problem = heads_problem(args.heads, AutoConfig.from_pretrained(args.init_from))
+    if problem:
+        ap.error(f"--heads {problem}")
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     model = LlamaForCausalLM.from_pretrained(args.init_from, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(args.init_from)
     cfg = model.config
-    heads = [tuple(int(x) for x in pair.split(":")) for pair in args.heads.split(",")]
+    heads = args.heads
     d, group = cfg.head_dim, cfg.num_attention_heads // cfg.num_key_value_heads
     start = time.time()
     ids = torch.randint(100, cfg.vocab_size, (args.sequences, 256))
@@ -143,10 +178,11 @@ def main() -> None:
             shutil.copy(args.init_from / name, args.out / name)
     record = {"phase": "scripts/fit_copy_heads.py",
               **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+              "heads": ",".join(f"{layer}:{head}" for layer, head in args.heads),  # as given, e.g. 5:0,6:4
               "copy_greedy_after": acc, "seconds": round(time.time() - start),
               "previous_phase": json.loads((args.init_from / "training.json").read_text())}
     (args.out / "training.json").write_text(json.dumps(record, indent=1))
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

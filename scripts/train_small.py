@@ -24,6 +24,7 @@ an interrupted run still leaves the latest model; `training.json` records where 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import gzip
 import hashlib
 import json
@@ -31,6 +32,7 @@ import math
 import random
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -248,7 +250,31 @@ def probes(model, tokenizer, heldout: str) -> dict:
     return out
 
 
-def main() -> None:
+# what `save` writes: the only names it may replace in --out and in `<out>.partial`
+WRITTEN = ("config.json", "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",
+           "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+           "chat_template.jinja", "training.json")
+
+
+def output_problem(out: Path) -> str | None:
+    """Why `save` must not replace `out` (or its `<out>.partial`), or None: save deletes both, so each must be
+    missing, empty, or hold only what this script writes (--out also its training.json)."""
+    for folder, record in ((out, True), (out.with_name(out.name + ".partial"), False)):
+        if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+            return f"{folder} is {'a symbolic link' if folder.is_symlink() else 'a file'}; choose another --out"
+        entries = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+        if not entries:
+            continue
+        if record and "training.json" not in entries:
+            return f"{folder} is not empty and was not written by this script (no training.json); choose another --out"
+        foreign = [e for e in entries if not any(fnmatch.fnmatchcase(e, w) for w in WRITTEN)]
+        if foreign:
+            return (f"{folder} holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}, which this script "
+                    "did not write and the save would delete; move them or choose another --out")
+    return None
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=ROOT / "compress" / "builtin" / "small")
     ap.add_argument("--steps", type=int, default=1000)
@@ -276,7 +302,10 @@ def main() -> None:
     ap.add_argument("--init-from", type=Path, default=None,
                     help="continue from a saved model (a second phase, e.g. more synthetic copy sequences); "
                          "its training.json is kept as the first phase's record")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    problem = output_problem(args.out)  # before the data and the training: save replaces --out wholesale
+    if problem:
+        ap.error(problem)
     if args.threads:
         torch.set_num_threads(args.threads)
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
@@ -334,6 +363,10 @@ def main() -> None:
 def save(model, tokenizer, args, step, total, seen, ppl, found, seconds, previous=None) -> None:
     out = args.out
     tmp = out.with_name(out.name + ".partial")
+    problem = output_problem(out)  # checked at the start too; files may have been put there since
+    if problem:
+        print(f"checkpoint at step {step} not saved: {problem}", file=sys.stderr, flush=True)
+        return
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     model.to(torch.bfloat16).save_pretrained(tmp, max_shard_size="16MB")

@@ -38,6 +38,21 @@ CASES = [
     ("kv_sliding_memory.py", ["--tokens", "0"], "argument --tokens: 0 must be at least 1"),
     ("interval_blocks.py", ["builtin:tiny", "builtin:tiny", "--windows", "1"],
      "argument --windows: 1 must be at least 2"),
+    # refused at parse time, not a traceback (ValueError, pydantic) after the model loaded
+    ("kv_kernels.py", ["--contexts", "95"], "argument --contexts: 95 must be at least 96"),
+    ("vq_logits.py", ["--shortlist", "-1"], "argument --shortlist: -1 must be 0 or more"),
+    ("vq_logits.py", ["--distill-batch-size", "0"], "argument --distill-batch-size: 0 must be at least 1"),
+    ("vq_logits.py", ["--distill-seconds", "-1"], "argument --distill-seconds: -1.0 must be positive"),
+    ("kv_cache.py", ["--long", "5", "--only", "bogus"], "--only bogus: no such configuration"),  # before the run
+    ("linearize.py", ["--skip-speed", "--skip-quality"], "leaves nothing to measure"),
+    ("linearize.py", ["--model", "builtin:tiny", "--seq-len", "2048"],
+     "--seq-len 2048: 2048 tokens, longer than builtin:tiny's context (1024 tokens)"),
+    ("linearize.py", ["--model", "builtin:tiny", "--passkey-len", "4096"],
+     "--passkey-len 4096: 4096 tokens, longer than builtin:tiny's context (1024 tokens)"),
+    ("linearize.py", ["--model", "builtin:tiny", "--copy-len", "600"], "--copy-len 600: 1200 tokens, longer than"),
+    ("kv_served_logits.py", ["--tokens", "64"], "argument --tokens: 64 must be at least 128"),
+    ("pass_memory.py", ["--layers", "0", "-3"], "argument --layers: 0 must be at least 1"),
+    ("pass_memory.py", ["--layers", "8", "4"], "--layers 8 4: the first depth must be smaller than the second"),
 ]
 IN_A_PROCESS = CASES[0]  # run as the user runs it (the `__main__` path end to end): a fresh process costs ~10 s
 

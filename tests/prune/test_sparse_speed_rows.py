@@ -28,3 +28,29 @@ def test_only_runtimes_takes_no_activation_sparsity_options(bench, capsys):
     with pytest.raises(SystemExit) as exit_info:
         bench.main(["--only-runtimes", "--only-activation-sparse"])
     assert exit_info.value.code == 2 and "--only-runtimes skips activation sparsity" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content,fragment", [
+    ("not json", "not a JSON file (Expecting value, line 1)"),
+    ("[1, 2]", "not a JSON object"),
+    ('{"model": "builtin:small"}', "no sparsity, ppl_delta_pct, kl, calibration_ppl_delta_pct"),
+    ('{"model": "m", "sparsity": 0.4, "ppl_delta_pct": 1, "kl": 0, "calibration_ppl_delta_pct": 1, '
+     '"exact_gate": false}', "no quantized_gate_alone"),
+])
+def test_a_quality_file_it_cannot_use_is_one_line(bench, capsys, tmp_path, content, fragment):
+    """A --quality file that is not JSON or lacks the keys the rows read was a traceback (after minutes of timing,
+    for a missing key)."""
+    f = tmp_path / "q.json"
+    f.write_text(content)
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--quality", str(f)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"--quality {f}: {fragment}" in err and "Traceback" not in err, err
+
+
+def test_the_shipped_quality_file_is_read(bench):
+    from pathlib import Path
+
+    shipped = Path(__file__).resolve().parents[2] / "benchmarks" / "sparse_quality_int8_gate.json"
+    quality, problem = bench.read_quality(shipped)
+    assert problem is None and quality["exact_gate"] is False

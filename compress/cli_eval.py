@@ -30,6 +30,22 @@ def _recorded_source(model_src: str) -> str | None:
     return None
 
 
+def _baseline_not_source(model_src: str, baseline: str) -> str | None:
+    """The model a checkpoint records it was made from, when a --baseline given is another one (KL and agreement
+    then compare two unrelated models, which is allowed but must not pass for the compression's cost)."""
+    from . import models
+
+    folder = models.resolve_model_path(model_src)
+    source = (models.compression_section(folder) or {}).get("source_model")
+    if not source:
+        return None
+    if source.startswith("builtin:") or baseline.startswith("builtin:"):
+        return None if source == baseline else source
+    found = models.recorded_source_path(folder, source)
+    given = models.resolve_model_path(baseline).resolve()
+    return None if found is None or found == given else source
+
+
 def _read_text(path: str) -> str:
     import stat
 

@@ -6,8 +6,8 @@ import click
 
 from . import json_out
 from .checkpoint import folder_bytes
-from .cli_eval import (EVAL_SEQ_LEN, _check_baseline, _check_baseline_tokenizer, _check_kv_text, _evaluate,
-                       _read_text, _recorded_source, _residual_length)
+from .cli_eval import (EVAL_SEQ_LEN, _baseline_not_source, _check_baseline, _check_baseline_tokenizer, _check_kv_text,
+                       _evaluate, _read_text, _recorded_source, _residual_length)
 from .cli_format import _console, _finite, _mb, _non_empty, _print_eval, _print_wrapped, _table
 from .cli_options import _DTYPE, _MAX_MEMORY_READ, _SPARSE_RUNTIME, _read_offload, _say_offloaded
 from .errors import CompressError
@@ -54,10 +54,16 @@ def eval_cmd(model_src, baseline, text_file, seq_len, max_windows, speed, activa
 
         check_suite_options(suite, suite_dir, plot_file, suite_limit)
     offload = _read_offload(max_memory)
+    not_source = None
     if baseline is None:
         baseline = _recorded_source(model_src)
     else:
         _check_baseline(baseline)
+        not_source = _baseline_not_source(model_src, baseline)
+        if not_source:
+            click.echo(f"note: {model_src} records it was made from {not_source}, not the baseline {baseline}: "
+                       "unless that is a copy of it, KL and top-1 agreement measure two different models, not what "
+                       "the compression cost", err=True)
     tokenizer = models.load_tokenizer(model_src)
     if tokenizer is not None and baseline:  # (without its own, the model is scored with the baseline's)
         _check_baseline_tokenizer(baseline, tokenizer)
@@ -80,6 +86,8 @@ def eval_cmd(model_src, baseline, text_file, seq_len, max_windows, speed, activa
     result = _evaluate(model, baseline, tokenizer, max_windows, progress=True, seq_len=seq_len, text=text,
                        allow_pickle=allow_pickle, dtype=dtype, baseline_model=base)
     result["baseline"] = baseline
+    if not_source:
+        result["source_model"] = not_source  # (beside a baseline that is not it)
     result["parameters"] = stored_parameters(model)
     result["bytes"] = folder_bytes(models.resolve_model_path(model_src))
     result["resident_bytes"] = resident_bytes(model)  # (not the layers --max-memory leaves on disk)

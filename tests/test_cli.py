@@ -213,6 +213,16 @@ def test_inspect_components_add_up_to_the_stored_tensors(magnitude_checkpoint):
     assert data["components"]["mlp"]["compressed"] > 0 and data["components"]["mlp"]["dense"] == 0
 
 
+def test_a_baseline_other_than_the_recorded_source_is_said(magnitude_checkpoint):
+    """--baseline builtin:small beside a checkpoint made from builtin:tiny was scored without a word (KL 0.89)."""
+    out, _ = magnitude_checkpoint
+    other = run("eval", out, "--baseline", "builtin:small", "--max-windows", 1, "--no-speed", "--json")
+    assert other.exit_code == 0 and "records it was made from builtin:tiny, not the baseline" in other.stderr
+    assert json.loads(other.stdout)["source_model"] == "builtin:tiny"
+    same = run("eval", out, "--baseline", "builtin:tiny", "--max-windows", 1, "--no-speed", "--json")
+    assert "records it was made from" not in same.stderr and "source_model" not in json.loads(same.stdout)
+
+
 def test_eval_defaults_to_the_recorded_source_model(magnitude_checkpoint):
     out, _ = magnitude_checkpoint
     data = json.loads(run("eval", out, "--max-windows", 2, "--no-speed", "--json").stdout)

@@ -174,6 +174,9 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
         raise CompressError("--offload-folder is where --max-memory writes the layers that do not fit; give "
                             "--max-memory too, or drop --offload-folder")
     passes = r.build_passes()
+    if r.calibration is not None and not any(p.needs_calibration_for() for p in passes) and main:
+        click.echo("note: no pass of this recipe reads calibration data; its `calibration:` section is not used",
+                   err=True)
     output = output or r.output
     export_format = export_format or r.export_format or "native"
     if export_format == "compressed-tensors":

@@ -6,6 +6,7 @@ compressed module structure from a checkpoint's `compression` entry before the s
 from __future__ import annotations
 
 import inspect
+import sys
 import time
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -139,7 +140,8 @@ class PassContext:
                                     "save the tokenizer's files with the model (or pass tokenizer= to apply)")
             from .calibration import build_batches
 
-            self._batches = build_batches(self.calibration, self.tokenizer, self.base_dir)
+            say = (lambda line: print(f"note: {line}", file=sys.stderr, flush=True)) if self.progress else None
+            self._batches = build_batches(self.calibration, self.tokenizer, self.base_dir, say=say)
             self.saw_text(self._batches)
         return self._batches
 

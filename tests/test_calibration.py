@@ -143,3 +143,14 @@ def test_json_sources_read_as_their_editors_write_them(tmp_path, reference_token
     assert read_texts(CalibrationSpec(source=str(tmp_path / "UP.JSONL"))) == ["alpha", "beta"]
     (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + b'{"text": "gamma"}\n"delta"\n')
     assert read_texts(CalibrationSpec(source=str(tmp_path / "bom.jsonl"))) == ["gamma", "delta"]
+
+
+def test_drawing_far_more_tokens_than_the_text_holds_is_said(reference_tokenizer):
+    said = []
+    spec = CalibrationSpec(source="builtin:calibration", num_samples=1000, seq_len=256)
+    assert build_batches(spec, reference_tokenizer, say=said.append).shape == (1000, 256)
+    assert len(said) == 1 and "each token about 5 times" in said[0]
+    said.clear()
+    build_batches(CalibrationSpec(source="builtin:calibration", num_samples=64, seq_len=256), reference_tokenizer,
+                  say=said.append)
+    assert not said

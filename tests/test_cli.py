@@ -118,6 +118,14 @@ def test_the_stored_recipe_says_what_the_command_line_overrode(tmp_path, magnitu
     assert "original model: builtin:tiny" in run("inspect", tmp_path / "again").output  # the first pass's source
 
 
+def test_a_calibration_section_no_pass_reads_is_said(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: builtin:tiny\ncalibration: {source: builtin:calibration}\n"
+                      "passes:\n  - prune: {method: magnitude}\n")
+    result = run("apply", recipe, "--output", tmp_path / "o", "--dry-run")
+    assert result.exit_code == 0 and "its `calibration:` section is not used" in result.stderr
+
+
 def test_dry_run_lists_modules_without_writing(tmp_path):
     result = run("apply", RECIPES / "magnitude-50.yaml", "--dry-run", "--output", tmp_path / "never")
     assert result.exit_code == 0, result.output

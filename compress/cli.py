@@ -122,6 +122,16 @@ def validate(recipe: str) -> None:
     from .recipe import Recipe
 
     r = Recipe.from_yaml(recipe)
+    model = r.resolved_model()
+    if model and not model.startswith("builtin:"):  # a local folder: known without loading it (apply --model may
+        from .models import resolve_model_path     # override it, so the recipe's reader does not refuse it)
+
+        try:
+            resolve_model_path(model)
+        except CompressError as exc:
+            raise CompressError(f"{recipe}: model: {exc}") from None
+    if r.output and user_path(r.output).is_file():
+        raise CompressError(f"{recipe}: output {r.output} is a file; give a folder path")
     click.echo(f"{recipe}: ok ({len(r.passes)} pass{'es' if len(r.passes) != 1 else ''}: "
                f"{', '.join(p.name for p in r.passes)}); checks that need the model: "
                f"compress apply {recipe} --dry-run")

@@ -118,6 +118,17 @@ def test_the_stored_recipe_says_what_the_command_line_overrode(tmp_path, magnitu
     assert "original model: builtin:tiny" in run("inspect", tmp_path / "again").output  # the first pass's source
 
 
+def test_validate_checks_the_local_model_and_output_paths(tmp_path):
+    """`validate` said ok to a model folder that is not there and an output that is a file (apply then failed)."""
+    (tmp_path / "afile").write_text("x")
+    for line, said in (("model: /nonexistent/model\noutput: out/x", "model: model /nonexistent/model does not exist"),
+                       (f"model: builtin:tiny\noutput: {tmp_path / 'afile'}", "is a file; give a folder path")):
+        recipe = tmp_path / "r.yaml"
+        recipe.write_text(f"{line}\npasses:\n  - prune: {{method: magnitude}}\n")
+        result = run("validate", recipe)
+        assert result.exit_code == 2 and said in result.output, result.output
+
+
 def test_a_calibration_section_no_pass_reads_is_said(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model: builtin:tiny\ncalibration: {source: builtin:calibration}\n"

@@ -233,6 +233,9 @@ def apply(
             raise CompressError(f"pass {p.name!r}: apply() returned {type(r).__name__}, not a PassReport (return "
                                 "compress.PassReport(name=self.name, modules=[...]) naming what it changed)")
         r.stored_bytes_before, stored = stored, stored_bytes(model, storage)
+        note = _default_ignore_dropped(p, r)
+        if note:
+            r.notes.append(note)
         r.stored_bytes_after = stored
         for earlier, earlier_report in zip(passes, report.passes):
             note = earlier.note_on_later(model, p, r)
@@ -270,3 +273,22 @@ def caller_random_state(device: str = "cpu"):
     finally:
         random.setstate(py)
         np.random.set_state(np_state)
+
+
+def _default_ignore_dropped(p, report) -> str | None:
+    """A pass given its own `ignore` no longer leaves out what the default one does (the head, the embeddings): when
+    it compressed one of those, its report says why (an ignore naming one layer pruned the lm_head, silently)."""
+    from .targets import DEFAULT_IGNORE
+
+    field = type(p.config).model_fields.get("ignore")
+    if field is None or "ignore" not in p.config.model_fields_set or field.default_factory is None:
+        return None
+    if list(field.default_factory()) != list(DEFAULT_IGNORE) or all(d in p.config.ignore for d in DEFAULT_IGNORE):
+        return None
+    import re
+
+    hit = [m for m in report.modules if any(re.fullmatch(d[3:], m) for d in DEFAULT_IGNORE)]
+    if not hit:
+        return None
+    return (f"{', '.join(hit)} {'was' if len(hit) == 1 else 'were'} compressed too: this pass's ignore replaces the "
+            f"default one ({', '.join(DEFAULT_IGNORE)}); add those patterns to keep them as they are")

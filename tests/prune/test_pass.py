@@ -294,3 +294,15 @@ def test_calibration_inputs_overflowing_to_inf_are_refused(reference_tokenizer, 
               "owl": Prune(method="wanda", owl=True), "gptq": Quantize(method="gptq", bits=4, group_size=32)}
     with pytest.raises(CalibrationError, match="down_proj's calibration inputs hold NaN or inf.*--dtype"):
         compress.apply(model, [passes[method]], calibration=CALIB, tokenizer=reference_tokenizer, progress=False)
+
+
+def test_an_own_ignore_that_drops_the_default_says_the_head_was_pruned():
+    """`ignore: [one layer]` replaced the default ignore, and lm_head was pruned without a word."""
+    _, report = compress.apply(compress.load("builtin:tiny"),
+                               [Prune(method="magnitude", ignore=["model.layers.0.mlp.down_proj"])], progress=False)
+    assert "lm_head" in report.passes[0].modules
+    assert any("lm_head was compressed too" in n for n in report.passes[0].notes)
+    _, report = compress.apply(compress.load("builtin:tiny"),
+                               [Prune(method="magnitude", ignore=["model.layers.0.mlp.down_proj", "re:.*lm_head",
+                                                                  "re:.*embed_tokens"])], progress=False)
+    assert not any("compressed too" in n for n in report.passes[0].notes)

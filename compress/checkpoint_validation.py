@@ -110,6 +110,16 @@ def _valid_sketch(sketch) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------- safetensors
+def headers_float_dtype(headers: dict[str, tuple[str, tuple[int, ...]]]) -> torch.dtype | None:
+    """The floating dtype most of a checkpoint's floating elements are stored in (None: no floating tensor)."""
+    names = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+    elements: dict[torch.dtype, int] = {}
+    for dtype, shape in headers.values():
+        if dtype in names:
+            elements[names[dtype]] = elements.get(names[dtype], 0) + math.prod(shape)
+    return max(elements, key=elements.get) if elements else None
+
+
 def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     """{tensor name: (safetensors dtype, shape)} from a file's header, every field checked against the file size."""
     try:

@@ -24,7 +24,7 @@ def inspect_checkpoint(checkpoint: str, sparse_runtime: str, device: str | None)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     from .checkpoint import weight_files
     from .checkpoint_validation import check_weight_files
-    from .inspection import headers_float_dtype
+    from .checkpoint_validation import headers_float_dtype
 
     if section.get("export_format") or _quantized_by_transformers(path, section):
         # transformers builds these layers (its compressed-tensors or bitsandbytes integration), or reads an export

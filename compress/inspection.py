@@ -4,7 +4,6 @@ Counts bytes actually held by tensors (each storage once), so a packed module co
 the dense matrix it stands for."""
 from __future__ import annotations
 
-import math
 import re
 from collections import defaultdict
 
@@ -96,16 +95,6 @@ def bytes_by_component(model: nn.Module, storage_dtype: torch.dtype | None = Non
                         else t.element_size())
         out[component_of(name)][kind] += t.numel() * itemsize
     return dict(out)
-
-
-def headers_float_dtype(headers: dict[str, tuple[str, tuple[int, ...]]]) -> torch.dtype | None:
-    """The floating dtype most of a checkpoint's floating elements are stored in (None: no floating tensor)."""
-    names = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-    elements: dict[torch.dtype, int] = defaultdict(int)
-    for dtype, shape in headers.values():
-        if dtype in names:
-            elements[names[dtype]] += math.prod(shape)
-    return max(elements, key=elements.get) if elements else None
 
 
 def stored_bytes(model: nn.Module, storage_dtype: torch.dtype | None = None) -> int:

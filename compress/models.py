@@ -99,32 +99,30 @@ def empty_model(config, dtype: torch.dtype | None = None, meta: bool = False) ->
 
 
 def storage_dtype(config, folder: Path | None = None) -> torch.dtype:
-    """The dtype the checkpoint stores floating tensors in: config.dtype; where the config names none, the dtype of
-    most floating elements in the folder's safetensors headers (as transformers reads such a folder: a float32 one
-    was loaded, and saved, in bf16 silently); bf16 when neither says."""
+    """The dtype the checkpoint stores floating tensors in: the dtype of most floating elements in the folder's
+    safetensors headers (what its files hold: a bf16 folder whose config says float32 was saved back at twice its
+    size); else config.dtype; bf16 when neither says."""
+    found = _headers_float_dtype(folder) if folder is not None else None
+    if found is not None:
+        return found
     # an older config's own torch_dtype field, not transformers 5's deprecated alias (which warns on every read)
     d = getattr(config, "dtype", None) or getattr(config, "__dict__", {}).get("torch_dtype")
     if isinstance(d, str):
         d = DTYPES.get(d)
-    if isinstance(d, torch.dtype):
-        return d
-    return (_headers_float_dtype(folder) if folder is not None else None) or torch.bfloat16
+    return d if isinstance(d, torch.dtype) else torch.bfloat16
 
 
 def _headers_float_dtype(folder: Path) -> torch.dtype | None:
     from .checkpoint import weight_files
-    from .checkpoint_validation import read_header
+    from .checkpoint_validation import headers_float_dtype, read_header
 
-    names = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-    elements: dict[torch.dtype, int] = {}
+    headers = {}
     try:
         for file in weight_files(folder):
-            for dtype, shape in read_header(file).values():
-                if dtype in names:
-                    elements[names[dtype]] = elements.get(names[dtype], 0) + math.prod(shape)
-    except CompressError:  # a damaged file: reading the weights reports it
+            headers.update({f"{file.name}/{k}": v for k, v in read_header(file).items()})
+    except CompressError:  # a damaged file (or none: a pickled .bin): reading the weights reports it
         return None
-    return max(elements, key=elements.get) if elements else None
+    return headers_float_dtype(headers)
 
 
 def load(

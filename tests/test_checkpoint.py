@@ -307,3 +307,19 @@ def test_saving_converts_each_tensor_when_its_shard_is_written(tmp_path):
     assert torch.equal(state[name].load(), model.get_submodule(name[:-len(".weight")]).weight.bfloat16())
     same = _unique_state_dict(model, torch.float32)  # nothing to convert: the tensors themselves, no copy
     assert same[name].data_ptr() == model.get_submodule(name[:-len(".weight")]).weight.data_ptr()
+
+
+def test_a_folder_is_saved_back_at_the_dtype_its_files_hold(tmp_path):
+    """A bf16 folder whose config.json says float32 was remembered as float32 and saved back at twice its size."""
+    import json
+    import shutil
+
+    folder = tmp_path / "hf"
+    shutil.copytree(compress.models.resolve_model_path("builtin:tiny"), folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["dtype"] = "float32"
+    (folder / "config.json").write_text(json.dumps(config))
+    model = compress.load(folder, dtype="float32")
+    assert model.compress_storage_dtype == torch.bfloat16
+    out = compress.save(model, tmp_path / "saved")
+    assert (out / "model.safetensors").stat().st_size <= (folder / "model.safetensors").stat().st_size + 4096

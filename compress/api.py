@@ -14,7 +14,7 @@ from torch import nn
 
 from .calibration import CalibrationSpec, batches_hash
 from .checkpoint import compression_record, round_to_storage
-from .errors import CalibrationError, CompressError, ConfigError
+from .errors import CalibrationError, CompressError, ConfigError, UnsupportedModelError
 from .inspection import stored_bytes
 from .models import check_token_ids, checkpoint_dtype
 from .pass_api import Pass, PassContext, PassReport, format_validation_error, tensor_bytes
@@ -86,6 +86,12 @@ def _check_model(model) -> None:
     if not isinstance(model, nn.Module) or not hasattr(model, "config"):
         raise CompressError(f"apply() takes a model from compress.load(...) (a transformers causal LM), got "
                             f"{type(model).__name__}")
+    from .models import SUPPORTED_MODEL_TYPES
+
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:  # (the work and the save went through; compress.load then refused it)
+        raise UnsupportedModelError(f"model type {model_type!r} is not supported; supported: "
+                                    f"{', '.join(SUPPORTED_MODEL_TYPES)}")
     if not getattr(model, "compress_offloaded_layers", None) and any(p.is_meta for p in model.parameters()):
         # (an offloaded model's layers on disk are meta tensors behind accelerate's hooks: those are fine)
         raise CompressError("the model is on the meta device (meta=True is for --dry-run's checks): load it without "
@@ -193,12 +199,17 @@ def apply(
     if calibration is not None and not isinstance(calibration, (dict, CalibrationSpec)):
         raise CompressError(f"calibration= takes a dict such as {{'source': 'builtin:calibration'}}, got "
                             f"{calibration!r:.80}")
-    if tokenizer is not None and (isinstance(tokenizer, (str, bytes, os.PathLike))
-                                  or not callable(getattr(tokenizer, "encode", None))):  # str has .encode too
+    if tokenizer is not None and (isinstance(tokenizer, (str, bytes, os.PathLike))  # str has .encode too
+                                  or not callable(getattr(tokenizer, "encode", None))
+                                  # a raw tokenizers.Tokenizer failed deep in calibration (no eos_token_id)
+                                  or not callable(tokenizer) or not hasattr(tokenizer, "eos_token_id")):
         raise CompressError(f"tokenizer= takes a tokenizer (compress.load_tokenizer(...)), got {tokenizer!r:.80}")
-    if isinstance(calibration, dict):
+    if isinstance(calibration, (dict, CalibrationSpec)):  # a spec's fields assigned since it was built: checked again
         try:
-            calibration = CalibrationSpec(**calibration)
+            checked = CalibrationSpec(**(calibration if isinstance(calibration, dict) else calibration.model_dump()))
+            if isinstance(calibration, CalibrationSpec):
+                checked._location = calibration._location  # (the recipe line its errors name)
+            calibration = checked
         except ValidationError as exc:
             raise ConfigError(format_validation_error("calibration", exc).replace("pass 'calibration'", "calibration")) from None
     if tokenizer is None and getattr(model, "compress_source", None):

@@ -103,13 +103,15 @@ def storage_dtype(config, folder: Path | None = None) -> torch.dtype:
     safetensors headers (what its files hold: a bf16 folder whose config says float32 was saved back at twice its
     size); else config.dtype; bf16 when neither says."""
     found = _headers_float_dtype(folder) if folder is not None else None
-    if found is not None:
-        return found
+    return found or _config_dtype(config) or torch.bfloat16
+
+
+def _config_dtype(config) -> torch.dtype | None:
     # an older config's own torch_dtype field, not transformers 5's deprecated alias (which warns on every read)
     d = getattr(config, "dtype", None) or getattr(config, "__dict__", {}).get("torch_dtype")
     if isinstance(d, str):
         d = DTYPES.get(d)
-    return d if isinstance(d, torch.dtype) else torch.bfloat16
+    return d if isinstance(d, torch.dtype) else None
 
 
 def _headers_float_dtype(folder: Path) -> torch.dtype | None:
@@ -301,8 +303,17 @@ def describe_nonfinite(bad: list[tuple[str, int, int]]) -> str:
 
 
 def checkpoint_dtype(model: nn.Module) -> torch.dtype:
-    """The dtype `save` writes this model's floating tensors in: the dtype it was loaded from."""
-    return getattr(model, "compress_storage_dtype", None) or storage_dtype(model.config)
+    """The dtype `save` writes this model's floating tensors in: the dtype it was loaded from; for a model built in
+    code, its config's dtype, else the dtype most of its floating weights hold (bf16 was assumed: `apply` rounded
+    a float32 model's every weight to bf16, passes or not)."""
+    stored = getattr(model, "compress_storage_dtype", None) or _config_dtype(model.config)
+    if stored is not None:
+        return stored
+    elements: dict[torch.dtype, int] = {}
+    for p in model.parameters():
+        if p.is_floating_point():
+            elements[p.dtype] = elements.get(p.dtype, 0) + p.numel()
+    return max(elements, key=elements.get) if elements else torch.bfloat16
 
 
 DTYPE_CHOICES = ("auto", "stored", *DTYPES)

@@ -245,6 +245,9 @@ class Pass:
         0.7` after `structure="2:4"`) passed only their own checks, and the run failed at the save, after the work."""
         from pydantic import ValidationError
 
+        if not isinstance(self.config, self.Config):  # (`p.config = {...}`: an AttributeError deep in the run)
+            raise ConfigError(f"pass {self.name!r}: its config is a {type(self.config).__name__}, not a "
+                              f"{type(self).__name__}.Config: build a new pass, e.g. {type(self).__name__}(...)")
         try:
             self.Config.model_validate(self.config.model_dump())
         except ValidationError as exc:
@@ -487,9 +490,20 @@ def stored_parameters(module: nn.Module) -> int:
 
 
 def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
-    """Put `new` at dotted `name` inside `root` (how passes swap in their compressed modules)."""
+    """Put `new` at dotted `name` inside `root` (how passes swap in their compressed modules), in the train/eval
+    mode of the module it replaces, frozen where that one was (a new module came in train mode with trainable
+    parameters inside an eval, frozen model), with no gradient left from the pass's own fitting."""
     parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, new)
+    holder = root.get_submodule(parent) if parent else root
+    old = getattr(holder, child, None)
+    if isinstance(old, nn.Module):
+        new.train(old.training)
+        params = [q for q in old.parameters() if q.is_floating_point()]
+        if params and not any(q.requires_grad for q in params):
+            new.requires_grad_(False)
+    for q in new.parameters():
+        q.grad = None
+    setattr(holder, child, new)
 
 
 UNTIED_NOTE = ("the output head shared its weight with the input embedding (tie_word_embeddings): it was untied "

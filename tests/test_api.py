@@ -345,3 +345,48 @@ def test_save_takes_the_report_apply_returns(tmp_path):
                                    progress=False)
     folder = compress.save(model, tmp_path / "out", report=report)
     assert json.loads((folder / "report.json").read_text()) == json.loads(json.dumps(report.to_dict(), default=str))
+
+
+def test_a_float32_model_built_in_code_keeps_its_weights_and_other_architectures_are_refused():
+    """A model built in code names no dtype in its config: bf16 was assumed, and apply rounded every float32 weight
+    to it (16 of 21 tensors changed with no pass). An architecture load refuses went through apply and save, and
+    its checkpoint then did not load."""
+    import copy
+
+    from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+
+    from compress.errors import UnsupportedModelError
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2)).eval()
+    assert base.config.dtype is None
+    model = copy.deepcopy(base)
+    compress.apply(model, [], progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(base.state_dict().values(), model.state_dict().values()))
+    opt = OPTForCausalLM(OPTConfig(vocab_size=128, hidden_size=32, ffn_dim=64, num_hidden_layers=1,
+                                   num_attention_heads=2, word_embed_proj_dim=32)).eval()
+    with pytest.raises(UnsupportedModelError, match="model type 'opt' is not supported"):
+        compress.apply(opt, [], progress=False)
+
+
+def test_configs_and_tokenizers_replaced_after_construction_are_user_errors(reference_tokenizer):
+    """`p.config = {...}` ended in an AttributeError deep in the run; a CalibrationSpec's field assigned out of
+    range in a torch RuntimeError; a raw tokenizers.Tokenizer in an AttributeError inside calibration."""
+    from compress.calibration import CalibrationSpec
+    from compress.passes import Prune
+
+    model = compress.load("builtin:tiny")
+    p = Prune()
+    p.config = {"sparsity": 0.9}
+    with pytest.raises(ConfigError, match="its config is a dict, not a Prune.Config"):
+        compress.apply(model, [p], progress=False)
+    spec = CalibrationSpec(num_samples=4, seq_len=64)
+    spec.num_samples = -5
+    with pytest.raises(ConfigError, match="num_samples"):
+        compress.apply(model, [Prune(method="wanda")], calibration=spec, tokenizer=reference_tokenizer,
+                       progress=False)
+    with pytest.raises(CompressError, match="takes a tokenizer"):
+        compress.apply(model, [Prune(method="wanda")], calibration={"num_samples": 4, "seq_len": 64},
+                       tokenizer=reference_tokenizer.backend_tokenizer, progress=False)
+    assert isinstance(model.model.layers[0].mlp.up_proj, torch.nn.Linear)  # nothing ran

@@ -240,3 +240,13 @@ def test_budget_of_an_untied_head_counts_the_original_matrix_once(tiny_model, re
     total = budget(model, model.config.compression, torch.bfloat16)["weights_total"]
     assert total["original"] == original
     assert total["stored"] == stored_bytes(model, torch.bfloat16) > original  # it grew by the VQ head
+
+
+def test_a_frozen_eval_model_gets_a_frozen_eval_head_without_gradients(reference_model, reference_tokenizer):
+    """The distilled head came back trainable, in train mode and holding the distillation's gradients inside a
+    frozen eval model (a user's next optimizer step would have applied them)."""
+    model = copy.deepcopy(reference_model).requires_grad_(False).eval()
+    compress.apply(model, [VQLogits(num_codes=64, distill=True, distill_steps=3)],
+                   calibration={"num_samples": 4, "seq_len": 64}, tokenizer=reference_tokenizer, progress=False)
+    assert not model.lm_head.training
+    assert all(not p.requires_grad and p.grad is None for p in model.lm_head.parameters())

@@ -9,9 +9,9 @@ import json
 from pathlib import Path
 
 import torch
-from pydantic import Field, PrivateAttr
+from pydantic import ConfigDict, Field, PrivateAttr, ValidationError
 
-from .errors import CalibrationError, CompressError
+from .errors import CalibrationError, CompressError, ConfigError
 from .paths import user_path
 from .strict_config import StrictConfig
 
@@ -20,6 +20,14 @@ BUILTIN_TEXTS = {"builtin:calibration": "calibration.txt", "builtin:heldout": "h
 
 
 class CalibrationSpec(StrictConfig):
+    model_config = ConfigDict(**StrictConfig.model_config, validate_assignment=True)
+
+    def __setattr__(self, name: str, value) -> None:
+        """`spec.num_samples = -5` is checked as the constructor checks it (it failed later in torch)."""
+        try:
+            super().__setattr__(name, value)
+        except ValidationError as exc:
+            raise ConfigError("\n".join(f"calibration: {name} = {value!r}: {e['msg']}" for e in exc.errors())) from None
 
     source: str = "builtin:calibration"
     text_field: str = "text"

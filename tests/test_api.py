@@ -382,7 +382,9 @@ def test_configs_and_tokenizers_replaced_after_construction_are_user_errors(refe
     with pytest.raises(ConfigError, match="its config is a dict, not a Prune.Config"):
         compress.apply(model, [p], progress=False)
     spec = CalibrationSpec(num_samples=4, seq_len=64)
-    spec.num_samples = -5
+    with pytest.raises(ConfigError, match="calibration: num_samples = -5: Input should be greater than or equal to 1"):
+        spec.num_samples = -5
+    object.__setattr__(spec, "__dict__", {**spec.__dict__, "num_samples": -5})  # past the check: apply checks again
     with pytest.raises(ConfigError, match="num_samples"):
         compress.apply(model, [Prune(method="wanda")], calibration=spec, tokenizer=reference_tokenizer,
                        progress=False)

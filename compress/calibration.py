@@ -177,7 +177,11 @@ def window_offsets(spec: CalibrationSpec, tokenizer, base_dir: Path | None = Non
     ids: list[int] = []
     words = 0  # tokens of text, not counting the separators added here
     needed = spec.num_samples * spec.seq_len * 4  # enough text for distinct windows; bounds tokenization work
-    for text in texts:
+    # documents in a seeded order: in file order, a large source gave only its first documents (the first 1% of a
+    # corpus sorted by topic or date), where GPTQ's and SparseGPT's code sample across the whole set
+    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(spec.seed)).tolist() \
+        if len(texts) > 1 else range(len(texts))
+    for text in (texts[i] for i in order):
         tokens = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
         ids.extend(tokens)
         words += len(tokens)

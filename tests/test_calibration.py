@@ -154,3 +154,16 @@ def test_drawing_far_more_tokens_than_the_text_holds_is_said(reference_tokenizer
     build_batches(CalibrationSpec(source="builtin:calibration", num_samples=64, seq_len=256), reference_tokenizer,
                   say=said.append)
     assert not said
+
+
+def test_a_large_source_is_sampled_across_its_documents(tmp_path, reference_tokenizer):
+    """Documents were read in file order until enough tokens: a large source gave only its first documents."""
+    import json
+
+    rows = [json.dumps({"text": f"document number {i} says hello world and goes on a little. " * 3}) for i in range(400)]
+    (tmp_path / "many.jsonl").write_text("\n".join(rows) + "\n")
+    spec = CalibrationSpec(source=str(tmp_path / "many.jsonl"), num_samples=4, seq_len=32)
+    text = reference_tokenizer.decode(build_batches(spec, reference_tokenizer).flatten())
+    numbers = [int(w) for w in text.split() if w.isdigit()]
+    assert numbers and max(numbers) > 200  # (file order read about the first 40 documents)
+    assert torch.equal(build_batches(spec, reference_tokenizer), build_batches(spec, reference_tokenizer))

@@ -289,7 +289,7 @@ def caller_random_state(device: str = "cpu"):
 def _default_ignore_dropped(p, report) -> str | None:
     """A pass given its own `ignore` no longer leaves out what the default one does (the head, the embeddings): when
     it compressed one of those, its report says why (an ignore naming one layer pruned the lm_head, silently)."""
-    from .targets import DEFAULT_IGNORE
+    from .targets import DEFAULT_IGNORE, is_class_pattern, pattern_matcher
 
     field = type(p.config).model_fields.get("ignore")
     if field is None or "ignore" not in p.config.model_fields_set or field.default_factory is None:
@@ -298,7 +298,10 @@ def _default_ignore_dropped(p, report) -> str | None:
         return None
     import re
 
-    hit = [m for m in report.modules if any(re.fullmatch(d[3:], m) for d in DEFAULT_IGNORE)]
+    # those a class name (Linear) picked up: a head the targets name or a regex matches was asked for
+    named = [pattern_matcher(t) for t in getattr(p.config, "targets", []) if not is_class_pattern(t)]
+    hit = [m for m in report.modules if any(re.fullmatch(d[3:], m) for d in DEFAULT_IGNORE)
+           and not any(fn(m, None) for fn in named)]
     if not hit:
         return None
     return (f"{', '.join(hit)} {'was' if len(hit) == 1 else 'were'} compressed too: this pass's ignore replaces the "

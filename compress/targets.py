@@ -15,22 +15,22 @@ def check_patterns(patterns: list[str]) -> list[str]:
     """Validate patterns without a model (recipe validation): a `re:` pattern must compile."""
     for pattern in patterns:
         if pattern.startswith("re:"):
-            _matcher(pattern)
+            pattern_matcher(pattern)
     return patterns
 
 
-def _is_class_pattern(pattern: str) -> bool:
+def is_class_pattern(pattern: str) -> bool:
     return not pattern.startswith("re:") and "." not in pattern and pattern[:1].isupper()
 
 
-def _matcher(pattern: str):
+def pattern_matcher(pattern: str):
     if pattern.startswith("re:"):
         try:
             rx = re.compile(pattern[3:])
         except re.error as exc:
             raise TargetError(f"target {pattern!r} is not a valid regex ({exc}); write e.g. 're:.*mlp.*'") from None
         return lambda name, module: rx.fullmatch(name) is not None
-    if not _is_class_pattern(pattern):
+    if not is_class_pattern(pattern):
         return lambda name, module: name == pattern
     return lambda name, module: any(cls.__name__ == pattern for cls in type(module).__mro__)
 
@@ -52,24 +52,25 @@ def match_modules(
     every = [(n, m) for n, m in model.named_modules() if n]
     named = every if include_exempt else [(n, m) for n, m in every if not getattr(m, EXEMPT, None)]
     targets, ignore = list(targets), list(ignore)
-    target_fns = [(p, _matcher(p)) for p in targets]
-    ignore_fns = [_matcher(p) for p in ignore]
+    target_fns = [(p, pattern_matcher(p)) for p in targets]
+    ignore_fns = [pattern_matcher(p) for p in ignore]
     if require_all:
         for pattern, fn in target_fns:
             if not any(fn(n, m) for n, m in named):
                 exempt = next((f"{n} ({getattr(m, EXEMPT)})" for n, m in every if fn(n, m)), None)
                 raise TargetError(f"target {pattern!r} matches no module"
                                   + (f" passes may compress; it names {exempt}" if exempt else closest(pattern, model)))
-            if _is_class_pattern(pattern):  # ("Linear" once earlier passes replaced all but the ignored head)
+            if is_class_pattern(pattern):  # ("Linear" once earlier passes replaced all but the ignored head)
                 continue
             hit = [(n, m) for n, m in named if fn(n, m)]
             ignoring = next((p for p, ig in zip(ignore, ignore_fns) if all(ig(n, m) for n, m in hit)), None)
             if ignoring is not None:  # (said "matches no Linear layer" of an lm_head the default ignore left out)
-                raise TargetError(f"target {pattern!r} names only modules ignore {ignoring!r} leaves out (the default "
-                                  "ignore keeps the head and the embeddings as they are): set the pass's ignore "
-                                  "without it, e.g. ignore: []")
+                why = (" (the default ignore keeps the head and the embeddings as they are): set the pass's ignore "
+                       "without it, e.g. ignore: []" if ignoring in DEFAULT_IGNORE else ": drop one of the two")
+                raise TargetError(f"target {pattern!r} names only modules ignore {ignoring!r} leaves out{why}")
         for pattern, fn in zip(ignore, ignore_fns):  # a typo left out nothing, silently
-            if pattern not in DEFAULT_IGNORE and not any(fn(n, m) for n, m in every):
+            # (a class name may be one an earlier pass creates: SparseLinear, to quantize what prune left dense)
+            if pattern not in DEFAULT_IGNORE and not is_class_pattern(pattern) and not any(fn(n, m) for n, m in every):
                 raise TargetError(f"ignore {pattern!r} matches no module{closest(pattern, model)}")
     return {
         n: m
@@ -91,7 +92,8 @@ def closest(pattern: str, model: nn.Module) -> str:
         # was compared whole to full paths and suggested ModuleList)
         key = max(re.findall(r"[A-Za-z0-9_]+", pattern[3:]) or [""], key=len)
         names = sorted({n.rsplit(".", 1)[-1] for n in names if not n.rsplit(".", 1)[-1].isdigit()})
-    if pattern.startswith("re:") and not pattern.startswith("re:.*") and key in names:
+    if pattern.startswith("re:") and not pattern.startswith("re:.*") and key in names and any(
+            pattern_matcher("re:.*" + pattern[3:])(n, None) for n, _ in model.named_modules() if n):
         # a leaf name written as the regex: it is matched against the whole dotted name
         return f"; re: patterns match the whole dotted name: write 're:.*{pattern[3:]}'"
     close = difflib.get_close_matches(key, names + classes, n=3, cutoff=0.4)

@@ -52,6 +52,15 @@ def test_ignore_matching_nothing_and_a_leaf_name_regex_are_said(tiny_model):
     with pytest.raises(TargetError, match=r"match the whole dotted name: write 're:.\*q_proj'"):
         match_modules(model, ["re:q_proj"])
     assert "model.layers.0.mlp.down_proj" not in match_modules(model, ["Linear"], ["re:.*down_proj"])
+    # a class an earlier pass creates (quantize what prune left dense) is not a typo
+    assert match_modules(model, ["Linear"], ["SparseLinear", "re:.*lm_head", "re:.*embed_tokens"])
+    # the hint is given only where it helps: layer 9 does not exist, anchored or not
+    with pytest.raises(TargetError) as info:
+        match_modules(model, [r"re:model\.layers\.9\.mlp\..*"])
+    assert "whole dotted name" not in str(info.value)
+    # the user's own ignore: not told to drop it for ignore: []
+    with pytest.raises(TargetError, match="leaves out: drop one of the two"):
+        match_modules(model, ["re:.*mlp"], [r"re:.*layers\.[0-9]+\.mlp"])
     # the default ignore left the named head out, and prune said it "matches no Linear layer"
     with pytest.raises(TargetError, match="target 'lm_head' names only modules ignore 're:.\\*lm_head' leaves out"):
         match_modules(model, ["lm_head"], ["re:.*lm_head", "re:.*embed_tokens"])

@@ -320,6 +320,8 @@ class Prune(Pass):
         ctx.run_sequential(model, measure, pass_name=f"{label}: OWL outlier ratios")
         # spread over the layers that have targets only: a layer with none (e.g. ignored) took a share of the mean
         # it never pruned and set the low end of the min-max scaling (0.475 pruned for 0.5 asked, layer 0 ignored)
+        if not ratios:  # no target inside a decoder layer (e.g. only lm_head): nothing to spread
+            return None
         pruned = sorted(ratios)
         spread = owl_sparsities([ratios[i] for i in pruned], s, self.config.owl_lambda)
         by_layer = dict(zip(pruned, spread))

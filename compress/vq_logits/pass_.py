@@ -107,7 +107,8 @@ class VQLogits(Pass):
         distill_lr: float = Field(3e-3, gt=0, description="distillation learning rate (Adam)")
         distill_batch_size: int = Field(256, ge=1, description="calibration positions per distillation step")
         max_fit_tokens: int = Field(65536, ge=16, description="calibration positions kept for fitting")
-        seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of k-means initialization, sampling and distillation")
+        seed: int = Field(0, ge=-(2**63), le=2**64 - 1,  # the range torch generators take (checkpoints keep theirs)
+                          description="seed of k-means initialization, sampling and distillation")
 
     def validate_config(self) -> None:
         c = self.config

@@ -306,3 +306,16 @@ def test_an_own_ignore_that_drops_the_default_says_the_head_was_pruned():
                                [Prune(method="magnitude", ignore=["model.layers.0.mlp.down_proj", "re:.*lm_head",
                                                                   "re:.*embed_tokens"])], progress=False)
     assert not any("compressed too" in n for n in report.passes[0].notes)
+    # a head the targets name was asked for: no note (the targets error tells to set ignore: [] for it)
+    _, report = compress.apply(compress.load("builtin:tiny"), [Prune(method="magnitude", targets=["lm_head"],
+                                                                     ignore=[])], progress=False)
+    assert report.passes[0].modules == ["lm_head"] and not report.passes[0].notes
+
+
+def test_owl_with_no_target_in_a_decoder_layer_prunes_uniformly():
+    """OWL's spread had no layer to cover (only the head targeted): a RuntimeError after the calibration forward."""
+    _, report = compress.apply(compress.load("builtin:tiny"), [Prune(method="magnitude", owl=True,
+                                                                     targets=["lm_head"], ignore=[])],
+                               calibration=CALIB, tokenizer=compress.models.load_tokenizer("builtin:tiny"),
+                               progress=False)
+    assert report.passes[0].details["sparsity"] == pytest.approx(0.5, abs=1e-3)

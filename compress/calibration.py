@@ -210,7 +210,10 @@ def batches_hash(batches: torch.Tensor) -> str:
 # (chosen by content, so the same n-grams are picked in any text, wherever its windows start), the modulus doubling
 # until at most SKETCH_MAX remain. An evaluation picks its own n-grams by the same rule: the share of them found in
 # the sketch is the share of the scored text the calibration drew from.
-SKETCH_NGRAM, SKETCH_MAX, _FIRST_MODULUS = 16, 256, 64
+# 2048 ids as one hex string: 16 KB in config.json. The modulus grows with the text: a sketch of N tokens picks about
+# one n-gram in N / 2048, so an evaluation of E tokens finds about 2048 E / N of them (50k scored tokens against a
+# 20M-token training set: 5, still said; the check needs 2).
+SKETCH_NGRAM, SKETCH_MAX, _FIRST_MODULUS = 16, 2048, 64
 _HASH_MULTIPLIERS = (torch.randint(1, 2**62, (SKETCH_NGRAM,), generator=torch.Generator().manual_seed(0)) | 1).tolist()
 
 
@@ -234,19 +237,32 @@ def _ids(hashes: torch.Tensor) -> torch.Tensor:
     return (hashes >> 32) & 0xFFFFFFFF
 
 
-def text_sketch(ids: torch.Tensor, previous: dict | None = None) -> dict:
-    """The sketch of token ids `ids` (rows of windows, or one long row), merged with an earlier one (`previous`)."""
+def _sketch_ids(sketch: dict | None) -> torch.Tensor:
+    text = (sketch or {}).get("hashes", "")
+    return torch.tensor([int(text[i:i + 8], 16) for i in range(0, len(text), 8)], dtype=torch.int64)
+
+
+def text_sketch(ids: torch.Tensor, previous: dict | None = None, covered: torch.Tensor | None = None) -> dict:
+    """The sketch of token ids `ids` (rows of windows, or one long row), merged with an earlier one (`previous`);
+    `covered` (1-D `ids` only: a bool per token) keeps the n-grams inside the spans a run used (a training set's
+    windows cover part of the text it read)."""
+    if previous is not None and previous.get("ngram") != SKETCH_NGRAM:
+        previous = None  # another kind of sketch cannot be merged: this run's text alone
     modulus = max(_FIRST_MODULUS, int((previous or {}).get("modulus", _FIRST_MODULUS)))
-    kept = torch.tensor([int(x, 16) for x in (previous or {}).get("hashes", [])], dtype=torch.int64)
+    kept = _sketch_ids(previous)
     rows = ids.to(torch.int64).reshape(-1, ids.shape[-1]) if ids.dim() > 1 else ids.to(torch.int64).reshape(1, -1)
     for row in rows:  # a training set of millions of tokens is one long row: hashed in pieces
         for at in range(0, row.numel(), 1 << 20):
-            piece = _ids(ngram_hashes(row[at:at + (1 << 20) + SKETCH_NGRAM - 1]))
+            end = at + (1 << 20) + SKETCH_NGRAM - 1
+            piece = _ids(ngram_hashes(row[at:end]))
+            if covered is not None and piece.numel():  # n-grams whose every token lies in a used span
+                outside = torch.cat([torch.zeros(1, dtype=torch.int64), (~covered[at:end]).cumsum(0)])
+                piece = piece[(outside[SKETCH_NGRAM:] - outside[:-SKETCH_NGRAM]) == 0]
             kept = torch.unique(torch.cat([kept, piece[piece % modulus == 0]]))
             while kept.numel() > SKETCH_MAX:
                 modulus *= 2
                 kept = kept[kept % modulus == 0]
-    return {"ngram": SKETCH_NGRAM, "modulus": modulus, "hashes": [f"{int(h):08x}" for h in kept]}
+    return {"ngram": SKETCH_NGRAM, "modulus": modulus, "hashes": "".join(f"{int(h):08x}" for h in kept)}
 
 
 def sketch_overlap(sketch: dict | None, windows: torch.Tensor) -> tuple[float, int] | None:
@@ -258,5 +274,5 @@ def sketch_overlap(sketch: dict | None, windows: torch.Tensor) -> tuple[float, i
     picked = picked[picked % int(sketch["modulus"]) == 0]
     if not picked.numel():
         return None
-    found = torch.isin(picked, torch.tensor([int(x, 16) for x in sketch["hashes"]], dtype=torch.int64))
+    found = torch.isin(picked, _sketch_ids(sketch))
     return float(found.float().mean()), int(picked.numel())

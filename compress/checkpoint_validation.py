@@ -95,18 +95,18 @@ def check_compression_section(folder: Path, section: Any) -> dict | None:
     sketch = section.get("calibration_sketch")
     if sketch is not None and not _valid_sketch(sketch):  # (read by eval and by a later apply, which merges it)
         raise _damaged(where, "`compression.calibration_sketch` is not {ngram, modulus (a power of 2 >= 64), "
-                              "hashes (8-digit hex strings)}")
+                              "hashes (8 hex digits each, in one string)}")
     return section
 
 
 def _valid_sketch(sketch) -> bool:
-    if not isinstance(sketch, dict) or not isinstance(sketch.get("hashes"), list):
+    if not isinstance(sketch, dict):
         return False
     modulus, ngram = sketch.get("modulus"), sketch.get("ngram")
     if type(modulus) is not int or modulus < 64 or modulus & (modulus - 1) or type(ngram) is not int or ngram < 1:
         return False
-    return all(isinstance(h, str) and len(h) == 8 and all(c in "0123456789abcdef" for c in h)
-               for h in sketch["hashes"])
+    hashes = sketch["hashes"]
+    return isinstance(hashes, str) and len(hashes) % 8 == 0 and all(c in "0123456789abcdef" for c in hashes)
 
 
 # ------------------------------------------------------------------------------------------------- safetensors

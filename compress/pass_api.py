@@ -122,11 +122,11 @@ class PassContext:
     # applies' (the checkpoint keeps it: an evaluation on that text is told its numbers are flattered)
     calibration_sketch: dict | None = None
 
-    def saw_text(self, ids: torch.Tensor) -> None:
-        """Add token ids a pass calibrates or trains on to the run's sketch."""
+    def saw_text(self, ids: torch.Tensor, covered: torch.Tensor | None = None) -> None:
+        """Add token ids a pass calibrates or trains on (`covered`: the tokens of 1-D `ids` it uses) to the sketch."""
         from .calibration import text_sketch
 
-        self.calibration_sketch = text_sketch(ids, self.calibration_sketch)
+        self.calibration_sketch = text_sketch(ids, self.calibration_sketch, covered)
 
     def calibration_batches(self, pass_name: str = "this pass") -> torch.Tensor:
         """Token ids [num_samples, seq_len] (LongTensor), deterministic by the calibration seed."""

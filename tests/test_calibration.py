@@ -113,7 +113,7 @@ def test_calibration_sketch_measures_how_much_of_a_text_the_calibration_drew_fro
     on_heldout = build_batches(CalibrationSpec(source="builtin:heldout"), reference_tokenizer)
     elsewhere = build_batches(CalibrationSpec(source="builtin:calibration"), reference_tokenizer)
     sketch = text_sketch(on_heldout)
-    assert len(sketch["hashes"]) <= SKETCH_MAX and sketch == text_sketch(on_heldout)  # deterministic
+    assert len(sketch["hashes"]) <= 8 * SKETCH_MAX and sketch == text_sketch(on_heldout)  # deterministic
     # the share of the scored windows' tokens the calibration windows cover, counted exactly
     covered = torch.zeros(scored.numel(), dtype=torch.bool)
     flat = scored.flatten().tolist()
@@ -127,9 +127,9 @@ def test_calibration_sketch_measures_how_much_of_a_text_the_calibration_drew_fro
     assert picked > 300 and abs(share - covered.float().mean().item()) < 0.06, (share, covered.float().mean())
     assert sketch_overlap(text_sketch(elsewhere), scored)[0] < 0.02
     # merged over applies and thinned past SKETCH_MAX: a power-of-2 modulus, the earlier text still found
-    big = build_batches(CalibrationSpec(source="builtin:calibration", num_samples=512, seq_len=512), reference_tokenizer)
+    big = torch.randint(0, 8000, (400_000,), generator=torch.Generator().manual_seed(0))  # 400k distinct n-grams
     merged = text_sketch(big, previous=sketch)
-    assert len(merged["hashes"]) <= SKETCH_MAX and merged["modulus"] > sketch["modulus"]
+    assert len(merged["hashes"]) <= 8 * SKETCH_MAX and merged["modulus"] > sketch["modulus"]
     assert merged["modulus"] & (merged["modulus"] - 1) == 0
     assert abs(sketch_overlap(merged, scored)[0] - share) < 0.1
 
@@ -167,3 +167,16 @@ def test_a_large_source_is_sampled_across_its_documents(tmp_path, reference_toke
     numbers = [int(w) for w in text.split() if w.isdigit()]
     assert numbers and max(numbers) > 200  # (file order read about the first 40 documents)
     assert torch.equal(build_batches(spec, reference_tokenizer), build_batches(spec, reference_tokenizer))
+
+
+def test_a_training_sketch_holds_only_the_spans_its_windows_cover():
+    """recover sketched all the text it read (up to 4x what its windows use): an evaluation on the unused rest was
+    told it had been trained on."""
+    from compress.calibration import sketch_overlap, text_sketch
+
+    ids = torch.randint(0, 8000, (40_000,), generator=torch.Generator().manual_seed(0))
+    covered = torch.zeros(40_000, dtype=torch.bool)
+    covered[:10_000] = True
+    sketch = text_sketch(ids, covered=covered)
+    used, unused = sketch_overlap(sketch, ids[:10_000]), sketch_overlap(sketch, ids[20_000:])
+    assert used[0] == 1.0 and (unused is None or unused[0] == 0.0)

@@ -359,7 +359,12 @@ class Recover(Pass):
             raise CompressError("recover needs a tokenizer to encode the calibration text; save it with the model")
         spec = ctx.calibration.model_copy(update={"num_samples": count, "seq_len": seq_len})
         ids, offsets = window_offsets(spec, ctx.tokenizer, ctx.base_dir)
-        ctx.saw_text(ids)
+        # the spans the windows cover (the text read is up to 4x what they use): the checkpoint's sketch of what
+        # was trained on, for an evaluation on that text to say so
+        edges = torch.zeros(ids.numel() + 1, dtype=torch.int32)
+        edges.index_add_(0, offsets, torch.ones_like(offsets, dtype=torch.int32))
+        edges.index_add_(0, (offsets + seq_len).clamp(max=ids.numel()), -torch.ones_like(offsets, dtype=torch.int32))
+        ctx.saw_text(ids, covered=edges.cumsum(0)[:-1] > 0)
         return WindowDataset(ids, offsets, seq_len)
 
     # ---------------------------------------------------------------------------------------------- checkpoint

@@ -103,7 +103,8 @@ def _check_finite_weights(model: nn.Module) -> None:
     zero), Hessians and masks of NaN; the checkpoint written looked like any other."""
     from .models import describe_nonfinite, nonfinite_weights
 
-    bad = nonfinite_weights(model)
+    # (the layers left on disk were counted as they were read: the scan sees only meta tensors there)
+    bad = nonfinite_weights(model) + list(getattr(model, "compress_nonfinite_on_disk", []))
     if bad:
         raise CompressError(f"the model holds {describe_nonfinite(bad)}: the checkpoint is damaged (or a float16 "
                             "cast overflowed); a compressed copy would carry them silently")

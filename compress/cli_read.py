@@ -76,6 +76,9 @@ def eval_cmd(model_src, baseline, text_file, seq_len, max_windows, speed, activa
                             **offload)
     _say_offloaded(model, max_memory)
     _check_kv_text(tokenizer, text, _residual_length(model, []), model.config)
+    if activation_sparsity and getattr(model, "compress_offloaded_layers", None):  # (a traceback after the eval)
+        raise CompressError("--activation-sparsity reads every down projection's weight, and --max-memory left "
+                            "layers on disk: run it without --max-memory, or with a cap the model fits in")
     if activation_sparsity:  # before the evaluation, not after it
         from .prune.activation_sparsity import check_down_weights
 

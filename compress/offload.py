@@ -176,6 +176,7 @@ class OffloadState:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.device = device
         self._spilled: dict[str, Path] = {}  # prefix -> its current spill file
+        self._copied = False  # a deepcopy of the model shares this state (and reads its files)
         # when the state goes away, and at interpreter exit for a model still alive then (__del__ does not run for
         # those: a script that ended with its model in a variable left the spill files behind)
         self._finalizer = weakref.finalize(self, _remove_spills, self.folder, self._own_folder, self._spilled)
@@ -207,6 +208,9 @@ class OffloadState:
         self._spilled[prefix] = path
         del self._spilled[writing]
         if previous is not None:
+            if self._copied:  # a copy of the model may still read it: kept, removed with the rest at the end
+                self._spilled[f"{prefix} ({path.stem})"] = self._spilled.pop(f"{prefix} (previous)")
+                return
             previous.unlink(missing_ok=True)
             del self._spilled[f"{prefix} (previous)"]
 
@@ -217,7 +221,9 @@ class OffloadState:
 
     def __deepcopy__(self, memo):
         """A copy of the model reads the same spill files: it shares this state, so the files go with the last of
-        them (a copy that cleaned up on its own would delete what the other still reads)."""
+        them (a copy that cleaned up on its own would delete what the other still reads). From then on a layer's
+        earlier files stay until the end: one copy compressing a layer removed the file the other read."""
+        self._copied = True
         return self
 
 
@@ -393,6 +399,9 @@ def load_offloaded(path: Path, files: list[Path], model: nn.Module, *, dtype: to
     loader = CheckedWeights(index)
     _fill(model, {k: loader[k] for k in index if k in state_names and not k.startswith(prefix + ".")},
           skip=prefix + ".")
+    from .models import nonfinite_weights
+
+    nonfinite = []  # of the layers left on disk, found while each is read (apply refuses them as for any model)
     for i in progress_bar(range(len(layers)), description="loading layers", enabled=len(offloaded) > 0):
         layer_prefix = f"{prefix}.{i}"
         weights = {k: v for k, v in index.items() if k.startswith(layer_prefix + ".")}
@@ -401,12 +410,14 @@ def load_offloaded(path: Path, files: list[Path], model: nn.Module, *, dtype: to
         _fill(layers[i], {k[len(layer_prefix) + 1:]: loader[k] for k in weights})
         check_loaded_modules(path, layers[i], prefix=layer_prefix)  # while it is in memory
         if i in offloaded:
+            nonfinite += [(f"{layer_prefix}.{n}", count, nan) for n, count, nan in nonfinite_weights(layers[i])]
             _attach(layers[i], weights, layer_prefix, device)
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
     rebuild_derived(model)  # in the layers held in memory (a layer on disk computes without them)
     check_loaded_modules(path, model, skip=prefix + ".")  # the rest (e.g. a VQ head); the layers were checked
     model.compress_offloaded_layers = sorted(offloaded)
+    model.compress_nonfinite_on_disk = nonfinite
     return model
 
 

@@ -359,3 +359,37 @@ def test_a_save_over_the_folder_after_loading_is_refused_not_mixed_in(source, tm
     other.save_pretrained(folder)  # new files under the same names
     with torch.no_grad(), pytest.raises(compress.CheckpointError, match="changed on disk after this model was loaded"):
         model(input_ids=ids)
+
+
+def test_layers_on_disk_are_checked_for_nan_and_copies_keep_their_files(source, tmp_path):
+    """The NaN/inf scan saw only meta tensors for layers on disk (a damaged checkpoint written with exit 0); a
+    pass on a deepcopy of an offloaded model removed the spill files the original still read; eval
+    --activation-sparsity on layers left on disk was a traceback after the whole evaluation."""
+    import copy
+
+    from click.testing import CliRunner
+    from safetensors.torch import load_file, save_file
+
+    from compress.cli import main
+
+    src = tmp_path / "nan"
+    shutil.copytree(source, src)
+    state = load_file(src / "model.safetensors")
+    state["model.layers.9.mlp.down_proj.weight"][3, 7] = float("nan")
+    save_file(state, src / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CompressError, match="1 NaN or inf value in model.layers.9.mlp.down_proj.weight"):
+        compress.apply(compress.load(src, max_memory="5MB"), [compress.passes.Prune()], progress=False)
+
+    model = compress.load(source, max_memory="5MB")
+    model, _ = compress.apply(model, [compress.passes.Prune(sparsity=0.5, storage="dense")], progress=False)
+    twin = copy.deepcopy(model)
+    compress.apply(twin, [compress.passes.Prune(sparsity=0.7, storage="dense")], progress=False)
+    ids = torch.randint(0, 8192, (1, 8))
+    with torch.no_grad():
+        model(input_ids=ids)  # (read the files the copy's pass replaced: "changed on disk")
+    with_tokenizer = tmp_path / "tok"
+    shutil.copytree(source, with_tokenizer)
+    compress.load_tokenizer("builtin:tiny").save_pretrained(with_tokenizer)
+    result = CliRunner().invoke(main, ["eval", str(with_tokenizer), "--max-windows", "1", "--seq-len", "64", "--no-speed",
+                                       "--activation-sparsity", "--max-memory", "5MB"])
+    assert result.exit_code == 2 and "--activation-sparsity reads every down projection's weight" in result.output

@@ -393,3 +393,13 @@ def test_layers_on_disk_are_checked_for_nan_and_copies_keep_their_files(source, 
     result = CliRunner().invoke(main, ["eval", str(with_tokenizer), "--max-windows", "1", "--seq-len", "64", "--no-speed",
                                        "--activation-sparsity", "--max-memory", "5MB"])
     assert result.exit_code == 2 and "--activation-sparsity reads every down projection's weight" in result.output
+
+
+def test_an_offload_folder_that_cannot_be_written_is_one_line_before_any_work(tmp_path):
+    """A dangling symlink (or a folder that refuses writes) was a traceback after the model loaded."""
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere" / "x")
+    with pytest.raises(CompressError, match="--offload-folder .*dangling: cannot write there"):
+        compress.load("builtin:tiny", max_memory="5MB", offload_folder=tmp_path / "dangling")
+    fresh = tmp_path / "fresh" / "spill"
+    compress.offload.check_offload_folder(fresh)
+    assert not fresh.exists()  # the probe leaves no folder of its own behind

@@ -403,3 +403,13 @@ def test_an_offload_folder_that_cannot_be_written_is_one_line_before_any_work(tm
     fresh = tmp_path / "fresh" / "spill"
     compress.offload.check_offload_folder(fresh)
     assert not fresh.exists()  # the probe leaves no folder of its own behind
+
+
+def test_a_second_prune_to_less_sparsity_is_refused_with_layers_on_disk(source):
+    """The check read only layers in memory: the recipe refused in memory completed with --max-memory."""
+    from compress.errors import ConfigError
+
+    model = compress.load(source, max_memory="5MB")
+    with pytest.raises(ConfigError, match="is already 50.0% sparse"):
+        compress.apply(model, [compress.passes.Prune(sparsity=0.5, storage="dense"),
+                               compress.passes.Prune(sparsity=0.3, storage="dense")], progress=False)

@@ -143,6 +143,7 @@ class Prune(Pass):
             layer_sparsity = self._layer_sparsities(len(layers), layer_of, model, ctx, label)
             if self.config.method == "magnitude":
                 def magnitude(name: str, module: nn.Linear) -> None:
+                    self._check_sparser_than_before({name: module})  # (a layer on disk is seen only now)
                     s = self._sparsity_of(layer_of[name], layer_sparsity)
                     mask = nm_mask(magnitude_scores(module.weight), *nm) if nm else \
                         unstructured_mask(magnitude_scores(module.weight), s)
@@ -337,6 +338,7 @@ class Prune(Pass):
         mods = modules_in_layer(names, step.name, step.layer)
         if not mods:
             return
+        self._check_sparser_than_before(mods)  # (a layer on disk is seen only now; one in memory was before work)
         sparse_gpt = self.config.method == "sparsegpt"
         acc_type = HessianAccumulator if sparse_gpt else InputNormAccumulator
         accs = {n: acc_type(m.in_features, m.weight.device) for n, m in mods.items()}

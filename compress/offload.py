@@ -176,11 +176,25 @@ def _sweep_stale_spill_folders(tmp: Path) -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
+def _return_freed_buffers_to_the_system() -> None:
+    """glibc serves mid-sized buffers (a layer's weights, up to its dynamic mmap threshold of 32 MB) from its heap and
+    keeps them when freed: a layer read in and written back left its memory held, and --max-memory runs peaked near
+    the uncapped ones. Buffers of 1 MB and more are mapped, and unmapped when freed. (Not glibc: nothing to do.)"""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(ctypes.c_int(-3), ctypes.c_int(1 << 20))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 class OffloadState:
     """Where the offloaded layers of one model live; kept on the model as `model.compress_offload`."""
 
     def __init__(self, folder: Path | None, device):
         check_offload_folder(folder)
+        _return_freed_buffers_to_the_system()
         self._own_folder = folder is None
         if folder is None:
             _sweep_stale_spill_folders(Path(tempfile.gettempdir()))

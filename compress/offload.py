@@ -141,7 +141,11 @@ def check_offload_folder(folder: str | Path | None) -> None:
         raise CompressError(f"--offload-folder {folder} holds a model (config.json, *.safetensors): the spilled "
                             "layers would mix with its files; give an empty or new folder")
     if where is not None:  # writable, found now (a traceback after the model loaded and layer 0 was compressed)
-        created = not where.exists() and not where.is_symlink()
+        created = []  # the folders the probe makes, removed after it (the run makes them again when it spills)
+        for parent in [where, *where.parents]:
+            if parent.exists() or parent.is_symlink():
+                break
+            created.append(parent)
         try:
             where.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=where, prefix=".compress-probe-"):
@@ -150,8 +154,9 @@ def check_offload_folder(folder: str | Path | None) -> None:
             raise CompressError(f"--offload-folder {folder}: cannot write there ({exc.strerror or exc}); give a "
                                 "writable folder") from None
         finally:
-            if created and where.is_dir() and not any(where.iterdir()):
-                where.rmdir()  # (made by the probe only: the run makes it again when it spills)
+            for made in created:  # deepest first
+                if made.is_dir() and not any(made.iterdir()):
+                    made.rmdir()
 
 
 SPILL_PREFIX = "compress-offload-"  # + host + "-" + PID + "-" + mkdtemp's suffix: a temporary spill folder

@@ -402,7 +402,7 @@ def test_an_offload_folder_that_cannot_be_written_is_one_line_before_any_work(tm
         compress.load("builtin:tiny", max_memory="5MB", offload_folder=tmp_path / "dangling")
     fresh = tmp_path / "fresh" / "spill"
     compress.offload.check_offload_folder(fresh)
-    assert not fresh.exists()  # the probe leaves no folder of its own behind
+    assert not (tmp_path / "fresh").exists()  # the probe leaves no folder of its own behind, parents included
 
 
 def test_a_second_prune_to_less_sparsity_is_refused_with_layers_on_disk(source):

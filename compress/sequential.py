@@ -180,8 +180,9 @@ def calibration_bytes(model: nn.Module, num_samples: int, seq_len: int, targets:
                       hessians: bool, batch_size: int = 8) -> int:
     """What `run_sequential` holds at once, from shapes alone (a meta model will do): every window's hidden states
     into and out of the current layer, the per-batch keyword arguments (rotary cos/sin, position ids), the token
-    ids, the masks of further attention types (sliding beside full), and for an OBS pass (`hessians`) one float32 in x in Hessian per target Linear of the decoder layer that
-    has the most (`targets`: the pass's Linears, named from the model's root)."""
+    ids, the masks of further attention types (sliding beside full), and for an OBS pass (`hessians`) one float32
+    in x in Hessian per target Linear of the decoder layer that has the most (`targets`: the pass's Linears, named
+    from the model's root)."""
     from .models import text_config
 
     cfg = text_config(model.config)

@@ -75,8 +75,8 @@ def gptq_quantize(
     factor, damp, retries = inverse_hessian_factor(h, dampening)
     if factor is None:
         codes, scales, zeros = quantize_rtn(unpermuted, bits, group_size, symmetric, scale_dtype, unpermuted_keep)
-        return GPTQResult(codes, scales, zeros, float("nan"),
-                          fallback="Hessian not factorizable even with large dampening; rounded to nearest", notes=notes)
+        return GPTQResult(codes, scales, zeros, float("nan"), notes=notes,
+                          fallback="Hessian not factorizable even with large dampening; rounded to nearest")
     if retries:
         notes.append(f"Hessian not positive definite at dampening {dampening:g}; used {damp:g} x mean diagonal")
     group_of = perm // group_size  # group of the column at each scan position

@@ -67,7 +67,8 @@ class Recover(Pass):
                                                              "wrote it (none: no checkpoints)")
         save_steps: int = Field(100, ge=1, description="steps between Trainer checkpoints (with checkpoint_dir)")
         resume_from: str | None = Field(None, description="a Trainer checkpoint folder to resume from")
-        seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of the LoRA init and data order (numpy takes 32 bits)")
+        seed: int = Field(0, ge=0, le=2**32 - 1,  # numpy's seeds are 32-bit
+                          description="seed of the LoRA init and the data order")
 
     needs_calibration = True
 

@@ -297,12 +297,10 @@ def _default_ignore_dropped(p, report) -> str | None:
         return None
     if list(field.default_factory()) != list(DEFAULT_IGNORE) or all(d in p.config.ignore for d in DEFAULT_IGNORE):
         return None
-    import re
-
+    defaults = [pattern_matcher(d) for d in DEFAULT_IGNORE]
     # those a class name (Linear) picked up: a head the targets name or a regex matches was asked for
     named = [pattern_matcher(t) for t in getattr(p.config, "targets", []) if not is_class_pattern(t)]
-    hit = [m for m in report.modules if any(re.fullmatch(d[3:], m) for d in DEFAULT_IGNORE)
-           and not any(fn(m, None) for fn in named)]
+    hit = [m for m in report.modules if any(fn(m, None) for fn in defaults) and not any(fn(m, None) for fn in named)]
     if not hit:
         return None
     return (f"{', '.join(hit)} {'was' if len(hit) == 1 else 'were'} compressed too: this pass's ignore replaces the "

@@ -220,7 +220,7 @@ _HASH_MULTIPLIERS = (torch.randint(1, 2**62, (SKETCH_NGRAM,), generator=torch.Ge
 def ngram_hashes(ids: torch.Tensor) -> torch.Tensor:
     """64-bit hashes of every run of SKETCH_NGRAM consecutive tokens in each row of `ids` (1-D: one row),
     flattened. Integer products wrap modulo 2^64, which is the hash's arithmetic."""
-    ids = ids.to(torch.int64).reshape(-1, ids.shape[-1]) if ids.dim() > 1 else ids.to(torch.int64).reshape(1, -1)
+    ids = _as_rows(ids)
     n = ids.shape[1] - SKETCH_NGRAM + 1
     if n <= 0:
         return torch.empty(0, dtype=torch.int64)
@@ -229,6 +229,19 @@ def ngram_hashes(ids: torch.Tensor) -> torch.Tensor:
         h += ids[:, j:j + n] * m
     h ^= h >> 29
     return (h * 0x2545F4914F6CDD1D).flatten()
+
+
+def _as_rows(ids: torch.Tensor) -> torch.Tensor:
+    """Token ids as int64 rows: windows [n, len] as they are, 1-D text as one row."""
+    return ids.to(torch.int64).reshape(-1, ids.shape[-1]) if ids.dim() > 1 else ids.to(torch.int64).reshape(1, -1)
+
+
+def window_coverage(length: int, offsets: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """A bool per token of a text of `length` tokens: inside one of the windows of `seq_len` starting at `offsets`."""
+    edges = torch.zeros(length + 1, dtype=torch.int32)
+    edges.index_add_(0, offsets, torch.ones_like(offsets, dtype=torch.int32))
+    edges.index_add_(0, (offsets + seq_len).clamp(max=length), -torch.ones_like(offsets, dtype=torch.int32))
+    return edges.cumsum(0)[:-1] > 0
 
 
 def _ids(hashes: torch.Tensor) -> torch.Tensor:
@@ -250,8 +263,7 @@ def text_sketch(ids: torch.Tensor, previous: dict | None = None, covered: torch.
         previous = None  # another kind of sketch cannot be merged: this run's text alone
     modulus = max(_FIRST_MODULUS, int((previous or {}).get("modulus", _FIRST_MODULUS)))
     kept = _sketch_ids(previous)
-    rows = ids.to(torch.int64).reshape(-1, ids.shape[-1]) if ids.dim() > 1 else ids.to(torch.int64).reshape(1, -1)
-    for row in rows:  # a training set of millions of tokens is one long row: hashed in pieces
+    for row in _as_rows(ids):  # a training set of millions of tokens is one long row: hashed in pieces
         for at in range(0, row.numel(), 1 << 20):
             end = at + (1 << 20) + SKETCH_NGRAM - 1
             piece = _ids(ngram_hashes(row[at:end]))

@@ -79,16 +79,17 @@ def capture_layer0_inputs(model: nn.Module, batches: torch.Tensor, batch_size: i
     """Layer 0's inputs per batch and the keyword arguments the model passes it; with mixed attention types, the
     keyword arguments per type: {type: [kwargs per batch]} (the mask differs, the rest is shared)."""
     _, layers = decoder_layers(model)
-    inputs, kwargs = [], []
 
-    def grab(module, args, kw):
-        inputs.append(args[0] if args else kw.pop("hidden_states"))
-        kw = {k: v for k, v in kw.items() if k not in ("hidden_states", "cache", "past_key_values")}
-        kw["use_cache"] = False
-        kwargs.append(kw)
-        raise _StopForward
+    def capture() -> tuple[list, list]:
+        inputs, kwargs = [], []
 
-    def capture():
+        def grab(module, args, kw):
+            inputs.append(args[0] if args else kw.pop("hidden_states"))
+            kw = {k: v for k, v in kw.items() if k not in ("hidden_states", "cache", "past_key_values")}
+            kw["use_cache"] = False
+            kwargs.append(kw)
+            raise _StopForward
+
         handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
         try:
             for i in range(0, batches.shape[0], batch_size):
@@ -98,8 +99,9 @@ def capture_layer0_inputs(model: nn.Module, batches: torch.Tensor, batch_size: i
                     pass
         finally:
             handle.remove()
+        return inputs, kwargs
 
-    capture()
+    inputs, kwargs = capture()
     types = mixed_layer_types(model)
     if types is None:
         return inputs, kwargs
@@ -109,19 +111,15 @@ def capture_layer0_inputs(model: nn.Module, batches: torch.Tensor, batch_size: i
 
     cfg = text_config(model.config)
     by_type = {types[0]: kwargs}
-    first_inputs = inputs
     try:
         for t in dict.fromkeys(types[1:]):
-            if t in by_type:
-                continue
-            inputs, kwargs = [], []
-            cfg.layer_types = [t] + types[1:]
-            capture()
-            by_type[t] = [{**kw, "attention_mask": other["attention_mask"]}
-                          for kw, other in zip(by_type[types[0]], kwargs)]
+            if t not in by_type:
+                cfg.layer_types = [t] + types[1:]
+                by_type[t] = [{**kw, "attention_mask": other["attention_mask"]}
+                              for kw, other in zip(kwargs, capture()[1])]
     finally:
         cfg.layer_types = types
-    return first_inputs, by_type
+    return inputs, by_type
 
 
 @torch.no_grad()

@@ -56,13 +56,13 @@ def match_modules(
     ignore_fns = [pattern_matcher(p) for p in ignore]
     if require_all:
         for pattern, fn in target_fns:
-            if not any(fn(n, m) for n, m in named):
+            hit = [(n, m) for n, m in named if fn(n, m)]
+            if not hit:
                 exempt = next((f"{n} ({getattr(m, EXEMPT)})" for n, m in every if fn(n, m)), None)
                 raise TargetError(f"target {pattern!r} matches no module"
                                   + (f" passes may compress; it names {exempt}" if exempt else closest(pattern, model)))
             if is_class_pattern(pattern):  # ("Linear" once earlier passes replaced all but the ignored head)
                 continue
-            hit = [(n, m) for n, m in named if fn(n, m)]
             ignoring = next((p for p, ig in zip(ignore, ignore_fns) if all(ig(n, m) for n, m in hit)), None)
             if ignoring is not None:  # (said "matches no Linear layer" of an lm_head the default ignore left out)
                 why = (" (the default ignore keeps the head and the embeddings as they are): set the pass's ignore "

@@ -351,7 +351,7 @@ class Recover(Pass):
     def _training_windows(self, ctx: PassContext, count: int, seq_len: int):
         """`count` windows of `seq_len` tokens from the recipe's calibration source (its own draw, not the
         calibration batches other passes share: the token budget sets how many), cut as training asks for them."""
-        from ..calibration import window_offsets
+        from ..calibration import window_coverage, window_offsets
         from .training import WindowDataset
 
         if ctx.calibration is None:
@@ -362,10 +362,7 @@ class Recover(Pass):
         ids, offsets = window_offsets(spec, ctx.tokenizer, ctx.base_dir)
         # the spans the windows cover (the text read is up to 4x what they use): the checkpoint's sketch of what
         # was trained on, for an evaluation on that text to say so
-        edges = torch.zeros(ids.numel() + 1, dtype=torch.int32)
-        edges.index_add_(0, offsets, torch.ones_like(offsets, dtype=torch.int32))
-        edges.index_add_(0, (offsets + seq_len).clamp(max=ids.numel()), -torch.ones_like(offsets, dtype=torch.int32))
-        ctx.saw_text(ids, covered=edges.cumsum(0)[:-1] > 0)
+        ctx.saw_text(ids, covered=window_coverage(ids.numel(), offsets, seq_len))
         return WindowDataset(ids, offsets, seq_len)
 
     # ---------------------------------------------------------------------------------------------- checkpoint

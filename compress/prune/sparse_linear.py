@@ -49,7 +49,7 @@ class SparseLinear(nn.Module):
             # derived from the bitmask, so not stored in checkpoints: recomputed after the state dict loads
             self.register_buffer("row_offsets", torch.zeros(out_features, dtype=torch.int64, device=device),
                                  persistent=False)
-            self.register_load_state_dict_post_hook(lambda module, incompatible: module.refresh_row_offsets())
+            self.register_load_state_dict_post_hook(_refresh_row_offsets_after_load)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
 
     @classmethod
@@ -89,7 +89,9 @@ class SparseLinear(nn.Module):
     def refresh_row_offsets(self) -> None:
         if self.format == "bitmask" and self.bitmask.device.type != "meta" and self.runtime == "packed":
             counts = unpack_bitmask(self.bitmask, self.in_features).sum(1)
-            self.row_offsets.copy_(torch.cumsum(counts, 0) - counts)
+            # a new tensor on the bitmask's device: after load_state_dict(assign=True) the unsaved offsets are
+            # still on the meta device, where a copy_ does nothing (and the C kernel then read a meta pointer)
+            self.row_offsets = torch.cumsum(counts, 0) - counts
 
     def restore_spec(self) -> dict:
         spec = {"format": self.format}
@@ -108,10 +110,11 @@ class SparseLinear(nn.Module):
         return bitmask_decode_reference(self.values, self.bitmask, self.in_features, dtype)
 
     def nnz(self) -> int:
-        if self.runtime == "packed" or self.format == "nm":
-            return int(self.values.numel()) if self.runtime == "packed" else self.out_features * (
-                self.in_features // self.m * self.n)
-        return int(unpack_bitmask(self.bitmask, self.in_features).sum())
+        if self.runtime == "packed":
+            return int(self.values.numel())
+        if self.format == "nm":
+            return self.out_features * (self.in_features // self.m * self.n)
+        return self.dense_nnz  # counted when the values were dropped: the bitmask may be on meta or uninitialized
 
     @torch.no_grad()
     def packed_values(self) -> torch.Tensor:
@@ -119,9 +122,11 @@ class SparseLinear(nn.Module):
         if self.runtime == "packed":
             return self.values
         w = self.weight_dense
+        kept = self.in_features // self.m * self.n if self.format == "nm" else 0
+        if w.device.type == "meta":  # shapes only (a state dict of a model moved to meta)
+            return w.new_empty((self.nnz(),) if self.format == "bitmask" else (self.out_features, kept))
         if self.format == "bitmask":
             return w[unpack_bitmask(self.bitmask, self.in_features)]
-        kept = self.in_features // self.m * self.n
         pos = nm_positions(self.indices, kept, self.m).long().view(self.out_features, -1, self.n)
         return w.view(self.out_features, -1, self.m).gather(-1, pos).reshape(self.out_features, kept)
 
@@ -130,6 +135,8 @@ class SparseLinear(nn.Module):
         """`dense`: decode once and hold the dense weight (dense speed); `packed`: hold only the packed tensors."""
         if runtime not in RUNTIMES:
             raise ValueError(f"unknown sparse runtime {runtime!r}; one of {RUNTIMES}")
+        if runtime == "dense" and self.runtime == "packed":
+            self.dense_nnz = int(self.values.numel())
         if runtime == self.runtime or self.values.device.type == "meta":
             self.runtime = runtime
             return
@@ -139,11 +146,12 @@ class SparseLinear(nn.Module):
             if self.format == "bitmask":
                 self.row_offsets = self.row_offsets.new_empty(0)
         else:
-            values = self.packed_values()
-            self.weight_dense = None
-            self.values = values
+            if getattr(self, "weight_dense", None) is not None:  # (made dense on meta: the packed buffers stayed)
+                values = self.packed_values()
+                self.weight_dense = None
+                self.values = values
             if self.format == "bitmask":
-                self.row_offsets = torch.zeros(self.out_features, dtype=torch.int64, device=values.device)
+                self.row_offsets = torch.zeros(self.out_features, dtype=torch.int64, device=self.values.device)
         self.runtime = runtime
         self.gpu_state = None
         self.refresh_row_offsets()
@@ -155,12 +163,26 @@ class SparseLinear(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         dense = self.runtime == "dense"
-        if dense:  # load into packed buffers, then decode again
-            self.set_runtime("packed")
+        held = getattr(self, "weight_dense", None) if dense else None
+        if held is not None:
+            # load into packed buffers shaped by this layer's own count (its bitmask and weight may be uninitialized
+            # memory, after to_empty), so that torch reports a state of another sparsity as a size mismatch; then
+            # decode again. A state dict without the values keeps this layer's own.
+            kept = self.in_features // self.m * self.n if self.format == "nm" else 0
+            shape = (self.dense_nnz,) if self.format == "bitmask" else (self.out_features, kept)
+            self.values = self.values.new_empty(shape) if prefix + "values" in state_dict else self.packed_values()
+            self.weight_dense = None
+        self.runtime = "packed"  # (a layer made dense on meta still holds its packed buffers: nothing to move)
+        errors = len(error_msgs)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         self.gpu_state = None
         if dense:
+            if len(error_msgs) > errors:  # not loaded: back to what it held (load_state_dict raises at the end)
+                self.runtime = "dense"
+                if held is not None:
+                    self.weight_dense, self.values = held, self.values.new_empty(0)
+                return
             self.refresh_row_offsets()
             self.set_runtime("dense")
 
@@ -218,3 +240,8 @@ def _packed_values_in_state(module: SparseLinear, state_dict, prefix, local_meta
     """Under runtime `dense` the checkpoint still stores the packed values (gathered from the dense weight)."""
     if module.runtime == "dense":
         state_dict[prefix + "values"] = module.packed_values()
+
+
+def _refresh_row_offsets_after_load(module: SparseLinear, incompatible) -> None:
+    """A module-level hook (a lambda made the layer unpicklable: `torch.save(model)` failed)."""
+    module.refresh_row_offsets()

@@ -157,7 +157,7 @@ class QuantizedLinear(nn.Module):
         return codes.to(self._code_dtype())
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        if self.sparsity is None:  # on a CPU, one C pass (bit for bit the same) instead of the temporaries below
+        if self.sparsity is None and not self._scale_trains():  # on a CPU, one C pass (bit for bit the same)
             fast = cpu_dequantize(self.weight_packed, self.weight_scale, self.weight_zero_point, self.bits,
                                   self.group_size, self.in_features, dtype or self.weight_scale.dtype)
             if fast is not None:
@@ -177,8 +177,9 @@ class QuantizedLinear(nn.Module):
         if self.sparsity != "bitmask":
             return False
         # the answer holds for these tensors as they are: a load_state_dict or an in-place edit checks again
-        key = tuple((t.data_ptr(), t._version) for t in (self.weight_packed, self.bitmask, self.weight_zero_point)
-                    if t is not None)
+        # (inference tensors keep no version counter: an in-place edit of one under inference_mode is not seen)
+        key = tuple((t.data_ptr(), -1 if t.is_inference() else t._version)
+                    for t in (self.weight_packed, self.bitmask, self.weight_zero_point) if t is not None)
         cached = getattr(self, "_zero_where_pruned", None)
         if cached is None or cached[0] != key:
             codes = self._stored_codes().to(torch.int16)
@@ -187,8 +188,15 @@ class QuantizedLinear(nn.Module):
             cached = self._zero_where_pruned = (key, bool(((codes == zero) | self.sparsity_mask()).all()))
         return cached[1]
 
+    def _scale_trains(self) -> bool:
+        """A user training the scales (`weight_scale.requires_grad_()`): only the torch path carries their gradient,
+        the C paths read the buffer as plain memory."""
+        return self.weight_scale.requires_grad and torch.is_grad_enabled()
+
     def _path(self, x: torch.Tensor) -> str:
         """Which of forward's paths takes `x`: one decision for forward and for what `runtime_path` reports."""
+        if self._scale_trains():
+            return "reference"
         if self.sparsity == "nm":
             packed = (self.weight_packed, self.indices, self.weight_scale, self.n, self.m, self.in_features, x)
             if cpu_nm24_qgemv_applies(*packed, group=self.group_size):

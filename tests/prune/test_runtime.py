@@ -56,6 +56,49 @@ def test_runtime_switches_both_ways_and_reloads_state(pruned_checkpoint):
     torch.testing.assert_close(layer(x), before)
 
 
+def test_state_dict_round_trips_through_meta_to_empty_and_assign(pruned_checkpoint):
+    """A user's own loading: a model built on meta (or moved there, then to_empty) takes a state dict in either
+    runtime; the bitmask layer's unsaved row offsets come back on the right device (the C kernel read a meta pointer
+    after assign=True), and a state of another sparsity is torch's size mismatch, not a failure to decode."""
+    import copy
+
+    ids = torch.randint(0, 8192, (1, 9), generator=torch.Generator().manual_seed(1))
+    for runtime in ("packed", "dense"):
+        source = compress.load(pruned_checkpoint, sparse_runtime=runtime, dtype=torch.float32)
+        with torch.no_grad():
+            expected = source(input_ids=ids).logits
+        fresh = compress.load(pruned_checkpoint, meta=True, sparse_runtime=runtime, dtype=torch.float32)
+        fresh.load_state_dict(source.state_dict(), strict=True, assign=True)
+        fresh.model.rotary_emb = source.model.rotary_emb  # (transformers' own unsaved buffers stay on meta)
+        assert all(b.device.type == "cpu" for b in fresh.buffers())
+        moved = copy.deepcopy(source).to("meta")
+        repr(moved)  # counted without reading the bitmask on meta
+        assert set(moved.state_dict()) == set(source.state_dict())
+        moved = moved.to_empty(device="cpu")
+        moved.load_state_dict(source.state_dict(), strict=True)
+        moved.model.rotary_emb = source.model.rotary_emb
+        with torch.no_grad():
+            torch.testing.assert_close(fresh(input_ids=ids).logits, expected)
+            torch.testing.assert_close(moved(input_ids=ids).logits, expected)
+    layer = sparse_layers(source)[0]
+    if layer.format == "bitmask":  # another sparsity's values: torch's size mismatch, the layer keeps its weight
+        before = layer.dense_weight().clone()
+        state = layer.state_dict()
+        state["values"] = state["values"][:-3]
+        with pytest.raises(RuntimeError, match="size mismatch for values"):
+            layer.load_state_dict(state)
+        assert torch.equal(layer.dense_weight(), before)
+
+
+def test_pickles_in_both_formats(pruned_checkpoint):
+    import io
+
+    model = compress.load(pruned_checkpoint, sparse_runtime="packed")
+    buffer = io.BytesIO()
+    torch.save(model, buffer)  # a lambda hook made the bitmask layers unpicklable
+    assert buffer.tell() > 0
+
+
 def test_unknown_runtime_is_a_user_error(pruned_checkpoint):
     with pytest.raises(compress.CompressError, match="unknown sparse runtime 'fast'"):
         compress.load(pruned_checkpoint, sparse_runtime="fast")

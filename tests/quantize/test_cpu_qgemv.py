@@ -115,6 +115,38 @@ def test_gradients_and_prefill_take_the_torch_path():
     assert not cpu_qgemv_applies(q.weight_packed, q.weight_scale, 4, 128, 64, big)
 
 
+@pytest.mark.parametrize("tokens", [1, 40, 600])  # the product, the blocked dequantize, the whole dequantize
+def test_trained_scales_get_their_gradient_on_every_path(tokens):
+    """A user training the scales: the C paths read them as plain memory and dropped their gradient (and with x not
+    requiring one, the output had no graph at all); they now take the torch path, as with COMPRESS_CPU_KERNELS=off."""
+    q = layer(16, 128, 4, 64, False, torch.float32, bias=True)
+    q.weight_scale.requires_grad_(True)
+    x = torch.randn(tokens, 128)
+    q(x).sum().backward()
+    got = q.weight_scale.grad.clone()
+    q.weight_scale.grad = None
+    with forced_kernels("torch"):
+        q(x).sum().backward()
+    torch.testing.assert_close(got, q.weight_scale.grad)
+    with torch.no_grad():  # no gradient asked: the C paths as before
+        assert q._path(x[:1]) == "product"
+
+
+def test_unstructured_pruned_layer_runs_under_inference_mode():
+    """Loaded under torch.inference_mode, a bitmask layer's cache key read `_version`, which inference tensors do
+    not have: every forward raised."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(16, 128, generator=g)
+    codes, scales, zeros = quantize_rtn(w, 4, 64, False, torch.float32)
+    mask = torch.rand(16, 128, generator=g) > 0.5
+    with torch.inference_mode():
+        q = QuantizedLinear.from_codes(codes, scales, zeros, bits=4, group_size=64, mask=mask)
+        x = torch.randn(2, 128)
+        got = q(x)
+    with forced_kernels("torch"):
+        torch.testing.assert_close(got, q(x))
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -41,6 +41,12 @@ BNB_OPTIONS["fp4"] = BNB_OPTIONS["nf4"]
 _ALREADY_QUANTIZED = "already quantized"
 _PACKED_FOR_BNB = "pruned (bitsandbytes stores dense weights only; use method gptq or rtn)"
 
+
+def _bnb_family(method: str) -> str | None:
+    """Which bitsandbytes kind a quantize method writes: "4-bit" (nf4/fp4), "8-bit" (int8), or None (not bnb)."""
+    return None if method not in BNB_METHODS else ("8-bit" if method == "int8" else "4-bit")
+
+
 @register_pass("quantize")
 class Quantize(Pass):
     """Quantize Linear weights: GPTQ / round-to-nearest int4/int8 with group scales, or bitsandbytes NF4/FP4/int8."""
@@ -152,11 +158,28 @@ class Quantize(Pass):
         if not left_by_earlier(model, self.describe(model), earlier, lambda p: p.name == "quantize"):
             raise ConfigError("quantize: every layer the targets match is quantized by an earlier quantize pass: "
                               "quantize each layer once")
+        self._check_one_bnb_family(model, earlier)
         if self.config.method in BNB_METHODS and not left_by_earlier(
                 model, self.describe(model), earlier, lambda p: p.name == "prune" and p.stores_packed(model)):
             raise ConfigError(f"quantize (method {self.config.method}): every layer the targets match is stored "
                               "packed by an earlier prune pass, and bitsandbytes stores dense weights only: use method "
                               "gptq or rtn after prune (they keep the zeros), or prune with storage: dense")
+
+    def _check_one_bnb_family(self, model: nn.Module, earlier) -> None:
+        """transformers reads one `quantization_config` per model and builds every quantized layer from it: 4-bit
+        (nf4/fp4) and 8-bit bitsandbytes layers in one checkpoint loaded as the last pass's kind, the others' tensors
+        unexpected and the forward broken (compress.load read it fine, so nothing said so)."""
+        family = _bnb_family(self.config.method)
+        if family is None:
+            return
+        others = {_bnb_family(p.config.method) for p in earlier if p.name == "quantize"}
+        others |= {"4-bit" if isinstance(m, Bnb4bitLinear) else "8-bit" for m in model.modules()
+                   if isinstance(m, (Bnb4bitLinear, Bnb8bitLinear))}
+        others.discard(None)
+        if others - {family}:
+            raise ConfigError(f"quantize (method {self.config.method}): the model already has {others.pop()} "
+                              "bitsandbytes layers, and transformers loads one bitsandbytes kind per model (its "
+                              "quantization_config): quantize every layer with nf4/fp4, or every layer with int8")
 
     # ---------------------------------------------------------------------------------------------- apply
     def apply(self, model: nn.Module, ctx: PassContext) -> PassReport:

@@ -137,6 +137,24 @@ def test_a_blocksize_that_does_not_divide_a_width_is_said(tiny_model):
     assert not report.passes[0].notes
 
 
+def test_4bit_and_8bit_in_one_model_are_refused_before_any_work():
+    """transformers builds every bitsandbytes layer from the one quantization_config: nf4 MLPs then int8 attention
+    loaded the MLPs as 8-bit layers (their quant state unexpected, the forward broken). Both kinds of 4-bit mix."""
+    quantize = compress.get_pass("quantize")
+    mlp, attn = ["re:.*mlp.*"], ["re:.*self_attn.*"]
+    for first, second in (("nf4", "int8"), ("int8", "fp4")):
+        with pytest.raises(CompressError, match="transformers loads one bitsandbytes kind per model"):
+            compress.apply(compress.load("builtin:tiny"), [
+                quantize(method=first, targets=mlp, **({"bnb_blocksize": 64} if first != "int8" else {})),
+                quantize(method=second, targets=attn, **({"bnb_blocksize": 64} if second != "int8" else {}))],
+                progress=False)
+    model, _ = compress.apply(compress.load("builtin:tiny"), [quantize(method="nf4", bnb_blocksize=64, targets=mlp)],
+                              progress=False)
+    with pytest.raises(CompressError, match="already has 4-bit bitsandbytes layers"):  # a loaded checkpoint's too
+        compress.apply(model, [quantize(method="int8", targets=attn)], progress=False)
+    compress.apply(model, [quantize(method="fp4", bnb_blocksize=64, targets=attn)], progress=False)
+
+
 @pytest.mark.parametrize("method", ["nf4", "int8"])
 def test_inspect_counts_the_float32_state_at_its_stored_size(tmp_path, method):
     """The scales bitsandbytes keeps float32 (int8's SCB; nf4's absmax, quant_map, nested state) were counted at the

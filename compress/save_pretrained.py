@@ -6,7 +6,8 @@ folder plain transformers then loaded without an error and with random layers wh
 attention where linearized ones were (an audit's find). The files and the semantics stay transformers' (a Trainer's
 checkpoints and resumes, `state_dict=`, `save_function=`, saving into a folder that holds other files: all as
 before); only config.json gets the model type that makes transformers refuse it with a message naming
-compress.load (export/native_marker.py), which reads such a folder. Models that compress.apply or compress.load
+compress.load (export/native_marker.py), which reads such a folder, and the folder a manifest of the files this save
+wrote (what `--overwrite` may later replace there; a user's own files beside them stop it). Models that compress.apply or compress.load
 return carry this on the instance (`route_save_pretrained`): the class is untouched."""
 from __future__ import annotations
 
@@ -33,15 +34,17 @@ class MarksSavedConfig:
             raise CompressError("save_pretrained(push_to_hub=True) of a compressed model would upload a folder plain "
                                 "transformers loads wrongly: save it (compress.save or save_pretrained), then upload "
                                 "the folder")
-        config = Path(save_directory) / "config.json"
-        before = _identity(config)
+        folder = Path(save_directory)
+        config = folder / "config.json"
+        before = _identities(folder)
         out = type(model).save_pretrained(model, save_directory, *args, **kwargs)
         # only a config.json this call wrote: other ranks write none (transformers: is_main_process and global rank
         # 0), nor does an adapter-only save; a file already there is not this model's
         main = kwargs.get("is_main_process", args[0] if args else True)
         on_this_rank = getattr(model, "should_save_on_this_rank", lambda main: main)(main)  # (transformers < 5.x)
-        if on_this_rank and _identity(config) not in (None, before):
-            mark_saved_config(Path(save_directory), model)
+        if on_this_rank and _identity(config) not in (None, before.get("config.json")):
+            mark_saved_config(folder, model)
+            _list_written_files(folder, before)
         return out
 
     def __deepcopy__(self, memo):  # a copy of the model saves the copy
@@ -59,6 +62,28 @@ def _identity(path: Path) -> tuple | None:
     except OSError:
         return None
     return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _identities(folder: Path) -> dict[str, tuple]:
+    try:
+        return {p.name: _identity(p) for p in folder.iterdir() if p.is_file() and not p.is_symlink()}
+    except OSError:
+        return {}
+
+
+def _list_written_files(folder: Path, before: dict[str, tuple]) -> None:
+    """The manifest compress.save writes (output_folder.MANIFEST): the files this save wrote, and those an earlier
+    manifest listed that are still there. Without one, `--overwrite` took every checkpoint-like name in the folder
+    for the tool's (a user's vocab.json or merges.txt went with it)."""
+    from .output_folder import MANIFEST, written_files
+
+    after = _identities(folder)
+    ours = {name for name, identity in after.items() if before.get(name) != identity}
+    ours |= (written_files(folder) or set()) & set(after)
+    ours.discard(MANIFEST)
+    tmp = folder / f".{MANIFEST}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps({"files": sorted(ours)}, indent=1), encoding="utf-8")
+    os.replace(tmp, folder / MANIFEST)
 
 
 def mark_saved_config(folder: Path, model: nn.Module) -> None:

@@ -279,6 +279,30 @@ def test_save_pretrained_of_a_compressed_model_is_refused_by_plain_transformers(
         gc.enable()
 
 
+def test_overwrite_of_a_save_pretrained_folder_keeps_the_users_files(tmp_path):
+    """save_pretrained wrote no manifest, so `--overwrite` took every checkpoint-like name in the folder for the
+    tool's: a user's vocab.json and merges.txt put there went with the old checkpoint. The manifest lists what the
+    save wrote; a user's file beside it stops the overwrite."""
+    from compress.errors import OutputError
+    from compress.output_folder import MANIFEST, check_output, written_files
+
+    model, _ = compress.apply(compress.load("builtin:tiny"), [compress.passes.Prune(sparsity=0.5)], progress=False)
+    folder = tmp_path / "sp"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("before")  # there before the save: the user's
+    model.save_pretrained(folder)
+    listed = written_files(folder)
+    assert {"config.json", "model.safetensors", MANIFEST} <= listed and "notes.txt" not in listed
+    model.save_pretrained(folder)  # again: the same files, still listed
+    assert written_files(folder) == listed
+    (folder / "notes.txt").unlink()
+    check_output(folder, overwrite=True)  # only what the save wrote: replaceable
+    (folder / "vocab.json").write_text('{"mine": 1}')
+    with pytest.raises(OutputError):
+        check_output(folder, overwrite=True)
+    assert (folder / "vocab.json").exists()
+
+
 def test_an_adapter_saved_among_the_weights_is_named_at_load(tmp_path, reference_tokenizer):
     """save_pretrained of a model with an unmerged adapter writes the LoRA tensors among the weights, which
     compress.load refuses: the refusal says what they are and what writes them as adapter/."""

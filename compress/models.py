@@ -271,6 +271,9 @@ def _read_folder(path: Path, dtype, device, allow_pickle: bool, meta: bool, max_
     if generation is not None and getattr(model, "generation_config", None) is not None:
         # (models built from config.json alone, compressed checkpoints, would get defaults derived from it)
         model.generation_config = generation
+        from .cache_choice import drop_unusable_cache_implementation
+
+        drop_unusable_cache_implementation(model)  # (checkpoints written before the passes removed it)
     return model, stored_as
 
 

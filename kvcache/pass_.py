@@ -12,6 +12,7 @@ import warnings
 from pydantic import Field
 from torch import nn
 
+from ..cache_choice import drop_unusable_cache_implementation, removed_note
 from ..errors import ConfigError, UnsupportedModelError
 from ..models import text_config
 from .quality import residual_beyond_context
@@ -98,6 +99,9 @@ class GearKV(Pass):
             report.details = {"changes_weights": False, "layers_compressed": len(report.modules),
                               "layers_skipped": sorted(settings.skip_layers), "cache": type(cache).__name__,
                               "kv_storage_format": KV_FORMAT_VERSION}
+        named = drop_unusable_cache_implementation(model)
+        if named:
+            report.notes.append(removed_note(named, "the compressed cache replaces"))
         return report
 
     def restore(self, model: nn.Module, entry: dict) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pydantic import Field
 from torch import nn
 
+from ..cache_choice import drop_unusable_cache_implementation, removed_note
 from ..errors import ConfigError, UnsupportedModelError
 from ..models import checkpoint_dtype, context_length
 from ..pass_api import Pass, PassConfig, PassContext, PassReport, restoring, tensor_bytes, timed
@@ -61,6 +62,10 @@ class Linearize(Pass):
         reach = self._longer_than_the_sliding_window(model)
         if reach:
             report.notes.append(reach)
+        named = drop_unusable_cache_implementation(model)
+        if named:
+            report.notes.append(removed_note(named, "linearized layers cannot use (a static cache has no recurrent "
+                                                    "state), so generate uses a dynamic cache"))
         if getattr(model, "kv_cache_settings", None) is not None:  # an earlier gear_kv counted these layers
             report.notes.append(f"{len(report.modules)} layer(s) the earlier gear_kv pass compresses are linearized "
                                 "now: their cache slots hold recurrent states (gear_kv's layer count is from before)")
@@ -122,3 +127,4 @@ class Linearize(Pass):
                     raise ConfigError(f"the linearize pass before this one converts {both[0]} too"
                                       f"{f' (and {len(both) - 1} more)' if len(both) > 1 else ''}: give the two "
                                       "passes disjoint `layers`")
+

@@ -135,6 +135,27 @@ def test_default_cache_respects_the_generation_config_and_survives_deepcopy(held
     assert mine[0, n].item() != 0
 
 
+def test_a_cache_implementation_the_source_names_is_removed_at_apply_and_load(heldout_ids, tmp_path):
+    """Named by the source model's generation_config: the compressed cache replaces it anyway, so apply removes it
+    with a note, and compress.load of a checkpoint that still names it too (it warned at every generate, a raw
+    Python warning under `compress generate`)."""
+    import json
+
+    model = compress.load("builtin:tiny")
+    model.generation_config.cache_implementation = "static"
+    _, report = compress.apply(model, [compress.get_pass("gear_kv")(bits=4)], progress=False)
+    assert "cache_implementation='static'" in " ".join(report.passes[0].notes)
+    out = compress.save(model, tmp_path / "out")
+    path = out / "generation_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "cache_implementation": "static"}))
+    reloaded = compress.load(out)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("error")
+        result = reloaded.generate(heldout_ids[:, :40], max_new_tokens=2, do_sample=False,
+                                   return_dict_in_generate=True)
+    assert isinstance(result.cache, GEARCache)
+
+
 def test_a_cache_implementation_in_the_checkpoint_does_not_replace_the_compressed_cache(heldout_ids):
     """A source model's generation_config.json may name a cache (e.g. "static"); it used to win silently, so a gear_kv
     checkpoint generated with an uncompressed cache while inspect and eval reported the compressed one."""

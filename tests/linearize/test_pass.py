@@ -36,6 +36,35 @@ def test_checkpoint_round_trip_and_generate(tmp_path, reference_tokenizer):
         AutoModelForCausalLM.from_pretrained(tmp_path / "out")
 
 
+def test_a_static_cache_the_source_names_is_removed(tmp_path, reference_tokenizer):
+    """Some source models' generation_config names cache_implementation "static", which linearized layers cannot use:
+    every generate failed, `compress generate` included (it has no option to choose another cache). apply removes it
+    with a note; a checkpoint that still names it loads without it; a caller who asks for it is still refused."""
+    import json
+
+    model = compress.load("builtin:tiny")
+    model.generation_config.cache_implementation = "static"
+    ids = torch.tensor([reference_tokenizer("The Python tutorial explains")["input_ids"]])
+    model, report = compress.apply(model, [compress.get_pass("linearize")(variant="gla", layers="every_2")],
+                                   progress=False)
+    assert "cache_implementation='static'" in " ".join(report.passes[0].notes)
+    expected = model.generate(ids, max_new_tokens=6, do_sample=False)
+    out = compress.save(model, tmp_path / "out", tokenizer=reference_tokenizer)
+    path = out / "generation_config.json"
+    assert "cache_implementation" not in json.loads(path.read_text())
+    path.write_text(json.dumps({**json.loads(path.read_text()), "cache_implementation": "static"}))
+    reloaded = compress.load(out)
+    assert torch.equal(reloaded.generate(ids, max_new_tokens=6, do_sample=False), expected)
+    with pytest.raises(CompressError, match="do not work with a static cache"):
+        reloaded.generate(ids, max_new_tokens=6, do_sample=False, cache_implementation="static")
+    plain = compress.load("builtin:tiny")  # no linearized layer nor compressed cache: left as it is
+    plain.generation_config.cache_implementation = "static"
+    from compress.cache_choice import drop_unusable_cache_implementation
+
+    assert drop_unusable_cache_implementation(plain) is None
+    assert plain.generation_config.cache_implementation == "static"
+
+
 @pytest.mark.parametrize("layers,runs", [("all", True), ("every_3", False)], ids=["all-layers", "mixed"])
 def test_cli_generates_past_the_context_only_when_every_layer_is_linearized(tmp_path, reference_tokenizer, layers,
                                                                             runs):

@@ -150,7 +150,9 @@ def eval_cmd(model_src, baseline, text_file, seq_len, max_windows, speed, activa
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True, max=1),
               callback=lambda ctx, param, value: _finite(param, value),
               help="Nucleus sampling: keep the smallest set of tokens whose probability reaches this (with --sample).")
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(-(2**63), 2**64 - 1))
+# torch's CPU generator keeps a seed's low 32 bits: 1 and 2**32 + 1 sampled the same text
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**32 - 1),
+              help="Seed of the sampling (with --sample).")
 @click.option("--allow-pickle", is_flag=True, help="Allow loading a model stored as pickled .bin (trusted files only).")
 @_DTYPE
 @_SPARSE_RUNTIME

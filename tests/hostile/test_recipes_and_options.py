@@ -98,6 +98,8 @@ OPTIONS = [
     (["apply", "recipes/magnitude-50.yaml", "--eval-windows", "-1", "--output", "never"], "'--eval-windows'"),
     (["apply", "recipes/magnitude-50.yaml", "--dtype", "int8", "--output", "never"], "'--dtype'"),
     (["generate", "builtin:tiny", "--prompt", "hi", "--sample", "--seed", "99999999999999999999999"], "'--seed'"),
+    (["generate", "builtin:tiny", "--prompt", "hi", "--sample", "--seed", str(2**32 + 1)], "'--seed'"),  # = seed 1
+    (["generate", "builtin:tiny", "--prompt", "hi", "--sample", "--seed", "-1"], "'--seed'"),
     (["generate", "builtin:tiny", "--prompt", "hi", "--temperature", "0.5"], "--temperature only applies to sampling; add --sample"),
     (["generate", "builtin:tiny", "--prompt", "hi", "--seed", "3"], "--seed only applies to sampling; add --sample"),
     (["eval", "builtin:tiny", "--suite-limit", "3"], "--suite-limit limits the suite's examples: add --suite kick"),

@@ -21,12 +21,42 @@ from torch import nn
 from .errors import CompressError
 
 
-class MarksSavedConfig:
-    """A compressed model's `save_pretrained` (see the module docstring); `push_to_hub` is refused (the upload would
-    happen before the mark)."""
+class _ModelMethod:
+    """A method set on one model instance. An object holding the model weakly: no reference cycle (the model is freed
+    as it would be without this), a deepcopy of the model calls the copy, and pickle carries it with its model."""
 
     def __init__(self, model: nn.Module) -> None:
-        self._model = weakref.ref(model)  # no reference cycle: the model is freed as it would be without this
+        self._model = weakref.ref(model)
+
+    def __deepcopy__(self, memo):  # a copy of the model calls the copy
+        original = self._model()
+        return type(self)(memo.get(id(original), original))
+
+    def __reduce__(self):  # pickled with its model (already in pickle's memo: no recursion)
+        return type(self), (self._model(),)
+
+
+class RefusesResizeOfACompressedHead(_ModelMethod):
+    """`resize_token_embeddings` where the output head or the embeddings are compressed (a VQ codebook head, packed
+    or quantized codes): transformers resized the embeddings first, then failed on the head, leaving the model with
+    more embedding rows than its head has outputs. Refused before anything changes; dense ones resize as before."""
+
+    def __call__(self, *args, **kwargs):
+        model = self._model()
+        head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+        compressed = [name for name, module, plain in (("output head", head, nn.Linear),
+                                                        ("input embeddings", embeddings, nn.Embedding))
+                      if module is not None and type(module) is not plain]
+        if compressed:
+            raise CompressError(f"resize_token_embeddings: the {compressed[0]} is compressed "
+                                f"({type(head if compressed[0] == 'output head' else embeddings).__name__}) and cannot "
+                                "be resized; resize the original model's embeddings, then compress it")
+        return type(model).resize_token_embeddings(model, *args, **kwargs)
+
+
+class MarksSavedConfig(_ModelMethod):
+    """A compressed model's `save_pretrained` (see the module docstring); `push_to_hub` is refused (the upload would
+    happen before the mark)."""
 
     def __call__(self, save_directory, *args, **kwargs):
         model = self._model()
@@ -46,13 +76,6 @@ class MarksSavedConfig:
             mark_saved_config(folder, model)
             _list_written_files(folder, before)
         return out
-
-    def __deepcopy__(self, memo):  # a copy of the model saves the copy
-        original = self._model()
-        return MarksSavedConfig(memo.get(id(original), original))
-
-    def __reduce__(self):  # pickled with its model (already in pickle's memo: no recursion)
-        return MarksSavedConfig, (self._model(),)
 
 
 def _identity(path: Path) -> tuple | None:
@@ -103,5 +126,8 @@ def mark_saved_config(folder: Path, model: nn.Module) -> None:
 
 
 def route_save_pretrained(model: nn.Module) -> None:
-    """Make `model.save_pretrained` mark what it writes (see the module docstring)."""
+    """Make `model.save_pretrained` mark what it writes (see the module docstring), and `resize_token_embeddings`
+    refuse a compressed head or embeddings."""
     model.save_pretrained = MarksSavedConfig(model)
+    if hasattr(model, "resize_token_embeddings"):
+        model.resize_token_embeddings = RefusesResizeOfACompressedHead(model)

@@ -279,6 +279,22 @@ def test_save_pretrained_of_a_compressed_model_is_refused_by_plain_transformers(
         gc.enable()
 
 
+def test_resize_token_embeddings_refuses_a_compressed_head_before_changing_anything(tmp_path):
+    """transformers resized the embeddings, then failed on a VQ head (no `.weight`): the model was left with 8200
+    embedding rows and a head of 8192 outputs. Refused first now, on the model apply returns and on a loaded one;
+    a model whose head and embeddings are dense resizes as before."""
+    vq = compress.get_pass("vq_logits")(num_codes=64, scale_bias=False, weighting="uniform", fit_weighting="uniform")
+    model, _ = compress.apply(compress.load("builtin:tiny"), [vq], progress=False)
+    loaded = compress.load(compress.save(model, tmp_path / "vq"))
+    for m in (model, loaded):
+        with pytest.raises(compress.CompressError, match="output head is compressed .VQLogitsHead"):
+            m.resize_token_embeddings(8200)
+        assert m.get_input_embeddings().weight.shape[0] == 8192
+    pruned, _ = compress.apply(compress.load("builtin:tiny"), [compress.passes.Prune(sparsity=0.5)], progress=False)
+    pruned.resize_token_embeddings(8200, mean_resizing=False)
+    assert pruned.get_output_embeddings().weight.shape[0] == 8200 == pruned.get_input_embeddings().weight.shape[0]
+
+
 def test_overwrite_of_a_save_pretrained_folder_keeps_the_users_files(tmp_path):
     """save_pretrained wrote no manifest, so `--overwrite` took every checkpoint-like name in the folder for the
     tool's: a user's vocab.json and merges.txt put there went with the old checkpoint. The manifest lists what the

@@ -185,6 +185,10 @@ def generate(model_src, prompt, max_new_tokens, sample, temperature, top_p, seed
         raise CompressError(f"the prompt {prompt!r} gives no tokens; give some text to continue")
     limited = _check_context(model, ids.shape[1], max_new_tokens)  # the prompt's length, with the new tokens
     models.check_token_ids(ids, model.config, "--prompt", check_context=limited)
+    if not limited:  # transformers' "exceeded the model's predefined maximum length ... exceptions" does not apply
+        import logging
+
+        logging.getLogger("transformers.generation.stopping_criteria").setLevel(logging.ERROR)
     kwargs = ({"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": None} if sample
               else {"do_sample": False})
     with torch.no_grad():

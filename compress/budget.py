@@ -35,6 +35,19 @@ def original_bytes_by_component(config, storage_dtype: torch.dtype,
     return {k: v["dense"] + v["compressed"] for k, v in bytes_by_component(plain, storage_dtype, headers).items()}
 
 
+def original_headers(headers: dict[str, tuple[str, tuple[int, ...]]] | None,
+                     section: dict[str, Any] | None) -> dict[str, tuple[str, tuple[int, ...]]] | None:
+    """The checkpoint's `headers` that tell the original's dtypes: without the weights a compressed-tensors export
+    stored dense in float32 (`stored_dense`: code x scale needs more mantissa than bf16 has), an upcast of the
+    export's own; the original held them at the model's storage dtype."""
+    export = (section or {}).get("export")
+    dense = export.get("stored_dense") if isinstance(export, dict) else None
+    if not headers or not dense or not isinstance(dense, (dict, list)) or not section.get("export_format"):
+        return headers
+    upcast = {f"{name}.weight" for name in dense}
+    return {name: info for name, info in headers.items() if name not in upcast}
+
+
 def _original_config(config, section: dict[str, Any] | None):
     """The config of the model before the passes: vq_logits, prune and quantize untie a tied head they compress
     (the config then says untied), and the original stored that matrix once."""
@@ -140,10 +153,12 @@ def budget(model: nn.Module, section: dict[str, Any] | None, storage_dtype: torc
     """{"weights": {component: {"original", "stored"}}, "weights_total": {...}, "kv_per_token": {...}}.
     `components`: the stored bytes per component when the model cannot show them (a compressed-tensors folder,
     counted from its files). `headers`: the checkpoint's safetensors headers, so that both sides count each tensor
-    at the dtype the files hold (pass the headers' main floating dtype as `storage_dtype`), not config.json's."""
+    at the dtype the files hold (pass the main floating dtype of `original_headers` as `storage_dtype`), not
+    config.json's; an export's float32 upcasts count at `storage_dtype` on the original side."""
     components = components if components is not None else bytes_by_component(model, storage_dtype, headers)
     stored = {k: v["dense"] + v["compressed"] for k, v in components.items()}
-    original = original_bytes_by_component(_original_config(model.config, section), storage_dtype, headers)
+    original = original_bytes_by_component(_original_config(model.config, section), storage_dtype,
+                                           original_headers(headers, section))
     weights = {c: {"original": original.get(c, 0), "stored": stored.get(c, 0)}
                for c in sorted(set(stored) | set(original))}
     total = {k: sum(v[k] for v in weights.values()) for k in ("original", "stored")}

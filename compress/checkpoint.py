@@ -112,8 +112,9 @@ def save(
 ) -> Path:
     """Write a checkpoint atomically. The `compression` section comes from `model.config.compression` (set by
     `compress.apply`); a model never compressed is saved with an empty pass list. `format`: "native" (compress.load
-    reads it) or "compressed-tensors" (transformers and vLLM read it; what compress export writes); by default the
-    format of the recipe compress.apply ran (`export: {format: ...}`, which was dropped here), else native."""
+    reads it) or "compressed-tensors" (transformers reads it, and vLLM unless quantized asymmetric; what compress
+    export writes); by default the format of the recipe compress.apply ran (`export: {format: ...}`, which was
+    dropped here), else native."""
     from .models import unwrapped
 
     if not isinstance(overwrite, bool):  # "no" from a config file is truthy: never replace a folder on a guess

@@ -155,7 +155,8 @@ def validate(recipe: str) -> None:
 @_DTYPE
 @click.option("--format", "export_format", type=click.Choice(["native", "compressed-tensors"]), default=None,
               help="Checkpoint format: native (default: everything compress can express) or compressed-tensors "
-                   "(pruned / int-quantized weights that transformers and vLLM load without compress).")
+                   "(pruned / int-quantized weights that transformers loads without compress, and vLLM "
+                   "unless quantized asymmetric).")
 @click.option("--max-memory", default=None,
               help="Cap the CPU memory the weights take (e.g. 8GB): decoder layers that do not fit stay on disk and "
                    "are compressed one at a time (models larger than memory).")
@@ -317,6 +318,8 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
         con.print(f"  at {user_path(output).resolve()}", soft_wrap=True)
     if exported.get("stored_dense"):
         con.print(stored_dense_line(exported["stored_dense"]), soft_wrap=True)
+    if exported.get("note"):  # as compress export says it (vLLM and int-quantized layers)
+        con.print(f"note: {exported['note']}", soft_wrap=True)
     if do_eval:
         _print_eval(con, result["eval"])
 

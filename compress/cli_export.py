@@ -18,14 +18,16 @@ from .progress import phase
 @click.argument("checkpoint", metavar="CHECKPOINT")
 @click.option("--output", "-o", required=True, help="Folder to write the exported checkpoint to.")
 @click.option("--format", "export_format", type=click.Choice(["compressed-tensors"]), default="compressed-tensors",
-              show_default=True, help="compressed-tensors: loads in transformers and vLLM without compress.")
+              show_default=True, help="compressed-tensors: loads in transformers without compress, and in vLLM "
+                                      "unless quantized asymmetric (symmetric: false).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder this tool wrote.")
 @click.option("--json", "as_json", is_flag=True)
 def export_cmd(checkpoint, output, export_format, overwrite, as_json):
     """Export a checkpoint `compress apply` saved natively, in a format other tools load (the same files as apply
     --format compressed-tensors)."""
     from . import models
-    from .export.compressed_tensors import ALREADY_NATIVE_ADVICE, check_passes, check_plan, export
+    from .checkpoint_validation import read_config_json
+    from .export.compressed_tensors import already_native_advice, check_passes, check_plan, export
 
     folder = models.resolve_model_path(checkpoint)
     section = None if str(checkpoint).startswith("builtin:") else models.compression_section(folder)
@@ -37,7 +39,7 @@ def export_cmd(checkpoint, output, export_format, overwrite, as_json):
     if not section.get("passes"):
         raise CompressError(f"{checkpoint} records no compression pass: its export would be the dense model")
     check_passes([(e["pass"], e.get("args") or {}) for e in section.get("passes", [])],  # before loading weights
-                 advice=ALREADY_NATIVE_ADVICE)
+                 advice=already_native_advice(read_config_json(folder)))
     check_output(output, overwrite=overwrite, source=folder)
     check_plan(models.load(checkpoint, meta=True))  # layers it cannot express or would store all dense: no wait
     # the files the export copies, read before the model: an edited one failed after all the work
@@ -67,3 +69,5 @@ def export_cmd(checkpoint, output, export_format, overwrite, as_json):
                f"{_mb(result['original_checkpoint_bytes'])}, format {export_format})")
     if summary.dense_fallback:  # as apply --format compressed-tensors says it
         click.echo(stored_dense_line(summary.dense_fallback))
+    if summary.note:  # (in --json: export.note, export.int_quantized)
+        click.echo(f"note: {summary.note}")

@@ -26,18 +26,24 @@ def inspect_checkpoint(checkpoint: str, sparse_runtime: str, device: str | None)
     from .checkpoint_validation import check_weight_files
     from .checkpoint_validation import headers_float_dtype
 
+    vllm_unloadable = []  # an export's formats vLLM builds no layer from
     if section.get("export_format") or _quantized_by_transformers(path, section):
         # transformers builds these layers (its compressed-tensors or bitsandbytes integration), or reads an export
         # whose layers all stayed dense (no quantization_config): the meta model is the dense one at the storage
         # dtype, so the files are checked for damage and counted from their headers
+        from .budget import original_headers
         from .checkpoint_validation import check_export_quantization, read_config_json
         from .inspection import bytes_by_component_from_headers
 
         headers = check_weight_files(path, weight_files(path))
-        stored_as = headers_float_dtype(headers) or model.compress_storage_dtype
+        # (the layers an export stored dense in float32 are not the model's dtype: they could outweigh the rest)
+        stored_as = headers_float_dtype(original_headers(headers, section)) or model.compress_storage_dtype
         quantization = read_config_json(path).get("quantization_config")
         if section.get("export_format") and isinstance(quantization, dict):
             check_export_quantization(path, quantization, headers, model)
+            from .export.compressed_tensors import vllm_unloadable_formats
+
+            vllm_unloadable = vllm_unloadable_formats(quantization)
         comps = bytes_by_component_from_headers(headers)
         paths = {}
     else:
@@ -55,7 +61,7 @@ def inspect_checkpoint(checkpoint: str, sparse_runtime: str, device: str | None)
     return {"checkpoint": str(path), "compression": section, "components": comps,
             "budget": budget(model, section, stored_as, comps, headers),
             "checkpoint_bytes": folder_bytes(path), "recipe": recipe, "recipe_problem": recipe_problem,
-            "findings": findings, "report_problem": report_problem,
+            "findings": findings, "report_problem": report_problem, "vllm_unloadable": vllm_unloadable,
             "runtime": {"device": device, "sparse_runtime": sparse_runtime, "paths": paths}}
 
 
@@ -66,7 +72,7 @@ def print_inspection(result: dict) -> None:
     device, sparse_runtime = result["runtime"]["device"], result["runtime"]["sparse_runtime"]
     con = _console()
     passes = section.get("passes", [])
-    layout = (f"a {section['export_format']} export (transformers and vLLM load it), "
+    layout = (f"a {section['export_format']} export ({_loaders(result.get('vllm_unloadable'))}), "
               if section.get("export_format") else "")
     _print_wrapped(con, f"{path}  {layout}format {section.get('format_version', '-')}, compress "
                         f"{section.get('library_version', '-')}, calibration {section.get('calibration_hash') or '-'}",
@@ -100,6 +106,14 @@ def print_inspection(result: dict) -> None:
         con.print("recipe:\n" + recipe)
     elif result.get("recipe_problem"):
         con.print(f"recipe: not shown: {result['recipe_problem']}")
+
+
+def _loaders(vllm_unloadable: list[str] | None) -> str:
+    """Who loads an export: vLLM builds no weight-only layer from an int-quantized group (asymmetric codes)."""
+    if not vllm_unloadable:
+        return "transformers and vLLM load it"
+    return (f"transformers loads it; vLLM does not: its {'/'.join(vllm_unloadable)} layers (asymmetric codes) have no "
+            "vLLM scheme, symmetric: true exports pack-quantized")
 
 
 def _stored_findings(path: Path) -> tuple[list[tuple[str, str]], str | None]:

@@ -4,8 +4,9 @@ What maps where (compressed-tensors 0.20):
 - a symmetric `QuantizedLinear` (int4/int8 codes, group scales) -> `weight_packed` (int32, packed by
   compressed-tensors' own `PackedQuantizationCompressor`), `weight_scale`, `weight_shape`, format "pack-quantized";
   an asymmetric one -> int8 `weight` + `weight_scale` + `weight_zero_point`, format "int-quantized" (see
-  `storage_format`); one `config_groups` entry per (bits, group size, symmetric) scheme. The codes are relabelled,
-  never requantized: the exporter checks that compressed-tensors' decompression gives back `dequantized_weight()`.
+  `storage_format`), which transformers loads and vLLM does not (`int_quantized_note`); one `config_groups` entry
+  per (bits, group size, symmetric) scheme. The codes are relabelled, never requantized: the exporter checks that
+  compressed-tensors' decompression gives back `dequantized_weight()`.
   A layer whose width is not a multiple of its group size is stored dense (compressed-tensors needs whole groups)
   and named in `ignore`; the summary lists it.
 - a pruned `SparseLinear` -> its dense weight (zeros where pruned), described by a `sparsity_config` of format
@@ -45,6 +46,38 @@ BNB_METHODS = ("nf4", "fp4", "int8", "bnb_nf4", "bnb_fp4", "bnb_int8", "llm_int8
 NATIVE_ADVICE = ": drop those passes or use the native format (the default)"
 # (`compress export` starts from a native checkpoint: there is nothing to switch to)
 ALREADY_NATIVE_ADVICE = "; the checkpoint stays in the native format, which compress.load reads"
+# a bitsandbytes checkpoint compress did not mark native is in the layout transformers' bitsandbytes integration
+# writes (recipes/nf4.yaml): it needs no export
+BNB_PLAIN_ADVICE = (", and plain transformers too (its bitsandbytes layers are in transformers' own layout: "
+                    "AutoModelForCausalLM.from_pretrained loads it, with bitsandbytes installed)")
+# the weight-only int formats vLLM builds a layer from (its WNA16 and W4A16-2:4 schemes); a weight-only group in any
+# other format ends at its "No compressed-tensors compatible scheme was found"
+VLLM_WEIGHT_ONLY_FORMATS = ("pack-quantized", "marlin-24")
+
+
+def already_native_advice(config: dict) -> str:
+    """What `compress export` adds to a refusal, from the checkpoint's config.json: it stays native, and where that
+    is a bitsandbytes checkpoint transformers reads (no native marker), that plain transformers loads it as well."""
+    from .native_marker import MARKERS
+
+    quantization = config.get("quantization_config")
+    bnb = isinstance(quantization, dict) and quantization.get("quant_method") == "bitsandbytes"
+    return ALREADY_NATIVE_ADVICE + (BNB_PLAIN_ADVICE if bnb and config.get("model_type") not in MARKERS else "")
+
+
+def vllm_unloadable_formats(quantization: dict | None) -> list[str]:
+    """The formats of a compressed-tensors `quantization_config`'s weight-only groups that vLLM builds no layer
+    from (a group without its own format takes the config's); [] when vLLM loads every group."""
+    if not isinstance(quantization, dict) or quantization.get("quant_method") != "compressed-tensors":
+        return []
+    found = set()
+    for group in (quantization.get("config_groups") or {}).values():
+        if not isinstance(group, dict) or not group.get("weights") or group.get("input_activations"):
+            continue
+        fmt = group.get("format") or quantization.get("format")
+        if fmt not in VLLM_WEIGHT_ONLY_FORMATS:
+            found.add(str(fmt))
+    return sorted(found)
 
 
 def check_passes(passes: list[tuple[str, dict]], advice: str = NATIVE_ADVICE) -> None:
@@ -106,6 +139,8 @@ class ExportSummary:
     quantized: list[str] = field(default_factory=list)
     sparse: list[str] = field(default_factory=list)
     dense_fallback: dict[str, str] = field(default_factory=dict)  # module -> why it is stored dense
+    int_quantized: list[str] = field(default_factory=list)  # asymmetric: one code per byte, vLLM cannot load them
+    note: str | None = None  # what the user should know of where the export loads (`int_quantized_note`)
     format: str = "dense"
     sparsity_structure: str | None = None
     global_sparsity: float = 0.0
@@ -114,7 +149,7 @@ class ExportSummary:
         return {"format": FORMAT, "quantization_format": self.format, "quantized_modules": len(self.quantized),
                 "sparse_modules": len(self.sparse), "sparsity_structure": self.sparsity_structure,
                 "global_sparsity": round(self.global_sparsity, 6),
-                "stored_dense": self.dense_fallback}
+                "stored_dense": self.dense_fallback, "int_quantized": self.int_quantized, "note": self.note}
 
 
 def _is_quantized(module: nn.Module) -> bool:
@@ -128,6 +163,21 @@ def storage_format(module) -> str:
     ("int-quantized"): compressed-tensors 0.20 packs their zero points, but the layout it builds when transformers
     loads does not, so a packed asymmetric layer fails to load ("size mismatch" on weight_zero_point)."""
     return "pack-quantized" if module.symmetric else "int-quantized"
+
+
+def int_quantized_note(model: nn.Module, summary: ExportSummary) -> str | None:
+    """The note on an export with int-quantized layers (None without): transformers loads it, vLLM does not, and
+    their 4-bit codes take a byte each (the native checkpoint packs two), with the way to a packed export."""
+    names = summary.int_quantized
+    if not names:
+        return None
+    listed = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    size = ("; their 4-bit codes take a byte each, so these layers are larger than in the native checkpoint"
+            if any(model.get_submodule(n).bits < 8 for n in names) else "")
+    return (f"{len(names)} layer{'s' if len(names) != 1 else ''} written int-quantized ({listed}): asymmetric codes, "
+            "one per byte (transformers cannot load compressed-tensors' packed asymmetric layout). transformers loads "
+            f"this export, vLLM does not (it builds weight-only int layers from pack-quantized only){size}. For a "
+            "packed export vLLM loads, quantize with symmetric: true")
 
 
 def _scheme(module, targets: list[str], fmt: str | None = None):
@@ -190,6 +240,8 @@ def _plan(model: nn.Module, summary: ExportSummary) -> dict[str, nn.Module]:
                 summary.dense_fallback[name] = _fallback_reason(module.in_features, module.group_size)
             else:
                 summary.quantized.append(name)
+                if storage_format(module) not in VLLM_WEIGHT_ONLY_FORMATS:
+                    summary.int_quantized.append(name)
         elif not isinstance(module, SparseLinear):
             raise ExportError(f"{name} is a {type(module).__name__}, which --format {FORMAT} cannot express; "
                               "use the native format (the default)")
@@ -326,6 +378,7 @@ def export(model: nn.Module, folder: str | Path, *, tokenizer=None, recipe_text:
     summary = ExportSummary()
     # before any work; a later error (a layer that would not round-trip) removes the temporary folder (write_folder)
     compressed = check_plan(model, summary)
+    summary.note = int_quantized_note(model, summary)
     quantization = _quantization_config(model, summary)
 
     def write(tmp: Path) -> None:

@@ -8,6 +8,7 @@ map) can be trained in full beside LoRA (`train_modules`), and auxiliary losses 
 load balance) join the loss with weight `aux_weight`."""
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -150,11 +151,13 @@ class Recover(Pass):
     def _planned(self, model: nn.Module, modules=None, ctx: PassContext | None = None) -> dict[str, Any]:
         """What makes this run's Trainer checkpoints resumable by another (resume.py's RECORD): besides the LoRA
         settings, what the adapter was trained on (the passes before it, the training text and its windows, the
-        loss and the seed): a rerun with another earlier pass resumed the old adapter, its budget spent, silently."""
+        loss and the seed): a rerun with another earlier pass resumed the old adapter, its budget spent, silently.
+        Also the LoRA dropout and aux_weight: a rerun with another resumed the adapter trained under the old one."""
         c = self.config
         planned = {"model": getattr(model, "compress_source", None), "r": c.r, "alpha": c.alpha,
-                   "targets": list(c.targets), "ignore": list(c.ignore), "train_modules": list(c.train_modules),
-                   "before": getattr(self, "_before", None), "kl_weight": c.kl_weight, "seed": c.seed}
+                   "dropout": c.dropout, "targets": list(c.targets), "ignore": list(c.ignore),
+                   "train_modules": list(c.train_modules), "before": getattr(self, "_before", None),
+                   "kl_weight": c.kl_weight, "aux_weight": c.aux_weight, "seed": c.seed}
         if ctx is not None and ctx.calibration is not None:
             data = {**ctx.calibration.model_dump(mode="json"), "seq_len": self._seq_len(ctx)}
             if not getattr(self, "_calibrated_before", True):
@@ -203,10 +206,16 @@ class Recover(Pass):
 
     def check_with_calibration(self, model: nn.Module, ctx: PassContext) -> None:
         """The token budget holds at least one step (it trained a whole step past a smaller one); the checkpoint it
-        would resume from was trained on the same text."""
+        would resume from was trained on the same text; the text holds a window of seq_len; a micro-batch's
+        activations fit in memory (it was killed by the kernel)."""
+        from .memory import check_step_memory
+
         c, world = self.config, world_size()
         check_same_run(self._planned(model, ctx=ctx), c.checkpoint_dir, c.resume_from)
         seq_len = self._seq_len(ctx)
+        self._check_text_holds(ctx, seq_len)
+        check_step_memory(model, ctx.device, c.batch_size, c.micro_batch_size, seq_len, c.kl_weight > 0,
+                          c.gradient_checkpointing)
         step = c.batch_size * seq_len * world
         if step > c.max_tokens:
             where = "seq_len" if c.seq_len else "seq_len from the calibration"
@@ -219,6 +228,21 @@ class Recover(Pass):
                               f"tokens, more than the {MAX_WINDOWS:,} it draws; the learning-rate schedule spans "
                               "max_tokens too (a budget max_minutes cannot reach keeps the rate near its warm-up's "
                               "0), so give about what fits in max_minutes")
+
+    def _check_text_holds(self, ctx: PassContext, seq_len: int) -> None:
+        """The training text holds one window of recover's own seq_len (the calibration's was read already): a
+        longer one failed after the earlier passes ran, naming calibration.seq_len."""
+        from ..calibration import window_offsets
+
+        spec = ctx.calibration
+        if spec is None or ctx.tokenizer is None or seq_len <= spec.seq_len:
+            return
+        # windows of the calibration's length (known to fit) enough to read seq_len + 1 tokens, if the text has them
+        probe = spec.model_copy(update={"num_samples": -(-(seq_len + 1) // (4 * spec.seq_len))})
+        ids, _ = window_offsets(probe, ctx.tokenizer, ctx.base_dir)
+        if ids.numel() < seq_len + 1:
+            raise ConfigError(f"recover: seq_len {seq_len} is longer than the training text (calibration source "
+                              f"{spec.source} has {ids.numel()} tokens); lower recover's seq_len or give more text")
 
     def _seq_len(self, ctx: PassContext) -> int:
         """Training windows' length: the argument, else the calibration's."""
@@ -326,6 +350,10 @@ class Recover(Pass):
             model.requires_grad_(False)
             for name, p in model.named_parameters():
                 p.requires_grad_(trainable_before.get(name, False))
+        if _one_process_of_accelerate_cpu():
+            report.notes.append("accelerate launch --cpu ran this as one process whatever --num_processes said (its "
+                                "CPU launcher sets no WORLD_SIZE): for several CPU processes use torchrun "
+                                "--nproc_per_node N -m compress.cli apply ...")
         if stats["stopped_by"] == "wall_clock":  # the schedule never reached its decay: say so, with the fix
             report.notes.append(
                 f"max_minutes stopped training after {stats['steps']} of {stats['max_steps']} steps, with the "
@@ -415,6 +443,13 @@ def _refuse_overlap(modules, targets) -> None:
     if overlap:
         raise ConfigError(f"recover: train_modules {overlap[:3]} overlap the LoRA targets; a module is trained "
                           "either through LoRA (targets) or in full (train_modules), not both")
+
+
+def _one_process_of_accelerate_cpu() -> bool:
+    """`accelerate launch --cpu --num_processes N` starts one process: its simple launcher sets ACCELERATE_USE_CPU
+    and (for N > 1) MASTER_ADDR, but no WORLD_SIZE, so the run trained alone, silently."""
+    use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").strip().lower() in ("1", "true", "yes", "on")
+    return use_cpu and "WORLD_SIZE" not in os.environ and bool(os.environ.get("MASTER_ADDR"))
 
 
 def _decoded_for_training(model: nn.Module) -> dict[SparseLinear, str]:

@@ -3,12 +3,12 @@ the Trainer checkpoint a run would resume from (`resume_from`, else the newest c
 must be a complete recover checkpoint of the same run. A rerun after changing the recipe (another LoRA rank,
 other targets, another model) used to resume from it and end in a "size mismatch ... lora_A" traceback.
 
-When training starts, the run writes what makes its checkpoints resumable (LoRA rank and alpha, targets, the
-modules trained in full, the model, the passes before it, the training text, the loss's kl_weight, the seed) to
-RECORD in `checkpoint_dir`; a later run compares its own settings with that
-record, and with the adapter_config.json PEFT writes into each checkpoint (checkpoints of an older run have no
-record). Settings that a resumed run may change (the token budget, the learning rate, the batch size) are not
-compared."""
+When training starts, the run writes what makes its checkpoints resumable (LoRA rank, alpha and dropout, targets,
+the modules trained in full, the model, the passes before it, the training text, the loss's kl_weight and
+aux_weight, the seed) to RECORD in `checkpoint_dir`; a later run compares its own settings with that record, and
+with the adapter_config.json PEFT writes into each checkpoint (checkpoints of an older run have no record). Settings
+that a resumed run may change (the token budget, the learning rate, the batch size) are not compared: training.py
+puts a changed learning rate into the restored schedule."""
 from __future__ import annotations
 
 import json
@@ -27,8 +27,11 @@ ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")  # transformers.trainer_utils.get_last_checkpoint's pattern
 
 # record key -> how a difference reads ("LoRA r 8, not 4"), in the order they are reported
-_LABELS = {"model": "model", "r": "LoRA r", "alpha": "LoRA alpha", "targets": "targets", "ignore": "ignore",
-           "train_modules": "train_modules", "kl_weight": "kl_weight", "seed": "seed"}
+_LABELS = {"model": "model", "r": "LoRA r", "alpha": "LoRA alpha", "dropout": "LoRA dropout", "targets": "targets",
+           "ignore": "ignore", "train_modules": "train_modules", "kl_weight": "kl_weight", "aux_weight": "aux_weight",
+           "seed": "seed"}
+# PEFT's adapter_config.json key -> the record's (checkpoints of an older run have no record)
+_ADAPTER_KEYS = {"r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout"}
 # compared where both runs say them: "before" (the passes before recover, with their arguments) is known once the
 # recipe is read, "data" (the training text and its windows) once the calibration is; the model is unknown for a
 # model built in memory
@@ -163,8 +166,9 @@ def differences(planned: dict[str, Any], record: dict[str, Any] | None,
             if old is not None and new is not None and old != new:
                 out.append(_before_difference(old, new) if key == "before" else _data_difference(old, new))
     if adapter_config is not None:
-        for key, label in (("r", "LoRA r"), ("lora_alpha", "LoRA alpha")):
-            old, new = adapter_config.get(key), planned.get("alpha" if key == "lora_alpha" else key)
+        for key, mine in _ADAPTER_KEYS.items():
+            label = _LABELS[mine]
+            old, new = adapter_config.get(key), planned.get(mine)
             if old is not None and old != new and not any(o.startswith(label + " ") for o in out):
                 out.append(f"{label} {old}, not {new}")
     stored = (record or {}).get("modules")

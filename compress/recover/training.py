@@ -283,6 +283,26 @@ class TokenCount(TrainerCallback):
         state.num_input_tokens_seen += self.tokens_per_step
 
 
+class ScheduleOfThisRun(TrainerCallback):
+    """On resume, this run's learning-rate schedule (peak `lr`, warm-up and cosine decay over its max_steps) at the
+    step reached. The Trainer loads the checkpoint's scheduler (its base_lrs: the old lr) and the optimizer's param
+    groups (their lr: the old schedule's last rate) before on_train_begin: a changed lr was ignored, and the first
+    resumed step ran at the old schedule's rate (0 where it had ended). Unchanged, the rates are the same floats."""
+
+    def __init__(self, lr: float, resumed: bool):
+        self.lr, self.resumed = lr, resumed
+
+    def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+        scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)  # (accelerate's wrapper, if any)
+        if not self.resumed or optimizer is None or not hasattr(scheduler, "lr_lambdas"):
+            return
+        scheduler.base_lrs = [self.lr] * len(optimizer.param_groups)
+        for group, rate in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+            group["initial_lr"] = self.lr
+            group["lr"] = self.lr * rate(scheduler.last_epoch)  # as LambdaLR.get_lr computes it
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # what the Trainer logs
+
+
 def _checkpointing_arguments(enabled: bool) -> dict:
     """TrainingArguments' activation checkpointing, under the name this transformers knows (5.x renamed
     gradient_checkpointing); not the reentrant form, which needs the layers' inputs to require grads."""
@@ -322,7 +342,8 @@ def train(peft_model: nn.Module, plan: TrainingPlan, teacher: nn.Module | None, 
     per_step = plan.tokens_per_step * args.world_size
     shown = TrainingProgress(plan.progress)
     trainer = RecoveryTrainer(model=peft_model, args=args, train_dataset=plan.windows,
-                              callbacks=[budget, full, TokenCount(per_step, plan.done[1]), shown],
+                              callbacks=[budget, full, TokenCount(per_step, plan.done[1]),
+                                         ScheduleOfThisRun(plan.lr, plan.resume_from is not None), shown],
                               teacher=teacher, kl_weight=kl_weight, aux_weight=plan.aux_weight)
     trainer.remove_callback(PrinterCallback)  # print()s each log dict to stdout, which --json owns
     trainer.remove_callback(ProgressCallback)

@@ -3,6 +3,7 @@ teacher, budgets stop training, Trainer checkpoints resume, and checkpoints roun
 (after 2:4 pruning: still exactly 2:4 and packed)."""
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -225,6 +226,55 @@ def test_a_resumed_run_at_another_batch_size_trains_the_tokens_left(tmp_path, pr
                        checkpoint_dir=str(folder), save_steps=2)
     assert (spent["steps_this_run"], spent["tokens_this_run"], spent["tokens"]) == (0, 0, 12 * 128)
     assert spent["train_loss"] is None  # (the Trainer's 0.0 for no step: a helper's find)
+
+
+def logged_rates(monkeypatch) -> dict[int, float]:
+    """step -> the learning rate the Trainer logs for it (the rate that step's optimizer update used), as it trains."""
+    from compress.recover import training
+
+    rates, real_log = {}, training.RecoveryTrainer.log
+
+    def log(self, logs, *args, **kwargs):
+        if "learning_rate" in logs:
+            rates[self.state.global_step] = logs["learning_rate"]
+        return real_log(self, logs, *args, **kwargs)
+
+    monkeypatch.setattr(training.RecoveryTrainer, "log", log)
+    return rates
+
+
+def test_a_resumed_run_trains_at_its_own_lr_on_its_own_schedule(tmp_path, monkeypatch, pruned_2of4,
+                                                                  reference_tokenizer):
+    """The Trainer restores the checkpoint's scheduler (its peak: the old lr) and the optimizer's rates (the old
+    schedule's last): a changed lr was ignored, and the first resumed step ran at the old schedule's rate. Resumed at
+    the same lr and budget, the run is bit for bit the uninterrupted one."""
+    rates = logged_rates(monkeypatch)
+    folder = tmp_path / "trainer"
+    whole, first = recover(copy.deepcopy(pruned_2of4), reference_tokenizer, max_tokens=4 * 128, lr=1e-3,
+                           checkpoint_dir=str(folder), save_steps=2)
+    uninterrupted = dict(rates)
+    # 4 steps, no warm-up: the cosine at steps 0..3 of 4 (step s + 1 runs at the rate after s)
+    assert sorted(uninterrupted) == [1, 2, 3, 4] and first["steps"] == 4
+    for step, rate in uninterrupted.items():
+        assert rate == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * (step - 1) / 4)))
+
+    rates.clear()
+    same, _ = recover(copy.deepcopy(pruned_2of4), reference_tokenizer, max_tokens=4 * 128, lr=1e-3,
+                      resume_from=str(folder / "checkpoint-2"))
+    assert rates == {3: uninterrupted[3], 4: uninterrupted[4]}
+    assert all(torch.equal(v, whole.state_dict()[k]) for k, v in same.state_dict().items())
+
+    rates.clear()
+    recover(copy.deepcopy(pruned_2of4), reference_tokenizer, max_tokens=4 * 128, lr=1e-2,
+            resume_from=str(folder / "checkpoint-2"))
+    assert rates == pytest.approx({3: 10 * uninterrupted[3], 4: 10 * uninterrupted[4]})
+
+    rates.clear()  # a longer budget: its own schedule (8 steps) from step 3 on, not the 4-step one's rates
+    _, longer = recover(copy.deepcopy(pruned_2of4), reference_tokenizer, max_tokens=8 * 128, lr=1e-3,
+                        resume_from=str(folder / "checkpoint-2"))
+    assert longer["steps"] == 8 and sorted(rates) == [3, 4, 5, 6, 7, 8]
+    for step, rate in rates.items():
+        assert rate == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * (step - 1) / 8))), step
 
 
 def test_checkpoint_progress_of_a_checkpoint_that_counted_no_tokens(tmp_path):

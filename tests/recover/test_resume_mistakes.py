@@ -136,6 +136,29 @@ def test_a_changed_recipe_does_not_resume_another_runs_checkpoints(tmp_path, mon
     assert details["resumed_from"].endswith("checkpoint-2") and details["steps"] == 3 and trained == [1]
 
 
+def test_another_dropout_or_aux_weight_does_not_resume_the_old_adapter(tmp_path, monkeypatch):
+    """Neither was compared: a rerun with another LoRA dropout or aux_weight resumed the adapter trained under the
+    old one, silently. Refused before any pass runs, as another r is, also from PEFT's adapter_config.json where an
+    older run left no record."""
+    monkeypatch.chdir(tmp_path)
+    common = "max_tokens: 64, batch_size: 2, max_minutes: 1, checkpoint_dir: ckd, save_steps: 1"
+    prune = "  - prune: {method: magnitude, sparsity: 0.5}"
+    first = apply(recipe(tmp_path / "a.yaml", common, before=prune), "-o", "o_a", "--no-eval")
+    assert first.exit_code == 0, first.output
+    before = listing(tmp_path / "ckd")
+    monkeypatch.setattr(compress.passes.Prune, "apply", lambda *a, **k: pytest.fail("a pass ran"))
+    dropout = recipe(tmp_path / "d.yaml", f"dropout: 0.1, {common}", before=prune)
+    aux = recipe(tmp_path / "x.yaml", f"aux_weight: 0.5, {common}", before=prune)
+    for extra in (["--no-eval"], ["--dry-run"]):
+        refused(apply(dropout, "-o", "o_d", *extra), "d.yaml:5:5: recover: checkpoint_dir ckd holds checkpoints of a "
+                "different run (LoRA dropout 0.0, not 0.1): empty it or choose another folder")
+        refused(apply(aux, "-o", "o_x", *extra), "different run (aux_weight 0.01, not 0.5)")
+    (tmp_path / "ckd" / RECORD).unlink()  # an older run's checkpoints: PEFT's lora_dropout says it
+    refused(apply(dropout, "-o", "o_d", "--no-eval"), "different run (LoRA dropout 0.0, not 0.1)")
+    assert listing(tmp_path / "ckd") == {k: v for k, v in before.items() if k != RECORD}
+    assert not (tmp_path / "o_d").exists() and not (tmp_path / "o_x").exists()
+
+
 def fake_checkpoint(folder: Path, shapes: dict[str, tuple[int, int]], r: int = 8, state: bool = True) -> Path:
     """A Trainer checkpoint of a recover run as PEFT writes it: adapter config and tensors, trainer_state.json."""
     folder.mkdir(parents=True)
@@ -373,3 +396,70 @@ def test_training_progress_goes_to_stderr_and_stdout_stays_the_result(tmp_path, 
     else:
         assert "recover" in result.stdout  # the passes table
     assert "recover: training steps: 0/4" in result.stderr and "recover: step 1/4: loss " in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------- before any work
+def test_a_seq_len_longer_than_the_training_text_is_refused_before_any_pass(tmp_path, monkeypatch):
+    """Recover's own seq_len over a short text failed after the earlier passes ran, naming calibration.seq_len."""
+    monkeypatch.chdir(tmp_path)
+    text = (Path(compress.__file__).parent / "builtin" / "tiny" / "calibration.txt").read_text(encoding="utf-8")
+    Path("short.txt").write_text(text[:1500], encoding="utf-8")  # 424 tokens
+    rec = tmp_path / "t.yaml"
+    rec.write_text("model: builtin:tiny\ncalibration: {source: short.txt, num_samples: 4, seq_len: 64}\npasses:\n"
+                   "  - prune: {method: wanda, structure: '2:4'}\n  - recover: {max_tokens: 4096, seq_len: 512}\n")
+    monkeypatch.setattr(compress.passes.Prune, "apply", lambda *a, **k: pytest.fail("a pass ran"))
+    for extra in (["--no-eval"], ["--dry-run"]):
+        refused(apply(rec, "-o", "o_t", *extra), "t.yaml:5:5: recover: seq_len 512 is longer than the training text "
+                "(calibration source short.txt has 424 tokens); lower recover's seq_len or give more text")
+    assert not (tmp_path / "o_t").exists()
+    rec.write_text(rec.read_text().replace("seq_len: 512", "seq_len: 256"))  # the text holds it
+    assert apply(rec, "-o", "o_t", "--dry-run").exit_code == 0
+
+
+def test_a_batch_too_large_for_memory_is_refused_before_any_pass(tmp_path, monkeypatch):
+    """batch_size 4096 was killed by the kernel (out of memory) with no word of what to lower: one line naming
+    batch_size and a micro_batch_size that fits, as the calibration passes' check does (COMPRESS_MEMORY_CHECK)."""
+    from compress import sequential
+    from compress.recover.memory import step_activation_bytes
+
+    model = compress.load("builtin:tiny", meta=True)
+    per_window = step_activation_bytes(model, 1, 32, kl=False, checkpointing=False)
+    # the logits over tiny's 8192 tokens as float32, three copies, and more
+    assert per_window > 32 * 8192 * 4 * 3
+    assert step_activation_bytes(model, 4, 32, kl=True, checkpointing=True) > 4 * 32 * 8192 * 4 * 7
+    monkeypatch.setattr(sequential, "free_bytes", lambda device: 20 * per_window)
+    monkeypatch.setattr(compress.passes.Prune, "apply", lambda *a, **k: pytest.fail("a pass ran"))
+    rec = recipe(tmp_path / "m.yaml", "max_tokens: 8192, batch_size: 64, seq_len: 32",
+                 before="  - prune: {method: magnitude, sparsity: 0.5}")
+    for extra in (["--no-eval"], ["--dry-run"]):
+        refused(apply(rec, "-o", tmp_path / "o_m", *extra), "m.yaml:5:5: recover: batch_size 64 (micro_batch_size "
+                "unset) x seq_len 32 would hold at least", "set micro_batch_size to 8 or less",
+                "COMPRESS_MEMORY_CHECK=off")
+    micro = recipe(tmp_path / "n.yaml", "max_tokens: 8192, batch_size: 64, micro_batch_size: 32, seq_len: 32")
+    refused(apply(micro, "-o", tmp_path / "o_m", "--dry-run"), "recover: micro_batch_size 32 x seq_len 32")
+    fits = recipe(tmp_path / "f.yaml", "max_tokens: 8192, batch_size: 64, micro_batch_size: 16, seq_len: 32")
+    assert apply(fits, "-o", tmp_path / "o_m", "--dry-run").exit_code == 0
+    assert apply(rec, "-o", tmp_path / "o_m", "--dry-run", env={"COMPRESS_MEMORY_CHECK": "off"}).exit_code == 0
+    assert not (tmp_path / "o_m").exists()
+
+
+def test_accelerate_launch_on_the_cpu_running_one_process_is_noted(tmp_path, monkeypatch):
+    """`accelerate launch --cpu --num_processes 2` starts one process (its CPU launcher sets no WORLD_SIZE): the run
+    trained alone, saying nothing."""
+    from compress.recover.pass_ import _one_process_of_accelerate_cpu
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    for use_cpu, master, noted in (("True", "127.0.0.1", True), ("False", "127.0.0.1", False), ("True", "", False)):
+        monkeypatch.setenv("ACCELERATE_USE_CPU", use_cpu)
+        monkeypatch.setenv("MASTER_ADDR", master)
+        assert _one_process_of_accelerate_cpu() is noted
+    monkeypatch.setenv("WORLD_SIZE", "1")  # torchrun's one process: asked for
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    assert not _one_process_of_accelerate_cpu()
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    result = apply(recipe(tmp_path / "c.yaml", "max_tokens: 64, batch_size: 2, seq_len: 32"), "-o", tmp_path / "x",
+                   "--no-eval", "--json")
+    assert result.exit_code == 0, result.output
+    notes = json.loads(result.stdout)["passes"][0]["notes"]
+    assert any("accelerate launch --cpu ran this as one process" in n and "torchrun" in n for n in notes), notes

@@ -105,15 +105,26 @@ def kv_bytes_per_token(config, settings=None, tokens: int = KV_TOKENS, dtype: to
     for i in softmax:
         if i not in skipped:
             kinds.setdefault(sliding.get(i), i)
-    cycles = {kind: _compressed_cycle(GEARCache(config, settings), i, keys, values, settings, gen)
-              for kind, i in kinds.items()}
+    measured = {kind: _compressed_cycle(GEARCache(config, settings), i, keys, values, settings, gen)
+                for kind, i in kinds.items()}
+    cycles = {kind: cycle for kind, (cycle, _) in measured.items()}
     for key, pick in (("compressed", lambda c: sum(c) / len(c)), ("compressed_min", min), ("compressed_max", max)):
         out[key] = sum(dense(i) if i in skipped else pick(cycles[sliding.get(i)]) for i in softmax)
     if total_at:  # (a compressed sliding layer keeps whole pages: up to its window and a page, ~ its window)
         mean = {kind: sum(c) / len(c) for kind, c in cycles.items()}
+
+        def compressed_at(i: int) -> float:
+            kind = sliding.get(i)
+            if kind is not None or total_at < tokens:
+                return scaled(i, mean[kind], total_at, 0)
+            # a full layer: what it held at the same point of its window's cycle, plus whole compressed chunks
+            # (linear in them); a mean per token times the length was 7% high at 32k, low at 1k
+            cycle, chunk_bytes_per_token = measured[kind]
+            j = (total_at - tokens) % len(cycle)
+            return cycle[j] * (tokens + j) + (total_at - tokens - j) * chunk_bytes_per_token
+
         out["total_at"]["compressed"] = sum(linearized.values()) + sum(
-            scaled(i, dense(i), total_at, 1) if i in skipped else scaled(i, mean[sliding.get(i)], total_at, 0)
-            for i in softmax)
+            scaled(i, dense(i), total_at, 1) if i in skipped else compressed_at(i) for i in softmax)
     if kinds:  # a compressed cache measured over its window's cycle (not for linearized layers alone)
         out["tokens_cycle"] = [tokens, tokens + len(next(iter(cycles.values()))) - 1]
     labels = [_cache_label(settings)] if settings is not None else []
@@ -127,9 +138,11 @@ def kv_bytes_per_token(config, settings=None, tokens: int = KV_TOKENS, dtype: to
     return out
 
 
-def _compressed_cycle(cache, layer: int, keys, values, settings, gen) -> list[float]:
-    """Bytes per token layer `layer` of `cache` holds after the prompt, then after each decode step until its fp16
-    window is one short of full again (the cycle of a compressed cache's per-token bytes)."""
+def _compressed_cycle(cache, layer: int, keys, values, settings, gen) -> tuple[list[float], float]:
+    """(bytes per token layer `layer` of `cache` holds after the prompt, then after each decode step until its fp16
+    window is one short of full again: the cycle of a compressed cache's per-token bytes; the bytes per token of
+    compressed chunks alone, from one more step, which compresses the full window: a whole chunk more than the
+    prompt's, at the same point of the cycle)."""
     tokens, dtype = keys.shape[2], keys.dtype
 
     def held(n: int) -> float:
@@ -144,7 +157,10 @@ def _compressed_cycle(cache, layer: int, keys, values, settings, gen) -> list[fl
         for j, (k, v) in enumerate(zip(*(s.split(1, dim=2) for s in steps)), start=1):
             cache.update(k, v, layer)
             cycle.append(held(tokens + j))
-    return cycle
+        k, v = (torch.randn((1, keys.shape[1], 1, keys.shape[3]), generator=gen).to(dtype) for _ in range(2))
+        cache.update(k, v, layer)
+    chunk = len(cycle)
+    return cycle, (held(tokens + chunk) * (tokens + chunk) - cycle[0] * tokens) / chunk
 
 
 def budget(model: nn.Module, section: dict[str, Any] | None, storage_dtype: torch.dtype,

@@ -123,6 +123,30 @@ def test_budget_names_the_storage_formats(lm):
     assert lean["compressed"] < plain["compressed"]
 
 
+@pytest.mark.parametrize("total", [256, 256 + 37, 256 + 2 * 64 + 63])
+def test_budget_total_at_a_length_is_what_the_cache_holds_there(lm, total):
+    """`compress inspect`'s "KV cache + states at N tokens": a mean per token times N was 7% high at 32k and low at
+    1k (the fp16 window's share moves with the length); it is now what a cache holds at N (a 256-token prompt, then
+    one token at a time), at every point of the window's cycle."""
+    from compress.budget import kv_bytes_per_token
+
+    settings = KVCacheSettings.build(bits=4, key_rank=1, value_rank=0)
+    kv = kv_bytes_per_token(lm.config, settings, tokens=256, total_at=total)
+    cache = GEARCache(lm.config, settings)
+    text = lm.config.get_text_config(decoder=True)
+    g = torch.Generator().manual_seed(1)
+
+    def new(n):
+        return torch.randn(1, text.num_key_value_heads, n, 64, generator=g).half()
+
+    for layer in range(text.num_hidden_layers):
+        cache.update(new(256), new(256), layer)
+    for _ in range(total - 256):
+        for layer in range(text.num_hidden_layers):
+            cache.update(new(1), new(1), layer)
+    assert kv["total_at"]["compressed"] == pytest.approx(cache.nbytes()["total"], rel=1e-6)
+
+
 def test_skip_layers_keep_a_dense_layer(lm, heldout_ids):
     cache = GEARCache(lm.config, bits=4, skip_layers=[0, 5])
     with torch.no_grad():

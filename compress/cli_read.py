@@ -98,9 +98,12 @@ def eval_cmd(model_src, baseline, text_file, seq_len, max_windows, speed, activa
     result["resident_bytes"] = resident_bytes(model)  # (not the layers --max-memory leaves on disk)
     on_disk = _layers_on_disk(model, base)
     if speed and base is not None and not on_disk:  # timed in turn with the baseline: a ratio within one run
-        result["tokens_per_second"], result["baseline_tokens_per_second"] = paired_generation_speed(
+        import statistics
+
+        result["tokens_per_second"], result["baseline_tokens_per_second"], ratios = paired_generation_speed(
             model, base, tokenizer, progress=True)
-        result["speedup_vs_baseline"] = result["tokens_per_second"] / result["baseline_tokens_per_second"]
+        result["speedup_vs_baseline"] = statistics.median(ratios)  # (paired round by round)
+        result["speedup_rounds"] = ratios
     elif speed:
         with phase("timing generation"):
             result["tokens_per_second"] = generation_speed(model, tokenizer)
@@ -146,7 +149,8 @@ def eval_cmd(model_src, baseline, text_file, seq_len, max_windows, speed, activa
               f"resident {_mb(result['resident_bytes'])}"
               + (f"  {result['tokens_per_second']:.1f} tokens/s" if speed else "")
               + (f" ({result['speedup_vs_baseline']:.2f}x the baseline's {result['baseline_tokens_per_second']:.1f}, "
-                 "timed in turn)" if "speedup_vs_baseline" in result else ""))
+                 f"timed in turn: {min(result['speedup_rounds']):.2f}-{max(result['speedup_rounds']):.2f}x over "
+                 f"{len(result['speedup_rounds'])} rounds)" if "speedup_vs_baseline" in result else ""))
     if result.get("speed_note"):
         con.print(f"note: {result['speed_note']}", soft_wrap=True)
 

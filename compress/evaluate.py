@@ -186,22 +186,25 @@ def evaluate(
 
 
 @torch.no_grad()
-def paired_generation_speed(model: nn.Module, baseline: nn.Module, tokenizer, rounds: int = 3,
-                            progress: bool = False) -> tuple[float, float]:
-    """Greedy decoding tokens/s of `model` and of `baseline`, timed in turn (A, B, A, B, ...) so that both see the
-    same machine load: the medians over `rounds`. Their ratio is the speed figure to read; either alone moves with
-    the machine. `progress`: a bar over the 2 x rounds timed runs."""
+def paired_generation_speed(model: nn.Module, baseline: nn.Module, tokenizer, rounds: int = 4,
+                            progress: bool = False) -> tuple[float, float, list[float]]:
+    """Greedy decoding tokens/s of `model` and of `baseline`, timed in turn so that both see the same machine load,
+    the order swapped every round (A B, B A, ...: the one timed second ran 1-5% differently): (the medians over
+    `rounds`, each round's ratio model / baseline). The ratios are the speed figure to read, their spread its noise;
+    either speed alone moves with the machine. `progress`: a bar over the 2 x rounds timed runs."""
     import statistics
 
     from .progress import progress_bar
 
     prompt = speed_prompt(model, tokenizer)
     times: dict[int, list[float]] = {0: [], 1: []}
-    runs = [(which, m) for _ in range(rounds) for which, m in enumerate((model, baseline))]
+    pairs = ((0, model), (1, baseline))
+    runs = [run for r in range(rounds) for run in (pairs if r % 2 == 0 else pairs[::-1])]
     for which, m in progress_bar(runs, description="timing generation (the model and the baseline in turn)",
                                  enabled=progress):
         times[which].append(generation_speed(m, tokenizer, prompt))
-    return statistics.median(times[0]), statistics.median(times[1])
+    ratios = [a / b for a, b in zip(times[0], times[1])]
+    return statistics.median(times[0]), statistics.median(times[1]), ratios
 
 
 SPEED_NEW_TOKENS = 64

@@ -6,9 +6,10 @@ folder plain transformers then loaded without an error and with random layers wh
 attention where linearized ones were (an audit's find). The files and the semantics stay transformers' (a Trainer's
 checkpoints and resumes, `state_dict=`, `save_function=`, saving into a folder that holds other files: all as
 before); only config.json gets the model type that makes transformers refuse it with a message naming
-compress.load (export/native_marker.py), which reads such a folder, and the folder a manifest of the files this save
-wrote (what `--overwrite` may later replace there; a user's own files beside them stop it). Models that compress.apply or compress.load
-return carry this on the instance (`route_save_pretrained`): the class is untouched."""
+compress.load (export/native_marker.py), which reads such a folder, and the folder a manifest of the files this
+save wrote (what `--overwrite` may later replace there; a user's own files beside them stop it). Models that
+compress.apply or compress.load return carry this on the instance (`route_save_pretrained`, which also makes
+`resize_token_embeddings` refuse a compressed head): the class is untouched."""
 from __future__ import annotations
 
 import json

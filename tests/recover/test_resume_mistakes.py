@@ -136,16 +136,22 @@ def test_a_changed_recipe_does_not_resume_another_runs_checkpoints(tmp_path, mon
     assert details["resumed_from"].endswith("checkpoint-2") and details["steps"] == 3 and trained == [1]
 
 
-def test_another_dropout_or_aux_weight_does_not_resume_the_old_adapter(tmp_path, monkeypatch):
-    """Neither was compared: a rerun with another LoRA dropout or aux_weight resumed the adapter trained under the
-    old one, silently. Refused before any pass runs, as another r is, also from PEFT's adapter_config.json where an
-    older run left no record."""
+def _pruned_and_recovered(tmp_path, monkeypatch) -> tuple[str, str, dict[str, bytes]]:
+    """A first run (magnitude prune, then recover with Trainer checkpoints in ckd/) in `tmp_path`: (recover's
+    arguments, the prune pass's recipe line, the checkpoints' listing)."""
     monkeypatch.chdir(tmp_path)
     common = "max_tokens: 64, batch_size: 2, max_minutes: 1, checkpoint_dir: ckd, save_steps: 1"
     prune = "  - prune: {method: magnitude, sparsity: 0.5}"
     first = apply(recipe(tmp_path / "a.yaml", common, before=prune), "-o", "o_a", "--no-eval")
     assert first.exit_code == 0, first.output
-    before = listing(tmp_path / "ckd")
+    return common, prune, listing(tmp_path / "ckd")
+
+
+def test_another_dropout_or_aux_weight_does_not_resume_the_old_adapter(tmp_path, monkeypatch):
+    """Neither was compared: a rerun with another LoRA dropout or aux_weight resumed the adapter trained under the
+    old one, silently. Refused before any pass runs, as another r is, also from PEFT's adapter_config.json where an
+    older run left no record."""
+    common, prune, before = _pruned_and_recovered(tmp_path, monkeypatch)
     monkeypatch.setattr(compress.passes.Prune, "apply", lambda *a, **k: pytest.fail("a pass ran"))
     dropout = recipe(tmp_path / "d.yaml", f"dropout: 0.1, {common}", before=prune)
     aux = recipe(tmp_path / "x.yaml", f"aux_weight: 0.5, {common}", before=prune)
@@ -273,12 +279,7 @@ def test_a_rerun_after_another_earlier_pass_or_text_does_not_resume_the_old_adap
     """The checkpoints of prune (magnitude) + recover, then the recipe with wanda, or with longer training windows:
     refused before any pass runs (the rerun resumed the other run's adapter, its budget spent: it trained 0 steps
     and merged it, silently); the same recipe still resumes."""
-    monkeypatch.chdir(tmp_path)
-    common = "max_tokens: 64, batch_size: 2, max_minutes: 1, checkpoint_dir: ckd, save_steps: 1"
-    prune = "  - prune: {method: magnitude, sparsity: 0.5}"
-    first = apply(recipe(tmp_path / "a.yaml", common, before=prune), "-o", "o_a", "--no-eval")
-    assert first.exit_code == 0, first.output
-    before = listing(tmp_path / "ckd")
+    common, prune, before = _pruned_and_recovered(tmp_path, monkeypatch)
     trained = []
     monkeypatch.setattr(training, "train", lambda *a, **k: trained.append(1))
     wanda = recipe(tmp_path / "w.yaml", common, before=prune.replace("magnitude", "wanda"))

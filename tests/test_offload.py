@@ -245,7 +245,8 @@ def test_eval_and_generate_with_max_memory(source, tmp_path):
     (plain, text, _), (capped, capped_text, said) = runs[False], runs[True]
     assert capped["perplexity"] == pytest.approx(plain["perplexity"], rel=1e-6) and capped_text == text
     assert capped["resident_bytes"] < plain["resident_bytes"] / 2  # (it counted the layers on disk too)
-    assert said.count("--max-memory 5MB: 12 of 12 decoder layers stay on disk, read for each forward") == 2
+    assert said.count("--max-memory 5MB: 12 of 12 decoder layers stay on disk, read for each forward") == 3
+    assert "stay on disk, read for each forward of the baseline" in said  # eval's baseline, under the same cap
     assert "more than the cap: the embeddings, head and norms always do" in said
     bad = CliRunner().invoke(main, ["generate", str(src), "--prompt", "x", "--max-memory", "lots"])
     assert bad.exit_code == 2 and "cannot read max_memory 'lots'" in bad.output

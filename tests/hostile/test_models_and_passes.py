@@ -379,8 +379,12 @@ def test_timing_generation_counts_its_runs(monkeypatch):
 
     err = io.StringIO()
     monkeypatch.setattr(sys, "stderr", err)
-    speeds = iter([10.0, 20.0, 12.0, 18.0, 11.0, 30.0])
-    monkeypatch.setattr(evaluate, "generation_speed", lambda model, tokenizer, prompt: next(speeds))
+    speeds = {"model": iter([10.0, 12.0, 11.0, 10.0]), "baseline": iter([20.0, 18.0, 30.0, 20.0])}
+    order = []
+    monkeypatch.setattr(evaluate, "generation_speed",
+                        lambda model, tokenizer, prompt: order.append(model) or next(speeds[model]))
     monkeypatch.setattr(evaluate, "speed_prompt", lambda model, tokenizer: None)
-    assert evaluate.paired_generation_speed("model", "baseline", None, progress=True) == (11.0, 20.0)
-    assert "in turn): 0/6" in err.getvalue() and "in turn): 6/6" in err.getvalue()
+    model, base, ratios = evaluate.paired_generation_speed("model", "baseline", None, progress=True)
+    assert (model, base) == (10.5, 20.0) and ratios == pytest.approx([0.5, 12 / 18, 11 / 30, 0.5])
+    assert order == ["model", "baseline", "baseline", "model"] * 2  # which goes first swaps every round
+    assert "in turn): 0/8" in err.getvalue() and "in turn): 8/8" in err.getvalue()

@@ -89,9 +89,11 @@ class SparseLinear(nn.Module):
     def refresh_row_offsets(self) -> None:
         if self.format == "bitmask" and self.bitmask.device.type != "meta" and self.runtime == "packed":
             counts = unpack_bitmask(self.bitmask, self.in_features).sum(1)
-            # a new tensor on the bitmask's device: after load_state_dict(assign=True) the unsaved offsets are
-            # still on the meta device, where a copy_ does nothing (and the C kernel then read a meta pointer)
-            self.row_offsets = torch.cumsum(counts, 0) - counts
+            offsets = torch.cumsum(counts, 0) - counts
+            if self.row_offsets.device == offsets.device and self.row_offsets.shape == offsets.shape:
+                self.row_offsets.copy_(offsets)  # in place: a holder of this buffer (a captured graph) sees it
+            else:  # after load_state_dict(assign=True) the unsaved offsets are still on meta, where copy_ does
+                self.row_offsets = offsets  # nothing (and the C kernel then read a meta pointer)
 
     def restore_spec(self) -> dict:
         spec = {"format": self.format}
@@ -164,25 +166,32 @@ class SparseLinear(nn.Module):
                               error_msgs):
         dense = self.runtime == "dense"
         held = getattr(self, "weight_dense", None) if dense else None
+        kept = self.in_features // self.m * self.n if self.format == "nm" else 0
+        values_shape = tuple(self.values.shape) if held is None else (
+            (self.dense_nnz,) if self.format == "bitmask" else (self.out_features, kept))
+        # a state of another sparsity is refused whole, before anything is copied: torch copied the same-shaped
+        # bitmask beside the refused values, and the layer then decoded (or the C kernel read past) the wrong count
+        mismatched = [(name, tuple(state_dict[prefix + name].shape), expected)
+                      for name, expected in (("values", values_shape),
+                                             *((n, tuple(getattr(self, n).shape)) for n in ("bitmask", "indices")
+                                               if hasattr(self, n)))
+                      if prefix + name in state_dict and tuple(state_dict[prefix + name].shape) != expected]
+        if mismatched:
+            error_msgs.extend(f"size mismatch for {prefix}{name}: copying a param with shape {torch.Size(got)} from "
+                              f"checkpoint, the shape in current model is {torch.Size(want)}."
+                              for name, got, want in mismatched)
+            return
         if held is not None:
             # load into packed buffers shaped by this layer's own count (its bitmask and weight may be uninitialized
-            # memory, after to_empty), so that torch reports a state of another sparsity as a size mismatch; then
-            # decode again. A state dict without the values keeps this layer's own.
-            kept = self.in_features // self.m * self.n if self.format == "nm" else 0
-            shape = (self.dense_nnz,) if self.format == "bitmask" else (self.out_features, kept)
-            self.values = self.values.new_empty(shape) if prefix + "values" in state_dict else self.packed_values()
+            # memory, after to_empty); then decode again. A state dict without the values keeps this layer's own.
+            self.values = self.values.new_empty(values_shape) if prefix + "values" in state_dict \
+                else self.packed_values()
             self.weight_dense = None
         self.runtime = "packed"  # (a layer made dense on meta still holds its packed buffers: nothing to move)
-        errors = len(error_msgs)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         self.gpu_state = None
         if dense:
-            if len(error_msgs) > errors:  # not loaded: back to what it held (load_state_dict raises at the end)
-                self.runtime = "dense"
-                if held is not None:
-                    self.weight_dense, self.values = held, self.values.new_empty(0)
-                return
             self.refresh_row_offsets()
             self.set_runtime("dense")
 

@@ -80,14 +80,17 @@ def test_state_dict_round_trips_through_meta_to_empty_and_assign(pruned_checkpoi
         with torch.no_grad():
             torch.testing.assert_close(fresh(input_ids=ids).logits, expected)
             torch.testing.assert_close(moved(input_ids=ids).logits, expected)
-    layer = sparse_layers(source)[0]
-    if layer.format == "bitmask":  # another sparsity's values: torch's size mismatch, the layer keeps its weight
-        before = layer.dense_weight().clone()
-        state = layer.state_dict()
-        state["values"] = state["values"][:-3]
+    for runtime in ("packed", "dense"):  # another sparsity's state: refused whole (torch copied the bitmask beside
+        layer = sparse_layers(compress.load(pruned_checkpoint, sparse_runtime=runtime))[0]  # the refused values)
+        if layer.format != "bitmask":
+            break
+        before, state_before = layer.dense_weight().clone(), layer.state_dict()
+        state = {k: v.clone() for k, v in state_before.items()}
+        state["values"], state["bitmask"] = state["values"][:-3], torch.zeros_like(state["bitmask"])
         with pytest.raises(RuntimeError, match="size mismatch for values"):
             layer.load_state_dict(state)
-        assert torch.equal(layer.dense_weight(), before)
+        assert torch.equal(layer.dense_weight(), before) and layer.nnz() == state_before["values"].numel()
+        assert all(torch.equal(v, state_before[k]) for k, v in layer.state_dict().items())
 
 
 def test_pickles_in_both_formats(pruned_checkpoint):

@@ -34,6 +34,8 @@ from .paths import user_path
 CHECKPOINT_FILES = ("config.json", "generation_config.json", "recipe.yaml", "report.json", "tokenizer.json",
                     "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "chat_template.json",
                     "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json", "model.safetensors.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")
 WEIGHT_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")  # write_weights' shard names
 # the names of the files `compress.save` wrote into a checkpoint: what `--overwrite` may replace (by name alone, a
 # user's vocab.json or model-00007-of-00009.safetensors put there counted as ours and went with the old checkpoint)
@@ -208,8 +210,12 @@ def _check_replaceable(out: Path, resolved: Path, overwrite: bool) -> None:
     others = foreign + sorted(p.name for p in entries if p.name not in holders and not (
         (p.is_file() and p.name in files) or (p.is_dir() and not p.is_symlink() and p.name in folders)))
     if others:
+        # (model.save_pretrained then tokenizer.save_pretrained: the manifest lists the model's files only)
+        tokenizer = [n for n in others if n in TOKENIZER_FILES]
+        hint = (f" ({', '.join(tokenizer[:2])}: tokenizer files saved beside the checkpoint after it was written, "
+                "e.g. by tokenizer.save_pretrained, count as yours)" if tokenizer else "")
         raise OutputError(f"--overwrite would delete {', '.join(others[:3])}{' ...' if len(others) > 3 else ''} "
-                          f"in {out}, which compress did not write; move them or choose another output folder")
+                          f"in {out}, which compress did not write{hint}; move them or choose another output folder")
 
 
 def _writable(folder: Path) -> bool:

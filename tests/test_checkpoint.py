@@ -314,8 +314,8 @@ def test_overwrite_of_a_save_pretrained_folder_keeps_the_users_files(tmp_path):
     (folder / "notes.txt").unlink()
     check_output(folder, overwrite=True)  # only what the save wrote: replaceable
     (folder / "vocab.json").write_text('{"mine": 1}')
-    with pytest.raises(OutputError):
-        check_output(folder, overwrite=True)
+    with pytest.raises(OutputError, match="tokenizer files saved beside the checkpoint after it was written"):
+        check_output(folder, overwrite=True)  # (also the tokenizer.save_pretrained after the model's: it says so)
     assert (folder / "vocab.json").exists()
 
 

@@ -2,6 +2,8 @@
 nothing."""
 from __future__ import annotations
 
+import logging
+
 import click
 
 from . import json_out
@@ -200,14 +202,18 @@ def generate(model_src, prompt, max_new_tokens, sample, temperature, top_p, seed
         raise CompressError(f"the prompt {prompt!r} gives no tokens; give some text to continue")
     limited = _check_context(model, ids.shape[1], max_new_tokens)  # the prompt's length, with the new tokens
     models.check_token_ids(ids, model.config, "--prompt", check_context=limited)
-    if not limited:  # transformers' "exceeded the model's predefined maximum length ... exceptions" does not apply
-        import logging
-
-        logging.getLogger("transformers.generation.stopping_criteria").setLevel(logging.ERROR)
     kwargs = ({"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": None} if sample
               else {"do_sample": False})
-    with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.eos_token_id, **kwargs)
+    # transformers' "exceeded the model's predefined maximum length ... exceptions" does not apply without a limit
+    reminder = logging.getLogger("transformers.generation.stopping_criteria")
+    level = reminder.level
+    if not limited:
+        reminder.setLevel(logging.ERROR)
+    try:
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.eos_token_id, **kwargs)
+    finally:  # (main called from Python: its logging as it was)
+        reminder.setLevel(level)
     click.echo(tokenizer.decode(out[0], skip_special_tokens=True))
 
 

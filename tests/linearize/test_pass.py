@@ -80,14 +80,27 @@ def test_cli_generates_past_the_context_only_when_every_layer_is_linearized(tmp_
     out = compress.save(model, tmp_path / "out", tokenizer=reference_tokenizer)
     prompt = " ".join(["Python"] * 1100)  # the prompt alone past the context (it was refused: a helper's audit)
     assert len(reference_tokenizer(prompt)["input_ids"]) > 1024
-    result = CliRunner().invoke(main, ["generate", str(out), "--prompt", prompt, "--max-new-tokens", "24"])
+    import logging
+
+    import transformers.utils.logging as hf_logging
+
+    reminder = logging.getLogger("transformers.generation.stopping_criteria")
+    said = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())
+    reminder.addHandler(handler)
+    hf_logging.warning_once.cache_clear()  # (said once per process)
+    try:
+        result = CliRunner().invoke(main, ["generate", str(out), "--prompt", prompt, "--max-new-tokens", "24"])
+    finally:
+        reminder.removeHandler(handler)
     if runs:
         assert result.exit_code == 0, result.output
         assert result.output.startswith(prompt) and len(result.output) > len(prompt)
-        # transformers' reminder that the length passed max_position_embeddings ("you may observe exceptions")
-        import logging
-
-        assert not logging.getLogger("transformers.generation.stopping_criteria").isEnabledFor(logging.WARNING)
+        # transformers' reminder that the length passed max_position_embeddings ("you may observe exceptions"),
+        # and the logger as it was after the command
+        assert not [m for m in said if "predefined maximum length" in m]
+        assert reminder.isEnabledFor(logging.WARNING)
     else:
         assert result.exit_code == 2 and "exceed the model's context of 1024" in result.output
 

@@ -241,8 +241,9 @@ class Recover(Pass):
         probe = spec.model_copy(update={"num_samples": -(-(seq_len + 1) // (4 * spec.seq_len))})
         ids, _ = window_offsets(probe, ctx.tokenizer, ctx.base_dir)
         if ids.numel() < seq_len + 1:
-            raise ConfigError(f"recover: seq_len {seq_len} is longer than the training text (calibration source "
-                              f"{spec.source} has {ids.numel()} tokens); lower recover's seq_len or give more text")
+            raise ConfigError(f"recover: seq_len {seq_len} needs {seq_len + 1} tokens of training text (a window and "
+                              f"its next token), and calibration source {spec.source} has {ids.numel()}; lower "
+                              "recover's seq_len or give more text")
 
     def _seq_len(self, ctx: PassContext) -> int:
         """Training windows' length: the argument, else the calibration's."""

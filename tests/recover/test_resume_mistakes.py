@@ -410,8 +410,9 @@ def test_a_seq_len_longer_than_the_training_text_is_refused_before_any_pass(tmp_
                    "  - prune: {method: wanda, structure: '2:4'}\n  - recover: {max_tokens: 4096, seq_len: 512}\n")
     monkeypatch.setattr(compress.passes.Prune, "apply", lambda *a, **k: pytest.fail("a pass ran"))
     for extra in (["--no-eval"], ["--dry-run"]):
-        refused(apply(rec, "-o", "o_t", *extra), "t.yaml:5:5: recover: seq_len 512 is longer than the training text "
-                "(calibration source short.txt has 424 tokens); lower recover's seq_len or give more text")
+        refused(apply(rec, "-o", "o_t", *extra), "t.yaml:5:5: recover: seq_len 512 needs 513 tokens of training "
+                "text (a window and its next token), and calibration source short.txt has 424; lower recover's "
+                "seq_len or give more text")
     assert not (tmp_path / "o_t").exists()
     rec.write_text(rec.read_text().replace("seq_len: 512", "seq_len: 256"))  # the text holds it
     assert apply(rec, "-o", "o_t", "--dry-run").exit_code == 0

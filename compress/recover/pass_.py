@@ -446,11 +446,15 @@ def _refuse_overlap(modules, targets) -> None:
                           "either through LoRA (targets) or in full (train_modules), not both")
 
 
+MPI_WORLD_SIZES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")  # (Open MPI, MPICH / Intel, MVAPICH)
+
+
 def _one_process_of_accelerate_cpu() -> bool:
     """`accelerate launch --cpu --num_processes N` starts one process: its simple launcher sets ACCELERATE_USE_CPU
     and (for N > 1) MASTER_ADDR, but no WORLD_SIZE, so the run trained alone, silently."""
     use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").strip().lower() in ("1", "true", "yes", "on")
-    return use_cpu and "WORLD_SIZE" not in os.environ and bool(os.environ.get("MASTER_ADDR"))
+    mpi = any(k in os.environ for k in MPI_WORLD_SIZES)  # its mpirun launcher: MPI says the size, not WORLD_SIZE
+    return use_cpu and not mpi and "WORLD_SIZE" not in os.environ and bool(os.environ.get("MASTER_ADDR"))
 
 
 def _decoded_for_training(model: nn.Module) -> dict[SparseLinear, str]:

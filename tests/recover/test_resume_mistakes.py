@@ -455,8 +455,12 @@ def test_accelerate_launch_on_the_cpu_running_one_process_is_noted(tmp_path, mon
         monkeypatch.setenv("ACCELERATE_USE_CPU", use_cpu)
         monkeypatch.setenv("MASTER_ADDR", master)
         assert _one_process_of_accelerate_cpu() is noted
-    monkeypatch.setenv("WORLD_SIZE", "1")  # torchrun's one process: asked for
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")  # accelerate's mpirun launcher: MPI gives the size
+    assert not _one_process_of_accelerate_cpu()
+    monkeypatch.delenv("OMPI_COMM_WORLD_SIZE")
+    monkeypatch.setenv("WORLD_SIZE", "1")  # torchrun's one process: asked for
     assert not _one_process_of_accelerate_cpu()
     monkeypatch.delenv("WORLD_SIZE")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")

@@ -31,11 +31,10 @@ from .errors import OutputError
 from .paths import user_path
 
 # files a checkpoint written by `compress.save` may hold (tokenizer files vary by tokenizer class)
-CHECKPOINT_FILES = ("config.json", "generation_config.json", "recipe.yaml", "report.json", "tokenizer.json",
-                    "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "chat_template.json",
-                    "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json", "model.safetensors.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")
+CHECKPOINT_FILES = ("config.json", "generation_config.json", "recipe.yaml", "report.json", *TOKENIZER_FILES,
+                    "model.safetensors.index.json")
 WEIGHT_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")  # write_weights' shard names
 # the names of the files `compress.save` wrote into a checkpoint: what `--overwrite` may replace (by name alone, a
 # user's vocab.json or model-00007-of-00009.safetensors put there counted as ours and went with the old checkpoint)

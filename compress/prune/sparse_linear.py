@@ -171,11 +171,10 @@ class SparseLinear(nn.Module):
             (self.dense_nnz,) if self.format == "bitmask" else (self.out_features, kept))
         # a state of another sparsity is refused whole, before anything is copied: torch copied the same-shaped
         # bitmask beside the refused values, and the layer then decoded (or the C kernel read past) the wrong count
-        mismatched = [(name, tuple(state_dict[prefix + name].shape), expected)
-                      for name, expected in (("values", values_shape),
-                                             *((n, tuple(getattr(self, n).shape)) for n in ("bitmask", "indices")
-                                               if hasattr(self, n)))
-                      if prefix + name in state_dict and tuple(state_dict[prefix + name].shape) != expected]
+        expected = {"values": values_shape, "bitmask" if self.format == "bitmask" else "indices":
+                    tuple((self.bitmask if self.format == "bitmask" else self.indices).shape)}
+        mismatched = [(name, tuple(state_dict[prefix + name].shape), shape) for name, shape in expected.items()
+                      if prefix + name in state_dict and tuple(state_dict[prefix + name].shape) != shape]
         if mismatched:
             error_msgs.extend(f"size mismatch for {prefix}{name}: copying a param with shape {torch.Size(got)} from "
                               f"checkpoint, the shape in current model is {torch.Size(want)}."

@@ -202,13 +202,19 @@ def _write(model, tmp: Path, tokenizer, recipe_text, report, max_shard_bytes) ->
     config["architectures"] = [type(model).__name__]
     mark_native(config, model)  # plain transformers must refuse what it cannot read (export/native_marker.py)
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
-    write_generation_config(model, tmp)
+    write_companions(model, tmp, tokenizer, recipe_text, report)
+
+
+def write_companions(model, folder: Path, tokenizer, recipe_text: str | None, report: dict | None) -> None:
+    """What travels beside the weights and config.json in every format: generation config, tokenizer, the recipe
+    and the run's report."""
+    write_generation_config(model, folder)
     if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
+        tokenizer.save_pretrained(folder)
     if recipe_text is not None:
-        (tmp / "recipe.yaml").write_text(recipe_text)
+        (folder / "recipe.yaml").write_text(recipe_text)
     if report is not None:
-        (tmp / "report.json").write_text(json_out.dumps(report, indent=2))
+        (folder / "report.json").write_text(json_out.dumps(report, indent=2))
 
 
 def write_generation_config(model, folder: Path) -> None:

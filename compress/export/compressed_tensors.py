@@ -27,7 +27,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import json_out
 from ..errors import ExportError
 from ..prune.sparse_linear import SparseLinear
 
@@ -361,7 +360,7 @@ def export(model: nn.Module, folder: str | Path, *, tokenizer=None, recipe_text:
     against compressed-tensors' decompression) as its shard is written, with a progress bar when `progress`. Fails
     with ExportError, leaving nothing at `folder`, on what compressed-tensors cannot express."""
     from ..checkpoint import (DEFAULT_MAX_SHARD_BYTES, _portable_source, _source_folder, compression_record,
-                              write_folder, write_generation_config, write_weights)
+                              write_companions, write_folder, write_weights)
     from ..models import checkpoint_dtype
 
     from ..offload import parse_bytes
@@ -398,13 +397,8 @@ def export(model: nn.Module, folder: str | Path, *, tokenizer=None, recipe_text:
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
         # `quantization_config` written by compressed-tensors itself, as llm-compressor's save does
         ModelCompressor(quantization_config=quantization).update_config(str(tmp))
-        write_generation_config(model, tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if recipe_text is not None:
-            (tmp / "recipe.yaml").write_text(recipe_text)
-        if report is not None:
-            (tmp / "report.json").write_text(json_out.dumps({**report, "export": summary.to_dict()}, indent=2))
+        write_companions(model, tmp, tokenizer, recipe_text,
+                         None if report is None else {**report, "export": summary.to_dict()})
 
     write_folder(folder, write, overwrite=overwrite, source=_source_folder(model))
     return summary

@@ -11,7 +11,7 @@ import click
 from .cli_export import export_cmd
 from .cli_eval import EVAL_SEQ_LEN, _check_kv_text, _eval_windows, _evaluate, _read_text, _residual_length
 from .cli_format import _console, _mb, _print_eval, _print_passes, check_utf8_arguments, stored_dense_line
-from .cli_options import _DTYPE, _say_offloaded
+from .cli_options import _DTYPE, _check_read_device, _say_offloaded
 from .cli_read import eval_cmd, generate, inspect, list_passes
 from . import json_out
 from .checkpoint import folder_bytes  # noqa: F401 (also compress.cli.folder_bytes)
@@ -252,7 +252,7 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
     if main:  # (another process checking it could find the main one's finished checkpoint there)
         check_output(output, overwrite=overwrite, source=_source_folder(model_src), protected=protected,
                      work=work_folders)
-    _check_device(device)
+    _check_read_device(device, None)  # (apply's --max-memory works with cuda: layers visit the GPU)
     use_local_gpu(device)
     do_eval = do_eval and main
     needs_text = do_eval or any(p.needs_calibration_for() for p in passes)
@@ -344,13 +344,6 @@ def check_output(output, **kwargs):
     from .output_folder import check_output as check
 
     return check(output, **kwargs)
-
-
-def _check_device(device: str) -> None:
-    import torch
-
-    if device == "cuda" and not torch.cuda.is_available():
-        raise CompressError("--device cuda, but torch sees no CUDA GPU here; use --device cpu")
 
 
 for _command in (eval_cmd, generate, inspect, export_cmd, list_passes):  # (in --help's order)

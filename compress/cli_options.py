@@ -20,6 +20,27 @@ _SPARSE_RUNTIME = click.option(
          "for large float32 layers on the CPU, dense otherwise.")
 
 
+_DEVICE_READ = click.option(
+    "--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]),
+    help="Device the model (and a baseline) run on: cuda runs compressed layers and caches on their GPU kernels "
+         "(the model must fit the GPU; not with --max-memory).")
+
+
+def _check_read_device(device: str, max_memory: str | None) -> None:
+    """--device cuda needs a GPU torch sees, and (`max_memory`: a command's --max-memory for reading a model) a model
+    held whole on it (--max-memory leaves layers on disk and the rest in CPU memory): both said before anything
+    loads."""
+    import torch
+
+    from .errors import CompressError
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise CompressError("--device cuda, but torch sees no CUDA GPU here; use --device cpu")
+    if device == "cuda" and max_memory:
+        raise CompressError("--max-memory runs a model larger than memory on the CPU; with --device cuda the model "
+                            "must fit the GPU: drop one of the two")
+
+
 _MAX_MEMORY_READ = click.option(
     "--max-memory", default=None,
     help="Cap the CPU memory the weights take (e.g. 8GB): decoder layers that do not fit are read from the "

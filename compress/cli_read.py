@@ -11,7 +11,8 @@ from .checkpoint import folder_bytes
 from .cli_eval import (EVAL_SEQ_LEN, _baseline_not_source, _check_baseline, _check_baseline_tokenizer, _check_kv_text,
                        _evaluate, _read_text, _recorded_source, _residual_length)
 from .cli_format import _console, _finite, _mb, _non_empty, _print_eval, _print_wrapped, _table
-from .cli_options import _DTYPE, _MAX_MEMORY_READ, _SPARSE_RUNTIME, _read_offload, _say_offloaded
+from .cli_options import (_DEVICE_READ, _DTYPE, _MAX_MEMORY_READ, _SPARSE_RUNTIME, _check_read_device,
+                          _read_offload, _say_offloaded)
 from .errors import CompressError
 from .progress import phase
 
@@ -41,10 +42,11 @@ from .progress import phase
 @click.option("--allow-pickle", is_flag=True, help="Allow loading a model stored as pickled .bin (trusted files only).")
 @_DTYPE
 @_MAX_MEMORY_READ
+@_DEVICE_READ
 @click.option("--json", "as_json", is_flag=True)
 def eval_cmd(model_src, baseline, text_file, seq_len, max_windows, speed, activation_sparsity, sparse_runtime,
              allow_pickle, dtype, as_json, suite=None, suite_dir=None, suite_limit=None, plot_file=None,
-             max_memory=None):
+             max_memory=None, device="cpu"):
     """Perplexity, KL and top-1 agreement vs a baseline on held-out text; parameters, bytes, tokens/s."""
     from . import models
     from .evaluate import generation_speed, paired_generation_speed
@@ -55,6 +57,7 @@ def eval_cmd(model_src, baseline, text_file, seq_len, max_windows, speed, activa
         from .eval.report import check_suite_options
 
         check_suite_options(suite, suite_dir, plot_file, suite_limit)
+    _check_read_device(device, max_memory)
     offload = _read_offload(max_memory)
     not_source = None
     if baseline is None:
@@ -75,7 +78,7 @@ def eval_cmd(model_src, baseline, text_file, seq_len, max_windows, speed, activa
     text = _read_text(text_file) if text_file else None
     with phase(f"loading {model_src}", enabled=not max_memory):
         model = models.load(model_src, sparse_runtime=sparse_runtime, allow_pickle=allow_pickle, dtype=dtype,
-                            **offload)
+                            device=device, **offload)
     _say_offloaded(model, max_memory)
     _check_kv_text(tokenizer, text, _residual_length(model, []), model.config)
     if activation_sparsity and getattr(model, "compress_offloaded_layers", None):  # (a traceback after the eval)
@@ -87,7 +90,8 @@ def eval_cmd(model_src, baseline, text_file, seq_len, max_windows, speed, activa
         check_down_weights(model)
     # the baseline is loaded once: the evaluation and the suite compare against it, the speed is timed with it
     with phase(f"loading the baseline {baseline}", enabled=bool(baseline) and not max_memory):
-        base = models.load(baseline, allow_pickle=allow_pickle, dtype=dtype, **offload) if baseline else None
+        base = (models.load(baseline, allow_pickle=allow_pickle, dtype=dtype, device=device, **offload)
+                if baseline else None)
     if base is not None:
         _say_offloaded(base, max_memory, how="read for each forward of the baseline")
     result = _evaluate(model, baseline, tokenizer, max_windows, progress=True, seq_len=seq_len, text=text,
@@ -174,8 +178,9 @@ def eval_cmd(model_src, baseline, text_file, seq_len, max_windows, speed, activa
 @_DTYPE
 @_SPARSE_RUNTIME
 @_MAX_MEMORY_READ
+@_DEVICE_READ
 def generate(model_src, prompt, max_new_tokens, sample, temperature, top_p, seed, allow_pickle, dtype,
-             sparse_runtime, max_memory=None):
+             sparse_runtime, max_memory=None, device="cpu"):
     """Generate text with a (compressed) model, as it will be used."""
     import torch
 
@@ -188,14 +193,15 @@ def generate(model_src, prompt, max_new_tokens, sample, temperature, top_p, seed
         named = given[0] if len(given) == 1 else f"{', '.join(given[:-1])} and {given[-1]}"
         raise CompressError(f"{named} {verb} to sampling; add --sample (greedy decoding ignores {them})")
 
+    _check_read_device(device, max_memory)
     offload = _read_offload(max_memory)
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # (seeds CUDA's generators too)
     tokenizer = models.load_tokenizer(model_src)  # before the model: a mistake found without the wait
     if tokenizer is None:
         raise CompressError(f"{model_src} has no tokenizer files; save the tokenizer with the model")
     with phase(f"loading {model_src}", enabled=not max_memory):
         model = models.load(model_src, sparse_runtime=sparse_runtime, allow_pickle=allow_pickle, dtype=dtype,
-                            **offload)
+                            device=device, **offload)
     _say_offloaded(model, max_memory)
     ids = tokenizer(prompt, return_tensors="pt", verbose=False).input_ids  # the length is checked below
     if ids.shape[1] == 0:
@@ -211,7 +217,7 @@ def generate(model_src, prompt, max_new_tokens, sample, temperature, top_p, seed
         reminder.setLevel(logging.ERROR)
     try:
         with torch.no_grad():
-            out = model.generate(ids, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.eos_token_id, **kwargs)
+            out = model.generate(ids.to(device), max_new_tokens=max_new_tokens, pad_token_id=tokenizer.eos_token_id, **kwargs)
     finally:  # (main called from Python: its logging as it was)
         reminder.setLevel(level)
     click.echo(tokenizer.decode(out[0], skip_special_tokens=True))

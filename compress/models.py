@@ -162,6 +162,9 @@ def load(
     if not isinstance(allow_pickle, bool):  # "false" from a config file is truthy: never unpickle on a guess
         raise CompressError(f"allow_pickle must be True or False, got {allow_pickle!r}")
     check_device(device)
+    if max_memory is not None and not meta and torch.device(device).type != "cpu":  # (what stays resident: CPU)
+        raise CompressError(f"max_memory runs a model larger than memory on the CPU; device={device!r} needs the "
+                            "model whole on the GPU: load without max_memory there")
 
     # a folder saved over while it is read (each save renames a new folder into place) would give a model mixed
     # from two saves, silently: the folder's identity before and after the read tells, and the read is repeated

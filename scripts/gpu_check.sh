@@ -10,9 +10,9 @@
 # ~520 s at most) and `bash scripts/gpu_check.sh sparse` (GPU kernels + sparse dispatch + sparse speed, ~500 s at
 # most); no argument runs both (only where a call may run ~1,020 s). `bash scripts/gpu_check.sh lin` (~440 s at most):
 # the linearized layers' Triton decode steps and their speed at Llama-3-8B layer shapes (issue 10).
-# `bash scripts/gpu_check.sh quick` (~530 s at most; give the device call timeout_s 590): the headline figure of
+# `bash scripts/gpu_check.sh quick` (~550 s at most; give the device call timeout_s 590): the headline figure of
 # each of issues 8, 9 and 10 in one call, for a session whose 15 device minutes hold only one: the GPU kernel tests
-# of all three, KV decode at batch 8 /
+# of all three (and the CLI's --device cuda), KV decode at batch 8 /
 # head_dim 128 / 8k and 32k + the 32k end-to-end row, 2:4 and bitmask layers at 4096x4096 and 14336x4096 for 1, 16
 # and 4096 tokens + the 2-layer end-to-end rows, the linearized hybrid and MoM decode at 1k/8k/32k. Every benchmark
 # prints a line per row to its .log/.err as it goes, so a part cut by its timeout still returns what it measured.
@@ -49,8 +49,8 @@ timeout 300 python3 -P benchmarks/sparse_speed.py --json --no-cpu --quality benc
 cp ~/.cache/compress/sparse_dispatch_*.json "$OUT/" 2>/dev/null || true
 fi
 if [ "$PART" = quick ]; then
-timeout -k 10 -s INT 150 python3 -P -m pytest -q -p no:cacheprovider tests/kernels/test_kv_attention.py tests/kvcache/test_cuda.py \
-  tests/prune/test_gpu_dispatch.py 2>&1 | tail -n 20 | tee "$OUT/kernel_tests.txt"
+timeout -k 10 -s INT 170 python3 -P -m pytest -q -p no:cacheprovider tests/kernels/test_kv_attention.py tests/kvcache/test_cuda.py \
+  tests/prune/test_gpu_dispatch.py tests/test_cli_device.py 2>&1 | tail -n 20 | tee "$OUT/kernel_tests.txt"
 timeout -k 10 -s INT 60 python3 -P -m pytest -q -p no:cacheprovider tests/linearize/test_models.py \
   tests/linearize/test_fla_cuda.py -k "triton_decode or fla" 2>&1 | tail -n 8 | tee "$OUT/linear_decode_tests.txt"
 timeout 140 python3 -P benchmarks/kv_serving.py --json --shapes 8,32768,128 8,8192,128 --max-seconds 100 \

@@ -13,7 +13,7 @@ from .cli_eval import (EVAL_SEQ_LEN, _baseline_not_source, _check_baseline, _che
 from .cli_format import _console, _finite, _mb, _non_empty, _print_eval, _print_wrapped, _table
 from .cli_options import (_DEVICE_READ, _DTYPE, _MAX_MEMORY_READ, _SPARSE_RUNTIME, _check_read_device,
                           _read_offload, _say_offloaded)
-from .errors import CompressError
+from .errors import CompressError, first_line
 from .progress import phase
 
 
@@ -179,8 +179,10 @@ def eval_cmd(model_src, baseline, text_file, seq_len, max_windows, speed, activa
 @_SPARSE_RUNTIME
 @_MAX_MEMORY_READ
 @_DEVICE_READ
+@click.option("--chat", is_flag=True, help="Send the prompt as a user message in the tokenizer's chat template (an "
+                                           "instruct model) and print only the reply.")
 def generate(model_src, prompt, max_new_tokens, sample, temperature, top_p, seed, allow_pickle, dtype,
-             sparse_runtime, max_memory=None, device="cpu"):
+             sparse_runtime, max_memory=None, device="cpu", chat=False):
     """Generate text with a (compressed) model, as it will be used."""
     import torch
 
@@ -199,13 +201,14 @@ def generate(model_src, prompt, max_new_tokens, sample, temperature, top_p, seed
     tokenizer = models.load_tokenizer(model_src)  # before the model: a mistake found without the wait
     if tokenizer is None:
         raise CompressError(f"{model_src} has no tokenizer files; save the tokenizer with the model")
+    ids = _chat_ids(tokenizer, prompt, model_src) if chat else tokenizer(prompt, return_tensors="pt",
+                                                                          verbose=False).input_ids
+    if ids.shape[1] == 0:  # (the length is checked once the model's context is known)
+        raise CompressError(f"the prompt {prompt!r} gives no tokens; give some text to continue")
     with phase(f"loading {model_src}", enabled=not max_memory):
         model = models.load(model_src, sparse_runtime=sparse_runtime, allow_pickle=allow_pickle, dtype=dtype,
                             device=device, **offload)
     _say_offloaded(model, max_memory)
-    ids = tokenizer(prompt, return_tensors="pt", verbose=False).input_ids  # the length is checked below
-    if ids.shape[1] == 0:
-        raise CompressError(f"the prompt {prompt!r} gives no tokens; give some text to continue")
     limited = _check_context(model, ids.shape[1], max_new_tokens)  # the prompt's length, with the new tokens
     models.check_token_ids(ids, model.config, "--prompt", check_context=limited)
     kwargs = ({"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": None} if sample
@@ -220,7 +223,21 @@ def generate(model_src, prompt, max_new_tokens, sample, temperature, top_p, seed
             out = model.generate(ids.to(device), max_new_tokens=max_new_tokens, pad_token_id=tokenizer.eos_token_id, **kwargs)
     finally:  # (main called from Python: its logging as it was)
         reminder.setLevel(level)
-    click.echo(tokenizer.decode(out[0], skip_special_tokens=True))
+    # a chat's prompt is the template's text (role headers, the system message): the reply alone is the answer
+    click.echo(tokenizer.decode(out[0, ids.shape[1]:] if chat else out[0], skip_special_tokens=True))
+
+
+def _chat_ids(tokenizer, prompt: str, model_src: str):
+    """ids [1, P] of `prompt` as the user's message in the tokenizer's chat template, ready for the reply."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise CompressError(f"--chat: the tokenizer of {model_src} has no chat template (a base model, or a "
+                            "tokenizer_config.json without `chat_template`); leave --chat out to continue the text")
+    try:
+        encoded = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                tokenize=True, return_dict=True, return_tensors="pt")
+    except Exception as exc:  # a Jinja template's own error (raise_exception(...), a syntax error)
+        raise CompressError(f"--chat: the chat template of {model_src} fails: {first_line(str(exc))}") from None
+    return encoded["input_ids"]
 
 
 def _layers_on_disk(model, base) -> str:

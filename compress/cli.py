@@ -9,7 +9,8 @@ from pathlib import Path
 import click
 
 from .cli_export import export_cmd
-from .cli_eval import EVAL_SEQ_LEN, _check_kv_text, _eval_windows, _evaluate, _read_text, _residual_length
+from .cli_eval import (EVAL_SEQ_LEN, _check_kv_text, _eval_windows, _evaluate, _read_text, _residual_length,
+                       eval_device)
 from .cli_format import _console, _mb, _print_eval, _print_passes, check_utf8_arguments, stored_dense_line
 from .cli_options import _DTYPE, _check_read_device, _say_offloaded
 from .cli_read import eval_cmd, generate, inspect, list_passes
@@ -302,11 +303,15 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
         # the model in memory goes first: with the checkpoint read back and the baseline it made three models at once
         del model
         gc.collect()
+        where, note = eval_device(device, max_memory, [Path(output), source_path], dtype)
+        if note:
+            click.echo(f"note: {note}", err=True)
         with phase(f"loading {output} back", enabled=not max_memory):
-            written = models.load(output, dtype=dtype, allow_pickle=allow_pickle, max_memory=max_memory)
+            written = models.load(output, dtype=dtype, allow_pickle=allow_pickle, max_memory=max_memory, device=where)
         result["eval"] = _evaluate(written, model_src, tokenizer, eval_windows, progress=True, seq_len=eval_seq_len,
                                    text=text, allow_pickle=allow_pickle, dtype=dtype, prepared=windows,
-                                   max_memory=max_memory)
+                                   max_memory=max_memory, device=where)
+        result["eval"]["device"] = where
     if as_json:
         click.echo(json_out.dumps(result))
         return

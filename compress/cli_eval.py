@@ -136,10 +136,41 @@ def _calibration_overlap(model, windows) -> float | None:
     return share if share >= 0.02 and round(share * picked) >= 2 else None
 
 
+# what the evaluation holds beyond the two models' weights: one window's activations and logits, CUDA's context
+EVAL_GPU_MARGIN = 1.2, 1 << 30
+
+
+def eval_device(device: str, max_memory, folders: list[Path], dtype: str) -> tuple[str, str | None]:
+    """(where `compress apply` evaluates, a note or None): the GPU its passes ran on when the checkpoint and the
+    original (`folders`) fit its free memory together at the compute `dtype` (an evaluation of a GPU-sized model
+    on the CPU takes hours); else the CPU, said. --max-memory evaluates on the CPU (layers read from disk)."""
+    if device != "cuda" or max_memory:
+        return "cpu", None
+    import torch
+
+    from .checkpoint import folder_bytes
+    from .models import read_config, storage_dtype
+
+    widths = {"float32": 4, "bfloat16": 2, "float16": 2}
+    need = 0
+    for folder in folders:
+        stored = storage_dtype(read_config(folder), folder).itemsize
+        need += folder_bytes(folder) * max(1.0, widths.get(dtype, stored) / stored)  # (codes do not widen: an excess)
+    scale, extra = EVAL_GPU_MARGIN
+    need = int(need * scale) + extra
+    free, _ = torch.cuda.mem_get_info()
+    if need > free:
+        return "cpu", (f"the evaluation runs on the CPU: the checkpoint and the original need about "
+                       f"{need / 2**30:.1f} GiB on the GPU, which has {free / 2**30:.1f} GiB free (slow for a large "
+                       "model: --eval-windows N, or --no-eval and `compress eval` on a larger GPU)")
+    return "cuda", None
+
+
 def _evaluate(model, baseline_src, tokenizer, windows, progress, seq_len: int = EVAL_SEQ_LEN, text: str | None = None,
-              allow_pickle: bool = False, dtype: str = "auto", prepared=None, max_memory=None, baseline_model=None):
-    """Evaluate a loaded `model` against the model at `baseline_src` (if any; `baseline_model`: it, loaded already)
-    on held-out windows (`prepared`, or cut here from `text`)."""
+              allow_pickle: bool = False, dtype: str = "auto", prepared=None, max_memory=None, baseline_model=None,
+              device: str = "cpu"):
+    """Evaluate a loaded `model` against the model at `baseline_src` (if any; `baseline_model`: it, loaded already,
+    else loaded here on `device`) on held-out windows (`prepared`, or cut here from `text`)."""
     from . import models
     from .evaluate import evaluate
 
@@ -147,7 +178,8 @@ def _evaluate(model, baseline_src, tokenizer, windows, progress, seq_len: int = 
     baseline = baseline_model
     if baseline is None and baseline_src:
         with phase(f"loading the baseline {baseline_src}", enabled=progress and not max_memory):
-            baseline = models.load(baseline_src, allow_pickle=allow_pickle, dtype=dtype, max_memory=max_memory)
+            baseline = models.load(baseline_src, allow_pickle=allow_pickle, dtype=dtype, max_memory=max_memory,
+                                   device=device)
     vocab = [getattr(models.text_config(m.config), "vocab_size", None) for m in (model, baseline) if m is not None]
     if len(set(vocab)) > 1:
         raise CompressError(f"the baseline {baseline_src} has a vocabulary of {vocab[1]} tokens, the model {vocab[0]}: "

@@ -97,6 +97,7 @@ def eval_cmd(model_src, baseline, text_file, seq_len, max_windows, speed, activa
     result = _evaluate(model, baseline, tokenizer, max_windows, progress=True, seq_len=seq_len, text=text,
                        allow_pickle=allow_pickle, dtype=dtype, baseline_model=base)
     result["baseline"] = baseline
+    result["device"] = device
     if not_source:
         result["source_model"] = not_source  # (beside a baseline that is not it)
     result["parameters"] = stored_parameters(model)

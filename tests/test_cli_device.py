@@ -72,6 +72,37 @@ def test_the_device_reaches_every_load(command, monkeypatch):
     assert seen == (["cpu", "cpu"] if command[0] == "eval" else ["cpu"])  # the model and the baseline
 
 
+# builtin:tiny stores 17.2 MB in bf16: two copies need 1.039 GiB with the margin, 1.077 GiB at float32
+@pytest.mark.parametrize("free_gib, dtype, expected", [(10, "auto", "cuda"), (10, "float32", "cuda"),
+                                                      (1.06, "auto", "cuda"), (1.06, "float32", "cpu"),
+                                                      (0.5, "auto", "cpu")])
+def test_apply_evaluates_on_the_gpu_when_both_models_fit_it(free_gib, dtype, expected, monkeypatch):
+    from compress.cli_eval import eval_device
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (int(free_gib * 2**30), 80 * 2**30))
+    tiny = models.resolve_model_path("builtin:tiny")
+    where, note = eval_device("cuda", None, [tiny, tiny], dtype)
+    assert where == expected
+    assert (note is None) == (expected == "cuda")
+    if note:
+        assert note.startswith("the evaluation runs on the CPU: the checkpoint and the original need about")
+    # the CPU's passes, and --max-memory (layers read from disk), evaluate on the CPU without a word
+    assert eval_device("cpu", None, [tiny], dtype) == ("cpu", None)
+    assert eval_device("cuda", "8GB", [tiny], dtype) == ("cpu", None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_apply_on_the_gpu_evaluates_there_as_eval_does(tmp_path):
+    out = tmp_path / "kivi"
+    result = run("apply", RECIPES / "kivi-2.yaml", "-o", out, "--device", "cuda", "--eval-windows", 2, "--json")
+    assert result.exit_code == 0, result.output
+    on_gpu = json.loads(result.stdout)["eval"]
+    assert on_gpu["device"] == "cuda"
+    result = run("eval", out, "--device", "cpu", "--max-windows", 2, "--no-speed", "--json")
+    on_cpu = json.loads(result.stdout)
+    assert on_gpu["kv_cache"]["ppl"] == pytest.approx(on_cpu["kv_cache"]["ppl"], rel=1e-2)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_a_compressed_kv_cache_model_evaluates_and_generates_on_the_gpu(tmp_path):
     out = tmp_path / "kivi"

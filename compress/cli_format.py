@@ -131,7 +131,9 @@ def _found(p: dict) -> str | None:
     kls = [(k.removeprefix("calibration_kl_").replace("_", "/"), d[k]) for k in
            ("calibration_kl_copy", "calibration_kl_scale_bias", "calibration_kl_distill") if k in d]
     if p["name"] == "vq_logits" and kls:
-        return "calibration KL to the dense head: " + " -> ".join(f"{v:.4g} ({k})" for k, v in kls)
+        kept = d.get("kept_stage")
+        return ("calibration KL to the dense head: " + " -> ".join(f"{v:.4g} ({k})" for k, v in kls)
+                + (f"; kept the {kept.replace('_', '/')} head, which fits the calibration text best" if kept else ""))
     return None
 
 

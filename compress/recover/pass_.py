@@ -293,6 +293,8 @@ class Recover(Pass):
                 raise CompressError("recover: kl_weight > 0 needs the original model; run it through compress.apply, "
                                     "which keeps a frozen copy of the model as it was before the first pass")
         fully_trained = self._fully_trained(model, targets)
+        after_step = [sub.after_training_step for top in (self._train_modules(model) if c.train_modules else {}).values()
+                      for sub in top.modules() if hasattr(sub, "after_training_step")]
         report = PassReport(name=self.name, modules=list(targets))
         report.skipped = {n: f"{type(m).__name__}: LoRA attaches to Linear or packed sparse layers"
                           for n, m in self.target_modules(model).items() if n not in targets}
@@ -327,7 +329,7 @@ class Recover(Pass):
                                 output_dir=output_dir, save_steps=c.save_steps if c.checkpoint_dir else None,
                                 resume_from=str(resume) if resume is not None else None, seed=c.seed,
                                 device=ctx.device, progress=ctx.progress, aux_weight=c.aux_weight,
-                                fully_trained=fully_trained, done=done)
+                                fully_trained=fully_trained, done=done, after_step=after_step)
             if c.checkpoint_dir:  # what the next run that finds these checkpoints compares (resume.py)
                 write_record(c.checkpoint_dir, self._planned(model, targets, ctx))
             runtimes = _decoded_for_training(model) if ctx.device == "cpu" else {}
@@ -375,7 +377,10 @@ class Recover(Pass):
             return {}
         modules = self._train_modules(model)
         _refuse_overlap(modules, targets)
-        return {f"{name}.{n}": p for name, m in modules.items() for n, p in m.named_parameters()}
+        # a module's own frozen parameters (a VQ head's exact shortlist rows) stay frozen
+        return {f"{name}.{sub}{'.' if sub else ''}{n}": p for name, m in modules.items()
+                for sub, owner in m.named_modules() for n, p in owner.named_parameters(recurse=False)
+                if n not in getattr(owner, "frozen_parameters", ())}
 
     def _training_windows(self, ctx: PassContext, count: int, seq_len: int):
         """`count` windows of `seq_len` tokens from the recipe's calibration source (its own draw, not the

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -196,8 +196,14 @@ class FullyTrainedParameters(TrainerCallback):
     checkpoint and read back on resume: PEFT's checkpoints hold only the adapter, so a resumed run restarted them
     from their initial values, silently."""
 
-    def __init__(self, params: dict[str, nn.Parameter]):
+    def __init__(self, params: dict[str, nn.Parameter], after_step: list | None = None):
         self.params = params
+        self.after_step = after_step or []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        for restore in self.after_step:  # e.g. a VQ head's shortlist tokens back to scale 1, bias 0
+            restore()
+        return control
 
     def on_save(self, args, state, control, **kwargs):
         from safetensors.torch import save_file
@@ -248,6 +254,7 @@ class TrainingPlan:
     aux_weight: float = 0.0         # weight of the modules' auxiliary losses (MoM load balance)
     fully_trained: dict[str, nn.Parameter] | None = None  # trained in full beside LoRA: kept in each checkpoint
     done: tuple[int, int] = (0, 0)  # (steps, tokens) the checkpoint it resumes from had trained
+    after_step: list = field(default_factory=list)  # modules' invariants restored after each optimizer step
 
 
 def steps_for_budget(max_tokens: int, batch_size: int, seq_len: int, world_size: int = 1,
@@ -338,7 +345,7 @@ def train(peft_model: nn.Module, plan: TrainingPlan, teacher: nn.Module | None, 
         label_names=["labels"],
     )
     budget = WallClockBudget(plan.max_seconds)
-    full = FullyTrainedParameters(plan.fully_trained or {})
+    full = FullyTrainedParameters(plan.fully_trained or {}, plan.after_step)
     per_step = plan.tokens_per_step * args.world_size
     shown = TrainingProgress(plan.progress)
     trainer = RecoveryTrainer(model=peft_model, args=args, train_dataset=plan.windows,

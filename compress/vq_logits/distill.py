@@ -3,6 +3,7 @@ calibration hidden states, training codebook, scales and biases (the backbone is
 is a fixed set of hidden states). Plain torch Adam, a step and a wall-clock budget, a progress bar."""
 from __future__ import annotations
 
+import copy
 import time
 
 import torch
@@ -34,7 +35,21 @@ def distill_head(head: VQLogitsHead, hidden: torch.Tensor, dense_weight: torch.T
                  progress: bool = True) -> dict:
     """Fine-tune `head` in place on random minibatches of `hidden` [N, d]; stops at `steps` or `max_seconds`.
 
-    Adam with a cosine-decayed learning rate; shortlist tokens stay exact (their scale/bias are reset each step)."""
+    Adam with a cosine-decayed learning rate; shortlist tokens stay exact (their scale/bias are reset each step).
+    A half-precision head trains a float32 copy, copied back at the end: Adam's eps (1e-8) is 0 in float16, which
+    made the first step 0/0 (the whole head NaN), and in bfloat16 most steps were below half an ulp of the scales
+    (63% of them never moved)."""
+    trained = head if head.codebook.dtype == torch.float32 else copy.deepcopy(head).float()
+    stats = _adam_steps(trained, hidden, dense_weight, steps, max_seconds, lr, batch_size, seed, progress)
+    if trained is not head:
+        with torch.no_grad():
+            for name in ("codebook", "scales", "biases"):
+                getattr(head, name).copy_(getattr(trained, name))
+    return stats
+
+
+def _adam_steps(head: VQLogitsHead, hidden, dense_weight, steps, max_seconds, lr, batch_size, seed,
+                progress) -> dict:
     params = [head.codebook, head.scales, head.biases]
     opt = torch.optim.Adam(params, lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + torch.cos(torch.tensor(s / max(steps, 1) * torch.pi)).item()))

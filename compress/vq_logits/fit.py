@@ -60,7 +60,12 @@ def fit_scale_bias(hidden: torch.Tensor, dense_weight: torch.Tensor, table: torc
         prob_mass = torch.zeros(v, dtype=torch.float64, device=hidden.device)
         for i in progress_bar(range(0, n_total, chunk), "vq_logits: each token's probability mass", enabled=progress):
             prob_mass += _column_sums(torch.softmax(hidden[i:i + chunk].float() @ w.t(), dim=-1))
-        prob_scale = (share / prob_mass.clamp_min(1e-300)).float()
+        # a token with no probability at any position (its logit ~100 below the top everywhere, or less: a
+        # suppressed or reserved token) has no contexts to weight: it is fitted uniformly (share / mass overflowed
+        # float32 to inf, and p * inf = 0 * inf gave NaN scales and biases)
+        dead = share / prob_mass.clamp_min(1e-300) > torch.finfo(torch.float32).max
+        prob_scale = torch.where(dead, 0.0, share / prob_mass.clamp_min(1e-300)).float()
+        uniform = torch.where(dead, 1.0 / n_total, (1.0 - share) / n_total).float()
     sw, sg, sgg, sz, sgz = (torch.zeros(v, dtype=torch.float64, device=hidden.device) for _ in range(5))
     for i in progress_bar(range(0, n_total, chunk), "vq_logits: fitting each token's scale and bias", enabled=progress):
         h = hidden[i:i + chunk].float()
@@ -69,7 +74,7 @@ def fit_scale_bias(hidden: torch.Tensor, dense_weight: torch.Tensor, table: torc
         if prob_mass is None:
             om = torch.full_like(z, 1.0 / n_total)
         else:
-            om = torch.softmax(z, dim=-1).mul_(prob_scale).add_((1.0 - share) / n_total)
+            om = torch.softmax(z, dim=-1).mul_(prob_scale).add_(uniform)
         sw += _column_sums(om)
         og = om * g
         sg += _column_sums(og)

@@ -63,6 +63,12 @@ class VQLogitsHead(nn.Module):
             head.reset_shortlist()
         return head
 
+    # what training the head in full (recover's train_modules) must leave alone, and restore after each step
+    frozen_parameters = ("shortlist_weight",)
+
+    def after_training_step(self) -> None:
+        self.reset_shortlist()
+
     @torch.no_grad()
     def reset_shortlist(self) -> None:
         """Shortlist tokens use their exact row unchanged: scale 1, bias 0 (after fitting or a distillation step)."""

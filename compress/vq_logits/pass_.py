@@ -11,7 +11,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from ..errors import CalibrationError, CheckpointError, ConfigError, UnsupportedModelError
+from ..errors import CalibrationError, CheckpointError, CompressError, ConfigError, UnsupportedModelError
 from ..pass_api import (Pass, PassConfig, PassContext, PassReport, head_shares_embedding, replace_module,
                         tensor_bytes, timed)
 from ..registry import register_pass
@@ -52,7 +52,7 @@ def build_vq_head(weight: torch.Tensor, hidden: torch.Tensor | None, counts: tor
                                  shortlist_weight=w_cpu[shortlist_ids] if c.shortlist else None)
     vq = vq.to(device=weight.device, dtype=weight.dtype)
     details["kmeans_iterations"] = km.iterations
-    stages = [("copy", vq)]
+    stages = [("copy", _check_finite("copy", vq))]
     probe = hidden[:4096] if hidden is not None else None
     if probe is not None:
         details["calibration_kl_copy"] = round(kl_dense_to_head(probe, weight, vq), 5)
@@ -65,19 +65,40 @@ def build_vq_head(weight: torch.Tensor, hidden: torch.Tensor | None, counts: tor
             vq.scales.copy_(scales)
             vq.biases.copy_(biases)
         vq.reset_shortlist()
-        stages.append(("scale_bias", vq))
+        stages.append(("scale_bias", _check_finite("scale_bias", vq)))
         details["calibration_kl_scale_bias"] = round(kl_dense_to_head(probe, weight, vq), 5)
     if c.distill:
         vq = copy.deepcopy(vq) if keep_stages else vq
         details["distill"] = distill_head(vq, hidden, weight, steps=c.distill_steps, max_seconds=c.distill_seconds,
                                           lr=c.distill_lr, batch_size=c.distill_batch_size, seed=c.seed,
                                           progress=progress)
-        stages.append(("distill", vq))
+        stages.append(("distill", _check_finite("distill", vq)))
         details["calibration_kl_distill"] = round(kl_dense_to_head(probe, weight, vq), 5)
     for _, head in stages:
         for p in head.parameters():
             p.requires_grad_(p is not head.shortlist_weight)
     return stages, details
+
+
+def kept_stage(stages: list[tuple[str, VQLogitsHead]], details: dict) -> tuple[str, VQLogitsHead]:
+    """The stage whose head is closest to the dense head on the calibration positions (the last of equals): a fit
+    or a distillation that fits even the text it was fitted on worse than the stage before it (a sharply peaked
+    head, a few hundred positions) is not kept over it."""
+    kls = [details.get(f"calibration_kl_{stage}") for stage, _ in stages]
+    if any(kl is None for kl in kls):  # (no calibration: the copy alone)
+        return stages[-1]
+    best = min(range(len(stages)), key=lambda i: (kls[i], -i))
+    return stages[best]
+
+
+def _check_finite(stage: str, head: VQLogitsHead) -> VQLogitsHead:
+    """`head`, as the stage left it; a head with NaN or inf values was written, the apply exiting 0 and every logit
+    of the model NaN."""
+    bad = [name for name, p in head.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise CompressError(f"vq_logits: the {stage} stage left non-finite values in {', '.join(bad)} (nothing "
+                            "written); try scale_bias: false or distill: false, and report it")
+    return head
 
 
 @register_pass("vq_logits")
@@ -198,8 +219,10 @@ class VQLogits(Pass):
         with timed(report):
             hidden, counts = (self._calibration(model, head, ctx) if self.needs_calibration_for()
                               else (None, torch.zeros(vocab)))
-            stages, details = build_vq_head(weight, hidden, counts, c, progress=ctx.progress)
-            vq = stages[-1][1]
+            stages, details = build_vq_head(weight, hidden, counts, c, progress=ctx.progress, keep_stages=True)
+            stage, vq = kept_stage(stages, details)
+            if stage != stages[-1][0]:
+                details["kept_stage"] = stage
             replace_module(model, name, vq)
             if tied:
                 model.config.tie_word_embeddings = False

@@ -293,8 +293,9 @@ class Recover(Pass):
                 raise CompressError("recover: kl_weight > 0 needs the original model; run it through compress.apply, "
                                     "which keeps a frozen copy of the model as it was before the first pass")
         fully_trained = self._fully_trained(model, targets)
-        after_step = [sub.after_training_step for top in (self._train_modules(model) if c.train_modules else {}).values()
-                      for sub in top.modules() if hasattr(sub, "after_training_step")]
+        trained_in_full = self._train_modules(model) if c.train_modules else {}
+        after_step = [sub.after_training_step for top in trained_in_full.values() for sub in top.modules()
+                      if hasattr(sub, "after_training_step")]
         report = PassReport(name=self.name, modules=list(targets))
         report.skipped = {n: f"{type(m).__name__}: LoRA attaches to Linear or packed sparse layers"
                           for n, m in self.target_modules(model).items() if n not in targets}

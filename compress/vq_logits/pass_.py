@@ -196,6 +196,9 @@ class VQLogits(Pass):
     def _checked_head(self, model: nn.Module) -> tuple[str, nn.Linear]:
         c = self.config
         name, head = self._head(model)
+        if isinstance(head, VQLogitsHead):
+            raise UnsupportedModelError(f"vq_logits: {name} is a codebook head already (vq_logits ran on this model): "
+                                        "run vq_logits on the model it was made from for another codebook")
         if not isinstance(head, nn.Linear) or head.bias is not None:
             raise UnsupportedModelError(f"vq_logits: {name} is a {type(head).__name__}"
                                         f"{' with a bias' if isinstance(head, nn.Linear) else ''}; "

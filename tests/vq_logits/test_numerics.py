@@ -106,3 +106,17 @@ passes:
     assert recovered.details["fully_trained_parameters"] == head.codebook.numel() + 2 * dense.shape[0]
     # and what it does train moved
     assert not torch.equal(head.scales, torch.ones_like(head.scales))
+
+
+def test_a_second_codebook_over_the_first_is_refused_by_name(reference_model):
+    import copy
+
+    from compress import api
+    from compress.errors import UnsupportedModelError
+
+    def plain():
+        return VQLogits(VQLogits.Config(num_codes=64, scale_bias=False, distill=False, weighting="uniform"))
+
+    model, _ = api.apply(copy.deepcopy(reference_model), [plain()], progress=False)
+    with pytest.raises(UnsupportedModelError, match="lm_head is a codebook head already"):
+        api.apply(model, [plain()], progress=False)

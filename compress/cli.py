@@ -168,7 +168,7 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
           dtype, export_format, max_memory, offload_folder, as_json):
     """Run a recipe's passes on a model and export a compressed checkpoint."""
     from . import api, checkpoint, models
-    from .environment import is_main_process, use_local_gpu
+    from .environment import check_launcher, is_main_process, single_process, use_local_gpu
     from .recipe import Recipe
 
     for option, value in (("--model", model_src), ("--output", output)):
@@ -177,6 +177,8 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
     r = Recipe.from_yaml(recipe)
     # under torchrun / accelerate launch every process runs the passes (recover trains data-parallel); the main one
     # alone checks and writes the output, evaluates and prints
+    if not single_process():  # a rank without its launcher (variables left in a shell) ran silently, wrote nothing
+        check_launcher()
     main = is_main_process()
     overrides = {"model": model_src, "output": output}  # as given on the command line (None: the recipe's)
     model_src = model_src or r.resolved_model()
@@ -264,7 +266,8 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
     offload = {"max_memory": max_memory, "offload_folder": offload_folder} if max_memory else {}
     with phase(f"loading {model_src}", enabled=not max_memory):  # (layers on disk have a bar of their own)
         model = models.load(model_src, allow_pickle=allow_pickle, dtype=dtype, **offload)
-    _say_offloaded(model, max_memory, "read, compressed and written back one at a time")
+    if main:
+        _say_offloaded(model, max_memory, "read, compressed and written back one at a time")
     text = _read_text(eval_text) if do_eval and eval_text else None
     eval_seq_len = EVAL_SEQ_LEN
     context = models.context_length(model.config)

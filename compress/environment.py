@@ -57,24 +57,39 @@ def check_environment() -> None:
                                 "CPU interpreter; unset it to run the CPU kernels")
 
 
+# where a launcher says how many processes there are and which one this is, in accelerate's order
+# (utils.get_cpu_distributed_information): torchrun / accelerate launch, then MPI (MPICH / Intel MPI, Open MPI,
+# MVAPICH), which accelerate's mpirun launcher (`--mpirun_hostfile`) leaves them to until its state is built
+WORLD_SIZE_NAMES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+RANK_NAMES = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
+LOCAL_RANK_NAMES = ("LOCAL_RANK", "MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_RANK")
+
+
+def _launcher_value(names: tuple[str, ...]) -> tuple[str, str] | None:
+    """(name, raw value) of the first of `names` set, or None."""
+    return next(((name, os.environ[name]) for name in names if name in os.environ), None)
+
+
 def world_size() -> int:
-    """WORLD_SIZE: how many training processes share a run (set by `torchrun` / `accelerate launch`; 1 when unset).
-    Read by the recover pass, which splits its token budget across them: a value that is not a positive integer
-    raises CompressError (it used to end in a ValueError, a ZeroDivisionError or a RuntimeError deep in training)."""
-    raw = os.environ.get("WORLD_SIZE")
-    if raw is None:
+    """How many training processes share a run: WORLD_SIZE (torchrun / accelerate launch) or MPI's size (accelerate's
+    mpirun launcher); 1 when none is set. Read by the recover pass, which splits its token budget across them: a
+    value that is not a positive integer raises CompressError (it used to end in a ValueError, a ZeroDivisionError or
+    a RuntimeError deep in training). Under MPI every process acted as rank 0 before: all wrote the output."""
+    found = _launcher_value(WORLD_SIZE_NAMES)
+    if found is None:
         return 1
+    name, raw = found
     value = raw.strip()
     if not value.isascii() or not value.isdigit() or int(value) < 1:
-        raise CompressError(f"WORLD_SIZE={raw!r} must be a positive integer (the number of training processes, set by "
-                            "torchrun or accelerate launch); unset it to train in one process")
+        raise CompressError(f"{name}={raw!r} must be a positive integer (the number of training processes, set by "
+                            f"torchrun, accelerate launch or mpirun); unset it to train in one process")
     return int(value)
 
 
 def process_rank() -> int:
-    """RANK: this process's place among the launcher's processes (0 when unset, or when RANK is not a number: the
-    launcher sets it, and check_launcher refuses WORLD_SIZE above 1 without it)."""
-    raw = os.environ.get("RANK", "").strip()
+    """This process's place among the launcher's processes: RANK, or MPI's (0 when unset, or not a number: the
+    launcher sets it, and check_launcher refuses a world above 1 without it)."""
+    raw = (_launcher_value(RANK_NAMES) or ("", ""))[1].strip()
     return int(raw) if raw.isascii() and raw.isdigit() else 0
 
 
@@ -96,7 +111,7 @@ def single_process() -> bool:
 def use_local_gpu(device: str) -> None:
     """Under a launcher, `cuda` means this process's GPU (LOCAL_RANK), as it does for the Trainer: every process
     calibrated on GPU 0 before."""
-    raw = os.environ.get("LOCAL_RANK", "").strip()
+    raw = (_launcher_value(LOCAL_RANK_NAMES) or ("", ""))[1].strip()
     if device == "cuda" and not single_process() and raw.isdigit():
         import torch
 
@@ -107,10 +122,19 @@ def check_launcher() -> None:
     """WORLD_SIZE above 1 needs the launcher's rendezvous (RANK and MASTER_ADDR, which torchrun / accelerate launch
     set): without it accelerate stopped training with a ValueError traceback, after the earlier passes had run."""
     n = world_size()
-    missing = [name for name in ("RANK", "MASTER_ADDR") if not os.environ.get(name)]
+    rank_set = any(os.environ.get(name, "").strip() for name in RANK_NAMES)
+    missing = ([] if rank_set else ["RANK"]) + ([] if os.environ.get("MASTER_ADDR") else ["MASTER_ADDR"])
     if n > 1 and missing:
-        raise CompressError(f"WORLD_SIZE={n} but {' and '.join(missing)} unset: start the run with `accelerate launch "
-                            "-m compress.cli apply ...` (or torchrun), or unset WORLD_SIZE to train in one process")
+        name = _launcher_value(WORLD_SIZE_NAMES)[0]
+        raise CompressError(f"{name}={n} but {' and '.join(missing)} unset: start the run with `accelerate launch "
+                            f"-m compress.cli apply ...` (or torchrun), or unset {name} to train in one process")
+
+
+def one_process_of_accelerate() -> bool:
+    """`accelerate launch --num_processes N` with its simple launcher (`--cpu`, or no GPU here) starts one process:
+    it sets ACCELERATE_USE_CPU and (for N > 1) MASTER_ADDR, but no WORLD_SIZE, so the run trained alone, silently."""
+    return ("ACCELERATE_USE_CPU" in os.environ and _launcher_value(WORLD_SIZE_NAMES) is None
+            and bool(os.environ.get("MASTER_ADDR")))
 
 
 def sparse_path() -> str | None:

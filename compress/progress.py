@@ -13,8 +13,15 @@ T = TypeVar("T")
 LOG_EVERY_SECONDS = 10.0
 
 
+def _shown(enabled: bool) -> bool:
+    """Under a launcher the main process alone shows progress (each rank drew its own bars and spinners)."""
+    from .environment import is_main_process
+
+    return enabled and is_main_process()
+
+
 def progress_bar(items: Iterable[T], description: str = "", total: int | None = None, enabled: bool = True):
-    if not enabled:
+    if not _shown(enabled):
         return items
     if not sys.stderr.isatty():
         return log_lines(items, description, total)
@@ -58,7 +65,7 @@ def phase(description: str, enabled: bool = True, after: float = 2.0):
     """A step with nothing to count (loading a model, timing generation, writing a checkpoint): a spinner on a
     terminal; elsewhere a line once it has taken `after` seconds and one when it ends (quick steps print nothing).
     Nothing inside may show a progress bar of its own (one live display at a time)."""
-    if not enabled:
+    if not _shown(enabled):
         yield
         return
     if sys.stderr.isatty():

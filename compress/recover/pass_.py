@@ -8,7 +8,6 @@ map) can be trained in full beside LoRA (`train_modules`), and auxiliary losses 
 load balance) join the loss with weight `aux_weight`."""
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -18,7 +17,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from ..environment import check_launcher, world_size
+from ..environment import check_launcher, one_process_of_accelerate, world_size
 from ..errors import CalibrationError, CheckpointError, CompressError, ConfigError, TargetError
 from ..pass_api import (Pass, PassConfig, PassContext, PassReport, head_shares_embedding, left_by_earlier,
                         tensor_bytes, timed)
@@ -354,10 +353,10 @@ class Recover(Pass):
             model.requires_grad_(False)
             for name, p in model.named_parameters():
                 p.requires_grad_(trainable_before.get(name, False))
-        if _one_process_of_accelerate_cpu():
-            report.notes.append("accelerate launch --cpu ran this as one process whatever --num_processes said (its "
-                                "CPU launcher sets no WORLD_SIZE): for several CPU processes use torchrun "
-                                "--nproc_per_node N -m compress.cli apply ...")
+        if one_process_of_accelerate():
+            report.notes.append("accelerate launch ran this as one process whatever --num_processes said (its "
+                                "launcher for --cpu, or a machine without GPUs, sets no WORLD_SIZE): for several CPU "
+                                "processes use torchrun --nproc_per_node N -m compress.cli apply ...")
         if stats["stopped_by"] == "wall_clock":  # the schedule never reached its decay: say so, with the fix
             report.notes.append(
                 f"max_minutes stopped training after {stats['steps']} of {stats['max_steps']} steps, with the "
@@ -450,17 +449,6 @@ def _refuse_overlap(modules, targets) -> None:
     if overlap:
         raise ConfigError(f"recover: train_modules {overlap[:3]} overlap the LoRA targets; a module is trained "
                           "either through LoRA (targets) or in full (train_modules), not both")
-
-
-MPI_WORLD_SIZES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")  # (Open MPI, MPICH / Intel, MVAPICH)
-
-
-def _one_process_of_accelerate_cpu() -> bool:
-    """`accelerate launch --cpu --num_processes N` starts one process: its simple launcher sets ACCELERATE_USE_CPU
-    and (for N > 1) MASTER_ADDR, but no WORLD_SIZE, so the run trained alone, silently."""
-    use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").strip().lower() in ("1", "true", "yes", "on")
-    mpi = any(k in os.environ for k in MPI_WORLD_SIZES)  # its mpirun launcher: MPI says the size, not WORLD_SIZE
-    return use_cpu and not mpi and "WORLD_SIZE" not in os.environ and bool(os.environ.get("MASTER_ADDR"))
 
 
 def _decoded_for_training(model: nn.Module) -> dict[SparseLinear, str]:

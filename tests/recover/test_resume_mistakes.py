@@ -446,26 +446,27 @@ def test_a_batch_too_large_for_memory_is_refused_before_any_pass(tmp_path, monke
 
 
 def test_accelerate_launch_on_the_cpu_running_one_process_is_noted(tmp_path, monkeypatch):
-    """`accelerate launch --cpu --num_processes 2` starts one process (its CPU launcher sets no WORLD_SIZE): the run
-    trained alone, saying nothing."""
-    from compress.recover.pass_ import _one_process_of_accelerate_cpu
+    """`accelerate launch --num_processes 2` with its simple launcher (--cpu, or a machine without GPUs) starts one
+    process and sets no WORLD_SIZE: the run trained alone, saying nothing (without --cpu, even after a first fix)."""
+    from compress.environment import one_process_of_accelerate as one_process
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    for use_cpu, master, noted in (("True", "127.0.0.1", True), ("False", "127.0.0.1", False), ("True", "", False)):
+    for use_cpu, master, noted in (("True", "127.0.0.1", True), ("False", "127.0.0.1", True), ("True", "", False)):
         monkeypatch.setenv("ACCELERATE_USE_CPU", use_cpu)
         monkeypatch.setenv("MASTER_ADDR", master)
-        assert _one_process_of_accelerate_cpu() is noted
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+        assert one_process() is noted
+    monkeypatch.delenv("ACCELERATE_USE_CPU")
+    assert not one_process()  # (not accelerate's launcher)
     monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
     monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")  # accelerate's mpirun launcher: MPI gives the size
-    assert not _one_process_of_accelerate_cpu()
+    assert not one_process()
     monkeypatch.delenv("OMPI_COMM_WORLD_SIZE")
     monkeypatch.setenv("WORLD_SIZE", "1")  # torchrun's one process: asked for
-    assert not _one_process_of_accelerate_cpu()
+    assert not one_process()
     monkeypatch.delenv("WORLD_SIZE")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     result = apply(recipe(tmp_path / "c.yaml", "max_tokens: 64, batch_size: 2, seq_len: 32"), "-o", tmp_path / "x",
                    "--no-eval", "--json")
     assert result.exit_code == 0, result.output
     notes = json.loads(result.stdout)["passes"][0]["notes"]
-    assert any("accelerate launch --cpu ran this as one process" in n and "torchrun" in n for n in notes), notes
+    assert any("accelerate launch ran this as one process" in n and "torchrun" in n for n in notes), notes

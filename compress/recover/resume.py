@@ -77,6 +77,29 @@ def _check_complete(path: Path, what: str, fix: str) -> None:
     if not any(child.is_file() and "optimizer" in child.name for child in path.iterdir()):
         raise ConfigError(f"recover: {what} of a recover run in full (no optimizer state, optimizer.pt: "
                           f"copied in part?); {fix}")
+    # each rank writes its own files (rng_state_1.pth, ...), trainer_state.json rank 0: a rank killed while saving
+    # left a checkpoint that looked whole, and the resume ended in a zip-reader traceback on one rank and a
+    # connection error on the others
+    cut = next((child.name for child in sorted(path.iterdir()) if child.is_file() and not _whole(child)), None)
+    if cut:
+        raise ConfigError(f"recover: {what} whose {cut} is cut short (a save interrupted?); {fix}")
+
+
+def _whole(file: Path) -> bool:
+    """Whether a file torch.save (.pt, .pth, .bin: zip archives) or safetensors wrote reads to its end."""
+    import zipfile
+
+    if file.suffix in (".pt", ".pth", ".bin"):
+        return zipfile.is_zipfile(file)
+    if file.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(file), "pt") as f:
+                f.keys()
+        except Exception:  # (safetensors' own errors: a header or a buffer cut short)
+            return False
+    return True
 
 
 def latest_checkpoint(folder: str | None) -> Path | None:

@@ -4,7 +4,9 @@ A rerun with the same recipe still resumes from the checkpoints it finds."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -176,7 +178,7 @@ def fake_checkpoint(folder: Path, shapes: dict[str, tuple[int, int]], r: int = 8
     save_file(tensors, str(folder / "adapter_model.safetensors"))
     if state:
         (folder / "trainer_state.json").write_text("{}")
-    (folder / "optimizer.pt").write_bytes(b"")  # only its presence is checked: nothing here is ever unpickled
+    zipfile.ZipFile(folder / "optimizer.pt", "w").close()  # a whole (empty) zip archive, as torch.save writes one
     return folder
 
 
@@ -309,18 +311,25 @@ def test_a_truncated_trainer_state_is_refused_up_front(tmp_path, monkeypatch, no
             "trainer_state.json does not read", "delete")
 
 
-def test_a_checkpoint_without_its_optimizer_state_is_refused_up_front(tmp_path, monkeypatch, no_training):
-    """The Trainer resumes from a checkpoint that lost optimizer.pt (copied in part) with Adam's moments restarted,
-    saying nothing."""
+@pytest.mark.parametrize("damage, said", [("optimizer.pt", "no optimizer state, optimizer.pt"),
+                                          ("rng_state_1.pth", "whose rng_state_1.pth is cut short"),
+                                          ("adapter_model.safetensors", "whose adapter_model.safetensors is cut")])
+def test_a_checkpoint_without_its_optimizer_state_is_refused_up_front(tmp_path, monkeypatch, no_training, damage,
+                                                                       said):
+    """The Trainer resumed from a checkpoint that lost optimizer.pt (copied in part) with Adam's moments restarted,
+    saying nothing; one whose file a rank was writing when it was killed (each rank writes its own rng_state_N.pth,
+    rank 0 trainer_state.json) ended in a zip-reader traceback on one rank and a connection error on the others."""
     monkeypatch.chdir(tmp_path)
-    fake_checkpoint(tmp_path / "ckd" / "checkpoint-3", tiny_targets())
-    (tmp_path / "ckd" / "checkpoint-3" / "optimizer.pt").unlink()
+    checkpoint = fake_checkpoint(tmp_path / "ckd" / "checkpoint-3", tiny_targets())
+    zipfile.ZipFile(checkpoint / "rng_state_1.pth", "w").close()
+    if damage == "optimizer.pt":
+        (checkpoint / damage).unlink()
+    else:
+        os.truncate(checkpoint / damage, (checkpoint / damage).stat().st_size - 10)
     rec = recipe(tmp_path / "k.yaml", "max_tokens: 128, batch_size: 2, checkpoint_dir: ckd")
-    refused(apply(rec, "-o", "o_k", "--no-eval"), "its newest checkpoint checkpoint-3 is incomplete",
-            "no optimizer state, optimizer.pt")
+    refused(apply(rec, "-o", "o_k", "--no-eval"), "its newest checkpoint checkpoint-3 is incomplete", said)
     refused(apply(recipe(tmp_path / "l.yaml", "max_tokens: 128, batch_size: 2, resume_from: ckd/checkpoint-3"),
-                  "-o", "o_l", "--no-eval"), "resume_from ckd/checkpoint-3 is not a Trainer checkpoint",
-            "no optimizer state")
+                  "-o", "o_l", "--no-eval"), "resume_from ckd/checkpoint-3 is not a Trainer checkpoint", said)
     assert not (tmp_path / "o_k").exists() and not (tmp_path / "o_l").exists()
 
 

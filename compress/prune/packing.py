@@ -57,3 +57,22 @@ def nm_nbytes(rows: int, cols: int, n: int, m: int, value_bytes: int) -> int:
 def bitmask_nbytes(rows: int, cols: int, nnz: int, value_bytes: int) -> int:
     """Stored bytes (values + bitmask); in memory SparseLinear adds 8 bytes of row offset per row."""
     return nnz * value_bytes + rows * ((cols + 7) // 8)
+
+
+def dense_pruned_mask(weight: torch.Tensor, nm: tuple[int, int] | None) -> tuple[torch.Tensor, tuple | None]:
+    """(kept mask, (n, m) or None) of a pruned layer stored dense: its exact zeros are the pruned weights. Under an
+    N:M structure each group of m keeps exactly n (a kept weight that is itself 0 fills a group with fewer nonzeros,
+    the lowest positions first); a group with more than n nonzeros means the layer no longer has the structure (a
+    later pass changed it): unstructured then."""
+    kept = weight != 0
+    if nm is None or weight.shape[1] % nm[1]:
+        return kept, None
+    n, m = nm
+    rows, cols = weight.shape
+    groups = kept.reshape(rows, cols // m, m)
+    if bool((groups.sum(-1) > n).any()):
+        return kept, None
+    order = torch.arange(m, device=weight.device).expand_as(groups)
+    pos = torch.sort(torch.where(groups, order, order + m), dim=-1).values[..., :n] % m  # (zeros after nonzeros)
+    mask = torch.zeros_like(groups).scatter_(-1, pos, True)
+    return mask.reshape(rows, cols), nm

@@ -382,6 +382,7 @@ class Prune(Pass):
         else:  # its exact zeros are the mask: marked, so that recover keeps them however few they are
             module.weight.data = pruned_weight
             module.compress_pruned = True
+            module.compress_pruned_nm = state.nm  # (a later quantize keeps the structure: packed_mask)
             state.dense_pruned.append(name)
 
     # ---------------------------------------------------------------------------------------------- restore
@@ -393,10 +394,14 @@ class Prune(Pass):
             raise CheckpointError("the prune entry's `dense_pruned` is not a list of module names: the checkpoint's "
                                   "config.json is damaged")
         modules = dict(model.named_modules())
+        try:
+            nm = parse_structure(str((entry.get("args") or {}).get("structure", "unstructured")))
+        except ConfigError:  # (a damaged record: the zeros are still the mask, without a structure)
+            nm = None
         for name in dense_pruned:
             module = modules.get(name)
             if isinstance(module, nn.Linear):
-                module.compress_pruned = True
+                module.compress_pruned, module.compress_pruned_nm = True, nm
         for name, spec in (entry.get("restore") or {}).items():
             try:
                 module = model.get_submodule(name)

@@ -149,3 +149,18 @@ def test_owl_keeps_the_recipes_mean_when_layers_hit_the_bounds(sparsity, lam):
     assert all(0.0 <= x <= 0.999 for x in s)
     order = sorted(range(len(ratios)), key=ratios.__getitem__)
     assert all(s[a] >= s[b] for a, b in zip(order, order[1:]))  # more outliers, never more pruning
+
+
+def test_the_mask_of_a_pruned_layer_stored_dense():
+    from compress.prune.packing import dense_pruned_mask
+
+    w = torch.tensor([[1.0, 0.0, 2.0, 0.0, 0.0, 0.0, 3.0, 0.0],    # 2 of 4, then a group with one nonzero
+                      [0.0, 5.0, 0.0, 6.0, 7.0, 0.0, 0.0, 8.0]])
+    mask, nm = dense_pruned_mask(w, (2, 4))
+    assert nm == (2, 4) and (mask.view(2, 2, 4).sum(-1) == 2).all()  # exactly 2 of 4: pack_nm's contract
+    assert mask[w != 0].all()  # every nonzero kept; a kept 0 fills the group, at its lowest free position
+    assert mask[0, 4] and not mask[0, 5]
+    w[0, 1] = 9.0  # three nonzeros in a group: no longer 2:4, so unstructured (the zeros still the mask)
+    mask, nm = dense_pruned_mask(w, (2, 4))
+    assert nm is None and torch.equal(mask, w != 0)
+    assert dense_pruned_mask(w, None)[1] is None

@@ -12,7 +12,8 @@ from torch import nn
 from ..cache_choice import drop_unusable_cache_implementation, removed_note
 from ..errors import ConfigError, UnsupportedModelError
 from ..models import checkpoint_dtype, context_length
-from ..pass_api import Pass, PassConfig, PassContext, PassReport, restoring, tensor_bytes, timed
+from ..pass_api import (Pass, PassConfig, PassContext, PassReport, left_by_earlier, restoring, tensor_bytes,
+                        timed)
 from ..registry import register_pass
 from .attention import LinearizedAttention
 from .convert import attention_modules, linearize_model
@@ -118,7 +119,8 @@ class Linearize(Pass):
                               f"{context} (Liger: 64)")
 
     def check_after(self, model: nn.Module, earlier) -> None:
-        """Two linearize passes may convert different layers (e.g. GLA here, the hybrid there), not the same."""
+        """Two linearize passes may convert different layers (e.g. GLA here, the hybrid there), not the same; and a
+        compressed KV cache (an earlier gear_kv, or the model's) must keep a softmax layer to compress."""
         mine = set(self.describe(model))
         for p in earlier:
             if p.name == self.name:
@@ -127,4 +129,27 @@ class Linearize(Pass):
                     raise ConfigError(f"the linearize pass before this one converts {both[0]} too"
                                       f"{f' (and {len(both) - 1} more)' if len(both) > 1 else ''}: give the two "
                                       "passes disjoint `layers`")
+        compressed = self._compressed_cache_layers(model, earlier)
+        if compressed and not left_by_earlier(model, compressed - mine, earlier, lambda p: p.name == self.name):
+            # gear_kv then linearize-all wrote a "KIVI-2" cache compressing nothing (its eval: KL 0, as if lossless);
+            # the other order is refused by gear_kv's own check
+            raise ConfigError("linearize converts every attention layer the compressed KV cache (gear_kv) would "
+                              "compress, so it would compress nothing: drop gear_kv, or linearize only some layers "
+                              "(layers: every_K)")
+
+    @staticmethod
+    def _compressed_cache_layers(model: nn.Module, earlier) -> set[str]:
+        """The softmax attention modules a compressed KV cache compresses: an earlier gear_kv pass's, or (a model
+        loaded with one) all but its skip_layers; those linearized already excluded."""
+        modules = attention_modules(model)
+        gear = [p for p in earlier if p.name == "gear_kv"]
+        settings = getattr(model, "kv_cache_settings", None)
+        if gear:
+            names = set().union(*(p.describe(model) for p in gear))
+        elif settings is not None:
+            names = {name for i, (name, _) in modules.items() if i not in settings.skip_layers}
+        else:
+            return set()
+        return {name for _, (name, module) in modules.items()
+                if name in names and not isinstance(module, LinearizedAttention)}
 

@@ -313,6 +313,25 @@ def test_gear_kv_after_linearizing_every_layer_is_refused_before_work(tmp_path):
         compress.apply(linearized, passes[1:], progress=False)
 
 
+def test_linearizing_every_layer_a_gear_kv_cache_compresses_is_refused_before_work(tmp_path):
+    """gear_kv then linearize-all wrote a KIVI cache that compressed nothing, and its eval read KL 0 as if the
+    2-bit cache were lossless (the other order was refused)."""
+    gear, linearize = compress.get_pass("gear_kv"), compress.get_pass("linearize")
+    said = "linearize converts every attention layer the compressed KV cache"
+    for passes in ([gear(method="kivi", bits=2), linearize(variant="gla")],
+                   [gear(method="kivi", bits=2, ignore=["model.layers.5.self_attn"]),
+                    linearize(variant="gla", layers=[0, 1, 2, 3, 4])],
+                   [gear(method="kivi", bits=2), linearize(layers=[0, 1, 2]), linearize(layers=[3, 4, 5])]):
+        with pytest.raises(CompressError, match=said):
+            compress.apply(compress.load("builtin:tiny"), passes, progress=False)
+    # and on a model loaded with the cache
+    model, _ = compress.apply(compress.load("builtin:tiny"), [gear(method="kivi", bits=2)], progress=False)
+    loaded = compress.load(compress.save(model, tmp_path / "kivi"))
+    with pytest.raises(CompressError, match=said):
+        compress.apply(loaded, [linearize(variant="gla")], progress=False)
+    compress.apply(loaded, [linearize(variant="gla", layers="every_2")], progress=False)  # some layers: fine
+
+
 def test_inspect_says_what_linearized_layers_run(tmp_path, monkeypatch):
     """inspect printed no runtime path for linearized layers (an audit's find): each says its decoding step and its
     prompt path, and which one runs without the C kernels."""

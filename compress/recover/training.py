@@ -235,6 +235,31 @@ class FullyTrainedParameters(TrainerCallback):
                 p.copy_(saved[name].to(p.dtype))
 
 
+def checkpoint_disk_full(exc: BaseException, folder: Path) -> OSError | None:
+    """The ENOSPC error for `folder` where writing a Trainer checkpoint into it failed for want of space, else None.
+    torch.save says so without an errno ("[enforce fail at inline_container.cc] unexpected pos ..."): such an error
+    with almost nothing left free on the folder's disk is taken for a full disk."""
+    import errno
+    import os
+    import shutil
+
+    from ..errors import disk_full_error
+
+    full = disk_full_error(exc, folder)
+    if full is not None or not isinstance(exc, RuntimeError):
+        return full
+    if not any(mark in str(exc) for mark in ("inline_container", "unexpected pos", "iostream")):
+        return None
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return None
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder)) if free < FULL_DISK_BYTES else None
+
+
+FULL_DISK_BYTES = 64 << 20  # free space below which a failed checkpoint write counts as a full disk
+
+
 @dataclass
 class TrainingPlan:
     windows: WindowDataset          # the training windows
@@ -361,6 +386,11 @@ def train(peft_model: nn.Module, plan: TrainingPlan, teacher: nn.Module | None, 
     start = time.perf_counter()
     try:
         result = trainer.train(resume_from_checkpoint=resume)
+    except (OSError, RuntimeError) as exc:  # a Trainer checkpoint that did not fit: one line, not a traceback
+        full = checkpoint_disk_full(exc, plan.output_dir)
+        if full is None:
+            raise
+        raise full from None
     finally:
         shown.close()
         if plan.gradient_checkpointing:  # the model goes on to inference and to later passes as it came

@@ -171,14 +171,26 @@ def _spill_prefix() -> str:
 def _sweep_stale_spill_folders(tmp: Path) -> None:
     """Remove this host's temporary spill folders whose process is gone: a run killed by SIGKILL or the OOM killer
     (what a --max-memory run risks) cannot remove its own, and a model's worth of layers stayed in /tmp for good."""
-    from .output_folder import pid_alive
-
     prefix = _spill_prefix()
     for folder in tmp.glob(f"{glob.escape(prefix)}*"):
-        pid = re.fullmatch(r"(\d+)-\w+", folder.name[len(prefix):])
-        if pid and int(pid[1]) != os.getpid() and not pid_alive(int(pid[1])) and folder.is_dir() \
+        if _of_a_dead_run(re.fullmatch(r"(\d+)-\w+", folder.name[len(prefix):])) and folder.is_dir() \
                 and not folder.is_symlink():
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def _sweep_stale_spill_files(folder: Path) -> None:
+    """The same for the spill files in a user's --offload-folder, named with the host and pid of their run."""
+    prefix = _spill_prefix()
+    for file in folder.glob(f"*.{glob.escape(prefix)}*.safetensors"):
+        pid = re.search(rf"\.{re.escape(prefix)}(\d+)-[0-9a-f]{{8}}\.safetensors$", file.name)
+        if _of_a_dead_run(pid) and file.is_file() and not file.is_symlink():
+            file.unlink(missing_ok=True)
+
+
+def _of_a_dead_run(pid: re.Match | None) -> bool:
+    from .output_folder import pid_alive
+
+    return pid is not None and int(pid[1]) != os.getpid() and not pid_alive(int(pid[1]))
 
 
 def _return_freed_buffers_to_the_system() -> None:
@@ -203,6 +215,8 @@ class OffloadState:
         self._own_folder = folder is None
         if folder is None:
             _sweep_stale_spill_folders(Path(tempfile.gettempdir()))
+        else:
+            _sweep_stale_spill_files(Path(folder))
         self.folder = Path(folder) if folder else Path(tempfile.mkdtemp(prefix=f"{_spill_prefix()}{os.getpid()}-"))
         self.folder.mkdir(parents=True, exist_ok=True)
         self.device = device
@@ -215,7 +229,7 @@ class OffloadState:
     def spill(self, module: nn.Module, prefix: str) -> None:
         """Write `module` (compressed or not) to a spill file and leave it on meta, read back on demand; the layer's
         previous spill file (a pass before this one) is removed, so the folder holds one copy of each layer."""
-        path = self.folder / f"{prefix}-{uuid.uuid4().hex[:8]}.safetensors"
+        path = self.folder / f"{prefix}.{_spill_prefix()}{os.getpid()}-{uuid.uuid4().hex[:8]}.safetensors"
         state = {f"{prefix}.{k}": v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
         # held for cleanup from before the file exists until it is the layer's copy: a signal (Ctrl-C / SIGTERM)
         # anywhere in between still finds it (one arriving between the write and the record left it behind)

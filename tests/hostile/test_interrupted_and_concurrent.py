@@ -401,6 +401,17 @@ def test_spill_folders_of_killed_runs_are_swept(tmp_path, monkeypatch):
     # kept: a live process's, a name without a pid, another host's (a container sharing /tmp: its pids are not ours)
     assert not stale.exists() and alive.exists() and other.exists() and elsewhere.exists()
     assert state.folder.name.startswith(f"{here}{os.getpid()}-")
+    # in a user's --offload-folder (kept): the files of a killed run, named with its host and pid, go too
+    user = tmp_path / "spill"
+    user.mkdir()
+    names = [f"model.layers.0.{here}{dead}-0123abcd.safetensors", f"model.layers.1.{here}{os.getppid()}-0123abcd."
+             "safetensors", f"model.layers.0.compress-offload-host2-{dead}-0123abcd.safetensors", "mine.safetensors"]
+    for name in names:
+        (user / name).write_bytes(b"x")
+    state = offload.OffloadState(user, "cpu")
+    assert sorted(f.name for f in user.iterdir()) == sorted(names[1:])
+    state.spill(torch.nn.Linear(2, 2), "model.layers.3")
+    assert any(f.name.startswith(f"model.layers.3.{here}{os.getpid()}-") for f in user.iterdir())
 
 
 def test_signals_held_during_a_swap_are_handed_on_sigterm_first_with_every_handler_back(python_sigint):

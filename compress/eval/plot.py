@@ -57,13 +57,13 @@ def plot_suite(model_scores: dict[str, float], baseline_scores: dict[str, float]
     # written next to its place, then renamed: a failed write leaves no half-written PNG at the user's path
     import tempfile
 
+    from ..paths import with_usual_mode
+
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
     os.close(fd)
     tmp = Path(tmp)
-    umask = os.umask(0)
-    os.umask(umask)
     try:
-        os.chmod(tmp, 0o666 & ~umask)  # a new file's usual mode, not mkstemp's owner-only one
+        with_usual_mode(tmp)
         fig.savefig(tmp, dpi=120, format="png")
         os.replace(tmp, path)
     finally:

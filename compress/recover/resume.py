@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..paths import with_usual_mode
 
 RECORD = "compress-recover.json"
 TRAINER_STATE = "trainer_state.json"
@@ -252,6 +253,7 @@ def write_record(folder: str, planned: dict[str, Any]) -> None:
     path.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{RECORD}.", dir=path)
     try:
+        with_usual_mode(tmp)  # (mkstemp's 0600: readable by its owner alone, unlike the Trainer's files beside it)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump({"format": 1, **planned}, f, indent=2)
             f.write("\n")

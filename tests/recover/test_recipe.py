@@ -91,3 +91,17 @@ def test_train_modules_that_also_match_modules_without_parameters_are_kept():
 
     modules = Recover(max_tokens=256, train_modules=["re:.*emb.*"])._train_modules(compress.load("builtin:tiny"))
     assert {"model.embed_tokens", "model.rotary_emb"} <= set(modules)
+
+
+def test_the_run_record_has_a_new_files_usual_mode(tmp_path):
+    """It was mkstemp's 0600, readable by its owner alone, beside the Trainer's files (0644 under a 022 umask)."""
+    import os
+
+    from compress.recover.resume import RECORD, write_record
+
+    umask = os.umask(0o022)
+    try:
+        write_record(str(tmp_path / "ckd"), {"r": 8})
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "ckd" / RECORD).stat().st_mode & 0o777 == 0o644

@@ -24,8 +24,8 @@ from ..pass_api import (Pass, PassConfig, PassContext, PassReport, head_shares_e
 from ..prune.sparse_linear import SparseLinear
 from ..registry import register_pass
 from ..targets import match_modules, within
-from .resume import (check_adapter_shapes, check_checkpoint_dir, check_resume_from, check_same_run, resume_point,
-                     write_record)
+from .resume import (check_adapter_shapes, check_checkpoint_dir, check_not_in_use, check_resume_from, check_same_run,
+                     resume_point, training_into, write_record)
 
 # PEFT, the Trainer and bitsandbytes (which PEFT imports) load when a recover pass runs or is read back, not when the
 # registry lists the passes: on AVX512-BF16 CPUs bitsandbytes logs a warning at import that every CLI call would show.
@@ -144,6 +144,7 @@ class Recover(Pass):
         check_launcher()  # WORLD_SIZE=2 without torchrun / accelerate launch: here, not accelerate's traceback
         if c.checkpoint_dir is not None:
             check_checkpoint_dir(c.checkpoint_dir)
+            check_not_in_use(c.checkpoint_dir)
         if c.resume_from is not None:
             check_resume_from(c.resume_from)
 
@@ -279,6 +280,10 @@ class Recover(Pass):
 
     # ---------------------------------------------------------------------------------------------- apply
     def apply(self, model: nn.Module, ctx: PassContext) -> PassReport:
+        with training_into(self.config.checkpoint_dir):  # (from finding the checkpoint to resume to the last save)
+            return self._apply(model, ctx)
+
+    def _apply(self, model: nn.Module, ctx: PassContext) -> PassReport:
         from .lora import quiet_rewrap, wrap_for_lora
         from .training import TrainingPlan, checkpoint_progress, steps_for_budget, train
         from peft import LoraConfig, get_peft_model

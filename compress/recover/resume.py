@@ -15,6 +15,7 @@ import json
 import os
 import re
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -261,3 +262,43 @@ def write_record(folder: str, planned: dict[str, Any]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def training_into(folder: str | None):
+    """`folder` (a checkpoint_dir) held by this run while it trains: a second run into it at the same time resumed
+    from the first's checkpoints as they were being written. An exclusive flock on the folder itself (no lock file
+    to leave behind), which the kernel drops when the process ends however it ends; the main process holds it
+    (under a launcher every process of the one run writes there)."""
+    from ..environment import is_main_process
+
+    if not folder or not is_main_process():
+        yield
+        return
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    fd = _locked(Path(folder))
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
+def check_not_in_use(folder: str | None) -> None:
+    """The same, found before any pass runs (the lock taken and let go at once)."""
+    from ..environment import is_main_process
+
+    if folder and Path(folder).is_dir() and is_main_process():
+        os.close(_locked(Path(folder)))
+
+
+def _locked(folder: Path) -> int:
+    import fcntl
+
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise ConfigError(f"recover: checkpoint_dir {folder} is in use: another run is training into it now; wait "
+                          "for it to end, or give this run another checkpoint_dir") from None
+    return fd

@@ -105,3 +105,27 @@ def test_the_run_record_has_a_new_files_usual_mode(tmp_path):
     finally:
         os.umask(umask)
     assert (tmp_path / "ckd" / RECORD).stat().st_mode & 0o777 == 0o644
+
+
+def test_a_checkpoint_dir_another_run_trains_into_is_refused_before_any_work(tmp_path, monkeypatch):
+    """Two runs of one recipe at once: the second resumed from the first's checkpoints as they were written."""
+    from click.testing import CliRunner
+
+    from compress.cli import main
+    from compress.recover.resume import training_into
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "r.yaml").write_text(
+        "model: builtin:tiny\ncalibration: {source: builtin:calibration, num_samples: 4, seq_len: 32}\npasses:\n"
+        "  - prune: {method: magnitude, sparsity: 0.5}\n"
+        "  - recover: {max_tokens: 128, batch_size: 2, checkpoint_dir: ckd}\n")
+    (tmp_path / "ckd").mkdir()
+    with training_into("ckd"):  # the first run, training (its own fd: flock tells them apart within a process too)
+        result = CliRunner().invoke(main, ["apply", "r.yaml", "-o", "out", "--no-eval"])
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1  # (no pass ran: no progress)
+    assert result.stderr.strip().endswith("recover: checkpoint_dir ckd is in use: another run is training into it "
+                                          "now; wait for it to end, or give this run another checkpoint_dir")
+    assert not (tmp_path / "out").exists() and list((tmp_path / "ckd").iterdir()) == []
+    # once it has ended (or was killed: the kernel lets go of the lock), the folder is free
+    result = CliRunner().invoke(main, ["apply", "r.yaml", "-o", "out", "--no-eval"])
+    assert result.exit_code == 0, result.output

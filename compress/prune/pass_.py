@@ -382,7 +382,7 @@ class Prune(Pass):
         else:  # its exact zeros are the mask: marked, so that recover keeps them however few they are
             module.weight.data = pruned_weight
             module.compress_pruned = True
-            module.compress_pruned_nm = state.nm  # (a later quantize keeps the structure: packed_mask)
+            module.compress_pruned_nm = state.nm  # (a later quantize keeps the structure: dense_pruned_mask)
             state.dense_pruned.append(name)
 
     # ---------------------------------------------------------------------------------------------- restore

@@ -91,13 +91,16 @@ def test_prune_after_quantize_skips_the_quantized_layers_and_reports_them(tiny_m
     assert not report.passes[0].skipped  # gptq/rtn quantize pruned layers and keep them sparse
 
 
-@pytest.mark.parametrize("structure, sparsity, storage, method, saved", [
-    ("2:4", None, "dense", "gptq", False), ("2:4", None, "dense", "gptq", True), ("2:4", None, "dense", "rtn", False),
-    ("unstructured", 0.05, "auto", "gptq", True)])  # (auto stores 5% sparse layers dense: packing saves nothing)
+@pytest.mark.parametrize("structure, sparsity, storage, method, symmetric, saved", [
+    ("2:4", None, "dense", "gptq", True, False), ("2:4", None, "dense", "gptq", True, True),
+    ("2:4", None, "dense", "rtn", False, False),
+    ("unstructured", 0.05, "auto", "gptq", True, True),  # (auto stores 5% sparse layers dense: packing saves nothing)
+    ("unstructured", 0.5, "dense", "rtn", False, False)])
 def test_a_pruned_layer_stored_dense_keeps_its_zeros_and_structure_when_quantized(structure, sparsity, storage,
-                                                                                   method, saved, tmp_path):
+                                                                                   method, symmetric, saved, tmp_path):
     """GPTQ read a pruned layer stored dense as a plain Linear: its updates filled 6% of the pruned weights, a 2:4
-    layer lost its structure, and the checkpoint still recorded the pruning."""
+    layer lost its structure, and the checkpoint still recorded the pruning. N:M is stored packed as a packed
+    layer's codes are; unstructured stays dense, its zeros codes of zero (no bitmask: it would save nothing)."""
     model, tokenizer = compress.load("builtin:tiny", dtype="float32"), compress.load_tokenizer("builtin:tiny")
     prune = compress.get_pass("prune")(method="magnitude", structure=structure, storage=storage,
                                        **({"sparsity": sparsity} if sparsity else {}))
@@ -108,12 +111,12 @@ def test_a_pruned_layer_stored_dense_keeps_its_zeros_and_structure_when_quantize
         compress.save(model, tmp_path / "pruned", tokenizer=tokenizer)
         model = compress.load(tmp_path / "pruned", dtype="float32")
     calibration = {"source": "builtin:calibration", "num_samples": 8, "seq_len": 64}
-    _, report = compress.apply(model, [quantize(method=method, group_size=64)], calibration=calibration,
-                               tokenizer=tokenizer, progress=False)
-    assert report.passes[0].details["pruned_layers_kept_sparse"] == len(pruned)
+    _, report = compress.apply(model, [quantize(method=method, group_size=64, symmetric=symmetric)],
+                               calibration=calibration, tokenizer=tokenizer, progress=False)
+    nm = structure == "2:4"
+    assert report.passes[0].details["pruned_layers_kept_sparse"] == (len(pruned) if nm else 0)
     for name, zeros in pruned.items():
         layer = model.get_submodule(name)
         weight = layer.dequantized_weight(torch.float32)
         assert not weight[zeros].any(), name
-        assert layer.sparsity == ("nm" if structure == "2:4" else "bitmask")
-        assert layer.sparsity_structure == ((2, 4) if structure == "2:4" else None)
+        assert (layer.sparsity, layer.sparsity_structure) == (("nm", (2, 4)) if nm else (None, None))

@@ -146,10 +146,9 @@ def eval_device(device: str, max_memory, folders: list[Path], dtype: str) -> tup
     on the CPU takes hours); else the CPU, said. --max-memory evaluates on the CPU (layers read from disk)."""
     if device != "cuda" or max_memory:
         return "cpu", None
-    import torch
-
     from .checkpoint import folder_bytes
     from .models import read_config, storage_dtype
+    from .sequential import free_bytes
 
     widths = {"float32": 4, "bfloat16": 2, "float16": 2}
     need = 0
@@ -158,8 +157,8 @@ def eval_device(device: str, max_memory, folders: list[Path], dtype: str) -> tup
         need += folder_bytes(folder) * max(1.0, widths.get(dtype, stored) / stored)  # (codes do not widen: an excess)
     scale, extra = EVAL_GPU_MARGIN
     need = int(need * scale) + extra
-    free, _ = torch.cuda.mem_get_info()
-    if need > free:
+    free = free_bytes("cuda")  # (with what torch's allocator holds cached from the passes: the driver counts it used)
+    if free is not None and need > free:
         return "cpu", (f"the evaluation runs on the CPU: the checkpoint and the original need about "
                        f"{need / 2**30:.1f} GiB on the GPU, which has {free / 2**30:.1f} GiB free (slow for a large "
                        "model: --eval-windows N, or --no-eval and `compress eval` on a larger GPU)")

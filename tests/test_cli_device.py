@@ -80,12 +80,17 @@ def test_apply_evaluates_on_the_gpu_when_both_models_fit_it(free_gib, dtype, exp
     from compress.cli_eval import eval_device
 
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (int(free_gib * 2**30), 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda *a: 0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: 0)
     tiny = models.resolve_model_path("builtin:tiny")
     where, note = eval_device("cuda", None, [tiny, tiny], dtype)
     assert where == expected
     assert (note is None) == (expected == "cuda")
     if note:
         assert note.startswith("the evaluation runs on the CPU: the checkpoint and the original need about")
+    # what torch's allocator holds cached from the passes is free for the evaluation (the driver counts it used)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda *a: 2 * 2**30)
+    assert eval_device("cuda", None, [tiny, tiny], dtype) == ("cuda", None)
     # the CPU's passes, and --max-memory (layers read from disk), evaluate on the CPU without a word
     assert eval_device("cpu", None, [tiny], dtype) == ("cpu", None)
     assert eval_device("cuda", "8GB", [tiny], dtype) == ("cpu", None)

@@ -168,7 +168,7 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
           dtype, export_format, max_memory, offload_folder, as_json):
     """Run a recipe's passes on a model and export a compressed checkpoint."""
     from . import api, checkpoint, models
-    from .environment import check_launcher, is_main_process, single_process, use_local_gpu
+    from .environment import check_launcher, is_main_process, process_rank, single_process, use_local_gpu
     from .recipe import Recipe
 
     for option, value in (("--model", model_src), ("--output", output)):
@@ -177,8 +177,8 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
     r = Recipe.from_yaml(recipe)
     # under torchrun / accelerate launch every process runs the passes (recover trains data-parallel); the main one
     # alone checks and writes the output, evaluates and prints
-    if not single_process():  # a rank without its launcher (variables left in a shell) ran silently, wrote nothing
-        check_launcher()
+    if not single_process() and process_rank() != 0:  # a rank other than 0 without its launcher (variables left in
+        check_launcher()  # a shell) ran every pass and wrote nothing, silently
     main = is_main_process()
     overrides = {"model": model_src, "output": output}  # as given on the command line (None: the recipe's)
     model_src = model_src or r.resolved_model()

@@ -122,12 +122,15 @@ def check_launcher() -> None:
     """WORLD_SIZE above 1 needs the launcher's rendezvous (RANK and MASTER_ADDR, which torchrun / accelerate launch
     set): without it accelerate stopped training with a ValueError traceback, after the earlier passes had run."""
     n = world_size()
-    rank_set = any(os.environ.get(name, "").strip() for name in RANK_NAMES)
-    missing = ([] if rank_set else ["RANK"]) + ([] if os.environ.get("MASTER_ADDR") else ["MASTER_ADDR"])
-    if n > 1 and missing:
-        name = _launcher_value(WORLD_SIZE_NAMES)[0]
+    if n == 1:
+        return
+    name = _launcher_value(WORLD_SIZE_NAMES)[0]
+    rank = RANK_NAMES[WORLD_SIZE_NAMES.index(name)]  # (WORLD_SIZE: RANK; PMI_SIZE: PMI_RANK; ...)
+    rank_set = any(os.environ.get(each, "").strip() for each in RANK_NAMES)
+    missing = ([] if rank_set else [rank]) + ([] if os.environ.get("MASTER_ADDR") else ["MASTER_ADDR"])
+    if missing:
         raise CompressError(f"{name}={n} but {' and '.join(missing)} unset: start the run with `accelerate launch "
-                            f"-m compress.cli apply ...` (or torchrun), or unset {name} to train in one process")
+                            f"-m compress.cli apply ...` (or torchrun), or unset {name} to run in one process")
 
 
 def one_process_of_accelerate() -> bool:

@@ -55,8 +55,21 @@ def test_rank_variables_without_their_launcher_are_refused_before_any_work(tmp_p
     result = _apply(tmp_path, {"WORLD_SIZE": "2", "RANK": "1"})
     assert result.exit_code == 2
     assert result.stderr.strip() == ("error: WORLD_SIZE=2 but MASTER_ADDR unset: start the run with `accelerate "
-                                     "launch -m compress.cli apply ...` (or torchrun), or unset WORLD_SIZE to train "
-                                     "in one process")
-    result = _apply(tmp_path, {"PMI_SIZE": "2"})
-    assert result.exit_code == 2 and "PMI_SIZE=2 but RANK and MASTER_ADDR unset" in result.stderr
+                                     "launch -m compress.cli apply ...` (or torchrun), or unset WORLD_SIZE to run in "
+                                     "one process")
+    result = _apply(tmp_path, {"PMI_SIZE": "2", "PMI_RANK": "1"})
+    assert result.exit_code == 2 and "PMI_SIZE=2 but MASTER_ADDR unset" in result.stderr
     assert not (tmp_path / "out").exists()
+    # rank 0 (or no rank) runs as the one process it is, as before: a recipe that trains nothing needs no launcher
+    result = _apply(tmp_path, {"WORLD_SIZE": "4"})
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "config.json").is_file()
+
+
+def test_the_launcher_check_names_the_rank_variable_of_its_world(monkeypatch):
+    from compress.environment import check_launcher
+    from compress.errors import CompressError
+
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+    with pytest.raises(CompressError, match="OMPI_COMM_WORLD_SIZE=2 but OMPI_COMM_WORLD_RANK and MASTER_ADDR unset"):
+        check_launcher()

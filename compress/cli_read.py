@@ -221,7 +221,8 @@ def generate(model_src, prompt, max_new_tokens, sample, temperature, top_p, seed
         reminder.setLevel(logging.ERROR)
     try:
         with torch.no_grad():
-            out = model.generate(ids.to(device), max_new_tokens=max_new_tokens, pad_token_id=tokenizer.eos_token_id, **kwargs)
+            out = model.generate(ids.to(device), max_new_tokens=max_new_tokens, pad_token_id=tokenizer.eos_token_id,
+                                 **kwargs)
     finally:  # (main called from Python: its logging as it was)
         reminder.setLevel(level)
     # a chat's prompt is the template's text (role headers, the system message): the reply alone is the answer

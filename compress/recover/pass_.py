@@ -382,10 +382,12 @@ class Recover(Pass):
             return {}
         modules = self._train_modules(model)
         _refuse_overlap(modules, targets)
-        # a module's own frozen parameters (a VQ head's exact shortlist rows) stay frozen
-        return {f"{name}.{sub}{'.' if sub else ''}{n}": p for name, m in modules.items()
-                for sub, owner in m.named_modules() for n, p in owner.named_parameters(recurse=False)
-                if n not in getattr(owner, "frozen_parameters", ())}
+        # a module's own frozen parameters (a VQ head's exact shortlist rows) stay frozen; a parameter shared by
+        # two submodules counts once, as named_parameters() has it
+        frozen = {id(p) for m in modules.values() for owner in m.modules()
+                  for n, p in owner.named_parameters(recurse=False) if n in getattr(owner, "frozen_parameters", ())}
+        return {f"{name}.{n}": p for name, m in modules.items() for n, p in m.named_parameters()
+                if id(p) not in frozen}
 
     def _training_windows(self, ctx: PassContext, count: int, seq_len: int):
         """`count` windows of `seq_len` tokens from the recipe's calibration source (its own draw, not the

@@ -387,10 +387,10 @@ def train(peft_model: nn.Module, plan: TrainingPlan, teacher: nn.Module | None, 
     try:
         result = trainer.train(resume_from_checkpoint=resume)
     except (OSError, RuntimeError) as exc:  # a Trainer checkpoint that did not fit: one line, not a traceback
-        full = checkpoint_disk_full(exc, plan.output_dir)
-        if full is None:
+        disk_full = checkpoint_disk_full(exc, plan.output_dir)
+        if disk_full is None:
             raise
-        raise full from None
+        raise disk_full from None
     finally:
         shown.close()
         if plan.gradient_checkpointing:  # the model goes on to inference and to later passes as it came

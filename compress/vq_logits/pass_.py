@@ -26,8 +26,9 @@ def build_vq_head(weight: torch.Tensor, hidden: torch.Tensor | None, counts: tor
                   progress: bool = True, keep_stages: bool = False) -> tuple[list[tuple[str, VQLogitsHead]], dict]:
     """Fit a VQ head to the dense head `weight` [V, d] from calibration `hidden` [N, d] and token `counts` [V].
 
-    Returns ([(stage, head)], details): stages "copy", then "scale_bias", then "distill" as configured; the last
-    is the result. With `keep_stages`, each stage is a separate copy (the benchmark compares them)."""
+    Returns ([(stage, head)], details): stages "copy", then "scale_bias", then "distill" as configured; the pass
+    keeps the one closest to the dense head on the calibration positions (`kept_stage`), normally the last. With
+    `keep_stages`, each stage is a separate copy (the pass and the benchmark compare them)."""
     import copy
 
     vocab = weight.shape[0]

@@ -120,3 +120,26 @@ def test_a_second_codebook_over_the_first_is_refused_by_name(reference_model):
     model, _ = api.apply(copy.deepcopy(reference_model), [plain()], progress=False)
     with pytest.raises(UnsupportedModelError, match="lm_head is a codebook head already"):
         api.apply(model, [plain()], progress=False)
+
+
+def test_the_pass_keeps_the_stage_that_fits_the_calibration_text_best(reference_model, reference_tokenizer):
+    """A sharply peaked head (builtin:tiny's x12, logits spanning ~300) fitted on 256 positions: the scale/bias fit
+    raised the calibration KL (6.5 -> 8.0) and was kept all the same."""
+    import copy
+
+    from compress import api
+    from compress.cli_format import _found
+
+    model = copy.deepcopy(reference_model).float()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(12)
+    calibration = {"source": "builtin:calibration", "num_samples": 4, "seq_len": 64}
+    _, report = api.apply(model, [VQLogits(VQLogits.Config(num_codes=512, distill=False))], calibration=calibration,
+                          tokenizer=reference_tokenizer, progress=False)
+    details = report.passes[0].details
+    assert details["calibration_kl_scale_bias"] > details["calibration_kl_copy"]
+    assert details["kept_stage"] == "copy"
+    head = model.lm_head  # the copy's: every scale 1, every bias 0
+    assert torch.equal(head.scales, torch.ones_like(head.scales)) and not head.biases.any()
+    assert _found(report.passes[0].to_dict()).endswith("; kept the copy head, which fits the calibration text best")
+

@@ -24,6 +24,7 @@ from ..pass_api import (Pass, PassConfig, PassContext, PassReport, head_shares_e
 from ..prune.sparse_linear import SparseLinear
 from ..registry import register_pass
 from ..targets import match_modules, within
+from .master_weights import float32_originals
 from .resume import (check_adapter_shapes, check_checkpoint_dir, check_not_in_use, check_resume_from, check_same_run,
                      resume_point, training_into, write_record)
 
@@ -325,8 +326,6 @@ class Recover(Pass):
             wrap_for_lora(model, list(targets), lora_config)
             with quiet_rewrap():
                 peft_model = get_peft_model(model, lora_config)
-            for p in fully_trained.values():
-                p.requires_grad_(True)
             plan = TrainingPlan(windows=windows, max_steps=max_steps, tokens_per_step=c.batch_size * seq_len,
                                 batch_size=c.batch_size, micro_batch_size=c.micro_batch_size or c.batch_size,
                                 gradient_checkpointing=c.gradient_checkpointing, lr=c.lr,
@@ -342,7 +341,10 @@ class Recover(Pass):
             # checkpoint then generated with no cache at all (no linearized state, no gear_kv cache)
             use_cache = getattr(model.config, "use_cache", None)
             try:
-                stats = train(peft_model, plan, teacher, c.kl_weight)
+                with float32_originals(model, fully_trained) as plan.fully_trained:  # (half-precision ones)
+                    for p in plan.fully_trained.values():
+                        p.requires_grad_(True)
+                    stats = train(peft_model, plan, teacher, c.kl_weight)
             finally:
                 if use_cache is not None:
                     model.config.use_cache = use_cache

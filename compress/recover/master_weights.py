@@ -32,36 +32,54 @@ class _Stored(nn.Module):
 
 
 @contextmanager
-def float32_originals(model: nn.Module, params: dict[str, nn.Parameter]) -> Iterator[dict[str, nn.Parameter]]:
+def float32_originals(model: nn.Module, params: dict[str, nn.Parameter],
+                      notes: list[str] | None = None) -> Iterator[dict[str, nn.Parameter]]:
     """Yields `params` (name -> parameter, names relative to `model`) with each half-precision one replaced by its
-    float32 original for the duration; on exit the modules hold plain parameters again, the trained values rounded
-    to their dtype. A parameter the model shares between modules (a tied head) stays as it is: a parametrization
-    would untie it. A trained value that is not finite is an error (nothing is written)."""
+    float32 original for the duration; on exit each module holds its own Parameter object again, the trained values
+    rounded to its dtype. A parameter the model shares between modules (a tied head) stays as it is, said in
+    `notes`: a parametrization would untie it. A trained value that is not finite in the module's dtype is an error
+    (nothing is written)."""
     counts: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):
         counts[id(p)] = counts.get(id(p), 0) + 1
-    swapped: list[tuple[nn.Module, str]] = []
+    swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
     trained = dict(params)
     try:
         for name, p in params.items():
-            if p.dtype not in HALF or counts.get(id(p), 0) > 1:
+            if p.dtype not in HALF:
+                continue
+            if counts.get(id(p), 0) > 1:
+                if notes is not None:
+                    notes.append(f"{name} is shared with another module (tied): trained in "
+                                 f"{str(p.dtype).removeprefix('torch.')} itself, where AdamW's small steps round "
+                                 "away; train in float32 (--dtype float32) for the full updates")
                 continue
             owner_name, _, attr = name.rpartition(".")
             owner = model.get_submodule(owner_name)
             # the float32 copy becomes the parameter, the parametrization hands the module its dtype (unsafe: the
-            # two dtypes differ, which torch's check of a parametrization refuses)
-            setattr(owner, attr, nn.Parameter(p.detach().float(), requires_grad=p.requires_grad))
+            # two dtypes differ, which torch's check of a parametrization refuses); the half copy is let go meanwhile
+            master = nn.Parameter(p.detach().float(), requires_grad=p.requires_grad)
+            p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+            setattr(owner, attr, master)
             parametrize.register_parametrization(owner, attr, _Stored(p.dtype), unsafe=True)
-            swapped.append((owner, attr, p.dtype))
+            swapped.append((owner, attr, p))
             trained[name] = getattr(owner.parametrizations, attr).original
         yield trained
-        bad = [name for name, p in trained.items() if not torch.isfinite(p).all()]
-        if bad:
+        bad = [name for name, t in trained.items() if not torch.isfinite(t.detach().to(params[name].dtype)).all()]
+        if bad:  # (in the module's dtype: a float32 value past float16's 65504 is inf there)
             raise CompressError(f"recover: training left non-finite values in {bad[0]}"
                                 f"{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''} (nothing written); "
                                 "lower lr, or train in float32 (--dtype float32)")
     finally:
-        for owner, attr, dtype in swapped:  # the module's own dtype again, the trained values rounded to it
+        for owner, attr, p in swapped:  # the module's own Parameter again, holding the trained values rounded
             parametrize.remove_parametrizations(owner, attr, leave_parametrized=False)
-            original = getattr(owner, attr)
-            setattr(owner, attr, nn.Parameter(original.detach().to(dtype), requires_grad=original.requires_grad))
+            p.data = getattr(owner, attr).detach().to(p.dtype)
+            setattr(owner, attr, p)
+
+
+def stored(module: nn.Module, name: str) -> torch.Tensor:
+    """The tensor that holds `module`'s parameter `name`: its float32 original while `float32_originals` trains
+    it (reading `module.name` then gives a rounded copy, and writing into that copy is lost), else the parameter."""
+    if parametrize.is_parametrized(module, name):
+        return getattr(module.parametrizations, name).original
+    return getattr(module, name)

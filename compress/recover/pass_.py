@@ -341,7 +341,7 @@ class Recover(Pass):
             # checkpoint then generated with no cache at all (no linearized state, no gear_kv cache)
             use_cache = getattr(model.config, "use_cache", None)
             try:
-                with float32_originals(model, fully_trained) as plan.fully_trained:  # (half-precision ones)
+                with float32_originals(model, fully_trained, report.notes) as plan.fully_trained:  # (half ones)
                     for p in plan.fully_trained.values():
                         p.requires_grad_(True)
                     stats = train(peft_model, plan, teacher, c.kl_weight)

@@ -73,9 +73,11 @@ class VQLogitsHead(nn.Module):
     def reset_shortlist(self) -> None:
         """Shortlist tokens use their exact row unchanged: scale 1, bias 0 (after fitting or a distillation step)."""
         if self.shortlist_size:
+            from ..recover.master_weights import stored  # (recover may train a float32 original of each)
+
             ids = self.shortlist_ids.long()
-            self.scales[ids] = 1.0
-            self.biases[ids] = 0.0
+            stored(self, "scales")[ids] = 1.0
+            stored(self, "biases")[ids] = 0.0
 
     def parts(self) -> tuple:
         return self.codebook, self.codes, self.scales, self.biases, self.shortlist_weight

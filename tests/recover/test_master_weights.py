@@ -50,3 +50,46 @@ def test_a_non_finite_trained_value_is_an_error_and_the_module_gets_its_dtype_ba
                 trained["0.weight"][0, 0] = float("nan")
     assert type(model[0].weight) is nn.Parameter and model[0].weight.dtype == torch.float16
     assert not hasattr(model[0], "parametrizations")
+
+
+def test_a_vq_heads_shortlist_stays_exact_when_its_float32_original_trains(reference_tokenizer):
+    """Its after-step reset wrote into the rounded copy a parametrized `scales` reads as, and was lost: the shortlist
+    scales of a bfloat16 head drifted to 0.97-1.02 (exactly 1 in float32)."""
+    from compress.vq_logits import VQLogits
+
+    model = compress.load("builtin:tiny", dtype="bfloat16")
+    dense = model.lm_head.weight.detach().clone()
+    recover = compress.get_pass("recover")(max_tokens=4 * 2 * 32, batch_size=2, seq_len=32, lr=1e-2,
+                                           train_modules=["lm_head"])
+    compress.apply(model, [VQLogits(VQLogits.Config(num_codes=64, shortlist=16, distill=False)), recover],
+                   calibration=CALIBRATION, tokenizer=reference_tokenizer, progress=False)
+    head = model.lm_head
+    ids = head.shortlist_ids.long()
+    assert head.scales.dtype == torch.bfloat16
+    assert torch.equal(head.scales[ids], torch.ones(16, dtype=torch.bfloat16)) and not head.biases[ids].any()
+    assert torch.equal(head.shortlist_weight, dense[ids])
+    assert (head.scales != 1).float().mean() > 0.5  # the rest trained
+
+
+def test_a_tied_parameter_trained_in_full_is_said_to_stay_in_half_precision():
+    embed = nn.Embedding(8, 4).half()
+    head = nn.Linear(4, 8, bias=False).half()
+    head.weight = embed.weight
+    model = nn.ModuleDict({"embed": embed, "head": head})
+    notes: list[str] = []
+    with float32_originals(model, {"head.weight": head.weight}, notes) as trained:
+        assert trained["head.weight"] is embed.weight and head.weight is embed.weight  # still tied
+    assert notes and notes[0].startswith("head.weight is shared with another module (tied): trained in float16")
+
+
+def test_the_module_keeps_its_parameter_object_and_a_value_past_float16_is_an_error():
+    layer = nn.Linear(4, 4).half()
+    weight = layer.weight
+    with float32_originals(nn.Sequential(layer), {"0.weight": weight}) as trained:
+        with torch.no_grad():
+            trained["0.weight"].add_(0.5)
+    assert layer.weight is weight and weight.dtype == torch.float16  # the same object (others may hold it)
+    with pytest.raises(CompressError, match="non-finite values in 0.weight"):
+        with float32_originals(nn.Sequential(layer), {"0.weight": weight}) as trained:
+            with torch.no_grad():
+                trained["0.weight"][0, 0] = 1e6  # finite in float32, inf in the module's float16

@@ -12,7 +12,7 @@ from .cli_export import export_cmd
 from .cli_eval import (EVAL_SEQ_LEN, _check_kv_text, _eval_windows, _evaluate, _read_text, _residual_length,
                        eval_device)
 from .cli_format import _console, _mb, _print_eval, _print_passes, check_utf8_arguments, stored_dense_line
-from .cli_options import _DTYPE, _check_read_device, _say_offloaded
+from .cli_options import _DTYPE, _say_offloaded
 from .cli_read import eval_cmd, generate, inspect, list_passes
 from . import json_out
 from .checkpoint import folder_bytes  # noqa: F401 (also compress.cli.folder_bytes)
@@ -168,6 +168,7 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
           dtype, export_format, max_memory, offload_folder, as_json):
     """Run a recipe's passes on a model and export a compressed checkpoint."""
     from . import api, checkpoint, models
+    from .bench_args import check_device
     from .environment import check_launcher, is_main_process, process_rank, single_process, use_local_gpu
     from .recipe import Recipe
 
@@ -255,7 +256,7 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
     if main:  # (another process checking it could find the main one's finished checkpoint there)
         check_output(output, overwrite=overwrite, source=_source_folder(model_src), protected=protected,
                      work=work_folders)
-    _check_read_device(device, None)  # (apply's --max-memory works with cuda: layers visit the GPU)
+    check_device(device)  # (apply's --max-memory works with cuda: layers visit the GPU in turn)
     use_local_gpu(device)
     do_eval = do_eval and main
     needs_text = do_eval or any(p.needs_calibration_for() for p in passes)

@@ -147,14 +147,14 @@ def eval_device(device: str, max_memory, folders: list[Path], dtype: str) -> tup
     if device != "cuda" or max_memory:
         return "cpu", None
     from .checkpoint import folder_bytes
-    from .models import read_config, storage_dtype
+    from .models import compute_dtype, read_config, storage_dtype
     from .sequential import free_bytes
 
-    widths = {"float32": 4, "bfloat16": 2, "float16": 2}
     need = 0
     for folder in folders:
-        stored = storage_dtype(read_config(folder), folder).itemsize
-        need += folder_bytes(folder) * max(1.0, widths.get(dtype, stored) / stored)  # (codes do not widen: an excess)
+        stored = storage_dtype(read_config(folder), folder)
+        widening = compute_dtype(dtype, stored, "cuda").itemsize / stored.itemsize  # (as load will compute there)
+        need += folder_bytes(folder) * max(1.0, widening)  # (integer codes do not widen: an excess)
     scale, extra = EVAL_GPU_MARGIN
     need = int(need * scale) + extra
     free = free_bytes("cuda")  # (with what torch's allocator holds cached from the passes: the driver counts it used)

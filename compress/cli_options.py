@@ -27,15 +27,12 @@ _DEVICE_READ = click.option(
 
 
 def _check_read_device(device: str, max_memory: str | None) -> None:
-    """--device cuda needs a GPU torch sees, and (`max_memory`: a command's --max-memory for reading a model) a model
-    held whole on it (--max-memory leaves layers on disk and the rest in CPU memory): both said before anything
-    loads."""
-    import torch
-
+    """--device cuda needs a GPU torch sees, and a model held whole on it (--max-memory leaves layers on disk and the
+    rest in CPU memory): both said before anything loads."""
+    from .bench_args import check_device
     from .errors import CompressError
 
-    if device == "cuda" and not torch.cuda.is_available():
-        raise CompressError("--device cuda, but torch sees no CUDA GPU here; use --device cpu")
+    check_device(device)
     if device == "cuda" and max_memory:
         raise CompressError("--max-memory runs a model larger than memory on the CPU; with --device cuda the model "
                             "must fit the GPU: drop one of the two")

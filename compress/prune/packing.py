@@ -33,9 +33,7 @@ def pack_nm(weight: torch.Tensor, mask: torch.Tensor, n: int, m: int) -> tuple[t
     keep = mask.reshape(rows, groups, m)
     if not bool((keep.sum(-1) == n).all()):
         raise ValueError(f"mask is not {n}:{m}: every group of {m} input columns must keep exactly {n}")
-    # positions of the kept entries in ascending order within each group
-    order = torch.arange(m, device=weight.device).expand(rows, groups, m)
-    pos = torch.sort(torch.where(keep, order, order + m), dim=-1).values[..., :n]
+    pos = _first_kept(keep, n)
     values = weight.reshape(rows, groups, m).gather(-1, pos).reshape(rows, groups * n)
     return values.contiguous(), pack_bit_fields(pos.reshape(rows, groups * n), index_bits(m))
 
@@ -72,7 +70,13 @@ def dense_pruned_mask(weight: torch.Tensor, nm: tuple[int, int] | None) -> tuple
     groups = kept.reshape(rows, cols // m, m)
     if bool((groups.sum(-1) > n).any()):
         return kept, None
-    order = torch.arange(m, device=weight.device).expand_as(groups)
-    pos = torch.sort(torch.where(groups, order, order + m), dim=-1).values[..., :n] % m  # (zeros after nonzeros)
-    mask = torch.zeros_like(groups).scatter_(-1, pos, True)
+    mask = torch.zeros_like(groups).scatter_(-1, _first_kept(groups, n), True)
     return mask.reshape(rows, cols), nm
+
+
+def _first_kept(keep: torch.Tensor, n: int) -> torch.Tensor:
+    """Positions [.., n] in each group (last dim, m) of its kept entries in ascending order, then, where a group keeps
+    fewer than n, its lowest other positions."""
+    m = keep.shape[-1]
+    order = torch.arange(m, device=keep.device).expand_as(keep)
+    return torch.sort(torch.where(keep, order, order + m), dim=-1).values[..., :n] % m

@@ -29,8 +29,8 @@ from ..sequential import modules_in_layer
 from ..targets import match_modules
 from .bnb import Bnb4bitLinear, Bnb8bitLinear, require_bitsandbytes
 from .gptq import gptq_quantize
-from .int_quant import expand_groups, quantize_rtn
-from .quantized_linear import QuantizedLinear, nm_kept_mask
+from .int_quant import quantize_rtn
+from .quantized_linear import QuantizedLinear, nm_kept_mask, zero_where_pruned
 
 BNB_METHODS = ("nf4", "fp4", "int8")
 INT_OPTIONS = ("bits", "group_size", "symmetric", "act_order", "blocksize", "dampening")
@@ -295,9 +295,7 @@ class Quantize(Pass):
         if mask is not None and nm is None and not isinstance(module, SparseLinear):
             # unstructured and stored dense, as it came: its zeros stay as codes of zero (a bitmask beside the dense
             # codes would add a bit a weight, 25% of 4-bit codes, and save nothing)
-            codes = torch.where(mask, codes, 0 if zeros is None else expand_groups(zeros.to(codes.dtype), group,
-                                                                                   module.in_features))
-            mask = None
+            codes, mask = zero_where_pruned(codes, mask, zeros, group), None
         return QuantizedLinear.from_codes(codes, scales, zeros, bits=c.bits, group_size=group,
                                           bias=getattr(module, "bias", None), mask=mask, nm=nm, dtype=ref.dtype)
 

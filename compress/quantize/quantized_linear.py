@@ -18,6 +18,13 @@ from .int_quant import expand_groups, num_groups, pack_codes, packed_width, unpa
 SPARSITY_FORMATS = (None, "nm", "bitmask")
 
 
+def zero_where_pruned(codes: torch.Tensor, mask: torch.Tensor, zero_points: torch.Tensor | None,
+                      group_size: int) -> torch.Tensor:
+    """`codes` with the code of zero (0 when symmetric, the group's zero point otherwise) where `mask` is False."""
+    zero = 0 if zero_points is None else expand_groups(zero_points.to(codes.dtype), group_size, codes.shape[1])
+    return torch.where(mask.to(codes.device), codes, zero)
+
+
 def nm_kept_mask(indices: torch.Tensor, n: int, m: int, in_features: int) -> torch.Tensor:
     """bool [out, in]: True at the positions an N:M `indices` tensor (SparseLinear's packing) keeps."""
     ones = torch.ones(indices.shape[0], in_features // m * n, device=indices.device)
@@ -92,8 +99,7 @@ class QuantizedLinear(nn.Module):
         elif sparsity == "bitmask":
             layer.bitmask = pack_bit_fields(mask.to(torch.long), 1)
             # pruned positions hold the code of zero, so the C paths of unpruned layers multiply these codes as is
-            zero = 0 if symmetric else expand_groups(zero_points.to(codes.dtype), layer.group_size, in_features)
-            stored = torch.where(mask.to(codes.device), codes, zero)
+            stored = zero_where_pruned(codes, mask, zero_points, layer.group_size)
         layer.weight_packed = pack_codes(stored.round().to(torch.int16), bits, symmetric)
         layer.weight_scale = scales.to(dtype).clone()
         if not symmetric:

@@ -297,8 +297,8 @@ class Recover(Pass):
             if teacher is None:
                 raise CompressError("recover: kl_weight > 0 needs the original model; run it through compress.apply, "
                                     "which keeps a frozen copy of the model as it was before the first pass")
-        fully_trained = self._fully_trained(model, targets)
         trained_in_full = self._train_modules(model) if c.train_modules else {}
+        fully_trained = self._fully_trained(trained_in_full, targets)
         after_step = [sub.after_training_step for top in trained_in_full.values() for sub in top.modules()
                       if hasattr(sub, "after_training_step")]
         report = PassReport(name=self.name, modules=list(targets))
@@ -378,11 +378,9 @@ class Recover(Pass):
             report.details["restore"] = {"adapter": ADAPTER_FOLDER, "modules": list(targets)}
         return report
 
-    def _fully_trained(self, model: nn.Module, targets: dict[str, nn.Module]) -> dict[str, nn.Parameter]:
-        """Parameters of `train_modules` (trained in full, not through LoRA); none may be a LoRA target's."""
-        if not self.config.train_modules:
-            return {}
-        modules = self._train_modules(model)
+    @staticmethod
+    def _fully_trained(modules: dict[str, nn.Module], targets: dict[str, nn.Module]) -> dict[str, nn.Parameter]:
+        """Parameters of the `train_modules` (trained in full, not through LoRA); none may be a LoRA target's."""
         _refuse_overlap(modules, targets)
         # a module's own frozen parameters (a VQ head's exact shortlist rows) stay frozen; a parameter shared by
         # two submodules counts once, as named_parameters() has it

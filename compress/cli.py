@@ -302,6 +302,10 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
     result = {"model": model_src, "output": str(output), **report.to_dict(), "export": exported}
     result["checkpoint_bytes"] = folder_bytes(Path(output))
     result["original_checkpoint_bytes"] = folder_bytes(source_path)
+    made_from = (models.compression_section(source_path) or {}).get("source_model")  # an input compressed already
+    made_from = made_from if made_from != model_src else None
+    if made_from:
+        result["input_made_from"] = made_from
     stored_dtype = str(models.checkpoint_dtype(model)).removeprefix("torch.")
     if do_eval:
         # the model in memory goes first: with the checkpoint read back and the baseline it made three models at once
@@ -316,13 +320,19 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
                                    text=text, allow_pickle=allow_pickle, dtype=dtype, prepared=windows,
                                    max_memory=max_memory, device=where)
         result["eval"]["device"] = where
+        result["eval"]["baseline"] = model_src  # (this run's input: what the recipe's passes changed)
+        if made_from:  # said: `compress eval` on the output compares with made_from
+            click.echo(f"note: the evaluation compares with this run's input {model_src}, itself compressed from "
+                       f"{made_from}: it measures this recipe's passes alone (`compress eval {output}` compares "
+                       f"with {made_from})", err=True)
     if as_json:
         click.echo(json_out.dumps(result))
         return
     con = _console()
     _print_passes(con, result, stored_dtype, export_format)
     con.print(f"checkpoint: {output}  ({_mb(result['checkpoint_bytes'])} of weights, "
-              f"original {_mb(result['original_checkpoint_bytes'])}, format {export_format})")
+              f"{'input' if made_from else 'original'} "
+              f"{_mb(result['original_checkpoint_bytes'])}, format {export_format})")
     if not user_path(output).is_absolute():  # a recipe's relative `output` is taken from the current folder
         con.print(f"  at {user_path(output).resolve()}", soft_wrap=True)
     if exported.get("stored_dense"):

@@ -30,6 +30,25 @@ def _recorded_source(model_src: str) -> str | None:
     return None
 
 
+def _check_baseline_not_itself(model_src: str, baseline: str) -> None:
+    """A compressed checkpoint given as its own --baseline is refused (KL 0 and agreement 1 by construction, exit 0
+    and a note about "two different models"); the same uncompressed model twice (speed figures) is said."""
+    from . import models
+
+    if model_src.startswith("builtin:") or baseline.startswith("builtin:"):
+        return
+    folder = models.resolve_model_path(model_src).resolve()
+    if folder != models.resolve_model_path(baseline).resolve():
+        return
+    source = (models.compression_section(folder) or {}).get("source_model")
+    if source:
+        raise CompressError(f"the baseline {baseline} is the model itself: KL and top-1 agreement would be 0 and 1 "
+                            f"by construction; leave out --baseline to compare with the model it was made from "
+                            f"({source})")
+    click.echo(f"note: the baseline {baseline} is the model itself: KL 0 and top-1 agreement 1 by construction",
+               err=True)
+
+
 def _baseline_not_source(model_src: str, baseline: str) -> str | None:
     """The model a checkpoint records it was made from, when a --baseline given is another one (KL and agreement
     then compare two unrelated models, which is allowed but must not pass for the compression's cost)."""
@@ -69,6 +88,16 @@ def _eval_windows(tokenizer, text, seq_len: int, max_windows, config):
     windows = heldout_windows(tokenizer, text=text, seq_len=seq_len, max_windows=max_windows)
     check_token_ids(windows, config, "held-out text")
     return windows
+
+
+def _unscored_tail(tokenizer, text: str, windows) -> int:
+    """How many tokens of `text` lie after the last of its `windows` [n, seq_len] when it holds no further whole
+    window (0 where --max-windows stopped it short: that cut is the user's)."""
+    from .evaluate import text_token_ids
+
+    n, seq_len = windows.shape
+    left = text_token_ids(tokenizer, text).numel() - n * seq_len
+    return left if left < seq_len else 0
 
 
 def _check_context(seq_len: int, config, whose: str) -> None:
@@ -197,6 +226,13 @@ def _evaluate(model, baseline_src, tokenizer, windows, progress, seq_len: int = 
     n = w.shape[0]
     out["protocol"] = (f"{n} non-overlapping window{'s' if n != 1 else ''} of {seq_len} tokens of "
                        + ("the given text" if text is not None else "held-out text"))
+    tail = _unscored_tail(tokenizer, text, w) if text is not None else 0
+    if tail:  # (a text of 511 tokens read as 1 window of 256: its other half was dropped without a word)
+        out["protocol"] += f" (its last {tail} tokens, less than a window, not scored)"
+    settings = getattr(model, "kv_cache_settings", None)
+    if settings is not None:  # (score_windows reads the model through its cache)
+        out["protocol"] += (f"; the model read through its compressed KV cache as it generates (each window fed in "
+                            f"chunks of {settings.residual_length} tokens), the baseline by a plain forward")
     shared = _calibration_overlap(model, w)
     if shared is not None:
         out["calibration_overlap"] = round(shared, 3)
@@ -204,7 +240,6 @@ def _evaluate(model, baseline_src, tokenizer, windows, progress, seq_len: int = 
         click.echo(f"note: about {shared:.0%} of the scored text is text the model was calibrated or trained on (its "
                    "checkpoint's sketch of that text): these numbers flatter it; score other text (--text), or "
                    "calibrate on other text", err=True)
-    settings = getattr(model, "kv_cache_settings", None)
     if settings is not None:
         from .kvcache.quality import cache_quality_summary
 

@@ -92,7 +92,8 @@ def _quality_rows(ev: dict, ppl_baseline, ppl, kl_name: str) -> list[list]:
 
 def _print_eval(con, ev: dict) -> None:
     rows = _quality_rows(ev, ev.get("baseline_perplexity", "-"), ev["perplexity"], "KL(baseline || model)")
-    con.print(_table("held-out evaluation", ["metric", "baseline", "model"], rows, caption=ev["protocol"]))
+    caption = ev["protocol"] + (f"; baseline {ev['baseline']}" if ev.get("baseline") else "")
+    con.print(_table("held-out evaluation", ["metric", "baseline", "model"], rows, caption=caption))
     kv = ev.get("kv_cache")
     if kv:
         rows = _quality_rows(kv, kv["ppl_reference"], kv["ppl"], "KL(uncompressed || compressed)")

@@ -8,8 +8,9 @@ import click
 
 from . import json_out
 from .checkpoint import folder_bytes
-from .cli_eval import (EVAL_SEQ_LEN, _baseline_not_source, _check_baseline, _check_baseline_tokenizer, _check_kv_text,
-                       _evaluate, _read_text, _recorded_source, _residual_length)
+from .cli_eval import (EVAL_SEQ_LEN, _baseline_not_source, _check_baseline, _check_baseline_not_itself,
+                       _check_baseline_tokenizer, _check_kv_text, _evaluate, _read_text, _recorded_source,
+                       _residual_length)
 from .cli_format import _console, _finite, _mb, _non_empty, _print_eval, _print_wrapped, _table
 from .cli_options import (_DEVICE_READ, _DTYPE, _MAX_MEMORY_READ, _SPARSE_RUNTIME, _check_read_device,
                           _read_offload, _say_offloaded)
@@ -64,6 +65,7 @@ def eval_cmd(model_src, baseline, text_file, seq_len, max_windows, speed, activa
         baseline = _recorded_source(model_src)
     else:
         _check_baseline(baseline)
+        _check_baseline_not_itself(model_src, baseline)
         not_source = _baseline_not_source(model_src, baseline)
         if not_source:
             click.echo(f"note: {model_src} records it was made from {not_source}, not the baseline {baseline}: "

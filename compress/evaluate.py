@@ -2,7 +2,7 @@
 
 Protocol: the held-out text (by default the built-in reference model's `heldout.txt`, cut from documents the
 model never saw) is tokenized once and cut into non-overlapping windows of `seq_len` tokens; every window is scored
-from its first token (no context carried across windows). Perplexity = exp(mean next-token NLL over all predicted
+from its first token (no context carried across windows); a model with a compressed KV cache is scored through it, the window fed in chunks of the cache's residual_length as when generating (`logits_as_served`). Perplexity = exp(mean next-token NLL over all predicted
 positions); KL = mean over positions of KL(baseline || model) of the next-token distributions; top-1 agreement =
 fraction of positions where both models' argmax agree. With a baseline, the perplexity change and the KL also get
 95% intervals over windows (`paired_change`): the windows are the independent samples, each model's per-window
@@ -23,13 +23,18 @@ from .intervals import paired_figures
 from .progress import progress_bar
 
 
+def text_token_ids(tokenizer, text: str) -> torch.Tensor:
+    """The token ids [N] of `text`, as the evaluation reads it (no special tokens)."""
+    return torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
+
+
 def heldout_windows(tokenizer, text: str | None = None, seq_len: int = 256, max_windows: int | None = None) -> torch.Tensor:
     """Non-overlapping windows [n, seq_len] of token ids from `text` (default: the built-in held-out text)."""
     if text is None:
         from .calibration import builtin_text
 
         text = builtin_text("builtin:heldout")
-    ids = torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
+    ids = text_token_ids(tokenizer, text)
     n = ids.numel() // seq_len
     if max_windows is not None:
         n = min(n, max_windows)
@@ -151,14 +156,16 @@ def paired_change(model: MetricAccumulator, baseline: MetricAccumulator) -> dict
 @torch.no_grad()
 def score_windows(model: nn.Module, windows: torch.Tensor, baseline: nn.Module | None = None, *, batch_size: int = 8,
                   progress: bool = True) -> tuple[MetricAccumulator, MetricAccumulator]:
-    """`model`'s metrics on `windows` (against `baseline` where given) and the baseline's own, window by window."""
+    """`model`'s metrics on `windows` (against `baseline` where given) and the baseline's own, window by window.
+    The model is scored as served (`logits_as_served`: through its compressed KV cache where it has one; a plain
+    forward skipped the cache, and KIVI-2 read as lossless), the baseline by a plain forward."""
     acc, base_acc = MetricAccumulator(), MetricAccumulator()
     batches = range(0, windows.shape[0], batch_size)
     # the bar counts batches: say so, or "3/25" reads as windows
     description = f"evaluating {windows.shape[0]} windows, batches of {batch_size}"
     for i in progress_bar(batches, description=description, enabled=progress):
         x = windows[i : i + batch_size]
-        logits = logits_of(model, x)[:, :-1]
+        logits = logits_as_served(model, x).cpu()[:, :-1]
         base = logits_of(baseline, x)[:, :-1] if baseline is not None else None
         acc.add(logits, x[:, 1:], base)
         if base is not None:

@@ -5,8 +5,9 @@
 
 CPU (one torch thread, fp32; speeds as ratios of paired medians):
 - runtime_dense: a 2:4 SparseLinear loaded with runtime `dense` vs the unpruned nn.Linear, Llama shapes, 1/8/64
-  tokens; runtime_packed: the packed runtime (C product over the packed values at <= 8 tokens, blocks of rows
-  decoded for torch's GEMM above), 2:4 and 50% unstructured, 1-512 tokens; e2e_prefill / e2e_decode: builtin:tiny
+  tokens; packed_gemv / runtime_packed: the packed runtime (packed_gemv where it is the C product over the packed
+  values, at <= 8 tokens, 16 for bf16; runtime_packed above, blocks of rows decoded for torch's GEMM), 2:4 and 50%
+  unstructured, 1-512 tokens; e2e_prefill / e2e_decode: builtin:tiny
   and builtin:small pruned 2:4 (magnitude) loaded with each runtime vs unpruned, prefill 256 tokens and greedy
   decoding of 64, and a 2-layer model with Llama-3-8B's layer shapes (random weights), prefill 128 and 16 decoded.
   On a CPU that computes bf16 natively (what `dtype: auto` loads there) the runtime_packed rows and the 2-layer
@@ -33,7 +34,10 @@ CUDA (fp16, when a GPU is present): per shape and tokens, dense cuBLAS vs the pa
 (kind semi_structured for 2:4, dispatch for the 50%-unstructured bitmask above 16 tokens, with every candidate's
 time), the packed GEMV alone (packed_gemv, <= 16 tokens), the
 activation-sparse MLP (Triton gathers), and a 2-layer model with Llama-3-8B layer shapes, all Linears 2:4: prefill
-of 4096 tokens and 64 decoded tokens, tokens/s vs dense. Without CUDA only the CPU rows print (exit 0)."""
+of 4096 tokens and 64 decoded tokens, tokens/s vs dense. Without CUDA only the CPU rows print (exit 0).
+`--json`: the rows of the kinds other tools read (CONTRACT_KINDS), each with device, kind, shape, tokens and
+speedup_vs_dense (a CUDA row that failed: those null, and `error`); `--all-kinds` adds the others (runtime_packed,
+unmerged_adapter, dispatch)."""
 from __future__ import annotations
 
 import argparse
@@ -53,6 +57,11 @@ from activation_sparse_rows import (calibrated_quality, cpu_activation_sparse, c
 from vq_logits import paired_median_seconds  # noqa: E402
 from compress.bench_args import (fill_unset, fraction, nonnegative_int, output_file, positive_float,  # noqa: E402
                                  positive_int, run_cli)
+
+
+# the row kinds of `--json` that other tools read (issue 9's interface); the rest print with --all-kinds
+CONTRACT_KINDS = ("semi_structured", "packed_gemv", "runtime_dense", "activation_sparse_mlp", "e2e_prefill",
+                  "e2e_decode")
 
 
 def perplexity_budget(text: str) -> float:
@@ -108,9 +117,11 @@ def cpu_runtime_packed(tokens_list, repeats, shapes=SHAPES, dtype=torch.float32)
             for t in tokens_list:
                 x = torch.randn(t, in_f).to(dtype)
                 dense_s, ours_s = paired_median_seconds([lambda: lin(x), lambda: sparse(x)], repeats)
-                rows.append(dict(device="cpu", kind="runtime_packed", shape=f"{out_f}x{in_f}", tokens=t,
+                path = sparse.runtime_path(t)  # the C product over the packed values is the CPU's packed GEMV
+                rows.append(dict(device="cpu", kind="packed_gemv" if "C product" in path else "runtime_packed",
+                                 shape=f"{out_f}x{in_f}", tokens=t,
                                  dtype=str(dtype).removeprefix("torch."), structure=structure,
-                                 path=sparse.runtime_path(t), speedup_vs_dense=dense_s / ours_s,
+                                 path=path, speedup_vs_dense=dense_s / ours_s,
                                  dense_ms=dense_s * 1e3, ours_ms=ours_s * 1e3,
                                  bytes_vs_dense=tensor_bytes(sparse) / tensor_bytes(lin)))
     return rows
@@ -382,9 +393,12 @@ def main(argv=None) -> None:
                     "runtime_packed, e2e; CUDA: the dispatched paths): no activation-sparsity calibration")
     ap.add_argument("--gather-crossover", action="store_true", help="only the gather_crossover rows: the CPU row "
                     "gathers vs the dense MLP from builtin:tiny's MLP shape to Llama-3-8B's (50%% inactive, 1 token)")
-    ap.add_argument("--weight-copies", type=int, default=0, help="activation-sparse MLP timing: copies of its "
+    ap.add_argument("--all-kinds", action="store_true", help="--json: also the rows of kinds outside the interface "
+                    "(runtime_packed above the C product's tokens, unmerged_adapter, the CUDA dispatch of bitmask "
+                    "layers); the table always shows them")
+    ap.add_argument("--weight-copies", type=nonnegative_int, default=0, help="activation-sparse MLP timing: copies of its "
                     "weights called in turn (0: enough to exceed 3x the largest CPU cache; 1 shows a warm cache)")
-    ap.add_argument("--prefill-tokens", type=int, default=256, help="activation-sparse MLP: also time a prefill of "
+    ap.add_argument("--prefill-tokens", type=nonnegative_int, default=256, help="activation-sparse MLP: also time a prefill of "
                     "this many tokens (the masked dense path; 0: none)")
     ap.add_argument("--eval-windows", type=positive_int, default=None, help="activation sparsity: held-out windows "
                     "of 256 tokens for the perplexity change and its 95%% interval (default 199, 8 with --quick)")
@@ -471,10 +485,11 @@ def main(argv=None) -> None:
         try:  # one failing row must not cost the GPU run its other rows (device time is scarce)
             rows += cuda_activation_sparse(quality) if quality is not None else []
         except Exception as exc:  # noqa: BLE001 - reported as a row, not hidden
-            rows.append(dict(device="cuda", kind="activation_sparse_mlp", error=f"{type(exc).__name__}: {exc}"))
+            rows.append(dict(device="cuda", kind="activation_sparse_mlp", shape=None, tokens=None,
+                             speedup_vs_dense=None, error=f"{type(exc).__name__}: {exc}"))
         rows += cuda_e2e()
     if args.json:
-        print(json.dumps(rows))
+        print(json.dumps(rows if args.all_kinds else [r for r in rows if r["kind"] in CONTRACT_KINDS]))
     else:
         calibrated = f"; activation sparsity calibrated on {args.model}: {json.dumps(quality)}" if quality else ""
         print(f"torch {torch.__version__}; CPU rows at 1 thread{calibrated}")

@@ -198,7 +198,8 @@ def _write(model, tmp: Path, tokenizer, recipe_text, report, max_shard_bytes) ->
     config = model.config.to_dict()
     config["dtype"] = str(dtype).removeprefix("torch.")
     config.setdefault("compression", compression_record([], recipe_text, None))
-    config["compression"] = _portable_source(config["compression"], tmp)
+    config["compression"] = {**_portable_source(config["compression"], tmp),
+                             "passes": [p.entry_as_held(model, entry) for entry, p in _recorded_passes(model)]}
     config["architectures"] = [type(model).__name__]
     mark_native(config, model)  # plain transformers must refuse what it cannot read (export/native_marker.py)
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))

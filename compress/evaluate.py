@@ -10,6 +10,7 @@ NLL paired with the baseline's on the same text, so the interval says whether a 
 noise."""
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from typing import Any
@@ -72,6 +73,55 @@ def logits_as_served(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     return chunked_logits(model, ids, lambda: GEARCache(model.config, settings), settings.residual_length)
 
 
+@contextlib.contextmanager
+def _final_hidden_states(model: nn.Module):
+    """Within: each forward of `model` appends its decoder's final hidden states [B, T, d] to the yielded list,
+    and its head computes the last position only. The scoring applies the head a block of positions at a time:
+    full float32 logits of 8 windows for the model and the baseline held ~10 bytes per position and vocabulary
+    entry (10.9 GB for one 8k window at Llama-3's 128k vocabulary, 42 GB at 32k)."""
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    captured: list[torch.Tensor] = []
+
+    def keep(module, args, output):
+        captured.append(getattr(output, "last_hidden_state", None))
+
+    def last_position_only(module, args):
+        return (args[0][:, -1:], *args[1:]) if args and args[0].dim() == 3 else None
+
+    hooks = [decoder.register_forward_hook(keep), head.register_forward_pre_hook(last_position_only)]
+    try:
+        yield captured
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+@torch.no_grad()
+def hidden_as_served(model: nn.Module, input_ids: torch.Tensor, served: bool = True) -> torch.Tensor | None:
+    """The final hidden states [B, T, d] that `logits_as_served` applies the head to (the head is then applied by
+    the caller, in blocks; `served=False`: those of a plain forward, which skips a compressed KV cache); None for a
+    model whose decoder and head this cannot tell apart."""
+    if not isinstance(model.get_output_embeddings(), nn.Module) or model.get_decoder() is model:
+        return None
+    settings = getattr(model, "kv_cache_settings", None) if served else None
+    ids = input_ids.to(next(model.parameters()).device)
+    with _final_hidden_states(model) as captured:
+        if settings is None:
+            model(input_ids=ids, use_cache=False)
+        else:
+            from .kvcache.cache import GEARCache
+            from .kvcache.quality import chunked_logits
+            from .kvcache.served import served_logits
+
+            if served_logits(model, ids, settings) is None:  # (then the chunk by chunk feed: its states alone)
+                captured.clear()
+                chunked_logits(model, ids, lambda: GEARCache(model.config, settings), settings.residual_length)
+    if not captured or any(h is None for h in captured):
+        return None
+    hidden = torch.cat(captured, dim=1)
+    return hidden if hidden.shape[:2] == ids.shape else None
+
+
 def exp_or_inf(x: float) -> float:
     """e**x, inf where it overflows a float (a damaged model's mean NLL above ~709 raised OverflowError); NaN stays
     NaN (logits holding NaN are not an infinitely bad model, and callers tell the two apart)."""
@@ -110,6 +160,25 @@ class MetricAccumulator:
         vocab = logits.shape[-1]
         logits, targets = logits.reshape(rows, -1, vocab), targets.reshape(rows, -1)
         base_logits = base_logits.reshape(rows, -1, vocab) if base_logits is not None else None
+        self.commit(*self.sums(logits, targets, base_logits), targets.shape[1], base_logits is not None)
+
+    def commit(self, nll: torch.Tensor, kl: torch.Tensor, agree: int, positions: int, with_base: bool) -> None:
+        """Count windows whose sums `sums` gave (over all their `positions`, perhaps block by block)."""
+        self.nll += nll.sum().item()
+        self.positions += nll.numel() * positions
+        self.window_nll.append(nll)
+        self.window_positions.append(torch.full((nll.numel(),), positions, dtype=torch.float64))
+        if with_base:
+            self.kl += kl.sum().item()
+            self.window_kl.append(kl)
+            self.agree += agree
+
+    @staticmethod
+    def sums(logits: torch.Tensor, targets: torch.Tensor, base_logits: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Per row of logits [R, P, V]: summed NLL of targets [R, P] and KL(base || logits) (float64 [R]), and
+        the positions where both argmaxes agree."""
+        rows, vocab = logits.shape[0], logits.shape[-1]
         nll = torch.zeros(rows, dtype=torch.float64)
         kl = torch.zeros(rows, dtype=torch.float64)
         # float64 a slice of positions at a time: over a whole batch the copies were ~45 bytes per position and
@@ -122,14 +191,8 @@ class MetricAccumulator:
                 if base_logits is not None:
                     base_logp = F.log_softmax(base_logits[r, p:p + step].double(), dim=-1)
                     kl[r] += (base_logp.exp() * (base_logp - logp)).sum().cpu()
-        self.nll += nll.sum().item()
-        self.positions += targets.numel()
-        self.window_nll.append(nll)
-        self.window_positions.append(torch.full((rows,), targets.shape[1], dtype=torch.float64))
-        if base_logits is not None:
-            self.kl += kl.sum().item()
-            self.window_kl.append(kl)
-            self.agree += (logits.argmax(-1) == base_logits.argmax(-1)).sum().item()
+        agree = (logits.argmax(-1) == base_logits.argmax(-1)).sum().item() if base_logits is not None else 0
+        return nll, kl, agree
 
     def result(self, with_baseline: bool) -> dict[str, float]:
         out = {"perplexity": exp_or_inf(self.nll / self.positions), "tokens": self.positions}
@@ -160,17 +223,55 @@ def score_windows(model: nn.Module, windows: torch.Tensor, baseline: nn.Module |
     The model is scored as served (`logits_as_served`: through its compressed KV cache where it has one; a plain
     forward skipped the cache, and KIVI-2 read as lossless), the baseline by a plain forward."""
     acc, base_acc = MetricAccumulator(), MetricAccumulator()
+    batch_size = max(1, min(batch_size, LONG_WINDOW_TOKENS // windows.shape[1]))  # (the bar moves per long window)
     batches = range(0, windows.shape[0], batch_size)
     # the bar counts batches: say so, or "3/25" reads as windows
     description = f"evaluating {windows.shape[0]} windows, batches of {batch_size}"
     for i in progress_bar(batches, description=description, enabled=progress):
         x = windows[i : i + batch_size]
-        logits = logits_as_served(model, x).cpu()[:, :-1]
-        base = logits_of(baseline, x)[:, :-1] if baseline is not None else None
-        acc.add(logits, x[:, 1:], base)
-        if base is not None:
-            base_acc.add(base, x[:, 1:])
+        hidden = hidden_as_served(model, x)
+        base_hidden = (hidden_as_served(baseline, x, served=False) if baseline is not None and hidden is not None
+                       else None)  # (the baseline by a plain forward, as logits_of)
+        if hidden is None or (baseline is not None and base_hidden is None):  # (whole logits, as before)
+            logits = logits_as_served(model, x).cpu()[:, :-1]
+            base = logits_of(baseline, x)[:, :-1] if baseline is not None else None
+            acc.add(logits, x[:, 1:], base)
+            if base is not None:
+                base_acc.add(base, x[:, 1:])
+            continue
+        _score_in_blocks(acc, base_acc, model, hidden[:, :-1], x[:, 1:], baseline,
+                         base_hidden[:, :-1] if base_hidden is not None else None)
     return acc, base_acc
+
+
+LONG_WINDOW_TOKENS = 8192  # tokens per evaluated batch at most, where windows are long (one window at least)
+HEAD_BLOCK_ELEMENTS = 1 << 26  # logits per block of positions (x4 bytes, per model): 256 MB
+
+
+def _score_in_blocks(acc: MetricAccumulator, base_acc: MetricAccumulator, model: nn.Module, hidden: torch.Tensor,
+                     targets: torch.Tensor, baseline: nn.Module | None, base_hidden: torch.Tensor | None) -> None:
+    """Score final hidden states [B, P, d] (and the baseline's) against targets [B, P], the heads applied a block
+    of positions at a time: memory of one block of logits per model, whatever the window's length."""
+    head = model.get_output_embeddings()
+    base_head = baseline.get_output_embeddings() if baseline is not None else None
+    from .models import text_config
+
+    rows, positions = targets.shape
+    step = max(1, HEAD_BLOCK_ELEMENTS // (rows * text_config(model.config).vocab_size))
+    totals = [torch.zeros(rows, dtype=torch.float64), torch.zeros(rows, dtype=torch.float64), 0]
+    base_totals = [torch.zeros(rows, dtype=torch.float64), torch.zeros(rows, dtype=torch.float64), 0]
+    for p in range(0, positions, step):
+        block = targets[:, p:p + step]
+        logits = head(hidden[:, p:p + step]).float().cpu()
+        base = base_head(base_hidden[:, p:p + step]).float().cpu() if base_head is not None else None
+        for total, part in ((totals, acc.sums(logits, block, base)),
+                            *(((base_totals, base_acc.sums(base, block)),) if base is not None else ())):
+            total[0] += part[0]
+            total[1] += part[1]
+            total[2] += part[2]
+    acc.commit(*totals, positions, base_head is not None)
+    if base_head is not None:
+        base_acc.commit(*base_totals, positions, False)
 
 
 @torch.no_grad()

@@ -318,6 +318,12 @@ class Pass:
             out["untied"] = True
         return out
 
+    def entry_as_held(self, model: nn.Module, entry: dict[str, Any]) -> dict[str, Any]:
+        """`entry` (the model's record of this pass) with what the model now holds outside its weights, read
+        from its modules at save time (a pass whose restore record carries values the user can change in memory,
+        e.g. activation thresholds, overrides this: the record of the pass's run was saved however they changed)."""
+        return entry
+
     def describe(self, model: nn.Module) -> list[str]:
         """Module names this pass would touch (for `--dry-run`)."""
         return list(self.target_modules(model))

@@ -4,8 +4,9 @@ calibrated per-layer threshold are zeroed (CATS, Lee et al. 2024), and skipped w
 - few tokens (decoding, <= `max_sparse_tokens`): compute the gate, keep the active neurons (of any token), then
   multiply only their rows of up_proj and their columns of down_proj (kernels/activation_sparse.py: a fused C
   gather kernel on the CPU, Triton on CUDA). down_proj's weight is held column-major (a transposed view of a
-  contiguous [intermediate, hidden] tensor), so each neuron's column is one contiguous row; the dense path multiplies
-  that layout at the same speed and the checkpoint stores the usual layout.
+  contiguous [intermediate, hidden] tensor), so each neuron's column is one contiguous row; the checkpoint stores
+  the usual layout. The masked dense path multiplies that layout at the same speed in float32, 1.2-1.7x slower in
+  bf16 (down_proj alone, 4096x14336, 1-64 tokens, one thread; a row-major copy would double its memory).
 - many tokens (prefill, training): the dense MLP with the same mask, so every path computes the same function.
 - optional neuron scaling (`neuron_scaling`, channel-wise like CHESS): the criterion is |act(gate(x))_i| * s_i with
   s_i = E|up_i(x)| * ||W_down[:, i]|| on the calibration tokens (normalized to mean 1), the neuron's typical share of
@@ -91,6 +92,16 @@ class ActivationSparseMLP(nn.Module):
             self.column_major_down()  # now, not on the first decoding step (~0.18 s a layer at Llama-3-8B's shape)
         self.record = False  # when True, forward counts active neurons into `counts` (benchmarks, reports)
         self.counts = [0, 0]  # [active, seen] (token, neuron) pairs
+
+    def _apply(self, fn, recurse=True):
+        """`.to(dtype)`, `.half()`, `.bfloat16()` move the thresholds but keep them float32, as load builds them (a
+        bf16 cast rounded 0.33743 to 0.33789: other neurons kept than in the model loaded in bf16, and a save wrote
+        the float32 value back)."""
+        exact = {name: self._buffers[name] for name in ("threshold", "predictor_threshold")}
+        super()._apply(fn, recurse)
+        for name, value in exact.items():
+            self._buffers[name] = value.to(self._buffers[name].device)
+        return self
 
     @property
     def has_predictor(self) -> bool:

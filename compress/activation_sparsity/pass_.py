@@ -186,6 +186,17 @@ class ActivationSparsity(Pass):
                                 f"/ inner_steps (the search's resolution) or the budget")
         return report
 
+    def entry_as_held(self, model: nn.Module, entry: dict[str, Any]) -> dict[str, Any]:
+        """The thresholds the modules hold now (a user who set one in memory and saved got the pass's value back
+        on reload, with logits 1.2 apart and nothing said)."""
+        restore = {}
+        for name, spec in (entry.get("restore") or {}).items():
+            module = model.get_submodule(name)
+            restore[name] = {**spec, **({"threshold": float(module.threshold),
+                                         "predictor_threshold": float(module.predictor_threshold)}
+                                        if isinstance(module, ActivationSparseMLP) else {})}
+        return {**entry, "restore": restore}
+
     def restore(self, model: nn.Module, entry: dict[str, Any]) -> None:
         for name, spec in (entry.get("restore") or {}).items():
             try:

@@ -54,8 +54,8 @@ def check_step_memory(model: nn.Module, device: str, batch_size: int, micro_batc
     # a micro-batch with room to spare: the estimate is a lower bound (a run on builtin:tiny peaked about 1.5 times it)
     fitting = next((d for d in range(min(windows - 1, free // (2 * per_window)), 0, -1) if batch_size % d == 0), None)
     if fitting:
-        fix = (f"set micro_batch_size to {fitting} or less (a step then accumulates batch_size / micro_batch_size "
-               "forwards: the same update)")
+        fix = (f"set micro_batch_size to {fitting}{' or less' if fitting > 1 else ''} (a step then accumulates "
+               "batch_size / micro_batch_size forwards: the same update)")
     else:
         fix = "lower seq_len" + ("" if checkpointing else " or set gradient_checkpointing: true")
     vocabulary = text_config(model.config).vocab_size

@@ -241,6 +241,7 @@ class VQLogits(Pass):
         if tied:
             details["note"] = ("the output head was tied to the input embedding: it is untied, the input embedding is "
                                "kept unchanged, so the model grows by the VQ head's bytes instead of shrinking")
+            report.notes.append(details["note"])  # (printed by apply; in details alone, only report.json had it)
         details["restore"] = {"module": name, "vocab_size": vocab, "hidden_size": hidden_size,
                               "num_codes": c.num_codes, "shortlist": c.shortlist, "untied": tied}
         report.details = details

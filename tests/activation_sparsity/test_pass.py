@@ -319,3 +319,20 @@ def test_a_model_without_a_finite_perplexity_is_refused_not_sparsified(reference
     with pytest.raises(compress.CalibrationError, match="perplexity on the calibration text is inf.*--dtype float32"):
         compress.apply(model, [ActivationSparsity(**FAST)], calibration=CALIB, tokenizer=reference_tokenizer,
                        progress=False)
+
+
+def test_thresholds_set_in_memory_are_saved_and_survive_a_dtype_cast(tmp_path, reference_tokenizer):
+    """A save wrote the pass's thresholds whatever the modules held (logits 1.2 apart after a reload), and
+    `.to(bfloat16)` rounded them (other neurons kept than in the same model loaded in bf16)."""
+    model, _ = calibrated(reference_tokenizer, target_ppl_increase=0.05)
+    first = mlps(model)[0]
+    exact = float(mlps(model)[1].threshold)
+    assert float(first.threshold) > 0 and exact > 0
+    first.threshold.fill_(0.0)  # this layer dense again
+    reloaded = compress.load(compress.save(model, tmp_path / "edited"), dtype="float32")
+    assert float(mlps(reloaded)[0].threshold) == 0.0 and float(mlps(reloaded)[1].threshold) == exact
+    assert_reloaded_decodes_like(model, reloaded)
+    model.to(torch.bfloat16)
+    assert mlps(model)[1].threshold.dtype == torch.float32 and float(mlps(model)[1].threshold) == exact
+    model.float()
+    assert float(mlps(compress.load(compress.save(model, tmp_path / "cast")))[1].threshold) == exact

@@ -62,3 +62,28 @@ def test_activation_sparse_rows_from_a_quality_file(bench, capsys, monkeypatch, 
         alone = [r for r in rows if r["gate"] == gates[0]]
         assert all(r["sparsity"] == 0 and r["ppl_delta_pct"] == 0.01 for r in alone)
         assert all("the gate from its int8 copy" in r["path"] for r in alone if r["tokens"] <= 4)
+
+
+def test_json_rows_keep_the_interface_other_tools_read(bench, capsys, monkeypatch):
+    """--json: only the interface's kinds, each row with device, kind, shape, tokens and speedup_vs_dense (34 of 58
+    CPU rows were runtime_packed or unmerged_adapter); --all-kinds adds the rest. Shrunk shapes, the end-to-end rows
+    left out (their models take minutes)."""
+    small = ((64, 128),)
+    packed, adapter = bench.cpu_runtime_packed, bench.cpu_unmerged_adapter
+    monkeypatch.setattr(bench, "SHAPES", small)
+    monkeypatch.setattr(bench, "cpu_runtime_packed", lambda tokens, repeats, dtype=None: packed([1, 64], 1, small))
+    monkeypatch.setattr(bench, "cpu_unmerged_adapter", lambda tokens, repeats, shapes=None: adapter([1], 1, small))
+    monkeypatch.setattr(bench, "cpu_e2e", lambda repeats, model=None: [])
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: False)
+    bench.main(["--json", "--quick", "--only-runtimes"])
+    rows = json.loads(capsys.readouterr().out)
+    assert rows and {r["kind"] for r in rows} <= set(bench.CONTRACT_KINDS)
+    for r in rows:
+        assert {"device", "kind", "shape", "tokens", "speedup_vs_dense"} <= set(r) and r["speedup_vs_dense"] > 0
+    bench.main(["--json", "--quick", "--only-runtimes", "--all-kinds"])
+    every = json.loads(capsys.readouterr().out)
+    assert {"runtime_packed", "unmerged_adapter"} <= {r["kind"] for r in every}
+    for r in every:
+        if "structure" in r and "path" in r:  # the packed runtime: the C product is the CPU's packed GEMV
+            assert r["kind"] == ("packed_gemv" if "C product" in r["path"] else "runtime_packed")
+    assert len([r for r in every if r["kind"] in bench.CONTRACT_KINDS]) == len(rows)

@@ -451,6 +451,8 @@ def test_a_batch_too_large_for_memory_is_refused_before_any_pass(tmp_path, monke
     fits = recipe(tmp_path / "f.yaml", "max_tokens: 8192, batch_size: 64, micro_batch_size: 16, seq_len: 32")
     assert apply(fits, "-o", tmp_path / "o_m", "--dry-run").exit_code == 0
     assert apply(rec, "-o", tmp_path / "o_m", "--dry-run", env={"COMPRESS_MEMORY_CHECK": "off"}).exit_code == 0
+    monkeypatch.setattr(sequential, "free_bytes", lambda device: int(2.5 * per_window))  # room for one window
+    refused(apply(rec, "-o", tmp_path / "o_m", "--dry-run"), "set micro_batch_size to 1 (")  # (not "1 or less")
     assert not (tmp_path / "o_m").exists()
 
 

@@ -164,6 +164,7 @@ def test_plain_copy_needs_no_calibration_and_tied_heads_are_untied(tiny_model, a
     _, report = compress.apply(model, [p], progress=False)
     details = report.passes[0].details
     assert details["untied"] and "untied" in details["note"] and details["codes_dtype"] == "uint8"
+    assert details["note"] in report.passes[0].notes  # (what apply prints)
     assert model.config.tie_word_embeddings is False
     assert torch.equal(model.get_input_embeddings().weight, emb)          # the input embedding is kept
     # plain copy: tokens that share a code get identical logits

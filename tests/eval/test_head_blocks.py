@@ -1,0 +1,50 @@
+"""`evaluate` scores final hidden states with the head applied a block of positions at a time: the same figures as
+whole logits, without [windows, tokens, vocabulary] float32 tensors for the model and the baseline at once."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import compress
+from compress import evaluate as ev
+from compress.kvcache.cache import GEARCache
+from compress.kvcache.quality import chunked_logits
+
+
+def whole_logit_figures(model, windows, baseline, served):
+    """The reference: whole float32 logits of every window, scored at once."""
+    acc, base_acc = ev.MetricAccumulator(), ev.MetricAccumulator()
+    with torch.no_grad():
+        if served:
+            s = model.kv_cache_settings
+            logits = chunked_logits(model, windows, lambda: GEARCache(model.config, s), s.residual_length)
+        else:
+            logits = model(input_ids=windows).logits.float()
+        base = baseline(input_ids=windows).logits.float()
+    acc.add(logits[:, :-1], windows[:, 1:], base[:, :-1])
+    base_acc.add(base[:, :-1], windows[:, 1:])
+    return {**acc.result(True), "baseline_perplexity": base_acc.result(False)["perplexity"],
+            **ev.paired_change(acc, base_acc)}
+
+
+@pytest.mark.parametrize("recipe", ["prune", "vq_logits", "gear_kv"])
+def test_blocks_of_positions_give_the_whole_logits_figures(recipe, tmp_path, monkeypatch, reference_tokenizer):
+    passes = {"prune": [compress.get_pass("prune")(method="magnitude", sparsity=0.5)],
+              "vq_logits": [compress.get_pass("vq_logits")(num_codes=256, kmeans_iterations=5)],
+              "gear_kv": [compress.get_pass("gear_kv")(method="kivi", bits=2, residual_length=32, group_size=32)]}[recipe]
+    baseline = compress.load("builtin:tiny", dtype="float32")
+    model, _ = compress.apply(compress.load("builtin:tiny", dtype="float32"), passes, tokenizer=reference_tokenizer,
+                              calibration={"source": "builtin:calibration", "num_samples": 4, "seq_len": 64},
+                              progress=False)
+    windows = ev.heldout_windows(reference_tokenizer, seq_len=128, max_windows=3)
+    want = whole_logit_figures(model, windows, baseline, served=recipe == "gear_kv")
+    heads = []  # the positions each head call sees: one in a forward, a block when scoring
+    for m in (model, baseline):
+        m.get_output_embeddings().register_forward_hook(lambda mod, args, out: heads.append(args[0].shape[:2]))
+    monkeypatch.setattr(ev, "HEAD_BLOCK_ELEMENTS", 2 * 50 * 8192)  # 2 windows x 50 positions: 3 blocks a batch
+    got = ev.evaluate(model, windows, baseline, batch_size=2, progress=False)
+    assert {tuple(s) for s in heads} <= {(2, 1), (1, 1), (2, 50), (2, 27), (1, 100), (1, 27)}, heads
+    for key in ("perplexity", "baseline_perplexity", "kl", "top1_agreement", "ppl_delta_pct"):
+        assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-9), key
+    assert got["ppl_delta_pct_ci95"] == pytest.approx(want["ppl_delta_pct_ci95"], rel=1e-4)
+    assert got["kl"] > 0 and got["tokens"] == 3 * 127

@@ -11,18 +11,17 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from . import json_out
+from .state_files import INDEX_NAME, read_state, read_state_by_layer, weight_files  # noqa: F401 (callers')
 from .errors import CheckpointError, CompressError, disk_full_error, first_line
 from .paths import user_path
 
 FORMAT_VERSION = 1
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 WEIGHTS_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
 
 
 def library_version() -> str:
@@ -269,33 +268,6 @@ def write_weights(state, folder: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_
     (folder / INDEX_NAME).write_text(json.dumps(index, indent=2))
 
 
-def weight_files(path: Path) -> list[Path]:
-    if (path / INDEX_NAME).exists():
-        from .checkpoint_validation import read_index
-
-        return sorted({path / f for f in read_index(path / INDEX_NAME).values()})
-    files = sorted(path.glob("*.safetensors"))
-    return files
-
-
-def read_state(path: Path) -> dict[str, torch.Tensor]:
-    """Every stored tensor; headers are checked first (checkpoint_validation), so a damaged file is a clear error."""
-    from .checkpoint_validation import check_weight_files
-
-    files = weight_files(path)
-    check_weight_files(path, files)
-    state = {}
-    for f in files:
-        try:
-            with safe_open(f, framework="pt") as sf:
-                for k in sf.keys():
-                    state[k] = sf.get_tensor(k)
-        except (OSError, ValueError, RuntimeError, SafetensorError) as exc:  # safetensors' errors past our checks
-            raise CheckpointError(f"{f}: cannot be read as safetensors ({first_line(exc)}); the "
-                                  "file is damaged: copy or export the model again") from None
-    return state
-
-
 def _no_init():
     try:
         from transformers.initialization import no_init_weights  # transformers >= 5
@@ -342,15 +314,15 @@ def load_checkpoint(path: Path, config, section: dict, *, dtype, meta: bool = Fa
     check_against_model(path, headers, probe, _tied_names(probe))
     del probe
     model = structure(False)
-    state = read_state(path)
-    try:
-        model.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # a module's own check of its tensors (e.g. a bitsandbytes quant state)
-        reasons = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
-        if not reasons or "Error(s) in loading state_dict" not in str(exc):
-            raise
-        raise CheckpointError(f"{path}: {reasons[0]}" + (f" (and {len(reasons) - 1} more)" if len(reasons) > 1
-                                                         else "")) from None
+    for state in read_state_by_layer(files):  # (one layer's tensors beside the model: the whole state dict
+        try:                                        # read first held ~2x the weights at the peak)
+            model.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # a module's own check of its tensors (e.g. a bitsandbytes quant state)
+            reasons = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
+            if not reasons or "Error(s) in loading state_dict" not in str(exc):
+                raise
+            raise CheckpointError(f"{path}: {reasons[0]}" + (f" (and {len(reasons) - 1} more)" if len(reasons) > 1
+                                                             else "")) from None
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     rebuild_derived(model)

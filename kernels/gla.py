@@ -189,9 +189,23 @@ def upcast_half(*tensors):
     return tuple(x.float() if x is not None and x.dtype in (torch.float16, torch.bfloat16) else x for x in tensors)
 
 
+# tokens per chunked call where no gradient is wanted (a prompt): a 32k prompt in one call held every chunk's
+# float32 states at once, 2x the dense model's peak memory; segments carry the state across, the same recurrence
+PROMPT_SEGMENT = 2048
+
+
 def torch_path_in_float32(step, chunked, *inputs, initial_state=None, chunk_size: int):
     """A torch recurrence (`step` for one token, else `chunked`) computed in float32 for half-precision inputs:
-    (o in the inputs' dtype, state in float32 or wider)."""
+    (o in the inputs' dtype, state in float32 or wider). Inputs [B, H, T, ...] without gradients go in segments of
+    PROMPT_SEGMENT tokens."""
+    t = inputs[0].shape[2]
+    if t > PROMPT_SEGMENT and not (torch.is_grad_enabled() and any(x.requires_grad for x in inputs)):
+        outs, state = [], initial_state
+        for start in range(0, t, PROMPT_SEGMENT):
+            segment = [x[:, :, start:start + PROMPT_SEGMENT] for x in inputs]
+            o, state = torch_path_in_float32(step, chunked, *segment, initial_state=state, chunk_size=chunk_size)
+            outs.append(o)
+        return torch.cat(outs, dim=2), state
     dtype = inputs[0].dtype
     *inputs, initial_state = upcast_half(*inputs, initial_state)
     if inputs[0].shape[2] == 1:

@@ -169,3 +169,40 @@ def test_a_log_gate_of_minus_infinity_forgets_instead_of_giving_nan(kernel, dtyp
     torch.testing.assert_close(s.double(), ref_s, **tol)
     grads = torch.autograd.grad(o.sum() + s.sum(), (q, k, v, g))
     assert all(torch.isfinite(x).all() for x in grads)
+
+
+@pytest.mark.parametrize("kernel", ["gla", "delta_rule", "gsa"])
+def test_a_prompt_without_gradients_goes_in_segments_with_the_state_carried(kernel, monkeypatch):
+    """Segments of PROMPT_SEGMENT tokens (a 32k prompt in one chunked call held every chunk's float32 states: 2x
+    the dense model's peak memory) give the recurrence's output and state, in float64; with gradients, one call."""
+    import importlib
+
+    from compress.kernels import gla
+
+    module = importlib.import_module(f"compress.kernels.{kernel}")
+    run, ref, chunked_name = (getattr(module, name) if i < 2 else name for i, name in enumerate({
+        "gla": ("gated_linear_attention", "gla_recurrent_reference", "gla_chunked"),
+        "delta_rule": ("gated_delta_rule", "delta_rule_recurrent_reference", "delta_rule_chunked"),
+        "gsa": ("gated_slot_attention", "gsa_recurrent_reference", "gsa_chunked")}[kernel]))
+    gen = torch.Generator().manual_seed(5)
+    t, dk = 45, 4  # segments of 16, 16, 13
+    q = torch.randn(1, 2, t, dk, generator=gen, dtype=torch.float64).softmax(-1)
+    k = torch.randn(1, 1, t, dk, generator=gen, dtype=torch.float64).softmax(-1)
+    v = torch.randn(1, 1, t, 3, generator=gen, dtype=torch.float64)
+    width = {"gla": dk, "delta_rule": None, "gsa": 5}[kernel]
+    g = F.logsigmoid(torch.randn(1, 1, t, width or 1, generator=gen, dtype=torch.float64))
+    g = g if width else g.squeeze(-1)
+    extra = (torch.rand(1, 1, t, generator=gen, dtype=torch.float64),) if kernel == "delta_rule" else ()
+    calls = []
+    chunked = getattr(module, chunked_name)
+    monkeypatch.setattr(module, chunked_name, lambda *a: calls.append(a[0].shape[2]) or chunked(*a))
+    monkeypatch.setattr(gla, "PROMPT_SEGMENT", 16)
+    ref_o, ref_s = ref(q, k, v, g, *extra)
+    with torch.no_grad():
+        o, s = run(q, k, v, g, *extra, chunk_size=8)
+    torch.testing.assert_close(o, ref_o, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(s, ref_s, rtol=1e-10, atol=1e-12)
+    assert calls == [16, 16, 13]
+    calls.clear()
+    run(q.requires_grad_(), k, v, g, *extra, chunk_size=8)[0].sum().backward()  # training: one call
+    assert calls == [45] and q.grad is not None

@@ -396,10 +396,11 @@ def main(argv=None) -> None:
     ap.add_argument("--all-kinds", action="store_true", help="--json: also the rows of kinds outside the interface "
                     "(runtime_packed above the C product's tokens, unmerged_adapter, the CUDA dispatch of bitmask "
                     "layers); the table always shows them")
-    ap.add_argument("--weight-copies", type=nonnegative_int, default=0, help="activation-sparse MLP timing: copies of its "
-                    "weights called in turn (0: enough to exceed 3x the largest CPU cache; 1 shows a warm cache)")
-    ap.add_argument("--prefill-tokens", type=nonnegative_int, default=256, help="activation-sparse MLP: also time a prefill of "
-                    "this many tokens (the masked dense path; 0: none)")
+    ap.add_argument("--weight-copies", type=nonnegative_int, default=0, help="activation-sparse MLP timing: copies "
+                    "of its weights called in turn (0: enough to exceed 3x the largest CPU cache; 1 shows a warm "
+                    "cache)")
+    ap.add_argument("--prefill-tokens", type=nonnegative_int, default=256, help="activation-sparse MLP: also time a "
+                    "prefill of this many tokens (the masked dense path; 0: none)")
     ap.add_argument("--eval-windows", type=positive_int, default=None, help="activation sparsity: held-out windows "
                     "of 256 tokens for the perplexity change and its 95%% interval (default 199, 8 with --quick)")
     ap.add_argument("--save-quality", type=lambda t: Path(output_file(t)),

@@ -2,12 +2,13 @@
 
 Protocol: the held-out text (by default the built-in reference model's `heldout.txt`, cut from documents the
 model never saw) is tokenized once and cut into non-overlapping windows of `seq_len` tokens; every window is scored
-from its first token (no context carried across windows); a model with a compressed KV cache is scored through it, the window fed in chunks of the cache's residual_length as when generating (`logits_as_served`). Perplexity = exp(mean next-token NLL over all predicted
-positions); KL = mean over positions of KL(baseline || model) of the next-token distributions; top-1 agreement =
-fraction of positions where both models' argmax agree. With a baseline, the perplexity change and the KL also get
-95% intervals over windows (`paired_change`): the windows are the independent samples, each model's per-window
-NLL paired with the baseline's on the same text, so the interval says whether a change is more than the sample's
-noise."""
+from its first token (no context carried across windows); a model with a compressed KV cache is scored through it,
+each window fed in chunks of the cache's residual_length as when generating (`logits_as_served`). Perplexity =
+exp(mean next-token NLL over all predicted positions); KL = mean over positions of KL(baseline || model) of the
+next-token distributions; top-1 agreement = fraction of positions where both models' argmax agree. With a
+baseline, the perplexity change and the KL also get 95% intervals over windows (`paired_change`): the windows are
+the independent samples, each model's per-window NLL paired with the baseline's on the same text, so the interval
+says whether a change is more than the sample's noise."""
 from __future__ import annotations
 
 import contextlib
@@ -252,23 +253,26 @@ def _score_in_blocks(acc: MetricAccumulator, base_acc: MetricAccumulator, model:
                      targets: torch.Tensor, baseline: nn.Module | None, base_hidden: torch.Tensor | None) -> None:
     """Score final hidden states [B, P, d] (and the baseline's) against targets [B, P], the heads applied a block
     of positions at a time: memory of one block of logits per model, whatever the window's length."""
-    head = model.get_output_embeddings()
-    base_head = baseline.get_output_embeddings() if baseline is not None else None
     from .models import text_config
 
+    head = model.get_output_embeddings()
+    base_head = baseline.get_output_embeddings() if baseline is not None else None
     rows, positions = targets.shape
     step = max(1, HEAD_BLOCK_ELEMENTS // (rows * text_config(model.config).vocab_size))
     totals = [torch.zeros(rows, dtype=torch.float64), torch.zeros(rows, dtype=torch.float64), 0]
     base_totals = [torch.zeros(rows, dtype=torch.float64), torch.zeros(rows, dtype=torch.float64), 0]
+
+    def add(total: list, part: tuple) -> None:
+        for i, value in enumerate(part):
+            total[i] += value
+
     for p in range(0, positions, step):
         block = targets[:, p:p + step]
         logits = head(hidden[:, p:p + step]).float().cpu()
         base = base_head(base_hidden[:, p:p + step]).float().cpu() if base_head is not None else None
-        for total, part in ((totals, acc.sums(logits, block, base)),
-                            *(((base_totals, base_acc.sums(base, block)),) if base is not None else ())):
-            total[0] += part[0]
-            total[1] += part[1]
-            total[2] += part[2]
+        add(totals, acc.sums(logits, block, base))
+        if base is not None:
+            add(base_totals, base_acc.sums(base, block))
     acc.commit(*totals, positions, base_head is not None)
     if base_head is not None:
         base_acc.commit(*base_totals, positions, False)

@@ -31,7 +31,8 @@ def whole_logit_figures(model, windows, baseline, served):
 def test_blocks_of_positions_give_the_whole_logits_figures(recipe, tmp_path, monkeypatch, reference_tokenizer):
     passes = {"prune": [compress.get_pass("prune")(method="magnitude", sparsity=0.5)],
               "vq_logits": [compress.get_pass("vq_logits")(num_codes=256, kmeans_iterations=5)],
-              "gear_kv": [compress.get_pass("gear_kv")(method="kivi", bits=2, residual_length=32, group_size=32)]}[recipe]
+              "gear_kv": [compress.get_pass("gear_kv")(method="kivi", bits=2, residual_length=32,
+                                                       group_size=32)]}[recipe]
     baseline = compress.load("builtin:tiny", dtype="float32")
     model, _ = compress.apply(compress.load("builtin:tiny", dtype="float32"), passes, tokenizer=reference_tokenizer,
                               calibration={"source": "builtin:calibration", "num_samples": 4, "seq_len": 64},

@@ -190,6 +190,7 @@ def generate(model_src, prompt, max_new_tokens, sample, temperature, top_p, seed
     import torch
 
     from . import models
+    from .progress import GenerationProgress
 
     given = [f"--{name.replace('_', '-')}" for name in ("temperature", "top_p", "seed")
              if click.get_current_context().get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE]
@@ -221,11 +222,13 @@ def generate(model_src, prompt, max_new_tokens, sample, temperature, top_p, seed
     level = reminder.level
     if not limited:
         reminder.setLevel(logging.ERROR)
+    progress = GenerationProgress(ids.shape[1], max_new_tokens)
     try:
         with torch.no_grad():
             out = model.generate(ids.to(device), max_new_tokens=max_new_tokens, pad_token_id=tokenizer.eos_token_id,
-                                 **kwargs)
+                                 streamer=progress, **kwargs)
     finally:  # (main called from Python: its logging as it was)
+        progress.end()
         reminder.setLevel(level)
     # a chat's prompt is the template's text (role headers, the system message): the reply alone is the answer
     click.echo(tokenizer.decode(out[0, ids.shape[1]:] if chat else out[0], skip_special_tokens=True))

@@ -13,18 +13,20 @@ from ..errors import ConfigError
 
 def step_activation_bytes(model: nn.Module, windows: int, seq_len: int, kl: bool, checkpointing: bool) -> int:
     """A lower bound of the activations one forward and backward of `windows` windows of `seq_len` tokens holds at
-    its peak: the logits over the vocabulary as float32 (the loss's upcast, its log-softmax, their gradient: three
-    copies; the KL term adds the teacher's logits and both log-softmaxes and its pointwise terms: four more), and
-    what each decoder layer keeps for backward (its norms' and MLP's inputs; with gradient checkpointing, only the
-    layer's input)."""
+    its peak: the logits over the vocabulary as float32, or one block of them (chunked_loss.py; the loss's upcast,
+    its log-softmax, their gradient: three copies; the KL term adds the teacher's logits and both log-softmaxes and
+    its pointwise terms: four more), and what each decoder layer keeps for backward (its norms' and MLP's inputs; with
+    gradient checkpointing, only the layer's input)."""
     from ..models import text_config
+    from .chunked_loss import LOSS_BLOCK_ELEMENTS, WHOLE_LOGITS_ELEMENTS
 
     cfg = text_config(model.config)
     vocabulary, hidden = getattr(cfg, "vocab_size", None) or 0, getattr(cfg, "hidden_size", None) or 0
     layers = getattr(cfg, "num_hidden_layers", None) or 0  # (a config without these: what it names is counted)
     item = next(model.parameters()).element_size()
     tokens = windows * seq_len
-    logits = tokens * vocabulary * 4 * (3 + (4 if kl else 0))
+    whole = tokens * vocabulary
+    logits = (whole if whole <= WHOLE_LOGITS_ELEMENTS else LOSS_BLOCK_ELEMENTS) * 4 * (3 + (4 if kl else 0))
     intermediate = getattr(cfg, "intermediate_size", None) or 4 * hidden
     per_layer = hidden if checkpointing else 2 * hidden + 2 * intermediate
     return logits + layers * tokens * per_layer * item
@@ -44,15 +46,17 @@ def check_step_memory(model: nn.Module, device: str, batch_size: int, micro_batc
     if free is None:
         return
     sharing = _local_processes() if not str(device).startswith("cuda") else 1
-    per_window = sharing * step_activation_bytes(model, 1, seq_len, kl, checkpointing)  # (linear in the windows)
+    def need(windows: int) -> int:
+        return sharing * step_activation_bytes(model, windows, seq_len, kl, checkpointing)
+
     windows = micro_batch_size or batch_size
-    if not per_window or windows * per_window <= free:
+    if not need(windows) or need(windows) <= free:
         return
     per_forward = (f"micro_batch_size {windows}" if micro_batch_size
                    else f"batch_size {windows} (micro_batch_size unset)")
     shared = f" x {sharing} processes" if sharing > 1 else ""
     # a micro-batch with room to spare: the estimate is a lower bound (a run on builtin:tiny peaked about 1.5 times it)
-    fitting = next((d for d in range(min(windows - 1, free // (2 * per_window)), 0, -1) if batch_size % d == 0), None)
+    fitting = next((d for d in range(windows - 1, 0, -1) if batch_size % d == 0 and 2 * need(d) <= free), None)
     if fitting:
         fix = (f"set micro_batch_size to {fitting}{' or less' if fitting > 1 else ''} (a step then accumulates "
                "batch_size / micro_batch_size forwards: the same update)")
@@ -60,8 +64,8 @@ def check_step_memory(model: nn.Module, device: str, batch_size: int, micro_batc
         fix = "lower seq_len" + ("" if checkpointing else " or set gradient_checkpointing: true")
     vocabulary = text_config(model.config).vocab_size
     raise ConfigError(f"recover: {per_forward} x seq_len {seq_len}{shared} would hold at least "
-                      f"{windows * per_window / 1e9:.2f} GB of activations in a forward and backward (the logits over "
-                      f"{vocabulary} tokens as float32, several copies, and the decoder layers'), more than the "
+                      f"{need(windows) / 1e9:.2f} GB of activations in a forward and backward (a block of the "
+                      f"logits over {vocabulary} tokens as float32, several copies, and the decoder layers'), more than the "
                       f"{free / 1e9:.2f} GB free on {device}: {fix}, or set COMPRESS_MEMORY_CHECK=off to run it anyway")
 
 

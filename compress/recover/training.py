@@ -17,6 +17,8 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from .chunked_loss import blocked_losses
+
 
 class WindowDataset(torch.utils.data.Dataset):
     """Windows of `seq_len` tokens starting at `offsets` in the token stream `ids`, as causal-LM examples (labels =
@@ -73,13 +75,22 @@ class RecoveryTrainer(Trainer):
         self._parts: dict[str, list[float]] = {"nll": [], "kl": [], "aux": []}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        outputs = model(input_ids=inputs["input_ids"], labels=inputs["labels"], use_cache=False)
-        loss = outputs.loss
+        teacher = self.teacher if self.kl_weight > 0 else None
+        # the head a block of positions at a time (chunked_loss.py); whole logits where outputs are asked for
+        blocked = None if return_outputs else blocked_losses(model, self.accelerator.unwrap_model(model),
+                                                             inputs["input_ids"], inputs["labels"], teacher)
+        outputs = None
+        if blocked is not None:
+            loss, kl = blocked
+        else:
+            outputs = model(input_ids=inputs["input_ids"], labels=inputs["labels"], use_cache=False)
+            loss, kl = outputs.loss, None
+            if teacher is not None:
+                with torch.no_grad():
+                    teacher_logits = teacher(input_ids=inputs["input_ids"], use_cache=False).logits
+                kl = kl_to_teacher(outputs.logits, teacher_logits)
         self._parts["nll"].append(float(loss.detach()))
-        if self.teacher is not None and self.kl_weight > 0:
-            with torch.no_grad():
-                teacher_logits = self.teacher(input_ids=inputs["input_ids"], use_cache=False).logits
-            kl = kl_to_teacher(outputs.logits, teacher_logits)
+        if kl is not None:
             self._parts["kl"].append(float(kl.detach()))
             loss = loss + self.kl_weight * kl
         aux = take_aux_losses(model)

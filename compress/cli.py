@@ -302,8 +302,7 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
     result = {"model": model_src, "output": str(output), **report.to_dict(), "export": exported}
     result["checkpoint_bytes"] = folder_bytes(Path(output))
     result["original_checkpoint_bytes"] = folder_bytes(source_path)
-    made_from = (models.compression_section(source_path) or {}).get("source_model")  # an input compressed already
-    made_from = made_from if made_from != model_src else None
+    made_from = _made_from(source_path)  # an input compressed already: from what
     if made_from:
         result["input_made_from"] = made_from
     stored_dtype = str(models.checkpoint_dtype(model)).removeprefix("torch.")
@@ -349,6 +348,18 @@ def _source_folder(model_src: str) -> Path:
     from . import models
 
     return models.resolve_model_path(model_src)
+
+
+def _made_from(folder: Path) -> str | None:
+    """The model a compressed input at `folder` records it was made from (where it is now, when it is here: the
+    record is relative to the checkpoint's folder), or None for an input that is not a compressed checkpoint."""
+    from . import models
+
+    source = (models.compression_section(folder) or {}).get("source_model")
+    if not source or source.startswith("builtin:"):
+        return source
+    found = models.recorded_source_path(folder, source)
+    return str(found) if found is not None else f"{source} (not found here)"
 
 
 def _recipe_as_run(r, overrides: dict) -> str:

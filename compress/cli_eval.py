@@ -42,9 +42,11 @@ def _check_baseline_not_itself(model_src: str, baseline: str) -> None:
         return
     source = (models.compression_section(folder) or {}).get("source_model")
     if source:
+        found = source if source.startswith("builtin:") else models.recorded_source_path(folder, source)
         raise CompressError(f"the baseline {baseline} is the model itself: KL and top-1 agreement would be 0 and 1 "
-                            f"by construction; leave out --baseline to compare with the model it was made from "
-                            f"({source})")
+                            "by construction; " + (f"leave out --baseline to compare with the model it was made from "
+                                                   f"({found})" if found else f"give the model it was made from "
+                                                   f"({source}, not found here) as --baseline"))
     click.echo(f"note: the baseline {baseline} is the model itself: KL 0 and top-1 agreement 1 by construction",
                err=True)
 
@@ -230,9 +232,13 @@ def _evaluate(model, baseline_src, tokenizer, windows, progress, seq_len: int = 
     if tail:  # (a text of 511 tokens read as 1 window of 256: its other half was dropped without a word)
         out["protocol"] += f" (its last {tail} tokens, less than a window, not scored)"
     settings = getattr(model, "kv_cache_settings", None)
-    if settings is not None:  # (score_windows reads the model through its cache)
+    base_cached = getattr(baseline, "kv_cache_settings", None) is not None
+    if settings is not None:  # (score_windows reads each model through its cache)
         out["protocol"] += (f"; the model read through its compressed KV cache as it generates (each window fed in "
-                            f"chunks of {settings.residual_length} tokens), the baseline by a plain forward")
+                            f"chunks of {settings.residual_length} tokens), the baseline "
+                            + ("through its own" if base_cached else "by a plain forward"))
+    elif base_cached:
+        out["protocol"] += "; the baseline read through its compressed KV cache as it generates"
     shared = _calibration_overlap(model, w)
     if shared is not None:
         out["calibration_overlap"] = round(shared, 3)

@@ -11,7 +11,6 @@ the independent samples, each model's per-window NLL paired with the baseline's 
 says whether a change is more than the sample's noise."""
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from typing import Any
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import CompressError
+from .head_blocks import final_hidden_states
 from .intervals import paired_figures
 from .progress import progress_bar
 
@@ -74,39 +74,17 @@ def logits_as_served(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     return chunked_logits(model, ids, lambda: GEARCache(model.config, settings), settings.residual_length)
 
 
-@contextlib.contextmanager
-def _final_hidden_states(model: nn.Module):
-    """Within: each forward of `model` appends its decoder's final hidden states [B, T, d] to the yielded list,
-    and its head computes the last position only. The scoring applies the head a block of positions at a time:
-    full float32 logits of 8 windows for the model and the baseline held ~10 bytes per position and vocabulary
-    entry (10.9 GB for one 8k window at Llama-3's 128k vocabulary, 42 GB at 32k)."""
-    decoder, head = model.get_decoder(), model.get_output_embeddings()
-    captured: list[torch.Tensor] = []
-
-    def keep(module, args, output):
-        captured.append(getattr(output, "last_hidden_state", None))
-
-    def last_position_only(module, args):
-        return (args[0][:, -1:], *args[1:]) if args and args[0].dim() == 3 else None
-
-    hooks = [decoder.register_forward_hook(keep), head.register_forward_pre_hook(last_position_only)]
-    try:
-        yield captured
-    finally:
-        for hook in hooks:
-            hook.remove()
-
-
 @torch.no_grad()
 def hidden_as_served(model: nn.Module, input_ids: torch.Tensor, served: bool = True) -> torch.Tensor | None:
     """The final hidden states [B, T, d] that `logits_as_served` applies the head to (the head is then applied by
     the caller, in blocks; `served=False`: those of a plain forward, which skips a compressed KV cache); None for a
     model whose decoder and head this cannot tell apart."""
-    if not isinstance(model.get_output_embeddings(), nn.Module) or model.get_decoder() is model:
-        return None
+    head, decoder = (getattr(model, name, lambda: None)() for name in ("get_output_embeddings", "get_decoder"))
+    if not isinstance(head, nn.Module) or not isinstance(decoder, nn.Module) or decoder is model:
+        return None  # (a plain module around a model: whole logits)
     settings = getattr(model, "kv_cache_settings", None) if served else None
     ids = input_ids.to(next(model.parameters()).device)
-    with _final_hidden_states(model) as captured:
+    with final_hidden_states(model) as captured:
         if settings is None:
             model(input_ids=ids, use_cache=False)
         else:
@@ -221,8 +199,9 @@ def paired_change(model: MetricAccumulator, baseline: MetricAccumulator) -> dict
 def score_windows(model: nn.Module, windows: torch.Tensor, baseline: nn.Module | None = None, *, batch_size: int = 8,
                   progress: bool = True) -> tuple[MetricAccumulator, MetricAccumulator]:
     """`model`'s metrics on `windows` (against `baseline` where given) and the baseline's own, window by window.
-    The model is scored as served (`logits_as_served`: through its compressed KV cache where it has one; a plain
-    forward skipped the cache, and KIVI-2 read as lossless), the baseline by a plain forward."""
+    Both are scored as served (`logits_as_served`: through a compressed KV cache where one has it; a plain forward
+    skipped the cache, and KIVI-2 read as lossless; a baseline with a cache, e.g. `apply`'s compressed input, reads
+    its own, so the figures are what the model changed)."""
     acc, base_acc = MetricAccumulator(), MetricAccumulator()
     batch_size = max(1, min(batch_size, LONG_WINDOW_TOKENS // windows.shape[1]))  # (the bar moves per long window)
     batches = range(0, windows.shape[0], batch_size)
@@ -231,11 +210,10 @@ def score_windows(model: nn.Module, windows: torch.Tensor, baseline: nn.Module |
     for i in progress_bar(batches, description=description, enabled=progress):
         x = windows[i : i + batch_size]
         hidden = hidden_as_served(model, x)
-        base_hidden = (hidden_as_served(baseline, x, served=False) if baseline is not None and hidden is not None
-                       else None)  # (the baseline by a plain forward, as logits_of)
+        base_hidden = hidden_as_served(baseline, x) if baseline is not None and hidden is not None else None
         if hidden is None or (baseline is not None and base_hidden is None):  # (whole logits, as before)
             logits = logits_as_served(model, x).cpu()[:, :-1]
-            base = logits_of(baseline, x)[:, :-1] if baseline is not None else None
+            base = logits_as_served(baseline, x).cpu()[:, :-1] if baseline is not None else None
             acc.add(logits, x[:, 1:], base)
             if base is not None:
                 base_acc.add(base, x[:, 1:])

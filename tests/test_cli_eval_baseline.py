@@ -62,3 +62,41 @@ def test_a_text_tail_shorter_than_a_window_is_said(pruned, tmp_path, reference_t
     short = run("eval", pruned, "--text", tmp_path / "t.txt", "--seq-len", 256, "--max-windows", 1, "--no-speed",
                 "--json")
     assert short.exit_code == 0 and "not scored" not in json.loads(short.stdout)["protocol"]
+
+
+def test_a_baseline_with_a_compressed_cache_is_read_through_it(tmp_path):
+    """apply over a KIVI-2 input: the output inherits the cache and is scored through it; so is the input, its
+    baseline (a plain forward of the input put the cache's cost, KL 0.007, on an 8-bit quantize's account)."""
+    kivi = tmp_path / "kivi.yaml"
+    kivi.write_text("model: builtin:tiny\npasses:\n  - gear_kv: {method: kivi, bits: 2}\n")
+    assert run("apply", kivi, "--output", tmp_path / "kv", "--no-eval").exit_code == 0
+    recipe = tmp_path / "q.yaml"
+    recipe.write_text("passes:\n  - quantize: {method: rtn, bits: 8}\n")
+    result = run("apply", recipe, "--model", tmp_path / "kv", "--output", tmp_path / "q", "--eval-windows", 2,
+                 "--json", "--dtype", "float32")
+    assert result.exit_code == 0, result.output
+    ev = json.loads(result.stdout)["eval"]
+    assert "the baseline through its own" in ev["protocol"] and ev["kl"] < 0.001 and ev["top1_agreement"] > 0.98
+    same = run("eval", tmp_path / "kv", "--baseline", tmp_path / "kv", "--max-windows", 1, "--no-speed")
+    assert same.exit_code == 2 and "is the model itself" in same.stderr
+
+
+def test_the_recorded_source_is_found_from_the_checkpoint_folder(tmp_path, monkeypatch):
+    """A source recorded relative to the checkpoint ("../base") was printed as is, pointing elsewhere from the
+    working directory."""
+    import compress
+
+    compress.load("builtin:tiny", dtype="float32").save_pretrained(tmp_path / "base")
+    compress.load_tokenizer("builtin:tiny").save_pretrained(tmp_path / "base")
+    recipe = tmp_path / "p.yaml"
+    recipe.write_text("passes:\n  - prune: {method: magnitude, sparsity: 0.5}\n")
+    assert run("apply", recipe, "--model", tmp_path / "base", "--output", tmp_path / "ck1", "--no-eval").exit_code == 0
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    rtn = tmp_path / "q.yaml"
+    rtn.write_text("passes:\n  - quantize: {method: rtn, bits: 8}\n")
+    result = run("apply", rtn, "--model", tmp_path / "ck1", "--output", tmp_path / "ck2", "--no-eval", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["input_made_from"] == str((tmp_path / "base").resolve())
+    refused = run("eval", tmp_path / "ck1", "--baseline", tmp_path / "ck1", "--no-speed")
+    assert refused.exit_code == 2 and f"({(tmp_path / 'base').resolve()})" in refused.stderr

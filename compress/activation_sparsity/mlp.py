@@ -100,7 +100,8 @@ class ActivationSparseMLP(nn.Module):
         exact = {name: self._buffers[name] for name in ("threshold", "predictor_threshold")}
         super()._apply(fn, recurse)
         for name, value in exact.items():
-            self._buffers[name] = value.to(self._buffers[name].device)
+            moved = self._buffers[name]  # (to or from meta, e.g. `to_empty`: no value to keep)
+            self._buffers[name] = moved.float() if value.is_meta or moved.is_meta else value.to(moved.device)
         return self
 
     @property

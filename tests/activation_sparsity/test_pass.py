@@ -1,5 +1,6 @@
 """The activation_sparsity pass: thresholds meet the perplexity budget, the checkpoint reloads the thresholds, the
 recipe runs, mistakes are clear errors (the decode paths themselves: test_decode_paths.py)."""
+import copy
 import shutil
 from pathlib import Path
 
@@ -336,3 +337,5 @@ def test_thresholds_set_in_memory_are_saved_and_survive_a_dtype_cast(tmp_path, r
     assert mlps(model)[1].threshold.dtype == torch.float32 and float(mlps(model)[1].threshold) == exact
     model.float()
     assert float(mlps(compress.load(compress.save(model, tmp_path / "cast")))[1].threshold) == exact
+    empty = copy.deepcopy(model).to("meta").to_empty(device="cpu")  # (no value to keep: no copy out of meta)
+    assert mlps(empty)[1].threshold.dtype == torch.float32

@@ -49,3 +49,20 @@ def test_blocks_of_positions_give_the_whole_logits_figures(recipe, tmp_path, mon
         assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-9), key
     assert got["ppl_delta_pct_ci95"] == pytest.approx(want["ppl_delta_pct_ci95"], rel=1e-4)
     assert got["kl"] > 0 and got["tokens"] == 3 * 127
+
+
+def test_a_module_that_is_not_a_transformers_model_takes_whole_logits(reference_tokenizer):
+    """A plain module around a model (no get_output_embeddings / get_decoder) is scored from its logits."""
+    class Wrap(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, **kwargs):
+            return self.inner(**kwargs)
+
+    model = compress.load("builtin:tiny", dtype="float32")
+    windows = ev.heldout_windows(reference_tokenizer, seq_len=64, max_windows=2)
+    got = ev.evaluate(Wrap(model), windows, model, progress=False)
+    assert got["kl"] == pytest.approx(0, abs=1e-9) and got["perplexity"] == pytest.approx(
+        ev.evaluate(model, windows, progress=False)["perplexity"], rel=1e-6)

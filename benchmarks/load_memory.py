@@ -1,7 +1,7 @@
 """Peak memory of loading a model: plain transformers vs compress.load with each dtype choice.
 
 Builds a random-init Llama of ~88M parameters stored in bf16 (176 MB on disk; random weights: only memory is
-measured), then loads it in fresh subprocesses and reports each one's peak resident memory during the load minus
+measured), and the same weights as a native compressed checkpoint (a gear_kv pass: no weight changes), then loads it in fresh subprocesses and reports each one's peak resident memory during the load minus
 its resident memory after the imports, so the figure is what the load itself costs. The peak is the kernel's
 high-water mark (VmHWM), reset after the imports (/proc/self/clear_refs): a plain ru_maxrss would keep the
 imports' own peak and hide any load smaller than it. Resident memory counts the file pages a memory-mapped
@@ -26,6 +26,9 @@ LOADERS = {
     "compress.load dtype=stored (bf16)": "import compress; m = compress.load(P, dtype='stored')",
     "compress.load dtype=auto": "import compress; m = compress.load(P)",
     "compress.load dtype=float32": "import compress; m = compress.load(P, dtype='float32')",
+    # the same weights as a native compressed checkpoint (a gear_kv pass changes none): compress's own loader, which
+    # read the whole state dict before copying it in (2x the weights at the peak) and now a decoder layer at a time
+    "compress.load native checkpoint (stored)": "import compress; m = compress.load(P + '-native', dtype='stored')",
 }
 PROBE = """
 import sys, gc
@@ -55,6 +58,10 @@ def build(folder: Path) -> int:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(folder)
+    import compress
+
+    compress.apply(model, [compress.get_pass("gear_kv")(method="kivi", bits=4)], progress=False)
+    compress.save(model, Path(f"{folder}-native"))
     return sum(p.numel() for p in model.parameters())
 
 

@@ -107,6 +107,14 @@ class GearKV(Pass):
     def restore(self, model: nn.Module, entry: dict) -> None:
         install_compressed_cache(model, self.settings())  # the record's skip_layers hold what targets left out
 
+    def entry_as_held(self, model: nn.Module, entry: dict) -> dict:
+        """The cache settings the model generates with now (set in memory after the pass, they were saved as the
+        pass's arguments, and the reload generated with those)."""
+        held = getattr(model, "kv_cache_settings", None)
+        if held is None:
+            return entry
+        return {**entry, "args": {**(entry.get("args") or {}), **held.model_dump(mode="json")}}
+
     def entry(self, report: PassReport | None = None) -> dict:
         out = super().entry(report)
         if report is not None and "layers_skipped" in report.details:

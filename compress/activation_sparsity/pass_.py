@@ -189,13 +189,19 @@ class ActivationSparsity(Pass):
     def entry_as_held(self, model: nn.Module, entry: dict[str, Any]) -> dict[str, Any]:
         """The thresholds the modules hold now (a user who set one in memory and saved got the pass's value back
         on reload, with logits 1.2 apart and nothing said)."""
-        restore = {}
+        restore, decode_tokens = {}, set()
         for name, spec in (entry.get("restore") or {}).items():
             module = model.get_submodule(name)
-            restore[name] = {**spec, **({"threshold": float(module.threshold),
-                                         "predictor_threshold": float(module.predictor_threshold)}
-                                        if isinstance(module, ActivationSparseMLP) else {})}
-        return {**entry, "restore": restore}
+            if isinstance(module, ActivationSparseMLP):
+                spec = {**spec, "threshold": float(module.threshold),
+                        "predictor_threshold": float(module.predictor_threshold)}
+                decode_tokens.add(module.max_sparse_tokens)
+            restore[name] = spec
+        args = entry.get("args") or {}
+        held = decode_tokens.pop() if len(decode_tokens) == 1 else None  # (one value for every MLP, as the pass
+        if held is not None and 1 <= held <= 256:                             # sets it, within its argument's range)
+            args = {**args, "max_sparse_tokens": held}
+        return {**entry, "args": args, "restore": restore}
 
     def restore(self, model: nn.Module, entry: dict[str, Any]) -> None:
         for name, spec in (entry.get("restore") or {}).items():

@@ -339,3 +339,18 @@ def test_thresholds_set_in_memory_are_saved_and_survive_a_dtype_cast(tmp_path, r
     assert float(mlps(compress.load(compress.save(model, tmp_path / "cast")))[1].threshold) == exact
     empty = copy.deepcopy(model).to("meta").to_empty(device="cpu")  # (no value to keep: no copy out of meta)
     assert mlps(empty)[1].threshold.dtype == torch.float32
+
+
+def test_decoding_settings_changed_in_memory_are_saved(tmp_path, reference_tokenizer):
+    """max_sparse_tokens set on every MLP, and a gear_kv cache's settings replaced, came back as the pass's
+    arguments after a save and reload."""
+    from compress.kvcache.config import KVCacheSettings
+
+    model, _ = calibrated(reference_tokenizer)
+    for m in mlps(model):
+        m.max_sparse_tokens = 9
+    compress.apply(model, [compress.get_pass("gear_kv")(method="kivi", bits=4)], progress=False)
+    model.kv_cache_settings = KVCacheSettings(method="kivi", bits=2)
+    reloaded = compress.load(compress.save(model, tmp_path / "edited"))
+    assert {m.max_sparse_tokens for m in mlps(reloaded)} == {9}
+    assert reloaded.kv_cache_settings.bits == 2 and reloaded.kv_cache_settings == model.kv_cache_settings

@@ -28,6 +28,8 @@ CASES = [
     ("kv_cache.py", ["--save-json", "/nonexistent/x.json"], "--save-json: /nonexistent/x.json: /nonexistent is not"),
     ("sparse_speed.py", ["--save-quality", "/"], "--save-quality: / is a folder"),
     ("sparse_speed.py", ["--ppl-budget", "2"], "argument --ppl-budget: 2.0 is a fraction (0.007 = +0.7% perplexity)"),
+    ("sparse_speed.py", ["--weight-copies", "-3"], "argument --weight-copies: -3 must be 0 or more"),
+    ("long_context_memory.py", ["--context", "0"], "argument --context: 0 must be at least 1"),
     ("vq_logits.py", ["--save", "/nonexistent/v.json"], "--save: /nonexistent/v.json"),
     ("prune.py", ["--save-json", "/nonexistent/p.json"], "--save-json: /nonexistent/p.json"),
     # counts that crashed deep in the run (UnboundLocalError, ZeroDivisionError, StatisticsError)

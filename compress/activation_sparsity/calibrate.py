@@ -99,7 +99,8 @@ def calibrate_thresholds(model, mlps: list[ActivationSparseMLP], windows: torch.
     best = {"cett": 0.0, "perplexity": dense_ppl, "thresholds": [0.0] * len(mlps), "layer_sparsity": [0.0] * len(mlps)}
     extra: dict[str, Any] = {}
     if quantized_gate:  # what the quantized gate alone costs (every neuron kept)
-        best["perplexity"], _, best["layer_sparsity"] = trial(0.0, best["thresholds"])
+        with phase("activation_sparsity: scoring the quantized gate alone (every neuron kept)", enabled=progress):
+            best["perplexity"], _, best["layer_sparsity"] = trial(0.0, best["thresholds"])
         extra["quantized_gate_ppl_increase"] = cost = best["perplexity"] / dense_ppl - 1
         if not cost <= target_ppl_increase:  # (NaN too: a gate that breaks the model is over any budget)
             bits = quantized_gate[0].predictor_bits

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels.sparse_bitmask import bitmask_decode_reference, bitmask_linear
-from ..kernels.sparse_bitmask import unpack_bitmask
+from ..kernels.sparse_bitmask import bitmask_row_counts, unpack_bitmask
 from ..kernels.sparse_nm import index_bits, nm_decode_reference, nm_linear, nm_positions
 from .packing import pack_bitmask, pack_nm
 
@@ -88,7 +88,7 @@ class SparseLinear(nn.Module):
     @torch.no_grad()
     def refresh_row_offsets(self) -> None:
         if self.format == "bitmask" and self.bitmask.device.type != "meta" and self.runtime == "packed":
-            counts = unpack_bitmask(self.bitmask, self.in_features).sum(1)
+            counts = bitmask_row_counts(self.bitmask, self.in_features)
             offsets = torch.cumsum(counts, 0) - counts
             if self.row_offsets.device == offsets.device and self.row_offsets.shape == offsets.shape:
                 self.row_offsets.copy_(offsets)  # in place: a holder of this buffer (a captured graph) sees it

@@ -242,6 +242,11 @@ class VQLogits(Pass):
             details["note"] = ("the output head was tied to the input embedding: it is untied, the input embedding is "
                                "kept unchanged, so the model grows by the VQ head's bytes instead of shrinking")
             report.notes.append(details["note"])  # (printed by apply; in details alone, only report.json had it)
+        distilled = details.get("distill") or {}
+        if distilled and distilled["steps"] < c.distill_steps:  # (its bar counted to distill_steps: said)
+            report.notes.append(f"distillation stopped at its time budget (distill_seconds {c.distill_seconds:g}) "
+                                f"after {distilled['steps']} of {c.distill_steps} steps, its learning rate not yet "
+                                "decayed: raise distill_seconds or lower distill_steps")
         details["restore"] = {"module": name, "vocab_size": vocab, "hidden_size": hidden_size,
                               "num_codes": c.num_codes, "shortlist": c.shortlist, "untied": tied}
         report.details = details

@@ -31,6 +31,20 @@ def test_unpack_gives_the_packed_mask(cols):
     assert torch.equal(sparse_bitmask.unpack_bitmask(transposed, cols), mask)
 
 
+@pytest.mark.parametrize("cols", [64, 45, 1, 8])
+def test_row_counts_are_the_kept_entries_of_each_row(cols):
+    """A popcount over the bytes, with padding bits past the last column set in a file left out."""
+    g = torch.Generator().manual_seed(cols)
+    mask = torch.rand(9, cols, generator=g) < 0.5
+    _, bitmask, offsets = pack_bitmask(torch.randn(9, cols, generator=g), mask)
+    assert torch.equal(sparse_bitmask.bitmask_row_counts(bitmask, cols), mask.sum(1))
+    assert torch.equal(torch.cumsum(mask.sum(1), 0) - mask.sum(1), offsets)
+    if cols % 8:
+        padded = bitmask.clone()
+        padded[:, -1] |= 0xFF << (cols % 8) & 0xFF
+        assert torch.equal(sparse_bitmask.bitmask_row_counts(padded, cols), mask.sum(1))
+
+
 @pytest.mark.parametrize("cols", [64, 45])
 def test_decode_reference_is_exact(cols):
     dense, values, bitmask, offsets = packed_case(10, cols, 0.4)

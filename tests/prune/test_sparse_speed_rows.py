@@ -11,7 +11,9 @@ def test_runtime_packed_rows_say_path_bytes_and_ratio(bench):
     rows = bench.cpu_runtime_packed([1, 20], 1, shapes=[(64, 128)])
     assert [(r["structure"], r["tokens"]) for r in rows] == [("2:4", 1), ("2:4", 20), ("unstructured", 1),
                                                             ("unstructured", 20)]
-    assert all(r["device"] == "cpu" and r["kind"] == "runtime_packed" and r["speedup_vs_dense"] > 0 for r in rows)
+    assert all(r["device"] == "cpu" and r["speedup_vs_dense"] > 0 for r in rows)
+    # the C product over the packed values is the CPU's packed GEMV (issue 9's row kinds), the blocked GEMM not
+    assert all(r["kind"] == ("packed_gemv" if "C product" in r["path"] else "runtime_packed") for r in rows)
     assert rows[0]["path"].startswith("packed: C product") and rows[1]["path"].endswith("GEMM")
     assert all(0.45 < r["bytes_vs_dense"] < 0.7 for r in rows)  # values + positions (+ row offsets) vs fp32 dense
 

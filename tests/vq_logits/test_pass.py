@@ -251,3 +251,13 @@ def test_a_frozen_eval_model_gets_a_frozen_eval_head_without_gradients(reference
                    calibration={"num_samples": 4, "seq_len": 64}, tokenizer=reference_tokenizer, progress=False)
     assert not model.lm_head.training
     assert all(not p.requires_grad and p.grad is None for p in model.lm_head.parameters())
+
+
+def test_a_distillation_cut_by_its_time_budget_says_so(reference_model, reference_tokenizer):
+    """Its bar counted to distill_steps and the run stopped earlier with nothing said (174 of 300 steps)."""
+    model = copy.deepcopy(reference_model)
+    _, report = compress.apply(model, [VQLogits(num_codes=64, distill=True, distill_steps=50, distill_seconds=1e-9)],
+                               calibration={"num_samples": 4, "seq_len": 64}, tokenizer=reference_tokenizer,
+                               progress=False)
+    done = report.passes[0].details["distill"]["steps"]
+    assert done < 50 and any(f"after {done} of 50 steps" in n for n in report.passes[0].notes)

@@ -59,8 +59,9 @@ def make_pass(args):
 # SparseGPT goes through the same runner as Wanda and GPTQ (and its own test checks it against the reference)
 @pytest.mark.parametrize("prune_args", [{"pass": "prune", "method": "wanda", "structure": "2:4"},
                                         {"pass": "prune", "method": "magnitude", "sparsity": 0.5},
-                                        {"pass": "quantize", "method": "gptq", "bits": 4, "group_size": 64}],
-                         ids=["wanda", "magnitude", "gptq"])
+                                        {"pass": "quantize", "method": "gptq", "bits": 4, "group_size": 64},
+                                        {"pass": "quantize", "method": "rtn", "bits": 4, "group_size": 64}],
+                         ids=["wanda", "magnitude", "gptq", "rtn"])
 def test_capped_memory_matches_in_memory(source, tmp_path, prune_args):
     whole = compress.load(source)
     total = weight_bytes(whole)
@@ -73,7 +74,7 @@ def test_capped_memory_matches_in_memory(source, tmp_path, prune_args):
     ref_dir, _ = apply_and_save(whole, tmp_path, "in-memory", prune_args)
     out_dir, peak = apply_and_save(capped, tmp_path, "capped", prune_args)
     layer_bytes = total // 12
-    if prune_args["method"] != "magnitude":
+    if prune_args["method"] not in ("magnitude", "rtn"):
         assert 0 < peak <= cap + 2 * layer_bytes  # the cap, plus the layer being compressed
     assert resident_bytes(capped) < cap
 
@@ -154,9 +155,9 @@ def test_spill_folder_holds_one_copy_of_each_layer(source, tmp_path):
 
 def test_offload_refuses_passes_that_need_whole_layers(source, tmp_path):
     capped = compress.load(source, max_memory=int(weight_bytes(compress.load(source)) * 0.55))
-    with pytest.raises(CompressError, match="pass 'quantize' \\(method rtn: of its methods only gptq runs layer by "
-                                            "layer\\) cannot run with decoder layers left on disk"):
-        compress.apply(capped, [compress.passes.Quantize(method="rtn")])
+    with pytest.raises(CompressError, match="pass 'quantize' \\(method nf4: of its methods only gptq and rtn run "
+                                            "layer by layer\\) cannot run with decoder layers left on disk"):
+        compress.apply(capped, [compress.passes.Quantize(method="nf4")])
 
     class Whole(compress.Pass):
         name = "whole_model_pass"
@@ -210,7 +211,7 @@ def test_cli_apply_with_max_memory(source, tmp_path):
                                     "--max-memory", "lots", "--no-eval"])
     assert bad.exit_code == 2 and "cannot read max_memory" in bad.output and not (tmp_path / "bad").exists()
     # a pass that cannot run with layers on disk fails before any layer is read (on a 70B model, minutes of disk)
-    recipe.write_text("model: builtin:tiny\npasses:\n  - quantize: {method: rtn}\n")
+    recipe.write_text("model: builtin:tiny\npasses:\n  - linearize: {variant: gla}\n")
     refused = CliRunner().invoke(main, ["apply", str(recipe), "--model", str(src), "--output", str(tmp_path / "bad"),
                                         "--max-memory", "9MB", "--no-eval"])
     assert refused.exit_code == 2 and "cannot run with decoder layers left on disk" in refused.output

@@ -53,12 +53,12 @@ class Quantize(Pass):
     """Quantize Linear weights: GPTQ / round-to-nearest int4/int8 with group scales, or bitsandbytes NF4/FP4/int8."""
 
     @property
-    def supports_offload(self) -> bool:  # GPTQ reaches the layers only through the sequential runner
-        return self.config.method == "gptq"
+    def supports_offload(self) -> bool:  # GPTQ through the sequential runner, RTN through for_each_layer
+        return self.config.method in ("gptq", "rtn")
 
     @property
     def offload_hint(self) -> str:
-        return f"method {self.config.method}: of its methods only gptq runs layer by layer"
+        return f"method {self.config.method}: of its methods only gptq and rtn run layer by layer"
 
     class Config(PassConfig):
         method: Literal["gptq", "rtn", "nf4", "fp4", "int8"] = "gptq"
@@ -184,7 +184,7 @@ class Quantize(Pass):
 
     # ---------------------------------------------------------------------------------------------- apply
     def apply(self, model: nn.Module, ctx: PassContext) -> PassReport:
-        from ..sequential import decoder_layers
+        from ..sequential import decoder_layers, for_each_layer, modules_in_layer
 
         c = self.config
         if c.method in BNB_METHODS:
@@ -213,10 +213,20 @@ class Quantize(Pass):
                 ctx.run_sequential(model, lambda step: self._gptq_layer(step, model, names, restore, notes, label),
                                    pass_name=label)
             else:
-                for name in names:
-                    new = self._quantize_module(model, model.get_submodule(name))
+                def quantize(name: str, module: nn.Module) -> None:
+                    new = self._quantize_module(model, module)
                     replace_module(model, name, new)
                     restore[name] = new.restore_spec()
+
+                prefix, _ = decoder_layers(model)
+                inside = [n for n in names if n.startswith(prefix + ".")] if c.method == "rtn" else []
+                for name in names:  # (bitsandbytes' layers, and modules outside the decoder layers: the head)
+                    if name not in inside:
+                        quantize(name, model.get_submodule(name))
+                if inside:  # layer by layer: layers left on disk (compress.load(max_memory=...)) are read in turn
+                    for_each_layer(model, lambda i, lname, layer: [
+                        quantize(n, m) for n, m in modules_in_layer(inside, lname, layer).items()],
+                        progress=ctx.progress, description=label)
             if c.method in BNB_METHODS:
                 model.config.quantization_config = self.bnb_config(model, set(names))
         report.bytes_after = sum(tensor_bytes(model.get_submodule(n)) for n in names)

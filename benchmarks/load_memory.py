@@ -1,8 +1,9 @@
 """Peak memory of loading a model: plain transformers vs compress.load with each dtype choice.
 
 Builds a random-init Llama of ~88M parameters stored in bf16 (176 MB on disk; random weights: only memory is
-measured), and the same weights as a native compressed checkpoint (a gear_kv pass: no weight changes), then loads it in fresh subprocesses and reports each one's peak resident memory during the load minus
-its resident memory after the imports, so the figure is what the load itself costs. The peak is the kernel's
+measured), and the same weights as a native compressed checkpoint (a gear_kv pass: no weight changes), then loads
+them in fresh subprocesses and reports each one's peak resident memory during the load minus its resident memory
+after the imports, so the figure is what the load itself costs. The peak is the kernel's
 high-water mark (VmHWM), reset after the imports (/proc/self/clear_refs): a plain ru_maxrss would keep the
 imports' own peak and hide any load smaller than it. Resident memory counts the file pages a memory-mapped
 safetensors load touches; the "held after" column is what stays resident once the load returned.

@@ -64,9 +64,10 @@ def check_step_memory(model: nn.Module, device: str, batch_size: int, micro_batc
         fix = "lower seq_len" + ("" if checkpointing else " or set gradient_checkpointing: true")
     vocabulary = text_config(model.config).vocab_size
     raise ConfigError(f"recover: {per_forward} x seq_len {seq_len}{shared} would hold at least "
-                      f"{need(windows) / 1e9:.2f} GB of activations in a forward and backward (a block of the "
-                      f"logits over {vocabulary} tokens as float32, several copies, and the decoder layers'), more than the "
-                      f"{free / 1e9:.2f} GB free on {device}: {fix}, or set COMPRESS_MEMORY_CHECK=off to run it anyway")
+                      f"{need(windows) / 1e9:.2f} GB of activations in a forward and backward (the logits over "
+                      f"{vocabulary} tokens as float32, or a block of them, several copies, and the decoder layers'), "
+                      f"more than the {free / 1e9:.2f} GB free on {device}: {fix}, or set COMPRESS_MEMORY_CHECK=off to "
+                      "run it anyway")
 
 
 def _local_processes() -> int:

@@ -12,7 +12,9 @@ above the imports (as benchmarks/load_memory.py), beside what the whole-logit pa
 - prefill: `generate` of one token after a prompt of `--context` tokens, dense (its KV cache grows) vs GLA (a
   constant state), and their ratio.
 
-    OMP_NUM_THREADS=1 python benchmarks/long_context_memory.py [--context 16384] [--json]
+    OMP_NUM_THREADS=1 python benchmarks/long_context_memory.py [--context 16384] [--json]   # ~6 minutes
+
+(`--context`: the prefill rows' prompt; the eval and recover rows keep their sizes.)
 """
 from __future__ import annotations
 

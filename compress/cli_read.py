@@ -227,6 +227,9 @@ def generate(model_src, prompt, max_new_tokens, sample, temperature, top_p, seed
         with torch.no_grad():
             out = model.generate(ids.to(device), max_new_tokens=max_new_tokens, pad_token_id=tokenizer.eos_token_id,
                                  streamer=progress, **kwargs)
+    except BaseException as exc:  # (the prompt's line says "stopped", then the error)
+        progress.end(exc)
+        raise
     finally:  # (main called from Python: its logging as it was)
         progress.end()
         reminder.setLevel(level)

@@ -168,9 +168,11 @@ class GenerationProgress:
         elif time.monotonic() - self.start >= self.after:
             self.ticker = Ticker(f"generating {self.new_tokens} tokens", total=self.new_tokens, done=self.tokens)
 
-    def end(self) -> None:
+    def end(self, error: BaseException | None = None) -> None:
+        """generate calls it when done; call it again with the `error` that stopped generating, if one did (the
+        prompt's line then says "stopped", not "done"). Twice is harmless."""
         if self._reading is not None:
-            self._reading.__exit__(None, None, None)
+            self._reading.__exit__(type(error) if error else None, error, None)
             self._reading = None
         if self.ticker is not None:
             self.ticker.close()

@@ -42,3 +42,24 @@ def test_the_cli_prints_the_text_alone_on_stdout(tmp_path):
 
     result = CliRunner().invoke(main, ["generate", "builtin:tiny", "--prompt", "The", "--max-new-tokens", "4"])
     assert result.exit_code == 0 and result.stdout.startswith("The") and result.stderr == ""
+
+
+def test_a_prompt_read_that_fails_says_stopped(capsys):
+    model = compress.load("builtin:tiny", dtype="float32")
+
+    def fail(module, args, kwargs, output):
+        time.sleep(0.5)
+        raise RuntimeError("out of memory")
+
+    hook = model.model.register_forward_hook(fail, with_kwargs=True)
+    progress = GenerationProgress(12, 4, after=0.05)
+    try:
+        with torch.no_grad():
+            model.generate(torch.ones(1, 12, dtype=torch.long), max_new_tokens=4, streamer=progress, pad_token_id=0)
+    except RuntimeError as exc:
+        progress.end(exc)
+    finally:
+        hook.remove()
+    progress.end()  # (twice: harmless)
+    err = capsys.readouterr().err
+    assert "reading the 12-token prompt: stopped" in err and "done" not in err

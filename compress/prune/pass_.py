@@ -155,7 +155,7 @@ class Prune(Pass):
                 # layer by layer, so that layers left on disk (compress.load(max_memory=...)) are read in turn
                 for_each_layer(model, lambda i, lname, layer: [
                     magnitude(name, module) for name, module in modules_in_layer(names, lname, layer).items()],
-                    progress=ctx.progress, description=label)
+                    ctx.device, progress=ctx.progress, description=label)  # (each layer visits the pass's device)
             else:
                 ctx.run_sequential(model, lambda step: self._prune_layer(step, names, layer_sparsity, state, label),
                                    pass_name=label)

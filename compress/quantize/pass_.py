@@ -226,7 +226,7 @@ class Quantize(Pass):
                 if inside:  # layer by layer: layers left on disk (compress.load(max_memory=...)) are read in turn
                     for_each_layer(model, lambda i, lname, layer: [
                         quantize(n, m) for n, m in modules_in_layer(inside, lname, layer).items()],
-                        progress=ctx.progress, description=label)
+                        ctx.device, progress=ctx.progress, description=label)  # (a GPU model stays there)
             if c.method in BNB_METHODS:
                 model.config.quantization_config = self.bnb_config(model, set(names))
         report.bytes_after = sum(tensor_bytes(model.get_submodule(n)) for n in names)

@@ -15,9 +15,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from . import json_out
-from .state_files import INDEX_NAME, read_state, read_state_by_layer, weight_files  # noqa: F401 (callers')
 from .errors import CheckpointError, CompressError, disk_full_error, first_line
 from .paths import user_path
+from .state_files import INDEX_NAME, read_state, read_state_by_layer, weight_files  # noqa: F401 (callers')
 
 FORMAT_VERSION = 1
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3

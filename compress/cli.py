@@ -351,15 +351,12 @@ def _source_folder(model_src: str) -> Path:
 
 
 def _made_from(folder: Path) -> str | None:
-    """The model a compressed input at `folder` records it was made from (where it is now, when it is here: the
-    record is relative to the checkpoint's folder), or None for an input that is not a compressed checkpoint."""
-    from . import models
+    """The model a compressed input at `folder` records it was made from (where it is now, when it is here), or None
+    for an input that is not a compressed checkpoint."""
+    from .cli_eval import source_record
 
-    source = (models.compression_section(folder) or {}).get("source_model")
-    if not source or source.startswith("builtin:"):
-        return source
-    found = models.recorded_source_path(folder, source)
-    return str(found) if found is not None else f"{source} (not found here)"
+    source, found = source_record(folder)
+    return found or (f"{source} (not found here)" if source else None)
 
 
 def _recipe_as_run(r, overrides: dict) -> str:

@@ -13,21 +13,27 @@ from .progress import phase
 EVAL_SEQ_LEN = 256
 
 
+def source_record(folder: Path) -> tuple[str | None, str | None]:
+    """(the model a checkpoint at `folder` records it was made from, or None; where it is now: the `builtin:` name or
+    the resolved path, None where it is not here; the record is relative to the checkpoint's folder)."""
+    from . import models
+
+    source = (models.compression_section(folder) or {}).get("source_model")
+    if not source or source.startswith("builtin:"):
+        return source, source
+    found = models.recorded_source_path(folder, source)
+    return source, str(found) if found is not None else None
+
+
 def _recorded_source(model_src: str) -> str | None:
     """The model a compressed checkpoint was made from, if its `compression` section names one that exists here."""
     from . import models
 
-    folder = models.resolve_model_path(model_src)
-    source = (models.compression_section(folder) or {}).get("source_model")
-    if source and source.startswith("builtin:"):
-        return source
-    found = models.recorded_source_path(folder, source) if source else None
-    if found is not None:
-        return str(found)
-    if source:  # said, not silently dropped: without a baseline there is no KL / top-1 agreement
+    source, found = source_record(models.resolve_model_path(model_src))
+    if source and not found:  # said, not silently dropped: without a baseline there is no KL / top-1 agreement
         click.echo(f"note: {model_src} was made from {source}, which is not here; no KL or top-1 agreement "
                    "(pass --baseline MODEL)", err=True)
-    return None
+    return found
 
 
 def _check_baseline_not_itself(model_src: str, baseline: str) -> None:
@@ -40,9 +46,8 @@ def _check_baseline_not_itself(model_src: str, baseline: str) -> None:
     folder = models.resolve_model_path(model_src).resolve()
     if folder != models.resolve_model_path(baseline).resolve():
         return
-    source = (models.compression_section(folder) or {}).get("source_model")
+    source, found = source_record(folder)
     if source:
-        found = source if source.startswith("builtin:") else models.recorded_source_path(folder, source)
         raise CompressError(f"the baseline {baseline} is the model itself: KL and top-1 agreement would be 0 and 1 "
                             "by construction; " + (f"leave out --baseline to compare with the model it was made from "
                                                    f"({found})" if found else f"give the model it was made from "

@@ -222,16 +222,16 @@ def generate(model_src, prompt, max_new_tokens, sample, temperature, top_p, seed
     level = reminder.level
     if not limited:
         reminder.setLevel(logging.ERROR)
-    progress = GenerationProgress(ids.shape[1], max_new_tokens)
+    progress, error = GenerationProgress(ids.shape[1], max_new_tokens), None
     try:
         with torch.no_grad():
             out = model.generate(ids.to(device), max_new_tokens=max_new_tokens, pad_token_id=tokenizer.eos_token_id,
                                  streamer=progress, **kwargs)
-    except BaseException as exc:  # (the prompt's line says "stopped", then the error)
-        progress.end(exc)
+    except BaseException as exc:  # (the prompt's line then says "stopped", before the error)
+        error = exc
         raise
     finally:  # (main called from Python: its logging as it was)
-        progress.end()
+        progress.end(error)
         reminder.setLevel(level)
     # a chat's prompt is the template's text (role headers, the system message): the reply alone is the answer
     click.echo(tokenizer.decode(out[0, ids.shape[1]:] if chat else out[0], skip_special_tokens=True))

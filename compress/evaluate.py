@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import CompressError
-from .head_blocks import final_hidden_states
+from .head_blocks import final_hidden_states, has_head_and_decoder
 from .intervals import paired_figures
 from .progress import progress_bar
 
@@ -47,15 +47,10 @@ def heldout_windows(tokenizer, text: str | None = None, seq_len: int = 256, max_
     return ids[: n * seq_len].view(n, seq_len)
 
 
-def logits_of(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    device = next(model.parameters()).device
-    return model(input_ids=input_ids.to(device), use_cache=False).logits.float().cpu()
-
-
 @torch.no_grad()
 def logits_as_served(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    """`logits_of`, but read through the model's compressed KV cache when it has one (gear_kv): a plain forward
-    never reads the cache, so a suite scored that way measured the weights alone. The ids go in chunks of the
+    """Float32 logits [B, T, V] of `input_ids` [B, T], read through the model's compressed KV cache when it has one
+    (gear_kv): a plain forward never reads the cache, so a suite scored that way measured the weights alone. The ids go in chunks of the
     cache's residual_length (as `compress eval`'s cache rows feed them): every token after the first chunk attends
     to the compressed past, as when generating; computed in one forward that gives the same logits where it can
     (kvcache/served.py). Float32 logits on the model's device."""
@@ -75,30 +70,19 @@ def logits_as_served(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def hidden_as_served(model: nn.Module, input_ids: torch.Tensor, served: bool = True) -> torch.Tensor | None:
-    """The final hidden states [B, T, d] that `logits_as_served` applies the head to (the head is then applied by
-    the caller, in blocks; `served=False`: those of a plain forward, which skips a compressed KV cache); None for a
-    model whose decoder and head this cannot tell apart."""
-    head, decoder = (getattr(model, name, lambda: None)() for name in ("get_output_embeddings", "get_decoder"))
-    if not isinstance(head, nn.Module) or not isinstance(decoder, nn.Module) or decoder is model:
+def hidden_as_served(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor | None:
+    """The final hidden states [B, T, d] that `logits_as_served` applies the head to (the caller applies it, in
+    blocks); None for a module that is not a model with a decoder and an output head."""
+    if not has_head_and_decoder(model):
         return None  # (a plain module around a model: whole logits)
-    settings = getattr(model, "kv_cache_settings", None) if served else None
-    ids = input_ids.to(next(model.parameters()).device)
     with final_hidden_states(model) as captured:
-        if settings is None:
-            model(input_ids=ids, use_cache=False)
-        else:
-            from .kvcache.cache import GEARCache
-            from .kvcache.quality import chunked_logits
-            from .kvcache.served import served_logits
-
-            if served_logits(model, ids, settings) is None:  # (then the chunk by chunk feed: its states alone)
-                captured.clear()
-                chunked_logits(model, ids, lambda: GEARCache(model.config, settings), settings.residual_length)
+        logits_as_served(model, input_ids)
+    if len(captured) > 1 and captured[0] is not None and captured[0].shape[1] == input_ids.shape[1]:
+        captured = captured[1:]  # (a one-forward try that served.py found did not read the cache, then the chunks)
     if not captured or any(h is None for h in captured):
         return None
     hidden = torch.cat(captured, dim=1)
-    return hidden if hidden.shape[:2] == ids.shape else None
+    return hidden if hidden.shape[:2] == input_ids.shape else None
 
 
 def exp_or_inf(x: float) -> float:

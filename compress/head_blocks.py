@@ -10,6 +10,13 @@ import torch
 from torch import nn
 
 
+def has_head_and_decoder(model: nn.Module) -> bool:
+    """Whether `model` names its decoder and output head (transformers' get_decoder / get_output_embeddings), which
+    `final_hidden_states` hooks; a plain module around a model does not."""
+    head, decoder = (getattr(model, name, lambda: None)() for name in ("get_output_embeddings", "get_decoder"))
+    return isinstance(head, nn.Module) and isinstance(decoder, nn.Module) and decoder is not model
+
+
 @contextlib.contextmanager
 def final_hidden_states(model: nn.Module):
     """Within: each forward of `model` appends its decoder's final hidden states [B, T, d] to the yielded list,

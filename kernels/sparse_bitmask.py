@@ -42,7 +42,7 @@ def _byte_popcount(device: torch.device) -> torch.Tensor:
 def bitmask_row_counts(bitmask: torch.Tensor, in_features: int) -> torch.Tensor:
     """[out] int64: the kept entries of each row, from a popcount table over the bytes (the padding bits past
     `in_features` left out). unpack_bitmask(...).sum(1) built the whole [out, in] bool mask first: 41% of loading a
-    50%-unstructured checkpoint, 0.86 s per 14336 x 4096 layer, against 0.25 s."""
+    50%-unstructured checkpoint (a helper's profile: 0.86 s per 14336 x 4096 layer, against 0.25 s)."""
     last = in_features % 8
     if last:  # (pack_bitmask leaves them zero; a file may not)
         bitmask = bitmask.clone()

@@ -220,8 +220,9 @@ class Quantize(Pass):
 
                 prefix, _ = decoder_layers(model)
                 inside = [n for n in names if n.startswith(prefix + ".")] if c.method == "rtn" else []
+                layer_by_layer = set(inside)
                 for name in names:  # (bitsandbytes' layers, and modules outside the decoder layers: the head)
-                    if name not in inside:
+                    if name not in layer_by_layer:
                         quantize(name, model.get_submodule(name))
                 if inside:  # layer by layer: layers left on disk (compress.load(max_memory=...)) are read in turn
                     for_each_layer(model, lambda i, lname, layer: [

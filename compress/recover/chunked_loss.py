@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..head_blocks import final_hidden_states
+from ..head_blocks import final_hidden_states, has_head_and_decoder
 
 LOSS_BLOCK_ELEMENTS = 1 << 24  # logits per block (x4 bytes: 64 MB a copy)
 # up to this many logits a micro-batch takes the model's own loss over whole logits (<= 1.8 GB in all): the blocks'
@@ -29,7 +29,7 @@ def blocked_losses(model: nn.Module, unwrapped: nn.Module, input_ids: torch.Tens
     vocab = unwrapped.config.get_text_config(decoder=True).vocab_size
     if input_ids.numel() * vocab <= WHOLE_LOGITS_ELEMENTS:
         return None
-    if not isinstance(unwrapped.get_output_embeddings(), nn.Module) or unwrapped.get_decoder() is unwrapped:
+    if not has_head_and_decoder(unwrapped):
         return None
     with final_hidden_states(unwrapped) as captured:
         model(input_ids=input_ids, use_cache=False)

@@ -46,11 +46,13 @@ def check_step_memory(model: nn.Module, device: str, batch_size: int, micro_batc
     if free is None:
         return
     sharing = _local_processes() if not str(device).startswith("cuda") else 1
+
     def need(windows: int) -> int:
         return sharing * step_activation_bytes(model, windows, seq_len, kl, checkpointing)
 
     windows = micro_batch_size or batch_size
-    if not need(windows) or need(windows) <= free:
+    needed = need(windows)
+    if not needed or needed <= free:
         return
     per_forward = (f"micro_batch_size {windows}" if micro_batch_size
                    else f"batch_size {windows} (micro_batch_size unset)")
@@ -64,7 +66,7 @@ def check_step_memory(model: nn.Module, device: str, batch_size: int, micro_batc
         fix = "lower seq_len" + ("" if checkpointing else " or set gradient_checkpointing: true")
     vocabulary = text_config(model.config).vocab_size
     raise ConfigError(f"recover: {per_forward} x seq_len {seq_len}{shared} would hold at least "
-                      f"{need(windows) / 1e9:.2f} GB of activations in a forward and backward (the logits over "
+                      f"{needed / 1e9:.2f} GB of activations in a forward and backward (the logits over "
                       f"{vocabulary} tokens as float32, or a block of them, several copies, and the decoder layers'), "
                       f"more than the {free / 1e9:.2f} GB free on {device}: {fix}, or set COMPRESS_MEMORY_CHECK=off to "
                       "run it anyway")

@@ -66,3 +66,26 @@ def test_a_module_that_is_not_a_transformers_model_takes_whole_logits(reference_
     got = ev.evaluate(Wrap(model), windows, model, progress=False)
     assert got["kl"] == pytest.approx(0, abs=1e-9) and got["perplexity"] == pytest.approx(
         ev.evaluate(model, windows, progress=False)["perplexity"], rel=1e-6)
+
+
+@pytest.mark.parametrize("one_forward", ["not covered", "tried, then chunks"])
+def test_a_cache_scored_chunk_by_chunk_gives_the_hidden_states_of_the_chunks(one_forward, monkeypatch,
+                                                                            reference_tokenizer):
+    """Where served.py does not cover the model (sliding windows), or finds after its forward that the cache was not
+    read, the chunks' hidden states alone are scored: the same figures as the chunked whole logits."""
+    from compress.kvcache import served
+
+    model, _ = compress.apply(compress.load("builtin:tiny", dtype="float32"),
+                              [compress.get_pass("gear_kv")(method="kivi", bits=2, residual_length=32, group_size=32)],
+                              progress=False)
+    baseline = compress.load("builtin:tiny", dtype="float32")
+    windows = ev.heldout_windows(reference_tokenizer, seq_len=128, max_windows=2)
+    want = whole_logit_figures(model, windows, baseline, served=True)
+    if one_forward == "not covered":
+        monkeypatch.setattr(served, "served_in_one_pass", lambda m: False)
+    else:
+        monkeypatch.setattr(served, "served_logits", lambda m, ids, s: m(input_ids=ids, use_cache=False) and None)
+    assert ev.hidden_as_served(model, windows).shape[:2] == windows.shape
+    got = ev.evaluate(model, windows, baseline, progress=False)
+    for key in ("perplexity", "kl", "top1_agreement"):
+        assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-9), key

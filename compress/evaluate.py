@@ -50,10 +50,10 @@ def heldout_windows(tokenizer, text: str | None = None, seq_len: int = 256, max_
 @torch.no_grad()
 def logits_as_served(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     """Float32 logits [B, T, V] of `input_ids` [B, T], read through the model's compressed KV cache when it has one
-    (gear_kv): a plain forward never reads the cache, so a suite scored that way measured the weights alone. The ids go in chunks of the
-    cache's residual_length (as `compress eval`'s cache rows feed them): every token after the first chunk attends
-    to the compressed past, as when generating; computed in one forward that gives the same logits where it can
-    (kvcache/served.py). Float32 logits on the model's device."""
+    (gear_kv): a plain forward never reads the cache, so a suite scored that way measured the weights alone. The
+    ids go in chunks of the cache's residual_length (as `compress eval`'s cache rows feed them): every token after
+    the first chunk attends to the compressed past, as when generating; computed in one forward that gives the same
+    logits where it can (kvcache/served.py). On the model's device."""
     settings = getattr(model, "kv_cache_settings", None)
     device = next(model.parameters()).device
     if settings is None:

@@ -4,7 +4,9 @@ prefill (dense vs linearized).
 Random-weight models built here (only memory is measured): a 2-layer Llama with Llama-3's vocabulary (128,256;
 hidden 256, so that the logits dwarf the weights) and a 4-layer Llama with 8 KV heads of 128 (hidden 1024) and its
 GLA conversion (`linearize`, no recovery). Each row runs in its own process; peak = the resident high-water mark
-above the imports (as benchmarks/load_memory.py), beside what the whole-logit paths held at least (`floor_mb`):
+above the imports (as benchmarks/load_memory.py, but with transformers' modeling code imported inside the measured
+part: the protocol these rows were first recorded with), beside what the whole-logit paths held at least
+(`floor_mb`):
 - eval: `compress.evaluate.evaluate` of the model against itself on W windows of L tokens (the whole-logit path
   held both models' float32 logits of a batch of 8 windows: floor = 2 x min(W, 8) x L x vocab x 4 bytes);
 - recover: one step of a `recover` pass (LoRA, KL to the original) on one 2,048-token window (the whole-logit loss
@@ -27,7 +29,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from load_memory import PROBE  # noqa: E402
+from load_memory import probe  # noqa: E402
 
 from compress.bench_args import positive_int, run_cli  # noqa: E402
 
@@ -68,7 +70,7 @@ def build(folder: Path) -> tuple[Path, Path, Path]:
 
 def peak(code: str, path: Path) -> float:
     """MB above the imports at the peak of `code` run on the model at `path`, in a fresh process."""
-    out = subprocess.run([sys.executable, "-c", PROBE.format(code=code), str(path)], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", probe(code, preload=""), str(path)], capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"a row failed:\n{out.stderr[-2000:]}")
     return int(out.stdout.split()[0]) * 1024 / 1e6

@@ -15,6 +15,7 @@ from torch import nn
 from .calibration import CalibrationSpec, batches_hash
 from .checkpoint import compression_record, round_to_storage
 from .errors import CalibrationError, CompressError, ConfigError, UnsupportedModelError
+from .heap import release_freed_heap
 from .inspection import stored_bytes
 from .models import check_token_ids, checkpoint_dtype
 from .pass_api import Pass, PassContext, PassReport, format_validation_error, tensor_bytes
@@ -265,6 +266,8 @@ def apply(
     # the recipe's `export: {format: ...}`, which compress.save writes by default: the last apply's request (a
     # later recipe without one, or passes in code, clear an earlier one)
     model.compress_export_format = export_format
+    ctx = None  # its calibration batches and teacher: then the layers the passes replaced go back to the system
+    release_freed_heap()
     return given, report
 
 

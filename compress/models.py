@@ -155,6 +155,7 @@ def load(
     `max_memory` (e.g. "8GB") caps the CPU memory the weights take: decoder layers that do not fit stay on disk and
     are read one at a time (compress/offload.py); `offload_folder` holds the compressed layers written meanwhile
     (a temporary folder by default)."""
+    from .heap import release_freed_heap
     from .prune.runtime import resolve_runtime, set_sparse_runtime
 
     check_environment()
@@ -198,6 +199,9 @@ def load(
     if not meta and not offloaded:
         model.to(device)
         set_sparse_runtime(model, sparse_runtime)
+    # what the load freed (the layers a checkpoint's passes swapped in for the structure's, the packed values a
+    # dense runtime decoded, the per-layer reads) goes back to the system rather than staying in glibc's heap
+    release_freed_heap()
     model.eval()
     return model
 

@@ -36,6 +36,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .errors import CheckpointError, CompressError, disk_full_error
+from .heap import map_buffers_from_1mb
 from .paths import user_path
 from .progress import progress_bar
 
@@ -193,25 +194,12 @@ def _of_a_dead_run(pid: re.Match | None) -> bool:
     return pid is not None and int(pid[1]) != os.getpid() and not pid_alive(int(pid[1]))
 
 
-def _return_freed_buffers_to_the_system() -> None:
-    """glibc serves mid-sized buffers (a layer's weights, up to its dynamic mmap threshold of 32 MB) from its heap and
-    keeps them when freed: a layer read in and written back left its memory held, and --max-memory runs peaked near
-    the uncapped ones. Buffers of 1 MB and more are mapped, and unmapped when freed. (Not glibc: nothing to do.)"""
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL(None)
-        libc.mallopt(ctypes.c_int(-3), ctypes.c_int(1 << 20))  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
-
 class OffloadState:
     """Where the offloaded layers of one model live; kept on the model as `model.compress_offload`."""
 
     def __init__(self, folder: Path | None, device):
         check_offload_folder(folder)
-        _return_freed_buffers_to_the_system()
+        map_buffers_from_1mb()
         self._own_folder = folder is None
         if folder is None:
             _sweep_stale_spill_folders(Path(tempfile.gettempdir()))

@@ -45,9 +45,12 @@ def test_blocks_of_positions_give_the_whole_logits_figures(recipe, tmp_path, mon
     monkeypatch.setattr(ev, "HEAD_BLOCK_ELEMENTS", 2 * 50 * 8192)  # 2 windows x 50 positions: 3 blocks a batch
     got = ev.evaluate(model, windows, baseline, batch_size=2, progress=False)
     assert {tuple(s) for s in heads} <= {(2, 1), (1, 1), (2, 50), (2, 27), (1, 100), (1, 27)}, heads
-    for key in ("perplexity", "baseline_perplexity", "kl", "top1_agreement", "ppl_delta_pct"):
+    for key in ("perplexity", "baseline_perplexity", "kl", "top1_agreement"):
         assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-9), key
-    assert got["ppl_delta_pct_ci95"] == pytest.approx(want["ppl_delta_pct_ci95"], rel=1e-4)
+    # a difference of two perplexities, in percent: their 1e-5 carried into it is up to 2e-3 points (float32 head
+    # blocks sum in another order than the whole head; on an AMX Xeon the delta moved by 1.6e-5 points)
+    assert got["ppl_delta_pct"] == pytest.approx(want["ppl_delta_pct"], abs=2e-3)
+    assert got["ppl_delta_pct_ci95"] == pytest.approx(want["ppl_delta_pct_ci95"], abs=2e-3)
     assert got["kl"] > 0 and got["tokens"] == 3 * 127
 
 

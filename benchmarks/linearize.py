@@ -395,6 +395,24 @@ def print_table(rows: list[dict], model: str) -> None:
     print(rows[0].get("protocol", "decode speed and cache bytes only"))
 
 
+def check_made_from_the_model(ap, args) -> None:
+    """A recovered checkpoint is scored against --model: one made from another model (a builtin:tiny recipe's output
+    beside the default builtin:small) printed that model's perplexity, KL and top-1 as its own, with nothing said."""
+    from compress.cli_eval import source_record
+    from compress.models import resolve_model_path
+
+    def where(model: str) -> str:
+        return model if model.startswith("builtin:") else str(Path(model).resolve())
+
+    want = where(str(resolve_model_path(args.model)) if not args.model.startswith("builtin:") else args.model)
+    for option, items in (("--recovered", args.recovered), ("--dense-recovered", args.dense_recovered)):
+        for item in items:
+            source, found = source_record(Path(item.partition("=")[2]))
+            if source and (found is None or where(found) != want):
+                ap.error(f"{option} {item}: that checkpoint was made from {source}, not from --model {args.model}, "
+                         f"whose scores it would be compared with: pass --model {found or source}")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", action="store_true", help="print a JSON list of rows instead of the table")
@@ -441,6 +459,7 @@ def main(argv=None) -> None:
             if not sep or name not in VARIANTS or not Path(folder).is_dir():
                 ap.error(f"{option} {item}: expected NAME=DIR with NAME one of {', '.join(VARIANTS)} and DIR a "
                          "checkpoint folder")
+    check_made_from_the_model(ap, args)
     missing = {i.split("=", 1)[0] for i in args.dense_recovered} - {i.split("=", 1)[0] for i in args.recovered}
     if missing:
         ap.error(f"--dense-recovered {', '.join(sorted(missing))}: give that variant's --recovered checkpoint too")

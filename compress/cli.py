@@ -142,7 +142,8 @@ def validate(recipe: str) -> None:
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("--model", "model_src", help="Model folder or builtin:NAME (overrides the recipe's `model`).")
 @click.option("--output", "-o", help="Output folder (overrides the recipe's `output`).")
-@click.option("--dry-run", is_flag=True, help="Print the modules each pass would touch; load no weights.")
+@click.option("--dry-run", is_flag=True, help="Print the modules each pass would touch; load no weights. Checks "
+                                           "what the run would refuse first, the output folder included.")
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]),
               help="Compute device for calibration; the model stays on the CPU and layers visit the device in turn.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
@@ -265,6 +266,9 @@ def apply(recipe, model_src, output, dry_run, device, overwrite, do_eval, eval_w
         raise CompressError(f"{model_src} has no tokenizer files, which the evaluation needs: save the tokenizer "
                             "with the model, or pass --no-eval")
     offload = {"max_memory": max_memory, "offload_folder": offload_folder} if max_memory else {}
+    # an export (another tool's layers) from its config, as --dry-run does: the full load took seconds to minutes
+    # and printed compressed-tensors' progress bars before the refusal
+    api.check_not_quantized_elsewhere(models.load(model_src, meta=True, allow_pickle=allow_pickle, dtype=dtype))
     with phase(f"loading {model_src}", enabled=not max_memory):  # (layers on disk have a bar of their own)
         model = models.load(model_src, allow_pickle=allow_pickle, dtype=dtype, **offload)
     if main:

@@ -27,6 +27,7 @@ def export_cmd(checkpoint, output, export_format, overwrite, as_json):
     --format compressed-tensors)."""
     from . import models
     from .checkpoint_validation import read_config_json
+    from .cli_eval import source_record
     from .export.compressed_tensors import already_native_advice, check_passes, check_plan, export
 
     folder = models.resolve_model_path(checkpoint)
@@ -40,7 +41,9 @@ def export_cmd(checkpoint, output, export_format, overwrite, as_json):
         raise CompressError(f"{checkpoint} records no compression pass: its export would be the dense model")
     check_passes([(e["pass"], e.get("args") or {}) for e in section.get("passes", [])],  # before loading weights
                  advice=already_native_advice(read_config_json(folder)))
-    check_output(output, overwrite=overwrite, source=folder)
+    _, original = source_record(folder)  # (None where the record names no model that is here)
+    check_output(output, overwrite=overwrite, source=folder,
+                 made_from=models.resolve_model_path(original) if original else None)
     check_plan(models.load(checkpoint, meta=True))  # layers it cannot express or would store all dense: no wait
     # the files the export copies, read before the model: an edited one failed after all the work
     recipe_file, report_file = folder / "recipe.yaml", folder / "report.json"
@@ -61,12 +64,12 @@ def export_cmd(checkpoint, output, export_format, overwrite, as_json):
                      recipe_text=recipe_text, report=report, progress=True)
     result = {"checkpoint": str(checkpoint), "output": str(output), "format": export_format,
               "export": summary.to_dict(), "checkpoint_bytes": folder_bytes(Path(output)),
-              "original_checkpoint_bytes": folder_bytes(folder)}
+              "native_checkpoint_bytes": folder_bytes(folder)}  # (apply's "original" is its input model)
     if as_json:
         click.echo(json_out.dumps(result))
         return
     click.echo(f"exported: {output}  ({_mb(result['checkpoint_bytes'])} of weights, the native checkpoint "
-               f"{_mb(result['original_checkpoint_bytes'])}, format {export_format})")
+               f"{_mb(result['native_checkpoint_bytes'])}, format {export_format})")
     if summary.dense_fallback:  # as apply --format compressed-tensors says it
         click.echo(stored_dense_line(summary.dense_fallback))
     if summary.note:  # (in --json: export.note, export.int_quantized)

@@ -17,13 +17,18 @@ _SPARSE_RUNTIME = click.option(
     "--sparse-runtime", default="auto", show_default=True, type=click.Choice(["auto", "dense", "packed"]),
     help="How pruned layers run: dense = decoded once at load (dense speed, packed on disk), packed = smallest "
          "memory (C kernels on the CPU, faster than dense when decoding large layers), auto = packed on CUDA and "
-         "for large float32 layers on the CPU, dense otherwise.")
+         "for large layers on the CPU (float32; bf16 where the CPU has AVX512-BF16 and VBMI2), dense otherwise.")
 
 
-_DEVICE_READ = click.option(
-    "--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]),
-    help="Device the model (and a baseline) run on: cuda runs compressed layers and caches on their GPU kernels "
-         "(the model must fit the GPU; not with --max-memory).")
+def _device_read(who: str) -> click.Option:
+    return click.option(
+        "--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]),
+        help=f"Device {who} on: cuda runs compressed layers and caches on their GPU kernels (the model must fit "
+             "the GPU; not with --max-memory).")
+
+
+_DEVICE_READ = _device_read("the model (and a baseline) run")
+_DEVICE_GENERATE = _device_read("the model runs")  # (generate has no baseline)
 
 
 def _check_read_device(device: str, max_memory: str | None) -> None:
@@ -38,10 +43,15 @@ def _check_read_device(device: str, max_memory: str | None) -> None:
                             "must fit the GPU: drop one of the two")
 
 
-_MAX_MEMORY_READ = click.option(
-    "--max-memory", default=None,
-    help="Cap the CPU memory the weights take (e.g. 8GB): decoder layers that do not fit are read from the "
-         "checkpoint's files for each forward (slow, for models larger than memory); a baseline gets its own cap.")
+def _max_memory_read(baseline: str) -> click.Option:
+    return click.option(
+        "--max-memory", default=None,
+        help="Cap the CPU memory the weights take (e.g. 8GB): decoder layers that do not fit are read from the "
+             f"checkpoint's files for each forward (slow, for models larger than memory){baseline}.")
+
+
+_MAX_MEMORY_READ = _max_memory_read("; a baseline gets its own cap")
+_MAX_MEMORY_GENERATE = _max_memory_read("")
 
 
 def _say_offloaded(model, max_memory: str | None, how: str = "read for each forward") -> None:

@@ -12,8 +12,8 @@ from .cli_eval import (EVAL_SEQ_LEN, _baseline_not_source, _check_baseline, _che
                        _check_baseline_tokenizer, _check_kv_text, _evaluate, _read_text, _recorded_source,
                        _residual_length)
 from .cli_format import _console, _finite, _mb, _non_empty, _print_eval, _print_wrapped, _table
-from .cli_options import (_DEVICE_READ, _DTYPE, _MAX_MEMORY_READ, _SPARSE_RUNTIME, _check_read_device,
-                          _read_offload, _say_offloaded)
+from .cli_options import (_DEVICE_GENERATE, _DEVICE_READ, _DTYPE, _MAX_MEMORY_GENERATE, _MAX_MEMORY_READ,
+                          _SPARSE_RUNTIME, _check_read_device, _read_offload, _say_offloaded)
 from .errors import CompressError, first_line
 from .progress import phase
 
@@ -180,8 +180,8 @@ def eval_cmd(model_src, baseline, text_file, seq_len, max_windows, speed, activa
 @click.option("--allow-pickle", is_flag=True, help="Allow loading a model stored as pickled .bin (trusted files only).")
 @_DTYPE
 @_SPARSE_RUNTIME
-@_MAX_MEMORY_READ
-@_DEVICE_READ
+@_MAX_MEMORY_GENERATE
+@_DEVICE_GENERATE
 @click.option("--chat", is_flag=True, help="Send the prompt as a user message in the tokenizer's chat template (an "
                                            "instruct model) and print only the reply.")
 def generate(model_src, prompt, max_new_tokens, sample, temperature, top_p, seed, allow_pickle, dtype,

@@ -121,11 +121,13 @@ def _contains(outer: Path, inner: Path) -> bool:
     return False
 
 
-def check_output(output: str | Path, *, overwrite: bool, source: Path | None = None,
+def check_output(output: str | Path, *, overwrite: bool, source: Path | None = None, made_from: Path | None = None,
                  protected: tuple[Path, ...] = (), work: tuple[Path, ...] = ()) -> Path:
     """Raise OutputError unless a checkpoint can be written at `output` (see the module docstring).
-    `source` is the model read; `protected` are other files the run reads (the recipe, the evaluation text); `work`
-    folders a pass writes while it runs (Trainer checkpoints), which the checkpoint's swap would replace."""
+    `source` is the model read; `made_from` the model a checkpoint read was made from (an export: apply refused an
+    output inside the original model's folder, export wrote there); `protected` are other files the run reads (the
+    recipe, the evaluation text); `work` folders a pass writes while it runs (Trainer checkpoints), which the
+    checkpoint's swap would replace."""
     out = user_path(output)
     if out.is_symlink():  # a dangling link too: writing through it would land wherever it points
         raise OutputError(f"output {output} is a symbolic link; give the real folder or a new name")
@@ -144,14 +146,17 @@ def check_output(output: str | Path, *, overwrite: bool, source: Path | None = N
         raise OutputError(f"output {output}: its name is too long ({len(os.fsencode(resolved.name))} bytes; at most "
                           f"{NAME_MAX - longest + len(os.fsencode(resolved.name))} leaves room for the temporary "
                           "name the save writes beside it)")
-    if source is not None:
-        src = Path(source).resolve()
+    for model, what, folder in ((source, "the source model", "the source model's folder"),
+                                (made_from, "the model it was made from", "the folder of the model it was made from")):
+        if model is None:
+            continue
+        src = Path(model).resolve()
         if _contains(resolved, src):
             same = resolved == src or (resolved.exists() and os.path.samefile(resolved, src))
-            raise OutputError(f"output {output} {'is' if same else 'contains'} the source model "
-                              f"({source}); write the checkpoint somewhere else")
+            raise OutputError(f"output {output} {'is' if same else 'contains'} {what} "
+                              f"({model}); write the checkpoint somewhere else")
         if _contains(src, resolved):
-            raise OutputError(f"output {output} is inside the source model's folder ({source}); write it elsewhere")
+            raise OutputError(f"output {output} is inside {folder} ({model}); write it elsewhere")
     for p in protected:
         if _contains(resolved, Path(p).resolve()):
             raise OutputError(f"output {output} contains {p}, which this run reads; choose another output folder")

@@ -93,3 +93,20 @@ def test_every_script_runs_main_through_run_cli(script):
     source = (BENCH / script).read_text()
     entry = source[source.index('if __name__ == "__main__":'):]
     assert "run_cli(main)" in entry, entry
+
+
+def test_linearize_refuses_a_checkpoint_made_from_another_model(tmp_path, capsys, script_module):
+    """The README's `--recovered liger-hybrid=out/liger-hybrid` after a builtin:tiny recipe was scored against the
+    default builtin:small: that model's perplexity, KL and top-1 printed as the checkpoint's, nothing said."""
+    import json
+
+    folder = tmp_path / "liger-hybrid"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "compression": {
+        "source_model": "builtin:tiny", "passes": [{"pass": "linearize", "args": {}}]}}))
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(script_module("benchmarks/linearize.py").main, ["--recovered", f"liger-hybrid={folder}"])
+    stderr = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in stderr, stderr
+    assert "was made from builtin:tiny, not from --model builtin:small" in stderr
+    assert "pass --model builtin:tiny" in stderr

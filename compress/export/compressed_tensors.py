@@ -99,8 +99,8 @@ def check_passes(passes: list[tuple[str, dict]], advice: str = NATIVE_ADVICE) ->
 
 def group_fallback(model: nn.Module, passes) -> dict[str, str]:
     """Before any work: the layers the int quantize `passes` will quantize that compressed-tensors stores dense
-    (float32, exact), because their width is no multiple of the group (its groups are whole); ExportError when that
-    is every one of them (the export would be the dense model, larger than the original)."""
+    (at the model's dtype), because their width is no multiple of the group (its groups are whole); ExportError when
+    that is every one of them (the export would be the dense model, larger than the original)."""
     fallback, total = {}, 0
     for p in passes:
         if p.name != "quantize" or p.config.method in BNB_METHODS:
@@ -117,7 +117,7 @@ def group_fallback(model: nn.Module, passes) -> dict[str, str]:
 
 
 def _fallback_reason(width: int, group: int) -> str:
-    return f"in_features {width} is not a multiple of group_size {group}: stored as float32 (exact)"
+    return f"in_features {width} is not a multiple of group_size {group}: stored dequantized at the model's dtype"
 
 
 def _all_dense(fallback: dict[str, str]) -> str:
@@ -139,6 +139,7 @@ class ExportSummary:
     sparse: list[str] = field(default_factory=list)
     dense_fallback: dict[str, str] = field(default_factory=dict)  # module -> why it is stored dense
     int_quantized: list[str] = field(default_factory=list)  # asymmetric: one code per byte, vLLM cannot load them
+    vllm_mixed_fused: list[str] = field(default_factory=list)  # q/k/v or gate/up in other schemes: vLLM refuses
     note: str | None = None  # what the user should know of where the export loads (`int_quantized_note`)
     format: str = "dense"
     sparsity_structure: str | None = None
@@ -148,7 +149,8 @@ class ExportSummary:
         return {"format": FORMAT, "quantization_format": self.format, "quantized_modules": len(self.quantized),
                 "sparse_modules": len(self.sparse), "sparsity_structure": self.sparsity_structure,
                 "global_sparsity": round(self.global_sparsity, 6),
-                "stored_dense": self.dense_fallback, "int_quantized": self.int_quantized, "note": self.note}
+                "stored_dense": self.dense_fallback, "int_quantized": self.int_quantized,
+                "vllm_mixed_fused": self.vllm_mixed_fused, "note": self.note}
 
 
 def _is_quantized(module: nn.Module) -> bool:
@@ -177,6 +179,45 @@ def int_quantized_note(model: nn.Module, summary: ExportSummary) -> str | None:
             "one per byte (transformers cannot load compressed-tensors' packed asymmetric layout). transformers loads "
             f"this export, vLLM does not (it builds weight-only int layers from pack-quantized only){size}. For a "
             "packed export vLLM loads, quantize with symmetric: true")
+
+
+# the Linears vLLM fuses into one layer (qkv_proj, gate_up_proj), which must then share one scheme
+VLLM_FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def vllm_fusion_note(model: nn.Module, summary: ExportSummary) -> str | None:
+    """The note on an export whose q/k/v (or gate/up) of one layer are stored in different schemes (quantized at
+    other bits or groups, or some dense): vLLM fuses them and refuses the checkpoint ("vLLM requires all to use the
+    same scheme"); transformers loads it. None when every fused group agrees."""
+    quantized = set(summary.quantized)
+
+    def scheme(name: str):
+        module = model.get_submodule(name)
+        return (*_scheme_key(module), storage_format(module)) if name in quantized else "dense"
+
+    mixed = []
+    for parent, _ in model.named_modules():
+        for shards in VLLM_FUSED:
+            names = [f"{parent}.{shard}" if parent else shard for shard in shards]
+            if not all(_has_submodule(model, n) for n in names):
+                continue
+            if len({scheme(n) for n in names}) > 1 and any(n in quantized for n in names):
+                mixed.append(f"{parent}.{'/'.join(shards)}")
+    summary.vllm_mixed_fused = mixed
+    if not mixed:
+        return None
+    listed = ", ".join(mixed[:2]) + (f" and {len(mixed) - 2} more" if len(mixed) > 2 else "")
+    return (f"vLLM fuses q/k/v and gate/up into one layer each and requires one scheme for them; {listed} "
+            "mix schemes (other bits or groups, or quantized beside dense): transformers loads this export, vLLM "
+            "refuses it. Quantize the fused projections alike for vLLM")
+
+
+def _has_submodule(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
 
 
 def _scheme(module, targets: list[str], fmt: str | None = None):
@@ -220,7 +261,7 @@ def check_plan(model: nn.Module, summary: ExportSummary | None = None) -> dict[s
     layers' shapes and group sizes only): `compress export` asks it before reading any weight."""
     summary = summary if summary is not None else ExportSummary()
     compressed = _plan(model, summary)
-    if summary.dense_fallback and not summary.quantized:  # (pruned ones too: dense float32 with zeros)
+    if summary.dense_fallback and not summary.quantized:  # (pruned ones too: dense with zeros)
         raise ExportError(_all_dense(summary.dense_fallback))
     return compressed
 
@@ -257,8 +298,9 @@ def _module_tensors(name: str, module, storage_dtype: torch.dtype, summary: Expo
         mask, nm = module.sparsity_mask(), module.sparsity_structure
         if name not in summary.dense_fallback:
             return quantized_tensors(name, module, storage_dtype), mask, nm
-        # float32: code x scale needs more mantissa than bf16 has; transformers casts it on load
-        out = {"weight": module.dequantized_weight(torch.float32)}
+        # code x scale exact, rounded once to the model's dtype: what transformers computes with, since it cast the
+        # float32 these layers were stored in before (at twice the bytes: a ragged qwen3 export was 2.1x the native)
+        out = {"weight": module.dequantized_weight(torch.float32).to(storage_dtype)}
     if module.bias is not None:
         out["bias"] = module.bias.detach().to(storage_dtype)
     return out, mask, nm
@@ -377,7 +419,8 @@ def export(model: nn.Module, folder: str | Path, *, tokenizer=None, recipe_text:
     summary = ExportSummary()
     # before any work; a later error (a layer that would not round-trip) removes the temporary folder (write_folder)
     compressed = check_plan(model, summary)
-    summary.note = int_quantized_note(model, summary)
+    notes = (int_quantized_note(model, summary), vllm_fusion_note(model, summary))
+    summary.note = " ".join(n for n in notes if n) or None
     quantization = _quantization_config(model, summary)
 
     def write(tmp: Path) -> None:

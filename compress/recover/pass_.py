@@ -316,6 +316,7 @@ class Recover(Pass):
         done = checkpoint_progress(resume, c.batch_size * seq_len * world) if resume is not None else (0, 0)
         max_steps = steps_for_budget(c.max_tokens, c.batch_size, seq_len, world, done)
         windows = self._training_windows(ctx, max_steps * c.batch_size * world, seq_len)
+        over_text = windows.offsets.numel() * seq_len / windows.ids.numel()
         device = next(model.parameters()).device
         trainable_before = {n: p.requires_grad for n, p in model.named_parameters()}
         lora_config = LoraConfig(r=c.r, lora_alpha=c.alpha, lora_dropout=c.dropout, target_modules=list(targets),
@@ -364,6 +365,15 @@ class Recover(Pass):
             report.notes.append("accelerate launch ran this as one process whatever --num_processes said (its "
                                 "launcher for --cpu, or a machine without GPUs, sets no WORLD_SIZE): for several CPU "
                                 "processes use torchrun --nproc_per_node N -m compress.cli apply ...")
+        if over_text > 1:  # (it draws its own windows, max_tokens of them: calibration.num_samples is not its count)
+            report.notes.append(
+                f"max_tokens {c.max_tokens} drew {windows.offsets.numel()} windows of {seq_len} tokens from a "
+                f"calibration text of {windows.ids.numel()} tokens: each token is trained on ~{over_text:.1f} times "
+                "(windows overlap); give more text (calibration.source) or lower max_tokens")
+        if resume is not None and stats["steps_this_run"] == 0:
+            report.notes.append(
+                f"the checkpoint resumed ({Path(resume).name}, {done[1]} tokens) had used max_tokens {c.max_tokens} "
+                "already: nothing was trained in this run (its adapter is the result); raise max_tokens to train on")
         if stats["stopped_by"] == "wall_clock":  # the schedule never reached its decay: say so, with the fix
             report.notes.append(
                 f"max_minutes stopped training after {stats['steps']} of {stats['max_steps']} steps, with the "

@@ -87,7 +87,7 @@ def test_python_save_writes_the_format_of_the_recipe_apply_ran(tmp_path):
     assert "quantization_config" not in json.loads((tmp_path / "cli" / "config.json").read_text())
 
 
-def test_apply_format_compressed_tensors(tmp_path):
+def test_apply_format_compressed_tensors(tmp_path, monkeypatch):
     recipe = tmp_path / "w4.yaml"
     recipe.write_text("model: builtin:tiny\npasses:\n  - prune: {method: magnitude, structure: \"2:4\"}\n"
                       "  - quantize: {method: rtn, bits: 4, group_size: 64}\nexport: {format: compressed-tensors}\n")
@@ -104,10 +104,18 @@ def test_apply_format_compressed_tensors(tmp_path):
     # wrote a checkpoint whose tensors did not match its config), by the dry run too
     kv = tmp_path / "kv.yaml"
     kv.write_text("passes:\n  - gear_kv: {bits: 4}\n")
+    import compress.models
+
+    loads, load = [], compress.models.load
+    monkeypatch.setattr(compress.models, "load", lambda *a, **k: loads.append(k.get("meta", False)) or load(*a, **k))
     for extra in ([], ["--dry-run"]):
         refused = run("apply", kv, "--model", out, "--output", tmp_path / "kv", "--no-eval", *extra)
         assert refused.exit_code == 2 and "is a compressed-tensors export" in refused.output, refused.output
         assert not (tmp_path / "kv").exists()
+        # from its config, before the weights load (which printed compressed-tensors' bars before the one line)
+        assert loads == [True] and len(refused.stderr.strip().splitlines()) == 1, (loads, refused.stderr)
+        loads.clear()
+    monkeypatch.undo()
     # an export for other tools is replaced by --overwrite like any checkpoint compress wrote
     exported_weights = (out / "model.safetensors").read_bytes()
     again = run("apply", recipe, "--output", out, "--no-eval", "--json", "--format", "native", "--overwrite")

@@ -64,6 +64,11 @@ def test_an_asymmetric_export_says_vllm_cannot_load_it(tmp_path):
     sym = native(tmp_path, "sym", "method: rtn, bits: 4, group_size: 64")
     result = run("export", sym, "-o", tmp_path / "sym-ct", "--json")
     exported = json.loads(result.stdout)["export"]
+    # the input's size is the native checkpoint's ("original" named the uncompressed model in apply's --json)
+    sizes = json.loads(result.stdout)
+    from compress.checkpoint import folder_bytes
+
+    assert "original_checkpoint_bytes" not in sizes and sizes["native_checkpoint_bytes"] == folder_bytes(sym)
     assert exported["note"] is None and exported["int_quantized"] == []
     assert "(transformers and vLLM load it)" in " ".join(run("inspect", tmp_path / "sym-ct").output.split())
 
@@ -107,12 +112,25 @@ def test_a_mixed_precision_export_names_only_its_asymmetric_layers(tmp_path):
     assert vllm_unloadable_formats({"quant_method": "bitsandbytes"}) == []
 
 
-def test_inspect_counts_an_export_s_float32_upcasts_at_the_original_dtype(tmp_path):
-    """group_size 128 leaves the down_proj layers (704 wide) dense: the export stores them float32 (code x scale),
-    and inspect counted the original's down_proj at float32 too (19.41 MB 'original' for a 17.24 MB bf16 model, a
-    tester's find). The original side is what the native checkpoint's source stored."""
+def test_an_export_stores_ragged_layers_at_the_model_dtype_and_inspect_counts_them(tmp_path):
+    """group_size 128 leaves the down_proj layers (704 wide) dense. The export stored them float32 (code x scale, at
+    twice the bytes: transformers casts them to the model's dtype on load anyway), and inspect counted the original's
+    down_proj at float32 too (19.41 MB 'original' for a 17.24 MB bf16 model, a tester's find). Now they are the
+    exact product rounded once to bf16, which is what transformers computed with before."""
     g128 = native(tmp_path, "g128", "method: rtn, bits: 4, group_size: 128")
     assert run("export", g128, "-o", tmp_path / "ct").exit_code == 0
+    from safetensors import safe_open
+
+    from compress.state_files import weight_files
+
+    model = compress.load(g128, dtype="float32")
+    for file in weight_files(tmp_path / "ct"):
+        with safe_open(str(file), "pt") as f:
+            for key in (k for k in f.keys() if k.endswith("mlp.down_proj.weight")):
+                stored = f.get_tensor(key)
+                assert stored.dtype == torch.bfloat16, key
+                exact = model.get_submodule(key.removesuffix(".weight")).dequantized_weight(torch.float32)
+                assert torch.equal(stored, exact.to(torch.bfloat16)), key
     inspected = json.loads(run("inspect", tmp_path / "ct", "--json").stdout)["budget"]
     from_native = json.loads(run("inspect", g128, "--json").stdout)["budget"]
     assert inspected["weights_total"]["original"] == from_native["weights_total"]["original"]
@@ -146,3 +164,35 @@ def test_a_bitsandbytes_checkpoint_is_said_to_load_in_plain_transformers(tmp_pat
                                                  "model_type": NATIVE_ONLY_MODEL_TYPE}))
     refused = run("export", nf4, "-o", tmp_path / "ct")
     assert refused.exit_code == 2 and "plain transformers" not in refused.output
+
+
+def test_an_export_inside_the_original_model_s_folder_is_refused(tmp_path):
+    """apply refuses an output inside the model it reads; export, which reads the checkpoint, wrote into the folder
+    of the model the checkpoint was made from (a tester's find)."""
+    import shutil
+
+    original = tmp_path / "original"
+    shutil.copytree(Path(compress.__file__).parent / "builtin" / "tiny", original)
+    recipe = tmp_path / "w4.yaml"
+    recipe.write_text("passes:\n  - quantize: {method: rtn, bits: 4, group_size: 64}\n")
+    assert run("apply", recipe, "--model", original, "--output", tmp_path / "w4", "--no-eval").exit_code == 0
+    before = sorted(p.name for p in original.iterdir())
+    refused = run("export", tmp_path / "w4", "-o", original / "ct")
+    said = " ".join(refused.output.split())
+    assert refused.exit_code == 2 and "is inside the folder of the model it was made from" in said, said
+    assert sorted(p.name for p in original.iterdir()) == before
+    assert run("export", tmp_path / "w4", "-o", tmp_path / "ct").exit_code == 0
+
+
+def test_fused_projections_in_different_schemes_are_said_to_stop_vllm(tmp_path):
+    """vLLM fuses q/k/v (and gate/up) into one layer and refuses shards of different schemes ("vLLM requires all to
+    use the same scheme"): quantizing q_proj alone exported with nothing said (a tester's find)."""
+    only_q = native(tmp_path, "q", "method: rtn, bits: 4, group_size: 64, targets: ['re:.*q_proj$']")
+    exported = json.loads(run("export", only_q, "-o", tmp_path / "q-ct", "--json").stdout)["export"]
+    assert exported["vllm_mixed_fused"] == [f"model.layers.{i}.self_attn.q_proj/k_proj/v_proj" for i in range(6)]
+    assert "vLLM refuses it" in exported["note"] and "Quantize the fused projections alike" in exported["note"]
+    said = " ".join(run("export", only_q, "-o", tmp_path / "q-ct2").output.split())
+    assert "vLLM fuses q/k/v and gate/up" in said
+    every = native(tmp_path, "all", "method: rtn, bits: 4, group_size: 64")
+    exported = json.loads(run("export", every, "-o", tmp_path / "all-ct", "--json").stdout)["export"]
+    assert exported["vllm_mixed_fused"] == [] and exported["note"] is None

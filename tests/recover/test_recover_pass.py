@@ -202,8 +202,32 @@ def test_training_resumes_from_trainer_checkpoints(tmp_path, pruned_2of4, refere
                           resume_from=str(folder / "checkpoint-4"))
     assert explicit["resumed_from"].endswith("checkpoint-4") and explicit["steps"] == 5
     assert explicit["steps_this_run"] == 1
+    # a budget the checkpoint had used already trains nothing: said (it returned the old adapter, no note)
+    _, report = compress.apply(copy.deepcopy(pruned_2of4), [Recover(**{**SMALL, "max_tokens": 2 * 128,
+                                                                       "checkpoint_dir": str(folder)})],
+                               calibration=CALIBRATION, tokenizer=reference_tokenizer, progress=False)
+    assert report.passes[0].details["steps_this_run"] == 0
+    assert any("had used max_tokens 256 already: nothing was trained in this run" in n
+               for n in report.passes[0].notes), report.passes[0].notes
     with pytest.raises(compress.ConfigError, match="resume_from"):
         recover(copy.deepcopy(pruned_2of4), reference_tokenizer, resume_from=str(tmp_path / "nope"))
+
+
+def test_a_budget_that_reads_the_text_many_times_over_is_said(tmp_path, pruned_2of4, reference_tokenizer):
+    """recover draws max_tokens / seq_len windows of its own (not calibration.num_samples): a budget far above a short
+    text trained on each token several times, in overlapping windows, with nothing said (a tester's find)."""
+    text = tmp_path / "short.txt"
+    text.write_text(" ".join(f"Line {i} of a short calibration text about nothing in particular." for i in range(12)))
+    tokens = len(reference_tokenizer(text.read_text())["input_ids"])
+    _, report = compress.apply(copy.deepcopy(pruned_2of4), [Recover(**{**SMALL, "max_tokens": 2 * 128})],
+                               calibration=compress.CalibrationSpec(source=str(text), num_samples=4, seq_len=32),
+                               tokenizer=reference_tokenizer, progress=False)
+    notes = report.passes[0].notes
+    assert tokens < 2 * 128 and any(f"drew 8 windows of 32 tokens from a calibration text of {tokens + 1} tokens" in n
+                                    and "give more text" in n for n in notes), (tokens, notes)
+    _, report = compress.apply(copy.deepcopy(pruned_2of4), [Recover(**{**SMALL, "max_tokens": 2 * 128})],
+                               calibration=CALIBRATION, tokenizer=reference_tokenizer, progress=False)
+    assert not any("drew" in n for n in report.passes[0].notes)
 
 
 def test_a_resumed_run_at_another_batch_size_trains_the_tokens_left(tmp_path, pruned_2of4, reference_tokenizer):

@@ -6,6 +6,7 @@ over devices with no code here."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -293,6 +294,12 @@ class TrainingPlan:
     after_step: list = field(default_factory=list)  # modules' invariants restored after each optimizer step
 
 
+def _allowed_changes_on_resume(record: logging.LogRecord) -> bool:
+    """batch_size and save_steps may change between runs (a resumed run trains the tokens left in steps of its own
+    size): transformers' warning that they differ from the checkpoint's, printed on every such resume, is noise."""
+    return "do not match the ones in the `trainer_state.json`" not in record.getMessage()
+
+
 def steps_for_budget(max_tokens: int, batch_size: int, seq_len: int, world_size: int = 1,
                      done: tuple[int, int] = (0, 0)) -> int:
     """The Trainer's max_steps: the steps a resumed checkpoint took (`done` = its steps, tokens) plus the steps of
@@ -395,6 +402,8 @@ def train(peft_model: nn.Module, plan: TrainingPlan, teacher: nn.Module | None, 
         full.restore(resume)
     resumed_at = plan.done[0]
     start = time.perf_counter()
+    resume_warning = logging.getLogger("transformers.trainer_utils")
+    resume_warning.addFilter(_allowed_changes_on_resume)
     try:
         result = trainer.train(resume_from_checkpoint=resume)
     except (OSError, RuntimeError) as exc:  # a Trainer checkpoint that did not fit: one line, not a traceback
@@ -403,6 +412,7 @@ def train(peft_model: nn.Module, plan: TrainingPlan, teacher: nn.Module | None, 
             raise
         raise disk_full from None
     finally:
+        resume_warning.removeFilter(_allowed_changes_on_resume)
         shown.close()
         if plan.gradient_checkpointing:  # the model goes on to inference and to later passes as it came
             disable = getattr(peft_model, "activation_checkpointing_disable", None)
@@ -428,7 +438,8 @@ def train(peft_model: nn.Module, plan: TrainingPlan, teacher: nn.Module | None, 
         "last_loss": losses[-1] if losses else None,
         **({"first_kl": kls[0], "last_kl": kls[-1]} if kls else {}),
         **({"first_aux": auxes[0], "last_aux": auxes[-1]} if auxes else {}),
-        # (a resumed run that had nothing left to train: the Trainer's 0.0 is no loss)
+        # this run's steps only (first_loss is the whole training's first, a resumed checkpoint's included); a resumed
+        # run that had nothing left to train: the Trainer's 0.0 is no loss
         "train_loss": round(float(result.training_loss), 4)
         if trainer.state.global_step > resumed_at and not math.isnan(result.training_loss) else None,
     }

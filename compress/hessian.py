@@ -66,11 +66,55 @@ def check_calibration_inputs(accs: dict, label: str, without_data: str) -> None:
                                    "(--dtype)")
 
 
-def input_hook(acc):
-    """A forward hook feeding a module's input to `acc.add` (for `LayerStep.run`)."""
-    def hook(module, inputs, output):
-        acc.add(inputs[0])
-    return hook
+def input_statistics(step, modules: dict, make) -> dict:
+    """{name: accumulator} of `modules`' inputs over the calibration batches of `step` (`make(module)` builds one):
+    Linears fed the same tensor share one accumulator, which reads it once. The q/k/v projections (gate/up) of a
+    Llama, Mistral or Qwen layer read one tensor: SparseGPT and GPTQ summed three identical d x d Hessians (two),
+    a third of their calibration products at a Llama-3-8B layer, held all at once. The passes read a shared Hessian
+    only through a copy (gptq_quantize, sparsegpt_prune clone it)."""
+    shared = _SharedInputs(modules, make)
+    try:
+        step.run(shared.hooks())
+    finally:
+        shared.last = None  # (the last input: one batch's hidden states)
+    return shared.accs
+
+
+class _SharedInputs:
+    """A module is another's follower when, on the first batch, it reads the very tensor object the previous hooked
+    call read (HF modeling passes `hidden_states` to q, k and v); every later batch must pair them the same way."""
+
+    def __init__(self, modules: dict, make):
+        self.modules, self.make = modules, make
+        self.accs: dict = {}
+        self.leader: dict[str, str] = {}  # follower -> the module whose accumulator it shares
+        self.last: tuple | None = None  # (input tensor, its reader's leader) of the latest hooked call
+
+    def hooks(self) -> dict:
+        return {m: self._hook(n) for n, m in self.modules.items()}
+
+    def _hook(self, name: str):
+        def hook(module, inputs, output):
+            x = inputs[0]
+            same = self.last is not None and x is self.last[0]
+            if name not in self.accs:  # first batch: follow the previous reader of this tensor, or read it
+                if same:
+                    self.leader[name] = self.last[1]
+                    self.accs[name] = self.accs[self.last[1]]
+                else:
+                    self.accs[name] = self.make(module)
+            lead = self.leader.get(name, name)
+            if lead != name:
+                if not (same and self.last[1] == lead):
+                    from .errors import CompressError
+
+                    raise CompressError(f"{name} read {lead}'s input in one calibration batch and another tensor in "
+                                        "the next: this model's layer feeds its Linears differently per batch, which "
+                                        "the shared input statistics do not handle (please report it)")
+            else:
+                self.accs[name].add(x)
+            self.last = (x, lead)
+        return hook
 
 
 def mark_dead_inputs(h: torch.Tensor) -> str | None:

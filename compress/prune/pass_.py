@@ -14,7 +14,7 @@ from torch import nn
 
 from ..errors import CheckpointError, ConfigError
 from ..hessian import check_calibration_inputs
-from ..hessian import input_hook as _input_hook
+from ..hessian import input_statistics
 from ..models import checkpoint_dtype
 from ..pass_api import (UNTIED_NOTE, Pass, PassConfig, PassContext, PassReport, left_by_earlier, replace_module,
                         restoring, tensor_bytes, timed, untie_output_head)
@@ -311,8 +311,7 @@ class Prune(Pass):
             mods = modules_in_layer(names, step.name, step.layer)
             if not mods:
                 return
-            accs = {n: InputNormAccumulator(m.in_features, m.weight.device) for n, m in mods.items()}
-            step.run({m: _input_hook(accs[n]) for n, m in mods.items()})
+            accs = input_statistics(step, mods, lambda m: InputNormAccumulator(m.in_features, m.weight.device))
             check_calibration_inputs(accs, label, without_data="owl: false" if self.config.method == "magnitude"
                                      else "method: magnitude")
             ratios[step.index] = outlier_ratio([wanda_scores(m.weight, accs[n].norms()) for n, m in mods.items()],
@@ -341,8 +340,7 @@ class Prune(Pass):
         self._check_sparser_than_before(mods)  # (a layer on disk is seen only now; one in memory was before work)
         sparse_gpt = self.config.method == "sparsegpt"
         acc_type = HessianAccumulator if sparse_gpt else InputNormAccumulator
-        accs = {n: acc_type(m.in_features, m.weight.device) for n, m in mods.items()}
-        step.run({m: _input_hook(accs[n]) for n, m in mods.items()})
+        accs = input_statistics(step, mods, lambda m: acc_type(m.in_features, m.weight.device))
         check_calibration_inputs(accs, label, without_data="method: magnitude")
         s = self._sparsity_of(step.index, layer_sparsity)
         for name, module in mods.items():

@@ -18,7 +18,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
-from ..hessian import HessianAccumulator, check_calibration_inputs, input_hook
+from ..hessian import HessianAccumulator, check_calibration_inputs, input_statistics
 from ..models import DTYPES, checkpoint_dtype
 from ..pass_api import (UNTIED_NOTE, Pass, PassConfig, PassContext, PassReport, left_by_earlier, replace_module,
                         tensor_bytes, timed, untie_output_head)
@@ -314,8 +314,7 @@ class Quantize(Pass):
         mods = modules_in_layer(names, step.name, step.layer)
         if not mods:
             return
-        accs = {n: HessianAccumulator(m.in_features, step.inputs[0].device) for n, m in mods.items()}
-        step.run({m: input_hook(accs[n]) for n, m in mods.items()})
+        accs = input_statistics(step, mods, lambda m: HessianAccumulator(m.in_features, step.inputs[0].device))
         check_calibration_inputs(accs, label, without_data="method: rtn")
         for name, module in mods.items():
             new = self._quantize_module(model, module, accs[name].hessian, notes, name)

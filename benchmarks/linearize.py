@@ -399,6 +399,7 @@ def check_made_from_the_model(ap, args) -> None:
     """A recovered checkpoint is scored against --model: one made from another model (a builtin:tiny recipe's output
     beside the default builtin:small) printed that model's perplexity, KL and top-1 as its own, with nothing said."""
     from compress.cli_eval import source_record
+    from compress.errors import CompressError
     from compress.models import resolve_model_path
 
     def where(model: str) -> str:
@@ -407,7 +408,10 @@ def check_made_from_the_model(ap, args) -> None:
     want = where(str(resolve_model_path(args.model)) if not args.model.startswith("builtin:") else args.model)
     for option, items in (("--recovered", args.recovered), ("--dense-recovered", args.dense_recovered)):
         for item in items:
-            source, found = source_record(Path(item.partition("=")[2]))
+            try:
+                source, found = source_record(Path(item.partition("=")[2]))
+            except CompressError:  # not a checkpoint: its load says so, in one line
+                continue
             if source and (found is None or where(found) != want):
                 ap.error(f"{option} {item}: that checkpoint was made from {source}, not from --model {args.model}, "
                          f"whose scores it would be compared with: pass --model {found or source}")
@@ -459,10 +463,10 @@ def main(argv=None) -> None:
             if not sep or name not in VARIANTS or not Path(folder).is_dir():
                 ap.error(f"{option} {item}: expected NAME=DIR with NAME one of {', '.join(VARIANTS)} and DIR a "
                          "checkpoint folder")
-    check_made_from_the_model(ap, args)
     missing = {i.split("=", 1)[0] for i in args.dense_recovered} - {i.split("=", 1)[0] for i in args.recovered}
     if missing:
         ap.error(f"--dense-recovered {', '.join(sorted(missing))}: give that variant's --recovered checkpoint too")
+    check_made_from_the_model(ap, args)
     if args.skip_speed and (args.skip_quality or args.serving_shape):
         ap.error("--skip-speed with " + ("--serving-shape" if args.serving_shape else "--skip-quality")
                  + " leaves nothing to measure; drop one of them")

@@ -11,23 +11,15 @@ import compress.hessian as hessian
 CALIBRATION = {"source": "builtin:calibration", "num_samples": 8, "seq_len": 64}
 
 
-def one_per_module(step, modules, make):
-    """The previous accumulation: one accumulator per Linear, each reading its own input."""
-    accs = {n: make(m) for n, m in modules.items()}
-
-    def hook(acc):
-        return lambda module, inputs, output: acc.add(inputs[0])
-
-    step.run({m: hook(accs[n]) for n, m in modules.items()})
-    return accs
-
-
 @pytest.mark.parametrize("passes", [
     [{"pass": "prune", "method": "sparsegpt", "sparsity": 0.5}],
     [{"pass": "prune", "method": "wanda", "structure": "2:4"}],
     [{"pass": "quantize", "method": "gptq", "bits": 4, "group_size": 64}],
 ], ids=["sparsegpt", "wanda", "gptq"])
-def test_shared_statistics_give_the_same_model(passes, reference_model, reference_tokenizer, monkeypatch):
+def test_shared_statistics_give_the_same_model(passes, reference_model, reference_tokenizer, monkeypatch,
+                                                script_module):
+    # the previous accumulation, one accumulator per Linear each reading its own input (the benchmark's baseline)
+    one_per_module = script_module("benchmarks/shared_hessians.py").one_per_module
     steps = [compress.get_pass(p["pass"])(**{k: v for k, v in p.items() if k != "pass"}) for p in passes]
     counts = []
     shared_fn = hessian.input_statistics

@@ -42,8 +42,10 @@ def export_cmd(checkpoint, output, export_format, overwrite, as_json):
     check_passes([(e["pass"], e.get("args") or {}) for e in section.get("passes", [])],  # before loading weights
                  advice=already_native_advice(read_config_json(folder)))
     _, original = source_record(folder)  # (None where the record names no model that is here)
-    check_output(output, overwrite=overwrite, source=folder,
-                 made_from=models.resolve_model_path(original) if original else None)
+    # the folder it names, complete or not (the export never reads it): a builtin name is the package's folder
+    made_from = None if not original else Path(original) if not original.startswith("builtin:") else \
+        models.BUILTIN_ROOT / original.split(":", 1)[1]
+    check_output(output, overwrite=overwrite, source=folder, made_from=made_from)
     check_plan(models.load(checkpoint, meta=True))  # layers it cannot express or would store all dense: no wait
     # the files the export copies, read before the model: an edited one failed after all the work
     recipe_file, report_file = folder / "recipe.yaml", folder / "report.json"

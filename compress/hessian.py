@@ -66,53 +66,71 @@ def check_calibration_inputs(accs: dict, label: str, without_data: str) -> None:
                                    "(--dtype)")
 
 
+# the Linears a Llama, Mistral or Qwen layer feeds one tensor (and vLLM fuses into one layer: qkv_proj, gate_up_proj)
+SAME_INPUT_LINEARS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
 def input_statistics(step, modules: dict, make) -> dict:
-    """{name: accumulator} of `modules`' inputs over the calibration batches of `step` (`make(module)` builds one):
-    Linears fed the same tensor share one accumulator, which reads it once. The q/k/v projections (gate/up) of a
-    Llama, Mistral or Qwen layer read one tensor: SparseGPT and GPTQ summed three identical d x d Hessians (two),
-    a third of their calibration products at a Llama-3-8B layer, held all at once. The passes read a shared Hessian
-    only through a copy (gptq_quantize, sparsegpt_prune clone it)."""
+    """{name: accumulator} of `modules`' inputs over the calibration batches of `step` (`make(module)` builds one), in
+    `modules`' order: Linears fed the same tensor share one accumulator, which reads it once. The q/k/v projections
+    (gate/up) of a Llama, Mistral or Qwen layer read one tensor: SparseGPT and GPTQ summed three identical d x d
+    Hessians (two), held all at once. The passes read a shared Hessian only through a copy (gptq_quantize and
+    sparsegpt_prune clone it). Where the calls do not pair the same way throughout (a module skipped in a batch,
+    called twice, or first called late), the batches are read again with one accumulator per module; a module never
+    called gets an empty one (the passes' check names it)."""
     shared = _SharedInputs(modules, make)
     try:
         step.run(shared.hooks())
     finally:
         shared.last = None  # (the last input: one batch's hidden states)
-    return shared.accs
+    if shared.consistent():
+        return {n: shared.accs[n] if n in shared.accs else make(m) for n, m in modules.items()}
+    accs = {n: make(m) for n, m in modules.items()}
+    step.run({m: _adding_to(accs[n]) for n, m in modules.items()})
+    return accs
+
+
+def _adding_to(acc):
+    def hook(module, inputs, output):
+        acc.add(inputs[0])
+    return hook
 
 
 class _SharedInputs:
-    """A module is another's follower when, on the first batch, it reads the very tensor object the previous hooked
-    call read (HF modeling passes `hidden_states` to q, k and v); every later batch must pair them the same way."""
+    """A module follows another when, on its first call, it reads the very tensor object the previous hooked call
+    read (HF modeling passes `hidden_states` to q, k and v); `consistent` says whether every later call paired the
+    same way and each follower saw exactly the tokens its leader added."""
 
     def __init__(self, modules: dict, make):
         self.modules, self.make = modules, make
         self.accs: dict = {}
         self.leader: dict[str, str] = {}  # follower -> the module whose accumulator it shares
+        self.seen: dict[str, int] = {}  # module -> input rows it was called with
         self.last: tuple | None = None  # (input tensor, its reader's leader) of the latest hooked call
+        self.paired = True
 
     def hooks(self) -> dict:
         return {m: self._hook(n) for n, m in self.modules.items()}
 
+    def consistent(self) -> bool:
+        return self.paired and all(self.seen[f] == self.accs[lead].tokens for f, lead in self.leader.items())
+
     def _hook(self, name: str):
         def hook(module, inputs, output):
             x = inputs[0]
+            self.seen[name] = self.seen.get(name, 0) + x.numel() // max(1, x.shape[-1])
             same = self.last is not None and x is self.last[0]
-            if name not in self.accs:  # first batch: follow the previous reader of this tensor, or read it
+            if name not in self.accs:
                 if same:
                     self.leader[name] = self.last[1]
                     self.accs[name] = self.accs[self.last[1]]
                 else:
                     self.accs[name] = self.make(module)
             lead = self.leader.get(name, name)
-            if lead != name:
-                if not (same and self.last[1] == lead):
-                    from .errors import CompressError
-
-                    raise CompressError(f"{name} read {lead}'s input in one calibration batch and another tensor in "
-                                        "the next: this model's layer feeds its Linears differently per batch, which "
-                                        "the shared input statistics do not handle (please report it)")
-            else:
+            if lead == name:
                 self.accs[name].add(x)
+            elif not (same and self.last[1] == lead):
+                self.paired = False  # (read again, one accumulator each)
             self.last = (x, lead)
         return hook
 

@@ -193,12 +193,17 @@ def calibration_bytes(model: nn.Module, num_samples: int, seq_len: int, targets:
     if types:  # a mask per further attention type (bool under SDPA, the model's dtype under eager: counted so)
         held += (len(set(types)) - 1) * num_samples * seq_len * seq_len * item
     if hessians:
+        from .hessian import SAME_INPUT_LINEARS
+
         prefix = decoder_layers(model)[0] + "."
-        per_layer: dict[str, int] = {}
+        per_layer: dict[str, dict[str, int]] = {}
         for name, module in targets.items():
             layer = name[len(prefix):].split(".", 1)[0] if name.startswith(prefix) else name
-            per_layer[layer] = per_layer.get(layer, 0) + 4 * module.in_features ** 2
-        held += max(per_layer.values(), default=0)
+            parent, _, leaf = name.rpartition(".")
+            # one Hessian per input (compress/hessian.py: input_statistics): q/k/v share one, gate/up one
+            group = next((f"{parent}.{'/'.join(g)}" for g in SAME_INPUT_LINEARS if leaf in g), name)
+            per_layer.setdefault(layer, {})[group] = 4 * module.in_features ** 2
+        held += max((sum(groups.values()) for groups in per_layer.values()), default=0)
     return held
 
 

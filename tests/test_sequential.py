@@ -81,23 +81,28 @@ def test_hooks_see_every_calibration_token(tiny_model):
 def test_calibration_bytes_count_what_the_runner_holds(tiny_model):
     """The estimate that refuses a calibration too big for memory (before the text is even read) equals the bytes
     the runner holds at a layer: every window's hidden states in and out, the per-batch keyword tensors and the
-    token ids (a Hessian per Linear on top for the OBS passes)."""
+    token ids (the Hessians the OBS passes hold at a layer on top: one per input, q/k/v and gate/up sharing one)."""
+    from compress.hessian import HessianAccumulator, input_statistics
     from compress.sequential import calibration_bytes
 
     model = tiny_model("qwen3", head_dim=32)  # a head_dim of its own (4 heads x 32 beside hidden 64)
 
     batches = torch.randint(0, 100, (11, 24))  # 2 batches of 8, the last one short
-    held = []
+    prefix, layers = decoder_layers(model)
+    linears = {f"{prefix}.0.{n}": m for n, m in layers[0].named_modules() if isinstance(m, torch.nn.Linear)}
+    held, hessians = [], []
 
     def on_layer(step):
         kw = [t for kw in step.kwargs for v in kw.values()
               for t in (v if isinstance(v, tuple) else (v,)) if isinstance(t, torch.Tensor)]
         held.append(2 * sum(x.nbytes for x in step.inputs) + sum(t.nbytes for t in kw) + batches.nbytes)
+        if step.index == 0:  # the accumulators the passes build there
+            accs = input_statistics(step, {n.split(".0.", 1)[1]: m for n, m in linears.items()},
+                                    lambda m: HessianAccumulator(m.in_features, "cpu"))
+            hessians.append(sum(a.hessian.nbytes for a in {id(a): a for a in accs.values()}.values()))
 
     run_sequential(model, batches, on_layer, progress=False)
     assert set(held) == {calibration_bytes(model, 11, 24, {}, hessians=False)}
-    prefix, layers = decoder_layers(model)
-    linears = {f"{prefix}.0.{n}": m for n, m in layers[0].named_modules() if isinstance(m, torch.nn.Linear)}
-    assert calibration_bytes(model, 11, 24, linears, hessians=True) == held[0] + sum(
-        4 * m.in_features ** 2 for m in linears.values())
+    assert len(hessians) == 1 and hessians[0] < sum(4 * m.in_features ** 2 for m in linears.values())
+    assert calibration_bytes(model, 11, 24, linears, hessians=True) == held[0] + hessians[0]
 

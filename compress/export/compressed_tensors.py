@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..errors import ExportError
+from ..hessian import SAME_INPUT_LINEARS
 from ..prune.sparse_linear import SparseLinear
 
 FORMAT = "compressed-tensors"
@@ -181,8 +182,9 @@ def int_quantized_note(model: nn.Module, summary: ExportSummary) -> str | None:
             "packed export vLLM loads, quantize with symmetric: true")
 
 
-# the Linears vLLM fuses into one layer (qkv_proj, gate_up_proj), which must then share one scheme
-VLLM_FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+# the Linears vLLM fuses into one layer (qkv_proj, gate_up_proj), which must then share one scheme: those that read
+# one input (Mixtral's w1/w3 and DeepSeek's fused projections are not checked)
+VLLM_FUSED = SAME_INPUT_LINEARS
 
 
 def vllm_fusion_note(model: nn.Module, summary: ExportSummary) -> str | None:

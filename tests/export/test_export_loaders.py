@@ -181,6 +181,9 @@ def test_an_export_inside_the_original_model_s_folder_is_refused(tmp_path):
     said = " ".join(refused.output.split())
     assert refused.exit_code == 2 and "is inside the folder of the model it was made from" in said, said
     assert sorted(p.name for p in original.iterdir()) == before
+    # the original need not be whole for the check (the export never reads it): its config.json moved away
+    (original / "config.json").rename(tmp_path / "config.json")
+    assert run("export", tmp_path / "w4", "-o", original / "ct").exit_code == 2
     assert run("export", tmp_path / "w4", "-o", tmp_path / "ct").exit_code == 0
 
 
@@ -193,6 +196,14 @@ def test_fused_projections_in_different_schemes_are_said_to_stop_vllm(tmp_path):
     assert "vLLM refuses it" in exported["note"] and "Quantize the fused projections alike" in exported["note"]
     said = " ".join(run("export", only_q, "-o", tmp_path / "q-ct2").output.split())
     assert "vLLM fuses q/k/v and gate/up" in said
+    # gate at other bits than up: the same for gate_up_proj
+    two = tmp_path / "two.yaml"
+    two.write_text("model: builtin:tiny\npasses:\n  - quantize: {method: rtn, bits: 4, group_size: 64, targets: "
+                   "['re:.*gate_proj$']}\n  - quantize: {method: rtn, bits: 8, group_size: 64, targets: "
+                   "['re:.*up_proj$']}\n")
+    assert run("apply", two, "--output", tmp_path / "two", "--no-eval").exit_code == 0
+    exported = json.loads(run("export", tmp_path / "two", "-o", tmp_path / "two-ct", "--json").stdout)["export"]
+    assert exported["vllm_mixed_fused"] == [f"model.layers.{i}.mlp.gate_proj/up_proj" for i in range(6)]
     every = native(tmp_path, "all", "method: rtn, bits: 4, group_size: 64")
     exported = json.loads(run("export", every, "-o", tmp_path / "all-ct", "--json").stdout)["export"]
     assert exported["vllm_mixed_fused"] == [] and exported["note"] is None

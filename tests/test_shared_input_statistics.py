@@ -99,3 +99,17 @@ def test_calls_that_do_not_pair_throughout_get_their_own_statistics(pattern):
         torch.testing.assert_close(got[name].hessian, want[name].hessian, rtol=0, atol=1e-6)
     assert (got["a"] is got["b"]) == (pattern == "shared") and step.runs == (1 if pattern in ("shared", "never called")
                                                                              else 2)
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "gptq"])
+def test_a_linear_no_calibration_token_reaches_is_named(method, reference_model, reference_tokenizer):
+    """An expert no token is routed to, a Linear a layer holds but never calls: the passes name it (a KeyError once
+    its accumulator was made only by its first call, a reviewer's find)."""
+    from compress.errors import ConfigError
+
+    model = copy.deepcopy(reference_model)
+    model.model.layers[0].mlp.unused = torch.nn.Linear(64, 64, bias=False)
+    step = (compress.get_pass("prune")(method="sparsegpt", sparsity=0.5) if method == "sparsegpt"
+            else compress.get_pass("quantize")(method="gptq", bits=4, group_size=64))
+    with pytest.raises(ConfigError, match="model.layers.0.mlp.unused saw no calibration inputs"):
+        compress.apply(model, [step], tokenizer=reference_tokenizer, calibration=CALIBRATION, progress=False)

@@ -38,8 +38,8 @@ def original_bytes_by_component(config, storage_dtype: torch.dtype,
 def original_headers(headers: dict[str, tuple[str, tuple[int, ...]]] | None,
                      section: dict[str, Any] | None) -> dict[str, tuple[str, tuple[int, ...]]] | None:
     """The checkpoint's `headers` that tell the original's dtypes: without the weights a compressed-tensors export
-    written before 2026-12-05 stored dense in float32 (`stored_dense`), an upcast of the export's own; the original
-    held them at the model's storage dtype (exports since store them at it)."""
+    stored dense in float32 (`stored_dense`: code x scale needs more mantissa than bf16 has), an upcast of the
+    export's own; the original held them at the model's storage dtype."""
     export = (section or {}).get("export")
     dense = export.get("stored_dense") if isinstance(export, dict) else None
     if not headers or not dense or not isinstance(dense, (dict, list)) or not section.get("export_format"):

@@ -36,7 +36,7 @@ def inspect_checkpoint(checkpoint: str, sparse_runtime: str, device: str | None)
         from .inspection import bytes_by_component_from_headers
 
         headers = check_weight_files(path, weight_files(path))
-        # (the layers an older export stored dense in float32 are not the model's dtype: they could outweigh the rest)
+        # (the layers an export stored dense in float32 are not the model's dtype: they could outweigh the rest)
         stored_as = headers_float_dtype(original_headers(headers, section)) or model.compress_storage_dtype
         quantization = read_config_json(path).get("quantization_config")
         if section.get("export_format") and isinstance(quantization, dict):

@@ -100,8 +100,8 @@ def check_passes(passes: list[tuple[str, dict]], advice: str = NATIVE_ADVICE) ->
 
 def group_fallback(model: nn.Module, passes) -> dict[str, str]:
     """Before any work: the layers the int quantize `passes` will quantize that compressed-tensors stores dense
-    (at the model's dtype), because their width is no multiple of the group (its groups are whole); ExportError when
-    that is every one of them (the export would be the dense model, larger than the original)."""
+    (float32, exact), because their width is no multiple of the group (its groups are whole); ExportError when that
+    is every one of them (the export would be the dense model, larger than the original)."""
     fallback, total = {}, 0
     for p in passes:
         if p.name != "quantize" or p.config.method in BNB_METHODS:
@@ -118,7 +118,8 @@ def group_fallback(model: nn.Module, passes) -> dict[str, str]:
 
 
 def _fallback_reason(width: int, group: int) -> str:
-    return f"in_features {width} is not a multiple of group_size {group}: stored dequantized at the model's dtype"
+    return (f"in_features {width} is not a multiple of group_size {group}: stored as float32 (exact; a group_size "
+            f"dividing {width} keeps it quantized)")
 
 
 def _all_dense(fallback: dict[str, str]) -> str:
@@ -263,7 +264,7 @@ def check_plan(model: nn.Module, summary: ExportSummary | None = None) -> dict[s
     layers' shapes and group sizes only): `compress export` asks it before reading any weight."""
     summary = summary if summary is not None else ExportSummary()
     compressed = _plan(model, summary)
-    if summary.dense_fallback and not summary.quantized:  # (pruned ones too: dense with zeros)
+    if summary.dense_fallback and not summary.quantized:  # (pruned ones too: dense float32 with zeros)
         raise ExportError(_all_dense(summary.dense_fallback))
     return compressed
 
@@ -300,9 +301,9 @@ def _module_tensors(name: str, module, storage_dtype: torch.dtype, summary: Expo
         mask, nm = module.sparsity_mask(), module.sparsity_structure
         if name not in summary.dense_fallback:
             return quantized_tensors(name, module, storage_dtype), mask, nm
-        # code x scale exact, rounded once to the model's dtype: what transformers computes with, since it cast the
-        # float32 these layers were stored in before (at twice the bytes: a ragged qwen3 export was 2.1x the native)
-        out = {"weight": module.dequantized_weight(torch.float32).to(storage_dtype)}
+        # float32: code x scale needs more mantissa than bf16 has, and a loader rounds it once to what it computes in
+        # (bf16, fp16, or float32 exactly as compress computes it); at twice a bf16 layer's bytes, said in the note
+        out = {"weight": module.dequantized_weight(torch.float32)}
     if module.bias is not None:
         out["bias"] = module.bias.detach().to(storage_dtype)
     return out, mask, nm

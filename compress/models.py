@@ -199,9 +199,7 @@ def load(
     if not meta and not offloaded:
         model.to(device)
         set_sparse_runtime(model, sparse_runtime)
-    # what the load freed (the layers a checkpoint's passes swapped in for the structure's, the packed values a
-    # dense runtime decoded, the per-layer reads) goes back to the system rather than staying in glibc's heap
-    release_freed_heap()
+    release_freed_heap()  # what the load freed (swapped-out layers, decoded packed values, per-layer reads)
     model.eval()
     return model
 

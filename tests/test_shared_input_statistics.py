@@ -113,3 +113,27 @@ def test_a_linear_no_calibration_token_reaches_is_named(method, reference_model,
             else compress.get_pass("quantize")(method="gptq", bits=4, group_size=64))
     with pytest.raises(ConfigError, match="model.layers.0.mlp.unused saw no calibration inputs"):
         compress.apply(model, [step], tokenizer=reference_tokenizer, calibration=CALIBRATION, progress=False)
+
+
+def test_every_architecture_shares_and_gives_the_same_bits(arch, tiny_model, reference_tokenizer, script_module,
+                                                          monkeypatch):
+    """Llama, Mistral, Qwen2 (q/k/v biases), Qwen3 (q/k norms after the projections): q/k/v and gate/up read one
+    tensor in each, and SparseGPT's result is the same bits either way."""
+    one_per_module = script_module("benchmarks/shared_hessians.py").one_per_module
+    base = tiny_model(arch, vocab_size=8192)  # (the reference tokenizer's ids)
+    counts, shared_fn, results = [], hessian.input_statistics, []
+    for fn in (shared_fn, one_per_module):
+        def counting(step, modules, make, fn=fn):
+            accs = fn(step, modules, make)
+            counts.append(len({id(a) for a in accs.values()}))
+            return accs
+
+        monkeypatch.setattr("compress.prune.pass_.input_statistics", counting)
+        model, _ = compress.apply(copy.deepcopy(base), [compress.get_pass("prune")(method="sparsegpt", sparsity=0.5)],
+                                  tokenizer=reference_tokenizer, progress=False,
+                                  calibration={"source": "builtin:calibration", "num_samples": 4, "seq_len": 32})
+        results.append(model.state_dict())
+    layers = base.config.num_hidden_layers
+    assert counts == [4] * layers + [7] * layers
+    for key in results[0]:
+        assert torch.equal(results[0][key], results[1][key]), key

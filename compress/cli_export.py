@@ -45,6 +45,7 @@ def export_cmd(checkpoint, output, export_format, overwrite, as_json):
     # the folder it names, complete or not (the export never reads it): a builtin name is the package's folder
     made_from = None if not original else Path(original) if not original.startswith("builtin:") else \
         models.BUILTIN_ROOT / original.split(":", 1)[1]
+    made_from = made_from if made_from is not None and made_from.exists() else None
     check_output(output, overwrite=overwrite, source=folder, made_from=made_from)
     check_plan(models.load(checkpoint, meta=True))  # layers it cannot express or would store all dense: no wait
     # the files the export copies, read before the model: an edited one failed after all the work

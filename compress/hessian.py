@@ -85,6 +85,7 @@ def input_statistics(step, modules: dict, make) -> dict:
         shared.last = None  # (the last input: one batch's hidden states)
     if shared.consistent():
         return {n: shared.accs[n] if n in shared.accs else make(m) for n, m in modules.items()}
+    shared = None  # (its accumulators go before the per-module ones are made: not both sets at once)
     accs = {n: make(m) for n, m in modules.items()}
     step.run({m: _adding_to(accs[n]) for n, m in modules.items()})
     return accs
@@ -98,14 +99,16 @@ def _adding_to(acc):
 
 class _SharedInputs:
     """A module follows another when, on its first call, it reads the very tensor object the previous hooked call
-    read (HF modeling passes `hidden_states` to q, k and v); `consistent` says whether every later call paired the
-    same way and each follower saw exactly the tokens its leader added."""
+    read (HF modeling passes `hidden_states` to q, k and v). `consistent`: every follower read each of its leader's
+    inputs exactly once, in the call right after it (or after another follower of it), and nothing else."""
 
     def __init__(self, modules: dict, make):
         self.modules, self.make = modules, make
         self.accs: dict = {}
         self.leader: dict[str, str] = {}  # follower -> the module whose accumulator it shares
-        self.seen: dict[str, int] = {}  # module -> input rows it was called with
+        self.adds: dict[str, int] = {}  # leader -> inputs it added
+        self.read: dict[str, int] = {}  # follower -> the leader's add it read last (1-based)
+        self.reads: dict[str, int] = {}  # follower -> calls
         self.last: tuple | None = None  # (input tensor, its reader's leader) of the latest hooked call
         self.paired = True
 
@@ -113,12 +116,11 @@ class _SharedInputs:
         return {m: self._hook(n) for n, m in self.modules.items()}
 
     def consistent(self) -> bool:
-        return self.paired and all(self.seen[f] == self.accs[lead].tokens for f, lead in self.leader.items())
+        return self.paired and all(self.read[f] == self.reads[f] == self.adds[lead] for f, lead in self.leader.items())
 
     def _hook(self, name: str):
         def hook(module, inputs, output):
             x = inputs[0]
-            self.seen[name] = self.seen.get(name, 0) + x.numel() // max(1, x.shape[-1])
             same = self.last is not None and x is self.last[0]
             if name not in self.accs:
                 if same:
@@ -129,8 +131,13 @@ class _SharedInputs:
             lead = self.leader.get(name, name)
             if lead == name:
                 self.accs[name].add(x)
-            elif not (same and self.last[1] == lead):
-                self.paired = False  # (read again, one accumulator each)
+                self.adds[name] = self.adds.get(name, 0) + 1
+            else:
+                self.reads[name] = self.reads.get(name, 0) + 1
+                if same and self.last[1] == lead and self.read.get(name, 0) < self.adds[lead]:
+                    self.read[name] = self.adds[lead]  # the leader's latest input, read once
+                else:
+                    self.paired = False  # (read again, one accumulator each)
             self.last = (x, lead)
         return hook
 

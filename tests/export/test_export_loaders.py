@@ -182,7 +182,9 @@ def test_an_export_inside_the_original_model_s_folder_is_refused(tmp_path):
     assert sorted(p.name for p in original.iterdir()) == before
     # the original need not be whole for the check (the export never reads it): its config.json moved away
     (original / "config.json").rename(tmp_path / "config.json")
-    assert run("export", tmp_path / "w4", "-o", original / "ct").exit_code == 2
+    refused = run("export", tmp_path / "w4", "-o", original / "ct")
+    assert refused.exit_code == 2 and "inside the folder of the model it was made from" in " ".join(
+        refused.output.split()), refused.output
     assert run("export", tmp_path / "w4", "-o", tmp_path / "ct").exit_code == 0
 
 

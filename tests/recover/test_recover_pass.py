@@ -243,7 +243,7 @@ def test_a_resumed_run_at_another_batch_size_trains_the_tokens_left(tmp_path, pr
     monkeypatch.setattr(trainer_utils_logger, "warning_once", lambda msg, *a, **k: trainer_utils_logger.warning(msg))
     handler = logging.Handler()
     handler.emit = lambda record: said.append(record.getMessage())
-    trainer_utils_logger.addHandler(handler)
+    monkeypatch.setattr(trainer_utils_logger, "handlers", [*trainer_utils_logger.handlers, handler])
     folder = tmp_path / "trainer"
     batch = SMALL["batch_size"]
     _, first = recover(copy.deepcopy(pruned_2of4), reference_tokenizer, max_tokens=4 * 128, checkpoint_dir=str(folder),
@@ -254,7 +254,6 @@ def test_a_resumed_run_at_another_batch_size_trains_the_tokens_left(tmp_path, pr
     # 8 x 128 tokens left, 256 a step now: 4 more steps
     assert resumed["resumed_from"].endswith("checkpoint-4") and resumed["steps"] == 8
     assert (resumed["tokens_this_run"], resumed["tokens"]) == (8 * 128, 12 * 128)
-    trainer_utils_logger.removeHandler(handler)
     assert not any("do not match" in m for m in said), said
     state = json.loads((folder / "checkpoint-8" / "trainer_state.json").read_text())
     assert state["num_input_tokens_seen"] == 12 * 128  # what the next resume reads

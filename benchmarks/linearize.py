@@ -402,17 +402,15 @@ def check_made_from_the_model(ap, args) -> None:
     from compress.errors import CompressError
     from compress.models import resolve_model_path
 
-    def where(model: str) -> str:
-        return model if model.startswith("builtin:") else str(Path(model).resolve())
-
-    want = where(str(resolve_model_path(args.model)) if not args.model.startswith("builtin:") else args.model)
+    # as source_record gives it: the builtin name, or the resolved folder
+    want = args.model if args.model.startswith("builtin:") else str(resolve_model_path(args.model).resolve())
     for option, items in (("--recovered", args.recovered), ("--dense-recovered", args.dense_recovered)):
         for item in items:
             try:
                 source, found = source_record(Path(item.partition("=")[2]))
             except CompressError:  # not a checkpoint: its load says so, in one line
                 continue
-            if source and (found is None or where(found) != want):
+            if source and found != want:
                 ap.error(f"{option} {item}: that checkpoint was made from {source}, not from --model {args.model}, "
                          f"whose scores it would be compared with: pass --model {found or source}")
 

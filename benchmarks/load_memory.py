@@ -27,20 +27,21 @@ from pathlib import Path
 
 from compress.bench_args import run_cli
 
+# name -> (the folder's suffix, the load run on it as P)
 LOADERS = {
-    "transformers from_pretrained (bf16)":
-        "from transformers import AutoModelForCausalLM as A; import torch; m = A.from_pretrained(P, dtype=torch.bfloat16)",
-    "compress.load dtype=stored (bf16)": "import compress; m = compress.load(P, dtype='stored')",
-    "compress.load dtype=auto": "import compress; m = compress.load(P)",
-    "compress.load dtype=float32": "import compress; m = compress.load(P, dtype='float32')",
+    "transformers from_pretrained (bf16)": ("", "from transformers import AutoModelForCausalLM as A; import torch; "
+                                                "m = A.from_pretrained(P, dtype=torch.bfloat16)"),
+    "compress.load dtype=stored (bf16)": ("", "import compress; m = compress.load(P, dtype='stored')"),
+    "compress.load dtype=auto": ("", "import compress; m = compress.load(P)"),
+    "compress.load dtype=float32": ("", "import compress; m = compress.load(P, dtype='float32')"),
     # the same weights as a native compressed checkpoint (a gear_kv pass changes none): compress's own loader, which
     # read the whole state dict before copying it in (2x the weights at the peak) and now a decoder layer at a time
-    "compress.load native checkpoint (stored)": "import compress; m = compress.load(P + '-native', dtype='stored')",
+    "compress.load native checkpoint (stored)": ("-native", "import compress; m = compress.load(P, dtype='stored')"),
     # checkpoints that shrink: what their loaded model holds against their files
-    "compress.load int4 rtn g128 (stored)": "import compress; m = compress.load(P + '-w4', dtype='stored')",
+    "compress.load int4 rtn g128 (stored)": ("-w4", "import compress; m = compress.load(P, dtype='stored')"),
     "compress.load 50% packed (stored)":
-        "import compress; m = compress.load(P + '-mag50', dtype='stored', sparse_runtime='packed')",
-    "compress.load 50% auto runtime (stored)": "import compress; m = compress.load(P + '-mag50', dtype='stored')",
+        ("-mag50", "import compress; m = compress.load(P, dtype='stored', sparse_runtime='packed')"),
+    "compress.load 50% auto runtime (stored)": ("-mag50", "import compress; m = compress.load(P, dtype='stored')"),
 }
 FORWARD = ("with torch.no_grad(): m(torch.randint(0, 8000, (1, 16)))\n"
            "gc.collect()\n"
@@ -105,15 +106,14 @@ def main() -> None:
         params = build(folder)
         disk = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
         rows = {}
-        for name, code in LOADERS.items():
-            target = code.split("P + '")[1].split("'")[0] if "P + '" in code else ""
-            out = subprocess.run([sys.executable, "-c", probe(code, after=FORWARD), str(folder)],
+        for name, (suffix, code) in LOADERS.items():
+            target = Path(f"{folder}{suffix}")
+            out = subprocess.run([sys.executable, "-c", probe(code, after=FORWARD), str(target)],
                                  capture_output=True, text=True, check=True).stdout.split()
             # ru_maxrss and VmRSS are in KiB: MB here are 10^6 bytes, as on the disk line and everywhere in compress
             rows[name] = {"peak_mb": int(out[0]) * 1024 / 1e6, "held_mb": int(out[1]) * 1024 / 1e6, "dtype": out[2],
                           "after_forward_mb": int(out[3]) * 1024 / 1e6,
-                          "files_mb": sum(f.stat().st_size for f in Path(f"{folder}{target}").glob("*.safetensors"))
-                          / 1e6}
+                          "files_mb": sum(f.stat().st_size for f in target.glob("*.safetensors")) / 1e6}
     result = {"parameters": params, "disk_mb": disk / 1e6, "loads": rows}
     if args.json:
         print(json.dumps(result))

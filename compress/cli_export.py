@@ -41,12 +41,14 @@ def export_cmd(checkpoint, output, export_format, overwrite, as_json):
         raise CompressError(f"{checkpoint} records no compression pass: its export would be the dense model")
     check_passes([(e["pass"], e.get("args") or {}) for e in section.get("passes", [])],  # before loading weights
                  advice=already_native_advice(read_config_json(folder)))
+    # the folder of the model it was made from, complete or not (the export never reads it)
     _, original = source_record(folder)  # (None where the record names no model that is here)
-    # the folder it names, complete or not (the export never reads it): a builtin name is the package's folder
-    made_from = None if not original else Path(original) if not original.startswith("builtin:") else \
-        models.BUILTIN_ROOT / original.split(":", 1)[1]
-    made_from = made_from if made_from is not None and made_from.exists() else None
-    check_output(output, overwrite=overwrite, source=folder, made_from=made_from)
+    made_from = None
+    if original:
+        made_from = models.BUILTIN_ROOT / original.removeprefix("builtin:") if original.startswith("builtin:") \
+            else Path(original)
+    check_output(output, overwrite=overwrite, source=folder,
+                 made_from=made_from if made_from is not None and made_from.exists() else None)
     check_plan(models.load(checkpoint, meta=True))  # layers it cannot express or would store all dense: no wait
     # the files the export copies, read before the model: an edited one failed after all the work
     recipe_file, report_file = folder / "recipe.yaml", folder / "report.json"

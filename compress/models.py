@@ -11,6 +11,7 @@ from torch import nn
 
 from .environment import check_environment, setting
 from .errors import CheckpointError, CompressError, UnsupportedModelError, first_line
+from .heap import release_freed_heap
 from .paths import user_path
 
 BUILTIN_ROOT = Path(__file__).parent / "builtin"
@@ -155,7 +156,6 @@ def load(
     `max_memory` (e.g. "8GB") caps the CPU memory the weights take: decoder layers that do not fit stay on disk and
     are read one at a time (compress/offload.py); `offload_folder` holds the compressed layers written meanwhile
     (a temporary folder by default)."""
-    from .heap import release_freed_heap
     from .prune.runtime import resolve_runtime, set_sparse_runtime
 
     check_environment()

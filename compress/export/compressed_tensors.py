@@ -183,28 +183,25 @@ def int_quantized_note(model: nn.Module, summary: ExportSummary) -> str | None:
             "packed export vLLM loads, quantize with symmetric: true")
 
 
-# the Linears vLLM fuses into one layer (qkv_proj, gate_up_proj), which must then share one scheme: those that read
-# one input (Mixtral's w1/w3 and DeepSeek's fused projections are not checked)
-VLLM_FUSED = SAME_INPUT_LINEARS
-
-
 def vllm_fusion_note(model: nn.Module, summary: ExportSummary) -> str | None:
     """The note on an export whose q/k/v (or gate/up) of one layer are stored in different schemes (quantized at
-    other bits or groups, or some dense): vLLM fuses them and refuses the checkpoint ("vLLM requires all to use the
-    same scheme"); transformers loads it. None when every fused group agrees."""
+    other bits or groups, or some dense): vLLM fuses them (SAME_INPUT_LINEARS; Mixtral's w1/w3 and DeepSeek's fused
+    projections are not checked) and refuses the checkpoint ("vLLM requires all to use the same scheme");
+    transformers loads it. None when every fused group agrees."""
     quantized = set(summary.quantized)
+    names = [name for name, _ in model.named_modules()]
+    present = set(names)
 
     def scheme(name: str):
         module = model.get_submodule(name)
         return (*_scheme_key(module), storage_format(module)) if name in quantized else "dense"
 
     mixed = []
-    for parent, _ in model.named_modules():
-        for shards in VLLM_FUSED:
-            names = [f"{parent}.{shard}" if parent else shard for shard in shards]
-            if not all(_has_submodule(model, n) for n in names):
-                continue
-            if len({scheme(n) for n in names}) > 1 and any(n in quantized for n in names):
+    for parent in names:
+        for shards in SAME_INPUT_LINEARS:
+            group = [f"{parent}.{shard}" if parent else shard for shard in shards]
+            if all(n in present for n in group) and any(n in quantized for n in group) \
+                    and len({scheme(n) for n in group}) > 1:
                 mixed.append(f"{parent}.{'/'.join(shards)}")
     summary.vllm_mixed_fused = mixed
     if not mixed:
@@ -213,14 +210,6 @@ def vllm_fusion_note(model: nn.Module, summary: ExportSummary) -> str | None:
     return (f"vLLM fuses q/k/v and gate/up into one layer each and requires one scheme for them; {listed} "
             "mix schemes (other bits or groups, or quantized beside dense): transformers loads this export, vLLM "
             "refuses it. Quantize the fused projections alike for vLLM")
-
-
-def _has_submodule(model: nn.Module, name: str) -> bool:
-    try:
-        model.get_submodule(name)
-    except AttributeError:
-        return False
-    return True
 
 
 def _scheme(module, targets: list[str], fmt: str | None = None):
